@@ -1,0 +1,269 @@
+"""Typed configuration, loaded from YAML.
+
+Secrets never live here: a provider names the environment variable that holds its key, and the key
+is read at the moment an endpoint is resolved, wrapped in ``SecretStr`` so no repr or log shows it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from enum import StrEnum
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from moa.engine.plan import PresetConfig, RouterConfig, TemplatesConfig
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the file and the field."""
+
+
+class ProviderKind(StrEnum):
+    OPENAI = "openai"
+    ANTHROPIC = "anthropic"
+    GEMINI = "gemini"
+    OPENAI_COMPATIBLE = "openai_compatible"
+
+
+DEFAULT_BASE_URLS: dict[ProviderKind, str | None] = {
+    ProviderKind.OPENAI: "https://api.openai.com/v1",
+    ProviderKind.ANTHROPIC: "https://api.anthropic.com",
+    ProviderKind.GEMINI: "https://generativelanguage.googleapis.com",
+    ProviderKind.OPENAI_COMPATIBLE: None,
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class ModelPrice(_Strict):
+    """Prices in US dollars per million tokens."""
+
+    input_per_mtok: float = Field(default=0.0, ge=0)
+    output_per_mtok: float = Field(default=0.0, ge=0)
+    cached_input_per_mtok: float | None = Field(default=None, ge=0)
+    context_window: int = Field(default=128_000, gt=0)
+
+    def cost(self, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> float:
+        cached_price = self.cached_input_per_mtok if self.cached_input_per_mtok is not None else self.input_per_mtok
+        uncached = max(input_tokens - cached_tokens, 0)
+        return (
+            uncached * self.input_per_mtok + cached_tokens * cached_price + output_tokens * self.output_per_mtok
+        ) / 1_000_000
+
+
+class RetryConfig(_Strict):
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    backoff_base_s: float = Field(default=0.25, ge=0)
+    backoff_max_s: float = Field(default=8.0, ge=0)
+    # A Retry-After longer than this is not waited for: the call fails as rate_limited at once.
+    max_retry_after_s: float = Field(default=30.0, ge=0)
+
+
+class LimitsConfig(_Strict):
+    concurrency: int = Field(default=32, ge=1)
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+
+
+class CircuitBreakerConfig(_Strict):
+    failure_threshold: int = Field(default=5, ge=1)
+    cooldown_s: float = Field(default=30.0, gt=0)
+
+
+class ProviderConfig(_Strict):
+    kind: ProviderKind
+    base_url: str | None = None
+    # Name of the environment variable holding the API key; never the key itself.
+    api_key_env: str | None = None
+    timeout_s: PositiveFloat = 60.0
+    connect_timeout_s: PositiveFloat = 5.0
+    retry: RetryConfig = RetryConfig()
+    limits: LimitsConfig = LimitsConfig()
+    circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+    models: dict[str, ModelPrice] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _compatible_needs_url(self) -> ProviderConfig:
+        if self.kind is ProviderKind.OPENAI_COMPATIBLE and not self.base_url:
+            raise ValueError("an openai_compatible provider needs base_url")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secrets(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and any(k in data for k in ("api_key", "key", "token", "secret")):
+            raise ValueError("API keys never go in the config file: set api_key_env to the variable's name")
+        return data
+
+    def price(self, model: str) -> ModelPrice:
+        return self.models.get(model) or ModelPrice()
+
+
+class SimulatorMode(StrEnum):
+    AUTO = "auto"  # simulate when no provider key is set in the environment
+    ON = "on"
+    OFF = "off"
+
+
+class SimulatorConfig(_Strict):
+    mode: SimulatorMode = SimulatorMode.AUTO
+    # Where a running simulator listens; when null, the CLI starts one on a free loopback port.
+    url: str | None = None
+    profile: str | None = None  # path of a simulator profile (latencies, faults)
+
+
+class CacheConfig(_Strict):
+    enabled: bool = False
+    backend: Literal["memory", "redis"] = "memory"
+    url: str | None = None
+    ttl_s: PositiveFloat = 3600.0
+
+
+class MoAConfig(_Strict):
+    providers: dict[str, ProviderConfig] = Field(min_length=1)
+    simulator: SimulatorConfig = SimulatorConfig()
+    presets: dict[str, PresetConfig] = Field(default_factory=dict)
+    default_preset: str = "auto"
+    router: RouterConfig = RouterConfig()
+    templates: TemplatesConfig = TemplatesConfig()
+    cache: CacheConfig = CacheConfig()
+    # Bodies larger than this are refused with 413 before any parsing.
+    max_request_bytes: int = Field(default=1_000_000, gt=0)
+
+    @model_validator(mode="after")
+    def _references_exist(self) -> MoAConfig:
+        for name, preset in self.presets.items():
+            for provider, model in preset.model_refs():
+                where = f"presets.{name}"
+                if provider not in self.providers:
+                    raise ValueError(f"{where}: unknown provider {provider!r}")
+                if model not in self.providers[provider].models:
+                    raise ValueError(f"{where}: provider {provider!r} has no model {model!r}")
+        for task, proposers in self.router.specialists.items():
+            for p in proposers:
+                if p.provider not in self.providers or p.model not in self.providers[p.provider].models:
+                    raise ValueError(f"router.specialists.{task}: unknown model {p.provider}/{p.model}")
+        if self.default_preset != "auto" and self.default_preset not in self.presets:
+            raise ValueError(f"default_preset {self.default_preset!r} is not a preset")
+        return self
+
+    def price(self, provider: str, model: str) -> ModelPrice:
+        return self.providers[provider].price(model)
+
+    def all_models(self) -> list[tuple[str, str]]:
+        return [(p, m) for p, cfg in self.providers.items() for m in cfg.models]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Mapping[str, Any], source: str = "<dict>") -> MoAConfig:
+    try:
+        return MoAConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> MoAConfig:
+    """Load a YAML config; ``None`` (or ``MOA_CONFIG`` unset) gives the bundled default."""
+    if path is None:
+        path = os.environ.get("MOA_CONFIG") or None
+    if path is None:
+        text = resources.files("moa").joinpath("default_config.yaml").read_text()
+        source = "the bundled default config"
+    else:
+        p = Path(path)
+        source = str(p)
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {source}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source} is not valid YAML: {e}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    return parse_config(data, source)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Endpoint resolution: real API or simulator, and the key from the environment
+
+
+class Endpoint(BaseModel):
+    """Where one provider's calls go. ``api_key`` is a SecretStr: its repr never shows the value."""
+
+    model_config = ConfigDict(frozen=True)
+
+    provider: str
+    kind: ProviderKind
+    base_url: str | None
+    api_key: SecretStr | None
+    simulated: bool
+
+
+SIMULATOR_KEY = SecretStr("sim-key-not-secret")
+
+
+def simulation_active(cfg: MoAConfig, env: Mapping[str, str] | None = None) -> bool:
+    """True when calls go to the simulator: forced on, or auto with no provider key in the environment."""
+    env = os.environ if env is None else env
+    if cfg.simulator.mode is SimulatorMode.ON:
+        return True
+    if cfg.simulator.mode is SimulatorMode.OFF:
+        return False
+    return not any(p.api_key_env and env.get(p.api_key_env) for p in cfg.providers.values())
+
+
+def simulator_base_url(kind: ProviderKind, sim_url: str) -> str:
+    """The base_url each official SDK needs to reach the simulator's routes."""
+    root = sim_url.rstrip("/")
+    if kind in (ProviderKind.OPENAI, ProviderKind.OPENAI_COMPATIBLE):
+        return root + "/v1"
+    return root  # the Anthropic and Gemini SDKs add their own version prefixes
+
+
+def resolve_endpoint(
+    cfg: MoAConfig, provider: str, *, sim_url: str | None = None, env: Mapping[str, str] | None = None
+) -> Endpoint:
+    env = os.environ if env is None else env
+    pcfg = cfg.providers[provider]
+    if simulation_active(cfg, env):
+        url = sim_url or cfg.simulator.url
+        if not url:
+            raise ConfigError("simulation is active but no simulator URL is known (simulator.url)")
+        return Endpoint(
+            provider=provider,
+            kind=pcfg.kind,
+            base_url=simulator_base_url(pcfg.kind, url),
+            api_key=SIMULATOR_KEY,
+            simulated=True,
+        )
+    key = env.get(pcfg.api_key_env) if pcfg.api_key_env else None
+    return Endpoint(
+        provider=provider,
+        kind=pcfg.kind,
+        base_url=pcfg.base_url or DEFAULT_BASE_URLS[pcfg.kind],
+        api_key=SecretStr(key) if key else None,
+        simulated=False,
+    )

@@ -1,0 +1,205 @@
+"""What a MoA run does, as data: plans, presets, router and prompt-template settings.
+
+A plan is one mechanism for every mode: proposer layers feeding a final model. ``single`` is a plan
+with no layers; Self-MoA is one layer of the same model sampled several times; ``refine`` repeats a
+layer for several rounds, each seeing the previous round's synthesis.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelRef(_Strict):
+    provider: str
+    model: str
+
+    def __str__(self) -> str:
+        return f"{self.provider}/{self.model}"
+
+
+class ProposerSpec(ModelRef):
+    # A role name from templates.roles (analytical, creative, practical, critical) or None.
+    role: str | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    seed: int | None = None
+
+
+class LayerSpec(_Strict):
+    proposers: tuple[ProposerSpec, ...] = Field(min_length=1)
+    # How many proposers must succeed; None means all of them.
+    quorum: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _quorum_fits(self) -> LayerSpec:
+        if self.quorum is not None and self.quorum > len(self.proposers):
+            raise ValueError(f"quorum {self.quorum} exceeds the layer's {len(self.proposers)} proposers")
+        return self
+
+    @property
+    def needed(self) -> int:
+        return self.quorum if self.quorum is not None else len(self.proposers)
+
+
+class AggregatorSpec(ModelRef):
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+
+
+class PlanMode(StrEnum):
+    LAYERED = "layered"  # layers in sequence, each seeing the previous layer's answers
+    REFINE = "refine"  # the single layer repeated `rounds` times, each round seeing the last synthesis
+    SELF_MOA = "self_moa"  # informational: one model sampled N times (expanded into one layer)
+
+
+class SelfMoASpec(_Strict):
+    """Shorthand expanded into one layer: the same model at spread temperatures and seeds."""
+
+    provider: str
+    model: str
+    samples: int = Field(default=4, ge=2, le=16)
+    temperatures: tuple[float, ...] = (0.3, 0.7, 1.0, 1.2)
+    quorum: int | None = None
+
+
+class Plan(_Strict):
+    mode: PlanMode = PlanMode.LAYERED
+    description: str = ""
+    layers: tuple[LayerSpec, ...] = ()
+    self_moa: SelfMoASpec | None = None
+    rounds: int = Field(default=1, ge=1, le=8)
+    # The first aggregator synthesises; the rest are its fallback chain, tried in order.
+    aggregators: tuple[AggregatorSpec, ...] = Field(min_length=1)
+    # Single-model answer chain used when a layer misses its quorum.
+    fallbacks: tuple[ModelRef, ...] = ()
+    call_timeout_s: float = Field(default=60.0, gt=0)
+    layer_deadline_s: float = Field(default=90.0, gt=0)
+    # Once the quorum is met, wait at most this long for the remaining proposers.
+    grace_s: float = Field(default=2.0, ge=0)
+    # Token budget for the references handed to one aggregator (None: the model's context window decides).
+    reference_budget_tokens: int | None = Field(default=None, ge=64)
+
+    @model_validator(mode="after")
+    def _expand_self_moa(self) -> Plan:
+        if self.self_moa is not None:
+            if self.layers:
+                raise ValueError("give either layers or self_moa, not both")
+            s = self.self_moa
+            temps = s.temperatures or (0.7,)
+            proposers = tuple(
+                ProposerSpec(
+                    provider=s.provider, model=s.model, temperature=temps[i % len(temps)], seed=1000 + i
+                )
+                for i in range(s.samples)
+            )
+            object.__setattr__(self, "layers", (LayerSpec(proposers=proposers, quorum=s.quorum),))
+            object.__setattr__(self, "mode", PlanMode.SELF_MOA)
+        if self.mode is PlanMode.REFINE and len(self.layers) != 1:
+            raise ValueError("a refine plan has exactly one layer, repeated for `rounds` rounds")
+        if self.mode is not PlanMode.REFINE and self.rounds != 1:
+            raise ValueError("rounds is only meaningful for mode: refine")
+        return self
+
+    def model_refs(self) -> list[tuple[str, str]]:
+        refs = [(p.provider, p.model) for layer in self.layers for p in layer.proposers]
+        refs += [(a.provider, a.model) for a in self.aggregators]
+        refs += [(f.provider, f.model) for f in self.fallbacks]
+        return refs
+
+    @property
+    def is_single(self) -> bool:
+        return not self.layers
+
+
+class PresetConfig(Plan):
+    """A named plan in the config."""
+
+
+class Complexity(StrEnum):
+    SIMPLE = "simple"
+    MEDIUM = "medium"
+    COMPLEX = "complex"
+
+
+class TaskType(StrEnum):
+    CODE = "code"
+    MATH = "math"
+    CREATIVE = "creative"
+    ANALYSIS = "analysis"
+    GENERAL = "general"
+
+
+class RouterConfig(_Strict):
+    classifier: Literal["heuristic", "llm"] = "heuristic"
+    # The cheap model the llm classifier asks; its answers are cached per prompt.
+    classifier_model: ModelRef | None = None
+    classifier_cache_size: int = Field(default=4096, ge=0)
+    # Which preset each complexity tier runs.
+    tiers: dict[Complexity, str] = Field(
+        default_factory=lambda: {
+            Complexity.SIMPLE: "single",
+            Complexity.MEDIUM: "moa-lite",
+            Complexity.COMPLEX: "moa",
+        }
+    )
+    # Task type -> proposer set replacing the chosen preset's first layer.
+    specialists: dict[TaskType, tuple[ProposerSpec, ...]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _classifier_model(self) -> RouterConfig:
+        if self.classifier == "llm" and self.classifier_model is None:
+            raise ValueError("classifier: llm needs classifier_model")
+        return self
+
+
+DEFAULT_ROLES: dict[str, str] = {
+    "analytical": "Reason step by step, check each claim, and make the logic of your answer explicit.",
+    "creative": "Look for original angles and vivid, concrete examples; avoid the obvious answer.",
+    "practical": "Focus on what the reader can act on: concrete steps, trade-offs and pitfalls.",
+    "critical": "Look for flaws, edge cases and hidden assumptions; say where the obvious answer fails.",
+}
+
+DEFAULT_AGGREGATE_SYSTEM = (
+    "You have been provided with a set of responses from various models to the latest user query. "
+    "Your task is to synthesize these responses into a single, high-quality response. It is crucial "
+    "to critically evaluate the information provided in these responses, recognizing that some of it "
+    "may be biased or incorrect. Your response should not simply replicate the given answers but "
+    "should offer a refined, accurate, and comprehensive reply to the instruction. Ensure your "
+    "response is well-structured, coherent, and adheres to the highest standards of accuracy and "
+    "reliability.\n\nResponses from models:\n{references}"
+)
+
+DEFAULT_REFINE_SYSTEM = (
+    "A previous round produced the synthesis below. Review it critically: correct any errors, add "
+    "what is missing, and give an improved, complete answer to the user's query.\n\n"
+    "Previous synthesis:\n{references}"
+)
+
+DEFAULT_REFERENCE = '<reference id="{index}">\n{text}\n</reference>'
+
+
+class TemplatesConfig(_Strict):
+    """Every prompt the engine writes lives here, so a deployment can tune them in its config."""
+
+    aggregate_system: str = DEFAULT_AGGREGATE_SYSTEM
+    refine_system: str = DEFAULT_REFINE_SYSTEM
+    # How one reference is rendered; the simulator recognises the default <reference> form.
+    reference: str = DEFAULT_REFERENCE
+    roles: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_ROLES))
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> TemplatesConfig:
+        for name in ("aggregate_system", "refine_system"):
+            if "{references}" not in getattr(self, name):
+                raise ValueError(f"templates.{name} must contain the {{references}} placeholder")
+        if "{text}" not in self.reference:
+            raise ValueError("templates.reference must contain the {text} placeholder")
+        return self

@@ -1,0 +1,131 @@
+"""The normalised vocabulary every layer speaks: messages, parameters, call results, error kinds.
+
+Provider adapters produce these, the engine consumes them, the Ray deployments pass them over the
+wire (they are plain pydantic models, so they pickle and serialise to JSON).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorKind(StrEnum):
+    """Why a provider call failed, independent of the provider's own exception types."""
+
+    RATE_LIMITED = "rate_limited"
+    TIMEOUT = "timeout"
+    SERVER_ERROR = "server_error"
+    BAD_REQUEST = "bad_request"
+    AUTH = "auth"
+    MALFORMED_RESPONSE = "malformed_response"
+    CANCELLED = "cancelled"
+    # Not a provider answer: our own circuit breaker refused the call without sending it.
+    CIRCUIT_OPEN = "circuit_open"
+
+    @property
+    def retryable(self) -> bool:
+        return self in _RETRYABLE
+
+    @property
+    def counts_against_health(self) -> bool:
+        """Whether this failure says something about the provider's health (for the circuit breaker)."""
+        return self in _UNHEALTHY
+
+
+_RETRYABLE = frozenset({ErrorKind.RATE_LIMITED, ErrorKind.SERVER_ERROR, ErrorKind.TIMEOUT})
+_UNHEALTHY = frozenset(
+    {ErrorKind.RATE_LIMITED, ErrorKind.SERVER_ERROR, ErrorKind.TIMEOUT, ErrorKind.MALFORMED_RESPONSE}
+)
+
+Role = Literal["system", "user", "assistant"]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    role: Role
+    content: str
+
+
+class GenerationParams(BaseModel):
+    """Sampling parameters common to the three wire protocols."""
+
+    model_config = ConfigDict(frozen=True)
+
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: tuple[str, ...] | None = None
+
+
+class Usage(BaseModel):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+            cached_tokens=self.cached_tokens + other.cached_tokens,
+        )
+
+
+class CallError(BaseModel):
+    kind: ErrorKind
+    message: str
+    status_code: int | None = None
+
+
+class CallRequest(BaseModel):
+    """One model call as the engine asks for it; the transport (in-process or Ray) routes it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    provider: str
+    model: str
+    messages: tuple[ChatMessage, ...]
+    params: GenerationParams = GenerationParams()
+    # Overall deadline for this call, retries included; None means the provider's configured timeout.
+    timeout_s: float | None = Field(default=None, gt=0)
+
+
+class CallResult(BaseModel):
+    """What every adapter returns, success or failure, whatever the provider."""
+
+    provider: str
+    provider_kind: str
+    requested_model: str
+    model: str | None = None  # the model the provider says answered
+    text: str = ""
+    usage: Usage = Usage()
+    finish_reason: str | None = None
+    latency_s: float = 0.0
+    ttft_s: float | None = None  # time to first token, streaming calls only
+    cost_usd: float = 0.0
+    attempts: int = 0
+    streamed: bool = False
+    # Service time the simulator reports (x-sim-service-time), summed over attempts; None for real APIs.
+    simulated_service_s: float | None = None
+    error: CallError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class TextDelta(BaseModel):
+    """One piece of a streamed answer; a stream ends with the full CallResult."""
+
+    text: str
+
+
+StreamEvent = TextDelta | CallResult
