@@ -54,11 +54,12 @@ class ModelPrice(_Strict):
     context_window: int = Field(default=128_000, gt=0)
 
     def cost(self, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> float:
-        cached_price = self.cached_input_per_mtok if self.cached_input_per_mtok is not None else self.input_per_mtok
+        cached_price = self.cached_input_per_mtok
+        if cached_price is None:
+            cached_price = self.input_per_mtok
         uncached = max(input_tokens - cached_tokens, 0)
-        return (
-            uncached * self.input_per_mtok + cached_tokens * cached_price + output_tokens * self.output_per_mtok
-        ) / 1_000_000
+        dollars = uncached * self.input_per_mtok + cached_tokens * cached_price
+        return (dollars + output_tokens * self.output_per_mtok) / 1_000_000
 
 
 class RetryConfig(_Strict):

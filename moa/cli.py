@@ -1,0 +1,87 @@
+"""The ``moa`` command line: ``ask`` runs the engine in-process, ``simulate`` runs the provider simulator."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+from collections.abc import Iterator, Sequence
+
+from moa.config import ConfigError, MoAConfig, load_config, simulation_active
+from moa.engine.errors import MoAError
+
+
+@contextlib.contextmanager
+def local_simulator(cfg: MoAConfig, *, announce: bool = True) -> Iterator[MoAConfig]:
+    """When calls go to the simulator and none is running, start one for the duration.
+
+    Yields the config with ``simulator.url`` filled in. With API keys set (real mode) it changes nothing.
+    """
+    if not simulation_active(cfg) or cfg.simulator.url:
+        yield cfg
+        return
+    from moa.simulator.profile import SimProfile, load_profile
+    from moa.simulator.server import SimulatorServer
+
+    profile = load_profile(cfg.simulator.profile) if cfg.simulator.profile else SimProfile()
+    with SimulatorServer(profile) as server:
+        if announce:
+            print(
+                f"No provider API key is set: answers come from the built-in simulator at {server.url} "
+                "and are synthetic.",
+                file=sys.stderr,
+            )
+        yield cfg.model_copy(update={"simulator": cfg.simulator.model_copy(update={"url": server.url})})
+
+
+def _add_ask(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("ask", help="answer a question in-process with the MoA engine")
+    p.add_argument("question", help="the question (use - to read it from standard input)")
+    p.add_argument("--preset", default=None, help="preset or provider/model (default: the config's, 'auto')")
+    p.add_argument("--config", default=None, help="config YAML (default: $MOA_CONFIG or the bundled one)")
+    p.add_argument("--system", default=None, help="a system message to send with the question")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--no-stream", action="store_true", help="print the answer only when it is complete")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON instead")
+    p.set_defaults(func=_run_ask)
+
+
+def _run_ask(args: argparse.Namespace) -> int:
+    from moa.ask import ask
+
+    question = sys.stdin.read() if args.question == "-" else args.question
+    return asyncio.run(ask(args, question))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moa", description="Mixture-of-Agents LLM service.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_ask(sub)
+    from moa.simulator.cli import register as register_simulate
+
+    register_simulate(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"moa: {e}", file=sys.stderr)
+        return 2
+    except MoAError as e:
+        print(f"moa: {e.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["build_parser", "load_config", "local_simulator", "main"]

@@ -1,0 +1,548 @@
+"""The MoA engine: proposer layers with quorum and deadlines, aggregation, fallbacks, streaming.
+
+It is transport-agnostic: every model call goes through a ``ModelCaller``. Non-streaming and
+streaming runs share one pipeline (``_events``); ``run`` simply drains it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+from moa.config import MoAConfig
+from moa.engine.caller import ModelCaller
+from moa.engine.errors import AllProvidersFailed, DeadlineExceeded, Failure
+from moa.engine.plan import LayerSpec, ModelRef, Plan, PlanMode, ProposerSpec
+from moa.engine.prompts import trim_references, with_references
+from moa.engine.result import CallRecord, MoAResult, RouteDecision, Stage
+from moa.engine.router import HealthView, RouterPolicy
+from moa.tokens import approx_message_tokens
+from moa.types import (
+    CallError,
+    CallRequest,
+    CallResult,
+    ChatMessage,
+    ErrorKind,
+    GenerationParams,
+    StreamEvent,
+    TextDelta,
+)
+
+# Tokens reserved for an aggregator's answer when the request does not say.
+DEFAULT_ANSWER_RESERVE = 2048
+
+
+@dataclass
+class _Run:
+    """Mutable state of one run: the clock, the calls so far, notes."""
+
+    t0: float
+    deadline: float | None
+    records: list[CallRecord] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    critical_path_s: float = 0.0
+    simulated_critical_s: float | None = None
+
+    def offset(self) -> float:
+        return time.monotonic() - self.t0
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def add_simulated(self, seconds: float | None) -> None:
+        if seconds is not None:
+            self.simulated_critical_s = (self.simulated_critical_s or 0.0) + seconds
+
+    def record(self, res: CallResult, rec: CallRecord) -> None:
+        self.records.append(rec)
+        if res.error is not None and not rec.cancelled_straggler:
+            stage = rec.stage.value if rec.layer is None else f"{rec.stage.value} layer {rec.layer}"
+            self.failures.append(
+                Failure(provider=res.provider, model=res.requested_model, kind=res.error.kind, stage=stage)
+            )
+
+
+@dataclass
+class _Route:
+    """One way to the final answer: a chain of models tried in order, and why it is taken."""
+
+    chain: Sequence[ModelRef]
+    stage: Stage
+    references: list[str]
+    reason: str | None = None
+
+
+@dataclass
+class _LayerOutcome:
+    answers: list[str]
+    met: bool
+
+
+class MoAEngine:
+    """Runs plans. ``health`` supplies the router's view of provider health (circuit states)."""
+
+    def __init__(
+        self,
+        config: MoAConfig,
+        caller: ModelCaller,
+        *,
+        router: RouterPolicy | None = None,
+        health: Callable[[], HealthView] | None = None,
+    ) -> None:
+        self.config = config
+        self.caller = caller
+        self.router = router or RouterPolicy(config, caller)
+        self._health = health or HealthView
+
+    # -- public API -------------------------------------------------------------------------------
+
+    async def route(
+        self, messages: Sequence[ChatMessage], preset: str | None = None
+    ) -> tuple[Plan, RouteDecision, list[CallResult]]:
+        return await self.router.route(messages, preset, self._health())
+
+    async def run(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        preset: str | None = None,
+        plan: Plan | None = None,
+        params: GenerationParams | None = None,
+        deadline_s: float | None = None,
+    ) -> MoAResult:
+        """Answer ``messages`` with a preset (``auto`` routes) or an explicit plan."""
+        result: MoAResult | None = None
+        async for ev in self.stream(
+            messages, preset=preset, plan=plan, params=params, deadline_s=deadline_s, _stream_final=False
+        ):
+            if isinstance(ev, MoAResult):
+                result = ev
+        assert result is not None
+        return result
+
+    async def stream(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        preset: str | None = None,
+        plan: Plan | None = None,
+        params: GenerationParams | None = None,
+        deadline_s: float | None = None,
+        decision: RouteDecision | None = None,
+        _stream_final: bool = True,
+    ) -> AsyncIterator[TextDelta | MoAResult]:
+        """Yield the final answer's ``TextDelta``s as they arrive, then the ``MoAResult``."""
+        t0 = time.monotonic()
+        run = _Run(t0=t0, deadline=None if deadline_s is None else t0 + deadline_s)
+        pre_calls: list[CallResult] = []
+        if plan is None:
+            plan, decision, pre_calls = await self.route(messages, preset)
+        elif decision is None:
+            decision = RouteDecision(preset="custom", forced=True, reason="explicit plan")
+        assert decision is not None
+        for res in pre_calls:
+            run.record(res, CallRecord.from_result(res, stage=Stage.CLASSIFIER, started_s=0.0))
+        async for ev in self._events(
+            list(messages), plan, decision, params or GenerationParams(), run, _stream_final
+        ):
+            yield ev
+
+    # -- the pipeline -----------------------------------------------------------------------------
+
+    async def _events(
+        self,
+        messages: list[ChatMessage],
+        plan: Plan,
+        decision: RouteDecision,
+        params: GenerationParams,
+        run: _Run,
+        stream_final: bool,
+    ) -> AsyncIterator[TextDelta | MoAResult]:
+        references: list[str] = []
+        if plan.mode is PlanMode.REFINE:
+            layer = plan.layers[0]
+            for rnd in range(1, plan.rounds + 1):
+                prior = references[-1:] if rnd > 1 else []
+                outcome = await self._layer(
+                    rnd, layer, messages, prior, plan, params, run, refine=rnd > 1, round_=rnd
+                )
+                if not outcome.met:
+                    async for ev in self._fallback(
+                        f"round {rnd} missed its quorum", messages, plan, decision, params, run, stream_final
+                    ):
+                        yield ev
+                    return
+                references = outcome.answers
+                if rnd < plan.rounds:
+                    synthesis = await self._synthesise(messages, references, plan, params, run, round_=rnd)
+                    if synthesis is None:
+                        async for ev in self._fallback(
+                            f"round {rnd} synthesis failed",
+                            messages,
+                            plan,
+                            decision,
+                            params,
+                            run,
+                            stream_final,
+                        ):
+                            yield ev
+                        return
+                    references = [synthesis]
+        else:
+            for index, layer in enumerate(plan.layers, start=1):
+                outcome = await self._layer(index, layer, messages, references, plan, params, run)
+                if not outcome.met:
+                    async for ev in self._fallback(
+                        f"layer {index} missed its quorum",
+                        messages,
+                        plan,
+                        decision,
+                        params,
+                        run,
+                        stream_final,
+                    ):
+                        yield ev
+                    return
+                references = outcome.answers
+
+        routes = [_Route(plan.aggregators, Stage.AGGREGATOR, references)]
+        if plan.fallbacks and not plan.is_single:
+            routes.append(_Route(plan.fallbacks, Stage.FALLBACK, [], "every aggregator failed"))
+        async for ev in self._finish(routes, messages, plan, decision, params, run, stream_final):
+            yield ev
+
+    async def _fallback(
+        self,
+        reason: str,
+        messages: list[ChatMessage],
+        plan: Plan,
+        decision: RouteDecision,
+        params: GenerationParams,
+        run: _Run,
+        stream_final: bool,
+    ) -> AsyncIterator[TextDelta | MoAResult]:
+        """A layer missed its quorum: answer with the single-model fallback chain."""
+        self._check_deadline(run)
+        run.notes.append(f"{reason}; falling back to a single model")
+        routes = [_Route(plan.fallbacks, Stage.FALLBACK, [], reason)]
+        async for ev in self._finish(routes, messages, plan, decision, params, run, stream_final):
+            yield ev
+
+    async def _finish(
+        self,
+        routes: Sequence[_Route],
+        messages: list[ChatMessage],
+        plan: Plan,
+        decision: RouteDecision,
+        params: GenerationParams,
+        run: _Run,
+        stream_final: bool,
+    ) -> AsyncIterator[TextDelta | MoAResult]:
+        """The final answer: the first route whose chain succeeds; every failure listed otherwise."""
+        for route in routes:
+            async for ev in self._answer_chain(
+                route.chain, route.stage, messages, route.references, plan, params, run, stream_final
+            ):
+                if isinstance(ev, CallResult):
+                    yield self._result(ev, plan, decision, run, route.reason)
+                    return
+                yield ev
+        self._raise_failed(run)
+
+    async def _layer(
+        self,
+        index: int,
+        layer: LayerSpec,
+        messages: list[ChatMessage],
+        references: list[str],
+        plan: Plan,
+        params: GenerationParams,
+        run: _Run,
+        *,
+        refine: bool = False,
+        round_: int | None = None,
+    ) -> _LayerOutcome:
+        """Run one layer's proposers concurrently; stop at quorum plus grace, or at the deadline."""
+        self._check_deadline(run)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        started_s = run.offset()
+        stage_deadline = start + plan.layer_deadline_s
+        remaining = run.remaining()
+        if remaining is not None:
+            stage_deadline = min(stage_deadline, start + remaining)
+        timeout = max(min(plan.call_timeout_s, stage_deadline - start), 0.001)
+
+        tasks: dict[asyncio.Task[CallResult], int] = {}
+        for i, spec in enumerate(layer.proposers):
+            refs = self._fit(references, spec, messages, params, plan, run, f"layer {index}")
+            msgs = with_references(messages, refs, self.config.templates, refine=refine, role=spec.role)
+            req = CallRequest(
+                provider=spec.provider,
+                model=spec.model,
+                messages=tuple(msgs),
+                params=_merge(params, spec),
+                timeout_s=timeout,
+            )
+            tasks[asyncio.create_task(self._safe_call(req))] = i
+
+        results: dict[int, CallResult] = {}
+        pending = set(tasks)
+        quorum_at: float | None = None
+        needed = layer.needed
+        cut_short = False
+        try:
+            while pending:
+                wait_until = (
+                    stage_deadline if quorum_at is None else min(stage_deadline, quorum_at + plan.grace_s)
+                )
+                now = loop.time()
+                if wait_until <= now:
+                    cut_short = True
+                    break
+                done, pending = await asyncio.wait(
+                    pending, timeout=wait_until - now, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    results[tasks[task]] = task.result()
+                succeeded = sum(r.ok for r in results.values())
+                if succeeded >= needed and quorum_at is None:
+                    quorum_at = loop.time()
+                failed = len(results) - succeeded
+                if len(layer.proposers) - failed < needed:
+                    break  # the quorum can no longer be reached: do not wait for the rest
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+        end = loop.time()
+        stragglers = {tasks[t] for t in pending}
+        for task in pending:
+            i = tasks[task]
+            spec = layer.proposers[i]
+            by_deadline = quorum_at is None
+            kind = ErrorKind.TIMEOUT if by_deadline else ErrorKind.CANCELLED
+            why = "layer deadline passed" if by_deadline else "quorum met; grace period over"
+            results[i] = CallResult(
+                provider=spec.provider,
+                provider_kind=self.config.providers[spec.provider].kind.value
+                if spec.provider in self.config.providers
+                else "unknown",
+                requested_model=spec.model,
+                latency_s=end - start,
+                error=CallError(kind=kind, message=f"cancelled as a straggler: {why}"),
+            )
+        answers: list[str] = []
+        completed_latency = 0.0
+        simulated: list[float] = []
+        for i, spec in enumerate(layer.proposers):
+            res = results[i]
+            straggler = i in stragglers
+            rec = CallRecord.from_result(
+                res, stage=Stage.PROPOSER, started_s=started_s, layer=index, round=round_, role=spec.role
+            )
+            rec.cancelled_straggler = straggler
+            run.record(res, rec)
+            if not straggler:
+                completed_latency = max(completed_latency, res.latency_s)
+                if res.simulated_service_s is not None:
+                    simulated.append(res.simulated_service_s)
+            if res.ok:
+                answers.append(res.text)
+        run.critical_path_s += (end - start) if (pending or cut_short) else completed_latency
+        run.add_simulated(max(simulated) if simulated else None)
+        met = len(answers) >= needed
+        if not met and run.remaining() is not None and (run.remaining() or 0) <= 0:
+            raise DeadlineExceeded(f"the request deadline passed in layer {index}")
+        return _LayerOutcome(answers=answers, met=met)
+
+    async def _synthesise(
+        self,
+        messages: list[ChatMessage],
+        references: list[str],
+        plan: Plan,
+        params: GenerationParams,
+        run: _Run,
+        *,
+        round_: int,
+    ) -> str | None:
+        """An intermediate synthesis (between refine rounds), with the aggregator fallback chain."""
+        final: CallResult | None = None
+        async for ev in self._answer_chain(
+            plan.aggregators, Stage.AGGREGATOR, messages, references, plan, params, run, False, round_=round_
+        ):
+            if isinstance(ev, CallResult):
+                final = ev
+        return final.text if final is not None else None
+
+    async def _answer_chain(
+        self,
+        chain: Sequence[ModelRef],
+        stage: Stage,
+        messages: list[ChatMessage],
+        references: list[str],
+        plan: Plan,
+        params: GenerationParams,
+        run: _Run,
+        stream: bool,
+        *,
+        round_: int | None = None,
+    ) -> AsyncIterator[TextDelta | CallResult]:
+        """Try each model of ``chain`` in turn; yield the answer's deltas and then the first success.
+
+        Yields nothing but failures' records when the whole chain fails. A stream that fails after
+        text was already sent cannot be retracted, so it ends the run instead of trying the next model.
+        """
+        for ref in chain:
+            self._check_deadline(run)
+            remaining = run.remaining()
+            timeout = (
+                plan.call_timeout_s if remaining is None else max(min(plan.call_timeout_s, remaining), 0.001)
+            )
+            refs = self._fit(references, ref, messages, params, plan, run, stage.value)
+            msgs = with_references(messages, refs, self.config.templates)
+            req = CallRequest(
+                provider=ref.provider,
+                model=ref.model,
+                messages=tuple(msgs),
+                params=_merge(params, ref),
+                timeout_s=timeout,
+            )
+            started_s = run.offset()
+            res: CallResult | None = None
+            emitted = False
+            if stream:
+                async for ev in self._safe_stream(req):
+                    if isinstance(ev, TextDelta):
+                        emitted = True
+                        yield ev
+                    else:
+                        res = ev
+            else:
+                res = await self._safe_call(req)
+            assert res is not None
+            run.record(res, CallRecord.from_result(res, stage=stage, started_s=started_s, round=round_))
+            run.critical_path_s += res.latency_s
+            run.add_simulated(res.simulated_service_s)
+            if res.ok:
+                yield res
+                return
+            if emitted:
+                run.notes.append(f"{ref} failed mid-stream ({res.error.kind if res.error else '?'})")
+                self._raise_failed(run)
+            self._check_deadline(run)
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    async def _safe_call(self, req: CallRequest) -> CallResult:
+        """Call through the transport; a transport that raises (not just fails) still yields a result."""
+        try:
+            return await self.caller.call(req)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a transport fault (e.g. a dead replica) is a server error
+            return self._transport_failure(req, exc)
+
+    async def _safe_stream(self, req: CallRequest) -> AsyncIterator[StreamEvent]:
+        got_result = False
+        try:
+            async for ev in self.caller.stream(req):
+                got_result = got_result or isinstance(ev, CallResult)
+                yield ev
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not got_result:
+                yield self._transport_failure(req, exc)
+            return
+        if not got_result:
+            yield self._transport_failure(req, RuntimeError("stream ended without a result"))
+
+    def _transport_failure(self, req: CallRequest, exc: BaseException) -> CallResult:
+        pcfg = self.config.providers.get(req.provider)
+        return CallResult(
+            provider=req.provider,
+            provider_kind=pcfg.kind.value if pcfg else "unknown",
+            requested_model=req.model,
+            error=CallError(kind=ErrorKind.SERVER_ERROR, message=f"transport failure: {type(exc).__name__}"),
+        )
+
+    def _fit(
+        self,
+        references: list[str],
+        ref: ModelRef,
+        messages: list[ChatMessage],
+        params: GenerationParams,
+        plan: Plan,
+        run: _Run,
+        where: str,
+    ) -> list[str]:
+        """Trim references to the token budget of the model that will read them."""
+        if not references:
+            return references
+        budget = plan.reference_budget_tokens
+        if budget is None:
+            window = (
+                self.config.price(ref.provider, ref.model).context_window
+                if ref.provider in self.config.providers
+                else 128_000
+            )
+            reserve = params.max_tokens or getattr(ref, "max_tokens", None) or DEFAULT_ANSWER_RESERVE
+            overhead = approx_message_tokens(m.content for m in messages) + 512
+            budget = max(window - reserve - overhead, 64)
+        trimmed = trim_references(references, budget)
+        for note in trimmed.notes:
+            text = f"{where} ({ref}): {note}"
+            if text not in run.notes:
+                run.notes.append(text)
+        return trimmed.answers
+
+    def _check_deadline(self, run: _Run) -> None:
+        remaining = run.remaining()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded("the request deadline passed before an answer was ready")
+
+    def _raise_failed(self, run: _Run) -> None:
+        self._check_deadline(run)
+        raise AllProvidersFailed(run.failures)
+
+    def _result(
+        self, final: CallResult, plan: Plan, decision: RouteDecision, run: _Run, fallback: str | None
+    ) -> MoAResult:
+        usage = sum((r.usage for r in run.records), start=type(final.usage)())
+        return MoAResult(
+            text=final.text,
+            preset=decision.preset,
+            plan=plan,
+            decision=decision,
+            provider=final.provider,
+            model=final.model or final.requested_model,
+            finish_reason=final.finish_reason,
+            calls=run.records,
+            usage=usage,
+            cost_usd=sum(r.cost_usd for r in run.records),
+            wall_time_s=run.offset(),
+            critical_path_s=run.critical_path_s,
+            simulated_critical_path_s=run.simulated_critical_s,
+            fallback=fallback,
+            notes=run.notes,
+        )
+
+
+def _merge(params: GenerationParams, spec: ModelRef) -> GenerationParams:
+    """The request's parameters, overridden by what the plan fixes for this call."""
+    update: dict[str, object] = {}
+    temperature = getattr(spec, "temperature", None)
+    if temperature is not None:
+        update["temperature"] = temperature
+    max_tokens = getattr(spec, "max_tokens", None)
+    if max_tokens is not None:
+        update["max_tokens"] = max_tokens if params.max_tokens is None else min(max_tokens, params.max_tokens)
+    if isinstance(spec, ProposerSpec) and spec.seed is not None:
+        update["seed"] = spec.seed
+    return params.model_copy(update=update) if update else params

@@ -1,0 +1,83 @@
+"""Errors a MoA run can end in. Each carries the HTTP status and OpenAI error type it maps to,
+so every transport reports it the same way."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pydantic import BaseModel
+
+from moa.types import ErrorKind
+
+
+class Failure(BaseModel):
+    provider: str
+    model: str
+    kind: ErrorKind
+    stage: str
+
+
+class MoAError(Exception):
+    status_code = 500
+    error_type = "server_error"
+    code = "internal_error"
+    retry_after_s: float | None = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(MoAError):
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class UnknownPreset(InvalidRequest):
+    code = "model_not_found"
+
+
+class InvalidPlan(InvalidRequest):
+    status_code = 422
+    code = "invalid_plan"
+
+
+class NoHealthyProvider(MoAError):
+    """Every provider a plan could use has its circuit open: nothing was sent."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "no_healthy_provider"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(MoAError):
+    status_code = 504
+    error_type = "timeout"
+    code = "deadline_exceeded"
+
+
+class AllProvidersFailed(MoAError):
+    """Every route to an answer failed; the message lists each provider's failure kind."""
+
+    status_code = 502
+    error_type = "upstream_error"
+    code = "all_providers_failed"
+
+    def __init__(self, failures: Sequence[Failure]) -> None:
+        self.failures = list(failures)
+        kinds = {f.kind for f in self.failures}
+        if kinds and kinds <= {ErrorKind.RATE_LIMITED, ErrorKind.CIRCUIT_OPEN}:
+            # Only back-pressure: the caller should come back later rather than treat it as broken.
+            self.status_code = 429 if ErrorKind.RATE_LIMITED in kinds else 503
+            self.error_type = "rate_limit_error" if self.status_code == 429 else "service_unavailable"
+            self.retry_after_s = 1.0
+        elif kinds and kinds <= {ErrorKind.TIMEOUT, ErrorKind.CANCELLED}:
+            self.status_code = 504
+            self.error_type = "timeout"
+        listing = ", ".join(f"{f.provider}/{f.model} ({f.stage}): {f.kind}" for f in self.failures)
+        super().__init__(f"every provider failed: {listing or 'no call was possible'}")

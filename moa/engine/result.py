@@ -1,0 +1,105 @@
+"""What a MoA run returns: the answer, the plan used and why, every call, and the totals."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel, Field
+
+from moa.engine.plan import Complexity, Plan, TaskType
+from moa.types import CallResult, ErrorKind, Usage
+
+
+class Stage(StrEnum):
+    PROPOSER = "proposer"
+    AGGREGATOR = "aggregator"  # a synthesis call: between refine rounds, or the final answer
+    FALLBACK = "fallback"  # the single-model answer chain after a missed quorum
+    CLASSIFIER = "classifier"  # the LLM router's classification call
+
+
+class RouteDecision(BaseModel):
+    """Which preset runs and why."""
+
+    preset: str
+    forced: bool
+    complexity: Complexity | None = None
+    task: TaskType | None = None
+    reason: str
+    substitutions: list[str] = Field(default_factory=list)
+
+
+class CallRecord(BaseModel):
+    stage: Stage
+    layer: int | None = None  # 1-based proposer layer (or refine round) this call belongs to
+    round: int | None = None
+    provider: str
+    model: str
+    role: str | None = None
+    ok: bool
+    error_kind: ErrorKind | None = None
+    error_message: str | None = None
+    cancelled_straggler: bool = False
+    started_s: float = 0.0  # offset from the start of the run
+    latency_s: float = 0.0
+    ttft_s: float | None = None
+    usage: Usage = Usage()
+    cost_usd: float = 0.0
+    attempts: int = 0
+    finish_reason: str | None = None
+    simulated_service_s: float | None = None
+
+    @classmethod
+    def from_result(
+        cls,
+        res: CallResult,
+        *,
+        stage: Stage,
+        started_s: float,
+        layer: int | None = None,
+        round: int | None = None,
+        role: str | None = None,
+    ) -> CallRecord:
+        return cls(
+            stage=stage,
+            layer=layer,
+            round=round,
+            provider=res.provider,
+            model=res.model or res.requested_model,
+            role=role,
+            ok=res.ok,
+            error_kind=res.error.kind if res.error else None,
+            error_message=res.error.message if res.error else None,
+            started_s=started_s,
+            latency_s=res.latency_s,
+            ttft_s=res.ttft_s,
+            usage=res.usage,
+            cost_usd=res.cost_usd,
+            attempts=res.attempts,
+            finish_reason=res.finish_reason,
+            simulated_service_s=res.simulated_service_s,
+        )
+
+
+class MoAResult(BaseModel):
+    text: str
+    preset: str
+    plan: Plan
+    decision: RouteDecision
+    # The model whose answer is returned (final aggregator, or the fallback that answered).
+    provider: str
+    model: str
+    finish_reason: str | None = None
+    calls: list[CallRecord]
+    usage: Usage
+    cost_usd: float
+    wall_time_s: float
+    # Sum over sequential stages of the time each stage waited on its models.
+    critical_path_s: float
+    # Same, from the simulator's reported service times (None with real providers).
+    simulated_critical_path_s: float | None = None
+    fallback: str | None = None  # why a fallback answered, when one did
+    notes: list[str] = Field(default_factory=list)
+
+    @property
+    def stragglers_cancelled(self) -> int:
+        return sum(c.cancelled_straggler for c in self.calls)
