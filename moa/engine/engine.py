@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 
 from moa.config import MoAConfig
 from moa.engine.caller import ModelCaller
+from moa.engine.calls import fit_references, merge_params, safe_call
 from moa.engine.errors import AllProvidersFailed, DeadlineExceeded, Failure
-from moa.engine.plan import LayerSpec, ModelRef, Plan, PlanMode, ProposerSpec
-from moa.engine.prompts import trim_references, with_references
+from moa.engine.fusion import FuseJob, Fuser, LocalFuser
+from moa.engine.plan import AggregatorSpec, LayerSpec, ModelRef, Plan, PlanMode
+from moa.engine.prompts import with_references
 from moa.engine.result import CallRecord, MoAResult, RouteDecision, Stage
 from moa.engine.router import HealthView, RouterPolicy
-from moa.tokens import approx_message_tokens
 from moa.types import (
     CallError,
     CallRequest,
@@ -26,12 +27,8 @@ from moa.types import (
     ChatMessage,
     ErrorKind,
     GenerationParams,
-    StreamEvent,
     TextDelta,
 )
-
-# Tokens reserved for an aggregator's answer when the request does not say.
-DEFAULT_ANSWER_RESERVE = 2048
 
 
 @dataclass
@@ -51,6 +48,9 @@ class _Run:
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def note(self, *notes: str) -> None:
+        self.notes.extend(n for n in notes if n not in self.notes)
 
     def add_simulated(self, seconds: float | None) -> None:
         if seconds is not None:
@@ -91,9 +91,12 @@ class MoAEngine:
         *,
         router: RouterPolicy | None = None,
         health: Callable[[], HealthView] | None = None,
+        fuser: Fuser | None = None,
     ) -> None:
         self.config = config
         self.caller = caller
+        # Where fusion runs: in-process by default, the aggregator deployment in the Ray app.
+        self.fuser = fuser or LocalFuser(caller, config)
         self.router = router or RouterPolicy(config, caller)
         self._health = health or HealthView
 
@@ -226,7 +229,7 @@ class MoAEngine:
     ) -> AsyncIterator[TextDelta | MoAResult]:
         """A layer missed its quorum: answer with the single-model fallback chain."""
         self._check_deadline(run)
-        run.notes.append(f"{reason}; falling back to a single model")
+        run.note(f"{reason}; falling back to a single model")
         routes = [_Route(plan.fallbacks, Stage.FALLBACK, [], reason)]
         async for ev in self._finish(routes, messages, plan, decision, params, run, stream_final):
             yield ev
@@ -278,16 +281,19 @@ class MoAEngine:
 
         tasks: dict[asyncio.Task[CallResult], int] = {}
         for i, spec in enumerate(layer.proposers):
-            refs = self._fit(references, spec, messages, params, plan, run, f"layer {index}")
+            refs, notes = fit_references(
+                self.config, references, spec, messages, params, plan.reference_budget_tokens
+            )
+            run.note(*(f"layer {index} {note}" for note in notes))
             msgs = with_references(messages, refs, self.config.templates, refine=refine, role=spec.role)
             req = CallRequest(
                 provider=spec.provider,
                 model=spec.model,
                 messages=tuple(msgs),
-                params=_merge(params, spec),
+                params=merge_params(params, spec),
                 timeout_s=timeout,
             )
-            tasks[asyncio.create_task(self._safe_call(req))] = i
+            tasks[asyncio.create_task(safe_call(self.caller, self.config, req))] = i
 
         results: dict[int, CallResult] = {}
         pending = set(tasks)
@@ -393,114 +399,42 @@ class MoAEngine:
         *,
         round_: int | None = None,
     ) -> AsyncIterator[TextDelta | CallResult]:
-        """Try each model of ``chain`` in turn; yield the answer's deltas and then the first success.
+        """Fuse (or, without references, simply answer) through ``chain``; record every attempt.
 
-        Yields nothing but failures' records when the whole chain fails. A stream that fails after
-        text was already sent cannot be retracted, so it ends the run instead of trying the next model.
+        Yields the answer's deltas and then the successful result; yields no result when the whole
+        chain fails. A stream that fails after text was sent cannot be retracted: that ends the run.
         """
-        for ref in chain:
-            self._check_deadline(run)
-            remaining = run.remaining()
-            timeout = (
-                plan.call_timeout_s if remaining is None else max(min(plan.call_timeout_s, remaining), 0.001)
-            )
-            refs = self._fit(references, ref, messages, params, plan, run, stage.value)
-            msgs = with_references(messages, refs, self.config.templates)
-            req = CallRequest(
-                provider=ref.provider,
-                model=ref.model,
-                messages=tuple(msgs),
-                params=_merge(params, ref),
-                timeout_s=timeout,
-            )
-            started_s = run.offset()
-            res: CallResult | None = None
-            emitted = False
-            if stream:
-                async for ev in self._safe_stream(req):
-                    if isinstance(ev, TextDelta):
-                        emitted = True
-                        yield ev
-                    else:
-                        res = ev
-            else:
-                res = await self._safe_call(req)
-            assert res is not None
-            run.record(res, CallRecord.from_result(res, stage=stage, started_s=started_s, round=round_))
+        self._check_deadline(run)
+        job = FuseJob(
+            chain=tuple(_as_aggregator(ref) for ref in chain),
+            messages=tuple(messages),
+            references=tuple(references),
+            params=params,
+            call_timeout_s=plan.call_timeout_s,
+            deadline_s=run.remaining(),
+            reference_budget_tokens=plan.reference_budget_tokens,
+            stream=stream,
+        )
+        job_start = run.offset()
+        emitted = False
+        async for ev in self.fuser.fuse(job):
+            if isinstance(ev, TextDelta):
+                emitted = True
+                yield ev
+                continue
+            res = ev.result
+            run.note(*(f"{stage.value} {note}" for note in ev.notes))
+            started = job_start + ev.started_s
+            run.record(res, CallRecord.from_result(res, stage=stage, started_s=started, round=round_))
             run.critical_path_s += res.latency_s
             run.add_simulated(res.simulated_service_s)
             if res.ok:
                 yield res
                 return
             if emitted:
-                run.notes.append(f"{ref} failed mid-stream ({res.error.kind if res.error else '?'})")
+                run.note(f"{res.provider}/{res.requested_model} failed mid-stream")
                 self._raise_failed(run)
-            self._check_deadline(run)
-
-    # -- helpers ----------------------------------------------------------------------------------
-
-    async def _safe_call(self, req: CallRequest) -> CallResult:
-        """Call through the transport; a transport that raises (not just fails) still yields a result."""
-        try:
-            return await self.caller.call(req)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a transport fault (e.g. a dead replica) is a server error
-            return self._transport_failure(req, exc)
-
-    async def _safe_stream(self, req: CallRequest) -> AsyncIterator[StreamEvent]:
-        got_result = False
-        try:
-            async for ev in self.caller.stream(req):
-                got_result = got_result or isinstance(ev, CallResult)
-                yield ev
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if not got_result:
-                yield self._transport_failure(req, exc)
-            return
-        if not got_result:
-            yield self._transport_failure(req, RuntimeError("stream ended without a result"))
-
-    def _transport_failure(self, req: CallRequest, exc: BaseException) -> CallResult:
-        pcfg = self.config.providers.get(req.provider)
-        return CallResult(
-            provider=req.provider,
-            provider_kind=pcfg.kind.value if pcfg else "unknown",
-            requested_model=req.model,
-            error=CallError(kind=ErrorKind.SERVER_ERROR, message=f"transport failure: {type(exc).__name__}"),
-        )
-
-    def _fit(
-        self,
-        references: list[str],
-        ref: ModelRef,
-        messages: list[ChatMessage],
-        params: GenerationParams,
-        plan: Plan,
-        run: _Run,
-        where: str,
-    ) -> list[str]:
-        """Trim references to the token budget of the model that will read them."""
-        if not references:
-            return references
-        budget = plan.reference_budget_tokens
-        if budget is None:
-            window = (
-                self.config.price(ref.provider, ref.model).context_window
-                if ref.provider in self.config.providers
-                else 128_000
-            )
-            reserve = params.max_tokens or getattr(ref, "max_tokens", None) or DEFAULT_ANSWER_RESERVE
-            overhead = approx_message_tokens(m.content for m in messages) + 512
-            budget = max(window - reserve - overhead, 64)
-        trimmed = trim_references(references, budget)
-        for note in trimmed.notes:
-            text = f"{where} ({ref}): {note}"
-            if text not in run.notes:
-                run.notes.append(text)
-        return trimmed.answers
+        self._check_deadline(run)
 
     def _check_deadline(self, run: _Run) -> None:
         remaining = run.remaining()
@@ -534,15 +468,5 @@ class MoAEngine:
         )
 
 
-def _merge(params: GenerationParams, spec: ModelRef) -> GenerationParams:
-    """The request's parameters, overridden by what the plan fixes for this call."""
-    update: dict[str, object] = {}
-    temperature = getattr(spec, "temperature", None)
-    if temperature is not None:
-        update["temperature"] = temperature
-    max_tokens = getattr(spec, "max_tokens", None)
-    if max_tokens is not None:
-        update["max_tokens"] = max_tokens if params.max_tokens is None else min(max_tokens, params.max_tokens)
-    if isinstance(spec, ProposerSpec) and spec.seed is not None:
-        update["seed"] = spec.seed
-    return params.model_copy(update=update) if update else params
+def _as_aggregator(ref: ModelRef) -> AggregatorSpec:
+    return ref if isinstance(ref, AggregatorSpec) else AggregatorSpec(provider=ref.provider, model=ref.model)

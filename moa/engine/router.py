@@ -27,7 +27,8 @@ R = TypeVar("R", bound=ModelRef)
 
 _CODE = re.compile(
     r"```|\b(def|class|function|lambda|return|import|async|await|regex|sql|python|javascript|typescript|"
-    r"java|rust|golang|c\+\+|bash|compile|stack ?trace|exception|bug|refactor|api|algorithm|json)\b"
+    r"java|rust|golang|c\+\+|bash|compile|stack ?trace|exception|bug|refactor|api|algorithm|json|implement|"
+    r"program|script)\b"
     r"|[{};]\s*$",
     re.IGNORECASE | re.MULTILINE,
 )
@@ -42,9 +43,12 @@ _ANALYSIS = re.compile(
     re.IGNORECASE,
 )
 _CREATIVE = re.compile(
-    r"\b(poem|story|haiku|lyrics|fiction|imagine|creative|slogan|novel|character|limerick|sonnet|essay)\b",
+    r"\b(poem|story|haiku|lyrics|fiction|imagine|creative|slogan|novel|character|limerick|sonnet|essay|"
+    r"blog|compose|headline|tagline|screenplay)\b",
     re.IGNORECASE,
 )
+# Verbs that signal a demanding task whatever its length.
+_HARD = re.compile(r"\b(prove|proof|derive|optimi[sz]e|architect(ure)?|step[- ]by[- ]step)\b", re.IGNORECASE)
 _CONSTRAINT = re.compile(
     r"\b(must|at least|at most|no more than|exactly|without using|in \d+ words|step by step|bullet|"
     r"format|constraints?|ensure)\b",
@@ -68,13 +72,16 @@ def classify_heuristic(text: str) -> Classification:
     analysis = len(_ANALYSIS.findall(text))
     creative = len(_CREATIVE.findall(text))
     constraints = len(_CONSTRAINT.findall(text))
+    hard = len(_HARD.findall(text))
 
     score = 0.0
     score += 0 if tokens < 25 else 1 if tokens < 120 else 2 if tokens < 400 else 3
     score += min(max(questions - 1, 0), 2)
-    score += min(code, 3) * 0.75 + min(math, 3) * 0.75
+    # Code and maths are hard by nature: the first marker weighs most.
+    score += (1.25 + min(code - 1, 2) * 0.5) if code else 0.0
+    score += (1.0 + min(math - 1, 2) * 0.5) if math else 0.0
     score += min(analysis, 3) * 1.0 + min(constraints, 3) * 0.5
-    score += min(creative, 2) * 0.5
+    score += min(creative, 2) * 0.75 + min(hard, 2) * 1.0
 
     complexity = Complexity.SIMPLE if score < 2 else Complexity.MEDIUM if score < 4.5 else Complexity.COMPLEX
     counts = {
@@ -87,7 +94,7 @@ def classify_heuristic(text: str) -> Classification:
     task = best if counts[best] > 0 else TaskType.GENERAL
     features = (
         f"tokens={tokens} questions={questions} code={code} math={math} analysis={analysis} "
-        f"creative={creative} constraints={constraints}"
+        f"creative={creative} constraints={constraints} hard={hard}"
     )
     return Classification(complexity, task, f"heuristic score {score:.1f} ({features})")
 

@@ -1,0 +1,99 @@
+"""Small pieces shared by every stage that calls a model: parameter merging, reference budgets,
+and calling through a transport that might raise instead of failing cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+from moa.config import MoAConfig
+from moa.engine.caller import ModelCaller
+from moa.engine.plan import ModelRef, ProposerSpec
+from moa.engine.prompts import trim_references
+from moa.tokens import approx_message_tokens
+from moa.types import (
+    CallError,
+    CallRequest,
+    CallResult,
+    ChatMessage,
+    ErrorKind,
+    GenerationParams,
+    StreamEvent,
+)
+
+# Tokens reserved for an aggregator's answer when the request does not say.
+DEFAULT_ANSWER_RESERVE = 2048
+# Room for the aggregation template itself around the references.
+TEMPLATE_OVERHEAD_TOKENS = 512
+
+
+def merge_params(params: GenerationParams, spec: ModelRef) -> GenerationParams:
+    """The request's parameters, overridden by what the plan fixes for this call."""
+    update: dict[str, object] = {}
+    temperature = getattr(spec, "temperature", None)
+    if temperature is not None:
+        update["temperature"] = temperature
+    max_tokens = getattr(spec, "max_tokens", None)
+    if max_tokens is not None:
+        update["max_tokens"] = max_tokens if params.max_tokens is None else min(max_tokens, params.max_tokens)
+    if isinstance(spec, ProposerSpec) and spec.seed is not None:
+        update["seed"] = spec.seed
+    return params.model_copy(update=update) if update else params
+
+
+def fit_references(
+    config: MoAConfig,
+    references: Sequence[str],
+    ref: ModelRef,
+    messages: Sequence[ChatMessage],
+    params: GenerationParams,
+    budget: int | None,
+) -> tuple[list[str], list[str]]:
+    """Trim references to the token budget of the model that reads them; returns (references, notes)."""
+    if not references:
+        return [], []
+    if budget is None:
+        known = ref.provider in config.providers
+        window = config.price(ref.provider, ref.model).context_window if known else 128_000
+        reserve = params.max_tokens or getattr(ref, "max_tokens", None) or DEFAULT_ANSWER_RESERVE
+        overhead = approx_message_tokens(m.content for m in messages) + TEMPLATE_OVERHEAD_TOKENS
+        budget = max(window - reserve - overhead, 64)
+    trimmed = trim_references(references, budget)
+    return trimmed.answers, [f"{ref}: {note}" for note in trimmed.notes]
+
+
+def transport_failure(config: MoAConfig, req: CallRequest, exc: BaseException) -> CallResult:
+    pcfg = config.providers.get(req.provider)
+    return CallResult(
+        provider=req.provider,
+        provider_kind=pcfg.kind.value if pcfg else "unknown",
+        requested_model=req.model,
+        error=CallError(kind=ErrorKind.SERVER_ERROR, message=f"transport failure: {type(exc).__name__}"),
+    )
+
+
+async def safe_call(caller: ModelCaller, config: MoAConfig, req: CallRequest) -> CallResult:
+    """Call through the transport; a transport that raises (a dead replica, say) still yields a result."""
+    try:
+        return await caller.call(req)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        return transport_failure(config, req, exc)
+
+
+async def safe_stream(caller: ModelCaller, config: MoAConfig, req: CallRequest) -> AsyncIterator[StreamEvent]:
+    """Stream through the transport; always ends with exactly one CallResult."""
+    got_result = False
+    try:
+        async for ev in caller.stream(req):
+            got_result = got_result or isinstance(ev, CallResult)
+            yield ev
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        if not got_result:
+            yield transport_failure(config, req, exc)
+        return
+    if not got_result:
+        yield transport_failure(config, req, RuntimeError("stream ended without a result"))

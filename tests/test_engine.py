@@ -1,0 +1,239 @@
+"""The MoA engine end to end in-process: real SDKs, real HTTP, the simulator playing the providers."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from moa.config import MoAConfig
+from moa.engine.engine import MoAEngine
+from moa.engine.errors import AllProvidersFailed, DeadlineExceeded
+from moa.engine.plan import Plan
+from moa.engine.result import MoAResult, Stage
+from moa.engine.router import HealthView
+from moa.providers.registry import ProviderPool
+from moa.simulator.server import SimulatorServer
+from moa.types import ChatMessage, ErrorKind, TextDelta
+
+QUESTION = [ChatMessage(role="user", content="How do vaccines train the immune system?")]
+
+
+@pytest.fixture
+async def pool(config: MoAConfig) -> AsyncIterator[ProviderPool]:
+    async with ProviderPool.from_config(config, sim_url=config.simulator.url) as p:
+        yield p
+
+
+@pytest.fixture
+def engine(config: MoAConfig, pool: ProviderPool) -> MoAEngine:
+    return MoAEngine(config, pool)
+
+
+def set_fault(sim: SimulatorServer, model: str, **faults: dict[str, Any]) -> None:
+    httpx.put(f"{sim.url}/admin/faults/{model}", json=faults).raise_for_status()
+
+
+def stats(sim: SimulatorServer) -> dict[str, Any]:
+    return httpx.get(f"{sim.url}/admin/stats").json()["models"]
+
+
+async def wait_idle(sim: SimulatorServer, timeout: float = 2.0) -> dict[str, Any]:
+    """Poll until no model has a request in flight: proof that cancelled calls really ended."""
+    end = time.monotonic() + timeout
+    while True:
+        s = stats(sim)
+        if all(m["in_flight"] == 0 for m in s.values()) or time.monotonic() > end:
+            return s
+        await asyncio.sleep(0.02)
+
+
+def preset(config: MoAConfig, name: str, **update: Any) -> Plan:
+    return config.presets[name].model_copy(update=update)
+
+
+def sentences(text: str) -> list[str]:
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if len(s.strip()) > 20]
+
+
+async def test_references_reach_the_aggregator(engine: MoAEngine, config: MoAConfig) -> None:
+    result = await engine.run(QUESTION, preset="moa-lite")
+    proposals = [c for c in result.calls if c.stage is Stage.PROPOSER]
+    assert len(proposals) == 3 and all(c.ok for c in proposals)
+    assert result.text.startswith("Synthesis of 3 references (merged: 1, 2, 3).")
+    assert (result.provider, result.model) == ("openai", "gpt-4.1")
+    # Totals add up over every call.
+    assert result.usage.input_tokens == sum(c.usage.input_tokens for c in result.calls)
+    assert result.cost_usd == pytest.approx(sum(c.cost_usd for c in result.calls))
+    assert result.cost_usd > 0 and result.critical_path_s <= result.wall_time_s
+    assert result.simulated_critical_path_s is not None and result.simulated_critical_path_s > 0
+
+
+async def test_two_layers_feed_each_other(engine: MoAEngine, sim: SimulatorServer) -> None:
+    result = await engine.run(QUESTION, preset="moa")
+    layers = [c.layer for c in result.calls if c.stage is Stage.PROPOSER]
+    assert layers == [1, 1, 1, 2, 2, 2]
+    # Layer 2 proposers synthesised layer 1: their answers are fusions, so the aggregator's answer
+    # (a fusion of fusions) says it merged three references.
+    assert result.text.startswith("Synthesis of 3 references")
+    assert result.decision.forced and result.preset == "moa"
+
+
+async def test_quorum_and_grace_cancel_a_hanging_straggler(
+    engine: MoAEngine, config: MoAConfig, sim: SimulatorServer
+) -> None:
+    set_fault(sim, "gemini-2.5-flash", hang={"rate": 1.0})
+    plan = preset(config, "moa-lite", grace_s=0.2, layer_deadline_s=30)
+    t0 = time.monotonic()
+    result = await engine.run(QUESTION, plan=plan)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 5  # far below the 30 s deadline: quorum + grace ended the layer
+    (straggler,) = [c for c in result.calls if c.cancelled_straggler]
+    assert straggler.model == "gemini-2.5-flash" and straggler.error_kind is ErrorKind.CANCELLED
+    assert result.text.startswith("Synthesis of 2 references")
+    s = await wait_idle(sim)
+    assert s["gemini-2.5-flash"]["in_flight"] == 0 and s["gemini-2.5-flash"]["requests"] == 1
+
+
+async def test_layer_deadline_bounds_the_wait_then_falls_back(
+    engine: MoAEngine, config: MoAConfig, sim: SimulatorServer
+) -> None:
+    for model in ("claude-haiku-4-5", "gemini-2.5-flash"):
+        set_fault(sim, model, hang={"rate": 1.0})
+    plan = preset(config, "moa-lite", layer_deadline_s=0.6, grace_s=0.1)
+    t0 = time.monotonic()
+    result = await engine.run(QUESTION, plan=plan)
+    elapsed = time.monotonic() - t0
+    assert 0.55 < elapsed < 3
+    assert result.fallback == "layer 1 missed its quorum"
+    assert (result.provider, result.model) == ("openai", "gpt-4.1")  # first of the fallback chain
+    assert not result.text.startswith("Synthesis")  # a plain single-model answer
+    stragglers = [c for c in result.calls if c.cancelled_straggler]
+    assert {c.error_kind for c in stragglers} == {ErrorKind.TIMEOUT} and len(stragglers) == 2
+    assert all(v["in_flight"] == 0 for v in (await wait_idle(sim)).values())
+
+
+async def test_unreachable_quorum_fails_fast(engine: MoAEngine, config: MoAConfig, sim: SimulatorServer) -> None:
+    for model in ("claude-haiku-4-5", "gemini-2.5-flash"):
+        set_fault(sim, model, error_500={"rate": 1.0})
+    plan = preset(config, "moa-lite", layer_deadline_s=30)
+    result = await engine.run(QUESTION, plan=plan)
+    assert result.fallback == "layer 1 missed its quorum"
+    failed = {c.model: c.error_kind for c in result.calls if not c.ok}
+    assert failed == {"claude-haiku-4-5": ErrorKind.SERVER_ERROR, "gemini-2.5-flash": ErrorKind.SERVER_ERROR}
+
+
+async def test_aggregator_fallback_chain(engine: MoAEngine, sim: SimulatorServer) -> None:
+    set_fault(sim, "gpt-4.1", error_500={"rate": 1.0})
+    result = await engine.run(QUESTION, preset="moa-lite")
+    aggs = [c for c in result.calls if c.stage is Stage.AGGREGATOR]
+    assert [(c.model, c.ok) for c in aggs] == [("gpt-4.1", False), ("claude-sonnet-4-5", True)]
+    assert result.model == "claude-sonnet-4-5" and result.text.startswith("Synthesis of 3 references")
+
+
+async def test_every_failure_is_listed_when_all_fail(engine: MoAEngine, sim: SimulatorServer) -> None:
+    set_fault(sim, "*", error_503={"rate": 1.0})
+    with pytest.raises(AllProvidersFailed) as err:
+        await engine.run(QUESTION, preset="moa-lite")
+    message = str(err.value)
+    for model in ("gpt-4.1-mini", "claude-haiku-4-5", "gemini-2.5-flash"):
+        assert f"{model} (proposer layer 1): server_error" in message
+    assert {f.kind for f in err.value.failures} == {ErrorKind.SERVER_ERROR}
+    assert err.value.status_code == 502
+
+
+async def test_refine_rounds_see_the_previous_synthesis(engine: MoAEngine) -> None:
+    result = await engine.run(QUESTION, preset="refine")
+    stages = [(c.stage, c.round) for c in result.calls]
+    assert stages == [
+        (Stage.PROPOSER, 1),
+        (Stage.PROPOSER, 1),
+        (Stage.PROPOSER, 1),
+        (Stage.AGGREGATOR, 1),
+        (Stage.PROPOSER, 2),
+        (Stage.PROPOSER, 2),
+        (Stage.PROPOSER, 2),
+        (Stage.AGGREGATOR, None),
+    ]
+    assert result.text.startswith("Synthesis of 3 references")
+
+
+async def test_self_moa_samples_one_model(engine: MoAEngine) -> None:
+    result = await engine.run(QUESTION, preset="self-moa")
+    samples = [c for c in result.calls if c.stage is Stage.PROPOSER]
+    assert {c.model for c in samples} == {"gpt-4.1"} and len(samples) == 4
+    assert result.text.startswith("Synthesis of 4 references (merged: 1, 2, 3, 4).")
+
+
+async def test_single_and_direct_model(engine: MoAEngine) -> None:
+    result = await engine.run(QUESTION, preset="single")
+    assert len(result.calls) == 1 and result.calls[0].stage is Stage.AGGREGATOR
+    direct = await engine.run(QUESTION, preset="anthropic/claude-haiku-4-5")
+    assert direct.model == "claude-haiku-4-5" and direct.decision.reason == "direct model call"
+
+
+async def test_streaming_yields_the_final_answer_incrementally(engine: MoAEngine) -> None:
+    deltas: list[str] = []
+    result: MoAResult | None = None
+    async for ev in engine.stream(QUESTION, preset="moa-lite"):
+        if isinstance(ev, TextDelta):
+            assert result is None
+            deltas.append(ev.text)
+        else:
+            result = ev
+    assert result is not None and len(deltas) > 3
+    assert "".join(deltas) == result.text
+    final = result.calls[-1]
+    assert final.stage is Stage.AGGREGATOR and final.ttft_s is not None
+
+
+async def test_budget_trimming_is_noted(engine: MoAEngine, config: MoAConfig) -> None:
+    plan = preset(config, "moa-lite", reference_budget_tokens=90)
+    result = await engine.run(QUESTION, plan=plan)
+    assert any("trimmed" in n for n in result.notes), result.notes
+    assert "[...]" in result.text  # the aggregator saw the truncated references
+
+
+async def test_cancelling_a_run_cancels_every_call(engine: MoAEngine, sim: SimulatorServer) -> None:
+    set_fault(sim, "*", hang={"rate": 1.0})
+    task = asyncio.create_task(engine.run(QUESTION, preset="moa-lite"))
+    await asyncio.sleep(0.3)
+    assert sum(m["in_flight"] for m in stats(sim).values()) == 3
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert all(m["in_flight"] == 0 for m in (await wait_idle(sim)).values())
+
+
+async def test_request_deadline(engine: MoAEngine, sim: SimulatorServer) -> None:
+    set_fault(sim, "*", hang={"rate": 1.0})
+    t0 = time.monotonic()
+    with pytest.raises(DeadlineExceeded):
+        await engine.run(QUESTION, preset="moa-lite", deadline_s=0.5)
+    assert time.monotonic() - t0 < 2
+    assert all(m["in_flight"] == 0 for m in (await wait_idle(sim)).values())
+
+
+async def test_open_circuit_substitutes_a_healthy_model(config: MoAConfig, pool: ProviderPool) -> None:
+    engine = MoAEngine(config, pool, health=lambda: HealthView(unavailable=frozenset({"gemini"})))
+    result = await engine.run(QUESTION, preset="moa-lite")
+    assert "gemini" not in {c.provider for c in result.calls}
+    assert result.decision.substitutions and result.text.startswith("Synthesis of 3 references")
+
+
+async def test_llm_classifier_is_used_and_cached(config: MoAConfig, pool: ProviderPool, sim: SimulatorServer) -> None:
+    router_cfg = config.router.model_copy(
+        update={"classifier": "llm", "classifier_model": {"provider": "openai", "model": "gpt-4o-mini"}}
+    )
+    cfg = config.model_copy(update={"router": type(config.router).model_validate(router_cfg.model_dump())})
+    engine = MoAEngine(cfg, pool)
+    first = await engine.run(QUESTION, preset="auto")
+    assert first.calls[0].stage is Stage.CLASSIFIER and "llm classifier" in first.decision.reason
+    second = await engine.run(QUESTION, preset="auto")
+    assert all(c.stage is not Stage.CLASSIFIER for c in second.calls)
+    assert stats(sim)["gpt-4o-mini"]["requests"] == 1
