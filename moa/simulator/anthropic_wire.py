@@ -1,0 +1,166 @@
+"""The Anthropic Messages wire format (``POST /v1/messages``), with its named-event stream."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from moa.simulator.wire import BadRequest, Completion, Err, SimRequest, Wire, dumps, random_id, sse
+
+_ERRORS = {
+    Err.BAD_REQUEST: "invalid_request_error",
+    Err.AUTH: "authentication_error",
+    Err.NOT_FOUND: "not_found_error",
+    Err.RATE_LIMIT: "rate_limit_error",
+    Err.SERVER: "api_error",
+    Err.UNAVAILABLE: "overloaded_error",
+}
+_STOP_REASON = {"stop": "end_turn", "stop_sequence": "stop_sequence", "length": "max_tokens"}
+
+
+def _text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for i, block in enumerate(content):
+            if not isinstance(block, Mapping) or "type" not in block:
+                raise BadRequest(f"{where}.{i}.type: Field required")
+            if block["type"] == "text":
+                if not isinstance(block.get("text"), str):
+                    raise BadRequest(f"{where}.{i}.text: Field required")
+                parts.append(block["text"])
+        return "\n".join(parts)
+    raise BadRequest(f"{where}: Input should be a valid string or a list of content blocks")
+
+
+class AnthropicWire(Wire):
+    name = "anthropic"
+    key_hint = "the x-api-key header (or Authorization: Bearer)"
+    stream_content_type = b"text/event-stream; charset=utf-8"
+
+    def api_key(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+        # Newer SDK releases send the key as a bearer token; older ones (and curl examples) as x-api-key.
+        key = headers.get("x-api-key")
+        if key:
+            return key
+        auth = headers.get("authorization", "")
+        return auth[7:].strip() or None if auth[:7].lower() == "bearer " else None
+
+    def new_id(self) -> str:
+        return "msg_01" + random_id(22)
+
+    def request_id_headers(self, request_id: str) -> list[tuple[bytes, bytes]]:
+        # The SDK exposes ``request-id`` as ``_request_id``; x-request-id is the simulator's common header.
+        rid = request_id.encode()
+        return [(b"request-id", rid), (b"x-request-id", rid)]
+
+    def parse(self, body: Any, path_model: str | None, stream: bool) -> SimRequest:
+        if not isinstance(body, Mapping):
+            raise BadRequest("Input should be a valid dictionary")
+        for field in ("model", "max_tokens", "messages"):
+            if field not in body:
+                raise BadRequest(f"{field}: Field required")
+        model, max_tokens, messages = body["model"], body["max_tokens"], body["messages"]
+        if not isinstance(model, str) or not model:
+            raise BadRequest("model: Input should be a valid string")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise BadRequest("max_tokens: Input should be a valid integer greater than or equal to 1")
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("messages: at least one message is required")
+        transcript: list[tuple[str, str]] = []
+        system = body.get("system")
+        if system is not None:
+            transcript.append(("system", _text(system, "system")))
+        for i, m in enumerate(messages):
+            role = m.get("role") if isinstance(m, Mapping) else None
+            if role not in ("user", "assistant"):
+                raise BadRequest(f"messages.{i}.role: Input should be 'user' or 'assistant'")
+            transcript.append((role, _text(m.get("content"), f"messages.{i}.content")))
+        temperature = body.get("temperature")
+        if temperature is not None and (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, int | float)
+            or not 0 <= temperature <= 1
+        ):
+            raise BadRequest("temperature: Input should be less than or equal to 1")
+        stop = body.get("stop_sequences") or []
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise BadRequest("stop_sequences: Input should be a valid list of strings")
+        return SimRequest(
+            model=model,
+            transcript=tuple(transcript),
+            stream=bool(body.get("stream")),
+            max_tokens=max_tokens,
+            temperature=None if temperature is None else float(temperature),
+            stop=tuple(stop),
+        )
+
+    def error(self, kind: Err, message: str, request_id: str, param: str | None = None) -> bytes:
+        return dumps(
+            {"type": "error", "error": {"type": _ERRORS[kind], "message": message}, "request_id": request_id}
+        )
+
+    def fault_message(self, kind: Err, model: str, retry_after_s: float | None) -> str:
+        if kind is Err.RATE_LIMIT:
+            return (
+                "This request would exceed the rate limit for your organization of requests per minute "
+                f"for {model} (simulated). Please try again later."
+            )
+        if kind is Err.UNAVAILABLE:
+            return "Overloaded (simulated)"
+        return "Internal server error (simulated)"
+
+    @staticmethod
+    def _usage(c: Completion, output_tokens: int) -> dict[str, Any]:
+        # As in the real API, input_tokens excludes the tokens read from the cache.
+        return {
+            "input_tokens": c.prompt_tokens - c.cached_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": c.cached_tokens,
+            "output_tokens": output_tokens,
+            "service_tier": "standard",
+        }
+
+    def _message(self, req: SimRequest, c: Completion, *, done: bool) -> dict[str, Any]:
+        return {
+            "id": c.id,
+            "type": "message",
+            "role": "assistant",
+            "model": req.model,
+            "content": [{"type": "text", "text": c.text}] if done else [],
+            "stop_reason": _STOP_REASON[c.finish] if done else None,
+            "stop_sequence": c.stop_sequence if done else None,
+            "usage": self._usage(c, c.completion_tokens if done else 1),
+        }
+
+    def response(self, req: SimRequest, c: Completion) -> bytes:
+        return dumps(self._message(req, c, done=True))
+
+    def stream_head(self, req: SimRequest, c: Completion) -> bytes:
+        return (
+            sse({"type": "message_start", "message": self._message(req, c, done=False)}, "message_start")
+            + sse(
+                {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                "content_block_start",
+            )
+            + sse({"type": "ping"}, "ping")
+        )
+
+    def stream_delta(self, req: SimRequest, c: Completion, piece: str, last: bool) -> bytes:
+        delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}
+        return sse(delta, "content_block_delta")
+
+    def stream_tail(self, req: SimRequest, c: Completion) -> bytes:
+        return (
+            sse({"type": "content_block_stop", "index": 0}, "content_block_stop")
+            + sse(
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": _STOP_REASON[c.finish], "stop_sequence": c.stop_sequence},
+                    "usage": {"output_tokens": c.completion_tokens},
+                },
+                "message_delta",
+            )
+            + sse({"type": "message_stop"}, "message_stop")
+        )

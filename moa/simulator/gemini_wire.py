@@ -1,0 +1,154 @@
+"""The Gemini API wire format (``models/{model}:generateContent`` and ``:streamGenerateContent``).
+
+Like the real API, zero-valued usage fields are omitted (``cachedContentTokenCount`` appears only
+when something was cached, ``candidatesTokenCount`` only once text was produced), so clients must
+treat them as optional.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from moa.simulator.wire import BadRequest, Completion, Err, SimRequest, Wire, dumps, random_id, sse
+
+_STATUS = {
+    Err.BAD_REQUEST: "INVALID_ARGUMENT",
+    Err.AUTH: "UNAUTHENTICATED",
+    Err.NOT_FOUND: "NOT_FOUND",
+    Err.RATE_LIMIT: "RESOURCE_EXHAUSTED",
+    Err.SERVER: "INTERNAL",
+    Err.UNAVAILABLE: "UNAVAILABLE",
+}
+_FINISH = {"stop": "STOP", "stop_sequence": "STOP", "length": "MAX_TOKENS"}
+
+
+def _field(obj: Mapping[str, Any], camel: str, snake: str) -> Any:
+    """The REST API accepts both spellings of every field."""
+    v = obj.get(camel)
+    return obj.get(snake) if v is None else v
+
+
+def _parts_text(content: Any, where: str) -> str:
+    if not isinstance(content, Mapping):
+        raise BadRequest(f"Invalid value at '{where}': expected a Content object")
+    parts = content.get("parts")
+    if not isinstance(parts, list):
+        raise BadRequest(f"* GenerateContentRequest.{where}.parts: contents.parts must not be empty.")
+    texts = []
+    for p in parts:
+        if isinstance(p, Mapping) and isinstance(p.get("text"), str):
+            texts.append(p["text"])
+    return "".join(texts)
+
+
+class GeminiWire(Wire):
+    name = "gemini"
+    key_hint = "the x-goog-api-key header or the key query parameter"
+    stream_content_type = b"text/event-stream"
+
+    def api_key(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+        return headers.get("x-goog-api-key") or query.get("key") or None
+
+    def new_id(self) -> str:
+        return random_id(22)
+
+    def parse(self, body: Any, path_model: str | None, stream: bool) -> SimRequest:
+        if not isinstance(body, Mapping):
+            raise BadRequest("Invalid JSON payload received. Expected an object.")
+        model = (path_model or "").removeprefix("models/")
+        if not model:
+            raise BadRequest("* GenerateContentRequest.model: unexpected model name format")
+        contents = body.get("contents")
+        if not isinstance(contents, list) or not contents:
+            raise BadRequest("* GenerateContentRequest.contents: contents is not specified")
+        transcript: list[tuple[str, str]] = []
+        system = _field(body, "systemInstruction", "system_instruction")
+        if system is not None:
+            transcript.append(("system", _parts_text(system, "system_instruction")))
+        for i, c in enumerate(contents):
+            role = c.get("role", "user") if isinstance(c, Mapping) else None
+            if role not in ("user", "model"):
+                raise BadRequest(f"Please use a valid role: user, model. (contents[{i}].role)")
+            transcript.append(("assistant" if role == "model" else "user", _parts_text(c, f"contents[{i}]")))
+        config = _field(body, "generationConfig", "generation_config") or {}
+        if not isinstance(config, Mapping):
+            raise BadRequest("Invalid value at 'generation_config': expected an object")
+        max_tokens = _field(config, "maxOutputTokens", "max_output_tokens")
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
+            raise BadRequest("Invalid value at 'generation_config.max_output_tokens': expected an integer")
+        if max_tokens is not None and max_tokens < 1:
+            max_tokens = None  # the real API treats 0 as "unset"
+        temperature = config.get("temperature")
+        if temperature is not None and (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, int | float)
+            or not 0 <= temperature <= 2
+        ):
+            raise BadRequest("Invalid value at 'generation_config.temperature': must be in [0.0, 2.0]")
+        seed = config.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise BadRequest("Invalid value at 'generation_config.seed': expected an integer")
+        stop = _field(config, "stopSequences", "stop_sequences") or []
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise BadRequest("Invalid value at 'generation_config.stop_sequences': expected strings")
+        return SimRequest(
+            model=model,
+            transcript=tuple(transcript),
+            stream=stream,
+            max_tokens=max_tokens,
+            temperature=None if temperature is None else float(temperature),
+            seed=seed,
+            stop=tuple(stop),
+        )
+
+    def error(self, kind: Err, message: str, request_id: str, param: str | None = None) -> bytes:
+        return dumps({"error": {"code": kind.value, "message": message, "status": _STATUS[kind]}})
+
+    def fault_message(self, kind: Err, model: str, retry_after_s: float | None) -> str:
+        if kind is Err.RATE_LIMIT:
+            return f"Resource has been exhausted (e.g. check quota). (simulated, model {model})"
+        if kind is Err.UNAVAILABLE:
+            return "The model is overloaded. Please try again later. (simulated)"
+        return (
+            "An internal error has occurred. Please retry or report in "
+            "https://developers.generativeai.google/guide/troubleshooting (simulated)"
+        )
+
+    @staticmethod
+    def _usage(c: Completion, candidates: int | None) -> dict[str, Any]:
+        usage: dict[str, Any] = {"promptTokenCount": c.prompt_tokens}
+        if candidates:
+            usage["candidatesTokenCount"] = candidates
+        usage["totalTokenCount"] = c.prompt_tokens + (candidates or 0)
+        if c.cached_tokens:
+            usage["cachedContentTokenCount"] = c.cached_tokens
+        usage["promptTokensDetails"] = [{"modality": "TEXT", "tokenCount": c.prompt_tokens}]
+        return usage
+
+    def _chunk(self, req: SimRequest, c: Completion, text: str, final: bool) -> dict[str, Any]:
+        candidate: dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"}}
+        if final:
+            candidate["finishReason"] = _FINISH[c.finish]
+        candidate["index"] = 0
+        return {
+            "candidates": [candidate],
+            "usageMetadata": self._usage(c, c.completion_tokens if final else None),
+            "modelVersion": req.model,
+            "responseId": c.id,
+        }
+
+    def response(self, req: SimRequest, c: Completion) -> bytes:
+        return dumps(self._chunk(req, c, c.text, final=True))
+
+    def stream_head(self, req: SimRequest, c: Completion) -> bytes:
+        return b""
+
+    def stream_delta(self, req: SimRequest, c: Completion, piece: str, last: bool) -> bytes:
+        # The real stream puts the finish reason and full usage on the chunk with the last text.
+        return sse(self._chunk(req, c, piece, final=last)).replace(b"\n\n", b"\r\n\r\n")
+
+    def stream_tail(self, req: SimRequest, c: Completion) -> bytes:
+        if c.text:
+            return b""  # already sent with the last piece
+        return sse(self._chunk(req, c, "", final=True)).replace(b"\n\n", b"\r\n\r\n")

@@ -1,0 +1,185 @@
+"""The OpenAI Chat Completions wire format (``POST /v1/chat/completions``), streaming included."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from moa.simulator.text import stable_hash
+from moa.simulator.wire import BadRequest, Completion, Err, SimRequest, Wire, dumps, random_id, sse
+
+_ERRORS: dict[Err, tuple[str, str | None]] = {
+    Err.BAD_REQUEST: ("invalid_request_error", None),
+    Err.AUTH: ("invalid_request_error", "invalid_api_key"),
+    Err.NOT_FOUND: ("invalid_request_error", "unknown_url"),
+    Err.RATE_LIMIT: ("requests", "rate_limit_exceeded"),
+    Err.SERVER: ("server_error", None),
+    Err.UNAVAILABLE: ("server_error", None),
+}
+_FINISH = {"stop": "stop", "stop_sequence": "stop", "length": "length"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+
+
+def _text(content: Any, where: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        parts = []
+        for i, part in enumerate(content):
+            if not isinstance(part, Mapping) or "type" not in part:
+                raise BadRequest(f"Invalid type for '{where}[{i}]': expected an object with a type.", where)
+            if part["type"] == "text":
+                parts.append(str(part.get("text", "")))
+        return "\n".join(parts)
+    raise BadRequest(f"Invalid type for '{where}': expected a string or an array of content parts.", where)
+
+
+def _opt_number(body: Mapping[str, Any], name: str, lo: float, hi: float) -> float | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise BadRequest(f"Invalid type for '{name}': expected a number.", name)
+    if not lo <= v <= hi:
+        raise BadRequest(f"Invalid '{name}': {v} is not between {lo:g} and {hi:g}.", name)
+    return float(v)
+
+
+class OpenAIWire(Wire):
+    name = "openai"
+    key_hint = "an Authorization: Bearer header"
+
+    def api_key(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+        auth = headers.get("authorization", "")
+        return auth[7:].strip() or None if auth[:7].lower() == "bearer " else None
+
+    def new_id(self) -> str:
+        return "chatcmpl-" + random_id(29)
+
+    def parse(self, body: Any, path_model: str | None, stream: bool) -> SimRequest:
+        if not isinstance(body, Mapping):
+            raise BadRequest("The request body must be a JSON object.")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise BadRequest("you must provide a model parameter", "model")
+        messages = body.get("messages")
+        if messages is None:
+            raise BadRequest("Missing required parameter: 'messages'.", "messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("Invalid 'messages': expected a non-empty array.", "messages")
+        transcript: list[tuple[str, str]] = []
+        for i, m in enumerate(messages):
+            role = m.get("role") if isinstance(m, Mapping) else None
+            if role not in _ROLES:
+                raise BadRequest(f"Invalid value for 'messages[{i}].role'.", f"messages[{i}].role")
+            text = _text(m.get("content"), f"messages[{i}].content")
+            mapped = _ROLES[role]
+            if mapped == "system" and len(transcript) == 1 and transcript[0][0] == "system":
+                transcript[0] = ("system", transcript[0][1] + "\n\n" + text)  # leading system messages merge
+            else:
+                transcript.append((mapped, text))
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+            raise BadRequest(
+                f"Invalid 'max_tokens': integer below minimum value ({max_tokens}).", "max_tokens"
+            )
+        stop = body.get("stop")
+        if isinstance(stop, str):
+            stop = [stop]
+        if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) for s in stop)):
+            raise BadRequest("Invalid 'stop': expected a string or an array of strings.", "stop")
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise BadRequest("Invalid type for 'seed': expected an integer.", "seed")
+        options = body.get("stream_options")
+        is_stream = bool(body.get("stream"))
+        return SimRequest(
+            model=model,
+            transcript=tuple(transcript),
+            stream=is_stream,
+            max_tokens=max_tokens,
+            temperature=_opt_number(body, "temperature", 0, 2),
+            seed=seed,
+            stop=tuple(stop or ()),
+            include_usage=is_stream and isinstance(options, Mapping) and bool(options.get("include_usage")),
+        )
+
+    def error(self, kind: Err, message: str, request_id: str, param: str | None = None) -> bytes:
+        type_, code = _ERRORS[kind]
+        return dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+    @staticmethod
+    def _fingerprint(model: str) -> str:
+        return f"fp_{stable_hash('fp', model) % 16**10:010x}"
+
+    @staticmethod
+    def _usage(c: Completion) -> dict[str, Any]:
+        return {
+            "prompt_tokens": c.prompt_tokens,
+            "completion_tokens": c.completion_tokens,
+            "total_tokens": c.prompt_tokens + c.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": c.cached_tokens, "audio_tokens": 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": 0,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
+        }
+
+    def response(self, req: SimRequest, c: Completion) -> bytes:
+        return dumps(
+            {
+                "id": c.id,
+                "object": "chat.completion",
+                "created": c.created,
+                "model": req.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {
+                            "role": "assistant",
+                            "content": c.text,
+                            "refusal": None,
+                            "annotations": [],
+                        },
+                        "logprobs": None,
+                        "finish_reason": _FINISH[c.finish],
+                    }
+                ],
+                "usage": self._usage(c),
+                "service_tier": "default",
+                "system_fingerprint": self._fingerprint(req.model),
+            }
+        )
+
+    def _chunk(self, req: SimRequest, c: Completion, choices: list[Any], **extra: Any) -> bytes:
+        chunk = {
+            "id": c.id,
+            "object": "chat.completion.chunk",
+            "created": c.created,
+            "model": req.model,
+            "service_tier": "default",
+            "system_fingerprint": self._fingerprint(req.model),
+            "choices": choices,
+        }
+        if req.include_usage:
+            chunk["usage"] = None
+        chunk.update(extra)
+        return sse(chunk)
+
+    def stream_head(self, req: SimRequest, c: Completion) -> bytes:
+        delta = {"role": "assistant", "content": "", "refusal": None}
+        return self._chunk(req, c, [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
+
+    def stream_delta(self, req: SimRequest, c: Completion, piece: str, last: bool) -> bytes:
+        choice = {"index": 0, "delta": {"content": piece}, "logprobs": None, "finish_reason": None}
+        return self._chunk(req, c, [choice])
+
+    def stream_tail(self, req: SimRequest, c: Completion) -> bytes:
+        out = self._chunk(
+            req, c, [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": _FINISH[c.finish]}]
+        )
+        if req.include_usage:
+            out += self._chunk(req, c, [], usage=self._usage(c))
+        return out + b"data: [DONE]\n\n"

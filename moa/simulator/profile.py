@@ -1,0 +1,166 @@
+"""How the simulated providers behave: latency per model and the faults they inject.
+
+A profile is plain data (YAML or JSON on disk, JSON over the admin API). Model entries are keyed
+by exact name or fnmatch glob (``claude-*``); an exact name beats a glob, and of several matching
+globs the most specific (most literal characters) wins. ``faults`` holds fault overrides by the
+same keys, so ``PUT /admin/faults/*`` can break every model without touching their latencies.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from moa.config import ConfigError
+from moa.simulator.text import STYLES
+
+
+class ProfileError(ConfigError):
+    """A simulator profile that cannot be used; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FaultSpec(_Strict):
+    """One fault: injected with probability ``rate``; with ``first_n``, only into the first N requests.
+
+    ``first_n`` makes tests deterministic: ``FaultSpec(first_n=2)`` faults exactly the first two
+    requests for a model (counted from when the fault was set), then never again.
+    """
+
+    rate: float = Field(default=1.0, ge=0.0, le=1.0)
+    first_n: int | None = Field(default=None, ge=0)
+
+
+class RateFault(FaultSpec):
+    """A 429 in the provider's own rate-limit format; ``retry_after_s`` becomes ``Retry-After``."""
+
+    retry_after_s: float | None = Field(default=1.0, ge=0.0)
+
+
+class HangFault(FaultSpec):
+    """No answer until the client gives up, or, with ``hang_s``, a normal answer that late."""
+
+    hang_s: float | None = Field(default=None, gt=0.0)
+
+
+class SlowFault(FaultSpec):
+    """Generation at ``tokens_per_s / factor``."""
+
+    factor: float = Field(default=10.0, ge=1.0)
+
+
+class Faults(_Strict):
+    """The faults a model may inject; when several fire at once the first in field order wins."""
+
+    error_429: RateFault | None = None
+    error_500: FaultSpec | None = None
+    error_503: FaultSpec | None = None
+    hang: HangFault | None = None
+    malformed_json: FaultSpec | None = None
+    wrong_content_type: FaultSpec | None = None
+    cut_stream: FaultSpec | None = None
+    slow_stream: SlowFault | None = None
+
+
+FAULT_KINDS: tuple[str, ...] = tuple(Faults.model_fields)
+
+
+class ModelProfile(_Strict):
+    ttft_s: float = Field(default=0.3, ge=0.0)
+    tokens_per_s: float = Field(default=50.0, gt=0.0)
+    # Multiplicative, uniform in [1 - jitter, 1 + jitter], applied to ttft and generation time.
+    jitter: float = Field(default=0.1, ge=0.0, lt=1.0)
+    # Overrides the style derived from the model name (see moa.simulator.text.STYLES).
+    style: str | None = None
+    # Range of answer lengths in tokens; None derives a plausible length from the model and prompt.
+    output_tokens: tuple[int, int] | None = None
+    faults: Faults = Faults()
+
+    @field_validator("style")
+    @classmethod
+    def _known_style(cls, v: str | None) -> str | None:
+        if v is not None and v not in STYLES:
+            raise ValueError(f"unknown style {v!r}; choose one of {', '.join(sorted(STYLES))}")
+        return v
+
+    @field_validator("output_tokens")
+    @classmethod
+    def _range(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not 1 <= v[0] <= v[1]:
+            raise ValueError("output_tokens must be [low, high] with 1 <= low <= high")
+        return v
+
+
+def _is_glob(key: str) -> bool:
+    return any(c in key for c in "*?[")
+
+
+def _match(table: Mapping[str, Any], name: str) -> Any | None:
+    """Exact key first, else the most specific matching glob (most literal characters)."""
+    if name in table:
+        return table[name]
+    best, best_score = None, -1
+    for key, value in table.items():
+        if _is_glob(key) and fnmatch.fnmatchcase(name, key):
+            score = sum(c not in "*?[]" for c in key)
+            if score > best_score:
+                best, best_score = value, score
+    return best
+
+
+class SimProfile(_Strict):
+    default: ModelProfile = ModelProfile()
+    models: dict[str, ModelProfile] = Field(default_factory=dict)
+    # Fault overrides by model name or glob; they replace the matching model entry's faults.
+    faults: dict[str, Faults] = Field(default_factory=dict)
+    # Seeds the random draws for fault rates and jitter, so a benchmark run can be repeated.
+    seed: int = 0
+
+    def for_model(self, name: str) -> ModelProfile:
+        base: ModelProfile = _match(self.models, name) or self.default
+        override: Faults | None = _match(self.faults, name)
+        if override is not None:
+            return base.model_copy(update={"faults": override})
+        return base
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = [f"invalid simulator profile in {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_profile(data: Any, source: str = "<dict>") -> SimProfile:
+    if data is None:
+        return SimProfile()
+    if not isinstance(data, Mapping):
+        raise ProfileError(f"{source}: the top level of a simulator profile must be a mapping")
+    try:
+        return SimProfile.model_validate(data)
+    except ValidationError as err:
+        raise ProfileError(_describe(err, source)) from None
+
+
+def load_profile(path: str | os.PathLike[str]) -> SimProfile:
+    """Read a profile from YAML or JSON (JSON is YAML); errors name the file and the field."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ProfileError(f"cannot read simulator profile {p}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ProfileError(f"simulator profile {p} is not valid YAML or JSON: {e}") from None
+    return parse_profile(data, str(p))

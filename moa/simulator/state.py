@@ -1,0 +1,139 @@
+"""The simulator's mutable state: the live profile, per-model counters, fault draws, prompt cache.
+
+Everything here is touched only from the server's event loop thread, so nothing needs a lock.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from moa.simulator.profile import FAULT_KINDS, Faults, FaultSpec, ModelProfile, SimProfile
+from moa.simulator.text import stable_hash
+
+# Prompt caching: a system prompt this long or longer is cached, in blocks of this many tokens.
+CACHE_MIN_TOKENS = 1024
+CACHE_BLOCK_TOKENS = 128
+CACHE_ENTRIES_PER_MODEL = 256
+
+
+@dataclass(slots=True)
+class ModelStats:
+    requests: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    faults: Counter[str] = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+            "completed": self.completed,
+            "faults": dict(self.faults),
+            "cancelled": self.cancelled,
+        }
+
+
+class SimState:
+    def __init__(self, profile: SimProfile) -> None:
+        self.stats: dict[str, ModelStats] = {}
+        self.total_requests = 0
+        self.set_profile(profile)
+        self.reset_counters()
+
+    # -- profile ---------------------------------------------------------------------------------
+
+    def set_profile(self, profile: SimProfile) -> None:
+        self.profile = profile
+        self._resolved: dict[str, ModelProfile] = {}
+        self.rng = random.Random(profile.seed)
+
+    def model_profile(self, model: str) -> ModelProfile:
+        mp = self._resolved.get(model)
+        if mp is None:
+            mp = self._resolved[model] = self.profile.for_model(model)
+        return mp
+
+    def set_faults(self, pattern: str, faults: Faults) -> None:
+        self.set_profile(self.profile.model_copy(update={"faults": {**self.profile.faults, pattern: faults}}))
+
+    def clear_faults(self, pattern: str | None = None) -> bool:
+        if pattern is None:
+            had = bool(self.profile.faults)
+            remaining: dict[str, Faults] = {}
+        else:
+            had = pattern in self.profile.faults
+            remaining = {k: v for k, v in self.profile.faults.items() if k != pattern}
+        self.set_profile(self.profile.model_copy(update={"faults": remaining}))
+        return had
+
+    def reset_counters(self) -> None:
+        # Requests still in flight hold their ModelStats and decrement it when they end: keep those
+        # objects (zeroed) so the count stays balanced.
+        kept = {m: s for m, s in self.stats.items() if s.in_flight}
+        for s in kept.values():
+            s.requests = s.completed = s.cancelled = 0
+            s.max_in_flight = s.in_flight
+            s.faults.clear()
+        self.stats = kept
+        self.total_requests = 0
+        self._first_n: dict[tuple[str, str], list[Any]] = {}
+        self._prompt_cache: dict[str, OrderedDict[int, None]] = {}
+        self.rng = random.Random(self.profile.seed)
+
+    # -- per request -----------------------------------------------------------------------------
+
+    def begin(self, model: str) -> ModelStats:
+        st = self.stats.get(model)
+        if st is None:
+            st = self.stats[model] = ModelStats()
+        st.requests += 1
+        st.in_flight += 1
+        st.max_in_flight = max(st.max_in_flight, st.in_flight)
+        self.total_requests += 1
+        return st
+
+    def pick_fault(self, model: str, faults: Faults) -> tuple[str, FaultSpec] | None:
+        """The fault this request suffers, if any; the first kind (in field order) that fires wins."""
+        for kind in FAULT_KINDS:
+            spec: FaultSpec | None = getattr(faults, kind)
+            if spec is None:
+                continue
+            if spec.first_n is not None:
+                seen = self._first_n.get((model, kind))
+                if seen is None or seen[0] is not spec:  # a newly set fault counts from zero
+                    seen = self._first_n[(model, kind)] = [spec, 0]
+                seen[1] += 1
+                if seen[1] > spec.first_n:
+                    continue
+            if spec.rate >= 1.0 or (spec.rate > 0.0 and self.rng.random() < spec.rate):
+                return kind, spec
+        return None
+
+    def jitter(self, value: float, jitter: float) -> float:
+        return value * self.rng.uniform(1.0 - jitter, 1.0 + jitter) if jitter else value
+
+    def cached_tokens(self, model: str, system: str | None, system_tokens: int) -> int:
+        """Tokens served from the prompt cache: a long system prompt this model has seen before."""
+        if system is None or system_tokens < CACHE_MIN_TOKENS:
+            return 0
+        cache = self._prompt_cache.setdefault(model, OrderedDict())
+        key = stable_hash(system)
+        if key in cache:
+            cache.move_to_end(key)
+            return system_tokens // CACHE_BLOCK_TOKENS * CACHE_BLOCK_TOKENS
+        cache[key] = None
+        if len(cache) > CACHE_ENTRIES_PER_MODEL:
+            cache.popitem(last=False)
+        return 0
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "models": {m: s.as_dict() for m, s in self.stats.items()},
+            "total_requests": self.total_requests,
+        }

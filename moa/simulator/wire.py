@@ -1,0 +1,184 @@
+"""What the three wire protocols share: the normalised request, the answer, error kinds, JSON codec.
+
+Each protocol module (``openai_wire``, ``anthropic_wire``, ``gemini_wire``) parses its own request
+format into a ``SimRequest`` and renders a ``Completion`` (or an error) in its own response format;
+the app in between knows nothing about any one provider.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from moa.simulator.profile import ModelProfile
+from moa.simulator.text import compose, style_for
+from moa.tokens import approx_message_tokens, approx_tokens, truncate_to_tokens
+
+try:  # orjson is faster on the hot path but is not a declared dependency
+    import orjson
+
+    def dumps(obj: Any) -> bytes:
+        return orjson.dumps(obj)
+
+    def loads(data: bytes) -> Any:
+        return orjson.loads(data)
+
+except ImportError:  # pragma: no cover - depends on the environment
+    import json
+
+    def dumps(obj: Any) -> bytes:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+    def loads(data: bytes) -> Any:
+        return json.loads(data)
+
+
+INVALID_KEY = "sim-invalid-key"
+
+
+class Err(Enum):
+    """Error kinds the simulator answers with; each protocol maps them to its own status and body."""
+
+    BAD_REQUEST = 400
+    AUTH = 401
+    NOT_FOUND = 404
+    RATE_LIMIT = 429
+    SERVER = 500
+    UNAVAILABLE = 503
+
+
+class BadRequest(ValueError):
+    """A request the real API would refuse with 400; ``param`` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+@dataclass(slots=True)
+class SimRequest:
+    model: str
+    # Every message as (role, text) with role system/user/assistant, the system message first.
+    transcript: tuple[tuple[str, str], ...]
+    stream: bool = False
+    max_tokens: int | None = None
+    temperature: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    include_usage: bool = False
+
+    @property
+    def system(self) -> str | None:
+        if self.transcript and self.transcript[0][0] == "system":
+            return self.transcript[0][1]
+        return None
+
+
+@dataclass(slots=True)
+class Completion:
+    id: str
+    created: int
+    text: str
+    finish: str  # "stop", "length" or "stop_sequence" (each protocol names them its own way)
+    stop_sequence: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+def random_id(n: int = 24) -> str:
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+    return "".join(alphabet[b % 62] for b in os.urandom(n))
+
+
+def prompt_tokens(req: SimRequest) -> int:
+    return approx_message_tokens(t for _, t in req.transcript)
+
+
+def answer(
+    req: SimRequest, profile: ModelProfile, *, cached_tokens: int, id: str, created: int
+) -> Completion:
+    """The deterministic answer, after stop sequences and max_tokens."""
+    # At temperature 0 sampling is greedy, so the seed cannot change the wording.
+    seed = None if req.temperature == 0 else req.seed
+    text = compose(
+        req.model, profile.style or style_for(req.model), req.transcript, seed, profile.output_tokens
+    )
+    finish, matched = "stop", None
+    if req.stop:
+        hits = [(text.find(s), s) for s in req.stop if s and s in text]
+        if hits:
+            pos, matched = min(hits)
+            text, finish = text[:pos], "stop_sequence"
+    completion_tokens = approx_tokens(text)
+    if req.max_tokens is not None and completion_tokens > req.max_tokens:
+        text = truncate_to_tokens(text, req.max_tokens)
+        # The model produced exactly max_tokens tokens; the cut text is their approximate rendering.
+        finish, matched, completion_tokens = "length", None, req.max_tokens
+    return Completion(
+        id=id,
+        created=created,
+        text=text,
+        finish=finish,
+        stop_sequence=matched,
+        prompt_tokens=prompt_tokens(req),
+        completion_tokens=completion_tokens,
+        cached_tokens=cached_tokens,
+    )
+
+
+class Wire(ABC):
+    """One provider's wire format."""
+
+    name: str
+    key_hint: str  # where the API key goes, for the 401 message
+    stream_content_type: bytes = b"text/event-stream; charset=utf-8"
+
+    @abstractmethod
+    def api_key(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None: ...
+
+    @abstractmethod
+    def parse(self, body: Any, path_model: str | None, stream: bool) -> SimRequest: ...
+
+    @abstractmethod
+    def error(self, kind: Err, message: str, request_id: str, param: str | None = None) -> bytes:
+        """The error body; the status is ``kind.value``."""
+
+    @abstractmethod
+    def new_id(self) -> str: ...
+
+    def request_id_headers(self, request_id: str) -> list[tuple[bytes, bytes]]:
+        return [(b"x-request-id", request_id.encode())]
+
+    @abstractmethod
+    def response(self, req: SimRequest, c: Completion) -> bytes: ...
+
+    @abstractmethod
+    def stream_head(self, req: SimRequest, c: Completion) -> bytes:
+        """Events before the first piece of text."""
+
+    @abstractmethod
+    def stream_delta(self, req: SimRequest, c: Completion, piece: str, last: bool) -> bytes: ...
+
+    @abstractmethod
+    def stream_tail(self, req: SimRequest, c: Completion) -> bytes:
+        """The terminal events (finish reason, usage, end marker)."""
+
+    # Messages for the errors the simulator produces, in each provider's usual wording.
+    def fault_message(self, kind: Err, model: str, retry_after_s: float | None) -> str:
+        if kind is Err.RATE_LIMIT:
+            wait = f" Please try again in {retry_after_s:g}s." if retry_after_s is not None else ""
+            return f"Rate limit reached for {model} (simulated).{wait}"
+        if kind is Err.UNAVAILABLE:
+            return "The server is overloaded or not ready yet (simulated)."
+        return "The server had an error while processing your request (simulated)."
+
+
+def sse(data: Any, event: str | None = None) -> bytes:
+    head = b"event: " + event.encode() + b"\n" if event else b""
+    return head + b"data: " + dumps(data) + b"\n\n"
