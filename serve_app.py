@@ -1,0 +1,71 @@
+"""The Ray Serve application: ``serve run serve_app:build_app config=PATH``.
+
+One deployment per provider (own autoscaling and concurrency; one shared RPM/TPM limiter actor per
+provider), the router, the aggregator and the HTTP ingress. With no API keys in the environment
+(simulator mode) and no ``simulator.url`` configured, a simulator deployment is added too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve.config import DeploymentActorConfig
+from ray.serve.deployment import Application
+
+from actors.aggregator import AggregatorDeployment
+from actors.handles import deployment_name
+from actors.ingress import IngressDeployment
+from actors.limiter import LIMITER_NAME, RateLimiterActor
+from actors.provider import ProviderDeployment
+from actors.router import RouterDeployment
+from actors.simulator import SimulatorDeployment
+from moa.config import MoAConfig, load_config, simulation_active
+from moa.simulator.profile import load_profile
+
+
+def build_app(args: dict[str, str] | None = None) -> Application:
+    """Serve's application builder; ``args`` may name ``config`` (a YAML path)."""
+    args = args or {}
+    return build_from_config(load_config(args.get("config")))
+
+
+def build_from_config(cfg: MoAConfig) -> Application:
+    raw = cfg.model_dump(mode="json")
+    simulator = None
+    if simulation_active(cfg) and not cfg.simulator.url:
+        profile = (
+            load_profile(cfg.simulator.profile).model_dump(mode="json") if cfg.simulator.profile else None
+        )
+        sim_opts = cfg.serve.simulator.serve_options(default_max_ongoing=1000)
+        simulator = serve.deployment(SimulatorDeployment, name="simulator", **sim_opts).bind(profile)
+
+    providers: dict[str, Any] = {}
+    for name, pcfg in cfg.providers.items():
+        opts = pcfg.deployment.serve_options(default_max_ongoing=2 * pcfg.limits.concurrency)
+        actors = []
+        if pcfg.limits.rpm or pcfg.limits.tpm:
+            actors.append(
+                DeploymentActorConfig(
+                    name=LIMITER_NAME,
+                    actor_class=RateLimiterActor,
+                    init_kwargs={"rpm": pcfg.limits.rpm, "tpm": pcfg.limits.tpm},
+                    actor_options={"num_cpus": 0.01},
+                )
+            )
+        providers[name] = serve.deployment(
+            ProviderDeployment, name=deployment_name(name), deployment_actors=actors, **opts
+        ).bind(raw, name, simulator)
+
+    router = serve.deployment(RouterDeployment, name="router", **cfg.serve.router.serve_options(1000)).bind(
+        raw, providers
+    )
+    aggregator = serve.deployment(
+        AggregatorDeployment, name="aggregator", **cfg.serve.aggregator.serve_options(1000)
+    ).bind(raw, providers)
+    ingress_opts = cfg.serve.ingress.serve_options(
+        default_max_ongoing=cfg.server.max_concurrent_requests + 16
+    )
+    return serve.deployment(IngressDeployment, name="ingress", **ingress_opts).bind(
+        raw, providers, router, aggregator
+    )

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-from moa.engine.plan import PresetConfig, RouterConfig, TemplatesConfig
+from moa.engine.plan import Plan, PresetConfig, RouterConfig, TemplatesConfig
 
 
 class ConfigError(ValueError):
@@ -81,6 +81,45 @@ class CircuitBreakerConfig(_Strict):
     cooldown_s: float = Field(default=30.0, gt=0)
 
 
+class AutoscalingOptions(_Strict):
+    """Ray Serve autoscaling for one deployment (see Serve's ``autoscaling_config``)."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=4, ge=1)
+    target_ongoing_requests: float = Field(default=16, gt=0)
+    upscale_delay_s: float = Field(default=10.0, ge=0)
+    downscale_delay_s: float = Field(default=120.0, ge=0)
+    look_back_period_s: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> AutoscalingOptions:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas exceeds max_replicas")
+        return self
+
+
+class DeploymentOptions(_Strict):
+    """How one Serve deployment is scheduled and scaled. I/O-bound work needs little CPU."""
+
+    num_cpus: float = Field(default=0.1, ge=0)
+    # Fixed replica count; when null, ``autoscaling`` decides.
+    num_replicas: int | None = Field(default=None, ge=1)
+    autoscaling: AutoscalingOptions = AutoscalingOptions()
+    # Requests one replica accepts at once (Serve queues the rest); null: derived from the limits.
+    max_ongoing_requests: int | None = Field(default=None, ge=1)
+
+    def serve_options(self, default_max_ongoing: int) -> dict[str, Any]:
+        opts: dict[str, Any] = {
+            "ray_actor_options": {"num_cpus": self.num_cpus},
+            "max_ongoing_requests": self.max_ongoing_requests or default_max_ongoing,
+        }
+        if self.num_replicas is not None:
+            opts["num_replicas"] = self.num_replicas
+        else:
+            opts["autoscaling_config"] = self.autoscaling.model_dump()
+        return opts
+
+
 class ProviderConfig(_Strict):
     kind: ProviderKind
     base_url: str | None = None
@@ -91,6 +130,7 @@ class ProviderConfig(_Strict):
     retry: RetryConfig = RetryConfig()
     limits: LimitsConfig = LimitsConfig()
     circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+    deployment: DeploymentOptions = DeploymentOptions()
     models: dict[str, ModelPrice] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -130,6 +170,26 @@ class CacheConfig(_Strict):
     ttl_s: PositiveFloat = 3600.0
 
 
+class ServerConfig(_Strict):
+    """The HTTP service's own limits."""
+
+    # Bodies larger than this are refused with 413 before any parsing.
+    max_request_bytes: int = Field(default=1_000_000, gt=0)
+    # Requests in progress per ingress replica beyond which new ones get 429 with Retry-After.
+    max_concurrent_requests: int = Field(default=256, ge=1)
+    # Whole-request deadline (a request may ask for less with moa.deadline_s): 504 past it.
+    request_deadline_s: PositiveFloat = 120.0
+
+
+class ServeOptions(_Strict):
+    """Scheduling of the service's own deployments (providers carry theirs in ``providers``)."""
+
+    ingress: DeploymentOptions = DeploymentOptions(num_cpus=0.2)
+    router: DeploymentOptions = DeploymentOptions(num_cpus=0.05, num_replicas=1)
+    aggregator: DeploymentOptions = DeploymentOptions(num_cpus=0.1)
+    simulator: DeploymentOptions = DeploymentOptions(num_cpus=0.2, num_replicas=1)
+
+
 class MoAConfig(_Strict):
     providers: dict[str, ProviderConfig] = Field(min_length=1)
     simulator: SimulatorConfig = SimulatorConfig()
@@ -138,18 +198,15 @@ class MoAConfig(_Strict):
     router: RouterConfig = RouterConfig()
     templates: TemplatesConfig = TemplatesConfig()
     cache: CacheConfig = CacheConfig()
-    # Bodies larger than this are refused with 413 before any parsing.
-    max_request_bytes: int = Field(default=1_000_000, gt=0)
+    server: ServerConfig = ServerConfig()
+    serve: ServeOptions = ServeOptions()
 
     @model_validator(mode="after")
     def _references_exist(self) -> MoAConfig:
         for name, preset in self.presets.items():
-            for provider, model in preset.model_refs():
-                where = f"presets.{name}"
-                if provider not in self.providers:
-                    raise ValueError(f"{where}: unknown provider {provider!r}")
-                if model not in self.providers[provider].models:
-                    raise ValueError(f"{where}: provider {provider!r} has no model {model!r}")
+            problems = self.unknown_models(preset)
+            if problems:
+                raise ValueError(f"presets.{name}: {'; '.join(problems)}")
         for task, proposers in self.router.specialists.items():
             for p in proposers:
                 if p.provider not in self.providers or p.model not in self.providers[p.provider].models:
@@ -157,6 +214,18 @@ class MoAConfig(_Strict):
         if self.default_preset != "auto" and self.default_preset not in self.presets:
             raise ValueError(f"default_preset {self.default_preset!r} is not a preset")
         return self
+
+    def unknown_models(self, plan: Plan) -> list[str]:
+        """What a plan names that this config does not have (empty when the plan can run)."""
+        problems = []
+        for provider, model in plan.model_refs():
+            if provider not in self.providers:
+                problems.append(f"unknown provider {provider!r}")
+            elif model not in self.providers[provider].models:
+                problems.append(f"provider {provider!r} has no model {model!r}")
+        roles = {p.role for layer in plan.layers for p in layer.proposers if p.role}
+        problems += [f"unknown role {r!r}" for r in sorted(roles - set(self.templates.roles))]
+        return list(dict.fromkeys(problems))
 
     def price(self, provider: str, model: str) -> ModelPrice:
         return self.providers[provider].price(model)

@@ -27,7 +27,9 @@ def simulator() -> Iterator[SimulatorServer]:
 @pytest.fixture
 def sim(simulator: SimulatorServer) -> Iterator[SimulatorServer]:
     """The session simulator with counters, faults and profile reset before each test."""
-    httpx.post(f"{simulator.url}/admin/reset", json={"profile": FAST_PROFILE.model_dump(mode="json")}).raise_for_status()
+    httpx.post(
+        f"{simulator.url}/admin/reset", json={"profile": FAST_PROFILE.model_dump(mode="json")}
+    ).raise_for_status()
     yield simulator
 
 
@@ -35,4 +37,6 @@ def sim(simulator: SimulatorServer) -> Iterator[SimulatorServer]:
 def config(sim: SimulatorServer) -> MoAConfig:
     """The bundled default config, pointed at the session simulator."""
     cfg = load_config(None)
-    return cfg.model_copy(update={"simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": "on"})})
+    return cfg.model_copy(
+        update={"simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": "on"})}
+    )

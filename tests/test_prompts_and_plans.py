@@ -85,7 +85,9 @@ def test_role_prompt_goes_into_the_system_message() -> None:
     assert out[0].role == "system" and TEMPLATES.roles["critical"] in out[0].content
 
 
-@given(answers=st.lists(st.text(min_size=0, max_size=2000), min_size=1, max_size=6), budget=st.integers(1, 800))
+@given(
+    answers=st.lists(st.text(min_size=0, max_size=2000), min_size=1, max_size=6), budget=st.integers(1, 800)
+)
 @settings(max_examples=200)
 def test_trimming_fits_the_budget_longest_first_and_says_so(answers: list[str], budget: int) -> None:
     trimmed = trim_references(answers, budget)

@@ -19,7 +19,7 @@ from moa.engine.fusion import FuseJob, Fuser, LocalFuser
 from moa.engine.plan import AggregatorSpec, LayerSpec, ModelRef, Plan, PlanMode
 from moa.engine.prompts import with_references
 from moa.engine.result import CallRecord, MoAResult, RouteDecision, Stage
-from moa.engine.router import HealthView, RouterPolicy
+from moa.engine.router import HealthView, Router, RouterPolicy
 from moa.types import (
     CallError,
     CallRequest,
@@ -58,11 +58,15 @@ class _Run:
 
     def record(self, res: CallResult, rec: CallRecord) -> None:
         self.records.append(rec)
-        if res.error is not None and not rec.cancelled_straggler:
+        if res.error is not None:
             stage = rec.stage.value if rec.layer is None else f"{rec.stage.value} layer {rec.layer}"
             self.failures.append(
                 Failure(provider=res.provider, model=res.requested_model, kind=res.error.kind, stage=stage)
             )
+
+
+# A routing decision: the plan, why, and any calls the router made (an LLM classifier).
+Routed = tuple[Plan, RouteDecision, list[CallResult]]
 
 
 @dataclass
@@ -89,7 +93,7 @@ class MoAEngine:
         config: MoAConfig,
         caller: ModelCaller,
         *,
-        router: RouterPolicy | None = None,
+        router: Router | None = None,
         health: Callable[[], HealthView] | None = None,
         fuser: Fuser | None = None,
     ) -> None:
@@ -97,14 +101,12 @@ class MoAEngine:
         self.caller = caller
         # Where fusion runs: in-process by default, the aggregator deployment in the Ray app.
         self.fuser = fuser or LocalFuser(caller, config)
-        self.router = router or RouterPolicy(config, caller)
+        self.router: Router = router or RouterPolicy(config, caller)
         self._health = health or HealthView
 
     # -- public API -------------------------------------------------------------------------------
 
-    async def route(
-        self, messages: Sequence[ChatMessage], preset: str | None = None
-    ) -> tuple[Plan, RouteDecision, list[CallResult]]:
+    async def route(self, messages: Sequence[ChatMessage], preset: str | None = None) -> Routed:
         return await self.router.route(messages, preset, self._health())
 
     async def run(
@@ -115,11 +117,18 @@ class MoAEngine:
         plan: Plan | None = None,
         params: GenerationParams | None = None,
         deadline_s: float | None = None,
+        routed: Routed | None = None,
     ) -> MoAResult:
         """Answer ``messages`` with a preset (``auto`` routes) or an explicit plan."""
         result: MoAResult | None = None
         async for ev in self.stream(
-            messages, preset=preset, plan=plan, params=params, deadline_s=deadline_s, _stream_final=False
+            messages,
+            preset=preset,
+            plan=plan,
+            params=params,
+            deadline_s=deadline_s,
+            routed=routed,
+            _stream_final=False,
         ):
             if isinstance(ev, MoAResult):
                 result = ev
@@ -134,23 +143,26 @@ class MoAEngine:
         plan: Plan | None = None,
         params: GenerationParams | None = None,
         deadline_s: float | None = None,
-        decision: RouteDecision | None = None,
+        routed: Routed | None = None,
         _stream_final: bool = True,
     ) -> AsyncIterator[TextDelta | MoAResult]:
-        """Yield the final answer's ``TextDelta``s as they arrive, then the ``MoAResult``."""
+        """Yield the final answer's ``TextDelta``s as they arrive, then the ``MoAResult``.
+
+        ``routed`` passes a decision already taken by ``route`` (so a caller can report routing
+        errors before it starts a stream).
+        """
         t0 = time.monotonic()
         run = _Run(t0=t0, deadline=None if deadline_s is None else t0 + deadline_s)
-        pre_calls: list[CallResult] = []
-        if plan is None:
-            plan, decision, pre_calls = await self.route(messages, preset)
-        elif decision is None:
-            decision = RouteDecision(preset="custom", forced=True, reason="explicit plan")
-        assert decision is not None
+        if routed is None:
+            if plan is not None:
+                routed = (plan, RouteDecision(preset="custom", forced=True, reason="explicit plan"), [])
+            else:
+                routed = await self.route(messages, preset)
+        plan, decision, pre_calls = routed
         for res in pre_calls:
             run.record(res, CallRecord.from_result(res, stage=Stage.CLASSIFIER, started_s=0.0))
-        async for ev in self._events(
-            list(messages), plan, decision, params or GenerationParams(), run, _stream_final
-        ):
+        params = params or GenerationParams()
+        async for ev in self._events(list(messages), plan, decision, params, run, _stream_final):
             yield ev
 
     # -- the pipeline -----------------------------------------------------------------------------
@@ -299,7 +311,8 @@ class MoAEngine:
         pending = set(tasks)
         quorum_at: float | None = None
         needed = layer.needed
-        cut_short = False
+        # Why waiting stopped with calls still running; they are cancelled as stragglers.
+        stop_reason = "layer deadline passed"
         try:
             while pending:
                 wait_until = (
@@ -307,7 +320,8 @@ class MoAEngine:
                 )
                 now = loop.time()
                 if wait_until <= now:
-                    cut_short = True
+                    if quorum_at is not None:
+                        stop_reason = "quorum met; grace period over"
                     break
                 done, pending = await asyncio.wait(
                     pending, timeout=wait_until - now, return_when=asyncio.FIRST_COMPLETED
@@ -319,7 +333,8 @@ class MoAEngine:
                     quorum_at = loop.time()
                 failed = len(results) - succeeded
                 if len(layer.proposers) - failed < needed:
-                    break  # the quorum can no longer be reached: do not wait for the rest
+                    stop_reason = "the quorum can no longer be reached"
+                    break  # do not wait for the rest
         finally:
             for task in pending:
                 task.cancel()
@@ -331,9 +346,7 @@ class MoAEngine:
         for task in pending:
             i = tasks[task]
             spec = layer.proposers[i]
-            by_deadline = quorum_at is None
-            kind = ErrorKind.TIMEOUT if by_deadline else ErrorKind.CANCELLED
-            why = "layer deadline passed" if by_deadline else "quorum met; grace period over"
+            kind = ErrorKind.TIMEOUT if stop_reason == "layer deadline passed" else ErrorKind.CANCELLED
             results[i] = CallResult(
                 provider=spec.provider,
                 provider_kind=self.config.providers[spec.provider].kind.value
@@ -341,7 +354,7 @@ class MoAEngine:
                 else "unknown",
                 requested_model=spec.model,
                 latency_s=end - start,
-                error=CallError(kind=kind, message=f"cancelled as a straggler: {why}"),
+                error=CallError(kind=kind, message=f"cancelled as a straggler: {stop_reason}"),
             )
         answers: list[str] = []
         completed_latency = 0.0
@@ -360,7 +373,8 @@ class MoAEngine:
                     simulated.append(res.simulated_service_s)
             if res.ok:
                 answers.append(res.text)
-        run.critical_path_s += (end - start) if (pending or cut_short) else completed_latency
+        # A layer cut short waited for its whole duration; otherwise for its slowest call.
+        run.critical_path_s += (end - start) if pending else completed_latency
         run.add_simulated(max(simulated) if simulated else None)
         met = len(answers) >= needed
         if not met and run.remaining() is not None and (run.remaining() or 0) <= 0:

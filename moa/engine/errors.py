@@ -70,13 +70,14 @@ class AllProvidersFailed(MoAError):
 
     def __init__(self, failures: Sequence[Failure]) -> None:
         self.failures = list(failures)
-        kinds = {f.kind for f in self.failures}
+        # Stragglers we cancelled ourselves say nothing about why the providers failed.
+        kinds = {f.kind for f in self.failures} - {ErrorKind.CANCELLED}
         if kinds and kinds <= {ErrorKind.RATE_LIMITED, ErrorKind.CIRCUIT_OPEN}:
             # Only back-pressure: the caller should come back later rather than treat it as broken.
             self.status_code = 429 if ErrorKind.RATE_LIMITED in kinds else 503
             self.error_type = "rate_limit_error" if self.status_code == 429 else "service_unavailable"
             self.retry_after_s = 1.0
-        elif kinds and kinds <= {ErrorKind.TIMEOUT, ErrorKind.CANCELLED}:
+        elif kinds and kinds <= {ErrorKind.TIMEOUT}:
             self.status_code = 504
             self.error_type = "timeout"
         listing = ", ".join(f"{f.provider}/{f.model} ({f.stage}): {f.kind}" for f in self.failures)

@@ -90,8 +90,6 @@ class Plan(_Strict):
     @model_validator(mode="after")
     def _expand_self_moa(self) -> Plan:
         if self.self_moa is not None:
-            if self.layers:
-                raise ValueError("give either layers or self_moa, not both")
             s = self.self_moa
             temps = s.temperatures or (0.7,)
             proposers = tuple(
@@ -100,7 +98,11 @@ class Plan(_Strict):
                 )
                 for i in range(s.samples)
             )
-            object.__setattr__(self, "layers", (LayerSpec(proposers=proposers, quorum=s.quorum),))
+            expanded = (LayerSpec(proposers=proposers, quorum=s.quorum),)
+            # A plan validated again (copied, serialised) already carries its expansion.
+            if self.layers and self.layers != expanded:
+                raise ValueError("give either layers or self_moa, not both")
+            object.__setattr__(self, "layers", expanded)
             object.__setattr__(self, "mode", PlanMode.SELF_MOA)
         if self.mode is PlanMode.REFINE and len(self.layers) != 1:
             raise ValueError("a refine plan has exactly one layer, repeated for `rounds` rounds")

@@ -38,9 +38,8 @@ def extend_system(messages: Sequence[ChatMessage], addition: str) -> list[ChatMe
 def role_prompt(role: str | None, templates: TemplatesConfig) -> str:
     if role is None:
         return ""
-    # Unknown role names are rejected when the plan is checked against the config; a literal
-    # role text is allowed for explicit plans.
-    return templates.roles.get(role, role)
+    # Plans are checked against the config's roles before they run (MoAConfig.unknown_models).
+    return templates.roles[role]
 
 
 def with_references(

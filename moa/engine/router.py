@@ -11,7 +11,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from moa.config import MoAConfig
 from moa.engine.caller import ModelCaller
@@ -127,6 +127,17 @@ def user_text(messages: Sequence[ChatMessage]) -> str:
         if m.role == "user":
             return m.content
     return messages[-1].content if messages else ""
+
+
+class Router(Protocol):
+    """What the engine needs from a router: the policy itself, or the Ray router deployment."""
+
+    async def route(
+        self,
+        messages: Sequence[ChatMessage],
+        preset: str | None = None,
+        health: HealthView | None = None,
+    ) -> tuple[Plan, RouteDecision, list[CallResult]]: ...
 
 
 class RouterPolicy:
@@ -286,3 +297,63 @@ def _dedupe(refs: Iterable[R]) -> tuple[R, ...]:
             seen.add((r.provider, r.model))
             out.append(r)
     return tuple(out)
+
+
+class HealthBoard:
+    """The router's live state: circuit states reported by provider replicas, latency per model.
+
+    A provider counts as unavailable when every replica that reported recently says its circuit is
+    open; a replica silent for ``stale_s`` is forgotten (it may have been scaled down).
+    """
+
+    def __init__(self, stale_s: float = 30.0, alpha: float = 0.2) -> None:
+        self.stale_s = stale_s
+        self.alpha = alpha
+        self._replicas: dict[str, dict[str, tuple[float, dict[str, object]]]] = {}
+        self._latency: dict[str, float] = {}
+
+    def report(
+        self,
+        provider: str,
+        replica: str,
+        snapshot: Mapping[str, object],
+        latencies: Mapping[str, float],
+        now: float,
+    ) -> None:
+        self._replicas.setdefault(provider, {})[replica] = (now, dict(snapshot))
+        for model, seconds in latencies.items():
+            key = f"{provider}/{model}"
+            old = self._latency.get(key)
+            self._latency[key] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
+
+    def _fresh(self, provider: str, now: float) -> list[dict[str, object]]:
+        reports = self._replicas.get(provider, {})
+        for replica in [r for r, (t, _) in reports.items() if now - t > self.stale_s]:
+            del reports[replica]
+        return [snap for _, snap in reports.values()]
+
+    def view(self, now: float) -> HealthView:
+        unavailable = frozenset(
+            p
+            for p in self._replicas
+            if (snaps := self._fresh(p, now)) and all(s.get("state") == "open" for s in snaps)
+        )
+        return HealthView(unavailable=unavailable, latency_s=dict(self._latency))
+
+    def summary(self, providers: Iterable[str], now: float) -> dict[str, dict[str, object]]:
+        out: dict[str, dict[str, object]] = {}
+        for p in providers:
+            snaps = self._fresh(p, now)
+            states = [str(s.get("state")) for s in snaps]
+            state = (
+                "unknown"
+                if not snaps
+                else "open"
+                if all(s == "open" for s in states)
+                else ("closed" if all(s == "closed" for s in states) else "degraded")
+            )
+            latency = {
+                k.split("/", 1)[1]: round(v, 4) for k, v in self._latency.items() if k.startswith(p + "/")
+            }
+            out[p] = {"state": state, "replicas": len(snaps), "replica_states": states, "latency_s": latency}
+        return out

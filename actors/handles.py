@@ -1,0 +1,76 @@
+"""The engine's transports over Ray Serve handles: model calls to the provider deployments,
+fusion to the aggregator deployment, routing to the router deployment."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+from moa.engine.fusion import FuseEvent, FuseJob
+from moa.engine.plan import Plan
+from moa.engine.result import RouteDecision
+from moa.engine.router import HealthView
+from moa.types import CallError, CallRequest, CallResult, ChatMessage, ErrorKind, StreamEvent
+
+
+def deployment_name(provider: str) -> str:
+    return f"provider-{provider}"
+
+
+def _unknown(req: CallRequest) -> CallResult:
+    return CallResult(
+        provider=req.provider,
+        provider_kind="unknown",
+        requested_model=req.model,
+        error=CallError(kind=ErrorKind.BAD_REQUEST, message=f"no provider named {req.provider!r}"),
+    )
+
+
+class HandleCaller:
+    """``ModelCaller`` over the provider deployments: one handle per provider."""
+
+    def __init__(self, handles: Mapping[str, Any]) -> None:
+        self._handles = dict(handles)
+        self._streams = {name: h.options(stream=True) for name, h in self._handles.items()}
+
+    async def call(self, req: CallRequest) -> CallResult:
+        handle = self._handles.get(req.provider)
+        if handle is None:
+            return _unknown(req)
+        result: CallResult = await handle.call.remote(req)
+        return result
+
+    async def stream(self, req: CallRequest) -> AsyncIterator[StreamEvent]:
+        handle = self._streams.get(req.provider)
+        if handle is None:
+            yield _unknown(req)
+            return
+        async for ev in handle.stream.remote(req):
+            yield ev
+
+
+class RemoteFuser:
+    """``Fuser`` over the aggregator deployment (a streaming generator method)."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle.options(stream=True)
+
+    async def fuse(self, job: FuseJob) -> AsyncIterator[FuseEvent]:
+        async for ev in self._handle.fuse.remote(job):
+            yield ev
+
+
+class RemoteRouter:
+    """The router deployment behind the ``RouterPolicy.route`` signature the engine expects."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    async def route(
+        self, messages: Sequence[ChatMessage], preset: str | None = None, health: HealthView | None = None
+    ) -> tuple[Plan, RouteDecision, list[CallResult]]:
+        # The router deployment owns the health view; the one passed in is ignored.
+        answer: tuple[Plan, RouteDecision, list[CallResult]] = await self._handle.route.remote(
+            list(messages), preset
+        )
+        return answer

@@ -1,0 +1,93 @@
+"""One Serve deployment per provider: each replica holds its SDK client, concurrency semaphore and
+circuit breaker; the account's RPM/TPM budget is shared by all replicas through one limiter actor."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+
+from actors.limiter import LIMITER_NAME, ClusterRateBudget
+from moa.config import parse_config, resolve_endpoint, simulation_active
+from moa.limits import ProviderLimits
+from moa.providers.base import ProviderClient
+from moa.providers.registry import build_client
+from moa.types import CallRequest, CallResult, StreamEvent
+
+log = logging.getLogger("moa.actors.provider")
+
+# How often a replica tells the router its circuit state and latencies, besides on every change.
+REPORT_INTERVAL_S = 2.0
+
+
+class ProviderDeployment:
+    """Serves ``call`` and ``stream`` for one provider's models."""
+
+    async def __init__(self, config: dict[str, Any], provider: str, simulator: Any = None) -> None:
+        self.config = parse_config(config, "the deployed config")
+        self.provider = provider
+        pcfg = self.config.providers[provider]
+        sim_url = self.config.simulator.url
+        if simulation_active(self.config) and not sim_url and simulator is not None:
+            sim_url = await simulator.url.remote()
+        endpoint = resolve_endpoint(self.config, provider, sim_url=sim_url)
+        budget = None
+        if pcfg.limits.rpm or pcfg.limits.tpm:
+            budget = ClusterRateBudget(lambda: serve.get_deployment_actor(LIMITER_NAME))
+        self.client: ProviderClient = build_client(
+            provider, pcfg, endpoint, ProviderLimits.from_config(pcfg, budget)
+        )
+        ctx = serve.get_replica_context()
+        self.replica_id = ctx.replica_tag if hasattr(ctx, "replica_tag") else str(id(self))
+        self.app_name = getattr(ctx, "app_name", None) or "default"
+        self._router: Any = None
+        self._latency: dict[str, float] = {}
+        self._last_state: str | None = None
+        self._reporter = asyncio.create_task(self._report_loop())
+
+    async def call(self, req: CallRequest) -> CallResult:
+        result = await self.client.complete(req)
+        self._observe(result)
+        return result
+
+    async def stream(self, req: CallRequest) -> AsyncIterator[StreamEvent]:
+        async for ev in self.client.stream(req):
+            if isinstance(ev, CallResult):
+                self._observe(ev)
+            yield ev
+
+    async def health(self) -> dict[str, Any]:
+        return {"replica": self.replica_id, **self.client.health()}
+
+    # -- reporting to the router ------------------------------------------------------------------
+
+    def _observe(self, result: CallResult) -> None:
+        if result.ok:
+            self._latency[result.requested_model] = result.latency_s
+        state = str(self.client.health().get("state"))
+        if state != self._last_state:
+            self._last_state = state
+            asyncio.get_running_loop().create_task(self._report())
+
+    async def _report(self) -> None:
+        try:
+            if self._router is None:
+                self._router = serve.get_deployment_handle("router", app_name=self.app_name)
+            latencies, self._latency = self._latency, {}
+            await self._router.report.remote(self.provider, self.replica_id, self.client.health(), latencies)
+        except Exception as exc:  # the router may be restarting; the next report will do
+            log.debug("health report failed: %s", type(exc).__name__)
+
+    async def _report_loop(self) -> None:
+        while True:
+            await self._report()
+            await asyncio.sleep(REPORT_INTERVAL_S)
+
+    async def __del__(self) -> None:
+        self._reporter.cancel()
+        with contextlib.suppress(Exception):
+            await self.client.aclose()

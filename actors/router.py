@@ -1,0 +1,35 @@
+"""The router deployment: the routing policy plus the live health state it needs.
+
+Provider replicas report their circuit states and latencies here; the router answers "which plan
+for this request" from that view, so no request is sent to a provider whose circuit is open.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from actors.handles import HandleCaller
+from moa.config import parse_config
+from moa.engine.router import HealthBoard, RouterPolicy
+from moa.types import ChatMessage
+
+
+class RouterDeployment:
+    def __init__(self, config: dict[str, Any], providers: Mapping[str, Any]) -> None:
+        self.config = parse_config(config, "the deployed config")
+        # The LLM classifier, when configured, calls its model through the provider deployments.
+        self.policy = RouterPolicy(self.config, HandleCaller(providers))
+        self.board = HealthBoard()
+
+    async def route(self, messages: list[ChatMessage], preset: str | None) -> Any:
+        return await self.policy.route(messages, preset, self.board.view(time.monotonic()))
+
+    def report(
+        self, provider: str, replica: str, snapshot: Mapping[str, Any], latencies: Mapping[str, float]
+    ) -> None:
+        self.board.report(provider, replica, snapshot, latencies, time.monotonic())
+
+    def health(self) -> dict[str, dict[str, object]]:
+        return self.board.summary(self.config.providers, time.monotonic())

@@ -1,0 +1,120 @@
+"""Request and response bodies of the OpenAI-compatible API, plus the ``moa`` extension."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from moa.engine.plan import Plan
+from moa.types import ChatMessage, GenerationParams
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+
+class InMessage(BaseModel):
+    """A chat message as OpenAI clients send it: content may be a string or a list of parts."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+
+    def to_chat(self) -> ChatMessage:
+        if isinstance(self.content, list):
+            kinds = {p.type for p in self.content} - {"text"}
+            if kinds:
+                raise ValueError(f"only text content is supported, not {', '.join(sorted(kinds))}")
+            text = "".join(p.text or "" for p in self.content)
+        else:
+            text = self.content or ""
+        role = "system" if self.role == "developer" else self.role
+        return ChatMessage(role=role, content=text)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool = False
+
+
+class MoAOptions(BaseModel):
+    """The opt-in ``moa`` extension of a chat completion request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    detail: bool = False
+    deadline_s: float | None = Field(default=None, gt=0, le=3600)
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    messages: list[InMessage] = Field(min_length=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    n: int = Field(default=1, ge=1, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    moa: MoAOptions = MoAOptions()
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_size(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return v
+
+    @model_validator(mode="after")
+    def _no_tools(self) -> ChatCompletionRequest:
+        extra = self.model_extra or {}
+        for unsupported in ("tools", "functions", "tool_choice", "response_format"):
+            if extra.get(unsupported):
+                raise ValueError(f"{unsupported!r} is not supported by this service")
+        return self
+
+    def chat_messages(self) -> list[ChatMessage]:
+        return [m.to_chat() for m in self.messages]
+
+    def params(self) -> GenerationParams:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop) if self.stop else None
+        return GenerationParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_tokens=self.max_completion_tokens or self.max_tokens,
+            seed=self.seed,
+            stop=stop,
+        )
+
+
+class MoARequest(BaseModel):
+    """``POST /v1/moa``: an explicit plan (or a preset) and the full result back."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[InMessage] = Field(min_length=1)
+    plan: Plan | None = None
+    preset: str | None = None
+    params: GenerationParams = GenerationParams()
+    deadline_s: float | None = Field(default=None, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> MoARequest:
+        if self.plan is not None and self.preset is not None:
+            raise ValueError("give either plan or preset, not both")
+        return self
+
+
+def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -1,0 +1,150 @@
+"""Anthropic Messages API through ``anthropic.AsyncAnthropic``."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anthropic
+from anthropic.types import Message
+
+from moa.config import Endpoint, ProviderConfig
+from moa.limits import ProviderLimits
+from moa.providers.base import (
+    Attempt,
+    AttemptError,
+    ProviderClient,
+    classify_common,
+    service_time,
+    status_error,
+)
+from moa.types import CallRequest, ErrorKind, Usage
+
+# The Messages API requires max_tokens; used when the request does not say.
+DEFAULT_MAX_TOKENS = 1024
+FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "refusal": "content_filter"}
+
+
+class AnthropicClient(ProviderClient):
+    kind = "anthropic"
+
+    def __init__(
+        self, name: str, cfg: ProviderConfig, endpoint: Endpoint, limits: ProviderLimits | None = None
+    ):
+        super().__init__(name, cfg, endpoint, limits)
+        self._sdk = anthropic.AsyncAnthropic(
+            api_key=self._secret,
+            base_url=endpoint.base_url,
+            max_retries=0,
+            timeout=anthropic.Timeout(cfg.timeout_s, connect=cfg.connect_timeout_s),
+        )
+
+    def _args(self, req: CallRequest, timeout_s: float) -> dict[str, Any]:
+        p = req.params
+        system = "\n\n".join(m.content for m in req.messages if m.role == "system")
+        turns: list[dict[str, str]] = []
+        for m in req.messages:
+            if m.role == "system":
+                continue
+            if turns and turns[-1]["role"] == m.role:  # the API wants alternating turns
+                turns[-1]["content"] += "\n\n" + m.content
+            else:
+                turns.append({"role": m.role, "content": m.content})
+        args: dict[str, Any] = {
+            "model": req.model,
+            "messages": turns,
+            "max_tokens": p.max_tokens or DEFAULT_MAX_TOKENS,
+            "timeout": timeout_s,
+        }
+        if system:
+            args["system"] = system
+        optional = {"temperature": p.temperature, "top_p": p.top_p}
+        args |= {k: v for k, v in optional.items() if v is not None}
+        if p.stop:
+            args["stop_sequences"] = list(p.stop)
+        return args
+
+    async def _complete_once(self, req: CallRequest, timeout_s: float) -> Attempt:
+        raw = await self._sdk.messages.with_raw_response.create(**self._args(req, timeout_s))
+        service = service_time(raw.headers)
+        message = raw.parse()
+        if inspect.isawaitable(message):  # the async client's parse() is a coroutine
+            message = await message
+        if not isinstance(message, Message):
+            raise AttemptError(ErrorKind.MALFORMED_RESPONSE, "response is not a message", service_s=service)
+        text = "".join(block.text for block in message.content if block.type == "text")
+        return Attempt(
+            text=text,
+            model=message.model,
+            usage=_usage(message.usage),
+            finish_reason=FINISH.get(message.stop_reason or "", "other"),
+            service_s=service,
+        )
+
+    async def _stream_once(self, req: CallRequest, timeout_s: float) -> AsyncIterator[str | Attempt]:
+        stream = await self._sdk.messages.create(**self._args(req, timeout_s), stream=True)
+        service = service_time(stream.response.headers)
+        model, usage, output_tokens, stop, finished = None, None, 0, None, False
+        try:
+            async for event in stream:
+                if event.type == "message_start":
+                    model, usage = event.message.model, event.message.usage
+                elif event.type == "content_block_delta" and event.delta.type == "text_delta":
+                    yield event.delta.text
+                elif event.type == "message_delta":
+                    stop = event.delta.stop_reason
+                    output_tokens = event.usage.output_tokens
+                elif event.type == "message_stop":
+                    finished = True
+        finally:
+            await stream.close()
+        if not finished:
+            raise AttemptError(
+                ErrorKind.MALFORMED_RESPONSE, "stream ended before message_stop", service_s=service
+            )
+        u = _usage(usage)
+        u = u.model_copy(update={"output_tokens": output_tokens or u.output_tokens})
+        yield Attempt(
+            text="", model=model, usage=u, finish_reason=FINISH.get(stop or "", "other"), service_s=service
+        )
+
+    def _classify(self, exc: BaseException, in_stream: bool) -> AttemptError:
+        if isinstance(exc, anthropic.APIStatusError):
+            return status_error(exc.status_code, _message(exc), exc.response.headers)
+        if isinstance(exc, anthropic.APITimeoutError):
+            return AttemptError(ErrorKind.TIMEOUT, "the call timed out")
+        if isinstance(exc, anthropic.APIConnectionError):
+            if in_stream:
+                return AttemptError(ErrorKind.MALFORMED_RESPONSE, "stream cut mid-way")
+            return AttemptError(ErrorKind.SERVER_ERROR, "connection failed")
+        if isinstance(exc, anthropic.APIResponseValidationError | AssertionError):
+            return AttemptError(ErrorKind.MALFORMED_RESPONSE, "response failed validation")
+        return classify_common(exc, in_stream) or AttemptError(
+            ErrorKind.MALFORMED_RESPONSE, f"unexpected failure: {type(exc).__name__}"
+        )
+
+    async def aclose(self) -> None:
+        await self._sdk.close()
+
+
+def _usage(u: Any) -> Usage:
+    """Anthropic's input_tokens exclude cache reads and writes; ours count every input token."""
+    if u is None:
+        return Usage()
+    cached = getattr(u, "cache_read_input_tokens", None) or 0
+    created = getattr(u, "cache_creation_input_tokens", None) or 0
+    return Usage(
+        input_tokens=(u.input_tokens or 0) + cached + created,
+        output_tokens=u.output_tokens or 0,
+        cached_tokens=cached,
+    )
+
+
+def _message(exc: anthropic.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and err.get("message"):
+            return f"{exc.status_code}: {err['message']}"
+    return f"{exc.status_code}: {type(exc).__name__}"

@@ -1,0 +1,365 @@
+"""What every provider adapter shares: limits, one retry loop inside one deadline, error typing,
+and the normalised result. An adapter only says how to send one attempt on its SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import json
+import random
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from pydantic import ValidationError
+
+from moa.config import Endpoint, ProviderConfig
+from moa.limits import ProviderLimits, RateBudgetExceeded, estimate_tokens
+from moa.types import CallError, CallRequest, CallResult, ErrorKind, StreamEvent, TextDelta, Usage
+
+SERVICE_TIME_HEADER = "x-sim-service-time"
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection-level exception classes of the HTTP stacks the SDKs use (whichever are installed)."""
+    found: list[type[BaseException]] = [ConnectionError]
+    for module, name in (
+        ("httpx", "TransportError"),
+        ("httpx2", "TransportError"),
+        ("aiohttp", "ClientError"),
+    ):
+        try:
+            found.append(getattr(__import__(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+TRANSPORT_ERRORS = _transport_errors()
+
+
+@dataclass
+class Attempt:
+    """A successful attempt, before normalisation."""
+
+    text: str
+    model: str | None
+    usage: Usage
+    finish_reason: str | None
+    service_s: float | None = None
+
+
+class AttemptError(Exception):
+    """A failed attempt, already typed."""
+
+    def __init__(
+        self,
+        kind: ErrorKind,
+        message: str,
+        status: int | None = None,
+        retry_after_s: float | None = None,
+        service_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind, self.message, self.status = kind, message, status
+        self.retry_after_s, self.service_s = retry_after_s, service_s
+
+
+def kind_for_status(status: int) -> ErrorKind:
+    if status == 429:
+        return ErrorKind.RATE_LIMITED
+    if status in (401, 403):
+        return ErrorKind.AUTH
+    if status == 408:
+        return ErrorKind.TIMEOUT
+    if status >= 500:
+        return ErrorKind.SERVER_ERROR
+    return ErrorKind.BAD_REQUEST
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """``Retry-After`` as seconds (fractional allowed) or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
+
+
+def service_time(headers: Mapping[str, str] | None) -> float | None:
+    if not headers:
+        return None
+    value = headers.get(SERVICE_TIME_HEADER)
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def status_error(status: int, message: str, headers: Mapping[str, str] | None) -> AttemptError:
+    return AttemptError(
+        kind_for_status(status),
+        message,
+        status=status,
+        retry_after_s=parse_retry_after(headers.get("retry-after")) if headers else None,
+        service_s=service_time(headers),
+    )
+
+
+def classify_common(exc: BaseException, in_stream: bool) -> AttemptError | None:
+    """Failures that look the same whatever the SDK: timeouts, broken bodies, broken connections."""
+    if isinstance(exc, AttemptError):
+        return exc
+    if isinstance(exc, TimeoutError):
+        return AttemptError(ErrorKind.TIMEOUT, "the call timed out")
+    if isinstance(exc, json.JSONDecodeError | ValidationError | UnicodeDecodeError):
+        return AttemptError(ErrorKind.MALFORMED_RESPONSE, f"unparseable response: {type(exc).__name__}")
+    if isinstance(exc, TRANSPORT_ERRORS):
+        if "Timeout" in type(exc).__name__:
+            return AttemptError(ErrorKind.TIMEOUT, "the call timed out")
+        if in_stream:
+            return AttemptError(ErrorKind.MALFORMED_RESPONSE, f"stream cut mid-way: {type(exc).__name__}")
+        return AttemptError(ErrorKind.SERVER_ERROR, f"connection failed: {type(exc).__name__}")
+    return None
+
+
+class ProviderClient(ABC):
+    """One provider's client: its SDK client (created once, pooled), its limits, its retry loop."""
+
+    kind: ClassVar[str]
+
+    def __init__(
+        self, name: str, cfg: ProviderConfig, endpoint: Endpoint, limits: ProviderLimits | None = None
+    ):
+        self.name = name
+        self.cfg = cfg
+        self.endpoint = endpoint
+        self.limits = limits or ProviderLimits.from_config(cfg)
+        self._secret = endpoint.api_key.get_secret_value() if endpoint.api_key else None
+
+    # -- what an adapter provides ----------------------------------------------------------------
+
+    @abstractmethod
+    async def _complete_once(self, req: CallRequest, timeout_s: float) -> Attempt:
+        """Send one non-streaming attempt; raise on failure."""
+
+    @abstractmethod
+    def _stream_once(self, req: CallRequest, timeout_s: float) -> AsyncIterator[str | Attempt]:
+        """Send one streaming attempt: yield text pieces, then one Attempt; raise on failure."""
+
+    @abstractmethod
+    def _classify(self, exc: BaseException, in_stream: bool) -> AttemptError:
+        """Type an exception raised by this SDK."""
+
+    async def aclose(self) -> None:
+        return None
+
+    # -- the shared machinery --------------------------------------------------------------------
+
+    async def complete(self, req: CallRequest) -> CallResult:
+        result: CallResult | None = None
+        async for ev in self._run(req, stream=False):
+            if isinstance(ev, CallResult):
+                result = ev
+        assert result is not None
+        return result
+
+    def stream(self, req: CallRequest) -> AsyncIterator[StreamEvent]:
+        return self._run(req, stream=True)
+
+    def health(self) -> dict[str, object]:
+        return {
+            "provider": self.name,
+            "kind": self.kind,
+            "simulated": self.endpoint.simulated,
+            **self.limits.snapshot(),
+        }
+
+    def _needs_key(self) -> str | None:
+        """The environment variable to set when this provider has no key (None when it needs none)."""
+        if self.endpoint.api_key is None and self.cfg.api_key_env:
+            return self.cfg.api_key_env
+        return None
+
+    def _result(self, req: CallRequest, t0: float, **fields: Any) -> CallResult:
+        base: dict[str, Any] = {
+            "provider": self.name,
+            "provider_kind": self.kind,
+            "requested_model": req.model,
+            "latency_s": time.monotonic() - t0,
+        }
+        return CallResult(**(base | fields))
+
+    def _failure(self, req: CallRequest, t0: float, err: AttemptError, **fields: Any) -> CallResult:
+        message = err.message
+        if self._secret:
+            message = message.replace(self._secret, "***")
+        return self._result(
+            req, t0, error=CallError(kind=err.kind, message=message, status_code=err.status), **fields
+        )
+
+    async def _run(self, req: CallRequest, stream: bool) -> AsyncIterator[StreamEvent]:
+        t0 = time.monotonic()
+        deadline = t0 + (req.timeout_s or self.cfg.timeout_s)
+        missing = self._needs_key()
+        if missing:
+            yield self._failure(
+                req, t0, AttemptError(ErrorKind.AUTH, f"no API key: set the {missing} environment variable")
+            )
+            return
+        breaker = self.limits.breaker
+        if not breaker.allow():
+            why = f"circuit open after repeated failures; retry in {breaker.retry_after_s():.1f}s"
+            yield self._failure(req, t0, AttemptError(ErrorKind.CIRCUIT_OPEN, why), streamed=stream)
+            return
+        outcome: ErrorKind | None = None  # None: success; a kind: failure; unset on cancellation
+        cancelled = True
+        if not await self.limits.enter(deadline - time.monotonic()):
+            breaker.record_neutral()
+            why = "no concurrency slot came free before the deadline"
+            yield self._failure(req, t0, AttemptError(ErrorKind.TIMEOUT, why), streamed=stream)
+            return
+        try:
+            reserved = estimate_tokens((m.content for m in req.messages), req.params.max_tokens)
+            try:
+                await self.limits.budget.acquire(reserved, deadline - time.monotonic())
+            except RateBudgetExceeded as e:
+                cancelled = False
+                why = f"rate budget of this provider exhausted; retry in {e.retry_after_s:.1f}s"
+                yield self._failure(req, t0, AttemptError(ErrorKind.RATE_LIMITED, why), streamed=stream)
+                breaker.record_neutral()
+                return
+            async for ev in self._attempts(req, stream, t0, deadline):
+                if isinstance(ev, CallResult):
+                    outcome = ev.error.kind if ev.error else None
+                    cancelled = False
+                    await self.limits.budget.settle(reserved, ev.usage.total_tokens if ev.ok else reserved)
+                yield ev
+        finally:
+            self.limits.leave()
+            if cancelled:
+                breaker.record_neutral()
+            elif outcome is None:
+                breaker.record_success()
+            elif outcome.counts_against_health:
+                breaker.record_failure()
+            else:
+                breaker.record_neutral()
+
+    async def _attempts(
+        self, req: CallRequest, stream: bool, t0: float, deadline: float
+    ) -> AsyncIterator[StreamEvent]:
+        """The retry loop: retryable failures are retried with jittered backoff (or as Retry-After
+        says) while the deadline allows; a stream is never retried once text has been sent."""
+        attempts, service, parts = 0, None, []
+        ttft: float | None = None
+        while True:
+            attempts += 1
+            remaining = deadline - time.monotonic()
+            final: Attempt | None = None
+            try:
+                if remaining <= 0:
+                    raise AttemptError(ErrorKind.TIMEOUT, "the call's deadline passed")
+                if stream:
+                    it = aiter(self._stream_once(req, remaining))
+                    try:
+                        while True:
+                            async with asyncio.timeout_at(_loop_deadline(deadline)):
+                                item = await anext(it, None)
+                            if item is None:
+                                break
+                            if isinstance(item, Attempt):
+                                final = item
+                            elif item:
+                                ttft = ttft if ttft is not None else time.monotonic() - t0
+                                parts.append(item)
+                                yield TextDelta(text=item)
+                    finally:
+                        await _aclose(it)
+                    if final is None:
+                        raise AttemptError(
+                            ErrorKind.MALFORMED_RESPONSE, "stream ended without its final event"
+                        )
+                else:
+                    async with asyncio.timeout_at(_loop_deadline(deadline)):
+                        final = await self._complete_once(req, remaining)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                err = exc if isinstance(exc, AttemptError) else self._classify(exc, in_stream=stream)
+                if err.service_s is not None:
+                    service = (service or 0.0) + err.service_s
+                delay = self._retry_delay(err, attempts, deadline, emitted=bool(parts))
+                if delay is None:
+                    yield self._failure(
+                        req,
+                        t0,
+                        err,
+                        attempts=attempts,
+                        streamed=stream,
+                        ttft_s=ttft,
+                        simulated_service_s=service,
+                        text="".join(parts),
+                    )
+                    return
+                await asyncio.sleep(delay)
+                continue
+            if final.service_s is not None:
+                service = (service or 0.0) + final.service_s
+            text = "".join(parts) if stream else final.text
+            model = final.model or req.model
+            price = self.cfg.price(req.model)
+            yield self._result(
+                req,
+                t0,
+                model=model,
+                text=text,
+                usage=final.usage,
+                finish_reason=final.finish_reason,
+                ttft_s=ttft,
+                cost_usd=price.cost(
+                    final.usage.input_tokens, final.usage.output_tokens, final.usage.cached_tokens
+                ),
+                attempts=attempts,
+                streamed=stream,
+                simulated_service_s=service,
+            )
+            return
+
+    def _retry_delay(self, err: AttemptError, attempts: int, deadline: float, emitted: bool) -> float | None:
+        """How long to wait before the next attempt, or None to give up now."""
+        retry = self.cfg.retry
+        if emitted or not err.kind.retryable or attempts >= retry.max_attempts:
+            return None
+        if err.retry_after_s is not None:
+            if err.retry_after_s > retry.max_retry_after_s:
+                return None
+            delay = err.retry_after_s
+        else:
+            cap = min(retry.backoff_max_s, retry.backoff_base_s * 2 ** (attempts - 1))
+            delay = random.uniform(0, cap)
+        if time.monotonic() + delay >= deadline:
+            return None
+        return delay
+
+
+def _loop_deadline(deadline: float) -> float:
+    """Our deadlines are time.monotonic(); asyncio's loop clock may differ in origin."""
+    loop = asyncio.get_running_loop()
+    return loop.time() + (deadline - time.monotonic())
+
+
+async def _aclose(it: AsyncIterator[Any]) -> None:
+    close = getattr(it, "aclose", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            await close()

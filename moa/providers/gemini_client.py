@@ -1,0 +1,143 @@
+"""Gemini through the ``google-genai`` SDK (the maintained successor of ``google-generativeai``)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from google import genai
+from google.genai import errors, types
+
+from moa.config import Endpoint, ProviderConfig
+from moa.limits import ProviderLimits
+from moa.providers.base import (
+    Attempt,
+    AttemptError,
+    ProviderClient,
+    classify_common,
+    service_time,
+    status_error,
+)
+from moa.types import CallRequest, ErrorKind, Usage
+
+FINISH = {
+    "STOP": "stop",
+    "MAX_TOKENS": "length",
+    "SAFETY": "content_filter",
+    "PROHIBITED_CONTENT": "content_filter",
+}
+
+
+class GeminiClient(ProviderClient):
+    kind = "gemini"
+
+    def __init__(
+        self, name: str, cfg: ProviderConfig, endpoint: Endpoint, limits: ProviderLimits | None = None
+    ):
+        super().__init__(name, cfg, endpoint, limits)
+        self._sdk = genai.Client(
+            api_key=self._secret,
+            http_options=types.HttpOptions(
+                base_url=endpoint.base_url,
+                api_version="v1beta",
+                timeout=int(cfg.timeout_s * 1000),
+                # One attempt: without this the async transport retries connection errors itself.
+                retry_options=types.HttpRetryOptions(attempts=1),
+            ),
+        )
+
+    def _args(self, req: CallRequest, timeout_s: float) -> dict[str, Any]:
+        p = req.params
+        system = "\n\n".join(m.content for m in req.messages if m.role == "system")
+        contents = [
+            types.Content(
+                role="model" if m.role == "assistant" else "user", parts=[types.Part(text=m.content)]
+            )
+            for m in req.messages
+            if m.role != "system"
+        ]
+        config = types.GenerateContentConfig(
+            system_instruction=system or None,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            max_output_tokens=p.max_tokens,
+            seed=p.seed,
+            stop_sequences=list(p.stop) if p.stop else None,
+            http_options=types.HttpOptions(
+                timeout=max(int(timeout_s * 1000), 1), retry_options=types.HttpRetryOptions(attempts=1)
+            ),
+        )
+        return {"model": req.model, "contents": contents, "config": config}
+
+    async def _complete_once(self, req: CallRequest, timeout_s: float) -> Attempt:
+        response = await self._sdk.aio.models.generate_content(**self._args(req, timeout_s))
+        service = _service(response)
+        if not response.candidates:
+            raise AttemptError(ErrorKind.MALFORMED_RESPONSE, "response has no candidates", service_s=service)
+        candidate = response.candidates[0]
+        return Attempt(
+            text=_text(response),
+            model=response.model_version,
+            usage=_usage(response.usage_metadata),
+            finish_reason=_finish(candidate.finish_reason),
+            service_s=service,
+        )
+
+    async def _stream_once(self, req: CallRequest, timeout_s: float) -> AsyncIterator[str | Attempt]:
+        stream = await self._sdk.aio.models.generate_content_stream(**self._args(req, timeout_s))
+        service, finish, model, usage = None, None, None, None
+        async for chunk in stream:
+            service = service if service is not None else _service(chunk)
+            model = chunk.model_version or model
+            usage = chunk.usage_metadata or usage
+            text = _text(chunk)
+            if text:
+                yield text
+            if chunk.candidates and chunk.candidates[0].finish_reason:
+                finish = chunk.candidates[0].finish_reason
+        if finish is None:
+            raise AttemptError(
+                ErrorKind.MALFORMED_RESPONSE, "stream ended without a finish reason", service_s=service
+            )
+        yield Attempt(
+            text="", model=model, usage=_usage(usage), finish_reason=_finish(finish), service_s=service
+        )
+
+    def _classify(self, exc: BaseException, in_stream: bool) -> AttemptError:
+        if isinstance(exc, errors.UnknownApiResponseError):
+            return AttemptError(ErrorKind.MALFORMED_RESPONSE, "unparseable response")
+        if isinstance(exc, errors.APIError):
+            headers: Mapping[str, str] | None = getattr(exc.response, "headers", None)
+            return status_error(exc.code, f"{exc.code}: {exc.message or exc.status}", headers)
+        return classify_common(exc, in_stream) or AttemptError(
+            ErrorKind.MALFORMED_RESPONSE, f"unexpected failure: {type(exc).__name__}"
+        )
+
+    async def aclose(self) -> None:
+        await self._sdk.aio.aclose()
+
+
+def _text(response: types.GenerateContentResponse) -> str:
+    if not response.candidates or not response.candidates[0].content:
+        return ""
+    return "".join(part.text or "" for part in response.candidates[0].content.parts or [] if not part.thought)
+
+
+def _finish(reason: Any) -> str:
+    name = getattr(reason, "name", None) or str(reason or "")
+    return FINISH.get(name, "other")
+
+
+def _service(response: types.GenerateContentResponse) -> float | None:
+    http = response.sdk_http_response
+    return service_time(http.headers) if http is not None else None
+
+
+def _usage(u: types.GenerateContentResponseUsageMetadata | None) -> Usage:
+    if u is None:
+        return Usage()
+    return Usage(
+        input_tokens=u.prompt_token_count or 0,
+        output_tokens=u.candidates_token_count or 0,
+        cached_tokens=u.cached_content_token_count or 0,
+    )

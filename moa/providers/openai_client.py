@@ -1,0 +1,145 @@
+"""OpenAI Chat Completions through ``openai.AsyncOpenAI``; also any OpenAI-compatible endpoint."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import openai
+from openai.types.chat import ChatCompletion
+
+from moa.config import Endpoint, ProviderConfig
+from moa.limits import ProviderLimits
+from moa.providers.base import (
+    Attempt,
+    AttemptError,
+    ProviderClient,
+    classify_common,
+    service_time,
+    status_error,
+)
+from moa.types import CallRequest, ErrorKind, Usage
+
+FINISH = {"stop": "stop", "length": "length", "content_filter": "content_filter"}
+
+
+class OpenAIClient(ProviderClient):
+    kind = "openai"
+
+    def __init__(
+        self, name: str, cfg: ProviderConfig, endpoint: Endpoint, limits: ProviderLimits | None = None
+    ):
+        super().__init__(name, cfg, endpoint, limits)
+        self._sdk = openai.AsyncOpenAI(
+            # An OpenAI-compatible server may need no key; the SDK insists on some value.
+            api_key=self._secret or "none",
+            base_url=endpoint.base_url,
+            max_retries=0,  # our retry loop owns retries and the deadline
+            timeout=openai.Timeout(cfg.timeout_s, connect=cfg.connect_timeout_s),
+        )
+
+    def _args(self, req: CallRequest, timeout_s: float) -> dict[str, Any]:
+        p = req.params
+        args: dict[str, Any] = {
+            "model": req.model,
+            "messages": [{"role": m.role, "content": m.content} for m in req.messages],
+            "timeout": timeout_s,
+        }
+        if p.max_tokens is not None:
+            # OpenAI's own API wants max_completion_tokens; compatible servers know max_tokens.
+            args["max_completion_tokens" if self.kind == "openai" else "max_tokens"] = p.max_tokens
+        optional = {"temperature": p.temperature, "top_p": p.top_p, "seed": p.seed}
+        args |= {k: v for k, v in optional.items() if v is not None}
+        if p.stop:
+            args["stop"] = list(p.stop)
+        return args
+
+    async def _complete_once(self, req: CallRequest, timeout_s: float) -> Attempt:
+        raw = await self._sdk.chat.completions.with_raw_response.create(**self._args(req, timeout_s))
+        service = service_time(raw.headers)
+        completion = raw.parse()
+        if not isinstance(completion, ChatCompletion) or not completion.choices:
+            raise AttemptError(
+                ErrorKind.MALFORMED_RESPONSE, "response is not a chat completion", service_s=service
+            )
+        choice = completion.choices[0]
+        return Attempt(
+            text=choice.message.content or "",
+            model=completion.model,
+            usage=_usage(completion.usage),
+            finish_reason=FINISH.get(choice.finish_reason or "", "other"),
+            service_s=service,
+        )
+
+    async def _stream_once(self, req: CallRequest, timeout_s: float) -> AsyncIterator[str | Attempt]:
+        stream = await self._sdk.chat.completions.create(
+            **self._args(req, timeout_s), stream=True, stream_options={"include_usage": True}
+        )
+        service = service_time(stream.response.headers)
+        finish, model, usage = None, None, None
+        try:
+            async for chunk in stream:
+                model = chunk.model or model
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                for choice in chunk.choices:
+                    if choice.delta.content:
+                        yield choice.delta.content
+                    if choice.finish_reason:
+                        finish = choice.finish_reason
+        finally:
+            await stream.close()
+        if finish is None:
+            raise AttemptError(
+                ErrorKind.MALFORMED_RESPONSE, "stream ended before its final chunk", service_s=service
+            )
+        yield Attempt(
+            text="",
+            model=model,
+            usage=_usage(usage),
+            finish_reason=FINISH.get(finish, "other"),
+            service_s=service,
+        )
+
+    def _classify(self, exc: BaseException, in_stream: bool) -> AttemptError:
+        if isinstance(exc, openai.APIStatusError):
+            return status_error(exc.status_code, _message(exc), exc.response.headers)
+        if isinstance(exc, openai.APITimeoutError):
+            return AttemptError(ErrorKind.TIMEOUT, "the call timed out")
+        if isinstance(exc, openai.APIConnectionError):
+            if in_stream:
+                return AttemptError(ErrorKind.MALFORMED_RESPONSE, "stream cut mid-way")
+            return AttemptError(ErrorKind.SERVER_ERROR, "connection failed")
+        if isinstance(exc, openai.APIResponseValidationError):
+            return AttemptError(ErrorKind.MALFORMED_RESPONSE, "response failed validation")
+        return classify_common(exc, in_stream) or AttemptError(
+            ErrorKind.MALFORMED_RESPONSE, f"unexpected failure: {type(exc).__name__}"
+        )
+
+    async def aclose(self) -> None:
+        await self._sdk.close()
+
+
+class OpenAICompatibleClient(OpenAIClient):
+    """vLLM, Ray Serve LLM, Ollama, Together, Groq...: the same protocol at another base_url."""
+
+    kind = "openai_compatible"
+
+
+def _usage(u: Any) -> Usage:
+    if u is None:
+        return Usage()
+    details = getattr(u, "prompt_tokens_details", None)
+    cached = getattr(details, "cached_tokens", None) or 0
+    return Usage(
+        input_tokens=u.prompt_tokens or 0, output_tokens=u.completion_tokens or 0, cached_tokens=cached
+    )
+
+
+def _message(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and err.get("message"):
+            return f"{exc.status_code}: {err['message']}"
+    return f"{exc.status_code}: {type(exc).__name__}"

@@ -1,0 +1,80 @@
+"""Building provider clients from the config, and the in-process transport over all of them."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from types import TracebackType
+
+from moa.config import Endpoint, MoAConfig, ProviderConfig, ProviderKind, resolve_endpoint
+from moa.limits import ProviderLimits
+from moa.providers.anthropic_client import AnthropicClient
+from moa.providers.base import ProviderClient
+from moa.providers.gemini_client import GeminiClient
+from moa.providers.openai_client import OpenAIClient, OpenAICompatibleClient
+from moa.types import CallError, CallRequest, CallResult, ErrorKind, StreamEvent
+
+ADAPTERS: dict[ProviderKind, type[ProviderClient]] = {
+    ProviderKind.OPENAI: OpenAIClient,
+    ProviderKind.OPENAI_COMPATIBLE: OpenAICompatibleClient,
+    ProviderKind.ANTHROPIC: AnthropicClient,
+    ProviderKind.GEMINI: GeminiClient,
+}
+
+
+def build_client(
+    name: str, cfg: ProviderConfig, endpoint: Endpoint, limits: ProviderLimits | None = None
+) -> ProviderClient:
+    return ADAPTERS[cfg.kind](name, cfg, endpoint, limits)
+
+
+class ProviderPool:
+    """The in-process ``ModelCaller``: one client per configured provider, reused for every call."""
+
+    def __init__(self, clients: Mapping[str, ProviderClient]) -> None:
+        self.clients = dict(clients)
+
+    @classmethod
+    def from_config(
+        cls, cfg: MoAConfig, sim_url: str | None = None, env: Mapping[str, str] | None = None
+    ) -> ProviderPool:
+        return cls(
+            {
+                name: build_client(name, pcfg, resolve_endpoint(cfg, name, sim_url=sim_url, env=env))
+                for name, pcfg in cfg.providers.items()
+            }
+        )
+
+    def _unknown(self, req: CallRequest) -> CallResult:
+        return CallResult(
+            provider=req.provider,
+            provider_kind="unknown",
+            requested_model=req.model,
+            error=CallError(kind=ErrorKind.BAD_REQUEST, message=f"no provider named {req.provider!r}"),
+        )
+
+    async def call(self, req: CallRequest) -> CallResult:
+        client = self.clients.get(req.provider)
+        return await client.complete(req) if client else self._unknown(req)
+
+    async def stream(self, req: CallRequest) -> AsyncIterator[StreamEvent]:
+        client = self.clients.get(req.provider)
+        if client is None:
+            yield self._unknown(req)
+            return
+        async for ev in client.stream(req):
+            yield ev
+
+    def health(self) -> dict[str, dict[str, object]]:
+        return {name: client.health() for name, client in self.clients.items()}
+
+    async def aclose(self) -> None:
+        for client in self.clients.values():
+            await client.aclose()
+
+    async def __aenter__(self) -> ProviderPool:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()

@@ -1,0 +1,81 @@
+"""Requests-per-minute and tokens-per-minute budgets as reservations.
+
+A reservation takes its tokens at once (the bucket may go into debt) and tells the caller how long
+to wait before sending, so the holder never blocks: one call per request, granted in arrival order.
+That makes the same object usable in-process and inside one Ray actor shared by every replica of a
+provider deployment (the cluster-wide budget).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass
+class Bucket:
+    """A token bucket refilled continuously at ``per_minute / 60`` per second, up to ``per_minute``."""
+
+    per_minute: float
+    level: float
+    updated: float
+
+    @classmethod
+    def full(cls, per_minute: float, now: float) -> Bucket:
+        return cls(per_minute, per_minute, now)
+
+    def refill(self, now: float) -> None:
+        rate = self.per_minute / 60.0
+        self.level = min(self.per_minute, self.level + (now - self.updated) * rate)
+        self.updated = now
+
+    def wait_for(self, amount: float) -> float:
+        """Seconds until ``amount`` is covered (after a refill at the current time)."""
+        missing = amount - self.level
+        return 0.0 if missing <= 0 else missing * 60.0 / self.per_minute
+
+
+@dataclass(frozen=True)
+class Reservation:
+    granted: bool
+    # granted: how long to wait before sending; refused: when a retry could succeed.
+    wait_s: float
+
+
+class ReservationLimiter:
+    def __init__(self, rpm: int | None, tpm: int | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        now = clock()
+        self.requests = Bucket.full(rpm, now) if rpm else None
+        self.tokens = Bucket.full(tpm, now) if tpm else None
+        self.granted = 0
+        self.refused = 0
+
+    def reserve(self, tokens: int, max_wait_s: float) -> Reservation:
+        now = self.clock()
+        waits = [0.0]
+        for bucket, amount in ((self.requests, 1), (self.tokens, tokens)):
+            if bucket is not None:
+                bucket.refill(now)
+                # A single request larger than the whole budget waits for a full bucket, not forever.
+                waits.append(bucket.wait_for(min(amount, bucket.per_minute)))
+        wait = max(waits)
+        if wait > max_wait_s:
+            self.refused += 1
+            return Reservation(False, wait)
+        if self.requests is not None:
+            self.requests.level -= 1
+        if self.tokens is not None:
+            self.tokens.level -= min(tokens, self.tokens.per_minute)
+        self.granted += 1
+        return Reservation(True, wait)
+
+    def settle(self, reserved_tokens: int, actual_tokens: int) -> None:
+        """Correct the token bucket once real usage is known (refund or extra charge)."""
+        if self.tokens is not None:
+            self.tokens.refill(self.clock())
+            self.tokens.level += reserved_tokens - actual_tokens
+
+    def stats(self) -> dict[str, float]:
+        return {"granted": self.granted, "refused": self.refused}

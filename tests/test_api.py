@@ -1,0 +1,292 @@
+"""The OpenAI-compatible HTTP API served in-process (uvicorn on loopback, no Ray), called with the
+official ``openai`` client and raw HTTP for the malformed cases. The Ray tests reuse the same app."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from moa.api.app import create_api
+from moa.config import MoAConfig
+from moa.engine.engine import MoAEngine
+from moa.providers.registry import ProviderPool
+from moa.simulator.server import SimulatorServer
+
+QUESTION = [{"role": "user", "content": "How do vaccines train the immune system?"}]
+
+
+class _Server:
+    """The API app on a loopback port, in a thread with its own event loop."""
+
+    def __init__(self, config: MoAConfig) -> None:
+        self.config = config
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._started = threading.Event()
+
+    def _run(self) -> None:
+        async def main() -> None:
+            async with ProviderPool.from_config(self.config, sim_url=self.config.simulator.url) as pool:
+                engine = MoAEngine(self.config, pool)
+
+                async def health() -> dict[str, Any]:
+                    return pool.health()
+
+                app = create_api(self.config, engine, health)
+                cfg = uvicorn.Config(
+                    app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"
+                )
+                self.server = uvicorn.Server(cfg)
+                self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+                self._started.set()
+                await self.server.serve()
+
+        asyncio.run(main())
+
+    def __enter__(self) -> _Server:
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        self._started.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(self.url + "/v1/models", timeout=1)
+                return self
+            except httpx.TransportError:
+                time.sleep(0.05)
+        raise RuntimeError("API server did not start")
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture
+def api_url(sim: SimulatorServer) -> Iterator[str]:
+    """A fresh API (fresh provider clients and circuit breakers) per test, on the shared simulator."""
+    from moa.config import load_config
+
+    cfg = load_config(None)
+    cfg = cfg.model_copy(
+        update={
+            "simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": "on"}),
+            "server": cfg.server.model_copy(
+                update={"max_request_bytes": 20_000, "max_concurrent_requests": 4}
+            ),
+        }
+    )
+    with _Server(cfg) as server:
+        yield server.url
+
+
+@pytest.fixture
+def client(api_url: str, sim: SimulatorServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=api_url + "/v1", api_key="unused", max_retries=0)
+
+
+def set_fault(sim: SimulatorServer, model: str, **faults: dict[str, Any]) -> None:
+    httpx.put(f"{sim.url}/admin/faults/{model}", json=faults).raise_for_status()
+
+
+def test_chat_completion_with_the_openai_client(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(model="moa-lite", messages=QUESTION)  # type: ignore[arg-type]
+    assert completion.object == "chat.completion" and completion.model == "moa-lite"
+    text = completion.choices[0].message.content or ""
+    assert text.startswith("Synthesis of 3 references")
+    assert completion.choices[0].finish_reason == "stop"
+    usage = completion.usage
+    assert usage is not None and usage.prompt_tokens > 0 and usage.completion_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert not (completion.model_extra or {}).get("moa")  # the breakdown is opt-in
+
+
+def test_detail_extension_returns_every_call(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model="moa-lite",
+        messages=QUESTION,  # type: ignore[arg-type]
+        extra_body={"moa": {"detail": True}},
+    )
+    detail = (completion.model_extra or {})["moa"]
+    assert detail["preset"] == "moa-lite" and len(detail["calls"]) == 4
+    assert sum(c["usage"]["input_tokens"] for c in detail["calls"]) == completion.usage.prompt_tokens  # type: ignore[union-attr]
+    assert detail["totals"]["cost_usd"] > 0 and detail["answered_by"] == "openai/gpt-4.1"
+
+
+def test_streaming_with_usage(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="moa-lite",
+        messages=QUESTION,  # type: ignore[arg-type]
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    parts, usage, finish = [], None, None
+    for chunk in stream:
+        if chunk.choices:
+            parts.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage:
+            usage = chunk.usage
+    text = "".join(parts)
+    assert text.startswith("Synthesis of 3 references") and finish == "stop"
+    assert usage is not None and usage.completion_tokens > 0
+
+
+def test_direct_model_and_models_list(client: openai.OpenAI) -> None:
+    ids = {m.id for m in client.models.list()}
+    assert {"auto", "moa", "moa-lite", "self-moa", "refine", "single", "anthropic/claude-haiku-4-5"} <= ids
+    completion = client.chat.completions.create(model="anthropic/claude-haiku-4-5", messages=QUESTION)  # type: ignore[arg-type]
+    assert completion.choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b"[1, 2]", 400, "JSON object"),
+        (b'{"model": "moa"}', 422, "messages"),
+        (b'{"model": "moa", "messages": []}', 422, "messages"),
+        (
+            b'{"model": "nope", "messages": [{"role": "user", "content": "hi"}]}',
+            400,
+            "unknown preset or model",
+        ),
+        (
+            b'{"model": "moa", "messages": [{"role": "user", "content": "hi"}], "temperature": 7}',
+            422,
+            "temperature",
+        ),
+        (b'{"model": "moa", "messages": [{"role": "user", "content": "hi"}], "n": 3}', 422, "n"),
+        (b'{"model": "moa", "messages": [{"role": "wizard", "content": "hi"}]}', 422, "role"),
+        (b'{"model": "moa", "messages": [{"role": "system", "content": "hi"}]}', 400, "user message"),
+        (
+            b'{"model": "moa", "messages": [{"role": "user", "content": "hi"}], "tools": [{"x": 1}]}',
+            422,
+            "tools",
+        ),
+        (
+            b'{"model": "moa", "messages": [{"role": "user", "content": "hi"}], "moa": {"bogus": 1}}',
+            422,
+            "moa.bogus",
+        ),
+    ],
+)
+def test_bad_requests_get_openai_style_errors(api_url: str, body: bytes, status: int, fragment: str) -> None:
+    r = httpx.post(
+        api_url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert fragment in error["message"] and error["type"] and "Traceback" not in r.text
+
+
+def test_oversized_body_is_refused(api_url: str) -> None:
+    big = {"model": "moa", "messages": [{"role": "user", "content": "x" * 30_000}]}
+    r = httpx.post(api_url + "/v1/chat/completions", json=big)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+
+
+def test_unknown_route_and_method(api_url: str) -> None:
+    assert httpx.get(api_url + "/v1/nothing").json()["error"]["code"] == "not_found"
+    assert httpx.get(api_url + "/v1/chat/completions").status_code == 405
+
+
+def test_sdk_raises_typed_errors(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="nope", messages=QUESTION)  # type: ignore[arg-type]
+    assert err.value.code == "model_not_found"
+
+
+def test_all_providers_down_is_a_clean_upstream_error(client: openai.OpenAI, sim: SimulatorServer) -> None:
+    set_fault(sim, "*", error_500={"rate": 1.0})
+    with pytest.raises(openai.APIStatusError) as err:
+        client.chat.completions.create(model="moa-lite", messages=QUESTION)  # type: ignore[arg-type]
+    assert err.value.status_code == 502
+    assert "every provider failed" in err.value.message
+
+
+def test_rate_limited_everywhere_is_429_with_retry_after(api_url: str, sim: SimulatorServer) -> None:
+    set_fault(sim, "*", error_429={"rate": 1.0, "retry_after_s": 60})
+    r = httpx.post(api_url + "/v1/chat/completions", json={"model": "single", "messages": QUESTION})
+    assert r.status_code == 429, r.text
+    assert int(r.headers["retry-after"]) >= 1
+
+
+def test_deadline_gives_504(api_url: str, sim: SimulatorServer) -> None:
+    set_fault(sim, "*", hang={"rate": 1.0})
+    body = {"model": "moa-lite", "messages": QUESTION, "moa": {"deadline_s": 0.5}}
+    t0 = time.monotonic()
+    r = httpx.post(api_url + "/v1/chat/completions", json=body, timeout=10)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
+    assert time.monotonic() - t0 < 3
+
+
+def test_overload_gives_429(api_url: str, sim: SimulatorServer) -> None:
+    set_fault(sim, "*", hang={"rate": 1.0, "hang_s": 1.5})
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(timeout=20) as c:
+            body = {"model": "single", "messages": QUESTION}
+            rs = await asyncio.gather(
+                *(c.post(api_url + "/v1/chat/completions", json=body) for _ in range(8))
+            )
+            return [r.status_code for r in rs]
+
+    statuses = asyncio.run(burst())
+    assert statuses.count(200) == 4 and statuses.count(429) == 4  # max_concurrent_requests is 4
+
+
+def test_client_disconnect_cancels_the_fan_out(api_url: str, sim: SimulatorServer) -> None:
+    set_fault(sim, "*", hang={"rate": 1.0})
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            api_url + "/v1/chat/completions", json={"model": "moa-lite", "messages": QUESTION}, timeout=0.5
+        )
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        stats = httpx.get(f"{sim.url}/admin/stats").json()["models"]
+        if sum(m["in_flight"] for m in stats.values()) == 0:
+            break
+        time.sleep(0.05)
+    assert sum(m["in_flight"] for m in stats.values()) == 0
+    assert sum(m["requests"] for m in stats.values()) == 3
+
+
+def test_explicit_plan_endpoint(api_url: str) -> None:
+    plan = {
+        "layers": [
+            {
+                "quorum": 2,
+                "proposers": [
+                    {"provider": "openai", "model": "gpt-4o-mini", "role": "critical"},
+                    {"provider": "gemini", "model": "gemini-2.5-flash"},
+                ],
+            }
+        ],
+        "aggregators": [{"provider": "anthropic", "model": "claude-haiku-4-5"}],
+    }
+    r = httpx.post(api_url + "/v1/moa", json={"messages": QUESTION, "plan": plan}, timeout=20)
+    assert r.status_code == 200, r.text
+    result = r.json()
+    assert result["text"].startswith("Synthesis of 2 references") and len(result["calls"]) == 3
+    bad = {**plan, "aggregators": [{"provider": "openai", "model": "gpt-9"}]}
+    r = httpx.post(api_url + "/v1/moa", json={"messages": QUESTION, "plan": bad})
+    assert r.status_code == 422 and "no model 'gpt-9'" in r.json()["error"]["message"]
+    r = httpx.post(api_url + "/v1/moa", json={"messages": QUESTION, "plan": {"aggregators": []}})
+    assert r.status_code == 422
+
+
+def test_healthz(api_url: str) -> None:
+    r = httpx.get(api_url + "/healthz")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    assert set(r.json()["providers"]) == {"openai", "anthropic", "gemini"}
