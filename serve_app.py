@@ -69,3 +69,39 @@ def build_from_config(cfg: MoAConfig) -> Application:
     return serve.deployment(IngressDeployment, name="ingress", **ingress_opts).bind(
         raw, providers, router, aggregator
     )
+
+
+def run_local(
+    cfg: MoAConfig, host: str, port: int, num_cpus: float | None = None, quiet: bool = True
+) -> None:
+    """``moa serve``: a local Ray instance, the app deployed, until Ctrl-C; then a clean shutdown."""
+    import signal
+    import threading
+
+    import ray
+
+    simulated = simulation_active(cfg) and not cfg.simulator.url
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_from_config(cfg), name="moa", route_prefix="/")
+        url = f"http://{host}:{port}"
+        print(f"MoA service ready at {url}  (OpenAI-compatible: {url}/v1)", flush=True)
+        if simulated:
+            print(
+                "No provider API key is set: every provider is the built-in simulator; answers are synthetic."
+            )
+        print(f"  curl {url}/v1/models")
+        print(f"  OpenAI(base_url='{url}/v1', api_key='unused').chat.completions.create(model='moa', ...)")
+        print("Press Ctrl-C to stop.", flush=True)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            while not stop.wait(1.0):
+                pass
+        except KeyboardInterrupt:
+            pass
+        print("Shutting down...", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()

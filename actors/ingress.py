@@ -26,11 +26,11 @@ class IngressDeployment:
             router=RemoteRouter(router),
             fuser=RemoteFuser(aggregator),
         )
-        self.app = create_api(self.config, engine, self._health)
+        self._asgi = create_api(self.config, engine, self._health)
 
     async def _health(self) -> dict[str, Any]:
         summary: dict[str, Any] = await self.router.health.remote()
         return summary
 
     def __serve_build_asgi_app__(self) -> Any:
-        return self.app
+        return self._asgi

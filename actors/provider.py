@@ -9,6 +9,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import ray
 from ray import serve
 
 from actors.limiter import LIMITER_NAME, ClusterRateBudget
@@ -61,7 +62,8 @@ class ProviderDeployment:
             yield ev
 
     async def health(self) -> dict[str, Any]:
-        return {"replica": self.replica_id, **self.client.health()}
+        node = ray.get_runtime_context().get_node_id()
+        return {"replica": self.replica_id, "node_id": node, **self.client.health()}
 
     # -- reporting to the router ------------------------------------------------------------------
 

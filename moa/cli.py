@@ -55,10 +55,31 @@ def _run_ask(args: argparse.Namespace) -> int:
     return asyncio.run(ask(args, question))
 
 
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("serve", help="run the service on a local Ray instance (Ctrl-C stops it)")
+    p.add_argument("--config", default=None, help="config YAML (default: $MOA_CONFIG or the bundled one)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP address (default: 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    p.add_argument("--num-cpus", type=float, default=None, help="CPUs Ray may use (default: all)")
+    p.add_argument("--verbose", action="store_true", help="show the Ray workers' logs")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    try:
+        from serve_app import run_local
+    except ImportError as e:
+        print(f"moa serve needs Ray Serve: pip install 'moa-serve[serve]' ({e})", file=sys.stderr)
+        return 2
+    run_local(load_config(args.config), args.host, args.port, args.num_cpus, quiet=not args.verbose)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moa", description="Mixture-of-Agents LLM service.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_ask(sub)
+    _add_serve(sub)
     from moa.simulator.cli import register as register_simulate
 
     register_simulate(sub)

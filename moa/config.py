@@ -89,7 +89,8 @@ class AutoscalingOptions(_Strict):
     target_ongoing_requests: float = Field(default=16, gt=0)
     upscale_delay_s: float = Field(default=10.0, ge=0)
     downscale_delay_s: float = Field(default=120.0, ge=0)
-    look_back_period_s: float = Field(default=10.0, gt=0)
+    # Serve warns when this is not longer than its (deprecated) 10 s metrics interval.
+    look_back_period_s: float = Field(default=30.0, gt=0)
 
     @model_validator(mode="after")
     def _order(self) -> AutoscalingOptions:
@@ -102,6 +103,8 @@ class DeploymentOptions(_Strict):
     """How one Serve deployment is scheduled and scaled. I/O-bound work needs little CPU."""
 
     num_cpus: float = Field(default=0.1, ge=0)
+    # Custom Ray resources, e.g. {"provider_node": 0.01} to keep replicas on one node type.
+    resources: dict[str, float] = Field(default_factory=dict)
     # Fixed replica count; when null, ``autoscaling`` decides.
     num_replicas: int | None = Field(default=None, ge=1)
     autoscaling: AutoscalingOptions = AutoscalingOptions()
@@ -110,7 +113,7 @@ class DeploymentOptions(_Strict):
 
     def serve_options(self, default_max_ongoing: int) -> dict[str, Any]:
         opts: dict[str, Any] = {
-            "ray_actor_options": {"num_cpus": self.num_cpus},
+            "ray_actor_options": {"num_cpus": self.num_cpus, "resources": dict(self.resources)},
             "max_ongoing_requests": self.max_ongoing_requests or default_max_ongoing,
         }
         if self.num_replicas is not None:

@@ -1,0 +1,300 @@
+"""The service on a real two-node Ray cluster (both nodes on this machine), called over HTTP with the
+official openai client. One cluster and one deployment serve the whole module."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from moa.config import MoAConfig, load_config, parse_config
+from moa.simulator.server import SimulatorServer
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+pytestmark = [
+    pytest.mark.ray,
+    # The autoscaling test uses a short look-back on purpose; Serve warns about it.
+    pytest.mark.filterwarnings("ignore:`look_back_period_s`:FutureWarning"),
+]
+
+QUESTION = [{"role": "user", "content": "How do vaccines train the immune system?"}]
+ON_WORKER = {"resources": {"worker_node": 0.01}}
+ON_HEAD = {"resources": {"head_node": 0.01}}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _test_config(sim_url: str) -> MoAConfig:
+    """The bundled config plus two test providers; providers on the worker node, the rest on the head."""
+    raw = load_config(None).model_dump(mode="json")
+    for p in raw["providers"].values():
+        p["deployment"] = {"num_cpus": 0.05, "num_replicas": 1, **ON_WORKER}
+    raw["providers"]["openai"]["deployment"] = {
+        "num_cpus": 0.05,
+        **ON_WORKER,
+        "autoscaling": {
+            "min_replicas": 1,
+            "max_replicas": 3,
+            "target_ongoing_requests": 2,
+            "upscale_delay_s": 0.5,
+            "downscale_delay_s": 600,
+            "look_back_period_s": 2,
+        },
+    }
+    # Concurrency 2 per replica, two replicas: never more than 4 calls in flight.
+    raw["providers"]["narrow"] = {
+        "kind": "anthropic",
+        "api_key_env": "NARROW_API_KEY",
+        "limits": {"concurrency": 2},
+        "deployment": {"num_cpus": 0.05, "num_replicas": 2, **ON_WORKER},
+        "models": {"narrow-model": {"input_per_mtok": 1, "output_per_mtok": 2}},
+    }
+    # Six requests a minute for the whole account, whatever the replica count.
+    raw["providers"]["metered"] = {
+        "kind": "openai",
+        "api_key_env": "METERED_API_KEY",
+        "limits": {"rpm": 6},
+        "deployment": {"num_cpus": 0.05, "num_replicas": 2, **ON_WORKER},
+        "models": {"metered-model": {}},
+    }
+    raw["simulator"] = {"mode": "on", "url": sim_url}
+    raw["serve"] = {
+        "ingress": {"num_cpus": 0.1, "num_replicas": 1, **ON_HEAD},
+        "router": {"num_cpus": 0.05, "num_replicas": 1, **ON_HEAD},
+        "aggregator": {"num_cpus": 0.05, "num_replicas": 1, **ON_HEAD},
+    }
+    raw["server"] = {"max_request_bytes": 20_000, "max_concurrent_requests": 64, "request_deadline_s": 60}
+    return parse_config(raw, "the test config")
+
+
+@pytest.fixture(scope="module")
+def cluster(simulator: SimulatorServer) -> Iterator[dict[str, Any]]:
+    from ray.cluster_utils import Cluster
+
+    from serve_app import build_from_config
+
+    # Autoscaling decisions need fresh metrics; Serve's defaults push them every 10 s.
+    os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+    os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "resources": {"head_node": 1}, "include_dashboard": False},
+    )
+    worker = c.add_node(num_cpus=1, resources={"worker_node": 1})
+    ray.init(address=c.address, log_to_driver=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    cfg = _test_config(simulator.url)
+    serve.run(build_from_config(cfg), name="moa", route_prefix="/")
+    try:
+        yield {"url": f"http://127.0.0.1:{port}", "config": cfg, "worker_node": worker.node_id}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        c.shutdown()
+
+
+@pytest.fixture
+def url(cluster: dict[str, Any], sim: SimulatorServer) -> str:
+    return str(cluster["url"])
+
+
+@pytest.fixture
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def set_fault(sim: SimulatorServer, model: str, **faults: dict[str, Any]) -> None:
+    httpx.put(f"{sim.url}/admin/faults/{model}", json=faults).raise_for_status()
+
+
+def sim_stats(sim: SimulatorServer) -> dict[str, Any]:
+    return httpx.get(f"{sim.url}/admin/stats").json()["models"]
+
+
+def test_chat_completion_non_streaming_and_detail(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model="moa-lite",
+        messages=QUESTION,  # type: ignore[arg-type]
+        extra_body={"moa": {"detail": True}},
+    )
+    assert (completion.choices[0].message.content or "").startswith("Synthesis of 3 references")
+    detail = (completion.model_extra or {})["moa"]
+    calls = detail["calls"]
+    assert [c["stage"] for c in calls] == ["proposer"] * 3 + ["aggregator"]
+    assert {c["provider"] for c in calls} == {"openai", "anthropic", "gemini"}
+    assert completion.usage is not None
+    assert completion.usage.prompt_tokens == sum(c["usage"]["input_tokens"] for c in calls)
+    assert completion.usage.completion_tokens == sum(c["usage"]["output_tokens"] for c in calls)
+
+
+def test_streaming(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="moa",
+        messages=QUESTION,  # type: ignore[arg-type]
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, usage = "", None
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        usage = chunk.usage or usage
+    assert text.startswith("Synthesis of 3 references") and usage is not None and usage.total_tokens > 0
+
+
+def test_auto_routing_and_models(client: openai.OpenAI) -> None:
+    ids = {m.id for m in client.models.list()}
+    assert {"auto", "moa", "narrow/narrow-model"} <= ids
+    simple = client.chat.completions.create(
+        model="auto",
+        messages=[{"role": "user", "content": "Hi!"}],
+        extra_body={"moa": {"detail": True}},
+    )
+    assert (simple.model_extra or {})["moa"]["preset"] == "single"
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b"{oops", 400),
+        (b'{"model": "nope", "messages": [{"role": "user", "content": "hi"}]}', 400),
+        (b'{"model": "moa"}', 422),
+        (b'{"model": "moa", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}', 422),
+        (b'{"model": "moa", "messages": [{"role": "user", "content": "' + b"x" * 30_000 + b'"}]}', 413),
+    ],
+)
+def test_bad_input_statuses_through_serve(url: str, body: bytes, status: int) -> None:
+    r = httpx.post(url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert set(r.json()["error"]) >= {"message", "type", "code"}
+
+
+def test_quorum_met_despite_a_failing_provider(client: openai.OpenAI, sim: SimulatorServer) -> None:
+    set_fault(sim, "gemini-2.5-flash", error_500={"rate": 1.0})
+    completion = client.chat.completions.create(
+        model="moa-lite",
+        messages=QUESTION,  # type: ignore[arg-type]
+        extra_body={"moa": {"detail": True}},
+    )
+    assert (completion.choices[0].message.content or "").startswith("Synthesis of 2 references")
+    failed = [c for c in (completion.model_extra or {})["moa"]["calls"] if not c["ok"]]
+    assert [(c["model"], c["error_kind"]) for c in failed] == [("gemini-2.5-flash", "server_error")]
+
+
+def test_fallback_when_quorum_is_missed(client: openai.OpenAI, sim: SimulatorServer) -> None:
+    set_fault(sim, "claude-haiku-4-5", error_503={"rate": 1.0})
+    set_fault(sim, "gemini-2.5-flash", error_503={"rate": 1.0})
+    completion = client.chat.completions.create(
+        model="moa-lite",
+        messages=QUESTION,  # type: ignore[arg-type]
+        extra_body={"moa": {"detail": True}},
+    )
+    detail = (completion.model_extra or {})["moa"]
+    assert detail["fallback"] == "layer 1 missed its quorum" and detail["answered_by"] == "openai/gpt-4.1"
+
+
+def test_clean_errors_when_all_fail(client: openai.OpenAI, url: str, sim: SimulatorServer) -> None:
+    set_fault(sim, "*", error_500={"rate": 1.0})
+    with pytest.raises(openai.APIStatusError) as err:
+        client.chat.completions.create(model="moa-lite", messages=QUESTION)  # type: ignore[arg-type]
+    assert err.value.status_code == 502 and "every provider failed" in err.value.message
+    set_fault(sim, "*", hang={"rate": 1.0})
+    r = httpx.post(
+        url + "/v1/chat/completions",
+        json={"model": "single", "messages": QUESTION, "moa": {"deadline_s": 1}},
+        timeout=30,
+    )
+    assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
+
+
+def test_client_disconnect_cancels_the_fan_out(url: str, sim: SimulatorServer) -> None:
+    set_fault(sim, "*", hang={"rate": 1.0})
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/chat/completions", json={"model": "moa-lite", "messages": QUESTION}, timeout=2)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        stats = sim_stats(sim)
+        if sum(m["requests"] for m in stats.values()) == 3 and all(
+            m["in_flight"] == 0 for m in stats.values()
+        ):
+            break
+        time.sleep(0.1)
+    assert sum(m["requests"] for m in stats.values()) == 3
+    assert all(m["in_flight"] == 0 for m in stats.values()), stats
+
+
+def test_fan_out_crosses_nodes(cluster: dict[str, Any], client: openai.OpenAI) -> None:
+    """Ingress, router and aggregator live on the head node, every provider replica on the worker."""
+    for name in ("openai", "anthropic", "gemini"):
+        handle = serve.get_deployment_handle(f"provider-{name}", app_name="moa")
+        health = handle.health.remote().result(timeout_s=30)
+        assert health["node_id"] == cluster["worker_node"]
+    completion = client.chat.completions.create(model="moa-lite", messages=QUESTION)  # type: ignore[arg-type]
+    assert (completion.choices[0].message.content or "").startswith("Synthesis of 3 references")
+
+
+def _burst(url: str, body: dict[str, Any], n: int) -> list[int]:
+    async def go() -> list[int]:
+        async with httpx.AsyncClient(timeout=60) as c:
+            rs = await asyncio.gather(*(c.post(url + "/v1/chat/completions", json=body) for _ in range(n)))
+            return [r.status_code for r in rs]
+
+    return asyncio.run(go())
+
+
+def test_concurrency_limit_holds_across_replicas(url: str, sim: SimulatorServer) -> None:
+    set_fault(sim, "narrow-model", hang={"rate": 1.0, "hang_s": 0.5})
+    statuses = _burst(url, {"model": "narrow/narrow-model", "messages": QUESTION}, 12)
+    assert statuses == [200] * 12
+    stats = sim_stats(sim)["narrow-model"]
+    assert stats["requests"] == 12 and stats["max_in_flight"] <= 2 * 2
+
+
+def test_cluster_wide_rpm_holds_with_two_replicas(url: str, sim: SimulatorServer) -> None:
+    body = {"model": "metered/metered-model", "messages": QUESTION, "moa": {"deadline_s": 3}}
+    statuses = _burst(url, body, 10)
+    # Six a minute for the account: the burst gets six answers and four 429s, whichever replica served.
+    assert sorted(statuses) == [200] * 6 + [429] * 4
+    assert sim_stats(sim)["metered-model"]["requests"] == 6
+
+
+def test_provider_deployments_scale_independently(url: str, sim: SimulatorServer) -> None:
+    set_fault(sim, "gpt-4o-mini", hang={"rate": 1.0, "hang_s": 1.0})
+
+    def replicas(name: str) -> int:
+        status = serve.status().applications["moa"].deployments[name]
+        return int(status.replica_states.get("RUNNING", 0))
+
+    assert replicas("provider-openai") == 1
+    deadline = time.monotonic() + 60
+    body = {"model": "openai/gpt-4o-mini", "messages": QUESTION}
+    while time.monotonic() < deadline and replicas("provider-openai") < 2:
+        _burst(url, body, 12)
+    assert replicas("provider-openai") >= 2
+    assert replicas("provider-anthropic") == 1 and replicas("provider-gemini") == 1
+
+
+def test_healthz_reports_every_provider(url: str) -> None:
+    deadline = time.monotonic() + 15
+    while True:
+        body = httpx.get(url + "/healthz").json()
+        if all(p["replicas"] >= 1 for p in body["providers"].values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert body["status"] == "ok"
+    assert set(body["providers"]) == {"openai", "anthropic", "gemini", "narrow", "metered"}
+    assert body["providers"]["narrow"]["replicas"] == 2
