@@ -36,7 +36,8 @@ class GeminiClient(ProviderClient):
     ):
         super().__init__(name, cfg, endpoint, limits)
         self._sdk = genai.Client(
-            api_key=self._secret,
+            # The SDK refuses to build without a key; with none, calls fail as auth before sending.
+            api_key=self._secret or "unset",
             http_options=types.HttpOptions(
                 base_url=endpoint.base_url,
                 api_version="v1beta",

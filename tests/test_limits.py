@@ -1,4 +1,5 @@
-"""Reservation budgets (the math the cluster-wide limiter actor runs), on a fake clock."""
+"""Limits on a fake clock: reservation budgets (the math the cluster-wide limiter actor runs) and
+the circuit breaker."""
 
 from __future__ import annotations
 
@@ -46,3 +47,30 @@ def test_tokens_are_budgeted_and_settled() -> None:
     # A single request bigger than the budget waits for a full bucket instead of forever.
     clock.t += 120
     assert lim.reserve(10_000, 0).granted
+
+
+def test_circuit_breaker_states() -> None:
+    from moa.limits import CircuitBreaker, CircuitState
+
+    clock = Clock()
+    b = CircuitBreaker(failure_threshold=3, cooldown_s=10, clock=clock)
+    for _ in range(2):
+        assert b.allow()
+        b.record_failure()
+    b.record_success()  # a success resets the count: failures must be consecutive
+    for _ in range(3):
+        assert b.allow()
+        b.record_failure()
+    assert b.state is CircuitState.OPEN and not b.allow()
+    assert b.retry_after_s() == pytest.approx(10)
+    clock.t += 10
+    assert b.state is CircuitState.HALF_OPEN
+    assert b.allow() and not b.allow()  # exactly one probe at a time
+    b.record_failure()  # the probe failed: open for another cool-down
+    assert b.state is CircuitState.OPEN and not b.allow()
+    clock.t += 10
+    assert b.allow()
+    b.record_neutral()  # a cancelled probe frees the slot without a verdict
+    assert b.allow()
+    b.record_success()
+    assert b.state is CircuitState.CLOSED and b.snapshot()["consecutive_failures"] == 0
