@@ -51,6 +51,8 @@ async def ask(args: argparse.Namespace, question: str) -> int:
         messages.insert(0, ChatMessage(role="system", content=args.system))
     params = GenerationParams(temperature=args.temperature, max_tokens=args.max_tokens)
     console = Console(stderr=True)
+    if not console.is_terminal:
+        console = Console(stderr=True, width=160)  # redirected output: do not cut model names
     with local_simulator(cfg) as cfg:
         async with ProviderPool.from_config(cfg, sim_url=cfg.simulator.url) as pool:
             engine = MoAEngine(cfg, pool)

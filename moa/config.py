@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from moa.engine.plan import Plan, PresetConfig, RouterConfig, TemplatesConfig
 
@@ -161,6 +169,13 @@ class SimulatorMode(StrEnum):
 
 class SimulatorConfig(_Strict):
     mode: SimulatorMode = SimulatorMode.AUTO
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, v: Any) -> Any:
+        # YAML reads a bare `on`/`off` as a boolean; take it as the user meant it.
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
     # Where a running simulator listens; when null, the CLI starts one on a free loopback port.
     url: str | None = None
     profile: str | None = None  # path of a simulator profile (latencies, faults)

@@ -1,0 +1,90 @@
+"""The ``moa`` command line, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moa.simulator.server import SimulatorServer
+
+FAST_SIM = "default: {ttft_s: 0.01, tokens_per_s: 4000, jitter: 0}\n"
+
+
+def run_moa(
+    *args: str, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY") and k != "MOA_CONFIG"}
+    return subprocess.run(
+        [sys.executable, "-m", "moa.cli", *args],
+        env=base | (env or {}),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    """The bundled providers with a fast simulator profile and no simulator URL: the CLI starts one."""
+    profile = tmp_path / "sim.yaml"
+    profile.write_text(FAST_SIM)
+    from moa.config import load_config
+
+    raw = load_config(None).model_dump(mode="json", exclude={"simulator"})
+    raw["simulator"] = {"mode": "auto", "profile": str(profile)}
+    path = tmp_path / "moa.yaml"
+    path.write_text(json.dumps(raw))  # JSON is YAML
+    return path
+
+
+def test_ask_streams_the_answer_and_shows_the_calls(config_file: Path) -> None:
+    out = run_moa(
+        "ask",
+        "How do vaccines train the immune system?",
+        "--preset",
+        "moa-lite",
+        "--config",
+        str(config_file),
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("Synthesis of 3 references")
+    assert "answers come from the built-in simulator" in out.stderr and "synthetic" in out.stderr
+    assert "proposer" in out.stderr and "aggregator" in out.stderr and "total: 4 calls" in out.stderr
+
+
+def test_ask_json_from_stdin(config_file: Path) -> None:
+    out = run_moa(
+        "ask", "-", "--preset", "self-moa", "--json", "--config", str(config_file), stdin="Explain TCP."
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["preset"] == "self-moa" and len(result["calls"]) == 5
+
+
+def test_ask_reports_bad_input_cleanly(config_file: Path, tmp_path: Path) -> None:
+    out = run_moa("ask", "hi", "--preset", "nope", "--config", str(config_file))
+    assert (
+        out.returncode == 1
+        and "unknown preset or model 'nope'" in out.stderr
+        and "Traceback" not in out.stderr
+    )
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("providers: {}\n")
+    out = run_moa("ask", "hi", "--config", str(bad))
+    assert out.returncode == 2 and str(bad) in out.stderr and "providers" in out.stderr
+
+
+def test_ask_against_a_running_simulator(sim: SimulatorServer, tmp_path: Path) -> None:
+    path = tmp_path / "moa.yaml"
+    # A bare YAML `on` is a boolean; the config takes it as meant.
+    providers = "providers:\n  o: {kind: openai, models: {gpt-4o-mini: {}}}\n"
+    path.write_text(providers + f"simulator: {{mode: on, url: '{sim.url}'}}\n")
+    out = run_moa("ask", "Hi", "--preset", "o/gpt-4o-mini", "--no-stream", env={"MOA_CONFIG": str(path)})
+    assert out.returncode == 0, out.stderr and out.stdout.strip()
+    assert "built-in simulator" not in out.stderr  # it used the one that was already running
