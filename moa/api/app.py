@@ -94,6 +94,7 @@ def moa_detail(result: MoAResult) -> dict[str, Any]:
             "cost_usd": result.cost_usd,
             "wall_time_s": result.wall_time_s,
             "critical_path_s": result.critical_path_s,
+            "simulated_critical_path_s": result.simulated_critical_path_s,
             "stragglers_cancelled": result.stragglers_cancelled,
         },
     }
