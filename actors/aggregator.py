@@ -7,15 +7,21 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from actors.handles import HandleCaller
+from actors.telemetry import init_replica_telemetry, shutdown_replica_telemetry
 from moa.config import parse_config
 from moa.engine.fusion import FuseEvent, FuseJob, fuse
+from observability.tracing import extract, iterate_in
 
 
 class AggregatorDeployment:
     def __init__(self, config: dict[str, Any], providers: Mapping[str, Any]) -> None:
         self.config = parse_config(config, "the deployed config")
+        init_replica_telemetry(self.config)
         self.caller = HandleCaller(providers)
 
-    async def fuse(self, job: FuseJob) -> AsyncIterator[FuseEvent]:
-        async for ev in fuse(job, self.caller, self.config):
+    async def fuse(self, job: FuseJob, trace: Mapping[str, str] | None = None) -> AsyncIterator[FuseEvent]:
+        async for ev in iterate_in(extract(trace), fuse(job, self.caller, self.config)):
             yield ev
+
+    def __del__(self) -> None:
+        shutdown_replica_telemetry()

@@ -1,5 +1,6 @@
 """The engine's transports over Ray Serve handles: model calls to the provider deployments,
-fusion to the aggregator deployment, routing to the router deployment."""
+fusion to the aggregator deployment, routing to the router deployment. Every call carries the
+W3C trace context (``trace=``) so the callee's spans join the caller's trace."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from moa.engine.plan import Plan
 from moa.engine.result import RouteDecision
 from moa.engine.router import HealthView
 from moa.types import CallError, CallRequest, CallResult, ChatMessage, ErrorKind, StreamEvent
+from observability.tracing import inject
 
 
 def deployment_name(provider: str) -> str:
@@ -37,7 +39,7 @@ class HandleCaller:
         handle = self._handles.get(req.provider)
         if handle is None:
             return _unknown(req)
-        result: CallResult = await handle.call.remote(req)
+        result: CallResult = await handle.call.remote(req, trace=inject())
         return result
 
     async def stream(self, req: CallRequest) -> AsyncIterator[StreamEvent]:
@@ -45,7 +47,7 @@ class HandleCaller:
         if handle is None:
             yield _unknown(req)
             return
-        async for ev in handle.stream.remote(req):
+        async for ev in handle.stream.remote(req, trace=inject()):
             yield ev
 
 
@@ -56,7 +58,7 @@ class RemoteFuser:
         self._handle = handle.options(stream=True)
 
     async def fuse(self, job: FuseJob) -> AsyncIterator[FuseEvent]:
-        async for ev in self._handle.fuse.remote(job):
+        async for ev in self._handle.fuse.remote(job, trace=inject()):
             yield ev
 
 
@@ -71,6 +73,6 @@ class RemoteRouter:
     ) -> tuple[Plan, RouteDecision, list[CallResult]]:
         # The router deployment owns the health view; the one passed in is ignored.
         answer: tuple[Plan, RouteDecision, list[CallResult]] = await self._handle.route.remote(
-            list(messages), preset
+            list(messages), preset, trace=inject()
         )
         return answer

@@ -8,6 +8,7 @@ from typing import Any
 from ray import serve
 
 from actors.handles import HandleCaller, RemoteFuser, RemoteRouter
+from actors.telemetry import init_replica_telemetry, shutdown_replica_telemetry
 from moa.api.app import create_api
 from moa.config import parse_config
 from moa.engine.engine import MoAEngine
@@ -19,6 +20,7 @@ class IngressDeployment:
         self, config: dict[str, Any], providers: Mapping[str, Any], router: Any, aggregator: Any
     ) -> None:
         self.config = parse_config(config, "the deployed config")
+        init_replica_telemetry(self.config)
         self.router = router
         engine = MoAEngine(
             self.config,
@@ -34,3 +36,6 @@ class IngressDeployment:
 
     def __serve_build_asgi_app__(self) -> Any:
         return self._asgi
+
+    def __del__(self) -> None:
+        shutdown_replica_telemetry()

@@ -6,18 +6,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import ray
+from opentelemetry import context as otel_context
 from ray import serve
 
 from actors.limiter import LIMITER_NAME, ClusterRateBudget
+from actors.telemetry import init_replica_telemetry, shutdown_replica_telemetry
 from moa.config import parse_config, resolve_endpoint, simulation_active
 from moa.limits import ProviderLimits
 from moa.providers.base import ProviderClient
 from moa.providers.registry import build_client
 from moa.types import CallRequest, CallResult, StreamEvent
+from observability.genai import PROVIDER_NAMES
+from observability.metrics import ProviderMetrics
+from observability.tracing import extract, iterate_in
 
 log = logging.getLogger("moa.actors.provider")
 
@@ -30,6 +34,7 @@ class ProviderDeployment:
 
     async def __init__(self, config: dict[str, Any], provider: str, simulator: Any = None) -> None:
         self.config = parse_config(config, "the deployed config")
+        self.identity = init_replica_telemetry(self.config)
         self.provider = provider
         pcfg = self.config.providers[provider]
         sim_url = self.config.simulator.url
@@ -40,34 +45,48 @@ class ProviderDeployment:
         if pcfg.limits.rpm or pcfg.limits.tpm:
             budget = ClusterRateBudget(lambda: serve.get_deployment_actor(LIMITER_NAME))
         self.client: ProviderClient = build_client(
-            provider, pcfg, endpoint, ProviderLimits.from_config(pcfg, budget)
+            provider,
+            pcfg,
+            endpoint,
+            ProviderLimits.from_config(pcfg, budget),
+            capture_content=self.config.observability.capture_content,
         )
-        ctx = serve.get_replica_context()
-        self.replica_id = ctx.replica_tag if hasattr(ctx, "replica_tag") else str(id(self))
-        self.app_name = getattr(ctx, "app_name", None) or "default"
+        self.metrics = ProviderMetrics()
+        self.metric_name = PROVIDER_NAMES.get(pcfg.kind.value, provider)
+        self.app_name = self.identity["ray.serve.app"] or "default"
         self._router: Any = None
         self._latency: dict[str, float] = {}
         self._last_state: str | None = None
         self._reporter = asyncio.create_task(self._report_loop())
 
-    async def call(self, req: CallRequest) -> CallResult:
-        result = await self.client.complete(req)
+    async def call(self, req: CallRequest, trace: Mapping[str, str] | None = None) -> CallResult:
+        token = otel_context.attach(extract(trace))
+        try:
+            result = await self.client.complete(req)
+        finally:
+            otel_context.detach(token)
         self._observe(result)
         return result
 
-    async def stream(self, req: CallRequest) -> AsyncIterator[StreamEvent]:
-        async for ev in self.client.stream(req):
+    async def stream(
+        self, req: CallRequest, trace: Mapping[str, str] | None = None
+    ) -> AsyncIterator[StreamEvent]:
+        async for ev in iterate_in(extract(trace), self.client.stream(req)):
             if isinstance(ev, CallResult):
                 self._observe(ev)
             yield ev
 
     async def health(self) -> dict[str, Any]:
-        node = ray.get_runtime_context().get_node_id()
-        return {"replica": self.replica_id, "node_id": node, **self.client.health()}
+        return {
+            "replica": self.identity["ray.serve.replica_id"],
+            "node_id": self.identity["ray.node_id"],
+            **self.client.health(),
+        }
 
-    # -- reporting to the router ------------------------------------------------------------------
+    # -- reporting --------------------------------------------------------------------------------
 
     def _observe(self, result: CallResult) -> None:
+        self.metrics.record(result, self.metric_name)
         if result.ok:
             self._latency[result.requested_model] = result.latency_s
         state = str(self.client.health().get("state"))
@@ -80,7 +99,8 @@ class ProviderDeployment:
             if self._router is None:
                 self._router = serve.get_deployment_handle("router", app_name=self.app_name)
             latencies, self._latency = self._latency, {}
-            await self._router.report.remote(self.provider, self.replica_id, self.client.health(), latencies)
+            replica = self.identity["ray.serve.replica_id"]
+            await self._router.report.remote(self.provider, replica, self.client.health(), latencies)
         except Exception as exc:  # the router may be restarting; the next report will do
             log.debug("health report failed: %s", type(exc).__name__)
 
@@ -93,3 +113,4 @@ class ProviderDeployment:
         self._reporter.cancel()
         with contextlib.suppress(Exception):
             await self.client.aclose()
+        shutdown_replica_telemetry()

@@ -199,6 +199,14 @@ class ServerConfig(_Strict):
     request_deadline_s: PositiveFloat = 120.0
 
 
+class ObservabilityConfig(_Strict):
+    # Record prompts and answers on provider spans (gen_ai.input/output.messages). Off by default:
+    # they may hold personal data. API keys are never recorded, whatever this says.
+    capture_content: bool = False
+    # JSON log lines (with trace and span ids) from the service's loggers.
+    json_logs: bool = True
+
+
 class ServeOptions(_Strict):
     """Scheduling of the service's own deployments (providers carry theirs in ``providers``)."""
 
@@ -218,6 +226,7 @@ class MoAConfig(_Strict):
     cache: CacheConfig = CacheConfig()
     server: ServerConfig = ServerConfig()
     serve: ServeOptions = ServeOptions()
+    observability: ObservabilityConfig = ObservabilityConfig()
 
     @model_validator(mode="after")
     def _references_exist(self) -> MoAConfig:

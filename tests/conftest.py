@@ -5,14 +5,22 @@ Tests talk to it over loopback with the official SDKs, exactly as production cod
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
 
-from moa.config import MoAConfig, load_config
+from moa.config import MoAConfig, load_config, parse_config
 from moa.simulator.profile import ModelProfile, SimProfile
 from moa.simulator.server import SimulatorServer
+from observability.tracing import flush_tracing, setup_tracing
+from tests.otlp_receiver import OTLPReceiver
+
+ON_WORKER = {"resources": {"worker_node": 0.01}}
+ON_HEAD = {"resources": {"head_node": 0.01}}
 
 # Fast enough for a quick suite, slow enough that concurrency and cancellation are observable.
 FAST_PROFILE = SimProfile(default=ModelProfile(ttft_s=0.02, tokens_per_s=2000.0, jitter=0.0))
@@ -40,3 +48,108 @@ def config(sim: SimulatorServer) -> MoAConfig:
     return cfg.model_copy(
         update={"simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": "on"})}
     )
+
+
+@pytest.fixture(scope="session")
+def otlp() -> Iterator[OTLPReceiver]:
+    """A real OTLP/HTTP receiver; this process and every Ray worker started later export to it."""
+    receiver = OTLPReceiver().start()
+    os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.url
+    os.environ["OTEL_SERVICE_NAME"] = "moa"
+    setup_tracing({"test.process": "pytest"})
+    yield receiver
+    flush_tracing()
+    receiver.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _test_config(sim_url: str) -> MoAConfig:
+    """The bundled config plus two test providers; providers on the worker node, the rest on the head."""
+    raw = load_config(None).model_dump(mode="json")
+    for p in raw["providers"].values():
+        p["deployment"] = {"num_cpus": 0.05, "num_replicas": 1, **ON_WORKER}
+    raw["providers"]["openai"]["deployment"] = {
+        "num_cpus": 0.05,
+        **ON_WORKER,
+        "autoscaling": {
+            "min_replicas": 1,
+            "max_replicas": 3,
+            "target_ongoing_requests": 2,
+            "upscale_delay_s": 0.5,
+            "downscale_delay_s": 600,
+            "look_back_period_s": 2,
+        },
+    }
+    # Concurrency 2 per replica, two replicas: never more than 4 calls in flight.
+    raw["providers"]["narrow"] = {
+        "kind": "anthropic",
+        "api_key_env": "NARROW_API_KEY",
+        "limits": {"concurrency": 2},
+        "deployment": {"num_cpus": 0.05, "num_replicas": 2, **ON_WORKER},
+        "models": {"narrow-model": {"input_per_mtok": 1, "output_per_mtok": 2}},
+    }
+    # Six requests a minute for the whole account, whatever the replica count.
+    raw["providers"]["metered"] = {
+        "kind": "openai",
+        "api_key_env": "METERED_API_KEY",
+        "limits": {"rpm": 6},
+        "deployment": {"num_cpus": 0.05, "num_replicas": 2, **ON_WORKER},
+        "models": {"metered-model": {}},
+    }
+    raw["simulator"] = {"mode": "on", "url": sim_url}
+    raw["serve"] = {
+        "ingress": {"num_cpus": 0.1, "num_replicas": 1, **ON_HEAD},
+        "router": {"num_cpus": 0.05, "num_replicas": 1, **ON_HEAD},
+        "aggregator": {"num_cpus": 0.05, "num_replicas": 1, **ON_HEAD},
+    }
+    raw["server"] = {"max_request_bytes": 20_000, "max_concurrent_requests": 64, "request_deadline_s": 60}
+    return parse_config(raw, "the test config")
+
+
+@pytest.fixture(scope="session")
+def cluster(simulator: SimulatorServer, otlp: OTLPReceiver) -> Iterator[dict[str, Any]]:
+    """One two-node Ray cluster for the session (both nodes on this machine), the app deployed.
+
+    Started after the OTLP receiver so every Ray worker inherits the trace endpoint.
+    """
+    ray = pytest.importorskip("ray")
+    serve = pytest.importorskip("ray.serve")
+    from ray.cluster_utils import Cluster
+
+    from serve_app import build_from_config
+
+    # Autoscaling decisions need fresh metrics; Serve's defaults push them every 10 s.
+    os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+    os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+    head_metrics, worker_metrics = _free_port(), _free_port()
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "resources": {"head_node": 1},
+            "include_dashboard": False,
+            "metrics_export_port": head_metrics,
+        },
+    )
+    worker = c.add_node(num_cpus=1, resources={"worker_node": 1}, metrics_export_port=worker_metrics)
+    ray.init(address=c.address, log_to_driver=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    cfg = _test_config(simulator.url)
+    serve.run(build_from_config(cfg), name="moa", route_prefix="/")
+    try:
+        yield {
+            "url": f"http://127.0.0.1:{port}",
+            "config": cfg,
+            "worker_node": worker.node_id,
+            "metrics": {"head": head_metrics, "worker": worker_metrics},
+        }
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        c.shutdown()

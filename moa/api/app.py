@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import time
@@ -28,6 +29,8 @@ from moa.engine.engine import MoAEngine
 from moa.engine.errors import InvalidPlan, InvalidRequest, MoAError
 from moa.engine.result import MoAResult
 from moa.types import TextDelta, Usage
+from observability.asgi import TracingMiddleware
+from observability.metrics import RequestMetrics
 
 log = logging.getLogger("moa.api")
 
@@ -108,6 +111,7 @@ class Api:
         self.engine = engine
         self.health = health
         self.in_flight = 0
+        self.metrics = RequestMetrics()
 
     # -- input ------------------------------------------------------------------------------------
 
@@ -185,12 +189,18 @@ class Api:
                 "routed": routed,
             }
             if not req.stream:
+                t0 = time.monotonic()
                 result = await until_disconnected(request, self.engine.run(messages, **kwargs))
+                self.record(result, 200, time.monotonic() - t0)
                 return JSONResponse(self.completion_body(req, result))
             events = self.engine.stream(messages, **kwargs)
             # Wait for the first event so that failures before any text get a real status code.
             first = await until_disconnected(request, anext(events))
         return StreamingResponse(self.sse(req, first, events), media_type="text/event-stream")
+
+    def record(self, result: MoAResult, status: int, seconds: float) -> None:
+        complexity = result.decision.complexity.value if result.decision.complexity else None
+        self.metrics.record(result.preset, complexity, status, seconds, result.fallback)
 
     def completion_body(self, req: ChatCompletionRequest, result: MoAResult) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -235,6 +245,7 @@ class Api:
                     yield chunk({"content": ev.text})
                 else:
                     result = ev
+                    self.record(result, 200, result.wall_time_s)
                     yield chunk({}, _finish_reason(result.finish_reason))
                     extra: dict[str, Any] = {"moa": moa_detail(result)} if req.moa.detail else {}
                     include_usage = req.stream_options is not None and req.stream_options.include_usage
@@ -291,6 +302,14 @@ class Api:
 
 T = TypeVar("T")
 
+# Recent FastAPI versions open their own OpenTelemetry server span per request; ours (which also
+# returns x-moa-trace-id, in-process and on Ray alike) is the one server span, so theirs is off.
+_NO_NATIVE_TELEMETRY: dict[str, Any] = (
+    {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters
+    else {}
+)
+
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     """Await ``work``, cancelling it if the client goes away first (so the whole fan-out stops)."""
@@ -317,8 +336,9 @@ async def _disconnected(request: Request) -> None:
 
 def create_api(config: MoAConfig, engine: MoAEngine, health: HealthFn) -> FastAPI:
     api = Api(config, engine, health)
-    app = FastAPI(title="MoA", version="0.1.0", docs_url=None, redoc_url=None)
+    app = FastAPI(title="MoA", version="0.1.0", docs_url=None, redoc_url=None, **_NO_NATIVE_TELEMETRY)
     app.state.api = api
+    app.add_middleware(TracingMiddleware)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, err: ApiError) -> JSONResponse:

@@ -9,12 +9,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from moa.config import MoAConfig
 from moa.engine.caller import ModelCaller
 from moa.engine.calls import fit_references, merge_params, safe_call
-from moa.engine.errors import AllProvidersFailed, DeadlineExceeded, Failure
+from moa.engine.errors import AllProvidersFailed, DeadlineExceeded, Failure, MoAError
 from moa.engine.fusion import FuseJob, Fuser, LocalFuser
 from moa.engine.plan import AggregatorSpec, LayerSpec, ModelRef, Plan, PlanMode
 from moa.engine.prompts import with_references
@@ -29,6 +34,7 @@ from moa.types import (
     GenerationParams,
     TextDelta,
 )
+from observability.tracing import iterate_in, tracer
 
 
 @dataclass
@@ -83,6 +89,7 @@ class _Route:
 class _LayerOutcome:
     answers: list[str]
     met: bool
+    stragglers: int = 0
 
 
 class MoAEngine:
@@ -107,7 +114,20 @@ class MoAEngine:
     # -- public API -------------------------------------------------------------------------------
 
     async def route(self, messages: Sequence[ChatMessage], preset: str | None = None) -> Routed:
-        return await self.router.route(messages, preset, self._health())
+        with tracer().start_as_current_span("moa.route") as span:
+            routed = await self.router.route(messages, preset, self._health())
+            decision = routed[1]
+            span.set_attributes(
+                {
+                    "moa.preset": decision.preset,
+                    "moa.router.forced": decision.forced,
+                    "moa.router.reason": decision.reason,
+                    "moa.router.complexity": decision.complexity.value if decision.complexity else "",
+                    "moa.router.task": decision.task.value if decision.task else "",
+                    "moa.router.substitutions": len(decision.substitutions),
+                }
+            )
+            return routed
 
     async def run(
         self,
@@ -153,17 +173,48 @@ class MoAEngine:
         """
         t0 = time.monotonic()
         run = _Run(t0=t0, deadline=None if deadline_s is None else t0 + deadline_s)
-        if routed is None:
-            if plan is not None:
-                routed = (plan, RouteDecision(preset="custom", forced=True, reason="explicit plan"), [])
-            else:
-                routed = await self.route(messages, preset)
-        plan, decision, pre_calls = routed
-        for res in pre_calls:
-            run.record(res, CallRecord.from_result(res, stage=Stage.CLASSIFIER, started_s=0.0))
-        params = params or GenerationParams()
-        async for ev in self._events(list(messages), plan, decision, params, run, _stream_final):
-            yield ev
+        span = tracer().start_span("moa.run")
+        ctx = trace.set_span_in_context(span)
+        result: MoAResult | None = None
+        try:
+            if routed is None:
+                if plan is not None:
+                    routed = (plan, RouteDecision(preset="custom", forced=True, reason="explicit plan"), [])
+                else:
+                    token = otel_context.attach(ctx)
+                    try:
+                        routed = await self.route(messages, preset)
+                    finally:
+                        otel_context.detach(token)
+            plan, decision, pre_calls = routed
+            span.set_attributes({"moa.preset": decision.preset, "moa.router.reason": decision.reason})
+            for res in pre_calls:
+                run.record(res, CallRecord.from_result(res, stage=Stage.CLASSIFIER, started_s=0.0))
+            events = self._events(
+                list(messages), plan, decision, params or GenerationParams(), run, _stream_final
+            )
+            async for ev in iterate_in(ctx, events):
+                if isinstance(ev, MoAResult):
+                    result = ev
+                yield ev
+        except MoAError as e:
+            span.set_attribute("error.type", e.code)
+            span.set_status(Status(StatusCode.ERROR, e.code))
+            raise
+        finally:
+            if result is not None:
+                span.set_attributes(
+                    {
+                        "moa.answered_by": f"{result.provider}/{result.model}",
+                        "moa.calls": len(result.calls),
+                        "moa.cost_usd": result.cost_usd,
+                        "moa.stragglers_cancelled": result.stragglers_cancelled,
+                        "moa.fallback": result.fallback or "",
+                        "gen_ai.usage.input_tokens": result.usage.input_tokens,
+                        "gen_ai.usage.output_tokens": result.usage.output_tokens,
+                    }
+                )
+            span.end()
 
     # -- the pipeline -----------------------------------------------------------------------------
 
@@ -258,13 +309,15 @@ class MoAEngine:
     ) -> AsyncIterator[TextDelta | MoAResult]:
         """The final answer: the first route whose chain succeeds; every failure listed otherwise."""
         for route in routes:
-            async for ev in self._answer_chain(
+            chain = self._answer_chain(
                 route.chain, route.stage, messages, route.references, plan, params, run, stream_final
-            ):
-                if isinstance(ev, CallResult):
-                    yield self._result(ev, plan, decision, run, route.reason)
-                    return
-                yield ev
+            )
+            async with aclosing(chain):
+                async for ev in chain:
+                    if isinstance(ev, CallResult):
+                        yield self._result(ev, plan, decision, run, route.reason)
+                        return
+                    yield ev
         self._raise_failed(run)
 
     async def _layer(
@@ -281,6 +334,38 @@ class MoAEngine:
         round_: int | None = None,
     ) -> _LayerOutcome:
         """Run one layer's proposers concurrently; stop at quorum plus grace, or at the deadline."""
+        attrs = {
+            "moa.layer.index": index,
+            "moa.layer.proposers": len(layer.proposers),
+            "moa.layer.quorum": layer.needed,
+        }
+        if round_ is not None:
+            attrs["moa.round"] = round_
+        with tracer().start_as_current_span("moa.layer", attributes=attrs) as span:
+            outcome = await self._layer_calls(
+                index, layer, messages, references, plan, params, run, refine, round_
+            )
+            span.set_attributes(
+                {
+                    "moa.layer.succeeded": len(outcome.answers),
+                    "moa.layer.quorum_met": outcome.met,
+                    "moa.layer.stragglers_cancelled": outcome.stragglers,
+                }
+            )
+            return outcome
+
+    async def _layer_calls(
+        self,
+        index: int,
+        layer: LayerSpec,
+        messages: list[ChatMessage],
+        references: list[str],
+        plan: Plan,
+        params: GenerationParams,
+        run: _Run,
+        refine: bool,
+        round_: int | None,
+    ) -> _LayerOutcome:
         self._check_deadline(run)
         loop = asyncio.get_running_loop()
         start = loop.time()
@@ -379,7 +464,7 @@ class MoAEngine:
         met = len(answers) >= needed
         if not met and run.remaining() is not None and (run.remaining() or 0) <= 0:
             raise DeadlineExceeded(f"the request deadline passed in layer {index}")
-        return _LayerOutcome(answers=answers, met=met)
+        return _LayerOutcome(answers=answers, met=met, stragglers=len(stragglers))
 
     async def _synthesise(
         self,
@@ -431,24 +516,39 @@ class MoAEngine:
         )
         job_start = run.offset()
         emitted = False
-        async for ev in self.fuser.fuse(job):
-            if isinstance(ev, TextDelta):
-                emitted = True
-                yield ev
-                continue
-            res = ev.result
-            run.note(*(f"{stage.value} {note}" for note in ev.notes))
-            started = job_start + ev.started_s
-            run.record(res, CallRecord.from_result(res, stage=stage, started_s=started, round=round_))
-            run.critical_path_s += res.latency_s
-            run.add_simulated(res.simulated_service_s)
-            if res.ok:
-                yield res
-                return
-            if emitted:
-                run.note(f"{res.provider}/{res.requested_model} failed mid-stream")
-                self._raise_failed(run)
-        self._check_deadline(run)
+        span = tracer().start_span(
+            "moa.fuse",
+            attributes={
+                "moa.stage": stage.value,
+                "moa.fuse.references": len(references),
+                "moa.round": round_ or 0,
+            },
+        )
+        events = iterate_in(trace.set_span_in_context(span), self.fuser.fuse(job))
+        try:
+            async for ev in events:
+                if isinstance(ev, TextDelta):
+                    emitted = True
+                    yield ev
+                    continue
+                res = ev.result
+                run.note(*(f"{stage.value} {note}" for note in ev.notes))
+                started = job_start + ev.started_s
+                run.record(res, CallRecord.from_result(res, stage=stage, started_s=started, round=round_))
+                run.critical_path_s += res.latency_s
+                run.add_simulated(res.simulated_service_s)
+                if res.ok:
+                    span.set_attribute("moa.answered_by", f"{res.provider}/{res.requested_model}")
+                    yield res
+                    return
+                if emitted:
+                    run.note(f"{res.provider}/{res.requested_model} failed mid-stream")
+                    self._raise_failed(run)
+            span.set_status(Status(StatusCode.ERROR, "every model of the chain failed"))
+            self._check_deadline(run)
+        finally:
+            await events.aclose()
+            span.end()
 
     def _check_deadline(self, run: _Run) -> None:
         remaining = run.remaining()

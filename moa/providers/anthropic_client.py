@@ -30,9 +30,14 @@ class AnthropicClient(ProviderClient):
     kind = "anthropic"
 
     def __init__(
-        self, name: str, cfg: ProviderConfig, endpoint: Endpoint, limits: ProviderLimits | None = None
-    ):
-        super().__init__(name, cfg, endpoint, limits)
+        self,
+        name: str,
+        cfg: ProviderConfig,
+        endpoint: Endpoint,
+        limits: ProviderLimits | None = None,
+        **kw: Any,
+    ) -> None:
+        super().__init__(name, cfg, endpoint, limits, **kw)
         self._sdk = anthropic.AsyncAnthropic(
             api_key=self._secret,
             base_url=endpoint.base_url,

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import email.utils
 import json
+import logging
 import random
 import time
 from abc import ABC, abstractmethod
@@ -19,8 +20,11 @@ from pydantic import ValidationError
 from moa.config import Endpoint, ProviderConfig
 from moa.limits import ProviderLimits, RateBudgetExceeded, estimate_tokens
 from moa.types import CallError, CallRequest, CallResult, ErrorKind, StreamEvent, TextDelta, Usage
+from observability.genai import end_call_span, start_call_span
+from observability.logs import span_ids
 
 SERVICE_TIME_HEADER = "x-sim-service-time"
+log = logging.getLogger("moa.providers")
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -138,12 +142,19 @@ class ProviderClient(ABC):
     kind: ClassVar[str]
 
     def __init__(
-        self, name: str, cfg: ProviderConfig, endpoint: Endpoint, limits: ProviderLimits | None = None
-    ):
+        self,
+        name: str,
+        cfg: ProviderConfig,
+        endpoint: Endpoint,
+        limits: ProviderLimits | None = None,
+        *,
+        capture_content: bool = False,
+    ) -> None:
         self.name = name
         self.cfg = cfg
         self.endpoint = endpoint
         self.limits = limits or ProviderLimits.from_config(cfg)
+        self.capture_content = capture_content
         self._secret = endpoint.api_key.get_secret_value() if endpoint.api_key else None
 
     # -- what an adapter provides ----------------------------------------------------------------
@@ -208,6 +219,38 @@ class ProviderClient(ABC):
         )
 
     async def _run(self, req: CallRequest, stream: bool) -> AsyncIterator[StreamEvent]:
+        """One call, traced (a GenAI ``chat {model}`` span) and logged, whatever its outcome."""
+        span = start_call_span(
+            req, self.kind, self.endpoint.base_url, stream=stream, capture_content=self.capture_content
+        )
+        result: CallResult | None = None
+        try:
+            async for ev in self._gated(req, stream):
+                if isinstance(ev, CallResult):
+                    result = ev
+                yield ev
+        finally:
+            end_call_span(span, result, capture_content=self.capture_content)
+            if result is not None:
+                log.info(
+                    "provider call",
+                    extra={
+                        "event": "provider_call",
+                        "provider": result.provider,
+                        "model": result.requested_model,
+                        "status": "ok" if result.ok else "error",
+                        "error_kind": result.error.kind.value if result.error else None,
+                        "latency_s": round(result.latency_s, 4),
+                        "input_tokens": result.usage.input_tokens,
+                        "output_tokens": result.usage.output_tokens,
+                        "cost_usd": result.cost_usd,
+                        "attempts": result.attempts,
+                        **span_ids(span),
+                    },
+                )
+
+    async def _gated(self, req: CallRequest, stream: bool) -> AsyncIterator[StreamEvent]:
+        """Breaker, concurrency slot and rate budget around the attempts; the breaker learns the outcome."""
         t0 = time.monotonic()
         deadline = t0 + (req.timeout_s or self.cfg.timeout_s)
         missing = self._needs_key()

@@ -32,9 +32,14 @@ class GeminiClient(ProviderClient):
     kind = "gemini"
 
     def __init__(
-        self, name: str, cfg: ProviderConfig, endpoint: Endpoint, limits: ProviderLimits | None = None
-    ):
-        super().__init__(name, cfg, endpoint, limits)
+        self,
+        name: str,
+        cfg: ProviderConfig,
+        endpoint: Endpoint,
+        limits: ProviderLimits | None = None,
+        **kw: Any,
+    ) -> None:
+        super().__init__(name, cfg, endpoint, limits, **kw)
         self._sdk = genai.Client(
             # The SDK refuses to build without a key; with none, calls fail as auth before sending.
             api_key=self._secret or "unset",

@@ -27,9 +27,14 @@ class OpenAIClient(ProviderClient):
     kind = "openai"
 
     def __init__(
-        self, name: str, cfg: ProviderConfig, endpoint: Endpoint, limits: ProviderLimits | None = None
-    ):
-        super().__init__(name, cfg, endpoint, limits)
+        self,
+        name: str,
+        cfg: ProviderConfig,
+        endpoint: Endpoint,
+        limits: ProviderLimits | None = None,
+        **kw: Any,
+    ) -> None:
+        super().__init__(name, cfg, endpoint, limits, **kw)
         self._sdk = openai.AsyncOpenAI(
             # An OpenAI-compatible server may need no key; the SDK insists on some value.
             api_key=self._secret or "none",

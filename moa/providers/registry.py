@@ -22,9 +22,14 @@ ADAPTERS: dict[ProviderKind, type[ProviderClient]] = {
 
 
 def build_client(
-    name: str, cfg: ProviderConfig, endpoint: Endpoint, limits: ProviderLimits | None = None
+    name: str,
+    cfg: ProviderConfig,
+    endpoint: Endpoint,
+    limits: ProviderLimits | None = None,
+    *,
+    capture_content: bool = False,
 ) -> ProviderClient:
-    return ADAPTERS[cfg.kind](name, cfg, endpoint, limits)
+    return ADAPTERS[cfg.kind](name, cfg, endpoint, limits, capture_content=capture_content)
 
 
 class ProviderPool:
@@ -39,7 +44,12 @@ class ProviderPool:
     ) -> ProviderPool:
         return cls(
             {
-                name: build_client(name, pcfg, resolve_endpoint(cfg, name, sim_url=sim_url, env=env))
+                name: build_client(
+                    name,
+                    pcfg,
+                    resolve_endpoint(cfg, name, sim_url=sim_url, env=env),
+                    capture_content=cfg.observability.capture_content,
+                )
                 for name, pcfg in cfg.providers.items()
             }
         )

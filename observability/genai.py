@@ -1,0 +1,85 @@
+"""Provider-call spans after the OpenTelemetry GenAI semantic conventions.
+
+Prompt and completion text are recorded only when content capture is switched on; API keys and
+auth headers never are (the adapters hand over no key, and nothing here reads headers).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from urllib.parse import urlsplit
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from moa.types import CallRequest, CallResult, ChatMessage
+from observability.tracing import tracer
+
+# gen_ai.provider.name well-known values; an OpenAI-compatible endpoint reports its config name.
+PROVIDER_NAMES = {"openai": "openai", "anthropic": "anthropic", "gemini": "gcp.gemini"}
+MAX_CAPTURED_CHARS = 16_000
+
+
+def start_call_span(
+    req: CallRequest, provider_kind: str, base_url: str | None, *, stream: bool, capture_content: bool
+) -> trace.Span:
+    """A CLIENT span ``chat {model}``, child of the current context (not made current: it is ended
+    from inside an async generator, where attaching would outlive the step)."""
+    attrs: dict[str, str | int | float | bool] = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": PROVIDER_NAMES.get(provider_kind, req.provider),
+        "gen_ai.request.model": req.model,
+        "gen_ai.request.stream": stream,
+        "moa.provider": req.provider,
+    }
+    p = req.params
+    optional = {
+        "gen_ai.request.temperature": p.temperature,
+        "gen_ai.request.max_tokens": p.max_tokens,
+        "gen_ai.request.top_p": p.top_p,
+        "gen_ai.request.seed": p.seed,
+    }
+    attrs |= {k: v for k, v in optional.items() if v is not None}
+    if base_url:
+        parts = urlsplit(base_url)
+        if parts.hostname:
+            attrs["server.address"] = parts.hostname
+            attrs["server.port"] = parts.port or (443 if parts.scheme == "https" else 80)
+    if capture_content:
+        attrs["gen_ai.input.messages"] = _messages_json(req.messages)
+    return tracer().start_span(f"chat {req.model}", kind=SpanKind.CLIENT, attributes=attrs)
+
+
+def end_call_span(span: trace.Span, result: CallResult | None, *, capture_content: bool) -> None:
+    """Record the outcome; ``None`` means the call was cancelled."""
+    if result is None:
+        span.set_attribute("error.type", "cancelled")
+        span.set_status(Status(StatusCode.ERROR, "cancelled"))
+        span.end()
+        return
+    if result.model:
+        span.set_attribute("gen_ai.response.model", result.model)
+    span.set_attribute("gen_ai.usage.input_tokens", result.usage.input_tokens)
+    span.set_attribute("gen_ai.usage.output_tokens", result.usage.output_tokens)
+    if result.usage.cached_tokens:
+        span.set_attribute("gen_ai.usage.cache_read.input_tokens", result.usage.cached_tokens)
+    if result.finish_reason:
+        span.set_attribute("gen_ai.response.finish_reasons", [result.finish_reason])
+    if result.ttft_s is not None:
+        span.set_attribute("gen_ai.response.time_to_first_chunk", result.ttft_s)
+    span.set_attribute("moa.attempts", result.attempts)
+    span.set_attribute("moa.cost_usd", result.cost_usd)
+    if result.error is not None:
+        span.set_attribute("error.type", result.error.kind.value)
+        span.set_status(Status(StatusCode.ERROR, result.error.kind.value))
+    elif capture_content:
+        span.set_attribute(
+            "gen_ai.output.messages", _messages_json([ChatMessage(role="assistant", content=result.text)])
+        )
+    span.end()
+
+
+def _messages_json(messages: Sequence[ChatMessage]) -> str:
+    text = json.dumps([{"role": m.role, "parts": [{"type": "text", "content": m.content}]} for m in messages])
+    return text[:MAX_CAPTURED_CHARS]

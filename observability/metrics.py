@@ -1,0 +1,130 @@
+"""Prometheus metrics through Ray Serve's metrics API (exported on each node's Ray metrics port).
+
+Outside a Ray replica every recorder is a no-op, so the core can call them unconditionally.
+Names follow the GenAI conventions where they fit (``gen_ai.client.operation.duration`` and
+``gen_ai.client.token.usage``, with dots as underscores: Prometheus allows no dots; Ray adds
+its ``ray_`` prefix).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moa.types import CallResult
+
+DURATION_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120]
+TOKEN_BUCKETS = [16, 64, 256, 1024, 4096, 16384, 65536, 262144]
+CALL_TAGS = ("gen_ai_provider_name", "gen_ai_request_model", "moa_provider", "error_type")
+
+
+class _NoOp:
+    def inc(self, *_: Any, **__: Any) -> None: ...
+
+    def observe(self, *_: Any, **__: Any) -> None: ...
+
+
+def _serve_metrics() -> Any:
+    try:
+        from ray import serve
+        from ray.serve import metrics
+
+        serve.get_replica_context()  # raises outside a replica
+        return metrics
+    except Exception:
+        return None
+
+
+class ProviderMetrics:
+    """Per provider and model: requests, errors by kind, latency, time to first token, tokens, cost."""
+
+    def __init__(self) -> None:
+        m = _serve_metrics()
+        if m is None:
+            self.duration = self.ttft = self.tokens = self.requests = self.errors = self.cost = _NoOp()
+            return
+        self.duration = m.Histogram(
+            "gen_ai_client_operation_duration",
+            description="Duration of provider calls, retries included (seconds).",
+            boundaries=DURATION_BUCKETS,
+            tag_keys=CALL_TAGS,
+        )
+        self.ttft = m.Histogram(
+            "gen_ai_client_time_to_first_chunk",
+            description="Time to the first streamed token (seconds).",
+            boundaries=DURATION_BUCKETS,
+            tag_keys=CALL_TAGS[:3],
+        )
+        self.tokens = m.Histogram(
+            "gen_ai_client_token_usage",
+            description="Tokens per provider call, by type (input, output).",
+            boundaries=TOKEN_BUCKETS,
+            tag_keys=(*CALL_TAGS[:3], "gen_ai_token_type"),
+        )
+        self.requests = m.Counter(
+            "moa_provider_requests", description="Provider calls.", tag_keys=CALL_TAGS[:3]
+        )
+        self.errors = m.Counter(
+            "moa_provider_errors", description="Failed provider calls, by error kind.", tag_keys=CALL_TAGS
+        )
+        self.cost = m.Counter(
+            "moa_provider_cost_usd", description="Cost of provider calls (USD).", tag_keys=CALL_TAGS[:3]
+        )
+
+    def record(self, result: CallResult, provider_kind_name: str) -> None:
+        tags = {
+            "gen_ai_provider_name": provider_kind_name,
+            "gen_ai_request_model": result.requested_model,
+            "moa_provider": result.provider,
+        }
+        error = result.error.kind.value if result.error else ""
+        self.requests.inc(1, tags)
+        self.duration.observe(result.latency_s, {**tags, "error_type": error})
+        if result.error is not None:
+            self.errors.inc(1, {**tags, "error_type": error})
+            return
+        if result.ttft_s is not None:
+            self.ttft.observe(result.ttft_s, tags)
+        self.tokens.observe(result.usage.input_tokens, {**tags, "gen_ai_token_type": "input"})
+        self.tokens.observe(result.usage.output_tokens, {**tags, "gen_ai_token_type": "output"})
+        if result.cost_usd:
+            self.cost.inc(result.cost_usd, tags)
+
+
+class RequestMetrics:
+    """Per request: preset, router decision, quorum shortfalls, fallbacks, cache hits."""
+
+    def __init__(self) -> None:
+        m = _serve_metrics()
+        if m is None:
+            self.requests = self.latency = self.shortfalls = self.fallbacks = self.cache_hits = _NoOp()
+            return
+        self.requests = m.Counter(
+            "moa_requests",
+            description="MoA requests by preset, decision and status.",
+            tag_keys=("preset", "complexity", "status"),
+        )
+        self.latency = m.Histogram(
+            "moa_request_duration",
+            description="End-to-end request time (seconds).",
+            boundaries=DURATION_BUCKETS,
+            tag_keys=("preset",),
+        )
+        self.shortfalls = m.Counter(
+            "moa_quorum_shortfalls", description="Layers that missed their quorum.", tag_keys=("preset",)
+        )
+        self.fallbacks = m.Counter(
+            "moa_fallbacks", description="Requests answered by a fallback.", tag_keys=("preset", "reason")
+        )
+        self.cache_hits = m.Counter(
+            "moa_cache_hits", description="Answers served from the cache.", tag_keys=("preset",)
+        )
+
+    def record(
+        self, preset: str, complexity: str | None, status: int, seconds: float, fallback: str | None
+    ) -> None:
+        self.requests.inc(1, {"preset": preset, "complexity": complexity or "forced", "status": str(status)})
+        self.latency.observe(seconds, {"preset": preset})
+        if fallback:
+            self.fallbacks.inc(1, {"preset": preset, "reason": fallback})
+            if "quorum" in fallback:
+                self.shortfalls.inc(1, {"preset": preset})

@@ -1,0 +1,267 @@
+"""Traces, logs and metrics, received for real: spans arrive at an OTLP/HTTP receiver on loopback
+from this process and from every Ray worker; metrics are scraped from Ray's Prometheus endpoint."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry import trace
+
+from moa.config import MoAConfig, parse_config
+from moa.engine.engine import MoAEngine
+from moa.providers.registry import ProviderPool
+from moa.simulator.server import SimulatorServer
+from moa.types import ChatMessage
+from observability.logs import JsonFormatter
+from observability.tracing import flush_tracing, tracer
+from tests.otlp_receiver import OTLPReceiver
+
+QUESTION_TEXT = "How do vaccines train the immune system?"
+QUESTION = [ChatMessage(role="user", content=QUESTION_TEXT)]
+SECRET = "sk-live-THIS-MUST-NEVER-LEAK-0123456789"
+
+
+def wait_for_spans(
+    otlp: OTLPReceiver, trace_id: str, names: set[str], within_s: float = 15
+) -> list[dict[str, Any]]:
+    """Spans arrive in batches from several processes: poll until every expected name is there."""
+    deadline = time.monotonic() + within_s
+    while True:
+        flush_tracing()
+        spans = otlp.trace(trace_id)
+        if names <= {s["name"] for s in spans} or time.monotonic() > deadline:
+            return spans
+        time.sleep(0.2)
+
+
+def by_name(spans: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [s for s in spans if s["name"] == name]
+
+
+def overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a["start"] < b["end"] and b["start"] < a["end"]
+
+
+@pytest.fixture
+def log_lines() -> Iterator[io.StringIO]:
+    """Everything the moa loggers write, as the JSON lines a deployment would emit."""
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("moa")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield buf
+    logger.removeHandler(handler)
+    logger.setLevel(old_level)
+
+
+def real_mode_config(sim: SimulatorServer, capture: bool) -> MoAConfig:
+    """Real-API mode (a key in the environment) with the provider's base_url on the simulator."""
+    return parse_config(
+        {
+            "providers": {
+                "openai": {
+                    "kind": "openai",
+                    "api_key_env": "OPENAI_API_KEY",
+                    "base_url": sim.url + "/v1",
+                    "models": {"gpt-4.1-mini": {}, "gpt-4.1": {}},
+                }
+            },
+            "simulator": {"mode": "off"},
+            "presets": {
+                "duo": {
+                    "layers": [
+                        {
+                            "proposers": [
+                                {"provider": "openai", "model": "gpt-4.1-mini"},
+                                {"provider": "openai", "model": "gpt-4.1-mini", "temperature": 1.0},
+                            ]
+                        }
+                    ],
+                    "aggregators": [{"provider": "openai", "model": "gpt-4.1"}],
+                }
+            },
+            "observability": {"capture_content": capture},
+        }
+    )
+
+
+@pytest.fixture
+async def real_mode_engine(sim: SimulatorServer, request: pytest.FixtureRequest) -> AsyncIterator[MoAEngine]:
+    cfg = real_mode_config(sim, capture=request.param)
+    async with ProviderPool.from_config(cfg, env={"OPENAI_API_KEY": SECRET}) as pool:
+        yield MoAEngine(cfg, pool)
+
+
+@pytest.mark.parametrize("real_mode_engine", [False], indirect=True)
+async def test_in_process_trace_tree(
+    otlp: OTLPReceiver, real_mode_engine: MoAEngine, log_lines: io.StringIO
+) -> None:
+    with tracer().start_as_current_span("client request") as root:
+        result = await real_mode_engine.run(QUESTION, preset="duo")
+    trace_id = format(root.get_span_context().trace_id, "032x")
+    spans = wait_for_spans(otlp, trace_id, {"moa.run", "moa.route", "moa.layer", "moa.fuse", "chat gpt-4.1"})
+    ids = {s["span_id"]: s for s in spans}
+    (run,) = by_name(spans, "moa.run")
+    (layer,) = by_name(spans, "moa.layer")
+    (fuse,) = by_name(spans, "moa.fuse")
+    proposals = by_name(spans, "chat gpt-4.1-mini")
+    (final,) = by_name(spans, "chat gpt-4.1")
+    assert ids[run["parent_id"]]["name"] == "client request"
+    assert by_name(spans, "moa.route")[0]["parent_id"] == run["span_id"]
+    assert layer["parent_id"] == fuse["parent_id"] == run["span_id"]
+    assert len(proposals) == 2 and all(p["parent_id"] == layer["span_id"] for p in proposals)
+    assert overlap(*proposals), "proposers run in parallel"
+    assert final["parent_id"] == fuse["span_id"]
+    # GenAI semantic conventions on a provider span.
+    a = final["attributes"]
+    assert final["kind"] == 3  # SPAN_KIND_CLIENT
+    assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.provider.name"] == "openai"
+    assert a["gen_ai.request.model"] == "gpt-4.1" and a["gen_ai.response.model"]
+    assert a["gen_ai.usage.input_tokens"] == result.calls[-1].usage.input_tokens
+    assert a["gen_ai.usage.output_tokens"] > 0 and a["gen_ai.response.finish_reasons"] == ["stop"]
+    assert a["server.address"] == "127.0.0.1" and a["server.port"] > 0
+    assert layer["attributes"]["moa.layer.quorum"] == 2 and run["attributes"]["moa.preset"] == "duo"
+    # Content capture is off: neither the prompt nor the answer is recorded; the key never is.
+    dump = json.dumps(spans)
+    assert QUESTION_TEXT not in dump and result.text[:40] not in dump and SECRET not in dump
+    # Every provider call logged a JSON line with the trace id, and no line holds the key.
+    lines = [json.loads(line) for line in log_lines.getvalue().splitlines()]
+    calls = [line for line in lines if line.get("event") == "provider_call"]
+    assert len(calls) == 3 and all(line["trace_id"] == trace_id and line["span_id"] for line in calls)
+    assert SECRET not in log_lines.getvalue()
+
+
+@pytest.mark.parametrize("real_mode_engine", [True], indirect=True)
+async def test_content_capture_is_opt_in_and_keys_never_appear(
+    otlp: OTLPReceiver, real_mode_engine: MoAEngine, log_lines: io.StringIO
+) -> None:
+    with tracer().start_as_current_span("client request") as root:
+        await real_mode_engine.run(QUESTION, preset="duo")
+    trace_id = format(root.get_span_context().trace_id, "032x")
+    spans = wait_for_spans(otlp, trace_id, {"chat gpt-4.1"})
+    (final,) = by_name(spans, "chat gpt-4.1")
+    assert QUESTION_TEXT in final["attributes"]["gen_ai.input.messages"]
+    assert "Synthesis of 2 references" in final["attributes"]["gen_ai.output.messages"]
+    assert SECRET not in json.dumps(spans) and SECRET not in log_lines.getvalue()
+
+
+def test_tracing_off_costs_nothing_visible(sim: SimulatorServer) -> None:
+    """Without an SDK provider the API hands out non-recording spans (checked in a clean process)."""
+    import subprocess
+    import sys
+
+    code = (
+        "from observability.tracing import setup_tracing, tracer\n"
+        "assert setup_tracing() is False\n"
+        "s = tracer().start_span('x')\n"
+        "assert not s.is_recording()\n"
+        "print('ok')\n"
+    )
+    env = {"PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+# -- across the Ray fan-out -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def url(cluster: dict[str, Any], sim: SimulatorServer) -> str:
+    return str(cluster["url"])
+
+
+def test_one_trace_across_processes_and_nodes(cluster: dict[str, Any], url: str, otlp: OTLPReceiver) -> None:
+    r = httpx.post(
+        url + "/v1/chat/completions",
+        json={"model": "moa-lite", "messages": [{"role": "user", "content": QUESTION_TEXT}]},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    trace_id = r.headers["x-moa-trace-id"]
+    expected = {"POST /v1/chat/completions", "moa.run", "moa.route", "moa.layer", "moa.fuse", "chat gpt-4.1"}
+    spans = wait_for_spans(otlp, trace_id, expected | {"chat gemini-2.5-flash", "chat claude-haiku-4-5"})
+    names = {s["name"] for s in spans}
+    assert expected <= names, names
+    ids = {s["span_id"]: s for s in spans}
+    (server,) = by_name(spans, "POST /v1/chat/completions")
+    assert server["parent_id"] is None and server["attributes"]["http.response.status_code"] == 200
+    (run,) = by_name(spans, "moa.run")
+    (layer,) = by_name(spans, "moa.layer")
+    (fuse,) = by_name(spans, "moa.fuse")
+    assert run["parent_id"] == server["span_id"] and layer["parent_id"] == run["span_id"]
+    proposals = [s for s in spans if s["name"].startswith("chat ") and s["parent_id"] == layer["span_id"]]
+    assert {s["attributes"]["gen_ai.provider.name"] for s in proposals} == {
+        "openai",
+        "anthropic",
+        "gcp.gemini",
+    }
+    assert all(overlap(a, b) for a in proposals for b in proposals if a is not b), "parallel fan-out"
+    (final,) = by_name(spans, "chat gpt-4.1")
+    assert final["parent_id"] == fuse["span_id"]
+    # The spans come from different processes (deployments) and nodes, all in one trace.
+    deployments = {s["resource"].get("ray.serve.deployment") for s in spans}
+    assert {"ingress", "provider-openai", "provider-anthropic", "provider-gemini"} <= deployments
+    worker = cluster["worker_node"]
+    assert {s["resource"]["ray.node_id"] for s in proposals} == {worker}
+    assert server["resource"]["ray.node_id"] != worker
+    assert all(s["resource"]["service.name"] == "moa" for s in spans)
+    assert all(ids.get(s["parent_id"]) is not None for s in spans if s is not server), "no orphan spans"
+
+
+def test_client_traceparent_is_continued(url: str, otlp: OTLPReceiver) -> None:
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    headers = {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
+    body = {"model": "single", "messages": [{"role": "user", "content": "Hi"}]}
+    r = httpx.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=60)
+    assert r.status_code == 200 and r.headers["x-moa-trace-id"] == trace_id
+    spans = wait_for_spans(otlp, trace_id, {"POST /v1/chat/completions", "chat gpt-4.1-mini"})
+    servers = by_name(spans, "POST /v1/chat/completions")
+    assert len(servers) == 1, json.dumps(
+        [(s["resource"], s["attributes"], s["kind"]) for s in servers], indent=1
+    )
+    (server,) = servers
+    assert server["parent_id"] == "00f067aa0ba902b7"
+    assert by_name(spans, "chat gpt-4.1-mini")
+
+
+def test_metrics_on_the_prometheus_endpoint(cluster: dict[str, Any], url: str) -> None:
+    body = {"model": "moa-lite", "messages": [{"role": "user", "content": "Hi there"}]}
+    for _ in range(3):
+        assert httpx.post(url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+    deadline = time.monotonic() + 30
+    wanted = (
+        "ray_gen_ai_client_operation_duration_bucket",
+        "ray_gen_ai_client_token_usage_bucket",
+        "ray_moa_requests",
+    )
+    text = ""
+    while time.monotonic() < deadline:
+        text = "\n".join(
+            httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            for port in cluster["metrics"].values()
+        )
+        if all(w in text for w in wanted):
+            break
+        time.sleep(1)
+    durations = [
+        line for line in text.splitlines() if line.startswith("ray_gen_ai_client_operation_duration_bucket")
+    ]
+    assert any(
+        'gen_ai_provider_name="gcp.gemini"' in line and 'gen_ai_request_model="gemini-2.5-flash"' in line
+        for line in durations
+    )
+    assert any('gen_ai_token_type="output"' in line for line in text.splitlines() if "token_usage" in line)
+    assert any(
+        'preset="moa-lite"' in line for line in text.splitlines() if line.startswith("ray_moa_requests")
+    )
+    assert "sk-" not in text and trace.get_tracer_provider() is not None
