@@ -88,3 +88,15 @@ def test_ask_against_a_running_simulator(sim: SimulatorServer, tmp_path: Path) -
     out = run_moa("ask", "Hi", "--preset", "o/gpt-4o-mini", "--no-stream", env={"MOA_CONFIG": str(path)})
     assert out.returncode == 0, out.stderr and out.stdout.strip()
     assert "built-in simulator" not in out.stderr  # it used the one that was already running
+
+
+def test_core_never_imports_ray() -> None:
+    """The core package is plain asyncio: importing all of it must not pull in Ray."""
+    code = (
+        "import sys, moa.cli, moa.ask, moa.api.app, moa.engine.engine, moa.providers.registry, "
+        "moa.simulator.server, observability.tracing, observability.metrics\n"
+        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
