@@ -138,8 +138,8 @@ async def test_aggregator_fallback_chain(engine: MoAEngine, sim: SimulatorServer
     set_fault(sim, "gpt-4.1", error_500={"rate": 1.0})
     result = await engine.run(QUESTION, preset="moa-lite")
     aggs = [c for c in result.calls if c.stage is Stage.AGGREGATOR]
-    assert [(c.model, c.ok) for c in aggs] == [("gpt-4.1", False), ("claude-sonnet-4-5", True)]
-    assert result.model == "claude-sonnet-4-5" and result.text.startswith("Synthesis of 3 references")
+    assert [(c.model, c.ok) for c in aggs] == [("gpt-4.1", False), ("claude-sonnet-4-6", True)]
+    assert result.model == "claude-sonnet-4-6" and result.text.startswith("Synthesis of 3 references")
 
 
 async def test_every_failure_is_listed_when_all_fail(engine: MoAEngine, sim: SimulatorServer) -> None:

@@ -229,7 +229,7 @@ async def test_answers_are_deterministic_and_differ_per_model(oai: openai.AsyncO
         ask("gpt-4.1", seed=8, temperature=0.8),
         ask("gpt-4.1", seed=1, temperature=0),
         ask("gpt-4.1", seed=2, temperature=0),
-        *(ask(m) for m in ("gpt-4.1", "gpt-4.1-mini", "claude-sonnet-4-5", "gemini-2.5-pro")),
+        *(ask(m) for m in ("gpt-4.1", "gpt-4.1-mini", "claude-sonnet-4-6", "gemini-2.5-pro")),
     )
     assert a == again
     assert a != other_seed  # sampling varies with the seed...
@@ -240,7 +240,7 @@ async def test_answers_are_deterministic_and_differ_per_model(oai: openai.AsyncO
 def test_styles_are_stable_per_model() -> None:
     transcript = (("user", "Why do bridges need expansion joints?"),)
     openers = {
-        compose("claude-sonnet-4-5", "thoughtful", transcript, s, None).split("\n")[0] for s in range(12)
+        compose("claude-sonnet-4-6", "thoughtful", transcript, s, None).split("\n")[0] for s in range(12)
     }
     assert openers <= {
         "This is a nuanced topic, so let me walk through it carefully.",
@@ -799,7 +799,7 @@ def test_profile_matching() -> None:
         faults={"*": Faults(error_500=FaultSpec(rate=0.1)), "gpt-4.1": Faults(error_429=RateFault())},
     )
     assert p.for_model("gpt-4.1").ttft_s == 0.01  # exact
-    assert p.for_model("claude-sonnet-4-5").ttft_s == 1.0  # glob
+    assert p.for_model("claude-sonnet-4-6").ttft_s == 1.0  # glob
     assert p.for_model("claude-haiku-4-5").ttft_s == 0.5  # the most specific glob
     assert p.for_model("gemini-2.5-pro").ttft_s == 0.3  # default
     assert p.for_model("gpt-4.1").faults == Faults(error_429=RateFault())  # exact fault override

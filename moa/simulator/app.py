@@ -48,7 +48,7 @@ KNOWN_MODELS = (
     "gpt-4.1",
     "gpt-4.1-mini",
     "gpt-4o-mini",
-    "claude-sonnet-4-5",
+    "claude-sonnet-4-6",
     "claude-haiku-4-5",
     "gemini-2.5-pro",
     "gemini-2.5-flash",

@@ -181,7 +181,7 @@ _KNOWN_STYLES = {
     "gpt-4.1": "structured",
     "gpt-4.1-mini": "direct",
     "gpt-4o-mini": "concise",
-    "claude-sonnet-4-5": "thoughtful",
+    "claude-sonnet-4-6": "thoughtful",
     "claude-haiku-4-5": "conversational",
     "gemini-2.5-pro": "academic",
     "gemini-2.5-flash": "direct",
