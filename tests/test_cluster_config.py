@@ -1,0 +1,99 @@
+"""Deployment files checked against Ray's own schemas, without starting anything."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from moa.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+OTEL_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT="
+
+pytest.importorskip("ray")
+
+
+def _cluster() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+
+def _validate_cluster(config: dict[str, Any]) -> None:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(copy.deepcopy(config)))
+
+
+def test_cluster_yaml_validates_against_rays_schema() -> None:
+    _validate_cluster(_cluster())
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        lambda c: c.update(unknown_top_level_key=1),
+        lambda c: c.update(max_workers="ten"),
+        lambda c: c["available_node_types"]["head"].update(min_workers=[0]),
+    ],
+)
+def test_a_broken_cluster_yaml_is_rejected(breakage: Any) -> None:
+    import jsonschema
+
+    config = _cluster()
+    breakage(config)
+    with pytest.raises(jsonschema.ValidationError):
+        _validate_cluster(config)
+
+
+def test_every_node_starts_ray_with_the_otel_endpoint() -> None:
+    config = _cluster()
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = " ".join(config[key])
+        assert OTEL_ENDPOINT in start and "OTEL_SERVICE_NAME=moa" in start
+        assert start.index(OTEL_ENDPOINT) < start.index("ray start")
+    assert {"head", "cpu_provider_workers", "gpu_proposer_workers"} <= set(config["available_node_types"])
+    assert config["available_node_types"]["gpu_proposer_workers"]["min_workers"] == 0
+    assert any("pip install" in cmd and "moa[serve]" in cmd for cmd in config["setup_commands"])
+
+
+def _serve_schema(text: str) -> Any:
+    from ray.serve.schema import ServeDeploySchema
+
+    return ServeDeploySchema.model_validate(yaml.safe_load(text))
+
+
+def _deployment_names() -> set[str]:
+    cfg = load_config(None)
+    return {"ingress", "router", "aggregator", *(f"provider-{p}" for p in cfg.providers)}
+
+
+def test_serve_config_parses_and_names_real_deployments() -> None:
+    schema = _serve_schema((ROOT / "serve_config.yaml").read_text())
+    (app,) = schema.applications
+    module, _, attr = app.import_path.partition(":")
+    import importlib
+
+    assert callable(getattr(importlib.import_module(module), attr))
+    assert {d.name for d in app.deployments} <= _deployment_names()
+    env = app.runtime_env["env_vars"]
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http") and not any("API_KEY" in k for k in env)
+
+
+def test_kuberay_manifest() -> None:
+    manifest = yaml.safe_load((ROOT / "kuberay" / "rayservice.yaml").read_text())
+    assert manifest["kind"] == "RayService" and manifest["apiVersion"] == "ray.io/v1"
+    (app,) = _serve_schema(manifest["spec"]["serveConfigV2"]).applications
+    assert {d.name for d in app.deployments} <= _deployment_names()
+    head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    secret_vars = {e["name"] for e in head["env"] if "valueFrom" in e}
+    assert secret_vars == {p.api_key_env for p in load_config(None).providers.values()}
+
+
+def test_no_file_holds_anything_like_a_key() -> None:
+    pattern = re.compile(r"(sk-[A-Za-z0-9_-]{16,}|AIza[0-9A-Za-z_-]{30,}|sk-ant-[A-Za-z0-9_-]{10,})")
+    for name in ("cluster.yaml", "serve_config.yaml", "kuberay/rayservice.yaml", "moa/default_config.yaml"):
+        assert not pattern.search((ROOT / name).read_text()), name
