@@ -55,7 +55,7 @@ async def ask(args: argparse.Namespace, question: str) -> int:
         console = Console(stderr=True, width=160)  # redirected output: do not cut model names
     with local_simulator(cfg) as cfg:
         async with ProviderPool.from_config(cfg, sim_url=cfg.simulator.url) as pool:
-            engine = MoAEngine(cfg, pool)
+            engine = MoAEngine(cfg, pool, health=pool.health_view)
             result: MoAResult | None = None
             if args.no_stream or args.json:
                 result = await engine.run(messages, preset=args.preset, params=params)

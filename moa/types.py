@@ -96,6 +96,8 @@ class CallRequest(BaseModel):
     params: GenerationParams = GenerationParams()
     # Overall deadline for this call, retries included; None means the provider's configured timeout.
     timeout_s: float | None = Field(default=None, gt=0)
+    # The proposer's role prompt name, for traces only: never sent to the provider.
+    role: str | None = None
 
 
 class CallResult(BaseModel):

@@ -41,6 +41,8 @@ def start_call_span(
         "gen_ai.request.seed": p.seed,
     }
     attrs |= {k: v for k, v in optional.items() if v is not None}
+    if req.role:
+        attrs["moa.role"] = req.role
     if base_url:
         parts = urlsplit(base_url)
         if parts.hostname:

@@ -38,7 +38,7 @@ class _Server:
     def _run(self) -> None:
         async def main() -> None:
             async with ProviderPool.from_config(self.config, sim_url=self.config.simulator.url) as pool:
-                engine = MoAEngine(self.config, pool)
+                engine = MoAEngine(self.config, pool, health=pool.health_view)
 
                 async def health() -> dict[str, Any]:
                     return pool.health()
@@ -220,6 +220,23 @@ def test_rate_limited_everywhere_is_429_with_retry_after(api_url: str, sim: Simu
     r = httpx.post(api_url + "/v1/chat/completions", json={"model": "single", "messages": QUESTION})
     assert r.status_code == 429, r.text
     assert int(r.headers["retry-after"]) >= 1
+
+
+def test_every_circuit_open_is_503_with_retry_after(api_url: str, sim: SimulatorServer) -> None:
+    set_fault(sim, "*", error_500={"rate": 1.0})
+    body = {"model": "single", "messages": QUESTION}
+    statuses = []
+    for _ in range(8):  # each failed request opens the breakers a little further (threshold 5)
+        r = httpx.post(api_url + "/v1/chat/completions", json=body, timeout=30)
+        statuses.append(r.status_code)
+        if r.status_code == 503:
+            break
+    assert statuses[0] == 502 and statuses[-1] == 503, statuses
+    assert r.json()["error"]["code"] == "no_healthy_provider" and int(r.headers["retry-after"]) >= 1
+    before = httpx.get(f"{sim.url}/admin/stats").json()["total_requests"]
+    assert httpx.post(api_url + "/v1/chat/completions", json=body).status_code == 503
+    assert httpx.get(f"{sim.url}/admin/stats").json()["total_requests"] == before  # nothing was sent
+    assert httpx.get(api_url + "/healthz").status_code == 503
 
 
 def test_deadline_gives_504(api_url: str, sim: SimulatorServer) -> None:

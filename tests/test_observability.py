@@ -83,7 +83,12 @@ def real_mode_config(sim: SimulatorServer, capture: bool) -> MoAConfig:
                         {
                             "proposers": [
                                 {"provider": "openai", "model": "gpt-4.1-mini"},
-                                {"provider": "openai", "model": "gpt-4.1-mini", "temperature": 1.0},
+                                {
+                                    "provider": "openai",
+                                    "model": "gpt-4.1-mini",
+                                    "temperature": 1.0,
+                                    "role": "critical",
+                                },
                             ]
                         }
                     ],
@@ -121,6 +126,7 @@ async def test_in_process_trace_tree(
     assert layer["parent_id"] == fuse["parent_id"] == run["span_id"]
     assert len(proposals) == 2 and all(p["parent_id"] == layer["span_id"] for p in proposals)
     assert overlap(*proposals), "proposers run in parallel"
+    assert sorted(str(p["attributes"].get("moa.role")) for p in proposals) == ["None", "critical"]
     assert final["parent_id"] == fuse["span_id"]
     # GenAI semantic conventions on a provider span.
     a = final["attributes"]

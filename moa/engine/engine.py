@@ -389,6 +389,7 @@ class MoAEngine:
                 messages=tuple(msgs),
                 params=merge_params(params, spec),
                 timeout_s=timeout,
+                role=spec.role,
             )
             tasks[asyncio.create_task(safe_call(self.caller, self.config, req))] = i
 

@@ -6,7 +6,8 @@ from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 
 from moa.config import Endpoint, MoAConfig, ProviderConfig, ProviderKind, resolve_endpoint
-from moa.limits import ProviderLimits
+from moa.engine.router import HealthView
+from moa.limits import CircuitState, ProviderLimits
 from moa.providers.anthropic_client import AnthropicClient
 from moa.providers.base import ProviderClient
 from moa.providers.gemini_client import GeminiClient
@@ -76,6 +77,14 @@ class ProviderPool:
 
     def health(self) -> dict[str, dict[str, object]]:
         return {name: client.health() for name, client in self.clients.items()}
+
+    def health_view(self) -> HealthView:
+        """What the router should know in-process: providers whose circuit is open right now."""
+        return HealthView(
+            unavailable=frozenset(
+                n for n, c in self.clients.items() if c.limits.breaker.state is CircuitState.OPEN
+            )
+        )
 
     async def aclose(self) -> None:
         for client in self.clients.values():
