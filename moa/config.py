@@ -265,8 +265,9 @@ class MoAConfig(_Strict):
 # Loading
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
+def format_validation_error(err: ValidationError, source: str, what: str = "configuration") -> str:
+    """One line per problem, each naming the field, under a line naming the source."""
+    lines = [f"invalid {what} in {source}:"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         lines.append(f"  {loc}: {e['msg']}")
@@ -277,7 +278,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<dict>") -> MoAConfig:
     try:
         return MoAConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source)) from None
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> MoAConfig:

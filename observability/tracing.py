@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any, TypeVar
 
 from opentelemetry import context as otel_context
@@ -101,7 +101,7 @@ def trace_id_hex(span: trace.Span | None = None) -> str | None:
     return format(ctx.trace_id, "032x") if ctx.is_valid else None
 
 
-async def iterate_in(ctx: Context, events: AsyncIterator[T]) -> AsyncIterator[T]:
+async def iterate_in(ctx: Context, events: AsyncIterator[T]) -> AsyncGenerator[T, None]:
     """Iterate ``events`` with ``ctx`` attached only while each item is produced.
 
     Attaching around a whole generator breaks when a consumer abandons it; attaching per step keeps
@@ -117,7 +117,7 @@ async def iterate_in(ctx: Context, events: AsyncIterator[T]) -> AsyncIterator[T]
                 otel_context.detach(token)
             if item is _END:
                 return
-            yield item  # type: ignore[misc]
+            yield item
     finally:
         # A consumer that stops early closes us; close what we wrap now, not at garbage collection.
         close = getattr(it, "aclose", None)

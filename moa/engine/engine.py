@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -498,7 +498,7 @@ class MoAEngine:
         stream: bool,
         *,
         round_: int | None = None,
-    ) -> AsyncIterator[TextDelta | CallResult]:
+    ) -> AsyncGenerator[TextDelta | CallResult, None]:
         """Fuse (or, without references, simply answer) through ``chain``; record every attempt.
 
         Yields the answer's deltas and then the successful result; yields no result when the whole

@@ -9,8 +9,6 @@ from typing import Any
 import anthropic
 from anthropic.types import Message
 
-from moa.config import Endpoint, ProviderConfig
-from moa.limits import ProviderLimits
 from moa.providers.base import (
     Attempt,
     AttemptError,
@@ -29,16 +27,9 @@ FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "
 class AnthropicClient(ProviderClient):
     kind = "anthropic"
 
-    def __init__(
-        self,
-        name: str,
-        cfg: ProviderConfig,
-        endpoint: Endpoint,
-        limits: ProviderLimits | None = None,
-        **kw: Any,
-    ) -> None:
-        super().__init__(name, cfg, endpoint, limits, **kw)
-        self._sdk = anthropic.AsyncAnthropic(
+    def _make_sdk(self) -> Any:
+        cfg, endpoint = self.cfg, self.endpoint
+        return anthropic.AsyncAnthropic(
             api_key=self._secret,
             base_url=endpoint.base_url,
             max_retries=0,

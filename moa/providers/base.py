@@ -156,8 +156,14 @@ class ProviderClient(ABC):
         self.limits = limits or ProviderLimits.from_config(cfg)
         self.capture_content = capture_content
         self._secret = endpoint.api_key.get_secret_value() if endpoint.api_key else None
+        # One SDK client per adapter, created once and reused: its connection pool is shared.
+        self._sdk = self._make_sdk()
 
     # -- what an adapter provides ----------------------------------------------------------------
+
+    @abstractmethod
+    def _make_sdk(self) -> Any:
+        """The provider's official async SDK client, with SDK-internal retries off."""
 
     @abstractmethod
     async def _complete_once(self, req: CallRequest, timeout_s: float) -> Attempt:

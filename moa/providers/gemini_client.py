@@ -8,8 +8,6 @@ from typing import Any
 from google import genai
 from google.genai import errors, types
 
-from moa.config import Endpoint, ProviderConfig
-from moa.limits import ProviderLimits
 from moa.providers.base import (
     Attempt,
     AttemptError,
@@ -31,16 +29,9 @@ FINISH = {
 class GeminiClient(ProviderClient):
     kind = "gemini"
 
-    def __init__(
-        self,
-        name: str,
-        cfg: ProviderConfig,
-        endpoint: Endpoint,
-        limits: ProviderLimits | None = None,
-        **kw: Any,
-    ) -> None:
-        super().__init__(name, cfg, endpoint, limits, **kw)
-        self._sdk = genai.Client(
+    def _make_sdk(self) -> Any:
+        cfg, endpoint = self.cfg, self.endpoint
+        return genai.Client(
             # The SDK refuses to build without a key; with none, calls fail as auth before sending.
             api_key=self._secret or "unset",
             http_options=types.HttpOptions(

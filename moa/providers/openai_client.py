@@ -8,8 +8,6 @@ from typing import Any
 import openai
 from openai.types.chat import ChatCompletion
 
-from moa.config import Endpoint, ProviderConfig
-from moa.limits import ProviderLimits
 from moa.providers.base import (
     Attempt,
     AttemptError,
@@ -26,16 +24,9 @@ FINISH = {"stop": "stop", "length": "length", "content_filter": "content_filter"
 class OpenAIClient(ProviderClient):
     kind = "openai"
 
-    def __init__(
-        self,
-        name: str,
-        cfg: ProviderConfig,
-        endpoint: Endpoint,
-        limits: ProviderLimits | None = None,
-        **kw: Any,
-    ) -> None:
-        super().__init__(name, cfg, endpoint, limits, **kw)
-        self._sdk = openai.AsyncOpenAI(
+    def _make_sdk(self) -> Any:
+        cfg, endpoint = self.cfg, self.endpoint
+        return openai.AsyncOpenAI(
             # An OpenAI-compatible server may need no key; the SDK insists on some value.
             api_key=self._secret or "none",
             base_url=endpoint.base_url,

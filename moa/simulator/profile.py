@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from moa.config import ConfigError
+from moa.config import ConfigError, format_validation_error
 from moa.simulator.text import STYLES
 
 
@@ -133,14 +133,6 @@ class SimProfile(_Strict):
         return base
 
 
-def _describe(err: ValidationError, source: str) -> str:
-    lines = [f"invalid simulator profile in {source}:"]
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"  {loc}: {e['msg']}")
-    return "\n".join(lines)
-
-
 def parse_profile(data: Any, source: str = "<dict>") -> SimProfile:
     if data is None:
         return SimProfile()
@@ -149,7 +141,7 @@ def parse_profile(data: Any, source: str = "<dict>") -> SimProfile:
     try:
         return SimProfile.model_validate(data)
     except ValidationError as err:
-        raise ProfileError(_describe(err, source)) from None
+        raise ProfileError(format_validation_error(err, source, "simulator profile")) from None
 
 
 def load_profile(path: str | os.PathLike[str]) -> SimProfile:
