@@ -281,24 +281,29 @@ def parse_config(data: Mapping[str, Any], source: str = "<dict>") -> MoAConfig:
         raise ConfigError(format_validation_error(err, source)) from None
 
 
+def read_yaml_file(path: str | os.PathLike[str], what: str, error: type[ConfigError] = ConfigError) -> Any:
+    """Parse a YAML (or JSON) file; failures raise ``error`` naming the file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise error(f"cannot read {what} {p}: {e.strerror}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise error(f"{what} {p} is not valid YAML: {e}") from None
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> MoAConfig:
     """Load a YAML config; ``None`` (or ``MOA_CONFIG`` unset) gives the bundled default."""
     if path is None:
         path = os.environ.get("MOA_CONFIG") or None
     if path is None:
-        text = resources.files("moa").joinpath("default_config.yaml").read_text()
+        data = yaml.safe_load(resources.files("moa").joinpath("default_config.yaml").read_text())
         source = "the bundled default config"
     else:
-        p = Path(path)
-        source = str(p)
-        try:
-            text = p.read_text()
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {source}: {e.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source} is not valid YAML: {e}") from None
+        data = read_yaml_file(path, "config file")
+        source = str(path)
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: the top level must be a mapping")
     return parse_config(data, source)

@@ -14,8 +14,9 @@ from moa.providers.base import (
     AttemptError,
     ProviderClient,
     classify_common,
+    classify_generated_sdk,
     service_time,
-    status_error,
+    unexpected_failure,
 )
 from moa.types import CallRequest, ErrorKind, Usage
 
@@ -106,18 +107,12 @@ class AnthropicClient(ProviderClient):
         )
 
     def _classify(self, exc: BaseException, in_stream: bool) -> AttemptError:
-        if isinstance(exc, anthropic.APIStatusError):
-            return status_error(exc.status_code, _message(exc), exc.response.headers)
-        if isinstance(exc, anthropic.APITimeoutError):
-            return AttemptError(ErrorKind.TIMEOUT, "the call timed out")
-        if isinstance(exc, anthropic.APIConnectionError):
-            if in_stream:
-                return AttemptError(ErrorKind.MALFORMED_RESPONSE, "stream cut mid-way")
-            return AttemptError(ErrorKind.SERVER_ERROR, "connection failed")
-        if isinstance(exc, anthropic.APIResponseValidationError | AssertionError):
+        if isinstance(exc, AssertionError):  # the SDK asserts on a non-JSON stream body
             return AttemptError(ErrorKind.MALFORMED_RESPONSE, "response failed validation")
-        return classify_common(exc, in_stream) or AttemptError(
-            ErrorKind.MALFORMED_RESPONSE, f"unexpected failure: {type(exc).__name__}"
+        return (
+            classify_generated_sdk(anthropic, exc, in_stream)
+            or classify_common(exc, in_stream)
+            or unexpected_failure(exc)
         )
 
     async def aclose(self) -> None:
@@ -135,12 +130,3 @@ def _usage(u: Any) -> Usage:
         output_tokens=u.output_tokens or 0,
         cached_tokens=cached,
     )
-
-
-def _message(exc: anthropic.APIStatusError) -> str:
-    body = exc.body
-    if isinstance(body, dict):
-        err = body.get("error", body)
-        if isinstance(err, dict) and err.get("message"):
-            return f"{exc.status_code}: {err['message']}"
-    return f"{exc.status_code}: {type(exc).__name__}"

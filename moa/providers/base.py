@@ -13,6 +13,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, ClassVar
 
 from pydantic import ValidationError
@@ -134,6 +135,30 @@ def classify_common(exc: BaseException, in_stream: bool) -> AttemptError | None:
             return AttemptError(ErrorKind.MALFORMED_RESPONSE, f"stream cut mid-way: {type(exc).__name__}")
         return AttemptError(ErrorKind.SERVER_ERROR, f"connection failed: {type(exc).__name__}")
     return None
+
+
+def classify_generated_sdk(sdk: ModuleType, exc: BaseException, in_stream: bool) -> AttemptError | None:
+    """The ``openai`` and ``anthropic`` SDKs share one generated exception hierarchy: type it once."""
+    if isinstance(exc, sdk.APIStatusError):
+        body = exc.body
+        err = body.get("error", body) if isinstance(body, dict) else None
+        detail = err.get("message") if isinstance(err, dict) else None
+        message = f"{exc.status_code}: {detail or type(exc).__name__}"
+        return status_error(exc.status_code, message, exc.response.headers)
+    if isinstance(exc, sdk.APITimeoutError):
+        return AttemptError(ErrorKind.TIMEOUT, "the call timed out")
+    if isinstance(exc, sdk.APIConnectionError):
+        if in_stream:
+            return AttemptError(ErrorKind.MALFORMED_RESPONSE, "stream cut mid-way")
+        return AttemptError(ErrorKind.SERVER_ERROR, "connection failed")
+    if isinstance(exc, sdk.APIResponseValidationError):
+        return AttemptError(ErrorKind.MALFORMED_RESPONSE, "response failed validation")
+    return None
+
+
+def unexpected_failure(exc: BaseException) -> AttemptError:
+    """Anything no rule recognised: the answer could not be used, so it counts as malformed."""
+    return AttemptError(ErrorKind.MALFORMED_RESPONSE, f"unexpected failure: {type(exc).__name__}")
 
 
 class ProviderClient(ABC):

@@ -15,6 +15,7 @@ from moa.providers.base import (
     classify_common,
     service_time,
     status_error,
+    unexpected_failure,
 )
 from moa.types import CallRequest, ErrorKind, Usage
 
@@ -106,9 +107,7 @@ class GeminiClient(ProviderClient):
         if isinstance(exc, errors.APIError):
             headers: Mapping[str, str] | None = getattr(exc.response, "headers", None)
             return status_error(exc.code, f"{exc.code}: {exc.message or exc.status}", headers)
-        return classify_common(exc, in_stream) or AttemptError(
-            ErrorKind.MALFORMED_RESPONSE, f"unexpected failure: {type(exc).__name__}"
-        )
+        return classify_common(exc, in_stream) or unexpected_failure(exc)
 
     async def aclose(self) -> None:
         await self._sdk.aio.aclose()

@@ -13,8 +13,9 @@ from moa.providers.base import (
     AttemptError,
     ProviderClient,
     classify_common,
+    classify_generated_sdk,
     service_time,
-    status_error,
+    unexpected_failure,
 )
 from moa.types import CallRequest, ErrorKind, Usage
 
@@ -98,18 +99,10 @@ class OpenAIClient(ProviderClient):
         )
 
     def _classify(self, exc: BaseException, in_stream: bool) -> AttemptError:
-        if isinstance(exc, openai.APIStatusError):
-            return status_error(exc.status_code, _message(exc), exc.response.headers)
-        if isinstance(exc, openai.APITimeoutError):
-            return AttemptError(ErrorKind.TIMEOUT, "the call timed out")
-        if isinstance(exc, openai.APIConnectionError):
-            if in_stream:
-                return AttemptError(ErrorKind.MALFORMED_RESPONSE, "stream cut mid-way")
-            return AttemptError(ErrorKind.SERVER_ERROR, "connection failed")
-        if isinstance(exc, openai.APIResponseValidationError):
-            return AttemptError(ErrorKind.MALFORMED_RESPONSE, "response failed validation")
-        return classify_common(exc, in_stream) or AttemptError(
-            ErrorKind.MALFORMED_RESPONSE, f"unexpected failure: {type(exc).__name__}"
+        return (
+            classify_generated_sdk(openai, exc, in_stream)
+            or classify_common(exc, in_stream)
+            or unexpected_failure(exc)
         )
 
     async def aclose(self) -> None:
@@ -130,12 +123,3 @@ def _usage(u: Any) -> Usage:
     return Usage(
         input_tokens=u.prompt_tokens or 0, output_tokens=u.completion_tokens or 0, cached_tokens=cached
     )
-
-
-def _message(exc: openai.APIStatusError) -> str:
-    body = exc.body
-    if isinstance(body, dict):
-        err = body.get("error", body)
-        if isinstance(err, dict) and err.get("message"):
-            return f"{exc.status_code}: {err['message']}"
-    return f"{exc.status_code}: {type(exc).__name__}"

@@ -14,10 +14,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from moa.config import ConfigError, format_validation_error
+from moa.config import ConfigError, format_validation_error, read_yaml_file
 from moa.simulator.text import STYLES
 
 
@@ -146,13 +145,4 @@ def parse_profile(data: Any, source: str = "<dict>") -> SimProfile:
 
 def load_profile(path: str | os.PathLike[str]) -> SimProfile:
     """Read a profile from YAML or JSON (JSON is YAML); errors name the file and the field."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise ProfileError(f"cannot read simulator profile {p}: {e.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ProfileError(f"simulator profile {p} is not valid YAML or JSON: {e}") from None
-    return parse_profile(data, str(p))
+    return parse_profile(read_yaml_file(path, "simulator profile", ProfileError), str(Path(path)))
