@@ -62,11 +62,15 @@ def fit_references(
     return trimmed.answers, [f"{ref}: {note}" for note in trimmed.notes]
 
 
+def provider_kind(config: MoAConfig, provider: str) -> str:
+    pcfg = config.providers.get(provider)
+    return pcfg.kind.value if pcfg else "unknown"
+
+
 def transport_failure(config: MoAConfig, req: CallRequest, exc: BaseException) -> CallResult:
-    pcfg = config.providers.get(req.provider)
     return CallResult(
         provider=req.provider,
-        provider_kind=pcfg.kind.value if pcfg else "unknown",
+        provider_kind=provider_kind(config, req.provider),
         requested_model=req.model,
         error=CallError(kind=ErrorKind.SERVER_ERROR, message=f"transport failure: {type(exc).__name__}"),
     )

@@ -18,7 +18,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from moa.config import MoAConfig
 from moa.engine.caller import ModelCaller
-from moa.engine.calls import fit_references, merge_params, safe_call
+from moa.engine.calls import fit_references, merge_params, provider_kind, safe_call
 from moa.engine.errors import AllProvidersFailed, DeadlineExceeded, Failure, MoAError
 from moa.engine.fusion import FuseJob, Fuser, LocalFuser
 from moa.engine.plan import AggregatorSpec, LayerSpec, ModelRef, Plan, PlanMode
@@ -227,75 +227,46 @@ class MoAEngine:
         run: _Run,
         stream_final: bool,
     ) -> AsyncIterator[TextDelta | MoAResult]:
-        references: list[str] = []
-        if plan.mode is PlanMode.REFINE:
-            layer = plan.layers[0]
-            for rnd in range(1, plan.rounds + 1):
-                prior = references[-1:] if rnd > 1 else []
-                outcome = await self._layer(
-                    rnd, layer, messages, prior, plan, params, run, refine=rnd > 1, round_=rnd
-                )
-                if not outcome.met:
-                    async for ev in self._fallback(
-                        f"round {rnd} missed its quorum", messages, plan, decision, params, run, stream_final
-                    ):
-                        yield ev
-                    return
-                references = outcome.answers
-                if rnd < plan.rounds:
-                    synthesis = await self._synthesise(messages, references, plan, params, run, round_=rnd)
-                    if synthesis is None:
-                        async for ev in self._fallback(
-                            f"round {rnd} synthesis failed",
-                            messages,
-                            plan,
-                            decision,
-                            params,
-                            run,
-                            stream_final,
-                        ):
-                            yield ev
-                        return
-                    references = [synthesis]
+        references, missed = await self._proposals(messages, plan, params, run)
+        if missed is not None:
+            # A layer missed its quorum: the single-model fallback chain answers instead.
+            self._check_deadline(run)
+            run.note(f"{missed}; falling back to a single model")
+            routes = [_Route(plan.fallbacks, Stage.FALLBACK, [], missed)]
         else:
+            routes = [_Route(plan.aggregators, Stage.AGGREGATOR, references)]
+            if plan.fallbacks and not plan.is_single:
+                routes.append(_Route(plan.fallbacks, Stage.FALLBACK, [], "every aggregator failed"))
+        async for ev in self._finish(routes, messages, plan, decision, params, run, stream_final):
+            yield ev
+
+    async def _proposals(
+        self, messages: list[ChatMessage], plan: Plan, params: GenerationParams, run: _Run
+    ) -> tuple[list[str], str | None]:
+        """Run the proposer layers; return the last layer's answers, or why a quorum was missed."""
+        references: list[str] = []
+        if plan.mode is not PlanMode.REFINE:
             for index, layer in enumerate(plan.layers, start=1):
                 outcome = await self._layer(index, layer, messages, references, plan, params, run)
                 if not outcome.met:
-                    async for ev in self._fallback(
-                        f"layer {index} missed its quorum",
-                        messages,
-                        plan,
-                        decision,
-                        params,
-                        run,
-                        stream_final,
-                    ):
-                        yield ev
-                    return
+                    return [], f"layer {index} missed its quorum"
                 references = outcome.answers
-
-        routes = [_Route(plan.aggregators, Stage.AGGREGATOR, references)]
-        if plan.fallbacks and not plan.is_single:
-            routes.append(_Route(plan.fallbacks, Stage.FALLBACK, [], "every aggregator failed"))
-        async for ev in self._finish(routes, messages, plan, decision, params, run, stream_final):
-            yield ev
-
-    async def _fallback(
-        self,
-        reason: str,
-        messages: list[ChatMessage],
-        plan: Plan,
-        decision: RouteDecision,
-        params: GenerationParams,
-        run: _Run,
-        stream_final: bool,
-    ) -> AsyncIterator[TextDelta | MoAResult]:
-        """A layer missed its quorum: answer with the single-model fallback chain."""
-        self._check_deadline(run)
-        run.note(f"{reason}; falling back to a single model")
-        routes = [_Route(plan.fallbacks, Stage.FALLBACK, [], reason)]
-        async for ev in self._finish(routes, messages, plan, decision, params, run, stream_final):
-            yield ev
+            return references, None
+        layer = plan.layers[0]
+        for rnd in range(1, plan.rounds + 1):
+            prior = references if rnd > 1 else []
+            outcome = await self._layer(
+                rnd, layer, messages, prior, plan, params, run, refine=rnd > 1, round_=rnd
+            )
+            if not outcome.met:
+                return [], f"round {rnd} missed its quorum"
+            references = outcome.answers
+            if rnd < plan.rounds:
+                synthesis = await self._synthesise(messages, references, plan, params, run, round_=rnd)
+                if synthesis is None:
+                    return [], f"round {rnd} synthesis failed"
+                references = [synthesis]
+        return references, None
 
     async def _finish(
         self,
@@ -435,9 +406,7 @@ class MoAEngine:
             kind = ErrorKind.TIMEOUT if stop_reason == "layer deadline passed" else ErrorKind.CANCELLED
             results[i] = CallResult(
                 provider=spec.provider,
-                provider_kind=self.config.providers[spec.provider].kind.value
-                if spec.provider in self.config.providers
-                else "unknown",
+                provider_kind=provider_kind(self.config, spec.provider),
                 requested_model=spec.model,
                 latency_s=end - start,
                 error=CallError(kind=kind, message=f"cancelled as a straggler: {stop_reason}"),
