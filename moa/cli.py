@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     from moa.simulator.cli import register as register_simulate
 
     register_simulate(sub)
+    from moa.benchmark.cli import register as register_bench
+
+    register_bench(sub)
     return parser
 
 

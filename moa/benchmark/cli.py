@@ -1,0 +1,102 @@
+"""``moa bench``: the command line of the benchmark harness."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from moa.benchmark.runner import SCENARIOS, BenchOptions
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("concurrency levels must be positive")
+    return values
+
+
+def _names(allowed: set[str] | None) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = [x for x in text.split(",") if x]
+        unknown = [n for n in names if allowed is not None and n not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(
+                f"unknown: {', '.join(unknown)} (one of {', '.join(sorted(allowed or []))})"
+            )
+        return names
+
+    return parse
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    d = BenchOptions()
+    p = sub.add_parser("bench", help="benchmark the Serve app against a single-process baseline")
+    p.add_argument("--prompts", type=Path, default=None, help="JSONL workload (default: the bundled prompts)")
+    p.add_argument("--concurrency", type=_ints, default=list(d.concurrency), help="levels, e.g. 1,8,32")
+    p.add_argument(
+        "--requests",
+        type=int,
+        default=d.requests,
+        help="requests per target and level (at least twice the level)",
+    )
+    p.add_argument(
+        "--targets",
+        type=_names(None),
+        default=list(d.targets),
+        help="baseline and serve:MODEL entries (a preset or provider/model), comma-separated",
+    )
+    p.add_argument(
+        "--scenarios", type=_names(set(SCENARIOS)), default=list(d.scenarios), help="fault scenarios"
+    )
+    p.add_argument("--fault-requests", type=int, default=d.fault_requests, help="requests per fault scenario")
+    p.add_argument("--fault-concurrency", type=int, default=d.fault_concurrency)
+    p.add_argument("--ttft", type=float, default=d.ttft_s, help="simulated time to first token (s)")
+    p.add_argument("--tps", type=float, default=d.tokens_per_s, help="simulated tokens per second")
+    p.add_argument("--jitter", type=float, default=d.jitter, help="simulated latency jitter (0.1 = ±10%%)")
+    p.add_argument(
+        "--layer-deadline", type=float, default=d.layer_deadline_s, help="Serve app's layer deadline (s)"
+    )
+    p.add_argument(
+        "--baseline-timeout",
+        type=float,
+        default=d.baseline_fault_timeout_s,
+        help="baseline client timeout under faults",
+    )
+    p.add_argument("--out", type=Path, default=d.out, help="where results.json, results.md and bench.png go")
+    p.set_defaults(func=run_cli)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    try:
+        import matplotlib  # noqa: F401
+        import psutil  # noqa: F401
+    except ImportError as e:
+        print(f"moa bench needs the bench extra: pip install 'moa-serve[bench,serve]' ({e})", file=sys.stderr)
+        return 2
+    from moa.benchmark.runner import markdown, run
+
+    opts = BenchOptions(
+        prompts=args.prompts,
+        concurrency=args.concurrency,
+        requests=args.requests,
+        targets=args.targets,
+        scenarios=args.scenarios,
+        fault_requests=args.fault_requests,
+        fault_concurrency=args.fault_concurrency,
+        ttft_s=args.ttft,
+        tokens_per_s=args.tps,
+        jitter=args.jitter,
+        layer_deadline_s=args.layer_deadline,
+        baseline_fault_timeout_s=args.baseline_timeout,
+        out=args.out,
+    )
+    report = asyncio.run(run(opts))
+    print(markdown(report))
+    print(f"results in {opts.out}/ (results.json, results.md, bench.png)")
+    return 0

@@ -1,0 +1,371 @@
+"""``moa bench``: the Serve app, a single-process baseline and a single-model call, side by side
+against one simulator, at several concurrency levels and under provider faults."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+from rich.progress import Progress
+
+from moa.benchmark.baseline import Baseline
+from moa.benchmark.stats import Sample, summarize
+from moa.config import MoAConfig, load_config
+
+Send = Callable[[str], Awaitable[Sample]]
+# One proposer of moa-lite misbehaves in the fault scenarios.
+FAULTY_MODEL = "gemini-2.5-flash"
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "hang": {"hang": {"rate": 1.0}},
+    "flaky": {"error_500": {"rate": 0.3}},
+    "burst429": {"error_429": {"rate": 1.0, "first_n": 20, "retry_after_s": 1.0}},
+}
+
+
+@dataclass
+class BenchOptions:
+    prompts: Path | None = None
+    concurrency: Sequence[int] = (1, 8, 32)
+    # Requests per target and level: at least this many, and at least twice the concurrency.
+    requests: int = 8
+    targets: Sequence[str] = ("baseline", "serve:moa-lite", "serve:moa", "serve:openai/gpt-4.1-mini")
+    scenarios: Sequence[str] = ("none", "hang", "flaky", "burst429")
+    fault_concurrency: int = 8
+    fault_requests: int = 24
+    ttft_s: float = 0.3
+    tokens_per_s: float = 50.0
+    jitter: float = 0.1
+    layer_deadline_s: float = 3.0
+    baseline_fault_timeout_s: float = 10.0
+    out: Path = Path("bench-results")
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+
+def load_prompts(path: Path | None) -> list[str]:
+    """The bundled prompts, or a JSONL file: ``{"prompt"}`` lines or MT-Bench's ``{"turns"}``."""
+    text = (
+        path.read_text() if path else resources.files("moa").joinpath("data/bench_prompts.jsonl").read_text()
+    )
+    prompts = []
+    for line in text.splitlines():
+        if line.strip():
+            row = json.loads(line)
+            prompts.append(row["prompt"] if "prompt" in row else row["turns"][0])
+    if not prompts:
+        raise ValueError(f"no prompts in {path}")
+    return prompts
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ProcessTree:
+    """CPU seconds and memory of this process and its descendants, the simulator excluded."""
+
+    def __init__(self, exclude: set[int]) -> None:
+        self.exclude = exclude
+        self.me = psutil.Process()
+
+    def _procs(self) -> list[psutil.Process]:
+        procs = [self.me]
+        for p in self.me.children(recursive=True):
+            try:
+                if p.pid not in self.exclude and not any(a.pid in self.exclude for a in p.parents()):
+                    procs.append(p)
+            except psutil.Error:
+                continue
+        return procs
+
+    def cpu_s(self) -> float:
+        total = 0.0
+        for p in self._procs():
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                continue
+        return total
+
+    def rss_mb(self) -> float:
+        total = 0
+        for p in self._procs():
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                continue
+        return total / 2**20
+
+
+async def run_level(
+    send: Send,
+    prompts: Sequence[str],
+    concurrency: int,
+    n: int,
+    tree: ProcessTree,
+    progress: Progress,
+    task: Any,
+) -> dict[str, float]:
+    samples: list[Sample] = []
+    counter = iter(range(n))
+    peak = tree.rss_mb()
+
+    async def worker() -> None:
+        for i in counter:
+            samples.append(await send(prompts[i % len(prompts)]))
+            progress.advance(task)
+
+    async def watch_memory() -> None:
+        nonlocal peak
+        while True:
+            await asyncio.sleep(0.25)
+            peak = max(peak, tree.rss_mb())
+
+    cpu0, t0 = tree.cpu_s(), time.perf_counter()
+    watcher = asyncio.create_task(watch_memory())
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    watcher.cancel()
+    return summarize(samples, wall, tree.cpu_s() - cpu0, peak)
+
+
+class HttpTarget:
+    """The Serve app over HTTP; the detail extension gives the simulated critical path."""
+
+    def __init__(self, url: str, model: str) -> None:
+        self.url, self.model = url, model
+        self.client = httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=512))
+
+    async def send(self, prompt: str) -> Sample:
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "moa": {"detail": True},
+        }
+        t0 = time.perf_counter()
+        try:
+            r = await self.client.post(self.url + "/v1/chat/completions", json=body)
+        except httpx.HTTPError as exc:
+            return Sample(e2e_s=time.perf_counter() - t0, ok=False, error=type(exc).__name__)
+        e2e = time.perf_counter() - t0
+        if r.status_code != 200:
+            return Sample(e2e_s=e2e, ok=False, error=str(r.status_code), met_quorum=False)
+        detail = r.json()["moa"]
+        return Sample(
+            e2e_s=e2e,
+            ok=True,
+            simulated_s=detail["totals"]["simulated_critical_path_s"],
+            met_quorum=detail["fallback"] is None,
+        )
+
+
+def bench_config(sim_url: str, layer_deadline_s: float) -> MoAConfig:
+    """The bundled config against the bench's simulator, with a short layer deadline and grace."""
+    raw = load_config(None).model_dump(mode="json")
+    raw["simulator"] = {"mode": "on", "url": sim_url}
+    for preset in raw["presets"].values():
+        if preset.get("layers"):
+            preset["layer_deadline_s"] = layer_deadline_s
+            preset["grace_s"] = 0.5
+    # Enough room for the highest concurrency level.
+    raw["server"] = {**raw.get("server", {}), "max_concurrent_requests": 1024}
+    for p in raw["providers"].values():
+        p["deployment"] = {**p.get("deployment", {}), "num_replicas": 1}
+        p["deployment"].pop("autoscaling", None)
+        p["limits"] = {"concurrency": 256}
+    from moa.config import parse_config
+
+    return parse_config(raw, "the benchmark config")
+
+
+class Simulator:
+    """The simulator in its own process, so its CPU is not counted as the orchestration's."""
+
+    def __init__(self, ttft_s: float, tps: float, jitter: float) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = ["--port", str(self.port), "--ttft", str(ttft_s), "--tps", str(tps), "--jitter", str(jitter)]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moa.cli", "simulate", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(self.url + "/admin/stats", timeout=1).raise_for_status()
+                return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError("the simulator did not start")
+
+    def faults(self, faults: dict[str, Any]) -> None:
+        httpx.delete(self.url + "/admin/faults").raise_for_status()
+        if faults:
+            httpx.put(f"{self.url}/admin/faults/{FAULTY_MODEL}", json=faults).raise_for_status()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def _serve(cfg: MoAConfig) -> tuple[str, Callable[[], None]]:
+    import ray
+    from ray import serve
+
+    from serve_app import build_from_config
+
+    port = _free_port()
+    ray.init(include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_from_config(cfg), name="moa", route_prefix="/")
+
+    def stop() -> None:
+        serve.shutdown()
+        ray.shutdown()
+
+    return f"http://127.0.0.1:{port}", stop
+
+
+async def run(opts: BenchOptions) -> dict[str, Any]:
+    prompts = load_prompts(opts.prompts)
+    sim = Simulator(opts.ttft_s, opts.tokens_per_s, opts.jitter)
+    tree = ProcessTree(exclude={sim.proc.pid})
+    serve_targets = [t.split(":", 1)[1] for t in opts.targets if t.startswith("serve:")]
+    per_level = {c: max(opts.requests, 2 * c) for c in opts.concurrency}
+    levels = sum(per_level.values()) * len(opts.targets)
+    faulted = len(opts.scenarios) * opts.fault_requests * (2 if "baseline" in opts.targets else 1)
+    report: dict[str, Any] = {"options": _jsonable(opts), "levels": [], "scenarios": []}
+    stop_serve: Callable[[], None] | None = None
+    try:
+        with Progress() as progress:
+            task = progress.add_task("benchmark", total=levels + faulted)
+            if "baseline" in opts.targets:
+                base = Baseline(sim.url)
+                for c in opts.concurrency:
+                    progress.update(task, description=f"baseline c={c}")
+                    row = await run_level(base.ask, prompts, c, per_level[c], tree, progress, task)
+                    report["levels"].append({"target": "baseline", "concurrency": c, **row})
+                await base.aclose()
+            url, stop_serve = _serve(bench_config(sim.url, opts.layer_deadline_s))
+            for model in serve_targets:
+                target = HttpTarget(url, model)
+                for c in opts.concurrency:
+                    progress.update(task, description=f"serve {model} c={c}")
+                    row = await run_level(target.send, prompts, c, per_level[c], tree, progress, task)
+                    report["levels"].append({"target": f"serve {model}", "concurrency": c, **row})
+            for name in opts.scenarios:
+                sim.faults(SCENARIOS[name])
+                progress.update(task, description=f"fault {name}: serve")
+                target = HttpTarget(url, "moa-lite")
+                c, n = opts.fault_concurrency, opts.fault_requests
+                row = await run_level(target.send, prompts, c, n, tree, progress, task)
+                report["scenarios"].append({"scenario": name, "target": "serve moa-lite", **row})
+                if "baseline" in opts.targets:
+                    sim.faults(SCENARIOS[name])  # a fresh first_n count for the baseline too
+                    progress.update(task, description=f"fault {name}: baseline")
+                    base = Baseline(sim.url, timeout_s=opts.baseline_fault_timeout_s)
+                    row = await run_level(base.ask, prompts, c, n, tree, progress, task)
+                    await base.aclose()
+                    report["scenarios"].append({"scenario": name, "target": "baseline", **row})
+            sim.faults({})
+    finally:
+        if stop_serve is not None:
+            stop_serve()
+        sim.stop()
+    write_report(report, opts.out)
+    return report
+
+
+def _jsonable(opts: BenchOptions) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items() if k != "results"}
+
+
+def _fmt(v: float, digits: int = 0) -> str:
+    return "-" if isinstance(v, float) and math.isnan(v) else f"{v:.{digits}f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "| target | concurrency | req/s | p50 ms | p95 ms | p99 ms | overhead p50 ms | overhead p99 ms "
+        "| CPU ms/req | peak RSS MB | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["levels"]:
+        lines.append(
+            f"| {r['target']} | {r['concurrency']} | {_fmt(r['rps'], 1)} | {_fmt(r['p50_ms'])} "
+            f"| {_fmt(r['p95_ms'])} | {_fmt(r['p99_ms'])} | {_fmt(r['overhead_p50_ms'], 1)} "
+            f"| {_fmt(r['overhead_p99_ms'], 1)} "
+            f"| {_fmt(r['cpu_ms_per_request'], 1)} | {_fmt(r['peak_rss_mb'])} | {r['errors']} |"
+        )
+    if report["scenarios"]:
+        lines += [
+            "",
+            "| fault scenario | target | p50 ms | p99 ms | answered | met quorum | errors |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in report["scenarios"]:
+            lines.append(
+                f"| {r['scenario']} | {r['target']} | {_fmt(r['p50_ms'])} | {_fmt(r['p99_ms'])} "
+                f"| {r['ok']}/{r['requests']} | {_fmt(100 * r['quorum_met_share'])}% | {r['errors']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (lat, over) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for target in dict.fromkeys(r["target"] for r in report["levels"]):
+        rows = [r for r in report["levels"] if r["target"] == target]
+        xs = [r["concurrency"] for r in rows]
+        line = lat.plot(xs, [r["p50_ms"] for r in rows], marker="o", label=f"{target} p50")[0]
+        lat.plot(
+            xs,
+            [r["p99_ms"] for r in rows],
+            marker="x",
+            linestyle="--",
+            color=line.get_color(),
+            label=f"{target} p99",
+        )
+        over.plot(xs, [r["overhead_p50_ms"] for r in rows], marker="o", color=line.get_color(), label=target)
+    for ax, title, unit in ((lat, "end-to-end latency", "ms"), (over, "orchestration overhead (p50)", "ms")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    lat.legend(fontsize=7)
+    over.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "results.md").write_text(markdown(report))
+    if report["levels"]:
+        plot(report, out / "bench.png")
+
+
+__all__ = ["BenchOptions", "load_prompts", "markdown", "run", "write_report"]
