@@ -263,6 +263,33 @@ def test_overload_gives_429(api_url: str, sim: SimulatorServer) -> None:
     assert statuses.count(200) == 4 and statuses.count(429) == 4  # max_concurrent_requests is 4
 
 
+def test_open_streams_hold_their_admission_slots(api_url: str, sim: SimulatorServer) -> None:
+    set_fault(sim, "gpt-4.1", slow_stream={"rate": 1.0, "factor": 10})  # the aggregator streams slowly
+    body = {"model": "moa-lite", "messages": QUESTION, "stream": True}
+
+    async def scenario() -> tuple[int, int]:
+        async with httpx.AsyncClient(timeout=30) as c:
+
+            async def stream_one(started: asyncio.Event) -> None:
+                async with c.stream("POST", api_url + "/v1/chat/completions", json=body) as r:
+                    async for _ in r.aiter_lines():
+                        started.set()
+
+            events = [asyncio.Event() for _ in range(4)]  # max_concurrent_requests is 4
+            streams = [asyncio.create_task(stream_one(e)) for e in events]
+            await asyncio.gather(*(e.wait() for e in events))
+            during = await c.post(
+                api_url + "/v1/chat/completions", json={"model": "single", "messages": QUESTION}
+            )
+            await asyncio.gather(*streams)
+            after = await c.post(
+                api_url + "/v1/chat/completions", json={"model": "single", "messages": QUESTION}
+            )
+            return during.status_code, after.status_code
+
+    assert asyncio.run(scenario()) == (429, 200)
+
+
 def test_client_disconnect_cancels_the_fan_out(api_url: str, sim: SimulatorServer) -> None:
     set_fault(sim, "*", hang={"rate": 1.0})
     with pytest.raises(httpx.ReadTimeout):

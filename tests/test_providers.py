@@ -261,10 +261,9 @@ async def test_circuit_breaker_opens_refuses_and_probes(pool: ProviderPool, sim:
     model = MODELS["anthropic"]
     set_fault(sim, model, error_500={"rate": 1.0})
     client = pool.clients["anthropic"]
-    one_try = req("anthropic", timeout_s=0.05)  # too short for a retry: one failure per call
-    for _ in range(3):
-        res = await client.complete(one_try)
-        assert res.error is not None and res.error.kind in (ErrorKind.SERVER_ERROR, ErrorKind.TIMEOUT)
+    for _ in range(3):  # each call fails after its retries: one breaker failure per call
+        res = await client.complete(req("anthropic"))
+        assert res.error is not None and res.error.kind is ErrorKind.SERVER_ERROR
     assert client.health()["state"] == "open"
     sent = stats(sim, model)["requests"]
     refused = await client.complete(req("anthropic"))
@@ -276,6 +275,17 @@ async def test_circuit_breaker_opens_refuses_and_probes(pool: ProviderPool, sim:
     clear_faults(sim, model)
     probe = await client.complete(req("anthropic"))
     assert probe.ok and client.health()["state"] == "closed"
+
+
+async def test_a_callers_short_deadline_does_not_open_the_circuit(
+    pool: ProviderPool, sim: SimulatorServer
+) -> None:
+    set_fault(sim, MODELS["gemini"], hang={"rate": 1.0})
+    client = pool.clients["gemini"]
+    for _ in range(4):  # the threshold is 3: a provider timeout would have opened it
+        res = await client.complete(req("gemini", timeout_s=0.1))
+        assert res.error is not None and res.error.kind is ErrorKind.TIMEOUT
+    assert client.health()["state"] == "closed"
 
 
 async def test_concurrency_limit_caps_in_flight_calls(sim: SimulatorServer) -> None:

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -148,18 +148,24 @@ class Api:
             message, param = _validation_message(e)
             raise ApiError(422, message, "invalid_request_error", "invalid_value", param) from None
 
-    @contextlib.contextmanager
-    def admitted(self) -> Any:
+    def admit(self) -> None:
         """Admission control: past the concurrency limit, say 429 with Retry-After at once."""
         if self.in_flight >= self.config.server.max_concurrent_requests:
             err = ApiError(429, "the service is at capacity; retry shortly", "rate_limit_error", "overloaded")
             err.headers["Retry-After"] = "1"
             raise err
         self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        self.admit()
         try:
             yield
         finally:
-            self.in_flight -= 1
+            self.release()
 
     def deadline(self, requested: float | None) -> float:
         limit = self.config.server.request_deadline_s
@@ -181,7 +187,10 @@ class Api:
                 "invalid_request",
                 "messages",
             )
-        with self.admitted():
+        self.admit()
+        streaming = False  # once the stream starts, it releases the slot when it ends
+        t0 = time.monotonic()
+        try:
             routed = await self.engine.route(messages, req.model)
             kwargs: dict[str, Any] = {
                 "params": req.params(),
@@ -189,14 +198,20 @@ class Api:
                 "routed": routed,
             }
             if not req.stream:
-                t0 = time.monotonic()
                 result = await until_disconnected(request, self.engine.run(messages, **kwargs))
                 self.record(result, 200, time.monotonic() - t0)
                 return JSONResponse(self.completion_body(req, result))
             events = self.engine.stream(messages, **kwargs)
             # Wait for the first event so that failures before any text get a real status code.
             first = await until_disconnected(request, anext(events))
-        return StreamingResponse(self.sse(req, first, events), media_type="text/event-stream")
+            streaming = True
+            return StreamingResponse(self.sse(req, first, events), media_type="text/event-stream")
+        except MoAError as e:
+            self.metrics.record(req.model, None, e.status_code, time.monotonic() - t0, None)
+            raise
+        finally:
+            if not streaming:
+                self.release()
 
     def record(self, result: MoAResult, status: int, seconds: float) -> None:
         complexity = result.decision.complexity.value if result.decision.complexity else None
@@ -258,6 +273,9 @@ class Api:
         except MoAError as e:
             # Text may already be out: the error travels in the stream, as OpenAI's API does.
             yield b"data: " + json.dumps(error_body(e.message, e.error_type, e.code)).encode() + b"\n\n"
+        finally:
+            self.release()
+            await events.aclose()  # type: ignore[attr-defined]
         yield b"data: [DONE]\n\n"
 
     async def moa(self, request: Request) -> Response:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -32,7 +34,7 @@ def percentile(values: Sequence[float], p: float) -> float:
     return ordered[rank - 1]
 
 
-def summarize(samples: Sequence[Sample], wall_s: float, cpu_s: float, peak_rss_mb: float) -> dict[str, float]:
+def summarize(samples: Sequence[Sample], wall_s: float, cpu_s: float, peak_rss_mb: float) -> dict[str, Any]:
     ok = [s for s in samples if s.ok]
     # Latency as the client lives it: failed requests count with the time they took to fail.
     e2e = [s.e2e_s * 1000 for s in samples]
@@ -52,4 +54,5 @@ def summarize(samples: Sequence[Sample], wall_s: float, cpu_s: float, peak_rss_m
         "cpu_ms_per_request": cpu_s * 1000 / n if n else math.nan,
         "peak_rss_mb": peak_rss_mb,
         "quorum_met_share": sum(bool(s.met_quorum) for s in quorum) / n if n else math.nan,
+        "error_kinds": dict(Counter(s.error or "?" for s in samples if not s.ok)),
     }

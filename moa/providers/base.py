@@ -284,6 +284,9 @@ class ProviderClient(ABC):
         """Breaker, concurrency slot and rate budget around the attempts; the breaker learns the outcome."""
         t0 = time.monotonic()
         deadline = t0 + (req.timeout_s or self.cfg.timeout_s)
+        # A deadline tighter than the provider's own timeout is the caller's budget (a layer or
+        # request deadline): running out of it says nothing about the provider's health.
+        caller_budget = req.timeout_s is not None and req.timeout_s < self.cfg.timeout_s
         missing = self._needs_key()
         if missing:
             yield self._failure(
@@ -324,7 +327,7 @@ class ProviderClient(ABC):
                 breaker.record_neutral()
             elif outcome is None:
                 breaker.record_success()
-            elif outcome.counts_against_health:
+            elif outcome.counts_against_health and not (outcome is ErrorKind.TIMEOUT and caller_budget):
                 breaker.record_failure()
             else:
                 breaker.record_neutral()
