@@ -71,6 +71,34 @@ def build_from_config(cfg: MoAConfig) -> Application:
     )
 
 
+# Measured with `moa bench`: about a quarter less orchestration overhead per request (user code on
+# Serve's own event loop, gRPC between replicas, direct ingress). Every deployment here is async.
+THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
+def start_local(
+    cfg: MoAConfig, host: str, port: int, num_cpus: float | None = None, quiet: bool = True
+) -> str:
+    """A local Ray instance with the app deployed; returns the base URL. ``stop_local`` ends it."""
+    import os
+
+    import ray
+
+    for key, value in THROUGHPUT_ENV.items():
+        os.environ.setdefault(key, value)  # set before Ray starts: its processes inherit it
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_from_config(cfg), name="moa", route_prefix="/")
+    return f"http://{host}:{port}"
+
+
+def stop_local() -> None:
+    import ray
+
+    serve.shutdown()
+    ray.shutdown()
+
+
 def run_local(
     cfg: MoAConfig, host: str, port: int, num_cpus: float | None = None, quiet: bool = True
 ) -> None:
@@ -78,14 +106,9 @@ def run_local(
     import signal
     import threading
 
-    import ray
-
     simulated = simulation_active(cfg) and not cfg.simulator.url
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet)
     try:
-        serve.start(http_options={"host": host, "port": port})
-        serve.run(build_from_config(cfg), name="moa", route_prefix="/")
-        url = f"http://{host}:{port}"
+        url = start_local(cfg, host, port, num_cpus, quiet)
         print(f"MoA service ready at {url}  (OpenAI-compatible: {url}/v1)", flush=True)
         if simulated:
             print(
@@ -103,5 +126,4 @@ def run_local(
             pass
         print("Shutting down...", flush=True)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stop_local()

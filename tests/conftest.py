@@ -121,8 +121,11 @@ def cluster(simulator: SimulatorServer, otlp: OTLPReceiver) -> Iterator[dict[str
     serve = pytest.importorskip("ray.serve")
     from ray.cluster_utils import Cluster
 
-    from serve_app import build_from_config
+    # The mode moa serve and the cluster files run in.
+    from serve_app import THROUGHPUT_ENV, build_from_config
 
+    for key, value in THROUGHPUT_ENV.items():
+        os.environ.setdefault(key, value)
     # Autoscaling decisions need fresh metrics; Serve's defaults push them every 10 s.
     os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
     os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"

@@ -226,21 +226,9 @@ class Simulator:
 
 
 def _serve(cfg: MoAConfig) -> tuple[str, Callable[[], None]]:
-    import ray
-    from ray import serve
+    from serve_app import start_local, stop_local
 
-    from serve_app import build_from_config
-
-    port = _free_port()
-    ray.init(include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_from_config(cfg), name="moa", route_prefix="/")
-
-    def stop() -> None:
-        serve.shutdown()
-        ray.shutdown()
-
-    return f"http://127.0.0.1:{port}", stop
+    return start_local(cfg, "127.0.0.1", _free_port()), stop_local
 
 
 async def run(opts: BenchOptions) -> dict[str, Any]:
