@@ -336,6 +336,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
             label=f"{target} p99",
         )
         over.plot(xs, [r["overhead_p50_ms"] for r in rows], marker="o", color=line.get_color(), label=target)
+    over.set_yscale("log")  # overheads span milliseconds to seconds across targets
     for ax, title, unit in ((lat, "end-to-end latency", "ms"), (over, "orchestration overhead (p50)", "ms")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrency")
