@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from moa.benchmark.runner import SCENARIOS, BenchOptions
+from moa.benchmark.options import SCENARIOS, BenchOptions
 
 
 def _ints(text: str) -> list[int]:

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,39 +20,11 @@ import psutil
 from rich.progress import Progress
 
 from moa.benchmark.baseline import Baseline
+from moa.benchmark.options import FAULTY_MODEL, SCENARIOS, BenchOptions
 from moa.benchmark.stats import Sample, summarize
 from moa.config import MoAConfig, load_config
 
 Send = Callable[[str], Awaitable[Sample]]
-# One proposer of moa-lite misbehaves in the fault scenarios.
-FAULTY_MODEL = "gemini-2.5-flash"
-SCENARIOS: dict[str, dict[str, Any]] = {
-    "none": {},
-    "hang": {"hang": {"rate": 1.0}},
-    "flaky": {"error_500": {"rate": 0.3}},
-    "burst429": {"error_429": {"rate": 1.0, "first_n": 20, "retry_after_s": 1.0}},
-}
-
-
-@dataclass
-class BenchOptions:
-    prompts: Path | None = None
-    concurrency: Sequence[int] = (1, 8, 32)
-    # Requests per target and level: at least this many, and at least twice the concurrency.
-    requests: int = 8
-    targets: Sequence[str] = ("baseline", "serve:moa-lite", "serve:moa", "serve:openai/gpt-4.1-mini")
-    scenarios: Sequence[str] = ("none", "hang", "flaky", "burst429")
-    fault_concurrency: int = 8
-    fault_requests: int = 24
-    ttft_s: float = 0.3
-    tokens_per_s: float = 50.0
-    jitter: float = 0.1
-    # Longer than any healthy proposer takes at the default profile (answers of up to ~500 tokens
-    # at 50 tokens/s), so it only bites when a proposer hangs.
-    layer_deadline_s: float = 15.0
-    baseline_fault_timeout_s: float = 10.0
-    out: Path = Path("bench-results")
-    results: list[dict[str, Any]] = field(default_factory=list)
 
 
 def load_prompts(path: Path | None) -> list[str]:
