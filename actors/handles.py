@@ -1,17 +1,14 @@
 """The engine's transports over Ray Serve handles: model calls to the provider deployments,
-fusion to the aggregator deployment, routing to the router deployment. Every call carries the
+fusion to the aggregator deployment. Every call carries the
 W3C trace context (``trace=``) so the callee's spans join the caller's trace."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from moa.engine.fusion import FuseEvent, FuseJob
-from moa.engine.plan import Plan
-from moa.engine.result import RouteDecision
-from moa.engine.router import HealthView
-from moa.types import CallError, CallRequest, CallResult, ChatMessage, ErrorKind, StreamEvent
+from moa.types import CallError, CallRequest, CallResult, ErrorKind, StreamEvent
 from observability.tracing import inject
 
 
@@ -60,19 +57,3 @@ class RemoteFuser:
     async def fuse(self, job: FuseJob) -> AsyncIterator[FuseEvent]:
         async for ev in self._handle.fuse.remote(job, trace=inject()):
             yield ev
-
-
-class RemoteRouter:
-    """The router deployment behind the ``RouterPolicy.route`` signature the engine expects."""
-
-    def __init__(self, handle: Any) -> None:
-        self._handle = handle
-
-    async def route(
-        self, messages: Sequence[ChatMessage], preset: str | None = None, health: HealthView | None = None
-    ) -> tuple[Plan, RouteDecision, list[CallResult]]:
-        # The router deployment owns the health view; the one passed in is ignored.
-        answer: tuple[Plan, RouteDecision, list[CallResult]] = await self._handle.route.remote(
-            list(messages), preset, trace=inject()
-        )
-        return answer

@@ -1,7 +1,8 @@
 """The router deployment: the routing policy plus the live health state it needs.
 
-Provider replicas report their circuit states and latencies here; the router answers "which plan
-for this request" from that view, so no request is sent to a provider whose circuit is open.
+Provider replicas report their circuit states and latencies here. The router answers "which plan
+for this request" (``route``) and hands its health view to ingress replicas, which route with a
+local copy of the same policy so the decision costs no hop on the request path.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from opentelemetry import context as otel_context
 from actors.handles import HandleCaller
 from actors.telemetry import init_replica_telemetry
 from moa.config import parse_config
-from moa.engine.router import HealthBoard, RouterPolicy
+from moa.engine.router import HealthBoard, HealthView, RouterPolicy
 from moa.types import ChatMessage
 from observability.tracing import extract
 
@@ -41,6 +42,10 @@ class RouterDeployment:
         self, provider: str, replica: str, snapshot: Mapping[str, Any], latencies: Mapping[str, float]
     ) -> None:
         self.board.report(provider, replica, snapshot, latencies, time.monotonic())
+
+    def health_view(self) -> HealthView:
+        """What ingress replicas route with: which providers are unavailable, recent latencies."""
+        return self.board.view(time.monotonic())
 
     def health(self) -> dict[str, dict[str, object]]:
         return self.board.summary(self.config.providers, time.monotonic())

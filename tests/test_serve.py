@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from moa.simulator.server import SimulatorServer
+from moa.types import ChatMessage
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -204,6 +205,16 @@ def test_provider_deployments_scale_independently(url: str, sim: SimulatorServer
         _burst(url, body, 12)
     assert replicas("provider-openai") >= 2
     assert replicas("provider-anthropic") == 1 and replicas("provider-gemini") == 1
+
+
+def test_router_deployment_answers_which_plan(url: str) -> None:
+    router = serve.get_deployment_handle("router", app_name="moa")
+    plan, decision, calls = router.route.remote([ChatMessage(role="user", content="Hi!")], "auto").result(
+        timeout_s=30
+    )
+    assert decision.preset == "single" and plan.is_single and calls == []
+    view = router.health_view.remote().result(timeout_s=30)
+    assert view.unavailable == frozenset()
 
 
 def test_healthz_reports_every_provider(url: str) -> None:
