@@ -1,7 +1,8 @@
 """The Ray Serve application: ``serve run serve_app:build_app config=PATH``.
 
 One deployment per provider (own autoscaling and concurrency; one shared RPM/TPM limiter actor per
-provider), the router, the aggregator and the HTTP ingress. With no API keys in the environment
+provider), the router and the HTTP ingress; an aggregator deployment when ``serve.fusion`` is
+``deployment``. With no API keys in the environment
 (simulator mode) and no ``simulator.url`` configured, a simulator deployment is added too.
 """
 
@@ -60,9 +61,11 @@ def build_from_config(cfg: MoAConfig) -> Application:
     router = serve.deployment(RouterDeployment, name="router", **cfg.serve.router.serve_options(1000)).bind(
         raw, providers
     )
-    aggregator = serve.deployment(
-        AggregatorDeployment, name="aggregator", **cfg.serve.aggregator.serve_options(1000)
-    ).bind(raw, providers)
+    aggregator = None
+    if cfg.serve.fusion == "deployment":
+        aggregator = serve.deployment(
+            AggregatorDeployment, name="aggregator", **cfg.serve.aggregator.serve_options(1000)
+        ).bind(raw, providers)
     ingress_opts = cfg.serve.ingress.serve_options(
         default_max_ongoing=cfg.server.max_concurrent_requests + 16
     )

@@ -11,6 +11,9 @@ import httpx
 import openai
 import pytest
 
+from moa.config import parse_config
+from moa.engine.fusion import FuseJob, FuseStep
+from moa.engine.plan import AggregatorSpec
 from moa.simulator.server import SimulatorServer
 from moa.types import ChatMessage
 
@@ -157,7 +160,7 @@ def test_client_disconnect_cancels_the_fan_out(url: str, sim: SimulatorServer) -
 
 
 def test_fan_out_crosses_nodes(cluster: dict[str, Any], client: openai.OpenAI) -> None:
-    """Ingress, router and aggregator live on the head node, every provider replica on the worker."""
+    """Ingress and router live on the head node, every provider replica on the worker."""
     for name in ("openai", "anthropic", "gemini"):
         handle = serve.get_deployment_handle(f"provider-{name}", app_name="moa")
         health = handle.health.remote().result(timeout_s=30)
@@ -227,3 +230,36 @@ def test_healthz_reports_every_provider(url: str) -> None:
     assert body["status"] == "ok"
     assert set(body["providers"]) == {"openai", "anthropic", "gemini", "narrow", "metered"}
     assert body["providers"]["narrow"]["replicas"] == 2
+
+
+def test_fusion_in_an_aggregator_deployment(cluster: dict[str, Any], sim: SimulatorServer) -> None:
+    """``serve.fusion: deployment`` adds the aggregator deployment; the default app has none."""
+    from serve_app import build_from_config
+
+    assert "aggregator" not in serve.status().applications["moa"].deployments
+    raw = cluster["config"].model_dump(mode="json")
+    raw["serve"]["fusion"] = "deployment"
+    for name in ("narrow", "metered"):
+        del raw["providers"][name]
+    cfg = parse_config(raw, "the aggregator-deployment config")
+    serve.run(build_from_config(cfg), name="moa-agg", route_prefix="/agg")
+    try:
+        assert "aggregator" in serve.status().applications["moa-agg"].deployments
+        body = {"model": "moa-lite", "messages": QUESTION, "moa": {"detail": True}}
+        r = httpx.post(str(cluster["url"]) + "/agg/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"].startswith("Synthesis of 3 references")
+        assert [c["stage"] for c in r.json()["moa"]["calls"]][-1] == "aggregator"
+        # The aggregator deployment fuses on its own, through the provider deployments.
+        aggregator = serve.get_deployment_handle("aggregator", app_name="moa-agg").options(stream=True)
+        job = FuseJob(
+            chain=(AggregatorSpec(provider="openai", model="gpt-4.1"),),
+            messages=(ChatMessage(role="user", content="Why is the sky blue?"),),
+            references=("Rayleigh scattering.", "Shorter wavelengths scatter more."),
+            call_timeout_s=30,
+        )
+        events = list(aggregator.fuse.remote(job))
+        assert len(events) == 1 and isinstance(events[0], FuseStep) and events[0].result.ok
+        assert events[0].result.text.startswith("Synthesis of 2 references")
+    finally:
+        serve.delete("moa-agg")
