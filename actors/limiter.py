@@ -1,5 +1,6 @@
 """The cluster-wide RPM/TPM budget of one provider: a deployment-scoped actor shared by every
-replica of that provider's deployment, handing out reservations."""
+replica of that provider's deployment. Replicas lease slices of it (``LeasedRateBudget``), so a
+call costs a round trip to this actor only when its replica's lease cannot cover it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from typing import Any
 
 import ray
 
-from moa.limits import RateBudgetExceeded
 from moa.ratelimit import ReservationLimiter
 
 LIMITER_NAME = "rate-limiter"
@@ -22,19 +22,23 @@ class RateLimiterActor:
     def __init__(self, rpm: int | None, tpm: int | None) -> None:
         self.limiter = ReservationLimiter(rpm, tpm)
 
-    def reserve(self, tokens: int, max_wait_s: float) -> tuple[bool, float]:
-        r = self.limiter.reserve(tokens, max_wait_s)
-        return r.granted, r.wait_s
+    def reserve(
+        self, tokens: int, max_wait_s: float, lease_requests: int = 0, lease_tokens: int = 0
+    ) -> tuple[bool, float, int, int]:
+        return self.limiter.reserve_and_lease(tokens, max_wait_s, lease_requests, lease_tokens)
 
-    def settle(self, reserved_tokens: int, actual_tokens: int) -> None:
-        self.limiter.settle(reserved_tokens, actual_tokens)
+    def lease(self, requests: int, tokens: int) -> tuple[int, int]:
+        return self.limiter.lease(requests, tokens)
+
+    def give_back(self, requests: int, tokens: int) -> None:
+        self.limiter.give_back(requests, tokens)
 
     def stats(self) -> dict[str, float]:
         return self.limiter.stats()
 
 
-class ClusterRateBudget:
-    """``RateBudget`` backed by the limiter actor; looks the actor up again if it was recreated."""
+class LimiterAuthority:
+    """``BudgetAuthority`` over the limiter actor; looks the actor up again if it was recreated."""
 
     def __init__(self, lookup: Callable[[], Any]) -> None:
         self._lookup = lookup
@@ -53,13 +57,17 @@ class ClusterRateBudget:
                 await asyncio.sleep(0.1)
         raise AssertionError("unreachable")
 
-    async def acquire(self, tokens: int, timeout_s: float) -> None:
-        granted, wait = await self._call("reserve", tokens, timeout_s)
-        if not granted:
-            raise RateBudgetExceeded(retry_after_s=wait)
-        if wait > 0:
-            await asyncio.sleep(wait)
+    async def reserve(
+        self, tokens: int, max_wait_s: float, lease_requests: int, lease_tokens: int
+    ) -> tuple[bool, float, int, int]:
+        granted, wait, requests, leased_tokens = await self._call(
+            "reserve", tokens, max_wait_s, lease_requests, lease_tokens
+        )
+        return granted, wait, requests, leased_tokens
 
-    async def settle(self, reserved_tokens: int, actual_tokens: int) -> None:
-        if reserved_tokens != actual_tokens:
-            await self._call("settle", reserved_tokens, actual_tokens)
+    async def lease(self, requests: int, tokens: int) -> tuple[int, int]:
+        got_requests, got_tokens = await self._call("lease", requests, tokens)
+        return got_requests, got_tokens
+
+    async def give_back(self, requests: int, tokens: int) -> None:
+        await self._call("give_back", requests, tokens)

@@ -1,5 +1,6 @@
 """One Serve deployment per provider: each replica holds its SDK client, concurrency semaphore and
-circuit breaker; the account's RPM/TPM budget is shared by all replicas through one limiter actor."""
+circuit breaker; the account's RPM/TPM budget is shared by all replicas through one limiter actor,
+which each replica leases slices of."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ from typing import Any
 from opentelemetry import context as otel_context
 from ray import serve
 
-from actors.limiter import LIMITER_NAME, ClusterRateBudget
+from actors.limiter import LIMITER_NAME, LimiterAuthority
 from actors.telemetry import init_replica_telemetry, shutdown_replica_telemetry
 from moa.config import parse_config, resolve_endpoint, simulation_active
-from moa.limits import ProviderLimits
+from moa.limits import LeasedRateBudget, ProviderLimits
 from moa.providers.base import ProviderClient
 from moa.providers.registry import build_client
 from moa.types import CallRequest, CallResult, StreamEvent
@@ -43,7 +44,8 @@ class ProviderDeployment:
         endpoint = resolve_endpoint(self.config, provider, sim_url=sim_url)
         budget = None
         if pcfg.limits.rpm or pcfg.limits.tpm:
-            budget = ClusterRateBudget(lambda: serve.get_deployment_actor(LIMITER_NAME))
+            authority = LimiterAuthority(lambda: serve.get_deployment_actor(LIMITER_NAME))
+            budget = LeasedRateBudget(authority, pcfg.limits.rpm, pcfg.limits.tpm)
         self.client: ProviderClient = build_client(
             provider,
             pcfg,

@@ -4,8 +4,10 @@ a concurrency limit, a requests/tokens-per-minute budget, and a circuit breaker.
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from enum import StrEnum
 from typing import Protocol
 
@@ -14,6 +16,8 @@ from moa.ratelimit import ReservationLimiter
 from moa.tokens import approx_message_tokens
 
 DEFAULT_OUTPUT_RESERVE = 512
+
+log = logging.getLogger("moa.limits")
 
 
 class CircuitState(StrEnum):
@@ -112,6 +116,143 @@ class LocalRateBudget:
 
     async def settle(self, reserved_tokens: int, actual_tokens: int) -> None:
         self.limiter.settle(reserved_tokens, actual_tokens)
+
+
+class BudgetAuthority(Protocol):
+    """Where a shared budget lives (in Ray, the provider's limiter actor); every call is a round trip."""
+
+    async def reserve(
+        self, tokens: int, max_wait_s: float, lease_requests: int, lease_tokens: int
+    ) -> tuple[bool, float, int, int]:
+        """A reservation for one call, plus a lease of the given size when it needs no wait:
+        (granted, wait_s, leased requests, leased tokens)."""
+        ...
+
+    async def lease(self, requests: int, tokens: int) -> tuple[int, int]: ...
+
+    async def give_back(self, requests: int, tokens: int) -> None: ...
+
+
+class LeasedRateBudget:
+    """This process's share of a budget held elsewhere, so most calls cost no round trip.
+
+    The holder leases ``lease_s`` worth of the budget's refill (``rpm/60`` requests and ``tpm/60``
+    tokens per second) out of what is free now, spends it locally, tops it up in the background
+    when half is gone, and gives back what is left once it has gone ``hold_s`` without a top-up
+    (an idle replica keeps its slice a while, so a quiet service's next call is local too). So no
+    replica holds more than ``lease_s`` of refill. Token settlements are booked on the lease. Calls
+    the lease cannot cover go to the authority as plain reservations (waits and refusals as
+    before); budgets smaller than one call per ``lease_s`` are never leased, so they stay exact.
+    """
+
+    def __init__(
+        self,
+        authority: BudgetAuthority,
+        rpm: int | None,
+        tpm: int | None,
+        lease_s: float = 1.0,
+        hold_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.authority = authority
+        self.rpm, self.tpm = rpm, tpm
+        self.hold_s = hold_s
+        self.clock = clock
+        self.lease_requests = int(rpm * lease_s / 60) if rpm else 0
+        self.lease_tokens = int(tpm * lease_s / 60) if tpm else 0
+        self.leasing = (not rpm or self.lease_requests >= 1) and (not tpm or self.lease_tokens >= 1)
+        self.requests = 0  # leased and unspent; counted only when rpm is set
+        self.tokens = 0  # leased and unspent (negative: overspent); counted only when tpm is set
+        self.expires = -math.inf
+        self._topping_up = False
+        self._expiry: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def acquire(self, tokens: int, timeout_s: float) -> None:
+        if self._take(tokens):
+            if self._low():
+                self._spawn(self._top_up())
+            return
+        want = self._want() if not self._topping_up else (0, 0)
+        self._topping_up = self._topping_up or want != (0, 0)
+        try:
+            granted, wait, requests, leased_tokens = await self.authority.reserve(tokens, timeout_s, *want)
+        finally:
+            if want != (0, 0):
+                self._topping_up = False
+        self._add(requests, leased_tokens)
+        if not granted:
+            raise RateBudgetExceeded(wait)
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    async def settle(self, reserved_tokens: int, actual_tokens: int) -> None:
+        if not self.tpm or reserved_tokens == actual_tokens:
+            return
+        if self.clock() < self.expires:
+            self.tokens += reserved_tokens - actual_tokens
+        else:
+            self._spawn(self.authority.give_back(0, reserved_tokens - actual_tokens))
+
+    def _take(self, tokens: int) -> bool:
+        if not self.leasing or self.clock() >= self.expires:
+            return False
+        if (self.rpm and self.requests < 1) or (self.tpm and self.tokens < tokens):
+            return False
+        self.requests -= 1 if self.rpm else 0
+        self.tokens -= tokens if self.tpm else 0
+        return True
+
+    def _low(self) -> bool:
+        return bool(
+            (self.rpm and self.requests * 2 < self.lease_requests)
+            or (self.tpm and self.tokens * 2 < self.lease_tokens)
+        )
+
+    def _want(self) -> tuple[int, int]:
+        if not self.leasing:
+            return 0, 0
+        return max(0, self.lease_requests - self.requests), max(0, self.lease_tokens - self.tokens)
+
+    def _add(self, requests: int, tokens: int) -> None:
+        if not (requests or tokens):
+            return
+        self.requests += requests
+        self.tokens += tokens
+        self.expires = self.clock() + self.hold_s
+        if self._expiry is None:
+            self._expiry = asyncio.get_running_loop().call_later(self.hold_s, self._expire)
+
+    def _expire(self) -> None:
+        self._expiry = None
+        left = self.expires - self.clock()
+        if left > 0:  # topped up since: look again when that lease ends
+            self._expiry = asyncio.get_running_loop().call_later(left, self._expire)
+            return
+        requests, tokens = self.requests, self.tokens
+        self.requests = self.tokens = 0
+        if requests or tokens:
+            self._spawn(self.authority.give_back(requests, tokens))
+
+    async def _top_up(self) -> None:
+        if self._topping_up:
+            return
+        self._topping_up = True
+        try:
+            self._add(*await self.authority.lease(*self._want()))
+        finally:
+            self._topping_up = False
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # The authority may be restarting: the budget's next call goes to it directly anyway.
+            log.debug("rate budget bookkeeping failed: %s", type(task.exception()).__name__)
 
 
 class UnlimitedBudget:

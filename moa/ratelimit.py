@@ -4,10 +4,15 @@ A reservation takes its tokens at once (the bucket may go into debt) and tells t
 to wait before sending, so the holder never blocks: one call per request, granted in arrival order.
 That makes the same object usable in-process and inside one Ray actor shared by every replica of a
 provider deployment (the cluster-wide budget).
+
+A holder may also take a *lease*: a slice of what is available right now (never debt), which it
+spends locally without asking again, and gives back what it did not spend. Leases are what keep the
+shared budget off the request path (``moa.limits.LeasedRateBudget``).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,6 +75,45 @@ class ReservationLimiter:
             self.tokens.level -= min(tokens, self.tokens.per_minute)
         self.granted += 1
         return Reservation(True, wait)
+
+    def reserve_and_lease(
+        self, tokens: int, max_wait_s: float, lease_requests: int, lease_tokens: int
+    ) -> tuple[bool, float, int, int]:
+        """A reservation, plus a lease when it needs no wait (one round trip for a lease holder):
+        (granted, wait_s, leased requests, leased tokens)."""
+        r = self.reserve(tokens, max_wait_s)
+        leased = (0, 0)
+        if r.granted and r.wait_s == 0 and (lease_requests or lease_tokens):
+            leased = self.lease(lease_requests, lease_tokens)
+        return r.granted, r.wait_s, *leased
+
+    def lease(self, requests: int, tokens: int) -> tuple[int, int]:
+        """Up to ``requests`` requests and ``tokens`` tokens that are free now, taken out of the
+        buckets; (0, 0) unless every configured bucket can give some (a lease with no requests
+        would serve no call). An unconfigured bucket gives 0: its holder does not count it."""
+        now = self.clock()
+        got = []
+        for bucket, wanted in ((self.requests, requests), (self.tokens, tokens)):
+            if bucket is None:
+                got.append(0)
+                continue
+            bucket.refill(now)
+            got.append(max(0, min(wanted, math.floor(bucket.level))))
+            if got[-1] < 1:
+                return 0, 0
+        if self.requests is not None:
+            self.requests.level -= got[0]
+        if self.tokens is not None:
+            self.tokens.level -= got[1]
+        return got[0], got[1]
+
+    def give_back(self, requests: int, tokens: int) -> None:
+        """Return the unspent part of a lease; a negative amount charges what a holder overspent."""
+        now = self.clock()
+        for bucket, amount in ((self.requests, requests), (self.tokens, tokens)):
+            if bucket is not None and amount:
+                bucket.refill(now)
+                bucket.level = min(bucket.per_minute, bucket.level + amount)
 
     def settle(self, reserved_tokens: int, actual_tokens: int) -> None:
         """Correct the token bucket once real usage is known (refund or extra charge)."""

@@ -93,11 +93,12 @@ def _test_config(sim_url: str) -> MoAConfig:
         "deployment": {"num_cpus": 0.05, "num_replicas": 2, **ON_WORKER},
         "models": {"narrow-model": {"input_per_mtok": 1, "output_per_mtok": 2}},
     }
-    # Six requests a minute for the whole account, whatever the replica count.
+    # Sixty requests a minute for the whole account, whatever the replica count: enough for each
+    # replica to lease a slice (one request a second), so the test covers leases too.
     raw["providers"]["metered"] = {
         "kind": "openai",
         "api_key_env": "METERED_API_KEY",
-        "limits": {"rpm": 6},
+        "limits": {"rpm": 60},
         "deployment": {"num_cpus": 0.05, "num_replicas": 2, **ON_WORKER},
         "models": {"metered-model": {}},
     }
@@ -107,7 +108,7 @@ def _test_config(sim_url: str) -> MoAConfig:
         "router": {"num_cpus": 0.05, "num_replicas": 1, **ON_HEAD},
         "aggregator": {"num_cpus": 0.05, "num_replicas": 1, **ON_HEAD},
     }
-    raw["server"] = {"max_request_bytes": 20_000, "max_concurrent_requests": 64, "request_deadline_s": 60}
+    raw["server"] = {"max_request_bytes": 20_000, "max_concurrent_requests": 128, "request_deadline_s": 60}
     return parse_config(raw, "the test config")
 
 

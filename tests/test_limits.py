@@ -3,8 +3,12 @@ the circuit breaker."""
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
+
 import pytest
 
+from moa.limits import LeasedRateBudget, RateBudgetExceeded
 from moa.ratelimit import ReservationLimiter
 
 
@@ -74,3 +78,85 @@ def test_circuit_breaker_states() -> None:
     assert b.allow()
     b.record_success()
     assert b.state is CircuitState.CLOSED and b.snapshot()["consecutive_failures"] == 0
+
+
+# -- leases: a replica's share of a budget held elsewhere ------------------------------------------
+
+
+class InProcessAuthority:
+    """The limiter actor's three methods over the same ReservationLimiter, counting round trips."""
+
+    def __init__(self, limiter: ReservationLimiter) -> None:
+        self.limiter = limiter
+        self.calls: Counter[str] = Counter()
+
+    async def reserve(
+        self, tokens: int, max_wait_s: float, lease_requests: int, lease_tokens: int
+    ) -> tuple[bool, float, int, int]:
+        self.calls["reserve"] += 1
+        return self.limiter.reserve_and_lease(tokens, max_wait_s, lease_requests, lease_tokens)
+
+    async def lease(self, requests: int, tokens: int) -> tuple[int, int]:
+        self.calls["lease"] += 1
+        return self.limiter.lease(requests, tokens)
+
+    async def give_back(self, requests: int, tokens: int) -> None:
+        self.calls["give_back"] += 1
+        self.limiter.give_back(requests, tokens)
+
+
+async def settle_background() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_a_lease_keeps_most_calls_local() -> None:
+    limiter = ReservationLimiter(rpm=600, tpm=None, clock=Clock())  # frozen: no refill
+    authority = InProcessAuthority(limiter)
+    budget = LeasedRateBudget(authority, rpm=600, tpm=None)  # leases of 10 requests
+    for _ in range(40):
+        await budget.acquire(100, timeout_s=1)
+        await settle_background()
+    assert authority.calls["reserve"] == 1  # the first call; top-ups ran in the background
+    assert authority.calls["lease"] <= 8
+    # Every request granted or leased came out of the one budget.
+    assert limiter.requests is not None and limiter.requests.level == 600 - 40 - budget.requests
+
+
+async def test_the_shared_budget_holds_exactly_with_leases() -> None:
+    limiter = ReservationLimiter(rpm=120, tpm=None, clock=Clock())
+    replicas = [LeasedRateBudget(InProcessAuthority(limiter), rpm=120, tpm=None) for _ in range(3)]
+    granted = refused = 0
+    for i in range(200):
+        try:
+            await replicas[i % 3].acquire(10, timeout_s=0)
+            granted += 1
+        except RateBudgetExceeded as e:
+            refused += 1
+            assert e.retry_after_s == pytest.approx(0.5)
+        await settle_background()
+    assert granted == 120 and refused == 80
+
+
+async def test_unspent_lease_and_token_refunds_go_back_when_held_idle() -> None:
+    limiter = ReservationLimiter(rpm=None, tpm=60_000, clock=Clock())
+    authority = InProcessAuthority(limiter)
+    budget = LeasedRateBudget(authority, rpm=None, tpm=60_000, lease_s=0.1, hold_s=0.1)  # 100 tokens
+    await budget.acquire(80, timeout_s=1)  # remote: reserves 80, leases 100
+    await budget.acquire(50, timeout_s=1)  # local
+    await budget.settle(reserved_tokens=50, actual_tokens=20)  # refund 30 onto the lease
+    assert authority.calls == {"reserve": 1}
+    await asyncio.sleep(0.3)
+    assert authority.calls["give_back"] == 1 and budget.tokens == 0
+    assert limiter.tokens is not None and limiter.tokens.level == 60_000 - 80 - 20
+
+
+async def test_small_budgets_are_never_leased() -> None:
+    limiter = ReservationLimiter(rpm=6, tpm=None, clock=Clock())
+    authority = InProcessAuthority(limiter)
+    budget = LeasedRateBudget(authority, rpm=6, tpm=None)  # 0.1 request per second: no lease
+    for _ in range(6):
+        await budget.acquire(10, timeout_s=0)
+    with pytest.raises(RateBudgetExceeded):
+        await budget.acquire(10, timeout_s=0)
+    assert authority.calls == {"reserve": 7}

@@ -187,11 +187,16 @@ def test_concurrency_limit_holds_across_replicas(url: str, sim: SimulatorServer)
 
 
 def test_cluster_wide_rpm_holds_with_two_replicas(url: str, sim: SimulatorServer) -> None:
-    body = {"model": "metered/metered-model", "messages": QUESTION, "moa": {"deadline_s": 3}}
-    statuses = _burst(url, body, 10)
-    # Six a minute for the account: the burst gets six answers and four 429s, whichever replica served.
-    assert sorted(statuses) == [200] * 6 + [429] * 4
-    assert sim_stats(sim)["metered-model"]["requests"] == 6
+    body = {"model": "metered/metered-model", "messages": QUESTION, "moa": {"deadline_s": 1}}
+    t0 = time.monotonic()
+    statuses = _burst(url, body, 100)
+    elapsed = time.monotonic() - t0
+    # Sixty a minute for the account, whichever replica served and whatever it leased: the burst
+    # gets the full bucket plus what refilled (one a second) while it ran or could wait, no more.
+    answered = statuses.count(200)
+    assert 60 <= answered <= 60 + elapsed + 2, (answered, elapsed)
+    assert statuses.count(429) == 100 - answered
+    assert sim_stats(sim)["metered-model"]["requests"] == answered
 
 
 def test_provider_deployments_scale_independently(url: str, sim: SimulatorServer) -> None:

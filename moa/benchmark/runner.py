@@ -159,7 +159,8 @@ def bench_config(sim_url: str, layer_deadline_s: float) -> MoAConfig:
     for p in raw["providers"].values():
         p["deployment"] = {**p.get("deployment", {}), "num_replicas": 1}
         p["deployment"].pop("autoscaling", None)
-        p["limits"] = {"concurrency": 256}
+        # The bundled RPM/TPM budgets stay: their limiter is part of what a request costs.
+        p["limits"] = {**p.get("limits", {}), "concurrency": 256}
     from moa.config import parse_config
 
     return parse_config(raw, "the benchmark config")
