@@ -268,3 +268,16 @@ def test_fusion_in_an_aggregator_deployment(cluster: dict[str, Any], sim: Simula
         assert events[0].result.text.startswith("Synthesis of 2 references")
     finally:
         serve.delete("moa-agg")
+
+
+def test_bench_floor_app_times_every_probe(url: str) -> None:
+    """``moa bench --targets floor``: the bare app deploys beside the service, answers, and goes."""
+    from rich.progress import Progress
+
+    from moa.benchmark.runner import measure_floor
+
+    with Progress(disable=True) as progress:
+        rows = asyncio.run(measure_floor(url, progress, progress.add_task("floor", total=None)))
+    assert [r["path"] for r in rows] == ["/http", "/hop", "/fan-out", "/chain"]
+    assert all(0 < r["p50_ms"] <= r["p99_ms"] for r in rows)
+    assert "floor" not in serve.status().applications

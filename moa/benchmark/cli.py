@@ -34,6 +34,16 @@ def _names(allowed: set[str] | None) -> Callable[[str], list[str]]:
     return parse
 
 
+def _targets(text: str) -> list[str]:
+    names = _names(None)(text)
+    unknown = [n for n in names if n not in ("baseline", "floor") and not n.startswith("serve:")]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown target(s): {', '.join(unknown) or '(none given)'} (baseline, floor or serve:MODEL)"
+        )
+    return names
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d = BenchOptions()
     p = sub.add_parser("bench", help="benchmark the Serve app against a single-process baseline")
@@ -47,9 +57,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--targets",
-        type=_names(None),
+        type=_targets,
         default=list(d.targets),
-        help="baseline and serve:MODEL entries (a preset or provider/model), comma-separated",
+        help="baseline, serve:MODEL (a preset or provider/model) and floor (a bare Serve app's "
+        "hop latencies), comma-separated",
     )
     p.add_argument(
         "--scenarios", type=_names(set(SCENARIOS)), default=list(d.scenarios), help="fault scenarios"

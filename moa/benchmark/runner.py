@@ -21,7 +21,7 @@ from rich.progress import Progress
 
 from moa.benchmark.baseline import Baseline
 from moa.benchmark.options import FAULTY_MODEL, SCENARIOS, BenchOptions
-from moa.benchmark.stats import Sample, summarize
+from moa.benchmark.stats import Sample, percentile, summarize
 from moa.config import MoAConfig, load_config
 
 Send = Callable[[str], Awaitable[Sample]]
@@ -203,19 +203,56 @@ def _serve(cfg: MoAConfig) -> tuple[str, Callable[[], None]]:
     return start_local(cfg, "127.0.0.1", _free_port()), stop_local
 
 
+FLOOR_REQUESTS = 200
+
+
+async def measure_floor(url: str, progress: Progress, task: Any) -> list[dict[str, Any]]:
+    """The bare Serve app beside the service (same Ray instance and mode): HTTP and hop latencies."""
+    from ray import serve
+
+    from actors.probe import PROBES, build_probe
+
+    serve.run(build_probe(), name="floor", route_prefix="/floor")
+    rows = []
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            for path, what in PROBES.items():
+                for _ in range(20):  # warm-up: connections, replicas' first calls
+                    (await client.get(f"{url}/floor{path}")).raise_for_status()
+                times = []
+                for _ in range(FLOOR_REQUESTS):
+                    t0 = time.perf_counter()
+                    (await client.get(f"{url}/floor{path}")).raise_for_status()
+                    times.append(1000 * (time.perf_counter() - t0))
+                    progress.advance(task)
+                rows.append(
+                    {
+                        "path": path,
+                        "what": what,
+                        "requests": FLOOR_REQUESTS,
+                        "p50_ms": percentile(times, 50),
+                        "p99_ms": percentile(times, 99),
+                    }
+                )
+    finally:
+        serve.delete("floor")
+    return rows
+
+
 async def run(opts: BenchOptions) -> dict[str, Any]:
     prompts = load_prompts(opts.prompts)
     sim = Simulator(opts.ttft_s, opts.tokens_per_s, opts.jitter)
     tree = ProcessTree(exclude={sim.proc.pid})
     serve_targets = [t.split(":", 1)[1] for t in opts.targets if t.startswith("serve:")]
     per_level = {c: max(opts.requests, 2 * c) for c in opts.concurrency}
-    levels = sum(per_level.values()) * len(opts.targets)
+    levels = sum(per_level.values()) * len([t for t in opts.targets if t != "floor"])
     faulted = len(opts.scenarios) * opts.fault_requests * (2 if "baseline" in opts.targets else 1)
-    report: dict[str, Any] = {"options": _jsonable(opts), "levels": [], "scenarios": []}
+    floor = FLOOR_REQUESTS * 4 if "floor" in opts.targets else 0
+    report: dict[str, Any] = {"options": _jsonable(opts), "levels": [], "scenarios": [], "floor": []}
     stop_serve: Callable[[], None] | None = None
     try:
         with Progress() as progress:
-            task = progress.add_task("benchmark", total=levels + faulted)
+            task = progress.add_task("benchmark", total=levels + faulted + floor)
             if "baseline" in opts.targets:
                 base = Baseline(sim.url)
                 for c in opts.concurrency:
@@ -224,6 +261,9 @@ async def run(opts: BenchOptions) -> dict[str, Any]:
                     report["levels"].append({"target": "baseline", "concurrency": c, **row})
                 await base.aclose()
             url, stop_serve = _serve(bench_config(sim.url, opts.layer_deadline_s))
+            if floor:
+                progress.update(task, description="Serve floor (bare app)")
+                report["floor"] = await measure_floor(url, progress, task)
             for model in serve_targets:
                 target = HttpTarget(url, model)
                 for c in opts.concurrency:
@@ -285,6 +325,14 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {r['scenario']} | {r['target']} | {_fmt(r['p50_ms'])} | {_fmt(r['p99_ms'])} "
                 f"| {r['ok']}/{r['requests']} | {_fmt(100 * r['quorum_met_share'])}% | {r['errors']} |"
             )
+    if report.get("floor"):
+        lines += [
+            "",
+            "| Serve floor (bare app, concurrency 1) | p50 ms | p99 ms |",
+            "|---|---:|---:|",
+        ]
+        for r in report["floor"]:
+            lines.append(f"| `{r['path']}`: {r['what']} | {_fmt(r['p50_ms'], 2)} | {_fmt(r['p99_ms'], 2)} |")
     return "\n".join(lines) + "\n"
 
 
