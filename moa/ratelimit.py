@@ -89,12 +89,12 @@ class ReservationLimiter:
 
     def lease(self, requests: int, tokens: int) -> tuple[int, int]:
         """Up to ``requests`` requests and ``tokens`` tokens that are free now, taken out of the
-        buckets; (0, 0) unless every configured bucket can give some (a lease with no requests
-        would serve no call). An unconfigured bucket gives 0: its holder does not count it."""
+        buckets; (0, 0) unless every bucket asked for can give some (requests without tokens would
+        serve no call). An unconfigured bucket, or one asked for 0, gives 0."""
         now = self.clock()
         got = []
         for bucket, wanted in ((self.requests, requests), (self.tokens, tokens)):
-            if bucket is None:
+            if bucket is None or wanted <= 0:
                 got.append(0)
                 continue
             bucket.refill(now)

@@ -160,3 +160,14 @@ async def test_small_budgets_are_never_leased() -> None:
     with pytest.raises(RateBudgetExceeded):
         await budget.acquire(10, timeout_s=0)
     assert authority.calls == {"reserve": 7}
+
+
+def test_a_lease_takes_only_what_is_asked_for() -> None:
+    lim = ReservationLimiter(rpm=60, tpm=6000, clock=Clock())
+    assert lim.lease(5, 0) == (5, 0)  # the holder still had tokens: requests alone
+    assert lim.lease(0, 100) == (0, 100)
+    assert lim.lease(100, 100) == (55, 100)  # no more than is free
+    assert lim.lease(1, 100) == (0, 0)  # no request left: nothing at all
+    lim.give_back(5, -50)  # unspent requests back, 50 overspent tokens charged
+    assert lim.requests is not None and lim.requests.level == 5
+    assert lim.tokens is not None and lim.tokens.level == 6000 - 200 - 50
