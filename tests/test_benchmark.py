@@ -15,7 +15,7 @@ from moa.benchmark.runner import HttpTarget, ProcessTree, load_prompts, run_leve
 from moa.benchmark.stats import Sample, percentile, summarize
 from moa.config import MoAConfig
 from moa.simulator.server import SimulatorServer
-from tests.test_api import _Server
+from tests.test_api import _Server, set_fault
 
 
 def test_prompt_files_in_both_formats(tmp_path: Path) -> None:
@@ -37,12 +37,14 @@ def test_statistics() -> None:
         Sample(e2e_s=1.0, ok=True, simulated_s=0.9, met_quorum=True),
         Sample(e2e_s=2.0, ok=True, simulated_s=1.95, met_quorum=False),
         Sample(e2e_s=3.0, ok=False, error="504"),
+        # Waited 2 s of grace on a straggler: policy, not overhead.
+        Sample(e2e_s=2.5, ok=True, simulated_s=0.5, met_quorum=True, cut_straggler=True),
     ]
-    s = summarize(samples, wall_s=2.0, cpu_s=0.3, peak_rss_mb=100)
-    assert (s["requests"], s["ok"], s["errors"]) == (3, 2, 1)
-    assert s["rps"] == 1.0 and s["p99_ms"] == 3000  # failures count with the time they took
+    s = summarize(samples, wall_s=2.0, cpu_s=0.4, peak_rss_mb=100)
+    assert (s["requests"], s["ok"], s["errors"], s["cut_stragglers"]) == (4, 3, 1, 1)
+    assert s["rps"] == 1.5 and s["p99_ms"] == 3000  # failures count with the time they took
     assert s["overhead_p50_ms"] == pytest.approx(50) and s["overhead_p99_ms"] == pytest.approx(100)
-    assert s["cpu_ms_per_request"] == pytest.approx(100) and s["quorum_met_share"] == pytest.approx(1 / 3)
+    assert s["cpu_ms_per_request"] == pytest.approx(100) and s["quorum_met_share"] == pytest.approx(2 / 4)
 
 
 async def test_baseline_and_report(sim: SimulatorServer, tmp_path: Path) -> None:
@@ -60,9 +62,13 @@ async def test_baseline_and_report(sim: SimulatorServer, tmp_path: Path) -> None
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_http_target_reads_the_detail_extension(config: MoAConfig) -> None:
+def test_http_target_reads_the_detail_extension(config: MoAConfig, sim: SimulatorServer) -> None:
     with _Server(config) as server:
         target = HttpTarget(server.url, "moa-lite")
         sample = asyncio.run(target.send("How does a compiler work?"))
-    assert sample.ok and sample.met_quorum and sample.simulated_s and sample.overhead_s is not None
-    assert 0 < sample.overhead_s < sample.e2e_s
+        assert sample.ok and sample.met_quorum and sample.simulated_s and sample.overhead_s is not None
+        assert 0 < sample.overhead_s < sample.e2e_s and not sample.cut_straggler
+        # A hanging proposer is cut after quorum + grace: that wait is not counted as overhead.
+        set_fault(sim, "gemini-2.5-flash", hang={"rate": 1.0})
+        cut = asyncio.run(HttpTarget(server.url, "moa-lite").send("How does a compiler work?"))
+    assert cut.ok and cut.met_quorum and cut.cut_straggler and cut.overhead_s is None

@@ -31,9 +31,10 @@ class BenchOptions:
     ttft_s: float = 0.3
     tokens_per_s: float = 50.0
     jitter: float = 0.1
-    # Longer than any healthy proposer takes at the default profile (answers of up to ~500 tokens
-    # at 50 tokens/s), so it only bites when a proposer hangs.
-    layer_deadline_s: float = 15.0
+    # Longer than any healthy proposer takes at the default profile, so it only bites when a
+    # proposer hangs: a second-layer proposer fuses the first layer's answers into up to ~800
+    # tokens, about 16 s at 50 tokens/s (15 s cut some of them and sent requests to fallbacks).
+    layer_deadline_s: float = 30.0
     baseline_fault_timeout_s: float = 10.0
     out: Path = Path("bench-results")
     results: list[dict[str, Any]] = field(default_factory=list)

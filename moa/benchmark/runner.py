@@ -144,6 +144,7 @@ class HttpTarget:
             ok=True,
             simulated_s=detail["totals"]["simulated_critical_path_s"],
             met_quorum=detail["fallback"] is None,
+            cut_straggler=detail["totals"].get("stragglers_cancelled", 0) > 0,
         )
 
 
@@ -304,15 +305,16 @@ def _fmt(v: float, digits: int = 0) -> str:
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         "| target | concurrency | req/s | p50 ms | p95 ms | p99 ms | overhead p50 ms | overhead p99 ms "
-        "| CPU ms/req | peak RSS MB | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| CPU ms/req | peak RSS MB | met quorum | cut stragglers | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["levels"]:
         lines.append(
             f"| {r['target']} | {r['concurrency']} | {_fmt(r['rps'], 1)} | {_fmt(r['p50_ms'])} "
             f"| {_fmt(r['p95_ms'])} | {_fmt(r['p99_ms'])} | {_fmt(r['overhead_p50_ms'], 1)} "
             f"| {_fmt(r['overhead_p99_ms'], 1)} "
-            f"| {_fmt(r['cpu_ms_per_request'], 1)} | {_fmt(r['peak_rss_mb'])} | {r['errors']} |"
+            f"| {_fmt(r['cpu_ms_per_request'], 1)} | {_fmt(r['peak_rss_mb'])} "
+            f"| {_fmt(100 * r['quorum_met_share'])}% | {r.get('cut_stragglers', 0)} | {r['errors']} |"
         )
     if report["scenarios"]:
         lines += [

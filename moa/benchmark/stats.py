@@ -17,12 +17,17 @@ class Sample:
     ok: bool
     simulated_s: float | None = None
     met_quorum: bool | None = None
+    # The critical path includes a wait on a straggler the plan then cut (grace or layer deadline):
+    # time spent waiting on a model whose service time never came back, so no overhead is computed.
+    cut_straggler: bool = False
     error: str | None = None
 
     @property
     def overhead_s(self) -> float | None:
         """Time the orchestration added on top of the simulated model calls."""
-        return None if self.simulated_s is None else self.e2e_s - self.simulated_s
+        if self.simulated_s is None or self.cut_straggler:
+            return None
+        return self.e2e_s - self.simulated_s
 
 
 def percentile(values: Sequence[float], p: float) -> float:
@@ -54,5 +59,6 @@ def summarize(samples: Sequence[Sample], wall_s: float, cpu_s: float, peak_rss_m
         "cpu_ms_per_request": cpu_s * 1000 / n if n else math.nan,
         "peak_rss_mb": peak_rss_mb,
         "quorum_met_share": sum(bool(s.met_quorum) for s in quorum) / n if n else math.nan,
+        "cut_stragglers": sum(s.cut_straggler for s in ok),
         "error_kinds": dict(Counter(s.error or "?" for s in samples if not s.ok)),
     }
