@@ -85,6 +85,12 @@ class ProcessTree:
         return total / 2**20
 
 
+async def warm_up(send: Send, prompts: Sequence[str]) -> None:
+    """One uncounted request per target first: connection pools, SDK clients and replicas' first
+    calls are set up once per run, and would otherwise be the p99 of every concurrency-1 level."""
+    await send(prompts[0])
+
+
 async def run_level(
     send: Send,
     prompts: Sequence[str],
@@ -256,6 +262,8 @@ async def run(opts: BenchOptions) -> dict[str, Any]:
             task = progress.add_task("benchmark", total=levels + faulted + floor)
             if "baseline" in opts.targets:
                 base = Baseline(sim.url)
+                progress.update(task, description="baseline warm-up")
+                await warm_up(base.ask, prompts)
                 for c in opts.concurrency:
                     progress.update(task, description=f"baseline c={c}")
                     row = await run_level(base.ask, prompts, c, per_level[c], tree, progress, task)
@@ -267,6 +275,8 @@ async def run(opts: BenchOptions) -> dict[str, Any]:
                 report["floor"] = await measure_floor(url, progress, task)
             for model in serve_targets:
                 target = HttpTarget(url, model)
+                progress.update(task, description=f"serve {model} warm-up")
+                await warm_up(target.send, prompts)
                 for c in opts.concurrency:
                     progress.update(task, description=f"serve {model} c={c}")
                     row = await run_level(target.send, prompts, c, per_level[c], tree, progress, task)
