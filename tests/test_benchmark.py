@@ -69,6 +69,7 @@ def test_http_target_reads_the_detail_extension(config: MoAConfig, sim: Simulato
         assert sample.ok and sample.met_quorum and sample.simulated_s and sample.overhead_s is not None
         assert 0 < sample.overhead_s < sample.e2e_s and not sample.cut_straggler
         # A hanging proposer is cut after quorum + grace: that wait is not counted as overhead.
+        # (A new target: the first one's connection pool belongs to the closed event loop.)
         set_fault(sim, "gemini-2.5-flash", hang={"rate": 1.0})
         cut = asyncio.run(HttpTarget(server.url, "moa-lite").send("How does a compiler work?"))
     assert cut.ok and cut.met_quorum and cut.cut_straggler and cut.overhead_s is None

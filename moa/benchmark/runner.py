@@ -324,7 +324,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {_fmt(r['p95_ms'])} | {_fmt(r['p99_ms'])} | {_fmt(r['overhead_p50_ms'], 1)} "
             f"| {_fmt(r['overhead_p99_ms'], 1)} "
             f"| {_fmt(r['cpu_ms_per_request'], 1)} | {_fmt(r['peak_rss_mb'])} "
-            f"| {_fmt(100 * r['quorum_met_share'])}% | {r.get('cut_stragglers', 0)} | {r['errors']} |"
+            f"| {_fmt(100 * r['quorum_met_share'])}% | {r['cut_stragglers']} | {r['errors']} |"
         )
     if report["scenarios"]:
         lines += [
