@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from typing import Any
 
 import httpx
@@ -195,7 +196,9 @@ def test_cluster_wide_rpm_holds_with_two_replicas(url: str, sim: SimulatorServer
     # gets the full bucket plus what refilled (one a second) while it ran or could wait, no more.
     answered = statuses.count(200)
     assert 60 <= answered <= 60 + elapsed + 2, (answered, elapsed)
-    assert statuses.count(429) == 100 - answered
+    # The rest were refused by the budget (429), or granted a wait for it that their one-second
+    # deadline could not outlast (504); none reached the provider.
+    assert set(Counter(statuses)) <= {200, 429, 504}, Counter(statuses)
     assert sim_stats(sim)["metered-model"]["requests"] == answered
 
 
