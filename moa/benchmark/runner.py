@@ -150,7 +150,7 @@ class HttpTarget:
             ok=True,
             simulated_s=detail["totals"]["simulated_critical_path_s"],
             met_quorum=detail["fallback"] is None,
-            cut_straggler=detail["totals"].get("stragglers_cancelled", 0) > 0,
+            cut_straggler=detail["totals"]["stragglers_cancelled"] > 0,
         )
 
 
