@@ -7,13 +7,12 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from typing import Protocol
 
 from moa.config import ProviderConfig
 from moa.ratelimit import ReservationLimiter
-from moa.tokens import approx_message_tokens
 
 DEFAULT_OUTPUT_RESERVE = 512
 
@@ -303,8 +302,3 @@ class ProviderLimits:
             "max_in_flight": self.max_in_flight,
             "concurrency": self.concurrency,
         }
-
-
-def estimate_tokens(contents: Iterable[str], max_tokens: int | None) -> int:
-    """What a call may consume, reserved against the TPM budget before it is sent."""
-    return approx_message_tokens(contents) + (max_tokens or DEFAULT_OUTPUT_RESERVE)

@@ -24,6 +24,9 @@ class ErrorKind(StrEnum):
     CANCELLED = "cancelled"
     # Not a provider answer: our own circuit breaker refused the call without sending it.
     CIRCUIT_OPEN = "circuit_open"
+    # Not a provider answer either: something failed on our side (text that cannot be encoded, an
+    # SDK rejecting its arguments, a bug of ours). Logged with its type; never held against a provider.
+    INTERNAL = "internal"
 
     @property
     def retryable(self) -> bool:
@@ -57,7 +60,7 @@ class GenerationParams(BaseModel):
 
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     seed: int | None = None
     stop: tuple[str, ...] | None = None
 
@@ -83,6 +86,8 @@ class CallError(BaseModel):
     kind: ErrorKind
     message: str
     status_code: int | None = None
+    # When the provider (its Retry-After) or our own limits say a retry could succeed.
+    retry_after_s: float | None = None
 
 
 class CallRequest(BaseModel):

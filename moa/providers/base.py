@@ -19,7 +19,8 @@ from typing import Any, ClassVar
 from pydantic import ValidationError
 
 from moa.config import Endpoint, ProviderConfig
-from moa.limits import ProviderLimits, RateBudgetExceeded, estimate_tokens
+from moa.limits import DEFAULT_OUTPUT_RESERVE, ProviderLimits, RateBudgetExceeded
+from moa.tokens import CHARS_PER_TOKEN, approx_message_tokens
 from moa.types import CallError, CallRequest, CallResult, ErrorKind, StreamEvent, TextDelta, Usage
 from observability.genai import end_call_span, start_call_span
 from observability.logs import span_ids
@@ -157,8 +158,15 @@ def classify_generated_sdk(sdk: ModuleType, exc: BaseException, in_stream: bool)
 
 
 def unexpected_failure(exc: BaseException) -> AttemptError:
-    """Anything no rule recognised: the answer could not be used, so it counts as malformed."""
-    return AttemptError(ErrorKind.MALFORMED_RESPONSE, f"unexpected failure: {type(exc).__name__}")
+    """Anything no rule recognised was raised on our side (text the SDK cannot encode, an SDK that
+    refuses its arguments, a bug of ours): the provider did nothing wrong, so it is ``internal`` and
+    never counts against the provider's health. Logged with its type so it gets fixed."""
+    log.error(
+        "internal failure before or around a provider call: %s",
+        type(exc).__name__,
+        extra={"event": "internal_error", "error_type": type(exc).__name__},
+    )
+    return AttemptError(ErrorKind.INTERNAL, f"internal error on our side: {type(exc).__name__}")
 
 
 class ProviderClient(ABC):
@@ -245,9 +253,10 @@ class ProviderClient(ABC):
         message = err.message
         if self._secret:
             message = message.replace(self._secret, "***")
-        return self._result(
-            req, t0, error=CallError(kind=err.kind, message=message, status_code=err.status), **fields
+        error = CallError(
+            kind=err.kind, message=message, status_code=err.status, retry_after_s=err.retry_after_s
         )
+        return self._result(req, t0, error=error, **fields)
 
     async def _run(self, req: CallRequest, stream: bool) -> AsyncIterator[StreamEvent]:
         """One call, traced (a GenAI ``chat {model}`` span) and logged, whatever its outcome."""
@@ -295,8 +304,10 @@ class ProviderClient(ABC):
             return
         breaker = self.limits.breaker
         if not breaker.allow():
-            why = f"circuit open after repeated failures; retry in {breaker.retry_after_s():.1f}s"
-            yield self._failure(req, t0, AttemptError(ErrorKind.CIRCUIT_OPEN, why), streamed=stream)
+            wait = breaker.retry_after_s()
+            why = f"circuit open after repeated failures; retry in {wait:.1f}s"
+            err = AttemptError(ErrorKind.CIRCUIT_OPEN, why, retry_after_s=wait)
+            yield self._failure(req, t0, err, streamed=stream)
             return
         outcome: ErrorKind | None = None  # None: success; a kind: failure; unset on cancellation
         cancelled = True
@@ -305,23 +316,36 @@ class ProviderClient(ABC):
             why = "no concurrency slot came free before the deadline"
             yield self._failure(req, t0, AttemptError(ErrorKind.TIMEOUT, why), streamed=stream)
             return
+        reserved = 0
+        used = _Consumption(input_tokens=approx_message_tokens(m.content for m in req.messages))
         try:
-            reserved = estimate_tokens((m.content for m in req.messages), req.params.max_tokens)
+            # What the call may consume, never more than the model can produce in one answer.
+            max_output = self.cfg.price(req.model).max_output_tokens
+            wanted_output = min(req.params.max_tokens or DEFAULT_OUTPUT_RESERVE, max_output)
+            reserved = used.input_tokens + wanted_output
             try:
                 await self.limits.budget.acquire(reserved, deadline - time.monotonic())
             except RateBudgetExceeded as e:
+                reserved = 0  # nothing was taken
                 cancelled = False
                 why = f"rate budget of this provider exhausted; retry in {e.retry_after_s:.1f}s"
-                yield self._failure(req, t0, AttemptError(ErrorKind.RATE_LIMITED, why), streamed=stream)
+                err = AttemptError(ErrorKind.RATE_LIMITED, why, retry_after_s=e.retry_after_s)
+                yield self._failure(req, t0, err, streamed=stream)
                 breaker.record_neutral()
                 return
-            async for ev in self._attempts(req, stream, t0, deadline):
+            async for ev in self._attempts(req, stream, t0, deadline, used):
                 if isinstance(ev, CallResult):
                     outcome = ev.error.kind if ev.error else None
                     cancelled = False
-                    await self.limits.budget.settle(reserved, ev.usage.total_tokens if ev.ok else reserved)
+                    if ev.ok:
+                        used.actual = ev.usage.total_tokens
                 yield ev
         finally:
+            if reserved:
+                # Settle with what the call really used, however it ended: its usage when it
+                # answered; nothing when every attempt was refused before any token; what was
+                # sent and received so far when it failed or was cancelled mid-way.
+                await self.limits.budget.settle(reserved, used.tokens())
             self.limits.leave()
             if cancelled:
                 breaker.record_neutral()
@@ -333,7 +357,7 @@ class ProviderClient(ABC):
                 breaker.record_neutral()
 
     async def _attempts(
-        self, req: CallRequest, stream: bool, t0: float, deadline: float
+        self, req: CallRequest, stream: bool, t0: float, deadline: float, used: _Consumption
     ) -> AsyncIterator[StreamEvent]:
         """The retry loop: retryable failures are retried with jittered backoff (or as Retry-After
         says) while the deadline allows; a stream is never retried once text has been sent."""
@@ -346,6 +370,7 @@ class ProviderClient(ABC):
             try:
                 if remaining <= 0:
                     raise AttemptError(ErrorKind.TIMEOUT, "the call's deadline passed")
+                used.sent += 1  # from here the provider may have read (and billed) the prompt
                 if stream:
                     it = aiter(self._stream_once(req, remaining))
                     try:
@@ -359,6 +384,7 @@ class ProviderClient(ABC):
                             elif item:
                                 ttft = ttft if ttft is not None else time.monotonic() - t0
                                 parts.append(item)
+                                used.output_chars += len(item)
                                 yield TextDelta(text=item)
                     finally:
                         await _aclose(it)
@@ -373,6 +399,9 @@ class ProviderClient(ABC):
                 raise
             except Exception as exc:
                 err = exc if isinstance(exc, AttemptError) else self._classify(exc, in_stream=stream)
+                if err.status is not None or err.kind is ErrorKind.INTERNAL:
+                    # Refused with a status (nothing generated), or never sent at all.
+                    used.refused += 1
                 if err.service_s is not None:
                     service = (service or 0.0) + err.service_s
                 delay = self._retry_delay(err, attempts, deadline, emitted=bool(parts))
@@ -427,6 +456,26 @@ class ProviderClient(ABC):
         if time.monotonic() + delay >= deadline:
             return None
         return delay
+
+
+@dataclass
+class _Consumption:
+    """What one call consumed of the token budget, as far as we can know it."""
+
+    input_tokens: int
+    sent: int = 0  # attempts that went out
+    refused: int = 0  # of those, attempts refused with a status (or that never left our side)
+    output_chars: int = 0  # streamed text received so far
+    actual: int | None = None  # the provider's own usage, once it answered
+
+    def tokens(self) -> int:
+        if self.actual is not None:
+            return self.actual
+        # An attempt refused with a status consumed nothing; any other (a timeout, a cut stream,
+        # our cancellation) had its prompt read, and produced what we received.
+        read_prompt = self.sent > self.refused or self.output_chars > 0
+        output = -(-self.output_chars // CHARS_PER_TOKEN)
+        return (self.input_tokens if read_prompt else 0) + output
 
 
 def _loop_deadline(deadline: float) -> float:

@@ -35,6 +35,7 @@ from moa.simulator.wire import (
     loads,
     random_id,
 )
+from moa.textcheck import first_unencodable
 from moa.tokens import approx_message_tokens
 
 Scope = MutableMapping[str, Any]
@@ -264,9 +265,17 @@ class SimulatorApp:
             return await fail(Err.AUTH, "Incorrect API key provided (simulated).")
         try:
             body = loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             return await fail(
                 Err.BAD_REQUEST, "We could not parse the JSON body of your request (simulated)."
+            )
+        where = first_unencodable(body)
+        if where is not None:
+            # The real APIs' JSON parsers refuse a lone surrogate escape as invalid JSON.
+            return await fail(
+                Err.BAD_REQUEST,
+                "We could not parse the JSON body of your request: lone surrogate in a string "
+                f"at {where} (simulated).",
             )
         try:
             req = wire.parse(body, path_model, stream)
