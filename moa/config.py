@@ -60,6 +60,12 @@ class ModelPrice(_Strict):
     output_per_mtok: float = Field(default=0.0, ge=0)
     cached_input_per_mtok: float | None = Field(default=None, ge=0)
     context_window: int = Field(default=128_000, gt=0)
+    max_output_tokens: int = Field(
+        default=32_768,
+        gt=0,
+        description="The most tokens the model produces in one answer: a call's rate-budget "
+        "reservation never exceeds it, whatever max_tokens the request asks for.",
+    )
 
     def cost(self, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> float:
         cached_price = self.cached_input_per_mtok
@@ -199,6 +205,30 @@ class ServerConfig(_Strict):
     request_deadline_s: PositiveFloat = 120.0
 
 
+class RequestCaps(_Strict):
+    """Bounds on the work one request may cause, whoever chose its plan (a preset, an explicit
+    plan on /v1/moa, or the router). Over a cap is a 400 naming it, before any model is called."""
+
+    max_layers: int = Field(default=4, ge=1, description="Proposer layers (refine: rounds) in one plan.")
+    max_proposers_per_layer: int = Field(default=8, ge=1, description="Proposers in one layer.")
+    max_calls: int = Field(
+        default=24,
+        ge=1,
+        description="Model calls one request may make in the worst case: every proposer of every "
+        "layer or round, every aggregator of the chain (and each intermediate synthesis), every "
+        "fallback, and the router's classifier call.",
+    )
+    max_tokens_per_call: int = Field(
+        default=32_768, ge=1, description="The largest max_tokens a request or plan may ask of one call."
+    )
+    max_messages: int = Field(default=512, ge=1, description="Messages in one request.")
+    max_input_chars: int = Field(
+        default=400_000,
+        ge=1,
+        description="Characters of message text in one request (about 100k tokens at 4 per token).",
+    )
+
+
 class ObservabilityConfig(_Strict):
     # Record prompts and answers on provider spans (gen_ai.input/output.messages). Off by default:
     # they may hold personal data. API keys are never recorded, whatever this says.
@@ -230,15 +260,24 @@ class MoAConfig(_Strict):
     templates: TemplatesConfig = TemplatesConfig()
     cache: CacheConfig = CacheConfig()
     server: ServerConfig = ServerConfig()
+    caps: RequestCaps = RequestCaps()
     serve: ServeOptions = ServeOptions()
     observability: ObservabilityConfig = ObservabilityConfig()
 
     @model_validator(mode="after")
     def _references_exist(self) -> MoAConfig:
+        from moa.engine.caps import check_plan  # the caps module reads this config's types
+        from moa.engine.errors import OverCap
+        from moa.types import GenerationParams
+
         for name, preset in self.presets.items():
             problems = self.unknown_models(preset)
             if problems:
                 raise ValueError(f"presets.{name}: {'; '.join(problems)}")
+            try:
+                check_plan(self.caps, preset, GenerationParams())
+            except OverCap as e:
+                raise ValueError(f"presets.{name}: {e.message}") from None
         for task, proposers in self.router.specialists.items():
             for p in proposers:
                 if p.provider not in self.providers or p.model not in self.providers[p.provider].models:

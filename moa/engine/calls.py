@@ -76,6 +76,17 @@ def transport_failure(config: MoAConfig, req: CallRequest, exc: BaseException) -
     )
 
 
+def timeout_result(config: MoAConfig, req: CallRequest, why: str, latency_s: float) -> CallResult:
+    """A call we stopped waiting for ourselves (its share of the request deadline ran out)."""
+    return CallResult(
+        provider=req.provider,
+        provider_kind=provider_kind(config, req.provider),
+        requested_model=req.model,
+        latency_s=latency_s,
+        error=CallError(kind=ErrorKind.TIMEOUT, message=why),
+    )
+
+
 async def safe_call(caller: ModelCaller, config: MoAConfig, req: CallRequest) -> CallResult:
     """Call through the transport; a transport that raises (a dead replica, say) still yields a result."""
     try:

@@ -19,6 +19,7 @@ from opentelemetry.trace import Status, StatusCode
 from moa.config import MoAConfig
 from moa.engine.caller import ModelCaller
 from moa.engine.calls import fit_references, merge_params, provider_kind, safe_call
+from moa.engine.caps import check_messages, check_plan
 from moa.engine.errors import AllProvidersFailed, DeadlineExceeded, Failure, MoAError
 from moa.engine.fusion import FuseJob, Fuser, LocalFuser
 from moa.engine.plan import AggregatorSpec, LayerSpec, ModelRef, Plan, PlanMode
@@ -67,7 +68,13 @@ class _Run:
         if res.error is not None:
             stage = rec.stage.value if rec.layer is None else f"{rec.stage.value} layer {rec.layer}"
             self.failures.append(
-                Failure(provider=res.provider, model=res.requested_model, kind=res.error.kind, stage=stage)
+                Failure(
+                    provider=res.provider,
+                    model=res.requested_model,
+                    kind=res.error.kind,
+                    stage=stage,
+                    retry_after_s=res.error.retry_after_s,
+                )
             )
 
 
@@ -114,6 +121,7 @@ class MoAEngine:
     # -- public API -------------------------------------------------------------------------------
 
     async def route(self, messages: Sequence[ChatMessage], preset: str | None = None) -> Routed:
+        check_messages(self.config.caps, messages)  # before the router reads them
         with tracer().start_as_current_span("moa.route") as span:
             routed = await self.router.route(messages, preset, self._health())
             decision = routed[1]
@@ -187,6 +195,8 @@ class MoAEngine:
                     finally:
                         otel_context.detach(token)
             plan, decision, pre_calls = routed
+            check_messages(self.config.caps, messages)
+            check_plan(self.config.caps, plan, params or GenerationParams(), len(pre_calls))
             span.set_attributes({"moa.preset": decision.preset, "moa.router.reason": decision.reason})
             for res in pre_calls:
                 run.record(res, CallRecord.from_result(res, stage=Stage.CLASSIFIER, started_s=0.0))
@@ -279,9 +289,18 @@ class MoAEngine:
         stream_final: bool,
     ) -> AsyncIterator[TextDelta | MoAResult]:
         """The final answer: the first route whose chain succeeds; every failure listed otherwise."""
-        for route in routes:
+        for i, route in enumerate(routes):
+            later = sum(len(r.chain) for r in routes[i + 1 :])
             chain = self._answer_chain(
-                route.chain, route.stage, messages, route.references, plan, params, run, stream_final
+                route.chain,
+                route.stage,
+                messages,
+                route.references,
+                plan,
+                params,
+                run,
+                stream_final,
+                later=later,
             )
             async with aclosing(chain):
                 async for ev in chain:
@@ -467,6 +486,7 @@ class MoAEngine:
         stream: bool,
         *,
         round_: int | None = None,
+        later: int = 0,
     ) -> AsyncGenerator[TextDelta | CallResult, None]:
         """Fuse (or, without references, simply answer) through ``chain``; record every attempt.
 
@@ -481,6 +501,7 @@ class MoAEngine:
             params=params,
             call_timeout_s=plan.call_timeout_s,
             deadline_s=run.remaining(),
+            later=later,
             reference_budget_tokens=plan.reference_budget_tokens,
             stream=stream,
         )

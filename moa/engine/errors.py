@@ -15,6 +15,8 @@ class Failure(BaseModel):
     model: str
     kind: ErrorKind
     stage: str
+    # The provider's Retry-After (or our limiter's estimate), when there was one.
+    retry_after_s: float | None = None
 
 
 class MoAError(Exception):
@@ -22,6 +24,8 @@ class MoAError(Exception):
     error_type = "server_error"
     code = "internal_error"
     retry_after_s: float | None = None
+    # The request field at fault, as OpenAI's ``param``.
+    param: str | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -36,6 +40,16 @@ class InvalidRequest(MoAError):
 
 class UnknownPreset(InvalidRequest):
     code = "model_not_found"
+
+
+class OverCap(InvalidRequest):
+    """The request would cause more work than ``caps`` allows; the message names the cap."""
+
+    code = "over_cap"
+
+    def __init__(self, message: str, param: str = "plan") -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class InvalidPlan(InvalidRequest):
@@ -76,7 +90,10 @@ class AllProvidersFailed(MoAError):
             # Only back-pressure: the caller should come back later rather than treat it as broken.
             self.status_code = 429 if ErrorKind.RATE_LIMITED in kinds else 503
             self.error_type = "rate_limit_error" if self.status_code == 429 else "service_unavailable"
-            self.retry_after_s = 1.0
+            # The soonest any of them said it could answer again (upstream Retry-After, a
+            # circuit's cool-down, a rate budget's refill); 1 s when none said.
+            hints = [f.retry_after_s for f in self.failures if f.retry_after_s is not None]
+            self.retry_after_s = min(hints) if hints else 1.0
         elif kinds and kinds <= {ErrorKind.TIMEOUT}:
             self.status_code = 504
             self.error_type = "timeout"

@@ -6,6 +6,7 @@ aggregator deployment can run exactly the same code next to its handles.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Protocol
@@ -14,10 +15,10 @@ from pydantic import BaseModel, Field
 
 from moa.config import MoAConfig
 from moa.engine.caller import ModelCaller
-from moa.engine.calls import fit_references, merge_params, safe_call, safe_stream
+from moa.engine.calls import fit_references, merge_params, safe_call, safe_stream, timeout_result
 from moa.engine.plan import AggregatorSpec
 from moa.engine.prompts import with_references
-from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams, TextDelta
+from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams, StreamEvent, TextDelta
 
 
 class FuseJob(BaseModel):
@@ -30,6 +31,8 @@ class FuseJob(BaseModel):
     call_timeout_s: float = Field(gt=0)
     # Time left for the whole chain; None means no request deadline.
     deadline_s: float | None = None
+    # Models the run may still try after this chain (the fallback chain): they get their share too.
+    later: int = Field(default=0, ge=0)
     reference_budget_tokens: int | None = None
     stream: bool = False
 
@@ -53,17 +56,23 @@ async def fuse(job: FuseJob, caller: ModelCaller, config: MoAConfig) -> AsyncIte
     """Try each aggregator in turn: yield the answer's deltas (when streaming) and a step per attempt.
 
     Stops after the first success, after a streamed attempt that failed once text was sent (it
-    cannot be retracted), or when the deadline has passed.
+    cannot be retracted), or when the deadline has passed. Under a deadline, each model still to
+    be tried (here and in ``job.later``) gets an equal share of the time left, so one that hangs
+    cannot eat the time of the ones after it: a whole call's share when not streaming, the share
+    for its first token when streaming (after which it may use all the time left).
     """
     t0 = time.monotonic()
-    for spec in job.chain:
+    for index, spec in enumerate(job.chain):
         elapsed = time.monotonic() - t0
         timeout = job.call_timeout_s
+        share: float | None = None
         if job.deadline_s is not None:
             left = job.deadline_s - elapsed
             if left <= 0:
                 return
-            timeout = min(timeout, left)
+            still = len(job.chain) - index + job.later
+            share = left / still if still > 1 else None
+            timeout = min(timeout, left if job.stream or share is None else share)
         refs, notes = fit_references(
             config, job.references, spec, job.messages, job.params, job.reference_budget_tokens
         )
@@ -77,18 +86,36 @@ async def fuse(job: FuseJob, caller: ModelCaller, config: MoAConfig) -> AsyncIte
         res: CallResult | None = None
         emitted = False
         if job.stream:
-            async for ev in safe_stream(caller, config, req):
-                if isinstance(ev, TextDelta):
-                    emitted = True
-                    yield ev
-                else:
-                    res = ev
+            events = aiter(safe_stream(caller, config, req))
+            try:
+                first_wait = None if share is None else min(share, timeout)
+                ev: StreamEvent | None = await _first(events, first_wait)
+                while ev is not None:
+                    if isinstance(ev, TextDelta):
+                        emitted = True
+                        yield ev
+                    else:
+                        res = ev
+                    ev = await anext(events, None)
+            except TimeoutError:
+                why = f"no first token within its {first_wait:.1f}s share of the deadline; trying the next"
+                res = timeout_result(config, req, why, time.monotonic() - t0 - elapsed)
+            finally:
+                await events.aclose()  # type: ignore[attr-defined]
         else:
             res = await safe_call(caller, config, req)
         assert res is not None
         yield FuseStep(result=res, started_s=elapsed, notes=notes)
         if res.ok or emitted:
             return
+
+
+async def _first(events: AsyncIterator[StreamEvent], within: float | None) -> StreamEvent | None:
+    """The stream's first event, waiting at most ``within`` seconds (TimeoutError past it)."""
+    if within is None:
+        return await anext(events, None)
+    async with asyncio.timeout(within):
+        return await anext(events, None)
 
 
 class LocalFuser:

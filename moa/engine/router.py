@@ -63,9 +63,19 @@ class Classification:
     reason: str
 
 
+# The regular expressions read at most this much of a prompt (its head and its tail), so that
+# classifying a huge prompt costs what a long one does: it runs on the event loop.
+CLASSIFY_HEAD_CHARS = 12_000
+CLASSIFY_TAIL_CHARS = 4_000
+
+
 def classify_heuristic(text: str) -> Classification:
-    """Score a prompt on cheap surface features; fast enough to run on every request."""
+    """Score a prompt on cheap surface features; fast enough to run on every request.
+
+    Length counts the whole prompt; the features are read from a bounded window of it."""
     tokens = approx_tokens(text)
+    if len(text) > CLASSIFY_HEAD_CHARS + CLASSIFY_TAIL_CHARS:
+        text = text[:CLASSIFY_HEAD_CHARS] + "\n" + text[-CLASSIFY_TAIL_CHARS:]
     questions = text.count("?")
     code = len(_CODE.findall(text))
     math = len(_MATH.findall(text))

@@ -1,0 +1,69 @@
+"""Bounds on the work one request may cause (``caps`` in the config).
+
+A request chooses its plan directly (``/v1/moa``), by preset, or through the router; each plan is
+checked here after routing, and the messages before it, so every way in is held to the same caps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from moa.config import RequestCaps
+from moa.engine.errors import OverCap
+from moa.engine.plan import Plan, PlanMode
+from moa.types import ChatMessage, GenerationParams
+
+
+def worst_case_calls(plan: Plan, classifier_calls: int = 0) -> int:
+    """Calls the plan makes if everything that can be tried is tried."""
+    proposers = sum(len(layer.proposers) for layer in plan.layers)
+    syntheses = 0
+    if plan.mode is PlanMode.REFINE:
+        proposers *= plan.rounds
+        syntheses = (plan.rounds - 1) * len(plan.aggregators)
+    return classifier_calls + proposers + syntheses + len(plan.aggregators) + len(plan.fallbacks)
+
+
+def check_messages(caps: RequestCaps, messages: Sequence[ChatMessage]) -> None:
+    if len(messages) > caps.max_messages:
+        raise OverCap(
+            f"{len(messages)} messages exceed the cap of {caps.max_messages} (caps.max_messages)",
+            "messages",
+        )
+    chars = sum(len(m.content) for m in messages)
+    if chars > caps.max_input_chars:
+        raise OverCap(
+            f"the messages hold {chars} characters, over the cap of {caps.max_input_chars} "
+            "(caps.max_input_chars)",
+            "messages",
+        )
+
+
+def check_plan(caps: RequestCaps, plan: Plan, params: GenerationParams, classifier_calls: int = 0) -> None:
+    layers = len(plan.layers) * (plan.rounds if plan.mode is PlanMode.REFINE else 1)
+    if layers > caps.max_layers:
+        raise OverCap(f"the plan runs {layers} layers, over the cap of {caps.max_layers} (caps.max_layers)")
+    for index, layer in enumerate(plan.layers, start=1):
+        if len(layer.proposers) > caps.max_proposers_per_layer:
+            raise OverCap(
+                f"layer {index} has {len(layer.proposers)} proposers, over the cap of "
+                f"{caps.max_proposers_per_layer} (caps.max_proposers_per_layer)"
+            )
+    calls = worst_case_calls(plan, classifier_calls)
+    if calls > caps.max_calls:
+        raise OverCap(
+            f"the plan may make {calls} model calls, over the cap of {caps.max_calls} (caps.max_calls)"
+        )
+    asked = [("max_tokens", params.max_tokens)]
+    asked += [("plan", getattr(ref, "max_tokens", None)) for ref in _refs(plan)]
+    for param, value in asked:
+        if value is not None and value > caps.max_tokens_per_call:
+            raise OverCap(
+                f"max_tokens {value} is over the cap of {caps.max_tokens_per_call} per call "
+                "(caps.max_tokens_per_call)",
+                param,
+            )
+
+
+def _refs(plan: Plan) -> list[object]:
+    return [*(p for layer in plan.layers for p in layer.proposers), *plan.aggregators]
