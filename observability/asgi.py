@@ -3,6 +3,7 @@ the trace id returned in ``x-moa-trace-id``, and one JSON log line per request."
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -15,6 +16,8 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from observability.tracing import extract, trace_id_hex, tracer
 
 TRACE_ID_HEADER = "x-moa-trace-id"
+# nginx's status for a request whose client closed the connection first (no standard code exists).
+CLIENT_CLOSED_REQUEST = 499
 log = logging.getLogger("moa.http")
 
 Scope = MutableMapping[str, Any]
@@ -59,19 +62,36 @@ class TracingMiddleware:
         trace_id = trace_id_hex(span)
         status = 500
         t0 = time.monotonic()
+        client_gone = complete = False
+
+        async def watch_receive() -> Message:
+            nonlocal client_gone
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                client_gone = True
+            return message
 
         async def send_with_trace_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, complete
             if message["type"] == "http.response.start":
                 status = int(message["status"])
                 if trace_id:
                     message.setdefault("headers", [])
                     message["headers"] = [*message["headers"], (TRACE_ID_HEADER.encode(), trace_id.encode())]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                complete = True
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_trace_id)
+            await self.app(scope, watch_receive, send_with_trace_id)
+        except asyncio.CancelledError:
+            # The server cancelled the request (on Ray Serve: its proxy saw the client leave).
+            client_gone = True
+            raise
         finally:
+            if client_gone and not complete:
+                # The client hung up before the whole answer went out: not a server error.
+                status = CLIENT_CLOSED_REQUEST
             span.set_attribute("http.response.status_code", status)
             if status >= 500:
                 span.set_status(Status(StatusCode.ERROR))

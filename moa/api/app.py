@@ -12,9 +12,10 @@ import contextlib
 import inspect
 import json
 import logging
+import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -22,14 +23,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
-from moa.api.schemas import ChatCompletionRequest, MoARequest, error_body
+from moa.api.schemas import ChatCompletionRequest, MoARequest, ParamError, error_body
 from moa.config import MoAConfig
 from moa.engine.engine import MoAEngine
 from moa.engine.errors import InvalidPlan, InvalidRequest, MoAError
 from moa.engine.result import MoAResult
-from moa.types import TextDelta, Usage
-from observability.asgi import TracingMiddleware
+from moa.textcheck import first_unencodable
+from moa.types import ChatMessage, TextDelta, Usage
+from observability.asgi import CLIENT_CLOSED_REQUEST, TracingMiddleware
 from observability.metrics import RequestMetrics
 
 log = logging.getLogger("moa.api")
@@ -47,10 +50,15 @@ class ApiError(Exception):
         self.headers: dict[str, str] = {}
 
 
+class ClientDisconnected(Exception):
+    """The client hung up before its answer was ready: not a server error (recorded as 499)."""
+
+
 def _moa_error(err: MoAError) -> ApiError:
-    api = ApiError(err.status_code, err.message, err.error_type, err.code)
+    api = ApiError(err.status_code, err.message, err.error_type, err.code, err.param)
     if err.retry_after_s is not None:
-        api.headers["Retry-After"] = str(max(1, round(err.retry_after_s)))
+        # Whole seconds, rounded up: a client that waits as told must not come back too early.
+        api.headers["Retry-After"] = str(max(1, math.ceil(err.retry_after_s)))
     return api
 
 
@@ -60,14 +68,72 @@ def _error_response(err: ApiError) -> JSONResponse:
     )
 
 
-def _validation_message(err: ValidationError | RequestValidationError) -> tuple[str, str | None]:
+def _validation_message(err: ValidationError | RequestValidationError) -> tuple[str, str]:
+    """The message lists every problem with its field; ``param`` names the first field at fault."""
     parts, first = [], None
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if p not in ("body",))
+        cause = (e.get("ctx") or {}).get("error")
+        loc = loc or getattr(cause, "param", "")
         first = first or loc or None
         msg = str(e["msg"]).removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts) or "invalid request", first
+    return "; ".join(parts) or "invalid request", first or "body"
+
+
+def _bad_messages(e: ParamError) -> ApiError:
+    return ApiError(400, str(e), "invalid_request_error", "invalid_request", e.param)
+
+
+class Admission:
+    """Admission control: at most ``limit`` requests in progress; past it, 429 at once."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+
+    def take(self) -> Slot:
+        if self.in_flight >= self.limit:
+            err = ApiError(429, "the service is at capacity; retry shortly", "rate_limit_error", "overloaded")
+            err.headers["Retry-After"] = "1"
+            raise err
+        self.in_flight += 1
+        return Slot(self)
+
+
+class Slot:
+    """One admitted request's place. Releasing is idempotent, so every owner may release it."""
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission: Admission | None = admission
+
+    def release(self) -> None:
+        if self._admission is not None:
+            self._admission.in_flight -= 1
+            self._admission = None
+
+
+class AdmittedStream(StreamingResponse):
+    """A stream that owns its request's admission slot and event source: both are released when
+    the response ends, however it ends (finished, failed, client gone, or never started)."""
+
+    def __init__(self, content: AsyncIterator[bytes], slot: Slot, events: AsyncIterator[Any]) -> None:
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self.slot, self.events = slot, events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.slot.release()
+            with contextlib.suppress(Exception):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            with contextlib.suppress(Exception):
+                await self.events.aclose()  # type: ignore[attr-defined]
 
 
 def _finish_reason(reason: str | None) -> str:
@@ -110,8 +176,12 @@ class Api:
         self.config = config
         self.engine = engine
         self.health = health
-        self.in_flight = 0
+        self.admission = Admission(config.server.max_concurrent_requests)
         self.metrics = RequestMetrics()
+
+    @property
+    def in_flight(self) -> int:
+        return self.admission.in_flight
 
     # -- input ------------------------------------------------------------------------------------
 
@@ -131,11 +201,27 @@ class Api:
                 )
             chunks.append(chunk)
         try:
-            return json.loads(b"".join(chunks))
+            body = json.loads(b"".join(chunks))
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(
                 400, f"request body is not valid JSON: {e}", "invalid_request_error", "invalid_json"
             ) from None
+        except RecursionError:
+            raise ApiError(
+                400, "request body is nested too deeply to parse", "invalid_request_error", "invalid_json"
+            ) from None
+        # Text no encoder can write (a lone surrogate escape) would fail at every provider: refuse
+        # it here, naming the field, before anything is sent.
+        where = first_unencodable(body)
+        if where is not None:
+            raise ApiError(
+                400,
+                f"{where}: contains a lone UTF-16 surrogate, which is not valid Unicode text",
+                "invalid_request_error",
+                "invalid_encoding",
+                where,
+            )
+        return body
 
     def parse(self, model: type[M], body: Any) -> M:
         if not isinstance(body, dict):
@@ -144,28 +230,13 @@ class Api:
             )
         try:
             return model.model_validate(body)
-        except ValidationError as e:
+        except (ValidationError, RecursionError) as e:
+            if isinstance(e, RecursionError):
+                raise ApiError(
+                    400, "request body is nested too deeply", "invalid_request_error", "invalid_request"
+                ) from None
             message, param = _validation_message(e)
             raise ApiError(422, message, "invalid_request_error", "invalid_value", param) from None
-
-    def admit(self) -> None:
-        """Admission control: past the concurrency limit, say 429 with Retry-After at once."""
-        if self.in_flight >= self.config.server.max_concurrent_requests:
-            err = ApiError(429, "the service is at capacity; retry shortly", "rate_limit_error", "overloaded")
-            err.headers["Retry-After"] = "1"
-            raise err
-        self.in_flight += 1
-
-    def release(self) -> None:
-        self.in_flight -= 1
-
-    @contextlib.contextmanager
-    def admitted(self) -> Iterator[None]:
-        self.admit()
-        try:
-            yield
-        finally:
-            self.release()
 
     def deadline(self, requested: float | None) -> float:
         limit = self.config.server.request_deadline_s
@@ -177,18 +248,10 @@ class Api:
         req = self.parse(ChatCompletionRequest, await self.read_json(request))
         try:
             messages = req.chat_messages()
-        except ValueError as e:
-            raise ApiError(400, str(e), "invalid_request_error", "unsupported_content", "messages") from None
-        if not any(m.role == "user" for m in messages):
-            raise ApiError(
-                400,
-                "messages must contain a user message",
-                "invalid_request_error",
-                "invalid_request",
-                "messages",
-            )
-        self.admit()
-        streaming = False  # once the stream starts, it releases the slot when it ends
+        except ParamError as e:
+            raise _bad_messages(e) from None
+        slot = self.admission.take()
+        response: Response | None = None
         t0 = time.monotonic()
         try:
             routed = await self.engine.route(messages, req.model)
@@ -203,15 +266,20 @@ class Api:
                 return JSONResponse(self.completion_body(req, result))
             events = self.engine.stream(messages, **kwargs)
             # Wait for the first event so that failures before any text get a real status code.
-            first = await until_disconnected(request, anext(events))
-            streaming = True
-            return StreamingResponse(self.sse(req, first, events), media_type="text/event-stream")
+            try:
+                first = await until_disconnected(request, anext(events))
+            except BaseException:
+                await events.aclose()  # type: ignore[attr-defined]
+                raise
+            # From here the response owns the slot and the events (see AdmittedStream).
+            response = AdmittedStream(self.sse(req, first, events), slot, events)
+            return response
         except MoAError as e:
             self.metrics.record(req.model, None, e.status_code, time.monotonic() - t0, None)
             raise
         finally:
-            if not streaming:
-                self.release()
+            if response is None:
+                slot.release()
 
     def record(self, result: MoAResult, status: int, seconds: float) -> None:
         complexity = result.decision.complexity.value if result.decision.complexity else None
@@ -273,22 +341,22 @@ class Api:
         except MoAError as e:
             # Text may already be out: the error travels in the stream, as OpenAI's API does.
             yield b"data: " + json.dumps(error_body(e.message, e.error_type, e.code)).encode() + b"\n\n"
-        finally:
-            self.release()
-            await events.aclose()  # type: ignore[attr-defined]
         yield b"data: [DONE]\n\n"
 
     async def moa(self, request: Request) -> Response:
         req = self.parse(MoARequest, await self.read_json(request))
         try:
-            messages = [m.to_chat() for m in req.messages]
-        except ValueError as e:
-            raise ApiError(400, str(e), "invalid_request_error", "unsupported_content", "messages") from None
+            messages: list[ChatMessage] = req.chat_messages()
+        except ParamError as e:
+            raise _bad_messages(e) from None
         if req.plan is not None:
             problems = self.config.unknown_models(req.plan)
             if problems:
-                raise _moa_error(InvalidPlan(f"the plan cannot run here: {'; '.join(problems)}"))
-        with self.admitted():
+                error = InvalidPlan(f"the plan cannot run here: {'; '.join(problems)}")
+                error.param = "plan"
+                raise _moa_error(error)
+        slot = self.admission.take()
+        try:
             result = await until_disconnected(
                 request,
                 self.engine.run(
@@ -299,6 +367,8 @@ class Api:
                     deadline_s=self.deadline(req.deadline_s),
                 ),
             )
+        finally:
+            slot.release()
         return JSONResponse(result.model_dump(mode="json"))
 
     def models(self) -> dict[str, Any]:
@@ -341,7 +411,7 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            raise asyncio.CancelledError("client disconnected")
+            raise ClientDisconnected("client disconnected")
     return task.result()
 
 
@@ -374,7 +444,14 @@ def create_api(config: MoAConfig, engine: MoAEngine, health: HealthFn) -> FastAP
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
-        return _error_response(ApiError(err.status_code, str(err.detail), "invalid_request_error", code))
+        api_error = ApiError(err.status_code, str(err.detail), "invalid_request_error", code)
+        api_error.headers.update(err.headers or {})  # e.g. Allow on a 405
+        return _error_response(api_error)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(_: Request, err: ClientDisconnected) -> Response:
+        # Nobody is there to read it; the status is for the request log and the span.
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, err: Exception) -> JSONResponse:
@@ -383,8 +460,8 @@ def create_api(config: MoAConfig, engine: MoAEngine, health: HealthFn) -> FastAP
 
     app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
     app.add_api_route("/v1/moa", api.moa, methods=["POST"])
-    app.add_api_route("/v1/models", api.models, methods=["GET"])
-    app.add_api_route("/healthz", api.healthz, methods=["GET"])
+    app.add_api_route("/v1/models", api.models, methods=["GET", "HEAD"])
+    app.add_api_route("/healthz", api.healthz, methods=["GET", "HEAD"])
     return app
 
 

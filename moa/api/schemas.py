@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from moa.engine.plan import Plan
 from moa.types import ChatMessage, GenerationParams
+
+
+class ParamError(ValueError):
+    """A validation failure that knows which request field is at fault (OpenAI's ``param``)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class ContentPart(BaseModel):
@@ -37,16 +45,31 @@ class InMessage(BaseModel):
         return ChatMessage(role=role, content=text)
 
 
+def chat_messages(messages: list[InMessage]) -> list[ChatMessage]:
+    """The one rule both endpoints apply to a message list: text content only, and at least one
+    user message. Raises ``ParamError`` naming the field at fault."""
+    out = []
+    for i, m in enumerate(messages):
+        try:
+            out.append(m.to_chat())
+        except ValueError as e:
+            raise ParamError(str(e), f"messages.{i}.content") from None
+    if not any(m.role == "user" for m in out):
+        raise ParamError("messages must contain a user message", "messages")
+    return out
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class MoAOptions(BaseModel):
-    """The opt-in ``moa`` extension of a chat completion request."""
+    """The opt-in ``moa`` extension of a chat completion request. Strict: it is ours, so there is
+    no client habit to forgive, and ``"detail": "yes"`` is a mistake worth a 422."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     detail: bool = False
     deadline_s: float | None = Field(default=None, gt=0, le=3600)
@@ -58,13 +81,13 @@ class ChatCompletionRequest(BaseModel):
     model: str = Field(min_length=1)
     messages: list[InMessage] = Field(min_length=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_p: float | None = Field(default=None, ge=0, le=1)
     max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     n: int = Field(default=1, ge=1, le=1)
     seed: int | None = None
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     moa: MoAOptions = MoAOptions()
@@ -79,13 +102,19 @@ class ChatCompletionRequest(BaseModel):
     @model_validator(mode="after")
     def _no_tools(self) -> ChatCompletionRequest:
         extra = self.model_extra or {}
-        for unsupported in ("tools", "functions", "tool_choice", "response_format"):
+        for unsupported in ("tools", "functions", "tool_choice"):
             if extra.get(unsupported):
-                raise ValueError(f"{unsupported!r} is not supported by this service")
+                raise ParamError(f"{unsupported!r} is not supported by this service", unsupported)
+        fmt = extra.get("response_format")
+        # Plain text is what every answer is anyway; JSON modes would need the proposers to agree.
+        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+            raise ParamError(
+                "only response_format {'type': 'text'} is supported by this service", "response_format"
+            )
         return self
 
     def chat_messages(self) -> list[ChatMessage]:
-        return [m.to_chat() for m in self.messages]
+        return chat_messages(self.messages)
 
     def params(self) -> GenerationParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop) if self.stop else None
@@ -112,8 +141,11 @@ class MoARequest(BaseModel):
     @model_validator(mode="after")
     def _one_of(self) -> MoARequest:
         if self.plan is not None and self.preset is not None:
-            raise ValueError("give either plan or preset, not both")
+            raise ParamError("give either plan or preset, not both", "plan")
         return self
+
+    def chat_messages(self) -> list[ChatMessage]:
+        return chat_messages(self.messages)
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> dict[str, Any]:
