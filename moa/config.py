@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from moa.engine.plan import Plan, PresetConfig, RouterConfig, TemplatesConfig
+from moa.types import DroppableParam
 
 
 class ConfigError(ValueError):
@@ -54,7 +55,8 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 
 
 class ModelPrice(_Strict):
-    """Prices in US dollars per million tokens."""
+    """One model's entry: prices in US dollars per million tokens, context window, and the
+    generation parameters it refuses."""
 
     input_per_mtok: float = Field(default=0.0, ge=0)
     output_per_mtok: float = Field(default=0.0, ge=0)
@@ -65,6 +67,15 @@ class ModelPrice(_Strict):
         gt=0,
         description="The most tokens the model produces in one answer: a call's rate-budget "
         "reservation never exceeds it, whatever max_tokens the request asks for.",
+    )
+    unsupported_params: list[DroppableParam] = Field(
+        default_factory=list,
+        description=(
+            "Generation parameters this model refuses (temperature on reasoning models and on "
+            "Claude models that dropped it, for example): never sent to it, and each call that "
+            "asked for one records the drop. A refusal not listed here is learned from the "
+            "provider's 400 at the first call and handled the same way."
+        ),
     )
 
     def cost(self, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> float:

@@ -44,6 +44,9 @@ _UNHEALTHY = frozenset(
 )
 
 Role = Literal["system", "user", "assistant"]
+# Generation parameters a model may refuse: an adapter drops them (and says so on the call) rather
+# than failing the call. max_tokens is not among them: it bounds what an answer costs.
+DroppableParam = Literal["temperature", "top_p", "seed", "stop"]
 
 
 class ChatMessage(BaseModel):
@@ -122,6 +125,9 @@ class CallResult(BaseModel):
     streamed: bool = False
     # Service time the simulator reports (x-sim-service-time), summed over attempts; None for real APIs.
     simulated_service_s: float | None = None
+    # What the adapter changed in the request's generation parameters to fit the model, one line
+    # each ("temperature 1.5 clamped to 1.0 (...)", "temperature dropped: refused by m (...)").
+    adjustments: list[str] = Field(default_factory=list)
     error: CallError | None = None
 
     @property

@@ -71,6 +71,8 @@ def end_call_span(span: trace.Span, result: CallResult | None, *, capture_conten
     if result.ttft_s is not None:
         span.set_attribute("gen_ai.response.time_to_first_chunk", result.ttft_s)
     span.set_attribute("moa.attempts", result.attempts)
+    if result.adjustments:
+        span.set_attribute("moa.adjustments", result.adjustments)
     span.set_attribute("moa.cost_usd", result.cost_usd)
     if result.error is not None:
         span.set_attribute("error.type", result.error.kind.value)

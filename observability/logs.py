@@ -25,6 +25,7 @@ FIELDS = (
     "output_tokens",
     "cost_usd",
     "attempts",
+    "adjustments",
     "layer",
     "path",
     "decision",

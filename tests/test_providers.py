@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,6 +12,7 @@ import httpx
 import pytest
 
 from moa.config import MoAConfig, ProviderConfig, SimulatorMode, parse_config, resolve_endpoint
+from moa.engine.result import CallRecord, Stage
 from moa.limits import ProviderLimits
 from moa.providers.base import ProviderClient
 from moa.providers.registry import ProviderPool, build_client
@@ -318,3 +320,154 @@ async def test_rpm_budget_delays_and_refuses(sim: SimulatorServer) -> None:
 async def test_unknown_provider_is_a_bad_request(pool: ProviderPool) -> None:
     res = await pool.call(CallRequest(provider="nope", model="m", messages=MESSAGES))
     assert res.error is not None and res.error.kind is ErrorKind.BAD_REQUEST
+
+
+# -- the contract with each API: generation parameters --------------------------------------------------
+# Every parameter goes through the real SDK over HTTP to the simulator, which checks it as the real API
+# does; GET /admin/requests shows what arrived.
+
+STOP = ("<no-such-marker>",)
+# Every generation parameter each API accepts, in sets it accepts together (current Claude models take
+# temperature or top_p, not both, and the Anthropic API has no seed).
+CONTRACT: dict[str, list[GenerationParams]] = {
+    "openai": [GenerationParams(temperature=0.4, top_p=0.9, max_tokens=64, stop=STOP, seed=7)],
+    "local": [GenerationParams(temperature=0.4, top_p=0.9, max_tokens=64, stop=STOP, seed=7)],
+    "gemini": [GenerationParams(temperature=0.4, top_p=0.9, max_tokens=64, stop=STOP, seed=7)],
+    "anthropic": [
+        GenerationParams(temperature=0.4, max_tokens=64, stop=STOP),
+        GenerationParams(top_p=0.9, max_tokens=64, stop=STOP),
+    ],
+}
+
+
+def sim_requests(sim: SimulatorServer) -> list[dict[str, Any]]:
+    """What the last requests carried, as the simulator parsed them (oldest first)."""
+    requests: list[dict[str, Any]] = httpx.get(f"{sim.url}/admin/requests").json()["requests"]
+    return requests
+
+
+def sent_params(p: GenerationParams) -> dict[str, Any]:
+    """The parameters as the simulator reports them (its names, lists for stop)."""
+    out = p.model_dump(exclude_none=True)
+    if "stop" in out:
+        out["stop"] = list(out["stop"])
+    return out
+
+
+def refuse(sim: SimulatorServer, model: str, *params: str) -> None:
+    """Make the simulated model answer 400 to these parameters, as a model that dropped them does."""
+    profile = httpx.get(f"{sim.url}/admin/profile").json()
+    profile["models"][model] = {**profile["default"], "refuses": list(params)}
+    httpx.put(f"{sim.url}/admin/profile", json=profile).raise_for_status()
+
+
+async def call(pool: ProviderPool, request: CallRequest, stream: bool) -> CallResult:
+    return (await collect(pool.stream(request)))[1] if stream else await pool.call(request)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("provider", list(MODELS))
+async def test_contract_every_accepted_parameter_reaches_the_api(
+    pool: ProviderPool, sim: SimulatorServer, provider: str, stream: bool
+) -> None:
+    for params in CONTRACT[provider]:
+        res = await call(pool, req(provider, params=params), stream)
+        assert res.ok, (provider, res.error)
+        assert res.adjustments == [] and res.attempts == 1 and res.streamed is stream
+        (seen,) = sim_requests(sim)[-1:]
+        assert seen["model"] == MODELS[provider] and seen["stream"] is stream and seen["refused"] is None
+        assert seen["params"] == sent_params(params)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_anthropic_temperature_is_clamped_to_its_range_and_recorded(
+    pool: ProviderPool, sim: SimulatorServer, stream: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="moa.providers"):
+        res = await call(pool, req("anthropic", params=GenerationParams(temperature=1.5)), stream)
+    assert res.ok, res.error
+    assert res.adjustments == ["temperature 1.5 clamped to 1.0 (Anthropic's range is 0-1)"]
+    assert sim_requests(sim)[-1]["params"] == {"temperature": 1.0, "max_tokens": 1024}
+    # Visible in the run's call records (moa.detail) and in the provider-call log line.
+    record = CallRecord.from_result(res, stage=Stage.PROPOSER, started_s=0.0)
+    assert record.model_dump(mode="json")["adjustments"] == res.adjustments
+    (logged,) = [r for r in caplog.records if getattr(r, "event", None) == "provider_call"]
+    assert getattr(logged, "adjustments", None) == res.adjustments
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_anthropic_never_sends_temperature_with_top_p_nor_a_seed(
+    pool: ProviderPool, sim: SimulatorServer, stream: bool
+) -> None:
+    # The simulator refuses the pair for claude-haiku-4-5, as the real API does for current models.
+    params = GenerationParams(temperature=0.3, top_p=0.8, seed=5)
+    res = await call(pool, req("anthropic", params=params), stream)
+    assert res.ok and res.attempts == 1, res.error
+    assert res.adjustments == [
+        "seed dropped: the Anthropic API has no seed",
+        "top_p dropped: claude-haiku-4-5 takes temperature or top_p, not both",
+    ]
+    assert sim_requests(sim)[-1]["params"] == {"temperature": 0.3, "max_tokens": 1024}
+
+
+async def test_configured_unsupported_params_are_never_sent(sim: SimulatorServer) -> None:
+    cfg = provider_config(sim.url).model_dump(mode="json")
+    cfg["providers"]["openai"]["models"][MODELS["openai"]]["unsupported_params"] = ["temperature", "seed"]
+    refuse(sim, MODELS["openai"], "temperature", "seed")  # a request carrying either would fail
+    async with ProviderPool.from_config(parse_config(cfg), sim_url=sim.url) as pool:
+        res = await pool.call(req("openai", params=GenerationParams(temperature=0.2, top_p=0.5, seed=1)))
+    assert res.ok and res.attempts == 1, res.error
+    assert res.adjustments == [
+        "temperature dropped: refused by gpt-4.1-mini (per config)",
+        "seed dropped: refused by gpt-4.1-mini (per config)",
+    ]
+    assert [r["params"] for r in sim_requests(sim)] == [{"top_p": 0.5}]
+
+
+@pytest.mark.parametrize("provider", list(MODELS))
+async def test_a_refused_parameter_is_learned_dropped_and_not_held_against_health(
+    sim: SimulatorServer, provider: str
+) -> None:
+    # One retry at most and a breaker that opens at the first failure: the learned drop must
+    # use neither.
+    cfg = provider_config(sim.url, retry={"max_attempts": 1}, circuit_breaker={"failure_threshold": 1})
+    model = MODELS[provider]
+    refuse(sim, model, "temperature")
+    note = f"temperature dropped: refused by {model} (learned from its 400)"
+    params = GenerationParams(temperature=0.5, max_tokens=40)
+    async with ProviderPool.from_config(cfg, sim_url=sim.url) as pool:
+        first = await pool.call(req(provider, params=params))
+        assert first.ok, first.error
+        assert first.attempts == 2 and first.adjustments == [note]
+        assert pool.clients[provider].health()["state"] == "closed"
+        # Remembered for this model: later calls, streaming or not, never send it again.
+        for stream in (False, True):
+            again = await call(pool, req(provider, params=params), stream)
+            assert again.ok and again.attempts == 1 and again.adjustments == [note], again.error
+    refused = [(r["params"].get("temperature"), r["refused"] is not None) for r in sim_requests(sim)]
+    assert refused == [(0.5, True), (None, False), (None, False), (None, False)]
+
+
+async def test_an_anthropic_model_refusing_temperature_gets_top_p_instead(sim: SimulatorServer) -> None:
+    # temperature wins over top_p when both are asked for; once the model refuses temperature,
+    # top_p is what it gets.
+    refuse(sim, MODELS["anthropic"], "temperature")
+    async with ProviderPool.from_config(provider_config(sim.url), sim_url=sim.url) as pool:
+        res = await pool.call(req("anthropic", params=GenerationParams(temperature=0.7, top_p=0.6)))
+    assert res.ok and res.attempts == 2, res.error
+    assert res.adjustments == ["temperature dropped: refused by claude-haiku-4-5 (learned from its 400)"]
+    assert [r["params"] for r in sim_requests(sim)] == [
+        {"temperature": 0.7, "max_tokens": 1024},
+        {"top_p": 0.6, "max_tokens": 1024},
+    ]
+
+
+@pytest.mark.parametrize(("provider", "api", "limit"), [("openai", "OpenAI", 4), ("gemini", "Gemini", 5)])
+async def test_stop_sequences_beyond_the_apis_limit_are_cut_and_recorded(
+    pool: ProviderPool, sim: SimulatorServer, provider: str, api: str, limit: int
+) -> None:
+    stops = tuple(f"<stop{i}>" for i in range(7))
+    res = await pool.call(req(provider, params=GenerationParams(stop=stops)))
+    assert res.ok, res.error
+    assert res.adjustments == [f"stop: kept the first {limit} of 7 sequences (the {api} API's limit)"]
+    assert sim_requests(sim)[-1]["params"]["stop"] == list(stops[:limit])

@@ -524,6 +524,185 @@ def test_missing_key_and_malformed_request_bodies(admin: httpx.Client) -> None:
     assert admin.get("/nowhere").status_code == 404
 
 
+# -- generation parameters, checked as each API checks them ------------------------------------------
+
+ANTHROPIC_HEADERS = {"x-api-key": KEY, "anthropic-version": "2023-06-01"}
+GEMINI_HEADERS = {"x-goog-api-key": KEY}
+GEMINI_BODY = {"contents": [{"role": "user", "parts": [{"text": QUESTION}]}]}
+
+
+def openai_chat(admin: httpx.Client, **params: Any) -> httpx.Response:
+    return post(admin, "/v1/chat/completions", {"model": "gpt-4.1", "messages": MESSAGES, **params})
+
+
+def anthropic_message(admin: httpx.Client, model: str = "claude-haiku-4-5", **params: Any) -> httpx.Response:
+    body = {"model": model, "max_tokens": 20, "messages": MESSAGES, **params}
+    return post(admin, "/v1/messages", body, ANTHROPIC_HEADERS)
+
+
+def gemini_generate(admin: httpx.Client, **config: Any) -> httpx.Response:
+    body = {**GEMINI_BODY, "generationConfig": config}
+    return post(admin, "/v1beta/models/gemini-2.5-flash:generateContent", body, GEMINI_HEADERS)
+
+
+def recent_requests(admin: httpx.Client) -> list[dict[str, Any]]:
+    return cast(list[dict[str, Any]], admin.get("/admin/requests").json()["requests"])
+
+
+@pytest.mark.parametrize(
+    ("params", "param", "code"),
+    [
+        ({"temperature": 2.5}, "temperature", "decimal_above_max_value"),
+        ({"temperature": -0.1}, "temperature", "decimal_below_min_value"),
+        ({"temperature": "hot"}, "temperature", "invalid_type"),
+        ({"top_p": 1.5}, "top_p", "decimal_above_max_value"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens", "integer_below_min_value"),
+        ({"max_tokens": True}, "max_tokens", "invalid_type"),
+        ({"seed": 1.5}, "seed", "invalid_type"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "array_above_max_length"),
+        ({"stop": [1]}, "stop", "invalid_type"),
+    ],
+)
+def test_openai_refuses_bad_generation_parameters(
+    admin: httpx.Client, params: dict[str, Any], param: str, code: str
+) -> None:
+    r = openai_chat(admin, **params)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param and err["code"] == code
+    assert f"'{param}'" in err["message"]
+
+
+def test_openai_accepts_every_generation_parameter_and_names_unknown_ones(admin: httpx.Client) -> None:
+    r = openai_chat(admin, top_k=5)
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == "Unrecognized request argument supplied: top_k"
+    params = {
+        "temperature": 2,
+        "top_p": 1,
+        "max_completion_tokens": 30,
+        "stop": ["x", "y", "z", "w"],
+        "seed": 7,
+    }
+    assert openai_chat(admin, **params).status_code == 200
+    assert openai_chat(admin, max_tokens=9, stop="q").status_code == 200
+    seen = recent_requests(admin)
+    assert [r["params"] for r in seen] == [
+        {"temperature": 2.0, "top_p": 1.0, "max_tokens": 30, "stop": ["x", "y", "z", "w"], "seed": 7},
+        {"max_tokens": 9, "stop": ["q"]},
+    ]
+    assert seen[0]["api"] == "openai" and seen[0]["model"] == "gpt-4.1" and seen[0]["refused"] is None
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"temperature": 1.5}, "temperature: Input should be less than or equal to 1"),
+        ({"temperature": -1}, "temperature: Input should be greater than or equal to 0"),
+        ({"top_p": 1.01}, "top_p: Input should be less than or equal to 1"),
+        ({"top_p": "x"}, "top_p: Input should be a valid number"),
+        ({"seed": 7}, "seed: Extra inputs are not permitted"),
+        ({"stop_sequences": "x"}, "stop_sequences: Input should be a valid list"),
+        ({"stop_sequences": ["x", 2]}, "stop_sequences.1: Input should be a valid string"),
+        (
+            {"temperature": 0.5, "top_p": 0.9},
+            "`temperature` and `top_p` cannot both be specified for this model. Please use only one.",
+        ),
+    ],
+)
+def test_anthropic_refuses_bad_generation_parameters(
+    admin: httpx.Client, params: dict[str, Any], message: str
+) -> None:
+    r = anthropic_message(admin, **params)
+    assert r.status_code == 400, r.text
+    body = r.json()
+    assert body["type"] == "error" and body["error"] == {"type": "invalid_request_error", "message": message}
+
+
+def test_anthropic_accepts_what_the_api_accepts(admin: httpx.Client) -> None:
+    stops = [f"<stop{i}>" for i in range(12)]  # no small limit on stop sequences
+    assert anthropic_message(admin, temperature=1, stop_sequences=stops).status_code == 200
+    assert anthropic_message(admin, top_p=0.5, top_k=40).status_code == 200
+    # A model whose profile says so accepts temperature and top_p together (as older Claude models did).
+    put_profile(admin, SimProfile(models={"claude-3-*": ModelProfile(exclusive_sampling=False, ttft_s=0)}))
+    assert anthropic_message(admin, "claude-3-haiku", temperature=0.2, top_p=0.9).status_code == 200
+    assert [r["params"] for r in recent_requests(admin)] == [
+        {"temperature": 1.0, "max_tokens": 20, "stop": stops},
+        {"top_p": 0.5, "max_tokens": 20},
+        {"temperature": 0.2, "top_p": 0.9, "max_tokens": 20},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("config", "fragment"),
+    [
+        ({"temperature": 2.5}, "temperature must be in the range [0.0, 2.0]"),
+        ({"topP": 1.5}, "top_p must be in the range [0.0, 1.0]"),
+        ({"top_p": -0.5}, "top_p must be in the range [0.0, 1.0]"),
+        ({"seed": "x"}, "generation_config.seed"),
+        ({"maxOutputTokens": 1.5}, "generation_config.max_output_tokens"),
+        ({"stopSequences": list("abcdef")}, "stopSequences value of 6"),
+        ({"topQ": 1}, "Unknown name \"topQ\" at 'generation_config': Cannot find field."),
+    ],
+)
+def test_gemini_refuses_bad_generation_parameters(
+    admin: httpx.Client, config: dict[str, Any], fragment: str
+) -> None:
+    r = gemini_generate(admin, **config)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["status"] == "INVALID_ARGUMENT" and fragment in err["message"]
+
+
+def test_gemini_accepts_every_generation_parameter_in_both_spellings(admin: httpx.Client) -> None:
+    config = {"temperature": 2, "topP": 1, "maxOutputTokens": 40, "stopSequences": list("vwxyz"), "seed": 3}
+    assert gemini_generate(admin, **config).status_code == 200
+    assert gemini_generate(admin, top_p=0.5, max_output_tokens=8, stop_sequences=["q"]).status_code == 200
+    r = post(
+        admin, "/v1beta/models/gemini-2.5-flash:generateContent", {**GEMINI_BODY, "n": 1}, GEMINI_HEADERS
+    )
+    assert r.status_code == 400 and 'Unknown name "n": Cannot find field.' in r.json()["error"]["message"]
+    assert [r["params"] for r in recent_requests(admin)] == [
+        {"temperature": 2.0, "top_p": 1.0, "max_tokens": 40, "stop": list("vwxyz"), "seed": 3},
+        {"top_p": 0.5, "max_tokens": 8, "stop": ["q"]},
+    ]
+
+
+def test_a_profile_makes_a_model_refuse_parameters_in_its_apis_words(admin: httpx.Client) -> None:
+    refusing = ModelProfile(ttft_s=0, refuses=("temperature", "seed"))
+    models = {"gpt-4.1": refusing, "claude-haiku-4-5": refusing, "gemini-2.5-flash": refusing}
+    put_profile(admin, SimProfile(models=models))
+    r = openai_chat(admin, temperature=0.3)
+    assert r.status_code == 400 and r.json()["error"] == {
+        "message": "Unsupported parameter: 'temperature' is not supported with this model.",
+        "type": "invalid_request_error",
+        "param": "temperature",
+        "code": "unsupported_parameter",
+    }
+    r = anthropic_message(admin, temperature=0.3)
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == "`temperature` is deprecated for this model."
+    r = gemini_generate(admin, seed=4)
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == "seed is not enabled for models/gemini-2.5-flash"
+    # Without the refused parameters every model answers; a refused request never reaches the model.
+    assert openai_chat(admin, top_p=0.5).status_code == 200
+    assert anthropic_message(admin, top_p=0.5).status_code == 200
+    assert gemini_generate(admin, topP=0.5).status_code == 200
+    assert {m: s["requests"] for m, s in stats(admin).items()} == dict.fromkeys(models, 1)
+    refused = [(r["api"], r["refused"] is not None) for r in recent_requests(admin)]
+    assert refused == [
+        ("openai", True),
+        ("anthropic", True),
+        ("gemini", True),
+        ("openai", False),
+        ("anthropic", False),
+        ("gemini", False),
+    ]
+    admin.post("/admin/reset").raise_for_status()
+    assert recent_requests(admin) == []
+
+
 # -- faults through the SDKs ---------------------------------------------------------------------------
 
 

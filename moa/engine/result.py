@@ -47,6 +47,8 @@ class CallRecord(BaseModel):
     attempts: int = 0
     finish_reason: str | None = None
     simulated_service_s: float | None = None
+    # Generation parameters the adapter dropped or clamped for this model (see CallResult).
+    adjustments: list[str] = Field(default_factory=list)
 
     @classmethod
     def from_result(
@@ -77,6 +79,7 @@ class CallRecord(BaseModel):
             attempts=res.attempts,
             finish_reason=res.finish_reason,
             simulated_service_s=res.simulated_service_s,
+            adjustments=res.adjustments,
         )
 
 

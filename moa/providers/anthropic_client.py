@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,14 +16,21 @@ from moa.providers.base import (
     ProviderClient,
     classify_common,
     classify_generated_sdk,
+    refused_param,
     service_time,
     unexpected_failure,
 )
-from moa.types import CallRequest, ErrorKind, Usage
+from moa.types import CallRequest, ErrorKind, GenerationParams, Usage
 
 # The Messages API requires max_tokens; used when the request does not say.
 DEFAULT_MAX_TOKENS = 1024
 FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "refusal": "content_filter"}
+# Anthropic's temperature range; ours (OpenAI's) goes to 2.
+MAX_TEMPERATURE = 1.0
+# How the API refuses a parameter: "`temperature` is deprecated for this model." (models that
+# dropped it), or "seed: Extra inputs are not permitted." (a field it does not know).
+REFUSED = re.compile(r"`(\w+)` is (?:deprecated|not supported)|(\w+): Extra inputs are not permitted")
+NAMES = {"stop_sequences": "stop"}
 
 
 class AnthropicClient(ProviderClient):
@@ -56,11 +64,35 @@ class AnthropicClient(ProviderClient):
         }
         if system:
             args["system"] = system
-        optional = {"temperature": p.temperature, "top_p": p.top_p}
-        args |= {k: v for k, v in optional.items() if v is not None}
+        # anthropic 2.x no longer models temperature or top_p in messages.create() (it raises
+        # TypeError on them); the API still takes them, so they go as extra body fields.
+        sampling = {"temperature": p.temperature, "top_p": p.top_p}
+        extra = {k: v for k, v in sampling.items() if v is not None}
+        if extra:
+            args["extra_body"] = extra
         if p.stop:
             args["stop_sequences"] = list(p.stop)
         return args
+
+    def _adapt(self, model: str, params: GenerationParams) -> tuple[GenerationParams, list[str]]:
+        update: dict[str, object] = {}
+        notes: list[str] = []
+        if params.seed is not None:
+            update["seed"] = None
+            notes.append("seed dropped: the Anthropic API has no seed")
+        t = params.temperature
+        if t is not None and t > MAX_TEMPERATURE:
+            update["temperature"] = MAX_TEMPERATURE
+            notes.append(f"temperature {t:g} clamped to {MAX_TEMPERATURE:.1f} (Anthropic's range is 0-1)")
+        if t is not None and params.top_p is not None:
+            # Claude's current models refuse the pair ("cannot both be specified"); the temperature
+            # is what callers (and our plans) set on purpose.
+            update["top_p"] = None
+            notes.append(f"top_p dropped: {model} takes temperature or top_p, not both")
+        return (params.model_copy(update=update) if update else params), notes
+
+    def _refused_param(self, message: str) -> str | None:
+        return refused_param(message, REFUSED, NAMES)
 
     async def _complete_once(self, req: CallRequest, timeout_s: float) -> Attempt:
         raw = await self._sdk.messages.with_raw_response.create(**self._args(req, timeout_s))

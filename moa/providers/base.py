@@ -9,24 +9,36 @@ import email.utils
 import json
 import logging
 import random
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args
 
 from pydantic import ValidationError
 
 from moa.config import Endpoint, ProviderConfig
 from moa.limits import DEFAULT_OUTPUT_RESERVE, ProviderLimits, RateBudgetExceeded
 from moa.tokens import CHARS_PER_TOKEN, approx_message_tokens
-from moa.types import CallError, CallRequest, CallResult, ErrorKind, StreamEvent, TextDelta, Usage
+from moa.types import (
+    CallError,
+    CallRequest,
+    CallResult,
+    DroppableParam,
+    ErrorKind,
+    GenerationParams,
+    StreamEvent,
+    TextDelta,
+    Usage,
+)
 from observability.genai import end_call_span, start_call_span
 from observability.logs import span_ids
 
 SERVICE_TIME_HEADER = "x-sim-service-time"
 log = logging.getLogger("moa.providers")
+DROPPABLE: tuple[str, ...] = get_args(DroppableParam)
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -157,6 +169,20 @@ def classify_generated_sdk(sdk: ModuleType, exc: BaseException, in_stream: bool)
     return None
 
 
+def refused_param(message: str, patterns: re.Pattern[str], names: Mapping[str, str]) -> str | None:
+    """The droppable parameter (our name) a provider's 400 message says the model refuses, if any.
+
+    ``patterns`` captures the provider's name of the parameter in its first matching group;
+    ``names`` maps the provider's names to ours where they differ.
+    """
+    m = patterns.search(message)
+    if m is None:
+        return None
+    found = next(g for g in m.groups() if g)
+    name = names.get(found, found)
+    return name if name in DROPPABLE else None
+
+
 def unexpected_failure(exc: BaseException) -> AttemptError:
     """Anything no rule recognised was raised on our side (text the SDK cannot encode, an SDK that
     refuses its arguments, a bug of ours): the provider did nothing wrong, so it is ``internal`` and
@@ -189,6 +215,8 @@ class ProviderClient(ABC):
         self.limits = limits or ProviderLimits.from_config(cfg)
         self.capture_content = capture_content
         self._secret = endpoint.api_key.get_secret_value() if endpoint.api_key else None
+        # Parameters each model refused with a 400 in this process: never sent to it again.
+        self._refused: dict[str, set[str]] = {}
         # One SDK client per adapter, created once and reused: its connection pool is shared.
         self._sdk = self._make_sdk()
 
@@ -209,6 +237,15 @@ class ProviderClient(ABC):
     @abstractmethod
     def _classify(self, exc: BaseException, in_stream: bool) -> AttemptError:
         """Type an exception raised by this SDK."""
+
+    def _adapt(self, model: str, params: GenerationParams) -> tuple[GenerationParams, list[str]]:
+        """Fit the parameters to what this provider's API accepts (ranges, limits, combinations);
+        return them with one note per change. The default changes nothing."""
+        return params, []
+
+    def _refused_param(self, message: str) -> str | None:
+        """The parameter (our name) a 400 message says the model refuses, in this API's words."""
+        return None
 
     async def aclose(self) -> None:
         return None
@@ -249,14 +286,54 @@ class ProviderClient(ABC):
         }
         return CallResult(**(base | fields))
 
+    def _redact(self, text: str) -> str:
+        return text.replace(self._secret, "***") if self._secret else text
+
     def _failure(self, req: CallRequest, t0: float, err: AttemptError, **fields: Any) -> CallResult:
-        message = err.message
-        if self._secret:
-            message = message.replace(self._secret, "***")
         error = CallError(
-            kind=err.kind, message=message, status_code=err.status, retry_after_s=err.retry_after_s
+            kind=err.kind,
+            message=self._redact(err.message),
+            status_code=err.status,
+            retry_after_s=err.retry_after_s,
         )
         return self._result(req, t0, error=error, **fields)
+
+    def _prepare(self, req: CallRequest) -> tuple[CallRequest, list[str]]:
+        """The request as it will be sent: parameters the model refuses (configured, or learned
+        from an earlier 400) dropped, then fitted to the API; with a note for each change."""
+        p, notes = req.params, []
+        configured = set(self.cfg.price(req.model).unsupported_params)
+        learned = self._refused.get(req.model, set())
+        drop: dict[str, None] = {}
+        for name in DROPPABLE:
+            if getattr(p, name) is None or (name not in configured and name not in learned):
+                continue
+            how = "per config" if name in configured else "learned from its 400"
+            notes.append(f"{name} dropped: refused by {req.model} ({how})")
+            drop[name] = None
+        if drop:
+            p = p.model_copy(update=drop)
+        p, fitted = self._adapt(req.model, p)
+        notes += fitted
+        return (req if p is req.params else req.model_copy(update={"params": p})), notes
+
+    def _learn_refusal(self, sent: CallRequest, err: AttemptError) -> bool:
+        """Whether ``err`` is the model refusing a parameter this request sent: if so, remember it
+        (it is dropped from every later request to this model) and say the call may go again."""
+        if err.kind is not ErrorKind.BAD_REQUEST or err.status != 400:
+            return False
+        name = self._refused_param(err.message)
+        if name is None or getattr(sent.params, name) is None:
+            return False
+        self._refused.setdefault(sent.model, set()).add(name)
+        log.warning(
+            "%s refused %s; not sent to it again in this process (%s)",
+            sent.model,
+            name,
+            self._redact(err.message),
+            extra={"event": "parameter_refused", "provider": self.name, "model": sent.model},
+        )
+        return True
 
     async def _run(self, req: CallRequest, stream: bool) -> AsyncIterator[StreamEvent]:
         """One call, traced (a GenAI ``chat {model}`` span) and logged, whatever its outcome."""
@@ -285,6 +362,7 @@ class ProviderClient(ABC):
                         "output_tokens": result.usage.output_tokens,
                         "cost_usd": result.cost_usd,
                         "attempts": result.attempts,
+                        "adjustments": result.adjustments or None,
                         **span_ids(span),
                     },
                 )
@@ -360,9 +438,11 @@ class ProviderClient(ABC):
         self, req: CallRequest, stream: bool, t0: float, deadline: float, used: _Consumption
     ) -> AsyncIterator[StreamEvent]:
         """The retry loop: retryable failures are retried with jittered backoff (or as Retry-After
-        says) while the deadline allows; a stream is never retried once text has been sent."""
-        attempts, service, parts = 0, None, []
+        says) while the deadline allows; a stream is never retried once text has been sent. A 400
+        refusing a parameter is retried at once without it (not counted as a retry)."""
+        attempts, relearned, service, parts = 0, 0, None, []
         ttft: float | None = None
+        sent, adjustments = self._prepare(req)
         while True:
             attempts += 1
             remaining = deadline - time.monotonic()
@@ -372,7 +452,7 @@ class ProviderClient(ABC):
                     raise AttemptError(ErrorKind.TIMEOUT, "the call's deadline passed")
                 used.sent += 1  # from here the provider may have read (and billed) the prompt
                 if stream:
-                    it = aiter(self._stream_once(req, remaining))
+                    it = aiter(self._stream_once(sent, remaining))
                     try:
                         while True:
                             async with asyncio.timeout_at(_loop_deadline(deadline)):
@@ -394,7 +474,7 @@ class ProviderClient(ABC):
                         )
                 else:
                     async with asyncio.timeout_at(_loop_deadline(deadline)):
-                        final = await self._complete_once(req, remaining)
+                        final = await self._complete_once(sent, remaining)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -404,7 +484,11 @@ class ProviderClient(ABC):
                     used.refused += 1
                 if err.service_s is not None:
                     service = (service or 0.0) + err.service_s
-                delay = self._retry_delay(err, attempts, deadline, emitted=bool(parts))
+                if not parts and self._learn_refusal(sent, err):
+                    relearned += 1
+                    sent, adjustments = self._prepare(req)
+                    continue
+                delay = self._retry_delay(err, attempts - relearned, deadline, emitted=bool(parts))
                 if delay is None:
                     yield self._failure(
                         req,
@@ -415,6 +499,7 @@ class ProviderClient(ABC):
                         ttft_s=ttft,
                         simulated_service_s=service,
                         text="".join(parts),
+                        adjustments=adjustments,
                     )
                     return
                 await asyncio.sleep(delay)
@@ -438,6 +523,7 @@ class ProviderClient(ABC):
                 attempts=attempts,
                 streamed=stream,
                 simulated_service_s=service,
+                adjustments=adjustments,
             )
             return
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -13,11 +14,12 @@ from moa.providers.base import (
     AttemptError,
     ProviderClient,
     classify_common,
+    refused_param,
     service_time,
     status_error,
     unexpected_failure,
 )
-from moa.types import CallRequest, ErrorKind, Usage
+from moa.types import CallRequest, ErrorKind, GenerationParams, Usage
 
 FINISH = {
     "STOP": "stop",
@@ -25,6 +27,13 @@ FINISH = {
     "SAFETY": "content_filter",
     "PROHIBITED_CONTENT": "content_filter",
 }
+# The Gemini API takes at most this many stop sequences.
+MAX_STOP = 5
+# How the API refuses a field: 'Invalid JSON payload received. Unknown name "seed" at
+# 'generation_config': Cannot find field.', or names a feature a model lacks ("... is not enabled
+# for models/...").
+REFUSED = re.compile(r'Unknown name "(\w+)"|(\w+) is not (?:enabled|supported) for')
+NAMES = {"topP": "top_p", "stopSequences": "stop", "stop_sequences": "stop"}
 
 
 class GeminiClient(ProviderClient):
@@ -66,6 +75,16 @@ class GeminiClient(ProviderClient):
             ),
         )
         return {"model": req.model, "contents": contents, "config": config}
+
+    def _adapt(self, model: str, params: GenerationParams) -> tuple[GenerationParams, list[str]]:
+        stop = params.stop
+        if stop and len(stop) > MAX_STOP:
+            note = f"stop: kept the first {MAX_STOP} of {len(stop)} sequences (the Gemini API's limit)"
+            return params.model_copy(update={"stop": stop[:MAX_STOP]}), [note]
+        return params, []
+
+    def _refused_param(self, message: str) -> str | None:
+        return refused_param(message, REFUSED, NAMES)
 
     async def _complete_once(self, req: CallRequest, timeout_s: float) -> Attempt:
         response = await self._sdk.aio.models.generate_content(**self._args(req, timeout_s))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,12 +15,22 @@ from moa.providers.base import (
     ProviderClient,
     classify_common,
     classify_generated_sdk,
+    refused_param,
     service_time,
     unexpected_failure,
 )
-from moa.types import CallRequest, ErrorKind, Usage
+from moa.types import CallRequest, ErrorKind, GenerationParams, Usage
 
 FINISH = {"stop": "stop", "length": "length", "content_filter": "content_filter"}
+# OpenAI's API takes at most this many stop sequences.
+MAX_STOP = 4
+# How OpenAI refuses a parameter: "Unsupported parameter: 'temperature' is not supported with this
+# model." or "Unsupported value: 'temperature' does not support 0.5 with this model. Only the
+# default (1) value is supported." (reasoning models); compatible servers may not know a field
+# ("Unrecognized request argument supplied: seed").
+REFUSED = re.compile(
+    r"Unsupported (?:parameter|value): '(\w+)'|Unrecognized request argument supplied: (\w+)"
+)
 
 
 class OpenAIClient(ProviderClient):
@@ -50,6 +61,16 @@ class OpenAIClient(ProviderClient):
         if p.stop:
             args["stop"] = list(p.stop)
         return args
+
+    def _adapt(self, model: str, params: GenerationParams) -> tuple[GenerationParams, list[str]]:
+        stop = params.stop
+        if self.kind == "openai" and stop and len(stop) > MAX_STOP:
+            note = f"stop: kept the first {MAX_STOP} of {len(stop)} sequences (the OpenAI API's limit)"
+            return params.model_copy(update={"stop": stop[:MAX_STOP]}), [note]
+        return params, []
+
+    def _refused_param(self, message: str) -> str | None:
+        return refused_param(message, REFUSED, {})
 
     async def _complete_once(self, req: CallRequest, timeout_s: float) -> Attempt:
         raw = await self._sdk.chat.completions.with_raw_response.create(**self._args(req, timeout_s))

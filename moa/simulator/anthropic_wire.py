@@ -5,7 +5,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from moa.simulator.wire import BadRequest, Completion, Err, SimRequest, Wire, dumps, random_id, sse
+from moa.simulator.wire import (
+    BadRequest,
+    Completion,
+    Err,
+    SimRequest,
+    Wire,
+    dumps,
+    is_integer,
+    is_number,
+    random_id,
+    sse,
+)
 
 _ERRORS = {
     Err.BAD_REQUEST: "invalid_request_error",
@@ -16,6 +27,32 @@ _ERRORS = {
     Err.UNAVAILABLE: "overloaded_error",
 }
 _STOP_REASON = {"stop": "end_turn", "stop_sequence": "stop_sequence", "length": "max_tokens"}
+# Every top-level field of a Messages request the API knows; anything else is "Extra inputs are not
+# permitted" (there is no seed in this API). temperature, top_p and top_k are still accepted though
+# the SDK no longer models them (it sends them through extra_body).
+_FIELDS = frozenset(
+    {
+        "model", "messages", "max_tokens", "system", "metadata", "stop_sequences", "stream",
+        "temperature", "top_p", "top_k", "tools", "tool_choice", "thinking", "service_tier",
+        "container", "mcp_servers", "context_management", "output_config", "cache_control",
+        "inference_geo", "speed", "diagnostics",
+    }
+)  # fmt: skip
+# The protocol's names of the common generation parameters.
+_NAMES = {"stop": "stop_sequences"}
+
+
+def _unit_interval(body: Mapping[str, Any], name: str) -> float | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if not is_number(v):
+        raise BadRequest(f"{name}: Input should be a valid number")
+    if v < 0:
+        raise BadRequest(f"{name}: Input should be greater than or equal to 0")
+    if v > 1:
+        raise BadRequest(f"{name}: Input should be less than or equal to 1")
+    return float(v)
 
 
 def _text(content: Any, where: str) -> str:
@@ -38,6 +75,8 @@ class AnthropicWire(Wire):
     name = "anthropic"
     key_hint = "the x-api-key header (or Authorization: Bearer)"
     stream_content_type = b"text/event-stream; charset=utf-8"
+    # Claude's current models (Sonnet 4.5, Haiku 4.5, Opus 4.1 and later) take one or the other.
+    exclusive_sampling = True
 
     def api_key(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
         # Newer SDK releases send the key as a bearer token; older ones (and curl examples) as x-api-key.
@@ -77,26 +116,39 @@ class AnthropicWire(Wire):
             if role not in ("user", "assistant"):
                 raise BadRequest(f"messages.{i}.role: Input should be 'user' or 'assistant'")
             transcript.append((role, _text(m.get("content"), f"messages.{i}.content")))
-        temperature = body.get("temperature")
-        if temperature is not None and (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, int | float)
-            or not 0 <= temperature <= 1
-        ):
-            raise BadRequest("temperature: Input should be less than or equal to 1")
-        stop = body.get("stop_sequences") or []
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise BadRequest("stop_sequences: Input should be a valid list of strings")
+        unknown = sorted(k for k in body if k not in _FIELDS)
+        if unknown:
+            raise BadRequest(f"{unknown[0]}: Extra inputs are not permitted")
+        temperature = _unit_interval(body, "temperature")
+        top_p = _unit_interval(body, "top_p")
+        top_k = body.get("top_k")
+        if top_k is not None and (not is_integer(top_k) or top_k < 0):
+            raise BadRequest("top_k: Input should be a valid integer greater than or equal to 0")
+        stop = body.get("stop_sequences")
+        if stop is not None and not isinstance(stop, list):
+            raise BadRequest("stop_sequences: Input should be a valid list")
+        for i, seq in enumerate(stop or ()):
+            if not isinstance(seq, str):
+                raise BadRequest(f"stop_sequences.{i}: Input should be a valid string")
+        found = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "stop": stop}
         return SimRequest(
             model=model,
             transcript=tuple(transcript),
             stream=bool(body.get("stream")),
             max_tokens=max_tokens,
-            temperature=None if temperature is None else float(temperature),
-            stop=tuple(stop),
+            temperature=temperature,
+            top_p=top_p,
+            stop=tuple(stop or ()),
+            params={k: v for k, v in found.items() if v is not None},
         )
 
-    def error(self, kind: Err, message: str, request_id: str, param: str | None = None) -> bytes:
+    def refused(self, param: str, model: str) -> BadRequest:
+        # What the API says to temperature on the models that dropped it (claude-opus-4-7 and later).
+        return BadRequest(f"`{_NAMES.get(param, param)}` is deprecated for this model.")
+
+    def error(
+        self, kind: Err, message: str, request_id: str, param: str | None = None, code: str | None = None
+    ) -> bytes:
         return dumps(
             {"type": "error", "error": {"type": _ERRORS[kind], "message": message}, "request_id": request_id}
         )

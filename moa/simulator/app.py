@@ -249,8 +249,8 @@ class SimulatorApp:
         request_id = "req_" + random_id(24)
         base: Headers = [*wire.request_id_headers(request_id), (b"x-sim-service-time", b"0")]
 
-        async def fail(kind: Err, message: str, param: str | None = None) -> None:
-            await _respond(send, kind.value, wire.error(kind, message, request_id, param), base)
+        async def fail(kind: Err, message: str, param: str | None = None, code: str | None = None) -> None:
+            await _respond(send, kind.value, wire.error(kind, message, request_id, param, code), base)
 
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"))) if wire is GEMINI else {}
@@ -280,7 +280,11 @@ class SimulatorApp:
         try:
             req = wire.parse(body, path_model, stream)
         except BadRequest as e:
-            return await fail(Err.BAD_REQUEST, e.message, e.param)
+            return await fail(Err.BAD_REQUEST, e.message, e.param, e.code)
+        refusal = wire.refusal(req, self.state.model_profile(req.model))
+        self.state.record_request(wire.name, req, refusal.message if refusal else None)
+        if refusal is not None:
+            return await fail(Err.BAD_REQUEST, refusal.message, refusal.param, refusal.code)
         await self._serve(wire, req, request_id, receive, send)
 
     async def _serve(
@@ -496,6 +500,8 @@ class SimulatorApp:
     def _admin_action(state: SimState, method: str, route: str, payload: Any) -> Any:
         if route == "stats" and method == "GET":
             return state.snapshot()
+        if route == "requests" and method == "GET":
+            return {"requests": list(state.recent_requests)}
         if route == "reset" and method == "POST":
             if isinstance(payload, Mapping) and payload.get("profile") is not None:
                 state.set_profile(SimProfile.model_validate(payload["profile"]))

@@ -10,7 +10,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from moa.simulator.wire import BadRequest, Completion, Err, SimRequest, Wire, dumps, random_id, sse
+from moa.simulator.wire import (
+    BadRequest,
+    Completion,
+    Err,
+    SimRequest,
+    Wire,
+    dumps,
+    is_integer,
+    is_number,
+    random_id,
+    sse,
+)
 
 _STATUS = {
     Err.BAD_REQUEST: "INVALID_ARGUMENT",
@@ -21,6 +32,50 @@ _STATUS = {
     Err.UNAVAILABLE: "UNAVAILABLE",
 }
 _FINISH = {"stop": "STOP", "stop_sequence": "STOP", "length": "MAX_TOKENS"}
+# The fields the API knows, top level and in generationConfig, in both spellings; anything else is
+# refused by name ("Unknown name ...: Cannot find field.").
+_FIELDS = frozenset(
+    {
+        "contents", "systemInstruction", "generationConfig", "safetySettings", "tools", "toolConfig",
+        "cachedContent", "model",
+    }
+)  # fmt: skip
+_CONFIG_FIELDS = frozenset(
+    {
+        "stopSequences", "responseMimeType", "responseSchema", "responseJsonSchema",
+        "responseModalities", "candidateCount", "maxOutputTokens", "temperature", "topP", "topK",
+        "seed", "presencePenalty", "frequencyPenalty", "responseLogprobs", "logprobs",
+        "enableEnhancedCivicAnswers", "speechConfig", "thinkingConfig", "imageConfig",
+        "mediaResolution",
+    }
+)  # fmt: skip
+MAX_STOP = 5
+# The protocol's names of the common generation parameters.
+_NAMES = {"top_p": "topP", "max_tokens": "maxOutputTokens", "stop": "stopSequences"}
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(w[:1].upper() + w[1:] for w in rest)
+
+
+def _unknown(obj: Mapping[str, Any], known: frozenset[str], where: str) -> None:
+    for key in obj:
+        if _camel(key) not in known:
+            at = f" at '{where}'" if where else ""
+            raise BadRequest(f'Invalid JSON payload received. Unknown name "{key}"{at}: Cannot find field.')
+
+
+def _in_range(config: Mapping[str, Any], camel: str, snake: str, hi: float) -> float | None:
+    v = _field(config, camel, snake)
+    if v is None:
+        return None
+    if not is_number(v):
+        raise BadRequest(f"Invalid value at 'generation_config.{snake}' (TYPE_FLOAT), {v!r}")
+    if not 0 <= v <= hi:
+        where = f"GenerateContentRequest.generation_config.{snake}"
+        raise BadRequest(f"* {where}: {snake} must be in the range [0.0, {hi:.1f}]")
+    return float(v)
 
 
 def _field(obj: Mapping[str, Any], camel: str, snake: str) -> Any:
@@ -71,38 +126,58 @@ class GeminiWire(Wire):
             if role not in ("user", "model"):
                 raise BadRequest(f"Please use a valid role: user, model. (contents[{i}].role)")
             transcript.append(("assistant" if role == "model" else "user", _parts_text(c, f"contents[{i}]")))
+        _unknown(body, _FIELDS, "")
         config = _field(body, "generationConfig", "generation_config") or {}
         if not isinstance(config, Mapping):
             raise BadRequest("Invalid value at 'generation_config': expected an object")
+        _unknown(config, _CONFIG_FIELDS, "generation_config")
         max_tokens = _field(config, "maxOutputTokens", "max_output_tokens")
-        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
-            raise BadRequest("Invalid value at 'generation_config.max_output_tokens': expected an integer")
+        if max_tokens is not None and not is_integer(max_tokens):
+            raise BadRequest(
+                f"Invalid value at 'generation_config.max_output_tokens' (TYPE_INT32), {max_tokens!r}"
+            )
         if max_tokens is not None and max_tokens < 1:
             max_tokens = None  # the real API treats 0 as "unset"
-        temperature = config.get("temperature")
-        if temperature is not None and (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, int | float)
-            or not 0 <= temperature <= 2
-        ):
-            raise BadRequest("Invalid value at 'generation_config.temperature': must be in [0.0, 2.0]")
+        temperature = _in_range(config, "temperature", "temperature", 2.0)
+        top_p = _in_range(config, "topP", "top_p", 1.0)
         seed = config.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise BadRequest("Invalid value at 'generation_config.seed': expected an integer")
-        stop = _field(config, "stopSequences", "stop_sequences") or []
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise BadRequest("Invalid value at 'generation_config.stop_sequences': expected strings")
+        if seed is not None and not is_integer(seed):
+            raise BadRequest(f"Invalid value at 'generation_config.seed' (TYPE_INT32), {seed!r}")
+        stop = _field(config, "stopSequences", "stop_sequences")
+        if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) for s in stop)):
+            raise BadRequest("Invalid value at 'generation_config.stop_sequences' (TYPE_STRING)")
+        if stop and len(stop) > MAX_STOP:
+            raise BadRequest(
+                f"Unable to submit request because it has a stopSequences value of {len(stop)} but the "
+                f"supported range is from 1 (inclusive) to {MAX_STOP + 1} (exclusive). "
+                "Update the value and try again."
+            )
+        found = {
+            "temperature": temperature,
+            "top_p": top_p,
+            "max_tokens": max_tokens,
+            "stop": stop,
+            "seed": seed,
+        }
         return SimRequest(
             model=model,
             transcript=tuple(transcript),
             stream=stream,
             max_tokens=max_tokens,
-            temperature=None if temperature is None else float(temperature),
+            temperature=temperature,
+            top_p=top_p,
             seed=seed,
-            stop=tuple(stop),
+            stop=tuple(stop or ()),
+            params={k: v for k, v in found.items() if v is not None},
         )
 
-    def error(self, kind: Err, message: str, request_id: str, param: str | None = None) -> bytes:
+    def refused(self, param: str, model: str) -> BadRequest:
+        # In the words the API uses for features a model lacks ("Penalty is not enabled for models/...").
+        return BadRequest(f"{_NAMES.get(param, param)} is not enabled for models/{model}")
+
+    def error(
+        self, kind: Err, message: str, request_id: str, param: str | None = None, code: str | None = None
+    ) -> bytes:
         return dumps({"error": {"code": kind.value, "message": message, "status": _STATUS[kind]}})
 
     def fault_message(self, kind: Err, model: str, retry_after_s: float | None) -> str:

@@ -6,7 +6,19 @@ from collections.abc import Mapping
 from typing import Any
 
 from moa.simulator.text import stable_hash
-from moa.simulator.wire import BadRequest, Completion, Err, SimRequest, Wire, dumps, random_id, sse
+from moa.simulator.wire import (
+    BadRequest,
+    Completion,
+    Err,
+    SimRequest,
+    Wire,
+    dumps,
+    is_integer,
+    is_number,
+    json_type,
+    random_id,
+    sse,
+)
 
 _ERRORS: dict[Err, tuple[str, str | None]] = {
     Err.BAD_REQUEST: ("invalid_request_error", None),
@@ -34,15 +46,76 @@ def _text(content: Any, where: str) -> str:
     raise BadRequest(f"Invalid type for '{where}': expected a string or an array of content parts.", where)
 
 
-def _opt_number(body: Mapping[str, Any], name: str, lo: float, hi: float) -> float | None:
+# Every top-level field of a chat completion request the API knows; anything else is refused by name.
+_FIELDS = frozenset(
+    {
+        "model", "messages", "audio", "frequency_penalty", "function_call", "functions", "logit_bias",
+        "logprobs", "max_completion_tokens", "max_tokens", "metadata", "modalities", "moderation", "n",
+        "parallel_tool_calls", "prediction", "presence_penalty", "prompt_cache_key",
+        "prompt_cache_options", "prompt_cache_retention", "reasoning_effort", "response_format",
+        "safety_identifier", "seed", "service_tier", "stop", "store", "stream", "stream_options",
+        "temperature", "tool_choice", "tools", "top_logprobs", "top_p", "user", "verbosity",
+        "web_search_options",
+    }
+)  # fmt: skip
+MAX_STOP = 4
+
+
+def _invalid_type(name: str, expected: str, v: Any) -> BadRequest:
+    return BadRequest(
+        f"Invalid type for '{name}': expected {expected}, but got {json_type(v)} instead.",
+        name,
+        "invalid_type",
+    )
+
+
+def _out_of_range(name: str, kind: str, v: Any, bound: float, above: bool) -> BadRequest:
+    where, op, code = ("above maximum", "<=", "max") if above else ("below minimum", ">=", "min")
+    return BadRequest(
+        f"Invalid '{name}': {kind} {where} value. Expected a value {op} {bound:g}, but got {v} instead.",
+        name,
+        f"{kind}_{'above' if above else 'below'}_{code}_value",
+    )
+
+
+def _number(body: Mapping[str, Any], name: str, lo: float, hi: float) -> float | None:
     v = body.get(name)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise BadRequest(f"Invalid type for '{name}': expected a number.", name)
-    if not lo <= v <= hi:
-        raise BadRequest(f"Invalid '{name}': {v} is not between {lo:g} and {hi:g}.", name)
+    if not is_number(v):
+        raise _invalid_type(name, "a decimal", v)
+    if v < lo or v > hi:
+        raise _out_of_range(name, "decimal", v, hi if v > hi else lo, above=v > hi)
     return float(v)
+
+
+def _integer(body: Mapping[str, Any], name: str, lo: int | None = None) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if not is_integer(v):
+        raise _invalid_type(name, "an integer", v)
+    if lo is not None and v < lo:
+        raise _out_of_range(name, "integer", v, lo, above=False)
+    return int(v)
+
+
+def _stop(body: Mapping[str, Any]) -> tuple[str, ...] | None:
+    stop = body.get("stop")
+    if stop is None:
+        return None
+    if isinstance(stop, str):
+        return (stop,)
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise _invalid_type("stop", "a string or an array of strings", stop)
+    if len(stop) > MAX_STOP:
+        raise BadRequest(
+            f"Invalid 'stop': array too long. Expected an array with maximum length {MAX_STOP}, "
+            f"but got an array with length {len(stop)} instead.",
+            "stop",
+            "array_above_max_length",
+        )
+    return tuple(stop)
 
 
 class OpenAIWire(Wire):
@@ -78,35 +151,52 @@ class OpenAIWire(Wire):
                 transcript[0] = ("system", transcript[0][1] + "\n\n" + text)  # leading system messages merge
             else:
                 transcript.append((mapped, text))
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-            raise BadRequest(
-                f"Invalid 'max_tokens': integer below minimum value ({max_tokens}).", "max_tokens"
-            )
-        stop = body.get("stop")
-        if isinstance(stop, str):
-            stop = [stop]
-        if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) for s in stop)):
-            raise BadRequest("Invalid 'stop': expected a string or an array of strings.", "stop")
-        seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise BadRequest("Invalid type for 'seed': expected an integer.", "seed")
+        unknown = sorted(k for k in body if k not in _FIELDS)
+        if unknown:
+            raise BadRequest(f"Unrecognized request argument supplied: {unknown[0]}")
+        temperature = _number(body, "temperature", 0, 2)
+        top_p = _number(body, "top_p", 0, 1)
+        max_tokens = _integer(body, "max_completion_tokens", 1)
+        legacy_max = _integer(body, "max_tokens", 1)
+        seed = _integer(body, "seed")
+        stop = _stop(body)
         options = body.get("stream_options")
         is_stream = bool(body.get("stream"))
+        if max_tokens is None:
+            max_tokens = legacy_max
+        found = {
+            "temperature": temperature,
+            "top_p": top_p,
+            "max_tokens": max_tokens,
+            "stop": list(stop) if stop is not None else None,
+            "seed": seed,
+        }
         return SimRequest(
             model=model,
             transcript=tuple(transcript),
             stream=is_stream,
             max_tokens=max_tokens,
-            temperature=_opt_number(body, "temperature", 0, 2),
+            temperature=temperature,
+            top_p=top_p,
             seed=seed,
-            stop=tuple(stop or ()),
+            stop=stop or (),
             include_usage=is_stream and isinstance(options, Mapping) and bool(options.get("include_usage")),
+            params={k: v for k, v in found.items() if v is not None},
         )
 
-    def error(self, kind: Err, message: str, request_id: str, param: str | None = None) -> bytes:
-        type_, code = _ERRORS[kind]
-        return dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
+    def refused(self, param: str, model: str) -> BadRequest:
+        return BadRequest(
+            f"Unsupported parameter: '{param}' is not supported with this model.",
+            param,
+            "unsupported_parameter",
+        )
+
+    def error(
+        self, kind: Err, message: str, request_id: str, param: str | None = None, code: str | None = None
+    ) -> bytes:
+        type_, default_code = _ERRORS[kind]
+        body = {"message": message, "type": type_, "param": param, "code": code or default_code}
+        return dumps({"error": body})
 
     @staticmethod
     def _fingerprint(model: str) -> str:

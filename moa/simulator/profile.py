@@ -12,7 +12,7 @@ import fnmatch
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -72,6 +72,10 @@ class Faults(_Strict):
 
 FAULT_KINDS: tuple[str, ...] = tuple(Faults.model_fields)
 
+# Generation parameters by their common names (each protocol has its own: Anthropic's
+# stop_sequences, Gemini's topP and maxOutputTokens...).
+GenParam = Literal["temperature", "top_p", "max_tokens", "stop", "seed"]
+
 
 class ModelProfile(_Strict):
     ttft_s: float = Field(default=0.3, ge=0.0)
@@ -82,6 +86,12 @@ class ModelProfile(_Strict):
     style: str | None = None
     # Range of answer lengths in tokens; None derives a plausible length from the model and prompt.
     output_tokens: tuple[int, int] | None = None
+    # Generation parameters this model refuses with a 400 in its API's own words, as OpenAI's
+    # reasoning models refuse temperature and recent Claude models have deprecated it.
+    refuses: tuple[GenParam, ...] = ()
+    # Refuse temperature and top_p in one request, as recent Claude models do. None: as the API
+    # does by default (the Anthropic protocol refuses the pair, OpenAI's and Gemini's accept it).
+    exclusive_sampling: bool | None = None
     faults: Faults = Faults()
 
     @field_validator("style")

@@ -6,17 +6,20 @@ Everything here is touched only from the server's event loop thread, so nothing 
 from __future__ import annotations
 
 import random
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from moa.simulator.profile import FAULT_KINDS, Faults, FaultSpec, ModelProfile, SimProfile
 from moa.simulator.text import stable_hash
+from moa.simulator.wire import SimRequest
 
 # Prompt caching: a system prompt this long or longer is cached, in blocks of this many tokens.
 CACHE_MIN_TOKENS = 1024
 CACHE_BLOCK_TOKENS = 128
 CACHE_ENTRIES_PER_MODEL = 256
+# Requests kept for GET /admin/requests (what each carried, and whether the model refused it).
+RECENT_REQUESTS = 64
 
 
 @dataclass(slots=True)
@@ -84,9 +87,16 @@ class SimState:
         self.total_requests = 0
         self._first_n: dict[tuple[str, str], list[Any]] = {}
         self._prompt_cache: dict[str, OrderedDict[int, None]] = {}
+        self.recent_requests: deque[dict[str, Any]] = deque(maxlen=RECENT_REQUESTS)
         self.rng = random.Random(self.profile.seed)
 
     # -- per request -----------------------------------------------------------------------------
+
+    def record_request(self, api: str, req: SimRequest, refused: str | None) -> None:
+        """Keep what a parsed request carried; ``refused`` is the model's 400 message, if it gave one."""
+        self.recent_requests.append(
+            {"api": api, "model": req.model, "stream": req.stream, "params": req.params, "refused": refused}
+        )
 
     def begin(self, model: str) -> ModelStats:
         st = self.stats.get(model)

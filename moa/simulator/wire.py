@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -52,12 +52,37 @@ class Err(Enum):
 
 
 class BadRequest(ValueError):
-    """A request the real API would refuse with 400; ``param`` names the offending field."""
+    """A request the real API would refuse with 400; ``param`` names the offending field and
+    ``code`` is the machine-readable reason, for the protocols whose error bodies carry them."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.code = code
+
+
+def json_type(v: Any) -> str:
+    """A JSON value's type as the APIs name it in their error messages."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, int):
+        return "integer"
+    if isinstance(v, float):
+        return "decimal"
+    if isinstance(v, str):
+        return "string"
+    return "array" if isinstance(v, list) else "object"
+
+
+def is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def is_integer(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass(slots=True)
@@ -68,9 +93,14 @@ class SimRequest:
     stream: bool = False
     max_tokens: int | None = None
     temperature: float | None = None
+    top_p: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
     include_usage: bool = False
+    # The generation parameters the request carried, by their common names (temperature, top_p,
+    # max_tokens, stop, seed), whatever the protocol calls them: what per-model refusals check and
+    # what ``GET /admin/requests`` shows.
+    params: dict[str, Any] = field(default_factory=dict)
 
     @property
     def system(self) -> str | None:
@@ -132,12 +162,17 @@ def answer(
     )
 
 
+PAIR_REFUSED = "`temperature` and `top_p` cannot both be specified for this model. Please use only one."
+
+
 class Wire(ABC):
     """One provider's wire format."""
 
     name: str
     key_hint: str  # where the API key goes, for the 401 message
     stream_content_type: bytes = b"text/event-stream; charset=utf-8"
+    # Whether a model refuses temperature and top_p in one request when its profile does not say.
+    exclusive_sampling: bool = False
 
     @abstractmethod
     def api_key(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None: ...
@@ -146,8 +181,26 @@ class Wire(ABC):
     def parse(self, body: Any, path_model: str | None, stream: bool) -> SimRequest: ...
 
     @abstractmethod
-    def error(self, kind: Err, message: str, request_id: str, param: str | None = None) -> bytes:
+    def error(
+        self, kind: Err, message: str, request_id: str, param: str | None = None, code: str | None = None
+    ) -> bytes:
         """The error body; the status is ``kind.value``."""
+
+    @abstractmethod
+    def refused(self, param: str, model: str) -> BadRequest:
+        """The 400 this API answers when ``model`` refuses a generation parameter (common name)."""
+
+    def refusal(self, req: SimRequest, profile: ModelProfile) -> BadRequest | None:
+        """What the model's profile makes it refuse in this request, if anything."""
+        for param in profile.refuses:
+            if param in req.params:
+                return self.refused(param, req.model)
+        exclusive = (
+            self.exclusive_sampling if profile.exclusive_sampling is None else profile.exclusive_sampling
+        )
+        if exclusive and "temperature" in req.params and "top_p" in req.params:
+            return BadRequest(PAIR_REFUSED)
+        return None
 
     @abstractmethod
     def new_id(self) -> str: ...
