@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from moa.config import ConfigError, MoAConfig, load_config, parse_config
+from moa.engine.errors import AllProvidersFailed, Failure
 from moa.engine.plan import Complexity
 from moa.engine.router import classify_heuristic
 from moa.limits import LocalRateBudget
@@ -430,3 +431,20 @@ def test_abandoned_streams_give_their_admission_slots_back(api: str, sim: Simula
             return statuses
 
     assert asyncio.run(asyncio.wait_for(scenario(), 90)) == [200] * 4
+
+
+@pytest.mark.parametrize(
+    ("kinds", "status", "code"),
+    [
+        ([ErrorKind.INTERNAL, ErrorKind.INTERNAL], 500, "internal_error"),
+        ([ErrorKind.BAD_REQUEST, ErrorKind.INTERNAL], 400, "refused_by_providers"),
+        ([ErrorKind.SERVER_ERROR, ErrorKind.INTERNAL], 502, "all_providers_failed"),
+        ([ErrorKind.RATE_LIMITED, ErrorKind.CANCELLED], 429, "all_providers_failed"),
+    ],
+)
+def test_who_failed_decides_the_status(kinds: list[ErrorKind], status: int, code: str) -> None:
+    """Our own failures are a 500, a request every provider refused is the caller's 400; only
+    provider failures are a 502 (or back-pressure, 429/503)."""
+    failures = [Failure(provider="p", model="m", kind=k, stage="proposer") for k in kinds]
+    err = AllProvidersFailed(failures)
+    assert (err.status_code, err.code) == (status, code)

@@ -97,5 +97,15 @@ class AllProvidersFailed(MoAError):
         elif kinds and kinds <= {ErrorKind.TIMEOUT}:
             self.status_code = 504
             self.error_type = "timeout"
+        elif kinds and kinds <= {ErrorKind.INTERNAL}:
+            # Nothing a provider did: our own failure, reported as such.
+            self.status_code = 500
+            self.error_type = "server_error"
+            self.code = "internal_error"
+        elif kinds and kinds <= {ErrorKind.BAD_REQUEST, ErrorKind.INTERNAL}:
+            # Every provider refused the request itself: the caller can fix it, retrying cannot.
+            self.status_code = 400
+            self.error_type = "invalid_request_error"
+            self.code = "refused_by_providers"
         listing = ", ".join(f"{f.provider}/{f.model} ({f.stage}): {f.kind}" for f in self.failures)
         super().__init__(f"every provider failed: {listing or 'no call was possible'}")
