@@ -121,17 +121,32 @@ async def test_layer_deadline_bounds_the_wait_then_falls_back(
 async def test_unreachable_quorum_fails_fast(
     engine: MoAEngine, config: MoAConfig, sim: SimulatorServer
 ) -> None:
+    """Once too many proposers have failed for the quorum, the layer stops waiting for the rest.
+
+    Two of three proposers fail at once (a broken body is not retried); the third would answer,
+    but only after 30 s, and the deadlines are further off still. A layer that waited for it
+    would record its answer; one that stops when the quorum is out of reach cancels it first.
+    """
     for model in ("claude-haiku-4-5", "gemini-2.5-flash"):
-        set_fault(sim, model, error_500={"rate": 1.0})
-    plan = preset(config, "moa-lite", layer_deadline_s=30)
+        set_fault(sim, model, malformed_json={"rate": 1.0})
+    set_fault(sim, "gpt-4.1-mini", hang={"rate": 1.0, "hang_s": 30})
+    plan = preset(config, "moa-lite", layer_deadline_s=600, call_timeout_s=600, grace_s=600)
     result = await engine.run(QUESTION, plan=plan)
     assert result.fallback == "layer 1 missed its quorum"
-    failed = {c.model: c.error_kind for c in result.calls if not c.ok and not c.cancelled_straggler}
-    assert failed == {"claude-haiku-4-5": ErrorKind.SERVER_ERROR, "gemini-2.5-flash": ErrorKind.SERVER_ERROR}
-    # The third proposer, still running when the quorum became unreachable, was not waited for.
-    for c in result.calls:
-        if c.cancelled_straggler:
-            assert c.error_kind is ErrorKind.CANCELLED and "no longer be reached" in (c.error_message or "")
+    assert (result.provider, result.model) == ("openai", "gpt-4.1")
+    proposers = {c.model: c for c in result.calls if c.stage is Stage.PROPOSER}
+    failed = {m: c.error_kind for m, c in proposers.items() if not c.ok and not c.cancelled_straggler}
+    assert failed == {
+        "claude-haiku-4-5": ErrorKind.MALFORMED_RESPONSE,
+        "gemini-2.5-flash": ErrorKind.MALFORMED_RESPONSE,
+    }
+    straggler = proposers["gpt-4.1-mini"]
+    assert straggler.cancelled_straggler and straggler.error_kind is ErrorKind.CANCELLED
+    assert straggler.error_message == "cancelled as a straggler: the quorum can no longer be reached"
+    # The simulator saw the hanging request closed by the client, not answered.
+    s = await wait_idle(sim)
+    assert s["gpt-4.1-mini"]["requests"] == s["gpt-4.1-mini"]["cancelled"] == 1
+    assert s["gpt-4.1-mini"]["completed"] == 0
 
 
 async def test_aggregator_fallback_chain(engine: MoAEngine, sim: SimulatorServer) -> None:
