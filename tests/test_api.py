@@ -149,45 +149,65 @@ def test_direct_model_and_models_list(client: openai.OpenAI) -> None:
     assert completion.choices[0].message.content
 
 
+HI = b'"messages": [{"role": "user", "content": "hi"}]'
+
+
 @pytest.mark.parametrize(
-    ("body", "status", "fragment"),
+    ("body", "status", "code", "param", "start"),
     [
-        (b"{not json", 400, "not valid JSON"),
-        (b"[1, 2]", 400, "JSON object"),
-        (b'{"model": "moa"}', 422, "messages"),
-        (b'{"model": "moa", "messages": []}', 422, "messages"),
+        (b"{not json", 400, "invalid_json", None, "request body is not valid JSON"),
+        (b"[1, 2]", 400, "invalid_request", None, "request body must be a JSON object"),
+        (b'{"model": "moa"}', 422, "invalid_value", "messages", "messages: Field required"),
+        (b'{"model": "moa", "messages": []}', 422, "invalid_value", "messages", "messages: "),
+        (b'{"model": "nope", ' + HI + b"}", 400, "model_not_found", None, "unknown preset or model 'nope'"),
         (
-            b'{"model": "nope", "messages": [{"role": "user", "content": "hi"}]}',
-            400,
-            "unknown preset or model",
-        ),
-        (
-            b'{"model": "moa", "messages": [{"role": "user", "content": "hi"}], "temperature": 7}',
+            b'{"model": "moa", ' + HI + b', "temperature": 7}',
             422,
+            "invalid_value",
             "temperature",
+            "temperature: ",
         ),
-        (b'{"model": "moa", "messages": [{"role": "user", "content": "hi"}], "n": 3}', 422, "n"),
-        (b'{"model": "moa", "messages": [{"role": "wizard", "content": "hi"}]}', 422, "role"),
-        (b'{"model": "moa", "messages": [{"role": "system", "content": "hi"}]}', 400, "user message"),
+        (b'{"model": "moa", ' + HI + b', "n": 3}', 422, "invalid_value", "n", "n: "),
         (
-            b'{"model": "moa", "messages": [{"role": "user", "content": "hi"}], "tools": [{"x": 1}]}',
+            b'{"model": "moa", "messages": [{"role": "wizard", "content": "hi"}]}',
             422,
-            "tools",
+            "invalid_value",
+            "messages.0.role",
+            "messages.0.role: ",
         ),
         (
-            b'{"model": "moa", "messages": [{"role": "user", "content": "hi"}], "moa": {"bogus": 1}}',
+            b'{"model": "moa", "messages": [{"role": "system", "content": "hi"}]}',
+            400,
+            "invalid_request",
+            "messages",
+            "messages must contain a user message",
+        ),
+        (b'{"model": "moa", ' + HI + b', "tools": [{"x": 1}]}', 422, "invalid_value", None, "'tools' is not"),
+        (
+            b'{"model": "moa", ' + HI + b', "moa": {"bogus": 1}}',
             422,
+            "invalid_value",
             "moa.bogus",
+            "moa.bogus: ",
         ),
     ],
 )
-def test_bad_requests_get_openai_style_errors(api_url: str, body: bytes, status: int, fragment: str) -> None:
+def test_bad_requests_get_openai_style_errors(
+    api_url: str, body: bytes, status: int, code: str, param: str | None, start: str
+) -> None:
+    """Each refusal names what was wrong: the field in ``param`` and at the start of the message.
+
+    (A fragment such as "n" or "messages" anywhere in the message proved nothing: most messages
+    contain it.)
+    """
     r = httpx.post(
         api_url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
     )
     assert r.status_code == status, r.text
     error = r.json()["error"]
-    assert fragment in error["message"] and error["type"] and "Traceback" not in r.text
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", code, param), error
+    assert error["message"].startswith(start), error
+    assert "Traceback" not in r.text
 
 
 def test_oversized_body_is_refused(api_url: str) -> None:
