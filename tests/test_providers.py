@@ -296,9 +296,15 @@ async def test_concurrency_limit_caps_in_flight_calls(sim: SimulatorServer) -> N
     cfg = provider_config(sim.url, limits={"concurrency": 2})
     set_fault(sim, MODELS["openai"], hang={"rate": 1.0, "hang_s": 0.3})
     async with ProviderPool.from_config(cfg, sim_url=sim.url) as pool:
+        limits = pool.clients["openai"].limits
         results = await asyncio.gather(*(pool.call(req("openai")) for _ in range(6)))
     assert all(r.ok for r in results)
-    assert stats(sim, MODELS["openai"])["max_in_flight"] == 2
+    # Both slots were taken (the first two calls take them before either can finish) and the
+    # provider never saw more than two at once. (Whether the two calls actually overlapped at the
+    # provider depends on how fast this machine sends them, so that count is a bound, not ==.)
+    assert limits.max_in_flight == 2 and limits.in_flight == 0
+    s = stats(sim, MODELS["openai"])
+    assert s["requests"] == s["completed"] == 6 and s["max_in_flight"] <= 2
 
 
 async def test_rpm_budget_delays_and_refuses(sim: SimulatorServer) -> None:

@@ -748,13 +748,25 @@ async def test_fault_rates_are_probabilities(oai: openai.AsyncOpenAI, admin: htt
 
 
 async def test_concurrency_counters(oai: openai.AsyncOpenAI, admin: httpx.Client) -> None:
-    slow = SimProfile(default=ModelProfile(ttft_s=0.15, tokens_per_s=5000.0, jitter=0.0))
-    put_profile(admin, slow)
-    await asyncio.gather(
-        *(oai.chat.completions.create(model="gpt-4.1", messages=MESSAGES, max_tokens=5) for _ in range(6))
+    def ask() -> Any:
+        return oai.chat.completions.create(model="gpt-4.1", messages=MESSAGES, max_tokens=5)
+
+    # Six requests that never answer are all in flight at once, however slowly they arrive.
+    set_faults(admin, "gpt-4.1", hang={})
+    hanging = [asyncio.create_task(ask()) for _ in range(6)]
+    await wait_until(
+        lambda: stats(admin).get("gpt-4.1", {}).get("in_flight"), lambda n: n == 6, what="six in flight"
     )
+    for task in hanging:
+        task.cancel()
+    await asyncio.gather(*hanging, return_exceptions=True)
+    s = (await wait_idle(admin))["gpt-4.1"]
+    assert (s["requests"], s["max_in_flight"], s["cancelled"], s["completed"]) == (6, 6, 6, 0)
+    # Answered requests count as completed, and the peak stays the peak.
+    set_faults(admin, "gpt-4.1")  # no faults
+    await asyncio.gather(*(ask() for _ in range(6)))
     s = stats(admin)["gpt-4.1"]
-    assert s["requests"] == 6 and s["completed"] == 6 and s["max_in_flight"] == 6 and s["in_flight"] == 0
+    assert (s["requests"], s["completed"], s["in_flight"], s["max_in_flight"]) == (12, 6, 0, 6)
 
 
 # -- admin API -----------------------------------------------------------------------------------------
