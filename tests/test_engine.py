@@ -90,9 +90,10 @@ async def test_two_layers_feed_each_other(engine: MoAEngine, sim: SimulatorServe
 async def test_quorum_and_grace_cancel_a_hanging_straggler(
     engine: MoAEngine, config: MoAConfig, sim: SimulatorServer
 ) -> None:
-    set_fault(sim, "gemini-2.5-flash", hang={"rate": 1.0})
-    # The hang never answers and the deadlines are far off: only quorum + grace can end the layer.
-    plan = preset(config, "moa-lite", grace_s=0.2, layer_deadline_s=60, call_timeout_s=60)
+    # Gemini would answer, but only after 30 s, and the deadlines are further off still: a layer
+    # that waited for it would record its answer; quorum + grace cancels it first.
+    set_fault(sim, "gemini-2.5-flash", hang={"rate": 1.0, "hang_s": 30})
+    plan = preset(config, "moa-lite", grace_s=0.2, layer_deadline_s=600, call_timeout_s=600)
     result = await engine.run(QUESTION, plan=plan)
     (straggler,) = [c for c in result.calls if c.cancelled_straggler]
     assert straggler.model == "gemini-2.5-flash" and straggler.error_kind is ErrorKind.CANCELLED
