@@ -12,12 +12,18 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import settings
 
 from moa.config import MoAConfig, load_config, parse_config
 from moa.simulator.profile import ModelProfile, SimProfile
 from moa.simulator.server import SimulatorServer
 from observability.tracing import flush_tracing, setup_tracing
 from tests.otlp_receiver import OTLPReceiver
+
+# Hypothesis' default 200 ms deadline per example measures the machine, not the property: on a
+# loaded two-CPU machine a slow example is no bug. Properties are checked here; speed by moa bench.
+settings.register_profile("moa", deadline=None)
+settings.load_profile("moa")
 
 ON_WORKER = {"resources": {"worker_node": 0.01}}
 ON_HEAD = {"resources": {"head_node": 0.01}}

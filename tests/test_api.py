@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +19,7 @@ from moa.config import MoAConfig
 from moa.engine.engine import MoAEngine
 from moa.providers.registry import ProviderPool
 from moa.simulator.server import SimulatorServer
+from tests.waiting import wait_until, wait_until_sync
 
 QUESTION = [{"role": "user", "content": "How do vaccines train the immune system?"}]
 
@@ -57,15 +57,17 @@ class _Server:
     def __enter__(self) -> _Server:
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
-        self._started.wait(10)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        self._started.wait(30)
+
+        def up() -> bool:
             try:
-                httpx.get(self.url + "/v1/models", timeout=1)
-                return self
+                httpx.get(self.url + "/v1/models", timeout=5)
             except httpx.TransportError:
-                time.sleep(0.05)
-        raise RuntimeError("API server did not start")
+                return False
+            return True
+
+        wait_until_sync(up, what="the API server to answer")
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
@@ -142,52 +144,80 @@ def test_streaming_with_usage(client: openai.OpenAI) -> None:
     assert usage is not None and usage.completion_tokens > 0
 
 
-def test_direct_model_and_models_list(client: openai.OpenAI) -> None:
+def test_direct_model_and_models_list(client: openai.OpenAI, sim: SimulatorServer) -> None:
     ids = {m.id for m in client.models.list()}
     assert {"auto", "moa", "moa-lite", "self-moa", "refine", "single", "anthropic/claude-haiku-4-5"} <= ids
     completion = client.chat.completions.create(model="anthropic/claude-haiku-4-5", messages=QUESTION)  # type: ignore[arg-type]
     assert completion.choices[0].message.content
+    # That one model answered, directly: one request, to it alone.
+    assert {m: v["completed"] for m, v in sim_stats(sim).items()} == {"claude-haiku-4-5": 1}
+
+
+HI = b'"messages": [{"role": "user", "content": "hi"}]'
 
 
 @pytest.mark.parametrize(
-    ("body", "status", "fragment"),
+    ("body", "status", "code", "param", "start"),
     [
-        (b"{not json", 400, "not valid JSON"),
-        (b"[1, 2]", 400, "JSON object"),
-        (b'{"model": "moa"}', 422, "messages"),
-        (b'{"model": "moa", "messages": []}', 422, "messages"),
+        (b"{not json", 400, "invalid_json", None, "request body is not valid JSON"),
+        (b"[1, 2]", 400, "invalid_request", None, "request body must be a JSON object"),
+        (b'{"model": "moa"}', 422, "invalid_value", "messages", "messages: Field required"),
+        (b'{"model": "moa", "messages": []}', 422, "invalid_value", "messages", "messages: "),
+        (b'{"model": "nope", ' + HI + b"}", 400, "model_not_found", None, "unknown preset or model 'nope'"),
         (
-            b'{"model": "nope", "messages": [{"role": "user", "content": "hi"}]}',
-            400,
-            "unknown preset or model",
-        ),
-        (
-            b'{"model": "moa", "messages": [{"role": "user", "content": "hi"}], "temperature": 7}',
+            b'{"model": "moa", ' + HI + b', "temperature": 7}',
             422,
+            "invalid_value",
             "temperature",
+            "temperature: ",
         ),
-        (b'{"model": "moa", "messages": [{"role": "user", "content": "hi"}], "n": 3}', 422, "n"),
-        (b'{"model": "moa", "messages": [{"role": "wizard", "content": "hi"}]}', 422, "role"),
-        (b'{"model": "moa", "messages": [{"role": "system", "content": "hi"}]}', 400, "user message"),
+        (b'{"model": "moa", ' + HI + b', "n": 3}', 422, "invalid_value", "n", "n: "),
         (
-            b'{"model": "moa", "messages": [{"role": "user", "content": "hi"}], "tools": [{"x": 1}]}',
+            b'{"model": "moa", "messages": [{"role": "wizard", "content": "hi"}]}',
             422,
+            "invalid_value",
+            "messages.0.role",
+            "messages.0.role: ",
+        ),
+        (
+            b'{"model": "moa", "messages": [{"role": "system", "content": "hi"}]}',
+            400,
+            "invalid_request",
+            "messages",
+            "messages must contain a user message",
+        ),
+        (
+            b'{"model": "moa", ' + HI + b', "tools": [{"x": 1}]}',
+            422,
+            "invalid_value",
             "tools",
+            "tools: 'tools' is not",
         ),
         (
-            b'{"model": "moa", "messages": [{"role": "user", "content": "hi"}], "moa": {"bogus": 1}}',
+            b'{"model": "moa", ' + HI + b', "moa": {"bogus": 1}}',
             422,
+            "invalid_value",
             "moa.bogus",
+            "moa.bogus: ",
         ),
     ],
 )
-def test_bad_requests_get_openai_style_errors(api_url: str, body: bytes, status: int, fragment: str) -> None:
+def test_bad_requests_get_openai_style_errors(
+    api_url: str, body: bytes, status: int, code: str, param: str | None, start: str
+) -> None:
+    """Each refusal names what was wrong: the field in ``param`` and at the start of the message.
+
+    (A fragment such as "n" or "messages" anywhere in the message proved nothing: most messages
+    contain it.)
+    """
     r = httpx.post(
         api_url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
     )
     assert r.status_code == status, r.text
     error = r.json()["error"]
-    assert fragment in error["message"] and error["type"] and "Traceback" not in r.text
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", code, param), error
+    assert error["message"].startswith(start), error
+    assert "Traceback" not in r.text
 
 
 def test_oversized_body_is_refused(api_url: str) -> None:
@@ -239,71 +269,111 @@ def test_every_circuit_open_is_503_with_retry_after(api_url: str, sim: Simulator
     assert httpx.get(api_url + "/healthz").status_code == 503
 
 
+def sim_stats(sim: SimulatorServer) -> dict[str, Any]:
+    return httpx.get(f"{sim.url}/admin/stats").json()["models"]
+
+
+def sim_in_flight(sim: SimulatorServer) -> int:
+    return sum(m["in_flight"] for m in sim_stats(sim).values())
+
+
+async def sim_idle(sim: SimulatorServer) -> dict[str, Any]:
+    """Wait until the simulator has nothing in flight; return its counters."""
+    return await wait_until(
+        lambda: sim_stats(sim),
+        lambda s: all(m["in_flight"] == 0 for m in s.values()),
+        what="no request in flight at the simulator",
+    )
+
+
 def test_deadline_gives_504(api_url: str, sim: SimulatorServer) -> None:
     set_fault(sim, "*", hang={"rate": 1.0})
+    # Nothing answers and the preset's own deadlines are over a minute: only the request's
+    # deadline can end it, and the hanging calls must end with it.
     body = {"model": "moa-lite", "messages": QUESTION, "moa": {"deadline_s": 0.5}}
-    t0 = time.monotonic()
-    r = httpx.post(api_url + "/v1/chat/completions", json=body, timeout=10)
+    r = httpx.post(api_url + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
-    assert time.monotonic() - t0 < 3
+    s = asyncio.run(sim_idle(sim))
+    assert sum(m["requests"] for m in s.values()) == sum(m["cancelled"] for m in s.values()) == 3
 
 
 def test_overload_gives_429(api_url: str, sim: SimulatorServer) -> None:
-    set_fault(sim, "*", hang={"rate": 1.0, "hang_s": 1.5})
+    """Past max_concurrent_requests (4) a request is refused at once; the slots come back after."""
+    set_fault(sim, "*", hang={"rate": 1.0})  # admitted requests hold their slots until let go
+    body = {"model": "single", "messages": QUESTION}
+    url = api_url + "/v1/chat/completions"
 
-    async def burst() -> list[int]:
-        async with httpx.AsyncClient(timeout=20) as c:
-            body = {"model": "single", "messages": QUESTION}
-            rs = await asyncio.gather(
-                *(c.post(api_url + "/v1/chat/completions", json=body) for _ in range(8))
+    async def scenario() -> tuple[list[httpx.Response], int]:
+        async with httpx.AsyncClient(timeout=60) as c:
+            held = [asyncio.create_task(c.post(url, json=body)) for _ in range(4)]
+            await wait_until(lambda: sim_in_flight(sim), lambda n: n == 4, what="four requests admitted")
+            refused = await asyncio.gather(*(c.post(url, json=body) for _ in range(4)))
+            for task in held:
+                task.cancel()  # the client leaves: the service must let the slots go
+            await asyncio.gather(*held, return_exceptions=True)
+            await sim_idle(sim)
+            (await c.delete(f"{sim.url}/admin/faults/*")).raise_for_status()
+            after = await wait_until(
+                lambda: c.post(url, json=body), lambda r: r.status_code != 429, what="a slot free again"
             )
-            return [r.status_code for r in rs]
+            return refused, after.status_code
 
-    statuses = asyncio.run(burst())
-    assert statuses.count(200) == 4 and statuses.count(429) == 4  # max_concurrent_requests is 4
+    refused, after = asyncio.run(scenario())
+    assert [r.status_code for r in refused] == [429] * 4
+    assert all(r.json()["error"]["code"] == "overloaded" and r.headers["retry-after"] for r in refused)
+    assert after == 200
+    # The refused requests never reached a provider.
+    assert sum(m["requests"] for m in sim_stats(sim).values()) == 4 + 1
 
 
 def test_open_streams_hold_their_admission_slots(api_url: str, sim: SimulatorServer) -> None:
-    set_fault(sim, "gpt-4.1", slow_stream={"rate": 1.0, "factor": 10})  # the aggregator streams slowly
+    # The aggregator streams so slowly (10 tokens a second) that the streams stay open until the
+    # client closes them: their slots are held for as long as the test needs.
+    set_fault(sim, "gpt-4.1", slow_stream={"rate": 1.0, "factor": 200})
     body = {"model": "moa-lite", "messages": QUESTION, "stream": True}
+    single = {"model": "single", "messages": QUESTION}
+    url = api_url + "/v1/chat/completions"
 
     async def scenario() -> tuple[int, int]:
-        async with httpx.AsyncClient(timeout=30) as c:
+        async with httpx.AsyncClient(timeout=60) as c:
 
-            async def stream_one(started: asyncio.Event) -> None:
-                async with c.stream("POST", api_url + "/v1/chat/completions", json=body) as r:
-                    async for _ in r.aiter_lines():
-                        started.set()
+            async def stream_one(text_arrived: asyncio.Event) -> None:
+                async with c.stream("POST", url, json=body) as r:
+                    async for line in r.aiter_lines():
+                        if '"content": "' in line and '"content": ""' not in line:
+                            text_arrived.set()  # the aggregator's text is flowing
 
             events = [asyncio.Event() for _ in range(4)]  # max_concurrent_requests is 4
             streams = [asyncio.create_task(stream_one(e)) for e in events]
             await asyncio.gather(*(e.wait() for e in events))
-            during = await c.post(
-                api_url + "/v1/chat/completions", json={"model": "single", "messages": QUESTION}
-            )
-            await asyncio.gather(*streams)
-            after = await c.post(
-                api_url + "/v1/chat/completions", json={"model": "single", "messages": QUESTION}
+            during = await c.post(url, json=single)
+            for task in streams:
+                task.cancel()
+            await asyncio.gather(*streams, return_exceptions=True)
+            after = await wait_until(
+                lambda: c.post(url, json=single), lambda r: r.status_code != 429, what="a slot free again"
             )
             return during.status_code, after.status_code
 
     assert asyncio.run(scenario()) == (429, 200)
+    s = asyncio.run(sim_idle(sim))
+    assert s["gpt-4.1"]["cancelled"] == 4  # the four open streams, closed by their clients
 
 
 def test_client_disconnect_cancels_the_fan_out(api_url: str, sim: SimulatorServer) -> None:
     set_fault(sim, "*", hang={"rate": 1.0})
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(
-            api_url + "/v1/chat/completions", json={"model": "moa-lite", "messages": QUESTION}, timeout=0.5
-        )
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline:
-        stats = httpx.get(f"{sim.url}/admin/stats").json()["models"]
-        if sum(m["in_flight"] for m in stats.values()) == 0:
-            break
-        time.sleep(0.05)
-    assert sum(m["in_flight"] for m in stats.values()) == 0
-    assert sum(m["requests"] for m in stats.values()) == 3
+    body = {"model": "moa-lite", "messages": QUESTION}
+
+    async def scenario() -> dict[str, Any]:
+        async with httpx.AsyncClient(timeout=60) as c:
+            task = asyncio.create_task(c.post(api_url + "/v1/chat/completions", json=body))
+            await wait_until(lambda: sim_in_flight(sim), lambda n: n == 3, what="the fan-out in flight")
+            task.cancel()  # the client leaves
+            await asyncio.gather(task, return_exceptions=True)
+        return await sim_idle(sim)
+
+    s = asyncio.run(scenario())
+    assert sum(m["requests"] for m in s.values()) == sum(m["cancelled"] for m in s.values()) == 3
 
 
 def test_explicit_plan_endpoint(api_url: str) -> None:

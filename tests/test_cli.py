@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from moa.simulator.server import SimulatorServer
@@ -86,8 +87,12 @@ def test_ask_against_a_running_simulator(sim: SimulatorServer, tmp_path: Path) -
     providers = "providers:\n  o: {kind: openai, models: {gpt-4o-mini: {}}}\n"
     path.write_text(providers + f"simulator: {{mode: on, url: '{sim.url}'}}\n")
     out = run_moa("ask", "Hi", "--preset", "o/gpt-4o-mini", "--no-stream", env={"MOA_CONFIG": str(path)})
-    assert out.returncode == 0, out.stderr and out.stdout.strip()
-    assert "built-in simulator" not in out.stderr  # it used the one that was already running
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()  # an answer was printed
+    # It used the simulator that was already running: that one served the call.
+    served = httpx.get(f"{sim.url}/admin/stats").json()["models"]
+    assert {m: (v["requests"], v["completed"]) for m, v in served.items()} == {"gpt-4o-mini": (1, 1)}
+    assert "built-in simulator" not in out.stderr
 
 
 def test_core_never_imports_ray() -> None:

@@ -6,13 +6,11 @@ from __future__ import annotations
 import io
 import json
 import logging
-import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
 import pytest
-from opentelemetry import trace
 
 from moa.config import MoAConfig, parse_config
 from moa.engine.engine import MoAEngine
@@ -22,23 +20,25 @@ from moa.types import ChatMessage
 from observability.logs import JsonFormatter
 from observability.tracing import flush_tracing, tracer
 from tests.otlp_receiver import OTLPReceiver
+from tests.waiting import wait_until_sync
 
 QUESTION_TEXT = "How do vaccines train the immune system?"
 QUESTION = [ChatMessage(role="user", content=QUESTION_TEXT)]
 SECRET = "sk-live-THIS-MUST-NEVER-LEAK-0123456789"
 
 
-def wait_for_spans(
-    otlp: OTLPReceiver, trace_id: str, names: set[str], within_s: float = 15
-) -> list[dict[str, Any]]:
-    """Spans arrive in batches from several processes: poll until every expected name is there."""
-    deadline = time.monotonic() + within_s
-    while True:
+def wait_for_spans(otlp: OTLPReceiver, trace_id: str, names: set[str]) -> list[dict[str, Any]]:
+    """Spans arrive in batches from several processes: wait until every expected name is there."""
+    spans: list[dict[str, Any]] = []
+
+    def arrived() -> set[str]:
+        nonlocal spans
         flush_tracing()
         spans = otlp.trace(trace_id)
-        if names <= {s["name"] for s in spans} or time.monotonic() > deadline:
-            return spans
-        time.sleep(0.2)
+        return {s["name"] for s in spans}
+
+    wait_until_sync(arrived, names.issubset, interval=0.2, what=f"spans {sorted(names)} of {trace_id}")
+    return spans
 
 
 def by_name(spans: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
@@ -186,7 +186,13 @@ def url(cluster: dict[str, Any], sim: SimulatorServer) -> str:
     return str(cluster["url"])
 
 
-def test_one_trace_across_processes_and_nodes(cluster: dict[str, Any], url: str, otlp: OTLPReceiver) -> None:
+def test_one_trace_across_processes_and_nodes(
+    cluster: dict[str, Any], url: str, otlp: OTLPReceiver, sim: SimulatorServer
+) -> None:
+    # Each proposer takes half a second, so their spans overlap even when a busy machine is slow
+    # to dispatch the fan-out: the overlap shows the calls ran in parallel, not how fast.
+    for model in ("gpt-4.1-mini", "claude-haiku-4-5", "gemini-2.5-flash"):
+        httpx.put(f"{sim.url}/admin/faults/{model}", json={"hang": {"hang_s": 0.5}}).raise_for_status()
     r = httpx.post(
         url + "/v1/chat/completions",
         json={"model": "moa-lite", "messages": [{"role": "user", "content": QUESTION_TEXT}]},
@@ -264,16 +270,16 @@ def test_metrics_on_the_prometheus_endpoint(cluster: dict[str, Any], url: str) -
             ),
         }
 
-    # Ray's metrics agents export on their own period: poll until the series appear.
-    deadline = time.monotonic() + 60
-    while True:
+    text = ""
+
+    def scrape() -> dict[str, bool]:
+        nonlocal text
         text = "\n".join(
             httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
             for port in cluster["metrics"].values()
         )
-        found = series(text)
-        if all(found.values()) or time.monotonic() > deadline:
-            break
-        time.sleep(1)
-    assert all(found.values()), found
-    assert "sk-" not in text and trace.get_tracer_provider() is not None
+        return series(text)
+
+    # Ray's metrics agents export on their own period: wait until the series appear.
+    wait_until_sync(scrape, lambda found: all(found.values()), within_s=60, interval=1, what="the series")
+    assert "sk-" not in text

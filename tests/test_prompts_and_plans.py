@@ -50,7 +50,7 @@ def test_refine_needs_exactly_one_layer_and_rounds_need_refine() -> None:
         Plan.model_validate({"mode": "refine", "rounds": 2, "layers": [layer, layer], "aggregators": agg})
     with pytest.raises(ValidationError, match="rounds"):
         Plan.model_validate({"rounds": 2, "layers": [layer], "aggregators": agg})
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError, match="aggregators"):
         Plan.model_validate({"layers": [layer], "aggregators": []})
 
 

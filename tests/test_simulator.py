@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import aiohttp
 import anthropic
 import httpx
+import httpx2
 import openai
 import pytest
 from google import genai
@@ -41,6 +43,7 @@ from moa.simulator.profile import (
 from moa.simulator.server import SimulatorServer
 from moa.simulator.text import compose, style_for
 from moa.tokens import approx_message_tokens, approx_tokens
+from tests.waiting import wait_until, wait_until_sync
 
 KEY = "sim-test-key"
 QUESTION = "How do vaccines train the immune system?"
@@ -60,14 +63,14 @@ def stats(admin: httpx.Client) -> dict[str, Any]:
     return admin.get("/admin/stats").json()["models"]
 
 
-async def wait_idle(admin: httpx.Client, within: float = 2.0) -> dict[str, Any]:
-    """Poll until no model has a request in flight: proof that abandoned calls really ended."""
-    end = time.monotonic() + within
-    while True:
-        s = stats(admin)
-        if all(m["in_flight"] == 0 for m in s.values()) or time.monotonic() > end:
-            return s
-        await asyncio.sleep(0.01)
+async def wait_idle(admin: httpx.Client) -> dict[str, Any]:
+    """Wait until no model has a request in flight: proof that abandoned calls really ended."""
+    return await wait_until(
+        lambda: stats(admin),
+        lambda s: all(m["in_flight"] == 0 for m in s.values()),
+        interval=0.01,
+        what="no request in flight at the simulator",
+    )
 
 
 def put_profile(admin: httpx.Client, profile: SimProfile) -> None:
@@ -790,10 +793,11 @@ async def test_cut_stream(
         async for chunk in stream:
             got.append(chunk)
     assert got and all(not c.choices or c.choices[0].finish_reason is None for c in got)
-    with pytest.raises(Exception, match="incomplete chunked read"):  # httpx2.RemoteProtocolError, unwrapped
+    # The Anthropic SDK (on httpx2) and google-genai (on aiohttp) raise their transport's error unwrapped.
+    with pytest.raises(httpx2.RemoteProtocolError, match="incomplete chunked read"):
         async with claude.messages.stream(model="claude-haiku-4-5", max_tokens=500, messages=MESSAGES) as ms:
             await ms.get_final_message()
-    with pytest.raises(Exception, match="not completed"):  # aiohttp.ClientPayloadError, unwrapped
+    with pytest.raises(aiohttp.ClientPayloadError, match="not completed"):
         [
             c
             async for c in await gem.aio.models.generate_content_stream(
@@ -819,14 +823,14 @@ async def test_hang_then_cancel_releases_in_flight(
                 f"{sim.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
             )
         )
-        await asyncio.sleep(0.15)
-        assert stats(admin)["gpt-4.1"]["in_flight"] == 1
+        await wait_until(
+            lambda: stats(admin).get("gpt-4.1", {}).get("in_flight"), lambda n: n == 1, what="in flight"
+        )
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        t0 = time.monotonic()
+        # The hang has no end of its own: only the server noticing the disconnect can end it.
         s = await wait_idle(admin)
-    assert time.monotonic() - t0 < 0.3  # promptly: the server watches for the disconnect
     assert s["gpt-4.1"] == {
         "requests": 1,
         "in_flight": 0,
@@ -923,13 +927,25 @@ async def test_fault_rates_are_probabilities(oai: openai.AsyncOpenAI, admin: htt
 
 
 async def test_concurrency_counters(oai: openai.AsyncOpenAI, admin: httpx.Client) -> None:
-    slow = SimProfile(default=ModelProfile(ttft_s=0.15, tokens_per_s=5000.0, jitter=0.0))
-    put_profile(admin, slow)
-    await asyncio.gather(
-        *(oai.chat.completions.create(model="gpt-4.1", messages=MESSAGES, max_tokens=5) for _ in range(6))
+    def ask() -> Any:
+        return oai.chat.completions.create(model="gpt-4.1", messages=MESSAGES, max_tokens=5)
+
+    # Six requests that never answer are all in flight at once, however slowly they arrive.
+    set_faults(admin, "gpt-4.1", hang={})
+    hanging = [asyncio.create_task(ask()) for _ in range(6)]
+    await wait_until(
+        lambda: stats(admin).get("gpt-4.1", {}).get("in_flight"), lambda n: n == 6, what="six in flight"
     )
+    for task in hanging:
+        task.cancel()
+    await asyncio.gather(*hanging, return_exceptions=True)
+    s = (await wait_idle(admin))["gpt-4.1"]
+    assert (s["requests"], s["max_in_flight"], s["cancelled"], s["completed"]) == (6, 6, 6, 0)
+    # Answered requests count as completed, and the peak stays the peak.
+    set_faults(admin, "gpt-4.1")  # no faults
+    await asyncio.gather(*(ask() for _ in range(6)))
     s = stats(admin)["gpt-4.1"]
-    assert s["requests"] == 6 and s["completed"] == 6 and s["max_in_flight"] == 6 and s["in_flight"] == 0
+    assert (s["requests"], s["completed"], s["in_flight"], s["max_in_flight"]) == (12, 6, 0, 6)
 
 
 # -- admin API -----------------------------------------------------------------------------------------
@@ -1052,13 +1068,11 @@ def test_server_lifecycle_and_stop_with_a_hanging_request() -> None:
 
     caller = threading.Thread(target=call)
     caller.start()
-    deadline = time.monotonic() + 2
-    while server.app.state.snapshot()["total_requests"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    t0 = time.monotonic()
+    wait_until_sync(lambda: server.app.state.snapshot()["total_requests"], what="the request to arrive")
+    # The hang has no end of its own: the caller gets an answer only if stopping ends it.
     server.stop()
-    caller.join(2)
-    assert time.monotonic() - t0 < 1.0 and result == [503]  # answered "unavailable" on shutdown
+    caller.join(30)
+    assert not caller.is_alive() and result == [503]  # answered "unavailable" on shutdown
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.url}/admin/stats")
 
