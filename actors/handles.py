@@ -4,6 +4,7 @@ W3C trace context (``trace=``) so the callee's spans join the caller's trace."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -36,7 +37,15 @@ class HandleCaller:
         handle = self._handles.get(req.provider)
         if handle is None:
             return _unknown(req)
-        result: CallResult = await handle.call.remote(req, trace=inject())
+        response = handle.call.remote(req, trace=inject())
+        try:
+            result: CallResult = await response
+        except asyncio.CancelledError:
+            # Awaiting a response and being cancelled does not cancel the request in the replica
+            # (only a cancelled parent request does): a straggler would keep its provider call,
+            # its concurrency slot and its cost. Say so explicitly.
+            response.cancel()
+            raise
         return result
 
     async def stream(self, req: CallRequest) -> AsyncIterator[StreamEvent]:
@@ -44,7 +53,7 @@ class HandleCaller:
         if handle is None:
             yield _unknown(req)
             return
-        async for ev in handle.stream.remote(req, trace=inject()):
+        async for ev in _cancelling(handle.stream.remote(req, trace=inject())):
             yield ev
 
 
@@ -55,5 +64,18 @@ class RemoteFuser:
         self._handle = handle.options(stream=True)
 
     async def fuse(self, job: FuseJob) -> AsyncIterator[FuseEvent]:
-        async for ev in self._handle.fuse.remote(job, trace=inject()):
+        async for ev in _cancelling(self._handle.fuse.remote(job, trace=inject())):
             yield ev
+
+
+async def _cancelling(responses: Any) -> AsyncIterator[Any]:
+    """Iterate a streaming handle response; if iteration stops early (the consumer closed the
+    stream or was cancelled), cancel the request in the replica too."""
+    finished = False
+    try:
+        async for item in responses:
+            yield item
+        finished = True
+    finally:
+        if not finished:
+            responses.cancel()
