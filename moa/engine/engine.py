@@ -396,7 +396,9 @@ class MoAEngine:
                 )
                 now = loop.time()
                 if wait_until <= now:
-                    if quorum_at is not None:
+                    # The grace period ended first; a layer (or request) deadline that came
+                    # before it is still a deadline.
+                    if quorum_at is not None and quorum_at + plan.grace_s < stage_deadline:
                         stop_reason = "quorum met; grace period over"
                     break
                 done, pending = await asyncio.wait(
