@@ -59,6 +59,7 @@ class ProviderDeployment:
         self._router: Any = None
         self._latency: dict[str, float] = {}
         self._last_state: str | None = None
+        self.answered = 0  # calls this replica answered (for operators and the cluster tests)
         self._reporter = asyncio.create_task(self._report_loop())
 
     async def call(self, req: CallRequest, trace: Mapping[str, str] | None = None) -> CallResult:
@@ -82,6 +83,7 @@ class ProviderDeployment:
         return {
             "replica": self.identity["ray.serve.replica_id"],
             "node_id": self.identity["ray.node_id"],
+            "answered": self.answered,
             **self.client.health(),
         }
 
@@ -89,6 +91,7 @@ class ProviderDeployment:
 
     def _observe(self, result: CallResult) -> None:
         self.metrics.record(result, self.metric_name)
+        self.answered += result.ok
         if result.ok:
             self._latency[result.requested_model] = result.latency_s
         state = str(self.client.health().get("state"))

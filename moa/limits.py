@@ -272,6 +272,7 @@ class ProviderLimits:
         self.breaker = breaker
         self.in_flight = 0
         self.max_in_flight = 0
+        self.calls = 0  # calls admitted through this process's gate, ever
 
     @classmethod
     def from_config(cls, cfg: ProviderConfig, budget: RateBudget | None = None) -> ProviderLimits:
@@ -288,6 +289,7 @@ class ProviderLimits:
         except TimeoutError:
             return False
         self.in_flight += 1
+        self.calls += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         return True
 
@@ -300,5 +302,6 @@ class ProviderLimits:
             **self.breaker.snapshot(),
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
+            "calls": self.calls,
             "concurrency": self.concurrency,
         }
