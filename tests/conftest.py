@@ -108,6 +108,15 @@ def _test_config(sim_url: str) -> MoAConfig:
         "deployment": {"num_cpus": 0.05, "num_replicas": 2, **ON_WORKER},
         "models": {"metered-model": {}},
     }
+    # Three thousand tokens a minute for the account across two replicas (a lease of 50 tokens
+    # is less than one call, so most calls reserve at the limiter actor itself).
+    raw["providers"]["tokened"] = {
+        "kind": "openai",
+        "api_key_env": "TOKENED_API_KEY",
+        "limits": {"tpm": 3000},
+        "deployment": {"num_cpus": 0.05, "num_replicas": 2, **ON_WORKER},
+        "models": {"tokened-model": {}},
+    }
     raw["simulator"] = {"mode": "on", "url": sim_url}
     raw["serve"] = {
         "ingress": {"num_cpus": 0.1, "num_replicas": 1, **ON_HEAD},

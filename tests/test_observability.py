@@ -230,6 +230,28 @@ def test_one_trace_across_processes_and_nodes(
     assert all(ids.get(s["parent_id"]) is not None for s in spans if s is not server), "no orphan spans"
 
 
+def test_one_trace_per_streaming_request(url: str, otlp: OTLPReceiver) -> None:
+    """A stream's spans close after the response has started: they still form one tree, with the
+    aggregator's streamed call under the fusion and no second trace."""
+    body = {"model": "moa-lite", "messages": [{"role": "user", "content": QUESTION_TEXT}], "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        trace_id = r.headers["x-moa-trace-id"]
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    expected = {"POST /v1/chat/completions", "moa.run", "moa.layer", "moa.fuse", "chat gpt-4.1"}
+    spans = wait_for_spans(otlp, trace_id, expected)
+    ids = {s["span_id"]: s for s in spans}
+    (server,) = by_name(spans, "POST /v1/chat/completions")
+    (run,) = by_name(spans, "moa.run")
+    (fuse,) = by_name(spans, "moa.fuse")
+    (final,) = by_name(spans, "chat gpt-4.1")
+    assert server["parent_id"] is None and run["parent_id"] == server["span_id"]
+    assert final["parent_id"] == fuse["span_id"] and final["attributes"]["gen_ai.request.stream"] is True
+    assert all(ids.get(s["parent_id"]) is not None for s in spans if s is not server), "no orphan spans"
+    assert len(by_name(spans, "chat gpt-4.1-mini")) == 1  # each proposer once, in this one trace
+
+
 def test_client_traceparent_is_continued(url: str, otlp: OTLPReceiver) -> None:
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     headers = {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}

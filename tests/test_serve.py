@@ -210,6 +210,24 @@ def test_cluster_wide_rpm_holds_with_two_replicas(url: str, sim: SimulatorServer
     # deadline could not outlast (504); none reached the provider.
     assert set(Counter(statuses)) <= {200, 429, 504}, Counter(statuses)
     assert sim_stats(sim)["metered-model"]["requests"] == answered
+    # Both replicas served part of it: the budget held across them, not inside one.
+    per_replica = answered_by_replica("provider-metered", replicas=2)
+    assert all(n > 0 for n in per_replica.values()) and sum(per_replica.values()) == answered, per_replica
+
+
+def answered_by_replica(deployment: str, replicas: int) -> dict[str, int]:
+    """Each replica's own count of answered calls, asked of every replica through the handle."""
+    handle = serve.get_deployment_handle(deployment, app_name="moa")
+    seen: dict[str, int] = {}
+
+    def ask() -> int:
+        health = handle.health.remote().result(timeout_s=30)
+        seen[health["replica"]] = health["answered"]
+        return len(seen)
+
+    # Serve spreads handle calls over the replicas; ask until every one has answered for itself.
+    wait_until_sync(ask, lambda n: n >= replicas, interval=0, what=f"every replica of {deployment}")
+    return seen
 
 
 def test_provider_deployments_scale_independently(url: str, sim: SimulatorServer) -> None:
@@ -248,7 +266,7 @@ def test_healthz_reports_every_provider(url: str) -> None:
         what="every provider with a running replica",
     )
     assert body["status"] == "ok"
-    assert set(body["providers"]) == {"openai", "anthropic", "gemini", "narrow", "metered"}
+    assert set(body["providers"]) == {"openai", "anthropic", "gemini", "narrow", "metered", "tokened"}
     assert body["providers"]["narrow"]["replicas"] == 2
 
 
@@ -259,7 +277,7 @@ def test_fusion_in_an_aggregator_deployment(cluster: dict[str, Any], sim: Simula
     assert "aggregator" not in serve.status().applications["moa"].deployments
     raw = cluster["config"].model_dump(mode="json")
     raw["serve"]["fusion"] = "deployment"
-    for name in ("narrow", "metered"):
+    for name in ("narrow", "metered", "tokened"):
         del raw["providers"][name]
     cfg = parse_config(raw, "the aggregator-deployment config")
     serve.run(build_from_config(cfg), name="moa-agg", route_prefix="/agg")

@@ -1,0 +1,208 @@
+"""The README's claims proven on the topology users deploy: the Ray Serve app on a two-node cluster,
+called over HTTP. Each has an in-process twin elsewhere; these show the claim survives the handle
+hops, the separate provider replicas and the health board."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from moa.config import parse_config
+from moa.simulator.server import SimulatorServer
+from tests.test_serve import QUESTION, answered_by_replica, set_fault, sim_stats
+from tests.waiting import wait_until, wait_until_sync
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+pytestmark = [
+    pytest.mark.ray,
+    # The session app's autoscaling test config uses a short look-back on purpose; Serve warns.
+    pytest.mark.filterwarnings("ignore:`look_back_period_s`:FutureWarning"),
+]
+
+
+@pytest.fixture
+def url(cluster: dict[str, Any], sim: SimulatorServer) -> str:
+    return str(cluster["url"])
+
+
+def chat(url: str, body: dict[str, Any], prefix: str = "", timeout: float = 60) -> httpx.Response:
+    return httpx.post(f"{url}{prefix}/v1/chat/completions", json=body, timeout=timeout)
+
+
+def sse_events(lines: list[str]) -> list[dict[str, Any]]:
+    return [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+
+
+def test_grace_period_cancels_a_straggler(url: str, sim: SimulatorServer) -> None:
+    set_fault(sim, "gemini-2.5-flash", hang={"rate": 1.0})  # never answers on its own
+    r = chat(url, {"model": "moa-lite", "messages": QUESTION, "moa": {"detail": True}})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"].startswith("Synthesis of 2 references")
+    (straggler,) = [c for c in r.json()["moa"]["calls"] if c["model"] == "gemini-2.5-flash"]
+    assert straggler["cancelled_straggler"] and "grace period over" in straggler["error_message"]
+    # The provider replica on the other node let the hanging request go.
+    stats = wait_until_sync(
+        lambda: sim_stats(sim)["gemini-2.5-flash"], lambda s: s["in_flight"] == 0, what="gemini released"
+    )
+    assert stats["cancelled"] == 1 and stats["completed"] == 0
+
+
+def test_aggregator_fallback_chain(url: str, sim: SimulatorServer) -> None:
+    set_fault(sim, "gpt-4.1", error_500={"rate": 1.0})  # moa-lite's first aggregator
+    r = chat(url, {"model": "moa-lite", "messages": QUESTION, "moa": {"detail": True}})
+    assert r.status_code == 200, r.text
+    detail = r.json()["moa"]
+    aggregators = [(c["model"], c["ok"]) for c in detail["calls"] if c["stage"] == "aggregator"]
+    assert aggregators == [("gpt-4.1", False), ("claude-sonnet-4-6", True)]
+    assert detail["answered_by"] == "anthropic/claude-sonnet-4-6"
+    assert r.json()["choices"][0]["message"]["content"].startswith("Synthesis of 3 references")
+
+
+def test_every_provider_rate_limited_is_429_with_their_retry_after(url: str, sim: SimulatorServer) -> None:
+    set_fault(sim, "*", error_429={"rate": 1.0, "retry_after_s": 60})
+    r = chat(url, {"model": "moa-lite", "messages": QUESTION})
+    assert r.status_code == 429, r.text
+    assert r.headers["retry-after"] == "60" and r.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_streaming_usage_sums_every_call_and_is_opt_in(url: str) -> None:
+    body: dict[str, Any] = {"model": "moa-lite", "messages": QUESTION, "stream": True}
+    with_usage = {**body, "stream_options": {"include_usage": True}, "moa": {"detail": True}}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=with_usage, timeout=60) as r:
+        events = sse_events(list(r.iter_lines()))
+    (last,) = [e for e in events if e.get("usage")]
+    calls = last["moa"]["calls"]
+    assert len(calls) == 4  # three proposers and the aggregator, all on other processes
+    assert last["usage"]["prompt_tokens"] == sum(c["usage"]["input_tokens"] for c in calls)
+    assert last["usage"]["completion_tokens"] == sum(c["usage"]["output_tokens"] for c in calls)
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+        plain = sse_events(list(r.iter_lines()))
+    assert plain and not [e for e in plain if "usage" in e]
+
+
+def test_a_client_leaving_mid_stream_stops_the_aggregator(url: str, sim: SimulatorServer) -> None:
+    set_fault(sim, "gpt-4.1", slow_stream={"rate": 1.0, "factor": 200})  # the aggregator streams slowly
+    body = {"model": "moa-lite", "messages": QUESTION, "stream": True}
+
+    async def leave_after_first_text() -> None:
+        async with (
+            httpx.AsyncClient(timeout=60) as c,
+            c.stream("POST", url + "/v1/chat/completions", json=body) as r,
+        ):
+            async for line in r.aiter_lines():
+                if '"content": "' in line and '"content": ""' not in line:
+                    return  # closes the connection with the aggregator mid-answer
+
+    asyncio.run(leave_after_first_text())
+    stats = wait_until_sync(
+        lambda: sim_stats(sim)["gpt-4.1"], lambda s: s["in_flight"] == 0, what="the aggregator released"
+    )
+    assert stats["cancelled"] == 1 and stats["completed"] == 0
+
+
+def test_cluster_wide_tpm_holds_with_two_replicas(url: str, sim: SimulatorServer) -> None:
+    """Three thousand tokens a minute for the account, whichever of two replicas serves."""
+    body = {
+        "model": "tokened/tokened-model",
+        "messages": QUESTION,
+        "max_tokens": 50,
+        "moa": {"deadline_s": 1},
+    }
+
+    async def go() -> tuple[list[httpx.Response], float]:
+        async with httpx.AsyncClient(timeout=60) as c:
+            t0 = time.monotonic()
+            rs = await asyncio.gather(*(c.post(url + "/v1/chat/completions", json=body) for _ in range(120)))
+            return list(rs), time.monotonic() - t0
+
+    responses, elapsed = asyncio.run(go())
+    statuses = Counter(r.status_code for r in responses)
+    assert set(statuses) <= {200, 429, 504}, statuses
+    used = sum(r.json()["usage"]["total_tokens"] for r in responses if r.status_code == 200)
+    # What was spent fits the bucket, plus its refill while the burst ran, plus one call's
+    # reservation (a call is admitted on its estimate and settled to its real usage after).
+    one_call = max(r.json()["usage"]["total_tokens"] for r in responses if r.status_code == 200)
+    assert used <= 3000 + 50 * (elapsed + 2) + one_call, (used, elapsed, statuses)
+    assert statuses[200] < 120 and statuses[429] + statuses[504] > 0  # the budget did refuse
+    assert sim_stats(sim)["tokened-model"]["requests"] == statuses[200]
+    per_replica = answered_by_replica("provider-tokened", replicas=2)
+    assert all(n > 0 for n in per_replica.values()) and sum(per_replica.values()) == statuses[200]
+
+
+# -- a second, tight app: a small admission cap and quick circuits -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tight(cluster: dict[str, Any]) -> Iterator[str]:
+    """The same app with two requests in progress per ingress and circuits that open at the first
+    failure: its own provider replicas, so open circuits here leave the main app alone."""
+    from serve_app import build_from_config
+
+    raw = cluster["config"].model_dump(mode="json")
+    for name in ("narrow", "metered", "tokened"):
+        del raw["providers"][name]
+    for p in raw["providers"].values():
+        p["circuit_breaker"] = {"failure_threshold": 1, "cooldown_s": 600}
+        p["retry"] = {"max_attempts": 1}
+    raw["server"]["max_concurrent_requests"] = 2
+    serve.run(build_from_config(parse_config(raw, "the tight config")), name="tight", route_prefix="/tight")
+    try:
+        yield "/tight"
+    finally:
+        serve.delete("tight")
+
+
+def test_admission_cap_is_429_on_ray(url: str, tight: str, sim: SimulatorServer) -> None:
+    set_fault(sim, "gpt-4.1-mini", hang={"rate": 1.0})  # `single` answers with gpt-4.1-mini
+    body = {"model": "single", "messages": QUESTION, "moa": {"deadline_s": 60}}
+    model = "gpt-4.1-mini"
+    endpoint = f"{url}{tight}/v1/chat/completions"
+
+    async def scenario() -> tuple[int, str, int]:
+        async with httpx.AsyncClient(timeout=90) as c:
+            held = [asyncio.create_task(c.post(endpoint, json=body)) for _ in range(2)]
+            await wait_until(
+                lambda: sim_stats(sim).get(model, {}).get("in_flight", 0),
+                lambda n: n == 2,
+                what="two requests held at the provider",
+            )
+            third = await c.post(endpoint, json=body)
+            for task in held:
+                task.cancel()
+            await asyncio.gather(*held, return_exceptions=True)
+            return third.status_code, third.headers.get("retry-after", ""), sim_stats(sim)[model]["requests"]
+
+    status, retry_after, requests = asyncio.run(scenario())
+    assert status == 429 and retry_after == "1"
+    assert requests == 2  # the refused request never reached a provider
+
+
+def test_every_circuit_open_is_503_through_the_health_board(
+    url: str, tight: str, sim: SimulatorServer
+) -> None:
+    set_fault(sim, "*", error_500={"rate": 1.0})
+    body = {"model": "moa-lite", "messages": QUESTION}
+    first = chat(url, body, tight)
+    assert first.status_code == 502, first.text  # every provider failed once: every circuit opens
+
+    def health() -> dict[str, Any]:
+        return httpx.get(f"{url}{tight}/healthz").json()
+
+    # Provider replicas report to the health board; the ingress routes from its view.
+    board = wait_until_sync(health, lambda h: h["status"] == "down", interval=0.2, what="every circuit open")
+    assert {p["state"] for p in board["providers"].values()} == {"open"}
+    before = sum(m["requests"] for m in sim_stats(sim).values())
+    r = wait_until_sync(
+        lambda: chat(url, body, tight), lambda r: r.status_code == 503, interval=0.2, what="a 503"
+    )
+    assert r.json()["error"]["code"] == "no_healthy_provider" and int(r.headers["retry-after"]) > 1
+    assert sum(m["requests"] for m in sim_stats(sim).values()) == before  # nothing was sent
