@@ -58,9 +58,14 @@ def build_from_config(cfg: MoAConfig) -> Application:
             ProviderDeployment, name=deployment_name(name), deployment_actors=actors, **opts
         ).bind(raw, name, simulator)
 
-    router = serve.deployment(RouterDeployment, name="router", **cfg.serve.router.serve_options(1000)).bind(
-        raw, providers
-    )
+    # The ingress polls the health board every 0.5 s and each provider replica reports to it every
+    # 2 s: access lines for those calls would bury everything else in its log.
+    router = serve.deployment(
+        RouterDeployment,
+        name="router",
+        logging_config={"enable_access_log": False},
+        **cfg.serve.router.serve_options(1000),
+    ).bind(raw, providers)
     aggregator = None
     if cfg.serve.fusion == "deployment":
         aggregator = serve.deployment(

@@ -3,8 +3,11 @@ JSON logs, and a flush when the replica stops."""
 
 from __future__ import annotations
 
+import logging
+
 import ray
 from ray import serve
+from ray.serve._private.constants import SERVE_LOGGER_NAME
 
 from moa.config import MoAConfig
 from observability.logs import configure_json_logging
@@ -22,11 +25,24 @@ def replica_identity() -> dict[str, str]:
     }
 
 
+def replica_log_file() -> str | None:
+    """The log file Ray Serve writes for this replica (``logs/serve/replica_*.log``)."""
+    for handler in logging.getLogger(SERVE_LOGGER_NAME).handlers:
+        target = getattr(handler, "target", None) or handler  # Serve buffers through a MemoryHandler
+        name = getattr(target, "baseFilename", None)
+        if name:
+            return str(name)
+    return None
+
+
 def init_replica_telemetry(config: MoAConfig) -> dict[str, str]:
     identity = replica_identity()
     setup_tracing({**identity, "service.instance.id": identity["ray.serve.replica_id"]})
     if config.observability.json_logs:
-        configure_json_logging()
+        # Straight into the replica's own log file, line by line. Writing to stderr is not
+        # enough: Serve redirects a replica's stderr into its logger, which (in the
+        # throughput-optimised mode) buffers 1,000 records before it writes any.
+        configure_json_logging(path=replica_log_file())
     return identity
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import sys
 import time
 from typing import Any
@@ -57,12 +58,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(body, default=str)
 
 
-def configure_json_logging(level: int = logging.INFO) -> None:
-    """Send the ``moa`` loggers' records to stderr as JSON lines (once per process)."""
+def configure_json_logging(level: int = logging.INFO, path: str | None = None) -> None:
+    """Send the ``moa`` loggers' records as JSON lines (once per process): to ``path`` when given,
+    each line written and flushed as it is logged, otherwise to stderr."""
     logger = logging.getLogger(LOGGER_NAME)
     if any(isinstance(h.formatter, JsonFormatter) for h in logger.handlers):
         return
-    handler = logging.StreamHandler(sys.stderr)
+    # WatchedFileHandler reopens the file when its owner rotates it away.
+    handler: logging.Handler = (
+        logging.handlers.WatchedFileHandler(path) if path else logging.StreamHandler(sys.stderr)
+    )
     handler.setFormatter(JsonFormatter())
     logger.addHandler(handler)
     logger.setLevel(level)

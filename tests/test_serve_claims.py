@@ -206,3 +206,50 @@ def test_every_circuit_open_is_503_through_the_health_board(
     )
     assert r.json()["error"]["code"] == "no_healthy_provider" and int(r.headers["retry-after"]) > 1
     assert sum(m["requests"] for m in sim_stats(sim).values()) == before  # nothing was sent
+
+
+def _serve_logs() -> dict[str, str]:
+    """Every Serve log file of this session's cluster, by name."""
+    import glob
+    import os
+
+    logs = ray._private.worker._global_node.get_logs_dir_path()
+    found = {}
+    for path in glob.glob(os.path.join(logs, "serve", "*.log")):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            found[os.path.basename(path)] = f.read()
+    return found
+
+
+def test_every_request_and_call_logs_its_json_line_in_the_replica_logs(url: str) -> None:
+    """In the throughput-optimised mode the test cluster runs in, as `moa serve` does."""
+    r = chat(url, {"model": "moa-lite", "messages": QUESTION})
+    assert r.status_code == 200
+    trace_id = r.headers["x-moa-trace-id"]
+
+    def lines() -> list[dict[str, Any]]:
+        found = []
+        for name, text in _serve_logs().items():
+            for line in text.splitlines():
+                if trace_id in line and line.startswith("{"):
+                    found.append({**json.loads(line), "file": name})
+        return found
+
+    # One request line from the ingress, one per model call from the provider replicas.
+    got = wait_until_sync(
+        lines,
+        lambda ls: (
+            sum(x.get("event") == "provider_call" for x in ls) >= 4
+            and any(x.get("event") == "request" for x in ls)
+        ),
+        interval=0.2,
+        what="the request's JSON lines in the replica logs",
+    )
+    calls = [x for x in got if x.get("event") == "provider_call"]
+    assert {x["model"] for x in calls} == {"gpt-4.1-mini", "claude-haiku-4-5", "gemini-2.5-flash", "gpt-4.1"}
+    assert all("provider" in x["file"] for x in calls)
+    (request,) = [x for x in got if x.get("event") == "request"]
+    assert request["status"] == 200 and "ingress" in request["file"]
+    # The health board is polled every 0.5 s: none of that reaches its log.
+    router_logs = [text for name, text in _serve_logs().items() if "router" in name]
+    assert router_logs and not any("health_view" in text for text in router_logs)
