@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 from moa.config import MoAConfig, ProviderConfig, parse_config, resolve_endpoint
 from moa.engine.result import CallRecord, Stage
 from moa.limits import ProviderLimits
-from moa.providers.base import ProviderClient
+from moa.providers.base import ProviderClient, redact_key
 from moa.providers.registry import ProviderPool, build_client
 from moa.simulator.server import SimulatorServer
 from moa.types import (
@@ -203,17 +204,46 @@ async def test_cut_stream_is_malformed_after_some_text(
 
 
 async def test_invalid_key_is_auth_and_not_retried(sim: SimulatorServer) -> None:
+    # Long enough that OpenAI's masked echo keeps a head and a tail of it, as for a real key.
+    key = "sim-invalid-key-" + secrets.token_hex(12)
     cfg = provider_config(sim.url)
     for provider in ("openai", "anthropic", "gemini"):
         endpoint = resolve_endpoint(cfg, provider, sim_url=sim.url)
-        endpoint = endpoint.model_copy(update={"api_key": type(endpoint.api_key)("sim-invalid-key")})
+        endpoint = endpoint.model_copy(update={"api_key": type(endpoint.api_key)(key)})
         client = build_client(provider, cfg.providers[provider], endpoint)
         try:
             res = await client.complete(req(provider))
         finally:
             await client.aclose()
         assert res.error is not None and res.error.kind is ErrorKind.AUTH and res.attempts == 1
-        assert "sim-invalid-key" not in res.error.message
+        for fragment in (key, key[:8], key[-4:], "***" + key[-4:]):
+            assert fragment not in res.error.message, (provider, res.error.message)
+    # The simulator does echo part of the key, as OpenAI does: the check above could fail.
+    body = {"model": MODELS["openai"], "messages": [{"role": "user", "content": "hi"}]}
+    async with httpx.AsyncClient() as http:
+        auth = {"Authorization": f"Bearer {key}"}
+        r = await http.post(f"{sim.url}/v1/chat/completions", headers=auth, json=body)
+    assert r.status_code == 401 and key[:8] in r.text and key[-4:] in r.text
+
+
+def test_a_masked_key_is_redacted_whatever_the_api_shows_of_it() -> None:
+    key = "sk-proj-" + "Q7vX2mN9pL4kR8sT1wY6abcd"
+    for echoed in (
+        "Incorrect API key provided: sk-proj-********************abcd.",  # OpenAI's mask
+        "Incorrect API key provided: sk-...abcd.",  # an ellipsis mask
+        "key sk-proj-\u2022\u2022\u2022\u2022abcd refused",  # bullets
+        "the key ending in abcd was revoked",  # the tail alone
+        f"Bearer {key} is not valid",  # the whole key
+    ):
+        redacted = redact_key(echoed, key)
+        assert "***" in redacted and not any(f in redacted for f in ("abcd", "Q7vX", "\u2022", "****")), (
+            redacted
+        )
+    assert redact_key("Please try again later... thanks", key) == "Please try again later... thanks"
+    assert (
+        redact_key("Incorrect API key provided: sk-proj-****abcd.", None)
+        == "Incorrect API key provided: ***."
+    )
 
 
 async def test_missing_key_names_the_variable_and_never_a_value(sim: SimulatorServer) -> None:

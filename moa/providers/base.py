@@ -37,6 +37,10 @@ from observability.genai import end_call_span, start_call_span
 from observability.logs import span_ids
 
 SERVICE_TIME_HEADER = "x-sim-service-time"
+# A key echoed with its middle masked, as OpenAI's 401 does ("Incorrect API key provided:
+# sk-proj-****...abcd."): a run of three or more mask characters, or "..." followed by the key's
+# tail. The whole token goes, with whatever it still shows of the key.
+MASKED_KEY = re.compile(r"[\w\-:/.]*(?:[*\u2022]{3,}|\.{3}(?=[\w-]{4}))[\w\-]*")
 log = logging.getLogger("moa.providers")
 DROPPABLE: tuple[str, ...] = get_args(DroppableParam)
 
@@ -123,6 +127,30 @@ def service_time(headers: Mapping[str, str] | None) -> float | None:
         return None
 
 
+# Error types an error event can carry mid-stream (Anthropic's Errors page), by what they mean for us.
+STREAM_ERROR_KINDS = {
+    "overloaded_error": ErrorKind.SERVER_ERROR,
+    "api_error": ErrorKind.SERVER_ERROR,
+    "rate_limit_error": ErrorKind.RATE_LIMITED,
+    "timeout_error": ErrorKind.TIMEOUT,
+    "authentication_error": ErrorKind.AUTH,
+    "permission_error": ErrorKind.AUTH,
+    "invalid_request_error": ErrorKind.BAD_REQUEST,
+}
+
+
+def redact_key(text: str, secret: str | None) -> str:
+    """``text`` with no part of an API key left in it: the key itself, any masked echo of a key, and
+    the key's first 8 or last 4 characters standing as a word of their own (what masked echoes show)."""
+    if secret:
+        text = text.replace(secret, "***")
+    text = MASKED_KEY.sub("***", text)
+    if secret and len(secret) >= 12:
+        for fragment in {secret[:8], secret[-4:]}:
+            text = re.sub(rf"(?<![\w-]){re.escape(fragment)}(?![\w-])", "***", text)
+    return text
+
+
 def status_error(status: int, message: str, headers: Mapping[str, str] | None) -> AttemptError:
     return AttemptError(
         kind_for_status(status),
@@ -156,6 +184,13 @@ def classify_generated_sdk(sdk: ModuleType, exc: BaseException, in_stream: bool)
         body = exc.body
         err = body.get("error", body) if isinstance(body, dict) else None
         detail = err.get("message") if isinstance(err, dict) else None
+        if exc.status_code < 400:
+            # An error event inside a stream (Anthropic's "event: error" after a 200): the HTTP
+            # status says nothing, the event's own error type says what failed. Not a refusal with
+            # a status either: the prompt was read and tokens may have been produced.
+            etype = err.get("type") if isinstance(err, dict) else None
+            kind = STREAM_ERROR_KINDS.get(etype or "", ErrorKind.SERVER_ERROR)
+            return AttemptError(kind, f"{etype or 'error'} mid-stream: {detail or type(exc).__name__}")
         message = f"{exc.status_code}: {detail or type(exc).__name__}"
         return status_error(exc.status_code, message, exc.response.headers)
     if isinstance(exc, sdk.APITimeoutError):
@@ -287,7 +322,7 @@ class ProviderClient(ABC):
         return CallResult(**(base | fields))
 
     def _redact(self, text: str) -> str:
-        return text.replace(self._secret, "***") if self._secret else text
+        return redact_key(text, self._secret)
 
     def _failure(self, req: CallRequest, t0: float, err: AttemptError, **fields: Any) -> CallResult:
         error = CallError(

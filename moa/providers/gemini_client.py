@@ -34,6 +34,8 @@ MAX_STOP = 5
 # for models/...").
 REFUSED = re.compile(r'Unknown name "(\w+)"|(\w+) is not (?:enabled|supported) for')
 NAMES = {"topP": "top_p", "stopSequences": "stop", "stop_sequences": "stop"}
+# The API refuses a wrong key with 400 INVALID_ARGUMENT, not 401; its ErrorInfo reason says why.
+AUTH_REASONS = frozenset({"API_KEY_INVALID"})
 
 
 class GeminiClient(ProviderClient):
@@ -125,11 +127,23 @@ class GeminiClient(ProviderClient):
             return AttemptError(ErrorKind.MALFORMED_RESPONSE, "unparseable response")
         if isinstance(exc, errors.APIError):
             headers: Mapping[str, str] | None = getattr(exc.response, "headers", None)
-            return status_error(exc.code, f"{exc.code}: {exc.message or exc.status}", headers)
+            err = status_error(exc.code, f"{exc.code}: {exc.message or exc.status}", headers)
+            if _reasons(exc.details) & AUTH_REASONS:
+                err.kind = ErrorKind.AUTH
+            return err
         return classify_common(exc, in_stream) or unexpected_failure(exc)
 
     async def aclose(self) -> None:
         await self._sdk.aio.aclose()
+
+
+def _reasons(body: Any) -> set[str]:
+    """The ``google.rpc.ErrorInfo`` reasons in an error body's details."""
+    error = body.get("error", body) if isinstance(body, dict) else None
+    details = error.get("details") if isinstance(error, dict) else None
+    if not isinstance(details, list):
+        return set()
+    return {d["reason"] for d in details if isinstance(d, dict) and isinstance(d.get("reason"), str)}
 
 
 def _text(response: types.GenerateContentResponse) -> str:

@@ -142,6 +142,17 @@ class AnthropicWire(Wire):
             params={k: v for k, v in found.items() if v is not None},
         )
 
+    def status(self, kind: Err) -> int:
+        # The Errors page: "529 - overloaded_error: The API is temporarily overloaded."
+        return 529 if kind is Err.UNAVAILABLE else kind.value
+
+    # The API's own words; neither echoes any part of the key.
+    def missing_key(self, request_id: str) -> tuple[int, bytes]:
+        return Err.AUTH.value, self.error(Err.AUTH, "x-api-key header is required", request_id)
+
+    def invalid_key(self, key: str, request_id: str) -> tuple[int, bytes]:
+        return Err.AUTH.value, self.error(Err.AUTH, "invalid x-api-key", request_id)
+
     def refused(self, param: str, model: str) -> BadRequest:
         # What the API says to temperature on the models that dropped it (claude-opus-4-7 and later).
         return BadRequest(f"`{_NAMES.get(param, param)}` is deprecated for this model.")
@@ -170,6 +181,8 @@ class AnthropicWire(Wire):
             "input_tokens": c.prompt_tokens - c.cached_tokens,
             "cache_creation_input_tokens": 0,
             "cache_read_input_tokens": c.cached_tokens,
+            # The cache writes split by TTL (the caching guide's usage); the simulator writes none.
+            "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
             "output_tokens": output_tokens,
             "service_tier": "standard",
         }

@@ -24,7 +24,6 @@ from moa.simulator.openai_wire import OpenAIWire
 from moa.simulator.profile import Faults, FaultSpec, HangFault, RateFault, SimProfile, SlowFault
 from moa.simulator.state import SimState
 from moa.simulator.wire import (
-    INVALID_KEY,
     BadRequest,
     Completion,
     Err,
@@ -32,6 +31,7 @@ from moa.simulator.wire import (
     Wire,
     answer,
     dumps,
+    is_invalid_key,
     loads,
     random_id,
 )
@@ -250,7 +250,7 @@ class SimulatorApp:
         base: Headers = [*wire.request_id_headers(request_id), (b"x-sim-service-time", b"0")]
 
         async def fail(kind: Err, message: str, param: str | None = None, code: str | None = None) -> None:
-            await _respond(send, kind.value, wire.error(kind, message, request_id, param, code), base)
+            await _respond(send, wire.status(kind), wire.error(kind, message, request_id, param, code), base)
 
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"))) if wire is GEMINI else {}
@@ -259,10 +259,9 @@ class SimulatorApp:
         except BadRequest as e:
             return await fail(Err.BAD_REQUEST, e.message)
         key = wire.api_key(headers, query)
-        if key is None:
-            return await fail(Err.AUTH, f"No API key provided (simulated). Send it as {wire.key_hint}.")
-        if key == INVALID_KEY:
-            return await fail(Err.AUTH, "Incorrect API key provided (simulated).")
+        if key is None or is_invalid_key(key):
+            status, body = wire.missing_key(request_id) if key is None else wire.invalid_key(key, request_id)
+            return await _respond(send, status, body, base)
         try:
             body = loads(raw)
         except (ValueError, RecursionError):
@@ -377,7 +376,7 @@ class SimulatorApp:
         if retry_after is not None:
             headers.append((b"retry-after", _retry_after(retry_after)))
         body = wire.error(kind, wire.fault_message(kind, req.model, retry_after), request_id)
-        await _respond(send, kind.value, body, headers)
+        await _respond(send, wire.status(kind), body, headers)
 
     async def _stream(
         self,
@@ -469,10 +468,10 @@ class SimulatorApp:
             ]
             body = {"data": data, "has_more": False, "first_id": names[0], "last_id": names[-1]}
             return await _respond(send, 200, dumps(body))
-        if OPENAI.api_key(headers, {}) in (None, INVALID_KEY):
-            return await _respond(
-                send, 401, OPENAI.error(Err.AUTH, "Incorrect API key provided (simulated).", "")
-            )
+        key = OPENAI.api_key(headers, {})
+        if key is None or is_invalid_key(key):
+            status, refusal = OPENAI.missing_key("") if key is None else OPENAI.invalid_key(key, "")
+            return await _respond(send, status, refusal)
         listing = [
             {"id": n, "object": "model", "created": 1735689600, "owned_by": "simulator"} for n in names
         ]

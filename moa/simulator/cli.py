@@ -93,7 +93,7 @@ def _announce(url: str) -> None:
     print(f"  OpenAI SDK:     OpenAI(base_url='{url}/v1', api_key=...)")
     print(f"  Anthropic SDK:  Anthropic(base_url='{url}', api_key=...)")
     print(f"  Gemini SDK:     genai.Client(api_key=..., http_options=HttpOptions(base_url='{url}'))")
-    print("  Any API key works except 'sim-invalid-key' (401). Answers are synthetic.")
+    print("  Any API key works except one starting with 'sim-invalid-key'. Answers are synthetic.")
     print(f"  Counters: GET {url}/admin/stats   Faults: PUT {url}/admin/faults/MODEL", flush=True)
 
 

@@ -171,6 +171,34 @@ class GeminiWire(Wire):
             params={k: v for k, v in found.items() if v is not None},
         )
 
+    def missing_key(self, request_id: str) -> tuple[int, bytes]:
+        # Not 401: the API refuses an anonymous caller with 403 PERMISSION_DENIED.
+        message = (
+            "Method doesn't allow unregistered callers (callers without established identity). "
+            "Please use API Key or other form of API consumer identity to call this API."
+        )
+        return 403, dumps({"error": {"code": 403, "message": message, "status": "PERMISSION_DENIED"}})
+
+    def invalid_key(self, key: str, request_id: str) -> tuple[int, bytes]:
+        # Not 401 either: a wrong key is a 400 INVALID_ARGUMENT whose ErrorInfo says API_KEY_INVALID,
+        # and the key is never echoed.
+        message = "API key not valid. Please pass a valid API key."
+        details = [
+            {
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": "API_KEY_INVALID",
+                "domain": "googleapis.com",
+                "metadata": {"service": "generativelanguage.googleapis.com"},
+            },
+            {
+                "@type": "type.googleapis.com/google.rpc.LocalizedMessage",
+                "locale": "en-US",
+                "message": message,
+            },
+        ]
+        body = {"code": 400, "message": message, "status": "INVALID_ARGUMENT", "details": details}
+        return 400, dumps({"error": body})
+
     def refused(self, param: str, model: str) -> BadRequest:
         # In the words the API uses for features a model lacks ("Penalty is not enabled for models/...").
         return BadRequest(f"{_NAMES.get(param, param)} is not enabled for models/{model}")

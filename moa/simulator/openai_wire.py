@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,6 +60,18 @@ _FIELDS = frozenset(
     }
 )  # fmt: skip
 MAX_STOP = 4
+_NO_KEY = (
+    "You didn't provide an API key. You need to provide your API key in an Authorization header using "
+    "Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as the password field (with blank username) "
+    "if you're accessing the API from your browser and are prompted for a username and password. You "
+    "can obtain an API key from https://platform.openai.com/account/api-keys."
+)
+
+
+def mask_key(key: str) -> str:
+    """A wrong key as OpenAI's 401 echoes it: its first 8 and last 4 characters with a star for each
+    one between ("sk-proj-****...abcd"); a key of 12 characters or fewer comes back whole."""
+    return key if len(key) <= 12 else key[:8] + "*" * (len(key) - 12) + key[-4:]
 
 
 def _invalid_type(name: str, expected: str, v: Any) -> BadRequest:
@@ -181,8 +194,22 @@ class OpenAIWire(Wire):
             seed=seed,
             stop=stop or (),
             include_usage=is_stream and isinstance(options, Mapping) and bool(options.get("include_usage")),
+            include_obfuscation=not (
+                isinstance(options, Mapping) and options.get("include_obfuscation") is False
+            ),
             params={k: v for k, v in found.items() if v is not None},
         )
+
+    def missing_key(self, request_id: str) -> tuple[int, bytes]:
+        body = {"message": _NO_KEY, "type": "invalid_request_error", "param": None, "code": None}
+        return Err.AUTH.value, dumps({"error": body})
+
+    def invalid_key(self, key: str, request_id: str) -> tuple[int, bytes]:
+        message = (
+            f"Incorrect API key provided: {mask_key(key)}. "
+            "You can find your API key at https://platform.openai.com/account/api-keys."
+        )
+        return Err.AUTH.value, self.error(Err.AUTH, message, request_id)
 
     def refused(self, param: str, model: str) -> BadRequest:
         return BadRequest(
@@ -256,6 +283,10 @@ class OpenAIWire(Wire):
         if req.include_usage:
             chunk["usage"] = None
         chunk.update(extra)
+        if req.include_obfuscation:
+            # Random padding that hides each chunk's true size (a side-channel mitigation); the
+            # API sends it by default on every chunk.
+            chunk["obfuscation"] = random_id(secrets.randbelow(16))
         return sse(chunk)
 
     def stream_head(self, req: SimRequest, c: Completion) -> bytes:

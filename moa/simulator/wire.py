@@ -37,7 +37,13 @@ except ImportError:  # pragma: no cover - depends on the environment
         return json.loads(data)
 
 
+# Any key that starts with this is refused as a real API refuses a wrong key (each protocol in its
+# own words, echoing the key as that API does); every other key is accepted.
 INVALID_KEY = "sim-invalid-key"
+
+
+def is_invalid_key(key: str) -> bool:
+    return key.startswith(INVALID_KEY)
 
 
 class Err(Enum):
@@ -97,6 +103,7 @@ class SimRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     include_usage: bool = False
+    include_obfuscation: bool = True
     # The generation parameters the request carried, by their common names (temperature, top_p,
     # max_tokens, stop, seed), whatever the protocol calls them: what per-model refusals check and
     # what ``GET /admin/requests`` shows.
@@ -184,7 +191,20 @@ class Wire(ABC):
     def error(
         self, kind: Err, message: str, request_id: str, param: str | None = None, code: str | None = None
     ) -> bytes:
-        """The error body; the status is ``kind.value``."""
+        """The error body; the status is ``self.status(kind)``."""
+
+    def status(self, kind: Err) -> int:
+        """The HTTP status this API answers an error of this kind with."""
+        return kind.value
+
+    def missing_key(self, request_id: str) -> tuple[int, bytes]:
+        """The status and body the API answers a request that carries no key."""
+        message = f"No API key provided (simulated). Send it as {self.key_hint}."
+        return Err.AUTH.value, self.error(Err.AUTH, message, request_id)
+
+    def invalid_key(self, key: str, request_id: str) -> tuple[int, bytes]:
+        """The status and body the API answers a wrong key (echoing it only as that API does)."""
+        return Err.AUTH.value, self.error(Err.AUTH, "Incorrect API key provided (simulated).", request_id)
 
     @abstractmethod
     def refused(self, param: str, model: str) -> BadRequest:
