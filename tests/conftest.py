@@ -6,6 +6,7 @@ Tests talk to it over loopback with the official SDKs, exactly as production cod
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -26,6 +27,8 @@ settings.register_profile("moa", deadline=None)
 settings.load_profile("moa")
 
 ON_WORKER = {"resources": {"worker_node": 0.01}}
+LEAK_CHECK_ENV = "MOA_LEAK_CHECK_API_KEY"
+LEAK_CHECK_KEY = "sim-invalid-key-live-" + secrets.token_hex(16)
 ON_HEAD = {"resources": {"head_node": 0.01}}
 
 # Fast enough for a quick suite, slow enough that concurrency and cancellation are observable.
@@ -140,6 +143,9 @@ def cluster(simulator: SimulatorServer, otlp: OTLPReceiver) -> Iterator[dict[str
     # The mode moa serve and the cluster files run in.
     from serve_app import THROUGHPUT_ENV, build_from_config
 
+    # A live-looking key the simulator refuses (and, like OpenAI, echoes masked), in every Ray
+    # worker's environment: the leak tests deploy an app that reads it as a real deployment would.
+    os.environ[LEAK_CHECK_ENV] = LEAK_CHECK_KEY
     for key, value in THROUGHPUT_ENV.items():
         os.environ.setdefault(key, value)
     # Autoscaling decisions need fresh metrics; Serve's defaults push them every 10 s.

@@ -253,3 +253,53 @@ def test_every_request_and_call_logs_its_json_line_in_the_replica_logs(url: str)
     # The health board is polled every 0.5 s: none of that reaches its log.
     router_logs = [text for name, text in _serve_logs().items() if "router" in name]
     assert router_logs and not any("health_view" in text for text in router_logs)
+
+
+def test_a_refused_key_reaches_no_response_and_no_log_file(
+    cluster: dict[str, Any], sim: SimulatorServer
+) -> None:
+    """Real-API mode on Ray (keys from the environment, providers at the simulator's address),
+    with a key every provider refuses: the simulator echoes it masked, as OpenAI does. Neither the
+    key nor any piece of it reaches the response or any log file Ray writes."""
+    import glob
+    import os
+
+    from serve_app import build_from_config
+    from tests.conftest import LEAK_CHECK_ENV, LEAK_CHECK_KEY
+
+    raw = cluster["config"].model_dump(mode="json")
+    for name in ("narrow", "metered", "tokened"):
+        del raw["providers"][name]
+    for p in raw["providers"].values():
+        p["api_key_env"] = LEAK_CHECK_ENV
+        p["base_url"] = sim.url + ("/v1" if p["kind"] == "openai" else "")
+    raw["simulator"] = {"mode": "off"}
+    serve.run(build_from_config(parse_config(raw, "the keyed config")), name="keyed", route_prefix="/keyed")
+    try:
+        body = {"model": "moa-lite", "messages": QUESTION, "moa": {"detail": True}}
+        r = chat(str(cluster["url"]), body, "/keyed")
+        assert r.status_code == 502 and "auth" in r.json()["error"]["message"], r.text
+        # Every provider refused the key (typed auth from each API's own refusal).
+        pieces = {LEAK_CHECK_KEY, LEAK_CHECK_KEY[-12:], LEAK_CHECK_KEY[:8] + "****"}
+        assert not [p for p in pieces if p in r.text]
+        logs = ray._private.worker._global_node.get_logs_dir_path()
+
+        def leaks() -> list[str]:
+            found = []
+            for path in glob.glob(os.path.join(logs, "**", "*"), recursive=True):
+                if os.path.isfile(path):
+                    with open(path, "rb") as f:
+                        data = f.read()
+                    found += [f"{path}: {p}" for p in pieces if p.encode() in data]
+            return found
+
+        # The provider replicas have logged the failed calls (their auth errors) by now.
+        wait_until_sync(
+            lambda: sum(text.count('"error_kind": "auth"') for text in _serve_logs().values()),
+            lambda n: n >= 4,
+            interval=0.2,
+            what="the failed calls logged",
+        )
+        assert leaks() == []
+    finally:
+        serve.delete("keyed")
