@@ -65,8 +65,8 @@ class Classification:
 
 # The regular expressions read at most this much of a prompt (its head and its tail), so that
 # classifying a huge prompt costs what a long one does: it runs on the event loop.
-CLASSIFY_HEAD_CHARS = 12_000
-CLASSIFY_TAIL_CHARS = 4_000
+CLASSIFY_HEAD_CHARS = 2_000
+CLASSIFY_TAIL_CHARS = 1_000
 
 
 def classify_heuristic(text: str) -> Classification:
