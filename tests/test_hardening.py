@@ -323,6 +323,11 @@ def test_upstream_retry_after_is_passed_on(api: str, sim: SimulatorServer) -> No
     r = post(api, {"model": "single", "messages": QUESTION})
     assert r.status_code == 429, r.text
     assert r.headers["retry-after"] == "60"
+    # Each model of `single`'s chain with its own hint: the soonest is passed on.
+    for model, hint in (("gpt-4.1-mini", 90), ("claude-haiku-4-5", 45), ("gemini-2.5-flash", 70)):
+        set_fault(sim, model, error_429={"rate": 1.0, "retry_after_s": hint})
+    r = post(api, {"model": "single", "messages": QUESTION})
+    assert r.status_code == 429 and r.headers["retry-after"] == "45", (r.headers, r.text)
 
 
 # -- 5. OpenAI compatibility and honest logs -----------------------------------------------------------
