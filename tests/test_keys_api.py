@@ -271,3 +271,26 @@ def test_a_cost_cap_moves_auto_to_a_cheaper_tier_and_refuses_a_forced_preset(
     with pytest.raises(openai.BadRequestError) as over:
         c.chat.completions.create(model="moa", messages=hard, extra_body={"moa": {"max_cost_usd": 0.0001}})  # type: ignore[arg-type]
     assert over.value.code == "over_cap" and over.value.body["param"] == "moa.max_cost_usd"  # type: ignore[index]
+
+
+def test_serve_refuses_a_public_address_with_no_key(
+    state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Checked before Ray starts: loopback runs open and says so; any other address needs a key
+    or an explicit --no-auth."""
+    from moa.config import ConfigError
+    from moa.exposure import check_exposure
+
+    state = load_config(None).state
+    assert "OPEN" in check_exposure(state, "127.0.0.1", no_auth=False)
+    assert main(["serve", "--host", "0.0.0.0", "--port", "1"]) == 2
+    assert "refusing to serve on 0.0.0.0" in capsys.readouterr().err
+    assert "OPEN" in check_exposure(state, "0.0.0.0", no_auth=True)
+    create_key(capsys, "ops")
+    assert "required" in check_exposure(state, "0.0.0.0", no_auth=False)
+    # Another state (no keys there) is open again, so refused off loopback.
+    other = state.model_copy(update={"redis_url": None})
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MOA_STATE_DIR", str(state_dir / "elsewhere"))
+        with pytest.raises(ConfigError):
+            check_exposure(other, "10.0.0.5", no_auth=False)
