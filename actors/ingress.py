@@ -22,6 +22,7 @@ from moa.config import parse_config
 from moa.engine.engine import MoAEngine
 from moa.engine.fusion import Fuser, LocalFuser
 from moa.engine.router import HealthView, RouterPolicy
+from moa.state import open_store
 
 # How stale the ingress's view of provider health may get (the router's reports come every 2 s).
 HEALTH_REFRESH_S = 0.5
@@ -49,7 +50,8 @@ class IngressDeployment:
             health=lambda: self._view,
             fuser=fuser,
         )
-        self._asgi = create_api(self.config, engine, self._health)
+        # Keys and the spend ledger: shared by every replica (state.redis_url on a cluster).
+        self._asgi = create_api(self.config, engine, self._health, open_store(self.config.state))
         self._refresher = asyncio.create_task(self._refresh_health())
 
     async def _refresh_health(self) -> None:

@@ -62,6 +62,9 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     p.add_argument("--num-cpus", type=float, default=None, help="CPUs Ray may use (default: all)")
     p.add_argument("--verbose", action="store_true", help="show the Ray workers' logs")
+    p.add_argument(
+        "--no-auth", action="store_true", help="serve a non-loopback address with no API key (open to all)"
+    )
     p.set_defaults(func=_run_serve)
 
 
@@ -71,7 +74,11 @@ def _run_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"moa serve needs Ray Serve: pip install 'moa-serve[serve]' ({e})", file=sys.stderr)
         return 2
-    run_local(load_config(args.config), args.host, args.port, args.num_cpus, quiet=not args.verbose)
+    from moa.exposure import check_exposure
+
+    cfg = load_config(args.config)
+    print(check_exposure(cfg.state, args.host, args.no_auth), file=sys.stderr)
+    run_local(cfg, args.host, args.port, args.num_cpus, quiet=not args.verbose)
     return 0
 
 
@@ -86,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     from moa.benchmark.cli import register as register_bench
 
     register_bench(sub)
+    from moa.keys_cli import register as register_keys
+
+    register_keys(sub)
     return parser
 
 

@@ -262,6 +262,38 @@ class ServeOptions(_Strict):
     simulator: DeploymentOptions = DeploymentOptions(num_cpus=0.2, num_replicas=1)
 
 
+class StateConfig(_Strict):
+    """Where API keys and the spend ledger live (see ``moa keys`` and the README's security section)."""
+
+    dir: str | None = Field(
+        default=None,
+        description="Directory of the embedded SQLite state file (state.db). MOA_STATE_DIR overrides "
+        "it; when neither is set, a per-user data directory ($XDG_DATA_HOME/moa or ~/.local/share/moa).",
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="A Redis server holding the state instead (redis://host:6379/0), shared by every "
+        "replica on every node: required on a multi-node cluster. MOA_REDIS_URL overrides it; a "
+        "password never goes here (MOA_REDIS_PASSWORD, or inside MOA_REDIS_URL).",
+    )
+    key_cache_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="How long a replica trusts a key record it looked up: a revoked or disabled key "
+        "stops working on every replica within this time.",
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _no_password(cls, v: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if v and urlsplit(v).password:
+            raise ValueError("a password never goes in the config file: set MOA_REDIS_PASSWORD")
+        return v
+
+
 class MoAConfig(_Strict):
     providers: dict[str, ProviderConfig] = Field(min_length=1)
     simulator: SimulatorConfig = SimulatorConfig()
@@ -274,6 +306,7 @@ class MoAConfig(_Strict):
     caps: RequestCaps = RequestCaps()
     serve: ServeOptions = ServeOptions()
     observability: ObservabilityConfig = ObservabilityConfig()
+    state: StateConfig = StateConfig()
 
     @model_validator(mode="after")
     def _references_exist(self) -> MoAConfig:

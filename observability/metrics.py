@@ -128,3 +128,32 @@ class RequestMetrics:
             self.fallbacks.inc(1, {"preset": preset, "reason": fallback})
             if "quorum" in fallback:
                 self.shortfalls.inc(1, {"preset": preset})
+
+
+class KeyMetrics:
+    """Per API key (labelled with the key's name, never the key): requests settled, their cost and
+    tokens, and requests refused for a spent budget."""
+
+    def __init__(self) -> None:
+        m = _serve_metrics()
+        if m is None:
+            self.requests = self.cost = self.tokens = self.refusals = _NoOp()
+            return
+        self.requests = m.Counter("moa_key_requests", description="Requests per API key.", tag_keys=("key",))
+        self.cost = m.Counter("moa_key_cost_usd", description="Spend per API key (USD).", tag_keys=("key",))
+        self.tokens = m.Counter("moa_key_tokens", description="Tokens per API key.", tag_keys=("key",))
+        self.refusals = m.Counter(
+            "moa_key_budget_refusals",
+            description="Requests refused because the key's budget could not hold them.",
+            tag_keys=("key",),
+        )
+
+    def record(self, key: str, cost_usd: float, tokens: int) -> None:
+        self.requests.inc(1, {"key": key})
+        if cost_usd:
+            self.cost.inc(cost_usd, {"key": key})
+        if tokens:
+            self.tokens.inc(tokens, {"key": key})
+
+    def refused(self, key: str) -> None:
+        self.refusals.inc(1, {"key": key})

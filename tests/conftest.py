@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import socket
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,6 +60,50 @@ def config(sim: SimulatorServer) -> MoAConfig:
     return cfg.model_copy(
         update={"simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": "on"})}
     )
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[str]:
+    """A real redis-server for the session, on a free loopback port with its own temp dir."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    with tempfile.TemporaryDirectory(prefix="moa-redis-") as tmp:
+        port = _free_port()
+        proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                tmp,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+        def up() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    return s.recv(16).startswith(b"+PONG")
+            except OSError:
+                return False
+
+        try:
+            from tests.waiting import wait_until_sync
+
+            wait_until_sync(up, what="redis-server to answer PING")
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            proc.terminate()
+            proc.wait(10)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -19,6 +19,7 @@ from moa.config import MoAConfig
 from moa.engine.engine import MoAEngine
 from moa.providers.registry import ProviderPool
 from moa.simulator.server import SimulatorServer
+from moa.state import StateStore
 from tests.waiting import wait_until, wait_until_sync
 
 QUESTION = [{"role": "user", "content": "How do vaccines train the immune system?"}]
@@ -27,8 +28,9 @@ QUESTION = [{"role": "user", "content": "How do vaccines train the immune system
 class _Server:
     """The API app on a loopback port, in a thread with its own event loop."""
 
-    def __init__(self, config: MoAConfig) -> None:
+    def __init__(self, config: MoAConfig, store: Callable[[], StateStore] | None = None) -> None:
         self.config = config
+        self.store_factory = store  # built on the server's own event loop
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -43,7 +45,8 @@ class _Server:
                 async def health() -> dict[str, Any]:
                     return pool.health()
 
-                app = create_api(self.config, engine, health)
+                store = self.store_factory() if self.store_factory else None
+                app = create_api(self.config, engine, health, store)
                 cfg = uvicorn.Config(
                     app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"
                 )

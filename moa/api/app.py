@@ -25,11 +25,14 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from moa.api.access import Access, Spend, settle_quietly
 from moa.api.schemas import ChatCompletionRequest, MoARequest, ParamError, error_body
 from moa.config import MoAConfig
+from moa.engine.cost import Routed
 from moa.engine.engine import MoAEngine
 from moa.engine.errors import InvalidPlan, InvalidRequest, MoAError
-from moa.engine.result import MoAResult
+from moa.engine.result import MoAResult, RouteDecision
+from moa.state import StateStore
 from moa.textcheck import first_unencodable
 from moa.types import ChatMessage, TextDelta, Usage
 from observability.asgi import CLIENT_CLOSED_REQUEST, TracingMiddleware
@@ -117,13 +120,19 @@ class AdmittedStream(StreamingResponse):
     """A stream that owns its request's admission slot and event source: both are released when
     the response ends, however it ends (finished, failed, client gone, or never started)."""
 
-    def __init__(self, content: AsyncIterator[bytes], slot: Slot, events: AsyncIterator[Any]) -> None:
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        slot: Slot,
+        events: AsyncIterator[Any],
+        spend: Spend | None = None,
+    ) -> None:
         super().__init__(
             content,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-        self.slot, self.events = slot, events
+        self.slot, self.events, self.spend = slot, events, spend
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -134,6 +143,7 @@ class AdmittedStream(StreamingResponse):
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]
             with contextlib.suppress(Exception):
                 await self.events.aclose()  # type: ignore[attr-defined]
+            await settle_quietly(self.spend)  # after the events: every call has been counted
 
 
 def _finish_reason(reason: str | None) -> str:
@@ -172,10 +182,13 @@ def moa_detail(result: MoAResult) -> dict[str, Any]:
 class Api:
     """Request handling, kept apart from FastAPI wiring so each piece stays small."""
 
-    def __init__(self, config: MoAConfig, engine: MoAEngine, health: HealthFn) -> None:
+    def __init__(
+        self, config: MoAConfig, engine: MoAEngine, health: HealthFn, store: StateStore | None = None
+    ) -> None:
         self.config = config
         self.engine = engine
         self.health = health
+        self.access = Access(config, store)
         self.admission = Admission(config.server.max_concurrent_requests)
         self.metrics = RequestMetrics()
 
@@ -245,20 +258,29 @@ class Api:
     # -- endpoints --------------------------------------------------------------------------------
 
     async def chat_completions(self, request: Request) -> Response:
+        principal = await self.access.principal(request.headers.get("authorization"))
         req = self.parse(ChatCompletionRequest, await self.read_json(request))
         try:
             messages = req.chat_messages()
         except ParamError as e:
             raise _bad_messages(e) from None
+        principal.check_model(req.model, req.model == "auto" or req.model in self.config.presets)
+        principal.check_detail(req.moa.detail)
         slot = self.admission.take()
         response: Response | None = None
+        spend: Spend | None = None
         t0 = time.monotonic()
         try:
             routed = await self.engine.route(messages, req.model)
+            principal.check_plan(routed[0])
+            routed, spend = await self.access.reserve(
+                principal, routed, messages, req.params(), req.moa.max_cost_usd, self.engine.health
+            )
             kwargs: dict[str, Any] = {
                 "params": req.params(),
                 "deadline_s": self.deadline(req.moa.deadline_s),
                 "routed": routed,
+                "on_call": spend.record,
             }
             if not req.stream:
                 result = await until_disconnected(request, self.engine.run(messages, **kwargs))
@@ -272,7 +294,7 @@ class Api:
                 await events.aclose()  # type: ignore[attr-defined]
                 raise
             # From here the response owns the slot and the events (see AdmittedStream).
-            response = AdmittedStream(self.sse(req, first, events), slot, events)
+            response = AdmittedStream(self.sse(req, first, events), slot, events, spend)
             return response
         except MoAError as e:
             self.metrics.record(req.model, None, e.status_code, time.monotonic() - t0, None)
@@ -280,6 +302,7 @@ class Api:
         finally:
             if response is None:
                 slot.release()
+                await settle_quietly(spend)
 
     def record(self, result: MoAResult, status: int, seconds: float) -> None:
         complexity = result.decision.complexity.value if result.decision.complexity else None
@@ -344,6 +367,7 @@ class Api:
         yield b"data: [DONE]\n\n"
 
     async def moa(self, request: Request) -> Response:
+        principal = await self.access.principal(request.headers.get("authorization"))
         req = self.parse(MoARequest, await self.read_json(request))
         try:
             messages: list[ChatMessage] = req.chat_messages()
@@ -355,23 +379,40 @@ class Api:
                 error = InvalidPlan(f"the plan cannot run here: {'; '.join(problems)}")
                 error.param = "plan"
                 raise _moa_error(error)
+            principal.check_custom_plan()
+        else:
+            preset = req.preset or self.config.default_preset
+            principal.check_model(preset, preset == "auto" or preset in self.config.presets)
+        principal.check_detail(True)  # the full result is the detail
         slot = self.admission.take()
+        spend: Spend | None = None
         try:
+            routed: Routed
+            if req.plan is not None:
+                routed = (req.plan, RouteDecision(preset="custom", forced=True, reason="explicit plan"), [])
+            else:
+                routed = await self.engine.route(messages, req.preset)
+            principal.check_plan(routed[0], "plan" if req.plan is not None else "preset")
+            routed, spend = await self.access.reserve(
+                principal, routed, messages, req.params, req.max_cost_usd, self.engine.health
+            )
             result = await until_disconnected(
                 request,
                 self.engine.run(
                     messages,
-                    preset=req.preset,
-                    plan=req.plan,
                     params=req.params,
                     deadline_s=self.deadline(req.deadline_s),
+                    routed=routed,
+                    on_call=spend.record,
                 ),
             )
         finally:
             slot.release()
+            await settle_quietly(spend)
         return JSONResponse(result.model_dump(mode="json"))
 
-    def models(self) -> dict[str, Any]:
+    async def models(self, request: Request) -> dict[str, Any]:
+        await self.access.principal(request.headers.get("authorization"))
         presets = ["auto", *self.config.presets]
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "moa"} for name in presets]
         data += [
@@ -422,8 +463,11 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-def create_api(config: MoAConfig, engine: MoAEngine, health: HealthFn) -> FastAPI:
-    api = Api(config, engine, health)
+def create_api(
+    config: MoAConfig, engine: MoAEngine, health: HealthFn, store: StateStore | None = None
+) -> FastAPI:
+    """The API app; with a ``store``, API keys and budgets apply (once a key exists)."""
+    api = Api(config, engine, health, store)
     app = FastAPI(title="MoA", version="0.1.0", docs_url=None, redoc_url=None, **_NO_NATIVE_TELEMETRY)
     app.state.api = api
     app.add_middleware(TracingMiddleware)

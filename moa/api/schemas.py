@@ -73,6 +73,8 @@ class MoAOptions(BaseModel):
 
     detail: bool = False
     deadline_s: float | None = Field(default=None, gt=0, le=3600)
+    # The most this request may cost (USD, worst case); ``auto`` picks a cheaper tier to fit it.
+    max_cost_usd: float | None = Field(default=None, gt=0)
 
 
 class ChatCompletionRequest(BaseModel):
@@ -137,6 +139,7 @@ class MoARequest(BaseModel):
     preset: str | None = None
     params: GenerationParams = GenerationParams()
     deadline_s: float | None = Field(default=None, gt=0, le=3600)
+    max_cost_usd: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _one_of(self) -> MoARequest:

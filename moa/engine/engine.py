@@ -49,6 +49,8 @@ class _Run:
     notes: list[str] = field(default_factory=list)
     critical_path_s: float = 0.0
     simulated_critical_s: float | None = None
+    # Told of every call as it is recorded (the API meters a request's spend with it).
+    on_call: Callable[[CallRecord], None] | None = None
 
     def offset(self) -> float:
         return time.monotonic() - self.t0
@@ -65,6 +67,8 @@ class _Run:
 
     def record(self, res: CallResult, rec: CallRecord) -> None:
         self.records.append(rec)
+        if self.on_call is not None:
+            self.on_call(rec)
         if res.error is not None:
             stage = rec.stage.value if rec.layer is None else f"{rec.stage.value} layer {rec.layer}"
             self.failures.append(
@@ -120,6 +124,10 @@ class MoAEngine:
 
     # -- public API -------------------------------------------------------------------------------
 
+    def health(self) -> HealthView:
+        """The router's current view of provider health."""
+        return self._health()
+
     async def route(self, messages: Sequence[ChatMessage], preset: str | None = None) -> Routed:
         check_messages(self.config.caps, messages)  # before the router reads them
         with tracer().start_as_current_span("moa.route") as span:
@@ -146,6 +154,7 @@ class MoAEngine:
         params: GenerationParams | None = None,
         deadline_s: float | None = None,
         routed: Routed | None = None,
+        on_call: Callable[[CallRecord], None] | None = None,
     ) -> MoAResult:
         """Answer ``messages`` with a preset (``auto`` routes) or an explicit plan."""
         result: MoAResult | None = None
@@ -156,6 +165,7 @@ class MoAEngine:
             params=params,
             deadline_s=deadline_s,
             routed=routed,
+            on_call=on_call,
             _stream_final=False,
         ):
             if isinstance(ev, MoAResult):
@@ -172,6 +182,7 @@ class MoAEngine:
         params: GenerationParams | None = None,
         deadline_s: float | None = None,
         routed: Routed | None = None,
+        on_call: Callable[[CallRecord], None] | None = None,
         _stream_final: bool = True,
     ) -> AsyncIterator[TextDelta | MoAResult]:
         """Yield the final answer's ``TextDelta``s as they arrive, then the ``MoAResult``.
@@ -180,7 +191,7 @@ class MoAEngine:
         errors before it starts a stream).
         """
         t0 = time.monotonic()
-        run = _Run(t0=t0, deadline=None if deadline_s is None else t0 + deadline_s)
+        run = _Run(t0=t0, deadline=None if deadline_s is None else t0 + deadline_s, on_call=on_call)
         span = tracer().start_span("moa.run")
         ctx = trace.set_span_in_context(span)
         result: MoAResult | None = None

@@ -1,0 +1,107 @@
+"""What a request may cost at worst, before any model is called.
+
+The walk mirrors ``caps.worst_case_calls``: every proposer of every layer (or round), every
+intermediate synthesis, every aggregator of the chain and every fallback is assumed to run and to
+write its whole ``max_tokens`` (or the model's ``max_output_tokens``). Each later stage reads the
+prompt plus every answer before it (never more than the model's context window). Prices come from
+the config's ``ModelPrice`` entries. The projection is what a request reserves against its key's
+budget and what ``moa.max_cost_usd`` is compared with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from moa.config import MoAConfig
+from moa.engine.calls import TEMPLATE_OVERHEAD_TOKENS, merge_params
+from moa.engine.errors import OverCap
+from moa.engine.plan import Complexity, ModelRef, Plan, PlanMode
+from moa.engine.result import RouteDecision
+from moa.engine.router import HealthView, substitute_unavailable
+from moa.tokens import approx_message_tokens
+from moa.types import CallResult, ChatMessage, GenerationParams
+
+# The <reference id="N"> wrapper around each answer.
+REFERENCE_OVERHEAD_TOKENS = 16
+
+Routed = tuple[Plan, RouteDecision, list[CallResult]]
+
+
+def projected_cost(
+    config: MoAConfig, plan: Plan, messages: Sequence[ChatMessage], params: GenerationParams
+) -> float:
+    """The most the plan can cost in US dollars for these messages and parameters."""
+    prompt = approx_message_tokens(m.content for m in messages)
+    total = 0.0
+
+    def call(ref: ModelRef, references: Sequence[int]) -> int:
+        nonlocal total
+        price = config.price(ref.provider, ref.model) if ref.provider in config.providers else None
+        if price is None:
+            return 0
+        asked = merge_params(params, ref).max_tokens
+        out = min(asked or price.max_output_tokens, price.max_output_tokens)
+        read = prompt
+        if references:
+            read += sum(references) + REFERENCE_OVERHEAD_TOKENS * len(references) + TEMPLATE_OVERHEAD_TOKENS
+        total += price.cost(min(read, price.context_window), out)
+        return out
+
+    previous: list[int] = []
+    if plan.mode is PlanMode.REFINE:
+        layer = plan.layers[0]
+        for rnd in range(plan.rounds):
+            previous = [call(p, previous) for p in layer.proposers]
+            if rnd < plan.rounds - 1:
+                previous = [max(call(a, previous) for a in plan.aggregators)]
+    else:
+        for layer in plan.layers:
+            previous = [call(p, previous) for p in layer.proposers]
+    for agg in plan.aggregators:
+        call(agg, previous)
+    for fallback in plan.fallbacks:
+        call(fallback, [])
+    return total
+
+
+_CHEAPER: dict[Complexity, tuple[Complexity, ...]] = {
+    Complexity.COMPLEX: (Complexity.MEDIUM, Complexity.SIMPLE),
+    Complexity.MEDIUM: (Complexity.SIMPLE,),
+    Complexity.SIMPLE: (),
+}
+
+
+def fit_cost_cap(
+    config: MoAConfig,
+    routed: Routed,
+    messages: Sequence[ChatMessage],
+    params: GenerationParams,
+    cap_usd: float | None,
+    health: Callable[[], HealthView] = HealthView,
+) -> tuple[Routed, float]:
+    """The routed plan and its projected cost, held to ``cap_usd``.
+
+    A routed (``auto``) request over the cap moves to the nearest cheaper tier that fits; a plan
+    the caller chose itself, or one with no cheaper tier that fits, is refused with ``OverCap``.
+    """
+    plan, decision, pre = routed
+    cost = projected_cost(config, plan, messages, params)
+    if cap_usd is None or cost <= cap_usd:
+        return routed, cost
+    if not decision.forced and decision.complexity is not None:
+        for tier in _CHEAPER[decision.complexity]:
+            name = config.router.tiers[tier]
+            candidate, subs = substitute_unavailable(config.presets[name], config, health())
+            cheaper = projected_cost(config, candidate, messages, params)
+            if cheaper <= cap_usd:
+                reason = (
+                    f"{decision.reason}; {name} instead: {decision.preset} may cost up to "
+                    f"${cost:.4f}, over the cost cap of ${cap_usd:g}"
+                )
+                new = decision.model_copy(update={"preset": name, "reason": reason, "substitutions": subs})
+                return (candidate, new, pre), cheaper
+    raise OverCap(
+        f"the request may cost up to ${cost:.4f}, over its cost cap of ${cap_usd:g} "
+        "(moa.max_cost_usd; lower max_tokens or choose a smaller preset)",
+        "moa.max_cost_usd",
+    )

@@ -1,0 +1,169 @@
+"""``moa keys``: create, list, disable, enable and revoke the service's API keys.
+
+It works on the same state as ``moa serve`` with the same settings (``state`` in the config,
+MOA_STATE_DIR, MOA_REDIS_URL). A new key is printed once, on standard output, and never again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import sys
+from typing import Any
+
+from moa.auth import new_key, new_record, parse_list
+from moa.config import load_config
+from moa.state import KeyExists, KeyLimits, KeyRecord, StateStore, describe, open_store, window_of
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "keys", help="manage the API keys callers must present (see the README's security section)"
+    )
+    p.add_argument("--config", default=None, help="config YAML (default: $MOA_CONFIG or the bundled one)")
+    ks = p.add_subparsers(dest="keys_command", required=True)
+
+    c = ks.add_parser("create", help="create a key and print it (once)")
+    c.add_argument("name")
+    c.add_argument("--budget-usd", type=float, default=None, help="spend allowed per period (USD)")
+    c.add_argument("--period", choices=["day", "month", "total"], default="total", help="budget period (UTC)")
+    c.add_argument("--rpm", type=int, default=None, help="requests per minute")
+    c.add_argument("--tpm", type=int, default=None, help="tokens per minute")
+    c.add_argument("--presets", nargs="+", default=None, help="presets the key may use (default: all)")
+    c.add_argument(
+        "--models", nargs="+", default=None, help="provider/model names the key may use (default: all)"
+    )
+    c.add_argument("--detail", action="store_true", help="allow moa.detail (and /v1/moa)")
+    c.add_argument("--max-cost-usd", type=float, default=None, help="default per-request cost cap (USD)")
+    c.set_defaults(func=_create)
+
+    lst = ks.add_parser("list", help="list keys: name, created, spend, limits, status (never the key)")
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=_list)
+    for verb, status in (("revoke", "revoked"), ("disable", "disabled"), ("enable", "active")):
+        v = ks.add_parser(verb, help=f"{verb} a key (revoking is final)")
+        v.add_argument("name")
+        v.set_defaults(func=_status, status=status)
+
+
+def _store(args: argparse.Namespace) -> tuple[StateStore, str]:
+    cfg = load_config(args.config).state
+    return open_store(cfg), describe(cfg)
+
+
+def _run(args: argparse.Namespace, work: Any) -> int:
+    async def main() -> int:
+        store, where = _store(args)
+        try:
+            return int(await work(store, where))
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+def _create(args: argparse.Namespace) -> int:
+    try:
+        limits = KeyLimits(
+            budget_usd=args.budget_usd,
+            period=args.period,
+            rpm=args.rpm,
+            tpm=args.tpm,
+            presets=parse_list(args.presets),
+            models=parse_list(args.models),
+            detail=args.detail,
+            max_cost_usd=args.max_cost_usd,
+        )
+    except ValueError as e:
+        print(f"moa keys: {e}", file=sys.stderr)
+        return 2
+    key = new_key()
+
+    async def create(store: StateStore, where: str) -> int:
+        try:
+            await store.create_key(new_record(args.name, key, limits))
+        except KeyExists as e:
+            print(f"moa keys: {e}", file=sys.stderr)
+            return 1
+        print(key)
+        print(
+            f"Created key {args.name!r} in {where}. This is the only time it is shown: store it now.",
+            file=sys.stderr,
+        )
+        return 0
+
+    return _run(args, create)
+
+
+def _limits_text(lim: KeyLimits) -> str:
+    parts = []
+    if lim.budget_usd is not None:
+        parts.append(f"${lim.budget_usd:g}/{lim.period}")
+    if lim.rpm:
+        parts.append(f"{lim.rpm} rpm")
+    if lim.tpm:
+        parts.append(f"{lim.tpm} tpm")
+    if lim.max_cost_usd:
+        parts.append(f"<= ${lim.max_cost_usd:g}/request")
+    if lim.presets is not None:
+        parts.append("presets " + ",".join(lim.presets))
+    if lim.models is not None:
+        parts.append("models " + ",".join(lim.models))
+    if lim.detail:
+        parts.append("detail")
+    return "; ".join(parts) or "unlimited"
+
+
+async def key_rows(store: StateStore, now: float) -> list[dict[str, Any]]:
+    """What ``moa keys list`` and the admin API show of each key: never the key or its hash."""
+    rows = []
+    for k in await store.list_keys():
+        rows.append(_row(k, await store.spent(k.id, window_of(k.limits.period, now))))
+    return rows
+
+
+def _row(k: KeyRecord, spent_micro: int) -> dict[str, Any]:
+    return {
+        "name": k.name,
+        "id": k.id,
+        "created": dt.datetime.fromtimestamp(k.created_at, dt.UTC).isoformat(timespec="seconds"),
+        "spent_usd": spent_micro / 1_000_000,
+        "limits": k.limits.model_dump(mode="json"),
+        "status": k.status,
+    }
+
+
+def _list(args: argparse.Namespace) -> int:
+    async def show(store: StateStore, where: str) -> int:
+        import time
+
+        rows = await key_rows(store, time.time())
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        if not rows:
+            print(f"No keys in {where}: the service runs open (loopback only, unless --no-auth).")
+            return 0
+        print(f"{'NAME':<20} {'CREATED':<26} {'SPENT':>12}  {'STATUS':<9} LIMITS")
+        for r in rows:
+            lim = KeyLimits.model_validate(r["limits"])
+            spent = f"${r['spent_usd']:.4f}"
+            print(f"{r['name']:<20} {r['created']:<26} {spent:>12}  {r['status']:<9} {_limits_text(lim)}")
+        return 0
+
+    return _run(args, show)
+
+
+def _status(args: argparse.Namespace) -> int:
+    async def change(store: StateStore, where: str) -> int:
+        if await store.set_status(args.name, args.status):
+            print(f"Key {args.name!r} is now {args.status}.")
+            return 0
+        known = await store.key_by_name(args.name)
+        why = "is revoked (final)" if known is not None else f"does not exist in {where}"
+        print(f"moa keys: key {args.name!r} {why}", file=sys.stderr)
+        return 1
+
+    return _run(args, change)

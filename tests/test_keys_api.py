@@ -1,0 +1,296 @@
+"""API keys and budgets over HTTP: the in-process API with a real SQLite state file, keys made by
+``moa keys`` itself, called with the official ``openai`` client (and raw HTTP for concurrency)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from moa.auth import new_key, new_record
+from moa.cli import main
+from moa.config import MoAConfig, load_config
+from moa.simulator.server import SimulatorServer
+from moa.state import KeyLimits, Reservation, StateStore, to_micro, window_of
+from moa.state.sqlite_store import SQLiteStore
+from tests.test_api import QUESTION, _Server
+from tests.waiting import wait_until, wait_until_sync
+
+SHORT = [{"role": "user", "content": "Name a colour."}]
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("MOA_STATE_DIR", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture
+def server(sim: SimulatorServer, state_dir: Path) -> Iterator[_Server]:
+    cfg = load_config(None)
+    cfg = cfg.model_copy(
+        update={
+            "simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": "on"}),
+            "server": cfg.server.model_copy(update={"max_concurrent_requests": 256}),
+        }
+    )
+    with _Server(cfg, store=lambda: SQLiteStore(state_dir / "state.db")) as s:
+        yield s
+
+
+def create_key(capsys: pytest.CaptureFixture[str], name: str, *options: str) -> str:
+    """``moa keys create`` as an operator runs it; the key is the one line on stdout."""
+    capsys.readouterr()
+    assert main(["keys", "create", name, *options]) == 0
+    key = capsys.readouterr().out.strip()
+    assert key.startswith("sk-")
+    return key
+
+
+def wait_for_auth(server: _Server) -> None:
+    """A replica that saw no key may run open for up to state.key_cache_s more: wait it out."""
+
+    def status() -> int:
+        return httpx.get(server.url + "/v1/models").status_code
+
+    wait_until_sync(status, lambda s: s == 401, what="the API to require a key")
+
+
+def client(server: _Server, key: str | None) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key or "unused", max_retries=0)
+
+
+def cfg_of(server: _Server) -> MoAConfig:
+    return server.config
+
+
+def test_open_until_a_key_exists_then_every_request_needs_one(
+    server: _Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert client(server, None).chat.completions.create(model="single", messages=SHORT)  # type: ignore[arg-type]
+    key = create_key(capsys, "alice")
+    # Within the replica's cache time (state.key_cache_s) the open state ends.
+    wait_for_auth(server)
+    with pytest.raises(openai.AuthenticationError) as anonymous:
+        client(server, None).chat.completions.create(model="single", messages=SHORT)  # type: ignore[arg-type]
+    assert anonymous.value.code == "invalid_api_key" and anonymous.value.status_code == 401
+    missing = httpx.post(server.url + "/v1/chat/completions", json={"model": "single", "messages": SHORT})
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError) as wrong:
+        client(server, new_key()).models.list()
+    assert wrong.value.code == "invalid_api_key"
+    assert key not in missing.text and key not in str(wrong.value.body)
+    assert client(server, key).chat.completions.create(model="single", messages=SHORT).choices  # type: ignore[arg-type]
+    assert httpx.get(server.url + "/healthz").status_code == 200  # health stays open for probes
+
+
+def test_a_revoked_key_stops_working_within_the_cache_time(
+    server: _Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = create_key(capsys, "bob")
+    wait_for_auth(server)
+    c = client(server, key)
+    assert c.models.list().data
+    assert main(["keys", "revoke", "bob"]) == 0
+
+    def refused() -> bool:
+        try:
+            c.models.list()
+        except openai.AuthenticationError as e:
+            return e.code == "invalid_api_key" and "revoked" in e.message
+        return False
+
+    asyncio.run(wait_until(refused, what="the revoked key to be refused"))
+    assert main(["keys", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "bob" in listing and "revoked" in listing and key not in listing
+
+
+def test_presets_models_and_detail_are_limited_per_key(
+    server: _Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = create_key(
+        capsys,
+        "narrow",
+        "--presets",
+        "single",
+        "moa-lite",
+        "--models",
+        "openai/gpt-4.1-mini",
+        "anthropic/claude-haiku-4-5",
+        "gemini/gemini-2.5-flash",
+    )
+    wait_for_auth(server)
+    c = client(server, key)
+    with pytest.raises(openai.PermissionDeniedError) as preset:
+        c.chat.completions.create(model="moa", messages=SHORT)  # type: ignore[arg-type]
+    assert preset.value.status_code == 403 and "preset" in preset.value.message
+    # moa-lite is an allowed preset, but its aggregators are not among the key's models.
+    with pytest.raises(openai.PermissionDeniedError) as model:
+        c.chat.completions.create(model="moa-lite", messages=SHORT)  # type: ignore[arg-type]
+    assert "openai/gpt-4.1" in model.value.message
+    with pytest.raises(openai.PermissionDeniedError):
+        c.chat.completions.create(model="openai/gpt-4.1", messages=SHORT)  # type: ignore[arg-type]
+    assert c.chat.completions.create(model="openai/gpt-4.1-mini", messages=SHORT).choices  # type: ignore[arg-type]
+    with pytest.raises(openai.PermissionDeniedError) as detail:
+        c.chat.completions.create(model="single", messages=SHORT, extra_body={"moa": {"detail": True}})  # type: ignore[arg-type]
+    assert detail.value.body["param"] == "moa.detail"  # type: ignore[index]
+    # Single's whole fallback chain is allowed, so single runs.
+    assert c.chat.completions.create(model="single", messages=SHORT).choices  # type: ignore[arg-type]
+
+
+def test_requests_per_minute_get_429_with_retry_after(
+    server: _Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = create_key(capsys, "slow", "--rpm", "1")
+    wait_for_auth(server)
+    c = client(server, key)
+    assert c.models.list().data
+    with pytest.raises(openai.RateLimitError) as limited:
+        c.models.list()
+    assert limited.value.code == "rate_limit_exceeded"
+    assert 1 <= int(limited.value.response.headers["retry-after"]) <= 60
+
+
+def test_many_concurrent_requests_never_overspend_a_small_budget(
+    server: _Server, capsys: pytest.CaptureFixture[str], state_dir: Path
+) -> None:
+    """Forty requests at once against a budget that holds a handful of worst cases: the ledger
+    ends within budget plus one request's projection, equals what the answers report they cost,
+    and the rest are refused with 429 insufficient_quota."""
+    budget = 0.002
+    key = create_key(capsys, "small", "--budget-usd", str(budget), "--detail")
+    wait_for_auth(server)
+    body = {"model": "single", "messages": SHORT, "max_tokens": 40, "moa": {"detail": True}}
+
+    async def burst() -> list[httpx.Response]:
+        headers = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=60) as http:
+            return await asyncio.gather(*(http.post("/v1/chat/completions", json=body) for _ in range(40)))
+
+    responses = asyncio.run(burst())
+    ok = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 429]
+    assert ok and refused and len(ok) + len(refused) == 40
+    assert {r.json()["error"]["code"] for r in refused} == {"insufficient_quota"}
+    assert {r.json()["error"]["type"] for r in refused} == {"insufficient_quota"}
+    reported = sum(r.json()["moa"]["totals"]["cost_usd"] for r in ok)
+
+    from moa.engine.cost import projected_cost
+    from moa.types import ChatMessage, GenerationParams
+
+    cfg = cfg_of(server)
+    one = projected_cost(
+        cfg,
+        cfg.presets["single"],
+        [ChatMessage(role="user", content=SHORT[0]["content"])],
+        GenerationParams(max_tokens=40),
+    )
+
+    async def ledger() -> int:
+        store = SQLiteStore(state_dir / "state.db")
+        try:
+            (record,) = await store.list_keys()
+            return await store.spent(record.id, "total")
+        finally:
+            await store.close()
+
+    spent = asyncio.run(ledger())
+    assert spent <= to_micro(budget) + to_micro(one)
+    # Each request settles its real cost, rounded up to the micro-dollar.
+    assert to_micro(reported) - len(ok) <= spent <= to_micro(reported) + len(ok)
+
+
+def test_a_client_that_hangs_up_mid_stream_still_settles(
+    server: _Server, sim: SimulatorServer, state_dir: Path
+) -> None:
+    """The reservation is released and the calls made are charged when the client goes away."""
+    key = new_key()
+    limits = KeyLimits(budget_usd=1.0)
+    record = new_record("stream", key, limits)
+
+    async def scenario() -> tuple[int, bool]:
+        store: StateStore = SQLiteStore(state_dir / "state.db")
+        try:
+            await store.create_key(record)
+            await asyncio.to_thread(wait_for_auth, server)
+            body = {"model": "moa-lite", "messages": QUESTION, "stream": True, "max_tokens": 200}
+            headers = {"Authorization": f"Bearer {key}"}
+            async with (
+                httpx.AsyncClient(base_url=server.url, headers=headers, timeout=60) as http,
+                http.stream("POST", "/v1/chat/completions", json=body) as response,
+            ):
+                assert response.status_code == 200
+                async for _ in response.aiter_bytes():
+                    break  # hang up after the first chunk
+
+            async def charged() -> int:
+                return await store.spent(record.id, "total")
+
+            spent = await wait_until(charged, lambda v: v > 0, what="the abandoned request to settle")
+            # Nothing is still held: the whole remaining budget can be reserved.
+            left = to_micro(1.0) - spent
+            got = await store.reserve(record.id, window_of("total", time.time()), left, to_micro(1.0), 60)
+            return spent, isinstance(got, Reservation)
+        finally:
+            await store.close()
+
+    spent, released = asyncio.run(scenario())
+    assert spent > 0 and released
+
+
+def test_a_cost_cap_moves_auto_to_a_cheaper_tier_and_refuses_a_forced_preset(
+    server: _Server,
+) -> None:
+    c = client(server, None)
+    hard = [
+        {
+            "role": "user",
+            "content": "Analyse and compare, step by step, the trade-offs of three "
+            "consensus protocols (Raft, Paxos, PBFT) for a geo-distributed database; prove which "
+            "one tolerates Byzantine faults and explain why. Consider latency, throughput and cost?",
+        }
+    ]
+    uncapped = c.chat.completions.create(model="auto", messages=hard, extra_body={"moa": {"detail": True}})  # type: ignore[arg-type]
+    assert uncapped.model_extra["moa"]["preset"] != "single"  # type: ignore[index]
+    capped = c.chat.completions.create(
+        model="auto",
+        messages=hard,
+        max_tokens=100,
+        extra_body={"moa": {"detail": True, "max_cost_usd": 0.002}},  # type: ignore[arg-type]
+    )
+    moa: dict[str, Any] = capped.model_extra["moa"]  # type: ignore[index]
+    assert moa["preset"] == "single" and "cost cap" in moa["decision"]["reason"]
+    assert moa["totals"]["cost_usd"] <= 0.002
+    with pytest.raises(openai.BadRequestError) as over:
+        c.chat.completions.create(model="moa", messages=hard, extra_body={"moa": {"max_cost_usd": 0.0001}})  # type: ignore[arg-type]
+    assert over.value.code == "over_cap" and over.value.body["param"] == "moa.max_cost_usd"  # type: ignore[index]
+
+
+def test_serve_refuses_a_public_address_with_no_key(
+    state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Checked before Ray starts: loopback runs open and says so; any other address needs a key
+    or an explicit --no-auth."""
+    from moa.config import ConfigError
+    from moa.exposure import check_exposure
+
+    state = load_config(None).state
+    assert "OPEN" in check_exposure(state, "127.0.0.1", no_auth=False)
+    assert main(["serve", "--host", "0.0.0.0", "--port", "1"]) == 2
+    assert "refusing to serve on 0.0.0.0" in capsys.readouterr().err
+    assert "OPEN" in check_exposure(state, "0.0.0.0", no_auth=True)
+    create_key(capsys, "ops")
+    assert "required" in check_exposure(state, "0.0.0.0", no_auth=False)
+    # Another state (no keys there) is open again, so refused off loopback.
+    other = state.model_copy(update={"redis_url": None})
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MOA_STATE_DIR", str(state_dir / "elsewhere"))
+        with pytest.raises(ConfigError):
+            check_exposure(other, "10.0.0.5", no_auth=False)
