@@ -129,6 +129,12 @@ class Authenticator:
         self._records: OrderedDict[str, tuple[float, KeyRecord | None]] = OrderedDict()
         self._any: tuple[float, bool] | None = None
 
+    def forget(self) -> None:
+        """Drop every cached record: this replica sees a key change it made at once (the others
+        within ``cache_s``)."""
+        self._records.clear()
+        self._any = None
+
     async def any_keys(self) -> bool:
         if self._any is not None and self._any[1]:
             return True  # keys are never deleted (only revoked): once any exists, auth is for good

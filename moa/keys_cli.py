@@ -2,20 +2,22 @@
 
 It works on the same state as ``moa serve`` with the same settings (``state`` in the config,
 MOA_STATE_DIR, MOA_REDIS_URL). A new key is printed once, on standard output, and never again.
+The work itself is ``moa.keys_admin``'s, shared with the admin HTTP API.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import sys
 from typing import Any
 
-from moa.auth import new_key, new_record, parse_list
+from pydantic import ValidationError
+
 from moa.config import load_config
-from moa.state import KeyExists, KeyLimits, KeyRecord, StateStore, describe, open_store, window_of
+from moa.keys_admin import VERBS, NewKey, change_status, create_key, key_rows
+from moa.state import KeyExists, KeyLimits, StateStore, describe, open_store
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -42,10 +44,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     lst = ks.add_parser("list", help="list keys: name, created, spend, limits, status (never the key)")
     lst.add_argument("--json", action="store_true")
     lst.set_defaults(func=_list)
-    for verb, status in (("revoke", "revoked"), ("disable", "disabled"), ("enable", "active")):
+    for verb in VERBS:
         v = ks.add_parser(verb, help=f"{verb} a key (revoking is final)")
         v.add_argument("name")
-        v.set_defaults(func=_status, status=status)
+        v.set_defaults(func=_status, verb=verb)
 
 
 def _store(args: argparse.Namespace) -> tuple[StateStore, str]:
@@ -66,24 +68,26 @@ def _run(args: argparse.Namespace, work: Any) -> int:
 
 def _create(args: argparse.Namespace) -> int:
     try:
-        limits = KeyLimits(
+        spec = NewKey(
+            name=args.name,
             budget_usd=args.budget_usd,
             period=args.period,
             rpm=args.rpm,
             tpm=args.tpm,
-            presets=parse_list(args.presets),
-            models=parse_list(args.models),
+            presets=args.presets,
+            models=args.models,
             detail=args.detail,
             max_cost_usd=args.max_cost_usd,
         )
-    except ValueError as e:
-        print(f"moa keys: {e}", file=sys.stderr)
+        spec.limits()
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'name'}: {x['msg']}" for x in e.errors())
+        print(f"moa keys: {problems}", file=sys.stderr)
         return 2
-    key = new_key()
 
     async def create(store: StateStore, where: str) -> int:
         try:
-            await store.create_key(new_record(args.name, key, limits))
+            key, _ = await create_key(store, spec)
         except KeyExists as e:
             print(f"moa keys: {e}", file=sys.stderr)
             return 1
@@ -116,30 +120,9 @@ def _limits_text(lim: KeyLimits) -> str:
     return "; ".join(parts) or "unlimited"
 
 
-async def key_rows(store: StateStore, now: float) -> list[dict[str, Any]]:
-    """What ``moa keys list`` and the admin API show of each key: never the key or its hash."""
-    rows = []
-    for k in await store.list_keys():
-        rows.append(_row(k, await store.spent(k.id, window_of(k.limits.period, now))))
-    return rows
-
-
-def _row(k: KeyRecord, spent_micro: int) -> dict[str, Any]:
-    return {
-        "name": k.name,
-        "id": k.id,
-        "created": dt.datetime.fromtimestamp(k.created_at, dt.UTC).isoformat(timespec="seconds"),
-        "spent_usd": spent_micro / 1_000_000,
-        "limits": k.limits.model_dump(mode="json"),
-        "status": k.status,
-    }
-
-
 def _list(args: argparse.Namespace) -> int:
     async def show(store: StateStore, where: str) -> int:
-        import time
-
-        rows = await key_rows(store, time.time())
+        rows = await key_rows(store)
         if args.json:
             print(json.dumps(rows, indent=2))
             return 0
@@ -158,12 +141,12 @@ def _list(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     async def change(store: StateStore, where: str) -> int:
-        if await store.set_status(args.name, args.status):
-            print(f"Key {args.name!r} is now {args.status}.")
+        done = await change_status(store, args.name, args.verb)
+        if done.outcome == "ok":
+            print(f"Key {args.name!r} is now {VERBS[args.verb]}.")
             return 0
-        known = await store.key_by_name(args.name)
-        why = "is revoked (final)" if known is not None else f"does not exist in {where}"
-        print(f"moa keys: key {args.name!r} {why}", file=sys.stderr)
+        where_text = f" in {where}" if done.outcome == "missing" else ""
+        print(f"moa keys: key {args.name!r} {done.reason}{where_text}", file=sys.stderr)
         return 1
 
     return _run(args, change)

@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,12 +28,24 @@ from starlette.types import Receive, Scope, Send
 
 from moa.api.access import Access, Spend, settle_quietly
 from moa.api.schemas import ChatCompletionRequest, MoARequest, ParamError, error_body
-from moa.config import MoAConfig
+from moa.config import ConfigError, MoAConfig
 from moa.engine.cost import Routed
 from moa.engine.engine import MoAEngine
 from moa.engine.errors import InvalidPlan, InvalidRequest, MoAError
 from moa.engine.result import MoAResult, RouteDecision
-from moa.state import StateStore
+from moa.keys_admin import (
+    ADMIN_KEY_ENV,
+    ADMIN_KEY_MIN_CHARS,
+    VERBS,
+    NewKey,
+    admin_key_matches,
+    change_status,
+    create_key,
+    key_row,
+    key_rows,
+    spent_now,
+)
+from moa.state import KeyExists, StateStore
 from moa.textcheck import first_unencodable
 from moa.types import ChatMessage, TextDelta, Usage
 from observability.asgi import CLIENT_CLOSED_REQUEST, TracingMiddleware
@@ -429,6 +442,75 @@ class Api:
         return JSONResponse({"status": status, "providers": providers}, status_code=200 if up else 503)
 
 
+class Admin:
+    """``/admin/keys``: the admin HTTP API, guarded by the admin key (``MOA_ADMIN_KEY``). It
+    exists only when that key is set and the service has a state store; otherwise every
+    ``/admin`` path is a 404, like any unknown path."""
+
+    def __init__(self, api: Api, store: StateStore, admin_key: str) -> None:
+        self.api, self.store, self._admin_key = api, store, admin_key
+
+    def guard(self, request: Request) -> None:
+        if not admin_key_matches(self._admin_key, request.headers.get("authorization")):
+            raise ApiError(
+                401,
+                "This route needs the admin key: 'Authorization: Bearer <MOA_ADMIN_KEY>'.",
+                "invalid_request_error",
+                "invalid_api_key",
+            )
+
+    def _changed(self) -> None:
+        if self.api.access.auth is not None:
+            self.api.access.auth.forget()
+
+    async def create(self, request: Request) -> JSONResponse:
+        self.guard(request)
+        spec = self.api.parse(NewKey, await self.api.read_json(request))
+        try:
+            key, record = await create_key(self.store, spec)
+        except KeyExists as e:
+            raise ApiError(409, str(e), "invalid_request_error", "key_exists", "name") from None
+        self._changed()
+        # The key leaves once, in this response; nothing between here and the client keeps it.
+        body = {"key": key, **key_row(record, 0)}
+        return JSONResponse(body, status_code=201, headers={"Cache-Control": "no-store"})
+
+    async def list_keys(self, request: Request) -> dict[str, Any]:
+        self.guard(request)
+        return {"object": "list", "data": await key_rows(self.store)}
+
+    async def show(self, request: Request, name: str) -> dict[str, Any]:
+        self.guard(request)
+        record = await self.store.key_by_name(name)
+        if record is None:
+            raise ApiError(404, f"no key named {name!r}", "invalid_request_error", "key_not_found")
+        return key_row(record, await spent_now(self.store, record))
+
+    async def change(self, request: Request, name: str, verb: str) -> dict[str, Any]:
+        self.guard(request)
+        if verb not in VERBS:
+            raise ApiError(404, f"unknown action {verb!r}", "invalid_request_error", "not_found")
+        done = await change_status(self.store, name, verb)
+        if done.outcome == "missing":
+            raise ApiError(404, f"no key named {name!r}", "invalid_request_error", "key_not_found")
+        if done.outcome == "revoked":
+            raise ApiError(409, f"key {name!r} {done.reason}", "invalid_request_error", "key_revoked")
+        self._changed()
+        assert done.record is not None
+        return key_row(done.record, await spent_now(self.store, done.record))
+
+
+def admin_key_from_env() -> str | None:
+    """The admin key, only ever from the environment; a short one is refused, not trusted."""
+    key = os.environ.get(ADMIN_KEY_ENV, "").strip() or None
+    if key is not None and len(key) < ADMIN_KEY_MIN_CHARS:
+        raise ConfigError(
+            f"{ADMIN_KEY_ENV} is shorter than {ADMIN_KEY_MIN_CHARS} characters: use a random one "
+            "(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    return key
+
+
 T = TypeVar("T")
 
 # Recent FastAPI versions open their own OpenTelemetry server span per request; ours (which also
@@ -466,7 +548,8 @@ async def _disconnected(request: Request) -> None:
 def create_api(
     config: MoAConfig, engine: MoAEngine, health: HealthFn, store: StateStore | None = None
 ) -> FastAPI:
-    """The API app; with a ``store``, API keys and budgets apply (once a key exists)."""
+    """The API app; with a ``store``, API keys and budgets apply (once a key exists), and with
+    ``MOA_ADMIN_KEY`` in the environment too, the admin API manages them (``/admin/keys``)."""
     api = Api(config, engine, health, store)
     app = FastAPI(title="MoA", version="0.1.0", docs_url=None, redoc_url=None, **_NO_NATIVE_TELEMETRY)
     app.state.api = api
@@ -506,6 +589,13 @@ def create_api(
     app.add_api_route("/v1/moa", api.moa, methods=["POST"])
     app.add_api_route("/v1/models", api.models, methods=["GET", "HEAD"])
     app.add_api_route("/healthz", api.healthz, methods=["GET", "HEAD"])
+    admin_key = admin_key_from_env()
+    if admin_key is not None and store is not None:
+        admin = Admin(api, store, admin_key)
+        app.add_api_route("/admin/keys", admin.create, methods=["POST"])
+        app.add_api_route("/admin/keys", admin.list_keys, methods=["GET"])
+        app.add_api_route("/admin/keys/{name}", admin.show, methods=["GET"])
+        app.add_api_route("/admin/keys/{name}/{verb}", admin.change, methods=["POST"])
     return app
 
 
