@@ -90,7 +90,46 @@ def test_kuberay_manifest() -> None:
     assert {d.name for d in app.deployments} <= _deployment_names()
     head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     secret_vars = {e["name"] for e in head["env"] if "valueFrom" in e}
-    assert secret_vars == {p.api_key_env for p in load_config(None).providers.values()}
+    providers = {p.api_key_env for p in load_config(None).providers.values()}
+    assert secret_vars == providers | {"MOA_REDIS_PASSWORD", "MOA_ADMIN_KEY"}
+    # Every pod, head and workers alike, reaches the one state store.
+    groups = [head] + [
+        g["template"]["spec"]["containers"][0]
+        for g in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    ]
+    for container in groups:
+        env = {e["name"]: e for e in container["env"]}
+        _assert_state_url(env["MOA_REDIS_URL"]["value"])
+        assert "secretKeyRef" in env["MOA_REDIS_PASSWORD"]["valueFrom"]
+
+
+def _assert_state_url(url: str) -> None:
+    """A Redis URL the service accepts as ``state.redis_url``: no password in it."""
+    from urllib.parse import urlsplit
+
+    from moa.config import StateConfig
+
+    assert urlsplit(url).scheme == "redis" and urlsplit(url).password is None, url
+    assert StateConfig(redis_url=url).redis_url == url
+
+
+def test_every_node_and_the_serve_app_use_the_redis_state_store() -> None:
+    """On a cluster the keys and the spend ledger must be shared: each file names the Redis store
+    (the environment's ``state.redis_url``), and its password only ever comes from a secret."""
+    config = _cluster()
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = " ".join(config[key])
+        (url,) = re.findall(r"MOA_REDIS_URL=(\S+)", start)
+        _assert_state_url(url)
+        assert start.index("MOA_REDIS_URL=") < start.index("ray start")
+        assert "moa-keys.env" in start and "MOA_REDIS_PASSWORD=" not in start  # from the secret
+    app = _serve_schema((ROOT / "serve_config.yaml").read_text()).applications[0]
+    env = app.runtime_env["env_vars"]
+    _assert_state_url(env["MOA_REDIS_URL"])
+    assert "MOA_REDIS_PASSWORD" not in env and "MOA_ADMIN_KEY" not in env
+    for name in ("cluster.yaml", "serve_config.yaml", "kuberay/rayservice.yaml"):
+        text = (ROOT / name).read_text()
+        assert not re.search(r"redis://[^/\s]*:[^@/\s]*@", text), name  # no redis://user:pass@
 
 
 def test_no_file_holds_anything_like_a_key() -> None:
