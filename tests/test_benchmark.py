@@ -73,3 +73,18 @@ def test_http_target_reads_the_detail_extension(config: MoAConfig, sim: Simulato
         set_fault(sim, "gemini-2.5-flash", hang={"rate": 1.0})
         cut = asyncio.run(HttpTarget(server.url, "moa-lite").send("How does a compiler work?"))
     assert cut.ok and cut.met_quorum and cut.cut_straggler and cut.overhead_s is None
+
+
+def test_auth_overhead_bench_runs_open_key_and_budget_side_by_side(tmp_path: Path) -> None:
+    """`moa bench --auth-overhead` in miniature: every variant answers (so the keyed ones passed
+    their checks) and the report says what each added over the open API."""
+    from moa.benchmark.auth_cost import run_auth_overhead, write_auth_report
+
+    report = asyncio.run(run_auth_overhead([1], 2, ttft_s=0.02, tokens_per_s=2000, jitter=0))
+    write_auth_report(report, tmp_path)
+    rows = {r["variant"]: r for r in report["levels"]}
+    assert set(rows) == {"open", "key", "key+budget"}
+    assert all(r["errors"] == 0 and r["requests"] == 2 for r in rows.values())
+    assert rows["open"]["added_p50_ms"] == 0 and not math.isnan(rows["key+budget"]["added_p99_ms"])
+    assert json.loads((tmp_path / "auth-overhead.json").read_text())["store"] == "sqlite"
+    assert "| key+budget | 1 |" in (tmp_path / "auth-overhead.md").read_text()

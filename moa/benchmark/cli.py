@@ -79,6 +79,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=d.baseline_fault_timeout_s,
         help="baseline client timeout under faults",
     )
+    p.add_argument(
+        "--auth-overhead",
+        action="store_true",
+        help="instead: what key checking and budget reservation add per request (in-process API, "
+        "model 'single', open vs key vs key+budget; writes auth-overhead.json and .md)",
+    )
+    p.add_argument(
+        "--auth-redis-url",
+        default=None,
+        help="with --auth-overhead: keep the keys in this Redis (it is flushed!) instead of SQLite",
+    )
     p.add_argument("--out", type=Path, default=d.out, help="where results.json, results.md and bench.png go")
     p.set_defaults(func=run_cli)
 
@@ -90,6 +101,24 @@ def run_cli(args: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"moa bench needs the bench extra: pip install 'moa-serve[bench,serve]' ({e})", file=sys.stderr)
         return 2
+    if args.auth_overhead:
+        from moa.benchmark.auth_cost import auth_markdown, run_auth_overhead, write_auth_report
+
+        got = asyncio.run(
+            run_auth_overhead(
+                args.concurrency,
+                args.requests,
+                args.ttft,
+                args.tps,
+                args.jitter,
+                redis_url=args.auth_redis_url,
+                prompts_path=args.prompts,
+            )
+        )
+        write_auth_report(got, args.out)
+        print(auth_markdown(got))
+        print(f"results in {args.out}/ (auth-overhead.json, auth-overhead.md)")
+        return 0
     from moa.benchmark.runner import markdown, run
 
     opts = BenchOptions(

@@ -126,9 +126,12 @@ async def run_level(
 class HttpTarget:
     """The Serve app over HTTP; the detail extension gives the simulated critical path."""
 
-    def __init__(self, url: str, model: str) -> None:
+    def __init__(self, url: str, model: str, api_key: str | None = None) -> None:
         self.url, self.model = url, model
-        self.client = httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=512))
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.AsyncClient(
+            timeout=120, limits=httpx.Limits(max_connections=512), headers=headers
+        )
 
     async def send(self, prompt: str) -> Sample:
         body = {
