@@ -88,3 +88,5 @@ def test_auth_overhead_bench_runs_open_key_and_budget_side_by_side(tmp_path: Pat
     assert rows["open"]["added_p50_ms"] == 0 and not math.isnan(rows["key+budget"]["added_p99_ms"])
     assert json.loads((tmp_path / "auth-overhead.json").read_text())["store"] == "sqlite"
     assert "| key+budget | 1 |" in (tmp_path / "auth-overhead.md").read_text()
+    alone = {r["variant"]: r for r in report["checks_alone"]}
+    assert set(alone) == set(rows) and all(r["p50_ms"] > 0 for r in alone.values())

@@ -30,13 +30,43 @@ import uvicorn
 from moa.api.app import create_api
 from moa.auth import new_key, new_record
 from moa.benchmark.runner import HttpTarget, Simulator, _free_port, bench_config, load_prompts
-from moa.benchmark.stats import Sample, summarize
+from moa.benchmark.stats import Sample, percentile, summarize
 from moa.engine.engine import MoAEngine
+from moa.engine.router import HealthView
 from moa.providers.registry import ProviderPool
 from moa.state import KeyLimits, StateStore
 
 MODEL = "single"  # one model call: the checks are the largest share of what it adds
 BLOCK = 10  # requests per variant before the next variant's turn
+CHECKS = 400  # timed rounds of the checks alone, per variant
+
+
+async def time_checks(cfg: Any, store: StateStore | None, key: str | None, n: int = CHECKS) -> dict[str, Any]:
+    """The checks alone, without HTTP or models, as a request runs them: the key check (and the
+    per-minute count), the cost projection and reservation, then the settlement."""
+    import time
+
+    from moa.api.access import Access
+    from moa.engine.cost import Routed
+    from moa.engine.result import RouteDecision
+    from moa.types import ChatMessage, GenerationParams
+
+    access = Access(cfg, store)
+    plan = cfg.presets[MODEL]
+    routed: Routed = (plan, RouteDecision(preset=MODEL, forced=True, reason="bench"), [])
+    messages = [ChatMessage(role="user", content="Name a colour.")]
+    params = GenerationParams(max_tokens=100)
+    header = f"Bearer {key}" if key else None
+    times = []
+    for i in range(n + 20):
+        t0 = time.perf_counter()
+        principal = await access.principal(header)
+        _, spend = await access.reserve(principal, routed, messages, params, None, HealthView)
+        spend.cost_usd = 0.0001
+        await spend.settle()
+        if i >= 20:  # the first rounds warm the store's connection and the key's cache
+            times.append(1000 * (time.perf_counter() - t0))
+    return {"rounds": n, "p50_ms": percentile(times, 50), "p99_ms": percentile(times, 99)}
 
 
 @contextlib.asynccontextmanager
@@ -100,6 +130,7 @@ async def run_auth_overhead(
             "jitter": jitter,
         },
         "levels": [],
+        "checks_alone": [],
     }
     variants: dict[str, KeyLimits | None] = {
         "open": None,
@@ -124,6 +155,19 @@ async def run_auth_overhead(
                         await store.create_key(new_record(f"bench-{i}", key, limits))
                     url = await stack.enter_async_context(_served(cfg, store))
                     targets[name] = HttpTarget(url, MODEL, api_key=key)
+                for name, limits in variants.items():
+                    # A store of its own (same kind) so the served variants' ledgers stay apart.
+                    alone = make(f"alone-{name}") if limits is not None else None
+                    key = None
+                    if alone is not None and limits is not None:
+                        key = new_key()
+                        await alone.create_key(new_record(f"alone-{name}", key, limits))
+                    try:
+                        row = await time_checks(cfg, alone, key)
+                    finally:
+                        if alone is not None:
+                            await alone.close()
+                    report["checks_alone"].append({"variant": name, **row})
                 for t in targets.values():
                     for _ in range(3):  # warm-up: connections, the key's cache, SQLite's pages
                         await t.send(prompts[0])
@@ -182,7 +226,20 @@ async def _interleaved(
 
 
 def auth_markdown(report: dict[str, Any]) -> str:
-    lines = [
+    lines = []
+    if report.get("checks_alone"):
+        lines += [
+            "The checks alone (principal, reservation, settlement; no HTTP, no model call):",
+            "",
+            "| variant | rounds | p50 ms | p99 ms |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['variant']} | {r['rounds']} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} |"
+            for r in report["checks_alone"]
+        ]
+        lines.append("")
+    lines += [
         f"Store: {report['store']}; {report['what']}.",
         "",
         "| variant | concurrency | requests | errors | overhead p50 ms | overhead p99 ms "
