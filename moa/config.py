@@ -135,12 +135,16 @@ class DeploymentOptions(_Strict):
     autoscaling: AutoscalingOptions = AutoscalingOptions()
     # Requests one replica accepts at once (Serve queues the rest); null: derived from the limits.
     max_ongoing_requests: int | None = Field(default=None, ge=1)
+    # At most this many replicas on one node, e.g. 1 to spread the ingress over the nodes.
+    max_replicas_per_node: int | None = Field(default=None, ge=1)
 
     def serve_options(self, default_max_ongoing: int) -> dict[str, Any]:
         opts: dict[str, Any] = {
             "ray_actor_options": {"num_cpus": self.num_cpus, "resources": dict(self.resources)},
             "max_ongoing_requests": self.max_ongoing_requests or default_max_ongoing,
         }
+        if self.max_replicas_per_node is not None:
+            opts["max_replicas_per_node"] = self.max_replicas_per_node
         if self.num_replicas is not None:
             opts["num_replicas"] = self.num_replicas
         else:
