@@ -1,0 +1,190 @@
+"""API keys and budgets on the two-node Ray cluster: an app whose two ingress replicas (one per
+node) share one real redis-server. A key revoked with ``moa keys`` is refused by every replica,
+and what both replicas charge lands in the one ledger.
+
+Which replica served a request is read from its JSON request line in the replicas' Serve log
+files (by the trace id the response carries), so the API tells clients nothing about replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from moa.auth import new_key, new_record
+from moa.cli import main
+from moa.config import parse_config
+from moa.simulator.server import SimulatorServer
+from moa.state import KeyLimits, KeyRecord, to_micro
+from moa.state.redis_store import RedisStore
+from tests.test_serve_claims import _serve_logs
+from tests.waiting import wait_until_sync
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore:`look_back_period_s`:FutureWarning")]
+
+APP, PREFIX = "keyed-redis", "/keyed-redis"
+BODY = {
+    "model": "single",
+    "messages": [{"role": "user", "content": "Name a colour."}],
+    "max_tokens": 20,
+    "moa": {"detail": True},
+}
+# Requests in flight per ingress replica: small, so a burst overflows the proxy's local replica
+# (Serve's proxies prefer one on their own node) and both replicas serve.
+PER_REPLICA = 2
+BURST = 12
+
+
+def _db(redis_url: str) -> str:
+    """The session redis-server, in a database no other test uses."""
+    return re.sub(r"/\d+$", "/7", redis_url)
+
+
+def _run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def _with_store(redis_url: str, work: Any) -> Any:
+    store = RedisStore(redis_url)
+    try:
+        return await work(store)
+    finally:
+        await store.close()
+
+
+@pytest.fixture(scope="module")
+def keyed(cluster: dict[str, Any], redis_server: str) -> Iterator[tuple[str, str, KeyRecord, str]]:
+    """The app, deployed after its key exists (so no replica ever ran open)."""
+    from serve_app import build_from_config
+
+    url = _db(redis_server)
+    key = new_key()
+    record = new_record("everywhere", key, KeyLimits(budget_usd=5.0, detail=True))
+
+    async def fresh(store: RedisStore) -> None:
+        await store.client.flushdb()
+        await store.create_key(record)
+
+    _run(_with_store(url, fresh))
+    raw = cluster["config"].model_dump(mode="json")
+    for name in ("narrow", "metered", "tokened"):
+        del raw["providers"][name]
+    raw["state"] = {"redis_url": url, "key_cache_s": 1.0}
+    raw["serve"]["ingress"] = {
+        "num_cpus": 0.05,
+        "num_replicas": 2,
+        "max_replicas_per_node": 1,
+        "max_ongoing_requests": PER_REPLICA,
+    }
+    raw["server"]["max_concurrent_requests"] = PER_REPLICA
+    serve.run(build_from_config(parse_config(raw, "the keyed redis config")), name=APP, route_prefix=PREFIX)
+    try:
+        yield str(cluster["url"]) + PREFIX, key, record, url
+    finally:
+        serve.delete(APP)
+
+
+def _ingress_nodes() -> set[str]:
+    """The nodes the app's live ingress replicas run on (from the GCS actor table)."""
+    actors = ray._private.state.actors(actor_state_name="ALIVE").values()
+    return {a["Address"]["NodeID"] for a in actors if f"{APP}#ingress" in (a.get("Name") or "")}
+
+
+def _burst(url: str, key: str, path: str = "/v1/chat/completions") -> list[httpx.Response]:
+    async def go() -> list[httpx.Response]:
+        headers = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(headers=headers, timeout=60) as c:
+            if path.endswith("completions"):
+                sends = [c.post(url + path, json=BODY) for _ in range(BURST)]
+            else:
+                sends = [c.get(url + path) for _ in range(BURST)]
+            return list(await asyncio.gather(*sends))
+
+    return _run(go())
+
+
+def _replicas_of(responses: list[httpx.Response]) -> dict[str, int]:
+    """Which ingress replica served each response (its log file), once every line is written."""
+    wanted = {r.headers["x-moa-trace-id"] for r in responses}
+
+    def lines() -> dict[str, str]:
+        found = {}
+        for name, text in _serve_logs().items():
+            if APP.replace("-", "_") not in name.replace("-", "_") or "ingress" not in name:
+                continue
+            for line in text.splitlines():
+                if line.startswith("{") and '"event": "request"' in line:
+                    row = json.loads(line)
+                    if row.get("trace_id") in wanted:
+                        found[row["trace_id"]] = name
+        return found
+
+    served = wait_until_sync(lines, lambda f: len(f) == len(wanted), interval=0.2, what="the request lines")
+    counts: dict[str, int] = {}
+    for name in served.values():
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def test_spend_from_both_replicas_lands_in_one_ledger_and_revocation_reaches_every_replica(
+    keyed: tuple[str, str, KeyRecord, str],
+    sim: SimulatorServer,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url, key, record, redis_url = keyed
+    assert len(_ingress_nodes()) == 2  # one ingress replica on each node
+
+    # Both replicas accept the key; keep sending bursts until each has served some of them.
+    answered: list[httpx.Response] = []
+
+    def serve_burst() -> dict[str, int]:
+        responses = _burst(url, key)
+        ok = [r for r in responses if r.status_code == 200]
+        # Past a replica's admission cap the answer is a 429 (Serve may queue there instead).
+        assert {r.status_code for r in responses} <= {200, 429}, [r.text for r in responses]
+        answered.extend(ok)
+        return _replicas_of(answered)
+
+    by_replica = wait_until_sync(
+        serve_burst, lambda c: len(c) == 2, interval=0.1, what="both ingress replicas to serve"
+    )
+    assert all(n > 0 for n in by_replica.values())
+
+    # Every answer's cost, whichever replica charged it, is in the one Redis ledger.
+    reported = sum(r.json()["moa"]["totals"]["cost_usd"] for r in answered)
+    spent = _run(_with_store(redis_url, lambda s: s.spent(record.id, "total")))
+    n = len(answered)
+    assert reported > 0 and to_micro(reported) - n <= spent <= to_micro(reported) + n
+
+    # Revoked with `moa keys` against the same Redis, while both replicas hold it in their caches.
+    monkeypatch.setenv("MOA_REDIS_URL", redis_url)
+    assert main(["keys", "revoke", "everywhere"]) == 0
+
+    def refused_everywhere() -> tuple[bool, int]:
+        responses = _burst(url, key, "/v1/models")
+        refused = all(
+            r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key" for r in responses
+        )
+        return refused, len(_replicas_of(responses)) if refused else 0
+
+    # Until each replica's cached record (state.key_cache_s) expires, some still accept it; then
+    # every request of a burst is refused, and the burst reached both replicas.
+    refused, replicas = wait_until_sync(
+        refused_everywhere, lambda v: v == (True, 2), interval=0.1, what="every replica to refuse"
+    )
+    assert refused and replicas == 2
+    # And it stays refused: N more consecutive requests, all 401.
+    later = [httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}) for _ in range(20)]
+    assert [r.status_code for r in later] == [401] * 20
+    assert all("revoked" in r.json()["error"]["message"] for r in later)
+    assert key not in "".join(r.text for r in later)
