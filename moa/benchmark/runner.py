@@ -308,34 +308,45 @@ def _jsonable(opts: BenchOptions) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items() if k != "results"}
 
 
-def _fmt(v: float, digits: int = 0) -> str:
-    return "-" if isinstance(v, float) and math.isnan(v) else f"{v:.{digits}f}"
+def _fmt(v: float | None, digits: int = 0) -> str:
+    """A figure for the tables; "-" for NaN and for a figure an older report does not have."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.{digits}f}"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None or math.isnan(v) else f"{100 * v:.0f}%"
 
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [
-        "| target | concurrency | req/s | p50 ms | p95 ms | p99 ms | overhead p50 ms | overhead p99 ms "
-        "| CPU ms/req | peak RSS MB | met quorum | cut stragglers | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| target | concurrency | req/s | p50 ms | p95 ms | p99 ms | simulated p50 ms "
+        "| e2e/simulated p50 | overhead p50 ms | overhead p99 ms | CPU ms/req | peak RSS MB | met quorum "
+        "| cut stragglers | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["levels"]:
         lines.append(
             f"| {r['target']} | {r['concurrency']} | {_fmt(r['rps'], 1)} | {_fmt(r['p50_ms'])} "
-            f"| {_fmt(r['p95_ms'])} | {_fmt(r['p99_ms'])} | {_fmt(r['overhead_p50_ms'], 1)} "
+            f"| {_fmt(r['p95_ms'])} | {_fmt(r['p99_ms'])} | {_fmt(r.get('simulated_p50_ms'))} "
+            f"| {_fmt(r.get('e2e_per_simulated_p50'), 3)} | {_fmt(r['overhead_p50_ms'], 1)} "
             f"| {_fmt(r['overhead_p99_ms'], 1)} "
             f"| {_fmt(r['cpu_ms_per_request'], 1)} | {_fmt(r['peak_rss_mb'])} "
-            f"| {_fmt(100 * r['quorum_met_share'])}% | {r['cut_stragglers']} | {r['errors']} |"
+            f"| {_pct(r['quorum_met_share'])} | {r.get('cut_stragglers', '-')} | {r['errors']} |"
         )
     if report["scenarios"]:
         lines += [
             "",
-            "| fault scenario | target | p50 ms | p99 ms | answered | met quorum | errors |",
-            "|---|---|---:|---:|---:|---:|---:|",
+            "| fault scenario | target | p50 ms | p99 ms | simulated p50 ms | e2e/simulated p50 | answered "
+            "| met quorum | errors |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in report["scenarios"]:
             lines.append(
                 f"| {r['scenario']} | {r['target']} | {_fmt(r['p50_ms'])} | {_fmt(r['p99_ms'])} "
-                f"| {r['ok']}/{r['requests']} | {_fmt(100 * r['quorum_met_share'])}% | {r['errors']} |"
+                f"| {_fmt(r.get('simulated_p50_ms'))} | {_fmt(r.get('e2e_per_simulated_p50'), 3)} "
+                f"| {r['ok']}/{r['requests']} | {_pct(r['quorum_met_share'])} | {r['errors']} |"
             )
     if report.get("floor"):
         lines += [

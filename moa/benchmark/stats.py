@@ -44,6 +44,10 @@ def summarize(samples: Sequence[Sample], wall_s: float, cpu_s: float, peak_rss_m
     # Latency as the client lives it: failed requests count with the time they took to fail.
     e2e = [s.e2e_s * 1000 for s in samples]
     overhead = [s.overhead_s * 1000 for s in ok if s.overhead_s is not None]
+    # The model work each request did, and end-to-end time per second of it: when two targets'
+    # requests do different amounts of simulated work, the ratio still compares them.
+    simulated = [s.simulated_s * 1000 for s in ok if s.simulated_s is not None]
+    ratio = [s.e2e_s / s.simulated_s for s in ok if s.overhead_s is not None and s.simulated_s]
     quorum = [s for s in samples if s.met_quorum is not None]
     n = len(samples)
     return {
@@ -56,6 +60,8 @@ def summarize(samples: Sequence[Sample], wall_s: float, cpu_s: float, peak_rss_m
         "p99_ms": percentile(e2e, 99),
         "overhead_p50_ms": percentile(overhead, 50),
         "overhead_p99_ms": percentile(overhead, 99),
+        "simulated_p50_ms": percentile(simulated, 50),
+        "e2e_per_simulated_p50": percentile(ratio, 50),
         "cpu_ms_per_request": cpu_s * 1000 / n if n else math.nan,
         "peak_rss_mb": peak_rss_mb,
         "quorum_met_share": sum(bool(s.met_quorum) for s in quorum) / n if n else math.nan,
