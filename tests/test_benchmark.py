@@ -5,17 +5,27 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from rich.progress import Progress
 
-from moa.benchmark.baseline import Baseline
+import moa.engine.fusion
+from moa.benchmark.baseline import Baseline, aggregator_messages
 from moa.benchmark.runner import HttpTarget, ProcessTree, load_prompts, markdown, run_level, write_report
 from moa.benchmark.stats import Sample, percentile, summarize
 from moa.config import MoAConfig
+from moa.engine.plan import TemplatesConfig
+from moa.engine.prompts import with_references
 from moa.simulator.server import SimulatorServer
+from moa.simulator.text import compose
+from moa.types import ChatMessage
 from tests.test_api import _Server, set_fault
+
+QUESTION = "How does a compiler work?"
 
 
 def test_prompt_files_in_both_formats(tmp_path: Path) -> None:
@@ -50,6 +60,22 @@ def test_statistics() -> None:
     assert s["e2e_per_simulated_p50"] == pytest.approx(2 / 1.95)  # of 1/0.9 and 2/1.95
 
 
+def _dicts(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def test_baseline_aggregator_prompt_is_the_services() -> None:
+    """Written separately, rendered the same: the service's system prompt, reference blocks and all."""
+    answers = ["First {answer} with braces.", "Second,\nover two lines.", "Third."]
+    ours = aggregator_messages(QUESTION, answers)
+    service = with_references([ChatMessage(role="user", content=QUESTION)], answers, TemplatesConfig())
+    assert ours == _dicts(service)
+    assert '<reference id="3">\nThird.\n</reference>' in ours[0]["content"]
+    # ... which the simulator answers as an aggregation of all three.
+    answer = compose("gpt-4.1", "structured", tuple((m["role"], m["content"]) for m in ours), None, None)
+    assert answer.startswith("Synthesis of 3 references (merged: 1, 2, 3).")
+
+
 async def test_baseline_and_report(sim: SimulatorServer, tmp_path: Path) -> None:
     base = Baseline(sim.url)
     tree = ProcessTree(exclude=set())
@@ -82,3 +108,62 @@ def test_reports_without_the_newer_columns_still_render() -> None:
     """The committed older reports predate some columns: they render with "-" there."""
     old = json.loads((Path(__file__).parents[1] / "docs/bench-results-pass1.json").read_text())
     assert "| baseline | 1 | 0.1 | 7714 |" in markdown(old)
+
+
+def _simulated(config: MoAConfig, question: str) -> float:
+    with _Server(config) as server:
+        body = {
+            "model": "moa-lite",
+            "messages": [{"role": "user", "content": question}],
+            "moa": {"detail": True},
+        }
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+    r.raise_for_status()
+    return float(r.json()["moa"]["totals"]["simulated_critical_path_s"])
+
+
+async def _ask(sim: SimulatorServer, question: str, timeout_s: float = 60.0) -> Sample:
+    base = Baseline(sim.url, timeout_s=timeout_s)
+    try:
+        return await base.ask(question)
+    finally:
+        await base.aclose()
+
+
+def test_baseline_and_service_send_the_aggregator_the_same_request(
+    config: MoAConfig, sim: SimulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """For the same proposals both aggregators get the same messages, so they do the same work."""
+    seen: list[list[dict[str, str]]] = []
+
+    def recording(messages: Sequence[ChatMessage], answers: Sequence[str], *a: Any, **k: Any) -> Any:
+        out = with_references(messages, answers, *a, **k)
+        seen.append(_dicts(out))
+        return out
+
+    monkeypatch.setattr(moa.engine.fusion, "with_references", recording)
+    service_simulated = _simulated(config, QUESTION)
+    base = Baseline(sim.url)
+    sent: list[tuple[str, list[dict[str, str]]]] = []
+    original = base._openai
+
+    async def openai_call(model: str, messages: list[dict[str, str]]) -> tuple[str, float]:
+        sent.append((model, messages))
+        return await original(model, messages)
+
+    base._openai = openai_call  # type: ignore[method-assign]
+
+    async def ask() -> Sample:
+        try:
+            return await base.ask(QUESTION)
+        finally:
+            await base.aclose()
+
+    sample = asyncio.run(ask())
+    assert sample.ok
+    [service_messages] = seen
+    [baseline_messages] = [msgs for m, msgs in sent if m == "gpt-4.1"]
+    assert baseline_messages == service_messages
+    assert baseline_messages[0]["content"].count("<reference id=") == 3
+    # Same proposals, same aggregator request: the same simulated model time (no jitter here).
+    assert sample.simulated_s == pytest.approx(service_simulated)

@@ -3,7 +3,9 @@
 One Python process, ``asyncio.gather`` over the official SDK clients for the proposers, then one
 aggregator call with the answers pasted into its system prompt. No quorum, no deadline beyond
 the SDK client's timeout, no fallbacks: it waits for every proposer. Written independently of the
-project's engine on purpose.
+project's engine on purpose, but the aggregator's prompt has the service's shape: its default
+aggregation template with each answer in a ``<reference id="N">`` block (only the template strings
+are shared, the rendering is written here), so the simulator answers both aggregators alike.
 """
 
 from __future__ import annotations
@@ -18,12 +20,19 @@ from google import genai
 from google.genai import types
 
 from moa.benchmark.stats import Sample
+from moa.engine.plan import DEFAULT_AGGREGATE_SYSTEM, DEFAULT_REFERENCE
 
-AGGREGATE = (
-    "You have been provided with a set of responses from various open-source models to the latest user "
-    "query. Your task is to synthesize these responses into a single, high-quality response.\n\n"
-    "Responses from models:"
-)
+AGGREGATOR_PROMPT = "the service's default aggregate_system template with <reference id=N> blocks"
+
+
+def aggregator_messages(prompt: str, answers: list[str]) -> list[dict[str, str]]:
+    """The aggregator's messages: the answers as reference blocks in the system prompt, then the question."""
+    refs = "\n\n".join(
+        DEFAULT_REFERENCE.replace("{index}", str(i)).replace("{text}", text)
+        for i, text in enumerate(answers, start=1)
+    )
+    system = DEFAULT_AGGREGATE_SYSTEM.replace("{references}", refs)
+    return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
 
 
 def _service(headers: object) -> float:
@@ -70,10 +79,8 @@ class Baseline:
                 self._anthropic(prompt),
                 self._gemini(prompt),
             )
-            refs = "\n".join(f"{i}. {text}" for i, (text, _) in enumerate(proposals, start=1))
             _, aggregate_s = await self._openai(
-                "gpt-4.1",
-                [{"role": "system", "content": f"{AGGREGATE}\n{refs}"}, {"role": "user", "content": prompt}],
+                "gpt-4.1", aggregator_messages(prompt, [text for text, _ in proposals])
             )
         except Exception as exc:
             return Sample(e2e_s=time.perf_counter() - t0, ok=False, error=type(exc).__name__)
