@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,10 @@ import pytest
 from rich.progress import Progress
 
 import moa.engine.fusion
-from moa.benchmark.baseline import Baseline, aggregator_messages
+from moa.benchmark.baseline import RETRY, Baseline, aggregator_messages
 from moa.benchmark.runner import HttpTarget, ProcessTree, load_prompts, markdown, run_level, write_report
 from moa.benchmark.stats import Sample, percentile, summarize
-from moa.config import MoAConfig
+from moa.config import MoAConfig, RetryConfig
 from moa.engine.plan import TemplatesConfig
 from moa.engine.prompts import with_references
 from moa.simulator.server import SimulatorServer
@@ -104,12 +105,6 @@ def test_http_target_reads_the_detail_extension(config: MoAConfig, sim: Simulato
     assert cut.ok and cut.met_quorum and cut.cut_straggler and cut.overhead_s is None
 
 
-def test_reports_without_the_newer_columns_still_render() -> None:
-    """The committed older reports predate some columns: they render with "-" there."""
-    old = json.loads((Path(__file__).parents[1] / "docs/bench-results-pass1.json").read_text())
-    assert "| baseline | 1 | 0.1 | 7714 |" in markdown(old)
-
-
 def _simulated(config: MoAConfig, question: str) -> float:
     with _Server(config) as server:
         body = {
@@ -167,3 +162,71 @@ def test_baseline_and_service_send_the_aggregator_the_same_request(
     assert baseline_messages[0]["content"].count("<reference id=") == 3
     # Same proposals, same aggregator request: the same simulated model time (no jitter here).
     assert sample.simulated_s == pytest.approx(service_simulated)
+
+
+def test_baseline_retry_policy_is_the_services_default() -> None:
+    assert vars(RETRY) == RetryConfig().model_dump()
+    base = Baseline("http://127.0.0.1:9")
+    try:
+        assert base.openai.max_retries == 0 and base.anthropic.max_retries == 0
+    finally:
+        asyncio.run(base.aclose())
+
+
+def _requests(sim: SimulatorServer, model: str) -> int:
+    stats = httpx.get(sim.url + "/admin/stats").json()["models"]
+    return int(stats.get(model, {}).get("requests", 0))
+
+
+def _reset(sim: SimulatorServer) -> None:
+    httpx.delete(sim.url + "/admin/faults").raise_for_status()
+    httpx.post(sim.url + "/admin/reset", json={}).raise_for_status()
+
+
+PROPOSERS = ["gpt-4.1-mini", "claude-haiku-4-5", "gemini-2.5-flash"]
+
+
+@pytest.mark.parametrize("model", PROPOSERS)
+def test_a_failed_first_attempt_is_retried_alike_by_both(
+    config: MoAConfig, sim: SimulatorServer, model: str
+) -> None:
+    """One 500 on a proposer: each SDK's call is retried once by the baseline, as by the service."""
+    set_fault(sim, model, error_500={"first_n": 1})
+    sample = asyncio.run(_ask(sim, QUESTION))
+    assert sample.ok and _requests(sim, model) == 2
+    _reset(sim)
+    set_fault(sim, model, error_500={"first_n": 1})
+    _simulated(config, QUESTION)
+    assert _requests(sim, model) == 2
+
+
+@pytest.mark.parametrize("model", PROPOSERS)
+def test_the_baseline_gives_up_after_the_policys_attempts(sim: SimulatorServer, model: str) -> None:
+    set_fault(sim, model, error_500={"first_n": RETRY.max_attempts})
+    sample = asyncio.run(_ask(sim, QUESTION))
+    assert not sample.ok and _requests(sim, model) == RETRY.max_attempts
+
+
+def test_the_baseline_waits_as_retry_after_says(sim: SimulatorServer) -> None:
+    set_fault(sim, "gemini-2.5-flash", error_429={"first_n": 1, "retry_after_s": 0.6})
+    t0 = time.perf_counter()
+    sample = asyncio.run(_ask(sim, QUESTION))
+    assert sample.ok and time.perf_counter() - t0 >= 0.6 and _requests(sim, "gemini-2.5-flash") == 2
+    # A Retry-After past the policy's limit is not waited for.
+    _reset(sim)
+    set_fault(sim, "gemini-2.5-flash", error_429={"first_n": 1, "retry_after_s": RETRY.max_retry_after_s + 1})
+    failed = asyncio.run(_ask(sim, QUESTION))
+    assert not failed.ok and failed.e2e_s < 5 and _requests(sim, "gemini-2.5-flash") == 1
+
+
+def test_the_baseline_deadline_spans_its_attempts(sim: SimulatorServer) -> None:
+    """A hang uses the whole call deadline: there is no time left for another attempt."""
+    set_fault(sim, "gemini-2.5-flash", hang={"rate": 1.0})
+    sample = asyncio.run(_ask(sim, QUESTION, timeout_s=1.0))
+    assert not sample.ok and 0.95 <= sample.e2e_s < 2.0 and _requests(sim, "gemini-2.5-flash") == 1
+
+
+def test_reports_without_the_newer_columns_still_render() -> None:
+    """The committed older reports predate some columns: they render with "-" there."""
+    old = json.loads((Path(__file__).parents[1] / "docs/bench-results-pass1.json").read_text())
+    assert "| baseline | 1 | 0.1 | 7714 |" in markdown(old)

@@ -19,7 +19,7 @@ import httpx
 import psutil
 from rich.progress import Progress
 
-from moa.benchmark.baseline import Baseline
+from moa.benchmark.baseline import AGGREGATOR_PROMPT, RETRY, Baseline
 from moa.benchmark.options import FAULTY_MODEL, SCENARIOS, BenchOptions
 from moa.benchmark.stats import Sample, percentile, summarize
 from moa.config import MoAConfig, load_config
@@ -211,6 +211,8 @@ def _serve(cfg: MoAConfig) -> tuple[str, Callable[[], None]]:
 
 
 FLOOR_REQUESTS = 200
+# The baseline's per-call deadline outside the fault scenarios: the presets' call_timeout_s.
+BASELINE_TIMEOUT_S = 60.0
 
 
 async def measure_floor(url: str, progress: Progress, task: Any) -> list[dict[str, Any]]:
@@ -255,13 +257,19 @@ async def run(opts: BenchOptions) -> dict[str, Any]:
     levels = sum(per_level.values()) * len([t for t in opts.targets if t != "floor"])
     faulted = len(opts.scenarios) * opts.fault_requests * (2 if "baseline" in opts.targets else 1)
     floor = FLOOR_REQUESTS * 4 if "floor" in opts.targets else 0
-    report: dict[str, Any] = {"options": _jsonable(opts), "levels": [], "scenarios": [], "floor": []}
+    report: dict[str, Any] = {
+        "options": _jsonable(opts),
+        "baseline": baseline_metadata(opts),
+        "levels": [],
+        "scenarios": [],
+        "floor": [],
+    }
     stop_serve: Callable[[], None] | None = None
     try:
         with Progress() as progress:
             task = progress.add_task("benchmark", total=levels + faulted + floor)
             if "baseline" in opts.targets:
-                base = Baseline(sim.url)
+                base = Baseline(sim.url, timeout_s=BASELINE_TIMEOUT_S)
                 progress.update(task, description="baseline warm-up")
                 await warm_up(base.ask, prompts)
                 for c in opts.concurrency:
@@ -302,6 +310,15 @@ async def run(opts: BenchOptions) -> dict[str, Any]:
         sim.stop()
     write_report(report, opts.out)
     return report
+
+
+def baseline_metadata(opts: BenchOptions) -> dict[str, Any]:
+    """What the baseline did, so a report says which comparison it made."""
+    return {
+        "aggregator_prompt": AGGREGATOR_PROMPT,
+        "retry": RETRY.describe(),
+        "call_timeout_s": {"levels": BASELINE_TIMEOUT_S, "fault_scenarios": opts.baseline_fault_timeout_s},
+    }
 
 
 def _jsonable(opts: BenchOptions) -> dict[str, Any]:
