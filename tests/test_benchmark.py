@@ -17,7 +17,7 @@ from rich.progress import Progress
 import moa.engine.fusion
 from moa.benchmark.baseline import RETRY, Baseline, aggregator_messages
 from moa.benchmark.runner import HttpTarget, ProcessTree, load_prompts, markdown, run_level, write_report
-from moa.benchmark.stats import Sample, percentile, summarize
+from moa.benchmark.stats import Sample, breakdown, decompose, percentile, summarize
 from moa.config import MoAConfig, RetryConfig
 from moa.engine.plan import TemplatesConfig
 from moa.engine.prompts import with_references
@@ -230,3 +230,60 @@ def test_reports_without_the_newer_columns_still_render() -> None:
     """The committed older reports predate some columns: they render with "-" there."""
     old = json.loads((Path(__file__).parents[1] / "docs/bench-results-pass1.json").read_text())
     assert "| baseline | 1 | 0.1 | 7714 |" in markdown(old)
+
+
+def test_overhead_breakdown_adds_up() -> None:
+    def call(stage: str, started: float, latency: float, sim: float, layer: int | None = 1) -> dict[str, Any]:
+        return {
+            "stage": stage,
+            "layer": layer,
+            "model": "m",
+            "ok": True,
+            "cancelled_straggler": False,
+            "started_s": started,
+            "latency_s": latency,
+            "simulated_service_s": sim,
+        }
+
+    request = {
+        "e2e_s": 2.110,
+        "wall_time_s": 2.100,
+        "simulated_critical_path_s": 1.5 + 0.5,
+        "calls": [
+            call("proposer", 0.002, 1.0, 0.99),
+            call("proposer", 0.002, 1.504, 1.5),  # the slowest: ends at 1.506
+            call("aggregator", 1.512, 0.505, 0.5, layer=None),  # ends at 2.017
+        ],
+    }
+    parts = decompose(request)
+    assert parts is not None
+    assert parts == pytest.approx(
+        {
+            "http_api_ms": 10,
+            "before_first_call_ms": 2,
+            "layer_crossings_ms": 6,
+            "final_call_ms": 83,
+            "exchange_ms": 4 + 5,
+        }
+    )
+    assert sum(parts.values()) == pytest.approx(1000 * (2.110 - 2.0))
+    cut = {**request, "calls": [*request["calls"][:2], {**request["calls"][2], "cancelled_straggler": True}]}
+    assert decompose(cut) is None
+    assert breakdown([request, cut])["split"] == 1
+
+
+def test_http_target_keeps_the_timings_it_is_asked_to(config: MoAConfig, sim: SimulatorServer) -> None:
+    kept: list[dict[str, Any]] = []
+    with _Server(config) as server:
+        sample = asyncio.run(HttpTarget(server.url, "moa-lite", keep=kept).send(QUESTION))
+    [request] = kept
+    parts = decompose(request)
+    assert sample.ok and sample.overhead_s is not None and parts is not None
+    assert sum(parts.values()) == pytest.approx(1000 * sample.overhead_s, abs=0.01)
+    report = {
+        "options": {},
+        "levels": [],
+        "scenarios": [],
+        "details": [{"target": "serve moa-lite", "concurrency": 1, "requests": kept}],
+    }
+    assert "(p50 over 1 of 1 requests)" in markdown(report)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from rich.progress import Progress
 
 from moa.benchmark.baseline import AGGREGATOR_PROMPT, RETRY, Baseline
 from moa.benchmark.options import FAULTY_MODEL, SCENARIOS, BenchOptions
-from moa.benchmark.stats import Sample, percentile, summarize
+from moa.benchmark.stats import BREAKDOWN_PARTS, Sample, breakdown, percentile, summarize, trim_detail
 from moa.config import MoAConfig, load_config
 
 Send = Callable[[str], Awaitable[Sample]]
@@ -126,9 +127,11 @@ async def run_level(
 class HttpTarget:
     """The Serve app over HTTP; the detail extension gives the simulated critical path."""
 
-    def __init__(self, url: str, model: str) -> None:
+    def __init__(self, url: str, model: str, keep: list[dict[str, Any]] | None = None) -> None:
         self.url, self.model = url, model
         self.client = httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=512))
+        # With --details: each answered request's timings, for the overhead breakdown.
+        self.keep = keep
 
     async def send(self, prompt: str) -> Sample:
         body = {
@@ -145,6 +148,8 @@ class HttpTarget:
         if r.status_code != 200:
             return Sample(e2e_s=e2e, ok=False, error=str(r.status_code), met_quorum=False)
         detail = r.json()["moa"]
+        if self.keep is not None:
+            self.keep.append(trim_detail(e2e, detail))
         return Sample(
             e2e_s=e2e,
             ok=True,
@@ -260,9 +265,11 @@ async def run(opts: BenchOptions) -> dict[str, Any]:
     report: dict[str, Any] = {
         "options": _jsonable(opts),
         "baseline": baseline_metadata(opts),
+        "environment": environment(),
         "levels": [],
         "scenarios": [],
         "floor": [],
+        "details": [],
     }
     stop_serve: Callable[[], None] | None = None
     try:
@@ -287,8 +294,15 @@ async def run(opts: BenchOptions) -> dict[str, Any]:
                 await warm_up(target.send, prompts)
                 for c in opts.concurrency:
                     progress.update(task, description=f"serve {model} c={c}")
+                    kept: list[dict[str, Any]] = []
+                    target.keep = kept if opts.details else None
                     row = await run_level(target.send, prompts, c, per_level[c], tree, progress, task)
                     report["levels"].append({"target": f"serve {model}", "concurrency": c, **row})
+                    if opts.details:
+                        report["details"].append(
+                            {"target": f"serve {model}", "concurrency": c, "requests": kept}
+                        )
+                target.keep = None
             for name in opts.scenarios:
                 sim.faults(SCENARIOS[name])
                 progress.update(task, description=f"fault {name}: serve")
@@ -308,8 +322,35 @@ async def run(opts: BenchOptions) -> dict[str, Any]:
         if stop_serve is not None:
             stop_serve()
         sim.stop()
+    # Read at the end: starting the Serve app sets its mode's variables (serve_app.THROUGHPUT_ENV).
+    report["environment"]["env"] = _serve_env()
+    report["environment"]["loadavg_at_end"] = list(os.getloadavg())
     write_report(report, opts.out)
     return report
+
+
+def environment() -> dict[str, Any]:
+    """The machine and mode a run had: the figures mean little without them (other work included)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "python": sys.version.split()[0],
+        "packages": {n: installed(n) for n in ("ray", "openai", "anthropic", "google-genai", "httpx")},
+        "cpus": os.cpu_count(),
+        "loadavg_at_start": list(os.getloadavg()),
+        "env": _serve_env(),
+    }
+
+
+def _serve_env() -> dict[str, str]:
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")}
 
 
 def baseline_metadata(opts: BenchOptions) -> dict[str, Any]:
@@ -373,6 +414,19 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         for r in report["floor"]:
             lines.append(f"| `{r['path']}`: {r['what']} | {_fmt(r['p50_ms'], 2)} | {_fmt(r['p99_ms'], 2)} |")
+    for d in report.get("details", []):
+        b = breakdown(d["requests"])
+        lines += [
+            "",
+            f"| where the overhead goes: {d['target']}, concurrency {d['concurrency']} "
+            f"(p50 over {b['split']} of {b['requests']} requests) | ms |",
+            "|---|---:|",
+        ]
+        lines += [f"| {what} | {_fmt(b['parts_p50_ms'][k], 1)} |" for k, what in BREAKDOWN_PARTS.items()]
+        lines.append(f"| sum of the parts' medians | {_fmt(sum(b['parts_p50_ms'].values()), 1)} |")
+        lines.append(
+            f"| overhead (end-to-end minus simulated critical path) | {_fmt(b['overhead_p50_ms'], 1)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
