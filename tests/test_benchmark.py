@@ -287,3 +287,26 @@ def test_http_target_keeps_the_timings_it_is_asked_to(config: MoAConfig, sim: Si
         "details": [{"target": "serve moa-lite", "concurrency": 1, "requests": kept}],
     }
     assert "(p50 over 1 of 1 requests)" in markdown(report)
+
+
+def test_profile_buckets_raw_stacks() -> None:
+    from moa.benchmark.profile import summarize_raw
+
+    py = "/usr/lib/python3.11"
+    site = "/venv/lib/python3.11/site-packages"
+    raw = "\n".join(
+        [
+            f"main (/app/serve_app.py:1);Worker.main_loop ({site}/ray/_private/worker.py:9) 6",
+            f"run ({py}/asyncio/base_events.py:1);call (/app/moa/engine/engine.py:3);"
+            f"create ({site}/openai/resources/chat.py:5) 3",
+            f"run ({py}/asyncio/base_events.py:1);_record ({site}/ray/serve/_private/metrics.py:2) 1",
+            "not a stack line",
+        ]
+    )
+    s = summarize_raw(raw, rate=100)
+    assert s["samples"] == 10 and s["sampled_thread_s"] == pytest.approx(0.1)
+    assert s["self_share"]["Ray core"] == pytest.approx(0.6)
+    assert s["self_share"]["LLM SDKs + HTTP clients"] == pytest.approx(0.3)
+    assert s["self_share"]["Ray Serve"] == pytest.approx(0.1)
+    # Inclusive: the SDK call under the engine counts, and so does the main script.
+    assert s["project_inclusive_share"] == pytest.approx(0.9)
