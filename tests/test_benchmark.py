@@ -304,7 +304,7 @@ def test_profile_buckets_raw_stacks() -> None:
         ]
     )
     s = summarize_raw(raw, rate=100)
-    assert s["samples"] == 10 and s["sampled_thread_s"] == pytest.approx(0.1)
+    assert s["samples"] == 10 and s["python_s"] == pytest.approx(0.1)
     assert s["self_share"]["Ray core"] == pytest.approx(0.6)
     assert s["self_share"]["LLM SDKs + HTTP clients"] == pytest.approx(0.3)
     assert s["self_share"]["Ray Serve"] == pytest.approx(0.1)

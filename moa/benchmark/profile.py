@@ -3,21 +3,26 @@ the HTTP proxy while ``moa bench`` runs, the raw stacks kept, their frames bucke
 
     python -m moa.benchmark.profile --out DIR [--duration 25] [--rate 200] -- BENCH ARGS...
 
-starts ``moa bench BENCH ARGS`` (the ``moa`` app's replicas must come up), waits ``--delay``
-seconds after they do, then runs ``py-spy record --nonblocking --format raw`` on each of them and
-on the proxy for ``--duration`` seconds at ``--rate`` Hz. It writes the raw stacks
-(``DIR/<process>.txt``), the bench's own results and ``DIR/profile.json``; ``--summarize DIR``
-renders the table again from the raw files.
+starts ``moa bench BENCH ARGS`` (the ``moa`` app's replicas must come up) and waits until the
+simulator has served the warm-up request, so the window covers the measured load; then, for
+``--duration`` seconds, it runs ``py-spy record --gil --nonblocking --format raw`` at ``--rate``
+Hz on each replica and on the proxy, and reads each process's CPU seconds at both ends. It writes
+the raw stacks (``DIR/<process>.txt``), the bench's results (``DIR/bench/``) and
+``DIR/profile.json``; ``--summarize`` renders the table again from the raw files.
 
-Buckets: a sample's leaf frame (the function on CPU) decides its "self" bucket; the project's
-share is inclusive (any frame of ``moa/``, ``actors/``, ``observability/`` or ``serve_app.py`` on
-the stack). Without ``--native`` a thread inside Ray's C++ core worker shows as its Python caller,
-which for a replica's main thread is ``Worker.main_loop``: that is the "Ray core" bucket.
+What the figures mean: "CPU s" is the process's user + system time over the window. ``--gil``
+samples only the thread holding Python's GIL, so "Python s" (samples / rate) is time spent running
+Python code or C code called from it (pickle, pydantic-core); the rest of the CPU ("outside
+Python") is threads that run without the GIL: Ray's C++ core worker and its gRPC threads. (Without
+``--gil``, py-spy cannot tell a thread waiting inside C++ from one working there, and the waits
+dominate.) The Python samples are bucketed by their leaf frame's file; the project's share is
+inclusive (any frame of ``moa/``, ``actors/``, ``observability/`` or ``serve_app.py`` on the stack).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import re
 import shutil
@@ -86,7 +91,7 @@ def summarize_raw(text: str, rate: float) -> dict[str, Any]:
     names = [n for n, _ in BUCKETS] + ["other"]
     return {
         "samples": total,
-        "sampled_thread_s": total / rate,
+        "python_s": total / rate,
         "self_share": {n: self_counts[n] / total if total else 0.0 for n in names},
         "project_inclusive_share": project / total if total else 0.0,
     }
@@ -98,12 +103,16 @@ def _num(v: float | None) -> str:
 
 def markdown(profile: dict[str, Any]) -> str:
     names = [n for n, _ in BUCKETS] + ["other"]
-    head = "| process | CPU s | thread-s sampled | project (inclusive) | " + " | ".join(names) + " |"
-    lines = [head, "|---|" + "---:|" * (len(names) + 3)]
+    head = "| process | CPU s | Python s (GIL held) | outside Python | project (inclusive) | " + " | ".join(
+        names
+    )
+    lines = [head + " |", "|---|" + "---:|" * (len(names) + 4)]
     for name, p in profile["processes"].items():
+        cpu, py = p.get("cpu_s"), p["python_s"]
+        outside = "-" if cpu is None else f"{max(cpu - py, 0.0):.1f}"
         shares = " | ".join(f"{100 * p['self_share'][n]:.0f}%" for n in names)
         lines.append(
-            f"| {name} | {_num(p.get('cpu_s'))} | {p['sampled_thread_s']:.1f} "
+            f"| {name} | {_num(cpu)} | {py:.1f} | {outside} "
             f"| {100 * p['project_inclusive_share']:.0f}% | {shares} |"
         )
     return "\n".join(lines) + "\n"
@@ -127,6 +136,29 @@ def _processes(root: int) -> dict[str, int]:
     return found
 
 
+def _load_started(root: int, procs: dict[str, int]) -> bool:
+    """The app is up and the simulator has served the warm-up request (a proposer layer and an
+    aggregator): the measured requests follow at once."""
+    import httpx
+    import psutil
+
+    if "ingress" not in procs or "proxy" not in procs or sum(k.startswith("provider") for k in procs) < 3:
+        return False
+    for proc in psutil.Process(root).children(recursive=True):
+        try:
+            args = proc.cmdline()
+        except psutil.Error:
+            continue
+        if "simulate" in args and "--port" in args:
+            port = args[args.index("--port") + 1]
+            try:
+                stats = httpx.get(f"http://127.0.0.1:{port}/admin/stats", timeout=2).json()
+            except httpx.HTTPError:
+                return False
+            return int(stats.get("total_requests", 0)) >= 4
+    return False
+
+
 def _cpu(procs: dict[str, int]) -> dict[str, float]:
     import psutil
 
@@ -140,14 +172,21 @@ def _cpu(procs: dict[str, int]) -> dict[str, float]:
     return used
 
 
-def summarize_dir(out: Path, rate: float) -> dict[str, Any]:
+def summarize_dir(out: Path, rate: float | None = None) -> dict[str, Any]:
+    """The table's figures from a profile directory's raw stacks (``*.txt``, or ``*.txt.gz``)."""
     meta = json.loads((out / "profile.json").read_text()) if (out / "profile.json").exists() else {}
+    rate = rate or meta.get("rate", 200)
+    raw = {f.name.split(".")[0]: f for f in sorted([*out.glob("*.txt"), *out.glob("*.txt.gz")])}
+    raw.pop("bench", None)
     meta["processes"] = {
-        f.stem: {**summarize_raw(f.read_text(), rate), "cpu_s": meta.get("cpu_s", {}).get(f.stem)}
-        for f in sorted(out.glob("*.txt"))
-        if f.stem != "bench"
+        name: {**summarize_raw(_read(f), rate), "cpu_s": meta.get("cpu_s", {}).get(name)}
+        for name, f in raw.items()
     }
     return meta
+
+
+def _read(path: Path) -> str:
+    return gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,12 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--duration", type=int, default=25)
     p.add_argument("--rate", type=int, default=200)
-    p.add_argument("--delay", type=float, default=5.0, help="seconds after the replicas are up")
     p.add_argument("--summarize", action="store_true", help="only render the table from --out's raw files")
     p.add_argument("bench", nargs=argparse.REMAINDER, help="-- then the moa bench arguments")
     args = p.parse_args(argv)
     if args.summarize:
-        print(markdown(summarize_dir(args.out, args.rate)))
+        print(markdown(summarize_dir(args.out)))
         return 0
     bench_args = [a for a in args.bench if a != "--"]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -168,19 +206,18 @@ def main(argv: list[str] | None = None) -> int:
     with (args.out / "bench.txt").open("w") as log:
         bench = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 600
         procs: dict[str, int] = {}
         while time.monotonic() < deadline and bench.poll() is None:
             procs = _processes(bench.pid)
-            if "ingress" in procs and "proxy" in procs and sum(k.startswith("provider") for k in procs) >= 3:
+            if _load_started(bench.pid, procs):
                 break
-            time.sleep(1)
+            time.sleep(0.5)
         else:
-            raise RuntimeError(f"the moa app's replicas did not come up (found: {sorted(procs)})")
-        time.sleep(args.delay)
+            raise RuntimeError(f"the load did not start (replicas found: {sorted(procs)})")
         procs = _processes(bench.pid)
         cpu0 = _cpu(procs)
-        spy_args = [PY_SPY, "record", "--nonblocking", "--full-filenames", "--format", "raw"]
+        spy_args = [PY_SPY, "record", "--gil", "--nonblocking", "--full-filenames", "--format", "raw"]
         spy_args += ["-r", str(args.rate), "-d", str(args.duration)]
         spies = {
             name: subprocess.Popen(
@@ -200,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.wait(60)
     meta = {
         "command": "python -m moa.benchmark.profile " + " ".join(sys.argv[1:] if argv is None else argv),
-        "py_spy": f"record --nonblocking --full-filenames --format raw -r {args.rate} -d {args.duration}",
+        "py_spy": " ".join(spy_args[1:]),
         "pids": procs,
         # Each process's user + system CPU seconds while it was sampled (py-spy's own cost included).
         "cpu_s": cpu,
