@@ -5,17 +5,28 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from rich.progress import Progress
 
-from moa.benchmark.baseline import Baseline
-from moa.benchmark.runner import HttpTarget, ProcessTree, load_prompts, run_level, write_report
-from moa.benchmark.stats import Sample, percentile, summarize
-from moa.config import MoAConfig
+import moa.engine.fusion
+from moa.benchmark.baseline import RETRY, Baseline, aggregator_messages
+from moa.benchmark.runner import HttpTarget, ProcessTree, load_prompts, markdown, run_level, write_report
+from moa.benchmark.stats import Sample, breakdown, decompose, percentile, summarize
+from moa.config import MoAConfig, RetryConfig
+from moa.engine.plan import TemplatesConfig
+from moa.engine.prompts import with_references
 from moa.simulator.server import SimulatorServer
+from moa.simulator.text import compose
+from moa.types import ChatMessage
 from tests.test_api import _Server, set_fault
+
+QUESTION = "How does a compiler work?"
 
 
 def test_prompt_files_in_both_formats(tmp_path: Path) -> None:
@@ -45,6 +56,25 @@ def test_statistics() -> None:
     assert s["rps"] == 1.5 and s["p99_ms"] == 3000  # failures count with the time they took
     assert s["overhead_p50_ms"] == pytest.approx(50) and s["overhead_p99_ms"] == pytest.approx(100)
     assert s["cpu_ms_per_request"] == pytest.approx(100) and s["quorum_met_share"] == pytest.approx(2 / 4)
+    # The work done, and end-to-end time per unit of it (cut stragglers left out, as for overhead).
+    assert s["simulated_p50_ms"] == pytest.approx(900)
+    assert s["e2e_per_simulated_p50"] == pytest.approx(2 / 1.95)  # of 1/0.9 and 2/1.95
+
+
+def _dicts(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def test_baseline_aggregator_prompt_is_the_services() -> None:
+    """Written separately, rendered the same: the service's system prompt, reference blocks and all."""
+    answers = ["First {answer} with braces.", "Second,\nover two lines.", "Third."]
+    ours = aggregator_messages(QUESTION, answers)
+    service = with_references([ChatMessage(role="user", content=QUESTION)], answers, TemplatesConfig())
+    assert ours == _dicts(service)
+    assert '<reference id="3">\nThird.\n</reference>' in ours[0]["content"]
+    # ... which the simulator answers as an aggregation of all three.
+    answer = compose("gpt-4.1", "structured", tuple((m["role"], m["content"]) for m in ours), None, None)
+    assert answer.startswith("Synthesis of 3 references (merged: 1, 2, 3).")
 
 
 async def test_baseline_and_report(sim: SimulatorServer, tmp_path: Path) -> None:
@@ -90,3 +120,210 @@ def test_auth_overhead_bench_runs_open_key_and_budget_side_by_side(tmp_path: Pat
     assert "| key+budget | 1 |" in (tmp_path / "auth-overhead.md").read_text()
     alone = {r["variant"]: r for r in report["checks_alone"]}
     assert set(alone) == set(rows) and all(r["p50_ms"] > 0 for r in alone.values())
+
+
+def _simulated(config: MoAConfig, question: str) -> float:
+    with _Server(config) as server:
+        body = {
+            "model": "moa-lite",
+            "messages": [{"role": "user", "content": question}],
+            "moa": {"detail": True},
+        }
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+    r.raise_for_status()
+    return float(r.json()["moa"]["totals"]["simulated_critical_path_s"])
+
+
+async def _ask(sim: SimulatorServer, question: str, timeout_s: float = 60.0) -> Sample:
+    base = Baseline(sim.url, timeout_s=timeout_s)
+    try:
+        return await base.ask(question)
+    finally:
+        await base.aclose()
+
+
+def test_baseline_and_service_send_the_aggregator_the_same_request(
+    config: MoAConfig, sim: SimulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """For the same proposals both aggregators get the same messages, so they do the same work."""
+    seen: list[list[dict[str, str]]] = []
+
+    def recording(messages: Sequence[ChatMessage], answers: Sequence[str], *a: Any, **k: Any) -> Any:
+        out = with_references(messages, answers, *a, **k)
+        seen.append(_dicts(out))
+        return out
+
+    monkeypatch.setattr(moa.engine.fusion, "with_references", recording)
+    service_simulated = _simulated(config, QUESTION)
+    base = Baseline(sim.url)
+    sent: list[tuple[str, list[dict[str, str]]]] = []
+    original = base._openai
+
+    async def openai_call(model: str, messages: list[dict[str, str]]) -> tuple[str, float]:
+        sent.append((model, messages))
+        return await original(model, messages)
+
+    base._openai = openai_call  # type: ignore[method-assign]
+
+    async def ask() -> Sample:
+        try:
+            return await base.ask(QUESTION)
+        finally:
+            await base.aclose()
+
+    sample = asyncio.run(ask())
+    assert sample.ok
+    [service_messages] = seen
+    [baseline_messages] = [msgs for m, msgs in sent if m == "gpt-4.1"]
+    assert baseline_messages == service_messages
+    assert baseline_messages[0]["content"].count("<reference id=") == 3
+    # Same proposals, same aggregator request: the same simulated model time (no jitter here).
+    assert sample.simulated_s == pytest.approx(service_simulated)
+
+
+def test_baseline_retry_policy_is_the_services_default() -> None:
+    assert vars(RETRY) == RetryConfig().model_dump()
+    base = Baseline("http://127.0.0.1:9")
+    try:
+        assert base.openai.max_retries == 0 and base.anthropic.max_retries == 0
+    finally:
+        asyncio.run(base.aclose())
+
+
+def _requests(sim: SimulatorServer, model: str) -> int:
+    stats = httpx.get(sim.url + "/admin/stats").json()["models"]
+    return int(stats.get(model, {}).get("requests", 0))
+
+
+def _reset(sim: SimulatorServer) -> None:
+    httpx.delete(sim.url + "/admin/faults").raise_for_status()
+    httpx.post(sim.url + "/admin/reset", json={}).raise_for_status()
+
+
+PROPOSERS = ["gpt-4.1-mini", "claude-haiku-4-5", "gemini-2.5-flash"]
+
+
+@pytest.mark.parametrize("model", PROPOSERS)
+def test_a_failed_first_attempt_is_retried_alike_by_both(
+    config: MoAConfig, sim: SimulatorServer, model: str
+) -> None:
+    """One 500 on a proposer: each SDK's call is retried once by the baseline, as by the service."""
+    set_fault(sim, model, error_500={"first_n": 1})
+    sample = asyncio.run(_ask(sim, QUESTION))
+    assert sample.ok and _requests(sim, model) == 2
+    _reset(sim)
+    set_fault(sim, model, error_500={"first_n": 1})
+    _simulated(config, QUESTION)
+    assert _requests(sim, model) == 2
+
+
+@pytest.mark.parametrize("model", PROPOSERS)
+def test_the_baseline_gives_up_after_the_policys_attempts(sim: SimulatorServer, model: str) -> None:
+    set_fault(sim, model, error_500={"first_n": RETRY.max_attempts})
+    sample = asyncio.run(_ask(sim, QUESTION))
+    assert not sample.ok and _requests(sim, model) == RETRY.max_attempts
+
+
+def test_the_baseline_waits_as_retry_after_says(sim: SimulatorServer) -> None:
+    set_fault(sim, "gemini-2.5-flash", error_429={"first_n": 1, "retry_after_s": 0.6})
+    t0 = time.perf_counter()
+    sample = asyncio.run(_ask(sim, QUESTION))
+    assert sample.ok and time.perf_counter() - t0 >= 0.6 and _requests(sim, "gemini-2.5-flash") == 2
+    # A Retry-After past the policy's limit is not waited for.
+    _reset(sim)
+    set_fault(sim, "gemini-2.5-flash", error_429={"first_n": 1, "retry_after_s": RETRY.max_retry_after_s + 1})
+    failed = asyncio.run(_ask(sim, QUESTION))
+    assert not failed.ok and failed.e2e_s < 5 and _requests(sim, "gemini-2.5-flash") == 1
+
+
+def test_the_baseline_deadline_spans_its_attempts(sim: SimulatorServer) -> None:
+    """A hang uses the whole call deadline: there is no time left for another attempt."""
+    set_fault(sim, "gemini-2.5-flash", hang={"rate": 1.0})
+    sample = asyncio.run(_ask(sim, QUESTION, timeout_s=1.0))
+    assert not sample.ok and 0.95 <= sample.e2e_s < 2.0 and _requests(sim, "gemini-2.5-flash") == 1
+
+
+def test_reports_without_the_newer_columns_still_render() -> None:
+    """The committed older reports predate some columns: they render with "-" there."""
+    old = json.loads((Path(__file__).parents[1] / "docs/bench-results-pass1.json").read_text())
+    assert "| baseline | 1 | 0.1 | 7714 |" in markdown(old)
+
+
+def test_overhead_breakdown_adds_up() -> None:
+    def call(stage: str, started: float, latency: float, sim: float, layer: int | None = 1) -> dict[str, Any]:
+        return {
+            "stage": stage,
+            "layer": layer,
+            "model": "m",
+            "ok": True,
+            "cancelled_straggler": False,
+            "started_s": started,
+            "latency_s": latency,
+            "simulated_service_s": sim,
+        }
+
+    request = {
+        "e2e_s": 2.110,
+        "wall_time_s": 2.100,
+        "simulated_critical_path_s": 1.5 + 0.5,
+        "calls": [
+            call("proposer", 0.002, 1.0, 0.99),
+            call("proposer", 0.002, 1.504, 1.5),  # the slowest: ends at 1.506
+            call("aggregator", 1.512, 0.505, 0.5, layer=None),  # ends at 2.017
+        ],
+    }
+    parts = decompose(request)
+    assert parts is not None
+    assert parts == pytest.approx(
+        {
+            "http_api_ms": 10,
+            "before_first_call_ms": 2,
+            "layer_crossings_ms": 6,
+            "final_call_ms": 83,
+            "exchange_ms": 4 + 5,
+        }
+    )
+    assert sum(parts.values()) == pytest.approx(1000 * (2.110 - 2.0))
+    cut = {**request, "calls": [*request["calls"][:2], {**request["calls"][2], "cancelled_straggler": True}]}
+    assert decompose(cut) is None
+    assert breakdown([request, cut])["split"] == 1
+
+
+def test_http_target_keeps_the_timings_it_is_asked_to(config: MoAConfig, sim: SimulatorServer) -> None:
+    kept: list[dict[str, Any]] = []
+    with _Server(config) as server:
+        sample = asyncio.run(HttpTarget(server.url, "moa-lite", keep=kept).send(QUESTION))
+    [request] = kept
+    parts = decompose(request)
+    assert sample.ok and sample.overhead_s is not None and parts is not None
+    assert sum(parts.values()) == pytest.approx(1000 * sample.overhead_s, abs=0.01)
+    report = {
+        "options": {},
+        "levels": [],
+        "scenarios": [],
+        "details": [{"target": "serve moa-lite", "concurrency": 1, "requests": kept}],
+    }
+    assert "(p50 over 1 of 1 requests)" in markdown(report)
+
+
+def test_profile_buckets_raw_stacks() -> None:
+    from moa.benchmark.profile import summarize_raw
+
+    py = "/usr/lib/python3.11"
+    site = "/venv/lib/python3.11/site-packages"
+    raw = "\n".join(
+        [
+            f"main (/app/serve_app.py:1);Worker.main_loop ({site}/ray/_private/worker.py:9) 6",
+            f"run ({py}/asyncio/base_events.py:1);call (/app/moa/engine/engine.py:3);"
+            f"create ({site}/openai/resources/chat.py:5) 3",
+            f"run ({py}/asyncio/base_events.py:1);_record ({site}/ray/serve/_private/metrics.py:2) 1",
+            "not a stack line",
+        ]
+    )
+    s = summarize_raw(raw, rate=100)
+    assert s["samples"] == 10 and s["python_s"] == pytest.approx(0.1)
+    assert s["self_share"]["Ray core"] == pytest.approx(0.6)
+    assert s["self_share"]["LLM SDKs + HTTP clients"] == pytest.approx(0.3)
+    assert s["self_share"]["Ray Serve"] == pytest.approx(0.1)
+    # Inclusive: the SDK call under the engine counts, and so does the main script.
+    assert s["project_inclusive_share"] == pytest.approx(0.9)

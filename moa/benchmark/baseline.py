@@ -1,29 +1,113 @@
 """The comparison point: Mixture-of-Agents as in the original MoA quick start.
 
 One Python process, ``asyncio.gather`` over the official SDK clients for the proposers, then one
-aggregator call with the answers pasted into its system prompt. No quorum, no deadline beyond
-the SDK client's timeout, no fallbacks: it waits for every proposer. Written independently of the
-project's engine on purpose.
+aggregator call with the answers pasted into its system prompt. No quorum, no fallbacks: it waits
+for every proposer. Written independently of the project's engine on purpose; two things are
+deliberately the same as the service's, so both sides do the same work:
+
+- the aggregator's prompt has the service's shape: its default aggregation template with each
+  answer in a ``<reference id="N">`` block (only the template strings are shared, the rendering is
+  written here), so the simulator answers both aggregators alike;
+- every call follows one explicit retry policy, the service's default (``RetryConfig``): the SDKs'
+  own retries are off, and this module retries 408/429/5xx, timeouts and connection failures up to
+  3 attempts in all, waiting as ``Retry-After`` says (up to 30 s) or else a jittered exponential
+  backoff (uniform in [0, min(8 s, 0.25 s x 2^(n-1))]), all inside one deadline per call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import inspect
+import random
 import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
 
 import anthropic
+import httpx
 import openai
 from google import genai
+from google.genai import errors as genai_errors
 from google.genai import types
 
 from moa.benchmark.stats import Sample
+from moa.config import RetryConfig
+from moa.engine.plan import DEFAULT_AGGREGATE_SYSTEM, DEFAULT_REFERENCE
 
-AGGREGATE = (
-    "You have been provided with a set of responses from various open-source models to the latest user "
-    "query. Your task is to synthesize these responses into a single, high-quality response.\n\n"
-    "Responses from models:"
-)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int
+    backoff_base_s: float
+    backoff_max_s: float
+    max_retry_after_s: float
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "retried": "HTTP 408, 429 and 5xx, timeouts, connection failures",
+            "wait": "Retry-After when given (failing at once past max_retry_after_s), else uniform in "
+            "[0, min(backoff_max_s, backoff_base_s * 2^(attempt-1))]",
+            "deadline": "one per call, across its attempts (the client timeout)",
+            "sdk_retries": "off (OpenAI and Anthropic max_retries=0, google-genai attempts=1)",
+        }
+
+
+# The service's default policy (moa.config.RetryConfig), for all three SDKs alike.
+RETRY = RetryPolicy(**RetryConfig().model_dump())
+AGGREGATOR_PROMPT = "the service's default aggregate_system template with <reference id=N> blocks"
+
+try:
+    import aiohttp
+
+    _TRANSPORT: tuple[type[BaseException], ...] = (httpx.TransportError, aiohttp.ClientError)
+except ImportError:  # pragma: no cover - google-genai falls back to httpx without it
+    _TRANSPORT = (httpx.TransportError,)
+
+
+def aggregator_messages(prompt: str, answers: list[str]) -> list[dict[str, str]]:
+    """The aggregator's messages: the answers as reference blocks in the system prompt, then the question."""
+    refs = "\n\n".join(
+        DEFAULT_REFERENCE.replace("{index}", str(i)).replace("{text}", text)
+        for i, text in enumerate(answers, start=1)
+    )
+    system = DEFAULT_AGGREGATE_SYSTEM.replace("{references}", refs)
+    return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+
+
+def _retry_after(headers: Mapping[str, str] | None) -> float | None:
+    value = headers.get("retry-after") if headers is not None else None
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        return max(email.utils.parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
+    except (TypeError, ValueError):
+        return None
+
+
+def retryable(exc: BaseException) -> tuple[bool, float | None]:
+    """Whether a failed attempt is worth another, and the server's Retry-After if it gave one."""
+    status: int | None = None
+    headers: Mapping[str, str] | None = None
+    if isinstance(exc, openai.APIStatusError | anthropic.APIStatusError):
+        status, headers = exc.status_code, exc.response.headers
+    elif isinstance(exc, genai_errors.APIError):
+        status, headers = exc.code, getattr(exc.response, "headers", None)
+    elif isinstance(exc, openai.APIConnectionError | anthropic.APIConnectionError):
+        return True, None  # includes the SDKs' timeouts
+    elif isinstance(exc, TimeoutError | _TRANSPORT):
+        return True, None
+    if status is None:
+        return False, None
+    return status in (408, 429) or status >= 500, _retry_after(headers)
 
 
 def _service(headers: object) -> float:
@@ -34,33 +118,92 @@ def _service(headers: object) -> float:
 class Baseline:
     """Three proposers (OpenAI, Anthropic, Gemini models) and an OpenAI aggregator."""
 
-    def __init__(self, sim_url: str, timeout_s: float = 60.0) -> None:
-        self.openai = openai.AsyncOpenAI(base_url=sim_url + "/v1", api_key="bench", timeout=timeout_s)
-        self.anthropic = anthropic.AsyncAnthropic(base_url=sim_url, api_key="bench", timeout=timeout_s)
+    def __init__(self, sim_url: str, timeout_s: float = 60.0, retry: RetryPolicy = RETRY) -> None:
+        self.timeout_s, self.retry = timeout_s, retry
+        self.openai = openai.AsyncOpenAI(
+            base_url=sim_url + "/v1", api_key="bench", timeout=timeout_s, max_retries=0
+        )
+        self.anthropic = anthropic.AsyncAnthropic(
+            base_url=sim_url, api_key="bench", timeout=timeout_s, max_retries=0
+        )
         self.gemini = genai.Client(
             api_key="bench",
             http_options=types.HttpOptions(
-                base_url=sim_url, api_version="v1beta", timeout=int(timeout_s * 1000)
+                base_url=sim_url,
+                api_version="v1beta",
+                timeout=int(timeout_s * 1000),
+                retry_options=types.HttpRetryOptions(attempts=1),
             ),
         )
 
+    async def _with_retries(self, attempt: Callable[[float], Awaitable[T]]) -> T:
+        """Run ``attempt(seconds_left)`` under the retry policy, inside one deadline for the call."""
+        deadline = time.monotonic() + self.timeout_s
+        tries = 0
+        while True:
+            tries += 1
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the call's deadline passed")
+            try:
+                async with asyncio.timeout(left):
+                    return await attempt(left)
+            except Exception as exc:
+                again, retry_after = retryable(exc)
+                if not again or tries >= self.retry.max_attempts:
+                    raise
+                if retry_after is not None:
+                    if retry_after > self.retry.max_retry_after_s:
+                        raise
+                    delay = retry_after
+                else:
+                    cap = min(self.retry.backoff_max_s, self.retry.backoff_base_s * 2 ** (tries - 1))
+                    delay = random.uniform(0, cap)
+                if time.monotonic() + delay >= deadline:
+                    raise
+                await asyncio.sleep(delay)
+
     async def _openai(self, model: str, messages: list[dict[str, str]]) -> tuple[str, float]:
-        raw = await self.openai.chat.completions.with_raw_response.create(model=model, messages=messages)  # type: ignore[arg-type]
-        return raw.parse().choices[0].message.content or "", _service(raw.headers)
+        async def once(left: float) -> tuple[str, float]:
+            raw = await self.openai.chat.completions.with_raw_response.create(
+                model=model,
+                messages=messages,  # type: ignore[arg-type]
+                timeout=left,
+            )
+            return raw.parse().choices[0].message.content or "", _service(raw.headers)
+
+        return await self._with_retries(once)
 
     async def _anthropic(self, prompt: str) -> tuple[str, float]:
-        raw = await self.anthropic.messages.with_raw_response.create(
-            model="claude-haiku-4-5", max_tokens=1024, messages=[{"role": "user", "content": prompt}]
-        )
-        parsed = raw.parse()
-        message = await parsed if inspect.isawaitable(parsed) else parsed
-        text = "".join(getattr(b, "text", "") for b in message.content if b.type == "text")
-        return text, _service(raw.headers)
+        async def once(left: float) -> tuple[str, float]:
+            raw = await self.anthropic.messages.with_raw_response.create(
+                model="claude-haiku-4-5",
+                max_tokens=1024,
+                messages=[{"role": "user", "content": prompt}],
+                timeout=left,
+            )
+            parsed = raw.parse()
+            message = await parsed if inspect.isawaitable(parsed) else parsed
+            text = "".join(getattr(b, "text", "") for b in message.content if b.type == "text")
+            return text, _service(raw.headers)
+
+        return await self._with_retries(once)
 
     async def _gemini(self, prompt: str) -> tuple[str, float]:
-        r = await self.gemini.aio.models.generate_content(model="gemini-2.5-flash", contents=prompt)
-        headers = r.sdk_http_response.headers if r.sdk_http_response else None
-        return r.text or "", _service(headers)
+        async def once(left: float) -> tuple[str, float]:
+            r = await self.gemini.aio.models.generate_content(
+                model="gemini-2.5-flash",
+                contents=prompt,
+                config=types.GenerateContentConfig(
+                    http_options=types.HttpOptions(
+                        timeout=max(int(left * 1000), 1), retry_options=types.HttpRetryOptions(attempts=1)
+                    )
+                ),
+            )
+            headers = r.sdk_http_response.headers if r.sdk_http_response else None
+            return r.text or "", _service(headers)
+
+        return await self._with_retries(once)
 
     async def ask(self, prompt: str) -> Sample:
         t0 = time.perf_counter()
@@ -70,10 +213,8 @@ class Baseline:
                 self._anthropic(prompt),
                 self._gemini(prompt),
             )
-            refs = "\n".join(f"{i}. {text}" for i, (text, _) in enumerate(proposals, start=1))
             _, aggregate_s = await self._openai(
-                "gpt-4.1",
-                [{"role": "system", "content": f"{AGGREGATE}\n{refs}"}, {"role": "user", "content": prompt}],
+                "gpt-4.1", aggregator_messages(prompt, [text for text, _ in proposals])
             )
         except Exception as exc:
             return Sample(e2e_s=time.perf_counter() - t0, ok=False, error=type(exc).__name__)

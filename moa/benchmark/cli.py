@@ -90,6 +90,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=None,
         help="with --auth-overhead: keep the keys in this Redis (it is flushed!) instead of SQLite",
     )
+    p.add_argument(
+        "--details",
+        action="store_true",
+        help="keep each Serve request's per-call timings in results.json and break its overhead down",
+    )
     p.add_argument("--out", type=Path, default=d.out, help="where results.json, results.md and bench.png go")
     p.set_defaults(func=run_cli)
 
@@ -135,6 +140,7 @@ def run_cli(args: argparse.Namespace) -> int:
         layer_deadline_s=args.layer_deadline,
         baseline_fault_timeout_s=args.baseline_timeout,
         out=args.out,
+        details=args.details,
     )
     report = asyncio.run(run(opts))
     print(markdown(report))

@@ -37,4 +37,6 @@ class BenchOptions:
     layer_deadline_s: float = 30.0
     baseline_fault_timeout_s: float = 10.0
     out: Path = Path("bench-results")
+    # Keep each Serve request's per-call timings (from moa.detail) and break its overhead down.
+    details: bool = False
     results: list[dict[str, Any]] = field(default_factory=list)

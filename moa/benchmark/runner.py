@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -19,9 +20,9 @@ import httpx
 import psutil
 from rich.progress import Progress
 
-from moa.benchmark.baseline import Baseline
+from moa.benchmark.baseline import AGGREGATOR_PROMPT, RETRY, Baseline
 from moa.benchmark.options import FAULTY_MODEL, SCENARIOS, BenchOptions
-from moa.benchmark.stats import Sample, percentile, summarize
+from moa.benchmark.stats import BREAKDOWN_PARTS, Sample, breakdown, percentile, summarize, trim_detail
 from moa.config import MoAConfig, load_config
 
 Send = Callable[[str], Awaitable[Sample]]
@@ -126,12 +127,20 @@ async def run_level(
 class HttpTarget:
     """The Serve app over HTTP; the detail extension gives the simulated critical path."""
 
-    def __init__(self, url: str, model: str, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        keep: list[dict[str, Any]] | None = None,
+        api_key: str | None = None,
+    ) -> None:
         self.url, self.model = url, model
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.AsyncClient(
             timeout=120, limits=httpx.Limits(max_connections=512), headers=headers
         )
+        # With --details: each answered request's timings, for the overhead breakdown.
+        self.keep = keep
 
     async def send(self, prompt: str) -> Sample:
         body = {
@@ -148,6 +157,8 @@ class HttpTarget:
         if r.status_code != 200:
             return Sample(e2e_s=e2e, ok=False, error=str(r.status_code), met_quorum=False)
         detail = r.json()["moa"]
+        if self.keep is not None:
+            self.keep.append(trim_detail(e2e, detail))
         return Sample(
             e2e_s=e2e,
             ok=True,
@@ -214,6 +225,8 @@ def _serve(cfg: MoAConfig) -> tuple[str, Callable[[], None]]:
 
 
 FLOOR_REQUESTS = 200
+# The baseline's per-call deadline outside the fault scenarios: the presets' call_timeout_s.
+BASELINE_TIMEOUT_S = 60.0
 
 
 async def measure_floor(url: str, progress: Progress, task: Any) -> list[dict[str, Any]]:
@@ -258,13 +271,21 @@ async def run(opts: BenchOptions) -> dict[str, Any]:
     levels = sum(per_level.values()) * len([t for t in opts.targets if t != "floor"])
     faulted = len(opts.scenarios) * opts.fault_requests * (2 if "baseline" in opts.targets else 1)
     floor = FLOOR_REQUESTS * 4 if "floor" in opts.targets else 0
-    report: dict[str, Any] = {"options": _jsonable(opts), "levels": [], "scenarios": [], "floor": []}
+    report: dict[str, Any] = {
+        "options": _jsonable(opts),
+        "baseline": baseline_metadata(opts),
+        "environment": environment(),
+        "levels": [],
+        "scenarios": [],
+        "floor": [],
+        "details": [],
+    }
     stop_serve: Callable[[], None] | None = None
     try:
         with Progress() as progress:
             task = progress.add_task("benchmark", total=levels + faulted + floor)
             if "baseline" in opts.targets:
-                base = Baseline(sim.url)
+                base = Baseline(sim.url, timeout_s=BASELINE_TIMEOUT_S)
                 progress.update(task, description="baseline warm-up")
                 await warm_up(base.ask, prompts)
                 for c in opts.concurrency:
@@ -282,8 +303,15 @@ async def run(opts: BenchOptions) -> dict[str, Any]:
                 await warm_up(target.send, prompts)
                 for c in opts.concurrency:
                     progress.update(task, description=f"serve {model} c={c}")
+                    kept: list[dict[str, Any]] = []
+                    target.keep = kept if opts.details else None
                     row = await run_level(target.send, prompts, c, per_level[c], tree, progress, task)
                     report["levels"].append({"target": f"serve {model}", "concurrency": c, **row})
+                    if opts.details:
+                        report["details"].append(
+                            {"target": f"serve {model}", "concurrency": c, "requests": kept}
+                        )
+                target.keep = None
             for name in opts.scenarios:
                 sim.faults(SCENARIOS[name])
                 progress.update(task, description=f"fault {name}: serve")
@@ -303,42 +331,89 @@ async def run(opts: BenchOptions) -> dict[str, Any]:
         if stop_serve is not None:
             stop_serve()
         sim.stop()
+    # Read at the end: starting the Serve app sets its mode's variables (serve_app.THROUGHPUT_ENV).
+    report["environment"]["env"] = _serve_env()
+    report["environment"]["loadavg_at_end"] = list(os.getloadavg())
     write_report(report, opts.out)
     return report
+
+
+def environment() -> dict[str, Any]:
+    """The machine and mode a run had: the figures mean little without them (other work included)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "python": sys.version.split()[0],
+        "packages": {n: installed(n) for n in ("ray", "openai", "anthropic", "google-genai", "httpx")},
+        "cpus": os.cpu_count(),
+        "loadavg_at_start": list(os.getloadavg()),
+        "env": _serve_env(),
+    }
+
+
+def _serve_env() -> dict[str, str]:
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")}
+
+
+def baseline_metadata(opts: BenchOptions) -> dict[str, Any]:
+    """What the baseline did, so a report says which comparison it made."""
+    return {
+        "aggregator_prompt": AGGREGATOR_PROMPT,
+        "retry": RETRY.describe(),
+        "call_timeout_s": {"levels": BASELINE_TIMEOUT_S, "fault_scenarios": opts.baseline_fault_timeout_s},
+    }
 
 
 def _jsonable(opts: BenchOptions) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items() if k != "results"}
 
 
-def _fmt(v: float, digits: int = 0) -> str:
-    return "-" if isinstance(v, float) and math.isnan(v) else f"{v:.{digits}f}"
+def _fmt(v: float | None, digits: int = 0) -> str:
+    """A figure for the tables; "-" for NaN and for a figure an older report does not have."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.{digits}f}"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None or math.isnan(v) else f"{100 * v:.0f}%"
 
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [
-        "| target | concurrency | req/s | p50 ms | p95 ms | p99 ms | overhead p50 ms | overhead p99 ms "
-        "| CPU ms/req | peak RSS MB | met quorum | cut stragglers | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| target | concurrency | req/s | p50 ms | p95 ms | p99 ms | simulated p50 ms "
+        "| e2e/simulated p50 | overhead p50 ms | overhead p99 ms | CPU ms/req | peak RSS MB | met quorum "
+        "| cut stragglers | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["levels"]:
         lines.append(
             f"| {r['target']} | {r['concurrency']} | {_fmt(r['rps'], 1)} | {_fmt(r['p50_ms'])} "
-            f"| {_fmt(r['p95_ms'])} | {_fmt(r['p99_ms'])} | {_fmt(r['overhead_p50_ms'], 1)} "
+            f"| {_fmt(r['p95_ms'])} | {_fmt(r['p99_ms'])} | {_fmt(r.get('simulated_p50_ms'))} "
+            f"| {_fmt(r.get('e2e_per_simulated_p50'), 3)} | {_fmt(r['overhead_p50_ms'], 1)} "
             f"| {_fmt(r['overhead_p99_ms'], 1)} "
             f"| {_fmt(r['cpu_ms_per_request'], 1)} | {_fmt(r['peak_rss_mb'])} "
-            f"| {_fmt(100 * r['quorum_met_share'])}% | {r['cut_stragglers']} | {r['errors']} |"
+            f"| {_pct(r['quorum_met_share'])} | {r.get('cut_stragglers', '-')} | {r['errors']} |"
         )
     if report["scenarios"]:
         lines += [
             "",
-            "| fault scenario | target | p50 ms | p99 ms | answered | met quorum | errors |",
-            "|---|---|---:|---:|---:|---:|---:|",
+            "| fault scenario | target | p50 ms | p99 ms | simulated p50 ms | e2e/simulated p50 | answered "
+            "| met quorum | errors |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in report["scenarios"]:
             lines.append(
                 f"| {r['scenario']} | {r['target']} | {_fmt(r['p50_ms'])} | {_fmt(r['p99_ms'])} "
-                f"| {r['ok']}/{r['requests']} | {_fmt(100 * r['quorum_met_share'])}% | {r['errors']} |"
+                f"| {_fmt(r.get('simulated_p50_ms'))} | {_fmt(r.get('e2e_per_simulated_p50'), 3)} "
+                f"| {r['ok']}/{r['requests']} | {_pct(r['quorum_met_share'])} | {r['errors']} |"
             )
     if report.get("floor"):
         lines += [
@@ -348,6 +423,19 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         for r in report["floor"]:
             lines.append(f"| `{r['path']}`: {r['what']} | {_fmt(r['p50_ms'], 2)} | {_fmt(r['p99_ms'], 2)} |")
+    for d in report.get("details", []):
+        b = breakdown(d["requests"])
+        lines += [
+            "",
+            f"| where the overhead goes: {d['target']}, concurrency {d['concurrency']} "
+            f"(p50 over {b['split']} of {b['requests']} requests) | ms |",
+            "|---|---:|",
+        ]
+        lines += [f"| {what} | {_fmt(b['parts_p50_ms'][k], 1)} |" for k, what in BREAKDOWN_PARTS.items()]
+        lines.append(f"| sum of the parts' medians | {_fmt(sum(b['parts_p50_ms'].values()), 1)} |")
+        lines.append(
+            f"| overhead (end-to-end minus simulated critical path) | {_fmt(b['overhead_p50_ms'], 1)} |"
+        )
     return "\n".join(lines) + "\n"
 
 

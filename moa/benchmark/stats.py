@@ -44,6 +44,10 @@ def summarize(samples: Sequence[Sample], wall_s: float, cpu_s: float, peak_rss_m
     # Latency as the client lives it: failed requests count with the time they took to fail.
     e2e = [s.e2e_s * 1000 for s in samples]
     overhead = [s.overhead_s * 1000 for s in ok if s.overhead_s is not None]
+    # The model work each request did, and end-to-end time per second of it: when two targets'
+    # requests do different amounts of simulated work, the ratio still compares them.
+    simulated = [s.simulated_s * 1000 for s in ok if s.simulated_s is not None]
+    ratio = [s.e2e_s / s.simulated_s for s in ok if s.overhead_s is not None and s.simulated_s]
     quorum = [s for s in samples if s.met_quorum is not None]
     n = len(samples)
     return {
@@ -56,9 +60,88 @@ def summarize(samples: Sequence[Sample], wall_s: float, cpu_s: float, peak_rss_m
         "p99_ms": percentile(e2e, 99),
         "overhead_p50_ms": percentile(overhead, 50),
         "overhead_p99_ms": percentile(overhead, 99),
+        "simulated_p50_ms": percentile(simulated, 50),
+        "e2e_per_simulated_p50": percentile(ratio, 50),
         "cpu_ms_per_request": cpu_s * 1000 / n if n else math.nan,
         "peak_rss_mb": peak_rss_mb,
         "quorum_met_share": sum(bool(s.met_quorum) for s in quorum) / n if n else math.nan,
         "cut_stragglers": sum(s.cut_straggler for s in ok),
         "error_kinds": dict(Counter(s.error or "?" for s in samples if not s.ok)),
+    }
+
+
+# -- where the overhead goes (``moa bench --details``) -----------------------------------------------
+
+CALL_FIELDS = (
+    "stage",
+    "layer",
+    "model",
+    "ok",
+    "cancelled_straggler",
+    "started_s",
+    "latency_s",
+    "simulated_service_s",
+)
+BREAKDOWN_PARTS = {
+    "http_api_ms": "HTTP entry + API: end-to-end minus the engine's wall time",
+    "before_first_call_ms": "engine before the first call (routing, planning)",
+    "layer_crossings_ms": "proposer layers beyond their slowest call's time in its replica (hops to and fro)",
+    "final_call_ms": "final call beyond its time in its replica (hops there and back, the answer's assembly)",
+    "exchange_ms": "SDK + simulator exchange on the critical path: call latency minus simulated time",
+}
+
+
+def trim_detail(e2e_s: float, detail: dict[str, Any]) -> dict[str, Any]:
+    """What a request's ``moa.detail`` says about where its time went, and nothing else."""
+    return {
+        "e2e_s": e2e_s,
+        "wall_time_s": detail["totals"]["wall_time_s"],
+        "simulated_critical_path_s": detail["totals"]["simulated_critical_path_s"],
+        "calls": [{k: c.get(k) for k in CALL_FIELDS} for c in detail["calls"]],
+    }
+
+
+def decompose(request: dict[str, Any]) -> dict[str, float] | None:
+    """One request's overhead in additive parts (ms); None when it has no plain shape to split.
+
+    The parts sum to end-to-end minus the simulated critical path. Only requests whose calls all
+    succeeded in one pass are split: a cut straggler, a retry chain or a fallback has waits that
+    are policy, not overhead. A call's latency is measured in the provider replica, so the handle
+    hops to and from it fall into the crossings and the final call.
+    """
+    calls = request["calls"]
+    if any(not c["ok"] or c["cancelled_straggler"] or c["simulated_service_s"] is None for c in calls):
+        return None
+    finals = [c for c in calls if c["stage"] == "aggregator"]
+    proposers = [c for c in calls if c["stage"] == "proposer"]
+    if len(finals) != 1 or len(proposers) + 1 != len(calls):
+        return None
+    final = finals[0]
+    layers: dict[int, list[dict[str, Any]]] = {}
+    for c in proposers:
+        layers.setdefault(c["layer"], []).append(c)
+    starts = [min(c["started_s"] for c in layers[k]) for k in sorted(layers)] + [final["started_s"]]
+    crossings, exchange = 0.0, final["latency_s"] - final["simulated_service_s"]
+    for i, k in enumerate(sorted(layers)):
+        crossings += starts[i + 1] - max(c["started_s"] + c["latency_s"] for c in layers[k])
+        exchange += max(c["latency_s"] for c in layers[k]) - max(c["simulated_service_s"] for c in layers[k])
+    parts = {
+        "http_api_ms": request["e2e_s"] - request["wall_time_s"],
+        "before_first_call_ms": starts[0],
+        "layer_crossings_ms": crossings,
+        "final_call_ms": request["wall_time_s"] - final["started_s"] - final["latency_s"],
+        "exchange_ms": exchange,
+    }
+    return {k: 1000 * v for k, v in parts.items()}
+
+
+def breakdown(requests: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Medians of each part over the requests that could be split, and of their overhead."""
+    split = [(r, p) for r in requests if (p := decompose(r)) is not None]
+    overhead = [1000 * (r["e2e_s"] - r["simulated_critical_path_s"]) for r, _ in split]
+    return {
+        "requests": len(requests),
+        "split": len(split),
+        "parts_p50_ms": {k: percentile([p[k] for _, p in split], 50) for k in BREAKDOWN_PARTS},
+        "overhead_p50_ms": percentile(overhead, 50),
     }
