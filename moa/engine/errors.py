@@ -69,6 +69,16 @@ class NoHealthyProvider(MoAError):
         self.retry_after_s = retry_after_s
 
 
+class ShuttingDown(MoAError):
+    """The service is stopping: a new request is refused, or one still running when the drain
+    time ran out is ended. Another replica, or this one after a restart, can take it."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "shutting_down"
+    retry_after_s = 1.0
+
+
 class DeadlineExceeded(MoAError):
     status_code = 504
     error_type = "timeout"
