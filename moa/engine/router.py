@@ -313,12 +313,29 @@ class HealthBoard:
     """The router's live state: circuit states reported by provider replicas, latency per model.
 
     A provider counts as unavailable when every replica that reported recently says its circuit is
-    open; a replica silent for ``stale_s`` is forgotten (it may have been scaled down).
+    open; a replica silent for ``stale_s`` is forgotten (it may have been scaled down). A provider
+    of ``expected`` with no replica reporting at all, ``startup_grace_s`` after the board began
+    (``now``), is unavailable too: its replicas cannot start (a resource no node has, say), and a
+    call to it would only wait out its deadline. Providers in ``may_idle`` (autoscaled down to
+    zero replicas) are exempt: a call is what brings their replicas back.
     """
 
-    def __init__(self, stale_s: float = 30.0, alpha: float = 0.2) -> None:
+    def __init__(
+        self,
+        stale_s: float = 30.0,
+        alpha: float = 0.2,
+        *,
+        expected: Iterable[str] = (),
+        may_idle: Iterable[str] = (),
+        now: float | None = None,
+        startup_grace_s: float = 10.0,
+    ) -> None:
         self.stale_s = stale_s
         self.alpha = alpha
+        self._expected = tuple(expected)
+        self._may_idle = frozenset(may_idle)
+        self._since = now
+        self.startup_grace_s = startup_grace_s
         self._replicas: dict[str, dict[str, tuple[float, dict[str, object]]]] = {}
         self._latency: dict[str, float] = {}
 
@@ -342,12 +359,19 @@ class HealthBoard:
             del reports[replica]
         return [snap for _, snap in reports.values()]
 
+    def _missing(self, now: float) -> set[str]:
+        """Expected providers with no replica reporting, once start-up had time to happen."""
+        if self._since is None or now - self._since < self.startup_grace_s:
+            return set()
+        return {p for p in self._expected if p not in self._may_idle and not self._fresh(p, now)}
+
     def view(self, now: float) -> HealthView:
-        unavailable = frozenset(
+        circuit_open = {
             p
             for p in self._replicas
             if (snaps := self._fresh(p, now)) and all(s.get("state") == "open" for s in snaps)
-        )
+        }
+        unavailable = frozenset(circuit_open | self._missing(now))
         return HealthView(unavailable=unavailable, latency_s=dict(self._latency))
 
     def summary(self, providers: Iterable[str], now: float) -> dict[str, dict[str, object]]:
@@ -356,7 +380,7 @@ class HealthBoard:
             snaps = self._fresh(p, now)
             states = [str(s.get("state")) for s in snaps]
             state = (
-                "unknown"
+                ("scaled_to_zero" if p in self._may_idle else "no_replicas")
                 if not snaps
                 else "open"
                 if all(s == "open" for s in states)
