@@ -207,7 +207,7 @@ class Simulator:
 def _serve(cfg: MoAConfig) -> tuple[str, Callable[[], None]]:
     from serve_app import start_local, stop_local
 
-    return start_local(cfg, "127.0.0.1", _free_port()), stop_local
+    return start_local(cfg, "127.0.0.1", _free_port()).url, stop_local
 
 
 FLOOR_REQUESTS = 200
