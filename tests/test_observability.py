@@ -161,6 +161,58 @@ async def test_content_capture_is_opt_in_and_keys_never_appear(
     assert SECRET not in json.dumps(spans) and SECRET not in log_lines.getvalue()
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["call", "stream"])
+async def test_one_genai_span_per_model_call(otlp: OTLPReceiver, sim: SimulatorServer, stream: bool) -> None:
+    """The Anthropic SDK opens its own ``anthropic.messages.create`` span with GenAI attributes:
+    beside ours, every Anthropic call would count twice in GenAI views. One span per call."""
+    cfg = parse_config(
+        {
+            "providers": {
+                "anthropic": {
+                    "kind": "anthropic",
+                    "api_key_env": "ANTHROPIC_API_KEY",
+                    "base_url": sim.url,
+                    "models": {"claude-haiku-4-5": {}},
+                }
+            },
+            "simulator": {"mode": "off"},
+        }
+    )
+    async with ProviderPool.from_config(cfg, env={"ANTHROPIC_API_KEY": SECRET}) as pool:
+        engine = MoAEngine(cfg, pool)
+        with tracer().start_as_current_span("client request") as root:
+            if stream:
+                async for _ in engine.stream(QUESTION, preset="anthropic/claude-haiku-4-5"):
+                    pass
+            else:
+                await engine.run(QUESTION, preset="anthropic/claude-haiku-4-5")
+    trace_id = format(root.get_span_context().trace_id, "032x")
+    spans = wait_for_spans(otlp, trace_id, {"moa.run", "chat claude-haiku-4-5"})
+    genai = [s for s in spans if "gen_ai.operation.name" in s["attributes"]]
+    assert [s["name"] for s in genai] == ["chat claude-haiku-4-5"], [s["name"] for s in spans]
+    assert genai[0]["attributes"]["gen_ai.provider.name"] == "anthropic"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_http_request_trace_tree_in_one_process(otlp: OTLPReceiver, config: MoAConfig, stream: bool) -> None:
+    """Through the HTTP API (moa serve --local): the README's tree, moa.route under moa.run."""
+    from tests.test_api import _Server
+
+    body = {"model": "moa-lite", "messages": [{"role": "user", "content": QUESTION_TEXT}], "stream": stream}
+    with _Server(config) as server:
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    trace_id = r.headers["x-moa-trace-id"]
+    names = {"POST /v1/chat/completions", "moa.run", "moa.route", "moa.layer", "moa.fuse", "chat gpt-4.1"}
+    spans = wait_for_spans(otlp, trace_id, names)
+    (server_span,) = by_name(spans, "POST /v1/chat/completions")
+    (run,) = by_name(spans, "moa.run")
+    assert run["parent_id"] == server_span["span_id"]
+    for child in ("moa.route", "moa.layer", "moa.fuse"):
+        (span,) = by_name(spans, child)
+        assert span["parent_id"] == run["span_id"], child
+
+
 def test_tracing_off_costs_nothing_visible(sim: SimulatorServer) -> None:
     """Without an SDK provider the API hands out non-recording spans (checked in a clean process)."""
     import subprocess
@@ -211,6 +263,7 @@ def test_one_trace_across_processes_and_nodes(
     (layer,) = by_name(spans, "moa.layer")
     (fuse,) = by_name(spans, "moa.fuse")
     assert run["parent_id"] == server["span_id"] and layer["parent_id"] == run["span_id"]
+    assert by_name(spans, "moa.route")[0]["parent_id"] == run["span_id"]
     proposals = [s for s in spans if s["name"].startswith("chat ") and s["parent_id"] == layer["span_id"]]
     assert {s["attributes"]["gen_ai.provider.name"] for s in proposals} == {
         "openai",
