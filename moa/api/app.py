@@ -258,6 +258,7 @@ def moa_detail(result: MoAResult) -> dict[str, Any]:
         "decision": result.decision.model_dump(mode="json"),
         "answered_by": f"{result.provider}/{result.model}",
         "fallback": result.fallback,
+        "fallback_reason": result.fallback_reason,
         "notes": result.notes,
         "calls": [c.model_dump(mode="json") for c in result.calls],
         "totals": {
@@ -449,7 +450,7 @@ class Api:
             response = AdmittedStream(self.sse(req, first, events, t0), slot, events)
             return response
         except MoAError as e:
-            self.metrics.record(req.model, None, e.status_code, time.monotonic() - t0, None)
+            self.metrics.record(req.model, None, e.status_code, time.monotonic() - t0, e.fallback_reason)
             raise
         finally:
             if response is None:
@@ -457,7 +458,14 @@ class Api:
 
     def record(self, result: MoAResult, status: int, seconds: float) -> None:
         complexity = result.decision.complexity.value if result.decision.complexity else None
-        self.metrics.record(result.preset, complexity, status, seconds, result.fallback)
+        self.metrics.record(
+            result.preset,
+            complexity,
+            status,
+            seconds,
+            result.fallback_reason,
+            result.decision.classifier_cached,
+        )
 
     def completion_body(self, req: ChatCompletionRequest, result: MoAResult) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -511,7 +519,7 @@ class Api:
                 ev = await events.next()
         except MoAError as e:
             # Text may already be out: the error travels in the stream, as OpenAI's API does.
-            self.metrics.record(req.model, None, e.status_code, time.monotonic() - t0, None)
+            self.metrics.record(req.model, None, e.status_code, time.monotonic() - t0, e.fallback_reason)
             yield b"data: " + json.dumps(error_body(e.message, e.error_type, e.code)).encode() + b"\n\n"
         finally:
             self._streams.discard(events)

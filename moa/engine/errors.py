@@ -26,6 +26,8 @@ class MoAError(Exception):
     retry_after_s: float | None = None
     # The request field at fault, as OpenAI's ``param``.
     param: str | None = None
+    # Set by the engine when the run had turned to its fallback chain (see MoAResult).
+    fallback_reason: str | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

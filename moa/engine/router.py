@@ -61,6 +61,7 @@ class Classification:
     complexity: Complexity
     task: TaskType
     reason: str
+    cached: bool = False  # the LLM classifier's answer came from its cache
 
 
 # The regular expressions read at most this much of a prompt (its head and its tail), so that
@@ -167,7 +168,7 @@ class RouterPolicy:
         if key in self._cache:
             self._cache.move_to_end(key)
             c, t = self._cache[key]
-            return Classification(c, t, f"llm classifier {rc.classifier_model} (cached)"), []
+            return Classification(c, t, f"llm classifier {rc.classifier_model} (cached)", cached=True), []
         req = CallRequest(
             provider=rc.classifier_model.provider,
             model=rc.classifier_model.model,
@@ -213,7 +214,12 @@ class RouterPolicy:
                 plan = with_first_layer(plan, specialists)
                 reason += f"; {cls.task} specialists in layer 1"
             decision = RouteDecision(
-                preset=name, forced=False, complexity=cls.complexity, task=cls.task, reason=reason
+                preset=name,
+                forced=False,
+                complexity=cls.complexity,
+                task=cls.task,
+                reason=reason,
+                classifier_cached=cls.cached,
             )
         plan, subs = substitute_unavailable(plan, self.config, health)
         decision.substitutions = subs
