@@ -317,3 +317,34 @@ def test_ray_serve_prints_where_to_look_then_drains_on_sigterm(tmp_path: Path, s
         assert "failed to shut down" not in served.stderr()
     finally:
         stop_if_running(served)
+
+
+def test_a_second_signal_ends_the_requests_in_progress_at_once(tmp_path: Path, slow_config: Path) -> None:
+    # A drain of an hour: only the second signal can end the stream within this test.
+    raw = json.loads(slow_config.read_text())
+    raw["server"]["drain_s"] = 3600
+    slow_config.write_text(json.dumps(raw))
+    served = start_serve(tmp_path, "--local", "--config", str(slow_config), port=free_port())
+
+    async def scenario() -> StreamLog:
+        log = StreamLog()
+        async with httpx.AsyncClient(timeout=httpx.Timeout(60, read=300)) as client:
+            task = asyncio.create_task(read_stream(client, served.url, "openai/gpt-4.1", log))
+            await wait_until(lambda: bool(log.content()), what="the stream started")
+            served.proc.send_signal(signal.SIGTERM)
+
+            async def draining() -> int:
+                return (await client.get(served.url + "/healthz")).status_code
+
+            await wait_until(draining, lambda status: status == 503, what="the drain")
+            served.proc.send_signal(signal.SIGINT)  # Ctrl-C again
+            await asyncio.wait_for(task, timeout=120)
+        return log
+
+    try:
+        served.wait_ready()
+        log = asyncio.run(scenario())
+        assert log.events[-1] == "[DONE]" and json.loads(log.events[-2])["error"]["code"] == "shutting_down"
+        assert served.proc.wait(60) == 0, served.stderr()
+    finally:
+        stop_if_running(served)
