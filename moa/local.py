@@ -119,9 +119,17 @@ class LocalServer:
 
 def serve_local(cfg: MoAConfig, host: str, port: int, *, sock: socket.socket | None = None) -> int:
     """``moa serve --local``: serve until SIGINT or SIGTERM, drain, exit. Returns the exit status."""
+    import os
+
     from moa.cli import local_simulator
+    from observability.logs import configure_json_logging
+    from observability.tracing import flush_tracing, setup_tracing
 
     sock = sock or claim_port(host, port)
+    # As a Ray replica does (actors/telemetry.py): traces when an OTLP endpoint is set, JSON logs.
+    setup_tracing({"service.instance.id": f"{socket.gethostname()}:{os.getpid()}", "moa.mode": "local"})
+    if cfg.observability.json_logs:
+        configure_json_logging()
     with local_simulator(cfg, announce=False) as cfg_:
         server = LocalServer(cfg_, sock)
 
@@ -137,7 +145,10 @@ def serve_local(cfg: MoAConfig, host: str, port: int, *, sock: socket.socket | N
             signals.install_in_loop()
             return await server.run(on_ready=ready)
 
-        cut = asyncio.run(main())
+        try:
+            cut = asyncio.run(main())
+        finally:
+            flush_tracing()
     print(
         f"Stopped{f' ({cut} request(s) still running were ended)' if cut else ''}.",
         file=sys.stderr,

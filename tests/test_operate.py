@@ -25,6 +25,7 @@ import httpx
 import pytest
 
 from moa.config import load_config
+from tests.otlp_receiver import OTLPReceiver
 from tests.waiting import wait_until, wait_until_sync
 
 # A direct call to gpt-4.1 streams for about 100 s (too long for any drain here); one to
@@ -346,5 +347,35 @@ def test_a_second_signal_ends_the_requests_in_progress_at_once(tmp_path: Path, s
         log = asyncio.run(scenario())
         assert log.events[-1] == "[DONE]" and json.loads(log.events[-2])["error"]["code"] == "shutting_down"
         assert served.proc.wait(60) == 0, served.stderr()
+    finally:
+        stop_if_running(served)
+
+
+def test_local_serve_exports_traces_and_writes_json_logs(
+    tmp_path: Path, slow_config: Path, otlp: OTLPReceiver
+) -> None:
+    """moa serve --local sets up what a Ray replica does: OTLP export, JSON log lines."""
+    env = clean_env(OTEL_EXPORTER_OTLP_ENDPOINT=otlp.url)
+    served = start_serve(tmp_path, "--local", "--config", str(slow_config), port=free_port(), env=env)
+    try:
+        served.wait_ready()
+        assert f"Tracing: OTLP export to {otlp.url}" in served.stdout()
+        body = {"model": "gemini/gemini-2.5-flash", "messages": QUESTION}
+        r = httpx.post(served.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        trace_id = r.headers["x-moa-trace-id"]
+        served.proc.send_signal(signal.SIGTERM)  # the exporter flushes on the way out
+        assert served.proc.wait(60) == 0
+        spans = wait_until_sync(
+            lambda: otlp.trace(trace_id),
+            lambda s: (
+                {"POST /v1/chat/completions", "moa.run", "chat gemini-2.5-flash"} <= {x["name"] for x in s}
+            ),
+            what="the request's spans",
+        )
+        assert {s["resource"].get("moa.mode") for s in spans} == {"local"}
+        lines = [json.loads(x) for x in served.stderr().splitlines() if x.startswith("{")]
+        calls = [x for x in lines if x.get("event") == "provider_call" and x.get("trace_id") == trace_id]
+        assert [(c["model"], c["status"]) for c in calls] == [("gemini-2.5-flash", "ok")]
     finally:
         stop_if_running(served)
