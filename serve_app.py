@@ -8,6 +8,12 @@ provider), the router and the HTTP ingress; an aggregator deployment when ``serv
 
 from __future__ import annotations
 
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
@@ -16,12 +22,14 @@ from ray.serve.deployment import Application
 
 from actors.aggregator import AggregatorDeployment
 from actors.handles import deployment_name
-from actors.ingress import IngressDeployment
+from actors.ingress import HEALTH_REFRESH_S, IngressDeployment
 from actors.limiter import LIMITER_NAME, RateLimiterActor
 from actors.provider import ProviderDeployment
 from actors.router import RouterDeployment
 from actors.simulator import SimulatorDeployment
+from moa.api.app import CUT_GRACE_S
 from moa.config import MoAConfig, load_config, simulation_active
+from moa.service import StopSignals, banner, claim_port, draining_message
 from moa.simulator.profile import load_profile
 
 
@@ -82,56 +90,148 @@ def build_from_config(cfg: MoAConfig) -> Application:
 # Measured with `moa bench`: about a quarter less orchestration overhead per request (user code on
 # Serve's own event loop, gRPC between replicas, direct ingress). Every deployment here is async.
 THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# Only for the Ray instance `moa serve` starts. With direct ingress Serve keeps a stopping ingress
+# replica reachable for 30 s, for external load balancers to deregister it; `moa serve` has none,
+# and has drained the ingress itself (server.drain_s) before it stops Serve.
+LOCAL_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
+# How long `moa serve` gives Serve to stop its replicas after the drain; Ray itself stops after.
+SERVE_SHUTDOWN_S = 15.0
+
+
+@dataclass
+class LocalRay:
+    """What `moa serve` started: where the API, the metrics and the dashboard answer."""
+
+    url: str
+    metrics_port: int | None
+    dashboard_url: str | None
 
 
 def start_local(
-    cfg: MoAConfig, host: str, port: int, num_cpus: float | None = None, quiet: bool = True
-) -> str:
-    """A local Ray instance with the app deployed; returns the base URL. ``stop_local`` ends it."""
-    import os
+    cfg: MoAConfig,
+    host: str,
+    port: int,
+    num_cpus: float | None = None,
+    quiet: bool = True,
+    *,
+    metrics_port: int | None = None,
+    dashboard: bool = False,
+    sock: socket.socket | None = None,
+) -> LocalRay:
+    """A new local Ray instance (never one already running) with the app deployed.
 
+    ``sock``, the HTTP port claimed beforehand (``claim_port``), is let go just before Serve's
+    proxy binds the port. ``stop_local`` ends it all.
+    """
     import ray
 
-    for key, value in THROUGHPUT_ENV.items():
+    for key, value in {**THROUGHPUT_ENV, **LOCAL_ENV}.items():
         os.environ.setdefault(key, value)  # set before Ray starts: its processes inherit it
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet)
+    # address="local": a new instance even when `ray start` left one running on this machine,
+    # which a plain ray.init() would join (and `moa serve` would then shut down someone's Serve).
+    context = ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=dashboard,
+        log_to_driver=not quiet,
+        _metrics_export_port=metrics_port,
+    )
+    if sock is not None:
+        sock.close()
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_from_config(cfg), name="moa", route_prefix="/")
-    return f"http://{host}:{port}"
+    dashboard_url = getattr(context, "dashboard_url", None) if dashboard else None
+    return LocalRay(
+        url=f"http://{host}:{port}",
+        metrics_port=_metrics_port(),
+        dashboard_url=f"http://{dashboard_url}" if dashboard_url else None,
+    )
 
 
-def stop_local() -> None:
+def _metrics_port() -> int | None:
     import ray
 
-    serve.shutdown()
+    for node in ray.nodes():
+        if node.get("Alive") and node.get("MetricsExportPort"):
+            return int(node["MetricsExportPort"])
+    return None
+
+
+def drain_app(
+    drain_s: float, hurry: threading.Event, app_name: str = "moa", say: Callable[[str], None] = print
+) -> None:
+    """Drain every ingress replica of the app: they refuse new requests (503), give those in
+    progress ``drain_s``, then end the rest. Returns once every replica reports it is done (or
+    a bound well past ``drain_s``). ``hurry`` set (a second Ctrl-C) ends the requests at once."""
+    router = serve.get_deployment_handle("router", app_name=app_name)
+    router.drain.remote(drain_s).result(timeout_s=10)
+    # Each replica notices within a health refresh, drains, ends what is left, and says so.
+    end = time.monotonic() + drain_s + CUT_GRACE_S + 4 * HEALTH_REFRESH_S + 5
+    hurried = False
+    while time.monotonic() < end:
+        if hurry.is_set() and not hurried:
+            hurried = True
+            router.drain.remote(drain_s, hurry=True).result(timeout_s=10)
+        try:
+            replicas = router.drain_status.remote().result(timeout_s=5)
+        except Exception:
+            break  # no router to ask: nothing more to wait for
+        if all(r["drained"] for r in replicas.values()):
+            cut = sum(r["cut"] for r in replicas.values())
+            if cut:
+                say(f"Drain time over: {cut} request(s) still running were ended.")
+            return
+        time.sleep(0.1)
+    say("Some ingress replica did not report its drain in time; stopping anyway.")
+
+
+def stop_local(timeout_s: float = SERVE_SHUTDOWN_S) -> None:
+    """Serve, then Ray. Serve gets ``timeout_s`` to stop its replicas; Ray's shutdown ends the
+    processes of this instance in any case."""
+    import ray
+
+    if ray.is_initialized():
+        stopping = threading.Thread(target=serve.shutdown, name="serve-shutdown", daemon=True)
+        stopping.start()
+        stopping.join(timeout_s)
     ray.shutdown()
 
 
 def run_local(
-    cfg: MoAConfig, host: str, port: int, num_cpus: float | None = None, quiet: bool = True
-) -> None:
-    """``moa serve``: a local Ray instance, the app deployed, until Ctrl-C; then a clean shutdown."""
-    import signal
-    import threading
-
-    simulated = simulation_active(cfg) and not cfg.simulator.url
+    cfg: MoAConfig,
+    host: str,
+    port: int,
+    num_cpus: float | None = None,
+    quiet: bool = True,
+    *,
+    metrics_port: int | None = None,
+    dashboard: bool = False,
+    sock: socket.socket | None = None,
+) -> int:
+    """`moa serve`: a local Ray instance with the app, until SIGINT or SIGTERM; then a drain
+    (``server.drain_s``) and a bounded shutdown. Returns the exit status."""
+    sock = sock or claim_port(host, port)  # before Ray starts: a port in use fails here
+    stop, hurry = threading.Event(), threading.Event()
+    StopSignals.interrupt_meanwhile()  # until it answers, a signal aborts start-up
     try:
-        url = start_local(cfg, host, port, num_cpus, quiet)
-        print(f"MoA service ready at {url}  (OpenAI-compatible: {url}/v1)", flush=True)
-        if simulated:
-            print(
-                "No provider API key is set: every provider is the built-in simulator; answers are synthetic."
-            )
-        print(f"  curl {url}/v1/models")
-        print(f"  OpenAI(base_url='{url}/v1', api_key='unused').chat.completions.create(model='moa', ...)")
-        print("Press Ctrl-C to stop.", flush=True)
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        try:
-            while not stop.wait(1.0):
-                pass
-        except KeyboardInterrupt:
+        started = start_local(
+            cfg, host, port, num_cpus, quiet, metrics_port=metrics_port, dashboard=dashboard, sock=sock
+        )
+        StopSignals(stop.set, hurry.set).install()
+        extra = [f"  Metrics (Prometheus): http://127.0.0.1:{started.metrics_port}/metrics"]
+        if started.dashboard_url:
+            extra += [
+                f"  Ray dashboard: {started.dashboard_url}",
+                f"  serve status --address {started.dashboard_url}   "
+                "(with Ray's token auth on: RAY_AUTH_MODE=token, token in ~/.ray/auth_token)",
+            ]
+        print("\n".join(banner(cfg, started.url, mode="on a local Ray instance", extra=extra)), flush=True)
+        while not stop.wait(0.5):
             pass
-        print("Shutting down...", flush=True)
+        print(draining_message(cfg), flush=True)
+        drain_app(cfg.server.drain_s, hurry)
+        print("Stopping Serve and Ray...", flush=True)
     finally:
+        sock.close()
         stop_local()
+    return 0

@@ -1,6 +1,9 @@
 """The engine's transports over Ray Serve handles: model calls to the provider deployments,
 fusion to the aggregator deployment. Every call carries the
-W3C trace context (``trace=``) so the callee's spans join the caller's trace."""
+W3C trace context (``trace=``) so the callee's spans join the caller's trace.
+
+Every call is bounded by its own deadline: a handle call to a deployment with no running replica
+(one whose replicas cannot be scheduled, say) would otherwise wait for one forever."""
 
 from __future__ import annotations
 
@@ -11,6 +14,12 @@ from typing import Any
 from moa.engine.fusion import FuseEvent, FuseJob
 from moa.types import CallError, CallRequest, CallResult, ErrorKind, StreamEvent
 from observability.tracing import inject
+
+# A provider replica ends a call at its deadline (``timeout_s``) itself and answers with a timeout
+# result; the caller stops waiting this much later, when no replica answered at all.
+HANDLE_GRACE_S = 1.0
+# For a call that names no deadline (none of the engine's do): the providers' default timeout.
+DEFAULT_TIMEOUT_S = 60.0
 
 
 def deployment_name(provider: str) -> str:
@@ -26,6 +35,19 @@ def _unknown(req: CallRequest) -> CallResult:
     )
 
 
+def _no_answer(req: CallRequest, waited_s: float) -> CallResult:
+    return CallResult(
+        provider=req.provider,
+        provider_kind="unknown",
+        requested_model=req.model,
+        latency_s=waited_s,
+        error=CallError(
+            kind=ErrorKind.TIMEOUT,
+            message=f"no replica of {deployment_name(req.provider)} answered within {waited_s:.1f}s",
+        ),
+    )
+
+
 class HandleCaller:
     """``ModelCaller`` over the provider deployments: one handle per provider."""
 
@@ -33,13 +55,22 @@ class HandleCaller:
         self._handles = dict(handles)
         self._streams = {name: h.options(stream=True) for name, h in self._handles.items()}
 
+    @staticmethod
+    def _bound(req: CallRequest) -> float:
+        return (req.timeout_s or DEFAULT_TIMEOUT_S) + HANDLE_GRACE_S
+
     async def call(self, req: CallRequest) -> CallResult:
         handle = self._handles.get(req.provider)
         if handle is None:
             return _unknown(req)
+        bound = self._bound(req)
         response = handle.call.remote(req, trace=inject())
         try:
-            result: CallResult = await response
+            async with asyncio.timeout(bound):
+                result: CallResult = await response
+        except TimeoutError:
+            response.cancel()
+            return _no_answer(req, bound)
         except asyncio.CancelledError:
             # Awaiting a response and being cancelled does not cancel the request in the replica
             # (only a cancelled parent request does): a straggler would keep its provider call,
@@ -53,8 +84,21 @@ class HandleCaller:
         if handle is None:
             yield _unknown(req)
             return
-        async for ev in _cancelling(handle.stream.remote(req, trace=inject())):
-            yield ev
+        deadline = asyncio.get_running_loop().time() + self._bound(req)
+        responses = _cancelling(handle.stream.remote(req, trace=inject()))
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        ev = await anext(responses, None)
+                except TimeoutError:
+                    yield _no_answer(req, self._bound(req))
+                    return
+                if ev is None:
+                    return
+                yield ev
+        finally:
+            await responses.aclose()
 
 
 class RemoteFuser:

@@ -9,7 +9,6 @@ it also runs the final fusion itself, calling the aggregator model's provider de
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,15 +16,18 @@ from ray import serve
 
 from actors.handles import HandleCaller, RemoteFuser
 from actors.telemetry import init_replica_telemetry, shutdown_replica_telemetry
-from moa.api.app import create_api
+from moa.api.app import Api, create_api
 from moa.config import parse_config
 from moa.engine.engine import MoAEngine
 from moa.engine.fusion import Fuser, LocalFuser
 from moa.engine.router import HealthView, RouterPolicy
 from moa.state import open_store
 
-# How stale the ingress's view of provider health may get (the router's reports come every 2 s).
+# How stale the ingress's view of provider health may get (the router's reports come every 2 s);
+# also how soon a replica learns that `moa serve` asked it to drain.
 HEALTH_REFRESH_S = 0.5
+# A router that does not answer this fast is taken as restarting: the last view stays.
+ROUTER_TIMEOUT_S = 5.0
 
 
 @serve.ingress()
@@ -38,7 +40,7 @@ class IngressDeployment:
         aggregator: Any | None = None,
     ) -> None:
         self.config = parse_config(config, "the deployed config")
-        init_replica_telemetry(self.config)
+        self.replica = init_replica_telemetry(self.config)["ray.serve.replica_id"]
         self.router = router
         self._view = HealthView()
         caller = HandleCaller(providers)
@@ -52,13 +54,41 @@ class IngressDeployment:
         )
         # Keys and the spend ledger: shared by every replica (state.redis_url on a cluster).
         self._asgi = create_api(self.config, engine, self._health, open_store(self.config.state))
-        self._refresher = asyncio.create_task(self._refresh_health())
+        self.api: Api = self._asgi.state.api
+        self._drain: asyncio.Task[int] | None = None
+        self._refresher = asyncio.create_task(self._refresh())
 
-    async def _refresh_health(self) -> None:
+    async def _refresh(self) -> None:
         while True:
-            with contextlib.suppress(Exception):  # the router may be restarting: keep the last view
-                self._view = await self.router.health_view.remote()
+            await self._checkin()
             await asyncio.sleep(HEALTH_REFRESH_S)
+
+    async def _checkin(self) -> None:
+        """Tell the router how this replica is doing; take its health view and any drain request."""
+        drain = self._drain
+        drained = drain is not None and drain.done()
+        ended = drained and not drain.cancelled() and drain.exception() is None  # type: ignore[union-attr]
+        state = {
+            "in_flight": self.api.in_flight,
+            "drained": drained,
+            "cut": drain.result() if ended else 0,  # type: ignore[union-attr]
+        }
+        try:
+            async with asyncio.timeout(ROUTER_TIMEOUT_S):
+                answer = await self.router.checkin.remote(self.replica, state)
+        except Exception:  # the router may be restarting: keep the last view
+            return
+        self._view = answer["view"]
+        asked = answer["drain"]
+        if asked is not None and self._drain is None:
+            self._drain = asyncio.create_task(self.api.drain(asked["drain_s"]))
+            # Report the end of the drain at once: `moa serve` is waiting for it.
+            self._drain.add_done_callback(lambda _: self._report_now())
+        if asked is not None and asked["hurry"]:
+            self.api.hurry()
+
+    def _report_now(self) -> None:
+        self._reporting = asyncio.ensure_future(self._checkin())
 
     async def _health(self) -> dict[str, Any]:
         summary: dict[str, Any] = await self.router.health.remote()

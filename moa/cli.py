@@ -56,11 +56,32 @@ def _run_ask(args: argparse.Namespace) -> int:
 
 
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("serve", help="run the service on a local Ray instance (Ctrl-C stops it)")
+    p = sub.add_parser(
+        "serve",
+        help="run the service: on a local Ray instance, or in this process with --local",
+        description="Serve the OpenAI-compatible API until SIGINT (Ctrl-C) or SIGTERM, then drain: "
+        "new requests get 503, those in progress get server.drain_s to finish.",
+    )
     p.add_argument("--config", default=None, help="config YAML (default: $MOA_CONFIG or the bundled one)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP address (default: 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="serve from this one process with the in-process provider pool, without Ray",
+    )
     p.add_argument("--num-cpus", type=float, default=None, help="CPUs Ray may use (default: all)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="port of Ray's Prometheus endpoint (default: one Ray picks, printed at start-up)",
+    )
+    p.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="start Ray's dashboard (and so `serve status --address ...`); its URL is printed",
+    )
     p.add_argument("--verbose", action="store_true", help="show the Ray workers' logs")
     p.add_argument(
         "--no-auth", action="store_true", help="serve a non-loopback address with no API key (open to all)"
@@ -69,17 +90,45 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    from moa.exposure import check_exposure
+    from moa.service import PortInUse, claim_port
+
+    cfg = load_config(args.config)
+    # Before anything listens: an address open to the network needs keys (or --no-auth).
+    print(check_exposure(cfg.state, args.host, args.no_auth), file=sys.stderr)
+    if args.local:
+        if args.dashboard or args.metrics_port is not None or args.num_cpus is not None:
+            print("moa serve: --dashboard, --metrics-port and --num-cpus need Ray", file=sys.stderr)
+            return 2
+        from moa.local import serve_local
+
+        try:
+            sock = claim_port(args.host, args.port)
+        except PortInUse as e:
+            print(f"moa serve: {e}", file=sys.stderr)
+            return 1
+        return serve_local(cfg, args.host, args.port, sock=sock)
     try:
         from serve_app import run_local
     except ImportError as e:
         print(f"moa serve needs Ray Serve: pip install 'moa-serve[serve]' ({e})", file=sys.stderr)
         return 2
-    from moa.exposure import check_exposure
-
-    cfg = load_config(args.config)
-    print(check_exposure(cfg.state, args.host, args.no_auth), file=sys.stderr)
-    run_local(cfg, args.host, args.port, args.num_cpus, quiet=not args.verbose)
-    return 0
+    try:
+        # Claimed before Ray starts: a port in use fails here, with nothing started.
+        sock = claim_port(args.host, args.port)
+    except PortInUse as e:
+        print(f"moa serve: {e}", file=sys.stderr)
+        return 1
+    return run_local(
+        cfg,
+        args.host,
+        args.port,
+        args.num_cpus,
+        quiet=not args.verbose,
+        metrics_port=args.metrics_port,
+        dashboard=args.dashboard,
+        sock=sock,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -218,6 +218,13 @@ class ServerConfig(_Strict):
     max_concurrent_requests: int = Field(default=256, ge=1)
     # Whole-request deadline (a request may ask for less with moa.deadline_s): 504 past it.
     request_deadline_s: PositiveFloat = 120.0
+    drain_s: float = Field(
+        default=20.0,
+        ge=0,
+        description="On shutdown (SIGTERM, Ctrl-C), how long requests in progress may still run "
+        "while new ones get 503: after it, an unfinished stream ends with an error event "
+        "(code shutting_down) and [DONE], an unfinished plain request gets that 503.",
+    )
 
 
 class RequestCaps(_Strict):

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
 
 from observability.tracing import extract, trace_id_hex, tracer
 
@@ -25,6 +26,15 @@ Message = MutableMapping[str, Any]
 ASGIApp = Callable[
     [Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]
 ]
+
+
+def untraced_request_span() -> trace.Span:
+    """With no tracing SDK installed and no incoming ``traceparent``, a request still gets a trace
+    id of its own (a non-recording span, exported nowhere): it is returned in ``x-moa-trace-id``,
+    written with every log line of the request and carried across every Ray hop, so one id finds
+    the request's log lines on every replica whether or not traces are exported."""
+    ids = random.getrandbits(128), random.getrandbits(64)
+    return NonRecordingSpan(SpanContext(trace_id=ids[0] or 1, span_id=ids[1] or 1, is_remote=False))
 
 
 class TracingMiddleware:
@@ -58,6 +68,8 @@ class TracingMiddleware:
                 "url.scheme": scope.get("scheme", "http"),
             },
         )
+        if not span.get_span_context().is_valid:
+            span = untraced_request_span()
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         trace_id = trace_id_hex(span)
         status = 500

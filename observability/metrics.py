@@ -113,21 +113,35 @@ class RequestMetrics:
             "moa_quorum_shortfalls", description="Layers that missed their quorum.", tag_keys=("preset",)
         )
         self.fallbacks = m.Counter(
-            "moa_fallbacks", description="Requests answered by a fallback.", tag_keys=("preset", "reason")
+            "moa_fallbacks",
+            description="Requests answered by a fallback, by reason: quorum_missed, aggregators_failed, "
+            "synthesis_failed.",
+            tag_keys=("preset", "reason"),
         )
         self.cache_hits = m.Counter(
-            "moa_cache_hits", description="Answers served from the cache.", tag_keys=("preset",)
+            "moa_cache_hits",
+            description="Requests routed from a cache instead of a model call (cache: router_classifier, "
+            "the LLM classifier's answers).",
+            tag_keys=("preset", "cache"),
         )
 
     def record(
-        self, preset: str, complexity: str | None, status: int, seconds: float, fallback: str | None
+        self,
+        preset: str,
+        complexity: str | None,
+        status: int,
+        seconds: float,
+        fallback_reason: str | None = None,
+        classifier_cached: bool = False,
     ) -> None:
         self.requests.inc(1, {"preset": preset, "complexity": complexity or "forced", "status": str(status)})
         self.latency.observe(seconds, {"preset": preset})
-        if fallback:
-            self.fallbacks.inc(1, {"preset": preset, "reason": fallback})
-            if "quorum" in fallback:
-                self.shortfalls.inc(1, {"preset": preset})
+        if fallback_reason == "quorum_missed":
+            self.shortfalls.inc(1, {"preset": preset})  # whether or not the fallback then answered
+        if fallback_reason and status == 200:
+            self.fallbacks.inc(1, {"preset": preset, "reason": fallback_reason})
+        if classifier_cached:
+            self.cache_hits.inc(1, {"preset": preset, "cache": "router_classifier"})
 
 
 class KeyMetrics:

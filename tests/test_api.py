@@ -4,7 +4,6 @@ official ``openai`` client and raw HTTP for the malformed cases. The Ray tests r
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -12,12 +11,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
 
-from moa.api.app import create_api
 from moa.config import MoAConfig
-from moa.engine.engine import MoAEngine
-from moa.providers.registry import ProviderPool
+from moa.local import LocalServer
+from moa.service import claim_port
 from moa.simulator.server import SimulatorServer
 from moa.state import StateStore
 from tests.waiting import wait_until, wait_until_sync
@@ -26,55 +23,25 @@ QUESTION = [{"role": "user", "content": "How do vaccines train the immune system
 
 
 class _Server:
-    """The API app on a loopback port, in a thread with its own event loop."""
+    """``moa serve --local``'s server on a loopback port, in a thread with its own event loop."""
 
     def __init__(self, config: MoAConfig, store: Callable[[], StateStore] | None = None) -> None:
         self.config = config
-        self.store_factory = store  # built on the server's own event loop
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._started = threading.Event()
-
-    def _run(self) -> None:
-        async def main() -> None:
-            async with ProviderPool.from_config(self.config, sim_url=self.config.simulator.url) as pool:
-                engine = MoAEngine(self.config, pool, health=pool.health_view)
-
-                async def health() -> dict[str, Any]:
-                    return pool.health()
-
-                store = self.store_factory() if self.store_factory else None
-                app = create_api(self.config, engine, health, store)
-                cfg = uvicorn.Config(
-                    app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"
-                )
-                self.server = uvicorn.Server(cfg)
-                self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-                self._started.set()
-                await self.server.serve()
-
-        asyncio.run(main())
+        self.server = LocalServer(config, claim_port("127.0.0.1", 0), store)
+        self.url = self.server.url
+        self._ready = threading.Event()
 
     def __enter__(self) -> _Server:
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread = threading.Thread(
+            target=lambda: asyncio.run(self.server.run(on_ready=lambda _: self._ready.set())), daemon=True
+        )
         self.thread.start()
-        self._started.wait(30)
-
-        def up() -> bool:
-            try:
-                httpx.get(self.url + "/v1/models", timeout=5)
-            except httpx.TransportError:
-                return False
-            return True
-
-        wait_until_sync(up, what="the API server to answer")
+        wait_until_sync(self._ready.is_set, what="the API server to start")
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+        self.server.stop()
+        self.thread.join(30)
 
 
 @pytest.fixture

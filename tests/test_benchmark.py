@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import math
 import time
@@ -12,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from rich.console import Console
 from rich.progress import Progress
 
 import moa.engine.fusion
@@ -80,11 +82,19 @@ def test_baseline_aggregator_prompt_is_the_services() -> None:
 async def test_baseline_and_report(sim: SimulatorServer, tmp_path: Path) -> None:
     base = Baseline(sim.url)
     tree = ProcessTree(exclude=set())
-    with Progress(disable=True) as progress:
+    # Not a terminal (a CI log, nohup): the bar does not show, each finished level's line does.
+    console = Console(file=io.StringIO(), force_terminal=False, width=200)
+    with Progress(console=console) as progress:
         task = progress.add_task("smoke", total=3)
-        row = await run_level(base.ask, ["What is DNS?", "Why is the sky blue?"], 2, 3, tree, progress, task)
+        prompts = ["What is DNS?", "Why is the sky blue?"]
+        row = await run_level(base.ask, prompts, 2, 3, tree, progress, task, "baseline c=2")
     await base.aclose()
     assert row["ok"] == 3 and row["overhead_p50_ms"] > 0 and row["cpu_ms_per_request"] > 0
+    out = console.file.getvalue().splitlines()  # type: ignore[attr-defined]
+    (line,) = [x for x in out if x.startswith("baseline c=2")]
+    assert (
+        line.startswith("baseline c=2: 3/3 ok, ") and "req/s, p50 " in line and line.endswith("errors: none")
+    )
     report = {"options": {}, "levels": [{"target": "baseline", "concurrency": 2, **row}], "scenarios": []}
     write_report(report, tmp_path)
     assert json.loads((tmp_path / "results.json").read_text())["levels"][0]["ok"] == 3

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from moa.config import load_config
 from moa.simulator.server import SimulatorServer
 
 FAST_SIM = "default: {ttft_s: 0.01, tokens_per_s: 4000, jitter: 0}\n"
@@ -93,6 +94,40 @@ def test_ask_against_a_running_simulator(sim: SimulatorServer, tmp_path: Path) -
     served = httpx.get(f"{sim.url}/admin/stats").json()["models"]
     assert {m: (v["requests"], v["completed"]) for m, v in served.items()} == {"gpt-4o-mini": (1, 1)}
     assert "built-in simulator" not in out.stderr
+
+
+def test_bench_and_simulate_help_show_defaults_and_scenarios() -> None:
+    from moa.benchmark.options import SCENARIOS
+
+    wide = {"COLUMNS": "1000"}  # one line per option, as argparse wraps to the terminal
+    bench = run_moa("bench", "--help", env=wide)
+    assert bench.returncode == 0, bench.stderr
+    assert "(default: 1,8,32)" in bench.stdout and "(default: none,hang,flaky,burst429)" in bench.stdout
+    assert all(f"{name}: " in bench.stdout for name in SCENARIOS)  # each scenario says what it does
+    assert "(default: 0.3)" in bench.stdout and "(default: bench-results/)" in bench.stdout
+    simulate = run_moa("simulate", "--help", env=wide)
+    assert simulate.returncode == 0, simulate.stderr
+    assert "(default: the profile's, else 0.3)" in simulate.stdout
+    assert "(default: the profile's, else 50)" in simulate.stdout
+
+
+def test_the_start_up_hint_names_a_model_the_config_serves(tmp_path: Path) -> None:
+    from moa.config import parse_config
+    from moa.service import banner
+
+    only = {"providers": {"o": {"kind": "openai", "models": {"gpt-4o-mini": {}}}}}
+    with_presets = load_config(None).model_dump(mode="json")
+    for raw, model in [
+        (with_presets, "moa"),
+        (only, "o/gpt-4o-mini"),
+        (
+            only | {"presets": {"quick": {"aggregators": [{"provider": "o", "model": "gpt-4o-mini"}]}}},
+            "quick",
+        ),
+    ]:
+        lines = banner(parse_config(raw, "test"), "http://127.0.0.1:8000", mode="local")
+        (hint,) = [line for line in lines if "chat.completions.create" in line]
+        assert f"model='{model}'" in hint
 
 
 def test_core_never_imports_ray() -> None:

@@ -114,7 +114,7 @@ async def test_layer_deadline_bounds_the_wait_then_falls_back(
     # The layer waited for its deadline (a lower bound only: how much later it ended is the
     # machine's business), then gave up on the two hanging calls.
     assert result.wall_time_s >= 0.6
-    assert result.fallback == "layer 1 missed its quorum"
+    assert result.fallback == "layer 1 missed its quorum" and result.fallback_reason == "quorum_missed"
     assert (result.provider, result.model) == ("openai", "gpt-4.1")  # first of the fallback chain
     assert not result.text.startswith("Synthesis")  # a plain single-model answer
     stragglers = [c for c in result.calls if c.cancelled_straggler]
@@ -139,7 +139,7 @@ async def test_unreachable_quorum_fails_fast(
     set_fault(sim, "gpt-4.1-mini", hang={"rate": 1.0, "hang_s": 30})
     plan = preset(config, "moa-lite", layer_deadline_s=600, call_timeout_s=600, grace_s=600)
     result = await engine.run(QUESTION, plan=plan)
-    assert result.fallback == "layer 1 missed its quorum"
+    assert result.fallback == "layer 1 missed its quorum" and result.fallback_reason == "quorum_missed"
     assert (result.provider, result.model) == ("openai", "gpt-4.1")
     proposers = {c.model: c for c in result.calls if c.stage is Stage.PROPOSER}
     failed = {m: c.error_kind for m, c in proposers.items() if not c.ok and not c.cancelled_straggler}
@@ -162,6 +162,26 @@ async def test_aggregator_fallback_chain(engine: MoAEngine, sim: SimulatorServer
     aggs = [c for c in result.calls if c.stage is Stage.AGGREGATOR]
     assert [(c.model, c.ok) for c in aggs] == [("gpt-4.1", False), ("claude-sonnet-4-6", True)]
     assert result.model == "claude-sonnet-4-6" and result.text.startswith("Synthesis of 3 references")
+    assert result.fallback is None and result.fallback_reason is None  # the chain's second answered
+
+
+async def test_every_aggregator_failing_is_no_missed_quorum(engine: MoAEngine, sim: SimulatorServer) -> None:
+    """The proposers met their quorum; the aggregators all failed and a fallback answered. For
+    the metrics and the benchmark this is a fallback, not a quorum shortfall."""
+    for model in ("gpt-4.1", "claude-sonnet-4-6"):
+        set_fault(sim, model, error_500={"rate": 1.0})
+    result = await engine.run(QUESTION, preset="moa-lite")
+    assert (result.provider, result.model) == ("gemini", "gemini-2.5-pro")
+    assert result.fallback == "every aggregator failed" and result.fallback_reason == "aggregators_failed"
+
+
+async def test_a_run_that_missed_its_quorum_says_so_when_it_fails(
+    engine: MoAEngine, sim: SimulatorServer
+) -> None:
+    set_fault(sim, "*", error_503={"rate": 1.0})
+    with pytest.raises(AllProvidersFailed) as err:
+        await engine.run(QUESTION, preset="moa-lite")
+    assert err.value.fallback_reason == "quorum_missed"
 
 
 async def test_every_failure_is_listed_when_all_fail(engine: MoAEngine, sim: SimulatorServer) -> None:
@@ -284,6 +304,8 @@ async def test_llm_classifier_is_used_and_cached(
     engine = MoAEngine(cfg, pool)
     first = await engine.run(QUESTION, preset="auto")
     assert first.calls[0].stage is Stage.CLASSIFIER and "llm classifier" in first.decision.reason
+    assert not first.decision.classifier_cached
     second = await engine.run(QUESTION, preset="auto")
     assert all(c.stage is not Stage.CLASSIFIER for c in second.calls)
+    assert second.decision.classifier_cached  # what moa_cache_hits counts
     assert stats(sim)["gpt-4o-mini"]["requests"] == 1

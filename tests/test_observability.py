@@ -161,6 +161,58 @@ async def test_content_capture_is_opt_in_and_keys_never_appear(
     assert SECRET not in json.dumps(spans) and SECRET not in log_lines.getvalue()
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["call", "stream"])
+async def test_one_genai_span_per_model_call(otlp: OTLPReceiver, sim: SimulatorServer, stream: bool) -> None:
+    """The Anthropic SDK opens its own ``anthropic.messages.create`` span with GenAI attributes:
+    beside ours, every Anthropic call would count twice in GenAI views. One span per call."""
+    cfg = parse_config(
+        {
+            "providers": {
+                "anthropic": {
+                    "kind": "anthropic",
+                    "api_key_env": "ANTHROPIC_API_KEY",
+                    "base_url": sim.url,
+                    "models": {"claude-haiku-4-5": {}},
+                }
+            },
+            "simulator": {"mode": "off"},
+        }
+    )
+    async with ProviderPool.from_config(cfg, env={"ANTHROPIC_API_KEY": SECRET}) as pool:
+        engine = MoAEngine(cfg, pool)
+        with tracer().start_as_current_span("client request") as root:
+            if stream:
+                async for _ in engine.stream(QUESTION, preset="anthropic/claude-haiku-4-5"):
+                    pass
+            else:
+                await engine.run(QUESTION, preset="anthropic/claude-haiku-4-5")
+    trace_id = format(root.get_span_context().trace_id, "032x")
+    spans = wait_for_spans(otlp, trace_id, {"moa.run", "chat claude-haiku-4-5"})
+    genai = [s for s in spans if "gen_ai.operation.name" in s["attributes"]]
+    assert [s["name"] for s in genai] == ["chat claude-haiku-4-5"], [s["name"] for s in spans]
+    assert genai[0]["attributes"]["gen_ai.provider.name"] == "anthropic"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_http_request_trace_tree_in_one_process(otlp: OTLPReceiver, config: MoAConfig, stream: bool) -> None:
+    """Through the HTTP API (moa serve --local): the README's tree, moa.route under moa.run."""
+    from tests.test_api import _Server
+
+    body = {"model": "moa-lite", "messages": [{"role": "user", "content": QUESTION_TEXT}], "stream": stream}
+    with _Server(config) as server:
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    trace_id = r.headers["x-moa-trace-id"]
+    names = {"POST /v1/chat/completions", "moa.run", "moa.route", "moa.layer", "moa.fuse", "chat gpt-4.1"}
+    spans = wait_for_spans(otlp, trace_id, names)
+    (server_span,) = by_name(spans, "POST /v1/chat/completions")
+    (run,) = by_name(spans, "moa.run")
+    assert run["parent_id"] == server_span["span_id"]
+    for child in ("moa.route", "moa.layer", "moa.fuse"):
+        (span,) = by_name(spans, child)
+        assert span["parent_id"] == run["span_id"], child
+
+
 def test_tracing_off_costs_nothing_visible(sim: SimulatorServer) -> None:
     """Without an SDK provider the API hands out non-recording spans (checked in a clean process)."""
     import subprocess
@@ -211,6 +263,7 @@ def test_one_trace_across_processes_and_nodes(
     (layer,) = by_name(spans, "moa.layer")
     (fuse,) = by_name(spans, "moa.fuse")
     assert run["parent_id"] == server["span_id"] and layer["parent_id"] == run["span_id"]
+    assert by_name(spans, "moa.route")[0]["parent_id"] == run["span_id"]
     proposals = [s for s in spans if s["name"].startswith("chat ") and s["parent_id"] == layer["span_id"]]
     assert {s["attributes"]["gen_ai.provider.name"] for s in proposals} == {
         "openai",
@@ -305,3 +358,110 @@ def test_metrics_on_the_prometheus_endpoint(cluster: dict[str, Any], url: str) -
     # Ray's metrics agents export on their own period: wait until the series appear.
     wait_until_sync(scrape, lambda found: all(found.values()), within_s=60, interval=1, what="the series")
     assert "sk-" not in text
+
+
+def _series_value(text: str, name: str, **tags: str) -> float:
+    """The sum of a Prometheus series' samples whose labels include ``tags``."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        labels, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in labels for k, v in tags.items()):
+            total += float(value)
+    return total
+
+
+def test_every_documented_series_moves_when_its_event_happens(
+    cluster: dict[str, Any], sim: SimulatorServer
+) -> None:
+    """Each series the README lists, made to move by the event it counts, in an app of its own
+    (application="moa-metrics") with the LLM classifier, whose cache is the one cache there is."""
+    serve = pytest.importorskip("ray.serve")
+    from serve_app import build_from_config
+
+    raw = cluster["config"].model_dump(mode="json")
+    for name in ("narrow", "metered"):
+        del raw["providers"][name]
+    raw["router"]["classifier"] = "llm"
+    raw["router"]["classifier_model"] = {"provider": "openai", "model": "gpt-4o-mini"}
+    serve.run(
+        build_from_config(parse_config(raw, "the metrics config")), name="moa-metrics", route_prefix="/m"
+    )
+    url = str(cluster["url"]) + "/m"
+    app = {"application": "moa-metrics"}
+
+    def ask(body: dict[str, Any]) -> httpx.Response:
+        body = {"messages": [{"role": "user", "content": QUESTION_TEXT}], **body}
+        return httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+
+    def scrape() -> str:
+        return "\n".join(
+            httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+            for port in cluster["metrics"].values()
+        )
+
+    def fault(model: str, **faults: Any) -> None:
+        httpx.put(f"{sim.url}/admin/faults/{model}", json=faults).raise_for_status()
+
+    def reset() -> None:
+        httpx.delete(f"{sim.url}/admin/faults").raise_for_status()
+
+    try:
+        # The same question routed twice: the second decision comes from the classifier's cache.
+        assert ask({"model": "auto"}).status_code == 200
+        assert ask({"model": "auto"}).status_code == 200
+        # A streamed answer: time to first chunk.
+        assert ask({"model": "moa-lite", "stream": True}).status_code == 200
+        # A proposer failing: a provider error.
+        fault("gemini-2.5-flash", error_500={"rate": 1.0})
+        assert ask({"model": "moa-lite"}).status_code == 200
+        # Two proposers failing: the quorum missed, a fallback answered.
+        fault("claude-haiku-4-5", error_503={"rate": 1.0})
+        assert ask({"model": "moa-lite"}).status_code == 200
+        reset()
+        expected = {
+            "ray_gen_ai_client_operation_duration_bucket": {"gen_ai_provider_name": "gcp.gemini"},
+            "ray_gen_ai_client_token_usage_bucket": {"gen_ai_token_type": "output"},
+            "ray_gen_ai_client_time_to_first_chunk_bucket": {"gen_ai_request_model": "gpt-4.1"},
+            "ray_moa_provider_requests_total": {"gen_ai_request_model": "gpt-4o-mini"},
+            "ray_moa_provider_errors_total": {"error_type": "server_error"},
+            "ray_moa_provider_cost_usd_total": {"gen_ai_request_model": "gpt-4.1"},
+            "ray_moa_requests_total": {"preset": "moa-lite", "status": "200"},
+            "ray_moa_request_duration_bucket": {"preset": "moa-lite"},
+            "ray_moa_quorum_shortfalls_total": {"preset": "moa-lite"},
+            "ray_moa_fallbacks_total": {"preset": "moa-lite", "reason": "quorum_missed"},
+            "ray_moa_cache_hits_total": {"cache": "router_classifier"},
+        }
+
+        def moved(text: str) -> dict[str, float]:
+            return {name: _series_value(text, name, **app, **tags) for name, tags in expected.items()}
+
+        # Ray's metrics agents export on their own period: wait until every series is there.
+        values = wait_until_sync(
+            lambda: moved(scrape()),
+            lambda v: all(v.values()),
+            within_s=120,
+            interval=1,
+            what="every documented series",
+        )
+        assert values["ray_moa_quorum_shortfalls_total"] == 1
+        assert values["ray_moa_fallbacks_total"] == 1
+        assert values["ray_moa_cache_hits_total"] == 1
+        # Every aggregator failing is a fallback, and no missed quorum.
+        for model in ("gpt-4.1", "claude-sonnet-4-6"):
+            fault(model, error_500={"rate": 1.0})
+        assert ask({"model": "moa-lite"}).status_code == 200
+        reason = {"preset": "moa-lite", "reason": "aggregators_failed"}
+        text = wait_until_sync(
+            scrape,
+            lambda t: _series_value(t, "ray_moa_fallbacks_total", **app, **reason) == 1,
+            within_s=120,
+            interval=1,
+            what="the aggregator fallback counted",
+        )
+        assert _series_value(text, "ray_moa_quorum_shortfalls_total", **app, preset="moa-lite") == 1
+        assert "sk-" not in text
+    finally:
+        reset()
+        serve.delete("moa-metrics")

@@ -314,3 +314,75 @@ def test_bench_floor_app_times_every_probe(url: str) -> None:
     assert [r["path"] for r in rows] == ["/http", "/hop", "/fan-out", "/chain"]
     assert all(0 < r["p50_ms"] <= r["p99_ms"] for r in rows)
     assert "floor" not in serve.status().applications
+
+
+def test_a_provider_with_no_replica_is_reported_and_never_waited_for(
+    cluster: dict[str, Any], sim: SimulatorServer
+) -> None:
+    """``serve deploy`` on a cluster without the nodes a provider needs: its replicas never start.
+    Health must say so, and no request may wait for it past its deadline."""
+    from actors.handles import HandleCaller
+    from moa.types import CallRequest, ErrorKind
+    from serve_app import build_from_config
+
+    raw = cluster["config"].model_dump(mode="json")
+    for name in ("narrow", "metered"):
+        del raw["providers"][name]
+    raw["providers"]["ghost"] = {
+        "kind": "openai",
+        "api_key_env": "GHOST_API_KEY",
+        # No node has this resource: the replica stays pending for ever.
+        "deployment": {"num_cpus": 0.01, "num_replicas": 1, "resources": {"no_such_node_type": 1}},
+        "models": {"ghost-model": {}},
+    }
+    cfg = parse_config(raw, "the ghost config")
+    app = serve.RunTarget(build_from_config(cfg), name="moa-ghost", route_prefix="/ghost")
+    serve.run_many([app], wait_for_applications_running=False)
+    url = str(cluster["url"]) + "/ghost"
+    try:
+        # A handle call to the deployment with no replica ends at the call's own deadline.
+        ghost = serve.get_deployment_handle("provider-ghost", app_name="moa-ghost")
+        hi = (ChatMessage(role="user", content="Hi"),)
+        req = CallRequest(provider="ghost", model="ghost-model", messages=hi, timeout_s=1.0)
+        result = asyncio.run(asyncio.wait_for(HandleCaller({"ghost": ghost}).call(req), timeout=120))
+        assert result.error is not None and result.error.kind is ErrorKind.TIMEOUT
+        assert "no replica of provider-ghost answered" in result.error.message
+
+        def health() -> tuple[int, dict[str, Any]]:
+            try:
+                r = httpx.get(url + "/healthz", timeout=30)
+            except httpx.TransportError:
+                return 0, {}
+            return r.status_code, (r.json() if r.status_code in (200, 503) else {})
+
+        def reported(h: tuple[int, dict[str, Any]]) -> bool:
+            providers = h[1].get("providers", {})
+            others = [p for name, p in providers.items() if name != "ghost"]
+            return bool(others) and all(p["replicas"] >= 1 for p in others) and "ghost" in providers
+
+        status, body = wait_until_sync(health, reported, within_s=120, interval=0.5, what="health reported")
+        # Not "ok": one provider has no replica at all; the others still answer.
+        assert (status, body["status"]) == (200, "degraded")
+        assert body["providers"]["ghost"]["replicas"] == 0
+        assert body["providers"]["ghost"]["state"] == "no_replicas"
+        # Once the router counts it unavailable, a request naming it is answered by a substitute.
+        router = serve.get_deployment_handle("router", app_name="moa-ghost")
+        wait_until_sync(
+            lambda: router.health_view.remote().result(timeout_s=30).unavailable,
+            lambda unavailable: "ghost" in unavailable,
+            within_s=120,
+            interval=0.5,
+            what="the router to count the ghost provider out",
+        )
+        r = httpx.post(
+            url + "/v1/chat/completions",
+            json={"model": "ghost/ghost-model", "messages": QUESTION, "moa": {"detail": True}},
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        detail = r.json()["moa"]
+        assert not detail["answered_by"].startswith("ghost/")
+        (substitution,) = detail["decision"]["substitutions"]
+        assert substitution.startswith("ghost/ghost-model -> ")
+    finally:
+        serve.delete("moa-ghost", _blocking=False)

@@ -138,3 +138,38 @@ async def settle_quietly(spend: Spend | None) -> None:
     if spend is not None:
         with contextlib.suppress(Exception):
             await spend.settle()
+
+
+class SpendGate:
+    """One request's admission through a key's rules, handed to the engine as its ``admit`` hook:
+    routing runs inside the run, so the plan is checked and its cost reserved once it is known.
+    ``spend`` is the reservation to settle when the request ends (None until admitted)."""
+
+    def __init__(
+        self,
+        access: Access,
+        principal: Principal,
+        messages: Sequence[ChatMessage],
+        params: GenerationParams,
+        max_cost_usd: float | None,
+        health: Callable[[], HealthView],
+        param: str | None = None,
+    ) -> None:
+        self.access, self.principal = access, principal
+        self.messages, self.params, self.max_cost_usd, self.health = messages, params, max_cost_usd, health
+        self.param = param
+        self.spend: Spend | None = None
+
+    async def admit(self, routed: Routed) -> Routed:
+        if self.param is None:
+            self.principal.check_plan(routed[0])
+        else:
+            self.principal.check_plan(routed[0], self.param)
+        routed, self.spend = await self.access.reserve(
+            self.principal, routed, self.messages, self.params, self.max_cost_usd, self.health
+        )
+        return routed
+
+    def record(self, rec: CallRecord) -> None:
+        if self.spend is not None:
+            self.spend.record(rec)

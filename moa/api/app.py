@@ -26,13 +26,12 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from moa.api.access import Access, Spend, settle_quietly
+from moa.api.access import Access, SpendGate, settle_quietly
 from moa.api.schemas import ChatCompletionRequest, MoARequest, ParamError, error_body
 from moa.config import ConfigError, MoAConfig
-from moa.engine.cost import Routed
 from moa.engine.engine import MoAEngine
-from moa.engine.errors import InvalidPlan, InvalidRequest, MoAError
-from moa.engine.result import MoAResult, RouteDecision
+from moa.engine.errors import DeadlineExceeded, InvalidPlan, InvalidRequest, MoAError, ShuttingDown
+from moa.engine.result import MoAResult
 from moa.keys_admin import (
     ADMIN_KEY_ENV,
     ADMIN_KEY_MIN_CHARS,
@@ -54,7 +53,17 @@ from observability.metrics import RequestMetrics
 log = logging.getLogger("moa.api")
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 HealthFn = Callable[[], Awaitable[dict[str, Any]]]
+
+# The engine ends a request at its deadline itself; past the deadline plus this, the API stops
+# waiting whatever the engine's transports do (a handle call to a deployment with no replica).
+BACKSTOP_GRACE_S = 2.0
+# After a drain ran out and the requests still running were told to end, how long their last
+# bytes (an error event and [DONE], or a 503) get to go out.
+CUT_GRACE_S = 2.0
+# /healthz reports the providers' health only if it can learn it this fast.
+HEALTH_TIMEOUT_S = 5.0
 
 
 class ApiError(Exception):
@@ -102,19 +111,44 @@ def _bad_messages(e: ParamError) -> ApiError:
 
 
 class Admission:
-    """Admission control: at most ``limit`` requests in progress; past it, 429 at once."""
+    """Admission control: at most ``limit`` requests in progress; past it, 429 at once. Once the
+    service drains, every new request gets 503 at once."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.in_flight = 0
+        self.draining = False
+        self._changed: asyncio.Event | None = None  # set when the count drops, while drained
 
     def take(self) -> Slot:
+        if self.draining:
+            raise _moa_error(ShuttingDown("the service is shutting down; retry shortly"))
         if self.in_flight >= self.limit:
             err = ApiError(429, "the service is at capacity; retry shortly", "rate_limit_error", "overloaded")
             err.headers["Retry-After"] = "1"
             raise err
         self.in_flight += 1
         return Slot(self)
+
+    def released(self) -> None:
+        self.in_flight -= 1
+        if self._changed is not None:
+            self._changed.set()
+
+    async def wait_idle(self, within_s: float, hurry: asyncio.Event) -> bool:
+        """Wait until no request is in progress (True), ``within_s`` passes or ``hurry`` is set."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + within_s
+        while self.in_flight and not hurry.is_set() and loop.time() < end:
+            self._changed = changed = asyncio.Event()
+            waiters = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(hurry.wait())]
+            try:
+                await asyncio.wait(waiters, timeout=end - loop.time(), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waiters:
+                    w.cancel()
+                self._changed = None
+        return self.in_flight == 0
 
 
 class Slot:
@@ -125,8 +159,75 @@ class Slot:
 
     def release(self) -> None:
         if self._admission is not None:
-            self._admission.in_flight -= 1
+            self._admission.released()
             self._admission = None
+
+
+class _Failed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_END: Any = object()
+_STOP: Any = object()
+
+
+class EventPump:
+    """A stream's events, produced in a task of their own, so the response can stop waiting for
+    them at any moment (the drain ran out, the deadline passed) and still end the stream properly
+    with an error event and [DONE]. One event is read ahead at most."""
+
+    def __init__(self, events: AsyncIterator[Any]) -> None:
+        self._events = events
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
+        self.stopped: MoAError | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            async for ev in self._events:
+                await self._queue.put(ev)
+            await self._queue.put(_END)
+        except Exception as e:
+            await self._queue.put(_Failed(e))
+        finally:
+            with contextlib.suppress(Exception):
+                await self._events.aclose()  # type: ignore[attr-defined]
+
+    async def next(self) -> Any:
+        """The next event; None at the end. Raises what the events raised, or why it was stopped."""
+        if self.stopped is not None:
+            raise self.stopped
+        item = await self._queue.get()
+        if item is _STOP:
+            assert self.stopped is not None
+            raise self.stopped
+        if item is _END:
+            return None
+        if isinstance(item, _Failed):
+            raise item.error
+        return item
+
+    def stop(self, error: MoAError) -> None:
+        """End the stream with ``error``: the reader gets it now, the events are cancelled."""
+        if self.stopped is not None:
+            return
+        self.stopped = error
+        with contextlib.suppress(asyncio.QueueFull):  # full: the reader is busy and checks first
+            self._queue.put_nowait(_STOP)
+        self._task.cancel()
+
+    def stop_at(self, when: float, error: MoAError) -> None:
+        """``stop(error)`` at loop time ``when``, unless the stream ends first."""
+        self._timer = asyncio.get_running_loop().call_at(when, self.stop, error)
+
+    async def aclose(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
 
 
 class AdmittedStream(StreamingResponse):
@@ -134,11 +235,7 @@ class AdmittedStream(StreamingResponse):
     the response ends, however it ends (finished, failed, client gone, or never started)."""
 
     def __init__(
-        self,
-        content: AsyncIterator[bytes],
-        slot: Slot,
-        events: AsyncIterator[Any],
-        spend: Spend | None = None,
+        self, content: AsyncIterator[bytes], slot: Slot, events: EventPump, spend: SpendGate | None = None
     ) -> None:
         super().__init__(
             content,
@@ -155,8 +252,9 @@ class AdmittedStream(StreamingResponse):
             with contextlib.suppress(Exception):
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]
             with contextlib.suppress(Exception):
-                await self.events.aclose()  # type: ignore[attr-defined]
-            await settle_quietly(self.spend)  # after the events: every call has been counted
+                await self.events.aclose()
+            if self.spend is not None:
+                await settle_quietly(self.spend.spend)  # after the events: every call has been counted
 
 
 def _finish_reason(reason: str | None) -> str:
@@ -179,6 +277,7 @@ def moa_detail(result: MoAResult) -> dict[str, Any]:
         "decision": result.decision.model_dump(mode="json"),
         "answered_by": f"{result.provider}/{result.model}",
         "fallback": result.fallback,
+        "fallback_reason": result.fallback_reason,
         "notes": result.notes,
         "calls": [c.model_dump(mode="json") for c in result.calls],
         "totals": {
@@ -204,6 +303,48 @@ class Api:
         self.access = Access(config, store)
         self.admission = Admission(config.server.max_concurrent_requests)
         self.metrics = RequestMetrics()
+        # Streams under way, so that a drain that runs out can end each of them properly.
+        self._streams: set[EventPump] = set()
+        # Resolved when a drain runs out: requests still waiting for an answer stop waiting.
+        self._cut: asyncio.Future[None] | None = None
+        self._hurry: asyncio.Event | None = None
+
+    @property
+    def draining(self) -> bool:
+        return self.admission.draining
+
+    def _cut_future(self) -> asyncio.Future[None]:
+        if self._cut is None:
+            self._cut = asyncio.get_running_loop().create_future()
+        return self._cut
+
+    def _hurry_event(self) -> asyncio.Event:
+        if self._hurry is None:
+            self._hurry = asyncio.Event()
+        return self._hurry
+
+    async def drain(self, drain_s: float) -> int:
+        """Shut down gracefully: refuse new requests (503) from now on, give those in progress up
+        to ``drain_s`` to finish, then end the rest: an unfinished stream gets an error event
+        (``shutting_down``) and [DONE], a request still waiting for its answer a 503. Returns how
+        many were ended that way. ``hurry()`` (a second Ctrl-C) ends them at once."""
+        self.admission.draining = True
+        log.info("draining", extra={"event": "drain", "status": self.admission.in_flight})
+        hurry = self._hurry_event()
+        if await self.admission.wait_idle(drain_s, hurry):
+            return 0
+        cut = self.admission.in_flight
+        log.warning("drain time over: ending %d request(s)", cut, extra={"event": "drain_cut", "status": cut})
+        if not self._cut_future().done():
+            self._cut_future().set_result(None)
+        for stream in list(self._streams):
+            stream.stop(ShuttingDown("the service is shutting down: the answer was cut short"))
+        await self.admission.wait_idle(CUT_GRACE_S, asyncio.Event())
+        return cut
+
+    def hurry(self) -> None:
+        """End a drain now: requests still in progress are ended as if the drain time had run out."""
+        self._hurry_event().set()
 
     @property
     def in_flight(self) -> int:
@@ -270,6 +411,31 @@ class Api:
 
     # -- endpoints --------------------------------------------------------------------------------
 
+    async def until_done(self, request: Request, work: Awaitable[T], deadline_s: float) -> T:
+        """Await ``work``, cancelling it (and with it the whole fan-out) if the client goes away
+        (``ClientDisconnected``), a drain runs out (``ShuttingDown``) or the request's deadline
+        passed well beyond what the engine allows itself (``DeadlineExceeded``)."""
+        task = asyncio.ensure_future(work)
+        watcher = asyncio.ensure_future(_disconnected(request))
+        cut = self._cut_future()
+        try:
+            waits: set[asyncio.Future[Any]] = {task, watcher, cut}
+            limit = deadline_s + BACKSTOP_GRACE_S
+            done, _ = await asyncio.wait(waits, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if task in done or (task.done() and not task.cancelled()):
+            return task.result()
+        if watcher in done:
+            raise ClientDisconnected("client disconnected")
+        if cut in done:
+            raise ShuttingDown("the service is shutting down: the request did not finish in time")
+        raise DeadlineExceeded("the request deadline passed before an answer was ready")
+
     async def chat_completions(self, request: Request) -> Response:
         principal = await self.access.principal(request.headers.get("authorization"))
         req = self.parse(ChatCompletionRequest, await self.read_json(request))
@@ -279,47 +445,57 @@ class Api:
             raise _bad_messages(e) from None
         principal.check_model(req.model, req.model == "auto" or req.model in self.config.presets)
         principal.check_detail(req.moa.detail)
+        gate = SpendGate(
+            self.access, principal, messages, req.params(), req.moa.max_cost_usd, self.engine.health
+        )
         slot = self.admission.take()
         response: Response | None = None
-        spend: Spend | None = None
         t0 = time.monotonic()
+        deadline = self.deadline(req.moa.deadline_s)
         try:
-            routed = await self.engine.route(messages, req.model)
-            principal.check_plan(routed[0])
-            routed, spend = await self.access.reserve(
-                principal, routed, messages, req.params(), req.moa.max_cost_usd, self.engine.health
-            )
-            kwargs: dict[str, Any] = {
-                "params": req.params(),
-                "deadline_s": self.deadline(req.moa.deadline_s),
-                "routed": routed,
-                "on_call": spend.record,
-            }
+            # Routing happens inside the run (its span is the run's child); a routing error still
+            # comes before any byte of the response, so it gets its real status.
+            kwargs: dict[str, Any] = {"preset": req.model, "params": req.params(), "deadline_s": deadline}
+            kwargs |= {"admit": gate.admit, "on_call": gate.record}
             if not req.stream:
-                result = await until_disconnected(request, self.engine.run(messages, **kwargs))
+                result = await self.until_done(request, self.engine.run(messages, **kwargs), deadline)
                 self.record(result, 200, time.monotonic() - t0)
                 return JSONResponse(self.completion_body(req, result))
-            events = self.engine.stream(messages, **kwargs)
-            # Wait for the first event so that failures before any text get a real status code.
+            events = EventPump(self.engine.stream(messages, **kwargs))
+            self._streams.add(events)
             try:
-                first = await until_disconnected(request, anext(events))
+                # Wait for the first event so that failures before any text get a real status code.
+                first = await self.until_done(request, events.next(), deadline)
+                # Whatever the transports do, the stream ends at the deadline (plus the grace).
+                events.stop_at(
+                    asyncio.get_running_loop().time() + deadline + BACKSTOP_GRACE_S - (time.monotonic() - t0),
+                    DeadlineExceeded("the request deadline passed before the answer was complete"),
+                )
             except BaseException:
-                await events.aclose()  # type: ignore[attr-defined]
+                self._streams.discard(events)
+                await events.aclose()
                 raise
             # From here the response owns the slot and the events (see AdmittedStream).
-            response = AdmittedStream(self.sse(req, first, events), slot, events, spend)
+            response = AdmittedStream(self.sse(req, first, events, t0), slot, events, gate)
             return response
         except MoAError as e:
-            self.metrics.record(req.model, None, e.status_code, time.monotonic() - t0, None)
+            self.metrics.record(req.model, None, e.status_code, time.monotonic() - t0, e.fallback_reason)
             raise
         finally:
             if response is None:
                 slot.release()
-                await settle_quietly(spend)
+                await settle_quietly(gate.spend)
 
     def record(self, result: MoAResult, status: int, seconds: float) -> None:
         complexity = result.decision.complexity.value if result.decision.complexity else None
-        self.metrics.record(result.preset, complexity, status, seconds, result.fallback)
+        self.metrics.record(
+            result.preset,
+            complexity,
+            status,
+            seconds,
+            result.fallback_reason,
+            result.decision.classifier_cached,
+        )
 
     def completion_body(self, req: ChatCompletionRequest, result: MoAResult) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -343,10 +519,7 @@ class Api:
         return body
 
     async def sse(
-        self,
-        req: ChatCompletionRequest,
-        first: TextDelta | MoAResult,
-        events: AsyncIterator[TextDelta | MoAResult],
+        self, req: ChatCompletionRequest, first: TextDelta | MoAResult, events: EventPump, t0: float
     ) -> AsyncIterator[bytes]:
         ident, created = f"chatcmpl-moa-{uuid.uuid4().hex[:24]}", int(time.time())
 
@@ -373,10 +546,13 @@ class Api:
                         body = {"id": ident, "object": "chat.completion.chunk", "created": created}
                         body |= {"model": req.model, "choices": [], "usage": usage, **extra}
                         yield b"data: " + json.dumps(body).encode() + b"\n\n"
-                ev = await anext(events, None)
+                ev = await events.next()
         except MoAError as e:
             # Text may already be out: the error travels in the stream, as OpenAI's API does.
+            self.metrics.record(req.model, None, e.status_code, time.monotonic() - t0, e.fallback_reason)
             yield b"data: " + json.dumps(error_body(e.message, e.error_type, e.code)).encode() + b"\n\n"
+        finally:
+            self._streams.discard(events)
         yield b"data: [DONE]\n\n"
 
     async def moa(self, request: Request) -> Response:
@@ -398,30 +574,33 @@ class Api:
             principal.check_model(preset, preset == "auto" or preset in self.config.presets)
         principal.check_detail(True)  # the full result is the detail
         slot = self.admission.take()
-        spend: Spend | None = None
+        deadline = self.deadline(req.deadline_s)
+        gate = SpendGate(
+            self.access,
+            principal,
+            messages,
+            req.params,
+            req.max_cost_usd,
+            self.engine.health,
+            "plan" if req.plan is not None else "preset",
+        )
         try:
-            routed: Routed
-            if req.plan is not None:
-                routed = (req.plan, RouteDecision(preset="custom", forced=True, reason="explicit plan"), [])
-            else:
-                routed = await self.engine.route(messages, req.preset)
-            principal.check_plan(routed[0], "plan" if req.plan is not None else "preset")
-            routed, spend = await self.access.reserve(
-                principal, routed, messages, req.params, req.max_cost_usd, self.engine.health
-            )
-            result = await until_disconnected(
+            result = await self.until_done(
                 request,
                 self.engine.run(
                     messages,
+                    preset=req.preset,
+                    plan=req.plan,
                     params=req.params,
-                    deadline_s=self.deadline(req.deadline_s),
-                    routed=routed,
-                    on_call=spend.record,
+                    deadline_s=deadline,
+                    admit=gate.admit,
+                    on_call=gate.record,
                 ),
+                deadline,
             )
         finally:
             slot.release()
-            await settle_quietly(spend)
+            await settle_quietly(gate.spend)
         return JSONResponse(result.model_dump(mode="json"))
 
     async def models(self, request: Request) -> dict[str, Any]:
@@ -435,11 +614,27 @@ class Api:
         return {"object": "list", "data": data}
 
     async def healthz(self) -> Response:
-        providers = await self.health()
-        states = [p.get("state") for p in providers.values()]
-        up = sum(s != "open" for s in states)
-        status = "ok" if up == len(states) else "degraded" if up else "down"
+        """``ok`` when every provider can answer; ``degraded`` (200) when some cannot; ``down``
+        (503) when none can; ``draining`` (503) once shutdown began. A provider can answer when it
+        has a running replica (on Ray) whose circuit is not open."""
+        if self.draining:
+            return JSONResponse({"status": "draining", "providers": {}}, status_code=503)
+        try:
+            providers = await asyncio.wait_for(self.health(), HEALTH_TIMEOUT_S)
+        except Exception as e:
+            why = "timed out" if isinstance(e, TimeoutError) else type(e).__name__
+            body = {"status": "unknown", "providers": {}, "error": f"provider health unavailable: {why}"}
+            return JSONResponse(body, status_code=503)
+        up = sum(_can_answer(p) for p in providers.values())
+        status = "ok" if up == len(providers) else "degraded" if up else "down"
         return JSONResponse({"status": status, "providers": providers}, status_code=200 if up else 503)
+
+
+def _can_answer(health: dict[str, Any]) -> bool:
+    # In-process there is one client per provider; on Ray, "replicas" counts those reporting.
+    if health.get("state") == "scaled_to_zero":
+        return True  # autoscaled down to none: a request brings a replica back
+    return health.get("replicas", 1) > 0 and health.get("state") in ("closed", "half_open", "degraded")
 
 
 class Admin:
@@ -511,8 +706,6 @@ def admin_key_from_env() -> str | None:
     return key
 
 
-T = TypeVar("T")
-
 # Recent FastAPI versions open their own OpenTelemetry server span per request; ours (which also
 # returns x-moa-trace-id, in-process and on Ray alike) is the one server span, so theirs is off.
 _NO_NATIVE_TELEMETRY: dict[str, Any] = (
@@ -520,22 +713,6 @@ _NO_NATIVE_TELEMETRY: dict[str, Any] = (
     if "telemetry" in inspect.signature(FastAPI.__init__).parameters
     else {}
 )
-
-
-async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``, cancelling it if the client goes away first (so the whole fan-out stops)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            raise ClientDisconnected("client disconnected")
-    return task.result()
 
 
 async def _disconnected(request: Request) -> None:
@@ -599,4 +776,4 @@ def create_api(
     return app
 
 
-__all__ = ["ApiError", "InvalidRequest", "create_api", "moa_detail"]
+__all__ = ["Api", "ApiError", "InvalidRequest", "create_api", "moa_detail"]

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from moa.benchmark.options import SCENARIOS, BenchOptions
+from moa.benchmark.options import FAULTY_MODEL, SCENARIO_HELP, SCENARIOS, BenchOptions
 
 
 def _ints(text: str) -> list[int]:
@@ -44,40 +44,90 @@ def _targets(text: str) -> list[str]:
     return names
 
 
+def _csv(values: object) -> str:
+    return ",".join(str(v) for v in values)  # type: ignore[attr-defined]
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d = BenchOptions()
-    p = sub.add_parser("bench", help="benchmark the Serve app against a single-process baseline")
+    scenarios = "; ".join(f"{name}: {what}" for name, what in SCENARIO_HELP.items())
+    p = sub.add_parser(
+        "bench",
+        help="benchmark the Serve app against a single-process baseline",
+        description="Run a prompt workload at each concurrency level against each target, then the "
+        "fault scenarios; print a line per finished level, then the report.",
+    )
     p.add_argument("--prompts", type=Path, default=None, help="JSONL workload (default: the bundled prompts)")
-    p.add_argument("--concurrency", type=_ints, default=list(d.concurrency), help="levels, e.g. 1,8,32")
+    p.add_argument(
+        "--concurrency",
+        type=_ints,
+        default=list(d.concurrency),
+        help=f"concurrency levels, comma-separated (default: {_csv(d.concurrency)})",
+    )
     p.add_argument(
         "--requests",
         type=int,
         default=d.requests,
-        help="requests per target and level (at least twice the level)",
+        help=f"requests per target and level, at least twice the level (default: {d.requests})",
     )
     p.add_argument(
         "--targets",
         type=_targets,
         default=list(d.targets),
         help="baseline, serve:MODEL (a preset or provider/model) and floor (a bare Serve app's "
-        "hop latencies), comma-separated",
+        f"hop latencies), comma-separated (default: {_csv(d.targets)})",
     )
     p.add_argument(
-        "--scenarios", type=_names(set(SCENARIOS)), default=list(d.scenarios), help="fault scenarios"
+        "--scenarios",
+        type=_names(set(SCENARIOS)),
+        default=list(d.scenarios),
+        help=f"fault scenarios, comma-separated, each on the proposer {FAULTY_MODEL} of moa-lite "
+        f"({scenarios}) (default: {_csv(d.scenarios)})",
     )
-    p.add_argument("--fault-requests", type=int, default=d.fault_requests, help="requests per fault scenario")
-    p.add_argument("--fault-concurrency", type=int, default=d.fault_concurrency)
-    p.add_argument("--ttft", type=float, default=d.ttft_s, help="simulated time to first token (s)")
-    p.add_argument("--tps", type=float, default=d.tokens_per_s, help="simulated tokens per second")
-    p.add_argument("--jitter", type=float, default=d.jitter, help="simulated latency jitter (0.1 = ±10%%)")
     p.add_argument(
-        "--layer-deadline", type=float, default=d.layer_deadline_s, help="Serve app's layer deadline (s)"
+        "--fault-requests",
+        type=int,
+        default=d.fault_requests,
+        help=f"requests per fault scenario (default: {d.fault_requests})",
+    )
+    p.add_argument(
+        "--fault-concurrency",
+        type=int,
+        default=d.fault_concurrency,
+        help=f"concurrency of the fault scenarios (default: {d.fault_concurrency})",
+    )
+    p.add_argument(
+        "--ttft", type=float, default=d.ttft_s, help=f"simulated time to first token, s (default: {d.ttft_s})"
+    )
+    p.add_argument(
+        "--tps",
+        type=float,
+        default=d.tokens_per_s,
+        help=f"simulated tokens per second (default: {d.tokens_per_s:g})",
+    )
+    p.add_argument(
+        "--jitter",
+        type=float,
+        default=d.jitter,
+        help=f"simulated latency jitter, 0.1 = ±10%% (default: {d.jitter})",
+    )
+    p.add_argument(
+        "--layer-deadline",
+        type=float,
+        default=d.layer_deadline_s,
+        help=f"the Serve app's layer deadline, s (default: {d.layer_deadline_s:g})",
     )
     p.add_argument(
         "--baseline-timeout",
         type=float,
         default=d.baseline_fault_timeout_s,
-        help="baseline client timeout under faults",
+        help=f"baseline client timeout under faults, s (default: {d.baseline_fault_timeout_s:g})",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=d.out,
+        help=f"where results.json, results.md and bench.png go (default: {d.out}/)",
     )
     p.add_argument(
         "--auth-overhead",
@@ -95,7 +145,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="keep each Serve request's per-call timings in results.json and break its overhead down",
     )
-    p.add_argument("--out", type=Path, default=d.out, help="where results.json, results.md and bench.png go")
     p.set_defaults(func=run_cli)
 
 

@@ -16,6 +16,13 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "flaky": {"error_500": {"rate": 0.3}},
     "burst429": {"error_429": {"rate": 1.0, "first_n": 20, "retry_after_s": 1.0}},
 }
+# What each scenario does to FAULTY_MODEL, for --help.
+SCENARIO_HELP: dict[str, str] = {
+    "none": "no fault",
+    "hang": "never answers",
+    "flaky": "30%% of calls fail with 500",
+    "burst429": "its first 20 calls get 429 (Retry-After 1 s)",
+}
 
 
 @dataclass

@@ -92,6 +92,15 @@ async def warm_up(send: Send, prompts: Sequence[str]) -> None:
     await send(prompts[0])
 
 
+def level_line(label: str, row: dict[str, Any]) -> str:
+    """One finished level, as a line in the run's output: readable in a log as on a terminal."""
+    errors = ", ".join(f"{k}: {v}" for k, v in sorted(row["error_kinds"].items())) or "none"
+    return (
+        f"{label}: {row['ok']}/{row['requests']} ok, {row['rps']:.1f} req/s, "
+        f"p50 {row['p50_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms, errors: {errors}"
+    )
+
+
 async def run_level(
     send: Send,
     prompts: Sequence[str],
@@ -100,6 +109,7 @@ async def run_level(
     tree: ProcessTree,
     progress: Progress,
     task: Any,
+    label: str | None = None,
 ) -> dict[str, Any]:
     samples: list[Sample] = []
     counter = iter(range(n))
@@ -121,7 +131,10 @@ async def run_level(
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - t0
     watcher.cancel()
-    return summarize(samples, wall, tree.cpu_s() - cpu0, peak)
+    row = summarize(samples, wall, tree.cpu_s() - cpu0, peak)
+    if label is not None:
+        progress.console.print(level_line(label, row))
+    return row
 
 
 class HttpTarget:
@@ -163,7 +176,8 @@ class HttpTarget:
             e2e_s=e2e,
             ok=True,
             simulated_s=detail["totals"]["simulated_critical_path_s"],
-            met_quorum=detail["fallback"] is None,
+            # An aggregator that failed (a fallback answered) is no missed quorum.
+            met_quorum=detail["fallback_reason"] != "quorum_missed",
             cut_straggler=detail["totals"]["stragglers_cancelled"] > 0,
         )
 
@@ -221,7 +235,7 @@ class Simulator:
 def _serve(cfg: MoAConfig) -> tuple[str, Callable[[], None]]:
     from serve_app import start_local, stop_local
 
-    return start_local(cfg, "127.0.0.1", _free_port()), stop_local
+    return start_local(cfg, "127.0.0.1", _free_port()).url, stop_local
 
 
 FLOOR_REQUESTS = 200
@@ -284,28 +298,37 @@ async def run(opts: BenchOptions) -> dict[str, Any]:
     try:
         with Progress() as progress:
             task = progress.add_task("benchmark", total=levels + faulted + floor)
+            say = progress.console.print
+            say(f"simulator at {sim.url}; {len(prompts)} prompts; {levels + faulted + floor} requests in all")
             if "baseline" in opts.targets:
                 base = Baseline(sim.url, timeout_s=BASELINE_TIMEOUT_S)
                 progress.update(task, description="baseline warm-up")
                 await warm_up(base.ask, prompts)
                 for c in opts.concurrency:
                     progress.update(task, description=f"baseline c={c}")
-                    row = await run_level(base.ask, prompts, c, per_level[c], tree, progress, task)
+                    label = f"baseline c={c}"
+                    row = await run_level(base.ask, prompts, c, per_level[c], tree, progress, task, label)
                     report["levels"].append({"target": "baseline", "concurrency": c, **row})
                 await base.aclose()
+            say("starting the Serve app on a local Ray instance (a minute or so)...")
+            progress.update(task, description="starting Ray and the Serve app")
             url, stop_serve = _serve(bench_config(sim.url, opts.layer_deadline_s))
+            say(f"Serve app ready at {url}")
             if floor:
                 progress.update(task, description="Serve floor (bare app)")
                 report["floor"] = await measure_floor(url, progress, task)
+                for row in report["floor"]:
+                    say(f"floor {row['path']}: p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms")
             for model in serve_targets:
                 target = HttpTarget(url, model)
                 progress.update(task, description=f"serve {model} warm-up")
                 await warm_up(target.send, prompts)
                 for c in opts.concurrency:
-                    progress.update(task, description=f"serve {model} c={c}")
+                    label = f"serve {model} c={c}"
+                    progress.update(task, description=label)
                     kept: list[dict[str, Any]] = []
                     target.keep = kept if opts.details else None
-                    row = await run_level(target.send, prompts, c, per_level[c], tree, progress, task)
+                    row = await run_level(target.send, prompts, c, per_level[c], tree, progress, task, label)
                     report["levels"].append({"target": f"serve {model}", "concurrency": c, **row})
                     if opts.details:
                         report["details"].append(
@@ -314,16 +337,18 @@ async def run(opts: BenchOptions) -> dict[str, Any]:
                 target.keep = None
             for name in opts.scenarios:
                 sim.faults(SCENARIOS[name])
-                progress.update(task, description=f"fault {name}: serve")
+                label = f"fault {name}: serve moa-lite"
+                progress.update(task, description=label)
                 target = HttpTarget(url, "moa-lite")
                 c, n = opts.fault_concurrency, opts.fault_requests
-                row = await run_level(target.send, prompts, c, n, tree, progress, task)
+                row = await run_level(target.send, prompts, c, n, tree, progress, task, label)
                 report["scenarios"].append({"scenario": name, "target": "serve moa-lite", **row})
                 if "baseline" in opts.targets:
                     sim.faults(SCENARIOS[name])  # a fresh first_n count for the baseline too
-                    progress.update(task, description=f"fault {name}: baseline")
+                    label = f"fault {name}: baseline"
+                    progress.update(task, description=label)
                     base = Baseline(sim.url, timeout_s=opts.baseline_fault_timeout_s)
-                    row = await run_level(base.ask, prompts, c, n, tree, progress, task)
+                    row = await run_level(base.ask, prompts, c, n, tree, progress, task, label)
                     await base.aclose()
                     report["scenarios"].append({"scenario": name, "target": "baseline", **row})
             sim.faults({})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -24,7 +24,7 @@ from moa.engine.errors import AllProvidersFailed, DeadlineExceeded, Failure, MoA
 from moa.engine.fusion import FuseJob, Fuser, LocalFuser
 from moa.engine.plan import AggregatorSpec, LayerSpec, ModelRef, Plan, PlanMode
 from moa.engine.prompts import with_references
-from moa.engine.result import CallRecord, MoAResult, RouteDecision, Stage
+from moa.engine.result import CallRecord, FallbackReason, MoAResult, RouteDecision, Stage
 from moa.engine.router import HealthView, Router, RouterPolicy
 from moa.types import (
     CallError,
@@ -51,6 +51,8 @@ class _Run:
     simulated_critical_s: float | None = None
     # Told of every call as it is recorded (the API meters a request's spend with it).
     on_call: Callable[[CallRecord], None] | None = None
+    # Why the run turned to its fallback chain, if it did (kept for a run that then failed).
+    fallback_reason: FallbackReason | None = None
 
     def offset(self) -> float:
         return time.monotonic() - self.t0
@@ -94,6 +96,7 @@ class _Route:
     stage: Stage
     references: list[str]
     reason: str | None = None
+    reason_kind: FallbackReason | None = None
 
 
 @dataclass
@@ -155,6 +158,7 @@ class MoAEngine:
         deadline_s: float | None = None,
         routed: Routed | None = None,
         on_call: Callable[[CallRecord], None] | None = None,
+        admit: Callable[[Routed], Awaitable[Routed]] | None = None,
     ) -> MoAResult:
         """Answer ``messages`` with a preset (``auto`` routes) or an explicit plan."""
         result: MoAResult | None = None
@@ -166,6 +170,7 @@ class MoAEngine:
             deadline_s=deadline_s,
             routed=routed,
             on_call=on_call,
+            admit=admit,
             _stream_final=False,
         ):
             if isinstance(ev, MoAResult):
@@ -183,12 +188,14 @@ class MoAEngine:
         deadline_s: float | None = None,
         routed: Routed | None = None,
         on_call: Callable[[CallRecord], None] | None = None,
+        admit: Callable[[Routed], Awaitable[Routed]] | None = None,
         _stream_final: bool = True,
     ) -> AsyncIterator[TextDelta | MoAResult]:
         """Yield the final answer's ``TextDelta``s as they arrive, then the ``MoAResult``.
 
-        ``routed`` passes a decision already taken by ``route`` (so a caller can report routing
-        errors before it starts a stream).
+        ``routed`` passes a decision already taken by ``route``. ``admit``, when given, sees the
+        routed plan before any model is called and may refuse it (raise) or replace it (a key's
+        access rules and spend reservation do both); ``on_call`` is told of every call recorded.
         """
         t0 = time.monotonic()
         run = _Run(t0=t0, deadline=None if deadline_s is None else t0 + deadline_s, on_call=on_call)
@@ -205,6 +212,8 @@ class MoAEngine:
                         routed = await self.route(messages, preset)
                     finally:
                         otel_context.detach(token)
+            if admit is not None:
+                routed = await admit(routed)
             plan, decision, pre_calls = routed
             check_messages(self.config.caps, messages)
             check_plan(self.config.caps, plan, params or GenerationParams(), len(pre_calls))
@@ -219,6 +228,7 @@ class MoAEngine:
                     result = ev
                 yield ev
         except MoAError as e:
+            e.fallback_reason = run.fallback_reason  # a missed quorum still counts in the metrics
             span.set_attribute("error.type", e.code)
             span.set_status(Status(StatusCode.ERROR, e.code))
             raise
@@ -252,25 +262,28 @@ class MoAEngine:
         if missed is not None:
             # A layer missed its quorum: the single-model fallback chain answers instead.
             self._check_deadline(run)
-            run.note(f"{missed}; falling back to a single model")
-            routes = [_Route(plan.fallbacks, Stage.FALLBACK, [], missed)]
+            why, kind = missed
+            run.fallback_reason = kind
+            run.note(f"{why}; falling back to a single model")
+            routes = [_Route(plan.fallbacks, Stage.FALLBACK, [], why, kind)]
         else:
             routes = [_Route(plan.aggregators, Stage.AGGREGATOR, references)]
             if plan.fallbacks and not plan.is_single:
-                routes.append(_Route(plan.fallbacks, Stage.FALLBACK, [], "every aggregator failed"))
+                why = "every aggregator failed"
+                routes.append(_Route(plan.fallbacks, Stage.FALLBACK, [], why, "aggregators_failed"))
         async for ev in self._finish(routes, messages, plan, decision, params, run, stream_final):
             yield ev
 
     async def _proposals(
         self, messages: list[ChatMessage], plan: Plan, params: GenerationParams, run: _Run
-    ) -> tuple[list[str], str | None]:
-        """Run the proposer layers; return the last layer's answers, or why a quorum was missed."""
+    ) -> tuple[list[str], tuple[str, FallbackReason] | None]:
+        """Run the proposer layers; return the last layer's answers, or why a fallback must answer."""
         references: list[str] = []
         if plan.mode is not PlanMode.REFINE:
             for index, layer in enumerate(plan.layers, start=1):
                 outcome = await self._layer(index, layer, messages, references, plan, params, run)
                 if not outcome.met:
-                    return [], f"layer {index} missed its quorum"
+                    return [], (f"layer {index} missed its quorum", "quorum_missed")
                 references = outcome.answers
             return references, None
         layer = plan.layers[0]
@@ -280,12 +293,12 @@ class MoAEngine:
                 rnd, layer, messages, prior, plan, params, run, refine=rnd > 1, round_=rnd
             )
             if not outcome.met:
-                return [], f"round {rnd} missed its quorum"
+                return [], (f"round {rnd} missed its quorum", "quorum_missed")
             references = outcome.answers
             if rnd < plan.rounds:
                 synthesis = await self._synthesise(messages, references, plan, params, run, round_=rnd)
                 if synthesis is None:
-                    return [], f"round {rnd} synthesis failed"
+                    return [], (f"round {rnd} synthesis failed", "synthesis_failed")
                 references = [synthesis]
         return references, None
 
@@ -316,7 +329,7 @@ class MoAEngine:
             async with aclosing(chain):
                 async for ev in chain:
                     if isinstance(ev, CallResult):
-                        yield self._result(ev, plan, decision, run, route.reason)
+                        yield self._result(ev, plan, decision, run, route.reason, route.reason_kind)
                         return
                     yield ev
         self._raise_failed(run)
@@ -564,7 +577,13 @@ class MoAEngine:
         raise AllProvidersFailed(run.failures)
 
     def _result(
-        self, final: CallResult, plan: Plan, decision: RouteDecision, run: _Run, fallback: str | None
+        self,
+        final: CallResult,
+        plan: Plan,
+        decision: RouteDecision,
+        run: _Run,
+        fallback: str | None,
+        fallback_reason: FallbackReason | None,
     ) -> MoAResult:
         usage = sum((r.usage for r in run.records), start=type(final.usage)())
         return MoAResult(
@@ -582,6 +601,7 @@ class MoAEngine:
             critical_path_s=run.critical_path_s,
             simulated_critical_path_s=run.simulated_critical_s,
             fallback=fallback,
+            fallback_reason=fallback_reason,
             notes=run.notes,
         )
 

@@ -26,6 +26,8 @@ class MoAError(Exception):
     retry_after_s: float | None = None
     # The request field at fault, as OpenAI's ``param``.
     param: str | None = None
+    # Set by the engine when the run had turned to its fallback chain (see MoAResult).
+    fallback_reason: str | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -67,6 +69,16 @@ class NoHealthyProvider(MoAError):
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class ShuttingDown(MoAError):
+    """The service is stopping: a new request is refused, or one still running when the drain
+    time ran out is ended. Another replica, or this one after a restart, can take it."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "shutting_down"
+    retry_after_s = 1.0
 
 
 class DeadlineExceeded(MoAError):

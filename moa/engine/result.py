@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -26,6 +27,8 @@ class RouteDecision(BaseModel):
     task: TaskType | None = None
     reason: str
     substitutions: list[str] = Field(default_factory=list)
+    # The LLM classifier's answer came from its cache (no classifier call was made).
+    classifier_cached: bool = False
 
 
 class CallRecord(BaseModel):
@@ -83,6 +86,9 @@ class CallRecord(BaseModel):
         )
 
 
+FallbackReason = Literal["quorum_missed", "aggregators_failed", "synthesis_failed"]
+
+
 class MoAResult(BaseModel):
     text: str
     preset: str
@@ -100,7 +106,10 @@ class MoAResult(BaseModel):
     critical_path_s: float
     # Same, from the simulator's reported service times (None with real providers).
     simulated_critical_path_s: float | None = None
-    fallback: str | None = None  # why a fallback answered, when one did
+    fallback: str | None = None  # why a fallback answered, when one did (for people)
+    # The same, as one of a few values (for metrics and programs): a proposer layer (or refine
+    # round) missed its quorum; every aggregator failed; a refine round's synthesis failed.
+    fallback_reason: FallbackReason | None = None
     notes: list[str] = Field(default_factory=list)
 
     @property

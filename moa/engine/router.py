@@ -61,6 +61,7 @@ class Classification:
     complexity: Complexity
     task: TaskType
     reason: str
+    cached: bool = False  # the LLM classifier's answer came from its cache
 
 
 # The regular expressions read at most this much of a prompt (its head and its tail), so that
@@ -167,7 +168,7 @@ class RouterPolicy:
         if key in self._cache:
             self._cache.move_to_end(key)
             c, t = self._cache[key]
-            return Classification(c, t, f"llm classifier {rc.classifier_model} (cached)"), []
+            return Classification(c, t, f"llm classifier {rc.classifier_model} (cached)", cached=True), []
         req = CallRequest(
             provider=rc.classifier_model.provider,
             model=rc.classifier_model.model,
@@ -213,7 +214,12 @@ class RouterPolicy:
                 plan = with_first_layer(plan, specialists)
                 reason += f"; {cls.task} specialists in layer 1"
             decision = RouteDecision(
-                preset=name, forced=False, complexity=cls.complexity, task=cls.task, reason=reason
+                preset=name,
+                forced=False,
+                complexity=cls.complexity,
+                task=cls.task,
+                reason=reason,
+                classifier_cached=cls.cached,
             )
         plan, subs = substitute_unavailable(plan, self.config, health)
         decision.substitutions = subs
@@ -313,12 +319,29 @@ class HealthBoard:
     """The router's live state: circuit states reported by provider replicas, latency per model.
 
     A provider counts as unavailable when every replica that reported recently says its circuit is
-    open; a replica silent for ``stale_s`` is forgotten (it may have been scaled down).
+    open; a replica silent for ``stale_s`` is forgotten (it may have been scaled down). A provider
+    of ``expected`` with no replica reporting at all, ``startup_grace_s`` after the board began
+    (``now``), is unavailable too: its replicas cannot start (a resource no node has, say), and a
+    call to it would only wait out its deadline. Providers in ``may_idle`` (autoscaled down to
+    zero replicas) are exempt: a call is what brings their replicas back.
     """
 
-    def __init__(self, stale_s: float = 30.0, alpha: float = 0.2) -> None:
+    def __init__(
+        self,
+        stale_s: float = 30.0,
+        alpha: float = 0.2,
+        *,
+        expected: Iterable[str] = (),
+        may_idle: Iterable[str] = (),
+        now: float | None = None,
+        startup_grace_s: float = 10.0,
+    ) -> None:
         self.stale_s = stale_s
         self.alpha = alpha
+        self._expected = tuple(expected)
+        self._may_idle = frozenset(may_idle)
+        self._since = now
+        self.startup_grace_s = startup_grace_s
         self._replicas: dict[str, dict[str, tuple[float, dict[str, object]]]] = {}
         self._latency: dict[str, float] = {}
 
@@ -342,12 +365,19 @@ class HealthBoard:
             del reports[replica]
         return [snap for _, snap in reports.values()]
 
+    def _missing(self, now: float) -> set[str]:
+        """Expected providers with no replica reporting, once start-up had time to happen."""
+        if self._since is None or now - self._since < self.startup_grace_s:
+            return set()
+        return {p for p in self._expected if p not in self._may_idle and not self._fresh(p, now)}
+
     def view(self, now: float) -> HealthView:
-        unavailable = frozenset(
+        circuit_open = {
             p
             for p in self._replicas
             if (snaps := self._fresh(p, now)) and all(s.get("state") == "open" for s in snaps)
-        )
+        }
+        unavailable = frozenset(circuit_open | self._missing(now))
         return HealthView(unavailable=unavailable, latency_s=dict(self._latency))
 
     def summary(self, providers: Iterable[str], now: float) -> dict[str, dict[str, object]]:
@@ -356,7 +386,7 @@ class HealthBoard:
             snaps = self._fresh(p, now)
             states = [str(s.get("state")) for s in snaps]
             state = (
-                "unknown"
+                ("scaled_to_zero" if p in self._may_idle else "no_replicas")
                 if not snaps
                 else "open"
                 if all(s == "open" for s in states)

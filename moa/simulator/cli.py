@@ -30,11 +30,30 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8900, help="port to listen on (default: 8900; 0 picks one)")
-    p.add_argument("--profile", default=None, metavar="FILE", help="simulator profile, YAML or JSON")
-    p.add_argument("--ttft", type=float, default=None, metavar="S", help="default time to first token")
-    p.add_argument("--tps", type=float, default=None, metavar="N", help="default tokens per second")
+    d = ModelProfile()
     p.add_argument(
-        "--jitter", type=float, default=None, metavar="F", help="default latency jitter (0.1 = ±10%%)"
+        "--profile", default=None, metavar="FILE", help="simulator profile, YAML or JSON (default: none)"
+    )
+    p.add_argument(
+        "--ttft",
+        type=float,
+        default=None,
+        metavar="S",
+        help=f"time to first token of every model, s (default: the profile's, else {d.ttft_s:g})",
+    )
+    p.add_argument(
+        "--tps",
+        type=float,
+        default=None,
+        metavar="N",
+        help=f"tokens per second of every model (default: the profile's, else {d.tokens_per_s:g})",
+    )
+    p.add_argument(
+        "--jitter",
+        type=float,
+        default=None,
+        metavar="F",
+        help=f"latency jitter, 0.1 = ±10%% (default: the profile's, else {d.jitter:g})",
     )
     p.add_argument(
         "--fault",

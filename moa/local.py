@@ -1,0 +1,163 @@
+"""``moa serve --local``: the same HTTP API from one process, without Ray.
+
+The engine calls the providers through the in-process provider pool (one SDK client, concurrency
+semaphore, rate budget and circuit breaker per provider); the API, its limits, errors, logs and
+traces are the ones the Ray ingress serves. For development, laptops and small single-node
+deployments; the test suite uses it wherever Ray adds nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from moa.api.app import CUT_GRACE_S, Api, create_api
+from moa.config import MoAConfig
+from moa.engine.engine import MoAEngine
+from moa.providers.registry import ProviderPool
+from moa.service import StopSignals, banner, claim_port, draining_message
+from moa.state import StateStore, open_store
+
+
+@contextlib.asynccontextmanager
+async def local_app(cfg: MoAConfig, store: Callable[[], StateStore] | None = None) -> AsyncIterator[FastAPI]:
+    """The API app over the in-process provider pool; the pool's clients close on exit. With a
+    ``store`` (built here, on the server's own loop), API keys and budgets apply."""
+    async with ProviderPool.from_config(cfg, sim_url=cfg.simulator.url) as pool:
+        engine = MoAEngine(cfg, pool, health=pool.health_view)
+
+        async def health() -> dict[str, Any]:
+            return pool.health()
+
+        yield create_api(cfg, engine, health, store() if store else None)
+
+
+class _Uvicorn(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = asyncio.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self.ready.set()
+
+    # Signals are ours (StopSignals): uvicorn's own handling would stop without draining.
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class LocalServer:
+    """The API on a socket already claimed (``claim_port``), served by uvicorn in this process.
+
+    ``stop()`` (from any thread, or a signal handler) drains: new requests get 503, those in
+    progress get ``server.drain_s`` to finish, then unfinished ones are ended; then the server
+    exits. A second ``stop()`` ends them at once.
+    """
+
+    def __init__(
+        self, cfg: MoAConfig, sock: socket.socket, store: Callable[[], StateStore] | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.sock = sock
+        self.store = store
+        host, port = sock.getsockname()[:2]
+        self.url = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+        self.api: Api | None = None
+        self.cut: int | None = None  # requests the drain had to end, once it ran
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._stops = 0
+
+    async def run(self, on_ready: Callable[[str], None] | None = None) -> int:
+        """Serve until stopped; returns how many requests the drain had to end."""
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        async with local_app(self.cfg, self.store) as app:
+            self.api = app.state.api
+            config = uvicorn.Config(
+                app,
+                lifespan="off",
+                log_level="warning",
+                # The drain has ended every request by then; this bounds idle keep-alive closing.
+                timeout_graceful_shutdown=int(CUT_GRACE_S) + 1,
+            )
+            server = _Uvicorn(config)
+            serving = asyncio.create_task(server.serve(sockets=[self.sock]))
+            ready = asyncio.create_task(server.ready.wait())
+            await asyncio.wait({serving, ready}, return_when=asyncio.FIRST_COMPLETED)
+            ready.cancel()
+            if serving.done():
+                await serving  # start-up failed: raise why
+            if self._stops:  # stopped while starting
+                self._stop.set()
+            if on_ready is not None and not self._stop.is_set():
+                on_ready(self.url)
+            await self._stop.wait()
+            self.cut = await self.api.drain(self.cfg.server.drain_s)
+            server.should_exit = True
+            await serving
+        return self.cut
+
+    def stop(self) -> None:
+        """Ask for a graceful stop (the second call: hurry). Safe from any thread."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            self._stops += 1
+            return
+        loop.call_soon_threadsafe(self._on_stop)
+
+    def _on_stop(self) -> None:
+        self._stops += 1
+        if self._stops > 1 and self.api is not None:
+            self.api.hurry()
+        if self._stop is not None:
+            self._stop.set()
+
+
+def serve_local(cfg: MoAConfig, host: str, port: int, *, sock: socket.socket | None = None) -> int:
+    """``moa serve --local``: serve until SIGINT or SIGTERM, drain, exit. Returns the exit status."""
+    import os
+
+    from moa.cli import local_simulator
+    from observability.logs import configure_json_logging
+    from observability.tracing import flush_tracing, setup_tracing
+
+    sock = sock or claim_port(host, port)
+    # As a Ray replica does (actors/telemetry.py): traces when an OTLP endpoint is set, JSON logs.
+    setup_tracing({"service.instance.id": f"{socket.gethostname()}:{os.getpid()}", "moa.mode": "local"})
+    if cfg.observability.json_logs:
+        configure_json_logging()
+    with local_simulator(cfg, announce=False) as cfg_:
+        # Keys and the spend ledger, as the Ray ingress keeps them (state in the config).
+        server = LocalServer(cfg_, sock, lambda: open_store(cfg_.state))
+
+        def ready(url: str) -> None:
+            print("\n".join(banner(cfg_, url, mode="local: one process, no Ray")), flush=True)
+
+        def stop() -> None:
+            print(draining_message(cfg_), file=sys.stderr, flush=True)
+            server.stop()
+
+        async def main() -> int:
+            signals = StopSignals(stop, server.stop)
+            signals.install_in_loop()
+            return await server.run(on_ready=ready)
+
+        try:
+            cut = asyncio.run(main())
+        finally:
+            flush_tracing()
+    print(
+        f"Stopped{f' ({cut} request(s) still running were ended)' if cut else ''}.",
+        file=sys.stderr,
+        flush=True,
+    )
+    return 0

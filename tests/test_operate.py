@@ -1,0 +1,381 @@
+"""Operating the service as its users do: ``moa serve`` in a process of its own, a port already
+taken, SIGTERM and SIGINT (also with SIGINT ignored, as for a background job), the drain, and what
+the start-up banner promises (metrics, dashboard, ``serve status``, tracing).
+
+The Ray variants start a Ray instance of their own (``pytest -m ray`` selects them); the
+``--local`` variants need none. Every wait is on a condition; process time-outs are safety nets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from moa.config import load_config
+from tests.otlp_receiver import OTLPReceiver
+from tests.waiting import wait_until, wait_until_sync
+
+# A direct call to gpt-4.1 streams for about 100 s (too long for any drain here); one to
+# gpt-4.1-mini for about 4 s (done well within the drain). Everything else answers at once.
+SLOW_SIM = """\
+default: {ttft_s: 0.01, tokens_per_s: 4000, jitter: 0}
+models:
+  gpt-4.1: {ttft_s: 0.05, tokens_per_s: 4, jitter: 0, output_tokens: [400, 400]}
+  gpt-4.1-mini: {ttft_s: 0.05, tokens_per_s: 20, jitter: 0, output_tokens: [80, 80]}
+"""
+DRAIN_S = 12.0
+QUESTION = [{"role": "user", "content": "Explain how TCP congestion control works."}]
+# Generous: a loaded two-CPU machine may take a minute or more to start Ray and deploy.
+START_S = 300.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without provider keys, MOA_CONFIG or any OTLP export setting."""
+    drop = ("MOA_CONFIG", "RAY_ADDRESS")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.endswith("_API_KEY") and not k.startswith("OTEL_") and k not in drop
+    }
+    return env | extra
+
+
+@pytest.fixture
+def slow_config(tmp_path: Path) -> Path:
+    profile = tmp_path / "sim.yaml"
+    profile.write_text(SLOW_SIM)
+    raw = load_config(None).model_dump(mode="json", exclude={"simulator"})
+    raw["simulator"] = {"mode": "auto", "profile": str(profile)}
+    raw["server"]["drain_s"] = DRAIN_S
+    path = tmp_path / "moa.yaml"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen[bytes]
+    url: str
+    out: Path
+    err: Path
+
+    def stdout(self) -> str:
+        return self.out.read_text()
+
+    def stderr(self) -> str:
+        return self.err.read_text()
+
+    def wait_ready(self) -> None:
+        def answers() -> int | None:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"moa serve exited with {self.proc.returncode}: {self.stderr()[-3000:]}")
+            try:
+                return httpx.get(self.url + "/v1/models", timeout=5).status_code
+            except httpx.TransportError:
+                return None
+
+        wait_until_sync(answers, lambda s: s == 200, within_s=START_S, interval=0.5, what="moa serve up")
+        wait_until_sync(self.stdout, lambda out: "Ctrl-C or SIGTERM" in out, what="the banner")
+
+
+def start_serve(
+    tmp_path: Path, *args: str, port: int, ignore_sigint: bool = False, env: dict[str, str] | None = None
+) -> Served:
+    out, err = tmp_path / f"serve-{port}.out", tmp_path / f"serve-{port}.err"
+
+    def background_job() -> None:
+        # What a non-interactive shell does to `moa serve &`: SIGINT ignored.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moa.cli", "serve", "--port", str(port), *args],
+        stdout=out.open("wb"),
+        stderr=err.open("wb"),
+        env=env or clean_env(),
+        preexec_fn=background_job if ignore_sigint else None,
+    )
+    return Served(proc, f"http://127.0.0.1:{port}", out, err)
+
+
+def stop_if_running(served: Served) -> None:
+    """Safety net for a failed test: the process (and with it its Ray instance) is stopped."""
+    if served.proc.poll() is None:
+        served.proc.send_signal(signal.SIGTERM)
+        try:
+            served.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            served.proc.kill()
+            served.proc.wait(30)
+
+
+@dataclass
+class StreamLog:
+    status: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    events: list[str] = field(default_factory=list)  # the data: payloads, in order
+
+    def content(self) -> str:
+        text = ""
+        for e in self.events:
+            if e != "[DONE]":
+                body = json.loads(e)
+                for choice in body.get("choices", []):
+                    text += choice["delta"].get("content") or ""
+        return text
+
+
+async def read_stream(client: httpx.AsyncClient, url: str, model: str, log: StreamLog) -> None:
+    body = {"model": model, "messages": QUESTION, "stream": True}
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        log.status, log.headers = r.status_code, dict(r.headers)
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                log.events.append(line.removeprefix("data: "))
+
+
+async def drain_scenario(served: Served, sig: signal.Signals) -> tuple[StreamLog, StreamLog]:
+    """Two streams in flight, then ``sig``: the short one finishes, the long one is cut at the
+    end of the drain with an error event and [DONE]; meanwhile a new request gets 503."""
+    short, long = StreamLog(), StreamLog()
+    async with httpx.AsyncClient(timeout=httpx.Timeout(60, read=300)) as client:
+        tasks = [
+            asyncio.create_task(read_stream(client, served.url, "openai/gpt-4.1", long)),
+            asyncio.create_task(read_stream(client, served.url, "openai/gpt-4.1-mini", short)),
+        ]
+        # Both answers are under way: text has arrived on each.
+        await wait_until(lambda: bool(long.content() and short.content()), what="both streams started")
+        served.proc.send_signal(sig)
+
+        async def health() -> tuple[int, Any]:
+            r = await client.get(served.url + "/healthz")
+            return r.status_code, r.json()
+
+        # The drain began: health says so, and a new request is refused with 503 and Retry-After.
+        _, body = await wait_until(health, lambda h: h[0] == 503, what="/healthz during the drain")
+        assert body["status"] == "draining"
+        r = await client.post(
+            served.url + "/v1/chat/completions", json={"model": "moa", "messages": QUESTION}
+        )
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        assert r.json()["error"]["code"] == "shutting_down"
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=DRAIN_S + 120)
+    return short, long
+
+
+def assert_drained(short: StreamLog, long: StreamLog) -> None:
+    # The short answer finished during the drain, as any answer would.
+    assert short.status == 200 and short.events[-1] == "[DONE]"
+    finish = [
+        json.loads(e)["choices"][0]["finish_reason"] for e in short.events[:-1] if json.loads(e)["choices"]
+    ]
+    assert finish[-1] == "stop"
+    # The long one was cut at the end of the drain: an OpenAI-style error event, then [DONE].
+    assert long.status == 200 and long.events[-1] == "[DONE]"
+    error = json.loads(long.events[-2])["error"]
+    assert error["code"] == "shutting_down" and error["type"] == "service_unavailable"
+    assert len(long.content()) > 0
+
+
+# -- a port already in use ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [["--local"], []], ids=["local", "ray"])
+def test_a_port_in_use_is_refused_before_anything_starts(
+    tmp_path: Path, slow_config: Path, mode: list[str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ray_tmp = tmp_path / "ray"
+        ray_tmp.mkdir()
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "moa.cli",
+                "serve",
+                *mode,
+                "--port",
+                str(port),
+                "--config",
+                str(slow_config),
+            ],
+            env=clean_env(RAY_TMPDIR=str(ray_tmp)),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert out.returncode == 1, out
+    assert f"port {port} on 127.0.0.1 is already in use" in out.stderr and "--port" in out.stderr
+    assert "Traceback" not in out.stderr
+    # No Ray instance was started: none wrote its session directory.
+    assert list(ray_tmp.iterdir()) == []
+
+
+# -- drain and signals without Ray -----------------------------------------------------------------
+
+
+@pytest.fixture
+def local_serve(tmp_path: Path, slow_config: Path, request: pytest.FixtureRequest) -> Iterator[Served]:
+    served = start_serve(
+        tmp_path, "--local", "--config", str(slow_config), port=free_port(), ignore_sigint=request.param
+    )
+    try:
+        served.wait_ready()
+        yield served
+    finally:
+        stop_if_running(served)
+
+
+@pytest.mark.parametrize(
+    ("local_serve", "sig"),
+    [(False, signal.SIGTERM), (True, signal.SIGINT)],
+    indirect=["local_serve"],
+    ids=["sigterm", "sigint-in-background"],
+)
+def test_local_serve_drains_on_a_signal_then_exits_0(local_serve: Served, sig: signal.Signals) -> None:
+    assert "local: one process, no Ray" in local_serve.stdout()
+    short, long = asyncio.run(drain_scenario(local_serve, sig))
+    assert_drained(short, long)
+    assert local_serve.proc.wait(60) == 0, local_serve.stderr()
+    assert "1 request(s) still running were ended" in local_serve.stderr()
+    # No OTLP export configured: the trace id comes back all the same.
+    assert re.fullmatch(r"[0-9a-f]{32}", short.headers["x-moa-trace-id"])
+
+
+# -- on Ray ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.ray
+def test_ray_serve_prints_where_to_look_then_drains_on_sigterm(tmp_path: Path, slow_config: Path) -> None:
+    metrics = free_port()
+    served = start_serve(
+        tmp_path,
+        "--config",
+        str(slow_config),
+        "--metrics-port",
+        str(metrics),
+        "--dashboard",
+        port=free_port(),
+    )
+    try:
+        served.wait_ready()
+        banner = served.stdout()
+        assert "on a local Ray instance" in banner
+        # The metrics endpoint it names answers, with the service's series once a request ran.
+        assert f"http://127.0.0.1:{metrics}/metrics" in banner
+        assert "Tracing: not exported" in banner
+        (dashboard,) = re.findall(r"Ray dashboard: (http://\S+)", banner)
+        assert f"serve status --address {dashboard}" in banner
+        # Ray 2.60 starts a local instance with token auth on; the CLI sends the token it wrote.
+        status = subprocess.run(
+            [str(Path(sys.executable).parent / "serve"), "status", "--address", dashboard],
+            env=clean_env(RAY_AUTH_MODE="token"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert status.returncode == 0 and "provider-openai" in status.stdout, status
+        r = httpx.post(
+            served.url + "/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": QUESTION}
+        )
+        assert r.status_code == 200, r.text
+
+        def scrape() -> str:
+            return httpx.get(f"http://127.0.0.1:{metrics}/metrics", timeout=10).text
+
+        wait_until_sync(
+            scrape,
+            lambda text: "ray_moa_requests_total{" in text and 'preset="openai/gpt-4o-mini"' in text,
+            within_s=120,
+            interval=1,
+            what="the request counted on the metrics port",
+        )
+        short, long = asyncio.run(drain_scenario(served, signal.SIGTERM))
+        assert_drained(short, long)
+        assert served.proc.wait(120) == 0, served.stderr()[-3000:]
+        assert "1 request(s) still running were ended" in served.stdout()
+        assert "failed to shut down" not in served.stderr()
+    finally:
+        stop_if_running(served)
+
+
+def test_a_second_signal_ends_the_requests_in_progress_at_once(tmp_path: Path, slow_config: Path) -> None:
+    # A drain of an hour: only the second signal can end the stream within this test.
+    raw = json.loads(slow_config.read_text())
+    raw["server"]["drain_s"] = 3600
+    slow_config.write_text(json.dumps(raw))
+    served = start_serve(tmp_path, "--local", "--config", str(slow_config), port=free_port())
+
+    async def scenario() -> StreamLog:
+        log = StreamLog()
+        async with httpx.AsyncClient(timeout=httpx.Timeout(60, read=300)) as client:
+            task = asyncio.create_task(read_stream(client, served.url, "openai/gpt-4.1", log))
+            await wait_until(lambda: bool(log.content()), what="the stream started")
+            served.proc.send_signal(signal.SIGTERM)
+
+            async def draining() -> int:
+                return (await client.get(served.url + "/healthz")).status_code
+
+            await wait_until(draining, lambda status: status == 503, what="the drain")
+            served.proc.send_signal(signal.SIGINT)  # Ctrl-C again
+            await asyncio.wait_for(task, timeout=120)
+        return log
+
+    try:
+        served.wait_ready()
+        log = asyncio.run(scenario())
+        assert log.events[-1] == "[DONE]" and json.loads(log.events[-2])["error"]["code"] == "shutting_down"
+        assert served.proc.wait(60) == 0, served.stderr()
+    finally:
+        stop_if_running(served)
+
+
+def test_local_serve_exports_traces_and_writes_json_logs(
+    tmp_path: Path, slow_config: Path, otlp: OTLPReceiver
+) -> None:
+    """moa serve --local sets up what a Ray replica does: OTLP export, JSON log lines."""
+    env = clean_env(OTEL_EXPORTER_OTLP_ENDPOINT=otlp.url)
+    served = start_serve(tmp_path, "--local", "--config", str(slow_config), port=free_port(), env=env)
+    try:
+        served.wait_ready()
+        assert f"Tracing: OTLP export to {otlp.url}" in served.stdout()
+        body = {"model": "gemini/gemini-2.5-flash", "messages": QUESTION}
+        r = httpx.post(served.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        trace_id = r.headers["x-moa-trace-id"]
+        served.proc.send_signal(signal.SIGTERM)  # the exporter flushes on the way out
+        assert served.proc.wait(60) == 0
+        spans = wait_until_sync(
+            lambda: otlp.trace(trace_id),
+            lambda s: (
+                {"POST /v1/chat/completions", "moa.run", "chat gemini-2.5-flash"} <= {x["name"] for x in s}
+            ),
+            what="the request's spans",
+        )
+        assert {s["resource"].get("moa.mode") for s in spans} == {"local"}
+        lines = [json.loads(x) for x in served.stderr().splitlines() if x.startswith("{")]
+        calls = [x for x in lines if x.get("event") == "provider_call" and x.get("trace_id") == trace_id]
+        assert [(c["model"], c["status"]) for c in calls] == [("gemini-2.5-flash", "ok")]
+    finally:
+        stop_if_running(served)
