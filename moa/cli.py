@@ -96,29 +96,25 @@ def _run_serve(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     # Before anything listens: an address open to the network needs keys (or --no-auth).
     print(check_exposure(cfg.state, args.host, args.no_auth), file=sys.stderr)
-    if args.local:
-        if args.dashboard or args.metrics_port is not None or args.num_cpus is not None:
-            print("moa serve: --dashboard, --metrics-port and --num-cpus need Ray", file=sys.stderr)
-            return 2
-        from moa.local import serve_local
-
-        try:
-            sock = claim_port(args.host, args.port)
-        except PortInUse as e:
-            print(f"moa serve: {e}", file=sys.stderr)
-            return 1
-        return serve_local(cfg, args.host, args.port, sock=sock)
-    try:
-        from serve_app import run_local
-    except ImportError as e:
-        print(f"moa serve needs Ray Serve: pip install 'moa-serve[serve]' ({e})", file=sys.stderr)
+    if args.local and (args.dashboard or args.metrics_port is not None or args.num_cpus is not None):
+        print("moa serve: --dashboard, --metrics-port and --num-cpus need Ray", file=sys.stderr)
         return 2
+    if not args.local:
+        try:
+            from serve_app import run_local
+        except ImportError as e:
+            print(f"moa serve needs Ray Serve: pip install 'moa-serve[serve]' ({e})", file=sys.stderr)
+            return 2
     try:
-        # Claimed before Ray starts: a port in use fails here, with nothing started.
+        # Claimed before anything starts: a port in use fails here, with nothing started.
         sock = claim_port(args.host, args.port)
     except PortInUse as e:
         print(f"moa serve: {e}", file=sys.stderr)
         return 1
+    if args.local:
+        from moa.local import serve_local
+
+        return serve_local(cfg, args.host, args.port, sock=sock)
     return run_local(
         cfg,
         args.host,
