@@ -133,9 +133,14 @@ def test_cluster_wide_tpm_holds_with_two_replicas(url: str, sim: SimulatorServer
     one_call = max(r.json()["usage"]["total_tokens"] for r in responses if r.status_code == 200)
     assert used <= 3000 + 50 * (elapsed + 2) + one_call, (used, elapsed, statuses)
     assert statuses[200] < 120 and statuses[429] + statuses[504] > 0  # the budget did refuse
-    assert sim_stats(sim)["tokened-model"]["requests"] == statuses[200]
+    # A call sent just before its request's deadline may complete after the client got a 504.
+    reached = wait_until_sync(
+        lambda: sim_stats(sim)["tokened-model"], lambda m: m["in_flight"] == 0, what="calls finished"
+    )
+    assert statuses[200] <= reached["requests"]
     per_replica = answered_by_replica("provider-tokened", replicas=2)
-    assert all(n > 0 for n in per_replica.values()) and sum(per_replica.values()) == statuses[200]
+    assert all(n > 0 for n in per_replica.values()), per_replica
+    assert sum(per_replica.values()) == reached["completed"], (per_replica, reached)
 
 
 # -- a second, tight app: a small admission cap and quick circuits -------------------------------------
