@@ -136,6 +136,9 @@ def start_local(
         log_to_driver=not quiet,
         _metrics_export_port=metrics_port,
     )
+    # Ray's core worker installs its own SIGTERM handler (it aborts the process, leaving Ray's
+    # agents behind): ours again, until the service is up a signal aborts start-up cleanly.
+    StopSignals.interrupt_meanwhile()
     if sock is not None:
         sock.close()
     serve.start(http_options={"host": host, "port": port})

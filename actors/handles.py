@@ -108,8 +108,26 @@ class RemoteFuser:
         self._handle = handle.options(stream=True)
 
     async def fuse(self, job: FuseJob) -> AsyncIterator[FuseEvent]:
-        async for ev in _cancelling(self._handle.fuse.remote(job, trace=inject())):
-            yield ev
+        events = _cancelling(self._handle.fuse.remote(job, trace=inject()))
+        if job.deadline_s is None:
+            async for ev in events:
+                yield ev
+            return
+        # With no aggregator replica the chain ends at its deadline, with no answer: the engine
+        # then reports the deadline (504) as it would for a chain that ran out of time.
+        deadline = asyncio.get_running_loop().time() + job.deadline_s + HANDLE_GRACE_S
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        ev = await anext(events, None)
+                except TimeoutError:
+                    return
+                if ev is None:
+                    return
+                yield ev
+        finally:
+            await events.aclose()
 
 
 async def _cancelling(responses: Any) -> AsyncIterator[Any]:

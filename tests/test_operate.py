@@ -379,3 +379,19 @@ def test_local_serve_exports_traces_and_writes_json_logs(
         assert [(c["model"], c["status"]) for c in calls] == [("gemini-2.5-flash", "ok")]
     finally:
         stop_if_running(served)
+
+
+@pytest.mark.ray
+def test_ray_serve_stopped_while_starting_cleans_up(tmp_path: Path, slow_config: Path) -> None:
+    """A SIGTERM while the app deploys aborts start-up cleanly. (Ray's core worker installs a
+    SIGTERM handler of its own that aborted the process, exit 134, leaving Ray's agents behind.)"""
+    served = start_serve(tmp_path, "--config", str(slow_config), port=free_port())
+    try:
+        wait_until_sync(
+            served.stderr, lambda err: "Started Serve in namespace" in err, within_s=START_S, interval=0.2
+        )
+        served.proc.send_signal(signal.SIGTERM)
+        assert served.proc.wait(120) == 130, served.stderr()[-3000:]
+        assert "SIGTERM received" not in served.stderr()
+    finally:
+        stop_if_running(served)
