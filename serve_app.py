@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -93,7 +94,13 @@ THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 # Only for the Ray instance `moa serve` starts. With direct ingress Serve keeps a stopping ingress
 # replica reachable for 30 s, for external load balancers to deregister it; `moa serve` has none,
 # and has drained the ingress itself (server.drain_s) before it stops Serve.
-LOCAL_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
+# Serve gives a new HTTP proxy 5 s to say it is ready, then kills it; on a loaded two-CPU machine
+# starting its worker takes longer, and `serve.start` then fails with the proxy "killed by
+# ray.kill". A minute is still a bound, and only start-up waits on it.
+LOCAL_ENV = {
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+}
 # How long `moa serve` gives Serve to stop its replicas after the drain; Ray itself stops after.
 SERVE_SHUTDOWN_S = 15.0
 
@@ -165,21 +172,27 @@ def drain_app(
 ) -> None:
     """Drain every ingress replica of the app: they refuse new requests (503), give those in
     progress ``drain_s``, then end the rest. Returns once every replica reports it is done (or
-    a bound well past ``drain_s``). ``hurry`` set (a second Ctrl-C) ends the requests at once."""
+    a bound well past ``drain_s``). ``hurry`` set (a second Ctrl-C) ends the requests at once.
+
+    A slow answer from the router (a loaded machine) never cuts the drain short: the request to
+    drain is sent again until it is taken, and only the bound ends the wait."""
     router = serve.get_deployment_handle("router", app_name=app_name)
-    router.drain.remote(drain_s).result(timeout_s=10)
     # Each replica notices within a health refresh, drains, ends what is left, and says so.
     end = time.monotonic() + drain_s + CUT_GRACE_S + 4 * HEALTH_REFRESH_S + 5
-    hurried = False
+    asked, hurried = False, False
     while time.monotonic() < end:
-        if hurry.is_set() and not hurried:
-            hurried = True
-            router.drain.remote(drain_s, hurry=True).result(timeout_s=10)
+        left = max(0.5, end - time.monotonic())
         try:
-            replicas = router.drain_status.remote().result(timeout_s=5)
-        except Exception:
-            break  # no router to ask: nothing more to wait for
-        if all(r["drained"] for r in replicas.values()):
+            if not asked or (hurry.is_set() and not hurried):
+                hurried = hurry.is_set()
+                router.drain.remote(drain_s, hurry=hurried).result(timeout_s=min(10.0, left))
+                asked = True
+            replicas = router.drain_status.remote().result(timeout_s=min(5.0, left))
+        except Exception as e:  # slow or restarting: ask again, within the bound
+            say(f"The router did not answer ({type(e).__name__}); asking again.")
+            time.sleep(0.2)
+            continue
+        if replicas and all(r["drained"] for r in replicas.values()):
             cut = sum(r["cut"] for r in replicas.values())
             if cut:
                 say(f"Drain time over: {cut} request(s) still running were ended.")
@@ -217,9 +230,14 @@ def run_local(
     stop, hurry = threading.Event(), threading.Event()
     StopSignals.interrupt_meanwhile()  # until it answers, a signal aborts start-up
     try:
-        started = start_local(
-            cfg, host, port, num_cpus, quiet, metrics_port=metrics_port, dashboard=dashboard, sock=sock
-        )
+        try:
+            started = start_local(
+                cfg, host, port, num_cpus, quiet, metrics_port=metrics_port, dashboard=dashboard, sock=sock
+            )
+        except Exception as e:  # Ray or Serve did not come up (a loaded machine, a Ray error)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            print(f"moa serve: Ray Serve did not start: {type(e).__name__}: {first}", file=sys.stderr)
+            return 1
         StopSignals(stop.set, hurry.set).install()
         extra = [f"  Metrics (Prometheus): http://127.0.0.1:{started.metrics_port}/metrics"]
         if started.dashboard_url:

@@ -84,6 +84,9 @@ class Served:
     def stderr(self) -> str:
         return self.err.read_text()
 
+    def tail(self) -> str:
+        return f"moa serve stdout:\n{self.stdout()[-3000:]}\nmoa serve stderr:\n{self.stderr()[-3000:]}"
+
     def wait_ready(self) -> None:
         def answers() -> int | None:
             if self.proc.poll() is not None:
@@ -170,7 +173,9 @@ async def drain_scenario(served: Served, sig: signal.Signals) -> tuple[StreamLog
             return r.status_code, r.json()
 
         # The drain began: health says so, and a new request is refused with 503 and Retry-After.
-        _, body = await wait_until(health, lambda h: h[0] == 503, what="/healthz during the drain")
+        _, body = await wait_until(
+            health, lambda h: h[0] == 503, interval=0.2, what="/healthz during the drain"
+        )
         assert body["status"] == "draining"
         r = await client.post(
             served.url + "/v1/chat/completions", json={"model": "moa", "messages": QUESTION}
@@ -311,7 +316,10 @@ def test_ray_serve_prints_where_to_look_then_drains_on_sigterm(tmp_path: Path, s
             interval=1,
             what="the request counted on the metrics port",
         )
-        short, long = asyncio.run(drain_scenario(served, signal.SIGTERM))
+        try:
+            short, long = asyncio.run(drain_scenario(served, signal.SIGTERM))
+        except Exception as e:  # what `moa serve` said is what tells why
+            raise AssertionError(f"{e!r}\n{served.tail()}") from e
         assert_drained(short, long)
         assert served.proc.wait(120) == 0, served.stderr()[-3000:]
         assert "1 request(s) still running were ended" in served.stdout()
