@@ -134,5 +134,11 @@ def test_every_node_and_the_serve_app_use_the_redis_state_store() -> None:
 
 def test_no_file_holds_anything_like_a_key() -> None:
     pattern = re.compile(r"(sk-[A-Za-z0-9_-]{16,}|AIza[0-9A-Za-z_-]{30,}|sk-ant-[A-Za-z0-9_-]{10,})")
-    for name in ("cluster.yaml", "serve_config.yaml", "kuberay/rayservice.yaml", "moa/default_config.yaml"):
+    for name in (
+        "cluster.yaml",
+        "serve_config.yaml",
+        "serve_config.local.yaml",
+        "kuberay/rayservice.yaml",
+        "moa/default_config.yaml",
+    ):
         assert not pattern.search((ROOT / name).read_text()), name

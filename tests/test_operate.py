@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -403,3 +404,125 @@ def test_ray_serve_stopped_while_starting_cleans_up(tmp_path: Path, slow_config:
         assert "SIGTERM received" not in served.stderr()
     finally:
         stop_if_running(served)
+
+
+# -- Ray's own tools: `ray start --head`, then `serve deploy` of the local recipe -----------------
+
+
+def _ray_cli(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+@pytest.mark.ray
+def test_the_local_recipe_deploys_with_serve_deploy_on_ray_start_and_the_admin_api_works(
+    tmp_path: Path,
+) -> None:
+    """README's single-machine recipe, as a user runs it: `ray start --head` (token auth on, as
+    Ray 2.60 starts it), `serve deploy serve_config.local.yaml`, `serve status`; then keys made
+    through the admin HTTP API, which the ingress replica reads from `ray start`'s environment,
+    are required, used and revoked."""
+    import tempfile
+
+    import yaml
+
+    recipe = yaml.safe_load((Path(__file__).parent.parent / "serve_config.local.yaml").read_text())
+    http, dashboard, gcs = free_port(), free_port(), free_port()
+    recipe["http_options"]["port"] = http  # the only change: a free port
+    config = tmp_path / "serve_config.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+    admin = "adm-" + "x7Qp2" * 6
+    # A short temp dir of its own: Ray's socket paths must stay short, and this instance's
+    # session must not become the one other tests' Ray instance calls "latest".
+    ray_tmp = tempfile.mkdtemp(prefix="moa-ray-", dir="/tmp")
+    env = clean_env(
+        RAY_AUTH_MODE="token",
+        RAY_TMPDIR=ray_tmp,
+        MOA_ADMIN_KEY=admin,
+        MOA_STATE_DIR=str(tmp_path / "state"),
+    )
+    head = subprocess.Popen(
+        [
+            _ray_cli("ray"),
+            "start",
+            "--head",
+            "--block",
+            "--num-cpus",
+            "2",
+            "--port",
+            str(gcs),
+            "--dashboard-port",
+            str(dashboard),
+            "--ray-client-server-port",
+            str(free_port()),
+            "--include-dashboard",
+            "true",
+        ],
+        env=env,
+        stdout=(tmp_path / "ray.out").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    url = f"http://127.0.0.1:{http}"
+
+    def serve_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [_ray_cli("serve"), *args, "-a", address], env=env, capture_output=True, text=True, timeout=120
+        )
+
+    try:
+
+        def deployed() -> subprocess.CompletedProcess[str] | None:
+            if head.poll() is not None:
+                raise AssertionError(f"ray start exited: {(tmp_path / 'ray.out').read_text()[-3000:]}")
+            out = serve_cli("deploy", str(config))
+            return out if out.returncode == 0 else None
+
+        wait_until_sync(deployed, bool, within_s=START_S, interval=2, what="serve deploy to be accepted")
+
+        def status() -> str:
+            return serve_cli("status").stdout
+
+        text = wait_until_sync(
+            status, lambda s: "status: RUNNING" in s, within_s=START_S, interval=2, what="the app RUNNING"
+        )
+        for name in ("ingress", "router", "provider-openai", "provider-anthropic", "provider-gemini"):
+            assert name in text
+        health = httpx.get(url + "/healthz", timeout=30)
+        assert health.status_code == 200 and health.json()["status"] == "ok", health.text
+
+        # No key yet: open (loopback). The admin API creates one; from then on keys are required.
+        headers = {"Authorization": f"Bearer {admin}"}
+        created = httpx.post(url + "/admin/keys", json={"name": "team-a", "budget_usd": 1}, headers=headers)
+        assert created.status_code == 201, created.text
+        key = created.json()["key"]
+        assert key.startswith("sk-")
+
+        def without_key() -> int:
+            return httpx.get(url + "/v1/models", timeout=30).status_code
+
+        # The ingress replica caches "no keys exist" briefly (state.key_cache_s).
+        wait_until_sync(without_key, lambda s: s == 401, within_s=30, interval=0.2, what="keys required")
+        chat = {"model": "single", "messages": QUESTION, "max_tokens": 16}
+        ok = httpx.post(
+            url + "/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {key}"}, timeout=60
+        )
+        assert ok.status_code == 200, ok.text
+        listed = httpx.get(url + "/admin/keys", headers=headers).json()
+        (row,) = [k for k in listed["data"] if k["name"] == "team-a"]
+        assert row["spent_usd"] > 0 and key not in json.dumps(listed)
+
+        assert httpx.post(url + "/admin/keys/team-a/revoke", headers=headers).status_code == 200
+
+        def with_revoked_key() -> int:
+            return httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code
+
+        wait_until_sync(with_revoked_key, lambda s: s == 401, within_s=30, interval=0.2, what="revoked")
+        assert serve_cli("shutdown", "-y").returncode == 0
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
+        try:
+            head.wait(120)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait(30)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
