@@ -60,8 +60,8 @@ def _pairwise(judge: JudgeProfile, first: str, second: str, authors: Authors, rn
     if fa != fb:
         favoured_wins = rng.random() < judge.favour_p
         return "A" if favoured_wins == fa else "B"
-    la, lb = max(approx_tokens(first), 1), max(approx_tokens(second), 1)
-    p_first = 1.0 / (1.0 + math.exp(-judge.length_bias * math.log(la / lb)))
+    extra = (approx_tokens(first) - approx_tokens(second)) / 100  # hundreds of tokens longer
+    p_first = 1.0 / (1.0 + math.exp(-judge.length_bias * extra))
     return "A" if rng.random() < p_first else "B"
 
 

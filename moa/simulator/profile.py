@@ -95,7 +95,7 @@ class JudgeProfile(_Strict):
     length_bias: float = Field(
         default=0.0,
         ge=0.0,
-        description="log-odds of picking the first answer per unit of log(length first / length second)",
+        description="log-odds of picking the first answer per 100 tokens it is longer than the second",
     )
     tie_rate: float = Field(default=0.0, ge=0.0, le=1.0, description="probability of a tie verdict")
     off_format: float = Field(
