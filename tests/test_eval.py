@@ -276,6 +276,7 @@ async def test_graded_multi_turn_scores_by_category_with_two_judges(
     assert mine["score"]["low"] <= 8.0 <= mine["score"]["high"]
     assert theirs["score"]["low"] <= 4.0 <= theirs["score"]["high"]
     assert set(mine["by_category"]) == {"writing", "reasoning"}
+    assert report["judge_agreement"][0]["judges"] == [JUDGE, "openai/gpt-4.1"]
     (agreement,) = report["judge_agreement"]
     assert agreement["n"] == 60 and agreement["within_1_point"] > 0.5
     assert report["cost_usd"]["targets"] > 0 and report["cost_usd"]["judging"] > 0

@@ -76,6 +76,14 @@ def _pairwise_target(files: RunFiles, spec: EvalSpec, target: str, items: Sequen
         return length_controlled_rate([p for p, _ in pairs], [d for _, d in pairs], scale)
 
     win = bootstrap(groups, raw)
+    judges: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in parsed:
+        pref = preference(r)
+        if pref is not None:
+            judges[r["judge"]][r["item"]].append(pref)
+    by_judge = {
+        j: mean_ci([statistics.fmean(v) for v in per.values()]).as_dict() for j, per in sorted(judges.items())
+    }
     lc_est = bootstrap(groups, lc, resamples=LC_RESAMPLES) if scale > 0 else win
     verdicts = [r["verdict"] for r in parsed]
     decided = [v for v in verdicts if v != "tie"]
@@ -91,6 +99,7 @@ def _pairwise_target(files: RunFiles, spec: EvalSpec, target: str, items: Sequen
         "ties": sum(1 for r in parsed if preference(r) == 0.5),
         "losses": sum(1 for r in parsed if preference(r) == 0.0),
         "win_rate": win.as_dict(),
+        "win_rate_by_judge": by_judge,
         "lc_win_rate": lc_est.as_dict(),
         "length_controlled": scale > 0,
         "mean_length_diff_tokens": statistics.fmean(diffs.values()) if diffs else None,
@@ -252,6 +261,11 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| `{name}` | {_num(g['score'])} | {per} | {g['unparseable']} ({g['retried']}) | "
                 f"{_usd(row['answers']['cost_per_item_usd'])} | {_usd(g['judge_cost_usd'])} |"
             )
+    if spec["mode"] == "pairwise" and len(spec["judges"]) > 1:
+        for name, row in report["targets"].items():
+            if "pairwise" in row:
+                each = ", ".join(f"`{j}` {_pct(e)}" for j, e in row["pairwise"]["win_rate_by_judge"].items())
+                lines.append(f"\nWin rate of `{name}` by judge: {each}.")
     for row in report["judge_agreement"]:
         j1, j2 = row["judges"]
         if "cohen_kappa" in row:
@@ -318,6 +332,13 @@ def plot(report: dict[str, Any], path: Path) -> str | None:
     for (n, _, cost), v in zip(rows, values, strict=True):
         right.scatter([cost or 0.0], [v], s=40)
         right.annotate(n, (cost or 0.0, v), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ref = report["spec"]["reference_outputs"] or report["spec"]["reference"]
+    if pairwise and ref in report["targets"]:
+        ref_cost = report["targets"][ref]["answers"]["cost_per_item_usd"] or 0.0
+        right.scatter([ref_cost], [0.5], s=40, marker="s", color="grey")
+        right.annotate(
+            f"{ref} (reference)", (ref_cost, 0.5), textcoords="offset points", xytext=(4, 4), fontsize=8
+        )
     right.set_xlabel("answer cost per item, USD")
     right.set_ylabel("win rate" if pairwise else "score")
     right.set_title("quality vs cost")

@@ -72,7 +72,10 @@ def _score(judge: JudgeProfile, answer: str, authors: Authors, rng: random.Rando
         got = match_pattern(judge.scores, author)
         if got is not None:
             mean = got
-    noisy = round(mean) + rng.randint(-judge.score_noise, judge.score_noise)
+    # An integer score whose expectation is ``mean`` (a fractional mean is rounded up or down at
+    # random in proportion), spread uniformly by the noise; clipped to 1-10.
+    base = math.floor(mean)
+    noisy = base + (rng.random() < mean - base) + rng.randint(-judge.score_noise, judge.score_noise)
     return max(1, min(10, noisy))
 
 
