@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,10 @@ from moa.eval.verdict import Verdict, parse_pairwise, parse_rating
 from moa.simulator.profile import JudgeProfile, ModelProfile
 from moa.simulator.server import SimulatorServer
 from tests.conftest import FAST_PROFILE
+from tests.otlp_receiver import OTLPReceiver
 from tests.test_api import _Server
 from tests.test_simulator import gemini_client
+from tests.waiting import wait_until_sync
 
 TARGET, REFERENCE, JUDGE = "openai/gpt-4.1-mini", "anthropic/claude-haiku-4-5", "gemini/gemini-2.5-pro"
 FAST = {"ttft_s": 0.01, "tokens_per_s": 5000.0, "jitter": 0.0}
@@ -351,3 +354,84 @@ def test_cli_runs_writes_the_report_and_refuses_bad_input(
     assert "unknown target 'no-such-preset'" in capsys.readouterr().err
     assert main([*base, "--targets", "moa-lite", "--run-id", "r3", "--mode", "pairwise"]) == 2
     assert "pairwise needs --reference" in capsys.readouterr().err
+
+
+# -- shadow evaluation of live traffic -------------------------------------------------------------
+
+
+def shadow_config(config: MoAConfig, **shadow: Any) -> MoAConfig:
+    settings = {"enabled": True, "sample_rate": 1.0, "baseline": TARGET, "judge": JUDGE, **shadow}
+    data = config.model_dump(mode="json")
+    data["eval"] = {"shadow": settings}
+    return MoAConfig.model_validate(data)
+
+
+def test_shadow_judges_live_answers_in_the_background_and_keeps_a_win_rate(
+    config: MoAConfig, sim: SimulatorServer
+) -> None:
+    # The judge always prefers gpt-4.1's answers: moa-lite's aggregator. The baseline is slow.
+    set_profile(
+        sim,
+        {
+            "gemini-2.5-pro": {"judge": JudgeProfile(favour="gpt-4.1", favour_p=1.0)},
+            "claude-sonnet-4-6": {"faults": {"hang": {"hang_s": 1.5}}},
+        },
+    )
+    cfg = shadow_config(config, presets=["moa-lite"], baseline="anthropic/claude-sonnet-4-6")
+    with _Server(cfg) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        q = [{"role": "user", "content": "How do vaccines train the immune system?"}]
+        t0 = time.monotonic()
+        client.chat.completions.create(model="moa-lite", messages=q)  # type: ignore[arg-type]
+        assert time.monotonic() - t0 < 1.2  # the shadow's slow baseline is not waited for
+        stream = client.chat.completions.create(model="moa-lite", messages=q, stream=True)  # type: ignore[arg-type]
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        client.chat.completions.create(model="openai/gpt-4.1", messages=q)  # type: ignore[arg-type]
+        api = server.server.api
+        assert api is not None and api.shadow is not None
+        wait_until_sync(
+            lambda: api.shadow.snapshot()["presets"].get("moa-lite", {}).get("judged") == 2, what="shadows"
+        )
+        snap = api.shadow.snapshot()
+    assert snap["sampled"] == 2  # the direct model call is not a preset: not shadowed
+    tally = snap["presets"]["moa-lite"]
+    assert tally["win_rate"] == 1.0 and tally["unparseable"] == 0 and tally["cost_usd"] > 0
+
+
+def test_shadow_respects_its_spend_limit(config: MoAConfig, sim: SimulatorServer) -> None:
+    set_profile(sim, {})
+    cfg = shadow_config(config, max_cost_usd_per_hour=0.0001)
+    with _Server(cfg) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        client.chat.completions.create(model="moa-lite", messages=[{"role": "user", "content": "Hi there"}])  # type: ignore[list-item]
+        api = server.server.api
+        assert api is not None and api.shadow is not None
+        snap = api.shadow.snapshot()
+    assert snap["sampled"] == 1 and snap["skipped_budget"] == 1 and snap["presets"] == {}
+
+
+def test_shadow_config_names_configured_models(config: MoAConfig) -> None:
+    with pytest.raises(ValueError, match=r"eval\.shadow\.judge: unknown model"):
+        shadow_config(config, judge="openai/no-such-model")
+    with pytest.raises(ValueError, match="needs baseline and judge"):
+        shadow_config(config, judge=None)
+
+
+def test_shadow_is_recorded_on_the_requests_trace(
+    config: MoAConfig, sim: SimulatorServer, otlp: OTLPReceiver
+) -> None:
+    from tests.test_observability import by_name, wait_for_spans
+
+    set_profile(sim, {"gemini-2.5-pro": {"judge": JudgeProfile(favour="gpt-4.1", favour_p=1.0)}})
+    body = {"model": "moa-lite", "messages": [{"role": "user", "content": "Why is the sky blue?"}]}
+    with _Server(shadow_config(config)) as server:
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        spans = wait_for_spans(otlp, r.headers["x-moa-trace-id"], {"moa.shadow", "chat gemini-2.5-pro"})
+    (server_span,) = by_name(spans, "POST /v1/chat/completions")
+    (shadow,) = by_name(spans, "moa.shadow")
+    assert shadow["parent_id"] == server_span["span_id"]
+    assert shadow["attributes"]["moa.shadow.outcome"] == "win"
+    assert shadow["attributes"]["moa.shadow.cost_usd"] > 0
+    judge_calls = [s for s in by_name(spans, "chat gemini-2.5-pro") if s["parent_id"] == shadow["span_id"]]
+    assert len(judge_calls) == 2  # both orders

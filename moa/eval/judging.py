@@ -11,10 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from moa.config import MoAConfig
+from moa.engine.caller import ModelCaller
 from moa.engine.plan import TemplatesConfig
 from moa.eval.budget import Budget
 from moa.eval.verdict import GRADED_FORMAT, PAIRWISE_FORMAT, Verdict, parse_pairwise, parse_rating
-from moa.providers.registry import ProviderPool
 from moa.tokens import approx_message_tokens
 from moa.types import CallRequest, ChatMessage, GenerationParams
 
@@ -39,9 +39,10 @@ class JudgeOutcome:
 
 
 class Judge:
-    """One configured model as a judge, called through the in-process provider pool."""
+    """One configured model as a judge, called through the provider pool (or, in the service,
+    whatever transport the engine uses)."""
 
-    def __init__(self, spec: str, cfg: MoAConfig, pool: ProviderPool, max_tokens: int) -> None:
+    def __init__(self, spec: str, cfg: MoAConfig, pool: ModelCaller, max_tokens: int) -> None:
         provider, _, model = spec.partition("/")
         if not model or provider not in cfg.providers or model not in cfg.providers[provider].models:
             raise ValueError(f"unknown judge {spec!r}: a configured provider/model")
