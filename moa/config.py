@@ -376,6 +376,9 @@ class MoAConfig(_Strict):
             provider, _, model = (ref or "").partition("/")
             if ref and (provider not in self.providers or model not in self.providers[provider].models):
                 raise ValueError(f"eval.shadow.{what}: unknown model {ref!r} (provider/model)")
+        unknown = [p for p in shadow.presets or [] if p != "auto" and p not in self.presets]
+        if unknown:
+            raise ValueError(f"eval.shadow.presets: unknown preset(s) {', '.join(unknown)}")
         if self.default_preset != "auto" and self.default_preset not in self.presets:
             raise ValueError(f"default_preset {self.default_preset!r} is not a preset")
         return self

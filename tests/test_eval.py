@@ -415,6 +415,22 @@ def test_shadow_config_names_configured_models(config: MoAConfig) -> None:
         shadow_config(config, judge="openai/no-such-model")
     with pytest.raises(ValueError, match="needs baseline and judge"):
         shadow_config(config, judge=None)
+    with pytest.raises(ValueError, match=r"eval\.shadow\.presets: unknown preset\(s\) nope"):
+        shadow_config(config, presets=["moa", "nope"])
+
+
+def test_a_line_cut_by_an_interruption_is_asked_again(tmp_path: Path) -> None:
+    from moa.eval.runner import RunFiles
+
+    done = {"target": "moa", "item": "1", "answers": ["a"], "cost_usd": 0.1, "error": None}
+    (tmp_path / "answers.jsonl").write_text(json.dumps(done) + '\n{"target": "moa", "item": "2", "ans')
+    files = RunFiles(tmp_path)
+    assert files.ok_answer("moa", "1") == done
+    assert files.ok_answer("moa", "2") is None
+    assert files.spent() == pytest.approx(0.1)
+    again = {**done, "item": "2"}
+    files.add_answer(again)
+    assert RunFiles(tmp_path).ok_answer("moa", "2") == again  # appended on a line of its own
 
 
 def test_shadow_is_recorded_on_the_requests_trace(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,6 +64,11 @@ class RunFiles:
         path = self.dir / name
         if not path.exists():
             return
+        with path.open("rb+") as f:  # end a line cut by an interruption, so appends start afresh
+            if f.seek(0, os.SEEK_END):
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 yield json.loads(line)
