@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     from moa.benchmark.cli import register as register_bench
 
     register_bench(sub)
+    from moa.eval.cli import register as register_eval
+
+    register_eval(sub)
     from moa.keys_cli import register as register_keys
 
     register_keys(sub)

@@ -259,6 +259,39 @@ class ObservabilityConfig(_Strict):
     json_logs: bool = True
 
 
+class ShadowConfig(_Strict):
+    """Quality on live traffic: a sampled share of answered requests is answered again by a
+    baseline model in the background, after the response has gone out, and a judge compares the
+    two (both orders); the running win rate per preset is exported as a metric."""
+
+    enabled: bool = Field(default=False, description="shadow-evaluate live chat completions")
+    sample_rate: float = Field(default=0.01, ge=0.0, le=1.0, description="share of requests shadowed")
+    baseline: str | None = Field(default=None, description="provider/model answering the same request")
+    judge: str | None = Field(default=None, description="provider/model comparing the two answers")
+    presets: list[str] | None = Field(
+        default=None, description="the presets to shadow (None: every preset, not direct model calls)"
+    )
+    max_in_flight: int = Field(
+        default=4, ge=1, description="shadow evaluations running at once; a sample beyond it is skipped"
+    )
+    max_cost_usd_per_hour: float | None = Field(
+        default=1.0, gt=0, description="shadow spend (baseline and judge) per rolling hour; None: no limit"
+    )
+    max_tokens: int = Field(default=1024, ge=1, description="max_tokens of the baseline and judge calls")
+
+    @model_validator(mode="after")
+    def _models_named(self) -> ShadowConfig:
+        if self.enabled and not (self.baseline and self.judge):
+            raise ValueError("eval.shadow needs baseline and judge (provider/model) when enabled")
+        return self
+
+
+class EvalConfig(_Strict):
+    shadow: ShadowConfig = Field(
+        default_factory=ShadowConfig, description="shadow evaluation of live traffic"
+    )
+
+
 class ServeOptions(_Strict):
     """Scheduling of the service's own deployments (providers carry theirs in ``providers``)."""
 
@@ -318,6 +351,7 @@ class MoAConfig(_Strict):
     serve: ServeOptions = ServeOptions()
     observability: ObservabilityConfig = ObservabilityConfig()
     state: StateConfig = StateConfig()
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="moa eval's live-traffic settings")
 
     @model_validator(mode="after")
     def _references_exist(self) -> MoAConfig:
@@ -337,6 +371,14 @@ class MoAConfig(_Strict):
             for p in proposers:
                 if p.provider not in self.providers or p.model not in self.providers[p.provider].models:
                     raise ValueError(f"router.specialists.{task}: unknown model {p.provider}/{p.model}")
+        shadow = self.eval.shadow
+        for what, ref in (("baseline", shadow.baseline), ("judge", shadow.judge)):
+            provider, _, model = (ref or "").partition("/")
+            if ref and (provider not in self.providers or model not in self.providers[provider].models):
+                raise ValueError(f"eval.shadow.{what}: unknown model {ref!r} (provider/model)")
+        unknown = [p for p in shadow.presets or [] if p != "auto" and p not in self.presets]
+        if unknown:
+            raise ValueError(f"eval.shadow.presets: unknown preset(s) {', '.join(unknown)}")
         if self.default_preset != "auto" and self.default_preset not in self.presets:
             raise ValueError(f"default_preset {self.default_preset!r} is not a preset")
         return self

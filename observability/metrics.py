@@ -22,6 +22,8 @@ class _NoOp:
 
     def observe(self, *_: Any, **__: Any) -> None: ...
 
+    def set(self, *_: Any, **__: Any) -> None: ...
+
 
 def _serve_metrics() -> Any:
     try:
@@ -171,3 +173,40 @@ class KeyMetrics:
 
     def refused(self, key: str) -> None:
         self.refusals.inc(1, {"key": key})
+
+
+class ShadowMetrics:
+    """Shadow evaluation of live traffic (``eval.shadow``): outcomes, running win rate and cost by
+    preset, the cost apart from the requests' own."""
+
+    def __init__(self) -> None:
+        m = _serve_metrics()
+        if m is None:
+            self.outcomes = self.rate = self.spend = _NoOp()
+            return
+        self.outcomes = m.Counter(
+            "moa_shadow_evaluations",
+            description="Shadow evaluations by preset and outcome: win, tie, loss (the served answer "
+            "against the baseline), unparseable, failed, skipped_busy, skipped_budget.",
+            tag_keys=("preset", "outcome"),
+        )
+        self.rate = m.Gauge(
+            "moa_shadow_win_rate",
+            description="Running win rate of the served answers against the shadow baseline (ties half).",
+            tag_keys=("preset",),
+        )
+        self.spend = m.Counter(
+            "moa_shadow_cost_usd",
+            description="Cost of shadow evaluation (USD), by preset and role: baseline, judge.",
+            tag_keys=("preset", "role"),
+        )
+
+    def outcome(self, preset: str, outcome: str) -> None:
+        self.outcomes.inc(1, {"preset": preset, "outcome": outcome})
+
+    def win_rate(self, preset: str, value: float) -> None:
+        self.rate.set(value, {"preset": preset})
+
+    def cost(self, preset: str, role: str, usd: float) -> None:
+        if usd > 0:
+            self.spend.inc(usd, {"preset": preset, "role": role})

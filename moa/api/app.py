@@ -32,6 +32,7 @@ from moa.config import ConfigError, MoAConfig
 from moa.engine.engine import MoAEngine
 from moa.engine.errors import DeadlineExceeded, InvalidPlan, InvalidRequest, MoAError, ShuttingDown
 from moa.engine.result import MoAResult
+from moa.eval.shadow import ShadowEvaluator
 from moa.keys_admin import (
     ADMIN_KEY_ENV,
     ADMIN_KEY_MIN_CHARS,
@@ -303,6 +304,8 @@ class Api:
         self.access = Access(config, store)
         self.admission = Admission(config.server.max_concurrent_requests)
         self.metrics = RequestMetrics()
+        # eval.shadow: answered requests sampled for a background comparison with a baseline.
+        self.shadow = ShadowEvaluator(config, engine.caller) if config.eval.shadow.enabled else None
         # Streams under way, so that a drain that runs out can end each of them properly.
         self._streams: set[EventPump] = set()
         # Resolved when a drain runs out: requests still waiting for an answer stop waiting.
@@ -460,6 +463,8 @@ class Api:
             if not req.stream:
                 result = await self.until_done(request, self.engine.run(messages, **kwargs), deadline)
                 self.record(result, 200, time.monotonic() - t0)
+                if self.shadow is not None:
+                    self.shadow.offer(messages, result, req.model)  # starts a task; never waits
                 return JSONResponse(self.completion_body(req, result))
             events = EventPump(self.engine.stream(messages, **kwargs))
             self._streams.add(events)
@@ -538,6 +543,8 @@ class Api:
                 else:
                     result = ev
                     self.record(result, 200, result.wall_time_s)
+                    if self.shadow is not None:
+                        self.shadow.offer(req.chat_messages(), result, req.model)
                     yield chunk({}, _finish_reason(result.finish_reason))
                     extra: dict[str, Any] = {"moa": moa_detail(result)} if req.moa.detail else {}
                     include_usage = req.stream_options is not None and req.stream_options.include_usage

@@ -316,7 +316,16 @@ class SimulatorApp:
                 return
             system = req.system
             cached = state.cached_tokens(req.model, system, approx_message_tokens([system]) if system else 0)
-            c = answer(req, mp, cached_tokens=cached, id=wire.new_id(), created=int(time.time()))
+            c = answer(
+                req,
+                mp,
+                cached_tokens=cached,
+                id=wire.new_id(),
+                created=int(time.time()),
+                authors=state.author,
+            )
+            if not c.judged:
+                state.remember_author(c.text, req.model)  # so a simulated judge knows who wrote it
             tps = mp.tokens_per_s / (spec.factor if isinstance(spec, SlowFault) else 1.0)
             ttft = state.jitter(mp.ttft_s, mp.jitter)
             gen = state.jitter(c.completion_tokens / tps, mp.jitter)

@@ -72,6 +72,45 @@ class Faults(_Strict):
 
 FAULT_KINDS: tuple[str, ...] = tuple(Faults.model_fields)
 
+
+class JudgeProfile(_Strict):
+    """How a model answers the judge prompts of ``moa eval``: a scripted judge with known biases.
+
+    The simulator knows which model wrote every answer it produced, so a judge can favour one
+    model's answers with a known probability; the harness must then recover that probability.
+    A pairwise verdict is drawn in this order: a tie (``tie_rate``); the answer shown first
+    (``position_bias``); when exactly one answer is by ``favour``, that one with probability
+    ``favour_p``; otherwise the longer one more often (``length_bias``), else a fair coin.
+    """
+
+    favour: str | None = Field(
+        default=None, description="model name or glob whose answers this judge prefers (None: nobody)"
+    )
+    favour_p: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="probability that the favoured model's answer wins"
+    )
+    position_bias: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="probability of picking the answer shown first outright"
+    )
+    length_bias: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="log-odds of picking the first answer per 100 tokens it is longer than the second",
+    )
+    tie_rate: float = Field(default=0.0, ge=0.0, le=1.0, description="probability of a tie verdict")
+    off_format: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="probability that a reply (a retry too) carries no verdict marker",
+    )
+    scores: dict[str, float] = Field(
+        default_factory=dict, description="graded mode: mean 1-10 score by author model (name or glob)"
+    )
+    default_score: float = Field(default=6.0, ge=1.0, le=10.0, description="mean score of other authors")
+    score_noise: int = Field(default=1, ge=0, le=4, description="scores vary uniformly by this many points")
+
+
 # Generation parameters by their common names (each protocol has its own: Anthropic's
 # stop_sequences, Gemini's topP and maxOutputTokens...).
 GenParam = Literal["temperature", "top_p", "max_tokens", "stop", "seed"]
@@ -93,6 +132,8 @@ class ModelProfile(_Strict):
     # does by default (the Anthropic protocol refuses the pair, OpenAI's and Gemini's accept it).
     exclusive_sampling: bool | None = None
     faults: Faults = Faults()
+    # How this model answers moa eval's judge prompts (an unbiased judge by default).
+    judge: JudgeProfile = JudgeProfile()
 
     @field_validator("style")
     @classmethod
@@ -113,7 +154,7 @@ def _is_glob(key: str) -> bool:
     return any(c in key for c in "*?[")
 
 
-def _match(table: Mapping[str, Any], name: str) -> Any | None:
+def match_pattern(table: Mapping[str, Any], name: str) -> Any | None:
     """Exact key first, else the most specific matching glob (most literal characters)."""
     if name in table:
         return table[name]
@@ -135,8 +176,8 @@ class SimProfile(_Strict):
     seed: int = 0
 
     def for_model(self, name: str) -> ModelProfile:
-        base: ModelProfile = _match(self.models, name) or self.default
-        override: Faults | None = _match(self.faults, name)
+        base: ModelProfile = match_pattern(self.models, name) or self.default
+        override: Faults | None = match_pattern(self.faults, name)
         if override is not None:
             return base.model_copy(update={"faults": override})
         return base

@@ -20,6 +20,8 @@ CACHE_BLOCK_TOKENS = 128
 CACHE_ENTRIES_PER_MODEL = 256
 # Requests kept for GET /admin/requests (what each carried, and whether the model refused it).
 RECENT_REQUESTS = 64
+# Authors remembered for the simulated judge (text hash -> model): enough for a large eval run.
+AUTHORS_KEPT = 100_000
 
 
 @dataclass(slots=True)
@@ -46,6 +48,8 @@ class SimState:
     def __init__(self, profile: SimProfile) -> None:
         self.stats: dict[str, ModelStats] = {}
         self.total_requests = 0
+        # Who wrote each answer served, kept across resets: a judge may see answers from before one.
+        self._authors: OrderedDict[int, str] = OrderedDict()
         self.set_profile(profile)
         self.reset_counters()
 
@@ -141,6 +145,17 @@ class SimState:
         if len(cache) > CACHE_ENTRIES_PER_MODEL:
             cache.popitem(last=False)
         return 0
+
+    def remember_author(self, text: str, model: str) -> None:
+        key = stable_hash(text.strip())
+        self._authors[key] = model
+        self._authors.move_to_end(key)
+        if len(self._authors) > AUTHORS_KEPT:
+            self._authors.popitem(last=False)
+
+    def author(self, text: str) -> str | None:
+        """The model that wrote ``text``, if the simulator served it (whitespace around it aside)."""
+        return self._authors.get(stable_hash(text.strip()))
 
     def snapshot(self) -> dict[str, Any]:
         return {

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from moa.simulator.judge import Authors, judge_reply
 from moa.simulator.profile import ModelProfile
 from moa.simulator.text import compose, style_for
 from moa.tokens import approx_message_tokens, approx_tokens, truncate_to_tokens
@@ -126,6 +127,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    judged: bool = False  # a judge's verdict rather than an answer (see moa.simulator.judge)
 
 
 def random_id(n: int = 24) -> str:
@@ -138,14 +140,28 @@ def prompt_tokens(req: SimRequest) -> int:
 
 
 def answer(
-    req: SimRequest, profile: ModelProfile, *, cached_tokens: int, id: str, created: int
+    req: SimRequest,
+    profile: ModelProfile,
+    *,
+    cached_tokens: int,
+    id: str,
+    created: int,
+    authors: Authors | None = None,
 ) -> Completion:
-    """The deterministic answer, after stop sequences and max_tokens."""
+    """The deterministic answer, after stop sequences and max_tokens.
+
+    With ``authors`` (who wrote an answer the simulator produced), a judge prompt gets the verdict
+    the model's judge profile draws instead of prose.
+    """
     # At temperature 0 sampling is greedy, so the seed cannot change the wording.
     seed = None if req.temperature == 0 else req.seed
-    text = compose(
-        req.model, profile.style or style_for(req.model), req.transcript, seed, profile.output_tokens
-    )
+    verdict = judge_reply(req.model, req.transcript, seed, profile.judge, authors) if authors else None
+    if verdict is not None:
+        text = verdict
+    else:
+        text = compose(
+            req.model, profile.style or style_for(req.model), req.transcript, seed, profile.output_tokens
+        )
     finish, matched = "stop", None
     if req.stop:
         hits = [(text.find(s), s) for s in req.stop if s and s in text]
@@ -166,6 +182,7 @@ def answer(
         prompt_tokens=prompt_tokens(req),
         completion_tokens=completion_tokens,
         cached_tokens=cached_tokens,
+        judged=verdict is not None,
     )
 
 

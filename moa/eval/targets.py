@@ -1,0 +1,176 @@
+"""What answers the workload: a preset or ``provider/model`` run in-process (through the same
+provider pool, and so the same concurrency and rate limits, as ``moa ask``), the same through a
+running moa service, or any other OpenAI-compatible endpoint (``MODEL@URL``)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import openai
+
+from moa.config import MoAConfig
+from moa.engine.cost import projected_cost
+from moa.engine.engine import MoAEngine
+from moa.engine.errors import MoAError
+from moa.types import ChatMessage, GenerationParams
+
+
+class TargetError(ValueError):
+    """A target spec that names nothing this config (or URL) can answer."""
+
+
+@dataclass(slots=True)
+class Answer:
+    text: str = ""
+    cost_usd: float | None = 0.0  # None: the target did not say (an endpoint with no price)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    latency_s: float = 0.0
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class Turn:
+    """One turn's answer, and the worst case it was allowed to cost (for ``--max-cost-usd``)."""
+
+    answer: Answer
+    projected_usd: float | None = None
+
+
+class Target(Protocol):
+    name: str
+
+    async def projected(self, messages: list[ChatMessage], params: GenerationParams) -> float | None:
+        """The most the next call can cost, or None when this target cannot say."""
+
+    async def answer(self, messages: list[ChatMessage], params: GenerationParams) -> Answer: ...
+
+
+@dataclass
+class EngineTarget:
+    """A preset (``moa``, ``auto``...) or ``provider/model`` run by the in-process engine."""
+
+    name: str
+    engine: MoAEngine
+
+    async def projected(self, messages: list[ChatMessage], params: GenerationParams) -> float | None:
+        plan, _, _ = await self.engine.route(messages, self.name)
+        return projected_cost(self.engine.config, plan, messages, params)
+
+    async def answer(self, messages: list[ChatMessage], params: GenerationParams) -> Answer:
+        t0 = time.monotonic()
+        try:
+            result = await self.engine.run(messages, preset=self.name, params=params)
+        except MoAError as e:
+            return Answer(error=f"{e.code}: {e.message}", latency_s=time.monotonic() - t0)
+        return Answer(
+            text=result.text,
+            cost_usd=result.cost_usd,
+            input_tokens=result.usage.input_tokens,
+            output_tokens=result.usage.output_tokens,
+            latency_s=time.monotonic() - t0,
+        )
+
+
+@dataclass
+class HttpTarget:
+    """A model on an OpenAI-compatible endpoint: a running moa service (``detail`` asks it for the
+    request's cost through ``moa.detail``) or any other server (cost unknown)."""
+
+    name: str
+    base_url: str
+    model: str
+    api_key: str
+    detail: bool
+    _client: Any = field(default=None, repr=False)
+
+    def _openai(self) -> openai.AsyncOpenAI:
+        if self._client is None:
+            self._client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, max_retries=2)
+        return self._client
+
+    async def projected(self, messages: list[ChatMessage], params: GenerationParams) -> float | None:
+        return None
+
+    async def answer(self, messages: list[ChatMessage], params: GenerationParams) -> Answer:
+        t0 = time.monotonic()
+        kwargs: dict[str, Any] = {}
+        if params.max_tokens is not None:
+            kwargs["max_tokens"] = params.max_tokens
+        if params.temperature is not None:
+            kwargs["temperature"] = params.temperature
+        if self.detail:
+            kwargs["extra_body"] = {"moa": {"detail": True}}
+        try:
+            resp = await self._openai().chat.completions.create(
+                model=self.model,
+                messages=[{"role": m.role, "content": m.content} for m in messages],  # type: ignore[misc]
+                **kwargs,
+            )
+        except openai.PermissionDeniedError:
+            if not self.detail:
+                raise
+            self.detail = False  # a key without the detail permission: answer without the cost
+            return await self.answer(messages, params)
+        except openai.APIError as e:
+            return Answer(error=f"{type(e).__name__}: {e}", latency_s=time.monotonic() - t0)
+        cost: float | None = None
+        extra = resp.model_extra or {}
+        moa = extra.get("moa")
+        if isinstance(moa, dict):
+            totals = moa.get("totals") if isinstance(moa.get("totals"), dict) else moa
+            value = totals.get("cost_usd") if isinstance(totals, dict) else None
+            cost = float(value) if isinstance(value, int | float) else None
+        usage = resp.usage
+        return Answer(
+            text=resp.choices[0].message.content or "",
+            cost_usd=cost,
+            input_tokens=usage.prompt_tokens if usage else 0,
+            output_tokens=usage.completion_tokens if usage else 0,
+            latency_s=time.monotonic() - t0,
+        )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+
+def known_target(cfg: MoAConfig, name: str) -> bool:
+    """Whether the in-process engine can answer ``name`` (a preset, ``auto``, or a configured model)."""
+    if name == "auto" or name in cfg.presets:
+        return True
+    provider, _, model = name.partition("/")
+    return bool(model) and provider in cfg.providers and model in cfg.providers[provider].models
+
+
+def build_target(
+    spec: str,
+    cfg: MoAConfig,
+    engine: MoAEngine,
+    *,
+    service_url: str | None = None,
+    service_key_env: str = "MOA_API_KEY",
+    endpoint_key_env: str | None = None,
+) -> Target:
+    """``MODEL@URL`` is another OpenAI-compatible endpoint; with ``service_url`` a bare name goes
+    to that moa service; otherwise it runs in-process."""
+    if "@" in spec:
+        model, _, url = spec.rpartition("@")
+        if not model or not url.startswith(("http://", "https://")):
+            raise TargetError(f"target {spec!r}: expected MODEL@http(s)://HOST/v1")
+        key = os.environ.get(endpoint_key_env, "") if endpoint_key_env else ""
+        return HttpTarget(spec, url, model, key or "unused", detail=False)
+    if service_url:
+        key = os.environ.get(service_key_env, "") or "unused"
+        base = service_url.rstrip("/")
+        base = base if base.endswith("/v1") else base + "/v1"
+        return HttpTarget(spec, base, spec, key, detail=True)
+    if not known_target(cfg, spec):
+        presets = ", ".join(["auto", *cfg.presets])
+        raise TargetError(
+            f"unknown target {spec!r}: a preset ({presets}), a configured provider/model, or MODEL@URL"
+        )
+    return EngineTarget(spec, engine)

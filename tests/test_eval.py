@@ -1,0 +1,453 @@
+"""moa eval: the statistics, the verdict parser, the simulator's scripted judge over the three
+wires, and whole runs against the simulator whose judge has known biases (ground truth)."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+import yaml
+from google.genai import types as genai_types
+
+from moa.cli import main
+from moa.config import MoAConfig
+from moa.eval.report import build_report, markdown, write_report
+from moa.eval.runner import EvalSpec, Evaluation, save_spec
+from moa.eval.stats import cohen_kappa, length_controlled_rate, logistic_fit, mean_ci, sigmoid
+from moa.eval.verdict import Verdict, parse_pairwise, parse_rating
+from moa.simulator.profile import JudgeProfile, ModelProfile
+from moa.simulator.server import SimulatorServer
+from tests.conftest import FAST_PROFILE
+from tests.otlp_receiver import OTLPReceiver
+from tests.test_api import _Server
+from tests.test_simulator import gemini_client
+from tests.waiting import wait_until_sync
+
+TARGET, REFERENCE, JUDGE = "openai/gpt-4.1-mini", "anthropic/claude-haiku-4-5", "gemini/gemini-2.5-pro"
+FAST = {"ttft_s": 0.01, "tokens_per_s": 5000.0, "jitter": 0.0}
+
+# -- statistics ------------------------------------------------------------------------------------
+
+
+def test_bootstrap_interval_covers_the_mean_and_narrows_with_data() -> None:
+    rng = random.Random(1)
+    small = mean_ci([rng.gauss(3.0, 1.0) for _ in range(20)])
+    large = mean_ci([rng.gauss(3.0, 1.0) for _ in range(400)])
+    for est in (small, large):
+        assert est.low is not None and est.high is not None
+        assert est.low < 3.0 < est.high
+    assert (large.high - large.low) < (small.high - small.low) / 2  # type: ignore[operator]
+    assert mean_ci([1.0]).low is None  # one item: no interval rather than a fake one
+
+
+def test_logistic_fit_recovers_known_coefficients() -> None:
+    rng = random.Random(2)
+    xs = [rng.uniform(-2, 2) for _ in range(4000)]
+    ys = [1.0 if rng.random() < sigmoid(0.7 + 1.5 * x) else 0.0 for x in xs]
+    a, b = logistic_fit(xs, ys)
+    assert a == pytest.approx(0.7, abs=0.15)
+    assert b == pytest.approx(1.5, abs=0.2)
+
+
+def test_length_control_reads_the_rate_at_equal_length() -> None:
+    rng = random.Random(3)
+    diffs = [rng.gauss(100, 150) for _ in range(3000)]  # the target is usually longer
+    prefs = [1.0 if rng.random() < sigmoid(2.0 * (d / 150)) else 0.0 for d in diffs]
+    raw = sum(prefs) / len(prefs)
+    lc = length_controlled_rate(prefs, diffs)
+    assert raw > 0.65  # the judge rewards length...
+    assert lc == pytest.approx(0.5, abs=0.06)  # ...and at equal length the two are even
+
+
+def test_cohen_kappa() -> None:
+    assert cohen_kappa(["a", "b", "a", "b"], ["a", "b", "a", "b"]) == 1.0
+    assert cohen_kappa(["a", "a", "b", "b"], ["a", "b", "a", "b"]) == pytest.approx(0.0)
+
+
+# -- verdicts --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "verdict"),
+    [
+        ("Assistant A is clearer.\n\n[[A]]", Verdict.A),
+        ("**Final verdict: [[B]]**", Verdict.B),
+        ("They are equally good. [[C]]", Verdict.TIE),
+        ('Output "[[A]]" if A is better... Having compared them, my verdict: [[ b ]]', Verdict.B),
+        ("Final verdict: Assistant B", Verdict.B),
+        ("The better response is A.", Verdict.A),
+        ("I lean towards the first response.", None),
+        ("", None),
+    ],
+)
+def test_pairwise_verdicts_are_read_from_real_looking_output(text: str, verdict: Verdict | None) -> None:
+    assert parse_pairwise(text) == verdict
+
+
+@pytest.mark.parametrize(
+    ("text", "score"),
+    [
+        ("Good answer.\n\nRating: [[7]]", 7.0),
+        ("Rating: [[8.5]]", 8.5),
+        ("**Rating:** [[ 9 ]]", 9.0),
+        ("Score: 6/10", 6.0),
+        ("Rating: [[11]]", None),
+        ("I would give it a seven.", None),
+    ],
+)
+def test_ratings_are_read_and_range_checked(text: str, score: float | None) -> None:
+    assert parse_rating(text) == score
+
+
+# -- the simulator's judge over every wire ---------------------------------------------------------
+
+
+def set_profile(sim: SimulatorServer, models: dict[str, Any]) -> None:
+    profile = FAST_PROFILE.model_copy(
+        update={"models": {name: ModelProfile(**{**FAST, **spec}) for name, spec in models.items()}}
+    )
+    httpx.put(f"{sim.url}/admin/profile", json=profile.model_dump(mode="json")).raise_for_status()
+
+
+def pairwise_prompt(first: str, second: str) -> str:
+    from moa.engine.plan import DEFAULT_JUDGE_PAIRWISE
+
+    return DEFAULT_JUDGE_PAIRWISE.format(question="Why is the sky blue?", answer_a=first, answer_b=second)
+
+
+async def test_the_simulated_judge_knows_who_wrote_each_answer_on_all_three_wires(
+    sim: SimulatorServer,
+) -> None:
+    judge = {"judge": JudgeProfile(favour="gpt-4.1-mini", favour_p=1.0)}
+    set_profile(sim, {"gpt-4.1": judge, "claude-sonnet-4-6": judge, "gemini-2.5-pro": judge})
+    oai = openai.AsyncOpenAI(base_url=sim.url + "/v1", api_key="k", max_retries=0)
+    q = [{"role": "user", "content": "Why is the sky blue?"}]
+    mini = (await oai.chat.completions.create(model="gpt-4.1-mini", messages=q)).choices[0].message.content  # type: ignore[arg-type]
+    other = (await oai.chat.completions.create(model="gpt-4o-mini", messages=q)).choices[0].message.content  # type: ignore[arg-type]
+    assert mini and other
+    ant = anthropic.AsyncAnthropic(base_url=sim.url, api_key="k", max_retries=0)
+    gem = gemini_client(sim.url)
+    for first, second, expected in ((mini, other, "[[A]]"), (other, mini, "[[B]]")):
+        prompt = pairwise_prompt(first, second)
+        o = await oai.chat.completions.create(model="gpt-4.1", messages=[{"role": "user", "content": prompt}])
+        a = await ant.messages.create(
+            model="claude-sonnet-4-6", max_tokens=512, messages=[{"role": "user", "content": prompt}]
+        )
+        g = await gem.aio.models.generate_content(
+            model="gemini-2.5-pro", contents=prompt, config=genai_types.GenerateContentConfig()
+        )
+        replies = [o.choices[0].message.content, a.content[0].text, g.text]  # type: ignore[union-attr]
+        assert all(r is not None and r.rstrip().endswith(expected) for r in replies), replies
+
+
+# -- whole runs against ground truth ---------------------------------------------------------------
+
+TOPICS = (
+    "solar panels",
+    "sourdough bread",
+    "vaccines",
+    "compound interest",
+    "plate tectonics",
+    "jazz improvisation",
+    "database indexes",
+    "coral reefs",
+    "electric cars",
+    "sleep cycles",
+    "black holes",
+    "urban gardening",
+)
+ASPECTS = ("why it matters", "the common mistakes", "how to get started", "the trade-offs", "its history")
+
+
+def workload(tmp_path: Path, n: int = 60, turns: bool = False) -> Path:
+    path = tmp_path / "workload.jsonl"
+    rows = []
+    for i in range(n):
+        topic, aspect = TOPICS[i % len(TOPICS)], ASPECTS[(i // len(TOPICS)) % len(ASPECTS)]
+        q = f"Explain {aspect} of {topic} for a curious beginner."
+        row: dict[str, Any] = {"id": i, "category": ["writing", "reasoning"][i % 2]}
+        row.update({"turns": [q, "Now summarise that in two sentences."]} if turns else {"prompt": q})
+        rows.append(json.dumps(row))
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def spec(path: Path, **kw: Any) -> EvalSpec:
+    base: dict[str, Any] = {
+        "workload": str(path),
+        "targets": [TARGET],
+        "reference": REFERENCE,
+        "judges": [JUDGE],
+    }
+    return EvalSpec(**{**base, **kw})
+
+
+async def run(cfg: MoAConfig, s: EvalSpec, run_dir: Path, **kw: Any) -> tuple[Evaluation, dict[str, Any]]:
+    save_spec(run_dir, s)
+    ev = Evaluation(s, cfg, run_dir, concurrency=16, **kw)
+    await ev.run()
+    return ev, build_report(s, ev.files, ev.items, ev.budget.stopped)
+
+
+async def test_recovers_the_judges_preference_within_its_interval(
+    config: MoAConfig, sim: SimulatorServer, tmp_path: Path
+) -> None:
+    set_profile(sim, {"gemini-2.5-pro": {"judge": JudgeProfile(favour="gpt-4.1-mini", favour_p=0.8)}})
+    _, report = await run(config, spec(workload(tmp_path)), tmp_path / "run")
+    pw = report["targets"][TARGET]["pairwise"]
+    assert pw["judgments"] == 120 and pw["unparseable"] == 0
+    assert pw["win_rate"]["low"] <= 0.8 <= pw["win_rate"]["high"]
+    assert pw["win_rate"]["low"] > 0.5  # and the harness sees that the target is better
+
+
+async def test_judging_both_orders_cancels_position_bias(
+    config: MoAConfig, sim: SimulatorServer, tmp_path: Path
+) -> None:
+    # No preference between the two models, but 70% of the time the answer shown first wins outright.
+    set_profile(sim, {"gemini-2.5-pro": {"judge": JudgeProfile(position_bias=0.7)}})
+    _, report = await run(config, spec(workload(tmp_path)), tmp_path / "run")
+    pw = report["targets"][TARGET]["pairwise"]
+    assert pw["first_shown_wins"] > 0.75  # the bias is there, and reported
+    assert pw["win_rate_target_shown_first_only"] > 0.75  # one order alone would be fooled by it
+    assert pw["win_rate"]["low"] <= 0.5 <= pw["win_rate"]["high"]  # both orders: even, as they are
+    assert pw["order_consistency"] < 0.5
+
+
+async def test_length_control_removes_the_judges_length_preference(
+    config: MoAConfig, sim: SimulatorServer, tmp_path: Path
+) -> None:
+    # Equal quality, but the target writes longer answers and the judge prefers longer ones.
+    set_profile(
+        sim,
+        {
+            "gpt-4.1-mini": {"output_tokens": (100, 700)},
+            "claude-haiku-4-5": {"output_tokens": (60, 400)},
+            "gemini-2.5-pro": {"judge": JudgeProfile(length_bias=1.0)},
+        },
+    )
+    _, report = await run(config, spec(workload(tmp_path, n=100)), tmp_path / "run")
+    pw = report["targets"][TARGET]["pairwise"]
+    raw, lc = pw["win_rate"], pw["lc_win_rate"]
+    assert pw["mean_length_diff_tokens"] > 50
+    assert raw["low"] > 0.5  # the raw rate rewards length
+    assert lc["low"] <= 0.5 <= lc["high"]  # at equal length: even, as the two models are
+    assert abs(lc["value"] - 0.5) < abs(raw["value"] - 0.5)
+
+
+async def test_off_format_verdicts_are_retried_once_and_counted(
+    config: MoAConfig, sim: SimulatorServer, tmp_path: Path
+) -> None:
+    set_profile(sim, {"gemini-2.5-pro": {"judge": JudgeProfile(off_format=0.3)}})
+    ev, report = await run(config, spec(workload(tmp_path)), tmp_path / "run")
+    pw = report["targets"][TARGET]["pairwise"]
+    recs = list(ev.files.judgments.values())
+    assert len(recs) == pw["judgments"] == 120
+    assert pw["wins"] + pw["ties"] + pw["losses"] + pw["unparseable"] == 120  # none dropped
+    assert 0 < pw["unparseable"] < pw["retried"]
+    assert 0.15 * 120 < pw["retried"] < 0.45 * 120
+    assert all(r["retried"] for r in recs if r["verdict"] is None)
+    # Every retry is one more call to the judge: what the simulator saw.
+    async with httpx.AsyncClient() as http:
+        stats = (await http.get(f"{sim.url}/admin/stats")).json()["models"]["gemini-2.5-pro"]
+    assert stats["requests"] == 120 + pw["retried"]
+    assert "unparseable (retried)" in markdown(report)
+
+
+async def test_graded_multi_turn_scores_by_category_with_two_judges(
+    config: MoAConfig, sim: SimulatorServer, tmp_path: Path
+) -> None:
+    scripted = JudgeProfile(scores={"gpt-4.1-mini": 8.0, "claude-*": 4.0}, score_noise=1)
+    set_profile(sim, {"gemini-2.5-pro": {"judge": scripted}, "gpt-4.1": {"judge": scripted}})
+    s = spec(
+        workload(tmp_path, n=30, turns=True),
+        mode="graded",
+        targets=[TARGET, REFERENCE],
+        reference=None,
+        judges=[JUDGE, "openai/gpt-4.1"],
+    )
+    ev, report = await run(config, s, tmp_path / "run")
+    assert all(len(r["answers"]) == 2 for r in ev.files.answers.values())  # both turns answered
+    mine, theirs = report["targets"][TARGET]["graded"], report["targets"][REFERENCE]["graded"]
+    assert mine["score"]["low"] <= 8.0 <= mine["score"]["high"]
+    assert theirs["score"]["low"] <= 4.0 <= theirs["score"]["high"]
+    assert set(mine["by_category"]) == {"writing", "reasoning"}
+    assert report["judge_agreement"][0]["judges"] == [JUDGE, "openai/gpt-4.1"]
+    (agreement,) = report["judge_agreement"]
+    assert agreement["n"] == 60 and agreement["within_1_point"] > 0.5
+    assert report["cost_usd"]["targets"] > 0 and report["cost_usd"]["judging"] > 0
+
+
+async def test_max_cost_stops_before_overspending_and_resume_finishes_without_repeating(
+    config: MoAConfig, sim: SimulatorServer, tmp_path: Path
+) -> None:
+    set_profile(sim, {})
+    s = spec(workload(tmp_path, n=20))
+    run_dir = tmp_path / "run"
+    ev, report = await run(config, s, run_dir, max_cost_usd=0.01)
+    assert report["stopped"] == "max_cost"
+    assert report["cost_usd"]["total"] <= 0.01
+    done_before = {k for k, r in ev.files.answers.items() if r["error"] is None}
+    assert 0 < len(done_before) < 40
+    ev2 = Evaluation(s, config, run_dir, concurrency=16)
+    await ev2.run()
+    report2 = build_report(s, ev2.files, ev2.items, ev2.budget.stopped)
+    assert report2["stopped"] is None
+    assert report2["targets"][TARGET]["pairwise"]["judgments"] == 40
+    lines = [json.loads(x) for x in (run_dir / "answers.jsonl").read_text().splitlines()]
+    assert len(lines) == 40  # each answer asked once over the two sessions
+    assert Counter((r["target"], r["item"]) for r in lines).most_common(1)[0][1] == 1
+    notes = write_report(report2, run_dir)
+    assert notes == [] and (run_dir / "report.png").stat().st_size > 1000
+
+
+async def test_targets_on_a_running_service_and_another_openai_compatible_endpoint(
+    config: MoAConfig, sim: SimulatorServer, tmp_path: Path
+) -> None:
+    set_profile(sim, {})
+    endpoint = f"gpt-4.1-mini@{sim.url}/v1"  # the simulator itself as "another" endpoint
+    with _Server(config) as server:
+        s = spec(workload(tmp_path, n=6), targets=["moa-lite", endpoint], reference=TARGET)
+        s = s.model_copy(update={"service_url": server.url})
+        ev, report = await run(config, s, tmp_path / "run")
+    # The service reports each request's cost through moa.detail; the bare endpoint cannot.
+    assert report["targets"]["moa-lite"]["answers"]["cost_usd"] > 0
+    assert report["targets"][endpoint]["answers"]["cost_usd"] is None
+    # The endpoint and the service's direct call are the same simulated model: the same answers.
+    for item in ev.items:
+        a, b = ev.files.ok_answer(endpoint, item.id), ev.files.ok_answer(TARGET, item.id)
+        assert a is not None and b is not None and a["answers"] == b["answers"]
+    assert report["targets"]["moa-lite"]["pairwise"]["judgments"] == 12
+
+
+def test_cli_runs_writes_the_report_and_refuses_bad_input(
+    config: MoAConfig, sim: SimulatorServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    set_profile(sim, {})
+    cfg_file = tmp_path / "moa.yaml"
+    cfg_file.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_defaults=True)))
+    path = workload(tmp_path, n=4)
+    base = [
+        "eval",
+        "--config",
+        str(cfg_file),
+        "--workload",
+        str(path),
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    ]
+    rc = main([*base, "--targets", "moa-lite", "--reference", TARGET, "--judges", JUDGE, "--run-id", "r1"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "| `moa-lite` |" in out.out
+    for name in ("report.json", "report.md", "report.png", "answers.jsonl", "judgments.jsonl", "run.json"):
+        assert (tmp_path / "r1" / name).exists()
+    assert main([*base, "--targets", "no-such-preset", "--reference", TARGET, "--run-id", "r2"]) == 2
+    assert "unknown target 'no-such-preset'" in capsys.readouterr().err
+    assert main([*base, "--targets", "moa-lite", "--run-id", "r3", "--mode", "pairwise"]) == 2
+    assert "pairwise needs --reference" in capsys.readouterr().err
+
+
+# -- shadow evaluation of live traffic -------------------------------------------------------------
+
+
+def shadow_config(config: MoAConfig, **shadow: Any) -> MoAConfig:
+    settings = {"enabled": True, "sample_rate": 1.0, "baseline": TARGET, "judge": JUDGE, **shadow}
+    data = config.model_dump(mode="json")
+    data["eval"] = {"shadow": settings}
+    return MoAConfig.model_validate(data)
+
+
+def test_shadow_judges_live_answers_in_the_background_and_keeps_a_win_rate(
+    config: MoAConfig, sim: SimulatorServer
+) -> None:
+    # The judge always prefers gpt-4.1's answers: moa-lite's aggregator. The baseline is slow.
+    set_profile(
+        sim,
+        {
+            "gemini-2.5-pro": {"judge": JudgeProfile(favour="gpt-4.1", favour_p=1.0)},
+            "claude-sonnet-4-6": {"faults": {"hang": {"hang_s": 1.5}}},
+        },
+    )
+    cfg = shadow_config(config, presets=["moa-lite"], baseline="anthropic/claude-sonnet-4-6")
+    with _Server(cfg) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        q = [{"role": "user", "content": "How do vaccines train the immune system?"}]
+        t0 = time.monotonic()
+        client.chat.completions.create(model="moa-lite", messages=q)  # type: ignore[arg-type]
+        assert time.monotonic() - t0 < 1.2  # the shadow's slow baseline is not waited for
+        stream = client.chat.completions.create(model="moa-lite", messages=q, stream=True)  # type: ignore[arg-type]
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        client.chat.completions.create(model="openai/gpt-4.1", messages=q)  # type: ignore[arg-type]
+        api = server.server.api
+        assert api is not None and api.shadow is not None
+        wait_until_sync(
+            lambda: api.shadow.snapshot()["presets"].get("moa-lite", {}).get("judged") == 2, what="shadows"
+        )
+        snap = api.shadow.snapshot()
+    assert snap["sampled"] == 2  # the direct model call is not a preset: not shadowed
+    tally = snap["presets"]["moa-lite"]
+    assert tally["win_rate"] == 1.0 and tally["unparseable"] == 0 and tally["cost_usd"] > 0
+
+
+def test_shadow_respects_its_spend_limit(config: MoAConfig, sim: SimulatorServer) -> None:
+    set_profile(sim, {})
+    cfg = shadow_config(config, max_cost_usd_per_hour=0.0001)
+    with _Server(cfg) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        client.chat.completions.create(model="moa-lite", messages=[{"role": "user", "content": "Hi there"}])  # type: ignore[list-item]
+        api = server.server.api
+        assert api is not None and api.shadow is not None
+        snap = api.shadow.snapshot()
+    assert snap["sampled"] == 1 and snap["skipped_budget"] == 1 and snap["presets"] == {}
+
+
+def test_shadow_config_names_configured_models(config: MoAConfig) -> None:
+    with pytest.raises(ValueError, match=r"eval\.shadow\.judge: unknown model"):
+        shadow_config(config, judge="openai/no-such-model")
+    with pytest.raises(ValueError, match="needs baseline and judge"):
+        shadow_config(config, judge=None)
+    with pytest.raises(ValueError, match=r"eval\.shadow\.presets: unknown preset\(s\) nope"):
+        shadow_config(config, presets=["moa", "nope"])
+
+
+def test_a_line_cut_by_an_interruption_is_asked_again(tmp_path: Path) -> None:
+    from moa.eval.runner import RunFiles
+
+    done = {"target": "moa", "item": "1", "answers": ["a"], "cost_usd": 0.1, "error": None}
+    (tmp_path / "answers.jsonl").write_text(json.dumps(done) + '\n{"target": "moa", "item": "2", "ans')
+    files = RunFiles(tmp_path)
+    assert files.ok_answer("moa", "1") == done
+    assert files.ok_answer("moa", "2") is None
+    assert files.spent() == pytest.approx(0.1)
+    again = {**done, "item": "2"}
+    files.add_answer(again)
+    assert RunFiles(tmp_path).ok_answer("moa", "2") == again  # appended on a line of its own
+
+
+def test_shadow_is_recorded_on_the_requests_trace(
+    config: MoAConfig, sim: SimulatorServer, otlp: OTLPReceiver
+) -> None:
+    from tests.test_observability import by_name, wait_for_spans
+
+    set_profile(sim, {"gemini-2.5-pro": {"judge": JudgeProfile(favour="gpt-4.1", favour_p=1.0)}})
+    body = {"model": "moa-lite", "messages": [{"role": "user", "content": "Why is the sky blue?"}]}
+    with _Server(shadow_config(config)) as server:
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        spans = wait_for_spans(otlp, r.headers["x-moa-trace-id"], {"moa.shadow", "chat gemini-2.5-pro"})
+    (server_span,) = by_name(spans, "POST /v1/chat/completions")
+    (shadow,) = by_name(spans, "moa.shadow")
+    assert shadow["parent_id"] == server_span["span_id"]
+    assert shadow["attributes"]["moa.shadow.outcome"] == "win"
+    assert shadow["attributes"]["moa.shadow.cost_usd"] > 0
+    judge_calls = [s for s in by_name(spans, "chat gemini-2.5-pro") if s["parent_id"] == shadow["span_id"]]
+    assert len(judge_calls) == 2  # both orders
