@@ -186,27 +186,30 @@ class ShadowMetrics:
             return
         self.outcomes = m.Counter(
             "moa_shadow_evaluations",
-            description="Shadow evaluations by preset and outcome: win, tie, loss (the served answer "
-            "against the baseline), unparseable, failed, skipped_busy, skipped_budget.",
-            tag_keys=("preset", "outcome"),
+            description="Shadow evaluations by preset asked for, route (the preset the router ran) "
+            "and outcome: win, tie, loss (the served answer against the baseline), unparseable, "
+            "failed, skipped_busy, skipped_budget.",
+            tag_keys=("preset", "route", "outcome"),
         )
         self.rate = m.Gauge(
             "moa_shadow_win_rate",
-            description="Running win rate of the served answers against the shadow baseline (ties half).",
-            tag_keys=("preset",),
+            description="Running win rate of the served answers against the shadow baseline (ties "
+            "half), by preset and route; bound: estimate, low, high (a 95% interval).",
+            tag_keys=("preset", "route", "bound"),
         )
         self.spend = m.Counter(
             "moa_shadow_cost_usd",
-            description="Cost of shadow evaluation (USD), by preset and role: baseline, judge.",
-            tag_keys=("preset", "role"),
+            description="Cost of shadow evaluation (USD), by preset, route and role: baseline, judge.",
+            tag_keys=("preset", "route", "role"),
         )
 
-    def outcome(self, preset: str, outcome: str) -> None:
-        self.outcomes.inc(1, {"preset": preset, "outcome": outcome})
+    def outcome(self, preset: str, route: str, outcome: str) -> None:
+        self.outcomes.inc(1, {"preset": preset, "route": route, "outcome": outcome})
 
-    def win_rate(self, preset: str, value: float) -> None:
-        self.rate.set(value, {"preset": preset})
+    def win_rate(self, preset: str, route: str, value: float, interval: tuple[float, float]) -> None:
+        for bound, v in (("estimate", value), ("low", interval[0]), ("high", interval[1])):
+            self.rate.set(v, {"preset": preset, "route": route, "bound": bound})
 
-    def cost(self, preset: str, role: str, usd: float) -> None:
+    def cost(self, preset: str, route: str, role: str, usd: float) -> None:
         if usd > 0:
-            self.spend.inc(usd, {"preset": preset, "role": role})
+            self.spend.inc(usd, {"preset": preset, "route": route, "role": role})

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from moa.cli import main
 from moa.config import MoAConfig
 from moa.eval.report import build_report, markdown, write_report
 from moa.eval.runner import EvalSpec, Evaluation, save_spec
+from moa.eval.shadow import PresetTally
 from moa.eval.stats import cohen_kappa, length_controlled_rate, logistic_fit, mean_ci, sigmoid
 from moa.eval.verdict import Verdict, parse_pairwise, parse_rating
 from moa.simulator.profile import JudgeProfile, ModelProfile
@@ -381,14 +381,14 @@ def test_shadow_judges_live_answers_in_the_background_and_keeps_a_win_rate(
     with _Server(cfg) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         q = [{"role": "user", "content": "How do vaccines train the immune system?"}]
-        t0 = time.monotonic()
         client.chat.completions.create(model="moa-lite", messages=q)  # type: ignore[arg-type]
-        assert time.monotonic() - t0 < 1.2  # the shadow's slow baseline is not waited for
+        api = server.server.api
+        assert api is not None and api.shadow is not None
+        # The answer is back while its shadow (a baseline that hangs 1.5 s) is still under way.
+        assert api.shadow.snapshot()["in_flight"] == 1
         stream = client.chat.completions.create(model="moa-lite", messages=q, stream=True)  # type: ignore[arg-type]
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         client.chat.completions.create(model="openai/gpt-4.1", messages=q)  # type: ignore[arg-type]
-        api = server.server.api
-        assert api is not None and api.shadow is not None
         wait_until_sync(
             lambda: api.shadow.snapshot()["presets"].get("moa-lite", {}).get("judged") == 2, what="shadows"
         )
@@ -396,6 +396,19 @@ def test_shadow_judges_live_answers_in_the_background_and_keeps_a_win_rate(
     assert snap["sampled"] == 2  # the direct model call is not a preset: not shadowed
     tally = snap["presets"]["moa-lite"]
     assert tally["win_rate"] == 1.0 and tally["unparseable"] == 0 and tally["cost_usd"] > 0
+    assert tally["interval"] == [1.0, 1.0]  # two wins and no spread
+
+
+def test_the_running_win_rate_interval_is_the_mean_preference_plus_or_minus_its_error() -> None:
+    tally = PresetTally()
+    assert tally.interval() == (0.0, 1.0)  # nothing judged yet: nothing known
+    for pref in (1.0, 0.0, 0.5, 1.0):
+        tally.add(pref)
+    # mean 0.625; sample variance (1 + 0 + 0.25 + 1 - 4 * 0.625**2) / 3 = 0.2291...
+    half = 1.96 * (0.22916666666666666 / 4) ** 0.5
+    low, high = tally.interval()
+    assert tally.win_rate == 0.625
+    assert low == pytest.approx(0.625 - half) and high == pytest.approx(min(1.0, 0.625 + half))
 
 
 def test_shadow_respects_its_spend_limit(config: MoAConfig, sim: SimulatorServer) -> None:

@@ -385,6 +385,9 @@ def test_every_documented_series_moves_when_its_event_happens(
         del raw["providers"][name]
     raw["router"]["classifier"] = "llm"
     raw["router"]["classifier_model"] = {"provider": "openai", "model": "gpt-4o-mini"}
+    # Every answer to `auto` shadowed: a baseline answer and two judge calls in the background.
+    shadow = {"enabled": True, "sample_rate": 1.0, "presets": ["auto"]}
+    raw["eval"] = {"shadow": shadow | {"baseline": "openai/gpt-4o-mini", "judge": "openai/gpt-4.1-mini"}}
     serve.run(
         build_from_config(parse_config(raw, "the metrics config")), name="moa-metrics", route_prefix="/m"
     )
@@ -432,6 +435,10 @@ def test_every_documented_series_moves_when_its_event_happens(
             "ray_moa_quorum_shortfalls_total": {"preset": "moa-lite"},
             "ray_moa_fallbacks_total": {"preset": "moa-lite", "reason": "quorum_missed"},
             "ray_moa_cache_hits_total": {"cache": "router_classifier"},
+            "ray_moa_shadow_evaluations_total": {"preset": "auto"},
+            # Its interval's upper bound: above 0 whatever the verdicts were.
+            "ray_moa_shadow_win_rate": {"preset": "auto", "bound": "high"},
+            "ray_moa_shadow_cost_usd_total": {"preset": "auto", "role": "judge"},
         }
 
         def moved(text: str) -> dict[str, float]:

@@ -12,6 +12,7 @@ counted). The running win rate per preset is exported as a metric, every shadow 
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections import deque
@@ -41,6 +42,7 @@ class PresetTally:
 
     judged: int = 0
     preference_sum: float = 0.0  # 1 per win of the served answer, 0.5 per tie
+    preference_sq: float = 0.0  # sum of squared preferences: the spread, for the interval
     unparseable: int = 0
     failed: int = 0
     cost_usd: float = 0.0
@@ -49,6 +51,22 @@ class PresetTally:
     def win_rate(self) -> float | None:
         return self.preference_sum / self.judged if self.judged else None
 
+    def add(self, preference: float) -> None:
+        self.judged += 1
+        self.preference_sum += preference
+        self.preference_sq += preference * preference
+
+    def interval(self) -> tuple[float, float]:
+        """A 95% interval for the win rate (normal approximation of the mean preference; a
+        running figure to watch, not ``moa eval``'s bootstrap). Until two are judged: 0 to 1."""
+        n = self.judged
+        if n < 2:
+            return 0.0, 1.0
+        mean = self.preference_sum / n
+        var = max(0.0, (self.preference_sq - n * mean * mean) / (n - 1))
+        half = 1.96 * math.sqrt(var / n)
+        return max(0.0, mean - half), min(1.0, mean + half)
+
 
 @dataclass
 class ShadowStats:
@@ -56,6 +74,8 @@ class ShadowStats:
     skipped_busy: int = 0
     skipped_budget: int = 0
     presets: dict[str, PresetTally] = field(default_factory=dict)
+    # By the preset asked for and the one the router ran (``auto`` -> a tier): the metrics' labels.
+    routes: dict[tuple[str, str], PresetTally] = field(default_factory=dict)
 
 
 class HourlySpend:
@@ -121,12 +141,12 @@ class ShadowEvaluator:
         self.stats.sampled += 1
         if len(self._tasks) >= self.settings.max_in_flight:
             self.stats.skipped_busy += 1
-            self.metrics.outcome(requested, "skipped_busy")
+            self.metrics.outcome(requested, result.decision.preset, "skipped_busy")
             return False
         worst = self._worst_case(messages)
         if not self.spend.reserve(worst):
             self.stats.skipped_budget += 1
-            self.metrics.outcome(requested, "skipped_budget")
+            self.metrics.outcome(requested, result.decision.preset, "skipped_budget")
             return False
         ctx = otel_context.get_current()  # the request's trace: the shadow span joins it
         task = asyncio.get_running_loop().create_task(
@@ -145,6 +165,8 @@ class ShadowEvaluator:
         self, messages: list[ChatMessage], result: MoAResult, preset: str, worst: float, ctx: Any
     ) -> None:
         tally = self.stats.presets.setdefault(preset, PresetTally())
+        route = result.decision.preset  # what the router ran for ``preset``
+        routed = self.stats.routes.setdefault((preset, route), PresetTally())
         cost = 0.0
         with tracer().start_as_current_span("moa.shadow", context=ctx) as span:
             span.set_attributes({"moa.preset": preset, "moa.shadow.baseline": self.settings.baseline or ""})
@@ -155,10 +177,10 @@ class ShadowEvaluator:
                     )
                 )
                 cost += base.cost_usd
-                self.metrics.cost(preset, "baseline", base.cost_usd)
+                self.metrics.cost(preset, route, "baseline", base.cost_usd)
                 if not base.ok:
                     tally.failed += 1
-                    self.metrics.outcome(preset, "failed")
+                    self.metrics.outcome(preset, route, "failed")
                     span.set_attribute("moa.shadow.outcome", "failed")
                     return
                 question = "\n\n".join(m.content for m in messages if m.role == "user")
@@ -168,7 +190,7 @@ class ShadowEvaluator:
                     first, second = (result.text, base.text) if served_first else (base.text, result.text)
                     out = await self.judge.pairwise(question, first, second, budget)
                     cost += out.cost_usd
-                    self.metrics.cost(preset, "judge", out.cost_usd)
+                    self.metrics.cost(preset, route, "judge", out.cost_usd)
                     if out.verdict is None:
                         continue
                     if out.verdict is Verdict.TIE:
@@ -177,15 +199,15 @@ class ShadowEvaluator:
                         prefs.append(1.0 if (out.verdict is Verdict.A) == served_first else 0.0)
                 if not prefs:
                     tally.unparseable += 1
-                    self.metrics.outcome(preset, "unparseable")
+                    self.metrics.outcome(preset, route, "unparseable")
                     span.set_attribute("moa.shadow.outcome", "unparseable")
                     return
                 pref = sum(prefs) / len(prefs)
-                tally.judged += 1
-                tally.preference_sum += pref
+                tally.add(pref)
+                routed.add(pref)
                 outcome = "win" if pref > 0.5 else "loss" if pref < 0.5 else "tie"
-                self.metrics.outcome(preset, outcome)
-                self.metrics.win_rate(preset, tally.win_rate or 0.0)
+                self.metrics.outcome(preset, route, outcome)
+                self.metrics.win_rate(preset, route, routed.win_rate or 0.0, routed.interval())
                 span.set_attributes(
                     {
                         "moa.shadow.outcome": outcome,
@@ -202,12 +224,14 @@ class ShadowEvaluator:
         s = self.stats
         return {
             "sampled": s.sampled,
+            "in_flight": len(self._tasks),
             "skipped_busy": s.skipped_busy,
             "skipped_budget": s.skipped_budget,
             "presets": {
                 p: {
                     "judged": t.judged,
                     "win_rate": t.win_rate,
+                    "interval": list(t.interval()),
                     "unparseable": t.unparseable,
                     "failed": t.failed,
                     "cost_usd": t.cost_usd,
