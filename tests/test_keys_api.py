@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,9 @@ from moa.config import MoAConfig, load_config
 from moa.simulator.server import SimulatorServer
 from moa.state import KeyLimits, Reservation, StateStore, to_micro, window_of
 from moa.state.sqlite_store import SQLiteStore
+from tests.otlp_receiver import OTLPReceiver
 from tests.test_api import QUESTION, _Server
+from tests.test_observability import by_name, wait_for_spans
 from tests.waiting import wait_until, wait_until_sync
 
 SHORT = [{"role": "user", "content": "Name a colour."}]
@@ -294,3 +297,32 @@ def test_serve_refuses_a_public_address_with_no_key(
         env.setenv("MOA_STATE_DIR", str(state_dir / "elsewhere"))
         with pytest.raises(ConfigError):
             check_exposure(other, "10.0.0.5", no_auth=False)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_keys_usage_is_on_its_requests_server_span(
+    server: _Server, capsys: pytest.CaptureFixture[str], otlp: OTLPReceiver, stream: bool
+) -> None:
+    """Per-key usage in traces: the server span names the key (never the key itself) and carries
+    what the request cost it, the same figure its answer reports and the ledger settles."""
+    key = create_key(capsys, "traced", "--detail")
+    wait_for_auth(server)
+    body = {"model": "moa-lite", "messages": SHORT, "stream": stream, "moa": {"detail": True}}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    r = httpx.post(
+        server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60
+    )
+    assert r.status_code == 200, r.text
+    if stream:
+        events = [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: {")]
+        detail = next(e["moa"] for e in events if "moa" in e)
+    else:
+        detail = r.json()["moa"]
+    name = "POST /v1/chat/completions"
+    (span,) = by_name(wait_for_spans(otlp, r.headers["x-moa-trace-id"], {name}), name)
+    attrs = span["attributes"]
+    assert attrs["moa.key"] == "traced" and key not in json.dumps(attrs)
+    assert attrs["moa.cost.projected_usd"] >= attrs["moa.key.cost_usd"] > 0
+    assert attrs["moa.key.cost_usd"] == pytest.approx(detail["totals"]["cost_usd"])
+    assert attrs["moa.key.tokens"] > 0

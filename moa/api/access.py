@@ -43,6 +43,9 @@ class Spend:
         self.cost_usd = 0.0
         self.tokens = 0
         self._settled = False
+        # The request's server span (current while the request is admitted): the key's usage
+        # goes on it at settlement, which happens before the response's last byte, so it is open.
+        self._span = trace.get_current_span()
 
     def record(self, call: CallRecord) -> None:
         """The engine's per-call hook: every call counts, answered, failed or cut short."""
@@ -65,6 +68,8 @@ class Spend:
             await work
             raise
         self.access.metrics.record(self.principal.label, self.cost_usd, self.tokens)
+        if self._span.is_recording():
+            self._span.set_attributes({"moa.key.cost_usd": self.cost_usd, "moa.key.tokens": self.tokens})
 
     async def _write(self, store: StateStore, key_id: str) -> None:
         try:
