@@ -22,9 +22,9 @@ from moa.engine.calls import fit_references, merge_params, provider_kind, safe_c
 from moa.engine.caps import check_messages, check_plan
 from moa.engine.errors import AllProvidersFailed, DeadlineExceeded, Failure, MoAError
 from moa.engine.fusion import FuseJob, Fuser, LocalFuser
-from moa.engine.plan import AggregatorSpec, LayerSpec, ModelRef, Plan, PlanMode
+from moa.engine.plan import AggregationMode, AggregatorSpec, LayerSpec, ModelRef, Plan, PlanMode
 from moa.engine.prompts import with_references
-from moa.engine.result import CallRecord, FallbackReason, MoAResult, RouteDecision, Stage
+from moa.engine.result import CallRecord, FallbackReason, MoAResult, Progress, RouteDecision, Stage
 from moa.engine.router import HealthView, Router, RouterPolicy
 from moa.types import (
     CallError,
@@ -53,6 +53,8 @@ class _Run:
     on_call: Callable[[CallRecord], None] | None = None
     # Why the run turned to its fallback chain, if it did (kept for a run that then failed).
     fallback_reason: FallbackReason | None = None
+    # Told where the proposer layers stand, for a streaming client waiting for its first token.
+    progress: Callable[[Progress], None] | None = None
 
     def offset(self) -> float:
         return time.monotonic() - self.t0
@@ -159,6 +161,7 @@ class MoAEngine:
         routed: Routed | None = None,
         on_call: Callable[[CallRecord], None] | None = None,
         admit: Callable[[Routed], Awaitable[Routed]] | None = None,
+        aggregation: AggregationMode | None = None,
     ) -> MoAResult:
         """Answer ``messages`` with a preset (``auto`` routes) or an explicit plan."""
         result: MoAResult | None = None
@@ -171,6 +174,7 @@ class MoAEngine:
             routed=routed,
             on_call=on_call,
             admit=admit,
+            aggregation=aggregation,
             _stream_final=False,
         ):
             if isinstance(ev, MoAResult):
@@ -189,13 +193,16 @@ class MoAEngine:
         routed: Routed | None = None,
         on_call: Callable[[CallRecord], None] | None = None,
         admit: Callable[[Routed], Awaitable[Routed]] | None = None,
+        aggregation: AggregationMode | None = None,
         _stream_final: bool = True,
-    ) -> AsyncIterator[TextDelta | MoAResult]:
-        """Yield the final answer's ``TextDelta``s as they arrive, then the ``MoAResult``.
+    ) -> AsyncIterator[TextDelta | MoAResult | Progress]:
+        """Yield ``Progress`` (first ``admitted``, once the plan passed routing, admission and the
+        caps), the final answer's ``TextDelta``s as they arrive, then the ``MoAResult``.
 
         ``routed`` passes a decision already taken by ``route``. ``admit``, when given, sees the
         routed plan before any model is called and may refuse it (raise) or replace it (a key's
         access rules and spend reservation do both); ``on_call`` is told of every call recorded.
+        ``aggregation`` overrides the plan's aggregation mode.
         """
         t0 = time.monotonic()
         run = _Run(t0=t0, deadline=None if deadline_s is None else t0 + deadline_s, on_call=on_call)
@@ -215,9 +222,17 @@ class MoAEngine:
             if admit is not None:
                 routed = await admit(routed)
             plan, decision, pre_calls = routed
+            if aggregation is not None and aggregation != plan.aggregation:
+                plan = plan.model_copy(update={"aggregation": aggregation})
             check_messages(self.config.caps, messages)
             check_plan(self.config.caps, plan, params or GenerationParams(), len(pre_calls))
-            span.set_attributes({"moa.preset": decision.preset, "moa.router.reason": decision.reason})
+            span.set_attributes(
+                {
+                    "moa.preset": decision.preset,
+                    "moa.router.reason": decision.reason,
+                    "moa.aggregation": plan.aggregation,
+                }
+            )
             for res in pre_calls:
                 run.record(res, CallRecord.from_result(res, stage=Stage.CLASSIFIER, started_s=0.0))
             events = self._events(
@@ -257,8 +272,29 @@ class MoAEngine:
         params: GenerationParams,
         run: _Run,
         stream_final: bool,
-    ) -> AsyncIterator[TextDelta | MoAResult]:
-        references, missed = await self._proposals(messages, plan, params, run)
+    ) -> AsyncIterator[TextDelta | MoAResult | Progress]:
+        layers = plan.rounds if plan.mode is PlanMode.REFINE else len(plan.layers)
+        yield Progress(stage="admitted", layers=layers)
+        proposals = asyncio.create_task(self._proposals(messages, plan, params, run))
+        queue: asyncio.Queue[Progress] = asyncio.Queue()
+        run.progress = queue.put_nowait
+        try:
+            while not proposals.done():
+                getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({proposals, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield getter.result()
+                else:
+                    getter.cancel()  # not started yet: no event is lost
+            while not queue.empty():
+                yield queue.get_nowait()
+            references, missed = proposals.result()
+        finally:
+            run.progress = None
+            if not proposals.done():
+                proposals.cancel()
+                await asyncio.gather(proposals, return_exceptions=True)
+        yield Progress(stage="aggregating", layers=layers)
         if missed is not None:
             # A layer missed its quorum: the single-model fallback chain answers instead.
             self._check_deadline(run)
@@ -411,19 +447,36 @@ class MoAEngine:
         pending = set(tasks)
         quorum_at: float | None = None
         needed = layer.needed
+        # Early aggregation: no grace once the quorum is met, the next stage starts at once.
+        early = plan.aggregation == "early"
+        grace_s = 0.0 if early else plan.grace_s
+        layers = plan.rounds if plan.mode is PlanMode.REFINE else len(plan.layers)
+
+        def progress(done: int) -> None:
+            if run.progress is not None:
+                run.progress(
+                    Progress(
+                        stage="proposers",
+                        layer=index,
+                        layers=layers,
+                        proposers_done=done,
+                        proposers=len(layer.proposers),
+                        quorum=needed,
+                    )
+                )
+
+        progress(0)
         # Why waiting stopped with calls still running; they are cancelled as stragglers.
         stop_reason = "layer deadline passed"
         try:
             while pending:
-                wait_until = (
-                    stage_deadline if quorum_at is None else min(stage_deadline, quorum_at + plan.grace_s)
-                )
+                wait_until = stage_deadline if quorum_at is None else min(stage_deadline, quorum_at + grace_s)
                 now = loop.time()
                 if wait_until <= now:
                     # The grace period ended first; a layer (or request) deadline that came
                     # before it is still a deadline.
-                    if quorum_at is not None and quorum_at + plan.grace_s < stage_deadline:
-                        stop_reason = "quorum met; grace period over"
+                    if quorum_at is not None and quorum_at + grace_s <= stage_deadline:
+                        stop_reason = "quorum met; " + ("early aggregation" if early else "grace period over")
                     break
                 done, pending = await asyncio.wait(
                     pending, timeout=wait_until - now, return_when=asyncio.FIRST_COMPLETED
@@ -431,6 +484,7 @@ class MoAEngine:
                 for task in done:
                     results[tasks[task]] = task.result()
                 succeeded = sum(r.ok for r in results.values())
+                progress(succeeded)
                 if succeeded >= needed and quorum_at is None:
                     quorum_at = loop.time()
                 failed = len(results) - succeeded
@@ -517,7 +571,9 @@ class MoAEngine:
         """Fuse (or, without references, simply answer) through ``chain``; record every attempt.
 
         Yields the answer's deltas and then the successful result; yields no result when the whole
-        chain fails. A stream that fails after text was sent cannot be retracted: that ends the run.
+        chain fails. A stream that breaks after text was sent is continued by the next model of the
+        chain (see ``fuse``); text cannot be retracted, so a chain that fails after text went out
+        ends the run rather than turning to the fallback chain.
         """
         self._check_deadline(run)
         job = FuseJob(
@@ -551,17 +607,33 @@ class MoAEngine:
                 res = ev.result
                 run.note(*(f"{stage.value} {note}" for note in ev.notes))
                 started = job_start + ev.started_s
-                run.record(res, CallRecord.from_result(res, stage=stage, started_s=started, round=round_))
+                rec = CallRecord.from_result(res, stage=stage, started_s=started, round=round_)
+                rec.continued_after_chars = ev.continued_chars
+                run.record(res, rec)
                 run.critical_path_s += res.latency_s
                 run.add_simulated(res.simulated_service_s)
+                name = f"{res.provider}/{res.requested_model}"
+                if ev.continued_chars is not None:
+                    run.note(f"{name} continued the answer after its first {ev.continued_chars} characters")
+                    span.add_event(
+                        "moa.fuse.continue",
+                        {
+                            "moa.model": name,
+                            "moa.continued_after_chars": ev.continued_chars,
+                            "moa.ok": res.ok,
+                        },
+                    )
+                    span.set_attribute("moa.fuse.continued", True)
                 if res.ok:
-                    span.set_attribute("moa.answered_by", f"{res.provider}/{res.requested_model}")
+                    span.set_attribute("moa.answered_by", name)
                     yield res
                     return
                 if emitted:
-                    run.note(f"{res.provider}/{res.requested_model} failed mid-stream")
-                    self._raise_failed(run)
+                    run.note(f"{name} failed mid-stream; the next aggregator continues its answer")
+                    span.add_event("moa.fuse.stream_broken", {"moa.model": name})
             span.set_status(Status(StatusCode.ERROR, "every model of the chain failed"))
+            if emitted:
+                self._raise_failed(run)  # text is out: no fallback can take it back
             self._check_deadline(run)
         finally:
             await events.aclose()

@@ -60,6 +60,12 @@ class PlanMode(StrEnum):
     SELF_MOA = "self_moa"  # informational: one model sampled N times (expanded into one layer)
 
 
+# When the final aggregator may start: once the layer is done (quorum, then up to grace_s for the
+# rest: every answer that comes in time is used), or as soon as the quorum is met (the stragglers
+# are cancelled at once: a faster first token, from fewer answers).
+AggregationMode = Literal["final", "early"]
+
+
 class SelfMoASpec(_Strict):
     """Shorthand expanded into one layer: the same model at spread temperatures and seeds."""
 
@@ -86,6 +92,12 @@ class Plan(_Strict):
     grace_s: float = Field(default=2.0, ge=0)
     # Token budget for the references handed to one aggregator (None: the model's context window decides).
     reference_budget_tokens: int | None = Field(default=None, ge=64)
+    aggregation: AggregationMode = Field(
+        default="final",
+        description="final: each layer waits for its quorum and then up to grace_s for the rest "
+        "before the next layer (or the aggregator) starts; early: it moves on as soon as the quorum "
+        "is met and cancels the rest. A request can choose with moa.aggregation.",
+    )
 
     @model_validator(mode="after")
     def _expand_self_moa(self) -> Plan:
@@ -187,6 +199,11 @@ DEFAULT_REFINE_SYSTEM = (
 
 DEFAULT_REFERENCE = '<reference id="{index}">\n{text}\n</reference>'
 
+DEFAULT_CONTINUE_USER = (
+    "Your previous answer was cut off. Continue it exactly from where it stops: do not repeat any "
+    "of it and do not comment on it, as your text is appended to it as it is."
+)
+
 
 class TemplatesConfig(_Strict):
     """Every prompt the engine writes lives here, so a deployment can tune them in its config."""
@@ -196,6 +213,12 @@ class TemplatesConfig(_Strict):
     # How one reference is rendered; the simulator recognises the default <reference> form.
     reference: str = DEFAULT_REFERENCE
     roles: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_ROLES))
+    continue_user: str = Field(
+        default=DEFAULT_CONTINUE_USER,
+        description="When an aggregator's stream breaks after text went out and the next "
+        "aggregator's API has no assistant-prefix continuation (OpenAI, Gemini), it gets the text "
+        "so far as an assistant turn followed by this user turn.",
+    )
 
     @model_validator(mode="after")
     def _placeholders(self) -> TemplatesConfig:

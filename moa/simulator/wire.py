@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from moa.simulator.continuation import continue_text, split_continuation
 from moa.simulator.profile import ModelProfile
 from moa.simulator.text import compose, style_for
 from moa.tokens import approx_message_tokens, approx_tokens, truncate_to_tokens
@@ -140,12 +141,14 @@ def prompt_tokens(req: SimRequest) -> int:
 def answer(
     req: SimRequest, profile: ModelProfile, *, cached_tokens: int, id: str, created: int
 ) -> Completion:
-    """The deterministic answer, after stop sequences and max_tokens."""
+    """The deterministic answer, after stop sequences and max_tokens. A request handing the model
+    the start of an answer gets only its continuation (``moa.simulator.continuation``)."""
     # At temperature 0 sampling is greedy, so the seed cannot change the wording.
     seed = None if req.temperature == 0 else req.seed
-    text = compose(
-        req.model, profile.style or style_for(req.model), req.transcript, seed, profile.output_tokens
-    )
+    transcript, prefix = split_continuation(req.transcript)
+    text = compose(req.model, profile.style or style_for(req.model), transcript, seed, profile.output_tokens)
+    if prefix is not None:
+        text = continue_text(text, prefix)
     finish, matched = "stop", None
     if req.stop:
         hits = [(text.find(s), s) for s in req.stop if s and s in text]
