@@ -23,7 +23,10 @@ from moa.engine.result import MoAResult
 from moa.providers.registry import ProviderPool
 from moa.simulator.server import SimulatorServer
 from moa.types import TextDelta
+from observability.tracing import tracer
+from tests.otlp_receiver import OTLPReceiver
 from tests.test_api import QUESTION, _Server, set_fault
+from tests.test_observability import by_name, wait_for_spans
 
 # moa-lite's proposers; its aggregators are gpt-4.1, then claude-sonnet-4-6.
 PROPOSERS = ("gpt-4.1-mini", "claude-haiku-4-5", "gemini-2.5-flash")
@@ -291,3 +294,21 @@ def _messages() -> list[Any]:
     from moa.types import ChatMessage
 
     return [ChatMessage(role="user", content=QUESTION[0]["content"])]
+
+
+async def test_the_trace_records_the_mode_and_the_switch(
+    otlp: OTLPReceiver, engine: MoAEngine, sim: SimulatorServer
+) -> None:
+    set_fault(sim, "gpt-4.1", cut_stream={"rate": 1.0, "first_n": 1})
+    with tracer().start_as_current_span("client request") as root:
+        async for _ in engine.stream(_messages(), preset="moa-lite", aggregation="early"):
+            pass
+    trace_id = format(root.get_span_context().trace_id, "032x")
+    spans = wait_for_spans(otlp, trace_id, {"moa.run", "moa.fuse"})
+    (run,) = by_name(spans, "moa.run")
+    (fuse,) = by_name(spans, "moa.fuse")
+    assert run["attributes"]["moa.aggregation"] == "early"
+    assert fuse["attributes"]["moa.fuse.continued"] is True
+    assert fuse["attributes"]["moa.fuse.continued_by"] == "anthropic/claude-sonnet-4-6"
+    assert fuse["attributes"]["moa.fuse.continued_after_chars"] > 0
+    assert fuse["attributes"]["moa.answered_by"] == "anthropic/claude-sonnet-4-6"

@@ -623,7 +623,13 @@ class MoAEngine:
                             "moa.ok": res.ok,
                         },
                     )
-                    span.set_attribute("moa.fuse.continued", True)
+                    span.set_attributes(
+                        {
+                            "moa.fuse.continued": True,
+                            "moa.fuse.continued_by": name,
+                            "moa.fuse.continued_after_chars": ev.continued_chars,
+                        }
+                    )
                 if res.ok:
                     span.set_attribute("moa.answered_by", name)
                     yield res
