@@ -227,8 +227,10 @@ def test_a_client_that_hangs_up_mid_stream_still_settles(
                 http.stream("POST", "/v1/chat/completions", json=body) as response,
             ):
                 assert response.status_code == 200
-                async for _ in response.aiter_bytes():
-                    break  # hang up after the first chunk
+                # The role chunk comes at admission; hang up once the answer's text is flowing.
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {") and '"content": "' in line and '"content": ""' not in line:
+                        break
 
             async def charged() -> int:
                 return await store.spent(record.id, "total")

@@ -278,19 +278,24 @@ class MoAEngine:
         proposals = asyncio.create_task(self._proposals(messages, plan, params, run))
         queue: asyncio.Queue[Progress] = asyncio.Queue()
         run.progress = queue.put_nowait
+        getter: asyncio.Future[Progress] | None = None
         try:
             while not proposals.done():
                 getter = asyncio.ensure_future(queue.get())
                 done, _ = await asyncio.wait({proposals, getter}, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
-                    yield getter.result()
+                    got, getter = getter.result(), None
+                    yield got
                 else:
                     getter.cancel()  # not started yet: no event is lost
+                    getter = None
             while not queue.empty():
                 yield queue.get_nowait()
             references, missed = proposals.result()
         finally:
             run.progress = None
+            if getter is not None:  # the run was cancelled while waiting
+                getter.cancel()
             if not proposals.done():
                 proposals.cancel()
                 await asyncio.gather(proposals, return_exceptions=True)
