@@ -312,3 +312,35 @@ async def test_the_trace_records_the_mode_and_the_switch(
     assert fuse["attributes"]["moa.fuse.continued_by"] == "anthropic/claude-sonnet-4-6"
     assert fuse["attributes"]["moa.fuse.continued_after_chars"] > 0
     assert fuse["attributes"]["moa.answered_by"] == "anthropic/claude-sonnet-4-6"
+
+
+def test_the_simulator_continues_a_prefix_as_the_real_apis_do(sim: SimulatorServer) -> None:
+    import anthropic
+
+    claude = anthropic.Anthropic(base_url=sim.url, api_key="sim-key", max_retries=0)
+    ask = [{"role": "user", "content": "How do vaccines train the immune system?"}]
+    full = "".join(
+        b.text
+        for b in claude.messages.create(model="claude-haiku-4-5", max_tokens=800, messages=ask).content  # type: ignore[arg-type]
+        if b.type == "text"
+    )
+    head = full[: len(full) // 2].rstrip()
+    prefilled = [*ask, {"role": "assistant", "content": head}]
+    rest = claude.messages.create(model="claude-haiku-4-5", max_tokens=800, messages=prefilled)  # type: ignore[arg-type]
+    # Its own answer: exactly what follows the prefill, and only that.
+    assert head + "".join(b.text for b in rest.content if b.type == "text") == full
+    with pytest.raises(anthropic.BadRequestError, match="trailing whitespace"):
+        claude.messages.create(
+            model="claude-haiku-4-5",
+            max_tokens=50,
+            messages=[*ask, {"role": "assistant", "content": head + " "}],  # type: ignore[list-item]
+        )
+    # Another model's partial answer, handed over with a continue instruction on the OpenAI wire.
+    gpt = openai.OpenAI(base_url=sim.url + "/v1", api_key="sim-key", max_retries=0)
+    turns = [
+        *ask,
+        {"role": "assistant", "content": head + " "},
+        {"role": "user", "content": load_config(None).templates.continue_user},
+    ]
+    more = gpt.chat.completions.create(model="gpt-4.1", messages=turns).choices[0].message.content or ""  # type: ignore[arg-type]
+    assert more and not more[0].isspace() and not more.startswith(head[:20])
