@@ -640,7 +640,7 @@ class MoAEngine:
                     yield res
                     return
                 if emitted:
-                    run.note(f"{name} failed mid-stream; the next aggregator continues its answer")
+                    run.note(f"{name} failed mid-stream, after its text had gone out")
                     span.add_event("moa.fuse.stream_broken", {"moa.model": name})
             span.set_status(Status(StatusCode.ERROR, "every model of the chain failed"))
             if emitted:
