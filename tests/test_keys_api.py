@@ -296,3 +296,23 @@ def test_serve_refuses_a_public_address_with_no_key(
         env.setenv("MOA_STATE_DIR", str(state_dir / "elsewhere"))
         with pytest.raises(ConfigError):
             check_exposure(other, "10.0.0.5", no_auth=False)
+
+
+def test_streaming_refusals_are_plain_http_errors_before_any_byte(
+    server: _Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A stream's headers go out once the request is admitted; a key's refusal comes before."""
+    key = create_key(capsys, "tiny", "--budget-usd", "0.000001")
+    wait_for_auth(server)
+    body = {"model": "moa-lite", "messages": QUESTION, "stream": True}
+    for headers, status, code in (
+        ({}, 401, "invalid_api_key"),
+        ({"Authorization": f"Bearer {key}"}, 429, "insufficient_quota"),
+    ):
+        with httpx.stream(
+            "POST", server.url + "/v1/chat/completions", json=body, headers=headers, timeout=60
+        ) as r:
+            r.read()
+        assert r.status_code == status, r.text
+        assert r.headers["content-type"].startswith("application/json")
+        assert r.json()["error"]["code"] == code
