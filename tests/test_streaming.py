@@ -344,3 +344,53 @@ def test_the_simulator_continues_a_prefix_as_the_real_apis_do(sim: SimulatorServ
     ]
     more = gpt.chat.completions.create(model="gpt-4.1", messages=turns).choices[0].message.content or ""  # type: ignore[arg-type]
     assert more and not more[0].isspace() and not more.startswith(head[:20])
+
+
+def test_staircase_answers_while_the_last_layer_still_streams(api_url: str, sim: SimulatorServer) -> None:
+    # The second layer's proposers write at 300 tokens a second (a few seconds each); the
+    # aggregator is fast. Steps start at each 400-character boundary the quorum reached.
+    profile = httpx.get(f"{sim.url}/admin/profile").json()
+    slow = {"ttft_s": 0.05, "tokens_per_s": 300.0, "jitter": 0.0}
+    profile["models"] = {m: slow for m in PROPOSERS}
+    httpx.put(f"{sim.url}/admin/profile", json=profile).raise_for_status()
+    body = {
+        "model": "moa",
+        "messages": QUESTION,
+        "stream": True,
+        "moa": {"detail": True, "aggregation": "staircase"},
+    }
+    status, lines = sse_lines(api_url, body)
+    assert status == 200
+    events = data_events(lines)
+    assert not any(isinstance(e, dict) and "error" in e for _, e in events), events
+    text = content_of(events)
+    detail = next(e["moa"] for _, e in events if isinstance(e, dict) and "moa" in e)
+    assert detail["aggregation"] == "staircase"
+    calls = detail["calls"]
+    steps = [c for c in calls if c["stage"] == "aggregator" and c["staircase_step"] is not None]
+    (last,) = [c for c in calls if c["stage"] == "aggregator" and c["staircase_step"] is None]
+    assert [c["staircase_step"] for c in steps] == [1, 2, 3] and detail["totals"]["staircase_steps"] == 3
+    assert all(c["ok"] and c["usage"]["output_tokens"] <= 48 for c in steps)
+    # The first step started while the last layer's proposers were still writing.
+    layer2 = [c for c in calls if c["stage"] == "proposer" and c["layer"] == 2]
+    assert steps[0]["started_s"] < max(c["started_s"] + c["latency_s"] for c in layer2)
+    # Each step continued the answer the steps before wrote; the last one finished it.
+    marks = [c["continued_after_chars"] or 0 for c in [*steps, last]]
+    assert marks[0] == 0 and marks == sorted(marks) and marks[-1] < len(text)
+    assert last["ok"] and detail["totals"]["aggregator_switches"] == 0
+    assert text.startswith("Synthesis of") and text.count("Synthesis of") == 1
+
+
+def test_staircase_steps_count_in_the_caps_and_the_projected_cost() -> None:
+    from moa.engine.caps import worst_case_calls
+    from moa.engine.cost import projected_cost
+    from moa.types import ChatMessage, GenerationParams
+
+    cfg = load_config(None)
+    final = cfg.presets["moa"]
+    stair = Plan.model_validate({**final.model_dump(mode="json"), "aggregation": "staircase"})
+    steps = stair.staircase_steps * len(stair.aggregators)
+    assert worst_case_calls(stair) == worst_case_calls(final) + steps
+    ask = [ChatMessage(role="user", content=QUESTION[0]["content"])]
+    params = GenerationParams(max_tokens=200)
+    assert projected_cost(cfg, stair, ask, params) > projected_cost(cfg, final, ask, params)

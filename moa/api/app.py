@@ -301,7 +301,8 @@ def moa_detail(result: MoAResult) -> dict[str, Any]:
             "simulated_critical_path_s": result.simulated_critical_path_s,
             "stragglers_cancelled": result.stragglers_cancelled,
             # Aggregators that took over an answer another one had started streaming.
-            "aggregator_switches": sum(c.continued_after_chars is not None for c in result.calls),
+            "aggregator_switches": sum(c.took_over for c in result.calls),
+            "staircase_steps": sum(c.staircase_step is not None for c in result.calls),
         },
     }
 

@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -18,7 +19,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from moa.config import MoAConfig
 from moa.engine.caller import ModelCaller
-from moa.engine.calls import fit_references, merge_params, provider_kind, safe_call
+from moa.engine.calls import fit_references, merge_params, provider_kind, safe_call, safe_stream
 from moa.engine.caps import check_messages, check_plan
 from moa.engine.errors import AllProvidersFailed, DeadlineExceeded, Failure, MoAError
 from moa.engine.fusion import FuseJob, Fuser, LocalFuser
@@ -26,6 +27,7 @@ from moa.engine.plan import AggregationMode, AggregatorSpec, LayerSpec, ModelRef
 from moa.engine.prompts import with_references
 from moa.engine.result import CallRecord, FallbackReason, MoAResult, Progress, RouteDecision, Stage
 from moa.engine.router import HealthView, Router, RouterPolicy
+from moa.engine.staircase import StaircaseFeed
 from moa.types import (
     CallError,
     CallRequest,
@@ -275,31 +277,62 @@ class MoAEngine:
     ) -> AsyncIterator[TextDelta | MoAResult | Progress]:
         layers = plan.rounds if plan.mode is PlanMode.REFINE else len(plan.layers)
         yield Progress(stage="admitted", layers=layers)
-        proposals = asyncio.create_task(self._proposals(messages, plan, params, run))
+        feed: StaircaseFeed | None = None
+        if stream_final and plan.aggregation == "staircase" and plan.mode is not PlanMode.REFINE and layers:
+            feed = StaircaseFeed(len(plan.layers[-1].proposers), plan.layers[-1].needed)
+        proposals = asyncio.create_task(self._proposals(messages, plan, params, run, feed))
         queue: asyncio.Queue[Progress] = asyncio.Queue()
         run.progress = queue.put_nowait
         getter: asyncio.Future[Progress] | None = None
+        grown: asyncio.Future[bool] | None = None
+        answer, step = "", 0  # staircase: the answer written so far, the last step taken
         try:
             while not proposals.done():
-                getter = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait({proposals, getter}, return_when=asyncio.FIRST_COMPLETED)
+                getter = getter or asyncio.ensure_future(queue.get())
+                waits: set[asyncio.Future[Any]] = {proposals, getter}
+                if feed is not None and step < plan.staircase_steps:
+                    grown = grown or asyncio.ensure_future(feed.changed.wait())
+                    waits.add(grown)
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
                     got, getter = getter.result(), None
                     yield got
-                else:
-                    getter.cancel()  # not started yet: no event is lost
-                    getter = None
+                if grown is not None and grown in done:
+                    grown = None
+                    assert feed is not None
+                    feed.changed.clear()
+                    if feed.ready((step + 1) * plan.staircase_chunk_chars):
+                        step += 1
+                        refs = feed.partial(step * plan.staircase_chunk_chars)
+                        async for delta in self._staircase_step(
+                            messages, refs, plan, params, run, answer, step
+                        ):
+                            answer += delta.text
+                            yield delta
+            if getter is not None and getter.done():  # read while a staircase step ran
+                got, getter = getter.result(), None
+                yield got
             while not queue.empty():
                 yield queue.get_nowait()
             references, missed = proposals.result()
         finally:
             run.progress = None
-            if getter is not None:  # the run was cancelled while waiting
-                getter.cancel()
+            for waiter in (getter, grown):
+                if waiter is not None and not waiter.done():  # the run ended while waiting
+                    waiter.cancel()
             if not proposals.done():
                 proposals.cancel()
                 await asyncio.gather(proposals, return_exceptions=True)
         yield Progress(stage="aggregating", layers=layers)
+        if answer:
+            # Staircase steps already sent text: only the aggregators can continue it.
+            if missed is not None:
+                run.note(f"{missed[0]} after the staircase had started answering")
+                self._raise_failed(run)
+            routes = [_Route(plan.aggregators, Stage.AGGREGATOR, references)]
+            async for ev in self._finish(routes, messages, plan, decision, params, run, stream_final, answer):
+                yield ev
+            return
         if missed is not None:
             # A layer missed its quorum: the single-model fallback chain answers instead.
             self._check_deadline(run)
@@ -315,14 +348,52 @@ class MoAEngine:
         async for ev in self._finish(routes, messages, plan, decision, params, run, stream_final):
             yield ev
 
+    async def _staircase_step(
+        self,
+        messages: list[ChatMessage],
+        references: list[str],
+        plan: Plan,
+        params: GenerationParams,
+        run: _Run,
+        answer: str,
+        step: int,
+    ) -> AsyncIterator[TextDelta]:
+        """One intermediate staircase step: the answer so far, continued for a few tokens from the
+        proposers' answers up to the step's boundary."""
+        limit = plan.staircase_step_tokens
+        step_params = params.model_copy(update={"max_tokens": min(limit, params.max_tokens or limit)})
+        chain = self._answer_chain(
+            plan.aggregators,
+            Stage.AGGREGATOR,
+            messages,
+            references,
+            plan,
+            step_params,
+            run,
+            True,
+            prefix=answer,
+            step=step,
+        )
+        async with aclosing(chain):
+            async for ev in chain:
+                if isinstance(ev, TextDelta):
+                    yield ev
+
     async def _proposals(
-        self, messages: list[ChatMessage], plan: Plan, params: GenerationParams, run: _Run
+        self,
+        messages: list[ChatMessage],
+        plan: Plan,
+        params: GenerationParams,
+        run: _Run,
+        feed: StaircaseFeed | None = None,
     ) -> tuple[list[str], tuple[str, FallbackReason] | None]:
-        """Run the proposer layers; return the last layer's answers, or why a fallback must answer."""
+        """Run the proposer layers; return the last layer's answers, or why a fallback must answer.
+        With a staircase ``feed``, the last layer's proposers stream their answers into it."""
         references: list[str] = []
         if plan.mode is not PlanMode.REFINE:
             for index, layer in enumerate(plan.layers, start=1):
-                outcome = await self._layer(index, layer, messages, references, plan, params, run)
+                last = feed if index == len(plan.layers) else None
+                outcome = await self._layer(index, layer, messages, references, plan, params, run, feed=last)
                 if not outcome.met:
                     return [], (f"layer {index} missed its quorum", "quorum_missed")
                 references = outcome.answers
@@ -352,8 +423,10 @@ class MoAEngine:
         params: GenerationParams,
         run: _Run,
         stream_final: bool,
+        prefix: str = "",
     ) -> AsyncIterator[TextDelta | MoAResult]:
-        """The final answer: the first route whose chain succeeds; every failure listed otherwise."""
+        """The final answer: the first route whose chain succeeds; every failure listed otherwise.
+        ``prefix`` is the answer's text already sent (staircase steps), which the chain continues."""
         for i, route in enumerate(routes):
             later = sum(len(r.chain) for r in routes[i + 1 :])
             chain = self._answer_chain(
@@ -366,6 +439,7 @@ class MoAEngine:
                 run,
                 stream_final,
                 later=later,
+                prefix=prefix,
             )
             async with aclosing(chain):
                 async for ev in chain:
@@ -387,6 +461,7 @@ class MoAEngine:
         *,
         refine: bool = False,
         round_: int | None = None,
+        feed: StaircaseFeed | None = None,
     ) -> _LayerOutcome:
         """Run one layer's proposers concurrently; stop at quorum plus grace, or at the deadline."""
         attrs = {
@@ -398,7 +473,7 @@ class MoAEngine:
             attrs["moa.round"] = round_
         with tracer().start_as_current_span("moa.layer", attributes=attrs) as span:
             outcome = await self._layer_calls(
-                index, layer, messages, references, plan, params, run, refine, round_
+                index, layer, messages, references, plan, params, run, refine, round_, feed
             )
             span.set_attributes(
                 {
@@ -420,6 +495,7 @@ class MoAEngine:
         run: _Run,
         refine: bool,
         round_: int | None,
+        feed: StaircaseFeed | None = None,
     ) -> _LayerOutcome:
         self._check_deadline(run)
         loop = asyncio.get_running_loop()
@@ -446,7 +522,11 @@ class MoAEngine:
                 timeout_s=timeout,
                 role=spec.role,
             )
-            tasks[asyncio.create_task(safe_call(self.caller, self.config, req))] = i
+            if feed is not None:  # staircase: the answer streams into the feed as it is written
+                call = feed.consume(i, safe_stream(self.caller, self.config, req))
+            else:
+                call = safe_call(self.caller, self.config, req)
+            tasks[asyncio.create_task(call)] = i
 
         results: dict[int, CallResult] = {}
         pending = set(tasks)
@@ -572,6 +652,8 @@ class MoAEngine:
         *,
         round_: int | None = None,
         later: int = 0,
+        prefix: str = "",
+        step: int | None = None,
     ) -> AsyncGenerator[TextDelta | CallResult, None]:
         """Fuse (or, without references, simply answer) through ``chain``; record every attempt.
 
@@ -591,15 +673,18 @@ class MoAEngine:
             later=later,
             reference_budget_tokens=plan.reference_budget_tokens,
             stream=stream,
+            prefix=prefix,
         )
         job_start = run.offset()
         emitted = False
+        emitted_before = False  # whether text went out before the attempt being recorded
         span = tracer().start_span(
             "moa.fuse",
             attributes={
                 "moa.stage": stage.value,
                 "moa.fuse.references": len(references),
                 "moa.round": round_ or 0,
+                "moa.staircase_step": step or 0,
             },
         )
         events = iterate_in(trace.set_span_in_context(span), self.fuser.fuse(job))
@@ -614,11 +699,15 @@ class MoAEngine:
                 started = job_start + ev.started_s
                 rec = CallRecord.from_result(res, stage=stage, started_s=started, round=round_)
                 rec.continued_after_chars = ev.continued_chars
+                rec.staircase_step = step
+                # An attempt after one that sent text took over its broken answer.
+                rec.took_over = emitted_before
+                emitted_before = emitted
                 run.record(res, rec)
                 run.critical_path_s += res.latency_s
                 run.add_simulated(res.simulated_service_s)
                 name = f"{res.provider}/{res.requested_model}"
-                if ev.continued_chars is not None:
+                if rec.took_over and ev.continued_chars is not None:
                     run.note(f"{name} continued the answer after its first {ev.continued_chars} characters")
                     span.add_event(
                         "moa.fuse.continue",

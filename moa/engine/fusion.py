@@ -43,6 +43,8 @@ class FuseJob(BaseModel):
     later: int = Field(default=0, ge=0)
     reference_budget_tokens: int | None = None
     stream: bool = False
+    # The answer's text already sent (a staircase step continues it): the chain continues it too.
+    prefix: str = ""
 
 
 class FuseStep(BaseModel):
@@ -74,7 +76,7 @@ async def fuse(job: FuseJob, caller: ModelCaller, config: MoAConfig) -> AsyncIte
     streaming (after which it may use all the time left).
     """
     t0 = time.monotonic()
-    sent = ""  # the answer's text already out, from earlier attempts that broke mid-stream
+    sent = job.prefix  # the answer's text already out: earlier steps, attempts that broke mid-stream
     for index, spec in enumerate(job.chain):
         elapsed = time.monotonic() - t0
         timeout = job.call_timeout_s

@@ -61,9 +61,10 @@ class PlanMode(StrEnum):
 
 
 # When the final aggregator may start: once the layer is done (quorum, then up to grace_s for the
-# rest: every answer that comes in time is used), or as soon as the quorum is met (the stragglers
-# are cancelled at once: a faster first token, from fewer answers).
-AggregationMode = Literal["final", "early"]
+# rest: every answer that comes in time is used), as soon as the quorum is met (the stragglers
+# are cancelled at once: a faster first token, from fewer answers), or in steps while the last
+# layer's proposers are still streaming (staircase: see MoAEngine._staircase).
+AggregationMode = Literal["final", "early", "staircase"]
 
 
 class SelfMoASpec(_Strict):
@@ -96,7 +97,28 @@ class Plan(_Strict):
         default="final",
         description="final: each layer waits for its quorum and then up to grace_s for the rest "
         "before the next layer (or the aggregator) starts; early: it moves on as soon as the quorum "
-        "is met and cancels the rest. A request can choose with moa.aggregation.",
+        "is met and cancels the rest; staircase: the last layer's proposers stream and the "
+        "aggregator writes in steps as their answers grow (streaming requests; others run final). "
+        "A request can choose with moa.aggregation.",
+    )
+    staircase_chunk_chars: int = Field(
+        default=400,
+        ge=20,
+        description="Staircase: the chunk size of the proposers' answers; step k starts once the "
+        "quorum of them reached k chunks (or finished) and sees each answer up to that boundary.",
+    )
+    staircase_steps: int = Field(
+        default=3,
+        ge=1,
+        le=16,
+        description="Staircase: the most intermediate steps before the final one (each is one more "
+        "aggregator call, counted in caps.max_calls and in a request's projected cost).",
+    )
+    staircase_step_tokens: int = Field(
+        default=48,
+        ge=1,
+        description="Staircase: the most tokens an intermediate step writes before the next step "
+        "continues the answer.",
     )
 
     @model_validator(mode="after")

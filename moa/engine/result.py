@@ -55,6 +55,10 @@ class CallRecord(BaseModel):
     # This aggregator continued an answer another one had started streaming when it broke: how
     # many characters of it were already out (given to this call as the text to continue).
     continued_after_chars: int | None = None
+    # It took over an answer another aggregator's stream had started and broken off.
+    took_over: bool = False
+    # Staircase aggregation: which intermediate step this aggregator call was (None: the last).
+    staircase_step: int | None = None
 
     @classmethod
     def from_result(
