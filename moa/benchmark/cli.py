@@ -153,9 +153,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--aggregation",
-        type=_names({"final", "early"}),
+        type=_names({"final", "early", "staircase"}),
         default=list(d.aggregation),
-        help="run each Serve target once per aggregation mode, comma-separated (final, early; "
+        help="run each Serve target once per aggregation mode, comma-separated (final, early, staircase; "
         "default: the plan's own)",
     )
     p.set_defaults(func=run_cli)
