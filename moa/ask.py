@@ -66,7 +66,7 @@ async def ask(args: argparse.Namespace, question: str) -> int:
                     if isinstance(ev, TextDelta):
                         sys.stdout.write(ev.text)
                         sys.stdout.flush()
-                    else:
+                    elif isinstance(ev, MoAResult):
                         result = ev
                 print()
     assert result is not None

@@ -225,6 +225,12 @@ class ServerConfig(_Strict):
         "while new ones get 503: after it, an unfinished stream ends with an error event "
         "(code shutting_down) and [DONE], an unfinished plain request gets that 503.",
     )
+    sse_keepalive_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="A stream with nothing to send for this long (its proposers still working) "
+        "sends an SSE comment line, which clients ignore, so proxies with idle timeouts keep it.",
+    )
 
 
 class RequestCaps(_Strict):

@@ -173,7 +173,12 @@ def _test_config(sim_url: str) -> MoAConfig:
         "router": {"num_cpus": 0.05, "num_replicas": 1, **ON_HEAD},
         "aggregator": {"num_cpus": 0.05, "num_replicas": 1, **ON_HEAD},
     }
-    raw["server"] = {"max_request_bytes": 20_000, "max_concurrent_requests": 128, "request_deadline_s": 60}
+    raw["server"] = {
+        "max_request_bytes": 20_000,
+        "max_concurrent_requests": 128,
+        "request_deadline_s": 60,
+        "sse_keepalive_s": 0.5,  # short, so a test sees keep-alives through Serve's proxy
+    }
     return parse_config(raw, "the test config")
 
 

@@ -337,3 +337,22 @@ def test_profile_buckets_raw_stacks() -> None:
     assert s["self_share"]["Ray Serve"] == pytest.approx(0.1)
     # Inclusive: the SDK call under the engine counts, and so does the main script.
     assert s["project_inclusive_share"] == pytest.approx(0.9)
+
+
+def test_a_streaming_target_times_first_byte_and_first_token(config: MoAConfig, sim: SimulatorServer) -> None:
+    # Proposers slow enough that the first byte (at admission) and the first token (after the
+    # proposers) are far apart.
+    profile = httpx.get(f"{sim.url}/admin/profile").json()
+    slow = {"ttft_s": 0.8, "tokens_per_s": 2000.0, "jitter": 0.0}
+    profile["models"] = {m: slow for m in ("gpt-4.1-mini", "claude-haiku-4-5", "gemini-2.5-flash")}
+    httpx.put(f"{sim.url}/admin/profile", json=profile).raise_for_status()
+    with _Server(config) as server:
+        target = HttpTarget(server.url, "moa-lite", stream=True, aggregation="early")
+        sample = asyncio.run(target.send(QUESTION))
+    assert sample.ok and sample.first_byte_s is not None and sample.ttft_s is not None
+    assert sample.first_byte_s < 0.5 < 0.8 <= sample.ttft_s <= sample.e2e_s
+    assert sample.tokens and sample.tokens > 0 and sample.cost_usd and sample.cost_usd > 0
+    row = summarize([sample], 1.0, 0.0, 0.0)
+    assert row["ttft_p50_ms"] == pytest.approx(1000 * sample.ttft_s)
+    report = {"levels": [{"target": "serve moa-lite (early)", "concurrency": 1, **row}], "scenarios": []}
+    assert "| serve moa-lite (early) | 1 | " in markdown(report).split("streaming target")[1]

@@ -242,12 +242,17 @@ async def test_single_and_direct_model(engine: MoAEngine) -> None:
 async def test_streaming_yields_the_final_answer_incrementally(engine: MoAEngine) -> None:
     deltas: list[str] = []
     result: MoAResult | None = None
+    stages: list[str] = []
     async for ev in engine.stream(QUESTION, preset="moa-lite"):
         if isinstance(ev, TextDelta):
             assert result is None
             deltas.append(ev.text)
-        else:
+        elif isinstance(ev, MoAResult):
             result = ev
+        else:
+            assert not deltas  # progress comes before the answer
+            stages.append(ev.stage)
+    assert stages[0] == "admitted" and stages[-1] == "aggregating" and "proposers" in stages
     assert result is not None and len(deltas) > 3
     assert "".join(deltas) == result.text
     final = result.calls[-1]

@@ -230,8 +230,10 @@ def test_a_client_that_hangs_up_mid_stream_still_settles(
                 http.stream("POST", "/v1/chat/completions", json=body) as response,
             ):
                 assert response.status_code == 200
-                async for _ in response.aiter_bytes():
-                    break  # hang up after the first chunk
+                # The role chunk comes at admission; hang up once the answer's text is flowing.
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {") and '"content": "' in line and '"content": ""' not in line:
+                        break
 
             async def charged() -> int:
                 return await store.spent(record.id, "total")
@@ -326,3 +328,23 @@ def test_a_keys_usage_is_on_its_requests_server_span(
     assert attrs["moa.cost.projected_usd"] >= attrs["moa.key.cost_usd"] > 0
     assert attrs["moa.key.cost_usd"] == pytest.approx(detail["totals"]["cost_usd"])
     assert attrs["moa.key.tokens"] > 0
+
+
+def test_streaming_refusals_are_plain_http_errors_before_any_byte(
+    server: _Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A stream's headers go out once the request is admitted; a key's refusal comes before."""
+    key = create_key(capsys, "tiny", "--budget-usd", "0.000001")
+    wait_for_auth(server)
+    body = {"model": "moa-lite", "messages": QUESTION, "stream": True}
+    for headers, status, code in (
+        ({}, 401, "invalid_api_key"),
+        ({"Authorization": f"Bearer {key}"}, 429, "insufficient_quota"),
+    ):
+        with httpx.stream(
+            "POST", server.url + "/v1/chat/completions", json=body, headers=headers, timeout=60
+        ) as r:
+            r.read()
+        assert r.status_code == status, r.text
+        assert r.headers["content-type"].startswith("application/json")
+        assert r.json()["error"]["code"] == code

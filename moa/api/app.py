@@ -31,7 +31,7 @@ from moa.api.schemas import ChatCompletionRequest, MoARequest, ParamError, error
 from moa.config import ConfigError, MoAConfig
 from moa.engine.engine import MoAEngine
 from moa.engine.errors import DeadlineExceeded, InvalidPlan, InvalidRequest, MoAError, ShuttingDown
-from moa.engine.result import MoAResult
+from moa.engine.result import MoAResult, Progress
 from moa.eval.shadow import ShadowEvaluator
 from moa.keys_admin import (
     ADMIN_KEY_ENV,
@@ -171,6 +171,8 @@ class _Failed:
 
 _END: Any = object()
 _STOP: Any = object()
+# What ``EventPump.next`` returns when nothing came within its ``idle_s``.
+IDLE: Any = object()
 
 
 class EventPump:
@@ -183,6 +185,8 @@ class EventPump:
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
         self.stopped: MoAError | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # A read still waiting after ``next`` stopped waiting for it (idle): the next call resumes it.
+        self._read: asyncio.Future[Any] | None = None
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
@@ -196,11 +200,17 @@ class EventPump:
             with contextlib.suppress(Exception):
                 await self._events.aclose()  # type: ignore[attr-defined]
 
-    async def next(self) -> Any:
-        """The next event; None at the end. Raises what the events raised, or why it was stopped."""
+    async def next(self, idle_s: float | None = None) -> Any:
+        """The next event; None at the end; ``IDLE`` when none came within ``idle_s`` (the read
+        goes on, nothing is lost). Raises what the events raised, or why it was stopped."""
         if self.stopped is not None:
             raise self.stopped
-        item = await self._queue.get()
+        if self._read is None:
+            self._read = asyncio.ensure_future(self._queue.get())
+        done, _ = await asyncio.wait({self._read}, timeout=idle_s)
+        if not done:
+            return IDLE
+        item, self._read = self._read.result(), None
         if item is _STOP:
             assert self.stopped is not None
             raise self.stopped
@@ -226,6 +236,8 @@ class EventPump:
     async def aclose(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._read is not None:
+            self._read.cancel()
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
@@ -275,6 +287,7 @@ def moa_detail(result: MoAResult) -> dict[str, Any]:
     """The opt-in per-call breakdown (``moa: {"detail": true}``)."""
     return {
         "preset": result.preset,
+        "aggregation": result.plan.aggregation,
         "decision": result.decision.model_dump(mode="json"),
         "answered_by": f"{result.provider}/{result.model}",
         "fallback": result.fallback,
@@ -288,6 +301,9 @@ def moa_detail(result: MoAResult) -> dict[str, Any]:
             "critical_path_s": result.critical_path_s,
             "simulated_critical_path_s": result.simulated_critical_path_s,
             "stragglers_cancelled": result.stragglers_cancelled,
+            # Aggregators that took over an answer another one had started streaming.
+            "aggregator_switches": sum(c.took_over for c in result.calls),
+            "staircase_steps": sum(c.staircase_step is not None for c in result.calls),
         },
     }
 
@@ -459,7 +475,7 @@ class Api:
             # Routing happens inside the run (its span is the run's child); a routing error still
             # comes before any byte of the response, so it gets its real status.
             kwargs: dict[str, Any] = {"preset": req.model, "params": req.params(), "deadline_s": deadline}
-            kwargs |= {"admit": gate.admit, "on_call": gate.record}
+            kwargs |= {"admit": gate.admit, "on_call": gate.record, "aggregation": req.moa.aggregation}
             if not req.stream:
                 result = await self.until_done(request, self.engine.run(messages, **kwargs), deadline)
                 self.record(result, 200, time.monotonic() - t0)
@@ -469,7 +485,8 @@ class Api:
             events = EventPump(self.engine.stream(messages, **kwargs))
             self._streams.add(events)
             try:
-                # Wait for the first event so that failures before any text get a real status code.
+                # Wait for the first event (``admitted``: routed, admitted, within the caps) so that
+                # refusals get a real status code; from then on headers and bytes go out at once.
                 first = await self.until_done(request, events.next(), deadline)
                 # Whatever the transports do, the stream ends at the deadline (plus the grace).
                 events.stop_at(
@@ -524,8 +541,17 @@ class Api:
         return body
 
     async def sse(
-        self, req: ChatCompletionRequest, first: TextDelta | MoAResult, events: EventPump, t0: float
+        self,
+        req: ChatCompletionRequest,
+        first: TextDelta | MoAResult | Progress,
+        events: EventPump,
+        t0: float,
     ) -> AsyncIterator[bytes]:
+        """The response's SSE bytes: the role chunk at once, then the answer's chunks. While there
+        is nothing to send (the proposers at work), a comment line every ``server.sse_keepalive_s``
+        keeps proxies from taking the connection for idle; with ``moa.progress`` the client also
+        gets a chunk with no choices and a ``moa.progress`` field at each step. An error after the
+        headers went out ends the stream with an OpenAI-style error event and [DONE]."""
         ident, created = f"chatcmpl-moa-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
@@ -534,11 +560,24 @@ class Api:
             body |= {"system_fingerprint": None, "choices": choices, **extra}
             return b"data: " + json.dumps(body).encode() + b"\n\n"
 
+        def progress_chunk(p: Progress) -> bytes:
+            body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": req.model}
+            body |= {"system_fingerprint": None, "choices": [], "moa": {"progress": p.model_dump()}}
+            return b"data: " + json.dumps(body).encode() + b"\n\n"
+
         yield chunk({"role": "assistant", "content": ""})
-        ev: TextDelta | MoAResult | None = first
+        ev: TextDelta | MoAResult | Progress | None = first
+        stage = "admitted"
+        idle_s = self.config.server.sse_keepalive_s
         try:
             while ev is not None:
-                if isinstance(ev, TextDelta):
+                if ev is IDLE:
+                    yield f": keep-alive ({stage})\n\n".encode()
+                elif isinstance(ev, Progress):
+                    stage = ev.describe()
+                    if req.moa.progress:
+                        yield progress_chunk(ev)
+                elif isinstance(ev, TextDelta):
                     yield chunk({"content": ev.text})
                 else:
                     result = ev
@@ -553,7 +592,7 @@ class Api:
                         body = {"id": ident, "object": "chat.completion.chunk", "created": created}
                         body |= {"model": req.model, "choices": [], "usage": usage, **extra}
                         yield b"data: " + json.dumps(body).encode() + b"\n\n"
-                ev = await events.next()
+                ev = await events.next(idle_s)
         except MoAError as e:
             # Text may already be out: the error travels in the stream, as OpenAI's API does.
             self.metrics.record(req.model, None, e.status_code, time.monotonic() - t0, e.fallback_reason)
@@ -602,6 +641,7 @@ class Api:
                     deadline_s=deadline,
                     admit=gate.admit,
                     on_call=gate.record,
+                    aggregation=req.aggregation,
                 ),
                 deadline,
             )

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
-from moa.engine.plan import Plan
+from moa.engine.plan import AggregationMode, Plan
 from moa.types import ChatMessage, GenerationParams
 
 
@@ -75,6 +75,10 @@ class MoAOptions(BaseModel):
     deadline_s: float | None = Field(default=None, gt=0, le=3600)
     # The most this request may cost (USD, worst case); ``auto`` picks a cheaper tier to fit it.
     max_cost_usd: float | None = Field(default=None, gt=0)
+    # A stream reports where the proposer layers stand, in chunks with no choices (moa.progress).
+    progress: bool = False
+    # Overrides the plan's aggregation mode (final or early) for this request.
+    aggregation: AggregationMode | None = None
 
 
 class ChatCompletionRequest(BaseModel):
@@ -140,6 +144,7 @@ class MoARequest(BaseModel):
     params: GenerationParams = GenerationParams()
     deadline_s: float | None = Field(default=None, gt=0, le=3600)
     max_cost_usd: float | None = Field(default=None, gt=0)
+    aggregation: AggregationMode | None = None
 
     @model_validator(mode="after")
     def _one_of(self) -> MoARequest:

@@ -145,6 +145,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="keep each Serve request's per-call timings in results.json and break its overhead down",
     )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="Serve targets stream their answers; reports time to first token and to first byte "
+        "(p50, p99), with tokens and cost per request",
+    )
+    p.add_argument(
+        "--aggregation",
+        type=_names({"final", "early", "staircase"}),
+        default=list(d.aggregation),
+        help="run each Serve target once per aggregation mode, comma-separated (final, early, staircase; "
+        "default: the plan's own)",
+    )
     p.set_defaults(func=run_cli)
 
 
@@ -190,6 +203,8 @@ def run_cli(args: argparse.Namespace) -> int:
         baseline_fault_timeout_s=args.baseline_timeout,
         out=args.out,
         details=args.details,
+        stream=args.stream,
+        aggregation=args.aggregation,
     )
     report = asyncio.run(run(opts))
     print(markdown(report))

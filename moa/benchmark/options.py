@@ -46,4 +46,8 @@ class BenchOptions:
     out: Path = Path("bench-results")
     # Keep each Serve request's per-call timings (from moa.detail) and break its overhead down.
     details: bool = False
+    # Serve targets stream their answers: time to first token (and first byte) is measured.
+    stream: bool = False
+    # Run each Serve target once per aggregation mode given (moa.aggregation); empty: the plan's own.
+    aggregation: Sequence[str] = ()
     results: list[dict[str, Any]] = field(default_factory=list)

@@ -146,8 +146,11 @@ class HttpTarget:
         model: str,
         keep: list[dict[str, Any]] | None = None,
         api_key: str | None = None,
+        stream: bool = False,
+        aggregation: str | None = None,
     ) -> None:
         self.url, self.model = url, model
+        self.stream, self.aggregation = stream, aggregation
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.AsyncClient(
             timeout=120, limits=httpx.Limits(max_connections=512), headers=headers
@@ -156,11 +159,12 @@ class HttpTarget:
         self.keep = keep
 
     async def send(self, prompt: str) -> Sample:
-        body = {
-            "model": self.model,
-            "messages": [{"role": "user", "content": prompt}],
-            "moa": {"detail": True},
-        }
+        moa: dict[str, Any] = {"detail": True}
+        if self.aggregation:
+            moa["aggregation"] = self.aggregation
+        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "moa": moa}
+        if self.stream:
+            return await self._send_streaming(body)
         t0 = time.perf_counter()
         try:
             r = await self.client.post(self.url + "/v1/chat/completions", json=body)
@@ -169,7 +173,42 @@ class HttpTarget:
         e2e = time.perf_counter() - t0
         if r.status_code != 200:
             return Sample(e2e_s=e2e, ok=False, error=str(r.status_code), met_quorum=False)
-        detail = r.json()["moa"]
+        return self._sample(e2e, r.json()["moa"])
+
+    async def _send_streaming(self, body: dict[str, Any]) -> Sample:
+        """The same request streamed: first byte and first answer text timed as they arrive."""
+        t0 = time.perf_counter()
+        first_byte = ttft = None
+        detail: dict[str, Any] | None = None
+        error: str | None = None
+        try:
+            async with self.client.stream(
+                "POST", self.url + "/v1/chat/completions", json={**body, "stream": True}
+            ) as r:
+                if r.status_code != 200:
+                    await r.aread()
+                    return Sample(e2e_s=time.perf_counter() - t0, ok=False, error=str(r.status_code))
+                async for line in r.aiter_lines():
+                    first_byte = first_byte if first_byte is not None else time.perf_counter() - t0
+                    if not line.startswith("data: {"):
+                        continue
+                    event = json.loads(line[len("data: ") :])
+                    if "error" in event:
+                        error = str(event["error"].get("code"))
+                    elif event.get("choices") and event["choices"][0]["delta"].get("content"):
+                        ttft = ttft if ttft is not None else time.perf_counter() - t0
+                    elif "moa" in event and "calls" in event["moa"]:
+                        detail = event["moa"]
+        except httpx.HTTPError as exc:
+            return Sample(e2e_s=time.perf_counter() - t0, ok=False, error=type(exc).__name__)
+        e2e = time.perf_counter() - t0
+        if error is not None or detail is None:
+            return Sample(e2e_s=e2e, ok=False, error=error or "no detail", first_byte_s=first_byte)
+        sample = self._sample(e2e, detail)
+        sample.first_byte_s, sample.ttft_s = first_byte, ttft
+        return sample
+
+    def _sample(self, e2e: float, detail: dict[str, Any]) -> Sample:
         if self.keep is not None:
             self.keep.append(trim_detail(e2e, detail))
         return Sample(
@@ -179,6 +218,8 @@ class HttpTarget:
             # An aggregator that failed (a fallback answered) is no missed quorum.
             met_quorum=detail["fallback_reason"] != "quorum_missed",
             cut_straggler=detail["totals"]["stragglers_cancelled"] > 0,
+            tokens=sum(c["usage"]["input_tokens"] + c["usage"]["output_tokens"] for c in detail["calls"]),
+            cost_usd=detail["totals"]["cost_usd"],
         )
 
 
@@ -281,8 +322,10 @@ async def run(opts: BenchOptions) -> dict[str, Any]:
     sim = Simulator(opts.ttft_s, opts.tokens_per_s, opts.jitter)
     tree = ProcessTree(exclude={sim.proc.pid})
     serve_targets = [t.split(":", 1)[1] for t in opts.targets if t.startswith("serve:")]
+    modes: list[str | None] = list(opts.aggregation) or [None]
+    serve_runs = [(model, mode) for model in serve_targets for mode in modes]
     per_level = {c: max(opts.requests, 2 * c) for c in opts.concurrency}
-    levels = sum(per_level.values()) * len([t for t in opts.targets if t != "floor"])
+    levels = sum(per_level.values()) * (len(serve_runs) + ("baseline" in opts.targets))
     faulted = len(opts.scenarios) * opts.fault_requests * (2 if "baseline" in opts.targets else 1)
     floor = FLOOR_REQUESTS * 4 if "floor" in opts.targets else 0
     report: dict[str, Any] = {
@@ -319,21 +362,20 @@ async def run(opts: BenchOptions) -> dict[str, Any]:
                 report["floor"] = await measure_floor(url, progress, task)
                 for row in report["floor"]:
                     say(f"floor {row['path']}: p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms")
-            for model in serve_targets:
-                target = HttpTarget(url, model)
-                progress.update(task, description=f"serve {model} warm-up")
+            for model, mode in serve_runs:
+                target = HttpTarget(url, model, stream=opts.stream, aggregation=mode)
+                name = f"serve {model}" + (f" ({mode})" if mode else "")
+                progress.update(task, description=f"{name} warm-up")
                 await warm_up(target.send, prompts)
                 for c in opts.concurrency:
-                    label = f"serve {model} c={c}"
+                    label = f"{name} c={c}"
                     progress.update(task, description=label)
                     kept: list[dict[str, Any]] = []
                     target.keep = kept if opts.details else None
                     row = await run_level(target.send, prompts, c, per_level[c], tree, progress, task, label)
-                    report["levels"].append({"target": f"serve {model}", "concurrency": c, **row})
+                    report["levels"].append({"target": name, "concurrency": c, **row})
                     if opts.details:
-                        report["details"].append(
-                            {"target": f"serve {model}", "concurrency": c, "requests": kept}
-                        )
+                        report["details"].append({"target": name, "concurrency": c, "requests": kept})
                 target.keep = None
             for name in opts.scenarios:
                 sim.faults(SCENARIOS[name])
@@ -427,6 +469,21 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {_fmt(r['cpu_ms_per_request'], 1)} | {_fmt(r['peak_rss_mb'])} "
             f"| {_pct(r['quorum_met_share'])} | {r.get('cut_stragglers', '-')} | {r['errors']} |"
         )
+    streamed = [r for r in report["levels"] if not math.isnan(r.get("ttft_p50_ms", math.nan))]
+    if streamed:
+        lines += [
+            "",
+            "| streaming target | concurrency | TTFT p50 ms | TTFT p99 ms | first byte p50 ms "
+            "| first byte p99 ms | e2e p50 ms | e2e p99 ms | tokens/req | cost/req USD | errors |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in streamed:
+            lines.append(
+                f"| {r['target']} | {r['concurrency']} | {_fmt(r['ttft_p50_ms'])} | {_fmt(r['ttft_p99_ms'])} "
+                f"| {_fmt(r['first_byte_p50_ms'])} | {_fmt(r['first_byte_p99_ms'])} | {_fmt(r['p50_ms'])} "
+                f"| {_fmt(r['p99_ms'])} | {_fmt(r['tokens_per_request'])} "
+                f"| {_fmt(r['cost_usd_per_request'], 4)} | {r['errors']} |"
+            )
     if report["scenarios"]:
         lines += [
             "",

@@ -21,6 +21,12 @@ class Sample:
     # time spent waiting on a model whose service time never came back, so no overhead is computed.
     cut_straggler: bool = False
     error: str | None = None
+    # Streaming targets: seconds to the first byte of the response, and to the first answer text.
+    first_byte_s: float | None = None
+    ttft_s: float | None = None
+    # Every call's tokens and the request's cost, from moa.detail.
+    tokens: int | None = None
+    cost_usd: float | None = None
 
     @property
     def overhead_s(self) -> float | None:
@@ -50,6 +56,10 @@ def summarize(samples: Sequence[Sample], wall_s: float, cpu_s: float, peak_rss_m
     ratio = [s.e2e_s / s.simulated_s for s in ok if s.overhead_s is not None and s.simulated_s]
     quorum = [s for s in samples if s.met_quorum is not None]
     n = len(samples)
+    ttft = [s.ttft_s * 1000 for s in ok if s.ttft_s is not None]
+    first_byte = [s.first_byte_s * 1000 for s in ok if s.first_byte_s is not None]
+    tokens = [s.tokens for s in ok if s.tokens is not None]
+    cost = [s.cost_usd for s in ok if s.cost_usd is not None]
     return {
         "requests": n,
         "ok": len(ok),
@@ -67,6 +77,12 @@ def summarize(samples: Sequence[Sample], wall_s: float, cpu_s: float, peak_rss_m
         "quorum_met_share": sum(bool(s.met_quorum) for s in quorum) / n if n else math.nan,
         "cut_stragglers": sum(s.cut_straggler for s in ok),
         "error_kinds": dict(Counter(s.error or "?" for s in samples if not s.ok)),
+        "ttft_p50_ms": percentile(ttft, 50),
+        "ttft_p99_ms": percentile(ttft, 99),
+        "first_byte_p50_ms": percentile(first_byte, 50),
+        "first_byte_p99_ms": percentile(first_byte, 99),
+        "tokens_per_request": sum(tokens) / len(tokens) if tokens else math.nan,
+        "cost_usd_per_request": sum(cost) / len(cost) if cost else math.nan,
     }
 
 

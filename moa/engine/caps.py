@@ -21,7 +21,8 @@ def worst_case_calls(plan: Plan, classifier_calls: int = 0) -> int:
     if plan.mode is PlanMode.REFINE:
         proposers *= plan.rounds
         syntheses = (plan.rounds - 1) * len(plan.aggregators)
-    return classifier_calls + proposers + syntheses + len(plan.aggregators) + len(plan.fallbacks)
+    steps = plan.staircase_steps * len(plan.aggregators) if plan.aggregation == "staircase" else 0
+    return classifier_calls + proposers + syntheses + steps + len(plan.aggregators) + len(plan.fallbacks)
 
 
 def check_messages(caps: RequestCaps, messages: Sequence[ChatMessage]) -> None:

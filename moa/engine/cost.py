@@ -59,6 +59,16 @@ def projected_cost(
             previous = [call(p, previous) for p in layer.proposers]
     for agg in plan.aggregators:
         call(agg, previous)
+    if plan.aggregation == "staircase":
+        # Every intermediate step reads (at most) the whole references and writes a step's tokens.
+        step = params.model_copy(update={"max_tokens": plan.staircase_step_tokens})
+        for _ in range(plan.staircase_steps):
+            for agg in plan.aggregators:
+                price = config.price(agg.provider, agg.model) if agg.provider in config.providers else None
+                if price is not None:
+                    read = prompt + sum(previous) + REFERENCE_OVERHEAD_TOKENS * len(previous)
+                    read += TEMPLATE_OVERHEAD_TOKENS
+                    total += price.cost(min(read, price.context_window), step.max_tokens or 0)
     for fallback in plan.fallbacks:
         call(fallback, [])
     return total

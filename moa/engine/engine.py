@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -18,14 +19,15 @@ from opentelemetry.trace import Status, StatusCode
 
 from moa.config import MoAConfig
 from moa.engine.caller import ModelCaller
-from moa.engine.calls import fit_references, merge_params, provider_kind, safe_call
+from moa.engine.calls import fit_references, merge_params, provider_kind, safe_call, safe_stream
 from moa.engine.caps import check_messages, check_plan
 from moa.engine.errors import AllProvidersFailed, DeadlineExceeded, Failure, MoAError
 from moa.engine.fusion import FuseJob, Fuser, LocalFuser
-from moa.engine.plan import AggregatorSpec, LayerSpec, ModelRef, Plan, PlanMode
+from moa.engine.plan import AggregationMode, AggregatorSpec, LayerSpec, ModelRef, Plan, PlanMode
 from moa.engine.prompts import with_references
-from moa.engine.result import CallRecord, FallbackReason, MoAResult, RouteDecision, Stage
+from moa.engine.result import CallRecord, FallbackReason, MoAResult, Progress, RouteDecision, Stage
 from moa.engine.router import HealthView, Router, RouterPolicy
+from moa.engine.staircase import StaircaseFeed
 from moa.types import (
     CallError,
     CallRequest,
@@ -53,6 +55,8 @@ class _Run:
     on_call: Callable[[CallRecord], None] | None = None
     # Why the run turned to its fallback chain, if it did (kept for a run that then failed).
     fallback_reason: FallbackReason | None = None
+    # Told where the proposer layers stand, for a streaming client waiting for its first token.
+    progress: Callable[[Progress], None] | None = None
 
     def offset(self) -> float:
         return time.monotonic() - self.t0
@@ -159,6 +163,7 @@ class MoAEngine:
         routed: Routed | None = None,
         on_call: Callable[[CallRecord], None] | None = None,
         admit: Callable[[Routed], Awaitable[Routed]] | None = None,
+        aggregation: AggregationMode | None = None,
     ) -> MoAResult:
         """Answer ``messages`` with a preset (``auto`` routes) or an explicit plan."""
         result: MoAResult | None = None
@@ -171,6 +176,7 @@ class MoAEngine:
             routed=routed,
             on_call=on_call,
             admit=admit,
+            aggregation=aggregation,
             _stream_final=False,
         ):
             if isinstance(ev, MoAResult):
@@ -189,13 +195,16 @@ class MoAEngine:
         routed: Routed | None = None,
         on_call: Callable[[CallRecord], None] | None = None,
         admit: Callable[[Routed], Awaitable[Routed]] | None = None,
+        aggregation: AggregationMode | None = None,
         _stream_final: bool = True,
-    ) -> AsyncIterator[TextDelta | MoAResult]:
-        """Yield the final answer's ``TextDelta``s as they arrive, then the ``MoAResult``.
+    ) -> AsyncIterator[TextDelta | MoAResult | Progress]:
+        """Yield ``Progress`` (first ``admitted``, once the plan passed routing, admission and the
+        caps), the final answer's ``TextDelta``s as they arrive, then the ``MoAResult``.
 
         ``routed`` passes a decision already taken by ``route``. ``admit``, when given, sees the
         routed plan before any model is called and may refuse it (raise) or replace it (a key's
         access rules and spend reservation do both); ``on_call`` is told of every call recorded.
+        ``aggregation`` overrides the plan's aggregation mode.
         """
         t0 = time.monotonic()
         run = _Run(t0=t0, deadline=None if deadline_s is None else t0 + deadline_s, on_call=on_call)
@@ -215,9 +224,17 @@ class MoAEngine:
             if admit is not None:
                 routed = await admit(routed)
             plan, decision, pre_calls = routed
+            if aggregation is not None and aggregation != plan.aggregation:
+                plan = plan.model_copy(update={"aggregation": aggregation})
             check_messages(self.config.caps, messages)
             check_plan(self.config.caps, plan, params or GenerationParams(), len(pre_calls))
-            span.set_attributes({"moa.preset": decision.preset, "moa.router.reason": decision.reason})
+            span.set_attributes(
+                {
+                    "moa.preset": decision.preset,
+                    "moa.router.reason": decision.reason,
+                    "moa.aggregation": plan.aggregation,
+                }
+            )
             for res in pre_calls:
                 run.record(res, CallRecord.from_result(res, stage=Stage.CLASSIFIER, started_s=0.0))
             events = self._events(
@@ -257,8 +274,65 @@ class MoAEngine:
         params: GenerationParams,
         run: _Run,
         stream_final: bool,
-    ) -> AsyncIterator[TextDelta | MoAResult]:
-        references, missed = await self._proposals(messages, plan, params, run)
+    ) -> AsyncIterator[TextDelta | MoAResult | Progress]:
+        layers = plan.rounds if plan.mode is PlanMode.REFINE else len(plan.layers)
+        yield Progress(stage="admitted", layers=layers)
+        feed: StaircaseFeed | None = None
+        if stream_final and plan.aggregation == "staircase" and plan.mode is not PlanMode.REFINE and layers:
+            feed = StaircaseFeed(len(plan.layers[-1].proposers), plan.layers[-1].needed)
+        proposals = asyncio.create_task(self._proposals(messages, plan, params, run, feed))
+        queue: asyncio.Queue[Progress] = asyncio.Queue()
+        run.progress = queue.put_nowait
+        getter: asyncio.Future[Progress] | None = None
+        grown: asyncio.Future[bool] | None = None
+        answer, step = "", 0  # staircase: the answer written so far, the last step taken
+        try:
+            while not proposals.done():
+                getter = getter or asyncio.ensure_future(queue.get())
+                waits: set[asyncio.Future[Any]] = {proposals, getter}
+                if feed is not None and step < plan.staircase_steps:
+                    grown = grown or asyncio.ensure_future(feed.changed.wait())
+                    waits.add(grown)
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    got, getter = getter.result(), None
+                    yield got
+                if grown is not None and grown in done:
+                    grown = None
+                    assert feed is not None
+                    feed.changed.clear()
+                    if feed.ready((step + 1) * plan.staircase_chunk_chars):
+                        step += 1
+                        refs = feed.partial(step * plan.staircase_chunk_chars)
+                        async for delta in self._staircase_step(
+                            messages, refs, plan, params, run, answer, step
+                        ):
+                            answer += delta.text
+                            yield delta
+            if getter is not None and getter.done():  # read while a staircase step ran
+                got, getter = getter.result(), None
+                yield got
+            while not queue.empty():
+                yield queue.get_nowait()
+            references, missed = proposals.result()
+        finally:
+            run.progress = None
+            for waiter in (getter, grown):
+                if waiter is not None and not waiter.done():  # the run ended while waiting
+                    waiter.cancel()
+            if not proposals.done():
+                proposals.cancel()
+                await asyncio.gather(proposals, return_exceptions=True)
+        yield Progress(stage="aggregating", layers=layers)
+        if answer:
+            # Staircase steps already sent text: only the aggregators can continue it.
+            if missed is not None:
+                run.note(f"{missed[0]} after the staircase had started answering")
+                self._raise_failed(run)
+            routes = [_Route(plan.aggregators, Stage.AGGREGATOR, references)]
+            async for ev in self._finish(routes, messages, plan, decision, params, run, stream_final, answer):
+                yield ev
+            return
         if missed is not None:
             # A layer missed its quorum: the single-model fallback chain answers instead.
             self._check_deadline(run)
@@ -274,14 +348,52 @@ class MoAEngine:
         async for ev in self._finish(routes, messages, plan, decision, params, run, stream_final):
             yield ev
 
+    async def _staircase_step(
+        self,
+        messages: list[ChatMessage],
+        references: list[str],
+        plan: Plan,
+        params: GenerationParams,
+        run: _Run,
+        answer: str,
+        step: int,
+    ) -> AsyncIterator[TextDelta]:
+        """One intermediate staircase step: the answer so far, continued for a few tokens from the
+        proposers' answers up to the step's boundary."""
+        limit = plan.staircase_step_tokens
+        step_params = params.model_copy(update={"max_tokens": min(limit, params.max_tokens or limit)})
+        chain = self._answer_chain(
+            plan.aggregators,
+            Stage.AGGREGATOR,
+            messages,
+            references,
+            plan,
+            step_params,
+            run,
+            True,
+            prefix=answer,
+            step=step,
+        )
+        async with aclosing(chain):
+            async for ev in chain:
+                if isinstance(ev, TextDelta):
+                    yield ev
+
     async def _proposals(
-        self, messages: list[ChatMessage], plan: Plan, params: GenerationParams, run: _Run
+        self,
+        messages: list[ChatMessage],
+        plan: Plan,
+        params: GenerationParams,
+        run: _Run,
+        feed: StaircaseFeed | None = None,
     ) -> tuple[list[str], tuple[str, FallbackReason] | None]:
-        """Run the proposer layers; return the last layer's answers, or why a fallback must answer."""
+        """Run the proposer layers; return the last layer's answers, or why a fallback must answer.
+        With a staircase ``feed``, the last layer's proposers stream their answers into it."""
         references: list[str] = []
         if plan.mode is not PlanMode.REFINE:
             for index, layer in enumerate(plan.layers, start=1):
-                outcome = await self._layer(index, layer, messages, references, plan, params, run)
+                last = feed if index == len(plan.layers) else None
+                outcome = await self._layer(index, layer, messages, references, plan, params, run, feed=last)
                 if not outcome.met:
                     return [], (f"layer {index} missed its quorum", "quorum_missed")
                 references = outcome.answers
@@ -311,8 +423,10 @@ class MoAEngine:
         params: GenerationParams,
         run: _Run,
         stream_final: bool,
+        prefix: str = "",
     ) -> AsyncIterator[TextDelta | MoAResult]:
-        """The final answer: the first route whose chain succeeds; every failure listed otherwise."""
+        """The final answer: the first route whose chain succeeds; every failure listed otherwise.
+        ``prefix`` is the answer's text already sent (staircase steps), which the chain continues."""
         for i, route in enumerate(routes):
             later = sum(len(r.chain) for r in routes[i + 1 :])
             chain = self._answer_chain(
@@ -325,6 +439,7 @@ class MoAEngine:
                 run,
                 stream_final,
                 later=later,
+                prefix=prefix,
             )
             async with aclosing(chain):
                 async for ev in chain:
@@ -346,6 +461,7 @@ class MoAEngine:
         *,
         refine: bool = False,
         round_: int | None = None,
+        feed: StaircaseFeed | None = None,
     ) -> _LayerOutcome:
         """Run one layer's proposers concurrently; stop at quorum plus grace, or at the deadline."""
         attrs = {
@@ -357,7 +473,7 @@ class MoAEngine:
             attrs["moa.round"] = round_
         with tracer().start_as_current_span("moa.layer", attributes=attrs) as span:
             outcome = await self._layer_calls(
-                index, layer, messages, references, plan, params, run, refine, round_
+                index, layer, messages, references, plan, params, run, refine, round_, feed
             )
             span.set_attributes(
                 {
@@ -379,6 +495,7 @@ class MoAEngine:
         run: _Run,
         refine: bool,
         round_: int | None,
+        feed: StaircaseFeed | None = None,
     ) -> _LayerOutcome:
         self._check_deadline(run)
         loop = asyncio.get_running_loop()
@@ -405,25 +522,46 @@ class MoAEngine:
                 timeout_s=timeout,
                 role=spec.role,
             )
-            tasks[asyncio.create_task(safe_call(self.caller, self.config, req))] = i
+            if feed is not None:  # staircase: the answer streams into the feed as it is written
+                call = feed.consume(i, safe_stream(self.caller, self.config, req))
+            else:
+                call = safe_call(self.caller, self.config, req)
+            tasks[asyncio.create_task(call)] = i
 
         results: dict[int, CallResult] = {}
         pending = set(tasks)
         quorum_at: float | None = None
         needed = layer.needed
+        # Early aggregation: no grace once the quorum is met, the next stage starts at once.
+        early = plan.aggregation == "early"
+        grace_s = 0.0 if early else plan.grace_s
+        layers = plan.rounds if plan.mode is PlanMode.REFINE else len(plan.layers)
+
+        def progress(done: int) -> None:
+            if run.progress is not None:
+                run.progress(
+                    Progress(
+                        stage="proposers",
+                        layer=index,
+                        layers=layers,
+                        proposers_done=done,
+                        proposers=len(layer.proposers),
+                        quorum=needed,
+                    )
+                )
+
+        progress(0)
         # Why waiting stopped with calls still running; they are cancelled as stragglers.
         stop_reason = "layer deadline passed"
         try:
             while pending:
-                wait_until = (
-                    stage_deadline if quorum_at is None else min(stage_deadline, quorum_at + plan.grace_s)
-                )
+                wait_until = stage_deadline if quorum_at is None else min(stage_deadline, quorum_at + grace_s)
                 now = loop.time()
                 if wait_until <= now:
                     # The grace period ended first; a layer (or request) deadline that came
                     # before it is still a deadline.
-                    if quorum_at is not None and quorum_at + plan.grace_s < stage_deadline:
-                        stop_reason = "quorum met; grace period over"
+                    if quorum_at is not None and quorum_at + grace_s <= stage_deadline:
+                        stop_reason = "quorum met; " + ("early aggregation" if early else "grace period over")
                     break
                 done, pending = await asyncio.wait(
                     pending, timeout=wait_until - now, return_when=asyncio.FIRST_COMPLETED
@@ -431,6 +569,7 @@ class MoAEngine:
                 for task in done:
                     results[tasks[task]] = task.result()
                 succeeded = sum(r.ok for r in results.values())
+                progress(succeeded)
                 if succeeded >= needed and quorum_at is None:
                     quorum_at = loop.time()
                 failed = len(results) - succeeded
@@ -513,11 +652,15 @@ class MoAEngine:
         *,
         round_: int | None = None,
         later: int = 0,
+        prefix: str = "",
+        step: int | None = None,
     ) -> AsyncGenerator[TextDelta | CallResult, None]:
         """Fuse (or, without references, simply answer) through ``chain``; record every attempt.
 
         Yields the answer's deltas and then the successful result; yields no result when the whole
-        chain fails. A stream that fails after text was sent cannot be retracted: that ends the run.
+        chain fails. A stream that breaks after text was sent is continued by the next model of the
+        chain (see ``fuse``); text cannot be retracted, so a chain that fails after text went out
+        ends the run rather than turning to the fallback chain.
         """
         self._check_deadline(run)
         job = FuseJob(
@@ -530,15 +673,18 @@ class MoAEngine:
             later=later,
             reference_budget_tokens=plan.reference_budget_tokens,
             stream=stream,
+            prefix=prefix,
         )
         job_start = run.offset()
         emitted = False
+        emitted_before = False  # whether text went out before the attempt being recorded
         span = tracer().start_span(
             "moa.fuse",
             attributes={
                 "moa.stage": stage.value,
                 "moa.fuse.references": len(references),
                 "moa.round": round_ or 0,
+                "moa.staircase_step": step or 0,
             },
         )
         events = iterate_in(trace.set_span_in_context(span), self.fuser.fuse(job))
@@ -551,17 +697,43 @@ class MoAEngine:
                 res = ev.result
                 run.note(*(f"{stage.value} {note}" for note in ev.notes))
                 started = job_start + ev.started_s
-                run.record(res, CallRecord.from_result(res, stage=stage, started_s=started, round=round_))
+                rec = CallRecord.from_result(res, stage=stage, started_s=started, round=round_)
+                rec.continued_after_chars = ev.continued_chars
+                rec.staircase_step = step
+                # An attempt after one that sent text took over its broken answer.
+                rec.took_over = emitted_before
+                emitted_before = emitted
+                run.record(res, rec)
                 run.critical_path_s += res.latency_s
                 run.add_simulated(res.simulated_service_s)
+                name = f"{res.provider}/{res.requested_model}"
+                if rec.took_over and ev.continued_chars is not None:
+                    run.note(f"{name} continued the answer after its first {ev.continued_chars} characters")
+                    span.add_event(
+                        "moa.fuse.continue",
+                        {
+                            "moa.model": name,
+                            "moa.continued_after_chars": ev.continued_chars,
+                            "moa.ok": res.ok,
+                        },
+                    )
+                    span.set_attributes(
+                        {
+                            "moa.fuse.continued": True,
+                            "moa.fuse.continued_by": name,
+                            "moa.fuse.continued_after_chars": ev.continued_chars,
+                        }
+                    )
                 if res.ok:
-                    span.set_attribute("moa.answered_by", f"{res.provider}/{res.requested_model}")
+                    span.set_attribute("moa.answered_by", name)
                     yield res
                     return
                 if emitted:
-                    run.note(f"{res.provider}/{res.requested_model} failed mid-stream")
-                    self._raise_failed(run)
+                    run.note(f"{name} failed mid-stream, after its text had gone out")
+                    span.add_event("moa.fuse.stream_broken", {"moa.model": name})
             span.set_status(Status(StatusCode.ERROR, "every model of the chain failed"))
+            if emitted:
+                self._raise_failed(run)  # text is out: no fallback can take it back
             self._check_deadline(run)
         finally:
             await events.aclose()

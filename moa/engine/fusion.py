@@ -15,7 +15,15 @@ from pydantic import BaseModel, Field
 
 from moa.config import MoAConfig
 from moa.engine.caller import ModelCaller
-from moa.engine.calls import fit_references, merge_params, safe_call, safe_stream, timeout_result
+from moa.engine.calls import (
+    fit_references,
+    merge_params,
+    provider_kind,
+    safe_call,
+    safe_stream,
+    timeout_result,
+)
+from moa.engine.continuation import LeadingTrim, continuation
 from moa.engine.plan import AggregatorSpec
 from moa.engine.prompts import with_references
 from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams, StreamEvent, TextDelta
@@ -35,6 +43,8 @@ class FuseJob(BaseModel):
     later: int = Field(default=0, ge=0)
     reference_budget_tokens: int | None = None
     stream: bool = False
+    # The answer's text already sent (a staircase step continues it): the chain continues it too.
+    prefix: str = ""
 
 
 class FuseStep(BaseModel):
@@ -43,6 +53,8 @@ class FuseStep(BaseModel):
     result: CallResult
     started_s: float
     notes: list[str] = Field(default_factory=list)
+    # This attempt continued an answer an earlier attempt had partly streamed: its length so far.
+    continued_chars: int | None = None
 
 
 FuseEvent = TextDelta | FuseStep
@@ -55,13 +67,16 @@ class Fuser(Protocol):
 async def fuse(job: FuseJob, caller: ModelCaller, config: MoAConfig) -> AsyncIterator[FuseEvent]:
     """Try each aggregator in turn: yield the answer's deltas (when streaming) and a step per attempt.
 
-    Stops after the first success, after a streamed attempt that failed once text was sent (it
-    cannot be retracted), or when the deadline has passed. Under a deadline, each model still to
-    be tried (here and in ``job.later``) gets an equal share of the time left, so one that hangs
-    cannot eat the time of the ones after it: a whole call's share when not streaming, the share
-    for its first token when streaming (after which it may use all the time left).
+    Stops after the first success, or when the deadline has passed. A streamed attempt that breaks
+    after text went out is continued by the next aggregator from exactly where the text stopped
+    (``moa.engine.continuation``), so the client gets one answer; the successful step's text is
+    then the whole answer. Under a deadline, each model still to be tried (here and in
+    ``job.later``) gets an equal share of the time left, so one that hangs cannot eat the time of
+    the ones after it: a whole call's share when not streaming, the share for its first token when
+    streaming (after which it may use all the time left).
     """
     t0 = time.monotonic()
+    sent = job.prefix  # the answer's text already out: earlier steps, attempts that broke mid-stream
     for index, spec in enumerate(job.chain):
         elapsed = time.monotonic() - t0
         timeout = job.call_timeout_s
@@ -76,15 +91,20 @@ async def fuse(job: FuseJob, caller: ModelCaller, config: MoAConfig) -> AsyncIte
         refs, notes = fit_references(
             config, job.references, spec, job.messages, job.params, job.reference_budget_tokens
         )
+        messages = with_references(job.messages, refs, config.templates)
+        trim = LeadingTrim(False)
+        if sent:
+            cont = continuation(messages, sent, provider_kind(config, spec.provider), config.templates)
+            messages, trim = cont.messages, LeadingTrim(cont.trim_leading)
         req = CallRequest(
             provider=spec.provider,
             model=spec.model,
-            messages=tuple(with_references(job.messages, refs, config.templates)),
+            messages=tuple(messages),
             params=merge_params(job.params, spec),
             timeout_s=timeout,
         )
         res: CallResult | None = None
-        emitted = False
+        prefix, here = sent, ""
         if job.stream:
             events = aiter(safe_stream(caller, config, req))
             try:
@@ -92,8 +112,10 @@ async def fuse(job: FuseJob, caller: ModelCaller, config: MoAConfig) -> AsyncIte
                 ev: StreamEvent | None = await _first(events, first_wait)
                 while ev is not None:
                     if isinstance(ev, TextDelta):
-                        emitted = True
-                        yield ev
+                        text = trim(ev.text)
+                        if text:
+                            here += text
+                            yield TextDelta(text=text)
                     else:
                         res = ev
                     ev = await anext(events, None)
@@ -105,9 +127,13 @@ async def fuse(job: FuseJob, caller: ModelCaller, config: MoAConfig) -> AsyncIte
         else:
             res = await safe_call(caller, config, req)
         assert res is not None
-        yield FuseStep(result=res, started_s=elapsed, notes=notes)
-        if res.ok or emitted:
+        if res.ok and prefix:
+            res = res.model_copy(update={"text": prefix + here})
+        step = FuseStep(result=res, started_s=elapsed, notes=notes, continued_chars=len(prefix) or None)
+        yield step
+        if res.ok:
             return
+        sent = prefix + here
 
 
 async def _first(events: AsyncIterator[StreamEvent], within: float | None) -> StreamEvent | None:

@@ -60,6 +60,13 @@ class PlanMode(StrEnum):
     SELF_MOA = "self_moa"  # informational: one model sampled N times (expanded into one layer)
 
 
+# When the final aggregator may start: once the layer is done (quorum, then up to grace_s for the
+# rest: every answer that comes in time is used), as soon as the quorum is met (the stragglers
+# are cancelled at once: a faster first token, from fewer answers), or in steps while the last
+# layer's proposers are still streaming (staircase: see MoAEngine._staircase).
+AggregationMode = Literal["final", "early", "staircase"]
+
+
 class SelfMoASpec(_Strict):
     """Shorthand expanded into one layer: the same model at spread temperatures and seeds."""
 
@@ -86,6 +93,33 @@ class Plan(_Strict):
     grace_s: float = Field(default=2.0, ge=0)
     # Token budget for the references handed to one aggregator (None: the model's context window decides).
     reference_budget_tokens: int | None = Field(default=None, ge=64)
+    aggregation: AggregationMode = Field(
+        default="final",
+        description="final: each layer waits for its quorum and then up to grace_s for the rest "
+        "before the next layer (or the aggregator) starts; early: it moves on as soon as the quorum "
+        "is met and cancels the rest; staircase: the last layer's proposers stream and the "
+        "aggregator writes in steps as their answers grow (streaming requests; others run final). "
+        "A request can choose with moa.aggregation.",
+    )
+    staircase_chunk_chars: int = Field(
+        default=400,
+        ge=20,
+        description="Staircase: the chunk size of the proposers' answers; step k starts once the "
+        "quorum of them reached k chunks (or finished) and sees each answer up to that boundary.",
+    )
+    staircase_steps: int = Field(
+        default=3,
+        ge=1,
+        le=16,
+        description="Staircase: the most intermediate steps before the final one (each is one more "
+        "aggregator call, counted in caps.max_calls and in a request's projected cost).",
+    )
+    staircase_step_tokens: int = Field(
+        default=48,
+        ge=1,
+        description="Staircase: the most tokens an intermediate step writes before the next step "
+        "continues the answer.",
+    )
 
     @model_validator(mode="after")
     def _expand_self_moa(self) -> Plan:
@@ -187,6 +221,11 @@ DEFAULT_REFINE_SYSTEM = (
 
 DEFAULT_REFERENCE = '<reference id="{index}">\n{text}\n</reference>'
 
+DEFAULT_CONTINUE_USER = (
+    "Your previous answer was cut off. Continue it exactly from where it stops: do not repeat any "
+    "of it and do not comment on it, as your text is appended to it as it is."
+)
+
 
 # Judge prompts for ``moa eval`` (MT-Bench's wording, its [[A]]/[[B]]/[[C]] and [[rating]] verdict
 # markers). The provider simulator recognises the default answer blocks, as it does references.
@@ -251,6 +290,12 @@ class TemplatesConfig(_Strict):
     judge_retry: str = Field(
         default=DEFAULT_JUDGE_RETRY,
         description="sent once when a judge's verdict cannot be parsed; {format} names the format",
+    )
+    continue_user: str = Field(
+        default=DEFAULT_CONTINUE_USER,
+        description="When an aggregator's stream breaks after text went out and the next "
+        "aggregator's API has no assistant-prefix continuation (OpenAI, Gemini), it gets the text "
+        "so far as an assistant turn followed by this user turn.",
     )
 
     @model_validator(mode="after")

@@ -52,6 +52,13 @@ class CallRecord(BaseModel):
     simulated_service_s: float | None = None
     # Generation parameters the adapter dropped or clamped for this model (see CallResult).
     adjustments: list[str] = Field(default_factory=list)
+    # This aggregator continued an answer another one had started streaming when it broke: how
+    # many characters of it were already out (given to this call as the text to continue).
+    continued_after_chars: int | None = None
+    # It took over an answer another aggregator's stream had started and broken off.
+    took_over: bool = False
+    # Staircase aggregation: which intermediate step this aggregator call was (None: the last).
+    staircase_step: int | None = None
 
     @classmethod
     def from_result(
@@ -84,6 +91,25 @@ class CallRecord(BaseModel):
             simulated_service_s=res.simulated_service_s,
             adjustments=res.adjustments,
         )
+
+
+class Progress(BaseModel):
+    """Where a streaming run stands, for the client while no text flows yet (``moa.progress``)."""
+
+    stage: Literal["admitted", "proposers", "aggregating"]
+    layer: int | None = None  # the proposer layer (or refine round) running, 1-based
+    layers: int = 0
+    proposers_done: int = 0  # succeeded so far in this layer
+    proposers: int = 0
+    quorum: int = 0
+
+    def describe(self) -> str:
+        if self.stage == "proposers":
+            return (
+                f"layer {self.layer}/{self.layers}: {self.proposers_done}/{self.proposers} "
+                f"proposers done (quorum {self.quorum})"
+            )
+        return self.stage
 
 
 FallbackReason = Literal["quorum_missed", "aggregators_failed", "synthesis_failed"]

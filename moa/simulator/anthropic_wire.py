@@ -116,6 +116,10 @@ class AnthropicWire(Wire):
             if role not in ("user", "assistant"):
                 raise BadRequest(f"messages.{i}.role: Input should be 'user' or 'assistant'")
             transcript.append((role, _text(m.get("content"), f"messages.{i}.content")))
+        last_role, last_text = transcript[-1]
+        if last_role == "assistant" and last_text != last_text.rstrip():
+            # As the Messages API refuses a prefill it could not continue cleanly.
+            raise BadRequest("messages: final assistant content cannot end with trailing whitespace")
         unknown = sorted(k for k in body if k not in _FIELDS)
         if unknown:
             raise BadRequest(f"{unknown[0]}: Extra inputs are not permitted")

@@ -10,6 +10,7 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from moa.simulator.continuation import split_continuation
 from moa.simulator.profile import FAULT_KINDS, Faults, FaultSpec, ModelProfile, SimProfile
 from moa.simulator.text import stable_hash
 from moa.simulator.wire import SimRequest
@@ -97,9 +98,18 @@ class SimState:
     # -- per request -----------------------------------------------------------------------------
 
     def record_request(self, api: str, req: SimRequest, refused: str | None) -> None:
-        """Keep what a parsed request carried; ``refused`` is the model's 400 message, if it gave one."""
+        """Keep what a parsed request carried; ``refused`` is the model's 400 message, if it gave
+        one; ``continues`` the partial answer it was asked to continue, if it was."""
+        _, prefix = split_continuation(req.transcript)
         self.recent_requests.append(
-            {"api": api, "model": req.model, "stream": req.stream, "params": req.params, "refused": refused}
+            {
+                "api": api,
+                "model": req.model,
+                "stream": req.stream,
+                "params": req.params,
+                "refused": refused,
+                "continues": prefix,
+            }
         )
 
     def begin(self, model: str) -> ModelStats:

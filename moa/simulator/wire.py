@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from moa.simulator.continuation import continue_text, split_continuation
 from moa.simulator.judge import Authors, judge_reply
 from moa.simulator.profile import ModelProfile
 from moa.simulator.text import compose, style_for
@@ -148,7 +149,8 @@ def answer(
     created: int,
     authors: Authors | None = None,
 ) -> Completion:
-    """The deterministic answer, after stop sequences and max_tokens.
+    """The deterministic answer, after stop sequences and max_tokens. A request handing the model
+    the start of an answer gets only its continuation (``moa.simulator.continuation``).
 
     With ``authors`` (who wrote an answer the simulator produced), a judge prompt gets the verdict
     the model's judge profile draws instead of prose.
@@ -159,9 +161,12 @@ def answer(
     if verdict is not None:
         text = verdict
     else:
+        transcript, prefix = split_continuation(req.transcript)
         text = compose(
-            req.model, profile.style or style_for(req.model), req.transcript, seed, profile.output_tokens
+            req.model, profile.style or style_for(req.model), transcript, seed, profile.output_tokens
         )
+        if prefix is not None:
+            text = continue_text(text, prefix)
     finish, matched = "stop", None
     if req.stop:
         hits = [(text.find(s), s) for s in req.stop if s and s in text]
