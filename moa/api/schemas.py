@@ -75,6 +75,13 @@ class MoAOptions(BaseModel):
     deadline_s: float | None = Field(default=None, gt=0, le=3600)
     # The most this request may cost (USD, worst case); ``auto`` picks a cheaper tier to fit it.
     max_cost_usd: float | None = Field(default=None, gt=0)
+    # The response cache: default (read and write), no-cache (do not read), no-store (do not
+    # write), off (neither).
+    cache: Literal["default", "no-cache", "no-store", "off"] = "default"
+    # Also serve a rephrased question's answer (same context, similarity above the threshold).
+    cache_semantic: bool = False
+    # Allow a cached answer although temperature > 0 and no seed ask for a fresh sample.
+    cache_sampled: bool = False
 
 
 class ChatCompletionRequest(BaseModel):
@@ -140,6 +147,9 @@ class MoARequest(BaseModel):
     params: GenerationParams = GenerationParams()
     deadline_s: float | None = Field(default=None, gt=0, le=3600)
     max_cost_usd: float | None = Field(default=None, gt=0)
+    cache: Literal["default", "no-cache", "no-store", "off"] = "default"
+    cache_semantic: bool = False
+    cache_sampled: bool = False
 
     @model_validator(mode="after")
     def _one_of(self) -> MoARequest:
