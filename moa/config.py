@@ -211,12 +211,13 @@ class SemanticCacheConfig(_Strict):
         "with moa.cache_semantic: true).",
     )
     threshold: float = Field(
-        default=0.9,
+        default=0.8,
         gt=0,
         le=1,
         description="Cosine similarity of the last user messages above which a hit is served; measured "
         "in docs/CACHING.md (a wrong hit is worse than a miss). A hit also needs the same system "
-        "prompt and earlier turns, plan and parameters, and the same numbers, negations and names.",
+        "prompt and earlier turns, plan and parameters, and the same numbers, negations, names and "
+        "content words in the question.",
     )
     embedder: Literal["static", "provider"] = Field(
         default="static",

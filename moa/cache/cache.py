@@ -20,7 +20,7 @@ from typing import Any
 from opentelemetry import trace
 
 from moa.cache.embed import Embedder, cosine, make_embedder
-from moa.cache.keys import anchors, context_key, final_key, proposal_key, split_last_user
+from moa.cache.keys import context_key, final_key, guard, proposal_key, split_last_user
 from moa.cache.store import CacheStore, MemoryStore, TieredStore
 from moa.config import CacheConfig, MoAConfig
 from moa.engine.caller import ModelCaller
@@ -159,12 +159,12 @@ class ResponseCache:
         ticket.vector = (await embedder.embed([question]))[0]
         if not candidates:
             return None
-        wanted = anchors(question)
+        wanted = guard(question)
         scored = []
         for member, payload in candidates.items():
             their_anchors, vector = _unpack(payload)
             if their_anchors != wanted:
-                continue  # a different number, negation or name: a different question
+                continue  # another number, negation, name or content word: another question
             similarity = cosine(ticket.vector, vector)
             if similarity >= self.config.semantic.threshold:
                 scored.append((similarity, member))
@@ -250,7 +250,7 @@ class ResponseCache:
             context, question = split
             vector = ticket.vector or (await embedder.embed([question]))[0]
             index = f"{ticket.scope}|s|{context_key(ticket.scope, context, plan, params)}"
-            payload = _pack(vector, anchors(question))
+            payload = _pack(vector, guard(question))
             await self.store.index_add(
                 index, key, payload, self.config.ttl_s, self.config.semantic.max_candidates
             )

@@ -231,7 +231,7 @@ def anchors(text: str) -> dict[str, list[str]]:
     numbers = sorted({n.replace(",", "").replace(" ", "") for n in _NUMBER.findall(t)})
     found = list(_WORD.finditer(t))
     negations = sorted({m.group().lower() for m in found if _is_negation(m.group().lower())})
-    names: set[str] = set()
+    names: list[str] = []  # in order: "Fahrenheit to Celsius" is not "Celsius to Fahrenheit"
     for m in found:
         w = m.group()
         if w.lower() in _COMMON_CAPITALISED:
@@ -239,7 +239,93 @@ def anchors(text: str) -> dict[str, list[str]]:
         coded = any(c.isdigit() for c in w) or "_" in w or "." in w[1:-1] or "#" in w or "+" in w
         acronym = len(w) > 1 and w.isupper()
         capitalised = w[0].isupper() and not _sentence_start(t, m.start())
-        if coded or acronym or capitalised:
-            names.add(w.lower())
+        if (coded or acronym or capitalised) and w.lower() not in names:
+            names.append(w.lower())
     quoted = sorted({next(g for g in m if g) for m in _QUOTED.findall(t)})
-    return {"numbers": numbers, "negations": negations, "names": sorted(names), "quoted": quoted}
+    return {"numbers": numbers, "negations": negations, "names": names, "quoted": quoted}
+
+
+# Words that carry no content of their own in a question: function words and the verbs of asking.
+_FUNCTION_WORDS = _COMMON_CAPITALISED | frozenset(
+    [
+        "you",
+        "me",
+        "us",
+        "some",
+        "any",
+        "about",
+        "into",
+        "over",
+        "way",
+        "ways",
+        "best",
+        "good",
+        "be",
+        "been",
+        "being",
+        "have",
+        "has",
+        "had",
+        "get",
+        "there",
+        "out",
+        "up",
+        "one",
+        "ones",
+        "please",
+        "could",
+        "know",
+        "want",
+        "need",
+        "like",
+        "just",
+        "really",
+        "very",
+        "the",
+        "thing",
+        "things",
+        "theme",
+        "kind",
+        "explain",
+        "describe",
+        "tell",
+        "give",
+        "show",
+        "let",
+        "s",
+        "whats",
+        "what's",
+        "ve",
+        "re",
+        "d",
+        "ll",
+        "m",
+        "t",
+        "mean",
+        "meaning",
+        "short",
+        "brief",
+    ]
+)
+
+
+def _stem(word: str) -> str:
+    """A crude English stem, enough to equate "handles"/"handled"/"handling"/"handle"."""
+    for suffix in ("ing", "ed", "es", "s", "ly"):
+        if len(word) > len(suffix) + 3 and word.endswith(suffix):
+            return word[: -len(suffix)].rstrip("e")
+    return word.rstrip("e") if len(word) > 4 else word
+
+
+def content_words(text: str) -> list[str]:
+    """The stems of a question's content words (function words and asking verbs left out)."""
+    words = (m.group().lower().strip("'.") for m in _WORD.finditer(normalise_text(text)))
+    return sorted({_stem(w) for w in words if w and w not in _FUNCTION_WORDS})
+
+
+def guard(text: str) -> dict[str, list[str]]:
+    """What two questions must share for one's answer to serve the other, however similar their
+    embeddings: the anchors, and the same content words (up to inflection). Rephrasings that
+    reorder a question or change how it asks pass; those that swap a content word do not (an
+    antonym, another topic, a synonym too: a miss costs a model call, a wrong hit a wrong answer)."""
+    return {**anchors(text), "words": content_words(text)}
