@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -167,3 +168,48 @@ def test_the_threshold_study_measures_the_default() -> None:
         rows = next(v for k, v in static.items() if "content words" in k)
         row = next(r for r in rows if r["threshold"] == default)
         assert row["wrong_hits"] == 0 and row["hit_rate"] > 0.3, (name, row)
+
+
+@pytest.mark.parametrize(
+    ("provider", "model", "dims"),
+    [("openai", "text-embedding-3-small", 1536), ("gemini", "gemini-embedding-001", 3072)],
+)
+async def test_provider_embeddings_through_the_official_sdks(
+    config: Any, sim: Any, provider: str, model: str, dims: int
+) -> None:
+    """The embedder speaks each provider's embedding API with its SDK; the simulator answers in
+    the API's shapes (OpenAI's SDK asks for base64 by default and decodes it)."""
+    import httpx
+
+    from moa.cache.embed import ProviderEmbedder, cosine
+
+    embedder = ProviderEmbedder(config, provider, model)
+    a, b, c = await embedder.embed(["How do hash maps work?", "How do hash maps work", "Bake bread"])
+    assert len(a) == dims
+    assert cosine(a, b) > 0.9 > cosine(a, c)
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(f"{sim.url}/admin/stats")).json()["embedding_requests"] == 1
+    import openai
+    from google.genai import errors
+
+    with pytest.raises((openai.BadRequestError, errors.ClientError), match=r"does not exist|not found"):
+        await ProviderEmbedder(config, provider, "no-such-embedder").embed(["x"])
+
+
+def test_simulator_embedding_errors_as_the_apis_word_them(sim: Any) -> None:
+    import httpx
+
+    r = httpx.post(
+        f"{sim.url}/v1/embeddings",
+        json={"model": "text-embedding-3-small"},
+        headers={"Authorization": "Bearer k"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+    r = httpx.post(f"{sim.url}/v1/embeddings", json={"model": "text-embedding-3-small", "input": "x"})
+    assert r.status_code == 401
+    r = httpx.post(
+        f"{sim.url}/v1beta/models/gemini-embedding-001:embedContent",
+        json={"content": {"parts": [{"text": "hi"}]}, "outputDimensionality": 8},
+        headers={"x-goog-api-key": "k"},
+    )
+    assert r.status_code == 200 and len(r.json()["embedding"]["values"]) == 8
