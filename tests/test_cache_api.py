@@ -243,10 +243,14 @@ def test_cache_cli_stats_and_clear(
         assert chat(other.url).headers["x-moa-cache"] == "miss"
 
 
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
 def test_semantic_hit_for_a_rephrasing_and_none_for_a_near_miss(
-    sim: SimulatorServer, state_dir: Path
+    sim: SimulatorServer, state_dir: Path, store: str, request: pytest.FixtureRequest
 ) -> None:
-    with _Server(cached_config(sim, state_dir)) as s:  # the measured default threshold
+    extra: dict[str, Any] = {"store": store}
+    if store == "redis":  # plain redis-server: the index is a hash the replica scans
+        extra["redis_url"] = request.getfixturevalue("redis_server").rsplit("/", 1)[0] + "/6"
+    with _Server(cached_config(sim, state_dir, **extra)) as s:  # the measured default threshold
 
         def ask(text: str, semantic: bool = True, system: str | None = None) -> httpx.Response:
             messages = [{"role": "user", "content": text}]
@@ -273,6 +277,17 @@ def test_semantic_hit_for_a_rephrasing_and_none_for_a_near_miss(
         )
         other = ask("How are collisions handled in a hash map?", system="Answer in French.")
         assert other.headers["x-moa-cache"] == "miss"
+    if store == "redis":
+        import asyncio
+
+        from moa.cache.redis_store import RedisCacheStore
+
+        async def wipe() -> None:
+            r = RedisCacheStore(extra["redis_url"], 1 << 20, 60)
+            await r.clear(None)
+            await r.close()
+
+        asyncio.run(wipe())
 
 
 def test_semantic_by_preset(sim: SimulatorServer, state_dir: Path) -> None:
@@ -286,3 +301,24 @@ def test_semantic_by_preset(sim: SimulatorServer, state_dir: Path) -> None:
         )
         again = chat(s.url, messages=[{"role": "user", "content": "What are the causes of inflation?"}])
         assert again.headers["x-moa-cache"] == "hit-semantic"
+
+
+def test_an_unreachable_store_makes_misses_not_failures(sim: SimulatorServer, state_dir: Path) -> None:
+    """Redis down (nothing listens on the port): every request is still answered; the replica's
+    own LRU (written before the shared store failed) still serves repeats."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = cached_config(sim, state_dir, store="redis", redis_url=f"redis://127.0.0.1:{port}/0")
+    with _Server(cfg) as server:
+        first = chat(server.url, moa={"detail": True})
+        assert first.status_code == 200 and first.headers["x-moa-cache"] == "miss"
+        assert "cache store failed" in first.json()["moa"]["cache"]["reason"]
+        again = chat(server.url)
+        assert again.status_code == 200 and again.headers["x-moa-cache"] == "hit-exact"
+        semantic = chat(
+            server.url, messages=[{"role": "user", "content": "Why?"}], moa={"cache_semantic": True}
+        )
+        assert semantic.status_code == 200 and semantic.headers["x-moa-cache"] == "miss"

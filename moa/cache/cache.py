@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import json
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -30,6 +31,8 @@ from moa.engine.result import CacheOutcome, MoAResult
 from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams, Usage
 from observability.metrics import cache_metrics
 from observability.tracing import tracer
+
+log = logging.getLogger("moa.cache")
 
 CacheMode = str  # "default" | "no-cache" | "no-store" | "off"
 # Finish reasons of a complete answer (adapters normalise theirs to OpenAI's words); "length" is
@@ -128,7 +131,13 @@ class ResponseCache:
         """An exact hit, else (with semantic on) the most similar answer of the same context whose
         anchors match and whose similarity reaches the threshold."""
         with tracer().start_as_current_span("moa.cache.lookup") as span:
-            hit = await self._lookup(ticket, messages, plan, params)
+            try:
+                hit = await self._lookup(ticket, messages, plan, params)
+            except Exception as e:
+                # An unreachable store (or embedding API) makes a miss, never a failed request.
+                log.warning("cache lookup failed: %s: %s", type(e).__name__, e)
+                span.set_attribute("error.type", type(e).__name__)
+                hit = None
             span.set_attributes(
                 {
                     "moa.cache.result": f"hit-{hit.kind}" if hit else "miss",
@@ -234,6 +243,20 @@ class ResponseCache:
         result: MoAResult,
     ) -> str | None:
         """Store a complete answer; returns why it was not stored, if it was not."""
+        try:
+            return await self._store_answer(ticket, messages, plan, params, result)
+        except Exception as e:
+            log.warning("cache store failed: %s: %s", type(e).__name__, e)
+            return f"the cache store failed ({type(e).__name__})"
+
+    async def _store_answer(
+        self,
+        ticket: CacheTicket,
+        messages: Sequence[ChatMessage],
+        plan: Plan,
+        params: GenerationParams,
+        result: MoAResult,
+    ) -> str | None:
         if not ticket.write:
             return "the request said no-store" if ticket.read else "the request said off"
         why = self.storable(result)
@@ -266,7 +289,11 @@ class ResponseCache:
         readable = self.readable(ticket, req.params) is None
         if readable:
             t0 = time.monotonic()
-            raw = await self.store.get(key)
+            try:
+                raw = await self.store.get(key)
+            except Exception as e:
+                log.warning("cache lookup failed: %s: %s", type(e).__name__, e)
+                raw = None
             if raw is not None:
                 entry = json.loads(raw)
                 if time.time() - entry["created"] <= self.config.ttl_s:
@@ -293,8 +320,11 @@ class ResponseCache:
         res = await safe_call(caller, config, req)
         if ticket.write and res.ok and res.text and res.finish_reason in COMPLETE:
             raw = json.dumps({"created": time.time(), "result": res.model_dump(mode="json")}).encode()
-            await self.store.put(key, raw, self.config.ttl_s)
-            self.metrics.stored("proposal", len(raw))
+            try:
+                await self.store.put(key, raw, self.config.ttl_s)
+                self.metrics.stored("proposal", len(raw))
+            except Exception as e:
+                log.warning("cache store failed: %s: %s", type(e).__name__, e)
         return res
 
     async def close(self) -> None:

@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from moa.cache.store import StoreStats
 
 P = "{moa-cache}"
+REDIS_TIMEOUT_S = 1.0
 BY_TIME, SIZES, BYTES = f"{P}:by-time", f"{P}:sizes", f"{P}:bytes"
 
 # KEYS: entry, by-time zset, sizes hash, bytes counter. ARGV: value, ttl ms, now, max bytes, oldest alive
@@ -83,7 +84,15 @@ def _glob_escape(text: str) -> str:
 
 class RedisCacheStore:
     def __init__(self, url: str, max_bytes: int, ttl_s: float, password: str | None = None) -> None:
-        self.client: Any = aioredis.Redis.from_url(url, password=password, decode_responses=False)
+        # A cache must never hold a request up: a Redis that stops answering makes a miss (the
+        # caller logs it) within this long, not at the request's deadline.
+        self.client: Any = aioredis.Redis.from_url(
+            url,
+            password=password,
+            decode_responses=False,
+            socket_timeout=REDIS_TIMEOUT_S,
+            socket_connect_timeout=REDIS_TIMEOUT_S,
+        )
         self.max_bytes, self.ttl_s = max_bytes, ttl_s
         self._put = self.client.register_script(PUT)
         self._index_add = self.client.register_script(INDEX_ADD)
