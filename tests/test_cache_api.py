@@ -195,6 +195,11 @@ def test_one_tenant_never_gets_anothers_answer_unless_shared(
         assert chat(s.url, keys["bob"]).headers["x-moa-cache"] == "miss"  # bob's own scope
         assert chat(s.url, keys["carol"]).headers["x-moa-cache"] == "miss"
         assert chat(s.url, keys["dave"]).headers["x-moa-cache"] == "hit-exact"  # shared with carol
+        # A key whose policy allows reusing samples: its temperature > 0 requests are served.
+        erin = create_key(capsys, "erin", "--cache-sampled")
+        assert chat(s.url, erin, temperature=0.9).headers["x-moa-cache"] == "miss"
+        assert chat(s.url, erin, temperature=0.9).headers["x-moa-cache"] == "hit-exact"
+        assert chat(s.url, keys["bob"], temperature=0.9).headers["x-moa-cache"] == "bypass"
 
 
 @pytest.mark.parametrize("store", ["sqlite", "redis"])

@@ -329,6 +329,8 @@ class Api:
         else:
             shared = self.config.cache.shared_scopes.get(principal.key.name)
             scope = f"shared:{shared}" if shared else f"key:{principal.key.name}"
+        # The request may allow reusing a sample; so may the operator, for the whole key.
+        sampled_ok = sampled_ok or principal.limits.cache_sampled
         ticket = CacheTicket.for_request(scope, mode, semantic, sampled_ok)
         set_ticket(ticket)
         return ticket
