@@ -15,6 +15,8 @@ import pytest
 from moa.cache.redis_store import RedisCacheStore
 from moa.config import parse_config
 from tests.conftest import ON_HEAD, ON_WORKER
+from tests.test_observability import _series_value
+from tests.waiting import wait_until_sync
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -99,3 +101,26 @@ def test_a_proposal_cached_by_one_replica_is_served_to_another_node(
     again = _moa(apps["cache-worker"], "gpt-4.1")
     assert again.headers["x-moa-cache"] == "hit-exact"
     assert again.json()["text"] == first.json()["text"]
+    # The README's cache series moved, in the worker's app, by what it served and stored.
+    worker = {"application": "cache-worker"}
+    expected = {
+        "ray_moa_cache_hits_total": ({"cache": "proposal", "kind": "exact"}, 3),
+        "ray_moa_cache_saved_usd_total": ({"cache": "final", "kind": "exact"}, None),
+        "ray_moa_cache_misses_total": ({"cache": "final"}, 1),
+        "ray_moa_cache_stored_bytes_total": ({"cache": "final"}, None),
+    }
+
+    def scrape() -> dict[str, float]:
+        text = "\n".join(
+            httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+            for port in cluster["metrics"].values()
+        )
+        return {name: _series_value(text, name, **worker, **tags) for name, (tags, _) in expected.items()}
+
+    values = wait_until_sync(
+        scrape, lambda v: all(v.values()), within_s=120, interval=1, what="the cache series"
+    )
+    for name, (_, count) in expected.items():
+        if count is not None:
+            assert values[name] == count, name
+    assert values["ray_moa_cache_saved_usd_total"] == pytest.approx(first.json()["cost_usd"], rel=1e-3)
