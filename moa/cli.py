@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     from moa.keys_cli import register as register_keys
 
     register_keys(sub)
+    from moa.cache_cli import register as register_cache
+
+    register_cache(sub)
     return parser
 
 

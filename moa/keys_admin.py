@@ -40,6 +40,7 @@ class NewKey(BaseModel):
     models: list[str] | None = None
     detail: bool = False
     max_cost_usd: float | None = Field(default=None, gt=0)
+    cache_sampled: bool = False
 
     def limits(self) -> KeyLimits:
         return KeyLimits(
@@ -51,6 +52,7 @@ class NewKey(BaseModel):
             models=parse_list(self.models),
             detail=self.detail,
             max_cost_usd=self.max_cost_usd,
+            cache_sampled=self.cache_sampled,
         )
 
 

@@ -39,6 +39,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     c.add_argument("--detail", action="store_true", help="allow moa.detail (and /v1/moa)")
     c.add_argument("--max-cost-usd", type=float, default=None, help="default per-request cost cap (USD)")
+    c.add_argument(
+        "--cache-sampled",
+        action="store_true",
+        help="serve this key's temperature > 0 requests without a seed from the response cache too",
+    )
     c.set_defaults(func=_create)
 
     lst = ks.add_parser("list", help="list keys: name, created, spend, limits, status (never the key)")
@@ -78,6 +83,7 @@ def _create(args: argparse.Namespace) -> int:
             models=args.models,
             detail=args.detail,
             max_cost_usd=args.max_cost_usd,
+            cache_sampled=args.cache_sampled,
         )
         spec.limits()
     except ValidationError as e:
@@ -117,6 +123,8 @@ def _limits_text(lim: KeyLimits) -> str:
         parts.append("models " + ",".join(lim.models))
     if lim.detail:
         parts.append("detail")
+    if lim.cache_sampled:
+        parts.append("cache-sampled")
     return "; ".join(parts) or "unlimited"
 
 

@@ -129,6 +129,10 @@ class CallResult(BaseModel):
     # each ("temperature 1.5 clamped to 1.0 (...)", "temperature dropped: refused by m (...)").
     adjustments: list[str] = Field(default_factory=list)
     error: CallError | None = None
+    # Served from the response cache ("exact") instead of the provider: no tokens were spent now;
+    # ``saved_cost_usd`` is what the original call cost.
+    cache: Literal["exact"] | None = None
+    saved_cost_usd: float = 0.0
 
     @property
     def ok(self) -> bool:

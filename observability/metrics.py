@@ -93,12 +93,12 @@ class ProviderMetrics:
 
 
 class RequestMetrics:
-    """Per request: preset, router decision, quorum shortfalls, fallbacks, cache hits."""
+    """Per request: preset, router decision, quorum shortfalls, fallbacks (cache hits: ``CacheMetrics``)."""
 
     def __init__(self) -> None:
         m = _serve_metrics()
         if m is None:
-            self.requests = self.latency = self.shortfalls = self.fallbacks = self.cache_hits = _NoOp()
+            self.requests = self.latency = self.shortfalls = self.fallbacks = _NoOp()
             return
         self.requests = m.Counter(
             "moa_requests",
@@ -120,12 +120,6 @@ class RequestMetrics:
             "synthesis_failed.",
             tag_keys=("preset", "reason"),
         )
-        self.cache_hits = m.Counter(
-            "moa_cache_hits",
-            description="Requests routed from a cache instead of a model call (cache: router_classifier, "
-            "the LLM classifier's answers).",
-            tag_keys=("preset", "cache"),
-        )
 
     def record(
         self,
@@ -143,7 +137,58 @@ class RequestMetrics:
         if fallback_reason and status == 200:
             self.fallbacks.inc(1, {"preset": preset, "reason": fallback_reason})
         if classifier_cached:
-            self.cache_hits.inc(1, {"preset": preset, "cache": "router_classifier"})
+            cache_metrics().hit("router_classifier", "exact", 0.0)
+
+
+class CacheMetrics:
+    """The caches: hits by level (``cache``: final, proposal, router_classifier) and kind (exact,
+    semantic), misses by level, bytes written and the cost saved (what the served answers cost
+    when they were made)."""
+
+    def __init__(self) -> None:
+        m = _serve_metrics()
+        if m is None:
+            self.hits = self.misses = self.bytes = self.saved = _NoOp()
+            return
+        self.hits = m.Counter(
+            "moa_cache_hits",
+            description="Answers served from a cache, by level (final, proposal, router_classifier) "
+            "and kind (exact, semantic).",
+            tag_keys=("cache", "kind"),
+        )
+        self.misses = m.Counter(
+            "moa_cache_misses", description="Cache lookups that found nothing, by level.", tag_keys=("cache",)
+        )
+        self.bytes = m.Counter(
+            "moa_cache_stored_bytes", description="Bytes written to the cache, by level.", tag_keys=("cache",)
+        )
+        self.saved = m.Counter(
+            "moa_cache_saved_usd",
+            description="What the answers served from the cache cost when they were made (USD).",
+            tag_keys=("cache", "kind"),
+        )
+
+    def hit(self, level: str, kind: str, saved_usd: float) -> None:
+        self.hits.inc(1, {"cache": level, "kind": kind})
+        if saved_usd:
+            self.saved.inc(saved_usd, {"cache": level, "kind": kind})
+
+    def miss(self, level: str) -> None:
+        self.misses.inc(1, {"cache": level})
+
+    def stored(self, level: str, size: int) -> None:
+        self.bytes.inc(size, {"cache": level})
+
+
+_cache_metrics: CacheMetrics | None = None
+
+
+def cache_metrics() -> CacheMetrics:
+    """One set per process: every cache (and the router's classifier cache) records into it."""
+    global _cache_metrics
+    if _cache_metrics is None:
+        _cache_metrics = CacheMetrics()
+    return _cache_metrics
 
 
 class KeyMetrics:

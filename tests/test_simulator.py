@@ -958,7 +958,7 @@ async def test_concurrency_counters(oai: openai.AsyncOpenAI, admin: httpx.Client
 
 
 def test_admin_endpoints(admin: httpx.Client) -> None:
-    assert admin.get("/admin/stats").json() == {"models": {}, "total_requests": 0}
+    assert admin.get("/admin/stats").json() == {"models": {}, "total_requests": 0, "embedding_requests": 0}
     r = admin.put("/admin/faults/claude-*", json={"error_429": {"rate": 0.5, "retry_after_s": 2}})
     assert r.status_code == 200
     assert admin.get("/admin/faults/claude-haiku-4-5").json() == {
@@ -984,7 +984,7 @@ def test_admin_endpoints(admin: httpx.Client) -> None:
     ).raise_for_status()
     assert admin.get("/admin/stats").json()["total_requests"] == 1
     admin.post("/admin/reset").raise_for_status()  # counters only: the profile stays
-    assert admin.get("/admin/stats").json() == {"models": {}, "total_requests": 0}
+    assert admin.get("/admin/stats").json() == {"models": {}, "total_requests": 0, "embedding_requests": 0}
     assert SimProfile.model_validate(admin.get("/admin/profile").json()) == new
     assert admin.get("/admin/nothing").status_code == 404
 

@@ -28,6 +28,8 @@ from starlette.types import Receive, Scope, Send
 
 from moa.api.access import Access, SpendGate, settle_quietly
 from moa.api.schemas import ChatCompletionRequest, MoARequest, ParamError, error_body
+from moa.auth import Principal
+from moa.cache import CacheTicket, set_ticket
 from moa.config import ConfigError, MoAConfig
 from moa.engine.engine import MoAEngine
 from moa.engine.errors import DeadlineExceeded, InvalidPlan, InvalidRequest, MoAError, ShuttingDown
@@ -293,6 +295,7 @@ def moa_detail(result: MoAResult) -> dict[str, Any]:
         "fallback": result.fallback,
         "fallback_reason": result.fallback_reason,
         "notes": result.notes,
+        "cache": result.cache.model_dump(mode="json"),
         "calls": [c.model_dump(mode="json") for c in result.calls],
         "totals": {
             "calls": len(result.calls),
@@ -331,6 +334,25 @@ class Api:
     @property
     def draining(self) -> bool:
         return self.admission.draining
+
+    def cache_ticket(
+        self, principal: Principal, mode: str, semantic: bool, sampled_ok: bool
+    ) -> CacheTicket | None:
+        """This request's cache rights, set for the engine and every task it starts. Entries are
+        scoped by the API key (its name), or by the scope the operator shares between keys."""
+        if self.engine.cache is None:
+            set_ticket(None)
+            return None
+        if principal.key is None:
+            scope = "open"
+        else:
+            shared = self.config.cache.shared_scopes.get(principal.key.name)
+            scope = f"shared:{shared}" if shared else f"key:{principal.key.name}"
+        # The request may allow reusing a sample; so may the operator, for the whole key.
+        sampled_ok = sampled_ok or principal.limits.cache_sampled
+        ticket = CacheTicket.for_request(scope, mode, semantic, sampled_ok)
+        set_ticket(ticket)
+        return ticket
 
     def _cut_future(self) -> asyncio.Future[None]:
         if self._cut is None:
@@ -471,6 +493,7 @@ class Api:
         response: Response | None = None
         t0 = time.monotonic()
         deadline = self.deadline(req.moa.deadline_s)
+        ticket = self.cache_ticket(principal, req.moa.cache, req.moa.cache_semantic, req.moa.cache_sampled)
         try:
             # Routing happens inside the run (its span is the run's child); a routing error still
             # comes before any byte of the response, so it gets its real status.
@@ -481,7 +504,7 @@ class Api:
                 self.record(result, 200, time.monotonic() - t0)
                 if self.shadow is not None:
                     self.shadow.offer(messages, result, req.model)  # starts a task; never waits
-                return JSONResponse(self.completion_body(req, result))
+                return JSONResponse(self.completion_body(req, result), headers=_cache_header(ticket))
             events = EventPump(self.engine.stream(messages, **kwargs))
             self._streams.add(events)
             try:
@@ -499,6 +522,7 @@ class Api:
                 raise
             # From here the response owns the slot and the events (see AdmittedStream).
             response = AdmittedStream(self.sse(req, first, events, t0), slot, events, gate)
+            response.headers.update(_cache_header(ticket))
             return response
         except MoAError as e:
             self.metrics.record(req.model, None, e.status_code, time.monotonic() - t0, e.fallback_reason)
@@ -619,6 +643,7 @@ class Api:
             preset = req.preset or self.config.default_preset
             principal.check_model(preset, preset == "auto" or preset in self.config.presets)
         principal.check_detail(True)  # the full result is the detail
+        ticket = self.cache_ticket(principal, req.cache, req.cache_semantic, req.cache_sampled)
         slot = self.admission.take()
         deadline = self.deadline(req.deadline_s)
         gate = SpendGate(
@@ -648,7 +673,7 @@ class Api:
         finally:
             slot.release()
             await settle_quietly(gate.spend)
-        return JSONResponse(result.model_dump(mode="json"))
+        return JSONResponse(result.model_dump(mode="json"), headers=_cache_header(ticket))
 
     async def models(self, request: Request) -> dict[str, Any]:
         await self.access.principal(request.headers.get("authorization"))
@@ -675,6 +700,12 @@ class Api:
         up = sum(_can_answer(p) for p in providers.values())
         status = "ok" if up == len(providers) else "degraded" if up else "down"
         return JSONResponse({"status": status, "providers": providers}, status_code=200 if up else 503)
+
+
+def _cache_header(ticket: CacheTicket | None) -> dict[str, str]:
+    """``x-moa-cache``: hit-exact, hit-semantic, miss, or bypass (not read: the request said so,
+    a fresh sample was asked for, or the cache is off)."""
+    return {"x-moa-cache": ticket.outcome.status if ticket is not None else "bypass"}
 
 
 def _can_answer(health: dict[str, Any]) -> bool:

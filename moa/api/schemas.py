@@ -79,6 +79,13 @@ class MoAOptions(BaseModel):
     progress: bool = False
     # Overrides the plan's aggregation mode (final or early) for this request.
     aggregation: AggregationMode | None = None
+    # The response cache: default (read and write), no-cache (do not read), no-store (do not
+    # write), off (neither).
+    cache: Literal["default", "no-cache", "no-store", "off"] = "default"
+    # Also serve a rephrased question's answer (same context, similarity above the threshold).
+    cache_semantic: bool = False
+    # Allow a cached answer although temperature > 0 and no seed ask for a fresh sample.
+    cache_sampled: bool = False
 
 
 class ChatCompletionRequest(BaseModel):
@@ -145,6 +152,9 @@ class MoARequest(BaseModel):
     deadline_s: float | None = Field(default=None, gt=0, le=3600)
     max_cost_usd: float | None = Field(default=None, gt=0)
     aggregation: AggregationMode | None = None
+    cache: Literal["default", "no-cache", "no-store", "off"] = "default"
+    cache_semantic: bool = False
+    cache_sampled: bool = False
 
     @model_validator(mode="after")
     def _one_of(self) -> MoARequest:

@@ -141,6 +141,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="with --auth-overhead: keep the keys in this Redis (it is flushed!) instead of SQLite",
     )
     p.add_argument(
+        "--cache",
+        action="store_true",
+        help="instead: the response cache on MT-Bench-style repeats and rephrasings (in-process API, "
+        "moa-lite; --prompts, --requests caps the questions; writes cache.json and cache.md)",
+    )
+    p.add_argument(
         "--details",
         action="store_true",
         help="keep each Serve request's per-call timings in results.json and break its overhead down",
@@ -168,6 +174,14 @@ def run_cli(args: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"moa bench needs the bench extra: pip install 'moa-serve[bench,serve]' ({e})", file=sys.stderr)
         return 2
+    if args.cache:
+        from moa.benchmark.cache_bench import cache_markdown, run_cache_bench, write_cache_report
+
+        got = asyncio.run(run_cache_bench(args.prompts, args.requests, args.ttft, args.tps, args.jitter))
+        write_cache_report(got, args.out)
+        print(cache_markdown(got))
+        print(f"results in {args.out}/ (cache.json, cache.md)")
+        return 0
     if args.auth_overhead:
         from moa.benchmark.auth_cost import auth_markdown, run_auth_overhead, write_auth_report
 

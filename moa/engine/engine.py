@@ -7,6 +7,7 @@ streaming runs share one pipeline (``_events``); ``run`` simply drains it.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
@@ -17,6 +18,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
+from moa.cache import CacheTicket, ResponseCache, current_ticket, open_cache
 from moa.config import MoAConfig
 from moa.engine.caller import ModelCaller
 from moa.engine.calls import fit_references, merge_params, provider_kind, safe_call, safe_stream
@@ -57,6 +59,8 @@ class _Run:
     fallback_reason: FallbackReason | None = None
     # Told where the proposer layers stand, for a streaming client waiting for its first token.
     progress: Callable[[Progress], None] | None = None
+    # What the response cache may do for this run (None: no cache).
+    ticket: CacheTicket | None = None
 
     def offset(self) -> float:
         return time.monotonic() - self.t0
@@ -121,9 +125,12 @@ class MoAEngine:
         router: Router | None = None,
         health: Callable[[], HealthView] | None = None,
         fuser: Fuser | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.config = config
         self.caller = caller
+        # The response cache (final answers and proposer calls): the config's, unless given.
+        self.cache = cache if cache is not None else open_cache(config)
         # Where fusion runs: in-process by default, the aggregator deployment in the Ray app.
         self.fuser = fuser or LocalFuser(caller, config)
         self.router: Router = router or RouterPolicy(config, caller)
@@ -237,12 +244,28 @@ class MoAEngine:
             )
             for res in pre_calls:
                 run.record(res, CallRecord.from_result(res, stage=Stage.CLASSIFIER, started_s=0.0))
-            events = self._events(
-                list(messages), plan, decision, params or GenerationParams(), run, _stream_final
-            )
+            gen = params or GenerationParams()
+            run.ticket = self._ticket(decision)
+            if run.ticket is not None:
+                hit = await self._cached(run, messages, plan, decision, gen)
+                if hit is not None:
+                    result = hit
+                    span.set_attribute("moa.cache", hit.cache.status)
+                    if _stream_final:
+                        for piece in _replay_pieces(hit.text):
+                            yield TextDelta(text=piece)
+                    yield hit
+                    return
+            events = self._events(list(messages), plan, decision, gen, run, _stream_final)
             async for ev in iterate_in(ctx, events):
                 if isinstance(ev, MoAResult):
                     result = ev
+                    if run.ticket is not None and self.cache is not None:
+                        why = await self.cache.store_answer(run.ticket, messages, plan, gen, ev)
+                        if why is not None:
+                            run.ticket.outcome.reason = run.ticket.outcome.reason or f"not stored: {why}"
+                        ev.cache = run.ticket.outcome.model_copy()
+                        span.set_attribute("moa.cache", ev.cache.status)
                 yield ev
         except MoAError as e:
             e.fallback_reason = run.fallback_reason  # a missed quorum still counts in the metrics
@@ -263,6 +286,53 @@ class MoAEngine:
                     }
                 )
             span.end()
+
+    # -- the response cache -----------------------------------------------------------------------
+
+    def _ticket(self, decision: RouteDecision) -> CacheTicket | None:
+        """This run's cache rights: the API's (set per request), or, outside the API (``moa
+        ask``), the local scope's. A preset listed in ``cache.semantic.presets`` turns semantic on."""
+        if self.cache is None:
+            return None
+        ticket = current_ticket() or CacheTicket.for_request("local")
+        if decision.preset in self.config.cache.semantic.presets:
+            ticket.semantic = True
+        return ticket
+
+    async def _cached(
+        self,
+        run: _Run,
+        messages: Sequence[ChatMessage],
+        plan: Plan,
+        decision: RouteDecision,
+        params: GenerationParams,
+    ) -> MoAResult | None:
+        """The answer from the cache, when it may serve one and has it."""
+        assert self.cache is not None and run.ticket is not None
+        ticket = run.ticket
+        why = self.cache.readable(ticket, params)
+        if why is not None:
+            ticket.outcome.status, ticket.outcome.reason = "bypass", why
+            return None
+        hit = await self.cache.lookup(ticket, messages, plan, params)
+        if hit is None:
+            ticket.outcome.status = "miss"
+            return None
+        ticket.outcome = hit.result.cache
+        result = hit.result.model_copy(
+            update={
+                "preset": decision.preset,
+                "decision": decision,
+                "calls": [*run.records, *hit.result.calls],
+                "wall_time_s": run.offset(),
+            }
+        )
+        result.usage = sum((r.usage for r in run.records), start=result.usage)
+        result.cost_usd = sum(r.cost_usd for r in run.records)
+        for rec in hit.result.calls:
+            if run.on_call is not None:
+                run.on_call(rec)
+        return result
 
     # -- the pipeline -----------------------------------------------------------------------------
 
@@ -524,6 +594,8 @@ class MoAEngine:
             )
             if feed is not None:  # staircase: the answer streams into the feed as it is written
                 call = feed.consume(i, safe_stream(self.caller, self.config, req))
+            elif self.cache is not None and run.ticket is not None and self.config.cache.proposals:
+                call = self.cache.call(self.caller, self.config, req, run.ticket)
             else:
                 call = safe_call(self.caller, self.config, req)
             tasks[asyncio.create_task(call)] = i
@@ -776,6 +848,15 @@ class MoAEngine:
             fallback_reason=fallback_reason,
             notes=run.notes,
         )
+
+
+_PIECE = re.compile(r"\S+\s*|\s+")
+
+
+def _replay_pieces(text: str, words: int = 6) -> list[str]:
+    """A cached answer streamed again: a few words per SSE chunk, as a model would send them."""
+    parts = _PIECE.findall(text)
+    return ["".join(parts[i : i + words]) for i in range(0, len(parts), words)] or [text]
 
 
 def _as_aggregator(ref: ModelRef) -> AggregatorSpec:

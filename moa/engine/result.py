@@ -59,6 +59,11 @@ class CallRecord(BaseModel):
     took_over: bool = False
     # Staircase aggregation: which intermediate step this aggregator call was (None: the last).
     staircase_step: int | None = None
+    # Where the answer came from when not from the model now: "exact" or "semantic" (a cache
+    # hit: usage and cost are zero, ``saved_cost_usd`` what it cost first), else None.
+    cache: str | None = None
+    similarity: float | None = None
+    saved_cost_usd: float = 0.0
 
     @classmethod
     def from_result(
@@ -90,6 +95,8 @@ class CallRecord(BaseModel):
             finish_reason=res.finish_reason,
             simulated_service_s=res.simulated_service_s,
             adjustments=res.adjustments,
+            cache=res.cache,
+            saved_cost_usd=res.saved_cost_usd,
         )
 
 
@@ -115,6 +122,18 @@ class Progress(BaseModel):
 FallbackReason = Literal["quorum_missed", "aggregators_failed", "synthesis_failed"]
 
 
+class CacheOutcome(BaseModel):
+    """How the response cache took part in one request (``moa.detail``'s ``cache``)."""
+
+    # hit-exact | hit-semantic | miss | bypass (the x-moa-cache header)
+    status: str = "bypass"
+    similarity: float | None = None
+    saved_cost_usd: float = 0.0
+    age_s: float | None = None  # of the entry served
+    proposals_from_cache: int = 0
+    reason: str | None = None  # why it was bypassed or not stored
+
+
 class MoAResult(BaseModel):
     text: str
     preset: str
@@ -137,6 +156,7 @@ class MoAResult(BaseModel):
     # round) missed its quorum; every aggregator failed; a refine round's synthesis failed.
     fallback_reason: FallbackReason | None = None
     notes: list[str] = Field(default_factory=list)
+    cache: CacheOutcome = Field(default_factory=CacheOutcome)
 
     @property
     def stragglers_cancelled(self) -> int:

@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl
 from pydantic import ValidationError
 
 from moa.simulator.anthropic_wire import AnthropicWire
+from moa.simulator.embed_wire import gemini_embeddings, openai_embeddings
 from moa.simulator.gemini_wire import GeminiWire
 from moa.simulator.openai_wire import OpenAIWire
 from moa.simulator.profile import Faults, FaultSpec, HangFault, RateFault, SimProfile, SlowFault
@@ -217,9 +218,13 @@ class SimulatorApp:
                 return await self._generate(OPENAI, scope, receive, send)
             if path == "/v1/messages":
                 return await self._generate(ANTHROPIC, scope, receive, send)
+            if path == "/v1/embeddings":
+                return await self._embed(OPENAI, scope, receive, send)
             for prefix in ("/v1beta/models/", "/v1/models/"):
                 if path.startswith(prefix):
                     model, _, action = path[len(prefix) :].rpartition(":")
+                    if action in ("embedContent", "batchEmbedContents") and model:
+                        return await self._embed(GEMINI, scope, receive, send, model, action)
                     if action in ("generateContent", "streamGenerateContent") and model:
                         stream = action == "streamGenerateContent"
                         return await self._generate(GEMINI, scope, receive, send, model, stream)
@@ -234,6 +239,44 @@ class SimulatorApp:
         request_id = "req_" + random_id(24)
         body = wire.error(Err.NOT_FOUND, f"Invalid URL ({method} {path})", request_id)
         await _respond(send, 404, body, [*wire.request_id_headers(request_id), (b"x-sim-service-time", b"0")])
+
+    # -- embeddings ------------------------------------------------------------------------------
+
+    async def _embed(
+        self,
+        wire: Wire,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        path_model: str = "",
+        action: str = "",
+    ) -> None:
+        """OpenAI's and Gemini's embedding routes: the same key checks and error bodies as generation."""
+        request_id = "req_" + random_id(24)
+        base: Headers = [*wire.request_id_headers(request_id), (b"x-sim-service-time", b"0")]
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"))) if wire is GEMINI else {}
+        try:
+            raw = await _read_body(receive)
+            key = wire.api_key(headers, query)
+            if key is None or is_invalid_key(key):
+                status, body = (
+                    wire.missing_key(request_id) if key is None else wire.invalid_key(key, request_id)
+                )
+                return await _respond(send, status, body, base)
+            try:
+                payload = loads(raw)
+            except (ValueError, RecursionError):
+                raise BadRequest("We could not parse the JSON body of your request (simulated).") from None
+            if wire is GEMINI:
+                out = gemini_embeddings(path_model, action, payload)
+            else:
+                out = openai_embeddings(payload)
+        except BadRequest as e:
+            error = wire.error(Err.BAD_REQUEST, e.message, request_id, e.param, e.code)
+            return await _respond(send, wire.status(Err.BAD_REQUEST), error, base)
+        self.state.embedding_requests += 1
+        await _respond(send, 200, dumps(out), base)
 
     # -- generation ------------------------------------------------------------------------------
 

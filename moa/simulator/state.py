@@ -51,6 +51,7 @@ class SimState:
         self.total_requests = 0
         # Who wrote each answer served, kept across resets: a judge may see answers from before one.
         self._authors: OrderedDict[int, str] = OrderedDict()
+        self.embedding_requests = 0  # answered embedding calls (not in total_requests: no generation)
         self.set_profile(profile)
         self.reset_counters()
 
@@ -90,6 +91,7 @@ class SimState:
             s.faults.clear()
         self.stats = kept
         self.total_requests = 0
+        self.embedding_requests = 0
         self._first_n: dict[tuple[str, str], list[Any]] = {}
         self._prompt_cache: dict[str, OrderedDict[int, None]] = {}
         self.recent_requests: deque[dict[str, Any]] = deque(maxlen=RECENT_REQUESTS)
@@ -171,4 +173,5 @@ class SimState:
         return {
             "models": {m: s.as_dict() for m, s in self.stats.items()},
             "total_requests": self.total_requests,
+            "embedding_requests": self.embedding_requests,
         }

@@ -54,6 +54,9 @@ class KeyLimits(BaseModel):
     models: tuple[str, ...] | None = None
     detail: bool = False
     max_cost_usd: float | None = Field(default=None, gt=0)
+    # The operator's policy: this key's requests with temperature > 0 and no seed may be served
+    # from the response cache (as if each said moa.cache_sampled: true).
+    cache_sampled: bool = False
 
 
 class KeyRecord(BaseModel):

@@ -1,0 +1,13 @@
+"""Response caching: final answers and proposer calls, exact and semantic (docs/CACHING.md)."""
+
+from moa.cache.cache import (
+    CacheTicket,
+    Hit,
+    ResponseCache,
+    current_ticket,
+    open_cache,
+    sampled,
+    set_ticket,
+)
+
+__all__ = ["CacheTicket", "Hit", "ResponseCache", "current_ticket", "open_cache", "sampled", "set_ticket"]

@@ -1,0 +1,376 @@
+"""The response cache: final answers and proposer calls, exact and (opt-in) semantic.
+
+What may be served is decided per request by a ``CacheTicket`` (scope, read/write, semantic,
+whether a fresh sample was asked for), which the API sets in a context variable so that the engine
+and every task it starts see it. The engine asks ``lookup`` before any model is called and
+``store`` once an answer is complete; proposer calls go through ``call``.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import trace
+
+from moa.cache.embed import Embedder, cosine, make_embedder
+from moa.cache.keys import context_key, final_key, guard, proposal_key, split_last_user
+from moa.cache.store import CacheStore, MemoryStore, TieredStore
+from moa.config import CacheConfig, MoAConfig
+from moa.engine.caller import ModelCaller
+from moa.engine.calls import safe_call
+from moa.engine.plan import Plan
+from moa.engine.result import CacheOutcome, MoAResult
+from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams, Usage
+from observability.metrics import cache_metrics
+from observability.tracing import tracer
+
+log = logging.getLogger("moa.cache")
+
+CacheMode = str  # "default" | "no-cache" | "no-store" | "off"
+# Finish reasons of a complete answer (adapters normalise theirs to OpenAI's words); "length" is
+# an answer cut at max_tokens, "content_filter" one cut by the provider, "other" unknown.
+COMPLETE = (None, "stop")
+
+
+@dataclass
+class CacheTicket:
+    """One request's cache rights and, once it ran, what the cache did for it."""
+
+    scope: str
+    read: bool = True
+    write: bool = True
+    semantic: bool = False
+    sampled_ok: bool = False
+    outcome: CacheOutcome = field(default_factory=CacheOutcome)
+    # The last user message's embedding, computed for the lookup and reused to index the answer.
+    vector: list[float] | None = None
+
+    @classmethod
+    def for_request(
+        cls, scope: str, mode: CacheMode = "default", semantic: bool = False, sampled_ok: bool = False
+    ) -> CacheTicket:
+        return cls(
+            scope=scope,
+            read=mode in ("default", "no-store"),
+            write=mode in ("default", "no-cache"),
+            semantic=semantic,
+            sampled_ok=sampled_ok,
+        )
+
+
+_ticket: ContextVar[CacheTicket | None] = ContextVar("moa_cache_ticket", default=None)
+
+
+def current_ticket() -> CacheTicket | None:
+    return _ticket.get()
+
+
+def set_ticket(ticket: CacheTicket | None) -> None:
+    """For this request (its task and every task started from it)."""
+    _ticket.set(ticket)
+
+
+def sampled(params: GenerationParams) -> bool:
+    """A fresh sample was asked for: a temperature above 0 and no seed to make it repeatable."""
+    return params.temperature is not None and params.temperature > 0 and params.seed is None
+
+
+@dataclass
+class Hit:
+    result: MoAResult
+    kind: str  # exact | semantic
+    similarity: float | None
+    age_s: float
+
+
+def _pack(vector: Sequence[float], anchor_set: dict[str, list[str]]) -> bytes:
+    return json.dumps(anchor_set, sort_keys=True).encode() + b"\0" + array.array("f", vector).tobytes()
+
+
+def _unpack(payload: bytes) -> tuple[dict[str, list[str]], list[float]]:
+    head, _, body = payload.partition(b"\0")
+    vec = array.array("f")
+    vec.frombytes(body)
+    return json.loads(head), list(vec)
+
+
+class ResponseCache:
+    def __init__(self, config: CacheConfig, store: CacheStore, embedder: Embedder | None = None) -> None:
+        self.config = config
+        self.store = store
+        self._embedder = embedder
+        self._embedder_factory: Any = None
+        self.metrics = cache_metrics()
+
+    # -- final answers ----------------------------------------------------------------------------
+
+    def readable(self, ticket: CacheTicket, params: GenerationParams) -> str | None:
+        """Why the cache may not serve this request (None: it may)."""
+        if not ticket.read:
+            return "the request said no-cache" if ticket.write else "the request said off"
+        if sampled(params) and self.config.sampled == "bypass" and not ticket.sampled_ok:
+            return "temperature > 0 without a seed asks for a fresh sample (moa.cache_sampled allows reuse)"
+        return None
+
+    def embedder(self) -> Embedder | None:
+        if self._embedder is None and self._embedder_factory is not None:
+            self._embedder = self._embedder_factory()
+        return self._embedder
+
+    async def lookup(
+        self, ticket: CacheTicket, messages: Sequence[ChatMessage], plan: Plan, params: GenerationParams
+    ) -> Hit | None:
+        """An exact hit, else (with semantic on) the most similar answer of the same context whose
+        anchors match and whose similarity reaches the threshold."""
+        with tracer().start_as_current_span("moa.cache.lookup") as span:
+            try:
+                hit = await self._lookup(ticket, messages, plan, params)
+            except Exception as e:
+                # An unreachable store (or embedding API) makes a miss, never a failed request.
+                log.warning("cache lookup failed: %s: %s", type(e).__name__, e)
+                span.set_attribute("error.type", type(e).__name__)
+                hit = None
+            span.set_attributes(
+                {
+                    "moa.cache.result": f"hit-{hit.kind}" if hit else "miss",
+                    "moa.cache.semantic": ticket.semantic,
+                    "moa.cache.similarity": hit.similarity or 0.0 if hit else 0.0,
+                }
+            )
+        if hit is None:
+            self.metrics.miss("final")
+        else:
+            self.metrics.hit("final", hit.kind, hit.result.cache.saved_cost_usd)
+        return hit
+
+    async def _lookup(
+        self, ticket: CacheTicket, messages: Sequence[ChatMessage], plan: Plan, params: GenerationParams
+    ) -> Hit | None:
+        key = f"{ticket.scope}|f|{final_key(ticket.scope, messages, plan, params)}"
+        hit = await self._entry(key, "exact", None)
+        if hit is not None or not ticket.semantic:
+            return hit
+        embedder = self.embedder()
+        split = split_last_user(messages)
+        if embedder is None or split is None:
+            return None
+        context, question = split
+        index = f"{ticket.scope}|s|{context_key(ticket.scope, context, plan, params)}"
+        candidates = await self.store.index_read(index)
+        ticket.vector = (await embedder.embed([question]))[0]
+        if not candidates:
+            return None
+        wanted = guard(question)
+        scored = []
+        for member, payload in candidates.items():
+            their_anchors, vector = _unpack(payload)
+            if their_anchors != wanted:
+                continue  # another number, negation, name or content word: another question
+            similarity = cosine(ticket.vector, vector)
+            if similarity >= self.config.semantic.threshold:
+                scored.append((similarity, member))
+        for similarity, member in sorted(scored, reverse=True):
+            hit = await self._entry(f"{ticket.scope}|f|{member}", "semantic", round(similarity, 4))
+            if hit is not None:
+                return hit
+        return None
+
+    async def _entry(self, key: str, kind: str, similarity: float | None) -> Hit | None:
+        raw = await self.store.get(key)
+        if raw is None:
+            return None
+        entry = json.loads(raw)
+        age = time.time() - entry["created"]
+        if age > self.config.ttl_s:
+            return None
+        original = MoAResult.model_validate(entry["result"])
+        calls = [
+            c.model_copy(
+                update={
+                    "cache": kind,
+                    "similarity": similarity,
+                    "saved_cost_usd": c.cost_usd + c.saved_cost_usd,
+                    "usage": Usage(),
+                    "cost_usd": 0.0,
+                    "latency_s": 0.0,
+                    "ttft_s": None,
+                    "attempts": 0,
+                    "simulated_service_s": None,
+                    "started_s": 0.0,
+                }
+            )
+            for c in original.calls
+        ]
+        saved = original.cost_usd + sum(c.saved_cost_usd for c in original.calls)
+        result = original.model_copy(
+            update={
+                "calls": calls,
+                "usage": Usage(),
+                "cost_usd": 0.0,
+                "critical_path_s": 0.0,
+                "simulated_critical_path_s": None,
+                "cache": CacheOutcome(
+                    status=f"hit-{kind}", similarity=similarity, saved_cost_usd=saved, age_s=round(age, 3)
+                ),
+            }
+        )
+        return Hit(result=result, kind=kind, similarity=similarity, age_s=age)
+
+    def storable(self, result: MoAResult) -> str | None:
+        """Why an answer must not be stored (None: it may)."""
+        if result.finish_reason not in COMPLETE:
+            return f"the answer ended with {result.finish_reason!r} (cut, not complete)"
+        if not result.text:
+            return "the answer is empty"
+        if result.fallback_reason == "quorum_missed" and not self.config.quorum_missed:
+            return "a proposer layer missed its quorum (cache.quorum_missed stores such answers)"
+        return None
+
+    async def store_answer(
+        self,
+        ticket: CacheTicket,
+        messages: Sequence[ChatMessage],
+        plan: Plan,
+        params: GenerationParams,
+        result: MoAResult,
+    ) -> str | None:
+        """Store a complete answer; returns why it was not stored, if it was not."""
+        try:
+            return await self._store_answer(ticket, messages, plan, params, result)
+        except Exception as e:
+            log.warning("cache store failed: %s: %s", type(e).__name__, e)
+            return f"the cache store failed ({type(e).__name__})"
+
+    async def _store_answer(
+        self,
+        ticket: CacheTicket,
+        messages: Sequence[ChatMessage],
+        plan: Plan,
+        params: GenerationParams,
+        result: MoAResult,
+    ) -> str | None:
+        if not ticket.write:
+            return "the request said no-store" if ticket.read else "the request said off"
+        why = self.storable(result)
+        if why is not None:
+            return why
+        key = final_key(ticket.scope, messages, plan, params)
+        stored = result.model_copy(update={"cache": CacheOutcome()})
+        raw = json.dumps({"created": time.time(), "result": stored.model_dump(mode="json")}).encode()
+        await self.store.put(f"{ticket.scope}|f|{key}", raw, self.config.ttl_s)
+        self.metrics.stored("final", len(raw))
+        split = split_last_user(messages)
+        embedder = self.embedder()
+        if ticket.semantic and split is not None and embedder is not None:
+            context, question = split
+            vector = ticket.vector or (await embedder.embed([question]))[0]
+            index = f"{ticket.scope}|s|{context_key(ticket.scope, context, plan, params)}"
+            payload = _pack(vector, guard(question))
+            await self.store.index_add(
+                index, key, payload, self.config.ttl_s, self.config.semantic.max_candidates
+            )
+        return None
+
+    # -- proposer calls ---------------------------------------------------------------------------
+
+    async def call(
+        self, caller: ModelCaller, config: MoAConfig, req: CallRequest, ticket: CacheTicket
+    ) -> CallResult:
+        """One proposer call, from the cache when its exact request was answered before."""
+        key = f"{ticket.scope}|p|{proposal_key(ticket.scope, req)}"
+        readable = self.readable(ticket, req.params) is None
+        if readable:
+            t0 = time.monotonic()
+            try:
+                raw = await self.store.get(key)
+            except Exception as e:
+                log.warning("cache lookup failed: %s: %s", type(e).__name__, e)
+                raw = None
+            if raw is not None:
+                entry = json.loads(raw)
+                if time.time() - entry["created"] <= self.config.ttl_s:
+                    original = CallResult.model_validate(entry["result"])
+                    saved = original.cost_usd
+                    self.metrics.hit("proposal", "exact", saved)
+                    ticket.outcome.proposals_from_cache += 1
+                    trace.get_current_span().add_event(
+                        "moa.cache.hit", {"moa.cache.level": "proposal", "gen_ai.request.model": req.model}
+                    )
+                    return original.model_copy(
+                        update={
+                            "usage": Usage(),
+                            "cost_usd": 0.0,
+                            "saved_cost_usd": saved,
+                            "latency_s": time.monotonic() - t0,
+                            "ttft_s": None,
+                            "attempts": 0,
+                            "simulated_service_s": None,
+                            "cache": "exact",
+                        }
+                    )
+            self.metrics.miss("proposal")
+        res = await safe_call(caller, config, req)
+        if ticket.write and res.ok and res.text and res.finish_reason in COMPLETE:
+            raw = json.dumps({"created": time.time(), "result": res.model_dump(mode="json")}).encode()
+            try:
+                await self.store.put(key, raw, self.config.ttl_s)
+                self.metrics.stored("proposal", len(raw))
+            except Exception as e:
+                log.warning("cache store failed: %s: %s", type(e).__name__, e)
+        return res
+
+    async def close(self) -> None:
+        await self.store.close()
+
+
+def cache_redis_url(config: MoAConfig) -> str | None:
+    from moa.state import redis_url
+
+    return os.environ.get("MOA_CACHE_REDIS_URL") or config.cache.redis_url or redis_url(config.state)
+
+
+def open_shared_store(config: MoAConfig) -> CacheStore | None:
+    """The shared store the config names (None: the in-process LRU alone)."""
+    cc = config.cache
+    choice = cc.store
+    url = cache_redis_url(config)
+    if choice == "auto":
+        choice = "redis" if url else "sqlite"
+    if choice == "memory":
+        return None
+    if choice == "redis":
+        if not url:
+            raise ValueError(
+                "cache.store is redis but no Redis URL is set (cache.redis_url or state.redis_url)"
+            )
+        from moa.cache.redis_store import RedisCacheStore
+
+        return RedisCacheStore(
+            url, cc.max_bytes, cc.ttl_s, password=os.environ.get("MOA_REDIS_PASSWORD") or None
+        )
+    from moa.cache.sqlite_store import SQLiteCacheStore
+    from moa.state import state_dir
+
+    return SQLiteCacheStore(state_dir(config.state) / "cache.db", cc.max_bytes)
+
+
+def open_cache(config: MoAConfig) -> ResponseCache | None:
+    """The cache the config asks for, or None when caching is off."""
+    cc = config.cache
+    if not cc.enabled:
+        return None
+    shared = open_shared_store(config)
+    local = MemoryStore(cc.memory_max_bytes)
+    store: CacheStore = local if shared is None else TieredStore(local, shared)
+    cache = ResponseCache(cc, store)
+    # The embedder loads on the first semantic request, not at start-up.
+    cache._embedder_factory = lambda: make_embedder(config)
+    return cache

@@ -1,0 +1,329 @@
+"""The response cache through the HTTP API, with the official OpenAI SDK against the simulator:
+exact hits of final answers and proposer calls, streaming replay, controls, what is never
+stored, tenant isolation, and replicas sharing SQLite or Redis."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from moa.cli import main
+from moa.config import CacheConfig, MoAConfig, SemanticCacheConfig, StateConfig, load_config
+from moa.simulator.server import SimulatorServer
+from moa.state.sqlite_store import SQLiteStore
+from tests.test_api import _Server
+from tests.test_engine import set_fault
+from tests.test_keys_api import create_key, wait_for_auth
+
+Q = "Explain how a hash map handles collisions."
+
+
+def cached_config(sim: SimulatorServer, state_dir: Path, **cache: Any) -> MoAConfig:
+    cfg = load_config(None)
+    return cfg.model_copy(
+        update={
+            "simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": "on"}),
+            "cache": CacheConfig(enabled=True, **{"store": "sqlite", **cache}),
+            "state": StateConfig(dir=str(state_dir)),
+        }
+    )
+
+
+def sim_requests(sim: SimulatorServer) -> int:
+    return int(httpx.get(f"{sim.url}/admin/stats").json()["total_requests"])
+
+
+def chat(url: str, key: str = "unused", **body: Any) -> httpx.Response:
+    body = {"model": "moa-lite", "messages": [{"role": "user", "content": Q}], **body}
+    r = httpx.post(
+        f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60
+    )
+    return r
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("MOA_STATE_DIR", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture
+def server(sim: SimulatorServer, state_dir: Path) -> Iterator[_Server]:
+    with _Server(cached_config(sim, state_dir)) as s:
+        yield s
+
+
+def test_a_repeat_is_an_exact_hit_with_zero_usage_and_the_cost_saved(
+    server: _Server, sim: SimulatorServer
+) -> None:
+    first = chat(server.url, moa={"detail": True})
+    assert first.status_code == 200, first.text
+    assert first.headers["x-moa-cache"] == "miss"
+    sent = sim_requests(sim)
+    second = chat(server.url, moa={"detail": True})
+    assert second.headers["x-moa-cache"] == "hit-exact"
+    assert sim_requests(sim) == sent  # nothing reached a provider
+    a, b = first.json(), second.json()
+    assert b["choices"][0]["message"]["content"] == a["choices"][0]["message"]["content"]
+    assert b["usage"]["prompt_tokens"] == b["usage"]["completion_tokens"] == 0
+    detail = b["moa"]
+    assert detail["cache"]["status"] == "hit-exact"
+    assert detail["cache"]["saved_cost_usd"] == pytest.approx(a["moa"]["totals"]["cost_usd"])
+    assert detail["cache"]["saved_cost_usd"] > 0
+    assert {c["cache"] for c in detail["calls"]} == {"exact"}
+    assert all(c["cost_usd"] == 0 for c in detail["calls"])
+
+
+def test_a_stream_replays_the_cached_answer_as_sse_chunks(server: _Server, sim: SimulatorServer) -> None:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    text = client.chat.completions.create(model="moa-lite", messages=[{"role": "user", "content": Q}])
+    sent = sim_requests(sim)
+    with client.chat.completions.with_streaming_response.create(
+        model="moa-lite",
+        messages=[{"role": "user", "content": Q}],
+        stream=True,
+        stream_options={"include_usage": True},
+    ) as response:
+        assert response.headers["x-moa-cache"] == "hit-exact"
+        chunks = list(response.parse())
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 1  # chunks, not one blob
+    assert "".join(pieces) == text.choices[0].message.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 0
+    assert sim_requests(sim) == sent
+
+
+def test_no_cache_no_store_and_off(server: _Server, sim: SimulatorServer) -> None:
+    assert chat(server.url, moa={"cache": "no-store"}).headers["x-moa-cache"] == "miss"
+    assert chat(server.url).headers["x-moa-cache"] == "miss"  # no-store stored nothing
+    assert chat(server.url, moa={"cache": "no-cache"}).headers["x-moa-cache"] == "bypass"
+    sent = sim_requests(sim)
+    assert chat(server.url, moa={"cache": "off"}).headers["x-moa-cache"] == "bypass"
+    assert sim_requests(sim) > sent
+    assert chat(server.url).headers["x-moa-cache"] == "hit-exact"
+    bad = chat(server.url, moa={"cache": "sometimes"})
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "moa.cache"
+
+
+def test_a_fresh_sample_is_not_served_unless_allowed(server: _Server) -> None:
+    assert chat(server.url, temperature=0.8).headers["x-moa-cache"] == "bypass"
+    assert chat(server.url, temperature=0.8).headers["x-moa-cache"] == "bypass"
+    assert (
+        chat(server.url, temperature=0.8, moa={"cache_sampled": True}).headers["x-moa-cache"] == "hit-exact"
+    )
+    assert chat(server.url, temperature=0.8, seed=7).headers["x-moa-cache"] == "miss"
+    assert chat(server.url, temperature=0.8, seed=7).headers["x-moa-cache"] == "hit-exact"
+    assert chat(server.url, temperature=0).headers["x-moa-cache"] == "miss"
+    assert chat(server.url, temperature=0).headers["x-moa-cache"] == "hit-exact"
+
+
+def _plan(aggregator: str, fallbacks: bool = True) -> dict[str, Any]:
+    proposers = [
+        {"provider": "openai", "model": "gpt-4.1-mini"},
+        {"provider": "anthropic", "model": "claude-haiku-4-5"},
+        {"provider": "gemini", "model": "gemini-2.5-flash"},
+    ]
+    plan: dict[str, Any] = {
+        "layers": [{"proposers": proposers, "quorum": 2}],
+        "aggregators": [{"provider": "openai", "model": aggregator}],
+    }
+    if not fallbacks:
+        plan["fallbacks"] = []
+    return plan
+
+
+def moa(url: str, plan: dict[str, Any]) -> httpx.Response:
+    body = {"messages": [{"role": "user", "content": Q}], "plan": plan}
+    return httpx.post(f"{url}/v1/moa", json=body, timeout=60)
+
+
+def test_plans_sharing_proposers_reuse_their_answers(server: _Server) -> None:
+    first = moa(server.url, _plan("gpt-4.1"))
+    assert first.status_code == 200, first.text
+    second = moa(server.url, _plan("gpt-4.1-mini"))  # another aggregator: another final answer
+    assert second.headers["x-moa-cache"] == "miss"
+    body = second.json()
+    assert body["cache"]["proposals_from_cache"] == 3
+    proposers = [c for c in body["calls"] if c["stage"] == "proposer"]
+    assert {c["cache"] for c in proposers} == {"exact"}
+    assert all(c["usage"]["output_tokens"] == 0 and c["saved_cost_usd"] > 0 for c in proposers)
+    aggregator = [c for c in body["calls"] if c["stage"] == "aggregator"]
+    assert aggregator[0]["cache"] is None and aggregator[0]["usage"]["output_tokens"] > 0
+
+
+def test_a_retry_after_the_aggregator_failed_reuses_the_proposals(
+    server: _Server, sim: SimulatorServer
+) -> None:
+    set_fault(sim, "gpt-4.1", error_500={"rate": 1.0})
+    plan = _plan("gpt-4.1", fallbacks=False)
+    failed = moa(server.url, plan)
+    assert failed.status_code == 502
+    set_fault(sim, "gpt-4.1")
+    retry = moa(server.url, plan)
+    assert retry.status_code == 200, retry.text
+    assert retry.json()["cache"]["proposals_from_cache"] == 3
+    assert moa(server.url, plan).headers["x-moa-cache"] == "hit-exact"
+
+
+def test_cut_answers_and_missed_quorums_are_not_stored(server: _Server, sim: SimulatorServer) -> None:
+    cut = chat(server.url, max_tokens=3, moa={"detail": True})
+    assert cut.json()["choices"][0]["finish_reason"] == "length"
+    assert "not stored" in cut.json()["moa"]["cache"]["reason"]
+    assert chat(server.url, max_tokens=3).headers["x-moa-cache"] == "miss"
+    for model in ("claude-haiku-4-5", "gemini-2.5-flash"):
+        set_fault(sim, model, error_500={"rate": 1.0})
+    missed = chat(server.url, moa={"detail": True})
+    assert missed.status_code == 200 and missed.json()["moa"]["fallback_reason"] == "quorum_missed"
+    assert chat(server.url).headers["x-moa-cache"] == "miss"
+
+
+def test_one_tenant_never_gets_anothers_answer_unless_shared(
+    sim: SimulatorServer, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = cached_config(sim, state_dir, shared_scopes={"carol": "team", "dave": "team"})
+    with _Server(cfg, store=lambda: SQLiteStore(state_dir / "state.db")) as s:
+        keys = {name: create_key(capsys, name) for name in ("alice", "bob", "carol", "dave")}
+        wait_for_auth(s)
+        assert chat(s.url, keys["alice"]).headers["x-moa-cache"] == "miss"
+        assert chat(s.url, keys["alice"]).headers["x-moa-cache"] == "hit-exact"
+        assert chat(s.url, keys["bob"]).headers["x-moa-cache"] == "miss"  # bob's own scope
+        assert chat(s.url, keys["carol"]).headers["x-moa-cache"] == "miss"
+        assert chat(s.url, keys["dave"]).headers["x-moa-cache"] == "hit-exact"  # shared with carol
+        # A key whose policy allows reusing samples: its temperature > 0 requests are served.
+        erin = create_key(capsys, "erin", "--cache-sampled")
+        assert chat(s.url, erin, temperature=0.9).headers["x-moa-cache"] == "miss"
+        assert chat(s.url, erin, temperature=0.9).headers["x-moa-cache"] == "hit-exact"
+        assert chat(s.url, keys["bob"], temperature=0.9).headers["x-moa-cache"] == "bypass"
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_replicas_share_answers_and_proposals_through_the_store(
+    sim: SimulatorServer, state_dir: Path, store: str, request: pytest.FixtureRequest
+) -> None:
+    extra: dict[str, Any] = {"store": store}
+    if store == "redis":
+        extra["redis_url"] = request.getfixturevalue("redis_server").rsplit("/", 1)[0] + "/5"
+    cfg = cached_config(sim, state_dir, **extra)
+    with _Server(cfg) as one:
+        assert moa(one.url, _plan("gpt-4.1")).headers["x-moa-cache"] == "miss"
+    with _Server(cfg) as other:  # another replica (or the same one restarted): an empty LRU
+        assert moa(other.url, _plan("gpt-4.1")).headers["x-moa-cache"] == "hit-exact"
+        again = moa(other.url, _plan("gpt-4.1-mini"))
+        assert again.json()["cache"]["proposals_from_cache"] == 3
+    if store == "redis":
+        import asyncio
+
+        from moa.cache.redis_store import RedisCacheStore
+
+        async def wipe() -> None:
+            r = RedisCacheStore(extra["redis_url"], 1 << 20, 60)
+            await r.clear(None)
+            await r.close()
+
+        asyncio.run(wipe())
+
+
+def test_cache_cli_stats_and_clear(
+    server: _Server, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CLI reads the store the server writes (MOA_STATE_DIR: the same SQLite file)."""
+    assert chat(server.url).headers["x-moa-cache"] == "miss"
+    capsys.readouterr()
+    assert main(["cache", "stats", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["entries"] == 4 and stats["bytes"] > 0  # the answer and its three proposals
+    assert str(state_dir) in stats["store"]
+    assert main(["cache", "clear", "--scope", "key:nobody"]) == 0
+    assert "cleared 0 entries" in capsys.readouterr().out
+    assert main(["cache", "clear", "--scope", "open"]) == 0
+    assert "cleared 4 entries" in capsys.readouterr().out
+    # This replica's LRU still holds them for a while: another replica (restart) would miss.
+    with _Server(server.config) as other:
+        assert chat(other.url).headers["x-moa-cache"] == "miss"
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_semantic_hit_for_a_rephrasing_and_none_for_a_near_miss(
+    sim: SimulatorServer, state_dir: Path, store: str, request: pytest.FixtureRequest
+) -> None:
+    extra: dict[str, Any] = {"store": store}
+    if store == "redis":  # plain redis-server: the index is a hash the replica scans
+        extra["redis_url"] = request.getfixturevalue("redis_server").rsplit("/", 1)[0] + "/6"
+    with _Server(cached_config(sim, state_dir, **extra)) as s:  # the measured default threshold
+
+        def ask(text: str, semantic: bool = True, system: str | None = None) -> httpx.Response:
+            messages = [{"role": "user", "content": text}]
+            if system is not None:
+                messages.insert(0, {"role": "system", "content": system})
+            return chat(s.url, messages=messages, moa={"cache_semantic": semantic, "detail": True})
+
+        first = ask("How does a hash map handle collisions?")
+        assert first.headers["x-moa-cache"] == "miss"
+        hit = ask("How are collisions handled in a hash map?")
+        assert hit.headers["x-moa-cache"] == "hit-semantic", hit.json()["moa"]["cache"]
+        cache = hit.json()["moa"]["cache"]
+        assert 0.8 <= cache["similarity"] < 1 and cache["saved_cost_usd"] > 0
+        assert {c["cache"] for c in hit.json()["moa"]["calls"]} == {"semantic"}
+        assert {c["similarity"] for c in hit.json()["moa"]["calls"]} == {cache["similarity"]}
+        assert (
+            hit.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
+        )
+        # Near misses: a negation, another content word; and no opt-in, or another context.
+        assert ask("How does a hash map not handle collisions?").headers["x-moa-cache"] == "miss"
+        assert ask("How does a hash map handle deletions?").headers["x-moa-cache"] == "miss"
+        assert (
+            ask("How are collisions handled in a hash map?", semantic=False).headers["x-moa-cache"] == "miss"
+        )
+        other = ask("How are collisions handled in a hash map?", system="Answer in French.")
+        assert other.headers["x-moa-cache"] == "miss"
+    if store == "redis":
+        import asyncio
+
+        from moa.cache.redis_store import RedisCacheStore
+
+        async def wipe() -> None:
+            r = RedisCacheStore(extra["redis_url"], 1 << 20, 60)
+            await r.clear(None)
+            await r.close()
+
+        asyncio.run(wipe())
+
+
+def test_semantic_by_preset(sim: SimulatorServer, state_dir: Path) -> None:
+    cfg = cached_config(sim, state_dir, semantic=SemanticCacheConfig(presets=("moa-lite",)))
+    with _Server(cfg) as s:
+        assert (
+            chat(s.url, messages=[{"role": "user", "content": "What causes inflation?"}]).headers[
+                "x-moa-cache"
+            ]
+            == "miss"
+        )
+        again = chat(s.url, messages=[{"role": "user", "content": "What are the causes of inflation?"}])
+        assert again.headers["x-moa-cache"] == "hit-semantic"
+
+
+def test_an_unreachable_store_makes_misses_not_failures(sim: SimulatorServer, state_dir: Path) -> None:
+    """Redis down (nothing listens on the port): every request is still answered; the replica's
+    own LRU (written before the shared store failed) still serves repeats."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = cached_config(sim, state_dir, store="redis", redis_url=f"redis://127.0.0.1:{port}/0")
+    with _Server(cfg) as server:
+        first = chat(server.url, moa={"detail": True})
+        assert first.status_code == 200 and first.headers["x-moa-cache"] == "miss"
+        assert "cache store failed" in first.json()["moa"]["cache"]["reason"]
+        again = chat(server.url)
+        assert again.status_code == 200 and again.headers["x-moa-cache"] == "hit-exact"
+        semantic = chat(
+            server.url, messages=[{"role": "user", "content": "Why?"}], moa={"cache_semantic": True}
+        )
+        assert semantic.status_code == 200 and semantic.headers["x-moa-cache"] == "miss"
