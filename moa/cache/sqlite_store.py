@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 from moa.cache.store import StoreStats
+from moa.sqlite_files import ThreadConnections
 
 T = TypeVar("T")
 
@@ -41,23 +41,12 @@ def _scope(key: str) -> str:
 class SQLiteCacheStore:
     def __init__(self, path: str | Path, max_bytes: int) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._connections = ThreadConnections(self.path)
         self.max_bytes = max_bytes
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._connections: list[sqlite3.Connection] = []
         self._db().executescript(SCHEMA)  # one script, committed as it runs
 
     def _db(self) -> sqlite3.Connection:
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            self._local.db = db
-            with self._lock:
-                self._connections.append(db)
-        return db
+        return self._connections.get()
 
     def _run_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         db = self._db()
@@ -161,7 +150,4 @@ class SQLiteCacheStore:
         return await asyncio.to_thread(read)
 
     async def close(self) -> None:
-        with self._lock:
-            for db in self._connections:
-                db.close()
-            self._connections.clear()
+        self._connections.close_all()

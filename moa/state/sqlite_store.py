@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import threading
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from moa.sqlite_files import ThreadConnections
 from moa.state import KeyExists, KeyLimits, KeyRecord, KeyStatus, Refused, Reservation
 
 T = TypeVar("T")
@@ -61,10 +61,7 @@ def _record(row: tuple[str, str, str, float, str, str]) -> KeyRecord:
 class SQLiteStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
+        self._connections = ThreadConnections(self.path)
         with self._tx() as db:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
@@ -73,16 +70,7 @@ class SQLiteStore:
     # -- plumbing ---------------------------------------------------------------------------------
 
     def _db(self) -> sqlite3.Connection:
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is None:
-            # isolation_level=None: transactions are ours (BEGIN IMMEDIATE), not the module's.
-            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            self._local.db = db
-            with self._lock:
-                self._connections.append(db)
-        return db
+        return self._connections.get()
 
     def _tx(self) -> _Transaction:
         return _Transaction(self._db())
@@ -221,10 +209,7 @@ class SQLiteStore:
         )
 
     async def close(self) -> None:
-        with self._lock:
-            for db in self._connections:
-                db.close()
-            self._connections.clear()
+        self._connections.close_all()
 
 
 class _Transaction:
