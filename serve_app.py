@@ -8,6 +8,7 @@ provider), the router and the HTTP ingress; an aggregator deployment when ``serv
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import sys
@@ -175,7 +176,14 @@ def drain_app(
     a bound well past ``drain_s``). ``hurry`` set (a second Ctrl-C) ends the requests at once.
 
     A slow answer from the router (a loaded machine) never cuts the drain short: the request to
-    drain is sent again until it is taken, and only the bound ends the wait."""
+    drain is sent again until it is taken, and only the bound ends the wait. The router is
+    awaited on an event loop of this call's own: with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` in the
+    environment before Ray is imported, Serve's handles refuse blocking ``.result()`` calls
+    outside one."""
+    asyncio.run(_drain(drain_s, hurry, app_name, say))
+
+
+async def _drain(drain_s: float, hurry: threading.Event, app_name: str, say: Callable[[str], None]) -> None:
     router = serve.get_deployment_handle("router", app_name=app_name)
     # Each replica notices within a health refresh, drains, ends what is left, and says so.
     end = time.monotonic() + drain_s + CUT_GRACE_S + 4 * HEALTH_REFRESH_S + 5
@@ -185,19 +193,19 @@ def drain_app(
         try:
             if not asked or (hurry.is_set() and not hurried):
                 hurried = hurry.is_set()
-                router.drain.remote(drain_s, hurry=hurried).result(timeout_s=min(10.0, left))
+                await asyncio.wait_for(router.drain.remote(drain_s, hurry=hurried), min(10.0, left))
                 asked = True
-            replicas = router.drain_status.remote().result(timeout_s=min(5.0, left))
+            replicas = await asyncio.wait_for(router.drain_status.remote(), min(5.0, left))
         except Exception as e:  # slow or restarting: ask again, within the bound
-            say(f"The router did not answer ({type(e).__name__}); asking again.")
-            time.sleep(0.2)
+            say(f"The router did not answer ({type(e).__name__}: {e}); asking again.")
+            await asyncio.sleep(0.2)
             continue
         if replicas and all(r["drained"] for r in replicas.values()):
             cut = sum(r["cut"] for r in replicas.values())
             if cut:
                 say(f"Drain time over: {cut} request(s) still running were ended.")
             return
-        time.sleep(0.1)
+        await asyncio.sleep(0.1)
     say("Some ingress replica did not report its drain in time; stopping anyway.")
 
 
