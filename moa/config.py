@@ -202,6 +202,15 @@ class SimulatorConfig(_Strict):
     profile: str | None = None  # path of a simulator profile (latencies, faults)
 
 
+def _redis_url_without_password(url: str | None) -> str | None:
+    """A Redis URL in a config file never carries a password (the state's and the cache's)."""
+    from urllib.parse import urlsplit
+
+    if url and urlsplit(url).password:
+        raise ValueError("a password never goes in the config file: set MOA_REDIS_PASSWORD")
+    return url
+
+
 class SemanticCacheConfig(_Strict):
     """Semantic hits: a rephrased last user message answered from the cache (opt-in)."""
 
@@ -279,11 +288,7 @@ class CacheConfig(_Strict):
     @field_validator("redis_url")
     @classmethod
     def _no_password(cls, v: str | None) -> str | None:
-        from urllib.parse import urlsplit
-
-        if v and urlsplit(v).password:
-            raise ValueError("a password never goes in the config file: set MOA_REDIS_PASSWORD")
-        return v
+        return _redis_url_without_password(v)
 
 
 class ServerConfig(_Strict):
@@ -414,11 +419,7 @@ class StateConfig(_Strict):
     @field_validator("redis_url")
     @classmethod
     def _no_password(cls, v: str | None) -> str | None:
-        from urllib.parse import urlsplit
-
-        if v and urlsplit(v).password:
-            raise ValueError("a password never goes in the config file: set MOA_REDIS_PASSWORD")
-        return v
+        return _redis_url_without_password(v)
 
 
 class MoAConfig(_Strict):
