@@ -356,3 +356,28 @@ def test_a_streaming_target_times_first_byte_and_first_token(config: MoAConfig, 
     assert row["ttft_p50_ms"] == pytest.approx(1000 * sample.ttft_s)
     report = {"levels": [{"target": "serve moa-lite (early)", "concurrency": 1, **row}], "scenarios": []}
     assert "| serve moa-lite (early) | 1 | " in markdown(report).split("streaming target")[1]
+
+
+DOCS = Path(__file__).parents[1] / "docs"
+# Raw files whose every table docs/BENCHMARKS.md shows exactly as `moa bench` renders it; for the
+# streaming runs, the page shows the streaming table (their request table is in the file only).
+RENDERED_TABLES = {
+    "bench-results.json": None,
+    "bench-results-fair.json": None,
+    "bench-ttft-aggregation.json": "| streaming target",
+    "bench-ttft-staircase.json": "| streaming target",
+}
+
+
+@pytest.mark.parametrize("name", sorted(RENDERED_TABLES))
+def test_benchmarks_md_shows_the_raw_files_rendered(name: str) -> None:
+    """A figure in a table of BENCHMARKS.md is the figure in its raw file: regenerate a table
+    with ``runner.markdown`` from the JSON, never edit it by hand."""
+    doc = (DOCS / "BENCHMARKS.md").read_text()
+    assert f"]({name})" in doc or f"`{name}`" in doc, f"BENCHMARKS.md never names its raw file {name}"
+    tables = markdown(json.loads((DOCS / name).read_text())).strip().split("\n\n")
+    only = RENDERED_TABLES[name]
+    shown = [t for t in tables if only is None or t.startswith(only)]
+    assert shown, f"{name} renders no table starting with {only!r}"
+    for table in shown:
+        assert table in doc, f"BENCHMARKS.md does not show this table of {name} as rendered:\n{table}"
