@@ -175,5 +175,5 @@ def test_the_old_serve_router_key_still_configures_the_health_board() -> None:
     raw["serve"] = {"router": {"num_cpus": 0.5}}
     assert parse_config(raw).serve.health_board.num_cpus == 0.5
     raw["serve"] = {"router": {"num_cpus": 0.5}, "health_board": {"num_cpus": 0.5}}
-    with pytest.raises(ConfigError, match="serve.router is its old name"):
+    with pytest.raises(ConfigError, match=r"serve\.router is its old name"):
         parse_config(raw)

@@ -324,7 +324,9 @@ def test_bench_floor_app_times_every_probe(url: str) -> None:
     """``moa bench --targets floor``: the bare app deploys beside the service, answers, and goes."""
     from rich.progress import Progress
 
-    from moa.benchmark.runner import measure_floor
+    from moa.benchmark.runner import ray_targets
+
+    measure_floor = ray_targets().measure_floor
 
     with Progress(disable=True) as progress:
         rows = asyncio.run(measure_floor(url, progress, progress.add_task("floor", total=None)))
