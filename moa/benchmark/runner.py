@@ -541,4 +541,4 @@ def write_report(report: dict[str, Any], out: Path) -> None:
         plot(report, out / "bench.png")
 
 
-__all__ = ["BenchOptions", "load_prompts", "markdown", "run", "write_report"]
+__all__ = ["load_prompts", "markdown", "run", "write_report"]
