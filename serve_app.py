@@ -61,7 +61,7 @@ def build_from_config(cfg: MoAConfig) -> Application:
     }
     board = serve.deployment(
         HealthBoardDeployment, **HealthBoardDeployment.get_deployment_options(cfg.serve.health_board)
-    ).bind(**HealthBoardDeployment.init_args(cfg))
+    ).bind(**HealthBoardDeployment.config_slice(cfg))
     # The engine and the API read the whole config: the ingress and the aggregator get all of it.
     raw = cfg.model_dump(mode="json")
     aggregator = None

@@ -52,8 +52,8 @@ class HealthBoardDeployment:
         }
 
     @staticmethod
-    def init_args(cfg: MoAConfig) -> dict[str, Any]:
-        """What it is bound with: its slice of ``cfg``."""
+    def config_slice(cfg: MoAConfig) -> dict[str, Any]:
+        """What of ``cfg`` it is bound with (its keyword arguments), as plain data."""
         may_idle = [
             name
             for name, p in cfg.providers.items()
