@@ -1,9 +1,13 @@
 """The Ray Serve application: ``serve run serve_app:build_app config=PATH``.
 
 One deployment per provider (own autoscaling and concurrency; one shared RPM/TPM limiter actor per
-provider), the router and the HTTP ingress; an aggregator deployment when ``serve.fusion`` is
-``deployment``. With no API keys in the environment
-(simulator mode) and no ``simulator.url`` configured, a simulator deployment is added too.
+provider), the health board and the HTTP ingress; an aggregator deployment when ``serve.fusion``
+is ``deployment``. With no API keys in the environment (simulator mode) and no ``simulator.url``
+configured, a simulator deployment is added too.
+
+Each deployment class computes its own Serve options from its own slice of the config
+(``get_deployment_options``, as Ray Serve's LLM deployments do) and is bound with only the config
+it reads: this builder only wires them together.
 """
 
 from __future__ import annotations
@@ -19,15 +23,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
-from ray.serve.config import DeploymentActorConfig
 from ray.serve.deployment import Application
 
 from actors.aggregator import AggregatorDeployment
-from actors.handles import deployment_name
+from actors.health_board import HEALTH_BOARD_NAME, HealthBoardDeployment
 from actors.ingress import HEALTH_REFRESH_S, IngressDeployment
-from actors.limiter import LIMITER_NAME, RateLimiterActor
 from actors.provider import ProviderDeployment
-from actors.router import RouterDeployment
 from actors.simulator import SimulatorDeployment
 from moa.api.app import CUT_GRACE_S
 from moa.config import MoAConfig, load_config, simulation_active
@@ -42,50 +43,34 @@ def build_app(args: dict[str, str] | None = None) -> Application:
 
 
 def build_from_config(cfg: MoAConfig) -> Application:
-    raw = cfg.model_dump(mode="json")
     simulator = None
     if simulation_active(cfg) and not cfg.simulator.url:
         profile = (
             load_profile(cfg.simulator.profile).model_dump(mode="json") if cfg.simulator.profile else None
         )
-        sim_opts = cfg.serve.simulator.serve_options(default_max_ongoing=1000)
-        simulator = serve.deployment(SimulatorDeployment, name="simulator", **sim_opts).bind(profile)
+        simulator = serve.deployment(
+            SimulatorDeployment, **SimulatorDeployment.get_deployment_options(cfg.serve.simulator)
+        ).bind(profile)
 
-    providers: dict[str, Any] = {}
-    for name, pcfg in cfg.providers.items():
-        opts = pcfg.deployment.serve_options(default_max_ongoing=2 * pcfg.limits.concurrency)
-        actors = []
-        if pcfg.limits.rpm or pcfg.limits.tpm:
-            actors.append(
-                DeploymentActorConfig(
-                    name=LIMITER_NAME,
-                    actor_class=RateLimiterActor,
-                    init_kwargs={"rpm": pcfg.limits.rpm, "tpm": pcfg.limits.tpm},
-                    actor_options={"num_cpus": 0.01},
-                )
-            )
-        providers[name] = serve.deployment(
-            ProviderDeployment, name=deployment_name(name), deployment_actors=actors, **opts
-        ).bind(raw, name, simulator)
-
-    # The ingress polls the health board every 0.5 s and each provider replica reports to it every
-    # 2 s: access lines for those calls would bury everything else in its log.
-    router = serve.deployment(
-        RouterDeployment,
-        name="router",
-        logging_config={"enable_access_log": False},
-        **cfg.serve.router.serve_options(1000),
-    ).bind(raw, providers)
+    provider_config = ProviderDeployment.config_slice(cfg)
+    providers: dict[str, Any] = {
+        name: serve.deployment(
+            ProviderDeployment, **ProviderDeployment.get_deployment_options(name, pcfg)
+        ).bind(provider_config, name, simulator)
+        for name, pcfg in cfg.providers.items()
+    }
+    board = serve.deployment(
+        HealthBoardDeployment, **HealthBoardDeployment.get_deployment_options(cfg.serve.health_board)
+    ).bind(**HealthBoardDeployment.config_slice(cfg))
+    # The engine and the API read the whole config: the ingress and the aggregator get all of it.
+    raw = cfg.model_dump(mode="json")
     aggregator = None
     if cfg.serve.fusion == "deployment":
         aggregator = serve.deployment(
-            AggregatorDeployment, name="aggregator", **cfg.serve.aggregator.serve_options(1000)
+            AggregatorDeployment, **AggregatorDeployment.get_deployment_options(cfg.serve.aggregator)
         ).bind(raw, providers)
-    ingress_opts = cfg.serve.ingress.serve_options(
-        default_max_ongoing=cfg.server.max_concurrent_requests + 16
-    )
-    return serve.deployment(IngressDeployment, name="ingress", **ingress_opts).bind(
-        raw, providers, router, aggregator
+    return serve.deployment(IngressDeployment, **IngressDeployment.get_deployment_options(cfg)).bind(
+        raw, providers, board, aggregator
     )
 
 
@@ -175,16 +160,16 @@ def drain_app(
     progress ``drain_s``, then end the rest. Returns once every replica reports it is done (or
     a bound well past ``drain_s``). ``hurry`` set (a second Ctrl-C) ends the requests at once.
 
-    A slow answer from the router (a loaded machine) never cuts the drain short: the request to
-    drain is sent again until it is taken, and only the bound ends the wait. The router is
-    awaited on an event loop of this call's own: with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` in the
+    A slow answer from the health board (a loaded machine) never cuts the drain short: the
+    request to drain is sent again until it is taken, and only the bound ends the wait. The board
+    is awaited on an event loop of this call's own: with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` in the
     environment before Ray is imported, Serve's handles refuse blocking ``.result()`` calls
     outside one."""
     asyncio.run(_drain(drain_s, hurry, app_name, say))
 
 
 async def _drain(drain_s: float, hurry: threading.Event, app_name: str, say: Callable[[str], None]) -> None:
-    router = serve.get_deployment_handle("router", app_name=app_name)
+    board = serve.get_deployment_handle(HEALTH_BOARD_NAME, app_name=app_name)
     # Each replica notices within a health refresh, drains, ends what is left, and says so.
     end = time.monotonic() + drain_s + CUT_GRACE_S + 4 * HEALTH_REFRESH_S + 5
     asked, hurried = False, False
@@ -193,11 +178,11 @@ async def _drain(drain_s: float, hurry: threading.Event, app_name: str, say: Cal
         try:
             if not asked or (hurry.is_set() and not hurried):
                 hurried = hurry.is_set()
-                await asyncio.wait_for(router.drain.remote(drain_s, hurry=hurried), min(10.0, left))
+                await asyncio.wait_for(board.drain.remote(drain_s, hurry=hurried), min(10.0, left))
                 asked = True
-            replicas = await asyncio.wait_for(router.drain_status.remote(), min(5.0, left))
+            replicas = await asyncio.wait_for(board.drain_status.remote(), min(5.0, left))
         except Exception as e:  # slow or restarting: ask again, within the bound
-            say(f"The router did not answer ({type(e).__name__}: {e}); asking again.")
+            say(f"The health board did not answer ({type(e).__name__}: {e}); asking again.")
             await asyncio.sleep(0.2)
             continue
         if replicas and all(r["drained"] for r in replicas.values()):

@@ -7,16 +7,25 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from actors.handles import HandleCaller
+from actors.options import serve_options
 from actors.telemetry import init_replica_telemetry, shutdown_replica_telemetry
-from moa.config import parse_config
+from moa.config import DeploymentOptions, parse_config
 from moa.engine.fusion import FuseEvent, FuseJob, fuse
 from observability.tracing import extract, iterate_in
 
 
 class AggregatorDeployment:
+    """Bound with the whole config: the fusion reads the templates, the providers' kinds and
+    prices and the caps, as the engine in the ingress does."""
+
+    @classmethod
+    def get_deployment_options(cls, opts: DeploymentOptions) -> dict[str, Any]:
+        """Its Serve options from ``serve.aggregator``."""
+        return {"name": "aggregator", **serve_options(opts, default_max_ongoing=1000)}
+
     def __init__(self, config: dict[str, Any], providers: Mapping[str, Any]) -> None:
         self.config = parse_config(config, "the deployed config")
-        init_replica_telemetry(self.config)
+        init_replica_telemetry(self.config.observability)
         self.caller = HandleCaller(providers)
 
     async def fuse(self, job: FuseJob, trace: Mapping[str, str] | None = None) -> AsyncIterator[FuseEvent]:

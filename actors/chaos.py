@@ -36,6 +36,7 @@ from typing import Any
 
 import httpx
 
+from actors.health_board import HEALTH_BOARD_NAME
 from moa.config import MoAConfig, load_config, parse_config
 from moa.simulator.profile import ModelProfile, SimProfile
 from moa.simulator.server import SimulatorServer
@@ -110,7 +111,7 @@ def chaos_config(sim_url: str) -> MoAConfig:
     }
     raw["simulator"] = {"mode": "on", "url": sim_url}
     on_head = {"num_cpus": 0.05, "num_replicas": 1, "resources": {"head_node": 0.01}}
-    raw["serve"] = {"ingress": dict(on_head), "router": dict(on_head), "aggregator": dict(on_head)}
+    raw["serve"] = {"ingress": dict(on_head), "health_board": dict(on_head), "aggregator": dict(on_head)}
     raw["server"] = {"request_deadline_s": DEADLINE_S, "max_concurrent_requests": 256}
     return parse_config(raw, "the chaos config")
 
@@ -183,7 +184,7 @@ class Chaos:
         fragment, prefix = {
             "provider": ("#provider-openai#", "SERVE_REPLICA::"),
             "ingress": ("#ingress#", "SERVE_REPLICA::"),
-            "health-board": ("#router#", "SERVE_REPLICA::"),
+            "health-board": (f"#{HEALTH_BOARD_NAME}#", "SERVE_REPLICA::"),
             "rate-limiter": ("provider-metered", "SERVE_DEPLOYMENT_ACTOR::"),
         }[scenario]
         actor = _named_actor(fragment, prefix)
@@ -191,7 +192,7 @@ class Chaos:
         return {
             "provider": "one provider-openai replica",
             "ingress": "the ingress replica",
-            "health-board": "the health board's replica (deployment 'router')",
+            "health-board": f"the health board's replica (deployment {HEALTH_BOARD_NAME!r})",
             "rate-limiter": "provider-metered's rate-limiter actor",
         }[scenario]
 

@@ -1,6 +1,6 @@
 """The HTTP ingress: the OpenAI-compatible API, running the MoA engine over deployment handles.
 
-It routes with its own copy of the router policy and the router deployment's health view,
+It routes with its own copy of the routing policy over the health board's view of the providers,
 refreshed in the background: the decision costs no handle call on the request path. By default
 it also runs the final fusion itself, calling the aggregator model's provider deployment directly
 (``serve.fusion``). Each saves one sequential hop per request, measured with ``moa bench``.
@@ -15,33 +15,45 @@ from typing import Any
 from ray import serve
 
 from actors.handles import HandleCaller, RemoteFuser
+from actors.options import serve_options
 from actors.telemetry import init_replica_telemetry, shutdown_replica_telemetry
 from moa.api.app import Api, create_api
-from moa.config import parse_config
+from moa.config import MoAConfig, parse_config
 from moa.engine.engine import MoAEngine
 from moa.engine.fusion import Fuser, LocalFuser
 from moa.engine.router import HealthView, RouterPolicy
 from moa.state import open_store
 
-# How stale the ingress's view of provider health may get (the router's reports come every 2 s);
+# How stale the ingress's view of provider health may get (providers report every 2 s);
 # also how soon a replica learns that `moa serve` asked it to drain.
 HEALTH_REFRESH_S = 0.5
-# A router that does not answer this fast is taken as restarting: the last view stays.
-ROUTER_TIMEOUT_S = 5.0
+# A health board that does not answer this fast is taken as restarting: the last view stays.
+BOARD_TIMEOUT_S = 5.0
 
 
 @serve.ingress()
 class IngressDeployment:
+    """Bound with the whole config (it runs the engine and the API, which read all of it), the
+    provider deployments' handles, the health board's and the aggregator's, if any."""
+
+    @classmethod
+    def get_deployment_options(cls, cfg: MoAConfig) -> dict[str, Any]:
+        """Its Serve options from ``serve.ingress``; by default a little above the API's own bound
+        on requests in progress (``server.max_concurrent_requests``), so the API, not Serve's
+        queue, answers an overload (with 429 and Retry-After)."""
+        opts = serve_options(cfg.serve.ingress, default_max_ongoing=cfg.server.max_concurrent_requests + 16)
+        return {"name": "ingress", **opts}
+
     async def __init__(
         self,
         config: dict[str, Any],
         providers: Mapping[str, Any],
-        router: Any,
+        board: Any,
         aggregator: Any | None = None,
     ) -> None:
         self.config = parse_config(config, "the deployed config")
-        self.replica = init_replica_telemetry(self.config)["ray.serve.replica_id"]
-        self.router = router
+        self.replica = init_replica_telemetry(self.config.observability)["ray.serve.replica_id"]
+        self.board = board
         self._view = HealthView()
         caller = HandleCaller(providers)
         fuser: Fuser = RemoteFuser(aggregator) if aggregator is not None else LocalFuser(caller, self.config)
@@ -64,7 +76,7 @@ class IngressDeployment:
             await asyncio.sleep(HEALTH_REFRESH_S)
 
     async def _checkin(self) -> None:
-        """Tell the router how this replica is doing; take its health view and any drain request."""
+        """Tell the health board how this replica is doing; take its view and any drain request."""
         drain = self._drain
         drained = drain is not None and drain.done()
         ended = drained and not drain.cancelled() and drain.exception() is None  # type: ignore[union-attr]
@@ -74,9 +86,9 @@ class IngressDeployment:
             "cut": drain.result() if ended else 0,  # type: ignore[union-attr]
         }
         try:
-            async with asyncio.timeout(ROUTER_TIMEOUT_S):
-                answer = await self.router.checkin.remote(self.replica, state)
-        except Exception:  # the router may be restarting: keep the last view
+            async with asyncio.timeout(BOARD_TIMEOUT_S):
+                answer = await self.board.checkin.remote(self.replica, state)
+        except Exception:  # the health board may be restarting: keep the last view
             return
         self._view = answer["view"]
         asked = answer["drain"]
@@ -91,7 +103,7 @@ class IngressDeployment:
         self._reporting = asyncio.ensure_future(self._checkin())
 
     async def _health(self) -> dict[str, Any]:
-        summary: dict[str, Any] = await self.router.health.remote()
+        summary: dict[str, Any] = await self.board.health.remote()
         return summary
 
     def __serve_build_asgi_app__(self) -> Any:

@@ -12,10 +12,14 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from ray import serve
+from ray.serve.config import DeploymentActorConfig
 
-from actors.limiter import LIMITER_NAME, LimiterAuthority
+from actors.handles import deployment_name
+from actors.health_board import HEALTH_BOARD_NAME
+from actors.limiter import LIMITER_NAME, LimiterAuthority, RateLimiterActor
+from actors.options import serve_options
 from actors.telemetry import init_replica_telemetry, shutdown_replica_telemetry
-from moa.config import parse_config, resolve_endpoint, simulation_active
+from moa.config import MoAConfig, ProviderConfig, parse_config, resolve_endpoint, simulation_active
 from moa.limits import LeasedRateBudget, ProviderLimits
 from moa.providers.base import ProviderClient
 from moa.providers.registry import build_client
@@ -26,16 +30,48 @@ from observability.tracing import extract, iterate_in
 
 log = logging.getLogger("moa.actors.provider")
 
-# How often a replica tells the router its circuit state and latencies, besides on every change.
+# How often a replica tells the health board its circuit state and latencies, besides on every change.
 REPORT_INTERVAL_S = 2.0
+
+
+# The config sections a provider replica is bound with. Every provider's entry, not only its own:
+# whether calls go to the simulator depends on whether any provider's key is in the environment
+# (``simulation_active``), which each replica reads where it runs.
+CONFIG_SECTIONS = ("providers", "simulator", "observability")
 
 
 class ProviderDeployment:
     """Serves ``call`` and ``stream`` for one provider's models."""
 
+    @classmethod
+    def get_deployment_options(cls, provider: str, pcfg: ProviderConfig) -> dict[str, Any]:
+        """Its Serve options from its provider's entry: ``deployment`` (by default twice the
+        provider's concurrency in requests per replica) and, when the provider has an RPM or TPM
+        budget, the one limiter actor its replicas share."""
+        actors = []
+        if pcfg.limits.rpm or pcfg.limits.tpm:
+            actors.append(
+                DeploymentActorConfig(
+                    name=LIMITER_NAME,
+                    actor_class=RateLimiterActor,
+                    init_kwargs={"rpm": pcfg.limits.rpm, "tpm": pcfg.limits.tpm},
+                    actor_options={"num_cpus": 0.01},
+                )
+            )
+        return {
+            "name": deployment_name(provider),
+            "deployment_actors": actors,
+            **serve_options(pcfg.deployment, default_max_ongoing=2 * pcfg.limits.concurrency),
+        }
+
+    @staticmethod
+    def config_slice(cfg: MoAConfig) -> dict[str, Any]:
+        """What of ``cfg`` a replica is bound with (``CONFIG_SECTIONS``), as plain data."""
+        return cfg.model_dump(mode="json", include=set(CONFIG_SECTIONS))
+
     async def __init__(self, config: dict[str, Any], provider: str, simulator: Any = None) -> None:
         self.config = parse_config(config, "the deployed config")
-        self.identity = init_replica_telemetry(self.config)
+        self.identity = init_replica_telemetry(self.config.observability)
         self.provider = provider
         pcfg = self.config.providers[provider]
         sim_url = self.config.simulator.url
@@ -56,7 +92,7 @@ class ProviderDeployment:
         self.metrics = ProviderMetrics()
         self.metric_name = PROVIDER_NAMES.get(pcfg.kind.value, provider)
         self.app_name = self.identity["ray.serve.app"] or "default"
-        self._router: Any = None
+        self._board: Any = None
         self._latency: dict[str, float] = {}
         self._last_state: str | None = None
         self.answered = 0  # calls this replica answered (for operators and the cluster tests)
@@ -101,12 +137,12 @@ class ProviderDeployment:
 
     async def _report(self) -> None:
         try:
-            if self._router is None:
-                self._router = serve.get_deployment_handle("router", app_name=self.app_name)
+            if self._board is None:
+                self._board = serve.get_deployment_handle(HEALTH_BOARD_NAME, app_name=self.app_name)
             latencies, self._latency = self._latency, {}
             replica = self.identity["ray.serve.replica_id"]
-            await self._router.report.remote(self.provider, replica, self.client.health(), latencies)
-        except Exception as exc:  # the router may be restarting; the next report will do
+            await self._board.report.remote(self.provider, replica, self.client.health(), latencies)
+        except Exception as exc:  # the health board may be restarting; the next report will do
             log.debug("health report failed: %s", type(exc).__name__)
 
     async def _report_loop(self) -> None:

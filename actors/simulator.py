@@ -7,11 +7,20 @@ from typing import Any
 
 import ray
 
+from actors.options import serve_options
+from moa.config import DeploymentOptions
 from moa.simulator.profile import SimProfile
 from moa.simulator.server import SimulatorServer
 
 
 class SimulatorDeployment:
+    """Bound with the simulator profile only (latencies, faults), as plain data."""
+
+    @classmethod
+    def get_deployment_options(cls, opts: DeploymentOptions) -> dict[str, Any]:
+        """Its Serve options from ``serve.simulator``."""
+        return {"name": "simulator", **serve_options(opts, default_max_ongoing=1000)}
+
     def __init__(self, profile: dict[str, Any] | None = None) -> None:
         sim_profile = SimProfile.model_validate(profile) if profile else SimProfile()
         self.server = SimulatorServer(sim_profile, host=ray.util.get_node_ip_address(), port=0)

@@ -9,7 +9,7 @@ import ray
 from ray import serve
 from ray.serve._private.constants import SERVE_LOGGER_NAME
 
-from moa.config import MoAConfig
+from moa.config import ObservabilityConfig
 from observability.logs import configure_json_logging
 from observability.tracing import flush_tracing, setup_tracing
 
@@ -35,10 +35,12 @@ def replica_log_file() -> str | None:
     return None
 
 
-def init_replica_telemetry(config: MoAConfig) -> dict[str, str]:
+def init_replica_telemetry(observability: ObservabilityConfig) -> dict[str, str]:
+    """Tracing and logs for this replica; it needs only the config's ``observability`` section,
+    so a deployment bound with a slice of the config can call it."""
     identity = replica_identity()
     setup_tracing({**identity, "service.instance.id": identity["ray.serve.replica_id"]})
-    if config.observability.json_logs:
+    if observability.json_logs:
         # Straight into the replica's own log file, line by line. Writing to stderr is not
         # enough: Serve redirects a replica's stderr into its logger, which (in the
         # throughput-optimised mode) buffers 1,000 records before it writes any.

@@ -125,7 +125,9 @@ class AutoscalingOptions(_Strict):
 
 
 class DeploymentOptions(_Strict):
-    """How one Serve deployment is scheduled and scaled. I/O-bound work needs little CPU."""
+    """How one Serve deployment is scheduled and scaled. I/O-bound work needs little CPU.
+
+    Plain data: the Ray side (``actors/options.py``) turns it into Serve's options."""
 
     num_cpus: float = Field(default=0.1, ge=0)
     # Custom Ray resources, e.g. {"provider_node": 0.01} to keep replicas on one node type.
@@ -137,19 +139,6 @@ class DeploymentOptions(_Strict):
     max_ongoing_requests: int | None = Field(default=None, ge=1)
     # At most this many replicas on one node, e.g. 1 to spread the ingress over the nodes.
     max_replicas_per_node: int | None = Field(default=None, ge=1)
-
-    def serve_options(self, default_max_ongoing: int) -> dict[str, Any]:
-        opts: dict[str, Any] = {
-            "ray_actor_options": {"num_cpus": self.num_cpus, "resources": dict(self.resources)},
-            "max_ongoing_requests": self.max_ongoing_requests or default_max_ongoing,
-        }
-        if self.max_replicas_per_node is not None:
-            opts["max_replicas_per_node"] = self.max_replicas_per_node
-        if self.num_replicas is not None:
-            opts["num_replicas"] = self.num_replicas
-        else:
-            opts["autoscaling_config"] = self.autoscaling.model_dump()
-        return opts
 
 
 class ProviderConfig(_Strict):
@@ -384,7 +373,8 @@ class ServeOptions(_Strict):
     """Scheduling of the service's own deployments (providers carry theirs in ``providers``)."""
 
     ingress: DeploymentOptions = DeploymentOptions(num_cpus=0.2)
-    router: DeploymentOptions = DeploymentOptions(num_cpus=0.05, num_replicas=1)
+    # The health board: provider health reports in, the view the ingress routes with out.
+    health_board: DeploymentOptions = DeploymentOptions(num_cpus=0.05, num_replicas=1)
     # Where the final fusion runs. "ingress": the ingress builds the aggregator's prompt and calls
     # its model's provider deployment itself (one sequential handle hop less per request, measured
     # with `moa bench`). "deployment": an aggregator deployment does it, scaled apart from the
@@ -392,6 +382,17 @@ class ServeOptions(_Strict):
     fusion: Literal["ingress", "deployment"] = "ingress"
     aggregator: DeploymentOptions = DeploymentOptions(num_cpus=0.1)
     simulator: DeploymentOptions = DeploymentOptions(num_cpus=0.2, num_replicas=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_router_key(cls, data: Any) -> Any:
+        """``serve.router`` was this deployment's name before it was the health board (it never
+        routed): still accepted, as ``serve.health_board``."""
+        if isinstance(data, Mapping) and "router" in data:
+            if "health_board" in data:
+                raise ValueError("give serve.health_board only (serve.router is its old name)")
+            data = {("health_board" if k == "router" else k): v for k, v in data.items()}
+        return data
 
 
 class StateConfig(_Strict):

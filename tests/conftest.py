@@ -170,7 +170,7 @@ def _test_config(sim_url: str) -> MoAConfig:
     raw["simulator"] = {"mode": "on", "url": sim_url}
     raw["serve"] = {
         "ingress": {"num_cpus": 0.1, "num_replicas": 1, **ON_HEAD},
-        "router": {"num_cpus": 0.05, "num_replicas": 1, **ON_HEAD},
+        "health_board": {"num_cpus": 0.05, "num_replicas": 1, **ON_HEAD},
         "aggregator": {"num_cpus": 0.05, "num_replicas": 1, **ON_HEAD},
     }
     raw["server"] = {

@@ -140,3 +140,13 @@ def test_core_never_imports_ray() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+    # Nor does the benchmark (which needs the bench extra): it reaches its Ray side, the Serve app
+    # and the floor probe, through an entry point, never by importing the Ray-side modules.
+    bench = (
+        "import sys, pkgutil, importlib, moa.benchmark as b\n"
+        "for m in pkgutil.iter_modules(b.__path__): importlib.import_module('moa.benchmark.' + m.name)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'actors', 'serve_app')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", bench], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

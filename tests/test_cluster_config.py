@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from moa.config import load_config
+from moa.config import ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 OTEL_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT="
@@ -67,8 +67,10 @@ def _serve_schema(text: str) -> Any:
 
 
 def _deployment_names() -> set[str]:
+    from actors.health_board import HEALTH_BOARD_NAME
+
     cfg = load_config(None)
-    return {"ingress", "router", "aggregator", *(f"provider-{p}" for p in cfg.providers)}
+    return {"ingress", HEALTH_BOARD_NAME, "aggregator", *(f"provider-{p}" for p in cfg.providers)}
 
 
 def test_serve_config_parses_and_names_real_deployments() -> None:
@@ -142,3 +144,36 @@ def test_no_file_holds_anything_like_a_key() -> None:
         "moa/default_config.yaml",
     ):
         assert not pattern.search((ROOT / name).read_text()), name
+
+
+def test_each_deployment_is_bound_with_its_own_slice_of_the_config() -> None:
+    """The builder only wires: each deployment class computes its own Serve options, and a provider
+    or the health board is bound with the part of the config it reads, not the whole of it."""
+    from actors.health_board import HEALTH_BOARD_NAME
+    from actors.provider import CONFIG_SECTIONS
+    from serve_app import build_from_config
+
+    cfg = load_config(None)
+    cfg.serve.fusion = "deployment"
+    ingress = build_from_config(cfg)._bound_deployment
+    raw, providers, board, aggregator = ingress.init_args
+    assert ingress.name == "ingress" and raw == cfg.model_dump(mode="json")
+    assert ingress.max_ongoing_requests == cfg.server.max_concurrent_requests + 16
+    for name, app in providers.items():
+        provider = app._bound_deployment
+        assert provider.name == f"provider-{name}" and provider.init_args[1] == name
+        assert set(provider.init_args[0]) == set(CONFIG_SECTIONS)
+        assert provider.max_ongoing_requests == 2 * cfg.providers[name].limits.concurrency
+    health = board._bound_deployment
+    assert health.name == HEALTH_BOARD_NAME and health.num_replicas == 1
+    assert health.init_kwargs["providers"] == list(cfg.providers)
+    assert aggregator._bound_deployment.name == "aggregator"
+
+
+def test_the_old_serve_router_key_still_configures_the_health_board() -> None:
+    raw = load_config(None).model_dump(mode="json")
+    raw["serve"] = {"router": {"num_cpus": 0.5}}
+    assert parse_config(raw).serve.health_board.num_cpus == 0.5
+    raw["serve"] = {"router": {"num_cpus": 0.5}, "health_board": {"num_cpus": 0.5}}
+    with pytest.raises(ConfigError, match=r"serve\.router is its old name"):
+        parse_config(raw)

@@ -485,7 +485,7 @@ def test_the_local_recipe_deploys_with_serve_deploy_on_ray_start_and_the_admin_a
         text = wait_until_sync(
             status, lambda s: "status: RUNNING" in s, within_s=START_S, interval=2, what="the app RUNNING"
         )
-        for name in ("ingress", "router", "provider-openai", "provider-anthropic", "provider-gemini"):
+        for name in ("ingress", "health-board", "provider-openai", "provider-anthropic", "provider-gemini"):
             assert name in text
         health = httpx.get(url + "/healthz", timeout=30)
         assert health.status_code == 200 and health.json()["status"] == "ok", health.text

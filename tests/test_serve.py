@@ -257,13 +257,21 @@ def test_provider_deployments_scale_independently(url: str, sim: SimulatorServer
     assert replicas("provider-anthropic") == 1 and replicas("provider-gemini") == 1
 
 
-def test_router_deployment_answers_which_plan(url: str) -> None:
-    router = serve.get_deployment_handle("router", app_name="moa")
-    plan, decision, calls = router.route.remote([ChatMessage(role="user", content="Hi!")], "auto").result(
-        timeout_s=30
+def test_ingress_routes_over_the_health_boards_view(client: openai.OpenAI) -> None:
+    """Routing happens in the ingress, with its own policy over the health board's view: a plain
+    greeting is a single-model plan, decided with no classifier call, every provider available."""
+    from actors.health_board import HEALTH_BOARD_NAME
+
+    answer = client.chat.completions.create(
+        model="auto",
+        messages=[{"role": "user", "content": "Hi!"}],
+        extra_body={"moa": {"detail": True}},
     )
-    assert decision.preset == "single" and plan.is_single and calls == []
-    view = router.health_view.remote().result(timeout_s=30)
+    detail = (answer.model_extra or {})["moa"]
+    stages = [c["stage"] for c in detail["calls"]]
+    assert detail["preset"] == "single" and "proposer" not in stages and "classifier" not in stages
+    board = serve.get_deployment_handle(HEALTH_BOARD_NAME, app_name="moa")
+    view = board.health_view.remote().result(timeout_s=30)
     assert view.unavailable == frozenset()
 
 
@@ -316,7 +324,9 @@ def test_bench_floor_app_times_every_probe(url: str) -> None:
     """``moa bench --targets floor``: the bare app deploys beside the service, answers, and goes."""
     from rich.progress import Progress
 
-    from moa.benchmark.runner import measure_floor
+    from moa.benchmark.runner import ray_targets
+
+    measure_floor = ray_targets().measure_floor
 
     with Progress(disable=True) as progress:
         rows = asyncio.run(measure_floor(url, progress, progress.add_task("floor", total=None)))
@@ -374,14 +384,16 @@ def test_a_provider_with_no_replica_is_reported_and_never_waited_for(
         assert (status, body["status"]) == (200, "degraded")
         assert body["providers"]["ghost"]["replicas"] == 0
         assert body["providers"]["ghost"]["state"] == "no_replicas"
-        # Once the router counts it unavailable, a request naming it is answered by a substitute.
-        router = serve.get_deployment_handle("router", app_name="moa-ghost")
+        from actors.health_board import HEALTH_BOARD_NAME
+
+        # Once the health board counts it unavailable, a request naming it is answered by a substitute.
+        board = serve.get_deployment_handle(HEALTH_BOARD_NAME, app_name="moa-ghost")
         wait_until_sync(
-            lambda: router.health_view.remote().result(timeout_s=30).unavailable,
+            lambda: board.health_view.remote().result(timeout_s=30).unavailable,
             lambda unavailable: "ghost" in unavailable,
             within_s=120,
             interval=0.5,
-            what="the router to count the ghost provider out",
+            what="the health board to count the ghost provider out",
         )
         r = httpx.post(
             url + "/v1/chat/completions",

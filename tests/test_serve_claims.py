@@ -262,8 +262,10 @@ def test_every_request_and_call_logs_its_json_line_in_the_replica_logs(url: str)
     (request,) = [x for x in got if x.get("event") == "request"]
     assert request["status"] == 200 and "ingress" in request["file"]
     # The health board is polled every 0.5 s: none of that reaches its log.
-    router_logs = [text for name, text in _serve_logs().items() if "router" in name]
-    assert router_logs and not any("health_view" in text for text in router_logs)
+    from actors.health_board import HEALTH_BOARD_NAME
+
+    board_logs = [text for name, text in _serve_logs().items() if HEALTH_BOARD_NAME in name]
+    assert board_logs and not any("health_view" in text for text in board_logs)
 
 
 def test_a_refused_key_reaches_no_response_and_no_log_file(

@@ -22,7 +22,7 @@ from rich.progress import Progress
 
 from moa.benchmark.baseline import AGGREGATOR_PROMPT, RETRY, Baseline
 from moa.benchmark.options import FAULTY_MODEL, SCENARIOS, BenchOptions
-from moa.benchmark.stats import BREAKDOWN_PARTS, Sample, breakdown, percentile, summarize, trim_detail
+from moa.benchmark.stats import BREAKDOWN_PARTS, Sample, breakdown, summarize, trim_detail
 from moa.config import MoAConfig, load_config
 
 Send = Callable[[str], Awaitable[Sample]]
@@ -273,48 +273,24 @@ class Simulator:
         self.proc.wait(10)
 
 
-def _serve(cfg: MoAConfig) -> tuple[str, Callable[[], None]]:
-    from serve_app import start_local, stop_local
-
-    return start_local(cfg, "127.0.0.1", _free_port()).url, stop_local
-
-
-FLOOR_REQUESTS = 200
+# The benchmark's Ray side (the service on a local Ray instance, the bare floor app) registers
+# itself under this entry point group (``pyproject.toml``): the core never imports Ray by name.
+RAY_TARGETS_GROUP = "moa.bench"
 # The baseline's per-call deadline outside the fault scenarios: the presets' call_timeout_s.
 BASELINE_TIMEOUT_S = 60.0
 
 
-async def measure_floor(url: str, progress: Progress, task: Any) -> list[dict[str, Any]]:
-    """The bare Serve app beside the service (same Ray instance and mode): HTTP and hop latencies."""
-    from ray import serve
+def ray_targets() -> Any:
+    """The module serving the Ray targets (``actors.bench_targets``), found by entry point."""
+    from importlib.metadata import entry_points
 
-    from actors.probe import PROBES, build_probe
-
-    serve.run(build_probe(), name="floor", route_prefix="/floor")
-    rows = []
-    try:
-        async with httpx.AsyncClient(timeout=30) as client:
-            for path, what in PROBES.items():
-                for _ in range(20):  # warm-up: connections, replicas' first calls
-                    (await client.get(f"{url}/floor{path}")).raise_for_status()
-                times = []
-                for _ in range(FLOOR_REQUESTS):
-                    t0 = time.perf_counter()
-                    (await client.get(f"{url}/floor{path}")).raise_for_status()
-                    times.append(1000 * (time.perf_counter() - t0))
-                    progress.advance(task)
-                rows.append(
-                    {
-                        "path": path,
-                        "what": what,
-                        "requests": FLOOR_REQUESTS,
-                        "p50_ms": percentile(times, 50),
-                        "p99_ms": percentile(times, 99),
-                    }
-                )
-    finally:
-        serve.delete("floor")
-    return rows
+    found = entry_points(group=RAY_TARGETS_GROUP, name="ray")
+    if not found:
+        raise RuntimeError(
+            f"no {RAY_TARGETS_GROUP!r} entry point named 'ray': reinstall the project "
+            "(pip install -e '.[serve,bench]')"
+        )
+    return next(iter(found)).load()
 
 
 async def run(opts: BenchOptions) -> dict[str, Any]:
@@ -327,7 +303,8 @@ async def run(opts: BenchOptions) -> dict[str, Any]:
     per_level = {c: max(opts.requests, 2 * c) for c in opts.concurrency}
     levels = sum(per_level.values()) * (len(serve_runs) + ("baseline" in opts.targets))
     faulted = len(opts.scenarios) * opts.fault_requests * (2 if "baseline" in opts.targets else 1)
-    floor = FLOOR_REQUESTS * 4 if "floor" in opts.targets else 0
+    targets = ray_targets()  # imported only: Ray starts with the Serve app, after the baseline
+    floor = targets.FLOOR_TOTAL if "floor" in opts.targets else 0
     report: dict[str, Any] = {
         "options": _jsonable(opts),
         "baseline": baseline_metadata(opts),
@@ -355,11 +332,12 @@ async def run(opts: BenchOptions) -> dict[str, Any]:
                 await base.aclose()
             say("starting the Serve app on a local Ray instance (a minute or so)...")
             progress.update(task, description="starting Ray and the Serve app")
-            url, stop_serve = _serve(bench_config(sim.url, opts.layer_deadline_s))
+            cfg = bench_config(sim.url, opts.layer_deadline_s)
+            url, stop_serve = targets.start_service(cfg, _free_port())
             say(f"Serve app ready at {url}")
             if floor:
                 progress.update(task, description="Serve floor (bare app)")
-                report["floor"] = await measure_floor(url, progress, task)
+                report["floor"] = await targets.measure_floor(url, progress, task)
                 for row in report["floor"]:
                     say(f"floor {row['path']}: p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms")
             for model, mode in serve_runs:
@@ -563,4 +541,4 @@ def write_report(report: dict[str, Any], out: Path) -> None:
         plot(report, out / "bench.png")
 
 
-__all__ = ["BenchOptions", "load_prompts", "markdown", "run", "write_report"]
+__all__ = ["load_prompts", "markdown", "run", "write_report"]

@@ -141,7 +141,8 @@ def user_text(messages: Sequence[ChatMessage]) -> str:
 
 
 class Router(Protocol):
-    """What the engine needs from a router: the policy itself, or the Ray router deployment."""
+    """What the engine needs from a router: ``RouterPolicy``, which also runs in every ingress
+    replica on Ray (over the health board's view), so a decision never costs a hop."""
 
     async def route(
         self,
