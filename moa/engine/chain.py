@@ -42,7 +42,7 @@ async def answer_chain(
     ends the run rather than turning to the fallback chain. ``params`` overrides the run's (a
     staircase step's token limit); ``prefix`` is the answer's text already sent, which it continues.
     """
-    ctx.check_deadline()
+    ctx.deadline.check()
     plan = ctx.plan
     job = FuseJob(
         chain=tuple(_as_aggregator(ref) for ref in chain),
@@ -50,7 +50,7 @@ async def answer_chain(
         references=tuple(references),
         params=params or ctx.params,
         call_timeout_s=plan.call_timeout_s,
-        deadline_s=ctx.remaining(),
+        remaining_s=ctx.deadline.to_wire(),
         later=later,
         reference_budget_tokens=plan.reference_budget_tokens,
         stream=stream,
@@ -94,7 +94,7 @@ async def answer_chain(
         spans.fuse_exhausted(span)
         if emitted:
             ctx.raise_failed()  # text is out: no fallback can take it back
-        ctx.check_deadline()
+        ctx.deadline.check()
     finally:
         await events.aclose()
         span.end()

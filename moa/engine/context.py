@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 
 from moa.cache import CacheTicket, ResponseCache
 from moa.config import MoAConfig
+from moa.deadline import NO_DEADLINE, Deadline
 from moa.engine.caller import ModelCaller
-from moa.engine.errors import AllProvidersFailed, DeadlineExceeded, Failure
+from moa.engine.errors import AllProvidersFailed, Failure
 from moa.engine.fusion import Fuser
 from moa.engine.plan import AggregationMode, Plan, PlanMode
 from moa.engine.result import CallRecord, FallbackReason, Progress, RouteDecision
@@ -37,7 +38,7 @@ class RunRequest:
     preset: str | None = None
     plan: Plan | None = None
     params: GenerationParams | None = None
-    deadline_s: float | None = None
+    deadline: Deadline = NO_DEADLINE
     routed: Routed | None = None
     on_call: Callable[[CallRecord], None] | None = None
     admit: Callable[[Routed], Awaitable[Routed]] | None = None
@@ -62,7 +63,7 @@ class RunContext:
     params: GenerationParams
     stream: bool
     t0: float
-    deadline: float | None
+    deadline: Deadline
     # What the response cache may do for this run (None: no cache).
     ticket: CacheTicket | None = None
     # Told of every call as it is recorded (the API meters a request's spend with it).
@@ -84,9 +85,6 @@ class RunContext:
 
     def offset(self) -> float:
         return time.monotonic() - self.t0
-
-    def remaining(self) -> float | None:
-        return None if self.deadline is None else self.deadline - time.monotonic()
 
     def note(self, *notes: str) -> None:
         self.notes.extend(n for n in notes if n not in self.notes)
@@ -111,12 +109,7 @@ class RunContext:
                 )
             )
 
-    def check_deadline(self) -> None:
-        remaining = self.remaining()
-        if remaining is not None and remaining <= 0:
-            raise DeadlineExceeded("the request deadline passed before an answer was ready")
-
     def raise_failed(self) -> None:
         """End the run: at its deadline if that passed, else with every failure listed."""
-        self.check_deadline()
+        self.deadline.check()
         raise AllProvidersFailed(self.failures)

@@ -22,6 +22,7 @@ from opentelemetry import trace
 
 from moa.cache import CacheTicket, ResponseCache, current_ticket, open_cache
 from moa.config import MoAConfig
+from moa.deadline import Deadline
 from moa.engine import spans
 from moa.engine.caller import ModelCaller
 from moa.engine.caps import check_messages, check_plan
@@ -94,6 +95,7 @@ class MoAEngine:
         plan: Plan | None = None,
         params: GenerationParams | None = None,
         deadline_s: float | None = None,
+        deadline: Deadline | None = None,
         routed: Routed | None = None,
         on_call: Callable[[CallRecord], None] | None = None,
         admit: Callable[[Routed], Awaitable[Routed]] | None = None,
@@ -105,7 +107,7 @@ class MoAEngine:
             preset=preset,
             plan=plan,
             params=params,
-            deadline_s=deadline_s,
+            deadline=deadline if deadline is not None else Deadline.after(deadline_s),
             routed=routed,
             on_call=on_call,
             admit=admit,
@@ -127,6 +129,7 @@ class MoAEngine:
         plan: Plan | None = None,
         params: GenerationParams | None = None,
         deadline_s: float | None = None,
+        deadline: Deadline | None = None,
         routed: Routed | None = None,
         on_call: Callable[[CallRecord], None] | None = None,
         admit: Callable[[Routed], Awaitable[Routed]] | None = None,
@@ -138,14 +141,15 @@ class MoAEngine:
         ``routed`` passes a decision already taken by ``route``. ``admit``, when given, sees the
         routed plan before any model is called and may refuse it (raise) or replace it (a key's
         access rules and spend reservation do both); ``on_call`` is told of every call recorded.
-        ``aggregation`` overrides the plan's aggregation mode.
+        ``aggregation`` overrides the plan's aggregation mode. The run ends at ``deadline`` (or
+        ``deadline_s`` from now) with ``DeadlineExceeded``.
         """
         request = RunRequest(
             messages=messages,
             preset=preset,
             plan=plan,
             params=params,
-            deadline_s=deadline_s,
+            deadline=deadline if deadline is not None else Deadline.after(deadline_s),
             routed=routed,
             on_call=on_call,
             admit=admit,
@@ -196,7 +200,7 @@ class MoAEngine:
                 params=request.params or GenerationParams(),
                 stream=request.stream,
                 t0=t0,
-                deadline=None if request.deadline_s is None else t0 + request.deadline_s,
+                deadline=request.deadline,
                 on_call=request.on_call,
             )
             for res in pre_calls:
@@ -333,7 +337,7 @@ class MoAEngine:
             return
         if missed is not None:
             # A layer missed its quorum: the single-model fallback chain answers instead.
-            ctx.check_deadline()
+            ctx.deadline.check()
             why, kind = missed
             ctx.fallback_reason = kind
             ctx.note(f"{why}; falling back to a single model")

@@ -8,14 +8,15 @@ staircase ``feed``, the proposers stream their answers into it as they write the
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from moa.deadline import Deadline
 from moa.engine import spans
 from moa.engine.calls import fit_references, merge_params, provider_kind, safe_call, safe_stream
 from moa.engine.context import RunContext
-from moa.engine.errors import DeadlineExceeded
 from moa.engine.plan import LayerSpec
 from moa.engine.prompts import with_references
 from moa.engine.result import CallRecord, Progress, Stage
@@ -74,15 +75,12 @@ async def _calls(
     feed: StaircaseFeed | None,
 ) -> LayerOutcome:
     plan = ctx.plan
-    ctx.check_deadline()
-    loop = asyncio.get_running_loop()
-    start = loop.time()
+    ctx.deadline.check()
+    start = time.monotonic()
     started_s = ctx.offset()
-    stage_deadline = start + plan.layer_deadline_s
-    remaining = ctx.remaining()
-    if remaining is not None:
-        stage_deadline = min(stage_deadline, start + remaining)
-    timeout = max(min(plan.call_timeout_s, stage_deadline - start), 0.001)
+    # The layer's own deadline, or the request's when that comes first.
+    stage = ctx.deadline.within(plan.layer_deadline_s)
+    timeout = max(stage.cap(plan.call_timeout_s), 0.001)
 
     tasks: dict[asyncio.Task[CallResult], int] = {}
     for i, spec in enumerate(layer.proposers):
@@ -103,7 +101,7 @@ async def _calls(
 
     results: dict[int, CallResult] = {}
     pending = set(tasks)
-    quorum_at: float | None = None
+    grace: Deadline | None = None  # the end of the grace period, once the quorum is met
     needed = layer.needed
     # Early aggregation: no grace once the quorum is met, the next stage starts at once.
     early = plan.aggregation == "early"
@@ -127,23 +125,21 @@ async def _calls(
     stop_reason = _DEADLINE
     try:
         while pending:
-            wait_until = stage_deadline if quorum_at is None else min(stage_deadline, quorum_at + grace_s)
-            now = loop.time()
-            if wait_until <= now:
+            # Until the deadline, or the end of the grace period once the quorum is met.
+            wait = stage.remaining() if grace is None else stage.cap(grace.remaining())
+            if wait <= 0:
                 # The grace period ended first; a layer (or request) deadline that came
                 # before it is still a deadline.
-                if quorum_at is not None and quorum_at + grace_s <= stage_deadline:
+                if grace is not None and grace.no_later_than(stage):
                     stop_reason = "quorum met; " + ("early aggregation" if early else "grace period over")
                 break
-            done, pending = await asyncio.wait(
-                pending, timeout=wait_until - now, return_when=asyncio.FIRST_COMPLETED
-            )
+            done, pending = await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 results[tasks[task]] = task.result()
             succeeded = sum(r.ok for r in results.values())
             progress(succeeded)
-            if succeeded >= needed and quorum_at is None:
-                quorum_at = loop.time()
+            if succeeded >= needed and grace is None:
+                grace = Deadline.after(grace_s)
             failed = len(results) - succeeded
             if len(layer.proposers) - failed < needed:
                 stop_reason = "the quorum can no longer be reached"
@@ -154,7 +150,7 @@ async def _calls(
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
 
-    end = loop.time()
+    end = time.monotonic()
     stragglers = {tasks[t] for t in pending}
     for task in pending:
         i = tasks[task]
@@ -188,6 +184,6 @@ async def _calls(
     ctx.critical_path_s += (end - start) if pending else completed_latency
     ctx.add_simulated(max(simulated) if simulated else None)
     met = len(answers) >= needed
-    if not met and ctx.remaining() is not None and (ctx.remaining() or 0) <= 0:
-        raise DeadlineExceeded(f"the request deadline passed in layer {index}")
+    if not met:
+        ctx.deadline.check(f"the request deadline passed in layer {index}")
     return LayerOutcome(answers=answers, met=met, stragglers=len(stragglers))
