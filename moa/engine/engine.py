@@ -346,7 +346,9 @@ class MoAEngine:
             routes = [_Route(plan.aggregators, Stage.AGGREGATOR, references)]
             if plan.fallbacks and not plan.is_single:
                 why = "every aggregator failed"
-                routes.append(_Route(plan.fallbacks, Stage.FALLBACK, [], why, "aggregators_failed"))
+                routes.append(
+                    _Route(plan.fallbacks, Stage.FALLBACK, [], why, FallbackReason.AGGREGATORS_FAILED)
+                )
         async for ev in self._finish(ctx, routes):
             yield ev
 
@@ -362,7 +364,7 @@ class MoAEngine:
                 last = feed if index == len(plan.layers) else None
                 outcome = await run_layer(ctx, index, layer, references, feed=last)
                 if not outcome.met:
-                    return [], (f"layer {index} missed its quorum", "quorum_missed")
+                    return [], (f"layer {index} missed its quorum", FallbackReason.QUORUM_MISSED)
                 references = outcome.answers
             return references, None
         layer = plan.layers[0]
@@ -370,12 +372,12 @@ class MoAEngine:
             prior = references if rnd > 1 else []
             outcome = await run_layer(ctx, rnd, layer, prior, refine=rnd > 1, round_=rnd)
             if not outcome.met:
-                return [], (f"round {rnd} missed its quorum", "quorum_missed")
+                return [], (f"round {rnd} missed its quorum", FallbackReason.QUORUM_MISSED)
             references = outcome.answers
             if rnd < plan.rounds:
                 synthesis = await synthesise(ctx, references, round_=rnd)
                 if synthesis is None:
-                    return [], (f"round {rnd} synthesis failed", "synthesis_failed")
+                    return [], (f"round {rnd} synthesis failed", FallbackReason.SYNTHESIS_FAILED)
                 references = [synthesis]
         return references, None
 
