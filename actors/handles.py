@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+from moa.deadline import Deadline
 from moa.engine.fusion import FuseEvent, FuseJob
 from moa.types import CallError, CallRequest, CallResult, ErrorKind, StreamEvent
 from observability.tracing import inject
@@ -84,12 +85,12 @@ class HandleCaller:
         if handle is None:
             yield _unknown(req)
             return
-        deadline = asyncio.get_running_loop().time() + self._bound(req)
+        deadline = Deadline.after(self._bound(req))
         responses = _cancelling(handle.stream.remote(req, trace=inject()))
         try:
             while True:
                 try:
-                    async with asyncio.timeout_at(deadline):
+                    async with asyncio.timeout_at(deadline.loop_time()):
                         ev = await anext(responses, None)
                 except TimeoutError:
                     yield _no_answer(req, self._bound(req))
@@ -109,17 +110,17 @@ class RemoteFuser:
 
     async def fuse(self, job: FuseJob) -> AsyncIterator[FuseEvent]:
         events = _cancelling(self._handle.fuse.remote(job, trace=inject()))
-        if job.deadline_s is None:
+        if job.remaining_s is None:
             async for ev in events:
                 yield ev
             return
         # With no aggregator replica the chain ends at its deadline, with no answer: the engine
         # then reports the deadline (504) as it would for a chain that ran out of time.
-        deadline = asyncio.get_running_loop().time() + job.deadline_s + HANDLE_GRACE_S
+        deadline = Deadline.after(job.remaining_s + HANDLE_GRACE_S)
         try:
             while True:
                 try:
-                    async with asyncio.timeout_at(deadline):
+                    async with asyncio.timeout_at(deadline.loop_time()):
                         ev = await anext(events, None)
                 except TimeoutError:
                     return

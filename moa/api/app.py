@@ -31,6 +31,7 @@ from moa.api.schemas import ChatCompletionRequest, MoARequest, ParamError, error
 from moa.auth import Principal
 from moa.cache import CacheTicket, set_ticket
 from moa.config import ConfigError, MoAConfig
+from moa.deadline import Deadline
 from moa.engine.engine import MoAEngine
 from moa.engine.errors import DeadlineExceeded, InvalidPlan, InvalidRequest, MoAError, ShuttingDown
 from moa.engine.result import MoAResult, Progress
@@ -231,9 +232,11 @@ class EventPump:
             self._queue.put_nowait(_STOP)
         self._task.cancel()
 
-    def stop_at(self, when: float, error: MoAError) -> None:
-        """``stop(error)`` at loop time ``when``, unless the stream ends first."""
-        self._timer = asyncio.get_running_loop().call_at(when, self.stop, error)
+    def stop_at(self, deadline: Deadline, error: MoAError) -> None:
+        """``stop(error)`` at ``deadline``, unless the stream ends first."""
+        when = deadline.loop_time()
+        if when is not None:
+            self._timer = asyncio.get_running_loop().call_at(when, self.stop, error)
 
     async def aclose(self) -> None:
         if self._timer is not None:
@@ -446,13 +449,15 @@ class Api:
             message, param = _validation_message(e)
             raise ApiError(422, message, "invalid_request_error", "invalid_value", param) from None
 
-    def deadline(self, requested: float | None) -> float:
+    def deadline(self, requested: float | None) -> Deadline:
+        """The request's one deadline, from now: what it asked for (``moa.deadline_s``), at most
+        the server's ``request_deadline_s``. The engine and the backstop below share it."""
         limit = self.config.server.request_deadline_s
-        return min(requested, limit) if requested else limit
+        return Deadline.after(min(requested, limit) if requested else limit)
 
     # -- endpoints --------------------------------------------------------------------------------
 
-    async def until_done(self, request: Request, work: Awaitable[T], deadline_s: float) -> T:
+    async def until_done(self, request: Request, work: Awaitable[T], deadline: Deadline) -> T:
         """Await ``work``, cancelling it (and with it the whole fan-out) if the client goes away
         (``ClientDisconnected``), a drain runs out (``ShuttingDown``) or the request's deadline
         passed well beyond what the engine allows itself (``DeadlineExceeded``)."""
@@ -461,7 +466,7 @@ class Api:
         cut = self._cut_future()
         try:
             waits: set[asyncio.Future[Any]] = {task, watcher, cut}
-            limit = deadline_s + BACKSTOP_GRACE_S
+            limit = deadline.remaining() + BACKSTOP_GRACE_S
             done, _ = await asyncio.wait(waits, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
         finally:
             watcher.cancel()
@@ -497,7 +502,7 @@ class Api:
         try:
             # Routing happens inside the run (its span is the run's child); a routing error still
             # comes before any byte of the response, so it gets its real status.
-            kwargs: dict[str, Any] = {"preset": req.model, "params": req.params(), "deadline_s": deadline}
+            kwargs: dict[str, Any] = {"preset": req.model, "params": req.params(), "deadline": deadline}
             kwargs |= {"admit": gate.admit, "on_call": gate.record, "aggregation": req.moa.aggregation}
             if not req.stream:
                 result = await self.until_done(request, self.engine.run(messages, **kwargs), deadline)
@@ -513,7 +518,7 @@ class Api:
                 first = await self.until_done(request, events.next(), deadline)
                 # Whatever the transports do, the stream ends at the deadline (plus the grace).
                 events.stop_at(
-                    asyncio.get_running_loop().time() + deadline + BACKSTOP_GRACE_S - (time.monotonic() - t0),
+                    deadline.extended(BACKSTOP_GRACE_S),
                     DeadlineExceeded("the request deadline passed before the answer was complete"),
                 )
             except BaseException:
@@ -663,7 +668,7 @@ class Api:
                     preset=req.preset,
                     plan=req.plan,
                     params=req.params,
-                    deadline_s=deadline,
+                    deadline=deadline,
                     admit=gate.admit,
                     on_call=gate.record,
                     aggregation=req.aggregation,

@@ -24,6 +24,7 @@ from moa.benchmark.baseline import AGGREGATOR_PROMPT, RETRY, Baseline
 from moa.benchmark.options import FAULTY_MODEL, SCENARIOS, BenchOptions
 from moa.benchmark.stats import BREAKDOWN_PARTS, Sample, breakdown, summarize, trim_detail
 from moa.config import MoAConfig, load_config
+from moa.engine.result import FallbackReason
 
 Send = Callable[[str], Awaitable[Sample]]
 
@@ -216,7 +217,7 @@ class HttpTarget:
             ok=True,
             simulated_s=detail["totals"]["simulated_critical_path_s"],
             # An aggregator that failed (a fallback answered) is no missed quorum.
-            met_quorum=detail["fallback_reason"] != "quorum_missed",
+            met_quorum=detail["fallback_reason"] != FallbackReason.QUORUM_MISSED.value,
             cut_straggler=detail["totals"]["stragglers_cancelled"] > 0,
             tokens=sum(c["usage"]["input_tokens"] + c["usage"]["output_tokens"] for c in detail["calls"]),
             cost_usd=detail["totals"]["cost_usd"],

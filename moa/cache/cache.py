@@ -27,7 +27,7 @@ from moa.config import CacheConfig, MoAConfig
 from moa.engine.caller import ModelCaller
 from moa.engine.calls import safe_call
 from moa.engine.plan import Plan
-from moa.engine.result import CacheOutcome, MoAResult
+from moa.engine.result import CacheOutcome, FallbackReason, MoAResult
 from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams, Usage
 from observability.metrics import cache_metrics
 from observability.tracing import tracer
@@ -230,7 +230,7 @@ class ResponseCache:
             return f"the answer ended with {result.finish_reason!r} (cut, not complete)"
         if not result.text:
             return "the answer is empty"
-        if result.fallback_reason == "quorum_missed" and not self.config.quorum_missed:
+        if result.fallback_reason == FallbackReason.QUORUM_MISSED and not self.config.quorum_missed:
             return "a proposer layer missed its quorum (cache.quorum_missed stores such answers)"
         return None
 

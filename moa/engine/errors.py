@@ -4,10 +4,14 @@ so every transport reports it the same way."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
 from moa.types import ErrorKind
+
+if TYPE_CHECKING:
+    from moa.engine.result import FallbackReason
 
 
 class Failure(BaseModel):
@@ -27,7 +31,7 @@ class MoAError(Exception):
     # The request field at fault, as OpenAI's ``param``.
     param: str | None = None
     # Set by the engine when the run had turned to its fallback chain (see MoAResult).
-    fallback_reason: str | None = None
+    fallback_reason: FallbackReason | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

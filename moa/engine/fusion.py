@@ -14,6 +14,7 @@ from typing import Protocol
 from pydantic import BaseModel, Field
 
 from moa.config import MoAConfig
+from moa.deadline import Deadline
 from moa.engine.caller import ModelCaller
 from moa.engine.calls import (
     fit_references,
@@ -37,14 +38,19 @@ class FuseJob(BaseModel):
     references: tuple[str, ...] = ()
     params: GenerationParams = GenerationParams()
     call_timeout_s: float = Field(gt=0)
-    # Time left for the whole chain; None means no request deadline.
-    deadline_s: float | None = None
+    # The request deadline as it crosses to the aggregator deployment: the seconds it had left when
+    # the job was made (``Deadline.to_wire``); None means no request deadline. See ``deadline``.
+    remaining_s: float | None = None
     # Models the run may still try after this chain (the fallback chain): they get their share too.
     later: int = Field(default=0, ge=0)
     reference_budget_tokens: int | None = None
     stream: bool = False
     # The answer's text already sent (a staircase step continues it): the chain continues it too.
     prefix: str = ""
+
+    def deadline(self) -> Deadline:
+        """The request deadline, rebuilt on this side of the process boundary."""
+        return Deadline.after(self.remaining_s)
 
 
 class FuseStep(BaseModel):
@@ -76,15 +82,16 @@ async def fuse(job: FuseJob, caller: ModelCaller, config: MoAConfig) -> AsyncIte
     streaming (after which it may use all the time left).
     """
     t0 = time.monotonic()
+    deadline = job.deadline()
     sent = job.prefix  # the answer's text already out: earlier steps, attempts that broke mid-stream
     for index, spec in enumerate(job.chain):
         elapsed = time.monotonic() - t0
         timeout = job.call_timeout_s
         share: float | None = None
-        if job.deadline_s is not None:
-            left = job.deadline_s - elapsed
-            if left <= 0:
-                return
+        if deadline.expired:
+            return
+        if deadline.at is not None:
+            left = deadline.remaining()
             still = len(job.chain) - index + job.later
             share = left / still if still > 1 else None
             timeout = min(timeout, left if job.stream or share is None else share)

@@ -119,7 +119,16 @@ class Progress(BaseModel):
         return self.stage
 
 
-FallbackReason = Literal["quorum_missed", "aggregators_failed", "synthesis_failed"]
+class FallbackReason(StrEnum):
+    """Why a run turned to its fallback chain: the signal metrics, the cache and the benchmark decide
+    on (``MoAResult.fallback`` is the same for people, and only for display)."""
+
+    # A proposer layer (or refine round) missed its quorum: the single-model fallback answered.
+    QUORUM_MISSED = "quorum_missed"
+    # The layers met their quorum but every aggregator of the chain failed.
+    AGGREGATORS_FAILED = "aggregators_failed"
+    # A refine round's intermediate synthesis failed.
+    SYNTHESIS_FAILED = "synthesis_failed"
 
 
 class CacheOutcome(BaseModel):

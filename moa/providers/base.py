@@ -20,6 +20,7 @@ from typing import Any, ClassVar, get_args
 from pydantic import ValidationError
 
 from moa.config import Endpoint, ProviderConfig
+from moa.deadline import Deadline
 from moa.limits import DEFAULT_OUTPUT_RESERVE, ProviderLimits, RateBudgetExceeded
 from moa.tokens import CHARS_PER_TOKEN, approx_message_tokens
 from moa.types import (
@@ -405,7 +406,7 @@ class ProviderClient(ABC):
     async def _gated(self, req: CallRequest, stream: bool) -> AsyncIterator[StreamEvent]:
         """Breaker, concurrency slot and rate budget around the attempts; the breaker learns the outcome."""
         t0 = time.monotonic()
-        deadline = t0 + (req.timeout_s or self.cfg.timeout_s)
+        deadline = Deadline.after(req.timeout_s or self.cfg.timeout_s)
         # A deadline tighter than the provider's own timeout is the caller's budget (a layer or
         # request deadline): running out of it says nothing about the provider's health.
         caller_budget = req.timeout_s is not None and req.timeout_s < self.cfg.timeout_s
@@ -424,7 +425,7 @@ class ProviderClient(ABC):
             return
         outcome: ErrorKind | None = None  # None: success; a kind: failure; unset on cancellation
         cancelled = True
-        if not await self.limits.enter(deadline - time.monotonic()):
+        if not await self.limits.enter(deadline.remaining()):
             breaker.record_neutral()
             why = "no concurrency slot came free before the deadline"
             yield self._failure(req, t0, AttemptError(ErrorKind.TIMEOUT, why), streamed=stream)
@@ -437,7 +438,7 @@ class ProviderClient(ABC):
             wanted_output = min(req.params.max_tokens or DEFAULT_OUTPUT_RESERVE, max_output)
             reserved = used.input_tokens + wanted_output
             try:
-                await self.limits.budget.acquire(reserved, deadline - time.monotonic())
+                await self.limits.budget.acquire(reserved, deadline.remaining())
             except RateBudgetExceeded as e:
                 reserved = 0  # nothing was taken
                 cancelled = False
@@ -470,7 +471,7 @@ class ProviderClient(ABC):
                 breaker.record_neutral()
 
     async def _attempts(
-        self, req: CallRequest, stream: bool, t0: float, deadline: float, used: _Consumption
+        self, req: CallRequest, stream: bool, t0: float, deadline: Deadline, used: _Consumption
     ) -> AsyncIterator[StreamEvent]:
         """The retry loop: retryable failures are retried with jittered backoff (or as Retry-After
         says) while the deadline allows; a stream is never retried once text has been sent. A 400
@@ -480,17 +481,17 @@ class ProviderClient(ABC):
         sent, adjustments = self._prepare(req)
         while True:
             attempts += 1
-            remaining = deadline - time.monotonic()
+            remaining = deadline.remaining()
             final: Attempt | None = None
             try:
-                if remaining <= 0:
+                if deadline.expired:
                     raise AttemptError(ErrorKind.TIMEOUT, "the call's deadline passed")
                 used.sent += 1  # from here the provider may have read (and billed) the prompt
                 if stream:
                     it = aiter(self._stream_once(sent, remaining))
                     try:
                         while True:
-                            async with asyncio.timeout_at(_loop_deadline(deadline)):
+                            async with asyncio.timeout_at(deadline.loop_time()):
                                 item = await anext(it, None)
                             if item is None:
                                 break
@@ -508,7 +509,7 @@ class ProviderClient(ABC):
                             ErrorKind.MALFORMED_RESPONSE, "stream ended without its final event"
                         )
                 else:
-                    async with asyncio.timeout_at(_loop_deadline(deadline)):
+                    async with asyncio.timeout_at(deadline.loop_time()):
                         final = await self._complete_once(sent, remaining)
             except asyncio.CancelledError:
                 raise
@@ -562,7 +563,9 @@ class ProviderClient(ABC):
             )
             return
 
-    def _retry_delay(self, err: AttemptError, attempts: int, deadline: float, emitted: bool) -> float | None:
+    def _retry_delay(
+        self, err: AttemptError, attempts: int, deadline: Deadline, emitted: bool
+    ) -> float | None:
         """How long to wait before the next attempt, or None to give up now."""
         retry = self.cfg.retry
         if emitted or not err.kind.retryable or attempts >= retry.max_attempts:
@@ -574,7 +577,7 @@ class ProviderClient(ABC):
         else:
             cap = min(retry.backoff_max_s, retry.backoff_base_s * 2 ** (attempts - 1))
             delay = random.uniform(0, cap)
-        if time.monotonic() + delay >= deadline:
+        if delay >= deadline.remaining():
             return None
         return delay
 
@@ -597,12 +600,6 @@ class _Consumption:
         read_prompt = self.sent > self.refused or self.output_chars > 0
         output = -(-self.output_chars // CHARS_PER_TOKEN)
         return (self.input_tokens if read_prompt else 0) + output
-
-
-def _loop_deadline(deadline: float) -> float:
-    """Our deadlines are time.monotonic(); asyncio's loop clock may differ in origin."""
-    loop = asyncio.get_running_loop()
-    return loop.time() + (deadline - time.monotonic())
 
 
 async def _aclose(it: AsyncIterator[Any]) -> None:

@@ -1,0 +1,138 @@
+"""Answer chains: one fusion (or single-model answer) through a chain of models, recorded in the run.
+
+Every stage that asks a chain of models for one answer goes through ``answer_chain``: the final
+aggregators and the fallback chain, a refine round's synthesis, and each intermediate staircase
+step (the same chain, continuing the answer so far for a few tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import aclosing
+
+from opentelemetry import trace
+
+from moa.engine import spans
+from moa.engine.context import RunContext
+from moa.engine.fusion import FuseJob
+from moa.engine.plan import AggregatorSpec, ModelRef
+from moa.engine.result import CallRecord, Stage
+from moa.types import CallResult, GenerationParams, TextDelta
+from observability.tracing import iterate_in, tracer
+
+
+async def answer_chain(
+    ctx: RunContext,
+    chain: Sequence[ModelRef],
+    stage: Stage,
+    references: Sequence[str],
+    *,
+    stream: bool,
+    params: GenerationParams | None = None,
+    round_: int | None = None,
+    later: int = 0,
+    prefix: str = "",
+    step: int | None = None,
+) -> AsyncGenerator[TextDelta | CallResult, None]:
+    """Fuse (or, without references, simply answer) through ``chain``; record every attempt.
+
+    Yields the answer's deltas and then the successful result; yields no result when the whole
+    chain fails. A stream that breaks after text was sent is continued by the next model of the
+    chain (see ``fuse``); text cannot be retracted, so a chain that fails after text went out
+    ends the run rather than turning to the fallback chain. ``params`` overrides the run's (a
+    staircase step's token limit); ``prefix`` is the answer's text already sent, which it continues.
+    """
+    ctx.deadline.check()
+    plan = ctx.plan
+    job = FuseJob(
+        chain=tuple(_as_aggregator(ref) for ref in chain),
+        messages=tuple(ctx.messages),
+        references=tuple(references),
+        params=params or ctx.params,
+        call_timeout_s=plan.call_timeout_s,
+        remaining_s=ctx.deadline.to_wire(),
+        later=later,
+        reference_budget_tokens=plan.reference_budget_tokens,
+        stream=stream,
+        prefix=prefix,
+    )
+    job_start = ctx.offset()
+    emitted = False
+    emitted_before = False  # whether text went out before the attempt being recorded
+    span = tracer().start_span(
+        "moa.fuse", attributes=spans.fuse_attributes(stage, len(references), round_, step)
+    )
+    events = iterate_in(trace.set_span_in_context(span), ctx.fuser.fuse(job))
+    try:
+        async for ev in events:
+            if isinstance(ev, TextDelta):
+                emitted = True
+                yield ev
+                continue
+            res = ev.result
+            ctx.note(*(f"{stage.value} {note}" for note in ev.notes))
+            rec = CallRecord.from_result(res, stage=stage, started_s=job_start + ev.started_s, round=round_)
+            rec.continued_after_chars = ev.continued_chars
+            rec.staircase_step = step
+            # An attempt after one that sent text took over its broken answer.
+            rec.took_over = emitted_before
+            emitted_before = emitted
+            ctx.record(res, rec)
+            ctx.critical_path_s += res.latency_s
+            ctx.add_simulated(res.simulated_service_s)
+            name = f"{res.provider}/{res.requested_model}"
+            if rec.took_over and ev.continued_chars is not None:
+                ctx.note(f"{name} continued the answer after its first {ev.continued_chars} characters")
+                spans.fuse_continued(span, name, ev.continued_chars, res.ok)
+            if res.ok:
+                spans.fuse_answered(span, name)
+                yield res
+                return
+            if emitted:
+                ctx.note(f"{name} failed mid-stream, after its text had gone out")
+                spans.fuse_broken(span, name)
+        spans.fuse_exhausted(span)
+        if emitted:
+            ctx.raise_failed()  # text is out: no fallback can take it back
+        ctx.deadline.check()
+    finally:
+        await events.aclose()
+        span.end()
+
+
+async def synthesise(ctx: RunContext, references: list[str], *, round_: int) -> str | None:
+    """An intermediate synthesis (between refine rounds), with the aggregator fallback chain."""
+    final: CallResult | None = None
+    chain = answer_chain(ctx, ctx.plan.aggregators, Stage.AGGREGATOR, references, stream=False, round_=round_)
+    async with aclosing(chain):
+        async for ev in chain:
+            if isinstance(ev, CallResult):
+                final = ev
+    return final.text if final is not None else None
+
+
+async def staircase_step(
+    ctx: RunContext, references: list[str], answer: str, step: int
+) -> AsyncIterator[TextDelta]:
+    """One intermediate staircase step: the answer so far, continued for a few tokens from the
+    proposers' answers up to the step's boundary."""
+    limit = ctx.plan.staircase_step_tokens
+    params = ctx.params.model_copy(update={"max_tokens": min(limit, ctx.params.max_tokens or limit)})
+    chain = answer_chain(
+        ctx,
+        ctx.plan.aggregators,
+        Stage.AGGREGATOR,
+        references,
+        stream=True,
+        params=params,
+        prefix=answer,
+        step=step,
+    )
+    async with aclosing(chain):
+        async for ev in chain:
+            if isinstance(ev, TextDelta):
+                yield ev
+
+
+def _as_aggregator(ref: ModelRef) -> AggregatorSpec:
+    return ref if isinstance(ref, AggregatorSpec) else AggregatorSpec(provider=ref.provider, model=ref.model)

@@ -1,0 +1,115 @@
+"""One run's request and context: what the private stages of a run share.
+
+``RunRequest`` is what ``MoAEngine.run`` and ``MoAEngine.stream`` both build from their keyword
+arguments; the only difference between the two is ``stream`` (whether the final answer is streamed),
+so the one pipeline reads it from the request rather than from a private flag.
+
+``RunContext`` is what a run knows once its plan is fixed: the transport and config it calls with,
+the messages, plan, parameters and deadline, and the state it accumulates (calls, failures, notes,
+critical path). Every stage (``layer``, ``chain``, the engine's pipeline) takes this one object
+instead of threading the same five to nine parameters through each private method.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from moa.cache import CacheTicket, ResponseCache
+from moa.config import MoAConfig
+from moa.deadline import NO_DEADLINE, Deadline
+from moa.engine.caller import ModelCaller
+from moa.engine.errors import AllProvidersFailed, Failure
+from moa.engine.fusion import Fuser
+from moa.engine.plan import AggregationMode, Plan, PlanMode
+from moa.engine.result import CallRecord, FallbackReason, Progress, RouteDecision
+from moa.types import CallResult, ChatMessage, GenerationParams
+
+# A routing decision: the plan, why, and any calls the router made (an LLM classifier).
+Routed = tuple[Plan, RouteDecision, list[CallResult]]
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """One request to the engine, streamed or not (see ``MoAEngine.stream`` for the fields)."""
+
+    messages: Sequence[ChatMessage]
+    preset: str | None = None
+    plan: Plan | None = None
+    params: GenerationParams | None = None
+    deadline: Deadline = NO_DEADLINE
+    routed: Routed | None = None
+    on_call: Callable[[CallRecord], None] | None = None
+    admit: Callable[[Routed], Awaitable[Routed]] | None = None
+    aggregation: AggregationMode | None = None
+    # Whether the final answer is streamed as TextDeltas (``stream``) or only returned (``run``).
+    stream: bool = True
+
+
+@dataclass
+class RunContext:
+    """Everything one run shares between its stages, and its mutable state."""
+
+    # What the run calls with (the engine's; the same for every run).
+    config: MoAConfig
+    caller: ModelCaller
+    fuser: Fuser
+    cache: ResponseCache | None
+    # What this run is.
+    messages: list[ChatMessage]
+    plan: Plan
+    decision: RouteDecision
+    params: GenerationParams
+    stream: bool
+    t0: float
+    deadline: Deadline
+    # What the response cache may do for this run (None: no cache).
+    ticket: CacheTicket | None = None
+    # Told of every call as it is recorded (the API meters a request's spend with it).
+    on_call: Callable[[CallRecord], None] | None = None
+    # Told where the proposer layers stand, for a streaming client waiting for its first token.
+    progress: Callable[[Progress], None] | None = None
+    # Why the run turned to its fallback chain, if it did (kept for a run that then failed).
+    fallback_reason: FallbackReason | None = None
+    records: list[CallRecord] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    critical_path_s: float = 0.0
+    simulated_critical_s: float | None = None
+
+    @property
+    def layers(self) -> int:
+        """How many proposer stages the plan runs (refine rounds, or layers)."""
+        return self.plan.rounds if self.plan.mode is PlanMode.REFINE else len(self.plan.layers)
+
+    def offset(self) -> float:
+        return time.monotonic() - self.t0
+
+    def note(self, *notes: str) -> None:
+        self.notes.extend(n for n in notes if n not in self.notes)
+
+    def add_simulated(self, seconds: float | None) -> None:
+        if seconds is not None:
+            self.simulated_critical_s = (self.simulated_critical_s or 0.0) + seconds
+
+    def record(self, res: CallResult, rec: CallRecord) -> None:
+        self.records.append(rec)
+        if self.on_call is not None:
+            self.on_call(rec)
+        if res.error is not None:
+            stage = rec.stage.value if rec.layer is None else f"{rec.stage.value} layer {rec.layer}"
+            self.failures.append(
+                Failure(
+                    provider=res.provider,
+                    model=res.requested_model,
+                    kind=res.error.kind,
+                    stage=stage,
+                    retry_after_s=res.error.retry_after_s,
+                )
+            )
+
+    def raise_failed(self) -> None:
+        """End the run: at its deadline if that passed, else with every failure listed."""
+        self.deadline.check()
+        raise AllProvidersFailed(self.failures)

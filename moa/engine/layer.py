@@ -1,0 +1,189 @@
+"""One proposer layer (or refine round): its calls run concurrently until the quorum is met and the
+grace period is over, or until the layer's (or the request's) deadline; the rest are stragglers.
+
+Early aggregation has no grace: the next stage starts as soon as the quorum is met. With a
+staircase ``feed``, the proposers stream their answers into it as they write them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from moa.deadline import Deadline
+from moa.engine import spans
+from moa.engine.calls import fit_references, merge_params, provider_kind, safe_call, safe_stream
+from moa.engine.context import RunContext
+from moa.engine.plan import LayerSpec
+from moa.engine.prompts import with_references
+from moa.engine.result import CallRecord, Progress, Stage
+from moa.engine.staircase import StaircaseFeed
+from moa.types import CallError, CallRequest, CallResult, ErrorKind
+from observability.tracing import tracer
+
+# Why waiting stopped with calls still running, when it was the deadline (they timed out).
+_DEADLINE = "layer deadline passed"
+
+
+@dataclass
+class LayerOutcome:
+    answers: list[str]
+    met: bool
+    stragglers: int = 0
+
+
+async def run_layer(
+    ctx: RunContext,
+    index: int,
+    layer: LayerSpec,
+    references: list[str],
+    *,
+    refine: bool = False,
+    round_: int | None = None,
+    feed: StaircaseFeed | None = None,
+) -> LayerOutcome:
+    """Run layer ``index`` (1-based) over ``references`` (the previous layer's answers)."""
+    with tracer().start_as_current_span(
+        "moa.layer", attributes=spans.layer_attributes(index, layer, round_)
+    ) as span:
+        outcome = await _calls(ctx, index, layer, references, refine, round_, feed)
+        spans.layer_done(span, outcome)
+        return outcome
+
+
+def _call(
+    ctx: RunContext, req: CallRequest, i: int, feed: StaircaseFeed | None
+) -> Coroutine[Any, Any, CallResult]:
+    """One proposer call: streamed into the staircase feed, through the cache, or plain."""
+    if feed is not None:  # staircase: the answer streams into the feed as it is written
+        return feed.consume(i, safe_stream(ctx.caller, ctx.config, req))
+    if ctx.cache is not None and ctx.ticket is not None and ctx.config.cache.proposals:
+        return ctx.cache.call(ctx.caller, ctx.config, req, ctx.ticket)
+    return safe_call(ctx.caller, ctx.config, req)
+
+
+async def _calls(
+    ctx: RunContext,
+    index: int,
+    layer: LayerSpec,
+    references: list[str],
+    refine: bool,
+    round_: int | None,
+    feed: StaircaseFeed | None,
+) -> LayerOutcome:
+    plan = ctx.plan
+    ctx.deadline.check()
+    start = time.monotonic()
+    started_s = ctx.offset()
+    # The layer's own deadline, or the request's when that comes first.
+    stage = ctx.deadline.within(plan.layer_deadline_s)
+    timeout = max(stage.cap(plan.call_timeout_s), 0.001)
+
+    tasks: dict[asyncio.Task[CallResult], int] = {}
+    for i, spec in enumerate(layer.proposers):
+        refs, notes = fit_references(
+            ctx.config, references, spec, ctx.messages, ctx.params, plan.reference_budget_tokens
+        )
+        ctx.note(*(f"layer {index} {note}" for note in notes))
+        msgs = with_references(ctx.messages, refs, ctx.config.templates, refine=refine, role=spec.role)
+        req = CallRequest(
+            provider=spec.provider,
+            model=spec.model,
+            messages=tuple(msgs),
+            params=merge_params(ctx.params, spec),
+            timeout_s=timeout,
+            role=spec.role,
+        )
+        tasks[asyncio.create_task(_call(ctx, req, i, feed))] = i
+
+    results: dict[int, CallResult] = {}
+    pending = set(tasks)
+    grace: Deadline | None = None  # the end of the grace period, once the quorum is met
+    needed = layer.needed
+    # Early aggregation: no grace once the quorum is met, the next stage starts at once.
+    early = plan.aggregation == "early"
+    grace_s = 0.0 if early else plan.grace_s
+
+    def progress(done: int) -> None:
+        if ctx.progress is not None:
+            ctx.progress(
+                Progress(
+                    stage="proposers",
+                    layer=index,
+                    layers=ctx.layers,
+                    proposers_done=done,
+                    proposers=len(layer.proposers),
+                    quorum=needed,
+                )
+            )
+
+    progress(0)
+    # Why waiting stopped with calls still running; they are cancelled as stragglers.
+    stop_reason = _DEADLINE
+    try:
+        while pending:
+            # Until the deadline, or the end of the grace period once the quorum is met.
+            wait = stage.remaining() if grace is None else stage.cap(grace.remaining())
+            if wait <= 0:
+                # The grace period ended first; a layer (or request) deadline that came
+                # before it is still a deadline.
+                if grace is not None and grace.no_later_than(stage):
+                    stop_reason = "quorum met; " + ("early aggregation" if early else "grace period over")
+                break
+            done, pending = await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                results[tasks[task]] = task.result()
+            succeeded = sum(r.ok for r in results.values())
+            progress(succeeded)
+            if succeeded >= needed and grace is None:
+                grace = Deadline.after(grace_s)
+            failed = len(results) - succeeded
+            if len(layer.proposers) - failed < needed:
+                stop_reason = "the quorum can no longer be reached"
+                break  # do not wait for the rest
+    finally:
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    end = time.monotonic()
+    stragglers = {tasks[t] for t in pending}
+    for task in pending:
+        i = tasks[task]
+        spec = layer.proposers[i]
+        kind = ErrorKind.TIMEOUT if stop_reason == _DEADLINE else ErrorKind.CANCELLED
+        results[i] = CallResult(
+            provider=spec.provider,
+            provider_kind=provider_kind(ctx.config, spec.provider),
+            requested_model=spec.model,
+            latency_s=end - start,
+            error=CallError(kind=kind, message=f"cancelled as a straggler: {stop_reason}"),
+        )
+    answers: list[str] = []
+    completed_latency = 0.0
+    simulated: list[float] = []
+    for i, spec in enumerate(layer.proposers):
+        res = results[i]
+        straggler = i in stragglers
+        rec = CallRecord.from_result(
+            res, stage=Stage.PROPOSER, started_s=started_s, layer=index, round=round_, role=spec.role
+        )
+        rec.cancelled_straggler = straggler
+        ctx.record(res, rec)
+        if not straggler:
+            completed_latency = max(completed_latency, res.latency_s)
+            if res.simulated_service_s is not None:
+                simulated.append(res.simulated_service_s)
+        if res.ok:
+            answers.append(res.text)
+    # A layer cut short waited for its whole duration; otherwise for its slowest call.
+    ctx.critical_path_s += (end - start) if pending else completed_latency
+    ctx.add_simulated(max(simulated) if simulated else None)
+    met = len(answers) >= needed
+    if not met:
+        ctx.deadline.check(f"the request deadline passed in layer {index}")
+    return LayerOutcome(answers=answers, met=met, stragglers=len(stragglers))
