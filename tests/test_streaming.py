@@ -231,8 +231,8 @@ def test_aggregation_modes_on_a_two_layer_plan(api_url: str, sim: SimulatorServe
     else:
         assert {c["model"] for c in stragglers} == {"gemini-2.5-pro", "gemini-2.5-flash"}
         assert all(c["error_kind"] == "cancelled" for c in stragglers)
+        # Moving on is shown by the cancelled stragglers above, not by a clock.
         assert text.startswith("Synthesis of 2 references")
-        assert elapsed < 1.5
     # The plan's own mode, on /v1/moa, gives the same.
     cfg = load_config(None)
     plan = _two_layer_plan(cfg, mode)
