@@ -27,10 +27,12 @@ from typing import Any
 
 import httpx
 
+from moa.auth import new_key, new_record
 from moa.benchmark.auth_cost import _served
 from moa.benchmark.runner import Simulator, bench_config
 from moa.benchmark.stats import percentile
 from moa.config import CacheConfig, MoAConfig, StateConfig
+from moa.state import KeyLimits, open_store
 
 # Timed requests per row of the Serve floor (after 20 uncounted).
 FLOOR_REQUESTS = 200
@@ -64,11 +66,12 @@ def _workload(prompts_path: Path | None, limit: int) -> tuple[list[str], list[tu
 
 
 @contextlib.asynccontextmanager
-async def _serving(cfg: MoAConfig, serve: bool) -> AsyncIterator[tuple[str, str | None]]:
+async def _serving(cfg: MoAConfig, serve: bool, keyed: bool) -> AsyncIterator[tuple[str, str | None]]:
     """The API under test: its base URL, and the ingress replica's own URL when there is one
-    (Serve's direct ingress). The Ray side is imported only here: the core never imports Ray."""
+    (Serve's direct ingress). The Ray side is imported only here: the core never imports Ray.
+    ``keyed``: the API checks keys against the state store (the Serve app always has one)."""
     if not serve:
-        async with _served(cfg, None) as url:
+        async with _served(cfg, open_store(cfg.state) if keyed else None) as url:
             yield url, None
         return
     from actors.cache_bench import served_on_ray
@@ -95,10 +98,13 @@ async def run_cache_bench(
     *,
     serve: bool = False,
     rounds: int = 1,
+    key_budget_usd: float | None = None,
 ) -> dict[str, Any]:
     """``rounds`` times the verbatim repeats: enough exact hits for a median worth reporting. With
     ``serve``, the repeats are then asked again through the ingress replica's own port (direct
-    ingress, past Serve's proxy), and a bare Serve app gives the floor of the same requests."""
+    ingress, past Serve's proxy), and a bare Serve app gives the floor of the same requests.
+    ``key_budget_usd``: every request carries an API key with this budget (the service is then no
+    longer open: keys are checked, and spend reserved and settled, as in production)."""
     questions, pairs = _workload(prompts_path, limit)
     load_at_start = list(os.getloadavg())
     sim = Simulator(ttft_s, tps, jitter)
@@ -110,10 +116,18 @@ async def run_cache_bench(
             cfg = bench_config(sim.url, 30.0).model_copy(
                 update={"cache": CacheConfig(enabled=True, store="sqlite"), "state": StateConfig(dir=tmp)}
             )
+            headers = {}
+            if key_budget_usd is not None:
+                store = open_store(cfg.state)
+                api_key = new_key()
+                limits = KeyLimits(budget_usd=key_budget_usd, detail=True)
+                await store.create_key(new_record("cache-bench", api_key, limits))
+                await store.close()
+                headers["Authorization"] = f"Bearer {api_key}"
             async with (
-                _serving(cfg, serve) as (url, direct_url),
-                httpx.AsyncClient(base_url=url, timeout=120) as client,
-                httpx.AsyncClient(base_url=direct_url or url, timeout=120) as direct,
+                _serving(cfg, serve, key_budget_usd is not None) as (url, direct_url),
+                httpx.AsyncClient(base_url=url, timeout=120, headers=headers) as client,
+                httpx.AsyncClient(base_url=direct_url or url, timeout=120, headers=headers) as direct,
             ):
 
                 async def ask(text: str, phase: str) -> None:
@@ -180,12 +194,15 @@ async def run_cache_bench(
     paid = sum(r["cost_usd"] for r in every)
     saved = sum(r["saved_usd"] for r in every)
     where = "Ray Serve app (HTTP proxy, one ingress replica)" if serve else "in-process API (uvicorn)"
+    if key_budget_usd is not None:
+        where += f", an API key with a ${key_budget_usd:g} budget"
     return {
         "what": f"{where}, SQLite store, preset {preset}, client-measured over loopback",
         "loadavg": {"start": load_at_start, "end": list(os.getloadavg())},
         "options": {
             "serve": serve,
             "rounds": rounds,
+            "key_budget_usd": key_budget_usd,
             "ttft_s": ttft_s,
             "tokens_per_s": tps,
             "jitter": jitter,

@@ -153,6 +153,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "Ray instance, as `moa serve` runs it, instead of the in-process API",
     )
     p.add_argument(
+        "--cache-key-budget",
+        type=float,
+        default=None,
+        metavar="USD",
+        help="with --cache: send every request with an API key that has this budget (keys checked, "
+        "spend reserved and settled) instead of running open",
+    )
+    p.add_argument(
         "--cache-rounds",
         type=int,
         default=1,
@@ -198,6 +206,7 @@ def run_cli(args: argparse.Namespace) -> int:
                 args.jitter,
                 serve=args.serve,
                 rounds=args.cache_rounds,
+                key_budget_usd=args.cache_key_budget,
             )
         )
         write_cache_report(got, args.out)

@@ -171,6 +171,7 @@ class MoAEngine:
         on_call: Callable[[CallRecord], None] | None = None,
         admit: Callable[[Routed], Awaitable[Routed]] | None = None,
         aggregation: AggregationMode | None = None,
+        reserve: Callable[[], Awaitable[None]] | None = None,
     ) -> MoAResult:
         """Answer ``messages`` with a preset (``auto`` routes) or an explicit plan."""
         result: MoAResult | None = None
@@ -184,6 +185,7 @@ class MoAEngine:
             on_call=on_call,
             admit=admit,
             aggregation=aggregation,
+            reserve=reserve,
             _stream_final=False,
         ):
             if isinstance(ev, MoAResult):
@@ -203,6 +205,7 @@ class MoAEngine:
         on_call: Callable[[CallRecord], None] | None = None,
         admit: Callable[[Routed], Awaitable[Routed]] | None = None,
         aggregation: AggregationMode | None = None,
+        reserve: Callable[[], Awaitable[None]] | None = None,
         _stream_final: bool = True,
     ) -> AsyncIterator[TextDelta | MoAResult | Progress]:
         """Yield ``Progress`` (first ``admitted``, once the plan passed routing, admission and the
@@ -211,7 +214,9 @@ class MoAEngine:
         ``routed`` passes a decision already taken by ``route``. ``admit``, when given, sees the
         routed plan before any model is called and may refuse it (raise) or replace it (a key's
         access rules and spend reservation do both); ``on_call`` is told of every call recorded.
-        ``aggregation`` overrides the plan's aggregation mode.
+        ``aggregation`` overrides the plan's aggregation mode. ``reserve``, when given, is awaited
+        once models will be called (the cache had no answer), before any call, and may refuse
+        (raise): a key's budget reservation, a state-store write a cached answer does not need.
         """
         t0 = time.monotonic()
         run = _Run(t0=t0, deadline=None if deadline_s is None else t0 + deadline_s, on_call=on_call)
@@ -256,6 +261,8 @@ class MoAEngine:
                             yield TextDelta(text=piece)
                     yield hit
                     return
+            if reserve is not None:
+                await reserve()
             events = self._events(list(messages), plan, decision, gen, run, _stream_final)
             async for ev in iterate_in(ctx, events):
                 if isinstance(ev, MoAResult):
