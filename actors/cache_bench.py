@@ -62,10 +62,11 @@ def _free_port() -> int:
 
 def direct_url(app: str, route_prefix: str = "") -> str | None:
     """The direct-ingress URL of ``app``'s ingress replica: the port its process listens on in
-    Serve's direct-ingress range (Serve names the process ``ServeReplica:<app>:<deployment>``)."""
-    for proc in psutil.process_iter(["cmdline"]):
+    Serve's direct-ingress range (Serve names the process ``ServeReplica:<app>:<deployment>``).
+    Only among this process's descendants: other Ray instances on the machine have replicas too."""
+    for proc in psutil.Process().children(recursive=True):
         try:
-            if not any(f"ServeReplica:{app}:" in part for part in proc.info["cmdline"] or []):
+            if not any(f"ServeReplica:{app}:" in part for part in proc.cmdline()):
                 continue
             ports = sorted(
                 c.laddr.port

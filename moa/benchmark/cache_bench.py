@@ -218,7 +218,13 @@ async def run_cache_bench(
             "hit-exact": lat(exact),
             "hit-semantic": lat(semantic),
         },
-        "latency_direct_ingress": lat(samples["direct"]) if samples["direct"] else None,
+        # Only exact hits count (a wrong port, another service's, would answer misses).
+        "latency_direct_ingress": {
+            **lat([r for r in samples["direct"] if r["cache"] == "hit-exact"]),
+            "not_hits": sum(r["cache"] != "hit-exact" for r in samples["direct"]),
+        }
+        if samples["direct"]
+        else None,
         "floor": floor,
         "paid_usd": paid,
         "saved_usd": saved,
