@@ -73,8 +73,16 @@ class Spend:
 
     async def _write(self, store: StateStore, key_id: str) -> None:
         try:
-            if self.reservation is not None:
-                await store.settle(self.reservation, to_micro(self.cost_usd))
+            reservation = self.reservation
+            if reservation is None and self.cost_usd:
+                # Answered from the cache after paid calls (an ``auto`` request's classifier): no
+                # reservation was made, but the money was spent; charge it, past any budget.
+                lim = self.principal.limits
+                window = window_of(lim.period, time.time())
+                got = await store.reserve(key_id, window, to_micro(self.cost_usd), None, RESERVATION_TTL_S)
+                reservation = got if isinstance(got, Reservation) else None
+            if reservation is not None:
+                await store.settle(reservation, to_micro(self.cost_usd))
             if self.principal.limits.tpm is not None and self.tokens:
                 await store.add_tokens(key_id, int(time.time() // 60), self.tokens)
         except Exception:

@@ -213,7 +213,7 @@ class MoAEngine:
 
         ``routed`` passes a decision already taken by ``route``. ``admit``, when given, sees the
         routed plan before any model is called and may refuse it (raise) or replace it (a key's
-        access rules and spend reservation do both); ``on_call`` is told of every call recorded.
+        access rules and cost cap do both); ``on_call`` is told of every call recorded.
         ``aggregation`` overrides the plan's aggregation mode. ``reserve``, when given, is awaited
         once models will be called (the cache had no answer), before any call, and may refuse
         (raise): a key's budget reservation, a state-store write a cached answer does not need.
