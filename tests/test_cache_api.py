@@ -240,6 +240,27 @@ def test_a_hit_writes_nothing_to_a_keys_budget_and_needs_none_of_it(
         assert store.writes == ["reserve", "settle", "reserve"]  # refused: nothing to settle
 
 
+def test_a_hit_after_a_paid_classifier_call_still_charges_the_call(
+    sim: SimulatorServer, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A replica whose LLM classifier has not seen the question pays for the classification, then
+    the shared cache answers: nothing was reserved, but the classifier's cost reaches the ledger."""
+    cfg = cached_config(sim, state_dir)
+    router = cfg.router.model_dump() | {
+        "classifier": "llm",
+        "classifier_model": {"provider": "openai", "model": "gpt-4o-mini"},
+    }
+    cfg = cfg.model_copy(update={"router": type(cfg.router).model_validate(router)})
+    with _Server(cfg, store=lambda: SQLiteStore(state_dir / "state.db")) as one:
+        key = create_key(capsys, "ivy", "--budget-usd", "100")
+        wait_for_auth(one)
+        assert chat(one.url, key, model="auto").headers["x-moa-cache"] == "miss"
+    store = CountingStore(state_dir / "state.db")
+    with _Server(cfg, store=lambda: store) as other:  # a fresh classifier cache, the same stores
+        assert chat(other.url, key, model="auto").headers["x-moa-cache"] == "hit-exact"
+        assert store.writes == ["reserve", "settle"]  # the classifier's cost, charged after the fact
+
+
 @pytest.mark.parametrize("store", ["sqlite", "redis"])
 def test_replicas_share_answers_and_proposals_through_the_store(
     sim: SimulatorServer, state_dir: Path, store: str, request: pytest.FixtureRequest
