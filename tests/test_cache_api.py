@@ -202,6 +202,65 @@ def test_one_tenant_never_gets_anothers_answer_unless_shared(
         assert chat(s.url, keys["bob"], temperature=0.9).headers["x-moa-cache"] == "bypass"
 
 
+class CountingStore(SQLiteStore):
+    """The real SQLite state store, noting each budget write (a reservation, a settlement)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.writes: list[str] = []
+
+    async def reserve(self, *args: Any, **kwargs: Any) -> Any:
+        self.writes.append("reserve")
+        return await super().reserve(*args, **kwargs)
+
+    async def settle(self, *args: Any, **kwargs: Any) -> Any:
+        self.writes.append("settle")
+        return await super().settle(*args, **kwargs)
+
+
+def test_a_hit_writes_nothing_to_a_keys_budget_and_needs_none_of_it(
+    sim: SimulatorServer, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cached answer costs nothing: no reservation against the key's budget (a state-store
+    write per request), so also none refused. A miss still reserves before any model is called."""
+    cfg = cached_config(sim, state_dir, shared_scopes={"gail": "team", "hank": "team"})
+    store = CountingStore(state_dir / "state.db")
+    with _Server(cfg, store=lambda: store) as s:
+        gail = create_key(capsys, "gail", "--budget-usd", "100")
+        hank = create_key(capsys, "hank", "--budget-usd", "0")  # nothing left to spend
+        wait_for_auth(s)
+        assert chat(s.url, gail).headers["x-moa-cache"] == "miss"
+        assert store.writes == ["reserve", "settle"]
+        assert chat(s.url, gail).headers["x-moa-cache"] == "hit-exact"
+        assert store.writes == ["reserve", "settle"]  # the hit wrote nothing
+        served = chat(s.url, hank)  # the team's cached answer, free
+        assert served.status_code == 200 and served.headers["x-moa-cache"] == "hit-exact"
+        refused = chat(s.url, hank, messages=[{"role": "user", "content": "Something not cached."}])
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "insufficient_quota"
+        assert store.writes == ["reserve", "settle", "reserve"]  # refused: nothing to settle
+
+
+def test_a_hit_after_a_paid_classifier_call_still_charges_the_call(
+    sim: SimulatorServer, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A replica whose LLM classifier has not seen the question pays for the classification, then
+    the shared cache answers: nothing was reserved, but the classifier's cost reaches the ledger."""
+    cfg = cached_config(sim, state_dir)
+    router = cfg.router.model_dump() | {
+        "classifier": "llm",
+        "classifier_model": {"provider": "openai", "model": "gpt-4o-mini"},
+    }
+    cfg = cfg.model_copy(update={"router": type(cfg.router).model_validate(router)})
+    with _Server(cfg, store=lambda: SQLiteStore(state_dir / "state.db")) as one:
+        key = create_key(capsys, "ivy", "--budget-usd", "100")
+        wait_for_auth(one)
+        assert chat(one.url, key, model="auto").headers["x-moa-cache"] == "miss"
+    store = CountingStore(state_dir / "state.db")
+    with _Server(cfg, store=lambda: store) as other:  # a fresh classifier cache, the same stores
+        assert chat(other.url, key, model="auto").headers["x-moa-cache"] == "hit-exact"
+        assert store.writes == ["reserve", "settle"]  # the classifier's cost, charged after the fact
+
+
 @pytest.mark.parametrize("store", ["sqlite", "redis"])
 def test_replicas_share_answers_and_proposals_through_the_store(
     sim: SimulatorServer, state_dir: Path, store: str, request: pytest.FixtureRequest

@@ -76,6 +76,7 @@ def test_the_wheel_declares_the_cli_and_the_bench_entry_point(wheel: zipfile.Zip
     text = wheel.read(entry_points).decode()
     assert "moa = moa.cli:main" in text
     assert "[moa.bench]" in text and "ray = actors.bench_targets" in text
+    assert "ray_cache = actors.cache_bench" in text
     # Nothing but the project: no tests, no build leftovers.
     tops = {n.split("/")[0] for n in wheel.namelist() if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {*PACKAGES, "serve_app.py"}

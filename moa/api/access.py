@@ -73,8 +73,16 @@ class Spend:
 
     async def _write(self, store: StateStore, key_id: str) -> None:
         try:
-            if self.reservation is not None:
-                await store.settle(self.reservation, to_micro(self.cost_usd))
+            reservation = self.reservation
+            if reservation is None and self.cost_usd:
+                # Answered from the cache after paid calls (an ``auto`` request's classifier): no
+                # reservation was made, but the money was spent; charge it, past any budget.
+                lim = self.principal.limits
+                window = window_of(lim.period, time.time())
+                got = await store.reserve(key_id, window, to_micro(self.cost_usd), None, RESERVATION_TTL_S)
+                reservation = got if isinstance(got, Reservation) else None
+            if reservation is not None:
+                await store.settle(reservation, to_micro(self.cost_usd))
             if self.principal.limits.tpm is not None and self.tokens:
                 await store.add_tokens(key_id, int(time.time() // 60), self.tokens)
         except Exception:
@@ -118,13 +126,32 @@ class Access:
         """Hold the request to its cost cap (a cheaper tier for ``auto``), then reserve its
         projected worst-case cost against the key's budget; 429 ``insufficient_quota`` if it does
         not fit."""
+        routed, projected = self.fit(principal, routed, messages, params, max_cost_usd, health)
+        return routed, Spend(self, principal, await self.hold(principal, projected), projected)
+
+    def fit(
+        self,
+        principal: Principal,
+        routed: Routed,
+        messages: Sequence[ChatMessage],
+        params: GenerationParams,
+        max_cost_usd: float | None,
+        health: Callable[[], HealthView],
+    ) -> tuple[Routed, float]:
+        """The plan held to the request's (or the key's) cost cap, and its projected worst-case
+        cost. No I/O: a request the cache answers needs nothing more."""
         cap = max_cost_usd if max_cost_usd is not None else principal.limits.max_cost_usd
         routed, projected = fit_cost_cap(self.config, routed, messages, params, cap, health)
         span = trace.get_current_span()
         span.set_attribute("moa.cost.projected_usd", projected)
+        return routed, projected
+
+    async def hold(self, principal: Principal, projected: float) -> Reservation | None:
+        """Reserve ``projected`` against the key's budget (a write to the state store); 429
+        ``insufficient_quota`` if it does not fit. None without a key."""
         key = principal.key
         if key is None:
-            return routed, Spend(self, principal, None, projected)
+            return None
         lim = key.limits
         budget = None if lim.budget_usd is None else to_micro(lim.budget_usd)
         window = window_of(lim.period, time.time())
@@ -136,7 +163,7 @@ class Access:
                 f"${lim.budget_usd:g} ({lim.period}) is left, and this request may cost up to "
                 f"${math.ceil(projected * 10_000) / 10_000:.4f}."
             )
-        return routed, Spend(self, principal, got, projected)
+        return got
 
 
 async def settle_quietly(spend: Spend | None) -> None:
@@ -146,9 +173,11 @@ async def settle_quietly(spend: Spend | None) -> None:
 
 
 class SpendGate:
-    """One request's admission through a key's rules, handed to the engine as its ``admit`` hook:
-    routing runs inside the run, so the plan is checked and its cost reserved once it is known.
-    ``spend`` is the reservation to settle when the request ends (None until admitted)."""
+    """One request's admission through a key's rules, handed to the engine as its ``admit`` and
+    ``reserve`` hooks: routing runs inside the run, so the plan is checked (and held to its cost
+    cap) once it is known, and its cost reserved against the key's budget only once the cache has
+    not answered: a cached answer costs nothing, so it writes nothing to the state store.
+    ``spend`` is what to settle when the request ends (None until admitted, or if refused)."""
 
     def __init__(
         self,
@@ -170,10 +199,23 @@ class SpendGate:
             self.principal.check_plan(routed[0])
         else:
             self.principal.check_plan(routed[0], self.param)
-        routed, self.spend = await self.access.reserve(
+        routed, projected = self.access.fit(
             self.principal, routed, self.messages, self.params, self.max_cost_usd, self.health
         )
+        # Nothing reserved yet: settling it writes nothing (a cache hit's whole settlement).
+        self.spend = Spend(self.access, self.principal, None, projected)
         return routed
+
+    async def reserve(self) -> None:
+        """The engine's hook once models will be called (no cached answer): the budget reservation."""
+        spend = self.spend
+        if spend is None:
+            return
+        try:
+            spend.reservation = await self.access.hold(self.principal, spend.projected)
+        except BaseException:
+            self.spend = None  # refused (or cancelled): nothing to settle, as before admission
+            raise
 
     def record(self, rec: CallRecord) -> None:
         if self.spend is not None:

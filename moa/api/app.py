@@ -503,7 +503,8 @@ class Api:
             # Routing happens inside the run (its span is the run's child); a routing error still
             # comes before any byte of the response, so it gets its real status.
             kwargs: dict[str, Any] = {"preset": req.model, "params": req.params(), "deadline": deadline}
-            kwargs |= {"admit": gate.admit, "on_call": gate.record, "aggregation": req.moa.aggregation}
+            kwargs |= {"admit": gate.admit, "reserve": gate.reserve, "on_call": gate.record}
+            kwargs["aggregation"] = req.moa.aggregation
             if not req.stream:
                 result = await self.until_done(request, self.engine.run(messages, **kwargs), deadline)
                 self.record(result, 200, time.monotonic() - t0)
@@ -670,6 +671,7 @@ class Api:
                     params=req.params,
                     deadline=deadline,
                     admit=gate.admit,
+                    reserve=gate.reserve,
                     on_call=gate.record,
                     aggregation=req.aggregation,
                 ),

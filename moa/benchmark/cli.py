@@ -147,6 +147,26 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "moa-lite; --prompts, --requests caps the questions; writes cache.json and cache.md)",
     )
     p.add_argument(
+        "--serve",
+        action="store_true",
+        help="with --cache: against the Ray Serve app (HTTP proxy, an ingress replica) on a new local "
+        "Ray instance, as `moa serve` runs it, instead of the in-process API",
+    )
+    p.add_argument(
+        "--cache-key-budget",
+        type=float,
+        default=None,
+        metavar="USD",
+        help="with --cache: send every request with an API key that has this budget (keys checked, "
+        "spend reserved and settled) instead of running open",
+    )
+    p.add_argument(
+        "--cache-rounds",
+        type=int,
+        default=1,
+        help="with --cache: ask the verbatim repeats this many times (more exact hits to time; default: 1)",
+    )
+    p.add_argument(
         "--details",
         action="store_true",
         help="keep each Serve request's per-call timings in results.json and break its overhead down",
@@ -177,7 +197,18 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.cache:
         from moa.benchmark.cache_bench import cache_markdown, run_cache_bench, write_cache_report
 
-        got = asyncio.run(run_cache_bench(args.prompts, args.requests, args.ttft, args.tps, args.jitter))
+        got = asyncio.run(
+            run_cache_bench(
+                args.prompts,
+                args.requests,
+                args.ttft,
+                args.tps,
+                args.jitter,
+                serve=args.serve,
+                rounds=args.cache_rounds,
+                key_budget_usd=args.cache_key_budget,
+            )
+        )
         write_cache_report(got, args.out)
         print(cache_markdown(got))
         print(f"results in {args.out}/ (cache.json, cache.md)")

@@ -281,14 +281,16 @@ RAY_TARGETS_GROUP = "moa.bench"
 BASELINE_TIMEOUT_S = 60.0
 
 
-def ray_targets() -> Any:
-    """The module serving the Ray targets (``actors.bench_targets``), found by entry point."""
+def ray_targets(name: str = "ray") -> Any:
+    """A module of the benchmark's Ray side, found by entry point: ``ray`` is the Serve app and
+    floor of the main run (``actors.bench_targets``), ``ray_cache`` the cache run's
+    (``actors.cache_bench``)."""
     from importlib.metadata import entry_points
 
-    found = entry_points(group=RAY_TARGETS_GROUP, name="ray")
+    found = entry_points(group=RAY_TARGETS_GROUP, name=name)
     if not found:
         raise RuntimeError(
-            f"no {RAY_TARGETS_GROUP!r} entry point named 'ray': reinstall the project "
+            f"no {RAY_TARGETS_GROUP!r} entry point named {name!r}: reinstall the project "
             "(pip install -e '.[serve,bench]')"
         )
     return next(iter(found)).load()

@@ -43,6 +43,7 @@ class RunRequest:
     on_call: Callable[[CallRecord], None] | None = None
     admit: Callable[[Routed], Awaitable[Routed]] | None = None
     aggregation: AggregationMode | None = None
+    reserve: Callable[[], Awaitable[None]] | None = None
     # Whether the final answer is streamed as TextDeltas (``stream``) or only returned (``run``).
     stream: bool = True
 

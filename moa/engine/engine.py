@@ -100,6 +100,7 @@ class MoAEngine:
         on_call: Callable[[CallRecord], None] | None = None,
         admit: Callable[[Routed], Awaitable[Routed]] | None = None,
         aggregation: AggregationMode | None = None,
+        reserve: Callable[[], Awaitable[None]] | None = None,
     ) -> MoAResult:
         """Answer ``messages`` with a preset (``auto`` routes) or an explicit plan (see ``stream``)."""
         request = RunRequest(
@@ -112,6 +113,7 @@ class MoAEngine:
             on_call=on_call,
             admit=admit,
             aggregation=aggregation,
+            reserve=reserve,
             stream=False,
         )
         result: MoAResult | None = None
@@ -134,15 +136,18 @@ class MoAEngine:
         on_call: Callable[[CallRecord], None] | None = None,
         admit: Callable[[Routed], Awaitable[Routed]] | None = None,
         aggregation: AggregationMode | None = None,
+        reserve: Callable[[], Awaitable[None]] | None = None,
     ) -> AsyncIterator[TextDelta | MoAResult | Progress]:
         """Yield ``Progress`` (first ``admitted``, once the plan passed routing, admission and the
         caps), the final answer's ``TextDelta``s as they arrive, then the ``MoAResult``.
 
         ``routed`` passes a decision already taken by ``route``. ``admit``, when given, sees the
         routed plan before any model is called and may refuse it (raise) or replace it (a key's
-        access rules and spend reservation do both); ``on_call`` is told of every call recorded.
-        ``aggregation`` overrides the plan's aggregation mode. The run ends at ``deadline`` (or
-        ``deadline_s`` from now) with ``DeadlineExceeded``.
+        access rules and cost cap do both); ``on_call`` is told of every call recorded.
+        ``aggregation`` overrides the plan's aggregation mode. ``reserve``, when given, is awaited
+        once models will be called (the cache had no answer), before any call, and may refuse
+        (raise): a key's budget reservation, a state-store write a cached answer does not need.
+        The run ends at ``deadline`` (or ``deadline_s`` from now) with ``DeadlineExceeded``.
         """
         request = RunRequest(
             messages=messages,
@@ -154,6 +159,7 @@ class MoAEngine:
             on_call=on_call,
             admit=admit,
             aggregation=aggregation,
+            reserve=reserve,
             stream=True,
         )
         return self.execute(request)
@@ -216,6 +222,8 @@ class MoAEngine:
                             yield TextDelta(text=piece)
                     yield hit
                     return
+            if request.reserve is not None:
+                await request.reserve()
             async for ev in iterate_in(span_ctx, self._events(ctx)):
                 if isinstance(ev, MoAResult):
                     result = ev
