@@ -68,8 +68,9 @@ def _workload(prompts_path: Path | None, limit: int) -> tuple[list[str], list[tu
 @contextlib.asynccontextmanager
 async def _serving(cfg: MoAConfig, serve: bool, keyed: bool) -> AsyncIterator[tuple[str, str | None]]:
     """The API under test: its base URL, and the ingress replica's own URL when there is one
-    (Serve's direct ingress). The Ray side (``actors.cache_bench``) is found by entry point: the core never imports Ray.
-    ``keyed``: the API checks keys against the state store (the Serve app always has one)."""
+    (Serve's direct ingress). The Ray side (``actors.cache_bench``) is found by entry point: the
+    core never imports Ray. ``keyed``: the API checks keys against the state store (the Serve app
+    always has one)."""
     if not serve:
         async with _served(cfg, open_store(cfg.state) if keyed else None) as url:
             yield url, None
