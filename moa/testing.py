@@ -99,10 +99,10 @@ class ScriptedCaller:
 
     default: str | None = "ok"
     provider_kind: str = "scripted"
-    calls: list[ScriptedCall] = field(default_factory=list)
-    _scripts: dict[str, list[Reply]] = field(default_factory=dict)
-    _step: int = 0
-    _changed: asyncio.Condition | None = None
+    calls: list[ScriptedCall] = field(default_factory=list, init=False)
+    _scripts: dict[str, list[Reply]] = field(default_factory=dict, init=False, repr=False)
+    _step: int = field(default=0, init=False)
+    _changed: asyncio.Condition | None = field(default=None, init=False, repr=False)
 
     # -- scripting --------------------------------------------------------------------------------
 
@@ -130,16 +130,17 @@ class ScriptedCaller:
         return self._step
 
     async def advance(self, steps: int = 1) -> None:
-        """Move the virtual clock on; calls waiting for a step up to it answer, in step order.
+        """Move the virtual clock on, one step at a time; calls waiting for a step up to it answer.
 
-        Each step yields to the event loop until the calls it released (and what the engine does
-        with their results) have run, so a test reads the engine's state after a step, not a race.
+        After each step it yields to the event loop a few times, so the released calls' results
+        usually reach the engine before the next step. A test should still assert on what it can
+        wait for (``wait_started``, the run's result) rather than on how far the engine got.
         """
         for _ in range(steps):
             self._step += 1
             async with self._condition():
                 self._condition().notify_all()
-            for _ in range(20):  # a released call, its task's completion, the engine's wake-up
+            for _ in range(20):  # the released call, its task's completion, the engine's wake-up
                 await asyncio.sleep(0)
 
     async def wait_started(self, count: int) -> None:

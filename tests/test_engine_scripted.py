@@ -209,3 +209,21 @@ async def test_a_stream_broken_mid_answer_is_continued_by_the_next_aggregator() 
     (second,) = [c for c in result.calls if c.stage is Stage.AGGREGATOR and c.model == "second"]
     assert second.took_over and second.continued_after_chars == len("Vaccines show the ")
     assert result.fallback is None  # text was out: the chain continued it, no fallback answered
+
+
+async def test_the_double_answers_in_script_order_and_by_step() -> None:
+    """The double itself: successive replies, the last repeated; steps release calls in order."""
+    from moa.types import CallRequest
+
+    caller = ScriptedCaller()
+    caller.script("m", "first", Reply(text="second", at_step=1))
+    req = CallRequest(provider="p", model="m", messages=tuple(QUESTION))
+    assert (await caller.call(req)).text == "first"
+    pending = [asyncio.create_task(caller.call(req)) for _ in range(2)]
+    await caller.wait_started(3)
+    assert not any(t.done() for t in pending) and caller.step == 0
+    await caller.advance()
+    assert [(await t).text for t in pending] == ["second", "second"]
+    assert [c.started_step for c in caller.calls] == [0, 0, 0] and all(c.finished for c in caller.calls)
+    failed = await ScriptedCaller().fail("m", ErrorKind.RATE_LIMITED).call(req)
+    assert failed.error is not None and failed.error.kind is ErrorKind.RATE_LIMITED and not failed.ok
