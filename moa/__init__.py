@@ -1,0 +1,123 @@
+"""moa-serve's public API: what a program embedding the engine, or testing a config, relies on.
+
+Everything else under ``moa`` is internal and may move between releases (httpx keeps its
+transports, models and config in private modules the same way and re-exports a small surface).
+The names resolve lazily, on first use: ``import moa`` stays cheap and never pulls in the
+engine's dependencies (OpenTelemetry, the cache, provider SDKs), let alone Ray, which the core
+never imports at all.
+
+- the engine: ``MoAEngine``; its failures: ``MoAError``, ``AllProvidersFailed``, ``DeadlineExceeded``
+- config loading: ``load_config``, ``parse_config``, ``MoAConfig``
+- plans: ``Plan``, ``LayerSpec``, ``ProposerSpec``, ``AggregatorSpec``, ``ModelRef``, ``PlanMode``
+- results: ``MoAResult``, ``CallRecord``, ``Stage``, ``RouteDecision``, ``Progress``
+- the transport seam: ``ModelCaller`` and the call types it speaks (``CallRequest``,
+  ``CallResult``, ``CallError``, ``ErrorKind``, ``ChatMessage``, ``GenerationParams``, ``Usage``,
+  ``TextDelta``, ``StreamEvent``)
+- the test double at that seam: ``ScriptedCaller`` and its ``Reply``
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from moa.config import MoAConfig, load_config, parse_config
+    from moa.engine.caller import ModelCaller
+    from moa.engine.engine import MoAEngine
+    from moa.engine.errors import AllProvidersFailed, DeadlineExceeded, MoAError
+    from moa.engine.plan import AggregatorSpec, LayerSpec, ModelRef, Plan, PlanMode, ProposerSpec
+    from moa.engine.result import CallRecord, MoAResult, Progress, RouteDecision, Stage
+    from moa.testing import Reply, ScriptedCaller
+    from moa.types import (
+        CallError,
+        CallRequest,
+        CallResult,
+        ChatMessage,
+        ErrorKind,
+        GenerationParams,
+        StreamEvent,
+        TextDelta,
+        Usage,
+    )
+
+# Public name -> the private module that defines it.
+_HOMES: dict[str, str] = {
+    "MoAEngine": "moa.engine.engine",
+    "MoAError": "moa.engine.errors",
+    "AllProvidersFailed": "moa.engine.errors",
+    "DeadlineExceeded": "moa.engine.errors",
+    "MoAConfig": "moa.config",
+    "load_config": "moa.config",
+    "parse_config": "moa.config",
+    "Plan": "moa.engine.plan",
+    "LayerSpec": "moa.engine.plan",
+    "ProposerSpec": "moa.engine.plan",
+    "AggregatorSpec": "moa.engine.plan",
+    "ModelRef": "moa.engine.plan",
+    "PlanMode": "moa.engine.plan",
+    "MoAResult": "moa.engine.result",
+    "CallRecord": "moa.engine.result",
+    "Stage": "moa.engine.result",
+    "RouteDecision": "moa.engine.result",
+    "Progress": "moa.engine.result",
+    "ModelCaller": "moa.engine.caller",
+    "CallRequest": "moa.types",
+    "CallResult": "moa.types",
+    "CallError": "moa.types",
+    "ErrorKind": "moa.types",
+    "ChatMessage": "moa.types",
+    "GenerationParams": "moa.types",
+    "Usage": "moa.types",
+    "TextDelta": "moa.types",
+    "StreamEvent": "moa.types",
+    "ScriptedCaller": "moa.testing",
+    "Reply": "moa.testing",
+}
+
+__all__ = [
+    "AggregatorSpec",
+    "AllProvidersFailed",
+    "CallError",
+    "CallRecord",
+    "CallRequest",
+    "CallResult",
+    "ChatMessage",
+    "DeadlineExceeded",
+    "ErrorKind",
+    "GenerationParams",
+    "LayerSpec",
+    "MoAConfig",
+    "MoAEngine",
+    "MoAError",
+    "MoAResult",
+    "ModelCaller",
+    "ModelRef",
+    "Plan",
+    "PlanMode",
+    "Progress",
+    "ProposerSpec",
+    "Reply",
+    "RouteDecision",
+    "ScriptedCaller",
+    "Stage",
+    "StreamEvent",
+    "TextDelta",
+    "Usage",
+    "load_config",
+    "parse_config",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """Resolve a public name on first use (PEP 562) and keep it, so the import happens once."""
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'moa' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

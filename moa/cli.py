@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     from moa.cache_cli import register as register_cache
 
     register_cache(sub)
+    from moa.config_cli import register as register_config
+
+    register_config(sub)
     return parser
 
 

@@ -58,10 +58,20 @@ class ModelPrice(_Strict):
     """One model's entry: prices in US dollars per million tokens, context window, and the
     generation parameters it refuses."""
 
-    input_per_mtok: float = Field(default=0.0, ge=0)
-    output_per_mtok: float = Field(default=0.0, ge=0)
-    cached_input_per_mtok: float | None = Field(default=None, ge=0)
-    context_window: int = Field(default=128_000, gt=0)
+    input_per_mtok: float = Field(default=0.0, ge=0, description="US dollars per million input tokens.")
+    output_per_mtok: float = Field(default=0.0, ge=0, description="US dollars per million output tokens.")
+    cached_input_per_mtok: float | None = Field(
+        default=None,
+        ge=0,
+        description="US dollars per million input tokens the provider served from its prompt cache "
+        "(null: the input price).",
+    )
+    context_window: int = Field(
+        default=128_000,
+        gt=0,
+        description="Tokens the model reads at once: bounds the references an aggregator is given "
+        "when the plan sets no reference_budget_tokens.",
+    )
     max_output_tokens: int = Field(
         default=32_768,
         gt=0,
@@ -88,34 +98,75 @@ class ModelPrice(_Strict):
 
 
 class RetryConfig(_Strict):
-    max_attempts: int = Field(default=3, ge=1, le=20)
-    backoff_base_s: float = Field(default=0.25, ge=0)
-    backoff_max_s: float = Field(default=8.0, ge=0)
-    # A Retry-After longer than this is not waited for: the call fails as rate_limited at once.
-    max_retry_after_s: float = Field(default=30.0, ge=0)
+    """Retries of one provider call (rate limits, server errors, timeouts), within its deadline."""
+
+    max_attempts: int = Field(default=3, ge=1, le=20, description="Attempts per call, the first included.")
+    backoff_base_s: float = Field(
+        default=0.25,
+        ge=0,
+        description="The first retry's backoff cap; the cap doubles per attempt and the wait is "
+        "random below it.",
+    )
+    backoff_max_s: float = Field(default=8.0, ge=0, description="The longest backoff between two attempts.")
+    max_retry_after_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="A Retry-After longer than this is not waited for: the call fails as "
+        "rate_limited at once.",
+    )
 
 
 class LimitsConfig(_Strict):
-    concurrency: int = Field(default=32, ge=1)
-    rpm: int | None = Field(default=None, ge=1)
-    tpm: int | None = Field(default=None, ge=1)
+    """What one provider account allows: calls beyond it wait here instead of failing there."""
+
+    concurrency: int = Field(default=32, ge=1, description="Calls in flight at once, per replica.")
+    rpm: int | None = Field(
+        default=None,
+        ge=1,
+        description="Requests per minute for the whole account, across replicas (null: none).",
+    )
+    tpm: int | None = Field(
+        default=None,
+        ge=1,
+        description="Tokens per minute for the whole account, across replicas (null: none).",
+    )
 
 
 class CircuitBreakerConfig(_Strict):
-    failure_threshold: int = Field(default=5, ge=1)
-    cooldown_s: float = Field(default=30.0, gt=0)
+    """Stop calling a provider that keeps failing, then probe it again."""
+
+    failure_threshold: int = Field(
+        default=5,
+        ge=1,
+        description="Consecutive failures that count against health before the circuit opens.",
+    )
+    cooldown_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="How long an open circuit refuses calls before one probe is let through.",
+    )
 
 
 class AutoscalingOptions(_Strict):
     """Ray Serve autoscaling for one deployment (see Serve's ``autoscaling_config``)."""
 
-    min_replicas: int = Field(default=1, ge=0)
-    max_replicas: int = Field(default=4, ge=1)
-    target_ongoing_requests: float = Field(default=16, gt=0)
-    upscale_delay_s: float = Field(default=10.0, ge=0)
-    downscale_delay_s: float = Field(default=120.0, ge=0)
-    # Serve warns when this is not longer than its (deprecated) 10 s metrics interval.
-    look_back_period_s: float = Field(default=30.0, gt=0)
+    min_replicas: int = Field(default=1, ge=0, description="The fewest replicas kept running.")
+    max_replicas: int = Field(default=4, ge=1, description="The most replicas started.")
+    target_ongoing_requests: float = Field(
+        default=16, gt=0, description="Requests in progress per replica that Serve scales towards."
+    )
+    upscale_delay_s: float = Field(
+        default=10.0, ge=0, description="How long the load must call for more replicas before they start."
+    )
+    downscale_delay_s: float = Field(
+        default=120.0, ge=0, description="How long the load must call for fewer replicas before they stop."
+    )
+    look_back_period_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="The window Serve averages the load over. Serve warns when it is not longer than "
+        "its (deprecated) 10 s metrics interval.",
+    )
 
     @model_validator(mode="after")
     def _order(self) -> AutoscalingOptions:
@@ -129,30 +180,60 @@ class DeploymentOptions(_Strict):
 
     Plain data: the Ray side (``actors/options.py``) turns it into Serve's options."""
 
-    num_cpus: float = Field(default=0.1, ge=0)
-    # Custom Ray resources, e.g. {"provider_node": 0.01} to keep replicas on one node type.
-    resources: dict[str, float] = Field(default_factory=dict)
-    # Fixed replica count; when null, ``autoscaling`` decides.
-    num_replicas: int | None = Field(default=None, ge=1)
-    autoscaling: AutoscalingOptions = AutoscalingOptions()
-    # Requests one replica accepts at once (Serve queues the rest); null: derived from the limits.
-    max_ongoing_requests: int | None = Field(default=None, ge=1)
-    # At most this many replicas on one node, e.g. 1 to spread the ingress over the nodes.
-    max_replicas_per_node: int | None = Field(default=None, ge=1)
+    num_cpus: float = Field(default=0.1, ge=0, description="CPUs reserved per replica.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description='Custom Ray resources per replica, e.g. {"provider_node": 0.01} to keep replicas '
+        "on one node type.",
+    )
+    num_replicas: int | None = Field(
+        default=None, ge=1, description="A fixed replica count; when null, autoscaling decides."
+    )
+    autoscaling: AutoscalingOptions = Field(
+        default=AutoscalingOptions(), description="Autoscaling, used when num_replicas is null."
+    )
+    max_ongoing_requests: int | None = Field(
+        default=None,
+        ge=1,
+        description="Requests one replica accepts at once (Serve queues the rest); null: derived from "
+        "the limits.",
+    )
+    max_replicas_per_node: int | None = Field(
+        default=None,
+        ge=1,
+        description="At most this many replicas on one node, e.g. 1 to spread the ingress over the nodes.",
+    )
 
 
 class ProviderConfig(_Strict):
-    kind: ProviderKind
-    base_url: str | None = None
-    # Name of the environment variable holding the API key; never the key itself.
-    api_key_env: str | None = None
-    timeout_s: PositiveFloat = 60.0
-    connect_timeout_s: PositiveFloat = 5.0
-    retry: RetryConfig = RetryConfig()
-    limits: LimitsConfig = LimitsConfig()
-    circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
-    deployment: DeploymentOptions = DeploymentOptions()
-    models: dict[str, ModelPrice] = Field(min_length=1)
+    """One provider account: its wire protocol, where it is, its key's variable, limits and models."""
+
+    kind: ProviderKind = Field(description="The wire protocol the provider speaks.")
+    base_url: str | None = Field(
+        default=None,
+        description="Where its API is (null: the provider's public API; required for openai_compatible).",
+    )
+    api_key_env: str | None = Field(
+        default=None,
+        description="Name of the environment variable holding the API key; never the key itself.",
+    )
+    timeout_s: PositiveFloat = Field(
+        default=60.0,
+        description="A call's deadline, retries included; a shorter one from the plan or the "
+        "request applies instead.",
+    )
+    connect_timeout_s: PositiveFloat = Field(default=5.0, description="Time to open a connection.")
+    retry: RetryConfig = Field(default=RetryConfig(), description="Retries of failed calls.")
+    limits: LimitsConfig = Field(default=LimitsConfig(), description="The account's limits.")
+    circuit_breaker: CircuitBreakerConfig = Field(
+        default=CircuitBreakerConfig(), description="When to stop calling a failing provider."
+    )
+    deployment: DeploymentOptions = Field(
+        default=DeploymentOptions(), description="Scheduling of the provider's Serve deployment."
+    )
+    models: dict[str, ModelPrice] = Field(
+        min_length=1, description="Model name -> its prices, context window and refused parameters."
+    )
 
     @model_validator(mode="after")
     def _compatible_needs_url(self) -> ProviderConfig:
@@ -178,7 +259,12 @@ class SimulatorMode(StrEnum):
 
 
 class SimulatorConfig(_Strict):
-    mode: SimulatorMode = SimulatorMode.AUTO
+    """The built-in provider simulator, which speaks the providers' wire protocols."""
+
+    mode: SimulatorMode = Field(
+        default=SimulatorMode.AUTO,
+        description="auto: simulate when no provider key is set in the environment; on; off.",
+    )
 
     @field_validator("mode", mode="before")
     @classmethod
@@ -186,9 +272,12 @@ class SimulatorConfig(_Strict):
         # YAML reads a bare `on`/`off` as a boolean; take it as the user meant it.
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
-    # Where a running simulator listens; when null, the CLI starts one on a free loopback port.
-    url: str | None = None
-    profile: str | None = None  # path of a simulator profile (latencies, faults)
+    url: str | None = Field(
+        default=None,
+        description="Where a running simulator listens; when null, the CLI starts one on a free "
+        "loopback port.",
+    )
+    profile: str | None = Field(default=None, description="Path of a simulator profile (latencies, faults).")
 
 
 def _redis_url_without_password(url: str | None) -> str | None:
@@ -272,7 +361,9 @@ class CacheConfig(_Strict):
         description="API key name -> scope name: keys given the same scope share cached answers. "
         "Otherwise each key sees only its own entries (and the open service its own scope).",
     )
-    semantic: SemanticCacheConfig = SemanticCacheConfig()
+    semantic: SemanticCacheConfig = Field(
+        default=SemanticCacheConfig(), description="Semantic hits for rephrased questions (opt-in)."
+    )
 
     @field_validator("redis_url")
     @classmethod
@@ -283,12 +374,21 @@ class CacheConfig(_Strict):
 class ServerConfig(_Strict):
     """The HTTP service's own limits."""
 
-    # Bodies larger than this are refused with 413 before any parsing.
-    max_request_bytes: int = Field(default=1_000_000, gt=0)
-    # Requests in progress per ingress replica beyond which new ones get 429 with Retry-After.
-    max_concurrent_requests: int = Field(default=256, ge=1)
-    # Whole-request deadline (a request may ask for less with moa.deadline_s): 504 past it.
-    request_deadline_s: PositiveFloat = 120.0
+    max_request_bytes: int = Field(
+        default=1_000_000,
+        gt=0,
+        description="Bodies larger than this are refused with 413 before any parsing.",
+    )
+    max_concurrent_requests: int = Field(
+        default=256,
+        ge=1,
+        description="Requests in progress per ingress replica beyond which new ones get 429 with "
+        "Retry-After.",
+    )
+    request_deadline_s: PositiveFloat = Field(
+        default=120.0,
+        description="Whole-request deadline (a request may ask for less with moa.deadline_s): 504 past it.",
+    )
     drain_s: float = Field(
         default=20.0,
         ge=0,
@@ -329,11 +429,16 @@ class RequestCaps(_Strict):
 
 
 class ObservabilityConfig(_Strict):
-    # Record prompts and answers on provider spans (gen_ai.input/output.messages). Off by default:
-    # they may hold personal data. API keys are never recorded, whatever this says.
-    capture_content: bool = False
-    # JSON log lines (with trace and span ids) from the service's loggers.
-    json_logs: bool = True
+    """Traces and logs (metrics need no settings)."""
+
+    capture_content: bool = Field(
+        default=False,
+        description="Record prompts and answers on provider spans (gen_ai.input/output.messages). Off "
+        "by default: they may hold personal data. API keys are never recorded, whatever this says.",
+    )
+    json_logs: bool = Field(
+        default=True, description="JSON log lines (with trace and span ids) from the service's loggers."
+    )
 
 
 class ShadowConfig(_Strict):
@@ -364,6 +469,8 @@ class ShadowConfig(_Strict):
 
 
 class EvalConfig(_Strict):
+    """moa eval's settings for live traffic."""
+
     shadow: ShadowConfig = Field(
         default_factory=ShadowConfig, description="shadow evaluation of live traffic"
     )
@@ -372,16 +479,29 @@ class EvalConfig(_Strict):
 class ServeOptions(_Strict):
     """Scheduling of the service's own deployments (providers carry theirs in ``providers``)."""
 
-    ingress: DeploymentOptions = DeploymentOptions(num_cpus=0.2)
-    # The health board: provider health reports in, the view the ingress routes with out.
-    health_board: DeploymentOptions = DeploymentOptions(num_cpus=0.05, num_replicas=1)
-    # Where the final fusion runs. "ingress": the ingress builds the aggregator's prompt and calls
-    # its model's provider deployment itself (one sequential handle hop less per request, measured
-    # with `moa bench`). "deployment": an aggregator deployment does it, scaled apart from the
-    # ingress (worth it only when fusion work is heavy, e.g. very long references to trim).
-    fusion: Literal["ingress", "deployment"] = "ingress"
-    aggregator: DeploymentOptions = DeploymentOptions(num_cpus=0.1)
-    simulator: DeploymentOptions = DeploymentOptions(num_cpus=0.2, num_replicas=1)
+    ingress: DeploymentOptions = Field(
+        default=DeploymentOptions(num_cpus=0.2), description="The HTTP ingress (the API and the engine)."
+    )
+    health_board: DeploymentOptions = Field(
+        default=DeploymentOptions(num_cpus=0.05, num_replicas=1),
+        description="The health board: provider health reports in, the view the ingress routes with "
+        "out (the old key serve.router is still accepted).",
+    )
+    fusion: Literal["ingress", "deployment"] = Field(
+        default="ingress",
+        description="Where the final fusion runs. ingress: the ingress builds the aggregator's prompt "
+        "and calls its model's provider deployment itself (one sequential handle hop less per "
+        "request, measured with moa bench). deployment: an aggregator deployment does it, scaled "
+        "apart from the ingress (worth it only when fusion work is heavy, e.g. very long references "
+        "to trim).",
+    )
+    aggregator: DeploymentOptions = Field(
+        default=DeploymentOptions(num_cpus=0.1), description="The aggregator deployment (fusion: deployment)."
+    )
+    simulator: DeploymentOptions = Field(
+        default=DeploymentOptions(num_cpus=0.2, num_replicas=1),
+        description="The provider simulator's deployment, when the app runs against it.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -424,18 +544,33 @@ class StateConfig(_Strict):
 
 
 class MoAConfig(_Strict):
-    providers: dict[str, ProviderConfig] = Field(min_length=1)
-    simulator: SimulatorConfig = SimulatorConfig()
-    presets: dict[str, PresetConfig] = Field(default_factory=dict)
-    default_preset: str = "auto"
-    router: RouterConfig = RouterConfig()
-    templates: TemplatesConfig = TemplatesConfig()
-    cache: CacheConfig = CacheConfig()
-    server: ServerConfig = ServerConfig()
-    caps: RequestCaps = RequestCaps()
-    serve: ServeOptions = ServeOptions()
-    observability: ObservabilityConfig = ObservabilityConfig()
-    state: StateConfig = StateConfig()
+    """A moa-serve configuration file (YAML). Its JSON schema is docs/config.schema.json."""
+
+    providers: dict[str, ProviderConfig] = Field(
+        min_length=1,
+        description="Provider name -> the account: kind, endpoint, key variable, limits, models.",
+    )
+    simulator: SimulatorConfig = Field(default=SimulatorConfig(), description="The provider simulator.")
+    presets: dict[str, PresetConfig] = Field(
+        default_factory=dict, description="Preset name -> a plan: proposer layers, aggregators, fallbacks."
+    )
+    default_preset: str = Field(
+        default="auto", description="The preset a request without one runs (auto: the router chooses)."
+    )
+    router: RouterConfig = Field(
+        default=RouterConfig(), description="How auto picks a preset: the classifier, tiers and specialists."
+    )
+    templates: TemplatesConfig = Field(
+        default=TemplatesConfig(), description="Prompt templates: aggregation, refine and proposer roles."
+    )
+    cache: CacheConfig = Field(default=CacheConfig(), description="Response caching.")
+    server: ServerConfig = Field(default=ServerConfig(), description="The HTTP service's own limits.")
+    caps: RequestCaps = Field(default=RequestCaps(), description="Bounds on the work one request may cause.")
+    serve: ServeOptions = Field(
+        default=ServeOptions(), description="Scheduling of the service's deployments."
+    )
+    observability: ObservabilityConfig = Field(default=ObservabilityConfig(), description="Traces and logs.")
+    state: StateConfig = Field(default=StateConfig(), description="Where API keys and the spend ledger live.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="moa eval's live-traffic settings")
 
     @model_validator(mode="after")
@@ -596,3 +731,17 @@ def resolve_endpoint(
         api_key=SecretStr(key) if key else None,
         simulated=False,
     )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The published schema
+
+
+def config_schema() -> dict[str, Any]:
+    """The config file's JSON schema: every field with its type, bounds, default and description.
+
+    Published as docs/config.schema.json (``moa config schema`` prints it) so an editor can check
+    and document a YAML config as it is written; a test keeps the file equal to this.
+    """
+    schema = MoAConfig.model_json_schema(mode="validation")
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}

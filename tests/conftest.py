@@ -12,6 +12,7 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -60,6 +61,13 @@ def config(sim: SimulatorServer) -> MoAConfig:
     return cfg.model_copy(
         update={"simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": "on"})}
     )
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh state directory (keys, spend ledger, cache file) for this test, as MOA_STATE_DIR."""
+    monkeypatch.setenv("MOA_STATE_DIR", str(tmp_path))
+    return tmp_path
 
 
 @pytest.fixture(scope="session")

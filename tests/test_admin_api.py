@@ -15,34 +15,30 @@ from moa.cli import main
 from moa.config import ConfigError, load_config
 from moa.simulator.server import SimulatorServer
 from moa.state.sqlite_store import SQLiteStore
-from tests.test_api import _Server
+from tests.helpers import ApiServer
 from tests.test_keys_api import SHORT, client, create_key, wait_for_auth
 
 ADMIN = "adm-" + secrets.token_urlsafe(32)
 
 
-def _server(sim: SimulatorServer, state_dir: Path) -> _Server:
+def _server(sim: SimulatorServer, state_dir: Path) -> ApiServer:
     cfg = load_config(None)
     cfg = cfg.model_copy(
         update={"simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": "on"})}
     )
-    return _Server(cfg, store=lambda: SQLiteStore(state_dir / "state.db"))
+    return ApiServer(cfg, store=lambda: SQLiteStore(state_dir / "state.db"))
 
 
 @pytest.fixture
-def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("MOA_STATE_DIR", str(tmp_path))
-    return tmp_path
-
-
-@pytest.fixture
-def admin_server(sim: SimulatorServer, state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[_Server]:
+def admin_server(
+    sim: SimulatorServer, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[ApiServer]:
     monkeypatch.setenv("MOA_ADMIN_KEY", ADMIN)
     with _server(sim, state_dir) as s:
         yield s
 
 
-def admin(server: _Server, key: str = ADMIN) -> httpx.Client:
+def admin(server: ApiServer, key: str = ADMIN) -> httpx.Client:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return httpx.Client(base_url=server.url + "/admin", headers=headers, timeout=30)
 
@@ -73,7 +69,7 @@ def test_a_short_admin_key_is_refused_at_start(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_a_missing_or_wrong_admin_key_is_401_and_an_api_key_is_not_an_admin_key(
-    admin_server: _Server, capsys: pytest.CaptureFixture[str]
+    admin_server: ApiServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     user_key = create_key(capsys, "user")
     wait_for_auth(admin_server)
@@ -99,7 +95,7 @@ def test_a_missing_or_wrong_admin_key_is_401_and_an_api_key_is_not_an_admin_key(
 
 
 def test_create_list_disable_enable_revoke_over_http(
-    admin_server: _Server, capsys: pytest.CaptureFixture[str]
+    admin_server: ApiServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with admin(admin_server) as http:
         made = http.post(

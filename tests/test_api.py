@@ -4,44 +4,16 @@ official ``openai`` client and raw HTTP for the malformed cases. The Ray tests r
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from moa.config import MoAConfig
-from moa.local import LocalServer
-from moa.service import claim_port
 from moa.simulator.server import SimulatorServer
-from moa.state import StateStore
-from tests.waiting import wait_until, wait_until_sync
-
-QUESTION = [{"role": "user", "content": "How do vaccines train the immune system?"}]
-
-
-class _Server:
-    """``moa serve --local``'s server on a loopback port, in a thread with its own event loop."""
-
-    def __init__(self, config: MoAConfig, store: Callable[[], StateStore] | None = None) -> None:
-        self.config = config
-        self.server = LocalServer(config, claim_port("127.0.0.1", 0), store)
-        self.url = self.server.url
-        self._ready = threading.Event()
-
-    def __enter__(self) -> _Server:
-        self.thread = threading.Thread(
-            target=lambda: asyncio.run(self.server.run(on_ready=lambda _: self._ready.set())), daemon=True
-        )
-        self.thread.start()
-        wait_until_sync(self._ready.is_set, what="the API server to start")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.stop()
-        self.thread.join(30)
+from tests.helpers import QUESTION, ApiServer, set_fault, sim_in_flight, sim_stats, wait_idle
+from tests.waiting import wait_until
 
 
 @pytest.fixture
@@ -58,17 +30,13 @@ def api_url(sim: SimulatorServer) -> Iterator[str]:
             ),
         }
     )
-    with _Server(cfg) as server:
+    with ApiServer(cfg) as server:
         yield server.url
 
 
 @pytest.fixture
 def client(api_url: str, sim: SimulatorServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=api_url + "/v1", api_key="unused", max_retries=0)
-
-
-def set_fault(sim: SimulatorServer, model: str, **faults: dict[str, Any]) -> None:
-    httpx.put(f"{sim.url}/admin/faults/{model}", json=faults).raise_for_status()
 
 
 def test_chat_completion_with_the_openai_client(client: openai.OpenAI) -> None:
@@ -239,23 +207,6 @@ def test_every_circuit_open_is_503_with_retry_after(api_url: str, sim: Simulator
     assert httpx.get(api_url + "/healthz").status_code == 503
 
 
-def sim_stats(sim: SimulatorServer) -> dict[str, Any]:
-    return httpx.get(f"{sim.url}/admin/stats").json()["models"]
-
-
-def sim_in_flight(sim: SimulatorServer) -> int:
-    return sum(m["in_flight"] for m in sim_stats(sim).values())
-
-
-async def sim_idle(sim: SimulatorServer) -> dict[str, Any]:
-    """Wait until the simulator has nothing in flight; return its counters."""
-    return await wait_until(
-        lambda: sim_stats(sim),
-        lambda s: all(m["in_flight"] == 0 for m in s.values()),
-        what="no request in flight at the simulator",
-    )
-
-
 def test_deadline_gives_504(api_url: str, sim: SimulatorServer) -> None:
     set_fault(sim, "*", hang={"rate": 1.0})
     # Nothing answers and the preset's own deadlines are over a minute: only the request's
@@ -263,7 +214,7 @@ def test_deadline_gives_504(api_url: str, sim: SimulatorServer) -> None:
     body = {"model": "moa-lite", "messages": QUESTION, "moa": {"deadline_s": 0.5}}
     r = httpx.post(api_url + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
-    s = asyncio.run(sim_idle(sim))
+    s = asyncio.run(wait_idle(sim))
     assert sum(m["requests"] for m in s.values()) == sum(m["cancelled"] for m in s.values()) == 3
 
 
@@ -281,7 +232,7 @@ def test_overload_gives_429(api_url: str, sim: SimulatorServer) -> None:
             for task in held:
                 task.cancel()  # the client leaves: the service must let the slots go
             await asyncio.gather(*held, return_exceptions=True)
-            await sim_idle(sim)
+            await wait_idle(sim)
             (await c.delete(f"{sim.url}/admin/faults/*")).raise_for_status()
             after = await wait_until(
                 lambda: c.post(url, json=body), lambda r: r.status_code != 429, what="a slot free again"
@@ -326,7 +277,7 @@ def test_open_streams_hold_their_admission_slots(api_url: str, sim: SimulatorSer
             return during.status_code, after.status_code
 
     assert asyncio.run(scenario()) == (429, 200)
-    s = asyncio.run(sim_idle(sim))
+    s = asyncio.run(wait_idle(sim))
     assert s["gpt-4.1"]["cancelled"] == 4  # the four open streams, closed by their clients
 
 
@@ -340,7 +291,7 @@ def test_client_disconnect_cancels_the_fan_out(api_url: str, sim: SimulatorServe
             await wait_until(lambda: sim_in_flight(sim), lambda n: n == 3, what="the fan-out in flight")
             task.cancel()  # the client leaves
             await asyncio.gather(task, return_exceptions=True)
-        return await sim_idle(sim)
+        return await wait_idle(sim)
 
     s = asyncio.run(scenario())
     assert sum(m["requests"] for m in s.values()) == sum(m["cancelled"] for m in s.values()) == 3

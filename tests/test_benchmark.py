@@ -26,7 +26,7 @@ from moa.engine.prompts import with_references
 from moa.simulator.server import SimulatorServer
 from moa.simulator.text import compose
 from moa.types import ChatMessage
-from tests.test_api import _Server, set_fault
+from tests.helpers import ApiServer, set_fault
 
 QUESTION = "How does a compiler work?"
 
@@ -103,7 +103,7 @@ async def test_baseline_and_report(sim: SimulatorServer, tmp_path: Path) -> None
 
 
 def test_http_target_reads_the_detail_extension(config: MoAConfig, sim: SimulatorServer) -> None:
-    with _Server(config) as server:
+    with ApiServer(config) as server:
         target = HttpTarget(server.url, "moa-lite")
         sample = asyncio.run(target.send("How does a compiler work?"))
         assert sample.ok and sample.met_quorum and sample.simulated_s and sample.overhead_s is not None
@@ -133,7 +133,7 @@ def test_auth_overhead_bench_runs_open_key_and_budget_side_by_side(tmp_path: Pat
 
 
 def _simulated(config: MoAConfig, question: str) -> float:
-    with _Server(config) as server:
+    with ApiServer(config) as server:
         body = {
             "model": "moa-lite",
             "messages": [{"role": "user", "content": question}],
@@ -301,7 +301,7 @@ def test_overhead_breakdown_adds_up() -> None:
 
 def test_http_target_keeps_the_timings_it_is_asked_to(config: MoAConfig, sim: SimulatorServer) -> None:
     kept: list[dict[str, Any]] = []
-    with _Server(config) as server:
+    with ApiServer(config) as server:
         sample = asyncio.run(HttpTarget(server.url, "moa-lite", keep=kept).send(QUESTION))
     [request] = kept
     parts = decompose(request)
@@ -346,7 +346,7 @@ def test_a_streaming_target_times_first_byte_and_first_token(config: MoAConfig, 
     slow = {"ttft_s": 0.8, "tokens_per_s": 2000.0, "jitter": 0.0}
     profile["models"] = {m: slow for m in ("gpt-4.1-mini", "claude-haiku-4-5", "gemini-2.5-flash")}
     httpx.put(f"{sim.url}/admin/profile", json=profile).raise_for_status()
-    with _Server(config) as server:
+    with ApiServer(config) as server:
         target = HttpTarget(server.url, "moa-lite", stream=True, aggregation="early")
         sample = asyncio.run(target.send(QUESTION))
     assert sample.ok and sample.first_byte_s is not None and sample.ttft_s is not None

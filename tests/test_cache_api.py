@@ -17,8 +17,7 @@ from moa.cli import main
 from moa.config import CacheConfig, MoAConfig, SemanticCacheConfig, StateConfig, load_config
 from moa.simulator.server import SimulatorServer
 from moa.state.sqlite_store import SQLiteStore
-from tests.test_api import _Server
-from tests.test_engine import set_fault
+from tests.helpers import ApiServer, set_fault, sim_total_requests
 from tests.test_keys_api import create_key, wait_for_auth
 
 Q = "Explain how a hash map handles collisions."
@@ -35,10 +34,6 @@ def cached_config(sim: SimulatorServer, state_dir: Path, **cache: Any) -> MoACon
     )
 
 
-def sim_requests(sim: SimulatorServer) -> int:
-    return int(httpx.get(f"{sim.url}/admin/stats").json()["total_requests"])
-
-
 def chat(url: str, key: str = "unused", **body: Any) -> httpx.Response:
     body = {"model": "moa-lite", "messages": [{"role": "user", "content": Q}], **body}
     r = httpx.post(
@@ -48,27 +43,21 @@ def chat(url: str, key: str = "unused", **body: Any) -> httpx.Response:
 
 
 @pytest.fixture
-def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("MOA_STATE_DIR", str(tmp_path))
-    return tmp_path
-
-
-@pytest.fixture
-def server(sim: SimulatorServer, state_dir: Path) -> Iterator[_Server]:
-    with _Server(cached_config(sim, state_dir)) as s:
+def server(sim: SimulatorServer, state_dir: Path) -> Iterator[ApiServer]:
+    with ApiServer(cached_config(sim, state_dir)) as s:
         yield s
 
 
 def test_a_repeat_is_an_exact_hit_with_zero_usage_and_the_cost_saved(
-    server: _Server, sim: SimulatorServer
+    server: ApiServer, sim: SimulatorServer
 ) -> None:
     first = chat(server.url, moa={"detail": True})
     assert first.status_code == 200, first.text
     assert first.headers["x-moa-cache"] == "miss"
-    sent = sim_requests(sim)
+    sent = sim_total_requests(sim)
     second = chat(server.url, moa={"detail": True})
     assert second.headers["x-moa-cache"] == "hit-exact"
-    assert sim_requests(sim) == sent  # nothing reached a provider
+    assert sim_total_requests(sim) == sent  # nothing reached a provider
     a, b = first.json(), second.json()
     assert b["choices"][0]["message"]["content"] == a["choices"][0]["message"]["content"]
     assert b["usage"]["prompt_tokens"] == b["usage"]["completion_tokens"] == 0
@@ -80,10 +69,10 @@ def test_a_repeat_is_an_exact_hit_with_zero_usage_and_the_cost_saved(
     assert all(c["cost_usd"] == 0 for c in detail["calls"])
 
 
-def test_a_stream_replays_the_cached_answer_as_sse_chunks(server: _Server, sim: SimulatorServer) -> None:
+def test_a_stream_replays_the_cached_answer_as_sse_chunks(server: ApiServer, sim: SimulatorServer) -> None:
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     text = client.chat.completions.create(model="moa-lite", messages=[{"role": "user", "content": Q}])
-    sent = sim_requests(sim)
+    sent = sim_total_requests(sim)
     with client.chat.completions.with_streaming_response.create(
         model="moa-lite",
         messages=[{"role": "user", "content": Q}],
@@ -96,22 +85,22 @@ def test_a_stream_replays_the_cached_answer_as_sse_chunks(server: _Server, sim: 
     assert len(pieces) > 1  # chunks, not one blob
     assert "".join(pieces) == text.choices[0].message.content
     assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 0
-    assert sim_requests(sim) == sent
+    assert sim_total_requests(sim) == sent
 
 
-def test_no_cache_no_store_and_off(server: _Server, sim: SimulatorServer) -> None:
+def test_no_cache_no_store_and_off(server: ApiServer, sim: SimulatorServer) -> None:
     assert chat(server.url, moa={"cache": "no-store"}).headers["x-moa-cache"] == "miss"
     assert chat(server.url).headers["x-moa-cache"] == "miss"  # no-store stored nothing
     assert chat(server.url, moa={"cache": "no-cache"}).headers["x-moa-cache"] == "bypass"
-    sent = sim_requests(sim)
+    sent = sim_total_requests(sim)
     assert chat(server.url, moa={"cache": "off"}).headers["x-moa-cache"] == "bypass"
-    assert sim_requests(sim) > sent
+    assert sim_total_requests(sim) > sent
     assert chat(server.url).headers["x-moa-cache"] == "hit-exact"
     bad = chat(server.url, moa={"cache": "sometimes"})
     assert bad.status_code == 422 and bad.json()["error"]["param"] == "moa.cache"
 
 
-def test_a_fresh_sample_is_not_served_unless_allowed(server: _Server) -> None:
+def test_a_fresh_sample_is_not_served_unless_allowed(server: ApiServer) -> None:
     assert chat(server.url, temperature=0.8).headers["x-moa-cache"] == "bypass"
     assert chat(server.url, temperature=0.8).headers["x-moa-cache"] == "bypass"
     assert (
@@ -143,7 +132,7 @@ def moa(url: str, plan: dict[str, Any]) -> httpx.Response:
     return httpx.post(f"{url}/v1/moa", json=body, timeout=60)
 
 
-def test_plans_sharing_proposers_reuse_their_answers(server: _Server) -> None:
+def test_plans_sharing_proposers_reuse_their_answers(server: ApiServer) -> None:
     first = moa(server.url, _plan("gpt-4.1"))
     assert first.status_code == 200, first.text
     second = moa(server.url, _plan("gpt-4.1-mini"))  # another aggregator: another final answer
@@ -158,7 +147,7 @@ def test_plans_sharing_proposers_reuse_their_answers(server: _Server) -> None:
 
 
 def test_a_retry_after_the_aggregator_failed_reuses_the_proposals(
-    server: _Server, sim: SimulatorServer
+    server: ApiServer, sim: SimulatorServer
 ) -> None:
     set_fault(sim, "gpt-4.1", error_500={"rate": 1.0})
     plan = _plan("gpt-4.1", fallbacks=False)
@@ -171,7 +160,7 @@ def test_a_retry_after_the_aggregator_failed_reuses_the_proposals(
     assert moa(server.url, plan).headers["x-moa-cache"] == "hit-exact"
 
 
-def test_cut_answers_and_missed_quorums_are_not_stored(server: _Server, sim: SimulatorServer) -> None:
+def test_cut_answers_and_missed_quorums_are_not_stored(server: ApiServer, sim: SimulatorServer) -> None:
     cut = chat(server.url, max_tokens=3, moa={"detail": True})
     assert cut.json()["choices"][0]["finish_reason"] == "length"
     assert "not stored" in cut.json()["moa"]["cache"]["reason"]
@@ -187,7 +176,7 @@ def test_one_tenant_never_gets_anothers_answer_unless_shared(
     sim: SimulatorServer, state_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cfg = cached_config(sim, state_dir, shared_scopes={"carol": "team", "dave": "team"})
-    with _Server(cfg, store=lambda: SQLiteStore(state_dir / "state.db")) as s:
+    with ApiServer(cfg, store=lambda: SQLiteStore(state_dir / "state.db")) as s:
         keys = {name: create_key(capsys, name) for name in ("alice", "bob", "carol", "dave")}
         wait_for_auth(s)
         assert chat(s.url, keys["alice"]).headers["x-moa-cache"] == "miss"
@@ -225,7 +214,7 @@ def test_a_hit_writes_nothing_to_a_keys_budget_and_needs_none_of_it(
     write per request), so also none refused. A miss still reserves before any model is called."""
     cfg = cached_config(sim, state_dir, shared_scopes={"gail": "team", "hank": "team"})
     store = CountingStore(state_dir / "state.db")
-    with _Server(cfg, store=lambda: store) as s:
+    with ApiServer(cfg, store=lambda: store) as s:
         gail = create_key(capsys, "gail", "--budget-usd", "100")
         hank = create_key(capsys, "hank", "--budget-usd", "0")  # nothing left to spend
         wait_for_auth(s)
@@ -251,12 +240,12 @@ def test_a_hit_after_a_paid_classifier_call_still_charges_the_call(
         "classifier_model": {"provider": "openai", "model": "gpt-4o-mini"},
     }
     cfg = cfg.model_copy(update={"router": type(cfg.router).model_validate(router)})
-    with _Server(cfg, store=lambda: SQLiteStore(state_dir / "state.db")) as one:
+    with ApiServer(cfg, store=lambda: SQLiteStore(state_dir / "state.db")) as one:
         key = create_key(capsys, "ivy", "--budget-usd", "100")
         wait_for_auth(one)
         assert chat(one.url, key, model="auto").headers["x-moa-cache"] == "miss"
     store = CountingStore(state_dir / "state.db")
-    with _Server(cfg, store=lambda: store) as other:  # a fresh classifier cache, the same stores
+    with ApiServer(cfg, store=lambda: store) as other:  # a fresh classifier cache, the same stores
         assert chat(other.url, key, model="auto").headers["x-moa-cache"] == "hit-exact"
         assert store.writes == ["reserve", "settle"]  # the classifier's cost, charged after the fact
 
@@ -269,9 +258,9 @@ def test_replicas_share_answers_and_proposals_through_the_store(
     if store == "redis":
         extra["redis_url"] = request.getfixturevalue("redis_server").rsplit("/", 1)[0] + "/5"
     cfg = cached_config(sim, state_dir, **extra)
-    with _Server(cfg) as one:
+    with ApiServer(cfg) as one:
         assert moa(one.url, _plan("gpt-4.1")).headers["x-moa-cache"] == "miss"
-    with _Server(cfg) as other:  # another replica (or the same one restarted): an empty LRU
+    with ApiServer(cfg) as other:  # another replica (or the same one restarted): an empty LRU
         assert moa(other.url, _plan("gpt-4.1")).headers["x-moa-cache"] == "hit-exact"
         again = moa(other.url, _plan("gpt-4.1-mini"))
         assert again.json()["cache"]["proposals_from_cache"] == 3
@@ -289,7 +278,7 @@ def test_replicas_share_answers_and_proposals_through_the_store(
 
 
 def test_cache_cli_stats_and_clear(
-    server: _Server, state_dir: Path, capsys: pytest.CaptureFixture[str]
+    server: ApiServer, state_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The CLI reads the store the server writes (MOA_STATE_DIR: the same SQLite file)."""
     assert chat(server.url).headers["x-moa-cache"] == "miss"
@@ -303,7 +292,7 @@ def test_cache_cli_stats_and_clear(
     assert main(["cache", "clear", "--scope", "open"]) == 0
     assert "cleared 4 entries" in capsys.readouterr().out
     # This replica's LRU still holds them for a while: another replica (restart) would miss.
-    with _Server(server.config) as other:
+    with ApiServer(server.config) as other:
         assert chat(other.url).headers["x-moa-cache"] == "miss"
 
 
@@ -314,7 +303,7 @@ def test_semantic_hit_for_a_rephrasing_and_none_for_a_near_miss(
     extra: dict[str, Any] = {"store": store}
     if store == "redis":  # plain redis-server: the index is a hash the replica scans
         extra["redis_url"] = request.getfixturevalue("redis_server").rsplit("/", 1)[0] + "/6"
-    with _Server(cached_config(sim, state_dir, **extra)) as s:  # the measured default threshold
+    with ApiServer(cached_config(sim, state_dir, **extra)) as s:  # the measured default threshold
 
         def ask(text: str, semantic: bool = True, system: str | None = None) -> httpx.Response:
             messages = [{"role": "user", "content": text}]
@@ -356,7 +345,7 @@ def test_semantic_hit_for_a_rephrasing_and_none_for_a_near_miss(
 
 def test_semantic_by_preset(sim: SimulatorServer, state_dir: Path) -> None:
     cfg = cached_config(sim, state_dir, semantic=SemanticCacheConfig(presets=("moa-lite",)))
-    with _Server(cfg) as s:
+    with ApiServer(cfg) as s:
         assert (
             chat(s.url, messages=[{"role": "user", "content": "What causes inflation?"}]).headers[
                 "x-moa-cache"
@@ -376,7 +365,7 @@ def test_an_unreachable_store_makes_misses_not_failures(sim: SimulatorServer, st
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cfg = cached_config(sim, state_dir, store="redis", redis_url=f"redis://127.0.0.1:{port}/0")
-    with _Server(cfg) as server:
+    with ApiServer(cfg) as server:
         first = chat(server.url, moa={"detail": True})
         assert first.status_code == 200 and first.headers["x-moa-cache"] == "miss"
         assert "cache store failed" in first.json()["moa"]["cache"]["reason"]

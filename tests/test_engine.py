@@ -7,7 +7,6 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import pytest
 
 from moa.config import MoAConfig
@@ -19,6 +18,7 @@ from moa.engine.router import HealthView
 from moa.providers.registry import ProviderPool
 from moa.simulator.server import SimulatorServer
 from moa.types import ChatMessage, ErrorKind, TextDelta
+from tests.helpers import set_fault, sim_stats, wait_idle
 from tests.waiting import wait_until
 
 QUESTION = [ChatMessage(role="user", content="How do vaccines train the immune system?")]
@@ -35,25 +35,8 @@ def engine(config: MoAConfig, pool: ProviderPool) -> MoAEngine:
     return MoAEngine(config, pool)
 
 
-def set_fault(sim: SimulatorServer, model: str, **faults: dict[str, Any]) -> None:
-    httpx.put(f"{sim.url}/admin/faults/{model}", json=faults).raise_for_status()
-
-
-def stats(sim: SimulatorServer) -> dict[str, Any]:
-    return httpx.get(f"{sim.url}/admin/stats").json()["models"]
-
-
-async def wait_idle(sim: SimulatorServer) -> dict[str, Any]:
-    """Wait until no model has a request in flight: proof that cancelled calls really ended."""
-    return await wait_until(
-        lambda: stats(sim),
-        lambda s: all(m["in_flight"] == 0 for m in s.values()),
-        what="no request in flight at the simulator",
-    )
-
-
 def in_flight(sim: SimulatorServer) -> int:
-    return sum(m["in_flight"] for m in stats(sim).values())
+    return sum(m["in_flight"] for m in sim_stats(sim).values())
 
 
 def preset(config: MoAConfig, name: str, **update: Any) -> Plan:
@@ -313,4 +296,4 @@ async def test_llm_classifier_is_used_and_cached(
     second = await engine.run(QUESTION, preset="auto")
     assert all(c.stage is not Stage.CLASSIFIER for c in second.calls)
     assert second.decision.classifier_cached  # what moa_cache_hits counts
-    assert stats(sim)["gpt-4o-mini"]["requests"] == 1
+    assert sim_stats(sim)["gpt-4o-mini"]["requests"] == 1

@@ -26,8 +26,8 @@ from moa.eval.verdict import Verdict, parse_pairwise, parse_rating
 from moa.simulator.profile import JudgeProfile, ModelProfile
 from moa.simulator.server import SimulatorServer
 from tests.conftest import FAST_PROFILE
+from tests.helpers import ApiServer, by_name, wait_for_spans
 from tests.otlp_receiver import OTLPReceiver
-from tests.test_api import _Server
 from tests.test_simulator import gemini_client
 from tests.waiting import wait_until_sync
 
@@ -313,7 +313,7 @@ async def test_targets_on_a_running_service_and_another_openai_compatible_endpoi
 ) -> None:
     set_profile(sim, {})
     endpoint = f"gpt-4.1-mini@{sim.url}/v1"  # the simulator itself as "another" endpoint
-    with _Server(config) as server:
+    with ApiServer(config) as server:
         s = spec(workload(tmp_path, n=6), targets=["moa-lite", endpoint], reference=TARGET)
         s = s.model_copy(update={"service_url": server.url})
         ev, report = await run(config, s, tmp_path / "run")
@@ -378,7 +378,7 @@ def test_shadow_judges_live_answers_in_the_background_and_keeps_a_win_rate(
         },
     )
     cfg = shadow_config(config, presets=["moa-lite"], baseline="anthropic/claude-sonnet-4-6")
-    with _Server(cfg) as server:
+    with ApiServer(cfg) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         q = [{"role": "user", "content": "How do vaccines train the immune system?"}]
         client.chat.completions.create(model="moa-lite", messages=q)  # type: ignore[arg-type]
@@ -414,7 +414,7 @@ def test_the_running_win_rate_interval_is_the_mean_preference_plus_or_minus_its_
 def test_shadow_respects_its_spend_limit(config: MoAConfig, sim: SimulatorServer) -> None:
     set_profile(sim, {})
     cfg = shadow_config(config, max_cost_usd_per_hour=0.0001)
-    with _Server(cfg) as server:
+    with ApiServer(cfg) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         client.chat.completions.create(model="moa-lite", messages=[{"role": "user", "content": "Hi there"}])  # type: ignore[list-item]
         api = server.server.api
@@ -449,11 +449,10 @@ def test_a_line_cut_by_an_interruption_is_asked_again(tmp_path: Path) -> None:
 def test_shadow_is_recorded_on_the_requests_trace(
     config: MoAConfig, sim: SimulatorServer, otlp: OTLPReceiver
 ) -> None:
-    from tests.test_observability import by_name, wait_for_spans
 
     set_profile(sim, {"gemini-2.5-pro": {"judge": JudgeProfile(favour="gpt-4.1", favour_p=1.0)}})
     body = {"model": "moa-lite", "messages": [{"role": "user", "content": "Why is the sky blue?"}]}
-    with _Server(shadow_config(config)) as server:
+    with ApiServer(shadow_config(config)) as server:
         r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
         assert r.status_code == 200, r.text
         spans = wait_for_spans(otlp, r.headers["x-moa-trace-id"], {"moa.shadow", "chat gemini-2.5-pro"})

@@ -24,14 +24,10 @@ from moa.limits import LocalRateBudget
 from moa.providers.registry import ProviderPool
 from moa.simulator.server import SimulatorServer
 from moa.types import CallRequest, ChatMessage, ErrorKind, GenerationParams
-from tests.test_api import QUESTION, _Server, set_fault
+from tests.helpers import QUESTION, ApiServer, set_fault, sim_total_requests
 from tests.test_providers import MODELS, provider_config
 
 SURROGATE_BODY = b'{"model":"moa-lite","messages":[{"role":"user","content":"\\ud800 hello"}]}'
-
-
-def sim_requests(sim: SimulatorServer) -> int:
-    return int(httpx.get(f"{sim.url}/admin/stats").json()["total_requests"])
 
 
 def _config(sim: SimulatorServer, **caps: Any) -> MoAConfig:
@@ -47,7 +43,7 @@ def _config(sim: SimulatorServer, **caps: Any) -> MoAConfig:
 
 @pytest.fixture
 def api(sim: SimulatorServer) -> Iterator[str]:
-    with _Server(_config(sim)) as server:
+    with ApiServer(_config(sim)) as server:
         yield server.url
 
 
@@ -77,7 +73,7 @@ def test_lone_surrogate_is_a_400_naming_the_field_and_trips_nothing(api: str, si
         assert r.status_code == 400, r.text
         error = r.json()["error"]
         assert error["param"] == "messages.0.content" and error["code"] == "invalid_encoding"
-    assert sim_requests(sim) == 0  # nothing was sent anywhere
+    assert sim_total_requests(sim) == 0  # nothing was sent anywhere
     r = post(api, {"model": "moa-lite", "messages": QUESTION})
     assert r.status_code == 200, r.text
     assert httpx.get(api + "/healthz").json()["status"] == "ok"
@@ -132,7 +128,7 @@ def test_simulator_refuses_a_lone_surrogate_as_the_real_apis_do(
     headers = {"content-type": "application/json", "authorization": "Bearer k", "x-goog-api-key": "k"}
     r = httpx.post(sim.url + path, content=b"{" + needle + b"}", headers=headers)
     assert r.status_code == 400, r.text
-    assert "parse the JSON body" in r.text and sim_requests(sim) == 0
+    assert "parse the JSON body" in r.text and sim_total_requests(sim) == 0
 
 
 # -- 3. every request bounded in cost and work ---------------------------------------------------------
@@ -158,12 +154,12 @@ def test_an_explicit_plan_over_a_cap_is_a_400_naming_it(
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["code"] == "over_cap" and cap in error["message"] and error["param"] == "plan"
-    assert sim_requests(sim) == 0
+    assert sim_total_requests(sim) == 0
 
 
 def test_request_caps_hold_for_presets_and_routing(sim: SimulatorServer) -> None:
     caps = {"max_calls": 6, "max_messages": 3, "max_input_chars": 2_000, "max_tokens_per_call": 1000}
-    with _Server(_config(sim, **{k: v for k, v in caps.items() if k != "max_calls"})) as server:
+    with ApiServer(_config(sim, **{k: v for k, v in caps.items() if k != "max_calls"})) as server:
         r = post(server.url, {"model": "moa-lite", "messages": QUESTION, "max_tokens": 1001})
         assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
         assert "caps.max_tokens_per_call" in r.json()["error"]["message"]
@@ -188,10 +184,10 @@ def test_request_caps_hold_for_presets_and_routing(sim: SimulatorServer) -> None
     cfg = parse_config(raw)
     hard_code = "Implement and optimize a Python function: def solve(), then prove it is correct."
     assert classify_heuristic(hard_code).complexity is not Complexity.SIMPLE
-    with _Server(cfg) as server:
+    with ApiServer(cfg) as server:
         r = post(server.url, {"model": "auto", "messages": [{"role": "user", "content": hard_code}]})
         assert r.status_code == 400 and "caps.max_calls" in r.json()["error"]["message"], r.text
-    assert sim_requests(sim) == 0
+    assert sim_total_requests(sim) == 0
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/moa"])
@@ -373,7 +369,7 @@ def test_both_endpoints_agree_on_a_valid_message_list(api: str, sim: SimulatorSe
         assert chat.json()["error"]["param"] == moa.json()["error"]["param"] == param
     r = post(api, {"messages": QUESTION, "preset": "single", "plan": _plan(1, 1)}, path="/v1/moa")
     assert r.status_code == 422 and r.json()["error"]["param"] == "plan"
-    assert sim_requests(sim) == 0
+    assert sim_total_requests(sim) == 0
 
 
 def test_405_says_allow_and_head_works_where_get_does(api: str) -> None:

@@ -20,22 +20,15 @@ from moa.config import MoAConfig, load_config
 from moa.simulator.server import SimulatorServer
 from moa.state import KeyLimits, Reservation, StateStore, to_micro, window_of
 from moa.state.sqlite_store import SQLiteStore
+from tests.helpers import QUESTION, ApiServer, by_name, wait_for_spans
 from tests.otlp_receiver import OTLPReceiver
-from tests.test_api import QUESTION, _Server
-from tests.test_observability import by_name, wait_for_spans
 from tests.waiting import wait_until, wait_until_sync
 
 SHORT = [{"role": "user", "content": "Name a colour."}]
 
 
 @pytest.fixture
-def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("MOA_STATE_DIR", str(tmp_path))
-    return tmp_path
-
-
-@pytest.fixture
-def server(sim: SimulatorServer, state_dir: Path) -> Iterator[_Server]:
+def server(sim: SimulatorServer, state_dir: Path) -> Iterator[ApiServer]:
     cfg = load_config(None)
     cfg = cfg.model_copy(
         update={
@@ -43,7 +36,7 @@ def server(sim: SimulatorServer, state_dir: Path) -> Iterator[_Server]:
             "server": cfg.server.model_copy(update={"max_concurrent_requests": 256}),
         }
     )
-    with _Server(cfg, store=lambda: SQLiteStore(state_dir / "state.db")) as s:
+    with ApiServer(cfg, store=lambda: SQLiteStore(state_dir / "state.db")) as s:
         yield s
 
 
@@ -56,7 +49,7 @@ def create_key(capsys: pytest.CaptureFixture[str], name: str, *options: str) -> 
     return key
 
 
-def wait_for_auth(server: _Server) -> None:
+def wait_for_auth(server: ApiServer) -> None:
     """A replica that saw no key may run open for up to state.key_cache_s more: wait it out."""
 
     def status() -> int:
@@ -65,16 +58,16 @@ def wait_for_auth(server: _Server) -> None:
     wait_until_sync(status, lambda s: s == 401, what="the API to require a key")
 
 
-def client(server: _Server, key: str | None) -> openai.OpenAI:
+def client(server: ApiServer, key: str | None) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key=key or "unused", max_retries=0)
 
 
-def cfg_of(server: _Server) -> MoAConfig:
+def cfg_of(server: ApiServer) -> MoAConfig:
     return server.config
 
 
 def test_open_until_a_key_exists_then_every_request_needs_one(
-    server: _Server, capsys: pytest.CaptureFixture[str]
+    server: ApiServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert client(server, None).chat.completions.create(model="single", messages=SHORT)  # type: ignore[arg-type]
     key = create_key(capsys, "alice")
@@ -94,7 +87,7 @@ def test_open_until_a_key_exists_then_every_request_needs_one(
 
 
 def test_a_revoked_key_stops_working_within_the_cache_time(
-    server: _Server, capsys: pytest.CaptureFixture[str]
+    server: ApiServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     key = create_key(capsys, "bob")
     wait_for_auth(server)
@@ -116,7 +109,7 @@ def test_a_revoked_key_stops_working_within_the_cache_time(
 
 
 def test_presets_models_and_detail_are_limited_per_key(
-    server: _Server, capsys: pytest.CaptureFixture[str]
+    server: ApiServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     key = create_key(
         capsys,
@@ -149,7 +142,7 @@ def test_presets_models_and_detail_are_limited_per_key(
 
 
 def test_requests_per_minute_get_429_with_retry_after(
-    server: _Server, capsys: pytest.CaptureFixture[str]
+    server: ApiServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     key = create_key(capsys, "slow", "--rpm", "1")
     wait_for_auth(server)
@@ -162,7 +155,7 @@ def test_requests_per_minute_get_429_with_retry_after(
 
 
 def test_many_concurrent_requests_never_overspend_a_small_budget(
-    server: _Server, capsys: pytest.CaptureFixture[str], state_dir: Path
+    server: ApiServer, capsys: pytest.CaptureFixture[str], state_dir: Path
 ) -> None:
     """Forty requests at once against a budget that holds a handful of worst cases: the ledger
     ends within budget plus one request's projection, equals what the answers report they cost,
@@ -211,7 +204,7 @@ def test_many_concurrent_requests_never_overspend_a_small_budget(
 
 
 def test_a_client_that_hangs_up_mid_stream_still_settles(
-    server: _Server, sim: SimulatorServer, state_dir: Path
+    server: ApiServer, sim: SimulatorServer, state_dir: Path
 ) -> None:
     """The reservation is released and the calls made are charged when the client goes away."""
     key = new_key()
@@ -251,7 +244,7 @@ def test_a_client_that_hangs_up_mid_stream_still_settles(
 
 
 def test_a_cost_cap_moves_auto_to_a_cheaper_tier_and_refuses_a_forced_preset(
-    server: _Server,
+    server: ApiServer,
 ) -> None:
     c = client(server, None)
     hard = [
@@ -303,7 +296,7 @@ def test_serve_refuses_a_public_address_with_no_key(
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 def test_a_keys_usage_is_on_its_requests_server_span(
-    server: _Server, capsys: pytest.CaptureFixture[str], otlp: OTLPReceiver, stream: bool
+    server: ApiServer, capsys: pytest.CaptureFixture[str], otlp: OTLPReceiver, stream: bool
 ) -> None:
     """Per-key usage in traces: the server span names the key (never the key itself) and carries
     what the request cost it, the same figure its answer reports and the ledger settles."""
@@ -331,7 +324,7 @@ def test_a_keys_usage_is_on_its_requests_server_span(
 
 
 def test_streaming_refusals_are_plain_http_errors_before_any_byte(
-    server: _Server, capsys: pytest.CaptureFixture[str]
+    server: ApiServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A stream's headers go out once the request is admitted; a key's refusal comes before."""
     key = create_key(capsys, "tiny", "--budget-usd", "0.000001")

@@ -18,31 +18,14 @@ from moa.providers.registry import ProviderPool
 from moa.simulator.server import SimulatorServer
 from moa.types import ChatMessage
 from observability.logs import JsonFormatter
-from observability.tracing import flush_tracing, tracer
+from observability.tracing import tracer
+from tests.helpers import by_name, wait_for_spans
 from tests.otlp_receiver import OTLPReceiver
 from tests.waiting import wait_until_sync
 
 QUESTION_TEXT = "How do vaccines train the immune system?"
 QUESTION = [ChatMessage(role="user", content=QUESTION_TEXT)]
 SECRET = "sk-live-THIS-MUST-NEVER-LEAK-0123456789"
-
-
-def wait_for_spans(otlp: OTLPReceiver, trace_id: str, names: set[str]) -> list[dict[str, Any]]:
-    """Spans arrive in batches from several processes: wait until every expected name is there."""
-    spans: list[dict[str, Any]] = []
-
-    def arrived() -> set[str]:
-        nonlocal spans
-        flush_tracing()
-        spans = otlp.trace(trace_id)
-        return {s["name"] for s in spans}
-
-    wait_until_sync(arrived, names.issubset, interval=0.2, what=f"spans {sorted(names)} of {trace_id}")
-    return spans
-
-
-def by_name(spans: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
-    return [s for s in spans if s["name"] == name]
 
 
 def overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -196,10 +179,10 @@ async def test_one_genai_span_per_model_call(otlp: OTLPReceiver, sim: SimulatorS
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 def test_http_request_trace_tree_in_one_process(otlp: OTLPReceiver, config: MoAConfig, stream: bool) -> None:
     """Through the HTTP API (moa serve --local): the README's tree, moa.route under moa.run."""
-    from tests.test_api import _Server
+    from tests.helpers import ApiServer
 
     body = {"model": "moa-lite", "messages": [{"role": "user", "content": QUESTION_TEXT}], "stream": stream}
-    with _Server(config) as server:
+    with ApiServer(config) as server:
         r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
     trace_id = r.headers["x-moa-trace-id"]

@@ -27,6 +27,7 @@ from moa.types import (
     StreamEvent,
     TextDelta,
 )
+from tests.helpers import clear_faults, model_stats, set_fault, sim_requests, wait_idle
 from tests.waiting import wait_until
 
 MODELS = {
@@ -83,19 +84,6 @@ async def pool(sim: SimulatorServer) -> AsyncIterator[ProviderPool]:
 
 def req(provider: str, **kw: Any) -> CallRequest:
     return CallRequest(provider=provider, model=MODELS[provider], messages=MESSAGES, **kw)
-
-
-def set_fault(sim: SimulatorServer, model: str, **faults: dict[str, Any]) -> None:
-    httpx.put(f"{sim.url}/admin/faults/{model}", json=faults).raise_for_status()
-
-
-def clear_faults(sim: SimulatorServer, model: str) -> None:
-    # Plain blocking calls are fine here: the simulator runs on its own thread and loop.
-    httpx.delete(f"{sim.url}/admin/faults/{model}").raise_for_status()
-
-
-def stats(sim: SimulatorServer, model: str) -> dict[str, Any]:
-    return httpx.get(f"{sim.url}/admin/stats").json()["models"].get(model, {"requests": 0, "in_flight": 0})
 
 
 async def collect(stream: AsyncIterator[StreamEvent]) -> tuple[str, CallResult]:
@@ -155,7 +143,7 @@ async def test_retries_exhausted(pool: ProviderPool, sim: SimulatorServer) -> No
     set_fault(sim, MODELS["gemini"], error_500={"rate": 1.0})
     res = await pool.call(req("gemini"))
     assert res.error is not None and res.error.kind is ErrorKind.SERVER_ERROR and res.error.status_code == 500
-    assert res.attempts == 3 and stats(sim, MODELS["gemini"])["requests"] == 3
+    assert res.attempts == 3 and model_stats(sim, MODELS["gemini"])["requests"] == 3
 
 
 async def test_retry_after_beyond_the_limit_fails_at_once(sim: SimulatorServer) -> None:
@@ -165,7 +153,7 @@ async def test_retry_after_beyond_the_limit_fails_at_once(sim: SimulatorServer) 
         # The call's own deadline would allow waiting the 30 s: only the limit refuses the wait.
         res = await pool.call(req("openai", timeout_s=60))
     assert res.error is not None and res.error.kind is ErrorKind.RATE_LIMITED and res.attempts == 1
-    assert stats(sim, MODELS["openai"])["requests"] == 1
+    assert model_stats(sim, MODELS["openai"])["requests"] == 1
 
 
 @pytest.mark.parametrize("provider", ["openai", "anthropic", "gemini"])
@@ -275,7 +263,7 @@ async def test_cancellation_closes_the_request(
 
     task = asyncio.create_task(run())
     await wait_until(
-        lambda: stats(sim, MODELS["openai"])["in_flight"], lambda n: n == 1, what="the call in flight"
+        lambda: model_stats(sim, MODELS["openai"])["in_flight"], lambda n: n == 1, what="the call in flight"
     )
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -283,13 +271,6 @@ async def test_cancellation_closes_the_request(
     s = await wait_idle(sim, MODELS["openai"])
     assert s["requests"] == s["cancelled"] == 1
     assert pool.clients["openai"].limits.in_flight == 0
-
-
-async def wait_idle(sim: SimulatorServer, model: str) -> dict[str, Any]:
-    """Wait until ``model`` has no request in flight at the simulator; return its counters."""
-    return await wait_until(
-        lambda: stats(sim, model), lambda s: s["in_flight"] == 0, what=f"no {model} request in flight"
-    )
 
 
 async def test_circuit_breaker_opens_refuses_and_probes(pool: ProviderPool, sim: SimulatorServer) -> None:
@@ -300,12 +281,12 @@ async def test_circuit_breaker_opens_refuses_and_probes(pool: ProviderPool, sim:
         res = await client.complete(req("anthropic"))
         assert res.error is not None and res.error.kind is ErrorKind.SERVER_ERROR
     assert client.health()["state"] == "open"
-    sent = stats(sim, model)["requests"]
+    sent = model_stats(sim, model)["requests"]
     refused = await client.complete(req("anthropic"))
     assert (
         refused.error is not None and refused.error.kind is ErrorKind.CIRCUIT_OPEN and refused.attempts == 0
     )
-    assert stats(sim, model)["requests"] == sent  # nothing was sent
+    assert model_stats(sim, model)["requests"] == sent  # nothing was sent
     # After the cool-down the next call is the half-open probe.
     await wait_until(lambda: client.health()["state"], lambda st: st == "half_open", what="half-open")
     clear_faults(sim, model)
@@ -335,7 +316,7 @@ async def test_concurrency_limit_caps_in_flight_calls(sim: SimulatorServer) -> N
     # provider never saw more than two at once. (Whether the two calls actually overlapped at the
     # provider depends on how fast this machine sends them, so that count is a bound, not ==.)
     assert limits.max_in_flight == 2 and limits.in_flight == 0
-    s = stats(sim, MODELS["openai"])
+    s = model_stats(sim, MODELS["openai"])
     assert s["requests"] == s["completed"] == 6 and s["max_in_flight"] <= 2
 
 
@@ -378,12 +359,6 @@ CONTRACT: dict[str, list[GenerationParams]] = {
         GenerationParams(top_p=0.9, max_tokens=64, stop=STOP),
     ],
 }
-
-
-def sim_requests(sim: SimulatorServer) -> list[dict[str, Any]]:
-    """What the last requests carried, as the simulator parsed them (oldest first)."""
-    requests: list[dict[str, Any]] = httpx.get(f"{sim.url}/admin/requests").json()["requests"]
-    return requests
 
 
 def sent_params(p: GenerationParams) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from moa.engine.fusion import FuseJob, FuseStep
 from moa.engine.plan import AggregatorSpec
 from moa.simulator.server import SimulatorServer
 from moa.types import ChatMessage
+from tests.helpers import QUESTION, set_fault, sim_stats
 from tests.waiting import wait_until, wait_until_sync
 
 ray = pytest.importorskip("ray")
@@ -28,8 +29,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:`look_back_period_s`:FutureWarning"),
 ]
 
-QUESTION = [{"role": "user", "content": "How do vaccines train the immune system?"}]
-
 
 @pytest.fixture
 def url(cluster: dict[str, Any], sim: SimulatorServer) -> str:
@@ -39,14 +38,6 @@ def url(cluster: dict[str, Any], sim: SimulatorServer) -> str:
 @pytest.fixture
 def client(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-def set_fault(sim: SimulatorServer, model: str, **faults: dict[str, Any]) -> None:
-    httpx.put(f"{sim.url}/admin/faults/{model}", json=faults).raise_for_status()
-
-
-def sim_stats(sim: SimulatorServer) -> dict[str, Any]:
-    return httpx.get(f"{sim.url}/admin/stats").json()["models"]
 
 
 def test_chat_completion_non_streaming_and_detail(client: openai.OpenAI) -> None:

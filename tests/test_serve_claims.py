@@ -16,7 +16,8 @@ import pytest
 
 from moa.config import parse_config
 from moa.simulator.server import SimulatorServer
-from tests.test_serve import QUESTION, answered_by_replica, set_fault, sim_stats
+from tests.helpers import QUESTION, set_fault, sim_stats
+from tests.test_serve import answered_by_replica
 from tests.waiting import wait_until, wait_until_sync
 
 ray = pytest.importorskip("ray")

@@ -43,6 +43,7 @@ from moa.simulator.profile import (
 from moa.simulator.server import SimulatorServer
 from moa.simulator.text import compose, style_for
 from moa.tokens import approx_message_tokens, approx_tokens
+from tests.helpers import set_fault, sim_stats, wait_idle
 from tests.waiting import wait_until, wait_until_sync
 
 KEY = "sim-test-key"
@@ -53,24 +54,6 @@ MESSAGES: Any = [{"role": "user", "content": QUESTION}]  # Any: the SDKs type me
 # -- helpers -------------------------------------------------------------------------------------------
 # Clients are created once per module (each costs tens of milliseconds of TLS setup, even for plain
 # HTTP); the function-scoped fixtures below also request ``sim``, which resets the simulator.
-
-
-def set_faults(admin: httpx.Client, model: str, **faults: dict[str, Any]) -> None:
-    admin.put(f"/admin/faults/{model}", json=faults).raise_for_status()
-
-
-def stats(admin: httpx.Client) -> dict[str, Any]:
-    return admin.get("/admin/stats").json()["models"]
-
-
-async def wait_idle(admin: httpx.Client) -> dict[str, Any]:
-    """Wait until no model has a request in flight: proof that abandoned calls really ended."""
-    return await wait_until(
-        lambda: stats(admin),
-        lambda s: all(m["in_flight"] == 0 for m in s.values()),
-        interval=0.01,
-        what="no request in flight at the simulator",
-    )
 
 
 def put_profile(admin: httpx.Client, profile: SimProfile) -> None:
@@ -511,7 +494,7 @@ async def test_invalid_key_is_refused_as_each_api_refuses_it(
     await bad_gemini.aio.aclose()
     await bad_openai.close()
     await bad_claude.close()
-    assert stats(admin) == {}  # refused before reaching a model
+    assert sim_stats(admin) == {}  # refused before reaching a model
 
 
 def test_missing_key_and_malformed_request_bodies(admin: httpx.Client) -> None:
@@ -698,7 +681,7 @@ def test_a_profile_makes_a_model_refuse_parameters_in_its_apis_words(admin: http
     assert openai_chat(admin, top_p=0.5).status_code == 200
     assert anthropic_message(admin, top_p=0.5).status_code == 200
     assert gemini_generate(admin, topP=0.5).status_code == 200
-    assert {m: s["requests"] for m, s in stats(admin).items()} == dict.fromkeys(models, 1)
+    assert {m: s["requests"] for m, s in sim_stats(admin).items()} == dict.fromkeys(models, 1)
     refused = [(r["api"], r["refused"] is not None) for r in recent_requests(admin)]
     assert refused == [
         ("openai", True),
@@ -718,7 +701,7 @@ def test_a_profile_makes_a_model_refuse_parameters_in_its_apis_words(admin: http
 async def test_rate_limit_429_with_retry_after(
     admin: httpx.Client, oai: openai.AsyncOpenAI, claude: anthropic.AsyncAnthropic, gem: genai.Client
 ) -> None:
-    set_faults(admin, "*", error_429={"rate": 1.0, "retry_after_s": 0.2})
+    set_fault(admin, "*", error_429={"rate": 1.0, "retry_after_s": 0.2})
     with pytest.raises(openai.RateLimitError) as oe:
         await oai.chat.completions.create(model="gpt-4.1", messages=MESSAGES)
     assert oe.value.response.headers["retry-after"] == "0.2" and oe.value.code == "rate_limit_exceeded"
@@ -731,16 +714,16 @@ async def test_rate_limit_429_with_retry_after(
         await gem.aio.models.generate_content(model="gemini-2.5-flash", contents=QUESTION)
     assert ge.value.code == 429 and ge.value.status == "RESOURCE_EXHAUSTED"
     assert ge.value.response.headers["retry-after"] == "0.2"
-    s = stats(admin)
+    s = sim_stats(admin)
     assert s["gpt-4.1"]["faults"] == {"error_429": 1} and s["gpt-4.1"]["completed"] == 0
 
 
 async def test_server_errors_500_and_503(
     admin: httpx.Client, oai: openai.AsyncOpenAI, claude: anthropic.AsyncAnthropic, gem: genai.Client
 ) -> None:
-    set_faults(admin, "gpt-*", error_500={})
-    set_faults(admin, "claude-*", error_503={})
-    set_faults(admin, "gemini-*", error_503={})
+    set_fault(admin, "gpt-*", error_500={})
+    set_fault(admin, "claude-*", error_503={})
+    set_fault(admin, "gemini-*", error_503={})
     with pytest.raises(openai.InternalServerError) as oe:
         await oai.chat.completions.create(model="gpt-4.1", messages=MESSAGES, stream=True)
     assert oe.value.status_code == 500 and oe.value.type == "server_error"
@@ -756,7 +739,7 @@ async def test_malformed_json_and_wrong_content_type(
     admin: httpx.Client, oai: openai.AsyncOpenAI, claude: anthropic.AsyncAnthropic, gem: genai.Client
 ) -> None:
     short: Any = {"max_tokens": 20}
-    set_faults(admin, "*", malformed_json={})
+    set_fault(admin, "*", malformed_json={})
     with pytest.raises(json.JSONDecodeError):  # raised unwrapped by the SDKs
         await oai.chat.completions.create(model="gpt-4.1", messages=MESSAGES, **short)
     with pytest.raises(json.JSONDecodeError):
@@ -772,7 +755,7 @@ async def test_malformed_json_and_wrong_content_type(
             )
         ]
 
-    set_faults(admin, "*", wrong_content_type={})
+    set_fault(admin, "*", wrong_content_type={})
     r = post(admin, "/v1/chat/completions", {"model": "gpt-4.1", "messages": MESSAGES, **short})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     # The OpenAI SDK does not raise: it returns the HTML as a str instead of a ChatCompletion.
@@ -780,7 +763,7 @@ async def test_malformed_json_and_wrong_content_type(
     assert isinstance(weird, str) and weird.startswith("<!DOCTYPE html>")
     with pytest.raises(json.JSONDecodeError):
         await gem.aio.models.generate_content(model="gemini-2.5-flash", contents="hi")
-    s = stats(admin)
+    s = sim_stats(admin)
     assert s["gpt-4.1"]["completed"] == 0 and s["gpt-4.1"]["faults"] == {
         "malformed_json": 2,
         "wrong_content_type": 2,
@@ -790,7 +773,7 @@ async def test_malformed_json_and_wrong_content_type(
 async def test_cut_stream(
     admin: httpx.Client, oai: openai.AsyncOpenAI, claude: anthropic.AsyncAnthropic, gem: genai.Client
 ) -> None:
-    set_faults(admin, "*", cut_stream={})
+    set_fault(admin, "*", cut_stream={})
     stream = await oai.chat.completions.create(
         model="gpt-4.1", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
     )
@@ -813,7 +796,7 @@ async def test_cut_stream(
     # Not streaming: a JSON body cut in half.
     with pytest.raises(json.JSONDecodeError):
         await oai.chat.completions.create(model="gpt-4.1", messages=MESSAGES)
-    s = stats(admin)
+    s = sim_stats(admin)
     assert s["gpt-4.1"]["faults"] == {"cut_stream": 2} and s["gpt-4.1"]["in_flight"] == 0
 
 
@@ -821,7 +804,7 @@ async def test_cut_stream(
 async def test_hang_then_cancel_releases_in_flight(
     sim: SimulatorServer, admin: httpx.Client, streaming: bool
 ) -> None:
-    set_faults(admin, "gpt-4.1", hang={"rate": 1.0})
+    set_fault(admin, "gpt-4.1", hang={"rate": 1.0})
     body = {"model": "gpt-4.1", "messages": MESSAGES, "stream": streaming}
     async with httpx.AsyncClient() as client:
         task = asyncio.create_task(
@@ -830,13 +813,13 @@ async def test_hang_then_cancel_releases_in_flight(
             )
         )
         await wait_until(
-            lambda: stats(admin).get("gpt-4.1", {}).get("in_flight"), lambda n: n == 1, what="in flight"
+            lambda: sim_stats(admin).get("gpt-4.1", {}).get("in_flight"), lambda n: n == 1, what="in flight"
         )
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         # The hang has no end of its own: only the server noticing the disconnect can end it.
-        s = await wait_idle(admin)
+        s = await wait_idle(admin, interval=0.01)
     assert s["gpt-4.1"] == {
         "requests": 1,
         "in_flight": 0,
@@ -856,7 +839,7 @@ async def test_closing_a_stream_midway_cancels_it(oai: openai.AsyncOpenAI, admin
         if seen == 3:
             break
     await stream.close()
-    s = await wait_idle(admin)
+    s = await wait_idle(admin, interval=0.01)
     assert (
         s["gpt-4.1"]["in_flight"] == 0 and s["gpt-4.1"]["cancelled"] == 1 and s["gpt-4.1"]["completed"] == 0
     )
@@ -865,7 +848,7 @@ async def test_closing_a_stream_midway_cancels_it(oai: openai.AsyncOpenAI, admin
 async def test_sdk_timeouts_release_in_flight(
     sim: SimulatorServer, admin: httpx.Client, claude: anthropic.AsyncAnthropic, gem: genai.Client
 ) -> None:
-    set_faults(admin, "*", hang={})
+    set_fault(admin, "*", hang={})
     impatient = openai.AsyncOpenAI(base_url=f"{sim.url}/v1", api_key=KEY, max_retries=0, timeout=0.2)
     results = await asyncio.gather(
         impatient.chat.completions.create(model="gpt-4.1", messages=MESSAGES),
@@ -877,14 +860,14 @@ async def test_sdk_timeouts_release_in_flight(
     )
     await impatient.close()
     assert [type(r) for r in results] == [openai.APITimeoutError, TimeoutError, TimeoutError]
-    s = await wait_idle(admin)
+    s = await wait_idle(admin, interval=0.01)
     assert len(s) == 3 and all(m["in_flight"] == 0 and m["cancelled"] == 1 for m in s.values())
 
 
 async def test_hang_s_answers_late_and_slow_stream_is_slower(
     oai: openai.AsyncOpenAI, admin: httpx.Client
 ) -> None:
-    set_faults(admin, "gpt-4.1", hang={"rate": 1.0, "hang_s": 0.2})
+    set_fault(admin, "gpt-4.1", hang={"rate": 1.0, "hang_s": 0.2})
     t0 = time.monotonic()
     raw = await oai.chat.completions.with_raw_response.create(
         model="gpt-4.1", messages=MESSAGES, max_tokens=20
@@ -892,7 +875,7 @@ async def test_hang_s_answers_late_and_slow_stream_is_slower(
     assert time.monotonic() - t0 >= 0.2 and float(raw.headers["x-sim-service-time"]) >= 0.2
     assert raw.parse().choices[0].finish_reason == "length"
 
-    set_faults(admin, "gpt-4.1-mini", slow_stream={"rate": 1.0, "factor": 20})
+    set_fault(admin, "gpt-4.1-mini", slow_stream={"rate": 1.0, "factor": 20})
     t0 = time.monotonic()
     stream = await oai.chat.completions.with_raw_response.create(
         model="gpt-4.1-mini", messages=MESSAGES, max_tokens=30, stream=True
@@ -901,7 +884,7 @@ async def test_hang_s_answers_late_and_slow_stream_is_slower(
     assert service == pytest.approx(0.02 + 30 * 20 / 2000.0, abs=1e-3)
     [c async for c in cast(openai.AsyncStream[Any], stream.parse())]
     assert time.monotonic() - t0 >= service - 0.01  # the stream is paced, not just labelled
-    s = stats(admin)
+    s = sim_stats(admin)
     assert s["gpt-4.1"]["completed"] == 1 and s["gpt-4.1-mini"]["faults"] == {"slow_stream": 1}
 
 
@@ -913,14 +896,14 @@ async def test_first_n_faults_are_deterministic(oai: openai.AsyncOpenAI, admin: 
         except openai.InternalServerError:
             return "500"
 
-    set_faults(admin, "gpt-4.1", error_500={"first_n": 2})
+    set_fault(admin, "gpt-4.1", error_500={"first_n": 2})
     assert [await outcome() for _ in range(4)] == ["500", "500", "ok", "ok"]
-    set_faults(admin, "gpt-4.1", error_500={"first_n": 1})  # a newly set fault counts afresh
+    set_fault(admin, "gpt-4.1", error_500={"first_n": 1})  # a newly set fault counts afresh
     assert [await outcome() for _ in range(2)] == ["500", "ok"]
 
 
 async def test_fault_rates_are_probabilities(oai: openai.AsyncOpenAI, admin: httpx.Client) -> None:
-    set_faults(admin, "gpt-4o-mini", error_503={"rate": 0.5})
+    set_fault(admin, "gpt-4o-mini", error_503={"rate": 0.5})
     results = await asyncio.gather(
         *(
             oai.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=3)
@@ -937,20 +920,20 @@ async def test_concurrency_counters(oai: openai.AsyncOpenAI, admin: httpx.Client
         return oai.chat.completions.create(model="gpt-4.1", messages=MESSAGES, max_tokens=5)
 
     # Six requests that never answer are all in flight at once, however slowly they arrive.
-    set_faults(admin, "gpt-4.1", hang={})
+    set_fault(admin, "gpt-4.1", hang={})
     hanging = [asyncio.create_task(ask()) for _ in range(6)]
     await wait_until(
-        lambda: stats(admin).get("gpt-4.1", {}).get("in_flight"), lambda n: n == 6, what="six in flight"
+        lambda: sim_stats(admin).get("gpt-4.1", {}).get("in_flight"), lambda n: n == 6, what="six in flight"
     )
     for task in hanging:
         task.cancel()
     await asyncio.gather(*hanging, return_exceptions=True)
-    s = (await wait_idle(admin))["gpt-4.1"]
+    s = (await wait_idle(admin, interval=0.01))["gpt-4.1"]
     assert (s["requests"], s["max_in_flight"], s["cancelled"], s["completed"]) == (6, 6, 6, 0)
     # Answered requests count as completed, and the peak stays the peak.
-    set_faults(admin, "gpt-4.1")  # no faults
+    set_fault(admin, "gpt-4.1")  # no faults
     await asyncio.gather(*(ask() for _ in range(6)))
-    s = stats(admin)["gpt-4.1"]
+    s = sim_stats(admin)["gpt-4.1"]
     assert (s["requests"], s["completed"], s["in_flight"], s["max_in_flight"]) == (12, 6, 0, 6)
 
 

@@ -24,9 +24,8 @@ from moa.providers.registry import ProviderPool
 from moa.simulator.server import SimulatorServer
 from moa.types import TextDelta
 from observability.tracing import tracer
+from tests.helpers import QUESTION, ApiServer, by_name, set_fault, wait_for_spans
 from tests.otlp_receiver import OTLPReceiver
-from tests.test_api import QUESTION, _Server, set_fault
-from tests.test_observability import by_name, wait_for_spans
 
 # moa-lite's proposers; its aggregators are gpt-4.1, then claude-sonnet-4-6.
 PROPOSERS = ("gpt-4.1-mini", "claude-haiku-4-5", "gemini-2.5-flash")
@@ -53,7 +52,7 @@ def _config(sim: SimulatorServer) -> MoAConfig:
 
 @pytest.fixture
 def api_url(sim: SimulatorServer) -> Iterator[str]:
-    with _Server(_config(sim)) as server:
+    with ApiServer(_config(sim)) as server:
         yield server.url
 
 

@@ -1,0 +1,40 @@
+"""``moa config schema`` and ``moa config check``: the config file's JSON schema, and a config
+validated exactly as the service would load it (one line per problem, naming the field)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from moa.config import config_schema, load_config
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("config", help="the config file: its JSON schema, or check one")
+    cs = p.add_subparsers(dest="config_command", required=True)
+    sc = cs.add_parser(
+        "schema",
+        help="print the config's JSON schema (docs/config.schema.json): every field, documented",
+    )
+    sc.set_defaults(func=_schema)
+    ck = cs.add_parser("check", help="validate a config file as moa serve would load it")
+    ck.add_argument(
+        "path", nargs="?", default=None, help="config YAML (default: $MOA_CONFIG or the bundled one)"
+    )
+    ck.set_defaults(func=_check)
+
+
+def schema_text() -> str:
+    """The schema as published: sorted keys, two-space indent, a final newline."""
+    return json.dumps(config_schema(), indent=2, sort_keys=True) + "\n"
+
+
+def _schema(args: argparse.Namespace) -> int:
+    print(schema_text(), end="")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    cfg = load_config(args.path)  # a ConfigError is reported by main, exit status 2
+    print(f"ok: {len(cfg.providers)} providers, {len(cfg.presets)} presets")
+    return 0

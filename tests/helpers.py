@@ -1,0 +1,147 @@
+"""Helpers shared by the test modules: one home instead of a copy in each file.
+
+- the provider simulator's admin API: faults, counters, parsed requests, waiting until idle;
+- ``ApiServer``: ``moa serve --local``'s own server (``moa.local.LocalServer``, the production
+  wiring) on a loopback port, in a thread with its own event loop;
+- traces: waiting for spans at the OTLP receiver, picking them by name.
+
+Fixtures live in conftest.py; these are plain functions and classes a test imports. Waiting is
+on conditions (tests/waiting.py), never on the clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from moa.config import MoAConfig
+from moa.local import LocalServer
+from moa.service import claim_port
+from moa.simulator.server import SimulatorServer
+from moa.state import StateStore
+from observability.tracing import flush_tracing
+from tests.otlp_receiver import OTLPReceiver
+from tests.waiting import wait_until, wait_until_sync
+
+QUESTION = [{"role": "user", "content": "How do vaccines train the immune system?"}]
+
+# The simulator, by its server (a fresh connection per call) or a client already open on its URL
+# (test_simulator keeps one per module: each new connection costs tens of milliseconds).
+Sim = SimulatorServer | httpx.Client
+
+
+def _admin(sim: Sim, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    # Plain blocking calls are fine: the simulator runs on its own thread and loop.
+    if isinstance(sim, httpx.Client):
+        return sim.request(method, path, **kwargs)
+    return httpx.request(method, f"{sim.url}{path}", **kwargs)
+
+
+# -- the simulator's admin API ------------------------------------------------------------------------
+
+
+def set_fault(sim: Sim, model: str, **faults: dict[str, Any]) -> None:
+    """Inject faults for ``model`` (``*``: every model), e.g. ``hang={"rate": 1.0}``."""
+    _admin(sim, "PUT", f"/admin/faults/{model}", json=faults).raise_for_status()
+
+
+def clear_faults(sim: Sim, model: str) -> None:
+    _admin(sim, "DELETE", f"/admin/faults/{model}").raise_for_status()
+
+
+def sim_stats(sim: Sim) -> dict[str, Any]:
+    """Per-model counters: requests, in_flight, completed, cancelled, ..."""
+    models: dict[str, Any] = _admin(sim, "GET", "/admin/stats").json()["models"]
+    return models
+
+
+def model_stats(sim: Sim, model: str) -> dict[str, Any]:
+    """One model's counters (zeros when it was never called)."""
+    return sim_stats(sim).get(model, {"requests": 0, "in_flight": 0})
+
+
+def sim_total_requests(sim: Sim) -> int:
+    """Requests the simulator received since its last reset, every model included."""
+    return int(_admin(sim, "GET", "/admin/stats").json()["total_requests"])
+
+
+def sim_in_flight(sim: Sim) -> int:
+    return sum(m["in_flight"] for m in sim_stats(sim).values())
+
+
+def sim_requests(sim: Sim) -> list[dict[str, Any]]:
+    """What the last requests carried, as the simulator parsed them (oldest first)."""
+    requests: list[dict[str, Any]] = _admin(sim, "GET", "/admin/requests").json()["requests"]
+    return requests
+
+
+async def wait_idle(sim: Sim, model: str | None = None, *, interval: float = 0.02) -> dict[str, Any]:
+    """Wait until nothing (or ``model``) has a request in flight at the simulator: proof that
+    cancelled or abandoned calls really ended. Returns every model's counters (or ``model``'s)."""
+    if model is not None:
+        return await wait_until(
+            lambda: model_stats(sim, model),
+            lambda s: s["in_flight"] == 0,
+            interval=interval,
+            what=f"no {model} request in flight",
+        )
+    return await wait_until(
+        lambda: sim_stats(sim),
+        lambda s: all(m["in_flight"] == 0 for m in s.values()),
+        interval=interval,
+        what="no request in flight at the simulator",
+    )
+
+
+# -- the API in-process -------------------------------------------------------------------------------
+
+
+class ApiServer:
+    """``moa serve --local``'s server on a loopback port, in a thread with its own event loop.
+
+    It is the production wiring (``LocalServer`` over ``local_app``), not a copy: what the tests
+    exercise is what ``moa serve --local`` runs.
+    """
+
+    def __init__(self, config: MoAConfig, store: Callable[[], StateStore] | None = None) -> None:
+        self.config = config
+        self.server = LocalServer(config, claim_port("127.0.0.1", 0), store)
+        self.url = self.server.url
+        self._ready = threading.Event()
+
+    def __enter__(self) -> ApiServer:
+        self.thread = threading.Thread(
+            target=lambda: asyncio.run(self.server.run(on_ready=lambda _: self._ready.set())), daemon=True
+        )
+        self.thread.start()
+        wait_until_sync(self._ready.is_set, what="the API server to start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.stop()
+        self.thread.join(30)
+
+
+# -- traces -------------------------------------------------------------------------------------------
+
+
+def wait_for_spans(otlp: OTLPReceiver, trace_id: str, names: set[str]) -> list[dict[str, Any]]:
+    """Spans arrive in batches from several processes: wait until every expected name is there."""
+    spans: list[dict[str, Any]] = []
+
+    def arrived() -> set[str]:
+        nonlocal spans
+        flush_tracing()
+        spans = otlp.trace(trace_id)
+        return {s["name"] for s in spans}
+
+    wait_until_sync(arrived, names.issubset, interval=0.2, what=f"spans {sorted(names)} of {trace_id}")
+    return spans
+
+
+def by_name(spans: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [s for s in spans if s["name"] == name]
