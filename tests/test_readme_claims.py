@@ -1,0 +1,322 @@
+"""README claims that no other test proved, and the guard that keeps ``docs/CLAIMS.md`` true.
+
+``docs/CLAIMS.md`` maps every behavioural statement of README.md to the tests that would fail were
+it false. The tests here close gaps an audit of that map found; each names the claim it proves.
+They run in this process against the session simulator (official SDKs over loopback), the
+``moa`` command line, or a real OTLP receiver; none asserts on a wall clock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from openai import AsyncOpenAI
+
+from moa.config import MoAConfig, ModelPrice, load_config, parse_config
+from moa.engine.caps import check_messages, check_plan, worst_case_calls
+from moa.engine.engine import MoAEngine
+from moa.engine.errors import OverCap
+from moa.engine.plan import Plan
+from moa.providers.base import AttemptError
+from moa.providers.registry import ProviderPool
+from moa.simulator.profile import ModelProfile, SimProfile
+from moa.simulator.server import SimulatorServer
+from moa.types import CallRequest, ChatMessage, ErrorKind, GenerationParams
+from observability.tracing import tracer
+from tests.otlp_receiver import OTLPReceiver
+from tests.test_cli import run_moa
+from tests.test_observability import by_name, wait_for_spans
+from tests.test_providers import MODELS, provider_config
+from tests.waiting import wait_until_sync
+
+ROOT = Path(__file__).resolve().parent.parent
+CLAIMS = ROOT / "docs" / "CLAIMS.md"
+QUESTION = (ChatMessage(role="user", content="How do vaccines train the immune system?"),)
+
+
+# -- Caps: the defaults, at their boundaries -------------------------------------------------------
+
+
+def _plan(layers: int, proposers: int, aggregators: int = 1, fallbacks: int = 0) -> Plan:
+    ref = {"provider": "openai", "model": "gpt-4.1-mini"}
+    return Plan.model_validate(
+        {
+            "layers": [{"proposers": [ref] * proposers, "quorum": 1}] * layers,
+            "aggregators": [ref] * aggregators,
+            "fallbacks": [ref] * fallbacks,
+        }
+    )
+
+
+def _over_cap(fn: Any, *args: Any) -> str | None:
+    try:
+        fn(*args)
+    except OverCap as e:
+        return str(e)
+    return None
+
+
+def test_default_caps_hold_at_their_boundaries() -> None:
+    """README "Caps": the defaults are 4 layers, 8 proposers a layer, 24 calls, 32768 tokens a call,
+    512 messages and 400000 characters: the value itself passes, one more is refused."""
+    caps = load_config(None).caps
+    params = GenerationParams()
+    at, over = _plan(4, 5, aggregators=2, fallbacks=2), _plan(5, 1)
+    assert worst_case_calls(at) == 24
+    assert _over_cap(check_plan, caps, at, params) is None
+    assert "caps.max_layers" in str(_over_cap(check_plan, caps, over, params))
+    assert _over_cap(check_plan, caps, _plan(1, 8), params) is None
+    assert "caps.max_proposers_per_layer" in str(_over_cap(check_plan, caps, _plan(1, 9), params))
+    assert "caps.max_calls" in str(_over_cap(check_plan, caps, _plan(4, 5, 2, 3), params))
+    assert _over_cap(check_plan, caps, _plan(1, 1), GenerationParams(max_tokens=32768)) is None
+    refused = _over_cap(check_plan, caps, _plan(1, 1), GenerationParams(max_tokens=32769))
+    assert "caps.max_tokens_per_call" in str(refused)
+    hi = ChatMessage(role="user", content="hi")
+    assert _over_cap(check_messages, caps, [hi] * 512) is None
+    assert "caps.max_messages" in str(_over_cap(check_messages, caps, [hi] * 513))
+    assert _over_cap(check_messages, caps, [ChatMessage(role="user", content="x" * 400_000)]) is None
+    long = [ChatMessage(role="user", content="x" * 400_001)]
+    assert "caps.max_input_chars" in str(_over_cap(check_messages, caps, long))
+
+
+def test_the_built_in_presets_make_at_most_eleven_calls_and_models_default_to_32768_tokens() -> None:
+    """README "Caps": the built-in presets make at most 11 calls (``refine``), and a model's
+    ``max_output_tokens`` defaults to 32768."""
+    cfg = load_config(None)
+    worst = {name: worst_case_calls(plan) for name, plan in cfg.presets.items()}
+    assert max(worst.values()) == 11 and worst["refine"] == 11, worst
+    assert ModelPrice().max_output_tokens == 32768
+
+
+# -- Configuration: the retry loop -----------------------------------------------------------------
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed again when the block ends: nothing listens there
+
+
+async def test_connection_failures_are_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    """README "Configuration": the retry loop retries connection failures (as it does 429 and 5xx)."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-connection-refused")
+    raw = {
+        "providers": {
+            "openai": {
+                "kind": "openai",
+                "base_url": f"http://127.0.0.1:{_closed_port()}/v1",
+                "timeout_s": 30,
+                "retry": {"max_attempts": 3, "backoff_base_s": 0.01, "backoff_max_s": 0.02},
+                "models": {"gpt-4.1-mini": {}},
+            }
+        },
+        "simulator": {"mode": "off"},
+    }
+    async with ProviderPool.from_config(parse_config(raw)) as pool:
+        res = await pool.call(CallRequest(provider="openai", model="gpt-4.1-mini", messages=QUESTION))
+    assert res.error is not None and res.error.kind is ErrorKind.SERVER_ERROR, res.error
+    assert "connection failed" in res.error.message and res.attempts == 3
+
+
+async def test_backoff_is_jittered_and_exponential(sim: SimulatorServer) -> None:
+    """README "Configuration": retries wait a jittered exponential backoff: uniform in
+    [0, min(backoff_max_s, backoff_base_s * 2**(attempt-1))], never the same wait twice."""
+    cfg = provider_config(sim.url, retry={"max_attempts": 10, "backoff_base_s": 0.1, "backoff_max_s": 1.0})
+    random.seed(18)
+    async with ProviderPool.from_config(cfg, sim_url=sim.url) as pool:
+        client = pool.clients["openai"]
+        err = AttemptError(ErrorKind.SERVER_ERROR, "500: simulated")
+        far = time.monotonic() + 3600
+        for attempt, cap in [(1, 0.1), (2, 0.2), (3, 0.4), (4, 0.8), (5, 1.0), (8, 1.0)]:
+            delays = [client._retry_delay(err, attempt, far, emitted=False) for _ in range(200)]
+            assert all(d is not None and 0 <= d <= cap for d in delays), (attempt, max(map(float, delays)))
+            assert max(float(d) for d in delays if d is not None) > cap / 2  # the whole range is used
+            assert len(set(delays)) == len(delays)  # jittered: no two waits alike
+        # A wait that would end past the call's deadline is not taken: the call fails now instead.
+        assert client._retry_delay(err, 5, time.monotonic(), emitted=False) is None
+
+
+async def test_an_internal_failure_is_logged_with_its_type(
+    sim: SimulatorServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """README "Configuration": ``internal`` (raised on our side) is logged with its type."""
+    bad = (ChatMessage(role="user", content="\ud800 hello"),)
+    async with ProviderPool.from_config(provider_config(sim.url), sim_url=sim.url) as pool:
+        with caplog.at_level(logging.ERROR, logger="moa.providers"):
+            res = await pool.call(CallRequest(provider="openai", model=MODELS["openai"], messages=bad))
+    assert res.error is not None and res.error.kind is ErrorKind.INTERNAL
+    logged = [r for r in caplog.records if getattr(r, "event", None) == "internal_error"]
+    assert logged and getattr(logged[0], "error_type", None) == "UnicodeEncodeError", [
+        (r.getMessage(), getattr(r, "error_type", None)) for r in logged
+    ]
+    assert "UnicodeEncodeError" in logged[0].getMessage()
+
+
+# -- Configuration: adjustments on the span --------------------------------------------------------
+
+
+async def test_adjustments_are_on_the_provider_span(otlp: OTLPReceiver, sim: SimulatorServer) -> None:
+    """README "Configuration": every parameter change is in the ``moa.adjustments`` span attribute
+    (as well as the call record and the log line, which test_providers asserts)."""
+    async with ProviderPool.from_config(provider_config(sim.url), sim_url=sim.url) as pool:
+        with tracer().start_as_current_span("client request") as root:
+            res = await pool.call(
+                CallRequest(
+                    provider="anthropic",
+                    model=MODELS["anthropic"],
+                    messages=QUESTION,
+                    params=GenerationParams(temperature=1.5),
+                )
+            )
+    assert res.ok, res.error
+    trace_id = format(root.get_span_context().trace_id, "032x")
+    (span,) = by_name(
+        wait_for_spans(otlp, trace_id, {f"chat {MODELS['anthropic']}"}), f"chat {MODELS['anthropic']}"
+    )
+    assert span["attributes"]["moa.adjustments"] == res.adjustments
+    assert res.adjustments == ["temperature 1.5 clamped to 1.0 (Anthropic's range is 0-1)"]
+
+
+# -- Presets and modes: the LLM classifier's fallback ----------------------------------------------
+
+
+async def test_the_llm_classifier_falls_back_to_the_heuristic(
+    config: MoAConfig, sim: SimulatorServer
+) -> None:
+    """README "Routing (auto)": ``router.classifier: llm`` falls back to the heuristic when the
+    cheap model fails; the request is still answered, and nothing is cached."""
+    router = config.router.model_dump() | {
+        "classifier": "llm",
+        "classifier_model": {"provider": "openai", "model": "gpt-4o-mini"},
+    }
+    cfg = config.model_copy(update={"router": type(config.router).model_validate(router)})
+    async with httpx.AsyncClient(base_url=sim.url) as admin:
+        (await admin.put("/admin/faults/gpt-4o-mini", json={"error_500": {"rate": 1.0}})).raise_for_status()
+    async with ProviderPool.from_config(cfg, sim_url=sim.url) as pool:
+        engine = MoAEngine(cfg, pool)
+        result = await engine.run(list(QUESTION), preset="auto")
+        again = await engine.run(list(QUESTION), preset="auto")
+    reason = result.decision.reason
+    assert "heuristic score" in reason and "llm classifier: server_error" in reason, reason
+    assert result.text and not result.decision.classifier_cached
+    assert not again.decision.classifier_cached  # a failed classification is not cached
+
+
+# -- moa ask's generation options -----------------------------------------------------------------
+
+
+def test_ask_sends_its_system_max_tokens_and_temperature(sim: SimulatorServer, tmp_path: Path) -> None:
+    """README "Ask a question in-process": ``--system``, ``--max-tokens`` and ``--temperature``
+    reach the model's API: the simulator records each request's parameters, and the system text
+    shows in the prompt tokens the API counted."""
+    path = tmp_path / "moa.yaml"
+    path.write_text(
+        "providers:\n  o: {kind: openai, models: {gpt-4o-mini: {}}}\n"
+        f"simulator: {{mode: on, url: '{sim.url}'}}\n"
+    )
+    ask = ("ask", "Hi", "--preset", "o/gpt-4o-mini", "--no-stream", "--json", "--config", str(path))
+    plain = run_moa(*ask)
+    assert plain.returncode == 0, plain.stderr
+    system = "Answer like a pirate who has read every book on sailing ships. " * 5
+    out = run_moa(*ask, "--system", system, "--max-tokens", "17", "--temperature", "0.25")
+    assert out.returncode == 0, out.stderr
+    first, seen = httpx.get(f"{sim.url}/admin/requests").json()["requests"]
+    assert first["params"] == {}, first
+    assert seen["params"]["max_tokens"] == 17 and seen["params"]["temperature"] == 0.25, seen
+    tokens = [json.loads(o.stdout)["calls"][0]["usage"]["input_tokens"] for o in (plain, out)]
+    assert tokens[1] > tokens[0] + 40, tokens  # the system message was sent with the question
+
+
+# -- The provider simulator: jitter ----------------------------------------------------------------
+
+
+async def test_the_simulator_jitters_its_latency_within_the_profiles_bounds(sim: SimulatorServer) -> None:
+    """README "The provider simulator": latency per model has jitter. With ``jitter: j`` each of
+    time to first token and generation time is scaled by a factor in [1-j, 1+j]; the service time
+    the simulator reports for the same request differs from one answer to the next."""
+    ttft, tps, j = 0.02, 4000.0, 0.5
+    profile = SimProfile(default=ModelProfile(ttft_s=ttft, tokens_per_s=tps, jitter=j))
+    async with httpx.AsyncClient(base_url=sim.url) as admin:
+        reset = await admin.post("/admin/reset", json={"profile": profile.model_dump(mode="json")})
+        reset.raise_for_status()
+    client = AsyncOpenAI(base_url=f"{sim.url}/v1", api_key="sim", max_retries=0)
+    times = []
+    async with client:
+        for _ in range(8):
+            raw = await client.chat.completions.with_raw_response.create(
+                model="gpt-4.1-mini", messages=[{"role": "user", "content": "Name a colour."}]
+            )
+            tokens = raw.parse().usage.completion_tokens  # type: ignore[union-attr]
+            nominal = ttft + tokens / tps
+            t = float(raw.headers["x-sim-service-time"])
+            assert (1 - j) * nominal - 1e-3 <= t <= (1 + j) * nominal + 1e-3, (t, nominal)
+            times.append(t)
+    assert len(set(times)) > 1, times  # the same request, different latencies
+
+
+# -- Observability: the OTLP variables ------------------------------------------------------------
+
+_EMIT = """
+from observability.tracing import flush_tracing, setup_tracing, tracer
+assert setup_tracing()
+with tracer().start_as_current_span("readme-otlp-probe"):
+    pass
+flush_tracing()
+"""
+
+
+def _tracing_env(**extra: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    return base | extra
+
+
+def test_otlp_traces_endpoint_headers_and_default_service_name() -> None:
+    """README "Observability": export is configured by the standard variables:
+    ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` alone is enough, ``OTEL_EXPORTER_OTLP_HEADERS`` go
+    with every export, and ``service.name`` is ``moa`` unless ``OTEL_SERVICE_NAME`` says otherwise.
+    Without the gRPC exporter installed, ``OTEL_EXPORTER_OTLP_PROTOCOL=grpc`` is refused by name."""
+    receiver = OTLPReceiver().start()
+    try:
+        env = _tracing_env(
+            OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=f"{receiver.url}/v1/traces",
+            OTEL_EXPORTER_OTLP_HEADERS="x-readme-probe=claims",
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", _EMIT], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr
+        spans = wait_until_sync(
+            lambda: [s for s in receiver.spans if s["name"] == "readme-otlp-probe"],
+            bool,
+            what="the probe span at the receiver",
+        )
+        assert spans[0]["resource"]["service.name"] == "moa"
+        assert receiver.headers and all(h.get("x-readme-probe") == "claims" for h in receiver.headers)
+    finally:
+        receiver.stop()
+    try:
+        import opentelemetry.exporter.otlp.proto.grpc  # noqa: F401
+
+        have_grpc = True
+    except ImportError:
+        have_grpc = False
+    if not have_grpc:
+        env = _tracing_env(
+            OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:4317", OTEL_EXPORTER_OTLP_PROTOCOL="grpc"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", _EMIT], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode != 0 and "opentelemetry-exporter-otlp-proto-grpc" in out.stderr
