@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import secrets
 import subprocess
 import sys
 import time
@@ -34,7 +35,9 @@ from moa.simulator.server import SimulatorServer
 from moa.types import CallRequest, ChatMessage, ErrorKind, GenerationParams
 from observability.tracing import tracer
 from tests.otlp_receiver import OTLPReceiver
+from tests.test_api import _Server
 from tests.test_cli import run_moa
+from tests.test_hardening import _config
 from tests.test_observability import by_name, wait_for_spans
 from tests.test_providers import MODELS, provider_config
 from tests.waiting import wait_until_sync
@@ -320,3 +323,27 @@ def test_otlp_traces_endpoint_headers_and_default_service_name() -> None:
             [sys.executable, "-c", _EMIT], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
         )
         assert out.returncode != 0 and "opentelemetry-exporter-otlp-proto-grpc" in out.stderr
+
+
+# -- Errors: a client hanging up -------------------------------------------------------------------
+
+
+def test_a_client_hanging_up_marks_the_server_span_499(otlp: OTLPReceiver, sim: SimulatorServer) -> None:
+    """README "Streaming": a client that disconnects is logged (test_hardening) "and its span
+    marked" with status 499, not as a server error."""
+    httpx.put(f"{sim.url}/admin/faults/*", json={"hang": {"rate": 1.0}}).raise_for_status()
+    trace_id = secrets.token_hex(16)
+    headers = {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"}
+    body = {"model": "moa-lite", "messages": [{"role": "user", "content": QUESTION[0].content}]}
+    with _Server(_config(sim)) as server:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up: the hang-up under test
+            httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=0.3)
+        name = "POST /v1/chat/completions"
+        spans = wait_until_sync(
+            lambda: by_name(wait_for_spans(otlp, trace_id, {name}), name),
+            lambda found: found and "http.response.status_code" in found[0]["attributes"],
+            what="the server span, ended",
+        )
+    (span,) = spans
+    assert span["attributes"]["http.response.status_code"] == 499, span["attributes"]
+    assert span["status"] != 2  # STATUS_CODE_ERROR: a hang-up is no server error
