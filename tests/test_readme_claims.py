@@ -8,10 +8,12 @@ They run in this process against the session simulator (official SDKs over loopb
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import os
 import random
+import re
 import secrets
 import subprocess
 import sys
@@ -45,6 +47,40 @@ from tests.waiting import wait_until_sync
 ROOT = Path(__file__).resolve().parent.parent
 CLAIMS = ROOT / "docs" / "CLAIMS.md"
 QUESTION = (ChatMessage(role="user", content="How do vaccines train the immune system?"),)
+
+
+# -- the map itself --------------------------------------------------------------------------------
+
+
+def _test_functions(path: Path) -> set[str]:
+    """Every test function a file defines, at module level or in a class (what pytest collects)."""
+    tree = ast.parse(path.read_text())
+    return {
+        node.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith("test_")
+    }
+
+
+def test_every_test_the_claim_map_cites_exists() -> None:
+    """docs/CLAIMS.md cannot go stale silently: a renamed or deleted test it cites fails here."""
+    text = CLAIMS.read_text()
+    cited = re.findall(r"tests/(\w+\.py)::(\w+)", text)
+    assert len(cited) > 150, "the map cites far fewer tests than it should: was it truncated?"
+    defined: dict[str, set[str]] = {}
+    missing = []
+    for file, name in cited:
+        path = ROOT / "tests" / file
+        if file not in defined:
+            defined[file] = _test_functions(path) if path.exists() else set()
+        if name not in defined[file]:
+            missing.append(f"tests/{file}::{name}")
+    assert not missing, f"docs/CLAIMS.md cites tests that do not exist: {sorted(set(missing))}"
+    # The summary's counts are the rows' own: a row added without updating them fails too.
+    statuses = re.findall(r"^\|[^\n]*\| (proven|weak|unproven|n/a) \|[^\n]*\|$", text, flags=re.M)
+    summary = dict(re.findall(r"^- (proven|weak|unproven|n/a): (\d+)$", text, flags=re.M))
+    counted = {s: str(statuses.count(s)) for s in ("proven", "weak", "unproven", "n/a")}
+    assert summary == counted, (summary, counted)
 
 
 # -- Caps: the defaults, at their boundaries -------------------------------------------------------
@@ -347,3 +383,19 @@ def test_a_client_hanging_up_marks_the_server_span_499(otlp: OTLPReceiver, sim: 
     (span,) = spans
     assert span["attributes"]["http.response.status_code"] == 499, span["attributes"]
     assert span["status"] != 2  # STATUS_CODE_ERROR: a hang-up is no server error
+
+
+# -- Install: what the extras add ------------------------------------------------------------------
+
+
+def test_the_serve_extra_adds_ray_serve_and_opentelemetry_is_in_the_core() -> None:
+    """README "Install and test": ``pip install -e .`` is the core without Ray; ``[serve]`` adds
+    Ray Serve; OpenTelemetry (API, SDK, OTLP/HTTP exporter) is a core dependency."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = [re.split(r"[<>=!\[ ]", d, maxsplit=1)[0] for d in project["dependencies"]]
+    assert not [d for d in core if d.startswith("ray")], core
+    for package in ("opentelemetry-api", "opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http"):
+        assert package in core, (package, core)
+    assert [d.split(">")[0] for d in project["optional-dependencies"]["serve"]] == ["ray[serve]"]
