@@ -399,3 +399,84 @@ def test_the_serve_extra_adds_ray_serve_and_opentelemetry_is_in_the_core() -> No
     for package in ("opentelemetry-api", "opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http"):
         assert package in core, (package, core)
     assert [d.split(">")[0] for d in project["optional-dependencies"]["serve"]] == ["ray[serve]"]
+
+
+# -- Configuration and `moa serve --local`: defaults and refusals ----------------------------------
+
+
+def test_the_server_defaults_are_the_documented_ones() -> None:
+    """README "Configuration": ``server: {max_request_bytes: 1000000, max_concurrent_requests: 256,
+    request_deadline_s: 120, drain_s: 20, sse_keepalive_s: 5}`` in the bundled config and the model."""
+    documented = {
+        "max_request_bytes": 1_000_000,
+        "max_concurrent_requests": 256,
+        "request_deadline_s": 120,
+        "drain_s": 20,
+        "sse_keepalive_s": 5,
+    }
+    for server in (load_config(None).server, type(load_config(None).server)()):
+        assert {k: getattr(server, k) for k in documented} == documented
+
+
+def test_serve_local_refuses_the_flags_that_need_ray(tmp_path: Path) -> None:
+    """README "moa serve --local": ``--num-cpus``, ``--metrics-port`` and ``--dashboard`` are
+    Ray's and are refused (before anything listens)."""
+    for flag in (["--num-cpus", "1"], ["--metrics-port", "9999"], ["--dashboard"]):
+        out = run_moa("serve", "--local", "--port", "1", *flag, env={"MOA_STATE_DIR": str(tmp_path)})
+        assert out.returncode == 2, (flag, out.stderr)
+        assert "--dashboard, --metrics-port and --num-cpus need Ray" in out.stderr, out.stderr
+
+
+# -- Presets and modes: staircase without a stream; trimming to the context window ------------------
+
+
+async def test_a_plain_request_runs_staircase_as_final(config: MoAConfig) -> None:
+    """README "Aggregation modes": staircase is for streaming requests; a plain request runs it as
+    ``final`` (no step calls; every answer of the layer reaches the aggregator)."""
+    async with ProviderPool.from_config(config, sim_url=config.simulator.url) as pool:
+        engine = MoAEngine(config, pool)
+        result = await engine.run(list(QUESTION), preset="moa-lite", aggregation="staircase")
+    aggregators = [c for c in result.calls if c.stage.value == "aggregator"]
+    assert len(aggregators) == 1 and aggregators[0].staircase_step is None, aggregators
+    assert not [c for c in result.calls if c.staircase_step is not None]
+    assert result.text.startswith("Synthesis of 3 references")
+
+
+async def test_the_staircase_steps_are_marked_on_their_fuse_spans(
+    otlp: OTLPReceiver, config: MoAConfig
+) -> None:
+    """README "Aggregation modes": each staircase step is a ``moa.fuse`` span with
+    ``moa.staircase_step``."""
+    async with ProviderPool.from_config(config, sim_url=config.simulator.url) as pool:
+        engine = MoAEngine(config, pool)
+        with tracer().start_as_current_span("client request") as root:
+            async for ev in engine.stream(list(QUESTION), preset="moa", aggregation="staircase"):
+                result = ev
+    steps = [c.staircase_step for c in getattr(result, "calls", []) if c.staircase_step]
+    assert steps, "the staircase took no step"
+    trace_id = format(root.get_span_context().trace_id, "032x")
+    spans = wait_until_sync(
+        lambda: by_name(wait_for_spans(otlp, trace_id, {"moa.fuse"}), "moa.fuse"),
+        lambda found: len(found) == len(steps) + 1,
+        what="a fuse span per step and the last",
+    )
+    marked = sorted(s["attributes"].get("moa.staircase_step") for s in spans)
+    assert marked == [0, *sorted(steps)], marked
+
+
+async def test_references_are_trimmed_to_the_models_context_window(config: MoAConfig) -> None:
+    """README "Token budget": without ``reference_budget_tokens`` the references are trimmed to
+    the aggregator model's context window (what is left of it after the answer and the prompt)."""
+    plan = config.presets["moa-lite"]
+    agg = plan.aggregators[0]
+    raw = config.model_dump(mode="json")
+    raw["providers"][agg.provider]["models"][agg.model]["context_window"] = 900
+    small = parse_config(raw)
+    params = GenerationParams(max_tokens=400)
+    async with ProviderPool.from_config(config, sim_url=config.simulator.url) as pool:
+        roomy = await MoAEngine(config, pool).run(list(QUESTION), plan=plan, params=params)
+        tight = await MoAEngine(small, pool).run(list(QUESTION), plan=plan, params=params)
+    assert plan.reference_budget_tokens is None
+    assert not any("trimmed" in n for n in roomy.notes), roomy.notes
+    assert any("trimmed" in n for n in tight.notes), tight.notes
+    assert "[...]" in tight.text and "[...]" not in roomy.text  # the aggregator saw them cut
