@@ -18,6 +18,7 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +168,59 @@ async def test_connection_failures_are_retried(monkeypatch: pytest.MonkeyPatch) 
         res = await pool.call(CallRequest(provider="openai", model="gpt-4.1-mini", messages=QUESTION))
     assert res.error is not None and res.error.kind is ErrorKind.SERVER_ERROR, res.error
     assert "connection failed" in res.error.message and res.attempts == 3
+
+
+@pytest.fixture
+def unaccepting_port() -> Iterator[int]:
+    """A port whose accept queue is full: the kernel drops further SYNs, so a connect hangs
+    (as to a host that does not answer) until the client's connect timeout."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = int(listener.getsockname()[1])
+        fillers = []
+        try:
+            for _ in range(4):  # more than the queue holds: never accepted
+                s = socket.socket()
+                s.setblocking(False)
+                s.connect_ex(("127.0.0.1", port))
+                fillers.append(s)
+            yield port
+        finally:
+            for s in fillers:
+                s.close()
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+async def test_connect_timeout_s_ends_a_connect_that_hangs(
+    unaccepting_port: int, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README "Configuration": ``connect_timeout_s`` bounds connecting, apart from ``timeout_s``.
+    With a 60 s call deadline and a 0.2 s connect timeout, every attempt's connect times out and
+    is retried: all three attempts are made. Without it the first connect would hang until the
+    call's deadline (one attempt)."""
+    monkeypatch.setenv("HANGING_API_KEY", "sk-test-connect-timeout")
+    base = f"http://127.0.0.1:{unaccepting_port}" + ("/v1" if kind == "openai" else "")
+    raw = {
+        "providers": {
+            "hanging": {
+                "kind": kind,
+                "api_key_env": "HANGING_API_KEY",
+                "base_url": base,
+                "timeout_s": 60,
+                "connect_timeout_s": 0.2,
+                "retry": {"max_attempts": 3, "backoff_base_s": 0.01, "backoff_max_s": 0.02},
+                "models": {"m": {}},
+            }
+        },
+        "simulator": {"mode": "off"},
+    }
+    async with ProviderPool.from_config(parse_config(raw)) as pool:
+        res = await pool.call(CallRequest(provider="hanging", model="m", messages=QUESTION))
+    assert res.error is not None and res.error.kind is ErrorKind.TIMEOUT, res.error
+    assert res.attempts == 3, res
 
 
 async def test_backoff_is_jittered_and_exponential(sim: SimulatorServer) -> None:
