@@ -534,3 +534,103 @@ async def test_references_are_trimmed_to_the_models_context_window(config: MoACo
     assert not any("trimmed" in n for n in roomy.notes), roomy.notes
     assert any("trimmed" in n for n in tight.notes), tight.notes
     assert "[...]" in tight.text and "[...]" not in roomy.text  # the aggregator saw them cut
+
+
+# -- Observability: span attributes ----------------------------------------------------------------
+
+
+async def test_the_documented_span_attributes(
+    otlp: OTLPReceiver, config: MoAConfig, sim: SimulatorServer
+) -> None:
+    """README "Observability": ``moa.run`` carries the preset, router reason, aggregation, cost,
+    tokens and fallback; ``moa.route`` complexity, task, reason and substitutions; ``moa.layer``
+    index, quorum, succeeded and stragglers cancelled; provider spans the requested temperature
+    and max tokens, and ``error.type`` when the call failed."""
+    async with httpx.AsyncClient(base_url=sim.url) as admin:
+        fault = {"error_500": {"rate": 1.0}}
+        (await admin.put("/admin/faults/gemini-2.5-flash", json=fault)).raise_for_status()
+    params = GenerationParams(temperature=0.3, max_tokens=200)
+    async with ProviderPool.from_config(config, sim_url=config.simulator.url) as pool:
+        engine = MoAEngine(config, pool)
+        with tracer().start_as_current_span("client request") as root:
+            routed = await engine.run(list(QUESTION), preset="auto")
+        with tracer().start_as_current_span("client request") as root2:
+            result = await engine.run(list(QUESTION), preset="moa-lite", params=params)
+    trace_id = format(root.get_span_context().trace_id, "032x")
+    (route,) = by_name(wait_for_spans(otlp, trace_id, {"moa.route", "moa.run"}), "moa.route")
+    r = route["attributes"]
+    assert r["moa.router.complexity"] == routed.decision.complexity.value  # type: ignore[union-attr]
+    assert r["moa.router.complexity"] in {"simple", "medium", "complex"}
+    assert r["moa.router.task"] == (routed.decision.task.value if routed.decision.task else "")
+    assert r["moa.router.reason"] == routed.decision.reason and r["moa.router.substitutions"] == 0
+    trace_id = format(root2.get_span_context().trace_id, "032x")
+    spans = wait_for_spans(otlp, trace_id, {"moa.run", "moa.layer", "chat gemini-2.5-flash", "moa.fuse"})
+    (run,) = by_name(spans, "moa.run")
+    a = run["attributes"]
+    assert a["moa.preset"] == "moa-lite" and a["moa.router.reason"] == result.decision.reason
+    assert a["moa.aggregation"] == "final" and a["moa.fallback"] == ""
+    assert a["moa.cost_usd"] == pytest.approx(result.cost_usd) and a["moa.calls"] == len(result.calls)
+    assert a["gen_ai.usage.input_tokens"] == result.usage.input_tokens
+    (layer,) = by_name(spans, "moa.layer")
+    la = layer["attributes"]
+    assert (la["moa.layer.index"], la["moa.layer.quorum"], la["moa.layer.succeeded"]) == (1, 2, 2), la
+    assert la["moa.layer.stragglers_cancelled"] == 0
+    (failed,) = by_name(spans, "chat gemini-2.5-flash")
+    assert failed["attributes"]["error.type"] == "server_error"
+    ok = by_name(spans, "chat gpt-4.1-mini")[0]["attributes"]
+    assert ok["gen_ai.request.temperature"] == 0.3 and ok["gen_ai.request.max_tokens"] == 200
+    assert "error.type" not in ok
+
+
+# -- HTTP API: /v1/moa's result; the cache off by default; an error event through the SDK ----------
+
+
+def _sim_requests(sim: SimulatorServer) -> int:
+    return sum(m["requests"] for m in httpx.get(f"{sim.url}/admin/stats").json()["models"].values())
+
+
+def test_v1_moa_returns_the_full_result_and_the_cache_is_off_by_default(sim: SimulatorServer) -> None:
+    """README "HTTP API": ``/v1/moa`` with a ``preset`` returns the text, the plan, the decision,
+    every call (layer, provider, model, role, latency, tokens, cost, error kind, straggler flag)
+    and the totals (tokens, cost, wall time, critical path). README "Response caching": off until
+    the config enables it, so the same request twice is answered twice by the models."""
+    body = {"messages": [{"role": "user", "content": QUESTION[0].content}], "preset": "moa-lite"}
+    with _Server(_config(sim)) as server:
+        first = httpx.post(f"{server.url}/v1/moa", json=body, timeout=60)
+        after_first = _sim_requests(sim)
+        again = httpx.post(f"{server.url}/v1/moa", json=body, timeout=60)
+    assert first.status_code == again.status_code == 200, first.text
+    r = first.json()
+    assert r["text"].startswith("Synthesis of 3 references") and r["preset"] == "moa-lite"
+    assert [len(layer["proposers"]) for layer in r["plan"]["layers"]] == [3]
+    assert r["decision"]["preset"] == "moa-lite" and r["decision"]["reason"]
+    assert len(r["calls"]) == 4
+    for call in r["calls"]:
+        for field in ("layer", "provider", "model", "role", "latency_s", "usage", "cost_usd", "error_kind"):
+            assert field in call, (field, call)
+        assert call["cancelled_straggler"] is False
+    assert r["usage"]["input_tokens"] == sum(c["usage"]["input_tokens"] for c in r["calls"])
+    assert r["cost_usd"] == pytest.approx(sum(c["cost_usd"] for c in r["calls"]))
+    assert r["wall_time_s"] >= r["critical_path_s"] > 0
+    # No cache configured: the repeat went to the models again, and the header says it bypassed.
+    assert after_first == 4 and _sim_requests(sim) == 8
+    assert first.headers["x-moa-cache"] == again.headers["x-moa-cache"] == "bypass"
+
+
+def test_the_openai_sdk_raises_the_error_event_while_iterating(sim: SimulatorServer) -> None:
+    """README "Streaming": a failure after the headers ends the stream with an error event, which
+    the OpenAI SDK raises as an ``APIError`` while iterating."""
+    import openai
+
+    for model in ("gpt-4.1-mini", "claude-haiku-4-5", "gemini-2.5-flash", "gpt-4.1", "gemini-2.5-pro"):
+        httpx.put(f"{sim.url}/admin/faults/{model}", json={"error_500": {"rate": 1.0}}).raise_for_status()
+    with _Server(_config(sim)) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        stream = client.chat.completions.create(
+            model="moa-lite", messages=[{"role": "user", "content": QUESTION[0].content}], stream=True
+        )
+        with pytest.raises(openai.APIError) as raised:
+            for _ in stream:
+                pass
+    assert isinstance(raised.value.body, dict), raised.value.body
+    assert raised.value.body["code"] == "all_providers_failed", raised.value.body
