@@ -634,3 +634,52 @@ def test_the_openai_sdk_raises_the_error_event_while_iterating(sim: SimulatorSer
                 pass
     assert isinstance(raised.value.body, dict), raised.value.body
     assert raised.value.body["code"] == "all_providers_failed", raised.value.body
+
+
+# -- Configuration: what counts against a provider's circuit breaker -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fault", "kind", "counts"),
+    [
+        ({"error_429": {"rate": 1.0, "retry_after_s": 0.01}}, ErrorKind.RATE_LIMITED, True),
+        ({"malformed_json": {"rate": 1.0}}, ErrorKind.MALFORMED_RESPONSE, True),
+        ({"error_500": {"rate": 1.0}}, ErrorKind.SERVER_ERROR, True),
+        (None, ErrorKind.AUTH, False),  # a key the API refuses: ours to fix, not the provider's
+    ],
+    ids=["rate_limited", "malformed_response", "server_error", "auth"],
+)
+async def test_only_what_the_provider_did_counts_against_its_breaker(
+    sim: SimulatorServer,
+    monkeypatch: pytest.MonkeyPatch,
+    fault: dict[str, Any] | None,
+    kind: ErrorKind,
+    counts: bool,
+) -> None:
+    """README "Configuration": ``rate_limited``, ``server_error`` and ``malformed_response`` count
+    against the provider's circuit breaker (threshold 3 here: three failed calls open it); an
+    ``auth`` failure does not, however often it happens."""
+    model = MODELS["openai"]
+    breaker = {"failure_threshold": 3, "cooldown_s": 600}
+    retry = {"max_attempts": 3, "backoff_base_s": 0.01, "backoff_max_s": 0.02}
+    if fault is None:
+        # Real-API mode at the simulator's address with a key it refuses, as OpenAI would.
+        monkeypatch.setenv("REFUSED_API_KEY", "sim-invalid-key-readme-claims")
+        openai_cfg = {"kind": "openai", "api_key_env": "REFUSED_API_KEY", "base_url": f"{sim.url}/v1"}
+        raw = {
+            "providers": {
+                "openai": {**openai_cfg, "circuit_breaker": breaker, "retry": retry, "models": {model: {}}}
+            },
+            "simulator": {"mode": "off"},
+        }
+        cfg, sim_url = parse_config(raw), None
+    else:
+        cfg, sim_url = provider_config(sim.url, circuit_breaker=breaker, retry=retry), sim.url
+        async with httpx.AsyncClient(base_url=sim.url) as admin:
+            (await admin.put(f"/admin/faults/{model}", json=fault)).raise_for_status()
+    async with ProviderPool.from_config(cfg, sim_url=sim_url) as pool:
+        client = pool.clients["openai"]
+        for _ in range(3 if counts else 6):
+            res = await client.complete(CallRequest(provider="openai", model=model, messages=QUESTION))
+            assert res.error is not None and res.error.kind is kind, res.error
+        assert client.health()["state"] == ("open" if counts else "closed")
