@@ -683,3 +683,39 @@ async def test_only_what_the_provider_did_counts_against_its_breaker(
             res = await client.complete(CallRequest(provider="openai", model=model, messages=QUESTION))
             assert res.error is not None and res.error.kind is kind, res.error
         assert client.health()["state"] == ("open" if counts else "closed")
+
+
+# -- Presets: single's fallback chain; moa ask's table ---------------------------------------------
+
+
+async def test_single_falls_back_along_the_other_providers(config: MoAConfig, sim: SimulatorServer) -> None:
+    """README "Presets and modes": ``single`` is one model with the other providers as its
+    fallback chain: its model failing, the next provider's answers."""
+    first, second = (a.model for a in config.presets["single"].aggregators[:2])
+    async with httpx.AsyncClient(base_url=sim.url) as admin:
+        (await admin.put(f"/admin/faults/{first}", json={"error_500": {"rate": 1.0}})).raise_for_status()
+    async with ProviderPool.from_config(config, sim_url=config.simulator.url) as pool:
+        result = await MoAEngine(config, pool).run(list(QUESTION), preset="single")
+    assert [(c.model, c.ok) for c in result.calls] == [(first, False), (second, True)], result.calls
+    assert result.model == second and result.text
+
+
+def test_ask_prints_a_table_of_every_call_with_the_documented_columns(
+    sim: SimulatorServer, tmp_path: Path
+) -> None:
+    """README "Ask a question in-process": after the answer, a table of every call (stage, layer,
+    model, role, latency, tokens, cost, status) and the totals."""
+    path = tmp_path / "moa.yaml"
+    raw = load_config(None).model_dump(mode="json", exclude={"simulator"})
+    raw["simulator"] = {"mode": "on", "url": sim.url}
+    path.write_text(json.dumps(raw))
+    out = run_moa(
+        "ask", "How do vaccines work?", "--preset", "moa-lite", "--no-stream", "--config", str(path)
+    )
+    assert out.returncode == 0, out.stderr
+    header = next(line for line in out.stderr.splitlines() if "stage" in line and "status" in line)
+    for column in ("stage", "layer", "model", "role", "latency", "tokens in/out", "cost $", "status"):
+        assert column in header, (column, header)
+    rows = [line for line in out.stderr.splitlines() if "gpt-4.1-mini" in line or "claude-haiku-4-5" in line]
+    assert rows and all("proposer" in row for row in rows), out.stderr
+    assert "total: 4 calls" in out.stderr
