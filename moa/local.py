@@ -140,7 +140,9 @@ def serve_local(cfg: MoAConfig, host: str, port: int, *, sock: socket.socket | N
         server = LocalServer(cfg_, sock, lambda: open_store(cfg_.state))
 
         def ready(url: str) -> None:
-            print("\n".join(banner(cfg_, url, mode="local: one process, no Ray")), flush=True)
+            # The config as given (cfg): cfg_ names the simulator just started, which would hide
+            # from the banner that the answers are synthetic.
+            print("\n".join(banner(cfg, url, mode="local: one process, no Ray")), flush=True)
 
         def stop() -> None:
             print(draining_message(cfg_), file=sys.stderr, flush=True)

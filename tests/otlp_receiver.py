@@ -25,6 +25,8 @@ def _value(v: AnyValue) -> Any:
 class OTLPReceiver:
     def __init__(self) -> None:
         self.spans: list[dict[str, Any]] = []
+        # Each export's HTTP headers (lower-cased names), so OTEL_EXPORTER_OTLP_HEADERS can be seen.
+        self.headers: list[dict[str, str]] = []
         self._lock = threading.Lock()
         receiver = self
 
@@ -37,6 +39,8 @@ class OTLPReceiver:
                     self.send_response(404)
                     self.end_headers()
                     return
+                with receiver._lock:
+                    receiver.headers.append({k.lower(): v for k, v in self.headers.items()})
                 request = ExportTraceServiceRequest()
                 request.ParseFromString(body)
                 receiver._store(request)

@@ -341,3 +341,27 @@ def test_streaming_refusals_are_plain_http_errors_before_any_byte(
         assert r.status_code == status, r.text
         assert r.headers["content-type"].startswith("application/json")
         assert r.json()["error"]["code"] == code
+
+
+def test_tokens_per_minute_get_429_once_the_minute_is_spent(
+    server: ApiServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--tpm``: once a key's requests used its tokens for this minute, the next is refused with
+    429 ``rate_limit_exceeded`` and a Retry-After within the minute (README "Security")."""
+    key = create_key(capsys, "wordy", "--tpm", "50")
+    wait_for_auth(server)
+    c = client(server, key)
+    answer = c.chat.completions.create(model="single", messages=SHORT)  # type: ignore[arg-type]
+    assert answer.usage is not None and answer.usage.total_tokens > 50, answer.usage
+
+    def refused() -> openai.RateLimitError | None:
+        try:
+            c.models.list()
+        except openai.RateLimitError as e:
+            return e
+        return None
+
+    # The request's tokens are settled as it ends: wait for that, not for a clock.
+    limited = wait_until_sync(refused, what="the key's tokens for this minute to be spent")
+    assert limited is not None and limited.code == "rate_limit_exceeded"
+    assert 1 <= int(limited.response.headers["retry-after"]) <= 60

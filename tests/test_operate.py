@@ -261,6 +261,7 @@ def local_serve(tmp_path: Path, slow_config: Path, request: pytest.FixtureReques
 )
 def test_local_serve_drains_on_a_signal_then_exits_0(local_serve: Served, sig: signal.Signals) -> None:
     assert "local: one process, no Ray" in local_serve.stdout()
+    assert "answers are synthetic" in local_serve.stdout()  # no key: the README's promise
     short, long = asyncio.run(drain_scenario(local_serve, sig))
     assert_drained(short, long)
     assert local_serve.proc.wait(60) == 0, local_serve.stderr()
@@ -288,6 +289,7 @@ def test_ray_serve_prints_where_to_look_then_drains_on_sigterm(tmp_path: Path, s
         served.wait_ready()
         banner = served.stdout()
         assert "on a local Ray instance" in banner
+        assert "answers are synthetic" in banner  # no key: the simulator deployment serves
         # The metrics endpoint it names answers, with the service's series once a request ran.
         assert f"http://127.0.0.1:{metrics}/metrics" in banner
         assert "Tracing: not exported" in banner

@@ -64,7 +64,9 @@ class AnthropicClient(ProviderClient):
             "model": req.model,
             "messages": turns,
             "max_tokens": p.max_tokens or DEFAULT_MAX_TOKENS,
-            "timeout": timeout_s,
+            # What is left of the call's deadline, with the configured connect timeout: a bare
+            # number here would replace the client's Timeout, connect_timeout_s included.
+            "timeout": anthropic.Timeout(timeout_s, connect=min(self.cfg.connect_timeout_s, timeout_s)),
         }
         if system:
             args["system"] = system

@@ -51,7 +51,9 @@ class OpenAIClient(ProviderClient):
         args: dict[str, Any] = {
             "model": req.model,
             "messages": [{"role": m.role, "content": m.content} for m in req.messages],
-            "timeout": timeout_s,
+            # What is left of the call's deadline, with the configured connect timeout: a bare
+            # number here would replace the client's Timeout, connect_timeout_s included.
+            "timeout": openai.Timeout(timeout_s, connect=min(self.cfg.connect_timeout_s, timeout_s)),
         }
         if p.max_tokens is not None:
             # OpenAI's own API wants max_completion_tokens; compatible servers know max_tokens.
