@@ -18,25 +18,35 @@ class _Strict(BaseModel):
 
 
 class ModelRef(_Strict):
-    provider: str
-    model: str
+    provider: str = Field(description="A provider named under providers.")
+    model: str = Field(description="One of that provider's models.")
 
     def __str__(self) -> str:
         return f"{self.provider}/{self.model}"
 
 
 class ProposerSpec(ModelRef):
-    # A role name from templates.roles (analytical, creative, practical, critical) or None.
-    role: str | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    max_tokens: int | None = Field(default=None, ge=1)
-    seed: int | None = None
+    role: str | None = Field(
+        default=None,
+        description="A role name from templates.roles (analytical, creative, practical, critical), "
+        "or null for none.",
+    )
+    temperature: float | None = Field(
+        default=None, ge=0.0, le=2.0, description="This proposer's temperature (null: the request's)."
+    )
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="This proposer's output cap (null: the request's, or the model's)."
+    )
+    seed: int | None = Field(default=None, description="A sampling seed, where the provider takes one.")
 
 
 class LayerSpec(_Strict):
-    proposers: tuple[ProposerSpec, ...] = Field(min_length=1)
-    # How many proposers must succeed; None means all of them.
-    quorum: int | None = Field(default=None, ge=1)
+    proposers: tuple[ProposerSpec, ...] = Field(
+        min_length=1, description="The layer's proposers, run in parallel."
+    )
+    quorum: int | None = Field(
+        default=None, ge=1, description="How many proposers must succeed; null means all of them."
+    )
 
     @model_validator(mode="after")
     def _quorum_fits(self) -> LayerSpec:
@@ -50,8 +60,12 @@ class LayerSpec(_Strict):
 
 
 class AggregatorSpec(ModelRef):
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(
+        default=None, ge=0.0, le=2.0, description="The aggregator's temperature (null: the request's)."
+    )
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="The aggregator's output cap (null: the request's, or the model's)."
+    )
 
 
 class PlanMode(StrEnum):
@@ -70,29 +84,52 @@ AggregationMode = Literal["final", "early", "staircase"]
 class SelfMoASpec(_Strict):
     """Shorthand expanded into one layer: the same model at spread temperatures and seeds."""
 
-    provider: str
-    model: str
-    samples: int = Field(default=4, ge=2, le=16)
-    temperatures: tuple[float, ...] = (0.3, 0.7, 1.0, 1.2)
-    quorum: int | None = None
+    provider: str = Field(description="A provider named under providers.")
+    model: str = Field(description="The model sampled.")
+    samples: int = Field(default=4, ge=2, le=16, description="How many samples (proposers) the layer has.")
+    temperatures: tuple[float, ...] = Field(
+        default=(0.3, 0.7, 1.0, 1.2), description="Temperatures given to the samples in turn."
+    )
+    quorum: int | None = Field(default=None, description="How many samples must succeed; null: all.")
 
 
 class Plan(_Strict):
-    mode: PlanMode = PlanMode.LAYERED
-    description: str = ""
-    layers: tuple[LayerSpec, ...] = ()
-    self_moa: SelfMoASpec | None = None
-    rounds: int = Field(default=1, ge=1, le=8)
-    # The first aggregator synthesises; the rest are its fallback chain, tried in order.
-    aggregators: tuple[AggregatorSpec, ...] = Field(min_length=1)
-    # Single-model answer chain used when a layer misses its quorum.
-    fallbacks: tuple[ModelRef, ...] = ()
-    call_timeout_s: float = Field(default=60.0, gt=0)
-    layer_deadline_s: float = Field(default=90.0, gt=0)
-    # Once the quorum is met, wait at most this long for the remaining proposers.
-    grace_s: float = Field(default=2.0, ge=0)
-    # Token budget for the references handed to one aggregator (None: the model's context window decides).
-    reference_budget_tokens: int | None = Field(default=None, ge=64)
+    mode: PlanMode = Field(
+        default=PlanMode.LAYERED,
+        description="layered: layers in sequence, each seeing the previous layer's answers; refine: "
+        "the one layer repeated for rounds rounds, each seeing the last synthesis; self_moa: set by "
+        "self_moa (one model sampled N times).",
+    )
+    description: str = Field(default="", description="What the plan is for (shown in /v1/models).")
+    layers: tuple[LayerSpec, ...] = Field(default=(), description="Proposer layers; none: a single model.")
+    self_moa: SelfMoASpec | None = Field(
+        default=None, description="Shorthand for one layer of one model sampled at spread temperatures."
+    )
+    rounds: int = Field(default=1, ge=1, le=8, description="Rounds of a refine plan.")
+    aggregators: tuple[AggregatorSpec, ...] = Field(
+        min_length=1,
+        description="The first aggregator synthesises; the rest are its fallback chain, tried in order.",
+    )
+    fallbacks: tuple[ModelRef, ...] = Field(
+        default=(), description="The single-model answer chain used when a layer misses its quorum."
+    )
+    call_timeout_s: float = Field(
+        default=60.0, gt=0, description="One model call's deadline, retries included."
+    )
+    layer_deadline_s: float = Field(
+        default=90.0, gt=0, description="A layer's deadline: proposers still running then are cut."
+    )
+    grace_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="Once the quorum is met, wait at most this long for the remaining proposers.",
+    )
+    reference_budget_tokens: int | None = Field(
+        default=None,
+        ge=64,
+        description="Token budget for the references handed to one aggregator (null: the model's "
+        "context window decides).",
+    )
     aggregation: AggregationMode = Field(
         default="final",
         description="final: each layer waits for its quorum and then up to grace_s for the rest "
@@ -174,20 +211,28 @@ class TaskType(StrEnum):
 
 
 class RouterConfig(_Strict):
-    classifier: Literal["heuristic", "llm"] = "heuristic"
-    # The cheap model the llm classifier asks; its answers are cached per prompt.
-    classifier_model: ModelRef | None = None
-    classifier_cache_size: int = Field(default=4096, ge=0)
-    # Which preset each complexity tier runs.
+    classifier: Literal["heuristic", "llm"] = Field(
+        default="heuristic",
+        description="How auto classifies a request: heuristic (no call) or llm (asks classifier_model; "
+        "falls back to the heuristic when its answer cannot be parsed).",
+    )
+    classifier_model: ModelRef | None = Field(
+        default=None,
+        description="The cheap model the llm classifier asks; its answers are cached per prompt.",
+    )
+    classifier_cache_size: int = Field(default=4096, ge=0, description="Classifier answers kept in memory.")
     tiers: dict[Complexity, str] = Field(
         default_factory=lambda: {
             Complexity.SIMPLE: "single",
             Complexity.MEDIUM: "moa-lite",
             Complexity.COMPLEX: "moa",
-        }
+        },
+        description="Which preset each complexity tier runs.",
     )
-    # Task type -> proposer set replacing the chosen preset's first layer.
-    specialists: dict[TaskType, tuple[ProposerSpec, ...]] = Field(default_factory=dict)
+    specialists: dict[TaskType, tuple[ProposerSpec, ...]] = Field(
+        default_factory=dict,
+        description="Task type -> a proposer set replacing the chosen preset's first layer.",
+    )
 
     @model_validator(mode="after")
     def _classifier_model(self) -> RouterConfig:
@@ -266,11 +311,24 @@ DEFAULT_JUDGE_RETRY = (
 class TemplatesConfig(_Strict):
     """Every prompt the engine writes lives here, so a deployment can tune them in its config."""
 
-    aggregate_system: str = DEFAULT_AGGREGATE_SYSTEM
-    refine_system: str = DEFAULT_REFINE_SYSTEM
-    # How one reference is rendered; the simulator recognises the default <reference> form.
-    reference: str = DEFAULT_REFERENCE
-    roles: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_ROLES))
+    aggregate_system: str = Field(
+        default=DEFAULT_AGGREGATE_SYSTEM,
+        description="The aggregator's system prompt (the MoA paper's), with {references}; an existing "
+        "system message is extended, not replaced.",
+    )
+    refine_system: str = Field(
+        default=DEFAULT_REFINE_SYSTEM,
+        description="A refine round's proposers' system prompt, with {references} (the last synthesis).",
+    )
+    reference: str = Field(
+        default=DEFAULT_REFERENCE,
+        description="How one reference is rendered, with {text} (and {index}); the simulator recognises the "
+        "default <reference> form.",
+    )
+    roles: dict[str, str] = Field(
+        default_factory=lambda: dict(DEFAULT_ROLES),
+        description="Role name -> the instruction a proposer with that role gets.",
+    )
     judge_pairwise_system: str = Field(
         default=DEFAULT_JUDGE_PAIRWISE_SYSTEM,
         description="moa eval's pairwise judge: the system prompt, which fixes the verdict format",
