@@ -5,6 +5,8 @@ stored, tenant isolation, and replicas sharing SQLite or Redis."""
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -354,6 +356,26 @@ def test_semantic_by_preset(sim: SimulatorServer, state_dir: Path) -> None:
         )
         again = chat(s.url, messages=[{"role": "user", "content": "What are the causes of inflation?"}])
         assert again.headers["x-moa-cache"] == "hit-semantic"
+
+
+def test_without_the_semantic_extra_exact_hits_work_and_semantic_lookups_are_off(
+    sim: SimulatorServer, state_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The static embedder is an extra (``moa-serve[semantic]``): without its package the service
+    still starts, says once that semantic lookups are off and how to turn them on, serves exact
+    hits, and answers a rephrasing asking for a semantic hit as a miss, never an error."""
+    monkeypatch.setitem(sys.modules, "static_model", None)  # as if the package were not installed
+    with caplog.at_level(logging.WARNING, logger="moa.cache"), ApiServer(cached_config(sim, state_dir)) as s:
+
+        def ask(text: str) -> httpx.Response:
+            return chat(s.url, messages=[{"role": "user", "content": text}], moa={"cache_semantic": True})
+
+        assert ask("How does a hash map handle collisions?").headers["x-moa-cache"] == "miss"
+        assert ask("How does a hash map handle collisions?").headers["x-moa-cache"] == "hit-exact"
+        rephrased = ask("How are collisions handled in a hash map?")
+        assert rephrased.status_code == 200 and rephrased.headers["x-moa-cache"] == "miss"
+    warned = [r.getMessage() for r in caplog.records if "semantic cache lookups are off" in r.getMessage()]
+    assert len(warned) == 1 and "moa-serve[semantic]" in warned[0]
 
 
 def test_an_unreachable_store_makes_misses_not_failures(sim: SimulatorServer, state_dir: Path) -> None:

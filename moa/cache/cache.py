@@ -20,7 +20,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from moa.cache.embed import Embedder, cosine, make_embedder
+from moa.cache.embed import STATIC_EXTRA, Embedder, cosine, make_embedder, static_embedder_installed
 from moa.cache.keys import context_key, final_key, guard, proposal_key, split_last_user
 from moa.cache.store import CacheStore, MemoryStore, TieredStore
 from moa.config import CacheConfig, MoAConfig
@@ -371,6 +371,14 @@ def open_cache(config: MoAConfig) -> ResponseCache | None:
     local = MemoryStore(cc.memory_max_bytes)
     store: CacheStore = local if shared is None else TieredStore(local, shared)
     cache = ResponseCache(cc, store)
+    if cc.semantic.embedder == "static" and not static_embedder_installed():
+        # No embedder, no factory: semantic lookups and index writes are skipped, exact hits work.
+        log.warning(
+            "semantic cache lookups are off: the static embedder is not installed (%s); "
+            "exact hits still work",
+            STATIC_EXTRA,
+        )
+        return cache
     # The embedder loads on the first semantic request, not at start-up.
     cache._embedder_factory = lambda: make_embedder(config)
     return cache

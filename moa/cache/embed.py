@@ -10,6 +10,7 @@ serves wire-faithfully.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import math
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -31,6 +32,15 @@ def unit(vector: Sequence[float]) -> list[float]:
 def cosine(a: Sequence[float], b: Sequence[float]) -> float:
     """Of two unit vectors (every embedder here returns unit vectors)."""
     return sum(x * y for x, y in zip(a, b, strict=False))
+
+
+# What to install for the static embedder: it is an extra, not a core dependency (pyproject.toml).
+STATIC_EXTRA = "pip install 'moa-serve[semantic]'"
+
+
+def static_embedder_installed() -> bool:
+    """Whether the static embedder's package (the ``semantic`` extra) is installed."""
+    return importlib.util.find_spec("static_model") is not None
 
 
 class StaticEmbedder:
@@ -87,10 +97,12 @@ class ProviderEmbedder:
         return [unit(d.embedding) for d in sorted(out.data, key=lambda d: d.index)]
 
 
-def make_embedder(config: MoAConfig) -> Embedder:
+def make_embedder(config: MoAConfig) -> Embedder | None:
+    """The configured embedder; None when it is the static one and its extra is not installed
+    (semantic lookups are then off: ``open_cache`` says so once)."""
     sem = config.cache.semantic
     if sem.embedder == "provider":
         if sem.provider is None:
             raise ValueError("cache.semantic.embedder is provider but cache.semantic.provider is not set")
         return ProviderEmbedder(config, sem.provider, sem.model)
-    return StaticEmbedder()
+    return StaticEmbedder() if static_embedder_installed() else None
