@@ -364,6 +364,8 @@ DOCS = Path(__file__).parents[1] / "docs"
 RENDERED_TABLES = {
     "bench-results.json": None,
     "bench-results-fair.json": None,
+    "bench-fast.json": None,
+    "bench-fast-haproxy.json": None,
     "bench-ttft-aggregation.json": "| streaming target",
     "bench-ttft-staircase.json": "| streaming target",
 }
@@ -381,3 +383,14 @@ def test_benchmarks_md_shows_the_raw_files_rendered(name: str) -> None:
     assert shown, f"{name} renders no table starting with {only!r}"
     for table in shown:
         assert table in doc, f"BENCHMARKS.md does not show this table of {name} as rendered:\n{table}"
+
+
+def test_benchmarks_md_profile_table_is_its_raw_stacks_summarised() -> None:
+    """The profile table on the page is ``moa.benchmark.profile --summarize`` of the committed raw
+    stacks (``docs/bench-profile/*.txt.gz``), so a share on the page can be traced to samples."""
+    from moa.benchmark import profile
+
+    raw = DOCS / "bench-profile"
+    assert sorted(p.name for p in raw.glob("*.txt.gz")), "no raw stacks committed"
+    table = profile.markdown(profile.summarize_dir(raw)).strip()
+    assert table in (DOCS / "BENCHMARKS.md").read_text()
