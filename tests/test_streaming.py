@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -63,14 +63,35 @@ def client(api_url: str) -> openai.OpenAI:
 
 def sse_lines(api_url: str, body: dict[str, Any]) -> tuple[int, list[tuple[float, str]]]:
     """The response's status and every SSE line with the time it arrived (s after the request)."""
+    status, lines, _ = sse_lines_probed(api_url, body, lambda: None)
+    return status, lines
+
+
+def sse_lines_probed(
+    api_url: str, body: dict[str, Any], probe: Callable[[], Any]
+) -> tuple[int, list[tuple[float, str]], tuple[Any, Any]]:
+    """``sse_lines``, plus what ``probe()`` returned when the headers arrived and when the first
+    data line did: the state of the world at those moments (an ordering, where a time would be a
+    clock bound)."""
     lines: list[tuple[float, str]] = []
+    at_headers = at_first_data = None
+    seen_data = False
     t0 = time.monotonic()
     with httpx.stream("POST", api_url + "/v1/chat/completions", json=body, timeout=60) as r:
+        at_headers = probe()
         lines.append((time.monotonic() - t0, f"status {r.status_code}"))
         for line in r.iter_lines():
+            if line.startswith("data: ") and not seen_data:
+                at_first_data, seen_data = probe(), True
             if line:
                 lines.append((time.monotonic() - t0, line))
-        return r.status_code, lines
+        return r.status_code, lines, (at_headers, at_first_data)
+
+
+def proposers_answered(sim: SimulatorServer) -> dict[str, int]:
+    """How many calls each proposer model has answered (completed) so far."""
+    stats = sim_stats(sim)
+    return {m: int(stats.get(m, {}).get("completed", 0)) for m in PROPOSERS}
 
 
 def data_events(lines: list[tuple[float, str]]) -> list[tuple[float, Any]]:
@@ -90,28 +111,11 @@ def content_of(events: list[tuple[float, Any]]) -> str:
     )
 
 
-def _answered(sim: SimulatorServer) -> dict[str, int]:
-    """How many calls each proposer model has answered (completed) so far."""
-    stats = sim_stats(sim)
-    return {m: int(stats.get(m, {}).get("completed", 0)) for m in PROPOSERS}
-
-
 def test_headers_and_role_chunk_arrive_long_before_the_answer(api_url: str, sim: SimulatorServer) -> None:
     slow_proposers(sim)
-    before = _answered(sim)
+    before = proposers_answered(sim)
     body = {"model": "moa-lite", "messages": QUESTION, "stream": True}
-    lines: list[tuple[float, str]] = []
-    answered_at_headers = answered_at_role = None
-    t0 = time.monotonic()
-    with httpx.stream("POST", api_url + "/v1/chat/completions", json=body, timeout=60) as r:
-        status = r.status_code
-        answered_at_headers = _answered(sim)
-        lines.append((time.monotonic() - t0, f"status {status}"))
-        for line in r.iter_lines():
-            if line.startswith("data: ") and answered_at_role is None:
-                answered_at_role = _answered(sim)
-            if line:
-                lines.append((time.monotonic() - t0, line))
+    status, lines, (at_headers, at_role) = sse_lines_probed(api_url, body, lambda: proposers_answered(sim))
     assert status == 200
     events = data_events(lines)
     role_at, role = events[0]
@@ -124,8 +128,8 @@ def test_headers_and_role_chunk_arrive_long_before_the_answer(api_url: str, sim:
     first_text_at = texts[0]
     # Headers and the role chunk came before any proposer had answered (an ordering, not a clock);
     # the first text only after the slow proposers' time to first token.
-    assert answered_at_headers == before and answered_at_role == before, (before, answered_at_role)
-    assert _answered(sim) != before  # ...and the proposers did answer afterwards
+    assert at_headers == before and at_role == before, (before, at_role)
+    assert proposers_answered(sim) != before  # ...and the proposers did answer afterwards
     assert first_text_at >= SLOW_PROPOSER_S, first_text_at
     # While the proposers work, comment lines keep the connection busy, every KEEPALIVE_S or so.
     comments = [(t, line) for t, line in lines if line.startswith(":")]
