@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from ray import serve
 from ray.serve.deployment import Application
@@ -100,17 +100,17 @@ class LocalRay:
     dashboard_url: str | None
 
 
-def start_local(
-    cfg: MoAConfig,
-    host: str,
-    port: int,
-    num_cpus: float | None = None,
-    quiet: bool = True,
-    *,
-    metrics_port: int | None = None,
-    dashboard: bool = False,
-    sock: socket.socket | None = None,
-) -> LocalRay:
+class LocalOptions(TypedDict, total=False):
+    """How ``start_local`` and ``run_local`` start the local Ray instance."""
+
+    num_cpus: float | None  # Ray's CPU count (None: the machine's)
+    quiet: bool  # keep the replicas' output off the terminal (default True)
+    metrics_port: int | None  # Ray's Prometheus port (None: Ray picks one)
+    dashboard: bool  # start Ray's dashboard (default False)
+    sock: socket.socket | None  # the HTTP port, claimed beforehand (``claim_port``)
+
+
+def start_local(cfg: MoAConfig, host: str, port: int, **options: Unpack[LocalOptions]) -> LocalRay:
     """A new local Ray instance (never one already running) with the app deployed.
 
     ``sock``, the HTTP port claimed beforehand (``claim_port``), is let go just before Serve's
@@ -118,16 +118,17 @@ def start_local(
     """
     import ray
 
+    dashboard, sock = options.get("dashboard", False), options.get("sock")
     for key, value in {**THROUGHPUT_ENV, **LOCAL_ENV}.items():
         os.environ.setdefault(key, value)  # set before Ray starts: its processes inherit it
     # address="local": a new instance even when `ray start` left one running on this machine,
     # which a plain ray.init() would join (and `moa serve` would then shut down someone's Serve).
     context = ray.init(
         address="local",
-        num_cpus=num_cpus,
+        num_cpus=options.get("num_cpus"),
         include_dashboard=dashboard,
-        log_to_driver=not quiet,
-        _metrics_export_port=metrics_port,
+        log_to_driver=not options.get("quiet", True),
+        _metrics_export_port=options.get("metrics_port"),
     )
     # Ray's core worker installs its own SIGTERM handler (it aborts the process, leaving Ray's
     # agents behind): ours again, until the service is up a signal aborts start-up cleanly.
@@ -206,27 +207,15 @@ def stop_local(timeout_s: float = SERVE_SHUTDOWN_S) -> None:
     ray.shutdown()
 
 
-def run_local(
-    cfg: MoAConfig,
-    host: str,
-    port: int,
-    num_cpus: float | None = None,
-    quiet: bool = True,
-    *,
-    metrics_port: int | None = None,
-    dashboard: bool = False,
-    sock: socket.socket | None = None,
-) -> int:
+def run_local(cfg: MoAConfig, host: str, port: int, **options: Unpack[LocalOptions]) -> int:
     """`moa serve`: a local Ray instance with the app, until SIGINT or SIGTERM; then a drain
     (``server.drain_s``) and a bounded shutdown. Returns the exit status."""
-    sock = sock or claim_port(host, port)  # before Ray starts: a port in use fails here
+    sock = options.get("sock") or claim_port(host, port)  # before Ray starts: a port in use fails here
     stop, hurry = threading.Event(), threading.Event()
     StopSignals.interrupt_meanwhile()  # until it answers, a signal aborts start-up
     try:
         try:
-            started = start_local(
-                cfg, host, port, num_cpus, quiet, metrics_port=metrics_port, dashboard=dashboard, sock=sock
-            )
+            started = start_local(cfg, host, port, **{**options, "sock": sock})
         except Exception as e:  # Ray or Serve did not come up (a loaded machine, a Ray error)
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             print(f"moa serve: Ray Serve did not start: {type(e).__name__}: {first}", file=sys.stderr)

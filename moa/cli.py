@@ -119,7 +119,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         cfg,
         args.host,
         args.port,
-        args.num_cpus,
+        num_cpus=args.num_cpus,
         quiet=not args.verbose,
         metrics_port=args.metrics_port,
         dashboard=args.dashboard,

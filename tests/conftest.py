@@ -238,3 +238,9 @@ def cluster(simulator: SimulatorServer, otlp: OTLPReceiver) -> Iterator[dict[str
         serve.shutdown()
         ray.shutdown()
         c.shutdown()
+
+
+@pytest.fixture
+def url(cluster: dict[str, Any], sim: SimulatorServer) -> str:
+    """The session Ray app's URL (modules testing the in-process API define a ``url`` of their own)."""
+    return str(cluster["url"])

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 
 from moa.config import MoAConfig
 from moa.local import LocalServer
@@ -145,3 +146,9 @@ def wait_for_spans(otlp: OTLPReceiver, trace_id: str, names: set[str]) -> list[d
 
 def by_name(spans: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     return [s for s in spans if s["name"] == name]
+
+
+# The marks of a module of Ray tests: run with -m ray; and the session app's autoscaling test config
+# uses a short look-back on purpose (metrics are pushed faster than Serve's default), which Serve
+# warns about.
+RAY_MODULE = [pytest.mark.ray, pytest.mark.filterwarnings("ignore:`look_back_period_s`:FutureWarning")]

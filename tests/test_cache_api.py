@@ -36,6 +36,20 @@ def cached_config(sim: SimulatorServer, state_dir: Path, **cache: Any) -> MoACon
     )
 
 
+def wipe_redis_cache(redis_url: str) -> None:
+    """Empty the cache a Redis-backed test wrote (the session's redis-server outlives the test)."""
+    import asyncio
+
+    from moa.cache.redis_store import RedisCacheStore
+
+    async def wipe() -> None:
+        r = RedisCacheStore(redis_url, 1 << 20, 60)
+        await r.clear(None)
+        await r.close()
+
+    asyncio.run(wipe())
+
+
 def chat(url: str, key: str = "unused", **body: Any) -> httpx.Response:
     body = {"model": "moa-lite", "messages": [{"role": "user", "content": Q}], **body}
     r = httpx.post(
@@ -267,16 +281,7 @@ def test_replicas_share_answers_and_proposals_through_the_store(
         again = moa(other.url, _plan("gpt-4.1-mini"))
         assert again.json()["cache"]["proposals_from_cache"] == 3
     if store == "redis":
-        import asyncio
-
-        from moa.cache.redis_store import RedisCacheStore
-
-        async def wipe() -> None:
-            r = RedisCacheStore(extra["redis_url"], 1 << 20, 60)
-            await r.clear(None)
-            await r.close()
-
-        asyncio.run(wipe())
+        wipe_redis_cache(extra["redis_url"])
 
 
 def test_cache_cli_stats_and_clear(
@@ -333,16 +338,7 @@ def test_semantic_hit_for_a_rephrasing_and_none_for_a_near_miss(
         other = ask("How are collisions handled in a hash map?", system="Answer in French.")
         assert other.headers["x-moa-cache"] == "miss"
     if store == "redis":
-        import asyncio
-
-        from moa.cache.redis_store import RedisCacheStore
-
-        async def wipe() -> None:
-            r = RedisCacheStore(extra["redis_url"], 1 << 20, 60)
-            await r.clear(None)
-            await r.close()
-
-        asyncio.run(wipe())
+        wipe_redis_cache(extra["redis_url"])
 
 
 def test_semantic_by_preset(sim: SimulatorServer, state_dir: Path) -> None:

@@ -216,11 +216,6 @@ def test_tracing_off_costs_nothing_visible(sim: SimulatorServer) -> None:
 # -- across the Ray fan-out -----------------------------------------------------------------------
 
 
-@pytest.fixture
-def url(cluster: dict[str, Any], sim: SimulatorServer) -> str:
-    return str(cluster["url"])
-
-
 def test_one_trace_across_processes_and_nodes(
     cluster: dict[str, Any], url: str, otlp: OTLPReceiver, sim: SimulatorServer
 ) -> None:

@@ -17,22 +17,13 @@ from moa.engine.fusion import FuseJob, FuseStep
 from moa.engine.plan import AggregatorSpec
 from moa.simulator.server import SimulatorServer
 from moa.types import ChatMessage
-from tests.helpers import QUESTION, set_fault, sim_stats
+from tests.helpers import QUESTION, RAY_MODULE, set_fault, sim_stats
 from tests.waiting import wait_until, wait_until_sync
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-pytestmark = [
-    pytest.mark.ray,
-    # The autoscaling test uses a short look-back on purpose; Serve warns about it.
-    pytest.mark.filterwarnings("ignore:`look_back_period_s`:FutureWarning"),
-]
-
-
-@pytest.fixture
-def url(cluster: dict[str, Any], sim: SimulatorServer) -> str:
-    return str(cluster["url"])
+pytestmark = RAY_MODULE
 
 
 @pytest.fixture

@@ -15,13 +15,14 @@ import pytest
 from moa.cache.redis_store import RedisCacheStore
 from moa.config import parse_config
 from tests.conftest import ON_HEAD, ON_WORKER
+from tests.helpers import RAY_MODULE
 from tests.test_observability import _series_value
 from tests.waiting import wait_until_sync
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore:`look_back_period_s`:FutureWarning")]
+pytestmark = RAY_MODULE
 
 APPS = {"cache-head": ON_HEAD, "cache-worker": ON_WORKER}
 QUESTION = "What makes a cache key complete?"

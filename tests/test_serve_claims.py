@@ -16,23 +16,14 @@ import pytest
 
 from moa.config import parse_config
 from moa.simulator.server import SimulatorServer
-from tests.helpers import QUESTION, set_fault, sim_stats
+from tests.helpers import QUESTION, RAY_MODULE, set_fault, sim_stats
 from tests.test_serve import answered_by_replica
 from tests.waiting import wait_until, wait_until_sync
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-pytestmark = [
-    pytest.mark.ray,
-    # The session app's autoscaling test config uses a short look-back on purpose; Serve warns.
-    pytest.mark.filterwarnings("ignore:`look_back_period_s`:FutureWarning"),
-]
-
-
-@pytest.fixture
-def url(cluster: dict[str, Any], sim: SimulatorServer) -> str:
-    return str(cluster["url"])
+pytestmark = RAY_MODULE
 
 
 def chat(url: str, body: dict[str, Any], prefix: str = "", timeout: float = 60) -> httpx.Response:

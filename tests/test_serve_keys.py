@@ -23,13 +23,14 @@ from moa.config import parse_config
 from moa.simulator.server import SimulatorServer
 from moa.state import KeyLimits, KeyRecord, to_micro
 from moa.state.redis_store import RedisStore
+from tests.helpers import RAY_MODULE
 from tests.test_serve_claims import _serve_logs
 from tests.waiting import wait_until_sync
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore:`look_back_period_s`:FutureWarning")]
+pytestmark = RAY_MODULE
 
 APP, PREFIX = "keyed-redis", "/keyed-redis"
 BODY = {

@@ -88,6 +88,16 @@ def sse_lines_probed(
         return r.status_code, lines, (at_headers, at_first_data)
 
 
+def streamed_answer(api_url: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A streamed request that must succeed: its text and its ``moa.detail``."""
+    status, lines = sse_lines(api_url, body)
+    assert status == 200
+    events = data_events(lines)
+    assert not any(isinstance(e, dict) and "error" in e for _, e in events), events
+    text = content_of(events)
+    return text, next(e["moa"] for _, e in events if isinstance(e, dict) and "moa" in e)
+
+
 def proposers_answered(sim: SimulatorServer) -> dict[str, int]:
     """How many calls each proposer model has answered (completed) so far."""
     stats = sim_stats(sim)
@@ -198,12 +208,7 @@ def test_a_cut_aggregator_stream_is_continued_on_the_next(api_url: str, sim: Sim
     # (claude-sonnet-4-6, Anthropic: assistant prefill) continues from where the text stopped.
     set_fault(sim, "gpt-4.1", cut_stream={"rate": 1.0, "first_n": 1})
     body = {"model": "moa-lite", "messages": QUESTION, "stream": True, "moa": {"detail": True}}
-    status, lines = sse_lines(api_url, body)
-    assert status == 200
-    events = data_events(lines)
-    assert not any(isinstance(e, dict) and "error" in e for _, e in events), events
-    text = content_of(events)
-    detail = next(e["moa"] for _, e in events if isinstance(e, dict) and "moa" in e)
+    text, detail = streamed_answer(api_url, body)
     aggregators = [c for c in detail["calls"] if c["stage"] == "aggregator"]
     cut, cont = aggregators
     assert cut["model"] == "gpt-4.1" and not cut["ok"]
@@ -381,12 +386,7 @@ def test_staircase_answers_while_the_last_layer_still_streams(api_url: str, sim:
         "stream": True,
         "moa": {"detail": True, "aggregation": "staircase"},
     }
-    status, lines = sse_lines(api_url, body)
-    assert status == 200
-    events = data_events(lines)
-    assert not any(isinstance(e, dict) and "error" in e for _, e in events), events
-    text = content_of(events)
-    detail = next(e["moa"] for _, e in events if isinstance(e, dict) and "moa" in e)
+    text, detail = streamed_answer(api_url, body)
     assert detail["aggregation"] == "staircase"
     calls = detail["calls"]
     steps = [c for c in calls if c["stage"] == "aggregator" and c["staircase_step"] is not None]

@@ -114,21 +114,6 @@ class Access:
                     )
         return principal
 
-    async def reserve(
-        self,
-        principal: Principal,
-        routed: Routed,
-        messages: Sequence[ChatMessage],
-        params: GenerationParams,
-        max_cost_usd: float | None,
-        health: Callable[[], HealthView],
-    ) -> tuple[Routed, Spend]:
-        """Hold the request to its cost cap (a cheaper tier for ``auto``), then reserve its
-        projected worst-case cost against the key's budget; 429 ``insufficient_quota`` if it does
-        not fit."""
-        routed, projected = self.fit(principal, routed, messages, params, max_cost_usd, health)
-        return routed, Spend(self, principal, await self.hold(principal, projected), projected)
-
     def fit(
         self,
         principal: Principal,
@@ -138,8 +123,9 @@ class Access:
         max_cost_usd: float | None,
         health: Callable[[], HealthView],
     ) -> tuple[Routed, float]:
-        """The plan held to the request's (or the key's) cost cap, and its projected worst-case
-        cost. No I/O: a request the cache answers needs nothing more."""
+        """The plan held to the request's (or the key's) cost cap (a cheaper tier for ``auto``), and
+        its projected worst-case cost. No I/O: a request the cache answers needs nothing more;
+        ``hold`` then reserves that cost once models will be called."""
         cap = max_cost_usd if max_cost_usd is not None else principal.limits.max_cost_usd
         routed, projected = fit_cost_cap(self.config, routed, messages, params, cap, health)
         span = trace.get_current_span()

@@ -46,7 +46,7 @@ async def time_checks(cfg: Any, store: StateStore | None, key: str | None, n: in
     per-minute count), the cost projection and reservation, then the settlement."""
     import time
 
-    from moa.api.access import Access
+    from moa.api.access import Access, Spend
     from moa.engine.cost import Routed
     from moa.engine.result import RouteDecision
     from moa.types import ChatMessage, GenerationParams
@@ -61,7 +61,8 @@ async def time_checks(cfg: Any, store: StateStore | None, key: str | None, n: in
     for i in range(n + 20):
         t0 = time.perf_counter()
         principal = await access.principal(header)
-        _, spend = await access.reserve(principal, routed, messages, params, None, HealthView)
+        _, projected = access.fit(principal, routed, messages, params, None, HealthView)
+        spend = Spend(access, principal, await access.hold(principal, projected), projected)
         spend.cost_usd = 0.0001
         await spend.settle()
         if i >= 20:  # the first rounds warm the store's connection and the key's cache

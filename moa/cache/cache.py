@@ -242,41 +242,32 @@ class ResponseCache:
         params: GenerationParams,
         result: MoAResult,
     ) -> str | None:
-        """Store a complete answer; returns why it was not stored, if it was not."""
-        try:
-            return await self._store_answer(ticket, messages, plan, params, result)
-        except Exception as e:
-            log.warning("cache store failed: %s: %s", type(e).__name__, e)
-            return f"the cache store failed ({type(e).__name__})"
-
-    async def _store_answer(
-        self,
-        ticket: CacheTicket,
-        messages: Sequence[ChatMessage],
-        plan: Plan,
-        params: GenerationParams,
-        result: MoAResult,
-    ) -> str | None:
+        """Store a complete answer; returns why it was not stored, if it was not. A failing store
+        (or embedding API) is logged and reported as the reason, never raised: the answer stands."""
         if not ticket.write:
             return "the request said no-store" if ticket.read else "the request said off"
         why = self.storable(result)
         if why is not None:
             return why
-        key = final_key(ticket.scope, messages, plan, params)
-        stored = result.model_copy(update={"cache": CacheOutcome()})
-        raw = json.dumps({"created": time.time(), "result": stored.model_dump(mode="json")}).encode()
-        await self.store.put(f"{ticket.scope}|f|{key}", raw, self.config.ttl_s)
-        self.metrics.stored("final", len(raw))
-        split = split_last_user(messages)
-        embedder = self.embedder()
-        if ticket.semantic and split is not None and embedder is not None:
-            context, question = split
-            vector = ticket.vector or (await embedder.embed([question]))[0]
-            index = f"{ticket.scope}|s|{context_key(ticket.scope, context, plan, params)}"
-            payload = _pack(vector, guard(question))
-            await self.store.index_add(
-                index, key, payload, self.config.ttl_s, self.config.semantic.max_candidates
-            )
+        try:
+            key = final_key(ticket.scope, messages, plan, params)
+            stored = result.model_copy(update={"cache": CacheOutcome()})
+            raw = json.dumps({"created": time.time(), "result": stored.model_dump(mode="json")}).encode()
+            await self.store.put(f"{ticket.scope}|f|{key}", raw, self.config.ttl_s)
+            self.metrics.stored("final", len(raw))
+            split = split_last_user(messages)
+            embedder = self.embedder()
+            if ticket.semantic and split is not None and embedder is not None:
+                context, question = split
+                vector = ticket.vector or (await embedder.embed([question]))[0]
+                index = f"{ticket.scope}|s|{context_key(ticket.scope, context, plan, params)}"
+                payload = _pack(vector, guard(question))
+                await self.store.index_add(
+                    index, key, payload, self.config.ttl_s, self.config.semantic.max_candidates
+                )
+        except Exception as e:
+            log.warning("cache store failed: %s: %s", type(e).__name__, e)
+            return f"the cache store failed ({type(e).__name__})"
         return None
 
     # -- proposer calls ---------------------------------------------------------------------------

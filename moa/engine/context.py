@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypedDict, Unpack
 
 from moa.cache import CacheTicket, ResponseCache
 from moa.config import MoAConfig
@@ -28,6 +29,21 @@ from moa.types import CallResult, ChatMessage, GenerationParams
 
 # A routing decision: the plan, why, and any calls the router made (an LLM classifier).
 Routed = tuple[Plan, RouteDecision, list[CallResult]]
+
+
+class RunOptions(TypedDict, total=False):
+    """The keyword arguments ``MoAEngine.run`` and ``MoAEngine.stream`` take (see ``stream``)."""
+
+    preset: str | None
+    plan: Plan | None
+    params: GenerationParams | None
+    deadline_s: float | None
+    deadline: Deadline | None
+    routed: Routed | None
+    on_call: Callable[[CallRecord], None] | None
+    admit: Callable[[Routed], Awaitable[Routed]] | None
+    aggregation: AggregationMode | None
+    reserve: Callable[[], Awaitable[None]] | None
 
 
 @dataclass(frozen=True)
@@ -46,6 +62,25 @@ class RunRequest:
     reserve: Callable[[], Awaitable[None]] | None = None
     # Whether the final answer is streamed as TextDeltas (``stream``) or only returned (``run``).
     stream: bool = True
+
+    @classmethod
+    def of(cls, messages: Sequence[ChatMessage], stream: bool, **options: Unpack[RunOptions]) -> RunRequest:
+        """The request ``run`` (``stream=False``) or ``stream`` makes of its arguments: ``deadline``,
+        or else ``deadline_s`` from now."""
+        deadline = options.get("deadline")
+        return cls(
+            messages=messages,
+            preset=options.get("preset"),
+            plan=options.get("plan"),
+            params=options.get("params"),
+            deadline=deadline if deadline is not None else Deadline.after(options.get("deadline_s")),
+            routed=options.get("routed"),
+            on_call=options.get("on_call"),
+            admit=options.get("admit"),
+            aggregation=options.get("aggregation"),
+            reserve=options.get("reserve"),
+            stream=stream,
+        )
 
 
 @dataclass

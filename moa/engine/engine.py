@@ -12,26 +12,25 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Unpack
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from moa.cache import CacheTicket, ResponseCache, current_ticket, open_cache
 from moa.config import MoAConfig
-from moa.deadline import Deadline
 from moa.engine import spans
 from moa.engine.caller import ModelCaller
 from moa.engine.caps import check_messages, check_plan
 from moa.engine.chain import answer_chain, staircase_step, synthesise
-from moa.engine.context import Routed, RunContext, RunRequest
+from moa.engine.context import Routed, RunContext, RunOptions, RunRequest
 from moa.engine.errors import MoAError
 from moa.engine.fusion import Fuser, LocalFuser
 from moa.engine.layer import run_layer
-from moa.engine.plan import AggregationMode, ModelRef, Plan, PlanMode
+from moa.engine.plan import ModelRef, PlanMode
 from moa.engine.result import CallRecord, FallbackReason, MoAResult, Progress, RouteDecision, Stage
 from moa.engine.router import HealthView, Router, RouterPolicy
 from moa.engine.staircase import StaircaseFeed
@@ -87,60 +86,23 @@ class MoAEngine:
             spans.routed(span, routed[1])
             return routed
 
-    async def run(
-        self,
-        messages: Sequence[ChatMessage],
-        *,
-        preset: str | None = None,
-        plan: Plan | None = None,
-        params: GenerationParams | None = None,
-        deadline_s: float | None = None,
-        deadline: Deadline | None = None,
-        routed: Routed | None = None,
-        on_call: Callable[[CallRecord], None] | None = None,
-        admit: Callable[[Routed], Awaitable[Routed]] | None = None,
-        aggregation: AggregationMode | None = None,
-        reserve: Callable[[], Awaitable[None]] | None = None,
-    ) -> MoAResult:
-        """Answer ``messages`` with a preset (``auto`` routes) or an explicit plan (see ``stream``)."""
-        request = RunRequest(
-            messages=messages,
-            preset=preset,
-            plan=plan,
-            params=params,
-            deadline=deadline if deadline is not None else Deadline.after(deadline_s),
-            routed=routed,
-            on_call=on_call,
-            admit=admit,
-            aggregation=aggregation,
-            reserve=reserve,
-            stream=False,
-        )
+    async def run(self, messages: Sequence[ChatMessage], **options: Unpack[RunOptions]) -> MoAResult:
+        """Answer ``messages`` with a preset (``auto`` routes) or an explicit plan (see ``stream``
+        for the options)."""
         result: MoAResult | None = None
-        async for ev in self.execute(request):
+        async for ev in self.execute(RunRequest.of(messages, stream=False, **options)):
             if isinstance(ev, MoAResult):
                 result = ev
         assert result is not None
         return result
 
     def stream(
-        self,
-        messages: Sequence[ChatMessage],
-        *,
-        preset: str | None = None,
-        plan: Plan | None = None,
-        params: GenerationParams | None = None,
-        deadline_s: float | None = None,
-        deadline: Deadline | None = None,
-        routed: Routed | None = None,
-        on_call: Callable[[CallRecord], None] | None = None,
-        admit: Callable[[Routed], Awaitable[Routed]] | None = None,
-        aggregation: AggregationMode | None = None,
-        reserve: Callable[[], Awaitable[None]] | None = None,
+        self, messages: Sequence[ChatMessage], **options: Unpack[RunOptions]
     ) -> AsyncIterator[TextDelta | MoAResult | Progress]:
         """Yield ``Progress`` (first ``admitted``, once the plan passed routing, admission and the
         caps), the final answer's ``TextDelta``s as they arrive, then the ``MoAResult``.
 
+        Options (``RunOptions``): ``preset`` (``auto`` routes) or an explicit ``plan``; ``params``;
         ``routed`` passes a decision already taken by ``route``. ``admit``, when given, sees the
         routed plan before any model is called and may refuse it (raise) or replace it (a key's
         access rules and cost cap do both); ``on_call`` is told of every call recorded.
@@ -149,20 +111,7 @@ class MoAEngine:
         (raise): a key's budget reservation, a state-store write a cached answer does not need.
         The run ends at ``deadline`` (or ``deadline_s`` from now) with ``DeadlineExceeded``.
         """
-        request = RunRequest(
-            messages=messages,
-            preset=preset,
-            plan=plan,
-            params=params,
-            deadline=deadline if deadline is not None else Deadline.after(deadline_s),
-            routed=routed,
-            on_call=on_call,
-            admit=admit,
-            aggregation=aggregation,
-            reserve=reserve,
-            stream=True,
-        )
-        return self.execute(request)
+        return self.execute(RunRequest.of(messages, stream=True, **options))
 
     async def execute(self, request: RunRequest) -> AsyncIterator[TextDelta | MoAResult | Progress]:
         """Run ``request``: what ``run`` and ``stream`` share. Without ``request.stream`` the final
