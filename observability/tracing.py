@@ -9,9 +9,10 @@ callee ``extract()``s it, so one request stays one trace across processes and no
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from typing import Any, TypeVar
 
 from opentelemetry import context as otel_context
@@ -99,6 +100,16 @@ def extract(carrier: Mapping[str, str] | None) -> Context:
 def trace_id_hex(span: trace.Span | None = None) -> str | None:
     ctx = (span or trace.get_current_span()).get_span_context()
     return format(ctx.trace_id, "032x") if ctx.is_valid else None
+
+
+@contextlib.contextmanager
+def attached(ctx: Context) -> Iterator[None]:
+    """``ctx`` attached for a block with no ``yield`` inside (spans started there are its children)."""
+    token = otel_context.attach(ctx)
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
 
 
 async def iterate_in(ctx: Context, events: AsyncIterator[T]) -> AsyncGenerator[T, None]:

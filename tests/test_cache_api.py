@@ -19,7 +19,8 @@ from moa.cli import main
 from moa.config import CacheConfig, MoAConfig, SemanticCacheConfig, StateConfig, load_config
 from moa.simulator.server import SimulatorServer
 from moa.state.sqlite_store import SQLiteStore
-from tests.helpers import ApiServer, set_fault, sim_total_requests
+from tests.helpers import ApiServer, by_name, set_fault, sim_total_requests, wait_for_spans
+from tests.otlp_receiver import OTLPReceiver
 from tests.test_keys_api import create_key, wait_for_auth
 
 Q = "Explain how a hash map handles collisions."
@@ -372,6 +373,35 @@ def test_without_the_semantic_extra_exact_hits_work_and_semantic_lookups_are_off
         assert rephrased.status_code == 200 and rephrased.headers["x-moa-cache"] == "miss"
     warned = [r.getMessage() for r in caplog.records if "semantic cache lookups are off" in r.getMessage()]
     assert len(warned) == 1 and "moa-serve[semantic]" in warned[0]
+
+
+def test_every_lookup_is_a_span_under_the_run_with_its_result_and_similarity(
+    sim: SimulatorServer, state_dir: Path, otlp: OTLPReceiver
+) -> None:
+    """``moa.cache.lookup`` under ``moa.run``: what the lookup found (``moa.cache.result``) and,
+    for a semantic hit, how similar the question was; ``moa.cache`` on the run is the header's value."""
+    with ApiServer(cached_config(sim, state_dir)) as s:
+
+        def ask(text: str) -> httpx.Response:
+            return chat(s.url, messages=[{"role": "user", "content": text}], moa={"cache_semantic": True})
+
+        answers = [
+            ask("How does a hash map handle collisions?"),
+            ask("How does a hash map handle collisions?"),
+            ask("How are collisions handled in a hash map?"),
+        ]
+    assert [r.headers["x-moa-cache"] for r in answers] == ["miss", "hit-exact", "hit-semantic"]
+    for r in answers:
+        spans = wait_for_spans(otlp, r.headers["x-moa-trace-id"], {"moa.run", "moa.cache.lookup"})
+        (run,) = by_name(spans, "moa.run")
+        (lookup,) = by_name(spans, "moa.cache.lookup")
+        assert lookup["parent_id"] == run["span_id"]
+        assert lookup["attributes"]["moa.cache.result"] == r.headers["x-moa-cache"]
+        assert run["attributes"]["moa.cache"] == r.headers["x-moa-cache"]
+    semantic = by_name(
+        wait_for_spans(otlp, answers[2].headers["x-moa-trace-id"], {"moa.cache.lookup"}), "moa.cache.lookup"
+    )
+    assert 0.8 <= semantic[0]["attributes"]["moa.cache.similarity"] < 1
 
 
 def test_an_unreachable_store_makes_misses_not_failures(sim: SimulatorServer, state_dir: Path) -> None:

@@ -17,7 +17,6 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Unpack
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from moa.cache import CacheTicket, ResponseCache, current_ticket, open_cache
@@ -35,7 +34,7 @@ from moa.engine.result import CallRecord, FallbackReason, MoAResult, Progress, R
 from moa.engine.router import HealthView, Router, RouterPolicy
 from moa.engine.staircase import StaircaseFeed
 from moa.types import CallResult, ChatMessage, GenerationParams, TextDelta
-from observability.tracing import iterate_in, tracer
+from observability.tracing import attached, iterate_in, tracer
 
 __all__ = ["MoAEngine", "Routed", "RunRequest"]
 
@@ -131,11 +130,8 @@ class MoAEngine:
                         [],
                     )
                 else:
-                    token = otel_context.attach(span_ctx)
-                    try:
+                    with attached(span_ctx):
                         routed = await self.route(request.messages, request.preset)
-                    finally:
-                        otel_context.detach(token)
             if request.admit is not None:
                 routed = await request.admit(routed)
             plan, decision, pre_calls = routed
@@ -162,7 +158,8 @@ class MoAEngine:
                 ctx.record(res, CallRecord.from_result(res, stage=Stage.CLASSIFIER, started_s=0.0))
             ctx.ticket = self._ticket(decision)
             if ctx.ticket is not None:
-                hit = await self._cached(ctx)
+                with attached(span_ctx):  # the lookup's span is the run's child
+                    hit = await self._cached(ctx)
                 if hit is not None:
                     result = hit
                     span.set_attribute("moa.cache", hit.cache.status)
