@@ -24,6 +24,7 @@ from moa.simulator.server import SimulatorServer
 from moa.state import KeyLimits, KeyRecord, to_micro
 from moa.state.redis_store import RedisStore
 from tests.helpers import RAY_MODULE
+from tests.test_observability import _series_value
 from tests.test_serve_claims import _serve_logs
 from tests.waiting import wait_until_sync
 
@@ -189,3 +190,48 @@ def test_spend_from_both_replicas_lands_in_one_ledger_and_revocation_reaches_eve
     assert [r.status_code for r in later] == [401] * 20
     assert all("revoked" in r.json()["error"]["message"] for r in later)
     assert key not in "".join(r.text for r in later)
+
+
+def test_each_keys_requests_spend_tokens_and_refusals_reach_prometheus(
+    keyed: tuple[str, str, KeyRecord, str], cluster: dict[str, Any]
+) -> None:
+    """The README's per-key series, scraped from Ray's Prometheus endpoints: a key's requests,
+    spend and tokens move as it is used, and a key whose budget cannot hold a request counts a
+    refusal. Keys are labelled by name, never by the key itself."""
+    url, _, _, redis_url = keyed
+    rich, poor = new_key(), new_key()
+    records = [
+        new_record("metrics-rich", rich, KeyLimits(budget_usd=5.0, detail=True)),
+        new_record("metrics-poor", poor, KeyLimits(budget_usd=0.000001, detail=True)),
+    ]
+
+    async def create(store: RedisStore) -> None:
+        for record in records:
+            await store.create_key(record)
+
+    _run(_with_store(redis_url, create))
+    for _ in range(3):
+        r = httpx.post(url + "/v1/chat/completions", json=BODY, headers={"Authorization": f"Bearer {rich}"})
+        assert r.status_code == 200, r.text
+    refused = httpx.post(url + "/v1/chat/completions", json=BODY, headers={"Authorization": f"Bearer {poor}"})
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "insufficient_quota"
+
+    def scrape() -> str:
+        ports = cluster["metrics"].values()
+        return "\n".join(httpx.get(f"http://127.0.0.1:{p}/metrics", timeout=10).text for p in ports)
+
+    def series(text: str, name: str, key: str) -> float:
+        """A counter of this app, as Ray exports it (``ray_`` prefix, ``_total`` suffix)."""
+        return _series_value(text, f"ray_{name}_total", application=APP, key=key)
+
+    def moved(text: str) -> bool:
+        return (
+            series(text, "moa_key_requests", "metrics-rich") >= 3
+            and series(text, "moa_key_cost_usd", "metrics-rich") > 0
+            and series(text, "moa_key_tokens", "metrics-rich") > 0
+            and series(text, "moa_key_budget_refusals", "metrics-poor") >= 1
+        )
+
+    text = wait_until_sync(scrape, moved, within_s=90, interval=1.0, what="the per-key series to move")
+    assert series(text, "moa_key_budget_refusals", "metrics-rich") == 0
+    assert rich not in text and poor not in text
