@@ -123,8 +123,10 @@ class CallResult(BaseModel):
     cost_usd: float = 0.0
     attempts: int = 0
     streamed: bool = False
-    # Service time the simulator reports (x-sim-service-time), summed over attempts; None for real APIs.
-    simulated_service_s: float | None = None
+    # Service time the provider reported for this call, summed over its attempts (OpenAI and
+    # OpenAI-compatible servers send ``openai-processing-ms``; see ``provider_service_time``).
+    # None when the provider reports none, as Anthropic's and Gemini's APIs do not.
+    provider_service_s: float | None = None
     # What the adapter changed in the request's generation parameters to fit the model, one line
     # each ("temperature 1.5 clamped to 1.0 (...)", "temperature dropped: refused by m (...)").
     adjustments: list[str] = Field(default_factory=list)

@@ -71,6 +71,9 @@ def end_call_span(span: trace.Span, result: CallResult | None, *, capture_conten
     if result.ttft_s is not None:
         span.set_attribute("gen_ai.response.time_to_first_chunk", result.ttft_s)
     span.set_attribute("moa.attempts", result.attempts)
+    if result.provider_service_s is not None:
+        # The provider's own account of its time: latency beyond it is the network's and ours.
+        span.set_attribute("moa.provider_service_s", result.provider_service_s)
     if result.adjustments:
         span.set_attribute("moa.adjustments", result.adjustments)
     span.set_attribute("moa.cost_usd", result.cost_usd)

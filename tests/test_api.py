@@ -61,6 +61,14 @@ def test_detail_extension_returns_every_call(client: openai.OpenAI) -> None:
     assert detail["preset"] == "moa-lite" and len(detail["calls"]) == 4
     assert sum(c["usage"]["input_tokens"] for c in detail["calls"]) == completion.usage.prompt_tokens  # type: ignore[union-attr]
     assert detail["totals"]["cost_usd"] > 0 and detail["answered_by"] == "openai/gpt-4.1"
+    # Each answered call carries the service time its provider reported, within its latency; the
+    # totals add them along the critical path (the layer's slowest, then the aggregator).
+    calls = detail["calls"]
+    assert all(0 < c["provider_service_s"] <= c["latency_s"] for c in calls if c["ok"])
+    layer = [c["provider_service_s"] for c in calls if c["stage"] == "proposer" and c["ok"]]
+    (final,) = [c for c in calls if c["stage"] == "aggregator"]
+    path = max(layer) + final["provider_service_s"]
+    assert detail["totals"]["provider_critical_path_s"] == pytest.approx(path)
 
 
 def test_streaming_with_usage(client: openai.OpenAI) -> None:

@@ -57,7 +57,7 @@ async def test_references_reach_the_aggregator(engine: MoAEngine, config: MoACon
     assert result.usage.input_tokens == sum(c.usage.input_tokens for c in result.calls)
     assert result.cost_usd == pytest.approx(sum(c.cost_usd for c in result.calls))
     assert result.cost_usd > 0 and result.critical_path_s <= result.wall_time_s
-    assert result.simulated_critical_path_s is not None and result.simulated_critical_path_s > 0
+    assert result.provider_critical_path_s is not None and result.provider_critical_path_s > 0
 
 
 async def test_two_layers_feed_each_other(engine: MoAEngine, sim: SimulatorServer) -> None:

@@ -10,12 +10,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from moa.config import MoAConfig, ProviderConfig, parse_config, resolve_endpoint
 from moa.engine.result import CallRecord, Stage
 from moa.limits import ProviderLimits
-from moa.providers.base import ProviderClient, redact_key
+from moa.providers.base import ProviderClient, provider_service_time, redact_key
 from moa.providers.registry import ProviderPool, build_client
 from moa.simulator.server import SimulatorServer
 from moa.types import (
@@ -27,6 +28,7 @@ from moa.types import (
     StreamEvent,
     TextDelta,
 )
+from tests.conftest import FAST_PROFILE
 from tests.helpers import clear_faults, model_stats, set_fault, sim_requests, wait_idle
 from tests.waiting import wait_until
 
@@ -106,7 +108,49 @@ async def test_complete_normalises_every_provider(pool: ProviderPool, provider: 
     assert res.usage.input_tokens > 0 and res.usage.output_tokens > 0
     expected = (res.usage.input_tokens * 1.0 + res.usage.output_tokens * 4.0) / 1e6
     assert res.cost_usd == pytest.approx(expected)
-    assert res.simulated_service_s is not None and 0 < res.simulated_service_s <= res.latency_s
+    assert res.provider_service_s is not None and 0 < res.provider_service_s <= res.latency_s
+
+
+def test_provider_service_time_prefers_the_exact_simulator_header() -> None:
+    """The provider's own header, in whole ms; the simulator's, unrounded, wins when it is there
+    (only the simulator sends both); anything unreadable is no report at all."""
+    assert provider_service_time({"openai-processing-ms": "412"}) == pytest.approx(0.412)
+    both = {"openai-processing-ms": "412", "x-simulator-service-ms": "411.637"}
+    assert provider_service_time(both) == pytest.approx(0.411637)
+    assert provider_service_time({"x-simulator-service-ms": "nan", "openai-processing-ms": "7"}) == 0.007
+    for junk in ({}, None, {"openai-processing-ms": "soon"}, {"openai-processing-ms": "-3"}):
+        assert provider_service_time(junk) is None
+
+
+@pytest.mark.parametrize("provider", list(MODELS))
+async def test_only_openai_wires_report_a_service_time_of_their_own(
+    sim: SimulatorServer, pool: ProviderPool, provider: str
+) -> None:
+    """With only the headers the real APIs send, an OpenAI-wire call reports OpenAI's
+    ``openai-processing-ms`` (whole ms, on the official SDK's response); Anthropic and Gemini,
+    which report nothing of the kind, give None."""
+    faithful = FAST_PROFILE.model_copy(update={"simulator_service_header": False})
+    async with httpx.AsyncClient(base_url=sim.url) as admin:
+        reset = await admin.post("/admin/reset", json={"profile": faithful.model_dump(mode="json")})
+        reset.raise_for_status()
+    res = await pool.call(req(provider))
+    assert res.ok, res.error
+    if provider in ("anthropic", "gemini"):
+        assert res.provider_service_s is None
+        return
+    assert res.provider_service_s is not None
+    ms = res.provider_service_s * 1000
+    assert ms == pytest.approx(round(ms), abs=1e-6)  # whole milliseconds: OpenAI's header, not ours
+    # FAST_PROFILE: 20 ms to the first token, then 2000 tokens/s, no jitter.
+    assert ms == pytest.approx(20 + res.usage.output_tokens / 2, abs=0.5 + 1e-6)
+    client = openai.AsyncOpenAI(base_url=f"{sim.url}/v1", api_key="sk-sim", max_retries=0)
+    async with client:
+        raw = await client.chat.completions.with_raw_response.create(
+            model=MODELS["openai"], messages=[{"role": "user", "content": "Name a colour."}]
+        )
+    assert raw.headers["openai-processing-ms"].isdigit() and "x-simulator-service-ms" not in raw.headers
+    tokens = raw.parse().usage.completion_tokens  # type: ignore[union-attr]
+    assert abs(int(raw.headers["openai-processing-ms"]) - (20 + tokens / 2)) <= 0.5
 
 
 @pytest.mark.parametrize("provider", list(MODELS))

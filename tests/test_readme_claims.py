@@ -278,6 +278,9 @@ async def test_adjustments_are_on_the_provider_span(otlp: OTLPReceiver, sim: Sim
         wait_for_spans(otlp, trace_id, {f"chat {MODELS['anthropic']}"}), f"chat {MODELS['anthropic']}"
     )
     assert span["attributes"]["moa.adjustments"] == res.adjustments
+    # The provider-reported service time rides on the same span (from the simulator's header here).
+    assert res.provider_service_s is not None
+    assert span["attributes"]["moa.provider_service_s"] == res.provider_service_s
     assert res.adjustments == ["temperature 1.5 clamped to 1.0 (Anthropic's range is 0-1)"]
 
 
@@ -352,7 +355,7 @@ async def test_the_simulator_jitters_its_latency_within_the_profiles_bounds(sim:
             )
             tokens = raw.parse().usage.completion_tokens  # type: ignore[union-attr]
             nominal = ttft + tokens / tps
-            t = float(raw.headers["x-sim-service-time"])
+            t = float(raw.headers["x-simulator-service-ms"]) / 1000
             assert (1 - j) * nominal - 1e-3 <= t <= (1 + j) * nominal + 1e-3, (t, nominal)
             times.append(t)
     assert len(set(times)) > 1, times  # the same request, different latencies

@@ -305,7 +305,7 @@ def moa_detail(result: MoAResult) -> dict[str, Any]:
             "cost_usd": result.cost_usd,
             "wall_time_s": result.wall_time_s,
             "critical_path_s": result.critical_path_s,
-            "simulated_critical_path_s": result.simulated_critical_path_s,
+            "provider_critical_path_s": result.provider_critical_path_s,
             "stragglers_cancelled": result.stragglers_cancelled,
             # Aggregators that took over an answer another one had started streaming.
             "aggregator_switches": sum(c.took_over for c in result.calls),

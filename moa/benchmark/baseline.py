@@ -35,6 +35,7 @@ from google.genai import types
 from moa.benchmark.stats import Sample
 from moa.config import RetryConfig
 from moa.engine.plan import DEFAULT_AGGREGATE_SYSTEM, DEFAULT_REFERENCE
+from moa.providers.base import provider_service_time
 
 T = TypeVar("T")
 
@@ -110,9 +111,9 @@ def retryable(exc: BaseException) -> tuple[bool, float | None]:
     return status in (408, 429) or status >= 500, _retry_after(headers)
 
 
-def _service(headers: object) -> float:
-    value = getattr(headers, "get", lambda _k: None)("x-sim-service-time")
-    return float(value) if value else 0.0
+def _service(headers: Mapping[str, str] | None) -> float:
+    """The response's service time, read as the service's adapters read it (0 when it says none)."""
+    return provider_service_time(headers) or 0.0
 
 
 class Baseline:

@@ -215,7 +215,7 @@ class HttpTarget:
         return Sample(
             e2e_s=e2e,
             ok=True,
-            simulated_s=detail["totals"]["simulated_critical_path_s"],
+            simulated_s=detail["totals"]["provider_critical_path_s"],
             # An aggregator that failed (a fallback answered) is no missed quorum.
             met_quorum=detail["fallback_reason"] != FallbackReason.QUORUM_MISSED.value,
             cut_straggler=detail["totals"]["stragglers_cancelled"] > 0,

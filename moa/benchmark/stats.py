@@ -96,7 +96,7 @@ CALL_FIELDS = (
     "cancelled_straggler",
     "started_s",
     "latency_s",
-    "simulated_service_s",
+    "provider_service_s",
 )
 BREAKDOWN_PARTS = {
     "http_api_ms": "HTTP entry + API: end-to-end minus the engine's wall time",
@@ -105,6 +105,19 @@ BREAKDOWN_PARTS = {
     "final_call_ms": "final call beyond its time in its replica (hops there and back, the answer's assembly)",
     "exchange_ms": "SDK + simulator exchange on the critical path: call latency minus simulated time",
 }
+# Raw files kept before these fields were named for what they are, the provider-reported service
+# time (the committed docs/bench-*.json among them), use the old names; they are still read.
+OLD_NAMES = {
+    "provider_service_s": "simulated_service_s",
+    "provider_critical_path_s": "simulated_critical_path_s",
+}
+
+
+def reported(kept: dict[str, Any], key: str) -> float | None:
+    """A kept call's ``provider_service_s`` or request's ``provider_critical_path_s``, whichever name
+    its raw file gives it."""
+    value = kept[key] if key in kept else kept.get(OLD_NAMES[key])
+    return None if value is None else float(value)
 
 
 def trim_detail(e2e_s: float, detail: dict[str, Any]) -> dict[str, Any]:
@@ -112,7 +125,7 @@ def trim_detail(e2e_s: float, detail: dict[str, Any]) -> dict[str, Any]:
     return {
         "e2e_s": e2e_s,
         "wall_time_s": detail["totals"]["wall_time_s"],
-        "simulated_critical_path_s": detail["totals"]["simulated_critical_path_s"],
+        "provider_critical_path_s": detail["totals"]["provider_critical_path_s"],
         "calls": [{k: c.get(k) for k in CALL_FIELDS} for c in detail["calls"]],
     }
 
@@ -126,8 +139,12 @@ def decompose(request: dict[str, Any]) -> dict[str, float] | None:
     hops to and from it fall into the crossings and the final call.
     """
     calls = request["calls"]
-    if any(not c["ok"] or c["cancelled_straggler"] or c["simulated_service_s"] is None for c in calls):
-        return None
+    service: dict[int, float] = {}
+    for c in calls:
+        reported_s = reported(c, "provider_service_s")
+        if not c["ok"] or c["cancelled_straggler"] or reported_s is None:
+            return None
+        service[id(c)] = reported_s
     finals = [c for c in calls if c["stage"] == "aggregator"]
     proposers = [c for c in calls if c["stage"] == "proposer"]
     if len(finals) != 1 or len(proposers) + 1 != len(calls):
@@ -137,10 +154,10 @@ def decompose(request: dict[str, Any]) -> dict[str, float] | None:
     for c in proposers:
         layers.setdefault(c["layer"], []).append(c)
     starts = [min(c["started_s"] for c in layers[k]) for k in sorted(layers)] + [final["started_s"]]
-    crossings, exchange = 0.0, final["latency_s"] - final["simulated_service_s"]
+    crossings, exchange = 0.0, final["latency_s"] - service[id(final)]
     for i, k in enumerate(sorted(layers)):
         crossings += starts[i + 1] - max(c["started_s"] + c["latency_s"] for c in layers[k])
-        exchange += max(c["latency_s"] for c in layers[k]) - max(c["simulated_service_s"] for c in layers[k])
+        exchange += max(c["latency_s"] for c in layers[k]) - max(service[id(c)] for c in layers[k])
     parts = {
         "http_api_ms": request["e2e_s"] - request["wall_time_s"],
         "before_first_call_ms": starts[0],
@@ -154,7 +171,8 @@ def decompose(request: dict[str, Any]) -> dict[str, float] | None:
 def breakdown(requests: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Medians of each part over the requests that could be split, and of their overhead."""
     split = [(r, p) for r in requests if (p := decompose(r)) is not None]
-    overhead = [1000 * (r["e2e_s"] - r["simulated_critical_path_s"]) for r, _ in split]
+    paths = [(r["e2e_s"], reported(r, "provider_critical_path_s")) for r, _ in split]
+    overhead = [1000 * (e2e - path) for e2e, path in paths if path is not None]
     return {
         "requests": len(requests),
         "split": len(split),

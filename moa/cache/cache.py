@@ -203,7 +203,7 @@ class ResponseCache:
                     "latency_s": 0.0,
                     "ttft_s": None,
                     "attempts": 0,
-                    "simulated_service_s": None,
+                    "provider_service_s": None,
                     "started_s": 0.0,
                 }
             )
@@ -216,7 +216,7 @@ class ResponseCache:
                 "usage": Usage(),
                 "cost_usd": 0.0,
                 "critical_path_s": 0.0,
-                "simulated_critical_path_s": None,
+                "provider_critical_path_s": None,
                 "cache": CacheOutcome(
                     status=f"hit-{kind}", similarity=similarity, saved_cost_usd=saved, age_s=round(age, 3)
                 ),
@@ -303,7 +303,7 @@ class ResponseCache:
                             "latency_s": time.monotonic() - t0,
                             "ttft_s": None,
                             "attempts": 0,
-                            "simulated_service_s": None,
+                            "provider_service_s": None,
                             "cache": "exact",
                         }
                     )

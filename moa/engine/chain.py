@@ -79,7 +79,7 @@ async def answer_chain(
             emitted_before = emitted
             ctx.record(res, rec)
             ctx.critical_path_s += res.latency_s
-            ctx.add_simulated(res.simulated_service_s)
+            ctx.add_provider_service(res.provider_service_s)
             name = f"{res.provider}/{res.requested_model}"
             if rec.took_over and ev.continued_chars is not None:
                 ctx.note(f"{name} continued the answer after its first {ev.continued_chars} characters")

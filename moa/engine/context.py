@@ -112,7 +112,7 @@ class RunContext:
     failures: list[Failure] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     critical_path_s: float = 0.0
-    simulated_critical_s: float | None = None
+    provider_critical_s: float | None = None
 
     @property
     def layers(self) -> int:
@@ -125,9 +125,11 @@ class RunContext:
     def note(self, *notes: str) -> None:
         self.notes.extend(n for n in notes if n not in self.notes)
 
-    def add_simulated(self, seconds: float | None) -> None:
+    def add_provider_service(self, seconds: float | None) -> None:
+        """One sequential stage's provider-reported service time onto the critical path's sum (a
+        stage none of whose calls reported one adds nothing)."""
         if seconds is not None:
-            self.simulated_critical_s = (self.simulated_critical_s or 0.0) + seconds
+            self.provider_critical_s = (self.provider_critical_s or 0.0) + seconds
 
     def record(self, res: CallResult, rec: CallRecord) -> None:
         self.records.append(rec)

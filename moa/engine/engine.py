@@ -371,7 +371,7 @@ def _result(
         cost_usd=sum(r.cost_usd for r in ctx.records),
         wall_time_s=ctx.offset(),
         critical_path_s=ctx.critical_path_s,
-        simulated_critical_path_s=ctx.simulated_critical_s,
+        provider_critical_path_s=ctx.provider_critical_s,
         fallback=fallback,
         fallback_reason=fallback_reason,
         notes=ctx.notes,

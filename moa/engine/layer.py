@@ -165,7 +165,7 @@ async def _calls(
         )
     answers: list[str] = []
     completed_latency = 0.0
-    simulated: list[float] = []
+    reported: list[float] = []  # the providers' own service times, where they gave one
     for i, spec in enumerate(layer.proposers):
         res = results[i]
         straggler = i in stragglers
@@ -176,13 +176,13 @@ async def _calls(
         ctx.record(res, rec)
         if not straggler:
             completed_latency = max(completed_latency, res.latency_s)
-            if res.simulated_service_s is not None:
-                simulated.append(res.simulated_service_s)
+            if res.provider_service_s is not None:
+                reported.append(res.provider_service_s)
         if res.ok:
             answers.append(res.text)
     # A layer cut short waited for its whole duration; otherwise for its slowest call.
     ctx.critical_path_s += (end - start) if pending else completed_latency
-    ctx.add_simulated(max(simulated) if simulated else None)
+    ctx.add_provider_service(max(reported) if reported else None)
     met = len(answers) >= needed
     if not met:
         ctx.deadline.check(f"the request deadline passed in layer {index}")

@@ -49,7 +49,7 @@ class CallRecord(BaseModel):
     cost_usd: float = 0.0
     attempts: int = 0
     finish_reason: str | None = None
-    simulated_service_s: float | None = None
+    provider_service_s: float | None = None  # what the provider reported (see CallResult)
     # Generation parameters the adapter dropped or clamped for this model (see CallResult).
     adjustments: list[str] = Field(default_factory=list)
     # This aggregator continued an answer another one had started streaming when it broke: how
@@ -93,7 +93,7 @@ class CallRecord(BaseModel):
             cost_usd=res.cost_usd,
             attempts=res.attempts,
             finish_reason=res.finish_reason,
-            simulated_service_s=res.simulated_service_s,
+            provider_service_s=res.provider_service_s,
             adjustments=res.adjustments,
             cache=res.cache,
             saved_cost_usd=res.saved_cost_usd,
@@ -158,8 +158,10 @@ class MoAResult(BaseModel):
     wall_time_s: float
     # Sum over sequential stages of the time each stage waited on its models.
     critical_path_s: float
-    # Same, from the simulator's reported service times (None with real providers).
-    simulated_critical_path_s: float | None = None
+    # Same, from the service times the providers reported: None when no call on the path reported
+    # one; a stage whose calls reported none adds nothing, so with providers that do not all report
+    # (Anthropic and Gemini never do) it is a lower bound.
+    provider_critical_path_s: float | None = None
     fallback: str | None = None  # why a fallback answered, when one did (for people)
     # The same, as one of a few values (for metrics and programs): a proposer layer (or refine
     # round) missed its quorum; every aggregator failed; a refine round's synthesis failed.

@@ -16,8 +16,8 @@ from moa.providers.base import (
     ProviderClient,
     classify_common,
     classify_generated_sdk,
+    provider_service_time,
     refused_param,
-    service_time,
     unexpected_failure,
 )
 from moa.types import CallRequest, ErrorKind, GenerationParams, Usage
@@ -102,7 +102,7 @@ class AnthropicClient(ProviderClient):
 
     async def _complete_once(self, req: CallRequest, timeout_s: float) -> Attempt:
         raw = await self._sdk.messages.with_raw_response.create(**self._args(req, timeout_s))
-        service = service_time(raw.headers)
+        service = provider_service_time(raw.headers)
         message = raw.parse()
         if inspect.isawaitable(message):  # the async client's parse() is a coroutine
             message = await message
@@ -119,7 +119,7 @@ class AnthropicClient(ProviderClient):
 
     async def _stream_once(self, req: CallRequest, timeout_s: float) -> AsyncIterator[str | Attempt]:
         stream = await self._sdk.messages.create(**self._args(req, timeout_s), stream=True)
-        service = service_time(stream.response.headers)
+        service = provider_service_time(stream.response.headers)
         model, usage, output_tokens, stop, finished = None, None, 0, None, False
         try:
             async for event in stream:

@@ -8,6 +8,7 @@ import contextlib
 import email.utils
 import json
 import logging
+import math
 import random
 import re
 import time
@@ -37,7 +38,13 @@ from moa.types import (
 from observability.genai import end_call_span, start_call_span
 from observability.logs import span_ids
 
-SERVICE_TIME_HEADER = "x-sim-service-time"
+# The provider's own report of how long it spent on a request: OpenAI documents this header on its
+# API responses ("time taken processing your API request", integer milliseconds), and
+# OpenAI-compatible servers copy it. Anthropic and Gemini document nothing of the kind.
+PROVIDER_SERVICE_HEADER = "openai-processing-ms"
+# Sent only by this project's provider simulator (``moa.simulator``), on every wire: the time it
+# deliberately spent, in milliseconds with decimals. No real provider sends it.
+SIMULATOR_SERVICE_HEADER = "x-simulator-service-ms"
 # A key echoed with its middle masked, as OpenAI's 401 does ("Incorrect API key provided:
 # sk-proj-****...abcd."): a run of three or more mask characters, or "..." followed by the key's
 # tail. The whole token goes, with whatever it still shows of the key.
@@ -118,14 +125,29 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(when.timestamp() - time.time(), 0.0)
 
 
-def service_time(headers: Mapping[str, str] | None) -> float | None:
+def provider_service_time(headers: Mapping[str, str] | None) -> float | None:
+    """The service time (seconds) a response says the provider spent on it, or None if it says none.
+
+    Read here, once, for every adapter. A real provider's own header is the real signal
+    (``openai-processing-ms``). The simulator's header is the one fallback, so that a benchmark can
+    split latency into service time and our overhead on every wire, Anthropic's and Gemini's
+    included. When both are present only the simulator sent them, and its header wins: it carries
+    the same time without rounding it to a whole millisecond, a rounding the benchmark's overhead
+    figures (milliseconds with one decimal, summed over a critical path) would show.
+    """
     if not headers:
         return None
-    value = headers.get(SERVICE_TIME_HEADER)
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
+    for name in (SIMULATOR_SERVICE_HEADER, PROVIDER_SERVICE_HEADER):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            ms = float(value)
+        except ValueError:
+            continue
+        if math.isfinite(ms) and ms >= 0:
+            return ms / 1000
+    return None
 
 
 # Error types an error event can carry mid-stream (Anthropic's Errors page), by what they mean for us.
@@ -158,7 +180,7 @@ def status_error(status: int, message: str, headers: Mapping[str, str] | None) -
         message,
         status=status,
         retry_after_s=parse_retry_after(headers.get("retry-after")) if headers else None,
-        service_s=service_time(headers),
+        service_s=provider_service_time(headers),
     )
 
 
@@ -533,7 +555,7 @@ class ProviderClient(ABC):
                         attempts=attempts,
                         streamed=stream,
                         ttft_s=ttft,
-                        simulated_service_s=service,
+                        provider_service_s=service,
                         text="".join(parts),
                         adjustments=adjustments,
                     )
@@ -558,7 +580,7 @@ class ProviderClient(ABC):
                 ),
                 attempts=attempts,
                 streamed=stream,
-                simulated_service_s=service,
+                provider_service_s=service,
                 adjustments=adjustments,
             )
             return

@@ -14,8 +14,8 @@ from moa.providers.base import (
     AttemptError,
     ProviderClient,
     classify_common,
+    provider_service_time,
     refused_param,
-    service_time,
     status_error,
     unexpected_failure,
 )
@@ -159,7 +159,7 @@ def _finish(reason: Any) -> str:
 
 def _service(response: types.GenerateContentResponse) -> float | None:
     http = response.sdk_http_response
-    return service_time(http.headers) if http is not None else None
+    return provider_service_time(http.headers) if http is not None else None
 
 
 def _usage(u: types.GenerateContentResponseUsageMetadata | None) -> Usage:

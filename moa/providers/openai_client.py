@@ -15,8 +15,8 @@ from moa.providers.base import (
     ProviderClient,
     classify_common,
     classify_generated_sdk,
+    provider_service_time,
     refused_param,
-    service_time,
     unexpected_failure,
 )
 from moa.types import CallRequest, ErrorKind, GenerationParams, Usage
@@ -76,7 +76,7 @@ class OpenAIClient(ProviderClient):
 
     async def _complete_once(self, req: CallRequest, timeout_s: float) -> Attempt:
         raw = await self._sdk.chat.completions.with_raw_response.create(**self._args(req, timeout_s))
-        service = service_time(raw.headers)
+        service = provider_service_time(raw.headers)
         completion = raw.parse()
         if not isinstance(completion, ChatCompletion) or not completion.choices:
             raise AttemptError(
@@ -95,7 +95,7 @@ class OpenAIClient(ProviderClient):
         stream = await self._sdk.chat.completions.create(
             **self._args(req, timeout_s), stream=True, stream_options={"include_usage": True}
         )
-        service = service_time(stream.response.headers)
+        service = provider_service_time(stream.response.headers)
         finish, model, usage = None, None, None
         try:
             async for chunk in stream:

@@ -130,10 +130,6 @@ def _pieces(text: str) -> list[str]:
     return out
 
 
-def _seconds(value: float) -> bytes:
-    return f"{value:.4f}".encode()
-
-
 def _retry_after(value: float) -> bytes:
     return str(int(value)).encode() if value == int(value) else f"{value:g}".encode()
 
@@ -194,6 +190,11 @@ class SimulatorApp:
         for task in self._active:
             task.cancel()
 
+    def _headers(self, wire: Wire, request_id: str, service_s: float = 0.0) -> Headers:
+        """A response's own headers: its request id, and what it says of the time spent on it."""
+        service = wire.service_headers(service_s, self.state.profile.simulator_service_header)
+        return [*wire.request_id_headers(request_id), *service]
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
@@ -238,7 +239,7 @@ class SimulatorApp:
         wire = GEMINI if path.startswith("/v1beta") else OPENAI
         request_id = "req_" + random_id(24)
         body = wire.error(Err.NOT_FOUND, f"Invalid URL ({method} {path})", request_id)
-        await _respond(send, 404, body, [*wire.request_id_headers(request_id), (b"x-sim-service-time", b"0")])
+        await _respond(send, 404, body, self._headers(wire, request_id))
 
     # -- embeddings ------------------------------------------------------------------------------
 
@@ -253,7 +254,7 @@ class SimulatorApp:
     ) -> None:
         """OpenAI's and Gemini's embedding routes: the same key checks and error bodies as generation."""
         request_id = "req_" + random_id(24)
-        base: Headers = [*wire.request_id_headers(request_id), (b"x-sim-service-time", b"0")]
+        base: Headers = self._headers(wire, request_id)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"))) if wire is GEMINI else {}
         try:
@@ -290,7 +291,7 @@ class SimulatorApp:
         stream: bool = False,
     ) -> None:
         request_id = "req_" + random_id(24)
-        base: Headers = [*wire.request_id_headers(request_id), (b"x-sim-service-time", b"0")]
+        base: Headers = self._headers(wire, request_id)
 
         async def fail(kind: Err, message: str, param: str | None = None, code: str | None = None) -> None:
             await _respond(send, wire.status(kind), wire.error(kind, message, request_id, param, code), base)
@@ -379,10 +380,7 @@ class SimulatorApp:
                     await asyncio.Event().wait()  # no answer: only the client leaving ends this
                 hang_s = spec.hang_s or 0.0
                 await asyncio.sleep(hang_s)
-            headers = [
-                *wire.request_id_headers(request_id),
-                (b"x-sim-service-time", _seconds(hang_s + ttft + gen)),
-            ]
+            headers = self._headers(wire, request_id, hang_s + ttft + gen)
             if fault == "wrong_content_type":
                 await asyncio.sleep(ttft + gen)
                 watcher.finished = True
@@ -423,7 +421,7 @@ class SimulatorApp:
     async def _fault_error(
         self, wire: Wire, req: SimRequest, request_id: str, kind: Err, spec: FaultSpec | None, send: Send
     ) -> None:
-        headers: Headers = [*wire.request_id_headers(request_id), (b"x-sim-service-time", b"0")]
+        headers: Headers = self._headers(wire, request_id)
         retry_after = spec.retry_after_s if isinstance(spec, RateFault) else None
         if retry_after is not None:
             headers.append((b"retry-after", _retry_after(retry_after)))
@@ -521,13 +519,14 @@ class SimulatorApp:
             body = {"data": data, "has_more": False, "first_id": names[0], "last_id": names[-1]}
             return await _respond(send, 200, dumps(body))
         key = OPENAI.api_key(headers, {})
+        own = OPENAI.service_headers(0.0, self.state.profile.simulator_service_header)
         if key is None or is_invalid_key(key):
             status, refusal = OPENAI.missing_key("") if key is None else OPENAI.invalid_key(key, "")
-            return await _respond(send, status, refusal)
+            return await _respond(send, status, refusal, own)
         listing = [
             {"id": n, "object": "model", "created": 1735689600, "owned_by": "simulator"} for n in names
         ]
-        await _respond(send, 200, dumps({"object": "list", "data": listing}))
+        await _respond(send, 200, dumps({"object": "list", "data": listing}), own)
 
     # -- admin -----------------------------------------------------------------------------------
 

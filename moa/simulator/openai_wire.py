@@ -142,6 +142,14 @@ class OpenAIWire(Wire):
     def new_id(self) -> str:
         return "chatcmpl-" + random_id(29)
 
+    def service_headers(self, seconds: float, simulator_header: bool) -> list[tuple[bytes, bytes]]:
+        """OpenAI reports its processing time on every response, errors and streams included, as
+        ``openai-processing-ms``: whole milliseconds."""
+        return [
+            (b"openai-processing-ms", str(round(seconds * 1000)).encode()),
+            *super().service_headers(seconds, simulator_header),
+        ]
+
     def parse(self, body: Any, path_model: str | None, stream: bool) -> SimRequest:
         if not isinstance(body, Mapping):
             raise BadRequest("The request body must be a JSON object.")

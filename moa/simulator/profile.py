@@ -174,6 +174,13 @@ class SimProfile(_Strict):
     faults: dict[str, Faults] = Field(default_factory=dict)
     # Seeds the random draws for fault rates and jitter, so a benchmark run can be repeated.
     seed: int = 0
+    simulator_service_header: bool = Field(
+        default=True,
+        description=(
+            "Send x-simulator-service-ms (the time the simulator spent, unrounded) on every wire, "
+            "which benchmarks need; false leaves only the headers the real APIs send."
+        ),
+    )
 
     def for_model(self, name: str) -> ModelProfile:
         base: ModelProfile = match_pattern(self.models, name) or self.default

@@ -250,6 +250,13 @@ class Wire(ABC):
     def request_id_headers(self, request_id: str) -> list[tuple[bytes, bytes]]:
         return [(b"x-request-id", request_id.encode())]
 
+    def service_headers(self, seconds: float, simulator_header: bool) -> list[tuple[bytes, bytes]]:
+        """What a response says of the time spent on it: whatever this API itself sends (nothing, for
+        most), plus, with ``simulator_header``, the simulator's own ``x-simulator-service-ms``,
+        unrounded, on every wire, so a benchmark can tell service time from overhead even where
+        the real API reports none."""
+        return [(b"x-simulator-service-ms", f"{seconds * 1000:.3f}".encode())] if simulator_header else []
+
     @abstractmethod
     def response(self, req: SimRequest, c: Completion) -> bytes: ...
 
