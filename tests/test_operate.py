@@ -422,7 +422,7 @@ def test_the_local_recipe_deploys_with_serve_deploy_on_ray_start_and_the_admin_a
     """README's single-machine recipe, as a user runs it: `ray start --head` (token auth on, as
     Ray 2.60 starts it), `serve deploy serve_config.local.yaml`, `serve status`; then keys made
     through the admin HTTP API, which the ingress replica reads from `ray start`'s environment,
-    are required, used and revoked."""
+    are required, used and revoked. Then `moa serve` beside it, which must not join it."""
     import tempfile
 
     import yaml
@@ -519,6 +519,37 @@ def test_the_local_recipe_deploys_with_serve_deploy_on_ray_start_and_the_admin_a
             return httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code
 
         wait_until_sync(with_revoked_key, lambda s: s == 401, within_s=30, interval=0.2, what="revoked")
+
+        # README: `moa serve` never joins a Ray instance already running, even one `ray start` left.
+        # In this environment a plain ray.init() would find this one (the address file `ray start`
+        # wrote); `moa serve` must start its own, and stopping it must leave this Serve app running.
+        found = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from ray._private.utils import read_ray_address; print(read_ray_address())",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert found.stdout.strip().endswith(f":{gcs}"), found
+        beside = start_serve(
+            tmp_path,
+            port=free_port(),
+            env=clean_env(RAY_AUTH_MODE="token", RAY_TMPDIR=ray_tmp, MOA_STATE_DIR=str(tmp_path / "beside")),
+        )
+        try:
+            beside.wait_ready()
+            assert httpx.get(beside.url + "/healthz", timeout=30).status_code == 200
+            apps = yaml.safe_load(status())["applications"]  # only the recipe's app, still running
+            assert list(apps) == ["moa"] and apps["moa"]["status"] == "RUNNING", apps
+        finally:
+            beside.proc.send_signal(signal.SIGTERM)
+            assert beside.proc.wait(START_S) == 0, beside.tail()
+        assert "status: RUNNING" in status()
+        assert httpx.get(url + "/healthz", timeout=30).status_code == 200
         assert serve_cli("shutdown", "-y").returncode == 0
     finally:
         head.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started

@@ -4,6 +4,7 @@ official openai client. One cluster and one deployment serve the whole module.""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import Counter
 from typing import Any
@@ -315,6 +316,154 @@ def test_bench_floor_app_times_every_probe(url: str) -> None:
     assert [r["path"] for r in rows] == ["/http", "/hop", "/fan-out", "/chain"]
     assert all(0 < r["p50_ms"] <= r["p99_ms"] for r in rows)
     assert "floor" not in serve.status().applications
+
+
+def test_serve_stopping_the_ingress_lets_a_stream_in_progress_finish(
+    cluster: dict[str, Any], sim: SimulatorServer
+) -> None:
+    """README: under ``serve deploy`` Serve stops an ingress replica (redeploy, scale-down,
+    ``serve shutdown``: each deletes replicas as this test deletes the app) with its own graceful
+    shutdown. The stream in progress when the app is deleted runs to its end and ``[DONE]``; with
+    direct ingress, the session's mode as cluster.yaml's, the replica's own port still answers
+    after that stream ended, while Serve's proxy no longer routes to it: its ``/-/healthz`` says
+    503 ``DRAINING`` for Serve's draining period (30 s by default), so load balancers deregister it."""
+    import threading
+
+    from actors.cache_bench import direct_url
+    from serve_app import build_from_config
+
+    raw = cluster["config"].model_dump(mode="json")
+    for name in ("narrow", "metered", "tokened"):
+        del raw["providers"][name]
+    cfg = parse_config(raw, "the grace config")
+    serve.run(build_from_config(cfg), name="moa-grace", route_prefix="/grace")
+    url = str(cluster["url"]) + "/grace"
+    direct = wait_until_sync(
+        lambda: direct_url("moa-grace"), bool, within_s=60, what="the ingress replica's own port"
+    )
+    # Serve's own health check on that port, the one load balancers poll.
+    assert httpx.get(f"{direct}/-/healthz", timeout=30).status_code == 200
+    # A direct call that streams at ten tokens a second: seconds, under way when the app goes.
+    profile = httpx.get(f"{sim.url}/admin/profile").json()
+    profile["models"] = {"gpt-4.1-mini": {"ttft_s": 0.05, "tokens_per_s": 10.0, "jitter": 0.0}}
+    httpx.put(f"{sim.url}/admin/profile", json=profile).raise_for_status()
+    body = {
+        "model": "openai/gpt-4.1-mini",
+        "messages": QUESTION,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    lines: list[str] = []
+    first_text = threading.Event()
+
+    def read() -> None:
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                lines.append(line)
+                chunk = json.loads(line[6:]) if line.startswith("data: {") else {}
+                if any(c["delta"].get("content") for c in chunk.get("choices", [])):
+                    first_text.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    try:
+        reader.start()
+        assert first_text.wait(60), lines
+        serve.delete("moa-grace", _blocking=False)
+        wait_until_sync(
+            lambda: serve.status().applications.get("moa-grace"),
+            lambda a: a is None or a.status == "DELETING",
+            within_s=60,
+            what="Serve to start deleting the app",
+        )
+        reader.join(120)
+        assert not reader.is_alive()
+        data = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+        assert data[-1] == "[DONE]", data[-3:]
+        chunks = [json.loads(d) for d in data[:-1]]
+        assert not [c for c in chunks if "error" in c]
+        # The whole answer, not a cut one: it finished, and the usage chunk came after it.
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c.get("choices")][-1] == "stop"
+        assert chunks[-1]["usage"]["completion_tokens"] > 0
+        # The stream is over; the proxy no longer routes to the app, but the replica's own port
+        # still answers, telling load balancers it is draining.
+        assert httpx.get(url + "/healthz", timeout=30).status_code == 404
+        drained = httpx.get(f"{direct}/-/healthz", timeout=30)
+        assert (drained.status_code, drained.text) == (503, "DRAINING")
+    finally:
+        if reader.is_alive():
+            reader.join(120)
+        serve.delete("moa-grace", _blocking=False)
+
+
+def test_a_provider_autoscaled_to_none_is_reported_and_a_request_brings_it_back(
+    cluster: dict[str, Any], sim: SimulatorServer
+) -> None:
+    """README: ``/healthz`` says ``scaled_to_zero`` for a provider Serve's autoscaling took to no
+    replica (``min_replicas: 0``), which is not a fault: the status stays ``ok``, nothing routes
+    around it, and a request naming it starts a replica and is answered by it."""
+    from serve_app import build_from_config
+
+    raw = cluster["config"].model_dump(mode="json")
+    for name in ("narrow", "metered", "tokened"):
+        del raw["providers"][name]
+    raw["providers"]["idle"] = {
+        "kind": "openai",
+        "api_key_env": "IDLE_API_KEY",
+        # Serve starts a deployment at min_replicas: none, until a request asks for one.
+        "deployment": {
+            "num_cpus": 0.01,
+            "autoscaling": {
+                "min_replicas": 0,
+                "max_replicas": 1,
+                "upscale_delay_s": 0,
+                "downscale_delay_s": 600,
+            },
+            "resources": {"worker_node": 0.01},
+        },
+        "models": {"idle-model": {}},
+    }
+    cfg = parse_config(raw, "the idle config")
+    app = serve.RunTarget(build_from_config(cfg), name="moa-idle", route_prefix="/idle")
+    serve.run_many([app], wait_for_applications_running=False)
+    url = str(cluster["url"]) + "/idle"
+    try:
+
+        def health() -> tuple[int, dict[str, Any]]:
+            try:
+                r = httpx.get(url + "/healthz", timeout=30)
+            except httpx.TransportError:
+                return 0, {}
+            return r.status_code, (r.json() if r.status_code in (200, 503) else {})
+
+        def reported(h: tuple[int, dict[str, Any]]) -> bool:
+            providers = h[1].get("providers", {})
+            others = [p for name, p in providers.items() if name != "idle"]
+            return bool(others) and all(p["replicas"] >= 1 for p in others) and "idle" in providers
+
+        status, body = wait_until_sync(health, reported, within_s=120, interval=0.5, what="health reported")
+        assert body["providers"]["idle"]["replicas"] == 0
+        assert body["providers"]["idle"]["state"] == "scaled_to_zero"
+        assert (status, body["status"]) == (200, "ok")  # not degraded: a request brings it back
+
+        r = httpx.post(
+            url + "/v1/chat/completions",
+            json={"model": "idle/idle-model", "messages": QUESTION, "moa": {"detail": True}},
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        detail = r.json()["moa"]
+        assert detail["answered_by"] == "idle/idle-model"
+        assert not detail["decision"]["substitutions"]
+        _, body = wait_until_sync(
+            health,
+            lambda h: h[1].get("providers", {}).get("idle", {}).get("replicas", 0) == 1,
+            within_s=60,
+            interval=0.5,
+            what="the started replica to report",
+        )
+        assert body["providers"]["idle"]["state"] == "closed"
+    finally:
+        serve.delete("moa-idle", _blocking=False)
 
 
 def test_a_provider_with_no_replica_is_reported_and_never_waited_for(
