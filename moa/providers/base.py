@@ -34,8 +34,8 @@ from moa.types import (
     TextDelta,
     Usage,
 )
-from observability.genai import end_call_span, start_call_span
-from observability.logs import span_ids
+from moa_observability.genai import end_call_span, start_call_span
+from moa_observability.logs import span_ids
 
 SERVICE_TIME_HEADER = "x-sim-service-time"
 # A key echoed with its middle masked, as OpenAI's 401 does ("Incorrect API key provided:
