@@ -36,13 +36,18 @@ def _packages() -> list[str]:
 class BuildPy(build_py):
     """Builds a top-level module from the file its import name maps to in ``package_dir``."""
 
+    # Set by distutils' finalize_options from setup(py_modules=...); declared here for mypy.
+    py_modules: list[str] | None
+
     def find_modules(self) -> list[tuple[str, str, str]]:
-        mapped = [m for m in self.py_modules if m in MODULE_FILES]
-        self.py_modules = [m for m in self.py_modules if m not in MODULE_FILES]
+        listed = list(self.py_modules or [])
+        mapped = [m for m in listed if m in MODULE_FILES]
+        # distutils would look for <import name>.py and warn that it is missing.
+        self.py_modules = [m for m in listed if m not in MODULE_FILES]
         try:
             modules: list[tuple[str, str, str]] = super().find_modules()
         finally:
-            self.py_modules = [*self.py_modules, *mapped]
+            self.py_modules = listed
         for name in mapped:
             source = f"{MODULE_FILES[name]}.py"
             if self.check_module(name, source):
