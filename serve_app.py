@@ -1,4 +1,4 @@
-"""The Ray Serve application: ``serve run serve_app:build_app config=PATH``.
+"""The Ray Serve application: ``serve run moa_serve_app:build_app config=PATH``.
 
 One deployment per provider (own autoscaling and concurrency; one shared RPM/TPM limiter actor per
 provider), the health board and the HTTP ingress; an aggregator deployment when ``serve.fusion``
@@ -25,15 +25,15 @@ from typing import Any, TypedDict, Unpack
 from ray import serve
 from ray.serve.deployment import Application
 
-from actors.aggregator import AggregatorDeployment
-from actors.health_board import HEALTH_BOARD_NAME, HealthBoardDeployment
-from actors.ingress import HEALTH_REFRESH_S, IngressDeployment
-from actors.provider import ProviderDeployment
-from actors.simulator import SimulatorDeployment
 from moa.api.app import CUT_GRACE_S
 from moa.config import MoAConfig, load_config, simulation_active
 from moa.service import StopSignals, banner, claim_port, draining_message
 from moa.simulator.profile import load_profile
+from moa_actors.aggregator import AggregatorDeployment
+from moa_actors.health_board import HEALTH_BOARD_NAME, HealthBoardDeployment
+from moa_actors.ingress import HEALTH_REFRESH_S, IngressDeployment
+from moa_actors.provider import ProviderDeployment
+from moa_actors.simulator import SimulatorDeployment
 
 
 def build_app(args: dict[str, str] | None = None) -> Application:

@@ -6,12 +6,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from actors.handles import HandleCaller
-from actors.options import serve_options
-from actors.telemetry import init_replica_telemetry, shutdown_replica_telemetry
 from moa.config import DeploymentOptions, parse_config
 from moa.engine.fusion import FuseEvent, FuseJob, fuse
-from observability.tracing import extract, iterate_in
+from moa_actors.handles import HandleCaller
+from moa_actors.options import serve_options
+from moa_actors.telemetry import init_replica_telemetry, shutdown_replica_telemetry
+from moa_observability.tracing import extract, iterate_in
 
 
 class AggregatorDeployment:

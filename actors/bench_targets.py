@@ -15,10 +15,10 @@ import httpx
 from ray import serve
 from rich.progress import Progress
 
-from actors.probe import PROBES, build_probe
 from moa.benchmark.stats import percentile
 from moa.config import MoAConfig
-from serve_app import start_local, stop_local
+from moa_actors.probe import PROBES, build_probe
+from moa_serve_app import start_local, stop_local
 
 # Timed requests per probe path (after a warm-up of 20).
 FLOOR_REQUESTS = 200

@@ -1,4 +1,4 @@
-"""Chaos runs on a real multi-node Ray cluster: ``python -m actors.chaos --out DIR``.
+"""Chaos runs on a real multi-node Ray cluster: ``python -m moa_actors.chaos --out DIR``.
 
 A three-node cluster on this machine (``ray.cluster_utils.Cluster``: a head for the ingress and
 the health board, two workers for the provider replicas, one of each provider per worker), the
@@ -36,10 +36,10 @@ from typing import Any
 
 import httpx
 
-from actors.health_board import HEALTH_BOARD_NAME
 from moa.config import MoAConfig, load_config, parse_config
 from moa.simulator.profile import ModelProfile, SimProfile
 from moa.simulator.server import SimulatorServer
+from moa_actors.health_board import HEALTH_BOARD_NAME
 
 SCENARIOS = ("provider", "ingress", "health-board", "rate-limiter", "node")
 METERED_MODEL = "metered-model"
@@ -141,7 +141,7 @@ class Chaos:
         from ray import serve
         from ray.cluster_utils import Cluster
 
-        from serve_app import THROUGHPUT_ENV, build_from_config
+        from moa_serve_app import THROUGHPUT_ENV, build_from_config
 
         for key, value in THROUGHPUT_ENV.items():
             os.environ.setdefault(key, value)
@@ -358,7 +358,7 @@ def run_all(chaos: Chaos, scenarios: list[str], say: Any) -> list[ScenarioResult
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m actors.chaos",
+        prog="python -m moa_actors.chaos",
         description="Kill parts of a three-node Ray cluster under load; report what each cost.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

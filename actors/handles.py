@@ -14,7 +14,7 @@ from typing import Any
 from moa.deadline import Deadline
 from moa.engine.fusion import FuseEvent, FuseJob
 from moa.types import CallError, CallRequest, CallResult, ErrorKind, StreamEvent
-from observability.tracing import inject
+from moa_observability.tracing import inject
 
 # A provider replica ends a call at its deadline (``timeout_s``) itself and answers with a timeout
 # result; the caller stops waiting this much later, when no replica answered at all.

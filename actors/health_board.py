@@ -13,10 +13,10 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from actors.options import serve_options
-from actors.telemetry import init_replica_telemetry
 from moa.config import DeploymentOptions, MoAConfig, ObservabilityConfig
 from moa.engine.router import HealthBoard, HealthView
+from moa_actors.options import serve_options
+from moa_actors.telemetry import init_replica_telemetry
 
 # The deployment's name, which provider replicas and `moa serve` look its handle up by.
 HEALTH_BOARD_NAME = "health-board"

@@ -14,15 +14,15 @@ from typing import Any
 
 from ray import serve
 
-from actors.handles import HandleCaller, RemoteFuser
-from actors.options import serve_options
-from actors.telemetry import init_replica_telemetry, shutdown_replica_telemetry
 from moa.api.app import Api, create_api
 from moa.config import MoAConfig, parse_config
 from moa.engine.engine import MoAEngine
 from moa.engine.fusion import Fuser, LocalFuser
 from moa.engine.router import HealthView, RouterPolicy
 from moa.state import open_store
+from moa_actors.handles import HandleCaller, RemoteFuser
+from moa_actors.options import serve_options
+from moa_actors.telemetry import init_replica_telemetry, shutdown_replica_telemetry
 
 # How stale the ingress's view of provider health may get (providers report every 2 s);
 # also how soon a replica learns that `moa serve` asked it to drain.

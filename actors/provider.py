@@ -14,19 +14,19 @@ from opentelemetry import context as otel_context
 from ray import serve
 from ray.serve.config import DeploymentActorConfig
 
-from actors.handles import deployment_name
-from actors.health_board import HEALTH_BOARD_NAME
-from actors.limiter import LIMITER_NAME, LimiterAuthority, RateLimiterActor
-from actors.options import serve_options
-from actors.telemetry import init_replica_telemetry, shutdown_replica_telemetry
 from moa.config import MoAConfig, ProviderConfig, parse_config, resolve_endpoint, simulation_active
 from moa.limits import LeasedRateBudget, ProviderLimits
 from moa.providers.base import ProviderClient
 from moa.providers.registry import build_client
 from moa.types import CallRequest, CallResult, StreamEvent
-from observability.genai import PROVIDER_NAMES
-from observability.metrics import ProviderMetrics
-from observability.tracing import extract, iterate_in
+from moa_actors.handles import deployment_name
+from moa_actors.health_board import HEALTH_BOARD_NAME
+from moa_actors.limiter import LIMITER_NAME, LimiterAuthority, RateLimiterActor
+from moa_actors.options import serve_options
+from moa_actors.telemetry import init_replica_telemetry, shutdown_replica_telemetry
+from moa_observability.genai import PROVIDER_NAMES
+from moa_observability.metrics import ProviderMetrics
+from moa_observability.tracing import extract, iterate_in
 
 log = logging.getLogger("moa.actors.provider")
 

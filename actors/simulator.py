@@ -7,10 +7,10 @@ from typing import Any
 
 import ray
 
-from actors.options import serve_options
 from moa.config import DeploymentOptions
 from moa.simulator.profile import SimProfile
 from moa.simulator.server import SimulatorServer
+from moa_actors.options import serve_options
 
 
 class SimulatorDeployment:

@@ -10,8 +10,8 @@ from ray import serve
 from ray.serve._private.constants import SERVE_LOGGER_NAME
 
 from moa.config import ObservabilityConfig
-from observability.logs import configure_json_logging
-from observability.tracing import flush_tracing, setup_tracing
+from moa_observability.logs import configure_json_logging
+from moa_observability.tracing import flush_tracing, setup_tracing
 
 
 def replica_identity() -> dict[str, str]:

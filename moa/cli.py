@@ -101,7 +101,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         return 2
     if not args.local:
         try:
-            from serve_app import run_local
+            from moa_serve_app import run_local
         except ImportError as e:
             print(f"moa serve needs Ray Serve: pip install 'moa-serve[serve]' ({e})", file=sys.stderr)
             return 2

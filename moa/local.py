@@ -127,8 +127,8 @@ def serve_local(cfg: MoAConfig, host: str, port: int, *, sock: socket.socket | N
     import os
 
     from moa.cli import local_simulator
-    from observability.logs import configure_json_logging
-    from observability.tracing import flush_tracing, setup_tracing
+    from moa_observability.logs import configure_json_logging
+    from moa_observability.tracing import flush_tracing, setup_tracing
 
     sock = sock or claim_port(host, port)
     # As a Ray replica does (actors/telemetry.py): traces when an OTLP endpoint is set, JSON logs.

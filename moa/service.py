@@ -10,7 +10,7 @@ from collections.abc import Callable
 from types import FrameType
 
 from moa.config import MoAConfig, simulation_active
-from observability.tracing import tracing_configured
+from moa_observability.tracing import tracing_configured
 
 
 class PortInUse(Exception):

@@ -14,7 +14,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
 
-from observability.tracing import extract, trace_id_hex, tracer
+from moa_observability.tracing import extract, trace_id_hex, tracer
 
 TRACE_ID_HEADER = "x-moa-trace-id"
 # nginx's status for a request whose client closed the connection first (no standard code exists).

@@ -14,7 +14,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from moa.types import CallRequest, CallResult, ChatMessage
-from observability.tracing import tracer
+from moa_observability.tracing import tracer
 
 # gen_ai.provider.name well-known values; an OpenAI-compatible endpoint reports its config name.
 PROVIDER_NAMES = {"openai": "openai", "anthropic": "anthropic", "gemini": "gcp.gemini"}

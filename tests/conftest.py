@@ -22,7 +22,7 @@ from hypothesis import settings
 from moa.config import MoAConfig, load_config, parse_config
 from moa.simulator.profile import ModelProfile, SimProfile
 from moa.simulator.server import SimulatorServer
-from observability.tracing import flush_tracing, setup_tracing
+from moa_observability.tracing import flush_tracing, setup_tracing
 from tests.otlp_receiver import OTLPReceiver
 
 # Hypothesis' default 200 ms deadline per example measures the machine, not the property: on a
@@ -201,7 +201,7 @@ def cluster(simulator: SimulatorServer, otlp: OTLPReceiver) -> Iterator[dict[str
     from ray.cluster_utils import Cluster
 
     # The mode moa serve and the cluster files run in.
-    from serve_app import THROUGHPUT_ENV, build_from_config
+    from moa_serve_app import THROUGHPUT_ENV, build_from_config
 
     # A live-looking key the simulator refuses (and, like OpenAI, echoes masked), in every Ray
     # worker's environment: the leak tests deploy an app that reads it as a real deployment would.

@@ -24,7 +24,7 @@ from moa.local import LocalServer
 from moa.service import claim_port
 from moa.simulator.server import SimulatorServer
 from moa.state import StateStore
-from observability.tracing import flush_tracing
+from moa_observability.tracing import flush_tracing
 from tests.otlp_receiver import OTLPReceiver
 from tests.waiting import wait_until, wait_until_sync
 

@@ -344,6 +344,25 @@ def test_profile_buckets_raw_stacks() -> None:
     assert s["project_inclusive_share"] == pytest.approx(0.9)
 
 
+def test_profile_counts_an_installed_wheels_frames_as_the_project() -> None:
+    """An installed wheel runs the folders under their import names (moa_actors/, ...), not the
+    folder names: its frames are the project's all the same, and a package merely named like
+    one (a site-packages ``actorsx``) is not."""
+    from moa.benchmark.profile import summarize_raw
+
+    site = "/venv/lib/python3.11/site-packages"
+    raw = "\n".join(
+        [
+            f"main ({site}/moa_serve_app.py:1);call ({site}/ray/_private/worker.py:9) 2",
+            f"handle ({site}/moa_actors/provider.py:1);emit ({site}/moa_observability/tracing.py:2) 3",
+            f"other ({site}/actorsx/core.py:1) 5",
+        ]
+    )
+    s = summarize_raw(raw, rate=100)
+    assert s["project_inclusive_share"] == pytest.approx(0.5)
+    assert s["self_share"]["project"] == pytest.approx(0.3)
+
+
 def test_a_streaming_target_times_first_byte_and_first_token(config: MoAConfig, sim: SimulatorServer) -> None:
     # Proposers slow enough that the first byte (at admission) and the first token (after the
     # proposers) are far apart.

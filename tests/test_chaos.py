@@ -1,5 +1,5 @@
 """Chaos on a real three-node Ray cluster, as ``docs/RELIABILITY.md`` reports it: the suite runs
-the very command the document shows (``python -m actors.chaos``, shorter scenarios) in a process
+the very command the document shows (``python -m moa_actors.chaos``, shorter scenarios) in a process
 of its own (it starts its own cluster), then checks what the document promises of every kill."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _timing() -> list[str]:
 def chaos_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, object]]:
     out = tmp_path_factory.mktemp("chaos")
     done = subprocess.run(
-        [sys.executable, "-m", "actors.chaos", "--out", str(out), *_timing()],
+        [sys.executable, "-m", "moa_actors.chaos", "--out", str(out), *_timing()],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -134,7 +134,7 @@ def test_core_never_imports_ray() -> None:
     """The core package is plain asyncio: importing it pulls in neither Ray nor the bench extra."""
     code = (
         "import sys, moa.cli, moa.ask, moa.api.app, moa.engine.engine, moa.providers.registry, "
-        "moa.simulator.server, moa.local, moa.service, observability.tracing, observability.metrics\n"
+        "moa.simulator.server, moa.local, moa.service, moa_observability.tracing, moa_observability.metrics\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'psutil', 'matplotlib')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -145,7 +145,7 @@ def test_core_never_imports_ray() -> None:
     bench = (
         "import sys, pkgutil, importlib, moa.benchmark as b\n"
         "for m in pkgutil.iter_modules(b.__path__): importlib.import_module('moa.benchmark.' + m.name)\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'actors', 'serve_app')))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'moa_actors', 'moa_serve_app')))\n"
     )
     out = subprocess.run([sys.executable, "-c", bench], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

@@ -17,8 +17,8 @@ from moa.engine.engine import MoAEngine
 from moa.providers.registry import ProviderPool
 from moa.simulator.server import SimulatorServer
 from moa.types import ChatMessage
-from observability.logs import JsonFormatter
-from observability.tracing import tracer
+from moa_observability.logs import JsonFormatter
+from moa_observability.tracing import tracer
 from tests.helpers import by_name, wait_for_spans
 from tests.otlp_receiver import OTLPReceiver
 from tests.waiting import wait_until_sync
@@ -202,7 +202,7 @@ def test_tracing_off_costs_nothing_visible(sim: SimulatorServer) -> None:
     import sys
 
     code = (
-        "from observability.tracing import setup_tracing, tracer\n"
+        "from moa_observability.tracing import setup_tracing, tracer\n"
         "assert setup_tracing() is False\n"
         "s = tracer().start_span('x')\n"
         "assert not s.is_recording()\n"
@@ -356,7 +356,7 @@ def test_every_documented_series_moves_when_its_event_happens(
     """Each series the README lists, made to move by the event it counts, in an app of its own
     (application="moa-metrics") with the LLM classifier, whose cache is the one cache there is."""
     serve = pytest.importorskip("ray.serve")
-    from serve_app import build_from_config
+    from moa_serve_app import build_from_config
 
     raw = cluster["config"].model_dump(mode="json")
     for name in ("narrow", "metered"):

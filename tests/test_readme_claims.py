@@ -36,7 +36,7 @@ from moa.providers.registry import ProviderPool
 from moa.simulator.profile import ModelProfile, SimProfile
 from moa.simulator.server import SimulatorServer
 from moa.types import CallRequest, ChatMessage, ErrorKind, GenerationParams
-from observability.tracing import tracer
+from moa_observability.tracing import tracer
 from tests.helpers import ApiServer, by_name, wait_for_spans
 from tests.otlp_receiver import OTLPReceiver
 from tests.test_cli import run_moa
@@ -364,7 +364,7 @@ async def test_the_simulator_jitters_its_latency_within_the_profiles_bounds(sim:
 # -- Observability: the OTLP variables ------------------------------------------------------------
 
 _EMIT = """
-from observability.tracing import flush_tracing, setup_tracing, tracer
+from moa_observability.tracing import flush_tracing, setup_tracing, tracer
 assert setup_tracing()
 with tracer().start_as_current_span("readme-otlp-probe"):
     pass

@@ -243,7 +243,7 @@ def test_provider_deployments_scale_independently(url: str, sim: SimulatorServer
 def test_ingress_routes_over_the_health_boards_view(client: openai.OpenAI) -> None:
     """Routing happens in the ingress, with its own policy over the health board's view: a plain
     greeting is a single-model plan, decided with no classifier call, every provider available."""
-    from actors.health_board import HEALTH_BOARD_NAME
+    from moa_actors.health_board import HEALTH_BOARD_NAME
 
     answer = client.chat.completions.create(
         model="auto",
@@ -272,7 +272,7 @@ def test_healthz_reports_every_provider(url: str) -> None:
 
 def test_fusion_in_an_aggregator_deployment(cluster: dict[str, Any], sim: SimulatorServer) -> None:
     """``serve.fusion: deployment`` adds the aggregator deployment; the default app has none."""
-    from serve_app import build_from_config
+    from moa_serve_app import build_from_config
 
     assert "aggregator" not in serve.status().applications["moa"].deployments
     raw = cluster["config"].model_dump(mode="json")
@@ -329,8 +329,8 @@ def test_serve_stopping_the_ingress_lets_a_stream_in_progress_finish(
     503 ``DRAINING`` for Serve's draining period (30 s by default), so load balancers deregister it."""
     import threading
 
-    from actors.cache_bench import direct_url
-    from serve_app import build_from_config
+    from moa_actors.cache_bench import direct_url
+    from moa_serve_app import build_from_config
 
     raw = cluster["config"].model_dump(mode="json")
     for name in ("narrow", "metered", "tokened"):
@@ -401,7 +401,7 @@ def test_a_provider_autoscaled_to_none_is_reported_and_a_request_brings_it_back(
     """README: ``/healthz`` says ``scaled_to_zero`` for a provider Serve's autoscaling took to no
     replica (``min_replicas: 0``), which is not a fault: the status stays ``ok``, nothing routes
     around it, and a request naming it starts a replica and is answered by it."""
-    from serve_app import build_from_config
+    from moa_serve_app import build_from_config
 
     raw = cluster["config"].model_dump(mode="json")
     for name in ("narrow", "metered", "tokened"):
@@ -471,9 +471,9 @@ def test_a_provider_with_no_replica_is_reported_and_never_waited_for(
 ) -> None:
     """``serve deploy`` on a cluster without the nodes a provider needs: its replicas never start.
     Health must say so, and no request may wait for it past its deadline."""
-    from actors.handles import HandleCaller
     from moa.types import CallRequest, ErrorKind
-    from serve_app import build_from_config
+    from moa_actors.handles import HandleCaller
+    from moa_serve_app import build_from_config
 
     raw = cluster["config"].model_dump(mode="json")
     for name in ("narrow", "metered"):
@@ -515,7 +515,7 @@ def test_a_provider_with_no_replica_is_reported_and_never_waited_for(
         assert (status, body["status"]) == (200, "degraded")
         assert body["providers"]["ghost"]["replicas"] == 0
         assert body["providers"]["ghost"]["state"] == "no_replicas"
-        from actors.health_board import HEALTH_BOARD_NAME
+        from moa_actors.health_board import HEALTH_BOARD_NAME
 
         # Once the health board counts it unavailable, a request naming it is answered by a substitute.
         board = serve.get_deployment_handle(HEALTH_BOARD_NAME, app_name="moa-ghost")

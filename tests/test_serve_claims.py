@@ -142,7 +142,7 @@ def test_cluster_wide_tpm_holds_with_two_replicas(url: str, sim: SimulatorServer
 def tight(cluster: dict[str, Any]) -> Iterator[str]:
     """The same app with two requests in progress per ingress and circuits that open at the first
     failure: its own provider replicas, so open circuits here leave the main app alone."""
-    from serve_app import build_from_config
+    from moa_serve_app import build_from_config
 
     raw = cluster["config"].model_dump(mode="json")
     for name in ("narrow", "metered", "tokened"):
@@ -254,7 +254,7 @@ def test_every_request_and_call_logs_its_json_line_in_the_replica_logs(url: str)
     (request,) = [x for x in got if x.get("event") == "request"]
     assert request["status"] == 200 and "ingress" in request["file"]
     # The health board is polled every 0.5 s: none of that reaches its log.
-    from actors.health_board import HEALTH_BOARD_NAME
+    from moa_actors.health_board import HEALTH_BOARD_NAME
 
     board_logs = [text for name, text in _serve_logs().items() if HEALTH_BOARD_NAME in name]
     assert board_logs and not any("health_view" in text for text in board_logs)
@@ -269,7 +269,7 @@ def test_a_refused_key_reaches_no_response_and_no_log_file(
     import glob
     import os
 
-    from serve_app import build_from_config
+    from moa_serve_app import build_from_config
     from tests.conftest import LEAK_CHECK_ENV, LEAK_CHECK_KEY
 
     raw = cluster["config"].model_dump(mode="json")

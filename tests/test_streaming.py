@@ -23,7 +23,7 @@ from moa.engine.result import MoAResult
 from moa.providers.registry import ProviderPool
 from moa.simulator.server import SimulatorServer
 from moa.types import TextDelta
-from observability.tracing import tracer
+from moa_observability.tracing import tracer
 from tests.helpers import QUESTION, ApiServer, by_name, set_fault, sim_stats, wait_for_spans
 from tests.otlp_receiver import OTLPReceiver
 

@@ -23,7 +23,7 @@ from moa.engine.result import CallRecord
 from moa.engine.router import HealthView
 from moa.state import Reservation, StateStore, from_micro, to_micro, window_of
 from moa.types import ChatMessage, GenerationParams
-from observability.metrics import KeyMetrics
+from moa_observability.metrics import KeyMetrics
 
 log = logging.getLogger("moa.api")
 

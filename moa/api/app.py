@@ -51,8 +51,8 @@ from moa.keys_admin import (
 from moa.state import KeyExists, StateStore
 from moa.textcheck import first_unencodable
 from moa.types import ChatMessage, TextDelta, Usage
-from observability.asgi import CLIENT_CLOSED_REQUEST, TracingMiddleware
-from observability.metrics import RequestMetrics
+from moa_observability.asgi import CLIENT_CLOSED_REQUEST, TracingMiddleware
+from moa_observability.metrics import RequestMetrics
 
 log = logging.getLogger("moa.api")
 

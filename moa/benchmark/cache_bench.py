@@ -5,7 +5,7 @@ paid), then each asked again verbatim (exact hits), then the rephrasings in
 ``moa/data/mt_bench_paraphrases.jsonl`` of the questions that have one (semantic lookups: a hit
 when the guard and the threshold let it through). Every request opts into the semantic cache.
 The API runs in-process (uvicorn, one process, the SQLite store in a temporary directory), as
-``moa serve --local`` does, or with ``serve=True`` as the Ray Serve app (``actors.cache_bench``:
+``moa serve --local`` does, or with ``serve=True`` as the Ray Serve app (``moa_actors.cache_bench``:
 Serve's HTTP proxy, then an ingress replica), as ``moa serve`` does; the simulator runs in its own
 process with the bench's latency profile. Latencies are measured by the client over loopback, end
 to end; each hit's engine time (``moa.detail`` ``wall_time_s``: from the engine's start to the
@@ -68,7 +68,7 @@ def _workload(prompts_path: Path | None, limit: int) -> tuple[list[str], list[tu
 @contextlib.asynccontextmanager
 async def _serving(cfg: MoAConfig, serve: bool, keyed: bool) -> AsyncIterator[tuple[str, str | None]]:
     """The API under test: its base URL, and the ingress replica's own URL when there is one
-    (Serve's direct ingress). The Ray side (``actors.cache_bench``) is found by entry point: the
+    (Serve's direct ingress). The Ray side (``moa_actors.cache_bench``) is found by entry point: the
     core never imports Ray. ``keyed``: the API checks keys against the state store (the Serve app
     always has one)."""
     if not serve:

@@ -16,7 +16,8 @@ Python code or C code called from it (pickle, pydantic-core); the rest of the CP
 Python") is threads that run without the GIL: Ray's C++ core worker and its gRPC threads. (Without
 ``--gil``, py-spy cannot tell a thread waiting inside C++ from one working there, and the waits
 dominate.) The Python samples are bucketed by their leaf frame's file; the project's share is
-inclusive (any frame of ``moa/``, ``actors/``, ``observability/`` or ``serve_app.py`` on the stack).
+inclusive (any frame of ``moa/``, ``actors/``, ``observability/`` or ``serve_app.py`` on the stack, or
+of the ``moa_actors/``, ``moa_observability/`` and ``moa_serve_app.py`` an installed wheel holds).
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-# Leaf-frame buckets, first match wins; matched against the frame's file path.
+# Leaf-frame buckets, first match wins; matched against the frame's file path: a source tree (or an
+# editable install) runs the folders, an installed wheel the import names they install under.
 BUCKETS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("project", re.compile(r"/(moa|actors|observability)/|/serve_app\.py")),
+    ("project", re.compile(r"/(moa|(moa_)?actors|(moa_)?observability)/|/(moa_)?serve_app\.py")),
     ("Ray Serve", re.compile(r"/ray/serve/")),
     ("Ray core", re.compile(r"/ray/")),
     (

@@ -283,8 +283,8 @@ BASELINE_TIMEOUT_S = 60.0
 
 def ray_targets(name: str = "ray") -> Any:
     """A module of the benchmark's Ray side, found by entry point: ``ray`` is the Serve app and
-    floor of the main run (``actors.bench_targets``), ``ray_cache`` the cache run's
-    (``actors.cache_bench``)."""
+    floor of the main run (``moa_actors.bench_targets``), ``ray_cache`` the cache run's
+    (``moa_actors.cache_bench``)."""
     from importlib.metadata import entry_points
 
     found = entry_points(group=RAY_TARGETS_GROUP, name=name)
@@ -379,7 +379,7 @@ async def run(opts: BenchOptions) -> dict[str, Any]:
         if stop_serve is not None:
             stop_serve()
         sim.stop()
-    # Read at the end: starting the Serve app sets its mode's variables (serve_app.THROUGHPUT_ENV).
+    # Read at the end: starting the Serve app sets its mode's variables (moa_serve_app.THROUGHPUT_ENV).
     report["environment"]["env"] = _serve_env()
     report["environment"]["loadavg_at_end"] = list(os.getloadavg())
     write_report(report, opts.out)

@@ -29,8 +29,8 @@ from moa.engine.calls import safe_call
 from moa.engine.plan import Plan
 from moa.engine.result import CacheOutcome, FallbackReason, MoAResult
 from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams, Usage
-from observability.metrics import cache_metrics
-from observability.tracing import tracer
+from moa_observability.metrics import cache_metrics
+from moa_observability.tracing import tracer
 
 log = logging.getLogger("moa.cache")
 

@@ -18,7 +18,7 @@ from moa.engine.fusion import FuseJob
 from moa.engine.plan import AggregatorSpec, ModelRef
 from moa.engine.result import CallRecord, Stage
 from moa.types import CallResult, GenerationParams, TextDelta
-from observability.tracing import iterate_in, tracer
+from moa_observability.tracing import iterate_in, tracer
 
 
 async def answer_chain(

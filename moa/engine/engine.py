@@ -34,7 +34,7 @@ from moa.engine.result import CallRecord, FallbackReason, MoAResult, Progress, R
 from moa.engine.router import HealthView, Router, RouterPolicy
 from moa.engine.staircase import StaircaseFeed
 from moa.types import CallResult, ChatMessage, GenerationParams, TextDelta
-from observability.tracing import attached, iterate_in, tracer
+from moa_observability.tracing import attached, iterate_in, tracer
 
 __all__ = ["MoAEngine", "Routed", "RunRequest"]
 

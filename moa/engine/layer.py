@@ -22,7 +22,7 @@ from moa.engine.prompts import with_references
 from moa.engine.result import CallRecord, Progress, Stage
 from moa.engine.staircase import StaircaseFeed
 from moa.types import CallError, CallRequest, CallResult, ErrorKind
-from observability.tracing import tracer
+from moa_observability.tracing import tracer
 
 # Why waiting stopped with calls still running, when it was the deadline (they timed out).
 _DEADLINE = "layer deadline passed"

@@ -30,8 +30,8 @@ from moa.eval.judging import Judge
 from moa.eval.verdict import Verdict
 from moa.tokens import approx_message_tokens
 from moa.types import CallRequest, ChatMessage, GenerationParams
-from observability.metrics import ShadowMetrics
-from observability.tracing import tracer
+from moa_observability.metrics import ShadowMetrics
+from moa_observability.tracing import tracer
 
 HOUR_S = 3600.0
 

@@ -44,7 +44,7 @@ class AnthropicClient(ProviderClient):
             max_retries=0,
             timeout=anthropic.Timeout(cfg.timeout_s, connect=cfg.connect_timeout_s),
             # The SDK opens its own anthropic.messages.create CLIENT span with gen_ai.* attributes
-            # for each call; beside ours (observability.genai) every call would count twice in
+            # for each call; beside ours (moa_observability.genai) every call would count twice in
             # GenAI views. Ours carries what theirs does and is the one span per model call.
             open_telemetry=False,
         )

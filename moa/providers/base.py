@@ -35,8 +35,8 @@ from moa.types import (
     TextDelta,
     Usage,
 )
-from observability.genai import end_call_span, start_call_span
-from observability.logs import span_ids
+from moa_observability.genai import end_call_span, start_call_span
+from moa_observability.logs import span_ids
 
 # The provider's own report of how long it spent on a request: OpenAI documents this header on its
 # API responses ("time taken processing your API request", integer milliseconds), and
