@@ -318,6 +318,42 @@ def test_bench_floor_app_times_every_probe(url: str) -> None:
     assert "floor" not in serve.status().applications
 
 
+def _side_app(cluster: dict[str, Any], provider: str, spec: dict[str, Any]) -> str:
+    """The session config without its test providers, plus ``provider`` as ``spec`` says, deployed
+    as app ``moa-<provider>`` beside the session's (without waiting for it); its URL."""
+    from moa_serve_app import build_from_config
+
+    raw = cluster["config"].model_dump(mode="json")
+    for name in ("narrow", "metered", "tokened"):
+        del raw["providers"][name]
+    raw["providers"][provider] = spec
+    cfg = parse_config(raw, f"the {provider} config")
+    app = serve.RunTarget(build_from_config(cfg), name=f"moa-{provider}", route_prefix=f"/{provider}")
+    serve.run_many([app], wait_for_applications_running=False)
+    return str(cluster["url"]) + f"/{provider}"
+
+
+def _health(url: str) -> tuple[int, dict[str, Any]]:
+    """An app's ``/healthz``: its status and body; (0, {}) while Serve does not route to it yet."""
+    try:
+        r = httpx.get(url + "/healthz", timeout=30)
+    except httpx.TransportError:
+        return 0, {}
+    return r.status_code, (r.json() if r.status_code in (200, 503) else {})
+
+
+def _health_reported(url: str, provider: str) -> tuple[int, dict[str, Any]]:
+    """``/healthz`` once every provider but ``provider`` has a replica reporting and ``provider``
+    is listed: what a side app's health says once start-up is over."""
+
+    def reported(h: tuple[int, dict[str, Any]]) -> bool:
+        providers = h[1].get("providers", {})
+        others = [p for name, p in providers.items() if name != provider]
+        return bool(others) and all(p["replicas"] >= 1 for p in others) and provider in providers
+
+    return wait_until_sync(lambda: _health(url), reported, within_s=120, interval=0.5, what="health reported")
+
+
 def test_serve_stopping_the_ingress_lets_a_stream_in_progress_finish(
     cluster: dict[str, Any], sim: SimulatorServer
 ) -> None:
@@ -401,46 +437,29 @@ def test_a_provider_autoscaled_to_none_is_reported_and_a_request_brings_it_back(
     """README: ``/healthz`` says ``scaled_to_zero`` for a provider Serve's autoscaling took to no
     replica (``min_replicas: 0``), which is not a fault: the status stays ``ok``, nothing routes
     around it, and a request naming it starts a replica and is answered by it."""
-    from moa_serve_app import build_from_config
 
-    raw = cluster["config"].model_dump(mode="json")
-    for name in ("narrow", "metered", "tokened"):
-        del raw["providers"][name]
-    raw["providers"]["idle"] = {
-        "kind": "openai",
-        "api_key_env": "IDLE_API_KEY",
-        # Serve starts a deployment at min_replicas: none, until a request asks for one.
-        "deployment": {
-            "num_cpus": 0.01,
-            "autoscaling": {
-                "min_replicas": 0,
-                "max_replicas": 1,
-                "upscale_delay_s": 0,
-                "downscale_delay_s": 600,
+    url = _side_app(
+        cluster,
+        "idle",
+        {
+            "kind": "openai",
+            "api_key_env": "IDLE_API_KEY",
+            # Serve starts a deployment at min_replicas: none, until a request asks for one.
+            "deployment": {
+                "num_cpus": 0.01,
+                "autoscaling": {
+                    "min_replicas": 0,
+                    "max_replicas": 1,
+                    "upscale_delay_s": 0,
+                    "downscale_delay_s": 600,
+                },
+                "resources": {"worker_node": 0.01},
             },
-            "resources": {"worker_node": 0.01},
+            "models": {"idle-model": {}},
         },
-        "models": {"idle-model": {}},
-    }
-    cfg = parse_config(raw, "the idle config")
-    app = serve.RunTarget(build_from_config(cfg), name="moa-idle", route_prefix="/idle")
-    serve.run_many([app], wait_for_applications_running=False)
-    url = str(cluster["url"]) + "/idle"
+    )
     try:
-
-        def health() -> tuple[int, dict[str, Any]]:
-            try:
-                r = httpx.get(url + "/healthz", timeout=30)
-            except httpx.TransportError:
-                return 0, {}
-            return r.status_code, (r.json() if r.status_code in (200, 503) else {})
-
-        def reported(h: tuple[int, dict[str, Any]]) -> bool:
-            providers = h[1].get("providers", {})
-            others = [p for name, p in providers.items() if name != "idle"]
-            return bool(others) and all(p["replicas"] >= 1 for p in others) and "idle" in providers
-
-        status, body = wait_until_sync(health, reported, within_s=120, interval=0.5, what="health reported")
+        status, body = _health_reported(url, "idle")
         assert body["providers"]["idle"]["replicas"] == 0
         assert body["providers"]["idle"]["state"] == "scaled_to_zero"
         assert (status, body["status"]) == (200, "ok")  # not degraded: a request brings it back
@@ -455,7 +474,7 @@ def test_a_provider_autoscaled_to_none_is_reported_and_a_request_brings_it_back(
         assert detail["answered_by"] == "idle/idle-model"
         assert not detail["decision"]["substitutions"]
         _, body = wait_until_sync(
-            health,
+            lambda: _health(url),
             lambda h: h[1].get("providers", {}).get("idle", {}).get("replicas", 0) == 1,
             within_s=60,
             interval=0.5,
@@ -473,22 +492,18 @@ def test_a_provider_with_no_replica_is_reported_and_never_waited_for(
     Health must say so, and no request may wait for it past its deadline."""
     from moa.types import CallRequest, ErrorKind
     from moa_actors.handles import HandleCaller
-    from moa_serve_app import build_from_config
 
-    raw = cluster["config"].model_dump(mode="json")
-    for name in ("narrow", "metered"):
-        del raw["providers"][name]
-    raw["providers"]["ghost"] = {
-        "kind": "openai",
-        "api_key_env": "GHOST_API_KEY",
-        # No node has this resource: the replica stays pending for ever.
-        "deployment": {"num_cpus": 0.01, "num_replicas": 1, "resources": {"no_such_node_type": 1}},
-        "models": {"ghost-model": {}},
-    }
-    cfg = parse_config(raw, "the ghost config")
-    app = serve.RunTarget(build_from_config(cfg), name="moa-ghost", route_prefix="/ghost")
-    serve.run_many([app], wait_for_applications_running=False)
-    url = str(cluster["url"]) + "/ghost"
+    url = _side_app(
+        cluster,
+        "ghost",
+        {
+            "kind": "openai",
+            "api_key_env": "GHOST_API_KEY",
+            # No node has this resource: the replica stays pending for ever.
+            "deployment": {"num_cpus": 0.01, "num_replicas": 1, "resources": {"no_such_node_type": 1}},
+            "models": {"ghost-model": {}},
+        },
+    )
     try:
         # A handle call to the deployment with no replica ends at the call's own deadline.
         ghost = serve.get_deployment_handle("provider-ghost", app_name="moa-ghost")
@@ -498,19 +513,7 @@ def test_a_provider_with_no_replica_is_reported_and_never_waited_for(
         assert result.error is not None and result.error.kind is ErrorKind.TIMEOUT
         assert "no replica of provider-ghost answered" in result.error.message
 
-        def health() -> tuple[int, dict[str, Any]]:
-            try:
-                r = httpx.get(url + "/healthz", timeout=30)
-            except httpx.TransportError:
-                return 0, {}
-            return r.status_code, (r.json() if r.status_code in (200, 503) else {})
-
-        def reported(h: tuple[int, dict[str, Any]]) -> bool:
-            providers = h[1].get("providers", {})
-            others = [p for name, p in providers.items() if name != "ghost"]
-            return bool(others) and all(p["replicas"] >= 1 for p in others) and "ghost" in providers
-
-        status, body = wait_until_sync(health, reported, within_s=120, interval=0.5, what="health reported")
+        status, body = _health_reported(url, "ghost")
         # Not "ok": one provider has no replica at all; the others still answer.
         assert (status, body["status"]) == (200, "degraded")
         assert body["providers"]["ghost"]["replicas"] == 0
@@ -526,10 +529,15 @@ def test_a_provider_with_no_replica_is_reported_and_never_waited_for(
             interval=0.5,
             what="the health board to count the ghost provider out",
         )
-        r = httpx.post(
-            url + "/v1/chat/completions",
-            json={"model": "ghost/ghost-model", "messages": QUESTION, "moa": {"detail": True}},
-            timeout=120,
+        # Each ingress replica takes the board's view on its next check-in (every 0.5 s): until
+        # then a request naming the provider waits for it, here for a short deadline of its own.
+        ask = {"model": "ghost/ghost-model", "messages": QUESTION, "moa": {"detail": True, "deadline_s": 5}}
+        r = wait_until_sync(
+            lambda: httpx.post(url + "/v1/chat/completions", json=ask, timeout=120),
+            lambda r: r.status_code != 504,
+            within_s=120,
+            interval=0.5,
+            what="the ingress to take the board's view",
         )
         assert r.status_code == 200, r.text
         detail = r.json()["moa"]
