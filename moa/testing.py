@@ -41,7 +41,9 @@ class Reply:
     ``after`` and ``at_step`` delay it: the call waits for the event to be set, or for the caller's
     virtual clock (``ScriptedCaller.advance``) to reach the step. ``deltas`` are the pieces a
     streamed call sends (default: the text in words); with ``error`` and ``fail_after`` pieces
-    sent, the stream breaks mid-answer.
+    sent, the stream breaks mid-answer. ``pauses`` hold a streamed answer mid-way: each
+    ``(pieces, step)`` waits, once ``pieces`` pieces are out, for the virtual clock to reach
+    ``step`` (a layer still writing while the stage after it starts on its prefix).
     """
 
     text: str = "ok"
@@ -52,6 +54,7 @@ class Reply:
     at_step: int | None = None
     deltas: tuple[str, ...] | None = None
     fail_after: int = 0
+    pauses: tuple[tuple[int, int], ...] = ()
     output_tokens: int | None = None
     finish_reason: str = "stop"
 
@@ -164,6 +167,8 @@ class ScriptedCaller:
         rec = await self._begin(req, streamed=False)
         try:
             await self._wait(rec.reply)
+            for _, step in rec.reply.pauses:  # a whole answer comes once its last piece would
+                await self._until_step(step)
         except asyncio.CancelledError:
             rec.cancelled = True
             raise
@@ -180,7 +185,10 @@ class ScriptedCaller:
             pieces = reply.pieces()
             if reply.error is not None:
                 pieces = pieces[: reply.fail_after]
-            for piece in pieces:
+            pauses = dict(reply.pauses)
+            for n, piece in enumerate(pieces):
+                if n in pauses:
+                    await self._until_step(pauses[n])
                 sent += piece
                 yield TextDelta(text=piece)
                 await asyncio.sleep(0)  # let the consumer run between pieces, as a network would
@@ -222,8 +230,11 @@ class ScriptedCaller:
         if reply.after is not None:
             await reply.after.wait()
         if reply.at_step is not None:
-            async with self._condition():
-                await self._condition().wait_for(lambda: self._step >= (reply.at_step or 0))
+            await self._until_step(reply.at_step)
+
+    async def _until_step(self, step: int) -> None:
+        async with self._condition():
+            await self._condition().wait_for(lambda: self._step >= step)
 
     def _result(self, req: CallRequest, rec: ScriptedCall, text: str, *, streamed: bool) -> CallResult:
         reply = rec.reply
