@@ -391,7 +391,11 @@ def test_staircase_answers_while_the_last_layer_still_streams(api_url: str, sim:
     calls = detail["calls"]
     steps = [c for c in calls if c["stage"] == "aggregator" and c["staircase_step"] is not None]
     (last,) = [c for c in calls if c["stage"] == "aggregator" and c["staircase_step"] is None]
-    assert [c["staircase_step"] for c in steps] == [1, 2, 3] and detail["totals"]["staircase_steps"] == 3
+    assert [c["staircase_step"] for c in steps] == [1, 2, 3]
+    # Layer 2 stepped over layer 1 too: its proposers' steps are calls of their own, all counted.
+    stepped = [c for c in calls if c["stage"] == "proposer" and c["staircase_step"] is not None]
+    assert all(c["layer"] == 2 for c in stepped)
+    assert detail["totals"]["staircase_steps"] == len(steps) + len(stepped)
     assert all(c["ok"] and c["usage"]["output_tokens"] <= 48 for c in steps)
     # The first step started while the last layer's proposers were still writing.
     layer2 = [c for c in calls if c["stage"] == "proposer" and c["layer"] == 2]
@@ -411,7 +415,8 @@ def test_staircase_steps_count_in_the_caps_and_the_projected_cost() -> None:
     cfg = load_config(None)
     final = cfg.presets["moa"]
     stair = Plan.model_validate({**final.model_dump(mode="json"), "aggregation": "staircase"})
-    steps = stair.staircase_steps * len(stair.aggregators)
+    # Each step calls the aggregators and, in this two-layer plan, layer 2's proposers once more.
+    steps = stair.staircase_steps * (len(stair.aggregators) + len(stair.layers[1].proposers))
     assert worst_case_calls(stair) == worst_case_calls(final) + steps
     ask = [ChatMessage(role="user", content=QUESTION[0]["content"])]
     params = GenerationParams(max_tokens=200)

@@ -21,7 +21,14 @@ def worst_case_calls(plan: Plan, classifier_calls: int = 0) -> int:
     if plan.mode is PlanMode.REFINE:
         proposers *= plan.rounds
         syntheses = (plan.rounds - 1) * len(plan.aggregators)
-    steps = plan.staircase_steps * len(plan.aggregators) if plan.aggregation == "staircase" else 0
+    steps = 0
+    if plan.aggregation == "staircase":
+        # Each intermediate step is one more call of every aggregator of the chain and, in a
+        # layered plan, of every proposer of each layer after the first (they step too).
+        steppers = len(plan.aggregators)
+        if plan.mode is not PlanMode.REFINE:
+            steppers += sum(len(layer.proposers) for layer in plan.layers[1:])
+        steps = plan.staircase_steps * steppers
     return classifier_calls + proposers + syntheses + steps + len(plan.aggregators) + len(plan.fallbacks)
 
 

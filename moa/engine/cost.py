@@ -1,9 +1,11 @@
 """What a request may cost at worst, before any model is called.
 
 The walk mirrors ``caps.worst_case_calls``: every proposer of every layer (or round), every
-intermediate synthesis, every aggregator of the chain and every fallback is assumed to run and to
-write its whole ``max_tokens`` (or the model's ``max_output_tokens``). Each later stage reads the
-prompt plus every answer before it (never more than the model's context window). Prices come from
+intermediate synthesis, every aggregator of the chain, every staircase step (of the aggregators
+and of each later layer's proposers) and every fallback is assumed to run and to write its whole
+``max_tokens`` (or the model's ``max_output_tokens``; a step's ``staircase_step_tokens``). Each
+later stage reads the prompt plus every answer before it, and a staircase call the steps before it
+(never more than the model's context window). Prices come from
 the config's ``ModelPrice`` entries. The projection is what a request reserves against its key's
 budget and what ``moa.max_cost_usd`` is compared with.
 """
@@ -34,19 +36,28 @@ def projected_cost(
     prompt = approx_message_tokens(m.content for m in messages)
     total = 0.0
 
-    def call(ref: ModelRef, references: Sequence[int]) -> int:
+    def call(ref: ModelRef, references: Sequence[int], step: bool = False, written: int = 0) -> int:
+        """Price one call reading ``references`` (their token counts) and ``written`` tokens of
+        its own answer so far (a staircase continues it); a ``step`` writes at most
+        ``staircase_step_tokens``."""
         nonlocal total
         price = config.price(ref.provider, ref.model) if ref.provider in config.providers else None
         if price is None:
             return 0
         asked = merge_params(params, ref).max_tokens
+        if step:
+            asked = min(asked or plan.staircase_step_tokens, plan.staircase_step_tokens)
         out = min(asked or price.max_output_tokens, price.max_output_tokens)
-        read = prompt
+        read = prompt + written
         if references:
             read += sum(references) + REFERENCE_OVERHEAD_TOKENS * len(references) + TEMPLATE_OVERHEAD_TOKENS
         total += price.cost(min(read, price.context_window), out)
         return out
 
+    # Staircase: every intermediate step reads (at most) the whole references and the steps
+    # before it, and writes a step; the last call reads every step's text too.
+    steps = plan.staircase_steps if plan.aggregation == "staircase" else 0
+    stepped = steps * plan.staircase_step_tokens
     previous: list[int] = []
     if plan.mode is PlanMode.REFINE:
         layer = plan.layers[0]
@@ -55,20 +66,20 @@ def projected_cost(
             if rnd < plan.rounds - 1:
                 previous = [max(call(a, previous) for a in plan.aggregators)]
     else:
-        for layer in plan.layers:
-            previous = [call(p, previous) for p in layer.proposers]
+        for index, layer in enumerate(plan.layers):
+            if index == 0:
+                previous = [call(p, previous) for p in layer.proposers]
+                continue
+            # A later layer's proposers step over the layer before theirs.
+            for k in range(steps):
+                for p in layer.proposers:
+                    call(p, previous, step=True, written=k * plan.staircase_step_tokens)
+            previous = [call(p, previous, written=stepped) for p in layer.proposers]
+    for k in range(steps):
+        for agg in plan.aggregators:
+            call(agg, previous, step=True, written=k * plan.staircase_step_tokens)
     for agg in plan.aggregators:
-        call(agg, previous)
-    if plan.aggregation == "staircase":
-        # Every intermediate step reads (at most) the whole references and writes a step's tokens.
-        step = params.model_copy(update={"max_tokens": plan.staircase_step_tokens})
-        for _ in range(plan.staircase_steps):
-            for agg in plan.aggregators:
-                price = config.price(agg.provider, agg.model) if agg.provider in config.providers else None
-                if price is not None:
-                    read = prompt + sum(previous) + REFERENCE_OVERHEAD_TOKENS * len(previous)
-                    read += TEMPLATE_OVERHEAD_TOKENS
-                    total += price.cost(min(read, price.context_window), step.max_tokens or 0)
+        call(agg, previous, written=stepped)
     for fallback in plan.fallbacks:
         call(fallback, [])
     return total

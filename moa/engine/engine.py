@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, Unpack
+from typing import Unpack
 
 from opentelemetry import trace
 
@@ -24,15 +24,15 @@ from moa.config import MoAConfig
 from moa.engine import spans
 from moa.engine.caller import ModelCaller
 from moa.engine.caps import check_messages, check_plan
-from moa.engine.chain import answer_chain, staircase_step, synthesise
+from moa.engine.chain import Writer, answer_chain, staircase_step, synthesise
 from moa.engine.context import Routed, RunContext, RunOptions, RunRequest
 from moa.engine.errors import MoAError
 from moa.engine.fusion import Fuser, LocalFuser
-from moa.engine.layer import run_layer
+from moa.engine.layer import LayerOutcome, Upstream, run_layer
 from moa.engine.plan import ModelRef, PlanMode
 from moa.engine.result import CallRecord, FallbackReason, MoAResult, Progress, RouteDecision, Stage
 from moa.engine.router import HealthView, Router, RouterPolicy
-from moa.engine.staircase import StaircaseFeed
+from moa.engine.staircase import StaircaseFeed, climb
 from moa.types import CallResult, ChatMessage, GenerationParams, TextDelta
 from moa_observability.tracing import attached, iterate_in, tracer
 
@@ -235,50 +235,41 @@ class MoAEngine:
     async def _events(self, ctx: RunContext) -> AsyncIterator[TextDelta | MoAResult | Progress]:
         plan = ctx.plan
         yield Progress(stage="admitted", layers=ctx.layers)
-        feed: StaircaseFeed | None = None
-        if ctx.stream and plan.aggregation == "staircase" and plan.mode is not PlanMode.REFINE and ctx.layers:
-            feed = StaircaseFeed(len(plan.layers[-1].proposers), plan.layers[-1].needed)
-        proposals = asyncio.create_task(self._proposals(ctx, feed))
-        queue: asyncio.Queue[Progress] = asyncio.Queue()
-        ctx.progress = queue.put_nowait
-        getter: asyncio.Future[Progress] | None = None
-        grown: asyncio.Future[bool] | None = None
-        answer, step = "", 0  # staircase: the answer written so far, the last step taken
+        feeds: list[StaircaseFeed] = []
+        if ctx.stream and plan.aggregation == "staircase" and plan.mode is not PlanMode.REFINE:
+            # Every layer streams into its feed; the final aggregator climbs the last one's.
+            feeds = [StaircaseFeed(len(layer.proposers), layer.needed) for layer in plan.layers]
+        # Progress for the client and, in a staircase, the steps' text: in the order they happen.
+        out: asyncio.Queue[Progress | TextDelta] = asyncio.Queue()
+        ctx.progress = out.put_nowait
+        proposals = asyncio.create_task(self._proposals(ctx, feeds))
+        climber = asyncio.create_task(self._climb(ctx, feeds[-1], out)) if feeds else None
+        tasks = [t for t in (proposals, climber) if t is not None]
+        getter: asyncio.Future[Progress | TextDelta] | None = None
         try:
-            while not proposals.done():
-                getter = getter or asyncio.ensure_future(queue.get())
-                waits: set[asyncio.Future[Any]] = {proposals, getter}
-                if feed is not None and step < plan.staircase_steps:
-                    grown = grown or asyncio.ensure_future(feed.changed.wait())
-                    waits.add(grown)
-                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            while running := {t for t in tasks if not t.done()}:
+                getter = getter or asyncio.ensure_future(out.get())
+                done, _ = await asyncio.wait({getter, *running}, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
                     got, getter = getter.result(), None
                     yield got
-                if grown is not None and grown in done:
-                    grown = None
-                    assert feed is not None
-                    feed.changed.clear()
-                    if feed.ready((step + 1) * plan.staircase_chunk_chars):
-                        step += 1
-                        refs = feed.partial(step * plan.staircase_chunk_chars)
-                        async for delta in staircase_step(ctx, refs, answer, step):
-                            answer += delta.text
-                            yield delta
-            if getter is not None and getter.done():  # read while a staircase step ran
+                if climber is not None and climber.done():
+                    climber.result()  # a step that failed after its text went out ends the run
+            if getter is not None and getter.done():
                 got, getter = getter.result(), None
                 yield got
-            while not queue.empty():
-                yield queue.get_nowait()
+            while not out.empty():
+                yield out.get_nowait()
             references, missed = proposals.result()
+            answer = climber.result() if climber is not None else ""
         finally:
             ctx.progress = None
-            for waiter in (getter, grown):
-                if waiter is not None and not waiter.done():  # the run ended while waiting
-                    waiter.cancel()
-            if not proposals.done():
-                proposals.cancel()
-                await asyncio.gather(proposals, return_exceptions=True)
+            if getter is not None and not getter.done():  # the run ended while waiting
+                getter.cancel()
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         yield Progress(stage="aggregating", layers=ctx.layers)
         if answer:
             # Staircase steps already sent text: only the aggregators can continue it.
@@ -306,17 +297,33 @@ class MoAEngine:
         async for ev in self._finish(ctx, routes):
             yield ev
 
+    async def _climb(
+        self, ctx: RunContext, feed: StaircaseFeed, out: asyncio.Queue[Progress | TextDelta]
+    ) -> str:
+        """The final aggregator's intermediate staircase steps over the last layer's ``feed``; their
+        text goes to the client (through ``out``). Returns the answer they wrote."""
+        writer = Writer(chain=ctx.plan.aggregators, stage=Stage.AGGREGATOR)
+        answer = ""
+        steps = climb(ctx.plan, feed, lambda refs, so_far, k: staircase_step(ctx, writer, refs, so_far, k))
+        async with aclosing(steps):
+            async for ev in steps:
+                if isinstance(ev, TextDelta):
+                    answer += ev.text
+                    out.put_nowait(ev)
+        return answer
+
     async def _proposals(
-        self, ctx: RunContext, feed: StaircaseFeed | None = None
+        self, ctx: RunContext, feeds: Sequence[StaircaseFeed] = ()
     ) -> tuple[list[str], tuple[str, FallbackReason] | None]:
         """Run the proposer layers; return the last layer's answers, or why a fallback must answer.
-        With a staircase ``feed``, the last layer's proposers stream their answers into it."""
+        With staircase ``feeds`` (one per layer), the layers stream through them at once."""
         plan = ctx.plan
+        if feeds:
+            return await self._streamed_layers(ctx, feeds)
         references: list[str] = []
         if plan.mode is not PlanMode.REFINE:
             for index, layer in enumerate(plan.layers, start=1):
-                last = feed if index == len(plan.layers) else None
-                outcome = await run_layer(ctx, index, layer, references, feed=last)
+                outcome = await run_layer(ctx, index, layer, references)
                 if not outcome.met:
                     return [], (f"layer {index} missed its quorum", FallbackReason.QUORUM_MISSED)
                 references = outcome.answers
@@ -334,6 +341,36 @@ class MoAEngine:
                     return [], (f"round {rnd} synthesis failed", FallbackReason.SYNTHESIS_FAILED)
                 references = [synthesis]
         return references, None
+
+    async def _streamed_layers(
+        self, ctx: RunContext, feeds: Sequence[StaircaseFeed]
+    ) -> tuple[list[str], tuple[str, FallbackReason] | None]:
+        """Staircase layers: all start at once, each layer after the first stepping over the one
+        before it (``run_layer`` with an ``Upstream``). The first layer to miss its quorum (a later
+        one may know first: its own proposers failed) sends the run to its fallback chain, and
+        every layer still running is cancelled."""
+        layers: list[asyncio.Task[LayerOutcome]] = []
+        try:
+            for index, layer in enumerate(ctx.plan.layers, start=1):
+                upstream = Upstream(feeds[index - 2], layers[-1]) if layers else None
+                run = run_layer(ctx, index, layer, [], feed=feeds[index - 1], upstream=upstream)
+                layers.append(asyncio.create_task(run))
+            while True:
+                for index, task in enumerate(layers, start=1):
+                    if task.done() and not task.result().met:
+                        return [], (f"layer {index} missed its quorum", FallbackReason.QUORUM_MISSED)
+                running = [t for t in layers if not t.done()]
+                if not running:
+                    return layers[-1].result().answers, None
+                # Not `await task`: cancelling this wait must not cancel a layer on its own.
+                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in layers:
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(*layers, return_exceptions=True)
+            for feed in feeds:  # a layer cancelled before it started never wrote: stop its readers
+                feed.close()
 
     async def _finish(
         self, ctx: RunContext, routes: Sequence[_Route], prefix: str = ""

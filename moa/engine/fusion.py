@@ -25,7 +25,7 @@ from moa.engine.calls import (
     timeout_result,
 )
 from moa.engine.continuation import LeadingTrim, continuation
-from moa.engine.plan import AggregatorSpec
+from moa.engine.plan import AggregatorSpec, ProposerSpec
 from moa.engine.prompts import with_references
 from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams, StreamEvent, TextDelta
 
@@ -33,7 +33,8 @@ from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams, St
 class FuseJob(BaseModel):
     """Everything an aggregator needs, and nothing it does not (it crosses process boundaries)."""
 
-    chain: tuple[AggregatorSpec, ...]
+    # The models tried in order: aggregators, or one staircase proposer (its temperature and seed).
+    chain: tuple[AggregatorSpec | ProposerSpec, ...]
     messages: tuple[ChatMessage, ...]
     references: tuple[str, ...] = ()
     params: GenerationParams = GenerationParams()
@@ -47,6 +48,8 @@ class FuseJob(BaseModel):
     stream: bool = False
     # The answer's text already sent (a staircase step continues it): the chain continues it too.
     prefix: str = ""
+    # The role prompt of the proposer this job is (a staircase proposer's step); None for aggregators.
+    role: str | None = None
 
     def deadline(self) -> Deadline:
         """The request deadline, rebuilt on this side of the process boundary."""
@@ -98,7 +101,7 @@ async def fuse(job: FuseJob, caller: ModelCaller, config: MoAConfig) -> AsyncIte
         refs, notes = fit_references(
             config, job.references, spec, job.messages, job.params, job.reference_budget_tokens
         )
-        messages = with_references(job.messages, refs, config.templates)
+        messages = with_references(job.messages, refs, config.templates, role=job.role)
         trim = LeadingTrim(False)
         if sent:
             cont = continuation(messages, sent, provider_kind(config, spec.provider), config.templates)

@@ -2,14 +2,17 @@
 grace period is over, or until the layer's (or the request's) deadline; the rest are stragglers.
 
 Early aggregation has no grace: the next stage starts as soon as the quorum is met. With a
-staircase ``feed``, the proposers stream their answers into it as they write them.
+staircase ``feed``, the proposers stream their answers into it as they write them; with an
+``Upstream`` too (a staircase layer after the first), the layer starts while the layer before it
+still writes: each proposer is a stepped writer over that layer's feed (``stepped_proposer``), and
+the layer's own clock (its deadline, its share of the critical path) starts when that layer is done.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,10 +20,10 @@ from moa.deadline import Deadline
 from moa.engine import spans
 from moa.engine.calls import fit_references, merge_params, provider_kind, safe_call, safe_stream
 from moa.engine.context import RunContext
-from moa.engine.plan import LayerSpec
+from moa.engine.plan import LayerSpec, ProposerSpec
 from moa.engine.prompts import with_references
 from moa.engine.result import CallRecord, Progress, Stage
-from moa.engine.staircase import StaircaseFeed
+from moa.engine.staircase import StaircaseFeed, stepped_proposer
 from moa.types import CallError, CallRequest, CallResult, ErrorKind
 from moa_observability.tracing import tracer
 
@@ -35,6 +38,14 @@ class LayerOutcome:
     stragglers: int = 0
 
 
+@dataclass
+class Upstream:
+    """The layer before a staircase layer: its answers as they stream, and its outcome to come."""
+
+    feed: StaircaseFeed
+    outcome: asyncio.Future[LayerOutcome]
+
+
 async def run_layer(
     ctx: RunContext,
     index: int,
@@ -44,12 +55,14 @@ async def run_layer(
     refine: bool = False,
     round_: int | None = None,
     feed: StaircaseFeed | None = None,
+    upstream: Upstream | None = None,
 ) -> LayerOutcome:
-    """Run layer ``index`` (1-based) over ``references`` (the previous layer's answers)."""
+    """Run layer ``index`` (1-based) over ``references`` (the previous layer's answers), or, with
+    ``upstream`` (and a ``feed``), over the previous layer's answers as they stream."""
     with tracer().start_as_current_span(
         "moa.layer", attributes=spans.layer_attributes(index, layer, round_)
     ) as span:
-        outcome = await _calls(ctx, index, layer, references, refine, round_, feed)
+        outcome = await _calls(ctx, index, layer, references, refine, round_, feed, upstream)
         spans.layer_done(span, outcome)
         return outcome
 
@@ -65,6 +78,39 @@ def _call(
     return safe_call(ctx.caller, ctx.config, req)
 
 
+def _request(
+    ctx: RunContext, index: int, spec: ProposerSpec, references: list[str], refine: bool, timeout: float
+) -> CallRequest:
+    """One proposer's request: the messages with its role prompt and the references that fit."""
+    refs, notes = fit_references(
+        ctx.config, references, spec, ctx.messages, ctx.params, ctx.plan.reference_budget_tokens
+    )
+    ctx.note(*(f"layer {index} {note}" for note in notes))
+    msgs = with_references(ctx.messages, refs, ctx.config.templates, refine=refine, role=spec.role)
+    return CallRequest(
+        provider=spec.provider,
+        model=spec.model,
+        messages=tuple(msgs),
+        params=merge_params(ctx.params, spec),
+        timeout_s=timeout,
+        role=spec.role,
+    )
+
+
+async def _upstream_done(upstream: Upstream, tasks: Iterable[asyncio.Task[CallResult]], spare: int) -> None:
+    """Wait for the layer ``upstream`` to be done, or until more than ``spare`` of this layer's
+    stepped proposers failed: its quorum is then out of reach whatever that layer does, and the
+    layer stops at once, as any layer does (the run falls back)."""
+    running = set(tasks)
+    while not upstream.outcome.done():
+        failed = sum(1 for t in tasks if t.done() and (t.exception() is not None or not t.result().ok))
+        if failed > spare:
+            return
+        running = {t for t in running if not t.done()}
+        waits: set[asyncio.Future[Any]] = {upstream.outcome, *running}
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+
+
 async def _calls(
     ctx: RunContext,
     index: int,
@@ -73,31 +119,33 @@ async def _calls(
     refine: bool,
     round_: int | None,
     feed: StaircaseFeed | None,
+    upstream: Upstream | None,
 ) -> LayerOutcome:
     plan = ctx.plan
     ctx.deadline.check()
-    start = time.monotonic()
     started_s = ctx.offset()
+    tasks: dict[asyncio.Task[CallResult], int] = {}
+    if upstream is not None:
+        assert feed is not None  # a stepped layer streams into its own feed for the next one
+        for i, spec in enumerate(layer.proposers):
+            writer = stepped_proposer(ctx, index, spec, upstream.feed, upstream.outcome)
+            tasks[asyncio.create_task(feed.consume(i, writer))] = i
+        try:  # the layer's clock starts once the layer it reads is done
+            await _upstream_done(upstream, tasks, len(layer.proposers) - layer.needed)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+    start = time.monotonic()
     # The layer's own deadline, or the request's when that comes first.
     stage = ctx.deadline.within(plan.layer_deadline_s)
     timeout = max(stage.cap(plan.call_timeout_s), 0.001)
 
-    tasks: dict[asyncio.Task[CallResult], int] = {}
-    for i, spec in enumerate(layer.proposers):
-        refs, notes = fit_references(
-            ctx.config, references, spec, ctx.messages, ctx.params, plan.reference_budget_tokens
-        )
-        ctx.note(*(f"layer {index} {note}" for note in notes))
-        msgs = with_references(ctx.messages, refs, ctx.config.templates, refine=refine, role=spec.role)
-        req = CallRequest(
-            provider=spec.provider,
-            model=spec.model,
-            messages=tuple(msgs),
-            params=merge_params(ctx.params, spec),
-            timeout_s=timeout,
-            role=spec.role,
-        )
-        tasks[asyncio.create_task(_call(ctx, req, i, feed))] = i
+    if upstream is None:
+        for i, spec in enumerate(layer.proposers):
+            req = _request(ctx, index, spec, references, refine, timeout)
+            tasks[asyncio.create_task(_call(ctx, req, i, feed))] = i
 
     results: dict[int, CallResult] = {}
     pending = set(tasks)
@@ -169,11 +217,13 @@ async def _calls(
     for i, spec in enumerate(layer.proposers):
         res = results[i]
         straggler = i in stragglers
-        rec = CallRecord.from_result(
-            res, stage=Stage.PROPOSER, started_s=started_s, layer=index, round=round_, role=spec.role
-        )
-        rec.cancelled_straggler = straggler
-        ctx.record(res, rec)
+        # A stepped proposer's calls were recorded as they ran (each step, the last one too).
+        if straggler or upstream is None:
+            rec = CallRecord.from_result(
+                res, stage=Stage.PROPOSER, started_s=started_s, layer=index, round=round_, role=spec.role
+            )
+            rec.cancelled_straggler = straggler
+            ctx.record(res, rec)
         if not straggler:
             completed_latency = max(completed_latency, res.latency_s)
             if res.provider_service_s is not None:

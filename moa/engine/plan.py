@@ -76,8 +76,9 @@ class PlanMode(StrEnum):
 
 # When the final aggregator may start: once the layer is done (quorum, then up to grace_s for the
 # rest: every answer that comes in time is used), as soon as the quorum is met (the stragglers
-# are cancelled at once: a faster first token, from fewer answers), or in steps while the last
-# layer's proposers are still streaming (staircase: see MoAEngine._staircase).
+# are cancelled at once: a faster first token, from fewer answers), or in steps while the
+# proposers are still streaming, each later layer stepping over the one before (staircase: see
+# moa.engine.staircase).
 AggregationMode = Literal["final", "early", "staircase"]
 
 
@@ -134,22 +135,25 @@ class Plan(_Strict):
         default="final",
         description="final: each layer waits for its quorum and then up to grace_s for the rest "
         "before the next layer (or the aggregator) starts; early: it moves on as soon as the quorum "
-        "is met and cancels the rest; staircase: the last layer's proposers stream and the "
-        "aggregator writes in steps as their answers grow (streaming requests; others run final). "
+        "is met and cancels the rest; staircase: every layer streams, and each later layer's "
+        "proposers and the aggregator write in steps as the answers they read grow (streaming "
+        "requests; others run final). "
         "A request can choose with moa.aggregation.",
     )
     staircase_chunk_chars: int = Field(
         default=400,
         ge=20,
-        description="Staircase: the chunk size of the proposers' answers; step k starts once the "
-        "quorum of them reached k chunks (or finished) and sees each answer up to that boundary.",
+        description="Staircase: the chunk size of the answers a stepped writer reads; its step k "
+        "starts once the quorum of them reached k chunks (or finished) and sees each answer up to "
+        "that boundary.",
     )
     staircase_steps: int = Field(
         default=3,
         ge=1,
         le=16,
         description="Staircase: the most intermediate steps before the final one (each is one more "
-        "aggregator call, counted in caps.max_calls and in a request's projected cost).",
+        "call of the aggregator and of every proposer of each layer after the first, counted in "
+        "caps.max_calls and in a request's projected cost).",
     )
     staircase_step_tokens: int = Field(
         default=48,
