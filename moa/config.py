@@ -411,11 +411,14 @@ class RequestCaps(_Strict):
     max_layers: int = Field(default=4, ge=1, description="Proposer layers (refine: rounds) in one plan.")
     max_proposers_per_layer: int = Field(default=8, ge=1, description="Proposers in one layer.")
     max_calls: int = Field(
-        default=24,
+        # Room for moa with aggregation: staircase (25: its steps call both aggregators and the
+        # three layer-2 proposers three times more), plus the router's classifier call.
+        default=32,
         ge=1,
         description="Model calls one request may make in the worst case: every proposer of every "
         "layer or round, every aggregator of the chain (and each intermediate synthesis), every "
-        "fallback, and the router's classifier call.",
+        "staircase step (of the aggregators and of each later layer's proposers), every fallback, "
+        "and the router's classifier call.",
     )
     max_tokens_per_call: int = Field(
         default=32_768, ge=1, description="The largest max_tokens a request or plan may ask of one call."

@@ -106,17 +106,17 @@ def _over_cap(fn: Any, *args: Any) -> str | None:
 
 
 def test_default_caps_hold_at_their_boundaries() -> None:
-    """README "Caps": the defaults are 4 layers, 8 proposers a layer, 24 calls, 32768 tokens a call,
+    """README "Caps": the defaults are 4 layers, 8 proposers a layer, 32 calls, 32768 tokens a call,
     512 messages and 400000 characters: the value itself passes, one more is refused."""
     caps = load_config(None).caps
     params = GenerationParams()
-    at, over = _plan(4, 5, aggregators=2, fallbacks=2), _plan(5, 1)
-    assert worst_case_calls(at) == 24
+    at, over = _plan(4, 7, aggregators=2, fallbacks=2), _plan(5, 1)
+    assert worst_case_calls(at) == 32
     assert _over_cap(check_plan, caps, at, params) is None
     assert "caps.max_layers" in str(_over_cap(check_plan, caps, over, params))
     assert _over_cap(check_plan, caps, _plan(1, 8), params) is None
     assert "caps.max_proposers_per_layer" in str(_over_cap(check_plan, caps, _plan(1, 9), params))
-    assert "caps.max_calls" in str(_over_cap(check_plan, caps, _plan(4, 5, 2, 3), params))
+    assert "caps.max_calls" in str(_over_cap(check_plan, caps, _plan(4, 7, 2, 3), params))
     assert _over_cap(check_plan, caps, _plan(1, 1), GenerationParams(max_tokens=32768)) is None
     refused = _over_cap(check_plan, caps, _plan(1, 1), GenerationParams(max_tokens=32769))
     assert "caps.max_tokens_per_call" in str(refused)
