@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import aclosing
+from dataclasses import dataclass
 
 import pytest
 
@@ -120,29 +120,36 @@ def steps_of(result: MoAResult, key: str) -> list[CallRecord]:
     return [c for c in result.calls if f"{c.provider}/{c.model}" == key]
 
 
-async def run_through(
-    caller: ScriptedCaller, by_step_one: int = 11
-) -> tuple[dict[str, object], str, MoAResult]:
+@dataclass(frozen=True)
+class AtFirstToken:
+    """What was true when the client's first token arrived."""
+
+    text: str
+    step: int  # the virtual clock
+    layer1_finished: list[bool]
+    layer2_started: list[tuple[str, int]]  # (model, the clock when the call started)
+
+
+async def run_through(caller: ScriptedCaller, by_step_one: int = 11) -> tuple[AtFirstToken, str, MoAResult]:
     """Run the two-layer staircase, moving the clock only once the engine did what it can
     (``by_step_one``: the calls started by then).
 
     Returns what was true when the client's first token arrived, the whole text, and the result.
     """
     events = engine(caller).stream(QUESTION, plan=two_layers())
-    async with aclosing(events):
-        first = await next_text(events)
-        at_first = {
-            "text": first.text,
-            "step": caller.step,
-            "layer1_finished": [c.finished for c in calls_of(caller, P)],
-            "layer2_started": [(c.key, c.started_step) for c in calls_of(caller, Q)],
-        }
-        async with asyncio.timeout(GUARD_S):
-            await caller.advance()  # layer 1 writes its second pieces
-            # 3 + 3 first steps + 1 aggregator step, then 3 second steps + 1 aggregator step.
-            await caller.wait_started(by_step_one)
-        await caller.advance()  # layer 1 finishes
-        text, result = await drain(events)
+    first = await next_text(events)
+    at_first = AtFirstToken(
+        text=first.text,
+        step=caller.step,
+        layer1_finished=[c.finished for c in calls_of(caller, P)],
+        layer2_started=[(c.key, c.started_step) for c in calls_of(caller, Q)],
+    )
+    async with asyncio.timeout(GUARD_S):
+        await caller.advance()  # layer 1 writes its second pieces
+        # 3 + 3 first steps + 1 aggregator step, then 3 second steps + 1 aggregator step.
+        await caller.wait_started(by_step_one)
+    await caller.advance()  # layer 1 finishes
+    text, result = await drain(events)
     return at_first, first.text + text, result
 
 
@@ -151,8 +158,8 @@ async def test_layer_two_starts_stepping_before_layer_one_finished() -> None:
     proposer is still writing (they cannot finish before step 2)."""
     caller = scripted()
     at_first, _, result = await run_through(caller)
-    assert at_first["layer1_finished"] == [False, False, False]
-    assert sorted(at_first["layer2_started"]) == sorted((k, 0) for k in Q)  # type: ignore[arg-type]
+    assert at_first.layer1_finished == [False, False, False]
+    assert sorted(at_first.layer2_started) == sorted((k, 0) for k in Q)
     layer1 = calls_of(caller, P)
     assert all(c.finished and c.result is not None and c.result.ok for c in layer1)
     first_steps = [steps_of(result, k)[0] for k in Q]
@@ -164,8 +171,8 @@ async def test_the_first_token_arrives_while_layer_one_still_writes() -> None:
     any layer-1 proposer finished, from layer 2's first steps."""
     caller = scripted()
     at_first, text, result = await run_through(caller)
-    assert at_first["step"] == 0 and at_first["layer1_finished"] == [False, False, False]
-    assert at_first["text"] == piece("agg-s1")
+    assert at_first.step == 0 and at_first.layer1_finished == [False, False, False]
+    assert at_first.text == piece("agg-s1")
     assert text == piece("agg-s1") + piece("agg-s2") + piece("agg-end")
     aggregator = [(r.staircase_step, r.ok) for r in steps_of(result, AGG)]
     assert aggregator == [(1, True), (2, True), (None, True)]
@@ -272,6 +279,10 @@ async def test_the_steps_of_later_layers_count_in_max_calls_and_are_refused_up_f
         await drain(engine(caller, tight).stream(QUESTION, plan=stair))
     assert caller.calls == []
     assert worst_case_calls(stair) <= cfg.caps.max_calls  # the default cap leaves room for it
+    # README: moa's worst case goes from 10 calls to 25 (3 steps of 2 aggregators and 3 proposers).
+    moa = cfg.presets["moa"]
+    assert worst_case_calls(moa) == 10
+    assert worst_case_calls(moa.model_copy(update={"aggregation": "staircase"})) == 25 <= cfg.caps.max_calls
 
 
 def test_the_steps_of_later_layers_count_in_the_projected_cost() -> None:
