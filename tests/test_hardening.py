@@ -144,7 +144,7 @@ def _plan(layers: int, proposers: int) -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     ("layers", "proposers", "cap"),
-    [(4, 30, "caps.max_proposers_per_layer"), (5, 2, "caps.max_layers"), (4, 6, "caps.max_calls")],
+    [(4, 30, "caps.max_proposers_per_layer"), (5, 2, "caps.max_layers"), (4, 8, "caps.max_calls")],
 )
 def test_an_explicit_plan_over_a_cap_is_a_400_naming_it(
     api: str, sim: SimulatorServer, layers: int, proposers: int, cap: str
