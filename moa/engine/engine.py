@@ -362,7 +362,7 @@ class MoAEngine:
                 running = [t for t in layers if not t.done()]
                 if not running:
                     return layers[-1].result().answers, None
-                # Not `await task`: cancelling this wait must not cancel a layer on its own.
+                # Whichever layer ends first is looked at: a later one can miss its quorum first.
                 await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in layers:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Collection, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,13 +97,13 @@ def _request(
     )
 
 
-async def _upstream_done(upstream: Upstream, tasks: Iterable[asyncio.Task[CallResult]], spare: int) -> None:
+async def _upstream_done(upstream: Upstream, tasks: Collection[asyncio.Task[CallResult]], spare: int) -> None:
     """Wait for the layer ``upstream`` to be done, or until more than ``spare`` of this layer's
     stepped proposers failed: its quorum is then out of reach whatever that layer does, and the
     layer stops at once, as any layer does (the run falls back)."""
     running = set(tasks)
     while not upstream.outcome.done():
-        failed = sum(1 for t in tasks if t.done() and (t.exception() is not None or not t.result().ok))
+        failed = sum(1 for t in tasks if t.done() and (t.cancelled() or t.exception() or not t.result().ok))
         if failed > spare:
             return
         running = {t for t in running if not t.done()}
