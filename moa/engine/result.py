@@ -57,7 +57,8 @@ class CallRecord(BaseModel):
     continued_after_chars: int | None = None
     # It took over an answer another aggregator's stream had started and broken off.
     took_over: bool = False
-    # Staircase aggregation: which intermediate step this aggregator call was (None: the last).
+    # Staircase aggregation: which intermediate step this call was (None: the last, or no step), of
+    # the aggregator or of a proposer of a later layer (its ``layer`` says which).
     staircase_step: int | None = None
     # Where the answer came from when not from the model now: "exact" or "semantic" (a cache
     # hit: usage and cost are zero, ``saved_cost_usd`` what it cost first), else None.
