@@ -299,3 +299,28 @@ def test_the_steps_of_later_layers_count_in_the_projected_cost() -> None:
 
     assert surcharge(alone) > 0
     assert surcharge(moa) > surcharge(alone)
+
+
+async def test_three_layers_step_each_over_the_one_before() -> None:
+    """Layer 3 steps over layer 2's stepped answers as layer 2 steps over layer 1's: the mechanism
+    is the same at every depth, and each last step finishes from the whole answers before it."""
+    caller = scripted()
+    for key in ("r/one", "r/two"):
+        caller.script(key, *(Reply(deltas=(piece(f"{key}-{n}"),)) for n in ("s1", "s2", "end")))
+    raw = two_layers().model_dump(mode="json")
+    raw["layers"].append({"proposers": [spec("r/one"), spec("r/two")], "quorum": 2})
+    events = engine(caller).stream(QUESTION, plan=Plan.model_validate(raw))
+    await next_text(events)
+    # Layer 3's first steps came before layer 1 wrote its second pieces.
+    assert caller.step == 0 and len(caller.calls_to("r/one")) >= 1
+    async with asyncio.timeout(GUARD_S):
+        await caller.advance(2)
+    text, result = await drain(events)
+    for key in ("r/one", "r/two"):
+        records = steps_of(result, key)
+        assert [r.layer for r in records] == [3] * len(records) and records[-1].staircase_step is None
+        assert all(r.ok for r in records) and len(records) >= 2
+        *_, last = caller.calls_to(key)
+        # Each layer-2 answer whole: everything its calls wrote, in order.
+        assert all("".join(c.reply.answer for c in caller.calls_to(k)) in prompt(last) for k in Q)
+    assert result.fallback is None and text.endswith(piece("agg-end"))
