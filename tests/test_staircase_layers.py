@@ -179,6 +179,28 @@ async def test_the_first_token_arrives_while_layer_one_still_writes() -> None:
     assert result.fallback is None and (result.provider, result.model) == ("a", "first")
 
 
+async def test_a_step_shorter_than_a_chunk_is_a_boundary_for_the_stage_after() -> None:
+    """(2) Layer 2's steps write 8 characters, less than a chunk: the aggregator's step k starts as
+    soon as layer 2's quorum wrote its step k, and reads exactly those steps. With chunks alone it
+    would wait for layer 2's third step, and that for layer 1 to finish."""
+    caller = scripted()
+    for key in Q:
+        name = key.split("/")[1]
+        short = (f"{name}-1".ljust(8, "."), f"{name}-2".ljust(8, "."), piece(f"q{name}-end"))
+        caller.script(key, *(Reply(deltas=(d,)) for d in short))
+    at_first, _, result = await run_through(caller)
+    assert at_first.step == 0 and at_first.layer1_finished == [False, False, False]
+    assert at_first.text == piece("agg-s1")
+    s1, s2, _ = (prompt(c) for c in caller.calls_to(AGG))
+    for key in Q:
+        name = key.split("/")[1]
+        one, two = f"{name}-1".ljust(8, "."), f"{name}-2".ljust(8, ".")
+        assert one in s1 and two not in s1
+        assert one + two in s2
+    aggregator = [(r.staircase_step, r.ok) for r in steps_of(result, AGG)]
+    assert aggregator == [(1, True), (2, True), (None, True)]
+
+
 async def test_each_layer_two_step_sees_growing_prefixes_and_the_last_the_whole_answers() -> None:
     """(3) A layer-2 proposer's step 1 reads layer 1's first pieces only, step 2 the first two, the
     last step the whole answers; each continues its own answer so far."""

@@ -238,7 +238,8 @@ class MoAEngine:
         feeds: list[StaircaseFeed] = []
         if ctx.stream and plan.aggregation == "staircase" and plan.mode is not PlanMode.REFINE:
             # Every layer streams into its feed; the final aggregator climbs the last one's.
-            feeds = [StaircaseFeed(len(layer.proposers), layer.needed) for layer in plan.layers]
+            chunk = plan.staircase_chunk_chars
+            feeds = [StaircaseFeed(len(layer.proposers), layer.needed, chunk) for layer in plan.layers]
         # Progress for the client and, in a staircase, the steps' text: in the order they happen.
         out: asyncio.Queue[Progress | TextDelta] = asyncio.Queue()
         ctx.progress = out.put_nowait

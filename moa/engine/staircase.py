@@ -2,15 +2,18 @@
 
 A streaming layer's answers go into a ``StaircaseFeed`` as they are written. Whatever reads a
 layer (a proposer of the next layer, or the final aggregator after the last) is a *stepped writer*
-over that feed (``climb``): its step k starts once the layer's quorum has written k chunks
-(``staircase_chunk_chars`` each) or finished, sees each answer up to that boundary and its own
-answer so far, and continues that answer for at most ``staircase_step_tokens``. After at most
-``staircase_steps`` steps, the writer's last step waits for the layer to be done (its quorum and
-grace, as in ``final``) and finishes from the whole answers.
+over that feed (``climb``): its step k starts once the layer's quorum has reached its k-th
+boundary (or finished), sees each answer up to that boundary and its own answer so far, and
+continues that answer for at most ``staircase_step_tokens``. After at most ``staircase_steps``
+steps, the writer's last step waits for the layer to be done (its quorum and grace, as in
+``final``) and finishes from the whole answers.
 
-The final aggregator's text goes to the client; a later-layer proposer's text goes into its own
-layer's feed (``stepped_proposer``), so the stage after it can start on it in turn. One mechanism
-for both: the same ``climb`` and the same answer-continuing call (``chain.staircase_step``).
+A layer's boundaries come every ``staircase_chunk_chars`` of each answer, and, where the layer's
+proposers write in steps themselves (every layer after the first), also at the end of each step,
+the next chunk counting from there. A step writes at most ``staircase_step_tokens``, less than a
+chunk at the defaults: with chunks alone, the stage after would wait for two steps of the layer
+before (and their two waits for the layer before that) where one will do. So each stage's step k
+starts as soon as the stage before it has written its step k.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from moa.engine.calls import provider_kind
@@ -35,13 +39,24 @@ if TYPE_CHECKING:
 StepFn = Callable[[list[str], str, int], AsyncGenerator[TextDelta | CallResult, None]]
 
 
+@dataclass(frozen=True)
+class StepEnd:
+    """A stepped proposer finished an intermediate step: its answer so far is the next boundary of
+    its layer's feed."""
+
+
 class StaircaseFeed:
     """One layer's answers so far, shared by its streaming proposer calls and every writer reading
-    it. Any number of readers may wait on it: each change wakes them all."""
+    it. Any number of readers may wait on it: each change wakes them all.
 
-    def __init__(self, proposers: int, needed: int) -> None:
+    ``marks[i]`` holds the boundaries proposer i's answer reached so far, in characters: one every
+    ``chunk_chars`` past the one before, and one at each ``StepEnd`` it wrote."""
+
+    def __init__(self, proposers: int, needed: int, chunk_chars: int) -> None:
         self.texts = [""] * proposers
+        self.marks: list[list[int]] = [[] for _ in range(proposers)]
         self.needed = needed
+        self.chunk_chars = chunk_chars
         self.succeeded: set[int] = set()
         self.failed: set[int] = set()
         self.closed = False
@@ -52,13 +67,18 @@ class StaircaseFeed:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def consume(self, index: int, events: AsyncIterator[StreamEvent]) -> CallResult:
+    async def consume(self, index: int, events: AsyncIterator[StreamEvent | StepEnd]) -> CallResult:
         """Stream one proposer's answer into the feed; its final result is the call's result."""
         result: CallResult | None = None
+        text, marks, chunk = self.texts, self.marks[index], self.chunk_chars
         try:
             async for ev in events:
                 if isinstance(ev, TextDelta):
-                    self.texts[index] += ev.text
+                    text[index] += ev.text
+                    while len(text[index]) >= (last := marks[-1] if marks else 0) + chunk:
+                        marks.append(last + chunk)
+                elif isinstance(ev, StepEnd):
+                    marks.append(len(text[index]))
                 else:
                     result = ev
                 self._bump()
@@ -80,30 +100,35 @@ class StaircaseFeed:
     def running(self) -> int:
         return 0 if self.closed else len(self.texts) - len(self.succeeded) - len(self.failed)
 
-    def ready(self, boundary: int) -> bool:
-        """Whether a step up to ``boundary`` characters can start: the quorum has that much (or
-        has finished), and some proposer is still writing (otherwise the last step is next)."""
+    def ready(self, k: int) -> bool:
+        """Whether a step up to the ``k``-th boundary can start: the quorum reached it (or has
+        finished), and some proposer is still writing (otherwise the last step is next)."""
         if self.running == 0:
             return False
         reached = sum(
             1
-            for i, text in enumerate(self.texts)
-            if i not in self.failed and (len(text) >= boundary or i in self.succeeded)
+            for i, marks in enumerate(self.marks)
+            if i not in self.failed and (len(marks) >= k or i in self.succeeded)
         )
         return reached >= self.needed
 
-    async def reach(self, boundary: int) -> bool:
-        """Wait until a step up to ``boundary`` can start (True) or the layer stopped writing
-        (False: only the last step, over the whole answers, is left)."""
-        while not self.ready(boundary):
+    async def reach(self, k: int) -> bool:
+        """Wait until a step up to the ``k``-th boundary can start (True) or the layer stopped
+        writing (False: only the last step, over the whole answers, is left)."""
+        while not self.ready(k):
             if self.running == 0:
                 return False
             await self._changed.wait()
         return True
 
-    def partial(self, boundary: int) -> list[str]:
-        """Each answer still in the running, up to ``boundary`` characters."""
-        return [text[:boundary] for i, text in enumerate(self.texts) if i not in self.failed and text]
+    def partial(self, k: int) -> list[str]:
+        """Each answer still in the running, up to its ``k``-th boundary (all of it so far, if it
+        has not reached that boundary)."""
+        return [
+            text[: marks[k - 1]] if len(marks) >= k else text
+            for i, (text, marks) in enumerate(zip(self.texts, self.marks, strict=True))
+            if i not in self.failed and text
+        ]
 
 
 async def climb(
@@ -118,10 +143,9 @@ async def climb(
     """
     answer = ""
     for k in range(1, plan.staircase_steps + 1):
-        boundary = k * plan.staircase_chunk_chars
-        if not await source.reach(boundary):
+        if not await source.reach(k):
             return
-        async with aclosing(step(source.partial(boundary), answer, k)) as events:
+        async with aclosing(step(source.partial(k), answer, k)) as events:
             async for ev in events:
                 if isinstance(ev, TextDelta):
                     answer += ev.text
@@ -136,14 +160,15 @@ async def stepped_proposer(
     spec: ProposerSpec,
     source: StaircaseFeed,
     upstream: asyncio.Future[LayerOutcome],
-) -> AsyncIterator[StreamEvent]:
+) -> AsyncIterator[StreamEvent | StepEnd]:
     """A proposer of layer ``layer`` (>= 2) as a stepped writer over the layer before it.
 
     Its steps read ``source`` as that layer writes; its last step waits for ``upstream`` (that
     layer's outcome: quorum and grace, as in ``final``) and finishes from the whole answers. Every
     step is a call recorded with its layer and ``staircase_step``. Yields the answer's deltas
-    (into this layer's feed) and ends with one result, the last step's (the whole answer) or the
-    failure that ended it, so the layer counts it as any proposer's.
+    (into this layer's feed), a ``StepEnd`` after each intermediate step, and ends with one
+    result, the last step's (the whole answer) or the failure that ended it, so the layer counts
+    it as any proposer's.
     """
     writer = Writer(chain=(spec,), stage=Stage.PROPOSER, layer=layer, role=spec.role)
     answer = ""
@@ -153,7 +178,9 @@ async def stepped_proposer(
             if isinstance(ev, TextDelta):
                 answer += ev.text
                 yield ev
-            elif not ev.ok:
+            elif ev.ok:
+                yield StepEnd()  # a boundary for the stage that reads this layer
+            else:
                 yield ev
                 return
     # Waited on, never awaited directly: cancelling this proposer must not cancel that layer.
