@@ -25,6 +25,7 @@ from moa.engine.plan import TemplatesConfig
 from moa.engine.prompts import with_references
 from moa.simulator.server import SimulatorServer
 from moa.simulator.text import compose
+from moa.tokens import approx_message_tokens
 from moa.types import ChatMessage
 from tests.helpers import ApiServer, set_fault
 
@@ -380,6 +381,26 @@ def test_a_streaming_target_times_first_byte_and_first_token(config: MoAConfig, 
     assert row["ttft_p50_ms"] == pytest.approx(1000 * sample.ttft_s)
     report = {"levels": [{"target": "serve moa-lite (early)", "concurrency": 1, **row}], "scenarios": []}
     assert "| serve moa-lite (early) | 1 | " in markdown(report).split("streaming target")[1]
+
+
+def test_a_target_reports_what_prompt_caching_read_and_saved(config: MoAConfig, sim: SimulatorServer) -> None:
+    # A question over the 1024-token minimum, asked twice: the second time the OpenAI and Gemini
+    # proposers read their prompt (the question alone) from their providers' caches (Anthropic
+    # caches only when asked), and the aggregator's prompt may be read too (the same answers).
+    question = "Summarise the following notes on how vaccines train the immune system. " * 70
+    with ApiServer(config) as server:
+        first, again = (asyncio.run(HttpTarget(server.url, "moa-lite").send(question)) for _ in range(2))
+    assert first.ok and again.ok and first.cached_tokens == 0 and first.cache_saved_usd == 0
+    assert again.cached_tokens and again.input_tokens and 0 < again.cached_tokens < again.input_tokens
+    # gpt-4.1-mini and gemini-2.5-flash read at least the question's whole blocks.
+    block = approx_message_tokens([question]) // 128 * 128
+    assert again.cached_tokens >= 2 * block
+    saved = block * ((0.4 - 0.1) + (0.3 - 0.075)) / 1_000_000  # their input minus cached prices
+    assert again.cache_saved_usd is not None and again.cache_saved_usd >= saved
+    row = summarize([again], 1.0, 0.0, 0.0)
+    report = {"levels": [{"target": "serve moa-lite", "concurrency": 1, **row}], "scenarios": []}
+    (table,) = [t for t in markdown(report).split("\n\n") if t.startswith("| prompt caching")]
+    assert f"| serve moa-lite | 1 | {again.input_tokens} | {again.cached_tokens} |" in table
 
 
 DOCS = Path(__file__).parents[1] / "docs"

@@ -141,8 +141,10 @@ async def test_only_openai_wires_report_a_service_time_of_their_own(
     assert res.provider_service_s is not None
     ms = res.provider_service_s * 1000
     assert ms == pytest.approx(round(ms), abs=1e-6)  # whole milliseconds: OpenAI's header, not ours
-    # FAST_PROFILE: 20 ms to the first token, then 2000 tokens/s, no jitter.
-    assert ms == pytest.approx(20 + res.usage.output_tokens / 2, abs=0.5 + 1e-6)
+    # FAST_PROFILE: 20 ms to the first token, the prompt read at 10,000 tokens/s (the default),
+    # then 2000 tokens/s, no jitter.
+    expected = 20 + res.usage.input_tokens / 10 + res.usage.output_tokens / 2
+    assert ms == pytest.approx(expected, abs=0.5 + 1e-6)
     client = openai.AsyncOpenAI(base_url=f"{sim.url}/v1", api_key="sk-sim", max_retries=0)
     async with client:
         raw = await client.chat.completions.with_raw_response.create(

@@ -142,10 +142,12 @@ async def test_openai_chat_completion(oai: openai.AsyncOpenAI) -> None:
     assert c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens
     assert c.usage.prompt_tokens_details and c.usage.prompt_tokens_details.cached_tokens == 0
     assert c.usage.completion_tokens_details and c.usage.completion_tokens_details.reasoning_tokens == 0
-    # The service time the simulator spent: ttft (0.02 s) + tokens / 2000 tok/s, no jitter; in its
-    # own header unrounded, and as OpenAI reports it, in whole milliseconds.
+    # The service time the simulator spent: ttft (0.02 s) + the prompt read at the default 10,000
+    # tokens/s + tokens / 2000 tok/s, no jitter; in its own header unrounded, and as OpenAI
+    # reports it, in whole milliseconds.
     service = float(raw.headers["x-simulator-service-ms"]) / 1000
-    assert service == pytest.approx(0.02 + c.usage.completion_tokens / 2000.0, abs=1e-6)
+    expected = 0.02 + c.usage.prompt_tokens / 10_000 + c.usage.completion_tokens / 2000.0
+    assert service == pytest.approx(expected, abs=1e-6)
     processing = raw.headers["openai-processing-ms"]
     assert processing.isdigit() and abs(int(processing) - service * 1000) <= 0.5
     assert raw.headers["x-request-id"].startswith("req_") and c._request_id == raw.headers["x-request-id"]
@@ -464,9 +466,16 @@ async def test_prompt_caching_reports_cached_tokens(
     assert await openai_cached() == 0
     assert await openai_cached() == expected
 
+    # The Messages API caches only what a request marks with cache_control.
     for _ in range(2):
         m = await claude.messages.create(
             model="claude-haiku-4-5", max_tokens=5, system=system, messages=MESSAGES
+        )
+    assert m.usage.cache_read_input_tokens == 0
+    marked: Any = [{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}]
+    for _ in range(2):
+        m = await claude.messages.create(
+            model="claude-haiku-4-5", max_tokens=5, system=marked, messages=MESSAGES
         )
     assert m.usage.cache_read_input_tokens == expected
     # Anthropic reports input_tokens net of the cache reads.
@@ -476,6 +485,58 @@ async def test_prompt_caching_reports_cached_tokens(
     for _ in range(2):
         g = await gem.aio.models.generate_content(model="gemini-2.5-flash", contents=QUESTION, config=config)
     assert g.usage_metadata and g.usage_metadata.cached_content_token_count == expected
+
+
+async def test_the_first_token_waits_for_the_uncached_prompt(
+    oai: openai.AsyncOpenAI, admin: httpx.Client
+) -> None:
+    """Time to first token grows with the prompt, and what the prompt cache served is not read
+    again: the service time (the simulator's own header) is ttft_s + uncached tokens / prefill
+    rate + generation, with no jitter."""
+    put_profile(
+        admin,
+        SimProfile(
+            default=ModelProfile(ttft_s=0.0, tokens_per_s=1e6, prefill_tokens_per_s=20_000.0, jitter=0.0)
+        ),
+    )
+
+    async def service(content: str) -> tuple[float, int, int, int]:
+        raw = await oai.chat.completions.with_raw_response.create(
+            model="gpt-4.1", messages=[{"role": "user", "content": content}], max_tokens=5
+        )
+        u = raw.parse().usage
+        assert u and u.prompt_tokens_details
+        ms = float(raw.headers["x-simulator-service-ms"])
+        return ms, u.prompt_tokens, u.prompt_tokens_details.cached_tokens or 0, u.completion_tokens
+
+    long = "Each reference repeats what the layer before it wrote, and more. " * 120  # ~1950 tokens
+    for content, cached_expected in ((QUESTION, 0), (long, 0), (long, True)):
+        ms, prompt, cached, out = await service(content)
+        assert bool(cached) == bool(cached_expected)
+        assert ms == pytest.approx(1000 * ((prompt - cached) / 20_000 + out / 1e6), abs=1e-3)
+    # The long prompt's first token waited about 0.1 s for its ~1950 tokens; read again, only for
+    # the part past its last cached block.
+    assert prompt >= 1900 and cached == 1920 and ms < 1000 * 128 / 20_000 + 1
+
+
+async def test_prompt_caching_serves_only_the_prefix_a_prompt_shares(oai: openai.AsyncOpenAI) -> None:
+    """As on the real APIs, a hit is the longest prefix seen before, in 128-token blocks from 1024
+    on: a prompt that continues an earlier one reuses all of it, one that changes early none."""
+    head = "Reference one says the immune system learns from a harmless copy. " * 80  # ~1340 tokens
+
+    async def cached(*contents: str) -> tuple[int, int]:
+        messages: Any = [{"role": "user", "content": c} for c in contents]
+        c = await oai.chat.completions.create(model="gpt-4.1-mini", messages=messages, max_tokens=5)
+        assert c.usage and c.usage.prompt_tokens_details
+        return c.usage.prompt_tokens_details.cached_tokens or 0, c.usage.prompt_tokens
+
+    assert (await cached(head))[0] == 0
+    # The same head, then more: the head's whole blocks are read from the cache, not the rest.
+    hit, total = await cached(head, "And reference two adds memory cells. " * 40)
+    assert 1024 <= hit <= approx_tokens(head) < total
+    assert hit % 128 == 0 and approx_tokens(head) - hit < 128
+    # A change in the first characters: nothing is shared.
+    assert (await cached("Changed. " + head))[0] == 0
 
 
 # -- auth and bad requests -----------------------------------------------------------------------------
@@ -891,7 +952,8 @@ async def test_hang_s_answers_late_and_slow_stream_is_slower(
         model="gpt-4.1-mini", messages=MESSAGES, max_tokens=30, stream=True
     )
     service = float(stream.headers["x-simulator-service-ms"]) / 1000
-    assert service == pytest.approx(0.02 + 30 * 20 / 2000.0, abs=1e-6)
+    prompt = approx_message_tokens([QUESTION])  # read at the default 10,000 tokens/s
+    assert service == pytest.approx(0.02 + prompt / 10_000 + 30 * 20 / 2000.0, abs=1e-6)
     [c async for c in cast(openai.AsyncStream[Any], stream.parse())]
     assert time.monotonic() - t0 >= service - 0.01  # the stream is paced, not just labelled
     s = sim_stats(admin)

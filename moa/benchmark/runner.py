@@ -4,6 +4,7 @@ against one simulator, at several concurrency levels and under provider faults."
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import os
@@ -221,7 +222,25 @@ class HttpTarget:
             cut_straggler=detail["totals"]["stragglers_cancelled"] > 0,
             tokens=sum(c["usage"]["input_tokens"] + c["usage"]["output_tokens"] for c in detail["calls"]),
             cost_usd=detail["totals"]["cost_usd"],
+            input_tokens=sum(c["usage"]["input_tokens"] for c in detail["calls"]),
+            cached_tokens=sum(c["usage"]["cached_tokens"] for c in detail["calls"]),
+            cache_saved_usd=sum(_cache_saving(c) for c in detail["calls"]),
         )
+
+
+@functools.cache
+def _bundled() -> MoAConfig:
+    return load_config(None)
+
+
+def _cache_saving(call: dict[str, Any]) -> float:
+    """What a call's prompt-cache reads saved against its model's full input price (the bundled
+    prices, which the bench's config keeps)."""
+    price = _bundled().price(call["provider"], call["model"])
+    cached_price = price.cached_input_per_mtok
+    if cached_price is None:
+        return 0.0
+    return call["usage"]["cached_tokens"] * (price.input_per_mtok - cached_price) / 1_000_000
 
 
 def bench_config(sim_url: str, layer_deadline_s: float) -> MoAConfig:
@@ -464,6 +483,22 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {_fmt(r['first_byte_p50_ms'])} | {_fmt(r['first_byte_p99_ms'])} | {_fmt(r['p50_ms'])} "
                 f"| {_fmt(r['p99_ms'])} | {_fmt(r['tokens_per_request'])} "
                 f"| {_fmt(r['cost_usd_per_request'], 4)} | {r['errors']} |"
+            )
+    cached = [r for r in report["levels"] if not math.isnan(r.get("cached_tokens_per_request", math.nan))]
+    if cached:
+        lines += [
+            "",
+            "| prompt caching | concurrency | input tokens/req | cached tokens/req | cached share "
+            "| saved by caching/req USD | cost/req USD |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in cached:
+            inputs = r["input_tokens_per_request"]
+            share = r["cached_tokens_per_request"] / inputs if inputs else math.nan
+            lines.append(
+                f"| {r['target']} | {r['concurrency']} | {_fmt(r['input_tokens_per_request'])} "
+                f"| {_fmt(r['cached_tokens_per_request'])} | {_pct(share)} "
+                f"| {_fmt(r['cache_saved_usd_per_request'], 4)} | {_fmt(r['cost_usd_per_request'], 4)} |"
             )
     if report["scenarios"]:
         lines += [

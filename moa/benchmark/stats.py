@@ -27,6 +27,11 @@ class Sample:
     # Every call's tokens and the request's cost, from moa.detail.
     tokens: int | None = None
     cost_usd: float | None = None
+    # Of every call's input tokens, those the providers read from their prompt caches, and what
+    # those reads saved against the full input price (the bundled prices).
+    input_tokens: int | None = None
+    cached_tokens: int | None = None
+    cache_saved_usd: float | None = None
 
     @property
     def overhead_s(self) -> float | None:
@@ -34,6 +39,10 @@ class Sample:
         if self.simulated_s is None or self.cut_straggler:
             return None
         return self.e2e_s - self.simulated_s
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
 
 
 def percentile(values: Sequence[float], p: float) -> float:
@@ -60,6 +69,9 @@ def summarize(samples: Sequence[Sample], wall_s: float, cpu_s: float, peak_rss_m
     first_byte = [s.first_byte_s * 1000 for s in ok if s.first_byte_s is not None]
     tokens = [s.tokens for s in ok if s.tokens is not None]
     cost = [s.cost_usd for s in ok if s.cost_usd is not None]
+    inputs = [s.input_tokens for s in ok if s.input_tokens is not None]
+    cached = [s.cached_tokens for s in ok if s.cached_tokens is not None]
+    saved = [s.cache_saved_usd for s in ok if s.cache_saved_usd is not None]
     return {
         "requests": n,
         "ok": len(ok),
@@ -81,8 +93,11 @@ def summarize(samples: Sequence[Sample], wall_s: float, cpu_s: float, peak_rss_m
         "ttft_p99_ms": percentile(ttft, 99),
         "first_byte_p50_ms": percentile(first_byte, 50),
         "first_byte_p99_ms": percentile(first_byte, 99),
-        "tokens_per_request": sum(tokens) / len(tokens) if tokens else math.nan,
-        "cost_usd_per_request": sum(cost) / len(cost) if cost else math.nan,
+        "tokens_per_request": mean(tokens),
+        "cost_usd_per_request": mean(cost),
+        "input_tokens_per_request": mean(inputs),
+        "cached_tokens_per_request": mean(cached),
+        "cache_saved_usd_per_request": mean(saved),
     }
 
 

@@ -144,6 +144,7 @@ class AnthropicWire(Wire):
             top_p=top_p,
             stop=tuple(stop or ()),
             params={k: v for k, v in found.items() if v is not None},
+            prompt_caching=_asks_for_caching(body),
         )
 
     def status(self, kind: Err) -> int:
@@ -233,3 +234,13 @@ class AnthropicWire(Wire):
             )
             + sse({"type": "message_stop"}, "message_stop")
         )
+
+
+def _asks_for_caching(value: Any) -> bool:
+    """Whether a request marks anything ``cache_control`` (at the top level or on any block): the
+    Messages API caches a prompt only when asked to."""
+    if isinstance(value, dict):
+        return "cache_control" in value or any(_asks_for_caching(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_asks_for_caching(v) for v in value)
+    return False

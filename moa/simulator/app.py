@@ -34,10 +34,10 @@ from moa.simulator.wire import (
     dumps,
     is_invalid_key,
     loads,
+    prompt_tokens,
     random_id,
 )
 from moa.textcheck import first_unencodable
-from moa.tokens import approx_message_tokens
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -358,8 +358,7 @@ class SimulatorApp:
             if fault in _ERROR_FAULTS:
                 await self._fault_error(wire, req, request_id, _ERROR_FAULTS[fault], spec, send)
                 return
-            system = req.system
-            cached = state.cached_tokens(req.model, system, approx_message_tokens([system]) if system else 0)
+            cached = state.cached_tokens(req, prompt_tokens(req))
             c = answer(
                 req,
                 mp,
@@ -371,7 +370,8 @@ class SimulatorApp:
             if not c.judged:
                 state.remember_author(c.text, req.model)  # so a simulated judge knows who wrote it
             tps = mp.tokens_per_s / (spec.factor if isinstance(spec, SlowFault) else 1.0)
-            ttft = state.jitter(mp.ttft_s, mp.jitter)
+            prefill = (c.prompt_tokens - c.cached_tokens) / mp.prefill_tokens_per_s
+            ttft = state.jitter(mp.ttft_s + prefill, mp.jitter)
             gen = state.jitter(c.completion_tokens / tps, mp.jitter)
             watcher = _DisconnectWatcher(receive, task)
             hang_s = 0.0

@@ -119,6 +119,10 @@ GenParam = Literal["temperature", "top_p", "max_tokens", "stop", "seed"]
 class ModelProfile(_Strict):
     ttft_s: float = Field(default=0.3, ge=0.0)
     tokens_per_s: float = Field(default=50.0, gt=0.0)
+    # Prompt tokens read per second before the first token, on top of ttft_s: a long prompt (an
+    # aggregator's references) waits longer for its first token, as on the real APIs, where it
+    # adds about a second per ten thousand tokens. Tokens read from the prompt cache cost nothing.
+    prefill_tokens_per_s: float = Field(default=10_000.0, gt=0.0)
     # Multiplicative, uniform in [1 - jitter, 1 + jitter], applied to ttft and generation time.
     jitter: float = Field(default=0.1, ge=0.0, lt=1.0)
     # Overrides the style derived from the model name (see moa.simulator.text.STYLES).

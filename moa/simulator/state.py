@@ -5,6 +5,7 @@ Everything here is touched only from the server's event loop thread, so nothing 
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
@@ -14,11 +15,14 @@ from moa.simulator.continuation import split_continuation
 from moa.simulator.profile import FAULT_KINDS, Faults, FaultSpec, ModelProfile, SimProfile
 from moa.simulator.text import stable_hash
 from moa.simulator.wire import SimRequest
+from moa.tokens import CHARS_PER_TOKEN
 
-# Prompt caching: a system prompt this long or longer is cached, in blocks of this many tokens.
+# Prompt caching, by OpenAI's documented rule: a prompt's prefix is cached once the prompt has this
+# many tokens, and a hit covers the longest prefix seen before, in blocks of this many tokens.
 CACHE_MIN_TOKENS = 1024
 CACHE_BLOCK_TOKENS = 128
-CACHE_ENTRIES_PER_MODEL = 256
+# Cached prefixes kept per model (one per block of each prompt), least recently used dropped first.
+CACHE_BLOCKS_PER_MODEL = 16_384
 # Requests kept for GET /admin/requests (what each carried, and whether the model refused it).
 RECENT_REQUESTS = 64
 # Authors remembered for the simulated judge (text hash -> model): enough for a large eval run.
@@ -93,7 +97,7 @@ class SimState:
         self.total_requests = 0
         self.embedding_requests = 0
         self._first_n: dict[tuple[str, str], list[Any]] = {}
-        self._prompt_cache: dict[str, OrderedDict[int, None]] = {}
+        self._prompt_cache: dict[str, OrderedDict[bytes, None]] = {}
         self.recent_requests: deque[dict[str, Any]] = deque(maxlen=RECENT_REQUESTS)
         self.rng = random.Random(self.profile.seed)
 
@@ -144,19 +148,36 @@ class SimState:
     def jitter(self, value: float, jitter: float) -> float:
         return value * self.rng.uniform(1.0 - jitter, 1.0 + jitter) if jitter else value
 
-    def cached_tokens(self, model: str, system: str | None, system_tokens: int) -> int:
-        """Tokens served from the prompt cache: a long system prompt this model has seen before."""
-        if system is None or system_tokens < CACHE_MIN_TOKENS:
+    def cached_tokens(self, req: SimRequest, prompt_tokens: int) -> int:
+        """Tokens of ``req``'s prompt served from the model's prompt cache: the longest prefix, in
+        whole blocks from ``CACHE_MIN_TOKENS`` on, that an earlier prompt to this model began
+        with. Every block-aligned prefix of this prompt is remembered for the next.
+
+        Automatic, as on OpenAI and on Gemini's implicit caching; a request that does not ask for
+        caching (an Anthropic request without ``cache_control``) reads and writes nothing. The
+        prompt is its transcript in order, so a prompt that changes early (a reference that grew,
+        say) shares only the prefix before the change, as on the real APIs."""
+        if not req.prompt_caching or prompt_tokens < CACHE_MIN_TOKENS:
             return 0
-        cache = self._prompt_cache.setdefault(model, OrderedDict())
-        key = stable_hash(system)
-        if key in cache:
-            cache.move_to_end(key)
-            return system_tokens // CACHE_BLOCK_TOKENS * CACHE_BLOCK_TOKENS
-        cache[key] = None
-        if len(cache) > CACHE_ENTRIES_PER_MODEL:
+        cache = self._prompt_cache.setdefault(req.model, OrderedDict())
+        flat = "".join(f"{role}\n{text}\n" for role, text in req.transcript)
+        block = CACHE_BLOCK_TOKENS * CHARS_PER_TOKEN
+        h = hashlib.blake2b(digest_size=16)
+        h.update(flat[: CACHE_MIN_TOKENS * CHARS_PER_TOKEN].encode())
+        hit, end, missed = 0, CACHE_MIN_TOKENS * CHARS_PER_TOKEN, False
+        while end <= len(flat) and end // CHARS_PER_TOKEN <= prompt_tokens:
+            key = h.digest()
+            if not missed and key in cache:
+                cache.move_to_end(key)
+                hit = end // CHARS_PER_TOKEN
+            else:
+                missed = True
+                cache[key] = None
+            h.update(flat[end : end + block].encode())
+            end += block
+        while len(cache) > CACHE_BLOCKS_PER_MODEL:
             cache.popitem(last=False)
-        return 0
+        return hit
 
     def remember_author(self, text: str, model: str) -> None:
         key = stable_hash(text.strip())

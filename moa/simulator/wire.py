@@ -106,6 +106,9 @@ class SimRequest:
     stop: tuple[str, ...] = ()
     include_usage: bool = False
     include_obfuscation: bool = True
+    # Whether the prompt cache applies: automatic on OpenAI and Gemini, asked for with
+    # ``cache_control`` on Anthropic.
+    prompt_caching: bool = True
     # The generation parameters the request carried, by their common names (temperature, top_p,
     # max_tokens, stop, seed), whatever the protocol calls them: what per-model refusals check and
     # what ``GET /admin/requests`` shows.
