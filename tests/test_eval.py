@@ -327,6 +327,54 @@ async def test_targets_on_a_running_service_and_another_openai_compatible_endpoi
     assert report["targets"]["moa-lite"]["pairwise"]["judgments"] == 12
 
 
+async def test_a_preset_is_compared_with_itself_in_each_aggregation_mode(
+    config: MoAConfig, sim: SimulatorServer, tmp_path: Path
+) -> None:
+    """``moa-lite:final`` and ``moa-lite:staircase`` answer the same questions, in-process and on a
+    running service: the staircase target streams, so its aggregator (gpt-4.1) writes in steps
+    while the proposers (300 tokens/s) still write; the final one calls it once per answer."""
+    slow = {"ttft_s": 0.05, "tokens_per_s": 300.0}
+    set_profile(sim, {m: slow for m in ("gpt-4.1-mini", "claude-haiku-4-5", "gemini-2.5-flash")})
+    modes = ["moa-lite:final", "moa-lite:staircase"]
+
+    def aggregator_calls() -> int:
+        stats = httpx.get(f"{sim.url}/admin/stats").json()
+        return int(stats["models"].get("gpt-4.1", {}).get("requests", 0))
+
+    s = spec(workload(tmp_path, n=3), targets=modes, reference=TARGET)
+    before = aggregator_calls()
+    ev, report = await run(config, s.model_copy(update={"targets": modes[:1]}), tmp_path / "final")
+    assert aggregator_calls() - before == 3  # one synthesis per question
+    before = aggregator_calls()
+    ev, report = await run(config, s.model_copy(update={"targets": modes[1:]}), tmp_path / "stair")
+    assert aggregator_calls() - before > 3  # steps, then the last one, per question
+    stair = report["targets"]["moa-lite:staircase"]
+    assert stair["pairwise"]["judgments"] == 6
+    assert all(r["error"] is None and r["answers"][0] for r in ev.files.answers.values())
+    # On a running service, the mode goes with each (streamed) request; the cost comes back.
+    with ApiServer(config) as server:
+        before = aggregator_calls()
+        on_service = s.model_copy(update={"targets": modes[1:], "service_url": server.url})
+        ev, report = await run(config, on_service, tmp_path / "service")
+    assert aggregator_calls() - before > 3
+    assert report["targets"]["moa-lite:staircase"]["answers"]["cost_usd"] > 0
+    assert all(r["error"] is None and r["answers"][0] for r in ev.files.answers.values())
+
+
+def test_only_a_preset_takes_an_aggregation_mode(config: MoAConfig) -> None:
+    from moa.engine.engine import MoAEngine
+    from moa.eval.targets import EngineTarget, TargetError, build_target
+
+    engine = MoAEngine(config, caller=None)  # type: ignore[arg-type]  # never called here
+    target = build_target("moa:early", config, engine)
+    assert isinstance(target, EngineTarget) and (target.preset, target.aggregation) == ("moa", "early")
+    assert isinstance(build_target("moa", config, engine), EngineTarget)
+    with pytest.raises(TargetError, match="only a preset runs in an aggregation mode"):
+        build_target("openai/gpt-4.1:staircase", config, engine)
+    with pytest.raises(TargetError, match="unknown target"):
+        build_target("moa:sideways", config, engine)
+
+
 def test_cli_runs_writes_the_report_and_refuses_bad_input(
     config: MoAConfig, sim: SimulatorServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

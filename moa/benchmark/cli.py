@@ -184,6 +184,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="run each Serve target once per aggregation mode, comma-separated (final, early, staircase; "
         "default: the plan's own)",
     )
+    p.add_argument(
+        "--staircase-chunk-chars",
+        type=int,
+        default=d.staircase_chunk_chars,
+        help="every preset's staircase chunk size in characters (default: the presets' own, 400)",
+    )
     p.set_defaults(func=run_cli)
 
 
@@ -250,6 +256,7 @@ def run_cli(args: argparse.Namespace) -> int:
         details=args.details,
         stream=args.stream,
         aggregation=args.aggregation,
+        staircase_chunk_chars=args.staircase_chunk_chars,
     )
     report = asyncio.run(run(opts))
     print(markdown(report))

@@ -50,4 +50,6 @@ class BenchOptions:
     stream: bool = False
     # Run each Serve target once per aggregation mode given (moa.aggregation); empty: the plan's own.
     aggregation: Sequence[str] = ()
+    # Every preset's staircase chunk size (plan.staircase_chunk_chars); None: the presets' own.
+    staircase_chunk_chars: int | None = None
     results: list[dict[str, Any]] = field(default_factory=list)

@@ -243,13 +243,18 @@ def _cache_saving(call: dict[str, Any]) -> float:
     return call["usage"]["cached_tokens"] * (price.input_per_mtok - cached_price) / 1_000_000
 
 
-def bench_config(sim_url: str, layer_deadline_s: float) -> MoAConfig:
-    """The bundled config against the bench's simulator, with the bench's layer deadline."""
+def bench_config(
+    sim_url: str, layer_deadline_s: float, staircase_chunk_chars: int | None = None
+) -> MoAConfig:
+    """The bundled config against the bench's simulator, with the bench's layer deadline (and
+    staircase chunk size, when given)."""
     raw = load_config(None).model_dump(mode="json")
     raw["simulator"] = {"mode": "on", "url": sim_url}
     for preset in raw["presets"].values():
         if preset.get("layers"):
             preset["layer_deadline_s"] = layer_deadline_s
+            if staircase_chunk_chars is not None:
+                preset["staircase_chunk_chars"] = staircase_chunk_chars
     # Enough room for the highest concurrency level.
     raw["server"] = {**raw.get("server", {}), "max_concurrent_requests": 1024}
     for p in raw["providers"].values():
@@ -354,7 +359,7 @@ async def run(opts: BenchOptions) -> dict[str, Any]:
                 await base.aclose()
             say("starting the Serve app on a local Ray instance (a minute or so)...")
             progress.update(task, description="starting Ray and the Serve app")
-            cfg = bench_config(sim.url, opts.layer_deadline_s)
+            cfg = bench_config(sim.url, opts.layer_deadline_s, opts.staircase_chunk_chars)
             url, stop_serve = targets.start_service(cfg, _free_port())
             say(f"Serve app ready at {url}")
             if floor:

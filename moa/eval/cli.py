@@ -36,7 +36,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--workload", type=Path, help="JSONL: {prompt}, AlpacaEval {instruction} or MT-Bench {turns}"
     )
-    p.add_argument("--targets", type=_list, help="comma-separated: presets, provider/model, or MODEL@URL")
+    p.add_argument(
+        "--targets",
+        type=_list,
+        help="comma-separated: presets (PRESET:final, :early or :staircase for an aggregation mode), "
+        "provider/model, or MODEL@URL",
+    )
     p.add_argument("--reference", default=None, help="pairwise: the target every other is compared with")
     p.add_argument(
         "--reference-outputs", type=Path, default=None, help="pairwise: a JSONL file of reference answers"

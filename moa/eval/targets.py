@@ -1,21 +1,31 @@
 """What answers the workload: a preset or ``provider/model`` run in-process (through the same
 provider pool, and so the same concurrency and rate limits, as ``moa ask``), the same through a
-running moa service, or any other OpenAI-compatible endpoint (``MODEL@URL``)."""
+running moa service, or any other OpenAI-compatible endpoint (``MODEL@URL``).
+
+A preset may name its aggregation mode (``moa:staircase``, ``moa-lite:early``), so one run compares
+the modes' answers on the same questions. The target then streams its answers, as a client of a
+streaming request would get them: ``staircase`` applies only to streaming requests.
+"""
 
 from __future__ import annotations
 
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast, get_args
 
 import openai
+from openai.types.chat import ChatCompletionMessageParam
 
 from moa.config import MoAConfig
 from moa.engine.cost import projected_cost
 from moa.engine.engine import MoAEngine
 from moa.engine.errors import MoAError
+from moa.engine.plan import AggregationMode
+from moa.engine.result import MoAResult
 from moa.types import ChatMessage, GenerationParams
+
+MODES: tuple[str, ...] = get_args(AggregationMode)
 
 
 class TargetError(ValueError):
@@ -51,19 +61,30 @@ class Target(Protocol):
 
 @dataclass
 class EngineTarget:
-    """A preset (``moa``, ``auto``...) or ``provider/model`` run by the in-process engine."""
+    """A preset (``moa``, ``auto``...) or ``provider/model`` run by the in-process engine; with
+    ``aggregation``, that preset in that aggregation mode, streamed."""
 
     name: str
     engine: MoAEngine
+    preset: str = ""
+    aggregation: AggregationMode | None = None
+
+    def __post_init__(self) -> None:
+        self.preset = self.preset or self.name
 
     async def projected(self, messages: list[ChatMessage], params: GenerationParams) -> float | None:
-        plan, _, _ = await self.engine.route(messages, self.name)
+        plan, _, _ = await self.engine.route(messages, self.preset)
+        if self.aggregation is not None:
+            plan = plan.model_copy(update={"aggregation": self.aggregation})
         return projected_cost(self.engine.config, plan, messages, params)
 
     async def answer(self, messages: list[ChatMessage], params: GenerationParams) -> Answer:
         t0 = time.monotonic()
         try:
-            result = await self.engine.run(messages, preset=self.name, params=params)
+            if self.aggregation is None:
+                result = await self.engine.run(messages, preset=self.preset, params=params)
+            else:
+                result = await self._streamed(messages, params)
         except MoAError as e:
             return Answer(error=f"{e.code}: {e.message}", latency_s=time.monotonic() - t0)
         return Answer(
@@ -73,6 +94,15 @@ class EngineTarget:
             output_tokens=result.usage.output_tokens,
             latency_s=time.monotonic() - t0,
         )
+
+    async def _streamed(self, messages: list[ChatMessage], params: GenerationParams) -> MoAResult:
+        result: MoAResult | None = None
+        events = self.engine.stream(messages, preset=self.preset, params=params, aggregation=self.aggregation)
+        async for ev in events:
+            if isinstance(ev, MoAResult):
+                result = ev
+        assert result is not None  # a stream that does not raise ends with its result
+        return result
 
 
 @dataclass
@@ -85,6 +115,7 @@ class HttpTarget:
     model: str
     api_key: str
     detail: bool
+    aggregation: AggregationMode | None = None  # a preset's mode on a moa service: streamed
     _client: Any = field(default=None, repr=False)
 
     def _openai(self) -> openai.AsyncOpenAI:
@@ -102,12 +133,20 @@ class HttpTarget:
             kwargs["max_tokens"] = params.max_tokens
         if params.temperature is not None:
             kwargs["temperature"] = params.temperature
-        if self.detail:
-            kwargs["extra_body"] = {"moa": {"detail": True}}
+        moa: dict[str, Any] = {"detail": True} if self.detail else {}
+        if self.aggregation is not None:
+            moa["aggregation"] = self.aggregation
+        if moa:
+            kwargs["extra_body"] = {"moa": moa}
+        chat = cast(
+            list[ChatCompletionMessageParam], [{"role": m.role, "content": m.content} for m in messages]
+        )
         try:
+            if self.aggregation is not None:
+                return await self._streamed(chat, kwargs, t0)
             resp = await self._openai().chat.completions.create(
                 model=self.model,
-                messages=[{"role": m.role, "content": m.content} for m in messages],  # type: ignore[misc]
+                messages=chat,
                 **kwargs,
             )
         except openai.PermissionDeniedError:
@@ -117,16 +156,39 @@ class HttpTarget:
             return await self.answer(messages, params)
         except openai.APIError as e:
             return Answer(error=f"{type(e).__name__}: {e}", latency_s=time.monotonic() - t0)
-        cost: float | None = None
-        extra = resp.model_extra or {}
-        moa = extra.get("moa")
-        if isinstance(moa, dict):
-            totals = moa.get("totals") if isinstance(moa.get("totals"), dict) else moa
-            value = totals.get("cost_usd") if isinstance(totals, dict) else None
-            cost = float(value) if isinstance(value, int | float) else None
         usage = resp.usage
         return Answer(
             text=resp.choices[0].message.content or "",
+            cost_usd=_detail_cost(resp.model_extra),
+            input_tokens=usage.prompt_tokens if usage else 0,
+            output_tokens=usage.completion_tokens if usage else 0,
+            latency_s=time.monotonic() - t0,
+        )
+
+    async def _streamed(
+        self, chat: list[ChatCompletionMessageParam], kwargs: dict[str, Any], t0: float
+    ) -> Answer:
+        """The answer streamed (a preset in an aggregation mode): its text, the usage chunk, and the
+        ``moa.detail`` event for the cost."""
+        parts: list[str] = []
+        cost: float | None = None
+        usage: Any = None
+        stream = await self._openai().chat.completions.create(
+            model=self.model,
+            messages=chat,
+            stream=True,
+            stream_options={"include_usage": True},
+            **kwargs,
+        )
+        async with stream:
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    parts.append(chunk.choices[0].delta.content)
+                usage = chunk.usage or usage
+                if chunk.model_extra and "moa" in chunk.model_extra:
+                    cost = _detail_cost(chunk.model_extra)
+        return Answer(
+            text="".join(parts),
             cost_usd=cost,
             input_tokens=usage.prompt_tokens if usage else 0,
             output_tokens=usage.completion_tokens if usage else 0,
@@ -136,6 +198,24 @@ class HttpTarget:
     async def close(self) -> None:
         if self._client is not None:
             await self._client.close()
+
+
+def _detail_cost(extra: dict[str, Any] | None) -> float | None:
+    """The request's cost from a moa service's ``moa.detail`` (None when it sent none)."""
+    moa = (extra or {}).get("moa")
+    if not isinstance(moa, dict):
+        return None
+    totals = moa.get("totals") if isinstance(moa.get("totals"), dict) else moa
+    value = totals.get("cost_usd") if isinstance(totals, dict) else None
+    return float(value) if isinstance(value, int | float) else None
+
+
+def split_mode(spec: str) -> tuple[str, AggregationMode | None]:
+    """``moa:staircase`` -> (``moa``, ``staircase``); a spec naming no mode -> (spec, None)."""
+    name, sep, mode = spec.rpartition(":")
+    if sep and name and mode in MODES:
+        return name, cast(AggregationMode, mode)
+    return spec, None
 
 
 def known_target(cfg: MoAConfig, name: str) -> bool:
@@ -163,14 +243,18 @@ def build_target(
             raise TargetError(f"target {spec!r}: expected MODEL@http(s)://HOST/v1")
         key = os.environ.get(endpoint_key_env, "") if endpoint_key_env else ""
         return HttpTarget(spec, url, model, key or "unused", detail=False)
+    name, mode = split_mode(spec)
+    if mode is not None and name != "auto" and name not in cfg.presets and not service_url:
+        raise TargetError(f"target {spec!r}: only a preset runs in an aggregation mode ({name!r} is none)")
     if service_url:
         key = os.environ.get(service_key_env, "") or "unused"
         base = service_url.rstrip("/")
         base = base if base.endswith("/v1") else base + "/v1"
-        return HttpTarget(spec, base, spec, key, detail=True)
-    if not known_target(cfg, spec):
+        return HttpTarget(spec, base, name, key, detail=True, aggregation=mode)
+    if not known_target(cfg, name):
         presets = ", ".join(["auto", *cfg.presets])
         raise TargetError(
-            f"unknown target {spec!r}: a preset ({presets}), a configured provider/model, or MODEL@URL"
+            f"unknown target {spec!r}: a preset ({presets}), optionally with an aggregation mode "
+            f"({', '.join(f'PRESET:{m}' for m in MODES)}), a configured provider/model, or MODEL@URL"
         )
-    return EngineTarget(spec, engine)
+    return EngineTarget(spec, engine, preset=name, aggregation=mode)
