@@ -403,6 +403,15 @@ def test_a_target_reports_what_prompt_caching_read_and_saved(config: MoAConfig, 
     assert f"| serve moa-lite | 1 | {again.input_tokens} | {again.cached_tokens} |" in table
 
 
+def test_the_bench_can_set_every_presets_staircase_chunk_size() -> None:
+    from moa.benchmark.runner import bench_config
+
+    layered = [p for p in bench_config("http://127.0.0.1:9", 30.0, 120).presets.values() if p.layers]
+    assert layered and {p.staircase_chunk_chars for p in layered} == {120}
+    own = {p.staircase_chunk_chars for p in bench_config("http://127.0.0.1:9", 30.0).presets.values()}
+    assert own == {200}  # the bundled presets' own
+
+
 DOCS = Path(__file__).parents[1] / "docs"
 # Raw files whose every table docs/BENCHMARKS.md shows exactly as `moa bench` renders it; for the
 # streaming runs, the page shows the streaming table (their request table is in the file only).
@@ -413,6 +422,10 @@ RENDERED_TABLES = {
     "bench-fast-haproxy.json": None,
     "bench-ttft-aggregation.json": "| streaming target",
     "bench-ttft-staircase.json": "| streaming target",
+    "bench-ttft-staircase-layers.json": "| streaming target",
+    "bench-ttft-modes.json": ("| streaming target", "| prompt caching"),
+    "bench-ttft-staircase-chunk200.json": "| streaming target",
+    "bench-ttft-staircase-chunk100.json": "| streaming target",
 }
 
 

@@ -519,7 +519,9 @@ async def test_the_first_token_waits_for_the_uncached_prompt(
     assert prompt >= 1900 and cached == 1920 and ms < 1000 * 128 / 20_000 + 1
 
 
-async def test_prompt_caching_serves_only_the_prefix_a_prompt_shares(oai: openai.AsyncOpenAI) -> None:
+async def test_prompt_caching_serves_only_the_prefix_a_prompt_shares(
+    oai: openai.AsyncOpenAI, admin: httpx.Client
+) -> None:
     """As on the real APIs, a hit is the longest prefix seen before, in 128-token blocks from 1024
     on: a prompt that continues an earlier one reuses all of it, one that changes early none."""
     head = "Reference one says the immune system learns from a harmless copy. " * 80  # ~1340 tokens
@@ -537,6 +539,10 @@ async def test_prompt_caching_serves_only_the_prefix_a_prompt_shares(oai: openai
     assert hit % 128 == 0 and approx_tokens(head) - hit < 128
     # A change in the first characters: nothing is shared.
     assert (await cached("Changed. " + head))[0] == 0
+    # POST /admin/reset forgets every cached prefix.
+    assert (await cached(head))[0] > 0
+    (await asyncio.to_thread(admin.post, "/admin/reset")).raise_for_status()
+    assert (await cached(head))[0] == 0
 
 
 # -- auth and bad requests -----------------------------------------------------------------------------

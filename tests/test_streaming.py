@@ -375,7 +375,7 @@ def test_the_simulator_continues_a_prefix_as_the_real_apis_do(sim: SimulatorServ
 
 def test_staircase_answers_while_the_last_layer_still_streams(api_url: str, sim: SimulatorServer) -> None:
     # The second layer's proposers write at 300 tokens a second (a few seconds each); the
-    # aggregator is fast. Steps start at each 400-character boundary the quorum reached.
+    # aggregator is fast. Steps start at each boundary the quorum reached.
     profile = httpx.get(f"{sim.url}/admin/profile").json()
     slow = {"ttft_s": 0.05, "tokens_per_s": 300.0, "jitter": 0.0}
     profile["models"] = {m: slow for m in PROPOSERS}

@@ -188,7 +188,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--staircase-chunk-chars",
         type=int,
         default=d.staircase_chunk_chars,
-        help="every preset's staircase chunk size in characters (default: the presets' own, 400)",
+        help="every preset's staircase chunk size in characters (default: the presets' own, 200)",
     )
     p.set_defaults(func=run_cli)
 

@@ -141,11 +141,14 @@ class Plan(_Strict):
         "A request can choose with moa.aggregation.",
     )
     staircase_chunk_chars: int = Field(
-        default=400,
+        # Measured (docs/BENCHMARKS.md): 200 brings moa's first token to under a fifth of final's
+        # at no more tokens than 400, while each step still reads a few sentences of every answer.
+        default=200,
         ge=20,
-        description="Staircase: the chunk size of the answers a stepped writer reads; its step k "
-        "starts once the quorum of them reached k chunks (or finished) and sees each answer up to "
-        "that boundary.",
+        description="Staircase: a boundary every this many characters of each answer a stepped "
+        "writer reads (and, in a layer that writes in steps itself, one at each step's end); the "
+        "writer's step k starts once the quorum of them reached its k-th boundary (or finished) "
+        "and sees each answer up to it.",
     )
     staircase_steps: int = Field(
         default=3,
