@@ -201,6 +201,19 @@ async def test_a_step_shorter_than_a_chunk_is_a_boundary_for_the_stage_after() -
     assert aggregator == [(1, True), (2, True), (None, True)]
 
 
+async def test_a_step_reads_an_answer_that_finished_whole() -> None:
+    """(3) p/one writes its whole answer at step 0: layer 2's second steps (at step 1, long after
+    it finished) read it whole, not cut at their boundary, beside the others' first two pieces."""
+    caller = scripted()
+    caller.script(P[0], Reply(deltas=tuple(piece(f"one-{part}") for part in "ABC")))
+    await run_through(caller)
+    whole = piece("one-A") + piece("one-B") + piece("one-C")
+    for key in Q:
+        s2 = prompt(caller.calls_to(key)[1])
+        assert whole in s2
+        assert piece("two-A") + piece("two-B") in s2 and piece("two-C") not in s2
+
+
 async def test_each_layer_two_step_sees_growing_prefixes_and_the_last_the_whole_answers() -> None:
     """(3) A layer-2 proposer's step 1 reads layer 1's first pieces only, step 2 the first two, the
     last step the whole answers; each continues its own answer so far."""

@@ -3,10 +3,10 @@
 A streaming layer's answers go into a ``StaircaseFeed`` as they are written. Whatever reads a
 layer (a proposer of the next layer, or the final aggregator after the last) is a *stepped writer*
 over that feed (``climb``): its step k starts once the layer's quorum has reached its k-th
-boundary (or finished), sees each answer up to that boundary and its own answer so far, and
-continues that answer for at most ``staircase_step_tokens``. After at most ``staircase_steps``
-steps, the writer's last step waits for the layer to be done (its quorum and grace, as in
-``final``) and finishes from the whole answers.
+boundary (or finished), sees each answer up to that boundary (a finished one whole) and its own
+answer so far, and continues that answer for at most ``staircase_step_tokens``. After at most
+``staircase_steps`` steps, the writer's last step waits for the layer to be done (its quorum and
+grace, as in ``final``) and finishes from the whole answers.
 
 A layer's boundaries come every ``staircase_chunk_chars`` of each answer, and, where the layer's
 proposers write in steps themselves (every layer after the first), also at the end of each step,
@@ -123,9 +123,9 @@ class StaircaseFeed:
 
     def partial(self, k: int) -> list[str]:
         """Each answer still in the running, up to its ``k``-th boundary (all of it so far, if it
-        has not reached that boundary)."""
+        has not reached that boundary); an answer that finished, whole."""
         return [
-            text[: marks[k - 1]] if len(marks) >= k else text
+            text if i in self.succeeded or len(marks) < k else text[: marks[k - 1]]
             for i, (text, marks) in enumerate(zip(self.texts, self.marks, strict=True))
             if i not in self.failed and text
         ]
