@@ -24,7 +24,7 @@ from moa.config import MoAConfig
 from moa.engine import spans
 from moa.engine.caller import ModelCaller
 from moa.engine.caps import check_messages, check_plan
-from moa.engine.chain import Writer, answer_chain, staircase_step, synthesise
+from moa.engine.chain import Writer, answer_chain, synthesise
 from moa.engine.context import Routed, RunContext, RunOptions, RunRequest
 from moa.engine.errors import MoAError
 from moa.engine.fusion import Fuser, LocalFuser
@@ -305,7 +305,7 @@ class MoAEngine:
         text goes to the client (through ``out``). Returns the answer they wrote."""
         writer = Writer(chain=ctx.plan.aggregators, stage=Stage.AGGREGATOR)
         answer = ""
-        steps = climb(ctx.plan, feed, lambda refs, so_far, k: staircase_step(ctx, writer, refs, so_far, k))
+        steps = climb(ctx, writer, feed)
         async with aclosing(steps):
             async for ev in steps:
                 if isinstance(ev, TextDelta):

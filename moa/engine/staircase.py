@@ -19,7 +19,7 @@ starts as soon as the stage before it has written its step k.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -27,16 +27,12 @@ from typing import TYPE_CHECKING
 from moa.engine.calls import provider_kind
 from moa.engine.chain import Writer, answer_chain, staircase_step
 from moa.engine.context import RunContext
-from moa.engine.plan import Plan, ProposerSpec
+from moa.engine.plan import ProposerSpec
 from moa.engine.result import Stage
 from moa.types import CallError, CallResult, ErrorKind, StreamEvent, TextDelta
 
 if TYPE_CHECKING:
     from moa.engine.layer import LayerOutcome
-
-# One step of a stepped writer: (the layer's answers up to the boundary, the answer so far, the
-# step's number) -> the step's deltas, then its result (a failed result ends the writer).
-StepFn = Callable[[list[str], str, int], AsyncGenerator[TextDelta | CallResult, None]]
 
 
 @dataclass(frozen=True)
@@ -132,9 +128,9 @@ class StaircaseFeed:
 
 
 async def climb(
-    plan: Plan, source: StaircaseFeed, step: StepFn
+    ctx: RunContext, writer: Writer, source: StaircaseFeed
 ) -> AsyncGenerator[TextDelta | CallResult, None]:
-    """A stepped writer's intermediate steps over ``source``: yields each step's deltas and result.
+    """``writer``'s intermediate steps over ``source``: yields each step's deltas and result.
 
     Returns once ``staircase_steps`` steps ran, the layer stopped writing, or a step failed (its
     failed result is yielded last: a proposer that fails a step is a failed proposer). What comes
@@ -142,10 +138,10 @@ async def climb(
     aggregator (its routes and fallbacks) and a proposer (one model, a layer's quorum).
     """
     answer = ""
-    for k in range(1, plan.staircase_steps + 1):
+    for k in range(1, ctx.plan.staircase_steps + 1):
         if not await source.reach(k):
             return
-        async with aclosing(step(source.partial(k), answer, k)) as events:
+        async with aclosing(staircase_step(ctx, writer, source.partial(k), answer, k)) as events:
             async for ev in events:
                 if isinstance(ev, TextDelta):
                     answer += ev.text
@@ -172,7 +168,7 @@ async def stepped_proposer(
     """
     writer = Writer(chain=(spec,), stage=Stage.PROPOSER, layer=layer, role=spec.role)
     answer = ""
-    steps = climb(ctx.plan, source, lambda refs, so_far, k: staircase_step(ctx, writer, refs, so_far, k))
+    steps = climb(ctx, writer, source)
     async with aclosing(steps):
         async for ev in steps:
             if isinstance(ev, TextDelta):
