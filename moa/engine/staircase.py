@@ -14,6 +14,10 @@ the next chunk counting from there. A step writes at most ``staircase_step_token
 chunk at the defaults: with chunks alone, the stage after would wait for two steps of the layer
 before (and their two waits for the layer before that) where one will do. So each stage's step k
 starts as soon as the stage before it has written its step k.
+
+The final aggregator's text goes to the client; a later-layer proposer's text goes into its own
+layer's feed (``stepped_proposer``), so the stage after it can start on it in turn. One mechanism
+for both: the same ``climb`` and the same answer-continuing call (``chain.staircase_step``).
 """
 
 from __future__ import annotations
