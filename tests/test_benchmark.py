@@ -426,6 +426,8 @@ RENDERED_TABLES = {
     "bench-ttft-modes.json": ("| streaming target", "| prompt caching"),
     "bench-ttft-staircase-chunk200.json": "| streaming target",
     "bench-ttft-staircase-chunk100.json": "| streaming target",
+    "bench-ttft-staircase-default.json": "| streaming target",
+    "bench-ttft-staircase-lite-chunk20.json": "| streaming target",
 }
 
 
