@@ -70,15 +70,15 @@ class StaircaseFeed:
     async def consume(self, index: int, events: AsyncIterator[StreamEvent | StepEnd]) -> CallResult:
         """Stream one proposer's answer into the feed; its final result is the call's result."""
         result: CallResult | None = None
-        text, marks, chunk = self.texts, self.marks[index], self.chunk_chars
+        texts, marks, chunk = self.texts, self.marks[index], self.chunk_chars
         try:
             async for ev in events:
                 if isinstance(ev, TextDelta):
-                    text[index] += ev.text
-                    while len(text[index]) >= (last := marks[-1] if marks else 0) + chunk:
+                    texts[index] += ev.text
+                    while len(texts[index]) >= (last := marks[-1] if marks else 0) + chunk:
                         marks.append(last + chunk)
                 elif isinstance(ev, StepEnd):
-                    marks.append(len(text[index]))
+                    marks.append(len(texts[index]))
                 else:
                     result = ev
                 self._bump()
