@@ -23,7 +23,7 @@ from moa.simulator.embed_wire import gemini_embeddings, openai_embeddings
 from moa.simulator.gemini_wire import GeminiWire
 from moa.simulator.openai_wire import OpenAIWire
 from moa.simulator.profile import Faults, FaultSpec, HangFault, RateFault, SimProfile, SlowFault
-from moa.simulator.state import SimState
+from moa.simulator.state import GenerationBill, SimState
 from moa.simulator.wire import (
     BadRequest,
     Completion,
@@ -339,6 +339,7 @@ class SimulatorApp:
         assert task is not None
         self._active.add(task)
         watcher: _DisconnectWatcher | None = None
+        bill: GenerationBill | None = None
         started = False
 
         async def tracked_send(message: Message) -> None:
@@ -374,6 +375,8 @@ class SimulatorApp:
             ttft = state.jitter(mp.ttft_s + prefill, mp.jitter)
             gen = state.jitter(c.completion_tokens / tps, mp.jitter)
             watcher = _DisconnectWatcher(receive, task)
+            loop = asyncio.get_running_loop()
+            bill = GenerationBill(c.prompt_tokens, c.completion_tokens, streaming=req.stream)
             hang_s = 0.0
             if isinstance(spec, HangFault):
                 if spec.hang_s is None:
@@ -381,14 +384,17 @@ class SimulatorApp:
                 hang_s = spec.hang_s or 0.0
                 await asyncio.sleep(hang_s)
             headers = self._headers(wire, request_id, hang_s + ttft + gen)
+            bill.generating_from, bill.generation_s = loop.time() + ttft, gen
             if fault == "wrong_content_type":
                 await asyncio.sleep(ttft + gen)
+                bill.finished = True
                 watcher.finished = True
                 await _respond(tracked_send, 200, _HTML, headers, b"text/html; charset=utf-8")
             elif req.stream:
-                await self._stream(wire, req, c, headers, ttft, gen, fault, watcher, tracked_send)
+                await self._stream(wire, req, c, headers, ttft, gen, fault, watcher, tracked_send, bill)
             else:
                 await asyncio.sleep(ttft + gen)
+                bill.finished = True
                 body = wire.response(req, c)
                 if fault == "malformed_json":
                     body = _MALFORMED_PREFIX + body[1:]
@@ -413,6 +419,8 @@ class SimulatorApp:
             else:
                 await self._fault_error(wire, req, request_id, Err.UNAVAILABLE, None, send)
         finally:
+            if bill is not None:
+                bill.charge(st, asyncio.get_running_loop().time())
             if watcher is not None:
                 watcher.stop()
             st.in_flight -= 1
@@ -439,8 +447,10 @@ class SimulatorApp:
         fault: str | None,
         watcher: _DisconnectWatcher,
         send: Send,
+        bill: GenerationBill,
     ) -> None:
-        """Send the answer as the provider's event stream, paced at the model's tokens per second."""
+        """Send the answer as the provider's event stream, paced at the model's tokens per second;
+        ``bill`` counts the text sent (what a stream cut short is billed for)."""
         loop = asyncio.get_running_loop()
         start = loop.time()
         await send(
@@ -470,7 +480,7 @@ class SimulatorApp:
             if wait > 0.001:
                 await asyncio.sleep(wait)
             now = loop.time() + 0.002
-            batch = bytearray()
+            batch, first = bytearray(), i
             while i < cut_at and due[i] <= now:
                 batch += wire.stream_delta(req, c, pieces[i], i == len(pieces) - 1)
                 i += 1
@@ -478,8 +488,10 @@ class SimulatorApp:
                 batch = bytearray(batch.replace(b"data: {", b"data: " + _MALFORMED_PREFIX, 1))
                 watcher.finished = True
                 await send({"type": "http.response.body", "body": bytes(batch), "more_body": False})
+                bill.sent_text += "".join(pieces[first:i])
                 return
             await send({"type": "http.response.body", "body": bytes(batch), "more_body": True})
+            bill.sent_text += "".join(pieces[first:i])
         if fault == "cut_stream":
             # Return without ending the body: uvicorn closes the connection mid-stream, as a network
             # failure would, and the client never sees the terminal events.
@@ -488,6 +500,7 @@ class SimulatorApp:
         if not pieces:
             await asyncio.sleep(max(0.0, start + ttft - loop.time()))
         watcher.finished = True
+        bill.finished = True
         await send({"type": "http.response.body", "body": wire.stream_tail(req, c), "more_body": False})
 
     # -- models list -----------------------------------------------------------------------------
