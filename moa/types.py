@@ -121,6 +121,10 @@ class CallResult(BaseModel):
     latency_s: float = 0.0
     ttft_s: float | None = None  # time to first token, streaming calls only
     cost_usd: float = 0.0
+    # ``usage`` (and so ``cost_usd``) is our estimate, not the provider's report: the call ended
+    # before the provider said what it used (cut by us or the client, or failed mid-stream), and
+    # it is billed for the prompt plus the text received (``moa.engine.calls.cut_result``).
+    usage_estimated: bool = False
     attempts: int = 0
     streamed: bool = False
     # Service time the provider reported for this call, summed over its attempts (OpenAI and

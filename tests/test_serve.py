@@ -14,10 +14,10 @@ import openai
 import pytest
 
 from moa.config import parse_config
-from moa.engine.fusion import FuseJob, FuseStep
+from moa.engine.fusion import FuseJob, FuseStart, FuseStep
 from moa.engine.plan import AggregatorSpec
 from moa.simulator.server import SimulatorServer
-from moa.types import ChatMessage
+from moa.types import ChatMessage, TextDelta
 from tests.helpers import QUESTION, RAY_MODULE, set_fault, sim_stats
 from tests.waiting import wait_until, wait_until_sync
 
@@ -297,8 +297,12 @@ def test_fusion_in_an_aggregator_deployment(cluster: dict[str, Any], sim: Simula
             call_timeout_s=30,
         )
         events = list(aggregator.fuse.remote(job))
-        assert len(events) == 1 and isinstance(events[0], FuseStep) and events[0].result.ok
-        assert events[0].result.text.startswith("Synthesis of 2 references")
+        # The attempt announces itself (so a cut one can be billed), streams unseen, then steps.
+        assert isinstance(events[0], FuseStart) and events[0].model == "gpt-4.1"
+        steps = [e for e in events if isinstance(e, FuseStep)]
+        assert len(steps) == 1 and steps[0].result.ok and events[-1] is steps[0]
+        assert steps[0].result.text.startswith("Synthesis of 2 references")
+        assert "".join(e.text for e in events if isinstance(e, TextDelta)) == steps[0].result.text
     finally:
         serve.delete("moa-agg")
 

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,8 +24,6 @@ from moa.cache.embed import STATIC_EXTRA, Embedder, cosine, make_embedder, stati
 from moa.cache.keys import context_key, final_key, guard, proposal_key, split_last_user
 from moa.cache.store import CacheStore, MemoryStore, TieredStore
 from moa.config import CacheConfig, MoAConfig
-from moa.engine.caller import ModelCaller
-from moa.engine.calls import safe_call
 from moa.engine.plan import Plan
 from moa.engine.result import CacheOutcome, FallbackReason, MoAResult
 from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams, Usage
@@ -273,9 +271,10 @@ class ResponseCache:
     # -- proposer calls ---------------------------------------------------------------------------
 
     async def call(
-        self, caller: ModelCaller, config: MoAConfig, req: CallRequest, ticket: CacheTicket
+        self, req: CallRequest, ticket: CacheTicket, fetch: Callable[[], Awaitable[CallResult]]
     ) -> CallResult:
-        """One proposer call, from the cache when its exact request was answered before."""
+        """One proposer call, from the cache when its exact request was answered before; else
+        ``fetch``'s (the engine's call, which bills whatever it costs), stored when complete."""
         key = f"{ticket.scope}|p|{proposal_key(ticket.scope, req)}"
         readable = self.readable(ticket, req.params) is None
         if readable:
@@ -308,7 +307,7 @@ class ResponseCache:
                         }
                     )
             self.metrics.miss("proposal")
-        res = await safe_call(caller, config, req)
+        res = await fetch()
         if ticket.write and res.ok and res.text and res.finish_reason in COMPLETE:
             raw = json.dumps({"created": time.time(), "result": res.model_dump(mode="json")}).encode()
             try:

@@ -10,7 +10,7 @@ from moa.config import MoAConfig
 from moa.engine.caller import ModelCaller
 from moa.engine.plan import ModelRef, ProposerSpec
 from moa.engine.prompts import trim_references
-from moa.tokens import approx_message_tokens
+from moa.tokens import approx_message_tokens, approx_tokens
 from moa.types import (
     CallError,
     CallRequest,
@@ -19,6 +19,8 @@ from moa.types import (
     ErrorKind,
     GenerationParams,
     StreamEvent,
+    TextDelta,
+    Usage,
 )
 
 # Tokens reserved for an aggregator's answer when the request does not say.
@@ -76,15 +78,54 @@ def transport_failure(config: MoAConfig, req: CallRequest, exc: BaseException) -
     )
 
 
-def timeout_result(config: MoAConfig, req: CallRequest, why: str, latency_s: float) -> CallResult:
-    """A call we stopped waiting for ourselves (its share of the request deadline ran out)."""
+def prompt_tokens(messages: Sequence[ChatMessage]) -> int:
+    """A prompt's tokens, estimated, as a call cut before its provider reported them is billed."""
+    return approx_message_tokens(m.content for m in messages)
+
+
+def cut_result(
+    config: MoAConfig,
+    req: CallRequest | tuple[str, str, int],
+    received: str,
+    kind: ErrorKind,
+    why: str,
+    latency_s: float,
+) -> CallResult:
+    """A call that reached its provider and was cut before it reported its usage (by us: a
+    straggler, a deadline, a cancelled layer; or by the client going away), billed as providers
+    bill it: the prompt, read in full, plus what it generated, estimated by the text received.
+    ``req`` is the request, or (provider, model, prompt tokens) where only those are known.
+
+    The estimate can err low by the few tokens still in flight when the stream was closed (sent by
+    the provider, never read); it never counts a token twice. The provider's own count is used
+    wherever it arrives (a finished call's result), so only calls cut short are estimated."""
+    if isinstance(req, CallRequest):
+        provider, model, prompt = req.provider, req.model, prompt_tokens(req.messages)
+    else:
+        provider, model, prompt = req
+    usage = Usage(input_tokens=prompt, output_tokens=approx_tokens(received))
+    known = provider in config.providers
+    cost = config.price(provider, model).cost(usage.input_tokens, usage.output_tokens) if known else 0.0
     return CallResult(
-        provider=req.provider,
-        provider_kind=provider_kind(config, req.provider),
-        requested_model=req.model,
+        provider=provider,
+        provider_kind=provider_kind(config, provider),
+        requested_model=model,
+        text=received,
+        usage=usage,
+        cost_usd=cost,
+        usage_estimated=True,
         latency_s=latency_s,
-        error=CallError(kind=ErrorKind.TIMEOUT, message=why),
+        streamed=True,
+        error=CallError(kind=kind, message=why),
     )
+
+
+def timeout_result(
+    config: MoAConfig, req: CallRequest, why: str, latency_s: float, received: str = ""
+) -> CallResult:
+    """A call we stopped waiting for ourselves (its share of the request deadline ran out): billed
+    for its prompt and whatever it sent (``cut_result``)."""
+    return cut_result(config, req, received, ErrorKind.TIMEOUT, why, latency_s)
 
 
 async def safe_call(caller: ModelCaller, config: MoAConfig, req: CallRequest) -> CallResult:
@@ -95,6 +136,24 @@ async def safe_call(caller: ModelCaller, config: MoAConfig, req: CallRequest) ->
         raise
     except Exception as exc:
         return transport_failure(config, req, exc)
+
+
+async def collect(
+    caller: ModelCaller, config: MoAConfig, req: CallRequest, received: list[str]
+) -> CallResult:
+    """One call, streamed to its end: the text arrives in ``received`` as it is written, so a call
+    cut before it answers is billed for what it generated (``cut_result``), not for nothing.
+
+    Calls the engine may cut (proposers that turn stragglers, aggregators whose client leaves) are
+    streamed for this reason even when the client's request is not: closing a stream also stops
+    the provider generating (and billing), where a cut non-streamed call is often generated, and
+    billed, in full."""
+    async for ev in safe_stream(caller, config, req):
+        if isinstance(ev, TextDelta):
+            received.append(ev.text)
+        else:
+            return ev
+    raise AssertionError("safe_stream always ends with a result")  # pragma: no cover
 
 
 async def safe_stream(caller: ModelCaller, config: MoAConfig, req: CallRequest) -> AsyncIterator[StreamEvent]:

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from opentelemetry import trace
 
 from moa.engine import spans
+from moa.engine.calls import cut_result
 from moa.engine.context import RunContext
-from moa.engine.fusion import FuseJob, Fuser, LocalFuser
+from moa.engine.fusion import FuseJob, Fuser, FuseStart, LocalFuser
 from moa.engine.plan import AggregatorSpec, ModelRef, ProposerSpec
 from moa.engine.result import CallRecord, Stage
-from moa.types import CallResult, GenerationParams, TextDelta
+from moa.types import CallResult, ErrorKind, GenerationParams, TextDelta
 from moa_observability.tracing import iterate_in, tracer
 
 
@@ -73,16 +74,26 @@ async def answer_chain(
     emitted = False
     emitted_before = False  # whether text went out before the attempt being recorded
     failed: CallResult | None = None  # a proposer's last failed attempt
+    # The attempt in flight (its model called, its step not back yet) and the text it sent: if the
+    # chain is cut now (the client left, the run was cancelled), that call is billed as it stands.
+    started: FuseStart | None = None
+    here = ""
     span = tracer().start_span(
         "moa.fuse", attributes=spans.fuse_attributes(stage, len(references), round_, step)
     )
     events = iterate_in(trace.set_span_in_context(span), fuser.fuse(job))
     try:
         async for ev in events:
-            if isinstance(ev, TextDelta):
-                emitted = True
-                yield ev
+            if isinstance(ev, FuseStart):
+                started, here = ev, ""
                 continue
+            if isinstance(ev, TextDelta):
+                here += ev.text
+                if stream:  # a chain whose client does not stream still streams, unseen
+                    emitted = True
+                    yield ev
+                continue
+            started = None
             res = ev.result
             ctx.note(*(f"{stage.value} {note}" for note in ev.notes))
             rec = CallRecord.from_result(
@@ -119,7 +130,37 @@ async def answer_chain(
         ctx.deadline.check()
     finally:
         await events.aclose()
+        if started is not None:
+            _bill_cut(ctx, started, here, stage, job_start, step, layer, round_, role)
         span.end()
+
+
+def _bill_cut(
+    ctx: RunContext,
+    started: FuseStart,
+    text: str,
+    stage: Stage,
+    job_start: float,
+    step: int | None,
+    layer: int | None,
+    round_: int | None,
+    role: str | None,
+) -> None:
+    """Record an attempt cut before its step came back, at what its provider bills for it (its
+    prompt and the text it sent). Its failure is not one of the run's: the run itself was cut."""
+    res = cut_result(
+        ctx.config,
+        (started.provider, started.model, started.prompt_tokens),
+        text,
+        ErrorKind.CANCELLED,
+        "cancelled: the request ended first",
+        ctx.offset() - job_start,
+    )
+    rec = CallRecord.from_result(res, stage=stage, started_s=job_start, layer=layer, round=round_, role=role)
+    rec.staircase_step = step
+    ctx.records.append(rec)
+    if ctx.on_call is not None:
+        ctx.on_call(rec)
 
 
 async def synthesise(ctx: RunContext, references: list[str], *, round_: int) -> str | None:

@@ -19,8 +19,8 @@ from moa.engine.caller import ModelCaller
 from moa.engine.calls import (
     fit_references,
     merge_params,
+    prompt_tokens,
     provider_kind,
-    safe_call,
     safe_stream,
     timeout_result,
 )
@@ -66,7 +66,16 @@ class FuseStep(BaseModel):
     continued_chars: int | None = None
 
 
-FuseEvent = TextDelta | FuseStep
+class FuseStart(BaseModel):
+    """An attempt of the chain is about to call its model: who, and how long its prompt is (in
+    estimated tokens), so that the consumer can bill the attempt if it is cut before its step."""
+
+    provider: str
+    model: str
+    prompt_tokens: int
+
+
+FuseEvent = TextDelta | FuseStart | FuseStep
 
 
 class Fuser(Protocol):
@@ -115,27 +124,28 @@ async def fuse(job: FuseJob, caller: ModelCaller, config: MoAConfig) -> AsyncIte
         )
         res: CallResult | None = None
         prefix, here = sent, ""
-        if job.stream:
-            events = aiter(safe_stream(caller, config, req))
-            try:
-                first_wait = None if share is None else min(share, timeout)
-                ev: StreamEvent | None = await _first(events, first_wait)
-                while ev is not None:
-                    if isinstance(ev, TextDelta):
-                        text = trim(ev.text)
-                        if text:
-                            here += text
-                            yield TextDelta(text=text)
-                    else:
-                        res = ev
-                    ev = await anext(events, None)
-            except TimeoutError:
-                why = f"no first token within its {first_wait:.1f}s share of the deadline; trying the next"
-                res = timeout_result(config, req, why, time.monotonic() - t0 - elapsed)
-            finally:
-                await events.aclose()  # type: ignore[attr-defined]
-        else:
-            res = await safe_call(caller, config, req)
+        yield FuseStart(provider=spec.provider, model=spec.model, prompt_tokens=prompt_tokens(req.messages))
+        # Every attempt streams, seen by the client or not: a cut stream stops its provider and
+        # leaves the text it wrote to bill (``FuseStart``); only a visible one (``job.stream``) is
+        # continued by the next model when it breaks, and waits only a share for its first token.
+        events = aiter(safe_stream(caller, config, req))
+        try:
+            first_wait = None if share is None or not job.stream else min(share, timeout)
+            ev: StreamEvent | None = await _first(events, first_wait)
+            while ev is not None:
+                if isinstance(ev, TextDelta):
+                    text = trim(ev.text)
+                    if text:
+                        here += text
+                        yield TextDelta(text=text)
+                else:
+                    res = ev
+                ev = await anext(events, None)
+        except TimeoutError:
+            why = f"no first token within its {first_wait:.1f}s share of the deadline; trying the next"
+            res = timeout_result(config, req, why, time.monotonic() - t0 - elapsed, here)
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
         assert res is not None
         if res.ok and prefix:
             res = res.model_copy(update={"text": prefix + here})
@@ -143,7 +153,8 @@ async def fuse(job: FuseJob, caller: ModelCaller, config: MoAConfig) -> AsyncIte
         yield step
         if res.ok:
             return
-        sent = prefix + here
+        if job.stream:
+            sent = prefix + here
 
 
 async def _first(events: AsyncIterator[StreamEvent], within: float | None) -> StreamEvent | None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from moa.deadline import Deadline
 from moa.engine import spans
-from moa.engine.calls import fit_references, merge_params, provider_kind, safe_call, safe_stream
+from moa.engine.calls import collect, cut_result, fit_references, merge_params, provider_kind, safe_stream
 from moa.engine.context import RunContext
 from moa.engine.plan import LayerSpec, ProposerSpec
 from moa.engine.prompts import with_references
@@ -68,14 +68,15 @@ async def run_layer(
 
 
 def _call(
-    ctx: RunContext, req: CallRequest, i: int, feed: StaircaseFeed | None
+    ctx: RunContext, req: CallRequest, i: int, feed: StaircaseFeed | None, received: list[str]
 ) -> Coroutine[Any, Any, CallResult]:
-    """One proposer call: streamed into the staircase feed, through the cache, or plain."""
+    """One proposer call: streamed into the staircase feed, or streamed into ``received`` (through
+    the cache when it may answer), so that a call cut short is billed for what it wrote."""
     if feed is not None:  # staircase: the answer streams into the feed as it is written
         return feed.consume(i, safe_stream(ctx.caller, ctx.config, req))
     if ctx.cache is not None and ctx.ticket is not None and ctx.config.cache.proposals:
-        return ctx.cache.call(ctx.caller, ctx.config, req, ctx.ticket)
-    return safe_call(ctx.caller, ctx.config, req)
+        return ctx.cache.call(req, ctx.ticket, lambda: collect(ctx.caller, ctx.config, req, received))
+    return collect(ctx.caller, ctx.config, req, received)
 
 
 def _request(
@@ -125,6 +126,8 @@ async def _calls(
     ctx.deadline.check()
     started_s = ctx.offset()
     tasks: dict[asyncio.Task[CallResult], int] = {}
+    # What each direct proposer was asked and has written so far: what a cut call is billed for.
+    bill = _Bill(ctx, index, layer, started_s, round_, feed, stepped=upstream is not None)
     if upstream is not None:
         assert feed is not None  # a stepped layer streams into its own feed for the next one
         for i, spec in enumerate(layer.proposers):
@@ -144,8 +147,8 @@ async def _calls(
 
     if upstream is None:
         for i, spec in enumerate(layer.proposers):
-            req = _request(ctx, index, spec, references, refine, timeout)
-            tasks[asyncio.create_task(_call(ctx, req, i, feed))] = i
+            req = bill.requests[i] = _request(ctx, index, spec, references, refine, timeout)
+            tasks[asyncio.create_task(_call(ctx, req, i, feed, bill.received[i]))] = i
 
     results: dict[int, CallResult] = {}
     pending = set(tasks)
@@ -192,6 +195,14 @@ async def _calls(
             if len(layer.proposers) - failed < needed:
                 stop_reason = "the quorum can no longer be reached"
                 break  # do not wait for the rest
+    except BaseException:
+        # The layer itself was cancelled (the client left, a staircase run turned to its fallback)
+        # or failed: its calls still reached their providers, and each is billed before it goes.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        bill.cancelled(tasks, results, time.monotonic() - start)
+        raise
     finally:
         for task in pending:
             task.cancel()
@@ -201,16 +212,9 @@ async def _calls(
     end = time.monotonic()
     stragglers = {tasks[t] for t in pending}
     for task in pending:
-        i = tasks[task]
-        spec = layer.proposers[i]
         kind = ErrorKind.TIMEOUT if stop_reason == _DEADLINE else ErrorKind.CANCELLED
-        results[i] = CallResult(
-            provider=spec.provider,
-            provider_kind=provider_kind(ctx.config, spec.provider),
-            requested_model=spec.model,
-            latency_s=end - start,
-            error=CallError(kind=kind, message=f"cancelled as a straggler: {stop_reason}"),
-        )
+        i = tasks[task]
+        results[i] = bill.cut(i, kind, f"cancelled as a straggler: {stop_reason}", end - start)
     answers: list[str] = []
     completed_latency = 0.0
     reported: list[float] = []  # the providers' own service times, where they gave one
@@ -237,3 +241,69 @@ async def _calls(
     if not met:
         ctx.deadline.check(f"the request deadline passed in layer {index}")
     return LayerOutcome(answers=answers, met=met, stragglers=len(stragglers))
+
+
+class _Bill:
+    """One layer's calls as their providers bill them: what each direct proposer was asked and has
+    written so far, so that a call cut short (a straggler, or every call of a cancelled layer) is
+    recorded at what it cost (``cut_result``), never at nothing.
+
+    A stepped proposer (a staircase layer after the first) is a chain of step calls, each recorded
+    and billed by its chain as it ends or is cut (``answer_chain``): its straggler record only
+    says it was cut, and costs nothing more."""
+
+    def __init__(
+        self,
+        ctx: RunContext,
+        index: int,
+        layer: LayerSpec,
+        started_s: float,
+        round_: int | None,
+        feed: StaircaseFeed | None,
+        stepped: bool,
+    ) -> None:
+        self.ctx, self.index, self.layer, self.started_s, self.round = ctx, index, layer, started_s, round_
+        self.feed, self.stepped = feed, stepped
+        self.requests: dict[int, CallRequest] = {}
+        self.received: list[list[str]] = [[] for _ in layer.proposers]
+
+    def cut(self, i: int, kind: ErrorKind, why: str, latency_s: float) -> CallResult:
+        """Proposer ``i``'s call, cut: billed for its prompt and the text it sent (none when stepped)."""
+        req = self.requests.get(i)
+        if req is None or self.stepped:
+            spec = self.layer.proposers[i]
+            return CallResult(
+                provider=spec.provider,
+                provider_kind=provider_kind(self.ctx.config, spec.provider),
+                requested_model=spec.model,
+                latency_s=latency_s,
+                error=CallError(kind=kind, message=why),
+            )
+        text = self.feed.texts[i] if self.feed is not None else "".join(self.received[i])
+        return cut_result(self.ctx.config, req, text, kind, why, latency_s)
+
+    def cancelled(
+        self, tasks: dict[asyncio.Task[CallResult], int], results: dict[int, CallResult], latency_s: float
+    ) -> None:
+        """Record every call of a layer cancelled mid-way: those that answered, at their cost; the
+        rest as cut. Stepped proposers' calls were recorded by their chains."""
+        if self.stepped:
+            return
+        for task, i in tasks.items():
+            res = results.get(i)
+            if res is None and task.done() and not task.cancelled() and task.exception() is None:
+                res = task.result()
+            cut = res is None
+            if res is None:
+                res = self.cut(i, ErrorKind.CANCELLED, "cancelled: the request ended first", latency_s)
+            spec = self.layer.proposers[i]
+            rec = CallRecord.from_result(
+                res,
+                stage=Stage.PROPOSER,
+                started_s=self.started_s,
+                layer=self.index,
+                round=self.round,
+                role=spec.role,
+            )
+            rec.cancelled_straggler = cut
+            self.ctx.record(res, rec)

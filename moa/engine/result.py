@@ -47,6 +47,9 @@ class CallRecord(BaseModel):
     ttft_s: float | None = None
     usage: Usage = Usage()
     cost_usd: float = 0.0
+    # The call ended before its provider reported its usage: ``usage`` and ``cost_usd`` are the
+    # prompt plus the text received, estimated (see ``CallResult.usage_estimated``).
+    usage_estimated: bool = False
     attempts: int = 0
     finish_reason: str | None = None
     provider_service_s: float | None = None  # what the provider reported (see CallResult)
@@ -92,6 +95,7 @@ class CallRecord(BaseModel):
             ttft_s=res.ttft_s,
             usage=res.usage,
             cost_usd=res.cost_usd,
+            usage_estimated=res.usage_estimated,
             attempts=res.attempts,
             finish_reason=res.finish_reason,
             provider_service_s=res.provider_service_s,

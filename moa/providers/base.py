@@ -14,7 +14,7 @@ import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, ClassVar, get_args
 
@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from moa.config import Endpoint, ProviderConfig
 from moa.deadline import Deadline
 from moa.limits import DEFAULT_OUTPUT_RESERVE, ProviderLimits, RateBudgetExceeded
-from moa.tokens import CHARS_PER_TOKEN, approx_message_tokens
+from moa.tokens import approx_message_tokens, approx_tokens
 from moa.types import (
     CallError,
     CallRequest,
@@ -522,7 +522,7 @@ class ProviderClient(ABC):
                             elif item:
                                 ttft = ttft if ttft is not None else time.monotonic() - t0
                                 parts.append(item)
-                                used.output_chars += len(item)
+                                used.received.append(item)
                                 yield TextDelta(text=item)
                     finally:
                         await _aclose(it)
@@ -548,10 +548,16 @@ class ProviderClient(ABC):
                     continue
                 delay = self._retry_delay(err, attempts - relearned, deadline, emitted=bool(parts))
                 if delay is None:
+                    # What the provider bills for the attempts that read the prompt, and the text
+                    # a broken stream sent: never nothing for a call that generated.
+                    billed = used.billed()
                     yield self._failure(
                         req,
                         t0,
                         err,
+                        usage=billed,
+                        cost_usd=self._cost(req, billed),
+                        usage_estimated=billed.total_tokens > 0,
                         attempts=attempts,
                         streamed=stream,
                         ttft_s=ttft,
@@ -566,24 +572,29 @@ class ProviderClient(ABC):
                 service = (service or 0.0) + final.service_s
             text = "".join(parts) if stream else final.text
             model = final.model or req.model
-            price = self.cfg.price(req.model)
+            # The provider's usage for the attempt that answered, plus the prompts that earlier
+            # failed attempts had it read (a timeout, a broken connection), estimated.
+            retried = used.billed(answered=True)
+            usage = final.usage + retried
             yield self._result(
                 req,
                 t0,
                 model=model,
                 text=text,
-                usage=final.usage,
+                usage=usage,
+                usage_estimated=retried.total_tokens > 0,
                 finish_reason=final.finish_reason,
                 ttft_s=ttft,
-                cost_usd=price.cost(
-                    final.usage.input_tokens, final.usage.output_tokens, final.usage.cached_tokens
-                ),
+                cost_usd=self._cost(req, usage),
                 attempts=attempts,
                 streamed=stream,
                 provider_service_s=service,
                 adjustments=adjustments,
             )
             return
+
+    def _cost(self, req: CallRequest, usage: Usage) -> float:
+        return self.cfg.price(req.model).cost(usage.input_tokens, usage.output_tokens, usage.cached_tokens)
 
     def _retry_delay(
         self, err: AttemptError, attempts: int, deadline: Deadline, emitted: bool
@@ -611,16 +622,24 @@ class _Consumption:
     input_tokens: int
     sent: int = 0  # attempts that went out
     refused: int = 0  # of those, attempts refused with a status (or that never left our side)
-    output_chars: int = 0  # streamed text received so far
+    received: list[str] = field(default_factory=list)  # streamed text received so far
     actual: int | None = None  # the provider's own usage, once it answered
+
+    def billed(self, answered: bool = False) -> Usage:
+        """What the provider bills for the attempts that did not answer: each one that read the
+        prompt (every attempt sent but those refused with a status), and the text received; with
+        ``answered``, the last attempt is the one that answered, and its own usage is reported."""
+        reads = self.sent - self.refused - (1 if answered else 0)
+        output = 0 if answered else approx_tokens("".join(self.received))
+        return Usage(input_tokens=self.input_tokens * max(reads, 0), output_tokens=output)
 
     def tokens(self) -> int:
         if self.actual is not None:
             return self.actual
         # An attempt refused with a status consumed nothing; any other (a timeout, a cut stream,
         # our cancellation) had its prompt read, and produced what we received.
-        read_prompt = self.sent > self.refused or self.output_chars > 0
-        output = -(-self.output_chars // CHARS_PER_TOKEN)
+        read_prompt = self.sent > self.refused or bool(self.received)
+        output = approx_tokens("".join(self.received))
         return (self.input_tokens if read_prompt else 0) + output
 
 

@@ -1,0 +1,317 @@
+"""The ledger matches the invoice: every call that reached a provider is billed, however it ended.
+
+Providers bill what they generate, not what the caller finished reading. These tests cut calls in
+every way the engine can (a straggler cut by early aggregation, a layer cancelled with its calls
+running, an aggregator whose request was abandoned mid-answer, a provider stream broken mid-way)
+and check each call is recorded at the prompt plus the text it sent, never at $0. The engine-level
+cases drive ``ScriptedCaller`` on its virtual clock (the order of events is a fact of the test);
+the provider-level and end-to-end cases use the official SDKs against the simulator, whose own
+invoice (``billed_*_tokens``) the ledger is compared with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from moa import MoAEngine, Plan, load_config
+from moa.auth import new_key, new_record
+from moa.config import MoAConfig
+from moa.engine.result import CallRecord, Stage
+from moa.providers.registry import ProviderPool
+from moa.simulator.server import SimulatorServer
+from moa.state import KeyLimits, StateStore, to_micro
+from moa.state.sqlite_store import SQLiteStore
+from moa.testing import Reply, ScriptedCaller
+from moa.tokens import approx_message_tokens, approx_tokens
+from moa.types import CallRequest, ChatMessage, ErrorKind, TextDelta
+from tests.helpers import QUESTION as API_QUESTION
+from tests.helpers import ApiServer, model_stats, set_fault, sim_stats, wait_idle
+from tests.test_keys_api import wait_for_auth
+from tests.waiting import wait_until
+
+QUESTION = [ChatMessage(role="user", content="How do vaccines train the immune system?")]
+# Priced models of the bundled config, so that a cut call's cost is a real figure.
+P1, P2, P3 = "openai/gpt-4.1-mini", "anthropic/claude-haiku-4-5", "gemini/gemini-2.5-flash"
+AGG = "openai/gpt-4.1"
+LONG_S = 600.0
+CONFIG = load_config(None)
+
+
+def plan(**update: object) -> Plan:
+    raw: dict[str, object] = {
+        "layers": [
+            {
+                "proposers": [{"provider": k.split("/")[0], "model": k.split("/")[1]} for k in (P1, P2, P3)],
+                "quorum": 2,
+            }
+        ],
+        "aggregators": [{"provider": "openai", "model": "gpt-4.1"}],
+        "fallbacks": [],
+        "grace_s": LONG_S,
+        "layer_deadline_s": LONG_S,
+        "call_timeout_s": LONG_S,
+    }
+    raw.update(update)
+    return Plan.model_validate(raw)
+
+
+def price(key: str, input_tokens: int, output_tokens: int) -> float:
+    provider, model = key.split("/")
+    return CONFIG.price(provider, model).cost(input_tokens, output_tokens)
+
+
+def prompt_of(caller: ScriptedCaller, key: str) -> int:
+    (call,) = caller.calls_to(key)
+    return approx_message_tokens(m.content for m in call.request.messages)
+
+
+WORDS = tuple(f"word{n} " for n in range(40))
+
+
+async def test_a_straggler_cut_by_early_aggregation_is_billed_for_what_it_wrote() -> None:
+    """P3 has written 5 pieces when the quorum is met and ``early`` cuts it: its record costs its
+    prompt plus those 5 pieces, estimated, and the run's cost includes it."""
+    caller = ScriptedCaller()
+    caller.script(P1, Reply(text="answer one", at_step=1))
+    caller.script(P2, Reply(text="answer two", at_step=1))
+    caller.script(P3, Reply(deltas=WORDS, pauses=((5, 99),)))  # holds after 5 pieces, never resumes
+    caller.script(AGG, "the synthesis")
+    run = asyncio.create_task(MoAEngine(CONFIG, caller).run(QUESTION, plan=plan(aggregation="early")))
+    await caller.wait_started(3)
+    await caller.advance()
+    result = await run
+    (cut,) = [c for c in result.calls if c.stage is Stage.PROPOSER and not c.ok]
+    assert cut.cancelled_straggler and cut.error_kind is ErrorKind.CANCELLED and cut.usage_estimated
+    sent = "".join(WORDS[:5])
+    assert cut.usage.input_tokens == prompt_of(caller, P3) > 0
+    assert cut.usage.output_tokens == approx_tokens(sent) > 0
+    assert cut.cost_usd == pytest.approx(price(P3, cut.usage.input_tokens, cut.usage.output_tokens))
+    assert result.cost_usd == pytest.approx(sum(c.cost_usd for c in result.calls))
+    assert cut.cost_usd > 0 and result.usage.output_tokens >= cut.usage.output_tokens
+
+
+async def test_a_layer_cancelled_with_calls_running_bills_every_call() -> None:
+    """The run is cancelled (the client left) while P3 still writes: P1 and P2, which answered,
+    are recorded at their own usage, and P3 at its prompt plus the pieces it sent."""
+    caller = ScriptedCaller()
+    caller.script(P1, Reply(text="answer one"))
+    caller.script(P2, Reply(text="answer two"))
+    caller.script(P3, Reply(deltas=WORDS, pauses=((7, 99),)))
+    seen: list[CallRecord] = []
+    run = asyncio.create_task(MoAEngine(CONFIG, caller).run(QUESTION, plan=plan(), on_call=seen.append))
+    await caller.wait_started(3)
+    await wait_until(lambda: sum(c.finished for c in caller.calls), lambda n: n >= 2, what="two answers")
+    for _ in range(20):  # let P3 send its pieces up to its pause
+        await asyncio.sleep(0)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    by_model = {f"{r.provider}/{r.model}": r for r in seen}
+    assert set(by_model) == {P1, P2, P3}
+    assert by_model[P1].ok and by_model[P1].usage.output_tokens > 0 and not by_model[P1].usage_estimated
+    cut = by_model[P3]
+    assert not cut.ok and cut.usage_estimated and cut.cancelled_straggler
+    assert cut.usage.output_tokens == approx_tokens("".join(WORDS[:7]))
+    assert cut.usage.input_tokens == prompt_of(caller, P3)
+
+
+async def test_an_aggregator_abandoned_mid_answer_is_billed_for_its_prompt_and_its_text() -> None:
+    """A non-streaming request is abandoned while its aggregator writes: the aggregator's call
+    (streamed under the hood, unseen by the client) is recorded with the references it read and
+    the pieces it sent. Before, the aggregator (most of a request's cost) was recorded at $0."""
+    caller = ScriptedCaller()
+    for key in (P1, P2, P3):
+        caller.script(key, Reply(text=f"the answer of {key} " * 20))
+    caller.script(AGG, Reply(deltas=WORDS, pauses=((9, 99),)))
+    seen: list[CallRecord] = []
+    run = asyncio.create_task(MoAEngine(CONFIG, caller).run(QUESTION, plan=plan(), on_call=seen.append))
+    await caller.wait_started(4)
+    for _ in range(40):
+        await asyncio.sleep(0)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    (agg,) = [r for r in seen if r.stage is Stage.AGGREGATOR]
+    assert agg.usage_estimated and not agg.ok and agg.error_kind is ErrorKind.CANCELLED
+    assert agg.usage.input_tokens == prompt_of(caller, AGG)  # the references it read
+    assert agg.usage.output_tokens == approx_tokens("".join(WORDS[:9]))
+    assert agg.cost_usd == pytest.approx(price(AGG, agg.usage.input_tokens, agg.usage.output_tokens))
+    assert len([r for r in seen if r.stage is Stage.PROPOSER and r.ok]) == 3
+
+
+# -- against the simulator's invoice ------------------------------------------------------------------
+
+# How far below the provider's invoice a cut call's estimate may fall: the text the provider had
+# sent and we had not yet read when the stream was closed (a few pieces in the socket's buffers),
+# in output tokens per cut call. The estimate never counts a token the provider did not send.
+IN_FLIGHT_TOKENS = 24
+# A profile slow enough that a client can hang up mid-answer: 40 tokens a second.
+SLOW = {"default": {"ttft_s": 0.02, "tokens_per_s": 40.0, "jitter": 0.0}}
+
+
+def invoice(sim: SimulatorServer, config: MoAConfig) -> tuple[float, int]:
+    """What the simulator would bill, priced as the config prices each model, and its tokens."""
+    stats = sim_stats(sim)
+    cost, tokens = 0.0, 0
+    for model, s in stats.items():
+        provider = next(p for p, m in config.all_models() if m == model)
+        cost += config.price(provider, model).cost(s["billed_input_tokens"], s["billed_output_tokens"])
+        tokens += s["billed_input_tokens"] + s["billed_output_tokens"]
+    return cost, tokens
+
+
+@pytest.fixture
+def server(sim: SimulatorServer, state_dir: Path) -> Iterator[ApiServer]:
+    httpx.post(f"{sim.url}/admin/reset", json={"profile": SLOW}).raise_for_status()
+    cfg = load_config(None)
+    cfg = cfg.model_copy(
+        update={"simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": "on"})}
+    )
+    with ApiServer(cfg, store=lambda: SQLiteStore(state_dir / "state.db")) as s:
+        yield s
+
+
+async def spent_and_sim(server: ApiServer, sim: SimulatorServer, record_id: str, store: StateStore) -> int:
+    """The key's settled spend, once the request settled and the simulator finished billing."""
+
+    async def charged() -> int:
+        return await store.spent(record_id, "total")
+
+    spent = await wait_until(charged, lambda v: v > 0, what="the abandoned request to settle")
+    await wait_idle(sim)
+    return spent
+
+
+@pytest.mark.parametrize("preset", ["single", "moa-lite"])
+def test_a_stream_the_client_hangs_up_on_is_billed_as_the_provider_bills_it(
+    server: ApiServer, sim: SimulatorServer, state_dir: Path, preset: str
+) -> None:
+    """A streaming client reads a few chunks of the answer and hangs up: the key is charged what
+    the simulator invoices (every prompt it read, every token it generated), not $0 for the cut
+    aggregator. Before, 30 cut streams of ``single`` were charged nothing."""
+    key = new_key()
+    record = new_record("stream", key, KeyLimits(budget_usd=1.0))
+
+    async def scenario() -> int:
+        store: StateStore = SQLiteStore(state_dir / "state.db")
+        try:
+            await store.create_key(record)
+            await asyncio.to_thread(wait_for_auth, server)
+            body = {"model": preset, "messages": API_QUESTION, "stream": True, "max_tokens": 300}
+            headers = {"Authorization": f"Bearer {key}"}
+            async with (
+                httpx.AsyncClient(base_url=server.url, headers=headers, timeout=60) as http,
+                http.stream("POST", "/v1/chat/completions", json=body) as response,
+            ):
+                assert response.status_code == 200
+                chunks = 0
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {") and '"content": "' in line and '"content": ""' not in line:
+                        chunks += 1
+                        if chunks == 3:
+                            break
+            return await spent_and_sim(server, sim, record.id, store)
+        finally:
+            await store.close()
+
+    spent = asyncio.run(scenario())
+    billed, _ = invoice(sim, server.config)
+    aggregator = server.config.price("openai", "gpt-4.1")
+    slack = to_micro(aggregator.cost(0, IN_FLIGHT_TOKENS))
+    assert to_micro(billed) - slack <= spent <= to_micro(billed) + 2, (spent, billed)
+
+
+def test_a_request_abandoned_while_its_aggregator_writes_is_billed_in_full(
+    server: ApiServer, sim: SimulatorServer, state_dir: Path
+) -> None:
+    """A non-streaming ``moa-lite`` request whose client gives up while the aggregator writes: the
+    aggregator's call (streamed under the hood) is charged for its prompt and what it wrote, so the
+    key's spend equals the simulator's invoice. Before, the proposers were charged and the
+    aggregator (most of the cost) was not."""
+    key = new_key()
+    record = new_record("abandon", key, KeyLimits(budget_usd=1.0))
+
+    async def scenario() -> int:
+        store: StateStore = SQLiteStore(state_dir / "state.db")
+        try:
+            await store.create_key(record)
+            await asyncio.to_thread(wait_for_auth, server)
+            body = {"model": "moa-lite", "messages": API_QUESTION, "max_tokens": 120}
+            headers = {"Authorization": f"Bearer {key}"}
+            async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=60) as http:
+                call = asyncio.ensure_future(http.post("/v1/chat/completions", json=body))
+                # Hang up once the aggregator is writing (the proposers answered).
+                await wait_until(
+                    lambda: asyncio.to_thread(model_stats, sim, "gpt-4.1"),
+                    lambda s: s["in_flight"] > 0,
+                    what="the aggregator to start",
+                )
+                await asyncio.sleep(0.5)  # some of its answer generated; the rest never will be
+                call.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await call
+            return await spent_and_sim(server, sim, record.id, store)
+        finally:
+            await store.close()
+
+    spent = asyncio.run(scenario())
+    billed, _ = invoice(sim, server.config)
+    agg = sim_stats(sim)["gpt-4.1"]
+    assert 0 < agg["billed_output_tokens"] < 120  # the aggregator was cut mid-answer
+    slack = to_micro(server.config.price("openai", "gpt-4.1").cost(0, IN_FLIGHT_TOKENS))
+    assert to_micro(billed) - slack <= spent <= to_micro(billed) + 4, (spent, billed)
+
+
+async def test_a_provider_stream_broken_mid_way_is_billed_for_its_text(
+    sim: SimulatorServer, config: MoAConfig
+) -> None:
+    """A stream that breaks mid-answer (the connection drops) is a failure that still cost its
+    prompt and the text it sent: the result carries that usage, estimated, and its price, equal to
+    the simulator's invoice for it. Before, a failure result cost $0."""
+    set_fault(sim, "gpt-4.1-mini", cut_stream={"rate": 1.0})
+    req = CallRequest(provider="openai", model="gpt-4.1-mini", messages=tuple(QUESTION))
+    text, res = "", None
+    async with ProviderPool.from_config(config, sim_url=sim.url) as pool:
+        async for ev in pool.stream(req):
+            if isinstance(ev, TextDelta):
+                text += ev.text
+            else:
+                res = ev
+    assert res is not None and res.error is not None and text
+    assert res.usage_estimated and res.usage.output_tokens == approx_tokens(text) > 0
+    assert res.cost_usd == pytest.approx(
+        price("openai/gpt-4.1-mini", res.usage.input_tokens, res.usage.output_tokens)
+    )
+    await wait_idle(sim)
+    billed = model_stats(sim, "gpt-4.1-mini")
+    assert (billed["billed_input_tokens"], billed["billed_output_tokens"]) == (
+        res.usage.input_tokens,
+        res.usage.output_tokens,
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_finished_call_is_invoiced_at_the_usage_it_reported(
+    sim: SimulatorServer, config: MoAConfig, stream: bool
+) -> None:
+    """The simulator's invoice and the usage its responses report agree for a call that ran to
+    its end, streamed or not: what the ledger compares the cut calls with is the same count."""
+    req = CallRequest(provider="anthropic", model="claude-haiku-4-5", messages=tuple(QUESTION))
+    async with ProviderPool.from_config(config, sim_url=sim.url) as pool:
+        if stream:
+            (res,) = [ev async for ev in pool.stream(req) if not isinstance(ev, TextDelta)]
+        else:
+            res = await pool.call(req)
+    assert res.ok and not res.usage_estimated
+    await wait_idle(sim)
+    billed = model_stats(sim, "claude-haiku-4-5")
+    assert (billed["billed_input_tokens"], billed["billed_output_tokens"]) == (
+        res.usage.input_tokens,
+        res.usage.output_tokens,
+    )
