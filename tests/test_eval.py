@@ -22,7 +22,7 @@ from moa.eval.report import build_report, markdown, write_report
 from moa.eval.runner import EvalSpec, Evaluation, save_spec
 from moa.eval.shadow import PresetTally
 from moa.eval.stats import cohen_kappa, length_controlled_rate, logistic_fit, mean_ci, sigmoid
-from moa.eval.verdict import Verdict, parse_pairwise, parse_rating
+from moa.eval.verdict import PAIRWISE_FORMAT, Verdict, parse_pairwise, parse_rating
 from moa.simulator.profile import JudgeProfile, ModelProfile
 from moa.simulator.server import SimulatorServer
 from tests.conftest import FAST_PROFILE
@@ -90,6 +90,36 @@ def test_cohen_kappa() -> None:
 )
 def test_pairwise_verdicts_are_read_from_real_looking_output(text: str, verdict: Verdict | None) -> None:
     assert parse_pairwise(text) == verdict
+
+
+JUDGE_CORPUS = json.loads((Path(__file__).parent / "fixtures" / "judge_verdicts.json").read_text("utf-8"))
+
+
+def test_every_judge_output_in_the_corpus_is_read_right() -> None:
+    """Real judges' replies (FastChat's GPT-4 MT-Bench judgments, AlpacaEval's GPT-4 Turbo
+    annotator) and the failure modes met in use, each with the verdict it gives: every one is read
+    as that verdict, and one with none as ``None``, never a guess."""
+    cases = JUDGE_CORPUS["cases"]
+    assert sum(c["source"] != "constructed" for c in cases) >= 50
+    assert {c["source"] for c in cases} == set(JUDGE_CORPUS["sources"])
+    wrong = [
+        (c["id"], c["verdict"], parse_pairwise(c["text"]))
+        for c in cases
+        if parse_pairwise(c["text"]) != (None if c["verdict"] is None else Verdict(c["verdict"]))
+    ]
+    assert wrong == []
+    # Every kind of verdict is in it, so a parser that always answers one thing cannot pass.
+    assert {c["verdict"] for c in cases} == {"A", "B", "tie", None}
+
+
+def test_a_format_instruction_quoted_back_is_not_a_verdict() -> None:
+    """Issue 33: a weak judge repeated the format sentence and its last marker, ``[[C]]``, was
+    read as a tie. The judge's own verdict after (or before) the quote counts, or none."""
+    assert parse_pairwise(PAIRWISE_FORMAT) is None
+    assert parse_pairwise(f"Reply with {PAIRWISE_FORMAT}.") is None
+    assert parse_pairwise(f"Reply with {PAIRWISE_FORMAT}.\n\nB is right.\n\n[[B]]") is Verdict.B
+    assert parse_pairwise(f"[[A]]\n\n(I was asked for {PAIRWISE_FORMAT}.)") is Verdict.A
+    assert parse_pairwise("Final verdict: [[C]] for a tie.") is Verdict.TIE  # a real GPT-4 verdict
 
 
 @pytest.mark.parametrize(
