@@ -20,11 +20,14 @@ from moa.cli import main
 from moa.config import MoAConfig
 from moa.eval.report import build_report, markdown, write_report
 from moa.eval.runner import EvalSpec, Evaluation, save_spec
-from moa.eval.shadow import PresetTally
+from moa.eval.shadow import PresetTally, ShadowEvaluator
 from moa.eval.stats import cohen_kappa, length_controlled_rate, logistic_fit, mean_ci, sigmoid
 from moa.eval.verdict import PAIRWISE_FORMAT, Verdict, parse_pairwise, parse_rating
+from moa.eval.workloads import Item
 from moa.simulator.profile import JudgeProfile, ModelProfile
 from moa.simulator.server import SimulatorServer
+from moa.testing import ScriptedCaller
+from moa.types import ChatMessage
 from tests.conftest import FAST_PROFILE
 from tests.helpers import ApiServer, by_name, wait_for_spans
 from tests.otlp_receiver import OTLPReceiver
@@ -541,3 +544,60 @@ def test_shadow_is_recorded_on_the_requests_trace(
     assert shadow["attributes"]["moa.shadow.cost_usd"] > 0
     judge_calls = [s for s in by_name(spans, "chat gemini-2.5-pro") if s["parent_id"] == shadow["span_id"]]
     assert len(judge_calls) == 2  # both orders
+
+
+# -- a pair with one order unread ------------------------------------------------------------------
+
+
+def test_the_report_drops_a_pair_with_an_order_it_could_not_read(tmp_path: Path) -> None:
+    """A judge that always picks the answer shown first: each pair read both ways is even (0.5).
+    Two pairs lost an order (one unparseable, one whose judge call failed) and, counted on the
+    order left, would each be a win for the target: the rule drops them (``pair_preference``)."""
+    from moa.eval.runner import RunFiles
+
+    files = RunFiles(tmp_path)
+    items = [Item(id=str(i), category="all", turns=("q",)) for i in range(5)]
+    for item in items:
+        for target, text in (("T", "a long answer " * 20), ("R", "short")):
+            files.add_answer(
+                {"target": target, "item": item.id, "answers": [text], "cost_usd": 0.0, "error": None}
+            )
+
+    def judged(item: str, order: str, verdict: str | None, error: str | None = None) -> None:
+        unread = verdict is None and error is None
+        rec = {"kind": "pairwise", "judge": "J", "target": "T", "item": item, "order": order}
+        files.add_judgment({**rec, "verdict": verdict, "error": error, "retried": unread, "cost_usd": 0.0})
+
+    for item in ("0", "1", "2"):
+        judged(item, "target_first", "A")
+        judged(item, "reference_first", "A")
+    judged("3", "target_first", "A")
+    judged("3", "reference_first", None)  # unparseable, even after the retry
+    judged("4", "target_first", "A")
+    judged("4", "reference_first", None, error="server_error: scripted")
+    spec = EvalSpec(workload="w.jsonl", targets=["T"], reference="R", judges=["J"])
+    pw = build_report(spec, files, items, None)["targets"]["T"]["pairwise"]
+    assert pw["win_rate"]["value"] == 0.5  # 0.7 with the lone orders counted
+    assert pw["win_rate_by_judge"]["J"]["value"] == 0.5
+    assert pw["items_judged"] == 3 and pw["pairs_dropped"] == 2
+    assert pw["unparseable"] == 1 and pw["judge_errors"] == 1
+    assert "Pairs left out of the win rates" in markdown(build_report(spec, files, items, None))
+
+
+async def test_the_shadow_counts_a_pair_with_an_order_it_could_not_read_as_unparseable() -> None:
+    """The same rule on live traffic: the judge picks the served answer shown first, then cannot
+    be read (twice: the retry too) with the answers swapped. One order alone is no win."""
+    from moa import MoAEngine, load_config
+
+    cfg = shadow_config(load_config(None), presets=["moa-lite"])
+    caller = ScriptedCaller(default="an answer")
+    caller.script(JUDGE, "Assistant A is better.\n\n[[A]]", "Both have merit.")
+    messages = [ChatMessage(role="user", content="Why is the sky blue?")]
+    result = await MoAEngine(cfg, caller).run(messages, preset="moa-lite")
+    shadow = ShadowEvaluator(cfg, caller, seed=0)
+    assert shadow.offer(messages, result, "moa-lite")
+    await shadow.wait_idle()
+    judge_calls = [c for c in caller.calls if f"{c.request.provider}/{c.request.model}" == JUDGE]
+    assert len(judge_calls) == 3  # the served-first order, the swapped one and its retry
+    tally = shadow.snapshot()["presets"]["moa-lite"]
+    assert tally["unparseable"] == 1 and tally["judged"] == 0 and tally["win_rate"] is None

@@ -27,7 +27,7 @@ from moa.engine.caller import ModelCaller
 from moa.engine.result import MoAResult
 from moa.eval.budget import Budget
 from moa.eval.judging import Judge
-from moa.eval.verdict import Verdict
+from moa.eval.verdict import pair_preference, side_preference
 from moa.tokens import approx_message_tokens
 from moa.types import CallRequest, ChatMessage, GenerationParams
 from moa_observability.metrics import ShadowMetrics
@@ -184,25 +184,22 @@ class ShadowEvaluator:
                     span.set_attribute("moa.shadow.outcome", "failed")
                     return
                 question = "\n\n".join(m.content for m in messages if m.role == "user")
-                prefs: list[float] = []
+                sides: dict[bool, float | None] = {}
                 budget = Budget()  # the hourly reservation above already covers these calls
                 for served_first in (True, False):
                     first, second = (result.text, base.text) if served_first else (base.text, result.text)
                     out = await self.judge.pairwise(question, first, second, budget)
                     cost += out.cost_usd
                     self.metrics.cost(preset, route, "judge", out.cost_usd)
-                    if out.verdict is None:
-                        continue
-                    if out.verdict is Verdict.TIE:
-                        prefs.append(0.5)
-                    else:
-                        prefs.append(1.0 if (out.verdict is Verdict.A) == served_first else 0.0)
-                if not prefs:
+                    sides[served_first] = side_preference(out.verdict, served_first)
+                # Both orders read, or the sample is unparseable: one order alone would let the
+                # judge's position bias into the win rate (the rule moa eval's report applies).
+                pref = pair_preference(sides[True], sides[False])
+                if pref is None:
                     tally.unparseable += 1
                     self.metrics.outcome(preset, route, "unparseable")
                     span.set_attribute("moa.shadow.outcome", "unparseable")
                     return
-                pref = sum(prefs) / len(prefs)
                 tally.add(pref)
                 routed.add(pref)
                 outcome = "win" if pref > 0.5 else "loss" if pref < 0.5 else "tie"

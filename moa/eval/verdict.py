@@ -12,6 +12,9 @@ the English article "a" always has a word after it ("the better answer is a bit 
 close call"), and is never read as answer A. Anything else is ``None``: the caller retries once
 with a stricter instruction and counts what still cannot be read, never guessing and never
 dropping it silently. ``tests/fixtures/judge_verdicts.json`` holds the real judge outputs this is checked on.
+
+A pair is judged in both orders; :func:`side_preference` and :func:`pair_preference` turn the
+two verdicts into one preference, for ``moa eval``'s report and the shadow evaluation alike.
 """
 
 from __future__ import annotations
@@ -103,6 +106,32 @@ def parse_pairwise(text: str) -> Verdict | None:
         return None
     last = phrases[-1]
     return _label(last.group("assistant") or last.group("label") or "tie")
+
+
+def side_preference(verdict: str | None, target_shown_first: bool) -> float | None:
+    """One order's verdict as a preference for the target (the served answer, in a shadow):
+    1 it won, 0 it lost, 0.5 a tie; ``None`` when the verdict could not be read."""
+    if verdict is None:
+        return None
+    if verdict == Verdict.TIE:
+        return 0.5
+    return 1.0 if (verdict == Verdict.A) == target_shown_first else 0.0
+
+
+def pair_preference(target_first: float | None, reference_first: float | None) -> float | None:
+    """One pair's preference for the target from its two orders, or ``None`` to drop the pair.
+
+    The rule, as MT-Bench's (FastChat's ``show_result.py`` drops every pair whose first or
+    swapped game is an "error", i.e. a judgment it could not read): a pair counts only when both
+    orders were read. Counting the one order left would let position bias back in (a judge that
+    favours the first answer would win every such pair for whichever side it showed first).
+    The two orders are then averaged (ties a half): a consistent pair is a win or a loss, a
+    contradicting one (each order for the answer shown first) a tie, as in FastChat; a win and a
+    tie count 0.75 here, where FastChat calls them a tie.
+    """
+    if target_first is None or reference_first is None:
+        return None
+    return (target_first + reference_first) / 2
 
 
 def parse_rating(text: str) -> float | None:
