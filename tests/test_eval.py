@@ -21,7 +21,14 @@ from moa.config import MoAConfig
 from moa.eval.report import build_report, markdown, write_report
 from moa.eval.runner import EvalSpec, Evaluation, save_spec
 from moa.eval.shadow import PresetTally, ShadowEvaluator
-from moa.eval.stats import cohen_kappa, length_controlled_rate, logistic_fit, mean_ci, sigmoid
+from moa.eval.stats import (
+    cohen_kappa,
+    length_controlled_rate,
+    logistic_fit,
+    mean_ci,
+    sigmoid,
+    wilson_interval,
+)
 from moa.eval.verdict import PAIRWISE_FORMAT, Verdict, parse_pairwise, parse_rating
 from moa.eval.workloads import Item
 from moa.simulator.profile import JudgeProfile, ModelProfile
@@ -477,19 +484,46 @@ def test_shadow_judges_live_answers_in_the_background_and_keeps_a_win_rate(
     assert snap["sampled"] == 2  # the direct model call is not a preset: not shadowed
     tally = snap["presets"]["moa-lite"]
     assert tally["win_rate"] == 1.0 and tally["unparseable"] == 0 and tally["cost_usd"] > 0
-    assert tally["interval"] == [1.0, 1.0]  # two wins and no spread
+    assert tally["interval"][1] == 1.0 and tally["interval"][0] < 0.5  # two wins: Wilson, still wide
 
 
-def test_the_running_win_rate_interval_is_the_mean_preference_plus_or_minus_its_error() -> None:
+# R's binom package, binom.confint(x, n, tol = 1e-8), method "wilson", as statsmodels records it in
+# statsmodels/stats/tests/results/results_proportion.py (commit 1a63aa78b1c7bad09354b07b5bd4f700230a24a8):
+# an implementation independent of ours. (30, 30) is where a Wald interval is [1, 1].
+R_BINOM_WILSON = {
+    (18, 20): (0.6989663547715128, 0.972133518786232),
+    (4, 20): (0.0806576625797981, 0.4160174322518935),
+    (4, 200): (0.00780442641634947, 0.05028708690582643),
+    (190, 200): (0.910421851861224, 0.972617354399236),
+    (1, 30): (5.908590e-03, 0.16670391),
+    (29, 30): (0.8332961, 0.9940914),
+    (0, 30): (0.0, 0.11351339),
+    (30, 30): (0.8864866, 1.0),
+}
+
+
+@pytest.mark.parametrize(("case", "expected"), list(R_BINOM_WILSON.items()))
+def test_the_running_win_rate_interval_is_wilsons_as_r_computes_it(
+    case: tuple[int, int], expected: tuple[float, float]
+) -> None:
+    wins, n = case
+    tally = PresetTally()
+    for i in range(n):
+        tally.add(1.0 if i < wins else 0.0)
+    assert tally.interval() == pytest.approx(expected, abs=1e-6)
+    assert wilson_interval(wins, n) == pytest.approx(expected, abs=1e-6)
+
+
+def test_two_wins_leave_the_running_interval_wide() -> None:
     tally = PresetTally()
     assert tally.interval() == (0.0, 1.0)  # nothing judged yet: nothing known
-    for pref in (1.0, 0.0, 0.5, 1.0):
-        tally.add(pref)
-    # mean 0.625; sample variance (1 + 0 + 0.25 + 1 - 4 * 0.625**2) / 3 = 0.2291...
-    half = 1.96 * (0.22916666666666666 / 4) ** 0.5
+    tally.add(1.0)
+    tally.add(1.0)
     low, high = tally.interval()
-    assert tally.win_rate == 0.625
-    assert low == pytest.approx(0.625 - half) and high == pytest.approx(min(1.0, 0.625 + half))
+    assert high == 1.0 and 0.3 < low < 0.4  # two wins say little; a Wald interval said [1, 1]
+    tally.add(0.5)  # a tie counts a half success
+    assert tally.win_rate == pytest.approx(2.5 / 3)
+    assert tally.interval() == pytest.approx(wilson_interval(2.5, 3))
 
 
 def test_shadow_respects_its_spend_limit(config: MoAConfig, sim: SimulatorServer) -> None:

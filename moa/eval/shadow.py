@@ -12,7 +12,6 @@ counted). The running win rate per preset is exported as a metric, every shadow 
 from __future__ import annotations
 
 import asyncio
-import math
 import random
 import time
 from collections import deque
@@ -27,6 +26,7 @@ from moa.engine.caller import ModelCaller
 from moa.engine.result import MoAResult
 from moa.eval.budget import Budget
 from moa.eval.judging import Judge
+from moa.eval.stats import wilson_interval
 from moa.eval.verdict import pair_preference, side_preference
 from moa.tokens import approx_message_tokens
 from moa.types import CallRequest, ChatMessage, GenerationParams
@@ -42,7 +42,6 @@ class PresetTally:
 
     judged: int = 0
     preference_sum: float = 0.0  # 1 per win of the served answer, 0.5 per tie
-    preference_sq: float = 0.0  # sum of squared preferences: the spread, for the interval
     unparseable: int = 0
     failed: int = 0
     cost_usd: float = 0.0
@@ -54,18 +53,13 @@ class PresetTally:
     def add(self, preference: float) -> None:
         self.judged += 1
         self.preference_sum += preference
-        self.preference_sq += preference * preference
 
     def interval(self) -> tuple[float, float]:
-        """A 95% interval for the win rate (normal approximation of the mean preference; a
-        running figure to watch, not ``moa eval``'s bootstrap). Until two are judged: 0 to 1."""
-        n = self.judged
-        if n < 2:
-            return 0.0, 1.0
-        mean = self.preference_sum / n
-        var = max(0.0, (self.preference_sq - n * mean * mean) / (n - 1))
-        half = 1.96 * math.sqrt(var / n)
-        return max(0.0, mean - half), min(1.0, mean + half)
+        """A 95% interval for the win rate: Wilson's score interval, with ties counted a half
+        success (a running figure to watch, not ``moa eval``'s bootstrap). Wilson's, not the
+        normal approximation's: with few samples, or all of them wins, the normal one collapses
+        to a point (two wins gave [1.0, 1.0]). Nothing judged yet: 0 to 1."""
+        return wilson_interval(self.preference_sum, self.judged)
 
 
 @dataclass
