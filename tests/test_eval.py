@@ -20,11 +20,21 @@ from moa.cli import main
 from moa.config import MoAConfig
 from moa.eval.report import build_report, markdown, write_report
 from moa.eval.runner import EvalSpec, Evaluation, save_spec
-from moa.eval.shadow import PresetTally
-from moa.eval.stats import cohen_kappa, length_controlled_rate, logistic_fit, mean_ci, sigmoid
-from moa.eval.verdict import Verdict, parse_pairwise, parse_rating
+from moa.eval.shadow import PresetTally, ShadowEvaluator
+from moa.eval.stats import (
+    cohen_kappa,
+    length_controlled_rate,
+    logistic_fit,
+    mean_ci,
+    sigmoid,
+    wilson_interval,
+)
+from moa.eval.verdict import PAIRWISE_FORMAT, Verdict, parse_pairwise, parse_rating
+from moa.eval.workloads import Item
 from moa.simulator.profile import JudgeProfile, ModelProfile
 from moa.simulator.server import SimulatorServer
+from moa.testing import ScriptedCaller
+from moa.types import ChatMessage
 from tests.conftest import FAST_PROFILE
 from tests.helpers import ApiServer, by_name, wait_for_spans
 from tests.otlp_receiver import OTLPReceiver
@@ -90,6 +100,36 @@ def test_cohen_kappa() -> None:
 )
 def test_pairwise_verdicts_are_read_from_real_looking_output(text: str, verdict: Verdict | None) -> None:
     assert parse_pairwise(text) == verdict
+
+
+JUDGE_CORPUS = json.loads((Path(__file__).parent / "fixtures" / "judge_verdicts.json").read_text("utf-8"))
+
+
+def test_every_judge_output_in_the_corpus_is_read_right() -> None:
+    """Real judges' replies (FastChat's GPT-4 MT-Bench judgments, AlpacaEval's GPT-4 Turbo
+    annotator) and the failure modes met in use, each with the verdict it gives: every one is read
+    as that verdict, and one with none as ``None``, never a guess."""
+    cases = JUDGE_CORPUS["cases"]
+    assert sum(c["source"] != "constructed" for c in cases) >= 50
+    assert {c["source"] for c in cases} == set(JUDGE_CORPUS["sources"])
+    wrong = [
+        (c["id"], c["verdict"], parse_pairwise(c["text"]))
+        for c in cases
+        if parse_pairwise(c["text"]) != (None if c["verdict"] is None else Verdict(c["verdict"]))
+    ]
+    assert wrong == []
+    # Every kind of verdict is in it, so a parser that always answers one thing cannot pass.
+    assert {c["verdict"] for c in cases} == {"A", "B", "tie", None}
+
+
+def test_a_format_instruction_quoted_back_is_not_a_verdict() -> None:
+    """Issue 33: a weak judge repeated the format sentence and its last marker, ``[[C]]``, was
+    read as a tie. The judge's own verdict after (or before) the quote counts, or none."""
+    assert parse_pairwise(PAIRWISE_FORMAT) is None
+    assert parse_pairwise(f"Reply with {PAIRWISE_FORMAT}.") is None
+    assert parse_pairwise(f"Reply with {PAIRWISE_FORMAT}.\n\nB is right.\n\n[[B]]") is Verdict.B
+    assert parse_pairwise(f"[[A]]\n\n(I was asked for {PAIRWISE_FORMAT}.)") is Verdict.A
+    assert parse_pairwise("Final verdict: [[C]] for a tie.") is Verdict.TIE  # a real GPT-4 verdict
 
 
 @pytest.mark.parametrize(
@@ -444,19 +484,46 @@ def test_shadow_judges_live_answers_in_the_background_and_keeps_a_win_rate(
     assert snap["sampled"] == 2  # the direct model call is not a preset: not shadowed
     tally = snap["presets"]["moa-lite"]
     assert tally["win_rate"] == 1.0 and tally["unparseable"] == 0 and tally["cost_usd"] > 0
-    assert tally["interval"] == [1.0, 1.0]  # two wins and no spread
+    assert tally["interval"][1] == 1.0 and tally["interval"][0] < 0.5  # two wins: Wilson, still wide
 
 
-def test_the_running_win_rate_interval_is_the_mean_preference_plus_or_minus_its_error() -> None:
+# R's binom package, binom.confint(x, n, tol = 1e-8), method "wilson", as statsmodels records it in
+# statsmodels/stats/tests/results/results_proportion.py (commit 1a63aa78b1c7bad09354b07b5bd4f700230a24a8):
+# an implementation independent of ours. (30, 30) is where a Wald interval is [1, 1].
+R_BINOM_WILSON = {
+    (18, 20): (0.6989663547715128, 0.972133518786232),
+    (4, 20): (0.0806576625797981, 0.4160174322518935),
+    (4, 200): (0.00780442641634947, 0.05028708690582643),
+    (190, 200): (0.910421851861224, 0.972617354399236),
+    (1, 30): (5.908590e-03, 0.16670391),
+    (29, 30): (0.8332961, 0.9940914),
+    (0, 30): (0.0, 0.11351339),
+    (30, 30): (0.8864866, 1.0),
+}
+
+
+@pytest.mark.parametrize(("case", "expected"), list(R_BINOM_WILSON.items()))
+def test_the_running_win_rate_interval_is_wilsons_as_r_computes_it(
+    case: tuple[int, int], expected: tuple[float, float]
+) -> None:
+    wins, n = case
+    tally = PresetTally()
+    for i in range(n):
+        tally.add(1.0 if i < wins else 0.0)
+    assert tally.interval() == pytest.approx(expected, abs=1e-6)
+    assert wilson_interval(wins, n) == pytest.approx(expected, abs=1e-6)
+
+
+def test_two_wins_leave_the_running_interval_wide() -> None:
     tally = PresetTally()
     assert tally.interval() == (0.0, 1.0)  # nothing judged yet: nothing known
-    for pref in (1.0, 0.0, 0.5, 1.0):
-        tally.add(pref)
-    # mean 0.625; sample variance (1 + 0 + 0.25 + 1 - 4 * 0.625**2) / 3 = 0.2291...
-    half = 1.96 * (0.22916666666666666 / 4) ** 0.5
+    tally.add(1.0)
+    tally.add(1.0)
     low, high = tally.interval()
-    assert tally.win_rate == 0.625
-    assert low == pytest.approx(0.625 - half) and high == pytest.approx(min(1.0, 0.625 + half))
+    assert high == 1.0 and 0.3 < low < 0.4  # two wins say little; a Wald interval said [1, 1]
+    tally.add(0.5)  # a tie counts a half success
+    assert tally.win_rate == pytest.approx(2.5 / 3)
+    assert tally.interval() == pytest.approx(wilson_interval(2.5, 3))
 
 
 def test_shadow_respects_its_spend_limit(config: MoAConfig, sim: SimulatorServer) -> None:
@@ -511,3 +578,60 @@ def test_shadow_is_recorded_on_the_requests_trace(
     assert shadow["attributes"]["moa.shadow.cost_usd"] > 0
     judge_calls = [s for s in by_name(spans, "chat gemini-2.5-pro") if s["parent_id"] == shadow["span_id"]]
     assert len(judge_calls) == 2  # both orders
+
+
+# -- a pair with one order unread ------------------------------------------------------------------
+
+
+def test_the_report_drops_a_pair_with_an_order_it_could_not_read(tmp_path: Path) -> None:
+    """A judge that always picks the answer shown first: each pair read both ways is even (0.5).
+    Two pairs lost an order (one unparseable, one whose judge call failed) and, counted on the
+    order left, would each be a win for the target: the rule drops them (``pair_preference``)."""
+    from moa.eval.runner import RunFiles
+
+    files = RunFiles(tmp_path)
+    items = [Item(id=str(i), category="all", turns=("q",)) for i in range(5)]
+    for item in items:
+        for target, text in (("T", "a long answer " * 20), ("R", "short")):
+            files.add_answer(
+                {"target": target, "item": item.id, "answers": [text], "cost_usd": 0.0, "error": None}
+            )
+
+    def judged(item: str, order: str, verdict: str | None, error: str | None = None) -> None:
+        unread = verdict is None and error is None
+        rec = {"kind": "pairwise", "judge": "J", "target": "T", "item": item, "order": order}
+        files.add_judgment({**rec, "verdict": verdict, "error": error, "retried": unread, "cost_usd": 0.0})
+
+    for item in ("0", "1", "2"):
+        judged(item, "target_first", "A")
+        judged(item, "reference_first", "A")
+    judged("3", "target_first", "A")
+    judged("3", "reference_first", None)  # unparseable, even after the retry
+    judged("4", "target_first", "A")
+    judged("4", "reference_first", None, error="server_error: scripted")
+    spec = EvalSpec(workload="w.jsonl", targets=["T"], reference="R", judges=["J"])
+    pw = build_report(spec, files, items, None)["targets"]["T"]["pairwise"]
+    assert pw["win_rate"]["value"] == 0.5  # 0.7 with the lone orders counted
+    assert pw["win_rate_by_judge"]["J"]["value"] == 0.5
+    assert pw["items_judged"] == 3 and pw["pairs_dropped"] == 2
+    assert pw["unparseable"] == 1 and pw["judge_errors"] == 1
+    assert "Pairs left out of the win rates" in markdown(build_report(spec, files, items, None))
+
+
+async def test_the_shadow_counts_a_pair_with_an_order_it_could_not_read_as_unparseable() -> None:
+    """The same rule on live traffic: the judge picks the served answer shown first, then cannot
+    be read (twice: the retry too) with the answers swapped. One order alone is no win."""
+    from moa import MoAEngine, load_config
+
+    cfg = shadow_config(load_config(None), presets=["moa-lite"])
+    caller = ScriptedCaller(default="an answer")
+    caller.script(JUDGE, "Assistant A is better.\n\n[[A]]", "Both have merit.")
+    messages = [ChatMessage(role="user", content="Why is the sky blue?")]
+    result = await MoAEngine(cfg, caller).run(messages, preset="moa-lite")
+    shadow = ShadowEvaluator(cfg, caller, seed=0)
+    assert shadow.offer(messages, result, "moa-lite")
+    await shadow.wait_idle()
+    judge_calls = [c for c in caller.calls if f"{c.request.provider}/{c.request.model}" == JUDGE]
+    assert len(judge_calls) == 3  # the served-first order, the swapped one and its retry
+    tally = shadow.snapshot()["presets"]["moa-lite"]
+    assert tally["unparseable"] == 1 and tally["judged"] == 0 and tally["win_rate"] is None

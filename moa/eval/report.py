@@ -13,6 +13,7 @@ from typing import Any
 
 from moa.eval.runner import EvalSpec, RunFiles
 from moa.eval.stats import Estimate, bootstrap, cohen_kappa, length_controlled_rate, mean_ci, pearson
+from moa.eval.verdict import pair_preference, side_preference
 from moa.eval.workloads import Item
 from moa.tokens import approx_tokens
 
@@ -21,13 +22,23 @@ LC_RESAMPLES = 500  # each resample refits the regression
 
 def preference(rec: dict[str, Any]) -> float | None:
     """The judgment as a preference for the target: 1 it won, 0 it lost, 0.5 a tie."""
-    verdict = rec.get("verdict")
-    if verdict is None:
-        return None
-    if verdict == "tie":
-        return 0.5
-    target_shown_first = rec.get("order") == "target_first"
-    return 1.0 if (verdict == "A") == target_shown_first else 0.0
+    return side_preference(rec.get("verdict"), rec.get("order") == "target_first")
+
+
+def pair_preferences(recs: Sequence[dict[str, Any]]) -> tuple[dict[tuple[str, str], float], int]:
+    """Each (judge, item) pair's preference by :func:`pair_preference` (both orders read), and
+    how many pairs were dropped for an order that could not be read or whose judge call failed."""
+    orders: dict[tuple[str, str], dict[str, float | None]] = defaultdict(dict)
+    for r in recs:
+        orders[(r["judge"], r["item"])][r.get("order") or ""] = (
+            preference(r) if r.get("error") is None else None
+        )
+    kept: dict[tuple[str, str], float] = {}
+    for key, got in orders.items():
+        pref = pair_preference(got.get("target_first"), got.get("reference_first"))
+        if pref is not None:
+            kept[key] = pref
+    return kept, len(orders) - len(kept)
 
 
 def _length(rec: dict[str, Any] | None) -> int:
@@ -62,10 +73,12 @@ def _pairwise_target(files: RunFiles, spec: EvalSpec, target: str, items: Sequen
             diffs[item.id] = float(_length(mine) - _length(theirs))
     scale = statistics.pstdev(diffs.values()) if len(diffs) > 1 else 0.0
     parsed = [r for r in recs if r.get("error") is None and r.get("verdict") is not None]
-    for r in parsed:
-        pref = preference(r)
-        if pref is not None and r["item"] in diffs:
-            per_item[r["item"]].append((pref, diffs[r["item"]]))
+    # A pair counts only with both orders read (pair_preference): one order alone would let the
+    # judge's position bias back into the rate. An item's group holds each judge's pair.
+    pairs, dropped = pair_preferences(recs)
+    for (_, item_id), pref in pairs.items():
+        if item_id in diffs:
+            per_item[item_id].append((pref, diffs[item_id]))
     groups = list(per_item.values())
 
     def raw(gs: Sequence[object]) -> float:
@@ -77,10 +90,8 @@ def _pairwise_target(files: RunFiles, spec: EvalSpec, target: str, items: Sequen
 
     win = bootstrap(groups, raw)
     judges: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in parsed:
-        pref = preference(r)
-        if pref is not None:
-            judges[r["judge"]][r["item"]].append(pref)
+    for (judge, item_id), pref in pairs.items():
+        judges[judge][item_id].append(pref)
     by_judge = {
         j: mean_ci([statistics.fmean(v) for v in per.values()]).as_dict() for j, per in sorted(judges.items())
     }
@@ -106,6 +117,8 @@ def _pairwise_target(files: RunFiles, spec: EvalSpec, target: str, items: Sequen
         "unparseable": sum(1 for r in recs if r.get("error") is None and r.get("verdict") is None),
         "retried": sum(1 for r in recs if r.get("retried")),
         "judge_errors": sum(1 for r in recs if r.get("error") is not None),
+        # Pairs left out of the win rates: an order unparseable or its judge call failed.
+        "pairs_dropped": dropped,
         # How much the judge favours the answer shown first (0.5: not at all), and how often the
         # two orders of a pair agree once unswapped: why every pair is judged both ways.
         "first_shown_wins": (sum(v == "A" for v in decided) / len(decided)) if decided else None,
@@ -280,6 +293,17 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"\nJudges `{j1}` and `{j2}`: scores within 1 point {w1}, Pearson r {r} (n={row['n']})."
             )
+    dropped = {
+        n: r["pairwise"]["pairs_dropped"]
+        for n, r in report["targets"].items()
+        if r.get("pairwise", {}).get("pairs_dropped")
+    }
+    if dropped:
+        lines.append(
+            "\nPairs left out of the win rates (one order unparseable or its judge call failed; "
+            "one order alone carries the judge's position bias): "
+            + ", ".join(f"`{n}` {c}" for n, c in dropped.items())
+        )
     failed = {n: r["answers"]["failed"] for n, r in report["targets"].items() if r["answers"]["failed"]}
     if failed:
         lines.append("\nFailed answers (not judged): " + ", ".join(f"`{n}` {c}" for n, c in failed.items()))

@@ -12,7 +12,6 @@ counted). The running win rate per preset is exported as a metric, every shadow 
 from __future__ import annotations
 
 import asyncio
-import math
 import random
 import time
 from collections import deque
@@ -27,7 +26,8 @@ from moa.engine.caller import ModelCaller
 from moa.engine.result import MoAResult
 from moa.eval.budget import Budget
 from moa.eval.judging import Judge
-from moa.eval.verdict import Verdict
+from moa.eval.stats import wilson_interval
+from moa.eval.verdict import pair_preference, side_preference
 from moa.tokens import approx_message_tokens
 from moa.types import CallRequest, ChatMessage, GenerationParams
 from moa_observability.metrics import ShadowMetrics
@@ -42,7 +42,6 @@ class PresetTally:
 
     judged: int = 0
     preference_sum: float = 0.0  # 1 per win of the served answer, 0.5 per tie
-    preference_sq: float = 0.0  # sum of squared preferences: the spread, for the interval
     unparseable: int = 0
     failed: int = 0
     cost_usd: float = 0.0
@@ -54,18 +53,13 @@ class PresetTally:
     def add(self, preference: float) -> None:
         self.judged += 1
         self.preference_sum += preference
-        self.preference_sq += preference * preference
 
     def interval(self) -> tuple[float, float]:
-        """A 95% interval for the win rate (normal approximation of the mean preference; a
-        running figure to watch, not ``moa eval``'s bootstrap). Until two are judged: 0 to 1."""
-        n = self.judged
-        if n < 2:
-            return 0.0, 1.0
-        mean = self.preference_sum / n
-        var = max(0.0, (self.preference_sq - n * mean * mean) / (n - 1))
-        half = 1.96 * math.sqrt(var / n)
-        return max(0.0, mean - half), min(1.0, mean + half)
+        """A 95% interval for the win rate: Wilson's score interval, with ties counted a half
+        success (a running figure to watch, not ``moa eval``'s bootstrap). Wilson's, not the
+        normal approximation's: with few samples, or all of them wins, the normal one collapses
+        to a point (two wins gave [1.0, 1.0]). Nothing judged yet: 0 to 1."""
+        return wilson_interval(self.preference_sum, self.judged)
 
 
 @dataclass
@@ -184,25 +178,22 @@ class ShadowEvaluator:
                     span.set_attribute("moa.shadow.outcome", "failed")
                     return
                 question = "\n\n".join(m.content for m in messages if m.role == "user")
-                prefs: list[float] = []
+                sides: dict[bool, float | None] = {}
                 budget = Budget()  # the hourly reservation above already covers these calls
                 for served_first in (True, False):
                     first, second = (result.text, base.text) if served_first else (base.text, result.text)
                     out = await self.judge.pairwise(question, first, second, budget)
                     cost += out.cost_usd
                     self.metrics.cost(preset, route, "judge", out.cost_usd)
-                    if out.verdict is None:
-                        continue
-                    if out.verdict is Verdict.TIE:
-                        prefs.append(0.5)
-                    else:
-                        prefs.append(1.0 if (out.verdict is Verdict.A) == served_first else 0.0)
-                if not prefs:
+                    sides[served_first] = side_preference(out.verdict, served_first)
+                # Both orders read, or the sample is unparseable: one order alone would let the
+                # judge's position bias into the win rate (the rule moa eval's report applies).
+                pref = pair_preference(sides[True], sides[False])
+                if pref is None:
                     tally.unparseable += 1
                     self.metrics.outcome(preset, route, "unparseable")
                     span.set_attribute("moa.shadow.outcome", "unparseable")
                     return
-                pref = sum(prefs) / len(prefs)
                 tally.add(pref)
                 routed.add(pref)
                 outcome = "win" if pref > 0.5 else "loss" if pref < 0.5 else "tie"

@@ -74,6 +74,25 @@ def mean_ci(values: Sequence[float], *, resamples: int = BOOTSTRAP_RESAMPLES, se
     return bootstrap(list(values), mean, resamples=resamples, seed=seed)
 
 
+Z_95 = statistics.NormalDist().inv_cdf(0.975)  # 1.95996..., as R's qnorm(0.975)
+
+
+def wilson_interval(successes: float, n: int, *, z: float = Z_95) -> tuple[float, float]:
+    """Wilson's score interval for a proportion (95% by default); ``(0, 1)`` when ``n`` is 0.
+
+    Unlike the normal approximation (p +- z * sqrt(p(1-p)/n)), it never collapses to a point when
+    every trial went one way, and it stays inside [0, 1]: fit for a running rate over few samples.
+    ``successes`` may be fractional (a tie counted a half).
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    p = min(1.0, max(0.0, successes / n))
+    z2 = z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def sigmoid(z: float) -> float:
     if z >= 0:
         return 1.0 / (1.0 + math.exp(-z))
