@@ -54,6 +54,12 @@ def clear_faults(sim: Sim, model: str) -> None:
     _admin(sim, "DELETE", f"/admin/faults/{model}").raise_for_status()
 
 
+def set_pace(sim: Sim, ttft_s: float, tokens_per_s: float) -> None:
+    """Every model answers at this pace (no jitter), until the next test's reset."""
+    profile = {"default": {"ttft_s": ttft_s, "tokens_per_s": tokens_per_s, "jitter": 0.0}}
+    _admin(sim, "PUT", "/admin/profile", json=profile).raise_for_status()
+
+
 def sim_stats(sim: Sim) -> dict[str, Any]:
     """Per-model counters: requests, in_flight, completed, cancelled, ..."""
     models: dict[str, Any] = _admin(sim, "GET", "/admin/stats").json()["models"]

@@ -18,7 +18,7 @@ from moa.engine.router import HealthView
 from moa.providers.registry import ProviderPool
 from moa.simulator.server import SimulatorServer
 from moa.types import ChatMessage, ErrorKind, TextDelta
-from tests.helpers import set_fault, sim_stats, wait_idle
+from tests.helpers import set_fault, set_pace, sim_stats, wait_idle
 from tests.waiting import wait_until
 
 QUESTION = [ChatMessage(role="user", content="How do vaccines train the immune system?")]
@@ -297,3 +297,22 @@ async def test_llm_classifier_is_used_and_cached(
     assert all(c.stage is not Stage.CLASSIFIER for c in second.calls)
     assert second.decision.classifier_cached  # what moa_cache_hits counts
     assert sim_stats(sim)["gpt-4o-mini"]["requests"] == 1
+
+
+@pytest.mark.parametrize("mode", ["final", "early", "staircase"])
+async def test_the_critical_path_never_exceeds_the_wall_time(
+    engine: MoAEngine, sim: SimulatorServer, mode: str
+) -> None:
+    """Every aggregation mode, on the two-layer ``moa`` preset streamed at a pace where staircase
+    steps run beside the layers: the critical path (the time the run waited on its calls) is
+    within the wall time, and covers most of it. Summed stage by stage, a staircase run's steps
+    were counted on top of the layers they ran beside (22.8 s of critical path in 15.3 s)."""
+    set_pace(sim, ttft_s=0.05, tokens_per_s=600.0)
+    result: MoAResult | None = None
+    async for ev in engine.stream(QUESTION, preset="moa", aggregation=mode, params=None):
+        if isinstance(ev, MoAResult):
+            result = ev
+    assert result is not None and result.plan.aggregation == mode
+    if mode == "staircase":
+        assert any(c.staircase_step is not None for c in result.calls)
+    assert 0.5 * result.wall_time_s < result.critical_path_s <= result.wall_time_s

@@ -31,7 +31,7 @@ from moa.testing import Reply, ScriptedCaller
 from moa.tokens import approx_message_tokens, approx_tokens
 from moa.types import CallRequest, ChatMessage, ErrorKind, TextDelta
 from tests.helpers import QUESTION as API_QUESTION
-from tests.helpers import ApiServer, model_stats, set_fault, sim_stats, wait_idle
+from tests.helpers import ApiServer, model_stats, set_fault, set_pace, sim_stats, wait_idle
 from tests.test_keys_api import wait_for_auth
 from tests.waiting import wait_until
 
@@ -151,8 +151,6 @@ async def test_an_aggregator_abandoned_mid_answer_is_billed_for_its_prompt_and_i
 # sent and we had not yet read when the stream was closed (a few pieces in the socket's buffers),
 # in output tokens per cut call. The estimate never counts a token the provider did not send.
 IN_FLIGHT_TOKENS = 24
-# A profile slow enough that a client can hang up mid-answer: 40 tokens a second.
-SLOW = {"default": {"ttft_s": 0.02, "tokens_per_s": 40.0, "jitter": 0.0}}
 
 
 def invoice(sim: SimulatorServer, config: MoAConfig) -> tuple[float, int]:
@@ -168,7 +166,7 @@ def invoice(sim: SimulatorServer, config: MoAConfig) -> tuple[float, int]:
 
 @pytest.fixture
 def server(sim: SimulatorServer, state_dir: Path) -> Iterator[ApiServer]:
-    httpx.post(f"{sim.url}/admin/reset", json={"profile": SLOW}).raise_for_status()
+    set_pace(sim, ttft_s=0.02, tokens_per_s=40.0)  # slow enough to hang up mid-answer
     cfg = load_config(None)
     cfg = cfg.model_copy(
         update={"simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": "on"})}

@@ -106,7 +106,6 @@ async def answer_chain(
             emitted_before = emitted
             ctx.record(res, rec)
             if not proposer:
-                ctx.critical_path_s += res.latency_s
                 ctx.add_provider_service(res.provider_service_s)
             name = f"{res.provider}/{res.requested_model}"
             if rec.took_over and ev.continued_chars is not None:

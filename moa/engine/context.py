@@ -111,7 +111,6 @@ class RunContext:
     records: list[CallRecord] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    critical_path_s: float = 0.0
     provider_critical_s: float | None = None
 
     @property

@@ -5,7 +5,7 @@ Early aggregation has no grace: the next stage starts as soon as the quorum is m
 staircase ``feed``, the proposers stream their answers into it as they write them; with an
 ``Upstream`` too (a staircase layer after the first), the layer starts while the layer before it
 still writes: each proposer is a stepped writer over that layer's feed (``stepped_proposer``), and
-the layer's own clock (its deadline, its share of the critical path) starts when that layer is done.
+the layer's own clock (its deadline) starts when that layer is done.
 """
 
 from __future__ import annotations
@@ -216,7 +216,6 @@ async def _calls(
         i = tasks[task]
         results[i] = bill.cut(i, kind, f"cancelled as a straggler: {stop_reason}", end - start)
     answers: list[str] = []
-    completed_latency = 0.0
     reported: list[float] = []  # the providers' own service times, where they gave one
     for i, spec in enumerate(layer.proposers):
         res = results[i]
@@ -228,14 +227,10 @@ async def _calls(
             )
             rec.cancelled_straggler = straggler
             ctx.record(res, rec)
-        if not straggler:
-            completed_latency = max(completed_latency, res.latency_s)
-            if res.provider_service_s is not None:
-                reported.append(res.provider_service_s)
+        if not straggler and res.provider_service_s is not None:
+            reported.append(res.provider_service_s)
         if res.ok:
             answers.append(res.text)
-    # A layer cut short waited for its whole duration; otherwise for its slowest call.
-    ctx.critical_path_s += (end - start) if pending else completed_latency
     ctx.add_provider_service(max(reported) if reported else None)
     met = len(answers) >= needed
     if not met:
