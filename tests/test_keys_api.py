@@ -365,3 +365,53 @@ def test_tokens_per_minute_get_429_once_the_minute_is_spent(
     limited = wait_until_sync(refused, what="the key's tokens for this minute to be spent")
     assert limited is not None and limited.code == "rate_limit_exceeded"
     assert 1 <= int(limited.response.headers["retry-after"]) <= 60
+
+
+def test_a_staircase_override_is_projected_and_capped_as_it_will_run(
+    server: ApiServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``moa.aggregation: staircase`` makes moa up to 25 calls instead of 10: the cost cap and the
+    budget reservation hold that plan, not the preset's. A plain request runs staircase as final,
+    so it is projected (and let through) as final."""
+    from moa.engine.cost import projected_cost
+    from moa.types import ChatMessage, GenerationParams
+
+    cfg = cfg_of(server)
+    ask = [ChatMessage(role="user", content=SHORT[0]["content"])]
+    params = GenerationParams(max_tokens=200)
+    moa = cfg.presets["moa"]
+    final = projected_cost(cfg, moa, ask, params)
+    stair = projected_cost(cfg, moa.model_copy(update={"aggregation": "staircase"}), ask, params)
+    assert moa.aggregation == "final" and final < stair
+    between = (final + stair) / 2
+    body: dict[str, Any] = {"model": "moa", "messages": SHORT, "max_tokens": 200}
+    staircase = {"aggregation": "staircase", "detail": True}
+
+    def post(key: str | None, stream: bool, moa: dict[str, Any]) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        with httpx.stream(
+            "POST",
+            server.url + "/v1/chat/completions",
+            json={**body, "stream": stream, "moa": moa},
+            headers=headers,
+            timeout=60,
+        ) as r:
+            r.read()
+        return r
+
+    capped = post(None, True, {**staircase, "max_cost_usd": between})
+    assert capped.status_code == 400, capped.text
+    assert capped.json()["error"]["code"] == "over_cap"
+    assert capped.json()["error"]["param"] == "moa.max_cost_usd"
+    plain = post(None, False, {**staircase, "max_cost_usd": between})
+    assert plain.status_code == 200, plain.text
+    assert plain.json()["moa"]["aggregation"] == "final"
+    assert plain.json()["moa"]["totals"]["cost_usd"] <= between
+
+    # A budget between the two holds one final moa, but not a staircase one.
+    key = create_key(capsys, "stairs", "--budget-usd", f"{between:.6f}", "--detail")
+    wait_for_auth(server)
+    refused = post(key, True, staircase)
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["code"] == "insufficient_quota"
+    assert post(key, True, {"detail": True}).status_code == 200

@@ -19,6 +19,7 @@ from opentelemetry import trace
 from moa.auth import Authenticator, InsufficientQuota, KeyRateLimited, Principal
 from moa.config import MoAConfig
 from moa.engine.cost import Routed, fit_cost_cap
+from moa.engine.plan import Plan, PlanShape
 from moa.engine.result import CallRecord
 from moa.engine.router import HealthView
 from moa.state import Reservation, StateStore, from_micro, to_micro, window_of
@@ -122,12 +123,14 @@ class Access:
         params: GenerationParams,
         max_cost_usd: float | None,
         health: Callable[[], HealthView],
+        shape: PlanShape = Plan.as_run,
     ) -> tuple[Routed, float]:
-        """The plan held to the request's (or the key's) cost cap (a cheaper tier for ``auto``), and
-        its projected worst-case cost. No I/O: a request the cache answers needs nothing more;
-        ``hold`` then reserves that cost once models will be called."""
+        """The plan held to the request's (or the key's) cost cap (a cheaper tier for ``auto``, put
+        through ``shape``: the request's overrides), and its projected worst-case cost. No I/O: a
+        request the cache answers needs nothing more; ``hold`` then reserves that cost once models
+        will be called."""
         cap = max_cost_usd if max_cost_usd is not None else principal.limits.max_cost_usd
-        routed, projected = fit_cost_cap(self.config, routed, messages, params, cap, health)
+        routed, projected = fit_cost_cap(self.config, routed, messages, params, cap, health, shape)
         span = trace.get_current_span()
         span.set_attribute("moa.cost.projected_usd", projected)
         return routed, projected
@@ -180,13 +183,15 @@ class SpendGate:
         self.param = param
         self.spend: Spend | None = None
 
-    async def admit(self, routed: Routed) -> Routed:
+    async def admit(self, routed: Routed, shape: PlanShape = Plan.as_run) -> Routed:
+        """The engine's hook with the routed plan as it will run (every override applied): the
+        key's rules and its cost cap are checked, and the cost projected, on that plan."""
         if self.param is None:
             self.principal.check_plan(routed[0])
         else:
             self.principal.check_plan(routed[0], self.param)
         routed, projected = self.access.fit(
-            self.principal, routed, self.messages, self.params, self.max_cost_usd, self.health
+            self.principal, routed, self.messages, self.params, self.max_cost_usd, self.health, shape
         )
         # Nothing reserved yet: settling it writes nothing (a cache hit's whole settlement).
         self.spend = Spend(self.access, self.principal, None, projected)

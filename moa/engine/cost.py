@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from moa.config import MoAConfig
 from moa.engine.calls import TEMPLATE_OVERHEAD_TOKENS, merge_params
 from moa.engine.errors import OverCap
-from moa.engine.plan import Complexity, ModelRef, Plan, PlanMode
+from moa.engine.plan import Complexity, ModelRef, Plan, PlanMode, PlanShape
 from moa.engine.result import RouteDecision
 from moa.engine.router import HealthView, substitute_unavailable
 from moa.tokens import approx_message_tokens
@@ -99,11 +99,14 @@ def fit_cost_cap(
     params: GenerationParams,
     cap_usd: float | None,
     health: Callable[[], HealthView] = HealthView,
+    shape: PlanShape = Plan.as_run,
 ) -> tuple[Routed, float]:
     """The routed plan and its projected cost, held to ``cap_usd``.
 
     A routed (``auto``) request over the cap moves to the nearest cheaper tier that fits; a plan
     the caller chose itself, or one with no cheaper tier that fits, is refused with ``OverCap``.
+    ``routed`` is the plan as it will run; ``shape`` makes a cheaper tier into the plan that would
+    run in its place (the request's aggregation override), so that is what is projected.
     """
     plan, decision, pre = routed
     cost = projected_cost(config, plan, messages, params)
@@ -113,6 +116,7 @@ def fit_cost_cap(
         for tier in _CHEAPER[decision.complexity]:
             name = config.router.tiers[tier]
             candidate, subs = substitute_unavailable(config.presets[name], config, health())
+            candidate = shape(candidate)
             cheaper = projected_cost(config, candidate, messages, params)
             if cheaper <= cap_usd:
                 reason = (
