@@ -25,6 +25,15 @@ from tests.otlp_receiver import OTLPReceiver
 from tests.waiting import wait_until, wait_until_sync
 
 SHORT = [{"role": "user", "content": "Name a colour."}]
+# auto routes this to its complex tier (moa), SHORT to its simple one (single).
+HARD = [
+    {
+        "role": "user",
+        "content": "Analyse and compare, step by step, the trade-offs of three "
+        "consensus protocols (Raft, Paxos, PBFT) for a geo-distributed database; prove which "
+        "one tolerates Byzantine faults and explain why. Consider latency, throughput and cost?",
+    }
+]
 
 
 @pytest.fixture
@@ -247,14 +256,7 @@ def test_a_cost_cap_moves_auto_to_a_cheaper_tier_and_refuses_a_forced_preset(
     server: ApiServer,
 ) -> None:
     c = client(server, None)
-    hard = [
-        {
-            "role": "user",
-            "content": "Analyse and compare, step by step, the trade-offs of three "
-            "consensus protocols (Raft, Paxos, PBFT) for a geo-distributed database; prove which "
-            "one tolerates Byzantine faults and explain why. Consider latency, throughput and cost?",
-        }
-    ]
+    hard = HARD
     uncapped = c.chat.completions.create(model="auto", messages=hard, extra_body={"moa": {"detail": True}})  # type: ignore[arg-type]
     assert uncapped.model_extra["moa"]["preset"] != "single"  # type: ignore[index]
     capped = c.chat.completions.create(
@@ -415,3 +417,30 @@ def test_a_staircase_override_is_projected_and_capped_as_it_will_run(
     assert refused.status_code == 429, refused.text
     assert refused.json()["error"]["code"] == "insufficient_quota"
     assert post(key, True, {"detail": True}).status_code == 200
+
+
+def test_auto_routes_only_to_presets_the_key_may_use(
+    server: ApiServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A key limited to ``auto single`` never gets moa through auto: auto moves to the nearest
+    cheaper tier the key may use; with none (a simple request, a key without single) it is a 403
+    naming the preset auto chose. Never to a dearer tier."""
+    lite = create_key(capsys, "lite", "--presets", "auto", "moa-lite", "single", "--detail")
+    narrow = create_key(capsys, "narrow", "--presets", "auto", "single", "--detail")
+    dear = create_key(capsys, "dear", "--presets", "auto", "moa")
+    wait_for_auth(server)
+    detail = {"moa": {"detail": True}}
+    routed = {}
+    for name, key in (("lite", lite), ("narrow", narrow)):
+        answer = client(server, key).chat.completions.create(model="auto", messages=HARD, extra_body=detail)  # type: ignore[arg-type]
+        routed[name] = answer.model_extra["moa"]  # type: ignore[index]
+    assert routed["lite"]["preset"] == "moa-lite"
+    assert routed["narrow"]["preset"] == "single"
+    assert "single instead: this key may not use moa" in routed["narrow"]["decision"]["reason"]
+    assert {c["model"] for c in routed["narrow"]["calls"]} <= {
+        ref.model for ref in cfg_of(server).presets["single"].aggregators
+    } | {ref.model for ref in cfg_of(server).presets["single"].fallbacks}
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        client(server, dear).chat.completions.create(model="auto", messages=SHORT)  # type: ignore[arg-type]
+    assert refused.value.code == "permission_denied" and "'single'" in refused.value.message
+    assert client(server, dear).chat.completions.create(model="auto", messages=HARD).choices  # type: ignore[arg-type]

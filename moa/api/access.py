@@ -125,12 +125,15 @@ class Access:
         health: Callable[[], HealthView],
         shape: PlanShape = Plan.as_run,
     ) -> tuple[Routed, float]:
-        """The plan held to the request's (or the key's) cost cap (a cheaper tier for ``auto``, put
-        through ``shape``: the request's overrides), and its projected worst-case cost. No I/O: a
+        """The plan held to the request's (or the key's) cost cap and to the key's presets and
+        models (a cheaper tier for ``auto``, put through ``shape``: the request's overrides), and
+        its projected worst-case cost. No I/O: a
         request the cache answers needs nothing more; ``hold`` then reserves that cost once models
         will be called."""
         cap = max_cost_usd if max_cost_usd is not None else principal.limits.max_cost_usd
-        routed, projected = fit_cost_cap(self.config, routed, messages, params, cap, health, shape)
+        routed, projected = fit_cost_cap(
+            self.config, routed, messages, params, cap, health, shape, principal.allows
+        )
         span = trace.get_current_span()
         span.set_attribute("moa.cost.projected_usd", projected)
         return routed, projected
@@ -186,13 +189,12 @@ class SpendGate:
     async def admit(self, routed: Routed, shape: PlanShape = Plan.as_run) -> Routed:
         """The engine's hook with the routed plan as it will run (every override applied): the
         key's rules and its cost cap are checked, and the cost projected, on that plan."""
-        if self.param is None:
-            self.principal.check_plan(routed[0])
-        else:
-            self.principal.check_plan(routed[0], self.param)
         routed, projected = self.access.fit(
             self.principal, routed, self.messages, self.params, self.max_cost_usd, self.health, shape
         )
+        # On the plan that will run: auto's tier may have moved to one the key may use.
+        plan, decision, _ = routed
+        self.principal.check_routed(plan, decision, self.param or "model")
         # Nothing reserved yet: settling it writes nothing (a cache hit's whole settlement).
         self.spend = Spend(self.access, self.principal, None, projected)
         return routed

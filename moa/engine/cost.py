@@ -92,6 +92,10 @@ _CHEAPER: dict[Complexity, tuple[Complexity, ...]] = {
 }
 
 
+def _anything(decision: RouteDecision, plan: Plan) -> bool:
+    return True
+
+
 def fit_cost_cap(
     config: MoAConfig,
     routed: Routed,
@@ -100,31 +104,40 @@ def fit_cost_cap(
     cap_usd: float | None,
     health: Callable[[], HealthView] = HealthView,
     shape: PlanShape = Plan.as_run,
+    allowed: Callable[[RouteDecision, Plan], bool] = _anything,
 ) -> tuple[Routed, float]:
-    """The routed plan and its projected cost, held to ``cap_usd``.
+    """The routed plan and its projected cost, held to ``cap_usd`` and to what the caller may use.
 
-    A routed (``auto``) request over the cap moves to the nearest cheaper tier that fits; a plan
-    the caller chose itself, or one with no cheaper tier that fits, is refused with ``OverCap``.
-    ``routed`` is the plan as it will run; ``shape`` makes a cheaper tier into the plan that would
-    run in its place (the request's aggregation override), so that is what is projected.
+    A routed (``auto``) request whose tier the caller may not use (``allowed``: a key's presets and
+    models), or over the cap, moves to the nearest cheaper tier it may use that fits: never to a
+    dearer one, so a key's rules never make ``auto`` spend more than its classifier chose. A plan
+    the caller chose itself, or one with no such tier, is refused with ``OverCap`` when over the
+    cap, or returned as it is when only not allowed: the caller's own check then refuses it,
+    naming what it may not use. ``routed`` is the plan as it will run; ``shape`` makes a cheaper
+    tier into the plan that would run in its place (the request's overrides), so that is what is
+    checked and projected.
     """
     plan, decision, pre = routed
     cost = projected_cost(config, plan, messages, params)
-    if cap_usd is None or cost <= cap_usd:
+    over = cap_usd is not None and cost > cap_usd
+    permitted = allowed(decision, plan)
+    if permitted and not over:
         return routed, cost
     if not decision.forced and decision.complexity is not None:
+        why = [] if permitted else [f"this key may not use {decision.preset}"]
+        if over:
+            why.append(f"{decision.preset} may cost up to ${cost:.4f}, over the cost cap of ${cap_usd:g}")
         for tier in _CHEAPER[decision.complexity]:
             name = config.router.tiers[tier]
             candidate, subs = substitute_unavailable(config.presets[name], config, health())
             candidate = shape(candidate)
+            reason = f"{decision.reason}; {name} instead: {'; '.join(why)}"
+            new = decision.model_copy(update={"preset": name, "reason": reason, "substitutions": subs})
             cheaper = projected_cost(config, candidate, messages, params)
-            if cheaper <= cap_usd:
-                reason = (
-                    f"{decision.reason}; {name} instead: {decision.preset} may cost up to "
-                    f"${cost:.4f}, over the cost cap of ${cap_usd:g}"
-                )
-                new = decision.model_copy(update={"preset": name, "reason": reason, "substitutions": subs})
+            if allowed(new, candidate) and (cap_usd is None or cheaper <= cap_usd):
                 return (candidate, new, pre), cheaper
+    if not permitted:
+        return routed, cost
     raise OverCap(
         f"the request may cost up to ${cost:.4f}, over its cost cap of ${cap_usd:g} "
         "(moa.max_cost_usd; lower max_tokens or choose a smaller preset)",
