@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -322,7 +324,7 @@ def test_a_keys_usage_is_on_its_requests_server_span(
     assert attrs["moa.key"] == "traced" and key not in json.dumps(attrs)
     assert attrs["moa.cost.projected_usd"] >= attrs["moa.key.cost_usd"] > 0
     assert attrs["moa.key.cost_usd"] == pytest.approx(detail["totals"]["cost_usd"])
-    assert attrs["moa.key.tokens"] > 0
+    assert attrs["moa.tokens.projected"] >= attrs["moa.key.tokens"] > 0
 
 
 def test_streaming_refusals_are_plain_http_errors_before_any_byte(
@@ -444,3 +446,36 @@ def test_auto_routes_only_to_presets_the_key_may_use(
         client(server, dear).chat.completions.create(model="auto", messages=SHORT)  # type: ignore[arg-type]
     assert refused.value.code == "permission_denied" and "'single'" in refused.value.message
     assert client(server, dear).chat.completions.create(model="auto", messages=HARD).choices  # type: ignore[arg-type]
+
+
+def test_tokens_per_minute_are_held_at_admission_not_counted_after(
+    server: ApiServer, capsys: pytest.CaptureFixture[str], state_dir: Path
+) -> None:
+    """``--tpm 500`` and twelve moa-lite requests at once: each holds its projected tokens when
+    it is admitted, so the first (alone in its minute: its projection alone is over 500) runs and
+    the rest are refused with the rate limit's 429 and Retry-After. The minute then counts what
+    the one request really used, not its projection."""
+    key = create_key(capsys, "bursty", "--tpm", "500")
+    wait_for_auth(server)
+    if time.time() % 60 > 45:  # the twelve must land in one minute
+        time.sleep(60 - time.time() % 60 + 0.1)
+    body = {"model": "moa-lite", "messages": SHORT}
+
+    async def burst() -> list[httpx.Response]:
+        headers = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=60) as http:
+            return await asyncio.gather(*(http.post("/v1/chat/completions", json=body) for _ in range(12)))
+
+    responses = asyncio.run(burst())
+    ok = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 429]
+    assert len(ok) == 1 and len(refused) == 11, [r.status_code for r in responses]
+    assert {r.json()["error"]["code"] for r in refused} == {"rate_limit_exceeded"}
+    assert all(1 <= int(r.headers["retry-after"]) <= 60 for r in refused)
+    used = ok[0].json()["usage"]["total_tokens"]
+
+    with contextlib.closing(sqlite3.connect(state_dir / "state.db")) as db:
+        (counted,) = db.execute(
+            "SELECT SUM(tokens) FROM rate JOIN keys ON keys.id = rate.key_id WHERE keys.name = 'bursty'"
+        ).fetchone()
+    assert counted == used

@@ -126,7 +126,17 @@ class StateStore(Protocol):
         """Count one request in the key's minute; ``None`` if allowed, else seconds to wait."""
         ...
 
-    async def add_tokens(self, key_id: str, minute: int, tokens: int) -> None: ...
+    async def reserve_tokens(self, key_id: str, minute: int, tokens: int, tpm: int) -> float | None:
+        """Atomically: hold ``tokens`` (a request's projection) in the key's minute if what the
+        minute already counts plus them fits ``tpm``, or if the minute counts nothing yet (a
+        request bigger than the whole limit still runs, alone in its minute: the limit is then
+        passed by at most one projection). ``None`` if held, else seconds to the minute's end."""
+        ...
+
+    async def add_tokens(self, key_id: str, minute: int, tokens: int) -> None:
+        """Add ``tokens`` to the key's minute; a negative amount (a settlement below what was
+        held) takes them back, never below zero."""
+        ...
 
     async def close(self) -> None: ...
 
