@@ -22,7 +22,7 @@ from moa.config import MoAConfig, load_config
 from moa.simulator.server import SimulatorServer
 from moa.state import KeyLimits, Reservation, StateStore, to_micro, window_of
 from moa.state.sqlite_store import SQLiteStore
-from tests.helpers import QUESTION, ApiServer, by_name, wait_for_spans
+from tests.helpers import QUESTION, ApiServer, by_name, set_fault, sim_stats, wait_for_spans
 from tests.otlp_receiver import OTLPReceiver
 from tests.waiting import wait_until, wait_until_sync
 
@@ -479,3 +479,70 @@ def test_tokens_per_minute_are_held_at_admission_not_counted_after(
             "SELECT SUM(tokens) FROM rate JOIN keys ON keys.id = rate.key_id WHERE keys.name = 'bursty'"
         ).fetchone()
     assert counted == used
+
+
+def test_one_key_cannot_take_every_admission_slot(
+    sim: SimulatorServer, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Four slots on the replica: a key with no limit of its own holds at most half of them
+    (server.key_concurrency_share), one made with --max-concurrent 1 one; past that it gets 429
+    concurrency_limit_exceeded with Retry-After and no model is called, while another key's
+    request still gets a slot."""
+    cfg = load_config(None)
+    cfg = cfg.model_copy(
+        update={
+            "simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": "on"}),
+            "server": cfg.server.model_copy(update={"max_concurrent_requests": 4}),
+        }
+    )
+    hog = create_key(capsys, "hog")
+    one = create_key(capsys, "one", "--max-concurrent", "1")
+    other = create_key(capsys, "other")
+    # The aggregator streams so slowly that the streams stay open until the client closes them.
+    set_fault(sim, "gpt-4.1", slow_stream={"rate": 1.0, "factor": 200})
+    stream = {"model": "moa-lite", "messages": QUESTION, "stream": True}
+    url = "/v1/chat/completions"
+
+    async def scenario(server: ApiServer) -> tuple[list[httpx.Response], int, int, int]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+
+            def auth(key: str) -> dict[str, str]:
+                return {"Authorization": f"Bearer {key}"}
+
+            async def hold(key: str, flowing: asyncio.Event) -> None:
+                async with http.stream("POST", url, json=stream, headers=auth(key)) as r:
+                    assert r.status_code == 200
+                    async for line in r.aiter_lines():
+                        if '"content": "' in line and '"content": ""' not in line:
+                            flowing.set()  # every call of the request has been made
+
+            flowing = [asyncio.Event() for _ in range(3)]
+            held = [asyncio.create_task(hold(k, e)) for k, e in zip((hog, hog, one), flowing, strict=True)]
+            await asyncio.gather(*(e.wait() for e in flowing))
+            calls = sum(m["requests"] for m in sim_stats(sim).values())
+            refused = [await http.post(url, json=stream, headers=auth(k)) for k in (hog, one)]
+            calls_after = sum(m["requests"] for m in sim_stats(sim).values())
+            answered = await http.post(url, json={"model": "single", "messages": SHORT}, headers=auth(other))
+            for task in held:
+                task.cancel()
+            await asyncio.gather(*held, return_exceptions=True)
+            # Streams that ended give their key's places back.
+            single = {"model": "single", "messages": SHORT}
+            for key in (hog, one):
+
+                async def ask(key: str = key) -> httpx.Response:
+                    return await http.post(url, json=single, headers=auth(key))
+
+                await wait_until(ask, lambda r: r.status_code == 200, what="the key's places back")
+            return refused, calls, calls_after, answered.status_code
+
+    with ApiServer(cfg, store=lambda: SQLiteStore(state_dir / "state.db")) as server:
+        wait_for_auth(server)
+        refused, calls, calls_after, answered = asyncio.run(scenario(server))
+    for r in refused:
+        assert r.status_code == 429, r.text
+        assert r.json()["error"]["code"] == "concurrency_limit_exceeded"
+        assert r.headers["retry-after"] == "1"
+    assert "max_concurrent" in refused[1].json()["error"]["message"]
+    assert calls_after == calls  # a refused request calls nothing
+    assert answered == 200

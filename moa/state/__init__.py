@@ -54,6 +54,8 @@ class KeyLimits(BaseModel):
     models: tuple[str, ...] | None = None
     detail: bool = False
     max_cost_usd: float | None = Field(default=None, gt=0)
+    # Requests in progress at once on each replica (None: server.key_concurrency_share of its slots).
+    max_concurrent: int | None = Field(default=None, ge=1)
     # The operator's policy: this key's requests with temperature > 0 and no seed may be served
     # from the response cache (as if each said moa.cache_sampled: true).
     cache_sampled: bool = False
