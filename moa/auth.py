@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from moa.engine.errors import MoAError
 from moa.engine.plan import Plan
+from moa.engine.result import RouteDecision
 from moa.state import KeyLimits, KeyRecord, StateStore
 
 KEY_PREFIX = "sk-moa-"
@@ -107,6 +108,27 @@ class Principal:
         refused = sorted({f"{p}/{m}" for p, m in plan.model_refs()} - set(allowed))
         if refused:
             raise PermissionDenied(f"this key may not use the model(s) {', '.join(refused)}", param)
+
+    def allows(self, decision: RouteDecision, plan: Plan) -> bool:
+        """Whether the key may run ``plan`` as ``decision`` chose it: a routed (``auto``) preset
+        must be among its presets too (a preset it asked for by name was checked by
+        ``check_model``), and every model among its models."""
+        lim = self.limits
+        if not decision.forced and lim.presets is not None and decision.preset not in lim.presets:
+            return False
+        return lim.models is None or set(f"{p}/{m}" for p, m in plan.model_refs()) <= set(lim.models)
+
+    def check_routed(self, plan: Plan, decision: RouteDecision, param: str = "model") -> None:
+        """The plan that will run, after routing (and any move to a cheaper tier): 403 naming the
+        preset ``auto`` chose if the key may not use it, or the models it may not call."""
+        presets = self.limits.presets
+        if not decision.forced and presets is not None and decision.preset not in presets:
+            raise PermissionDenied(
+                f"auto routed this request to the preset {decision.preset!r}, which this key may not "
+                f"use, and no cheaper tier it may use can answer it (its presets: {', '.join(presets)})",
+                param,
+            )
+        self.check_plan(plan, param)
 
     def check_custom_plan(self) -> None:
         if self.limits.presets is not None:

@@ -385,6 +385,15 @@ class ServerConfig(_Strict):
         description="Requests in progress per ingress replica beyond which new ones get 429 with "
         "Retry-After.",
     )
+    key_concurrency_share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="An API key with no max_concurrent of its own (moa keys create --max-concurrent) "
+        "may have at most this share of max_concurrent_requests in progress on each replica "
+        "(rounded down, at least 1): past it, 429 concurrency_limit_exceeded, so one key cannot "
+        "take every slot and starve the others.",
+    )
     request_deadline_s: PositiveFloat = Field(
         default=120.0,
         description="Whole-request deadline (a request may ask for less with moa.deadline_s): 504 past it.",

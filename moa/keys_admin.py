@@ -40,6 +40,7 @@ class NewKey(BaseModel):
     models: list[str] | None = None
     detail: bool = False
     max_cost_usd: float | None = Field(default=None, gt=0)
+    max_concurrent: int | None = Field(default=None, ge=1)
     cache_sampled: bool = False
 
     def limits(self) -> KeyLimits:
@@ -52,6 +53,7 @@ class NewKey(BaseModel):
             models=parse_list(self.models),
             detail=self.detail,
             max_cost_usd=self.max_cost_usd,
+            max_concurrent=self.max_concurrent,
             cache_sampled=self.cache_sampled,
         )
 

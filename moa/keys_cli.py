@@ -40,6 +40,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c.add_argument("--detail", action="store_true", help="allow moa.detail (and /v1/moa)")
     c.add_argument("--max-cost-usd", type=float, default=None, help="default per-request cost cap (USD)")
     c.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="requests in progress at once, per replica (default: server.key_concurrency_share of its slots)",
+    )
+    c.add_argument(
         "--cache-sampled",
         action="store_true",
         help="serve this key's temperature > 0 requests without a seed from the response cache too",
@@ -83,6 +89,7 @@ def _create(args: argparse.Namespace) -> int:
             models=args.models,
             detail=args.detail,
             max_cost_usd=args.max_cost_usd,
+            max_concurrent=args.max_concurrent,
             cache_sampled=args.cache_sampled,
         )
         spec.limits()
@@ -117,6 +124,8 @@ def _limits_text(lim: KeyLimits) -> str:
         parts.append(f"{lim.tpm} tpm")
     if lim.max_cost_usd:
         parts.append(f"<= ${lim.max_cost_usd:g}/request")
+    if lim.max_concurrent:
+        parts.append(f"{lim.max_concurrent} at once")
     if lim.presets is not None:
         parts.append("presets " + ",".join(lim.presets))
     if lim.models is not None:

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,11 +22,20 @@ from moa.config import MoAConfig, load_config
 from moa.simulator.server import SimulatorServer
 from moa.state import KeyLimits, Reservation, StateStore, to_micro, window_of
 from moa.state.sqlite_store import SQLiteStore
-from tests.helpers import QUESTION, ApiServer, by_name, wait_for_spans
+from tests.helpers import QUESTION, ApiServer, by_name, set_fault, sim_stats, wait_for_spans
 from tests.otlp_receiver import OTLPReceiver
 from tests.waiting import wait_until, wait_until_sync
 
 SHORT = [{"role": "user", "content": "Name a colour."}]
+# auto routes this to its complex tier (moa), SHORT to its simple one (single).
+HARD = [
+    {
+        "role": "user",
+        "content": "Analyse and compare, step by step, the trade-offs of three "
+        "consensus protocols (Raft, Paxos, PBFT) for a geo-distributed database; prove which "
+        "one tolerates Byzantine faults and explain why. Consider latency, throughput and cost?",
+    }
+]
 
 
 @pytest.fixture
@@ -247,14 +258,7 @@ def test_a_cost_cap_moves_auto_to_a_cheaper_tier_and_refuses_a_forced_preset(
     server: ApiServer,
 ) -> None:
     c = client(server, None)
-    hard = [
-        {
-            "role": "user",
-            "content": "Analyse and compare, step by step, the trade-offs of three "
-            "consensus protocols (Raft, Paxos, PBFT) for a geo-distributed database; prove which "
-            "one tolerates Byzantine faults and explain why. Consider latency, throughput and cost?",
-        }
-    ]
+    hard = HARD
     uncapped = c.chat.completions.create(model="auto", messages=hard, extra_body={"moa": {"detail": True}})  # type: ignore[arg-type]
     assert uncapped.model_extra["moa"]["preset"] != "single"  # type: ignore[index]
     capped = c.chat.completions.create(
@@ -320,7 +324,7 @@ def test_a_keys_usage_is_on_its_requests_server_span(
     assert attrs["moa.key"] == "traced" and key not in json.dumps(attrs)
     assert attrs["moa.cost.projected_usd"] >= attrs["moa.key.cost_usd"] > 0
     assert attrs["moa.key.cost_usd"] == pytest.approx(detail["totals"]["cost_usd"])
-    assert attrs["moa.key.tokens"] > 0
+    assert attrs["moa.tokens.projected"] >= attrs["moa.key.tokens"] > 0
 
 
 def test_streaming_refusals_are_plain_http_errors_before_any_byte(
@@ -365,3 +369,180 @@ def test_tokens_per_minute_get_429_once_the_minute_is_spent(
     limited = wait_until_sync(refused, what="the key's tokens for this minute to be spent")
     assert limited is not None and limited.code == "rate_limit_exceeded"
     assert 1 <= int(limited.response.headers["retry-after"]) <= 60
+
+
+def test_a_staircase_override_is_projected_and_capped_as_it_will_run(
+    server: ApiServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``moa.aggregation: staircase`` makes moa up to 25 calls instead of 10: the cost cap and the
+    budget reservation hold that plan, not the preset's. A plain request runs staircase as final,
+    so it is projected (and let through) as final."""
+    from moa.engine.cost import projected_cost
+    from moa.types import ChatMessage, GenerationParams
+
+    cfg = cfg_of(server)
+    ask = [ChatMessage(role="user", content=SHORT[0]["content"])]
+    params = GenerationParams(max_tokens=200)
+    moa = cfg.presets["moa"]
+    final = projected_cost(cfg, moa, ask, params)
+    stair = projected_cost(cfg, moa.model_copy(update={"aggregation": "staircase"}), ask, params)
+    assert moa.aggregation == "final" and final < stair
+    between = (final + stair) / 2
+    body: dict[str, Any] = {"model": "moa", "messages": SHORT, "max_tokens": 200}
+    staircase = {"aggregation": "staircase", "detail": True}
+
+    def post(key: str | None, stream: bool, moa: dict[str, Any]) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        with httpx.stream(
+            "POST",
+            server.url + "/v1/chat/completions",
+            json={**body, "stream": stream, "moa": moa},
+            headers=headers,
+            timeout=60,
+        ) as r:
+            r.read()
+        return r
+
+    capped = post(None, True, {**staircase, "max_cost_usd": between})
+    assert capped.status_code == 400, capped.text
+    assert capped.json()["error"]["code"] == "over_cap"
+    assert capped.json()["error"]["param"] == "moa.max_cost_usd"
+    plain = post(None, False, {**staircase, "max_cost_usd": between})
+    assert plain.status_code == 200, plain.text
+    assert plain.json()["moa"]["aggregation"] == "final"
+    assert plain.json()["moa"]["totals"]["cost_usd"] <= between
+
+    # A budget between the two holds one final moa, but not a staircase one.
+    key = create_key(capsys, "stairs", "--budget-usd", f"{between:.6f}", "--detail")
+    wait_for_auth(server)
+    refused = post(key, True, staircase)
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["code"] == "insufficient_quota"
+    assert post(key, True, {"detail": True}).status_code == 200
+
+
+def test_auto_routes_only_to_presets_the_key_may_use(
+    server: ApiServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A key limited to ``auto single`` never gets moa through auto: auto moves to the nearest
+    cheaper tier the key may use; with none (a simple request, a key without single) it is a 403
+    naming the preset auto chose. Never to a dearer tier."""
+    lite = create_key(capsys, "lite", "--presets", "auto", "moa-lite", "single", "--detail")
+    narrow = create_key(capsys, "narrow", "--presets", "auto", "single", "--detail")
+    dear = create_key(capsys, "dear", "--presets", "auto", "moa")
+    wait_for_auth(server)
+    detail = {"moa": {"detail": True}}
+    routed = {}
+    for name, key in (("lite", lite), ("narrow", narrow)):
+        answer = client(server, key).chat.completions.create(model="auto", messages=HARD, extra_body=detail)  # type: ignore[arg-type]
+        routed[name] = answer.model_extra["moa"]  # type: ignore[index]
+    assert routed["lite"]["preset"] == "moa-lite"
+    assert routed["narrow"]["preset"] == "single"
+    assert "single instead: this key may not use moa" in routed["narrow"]["decision"]["reason"]
+    assert {c["model"] for c in routed["narrow"]["calls"]} <= {
+        ref.model for ref in cfg_of(server).presets["single"].aggregators
+    } | {ref.model for ref in cfg_of(server).presets["single"].fallbacks}
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        client(server, dear).chat.completions.create(model="auto", messages=SHORT)  # type: ignore[arg-type]
+    assert refused.value.code == "permission_denied" and "'single'" in refused.value.message
+    assert client(server, dear).chat.completions.create(model="auto", messages=HARD).choices  # type: ignore[arg-type]
+
+
+def test_tokens_per_minute_are_held_at_admission_not_counted_after(
+    server: ApiServer, capsys: pytest.CaptureFixture[str], state_dir: Path
+) -> None:
+    """``--tpm 500`` and twelve moa-lite requests at once: each holds its projected tokens when
+    it is admitted, so the first (alone in its minute: its projection alone is over 500) runs and
+    the rest are refused with the rate limit's 429 and Retry-After. The minute then counts what
+    the one request really used, not its projection."""
+    key = create_key(capsys, "bursty", "--tpm", "500")
+    wait_for_auth(server)
+    if time.time() % 60 > 45:  # the twelve must land in one minute
+        time.sleep(60 - time.time() % 60 + 0.1)
+    body = {"model": "moa-lite", "messages": SHORT}
+
+    async def burst() -> list[httpx.Response]:
+        headers = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=60) as http:
+            return await asyncio.gather(*(http.post("/v1/chat/completions", json=body) for _ in range(12)))
+
+    responses = asyncio.run(burst())
+    ok = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 429]
+    assert len(ok) == 1 and len(refused) == 11, [r.status_code for r in responses]
+    assert {r.json()["error"]["code"] for r in refused} == {"rate_limit_exceeded"}
+    assert all(1 <= int(r.headers["retry-after"]) <= 60 for r in refused)
+    used = ok[0].json()["usage"]["total_tokens"]
+
+    with contextlib.closing(sqlite3.connect(state_dir / "state.db")) as db:
+        (counted,) = db.execute(
+            "SELECT SUM(tokens) FROM rate JOIN keys ON keys.id = rate.key_id WHERE keys.name = 'bursty'"
+        ).fetchone()
+    assert counted == used
+
+
+def test_one_key_cannot_take_every_admission_slot(
+    sim: SimulatorServer, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Four slots on the replica: a key with no limit of its own holds at most half of them
+    (server.key_concurrency_share), one made with --max-concurrent 1 one; past that it gets 429
+    concurrency_limit_exceeded with Retry-After and no model is called, while another key's
+    request still gets a slot."""
+    cfg = load_config(None)
+    cfg = cfg.model_copy(
+        update={
+            "simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": "on"}),
+            "server": cfg.server.model_copy(update={"max_concurrent_requests": 4}),
+        }
+    )
+    hog = create_key(capsys, "hog")
+    one = create_key(capsys, "one", "--max-concurrent", "1")
+    other = create_key(capsys, "other")
+    # The aggregator streams so slowly that the streams stay open until the client closes them.
+    set_fault(sim, "gpt-4.1", slow_stream={"rate": 1.0, "factor": 200})
+    stream = {"model": "moa-lite", "messages": QUESTION, "stream": True}
+    url = "/v1/chat/completions"
+
+    async def scenario(server: ApiServer) -> tuple[list[httpx.Response], int, int, int]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+
+            def auth(key: str) -> dict[str, str]:
+                return {"Authorization": f"Bearer {key}"}
+
+            async def hold(key: str, flowing: asyncio.Event) -> None:
+                async with http.stream("POST", url, json=stream, headers=auth(key)) as r:
+                    assert r.status_code == 200
+                    async for line in r.aiter_lines():
+                        if '"content": "' in line and '"content": ""' not in line:
+                            flowing.set()  # every call of the request has been made
+
+            flowing = [asyncio.Event() for _ in range(3)]
+            held = [asyncio.create_task(hold(k, e)) for k, e in zip((hog, hog, one), flowing, strict=True)]
+            await asyncio.gather(*(e.wait() for e in flowing))
+            calls = sum(m["requests"] for m in sim_stats(sim).values())
+            refused = [await http.post(url, json=stream, headers=auth(k)) for k in (hog, one)]
+            calls_after = sum(m["requests"] for m in sim_stats(sim).values())
+            answered = await http.post(url, json={"model": "single", "messages": SHORT}, headers=auth(other))
+            for task in held:
+                task.cancel()
+            await asyncio.gather(*held, return_exceptions=True)
+            # Streams that ended give their key's places back.
+            single = {"model": "single", "messages": SHORT}
+            for key in (hog, one):
+
+                async def ask(key: str = key) -> httpx.Response:
+                    return await http.post(url, json=single, headers=auth(key))
+
+                await wait_until(ask, lambda r: r.status_code == 200, what="the key's places back")
+            return refused, calls, calls_after, answered.status_code
+
+    with ApiServer(cfg, store=lambda: SQLiteStore(state_dir / "state.db")) as server:
+        wait_for_auth(server)
+        refused, calls, calls_after, answered = asyncio.run(scenario(server))
+    for r in refused:
+        assert r.status_code == 429, r.text
+        assert r.json()["error"]["code"] == "concurrency_limit_exceeded"
+        assert r.headers["retry-after"] == "1"
+    assert "max_concurrent" in refused[1].json()["error"]["message"]
+    assert calls_after == calls  # a refused request calls nothing
+    assert answered == 200

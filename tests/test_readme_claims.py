@@ -462,10 +462,12 @@ def test_the_serve_extra_adds_ray_serve_and_opentelemetry_is_in_the_core() -> No
 
 def test_the_server_defaults_are_the_documented_ones() -> None:
     """README "Configuration": ``server: {max_request_bytes: 1000000, max_concurrent_requests: 256,
-    request_deadline_s: 120, drain_s: 20, sse_keepalive_s: 5}`` in the bundled config and the model."""
+    key_concurrency_share: 0.5, request_deadline_s: 120, drain_s: 20, sse_keepalive_s: 5}`` in the
+    bundled config and the model."""
     documented = {
         "max_request_bytes": 1_000_000,
         "max_concurrent_requests": 256,
+        "key_concurrency_share": 0.5,
         "request_deadline_s": 120,
         "drain_s": 20,
         "sse_keepalive_s": 5,

@@ -146,3 +146,27 @@ def test_windows_follow_the_utc_calendar() -> None:
     assert window_of("day", t + 1) == "day:2026-01-01"
     assert window_of("month", t) == "month:2025-12"
     assert window_of("total", t) == "total"
+
+
+async def test_tokens_per_minute_are_held_at_admission_and_settled(replicas: list[StateStore]) -> None:
+    """A request holds its projected tokens in its key's minute, atomically across replicas, and
+    settles to what it used; a request bigger than the whole TPM runs only alone in its minute."""
+    a, b = replicas
+    minute = int(time.time() // 60)
+
+    async def hold(i: int) -> bool:
+        return await replicas[i % 2].reserve_tokens("t1", minute, 30, 1000) is None
+
+    assert sum(await asyncio.gather(*(hold(i) for i in range(100)))) == 1000 // 30
+    await b.add_tokens("t1", minute, 100 - 30 * (1000 // 30))  # they settle to 100 tokens in all
+    assert await a.reserve_tokens("t1", minute, 900, 1000) is None
+    wait = await b.reserve_tokens("t1", minute, 1, 1000)
+    assert wait is not None and 0 < wait <= 60
+    # Alone in its minute, a request over the whole limit runs; nothing after it does.
+    assert await a.reserve_tokens("t2", minute, 5000, 1000) is None
+    assert await b.reserve_tokens("t2", minute, 1, 1000) is not None
+    # Giving back more than was counted leaves zero, not a credit.
+    await a.add_tokens("t3", minute, 10)
+    await b.add_tokens("t3", minute, -50)
+    assert await a.reserve_tokens("t3", minute, 1000, 1000) is None
+    assert await b.reserve_tokens("t3", minute, 1, 1000) is not None

@@ -13,12 +13,14 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from opentelemetry import trace
 
 from moa.auth import Authenticator, InsufficientQuota, KeyRateLimited, Principal
 from moa.config import MoAConfig
-from moa.engine.cost import Routed, fit_cost_cap
+from moa.engine.cost import Projection, Routed, fit_cost_cap
+from moa.engine.plan import Plan, PlanShape
 from moa.engine.result import CallRecord
 from moa.engine.router import HealthView
 from moa.state import Reservation, StateStore, from_micro, to_micro, window_of
@@ -32,6 +34,15 @@ log = logging.getLogger("moa.api")
 RESERVATION_TTL_S = 3600.0 + 300.0
 
 
+@dataclass(frozen=True)
+class TokenHold:
+    """Tokens a request holds against its key's TPM, in the minute it was admitted in: settled
+    there to what its calls really used (the budget's reservation, per minute)."""
+
+    minute: int
+    tokens: int
+
+
 class Spend:
     """One request's reservation and what its calls really cost so far; settled exactly once."""
 
@@ -42,6 +53,7 @@ class Spend:
         self.projected = projected
         self.cost_usd = 0.0
         self.tokens = 0
+        self.token_hold: TokenHold | None = None
         self._settled = False
         # The request's server span (current while the request is admitted): the key's usage
         # goes on it at settlement, which happens before the response's last byte, so it is open.
@@ -83,8 +95,9 @@ class Spend:
                 reservation = got if isinstance(got, Reservation) else None
             if reservation is not None:
                 await store.settle(reservation, to_micro(self.cost_usd))
-            if self.principal.limits.tpm is not None and self.tokens:
-                await store.add_tokens(key_id, int(time.time() // 60), self.tokens)
+            hold = self.token_hold or TokenHold(int(time.time() // 60), 0)
+            if self.principal.limits.tpm is not None and self.tokens != hold.tokens:
+                await store.add_tokens(key_id, hold.minute, self.tokens - hold.tokens)
         except Exception:
             # The reservation expires on its own; the key's spend may then be understated.
             log.exception("could not settle a request's spend for key %s", self.principal.label)
@@ -122,15 +135,42 @@ class Access:
         params: GenerationParams,
         max_cost_usd: float | None,
         health: Callable[[], HealthView],
-    ) -> tuple[Routed, float]:
-        """The plan held to the request's (or the key's) cost cap (a cheaper tier for ``auto``), and
-        its projected worst-case cost. No I/O: a request the cache answers needs nothing more;
-        ``hold`` then reserves that cost once models will be called."""
+        shape: PlanShape = Plan.as_run,
+    ) -> tuple[Routed, Projection]:
+        """The plan held to the request's (or the key's) cost cap and to the key's presets and
+        models (a cheaper tier for ``auto``, put through ``shape``: the request's overrides), and
+        its projected worst case (cost and tokens). No I/O: a request the cache answers needs
+        nothing more; ``hold_tokens`` and ``hold`` then reserve it once models will be called."""
         cap = max_cost_usd if max_cost_usd is not None else principal.limits.max_cost_usd
-        routed, projected = fit_cost_cap(self.config, routed, messages, params, cap, health)
+        routed, projected = fit_cost_cap(
+            self.config, routed, messages, params, cap, health, shape, principal.allows
+        )
         span = trace.get_current_span()
-        span.set_attribute("moa.cost.projected_usd", projected)
+        span.set_attribute("moa.cost.projected_usd", projected.cost_usd)
+        span.set_attribute("moa.tokens.projected", projected.tokens)
         return routed, projected
+
+    async def hold_tokens(self, principal: Principal, tokens: int) -> TokenHold | None:
+        """Hold ``tokens`` (the request's projection) against the key's tokens per minute (a
+        write to the state store); 429 ``rate_limit_exceeded`` with Retry-After if the minute
+        cannot take them. None without a key or a TPM limit."""
+        key = principal.key
+        if key is None or key.limits.tpm is None:
+            return None
+        minute = int(time.time() // 60)
+        wait = await self.store.reserve_tokens(key.id, minute, tokens, key.limits.tpm)
+        if wait is not None:
+            raise KeyRateLimited(
+                f"This API key's tokens per minute ({key.limits.tpm}) cannot hold this request, which "
+                f"may use up to {tokens} tokens; retry when the minute ends (or lower max_tokens).",
+                wait,
+            )
+        return TokenHold(minute, tokens)
+
+    async def release_tokens(self, principal: Principal, hold: TokenHold | None) -> None:
+        """Give back a hold whose request was refused after it (its budget): it used nothing."""
+        if hold is not None and principal.key is not None:
+            await self.store.add_tokens(principal.key.id, hold.minute, -hold.tokens)
 
     async def hold(self, principal: Principal, projected: float) -> Reservation | None:
         """Reserve ``projected`` against the key's budget (a write to the state store); 429
@@ -179,28 +219,35 @@ class SpendGate:
         self.messages, self.params, self.max_cost_usd, self.health = messages, params, max_cost_usd, health
         self.param = param
         self.spend: Spend | None = None
+        self.projection = Projection(0.0, 0)
 
-    async def admit(self, routed: Routed) -> Routed:
-        if self.param is None:
-            self.principal.check_plan(routed[0])
-        else:
-            self.principal.check_plan(routed[0], self.param)
+    async def admit(self, routed: Routed, shape: PlanShape = Plan.as_run) -> Routed:
+        """The engine's hook with the routed plan as it will run (every override applied): the
+        key's rules and its cost cap are checked, and the cost projected, on that plan."""
         routed, projected = self.access.fit(
-            self.principal, routed, self.messages, self.params, self.max_cost_usd, self.health
+            self.principal, routed, self.messages, self.params, self.max_cost_usd, self.health, shape
         )
+        # On the plan that will run: auto's tier may have moved to one the key may use.
+        plan, decision, _ = routed
+        self.principal.check_routed(plan, decision, self.param or "model")
         # Nothing reserved yet: settling it writes nothing (a cache hit's whole settlement).
-        self.spend = Spend(self.access, self.principal, None, projected)
+        self.spend = Spend(self.access, self.principal, None, projected.cost_usd)
+        self.projection = projected
         return routed
 
     async def reserve(self) -> None:
-        """The engine's hook once models will be called (no cached answer): the budget reservation."""
+        """The engine's hook once models will be called (no cached answer): the projected tokens
+        held against the key's TPM, then the projected cost against its budget."""
         spend = self.spend
         if spend is None:
             return
         try:
+            spend.token_hold = await self.access.hold_tokens(self.principal, self.projection.tokens)
             spend.reservation = await self.access.hold(self.principal, spend.projected)
         except BaseException:
             self.spend = None  # refused (or cancelled): nothing to settle, as before admission
+            with contextlib.suppress(Exception):
+                await self.access.release_tokens(self.principal, spend.token_hold)
             raise
 
     def record(self, rec: CallRecord) -> None:

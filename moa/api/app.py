@@ -116,26 +116,61 @@ def _bad_messages(e: ParamError) -> ApiError:
 
 class Admission:
     """Admission control: at most ``limit`` requests in progress; past it, 429 at once. Once the
-    service drains, every new request gets 503 at once."""
+    service drains, every new request gets 503 at once.
 
-    def __init__(self, limit: int) -> None:
+    Each API key may hold at most its ``max_concurrent`` of them (by default ``key_share`` of
+    ``limit``), so one key cannot take every slot. Counted here, per replica, like the slots
+    themselves: it is their share that is protected, it costs no state-store round trip, and a
+    replica that dies takes its counts with it (a cluster-wide count in the store would need
+    expiring leases, and a leaked one would block its key until it expired). A key may so hold
+    its limit on each replica at once."""
+
+    def __init__(self, limit: int, key_share: float = 1.0) -> None:
         self.limit = limit
+        self.per_key = max(1, int(limit * key_share))
         self.in_flight = 0
         self.draining = False
+        self._by_key: dict[str, int] = {}
         self._changed: asyncio.Event | None = None  # set when the count drops, while drained
 
-    def take(self) -> Slot:
+    def take(self, principal: Principal | None = None) -> Slot:
         if self.draining:
             raise _moa_error(ShuttingDown("the service is shutting down; retry shortly"))
+        key = principal.key if principal is not None else None
+        if key is not None:
+            self._check_key(key.id, key.limits.max_concurrent)
         if self.in_flight >= self.limit:
             err = ApiError(429, "the service is at capacity; retry shortly", "rate_limit_error", "overloaded")
             err.headers["Retry-After"] = "1"
             raise err
         self.in_flight += 1
-        return Slot(self)
+        if key is None:
+            return Slot(self)
+        self._by_key[key.id] = self._by_key.get(key.id, 0) + 1
+        return Slot(self, key.id)
 
-    def released(self) -> None:
+    def _check_key(self, key_id: str, own: int | None) -> None:
+        """429 ``concurrency_limit_exceeded`` if the key already holds its share of the slots."""
+        limit = own or self.per_key
+        if self._by_key.get(key_id, 0) < limit:
+            return
+        why = "its max_concurrent" if own else "server.key_concurrency_share of this replica's slots"
+        err = ApiError(
+            429,
+            f"This API key already has {limit} requests in progress on this replica, its limit "
+            f"({why}); retry when one of them ends.",
+            "rate_limit_error",
+            "concurrency_limit_exceeded",
+        )
+        err.headers["Retry-After"] = "1"
+        raise err
+
+    def released(self, key_id: str | None = None) -> None:
         self.in_flight -= 1
+        if key_id is not None:
+            left = self._by_key.pop(key_id) - 1
+            if left:
+                self._by_key[key_id] = left
         if self._changed is not None:
             self._changed.set()
 
@@ -158,12 +193,13 @@ class Admission:
 class Slot:
     """One admitted request's place. Releasing is idempotent, so every owner may release it."""
 
-    def __init__(self, admission: Admission) -> None:
+    def __init__(self, admission: Admission, key_id: str | None = None) -> None:
         self._admission: Admission | None = admission
+        self._key_id = key_id
 
     def release(self) -> None:
         if self._admission is not None:
-            self._admission.released()
+            self._admission.released(self._key_id)
             self._admission = None
 
 
@@ -324,7 +360,7 @@ class Api:
         self.engine = engine
         self.health = health
         self.access = Access(config, store)
-        self.admission = Admission(config.server.max_concurrent_requests)
+        self.admission = Admission(config.server.max_concurrent_requests, config.server.key_concurrency_share)
         self.metrics = RequestMetrics()
         # eval.shadow: answered requests sampled for a background comparison with a baseline.
         self.shadow = ShadowEvaluator(config, engine.caller) if config.eval.shadow.enabled else None
@@ -494,7 +530,7 @@ class Api:
         gate = SpendGate(
             self.access, principal, messages, req.params(), req.moa.max_cost_usd, self.engine.health
         )
-        slot = self.admission.take()
+        slot = self.admission.take(principal)
         response: Response | None = None
         t0 = time.monotonic()
         deadline = self.deadline(req.moa.deadline_s)
@@ -650,7 +686,7 @@ class Api:
             principal.check_model(preset, preset == "auto" or preset in self.config.presets)
         principal.check_detail(True)  # the full result is the detail
         ticket = self.cache_ticket(principal, req.cache, req.cache_semantic, req.cache_sampled)
-        slot = self.admission.take()
+        slot = self.admission.take(principal)
         deadline = self.deadline(req.deadline_s)
         gate = SpendGate(
             self.access,

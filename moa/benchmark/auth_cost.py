@@ -62,7 +62,8 @@ async def time_checks(cfg: Any, store: StateStore | None, key: str | None, n: in
         t0 = time.perf_counter()
         principal = await access.principal(header)
         _, projected = access.fit(principal, routed, messages, params, None, HealthView)
-        spend = Spend(access, principal, await access.hold(principal, projected), projected)
+        cost = projected.cost_usd
+        spend = Spend(access, principal, await access.hold(principal, cost), cost)
         spend.cost_usd = 0.0001
         await spend.settle()
         if i >= 20:  # the first rounds warm the store's connection and the key's cache

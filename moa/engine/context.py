@@ -23,12 +23,15 @@ from moa.deadline import NO_DEADLINE, Deadline
 from moa.engine.caller import ModelCaller
 from moa.engine.errors import AllProvidersFailed, Failure
 from moa.engine.fusion import Fuser
-from moa.engine.plan import AggregationMode, Plan, PlanMode
+from moa.engine.plan import AggregationMode, Plan, PlanMode, PlanShape
 from moa.engine.result import CallRecord, FallbackReason, Progress, RouteDecision
 from moa.types import CallResult, ChatMessage, GenerationParams
 
 # A routing decision: the plan, why, and any calls the router made (an LLM classifier).
 Routed = tuple[Plan, RouteDecision, list[CallResult]]
+# The ``admit`` hook: it sees the routed plan as it will run, and the shape that makes any other
+# plan it chooses instead (a cheaper tier) into the plan that would run.
+Admit = Callable[[Routed, PlanShape], Awaitable[Routed]]
 
 
 class RunOptions(TypedDict, total=False):
@@ -41,7 +44,7 @@ class RunOptions(TypedDict, total=False):
     deadline: Deadline | None
     routed: Routed | None
     on_call: Callable[[CallRecord], None] | None
-    admit: Callable[[Routed], Awaitable[Routed]] | None
+    admit: Admit | None
     aggregation: AggregationMode | None
     reserve: Callable[[], Awaitable[None]] | None
 
@@ -57,7 +60,7 @@ class RunRequest:
     deadline: Deadline = NO_DEADLINE
     routed: Routed | None = None
     on_call: Callable[[CallRecord], None] | None = None
-    admit: Callable[[Routed], Awaitable[Routed]] | None = None
+    admit: Admit | None = None
     aggregation: AggregationMode | None = None
     reserve: Callable[[], Awaitable[None]] | None = None
     # Whether the final answer is streamed as TextDeltas (``stream``) or only returned (``run``).
@@ -81,6 +84,11 @@ class RunRequest:
             reserve=options.get("reserve"),
             stream=stream,
         )
+
+    def shape(self, plan: Plan) -> Plan:
+        """``plan`` as this request would run it (its aggregation override; staircase only when
+        streamed): what ``admit`` projects and caps, and what the run then runs."""
+        return plan.as_run(self.aggregation, self.stream)
 
 
 @dataclass

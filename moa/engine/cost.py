@@ -7,17 +7,22 @@ and of each later layer's proposers) and every fallback is assumed to run and to
 later stage reads the prompt plus every answer before it, and a staircase call the steps before it
 (never more than the model's context window). Prices come from
 the config's ``ModelPrice`` entries. The projection is what a request reserves against its key's
-budget and what ``moa.max_cost_usd`` is compared with.
+budget and what ``moa.max_cost_usd`` is compared with; the same walk counts the tokens every call
+may read and write, which a request reserves against its key's tokens per minute.
+
+Both are made on the plan as it will run (``Plan.as_run``: the request's aggregation override,
+staircase only for a stream) and, for ``auto``, on the tier it will really use: ``fit_plan``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from moa.config import MoAConfig
 from moa.engine.calls import TEMPLATE_OVERHEAD_TOKENS, merge_params
 from moa.engine.errors import OverCap
-from moa.engine.plan import Complexity, ModelRef, Plan, PlanMode
+from moa.engine.plan import Complexity, ModelRef, Plan, PlanMode, PlanShape
 from moa.engine.result import RouteDecision
 from moa.engine.router import HealthView, substitute_unavailable
 from moa.tokens import approx_message_tokens
@@ -29,18 +34,36 @@ REFERENCE_OVERHEAD_TOKENS = 16
 Routed = tuple[Plan, RouteDecision, list[CallResult]]
 
 
+@dataclass(frozen=True)
+class Projection:
+    """A plan's worst case for one request, from one walk over its calls: what it may cost (US
+    dollars) and how many tokens its calls may read and write in all (what a key's TPM counts)."""
+
+    cost_usd: float
+    tokens: int
+
+
 def projected_cost(
     config: MoAConfig, plan: Plan, messages: Sequence[ChatMessage], params: GenerationParams
 ) -> float:
     """The most the plan can cost in US dollars for these messages and parameters."""
+    return project(config, plan, messages, params).cost_usd
+
+
+def project(
+    config: MoAConfig, plan: Plan, messages: Sequence[ChatMessage], params: GenerationParams
+) -> Projection:
+    """The most the plan can cost, and the most tokens it can use, for these messages and
+    parameters (a model without a price counts for neither: it has no limits to project with)."""
     prompt = approx_message_tokens(m.content for m in messages)
     total = 0.0
+    tokens = 0
 
     def call(ref: ModelRef, references: Sequence[int], step: bool = False, written: int = 0) -> int:
         """Price one call reading ``references`` (their token counts) and ``written`` tokens of
         its own answer so far (a staircase continues it); a ``step`` writes at most
         ``staircase_step_tokens``."""
-        nonlocal total
+        nonlocal total, tokens
         price = config.price(ref.provider, ref.model) if ref.provider in config.providers else None
         if price is None:
             return 0
@@ -51,7 +74,9 @@ def projected_cost(
         read = prompt + written
         if references:
             read += sum(references) + REFERENCE_OVERHEAD_TOKENS * len(references) + TEMPLATE_OVERHEAD_TOKENS
-        total += price.cost(min(read, price.context_window), out)
+        read = min(read, price.context_window)
+        total += price.cost(read, out)
+        tokens += read + out
         return out
 
     # Staircase: every intermediate step reads (at most) the whole references and the steps
@@ -82,7 +107,7 @@ def projected_cost(
         call(agg, previous, written=stepped)
     for fallback in plan.fallbacks:
         call(fallback, [])
-    return total
+    return Projection(total, tokens)
 
 
 _CHEAPER: dict[Complexity, tuple[Complexity, ...]] = {
@@ -92,6 +117,10 @@ _CHEAPER: dict[Complexity, tuple[Complexity, ...]] = {
 }
 
 
+def _anything(decision: RouteDecision, plan: Plan) -> bool:
+    return True
+
+
 def fit_cost_cap(
     config: MoAConfig,
     routed: Routed,
@@ -99,28 +128,43 @@ def fit_cost_cap(
     params: GenerationParams,
     cap_usd: float | None,
     health: Callable[[], HealthView] = HealthView,
-) -> tuple[Routed, float]:
-    """The routed plan and its projected cost, held to ``cap_usd``.
+    shape: PlanShape = Plan.as_run,
+    allowed: Callable[[RouteDecision, Plan], bool] = _anything,
+) -> tuple[Routed, Projection]:
+    """The routed plan and its projection (cost and tokens), held to ``cap_usd`` and to what the
+    caller may use.
 
-    A routed (``auto``) request over the cap moves to the nearest cheaper tier that fits; a plan
-    the caller chose itself, or one with no cheaper tier that fits, is refused with ``OverCap``.
+    A routed (``auto``) request whose tier the caller may not use (``allowed``: a key's presets and
+    models), or over the cap, moves to the nearest cheaper tier it may use that fits: never to a
+    dearer one, so a key's rules never make ``auto`` spend more than its classifier chose. A plan
+    the caller chose itself, or one with no such tier, is refused with ``OverCap`` when over the
+    cap, or returned as it is when only not allowed: the caller's own check then refuses it,
+    naming what it may not use. ``routed`` is the plan as it will run; ``shape`` makes a cheaper
+    tier into the plan that would run in its place (the request's overrides), so that is what is
+    checked and projected.
     """
     plan, decision, pre = routed
-    cost = projected_cost(config, plan, messages, params)
-    if cap_usd is None or cost <= cap_usd:
-        return routed, cost
+    projection = project(config, plan, messages, params)
+    cost = projection.cost_usd
+    over = cap_usd is not None and cost > cap_usd
+    permitted = allowed(decision, plan)
+    if permitted and not over:
+        return routed, projection
     if not decision.forced and decision.complexity is not None:
+        why = [] if permitted else [f"this key may not use {decision.preset}"]
+        if over:
+            why.append(f"{decision.preset} may cost up to ${cost:.4f}, over the cost cap of ${cap_usd:g}")
         for tier in _CHEAPER[decision.complexity]:
             name = config.router.tiers[tier]
             candidate, subs = substitute_unavailable(config.presets[name], config, health())
-            cheaper = projected_cost(config, candidate, messages, params)
-            if cheaper <= cap_usd:
-                reason = (
-                    f"{decision.reason}; {name} instead: {decision.preset} may cost up to "
-                    f"${cost:.4f}, over the cost cap of ${cap_usd:g}"
-                )
-                new = decision.model_copy(update={"preset": name, "reason": reason, "substitutions": subs})
+            candidate = shape(candidate)
+            reason = f"{decision.reason}; {name} instead: {'; '.join(why)}"
+            new = decision.model_copy(update={"preset": name, "reason": reason, "substitutions": subs})
+            cheaper = project(config, candidate, messages, params)
+            if allowed(new, candidate) and (cap_usd is None or cheaper.cost_usd <= cap_usd):
                 return (candidate, new, pre), cheaper
+    if not permitted:
+        return routed, projection
     raise OverCap(
         f"the request may cost up to ${cost:.4f}, over its cost cap of ${cap_usd:g} "
         "(moa.max_cost_usd; lower max_tokens or choose a smaller preset)",

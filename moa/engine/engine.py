@@ -102,10 +102,12 @@ class MoAEngine:
         caps), the final answer's ``TextDelta``s as they arrive, then the ``MoAResult``.
 
         Options (``RunOptions``): ``preset`` (``auto`` routes) or an explicit ``plan``; ``params``;
-        ``routed`` passes a decision already taken by ``route``. ``admit``, when given, sees the
-        routed plan before any model is called and may refuse it (raise) or replace it (a key's
-        access rules and cost cap do both); ``on_call`` is told of every call recorded.
-        ``aggregation`` overrides the plan's aggregation mode. ``reserve``, when given, is awaited
+        ``routed`` passes a decision already taken by ``route``. ``aggregation`` overrides the
+        plan's aggregation mode (staircase applies to streamed layered plans; others run final).
+        ``admit``, when given, sees the routed plan as it will run (every override applied) before
+        any model is called and may refuse it (raise) or replace it with another plan put through
+        the shape it is given (a key's access rules and cost cap do both); ``on_call`` is told of
+        every call recorded. ``reserve``, when given, is awaited
         once models will be called (the cache had no answer), before any call, and may refuse
         (raise): a key's budget reservation, a state-store write a cached answer does not need.
         The run ends at ``deadline`` (or ``deadline_s`` from now) with ``DeadlineExceeded``.
@@ -132,11 +134,12 @@ class MoAEngine:
                 else:
                     with attached(span_ctx):
                         routed = await self.route(request.messages, request.preset)
+            # Every override first: admission projects and caps the plan that will really run.
+            routed_plan, decision, pre_calls = routed
+            routed = (request.shape(routed_plan), decision, pre_calls)
             if request.admit is not None:
-                routed = await request.admit(routed)
+                routed = await request.admit(routed, request.shape)
             plan, decision, pre_calls = routed
-            if request.aggregation is not None and request.aggregation != plan.aggregation:
-                plan = plan.model_copy(update={"aggregation": request.aggregation})
             check_messages(self.config.caps, request.messages)
             check_plan(self.config.caps, plan, request.params or GenerationParams(), len(pre_calls))
             spans.run_planned(span, decision, plan)

@@ -7,6 +7,7 @@ layer for several rounds, each seeing the previous round's synthesis.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Literal
 
@@ -197,6 +198,20 @@ class Plan(_Strict):
     @property
     def is_single(self) -> bool:
         return not self.layers
+
+    def as_run(self, aggregation: AggregationMode | None = None, stream: bool = True) -> Plan:
+        """This plan as a request runs it: in the aggregation mode the request chose, if any, and
+        with staircase run as final where it cannot climb (a plain request, or a refine plan,
+        whose rounds do not stream). Projections, cost caps and call caps are all made on this,
+        never on the plan as configured: staircase makes moa up to 25 calls instead of 10."""
+        mode = aggregation or self.aggregation
+        if mode == "staircase" and (not stream or self.mode is PlanMode.REFINE):
+            mode = "final"
+        return self if mode == self.aggregation else self.model_copy(update={"aggregation": mode})
+
+
+# Turns any plan (a routed preset, a cheaper tier) into the plan one request would run.
+PlanShape = Callable[[Plan], Plan]
 
 
 class PresetConfig(Plan):

@@ -54,6 +54,8 @@ class KeyLimits(BaseModel):
     models: tuple[str, ...] | None = None
     detail: bool = False
     max_cost_usd: float | None = Field(default=None, gt=0)
+    # Requests in progress at once on each replica (None: server.key_concurrency_share of its slots).
+    max_concurrent: int | None = Field(default=None, ge=1)
     # The operator's policy: this key's requests with temperature > 0 and no seed may be served
     # from the response cache (as if each said moa.cache_sampled: true).
     cache_sampled: bool = False
@@ -126,7 +128,17 @@ class StateStore(Protocol):
         """Count one request in the key's minute; ``None`` if allowed, else seconds to wait."""
         ...
 
-    async def add_tokens(self, key_id: str, minute: int, tokens: int) -> None: ...
+    async def reserve_tokens(self, key_id: str, minute: int, tokens: int, tpm: int) -> float | None:
+        """Atomically: hold ``tokens`` (a request's projection) in the key's minute if what the
+        minute already counts plus them fits ``tpm``, or if the minute counts nothing yet (a
+        request bigger than the whole limit still runs, alone in its minute: the limit is then
+        passed by at most one projection). ``None`` if held, else seconds to the minute's end."""
+        ...
+
+    async def add_tokens(self, key_id: str, minute: int, tokens: int) -> None:
+        """Add ``tokens`` to the key's minute; a negative amount (a settlement below what was
+        held) takes them back, never below zero."""
+        ...
 
     async def close(self) -> None: ...
 

@@ -78,6 +78,27 @@ redis.call('EXPIRE', KEYS[1], 120)
 return 1
 """
 
+# KEYS: the minute's counter hash. ARGV: tokens, tpm. A minute that counts nothing yet takes any
+# request, however big: the limit is then passed by at most one projection.
+RESERVE_TOKENS = """
+local used = tonumber(redis.call('HGET', KEYS[1], 'tokens') or '0')
+local want, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
+if used > 0 and used + want > tpm then return 0 end
+redis.call('HINCRBY', KEYS[1], 'tokens', want)
+redis.call('EXPIRE', KEYS[1], 120)
+return 1
+"""
+
+# KEYS: the minute's counter hash. ARGV: tokens (negative: given back, never below zero; a
+# minute already gone is not brought back to give tokens back to it).
+ADD_TOKENS = """
+local delta = tonumber(ARGV[1])
+if delta < 0 and redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HINCRBY', KEYS[1], 'tokens', delta) < 0 then redis.call('HSET', KEYS[1], 'tokens', 0) end
+redis.call('EXPIRE', KEYS[1], 120)
+return 1
+"""
+
 
 def _record(raw: str, status: str | None) -> KeyRecord:
     record = KeyRecord.model_validate_json(raw)
@@ -97,6 +118,8 @@ class RedisStore:
         self._reserve = self.client.register_script(RESERVE)
         self._settle = self.client.register_script(SETTLE)
         self._take = self.client.register_script(TAKE_REQUEST)
+        self._reserve_tokens = self.client.register_script(RESERVE_TOKENS)
+        self._add_tokens = self.client.register_script(ADD_TOKENS)
 
     async def create_key(self, record: KeyRecord) -> None:
         created = await self._create(
@@ -164,12 +187,12 @@ class RedisStore:
         )
         return None if ok else max((minute + 1) * 60 - time.time(), 0.001)
 
+    async def reserve_tokens(self, key_id: str, minute: int, tokens: int, tpm: int) -> float | None:
+        ok = await self._reserve_tokens(keys=[f"{P}:rate:{key_id}:{minute}"], args=[tokens, tpm])
+        return None if ok else max((minute + 1) * 60 - time.time(), 0.001)
+
     async def add_tokens(self, key_id: str, minute: int, tokens: int) -> None:
-        name = f"{P}:rate:{key_id}:{minute}"
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.hincrby(name, "tokens", tokens)
-            pipe.expire(name, 120)
-            await pipe.execute()
+        await self._add_tokens(keys=[f"{P}:rate:{key_id}:{minute}"], args=[tokens])
 
     async def close(self) -> None:
         await self.client.aclose()

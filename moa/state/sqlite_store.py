@@ -199,12 +199,29 @@ class SQLiteStore:
 
         return await self._run(take)
 
-    async def add_tokens(self, key_id: str, minute: int, tokens: int) -> None:
-        await self._run(
-            lambda db: db.execute(
+    async def reserve_tokens(self, key_id: str, minute: int, tokens: int, tpm: int) -> float | None:
+        def reserve(db: sqlite3.Connection) -> float | None:
+            row = db.execute(
+                "SELECT tokens FROM rate WHERE key_id = ? AND minute = ?", (key_id, minute)
+            ).fetchone()
+            used = row[0] if row else 0
+            if used > 0 and used + tokens > tpm:
+                return max((minute + 1) * 60 - time.time(), 0.001)
+            db.execute(
                 "INSERT INTO rate VALUES (?, ?, 0, ?) ON CONFLICT (key_id, minute) DO UPDATE "
                 "SET tokens = tokens + excluded.tokens",
                 (key_id, minute, tokens),
+            )
+            return None
+
+        return await self._run(reserve)
+
+    async def add_tokens(self, key_id: str, minute: int, tokens: int) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "INSERT INTO rate VALUES (?, ?, 0, MAX(?, 0)) ON CONFLICT (key_id, minute) DO UPDATE "
+                "SET tokens = MAX(tokens + ?, 0)",
+                (key_id, minute, tokens, tokens),
             )
         )
 
