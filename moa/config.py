@@ -48,7 +48,8 @@ DEFAULT_BASE_URLS: dict[ProviderKind, str | None] = {
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # A limit of .inf or .nan in a config file is no limit (a NaN passes every comparison).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 PositiveFloat = Annotated[float, Field(gt=0)]

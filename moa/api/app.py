@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from moa.api.access import Access, SpendGate, settle_quietly
+from moa.api.jsonbody import NonFiniteNumber, loads_finite
 from moa.api.schemas import ChatCompletionRequest, MoARequest, ParamError, error_body
 from moa.auth import Principal
 from moa.cache import CacheTicket, set_ticket
@@ -412,7 +413,9 @@ class Api:
                 )
             chunks.append(chunk)
         try:
-            body = json.loads(b"".join(chunks))
+            body = loads_finite(b"".join(chunks))
+        except NonFiniteNumber as e:
+            raise ApiError(400, str(e), "invalid_request_error", "invalid_number") from None
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(
                 400, f"request body is not valid JSON: {e}", "invalid_request_error", "invalid_json"
