@@ -5,6 +5,8 @@ the real OTLP receiver, the ``moa`` CLI as an operator runs it."""
 from __future__ import annotations
 
 import math
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,8 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
+from moa.auth import new_key, new_record
+from moa.cache.sqlite_store import SQLiteCacheStore
 from moa.cli import main
 from moa.config import ConfigError, load_config, parse_config
 from moa.simulator.server import SimulatorServer
@@ -102,3 +106,60 @@ def test_limits_refuse_non_finite_amounts_however_they_are_built() -> None:
     raw["server"]["request_deadline_s"] = math.inf
     with pytest.raises(ConfigError):
         parse_config(raw, "a config with an infinite deadline")
+
+
+# -- files under the state directory are the service user's alone -----------------------------------
+
+
+@pytest.fixture
+def open_umask() -> Iterator[None]:
+    """A umask that takes nothing away, as a careless service unit may have: the modes must come
+    from the code, not from the umask."""
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _modes(where: Path) -> dict[str, int]:
+    """Every file's permission bits in ``where``, by name."""
+    return {p.name: _mode(p) for p in where.iterdir()}
+
+
+async def test_state_and_cache_files_are_created_private(tmp_path: Path, open_umask: None) -> None:
+    where = tmp_path / "fresh" / "moa"  # neither directory exists yet
+    state = SQLiteStore(where / "state.db")
+    cache = SQLiteCacheStore(where / "cache.db", 1_000_000)
+    try:
+        await state.create_key(new_record("tenant", new_key(), KeyLimits()))
+        await cache.put("k", b"a tenant's prompt and answer", 60)
+        # While open, each database has its write-ahead log and shared-memory index beside it.
+        files = _modes(where)
+        for db in ("state.db", "cache.db"):
+            assert {db, f"{db}-wal", f"{db}-shm"} <= set(files), files
+        assert files == dict.fromkeys(files, 0o600), {n: oct(m) for n, m in files.items()}
+        assert _mode(where) == 0o700
+    finally:
+        await state.close()
+        await cache.close()
+
+
+async def test_files_an_older_version_left_readable_are_narrowed(tmp_path: Path, open_umask: None) -> None:
+    for name in ("state.db", "state.db-wal", "cache.db"):
+        (tmp_path / name).touch(mode=0o644)
+    os.chmod(tmp_path / "state.db", 0o644)
+    state = SQLiteStore(tmp_path / "state.db")
+    cache = SQLiteCacheStore(tmp_path / "cache.db", 1_000_000)
+    try:
+        assert await state.any_keys() is False
+        assert await cache.get("k") is None
+        modes = {n: m for n, m in _modes(tmp_path).items() if n.startswith(("state", "cache"))}
+        assert set(modes.values()) == {0o600}, {n: oct(m) for n, m in modes.items()}
+    finally:
+        await state.close()
+        await cache.close()
