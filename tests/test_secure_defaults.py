@@ -4,6 +4,9 @@ the real OTLP receiver, the ``moa`` CLI as an operator runs it."""
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import math
 import os
 import stat
@@ -22,7 +25,9 @@ from moa.config import ConfigError, load_config, parse_config
 from moa.simulator.server import SimulatorServer
 from moa.state import KeyLimits
 from moa.state.sqlite_store import SQLiteStore
-from tests.helpers import ApiServer, sim_total_requests
+from moa_observability.logs import JsonFormatter
+from tests.helpers import ApiServer, by_name, sim_total_requests, wait_for_spans
+from tests.otlp_receiver import OTLPReceiver
 
 ADMIN = "adm-secure-defaults-" + "x" * 24
 
@@ -163,3 +168,48 @@ async def test_files_an_older_version_left_readable_are_narrowed(tmp_path: Path,
     finally:
         await state.close()
         await cache.close()
+
+
+# -- a key pasted into a URL reaches no span and no log line ------------------------------------------
+
+
+@pytest.fixture
+def log_lines() -> Iterator[io.StringIO]:
+    """Everything the moa loggers write, as the JSON lines a deployment emits."""
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("moa")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield buf
+    logger.removeHandler(handler)
+    logger.setLevel(old_level)
+
+
+def test_a_key_in_the_url_is_named_by_its_route_template_never_exported(
+    otlp: OTLPReceiver, served: ApiServer, log_lines: io.StringIO
+) -> None:
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    made = httpx.post(served.url + "/admin/keys", json={"name": "pasted"}, headers=auth)
+    assert made.status_code == 201, made.text
+    key = made.json()["key"]
+    # Where a careless client pastes it: a route with a parameter, and paths no route matches.
+    asked = {
+        ("GET", f"/admin/keys/{key}"): "GET /admin/keys/{name}",
+        ("GET", f"/v1/models/{key}"): "GET",
+        ("POST", f"/v1/chat/completions/{key}"): "POST",
+        ("GET", f"/{key}"): "GET",
+    }
+    for (method, path), name in asked.items():
+        r = httpx.request(method, served.url + path, headers=auth)
+        assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error", r.text
+        spans = wait_for_spans(otlp, r.headers["x-moa-trace-id"], {name})
+        assert key not in json.dumps(spans), spans
+        (server,) = by_name(spans, name)
+        assert server["attributes"].get("http.route") == (name.split(" ", 1)[1] if " " in name else None)
+    logged = log_lines.getvalue()
+    assert key not in logged
+    routes = [json.loads(line).get("route") for line in logged.splitlines() if '"event": "request"' in line]
+    assert routes.count("(unmatched)") == 3 and "/admin/keys/{name}" in routes, routes
