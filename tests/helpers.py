@@ -30,6 +30,11 @@ from tests.waiting import wait_until, wait_until_sync
 
 QUESTION = [{"role": "user", "content": "How do vaccines train the immune system?"}]
 
+# The session Ray app's admin key (MOA_ADMIN_KEY in its replicas' environment): /healthz shows
+# per-provider detail only to it.
+RAY_ADMIN_KEY = "adm-ray-session-" + "k" * 24
+ADMIN_HEADERS = {"Authorization": f"Bearer {RAY_ADMIN_KEY}"}
+
 # The simulator, by its server (a fresh connection per call) or a client already open on its URL
 # (test_simulator keeps one per module: each new connection costs tens of milliseconds).
 Sim = SimulatorServer | httpx.Client

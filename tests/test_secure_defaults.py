@@ -213,3 +213,32 @@ def test_a_key_in_the_url_is_named_by_its_route_template_never_exported(
     assert key not in logged
     routes = [json.loads(line).get("route") for line in logged.splitlines() if '"event": "request"' in line]
     assert routes.count("(unmatched)") == 3 and "/admin/keys/{name}" in routes, routes
+
+
+# -- /healthz: the status for probes, the detail for the admin key ------------------------------------
+
+
+def test_healthz_shows_provider_detail_to_the_admin_key_only(served: ApiServer) -> None:
+    url = served.url + "/healthz"
+    made = httpx.post(
+        served.url + "/admin/keys", json={"name": "tenant"}, headers={"Authorization": f"Bearer {ADMIN}"}
+    )
+    user_key = made.json()["key"]
+    # A call, so that there are counts to hide.
+    assert httpx.get(served.url + "/v1/models", headers={"Authorization": f"Bearer {user_key}"}).is_success
+    for headers in ({}, {"Authorization": f"Bearer {user_key}"}, {"Authorization": f"Bearer {ADMIN}x"}):
+        r = httpx.get(url, headers=headers)
+        assert r.status_code == 200 and r.json() == {"status": "ok"}, (headers, r.text)
+        assert httpx.head(url, headers=headers).status_code == 200
+    full = httpx.get(url, headers={"Authorization": f"Bearer {ADMIN}"}).json()
+    assert full["status"] == "ok" and set(full["providers"]) == {"openai", "anthropic", "gemini"}
+    assert all("state" in p and "in_flight" in p for p in full["providers"].values()), full
+
+
+def test_healthz_without_an_admin_key_set_shows_the_status_only(
+    sim: SimulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MOA_ADMIN_KEY", raising=False)
+    with ApiServer(_config(sim)) as server:
+        for headers in ({}, {"Authorization": "Bearer"}, {"Authorization": f"Bearer {ADMIN}"}):
+            assert httpx.get(server.url + "/healthz", headers=headers).json() == {"status": "ok"}

@@ -695,21 +695,29 @@ class Api:
         ]
         return {"object": "list", "data": data}
 
-    async def healthz(self) -> Response:
+    async def healthz(self, detail: bool = False) -> Response:
         """``ok`` when every provider can answer; ``degraded`` (200) when some cannot; ``down``
         (503) when none can; ``draining`` (503) once shutdown began. A provider can answer when it
-        has a running replica (on Ray) whose circuit is not open."""
+        has a running replica (on Ray) whose circuit is not open.
+
+        Probes need no key, so by default the body is the status alone: each provider's state,
+        call counts and latency tell anyone who can reach the port which providers a deployment
+        pays for and how busy it is. ``detail`` (the admin key was presented) adds them."""
         if self.draining:
-            return JSONResponse({"status": "draining", "providers": {}}, status_code=503)
+            return _health_response({"status": "draining", "providers": {}}, 503, detail)
         try:
             providers = await asyncio.wait_for(self.health(), HEALTH_TIMEOUT_S)
         except Exception as e:
             why = "timed out" if isinstance(e, TimeoutError) else type(e).__name__
             body = {"status": "unknown", "providers": {}, "error": f"provider health unavailable: {why}"}
-            return JSONResponse(body, status_code=503)
+            return _health_response(body, 503, detail)
         up = sum(_can_answer(p) for p in providers.values())
         status = "ok" if up == len(providers) else "degraded" if up else "down"
-        return JSONResponse({"status": status, "providers": providers}, status_code=200 if up else 503)
+        return _health_response({"status": status, "providers": providers}, 200 if up else 503, detail)
+
+
+def _health_response(body: dict[str, Any], status: int, detail: bool) -> JSONResponse:
+    return JSONResponse(body if detail else {"status": body["status"]}, status_code=status)
 
 
 def _cache_header(ticket: CacheTicket | None) -> dict[str, str]:
@@ -853,8 +861,14 @@ def create_api(
     app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
     app.add_api_route("/v1/moa", api.moa, methods=["POST"])
     app.add_api_route("/v1/models", api.models, methods=["GET", "HEAD"])
-    app.add_api_route("/healthz", api.healthz, methods=["GET", "HEAD"])
     admin_key = admin_key_from_env()
+
+    async def healthz(request: Request) -> Response:
+        # Per-provider detail for the admin key only; without one set, for nobody.
+        authorization = request.headers.get("authorization")
+        return await api.healthz(admin_key is not None and admin_key_matches(admin_key, authorization))
+
+    app.add_api_route("/healthz", healthz, methods=["GET", "HEAD"])
     if admin_key is not None and store is not None:
         admin = Admin(api, store, admin_key)
         app.add_api_route("/admin/keys", admin.create, methods=["POST"])
