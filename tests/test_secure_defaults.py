@@ -242,3 +242,14 @@ def test_healthz_without_an_admin_key_set_shows_the_status_only(
     with ApiServer(_config(sim)) as server:
         for headers in ({}, {"Authorization": "Bearer"}, {"Authorization": f"Bearer {ADMIN}"}):
             assert httpx.get(server.url + "/healthz", headers=headers).json() == {"status": "ok"}
+
+
+# -- no schema or docs pages: they would list the admin routes to anyone ------------------------------
+
+
+@pytest.mark.parametrize("path", ["/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"])
+def test_no_schema_or_docs_page_is_served(served: ApiServer, path: str) -> None:
+    for headers in ({}, {"Authorization": f"Bearer {ADMIN}"}):
+        r = httpx.get(served.url + path, headers=headers)
+        assert r.status_code == 404, r.text
+        assert r.json()["error"]["code"] == "not_found" and "/admin" not in r.text

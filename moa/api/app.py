@@ -824,7 +824,12 @@ def create_api(
     """The API app; with a ``store``, API keys and budgets apply (once a key exists), and with
     ``MOA_ADMIN_KEY`` in the environment too, the admin API manages them (``/admin/keys``)."""
     api = Api(config, engine, health, store)
-    app = FastAPI(title="MoA", version="0.1.0", docs_url=None, redoc_url=None, **_NO_NATIVE_TELEMETRY)
+    # No /openapi.json, /docs or /redoc: the handlers read their bodies themselves, so the schema
+    # would describe no request or response (clients follow OpenAI's API), only list the routes,
+    # the admin ones included, to anyone, with or without a key.
+    app = FastAPI(
+        title="MoA", version="0.1.0", openapi_url=None, docs_url=None, redoc_url=None, **_NO_NATIVE_TELEMETRY
+    )
     app.state.api = api
     app.add_middleware(TracingMiddleware)
 
