@@ -375,6 +375,14 @@ class CacheConfig(_Strict):
 class ServerConfig(_Strict):
     """The HTTP service's own limits."""
 
+    open: bool = Field(
+        default=False,
+        description="Serve requests from beyond loopback while no API key exists (moa serve "
+        "--no-auth sets it). Off: until a key exists, such requests get 503 with a log line "
+        "saying how to create one, however the app was started (moa serve, serve run, serve "
+        "deploy, KubeRay); requests over loopback are served.",
+    )
+
     max_request_bytes: int = Field(
         default=1_000_000,
         gt=0,

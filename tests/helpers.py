@@ -113,9 +113,11 @@ class ApiServer:
     exercise is what ``moa serve --local`` runs.
     """
 
-    def __init__(self, config: MoAConfig, store: Callable[[], StateStore] | None = None) -> None:
+    def __init__(
+        self, config: MoAConfig, store: Callable[[], StateStore] | None = None, host: str = "127.0.0.1"
+    ) -> None:
         self.config = config
-        self.server = LocalServer(config, claim_port("127.0.0.1", 0), store)
+        self.server = LocalServer(config, claim_port(host, 0), store)
         self.url = self.server.url
         self._ready = threading.Event()
 
@@ -130,6 +132,20 @@ class ApiServer:
     def __exit__(self, *exc: object) -> None:
         self.server.stop()
         self.thread.join(30)
+
+
+def non_loopback_address() -> str | None:
+    """An address of this machine beyond loopback (the interface a default route would use), to
+    reach a server bound to 0.0.0.0 as a client on the network would; None if it has none."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("198.51.100.1", 9))  # TEST-NET-2; no packet is sent: this only picks a route
+        except OSError:
+            return None
+        address = str(s.getsockname()[0])
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
 
 
 # -- traces -------------------------------------------------------------------------------------------

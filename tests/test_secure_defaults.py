@@ -22,12 +22,14 @@ from moa.auth import new_key, new_record
 from moa.cache.sqlite_store import SQLiteCacheStore
 from moa.cli import main
 from moa.config import ConfigError, load_config, parse_config
+from moa.exposure import from_beyond_loopback
 from moa.simulator.server import SimulatorServer
 from moa.state import KeyLimits
 from moa.state.sqlite_store import SQLiteStore
 from moa_observability.logs import JsonFormatter
-from tests.helpers import ApiServer, by_name, sim_total_requests, wait_for_spans
+from tests.helpers import ApiServer, by_name, non_loopback_address, sim_total_requests, wait_for_spans
 from tests.otlp_receiver import OTLPReceiver
+from tests.waiting import wait_until_sync
 
 ADMIN = "adm-secure-defaults-" + "x" * 24
 
@@ -253,3 +255,93 @@ def test_no_schema_or_docs_page_is_served(served: ApiServer, path: str) -> None:
         r = httpx.get(served.url + path, headers=headers)
         assert r.status_code == 404, r.text
         assert r.json()["error"]["code"] == "not_found" and "/admin" not in r.text
+
+
+# -- exposure: no key, beyond loopback, not open on purpose: 503 until a key exists --------------------
+
+
+@pytest.fixture
+def beyond() -> str:
+    address = non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no address beyond loopback")
+    return address
+
+
+def _exposed(sim: SimulatorServer, state_dir: Path, open_: bool = False) -> ApiServer:
+    """The in-process app bound to every interface, as a container or a VM would run it."""
+    cfg = _config(sim)
+    cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update={"open": open_})})
+    return ApiServer(cfg, store=lambda: SQLiteStore(state_dir / "state.db"), host="0.0.0.0")
+
+
+CHAT = {"model": "single", "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8}
+
+
+def test_an_app_reachable_beyond_loopback_with_no_key_refuses_until_one_exists(
+    sim: SimulatorServer,
+    state_dir: Path,
+    beyond: str,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MOA_ADMIN_KEY", ADMIN)
+    caplog.set_level(logging.WARNING, logger="moa.api")
+    with _exposed(sim, state_dir) as server:
+        port = server.url.rsplit(":", 1)[1]
+        remote, local = f"http://{beyond}:{port}", f"http://127.0.0.1:{port}"
+        for path, send in (("/v1/chat/completions", CHAT), ("/v1/moa", {"preset": "single", **CHAT})):
+            r = httpx.post(remote + path, json=send, timeout=30)
+            assert r.status_code == 503, r.text
+            error = r.json()["error"]
+            assert error["code"] == "no_api_key" and error["type"] == "service_unavailable", error
+        assert httpx.get(remote + "/v1/models").status_code == 503
+        assert sim_total_requests(sim) == 0  # nothing was spent
+        # Probes and the admin API (its own key) are not behind it; loopback is served as before.
+        assert httpx.get(remote + "/healthz").json() == {"status": "ok"}
+        assert httpx.get(remote + "/admin/keys", headers={"Authorization": f"Bearer {ADMIN}"}).is_success
+        assert httpx.post(local + "/v1/chat/completions", json=CHAT, timeout=30).status_code == 200
+        # The operator is told how to fix it, once (not once a request).
+        told = [r.getMessage() for r in caplog.records if getattr(r, "event", None) == "exposure_refused"]
+        assert len(told) == 1 and "moa keys create NAME" in told[0] and "/admin/keys" in told[0], told
+
+        # A key made while it runs, with the CLI on the same state: no restart needed.
+        capsys.readouterr()
+        assert main(["keys", "create", "first"]) == 0
+        key = capsys.readouterr().out.strip()
+        wait_until_sync(
+            lambda: httpx.get(remote + "/v1/models").status_code,
+            lambda s: s == 401,
+            what="the key check to see the key (state.key_cache_s)",
+        )
+        ok = httpx.post(
+            remote + "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {key}"}, timeout=30
+        )
+        assert ok.status_code == 200, ok.text
+
+
+def test_server_open_serves_beyond_loopback_with_no_key(
+    sim: SimulatorServer, state_dir: Path, beyond: str
+) -> None:
+    with _exposed(sim, state_dir, open_=True) as server:
+        port = server.url.rsplit(":", 1)[1]
+        r = httpx.post(f"http://{beyond}:{port}/v1/chat/completions", json=CHAT, timeout=30)
+        assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    ("server", "client", "beyond_loopback"),
+    [
+        (("127.0.0.1", 8000), ("127.0.0.1", 5555), False),
+        (("::1", 8000), ("::1", 5555), False),
+        (("::ffff:127.0.0.1", 8000), ("::ffff:127.0.0.1", 5555), False),
+        (("10.0.0.5", 8000), ("10.0.0.9", 5555), True),
+        (("127.0.0.1", 8000), ("10.0.0.9", 5555), True),  # forwarded to loopback from the network
+        (("/run/moa.sock", None), None, True),  # no address to judge by: beyond
+        (None, None, True),
+    ],
+)
+def test_what_counts_as_beyond_loopback(server: Any, client: Any, beyond_loopback: bool) -> None:
+    assert from_beyond_loopback(server, client) is beyond_loopback
+

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
@@ -37,6 +37,7 @@ from moa.engine.engine import MoAEngine
 from moa.engine.errors import DeadlineExceeded, InvalidPlan, InvalidRequest, MoAError, ShuttingDown
 from moa.engine.result import MoAResult, Progress
 from moa.eval.shadow import ShadowEvaluator
+from moa.exposure import RequestExposure
 from moa.keys_admin import (
     ADMIN_KEY_ENV,
     ADMIN_KEY_MIN_CHARS,
@@ -49,7 +50,7 @@ from moa.keys_admin import (
     key_rows,
     spent_now,
 )
-from moa.state import KeyExists, StateStore
+from moa.state import KeyExists, StateStore, describe
 from moa.textcheck import first_unencodable
 from moa.types import ChatMessage, TextDelta, Usage
 from moa_observability.asgi import CLIENT_CLOSED_REQUEST, TracingMiddleware
@@ -863,10 +864,27 @@ def create_api(
         log.exception("unexpected error while serving a request")
         return _error_response(ApiError(500, "internal error", "server_error", "internal_error"))
 
-    app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
-    app.add_api_route("/v1/moa", api.moa, methods=["POST"])
-    app.add_api_route("/v1/models", api.models, methods=["GET", "HEAD"])
     admin_key = admin_key_from_env()
+    auth = api.access.auth
+    exposure = RequestExposure(
+        config.server.open,
+        auth.any_keys if auth is not None else None,
+        describe(config.state),
+        admin_api=admin_key is not None and store is not None,
+    )
+
+    async def refuse_open_to_the_network(request: Request) -> None:
+        # Before the key check: with no key at all, a request from beyond loopback is refused.
+        why = await exposure.refusal(request.scope.get("server"), request.scope.get("client"))
+        if why is not None:
+            raise ApiError(503, why, "service_unavailable", "no_api_key")
+
+    # The API needs a key, or loopback, or server.open; /healthz (probes) and /admin (its own key,
+    # which may create the first API key) do not.
+    keyed = [Depends(refuse_open_to_the_network)]
+    app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"], dependencies=keyed)
+    app.add_api_route("/v1/moa", api.moa, methods=["POST"], dependencies=keyed)
+    app.add_api_route("/v1/models", api.models, methods=["GET", "HEAD"], dependencies=keyed)
 
     async def healthz(request: Request) -> Response:
         # Per-provider detail for the admin key only; without one set, for nobody.
