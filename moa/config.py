@@ -405,6 +405,22 @@ class ServerConfig(_Strict):
         "while new ones get 503: after it, an unfinished stream ends with an error event "
         "(code shutting_down) and [DONE], an unfinished plain request gets that 503.",
     )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="moa serve --local: a connection's request line and headers must arrive within "
+        "this long from its first byte (or from the connection opening), or it is closed; a client "
+        "that sends half a request and stalls holds nothing longer. On Ray, Serve's proxy has no "
+        "such setting: put a load balancer that bounds header reads in front.",
+    )
+    keep_alive_s: int = Field(
+        default=5,
+        ge=1,
+        le=3600,
+        description="An idle kept-alive HTTP connection is closed after this long (moa serve, local "
+        "and on Ray). Behind a load balancer, make it longer than the balancer's idle timeout.",
+    )
     sse_keepalive_s: float = Field(
         default=5.0,
         gt=0,

@@ -4,12 +4,15 @@ the real OTLP receiver, the ``moa`` CLI as an operator runs it."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import math
 import os
+import socket
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -345,3 +348,76 @@ def test_server_open_serves_beyond_loopback_with_no_key(
 def test_what_counts_as_beyond_loopback(server: Any, client: Any, beyond_loopback: bool) -> None:
     assert from_beyond_loopback(server, client) is beyond_loopback
 
+
+# -- slow clients: a request's head must arrive within server.header_timeout_s -----------------------
+
+
+def _slow_server(sim: SimulatorServer) -> ApiServer:
+    cfg = _config(sim)
+    server = cfg.server.model_copy(update={"header_timeout_s": 0.5, "keep_alive_s": 1})
+    return ApiServer(cfg.model_copy(update={"server": server}))
+
+
+def _read_until(sock: socket.socket, end: bytes) -> bytes:
+    got = b""
+    while end not in got:
+        chunk = sock.recv(65536)
+        assert chunk, got
+        got += chunk
+    return got
+
+
+def _closed_after(sock: socket.socket) -> float:
+    """Seconds until the server closes ``sock`` (reads to EOF); fails past the socket's timeout."""
+    t0 = time.monotonic()
+    while sock.recv(65536):
+        pass
+    return time.monotonic() - t0
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [b"", b"GET /v1/mod", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le"],
+    ids=["nothing", "half-a-request-line", "half-the-headers"],
+)
+def test_a_client_that_stalls_before_its_headers_end_is_disconnected(
+    sim: SimulatorServer, sent: bytes
+) -> None:
+    with _slow_server(sim) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=20) as sock:
+            sock.sendall(sent)
+            # The bound is 0.5 s; uvicorn's own default holds the connection for ever.
+            assert _closed_after(sock) < 5
+
+
+def test_the_head_bound_applies_again_to_the_next_request_on_a_kept_alive_connection(
+    sim: SimulatorServer,
+) -> None:
+    with _slow_server(sim) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=20) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            _read_until(sock, b'{"status":"ok"}')  # a whole request is served
+            sock.sendall(b"GET /heal")  # the next one stalls half-way
+            assert _closed_after(sock) < 5
+
+
+def test_an_idle_kept_alive_connection_is_closed_after_keep_alive_s(sim: SimulatorServer) -> None:
+    with _slow_server(sim) as server, httpx.Client(base_url=server.url) as client:
+        assert client.get("/healthz").status_code == 200
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=20) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _read_until(sock, b'{"status":"ok"}').startswith(b"HTTP/1.1 200")
+            assert _closed_after(sock) < 5  # keep_alive_s 1
+
+
+def test_a_head_too_large_is_a_400(sim: SimulatorServer) -> None:
+    with _slow_server(sim) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=20) as sock:
+            head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 70_000 + b"\r\n\r\n"
+            with contextlib.suppress(OSError):  # the server may close before all of it is read
+                sock.sendall(head)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 400")
