@@ -49,9 +49,9 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
     its keep-alive timer runs only between requests and stops at the first byte, so a client that
     connects and sends nothing, or half a request line, held its connection (and a file
     descriptor) for ever; enough of them exhaust the server. From the moment the connection opens
-    or a new request begins, its line and headers must arrive within ``head_timeout_s`` and
-    ``MAX_HEAD_BYTES``, or the connection is closed (over the size: a 400 first). The body is the
-    app's to bound (``server.max_request_bytes``, the request deadline)."""
+    or a new request begins, its line and headers must arrive within ``head_timeout_s``, or the
+    connection is closed; and they may not exceed ``MAX_HEAD_BYTES`` (a 400, then closed). The
+    body is the app's to bound (``server.max_request_bytes``, the request deadline)."""
 
     head_timeout_s = 10.0
 
@@ -76,14 +76,19 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
         if self._reading_head and not self.transport.is_closing():
             self.transport.close()
 
-    def data_received(self, data: bytes) -> None:
-        if self._reading_head:
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD_BYTES:
-                self._disarm_head_timer()
-                self.send_400_response("Request line and headers too large.")
-                return
-        super().data_received(data)
+    def _count_head(self, n: int) -> None:
+        self._head_bytes += n
+        if self._head_bytes > MAX_HEAD_BYTES:
+            # Raised inside the parser's callback: uvicorn answers 400 and closes the connection.
+            raise ValueError("request line and headers too large")
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)
+        super().on_header(name, value)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
