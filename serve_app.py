@@ -135,7 +135,9 @@ def start_local(cfg: MoAConfig, host: str, port: int, **options: Unpack[LocalOpt
     StopSignals.interrupt_meanwhile()
     if sock is not None:
         sock.close()
-    serve.start(http_options={"host": host, "port": port})
+    # Serve's proxy takes a keep-alive timeout (server.keep_alive_s; Serve's own default, 90 s, is
+    # for load balancers, which `moa serve` has none of) but no request-head timeout: see the README.
+    serve.start(http_options={"host": host, "port": port, "keep_alive_timeout_s": cfg.server.keep_alive_s})
     serve.run(build_from_config(cfg), name="moa", route_prefix="/")
     dashboard_url = getattr(context, "dashboard_url", None) if dashboard else None
     return LocalRay(

@@ -94,8 +94,10 @@ def _run_serve(args: argparse.Namespace) -> int:
     from moa.service import PortInUse, claim_port
 
     cfg = load_config(args.config)
+    if args.no_auth:  # the app's own request-time check reads it too
+        cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update={"open": True})})
     # Before anything listens: an address open to the network needs keys (or --no-auth).
-    print(check_exposure(cfg.state, args.host, args.no_auth), file=sys.stderr)
+    print(check_exposure(cfg.state, args.host, cfg.server.open), file=sys.stderr)
     if args.local and (args.dashboard or args.metrics_port is not None or args.num_cpus is not None):
         print("moa serve: --dashboard, --metrics-port and --num-cpus need Ray", file=sys.stderr)
         return 2

@@ -48,7 +48,8 @@ DEFAULT_BASE_URLS: dict[ProviderKind, str | None] = {
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # A limit of .inf or .nan in a config file is no limit (a NaN passes every comparison).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -374,6 +375,14 @@ class CacheConfig(_Strict):
 class ServerConfig(_Strict):
     """The HTTP service's own limits."""
 
+    open: bool = Field(
+        default=False,
+        description="Serve requests from beyond loopback while no API key exists (moa serve "
+        "--no-auth sets it). Off: until a key exists, such requests get 503 with a log line "
+        "saying how to create one, however the app was started (moa serve, serve run, serve "
+        "deploy, KubeRay); requests over loopback are served.",
+    )
+
     max_request_bytes: int = Field(
         default=1_000_000,
         gt=0,
@@ -404,6 +413,22 @@ class ServerConfig(_Strict):
         description="On shutdown (SIGTERM, Ctrl-C), how long requests in progress may still run "
         "while new ones get 503: after it, an unfinished stream ends with an error event "
         "(code shutting_down) and [DONE], an unfinished plain request gets that 503.",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="moa serve --local: a connection's request line and headers must arrive within "
+        "this long from its first byte (or from the connection opening), or it is closed; a client "
+        "that sends half a request and stalls holds nothing longer. On Ray, Serve's proxy has no "
+        "such setting: put a load balancer that bounds header reads in front.",
+    )
+    keep_alive_s: int = Field(
+        default=5,
+        ge=1,
+        le=3600,
+        description="An idle kept-alive HTTP connection is closed after this long (moa serve, local "
+        "and on Ray). Behind a load balancer, make it longer than the balancer's idle timeout.",
     )
     sse_keepalive_s: float = Field(
         default=5.0,

@@ -29,7 +29,8 @@ VERBS: dict[str, KeyStatus] = {"revoke": "revoked", "disable": "disabled", "enab
 class NewKey(BaseModel):
     """What a new key may do: ``moa keys create`` options, or the admin API's request body."""
 
-    model_config = ConfigDict(extra="forbid")
+    # An infinite budget or cap would be an unlimited key under a limited-looking name.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]*$")
     budget_usd: float | None = Field(default=None, ge=0)

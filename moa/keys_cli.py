@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import sys
 from typing import Any
 
@@ -18,6 +19,18 @@ from pydantic import ValidationError
 from moa.config import load_config
 from moa.keys_admin import VERBS, NewKey, change_status, create_key, key_rows
 from moa.state import KeyExists, KeyLimits, StateStore, describe, open_store
+
+
+def usd(text: str) -> float:
+    """An amount in USD for argparse: a finite number. ``float("inf")`` and ``float("nan")`` parse,
+    and ``--budget-usd inf`` would make an unlimited key that looks limited."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite amount: {text!r}")
+    return value
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -29,7 +42,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     c = ks.add_parser("create", help="create a key and print it (once)")
     c.add_argument("name")
-    c.add_argument("--budget-usd", type=float, default=None, help="spend allowed per period (USD)")
+    c.add_argument("--budget-usd", type=usd, default=None, help="spend allowed per period (USD)")
     c.add_argument("--period", choices=["day", "month", "total"], default="total", help="budget period (UTC)")
     c.add_argument("--rpm", type=int, default=None, help="requests per minute")
     c.add_argument("--tpm", type=int, default=None, help="tokens per minute")
@@ -38,7 +51,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--models", nargs="+", default=None, help="provider/model names the key may use (default: all)"
     )
     c.add_argument("--detail", action="store_true", help="allow moa.detail (and /v1/moa)")
-    c.add_argument("--max-cost-usd", type=float, default=None, help="default per-request cost cap (USD)")
+    c.add_argument("--max-cost-usd", type=usd, default=None, help="default per-request cost cap (USD)")
     c.add_argument(
         "--max-concurrent",
         type=int,

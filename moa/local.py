@@ -17,6 +17,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from moa.api.app import CUT_GRACE_S, Api, create_api
 from moa.config import MoAConfig
@@ -37,6 +38,84 @@ async def local_app(cfg: MoAConfig, store: Callable[[], StateStore] | None = Non
             return pool.health()
 
         yield create_api(cfg, engine, health, store() if store else None)
+
+
+# Bytes a request line and its headers may take (uvicorn's h11 default for an incomplete event).
+MAX_HEAD_BYTES = 64 * 1024
+
+
+class HeadTimeoutProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a bound on reading a request's head, which uvicorn lacks:
+    its keep-alive timer runs only between requests and stops at the first byte, so a client that
+    connects and sends nothing, or half a request line, held its connection (and a file
+    descriptor) for ever; enough of them exhaust the server. From the moment the connection opens
+    or a new request begins, its line and headers must arrive within ``head_timeout_s``, or the
+    connection is closed; and they may not exceed ``MAX_HEAD_BYTES`` (a 400, then closed). The
+    body is the app's to bound (``server.max_request_bytes``, the request deadline)."""
+
+    head_timeout_s = 10.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_bytes = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._reading_head = True
+        self._arm_head_timer()
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._reading_head and not self.transport.is_closing():
+            self.transport.close()
+
+    def _count_head(self, n: int) -> None:
+        self._head_bytes += n
+        if self._head_bytes > MAX_HEAD_BYTES:
+            # Raised inside the parser's callback: uvicorn answers 400 and closes the connection.
+            raise ValueError("request line and headers too large")
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if not self._reading_head:  # the next request on a kept-alive connection
+            self._reading_head, self._head_bytes = True, 0
+        self._arm_head_timer()
+
+    def on_headers_complete(self) -> None:
+        self._reading_head = False
+        self._disarm_head_timer()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        # Idle between requests: uvicorn's keep-alive timer bounds it; the head timer starts
+        # again with the next request's first byte (on_message_begin).
+        self._reading_head, self._head_bytes = True, 0
+        self._disarm_head_timer()
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+
+def head_timeout_protocol(head_timeout_s: float) -> type[HeadTimeoutProtocol]:
+    """The protocol class for uvicorn's ``http`` option, with this server's bound."""
+    return type("HeadTimeoutProtocol", (HeadTimeoutProtocol,), {"head_timeout_s": head_timeout_s})
 
 
 class _Uvicorn(uvicorn.Server):
@@ -86,6 +165,10 @@ class LocalServer:
                 app,
                 lifespan="off",
                 log_level="warning",
+                # Slow clients: a request's head must arrive within server.header_timeout_s, and an
+                # idle kept-alive connection closes after server.keep_alive_s.
+                http=head_timeout_protocol(self.cfg.server.header_timeout_s),
+                timeout_keep_alive=self.cfg.server.keep_alive_s,
                 # The drain has ended every request by then; this bounds idle keep-alive closing.
                 timeout_graceful_shutdown=int(CUT_GRACE_S) + 1,
             )

@@ -1,5 +1,11 @@
 """ASGI middleware: one SERVER span per HTTP request, continuing an incoming W3C ``traceparent``,
-the trace id returned in ``x-moa-trace-id``, and one JSON log line per request."""
+the trace id returned in ``x-moa-trace-id``, and one JSON log line per request.
+
+The span and the log line name the request by its route template (``POST /admin/keys/{name}``),
+never by the path it asked for: a client that pastes its API key into a URL would otherwise have
+it exported verbatim to the trace backend and written to the logs. A path no route matches gets
+a fixed name (the method alone, as OpenTelemetry's HTTP conventions say), and the raw path is
+recorded nowhere."""
 
 from __future__ import annotations
 
@@ -26,6 +32,25 @@ Message = MutableMapping[str, Any]
 ASGIApp = Callable[
     [Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]
 ]
+
+
+# OpenTelemetry's known HTTP methods; any other (a client may send any token) is ``_OTHER``.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+# The log line's route for a path no route matched.
+UNMATCHED = "(unmatched)"
+
+
+def route_template(scope: Scope) -> str | None:
+    """The template of the route that handled the request (set in the scope by the router once it
+    matched), or None when none did."""
+    path = getattr(scope.get("route"), "path", None)
+    return path if isinstance(path, str) else None
+
+
+def span_name(method: str, route: str | None) -> str:
+    """``{method} {route}``; the method alone (``HTTP`` for an unknown one) when no route matched."""
+    shown = method if method in KNOWN_METHODS else "HTTP"
+    return f"{shown} {route}" if route else shown
 
 
 def untraced_request_span() -> trace.Span:
@@ -57,14 +82,14 @@ class TracingMiddleware:
             if k.lower() in (b"traceparent", b"tracestate")
         }
         parent = extract(carrier)
-        method, path = scope.get("method", "GET"), scope.get("path", "/")
+        method = scope.get("method", "GET")
+        # Named by the method until the route is known (after the app ran): never by the path.
         span = tracer().start_span(
-            f"{method} {path}",
+            span_name(method, None),
             context=parent,
             kind=SpanKind.SERVER,
             attributes={
-                "http.request.method": method,
-                "url.path": path,
+                "http.request.method": method if method in KNOWN_METHODS else "_OTHER",
                 "url.scheme": scope.get("scheme", "http"),
             },
         )
@@ -104,13 +129,22 @@ class TracingMiddleware:
             if client_gone and not complete:
                 # The client hung up before the whole answer went out: not a server error.
                 status = CLIENT_CLOSED_REQUEST
+            route = route_template(scope)
+            span.update_name(span_name(method, route))
+            if route is not None:
+                span.set_attribute("http.route", route)
             span.set_attribute("http.response.status_code", status)
             if status >= 500:
                 span.set_status(Status(StatusCode.ERROR))
             latency = time.monotonic() - t0
             log.info(
                 "request",
-                extra={"event": "request", "path": path, "status": status, "latency_s": round(latency, 4)},
+                extra={
+                    "event": "request",
+                    "route": route or UNMATCHED,
+                    "status": status,
+                    "latency_s": round(latency, 4),
+                },
             )
             span.end()
             otel_context.detach(token)

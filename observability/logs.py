@@ -29,6 +29,7 @@ FIELDS = (
     "adjustments",
     "layer",
     "path",
+    "route",
     "decision",
 )
 

@@ -23,6 +23,7 @@ from moa.config import MoAConfig, load_config, parse_config
 from moa.simulator.profile import ModelProfile, SimProfile
 from moa.simulator.server import SimulatorServer
 from moa_observability.tracing import flush_tracing, setup_tracing
+from tests.helpers import RAY_ADMIN_KEY
 from tests.otlp_receiver import OTLPReceiver
 
 # Hypothesis' default 200 ms deadline per example measures the machine, not the property: on a
@@ -206,6 +207,9 @@ def cluster(simulator: SimulatorServer, otlp: OTLPReceiver) -> Iterator[dict[str
     # A live-looking key the simulator refuses (and, like OpenAI, echoes masked), in every Ray
     # worker's environment: the leak tests deploy an app that reads it as a real deployment would.
     os.environ[LEAK_CHECK_ENV] = LEAK_CHECK_KEY
+    # Its replicas' admin key (they inherit the environment the nodes start with): /healthz
+    # shows per-provider detail only to it. Taken out of this process once the app runs.
+    os.environ["MOA_ADMIN_KEY"] = RAY_ADMIN_KEY
     for key, value in THROUGHPUT_ENV.items():
         os.environ.setdefault(key, value)
     # Autoscaling decisions need fresh metrics; Serve's defaults push them every 10 s.
@@ -227,6 +231,7 @@ def cluster(simulator: SimulatorServer, otlp: OTLPReceiver) -> Iterator[dict[str
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = _test_config(simulator.url)
     serve.run(build_from_config(cfg), name="moa", route_prefix="/")
+    os.environ.pop("MOA_ADMIN_KEY", None)
     try:
         yield {
             "url": f"http://127.0.0.1:{port}",

@@ -30,6 +30,11 @@ from tests.waiting import wait_until, wait_until_sync
 
 QUESTION = [{"role": "user", "content": "How do vaccines train the immune system?"}]
 
+# The session Ray app's admin key (MOA_ADMIN_KEY in its replicas' environment): /healthz shows
+# per-provider detail only to it.
+RAY_ADMIN_KEY = "adm-ray-session-" + "k" * 24
+ADMIN_HEADERS = {"Authorization": f"Bearer {RAY_ADMIN_KEY}"}
+
 # The simulator, by its server (a fresh connection per call) or a client already open on its URL
 # (test_simulator keeps one per module: each new connection costs tens of milliseconds).
 Sim = SimulatorServer | httpx.Client
@@ -114,9 +119,11 @@ class ApiServer:
     exercise is what ``moa serve --local`` runs.
     """
 
-    def __init__(self, config: MoAConfig, store: Callable[[], StateStore] | None = None) -> None:
+    def __init__(
+        self, config: MoAConfig, store: Callable[[], StateStore] | None = None, host: str = "127.0.0.1"
+    ) -> None:
         self.config = config
-        self.server = LocalServer(config, claim_port("127.0.0.1", 0), store)
+        self.server = LocalServer(config, claim_port(host, 0), store)
         self.url = self.server.url
         self._ready = threading.Event()
 
@@ -131,6 +138,20 @@ class ApiServer:
     def __exit__(self, *exc: object) -> None:
         self.server.stop()
         self.thread.join(30)
+
+
+def non_loopback_address() -> str | None:
+    """An address of this machine beyond loopback (the interface a default route would use), to
+    reach a server bound to 0.0.0.0 as a client on the network would; None if it has none."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("198.51.100.1", 9))  # TEST-NET-2; no packet is sent: this only picks a route
+        except OSError:
+            return None
+        address = str(s.getsockname()[0])
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
 
 
 # -- traces -------------------------------------------------------------------------------------------

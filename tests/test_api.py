@@ -331,5 +331,5 @@ def test_explicit_plan_endpoint(api_url: str) -> None:
 
 def test_healthz(api_url: str) -> None:
     r = httpx.get(api_url + "/healthz")
-    assert r.status_code == 200 and r.json()["status"] == "ok"
-    assert set(r.json()["providers"]) == {"openai", "anthropic", "gemini"}
+    # Per-provider detail is for the admin key (tests/test_secure_defaults.py); probes get the status.
+    assert r.status_code == 200 and r.json() == {"status": "ok"}

@@ -26,6 +26,7 @@ import httpx
 import pytest
 
 from moa.config import load_config
+from tests.helpers import non_loopback_address
 from tests.otlp_receiver import OTLPReceiver
 from tests.waiting import wait_until, wait_until_sync
 
@@ -429,7 +430,11 @@ def test_the_local_recipe_deploys_with_serve_deploy_on_ray_start_and_the_admin_a
 
     recipe = yaml.safe_load((Path(__file__).parent.parent / "serve_config.local.yaml").read_text())
     http, dashboard, gcs = free_port(), free_port(), free_port()
-    recipe["http_options"]["port"] = http  # the only change: a free port
+    recipe["http_options"]["port"] = http  # a free port
+    # And every interface, as serve_config.yaml and KubeRay bind: with no key, requests from
+    # beyond loopback must be refused by the app itself (serve deploy runs no exposure check).
+    recipe["http_options"]["host"] = "0.0.0.0"
+    beyond = non_loopback_address()
     config = tmp_path / "serve_config.yaml"
     config.write_text(yaml.safe_dump(recipe))
     admin = "adm-" + "x7Qp2" * 6
@@ -492,7 +497,15 @@ def test_the_local_recipe_deploys_with_serve_deploy_on_ray_start_and_the_admin_a
         health = httpx.get(url + "/healthz", timeout=30)
         assert health.status_code == 200 and health.json()["status"] == "ok", health.text
 
-        # No key yet: open (loopback). The admin API creates one; from then on keys are required.
+        # No key yet: open over loopback, 503 from beyond it (Serve's proxy passes the scope of
+        # its own connection to the replica). The admin API creates a key; from then on keys
+        # are required, and one works from anywhere without a restart.
+        assert httpx.get(url + "/v1/models", timeout=30).status_code == 200
+        remote = f"http://{beyond}:{http}" if beyond else None
+        if remote is not None:
+            refused = httpx.get(remote + "/v1/models", timeout=30)
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["code"] == "no_api_key", refused.text
         headers = {"Authorization": f"Bearer {admin}"}
         created = httpx.post(url + "/admin/keys", json={"name": "team-a", "budget_usd": 1}, headers=headers)
         assert created.status_code == 201, created.text
@@ -509,6 +522,9 @@ def test_the_local_recipe_deploys_with_serve_deploy_on_ray_start_and_the_admin_a
             url + "/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {key}"}, timeout=60
         )
         assert ok.status_code == 200, ok.text
+        if remote is not None:
+            mine = {"Authorization": f"Bearer {key}"}
+            assert httpx.get(remote + "/v1/models", headers=mine, timeout=30).status_code == 200
         listed = httpx.get(url + "/admin/keys", headers=headers).json()
         (row,) = [k for k in listed["data"] if k["name"] == "team-a"]
         assert row["spent_usd"] > 0 and key not in json.dumps(listed)

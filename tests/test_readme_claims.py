@@ -461,10 +461,14 @@ def test_the_serve_extra_adds_ray_serve_and_opentelemetry_is_in_the_core() -> No
 
 
 def test_the_server_defaults_are_the_documented_ones() -> None:
-    """README "Configuration": ``server: {max_request_bytes: 1000000, max_concurrent_requests: 256,
-    key_concurrency_share: 0.5, request_deadline_s: 120, drain_s: 20, sse_keepalive_s: 5}`` in the
-    bundled config and the model."""
+    """README "Configuration": ``server: {open: false, max_request_bytes: 1000000,
+    max_concurrent_requests: 256, key_concurrency_share: 0.5, request_deadline_s: 120, drain_s: 20,
+    header_timeout_s: 10, keep_alive_s: 5, sse_keepalive_s: 5}`` in the bundled config and the
+    model."""
     documented = {
+        "open": False,
+        "header_timeout_s": 10,
+        "keep_alive_s": 5,
         "max_request_bytes": 1_000_000,
         "max_concurrent_requests": 256,
         "key_concurrency_share": 0.5,

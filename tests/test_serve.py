@@ -18,7 +18,7 @@ from moa.engine.fusion import FuseJob, FuseStart, FuseStep
 from moa.engine.plan import AggregatorSpec
 from moa.simulator.server import SimulatorServer
 from moa.types import ChatMessage, TextDelta
-from tests.helpers import QUESTION, RAY_MODULE, set_fault, sim_stats
+from tests.helpers import ADMIN_HEADERS, QUESTION, RAY_MODULE, set_fault, sim_stats
 from tests.waiting import wait_until, wait_until_sync
 
 ray = pytest.importorskip("ray")
@@ -260,7 +260,7 @@ def test_ingress_routes_over_the_health_boards_view(client: openai.OpenAI) -> No
 
 def test_healthz_reports_every_provider(url: str) -> None:
     body = wait_until_sync(
-        lambda: httpx.get(url + "/healthz").json(),
+        lambda: httpx.get(url + "/healthz", headers=ADMIN_HEADERS).json(),
         lambda b: all(p["replicas"] >= 1 for p in b["providers"].values()),
         interval=0.5,
         what="every provider with a running replica",
@@ -340,7 +340,7 @@ def _side_app(cluster: dict[str, Any], provider: str, spec: dict[str, Any]) -> s
 def _health(url: str) -> tuple[int, dict[str, Any]]:
     """An app's ``/healthz``: its status and body; (0, {}) while Serve does not route to it yet."""
     try:
-        r = httpx.get(url + "/healthz", timeout=30)
+        r = httpx.get(url + "/healthz", headers=ADMIN_HEADERS, timeout=30)
     except httpx.TransportError:
         return 0, {}
     return r.status_code, (r.json() if r.status_code in (200, 503) else {})

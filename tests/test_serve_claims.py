@@ -16,7 +16,7 @@ import pytest
 
 from moa.config import parse_config
 from moa.simulator.server import SimulatorServer
-from tests.helpers import QUESTION, RAY_MODULE, set_fault, sim_stats
+from tests.helpers import ADMIN_HEADERS, QUESTION, RAY_MODULE, set_fault, sim_stats
 from tests.test_serve import answered_by_replica
 from tests.waiting import wait_until, wait_until_sync
 
@@ -192,7 +192,7 @@ def test_every_circuit_open_is_503_through_the_health_board(
     assert first.status_code == 502, first.text  # every provider failed once: every circuit opens
 
     def health() -> dict[str, Any]:
-        return httpx.get(f"{url}{tight}/healthz").json()
+        return httpx.get(f"{url}{tight}/healthz", headers=ADMIN_HEADERS).json()
 
     # Provider replicas report to the health board; the ingress routes from its view.
     board = wait_until_sync(health, lambda h: h["status"] == "down", interval=0.2, what="every circuit open")

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from moa.api.access import Access, SpendGate, settle_quietly
+from moa.api.jsonbody import NonFiniteNumber, loads_finite
 from moa.api.schemas import ChatCompletionRequest, MoARequest, ParamError, error_body
 from moa.auth import Principal
 from moa.cache import CacheTicket, set_ticket
@@ -36,6 +37,7 @@ from moa.engine.engine import MoAEngine
 from moa.engine.errors import DeadlineExceeded, InvalidPlan, InvalidRequest, MoAError, ShuttingDown
 from moa.engine.result import MoAResult, Progress
 from moa.eval.shadow import ShadowEvaluator
+from moa.exposure import RequestExposure
 from moa.keys_admin import (
     ADMIN_KEY_ENV,
     ADMIN_KEY_MIN_CHARS,
@@ -48,7 +50,7 @@ from moa.keys_admin import (
     key_rows,
     spent_now,
 )
-from moa.state import KeyExists, StateStore
+from moa.state import KeyExists, StateStore, describe
 from moa.textcheck import first_unencodable
 from moa.types import ChatMessage, TextDelta, Usage
 from moa_observability.asgi import CLIENT_CLOSED_REQUEST, TracingMiddleware
@@ -448,7 +450,9 @@ class Api:
                 )
             chunks.append(chunk)
         try:
-            body = json.loads(b"".join(chunks))
+            body = loads_finite(b"".join(chunks))
+        except NonFiniteNumber as e:
+            raise ApiError(400, str(e), "invalid_request_error", "invalid_number") from None
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(
                 400, f"request body is not valid JSON: {e}", "invalid_request_error", "invalid_json"
@@ -728,21 +732,29 @@ class Api:
         ]
         return {"object": "list", "data": data}
 
-    async def healthz(self) -> Response:
+    async def healthz(self, detail: bool = False) -> Response:
         """``ok`` when every provider can answer; ``degraded`` (200) when some cannot; ``down``
         (503) when none can; ``draining`` (503) once shutdown began. A provider can answer when it
-        has a running replica (on Ray) whose circuit is not open."""
+        has a running replica (on Ray) whose circuit is not open.
+
+        Probes need no key, so by default the body is the status alone: each provider's state,
+        call counts and latency tell anyone who can reach the port which providers a deployment
+        pays for and how busy it is. ``detail`` (the admin key was presented) adds them."""
         if self.draining:
-            return JSONResponse({"status": "draining", "providers": {}}, status_code=503)
+            return _health_response({"status": "draining", "providers": {}}, 503, detail)
         try:
             providers = await asyncio.wait_for(self.health(), HEALTH_TIMEOUT_S)
         except Exception as e:
             why = "timed out" if isinstance(e, TimeoutError) else type(e).__name__
             body = {"status": "unknown", "providers": {}, "error": f"provider health unavailable: {why}"}
-            return JSONResponse(body, status_code=503)
+            return _health_response(body, 503, detail)
         up = sum(_can_answer(p) for p in providers.values())
         status = "ok" if up == len(providers) else "degraded" if up else "down"
-        return JSONResponse({"status": status, "providers": providers}, status_code=200 if up else 503)
+        return _health_response({"status": status, "providers": providers}, 200 if up else 503, detail)
+
+
+def _health_response(body: dict[str, Any], status: int, detail: bool) -> JSONResponse:
+    return JSONResponse(body if detail else {"status": body["status"]}, status_code=status)
 
 
 def _cache_header(ticket: CacheTicket | None) -> dict[str, str]:
@@ -849,7 +861,12 @@ def create_api(
     """The API app; with a ``store``, API keys and budgets apply (once a key exists), and with
     ``MOA_ADMIN_KEY`` in the environment too, the admin API manages them (``/admin/keys``)."""
     api = Api(config, engine, health, store)
-    app = FastAPI(title="MoA", version="0.1.0", docs_url=None, redoc_url=None, **_NO_NATIVE_TELEMETRY)
+    # No /openapi.json, /docs or /redoc: the handlers read their bodies themselves, so the schema
+    # would describe no request or response (clients follow OpenAI's API), only list the routes,
+    # the admin ones included, to anyone, with or without a key.
+    app = FastAPI(
+        title="MoA", version="0.1.0", openapi_url=None, docs_url=None, redoc_url=None, **_NO_NATIVE_TELEMETRY
+    )
     app.state.api = api
     app.add_middleware(TracingMiddleware)
 
@@ -883,11 +900,34 @@ def create_api(
         log.exception("unexpected error while serving a request")
         return _error_response(ApiError(500, "internal error", "server_error", "internal_error"))
 
-    app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
-    app.add_api_route("/v1/moa", api.moa, methods=["POST"])
-    app.add_api_route("/v1/models", api.models, methods=["GET", "HEAD"])
-    app.add_api_route("/healthz", api.healthz, methods=["GET", "HEAD"])
     admin_key = admin_key_from_env()
+    auth = api.access.auth
+    exposure = RequestExposure(
+        config.server.open,
+        auth.any_keys if auth is not None else None,
+        describe(config.state),
+        admin_api=admin_key is not None and store is not None,
+    )
+
+    async def refuse_open_to_the_network(request: Request) -> None:
+        # Before the key check: with no key at all, a request from beyond loopback is refused.
+        why = await exposure.refusal(request.scope.get("server"), request.scope.get("client"))
+        if why is not None:
+            raise ApiError(503, why, "service_unavailable", "no_api_key")
+
+    # The API needs a key, or loopback, or server.open; /healthz (probes) and /admin (its own key,
+    # which may create the first API key) do not.
+    keyed = [Depends(refuse_open_to_the_network)]
+    app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"], dependencies=keyed)
+    app.add_api_route("/v1/moa", api.moa, methods=["POST"], dependencies=keyed)
+    app.add_api_route("/v1/models", api.models, methods=["GET", "HEAD"], dependencies=keyed)
+
+    async def healthz(request: Request) -> Response:
+        # Per-provider detail for the admin key only; without one set, for nobody.
+        authorization = request.headers.get("authorization")
+        return await api.healthz(admin_key is not None and admin_key_matches(admin_key, authorization))
+
+    app.add_api_route("/healthz", healthz, methods=["GET", "HEAD"])
     if admin_key is not None and store is not None:
         admin = Admin(api, store, admin_key)
         app.add_api_route("/admin/keys", admin.create, methods=["POST"])

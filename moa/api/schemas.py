@@ -69,7 +69,7 @@ class MoAOptions(BaseModel):
     """The opt-in ``moa`` extension of a chat completion request. Strict: it is ours, so there is
     no client habit to forgive, and ``"detail": "yes"`` is a mistake worth a 422."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     detail: bool = False
     deadline_s: float | None = Field(default=None, gt=0, le=3600)
@@ -89,7 +89,8 @@ class MoAOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # Bodies are read with finite numbers only (moa.api.jsonbody); a model built another way is too.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str = Field(min_length=1)
     messages: list[InMessage] = Field(min_length=1)
@@ -143,7 +144,7 @@ class ChatCompletionRequest(BaseModel):
 class MoARequest(BaseModel):
     """``POST /v1/moa``: an explicit plan (or a preset) and the full result back."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     messages: list[InMessage] = Field(min_length=1)
     plan: Plan | None = None

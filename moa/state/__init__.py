@@ -42,9 +42,10 @@ def window_of(period: Period, now: float) -> str:
 
 
 class KeyLimits(BaseModel):
-    """What one API key may do. ``None`` means unrestricted."""
+    """What one API key may do. ``None`` means unrestricted; an infinite or NaN amount is refused
+    (``allow_inf_nan``), never taken as a limit: it would be no limit at all."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     budget_usd: float | None = Field(default=None, ge=0)
     period: Period = "total"
