@@ -454,3 +454,15 @@ def test_benchmarks_md_profile_table_is_its_raw_stacks_summarised() -> None:
     assert sorted(p.name for p in raw.glob("*.txt.gz")), "no raw stacks committed"
     table = profile.markdown(profile.summarize_dir(raw)).strip()
     assert table in (DOCS / "BENCHMARKS.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["spend-audit-local.json", "spend-audit-ray.json"])
+def test_reliability_md_shows_the_spend_audits_rendered(name: str) -> None:
+    """The spend audit's tables in RELIABILITY.md are its raw files rendered, and every check in
+    them met its goal when it was run (the audit exits 1 otherwise)."""
+    from moa.benchmark.spend_audit import audit_markdown
+
+    doc = (DOCS / "RELIABILITY.md").read_text()
+    raw = json.loads((DOCS / name).read_text())
+    assert f"]({name})" in doc and audit_markdown(raw) in doc
+    assert raw["met"] and all(raw[k]["met"] for k in ("ledger", "budget", "tpm", "hog"))

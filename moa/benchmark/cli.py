@@ -147,9 +147,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "moa-lite; --prompts, --requests caps the questions; writes cache.json and cache.md)",
     )
     p.add_argument(
+        "--spend-audit",
+        action="store_true",
+        help="instead: the spend audit (the ledger against the simulator's invoice with hang-ups, "
+        "abandoned requests and staircase overrides; a budget, TPM and one key hogging the slots, "
+        "each against its goal; writes spend-audit.json and spend-audit.md; exits 1 if a goal is "
+        "missed; --serve for the Ray app)",
+    )
+    p.add_argument(
         "--serve",
         action="store_true",
-        help="with --cache: against the Ray Serve app (HTTP proxy, an ingress replica) on a new local "
+        help="with --cache or --spend-audit: against the Ray Serve app (HTTP proxy, an ingress replica) "
+        "on a new local "
         "Ray instance, as `moa serve` runs it, instead of the in-process API",
     )
     p.add_argument(
@@ -219,6 +228,14 @@ def run_cli(args: argparse.Namespace) -> int:
         print(cache_markdown(got))
         print(f"results in {args.out}/ (cache.json, cache.md)")
         return 0
+    if args.spend_audit:
+        from moa.benchmark.spend_audit import audit_markdown, run_spend_audit, write_audit_report
+
+        audit = asyncio.run(run_spend_audit(serve=args.serve))
+        write_audit_report(audit, args.out)
+        print(audit_markdown(audit))
+        print(f"results in {args.out}/ (spend-audit.json, spend-audit.md)")
+        return 0 if audit["met"] else 1
     if args.auth_overhead:
         from moa.benchmark.auth_cost import auth_markdown, run_auth_overhead, write_auth_report
 
