@@ -1,8 +1,9 @@
 """``moa cache stats`` and ``moa cache clear``: the shared cache store the config names (the SQLite
 file in the state directory, or Redis), as every replica with the same settings sees it.
 
-A replica's in-process LRU is not reached from here: it forgets a cleared entry within a minute
-(entries it filled from the shared store live there for at most 60 s).
+A replica's in-process LRU is not reached from here directly: a clear bumps the store's
+generation counter, which every replica checks at most once a second before using its LRU
+(``moa.cache.store.TieredStore``), emptying the LRU when it moved.
 """
 
 from __future__ import annotations

@@ -9,10 +9,12 @@ from typing import Any
 
 import pytest
 
+from moa.cache.cache import open_cache, open_shared_store
 from moa.cache.keys import anchors, final_key, normalise_text
 from moa.cache.redis_store import RedisCacheStore
 from moa.cache.sqlite_store import SQLiteCacheStore
-from moa.cache.store import CacheStore, MemoryStore, TieredStore
+from moa.cache.store import CLEAR_CHECK_S, CacheStore, MemoryStore, TieredStore
+from moa.config import CacheConfig, StateConfig, load_config
 from moa.engine.plan import AggregatorSpec, Plan
 from moa.types import ChatMessage, GenerationParams
 
@@ -104,6 +106,62 @@ async def test_entries_survive_a_restart(kind: str, tmp_path: Path, request: pyt
     finally:
         await second.clear(None)
         await second.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_a_clear_reaches_every_replicas_lru(
+    kind: str, state_dir: Path, request: pytest.FixtureRequest
+) -> None:
+    """docs/CACHING.md: ``moa cache clear`` reaches every replica's LRU within CLEAR_CHECK_S. Two
+    caches as the service opens them (two replicas) over one SQLite file or one redis-server:
+    one wrote an answer (into its own LRU for the whole TTL), the other read it (copied into its
+    LRU); the clear goes through a third handle on the store, as the CLI's does."""
+    extra: dict[str, Any] = {"store": kind}
+    if kind == "redis":
+        extra["redis_url"] = request.getfixturevalue("redis_server").rsplit("/", 1)[0] + "/7"
+    cfg = load_config(None)
+    cfg = cfg.model_copy(
+        update={
+            "cache": CacheConfig(enabled=True, **extra),
+            "state": StateConfig(dir=str(state_dir)),
+        }
+    )
+    one, two = open_cache(cfg), open_cache(cfg)
+    cli = open_shared_store(cfg)
+    assert one is not None and two is not None and cli is not None
+    try:
+        await cli.clear(None)  # the session's redis-server may hold an earlier test's entries
+        await asyncio.sleep(CLEAR_CHECK_S)
+        await one.store.put("key:a|f|1", b"a's answer", 3600)
+        await one.store.put("key:b|f|1", b"b's answer", 3600)
+        assert await two.store.get("key:a|f|1") == b"a's answer"  # now in two's LRU too
+        assert await cli.clear("key:a") == 1
+        await asyncio.sleep(CLEAR_CHECK_S + 0.05)
+        for cache in (one, two):
+            assert await cache.store.get("key:a|f|1") is None
+        assert await two.store.get("key:b|f|1") == b"b's answer"  # another scope: still there
+        # A new entry after the clear is cached and served as before.
+        await two.store.put("key:a|f|1", b"a's new answer", 3600)
+        assert await one.store.get("key:a|f|1") == b"a's new answer"
+    finally:
+        await cli.clear(None)
+        for closing in (one, two):
+            await closing.close()
+        await cli.close()
+
+
+async def test_the_lru_keeps_serving_when_the_generation_cannot_be_read(tmp_path: Path) -> None:
+    """A shared store that fails makes misses, never errors, and the LRU goes on serving."""
+    shared = SQLiteCacheStore(tmp_path / "cache.db", 1 << 20)
+    replica = TieredStore(MemoryStore(1 << 20), shared, check_s=0.0)
+    await replica.put("s|f|k", b"kept", 60)
+
+    async def broken() -> int:
+        raise OSError("the store is down")
+
+    shared.generation = broken  # type: ignore[method-assign]
+    assert await replica.get("s|f|k") == b"kept"
+    await shared.close()
 
 
 async def test_tiered_reads_fill_the_local_lru(tmp_path: Path) -> None:

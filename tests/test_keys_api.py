@@ -22,7 +22,15 @@ from moa.config import MoAConfig, load_config
 from moa.simulator.server import SimulatorServer
 from moa.state import KeyLimits, Reservation, StateStore, to_micro, window_of
 from moa.state.sqlite_store import SQLiteStore
-from tests.helpers import QUESTION, ApiServer, by_name, set_fault, sim_stats, wait_for_spans
+from tests.helpers import (
+    QUESTION,
+    ApiServer,
+    by_name,
+    set_fault,
+    sim_stats,
+    sim_total_requests,
+    wait_for_spans,
+)
 from tests.otlp_receiver import OTLPReceiver
 from tests.waiting import wait_until, wait_until_sync
 
@@ -546,3 +554,91 @@ def test_one_key_cannot_take_every_admission_slot(
     assert "max_concurrent" in refused[1].json()["error"]["message"]
     assert calls_after == calls  # a refused request calls nothing
     assert answered == 200
+
+
+# -- the router's LLM classifier: scoped per key, and paid for by the request ---------------------
+
+
+@pytest.fixture
+def llm_routed(sim: SimulatorServer, state_dir: Path) -> Iterator[ApiServer]:
+    """``router.classifier: llm`` (the response cache off: the classifier's own cache is tested)."""
+    cfg = load_config(None)
+    router = cfg.router.model_dump() | {
+        "classifier": "llm",
+        "classifier_model": {"provider": "openai", "model": "gpt-4o-mini"},
+    }
+    cfg = cfg.model_copy(
+        update={
+            "simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": "on"}),
+            "router": type(cfg.router).model_validate(router),
+        }
+    )
+    with ApiServer(cfg, store=lambda: SQLiteStore(state_dir / "state.db")) as s:
+        yield s
+
+
+def ask_auto(server: ApiServer, key: str, detail: bool = False) -> httpx.Response:
+    body = {"model": "auto", "messages": SHORT, "moa": {"detail": detail}}
+    headers = {"Authorization": f"Bearer {key}"}
+    return httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers, timeout=60)
+
+
+def classified(response: httpx.Response) -> bool:
+    """Whether the request paid a classifier call (its detail lists one), rather than its cache."""
+    assert response.status_code == 200, response.text
+    detail = response.json()["moa"]
+    made = any(c["stage"] == "classifier" for c in detail["calls"])
+    assert made != detail["decision"]["classifier_cached"]
+    return made
+
+
+async def key_spent(state_dir: Path, name: str) -> int:
+    store = SQLiteStore(state_dir / "state.db")
+    try:
+        record = await store.key_by_name(name)
+        assert record is not None
+        return await store.spent(record.id, "total")
+    finally:
+        await store.close()
+
+
+def test_the_llm_classifiers_answers_are_cached_per_key(
+    llm_routed: ApiServer, sim: SimulatorServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One tenant cannot learn that another asked a question: a classification cached for one key
+    (faster, and marked ``classifier_cached``) is never another key's."""
+    ann = create_key(capsys, "ann", "--detail")
+    ben = create_key(capsys, "ben", "--detail")
+    wait_for_auth(llm_routed)
+    assert classified(ask_auto(llm_routed, ann, detail=True))
+    assert classified(ask_auto(llm_routed, ben, detail=True))  # the same question from another key: afresh
+    assert not classified(
+        ask_auto(llm_routed, ann, detail=True)
+    )  # the first key's own repeat: from its cache
+    assert not classified(ask_auto(llm_routed, ben, detail=True))
+
+
+def test_a_request_refused_for_budget_still_pays_its_classifier_call(
+    llm_routed: ApiServer, sim: SimulatorServer, capsys: pytest.CaptureFixture[str], state_dir: Path
+) -> None:
+    """The classifier's call is made (its reservation fits the budget), then the plan's projection
+    does not: 429, and the ledger holds what the classifier's call cost, not $0."""
+    key = create_key(capsys, "cleo", "--budget-usd", "0.0001")  # a classifier call, not a preset
+    wait_for_auth(llm_routed)
+    refused = ask_auto(llm_routed, key)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "insufficient_quota"
+    assert sim_total_requests(sim) == 1  # the classifier's call, and nothing after it
+    spent = asyncio.run(key_spent(state_dir, "cleo"))
+    assert 0 < spent <= to_micro(0.0001)
+
+
+def test_no_classifier_call_for_a_key_whose_budget_is_spent(
+    llm_routed: ApiServer, sim: SimulatorServer, capsys: pytest.CaptureFixture[str], state_dir: Path
+) -> None:
+    """A key with nothing left is refused before the router pays for a classification."""
+    key = create_key(capsys, "dora", "--budget-usd", "0")
+    wait_for_auth(llm_routed)
+    refused = ask_auto(llm_routed, key)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "insufficient_quota"
+    assert sim_total_requests(sim) == 0
+    assert asyncio.run(key_spent(state_dir, "dora")) == 0

@@ -19,12 +19,12 @@ from opentelemetry import trace
 
 from moa.auth import Authenticator, InsufficientQuota, KeyRateLimited, Principal
 from moa.config import MoAConfig
-from moa.engine.cost import Projection, Routed, fit_cost_cap
+from moa.engine.cost import Projection, Routed, call_cost, fit_cost_cap
 from moa.engine.plan import Plan, PlanShape
 from moa.engine.result import CallRecord
 from moa.engine.router import HealthView
 from moa.state import Reservation, StateStore, from_micro, to_micro, window_of
-from moa.types import ChatMessage, GenerationParams
+from moa.types import CallRequest, ChatMessage, GenerationParams
 from moa_observability.metrics import KeyMetrics
 
 log = logging.getLogger("moa.api")
@@ -221,6 +221,19 @@ class SpendGate:
         self.spend: Spend | None = None
         self.projection = Projection(0.0, 0)
 
+    async def before_classifier(self, req: CallRequest) -> None:
+        """The engine's hook before the router's LLM classifier calls its model: that call is
+        paid, so a key's budget must hold it first (429 ``insufficient_quota``, and no call, for a
+        key with nothing left). The reservation becomes the request's until ``reserve`` replaces
+        it, so a request refused or answered from the cache after the call still pays for it."""
+        key = self.principal.key
+        if key is None or self.spend is not None:
+            return
+        held = None
+        if key.limits.budget_usd is not None:
+            held = await self.access.hold(self.principal, call_cost(self.access.config, req))
+        self.spend = Spend(self.access, self.principal, held, 0.0)
+
     async def admit(self, routed: Routed, shape: PlanShape = Plan.as_run) -> Routed:
         """The engine's hook with the routed plan as it will run (every override applied): the
         key's rules and its cost cap are checked, and the cost projected, on that plan."""
@@ -230,8 +243,11 @@ class SpendGate:
         # On the plan that will run: auto's tier may have moved to one the key may use.
         plan, decision, _ = routed
         self.principal.check_routed(plan, decision, self.param or "model")
-        # Nothing reserved yet: settling it writes nothing (a cache hit's whole settlement).
-        self.spend = Spend(self.access, self.principal, None, projected.cost_usd)
+        # Nothing reserved yet: settling it writes nothing (a cache hit's whole settlement), or
+        # settles the classifier's reservation to what its call cost.
+        if self.spend is None:
+            self.spend = Spend(self.access, self.principal, None, projected.cost_usd)
+        self.spend.projected = projected.cost_usd
         self.projection = projected
         return routed
 
@@ -241,14 +257,24 @@ class SpendGate:
         spend = self.spend
         if spend is None:
             return
+        classifier = spend.reservation  # held before the router's classifier call, if one was made
         try:
             spend.token_hold = await self.access.hold_tokens(self.principal, self.projection.tokens)
             spend.reservation = await self.access.hold(self.principal, spend.projected)
         except BaseException:
-            self.spend = None  # refused (or cancelled): nothing to settle, as before admission
             with contextlib.suppress(Exception):
                 await self.access.release_tokens(self.principal, spend.token_hold)
+            spend.token_hold = None  # given back: the settlement must not take it back again
+            if classifier is None and not spend.cost_usd:
+                self.spend = None  # refused (or cancelled): nothing to settle, as before admission
+            # Otherwise the classifier's call was made: the request settles to what it cost.
             raise
+        if classifier is not None:
+            # Its cost is already in ``spend``, which settles against the new reservation.
+            try:
+                await self.access.store.settle(classifier, 0)
+            except Exception:
+                log.exception("could not release a classifier reservation (it expires on its own)")
 
     def record(self, rec: CallRecord) -> None:
         if self.spend is not None:

@@ -376,6 +376,15 @@ class Api:
     def draining(self) -> bool:
         return self.admission.draining
 
+    def tenant(self, principal: Principal) -> str:
+        """Whose request this is, for everything that remembers requests (the response cache, the
+        router's classifier cache): the API key (its name; names are never reused), or the scope
+        the operator shares between keys, or ``open`` without keys."""
+        if principal.key is None:
+            return "open"
+        shared = self.config.cache.shared_scopes.get(principal.key.name)
+        return f"shared:{shared}" if shared else f"key:{principal.key.name}"
+
     def cache_ticket(
         self, principal: Principal, mode: str, semantic: bool, sampled_ok: bool
     ) -> CacheTicket | None:
@@ -384,11 +393,7 @@ class Api:
         if self.engine.cache is None:
             set_ticket(None)
             return None
-        if principal.key is None:
-            scope = "open"
-        else:
-            shared = self.config.cache.shared_scopes.get(principal.key.name)
-            scope = f"shared:{shared}" if shared else f"key:{principal.key.name}"
+        scope = self.tenant(principal)
         # The request may allow reusing a sample; so may the operator, for the whole key.
         sampled_ok = sampled_ok or principal.limits.cache_sampled
         ticket = CacheTicket.for_request(scope, mode, semantic, sampled_ok)
@@ -544,6 +549,7 @@ class Api:
             # comes before any byte of the response, so it gets its real status.
             kwargs: dict[str, Any] = {"preset": req.model, "params": req.params(), "deadline": deadline}
             kwargs |= {"admit": gate.admit, "reserve": gate.reserve, "on_call": gate.record}
+            kwargs |= {"tenant": self.tenant(principal), "before_classifier": gate.before_classifier}
             kwargs["aggregation"] = req.moa.aggregation
             if not req.stream:
                 result = await self.until_done(request, self.engine.run(messages, **kwargs), deadline)
@@ -714,6 +720,8 @@ class Api:
                     reserve=gate.reserve,
                     on_call=gate.record,
                     aggregation=req.aggregation,
+                    tenant=self.tenant(principal),
+                    before_classifier=gate.before_classifier,
                 ),
                 deadline,
             )

@@ -20,6 +20,8 @@ from moa.cache.store import StoreStats
 P = "{moa-cache}"
 REDIS_TIMEOUT_S = 1.0
 BY_TIME, SIZES, BYTES = f"{P}:by-time", f"{P}:sizes", f"{P}:bytes"
+# Bumped by every clear, after its deletions (see moa.cache.store.TieredStore).
+GENERATION = f"{P}:generation"
 
 # KEYS: entry, by-time zset, sizes hash, bytes counter. ARGV: value, ttl ms, now, max bytes, oldest alive
 PUT = """
@@ -142,7 +144,12 @@ class RedisCacheStore:
         for pattern in (f"{_glob_escape(P)}:i:{prefix}*", f"{_glob_escape(P)}:it:{prefix}*"):
             async for k in self.client.scan_iter(match=pattern, count=500):
                 await self.client.delete(k)
+        # Last: a replica that saw the new value and refilled its LRU finds nothing cleared left.
+        await self.client.incr(GENERATION)
         return int(dropped)
+
+    async def generation(self) -> int:
+        return int(await self.client.get(GENERATION) or 0)
 
     async def stats(self) -> StoreStats:
         n = await self.client.zcard(BY_TIME)

@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS idx (
 );
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, n INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('bytes', 0);
+INSERT OR IGNORE INTO meta VALUES ('generation', 0);
 """
 
 
@@ -135,9 +136,18 @@ class SQLiteCacheStore:
                 db.execute("DELETE FROM idx WHERE scope = ?", (scope,))
             left = db.execute("SELECT COALESCE(SUM(size), 0) FROM entries").fetchone()[0]
             db.execute("UPDATE meta SET n = ? WHERE k = 'bytes'", (left,))
+            # In the same transaction: a replica that sees the new generation sees no old entry.
+            db.execute("UPDATE meta SET n = n + 1 WHERE k = 'generation'")
             return int(n)
 
         return await self._run(clear)
+
+    async def generation(self) -> int:
+        def read() -> int:
+            row = self._db().execute("SELECT n FROM meta WHERE k = 'generation'").fetchone()
+            return int(row[0]) if row else 0
+
+        return await asyncio.to_thread(read)
 
     async def stats(self) -> StoreStats:
         def read() -> StoreStats:

@@ -25,7 +25,7 @@ from moa.engine.errors import AllProvidersFailed, Failure
 from moa.engine.fusion import Fuser
 from moa.engine.plan import AggregationMode, Plan, PlanMode, PlanShape
 from moa.engine.result import CallRecord, FallbackReason, Progress, RouteDecision
-from moa.types import CallResult, ChatMessage, GenerationParams
+from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams
 
 # A routing decision: the plan, why, and any calls the router made (an LLM classifier).
 Routed = tuple[Plan, RouteDecision, list[CallResult]]
@@ -47,6 +47,8 @@ class RunOptions(TypedDict, total=False):
     admit: Admit | None
     aggregation: AggregationMode | None
     reserve: Callable[[], Awaitable[None]] | None
+    tenant: str | None
+    before_classifier: Callable[[CallRequest], Awaitable[None]] | None
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,8 @@ class RunRequest:
     admit: Admit | None = None
     aggregation: AggregationMode | None = None
     reserve: Callable[[], Awaitable[None]] | None = None
+    tenant: str | None = None
+    before_classifier: Callable[[CallRequest], Awaitable[None]] | None = None
     # Whether the final answer is streamed as TextDeltas (``stream``) or only returned (``run``).
     stream: bool = True
 
@@ -82,6 +86,8 @@ class RunRequest:
             admit=options.get("admit"),
             aggregation=options.get("aggregation"),
             reserve=options.get("reserve"),
+            tenant=options.get("tenant"),
+            before_classifier=options.get("before_classifier"),
             stream=stream,
         )
 
@@ -138,9 +144,12 @@ class RunContext:
         if seconds is not None:
             self.provider_critical_s = (self.provider_critical_s or 0.0) + seconds
 
-    def record(self, res: CallResult, rec: CallRecord) -> None:
+    def record(self, res: CallResult, rec: CallRecord, *, notify: bool = True) -> None:
+        """Keep ``rec`` (and ``res``'s failure, if any); tell ``on_call`` unless ``notify`` is off
+        (the router's calls: the engine told it before admission, so they are billed even when
+        admission then refuses the request)."""
         self.records.append(rec)
-        if self.on_call is not None:
+        if self.on_call is not None and notify:
             self.on_call(rec)
         if res.error is not None:
             stage = rec.stage.value if rec.layer is None else f"{rec.stage.value} layer {rec.layer}"

@@ -26,7 +26,7 @@ from moa.engine.plan import Complexity, ModelRef, Plan, PlanMode, PlanShape
 from moa.engine.result import RouteDecision
 from moa.engine.router import HealthView, substitute_unavailable
 from moa.tokens import approx_message_tokens
-from moa.types import CallResult, ChatMessage, GenerationParams
+from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams
 
 # The <reference id="N"> wrapper around each answer.
 REFERENCE_OVERHEAD_TOKENS = 16
@@ -170,3 +170,14 @@ def fit_cost_cap(
         "(moa.max_cost_usd; lower max_tokens or choose a smaller preset)",
         "moa.max_cost_usd",
     )
+
+
+def call_cost(config: MoAConfig, req: CallRequest) -> float:
+    """The most one call can cost: its prompt read whole and its ``max_tokens`` (or the model's
+    ``max_output_tokens``) written. What a key reserves before the router's classifier call."""
+    if req.provider not in config.providers:
+        return 0.0
+    price = config.price(req.provider, req.model)
+    prompt = approx_message_tokens(m.content for m in req.messages)
+    out = min(req.params.max_tokens or price.max_output_tokens, price.max_output_tokens)
+    return price.cost(min(prompt, price.context_window), out)

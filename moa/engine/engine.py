@@ -31,7 +31,7 @@ from moa.engine.fusion import Fuser, LocalFuser
 from moa.engine.layer import LayerOutcome, Upstream, run_layer
 from moa.engine.plan import ModelRef, PlanMode
 from moa.engine.result import CallRecord, FallbackReason, MoAResult, Progress, RouteDecision, Stage
-from moa.engine.router import HealthView, Router, RouterPolicy
+from moa.engine.router import LOCAL_TENANT, BeforeCall, HealthView, Router, RouterPolicy
 from moa.engine.staircase import StaircaseFeed, climb
 from moa.types import CallResult, ChatMessage, GenerationParams, TextDelta
 from moa_observability.tracing import attached, iterate_in, tracer
@@ -78,10 +78,21 @@ class MoAEngine:
         """The router's current view of provider health."""
         return self._health()
 
-    async def route(self, messages: Sequence[ChatMessage], preset: str | None = None) -> Routed:
+    async def route(
+        self,
+        messages: Sequence[ChatMessage],
+        preset: str | None = None,
+        *,
+        tenant: str = LOCAL_TENANT,
+        before_classifier: BeforeCall | None = None,
+    ) -> Routed:
+        """Route ``messages``: ``tenant`` scopes the router's memory of them (its classifier cache);
+        ``before_classifier`` is awaited before a paid classifier call and may refuse it."""
         check_messages(self.config.caps, messages)  # before the router reads them
         with tracer().start_as_current_span("moa.route") as span:
-            routed = await self.router.route(messages, preset, self._health())
+            routed = await self.router.route(
+                messages, preset, self._health(), tenant=tenant, before_call=before_classifier
+            )
             spans.routed(span, routed[1])
             return routed
 
@@ -110,6 +121,10 @@ class MoAEngine:
         every call recorded. ``reserve``, when given, is awaited
         once models will be called (the cache had no answer), before any call, and may refuse
         (raise): a key's budget reservation, a state-store write a cached answer does not need.
+        ``tenant`` scopes the router's memory of the request (its LLM classifier's cache; by
+        default the cache ticket's scope); ``before_classifier`` is awaited before that classifier
+        calls its model and may refuse (raise): a key that cannot pay for the call. The router's
+        calls reach ``on_call`` before ``admit`` sees the plan, so they count even when it refuses.
         The run ends at ``deadline`` (or ``deadline_s`` from now) with ``DeadlineExceeded``.
         """
         return self.execute(RunRequest.of(messages, stream=True, **options))
@@ -133,13 +148,26 @@ class MoAEngine:
                     )
                 else:
                     with attached(span_ctx):
-                        routed = await self.route(request.messages, request.preset)
-            # Every override first: admission projects and caps the plan that will really run.
+                        routed = await self.route(
+                            request.messages,
+                            request.preset,
+                            tenant=self._tenant(request),
+                            before_classifier=request.before_classifier,
+                        )
+            # The router's calls (an LLM classifier's) are paid for whatever happens next: told to
+            # ``on_call`` now, so a request that admission refuses is still billed for them.
             routed_plan, decision, pre_calls = routed
+            pre_records = [
+                CallRecord.from_result(res, stage=Stage.CLASSIFIER, started_s=0.0) for res in pre_calls
+            ]
+            if request.on_call is not None:
+                for rec in pre_records:
+                    request.on_call(rec)
+            # Every override first: admission projects and caps the plan that will really run.
             routed = (request.shape(routed_plan), decision, pre_calls)
             if request.admit is not None:
                 routed = await request.admit(routed, request.shape)
-            plan, decision, pre_calls = routed
+            plan, decision, _ = routed
             check_messages(self.config.caps, request.messages)
             check_plan(self.config.caps, plan, request.params or GenerationParams(), len(pre_calls))
             spans.run_planned(span, decision, plan)
@@ -157,8 +185,8 @@ class MoAEngine:
                 deadline=request.deadline,
                 on_call=request.on_call,
             )
-            for res in pre_calls:
-                ctx.record(res, CallRecord.from_result(res, stage=Stage.CLASSIFIER, started_s=0.0))
+            for res, rec in zip(pre_calls, pre_records, strict=True):
+                ctx.record(res, rec, notify=False)
             ctx.ticket = self._ticket(decision)
             if ctx.ticket is not None:
                 with attached(span_ctx):  # the lookup's span is the run's child
@@ -192,6 +220,15 @@ class MoAEngine:
             if result is not None:
                 spans.run_answered(span, result)
             span.end()
+
+    @staticmethod
+    def _tenant(request: RunRequest) -> str:
+        """Whose request this is: the API's (the key's scope), else the response cache's ticket's,
+        else (``moa ask``) the local scope."""
+        if request.tenant is not None:
+            return request.tenant
+        ticket = current_ticket()
+        return ticket.scope if ticket is not None else LOCAL_TENANT
 
     # -- the response cache -----------------------------------------------------------------------
 

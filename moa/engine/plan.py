@@ -241,7 +241,7 @@ class RouterConfig(_Strict):
     )
     classifier_model: ModelRef | None = Field(
         default=None,
-        description="The cheap model the llm classifier asks; its answers are cached per prompt.",
+        description="The cheap model the llm classifier asks; its answers are cached per API key and prompt.",
     )
     classifier_cache_size: int = Field(default=4096, ge=0, description="Classifier answers kept in memory.")
     tiers: dict[Complexity, str] = Field(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import OrderedDict
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -140,15 +140,29 @@ def user_text(messages: Sequence[ChatMessage]) -> str:
     return messages[-1].content if messages else ""
 
 
+# Awaited before the router makes a paid call (the LLM classifier's), with its request; may refuse
+# by raising (a key whose budget cannot pay for it), and then the call is not made.
+BeforeCall = Callable[[CallRequest], Awaitable[None]]
+# Whose request it is, outside the API (``moa ask``): the response cache's ``local`` scope.
+LOCAL_TENANT = "local"
+
+
 class Router(Protocol):
     """What the engine needs from a router: ``RouterPolicy``, which also runs in every ingress
-    replica on Ray (over the health board's view), so a decision never costs a hop."""
+    replica on Ray (over the health board's view), so a decision never costs a hop.
+
+    ``tenant`` scopes whatever the router remembers of a request (the LLM classifier's answers),
+    so one tenant cannot learn from it what another asked; ``before_call`` sees each paid call
+    before it is made."""
 
     async def route(
         self,
         messages: Sequence[ChatMessage],
         preset: str | None = None,
         health: HealthView | None = None,
+        *,
+        tenant: str = LOCAL_TENANT,
+        before_call: BeforeCall | None = None,
     ) -> tuple[Plan, RouteDecision, list[CallResult]]: ...
 
 
@@ -160,12 +174,18 @@ class RouterPolicy:
 
     # -- classification -------------------------------------------------------------------------
 
-    async def classify(self, text: str) -> tuple[Classification, list[CallResult]]:
-        """Classify with the configured classifier; the LLM one falls back to the heuristic on failure."""
+    async def classify(
+        self, text: str, *, tenant: str = LOCAL_TENANT, before_call: BeforeCall | None = None
+    ) -> tuple[Classification, list[CallResult]]:
+        """Classify with the configured classifier; the LLM one falls back to the heuristic on failure.
+
+        The LLM classifier's answers are cached per tenant: a shared cache would tell one tenant,
+        by a faster answer marked cached, that another had asked the exact same question.
+        ``before_call`` is awaited before the classifier's (paid) call and may refuse it."""
         rc = self.config.router
         if rc.classifier != "llm" or rc.classifier_model is None or self.caller is None:
             return classify_heuristic(text), []
-        key = hashlib.sha256(text.encode()).hexdigest()
+        key = hashlib.sha256(f"{tenant}\0{text}".encode()).hexdigest()
         if key in self._cache:
             self._cache.move_to_end(key)
             c, t = self._cache[key]
@@ -177,6 +197,8 @@ class RouterPolicy:
             params=GenerationParams(temperature=0.0, max_tokens=8),
             timeout_s=10.0,
         )
+        if before_call is not None:
+            await before_call(req)
         res = await self.caller.call(req)
         parsed = parse_classifier_answer(res.text) if res.ok else None
         if parsed is None:
@@ -198,6 +220,9 @@ class RouterPolicy:
         messages: Sequence[ChatMessage],
         preset: str | None = None,
         health: HealthView | None = None,
+        *,
+        tenant: str = LOCAL_TENANT,
+        before_call: BeforeCall | None = None,
     ) -> tuple[Plan, RouteDecision, list[CallResult]]:
         """Pick the plan for a request: a forced preset, or the tier the classifier chooses."""
         health = health or HealthView()
@@ -206,7 +231,7 @@ class RouterPolicy:
         if name != AUTO:
             plan, decision = self.named_plan(name)
         else:
-            cls, calls = await self.classify(user_text(messages))
+            cls, calls = await self.classify(user_text(messages), tenant=tenant, before_call=before_call)
             name = self.config.router.tiers[cls.complexity]
             plan = self.config.presets[name]
             reason = f"{cls.complexity} request -> {name}: {cls.reason}"

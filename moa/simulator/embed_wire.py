@@ -12,6 +12,7 @@ from typing import Any
 
 from moa.simulator.embeddings import lexical_embedding
 from moa.simulator.wire import BadRequest
+from moa.tokens import approx_tokens
 
 # Default dimensions of the embedding models each API publishes.
 OPENAI_DIMS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072, "text-embedding-ada-002": 1536}
@@ -19,7 +20,7 @@ GEMINI_DIMS = {"gemini-embedding-001": 3072, "text-embedding-004": 768}
 
 
 def _tokens(text: str) -> int:
-    return max(1, len(text) // 4)
+    return max(1, approx_tokens(text))
 
 
 def openai_embeddings(body: Any) -> dict[str, Any]:
