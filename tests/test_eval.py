@@ -205,14 +205,20 @@ TOPICS = (
     "urban gardening",
 )
 ASPECTS = ("why it matters", "the common mistakes", "how to get started", "the trade-offs", "its history")
+READERS = ("a curious beginner", "a busy manager", "a high-school student")
 
 
 def workload(tmp_path: Path, n: int = 60, turns: bool = False) -> Path:
     path = tmp_path / "workload.jsonl"
     rows = []
+    # Every question distinct (up to 12 x 5 x 3 = 180): the simulator answers and judges a
+    # repeated question identically, so a repeat would count one draw twice and make the
+    # intervals, which assume independent items, too narrow.
+    assert n <= len(TOPICS) * len(ASPECTS) * len(READERS)
     for i in range(n):
         topic, aspect = TOPICS[i % len(TOPICS)], ASPECTS[(i // len(TOPICS)) % len(ASPECTS)]
-        q = f"Explain {aspect} of {topic} for a curious beginner."
+        reader = READERS[i // (len(TOPICS) * len(ASPECTS))]
+        q = f"Explain {aspect} of {topic} for {reader}."
         row: dict[str, Any] = {"id": i, "category": ["writing", "reasoning"][i % 2]}
         row.update({"turns": [q, "Now summarise that in two sentences."]} if turns else {"prompt": q})
         rows.append(json.dumps(row))
