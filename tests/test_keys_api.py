@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -463,3 +464,60 @@ def test_a_key_sent_in_the_url_path_reaches_no_log_or_span(
     for trace_id in ids:
         wait_until_sync(lambda t=trace_id: otlp.trace(t), bool, interval=0.2, what=f"spans of {trace_id}")
     assert not _leaks(key, caplog, otlp, [_exchange(r) for r in seen])
+
+
+@pytest.mark.parametrize("period", ["day", "month"])
+def test_a_budget_period_rolls_over_at_the_utc_calendar_through_the_api(
+    server: ApiServer, capsys: pytest.CaptureFixture[str], state_dir: Path, period: str
+) -> None:
+    """README "Security": ``--period day|month`` budgets are per UTC calendar day or month. With the
+    API's wall clock moved (``Access.clock``): a budget of exactly one request's projection is spent
+    by one request at 23:59:30 on 31 January, refused the next, fresh a minute later on 1 February;
+    on 2 February a day budget is fresh again while a month budget is still spent. Each request is
+    settled in its own window of the ledger."""
+    from moa.engine.cost import projected_cost
+    from moa.types import ChatMessage, GenerationParams
+
+    cfg = cfg_of(server)
+    one = projected_cost(
+        cfg,
+        cfg.presets["single"],
+        [ChatMessage(role="user", content=SHORT[0]["content"])],
+        GenerationParams(max_tokens=40),
+    )
+    key = create_key(capsys, "calendar", "--budget-usd", repr(one), "--period", period)
+    wait_for_auth(server)
+    assert server.server.api is not None
+    now = [datetime(2026, 1, 31, 23, 59, 30, tzinfo=UTC).timestamp()]
+    server.server.api.access.clock = lambda: now[0]
+    c = client(server, key)
+
+    def ask() -> int:
+        try:
+            c.chat.completions.create(model="single", messages=SHORT, max_tokens=40)  # type: ignore[arg-type]
+        except openai.RateLimitError as e:
+            assert e.code == "insufficient_quota", e.message
+            return 429
+        return 200
+
+    assert [ask(), ask()] == [200, 429]
+    now[0] += 60  # 1 February, 00:00:30
+    assert [ask(), ask()] == [200, 429]
+    now[0] += 86400  # 2 February
+    assert ask() == (200 if period == "day" else 429)
+
+    async def ledger() -> dict[str, int]:
+        store = SQLiteStore(state_dir / "state.db")
+        try:
+            (record,) = await store.list_keys()
+            windows = ("day:2026-01-31", "day:2026-02-01", "day:2026-02-02", "month:2026-01", "month:2026-02")
+            return {w: await store.spent(record.id, w) for w in (*windows, "total")}
+        finally:
+            await store.close()
+
+    spent = {w: v for w, v in asyncio.run(ledger()).items() if v}
+    if period == "day":
+        assert set(spent) == {"day:2026-01-31", "day:2026-02-01", "day:2026-02-02"}
+    else:
+        assert set(spent) == {"month:2026-01", "month:2026-02"}
+    assert all(0 < v <= to_micro(one) for v in spent.values())

@@ -78,13 +78,13 @@ class Spend:
                 # Answered from the cache after paid calls (an ``auto`` request's classifier): no
                 # reservation was made, but the money was spent; charge it, past any budget.
                 lim = self.principal.limits
-                window = window_of(lim.period, time.time())
+                window = window_of(lim.period, self.access.clock())
                 got = await store.reserve(key_id, window, to_micro(self.cost_usd), None, RESERVATION_TTL_S)
                 reservation = got if isinstance(got, Reservation) else None
             if reservation is not None:
                 await store.settle(reservation, to_micro(self.cost_usd))
             if self.principal.limits.tpm is not None and self.tokens:
-                await store.add_tokens(key_id, int(time.time() // 60), self.tokens)
+                await store.add_tokens(key_id, int(self.access.clock() // 60), self.tokens)
         except Exception:
             # The reservation expires on its own; the key's spend may then be understated.
             log.exception("could not settle a request's spend for key %s", self.principal.label)
@@ -96,6 +96,9 @@ class Access:
         self.store: StateStore = store  # type: ignore[assignment]  # used only with a key, i.e. a store
         self.auth = Authenticator(store, config.state.key_cache_s) if store is not None else None
         self.metrics = KeyMetrics()
+        # The wall clock (Unix seconds) that puts a spend in its budget window (UTC day, month) and
+        # a request in its minute: one place, so that a test can move it across a day or a month.
+        self.clock: Callable[[], float] = time.time
 
     async def principal(self, authorization: str | None) -> Principal:
         if self.auth is None:
@@ -106,7 +109,7 @@ class Access:
             lim = principal.limits
             if lim.rpm is not None or lim.tpm is not None:
                 wait = await self.store.take_request(
-                    principal.key.id, int(time.time() // 60), lim.rpm, lim.tpm
+                    principal.key.id, int(self.clock() // 60), lim.rpm, lim.tpm
                 )
                 if wait is not None:
                     raise KeyRateLimited(
@@ -140,7 +143,7 @@ class Access:
             return None
         lim = key.limits
         budget = None if lim.budget_usd is None else to_micro(lim.budget_usd)
-        window = window_of(lim.period, time.time())
+        window = window_of(lim.period, self.clock())
         got = await self.store.reserve(key.id, window, to_micro(projected), budget, RESERVATION_TTL_S)
         if not isinstance(got, Reservation):
             self.metrics.refused(principal.label)
