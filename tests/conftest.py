@@ -5,6 +5,7 @@ Tests talk to it over loopback with the official SDKs, exactly as production cod
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -38,6 +39,32 @@ ON_HEAD = {"resources": {"head_node": 0.01}}
 
 # Fast enough for a quick suite, slow enough that concurrency and cancellation are observable.
 FAST_PROFILE = SimProfile(default=ModelProfile(ttft_s=0.02, tokens_per_s=2000.0, jitter=0.0))
+
+
+@contextlib.contextmanager
+def restored_environment(*names: str) -> Iterator[None]:
+    """Put the named environment variables back as they were (set or absent) on the way out:
+    a session fixture that sets them for its own processes leaves no trace in the next one."""
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """MOA_STATE_DIR for every test, a temporary directory: no test reads or writes the user's own
+    state directory ($XDG_DATA_HOME/moa: their keys, ledger and cache), whatever it forgets to set.
+    Tests that need a fresh one per test use ``state_dir``."""
+    path = tmp_path_factory.mktemp("moa-state")
+    with restored_environment("MOA_STATE_DIR"):
+        os.environ["MOA_STATE_DIR"] = str(path)
+        yield path
 
 
 @pytest.fixture(scope="session")
@@ -119,12 +146,13 @@ def redis_server() -> Iterator[str]:
 def otlp() -> Iterator[OTLPReceiver]:
     """A real OTLP/HTTP receiver; this process and every Ray worker started later export to it."""
     receiver = OTLPReceiver().start()
-    os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.url
-    os.environ["OTEL_SERVICE_NAME"] = "moa"
-    setup_tracing({"test.process": "pytest"})
-    yield receiver
-    flush_tracing()
-    receiver.stop()
+    with restored_environment("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SERVICE_NAME"):
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.url
+        os.environ["OTEL_SERVICE_NAME"] = "moa"
+        setup_tracing({"test.process": "pytest"})
+        yield receiver
+        flush_tracing()
+        receiver.stop()
 
 
 def _free_port() -> int:
@@ -204,6 +232,22 @@ def cluster(simulator: SimulatorServer, otlp: OTLPReceiver) -> Iterator[dict[str
     # The mode moa serve and the cluster files run in.
     from moa_serve_app import THROUGHPUT_ENV, build_from_config
 
+    with restored_environment(LEAK_CHECK_ENV, *THROUGHPUT_ENV, *AUTOSCALING_ENV):
+        yield from _cluster(ray, serve, Cluster, build_from_config, simulator)
+
+
+# Autoscaling decisions need fresh metrics; Serve's defaults push them every 10 s.
+AUTOSCALING_ENV = {
+    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+}
+
+
+def _cluster(
+    ray: Any, serve: Any, cluster_class: Any, build_from_config: Any, simulator: SimulatorServer
+) -> Iterator[dict[str, Any]]:
+    from moa_serve_app import THROUGHPUT_ENV
+
     # A live-looking key the simulator refuses (and, like OpenAI, echoes masked), in every Ray
     # worker's environment: the leak tests deploy an app that reads it as a real deployment would.
     os.environ[LEAK_CHECK_ENV] = LEAK_CHECK_KEY
@@ -212,11 +256,9 @@ def cluster(simulator: SimulatorServer, otlp: OTLPReceiver) -> Iterator[dict[str
     os.environ["MOA_ADMIN_KEY"] = RAY_ADMIN_KEY
     for key, value in THROUGHPUT_ENV.items():
         os.environ.setdefault(key, value)
-    # Autoscaling decisions need fresh metrics; Serve's defaults push them every 10 s.
-    os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
-    os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+    os.environ.update(AUTOSCALING_ENV)
     head_metrics, worker_metrics = _free_port(), _free_port()
-    c = Cluster(
+    c = cluster_class(
         initialize_head=True,
         head_node_args={
             "num_cpus": 1,

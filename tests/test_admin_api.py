@@ -156,3 +156,16 @@ def test_create_list_disable_enable_revoke_over_http(
         names = [r["name"] for r in http.get("/keys").json()["data"]]
     assert names == ["team-a", "from-cli"]
     assert client(admin_server, cli_key).models.list().data
+
+
+def test_the_admin_key_needs_24_characters_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """README "Security": ``MOA_ADMIN_KEY`` of at least 24 characters: 23 is refused, 24 is taken,
+    and surrounding whitespace does not count towards the 24."""
+    from moa.api.app import admin_key_from_env
+
+    for short in ("k" * 23, " " + "k" * 23 + "\n"):
+        monkeypatch.setenv("MOA_ADMIN_KEY", short)
+        with pytest.raises(ConfigError, match="shorter than 24"):
+            admin_key_from_env()
+    monkeypatch.setenv("MOA_ADMIN_KEY", "k" * 24)
+    assert admin_key_from_env() == "k" * 24

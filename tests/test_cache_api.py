@@ -210,6 +210,61 @@ def test_one_tenant_never_gets_anothers_answer_unless_shared(
         assert chat(s.url, keys["bob"], temperature=0.9).headers["x-moa-cache"] == "bypass"
 
 
+def test_proposals_and_semantic_hits_stay_in_their_tenants_scope(
+    sim: SimulatorServer, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Isolation by what is served, not by a header: bob's plan, which shares alice's proposers,
+    gets none of her proposals (``proposals_from_cache`` 0, every proposer called and billed),
+    and bob's rephrasing of alice's question is no semantic hit (a fresh answer, not hers); the
+    same requests by alice herself, and by dave after carol in a shared scope, are served from
+    the cache, so the cache was there to leak."""
+    cfg = cached_config(sim, state_dir, shared_scopes={"carol": "team", "dave": "team"})
+    with ApiServer(cfg, store=lambda: SQLiteStore(state_dir / "state.db")) as s:
+        keys = {name: create_key(capsys, name, "--detail") for name in ("alice", "bob", "carol", "dave")}
+        wait_for_auth(s)
+
+        def plan_by(name: str, aggregator: str) -> dict[str, Any]:
+            body = {"messages": [{"role": "user", "content": Q}], "plan": _plan(aggregator)}
+            headers = {"Authorization": f"Bearer {keys[name]}"}
+            r = httpx.post(f"{s.url}/v1/moa", json=body, headers=headers, timeout=60)
+            assert r.status_code == 200, r.text
+            return dict(r.json())
+
+        def proposer_calls(body: dict[str, Any]) -> list[dict[str, Any]]:
+            return [c for c in body["calls"] if c["stage"] == "proposer"]
+
+        assert plan_by("alice", "gpt-4.1")["cache"]["proposals_from_cache"] == 0
+        bobs = plan_by("bob", "gpt-4.1-mini")
+        assert bobs["cache"]["proposals_from_cache"] == 0
+        assert all(c["cache"] is None and c["usage"]["output_tokens"] > 0 for c in proposer_calls(bobs))
+        alices = plan_by("alice", "gpt-4.1-mini")
+        assert alices["cache"]["proposals_from_cache"] == 3
+        assert {c["cache"] for c in proposer_calls(alices)} == {"exact"}
+        assert plan_by("carol", "gpt-4.1")["cache"]["proposals_from_cache"] == 0
+        assert plan_by("dave", "gpt-4.1-mini")["cache"]["proposals_from_cache"] == 3
+
+        def ask(name: str, text: str) -> tuple[str, dict[str, Any], str]:
+            r = chat(
+                s.url,
+                keys[name],
+                messages=[{"role": "user", "content": text}],
+                moa={"cache_semantic": True, "detail": True},
+            )
+            assert r.status_code == 200, r.text
+            return (
+                r.headers["x-moa-cache"],
+                r.json()["moa"]["cache"],
+                r.json()["choices"][0]["message"]["content"],
+            )
+
+        first, _, answer = ask("alice", "How does a hash map handle collisions?")
+        assert first == "miss"
+        state, cache, bobs_answer = ask("bob", "How are collisions handled in a hash map?")
+        assert state == "miss" and cache.get("similarity") is None and bobs_answer != answer
+        state, cache, again = ask("alice", "How are collisions handled in a hash map?")
+        assert state == "hit-semantic" and 0.8 <= cache["similarity"] < 1 and again == answer
+
+
 class CountingStore(SQLiteStore):
     """The real SQLite state store, noting each budget write (a reservation, a settlement)."""
 

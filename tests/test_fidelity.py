@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,9 @@ def kind(v: Any) -> str:
 def shape_diffs(ref: Any, got: Any, optional: frozenset[str] = frozenset(), path: str = "$") -> list[str]:
     """Where ``got`` differs in shape from ``ref``: keys missing or extra at any level, JSON types.
 
-    Arrays are compared element by element against the reference's first element. ``optional``
+    Arrays are compared element by element, each against the reference's element at the same
+    index (elements past the reference's last against its last: a longer list of parts or chunks
+    of one kind), and an array shorter than the reference is a difference. ``optional``
     names paths ("$.usage.service_tier", "$.choices[].logprobs") that may be present on either side
     only; every use says which reference documents the difference.
     """
@@ -97,7 +100,15 @@ def shape_diffs(ref: Any, got: Any, optional: frozenset[str] = frozenset(), path
                 diffs += shape_diffs(ref[key], got[key], optional, sub)
         return diffs
     if isinstance(ref, list) and ref:
-        return [d for item in got for d in shape_diffs(ref[0], item, optional, path + "[]")]
+        sub = path + "[]"
+        diffs = [
+            d
+            for i, item in enumerate(got)
+            for d in shape_diffs(ref[min(i, len(ref) - 1)], item, optional, sub)
+        ]
+        if len(got) < len(ref) and sub not in optional:
+            diffs.append(f"{sub}: {len(ref)} elements in the reference, {len(got)} from the simulator")
+        return diffs
     return []
 
 
@@ -356,10 +367,22 @@ async def test_gemini_stream_is_normalised(served: FixtureServer, clients: dict[
     assert served.requests[0][0].endswith(":streamGenerateContent")
 
 
+# OpenAI's documented rate-limit headers (its guide's sample values), and the same on a 429 whose
+# spent limit is requests (remaining 0: ours). OpenAI documents no Retry-After; compatible servers
+# send one, which wins.
+OPENAI_LIMITS: dict[str, str] = load("openai/ratelimit_headers.json")
+OPENAI_SPENT = {**OPENAI_LIMITS, "x-ratelimit-remaining-requests": "0"}
+OPENAI_SPENT_BOTH = {**OPENAI_SPENT, "x-ratelimit-remaining-tokens": "0"}
+
 ERRORS = [
     ("openai", "openai/error_401_invalid_api_key.json", 401, {}, ErrorKind.AUTH, None),
     ("openai", "openai/error_401_missing_key.json", 401, {}, ErrorKind.AUTH, None),
     ("openai", "openai/error_400_unsupported_parameter.json", 400, {}, ErrorKind.BAD_REQUEST, None),
+    ("openai", "openai/error_429_rate_limit.json", 429, OPENAI_SPENT, ErrorKind.RATE_LIMITED, 1.0),
+    # Both limits spent: the request needs both, so the later reset ("6m0s").
+    ("openai", "openai/error_429_rate_limit.json", 429, OPENAI_SPENT_BOTH, ErrorKind.RATE_LIMITED, 360.0),
+    # No limit spent: the resets say when each is back to full, nothing about this 429.
+    ("openai", "openai/error_429_rate_limit.json", 429, OPENAI_LIMITS, ErrorKind.RATE_LIMITED, None),
     ("openai", "openai/error_429_rate_limit.json", 429, {"retry-after": "4"}, ErrorKind.RATE_LIMITED, 4.0),
     ("openai", "openai/error_500_server_error.json", 500, {}, ErrorKind.SERVER_ERROR, None),
     ("anthropic", "anthropic/error_401_invalid_key.json", 401, {}, ErrorKind.AUTH, None),
@@ -377,13 +400,16 @@ ERRORS = [
     # A wrong Gemini key is a 400, not a 401: only its ErrorInfo reason says it is about the key.
     ("gemini", "gemini/error_400_api_key_invalid.json", 400, {}, ErrorKind.AUTH, None),
     ("gemini", "gemini/error_403_unregistered_caller.json", 403, {}, ErrorKind.AUTH, None),
+    # Gemini's wait is the RetryInfo in the body; it sends no Retry-After, so one is not read.
+    ("gemini", "gemini/error_429_retry_info.json", 429, {}, ErrorKind.RATE_LIMITED, 53.0),
+    ("gemini", "gemini/error_429_resource_exhausted.json", 429, {}, ErrorKind.RATE_LIMITED, None),
     (
         "gemini",
         "gemini/error_429_resource_exhausted.json",
         429,
         {"retry-after": "2"},
         ErrorKind.RATE_LIMITED,
-        2.0,
+        None,
     ),
     ("gemini", "gemini/error_503_unavailable.json", 503, {}, ErrorKind.SERVER_ERROR, None),
 ]
@@ -409,6 +435,29 @@ async def test_reference_error_bodies_are_typed(
     assert (res.error.kind, res.error.status_code, res.error.retry_after_s) == (expected, status, retry_after)
     body = load(fixture)["error"]
     assert body["message"][:25] in res.error.message  # the provider's own words reach the caller
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_anthropic_429_without_retry_after_waits_for_the_spent_limits_reset(
+    served: FixtureServer, clients: dict[str, ProviderClient], stream: bool
+) -> None:
+    """Anthropic's Rate limits page: each limit's ``-remaining`` and ``-reset`` (RFC 3339). A 429
+    without ``retry-after`` waits for the reset of the limit at 0, not of one that has room."""
+    now = datetime.now(UTC)
+    at = {s: (now + timedelta(seconds=s)).strftime("%Y-%m-%dT%H:%M:%SZ") for s in (30, 90)}
+    headers = {
+        "anthropic-ratelimit-requests-limit": "50",
+        "anthropic-ratelimit-requests-remaining": "0",
+        "anthropic-ratelimit-requests-reset": at[30],
+        "anthropic-ratelimit-tokens-limit": "40000",
+        "anthropic-ratelimit-tokens-remaining": "39000",
+        "anthropic-ratelimit-tokens-reset": at[90],
+    }
+    serve(served, raw("anthropic/error_429_rate_limit.json"), 429, **headers)
+    client = clients["anthropic"]
+    res = (await streamed(client, "anthropic"))[1] if stream else await client.complete(req("anthropic"))
+    assert res.error is not None and res.error.retry_after_s is not None
+    assert res.error.kind is ErrorKind.RATE_LIMITED and 28 <= res.error.retry_after_s <= 30
 
 
 async def test_a_masked_key_echoed_by_the_api_never_reaches_our_errors(served: FixtureServer) -> None:
@@ -632,7 +681,7 @@ def test_simulator_gemini_auth_errors_are_the_apis_own(http: httpx.Client) -> No
         ("openai", "error_500", 500, "openai/error_500_server_error.json"),
         ("anthropic", "error_429", 429, "anthropic/error_429_rate_limit.json"),
         ("anthropic", "error_503", 529, "anthropic/error_529_overloaded.json"),
-        ("gemini", "error_429", 429, "gemini/error_429_resource_exhausted.json"),
+        ("gemini", "error_429", 429, "gemini/error_429_retry_info.json"),
         ("gemini", "error_503", 503, "gemini/error_503_unavailable.json"),
     ],
 )
@@ -660,6 +709,22 @@ def test_simulator_fault_errors_have_the_reference_shape(
             headers=GEMINI_AUTH,
         )
     assert r.status_code == status
+    # A 429's wait is only where the provider puts it: Anthropic's retry-after, OpenAI's rate-limit
+    # headers (the guide's six, no Retry-After), Gemini's body (no header at all).
+    limit_headers = {k for k in r.headers if k.startswith(("x-ratelimit-", "anthropic-ratelimit-"))}
+    if fault != "error_429":
+        assert "retry-after" not in r.headers and not limit_headers
+    elif provider == "openai":
+        assert "retry-after" not in r.headers and limit_headers == set(OPENAI_LIMITS)
+        assert (r.headers["x-ratelimit-remaining-requests"], r.headers["x-ratelimit-reset-requests"]) == (
+            "0",
+            "1s",
+        )
+    elif provider == "anthropic":
+        assert r.headers["retry-after"] == "1" and r.headers["anthropic-ratelimit-requests-remaining"] == "0"
+    else:
+        assert "retry-after" not in r.headers and not limit_headers
+        assert r.json()["error"]["details"][-1]["retryDelay"] == "1s"
     ref = load(fixture)
     # request_id: in the Errors page's shape; the streaming guide's overload object has none.
     assert_shape(ref, r.json(), frozenset({"$.request_id"}) if "request_id" not in ref else frozenset())

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from moa.config import MoAConfig, load_config
 from moa.simulator.server import SimulatorServer
 from moa.state import KeyLimits, Reservation, StateStore, to_micro, window_of
 from moa.state.sqlite_store import SQLiteStore
+from moa_observability.tracing import flush_tracing
 from tests.helpers import (
     QUESTION,
     ApiServer,
@@ -108,20 +111,36 @@ def test_open_until_a_key_exists_then_every_request_needs_one(
 def test_a_revoked_key_stops_working_within_the_cache_time(
     server: ApiServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """README "Security": a revoked key stops working within ``state.key_cache_s`` (1 s). On the
+    authenticator's injected clock, with the key's record cached at t: at t + key_cache_s the
+    revoked key still works (the cache, not luck, is what is measured), a moment later it is
+    refused. A cache time of 20 s fails here, where a wait of up to 30 s would not."""
     key = create_key(capsys, "bob")
     wait_for_auth(server)
+    assert server.server.api is not None
+    auth = server.server.api.access.auth
+    assert auth is not None
+    cache_s = cfg_of(server).state.key_cache_s
+    assert auth.cache_s == cache_s == 1.0
+    now = [1000.0]
+    auth.clock = lambda: now[0]
+    auth.forget()
     c = client(server, key)
-    assert c.models.list().data
+    assert c.models.list().data  # the record is cached at t = 1000
     assert main(["keys", "revoke", "bob"]) == 0
 
     def refused() -> bool:
         try:
             c.models.list()
         except openai.AuthenticationError as e:
-            return e.code == "invalid_api_key" and "revoked" in e.message
+            assert e.code == "invalid_api_key" and "revoked" in e.message
+            return True
         return False
 
-    asyncio.run(wait_until(refused, what="the revoked key to be refused"))
+    now[0] += cache_s
+    assert not refused()  # still within the cache time
+    now[0] += 0.001
+    assert refused()
     assert main(["keys", "list"]) == 0
     listing = capsys.readouterr().out
     assert "bob" in listing and "revoked" in listing and key not in listing
@@ -642,3 +661,151 @@ def test_no_classifier_call_for_a_key_whose_budget_is_spent(
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "insufficient_quota"
     assert sim_total_requests(sim) == 0
     assert asyncio.run(key_spent(state_dir, "dora")) == 0
+
+
+CLIENT_LOGGERS = ("httpx", "httpcore")
+
+
+def _leaks(key: str, caplog: pytest.LogCaptureFixture, otlp: OTLPReceiver, texts: list[str]) -> list[str]:
+    """Where any 12 characters of ``key``'s random part show (a key cut short leaks too): log
+    records (message and every extra field), every span exported so far (names, attributes,
+    events), and the texts given."""
+    secret = key.removeprefix("sk-moa-")
+    fragments = {secret[i : i + 12] for i in range(len(secret) - 11)}
+    # The test's own HTTP client logs the URLs it requests: that is the caller, not the service.
+    ours = [r for r in caplog.records if not r.name.startswith(CLIENT_LOGGERS)]
+    places = [f"log {r.name}: {vars(r)}" for r in ours]
+    flush_tracing()
+    places += [f"span {s['name']}: {s}" for s in otlp.spans]
+    places += [f"response: {t}" for t in texts]
+    return [p[:200] for p in places if any(f in p for f in fragments)]
+
+
+def _exchange(r: httpx.Response) -> str:
+    """All a client sees of a response: status, headers and body."""
+    return f"{r.status_code} {dict(r.headers)} {r.text}"
+
+
+def test_a_real_key_reaches_no_log_span_error_or_response(
+    server: ApiServer,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    otlp: OTLPReceiver,
+) -> None:
+    """README "Security": keys that were really sent (valid, revoked, on routes that do not exist,
+    with a wrong method, with a broken body, in the query string, as x-api-key) appear in no log
+    record, no exported span and no response. Each request's access log line and server span are
+    checked to be there, so an empty capture cannot pass."""
+    caplog.set_level(logging.DEBUG)
+    valid = create_key(capsys, "valid", "--detail")
+    revoked = create_key(capsys, "revoked")
+    wait_for_auth(server)
+    assert main(["keys", "revoke", "revoked"]) == 0
+    seen: list[httpx.Response] = []
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        for key in (valid, revoked):
+            bearer = {"Authorization": f"Bearer {key}"}
+            body = {"model": "moa-lite", "messages": SHORT, "moa": {"detail": True}}
+            seen += [
+                http.post("/v1/chat/completions", json=body, headers=bearer),
+                http.post("/v1/chat/completions", json={**body, "stream": True}, headers=bearer),
+                http.get("/v1/models", headers=bearer),
+                http.get("/v1/no-such-route", headers=bearer),
+                http.delete("/v1/chat/completions", headers=bearer),
+                http.post("/v1/chat/completions", content=b"{not json", headers=bearer),
+                http.post("/v1/chat/completions", json={"model": "moa-lite"}, headers=bearer),
+                http.get("/v1/models", params={"api_key": key}),
+                http.get("/v1/models", headers={"x-api-key": key}),
+                http.get("/healthz", headers=bearer),
+            ]
+    statuses = [r.status_code for r in seen]
+    assert statuses[:3] == [200, 200, 200], [_exchange(r) for r in seen[:3]]
+    assert all(s == 401 for s in statuses[10:13]), [_exchange(r) for r in seen[10:13]]
+    assert "revoked" in seen[10].text  # the refusal says why, without the key
+    # Nothing vacuous: every request was access-logged and its server span exported.
+    logged = [r for r in caplog.records if getattr(r, "event", None) == "request"]
+    assert len(logged) >= len(seen)
+    ids = {r.headers["x-moa-trace-id"] for r in seen if "x-moa-trace-id" in r.headers}
+    assert len(ids) == len(seen)
+    for trace_id in ids:
+        wait_until_sync(lambda t=trace_id: otlp.trace(t), bool, interval=0.2, what=f"spans of {trace_id}")
+    for key in (valid, revoked):
+        assert not _leaks(key, caplog, otlp, [_exchange(r) for r in seen])
+
+
+def test_a_key_sent_in_the_url_path_reaches_no_log_or_span(
+    server: ApiServer,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    otlp: OTLPReceiver,
+) -> None:
+    """A client that puts its key in the path (``/v1/<key>``, ``/v1/models/<key>``) gets a 404
+    or 401 that does not echo it, and the key reaches no log record and no span."""
+    caplog.set_level(logging.DEBUG)
+    key = create_key(capsys, "pathed")
+    wait_for_auth(server)
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        bearer = {"Authorization": f"Bearer {key}"}
+        seen = [http.get(f"/v1/{key}", headers=bearer), http.get(f"/v1/models/{key}"), http.get(f"/{key}")]
+    assert all(r.status_code in (401, 404) for r in seen), [_exchange(r) for r in seen]
+    ids = {r.headers["x-moa-trace-id"] for r in seen if "x-moa-trace-id" in r.headers}
+    for trace_id in ids:
+        wait_until_sync(lambda t=trace_id: otlp.trace(t), bool, interval=0.2, what=f"spans of {trace_id}")
+    assert not _leaks(key, caplog, otlp, [_exchange(r) for r in seen])
+
+
+@pytest.mark.parametrize("period", ["day", "month"])
+def test_a_budget_period_rolls_over_at_the_utc_calendar_through_the_api(
+    server: ApiServer, capsys: pytest.CaptureFixture[str], state_dir: Path, period: str
+) -> None:
+    """README "Security": ``--period day|month`` budgets are per UTC calendar day or month. With the
+    API's wall clock moved (``Access.clock``): a budget of exactly one request's projection is spent
+    by one request at 23:59:30 on 31 January, refused the next, fresh a minute later on 1 February;
+    on 2 February a day budget is fresh again while a month budget is still spent. Each request is
+    settled in its own window of the ledger."""
+    from moa.engine.cost import projected_cost
+    from moa.types import ChatMessage, GenerationParams
+
+    cfg = cfg_of(server)
+    one = projected_cost(
+        cfg,
+        cfg.presets["single"],
+        [ChatMessage(role="user", content=SHORT[0]["content"])],
+        GenerationParams(max_tokens=40),
+    )
+    key = create_key(capsys, "calendar", "--budget-usd", repr(one), "--period", period)
+    wait_for_auth(server)
+    assert server.server.api is not None
+    now = [datetime(2026, 1, 31, 23, 59, 30, tzinfo=UTC).timestamp()]
+    server.server.api.access.clock = lambda: now[0]
+    c = client(server, key)
+
+    def ask() -> int:
+        try:
+            c.chat.completions.create(model="single", messages=SHORT, max_tokens=40)  # type: ignore[arg-type]
+        except openai.RateLimitError as e:
+            assert e.code == "insufficient_quota", e.message
+            return 429
+        return 200
+
+    assert [ask(), ask()] == [200, 429]
+    now[0] += 60  # 1 February, 00:00:30
+    assert [ask(), ask()] == [200, 429]
+    now[0] += 86400  # 2 February
+    assert ask() == (200 if period == "day" else 429)
+
+    async def ledger() -> dict[str, int]:
+        store = SQLiteStore(state_dir / "state.db")
+        try:
+            (record,) = await store.list_keys()
+            windows = ("day:2026-01-31", "day:2026-02-01", "day:2026-02-02", "month:2026-01", "month:2026-02")
+            return {w: await store.spent(record.id, w) for w in (*windows, "total")}
+        finally:
+            await store.close()
+
+    spent = {w: v for w, v in asyncio.run(ledger()).items() if v}
+    if period == "day":
+        assert set(spent) == {"day:2026-01-31", "day:2026-02-01", "day:2026-02-02"}
+    else:
+        assert set(spent) == {"month:2026-01", "month:2026-02"}
+    assert all(0 < v <= to_micro(one) for v in spent.values())

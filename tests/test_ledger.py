@@ -25,7 +25,7 @@ from moa.config import MoAConfig
 from moa.engine.result import CallRecord, Stage
 from moa.providers.registry import ProviderPool
 from moa.simulator.server import SimulatorServer
-from moa.state import KeyLimits, StateStore, to_micro
+from moa.state import KeyLimits, Reservation, StateStore, to_micro
 from moa.state.sqlite_store import SQLiteStore
 from moa.testing import Reply, ScriptedCaller
 from moa.tokens import approx_message_tokens, approx_tokens
@@ -313,3 +313,41 @@ async def test_a_finished_call_is_invoiced_at_the_usage_it_reported(
         res.usage.input_tokens,
         res.usage.output_tokens,
     )
+
+
+def test_a_failed_request_is_settled_against_its_budget_at_what_it_cost(
+    server: ApiServer, sim: SimulatorServer, state_dir: Path
+) -> None:
+    """README "Security": a request that fails still settles what it used. ``moa-lite`` against a
+    budgeted key, with every aggregator and fallback answering 500: the request fails after its
+    proposers answered; the key is charged exactly the simulator's invoice (the proposers; the
+    refused attempts cost nothing), and the request's reservation is released, so the rest of the
+    budget can be reserved in full."""
+    for model in ("gpt-4.1", "claude-sonnet-4-6", "gemini-2.5-pro"):
+        set_fault(sim, model, error_500={"rate": 1.0})
+    key = new_key()
+    budget = 0.05
+    record = new_record("failing", key, KeyLimits(budget_usd=budget))
+
+    async def scenario() -> tuple[httpx.Response, int, bool]:
+        store: StateStore = SQLiteStore(state_dir / "state.db")
+        try:
+            await store.create_key(record)
+            await asyncio.to_thread(wait_for_auth, server)
+            body = {"model": "moa-lite", "messages": API_QUESTION, "max_tokens": 30}
+            headers = {"Authorization": f"Bearer {key}"}
+            async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=60) as http:
+                r = await http.post("/v1/chat/completions", json=body)
+            spent = await spent_and_sim(server, sim, record.id, store)
+            # Nothing else is held: the whole remainder of the budget can be reserved.
+            rest = await store.reserve(record.id, "total", to_micro(budget) - spent, to_micro(budget), 60)
+            return r, spent, isinstance(rest, Reservation)
+        finally:
+            await store.close()
+
+    r, spent, released = asyncio.run(scenario())
+    assert r.status_code >= 500, r.text
+    billed, _ = invoice(sim, server.config)
+    assert billed > 0 and sim_stats(sim)["gpt-4.1"]["faults"]["error_500"] >= 1
+    assert abs(spent - to_micro(billed)) <= 4, (spent, billed)
+    assert released

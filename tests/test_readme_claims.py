@@ -12,7 +12,6 @@ import ast
 import json
 import logging
 import os
-import random
 import re
 import secrets
 import subprocess
@@ -226,7 +225,6 @@ async def test_backoff_is_jittered_and_exponential(sim: SimulatorServer) -> None
     """README "Configuration": retries wait a jittered exponential backoff: uniform in
     [0, min(backoff_max_s, backoff_base_s * 2**(attempt-1))], never the same wait twice."""
     cfg = provider_config(sim.url, retry={"max_attempts": 10, "backoff_base_s": 0.1, "backoff_max_s": 1.0})
-    random.seed(18)
     async with ProviderPool.from_config(cfg, sim_url=sim.url) as pool:
         client = pool.clients["openai"]
         err = AttemptError(ErrorKind.SERVER_ERROR, "500: simulated")

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -774,22 +775,32 @@ def test_a_profile_makes_a_model_refuse_parameters_in_its_apis_words(admin: http
 # -- faults through the SDKs ---------------------------------------------------------------------------
 
 
-async def test_rate_limit_429_with_retry_after(
+async def test_rate_limit_429_says_the_wait_where_each_provider_does(
     admin: httpx.Client, oai: openai.AsyncOpenAI, claude: anthropic.AsyncAnthropic, gem: genai.Client
 ) -> None:
+    """OpenAI: the spent limit's reset header, no Retry-After; Anthropic: ``retry-after`` and the
+    spent limit's RFC 3339 reset; Gemini: a ``RetryInfo`` in the body, no header."""
     set_fault(admin, "*", error_429={"rate": 1.0, "retry_after_s": 0.2})
     with pytest.raises(openai.RateLimitError) as oe:
         await oai.chat.completions.create(model="gpt-4.1", messages=MESSAGES)
-    assert oe.value.response.headers["retry-after"] == "0.2" and oe.value.code == "rate_limit_exceeded"
-    assert oe.value.response.headers["openai-processing-ms"] == "0"
+    oh = oe.value.response.headers
+    assert "retry-after" not in oh and oe.value.code == "rate_limit_exceeded"
+    assert (oh["x-ratelimit-remaining-requests"], oh["x-ratelimit-reset-requests"]) == ("0", "200ms")
+    assert oh["openai-processing-ms"] == "0"
+    before = time.time()
     with pytest.raises(anthropic.RateLimitError) as ae:
         await claude.messages.create(model="claude-haiku-4-5", max_tokens=10, messages=MESSAGES)
-    assert ae.value.response.headers["retry-after"] == "0.2"
+    ah = ae.value.response.headers
+    assert ah["retry-after"] == "0.2" and ah["anthropic-ratelimit-requests-remaining"] == "0"
+    reset = datetime.fromisoformat(ah["anthropic-ratelimit-requests-reset"].replace("Z", "+00:00"))
+    assert before < reset.timestamp() <= time.time() + 1.2
     assert ae.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
     with pytest.raises(genai_errors.ClientError) as ge:
         await gem.aio.models.generate_content(model="gemini-2.5-flash", contents=QUESTION)
     assert ge.value.code == 429 and ge.value.status == "RESOURCE_EXHAUSTED"
-    assert ge.value.response.headers["retry-after"] == "0.2"
+    assert "retry-after" not in ge.value.response.headers
+    retry = [d for d in ge.value.details["error"]["details"] if d["@type"].endswith("google.rpc.RetryInfo")]
+    assert retry == [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "0.200s"}]
     s = sim_stats(admin)
     assert s["gpt-4.1"]["faults"] == {"error_429": 1} and s["gpt-4.1"]["completed"] == 0
 

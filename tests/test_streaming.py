@@ -171,7 +171,10 @@ def test_the_openai_sdk_parses_keepalives_and_progress(client: openai.OpenAI, si
     layer = [p for p in progress if p["stage"] == "proposers"]
     assert [p["proposers_done"] for p in layer] == sorted(p["proposers_done"] for p in layer)
     assert layer[0]["proposers_done"] == 0 and layer[-1]["proposers_done"] >= 2
-    assert all(p["layer"] == 1 and p["layers"] == 1 and p["proposers"] == 3 for p in layer)
+    # moa-lite: one layer of three proposers with a quorum of two.
+    assert all(
+        p["layer"] == 1 and p["layers"] == 1 and p["proposers"] == 3 and p["quorum"] == 2 for p in layer
+    )
 
 
 def test_without_progress_no_choiceless_chunks(client: openai.OpenAI, sim: SimulatorServer) -> None:

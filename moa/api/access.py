@@ -90,12 +90,12 @@ class Spend:
                 # Answered from the cache after paid calls (an ``auto`` request's classifier): no
                 # reservation was made, but the money was spent; charge it, past any budget.
                 lim = self.principal.limits
-                window = window_of(lim.period, time.time())
+                window = window_of(lim.period, self.access.clock())
                 got = await store.reserve(key_id, window, to_micro(self.cost_usd), None, RESERVATION_TTL_S)
                 reservation = got if isinstance(got, Reservation) else None
             if reservation is not None:
                 await store.settle(reservation, to_micro(self.cost_usd))
-            hold = self.token_hold or TokenHold(int(time.time() // 60), 0)
+            hold = self.token_hold or TokenHold(int(self.access.clock() // 60), 0)
             if self.principal.limits.tpm is not None and self.tokens != hold.tokens:
                 await store.add_tokens(key_id, hold.minute, self.tokens - hold.tokens)
         except Exception:
@@ -109,6 +109,9 @@ class Access:
         self.store: StateStore = store  # type: ignore[assignment]  # used only with a key, i.e. a store
         self.auth = Authenticator(store, config.state.key_cache_s) if store is not None else None
         self.metrics = KeyMetrics()
+        # The wall clock (Unix seconds) that puts a spend in its budget window (UTC day, month) and
+        # a request in its minute: one place, so that a test can move it across a day or a month.
+        self.clock: Callable[[], float] = time.time
 
     async def principal(self, authorization: str | None) -> Principal:
         if self.auth is None:
@@ -119,7 +122,7 @@ class Access:
             lim = principal.limits
             if lim.rpm is not None or lim.tpm is not None:
                 wait = await self.store.take_request(
-                    principal.key.id, int(time.time() // 60), lim.rpm, lim.tpm
+                    principal.key.id, int(self.clock() // 60), lim.rpm, lim.tpm
                 )
                 if wait is not None:
                     raise KeyRateLimited(
@@ -157,7 +160,7 @@ class Access:
         key = principal.key
         if key is None or key.limits.tpm is None:
             return None
-        minute = int(time.time() // 60)
+        minute = int(self.clock() // 60)
         wait = await self.store.reserve_tokens(key.id, minute, tokens, key.limits.tpm)
         if wait is not None:
             raise KeyRateLimited(
@@ -180,7 +183,7 @@ class Access:
             return None
         lim = key.limits
         budget = None if lim.budget_usd is None else to_micro(lim.budget_usd)
-        window = window_of(lim.period, time.time())
+        window = window_of(lim.period, self.clock())
         got = await self.store.reserve(key.id, window, to_micro(projected), budget, RESERVATION_TTL_S)
         if not isinstance(got, Reservation):
             self.metrics.refused(principal.label)

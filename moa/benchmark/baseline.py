@@ -10,14 +10,16 @@ deliberately the same as the service's, so both sides do the same work:
   written here), so the simulator answers both aggregators alike;
 - every call follows one explicit retry policy, the service's default (``RetryConfig``): the SDKs'
   own retries are off, and this module retries 408/429/5xx, timeouts and connection failures up to
-  3 attempts in all, waiting as ``Retry-After`` says (up to 30 s) or else a jittered exponential
-  backoff (uniform in [0, min(8 s, 0.25 s x 2^(n-1))]), all inside one deadline per call.
+  3 attempts in all, waiting as the provider's retry hint says (up to 30 s) or else a jittered
+  exponential backoff (uniform in [0, min(8 s, 0.25 s x 2^(n-1))]), all inside one deadline per
+  call. The hint is read where each provider puts it (Anthropic's ``retry-after``, OpenAI's
+  rate-limit reset headers, Gemini's ``RetryInfo`` in the error body) by the adapters' own readers:
+  the quick start's SDK calls would otherwise each need their own provider-specific parsing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import inspect
 import random
 import time
@@ -35,7 +37,10 @@ from google.genai import types
 from moa.benchmark.stats import Sample
 from moa.config import RetryConfig
 from moa.engine.plan import DEFAULT_AGGREGATE_SYSTEM, DEFAULT_REFERENCE
+from moa.providers.anthropic_client import retry_hint as anthropic_hint
 from moa.providers.base import provider_service_time
+from moa.providers.gemini_client import retry_delay as gemini_hint
+from moa.providers.openai_client import retry_hint as openai_hint
 
 T = TypeVar("T")
 
@@ -51,8 +56,8 @@ class RetryPolicy:
         return {
             **asdict(self),
             "retried": "HTTP 408, 429 and 5xx, timeouts, connection failures",
-            "wait": "Retry-After when given (failing at once past max_retry_after_s), else uniform in "
-            "[0, min(backoff_max_s, backoff_base_s * 2^(attempt-1))]",
+            "wait": "the provider's retry hint when given (failing at once past max_retry_after_s), "
+            "else uniform in [0, min(backoff_max_s, backoff_base_s * 2^(attempt-1))]",
             "deadline": "one per call, across its attempts (the client timeout)",
             "sdk_retries": "off (OpenAI and Anthropic max_retries=0, google-genai attempts=1)",
         }
@@ -80,35 +85,23 @@ def aggregator_messages(prompt: str, answers: list[str]) -> list[dict[str, str]]
     return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
 
 
-def _retry_after(headers: Mapping[str, str] | None) -> float | None:
-    value = headers.get("retry-after") if headers is not None else None
-    if not value:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        return max(email.utils.parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
-    except (TypeError, ValueError):
-        return None
-
-
 def retryable(exc: BaseException) -> tuple[bool, float | None]:
-    """Whether a failed attempt is worth another, and the server's Retry-After if it gave one."""
+    """Whether a failed attempt is worth another, and the wait the provider asked for if it did."""
     status: int | None = None
-    headers: Mapping[str, str] | None = None
-    if isinstance(exc, openai.APIStatusError | anthropic.APIStatusError):
-        status, headers = exc.status_code, exc.response.headers
+    hint: float | None = None
+    if isinstance(exc, openai.APIStatusError):
+        status, hint = exc.status_code, openai_hint(exc.response.headers)
+    elif isinstance(exc, anthropic.APIStatusError):
+        status, hint = exc.status_code, anthropic_hint(exc.response.headers)
     elif isinstance(exc, genai_errors.APIError):
-        status, headers = exc.code, getattr(exc.response, "headers", None)
+        status, hint = exc.code, gemini_hint(exc.details)
     elif isinstance(exc, openai.APIConnectionError | anthropic.APIConnectionError):
         return True, None  # includes the SDKs' timeouts
     elif isinstance(exc, TimeoutError | _TRANSPORT):
         return True, None
     if status is None:
         return False, None
-    return status in (408, 429) or status >= 500, _retry_after(headers)
+    return status in (408, 429) or status >= 500, hint
 
 
 def _service(headers: Mapping[str, str] | None) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import anthropic
@@ -16,6 +16,8 @@ from moa.providers.base import (
     ProviderClient,
     classify_common,
     classify_generated_sdk,
+    header_retry_hint,
+    parse_reset_time,
     provider_service_time,
     refused_param,
     unexpected_failure,
@@ -31,6 +33,17 @@ MAX_TEMPERATURE = 1.0
 # dropped it), or "seed: Extra inputs are not permitted." (a field it does not know).
 REFUSED = re.compile(r"`(\w+)` is (?:deprecated|not supported)|(\w+): Extra inputs are not permitted")
 NAMES = {"stop_sequences": "stop"}
+# Anthropic's Rate limits page: a 429 carries ``retry-after`` (seconds), and every response the
+# ``anthropic-ratelimit-*-remaining`` / ``-reset`` pair of each limit, the reset in RFC 3339.
+RATE_LIMITS = {
+    f"anthropic-ratelimit-{limit}-remaining": f"anthropic-ratelimit-{limit}-reset"
+    for limit in ("requests", "tokens", "input-tokens", "output-tokens")
+}
+
+
+def retry_hint(headers: Mapping[str, str]) -> float | None:
+    """Anthropic's wait: its ``retry-after``, else the reset of the spent limit."""
+    return header_retry_hint(headers, RATE_LIMITS, parse_reset_time)
 
 
 class AnthropicClient(ProviderClient):
@@ -148,7 +161,7 @@ class AnthropicClient(ProviderClient):
         if isinstance(exc, AssertionError):  # the SDK asserts on a non-JSON stream body
             return AttemptError(ErrorKind.MALFORMED_RESPONSE, "response failed validation")
         return (
-            classify_generated_sdk(anthropic, exc, in_stream)
+            classify_generated_sdk(anthropic, exc, in_stream, retry_hint)
             or classify_common(exc, in_stream)
             or unexpected_failure(exc)
         )

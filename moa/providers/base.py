@@ -13,8 +13,9 @@ import random
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from types import ModuleType
 from typing import Any, ClassVar, get_args
 
@@ -125,6 +126,64 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(when.timestamp() - time.time(), 0.0)
 
 
+# A duration as Go prints one (OpenAI's ``x-ratelimit-reset-*``: "1s", "6m0s", "20ms") or as
+# protobuf's JSON writes one (Gemini's ``RetryInfo.retryDelay``: "53s", "2.463586755s").
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|m|s|us|\u00b5s|ns)")
+_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "\u00b5s": 1e-6, "ns": 1e-9}
+
+
+def parse_duration(value: str | None) -> float | None:
+    """Seconds in a Go or protobuf duration string, or None if it is not one."""
+    if not value:
+        return None
+    value = value.strip()
+    parts = list(_DURATION_PART.finditer(value))
+    if not parts or "".join(m.group() for m in parts) != value:
+        return None
+    return max(sum(float(m.group(1)) * _DURATION_UNITS[m.group(2)] for m in parts), 0.0)
+
+
+def parse_reset_time(value: str | None) -> float | None:
+    """Seconds from now until an RFC 3339 timestamp (Anthropic's ``anthropic-ratelimit-*-reset``)."""
+    if not value:
+        return None
+    try:
+        when = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
+
+
+def header_retry_hint(
+    headers: Mapping[str, str] | None,
+    limits: Mapping[str, str],
+    reset: Callable[[str | None], float | None],
+) -> float | None:
+    """How long a 429 says to wait, read from its headers the way the provider documents them.
+
+    ``Retry-After`` first (RFC 9110; Anthropic documents it on every 429). Without one, the rate
+    limit headers: ``limits`` maps each ``*-remaining`` header to its ``*-reset`` header, and the
+    wait is the latest reset among the limits that are spent (remaining 0), since a request needs
+    every limit to have room again. A limit that still has room says nothing about this 429.
+    """
+    if not headers:
+        return None
+    hint = parse_retry_after(headers.get("retry-after"))
+    if hint is not None:
+        return hint
+    waits = []
+    for remaining, reset_header in limits.items():
+        left = headers.get(remaining)
+        if left is None or left.strip() != "0":
+            continue
+        wait = reset(headers.get(reset_header))
+        if wait is not None:
+            waits.append(wait)
+    return max(waits) if waits else None
+
+
 def provider_service_time(headers: Mapping[str, str] | None) -> float | None:
     """The service time (seconds) a response says the provider spent on it, or None if it says none.
 
@@ -174,12 +233,16 @@ def redact_key(text: str, secret: str | None) -> str:
     return text
 
 
-def status_error(status: int, message: str, headers: Mapping[str, str] | None) -> AttemptError:
+def status_error(
+    status: int, message: str, headers: Mapping[str, str] | None, retry_after_s: float | None
+) -> AttemptError:
+    """A refusal with an HTTP status; ``retry_after_s`` is the wait the provider asked for, read by
+    the adapter from wherever that provider puts it (a header, or Gemini's error body)."""
     return AttemptError(
         kind_for_status(status),
         message,
         status=status,
-        retry_after_s=parse_retry_after(headers.get("retry-after")) if headers else None,
+        retry_after_s=retry_after_s,
         service_s=provider_service_time(headers),
     )
 
@@ -201,8 +264,14 @@ def classify_common(exc: BaseException, in_stream: bool) -> AttemptError | None:
     return None
 
 
-def classify_generated_sdk(sdk: ModuleType, exc: BaseException, in_stream: bool) -> AttemptError | None:
-    """The ``openai`` and ``anthropic`` SDKs share one generated exception hierarchy: type it once."""
+def classify_generated_sdk(
+    sdk: ModuleType,
+    exc: BaseException,
+    in_stream: bool,
+    retry_hint: Callable[[Mapping[str, str]], float | None],
+) -> AttemptError | None:
+    """The ``openai`` and ``anthropic`` SDKs share one generated exception hierarchy: type it once.
+    ``retry_hint`` reads the provider's wait from a refusal's headers (each documents its own)."""
     if isinstance(exc, sdk.APIStatusError):
         body = exc.body
         err = body.get("error", body) if isinstance(body, dict) else None
@@ -215,7 +284,8 @@ def classify_generated_sdk(sdk: ModuleType, exc: BaseException, in_stream: bool)
             kind = STREAM_ERROR_KINDS.get(etype or "", ErrorKind.SERVER_ERROR)
             return AttemptError(kind, f"{etype or 'error'} mid-stream: {detail or type(exc).__name__}")
         message = f"{exc.status_code}: {detail or type(exc).__name__}"
-        return status_error(exc.status_code, message, exc.response.headers)
+        headers = exc.response.headers
+        return status_error(exc.status_code, message, headers, retry_hint(headers))
     if isinstance(exc, sdk.APITimeoutError):
         return AttemptError(ErrorKind.TIMEOUT, "the call timed out")
     if isinstance(exc, sdk.APIConnectionError):

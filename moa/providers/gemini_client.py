@@ -14,6 +14,7 @@ from moa.providers.base import (
     AttemptError,
     ProviderClient,
     classify_common,
+    parse_duration,
     provider_service_time,
     refused_param,
     status_error,
@@ -36,6 +37,9 @@ REFUSED = re.compile(r'Unknown name "(\w+)"|(\w+) is not (?:enabled|supported) f
 NAMES = {"topP": "top_p", "stopSequences": "stop", "stop_sequences": "stop"}
 # The API refuses a wrong key with 400 INVALID_ARGUMENT, not 401; its ErrorInfo reason says why.
 AUTH_REASONS = frozenset({"API_KEY_INVALID"})
+# The wait a refusal asks for: Gemini sends no Retry-After header; it puts a ``google.rpc.RetryInfo``
+# in the error body's details, its ``retryDelay`` a protobuf duration ("53s").
+RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
 
 
 class GeminiClient(ProviderClient):
@@ -127,7 +131,8 @@ class GeminiClient(ProviderClient):
             return AttemptError(ErrorKind.MALFORMED_RESPONSE, "unparseable response")
         if isinstance(exc, errors.APIError):
             headers: Mapping[str, str] | None = getattr(exc.response, "headers", None)
-            err = status_error(exc.code, f"{exc.code}: {exc.message or exc.status}", headers)
+            message = f"{exc.code}: {exc.message or exc.status}"
+            err = status_error(exc.code, message, headers, retry_delay(exc.details))
             if _reasons(exc.details) & AUTH_REASONS:
                 err.kind = ErrorKind.AUTH
             return err
@@ -137,13 +142,25 @@ class GeminiClient(ProviderClient):
         await self._sdk.aio.aclose()
 
 
-def _reasons(body: Any) -> set[str]:
-    """The ``google.rpc.ErrorInfo`` reasons in an error body's details."""
+def _details(body: Any) -> list[dict[str, Any]]:
+    """The ``details`` of an error body (AIP-193), each a typed ``google.rpc`` message."""
     error = body.get("error", body) if isinstance(body, dict) else None
     details = error.get("details") if isinstance(error, dict) else None
-    if not isinstance(details, list):
-        return set()
-    return {d["reason"] for d in details if isinstance(d, dict) and isinstance(d.get("reason"), str)}
+    return [d for d in details if isinstance(d, dict)] if isinstance(details, list) else []
+
+
+def _reasons(body: Any) -> set[str]:
+    """The ``google.rpc.ErrorInfo`` reasons in an error body's details."""
+    return {d["reason"] for d in _details(body) if isinstance(d.get("reason"), str)}
+
+
+def retry_delay(body: Any) -> float | None:
+    """The seconds a ``google.rpc.RetryInfo`` in the error body asks to wait, if it has one."""
+    for d in _details(body):
+        if d.get("@type") == RETRY_INFO:
+            delay = d.get("retryDelay")
+            return parse_duration(delay) if isinstance(delay, str) else None
+    return None
 
 
 def _text(response: types.GenerateContentResponse) -> str:

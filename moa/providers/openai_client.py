@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import openai
@@ -15,6 +15,8 @@ from moa.providers.base import (
     ProviderClient,
     classify_common,
     classify_generated_sdk,
+    header_retry_hint,
+    parse_duration,
     provider_service_time,
     refused_param,
     unexpected_failure,
@@ -31,6 +33,19 @@ MAX_STOP = 4
 REFUSED = re.compile(
     r"Unsupported (?:parameter|value): '(\w+)'|Unrecognized request argument supplied: (\w+)"
 )
+
+# Where OpenAI says when a spent limit has room again (Rate limits guide, "Rate limits in headers"):
+# each ``x-ratelimit-remaining-*`` header with its ``x-ratelimit-reset-*``, a Go duration ("6m0s").
+RATE_LIMITS = {
+    "x-ratelimit-remaining-requests": "x-ratelimit-reset-requests",
+    "x-ratelimit-remaining-tokens": "x-ratelimit-reset-tokens",
+}
+
+
+def retry_hint(headers: Mapping[str, str]) -> float | None:
+    """OpenAI's wait: ``Retry-After`` where a server sends one (compatible servers do), else the
+    reset of the spent limit, which is what OpenAI itself documents on a 429."""
+    return header_retry_hint(headers, RATE_LIMITS, parse_duration)
 
 
 class OpenAIClient(ProviderClient):
@@ -123,7 +138,7 @@ class OpenAIClient(ProviderClient):
 
     def _classify(self, exc: BaseException, in_stream: bool) -> AttemptError:
         return (
-            classify_generated_sdk(openai, exc, in_stream)
+            classify_generated_sdk(openai, exc, in_stream, retry_hint)
             or classify_common(exc, in_stream)
             or unexpected_failure(exc)
         )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from moa.simulator.wire import (
@@ -15,6 +17,7 @@ from moa.simulator.wire import (
     is_integer,
     is_number,
     random_id,
+    seconds_text,
     sse,
 )
 
@@ -168,6 +171,26 @@ class AnthropicWire(Wire):
         return dumps(
             {"type": "error", "error": {"type": _ERRORS[kind], "message": message}, "request_id": request_id}
         )
+
+    def rate_limited(
+        self, model: str, retry_after_s: float | None, request_id: str, now: float
+    ) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        """Anthropic's Rate limits page: a 429 carries ``retry-after`` (seconds), and the spent
+        limit's ``anthropic-ratelimit-*`` headers say it has 0 left until an RFC 3339 reset. The
+        limit is nominal; a fractional wait configured for a test stays fractional."""
+        body = self.error(
+            Err.RATE_LIMIT, self.fault_message(Err.RATE_LIMIT, model, retry_after_s), request_id
+        )
+        if retry_after_s is None:
+            return [], body
+        reset = datetime.fromtimestamp(math.ceil(now + retry_after_s), UTC)
+        headers = {
+            "retry-after": seconds_text(retry_after_s),
+            "anthropic-ratelimit-requests-limit": "50",
+            "anthropic-ratelimit-requests-remaining": "0",
+            "anthropic-ratelimit-requests-reset": reset.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        return [(k.encode(), v.encode()) for k, v in headers.items()], body
 
     def fault_message(self, kind: Err, model: str, retry_after_s: float | None) -> str:
         if kind is Err.RATE_LIMIT:

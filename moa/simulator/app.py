@@ -130,10 +130,6 @@ def _pieces(text: str) -> list[str]:
     return out
 
 
-def _retry_after(value: float) -> bytes:
-    return str(int(value)).encode() if value == int(value) else f"{value:g}".encode()
-
-
 async def _read_body(receive: Receive) -> bytes:
     chunks = []
     size = 0
@@ -430,10 +426,13 @@ class SimulatorApp:
         self, wire: Wire, req: SimRequest, request_id: str, kind: Err, spec: FaultSpec | None, send: Send
     ) -> None:
         headers: Headers = self._headers(wire, request_id)
-        retry_after = spec.retry_after_s if isinstance(spec, RateFault) else None
-        if retry_after is not None:
-            headers.append((b"retry-after", _retry_after(retry_after)))
-        body = wire.error(kind, wire.fault_message(kind, req.model, retry_after), request_id)
+        if kind is Err.RATE_LIMIT:
+            # The wait goes where the provider puts it: a header, rate-limit headers, or the body.
+            retry_after = spec.retry_after_s if isinstance(spec, RateFault) else None
+            hint, body = wire.rate_limited(req.model, retry_after, request_id, time.time())
+            headers.extend(hint)
+        else:
+            body = wire.error(kind, wire.fault_message(kind, req.model, None), request_id)
         await _respond(send, wire.status(kind), body, headers)
 
     async def _stream(

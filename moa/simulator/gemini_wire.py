@@ -31,6 +31,20 @@ _STATUS = {
     Err.SERVER: "INTERNAL",
     Err.UNAVAILABLE: "UNAVAILABLE",
 }
+
+
+def proto_duration(seconds: float) -> str:
+    """A duration in protobuf's JSON form: seconds, with 0, 3, 6 or 9 fractional digits, and "s"."""
+    whole, nanos = divmod(round(seconds * 1e9), 10**9)
+    if not nanos:
+        return f"{whole}s"
+    digits = f"{nanos:09d}"
+    for keep in (3, 6):
+        if digits[keep:] == "0" * (9 - keep):
+            return f"{whole}.{digits[:keep]}s"
+    return f"{whole}.{digits}s"
+
+
 _FINISH = {"stop": "STOP", "stop_sequence": "STOP", "length": "MAX_TOKENS"}
 # The fields the API knows, top level and in generationConfig, in both spellings; anything else is
 # refused by name ("Unknown name ...: Cannot find field.").
@@ -208,8 +222,50 @@ class GeminiWire(Wire):
     ) -> bytes:
         return dumps({"error": {"code": kind.value, "message": message, "status": _STATUS[kind]}})
 
+    def rate_limited(
+        self, model: str, retry_after_s: float | None, request_id: str, now: float
+    ) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        """No header: the API puts the wait in the body, a ``google.rpc.RetryInfo`` among the error's
+        details (its ``retryDelay`` a protobuf JSON duration), after the ``QuotaFailure`` naming
+        the spent quota and a ``Help`` link, as in the 429 bodies the API sends."""
+        message = self.fault_message(Err.RATE_LIMIT, model, retry_after_s)
+        error: dict[str, Any] = {"code": 429, "message": message, "status": _STATUS[Err.RATE_LIMIT]}
+        if retry_after_s is not None:
+            error["details"] = [
+                {
+                    "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                    "violations": [
+                        {
+                            "quotaMetric": "generativelanguage.googleapis.com/generate_content_requests",
+                            "quotaId": "GenerateRequestsPerMinutePerProjectPerModel",
+                            "quotaDimensions": {"location": "global", "model": model},
+                            "quotaValue": "60",  # nominal: the simulator enforces no quota
+                        }
+                    ],
+                },
+                {
+                    "@type": "type.googleapis.com/google.rpc.Help",
+                    "links": [
+                        {
+                            "description": "Learn more about Gemini API quotas",
+                            "url": "https://ai.google.dev/gemini-api/docs/rate-limits",
+                        }
+                    ],
+                },
+                {
+                    "@type": "type.googleapis.com/google.rpc.RetryInfo",
+                    "retryDelay": proto_duration(retry_after_s),
+                },
+            ]
+        return [], dumps({"error": error})
+
     def fault_message(self, kind: Err, model: str, retry_after_s: float | None) -> str:
         if kind is Err.RATE_LIMIT:
+            if retry_after_s is not None:
+                return (
+                    "You exceeded your current quota, please check your plan and billing details. "
+                    f"(simulated, model {model})\nPlease retry in {retry_after_s:g}s."
+                )
             return f"Resource has been exhausted (e.g. check quota). (simulated, model {model})"
         if kind is Err.UNAVAILABLE:
             return "The model is overloaded. Please try again later. (simulated)"

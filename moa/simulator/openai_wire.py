@@ -131,6 +131,23 @@ def _stop(body: Mapping[str, Any]) -> tuple[str, ...] | None:
     return tuple(stop)
 
 
+# The limits a simulated 429 reports: nominal, since the simulator enforces none of its own.
+NOMINAL_RPM, NOMINAL_TPM = 500, 30000
+
+
+def go_duration(seconds: float) -> str:
+    """A duration as OpenAI's reset headers write it, Go's ``time.Duration`` format: "20ms", "1s",
+    "6m0s", "1m30.5s"."""
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    minutes, rest = divmod(seconds, 60)
+    hours, minutes = divmod(int(minutes), 60)
+    tail = f"{rest:.3f}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{hours}h{minutes}m{tail}"
+    return f"{minutes}m{tail}" if minutes else tail
+
+
 class OpenAIWire(Wire):
     name = "openai"
     key_hint = "an Authorization: Bearer header"
@@ -225,6 +242,27 @@ class OpenAIWire(Wire):
             param,
             "unsupported_parameter",
         )
+
+    def rate_limited(
+        self, model: str, retry_after_s: float | None, request_id: str, now: float
+    ) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        """OpenAI documents no Retry-After: the wait is in the rate-limit headers (Rate limits guide,
+        "Rate limits in headers"), the spent limit's remaining 0 and its reset a Go duration. Here
+        the spent limit is requests; the limits themselves are nominal (the simulator has none)."""
+        body = self.error(
+            Err.RATE_LIMIT, self.fault_message(Err.RATE_LIMIT, model, retry_after_s), request_id
+        )
+        if retry_after_s is None:
+            return [], body
+        headers = {
+            "x-ratelimit-limit-requests": str(NOMINAL_RPM),
+            "x-ratelimit-limit-tokens": str(NOMINAL_TPM),
+            "x-ratelimit-remaining-requests": "0",
+            "x-ratelimit-remaining-tokens": str(NOMINAL_TPM),
+            "x-ratelimit-reset-requests": go_duration(retry_after_s),
+            "x-ratelimit-reset-tokens": "0s",
+        }
+        return [(k.encode(), v.encode()) for k, v in headers.items()], body
 
     def error(
         self, kind: Err, message: str, request_id: str, param: str | None = None, code: str | None = None

@@ -40,7 +40,9 @@ class FaultSpec(_Strict):
 
 
 class RateFault(FaultSpec):
-    """A 429 in the provider's own rate-limit format; ``retry_after_s`` becomes ``Retry-After``."""
+    """A 429 in the provider's own rate-limit format; ``retry_after_s`` is the wait it asks for, said
+    where that provider says it (Anthropic's ``retry-after``, OpenAI's rate-limit reset headers,
+    Gemini's ``RetryInfo`` in the body)."""
 
     retry_after_s: float | None = Field(default=1.0, ge=0.0)
 

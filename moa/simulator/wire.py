@@ -274,6 +274,14 @@ class Wire(ABC):
     def stream_tail(self, req: SimRequest, c: Completion) -> bytes:
         """The terminal events (finish reason, usage, end marker)."""
 
+    def rate_limited(
+        self, model: str, retry_after_s: float | None, request_id: str, now: float
+    ) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        """The headers and body of a 429, the wait (if any) said where and how this API says it.
+        ``now`` is the wall clock, for APIs that say when rather than how long."""
+        message = self.fault_message(Err.RATE_LIMIT, model, retry_after_s)
+        return [], self.error(Err.RATE_LIMIT, message, request_id)
+
     # Messages for the errors the simulator produces, in each provider's usual wording.
     def fault_message(self, kind: Err, model: str, retry_after_s: float | None) -> str:
         if kind is Err.RATE_LIMIT:
@@ -282,6 +290,11 @@ class Wire(ABC):
         if kind is Err.UNAVAILABLE:
             return "The server is overloaded or not ready yet (simulated)."
         return "The server had an error while processing your request (simulated)."
+
+
+def seconds_text(value: float) -> str:
+    """Seconds as a header value: whole seconds bare ("60"), a fraction as short as it goes ("0.2")."""
+    return str(int(value)) if value == int(value) else f"{value:g}"
 
 
 def sse(data: Any, event: str | None = None) -> bytes:
