@@ -63,6 +63,12 @@ def test_no_request_is_lost_or_hung_and_service_returns(
 
 @pytest.mark.parametrize("scenario", ["provider", "ingress", "health-board", "rate-limiter", "node"])
 def test_the_cluster_wide_rpm_budget_holds(chaos_run: dict[str, dict[str, object]], scenario: str) -> None:
+    """The load asks for at least twice what the budget allows (so a missing limiter would fail
+    this), and the provider saw no more than the allowance: a full bucket plus its refill; when
+    the limiter itself was killed, one more minute's budget at most (RELIABILITY.md's bound)."""
     s = chaos_run[scenario]
-    assert s["metered_sent_to_provider"] <= s["metered_allowed"], s  # type: ignore[operator]
+    allowed, bound = int(s["metered_allowed"]), int(s["metered_bound"])  # type: ignore[call-overload]
+    assert int(s["metered_asked"]) >= 2 * bound, s  # type: ignore[call-overload]
+    assert bound == allowed + (30 if scenario == "rate-limiter" else 0)
+    assert int(s["metered_sent_to_provider"]) <= bound, s  # type: ignore[call-overload]
     assert s["budget_held"] is True
