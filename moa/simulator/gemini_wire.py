@@ -22,6 +22,7 @@ from moa.simulator.wire import (
     random_id,
     sse,
 )
+from moa.tokens import approx_tokens
 
 _STATUS = {
     Err.BAD_REQUEST: "INVALID_ARGUMENT",
@@ -304,8 +305,18 @@ class GeminiWire(Wire):
         return b""
 
     def stream_delta(self, req: SimRequest, c: Completion, piece: str, last: bool) -> bytes:
-        # The real stream puts the finish reason and full usage on the chunk with the last text.
-        return sse(self._chunk(req, c, piece, final=last)).replace(b"\n\n", b"\r\n\r\n")
+        # The real stream puts the finish reason on the chunk with the last text, and the usage so
+        # far on every chunk (candidatesTokenCount growing: tests/fixtures/providers/gemini/
+        # stream_captured.sse), the whole usage on the last.
+        c.streamed += piece
+        chunk = self._chunk(req, c, piece, final=last)
+        if not last:
+            so_far = approx_tokens(c.streamed)
+            usage = chunk["usageMetadata"]
+            usage["candidatesTokenCount"] = so_far
+            usage["totalTokenCount"] = c.prompt_tokens + so_far
+            usage["promptTokensDetails"] = usage.pop("promptTokensDetails")  # the API's key order
+        return sse(chunk).replace(b"\n\n", b"\r\n\r\n")
 
     def stream_tail(self, req: SimRequest, c: Completion) -> bytes:
         if c.text:

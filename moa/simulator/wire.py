@@ -132,6 +132,8 @@ class Completion:
     completion_tokens: int
     cached_tokens: int
     judged: bool = False  # a judge's verdict rather than an answer (see moa.simulator.judge)
+    # The text a stream of it has sent so far (a wire that reports running usage counts it).
+    streamed: str = ""
 
 
 def random_id(n: int = 24) -> str:
