@@ -173,3 +173,21 @@ def test_a_lease_takes_only_what_is_asked_for() -> None:
     lim.give_back(5, -50)  # unspent requests back, 50 overspent tokens charged
     assert lim.requests is not None and lim.requests.level == 5
     assert lim.tokens is not None and lim.tokens.level == 6000 - 200 - 50
+
+
+def test_the_lease_is_one_second_of_refill_held_ten_seconds_and_60_rpm_is_the_smallest_sliced() -> None:
+    """The defaults the README states: a lease is one second of the budget's refill (600 rpm:
+    10 requests; 60,000 tpm: 1,000 tokens), given back after 10 s idle; 60 rpm (one request a
+    second) is the smallest budget sliced, 59 is never."""
+    authority = InProcessAuthority(ReservationLimiter(rpm=600, tpm=60_000, clock=Clock()))
+    budget = LeasedRateBudget(authority, rpm=600, tpm=60_000)
+    assert (budget.lease_requests, budget.lease_tokens, budget.hold_s) == (10, 1000, 10.0)
+    assert budget.leasing
+    sixty = LeasedRateBudget(
+        InProcessAuthority(ReservationLimiter(rpm=60, tpm=None, clock=Clock())), 60, None
+    )
+    assert sixty.leasing and sixty.lease_requests == 1
+    under = LeasedRateBudget(
+        InProcessAuthority(ReservationLimiter(rpm=59, tpm=None, clock=Clock())), 59, None
+    )
+    assert not under.leasing and under.lease_requests == 0
