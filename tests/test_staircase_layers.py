@@ -359,3 +359,17 @@ async def test_three_layers_step_each_over_the_one_before() -> None:
         # Each layer-2 answer whole: everything its calls wrote, in order.
         assert all("".join(c.reply.answer for c in caller.calls_to(k)) in prompt(last) for k in Q)
     assert result.fallback is None and text.endswith(piece("agg-end"))
+
+
+async def test_the_worst_case_is_the_calls_a_full_staircase_run_makes() -> None:
+    """``worst_case_calls`` against a run where every step happens (layer 1 writes until the
+    clock's step 2): the calls made, by model, are the worst case but for the fallback, which
+    cannot run once the staircase's text is out. A formula that missed the layer-2 proposers'
+    steps (or counted the aggregator's once) would disagree with what was called."""
+    caller = scripted()
+    _, _, result = await run_through(caller)
+    plan = two_layers()
+    made = {key: len(calls_of(caller, (key,))) for key in (*P, *Q, AGG, FB)}
+    steps = plan.staircase_steps
+    assert made == {**dict.fromkeys(P, 1), **dict.fromkeys(Q, steps + 1), AGG: steps + 1, FB: 0}
+    assert sum(made.values()) == len(result.calls) == worst_case_calls(plan) - len(plan.fallbacks)
