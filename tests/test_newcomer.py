@@ -3,12 +3,25 @@ command in a subprocess, the official OpenAI SDK over HTTP against the in-proces
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
+import openai
 import pytest
 
-from moa.config import ConfigError, load_config
+from moa.config import ConfigError, MoAConfig, load_config
+from moa.simulator.server import SimulatorServer
+from tests.helpers import QUESTION, ApiServer, sim_requests
 from tests.test_cli import run_moa
+
+
+def set_models(sim: SimulatorServer, models: dict[str, Any]) -> None:
+    """Per-model simulator profiles on top of the session's fast default, until the next reset."""
+    profile = {"default": {"ttft_s": 0.01, "tokens_per_s": 4000, "jitter": 0.0}, "models": models}
+    httpx.put(f"{sim.url}/admin/profile", json=profile).raise_for_status()
+
 
 # -- 1. a config file overrides what it names ----------------------------------------------------
 
@@ -49,3 +62,136 @@ def test_lists_are_replaced_and_a_null_mapping_entry_removes_it(tmp_path: Path) 
     path.write_text("providers: {gemini: null}\n")
     with pytest.raises(ConfigError, match="unknown provider 'gemini'"):
         load_config(path)  # the presets still name it: the error says so
+
+
+# -- 6. every OpenAI parameter honoured or refused ------------------------------------------------
+
+
+@pytest.fixture
+def api(config: MoAConfig) -> Iterator[str]:
+    """The API in-process (``moa serve --local``'s server) on the session simulator."""
+    with ApiServer(config) as server:
+        yield server.url
+
+
+@pytest.fixture
+def client(api: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=api + "/v1", api_key="unused", max_retries=0)
+
+
+def test_penalties_logit_bias_and_reasoning_effort_reach_the_providers_that_take_them(
+    client: openai.OpenAI, sim: SimulatorServer
+) -> None:
+    """Each provider gets what its API has (OpenAI all four, Gemini the penalties) and every call
+    says what was dropped for its model. Mutation caught: ChatCompletionRequest.params() leaving
+    the new fields out (they reach no provider), or an adapter dropping one without a note."""
+    completion = client.chat.completions.create(
+        model="moa-lite",
+        messages=QUESTION,  # type: ignore[arg-type]
+        frequency_penalty=0.5,
+        presence_penalty=-0.25,
+        logit_bias={"1734": -100},
+        reasoning_effort="low",
+        extra_body={"moa": {"detail": True}},
+    )
+    calls = (completion.model_extra or {})["moa"]["calls"]
+    by_model = {c["model"]: c for c in calls if c["stage"] == "proposer"}
+    sent = {r["model"]: r["params"] for r in sim_requests(sim)}
+    assert sent["gpt-4.1-mini"] == {
+        "frequency_penalty": 0.5,
+        "presence_penalty": -0.25,
+        "logit_bias": {"1734": -100},
+        "reasoning_effort": "low",
+    }, sent
+    assert sent["gemini-2.5-flash"] == {"frequency_penalty": 0.5, "presence_penalty": -0.25}, sent
+    assert sent["claude-haiku-4-5"] == {"max_tokens": 1024}, sent  # the API requires max_tokens
+    assert not by_model["gpt-4.1-mini"]["adjustments"]
+    claude = by_model["claude-haiku-4-5"]["adjustments"]
+    assert {note.split(" ")[0] for note in claude} == {
+        "frequency_penalty",
+        "presence_penalty",
+        "logit_bias",
+        "reasoning_effort",
+    }, claude
+    gemini = by_model["gemini-2.5-flash"]["adjustments"]
+    assert {note.split(" ")[0] for note in gemini} == {"logit_bias", "reasoning_effort"}, gemini
+
+
+def test_a_model_that_refuses_reasoning_effort_gets_it_dropped_with_a_note(
+    client: openai.OpenAI, sim: SimulatorServer
+) -> None:
+    """OpenAI's non-reasoning models refuse reasoning_effort with a 400: learned once, dropped with
+    a note, and the call answers. Mutation caught: reasoning_effort left out of DroppableParam."""
+    set_models(sim, {"gpt-4o-mini": {"refuses": ["reasoning_effort"]}})
+    completion = client.chat.completions.create(
+        model="openai/gpt-4o-mini",
+        messages=QUESTION,  # type: ignore[arg-type]
+        reasoning_effort="high",
+        extra_body={"moa": {"detail": True}},
+    )
+    assert completion.choices[0].message.content
+    (call,) = (completion.model_extra or {})["moa"]["calls"]
+    assert call["adjustments"] == ["reasoning_effort dropped: refused by gpt-4o-mini (learned from its 400)"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"store": True}, "store"),
+        ({"service_tier": "flex"}, "service_tier"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
+        ({"web_search_options": {}}, "web_search_options"),
+        ({"verbosity": "low"}, "verbosity"),
+        ({"n": 2}, "n"),
+    ],
+)
+def test_what_this_service_does_not_do_is_refused_by_name(
+    client: openai.OpenAI, sim: SimulatorServer, extra: dict[str, Any], param: str
+) -> None:
+    """Mutation caught: an entry removed from NOT_IMPLEMENTED (the request would answer 200)."""
+    with pytest.raises(openai.UnprocessableEntityError) as refused:
+        client.chat.completions.create(model="moa-lite", messages=QUESTION, extra_body=extra)  # type: ignore[arg-type]
+    error = refused.value.body
+    assert isinstance(error, dict) and error["param"] == param, error
+    assert error["type"] == "invalid_request_error" and param in error["message"]
+    assert sim_requests(sim) == []
+
+
+def test_their_defaults_ask_for_nothing_and_are_accepted(client: openai.OpenAI) -> None:
+    """A client that always sends the defaults (logprobs false, store false, n 1) still works."""
+    completion = client.chat.completions.create(
+        model="openai/gpt-4o-mini",
+        messages=QUESTION,  # type: ignore[arg-type]
+        logprobs=False,
+        store=False,
+        n=1,
+        service_tier="auto",
+        modalities=["text"],
+        user="end-user-7",
+    )
+    assert completion.choices[0].message.content
+
+
+def test_an_unknown_parameter_is_refused_as_openai_refuses_it(
+    client: openai.OpenAI, sim: SimulatorServer
+) -> None:
+    """A misspelt ``temprature`` is a 400 naming it, not a 200 at the default temperature.
+    Mutation caught: the before-validator removed (extra="allow" takes it in silently)."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model="moa-lite",
+            messages=QUESTION,  # type: ignore[arg-type]
+            extra_body={"temprature": 0.2},
+        )
+    error = refused.value.body
+    assert isinstance(error, dict)
+    assert error == {
+        "message": "Unrecognized request argument supplied: temprature",
+        "type": "invalid_request_error",
+        "param": "temprature",
+        "code": "unknown_parameter",
+    }
+    assert sim_requests(sim) == []

@@ -28,7 +28,13 @@ from starlette.types import Receive, Scope, Send
 
 from moa.api.access import Access, SpendGate, settle_quietly
 from moa.api.jsonbody import NonFiniteNumber, loads_finite
-from moa.api.schemas import ChatCompletionRequest, MoARequest, ParamError, error_body
+from moa.api.schemas import (
+    ChatCompletionRequest,
+    MoARequest,
+    ParamError,
+    UnknownParameter,
+    error_body,
+)
 from moa.auth import Principal
 from moa.cache import CacheTicket, set_ticket
 from moa.config import ConfigError, MoAConfig
@@ -110,6 +116,15 @@ def _validation_message(err: ValidationError | RequestValidationError) -> tuple[
         msg = str(e["msg"]).removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts) or "invalid request", first or "body"
+
+
+def _unknown_parameter(err: ValidationError) -> UnknownParameter | None:
+    """The request field OpenAI's API does not have, if that is what failed validation."""
+    for e in err.errors():
+        cause = (e.get("ctx") or {}).get("error")
+        if isinstance(cause, UnknownParameter):
+            return cause
+    return None
 
 
 def _bad_messages(e: ParamError) -> ApiError:
@@ -490,6 +505,11 @@ class Api:
             if isinstance(e, RecursionError):
                 raise ApiError(
                     400, "request body is nested too deeply", "invalid_request_error", "invalid_request"
+                ) from None
+            unknown = _unknown_parameter(e)
+            if unknown is not None:  # as OpenAI answers a field it does not have: a 400
+                raise ApiError(
+                    400, str(unknown), "invalid_request_error", "unknown_parameter", unknown.param
                 ) from None
             message, param = _validation_message(e)
             raise ApiError(422, message, "invalid_request_error", "invalid_value", param) from None

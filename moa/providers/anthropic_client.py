@@ -31,6 +31,14 @@ MAX_TEMPERATURE = 1.0
 # dropped it), or "seed: Extra inputs are not permitted." (a field it does not know).
 REFUSED = re.compile(r"`(\w+)` is (?:deprecated|not supported)|(\w+): Extra inputs are not permitted")
 NAMES = {"stop_sequences": "stop"}
+# OpenAI parameters the Messages API has no counterpart for: dropped, each with a note on the call.
+_NO_SUCH_PARAM = {
+    "frequency_penalty": "the Anthropic API has no frequency penalty",
+    "presence_penalty": "the Anthropic API has no presence penalty",
+    "logit_bias": "the Anthropic API has no logit bias (and other token ids)",
+    "reasoning_effort": "Anthropic models take a thinking token budget instead, which this service "
+    "does not set",
+}
 
 
 class AnthropicClient(ProviderClient):
@@ -86,6 +94,10 @@ class AnthropicClient(ProviderClient):
         if params.seed is not None:
             update["seed"] = None
             notes.append("seed dropped: the Anthropic API has no seed")
+        for name, value in _NO_SUCH_PARAM.items():
+            if getattr(params, name) is not None:
+                update[name] = None
+                notes.append(f"{name} dropped: {value}")
         t = params.temperature
         if t is not None and t > MAX_TEMPERATURE:
             update["temperature"] = MAX_TEMPERATURE
