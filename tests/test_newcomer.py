@@ -3,6 +3,9 @@ command in a subprocess, the official OpenAI SDK over HTTP against the in-proces
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,8 +16,25 @@ import pytest
 
 from moa.config import ConfigError, MoAConfig, load_config
 from moa.simulator.server import SimulatorServer
-from tests.helpers import QUESTION, ApiServer, sim_requests
+from moa_observability.logs import JsonFormatter
+from tests.helpers import QUESTION, ApiServer, by_name, sim_requests, wait_for_spans
+from tests.otlp_receiver import OTLPReceiver
 from tests.test_cli import run_moa
+
+
+@pytest.fixture
+def log_lines() -> Iterator[io.StringIO]:
+    """Everything the moa loggers write, as the JSON lines a deployment would emit."""
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("moa")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield buf
+    logger.removeHandler(handler)
+    logger.setLevel(old_level)
 
 
 def set_models(sim: SimulatorServer, models: dict[str, Any]) -> None:
@@ -195,3 +215,47 @@ def test_an_unknown_parameter_is_refused_as_openai_refuses_it(
         "code": "unknown_parameter",
     }
     assert sim_requests(sim) == []
+
+
+# -- 7. OpenAI's conventions: model_not_found, models.retrieve, X-Request-Id and user -------------
+
+
+def test_an_unknown_model_is_openais_404_and_a_model_can_be_retrieved(client: openai.OpenAI) -> None:
+    """Mutations caught: UnknownPreset back at 400 with no param; the /v1/models/{id} route removed."""
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="gpt-9", messages=QUESTION)  # type: ignore[arg-type]
+    error = missing.value.body
+    assert isinstance(error, dict)
+    assert (error["code"], error["param"], error["type"]) == (
+        "model_not_found",
+        "model",
+        "invalid_request_error",
+    )
+    assert client.models.retrieve("moa-lite").id == "moa-lite"
+    assert client.models.retrieve("openai/gpt-4.1").owned_by == "openai"
+    with pytest.raises(openai.NotFoundError) as gone:
+        client.models.retrieve("gpt-9")
+    assert isinstance(gone.value.body, dict) and gone.value.body["code"] == "model_not_found"
+
+
+def test_the_request_id_and_the_user_are_on_the_log_line_and_the_span(
+    api: str, otlp: OTLPReceiver, log_lines: io.StringIO
+) -> None:
+    """An incoming X-Request-Id is echoed and, with the body's ``user``, recorded on the request's
+    log line and span; without one the service makes one. Mutation caught: the middleware not
+    reading X-Request-Id (a fresh id is echoed instead) or not reading the end user."""
+    body = {"model": "openai/gpt-4o-mini", "messages": QUESTION, "user": "end-user-42"}
+    r = httpx.post(api + "/v1/chat/completions", json=body, headers={"X-Request-Id": "abc-123"}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-request-id"] == "abc-123"
+    (server,) = by_name(
+        wait_for_spans(otlp, r.headers["x-moa-trace-id"], {"POST /v1/chat/completions"}),
+        "POST /v1/chat/completions",
+    )
+    assert server["attributes"]["moa.request_id"] == "abc-123"
+    assert server["attributes"]["enduser.id"] == "end-user-42"
+    lines = [json.loads(line) for line in log_lines.getvalue().splitlines()]
+    (line,) = [x for x in lines if x.get("event") == "request" and x.get("request_id") == "abc-123"]
+    assert line["user"] == "end-user-42" and line["status"] == 200
+    made = httpx.get(api + "/v1/models", headers={"X-Request-Id": "bad id with spaces"})
+    assert made.headers["x-request-id"].startswith("req_")

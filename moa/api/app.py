@@ -40,7 +40,14 @@ from moa.cache import CacheTicket, set_ticket
 from moa.config import ConfigError, MoAConfig
 from moa.deadline import Deadline
 from moa.engine.engine import MoAEngine
-from moa.engine.errors import DeadlineExceeded, InvalidPlan, InvalidRequest, MoAError, ShuttingDown
+from moa.engine.errors import (
+    DeadlineExceeded,
+    InvalidPlan,
+    InvalidRequest,
+    MoAError,
+    ShuttingDown,
+    UnknownPreset,
+)
 from moa.engine.result import MoAResult, Progress
 from moa.eval.shadow import ShadowEvaluator
 from moa.exposure import RequestExposure
@@ -59,7 +66,7 @@ from moa.keys_admin import (
 from moa.state import KeyExists, StateStore, describe
 from moa.textcheck import first_unencodable
 from moa.types import ChatMessage, TextDelta, Usage
-from moa_observability.asgi import CLIENT_CLOSED_REQUEST, TracingMiddleware
+from moa_observability.asgi import CLIENT_CLOSED_REQUEST, END_USER_STATE, TracingMiddleware
 from moa_observability.metrics import RequestMetrics
 
 log = logging.getLogger("moa.api")
@@ -550,6 +557,8 @@ class Api:
     async def chat_completions(self, request: Request) -> Response:
         principal = await self.access.principal(request.headers.get("authorization"))
         req = self.parse(ChatCompletionRequest, await self.read_json(request))
+        if req.end_user is not None:  # for the request's span and log line (TracingMiddleware)
+            setattr(request.state, END_USER_STATE, req.end_user)
         try:
             messages = req.chat_messages()
         except ParamError as e:
@@ -745,20 +754,35 @@ class Api:
                 ),
                 deadline,
             )
+        except UnknownPreset as e:
+            e.param = "preset"  # this endpoint's field for it
+            raise
         finally:
             slot.release()
             await settle_quietly(gate.spend)
         return JSONResponse(result.model_dump(mode="json"), headers=_cache_header(ticket))
 
-    async def models(self, request: Request) -> dict[str, Any]:
-        await self.access.principal(request.headers.get("authorization"))
+    def _model_objects(self) -> list[dict[str, Any]]:
         presets = ["auto", *self.config.presets]
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "moa"} for name in presets]
         data += [
             {"id": f"{p}/{m}", "object": "model", "created": 0, "owned_by": p}
             for p, m in self.config.all_models()
         ]
-        return {"object": "list", "data": data}
+        return data
+
+    async def models(self, request: Request) -> dict[str, Any]:
+        await self.access.principal(request.headers.get("authorization"))
+        return {"object": "list", "data": self._model_objects()}
+
+    async def model(self, request: Request, model_id: str) -> dict[str, Any]:
+        """``GET /v1/models/{id}`` (``client.models.retrieve``): one entry of the list, or OpenAI's
+        404 ``model_not_found``."""
+        await self.access.principal(request.headers.get("authorization"))
+        for entry in self._model_objects():
+            if entry["id"] == model_id:
+                return entry
+        raise _moa_error(UnknownPreset(f"The model {model_id!r} does not exist"))
 
     async def healthz(self, detail: bool = False) -> Response:
         """``ok`` when every provider can answer; ``degraded`` (200) when some cannot; ``down``
@@ -949,6 +973,8 @@ def create_api(
     app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"], dependencies=keyed)
     app.add_api_route("/v1/moa", api.moa, methods=["POST"], dependencies=keyed)
     app.add_api_route("/v1/models", api.models, methods=["GET", "HEAD"], dependencies=keyed)
+    # {model_id:path}: a direct model's id holds a slash (openai/gpt-4.1).
+    app.add_api_route("/v1/models/{model_id:path}", api.model, methods=["GET", "HEAD"], dependencies=keyed)
 
     async def healthz(request: Request) -> Response:
         # Per-provider detail for the admin key only; without one set, for nobody.
