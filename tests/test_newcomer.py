@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -259,3 +260,53 @@ def test_the_request_id_and_the_user_are_on_the_log_line_and_the_span(
     assert line["user"] == "end-user-42" and line["status"] == 200
     made = httpx.get(api + "/v1/models", headers={"X-Request-Id": "bad id with spaces"})
     assert made.headers["x-request-id"].startswith("req_")
+
+
+# -- 5. the first example shows a mixture; auto names what answered -------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_readmes_first_moa_ask_shows_a_mixture(tmp_path: Path) -> None:
+    """The README's first ``moa ask`` line, run as written (with a fast simulator profile laid
+    over the bundled config, item 1), answers with proposers and an aggregator. Mutation caught:
+    the first example without ``--preset moa-lite`` (auto sends it to one model)."""
+    first = next(
+        line.strip()
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.strip().startswith("moa ask ")
+    )
+    argv = shlex.split(first.split("#")[0])[1:]
+    profile = tmp_path / "fast.yaml"
+    profile.write_text("default: {ttft_s: 0.01, tokens_per_s: 4000, jitter: 0}\n")
+    config = tmp_path / "moa.yaml"
+    config.write_text(f"simulator: {{profile: '{profile}'}}\n")
+    out = run_moa(*argv, "--json", env={"MOA_CONFIG": str(config)})
+    assert out.returncode == 0, out.stderr
+    stages = [c["stage"] for c in json.loads(out.stdout)["calls"]]
+    assert stages.count("proposer") >= 2 and "aggregator" in stages, stages
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_auto_answers_name_the_preset_that_ran(client: openai.OpenAI, stream: bool) -> None:
+    """``model`` is what auto resolved to, and ``x-moa-preset`` says it. Mutation caught: the
+    body's ``model`` left at the requested ``auto`` (or the header not set)."""
+    hard = "Design and analyse, step by step, a fault-tolerant distributed consensus protocol."
+    simple = "Hi"
+    for question, tier in ((simple, "single"), (hard, None)):
+        messages = [{"role": "user", "content": question}]
+        raw = client.chat.completions.with_raw_response.create(
+            model="auto",
+            messages=messages,  # type: ignore[arg-type]
+            stream=stream,
+        )
+        ran = raw.headers["x-moa-preset"]
+        assert ran in ("single", "moa-lite", "moa") and (tier is None or ran == tier), ran
+        parsed = raw.parse()
+        if stream:
+            models = {chunk.model for chunk in parsed}  # type: ignore[union-attr]
+            assert models == {ran}, models
+        else:
+            assert parsed.model == ran  # type: ignore[union-attr]
+    named = client.chat.completions.with_raw_response.create(model="moa-lite", messages=QUESTION)  # type: ignore[arg-type]
+    assert named.headers["x-moa-preset"] == "moa-lite" and named.parse().model == "moa-lite"

@@ -585,7 +585,8 @@ class Api:
                 self.record(result, 200, time.monotonic() - t0)
                 if self.shadow is not None:
                     self.shadow.offer(messages, result, req.model)  # starts a task; never waits
-                return JSONResponse(self.completion_body(req, result), headers=_cache_header(ticket))
+                headers = _cache_header(ticket) | _preset_header(result.preset)
+                return JSONResponse(self.completion_body(req, result), headers=headers)
             events = EventPump(self.engine.stream(messages, **kwargs))
             self._streams.add(events)
             try:
@@ -602,8 +603,9 @@ class Api:
                 await events.aclose()
                 raise
             # From here the response owns the slot and the events (see AdmittedStream).
-            response = AdmittedStream(self.sse(req, first, events, t0), slot, events, gate)
-            response.headers.update(_cache_header(ticket))
+            ran = first.preset if isinstance(first, Progress | MoAResult) else None
+            response = AdmittedStream(self.sse(req, first, events, t0, ran), slot, events, gate)
+            response.headers.update(_cache_header(ticket) | _preset_header(ran))
             return response
         except MoAError as e:
             self.metrics.record(req.model, None, e.status_code, time.monotonic() - t0, e.fallback_reason)
@@ -629,7 +631,7 @@ class Api:
             "id": f"chatcmpl-moa-{uuid.uuid4().hex[:24]}",
             "object": "chat.completion",
             "created": int(time.time()),
-            "model": req.model,
+            "model": answered_model(req.model, result.preset),
             "system_fingerprint": None,
             "choices": [
                 {
@@ -651,6 +653,7 @@ class Api:
         first: TextDelta | MoAResult | Progress,
         events: EventPump,
         t0: float,
+        ran: str | None = None,
     ) -> AsyncIterator[bytes]:
         """The response's SSE bytes: the role chunk at once, then the answer's chunks. While there
         is nothing to send (the proposers at work), a comment line every ``server.sse_keepalive_s``
@@ -658,15 +661,16 @@ class Api:
         gets a chunk with no choices and a ``moa.progress`` field at each step. An error after the
         headers went out ends the stream with an OpenAI-style error event and [DONE]."""
         ident, created = f"chatcmpl-moa-{uuid.uuid4().hex[:24]}", int(time.time())
+        model = answered_model(req.model, ran)
 
         def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
             choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
-            body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": req.model}
+            body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model}
             body |= {"system_fingerprint": None, "choices": choices, **extra}
             return b"data: " + json.dumps(body).encode() + b"\n\n"
 
         def progress_chunk(p: Progress) -> bytes:
-            body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": req.model}
+            body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model}
             body |= {"system_fingerprint": None, "choices": [], "moa": {"progress": p.model_dump()}}
             return b"data: " + json.dumps(body).encode() + b"\n\n"
 
@@ -695,7 +699,7 @@ class Api:
                     if include_usage or extra:
                         usage = _usage(result.usage) if include_usage else None
                         body = {"id": ident, "object": "chat.completion.chunk", "created": created}
-                        body |= {"model": req.model, "choices": [], "usage": usage, **extra}
+                        body |= {"model": model, "choices": [], "usage": usage, **extra}
                         yield b"data: " + json.dumps(body).encode() + b"\n\n"
                 ev = await events.next(idle_s)
         except MoAError as e:
@@ -807,6 +811,17 @@ class Api:
 
 def _health_response(body: dict[str, Any], status: int, detail: bool) -> JSONResponse:
     return JSONResponse(body if detail else {"status": body["status"]}, status_code=status)
+
+
+def answered_model(requested: str, ran: str | None) -> str:
+    """The response's ``model``: what ``auto`` resolved to (the preset that ran), as OpenAI
+    answers with the resolved model; any other request's own ``model``."""
+    return ran if requested == "auto" and ran else requested
+
+
+def _preset_header(ran: str | None) -> dict[str, str]:
+    """``x-moa-preset``: the preset (or ``provider/model``) that answered."""
+    return {"x-moa-preset": ran} if ran else {}
 
 
 def _cache_header(ticket: CacheTicket | None) -> dict[str, str]:
