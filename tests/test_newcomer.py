@@ -20,6 +20,7 @@ from moa.simulator.server import SimulatorServer
 from moa_observability.logs import JsonFormatter
 from tests.helpers import QUESTION, ApiServer, by_name, sim_requests, wait_for_spans
 from tests.otlp_receiver import OTLPReceiver
+from tests.waiting import wait_until_sync
 from tests.test_cli import run_moa
 
 
@@ -310,3 +311,84 @@ def test_auto_answers_name_the_preset_that_ran(client: openai.OpenAI, stream: bo
             assert parsed.model == ran  # type: ignore[union-attr]
     named = client.chat.completions.with_raw_response.create(model="moa-lite", messages=QUESTION)  # type: ignore[arg-type]
     assert named.headers["x-moa-preset"] == "moa-lite" and named.parse().model == "moa-lite"
+
+
+# -- 2. client commands: a key, what 401/403 mean, no success over errors -------------------------
+
+
+def test_the_bench_app_gets_a_state_of_its_own_unless_given_a_key(state_dir: Path) -> None:
+    """After ``moa keys create`` the bench's app read the same key store and sent no key: every
+    request a 401. Without --api-key it now runs on an empty state of its own. Mutation caught:
+    own_state yielding without switching MOA_STATE_DIR."""
+    import asyncio
+
+    from moa.auth import new_key, new_record
+    from moa.benchmark.runner import own_state
+    from moa.state import KeyLimits, describe, open_store
+
+    async def keys() -> int:
+        store = open_store(load_config(None).state)
+        try:
+            return len(await store.list_keys())
+        finally:
+            await store.close()
+
+    async def make() -> None:
+        store = open_store(load_config(None).state)
+        try:
+            await store.create_key(new_record("alice", new_key(), KeyLimits()))
+        finally:
+            await store.close()
+
+    asyncio.run(make())
+    assert asyncio.run(keys()) == 1
+    with own_state(None):
+        assert str(state_dir) not in describe(load_config(None).state)
+        assert asyncio.run(keys()) == 0
+    with own_state("sk-given"):
+        assert asyncio.run(keys()) == 1  # a key was given: the store where it lives
+    assert asyncio.run(keys()) == 1
+
+
+def test_bench_failures_are_reported_with_what_401_and_403_mean() -> None:
+    """A level with failures makes ``moa bench`` exit 1, naming them and what a 401 means.
+    Mutation caught: failures() returning nothing for a level whose requests failed."""
+    from moa.benchmark.runner import failures
+
+    ok = {"target": "serve moa", "concurrency": 1, "errors": 0, "error_kinds": {}}
+    bad = {"target": "serve moa-lite", "concurrency": 8, "errors": 2, "error_kinds": {"401": 2}}
+    assert failures({"levels": [ok]}) == []
+    lines = failures({"levels": [ok, bad], "scenarios": [{"errors": 3, "error_kinds": {"504": 3}}]})
+    assert lines[0] == "serve moa-lite c=8: 2 failed (401: 2)"
+    assert "--api-key" in lines[1] and "MOA_API_KEY" in lines[1] and "moa keys create" in lines[1]
+    assert len(lines) == 2  # staged fault scenarios are not failures of the run
+
+
+def test_eval_on_a_keyed_service_says_what_to_do(
+    config: MoAConfig, state_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``moa eval --service``: no key is one line saying what a 401 means (not a table of n/a);
+    a plain key answers with the cost unknown and says a --detail key gives it. Mutations
+    caught: the AuthenticationError not turned into a TargetError; the note not printed."""
+    from moa.cli import main
+    from moa.state.sqlite_store import SQLiteStore
+
+    work = tmp_path / "w.jsonl"
+    work.write_text('{"id": 1, "prompt": "Why is the sky blue?"}\n')
+    cfg_file = tmp_path / "moa.yaml"
+    cfg_file.write_text(f"simulator: {{mode: 'on', url: '{config.simulator.url}'}}\n")
+    with ApiServer(config, store=lambda: SQLiteStore(state_dir / "state.db")) as server:
+        assert main(["keys", "create", "plain"]) == 0
+        key = capsys.readouterr().out.strip()
+        wait_until_sync(
+            lambda: httpx.get(server.url + "/v1/models").status_code, lambda s: s == 401, what="keys on"
+        )
+        base = ["eval", "--config", str(cfg_file), "--workload", str(work), "--service", server.url]
+        base += ["--targets", "moa-lite", "--reference", "single", "--judges", "openai/gpt-4.1-mini"]
+        base += ["--no-progress", "--out", str(tmp_path)]
+        assert main([*base, "--run-id", "nokey"]) == 2
+        err = capsys.readouterr().err
+        assert "401 means the service wants an API key" in err and "--api-key" in err, err
+        assert main([*base, "--run-id", "plain", "--api-key", key]) == 0
+        err = capsys.readouterr().err
+        assert "may not use moa.detail" in err and "moa keys create NAME --detail" in err, err
