@@ -20,8 +20,8 @@ from moa.simulator.server import SimulatorServer
 from moa_observability.logs import JsonFormatter
 from tests.helpers import QUESTION, ApiServer, by_name, sim_requests, wait_for_spans
 from tests.otlp_receiver import OTLPReceiver
-from tests.waiting import wait_until_sync
 from tests.test_cli import run_moa
+from tests.waiting import wait_until_sync
 
 
 @pytest.fixture

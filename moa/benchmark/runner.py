@@ -416,9 +416,7 @@ async def _run(opts: BenchOptions) -> dict[str, Any]:
                 for row in report["floor"]:
                     say(f"floor {row['path']}: p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms")
             for model, mode in serve_runs:
-                target = HttpTarget(
-                    url, model, stream=opts.stream, aggregation=mode, api_key=opts.api_key
-                )
+                target = HttpTarget(url, model, stream=opts.stream, aggregation=mode, api_key=opts.api_key)
                 name = f"serve {model}" + (f" ({mode})" if mode else "")
                 progress.update(task, description=f"{name} warm-up")
                 await warm_up(target.send, prompts)
