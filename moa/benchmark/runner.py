@@ -26,22 +26,35 @@ from rich.progress import Progress
 from moa.benchmark.baseline import AGGREGATOR_PROMPT, RETRY, Baseline
 from moa.benchmark.options import FAULTY_MODEL, SCENARIOS, BenchOptions
 from moa.benchmark.stats import BREAKDOWN_PARTS, Sample, breakdown, summarize, trim_detail
-from moa.config import MoAConfig, load_config
+from moa.config import ConfigError, MoAConfig, load_config
 from moa.engine.result import FallbackReason
 
 Send = Callable[[str], Awaitable[Sample]]
 
 
 def load_prompts(path: Path | None) -> list[str]:
-    """The bundled prompts, or a JSONL file: ``{"prompt"}`` lines or MT-Bench's ``{"turns"}``."""
-    text = (
-        path.read_text() if path else resources.files("moa").joinpath("data/bench_prompts.jsonl").read_text()
-    )
+    """The bundled prompts, or a JSONL file: ``{"prompt"}`` lines or MT-Bench's ``{"turns"}``.
+
+    A file that cannot be read or parsed is a ``ConfigError``: one line naming it (``moa``
+    exits 2), before anything starts, rather than a traceback."""
+    try:
+        text = (
+            path.read_text()
+            if path
+            else resources.files("moa").joinpath("data/bench_prompts.jsonl").read_text()
+        )
+    except OSError as e:
+        raise ConfigError(f"cannot read the prompts file {path}: {e.strerror}") from None
     prompts = []
-    for line in text.splitlines():
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
-            row = json.loads(line)
-            prompts.append(row["prompt"] if "prompt" in row else row["turns"][0])
+            try:
+                row = json.loads(line)
+                prompts.append(row["prompt"] if "prompt" in row else row["turns"][0])
+            except (ValueError, KeyError, IndexError, TypeError):
+                raise ConfigError(
+                    f'{path}:{n}: not a {{"prompt"}} or MT-Bench {{"turns"}} JSON line'
+                ) from None
     if not prompts:
         raise ValueError(f"no prompts in {path}")
     return prompts
