@@ -692,19 +692,99 @@ def read_yaml_file(path: str | os.PathLike[str], what: str, error: type[ConfigEr
         raise error(f"{what} {p} is not valid YAML: {e}") from None
 
 
-def load_config(path: str | os.PathLike[str] | None = None) -> MoAConfig:
-    """Load a YAML config; ``None`` (or ``MOA_CONFIG`` unset) gives the bundled default."""
+BUNDLED_SOURCE = "the bundled default config"
+
+
+def bundled_config_data() -> dict[str, Any]:
+    """The bundled default config as raw YAML data, before validation."""
+    data = yaml.safe_load(resources.files("moa").joinpath("default_config.yaml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def merge_config(base: Any, override: Any) -> Any:
+    """``override`` laid over ``base``: mappings are merged key by key, at every depth; anything
+    else (a list, a number, a string) replaces what it overrides. A ``null`` where ``base`` holds a
+    mapping or a list removes that entry (``providers: {gemini: null}``, ``router: {specialists:
+    {math: null}}``), so the field's own default applies; a ``null`` over anything else is the
+    value null.
+
+    A config file names what it changes (``cache: {enabled: true}``) rather than restating the
+    bundled config: replacing it wholesale made a one-line file fail on ``providers: Field
+    required``. Lists are replaced rather than merged because a list (proposers, aggregators,
+    fallbacks) is one ordered choice, not a set of independent entries."""
+    if not (isinstance(base, Mapping) and isinstance(override, Mapping)):
+        return override
+    out = dict(base)
+    for key, value in override.items():
+        if value is None and isinstance(base.get(key), Mapping | list):
+            out.pop(key, None)
+        elif key in out:
+            out[key] = merge_config(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _config_layers(path: str | os.PathLike[str] | None) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """The bundled data, the file's data (empty without a file) and the file's name."""
     if path is None:
         path = os.environ.get("MOA_CONFIG") or None
     if path is None:
-        data = yaml.safe_load(resources.files("moa").joinpath("default_config.yaml").read_text())
-        source = "the bundled default config"
-    else:
-        data = read_yaml_file(path, "config file")
-        source = str(path)
+        return bundled_config_data(), {}, BUNDLED_SOURCE
+    data = read_yaml_file(path, "config file")
+    if data is None:  # an empty file changes nothing
+        data = {}
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}: the top level must be a mapping")
-    return parse_config(data, source)
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return bundled_config_data(), dict(data), str(path)
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> MoAConfig:
+    """Load a YAML config; ``None`` (or ``MOA_CONFIG`` unset) gives the bundled default. A file
+    overrides the bundled config where it says something (``merge_config``)."""
+    bundled, override, source = _config_layers(path)
+    return parse_config(merge_config(bundled, override), source)
+
+
+def _leaves(data: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """Every leaf of nested mappings by its path; lists and empty mappings are leaves."""
+    if isinstance(data, Mapping) and data:
+        out: dict[tuple[str, ...], Any] = {}
+        for k, v in data.items():
+            out |= _leaves(v, (*prefix, str(k)))
+        return out
+    return {prefix: data}
+
+
+def _given(layer: Mapping[str, Any], path: tuple[str, ...]) -> bool:
+    """Whether a layer sets ``path`` itself, or a leaf (a list, a scalar) above it."""
+    node: Any = layer
+    for part in path:
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+        if not isinstance(node, Mapping):
+            return True
+    return True
+
+
+def config_sources(path: str | os.PathLike[str] | None = None) -> list[tuple[str, Any, str]]:
+    """The effective config, one leaf per row: its dotted name, its value, and where it came from
+    (the file, the bundled config, or the field's built-in default). ``moa config show`` prints
+    it, so a user can see what a short file did to the whole."""
+    bundled, override, source = _config_layers(path)
+    cfg = parse_config(merge_config(bundled, override), source)
+    rows = []
+    for key, value in _leaves(cfg.model_dump(mode="json")).items():
+        if override and _given(override, key):
+            origin = source
+        elif _given(bundled, key):
+            origin = BUNDLED_SOURCE
+        else:
+            origin = "built-in default"
+        rows.append((".".join(key), value, origin))
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------

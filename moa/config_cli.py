@@ -1,12 +1,13 @@
-"""``moa config schema`` and ``moa config check``: the config file's JSON schema, and a config
-validated exactly as the service would load it (one line per problem, naming the field)."""
+"""``moa config schema``, ``moa config check`` and ``moa config show``: the config file's JSON
+schema, a config validated exactly as the service would load it (one line per problem, naming the
+field), and the effective config with where each value came from."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from moa.config import config_schema, load_config
+from moa.config import config_schema, config_sources, load_config
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -22,6 +23,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "path", nargs="?", default=None, help="config YAML (default: $MOA_CONFIG or the bundled one)"
     )
     ck.set_defaults(func=_check)
+    sh = cs.add_parser(
+        "show",
+        help="print the effective config, one value a line, with where each came from "
+        "(the file, the bundled config, or a built-in default)",
+    )
+    sh.add_argument(
+        "path", nargs="?", default=None, help="config YAML (default: $MOA_CONFIG or the bundled one)"
+    )
+    sh.set_defaults(func=_show)
 
 
 def schema_text() -> str:
@@ -37,4 +47,12 @@ def _schema(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     cfg = load_config(args.path)  # a ConfigError is reported by main, exit status 2
     print(f"ok: {len(cfg.providers)} providers, {len(cfg.presets)} presets")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    """A file holds only what it changes (it is laid over the bundled config): this shows the
+    whole that results, so nobody has to merge the two in their head."""
+    for name, value, origin in config_sources(args.path):
+        print(f"{name}: {json.dumps(value)}  # {origin}")
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class ErrorKind(StrEnum):
@@ -46,7 +46,19 @@ _UNHEALTHY = frozenset(
 Role = Literal["system", "user", "assistant"]
 # Generation parameters a model may refuse: an adapter drops them (and says so on the call) rather
 # than failing the call. max_tokens is not among them: it bounds what an answer costs.
-DroppableParam = Literal["temperature", "top_p", "seed", "stop"]
+DroppableParam = Literal[
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "frequency_penalty",
+    "presence_penalty",
+    "logit_bias",
+    "reasoning_effort",
+]
+# OpenAI's reasoning_effort values; a model that takes none of them refuses the parameter (learned
+# from its 400, or listed in the config's unsupported_params) and it is dropped, with a note.
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
 
 
 class ChatMessage(BaseModel):
@@ -57,15 +69,39 @@ class ChatMessage(BaseModel):
 
 
 class GenerationParams(BaseModel):
-    """Sampling parameters common to the three wire protocols."""
+    """Generation parameters, by OpenAI's names (the API's vocabulary). Each adapter sends what its
+    protocol has, translated, and drops or fits the rest with a note in the call's adjustments, so
+    nothing a request asked for disappears without a word. Strict about names: a misspelt field
+    (``/v1/moa``'s ``params``) is an error, not a silent default."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     seed: int | None = None
     stop: tuple[str, ...] | None = None
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    # Token id (as a string, OpenAI's JSON form) -> bias in [-100, 100]; ids of OpenAI's tokenizers.
+    logit_bias: dict[str, int] | None = None
+    reasoning_effort: ReasoningEffort | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, v: dict[str, int] | None) -> dict[str, int] | None:
+        return check_logit_bias(v)
+
+
+def check_logit_bias(v: dict[str, int] | None) -> dict[str, int] | None:
+    """OpenAI's rule for logit_bias: token ids (digits) to biases in [-100, 100]."""
+    if v is not None:
+        for token, bias in v.items():
+            if not token.isdigit():
+                raise ValueError(f"logit_bias keys are token ids, not {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values lie in [-100, 100], not {bias}")
+    return v
 
 
 class Usage(BaseModel):

@@ -1,6 +1,11 @@
 """ASGI middleware: one SERVER span per HTTP request, continuing an incoming W3C ``traceparent``,
 the trace id returned in ``x-moa-trace-id``, and one JSON log line per request.
 
+A request's ``X-Request-Id`` (the client's, or one made here when it sends none or an unusable
+one) is echoed in the response and recorded on the span and the log line, with the end user the
+API handler found in the body (``user``): the correlation ids OpenAI clients already use. Neither
+is a metric label: both take a new value per request or user.
+
 The span and the log line name the request by its route template (``POST /admin/keys/{name}``),
 never by the path it asked for: a client that pastes its API key into a URL would otherwise have
 it exported verbatim to the trace backend and written to the logs. A path no route matches gets
@@ -12,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -23,6 +30,12 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status,
 from moa_observability.tracing import extract, trace_id_hex, tracer
 
 TRACE_ID_HEADER = "x-moa-trace-id"
+REQUEST_ID_HEADER = "x-request-id"
+# An incoming X-Request-Id is used only if it is short and plain (it goes into logs and spans).
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+# Where the API handler leaves the request's end user (the body's ``user``) in the ASGI scope's
+# state (``request.state.end_user``), for the span and the log line written here.
+END_USER_STATE = "end_user"
 # nginx's status for a request whose client closed the connection first (no standard code exists).
 CLIENT_CLOSED_REQUEST = 499
 log = logging.getLogger("moa.http")
@@ -51,6 +64,16 @@ def span_name(method: str, route: str | None) -> str:
     """``{method} {route}``; the method alone (``HTTP`` for an unknown one) when no route matched."""
     shown = method if method in KNOWN_METHODS else "HTTP"
     return f"{shown} {route}" if route else shown
+
+
+def request_id(scope: Scope) -> str:
+    """The client's ``X-Request-Id`` when it is usable, else a new one (``req_`` and 32 hex)."""
+    for k, v in scope.get("headers", []):
+        if k.lower() == REQUEST_ID_HEADER.encode():
+            value = v.decode("latin-1").strip()
+            if _REQUEST_ID.fullmatch(value):
+                return value
+    return f"req_{uuid.uuid4().hex}"
 
 
 def untraced_request_span() -> trace.Span:
@@ -97,6 +120,8 @@ class TracingMiddleware:
             span = untraced_request_span()
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         trace_id = trace_id_hex(span)
+        rid = request_id(scope)
+        span.set_attribute("moa.request_id", rid)
         status = 500
         t0 = time.monotonic()
         client_gone = complete = False
@@ -112,9 +137,10 @@ class TracingMiddleware:
             nonlocal status, complete
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                headers = [*message.get("headers", []), (REQUEST_ID_HEADER.encode(), rid.encode())]
                 if trace_id:
-                    message.setdefault("headers", [])
-                    message["headers"] = [*message["headers"], (TRACE_ID_HEADER.encode(), trace_id.encode())]
+                    headers.append((TRACE_ID_HEADER.encode(), trace_id.encode()))
+                message["headers"] = headers
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 complete = True
             await send(message)
@@ -137,6 +163,10 @@ class TracingMiddleware:
             if status >= 500:
                 span.set_status(Status(StatusCode.ERROR))
             latency = time.monotonic() - t0
+            state = scope.get("state")
+            user = state.get(END_USER_STATE) if isinstance(state, dict) else None
+            if isinstance(user, str):
+                span.set_attribute("enduser.id", user)
             log.info(
                 "request",
                 extra={
@@ -144,6 +174,8 @@ class TracingMiddleware:
                     "route": route or UNMATCHED,
                     "status": status,
                     "latency_s": round(latency, 4),
+                    "request_id": rid,
+                    "user": user if isinstance(user, str) else None,
                 },
             )
             span.end()

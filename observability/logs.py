@@ -31,6 +31,8 @@ FIELDS = (
     "path",
     "route",
     "decision",
+    "request_id",
+    "user",
 )
 
 

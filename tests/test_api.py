@@ -109,7 +109,13 @@ HI = b'"messages": [{"role": "user", "content": "hi"}]'
         (b"[1, 2]", 400, "invalid_request", None, "request body must be a JSON object"),
         (b'{"model": "moa"}', 422, "invalid_value", "messages", "messages: Field required"),
         (b'{"model": "moa", "messages": []}', 422, "invalid_value", "messages", "messages: "),
-        (b'{"model": "nope", ' + HI + b"}", 400, "model_not_found", None, "unknown preset or model 'nope'"),
+        (
+            b'{"model": "nope", ' + HI + b"}",
+            404,
+            "model_not_found",
+            "model",
+            "unknown preset or model 'nope'",
+        ),
         (
             b'{"model": "moa", ' + HI + b', "temperature": 7}',
             422,
@@ -178,7 +184,7 @@ def test_unknown_route_and_method(api_url: str) -> None:
 
 
 def test_sdk_raises_typed_errors(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError) as err:
+    with pytest.raises(openai.NotFoundError) as err:
         client.chat.completions.create(model="nope", messages=QUESTION)  # type: ignore[arg-type]
     assert err.value.code == "model_not_found"
 

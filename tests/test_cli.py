@@ -77,9 +77,9 @@ def test_ask_reports_bad_input_cleanly(config_file: Path, tmp_path: Path) -> Non
         and "Traceback" not in out.stderr
     )
     bad = tmp_path / "bad.yaml"
-    bad.write_text("providers: {}\n")
+    bad.write_text("providers: {openai: {kind: nope}}\n")  # laid over the bundled config
     out = run_moa("ask", "hi", "--config", str(bad))
-    assert out.returncode == 2 and str(bad) in out.stderr and "providers" in out.stderr
+    assert out.returncode == 2 and str(bad) in out.stderr and "providers.openai.kind" in out.stderr
 
 
 def test_ask_against_a_running_simulator(sim: SimulatorServer, tmp_path: Path) -> None:

@@ -56,7 +56,7 @@ def test_moa_config_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert main(["config", "check"]) == 0
     assert capsys.readouterr().out.startswith("ok: ")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("providers: {}\n")
+    bad.write_text("providers: {openai: {timeout_s: -1}}\n")  # laid over the bundled config
     assert main(["config", "check", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert f"invalid configuration in {bad}" in err and "providers:" in err
+    assert f"invalid configuration in {bad}" in err and "providers.openai.timeout_s:" in err

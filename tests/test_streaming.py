@@ -185,7 +185,7 @@ def test_without_progress_no_choiceless_chunks(client: openai.OpenAI, sim: Simul
 
 def test_admission_errors_are_still_plain_http_errors(api_url: str) -> None:
     for body, status in (
-        ({"model": "no-such-preset", "messages": QUESTION, "stream": True}, 400),
+        ({"model": "no-such-preset", "messages": QUESTION, "stream": True}, 404),
         ({"model": "moa-lite", "messages": QUESTION, "stream": True, "moa": {"aggregation": "late"}}, 422),
     ):
         r = httpx.post(api_url + "/v1/chat/completions", json=body, timeout=30)

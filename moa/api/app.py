@@ -28,13 +28,26 @@ from starlette.types import Receive, Scope, Send
 
 from moa.api.access import Access, SpendGate, settle_quietly
 from moa.api.jsonbody import NonFiniteNumber, loads_finite
-from moa.api.schemas import ChatCompletionRequest, MoARequest, ParamError, error_body
+from moa.api.schemas import (
+    ChatCompletionRequest,
+    MoARequest,
+    ParamError,
+    UnknownParameter,
+    error_body,
+)
 from moa.auth import Principal
 from moa.cache import CacheTicket, set_ticket
 from moa.config import ConfigError, MoAConfig
 from moa.deadline import Deadline
 from moa.engine.engine import MoAEngine
-from moa.engine.errors import DeadlineExceeded, InvalidPlan, InvalidRequest, MoAError, ShuttingDown
+from moa.engine.errors import (
+    DeadlineExceeded,
+    InvalidPlan,
+    InvalidRequest,
+    MoAError,
+    ShuttingDown,
+    UnknownPreset,
+)
 from moa.engine.result import MoAResult, Progress
 from moa.eval.shadow import ShadowEvaluator
 from moa.exposure import RequestExposure
@@ -53,7 +66,7 @@ from moa.keys_admin import (
 from moa.state import KeyExists, StateStore, describe
 from moa.textcheck import first_unencodable
 from moa.types import ChatMessage, TextDelta, Usage
-from moa_observability.asgi import CLIENT_CLOSED_REQUEST, TracingMiddleware
+from moa_observability.asgi import CLIENT_CLOSED_REQUEST, END_USER_STATE, TracingMiddleware
 from moa_observability.metrics import RequestMetrics
 
 log = logging.getLogger("moa.api")
@@ -110,6 +123,15 @@ def _validation_message(err: ValidationError | RequestValidationError) -> tuple[
         msg = str(e["msg"]).removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts) or "invalid request", first or "body"
+
+
+def _unknown_parameter(err: ValidationError) -> UnknownParameter | None:
+    """The request field OpenAI's API does not have, if that is what failed validation."""
+    for e in err.errors():
+        cause = (e.get("ctx") or {}).get("error")
+        if isinstance(cause, UnknownParameter):
+            return cause
+    return None
 
 
 def _bad_messages(e: ParamError) -> ApiError:
@@ -491,6 +513,11 @@ class Api:
                 raise ApiError(
                     400, "request body is nested too deeply", "invalid_request_error", "invalid_request"
                 ) from None
+            unknown = _unknown_parameter(e)
+            if unknown is not None:  # as OpenAI answers a field it does not have: a 400
+                raise ApiError(
+                    400, str(unknown), "invalid_request_error", "unknown_parameter", unknown.param
+                ) from None
             message, param = _validation_message(e)
             raise ApiError(422, message, "invalid_request_error", "invalid_value", param) from None
 
@@ -530,6 +557,8 @@ class Api:
     async def chat_completions(self, request: Request) -> Response:
         principal = await self.access.principal(request.headers.get("authorization"))
         req = self.parse(ChatCompletionRequest, await self.read_json(request))
+        if req.end_user is not None:  # for the request's span and log line (TracingMiddleware)
+            setattr(request.state, END_USER_STATE, req.end_user)
         try:
             messages = req.chat_messages()
         except ParamError as e:
@@ -556,7 +585,8 @@ class Api:
                 self.record(result, 200, time.monotonic() - t0)
                 if self.shadow is not None:
                     self.shadow.offer(messages, result, req.model)  # starts a task; never waits
-                return JSONResponse(self.completion_body(req, result), headers=_cache_header(ticket))
+                headers = _cache_header(ticket) | _preset_header(result.preset)
+                return JSONResponse(self.completion_body(req, result), headers=headers)
             events = EventPump(self.engine.stream(messages, **kwargs))
             self._streams.add(events)
             try:
@@ -573,8 +603,9 @@ class Api:
                 await events.aclose()
                 raise
             # From here the response owns the slot and the events (see AdmittedStream).
-            response = AdmittedStream(self.sse(req, first, events, t0), slot, events, gate)
-            response.headers.update(_cache_header(ticket))
+            ran = first.preset if isinstance(first, Progress | MoAResult) else None
+            response = AdmittedStream(self.sse(req, first, events, t0, ran), slot, events, gate)
+            response.headers.update(_cache_header(ticket) | _preset_header(ran))
             return response
         except MoAError as e:
             self.metrics.record(req.model, None, e.status_code, time.monotonic() - t0, e.fallback_reason)
@@ -600,7 +631,7 @@ class Api:
             "id": f"chatcmpl-moa-{uuid.uuid4().hex[:24]}",
             "object": "chat.completion",
             "created": int(time.time()),
-            "model": req.model,
+            "model": answered_model(req.model, result.preset),
             "system_fingerprint": None,
             "choices": [
                 {
@@ -622,6 +653,7 @@ class Api:
         first: TextDelta | MoAResult | Progress,
         events: EventPump,
         t0: float,
+        ran: str | None = None,
     ) -> AsyncIterator[bytes]:
         """The response's SSE bytes: the role chunk at once, then the answer's chunks. While there
         is nothing to send (the proposers at work), a comment line every ``server.sse_keepalive_s``
@@ -629,15 +661,16 @@ class Api:
         gets a chunk with no choices and a ``moa.progress`` field at each step. An error after the
         headers went out ends the stream with an OpenAI-style error event and [DONE]."""
         ident, created = f"chatcmpl-moa-{uuid.uuid4().hex[:24]}", int(time.time())
+        model = answered_model(req.model, ran)
 
         def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
             choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
-            body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": req.model}
+            body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model}
             body |= {"system_fingerprint": None, "choices": choices, **extra}
             return b"data: " + json.dumps(body).encode() + b"\n\n"
 
         def progress_chunk(p: Progress) -> bytes:
-            body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": req.model}
+            body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model}
             body |= {"system_fingerprint": None, "choices": [], "moa": {"progress": p.model_dump()}}
             return b"data: " + json.dumps(body).encode() + b"\n\n"
 
@@ -666,7 +699,7 @@ class Api:
                     if include_usage or extra:
                         usage = _usage(result.usage) if include_usage else None
                         body = {"id": ident, "object": "chat.completion.chunk", "created": created}
-                        body |= {"model": req.model, "choices": [], "usage": usage, **extra}
+                        body |= {"model": model, "choices": [], "usage": usage, **extra}
                         yield b"data: " + json.dumps(body).encode() + b"\n\n"
                 ev = await events.next(idle_s)
         except MoAError as e:
@@ -725,20 +758,35 @@ class Api:
                 ),
                 deadline,
             )
+        except UnknownPreset as e:
+            e.param = "preset"  # this endpoint's field for it
+            raise
         finally:
             slot.release()
             await settle_quietly(gate.spend)
         return JSONResponse(result.model_dump(mode="json"), headers=_cache_header(ticket))
 
-    async def models(self, request: Request) -> dict[str, Any]:
-        await self.access.principal(request.headers.get("authorization"))
+    def _model_objects(self) -> list[dict[str, Any]]:
         presets = ["auto", *self.config.presets]
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "moa"} for name in presets]
         data += [
             {"id": f"{p}/{m}", "object": "model", "created": 0, "owned_by": p}
             for p, m in self.config.all_models()
         ]
-        return {"object": "list", "data": data}
+        return data
+
+    async def models(self, request: Request) -> dict[str, Any]:
+        await self.access.principal(request.headers.get("authorization"))
+        return {"object": "list", "data": self._model_objects()}
+
+    async def model(self, request: Request, model_id: str) -> dict[str, Any]:
+        """``GET /v1/models/{id}`` (``client.models.retrieve``): one entry of the list, or OpenAI's
+        404 ``model_not_found``."""
+        await self.access.principal(request.headers.get("authorization"))
+        for entry in self._model_objects():
+            if entry["id"] == model_id:
+                return entry
+        raise _moa_error(UnknownPreset(f"The model {model_id!r} does not exist"))
 
     async def healthz(self, detail: bool = False) -> Response:
         """``ok`` when every provider can answer; ``degraded`` (200) when some cannot; ``down``
@@ -763,6 +811,17 @@ class Api:
 
 def _health_response(body: dict[str, Any], status: int, detail: bool) -> JSONResponse:
     return JSONResponse(body if detail else {"status": body["status"]}, status_code=status)
+
+
+def answered_model(requested: str, ran: str | None) -> str:
+    """The response's ``model``: what ``auto`` resolved to (the preset that ran), as OpenAI
+    answers with the resolved model; any other request's own ``model``."""
+    return ran if requested == "auto" and ran else requested
+
+
+def _preset_header(ran: str | None) -> dict[str, str]:
+    """``x-moa-preset``: the preset (or ``provider/model``) that answered."""
+    return {"x-moa-preset": ran} if ran else {}
 
 
 def _cache_header(ticket: CacheTicket | None) -> dict[str, str]:
@@ -929,6 +988,8 @@ def create_api(
     app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"], dependencies=keyed)
     app.add_api_route("/v1/moa", api.moa, methods=["POST"], dependencies=keyed)
     app.add_api_route("/v1/models", api.models, methods=["GET", "HEAD"], dependencies=keyed)
+    # {model_id:path}: a direct model's id holds a slash (openai/gpt-4.1).
+    app.add_api_route("/v1/models/{model_id:path}", api.model, methods=["GET", "HEAD"], dependencies=keyed)
 
     async def healthz(request: Request) -> Response:
         # Per-provider detail for the admin key only; without one set, for nobody.

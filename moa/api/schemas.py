@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from moa.engine.plan import AggregationMode, Plan
-from moa.types import ChatMessage, GenerationParams
+from moa.types import ChatMessage, GenerationParams, ReasoningEffort, check_logit_bias
 
 
 class ParamError(ValueError):
@@ -88,6 +88,49 @@ class MoAOptions(BaseModel):
     cache_sampled: bool = False
 
 
+class UnknownParameter(ParamError):
+    """A request field OpenAI's API does not have (a misspelt ``temprature``): refused with a 400,
+    as OpenAI refuses it, rather than ignored while the request runs with the default."""
+
+
+# Every top-level field of OpenAI's chat completions request (openai-python's
+# CompletionCreateParams), plus this service's ``moa`` extension. Anything else is refused by name.
+OPENAI_FIELDS = frozenset(
+    {
+        "model", "messages", "audio", "frequency_penalty", "function_call", "functions", "logit_bias",
+        "logprobs", "max_completion_tokens", "max_tokens", "metadata", "modalities", "moderation", "n",
+        "parallel_tool_calls", "prediction", "presence_penalty", "prompt_cache_key",
+        "prompt_cache_options", "prompt_cache_retention", "reasoning_effort", "response_format",
+        "safety_identifier", "seed", "service_tier", "stop", "store", "stream", "stream_options",
+        "temperature", "tool_choice", "tools", "top_logprobs", "top_p", "user", "verbosity",
+        "web_search_options",
+    }
+)  # fmt: skip
+# OpenAI's parameters this service does not implement: each is refused, naming it, unless it holds
+# a value that asks for nothing (its default), so a client that always sends ``logprobs: false``
+# still works. Value: the values accepted, and why anything else is refused.
+NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "logprobs": (
+        (None, False),
+        "an answer fused from several models' answers has no token log probabilities of its own",
+    ),
+    "top_logprobs": ((None,), "it needs logprobs, which this service does not return"),
+    "audio": ((None,), "answers are text only"),
+    "modalities": ((None, ["text"]), "answers are text only"),
+    "prediction": ((None,), "predicted outputs are not supported"),
+    "web_search_options": ((None,), "web search is not supported"),
+    "store": ((None, False), "this service stores no completions for later retrieval"),
+    "metadata": ((None, {}), "it tags stored completions, and this service stores none"),
+    "service_tier": ((None, "auto", "default"), "processing tiers are not offered"),
+    "verbosity": ((None,), "answer verbosity is not supported; ask for it in the prompt"),
+    "parallel_tool_calls": ((None,), "tool calls are not supported by this service"),
+    "prompt_cache_key": ((None,), "the providers' prompt caches are not steered by the client"),
+    "prompt_cache_retention": ((None,), "the providers' prompt caches are not steered by the client"),
+    "prompt_cache_options": ((None,), "the providers' prompt caches are not steered by the client"),
+    "moderation": ((None,), "moderation is not offered"),
+}
+
+
 class ChatCompletionRequest(BaseModel):
     # Bodies are read with finite numbers only (moa.api.jsonbody); a model built another way is too.
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
@@ -101,10 +144,36 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=1)
     seed: int | None = None
     stop: str | list[str] | None = None
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, int] | None = None
+    reasoning_effort: ReasoningEffort | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    # Who the end user is, by the client's own id: never sent to a provider, recorded on the
+    # request's log line and span for correlation (``safety_identifier`` is its newer name).
+    user: str | None = Field(default=None, max_length=256)
+    safety_identifier: str | None = Field(default=None, max_length=256)
     moa: MoAOptions = MoAOptions()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(k for k in data if k not in OPENAI_FIELDS and k != "moa")
+            if unknown:
+                raise UnknownParameter(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
+        return data
+
+    @property
+    def end_user(self) -> str | None:
+        """The client's id of its end user (``user``, else ``safety_identifier``)."""
+        return self.user or self.safety_identifier
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v: dict[str, int] | None) -> dict[str, int] | None:
+        return check_logit_bias(v)
 
     @field_validator("stop")
     @classmethod
@@ -119,6 +188,9 @@ class ChatCompletionRequest(BaseModel):
         for unsupported in ("tools", "functions", "tool_choice"):
             if extra.get(unsupported):
                 raise ParamError(f"{unsupported!r} is not supported by this service", unsupported)
+        for name, (accepted, why) in NOT_IMPLEMENTED.items():
+            if name in extra and extra[name] not in accepted:
+                raise ParamError(f"{name!r} is not supported by this service: {why}", name)
         fmt = extra.get("response_format")
         # Plain text is what every answer is anyway; JSON modes would need the proposers to agree.
         if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
@@ -138,6 +210,10 @@ class ChatCompletionRequest(BaseModel):
             max_tokens=self.max_completion_tokens or self.max_tokens,
             seed=self.seed,
             stop=stop,
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+            logit_bias=self.logit_bias,
+            reasoning_effort=self.reasoning_effort,
         )
 
 

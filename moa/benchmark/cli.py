@@ -176,6 +176,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="with --cache: ask the verbatim repeats this many times (more exact hits to time; default: 1)",
     )
     p.add_argument(
+        "--api-key",
+        default=None,
+        help="API key the Serve app's requests carry (default: $MOA_API_KEY); with one, the app "
+        "uses the configured key store, where the key lives; without one, a fresh state of its own",
+    )
+    p.add_argument(
         "--details",
         action="store_true",
         help="keep each Serve request's per-call timings in results.json and break its overhead down",
@@ -254,7 +260,8 @@ def run_cli(args: argparse.Namespace) -> int:
         print(auth_markdown(got))
         print(f"results in {args.out}/ (auth-overhead.json, auth-overhead.md)")
         return 0
-    from moa.benchmark.runner import markdown, run
+    from moa.benchmark.runner import failures, markdown, run
+    from moa.client_auth import api_key
 
     opts = BenchOptions(
         prompts=args.prompts,
@@ -274,8 +281,12 @@ def run_cli(args: argparse.Namespace) -> int:
         stream=args.stream,
         aggregation=args.aggregation,
         staircase_chunk_chars=args.staircase_chunk_chars,
+        api_key=api_key(args.api_key),
     )
     report = asyncio.run(run(opts))
     print(markdown(report))
     print(f"results in {opts.out}/ (results.json, results.md, bench.png)")
-    return 0
+    failed = failures(report)
+    for line in failed:
+        print(f"moa bench: {line}", file=sys.stderr)
+    return 1 if failed else 0

@@ -52,4 +52,9 @@ class BenchOptions:
     aggregation: Sequence[str] = ()
     # Every preset's staircase chunk size (plan.staircase_chunk_chars); None: the presets' own.
     staircase_chunk_chars: int | None = None
+    # The API key every request to the Serve app carries. With one, the app checks keys against
+    # the configured state store (the user's, where the key lives); without one, the app runs on a
+    # fresh state of its own (no keys: open on loopback), so keys made with `moa keys create`
+    # cannot turn every request into a 401.
+    api_key: str | None = None
     results: list[dict[str, Any]] = field(default_factory=list)

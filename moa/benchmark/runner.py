@@ -4,6 +4,7 @@ against one simulator, at several concurrency levels and under provider faults."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import math
@@ -11,8 +12,9 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -24,22 +26,35 @@ from rich.progress import Progress
 from moa.benchmark.baseline import AGGREGATOR_PROMPT, RETRY, Baseline
 from moa.benchmark.options import FAULTY_MODEL, SCENARIOS, BenchOptions
 from moa.benchmark.stats import BREAKDOWN_PARTS, Sample, breakdown, summarize, trim_detail
-from moa.config import MoAConfig, load_config
+from moa.config import ConfigError, MoAConfig, load_config
 from moa.engine.result import FallbackReason
 
 Send = Callable[[str], Awaitable[Sample]]
 
 
 def load_prompts(path: Path | None) -> list[str]:
-    """The bundled prompts, or a JSONL file: ``{"prompt"}`` lines or MT-Bench's ``{"turns"}``."""
-    text = (
-        path.read_text() if path else resources.files("moa").joinpath("data/bench_prompts.jsonl").read_text()
-    )
+    """The bundled prompts, or a JSONL file: ``{"prompt"}`` lines or MT-Bench's ``{"turns"}``.
+
+    A file that cannot be read or parsed is a ``ConfigError``: one line naming it (``moa``
+    exits 2), before anything starts, rather than a traceback."""
+    try:
+        text = (
+            path.read_text()
+            if path
+            else resources.files("moa").joinpath("data/bench_prompts.jsonl").read_text()
+        )
+    except OSError as e:
+        raise ConfigError(f"cannot read the prompts file {path}: {e.strerror}") from None
     prompts = []
-    for line in text.splitlines():
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
-            row = json.loads(line)
-            prompts.append(row["prompt"] if "prompt" in row else row["turns"][0])
+            try:
+                row = json.loads(line)
+                prompts.append(row["prompt"] if "prompt" in row else row["turns"][0])
+            except (ValueError, KeyError, IndexError, TypeError):
+                raise ConfigError(
+                    f'{path}:{n}: not a {{"prompt"}} or MT-Bench {{"turns"}} JSON line'
+                ) from None
     if not prompts:
         raise ValueError(f"no prompts in {path}")
     return prompts
@@ -320,7 +335,53 @@ def ray_targets(name: str = "ray") -> Any:
     return next(iter(found)).load()
 
 
+@contextlib.contextmanager
+def own_state(api_key: str | None) -> Iterator[None]:
+    """The bench's Serve app on a fresh, empty state directory (no API keys, no ledger), unless an
+    API key was given: then on the configured state, where that key lives. Set in this process's
+    environment (``MOA_STATE_DIR`` wins over the config) before Ray starts, so the replicas
+    inherit it; restored afterwards."""
+    if api_key is not None:
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in ("MOA_STATE_DIR", "MOA_REDIS_URL")}
+    with tempfile.TemporaryDirectory(prefix="moa-bench-state-") as tmp:
+        os.environ["MOA_STATE_DIR"] = tmp
+        os.environ.pop("MOA_REDIS_URL", None)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def failures(report: dict[str, Any]) -> list[str]:
+    """One line per target and level whose requests failed outside the fault scenarios (where
+    failures are staged), with what a 401 or 403 means: ``moa bench`` exits non-zero on any, so
+    a table of errors is never reported as a successful run."""
+    from moa.client_auth import auth_advice
+
+    lines, advice = [], {}
+    for row in report.get("levels", []):
+        if row.get("errors"):
+            kinds = ", ".join(f"{k}: {v}" for k, v in sorted(row.get("error_kinds", {}).items()))
+            lines.append(f"{row['target']} c={row['concurrency']}: {row['errors']} failed ({kinds})")
+            for kind in row.get("error_kinds", {}):
+                why = auth_advice(kind)
+                if why is not None:
+                    advice[kind] = why
+    return lines + list(advice.values())
+
+
 async def run(opts: BenchOptions) -> dict[str, Any]:
+    with own_state(opts.api_key):
+        return await _run(opts)
+
+
+async def _run(opts: BenchOptions) -> dict[str, Any]:
     prompts = load_prompts(opts.prompts)
     sim = Simulator(opts.ttft_s, opts.tokens_per_s, opts.jitter)
     tree = ProcessTree(exclude={sim.proc.pid})
@@ -368,7 +429,7 @@ async def run(opts: BenchOptions) -> dict[str, Any]:
                 for row in report["floor"]:
                     say(f"floor {row['path']}: p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms")
             for model, mode in serve_runs:
-                target = HttpTarget(url, model, stream=opts.stream, aggregation=mode)
+                target = HttpTarget(url, model, stream=opts.stream, aggregation=mode, api_key=opts.api_key)
                 name = f"serve {model}" + (f" ({mode})" if mode else "")
                 progress.update(task, description=f"{name} warm-up")
                 await warm_up(target.send, prompts)
@@ -386,7 +447,7 @@ async def run(opts: BenchOptions) -> dict[str, Any]:
                 sim.faults(SCENARIOS[name])
                 label = f"fault {name}: serve moa-lite"
                 progress.update(task, description=label)
-                target = HttpTarget(url, "moa-lite")
+                target = HttpTarget(url, "moa-lite", api_key=opts.api_key)
                 c, n = opts.fault_concurrency, opts.fault_requests
                 row = await run_level(target.send, prompts, c, n, tree, progress, task, label)
                 report["scenarios"].append({"scenario": name, "target": "serve moa-lite", **row})

@@ -274,7 +274,7 @@ class MoAEngine:
 
     async def _events(self, ctx: RunContext) -> AsyncIterator[TextDelta | MoAResult | Progress]:
         plan = ctx.plan
-        yield Progress(stage="admitted", layers=ctx.layers)
+        yield Progress(stage="admitted", layers=ctx.layers, preset=ctx.decision.preset)
         feeds: list[StaircaseFeed] = []
         if ctx.stream and plan.aggregation == "staircase" and plan.mode is not PlanMode.REFINE:
             # Every layer streams into its feed; the final aggregator climbs the last one's.

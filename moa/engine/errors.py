@@ -45,7 +45,12 @@ class InvalidRequest(MoAError):
 
 
 class UnknownPreset(InvalidRequest):
+    """A ``model`` that is neither a preset nor a configured model: OpenAI's 404
+    ``model_not_found`` with ``param: "model"``, which clients map to ``NotFoundError``."""
+
+    status_code = 404
     code = "model_not_found"
+    param = "model"
 
 
 class OverCap(InvalidRequest):

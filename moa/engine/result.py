@@ -114,6 +114,9 @@ class Progress(BaseModel):
     proposers_done: int = 0  # succeeded so far in this layer
     proposers: int = 0
     quorum: int = 0
+    # The preset that runs (set on ``admitted``): what ``auto`` resolved to, for the response's
+    # ``model`` and ``x-moa-preset`` before any text goes out.
+    preset: str | None = None
 
     def describe(self) -> str:
         if self.stage == "proposers":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from pathlib import Path
@@ -77,6 +78,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--service", default=None, help="run bare targets on this running moa service (URL)")
     p.add_argument("--service-key-env", default="MOA_API_KEY", help="variable holding the service's API key")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="the service's API key (default: the --service-key-env variable); costs need a key "
+        "made with `moa keys create NAME --detail`",
+    )
     p.add_argument("--endpoint-key-env", default=None, help="variable holding the key of MODEL@URL endpoints")
     p.add_argument("--config", default=None, help="config YAML (default: $MOA_CONFIG or the bundled one)")
     p.add_argument("--sim-profile", default=None, help="simulator profile (judge behaviour) when simulating")
@@ -117,6 +124,8 @@ def run_cli(args: argparse.Namespace) -> int:
     from moa.eval.workloads import WorkloadError
 
     cfg = load_config(args.config)
+    if args.api_key:  # read by the service targets from --service-key-env, in this process only
+        os.environ[args.service_key_env] = args.api_key
     if args.sim_profile:
         cfg = cfg.model_copy(
             update={"simulator": cfg.simulator.model_copy(update={"profile": args.sim_profile})}

@@ -10,6 +10,7 @@ streaming request would get them: ``staircase`` applies only to streaming reques
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast, get_args
@@ -17,6 +18,7 @@ from typing import Any, Protocol, cast, get_args
 import openai
 from openai.types.chat import ChatCompletionMessageParam
 
+from moa.client_auth import api_key, auth_advice
 from moa.config import MoAConfig
 from moa.engine.cost import projected_cost
 from moa.engine.engine import MoAEngine
@@ -117,6 +119,7 @@ class HttpTarget:
     detail: bool
     aggregation: AggregationMode | None = None  # a preset's mode on a moa service: streamed
     _client: Any = field(default=None, repr=False)
+    _told_detail: bool = field(default=False, repr=False)
 
     def _openai(self) -> openai.AsyncOpenAI:
         if self._client is None:
@@ -151,9 +154,19 @@ class HttpTarget:
             )
         except openai.PermissionDeniedError:
             if not self.detail:
-                raise
+                raise TargetError(f"{self.name}: {auth_advice(403)}") from None
+            if not self._told_detail:  # said once, by the first request that learns it
+                self._told_detail = True
+                print(
+                    f"moa eval: {self.name}: this key may not use moa.detail, so the target's cost "
+                    "is unknown (n/a); for costs, use a key made with `moa keys create NAME --detail`",
+                    file=sys.stderr,
+                )
             self.detail = False  # a key without the detail permission: answer without the cost
             return await self.answer(messages, params)
+        except openai.AuthenticationError:
+            # Every answer would fail the same way: one clear line instead of a table of n/a.
+            raise TargetError(f"{self.name}: {auth_advice(401)}") from None
         except openai.APIError as e:
             return Answer(error=f"{type(e).__name__}: {e}", latency_s=time.monotonic() - t0)
         usage = resp.usage
@@ -247,7 +260,7 @@ def build_target(
     if mode is not None and name != "auto" and name not in cfg.presets and not service_url:
         raise TargetError(f"target {spec!r}: only a preset runs in an aggregation mode ({name!r} is none)")
     if service_url:
-        key = os.environ.get(service_key_env, "") or "unused"
+        key = api_key(None, service_key_env) or "unused"
         base = service_url.rstrip("/")
         base = base if base.endswith("/v1") else base + "/v1"
         return HttpTarget(spec, base, name, key, detail=True, aggregation=mode)

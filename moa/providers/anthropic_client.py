@@ -46,6 +46,16 @@ def retry_hint(headers: Mapping[str, str]) -> float | None:
     return header_retry_hint(headers, RATE_LIMITS, parse_reset_time)
 
 
+# OpenAI parameters the Messages API has no counterpart for: dropped, each with a note on the call.
+_NO_SUCH_PARAM = {
+    "frequency_penalty": "the Anthropic API has no frequency penalty",
+    "presence_penalty": "the Anthropic API has no presence penalty",
+    "logit_bias": "the Anthropic API has no logit bias (and other token ids)",
+    "reasoning_effort": "Anthropic models take a thinking token budget instead, which this service "
+    "does not set",
+}
+
+
 class AnthropicClient(ProviderClient):
     kind = "anthropic"
 
@@ -99,6 +109,10 @@ class AnthropicClient(ProviderClient):
         if params.seed is not None:
             update["seed"] = None
             notes.append("seed dropped: the Anthropic API has no seed")
+        for name, value in _NO_SUCH_PARAM.items():
+            if getattr(params, name) is not None:
+                update[name] = None
+                notes.append(f"{name} dropped: {value}")
         t = params.temperature
         if t is not None and t > MAX_TEMPERATURE:
             update["temperature"] = MAX_TEMPERATURE

@@ -34,7 +34,18 @@ MAX_STOP = 5
 # 'generation_config': Cannot find field.', or names a feature a model lacks ("... is not enabled
 # for models/...").
 REFUSED = re.compile(r'Unknown name "(\w+)"|(\w+) is not (?:enabled|supported) for')
-NAMES = {"topP": "top_p", "stopSequences": "stop", "stop_sequences": "stop"}
+NAMES = {
+    "topP": "top_p",
+    "stopSequences": "stop",
+    "stop_sequences": "stop",
+    "presencePenalty": "presence_penalty",
+    "frequencyPenalty": "frequency_penalty",
+}
+# OpenAI parameters generateContent has no counterpart for: dropped, each with a note on the call.
+_NO_SUCH_PARAM = {
+    "logit_bias": "the Gemini API has no logit bias (and other token ids)",
+    "reasoning_effort": "Gemini models take a thinking token budget instead, which this service does not set",
+}
 # The API refuses a wrong key with 400 INVALID_ARGUMENT, not 401; its ErrorInfo reason says why.
 AUTH_REASONS = frozenset({"API_KEY_INVALID"})
 # The wait a refusal asks for: Gemini sends no Retry-After header; it puts a ``google.rpc.RetryInfo``
@@ -76,6 +87,8 @@ class GeminiClient(ProviderClient):
             max_output_tokens=p.max_tokens,
             seed=p.seed,
             stop_sequences=list(p.stop) if p.stop else None,
+            presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty,
             http_options=types.HttpOptions(
                 timeout=max(int(timeout_s * 1000), 1), retry_options=types.HttpRetryOptions(attempts=1)
             ),
@@ -83,11 +96,17 @@ class GeminiClient(ProviderClient):
         return {"model": req.model, "contents": contents, "config": config}
 
     def _adapt(self, model: str, params: GenerationParams) -> tuple[GenerationParams, list[str]]:
+        update: dict[str, object] = {}
+        notes: list[str] = []
         stop = params.stop
         if stop and len(stop) > MAX_STOP:
-            note = f"stop: kept the first {MAX_STOP} of {len(stop)} sequences (the Gemini API's limit)"
-            return params.model_copy(update={"stop": stop[:MAX_STOP]}), [note]
-        return params, []
+            update["stop"] = stop[:MAX_STOP]
+            notes.append(f"stop: kept the first {MAX_STOP} of {len(stop)} sequences (the Gemini API's limit)")
+        for name, why in _NO_SUCH_PARAM.items():
+            if getattr(params, name) is not None:
+                update[name] = None
+                notes.append(f"{name} dropped: {why}")
+        return (params.model_copy(update=update) if update else params), notes
 
     def _refused_param(self, message: str) -> str | None:
         return refused_param(message, REFUSED, NAMES)

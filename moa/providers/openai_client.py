@@ -73,7 +73,15 @@ class OpenAIClient(ProviderClient):
         if p.max_tokens is not None:
             # OpenAI's own API wants max_completion_tokens; compatible servers know max_tokens.
             args["max_completion_tokens" if self.kind == "openai" else "max_tokens"] = p.max_tokens
-        optional = {"temperature": p.temperature, "top_p": p.top_p, "seed": p.seed}
+        optional = {
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "seed": p.seed,
+            "frequency_penalty": p.frequency_penalty,
+            "presence_penalty": p.presence_penalty,
+            "logit_bias": p.logit_bias,
+            "reasoning_effort": p.reasoning_effort,
+        }
         args |= {k: v for k, v in optional.items() if v is not None}
         if p.stop:
             args["stop"] = list(p.stop)

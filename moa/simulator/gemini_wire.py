@@ -66,7 +66,13 @@ _CONFIG_FIELDS = frozenset(
 )  # fmt: skip
 MAX_STOP = 5
 # The protocol's names of the common generation parameters.
-_NAMES = {"top_p": "topP", "max_tokens": "maxOutputTokens", "stop": "stopSequences"}
+_NAMES = {
+    "top_p": "topP",
+    "max_tokens": "maxOutputTokens",
+    "stop": "stopSequences",
+    "presence_penalty": "presencePenalty",
+    "frequency_penalty": "frequencyPenalty",
+}
 
 
 def _camel(name: str) -> str:
@@ -81,15 +87,15 @@ def _unknown(obj: Mapping[str, Any], known: frozenset[str], where: str) -> None:
             raise BadRequest(f'Invalid JSON payload received. Unknown name "{key}"{at}: Cannot find field.')
 
 
-def _in_range(config: Mapping[str, Any], camel: str, snake: str, hi: float) -> float | None:
+def _in_range(config: Mapping[str, Any], camel: str, snake: str, hi: float, lo: float = 0.0) -> float | None:
     v = _field(config, camel, snake)
     if v is None:
         return None
     if not is_number(v):
         raise BadRequest(f"Invalid value at 'generation_config.{snake}' (TYPE_FLOAT), {v!r}")
-    if not 0 <= v <= hi:
+    if not lo <= v <= hi:
         where = f"GenerateContentRequest.generation_config.{snake}"
-        raise BadRequest(f"* {where}: {snake} must be in the range [0.0, {hi:.1f}]")
+        raise BadRequest(f"* {where}: {snake} must be in the range [{lo:.1f}, {hi:.1f}]")
     return float(v)
 
 
@@ -173,6 +179,8 @@ class GeminiWire(Wire):
             "max_tokens": max_tokens,
             "stop": stop,
             "seed": seed,
+            "presence_penalty": _in_range(config, "presencePenalty", "presence_penalty", 2.0, -2.0),
+            "frequency_penalty": _in_range(config, "frequencyPenalty", "frequency_penalty", 2.0, -2.0),
         }
         return SimRequest(
             model=model,

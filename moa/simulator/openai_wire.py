@@ -208,6 +208,10 @@ class OpenAIWire(Wire):
             "max_tokens": max_tokens,
             "stop": list(stop) if stop is not None else None,
             "seed": seed,
+            "frequency_penalty": _number(body, "frequency_penalty", -2, 2),
+            "presence_penalty": _number(body, "presence_penalty", -2, 2),
+            "logit_bias": body.get("logit_bias"),
+            "reasoning_effort": body.get("reasoning_effort"),
         }
         return SimRequest(
             model=model,

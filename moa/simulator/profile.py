@@ -115,7 +115,17 @@ class JudgeProfile(_Strict):
 
 # Generation parameters by their common names (each protocol has its own: Anthropic's
 # stop_sequences, Gemini's topP and maxOutputTokens...).
-GenParam = Literal["temperature", "top_p", "max_tokens", "stop", "seed"]
+GenParam = Literal[
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "stop",
+    "seed",
+    "frequency_penalty",
+    "presence_penalty",
+    "logit_bias",
+    "reasoning_effort",
+]
 
 
 class ModelProfile(_Strict):
