@@ -18,7 +18,7 @@ from moa.config import MoAConfig, ProviderConfig, parse_config, resolve_endpoint
 from moa.limits import LeasedRateBudget, ProviderLimits
 from moa.providers.base import ProviderClient
 from moa.providers.registry import build_client
-from moa.types import CallRequest, CallResult, StreamEvent
+from moa.types import CallRequest, CallResult, StreamEvent, batched
 from moa_actors.handles import deployment_name
 from moa_actors.health_board import HEALTH_BOARD_NAME
 from moa_actors.limiter import LIMITER_NAME, LimiterAuthority, RateLimiterActor
@@ -110,7 +110,13 @@ class ProviderDeployment:
     async def stream(
         self, req: CallRequest, trace: Mapping[str, str] | None = None
     ) -> AsyncIterator[StreamEvent]:
-        async for ev in iterate_in(extract(trace), self.client.stream(req)):
+        """The call's stream; its text in batches when nobody reads it as it comes (``batch_s``):
+        every message back to the ingress is an object-store round trip, and a token each would
+        cost the ingress's CPU far more than the call itself."""
+        events: AsyncIterator[StreamEvent] = iterate_in(extract(trace), self.client.stream(req))
+        if req.batch_s is not None:
+            events = batched(events, req.batch_s)
+        async for ev in events:
             if isinstance(ev, CallResult):
                 self._observe(ev)
             yield ev

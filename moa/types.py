@@ -6,6 +6,8 @@ wire (they are plain pydantic models, so they pickle and serialise to JSON).
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from enum import StrEnum
 from typing import Literal
 
@@ -142,6 +144,11 @@ class CallRequest(BaseModel):
     timeout_s: float | None = Field(default=None, gt=0)
     # The proposer's role prompt name, for traces only: never sent to the provider.
     role: str | None = None
+    # How long a transport may hold a stream's text before passing it on (None: at once). A call
+    # whose text nobody reads as it comes (it is streamed only so that a cut is billed for what it
+    # wrote) sets it, so that a transport where each message costs (Ray's object store) sends a
+    # few batches instead of one message per token. Never sent to the provider.
+    batch_s: float | None = Field(default=None, gt=0)
 
 
 class CallResult(BaseModel):
@@ -185,6 +192,27 @@ class TextDelta(BaseModel):
     """One piece of a streamed answer; a stream ends with the full CallResult."""
 
     text: str
+
+
+async def batched(events: AsyncIterator[StreamEvent], batch_s: float) -> AsyncIterator[StreamEvent]:
+    """``events`` with their text passed on at most every ``batch_s`` seconds (joined), the rest
+    as it comes: the first piece at once, then what arrived since the last batch whenever a piece
+    comes ``batch_s`` after it, and anything held before the final result."""
+    loop = asyncio.get_running_loop()
+    held: list[str] = []
+    sent_at: float | None = None
+    async for ev in events:
+        if isinstance(ev, TextDelta):
+            held.append(ev.text)
+            now = loop.time()
+            if sent_at is None or now - sent_at >= batch_s:
+                yield TextDelta(text="".join(held))
+                held, sent_at = [], now
+            continue
+        if held:
+            yield TextDelta(text="".join(held))
+            held = []
+        yield ev
 
 
 StreamEvent = TextDelta | CallResult

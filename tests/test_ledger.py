@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -351,3 +351,22 @@ def test_a_failed_request_is_settled_against_its_budget_at_what_it_cost(
     assert billed > 0 and sim_stats(sim)["gpt-4.1"]["faults"]["error_500"] >= 1
     assert abs(spent - to_micro(billed)) <= 4, (spent, billed)
     assert released
+
+
+async def test_text_nobody_reads_as_it_comes_crosses_in_batches_and_none_is_lost() -> None:
+    """``batched`` (what a provider replica applies to a call with ``batch_s``): 100 pieces
+    arriving faster than the batch time become a few messages, the first at once, and every
+    character reaches the final text before the result; a cut call loses at most one batch."""
+    from moa.types import CallResult, TextDelta, batched
+
+    async def pieces() -> AsyncIterator[TextDelta | CallResult]:
+        for n in range(100):
+            yield TextDelta(text=f"w{n} ")
+            await asyncio.sleep(0.001)
+        yield CallResult(provider="p", provider_kind="k", requested_model="m", text="done")
+
+    out = [ev async for ev in batched(pieces(), batch_s=0.05)]
+    deltas = [ev for ev in out if isinstance(ev, TextDelta)]
+    assert 1 < len(deltas) < 20 and deltas[0].text == "w0 "
+    assert "".join(d.text for d in deltas) == "".join(f"w{n} " for n in range(100))
+    assert isinstance(out[-1], CallResult)

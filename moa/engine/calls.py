@@ -23,6 +23,11 @@ from moa.types import (
     Usage,
 )
 
+# How long the transport may hold the text of a call nobody reads as it comes (a proposer's, an
+# aggregator's whose client does not stream): streamed only so that a cut call is billed for
+# what it wrote, in a few batches rather than a message per token (CallRequest.batch_s). What a
+# cut call is billed for can miss at most this much of its text more.
+UNSEEN_BATCH_S = 0.1
 # Tokens reserved for an aggregator's answer when the request does not say.
 DEFAULT_ANSWER_RESERVE = 2048
 # Room for the aggregation template itself around the references.

@@ -17,6 +17,7 @@ from moa.config import MoAConfig
 from moa.deadline import Deadline
 from moa.engine.caller import ModelCaller
 from moa.engine.calls import (
+    UNSEEN_BATCH_S,
     fit_references,
     merge_params,
     prompt_tokens,
@@ -121,6 +122,7 @@ async def fuse(job: FuseJob, caller: ModelCaller, config: MoAConfig) -> AsyncIte
             messages=tuple(messages),
             params=merge_params(job.params, spec),
             timeout_s=timeout,
+            batch_s=None if job.stream else UNSEEN_BATCH_S,
         )
         res: CallResult | None = None
         prefix, here = sent, ""

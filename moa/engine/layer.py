@@ -18,7 +18,15 @@ from typing import Any
 
 from moa.deadline import Deadline
 from moa.engine import spans
-from moa.engine.calls import collect, cut_result, fit_references, merge_params, provider_kind, safe_stream
+from moa.engine.calls import (
+    UNSEEN_BATCH_S,
+    collect,
+    cut_result,
+    fit_references,
+    merge_params,
+    provider_kind,
+    safe_stream,
+)
 from moa.engine.context import RunContext
 from moa.engine.plan import LayerSpec, ProposerSpec
 from moa.engine.prompts import with_references
@@ -147,7 +155,10 @@ async def _calls(
 
     if upstream is None:
         for i, spec in enumerate(layer.proposers):
-            req = bill.requests[i] = _request(ctx, index, spec, references, refine, timeout)
+            req = _request(ctx, index, spec, references, refine, timeout)
+            if feed is None:  # nobody reads it as it comes: its text may come in batches
+                req = req.model_copy(update={"batch_s": UNSEEN_BATCH_S})
+            bill.requests[i] = req
             tasks[asyncio.create_task(_call(ctx, req, i, feed, bill.received[i]))] = i
 
     results: dict[int, CallResult] = {}
