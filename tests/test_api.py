@@ -191,6 +191,25 @@ def test_all_providers_down_is_a_clean_upstream_error(client: openai.OpenAI, sim
     assert "every provider failed" in err.value.message
 
 
+def test_a_proposal_answers_when_every_aggregator_and_fallback_failed(
+    api_url: str, sim: SimulatorServer
+) -> None:
+    """moa-lite's proposers answer; its aggregators and fallbacks all fail: the request is answered
+    with the best proposal (the first in the layer's order), marked in the header and moa.detail,
+    instead of a 502 that throws the three paid-for answers away."""
+    for model in ("gpt-4.1", "claude-sonnet-4-6", "gemini-2.5-pro"):
+        set_fault(sim, model, error_500={"rate": 1.0})
+    body = {"model": "moa-lite", "messages": QUESTION, "moa": {"detail": True}}
+    r = httpx.post(api_url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-moa-answer-source"] == "proposal"
+    detail = r.json()["moa"]
+    assert detail["answer_source"] == "proposal" and detail["fallback_reason"] == "aggregators_failed"
+    assert detail["answered_by"] == "openai/gpt-4.1-mini"
+    (mini,) = [c for c in detail["calls"] if c["model"] == "gpt-4.1-mini"]
+    assert r.json()["choices"][0]["message"]["content"] and mini["ok"]
+
+
 def test_rate_limited_everywhere_is_429_with_retry_after(api_url: str, sim: SimulatorServer) -> None:
     set_fault(sim, "*", error_429={"rate": 1.0, "retry_after_s": 60})
     r = httpx.post(api_url + "/v1/chat/completions", json={"model": "single", "messages": QUESTION})

@@ -335,6 +335,7 @@ def moa_detail(result: MoAResult) -> dict[str, Any]:
         "answered_by": f"{result.provider}/{result.model}",
         "fallback": result.fallback,
         "fallback_reason": result.fallback_reason,
+        "answer_source": result.answer_source,
         "notes": result.notes,
         "cache": result.cache.model_dump(mode="json"),
         "calls": [c.model_dump(mode="json") for c in result.calls],
@@ -556,7 +557,8 @@ class Api:
                 self.record(result, 200, time.monotonic() - t0)
                 if self.shadow is not None:
                     self.shadow.offer(messages, result, req.model)  # starts a task; never waits
-                return JSONResponse(self.completion_body(req, result), headers=_cache_header(ticket))
+                headers = _cache_header(ticket) | _answer_header(result)
+                return JSONResponse(self.completion_body(req, result), headers=headers)
             events = EventPump(self.engine.stream(messages, **kwargs))
             self._streams.add(events)
             try:
@@ -728,7 +730,8 @@ class Api:
         finally:
             slot.release()
             await settle_quietly(gate.spend)
-        return JSONResponse(result.model_dump(mode="json"), headers=_cache_header(ticket))
+        headers = _cache_header(ticket) | _answer_header(result)
+        return JSONResponse(result.model_dump(mode="json"), headers=headers)
 
     async def models(self, request: Request) -> dict[str, Any]:
         await self.access.principal(request.headers.get("authorization"))
@@ -769,6 +772,13 @@ def _cache_header(ticket: CacheTicket | None) -> dict[str, str]:
     """``x-moa-cache``: hit-exact, hit-semantic, miss, or bypass (not read: the request said so,
     a fresh sample was asked for, or the cache is off)."""
     return {"x-moa-cache": ticket.outcome.status if ticket is not None else "bypass"}
+
+
+def _answer_header(result: MoAResult) -> dict[str, str]:
+    """``x-moa-answer-source``: aggregator, fallback, or proposal (every aggregator failed and a
+    proposal answered unaggregated). A streamed response's headers leave before the answer is
+    known: there it is only in ``moa.detail``."""
+    return {"x-moa-answer-source": result.answer_source}
 
 
 def _can_answer(health: dict[str, Any]) -> bool:

@@ -126,6 +126,9 @@ class RunContext:
     failures: list[Failure] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     provider_critical_s: float | None = None
+    # The answers of the last proposer layer (or refine round) that met its quorum, in the layer's
+    # order: what the run answers with when every aggregator fails (``Plan.on_aggregators_failed``).
+    proposals: list[CallResult] = field(default_factory=list)
 
     @property
     def layers(self) -> int:
