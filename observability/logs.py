@@ -21,6 +21,9 @@ FIELDS = (
     "preset",
     "status",
     "error_kind",
+    # The provider's own reason for a failed call, redacted of keys where it is made
+    # (``moa.providers.base.redact_key``) and cut to ``MAX_ERROR_CHARS``.
+    "error_message",
     "latency_s",
     "input_tokens",
     "output_tokens",

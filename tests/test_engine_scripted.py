@@ -292,3 +292,33 @@ async def test_a_failed_refine_synthesis_answers_with_the_rounds_best_proposal()
     refine = plan(grace_s=0, fallbacks=[], mode="refine", rounds=2)
     result = await engine(caller).run(QUESTION, plan=refine)
     assert result.answer_source == "proposal" and result.fallback_reason == "synthesis_failed"
+
+
+# -- honest errors ---------------------------------------------------------------------------------
+
+OVERFLOW = "request (1346 tokens) exceeds the available context size (1024 tokens), try increasing it"
+
+
+async def test_a_prompt_the_service_built_and_the_provider_refused_is_never_the_clients_400() -> None:
+    """The aggregator refuses the prompt the run built around the references: the client's request
+    was valid, so the run fails as an upstream failure (502), with the provider's own reason."""
+    caller = ScriptedCaller()
+    caller.fail(AGG1, ErrorKind.BAD_REQUEST, OVERFLOW)
+    caller.fail(AGG2, ErrorKind.BAD_REQUEST, OVERFLOW)
+    strict = plan(fallbacks=[], on_aggregators_failed="fail")
+    with pytest.raises(AllProvidersFailed) as err:
+        await engine(caller).run(QUESTION, plan=strict)
+    assert (err.value.status_code, err.value.error_type) == (502, "upstream_error")
+    assert f"a/first (aggregator): bad_request ({OVERFLOW})" in err.value.message
+
+
+async def test_a_direct_call_refused_is_the_clients_400_named_as_direct() -> None:
+    """A plan with no layers sends the client's own messages: the refusal is the client's 400, and
+    the model is named as what it was, a direct call (not an aggregator)."""
+    caller = ScriptedCaller()
+    caller.fail("local/smollm2", ErrorKind.BAD_REQUEST, OVERFLOW)
+    direct = Plan.model_validate({"aggregators": [{"provider": "local", "model": "smollm2"}]})
+    with pytest.raises(AllProvidersFailed) as err:
+        await engine(caller).run(QUESTION, plan=direct)
+    assert err.value.status_code == 400
+    assert err.value.message == f"every provider failed: local/smollm2 (direct): bad_request ({OVERFLOW})"

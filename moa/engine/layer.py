@@ -230,7 +230,7 @@ async def _calls(
                 res, stage=Stage.PROPOSER, started_s=started_s, layer=index, round=round_, role=spec.role
             )
             rec.cancelled_straggler = straggler
-            ctx.record(res, rec)
+            ctx.record(res, rec, built=bool(references))
         if not straggler and res.provider_service_s is not None:
             reported.append(res.provider_service_s)
         if res.ok:

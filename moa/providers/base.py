@@ -35,7 +35,7 @@ from moa.types import (
     TextDelta,
     Usage,
 )
-from moa_observability.genai import end_call_span, start_call_span
+from moa_observability.genai import end_call_span, error_text, start_call_span
 from moa_observability.logs import span_ids
 
 # The provider's own report of how long it spent on a request: OpenAI documents this header on its
@@ -415,6 +415,8 @@ class ProviderClient(ABC):
                         "model": result.requested_model,
                         "status": "ok" if result.ok else "error",
                         "error_kind": result.error.kind.value if result.error else None,
+                        # Already redacted of the key (``_failure``): what the provider said.
+                        "error_message": error_text(result.error.message) if result.error else None,
                         "latency_s": round(result.latency_s, 4),
                         "input_tokens": result.usage.input_tokens,
                         "output_tokens": result.usage.output_tokens,
