@@ -20,6 +20,7 @@ import pytest
 from hypothesis import settings
 
 from moa.config import MoAConfig, load_config, parse_config
+from moa.engine.calls import WINDOWS
 from moa.simulator.profile import ModelProfile, SimProfile
 from moa.simulator.server import SimulatorServer
 from moa_observability.tracing import flush_tracing, setup_tracing
@@ -38,6 +39,14 @@ ON_HEAD = {"resources": {"head_node": 0.01}}
 
 # Fast enough for a quick suite, slow enough that concurrency and cancellation are observable.
 FAST_PROFILE = SimProfile(default=ModelProfile(ttft_s=0.02, tokens_per_s=2000.0, jitter=0.0))
+
+
+@pytest.fixture(autouse=True)
+def _forget_learned_windows() -> Iterator[None]:
+    """Context windows a test's providers named are this process's (``moa.engine.calls.WINDOWS``):
+    forgotten after each test, so no test's small window trims another's references."""
+    yield
+    WINDOWS.clear()
 
 
 @pytest.fixture(scope="session")

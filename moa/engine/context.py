@@ -21,6 +21,7 @@ from moa.cache import CacheTicket, ResponseCache
 from moa.config import MoAConfig
 from moa.deadline import NO_DEADLINE, Deadline
 from moa.engine.caller import ModelCaller
+from moa.engine.calls import WINDOWS
 from moa.engine.errors import AllProvidersFailed, Failure
 from moa.engine.fusion import Fuser
 from moa.engine.plan import AggregationMode, Plan, PlanMode, PlanShape
@@ -155,6 +156,9 @@ class RunContext:
         self.records.append(rec)
         if self.on_call is not None and notify:
             self.on_call(rec)
+        # What the call said of its model's window (a listing, or a refusal naming it): on Ray the
+        # provider replica heard it, and the references are fitted here.
+        WINDOWS.learn_from(res)
         if res.error is not None:
             self.failures.append(
                 Failure(

@@ -23,6 +23,7 @@ from moa.cache import CacheTicket, ResponseCache, current_ticket, open_cache
 from moa.config import MoAConfig
 from moa.engine import spans
 from moa.engine.caller import ModelCaller
+from moa.engine.calls import check_window
 from moa.engine.caps import check_messages, check_plan
 from moa.engine.chain import Writer, answer_chain, synthesise
 from moa.engine.context import Routed, RunContext, RunOptions, RunRequest
@@ -178,6 +179,13 @@ class MoAEngine:
             plan, decision, _ = routed
             check_messages(self.config.caps, request.messages)
             check_plan(self.config.caps, plan, request.params or GenerationParams(), len(pre_calls))
+            # The models that would answer (their windows as declared, or as their servers said).
+            check_window(
+                self.config,
+                [*plan.aggregators, *plan.fallbacks],
+                request.messages,
+                request.params or GenerationParams(),
+            )
             spans.run_planned(span, decision, plan)
             ctx = RunContext(
                 config=self.config,

@@ -64,6 +64,14 @@ class OverCap(InvalidRequest):
         self.param = param
 
 
+class ContextWindowExceeded(InvalidRequest):
+    """The client's own messages (and the answer it asked for) fit no model that could answer them:
+    a request no retry or trimming can help, refused before any call with the numbers."""
+
+    code = "context_length_exceeded"
+    param = "messages"
+
+
 class InvalidPlan(InvalidRequest):
     status_code = 422
     code = "invalid_plan"
