@@ -53,7 +53,7 @@ from moa.keys_admin import (
 from moa.state import KeyExists, StateStore, describe
 from moa.textcheck import first_unencodable
 from moa.types import ChatMessage, TextDelta, Usage
-from moa_observability.asgi import CLIENT_CLOSED_REQUEST, TracingMiddleware
+from moa_observability.asgi import CLIENT_CLOSED_REQUEST, TracingMiddleware, stream_failed
 from moa_observability.metrics import RequestMetrics
 
 log = logging.getLogger("moa.api")
@@ -672,8 +672,10 @@ class Api:
                         yield b"data: " + json.dumps(body).encode() + b"\n\n"
                 ev = await events.next(idle_s)
         except MoAError as e:
-            # Text may already be out: the error travels in the stream, as OpenAI's API does.
+            # Text may already be out: the error travels in the stream, as OpenAI's API does. The
+            # request is counted and logged with the error's status, not the 200 of its headers.
             self.metrics.record(req.model, None, e.status_code, time.monotonic() - t0, e.fallback_reason)
+            stream_failed(e.status_code)
             yield b"data: " + json.dumps(error_body(e.message, e.error_type, e.code)).encode() + b"\n\n"
         finally:
             self._streams.discard(events)
