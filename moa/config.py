@@ -71,7 +71,8 @@ class ModelPrice(_Strict):
         default=128_000,
         gt=0,
         description="Tokens the model reads at once: bounds the references an aggregator is given "
-        "when the plan sets no reference_budget_tokens.",
+        "when the plan sets no reference_budget_tokens. A smaller window the server reports (an "
+        "openai_compatible server's listing) or names in a refusal takes precedence.",
     )
     max_output_tokens: int = Field(
         default=32_768,

@@ -129,6 +129,10 @@ class CallError(BaseModel):
     status_code: int | None = None
     # When the provider (its Retry-After) or our own limits say a retry could succeed.
     retry_after_s: float | None = None
+    # The model's real context window (tokens), when the provider refused the prompt as too long
+    # and said how long it may be (``moa.providers.base.context_window_in``). It travels with the
+    # failure so that whoever fits the references (the ingress, on Ray) learns it too.
+    context_window: int | None = None
 
 
 class CallRequest(BaseModel):
@@ -178,6 +182,9 @@ class CallResult(BaseModel):
     # each ("temperature 1.5 clamped to 1.0 (...)", "temperature dropped: refused by m (...)").
     adjustments: list[str] = Field(default_factory=list)
     error: CallError | None = None
+    # The context window the server says it serves this model with (an OpenAI-compatible server's
+    # model listing: vLLM's ``max_model_len``, llama.cpp's per-slot ``n_ctx``), when it says.
+    context_window: int | None = None
     # Served from the response cache ("exact") instead of the provider: no tokens were spent now;
     # ``saved_cost_usd`` is what the original call cost.
     cache: Literal["exact"] | None = None

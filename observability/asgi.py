@@ -21,6 +21,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
+from contextvars import ContextVar
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -39,6 +40,20 @@ END_USER_STATE = "end_user"
 # nginx's status for a request whose client closed the connection first (no standard code exists).
 CLIENT_CLOSED_REQUEST = 499
 log = logging.getLogger("moa.http")
+# Where a streamed response that already sent its 200 reports that it ended in an error event
+# (``stream_failed``): set per request by the middleware, read by it once the response is done.
+_STREAM_OUTCOME: ContextVar[dict[str, int] | None] = ContextVar("moa_stream_outcome", default=None)
+
+
+def stream_failed(status: int) -> None:
+    """Say that this request's stream, whose headers went out as 200, ended in an error event of
+    ``status`` (every provider failed: 502; the deadline passed: 504): the request is then logged
+    with that status, not the 200 its headers carried, and its span marked as failed. Called from
+    the streaming body, which runs in a task of its own: the holder is shared, not the variable."""
+    holder = _STREAM_OUTCOME.get()
+    if holder is not None:
+        holder["status"] = status
+
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -119,6 +134,8 @@ class TracingMiddleware:
         if not span.get_span_context().is_valid:
             span = untraced_request_span()
         token = otel_context.attach(trace.set_span_in_context(span, parent))
+        outcome: dict[str, int] = {}
+        outcome_token = _STREAM_OUTCOME.set(outcome)
         trace_id = trace_id_hex(span)
         rid = request_id(scope)
         span.set_attribute("moa.request_id", rid)
@@ -160,7 +177,12 @@ class TracingMiddleware:
             if route is not None:
                 span.set_attribute("http.route", route)
             span.set_attribute("http.response.status_code", status)
-            if status >= 500:
+            # A stream that ended in an error event is the error's, though its headers said 200.
+            failed = outcome.get("status") if status == 200 else None
+            if failed is not None:
+                span.set_attribute("moa.stream.error_status", failed)
+            outcome_status = failed or status
+            if outcome_status >= 500:
                 span.set_status(Status(StatusCode.ERROR))
             latency = time.monotonic() - t0
             state = scope.get("state")
@@ -172,11 +194,13 @@ class TracingMiddleware:
                 extra={
                     "event": "request",
                     "route": route or UNMATCHED,
-                    "status": status,
+                    "status": outcome_status,
+                    "http_status": status if failed is not None else None,
                     "latency_s": round(latency, 4),
                     "request_id": rid,
                     "user": user if isinstance(user, str) else None,
                 },
             )
             span.end()
+            _STREAM_OUTCOME.reset(outcome_token)
             otel_context.detach(token)

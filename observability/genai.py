@@ -18,6 +18,8 @@ from moa_observability.tracing import tracer
 
 # gen_ai.provider.name well-known values; an OpenAI-compatible endpoint reports its config name.
 PROVIDER_NAMES = {"openai": "openai", "anthropic": "anthropic", "gemini": "gcp.gemini"}
+# A provider's error message, as far as a log line or span status carries it.
+MAX_ERROR_CHARS = 300
 MAX_CAPTURED_CHARS = 16_000
 
 
@@ -79,12 +81,22 @@ def end_call_span(span: trace.Span, result: CallResult | None, *, capture_conten
     span.set_attribute("moa.cost_usd", result.cost_usd)
     if result.error is not None:
         span.set_attribute("error.type", result.error.kind.value)
-        span.set_status(Status(StatusCode.ERROR, result.error.kind.value))
+        # The provider's own words (redacted of keys by the adapter): the kind alone cannot say
+        # "request (1346 tokens) exceeds the available context size (1024 tokens)".
+        why = error_text(result.error.message)
+        span.set_status(Status(StatusCode.ERROR, f"{result.error.kind.value}: {why}" if why else None))
     elif capture_content:
         span.set_attribute(
             "gen_ai.output.messages", _messages_json([ChatMessage(role="assistant", content=result.text)])
         )
     span.end()
+
+
+def error_text(message: str) -> str:
+    """A failure's message as logs and spans carry it: whitespace folded, at most
+    ``MAX_ERROR_CHARS`` (a provider may return a whole HTML page as its error)."""
+    text = " ".join(message.split())
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
 
 
 def _messages_json(messages: Sequence[ChatMessage]) -> str:

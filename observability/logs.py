@@ -20,7 +20,12 @@ FIELDS = (
     "model",
     "preset",
     "status",
+    # A stream that ended in an error event: the 200 its headers carried (``status`` is the error's).
+    "http_status",
     "error_kind",
+    # The provider's own reason for a failed call, redacted of keys where it is made
+    # (``moa.providers.base.redact_key``) and cut to ``MAX_ERROR_CHARS``.
+    "error_message",
     "latency_s",
     "input_tokens",
     "output_tokens",

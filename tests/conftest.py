@@ -21,6 +21,7 @@ import pytest
 from hypothesis import settings
 
 from moa.config import MoAConfig, load_config, parse_config
+from moa.engine.calls import WINDOWS
 from moa.simulator.profile import ModelProfile, SimProfile
 from moa.simulator.server import SimulatorServer
 from moa_observability.tracing import flush_tracing, setup_tracing
@@ -65,6 +66,14 @@ def session_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path
     with restored_environment("MOA_STATE_DIR"):
         os.environ["MOA_STATE_DIR"] = str(path)
         yield path
+
+
+@pytest.fixture(autouse=True)
+def _forget_learned_windows() -> Iterator[None]:
+    """Context windows a test's providers named are this process's (``moa.engine.calls.WINDOWS``):
+    forgotten after each test, so no test's small window trims another's references."""
+    yield
+    WINDOWS.clear()
 
 
 @pytest.fixture(scope="session")

@@ -74,6 +74,7 @@ class OTLPReceiver:
                         "attributes": {a.key: _value(a.value) for a in s.attributes},
                         "resource": resource,
                         "status": s.status.code,
+                        "status_message": s.status.message,
                     }
                     with self._lock:
                         self.spans.append(span)

@@ -13,7 +13,7 @@ import pytest
 
 from moa.simulator.server import SimulatorServer
 from tests.helpers import QUESTION, ApiServer, set_fault, sim_in_flight, sim_stats, wait_idle
-from tests.waiting import wait_until
+from tests.waiting import wait_until, wait_until_sync
 
 
 @pytest.fixture
@@ -195,6 +195,60 @@ def test_all_providers_down_is_a_clean_upstream_error(client: openai.OpenAI, sim
         client.chat.completions.create(model="moa-lite", messages=QUESTION)  # type: ignore[arg-type]
     assert err.value.status_code == 502
     assert "every provider failed" in err.value.message
+
+
+def test_a_proposal_answers_when_every_aggregator_and_fallback_failed(
+    api_url: str, sim: SimulatorServer
+) -> None:
+    """moa-lite's proposers answer; its aggregators and fallbacks all fail: the request is answered
+    with the best proposal (the first in the layer's order), marked in the header and moa.detail,
+    instead of a 502 that throws the three paid-for answers away."""
+    for model in ("gpt-4.1", "claude-sonnet-4-6", "gemini-2.5-pro"):
+        set_fault(sim, model, error_500={"rate": 1.0})
+    body = {"model": "moa-lite", "messages": QUESTION, "moa": {"detail": True}}
+    r = httpx.post(api_url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-moa-answer-source"] == "proposal"
+    detail = r.json()["moa"]
+    assert detail["answer_source"] == "proposal" and detail["fallback_reason"] == "aggregators_failed"
+    assert detail["answered_by"] == "openai/gpt-4.1-mini"
+    (mini,) = [c for c in detail["calls"] if c["model"] == "gpt-4.1-mini"]
+    assert r.json()["choices"][0]["message"]["content"] and mini["ok"]
+
+
+def test_a_stream_that_ends_in_an_error_is_logged_with_the_errors_status(
+    api_url: str, sim: SimulatorServer
+) -> None:
+    """Its headers said 200 (sent once admitted); every provider then failed and the stream ended
+    in an error event. The request's log line says 502 (and the 200 on the wire apart), not 200."""
+    import io
+    import json
+    import logging
+
+    from moa_observability.logs import JsonFormatter
+
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("moa.http")
+    logger.addHandler(handler)
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        set_fault(sim, "*", error_500={"rate": 1.0})
+        body = {"model": "moa-lite", "messages": QUESTION, "stream": True}
+        with httpx.stream("POST", api_url + "/v1/chat/completions", json=body, timeout=60) as r:
+            text = r.read().decode()
+        assert r.status_code == 200 and '"error"' in text and text.rstrip().endswith("data: [DONE]")
+        lines = wait_until_sync(
+            lambda: [json.loads(x) for x in buf.getvalue().splitlines() if '"route"' in x],
+            what="the request's log line",
+        )
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+    (line,) = [x for x in lines if x["route"] == "/v1/chat/completions"]
+    assert line["status"] == 502 and line["http_status"] == 200
 
 
 def test_rate_limited_everywhere_is_429_with_retry_after(api_url: str, sim: SimulatorServer) -> None:

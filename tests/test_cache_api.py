@@ -171,7 +171,10 @@ def test_a_retry_after_the_aggregator_failed_reuses_the_proposals(
     set_fault(sim, "gpt-4.1", error_500={"rate": 1.0})
     plan = _plan("gpt-4.1", fallbacks=False)
     failed = moa(server.url, plan)
-    assert failed.status_code == 502
+    # Answered with a proposal (nothing thrown away), which is never stored as the answer.
+    assert failed.status_code == 200 and failed.json()["answer_source"] == "proposal"
+    assert failed.json()["cache"]["reason"].startswith("not stored: every aggregator failed")
+    assert moa(server.url, plan).json()["answer_source"] == "proposal"  # not served from the cache
     set_fault(sim, "gpt-4.1")
     retry = moa(server.url, plan)
     assert retry.status_code == 200, retry.text

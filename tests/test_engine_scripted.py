@@ -227,3 +227,98 @@ async def test_the_double_answers_in_script_order_and_by_step() -> None:
     assert [c.started_step for c in caller.calls] == [0, 0, 0] and all(c.finished for c in caller.calls)
     failed = await ScriptedCaller().fail("m", ErrorKind.RATE_LIMITED).call(req)
     assert failed.error is not None and failed.error.kind is ErrorKind.RATE_LIMITED and not failed.ok
+
+
+# -- nothing thrown away: every aggregator failing after the proposers answered ------------------
+
+
+async def test_every_aggregator_failing_answers_with_the_best_proposal() -> None:
+    """No fallback chain, both aggregators refuse: the proposals the run paid for answer instead of
+    an error. The first complete answer in the layer's order wins (P1 was cut at its limit)."""
+    caller = ScriptedCaller()
+    caller.script(P1, Reply(text="one, cut short", finish_reason="length"))
+    caller.script(P2, "answer two")
+    caller.script(P3, "answer three")
+    caller.fail(AGG1, ErrorKind.BAD_REQUEST)
+    caller.fail(AGG2, ErrorKind.SERVER_ERROR)
+    result = await engine(caller).run(QUESTION, plan=plan(fallbacks=[]))
+    assert (result.text, result.provider, result.model) == ("answer two", "p", "two")
+    assert result.answer_source == "proposal" and result.fallback_reason == "aggregators_failed"
+    assert result.fallback is not None and "best proposal (p/two)" in result.fallback
+    assert len(caller.calls) == 5  # nothing more was called to get it
+
+
+async def test_the_fallback_chain_answers_first_and_a_proposal_after_it_fails() -> None:
+    """The default (fallbacks): the configured chain is tried first; only when it fails too does a
+    proposal answer. With ``proposal`` the chain is never called; with ``fail`` the run fails."""
+    caller = ScriptedCaller()
+    caller.fail(AGG1, ErrorKind.BAD_REQUEST)
+    caller.fail(AGG2, ErrorKind.BAD_REQUEST)
+    caller.script(FB, "fallback answer")
+    result = await engine(caller).run(QUESTION, plan=plan(grace_s=0))
+    assert (result.text, result.answer_source) == ("fallback answer", "fallback")
+
+    caller.fail(FB, ErrorKind.SERVER_ERROR)
+    result = await engine(caller).run(QUESTION, plan=plan(grace_s=0))
+    assert result.answer_source == "proposal" and result.text == "ok"
+
+    before = len(caller.calls_to(FB))
+    result = await engine(caller).run(QUESTION, plan=plan(grace_s=0, on_aggregators_failed="proposal"))
+    assert result.answer_source == "proposal" and len(caller.calls_to(FB)) == before
+
+    with pytest.raises(AllProvidersFailed):
+        await engine(caller).run(QUESTION, plan=plan(grace_s=0, on_aggregators_failed="fail"))
+
+
+async def test_a_streamed_run_streams_the_proposal_it_answers_with() -> None:
+    caller = ScriptedCaller()
+    caller.script(P1, "the first proposal, in words")
+    caller.fail(AGG1, ErrorKind.BAD_REQUEST)
+    caller.fail(AGG2, ErrorKind.BAD_REQUEST)
+    text, result = "", None
+    async for ev in engine(caller).stream(QUESTION, plan=plan(fallbacks=[])):
+        if isinstance(ev, TextDelta):
+            text += ev.text
+        elif isinstance(ev, MoAResult):
+            result = ev
+    assert result is not None and result.answer_source == "proposal"
+    assert text == result.text == "the first proposal, in words"
+
+
+async def test_a_failed_refine_synthesis_answers_with_the_rounds_best_proposal() -> None:
+    caller = ScriptedCaller()
+    caller.fail(AGG1, ErrorKind.BAD_REQUEST)
+    caller.fail(AGG2, ErrorKind.BAD_REQUEST)
+    refine = plan(grace_s=0, fallbacks=[], mode="refine", rounds=2)
+    result = await engine(caller).run(QUESTION, plan=refine)
+    assert result.answer_source == "proposal" and result.fallback_reason == "synthesis_failed"
+
+
+# -- honest errors ---------------------------------------------------------------------------------
+
+OVERFLOW = "request (1346 tokens) exceeds the available context size (1024 tokens), try increasing it"
+
+
+async def test_a_prompt_the_service_built_and_the_provider_refused_is_never_the_clients_400() -> None:
+    """The aggregator refuses the prompt the run built around the references: the client's request
+    was valid, so the run fails as an upstream failure (502), with the provider's own reason."""
+    caller = ScriptedCaller()
+    caller.fail(AGG1, ErrorKind.BAD_REQUEST, OVERFLOW)
+    caller.fail(AGG2, ErrorKind.BAD_REQUEST, OVERFLOW)
+    strict = plan(fallbacks=[], on_aggregators_failed="fail")
+    with pytest.raises(AllProvidersFailed) as err:
+        await engine(caller).run(QUESTION, plan=strict)
+    assert (err.value.status_code, err.value.error_type) == (502, "upstream_error")
+    assert f"a/first (aggregator): bad_request ({OVERFLOW})" in err.value.message
+
+
+async def test_a_direct_call_refused_is_the_clients_400_named_as_direct() -> None:
+    """A plan with no layers sends the client's own messages: the refusal is the client's 400, and
+    the model is named as what it was, a direct call (not an aggregator)."""
+    caller = ScriptedCaller()
+    caller.fail("local/smollm2", ErrorKind.BAD_REQUEST, OVERFLOW)
+    direct = Plan.model_validate({"aggregators": [{"provider": "local", "model": "smollm2"}]})
+    with pytest.raises(AllProvidersFailed) as err:
+        await engine(caller).run(QUESTION, plan=direct)
+    assert err.value.status_code == 400
+    assert err.value.message == f"every provider failed: local/smollm2 (direct): bad_request ({OVERFLOW})"

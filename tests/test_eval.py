@@ -300,6 +300,8 @@ async def test_off_format_verdicts_are_retried_once_and_counted(
     assert 0 < pw["unparseable"] < pw["retried"]
     assert 0.15 * 120 < pw["retried"] < 0.45 * 120
     assert all(r["retried"] for r in recs if r["verdict"] is None)
+    # judgments.jsonl keeps every reply of a retried judge; raw is always the last one.
+    assert all(len(r["replies"]) == (2 if r["retried"] else 1) and r["raw"] == r["replies"][-1] for r in recs)
     # Every retry is one more call to the judge: what the simulator saw.
     async with httpx.AsyncClient() as http:
         stats = (await http.get(f"{sim.url}/admin/stats")).json()["models"]["gemini-2.5-pro"]
@@ -622,6 +624,73 @@ def test_the_report_drops_a_pair_with_an_order_it_could_not_read(tmp_path: Path)
     assert pw["items_judged"] == 3 and pw["pairs_dropped"] == 2
     assert pw["unparseable"] == 1 and pw["judge_errors"] == 1
     assert "Pairs left out of the win rates" in markdown(build_report(spec, files, items, None))
+
+
+def test_judge_errors_are_in_the_printed_table_and_report_md(tmp_path: Path) -> None:
+    """A judge call that failed is neither a verdict nor an unparseable reply: its count is a
+    column of the table ``moa eval`` prints and writes to report.md (pairwise and graded), not
+    only a field of report.json."""
+    from moa.eval.runner import RunFiles
+
+    files = RunFiles(tmp_path)
+    items = [Item(id=str(i), category="all", turns=("q",)) for i in range(3)]
+    for item in items:
+        for target in ("T", "R"):
+            files.add_answer(
+                {"target": target, "item": item.id, "answers": ["x"], "cost_usd": 0.0, "error": None}
+            )
+    errors = {
+        "0": "server_error: the judge's server fell over",
+        "1": None,
+        "2": "timeout: the call timed out",
+    }
+    for item, error in errors.items():
+        for order in ("target_first", "reference_first"):
+            rec = {"kind": "pairwise", "judge": "J", "target": "T", "item": item, "order": order}
+            verdict = None if error else "A"
+            files.add_judgment({**rec, "verdict": verdict, "error": error, "retried": False, "cost_usd": 0.0})
+    spec = EvalSpec(workload="w.jsonl", targets=["T"], reference="R", judges=["J"])
+    report = build_report(spec, files, items, None)
+    assert report["targets"]["T"]["pairwise"]["judge_errors"] == 4
+    table = markdown(report).splitlines()
+    header = next(line for line in table if line.startswith("| target |"))
+    row = next(line for line in table if line.startswith("| `T` |"))
+    cells = dict(zip(header.split("|"), row.split("|"), strict=True))
+    assert cells[" judge errors "].strip() == "4" and cells[" unparseable (retried) "].strip() == "0 (0)"
+
+    (tmp_path / "graded").mkdir()
+    graded = RunFiles(tmp_path / "graded")
+    for item in items:
+        graded.add_answer({"target": "T", "item": item.id, "answers": ["x"], "cost_usd": 0.0, "error": None})
+        rec = {"kind": "graded", "judge": "J", "target": "T", "item": item.id, "order": None, "cost_usd": 0.0}
+        error = errors[item.id]
+        graded.add_judgment({**rec, "score": None if error else 7.0, "error": error, "retried": False})
+    gspec = EvalSpec(workload="w.jsonl", targets=["T"], mode="graded", judges=["J"])
+    table = markdown(build_report(gspec, graded, items, None)).splitlines()
+    header = next(line for line in table if line.startswith("| target |"))
+    row = next(line for line in table if line.startswith("| `T` |"))
+    cells = dict(zip(header.split("|"), row.split("|"), strict=True))
+    assert cells[" judge errors "].strip() == "2"
+
+
+async def test_a_retried_judge_keeps_every_reply_and_raw_is_always_the_last() -> None:
+    """A judge whose first reply carries no verdict is asked once more: both replies are kept
+    (``replies``), and ``raw`` is the reply the verdict was read from, as in a judgment that was
+    not retried."""
+    from moa import load_config
+    from moa.eval.budget import Budget
+    from moa.eval.judging import Judge
+    from moa.testing import Reply
+
+    caller = ScriptedCaller()
+    caller.script("openai/gpt-4.1", Reply(text="Both are fine; I cannot say."), Reply(text="[[B]]"))
+    judge = Judge("openai/gpt-4.1", load_config(None), caller, max_tokens=64)
+    out = await judge.pairwise("q?", "first", "second", Budget())
+    assert out.retried and out.verdict is Verdict.B
+    assert out.replies == ["Both are fine; I cannot say.", "[[B]]"] and out.raw == "[[B]]"
+    caller.script("openai/gpt-4.1", Reply(text="[[A]]"))
+    once = await judge.pairwise("q?", "first", "second", Budget())
+    assert not once.retried and once.replies == ["[[A]]"] and once.raw == "[[A]]"
 
 
 async def test_the_shadow_counts_a_pair_with_an_order_it_could_not_read_as_unparseable() -> None:

@@ -144,6 +144,41 @@ async def test_content_capture_is_opt_in_and_keys_never_appear(
     assert SECRET not in json.dumps(spans) and SECRET not in log_lines.getvalue()
 
 
+async def test_a_failed_calls_own_message_reaches_its_log_line_and_span_redacted(
+    otlp: OTLPReceiver, sim: SimulatorServer, log_lines: io.StringIO
+) -> None:
+    """The provider's reason, not only its kind, is in the "provider call" log line and on the
+    call's span status: with every part of the key the provider echoed (OpenAI's mask) removed."""
+    key = "sim-invalid-key-" + "Z9" * 12
+    cfg = parse_config(
+        {
+            "providers": {
+                "openai": {
+                    "kind": "openai",
+                    "api_key_env": "OPENAI_API_KEY",
+                    "base_url": sim.url + "/v1",
+                    "models": {"gpt-4.1-mini": {}},
+                }
+            },
+            "simulator": {"mode": "off"},
+        }
+    )
+    async with ProviderPool.from_config(cfg, env={"OPENAI_API_KEY": key}) as pool:
+        with (
+            tracer().start_as_current_span("client request") as root,
+            pytest.raises(Exception, match="Incorrect API key provided"),
+        ):
+            await MoAEngine(cfg, pool).run(QUESTION, preset="openai/gpt-4.1-mini")
+    lines = [json.loads(line) for line in log_lines.getvalue().splitlines()]
+    (logged,) = [line for line in lines if line.get("event") == "provider_call"]
+    assert logged["error_kind"] == "auth" and "Incorrect API key provided" in logged["error_message"]
+    trace_id = format(root.get_span_context().trace_id, "032x")
+    (call,) = by_name(wait_for_spans(otlp, trace_id, {"chat gpt-4.1-mini"}), "chat gpt-4.1-mini")
+    assert call["status_message"].startswith("auth: ") and "Incorrect API key" in call["status_message"]
+    for fragment in (key, key[:8], key[-4:]):
+        assert fragment not in log_lines.getvalue() and fragment not in call["status_message"]
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["call", "stream"])
 async def test_one_genai_span_per_model_call(otlp: OTLPReceiver, sim: SimulatorServer, stream: bool) -> None:
     """The Anthropic SDK opens its own ``anthropic.messages.create`` span with GenAI attributes:

@@ -546,7 +546,7 @@ async def test_references_are_trimmed_to_the_models_context_window(config: MoACo
     plan = config.presets["moa-lite"]
     agg = plan.aggregators[0]
     raw = config.model_dump(mode="json")
-    raw["providers"][agg.provider]["models"][agg.model]["context_window"] = 900
+    raw["providers"][agg.provider]["models"][agg.model]["context_window"] = 700
     small = parse_config(raw)
     params = GenerationParams(max_tokens=400)
     async with ProviderPool.from_config(config, sim_url=config.simulator.url) as pool:

@@ -66,7 +66,7 @@ from moa.keys_admin import (
 from moa.state import KeyExists, StateStore, describe
 from moa.textcheck import first_unencodable
 from moa.types import ChatMessage, TextDelta, Usage
-from moa_observability.asgi import CLIENT_CLOSED_REQUEST, END_USER_STATE, TracingMiddleware
+from moa_observability.asgi import CLIENT_CLOSED_REQUEST, END_USER_STATE, TracingMiddleware, stream_failed
 from moa_observability.metrics import RequestMetrics
 
 log = logging.getLogger("moa.api")
@@ -357,6 +357,7 @@ def moa_detail(result: MoAResult) -> dict[str, Any]:
         "answered_by": f"{result.provider}/{result.model}",
         "fallback": result.fallback,
         "fallback_reason": result.fallback_reason,
+        "answer_source": result.answer_source,
         "notes": result.notes,
         "cache": result.cache.model_dump(mode="json"),
         "calls": [c.model_dump(mode="json") for c in result.calls],
@@ -585,7 +586,7 @@ class Api:
                 self.record(result, 200, time.monotonic() - t0)
                 if self.shadow is not None:
                     self.shadow.offer(messages, result, req.model)  # starts a task; never waits
-                headers = _cache_header(ticket) | _preset_header(result.preset)
+                headers = _cache_header(ticket) | _preset_header(result.preset) | _answer_header(result)
                 return JSONResponse(self.completion_body(req, result), headers=headers)
             events = EventPump(self.engine.stream(messages, **kwargs))
             self._streams.add(events)
@@ -703,8 +704,10 @@ class Api:
                         yield b"data: " + json.dumps(body).encode() + b"\n\n"
                 ev = await events.next(idle_s)
         except MoAError as e:
-            # Text may already be out: the error travels in the stream, as OpenAI's API does.
+            # Text may already be out: the error travels in the stream, as OpenAI's API does. The
+            # request is counted and logged with the error's status, not the 200 of its headers.
             self.metrics.record(req.model, None, e.status_code, time.monotonic() - t0, e.fallback_reason)
+            stream_failed(e.status_code)
             yield b"data: " + json.dumps(error_body(e.message, e.error_type, e.code)).encode() + b"\n\n"
         finally:
             self._streams.discard(events)
@@ -764,7 +767,8 @@ class Api:
         finally:
             slot.release()
             await settle_quietly(gate.spend)
-        return JSONResponse(result.model_dump(mode="json"), headers=_cache_header(ticket))
+        headers = _cache_header(ticket) | _answer_header(result)
+        return JSONResponse(result.model_dump(mode="json"), headers=headers)
 
     def _model_objects(self) -> list[dict[str, Any]]:
         presets = ["auto", *self.config.presets]
@@ -828,6 +832,13 @@ def _cache_header(ticket: CacheTicket | None) -> dict[str, str]:
     """``x-moa-cache``: hit-exact, hit-semantic, miss, or bypass (not read: the request said so,
     a fresh sample was asked for, or the cache is off)."""
     return {"x-moa-cache": ticket.outcome.status if ticket is not None else "bypass"}
+
+
+def _answer_header(result: MoAResult) -> dict[str, str]:
+    """``x-moa-answer-source``: aggregator, fallback, or proposal (every aggregator failed and a
+    proposal answered unaggregated). A streamed response's headers leave before the answer is
+    known: there it is only in ``moa.detail``."""
+    return {"x-moa-answer-source": result.answer_source}
 
 
 def _can_answer(health: dict[str, Any]) -> bool:

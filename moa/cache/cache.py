@@ -228,6 +228,9 @@ class ResponseCache:
             return f"the answer ended with {result.finish_reason!r} (cut, not complete)"
         if not result.text:
             return "the answer is empty"
+        if result.answer_source == "proposal":
+            # The aggregators failed, perhaps for a moment: the next asker deserves another try.
+            return "every aggregator failed: a proposal answered, unaggregated"
         if result.fallback_reason == FallbackReason.QUORUM_MISSED and not self.config.quorum_missed:
             return "a proposer layer missed its quorum (cache.quorum_missed stores such answers)"
         return None

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from moa.config import MoAConfig
 from moa.engine.caller import ModelCaller
+from moa.engine.errors import ContextWindowExceeded
 from moa.engine.plan import ModelRef, ProposerSpec
 from moa.engine.prompts import trim_references
 from moa.tokens import approx_message_tokens, approx_tokens
@@ -30,8 +31,88 @@ from moa.types import (
 UNSEEN_BATCH_S = 0.1
 # Tokens reserved for an aggregator's answer when the request does not say.
 DEFAULT_ANSWER_RESERVE = 2048
-# Room for the aggregation template itself around the references.
+# Room for the aggregation template itself around the references (the cost projection's bound).
 TEMPLATE_OVERHEAD_TOKENS = 512
+# Tokens each rendered reference costs beyond its text (its tags and separators), when fitting.
+REFERENCE_TAG_TOKENS = 16
+# The least the references get however small the window: below it they say nothing useful.
+MIN_REFERENCE_BUDGET = 64
+
+
+class LearnedWindows:
+    """Context windows the providers told this process of, by (provider, model): the window a
+    server said it serves (its model listing) or named when it refused a prompt as too long.
+
+    Per process, as ``ProviderClient`` keeps the parameters a model refused: on Ray the provider
+    replica hears it, the failure (``CallError.context_window``) or result carries it to the
+    ingress, and each process that fits references (the ingress, the aggregator deployment) keeps
+    its own copy here. Only ever lowered: the smallest window heard is the one that holds."""
+
+    def __init__(self) -> None:
+        self._windows: dict[tuple[str, str], int] = {}
+
+    def get(self, provider: str, model: str) -> int | None:
+        return self._windows.get((provider, model))
+
+    def learn(self, provider: str, model: str, window: int | None) -> bool:
+        """Remember ``window``; True when it is news (smaller than what was known)."""
+        if window is None or window <= 0:
+            return False
+        known = self._windows.get((provider, model))
+        if known is not None and known <= window:
+            return False
+        self._windows[(provider, model)] = window
+        return True
+
+    def learn_from(self, res: CallResult) -> bool:
+        """Whatever ``res`` says of its model's window (a listing, or a refusal naming it)."""
+        told = res.error.context_window if res.error is not None else None
+        return self.learn(res.provider, res.requested_model, told or res.context_window)
+
+    def clear(self) -> None:
+        self._windows.clear()
+
+
+WINDOWS = LearnedWindows()
+
+
+def context_window(config: MoAConfig, ref: ModelRef) -> int:
+    """The window to fit a call to ``ref`` into: what its server said, else what the config
+    declares (a self-hosted server may serve less than declared: llama.cpp shares its context
+    among its slots), else 128,000."""
+    known = ref.provider in config.providers
+    declared = config.price(ref.provider, ref.model).context_window if known else 128_000
+    learned = WINDOWS.get(ref.provider, ref.model)
+    return min(declared, learned) if learned is not None else declared
+
+
+def check_window(
+    config: MoAConfig,
+    answering: Sequence[ModelRef],
+    messages: Sequence[ChatMessage],
+    params: GenerationParams,
+) -> None:
+    """Refuse (``ContextWindowExceeded``, a 400 naming the numbers) a request whose messages, with
+    the answer it asks for (its ``max_tokens``, else one token), fit the window of none of the
+    models that could answer it: nothing the service can trim, no model of the chain to turn to."""
+    if not answering:
+        return
+    prompt = approx_message_tokens(m.content for m in messages)
+    answer = params.max_tokens or 1
+    windows = {str(ref): context_window(config, ref) for ref in answering}
+    best = max(windows, key=lambda name: windows[name])
+    if prompt + answer > windows[best]:
+        raise ContextWindowExceeded(
+            f"the request needs about {prompt + answer} tokens ({prompt} in the messages, {answer} "
+            f"for the answer) but the largest context window of the models that would answer it "
+            f"is {windows[best]} tokens ({best}): shorten the messages or lower max_tokens"
+        )
+
+
+def template_tokens(config: MoAConfig, references: int) -> int:
+    """What the aggregation template adds around ``references`` references (estimated, a bound)."""
+    template = config.templates.aggregate_system.replace("{references}", "")
+    return approx_tokens(template) + REFERENCE_TAG_TOKENS * references
 
 
 def merge_params(params: GenerationParams, spec: ModelRef) -> GenerationParams:
@@ -57,16 +138,48 @@ def fit_references(
     budget: int | None,
 ) -> tuple[list[str], list[str]]:
     """Trim references to the token budget of the model that reads them; returns (references, notes)."""
+    refs, notes, _ = fit_call(config, references, ref, messages, params, budget)
+    return refs, notes
+
+
+def fit_call(
+    config: MoAConfig,
+    references: Sequence[str],
+    ref: ModelRef,
+    messages: Sequence[ChatMessage],
+    params: GenerationParams,
+    budget: int | None,
+) -> tuple[list[str], list[str], int | None]:
+    """Fit a call that reads ``references`` into its model's window (``context_window``): returns
+    the references trimmed to their budget, a note per change, and the ``max_tokens`` the call
+    must send (None: as asked).
+
+    Without ``reference_budget_tokens`` the window is shared: the client's messages and the
+    template first, then the answer's reservation (the request's ``max_tokens``, else the plan's,
+    else ``DEFAULT_ANSWER_RESERVE``), then the references. When nobody set ``max_tokens`` the
+    reservation is capped at half of what the messages leave, so the references keep a useful
+    share (a 2,048-token reservation in a 1,024-token window left them the 64-token floor), and
+    the cap is sent as ``max_tokens``: a server that has no room for more would otherwise fill
+    its window and stop mid-answer, or refuse the prompt for the answer it might write."""
     if not references:
-        return [], []
+        return [], [], None
+    cap: int | None = None
+    notes: list[str] = []
     if budget is None:
-        known = ref.provider in config.providers
-        window = config.price(ref.provider, ref.model).context_window if known else 128_000
-        reserve = params.max_tokens or getattr(ref, "max_tokens", None) or DEFAULT_ANSWER_RESERVE
-        overhead = approx_message_tokens(m.content for m in messages) + TEMPLATE_OVERHEAD_TOKENS
-        budget = max(window - reserve - overhead, 64)
+        window = context_window(config, ref)
+        overhead = approx_message_tokens(m.content for m in messages) + template_tokens(
+            config, len(references)
+        )
+        left = max(window - overhead, 0)
+        asked = params.max_tokens or getattr(ref, "max_tokens", None)
+        reserve = asked or DEFAULT_ANSWER_RESERVE
+        if asked is None and reserve > left // 2:
+            reserve = cap = max(left // 2, 1)
+            why = f"to leave the references half of its {window}-token window"
+            notes.append(f"{ref}: answer capped at {cap} tokens {why}")
+        budget = max(left - reserve, MIN_REFERENCE_BUDGET)
     trimmed = trim_references(references, budget)
-    return trimmed.answers, [f"{ref}: {note}" for note in trimmed.notes]
+    return trimmed.answers, notes + [f"{ref}: {note}" for note in trimmed.notes], cap
 
 
 def provider_kind(config: MoAConfig, provider: str) -> str:

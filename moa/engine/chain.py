@@ -104,7 +104,8 @@ async def answer_chain(
             # An attempt after one that sent text took over its broken answer.
             rec.took_over = emitted_before
             emitted_before = emitted
-            ctx.record(res, rec)
+            # References, an answer to continue, a step: a prompt the run built, not the client's.
+            ctx.record(res, rec, built=bool(references) or bool(prefix) or rec.took_over or step is not None)
             if not proposer:
                 ctx.add_provider_service(res.provider_service_s)
             name = f"{res.provider}/{res.requested_model}"

@@ -21,10 +21,11 @@ from moa.cache import CacheTicket, ResponseCache
 from moa.config import MoAConfig
 from moa.deadline import NO_DEADLINE, Deadline
 from moa.engine.caller import ModelCaller
+from moa.engine.calls import WINDOWS
 from moa.engine.errors import AllProvidersFailed, Failure
 from moa.engine.fusion import Fuser
 from moa.engine.plan import AggregationMode, Plan, PlanMode, PlanShape
-from moa.engine.result import CallRecord, FallbackReason, Progress, RouteDecision
+from moa.engine.result import CallRecord, FallbackReason, Progress, RouteDecision, Stage
 from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams
 
 # A routing decision: the plan, why, and any calls the router made (an LLM classifier).
@@ -126,6 +127,9 @@ class RunContext:
     failures: list[Failure] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     provider_critical_s: float | None = None
+    # The answers of the last proposer layer (or refine round) that met its quorum, in the layer's
+    # order: what the run answers with when every aggregator fails (``Plan.on_aggregators_failed``).
+    proposals: list[CallResult] = field(default_factory=list)
 
     @property
     def layers(self) -> int:
@@ -144,24 +148,36 @@ class RunContext:
         if seconds is not None:
             self.provider_critical_s = (self.provider_critical_s or 0.0) + seconds
 
-    def record(self, res: CallResult, rec: CallRecord, *, notify: bool = True) -> None:
+    def record(self, res: CallResult, rec: CallRecord, *, notify: bool = True, built: bool = False) -> None:
         """Keep ``rec`` (and ``res``'s failure, if any); tell ``on_call`` unless ``notify`` is off
         (the router's calls: the engine told it before admission, so they are billed even when
-        admission then refuses the request)."""
+        admission then refuses the request). ``built`` says the call's prompt was one the run
+        built (references, a continuation): its refusal is then never the client's fault."""
         self.records.append(rec)
         if self.on_call is not None and notify:
             self.on_call(rec)
+        # What the call said of its model's window (a listing, or a refusal naming it): on Ray the
+        # provider replica heard it, and the references are fitted here.
+        WINDOWS.learn_from(res)
         if res.error is not None:
-            stage = rec.stage.value if rec.layer is None else f"{rec.stage.value} layer {rec.layer}"
             self.failures.append(
                 Failure(
                     provider=res.provider,
                     model=res.requested_model,
                     kind=res.error.kind,
-                    stage=stage,
+                    stage=self.role_of(rec),
                     retry_after_s=res.error.retry_after_s,
+                    message=res.error.message,
+                    built=built,
                 )
             )
+
+    def role_of(self, rec: CallRecord) -> str:
+        """The call's role as an error names it: a plan with no layers (a direct call to a model,
+        or ``single``) has no aggregator, only the model that answers (``direct``)."""
+        if rec.stage is Stage.AGGREGATOR and self.plan.is_single:
+            return "direct"
+        return rec.stage.value if rec.layer is None else f"{rec.stage.value} layer {rec.layer}"
 
     def raise_failed(self) -> None:
         """End the run: at its deadline if that passed, else with every failure listed."""

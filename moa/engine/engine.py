@@ -23,6 +23,7 @@ from moa.cache import CacheTicket, ResponseCache, current_ticket, open_cache
 from moa.config import MoAConfig
 from moa.engine import spans
 from moa.engine.caller import ModelCaller
+from moa.engine.calls import check_window
 from moa.engine.caps import check_messages, check_plan
 from moa.engine.chain import Writer, answer_chain, synthesise
 from moa.engine.context import Routed, RunContext, RunOptions, RunRequest
@@ -30,7 +31,15 @@ from moa.engine.errors import MoAError
 from moa.engine.fusion import Fuser, LocalFuser
 from moa.engine.layer import LayerOutcome, Upstream, run_layer
 from moa.engine.plan import ModelRef, PlanMode
-from moa.engine.result import CallRecord, FallbackReason, MoAResult, Progress, RouteDecision, Stage
+from moa.engine.result import (
+    AnswerSource,
+    CallRecord,
+    FallbackReason,
+    MoAResult,
+    Progress,
+    RouteDecision,
+    Stage,
+)
 from moa.engine.router import LOCAL_TENANT, BeforeCall, HealthView, Router, RouterPolicy
 from moa.engine.staircase import StaircaseFeed, climb
 from moa.types import CallResult, ChatMessage, GenerationParams, TextDelta
@@ -170,6 +179,13 @@ class MoAEngine:
             plan, decision, _ = routed
             check_messages(self.config.caps, request.messages)
             check_plan(self.config.caps, plan, request.params or GenerationParams(), len(pre_calls))
+            # The models that would answer (their windows as declared, or as their servers said).
+            check_window(
+                self.config,
+                [*plan.aggregators, *plan.fallbacks],
+                request.messages,
+                request.params or GenerationParams(),
+            )
             spans.run_planned(span, decision, plan)
             ctx = RunContext(
                 config=self.config,
@@ -321,6 +337,8 @@ class MoAEngine:
             async for ev in self._finish(ctx, routes, answer):
                 yield ev
             return
+        policy = plan.on_aggregators_failed
+        salvage: FallbackReason | None = None  # why a proposal may answer, once every route failed
         if missed is not None:
             # A layer missed its quorum: the single-model fallback chain answers instead.
             ctx.deadline.check()
@@ -328,14 +346,21 @@ class MoAEngine:
             ctx.fallback_reason = kind
             ctx.note(f"{why}; falling back to a single model")
             routes = [_Route(plan.fallbacks, Stage.FALLBACK, [], why, kind)]
+            if kind is FallbackReason.SYNTHESIS_FAILED and policy != "fail":
+                # The round's proposers answered; only its synthesis failed.
+                salvage = kind
+                if policy == "proposal":
+                    routes = []
         else:
             routes = [_Route(plan.aggregators, Stage.AGGREGATOR, references)]
-            if plan.fallbacks and not plan.is_single:
+            if plan.fallbacks and not plan.is_single and policy == "fallbacks":
                 why = "every aggregator failed"
                 routes.append(
                     _Route(plan.fallbacks, Stage.FALLBACK, [], why, FallbackReason.AGGREGATORS_FAILED)
                 )
-        async for ev in self._finish(ctx, routes):
+            if policy != "fail" and not plan.is_single:
+                salvage = FallbackReason.AGGREGATORS_FAILED
+        async for ev in self._finish(ctx, routes, salvage=salvage):
             yield ev
 
     async def _climb(
@@ -367,7 +392,7 @@ class MoAEngine:
                 outcome = await run_layer(ctx, index, layer, references)
                 if not outcome.met:
                     return [], (f"layer {index} missed its quorum", FallbackReason.QUORUM_MISSED)
-                references = outcome.answers
+                references, ctx.proposals = outcome.answers, outcome.answered
             return references, None
         layer = plan.layers[0]
         for rnd in range(1, plan.rounds + 1):
@@ -375,7 +400,7 @@ class MoAEngine:
             outcome = await run_layer(ctx, rnd, layer, prior, refine=rnd > 1, round_=rnd)
             if not outcome.met:
                 return [], (f"round {rnd} missed its quorum", FallbackReason.QUORUM_MISSED)
-            references = outcome.answers
+            references, ctx.proposals = outcome.answers, outcome.answered
             if rnd < plan.rounds:
                 synthesis = await synthesise(ctx, references, round_=rnd)
                 if synthesis is None:
@@ -402,7 +427,9 @@ class MoAEngine:
                         return [], (f"layer {index} missed its quorum", FallbackReason.QUORUM_MISSED)
                 running = [t for t in layers if not t.done()]
                 if not running:
-                    return layers[-1].result().answers, None
+                    last = layers[-1].result()
+                    ctx.proposals = last.answered
+                    return last.answers, None
                 # Whichever layer ends first is looked at: a later one can miss its quorum first.
                 await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -414,26 +441,64 @@ class MoAEngine:
                 feed.close()
 
     async def _finish(
-        self, ctx: RunContext, routes: Sequence[_Route], prefix: str = ""
+        self,
+        ctx: RunContext,
+        routes: Sequence[_Route],
+        prefix: str = "",
+        *,
+        salvage: FallbackReason | None = None,
     ) -> AsyncIterator[TextDelta | MoAResult]:
-        """The final answer: the first route whose chain succeeds; every failure listed otherwise.
-        ``prefix`` is the answer's text already sent (staircase steps), which the chain continues."""
+        """The final answer: the first route whose chain succeeds. When every route failed and
+        ``salvage`` says why a proposal may answer (every aggregator failed after the proposers
+        answered), the best proposal the run has answers; otherwise every failure is listed.
+        ``prefix`` is the answer's text already sent (staircase steps), which the chain continues.
+
+        A route that fails after its text went out ends the run inside its chain (text cannot be
+        retracted), so a proposal only ever answers a run whose client has seen nothing yet."""
         for i, route in enumerate(routes):
             later = sum(len(r.chain) for r in routes[i + 1 :])
             chain = answer_chain(
                 ctx, route.chain, route.stage, route.references, stream=ctx.stream, later=later, prefix=prefix
             )
+            source: AnswerSource = "fallback" if route.stage is Stage.FALLBACK else "aggregator"
             async with aclosing(chain):
                 async for ev in chain:
                     if isinstance(ev, CallResult):
-                        yield _result(ctx, ev, route.reason, route.reason_kind)
+                        yield _result(ctx, ev, route.reason, route.reason_kind, source)
                         return
                     yield ev
-        ctx.raise_failed()
+        best = best_proposal(ctx.proposals) if salvage is not None else None
+        if best is None:
+            ctx.raise_failed()
+        assert best is not None and salvage is not None
+        # Paid for, and in hand: answered as it was written rather than thrown away with an error.
+        name = f"{best.provider}/{best.requested_model}"
+        why = f"every aggregator failed; answered with the best proposal ({name})"
+        ctx.fallback_reason = salvage
+        ctx.note(f"{why}: the first in the layer's order that finished on its own, else the first")
+        if ctx.stream:
+            for piece in _replay_pieces(best.text):
+                yield TextDelta(text=piece)
+        yield _result(ctx, best, why, salvage, "proposal")
+
+
+def best_proposal(answered: Sequence[CallResult]) -> CallResult | None:
+    """The proposal a run answers with when its aggregators all failed: the first, in the layer's
+    proposer order, whose answer finished on its own (``stop``: not cut at its token limit), else
+    the first. The order is the plan's, which lists the proposers as the operator ranks them; no
+    reading of the texts is attempted, so the rule is the same for every model and language."""
+    usable = [r for r in answered if r.ok and r.text]
+    complete = [r for r in usable if r.finish_reason == "stop"]
+    ranked = complete or usable
+    return ranked[0] if ranked else None
 
 
 def _result(
-    ctx: RunContext, final: CallResult, fallback: str | None, fallback_reason: FallbackReason | None
+    ctx: RunContext,
+    final: CallResult,
+    fallback: str | None,
+    fallback_reason: FallbackReason | None,
+    source: AnswerSource = "aggregator",
 ) -> MoAResult:
     usage = sum((r.usage for r in ctx.records), start=type(final.usage)())
     return MoAResult(
@@ -452,6 +517,7 @@ def _result(
         provider_critical_path_s=ctx.provider_critical_s,
         fallback=fallback,
         fallback_reason=fallback_reason,
+        answer_source=source,
         notes=ctx.notes,
     )
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel
 
 from moa.types import ErrorKind
+from moa_observability.genai import error_text
 
 if TYPE_CHECKING:
     from moa.engine.result import FallbackReason
@@ -21,6 +22,11 @@ class Failure(BaseModel):
     stage: str
     # The provider's Retry-After (or our limiter's estimate), when there was one.
     retry_after_s: float | None = None
+    # The provider's own reason (redacted of keys by its adapter), shortened for the message.
+    message: str = ""
+    # The refused prompt was one the service built (references, a continuation), not the
+    # client's messages as they came: a refusal of it is the service's failure, never the client's.
+    built: bool = False
 
 
 class MoAError(Exception):
@@ -61,6 +67,14 @@ class OverCap(InvalidRequest):
     def __init__(self, message: str, param: str = "plan") -> None:
         super().__init__(message)
         self.param = param
+
+
+class ContextWindowExceeded(InvalidRequest):
+    """The client's own messages (and the answer it asked for) fit no model that could answer them:
+    a request no retry or trimming can help, refused before any call with the numbers."""
+
+    code = "context_length_exceeded"
+    param = "messages"
 
 
 class InvalidPlan(InvalidRequest):
@@ -123,10 +137,20 @@ class AllProvidersFailed(MoAError):
             self.status_code = 500
             self.error_type = "server_error"
             self.code = "internal_error"
-        elif kinds and kinds <= {ErrorKind.BAD_REQUEST, ErrorKind.INTERNAL}:
+        elif (
+            kinds
+            and kinds <= {ErrorKind.BAD_REQUEST, ErrorKind.INTERNAL}
+            and not any(f.built and f.kind is ErrorKind.BAD_REQUEST for f in self.failures)
+        ):
             # Every provider refused the request itself: the caller can fix it, retrying cannot.
+            # Not when a refused prompt was one we built (an aggregator's, with the references):
+            # the client sent nothing wrong, so that stays a 502 (below).
             self.status_code = 400
             self.error_type = "invalid_request_error"
             self.code = "refused_by_providers"
-        listing = ", ".join(f"{f.provider}/{f.model} ({f.stage}): {f.kind}" for f in self.failures)
+        listing = ", ".join(
+            f"{f.provider}/{f.model} ({f.stage}): {f.kind}"
+            + (f" ({error_text(f.message)})" if f.message and f.kind is not ErrorKind.CANCELLED else "")
+            for f in self.failures
+        )
         super().__init__(f"every provider failed: {listing or 'no call was possible'}")

@@ -18,7 +18,8 @@ from moa.deadline import Deadline
 from moa.engine.caller import ModelCaller
 from moa.engine.calls import (
     UNSEEN_BATCH_S,
-    fit_references,
+    WINDOWS,
+    fit_call,
     merge_params,
     prompt_tokens,
     provider_kind,
@@ -97,7 +98,10 @@ async def fuse(job: FuseJob, caller: ModelCaller, config: MoAConfig) -> AsyncIte
     t0 = time.monotonic()
     deadline = job.deadline()
     sent = job.prefix  # the answer's text already out: earlier steps, attempts that broke mid-stream
-    for index, spec in enumerate(job.chain):
+    attempts = [(index, spec) for index, spec in enumerate(job.chain)]
+    refitted: set[int] = set()  # the models already called again after naming a smaller window
+    while attempts:
+        index, spec = attempts.pop(0)
         elapsed = time.monotonic() - t0
         timeout = job.call_timeout_s
         share: float | None = None
@@ -108,9 +112,12 @@ async def fuse(job: FuseJob, caller: ModelCaller, config: MoAConfig) -> AsyncIte
             still = len(job.chain) - index + job.later
             share = left / still if still > 1 else None
             timeout = min(timeout, left if job.stream or share is None else share)
-        refs, notes = fit_references(
+        refs, notes, cap = fit_call(
             config, job.references, spec, job.messages, job.params, job.reference_budget_tokens
         )
+        params = merge_params(job.params, spec)
+        if cap is not None and params.max_tokens is None:
+            params = params.model_copy(update={"max_tokens": cap})
         messages = with_references(job.messages, refs, config.templates, role=job.role)
         trim = LeadingTrim(False)
         if sent:
@@ -120,7 +127,7 @@ async def fuse(job: FuseJob, caller: ModelCaller, config: MoAConfig) -> AsyncIte
             provider=spec.provider,
             model=spec.model,
             messages=tuple(messages),
-            params=merge_params(job.params, spec),
+            params=params,
             timeout_s=timeout,
             batch_s=None if job.stream else UNSEEN_BATCH_S,
         )
@@ -151,6 +158,14 @@ async def fuse(job: FuseJob, caller: ModelCaller, config: MoAConfig) -> AsyncIte
         assert res is not None
         if res.ok and prefix:
             res = res.model_copy(update={"text": prefix + here})
+        window = res.error.context_window if res.error is not None else None
+        if WINDOWS.learn(spec.provider, spec.model, window) and not here and index not in refitted and refs:
+            # The model refused the prompt as too long and named its real window: the same model
+            # is called again at once with the references fitted to it (once: the window is only
+            # ever lowered, so a second refusal goes down the chain as any failure does).
+            refitted.add(index)
+            attempts.insert(0, (index, spec))
+            notes.append(f"{spec}: refused the prompt for its {window}-token window; references fitted to it")
         step = FuseStep(result=res, started_s=elapsed, notes=notes, continued_chars=len(prefix) or None)
         yield step
         if res.ok:

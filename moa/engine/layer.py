@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Collection, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from moa.deadline import Deadline
@@ -44,6 +44,9 @@ class LayerOutcome:
     answers: list[str]
     met: bool
     stragglers: int = 0
+    # The calls that answered, in the layer's proposer order (``answers`` are their texts): what
+    # a run whose aggregators all fail can still answer with (``Plan.on_aggregators_failed``).
+    answered: list[CallResult] = field(default_factory=list)
 
 
 @dataclass
@@ -227,6 +230,7 @@ async def _calls(
         i = tasks[task]
         results[i] = bill.cut(i, kind, f"cancelled as a straggler: {stop_reason}", end - start)
     answers: list[str] = []
+    answered: list[CallResult] = []
     reported: list[float] = []  # the providers' own service times, where they gave one
     for i, spec in enumerate(layer.proposers):
         res = results[i]
@@ -237,16 +241,17 @@ async def _calls(
                 res, stage=Stage.PROPOSER, started_s=started_s, layer=index, round=round_, role=spec.role
             )
             rec.cancelled_straggler = straggler
-            ctx.record(res, rec)
+            ctx.record(res, rec, built=bool(references))
         if not straggler and res.provider_service_s is not None:
             reported.append(res.provider_service_s)
         if res.ok:
             answers.append(res.text)
+            answered.append(res)
     ctx.add_provider_service(max(reported) if reported else None)
     met = len(answers) >= needed
     if not met:
         ctx.deadline.check(f"the request deadline passed in layer {index}")
-    return LayerOutcome(answers=answers, met=met, stragglers=len(stragglers))
+    return LayerOutcome(answers=answers, met=met, stragglers=len(stragglers), answered=answered)
 
 
 class _Bill:

@@ -83,6 +83,10 @@ class PlanMode(StrEnum):
 # moa.engine.staircase).
 AggregationMode = Literal["final", "early", "staircase"]
 
+# What answers when every aggregator failed after the proposers answered (see
+# ``Plan.on_aggregators_failed``).
+AggregatorsFailed = Literal["fallbacks", "proposal", "fail"]
+
 
 class SelfMoASpec(_Strict):
     """Shorthand expanded into one layer: the same model at spread temperatures and seeds."""
@@ -114,7 +118,24 @@ class Plan(_Strict):
         description="The first aggregator synthesises; the rest are its fallback chain, tried in order.",
     )
     fallbacks: tuple[ModelRef, ...] = Field(
-        default=(), description="The single-model answer chain used when a layer misses its quorum."
+        default=(),
+        description="The single-model answer chain used when a layer misses its quorum (and, with "
+        "on_aggregators_failed: fallbacks, when every aggregator failed).",
+    )
+    on_aggregators_failed: AggregatorsFailed = Field(
+        # The default keeps the operator's stated choice first: the fallback chain is the model(s)
+        # they picked to answer alone (in the shipped presets stronger than any proposer), and it
+        # answers the question afresh. Only when it fails too, or the plan has none, does a
+        # proposal answer: already paid for, and better than an error that discards it.
+        default="fallbacks",
+        description="When every aggregator failed after the proposers answered (or a refine "
+        "round's synthesis failed): fallbacks: the fallback chain answers the question afresh, and "
+        "should it fail too (or be empty) the best proposal answers; proposal: the best proposal "
+        "answers at once (no further call, no wait); fail: the request fails (502) rather than "
+        "answer unaggregated. The best proposal is the first answer in the layer's proposer order "
+        "that finished on its own (finish_reason stop), else the first in that order. A proposal "
+        "answer is marked in moa.detail (answer_source) and the x-moa-answer-source header, and is "
+        "never stored in the response cache.",
     )
     call_timeout_s: float = Field(
         default=60.0, gt=0, description="One model call's deadline, retries included."

@@ -10,6 +10,8 @@ from pydantic import BaseModel, Field
 from moa.engine.plan import Complexity, Plan, TaskType
 from moa.types import CallResult, ErrorKind, Usage
 
+AnswerSource = Literal["aggregator", "fallback", "proposal"]
+
 
 class Stage(StrEnum):
     PROPOSER = "proposer"
@@ -174,6 +176,10 @@ class MoAResult(BaseModel):
     # The same, as one of a few values (for metrics and programs): a proposer layer (or refine
     # round) missed its quorum; every aggregator failed; a refine round's synthesis failed.
     fallback_reason: FallbackReason | None = None
+    # Where the answer came from: the aggregator chain (for a single plan, its one model); the
+    # fallback chain; or, every aggregator having failed, a proposal the run already had
+    # (``Plan.on_aggregators_failed``), returned as it was written, unaggregated.
+    answer_source: AnswerSource = "aggregator"
     notes: list[str] = Field(default_factory=list)
     cache: CacheOutcome = Field(default_factory=CacheOutcome)
 

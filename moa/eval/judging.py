@@ -8,7 +8,7 @@ carries no verdict so the report counts it as unparseable instead of dropping it
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from moa.config import MoAConfig
 from moa.engine.caller import ModelCaller
@@ -33,7 +33,13 @@ class JudgeOutcome:
     verdict: Verdict | None = None
     score: float | None = None
     retried: bool = False
+    # The judge's last reply (its last RAW_KEPT_CHARS characters): the one the verdict was read
+    # from, or the one that could not be read even after the retry; "" when no reply came. The
+    # same in every record, retried or not: every reply, in order, is in ``replies``.
     raw: str = ""
+    # Every reply of the judge, one per attempt that answered (a retried judgment has two), each
+    # cut as ``raw`` is: what a retried judge said first is kept, not overwritten.
+    replies: list[str] = field(default_factory=list)
     cost_usd: float = 0.0
     error: str | None = None  # the judge's call failed (not the same as an unreadable verdict)
 
@@ -79,6 +85,7 @@ class Judge:
                 out.error = f"{res.error.kind}: {res.error.message}"
                 return None, out
             out.raw = res.text[-RAW_KEPT_CHARS:]
+            out.replies.append(out.raw)
             got = parse(res.text)
             if got is not None or attempt == 2:
                 return got, out

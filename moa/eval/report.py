@@ -241,9 +241,9 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             f"Reference: `{spec['reference_outputs'] or spec['reference']}`; pairs judged both ways.",
             "",
-            "| target | win rate | LC win rate | W/T/L | unparseable (retried) | first shown wins | "
-            "answer cost/item | answer cost | judge cost |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| target | win rate | LC win rate | W/T/L | unparseable (retried) | judge errors | "
+            "first shown wins | answer cost/item | answer cost | judge cost |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, row in report["targets"].items():
             pw = row.get("pairwise")
@@ -253,7 +253,7 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| `{name}` | {_pct(pw['win_rate'])} | {_pct(pw['lc_win_rate'])} | "
                 f"{pw['wins']}/{pw['ties']}/{pw['losses']} | {pw['unparseable']} ({pw['retried']}) | "
-                f"{'n/a' if fsw is None else f'{100 * fsw:.0f}%'} | "
+                f"{pw['judge_errors']} | {'n/a' if fsw is None else f'{100 * fsw:.0f}%'} | "
                 f"{_usd(row['answers']['cost_per_item_usd'])} | {_usd(row['answers']['cost_usd'])} | "
                 f"{_usd(pw['judge_cost_usd'])} |"
             )
@@ -264,15 +264,16 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             "| target | score (1-10) | "
             + " | ".join(cats)
-            + " | unparseable (retried) | answer cost/item | judge cost |",
-            "|---|---|" + "---|" * len(cats) + "---|---|---|",
+            + " | unparseable (retried) | judge errors | answer cost/item | judge cost |",
+            "|---|---|" + "---|" * len(cats) + "---|---|---|---|",
         ]
         for name, row in report["targets"].items():
             g = row["graded"]
             per = " | ".join(_num(g["by_category"].get(c, {})) for c in cats)
             lines.append(
                 f"| `{name}` | {_num(g['score'])} | {per} | {g['unparseable']} ({g['retried']}) | "
-                f"{_usd(row['answers']['cost_per_item_usd'])} | {_usd(g['judge_cost_usd'])} |"
+                f"{g['judge_errors']} | {_usd(row['answers']['cost_per_item_usd'])} | "
+                f"{_usd(g['judge_cost_usd'])} |"
             )
     if spec["mode"] == "pairwise" and len(spec["judges"]) > 1:
         for name, row in report["targets"].items():

@@ -308,5 +308,6 @@ class Evaluation:
             rec["verdict"] = out.verdict.value if out.verdict else None
         if out.error == "max_cost":
             return  # not judged: a resumed run judges it
-        rec.update(retried=out.retried, raw=out.raw, cost_usd=out.cost_usd, error=out.error)
+        rec.update(retried=out.retried, raw=out.raw, replies=out.replies, cost_usd=out.cost_usd)
+        rec["error"] = out.error
         self.files.add_judgment(rec)

@@ -36,7 +36,7 @@ from moa.types import (
     TextDelta,
     Usage,
 )
-from moa_observability.genai import end_call_span, start_call_span
+from moa_observability.genai import end_call_span, error_text, start_call_span
 from moa_observability.logs import span_ids
 
 # The provider's own report of how long it spent on a request: OpenAI documents this header on its
@@ -233,6 +233,26 @@ def redact_key(text: str, secret: str | None) -> str:
     return text
 
 
+# How servers refuse a prompt longer than the model's context window, each naming the window:
+# llama.cpp's llama-server ("request (1346 tokens) exceeds the available context size (1024
+# tokens), try increasing it", type exceed_context_size_error; older builds "exceeds context size
+# (N tokens)" or "is larger than the max context size (N tokens)"), OpenAI's
+# context_length_exceeded and vLLM ("This model's maximum context length is N tokens. ...").
+CONTEXT_REFUSAL = re.compile(
+    r"(?:available|max) context size \((\d+) tokens\)|exceeds context size \((\d+) tokens\)"
+    r"|maximum context length is (\d+) tokens"
+)
+
+
+def context_window_in(message: str) -> int | None:
+    """The context window a provider's refusal names, if the refusal is a prompt too long for it."""
+    m = CONTEXT_REFUSAL.search(message)
+    if m is None:
+        return None
+    window = int(next(g for g in m.groups() if g))
+    return window if window > 0 else None
+
+
 def status_error(
     status: int, message: str, headers: Mapping[str, str] | None, retry_after_s: float | None
 ) -> AttemptError:
@@ -418,13 +438,24 @@ class ProviderClient(ABC):
         return redact_key(text, self._secret)
 
     def _failure(self, req: CallRequest, t0: float, err: AttemptError, **fields: Any) -> CallResult:
+        # A prompt refused as too long for the model: the window it names travels with the
+        # failure, so the engine can fit the references to it and call again at once. Like any
+        # bad request it says nothing about the provider's health (the breaker stays neutral).
+        window = context_window_in(err.message) if err.kind is ErrorKind.BAD_REQUEST else None
         error = CallError(
             kind=err.kind,
             message=self._redact(err.message),
             status_code=err.status,
             retry_after_s=err.retry_after_s,
+            context_window=window,
         )
         return self._result(req, t0, error=error, **fields)
+
+    def _served_window(self, model: str) -> int | None:
+        """The context window the server itself reports for ``model``, if it is known by now (never
+        waited for: see ``OpenAICompatibleClient``). Only an OpenAI-compatible server reports one;
+        the default knows none."""
+        return None
 
     def _prepare(self, req: CallRequest) -> tuple[CallRequest, list[str]]:
         """The request as it will be sent: parameters the model refuses (configured, or learned
@@ -468,10 +499,14 @@ class ProviderClient(ABC):
         span = start_call_span(
             req, self.kind, self.endpoint.base_url, stream=stream, capture_content=self.capture_content
         )
+        self._served_window(req.model)  # starts reading the server's listing, once, unawaited
         result: CallResult | None = None
         try:
             async for ev in self._gated(req, stream):
                 if isinstance(ev, CallResult):
+                    window = self._served_window(req.model)
+                    if window is not None and ev.context_window is None:
+                        ev = ev.model_copy(update={"context_window": window})
                     result = ev
                 yield ev
         finally:
@@ -485,6 +520,8 @@ class ProviderClient(ABC):
                         "model": result.requested_model,
                         "status": "ok" if result.ok else "error",
                         "error_kind": result.error.kind.value if result.error else None,
+                        # Already redacted of the key (``_failure``): what the provider said.
+                        "error_message": error_text(result.error.message) if result.error else None,
                         "latency_s": round(result.latency_s, 4),
                         "input_tokens": result.usage.input_tokens,
                         "output_tokens": result.usage.output_tokens,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import httpx
 import openai
 from openai.types.chat import ChatCompletion
 
@@ -23,6 +26,9 @@ from moa.providers.base import (
 )
 from moa.types import CallRequest, ErrorKind, GenerationParams, Usage
 
+log = logging.getLogger("moa.providers")
+# How long the one-off read of a server's model listing may take (it never delays a call twice).
+LISTING_TIMEOUT_S = 3.0
 FINISH = {"stop": "stop", "length": "length", "content_filter": "content_filter"}
 # OpenAI's API takes at most this many stop sequences.
 MAX_STOP = 4
@@ -156,9 +162,76 @@ class OpenAIClient(ProviderClient):
 
 
 class OpenAICompatibleClient(OpenAIClient):
-    """vLLM, Ray Serve LLM, Ollama, Together, Groq...: the same protocol at another base_url."""
+    """vLLM, Ray Serve LLM, Ollama, Together, Groq...: the same protocol at another base_url.
+
+    A self-hosted server often serves a model with a smaller window than the model has (llama.cpp
+    divides its ``--ctx-size`` among its ``--parallel`` slots; vLLM has ``--max-model-len``), so
+    the window the config declares may be wrong. Where the server says what it serves, the client
+    reads it once, on its first call (``_served_window``): vLLM's ``GET /v1/models`` lists each
+    model's ``max_model_len``; llama.cpp's lists only the trained window (``meta.n_ctx_train``),
+    so its ``GET /props`` is asked for the per-slot ``default_generation_settings.n_ctx``. A listing
+    that fails or says nothing costs a call nothing: the window is then learned from a refusal."""
 
     kind = "openai_compatible"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The listing, read once in the background from the first call on: no call waits for it.
+        self._listing: asyncio.Task[dict[str, int]] | None = None
+
+    def _served_window(self, model: str) -> int | None:
+        if self._listing is None:
+            self._listing = asyncio.get_running_loop().create_task(self._read_windows())
+            return None
+        if not self._listing.done() or self._listing.cancelled():
+            return None
+        listed = self._listing.result()
+        return listed.get(model) or listed.get("*")
+
+    async def served_window(self, model: str) -> int | None:
+        """The window the server reports for ``model``, reading its listing now if need be (for
+        tests and tools; calls never wait for it)."""
+        self._served_window(model)
+        assert self._listing is not None
+        await asyncio.shield(self._listing)
+        return self._served_window(model)
+
+    async def _read_windows(self) -> dict[str, int]:
+        """Model -> served window, from the server's own listing (``*``: the one model a llama.cpp
+        server serves, whatever it is called). Never raises: a server without the endpoints, or
+        one that is down, simply says nothing."""
+        windows: dict[str, int] = {}
+        try:
+            async with asyncio.timeout(LISTING_TIMEOUT_S):
+                page = await self._sdk.models.list()
+                for m in page.data:
+                    extra = m.model_extra or {}
+                    if isinstance(extra.get("max_model_len"), int) and extra["max_model_len"] > 0:
+                        windows[m.id] = extra["max_model_len"]
+                if windows:
+                    return windows
+                root = str(self._sdk.base_url).rstrip("/").removesuffix("/v1")
+                async with httpx.AsyncClient(timeout=LISTING_TIMEOUT_S) as http:
+                    headers = {"Authorization": f"Bearer {self._secret}"} if self._secret else {}
+                    r = await http.get(root + "/props", headers=headers)
+                if r.status_code == 200:
+                    settings = r.json().get("default_generation_settings") or {}
+                    n_ctx = settings.get("n_ctx")
+                    if isinstance(n_ctx, int) and n_ctx > 0:
+                        windows["*"] = n_ctx
+        except Exception as exc:
+            log.info(
+                "%s: the server's context window could not be read (%s)",
+                self.name,
+                type(exc).__name__,
+                extra={"event": "window_listing", "provider": self.name},
+            )
+        return windows
+
+    async def aclose(self) -> None:
+        if self._listing is not None and not self._listing.done():
+            self._listing.cancel()
+        await super().aclose()
 
 
 def _usage(u: Any) -> Usage:

@@ -31,6 +31,7 @@ from moa.simulator.wire import (
     SimRequest,
     Wire,
     answer,
+    context_overflow,
     dumps,
     is_invalid_key,
     loads,
@@ -230,6 +231,8 @@ class SimulatorApp:
         if method == "GET":
             if path in ("/v1/models", "/v1beta/models"):
                 return await self._list_models(scope, send, path)
+            if path == "/props":
+                return await self._props(send)
             if path in ("/", "/healthz"):
                 return await _respond(send, 200, dumps({"status": "ok", "service": "moa provider simulator"}))
         wire = GEMINI if path.startswith("/v1beta") else OPENAI
@@ -320,10 +323,15 @@ class SimulatorApp:
             req = wire.parse(body, path_model, stream)
         except BadRequest as e:
             return await fail(Err.BAD_REQUEST, e.message, e.param, e.code)
-        refusal = wire.refusal(req, self.state.model_profile(req.model))
-        self.state.record_request(wire.name, req, refusal.message if refusal else None)
+        profile = self.state.model_profile(req.model)
+        refusal = wire.refusal(req, profile)
+        overflow = context_overflow(req, profile) if wire is OPENAI and refusal is None else None
+        refused = refusal.message if refusal else overflow[1]["error"]["message"] if overflow else None
+        self.state.record_request(wire.name, req, refused)
         if refusal is not None:
             return await fail(Err.BAD_REQUEST, refusal.message, refusal.param, refusal.code)
+        if overflow is not None:  # the prompt does not fit the window this model is served with
+            return await _respond(send, overflow[0], dumps(overflow[1]), base)
         await self._serve(wire, req, request_id, receive, send)
 
     async def _serve(
@@ -535,10 +543,38 @@ class SimulatorApp:
         if key is None or is_invalid_key(key):
             status, refusal = OPENAI.missing_key("") if key is None else OPENAI.invalid_key(key, "")
             return await _respond(send, status, refusal, own)
-        listing = [
-            {"id": n, "object": "model", "created": 1735689600, "owned_by": "simulator"} for n in names
-        ]
+        listing: list[dict[str, Any]] = []
+        for n in names:
+            entry: dict[str, Any] = {
+                "id": n,
+                "object": "model",
+                "created": 1735689600,
+                "owned_by": "simulator",
+            }
+            mp = self.state.model_profile(n)
+            if mp.server == "vllm" and mp.context_window is not None:
+                entry |= {"owned_by": "vllm", "root": n, "parent": None, "max_model_len": mp.context_window}
+            listing.append(entry)
         await _respond(send, 200, dumps({"object": "list", "data": listing}), own)
+
+    async def _props(self, send: Send) -> None:
+        """llama.cpp's ``GET /props``: the server's one model and its per-slot window
+        (``default_generation_settings.n_ctx``), for the first model profiled as a llama.cpp
+        server; 404 when there is none, as on any other server."""
+        for name, mp in self.state.profile.models.items():
+            if mp.server == "llama.cpp" and mp.context_window is not None:
+                params = {"n_predict": -1, "temperature": 0.8, "top_p": 0.95}
+                settings = {"n_ctx": mp.context_window, "params": params}
+                body = {
+                    "default_generation_settings": settings,
+                    "total_slots": 1,
+                    "model_alias": name,
+                    "model_path": f"/models/{name}.gguf",
+                }
+                return await _respond(send, 200, dumps(body))
+        return await _respond(
+            send, 404, dumps({"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
+        )
 
     # -- admin -----------------------------------------------------------------------------------
 

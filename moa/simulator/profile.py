@@ -150,6 +150,20 @@ class ModelProfile(_Strict):
     faults: Faults = Faults()
     # How this model answers moa eval's judge prompts (an unbiased judge by default).
     judge: JudgeProfile = JudgeProfile()
+    context_window: int | None = Field(
+        default=None,
+        ge=16,
+        description="The window (tokens) this model is served with on the OpenAI-compatible route: "
+        "a prompt that does not fit is refused with a 400 in the words of `server`, and an answer "
+        "stops (finish length) where the window is full. None: unlimited.",
+    )
+    server: Literal["openai", "llama.cpp", "vllm"] = Field(
+        default="openai",
+        description="Which server this model plays on the OpenAI-compatible route: how it refuses a "
+        "prompt too long for context_window (OpenAI's context_length_exceeded, llama.cpp's "
+        "exceed_context_size_error, vLLM's BadRequestError) and where it reports the window "
+        "(vllm: max_model_len in GET /v1/models; llama.cpp: n_ctx in GET /props).",
+    )
 
     @field_validator("style")
     @classmethod

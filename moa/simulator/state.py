@@ -15,7 +15,7 @@ from moa.simulator.continuation import split_continuation
 from moa.simulator.profile import FAULT_KINDS, Faults, FaultSpec, ModelProfile, SimProfile
 from moa.simulator.text import stable_hash
 from moa.simulator.wire import SimRequest
-from moa.tokens import CHARS_PER_TOKEN, approx_tokens
+from moa.tokens import CHARS_PER_TOKEN, approx_message_tokens, approx_tokens
 
 # Prompt caching, by OpenAI's documented rule: a prompt's prefix is cached once the prompt has this
 # many tokens, and a hit covers the longest prefix seen before, in blocks of this many tokens.
@@ -156,6 +156,8 @@ class SimState:
                 "params": req.params,
                 "refused": refused,
                 "continues": prefix,
+                # The prompt's size as the simulator counts it (what a served window is held to).
+                "prompt_tokens": approx_message_tokens(t for _, t in req.transcript),
             }
         )
 

@@ -179,10 +179,15 @@ def answer(
             pos, matched = min(hits)
             text, finish = text[:pos], "stop_sequence"
     completion_tokens = approx_tokens(text)
-    if req.max_tokens is not None and completion_tokens > req.max_tokens:
-        text = truncate_to_tokens(text, req.max_tokens)
-        # The model produced exactly max_tokens tokens; the cut text is their approximate rendering.
-        finish, matched, completion_tokens = "length", None, req.max_tokens
+    limit = req.max_tokens
+    if profile.context_window is not None:
+        # A served window bounds the answer too: generation stops once the window is full.
+        room = max(profile.context_window - prompt_tokens(req), 1)
+        limit = room if limit is None else min(limit, room)
+    if limit is not None and completion_tokens > limit:
+        text = truncate_to_tokens(text, limit)
+        # The model produced exactly its limit of tokens; the cut text is their approximate rendering.
+        finish, matched, completion_tokens = "length", None, limit
     return Completion(
         id=id,
         created=created,
@@ -194,6 +199,60 @@ def answer(
         cached_tokens=cached_tokens,
         judged=verdict is not None,
     )
+
+
+def context_overflow(req: SimRequest, profile: ModelProfile) -> tuple[int, dict[str, Any]] | None:
+    """The status and JSON body the server ``profile.server`` answers a prompt too long for
+    ``profile.context_window`` with, or None when it fits. Each server in its own words and shape
+    (tests/fixtures/providers/llamacpp and vllm hold the real bodies, with their provenance):
+
+    - llama.cpp refuses a prompt of at least its per-slot window (the answer is not counted: it
+      stops when the window is full), with ``exceed_context_size_error`` and both numbers;
+    - vLLM refuses a prompt plus ``max_tokens`` over ``max_model_len``;
+    - OpenAI refuses the same with ``context_length_exceeded``.
+    """
+    window = profile.context_window
+    if window is None:
+        return None
+    prompt = prompt_tokens(req)
+    if profile.server == "llama.cpp":
+        if prompt < window:
+            return None
+        message = (
+            f"request ({prompt} tokens) exceeds the available context size ({window} tokens), "
+            "try increasing it"
+        )
+        error = {"code": 400, "message": message, "type": "exceed_context_size_error"}
+        return 400, {"error": error | {"n_prompt_tokens": prompt, "n_ctx": window}}
+    wanted = req.max_tokens or 0
+    if prompt + wanted <= window and prompt < window:
+        return None
+    if profile.server == "vllm":
+        if prompt >= window:
+            message = (
+                f"This model's maximum context length is {window} tokens. However, your request has "
+                f"{prompt} input tokens. Please reduce the length of the input messages. None"
+            )
+        else:
+            message = (
+                f"'max_tokens' or 'max_completion_tokens' is too large: {wanted}. This model's maximum "
+                f"context length is {window} tokens and your request has {prompt} input tokens "
+                f"({wanted} > {window} - {prompt}). None"
+            )
+        return 400, {"error": {"message": message, "type": "BadRequestError", "param": None, "code": 400}}
+    if prompt >= window:
+        message = (
+            f"This model's maximum context length is {window} tokens. However, your messages "
+            f"resulted in {prompt} tokens. Please reduce the length of the messages."
+        )
+    else:
+        message = (
+            f"This model's maximum context length is {window} tokens. However, you requested "
+            f"{prompt + wanted} tokens ({prompt} in the messages, {wanted} in the completion). "
+            "Please reduce the length of the messages or completion."
+        )
+    error = {"message": message, "type": "invalid_request_error", "param": "messages"}
+    return 400, {"error": error | {"code": "context_length_exceeded"}}
 
 
 PAIR_REFUSED = "`temperature` and `top_p` cannot both be specified for this model. Please use only one."
