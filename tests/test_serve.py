@@ -204,7 +204,10 @@ def test_cluster_wide_rpm_holds_with_two_replicas(url: str, sim: SimulatorServer
     # Both replicas served part of it: the budget held across them, not inside one.
     per_replica = answered_by_replica("provider-metered", replicas=2)
     assert all(n > 0 for n in per_replica.values()), per_replica
-    assert sum(per_replica.values()) == reached["completed"], (per_replica, reached)
+    # Every answer the clients got was a call a replica answered; the provider may have finished
+    # a few more whose replica was cut first (their request's deadline passed as the end of the
+    # answer crossed: calls are streamed, and a cut one is billed for what had arrived).
+    assert answered <= sum(per_replica.values()) <= reached["completed"], (per_replica, reached)
 
 
 def answered_by_replica(deployment: str, replicas: int) -> dict[str, int]:
