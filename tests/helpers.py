@@ -60,7 +60,8 @@ def clear_faults(sim: Sim, model: str) -> None:
 
 
 def set_pace(sim: Sim, ttft_s: float, tokens_per_s: float) -> None:
-    """Every model answers at this pace (no jitter), until the next test's reset."""
+    """Every model answers at this pace (no jitter), until the next test's reset. It replaces the
+    whole profile: faults set before it are gone."""
     profile = {"default": {"ttft_s": ttft_s, "tokens_per_s": tokens_per_s, "jitter": 0.0}}
     _admin(sim, "PUT", "/admin/profile", json=profile).raise_for_status()
 

@@ -316,15 +316,27 @@ async def test_a_finished_call_is_invoiced_at_the_usage_it_reported(
 
 
 def test_a_failed_request_is_settled_against_its_budget_at_what_it_cost(
-    server: ApiServer, sim: SimulatorServer, state_dir: Path
+    sim: SimulatorServer, state_dir: Path
 ) -> None:
-    """README "Security": a request that fails still settles what it used. ``moa-lite`` against a
-    budgeted key, with every aggregator and fallback answering 500: the request fails after its
-    proposers answered; the key is charged exactly the simulator's invoice (the proposers; the
-    refused attempts cost nothing), and the request's reservation is released, so the rest of the
-    budget can be reserved in full."""
+    """README "Security": a request that fails still settles what it used. ``moa-lite`` (set to
+    fail rather than answer with a proposal when its aggregators fail) against a budgeted key,
+    with every aggregator and fallback answering 500: the request fails after its proposers
+    answered; the key is charged exactly the simulator's invoice (the proposers; the refused
+    attempts cost nothing), and the request's reservation is released, so the rest of the budget
+    can be reserved in full."""
     for model in ("gpt-4.1", "claude-sonnet-4-6", "gemini-2.5-pro"):
         set_fault(sim, model, error_500={"rate": 1.0})
+    cfg = load_config(None)
+    presets = {
+        **cfg.presets,
+        "moa-lite": cfg.presets["moa-lite"].model_copy(update={"on_aggregators_failed": "fail"}),
+    }
+    cfg = cfg.model_copy(
+        update={
+            "simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": "on"}),
+            "presets": presets,
+        }
+    )
     key = new_key()
     budget = 0.05
     record = new_record("failing", key, KeyLimits(budget_usd=budget))
@@ -345,9 +357,10 @@ def test_a_failed_request_is_settled_against_its_budget_at_what_it_cost(
         finally:
             await store.close()
 
-    r, spent, released = asyncio.run(scenario())
+    with ApiServer(cfg, store=lambda: SQLiteStore(state_dir / "state.db")) as server:
+        r, spent, released = asyncio.run(scenario())
     assert r.status_code >= 500, r.text
-    billed, _ = invoice(sim, server.config)
+    billed, _ = invoice(sim, cfg)
     assert billed > 0 and sim_stats(sim)["gpt-4.1"]["faults"]["error_500"] >= 1
     assert abs(spent - to_micro(billed)) <= 4, (spent, billed)
     assert released
