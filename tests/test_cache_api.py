@@ -18,7 +18,7 @@ import pytest
 
 from moa.cache.store import CLEAR_CHECK_S
 from moa.cli import main
-from moa.config import CacheConfig, MoAConfig, SemanticCacheConfig, StateConfig, load_config
+from moa.config import CacheConfig, MoAConfig, SemanticCacheConfig, SimulatorMode, StateConfig, load_config
 from moa.simulator.server import SimulatorServer
 from moa.state.sqlite_store import SQLiteStore
 from tests.helpers import ApiServer, by_name, set_fault, sim_total_requests, wait_for_spans
@@ -32,7 +32,7 @@ def cached_config(sim: SimulatorServer, state_dir: Path, **cache: Any) -> MoACon
     cfg = load_config(None)
     return cfg.model_copy(
         update={
-            "simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": "on"}),
+            "simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": SimulatorMode.ON}),
             "cache": CacheConfig(enabled=True, **{"store": "sqlite", **cache}),
             "state": StateConfig(dir=str(state_dir)),
         }
