@@ -27,7 +27,8 @@ from ray.serve.deployment import Application
 
 from moa.api.app import CUT_GRACE_S
 from moa.config import MoAConfig, load_config, simulation_active
-from moa.service import StopSignals, banner, claim_port, draining_message
+from moa.exposure import keys_exist
+from moa.service import StopSignals, banner, claim_port, draining_message, ray_lines
 from moa.simulator.profile import load_profile
 from moa_actors.aggregator import AggregatorDeployment
 from moa_actors.health_board import HEALTH_BOARD_NAME, HealthBoardDeployment
@@ -108,6 +109,7 @@ class LocalOptions(TypedDict, total=False):
     metrics_port: int | None  # Ray's Prometheus port (None: Ray picks one)
     dashboard: bool  # start Ray's dashboard (default False)
     sock: socket.socket | None  # the HTTP port, claimed beforehand (``claim_port``)
+    keys_required: bool  # an API key exists, so callers need one (default: asked of the store)
 
 
 def start_local(cfg: MoAConfig, host: str, port: int, **options: Unpack[LocalOptions]) -> LocalRay:
@@ -223,14 +225,12 @@ def run_local(cfg: MoAConfig, host: str, port: int, **options: Unpack[LocalOptio
             print(f"moa serve: Ray Serve did not start: {type(e).__name__}: {first}", file=sys.stderr)
             return 1
         StopSignals(stop.set, hurry.set).install()
-        extra = [f"  Metrics (Prometheus): http://127.0.0.1:{started.metrics_port}/metrics"]
-        if started.dashboard_url:
-            extra += [
-                f"  Ray dashboard: {started.dashboard_url}",
-                f"  serve status --address {started.dashboard_url}   "
-                "(with Ray's token auth on: RAY_AUTH_MODE=token, token in ~/.ray/auth_token)",
-            ]
-        print("\n".join(banner(cfg, started.url, mode="on a local Ray instance", extra=extra)), flush=True)
+        # ray.init sets RAY_AUTH_MODE=token in this process when it turns token auth on.
+        token_auth = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+        extra = ray_lines(started.metrics_port, started.dashboard_url, token_auth)
+        keys = options["keys_required"] if "keys_required" in options else keys_exist(cfg.state)
+        lines = banner(cfg, started.url, mode="on a local Ray instance", keys_required=keys, extra=extra)
+        print("\n".join(lines), flush=True)
         while not stop.wait(0.5):
             pass
         print(draining_message(cfg), flush=True)

@@ -235,8 +235,51 @@ def test_a_port_in_use_is_refused_before_anything_starts(
     assert out.returncode == 1, out
     assert f"port {port} on 127.0.0.1 is already in use" in out.stderr and "--port" in out.stderr
     assert "Traceback" not in out.stderr
+    # That line alone: no access notice ("the service is OPEN ...") for a service that never runs.
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
     # No Ray instance was started: none wrote its session directory.
     assert list(ray_tmp.iterdir()) == []
+
+
+# -- the banner's calls --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keys", [False, True], ids=["open", "with-a-key"])
+def test_the_banners_curl_works_as_printed(tmp_path: Path, slow_config: Path, keys: bool) -> None:
+    """The ``curl`` the banner prints, run by a shell as printed (with ``$MOA_API_KEY`` set, as
+    the banner says, once a key exists), gets a 200: with a key in the store it once printed a
+    keyless curl, which got a 401."""
+    if shutil.which("curl") is None:
+        pytest.skip("no curl on this machine")
+    env = clean_env(MOA_STATE_DIR=str(tmp_path / "state"))
+    if keys:
+        created = subprocess.run(
+            [sys.executable, "-m", "moa.cli", "keys", "create", "newcomer"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert created.returncode == 0, created.stderr
+        env["MOA_API_KEY"] = created.stdout.strip()
+    served = start_serve(tmp_path, "--local", "--config", str(slow_config), port=free_port(), env=env)
+    try:
+        wait_until_sync(
+            served.stdout, lambda out: "Ctrl-C or SIGTERM" in out, within_s=START_S, what="the banner"
+        )
+        (curl,) = [line.strip() for line in served.stdout().splitlines() if line.strip().startswith("curl ")]
+        done = subprocess.run(
+            ["sh", "-c", f"{curl} -s -o /dev/null -w '%{{http_code}}'"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.stdout == "200", (curl, done)
+        # And the call it replaced: without a key, a 401 once a key exists.
+        assert httpx.get(served.url + "/v1/models", timeout=10).status_code == (401 if keys else 200)
+    finally:
+        stop_if_running(served)
 
 
 # -- drain and signals without Ray -----------------------------------------------------------------
@@ -295,8 +338,9 @@ def test_ray_serve_prints_where_to_look_then_drains_on_sigterm(tmp_path: Path, s
         assert f"http://127.0.0.1:{metrics}/metrics" in banner
         assert "Tracing: not exported" in banner
         (dashboard,) = re.findall(r"Ray dashboard: (http://\S+)", banner)
-        assert f"serve status --address {dashboard}" in banner
-        # Ray 2.60 starts a local instance with token auth on; the CLI sends the token it wrote.
+        # Ray 2.60 starts a local instance with token auth on; the CLI sends the token it wrote
+        # when told to, as the command printed does.
+        assert f"  RAY_AUTH_MODE=token serve status --address {dashboard}\n" in banner
         status = subprocess.run(
             [str(Path(sys.executable).parent / "serve"), "status", "--address", dashboard],
             env=clean_env(RAY_AUTH_MODE="token"),
