@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -178,6 +180,55 @@ def test_the_ray_lines_name_a_serve_status_that_reaches_the_dashboard(token_auth
     assert status == f"  {prefix}serve status --address {dash}"
     # No dashboard, no command to reach it; no metrics port known, no URL with "None" in it.
     assert ray_lines(None, None, token_auth=token_auth) == []
+
+
+def _parsers(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    """Every command and verb of ``moa``, by its full name."""
+    yield parser.prog, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+def test_no_help_text_shows_an_escaped_percent() -> None:
+    """argparse %-formats help strings but prints a description as written: ``moa eval --help``
+    said "bootstrap 95%% intervals"."""
+    from moa.cli import build_parser
+
+    shown = {name: p.format_help() for name, p in _parsers(build_parser())}
+    assert len(shown) > 15
+    assert [name for name, text in shown.items() if "%%" in text] == []
+    assert "95% intervals" in shown["moa eval"]
+
+
+def test_only_revoke_is_called_final_in_moa_keys_help() -> None:
+    """``disable`` and ``enable`` once both said "(revoking is final)"; a disabled key comes back."""
+    from moa.cli import build_parser
+
+    keys = dict(_parsers(build_parser()))["moa keys"].format_help()
+    verbs = {
+        line.split()[0]: line
+        for line in keys.splitlines()
+        if line.strip().split()[:1] in (["revoke"], ["disable"], ["enable"])
+    }
+    assert "final" in verbs["revoke"]
+    assert "final" not in verbs["disable"] and "final" not in verbs["enable"]
+
+
+@pytest.mark.parametrize(
+    "argv", [["cache", "stats"], ["cache", "clear"], ["keys", "list"], ["keys", "revoke", "k"]]
+)
+def test_config_is_taken_before_or_after_the_verb(argv: list[str]) -> None:
+    """``moa cache stats --config F`` was refused (the option belonged to ``cache`` alone)."""
+    from moa.cli import build_parser
+
+    command, *verb = argv
+    parse = build_parser().parse_args
+    assert parse([command, "--config", "before.yaml", *verb]).config == "before.yaml"
+    assert parse([*argv, "--config", "after.yaml"]).config == "after.yaml"
+    assert parse([command, "--config", "before.yaml", *verb, "--config", "after.yaml"]).config == "after.yaml"
+    assert parse(argv).config is None
 
 
 def test_core_never_imports_ray() -> None:
