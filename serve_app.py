@@ -13,7 +13,9 @@ it reads: this builder only wires them together.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import re
 import socket
 import sys
 import threading
@@ -101,6 +103,27 @@ class LocalRay:
     dashboard_url: str | None
 
 
+class QuietServe(logging.Filter):
+    """Drops the records of Serve's logger that read as trouble on a clean ``moa serve`` run.
+
+    ``serve.run`` after ``serve.start`` (which ``moa serve`` calls to set the proxy's options)
+    connects to the Serve instance just started and says its "New http_options/controller_options
+    will not be applied" (they were, by ``serve.start``); the first handle the drain opens logs
+    "Started <...SharedRouterLongPollClient object at 0x...>". Both come from ``ray.serve`` in
+    this process (ray/serve/_private/api.py, router.py); every other record passes."""
+
+    NOISE = (
+        re.compile(r'Connecting to existing Serve app in namespace "\w+"\. New http_options'),
+        re.compile(
+            r"Started <ray\.serve\._private\.router\.SharedRouterLongPollClient object at 0x[0-9a-f]+>"
+        ),
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(p.match(message) for p in self.NOISE)
+
+
 class LocalOptions(TypedDict, total=False):
     """How ``start_local`` and ``run_local`` start the local Ray instance."""
 
@@ -121,6 +144,8 @@ def start_local(cfg: MoAConfig, host: str, port: int, **options: Unpack[LocalOpt
     import ray
 
     dashboard, sock = options.get("dashboard", False), options.get("sock")
+    if options.get("quiet", True):
+        logging.getLogger("ray.serve").addFilter(QuietServe())
     for key, value in {**THROUGHPUT_ENV, **LOCAL_ENV}.items():
         os.environ.setdefault(key, value)  # set before Ray starts: its processes inherit it
     # address="local": a new instance even when `ray start` left one running on this machine,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import shutil
@@ -372,8 +373,39 @@ def test_ray_serve_prints_where_to_look_then_drains_on_sigterm(tmp_path: Path, s
         assert served.proc.wait(120) == 0, served.stderr()[-3000:]
         assert "1 request(s) still running were ended" in served.stdout()
         assert "failed to shut down" not in served.stderr()
+        # Nothing that reads as trouble from Serve's logger on a clean run (QuietServe).
+        said = served.stdout() + served.stderr()
+        assert "Connecting to existing Serve app" not in said and "SharedRouterLongPollClient" not in said
     finally:
         stop_if_running(served)
+
+
+def _record(message: str, *args: object) -> logging.LogRecord:
+    return logging.LogRecord("ray.serve", logging.INFO, "api.py", 1, message, args, None)
+
+
+def test_quiet_serve_drops_only_the_lines_that_look_like_failure() -> None:
+    """``moa serve``'s filter on Serve's logger, on records shaped like the lines a clean run
+    printed: the two that read as trouble go, Serve's other records stay."""
+    app = pytest.importorskip("moa_serve_app")
+    quiet = app.QuietServe()
+    noise = [
+        _record(
+            'Connecting to existing Serve app in namespace "serve". '
+            "New http_options/controller_options will not be applied."
+        ),
+        _record(
+            "Started %s.", "<ray.serve._private.router.SharedRouterLongPollClient object at 0x7fd2fc1c97d0>"
+        ),
+    ]
+    assert [r for r in noise if quiet.filter(r)] == []
+    kept = [
+        _record('Started Serve in namespace "serve".'),
+        _record("Application 'moa' is ready at http://127.0.0.1:8000/."),
+        _record("Controller failed to shut down within 30.0s. Check controller logs for more details."),
+        _record("Started <ray.serve._private.router.SomethingElse object at 0x1>."),
+    ]
+    assert all(quiet.filter(r) for r in kept)
 
 
 def test_a_second_signal_ends_the_requests_in_progress_at_once(tmp_path: Path, slow_config: Path) -> None:
