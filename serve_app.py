@@ -13,7 +13,9 @@ it reads: this builder only wires them together.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import re
 import socket
 import sys
 import threading
@@ -27,7 +29,8 @@ from ray.serve.deployment import Application
 
 from moa.api.app import CUT_GRACE_S
 from moa.config import MoAConfig, load_config, simulation_active
-from moa.service import StopSignals, banner, claim_port, draining_message
+from moa.exposure import keys_exist
+from moa.service import StopSignals, banner, claim_port, draining_message, ray_lines
 from moa.simulator.profile import load_profile
 from moa_actors.aggregator import AggregatorDeployment
 from moa_actors.health_board import HEALTH_BOARD_NAME, HealthBoardDeployment
@@ -100,6 +103,27 @@ class LocalRay:
     dashboard_url: str | None
 
 
+class QuietServe(logging.Filter):
+    """Drops the records of Serve's logger that read as trouble on a clean ``moa serve`` run.
+
+    ``serve.run`` after ``serve.start`` (which ``moa serve`` calls to set the proxy's options)
+    connects to the Serve instance just started and says its "New http_options/controller_options
+    will not be applied" (they were, by ``serve.start``); the first handle the drain opens logs
+    "Started <...SharedRouterLongPollClient object at 0x...>". Both come from ``ray.serve`` in
+    this process (ray/serve/_private/api.py, router.py); every other record passes."""
+
+    NOISE = (
+        re.compile(r'Connecting to existing Serve app in namespace "\w+"\. New http_options'),
+        re.compile(
+            r"Started <ray\.serve\._private\.router\.SharedRouterLongPollClient object at 0x[0-9a-f]+>"
+        ),
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(p.match(message) for p in self.NOISE)
+
+
 class LocalOptions(TypedDict, total=False):
     """How ``start_local`` and ``run_local`` start the local Ray instance."""
 
@@ -108,6 +132,7 @@ class LocalOptions(TypedDict, total=False):
     metrics_port: int | None  # Ray's Prometheus port (None: Ray picks one)
     dashboard: bool  # start Ray's dashboard (default False)
     sock: socket.socket | None  # the HTTP port, claimed beforehand (``claim_port``)
+    keys_required: bool  # an API key exists, so callers need one (default: asked of the store)
 
 
 def start_local(cfg: MoAConfig, host: str, port: int, **options: Unpack[LocalOptions]) -> LocalRay:
@@ -119,6 +144,8 @@ def start_local(cfg: MoAConfig, host: str, port: int, **options: Unpack[LocalOpt
     import ray
 
     dashboard, sock = options.get("dashboard", False), options.get("sock")
+    if options.get("quiet", True):
+        logging.getLogger("ray.serve").addFilter(QuietServe())
     for key, value in {**THROUGHPUT_ENV, **LOCAL_ENV}.items():
         os.environ.setdefault(key, value)  # set before Ray starts: its processes inherit it
     # address="local": a new instance even when `ray start` left one running on this machine,
@@ -223,14 +250,12 @@ def run_local(cfg: MoAConfig, host: str, port: int, **options: Unpack[LocalOptio
             print(f"moa serve: Ray Serve did not start: {type(e).__name__}: {first}", file=sys.stderr)
             return 1
         StopSignals(stop.set, hurry.set).install()
-        extra = [f"  Metrics (Prometheus): http://127.0.0.1:{started.metrics_port}/metrics"]
-        if started.dashboard_url:
-            extra += [
-                f"  Ray dashboard: {started.dashboard_url}",
-                f"  serve status --address {started.dashboard_url}   "
-                "(with Ray's token auth on: RAY_AUTH_MODE=token, token in ~/.ray/auth_token)",
-            ]
-        print("\n".join(banner(cfg, started.url, mode="on a local Ray instance", extra=extra)), flush=True)
+        # ray.init sets RAY_AUTH_MODE=token in this process when it turns token auth on.
+        token_auth = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+        extra = ray_lines(started.metrics_port, started.dashboard_url, token_auth)
+        keys = options["keys_required"] if "keys_required" in options else keys_exist(cfg.state)
+        lines = banner(cfg, started.url, mode="on a local Ray instance", keys_required=keys, extra=extra)
+        print("\n".join(lines), flush=True)
         while not stop.wait(0.5):
             pass
         print(draining_message(cfg), flush=True)

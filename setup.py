@@ -17,7 +17,7 @@ packages, not modules, to other names: ``BuildPy`` writes ``serve_app.py`` into 
 
 from __future__ import annotations
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, find_packages, setup
 from setuptools.command.build_py import build_py
 
 # import name -> the folder (or, for a module, the file without ".py") it is installed from.
@@ -27,7 +27,9 @@ MODULE_FILES = {"moa_serve_app": "serve_app"}
 
 
 def _packages() -> list[str]:
-    found = find_packages(include=["moa", "moa.*"])
+    # Namespace discovery, so that moa/data (data files, no __init__.py) is a package of its own:
+    # setuptools warns at every build about an importable folder left out of `packages`.
+    found = find_namespace_packages(include=["moa", "moa.*"], exclude=["*.__pycache__"])
     for name, folder in PACKAGE_FOLDERS.items():
         found += [name, *(f"{name}.{sub}" for sub in find_packages(where=folder))]
     return found

@@ -11,14 +11,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 
 from moa.cache.cache import open_shared_store
-from moa.config import load_config
+from moa.config import BUNDLED_SOURCE, config_sources, load_config
+from moa.config_cli import add_config_option
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("cache", help="the response cache: stats, clear")
-    p.add_argument("--config", default=None, help="config YAML (default: $MOA_CONFIG or the bundled one)")
     cs = p.add_subparsers(dest="cache_command", required=True)
     st = cs.add_parser("stats", help="entries and bytes in the shared store, and its settings")
     st.add_argument("--json", action="store_true", help="print JSON")
@@ -31,6 +32,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "service's) or local (moa ask's); default: every scope",
     )
     cl.set_defaults(func=_clear)
+    add_config_option(p, *cs.choices.values())
 
 
 def _stats(args: argparse.Namespace) -> int:
@@ -39,6 +41,10 @@ def _stats(args: argparse.Namespace) -> int:
     if store is None:
         print("cache.store is memory: each replica keeps its own in-process cache; nothing is shared")
         return 0
+    # Which config answered, and where its cache.enabled came from: the store outlives any one
+    # config, so a config with the cache off (the bundled one, say) can face a full store.
+    sources = {name: origin for name, _, origin in config_sources(args.config)}
+    enabled_from, source = sources["cache.enabled"], _source(args.config)
 
     async def read() -> int:
         try:
@@ -47,7 +53,9 @@ def _stats(args: argparse.Namespace) -> int:
             await store.close()
         cc = cfg.cache
         row = {
+            "config": source,
             "enabled": cc.enabled,
+            "enabled_from": enabled_from,
             "store": stats.where,
             "entries": stats.entries,
             "bytes": stats.bytes,
@@ -57,13 +65,27 @@ def _stats(args: argparse.Namespace) -> int:
         }
         if args.json:
             print(json.dumps(row))
-        else:
-            width = max(len(k) for k in row)
-            for k, v in row.items():
-                print(f"{k:<{width}}  {v}")
+            return 0
+        width = max(len(k) for k in row)
+        for k, v in row.items():
+            print(f"{k:<{width}}  {v}")
+        if not cc.enabled and stats.entries:
+            print(
+                f"The cache is off in this config (cache.enabled: false, from {enabled_from}), so "
+                "nothing started with it reads or writes the store; its "
+                f"{stats.entries} entries were written by a service or run whose config had the cache "
+                "on over the same store. `moa cache clear` drops them."
+            )
         return 0
 
     return asyncio.run(read())
+
+
+def _source(path: str | None) -> str:
+    """The config in use, as ``load_config`` chose it: the file given, ``$MOA_CONFIG``, or the
+    bundled one."""
+    chosen = path or os.environ.get("MOA_CONFIG")
+    return f"{chosen} (over the bundled config)" if chosen else BUNDLED_SOURCE
 
 
 def _clear(args: argparse.Namespace) -> int:

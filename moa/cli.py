@@ -90,14 +90,12 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from moa.exposure import check_exposure
+    from moa.exposure import check_exposure, keys_exist
     from moa.service import PortInUse, claim_port
 
     cfg = load_config(args.config)
     if args.no_auth:  # the app's own request-time check reads it too
         cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update={"open": True})})
-    # Before anything listens: an address open to the network needs keys (or --no-auth).
-    print(check_exposure(cfg.state, args.host, cfg.server.open), file=sys.stderr)
     if args.local and (args.dashboard or args.metrics_port is not None or args.num_cpus is not None):
         print("moa serve: --dashboard, --metrics-port and --num-cpus need Ray", file=sys.stderr)
         return 2
@@ -108,15 +106,23 @@ def _run_serve(args: argparse.Namespace) -> int:
             print(f"moa serve needs Ray Serve: pip install 'moa-serve[serve]' ({e})", file=sys.stderr)
             return 2
     try:
-        # Claimed before anything starts: a port in use fails here, with nothing started.
+        # Claimed before anything is announced or started: with the port taken, the one line
+        # printed is why, not an access notice for a service that never runs.
         sock = claim_port(args.host, args.port)
     except PortInUse as e:
         print(f"moa serve: {e}", file=sys.stderr)
         return 1
+    try:
+        # Before anything is served: an address open to the network needs keys (or --no-auth).
+        keys = keys_exist(cfg.state)
+        print(check_exposure(cfg.state, args.host, cfg.server.open, keys=keys), file=sys.stderr)
+    except BaseException:
+        sock.close()
+        raise
     if args.local:
         from moa.local import serve_local
 
-        return serve_local(cfg, args.host, args.port, sock=sock)
+        return serve_local(cfg, args.host, args.port, sock=sock, keys_required=keys)
     return run_local(
         cfg,
         args.host,
@@ -126,6 +132,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         dashboard=args.dashboard,
         sock=sock,
+        keys_required=keys,
     )
 
 

@@ -9,6 +9,18 @@ import json
 
 from moa.config import config_schema, config_sources, load_config
 
+CONFIG_HELP = "config YAML (default: $MOA_CONFIG or the bundled one)"
+
+
+def add_config_option(parser: argparse.ArgumentParser, *verbs: argparse.ArgumentParser) -> None:
+    """``--config`` on a command with verbs (``moa cache``, ``moa keys``), taken before the verb
+    or after it: ``moa cache stats --config F`` was refused, the option being the command's
+    alone. The verbs' copies default to nothing at all (``SUPPRESS``), so the value given before
+    the verb stands unless one is given after it."""
+    parser.add_argument("--config", default=None, help=CONFIG_HELP)
+    for verb in verbs:
+        verb.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
+
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("config", help="the config file: its JSON schema, or check one")

@@ -45,11 +45,18 @@ async def _any_keys(cfg: StateConfig) -> bool:
         await store.close()
 
 
-def check_exposure(cfg: StateConfig, host: str, no_auth: bool) -> str:
+def keys_exist(cfg: StateConfig) -> bool:
+    """Whether any API key exists in the state store (then every request needs one). Not from
+    inside an event loop."""
+    return asyncio.run(_any_keys(cfg))
+
+
+def check_exposure(cfg: StateConfig, host: str, no_auth: bool, keys: bool | None = None) -> str:
     """What to tell the operator about access; raises ``ConfigError`` when the service would be
     open to the network: no key exists, the address is not loopback, and neither ``--no-auth``
-    nor ``server.open`` (``no_auth``) says to run open."""
-    if asyncio.run(_any_keys(cfg)):
+    nor ``server.open`` (``no_auth``) says to run open. ``keys``: whether keys exist, when the
+    caller has asked the store already (``keys_exist``)."""
+    if keys_exist(cfg) if keys is None else keys:
         return f"API keys are required (keys in {describe(cfg)})."
     if is_loopback(host):
         return (

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from moa.config import load_config
+from moa.config_cli import add_config_option
 from moa.keys_admin import VERBS, NewKey, change_status, create_key, key_rows
 from moa.state import KeyExists, KeyLimits, StateStore, describe, open_store
 
@@ -33,11 +34,18 @@ def usd(text: str) -> float:
     return value
 
 
+# Only a revocation is final: a disabled key is enabled again.
+VERB_HELP = {
+    "revoke": "revoke a key for good (final: it cannot be enabled again)",
+    "disable": "disable a key for now (`enable` brings it back)",
+    "enable": "enable a disabled key again (not a revoked one)",
+}
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "keys", help="manage the API keys callers must present (see the README's security section)"
     )
-    p.add_argument("--config", default=None, help="config YAML (default: $MOA_CONFIG or the bundled one)")
     ks = p.add_subparsers(dest="keys_command", required=True)
 
     c = ks.add_parser("create", help="create a key and print it (once)")
@@ -69,9 +77,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     lst.add_argument("--json", action="store_true")
     lst.set_defaults(func=_list)
     for verb in VERBS:
-        v = ks.add_parser(verb, help=f"{verb} a key (revoking is final)")
+        v = ks.add_parser(verb, help=VERB_HELP[verb])
         v.add_argument("name")
         v.set_defaults(func=_status, verb=verb)
+    add_config_option(p, *ks.choices.values())
 
 
 def _store(args: argparse.Namespace) -> tuple[StateStore, str]:

@@ -205,15 +205,27 @@ class LocalServer:
             self._stop.set()
 
 
-def serve_local(cfg: MoAConfig, host: str, port: int, *, sock: socket.socket | None = None) -> int:
-    """``moa serve --local``: serve until SIGINT or SIGTERM, drain, exit. Returns the exit status."""
+def serve_local(
+    cfg: MoAConfig,
+    host: str,
+    port: int,
+    *,
+    sock: socket.socket | None = None,
+    keys_required: bool | None = None,
+) -> int:
+    """``moa serve --local``: serve until SIGINT or SIGTERM, drain, exit. Returns the exit status.
+
+    ``keys_required``: whether an API key exists (the banner's examples send one then); None asks
+    the state store."""
     import os
 
     from moa.cli import local_simulator
+    from moa.exposure import keys_exist
     from moa_observability.logs import configure_json_logging
     from moa_observability.tracing import flush_tracing, setup_tracing
 
     sock = sock or claim_port(host, port)
+    keys = keys_exist(cfg.state) if keys_required is None else keys_required
     # As a Ray replica does (actors/telemetry.py): traces when an OTLP endpoint is set, JSON logs.
     setup_tracing({"service.instance.id": f"{socket.gethostname()}:{os.getpid()}", "moa.mode": "local"})
     if cfg.observability.json_logs:
@@ -225,7 +237,8 @@ def serve_local(cfg: MoAConfig, host: str, port: int, *, sock: socket.socket | N
         def ready(url: str) -> None:
             # The config as given (cfg): cfg_ names the simulator just started, which would hide
             # from the banner that the answers are synthetic.
-            print("\n".join(banner(cfg, url, mode="local: one process, no Ray")), flush=True)
+            lines = banner(cfg, url, mode="local: one process, no Ray", keys_required=keys)
+            print("\n".join(lines), flush=True)
 
         def stop() -> None:
             print(draining_message(cfg_), file=sys.stderr, flush=True)

@@ -54,8 +54,19 @@ def example_model(cfg: MoAConfig) -> str:
     return f"{provider}/{model}"
 
 
-def banner(cfg: MoAConfig, url: str, *, mode: str, extra: list[str] | None = None) -> list[str]:
-    """The lines ``moa serve`` prints once it answers: where, how to call it, where to look."""
+# Where a client keeps the key it sends: the client commands read it (``--api-key`` overrides).
+KEY_ENV = "MOA_API_KEY"
+
+
+def banner(
+    cfg: MoAConfig, url: str, *, mode: str, keys_required: bool, extra: list[str] | None = None
+) -> list[str]:
+    """The lines ``moa serve`` prints once it answers: where, how to call it, where to look.
+
+    The example calls are ones that work in the state the service is in: once any API key exists
+    every request needs one (a keyless ``curl`` or ``api_key='unused'`` gets a 401), so they send
+    the key from ``$MOA_API_KEY`` and say how to get one; the keyless form is shown only while
+    the service is open (no key exists)."""
     simulated = simulation_active(cfg) and not cfg.simulator.url
     model = example_model(cfg)
     lines = [f"MoA service ready at {url}  (OpenAI-compatible: {url}/v1; {mode})"]
@@ -63,14 +74,39 @@ def banner(cfg: MoAConfig, url: str, *, mode: str, extra: list[str] | None = Non
         lines.append(
             "No provider API key is set: every provider is the built-in simulator; answers are synthetic."
         )
+    if keys_required:
+        lines += [
+            f"API keys are required: send yours as ${KEY_ENV} (`moa keys create NAME` prints a new one, "
+            f"once; then export {KEY_ENV}=<the key>).",
+            f'  curl -H "Authorization: Bearer ${KEY_ENV}" {url}/v1/models',
+            f"  OpenAI(base_url='{url}/v1', api_key=os.environ['{KEY_ENV}'])"
+            f".chat.completions.create(model='{model}', ...)",
+        ]
+    else:
+        lines += [
+            f"  curl {url}/v1/models",
+            f"  OpenAI(base_url='{url}/v1', api_key='unused').chat.completions.create(model='{model}', ...)",
+        ]
     lines += [
-        f"  curl {url}/v1/models",
-        f"  OpenAI(base_url='{url}/v1', api_key='unused').chat.completions.create(model='{model}', ...)",
         *(extra or []),
         "  " + tracing_line(),
         f"Ctrl-C or SIGTERM stops it: new requests get 503, those in progress get up to "
         f"{cfg.server.drain_s:g} s (server.drain_s) to finish; a second Ctrl-C ends them at once.",
     ]
+    return lines
+
+
+def ray_lines(metrics_port: int | None, dashboard_url: str | None, token_auth: bool) -> list[str]:
+    """The banner's lines about the local Ray instance ``moa serve`` started.
+
+    ``token_auth``: Ray's token authentication is on (a new local instance turns it on unless
+    ``RAY_AUTH_MODE`` says otherwise). Ray's CLI then sends its token only when ``RAY_AUTH_MODE=token``
+    is in its own environment, so the ``serve status`` shown carries it (without it the command
+    fails with an ``AuthenticationError``)."""
+    lines = [f"  Metrics (Prometheus): http://127.0.0.1:{metrics_port}/metrics"] if metrics_port else []
+    if dashboard_url:
+        prefix = "RAY_AUTH_MODE=token " if token_auth else ""
+        lines += [f"  Ray dashboard: {dashboard_url}", f"  {prefix}serve status --address {dashboard_url}"]
     return lines
 
 

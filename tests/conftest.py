@@ -20,7 +20,7 @@ import httpx
 import pytest
 from hypothesis import settings
 
-from moa.config import MoAConfig, load_config, parse_config
+from moa.config import MoAConfig, SimulatorMode, load_config, parse_config
 from moa.engine.calls import WINDOWS
 from moa.simulator.profile import ModelProfile, SimProfile
 from moa.simulator.server import SimulatorServer
@@ -96,7 +96,7 @@ def config(sim: SimulatorServer) -> MoAConfig:
     """The bundled default config, pointed at the session simulator."""
     cfg = load_config(None)
     return cfg.model_copy(
-        update={"simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": "on"})}
+        update={"simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": SimulatorMode.ON})}
     )
 
 

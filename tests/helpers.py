@@ -176,7 +176,6 @@ def by_name(spans: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     return [s for s in spans if s["name"] == name]
 
 
-# The marks of a module of Ray tests: run with -m ray; and the session app's autoscaling test config
-# uses a short look-back on purpose (metrics are pushed faster than Serve's default), which Serve
-# warns about.
-RAY_MODULE = [pytest.mark.ray, pytest.mark.filterwarnings("ignore:`look_back_period_s`:FutureWarning")]
+# The marks of a module of Ray tests: run with -m ray. (Serve's warning about the session app's
+# short autoscaling look-back is filtered for every module, with its reason, in pyproject.toml.)
+RAY_MODULE = [pytest.mark.ray]

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from moa.cli import main
-from moa.config import ConfigError, load_config
+from moa.config import ConfigError, SimulatorMode, load_config
 from moa.simulator.server import SimulatorServer
 from moa.state.sqlite_store import SQLiteStore
 from tests.helpers import ApiServer
@@ -24,7 +24,7 @@ ADMIN = "adm-" + secrets.token_urlsafe(32)
 def _server(sim: SimulatorServer, state_dir: Path) -> ApiServer:
     cfg = load_config(None)
     cfg = cfg.model_copy(
-        update={"simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": "on"})}
+        update={"simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": SimulatorMode.ON})}
     )
     return ApiServer(cfg, store=lambda: SQLiteStore(state_dir / "state.db"))
 

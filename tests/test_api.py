@@ -19,12 +19,12 @@ from tests.waiting import wait_until, wait_until_sync
 @pytest.fixture
 def api_url(sim: SimulatorServer) -> Iterator[str]:
     """A fresh API (fresh provider clients and circuit breakers) per test, on the shared simulator."""
-    from moa.config import load_config
+    from moa.config import SimulatorMode, load_config
 
     cfg = load_config(None)
     cfg = cfg.model_copy(
         update={
-            "simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": "on"}),
+            "simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": SimulatorMode.ON}),
             "server": cfg.server.model_copy(
                 update={"max_request_bytes": 20_000, "max_concurrent_requests": 4}
             ),

@@ -18,7 +18,15 @@ import pytest
 
 from moa.cache.store import CLEAR_CHECK_S
 from moa.cli import main
-from moa.config import CacheConfig, MoAConfig, SemanticCacheConfig, StateConfig, load_config
+from moa.config import (
+    BUNDLED_SOURCE,
+    CacheConfig,
+    MoAConfig,
+    SemanticCacheConfig,
+    SimulatorMode,
+    StateConfig,
+    load_config,
+)
 from moa.simulator.server import SimulatorServer
 from moa.state.sqlite_store import SQLiteStore
 from tests.helpers import ApiServer, by_name, set_fault, sim_total_requests, wait_for_spans
@@ -32,7 +40,7 @@ def cached_config(sim: SimulatorServer, state_dir: Path, **cache: Any) -> MoACon
     cfg = load_config(None)
     return cfg.model_copy(
         update={
-            "simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": "on"}),
+            "simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": SimulatorMode.ON}),
             "cache": CacheConfig(enabled=True, **{"store": "sqlite", **cache}),
             "state": StateConfig(dir=str(state_dir)),
         }
@@ -355,6 +363,19 @@ def test_cache_cli_stats_and_clear(
     stats = json.loads(capsys.readouterr().out)
     assert stats["entries"] == 4 and stats["bytes"] > 0  # the answer and its three proposals
     assert str(state_dir) in stats["store"]
+    # The CLI's config (the bundled one) has the cache off while the server's store holds entries:
+    # said in so many words, not "enabled False" beside "entries 4" with nothing between.
+    assert stats["enabled"] is False and stats["config"] == BUNDLED_SOURCE
+    assert main(["cache", "stats"]) == 0
+    text = capsys.readouterr().out
+    assert "The cache is off in this config" in text and "its 4 entries were written by" in text
+    # Given the server's setting, after the verb (once refused): on, and nothing to explain.
+    on = state_dir / "cache-on.yaml"
+    on.write_text("cache: {enabled: true, store: sqlite}\n")
+    assert main(["cache", "stats", "--config", str(on)]) == 0
+    text = capsys.readouterr().out
+    assert f"config              {on} (over the bundled config)" in text
+    assert "enabled             True" in text and "The cache is off" not in text
     assert main(["cache", "clear", "--scope", "key:nobody"]) == 0
     assert "cleared 0 entries" in capsys.readouterr().out
     assert main(["cache", "clear", "--scope", "open"]) == 0

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -125,9 +127,108 @@ def test_the_start_up_hint_names_a_model_the_config_serves(tmp_path: Path) -> No
             "quick",
         ),
     ]:
-        lines = banner(parse_config(raw, "test"), "http://127.0.0.1:8000", mode="local")
-        (hint,) = [line for line in lines if "chat.completions.create" in line]
-        assert f"model='{model}'" in hint
+        for keys in (False, True):
+            lines = banner(
+                parse_config(raw, "test"), "http://127.0.0.1:8000", mode="local", keys_required=keys
+            )
+            (hint,) = [line for line in lines if "chat.completions.create" in line]
+            assert f"model='{model}'" in hint
+
+
+URL = "http://127.0.0.1:8000"
+
+
+def test_the_banner_of_an_open_service_shows_the_keyless_calls() -> None:
+    """No key exists: the service is open, and a call without a key is what works."""
+    from moa.service import banner
+
+    text = "\n".join(banner(load_config(None), URL, mode="local", keys_required=False))
+    assert f"  curl {URL}/v1/models\n" in text
+    assert "api_key='unused'" in text
+    assert "MOA_API_KEY" not in text and "Authorization" not in text
+
+
+def test_the_banner_with_keys_sends_one_and_says_where_to_get_it() -> None:
+    """Once a key exists, every request needs one: the keyless curl and ``api_key='unused'`` the
+    banner once printed both got a 401. It shows calls that send ``$MOA_API_KEY`` and says how to
+    get a key."""
+    from moa.service import banner
+
+    lines = banner(load_config(None), URL, mode="local", keys_required=True)
+    text = "\n".join(lines)
+    assert "unused" not in text
+    curls = [line for line in lines if "curl" in line]
+    assert curls == [f'  curl -H "Authorization: Bearer $MOA_API_KEY" {URL}/v1/models']
+    (client,) = [line for line in lines if "OpenAI(" in line]
+    assert "api_key=os.environ['MOA_API_KEY']" in client
+    assert "`moa keys create NAME`" in text and "export MOA_API_KEY=" in text
+
+
+@pytest.mark.parametrize("token_auth", [True, False], ids=["token-auth", "auth-disabled"])
+def test_the_ray_lines_name_a_serve_status_that_reaches_the_dashboard(token_auth: bool) -> None:
+    """With Ray's token auth on (a new local instance's default), Ray's CLI sends its token only
+    with ``RAY_AUTH_MODE=token`` in its environment: the command printed carries it (a bare
+    ``serve status`` fails with an AuthenticationError); with auth off it needs nothing."""
+    from moa.service import ray_lines
+
+    dash = "http://127.0.0.1:8265"
+    lines = ray_lines(9100, dash, token_auth=token_auth)
+    assert "  Metrics (Prometheus): http://127.0.0.1:9100/metrics" in lines
+    assert f"  Ray dashboard: {dash}" in lines
+    (status,) = [line for line in lines if "serve status" in line]
+    prefix = "RAY_AUTH_MODE=token " if token_auth else ""
+    assert status == f"  {prefix}serve status --address {dash}"
+    # No dashboard, no command to reach it; no metrics port known, no URL with "None" in it.
+    assert ray_lines(None, None, token_auth=token_auth) == []
+
+
+def _parsers(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    """Every command and verb of ``moa``, by its full name."""
+    yield parser.prog, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+def test_no_help_text_shows_an_escaped_percent() -> None:
+    """argparse %-formats help strings but prints a description as written: ``moa eval --help``
+    said "bootstrap 95%% intervals"."""
+    from moa.cli import build_parser
+
+    shown = {name: p.format_help() for name, p in _parsers(build_parser())}
+    assert len(shown) > 15
+    assert [name for name, text in shown.items() if "%%" in text] == []
+    assert "95% intervals" in shown["moa eval"]
+
+
+def test_only_revoke_is_called_final_in_moa_keys_help() -> None:
+    """``disable`` and ``enable`` once both said "(revoking is final)"; a disabled key comes back."""
+    from moa.cli import build_parser
+
+    keys = dict(_parsers(build_parser()))["moa keys"].format_help()
+    verbs = {
+        line.split()[0]: line
+        for line in keys.splitlines()
+        if line.strip().split()[:1] in (["revoke"], ["disable"], ["enable"])
+    }
+    assert "final" in verbs["revoke"]
+    assert "final" not in verbs["disable"] and "final" not in verbs["enable"]
+
+
+@pytest.mark.parametrize(
+    "argv", [["cache", "stats"], ["cache", "clear"], ["keys", "list"], ["keys", "revoke", "k"]]
+)
+def test_config_is_taken_before_or_after_the_verb(argv: list[str]) -> None:
+    """``moa cache stats --config F`` was refused (the option belonged to ``cache`` alone)."""
+    from moa.cli import build_parser
+
+    command, *verb = argv
+    parse = build_parser().parse_args
+    assert parse([command, "--config", "before.yaml", *verb]).config == "before.yaml"
+    assert parse([*argv, "--config", "after.yaml"]).config == "after.yaml"
+    assert parse([command, "--config", "before.yaml", *verb, "--config", "after.yaml"]).config == "after.yaml"
+    assert parse(argv).config is None
 
 
 def test_core_never_imports_ray() -> None:

@@ -78,3 +78,11 @@ def test_a_missing_workload_is_one_line() -> None:
         out.stderr.strip()
         == "moa: cannot read the prompts file no-such-file.jsonl: No such file or directory"
     )
+
+
+def test_one_jaeger_image_is_named_everywhere() -> None:
+    """The README ran Jaeger v2 (``jaegertracing/jaeger``) while serve_config.local.yaml named
+    v1's ``jaegertracing/all-in-one``: two images, two sets of ports and flags, for one recipe."""
+    files = [*DOCS, *ROOT.glob("*.yaml"), *(ROOT / "kuberay").glob("*.yaml")]
+    images = {m for f in files for m in re.findall(r"jaegertracing/[\w.:-]+", f.read_text())}
+    assert images == {"jaegertracing/jaeger:latest"}

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from moa.config import ConfigError, MoAConfig, load_config, parse_config
+from moa.config import ConfigError, MoAConfig, SimulatorMode, load_config, parse_config
 from moa.engine.errors import AllProvidersFailed, Failure
 from moa.engine.plan import Complexity
 from moa.engine.router import classify_heuristic
@@ -34,7 +34,7 @@ SURROGATE_BODY = b'{"model":"moa-lite","messages":[{"role":"user","content":"\\u
 def _config(sim: SimulatorServer, **caps: Any) -> MoAConfig:
     cfg = load_config(None)
     update: dict[str, Any] = {
-        "simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": "on"}),
+        "simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": SimulatorMode.ON}),
         "server": cfg.server.model_copy(update={"max_request_bytes": 200_000, "max_concurrent_requests": 4}),
     }
     if caps:

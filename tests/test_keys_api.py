@@ -20,7 +20,7 @@ import pytest
 
 from moa.auth import new_key, new_record
 from moa.cli import main
-from moa.config import MoAConfig, load_config
+from moa.config import MoAConfig, SimulatorMode, load_config
 from moa.simulator.server import SimulatorServer
 from moa.state import KeyLimits, Reservation, StateStore, to_micro, window_of
 from moa.state.sqlite_store import SQLiteStore
@@ -54,7 +54,7 @@ def server(sim: SimulatorServer, state_dir: Path) -> Iterator[ApiServer]:
     cfg = load_config(None)
     cfg = cfg.model_copy(
         update={
-            "simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": "on"}),
+            "simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": SimulatorMode.ON}),
             "server": cfg.server.model_copy(update={"max_concurrent_requests": 256}),
         }
     )
@@ -518,7 +518,7 @@ def test_one_key_cannot_take_every_admission_slot(
     cfg = load_config(None)
     cfg = cfg.model_copy(
         update={
-            "simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": "on"}),
+            "simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": SimulatorMode.ON}),
             "server": cfg.server.model_copy(update={"max_concurrent_requests": 4}),
         }
     )
@@ -588,7 +588,7 @@ def llm_routed(sim: SimulatorServer, state_dir: Path) -> Iterator[ApiServer]:
     }
     cfg = cfg.model_copy(
         update={
-            "simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": "on"}),
+            "simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": SimulatorMode.ON}),
             "router": type(cfg.router).model_validate(router),
         }
     )

@@ -21,7 +21,7 @@ import pytest
 
 from moa import MoAEngine, Plan, load_config
 from moa.auth import new_key, new_record
-from moa.config import MoAConfig
+from moa.config import MoAConfig, SimulatorMode
 from moa.engine.result import CallRecord, Stage
 from moa.providers.registry import ProviderPool
 from moa.simulator.server import SimulatorServer
@@ -169,7 +169,7 @@ def server(sim: SimulatorServer, state_dir: Path) -> Iterator[ApiServer]:
     set_pace(sim, ttft_s=0.02, tokens_per_s=40.0)  # slow enough to hang up mid-answer
     cfg = load_config(None)
     cfg = cfg.model_copy(
-        update={"simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": "on"})}
+        update={"simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": SimulatorMode.ON})}
     )
     with ApiServer(cfg, store=lambda: SQLiteStore(state_dir / "state.db")) as s:
         yield s
@@ -333,7 +333,7 @@ def test_a_failed_request_is_settled_against_its_budget_at_what_it_cost(
     }
     cfg = cfg.model_copy(
         update={
-            "simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": "on"}),
+            "simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": SimulatorMode.ON}),
             "presets": presets,
         }
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import shutil
@@ -235,8 +236,51 @@ def test_a_port_in_use_is_refused_before_anything_starts(
     assert out.returncode == 1, out
     assert f"port {port} on 127.0.0.1 is already in use" in out.stderr and "--port" in out.stderr
     assert "Traceback" not in out.stderr
+    # That line alone: no access notice ("the service is OPEN ...") for a service that never runs.
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
     # No Ray instance was started: none wrote its session directory.
     assert list(ray_tmp.iterdir()) == []
+
+
+# -- the banner's calls --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keys", [False, True], ids=["open", "with-a-key"])
+def test_the_banners_curl_works_as_printed(tmp_path: Path, slow_config: Path, keys: bool) -> None:
+    """The ``curl`` the banner prints, run by a shell as printed (with ``$MOA_API_KEY`` set, as
+    the banner says, once a key exists), gets a 200: with a key in the store it once printed a
+    keyless curl, which got a 401."""
+    if shutil.which("curl") is None:
+        pytest.skip("no curl on this machine")
+    env = clean_env(MOA_STATE_DIR=str(tmp_path / "state"))
+    if keys:
+        created = subprocess.run(
+            [sys.executable, "-m", "moa.cli", "keys", "create", "newcomer"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert created.returncode == 0, created.stderr
+        env["MOA_API_KEY"] = created.stdout.strip()
+    served = start_serve(tmp_path, "--local", "--config", str(slow_config), port=free_port(), env=env)
+    try:
+        wait_until_sync(
+            served.stdout, lambda out: "Ctrl-C or SIGTERM" in out, within_s=START_S, what="the banner"
+        )
+        (curl,) = [line.strip() for line in served.stdout().splitlines() if line.strip().startswith("curl ")]
+        done = subprocess.run(
+            ["sh", "-c", f"{curl} -s -o /dev/null -w '%{{http_code}}'"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.stdout == "200", (curl, done)
+        # And the call it replaced: without a key, a 401 once a key exists.
+        assert httpx.get(served.url + "/v1/models", timeout=10).status_code == (401 if keys else 200)
+    finally:
+        stop_if_running(served)
 
 
 # -- drain and signals without Ray -----------------------------------------------------------------
@@ -295,8 +339,9 @@ def test_ray_serve_prints_where_to_look_then_drains_on_sigterm(tmp_path: Path, s
         assert f"http://127.0.0.1:{metrics}/metrics" in banner
         assert "Tracing: not exported" in banner
         (dashboard,) = re.findall(r"Ray dashboard: (http://\S+)", banner)
-        assert f"serve status --address {dashboard}" in banner
-        # Ray 2.60 starts a local instance with token auth on; the CLI sends the token it wrote.
+        # Ray 2.60 starts a local instance with token auth on; the CLI sends the token it wrote
+        # when told to, as the command printed does.
+        assert f"  RAY_AUTH_MODE=token serve status --address {dashboard}\n" in banner
         status = subprocess.run(
             [str(Path(sys.executable).parent / "serve"), "status", "--address", dashboard],
             env=clean_env(RAY_AUTH_MODE="token"),
@@ -328,8 +373,39 @@ def test_ray_serve_prints_where_to_look_then_drains_on_sigterm(tmp_path: Path, s
         assert served.proc.wait(120) == 0, served.stderr()[-3000:]
         assert "1 request(s) still running were ended" in served.stdout()
         assert "failed to shut down" not in served.stderr()
+        # Nothing that reads as trouble from Serve's logger on a clean run (QuietServe).
+        said = served.stdout() + served.stderr()
+        assert "Connecting to existing Serve app" not in said and "SharedRouterLongPollClient" not in said
     finally:
         stop_if_running(served)
+
+
+def _record(message: str, *args: object) -> logging.LogRecord:
+    return logging.LogRecord("ray.serve", logging.INFO, "api.py", 1, message, args, None)
+
+
+def test_quiet_serve_drops_only_the_lines_that_look_like_failure() -> None:
+    """``moa serve``'s filter on Serve's logger, on records shaped like the lines a clean run
+    printed: the two that read as trouble go, Serve's other records stay."""
+    app = pytest.importorskip("moa_serve_app")
+    quiet = app.QuietServe()
+    noise = [
+        _record(
+            'Connecting to existing Serve app in namespace "serve". '
+            "New http_options/controller_options will not be applied."
+        ),
+        _record(
+            "Started %s.", "<ray.serve._private.router.SharedRouterLongPollClient object at 0x7fd2fc1c97d0>"
+        ),
+    ]
+    assert [r for r in noise if quiet.filter(r)] == []
+    kept = [
+        _record('Started Serve in namespace "serve".'),
+        _record("Application 'moa' is ready at http://127.0.0.1:8000/."),
+        _record("Controller failed to shut down within 30.0s. Check controller logs for more details."),
+        _record("Started <ray.serve._private.router.SomethingElse object at 0x1>."),
+    ]
+    assert all(quiet.filter(r) for r in kept)
 
 
 def test_a_second_signal_ends_the_requests_in_progress_at_once(tmp_path: Path, slow_config: Path) -> None:

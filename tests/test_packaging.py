@@ -34,7 +34,8 @@ CLASHING = {"actors", "observability", "serve_app.py"}
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
+def build(tmp_path_factory: pytest.TempPathFactory) -> tuple[zipfile.ZipFile, str]:
+    """The wheel, and what the build printed (pip shows the backend's warnings even with -q)."""
     pytest.importorskip("setuptools")
     src = tmp_path_factory.mktemp("src")
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
@@ -58,7 +59,12 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
     done = subprocess.run(cmd, cwd=src, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     (built,) = out.glob("moa_serve-*.whl")
-    return zipfile.ZipFile(built)
+    return zipfile.ZipFile(built), done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def wheel(build: tuple[zipfile.ZipFile, str]) -> zipfile.ZipFile:
+    return build[0]
 
 
 def _tracked(name: str) -> list[Path]:
@@ -98,6 +104,16 @@ def test_the_wheel_declares_the_cli_and_the_bench_entry_point(wheel: zipfile.Zip
     # Nothing but the project: no tests, no build leftovers.
     tops = {n.split("/")[0] for n in wheel.namelist() if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {*PACKAGES.values(), *MODULES.values()}
+
+
+def test_the_build_prints_no_warning(build: tuple[zipfile.ZipFile, str]) -> None:
+    """setuptools' warnings are about builds that stop working: the licence as a TOML table
+    (deprecated; such builds fail from February 2027) and a data folder left out of ``packages``
+    were printed at every install. The licence is an SPDX expression in the metadata."""
+    wheel, output = build
+    assert "Warning" not in output, output
+    (metadata,) = [n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")]
+    assert "License-Expression: Apache-2.0" in wheel.read(metadata).decode()
 
 
 def test_no_top_level_name_another_distribution_could_ship(wheel: zipfile.ZipFile) -> None:

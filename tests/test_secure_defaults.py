@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from moa.auth import new_key, new_record
 from moa.cache.sqlite_store import SQLiteCacheStore
 from moa.cli import main
-from moa.config import ConfigError, load_config, parse_config
+from moa.config import ConfigError, SimulatorMode, load_config, parse_config
 from moa.exposure import from_beyond_loopback
 from moa.simulator.server import SimulatorServer
 from moa.state import KeyLimits
@@ -40,7 +40,7 @@ ADMIN = "adm-secure-defaults-" + "x" * 24
 def _config(sim: SimulatorServer) -> Any:
     cfg = load_config(None)
     return cfg.model_copy(
-        update={"simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": "on"})}
+        update={"simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": SimulatorMode.ON})}
     )
 
 

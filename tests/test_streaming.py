@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from moa.config import MoAConfig, load_config
+from moa.config import MoAConfig, SimulatorMode, load_config
 from moa.engine.engine import MoAEngine
 from moa.engine.plan import Plan
 from moa.engine.result import MoAResult
@@ -44,7 +44,7 @@ def _config(sim: SimulatorServer) -> MoAConfig:
     cfg = load_config(None)
     return cfg.model_copy(
         update={
-            "simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": "on"}),
+            "simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": SimulatorMode.ON}),
             "server": cfg.server.model_copy(update={"sse_keepalive_s": KEEPALIVE_S}),
         }
     )

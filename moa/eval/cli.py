@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="does moa beat your best single model on your questions? win rates, scores, costs",
         description="Answer a workload with each target, have judges compare each target with a "
         "reference (pairwise, both orders) or grade it 1-10, and report win rates or scores with "
-        "bootstrap 95%% intervals and the cost of answering and judging. Every call is written to "
+        "bootstrap 95% intervals and the cost of answering and judging. Every call is written to "
         "the run directory as it finishes; --resume continues an interrupted run.",
     )
     p.add_argument(
