@@ -135,6 +135,22 @@ class CallError(BaseModel):
     context_window: int | None = None
 
 
+# Every top-level field of OpenAI's chat completions request (openai-python's
+# CompletionCreateParams): what the API accepts (refusing anything else by name, as OpenAI does)
+# and what the simulator's OpenAI route knows.
+OPENAI_CHAT_FIELDS = frozenset(
+    {
+        "model", "messages", "audio", "frequency_penalty", "function_call", "functions", "logit_bias",
+        "logprobs", "max_completion_tokens", "max_tokens", "metadata", "modalities", "moderation", "n",
+        "parallel_tool_calls", "prediction", "presence_penalty", "prompt_cache_key",
+        "prompt_cache_options", "prompt_cache_retention", "reasoning_effort", "response_format",
+        "safety_identifier", "seed", "service_tier", "stop", "store", "stream", "stream_options",
+        "temperature", "tool_choice", "tools", "top_logprobs", "top_p", "user", "verbosity",
+        "web_search_options",
+    }
+)  # fmt: skip
+
+
 class CallRequest(BaseModel):
     """One model call as the engine asks for it; the transport (in-process or Ray) routes it."""
 

@@ -6,6 +6,8 @@ Tests talk to it over loopback with the official SDKs, exactly as production cod
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import os
 import secrets
 import shutil
@@ -24,6 +26,7 @@ from moa.config import MoAConfig, SimulatorMode, load_config, parse_config
 from moa.engine.calls import WINDOWS
 from moa.simulator.profile import ModelProfile, SimProfile
 from moa.simulator.server import SimulatorServer
+from moa_observability.logs import JsonFormatter
 from moa_observability.tracing import flush_tracing, setup_tracing
 from tests.helpers import RAY_ADMIN_KEY
 from tests.otlp_receiver import OTLPReceiver
@@ -300,3 +303,18 @@ def _cluster(
 def url(cluster: dict[str, Any], sim: SimulatorServer) -> str:
     """The session Ray app's URL (modules testing the in-process API define a ``url`` of their own)."""
     return str(cluster["url"])
+
+
+@pytest.fixture
+def log_lines() -> Iterator[io.StringIO]:
+    """Everything the moa loggers write, as the JSON lines a deployment emits."""
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("moa")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield buf
+    logger.removeHandler(handler)
+    logger.setLevel(old_level)

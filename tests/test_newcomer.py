@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import shlex
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,26 +16,10 @@ import pytest
 
 from moa.config import ConfigError, MoAConfig, load_config
 from moa.simulator.server import SimulatorServer
-from moa_observability.logs import JsonFormatter
 from tests.helpers import QUESTION, ApiServer, by_name, sim_requests, wait_for_spans
 from tests.otlp_receiver import OTLPReceiver
 from tests.test_cli import run_moa
 from tests.waiting import wait_until_sync
-
-
-@pytest.fixture
-def log_lines() -> Iterator[io.StringIO]:
-    """Everything the moa loggers write, as the JSON lines a deployment would emit."""
-    buf = io.StringIO()
-    handler = logging.StreamHandler(buf)
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("moa")
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield buf
-    logger.removeHandler(handler)
-    logger.setLevel(old_level)
 
 
 def set_models(sim: SimulatorServer, models: dict[str, Any]) -> None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -17,7 +16,6 @@ from moa.engine.engine import MoAEngine
 from moa.providers.registry import ProviderPool
 from moa.simulator.server import SimulatorServer
 from moa.types import ChatMessage
-from moa_observability.logs import JsonFormatter
 from moa_observability.tracing import tracer
 from tests.helpers import by_name, wait_for_spans
 from tests.otlp_receiver import OTLPReceiver
@@ -30,21 +28,6 @@ SECRET = "sk-live-THIS-MUST-NEVER-LEAK-0123456789"
 
 def overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a["start"] < b["end"] and b["start"] < a["end"]
-
-
-@pytest.fixture
-def log_lines() -> Iterator[io.StringIO]:
-    """Everything the moa loggers write, as the JSON lines a deployment would emit."""
-    buf = io.StringIO()
-    handler = logging.StreamHandler(buf)
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("moa")
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield buf
-    logger.removeHandler(handler)
-    logger.setLevel(old_level)
 
 
 def real_mode_config(sim: SimulatorServer, capture: bool) -> MoAConfig:

@@ -29,7 +29,6 @@ from moa.exposure import from_beyond_loopback
 from moa.simulator.server import SimulatorServer
 from moa.state import KeyLimits
 from moa.state.sqlite_store import SQLiteStore
-from moa_observability.logs import JsonFormatter
 from tests.helpers import ApiServer, by_name, non_loopback_address, sim_total_requests, wait_for_spans
 from tests.otlp_receiver import OTLPReceiver
 from tests.waiting import wait_until_sync
@@ -176,21 +175,6 @@ async def test_files_an_older_version_left_readable_are_narrowed(tmp_path: Path,
 
 
 # -- a key pasted into a URL reaches no span and no log line ------------------------------------------
-
-
-@pytest.fixture
-def log_lines() -> Iterator[io.StringIO]:
-    """Everything the moa loggers write, as the JSON lines a deployment emits."""
-    buf = io.StringIO()
-    handler = logging.StreamHandler(buf)
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("moa")
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield buf
-    logger.removeHandler(handler)
-    logger.setLevel(old_level)
 
 
 def test_a_key_in_the_url_is_named_by_its_route_template_never_exported(

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from moa.engine.plan import AggregationMode, Plan
-from moa.types import ChatMessage, GenerationParams, ReasoningEffort, check_logit_bias
+from moa.types import OPENAI_CHAT_FIELDS, ChatMessage, GenerationParams, ReasoningEffort, check_logit_bias
 
 
 class ParamError(ValueError):
@@ -93,19 +93,9 @@ class UnknownParameter(ParamError):
     as OpenAI refuses it, rather than ignored while the request runs with the default."""
 
 
-# Every top-level field of OpenAI's chat completions request (openai-python's
-# CompletionCreateParams), plus this service's ``moa`` extension. Anything else is refused by name.
-OPENAI_FIELDS = frozenset(
-    {
-        "model", "messages", "audio", "frequency_penalty", "function_call", "functions", "logit_bias",
-        "logprobs", "max_completion_tokens", "max_tokens", "metadata", "modalities", "moderation", "n",
-        "parallel_tool_calls", "prediction", "presence_penalty", "prompt_cache_key",
-        "prompt_cache_options", "prompt_cache_retention", "reasoning_effort", "response_format",
-        "safety_identifier", "seed", "service_tier", "stop", "store", "stream", "stream_options",
-        "temperature", "tool_choice", "tools", "top_logprobs", "top_p", "user", "verbosity",
-        "web_search_options",
-    }
-)  # fmt: skip
+# Every top-level field of OpenAI's chat completions request (moa.types.OPENAI_CHAT_FIELDS). Anything
+# else (but this service's ``moa`` extension) is refused by name.
+OPENAI_FIELDS = OPENAI_CHAT_FIELDS
 # OpenAI's parameters this service does not implement: each is refused, naming it, unless it holds
 # a value that asks for nothing (its default), so a client that always sends ``logprobs: false``
 # still works. Value: the values accepted, and why anything else is refused.

@@ -20,6 +20,7 @@ from moa.simulator.wire import (
     random_id,
     sse,
 )
+from moa.types import OPENAI_CHAT_FIELDS
 
 _ERRORS: dict[Err, tuple[str, str | None]] = {
     Err.BAD_REQUEST: ("invalid_request_error", None),
@@ -48,17 +49,7 @@ def _text(content: Any, where: str) -> str:
 
 
 # Every top-level field of a chat completion request the API knows; anything else is refused by name.
-_FIELDS = frozenset(
-    {
-        "model", "messages", "audio", "frequency_penalty", "function_call", "functions", "logit_bias",
-        "logprobs", "max_completion_tokens", "max_tokens", "metadata", "modalities", "moderation", "n",
-        "parallel_tool_calls", "prediction", "presence_penalty", "prompt_cache_key",
-        "prompt_cache_options", "prompt_cache_retention", "reasoning_effort", "response_format",
-        "safety_identifier", "seed", "service_tier", "stop", "store", "stream", "stream_options",
-        "temperature", "tool_choice", "tools", "top_logprobs", "top_p", "user", "verbosity",
-        "web_search_options",
-    }
-)  # fmt: skip
+_FIELDS = OPENAI_CHAT_FIELDS
 MAX_STOP = 4
 _NO_KEY = (
     "You didn't provide an API key. You need to provide your API key in an Authorization header using "
