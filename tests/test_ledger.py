@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -186,6 +186,32 @@ async def spent_and_sim(server: ApiServer, sim: SimulatorServer, record_id: str,
     return spent
 
 
+def spend_of(
+    server: ApiServer,
+    sim: SimulatorServer,
+    state_dir: Path,
+    act: Callable[[httpx.AsyncClient], Awaitable[None]],
+) -> int:
+    """``act`` as a client with a fresh key (a $1 budget), then that key's settled spend, once the
+    simulator has billed everything the requests set going."""
+    key = new_key()
+    record = new_record("ledger", key, KeyLimits(budget_usd=1.0))
+
+    async def scenario() -> int:
+        store: StateStore = SQLiteStore(state_dir / "state.db")
+        try:
+            await store.create_key(record)
+            await asyncio.to_thread(wait_for_auth, server)
+            headers = {"Authorization": f"Bearer {key}"}
+            async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=60) as http:
+                await act(http)
+            return await spent_and_sim(server, sim, record.id, store)
+        finally:
+            await store.close()
+
+    return asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("preset", ["single", "moa-lite"])
 def test_a_stream_the_client_hangs_up_on_is_billed_as_the_provider_bills_it(
     server: ApiServer, sim: SimulatorServer, state_dir: Path, preset: str
@@ -193,32 +219,19 @@ def test_a_stream_the_client_hangs_up_on_is_billed_as_the_provider_bills_it(
     """A streaming client reads a few chunks of the answer and hangs up: the key is charged what
     the simulator invoices (every prompt it read, every token it generated), not $0 for the cut
     aggregator. Before, 30 cut streams of ``single`` were charged nothing."""
-    key = new_key()
-    record = new_record("stream", key, KeyLimits(budget_usd=1.0))
 
-    async def scenario() -> int:
-        store: StateStore = SQLiteStore(state_dir / "state.db")
-        try:
-            await store.create_key(record)
-            await asyncio.to_thread(wait_for_auth, server)
-            body = {"model": preset, "messages": API_QUESTION, "stream": True, "max_tokens": 300}
-            headers = {"Authorization": f"Bearer {key}"}
-            async with (
-                httpx.AsyncClient(base_url=server.url, headers=headers, timeout=60) as http,
-                http.stream("POST", "/v1/chat/completions", json=body) as response,
-            ):
-                assert response.status_code == 200
-                chunks = 0
-                async for line in response.aiter_lines():
-                    if line.startswith("data: {") and '"content": "' in line and '"content": ""' not in line:
-                        chunks += 1
-                        if chunks == 3:
-                            break
-            return await spent_and_sim(server, sim, record.id, store)
-        finally:
-            await store.close()
+    async def hang_up(http: httpx.AsyncClient) -> None:
+        body = {"model": preset, "messages": API_QUESTION, "stream": True, "max_tokens": 300}
+        async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            chunks = 0
+            async for line in response.aiter_lines():
+                if line.startswith("data: {") and '"content": "' in line and '"content": ""' not in line:
+                    chunks += 1
+                    if chunks == 3:
+                        break
 
-    spent = asyncio.run(scenario())
+    spent = spend_of(server, sim, state_dir, hang_up)
     billed, _ = invoice(sim, server.config)
     aggregator = server.config.price("openai", "gpt-4.1")
     slack = to_micro(aggregator.cost(0, IN_FLIGHT_TOKENS))
@@ -232,33 +245,22 @@ def test_a_request_abandoned_while_its_aggregator_writes_is_billed_in_full(
     aggregator's call (streamed under the hood) is charged for its prompt and what it wrote, so the
     key's spend equals the simulator's invoice. Before, the proposers were charged and the
     aggregator (most of the cost) was not."""
-    key = new_key()
-    record = new_record("abandon", key, KeyLimits(budget_usd=1.0))
 
-    async def scenario() -> int:
-        store: StateStore = SQLiteStore(state_dir / "state.db")
-        try:
-            await store.create_key(record)
-            await asyncio.to_thread(wait_for_auth, server)
-            body = {"model": "moa-lite", "messages": API_QUESTION, "max_tokens": 120}
-            headers = {"Authorization": f"Bearer {key}"}
-            async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=60) as http:
-                call = asyncio.ensure_future(http.post("/v1/chat/completions", json=body))
-                # Hang up once the aggregator is writing (the proposers answered).
-                await wait_until(
-                    lambda: asyncio.to_thread(model_stats, sim, "gpt-4.1"),
-                    lambda s: s["in_flight"] > 0,
-                    what="the aggregator to start",
-                )
-                await asyncio.sleep(0.5)  # some of its answer generated; the rest never will be
-                call.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await call
-            return await spent_and_sim(server, sim, record.id, store)
-        finally:
-            await store.close()
+    async def abandon(http: httpx.AsyncClient) -> None:
+        body = {"model": "moa-lite", "messages": API_QUESTION, "max_tokens": 120}
+        call = asyncio.ensure_future(http.post("/v1/chat/completions", json=body))
+        # Hang up once the aggregator is writing (the proposers answered).
+        await wait_until(
+            lambda: asyncio.to_thread(model_stats, sim, "gpt-4.1"),
+            lambda s: s["in_flight"] > 0,
+            what="the aggregator to start",
+        )
+        await asyncio.sleep(0.5)  # some of its answer generated; the rest never will be
+        call.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await call
 
-    spent = asyncio.run(scenario())
+    spent = spend_of(server, sim, state_dir, abandon)
     billed, _ = invoice(sim, server.config)
     agg = sim_stats(sim)["gpt-4.1"]
     assert 0 < agg["billed_output_tokens"] < 120  # the aggregator was cut mid-answer
