@@ -209,7 +209,9 @@ class Chaos:
     async def _one(self, client: httpx.AsyncClient, kind: str, began: float) -> Outcome:
         body: dict[str, Any] = {"model": "moa-lite", "messages": QUESTION, "max_tokens": 48}
         if kind == "metered":
-            body = {"model": METERED_MODEL, "messages": QUESTION, "max_tokens": 8}
+            # A short deadline: a request the budget cannot serve soon is refused (429) or ends
+            # (504) at once, so the clients keep asking instead of queueing for the refill.
+            body = {"model": METERED_MODEL, "messages": QUESTION, "max_tokens": 8, "moa": {"deadline_s": 1}}
         sent = time.monotonic()
         try:
             r = await client.post(self.url + "/v1/chat/completions", json=body)

@@ -78,7 +78,7 @@ def test_auto_routing_and_models(client: openai.OpenAI) -> None:
     ("body", "status"),
     [
         (b"{oops", 400),
-        (b'{"model": "nope", "messages": [{"role": "user", "content": "hi"}]}', 400),
+        (b'{"model": "nope", "messages": [{"role": "user", "content": "hi"}]}', 404),  # model_not_found
         (b'{"model": "moa"}', 422),
         (b'{"model": "moa", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}', 422),
         (b'{"model": "moa", "messages": [{"role": "user", "content": "' + b"x" * 30_000 + b'"}]}', 413),
