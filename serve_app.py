@@ -225,25 +225,15 @@ async def _drain(drain_s: float, hurry: threading.Event, app_name: str, say: Cal
 
 
 def stop_local(timeout_s: float = SERVE_SHUTDOWN_S) -> None:
-    """Serve's applications, then Ray. The applications get ``timeout_s`` to stop their replicas
-    (each gracefully, flushing its spans); Ray's shutdown ends the processes of this instance in
-    any case, Serve's controller with them.
-
-    Not ``serve.shutdown()``: it ``ray.kill``s the controller while the controller's own graceful
-    shutdown is still running, and this driver then prints that task's failure in red at every
-    clean stop, which reads as a crash."""
+    """Serve, then Ray. Serve gets ``timeout_s`` to stop its replicas; Ray's shutdown ends the
+    processes of this instance in any case."""
     import ray
 
     if ray.is_initialized():
-        stopping = threading.Thread(target=_delete_applications, name="serve-shutdown", daemon=True)
+        stopping = threading.Thread(target=serve.shutdown, name="serve-shutdown", daemon=True)
         stopping.start()
         stopping.join(timeout_s)
     ray.shutdown()
-
-
-def _delete_applications() -> None:
-    for name in list(serve.status().applications):
-        serve.delete(name)
 
 
 def run_local(cfg: MoAConfig, host: str, port: int, **options: Unpack[LocalOptions]) -> int:

@@ -376,8 +376,6 @@ def test_ray_serve_prints_where_to_look_then_drains_on_sigterm(tmp_path: Path, s
         # Nothing that reads as trouble from Serve's logger on a clean run (QuietServe).
         said = served.stdout() + served.stderr()
         assert "Connecting to existing Serve app" not in said and "SharedRouterLongPollClient" not in said
-        # Nor Ray's report of the controller killed mid-shutdown (serve.shutdown's ray.kill).
-        assert "killed by" not in said and "graceful_shutdown" not in said, said[-3000:]
     finally:
         stop_if_running(served)
 
