@@ -71,6 +71,17 @@ def create_key(capsys: pytest.CaptureFixture[str], name: str, *options: str) -> 
     return key
 
 
+def burst(server: ApiServer, key: str, body: dict[str, Any], n: int) -> list[httpx.Response]:
+    """``n`` copies of one chat completion sent at once with ``key``: the responses, in order."""
+
+    async def send() -> list[httpx.Response]:
+        headers = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=60) as http:
+            return await asyncio.gather(*(http.post("/v1/chat/completions", json=body) for _ in range(n)))
+
+    return asyncio.run(send())
+
+
 def wait_for_auth(server: ApiServer) -> None:
     """A replica that saw no key may run open for up to state.key_cache_s more: wait it out."""
 
@@ -203,12 +214,7 @@ def test_many_concurrent_requests_never_overspend_a_small_budget(
     wait_for_auth(server)
     body = {"model": "single", "messages": SHORT, "max_tokens": 40, "moa": {"detail": True}}
 
-    async def burst() -> list[httpx.Response]:
-        headers = {"Authorization": f"Bearer {key}"}
-        async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=60) as http:
-            return await asyncio.gather(*(http.post("/v1/chat/completions", json=body) for _ in range(40)))
-
-    responses = asyncio.run(burst())
+    responses = burst(server, key, body, 40)
     ok = [r for r in responses if r.status_code == 200]
     refused = [r for r in responses if r.status_code == 429]
     assert ok and refused and len(ok) + len(refused) == 40
@@ -488,12 +494,7 @@ def test_tokens_per_minute_are_held_at_admission_not_counted_after(
         time.sleep(60 - time.time() % 60 + 0.1)
     body = {"model": "moa-lite", "messages": SHORT}
 
-    async def burst() -> list[httpx.Response]:
-        headers = {"Authorization": f"Bearer {key}"}
-        async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=60) as http:
-            return await asyncio.gather(*(http.post("/v1/chat/completions", json=body) for _ in range(12)))
-
-    responses = asyncio.run(burst())
+    responses = burst(server, key, body, 12)
     ok = [r for r in responses if r.status_code == 200]
     refused = [r for r in responses if r.status_code == 429]
     assert len(ok) == 1 and len(refused) == 11, [r.status_code for r in responses]

@@ -129,19 +129,6 @@ def merge_params(params: GenerationParams, spec: ModelRef) -> GenerationParams:
     return params.model_copy(update=update) if update else params
 
 
-def fit_references(
-    config: MoAConfig,
-    references: Sequence[str],
-    ref: ModelRef,
-    messages: Sequence[ChatMessage],
-    params: GenerationParams,
-    budget: int | None,
-) -> tuple[list[str], list[str]]:
-    """Trim references to the token budget of the model that reads them; returns (references, notes)."""
-    refs, notes, _ = fit_call(config, references, ref, messages, params, budget)
-    return refs, notes
-
-
 def fit_call(
     config: MoAConfig,
     references: Sequence[str],

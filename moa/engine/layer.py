@@ -22,7 +22,7 @@ from moa.engine.calls import (
     UNSEEN_BATCH_S,
     collect,
     cut_result,
-    fit_references,
+    fit_call,
     merge_params,
     provider_kind,
     safe_stream,
@@ -94,7 +94,7 @@ def _request(
     ctx: RunContext, index: int, spec: ProposerSpec, references: list[str], refine: bool, timeout: float
 ) -> CallRequest:
     """One proposer's request: the messages with its role prompt and the references that fit."""
-    refs, notes = fit_references(
+    refs, notes, _ = fit_call(
         ctx.config, references, spec, ctx.messages, ctx.params, ctx.plan.reference_budget_tokens
     )
     ctx.note(*(f"layer {index} {note}" for note in notes))
