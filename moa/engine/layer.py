@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Collection, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from moa.deadline import Deadline
@@ -41,12 +41,16 @@ _DEADLINE = "layer deadline passed"
 
 @dataclass
 class LayerOutcome:
-    answers: list[str]
+    # The calls that answered, in the layer's proposer order: their texts are the next stage's
+    # references, and a run whose aggregators all fail can still answer with one of them
+    # (``Plan.on_aggregators_failed``).
+    answered: list[CallResult]
     met: bool
     stragglers: int = 0
-    # The calls that answered, in the layer's proposer order (``answers`` are their texts): what
-    # a run whose aggregators all fail can still answer with (``Plan.on_aggregators_failed``).
-    answered: list[CallResult] = field(default_factory=list)
+
+    @property
+    def answers(self) -> list[str]:
+        return [res.text for res in self.answered]
 
 
 @dataclass
@@ -229,7 +233,6 @@ async def _calls(
         kind = ErrorKind.TIMEOUT if stop_reason == _DEADLINE else ErrorKind.CANCELLED
         i = tasks[task]
         results[i] = bill.cut(i, kind, f"cancelled as a straggler: {stop_reason}", end - start)
-    answers: list[str] = []
     answered: list[CallResult] = []
     reported: list[float] = []  # the providers' own service times, where they gave one
     for i, spec in enumerate(layer.proposers):
@@ -245,13 +248,12 @@ async def _calls(
         if not straggler and res.provider_service_s is not None:
             reported.append(res.provider_service_s)
         if res.ok:
-            answers.append(res.text)
             answered.append(res)
     ctx.add_provider_service(max(reported) if reported else None)
-    met = len(answers) >= needed
+    met = len(answered) >= needed
     if not met:
         ctx.deadline.check(f"the request deadline passed in layer {index}")
-    return LayerOutcome(answers=answers, met=met, stragglers=len(stragglers), answered=answered)
+    return LayerOutcome(answered=answered, met=met, stragglers=len(stragglers))
 
 
 class _Bill:
