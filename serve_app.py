@@ -20,9 +20,10 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, TypedDict, Unpack
+from typing import Any, TextIO, TypedDict, Unpack, cast
 
 from ray import serve
 from ray.serve.deployment import Application
@@ -224,16 +225,55 @@ async def _drain(drain_s: float, hurry: threading.Event, app_name: str, say: Cal
     say("Some ingress replica did not report its drain in time; stopping anyway.")
 
 
-def stop_local(timeout_s: float = SERVE_SHUTDOWN_S) -> None:
+class QuietStop:
+    """A stream that drops the raylet's reports of the actors a stop kills, and passes the rest.
+
+    Serve's shutdown ends with its controller killing itself, so the tasks still waiting on it
+    (``serve.shutdown()``'s own ``graceful_shutdown``, a handle's ``listen_for_change``) fail,
+    and Ray's error listener prints each as "(raylet) Task ServeController... failed ... killed by
+    `ray.kill`" with colour codes: a traceback on every clean stop of ``moa serve``, which stopped
+    those actors on purpose. The listener prints each report with one ``print`` (its text, then
+    the line end: ray/_private/worker.py ``print_worker_logs``), so a write is dropped whole."""
+
+    KILLED = re.compile(r"\(raylet\).*killed by `ray\.kill`", re.DOTALL)
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._dropped = False  # the last write was a dropped report: its line end goes too
+
+    def write(self, text: str) -> int:
+        dropped, self._dropped = self._dropped, bool(self.KILLED.search(text))
+        if self._dropped or (dropped and text == "\n"):
+            return len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def quiet_stop() -> Iterator[None]:
+    """Standard output and error through ``QuietStop`` while Serve and Ray stop."""
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = cast(TextIO, QuietStop(out)), cast(TextIO, QuietStop(err))
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = out, err
+
+
+def stop_local(timeout_s: float = SERVE_SHUTDOWN_S, quiet: bool = True) -> None:
     """Serve, then Ray. Serve gets ``timeout_s`` to stop its replicas; Ray's shutdown ends the
-    processes of this instance in any case."""
+    processes of this instance in any case. ``quiet``: without the raylet's reports of the
+    actors the stop kills (``QuietStop``)."""
     import ray
 
-    if ray.is_initialized():
-        stopping = threading.Thread(target=serve.shutdown, name="serve-shutdown", daemon=True)
-        stopping.start()
-        stopping.join(timeout_s)
-    ray.shutdown()
+    with quiet_stop() if quiet else nullcontext():
+        if ray.is_initialized():
+            stopping = threading.Thread(target=serve.shutdown, name="serve-shutdown", daemon=True)
+            stopping.start()
+            stopping.join(timeout_s)
+        ray.shutdown()
 
 
 def run_local(cfg: MoAConfig, host: str, port: int, **options: Unpack[LocalOptions]) -> int:
@@ -263,5 +303,5 @@ def run_local(cfg: MoAConfig, host: str, port: int, **options: Unpack[LocalOptio
         print("Stopping Serve and Ray...", flush=True)
     finally:
         sock.close()
-        stop_local()
+        stop_local(quiet=options.get("quiet", True))
     return 0

@@ -9,6 +9,7 @@ The Ray variants start a Ray instance of their own (``pytest -m ray`` selects th
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
 
 import httpx
 import pytest
@@ -376,6 +377,7 @@ def test_ray_serve_prints_where_to_look_then_drains_on_sigterm(tmp_path: Path, s
         # Nothing that reads as trouble from Serve's logger on a clean run (QuietServe).
         said = served.stdout() + served.stderr()
         assert "Connecting to existing Serve app" not in said and "SharedRouterLongPollClient" not in said
+        assert "killed by `ray.kill`" not in said  # the stop's own kills (QuietStop)
     finally:
         stop_if_running(served)
 
@@ -406,6 +408,33 @@ def test_quiet_serve_drops_only_the_lines_that_look_like_failure() -> None:
         _record("Started <ray.serve._private.router.SomethingElse object at 0x1>."),
     ]
     assert all(quiet.filter(r) for r in kept)
+
+
+def test_quiet_stop_drops_only_the_raylet_reports_of_killed_actors() -> None:
+    """``moa serve``'s stop, on writes shaped as Ray's error listener makes them (one ``print``:
+    the coloured report, then the line end): the reports of the actors the stop kills go, with
+    their line ends; every other line, the raylet's included, passes as written."""
+    app = pytest.importorskip("moa_serve_app")
+    out = io.StringIO()
+    quiet = app.QuietStop(out)
+    killed = (
+        "\x1b[33m(raylet)\x1b[0m Task ServeController.graceful_shutdown failed. There are infinite"
+        " retries remaining, so the task will be retried. Error: The actor is dead because it was"
+        " killed by `ray.kill`."
+    )
+    traceback = (
+        "\x1b[33m(raylet)\x1b[0m Traceback (most recent call last):\n  File ...\n"
+        "ray.exceptions.ActorDiedError: The actor died ... because it was killed by `ray.kill`."
+    )
+    kept = [
+        "Stopping Serve and Ray...",
+        "\x1b[33m(raylet)\x1b[0m A worker died or was killed while executing a task by an"
+        " unexpected system error.",
+        "ray.kill is what ended it",
+    ]
+    for text in [killed, traceback, *kept]:
+        print(text, file=cast(TextIO, quiet))
+    assert out.getvalue() == "".join(f"{line}\n" for line in kept)
 
 
 def test_a_second_signal_ends_the_requests_in_progress_at_once(tmp_path: Path, slow_config: Path) -> None:
