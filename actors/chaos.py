@@ -149,9 +149,11 @@ class Chaos:
         from ray import serve
         from ray.cluster_utils import Cluster
 
-        from moa_serve_app import THROUGHPUT_ENV, build_from_config
+        from moa_serve_app import LOCAL_ENV, THROUGHPUT_ENV, build_from_config
 
-        for key, value in THROUGHPUT_ENV.items():
+        # Started on this machine as `moa serve` starts its Ray instance (LOCAL_ENV): no load
+        # balancer to deregister from, so the stop does not wait out Serve's 30 s draining period.
+        for key, value in {**THROUGHPUT_ENV, **LOCAL_ENV}.items():
             os.environ.setdefault(key, value)
         self.cluster = Cluster(
             initialize_head=True,

@@ -244,14 +244,21 @@ def cluster(simulator: SimulatorServer, otlp: OTLPReceiver) -> Iterator[dict[str
     # The mode moa serve and the cluster files run in.
     from moa_serve_app import THROUGHPUT_ENV, build_from_config
 
-    with restored_environment(LEAK_CHECK_ENV, *THROUGHPUT_ENV, *AUTOSCALING_ENV):
+    with restored_environment(LEAK_CHECK_ENV, *THROUGHPUT_ENV, *CLUSTER_ENV):
         yield from _cluster(ray, serve, Cluster, build_from_config, simulator)
 
 
-# Autoscaling decisions need fresh metrics; Serve's defaults push them every 10 s.
-AUTOSCALING_ENV = {
+# The session cluster's timings. Autoscaling decisions need fresh metrics; Serve's defaults push
+# them every 10 s. Ray exports metrics every 10 s by default, and tests that read a series on the
+# Prometheus endpoint waited for it: every 2 s. With direct ingress a deleted app's ingress replica
+# stays reachable for Serve's draining period (30 s by default, for load balancers to deregister
+# it), and every blocking ``serve.delete`` of a test's app waited that long: 8 s still shows the
+# drain (test_serve.py) and saves ~20 s a delete.
+CLUSTER_ENV = {
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "8",
+    "RAY_metrics_report_interval_ms": "2000",
 }
 
 
@@ -268,7 +275,7 @@ def _cluster(
     os.environ["MOA_ADMIN_KEY"] = RAY_ADMIN_KEY
     for key, value in THROUGHPUT_ENV.items():
         os.environ.setdefault(key, value)
-    os.environ.update(AUTOSCALING_ENV)
+    os.environ.update(CLUSTER_ENV)
     head_metrics, worker_metrics = _free_port(), _free_port()
     c = cluster_class(
         initialize_head=True,

@@ -369,7 +369,8 @@ def test_serve_stopping_the_ingress_lets_a_stream_in_progress_finish(
     shutdown. The stream in progress when the app is deleted runs to its end and ``[DONE]``; with
     direct ingress, the session's mode as cluster.yaml's, the replica's own port still answers
     after that stream ended, while Serve's proxy no longer routes to it: its ``/-/healthz`` says
-    503 ``DRAINING`` for Serve's draining period (30 s by default), so load balancers deregister it."""
+    503 ``DRAINING`` for Serve's draining period (30 s by default, 8 s on the test cluster: the
+    stream is shorter), so load balancers deregister it."""
     import threading
 
     from moa_actors.cache_bench import direct_url
@@ -386,9 +387,10 @@ def test_serve_stopping_the_ingress_lets_a_stream_in_progress_finish(
     )
     # Serve's own health check on that port, the one load balancers poll.
     assert httpx.get(f"{direct}/-/healthz", timeout=30).status_code == 200
-    # A direct call that streams at ten tokens a second: seconds, under way when the app goes.
+    # A direct call that streams at thirty tokens a second: about 3 s (85 tokens), under way when
+    # the app goes and over well inside the draining period.
     profile = httpx.get(f"{sim.url}/admin/profile").json()
-    profile["models"] = {"gpt-4.1-mini": {"ttft_s": 0.05, "tokens_per_s": 10.0, "jitter": 0.0}}
+    profile["models"] = {"gpt-4.1-mini": {"ttft_s": 0.05, "tokens_per_s": 30.0, "jitter": 0.0}}
     httpx.put(f"{sim.url}/admin/profile", json=profile).raise_for_status()
     body = {
         "model": "openai/gpt-4.1-mini",
