@@ -31,17 +31,20 @@ def start_service(cfg: MoAConfig, port: int) -> tuple[str, Callable[[], None]]:
     return start_local(cfg, "127.0.0.1", port).url, stop_local
 
 
-async def measure_floor(url: str, progress: Progress, task: Any) -> list[dict[str, Any]]:
-    """The bare Serve app beside the service (same Ray instance and mode): HTTP and hop latencies."""
+async def measure_floor(
+    url: str, progress: Progress, task: Any, requests: int = FLOOR_REQUESTS
+) -> list[dict[str, Any]]:
+    """The bare Serve app beside the service (same Ray instance and mode): HTTP and hop latencies,
+    over ``requests`` timed requests a probe (fewer only where the figures are not the point)."""
     serve.run(build_probe(), name="floor", route_prefix="/floor")
     rows = []
     try:
         async with httpx.AsyncClient(timeout=30) as client:
             for path, what in PROBES.items():
-                for _ in range(20):  # warm-up: connections, replicas' first calls
+                for _ in range(min(20, requests)):  # warm-up: connections, replicas' first calls
                     (await client.get(f"{url}/floor{path}")).raise_for_status()
                 times = []
-                for _ in range(FLOOR_REQUESTS):
+                for _ in range(requests):
                     t0 = time.perf_counter()
                     (await client.get(f"{url}/floor{path}")).raise_for_status()
                     times.append(1000 * (time.perf_counter() - t0))
@@ -50,7 +53,7 @@ async def measure_floor(url: str, progress: Progress, task: Any) -> list[dict[st
                     {
                         "path": path,
                         "what": what,
-                        "requests": FLOOR_REQUESTS,
+                        "requests": requests,
                         "p50_ms": percentile(times, 50),
                         "p99_ms": percentile(times, 99),
                     }
