@@ -25,9 +25,9 @@ if TYPE_CHECKING:
     from moa.config import MoAConfig, load_config, parse_config
     from moa.engine.caller import ModelCaller
     from moa.engine.engine import MoAEngine
-    from moa.engine.errors import AllProvidersFailed, DeadlineExceeded, MoAError
     from moa.engine.plan import AggregatorSpec, LayerSpec, ModelRef, Plan, PlanMode, ProposerSpec
     from moa.engine.result import CallRecord, MoAResult, Progress, RouteDecision, Stage
+    from moa.errors import AllProvidersFailed, DeadlineExceeded, MoAError
     from moa.testing import Reply, ScriptedCaller
     from moa.types import (
         CallError,
@@ -44,9 +44,9 @@ if TYPE_CHECKING:
 # Public name -> the private module that defines it.
 _HOMES: dict[str, str] = {
     "MoAEngine": "moa.engine.engine",
-    "MoAError": "moa.engine.errors",
-    "AllProvidersFailed": "moa.engine.errors",
-    "DeadlineExceeded": "moa.engine.errors",
+    "MoAError": "moa.errors",
+    "AllProvidersFailed": "moa.errors",
+    "DeadlineExceeded": "moa.errors",
     "MoAConfig": "moa.config",
     "load_config": "moa.config",
     "parse_config": "moa.config",

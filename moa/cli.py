@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from moa.config import ConfigError, MoAConfig, load_config, simulation_active
-from moa.engine.errors import MoAError
+from moa.errors import MoAError
 
 
 @contextlib.contextmanager

@@ -614,7 +614,7 @@ class MoAConfig(_Strict):
     @model_validator(mode="after")
     def _references_exist(self) -> MoAConfig:
         from moa.engine.caps import check_plan  # the caps module reads this config's types
-        from moa.engine.errors import OverCap
+        from moa.errors import OverCap
         from moa.types import GenerationParams
 
         for name, preset in self.presets.items():

@@ -17,9 +17,9 @@ import httpx
 import pytest
 
 from moa.config import ConfigError, MoAConfig, SimulatorMode, load_config, parse_config
-from moa.engine.errors import AllProvidersFailed, Failure
 from moa.engine.plan import Complexity
 from moa.engine.router import classify_heuristic
+from moa.errors import AllProvidersFailed, Failure
 from moa.limits import LocalRateBudget
 from moa.providers.registry import ProviderPool
 from moa.simulator.server import SimulatorServer

@@ -40,7 +40,8 @@ from moa.cache import CacheTicket, set_ticket
 from moa.config import ConfigError, MoAConfig
 from moa.deadline import Deadline
 from moa.engine.engine import MoAEngine
-from moa.engine.errors import (
+from moa.engine.result import MoAResult, Progress
+from moa.errors import (
     DeadlineExceeded,
     InvalidPlan,
     InvalidRequest,
@@ -48,7 +49,6 @@ from moa.engine.errors import (
     ShuttingDown,
     UnknownPreset,
 )
-from moa.engine.result import MoAResult, Progress
 from moa.eval.shadow import ShadowEvaluator
 from moa.exposure import RequestExposure
 from moa.keys_admin import (
