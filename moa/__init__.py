@@ -25,9 +25,9 @@ if TYPE_CHECKING:
     from moa.config import MoAConfig, load_config, parse_config
     from moa.engine.caller import ModelCaller
     from moa.engine.engine import MoAEngine
-    from moa.engine.plan import AggregatorSpec, LayerSpec, ModelRef, Plan, PlanMode, ProposerSpec
     from moa.engine.result import CallRecord, MoAResult, Progress, RouteDecision, Stage
     from moa.errors import AllProvidersFailed, DeadlineExceeded, MoAError
+    from moa.plan import AggregatorSpec, LayerSpec, ModelRef, Plan, PlanMode, ProposerSpec
     from moa.testing import Reply, ScriptedCaller
     from moa.types import (
         CallError,
@@ -50,12 +50,12 @@ _HOMES: dict[str, str] = {
     "MoAConfig": "moa.config",
     "load_config": "moa.config",
     "parse_config": "moa.config",
-    "Plan": "moa.engine.plan",
-    "LayerSpec": "moa.engine.plan",
-    "ProposerSpec": "moa.engine.plan",
-    "AggregatorSpec": "moa.engine.plan",
-    "ModelRef": "moa.engine.plan",
-    "PlanMode": "moa.engine.plan",
+    "Plan": "moa.plan",
+    "LayerSpec": "moa.plan",
+    "ProposerSpec": "moa.plan",
+    "AggregatorSpec": "moa.plan",
+    "ModelRef": "moa.plan",
+    "PlanMode": "moa.plan",
     "MoAResult": "moa.engine.result",
     "CallRecord": "moa.engine.result",
     "Stage": "moa.engine.result",

@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from moa.engine.plan import Plan, PresetConfig, RouterConfig, TemplatesConfig
+from moa.plan import Plan, PresetConfig, RouterConfig, TemplatesConfig
 from moa.types import DroppableParam
 
 

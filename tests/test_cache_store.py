@@ -15,7 +15,7 @@ from moa.cache.redis_store import RedisCacheStore
 from moa.cache.sqlite_store import SQLiteCacheStore
 from moa.cache.store import CLEAR_CHECK_S, CacheStore, MemoryStore, TieredStore
 from moa.config import CacheConfig, StateConfig, load_config
-from moa.engine.plan import AggregatorSpec, Plan
+from moa.plan import AggregatorSpec, Plan
 from moa.types import ChatMessage, GenerationParams
 
 Factory = Callable[[int], CacheStore]

@@ -158,7 +158,7 @@ def set_profile(sim: SimulatorServer, models: dict[str, Any]) -> None:
 
 
 def pairwise_prompt(first: str, second: str) -> str:
-    from moa.engine.plan import DEFAULT_JUDGE_PAIRWISE
+    from moa.plan import DEFAULT_JUDGE_PAIRWISE
 
     return DEFAULT_JUDGE_PAIRWISE.format(question="Why is the sky blue?", answer_a=first, answer_b=second)
 

@@ -15,7 +15,7 @@ import pytest
 
 from moa.config import parse_config
 from moa.engine.fusion import FuseJob, FuseStart, FuseStep
-from moa.engine.plan import AggregatorSpec
+from moa.plan import AggregatorSpec
 from moa.simulator.server import SimulatorServer
 from moa.types import ChatMessage, TextDelta
 from tests.helpers import ADMIN_HEADERS, QUESTION, RAY_MODULE, set_fault, sim_stats

@@ -18,8 +18,8 @@ import pytest
 
 from moa.config import MoAConfig, SimulatorMode, load_config
 from moa.engine.engine import MoAEngine
-from moa.engine.plan import Plan
 from moa.engine.result import MoAResult
+from moa.plan import Plan
 from moa.providers.registry import ProviderPool
 from moa.simulator.server import SimulatorServer
 from moa.types import TextDelta

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator, Sequence
 
 from moa.config import MoAConfig
 from moa.engine.caller import ModelCaller
-from moa.engine.plan import ModelRef, ProposerSpec
 from moa.engine.prompts import trim_references
 from moa.errors import ContextWindowExceeded
+from moa.plan import ModelRef, ProposerSpec
 from moa.tokens import approx_message_tokens, approx_tokens
 from moa.types import (
     CallError,

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from moa.config import RequestCaps
-from moa.engine.plan import Plan, PlanMode
 from moa.errors import OverCap
+from moa.plan import Plan, PlanMode
 from moa.types import ChatMessage, GenerationParams
 
 

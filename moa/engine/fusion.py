@@ -27,8 +27,8 @@ from moa.engine.calls import (
     timeout_result,
 )
 from moa.engine.continuation import LeadingTrim, continuation
-from moa.engine.plan import AggregatorSpec, ProposerSpec
 from moa.engine.prompts import with_references
+from moa.plan import AggregatorSpec, ProposerSpec
 from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams, StreamEvent, TextDelta
 
 

@@ -28,10 +28,10 @@ from moa.engine.calls import (
     safe_stream,
 )
 from moa.engine.context import RunContext
-from moa.engine.plan import LayerSpec, ProposerSpec
 from moa.engine.prompts import with_references
 from moa.engine.result import CallRecord, Progress, Stage
 from moa.engine.staircase import StaircaseFeed, stepped_proposer
+from moa.plan import LayerSpec, ProposerSpec
 from moa.types import CallError, CallRequest, CallResult, ErrorKind
 from moa_observability.tracing import tracer
 

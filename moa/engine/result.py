@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from moa.engine.plan import Complexity, Plan, TaskType
+from moa.plan import Complexity, Plan, TaskType
 from moa.types import CallResult, ErrorKind, Usage
 
 AnswerSource = Literal["aggregator", "fallback", "proposal"]

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 from moa.config import MoAConfig
 from moa.engine.caller import ModelCaller
-from moa.engine.plan import TemplatesConfig
 from moa.eval.budget import Budget
 from moa.eval.verdict import GRADED_FORMAT, PAIRWISE_FORMAT, Verdict, parse_pairwise, parse_rating
+from moa.plan import TemplatesConfig
 from moa.tokens import approx_message_tokens
 from moa.types import CallRequest, ChatMessage, GenerationParams
 
