@@ -25,9 +25,9 @@ if TYPE_CHECKING:
     from moa.config import MoAConfig, load_config, parse_config
     from moa.engine.caller import ModelCaller
     from moa.engine.engine import MoAEngine
-    from moa.engine.result import CallRecord, MoAResult, Progress, RouteDecision, Stage
     from moa.errors import AllProvidersFailed, DeadlineExceeded, MoAError
     from moa.plan import AggregatorSpec, LayerSpec, ModelRef, Plan, PlanMode, ProposerSpec
+    from moa.result import CallRecord, MoAResult, Progress, RouteDecision, Stage
     from moa.testing import Reply, ScriptedCaller
     from moa.types import (
         CallError,
@@ -56,11 +56,11 @@ _HOMES: dict[str, str] = {
     "AggregatorSpec": "moa.plan",
     "ModelRef": "moa.plan",
     "PlanMode": "moa.plan",
-    "MoAResult": "moa.engine.result",
-    "CallRecord": "moa.engine.result",
-    "Stage": "moa.engine.result",
-    "RouteDecision": "moa.engine.result",
-    "Progress": "moa.engine.result",
+    "MoAResult": "moa.result",
+    "CallRecord": "moa.result",
+    "Stage": "moa.result",
+    "RouteDecision": "moa.result",
+    "Progress": "moa.result",
     "ModelCaller": "moa.engine.caller",
     "CallRequest": "moa.types",
     "CallResult": "moa.types",

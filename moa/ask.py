@@ -10,7 +10,7 @@ from rich.table import Table
 
 from moa.config import load_config
 from moa.engine.engine import MoAEngine
-from moa.engine.result import MoAResult
+from moa.result import MoAResult
 from moa.types import ChatMessage, GenerationParams, TextDelta
 
 

@@ -12,7 +12,7 @@ from moa.types import ErrorKind
 from moa_observability.genai import error_text
 
 if TYPE_CHECKING:
-    from moa.engine.result import FallbackReason
+    from moa.result import FallbackReason
 
 
 class Failure(BaseModel):

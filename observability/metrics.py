@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from moa.engine.result import FallbackReason
+from moa.result import FallbackReason
 from moa.types import CallResult
 
 DURATION_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120]

@@ -18,9 +18,9 @@ import pytest
 
 from moa.config import MoAConfig, SimulatorMode, load_config
 from moa.engine.engine import MoAEngine
-from moa.engine.result import MoAResult
 from moa.plan import Plan
 from moa.providers.registry import ProviderPool
+from moa.result import MoAResult
 from moa.simulator.server import SimulatorServer
 from moa.types import TextDelta
 from moa_observability.tracing import tracer

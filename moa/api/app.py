@@ -40,7 +40,6 @@ from moa.cache import CacheTicket, set_ticket
 from moa.config import ConfigError, MoAConfig
 from moa.deadline import Deadline
 from moa.engine.engine import MoAEngine
-from moa.engine.result import MoAResult, Progress
 from moa.errors import (
     DeadlineExceeded,
     InvalidPlan,
@@ -63,6 +62,7 @@ from moa.keys_admin import (
     key_rows,
     spent_now,
 )
+from moa.result import MoAResult, Progress
 from moa.state import KeyExists, StateStore, describe
 from moa.textcheck import first_unencodable
 from moa.types import ChatMessage, TextDelta, Usage

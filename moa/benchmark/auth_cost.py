@@ -48,7 +48,7 @@ async def time_checks(cfg: Any, store: StateStore | None, key: str | None, n: in
 
     from moa.api.access import Access, Spend
     from moa.engine.cost import Routed
-    from moa.engine.result import RouteDecision
+    from moa.result import RouteDecision
     from moa.types import ChatMessage, GenerationParams
 
     access = Access(cfg, store)

@@ -24,8 +24,8 @@ from moa.cache.embed import STATIC_EXTRA, Embedder, cosine, make_embedder, stati
 from moa.cache.keys import context_key, final_key, guard, proposal_key, split_last_user
 from moa.cache.store import CacheStore, MemoryStore, TieredStore
 from moa.config import CacheConfig, MoAConfig
-from moa.engine.result import CacheOutcome, FallbackReason, MoAResult
 from moa.plan import Plan
+from moa.result import CacheOutcome, FallbackReason, MoAResult
 from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams, Usage
 from moa_observability.metrics import cache_metrics
 from moa_observability.tracing import tracer

@@ -29,7 +29,11 @@ from moa.engine.chain import Writer, answer_chain, synthesise
 from moa.engine.context import Routed, RunContext, RunOptions, RunRequest
 from moa.engine.fusion import Fuser, LocalFuser
 from moa.engine.layer import LayerOutcome, Upstream, run_layer
-from moa.engine.result import (
+from moa.engine.router import LOCAL_TENANT, BeforeCall, HealthView, Router, RouterPolicy
+from moa.engine.staircase import StaircaseFeed, climb
+from moa.errors import MoAError
+from moa.plan import ModelRef, PlanMode
+from moa.result import (
     AnswerSource,
     CallRecord,
     FallbackReason,
@@ -38,10 +42,6 @@ from moa.engine.result import (
     RouteDecision,
     Stage,
 )
-from moa.engine.router import LOCAL_TENANT, BeforeCall, HealthView, Router, RouterPolicy
-from moa.engine.staircase import StaircaseFeed, climb
-from moa.errors import MoAError
-from moa.plan import ModelRef, PlanMode
 from moa.types import CallResult, ChatMessage, GenerationParams, TextDelta
 from moa_observability.tracing import attached, iterate_in, tracer
 

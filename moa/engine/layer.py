@@ -29,9 +29,9 @@ from moa.engine.calls import (
 )
 from moa.engine.context import RunContext
 from moa.engine.prompts import with_references
-from moa.engine.result import CallRecord, Progress, Stage
 from moa.engine.staircase import StaircaseFeed, stepped_proposer
 from moa.plan import LayerSpec, ProposerSpec
+from moa.result import CallRecord, Progress, Stage
 from moa.types import CallError, CallRequest, CallResult, ErrorKind
 from moa_observability.tracing import tracer
 

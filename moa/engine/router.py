@@ -15,9 +15,9 @@ from typing import Protocol, TypeVar
 
 from moa.config import MoAConfig
 from moa.engine.caller import ModelCaller
-from moa.engine.result import RouteDecision
 from moa.errors import NoHealthyProvider, UnknownPreset
 from moa.plan import AggregatorSpec, Complexity, LayerSpec, ModelRef, Plan, ProposerSpec, TaskType
+from moa.result import RouteDecision
 from moa.tokens import approx_tokens
 from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams
 
