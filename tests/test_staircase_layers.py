@@ -20,8 +20,8 @@ from moa import MoAEngine, MoAResult, Plan, load_config
 from moa.config import MoAConfig
 from moa.engine.caps import worst_case_calls
 from moa.engine.cost import projected_cost
-from moa.errors import OverCap
-from moa.result import CallRecord, FallbackReason, Progress, Stage
+from moa.errors import FallbackReason, OverCap
+from moa.result import CallRecord, Progress, Stage
 from moa.testing import Reply, ScriptedCall, ScriptedCaller
 from moa.types import ChatMessage, ErrorKind, GenerationParams, TextDelta
 

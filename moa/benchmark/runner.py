@@ -27,7 +27,7 @@ from moa.benchmark.baseline import AGGREGATOR_PROMPT, RETRY, Baseline
 from moa.benchmark.options import FAULTY_MODEL, SCENARIOS, BenchOptions
 from moa.benchmark.stats import BREAKDOWN_PARTS, Sample, breakdown, summarize, trim_detail
 from moa.config import ConfigError, MoAConfig, load_config
-from moa.result import FallbackReason
+from moa.errors import FallbackReason
 
 Send = Callable[[str], Awaitable[Sample]]
 

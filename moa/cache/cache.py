@@ -24,8 +24,9 @@ from moa.cache.embed import STATIC_EXTRA, Embedder, cosine, make_embedder, stati
 from moa.cache.keys import context_key, final_key, guard, proposal_key, split_last_user
 from moa.cache.store import CacheStore, MemoryStore, TieredStore
 from moa.config import CacheConfig, MoAConfig
+from moa.errors import FallbackReason
 from moa.plan import Plan
-from moa.result import CacheOutcome, FallbackReason, MoAResult
+from moa.result import CacheOutcome, MoAResult
 from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams, Usage
 from moa_observability.metrics import cache_metrics
 from moa_observability.tracing import tracer

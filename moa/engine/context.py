@@ -23,9 +23,9 @@ from moa.deadline import NO_DEADLINE, Deadline
 from moa.engine.caller import ModelCaller
 from moa.engine.calls import WINDOWS
 from moa.engine.fusion import Fuser
-from moa.errors import AllProvidersFailed, Failure
+from moa.errors import AllProvidersFailed, Failure, FallbackReason
 from moa.plan import AggregationMode, Plan, PlanMode, PlanShape
-from moa.result import CallRecord, FallbackReason, Progress, RouteDecision, Stage
+from moa.result import CallRecord, Progress, RouteDecision, Stage
 from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams
 
 # A routing decision: the plan, why, and any calls the router made (an LLM classifier).

@@ -31,12 +31,11 @@ from moa.engine.fusion import Fuser, LocalFuser
 from moa.engine.layer import LayerOutcome, Upstream, run_layer
 from moa.engine.router import LOCAL_TENANT, BeforeCall, HealthView, Router, RouterPolicy
 from moa.engine.staircase import StaircaseFeed, climb
-from moa.errors import MoAError
+from moa.errors import FallbackReason, MoAError
 from moa.plan import ModelRef, PlanMode
 from moa.result import (
     AnswerSource,
     CallRecord,
-    FallbackReason,
     MoAResult,
     Progress,
     RouteDecision,
