@@ -9,8 +9,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel
 
-from moa.types import ErrorKind
-from moa_observability.genai import error_text
+from moa.types import ErrorKind, error_text
 
 
 class FallbackReason(StrEnum):

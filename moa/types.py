@@ -135,6 +135,17 @@ class CallError(BaseModel):
     context_window: int | None = None
 
 
+# A provider's error message, as far as a log line or span status carries it.
+MAX_ERROR_CHARS = 300
+
+
+def error_text(message: str) -> str:
+    """A failure's message as logs and spans carry it: whitespace folded, at most
+    ``MAX_ERROR_CHARS`` (a provider may return a whole HTML page as its error)."""
+    text = " ".join(message.split())
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
 # Every top-level field of OpenAI's chat completions request (openai-python's
 # CompletionCreateParams): what the API accepts (refusing anything else by name, as OpenAI does)
 # and what the simulator's OpenAI route knows.
