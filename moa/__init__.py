@@ -22,8 +22,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from moa.caller import ModelCaller
     from moa.config import MoAConfig, load_config, parse_config
-    from moa.engine.caller import ModelCaller
     from moa.engine.engine import MoAEngine
     from moa.errors import AllProvidersFailed, DeadlineExceeded, MoAError
     from moa.plan import AggregatorSpec, LayerSpec, ModelRef, Plan, PlanMode, ProposerSpec
@@ -61,7 +61,7 @@ _HOMES: dict[str, str] = {
     "Stage": "moa.result",
     "RouteDecision": "moa.result",
     "Progress": "moa.result",
-    "ModelCaller": "moa.engine.caller",
+    "ModelCaller": "moa.caller",
     "CallRequest": "moa.types",
     "CallResult": "moa.types",
     "CallError": "moa.types",

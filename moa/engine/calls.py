@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 
+from moa.caller import ModelCaller
 from moa.config import MoAConfig
-from moa.engine.caller import ModelCaller
 from moa.engine.prompts import trim_references
 from moa.errors import ContextWindowExceeded
 from moa.plan import ModelRef, ProposerSpec

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import TypedDict, Unpack
 
 from moa.cache import CacheTicket, ResponseCache
+from moa.caller import ModelCaller
 from moa.config import MoAConfig
 from moa.deadline import NO_DEADLINE, Deadline
-from moa.engine.caller import ModelCaller
 from moa.engine.calls import WINDOWS
 from moa.engine.fusion import Fuser
 from moa.errors import AllProvidersFailed, Failure, FallbackReason

@@ -20,9 +20,9 @@ from typing import Unpack
 from opentelemetry import trace
 
 from moa.cache import CacheTicket, ResponseCache, current_ticket, open_cache
+from moa.caller import ModelCaller
 from moa.config import MoAConfig
 from moa.engine import spans
-from moa.engine.caller import ModelCaller
 from moa.engine.calls import check_window
 from moa.engine.caps import check_messages, check_plan
 from moa.engine.chain import Writer, answer_chain, synthesise

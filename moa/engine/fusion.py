@@ -13,9 +13,9 @@ from typing import Protocol
 
 from pydantic import BaseModel, Field
 
+from moa.caller import ModelCaller
 from moa.config import MoAConfig
 from moa.deadline import Deadline
-from moa.engine.caller import ModelCaller
 from moa.engine.calls import (
     UNSEEN_BATCH_S,
     WINDOWS,

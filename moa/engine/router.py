@@ -13,8 +13,8 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, 
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
+from moa.caller import ModelCaller
 from moa.config import MoAConfig
-from moa.engine.caller import ModelCaller
 from moa.errors import NoHealthyProvider, UnknownPreset
 from moa.plan import AggregatorSpec, Complexity, LayerSpec, ModelRef, Plan, ProposerSpec, TaskType
 from moa.result import RouteDecision

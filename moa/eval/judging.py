@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from moa.caller import ModelCaller
 from moa.config import MoAConfig
-from moa.engine.caller import ModelCaller
 from moa.eval.budget import Budget
 from moa.eval.verdict import GRADED_FORMAT, PAIRWISE_FORMAT, Verdict, parse_pairwise, parse_rating
 from moa.plan import TemplatesConfig

@@ -21,8 +21,8 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 
+from moa.caller import ModelCaller
 from moa.config import MoAConfig
-from moa.engine.caller import ModelCaller
 from moa.eval.budget import Budget
 from moa.eval.judging import Judge
 from moa.eval.stats import wilson_interval
