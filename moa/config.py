@@ -24,8 +24,10 @@ from pydantic import (
     model_validator,
 )
 
+from moa.caps import RequestCaps, check_plan
+from moa.errors import OverCap
 from moa.plan import Plan, PresetConfig, RouterConfig, TemplatesConfig
-from moa.types import DroppableParam
+from moa.types import DroppableParam, GenerationParams
 
 
 class ConfigError(ValueError):
@@ -439,33 +441,6 @@ class ServerConfig(_Strict):
     )
 
 
-class RequestCaps(_Strict):
-    """Bounds on the work one request may cause, whoever chose its plan (a preset, an explicit
-    plan on /v1/moa, or the router). Over a cap is a 400 naming it, before any model is called."""
-
-    max_layers: int = Field(default=4, ge=1, description="Proposer layers (refine: rounds) in one plan.")
-    max_proposers_per_layer: int = Field(default=8, ge=1, description="Proposers in one layer.")
-    max_calls: int = Field(
-        # Room for moa with aggregation: staircase (25: its steps call both aggregators and the
-        # three layer-2 proposers three times more), plus the router's classifier call.
-        default=32,
-        ge=1,
-        description="Model calls one request may make in the worst case: every proposer of every "
-        "layer or round, every aggregator of the chain (and each intermediate synthesis), every "
-        "staircase step (of the aggregators and of each later layer's proposers), every fallback, "
-        "and the router's classifier call.",
-    )
-    max_tokens_per_call: int = Field(
-        default=32_768, ge=1, description="The largest max_tokens a request or plan may ask of one call."
-    )
-    max_messages: int = Field(default=512, ge=1, description="Messages in one request.")
-    max_input_chars: int = Field(
-        default=400_000,
-        ge=1,
-        description="Characters of message text in one request (about 100k tokens at 4 per token).",
-    )
-
-
 class ObservabilityConfig(_Strict):
     """Traces and logs (metrics need no settings)."""
 
@@ -613,10 +588,6 @@ class MoAConfig(_Strict):
 
     @model_validator(mode="after")
     def _references_exist(self) -> MoAConfig:
-        from moa.engine.caps import check_plan  # the caps module reads this config's types
-        from moa.errors import OverCap
-        from moa.types import GenerationParams
-
         for name, preset in self.presets.items():
             problems = self.unknown_models(preset)
             if problems:

@@ -24,9 +24,9 @@ import httpx
 import pytest
 from openai import AsyncOpenAI
 
+from moa.caps import check_messages, check_plan, worst_case_calls
 from moa.config import MoAConfig, ModelPrice, load_config, parse_config
 from moa.deadline import Deadline
-from moa.engine.caps import check_messages, check_plan, worst_case_calls
 from moa.engine.engine import MoAEngine
 from moa.errors import OverCap
 from moa.plan import Plan

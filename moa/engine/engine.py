@@ -21,10 +21,10 @@ from opentelemetry import trace
 
 from moa.cache import CacheTicket, ResponseCache, current_ticket, open_cache
 from moa.caller import ModelCaller
+from moa.caps import check_messages, check_plan
 from moa.config import MoAConfig
 from moa.engine import spans
 from moa.engine.calls import check_window
-from moa.engine.caps import check_messages, check_plan
 from moa.engine.chain import Writer, answer_chain, synthesise
 from moa.engine.context import Routed, RunContext, RunOptions, RunRequest
 from moa.engine.fusion import Fuser, LocalFuser
