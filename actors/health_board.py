@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from moa.config import DeploymentOptions, MoAConfig, ObservabilityConfig
-from moa.engine.router import HealthBoard, HealthView
+from moa.engine.router import HealthBoard
+from moa.types import HealthView
 from moa_actors.options import serve_options
 from moa_actors.telemetry import init_replica_telemetry
 

@@ -7,7 +7,8 @@ wire (they are plain pydantic models, so they pickle and serialise to JSON).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
 
@@ -250,3 +251,13 @@ async def batched(events: AsyncIterator[StreamEvent], batch_s: float) -> AsyncIt
 
 
 StreamEvent = TextDelta | CallResult
+
+
+@dataclass
+class HealthView:
+    """What the router knows of the providers right now: made by the in-process provider pool, or
+    by the health board on Ray (and sent to every ingress replica)."""
+
+    unavailable: frozenset[str] = frozenset()
+    # Recent latency (seconds) per "provider/model", for choosing substitutes.
+    latency_s: Mapping[str, float] = field(default_factory=dict)

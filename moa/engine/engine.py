@@ -29,7 +29,7 @@ from moa.engine.chain import Writer, answer_chain, synthesise
 from moa.engine.context import Routed, RunContext, RunOptions, RunRequest
 from moa.engine.fusion import Fuser, LocalFuser
 from moa.engine.layer import LayerOutcome, Upstream, run_layer
-from moa.engine.router import LOCAL_TENANT, BeforeCall, HealthView, Router, RouterPolicy
+from moa.engine.router import LOCAL_TENANT, BeforeCall, Router, RouterPolicy
 from moa.engine.staircase import StaircaseFeed, climb
 from moa.errors import FallbackReason, MoAError
 from moa.plan import ModelRef, PlanMode
@@ -41,7 +41,7 @@ from moa.result import (
     RouteDecision,
     Stage,
 )
-from moa.types import CallResult, ChatMessage, GenerationParams, TextDelta
+from moa.types import CallResult, ChatMessage, GenerationParams, HealthView, TextDelta
 from moa_observability.tracing import attached, iterate_in, tracer
 
 __all__ = ["MoAEngine", "Routed", "RunRequest"]

@@ -10,7 +10,7 @@ import hashlib
 import re
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from moa.caller import ModelCaller
@@ -19,7 +19,7 @@ from moa.errors import NoHealthyProvider, UnknownPreset
 from moa.plan import AggregatorSpec, Complexity, LayerSpec, ModelRef, Plan, ProposerSpec, TaskType
 from moa.result import RouteDecision
 from moa.tokens import approx_tokens
-from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams
+from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams, HealthView
 
 AUTO = "auto"
 
@@ -121,15 +121,6 @@ def parse_classifier_answer(text: str) -> tuple[Complexity, TaskType] | None:
     complexity = next((Complexity(w) for w in words if w in {c.value for c in Complexity}), None)
     task = next((TaskType(w) for w in words if w in {t.value for t in TaskType}), TaskType.GENERAL)
     return (complexity, task) if complexity else None
-
-
-@dataclass
-class HealthView:
-    """What the router knows of the providers right now."""
-
-    unavailable: frozenset[str] = frozenset()
-    # Recent latency (seconds) per "provider/model", for choosing substitutes.
-    latency_s: Mapping[str, float] = field(default_factory=dict)
 
 
 def user_text(messages: Sequence[ChatMessage]) -> str:
