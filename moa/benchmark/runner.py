@@ -464,7 +464,7 @@ async def _run(opts: BenchOptions) -> dict[str, Any]:
         if stop_serve is not None:
             stop_serve()
         sim.stop()
-    # Read at the end: starting the Serve app sets its mode's variables (moa_serve_app.THROUGHPUT_ENV).
+    # Read at the end: starting the Serve app sets its mode's variables (moa_actors.app.THROUGHPUT_ENV).
     report["environment"]["env"] = _serve_env()
     report["environment"]["loadavg_at_end"] = list(os.getloadavg())
     write_report(report, opts.out)
