@@ -17,8 +17,8 @@ from rich.progress import Progress
 
 from moa.benchmark.stats import percentile
 from moa.config import MoAConfig
+from moa_actors.app import start_local, stop_local
 from moa_actors.probe import PROBES, build_probe
-from moa_serve_app import start_local, stop_local
 
 # Timed requests per probe path (after a warm-up of 20).
 FLOOR_REQUESTS = 200

@@ -86,7 +86,7 @@ async def served_on_ray(cfg: MoAConfig) -> AsyncIterator[ServedApp]:
 
     Started on the calling thread (``start_local`` installs signal handlers, which only the main
     thread may): the bench has nothing else to run on its loop meanwhile."""
-    from moa_serve_app import start_local, stop_local
+    from moa_actors.app import start_local, stop_local
 
     url = start_local(cfg, "127.0.0.1", _free_port()).url
     try:

@@ -149,7 +149,7 @@ class Chaos:
         from ray import serve
         from ray.cluster_utils import Cluster
 
-        from moa_serve_app import LOCAL_ENV, THROUGHPUT_ENV, build_from_config
+        from moa_actors.app import LOCAL_ENV, THROUGHPUT_ENV, build_from_config
 
         # Started on this machine as `moa serve` starts its Ray instance (LOCAL_ENV): no load
         # balancer to deregister from, so the stop does not wait out Serve's 30 s draining period.

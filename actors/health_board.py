@@ -10,11 +10,11 @@ on shutdown, which the ingress replicas learn at their next check-in.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from moa.config import DeploymentOptions, MoAConfig, ObservabilityConfig
-from moa.engine.router import HealthBoard, HealthView
+from moa.types import HealthView
 from moa_actors.options import serve_options
 from moa_actors.telemetry import init_replica_telemetry
 
@@ -22,6 +22,90 @@ from moa_actors.telemetry import init_replica_telemetry
 HEALTH_BOARD_NAME = "health-board"
 # An ingress replica that has not checked in for this long is gone (scaled down, restarted).
 INGRESS_STALE_S = 5.0
+
+
+class HealthBoard:
+    """The router's live state: circuit states reported by provider replicas, latency per model.
+
+    A provider counts as unavailable when every replica that reported recently says its circuit is
+    open; a replica silent for ``stale_s`` is forgotten (it may have been scaled down). A provider
+    of ``expected`` with no replica reporting at all, ``startup_grace_s`` after the board began
+    (``now``), is unavailable too: its replicas cannot start (a resource no node has, say), and a
+    call to it would only wait out its deadline. Providers in ``may_idle`` (autoscaled down to
+    zero replicas) are exempt: a call is what brings their replicas back.
+    """
+
+    def __init__(
+        self,
+        stale_s: float = 30.0,
+        alpha: float = 0.2,
+        *,
+        expected: Iterable[str] = (),
+        may_idle: Iterable[str] = (),
+        now: float | None = None,
+        startup_grace_s: float = 10.0,
+    ) -> None:
+        self.stale_s = stale_s
+        self.alpha = alpha
+        self._expected = tuple(expected)
+        self._may_idle = frozenset(may_idle)
+        self._since = now
+        self.startup_grace_s = startup_grace_s
+        self._replicas: dict[str, dict[str, tuple[float, dict[str, object]]]] = {}
+        self._latency: dict[str, float] = {}
+
+    def report(
+        self,
+        provider: str,
+        replica: str,
+        snapshot: Mapping[str, object],
+        latencies: Mapping[str, float],
+        now: float,
+    ) -> None:
+        self._replicas.setdefault(provider, {})[replica] = (now, dict(snapshot))
+        for model, seconds in latencies.items():
+            key = f"{provider}/{model}"
+            old = self._latency.get(key)
+            self._latency[key] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
+
+    def _fresh(self, provider: str, now: float) -> list[dict[str, object]]:
+        reports = self._replicas.get(provider, {})
+        for replica in [r for r, (t, _) in reports.items() if now - t > self.stale_s]:
+            del reports[replica]
+        return [snap for _, snap in reports.values()]
+
+    def _missing(self, now: float) -> set[str]:
+        """Expected providers with no replica reporting, once start-up had time to happen."""
+        if self._since is None or now - self._since < self.startup_grace_s:
+            return set()
+        return {p for p in self._expected if p not in self._may_idle and not self._fresh(p, now)}
+
+    def view(self, now: float) -> HealthView:
+        circuit_open = {
+            p
+            for p in self._replicas
+            if (snaps := self._fresh(p, now)) and all(s.get("state") == "open" for s in snaps)
+        }
+        unavailable = frozenset(circuit_open | self._missing(now))
+        return HealthView(unavailable=unavailable, latency_s=dict(self._latency))
+
+    def summary(self, providers: Iterable[str], now: float) -> dict[str, dict[str, object]]:
+        out: dict[str, dict[str, object]] = {}
+        for p in providers:
+            snaps = self._fresh(p, now)
+            states = [str(s.get("state")) for s in snaps]
+            state = (
+                ("scaled_to_zero" if p in self._may_idle else "no_replicas")
+                if not snaps
+                else "open"
+                if all(s == "open" for s in states)
+                else ("closed" if all(s == "closed" for s in states) else "degraded")
+            )
+            latency = {
+                k.split("/", 1)[1]: round(v, 4) for k, v in self._latency.items() if k.startswith(p + "/")
+            }
+            out[p] = {"state": state, "replicas": len(snaps), "replica_states": states, "latency_s": latency}
+        return out
 
 
 class HealthBoardDeployment:

@@ -18,8 +18,9 @@ from moa.api.app import Api, create_api
 from moa.config import MoAConfig, parse_config
 from moa.engine.engine import MoAEngine
 from moa.engine.fusion import Fuser, LocalFuser
-from moa.engine.router import HealthView, RouterPolicy
+from moa.engine.router import RouterPolicy
 from moa.state import open_store
+from moa.types import HealthView
 from moa_actors.handles import HandleCaller, RemoteFuser
 from moa_actors.options import serve_options
 from moa_actors.telemetry import init_replica_telemetry, shutdown_replica_telemetry

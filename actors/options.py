@@ -3,7 +3,7 @@
 The core's ``DeploymentOptions`` is data only (CPUs, replicas, autoscaling bounds); what Ray Serve
 makes of it lives here, on the Ray side. Each deployment class turns its own slice of the config
 into its options with a ``get_deployment_options`` classmethod (as Ray Serve's LLM module does on
-``LLMServer``), using this one translation, so the builder in ``moa_serve_app`` only binds.
+``LLMServer``), using this one translation, so the builder in ``moa_actors.app`` only binds.
 """
 
 from __future__ import annotations

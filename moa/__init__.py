@@ -22,12 +22,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from moa.caller import ModelCaller
     from moa.config import MoAConfig, load_config, parse_config
-    from moa.engine.caller import ModelCaller
     from moa.engine.engine import MoAEngine
-    from moa.engine.errors import AllProvidersFailed, DeadlineExceeded, MoAError
-    from moa.engine.plan import AggregatorSpec, LayerSpec, ModelRef, Plan, PlanMode, ProposerSpec
-    from moa.engine.result import CallRecord, MoAResult, Progress, RouteDecision, Stage
+    from moa.errors import AllProvidersFailed, DeadlineExceeded, MoAError
+    from moa.plan import AggregatorSpec, LayerSpec, ModelRef, Plan, PlanMode, ProposerSpec
+    from moa.result import CallRecord, MoAResult, Progress, RouteDecision, Stage
     from moa.testing import Reply, ScriptedCaller
     from moa.types import (
         CallError,
@@ -44,24 +44,24 @@ if TYPE_CHECKING:
 # Public name -> the private module that defines it.
 _HOMES: dict[str, str] = {
     "MoAEngine": "moa.engine.engine",
-    "MoAError": "moa.engine.errors",
-    "AllProvidersFailed": "moa.engine.errors",
-    "DeadlineExceeded": "moa.engine.errors",
+    "MoAError": "moa.errors",
+    "AllProvidersFailed": "moa.errors",
+    "DeadlineExceeded": "moa.errors",
     "MoAConfig": "moa.config",
     "load_config": "moa.config",
     "parse_config": "moa.config",
-    "Plan": "moa.engine.plan",
-    "LayerSpec": "moa.engine.plan",
-    "ProposerSpec": "moa.engine.plan",
-    "AggregatorSpec": "moa.engine.plan",
-    "ModelRef": "moa.engine.plan",
-    "PlanMode": "moa.engine.plan",
-    "MoAResult": "moa.engine.result",
-    "CallRecord": "moa.engine.result",
-    "Stage": "moa.engine.result",
-    "RouteDecision": "moa.engine.result",
-    "Progress": "moa.engine.result",
-    "ModelCaller": "moa.engine.caller",
+    "Plan": "moa.plan",
+    "LayerSpec": "moa.plan",
+    "ProposerSpec": "moa.plan",
+    "AggregatorSpec": "moa.plan",
+    "ModelRef": "moa.plan",
+    "PlanMode": "moa.plan",
+    "MoAResult": "moa.result",
+    "CallRecord": "moa.result",
+    "Stage": "moa.result",
+    "RouteDecision": "moa.result",
+    "Progress": "moa.result",
+    "ModelCaller": "moa.caller",
     "CallRequest": "moa.types",
     "CallResult": "moa.types",
     "CallError": "moa.types",

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from moa.config import load_config
 from moa.engine.engine import MoAEngine
-from moa.engine.result import MoAResult
+from moa.result import MoAResult
 from moa.types import ChatMessage, GenerationParams, TextDelta
 
 
@@ -42,8 +42,8 @@ def totals_line(result: MoAResult) -> str:
 
 
 async def ask(args: argparse.Namespace, question: str) -> int:
-    from moa.cli import local_simulator
     from moa.providers.registry import ProviderPool
+    from moa.simulator.server import local_simulator
 
     cfg = load_config(args.config)
     messages = [ChatMessage(role="user", content=question)]

@@ -17,9 +17,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from moa.engine.errors import MoAError
-from moa.engine.plan import Plan
-from moa.engine.result import RouteDecision
+from moa.errors import MoAError
+from moa.plan import Plan
+from moa.result import RouteDecision
 from moa.state import KeyLimits, KeyRecord, StateStore
 
 KEY_PREFIX = "sk-moa-"

@@ -4,35 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
-from moa.config import ConfigError, MoAConfig, load_config, simulation_active
-from moa.engine.errors import MoAError
-
-
-@contextlib.contextmanager
-def local_simulator(cfg: MoAConfig, *, announce: bool = True) -> Iterator[MoAConfig]:
-    """When calls go to the simulator and none is running, start one for the duration.
-
-    Yields the config with ``simulator.url`` filled in. With API keys set (real mode) it changes nothing.
-    """
-    if not simulation_active(cfg) or cfg.simulator.url:
-        yield cfg
-        return
-    from moa.simulator.profile import SimProfile, load_profile
-    from moa.simulator.server import SimulatorServer
-
-    profile = load_profile(cfg.simulator.profile) if cfg.simulator.profile else SimProfile()
-    with SimulatorServer(profile) as server:
-        if announce:
-            print(
-                f"No provider API key is set: answers come from the built-in simulator at {server.url} "
-                "and are synthetic.",
-                file=sys.stderr,
-            )
-        yield cfg.model_copy(update={"simulator": cfg.simulator.model_copy(update={"url": server.url})})
+from moa.config import ConfigError, load_config
+from moa.errors import MoAError
 
 
 def _add_ask(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -181,4 +157,4 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["build_parser", "load_config", "local_simulator", "main"]
+__all__ = ["build_parser", "load_config", "main"]

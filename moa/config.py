@@ -24,8 +24,10 @@ from pydantic import (
     model_validator,
 )
 
-from moa.engine.plan import Plan, PresetConfig, RouterConfig, TemplatesConfig
-from moa.types import DroppableParam
+from moa.caps import RequestCaps, check_plan
+from moa.errors import OverCap
+from moa.plan import Plan, PresetConfig, RouterConfig, TemplatesConfig
+from moa.types import DroppableParam, GenerationParams
 
 
 class ConfigError(ValueError):
@@ -439,33 +441,6 @@ class ServerConfig(_Strict):
     )
 
 
-class RequestCaps(_Strict):
-    """Bounds on the work one request may cause, whoever chose its plan (a preset, an explicit
-    plan on /v1/moa, or the router). Over a cap is a 400 naming it, before any model is called."""
-
-    max_layers: int = Field(default=4, ge=1, description="Proposer layers (refine: rounds) in one plan.")
-    max_proposers_per_layer: int = Field(default=8, ge=1, description="Proposers in one layer.")
-    max_calls: int = Field(
-        # Room for moa with aggregation: staircase (25: its steps call both aggregators and the
-        # three layer-2 proposers three times more), plus the router's classifier call.
-        default=32,
-        ge=1,
-        description="Model calls one request may make in the worst case: every proposer of every "
-        "layer or round, every aggregator of the chain (and each intermediate synthesis), every "
-        "staircase step (of the aggregators and of each later layer's proposers), every fallback, "
-        "and the router's classifier call.",
-    )
-    max_tokens_per_call: int = Field(
-        default=32_768, ge=1, description="The largest max_tokens a request or plan may ask of one call."
-    )
-    max_messages: int = Field(default=512, ge=1, description="Messages in one request.")
-    max_input_chars: int = Field(
-        default=400_000,
-        ge=1,
-        description="Characters of message text in one request (about 100k tokens at 4 per token).",
-    )
-
-
 class ObservabilityConfig(_Strict):
     """Traces and logs (metrics need no settings)."""
 
@@ -506,11 +481,96 @@ class ShadowConfig(_Strict):
         return self
 
 
+# Judge prompts for ``moa eval`` (MT-Bench's wording, its [[A]]/[[B]]/[[C]] and [[rating]] verdict
+# markers). The provider simulator recognises the default answer blocks, as it does references.
+DEFAULT_JUDGE_PAIRWISE_SYSTEM = (
+    "Please act as an impartial judge and evaluate the quality of the responses provided by two AI "
+    "assistants to the user question displayed below. You should choose the assistant that follows "
+    "the user's instructions and answers the user's question better. Your evaluation should consider "
+    "factors such as the helpfulness, relevance, accuracy, depth, creativity, and level of detail of "
+    "their responses. Begin your evaluation by comparing the two responses and provide a short "
+    "explanation. Avoid any position biases and ensure that the order in which the responses were "
+    "presented does not influence your decision. Do not allow the length of the responses to "
+    "influence your evaluation. Be as objective as possible. After providing your explanation, output "
+    'your final verdict by strictly following this format: "[[A]]" if assistant A is better, "[[B]]" '
+    'if assistant B is better, and "[[C]]" for a tie.'
+)
+DEFAULT_JUDGE_PAIRWISE = (
+    "[User Question]\n{question}\n\n[The Start of Assistant A's Answer]\n{answer_a}\n"
+    "[The End of Assistant A's Answer]\n\n[The Start of Assistant B's Answer]\n{answer_b}\n"
+    "[The End of Assistant B's Answer]"
+)
+DEFAULT_JUDGE_GRADED_SYSTEM = (
+    "Please act as an impartial judge and evaluate the quality of the response provided by an AI "
+    "assistant to the user question displayed below. Your evaluation should consider factors such as "
+    "the helpfulness, relevance, accuracy, depth, creativity, and level of detail of the response. "
+    "Begin your evaluation by providing a short explanation. Be as objective as possible. After "
+    "providing your explanation, you must rate the response on a scale of 1 to 10 by strictly "
+    'following this format: "[[rating]]", for example: "Rating: [[5]]".'
+)
+DEFAULT_JUDGE_GRADED = (
+    "[Question]\n{question}\n\n[The Start of Assistant's Answer]\n{answer}\n[The End of Assistant's Answer]"
+)
+DEFAULT_JUDGE_RETRY = (
+    "Your reply did not end with a verdict in the required format. Reply again with only the verdict, "
+    "exactly in the required format and nothing else: {format}"
+)
+
+
+class JudgeTemplates(_Strict):
+    """The judges' prompts, for ``moa eval`` and shadow evaluation (``eval.shadow``)."""
+
+    judge_pairwise_system: str = Field(
+        default=DEFAULT_JUDGE_PAIRWISE_SYSTEM,
+        description="moa eval's pairwise judge: the system prompt, which fixes the verdict format",
+    )
+    judge_pairwise: str = Field(
+        default=DEFAULT_JUDGE_PAIRWISE,
+        description="moa eval's pairwise judge: the user message, with {question}, {answer_a}, {answer_b}",
+    )
+    judge_graded_system: str = Field(
+        default=DEFAULT_JUDGE_GRADED_SYSTEM,
+        description="moa eval's grading judge (1-10): the system prompt, which fixes the rating format",
+    )
+    judge_graded: str = Field(
+        default=DEFAULT_JUDGE_GRADED,
+        description="moa eval's grading judge: the user message, with {question} and {answer}",
+    )
+    judge_retry: str = Field(
+        default=DEFAULT_JUDGE_RETRY,
+        description="sent once when a judge's verdict cannot be parsed; {format} names the format",
+    )
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> JudgeTemplates:
+        needed = {
+            "judge_pairwise": ("{question}", "{answer_a}", "{answer_b}"),
+            "judge_graded": ("{question}", "{answer}"),
+            "judge_retry": ("{format}",),
+        }
+        for name, placeholders in needed.items():
+            missing = [p for p in placeholders if p not in getattr(self, name)]
+            if missing:
+                raise ValueError(
+                    f"eval.templates.{name} must contain the {', '.join(missing)} placeholder(s)"
+                )
+        return self
+
+
+# The judges' prompts as keys of the engine's ``templates``, where they were first.
+JUDGE_TEMPLATE_KEYS = frozenset(JudgeTemplates.model_fields)
+
+
 class EvalConfig(_Strict):
-    """moa eval's settings for live traffic."""
+    """moa eval's settings: its judges' prompts, and shadow evaluation of live traffic."""
 
     shadow: ShadowConfig = Field(
         default_factory=ShadowConfig, description="shadow evaluation of live traffic"
+    )
+    templates: JudgeTemplates = Field(
+        default_factory=JudgeTemplates,
+        description="the judges' prompts (moa eval, shadow evaluation); the same keys under "
+        "templates, where they were before, are still accepted",
     )
 
 
@@ -611,12 +671,27 @@ class MoAConfig(_Strict):
     state: StateConfig = Field(default=StateConfig(), description="Where API keys and the spend ledger live.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="moa eval's live-traffic settings")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_judge_template_keys(cls, data: Any) -> Any:
+        """The judges' prompts were ``templates.judge_*`` before they were ``eval.templates``
+        (``templates`` holds the prompts the engine writes): still accepted there, and moved."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("templates"), Mapping):
+            return data
+        templates = dict(data["templates"])
+        moved = {k: templates.pop(k) for k in sorted(JUDGE_TEMPLATE_KEYS & set(templates))}
+        evals = data.get("eval") or {}
+        given = (evals.get("templates") or {}) if isinstance(evals, Mapping) else None
+        if not moved or not isinstance(given, Mapping):
+            return data  # nothing to move, or no mapping to move it into: validation says why
+        if both := sorted(set(given) & set(moved)):
+            raise ValueError(
+                f"give eval.templates only ({', '.join(both)} also under templates, the old place)"
+            )
+        return {**data, "templates": templates, "eval": {**evals, "templates": {**moved, **given}}}
+
     @model_validator(mode="after")
     def _references_exist(self) -> MoAConfig:
-        from moa.engine.caps import check_plan  # the caps module reads this config's types
-        from moa.engine.errors import OverCap
-        from moa.types import GenerationParams
-
         for name, preset in self.presets.items():
             problems = self.unknown_models(preset)
             if problems:

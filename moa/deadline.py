@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from moa.engine.errors import DeadlineExceeded
+from moa.errors import DeadlineExceeded
 
 
 @dataclass(frozen=True)

@@ -219,8 +219,8 @@ def serve_local(
     the state store."""
     import os
 
-    from moa.cli import local_simulator
     from moa.exposure import keys_exist
+    from moa.simulator.server import local_simulator
     from moa_observability.logs import configure_json_logging
     from moa_observability.tracing import flush_tracing, setup_tracing
 

@@ -1,7 +1,7 @@
 """``ScriptedCaller``: a ``ModelCaller`` that answers from a script, for deterministic engine tests.
 
 httpx ships ``MockTransport`` at its transport seam; this is the same idea at the engine's seam
-(``moa.engine.caller.ModelCaller``). The engine cannot tell it from the provider pool or the Ray
+(``moa.caller.ModelCaller``). The engine cannot tell it from the provider pool or the Ray
 handles, so a test can drive quorum, grace, early stop and the fallback chain exactly: every
 reply is scripted per model, failures carry a real ``ErrorKind``, and a reply may wait on an
 ``asyncio.Event`` or on a virtual step (``advance``) instead of a wall-clock sleep, so the order

@@ -7,7 +7,8 @@ wire (they are plain pydantic models, so they pickle and serialise to JSON).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
 
@@ -135,6 +136,17 @@ class CallError(BaseModel):
     context_window: int | None = None
 
 
+# A provider's error message, as far as a log line or span status carries it.
+MAX_ERROR_CHARS = 300
+
+
+def error_text(message: str) -> str:
+    """A failure's message as logs and spans carry it: whitespace folded, at most
+    ``MAX_ERROR_CHARS`` (a provider may return a whole HTML page as its error)."""
+    text = " ".join(message.split())
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
 # Every top-level field of OpenAI's chat completions request (openai-python's
 # CompletionCreateParams): what the API accepts (refusing anything else by name, as OpenAI does)
 # and what the simulator's OpenAI route knows.
@@ -239,3 +251,13 @@ async def batched(events: AsyncIterator[StreamEvent], batch_s: float) -> AsyncIt
 
 
 StreamEvent = TextDelta | CallResult
+
+
+@dataclass
+class HealthView:
+    """What the router knows of the providers right now: made by the in-process provider pool, or
+    by the health board on Ray (and sent to every ingress replica)."""
+
+    unavailable: frozenset[str] = frozenset()
+    # Recent latency (seconds) per "provider/model", for choosing substitutes.
+    latency_s: Mapping[str, float] = field(default_factory=dict)

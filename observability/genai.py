@@ -13,13 +13,11 @@ from urllib.parse import urlsplit
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from moa.types import CallRequest, CallResult, ChatMessage
+from moa.types import CallRequest, CallResult, ChatMessage, error_text
 from moa_observability.tracing import tracer
 
 # gen_ai.provider.name well-known values; an OpenAI-compatible endpoint reports its config name.
 PROVIDER_NAMES = {"openai": "openai", "anthropic": "anthropic", "gemini": "gcp.gemini"}
-# A provider's error message, as far as a log line or span status carries it.
-MAX_ERROR_CHARS = 300
 MAX_CAPTURED_CHARS = 16_000
 
 
@@ -90,13 +88,6 @@ def end_call_span(span: trace.Span, result: CallResult | None, *, capture_conten
             "gen_ai.output.messages", _messages_json([ChatMessage(role="assistant", content=result.text)])
         )
     span.end()
-
-
-def error_text(message: str) -> str:
-    """A failure's message as logs and spans carry it: whitespace folded, at most
-    ``MAX_ERROR_CHARS`` (a provider may return a whole HTML page as its error)."""
-    text = " ".join(message.split())
-    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
 
 
 def _messages_json(messages: Sequence[ChatMessage]) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from moa.engine.result import FallbackReason
 from moa.types import CallResult
 
 DURATION_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120]
@@ -128,12 +127,12 @@ class RequestMetrics:
         complexity: str | None,
         status: int,
         seconds: float,
-        fallback_reason: FallbackReason | None = None,
+        fallback_reason: str | None = None,
         classifier_cached: bool = False,
     ) -> None:
         self.requests.inc(1, {"preset": preset, "complexity": complexity or "forced", "status": str(status)})
         self.latency.observe(seconds, {"preset": preset})
-        if fallback_reason == FallbackReason.QUORUM_MISSED:
+        if fallback_reason == "quorum_missed":
             self.shortfalls.inc(1, {"preset": preset})  # whether or not the fallback then answered
         if fallback_reason and status == 200:
             self.fallbacks.inc(1, {"preset": preset, "reason": str(fallback_reason)})

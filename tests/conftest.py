@@ -242,7 +242,7 @@ def cluster(simulator: SimulatorServer, otlp: OTLPReceiver) -> Iterator[dict[str
     from ray.cluster_utils import Cluster
 
     # The mode moa serve and the cluster files run in.
-    from moa_serve_app import THROUGHPUT_ENV, build_from_config
+    from moa_actors.app import THROUGHPUT_ENV, build_from_config
 
     with restored_environment(LEAK_CHECK_ENV, *THROUGHPUT_ENV, *CLUSTER_ENV):
         yield from _cluster(ray, serve, Cluster, build_from_config, simulator)
@@ -265,7 +265,7 @@ CLUSTER_ENV = {
 def _cluster(
     ray: Any, serve: Any, cluster_class: Any, build_from_config: Any, simulator: SimulatorServer
 ) -> Iterator[dict[str, Any]]:
-    from moa_serve_app import THROUGHPUT_ENV
+    from moa_actors.app import THROUGHPUT_ENV
 
     # A live-looking key the simulator refuses (and, like OpenAI, echoes masked), in every Ray
     # worker's environment: the leak tests deploy an app that reads it as a real deployment would.

@@ -21,8 +21,8 @@ from moa.benchmark.baseline import RETRY, Baseline, aggregator_messages
 from moa.benchmark.runner import HttpTarget, ProcessTree, load_prompts, markdown, run_level, write_report
 from moa.benchmark.stats import OLD_NAMES, Sample, breakdown, decompose, percentile, summarize
 from moa.config import MoAConfig, RetryConfig
-from moa.engine.plan import TemplatesConfig
 from moa.engine.prompts import with_references
+from moa.plan import TemplatesConfig
 from moa.simulator.server import SimulatorServer
 from moa.simulator.text import compose
 from moa.tokens import approx_message_tokens

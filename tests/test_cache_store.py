@@ -15,7 +15,7 @@ from moa.cache.redis_store import RedisCacheStore
 from moa.cache.sqlite_store import SQLiteCacheStore
 from moa.cache.store import CLEAR_CHECK_S, CacheStore, MemoryStore, TieredStore
 from moa.config import CacheConfig, StateConfig, load_config
-from moa.engine.plan import AggregatorSpec, Plan
+from moa.plan import AggregatorSpec, Plan
 from moa.types import ChatMessage, GenerationParams
 
 Factory = Callable[[int], CacheStore]
@@ -271,3 +271,35 @@ def test_simulator_embedding_errors_as_the_apis_word_them(sim: Any) -> None:
         headers={"x-goog-api-key": "k"},
     )
     assert r.status_code == 200 and len(r.json()["embedding"]["values"]) == 8
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_the_proposal_cache_is_a_model_caller_over_the_transport(streamed: bool) -> None:
+    """A proposer call asked again (same request, same scope) is answered from the cache without
+    reaching the transport, free, in both of the seam's ways; another scope asks the transport."""
+    from moa.cache import CacheTicket, ProposalCache, ResponseCache
+    from moa.caller import ModelCaller
+    from moa.testing import ScriptedCaller
+    from moa.types import CallRequest, CallResult
+
+    inner = ScriptedCaller(default="a proposal")
+    cache = ResponseCache(CacheConfig(enabled=True), MemoryStore(1 << 20))
+    req = CallRequest(
+        provider="openai", model="gpt-4.1-mini", messages=(ChatMessage(role="user", content="Hi"),)
+    )
+
+    async def ask(scope: str) -> CallResult:
+        caller = ProposalCache(inner, cache, CacheTicket.for_request(scope))
+        assert isinstance(caller, ModelCaller)
+        if not streamed:
+            return await caller.call(req)
+        events = [ev async for ev in caller.stream(req)]
+        assert isinstance(events[-1], CallResult)
+        return events[-1]
+
+    first = await ask("alice")
+    again = await ask("alice")
+    other = await ask("bob")
+    assert first.text == again.text == other.text == "a proposal"
+    assert len(inner.calls) == 2  # alice's repeat never reached the transport
+    assert again.cache == "exact" and again.cost_usd == 0.0 and first.cache is None

@@ -149,9 +149,9 @@ def test_no_file_holds_anything_like_a_key() -> None:
 def test_each_deployment_is_bound_with_its_own_slice_of_the_config() -> None:
     """The builder only wires: each deployment class computes its own Serve options, and a provider
     or the health board is bound with the part of the config it reads, not the whole of it."""
+    from moa_actors.app import build_from_config
     from moa_actors.health_board import HEALTH_BOARD_NAME
     from moa_actors.provider import CONFIG_SECTIONS
-    from moa_serve_app import build_from_config
 
     cfg = load_config(None)
     cfg.serve.fusion = "deployment"

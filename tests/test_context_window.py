@@ -21,11 +21,11 @@ import pytest
 from moa import MoAEngine, Plan
 from moa.config import MoAConfig, parse_config
 from moa.engine.calls import WINDOWS
-from moa.engine.errors import ContextWindowExceeded
-from moa.engine.result import Stage
+from moa.errors import ContextWindowExceeded
 from moa.providers.base import context_window_in
 from moa.providers.openai_client import OpenAICompatibleClient
 from moa.providers.registry import ProviderPool
+from moa.result import Stage
 from moa.simulator.profile import ModelProfile
 from moa.simulator.server import SimulatorServer
 from moa.testing import ScriptedCaller

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from moa.deadline import NO_DEADLINE, Deadline
-from moa.engine.errors import DeadlineExceeded
+from moa.errors import DeadlineExceeded
 
 
 def test_a_deadline_counts_down_and_then_refuses() -> None:

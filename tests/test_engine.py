@@ -11,13 +11,12 @@ import pytest
 
 from moa.config import MoAConfig
 from moa.engine.engine import MoAEngine
-from moa.engine.errors import AllProvidersFailed, DeadlineExceeded
-from moa.engine.plan import Plan
-from moa.engine.result import MoAResult, Stage
-from moa.engine.router import HealthView
+from moa.errors import AllProvidersFailed, DeadlineExceeded
+from moa.plan import Plan
 from moa.providers.registry import ProviderPool
+from moa.result import MoAResult, Stage
 from moa.simulator.server import SimulatorServer
-from moa.types import ChatMessage, ErrorKind, TextDelta
+from moa.types import ChatMessage, ErrorKind, HealthView, TextDelta
 from tests.helpers import set_fault, set_pace, sim_stats, wait_idle
 from tests.waiting import wait_until
 

@@ -13,8 +13,8 @@ import asyncio
 import pytest
 
 from moa import MoAEngine, MoAResult, Plan, load_config
-from moa.engine.errors import AllProvidersFailed
-from moa.engine.result import Stage
+from moa.errors import AllProvidersFailed
+from moa.result import Stage
 from moa.testing import Reply, ScriptedCaller
 from moa.types import ChatMessage, ErrorKind, TextDelta
 

@@ -158,7 +158,7 @@ def set_profile(sim: SimulatorServer, models: dict[str, Any]) -> None:
 
 
 def pairwise_prompt(first: str, second: str) -> str:
-    from moa.engine.plan import DEFAULT_JUDGE_PAIRWISE
+    from moa.config import DEFAULT_JUDGE_PAIRWISE
 
     return DEFAULT_JUDGE_PAIRWISE.format(question="Why is the sky blue?", answer_a=first, answer_b=second)
 
@@ -691,6 +691,34 @@ async def test_a_retried_judge_keeps_every_reply_and_raw_is_always_the_last() ->
     caller.script("openai/gpt-4.1", Reply(text="[[A]]"))
     once = await judge.pairwise("q?", "first", "second", Budget())
     assert not once.retried and once.replies == ["[[A]]"] and once.raw == "[[A]]"
+
+
+async def test_the_judges_prompts_are_eval_templates_and_still_read_under_templates() -> None:
+    """The judges' prompts are ``eval.templates`` (``templates`` holds the prompts the engine
+    writes); given where they were before, under ``templates``, they still reach the judge; given
+    in both places, the config is refused."""
+    from moa import load_config, parse_config
+    from moa.config import ConfigError
+    from moa.eval.budget import Budget
+    from moa.eval.judging import Judge
+
+    raw = load_config(None).model_dump(mode="json")
+    del raw["eval"]["templates"]
+    raw["templates"]["judge_pairwise_system"] = "Judge strictly. End with [[A]], [[B]] or [[C]]."
+    cfg = parse_config(raw)
+    assert cfg.eval.templates.judge_pairwise_system.startswith("Judge strictly")
+    assert "judge_pairwise_system" not in cfg.templates.model_dump()
+    caller = ScriptedCaller()
+    caller.script("openai/gpt-4.1", "[[A]]")
+    await Judge("openai/gpt-4.1", cfg, caller, max_tokens=64).pairwise("q?", "a", "b", Budget())
+    assert caller.calls[0].request.messages[0].content.startswith("Judge strictly")
+    raw["eval"]["templates"] = {"judge_pairwise_system": "Another judge. [[A]], [[B]] or [[C]]."}
+    with pytest.raises(ConfigError, match=r"give eval\.templates only \(judge_pairwise_system"):
+        parse_config(raw)
+    raw["templates"].pop("judge_pairwise_system")
+    raw["eval"]["templates"]["judge_pairwise"] = "no placeholders"
+    with pytest.raises(ConfigError, match=r"eval\.templates\.judge_pairwise must contain"):
+        parse_config(raw)
 
 
 async def test_the_shadow_counts_a_pair_with_an_order_it_could_not_read_as_unparseable() -> None:

@@ -17,10 +17,10 @@ import httpx
 import pytest
 
 from moa.config import ConfigError, MoAConfig, SimulatorMode, load_config, parse_config
-from moa.engine.errors import AllProvidersFailed, Failure
-from moa.engine.plan import Complexity
 from moa.engine.router import classify_heuristic
+from moa.errors import AllProvidersFailed, Failure
 from moa.limits import LocalRateBudget
+from moa.plan import Complexity
 from moa.providers.registry import ProviderPool
 from moa.simulator.server import SimulatorServer
 from moa.tokens import approx_tokens

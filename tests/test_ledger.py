@@ -22,8 +22,8 @@ import pytest
 from moa import MoAEngine, Plan, load_config
 from moa.auth import new_key, new_record
 from moa.config import MoAConfig, SimulatorMode
-from moa.engine.result import CallRecord, Stage
 from moa.providers.registry import ProviderPool
+from moa.result import CallRecord, Stage
 from moa.simulator.server import SimulatorServer
 from moa.state import KeyLimits, Reservation, StateStore, to_micro
 from moa.state.sqlite_store import SQLiteStore

@@ -374,7 +374,7 @@ def test_every_documented_series_moves_when_its_event_happens(
     """Each series the README lists, made to move by the event it counts, in an app of its own
     (application="moa-metrics") with the LLM classifier, whose cache is the one cache there is."""
     serve = pytest.importorskip("ray.serve")
-    from moa_serve_app import build_from_config
+    from moa_actors.app import build_from_config
 
     raw = cluster["config"].model_dump(mode="json")
     for name in ("narrow", "metered"):

@@ -389,7 +389,7 @@ def _record(message: str, *args: object) -> logging.LogRecord:
 def test_quiet_serve_drops_only_the_lines_that_look_like_failure() -> None:
     """``moa serve``'s filter on Serve's logger, on records shaped like the lines a clean run
     printed: the two that read as trouble go, Serve's other records stay."""
-    app = pytest.importorskip("moa_serve_app")
+    app = pytest.importorskip("moa_actors.app")
     quiet = app.QuietServe()
     noise = [
         _record(
@@ -414,7 +414,7 @@ def test_quiet_stop_drops_only_the_raylet_reports_of_killed_actors() -> None:
     """``moa serve``'s stop, on writes shaped as Ray's error listener makes them (one ``print``:
     the coloured report, then the line end): the reports of the actors the stop kills go, with
     their line ends; every other line, the raylet's included, passes as written."""
-    app = pytest.importorskip("moa_serve_app")
+    app = pytest.importorskip("moa_actors.app")
     out = io.StringIO()
     quiet = app.QuietStop(out)
     killed = (

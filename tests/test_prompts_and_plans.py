@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from moa.config import ConfigError, load_config, parse_config
-from moa.engine.plan import LayerSpec, Plan, PlanMode, ProposerSpec, TemplatesConfig
 from moa.engine.prompts import TRUNCATION_MARK, render_references, trim_references, with_references
+from moa.plan import LayerSpec, Plan, PlanMode, ProposerSpec, TemplatesConfig
 from moa.tokens import approx_tokens
 from moa.types import ChatMessage
 

@@ -14,10 +14,10 @@ import openai
 import pytest
 
 from moa.config import MoAConfig, ProviderConfig, parse_config, resolve_endpoint
-from moa.engine.result import CallRecord, Stage
 from moa.limits import ProviderLimits
 from moa.providers.base import ProviderClient, provider_service_time, redact_key
 from moa.providers.registry import ProviderPool, build_client
+from moa.result import CallRecord, Stage
 from moa.simulator.server import SimulatorServer
 from moa.types import (
     CallRequest,

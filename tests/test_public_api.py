@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import moa
-from moa.engine.caller import ModelCaller
+from moa.caller import ModelCaller
 from moa.testing import ScriptedCaller
 
 

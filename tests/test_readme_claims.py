@@ -24,12 +24,12 @@ import httpx
 import pytest
 from openai import AsyncOpenAI
 
+from moa.caps import check_messages, check_plan, worst_case_calls
 from moa.config import MoAConfig, ModelPrice, load_config, parse_config
 from moa.deadline import Deadline
-from moa.engine.caps import check_messages, check_plan, worst_case_calls
 from moa.engine.engine import MoAEngine
-from moa.engine.errors import OverCap
-from moa.engine.plan import Plan
+from moa.errors import OverCap
+from moa.plan import Plan
 from moa.providers.base import AttemptError
 from moa.providers.registry import ProviderPool
 from moa.simulator.profile import ModelProfile, SimProfile

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from moa.config import load_config
-from moa.engine.errors import NoHealthyProvider, UnknownPreset
-from moa.engine.plan import Complexity, TaskType
-from moa.engine.router import HealthView, RouterPolicy, classify_heuristic, parse_classifier_answer
-from moa.types import ChatMessage
+from moa.engine.router import RouterPolicy, classify_heuristic, parse_classifier_answer
+from moa.errors import NoHealthyProvider, UnknownPreset
+from moa.plan import Complexity, TaskType
+from moa.types import ChatMessage, HealthView
 
 EXAMPLES = [
     ("What is the capital of France?", Complexity.SIMPLE, TaskType.GENERAL),

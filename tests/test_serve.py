@@ -15,7 +15,7 @@ import pytest
 
 from moa.config import parse_config
 from moa.engine.fusion import FuseJob, FuseStart, FuseStep
-from moa.engine.plan import AggregatorSpec
+from moa.plan import AggregatorSpec
 from moa.simulator.server import SimulatorServer
 from moa.types import ChatMessage, TextDelta
 from tests.helpers import ADMIN_HEADERS, QUESTION, RAY_MODULE, set_fault, sim_stats
@@ -275,7 +275,7 @@ def test_healthz_reports_every_provider(url: str) -> None:
 
 def test_fusion_in_an_aggregator_deployment(cluster: dict[str, Any], sim: SimulatorServer) -> None:
     """``serve.fusion: deployment`` adds the aggregator deployment; the default app has none."""
-    from moa_serve_app import build_from_config
+    from moa_actors.app import build_from_config
 
     assert "aggregator" not in serve.status().applications["moa"].deployments
     raw = cluster["config"].model_dump(mode="json")
@@ -329,7 +329,7 @@ def test_bench_floor_app_times_every_probe(url: str) -> None:
 def _side_app(cluster: dict[str, Any], provider: str, spec: dict[str, Any]) -> str:
     """The session config without its test providers, plus ``provider`` as ``spec`` says, deployed
     as app ``moa-<provider>`` beside the session's (without waiting for it); its URL."""
-    from moa_serve_app import build_from_config
+    from moa_actors.app import build_from_config
 
     raw = cluster["config"].model_dump(mode="json")
     for name in ("narrow", "metered", "tokened"):
@@ -374,8 +374,8 @@ def test_serve_stopping_the_ingress_lets_a_stream_in_progress_finish(
     stream is shorter), so load balancers deregister it."""
     import threading
 
+    from moa_actors.app import build_from_config
     from moa_actors.cache_bench import direct_url
-    from moa_serve_app import build_from_config
 
     raw = cluster["config"].model_dump(mode="json")
     for name in ("narrow", "metered", "tokened"):

@@ -43,7 +43,7 @@ def _plan(aggregator: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def apps(cluster: dict[str, Any], redis_server: str) -> Iterator[dict[str, str]]:
-    from moa_serve_app import build_from_config
+    from moa_actors.app import build_from_config
 
     url = re.sub(r"/\d+$", "/8", redis_server)  # a database no other test uses
 

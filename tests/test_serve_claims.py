@@ -142,7 +142,7 @@ def test_cluster_wide_tpm_holds_with_two_replicas(url: str, sim: SimulatorServer
 def tight(cluster: dict[str, Any]) -> Iterator[str]:
     """The same app with two requests in progress per ingress and circuits that open at the first
     failure: its own provider replicas, so open circuits here leave the main app alone."""
-    from moa_serve_app import build_from_config
+    from moa_actors.app import build_from_config
 
     raw = cluster["config"].model_dump(mode="json")
     for name in ("narrow", "metered", "tokened"):
@@ -269,7 +269,7 @@ def test_a_refused_key_reaches_no_response_and_no_log_file(
     import glob
     import os
 
-    from moa_serve_app import build_from_config
+    from moa_actors.app import build_from_config
     from tests.conftest import LEAK_CHECK_ENV, LEAK_CHECK_KEY
 
     raw = cluster["config"].model_dump(mode="json")

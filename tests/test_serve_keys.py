@@ -70,7 +70,7 @@ async def _with_store(redis_url: str, work: Any) -> Any:
 @pytest.fixture(scope="module")
 def keyed(cluster: dict[str, Any], redis_server: str) -> Iterator[tuple[str, str, KeyRecord, str]]:
     """The app, deployed after its key exists (so no replica ever ran open)."""
-    from moa_serve_app import build_from_config
+    from moa_actors.app import build_from_config
 
     url = _db(redis_server)
     key = new_key()

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import pytest
 
 from moa import MoAEngine, MoAResult, Plan, load_config
+from moa.caps import worst_case_calls
 from moa.config import MoAConfig
-from moa.engine.caps import worst_case_calls
 from moa.engine.cost import projected_cost
-from moa.engine.errors import OverCap
-from moa.engine.result import CallRecord, FallbackReason, Progress, Stage
+from moa.errors import FallbackReason, OverCap
+from moa.result import CallRecord, Progress, Stage
 from moa.testing import Reply, ScriptedCall, ScriptedCaller
 from moa.types import ChatMessage, ErrorKind, GenerationParams, TextDelta
 

@@ -18,9 +18,9 @@ import pytest
 
 from moa.config import MoAConfig, SimulatorMode, load_config
 from moa.engine.engine import MoAEngine
-from moa.engine.plan import Plan
-from moa.engine.result import MoAResult
+from moa.plan import Plan
 from moa.providers.registry import ProviderPool
+from moa.result import MoAResult
 from moa.simulator.server import SimulatorServer
 from moa.types import TextDelta
 from moa_observability.tracing import tracer
@@ -411,7 +411,7 @@ def test_staircase_answers_while_the_last_layer_still_streams(api_url: str, sim:
 
 
 def test_staircase_steps_count_in_the_caps_and_the_projected_cost() -> None:
-    from moa.engine.caps import worst_case_calls
+    from moa.caps import worst_case_calls
     from moa.engine.cost import projected_cost
     from moa.types import ChatMessage, GenerationParams
 

@@ -20,11 +20,10 @@ from opentelemetry import trace
 from moa.auth import Authenticator, InsufficientQuota, KeyRateLimited, Principal
 from moa.config import MoAConfig
 from moa.engine.cost import Projection, Routed, call_cost, fit_cost_cap
-from moa.engine.plan import Plan, PlanShape
-from moa.engine.result import CallRecord
-from moa.engine.router import HealthView
+from moa.plan import Plan, PlanShape
+from moa.result import CallRecord
 from moa.state import Reservation, StateStore, from_micro, to_micro, window_of
-from moa.types import CallRequest, ChatMessage, GenerationParams
+from moa.types import CallRequest, ChatMessage, GenerationParams, HealthView
 from moa_observability.metrics import KeyMetrics
 
 log = logging.getLogger("moa.api")

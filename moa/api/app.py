@@ -40,7 +40,7 @@ from moa.cache import CacheTicket, set_ticket
 from moa.config import ConfigError, MoAConfig
 from moa.deadline import Deadline
 from moa.engine.engine import MoAEngine
-from moa.engine.errors import (
+from moa.errors import (
     DeadlineExceeded,
     InvalidPlan,
     InvalidRequest,
@@ -48,7 +48,6 @@ from moa.engine.errors import (
     ShuttingDown,
     UnknownPreset,
 )
-from moa.engine.result import MoAResult, Progress
 from moa.eval.shadow import ShadowEvaluator
 from moa.exposure import RequestExposure
 from moa.keys_admin import (
@@ -63,6 +62,7 @@ from moa.keys_admin import (
     key_rows,
     spent_now,
 )
+from moa.result import MoAResult, Progress
 from moa.state import KeyExists, StateStore, describe
 from moa.textcheck import first_unencodable
 from moa.types import ChatMessage, TextDelta, Usage

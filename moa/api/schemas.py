@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
-from moa.engine.plan import AggregationMode, Plan
+from moa.plan import AggregationMode, Plan
 from moa.types import OPENAI_CHAT_FIELDS, ChatMessage, GenerationParams, ReasoningEffort, check_logit_bias
 
 

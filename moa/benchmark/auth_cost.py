@@ -32,9 +32,9 @@ from moa.auth import new_key, new_record
 from moa.benchmark.runner import HttpTarget, Simulator, _free_port, bench_config, load_prompts
 from moa.benchmark.stats import Sample, percentile, summarize
 from moa.engine.engine import MoAEngine
-from moa.engine.router import HealthView
 from moa.providers.registry import ProviderPool
 from moa.state import KeyLimits, StateStore
+from moa.types import HealthView
 
 MODEL = "single"  # one model call: the checks are the largest share of what it adds
 BLOCK = 10  # requests per variant before the next variant's turn
@@ -48,7 +48,7 @@ async def time_checks(cfg: Any, store: StateStore | None, key: str | None, n: in
 
     from moa.api.access import Access, Spend
     from moa.engine.cost import Routed
-    from moa.engine.result import RouteDecision
+    from moa.result import RouteDecision
     from moa.types import ChatMessage, GenerationParams
 
     access = Access(cfg, store)

@@ -27,7 +27,7 @@ from moa.benchmark.baseline import AGGREGATOR_PROMPT, RETRY, Baseline
 from moa.benchmark.options import FAULTY_MODEL, SCENARIOS, BenchOptions
 from moa.benchmark.stats import BREAKDOWN_PARTS, Sample, breakdown, summarize, trim_detail
 from moa.config import ConfigError, MoAConfig, load_config
-from moa.engine.result import FallbackReason
+from moa.errors import FallbackReason
 
 Send = Callable[[str], Awaitable[Sample]]
 
@@ -464,7 +464,7 @@ async def _run(opts: BenchOptions) -> dict[str, Any]:
         if stop_serve is not None:
             stop_serve()
         sim.stop()
-    # Read at the end: starting the Serve app sets its mode's variables (moa_serve_app.THROUGHPUT_ENV).
+    # Read at the end: starting the Serve app sets its mode's variables (moa_actors.app.THROUGHPUT_ENV).
     report["environment"]["env"] = _serve_env()
     report["environment"]["loadavg_at_end"] = list(os.getloadavg())
     write_report(report, opts.out)

@@ -3,6 +3,7 @@
 from moa.cache.cache import (
     CacheTicket,
     Hit,
+    ProposalCache,
     ResponseCache,
     current_ticket,
     open_cache,
@@ -10,4 +11,13 @@ from moa.cache.cache import (
     set_ticket,
 )
 
-__all__ = ["CacheTicket", "Hit", "ResponseCache", "current_ticket", "open_cache", "sampled", "set_ticket"]
+__all__ = [
+    "CacheTicket",
+    "Hit",
+    "ProposalCache",
+    "ResponseCache",
+    "current_ticket",
+    "open_cache",
+    "sampled",
+    "set_ticket",
+]

@@ -3,7 +3,8 @@
 What may be served is decided per request by a ``CacheTicket`` (scope, read/write, semantic,
 whether a fresh sample was asked for), which the API sets in a context variable so that the engine
 and every task it starts see it. The engine asks ``lookup`` before any model is called and
-``store`` once an answer is complete; proposer calls go through ``call``.
+``store`` once an answer is complete; proposer calls go through ``ProposalCache``, a ``ModelCaller``
+over the transport.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,10 +24,12 @@ from opentelemetry import trace
 from moa.cache.embed import STATIC_EXTRA, Embedder, cosine, make_embedder, static_embedder_installed
 from moa.cache.keys import context_key, final_key, guard, proposal_key, split_last_user
 from moa.cache.store import CacheStore, MemoryStore, TieredStore
+from moa.caller import ModelCaller
 from moa.config import CacheConfig, MoAConfig
-from moa.engine.plan import Plan
-from moa.engine.result import CacheOutcome, FallbackReason, MoAResult
-from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams, Usage
+from moa.errors import FallbackReason
+from moa.plan import Plan
+from moa.result import CacheOutcome, MoAResult
+from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams, StreamEvent, Usage
 from moa_observability.metrics import cache_metrics
 from moa_observability.tracing import tracer
 
@@ -87,6 +90,11 @@ class Hit:
     kind: str  # exact | semantic
     similarity: float | None
     age_s: float
+
+
+def _proposal_entry(ticket: CacheTicket, req: CallRequest) -> str:
+    """Where a proposer call's answer is kept: its exact request, in the ticket's scope."""
+    return f"{ticket.scope}|p|{proposal_key(ticket.scope, req)}"
 
 
 def _pack(vector: Sequence[float], anchor_set: dict[str, list[str]]) -> bytes:
@@ -273,55 +281,91 @@ class ResponseCache:
 
     # -- proposer calls ---------------------------------------------------------------------------
 
-    async def call(
-        self, req: CallRequest, ticket: CacheTicket, fetch: Callable[[], Awaitable[CallResult]]
-    ) -> CallResult:
-        """One proposer call, from the cache when its exact request was answered before; else
-        ``fetch``'s (the engine's call, which bills whatever it costs), stored when complete."""
-        key = f"{ticket.scope}|p|{proposal_key(ticket.scope, req)}"
-        readable = self.readable(ticket, req.params) is None
-        if readable:
-            t0 = time.monotonic()
-            try:
-                raw = await self.store.get(key)
-            except Exception as e:
-                log.warning("cache lookup failed: %s: %s", type(e).__name__, e)
-                raw = None
-            if raw is not None:
-                entry = json.loads(raw)
-                if time.time() - entry["created"] <= self.config.ttl_s:
-                    original = CallResult.model_validate(entry["result"])
-                    saved = original.cost_usd
-                    self.metrics.hit("proposal", "exact", saved)
-                    ticket.outcome.proposals_from_cache += 1
-                    trace.get_current_span().add_event(
-                        "moa.cache.hit", {"moa.cache.level": "proposal", "gen_ai.request.model": req.model}
-                    )
-                    return original.model_copy(
-                        update={
-                            "usage": Usage(),
-                            "cost_usd": 0.0,
-                            "saved_cost_usd": saved,
-                            "latency_s": time.monotonic() - t0,
-                            "ttft_s": None,
-                            "attempts": 0,
-                            "provider_service_s": None,
-                            "cache": "exact",
-                        }
-                    )
-            self.metrics.miss("proposal")
-        res = await fetch()
-        if ticket.write and res.ok and res.text and res.finish_reason in COMPLETE:
-            raw = json.dumps({"created": time.time(), "result": res.model_dump(mode="json")}).encode()
-            try:
-                await self.store.put(key, raw, self.config.ttl_s)
-                self.metrics.stored("proposal", len(raw))
-            except Exception as e:
-                log.warning("cache store failed: %s: %s", type(e).__name__, e)
-        return res
+    async def proposal(self, req: CallRequest, ticket: CacheTicket) -> CallResult | None:
+        """A proposer call's earlier answer, when its exact request was answered before and the
+        ticket may read it: usage and cost zero, ``saved_cost_usd`` what it cost then."""
+        if self.readable(ticket, req.params) is not None:
+            return None
+        t0 = time.monotonic()
+        try:
+            raw = await self.store.get(_proposal_entry(ticket, req))
+        except Exception as e:
+            log.warning("cache lookup failed: %s: %s", type(e).__name__, e)
+            raw = None
+        if raw is not None:
+            entry = json.loads(raw)
+            if time.time() - entry["created"] <= self.config.ttl_s:
+                original = CallResult.model_validate(entry["result"])
+                saved = original.cost_usd
+                self.metrics.hit("proposal", "exact", saved)
+                ticket.outcome.proposals_from_cache += 1
+                trace.get_current_span().add_event(
+                    "moa.cache.hit", {"moa.cache.level": "proposal", "gen_ai.request.model": req.model}
+                )
+                return original.model_copy(
+                    update={
+                        "usage": Usage(),
+                        "cost_usd": 0.0,
+                        "saved_cost_usd": saved,
+                        "latency_s": time.monotonic() - t0,
+                        "ttft_s": None,
+                        "attempts": 0,
+                        "provider_service_s": None,
+                        "cache": "exact",
+                    }
+                )
+        self.metrics.miss("proposal")
+        return None
+
+    async def store_proposal(self, req: CallRequest, ticket: CacheTicket, res: CallResult) -> None:
+        """Store a proposer call's answer when it is complete and the ticket may write; a failing
+        store is logged, never raised."""
+        if not (ticket.write and res.ok and res.text and res.finish_reason in COMPLETE):
+            return
+        raw = json.dumps({"created": time.time(), "result": res.model_dump(mode="json")}).encode()
+        try:
+            await self.store.put(
+                f"{ticket.scope}|p|{proposal_key(ticket.scope, req)}", raw, self.config.ttl_s
+            )
+            self.metrics.stored("proposal", len(raw))
+        except Exception as e:
+            log.warning("cache store failed: %s: %s", type(e).__name__, e)
 
     async def close(self) -> None:
         await self.store.close()
+
+
+class ProposalCache:
+    """The response cache's proposal level as a ``ModelCaller`` over the transport (``inner``): a
+    proposer call whose exact request was answered before is answered from the cache, with no
+    call made; any other goes to ``inner`` and, once complete, is stored. One per run: its ticket
+    says what that request may read and write, and counts the proposals served."""
+
+    def __init__(self, inner: ModelCaller, cache: ResponseCache, ticket: CacheTicket) -> None:
+        self.inner = inner
+        self.cache = cache
+        self.ticket = ticket
+
+    async def call(self, req: CallRequest) -> CallResult:
+        hit = await self.cache.proposal(req, self.ticket)
+        if hit is not None:
+            return hit
+        res = await self.inner.call(req)
+        await self.cache.store_proposal(req, self.ticket, res)
+        return res
+
+    async def stream(self, req: CallRequest) -> AsyncIterator[StreamEvent]:
+        """A hit is the one final result (no text deltas: nothing was generated, nothing is billed
+        if the call is then cut); a miss streams from ``inner``, its result stored before it is
+        passed on."""
+        hit = await self.cache.proposal(req, self.ticket)
+        if hit is not None:
+            yield hit
+            return
+        async for ev in self.inner.stream(req):
+            if isinstance(ev, CallResult):
+                await self.cache.store_proposal(req, self.ticket, ev)
+            yield ev
 
 
 def cache_redis_url(config: MoAConfig) -> str | None:

@@ -16,7 +16,7 @@ import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
-from moa.engine.plan import Plan
+from moa.plan import Plan
 from moa.types import CallRequest, ChatMessage, GenerationParams
 
 # Bump when the key's composition or an entry's layout changes: old entries then never match.

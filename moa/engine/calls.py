@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 
+from moa.caller import ModelCaller
 from moa.config import MoAConfig
-from moa.engine.caller import ModelCaller
-from moa.engine.errors import ContextWindowExceeded
-from moa.engine.plan import ModelRef, ProposerSpec
 from moa.engine.prompts import trim_references
+from moa.errors import ContextWindowExceeded
+from moa.plan import ModelRef, ProposerSpec
 from moa.tokens import approx_message_tokens, approx_tokens
 from moa.types import (
     CallError,

@@ -18,8 +18,8 @@ from moa.engine import spans
 from moa.engine.calls import cut_result
 from moa.engine.context import RunContext
 from moa.engine.fusion import FuseJob, Fuser, FuseStart, LocalFuser
-from moa.engine.plan import AggregatorSpec, ModelRef, ProposerSpec
-from moa.engine.result import CallRecord, Stage
+from moa.plan import AggregatorSpec, ModelRef, ProposerSpec
+from moa.result import CallRecord, Stage
 from moa.types import CallResult, ErrorKind, GenerationParams, TextDelta
 from moa_observability.tracing import iterate_in, tracer
 

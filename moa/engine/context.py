@@ -17,15 +17,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypedDict, Unpack
 
-from moa.cache import CacheTicket, ResponseCache
+from moa.cache import CacheTicket, ProposalCache, ResponseCache
+from moa.caller import ModelCaller
 from moa.config import MoAConfig
 from moa.deadline import NO_DEADLINE, Deadline
-from moa.engine.caller import ModelCaller
 from moa.engine.calls import WINDOWS
-from moa.engine.errors import AllProvidersFailed, Failure
 from moa.engine.fusion import Fuser
-from moa.engine.plan import AggregationMode, Plan, PlanMode, PlanShape
-from moa.engine.result import CallRecord, FallbackReason, Progress, RouteDecision, Stage
+from moa.errors import AllProvidersFailed, Failure, FallbackReason
+from moa.plan import AggregationMode, Plan, PlanMode, PlanShape
+from moa.result import CallRecord, Progress, RouteDecision, Stage
 from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams
 
 # A routing decision: the plan, why, and any calls the router made (an LLM classifier).
@@ -130,6 +130,14 @@ class RunContext:
     # The answers of the last proposer layer (or refine round) that met its quorum, in the layer's
     # order: what the run answers with when every aggregator fails (``Plan.on_aggregators_failed``).
     proposals: list[CallResult] = field(default_factory=list)
+
+    @property
+    def proposal_caller(self) -> ModelCaller:
+        """What a proposer's call goes through: the response cache's proposal level over the
+        transport when this run may use it (``cache.proposals``, and a ticket), else the transport."""
+        if self.cache is not None and self.ticket is not None and self.config.cache.proposals:
+            return ProposalCache(self.caller, self.cache, self.ticket)
+        return self.caller
 
     @property
     def layers(self) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from moa.engine.plan import TemplatesConfig
+from moa.plan import TemplatesConfig
 from moa.types import ChatMessage
 
 # Provider kinds whose API treats a trailing assistant message as the beginning of the answer.

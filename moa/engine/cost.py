@@ -21,12 +21,12 @@ from dataclasses import dataclass
 
 from moa.config import MoAConfig
 from moa.engine.calls import TEMPLATE_OVERHEAD_TOKENS, merge_params
-from moa.engine.errors import OverCap
-from moa.engine.plan import Complexity, ModelRef, Plan, PlanMode, PlanShape
-from moa.engine.result import RouteDecision
-from moa.engine.router import HealthView, substitute_unavailable
+from moa.engine.router import substitute_unavailable
+from moa.errors import OverCap
+from moa.plan import Complexity, ModelRef, Plan, PlanMode, PlanShape
+from moa.result import RouteDecision
 from moa.tokens import approx_message_tokens
-from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams
+from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams, HealthView
 
 # The <reference id="N"> wrapper around each answer.
 REFERENCE_OVERHEAD_TOKENS = 16

@@ -20,29 +20,28 @@ from typing import Unpack
 from opentelemetry import trace
 
 from moa.cache import CacheTicket, ResponseCache, current_ticket, open_cache
+from moa.caller import ModelCaller
+from moa.caps import check_messages, check_plan
 from moa.config import MoAConfig
 from moa.engine import spans
-from moa.engine.caller import ModelCaller
 from moa.engine.calls import check_window
-from moa.engine.caps import check_messages, check_plan
 from moa.engine.chain import Writer, answer_chain, synthesise
 from moa.engine.context import Routed, RunContext, RunOptions, RunRequest
-from moa.engine.errors import MoAError
 from moa.engine.fusion import Fuser, LocalFuser
 from moa.engine.layer import LayerOutcome, Upstream, run_layer
-from moa.engine.plan import ModelRef, PlanMode
-from moa.engine.result import (
+from moa.engine.router import LOCAL_TENANT, BeforeCall, Router, RouterPolicy
+from moa.engine.staircase import StaircaseFeed, climb
+from moa.errors import FallbackReason, MoAError
+from moa.plan import ModelRef, PlanMode
+from moa.result import (
     AnswerSource,
     CallRecord,
-    FallbackReason,
     MoAResult,
     Progress,
     RouteDecision,
     Stage,
 )
-from moa.engine.router import LOCAL_TENANT, BeforeCall, HealthView, Router, RouterPolicy
-from moa.engine.staircase import StaircaseFeed, climb
-from moa.types import CallResult, ChatMessage, GenerationParams, TextDelta
+from moa.types import CallResult, ChatMessage, GenerationParams, HealthView, TextDelta
 from moa_observability.tracing import attached, iterate_in, tracer
 
 __all__ = ["MoAEngine", "Routed", "RunRequest"]

@@ -13,9 +13,9 @@ from typing import Protocol
 
 from pydantic import BaseModel, Field
 
+from moa.caller import ModelCaller
 from moa.config import MoAConfig
 from moa.deadline import Deadline
-from moa.engine.caller import ModelCaller
 from moa.engine.calls import (
     UNSEEN_BATCH_S,
     WINDOWS,
@@ -27,8 +27,8 @@ from moa.engine.calls import (
     timeout_result,
 )
 from moa.engine.continuation import LeadingTrim, continuation
-from moa.engine.plan import AggregatorSpec, ProposerSpec
 from moa.engine.prompts import with_references
+from moa.plan import AggregatorSpec, ProposerSpec
 from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams, StreamEvent, TextDelta
 
 

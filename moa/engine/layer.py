@@ -28,10 +28,10 @@ from moa.engine.calls import (
     safe_stream,
 )
 from moa.engine.context import RunContext
-from moa.engine.plan import LayerSpec, ProposerSpec
 from moa.engine.prompts import with_references
-from moa.engine.result import CallRecord, Progress, Stage
 from moa.engine.staircase import StaircaseFeed, stepped_proposer
+from moa.plan import LayerSpec, ProposerSpec
+from moa.result import CallRecord, Progress, Stage
 from moa.types import CallError, CallRequest, CallResult, ErrorKind
 from moa_observability.tracing import tracer
 
@@ -89,9 +89,7 @@ def _call(
     the cache when it may answer), so that a call cut short is billed for what it wrote."""
     if feed is not None:  # staircase: the answer streams into the feed as it is written
         return feed.consume(i, safe_stream(ctx.caller, ctx.config, req))
-    if ctx.cache is not None and ctx.ticket is not None and ctx.config.cache.proposals:
-        return ctx.cache.call(req, ctx.ticket, lambda: collect(ctx.caller, ctx.config, req, received))
-    return collect(ctx.caller, ctx.config, req, received)
+    return collect(ctx.proposal_caller, ctx.config, req, received)
 
 
 def _request(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from moa.engine.plan import TemplatesConfig
+from moa.plan import TemplatesConfig
 from moa.tokens import approx_tokens, truncate_to_tokens
 from moa.types import ChatMessage
 

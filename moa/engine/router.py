@@ -9,17 +9,17 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
+from moa.caller import ModelCaller
 from moa.config import MoAConfig
-from moa.engine.caller import ModelCaller
-from moa.engine.errors import NoHealthyProvider, UnknownPreset
-from moa.engine.plan import AggregatorSpec, Complexity, LayerSpec, ModelRef, Plan, ProposerSpec, TaskType
-from moa.engine.result import RouteDecision
+from moa.errors import NoHealthyProvider, UnknownPreset
+from moa.plan import AggregatorSpec, Complexity, LayerSpec, ModelRef, Plan, ProposerSpec, TaskType
+from moa.result import RouteDecision
 from moa.tokens import approx_tokens
-from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams
+from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams, HealthView
 
 AUTO = "auto"
 
@@ -121,15 +121,6 @@ def parse_classifier_answer(text: str) -> tuple[Complexity, TaskType] | None:
     complexity = next((Complexity(w) for w in words if w in {c.value for c in Complexity}), None)
     task = next((TaskType(w) for w in words if w in {t.value for t in TaskType}), TaskType.GENERAL)
     return (complexity, task) if complexity else None
-
-
-@dataclass
-class HealthView:
-    """What the router knows of the providers right now."""
-
-    unavailable: frozenset[str] = frozenset()
-    # Recent latency (seconds) per "provider/model", for choosing substitutes.
-    latency_s: Mapping[str, float] = field(default_factory=dict)
 
 
 def user_text(messages: Sequence[ChatMessage]) -> str:
@@ -339,87 +330,3 @@ def _dedupe(refs: Iterable[R]) -> tuple[R, ...]:
             seen.add((r.provider, r.model))
             out.append(r)
     return tuple(out)
-
-
-class HealthBoard:
-    """The router's live state: circuit states reported by provider replicas, latency per model.
-
-    A provider counts as unavailable when every replica that reported recently says its circuit is
-    open; a replica silent for ``stale_s`` is forgotten (it may have been scaled down). A provider
-    of ``expected`` with no replica reporting at all, ``startup_grace_s`` after the board began
-    (``now``), is unavailable too: its replicas cannot start (a resource no node has, say), and a
-    call to it would only wait out its deadline. Providers in ``may_idle`` (autoscaled down to
-    zero replicas) are exempt: a call is what brings their replicas back.
-    """
-
-    def __init__(
-        self,
-        stale_s: float = 30.0,
-        alpha: float = 0.2,
-        *,
-        expected: Iterable[str] = (),
-        may_idle: Iterable[str] = (),
-        now: float | None = None,
-        startup_grace_s: float = 10.0,
-    ) -> None:
-        self.stale_s = stale_s
-        self.alpha = alpha
-        self._expected = tuple(expected)
-        self._may_idle = frozenset(may_idle)
-        self._since = now
-        self.startup_grace_s = startup_grace_s
-        self._replicas: dict[str, dict[str, tuple[float, dict[str, object]]]] = {}
-        self._latency: dict[str, float] = {}
-
-    def report(
-        self,
-        provider: str,
-        replica: str,
-        snapshot: Mapping[str, object],
-        latencies: Mapping[str, float],
-        now: float,
-    ) -> None:
-        self._replicas.setdefault(provider, {})[replica] = (now, dict(snapshot))
-        for model, seconds in latencies.items():
-            key = f"{provider}/{model}"
-            old = self._latency.get(key)
-            self._latency[key] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
-
-    def _fresh(self, provider: str, now: float) -> list[dict[str, object]]:
-        reports = self._replicas.get(provider, {})
-        for replica in [r for r, (t, _) in reports.items() if now - t > self.stale_s]:
-            del reports[replica]
-        return [snap for _, snap in reports.values()]
-
-    def _missing(self, now: float) -> set[str]:
-        """Expected providers with no replica reporting, once start-up had time to happen."""
-        if self._since is None or now - self._since < self.startup_grace_s:
-            return set()
-        return {p for p in self._expected if p not in self._may_idle and not self._fresh(p, now)}
-
-    def view(self, now: float) -> HealthView:
-        circuit_open = {
-            p
-            for p in self._replicas
-            if (snaps := self._fresh(p, now)) and all(s.get("state") == "open" for s in snaps)
-        }
-        unavailable = frozenset(circuit_open | self._missing(now))
-        return HealthView(unavailable=unavailable, latency_s=dict(self._latency))
-
-    def summary(self, providers: Iterable[str], now: float) -> dict[str, dict[str, object]]:
-        out: dict[str, dict[str, object]] = {}
-        for p in providers:
-            snaps = self._fresh(p, now)
-            states = [str(s.get("state")) for s in snaps]
-            state = (
-                ("scaled_to_zero" if p in self._may_idle else "no_replicas")
-                if not snaps
-                else "open"
-                if all(s == "open" for s in states)
-                else ("closed" if all(s == "closed" for s in states) else "degraded")
-            )
-            latency = {
-                k.split("/", 1)[1]: round(v, 4) for k, v in self._latency.items() if k.startswith(p + "/")
-            }
-            out[p] = {"state": state, "replicas": len(snaps), "replica_states": states, "latency_s": latency}
-        return out

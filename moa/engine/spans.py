@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import Span, Status, StatusCode
 
-from moa.engine.plan import LayerSpec, Plan
-from moa.engine.result import MoAResult, RouteDecision, Stage
+from moa.plan import LayerSpec, Plan
+from moa.result import MoAResult, RouteDecision, Stage
 
 if TYPE_CHECKING:
     from moa.engine.layer import LayerOutcome

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING
 from moa.engine.calls import provider_kind
 from moa.engine.chain import Writer, answer_chain, staircase_step
 from moa.engine.context import RunContext
-from moa.engine.plan import ProposerSpec
-from moa.engine.result import Stage
+from moa.plan import ProposerSpec
+from moa.result import Stage
 from moa.types import CallError, CallResult, ErrorKind, StreamEvent, TextDelta
 
 if TYPE_CHECKING:

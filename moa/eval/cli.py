@@ -117,11 +117,11 @@ def _spec(args: argparse.Namespace) -> EvalSpec:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from moa.cli import local_simulator
     from moa.eval.report import build_report, markdown, write_report
     from moa.eval.runner import Evaluation, load_spec, save_spec
     from moa.eval.targets import TargetError
     from moa.eval.workloads import WorkloadError
+    from moa.simulator.server import local_simulator
 
     cfg = load_config(args.config)
     if args.api_key:  # read by the service targets from --service-key-env, in this process only

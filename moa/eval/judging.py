@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from moa.config import MoAConfig
-from moa.engine.caller import ModelCaller
-from moa.engine.plan import TemplatesConfig
+from moa.caller import ModelCaller
+from moa.config import JudgeTemplates, MoAConfig
 from moa.eval.budget import Budget
 from moa.eval.verdict import GRADED_FORMAT, PAIRWISE_FORMAT, Verdict, parse_pairwise, parse_rating
 from moa.tokens import approx_message_tokens
@@ -55,7 +54,7 @@ class Judge:
         self.name = spec
         self.provider, self.model = provider, model
         self.pool = pool
-        self.templates: TemplatesConfig = cfg.templates
+        self.templates: JudgeTemplates = cfg.eval.templates
         self.price = cfg.price(provider, model)
         self.params = GenerationParams(temperature=0.0, max_tokens=max_tokens)
 

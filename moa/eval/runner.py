@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from moa.config import MoAConfig
 from moa.engine.engine import MoAEngine
-from moa.engine.errors import MoAError
+from moa.errors import MoAError
 from moa.eval.budget import Budget
 from moa.eval.judging import Judge
 from moa.eval.targets import HttpTarget, Target, build_target

@@ -21,13 +21,13 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 
+from moa.caller import ModelCaller
 from moa.config import MoAConfig
-from moa.engine.caller import ModelCaller
-from moa.engine.result import MoAResult
 from moa.eval.budget import Budget
 from moa.eval.judging import Judge
 from moa.eval.stats import wilson_interval
 from moa.eval.verdict import pair_preference, side_preference
+from moa.result import MoAResult
 from moa.tokens import approx_message_tokens
 from moa.types import CallRequest, ChatMessage, GenerationParams
 from moa_observability.metrics import ShadowMetrics

@@ -22,9 +22,9 @@ from moa.client_auth import api_key, auth_advice
 from moa.config import MoAConfig
 from moa.engine.cost import projected_cost
 from moa.engine.engine import MoAEngine
-from moa.engine.errors import MoAError
-from moa.engine.plan import AggregationMode
-from moa.engine.result import MoAResult
+from moa.errors import MoAError
+from moa.plan import AggregationMode
+from moa.result import MoAResult
 from moa.types import ChatMessage, GenerationParams
 
 MODES: tuple[str, ...] = get_args(AggregationMode)

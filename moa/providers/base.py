@@ -35,8 +35,9 @@ from moa.types import (
     StreamEvent,
     TextDelta,
     Usage,
+    error_text,
 )
-from moa_observability.genai import end_call_span, error_text, start_call_span
+from moa_observability.genai import end_call_span, start_call_span
 from moa_observability.logs import span_ids
 
 # The provider's own report of how long it spent on a request: OpenAI documents this header on its

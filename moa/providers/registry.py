@@ -6,13 +6,12 @@ from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 
 from moa.config import Endpoint, MoAConfig, ProviderConfig, ProviderKind, resolve_endpoint
-from moa.engine.router import HealthView
 from moa.limits import CircuitState, ProviderLimits
 from moa.providers.anthropic_client import AnthropicClient
 from moa.providers.base import ProviderClient
 from moa.providers.gemini_client import GeminiClient
 from moa.providers.openai_client import OpenAIClient, OpenAICompatibleClient
-from moa.types import CallError, CallRequest, CallResult, ErrorKind, StreamEvent
+from moa.types import CallError, CallRequest, CallResult, ErrorKind, HealthView, StreamEvent
 
 ADAPTERS: dict[ProviderKind, type[ProviderClient]] = {
     ProviderKind.OPENAI: OpenAIClient,

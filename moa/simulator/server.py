@@ -1,4 +1,5 @@
-"""Running the simulator: on uvicorn in a background thread (tests, in-process CLI) or in the foreground.
+"""Running the simulator: on uvicorn in a background thread (tests, in-process CLI) or in the foreground;
+and the one a command starts for itself when calls go to the simulator and none runs (``local_simulator``).
 
 The background server binds its socket before starting, so ``port=0`` gets a free port whose
 number is known at once; ``start()`` returns only when the server accepts connections.
@@ -10,6 +11,7 @@ import asyncio
 import contextlib
 import importlib.util
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,8 +20,9 @@ from typing import Any
 
 import uvicorn
 
+from moa.config import MoAConfig, simulation_active
 from moa.simulator.app import SimulatorApp, create_app
-from moa.simulator.profile import SimProfile
+from moa.simulator.profile import SimProfile, load_profile
 
 _HAS_UVLOOP = importlib.util.find_spec("uvloop") is not None
 _HAS_HTTPTOOLS = importlib.util.find_spec("httptools") is not None
@@ -176,3 +179,23 @@ def serve_forever(
             runner.run(server.serve(sockets=[sock]))
     finally:
         sock.close()
+
+
+@contextlib.contextmanager
+def local_simulator(cfg: MoAConfig, *, announce: bool = True) -> Iterator[MoAConfig]:
+    """When calls go to the simulator and none is running, start one for the duration.
+
+    Yields the config with ``simulator.url`` filled in. With API keys set (real mode) it changes nothing.
+    """
+    if not simulation_active(cfg) or cfg.simulator.url:
+        yield cfg
+        return
+    profile = load_profile(cfg.simulator.profile) if cfg.simulator.profile else SimProfile()
+    with SimulatorServer(profile) as server:
+        if announce:
+            print(
+                f"No provider API key is set: answers come from the built-in simulator at {server.url} "
+                "and are synthetic.",
+                file=sys.stderr,
+            )
+        yield cfg.model_copy(update={"simulator": cfg.simulator.model_copy(update={"url": server.url})})

@@ -1,17 +1,49 @@
-"""Bounds on the work one request may cause (``caps`` in the config).
+"""Bounds on the work one request may cause: the config's ``caps`` section and its checks.
 
-A request chooses its plan directly (``/v1/moa``), by preset, or through the router; each plan is
-checked here after routing, and the messages before it, so every way in is held to the same caps.
+Every preset is checked here when the config is loaded. A request chooses its plan directly
+(``/v1/moa``), by preset, or through the router; each plan is checked here after routing, and the
+messages before it, so every way in is held to the same caps.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from moa.config import RequestCaps
-from moa.engine.errors import OverCap
-from moa.engine.plan import Plan, PlanMode
+from pydantic import BaseModel, ConfigDict, Field
+
+from moa.errors import OverCap
+from moa.plan import Plan, PlanMode
 from moa.types import ChatMessage, GenerationParams
+
+
+class RequestCaps(BaseModel):
+    """Bounds on the work one request may cause, whoever chose its plan (a preset, an explicit
+    plan on /v1/moa, or the router). Over a cap is a 400 naming it, before any model is called."""
+
+    # As every section of the config: unknown keys refused, and no limit of .inf or .nan.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    max_layers: int = Field(default=4, ge=1, description="Proposer layers (refine: rounds) in one plan.")
+    max_proposers_per_layer: int = Field(default=8, ge=1, description="Proposers in one layer.")
+    max_calls: int = Field(
+        # Room for moa with aggregation: staircase (25: its steps call both aggregators and the
+        # three layer-2 proposers three times more), plus the router's classifier call.
+        default=32,
+        ge=1,
+        description="Model calls one request may make in the worst case: every proposer of every "
+        "layer or round, every aggregator of the chain (and each intermediate synthesis), every "
+        "staircase step (of the aggregators and of each later layer's proposers), every fallback, "
+        "and the router's classifier call.",
+    )
+    max_tokens_per_call: int = Field(
+        default=32_768, ge=1, description="The largest max_tokens a request or plan may ask of one call."
+    )
+    max_messages: int = Field(default=512, ge=1, description="Messages in one request.")
+    max_input_chars: int = Field(
+        default=400_000,
+        ge=1,
+        description="Characters of message text in one request (about 100k tokens at 4 per token).",
+    )
 
 
 def worst_case_calls(plan: Plan, classifier_calls: int = 0) -> int:

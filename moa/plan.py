@@ -316,42 +316,6 @@ DEFAULT_CONTINUE_USER = (
 )
 
 
-# Judge prompts for ``moa eval`` (MT-Bench's wording, its [[A]]/[[B]]/[[C]] and [[rating]] verdict
-# markers). The provider simulator recognises the default answer blocks, as it does references.
-DEFAULT_JUDGE_PAIRWISE_SYSTEM = (
-    "Please act as an impartial judge and evaluate the quality of the responses provided by two AI "
-    "assistants to the user question displayed below. You should choose the assistant that follows "
-    "the user's instructions and answers the user's question better. Your evaluation should consider "
-    "factors such as the helpfulness, relevance, accuracy, depth, creativity, and level of detail of "
-    "their responses. Begin your evaluation by comparing the two responses and provide a short "
-    "explanation. Avoid any position biases and ensure that the order in which the responses were "
-    "presented does not influence your decision. Do not allow the length of the responses to "
-    "influence your evaluation. Be as objective as possible. After providing your explanation, output "
-    'your final verdict by strictly following this format: "[[A]]" if assistant A is better, "[[B]]" '
-    'if assistant B is better, and "[[C]]" for a tie.'
-)
-DEFAULT_JUDGE_PAIRWISE = (
-    "[User Question]\n{question}\n\n[The Start of Assistant A's Answer]\n{answer_a}\n"
-    "[The End of Assistant A's Answer]\n\n[The Start of Assistant B's Answer]\n{answer_b}\n"
-    "[The End of Assistant B's Answer]"
-)
-DEFAULT_JUDGE_GRADED_SYSTEM = (
-    "Please act as an impartial judge and evaluate the quality of the response provided by an AI "
-    "assistant to the user question displayed below. Your evaluation should consider factors such as "
-    "the helpfulness, relevance, accuracy, depth, creativity, and level of detail of the response. "
-    "Begin your evaluation by providing a short explanation. Be as objective as possible. After "
-    "providing your explanation, you must rate the response on a scale of 1 to 10 by strictly "
-    'following this format: "[[rating]]", for example: "Rating: [[5]]".'
-)
-DEFAULT_JUDGE_GRADED = (
-    "[Question]\n{question}\n\n[The Start of Assistant's Answer]\n{answer}\n[The End of Assistant's Answer]"
-)
-DEFAULT_JUDGE_RETRY = (
-    "Your reply did not end with a verdict in the required format. Reply again with only the verdict, "
-    "exactly in the required format and nothing else: {format}"
-)
-
-
 class TemplatesConfig(_Strict):
     """Every prompt the engine writes lives here, so a deployment can tune them in its config."""
 
@@ -373,26 +337,6 @@ class TemplatesConfig(_Strict):
         default_factory=lambda: dict(DEFAULT_ROLES),
         description="Role name -> the instruction a proposer with that role gets.",
     )
-    judge_pairwise_system: str = Field(
-        default=DEFAULT_JUDGE_PAIRWISE_SYSTEM,
-        description="moa eval's pairwise judge: the system prompt, which fixes the verdict format",
-    )
-    judge_pairwise: str = Field(
-        default=DEFAULT_JUDGE_PAIRWISE,
-        description="moa eval's pairwise judge: the user message, with {question}, {answer_a}, {answer_b}",
-    )
-    judge_graded_system: str = Field(
-        default=DEFAULT_JUDGE_GRADED_SYSTEM,
-        description="moa eval's grading judge (1-10): the system prompt, which fixes the rating format",
-    )
-    judge_graded: str = Field(
-        default=DEFAULT_JUDGE_GRADED,
-        description="moa eval's grading judge: the user message, with {question} and {answer}",
-    )
-    judge_retry: str = Field(
-        default=DEFAULT_JUDGE_RETRY,
-        description="sent once when a judge's verdict cannot be parsed; {format} names the format",
-    )
     continue_user: str = Field(
         default=DEFAULT_CONTINUE_USER,
         description="When an aggregator's stream breaks after text went out and the next "
@@ -407,13 +351,4 @@ class TemplatesConfig(_Strict):
                 raise ValueError(f"templates.{name} must contain the {{references}} placeholder")
         if "{text}" not in self.reference:
             raise ValueError("templates.reference must contain the {text} placeholder")
-        needed = {
-            "judge_pairwise": ("{question}", "{answer_a}", "{answer_b}"),
-            "judge_graded": ("{question}", "{answer}"),
-            "judge_retry": ("{format}",),
-        }
-        for name, placeholders in needed.items():
-            missing = [p for p in placeholders if p not in getattr(self, name)]
-            if missing:
-                raise ValueError(f"templates.{name} must contain the {', '.join(missing)} placeholder(s)")
         return self

@@ -1,18 +1,27 @@
 """Errors a MoA run can end in. Each carries the HTTP status and OpenAI error type it maps to,
-so every transport reports it the same way."""
+so every transport reports it the same way; and why a run turned to its fallback chain, which an
+error carries as a result does."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from enum import StrEnum
 
 from pydantic import BaseModel
 
-from moa.types import ErrorKind
-from moa_observability.genai import error_text
+from moa.types import ErrorKind, error_text
 
-if TYPE_CHECKING:
-    from moa.engine.result import FallbackReason
+
+class FallbackReason(StrEnum):
+    """Why a run turned to its fallback chain: the signal metrics, the cache and the benchmark decide
+    on (``MoAResult.fallback`` is the same for people, and only for display)."""
+
+    # A proposer layer (or refine round) missed its quorum: the single-model fallback answered.
+    QUORUM_MISSED = "quorum_missed"
+    # The layers met their quorum but every aggregator of the chain failed.
+    AGGREGATORS_FAILED = "aggregators_failed"
+    # A refine round's intermediate synthesis failed.
+    SYNTHESIS_FAILED = "synthesis_failed"
 
 
 class Failure(BaseModel):

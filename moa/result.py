@@ -7,7 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from moa.engine.plan import Complexity, Plan, TaskType
+from moa.errors import FallbackReason
+from moa.plan import Complexity, Plan, TaskType
 from moa.types import CallResult, ErrorKind, Usage
 
 AnswerSource = Literal["aggregator", "fallback", "proposal"]
@@ -127,18 +128,6 @@ class Progress(BaseModel):
                 f"proposers done (quorum {self.quorum})"
             )
         return self.stage
-
-
-class FallbackReason(StrEnum):
-    """Why a run turned to its fallback chain: the signal metrics, the cache and the benchmark decide
-    on (``MoAResult.fallback`` is the same for people, and only for display)."""
-
-    # A proposer layer (or refine round) missed its quorum: the single-model fallback answered.
-    QUORUM_MISSED = "quorum_missed"
-    # The layers met their quorum but every aggregator of the chain failed.
-    AGGREGATORS_FAILED = "aggregators_failed"
-    # A refine round's intermediate synthesis failed.
-    SYNTHESIS_FAILED = "synthesis_failed"
 
 
 class CacheOutcome(BaseModel):
