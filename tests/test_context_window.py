@@ -180,8 +180,8 @@ def test_the_simulator_answers_as_llama_cpp_does(sim: SimulatorServer) -> None:
 async def test_the_adapter_reads_the_served_window_once_from_the_server(
     sim: SimulatorServer, server: str, window: int
 ) -> None:
-    """vLLM lists ``max_model_len``; llama.cpp's listing has only the trained window, so its
-    ``/props`` per-slot ``n_ctx`` is read. Either way every later result carries it."""
+    """vLLM lists ``max_model_len``, llama.cpp its per-slot ``meta.n_ctx`` (an older llama.cpp
+    only in ``/props``: the recorded-listing tests below). Either way every later result carries it."""
     serve_window(sim, server, window)
     async with ProviderPool.from_config(local_config(sim)) as pool:
         client = pool.clients["local"]
@@ -262,6 +262,17 @@ def llama() -> Iterator[RecordedLlamaServer]:
 
 def paths(server: FixtureServer) -> list[str]:
     return [p for p, _, _ in server.requests]
+
+
+async def test_the_recorded_listing_names_the_slot_window_without_props(llama: RecordedLlamaServer) -> None:
+    """A recent llama-server lists its per-slot window as ``meta.n_ctx`` (1,024 of the 4,096
+    tokens shared by 4 slots): read from the listing, whatever name the config gives the model,
+    and ``/props`` is not asked."""
+    async with ProviderPool.from_config(local_config(llama)) as pool:
+        client = pool.clients["local"]
+        assert isinstance(client, OpenAICompatibleClient)
+        assert await client.served_window(MODEL) == 1024
+    assert paths(llama) == ["GET /v1/models"]
 
 
 async def test_an_older_listing_without_the_slot_window_falls_back_to_props(
