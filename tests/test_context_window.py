@@ -22,7 +22,7 @@ import pytest
 from moa import MoAEngine, Plan
 from moa.config import MoAConfig, parse_config
 from moa.engine.calls import WINDOWS
-from moa.engine.errors import ContextWindowExceeded
+from moa.engine.errors import AllProvidersFailed, ContextWindowExceeded
 from moa.engine.result import Stage
 from moa.providers.base import context_window_in
 from moa.providers.openai_client import OpenAICompatibleClient
@@ -341,6 +341,30 @@ async def test_the_recorded_refusal_is_typed_with_its_window(
         1,
     )
     assert "request (1131 tokens) exceeds the available context size (1024 tokens)" in res.error.message
+
+
+async def test_messages_every_proposer_refuses_as_too_long_are_a_context_length_400(
+    llama: RecordedLlamaServer,
+) -> None:
+    """The live run's first long request: before the window is known, every proposer's prompt
+    (the client's own messages) is refused with the recorded 400. That is the client's request
+    too long for the window, and answered as one, ``context_length_exceeded`` on ``messages``,
+    as the same request is refused before any call once the window is known."""
+    llama.chat = Reply(400, raw("llamacpp/error_400_exceed_context_size.json"))
+    long = [ChatMessage(role="user", content="word " * 1100)]
+    async with ProviderPool.from_config(local_config(llama)) as pool:
+        engine = MoAEngine(local_config(llama), pool)
+        with pytest.raises(AllProvidersFailed) as failed:
+            await engine.run(long, plan=lite_plan())
+        assert (failed.value.status_code, failed.value.code, failed.value.param) == (
+            400,
+            "context_length_exceeded",
+            "messages",
+        )
+        assert "exceeds the available context size (1024 tokens)" in failed.value.message
+        with pytest.raises(ContextWindowExceeded) as known:
+            await engine.run(long, plan=lite_plan())
+        assert known.value.code == "context_length_exceeded" and "1024 tokens" in known.value.message
 
 
 # -- the engine: learn, fit, retry at once ---------------------------------------------------------
