@@ -36,6 +36,8 @@ class Failure(BaseModel):
     # The refused prompt was one the service built (references, a continuation), not the
     # client's messages as they came: a refusal of it is the service's failure, never the client's.
     built: bool = False
+    # The context window the provider's refusal named: the prompt did not fit it.
+    context_window: int | None = None
 
 
 class MoAError(Exception):
@@ -157,6 +159,12 @@ class AllProvidersFailed(MoAError):
             self.status_code = 400
             self.error_type = "invalid_request_error"
             self.code = "refused_by_providers"
+            refused = [f for f in self.failures if f.kind is ErrorKind.BAD_REQUEST]
+            if refused and all(f.context_window is not None for f in refused):
+                # Each refused the client's messages as too long for the window it named (a
+                # self-hosted server's window, before the service had learned it): the same
+                # 400 as a request the service refuses itself once it knows the window.
+                self.code, self.param = "context_length_exceeded", "messages"
         listing = ", ".join(
             f"{f.provider}/{f.model} ({f.stage}): {f.kind}"
             + (f" ({error_text(f.message)})" if f.message and f.kind is not ErrorKind.CANCELLED else "")

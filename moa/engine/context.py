@@ -177,6 +177,7 @@ class RunContext:
                     retry_after_s=res.error.retry_after_s,
                     message=res.error.message,
                     built=built,
+                    context_window=res.error.context_window,
                 )
             )
 

@@ -168,8 +168,9 @@ class OpenAICompatibleClient(OpenAIClient):
     divides its ``--ctx-size`` among its ``--parallel`` slots; vLLM has ``--max-model-len``), so
     the window the config declares may be wrong. Where the server says what it serves, the client
     reads it once, on its first call (``_served_window``): vLLM's ``GET /v1/models`` lists each
-    model's ``max_model_len``; llama.cpp's lists only the trained window (``meta.n_ctx_train``),
-    so its ``GET /props`` is asked for the per-slot ``default_generation_settings.n_ctx``. A listing
+    model's ``max_model_len``, a recent llama.cpp's its per-slot ``meta.n_ctx``; where the listing
+    has neither (an older llama.cpp lists only the trained window, ``meta.n_ctx_train``), its
+    ``GET /props`` is asked for the per-slot ``default_generation_settings.n_ctx``. A listing
     that fails or says nothing costs a call nothing: the window is then learned from a refusal."""
 
     kind = "openai_compatible"
@@ -204,10 +205,23 @@ class OpenAICompatibleClient(OpenAIClient):
         try:
             async with asyncio.timeout(LISTING_TIMEOUT_S):
                 page = await self._sdk.models.list()
+                llama: list[int] = []
                 for m in page.data:
                     extra = m.model_extra or {}
                     if isinstance(extra.get("max_model_len"), int) and extra["max_model_len"] > 0:
                         windows[m.id] = extra["max_model_len"]
+                    n_ctx = _llamacpp_slot_window(m.owned_by, extra)
+                    if n_ctx is not None:
+                        aliases = extra.get("aliases")
+                        names = (
+                            [m.id, *(a for a in aliases if isinstance(a, str))]
+                            if isinstance(aliases, list)
+                            else [m.id]
+                        )
+                        windows |= dict.fromkeys(names, n_ctx)
+                        llama.append(n_ctx)
+                if len(llama) == 1:  # one model, served whatever name a request gives
+                    windows["*"] = llama[0]
                 if windows:
                     return windows
                 root = str(self._sdk.base_url).rstrip("/").removesuffix("/v1")
@@ -232,6 +246,16 @@ class OpenAICompatibleClient(OpenAIClient):
         if self._listing is not None and not self._listing.done():
             self._listing.cancel()
         await super().aclose()
+
+
+def _llamacpp_slot_window(owned_by: Any, extra: Mapping[str, Any]) -> int | None:
+    """A llama.cpp listing entry's per-slot window, ``meta.n_ctx`` (recent builds; older ones list
+    only the trained window, ``meta.n_ctx_train``, which is never the one served)."""
+    meta = extra.get("meta")
+    if owned_by != "llamacpp" or not isinstance(meta, Mapping):
+        return None
+    n_ctx = meta.get("n_ctx")
+    return n_ctx if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx > 0 else None
 
 
 def _usage(u: Any) -> Usage:

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from moa.simulator.anthropic_wire import AnthropicWire
 from moa.simulator.embed_wire import gemini_embeddings, openai_embeddings
 from moa.simulator.gemini_wire import GeminiWire
+from moa.simulator.llamacpp_wire import LlamaCppWire, listing_entry, ollama_entry, props
 from moa.simulator.openai_wire import OpenAIWire
 from moa.simulator.profile import Faults, FaultSpec, HangFault, RateFault, SimProfile, SlowFault
 from moa.simulator.state import GenerationBill, SimState
@@ -70,6 +71,8 @@ _HTML = (
 )
 
 OPENAI, ANTHROPIC, GEMINI = OpenAIWire(), AnthropicWire(), GeminiWire()
+# The OpenAI protocol as llama.cpp's llama-server speaks it, for models profiled as one.
+LLAMACPP = LlamaCppWire()
 
 # Set while a request deliberately leaves its response unfinished (a cut stream, a shutdown), so
 # uvicorn's complaint about that is dropped; real errors are still logged.
@@ -324,8 +327,12 @@ class SimulatorApp:
         except BadRequest as e:
             return await fail(Err.BAD_REQUEST, e.message, e.param, e.code)
         profile = self.state.model_profile(req.model)
+        if wire is OPENAI and profile.server == "llama.cpp":
+            wire, base = LLAMACPP, self._headers(LLAMACPP, request_id)
         refusal = wire.refusal(req, profile)
-        overflow = context_overflow(req, profile) if wire is OPENAI and refusal is None else None
+        overflow = (
+            context_overflow(req, profile) if isinstance(wire, OpenAIWire) and refusal is None else None
+        )
         refused = refusal.message if refusal else overflow[1]["error"]["message"] if overflow else None
         self.state.record_request(wire.name, req, refused)
         if refusal is not None:
@@ -544,6 +551,9 @@ class SimulatorApp:
             status, refusal = OPENAI.missing_key("") if key is None else OPENAI.invalid_key(key, "")
             return await _respond(send, status, refusal, own)
         listing: list[dict[str, Any]] = []
+        # llama.cpp lists its model a second time, Ollama's way, in a ``models`` array before
+        # OpenAI's ``data``; the simulator's one listing carries it when a model is served so.
+        ollama: list[dict[str, Any]] = []
         for n in names:
             entry: dict[str, Any] = {
                 "id": n,
@@ -554,8 +564,12 @@ class SimulatorApp:
             mp = self.state.model_profile(n)
             if mp.server == "vllm" and mp.context_window is not None:
                 entry |= {"owned_by": "vllm", "root": n, "parent": None, "max_model_len": mp.context_window}
+            elif mp.server == "llama.cpp" and mp.context_window is not None:
+                entry = listing_entry(n, mp.context_window, int(time.time()))
+                ollama.append(ollama_entry(n))
             listing.append(entry)
-        await _respond(send, 200, dumps({"object": "list", "data": listing}), own)
+        head: dict[str, Any] = {"models": ollama} if ollama else {}
+        await _respond(send, 200, dumps(head | {"object": "list", "data": listing}), own)
 
     async def _props(self, send: Send) -> None:
         """llama.cpp's ``GET /props``: the server's one model and its per-slot window
@@ -563,15 +577,7 @@ class SimulatorApp:
         server; 404 when there is none, as on any other server."""
         for name, mp in self.state.profile.models.items():
             if mp.server == "llama.cpp" and mp.context_window is not None:
-                params = {"n_predict": -1, "temperature": 0.8, "top_p": 0.95}
-                settings = {"n_ctx": mp.context_window, "params": params}
-                body = {
-                    "default_generation_settings": settings,
-                    "total_slots": 1,
-                    "model_alias": name,
-                    "model_path": f"/models/{name}.gguf",
-                }
-                return await _respond(send, 200, dumps(body))
+                return await _respond(send, 200, dumps(props(name, mp.context_window)))
         return await _respond(
             send, 404, dumps({"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
         )

@@ -162,7 +162,9 @@ class ModelProfile(_Strict):
         description="Which server this model plays on the OpenAI-compatible route: how it refuses a "
         "prompt too long for context_window (OpenAI's context_length_exceeded, llama.cpp's "
         "exceed_context_size_error, vLLM's BadRequestError) and where it reports the window "
-        "(vllm: max_model_len in GET /v1/models; llama.cpp: n_ctx in GET /props).",
+        "(vllm: max_model_len in GET /v1/models; llama.cpp: meta.n_ctx in GET /v1/models and n_ctx "
+        "in GET /props). A llama.cpp model also answers in llama.cpp's own bodies (its timings, no "
+        "logprobs or service_tier).",
     )
 
     @field_validator("style")
