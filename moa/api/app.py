@@ -48,6 +48,7 @@ from moa.engine.errors import (
     ShuttingDown,
     UnknownPreset,
 )
+from moa.engine.receipts import ReceiptSource
 from moa.engine.result import MoAResult, Progress
 from moa.eval.shadow import ShadowEvaluator
 from moa.exposure import RequestExposure
@@ -379,12 +380,17 @@ class Api:
     """Request handling, kept apart from FastAPI wiring so each piece stays small."""
 
     def __init__(
-        self, config: MoAConfig, engine: MoAEngine, health: HealthFn, store: StateStore | None = None
+        self,
+        config: MoAConfig,
+        engine: MoAEngine,
+        health: HealthFn,
+        store: StateStore | None = None,
+        receipts: ReceiptSource | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
         self.health = health
-        self.access = Access(config, store)
+        self.access = Access(config, store, receipts)
         self.admission = Admission(config.server.max_concurrent_requests, config.server.key_concurrency_share)
         self.metrics = RequestMetrics()
         # eval.shadow: answered requests sampled for a background comparison with a baseline.
@@ -442,6 +448,7 @@ class Api:
         log.info("draining", extra={"event": "drain", "status": self.admission.in_flight})
         hurry = self._hurry_event()
         if await self.admission.wait_idle(drain_s, hurry):
+            await self.access.settled()
             return 0
         cut = self.admission.in_flight
         log.warning("drain time over: ending %d request(s)", cut, extra={"event": "drain_cut", "status": cut})
@@ -450,6 +457,7 @@ class Api:
         for stream in list(self._streams):
             stream.stop(ShuttingDown("the service is shutting down: the answer was cut short"))
         await self.admission.wait_idle(CUT_GRACE_S, asyncio.Event())
+        await self.access.settled()
         return cut
 
     def hurry(self) -> None:
@@ -934,11 +942,17 @@ async def _disconnected(request: Request) -> None:
 
 
 def create_api(
-    config: MoAConfig, engine: MoAEngine, health: HealthFn, store: StateStore | None = None
+    config: MoAConfig,
+    engine: MoAEngine,
+    health: HealthFn,
+    store: StateStore | None = None,
+    receipts: ReceiptSource | None = None,
 ) -> FastAPI:
     """The API app; with a ``store``, API keys and budgets apply (once a key exists), and with
-    ``MOA_ADMIN_KEY`` in the environment too, the admin API manages them (``/admin/keys``)."""
-    api = Api(config, engine, health, store)
+    ``MOA_ADMIN_KEY`` in the environment too, the admin API manages them (``/admin/keys``).
+    ``receipts``: where the transport leaves what the calls a request cut really consumed (on
+    Ray, the health board); without one, a cut call is charged its estimate."""
+    api = Api(config, engine, health, store, receipts)
     # No /openapi.json, /docs or /redoc: the handlers read their bodies themselves, so the schema
     # would describe no request or response (clients follow OpenAI's API), only list the routes,
     # the admin ones included, to anyone, with or without a key.
