@@ -541,3 +541,29 @@ async def test_a_lost_receipt_leaves_the_cut_call_at_its_estimate(
     access, record = await settling(ledger_store, source, [cut])
     await access.settled()
     assert await ledger_store.spent(record.id, "total") == to_micro(cut.cost_usd)
+
+
+async def test_a_cut_stream_tells_what_its_provider_invoices(sim: SimulatorServer, config: MoAConfig) -> None:
+    """What a provider replica passes on as a cut call's receipt (``ProviderClient.stream``'s
+    ``on_cut``): the stream closed after ten pieces, the client's count of what the call consumed
+    is the simulator's invoice for it, within the pieces still in the socket."""
+    set_pace(sim, ttft_s=0.02, tokens_per_s=200.0)
+    req = CallRequest(provider="openai", model="gpt-4.1", messages=tuple(QUESTION))
+    told: list[Usage] = []
+    async with ProviderPool.from_config(config, sim_url=sim.url) as pool:
+        stream = pool.clients["openai"].stream(req, on_cut=told.append)
+        pieces = 0
+        async for ev in stream:
+            assert isinstance(ev, TextDelta), ev
+            pieces += 1
+            if pieces == 10:
+                break
+        await stream.aclose()  # type: ignore[attr-defined]
+    await wait_idle(sim)
+    billed = model_stats(sim, "gpt-4.1")
+    assert billed["cancelled"] == 1 and len(told) == 1
+    prompt = approx_message_tokens(q.content for q in QUESTION)
+    assert told[0].input_tokens == billed["billed_input_tokens"] == prompt
+    # Output: the text it read, which is what the simulator sent, but for the pieces it may still
+    # have written while the client's close reached it.
+    assert 0 < told[0].output_tokens <= billed["billed_output_tokens"] <= told[0].output_tokens + 2
