@@ -413,8 +413,9 @@ def cut_record(key: str, prompt: int, output: int, call_id: str = "call-1") -> C
 async def test_receipts_are_handed_over_as_they_arrive_and_a_missing_one_leaves_them_at_the_bound() -> None:
     """The health board's store: a settlement asking for two receipts gets both once the second
     arrives, and each only once; one asking for a receipt that never comes gets what there is
-    when its wait is over; a receipt nobody asked for is dropped after its time."""
-    receipts = Receipts(ttl_s=60.0)
+    when its wait is over; a receipt nobody asked for is dropped after its time, or when the
+    store is full."""
+    receipts = Receipts(ttl_s=60.0)  # a minute, for the test
     receipts.put("a", Usage(input_tokens=10, output_tokens=5))
     waiting = asyncio.ensure_future(receipts.take(["a", "b"], within_s=LONG_S))
     await asyncio.sleep(0)
@@ -433,6 +434,11 @@ async def test_receipts_are_handed_over_as_they_arrive_and_a_missing_one_leaves_
     now[0] = 61.0
     receipts.put("new", Usage(output_tokens=2))
     assert await receipts.take(["old", "new"], within_s=0) == {"new": Usage(output_tokens=2)}
+
+    few = Receipts(kept=2)  # and past its size, the oldest go first
+    for name in ("x", "y", "z"):
+        few.put(name, Usage(output_tokens=1))
+    assert set(await few.take(["x", "y", "z"], within_s=0)) == {"y", "z"}
 
 
 def test_a_late_charge_brings_a_cut_call_to_the_larger_of_its_estimate_and_its_receipt() -> None:

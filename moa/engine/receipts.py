@@ -33,9 +33,11 @@ from moa.types import Usage
 # end of the request: the cancellation crossing to the provider replica and its receipt crossing
 # to the health board take milliseconds; a loaded machine may take far longer, but not seconds.
 RECEIPT_WAIT_S = 2.0
-# How long a receipt nobody asked for is kept (a request without an API key settles nothing, and
-# so never asks): past it, and past ``RECEIPTS_KEPT``, the oldest are dropped.
-RECEIPT_TTL_S = 60.0
+# How long a receipt is kept for its request's settlement: as long as a request may run after the
+# cut (a straggler cut early in a request of an hour), as its reservation is (``RESERVATION_TTL_S``
+# in moa.api.access). Past it, and past ``RECEIPTS_KEPT`` (receipts nobody asks for: a request
+# without an API key settles nothing), the oldest are dropped, and their calls keep the estimate.
+RECEIPT_TTL_S = 3600.0 + 300.0
 RECEIPTS_KEPT = 100_000
 
 
@@ -57,7 +59,9 @@ class Receipts:
     def __init__(self, ttl_s: float = RECEIPT_TTL_S, kept: int = RECEIPTS_KEPT) -> None:
         self.ttl_s, self.kept = ttl_s, kept
         self.clock: Callable[[], float] = time.monotonic
-        self._held: OrderedDict[str, tuple[float, Usage]] = OrderedDict()  # oldest first
+        # call id -> (when it came, input tokens, output tokens), oldest first; plain numbers,
+        # which take a fraction of the memory of a Usage each.
+        self._held: OrderedDict[str, tuple[float, int, int]] = OrderedDict()
         self._arrived: set[asyncio.Event] = set()  # one per settlement waiting for receipts
 
     def __len__(self) -> int:
@@ -66,10 +70,10 @@ class Receipts:
     def put(self, call_id: str, usage: Usage) -> None:
         """A provider replica's receipt: what the call ``call_id`` consumed when it was cut."""
         now = self.clock()
-        self._held[call_id] = (now, usage)
+        self._held[call_id] = (now, usage.input_tokens, usage.output_tokens)
         self._held.move_to_end(call_id)
         while self._held:
-            oldest, (at, _) = next(iter(self._held.items()))
+            oldest, (at, _, _) = next(iter(self._held.items()))
             if now - at <= self.ttl_s and len(self._held) <= self.kept:
                 break
             del self._held[oldest]
@@ -95,7 +99,8 @@ class Receipts:
                 break
             finally:
                 self._arrived.discard(arrived)
-        return {call_id: self._held.pop(call_id)[1] for call_id in wanted if call_id in self._held}
+        got = {call_id: self._held.pop(call_id) for call_id in wanted if call_id in self._held}
+        return {call_id: Usage(input_tokens=i, output_tokens=o) for call_id, (_, i, o) in got.items()}
 
 
 def late_charge(config: MoAConfig, call: CallRecord, reported: Usage) -> tuple[int, float]:
