@@ -22,6 +22,7 @@ import pytest
 
 from moa import MoAEngine, Plan, load_config
 from moa.api.access import Access, Spend
+from moa.api.app import ended
 from moa.auth import Principal, new_key, new_record
 from moa.config import MoAConfig, SimulatorMode
 from moa.engine.receipts import Receipts, late_charge
@@ -573,3 +574,38 @@ async def test_a_cut_stream_tells_what_its_provider_invoices(sim: SimulatorServe
     # Output: the text it read, which is what the simulator sent, but for the pieces it may still
     # have written while the client's close reached it.
     assert 0 < told[0].output_tokens <= billed["billed_output_tokens"] <= told[0].output_tokens + 2
+
+
+async def test_a_request_cancelled_while_its_run_cleans_up_settles_after_the_cleanup() -> None:
+    """``ended``: the request waits for its cancelled run's cleanup (which records what the cut
+    calls cost) even when it is itself cancelled meanwhile, as Serve cancels a request whose
+    client left; only then does its settlement, in the ``finally`` after, see the calls. Waiting
+    with the cancellation suppressed settled at once, and a staircase's first layer, recorded
+    after, was never charged on Ray."""
+    recorded: list[str] = []
+    settled_with: list[list[str]] = []
+
+    async def run() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.05)  # closing its calls' streams (across processes on Ray)
+            recorded.append("the cut call")
+            raise
+
+    async def request(work: asyncio.Task[None]) -> None:
+        try:
+            await ended(work)
+        finally:
+            settled_with.append(list(recorded))
+
+    work = asyncio.ensure_future(run())
+    await asyncio.sleep(0)
+    handler = asyncio.ensure_future(request(work))
+    for _ in range(3):  # the handler waits in ``ended``, the run in its cleanup
+        await asyncio.sleep(0)
+    assert not work.done() and not handler.done()
+    handler.cancel()  # the client left: the request itself is cancelled
+    with pytest.raises(asyncio.CancelledError):
+        await handler
+    assert settled_with == [["the cut call"]] and work.cancelled()

@@ -84,6 +84,34 @@ BACKSTOP_GRACE_S = 2.0
 CUT_GRACE_S = 2.0
 # /healthz reports the providers' health only if it can learn it this fast.
 HEALTH_TIMEOUT_S = 5.0
+# How long a cancelled run's cleanup may hold its request once the request itself is cancelled
+# (``ended``): it records what the run's cut calls cost, and then only closes their streams.
+CLEANUP_S = 10.0
+
+
+async def ended(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` (a run, or the task pumping a stream's events) and wait until it has
+    ended, even if the caller is cancelled meanwhile; the caller's cancellation is raised once it
+    has (or after ``CLEANUP_S``). A cancelled run's cleanup records what its cut calls cost, and
+    the request's settlement, which comes next, must see every one of them.
+
+    Why the caller may be cancelled here: on Ray, Serve cancels a request whose client left, and
+    may do so while the request, having seen the client go itself, is waiting for this cleanup.
+    Waiting with the cancellation suppressed went on to settle at once, and the calls the cleanup
+    recorded after that (a staircase's first layer, in the spend audit) were never charged."""
+    task.cancel()
+    loop = asyncio.get_running_loop()
+    interrupted: float | None = None
+    while not task.done():
+        left = None if interrupted is None else interrupted + CLEANUP_S - loop.time()
+        if left is not None and left <= 0:
+            break
+        try:
+            await asyncio.wait({task}, timeout=left)
+        except asyncio.CancelledError:
+            interrupted = loop.time() if interrupted is None else interrupted
+    if interrupted is not None:
+        raise asyncio.CancelledError
 
 
 class ApiError(Exception):
@@ -304,9 +332,7 @@ class EventPump:
             self._timer.cancel()
         if self._read is not None:
             self._read.cancel()
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await ended(self._task)
 
 
 class AdmittedStream(StreamingResponse):
@@ -328,12 +354,16 @@ class AdmittedStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.slot.release()
-            with contextlib.suppress(Exception):
-                await self.body_iterator.aclose()  # type: ignore[attr-defined]
-            with contextlib.suppress(Exception):
-                await self.events.aclose()
-            if self.spend is not None:
-                await settle_quietly(self.spend.spend)  # after the events: every call has been counted
+            try:
+                with contextlib.suppress(Exception):
+                    await self.body_iterator.aclose()  # type: ignore[attr-defined]
+                with contextlib.suppress(Exception):
+                    await self.events.aclose()
+            finally:
+                # After the events (even when this request was cancelled meanwhile: ``ended``):
+                # every call has been counted.
+                if self.spend is not None:
+                    await settle_quietly(self.spend.spend)
 
 
 def _finish_reason(reason: str | None) -> str:
@@ -552,9 +582,7 @@ class Api:
         finally:
             watcher.cancel()
             if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await ended(task)
         if task in done or (task.done() and not task.cancelled()):
             return task.result()
         if watcher in done:
