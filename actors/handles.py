@@ -8,12 +8,12 @@ Every call is bounded by its own deadline: a handle call to a deployment with no
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from typing import Any
 
 from moa.deadline import Deadline
 from moa.engine.fusion import FuseEvent, FuseJob
-from moa.types import CallError, CallRequest, CallResult, ErrorKind, StreamEvent
+from moa.types import CallError, CallRequest, CallResult, ErrorKind, StreamEvent, Usage
 from moa_observability.tracing import inject
 
 # A provider replica ends a call at its deadline (``timeout_s``) itself and answers with a timeout
@@ -100,6 +100,29 @@ class HandleCaller:
                 yield ev
         finally:
             await responses.aclose()
+
+
+class BoardReceipts:
+    """``ReceiptSource`` over the health board, where the provider replicas leave the receipts of
+    the calls their callers cut (``moa.engine.receipts``)."""
+
+    def __init__(self, board: Any) -> None:
+        self._board = board
+
+    async def receipts(self, call_ids: Collection[str], within_s: float) -> Mapping[str, Usage]:
+        """What arrives within ``within_s`` (the board waits that long); nothing if the board does
+        not answer soon after, as when it is restarting: the calls keep their estimates."""
+        response = self._board.take_receipts.remote(list(call_ids), within_s)
+        try:
+            async with asyncio.timeout(within_s + HANDLE_GRACE_S):
+                got: Mapping[str, Usage] = await response
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
+        except Exception:
+            response.cancel()
+            return {}
+        return got
 
 
 class RemoteFuser:

@@ -5,6 +5,11 @@ Provider replicas report their circuit states and latencies here; ingress replic
 itself never happens here: each ingress replica runs its own copy of the routing policy over that
 view, so the decision costs no hop on the request path. ``moa serve`` also asks for a drain here
 on shutdown, which the ingress replicas learn at their next check-in.
+
+It is also where the receipts of cut calls wait for their requests' settlements
+(``moa.engine.receipts``): the one place every provider replica and every ingress replica can
+reach by name. A provider deployment's own handle would not do: it picks any of its replicas,
+not the one that served the call.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from moa.config import DeploymentOptions, MoAConfig, ObservabilityConfig
-from moa.types import HealthView
+from moa.engine.receipts import Receipts
+from moa.types import HealthView, Usage
 from moa_actors.options import serve_options
 from moa_actors.telemetry import init_replica_telemetry
 
@@ -123,6 +129,7 @@ class HealthBoardDeployment:
         # next check-in; and what each replica said last: (when, requests in progress, state).
         self._drain: dict[str, Any] | None = None
         self._ingress: dict[str, tuple[float, dict[str, Any]]] = {}
+        self.receipts = Receipts()
 
     @classmethod
     def get_deployment_options(cls, opts: DeploymentOptions) -> dict[str, Any]:
@@ -153,6 +160,16 @@ class HealthBoardDeployment:
         self, provider: str, replica: str, snapshot: Mapping[str, Any], latencies: Mapping[str, float]
     ) -> None:
         self.board.report(provider, replica, snapshot, latencies, time.monotonic())
+
+    async def receipt(self, call_id: str, used: Usage) -> None:
+        """A provider replica's receipt for a call its caller cut (async: on the board's loop,
+        where ``receipts`` waits for it)."""
+        self.receipts.put(call_id, used)
+
+    async def take_receipts(self, call_ids: Sequence[str], within_s: float) -> dict[str, Usage]:
+        """An ingress replica's settlement asks for the receipts of the calls it cut; they are
+        handed over (and forgotten here) as they arrive, for at most ``within_s`` seconds."""
+        return await self.receipts.take(call_ids, within_s)
 
     def checkin(self, replica: str, state: Mapping[str, Any]) -> dict[str, Any]:
         """An ingress replica's periodic call: it says how it is doing (requests in progress,

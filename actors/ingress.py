@@ -21,7 +21,7 @@ from moa.engine.fusion import Fuser, LocalFuser
 from moa.engine.router import RouterPolicy
 from moa.state import open_store
 from moa.types import HealthView
-from moa_actors.handles import HandleCaller, RemoteFuser
+from moa_actors.handles import BoardReceipts, HandleCaller, RemoteFuser
 from moa_actors.options import serve_options
 from moa_actors.telemetry import init_replica_telemetry, shutdown_replica_telemetry
 
@@ -65,8 +65,10 @@ class IngressDeployment:
             health=lambda: self._view,
             fuser=fuser,
         )
-        # Keys and the spend ledger: shared by every replica (state.redis_url on a cluster).
-        self._asgi = create_api(self.config, engine, self._health, open_store(self.config.state))
+        # Keys and the spend ledger: shared by every replica (state.redis_url on a cluster). A
+        # cut call is charged what its provider replica saw, from its receipt on the board.
+        store = open_store(self.config.state)
+        self._asgi = create_api(self.config, engine, self._health, store, BoardReceipts(board))
         self.api: Api = self._asgi.state.api
         self._drain: asyncio.Task[int] | None = None
         self._refresher = asyncio.create_task(self._refresh())

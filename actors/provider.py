@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -18,7 +19,7 @@ from moa.config import MoAConfig, ProviderConfig, parse_config, resolve_endpoint
 from moa.limits import LeasedRateBudget, ProviderLimits
 from moa.providers.base import ProviderClient
 from moa.providers.registry import build_client
-from moa.types import CallRequest, CallResult, StreamEvent, batched
+from moa.types import CallRequest, CallResult, StreamEvent, Usage, batched
 from moa_actors.handles import deployment_name
 from moa_actors.health_board import HEALTH_BOARD_NAME
 from moa_actors.limiter import LIMITER_NAME, LimiterAuthority, RateLimiterActor
@@ -93,6 +94,7 @@ class ProviderDeployment:
         self.metric_name = PROVIDER_NAMES.get(pcfg.kind.value, provider)
         self.app_name = self.identity["ray.serve.app"] or "default"
         self._board: Any = None
+        self._receipts: set[asyncio.Task[None]] = set()  # on their way to the health board
         self._latency: dict[str, float] = {}
         self._last_state: str | None = None
         self.answered = 0  # calls this replica answered (for operators and the cluster tests)
@@ -112,14 +114,25 @@ class ProviderDeployment:
     ) -> AsyncIterator[StreamEvent]:
         """The call's stream; its text in batches when nobody reads it as it comes (``batch_s``):
         every message back to the ingress is an object-store round trip, and a token each would
-        cost the ingress's CPU far more than the call itself."""
-        events: AsyncIterator[StreamEvent] = iterate_in(extract(trace), self.client.stream(req))
+        cost the ingress's CPU far more than the call itself.
+
+        If the caller cuts the stream, this replica has seen text the caller had not (a batch held
+        here, what the provider wrote while the cancellation crossed): it leaves a receipt of what
+        the call consumed on the health board, for the caller's ledger (``moa.engine.receipts``)."""
+        source = self.client.stream(req, on_cut=lambda used: self._receipt(req.call_id, used))
+        traced = iterate_in(extract(trace), source)
+        events: AsyncIterator[StreamEvent] = traced
         if req.batch_s is not None:
             events = batched(events, req.batch_s)
-        async for ev in events:
-            if isinstance(ev, CallResult):
-                self._observe(ev)
-            yield ev
+        try:
+            async for ev in events:
+                if isinstance(ev, CallResult):
+                    self._observe(ev)
+                yield ev
+        finally:
+            # Cancelled while its text waited to be taken, the call is closed now, not when it is
+            # collected: its provider stops writing, and billing, at once.
+            await traced.aclose()
 
     async def health(self) -> dict[str, Any]:
         return {
@@ -141,15 +154,33 @@ class ProviderDeployment:
             self._last_state = state
             asyncio.get_running_loop().create_task(self._report())
 
+    def _health_board(self) -> Any:
+        if self._board is None:
+            self._board = serve.get_deployment_handle(HEALTH_BOARD_NAME, app_name=self.app_name)
+        return self._board
+
     async def _report(self) -> None:
         try:
-            if self._board is None:
-                self._board = serve.get_deployment_handle(HEALTH_BOARD_NAME, app_name=self.app_name)
             latencies, self._latency = self._latency, {}
             replica = self.identity["ray.serve.replica_id"]
-            await self._board.report.remote(self.provider, replica, self.client.health(), latencies)
+            await self._health_board().report.remote(self.provider, replica, self.client.health(), latencies)
         except Exception as exc:  # the health board may be restarting; the next report will do
             log.debug("health report failed: %s", type(exc).__name__)
+
+    def _receipt(self, call_id: str, used: Usage) -> None:
+        """Send a cut call's receipt to the health board, without waiting: it is called as the
+        call's stream closes, from a task being cancelled. In a context of its own: sent within
+        the cancelled request's, Serve would cancel it with the request."""
+        send = self._send_receipt(call_id, used)
+        task = asyncio.get_running_loop().create_task(send, context=contextvars.Context())
+        self._receipts.add(task)  # held until sent: the loop keeps only weak references
+        task.add_done_callback(self._receipts.discard)
+
+    async def _send_receipt(self, call_id: str, used: Usage) -> None:
+        try:
+            await self._health_board().receipt.remote(call_id, used)
+        except Exception as exc:  # lost: the ledger keeps the caller's estimate for that call
+            log.debug("receipt not sent: %s", type(exc).__name__)
 
     async def _report_loop(self) -> None:
         while True:

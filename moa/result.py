@@ -53,6 +53,9 @@ class CallRecord(BaseModel):
     # The call ended before its provider reported its usage: ``usage`` and ``cost_usd`` are the
     # prompt plus the text received, estimated (see ``CallResult.usage_estimated``).
     usage_estimated: bool = False
+    # The id its transport may leave a receipt under (see ``CallResult.cut_id``): for the ledger
+    # only, never in ``moa.detail``.
+    cut_id: str | None = Field(default=None, exclude=True)
     attempts: int = 0
     finish_reason: str | None = None
     provider_service_s: float | None = None  # what the provider reported (see CallResult)
@@ -99,6 +102,7 @@ class CallRecord(BaseModel):
             usage=res.usage,
             cost_usd=res.cost_usd,
             usage_estimated=res.usage_estimated,
+            cut_id=res.cut_id,
             attempts=res.attempts,
             finish_reason=res.finish_reason,
             provider_service_s=res.provider_service_s,

@@ -7,6 +7,7 @@ wire (they are plain pydantic models, so they pickle and serialise to JSON).
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -181,6 +182,11 @@ class CallRequest(BaseModel):
     # wrote) sets it, so that a transport where each message costs (Ray's object store) sends a
     # few batches instead of one message per token. Never sent to the provider.
     batch_s: float | None = Field(default=None, gt=0)
+    # Names this call to whoever saw its provider's every token: if the call is cut, a transport
+    # that carried its text in batches or across processes (a provider replica on Ray) leaves a
+    # receipt of what it really consumed under this id, for the ledger (``moa.engine.receipts``).
+    # Never sent to the provider.
+    call_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
 
 
 class CallResult(BaseModel):
@@ -200,6 +206,10 @@ class CallResult(BaseModel):
     # before the provider said what it used (cut by us or the client, or failed mid-stream), and
     # it is billed for the prompt plus the text received (``moa.engine.calls.cut_result``).
     usage_estimated: bool = False
+    # The call's ``CallRequest.call_id`` when this result is the cutting side's estimate
+    # (``cut_result``): its transport may report what the call really consumed under that id after
+    # the cut, and the ledger charges the larger (``moa.engine.receipts``). Internal: never output.
+    cut_id: str | None = Field(default=None, exclude=True)
     attempts: int = 0
     streamed: bool = False
     # Service time the provider reported for this call, summed over its attempts (OpenAI and

@@ -13,23 +13,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import contextvars
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping
 from pathlib import Path
 
 import httpx
 import pytest
 
 from moa import MoAEngine, Plan, load_config
-from moa.auth import new_key, new_record
+from moa.api.access import Access, Spend
+from moa.api.app import ended
+from moa.auth import Principal, new_key, new_record
 from moa.config import MoAConfig, SimulatorMode
+from moa.engine.receipts import Receipts, late_charge
 from moa.providers.registry import ProviderPool
 from moa.result import CallRecord, Stage
 from moa.simulator.server import SimulatorServer
-from moa.state import KeyLimits, Reservation, StateStore, to_micro
+from moa.state import KeyLimits, KeyRecord, Refused, Reservation, StateStore, to_micro
+from moa.state.redis_store import RedisStore
 from moa.state.sqlite_store import SQLiteStore
 from moa.testing import Reply, ScriptedCaller
 from moa.tokens import approx_message_tokens, approx_tokens
-from moa.types import CallRequest, ChatMessage, ErrorKind, TextDelta
+from moa.types import CallRequest, ChatMessage, ErrorKind, TextDelta, Usage
 from tests.helpers import QUESTION as API_QUESTION
 from tests.helpers import ApiServer, model_stats, set_fault, set_pace, sim_stats, wait_idle
 from tests.test_keys_api import wait_for_auth
@@ -385,3 +390,222 @@ async def test_text_nobody_reads_as_it_comes_crosses_in_batches_and_none_is_lost
     assert 1 < len(deltas) < 20 and deltas[0].text == "w0 "
     assert "".join(d.text for d in deltas) == "".join(f"w{n} " for n in range(100))
     assert isinstance(out[-1], CallResult)
+
+
+# -- receipts: what a cut call really consumed, reported after the cut --------------------------------
+
+
+def cut_record(key: str, prompt: int, output: int, call_id: str = "call-1") -> CallRecord:
+    """A proposer cut by the engine, at its estimate (as ``cut_result`` bills it)."""
+    provider, model = key.split("/")
+    return CallRecord(
+        stage=Stage.PROPOSER,
+        provider=provider,
+        model=model,
+        ok=False,
+        error_kind=ErrorKind.CANCELLED,
+        usage=Usage(input_tokens=prompt, output_tokens=output),
+        cost_usd=price(key, prompt, output),
+        usage_estimated=True,
+        cut_id=call_id,
+    )
+
+
+async def test_receipts_are_handed_over_as_they_arrive_and_a_missing_one_leaves_them_at_the_bound() -> None:
+    """The health board's store: a settlement asking for two receipts gets both once the second
+    arrives, and each only once; one asking for a receipt that never comes gets what there is
+    when its wait is over; a receipt nobody asked for is dropped after its time, or when the
+    store is full."""
+    receipts = Receipts(ttl_s=60.0)  # a minute, for the test
+    receipts.put("a", Usage(input_tokens=10, output_tokens=5))
+    waiting = asyncio.ensure_future(receipts.take(["a", "b"], within_s=LONG_S))
+    await asyncio.sleep(0)
+    assert not waiting.done()  # "b" is not in yet
+    receipts.put("b", Usage(input_tokens=3, output_tokens=1))
+    got = await waiting
+    assert got == {"a": Usage(input_tokens=10, output_tokens=5), "b": Usage(input_tokens=3, output_tokens=1)}
+    assert len(receipts) == 0 and await receipts.take(["a"], within_s=0) == {}
+
+    receipts.put("c", Usage(output_tokens=7))
+    assert await receipts.take(["c", "lost"], within_s=0.05) == {"c": Usage(output_tokens=7)}
+
+    now = [0.0]
+    receipts.clock = lambda: now[0]
+    receipts.put("old", Usage(output_tokens=1))
+    now[0] = 61.0
+    receipts.put("new", Usage(output_tokens=2))
+    assert await receipts.take(["old", "new"], within_s=0) == {"new": Usage(output_tokens=2)}
+
+    few = Receipts(kept=2)  # and past its size, the oldest go first
+    for name in ("x", "y", "z"):
+        few.put(name, Usage(output_tokens=1))
+    assert set(await few.take(["x", "y", "z"], within_s=0)) == {"y", "z"}
+
+
+def test_a_late_charge_brings_a_cut_call_to_the_larger_of_its_estimate_and_its_receipt() -> None:
+    """More output than the estimate saw is charged; a receipt below the estimate (a prompt the
+    provider never read) takes nothing back: the ledger errs above the invoice, not below."""
+    call = cut_record(P1, prompt=100, output=20)
+    tokens, cost = late_charge(CONFIG, call, Usage(input_tokens=100, output_tokens=62))
+    assert tokens == 42 and cost == pytest.approx(price(P1, 100, 62) - call.cost_usd) and cost > 0
+    assert late_charge(CONFIG, call, Usage()) == (0, 0.0)
+    assert "cut_id" not in call.model_dump()  # internal: never in moa.detail
+
+
+# Stands for what a transport ties to the request being served (Serve's request context).
+REQUEST_SCOPE: contextvars.ContextVar[str] = contextvars.ContextVar("request_scope")
+
+
+class FakeReceipts:
+    """A receipt source whose receipts come when the test says, or never, or with an error."""
+
+    def __init__(self, reported: dict[str, Usage], *, how: str = "answers") -> None:
+        self.reported, self.how = reported, how
+        self.arrived = asyncio.Event()
+        self.asked: list[list[str]] = []
+        self.scopes: list[str | None] = []
+
+    async def receipts(self, call_ids: Collection[str], within_s: float) -> Mapping[str, Usage]:
+        self.asked.append(sorted(call_ids))
+        self.scopes.append(REQUEST_SCOPE.get(None))
+        if self.how == "fails":
+            raise ConnectionError("the health board is restarting")
+        if self.how == "cancelled":  # as Serve cancels a handle call made in a cancelled request
+            raise asyncio.CancelledError
+        await (asyncio.Event() if self.how == "never" else self.arrived).wait()
+        return {i: u for i, u in self.reported.items() if i in call_ids}
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def ledger_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StateStore]:
+    """The ledger on either state store (a Redis database no other test uses)."""
+    if request.param == "sqlite":
+        yield SQLiteStore(tmp_path / "state.db")
+        return
+    store = RedisStore(request.getfixturevalue("redis_server").rsplit("/", 1)[0] + "/9")
+    await store.client.flushdb()
+    yield store
+    await store.close()
+
+
+async def settling(
+    store: StateStore, source: FakeReceipts, calls: list[CallRecord]
+) -> tuple[Access, KeyRecord]:
+    """A request with a $1 reservation on a $5 key, whose engine recorded ``calls``, settled."""
+    record = new_record("receipts", new_key(), KeyLimits(budget_usd=5.0))
+    await store.create_key(record)
+    access = Access(CONFIG, store, source)
+    principal = Principal(record)
+    spend = Spend(access, principal, await access.hold(principal, 1.0), 1.0)
+    for call in calls:
+        spend.record(call)
+    scope = REQUEST_SCOPE.set("the request")
+    try:
+        await spend.settle()
+    finally:
+        REQUEST_SCOPE.reset(scope)
+    return access, record
+
+
+async def test_a_settlement_charges_the_receipt_of_each_cut_call_on_both_stores(
+    ledger_store: StateStore,
+) -> None:
+    """``settle()`` (what the response waits for) returns before the receipts come, with the
+    request's reservation still held; once they come each cut call is charged the larger of its
+    estimate and its receipt, and a call that was not cut (no receipt asked) its own usage. The
+    receipts are asked for outside the request's context: what a transport ties to a request
+    ends with it (on Ray, Serve cancelled the call for them with the abandoned request)."""
+    cut = cut_record(P1, prompt=100, output=20, call_id="cut")
+    answered = CallRecord(
+        stage=Stage.AGGREGATOR,
+        provider="openai",
+        model="gpt-4.1",
+        ok=True,
+        usage=Usage(input_tokens=300, output_tokens=80),
+        cost_usd=price(AGG, 300, 80),
+    )
+    source = FakeReceipts({"cut": Usage(input_tokens=100, output_tokens=62)})
+    access, record = await settling(ledger_store, source, [cut, answered])
+    assert await ledger_store.spent(record.id, "total") == 0
+    held = await ledger_store.reserve(record.id, "total", to_micro(4.5), to_micro(5.0), 60)
+    assert isinstance(held, Refused)  # the $1 is held until the receipts come
+    source.arrived.set()
+    await access.settled()
+    assert source.asked == [["cut"]] and source.scopes == [None]
+    assert await ledger_store.spent(record.id, "total") == to_micro(price(P1, 100, 62) + price(AGG, 300, 80))
+
+
+@pytest.mark.parametrize("how", ["never", "fails", "cancelled"])
+async def test_a_lost_receipt_leaves_the_cut_call_at_its_estimate(
+    ledger_store: StateStore, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A receipt source that never answers (the settlement waits a bounded time), fails, or whose
+    wait is cancelled: the call is charged its estimate, and the settlement still writes."""
+    monkeypatch.setattr("moa.api.access.RECEIPT_WAIT_S", 0.05)
+    monkeypatch.setattr("moa.api.access.RECEIPT_GRACE_S", 0.05)
+    cut = cut_record(P1, prompt=100, output=20, call_id="cut")
+    source = FakeReceipts({"cut": Usage(output_tokens=99)}, how=how)
+    access, record = await settling(ledger_store, source, [cut])
+    await access.settled()
+    assert await ledger_store.spent(record.id, "total") == to_micro(cut.cost_usd)
+
+
+async def test_a_cut_stream_tells_what_its_provider_invoices(sim: SimulatorServer, config: MoAConfig) -> None:
+    """What a provider replica passes on as a cut call's receipt (``ProviderClient.stream``'s
+    ``on_cut``): the stream closed after ten pieces, the client's count of what the call consumed
+    is the simulator's invoice for it, within the pieces still in the socket."""
+    set_pace(sim, ttft_s=0.02, tokens_per_s=200.0)
+    req = CallRequest(provider="openai", model="gpt-4.1", messages=tuple(QUESTION))
+    told: list[Usage] = []
+    async with ProviderPool.from_config(config, sim_url=sim.url) as pool:
+        stream = pool.clients["openai"].stream(req, on_cut=told.append)
+        pieces = 0
+        async for ev in stream:
+            assert isinstance(ev, TextDelta), ev
+            pieces += 1
+            if pieces == 10:
+                break
+        await stream.aclose()  # type: ignore[attr-defined]
+    await wait_idle(sim)
+    billed = model_stats(sim, "gpt-4.1")
+    assert billed["cancelled"] == 1 and len(told) == 1
+    prompt = approx_message_tokens(q.content for q in QUESTION)
+    assert told[0].input_tokens == billed["billed_input_tokens"] == prompt
+    # Output: the text it read, which is what the simulator sent, but for the pieces it may still
+    # have written while the client's close reached it.
+    assert 0 < told[0].output_tokens <= billed["billed_output_tokens"] <= told[0].output_tokens + 2
+
+
+async def test_a_request_cancelled_while_its_run_cleans_up_settles_after_the_cleanup() -> None:
+    """``ended``: the request waits for its cancelled run's cleanup (which records what the cut
+    calls cost) even when it is itself cancelled meanwhile, as Serve cancels a request whose
+    client left; only then does its settlement, in the ``finally`` after, see the calls. Waiting
+    with the cancellation suppressed settled at once, and a staircase's first layer, recorded
+    after, was never charged on Ray."""
+    recorded: list[str] = []
+    settled_with: list[list[str]] = []
+
+    async def run() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.05)  # closing its calls' streams (across processes on Ray)
+            recorded.append("the cut call")
+            raise
+
+    async def request(work: asyncio.Task[None]) -> None:
+        try:
+            await ended(work)
+        finally:
+            settled_with.append(list(recorded))
+
+    work = asyncio.ensure_future(run())
+    await asyncio.sleep(0)
+    handler = asyncio.ensure_future(request(work))
+    for _ in range(3):  # the handler waits in ``ended``, the run in its cleanup
+        await asyncio.sleep(0)
+    assert not work.done() and not handler.done()
+    handler.cancel()  # the client left: the request itself is cancelled
+    with pytest.raises(asyncio.CancelledError):
+        await handler
+    assert settled_with == [["the cut call"]] and work.cancelled()

@@ -24,10 +24,10 @@ from moa.config import parse_config
 from moa.simulator.server import SimulatorServer
 from moa.state import KeyLimits, KeyRecord, to_micro
 from moa.state.redis_store import RedisStore
-from tests.helpers import RAY_MODULE
+from tests.helpers import QUESTION, RAY_MODULE, model_stats, set_fault, sim_stats, wait_idle
 from tests.test_observability import _series_value
 from tests.test_serve_claims import _serve_logs
-from tests.waiting import wait_until_sync
+from tests.waiting import wait_until, wait_until_sync
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -48,6 +48,9 @@ PER_REPLICA = 2
 # the proxy may take on a loaded two-CPU machine: revocation must show within their sum.
 KEY_CACHE_S, BURST_S = 1.0, 3.0
 BURST = 12
+# What the aggregator writes before it stalls, in the late-charge test: more than one piece, all
+# within one of its replica's 0.1 s batches (the simulator writes 2,000 tokens a second there).
+STALL_TOKENS = 40
 
 
 def _db(redis_url: str) -> str:
@@ -246,3 +249,67 @@ def test_each_keys_requests_spend_tokens_and_refusals_reach_prometheus(
     text = wait_until_sync(scrape, moved, within_s=90, interval=1.0, what="the per-key series to move")
     assert series(text, "moa_key_budget_refusals", "metrics-rich") == 0
     assert rich not in text and poor not in text
+
+
+def test_a_cut_call_is_charged_what_its_provider_replica_saw_not_less_than_the_invoice(
+    keyed: tuple[str, str, KeyRecord, str], cluster: dict[str, Any], sim: SimulatorServer
+) -> None:
+    """docs/RELIABILITY.md "Spend audit": on Ray the text of a call nobody reads as it comes
+    crosses from its provider replica to the ingress in 0.1 s batches (``CallRequest.batch_s``),
+    so when the call is cut the ingress has not seen all that the provider wrote (the ledger
+    ended 7.2% below the invoice). Here the aggregator of three non-streamed ``moa-lite``
+    requests writes 40 tokens at once and stalls (the simulator's ``stall``), so that its replica
+    holds all but the first piece in its batch, and the client abandons each request. The
+    provider replica saw every token, and nothing is in flight: the key's ledger must come to the
+    simulator's invoice, to the micro-dollar of rounding per request. Before the replica left a
+    receipt of what it saw, each cut call was charged about 39 tokens short."""
+    url, _, _, redis_url = keyed
+    set_fault(sim, "gpt-4.1", stall={"rate": 1.0, "after_tokens": STALL_TOKENS})
+    key = new_key()
+    record = new_record("late-charge", key, KeyLimits(budget_usd=5.0))
+    _run(_with_store(redis_url, lambda s: s.create_key(record)))
+    body = {"model": "moa-lite", "messages": QUESTION, "max_tokens": 1000}
+    cuts = 3
+
+    async def abandon(http: httpx.AsyncClient) -> None:
+        call = asyncio.ensure_future(http.post(url + "/v1/chat/completions", json=body))
+        await wait_until(
+            lambda: asyncio.to_thread(model_stats, sim, "gpt-4.1"),
+            lambda s: s["in_flight"] > 0 or call.done(),
+            what="the aggregator to start",
+        )
+        assert not call.done(), call.result().text
+        # Its 40 tokens are out in 20 ms (2,000 a second), then it stalls; the second is for a
+        # busy replica to read them all.
+        await asyncio.sleep(1.0)
+        call.cancel()
+        await asyncio.gather(call, return_exceptions=True)
+        await wait_idle(sim)
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+            for _ in range(cuts):
+                await abandon(http)
+
+    _run(scenario())
+    stats = sim_stats(sim)
+    aggregator = stats["gpt-4.1"]
+    assert aggregator["faults"] == {"stall": cuts} and aggregator["cancelled"] == cuts
+    assert STALL_TOKENS * cuts <= aggregator["billed_output_tokens"] <= (STALL_TOKENS + 2) * cuts
+    cfg = cluster["config"]  # the keyed app's prices are the session app's
+    billed = to_micro(
+        sum(
+            cfg.price(provider, model).cost(s["billed_input_tokens"], s["billed_output_tokens"])
+            for model, s in stats.items()
+            for provider, m in cfg.all_models()
+            if m == model
+        )
+    )
+    # Each request's settlement rounds up to the micro-dollar.
+    spent = wait_until_sync(
+        lambda: _run(_with_store(redis_url, lambda s: s.spent(record.id, "total"))),
+        lambda v: v >= billed - cuts,
+        interval=0.1,
+        what=f"the key's ledger to come to the invoice ({billed} micro-dollars)",
+    )
+    assert spent <= billed + cuts, (spent, billed)

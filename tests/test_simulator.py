@@ -935,6 +935,38 @@ async def test_closing_a_stream_midway_cancels_it(oai: openai.AsyncOpenAI, admin
     )
 
 
+@pytest.mark.parametrize("streaming", [True, False])
+async def test_a_stall_sends_about_so_many_tokens_then_nothing_and_bills_them(
+    oai: openai.AsyncOpenAI, admin: httpx.Client, streaming: bool
+) -> None:
+    """``stall``: a stream sends about ``after_tokens`` tokens and then nothing, its connection
+    open, until the client leaves; it is billed for exactly the text it sent. A plain request
+    never answers, and is billed for those tokens too once the model would have written them."""
+    set_fault(admin, "gpt-4.1", stall={"rate": 1.0, "after_tokens": 12})
+    text = ""
+
+    async def read() -> None:
+        nonlocal text
+        if not streaming:
+            await oai.chat.completions.create(model="gpt-4.1", messages=MESSAGES)
+            return
+        stream = await oai.chat.completions.create(model="gpt-4.1", messages=MESSAGES, stream=True)
+        async for chunk in stream:
+            text += chunk.choices[0].delta.content or "" if chunk.choices else ""
+
+    reading = asyncio.ensure_future(read())
+    if streaming:
+        await wait_until(lambda: approx_tokens(text), lambda n: n >= 12, what="the tokens before the stall")
+    await asyncio.sleep(0.3)  # the model has written its tokens (the FAST profile: 2,000 a second)
+    assert not reading.done()  # the answer never ends
+    reading.cancel()
+    await asyncio.gather(reading, return_exceptions=True)
+    s = (await wait_idle(admin, interval=0.01))["gpt-4.1"]
+    assert s["faults"] == {"stall": 1} and s["cancelled"] == 1 and s["completed"] == 0
+    assert s["billed_output_tokens"] == (approx_tokens(text) if streaming else 12)
+    assert 12 <= s["billed_output_tokens"] <= 14
+
+
 async def test_sdk_timeouts_release_in_flight(
     sim: SimulatorServer, admin: httpx.Client, claude: anthropic.AsyncAnthropic, gem: genai.Client
 ) -> None:

@@ -9,21 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from opentelemetry import trace
 
 from moa.auth import Authenticator, InsufficientQuota, KeyRateLimited, Principal
 from moa.config import MoAConfig
 from moa.engine.cost import Projection, Routed, call_cost, fit_cost_cap
+from moa.engine.receipts import RECEIPT_WAIT_S, ReceiptSource, late_charge
 from moa.plan import Plan, PlanShape
 from moa.result import CallRecord
 from moa.state import Reservation, StateStore, from_micro, to_micro, window_of
-from moa.types import CallRequest, ChatMessage, GenerationParams, HealthView
+from moa.types import CallRequest, ChatMessage, GenerationParams, HealthView, Usage
 from moa_observability.metrics import KeyMetrics
 
 log = logging.getLogger("moa.api")
@@ -31,6 +34,9 @@ log = logging.getLogger("moa.api")
 # A reservation outlives any request (the longest deadline a request may ask for, plus slack):
 # if its replica dies before settling, the money comes back after this long.
 RESERVATION_TTL_S = 3600.0 + 300.0
+# How much longer than ``RECEIPT_WAIT_S`` a settlement gives a receipt source that does not
+# answer (a handle call to a restarting health board) before it settles at the estimates.
+RECEIPT_GRACE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,13 @@ class TokenHold:
 
 
 class Spend:
-    """One request's reservation and what its calls really cost so far; settled exactly once."""
+    """One request's reservation and what its calls really cost so far; settled exactly once.
+
+    A call the request cut is counted at its estimate (``cut_result``) as it ends. With a receipt
+    source (on Ray), the settlement then waits, in the background, for what those calls really
+    consumed (``moa.engine.receipts``) and charges the larger: the reservation, which holds the
+    request's whole projection, stays held until then, so the budget holds every late charge; the
+    response waits for none of it."""
 
     def __init__(
         self, access: Access, principal: Principal, reservation: Reservation | None, projected: float
@@ -53,6 +65,8 @@ class Spend:
         self.cost_usd = 0.0
         self.tokens = 0
         self.token_hold: TokenHold | None = None
+        # Calls billed at the estimate of the side that cut them, whose receipts may come later.
+        self.cut: list[CallRecord] = []
         self._settled = False
         # The request's server span (current while the request is admitted): the key's usage
         # goes on it at settlement, which happens before the response's last byte, so it is open.
@@ -62,25 +76,56 @@ class Spend:
         """The engine's per-call hook: every call counts, answered, failed or cut short."""
         self.cost_usd += call.cost_usd
         self.tokens += call.usage.total_tokens
+        if call.cut_id is not None:
+            self.cut.append(call)
 
     async def settle(self) -> None:
+        """Write what the request cost to the ledger and release its reservation: at once, or,
+        when it cut calls whose receipts may come, in the background once they came (or
+        ``RECEIPT_WAIT_S`` passed: a lost receipt leaves its call at the estimate)."""
         if self._settled:
             return
         self._settled = True
         key = self.principal.key
         if key is None:
             return
-        store = self.access.store
+        if self._span.is_recording():  # what is known now: the span ends with the response
+            self._span.set_attributes({"moa.key.cost_usd": self.cost_usd, "moa.key.tokens": self.tokens})
+        receipts = self.access.receipts
+        if self.cut and receipts is not None:
+            self.access.later(self._settle_late(receipts, key.id))
+            return
         # Shielded: a request cancelled mid-settlement still settles.
-        work = asyncio.ensure_future(self._write(store, key.id))
+        work = asyncio.ensure_future(self._write(self.access.store, key.id))
         try:
             await asyncio.shield(work)
         except asyncio.CancelledError:
             await work
             raise
         self.access.metrics.record(self.principal.label, self.cost_usd, self.tokens)
-        if self._span.is_recording():
-            self._span.set_attributes({"moa.key.cost_usd": self.cost_usd, "moa.key.tokens": self.tokens})
+
+    async def _settle_late(self, receipts: ReceiptSource, key_id: str) -> None:
+        """Charge each cut call the larger of its estimate and its receipt, then write."""
+        ids = [call.cut_id for call in self.cut if call.cut_id is not None]
+        got: Mapping[str, Usage] = {}
+        try:
+            async with asyncio.timeout(RECEIPT_WAIT_S + RECEIPT_GRACE_S):
+                got = await receipts.receipts(ids, RECEIPT_WAIT_S)
+        except (Exception, asyncio.CancelledError):
+            # A source that broke its word (it answers in time and never raises), or a wait cut
+            # short: the calls keep their estimates, and the ledger is written all the same.
+            log.warning("no receipts for a request's cut calls: charged at their estimates", exc_info=True)
+        for call in self.cut:
+            reported = got.get(call.cut_id or "")
+            if reported is not None:
+                tokens, cost = late_charge(self.access.config, call, reported)
+                self.tokens += tokens
+                self.cost_usd += cost
+        await self._write(self.access.store, key_id)
+        self.access.metrics.record(self.principal.label, self.cost_usd, self.tokens)
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError  # this settlement itself was cancelled: written first
 
     async def _write(self, store: StateStore, key_id: str) -> None:
         try:
@@ -103,14 +148,36 @@ class Spend:
 
 
 class Access:
-    def __init__(self, config: MoAConfig, store: StateStore | None) -> None:
+    def __init__(
+        self, config: MoAConfig, store: StateStore | None, receipts: ReceiptSource | None = None
+    ) -> None:
         self.config = config
         self.store: StateStore = store  # type: ignore[assignment]  # used only with a key, i.e. a store
         self.auth = Authenticator(store, config.state.key_cache_s) if store is not None else None
         self.metrics = KeyMetrics()
+        # Where what cut calls really consumed comes from (None: they are charged the estimate),
+        # and the settlements waiting for it.
+        self.receipts = receipts
+        self._later: set[asyncio.Task[None]] = set()
         # The wall clock (Unix seconds) that puts a spend in its budget window (UTC day, month) and
         # a request in its minute: one place, so that a test can move it across a day or a month.
         self.clock: Callable[[], float] = time.time
+
+    def later(self, settlement: Coroutine[Any, Any, None]) -> None:
+        """Run a settlement in the background (it waits for receipts), held until it ends.
+
+        In a context of its own, not its request's: it outlives the request, and what is tied to
+        the request ends with it (on Ray, Serve cancels the handle calls a cancelled request made,
+        and would cancel the settlement's call for its receipts)."""
+        task = asyncio.get_running_loop().create_task(settlement, context=contextvars.Context())
+        self._later.add(task)
+        task.add_done_callback(self._later.discard)
+
+    async def settled(self) -> None:
+        """Until every background settlement has written (each waits a bounded time): a drain
+        ends with the ledger written, not with reservations left to expire in an hour."""
+        if self._later:
+            await asyncio.gather(*self._later, return_exceptions=True)
 
     async def principal(self, authorization: str | None) -> Principal:
         if self.auth is None:

@@ -40,6 +40,7 @@ from moa.cache import CacheTicket, set_ticket
 from moa.config import ConfigError, MoAConfig
 from moa.deadline import Deadline
 from moa.engine.engine import MoAEngine
+from moa.engine.receipts import ReceiptSource
 from moa.errors import (
     DeadlineExceeded,
     InvalidPlan,
@@ -83,6 +84,34 @@ BACKSTOP_GRACE_S = 2.0
 CUT_GRACE_S = 2.0
 # /healthz reports the providers' health only if it can learn it this fast.
 HEALTH_TIMEOUT_S = 5.0
+# How long a cancelled run's cleanup may hold its request once the request itself is cancelled
+# (``ended``): it records what the run's cut calls cost, and then only closes their streams.
+CLEANUP_S = 10.0
+
+
+async def ended(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` (a run, or the task pumping a stream's events) and wait until it has
+    ended, even if the caller is cancelled meanwhile; the caller's cancellation is raised once it
+    has (or after ``CLEANUP_S``). A cancelled run's cleanup records what its cut calls cost, and
+    the request's settlement, which comes next, must see every one of them.
+
+    Why the caller may be cancelled here: on Ray, Serve cancels a request whose client left, and
+    may do so while the request, having seen the client go itself, is waiting for this cleanup.
+    Waiting with the cancellation suppressed went on to settle at once, and the calls the cleanup
+    recorded after that (a staircase's first layer, in the spend audit) were never charged."""
+    task.cancel()
+    loop = asyncio.get_running_loop()
+    interrupted: float | None = None
+    while not task.done():
+        left = None if interrupted is None else interrupted + CLEANUP_S - loop.time()
+        if left is not None and left <= 0:
+            break
+        try:
+            await asyncio.wait({task}, timeout=left)
+        except asyncio.CancelledError:
+            interrupted = loop.time() if interrupted is None else interrupted
+    if interrupted is not None:
+        raise asyncio.CancelledError
 
 
 class ApiError(Exception):
@@ -303,9 +332,7 @@ class EventPump:
             self._timer.cancel()
         if self._read is not None:
             self._read.cancel()
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await ended(self._task)
 
 
 class AdmittedStream(StreamingResponse):
@@ -327,12 +354,16 @@ class AdmittedStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.slot.release()
-            with contextlib.suppress(Exception):
-                await self.body_iterator.aclose()  # type: ignore[attr-defined]
-            with contextlib.suppress(Exception):
-                await self.events.aclose()
-            if self.spend is not None:
-                await settle_quietly(self.spend.spend)  # after the events: every call has been counted
+            try:
+                with contextlib.suppress(Exception):
+                    await self.body_iterator.aclose()  # type: ignore[attr-defined]
+                with contextlib.suppress(Exception):
+                    await self.events.aclose()
+            finally:
+                # After the events (even when this request was cancelled meanwhile: ``ended``):
+                # every call has been counted.
+                if self.spend is not None:
+                    await settle_quietly(self.spend.spend)
 
 
 def _finish_reason(reason: str | None) -> str:
@@ -379,12 +410,17 @@ class Api:
     """Request handling, kept apart from FastAPI wiring so each piece stays small."""
 
     def __init__(
-        self, config: MoAConfig, engine: MoAEngine, health: HealthFn, store: StateStore | None = None
+        self,
+        config: MoAConfig,
+        engine: MoAEngine,
+        health: HealthFn,
+        store: StateStore | None = None,
+        receipts: ReceiptSource | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
         self.health = health
-        self.access = Access(config, store)
+        self.access = Access(config, store, receipts)
         self.admission = Admission(config.server.max_concurrent_requests, config.server.key_concurrency_share)
         self.metrics = RequestMetrics()
         # eval.shadow: answered requests sampled for a background comparison with a baseline.
@@ -442,6 +478,7 @@ class Api:
         log.info("draining", extra={"event": "drain", "status": self.admission.in_flight})
         hurry = self._hurry_event()
         if await self.admission.wait_idle(drain_s, hurry):
+            await self.access.settled()
             return 0
         cut = self.admission.in_flight
         log.warning("drain time over: ending %d request(s)", cut, extra={"event": "drain_cut", "status": cut})
@@ -450,6 +487,7 @@ class Api:
         for stream in list(self._streams):
             stream.stop(ShuttingDown("the service is shutting down: the answer was cut short"))
         await self.admission.wait_idle(CUT_GRACE_S, asyncio.Event())
+        await self.access.settled()
         return cut
 
     def hurry(self) -> None:
@@ -544,9 +582,7 @@ class Api:
         finally:
             watcher.cancel()
             if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await ended(task)
         if task in done or (task.done() and not task.cancelled()):
             return task.result()
         if watcher in done:
@@ -934,11 +970,17 @@ async def _disconnected(request: Request) -> None:
 
 
 def create_api(
-    config: MoAConfig, engine: MoAEngine, health: HealthFn, store: StateStore | None = None
+    config: MoAConfig,
+    engine: MoAEngine,
+    health: HealthFn,
+    store: StateStore | None = None,
+    receipts: ReceiptSource | None = None,
 ) -> FastAPI:
     """The API app; with a ``store``, API keys and budgets apply (once a key exists), and with
-    ``MOA_ADMIN_KEY`` in the environment too, the admin API manages them (``/admin/keys``)."""
-    api = Api(config, engine, health, store)
+    ``MOA_ADMIN_KEY`` in the environment too, the admin API manages them (``/admin/keys``).
+    ``receipts``: where the transport leaves what the calls a request cut really consumed (on
+    Ray, the health board); without one, a cut call is charged its estimate."""
+    api = Api(config, engine, health, store, receipts)
     # No /openapi.json, /docs or /redoc: the handlers read their bodies themselves, so the schema
     # would describe no request or response (clients follow OpenAI's API), only list the routes,
     # the admin ones included, to anyone, with or without a key.

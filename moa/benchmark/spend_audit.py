@@ -35,11 +35,13 @@ from typing import Any
 
 import httpx
 
+from moa.api.access import RECEIPT_GRACE_S
 from moa.auth import new_key, new_record
 from moa.benchmark.cache_bench import _serving
 from moa.benchmark.runner import Simulator, bench_config
 from moa.config import MoAConfig, StateConfig
 from moa.engine.cost import project
+from moa.engine.receipts import RECEIPT_WAIT_S
 from moa.state import KeyLimits, from_micro, open_store
 from moa.types import ChatMessage, GenerationParams
 
@@ -50,6 +52,9 @@ MAX_TOKENS = 200
 IN_FLIGHT_TOKENS = 24
 # The replica's admission slots in the audit (the bench's own config allows 1024).
 SLOTS = 16
+# How long the ledger must not move before the audit reads it: a request that cut calls settles
+# once their receipts came, or after the longest a settlement waits for them (on Ray).
+SETTLED_QUIET_S = RECEIPT_WAIT_S + RECEIPT_GRACE_S + 0.5
 
 
 def invoice(sim_url: str, cfg: MoAConfig) -> dict[str, Any]:
@@ -122,13 +127,14 @@ class Audit:
         (await self.http.post(self.sim_url + "/admin/reset", json={})).raise_for_status()
 
     async def settled(self, key_id: str) -> int:
-        """The key's spend once every request settled (its value stops changing)."""
+        """The key's spend once every request settled (its value stops changing for longer than a
+        settlement may wait for its cut calls' receipts: ``SETTLED_QUIET_S``)."""
         await _idle(self.sim_url, self.http)
-        last, same = -1, 0
-        while same < 5:
+        last, since = -1, time.monotonic()
+        while time.monotonic() - since < SETTLED_QUIET_S:
             now = await self.spent(key_id)
-            same = same + 1 if now == last else 0
-            last = now
+            if now != last:
+                last, since = now, time.monotonic()
             await asyncio.sleep(0.1)
         return last
 

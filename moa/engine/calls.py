@@ -195,17 +195,22 @@ def cut_result(
     kind: ErrorKind,
     why: str,
     latency_s: float,
+    call_id: str | None = None,
 ) -> CallResult:
     """A call that reached its provider and was cut before it reported its usage (by us: a
     straggler, a deadline, a cancelled layer; or by the client going away), billed as providers
     bill it: the prompt, read in full, plus what it generated, estimated by the text received.
-    ``req`` is the request, or (provider, model, prompt tokens) where only those are known.
+    ``req`` is the request, or (provider, model, prompt tokens) where only those are known, with
+    the request's ``call_id`` when it is known.
 
-    The estimate can err low by the few tokens still in flight when the stream was closed (sent by
-    the provider, never read); it never counts a token twice. The provider's own count is used
-    wherever it arrives (a finished call's result), so only calls cut short are estimated."""
+    The estimate can err low by the tokens still in flight when the stream was closed (sent by
+    the provider, never read here); it never counts a token twice. The provider's own count is
+    used wherever it arrives (a finished call's result), so only calls cut short are estimated;
+    and the result names the call (``cut_id``), so that a transport which saw more of its text (a
+    provider replica on Ray) can have the ledger charge that instead (``moa.engine.receipts``)."""
     if isinstance(req, CallRequest):
         provider, model, prompt = req.provider, req.model, prompt_tokens(req.messages)
+        call_id = req.call_id
     else:
         provider, model, prompt = req
     usage = Usage(input_tokens=prompt, output_tokens=approx_tokens(received))
@@ -219,6 +224,7 @@ def cut_result(
         usage=usage,
         cost_usd=cost,
         usage_estimated=True,
+        cut_id=call_id,
         latency_s=latency_s,
         streamed=True,
         error=CallError(kind=kind, message=why),

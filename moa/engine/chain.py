@@ -155,6 +155,7 @@ def _bill_cut(
         ErrorKind.CANCELLED,
         "cancelled: the request ended first",
         ctx.offset() - job_start,
+        started.call_id,
     )
     rec = CallRecord.from_result(res, stage=stage, started_s=job_start, layer=layer, round=round_, role=role)
     rec.staircase_step = step

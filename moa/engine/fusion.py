@@ -75,6 +75,8 @@ class FuseStart(BaseModel):
     provider: str
     model: str
     prompt_tokens: int
+    # The attempt's ``CallRequest.call_id``: a cut attempt's receipt comes under it.
+    call_id: str | None = None
 
 
 FuseEvent = TextDelta | FuseStart | FuseStep
@@ -133,7 +135,12 @@ async def fuse(job: FuseJob, caller: ModelCaller, config: MoAConfig) -> AsyncIte
         )
         res: CallResult | None = None
         prefix, here = sent, ""
-        yield FuseStart(provider=spec.provider, model=spec.model, prompt_tokens=prompt_tokens(req.messages))
+        yield FuseStart(
+            provider=spec.provider,
+            model=spec.model,
+            prompt_tokens=prompt_tokens(req.messages),
+            call_id=req.call_id,
+        )
         # Every attempt streams, seen by the client or not: a cut stream stops its provider and
         # leaves the text it wrote to bill (``FuseStart``); only a visible one (``job.stream``) is
         # continued by the next model when it breaks, and waits only a share for its first token.

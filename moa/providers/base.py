@@ -13,7 +13,7 @@ import random
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import ModuleType
@@ -409,8 +409,14 @@ class ProviderClient(ABC):
         assert result is not None
         return result
 
-    def stream(self, req: CallRequest) -> AsyncIterator[StreamEvent]:
-        return self._run(req, stream=True)
+    def stream(
+        self, req: CallRequest, *, on_cut: Callable[[Usage], None] | None = None
+    ) -> AsyncIterator[StreamEvent]:
+        """The call, streamed. ``on_cut`` is told what the call consumed, as far as this client
+        knows (every prompt an attempt sent, the text received), if the stream is closed before
+        its result: a provider replica passes on that receipt for the ledger, having seen text its
+        caller had not yet (``moa.engine.receipts``)."""
+        return self._run(req, stream=True, on_cut=on_cut)
 
     def health(self) -> dict[str, object]:
         return {
@@ -495,22 +501,34 @@ class ProviderClient(ABC):
         )
         return True
 
-    async def _run(self, req: CallRequest, stream: bool) -> AsyncIterator[StreamEvent]:
-        """One call, traced (a GenAI ``chat {model}`` span) and logged, whatever its outcome."""
+    async def _run(
+        self, req: CallRequest, stream: bool, on_cut: Callable[[Usage], None] | None = None
+    ) -> AsyncIterator[StreamEvent]:
+        """One call, traced (a GenAI ``chat {model}`` span) and logged, whatever its outcome; with
+        ``on_cut``, told what it consumed if it ends without a result (see ``stream``).
+
+        What it consumed is counted here, where it is complete however the call ends."""
         span = start_call_span(
             req, self.kind, self.endpoint.base_url, stream=stream, capture_content=self.capture_content
         )
         self._served_window(req.model)  # starts reading the server's listing, once, unawaited
         result: CallResult | None = None
+        used = _Consumption(input_tokens=approx_message_tokens(m.content for m in req.messages))
         try:
-            async for ev in self._gated(req, stream):
-                if isinstance(ev, CallResult):
-                    window = self._served_window(req.model)
-                    if window is not None and ev.context_window is None:
-                        ev = ev.model_copy(update={"context_window": window})
-                    result = ev
-                yield ev
+            # Closed with this generator, not when it is collected: a consumer that stops at a
+            # yield (a provider replica cancelled while its text waits) closes the provider's
+            # stream now, and the provider stops writing, and billing, now.
+            async with contextlib.aclosing(self._gated(req, stream, used)) as events:
+                async for ev in events:
+                    if isinstance(ev, CallResult):
+                        window = self._served_window(req.model)
+                        if window is not None and ev.context_window is None:
+                            ev = ev.model_copy(update={"context_window": window})
+                        result = ev
+                    yield ev
         finally:
+            if result is None and on_cut is not None:
+                on_cut(used.billed())
             end_call_span(span, result, capture_content=self.capture_content)
             if result is not None:
                 log.info(
@@ -533,7 +551,9 @@ class ProviderClient(ABC):
                     },
                 )
 
-    async def _gated(self, req: CallRequest, stream: bool) -> AsyncIterator[StreamEvent]:
+    async def _gated(
+        self, req: CallRequest, stream: bool, used: _Consumption
+    ) -> AsyncGenerator[StreamEvent, None]:
         """Breaker, concurrency slot and rate budget around the attempts; the breaker learns the outcome."""
         t0 = time.monotonic()
         deadline = Deadline.after(req.timeout_s or self.cfg.timeout_s)
@@ -561,7 +581,6 @@ class ProviderClient(ABC):
             yield self._failure(req, t0, AttemptError(ErrorKind.TIMEOUT, why), streamed=stream)
             return
         reserved = 0
-        used = _Consumption(input_tokens=approx_message_tokens(m.content for m in req.messages))
         try:
             # What the call may consume, never more than the model can produce in one answer.
             max_output = self.cfg.price(req.model).max_output_tokens
@@ -577,13 +596,14 @@ class ProviderClient(ABC):
                 yield self._failure(req, t0, err, streamed=stream)
                 breaker.record_neutral()
                 return
-            async for ev in self._attempts(req, stream, t0, deadline, used):
-                if isinstance(ev, CallResult):
-                    outcome = ev.error.kind if ev.error else None
-                    cancelled = False
-                    if ev.ok:
-                        used.actual = ev.usage.total_tokens
-                yield ev
+            async with contextlib.aclosing(self._attempts(req, stream, t0, deadline, used)) as events:
+                async for ev in events:
+                    if isinstance(ev, CallResult):
+                        outcome = ev.error.kind if ev.error else None
+                        cancelled = False
+                        if ev.ok:
+                            used.actual = ev.usage.total_tokens
+                    yield ev
         finally:
             if reserved:
                 # Settle with what the call really used, however it ended: its usage when it
@@ -602,7 +622,7 @@ class ProviderClient(ABC):
 
     async def _attempts(
         self, req: CallRequest, stream: bool, t0: float, deadline: Deadline, used: _Consumption
-    ) -> AsyncIterator[StreamEvent]:
+    ) -> AsyncGenerator[StreamEvent, None]:
         """The retry loop: retryable failures are retried with jittered backoff (or as Retry-After
         says) while the deadline allows; a stream is never retried once text has been sent. A 400
         refusing a parameter is retried at once without it (not counted as a retry)."""

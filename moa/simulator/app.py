@@ -23,7 +23,15 @@ from moa.simulator.embed_wire import gemini_embeddings, openai_embeddings
 from moa.simulator.gemini_wire import GeminiWire
 from moa.simulator.llamacpp_wire import LlamaCppWire, listing_entry, ollama_entry, props
 from moa.simulator.openai_wire import OpenAIWire
-from moa.simulator.profile import Faults, FaultSpec, HangFault, RateFault, SimProfile, SlowFault
+from moa.simulator.profile import (
+    Faults,
+    FaultSpec,
+    HangFault,
+    RateFault,
+    SimProfile,
+    SlowFault,
+    StallFault,
+)
 from moa.simulator.state import GenerationBill, SimState
 from moa.simulator.wire import (
     BadRequest,
@@ -40,6 +48,7 @@ from moa.simulator.wire import (
     random_id,
 )
 from moa.textcheck import first_unencodable
+from moa.tokens import approx_tokens
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -402,8 +411,16 @@ class SimulatorApp:
                 watcher.finished = True
                 await _respond(tracked_send, 200, _HTML, headers, b"text/html; charset=utf-8")
             elif req.stream:
-                await self._stream(wire, req, c, headers, ttft, gen, fault, watcher, tracked_send, bill)
+                stall = spec.after_tokens if isinstance(spec, StallFault) else None
+                await self._stream(
+                    wire, req, c, headers, ttft, gen, fault, watcher, tracked_send, bill, stall
+                )
             else:
+                if isinstance(spec, StallFault):
+                    # It writes about ``after_tokens`` tokens, then nothing: billed for those.
+                    bill.completion_tokens = min(spec.after_tokens, c.completion_tokens)
+                    bill.generation_s = gen * bill.completion_tokens / max(c.completion_tokens, 1)
+                    await asyncio.Event().wait()  # only the client leaving ends this
                 await asyncio.sleep(ttft + gen)
                 bill.finished = True
                 body = wire.response(req, c)
@@ -462,9 +479,11 @@ class SimulatorApp:
         watcher: _DisconnectWatcher,
         send: Send,
         bill: GenerationBill,
+        stall: int | None = None,
     ) -> None:
         """Send the answer as the provider's event stream, paced at the model's tokens per second;
-        ``bill`` counts the text sent (what a stream cut short is billed for)."""
+        ``bill`` counts the text sent (what a stream cut short is billed for). With ``stall``, the
+        pieces up to about that many tokens, then nothing until the client leaves."""
         loop = asyncio.get_running_loop()
         start = loop.time()
         await send(
@@ -486,6 +505,9 @@ class SimulatorApp:
             acc += len(p)
             due.append(start + ttft + gen * acc / total)
         cut_at = len(pieces) // 2 if fault == "cut_stream" else len(pieces)
+        if stall is not None:
+            reached = (k for k in range(len(pieces)) if approx_tokens("".join(pieces[:k])) >= stall)
+            cut_at = next(reached, len(pieces))
         if fault == "cut_stream" and not pieces:
             await asyncio.sleep(ttft)
         i = 0
@@ -506,6 +528,8 @@ class SimulatorApp:
                 return
             await send({"type": "http.response.body", "body": bytes(batch), "more_body": True})
             bill.sent_text += "".join(pieces[first:i])
+        if stall is not None:
+            await asyncio.Event().wait()  # only the client leaving ends this
         if fault == "cut_stream":
             # Return without ending the body: uvicorn closes the connection mid-stream, as a network
             # failure would, and the client never sees the terminal events.

@@ -59,6 +59,15 @@ class SlowFault(FaultSpec):
     factor: float = Field(default=10.0, ge=1.0)
 
 
+class StallFault(FaultSpec):
+    """The answer stops after about ``after_tokens`` tokens, its connection left open, until the
+    client gives up: a stream sends those and nothing more; a plain request never answers. Billed
+    for those tokens. Nothing is in flight when the client leaves: what a caller cut is billed
+    for is exactly what was sent (the ledger tests compare the two)."""
+
+    after_tokens: int = Field(default=20, ge=0)
+
+
 class Faults(_Strict):
     """The faults a model may inject; when several fire at once the first in field order wins."""
 
@@ -70,6 +79,7 @@ class Faults(_Strict):
     wrong_content_type: FaultSpec | None = None
     cut_stream: FaultSpec | None = None
     slow_stream: SlowFault | None = None
+    stall: StallFault | None = None
 
 
 FAULT_KINDS: tuple[str, ...] = tuple(Faults.model_fields)
