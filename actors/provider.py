@@ -142,6 +142,8 @@ class ProviderDeployment:
             asyncio.get_running_loop().create_task(self._report())
 
     async def _report(self) -> None:
+        # The breaker's gauge first, every time: a board that does not answer must not freeze it.
+        self.metrics.circuit_state(self.provider, str(self.client.health().get("state")))
         try:
             if self._board is None:
                 self._board = serve.get_deployment_handle(HEALTH_BOARD_NAME, app_name=self.app_name)
