@@ -268,7 +268,8 @@ class KeyMetrics:
         self.budget = m.Gauge(
             "moa_key_budget_used_ratio",
             description="Share of the key's budget_usd spent in its current period (settled spend; "
-            "1 = all of it), for keys with a budget.",
+            "1 = all of it), for keys with a budget; set again every 5 s (Ray drops a gauge left "
+            "unset for two export periods).",
             tag_keys=("key",),
         )
 

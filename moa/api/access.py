@@ -32,6 +32,9 @@ log = logging.getLogger("moa.api")
 # How often a replica re-reads the budget use of the keys it served (the gauge
 # moa_key_budget_used_ratio): other replicas spend too, and a new day or month starts at 0.
 BUDGET_REFRESH_S = 30.0
+# How often it sets the gauge again from what it read last: Ray's metrics agent drops a gauge
+# value not set again within two export periods (2 x 10 s), so a value set once vanishes.
+BUDGET_RESEND_S = 5.0
 # At most one read per key this often on the request path's account (in the background).
 BUDGET_READ_MIN_S = 1.0
 
@@ -119,8 +122,10 @@ class Access:
         # The wall clock (Unix seconds) that puts a spend in its budget window (UTC day, month) and
         # a request in its minute: one place, so that a test can move it across a day or a month.
         self.clock: Callable[[], float] = time.time
-        # Keys with a budget this replica served, for the budget gauge: key id -> (record, last read).
+        # Keys with a budget this replica served, for the budget gauge: key id -> (record, last read),
+        # and what it read last: key id -> (key name, ratio).
         self._budgeted: dict[str, tuple[KeyRecord, float]] = {}
+        self._budget_used: dict[str, tuple[str, float]] = {}
         self._budget_tasks: set[asyncio.Task[None]] = set()
         self._budget_loop: asyncio.Task[None] | None = None
 
@@ -128,8 +133,9 @@ class Access:
         """Publish ``key``'s budget use (settled spend over ``budget_usd`` in its current period)
         in the background, and keep it fresh while this replica runs: at most once a second per
         key on a request's account, and every ``BUDGET_REFRESH_S`` for every key it served, so a
-        new period or another replica's spending shows without a request here. Only where metrics
-        are exported (a Serve replica): in-process it costs nothing."""
+        new period or another replica's spending shows without a request here; the gauge is set
+        again every ``BUDGET_RESEND_S`` in between (Ray forgets a gauge that is not). Only where
+        metrics are exported (a Serve replica): in-process it costs nothing."""
         if not self.metrics.live or key.limits.budget_usd is None:
             return
         now = time.monotonic()
@@ -152,13 +158,21 @@ class Access:
         except Exception:  # the store may be briefly unreachable: the next read will do
             log.debug("could not read the budget use of key %s", key.name)
             return
-        self.metrics.budget_used(key.name, spent / budget if budget > 0 else 1.0)
+        ratio = spent / budget if budget > 0 else 1.0
+        self._budget_used[key.id] = (key.name, ratio)
+        self.metrics.budget_used(key.name, ratio)
 
     async def _refresh_budgets(self) -> None:
+        last_read = time.monotonic()
         while True:
-            await asyncio.sleep(BUDGET_REFRESH_S)
-            for key, _ in list(self._budgeted.values()):
-                await self._publish_budget(key)
+            await asyncio.sleep(BUDGET_RESEND_S)
+            if time.monotonic() - last_read >= BUDGET_REFRESH_S:
+                last_read = time.monotonic()
+                for key, _ in list(self._budgeted.values()):
+                    await self._publish_budget(key)
+                continue
+            for name, ratio in list(self._budget_used.values()):
+                self.metrics.budget_used(name, ratio)
 
     async def principal(self, authorization: str | None) -> Principal:
         if self.auth is None:
