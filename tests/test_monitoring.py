@@ -36,12 +36,14 @@ import httpx
 import pytest
 import yaml
 
-from moa.auth import new_key, new_record
+from moa.api.app import Admission, ApiError
+from moa.auth import Principal, new_key, new_record
 from moa.config import parse_config
 from moa.simulator.server import SimulatorServer
 from moa.state import KeyLimits
 from moa.state.redis_store import RedisStore
 from tests.helpers import set_fault
+from tests.test_observability import _series_value
 from tests.waiting import wait_until_sync
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,6 +127,26 @@ def test_every_alert_has_a_summary_a_description_and_a_runbook_section() -> None
         assert notes["summary"].strip() and len(notes["description"].split()) > 15, name
         assert notes["runbook"] == f"docs/MONITORING.md#{name.lower()}", name
         assert name.lower() in headings, f"docs/MONITORING.md has no section for {name}"
+
+
+def test_admission_names_each_request_it_sheds() -> None:
+    """moa_requests_shed's reasons, as the alert reads them: capacity (``overloaded``, the one
+    MoARequestsShed counts) apart from a key's own share and from a drain."""
+    shed: list[str] = []
+    admission = Admission(2, key_share=0.5, on_shed=shed.append)
+    keyed = Principal(new_record("team", new_key(), KeyLimits()))
+    first = admission.take(keyed)
+    with pytest.raises(ApiError):
+        admission.take(keyed)  # the key holds its share (1 of 2)
+    second = admission.take()
+    with pytest.raises(ApiError):
+        admission.take()  # the replica is full
+    first.release()
+    second.release()
+    admission.draining = True
+    with pytest.raises(ApiError):
+        admission.take()
+    assert shed == ["concurrency_limit_exceeded", "overloaded", "shutting_down"]
 
 
 # -- the dashboard -----------------------------------------------------------------------------------
@@ -365,6 +387,17 @@ def test_every_metric_and_label_the_rules_and_dashboard_use_is_exported(
 
     # Ray's metrics agents export on their own period: wait until every series is there.
     wait_until_sync(problems, lambda p: not p, within_s=120, interval=2, what="every series the rules read")
+    # The budget gauge says what the ledger says: "ops" spent a little of its 1000 USD, "tiny"
+    # nothing of its one micro-dollar (its request was refused before any call).
+    text = "\n".join(
+        httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        for port in app["cluster"]["metrics"].values()
+    )
+    used = {
+        k: _series_value(text, "ray_moa_key_budget_used_ratio", application=APP, key=k)
+        for k in ("ops", "tiny")
+    }
+    assert 0 < used["ops"] < 0.01 and used["tiny"] == 0, used
 
 
 class Prometheus:
