@@ -24,6 +24,7 @@ from moa.types import HealthView
 from moa_actors.handles import BoardReceipts, HandleCaller, RemoteFuser
 from moa_actors.options import serve_options
 from moa_actors.telemetry import init_replica_telemetry, shutdown_replica_telemetry
+from moa_observability.metrics import control_plane_metrics
 
 # How stale the ingress's view of provider health may get (providers report every 2 s);
 # also how soon a replica learns that `moa serve` asked it to drain.
@@ -92,7 +93,9 @@ class IngressDeployment:
             async with asyncio.timeout(BOARD_TIMEOUT_S):
                 answer = await self.board.checkin.remote(self.replica, state)
         except Exception:  # the health board may be restarting: keep the last view
+            control_plane_metrics().call("health_board", ok=False)
             return
+        control_plane_metrics().call("health_board", ok=True)
         self._view = answer["view"]
         asked = answer["drain"]
         if asked is not None and self._drain is None:

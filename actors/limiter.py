@@ -11,6 +11,7 @@ from typing import Any
 import ray
 
 from moa.ratelimit import ReservationLimiter
+from moa_observability.metrics import control_plane_metrics
 
 LIMITER_NAME = "rate-limiter"
 
@@ -46,15 +47,19 @@ class LimiterAuthority:
 
     async def _call(self, method: str, *args: Any) -> Any:
         for attempt in range(2):
-            if self._actor is None:
-                self._actor = self._lookup()
             try:
-                return await getattr(self._actor, method).remote(*args)
+                if self._actor is None:  # inside the try: a limiter that is gone counts as unreachable
+                    self._actor = self._lookup()
+                answer = await getattr(self._actor, method).remote(*args)
             except (ray.exceptions.RayActorError, ValueError):
+                control_plane_metrics().call("rate_limiter", ok=False)
                 self._actor = None
                 if attempt:
                     raise
                 await asyncio.sleep(0.1)
+            else:
+                control_plane_metrics().call("rate_limiter", ok=True)
+                return answer
         raise AssertionError("unreachable")
 
     async def reserve(

@@ -160,6 +160,8 @@ class ProviderDeployment:
         return self._board
 
     async def _report(self) -> None:
+        # The breaker's gauge first, every time: a board that does not answer must not freeze it.
+        self.metrics.circuit_state(self.provider, str(self.client.health().get("state")))
         try:
             latencies, self._latency = self._latency, {}
             replica = self.identity["ray.serve.replica_id"]

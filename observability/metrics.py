@@ -13,6 +13,8 @@ from typing import Any
 from moa.types import CallResult
 
 DURATION_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120]
+# Orchestration overhead is milliseconds to a few hundred: DURATION_BUCKETS would put it all in one.
+OVERHEAD_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5]
 TOKEN_BUCKETS = [16, 64, 256, 1024, 4096, 16384, 65536, 262144]
 CALL_TAGS = ("gen_ai_provider_name", "gen_ai_request_model", "moa_provider", "error_type")
 
@@ -43,6 +45,7 @@ class ProviderMetrics:
         m = _serve_metrics()
         if m is None:
             self.duration = self.ttft = self.tokens = self.requests = self.errors = self.cost = _NoOp()
+            self.circuit = _NoOp()
             return
         self.duration = m.Histogram(
             "gen_ai_client_operation_duration",
@@ -71,6 +74,12 @@ class ProviderMetrics:
         self.cost = m.Counter(
             "moa_provider_cost_usd", description="Cost of provider calls (USD).", tag_keys=CALL_TAGS[:3]
         )
+        self.circuit = m.Gauge(
+            "moa_provider_circuit_open",
+            description="1 while this replica's circuit breaker for the provider is not closed (open, "
+            "or half-open: waiting for a probe to succeed), else 0.",
+            tag_keys=("moa_provider",),
+        )
 
     def record(self, result: CallResult, provider_kind_name: str) -> None:
         tags = {
@@ -91,14 +100,21 @@ class ProviderMetrics:
         if result.cost_usd:
             self.cost.inc(result.cost_usd, tags)
 
+    def circuit_state(self, provider: str, state: str) -> None:
+        """Set on every health report (every 2 s and on each change), so the gauge is always fresh:
+        an alert on "open for minutes" must not read a value that stopped moving."""
+        self.circuit.set(0.0 if state == "closed" else 1.0, {"moa_provider": provider})
+
 
 class RequestMetrics:
-    """Per request: preset, router decision, quorum shortfalls, fallbacks (cache hits: ``CacheMetrics``)."""
+    """Per request: preset, router decision, quorum shortfalls, fallbacks, cost, time to first token,
+    orchestration overhead, and requests shed at admission (cache hits: ``CacheMetrics``)."""
 
     def __init__(self) -> None:
         m = _serve_metrics()
         if m is None:
             self.requests = self.latency = self.shortfalls = self.fallbacks = _NoOp()
+            self.cost = self.ttft = self.overhead = self.shed_requests = _NoOp()
             return
         self.requests = m.Counter(
             "moa_requests",
@@ -120,6 +136,33 @@ class RequestMetrics:
             "synthesis_failed.",
             tag_keys=("preset", "reason"),
         )
+        # What a query costs is a product figure (the spec watches cost per query): the providers'
+        # own cost counter cannot say which preset spent it.
+        self.cost = m.Counter(
+            "moa_request_cost_usd",
+            description="Cost of answered requests (USD): every call each made, by the preset that ran.",
+            tag_keys=("preset",),
+        )
+        self.ttft = m.Histogram(
+            "moa_request_time_to_first_token",
+            description="Time from a streamed request's arrival to its first answer token (seconds).",
+            boundaries=DURATION_BUCKETS,
+            tag_keys=("preset",),
+        )
+        self.overhead = m.Histogram(
+            "moa_request_overhead",
+            description="An answered request's time not spent waiting on models: end-to-end time "
+            "minus its stages' critical path (seconds).",
+            boundaries=OVERHEAD_BUCKETS,
+            tag_keys=("preset",),
+        )
+        self.shed_requests = m.Counter(
+            "moa_requests_shed",
+            description="Requests refused at admission, before any work, by reason: overloaded (the "
+            "replica at server.max_concurrent_requests), concurrency_limit_exceeded (a key's share), "
+            "shutting_down (draining).",
+            tag_keys=("reason",),
+        )
 
     def record(
         self,
@@ -129,15 +172,27 @@ class RequestMetrics:
         seconds: float,
         fallback_reason: str | None = None,
         classifier_cached: bool = False,
+        cost_usd: float = 0.0,
+        critical_path_s: float | None = None,
     ) -> None:
         self.requests.inc(1, {"preset": preset, "complexity": complexity or "forced", "status": str(status)})
         self.latency.observe(seconds, {"preset": preset})
+        if cost_usd > 0:
+            self.cost.inc(cost_usd, {"preset": preset})
+        if critical_path_s is not None:
+            self.overhead.observe(max(seconds - critical_path_s, 0.0), {"preset": preset})
         if fallback_reason == "quorum_missed":
             self.shortfalls.inc(1, {"preset": preset})  # whether or not the fallback then answered
         if fallback_reason and status == 200:
             self.fallbacks.inc(1, {"preset": preset, "reason": str(fallback_reason)})
         if classifier_cached:
             cache_metrics().hit("router_classifier", "exact", 0.0)
+
+    def first_token(self, preset: str, seconds: float) -> None:
+        self.ttft.observe(seconds, {"preset": preset})
+
+    def shed(self, reason: str) -> None:
+        self.shed_requests.inc(1, {"reason": reason})
 
 
 class CacheMetrics:
@@ -193,12 +248,13 @@ def cache_metrics() -> CacheMetrics:
 
 class KeyMetrics:
     """Per API key (labelled with the key's name, never the key): requests settled, their cost and
-    tokens, and requests refused for a spent budget."""
+    tokens, requests refused for a spent budget, and how much of its budget is used."""
 
     def __init__(self) -> None:
         m = _serve_metrics()
+        self.live = m is not None  # whether anything is exported (in a Serve replica)
         if m is None:
-            self.requests = self.cost = self.tokens = self.refusals = _NoOp()
+            self.requests = self.cost = self.tokens = self.refusals = self.budget = _NoOp()
             return
         self.requests = m.Counter("moa_key_requests", description="Requests per API key.", tag_keys=("key",))
         self.cost = m.Counter("moa_key_cost_usd", description="Spend per API key (USD).", tag_keys=("key",))
@@ -206,6 +262,13 @@ class KeyMetrics:
         self.refusals = m.Counter(
             "moa_key_budget_refusals",
             description="Requests refused because the key's budget could not hold them.",
+            tag_keys=("key",),
+        )
+        self.budget = m.Gauge(
+            "moa_key_budget_used_ratio",
+            description="Share of the key's budget_usd spent in its current period (settled spend; "
+            "1 = all of it), for keys with a budget; set again every 5 s (Ray drops a gauge left "
+            "unset for two export periods).",
             tag_keys=("key",),
         )
 
@@ -218,6 +281,41 @@ class KeyMetrics:
 
     def refused(self, key: str) -> None:
         self.refusals.inc(1, {"key": key})
+
+    def budget_used(self, key: str, ratio: float) -> None:
+        self.budget.set(ratio, {"key": key})
+
+
+class ControlPlaneMetrics:
+    """Calls to the service's own control plane: the health board (ingress check-ins) and each
+    provider's rate-limiter actor, by outcome (ok, error). A dependency that stops answering
+    shows as errors with no ok: routing then runs on a stale view, or calls wait on budgets."""
+
+    def __init__(self) -> None:
+        m = _serve_metrics()
+        if m is None:
+            self.calls: Any = _NoOp()
+            return
+        self.calls = m.Counter(
+            "moa_control_plane_calls",
+            description="Calls to the health board and the rate-limiter actors, by target "
+            "(health_board, rate_limiter) and outcome (ok, error).",
+            tag_keys=("target", "outcome"),
+        )
+
+    def call(self, target: str, ok: bool) -> None:
+        self.calls.inc(1, {"target": target, "outcome": "ok" if ok else "error"})
+
+
+_control_metrics: ControlPlaneMetrics | None = None
+
+
+def control_plane_metrics() -> ControlPlaneMetrics:
+    """One set per process (an ingress replica, a provider replica and its limiter client)."""
+    global _control_metrics
+    if _control_metrics is None:
+        _control_metrics = ControlPlaneMetrics()
+    return _control_metrics
 
 
 class ShadowMetrics:

@@ -25,11 +25,20 @@ from moa.engine.cost import Projection, Routed, call_cost, fit_cost_cap
 from moa.engine.receipts import RECEIPT_WAIT_S, ReceiptSource, late_charge
 from moa.plan import Plan, PlanShape
 from moa.result import CallRecord
-from moa.state import Reservation, StateStore, from_micro, to_micro, window_of
+from moa.state import KeyRecord, Reservation, StateStore, from_micro, to_micro, window_of
 from moa.types import CallRequest, ChatMessage, GenerationParams, HealthView, Usage
 from moa_observability.metrics import KeyMetrics
 
 log = logging.getLogger("moa.api")
+
+# How often a replica re-reads the budget use of the keys it served (the gauge
+# moa_key_budget_used_ratio): other replicas spend too, and a new day or month starts at 0.
+BUDGET_REFRESH_S = 30.0
+# How often it sets the gauge again from what it read last: Ray's metrics agent drops a gauge
+# value not set again within two export periods (2 x 10 s), so a value set once vanishes.
+BUDGET_RESEND_S = 5.0
+# At most one read per key this often on the request path's account (in the background).
+BUDGET_READ_MIN_S = 1.0
 
 # A reservation outlives any request (the longest deadline a request may ask for, plus slack):
 # if its replica dies before settling, the money comes back after this long.
@@ -93,7 +102,7 @@ class Spend:
             self._span.set_attributes({"moa.key.cost_usd": self.cost_usd, "moa.key.tokens": self.tokens})
         receipts = self.access.receipts
         if self.cut and receipts is not None:
-            self.access.later(self._settle_late(receipts, key.id))
+            self.access.later(self._settle_late(receipts, key))
             return
         # Shielded: a request cancelled mid-settlement still settles.
         work = asyncio.ensure_future(self._write(self.access.store, key.id))
@@ -103,8 +112,9 @@ class Spend:
             await work
             raise
         self.access.metrics.record(self.principal.label, self.cost_usd, self.tokens)
+        self.access.watch_budget(key)
 
-    async def _settle_late(self, receipts: ReceiptSource, key_id: str) -> None:
+    async def _settle_late(self, receipts: ReceiptSource, key: KeyRecord) -> None:
         """Charge each cut call the larger of its estimate and its receipt, then write."""
         ids = [call.cut_id for call in self.cut if call.cut_id is not None]
         got: Mapping[str, Usage] = {}
@@ -121,8 +131,9 @@ class Spend:
                 tokens, cost = late_charge(self.access.config, call, reported)
                 self.tokens += tokens
                 self.cost_usd += cost
-        await self._write(self.access.store, key_id)
+        await self._write(self.access.store, key.id)
         self.access.metrics.record(self.principal.label, self.cost_usd, self.tokens)
+        self.access.watch_budget(key)
         task = asyncio.current_task()
         if task is not None and task.cancelling():
             raise asyncio.CancelledError  # this settlement itself was cancelled: written first
@@ -162,6 +173,57 @@ class Access:
         # The wall clock (Unix seconds) that puts a spend in its budget window (UTC day, month) and
         # a request in its minute: one place, so that a test can move it across a day or a month.
         self.clock: Callable[[], float] = time.time
+        # Keys with a budget this replica served, for the budget gauge: key id -> (record, last read),
+        # and what it read last: key id -> (key name, ratio).
+        self._budgeted: dict[str, tuple[KeyRecord, float]] = {}
+        self._budget_used: dict[str, tuple[str, float]] = {}
+        self._budget_tasks: set[asyncio.Task[None]] = set()
+        self._budget_loop: asyncio.Task[None] | None = None
+
+    def watch_budget(self, key: KeyRecord) -> None:
+        """Publish ``key``'s budget use (settled spend over ``budget_usd`` in its current period)
+        in the background, and keep it fresh while this replica runs: at most once a second per
+        key on a request's account, and every ``BUDGET_REFRESH_S`` for every key it served, so a
+        new period or another replica's spending shows without a request here; the gauge is set
+        again every ``BUDGET_RESEND_S`` in between (Ray forgets a gauge that is not). Only where
+        metrics are exported (a Serve replica): in-process it costs nothing."""
+        if not self.metrics.live or key.limits.budget_usd is None:
+            return
+        now = time.monotonic()
+        last = self._budgeted.get(key.id, (key, -math.inf))[1]
+        self._budgeted[key.id] = (key, last)
+        if now - last >= BUDGET_READ_MIN_S:
+            self._budgeted[key.id] = (key, now)
+            task = asyncio.ensure_future(self._publish_budget(key))
+            self._budget_tasks.add(task)
+            task.add_done_callback(self._budget_tasks.discard)
+        if self._budget_loop is None:
+            self._budget_loop = asyncio.ensure_future(self._refresh_budgets())
+
+    async def _publish_budget(self, key: KeyRecord) -> None:
+        budget = key.limits.budget_usd
+        if budget is None:
+            return
+        try:
+            spent = from_micro(await self.store.spent(key.id, window_of(key.limits.period, self.clock())))
+        except Exception:  # the store may be briefly unreachable: the next read will do
+            log.debug("could not read the budget use of key %s", key.name)
+            return
+        ratio = spent / budget if budget > 0 else 1.0
+        self._budget_used[key.id] = (key.name, ratio)
+        self.metrics.budget_used(key.name, ratio)
+
+    async def _refresh_budgets(self) -> None:
+        last_read = time.monotonic()
+        while True:
+            await asyncio.sleep(BUDGET_RESEND_S)
+            if time.monotonic() - last_read >= BUDGET_REFRESH_S:
+                last_read = time.monotonic()
+                for key, _ in list(self._budgeted.values()):
+                    await self._publish_budget(key)
+                continue
+            for name, ratio in list(self._budget_used.values()):
+                self.metrics.budget_used(name, ratio)
 
     def later(self, settlement: Coroutine[Any, Any, None]) -> None:
         """Run a settlement in the background (it waits for receipts), held until it ends.
@@ -253,6 +315,7 @@ class Access:
         got = await self.store.reserve(key.id, window, to_micro(projected), budget, RESERVATION_TTL_S)
         if not isinstance(got, Reservation):
             self.metrics.refused(principal.label)
+            self.watch_budget(key)
             raise InsufficientQuota(
                 f"This API key's budget is spent: ${from_micro(got.remaining_micro):.4f} of "
                 f"${lim.budget_usd:g} ({lim.period}) is left, and this request may cost up to "

@@ -178,8 +178,12 @@ class Admission:
     expiring leases, and a leaked one would block its key until it expired). A key may so hold
     its limit on each replica at once."""
 
-    def __init__(self, limit: int, key_share: float = 1.0) -> None:
+    def __init__(
+        self, limit: int, key_share: float = 1.0, on_shed: Callable[[str], None] | None = None
+    ) -> None:
         self.limit = limit
+        # Told the code of every refusal: a shed request never reaches the request metrics.
+        self._on_shed = on_shed or (lambda _: None)
         self.per_key = max(1, int(limit * key_share))
         self.in_flight = 0
         self.draining = False
@@ -187,6 +191,13 @@ class Admission:
         self._changed: asyncio.Event | None = None  # set when the count drops, while drained
 
     def take(self, principal: Principal | None = None) -> Slot:
+        try:
+            return self._take(principal)
+        except ApiError as err:
+            self._on_shed(err.code or "refused")
+            raise
+
+    def _take(self, principal: Principal | None) -> Slot:
         if self.draining:
             raise _moa_error(ShuttingDown("the service is shutting down; retry shortly"))
         key = principal.key if principal is not None else None
@@ -421,8 +432,10 @@ class Api:
         self.engine = engine
         self.health = health
         self.access = Access(config, store, receipts)
-        self.admission = Admission(config.server.max_concurrent_requests, config.server.key_concurrency_share)
         self.metrics = RequestMetrics()
+        self.admission = Admission(
+            config.server.max_concurrent_requests, config.server.key_concurrency_share, self.metrics.shed
+        )
         # eval.shadow: answered requests sampled for a background comparison with a baseline.
         self.shadow = ShadowEvaluator(config, engine.caller) if config.eval.shadow.enabled else None
         # Streams under way, so that a drain that runs out can end each of them properly.
@@ -661,6 +674,8 @@ class Api:
             seconds,
             result.fallback_reason,
             result.decision.classifier_cached,
+            cost_usd=result.cost_usd,
+            critical_path_s=result.critical_path_s,
         )
 
     def completion_body(self, req: ChatCompletionRequest, result: MoAResult) -> dict[str, Any]:
@@ -714,6 +729,7 @@ class Api:
         yield chunk({"role": "assistant", "content": ""})
         ev: TextDelta | MoAResult | Progress | None = first
         stage = "admitted"
+        first_token = False
         idle_s = self.config.server.sse_keepalive_s
         try:
             while ev is not None:
@@ -724,6 +740,9 @@ class Api:
                     if req.moa.progress:
                         yield progress_chunk(ev)
                 elif isinstance(ev, TextDelta):
+                    if ev.text and not first_token:
+                        first_token = True
+                        self.metrics.first_token(ran or req.model, time.monotonic() - t0)
                     yield chunk({"content": ev.text})
                 else:
                     result = ev
