@@ -33,7 +33,16 @@ from moa.testing import ScriptedCaller
 from moa.types import CallRequest, CallResult, ChatMessage, ErrorKind, GenerationParams, TextDelta
 from tests.conftest import FAST_PROFILE
 from tests.helpers import sim_requests
-from tests.test_fidelity import FixtureServer, Reply, assert_shape, chunk_kind, collapse, raw, sse_events
+from tests.test_fidelity import (
+    FixtureServer,
+    Reply,
+    assert_shape,
+    chunk_kind,
+    collapse,
+    raw,
+    read_body,
+    sse_events,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "providers"
 QUESTION = [ChatMessage(role="user", content="How do vaccines train the immune system?")]
@@ -234,12 +243,7 @@ class RecordedLlamaServer(FixtureServer):
     async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
+        body = await read_body(receive)
         self.requests.append((f"{scope['method']} {scope['path']}", {}, json.loads(body) if body else None))
         reply = {
             "/v1/models": Reply(200, self.listing),

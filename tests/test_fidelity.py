@@ -133,6 +133,16 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+async def read_body(receive: Any) -> bytes:
+    """An ASGI request's whole body."""
+    body = b""
+    while True:
+        msg = await receive()
+        body += msg.get("body", b"")
+        if not msg.get("more_body"):
+            return body
+
+
 class FixtureServer:
     """An ASGI app on uvicorn, in a thread: answers every request with ``reply`` and records it."""
 
@@ -147,12 +157,7 @@ class FixtureServer:
     async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
+        body = await read_body(receive)
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         self.requests.append((scope["path"], headers, json.loads(body) if body else None))
         r = self.reply
