@@ -211,20 +211,22 @@ def build_report(
 # -- rendering -----------------------------------------------------------------------------------
 
 
-def _pct(e: dict[str, Any]) -> str:
+def _estimate(e: dict[str, Any], scale: float, unit: str, places: int) -> str:
+    """An estimate and, where it has one, its interval: ``value`` and ``low``/``high`` scaled."""
     if e.get("value") is None:
         return "n/a"
+    point = f"{scale * e['value']:.{places}f}{unit}"
     if e.get("low") is None:
-        return f"{100 * e['value']:.1f}%"
-    return f"{100 * e['value']:.1f}% [{100 * e['low']:.1f}, {100 * e['high']:.1f}]"
+        return point
+    return f"{point} [{scale * e['low']:.{places}f}, {scale * e['high']:.{places}f}]"
+
+
+def _pct(e: dict[str, Any]) -> str:
+    return _estimate(e, 100, "%", 1)
 
 
 def _num(e: dict[str, Any]) -> str:
-    if e.get("value") is None:
-        return "n/a"
-    if e.get("low") is None:
-        return f"{e['value']:.2f}"
-    return f"{e['value']:.2f} [{e['low']:.2f}, {e['high']:.2f}]"
+    return _estimate(e, 1, "", 2)
 
 
 def _usd(v: float | None) -> str:
