@@ -82,6 +82,68 @@ def test_every_test_the_claim_map_cites_exists() -> None:
     assert summary == counted, (summary, counted)
 
 
+def _headings(path: Path) -> set[str]:
+    """The titles of a markdown file's headings, code blocks left out (a shell comment is none)."""
+    titles, fenced = set(), False
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and (m := re.match(r"#+ (.+)$", line)):
+            titles.add(m.group(1).strip())
+    return titles
+
+
+def test_every_claim_group_names_a_file_and_a_section_it_has() -> None:
+    """A claim follows its sentence: each group of docs/CLAIMS.md is ``## FILE: SECTION``, a file
+    of the repository and a heading of that file, and each weak claim listed in the summary names
+    its group. Mutation caught: a section moved to another page, or renamed, with the map left
+    pointing at the old place."""
+    text = CLAIMS.read_text()
+    groups = re.findall(r"^## ((?:README\.md|docs/[\w.-]+\.md)): (.+)$", text, flags=re.M)
+    headed = re.findall(r"^## (?!Summary$)(.+)$", text, flags=re.M)
+    assert len(groups) == len(headed) > 10, "a group heading does not name a file: " + str(headed)
+    for file, section in groups:
+        path = ROOT / file
+        assert path.exists(), f"docs/CLAIMS.md names {file}, which does not exist"
+        assert section in _headings(path), f"{file} has no section {section!r}"
+    names = [f"{file}: {section}" for file, section in groups]
+    weak = text.split("### Weak", 1)[1].split("\n### ", 1)[0]
+    listed = re.findall(r"^- (.+)$", weak, flags=re.M)
+    assert listed, "the summary lists no weak claim"
+    strays = [w for w in listed if not any(w.startswith(n + ": ") for n in names)]
+    assert not strays, f"weak claims naming no group: {strays}"
+
+
+def test_the_readmes_layout_table_matches_the_tree() -> None:
+    """README "Project layout": every path the table names exists (under the row's folder, or
+    from the repository's root), and the ``moa/`` row names every module and subpackage of
+    ``moa/``. Mutation caught: a module moved or added without the table following it."""
+    section = (ROOT / "README.md").read_text().split("\n## Project layout\n", 1)[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    assert len(rows) >= 8, rows
+    absent, core = [], ""
+    for row in rows:
+        first, what = row.split(" | ", 1)
+        named = re.findall(r"`([^`]+)`", re.sub(r"\(`\w+`\)", "", first))  # not the import names
+        folder = ROOT / named[0]
+        absent += [n for n in named if not (ROOT / n).exists()]
+        if named[0] == "moa/":
+            core = what
+        for token in re.findall(r"`([\w./-]+(?:\.py|\.md|\.json|\.yaml|\.toml|/))`", what):
+            here = folder if folder.is_dir() else ROOT
+            found = (here / token).exists() or (ROOT / token).exists() or any(here.rglob(token.rstrip("/")))
+            if not found:
+                absent.append(f"{named[0]}: {token}")
+    assert not absent, f"the layout table names what the tree does not have: {absent}"
+    modules = [
+        p.name + ("/" if p.is_dir() else "")
+        for p in (ROOT / "moa").iterdir()
+        if p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").exists())
+    ]
+    unnamed = sorted(m for m in modules if f"`{m}`" not in core)
+    assert not unnamed, f"the moa/ row of the layout table does not name {unnamed}"
+
+
 # -- Caps: the defaults, at their boundaries -------------------------------------------------------
 
 
