@@ -24,7 +24,7 @@ from moa.api.schemas import ParamError, RunBody, RunFields, RunSpec
 from moa.api.sse import SseWriter
 from moa.api.streaming import EventPump
 from moa.auth import Principal
-from moa.cache import CacheTicket, set_ticket
+from moa.cache import CacheTicket
 from moa.config import MoAConfig
 from moa.deadline import Deadline
 from moa.engine.context import RunOptions
@@ -61,7 +61,8 @@ class Prepared:
         """What the engine's ``run`` or ``stream`` gets for this request."""
         spec = self.spec
         options: RunOptions = {"preset": spec.preset, "plan": spec.plan, "params": spec.params}
-        options |= {"deadline": self.deadline, "aggregation": spec.options.aggregation, "tenant": self.tenant}
+        options |= {"deadline": self.deadline, "aggregation": spec.options.aggregation}
+        options |= {"tenant": self.tenant, "ticket": self.ticket}
         return options | self.gate.hooks()
 
     async def close(self) -> None:
@@ -120,17 +121,15 @@ class Api:
         return f"shared:{shared}" if shared else f"key:{principal.key.name}"
 
     def cache_ticket(self, principal: Principal, options: RunFields) -> CacheTicket | None:
-        """This request's cache rights, set for the engine and every task it starts. Entries are
-        scoped by the API key (its name), or by the scope the operator shares between keys."""
+        """This request's cache rights, handed to the engine with the run (``Prepared.options``).
+        Entries are scoped by the API key (its name), or by the scope the operator shares between
+        keys."""
         if self.engine.cache is None:
-            set_ticket(None)
             return None
         scope = self.tenant(principal)
         # The request may allow reusing a sample; so may the operator, for the whole key.
         sampled_ok = options.cache_sampled or principal.limits.cache_sampled
-        ticket = CacheTicket.for_request(scope, options.cache, options.cache_semantic, sampled_ok)
-        set_ticket(ticket)
-        return ticket
+        return CacheTicket.for_request(scope, options.cache, options.cache_semantic, sampled_ok)
 
     def deadline(self, requested: float | None) -> Deadline:
         """The request's one deadline, from now: what it asked for (``moa.deadline_s``), at most
