@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from moa.api.access import Access
 from moa.api.admin import Admin, add_admin_routes, admin_key_from_env
 from moa.api.drain import CUT_GRACE_S
 from moa.api.errors import ApiError, add_error_handlers, moa_error
@@ -122,7 +123,7 @@ def create_api(
     ``MOA_ADMIN_KEY`` in the environment too, the admin API manages them (``/admin/keys``).
     ``receipts``: where the transport leaves what the calls a request cut really consumed (on
     Ray, the health board); without one, a cut call is charged its estimate."""
-    api = Api(config, engine, health, store, receipts)
+    api = Api(config, engine, health, Access(config, store, receipts))
     # No /openapi.json, /docs or /redoc: the handlers read their bodies themselves, so the schema
     # would describe no request or response (clients follow OpenAI's API), only list the routes,
     # the admin ones included, to anyone, with or without a key.

@@ -29,11 +29,9 @@ from moa.config import MoAConfig
 from moa.deadline import Deadline
 from moa.engine.context import RunOptions
 from moa.engine.engine import MoAEngine
-from moa.engine.receipts import ReceiptSource
 from moa.errors import DeadlineExceeded, InvalidPlan
 from moa.eval.shadow import ShadowEvaluator
 from moa.result import MoAResult, Progress
-from moa.state import StateStore
 from moa.types import ChatMessage, TextDelta
 from moa_observability.asgi import END_USER_STATE
 from moa_observability.metrics import RequestMetrics
@@ -71,20 +69,11 @@ class Prepared:
 
 
 class Api:
-    """Request handling, kept apart from FastAPI wiring so each piece stays small."""
+    """Request handling, kept apart from FastAPI wiring so each piece stays small. ``access``:
+    who may call and what a call may spend (keys and budgets, with a state store)."""
 
-    def __init__(
-        self,
-        config: MoAConfig,
-        engine: MoAEngine,
-        health: HealthFn,
-        store: StateStore | None = None,
-        receipts: ReceiptSource | None = None,
-    ) -> None:
-        self.config = config
-        self.engine = engine
-        self.health = health
-        self.access = Access(config, store, receipts)
+    def __init__(self, config: MoAConfig, engine: MoAEngine, health: HealthFn, access: Access) -> None:
+        self.config, self.engine, self.health, self.access = config, engine, health, access
         self.metrics = RequestMetrics()
         self.admission = Admission(
             config.server.max_concurrent_requests, config.server.key_concurrency_share, self.metrics.shed
