@@ -166,6 +166,11 @@ class HealthBoardDeployment:
         where ``receipts`` waits for it)."""
         self.receipts.put(call_id, used)
 
+    async def finished_receipts(self, receipts: Mapping[str, Usage]) -> None:
+        """A provider replica's receipts of streamed calls that ended with their result, a few at
+        a time: the ones whose caller had cut them as the result crossed are asked for."""
+        self.receipts.put_finished(receipts)
+
     async def take_receipts(self, call_ids: Sequence[str], within_s: float) -> dict[str, Usage]:
         """An ingress replica's settlement asks for the receipts of the calls it cut; they are
         handed over (and forgotten here) as they arrive, for at most ``within_s`` seconds."""

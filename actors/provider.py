@@ -33,6 +33,10 @@ log = logging.getLogger("moa.actors.provider")
 
 # How often a replica tells the health board its circuit state and latencies, besides on every change.
 REPORT_INTERVAL_S = 2.0
+# How long a replica gathers the receipts of the streamed calls that ended with their result
+# before it sends them to the health board in one message: one message per call would make the
+# board's one replica a bottleneck; a settlement waits for them far longer (``RECEIPT_WAIT_S``).
+FINISHED_BATCH_S = 0.05
 
 
 # The config sections a provider replica is bound with. Every provider's entry, not only its own:
@@ -95,6 +99,7 @@ class ProviderDeployment:
         self.app_name = self.identity["ray.serve.app"] or "default"
         self._board: Any = None
         self._receipts: set[asyncio.Task[None]] = set()  # on their way to the health board
+        self._finished: dict[str, Usage] = {}  # results' receipts, gathered for the next message
         self._latency: dict[str, float] = {}
         self._last_state: str | None = None
         self.answered = 0  # calls this replica answered (for operators and the cluster tests)
@@ -118,7 +123,9 @@ class ProviderDeployment:
 
         If the caller cuts the stream, this replica has seen text the caller had not (a batch held
         here, what the provider wrote while the cancellation crossed): it leaves a receipt of what
-        the call consumed on the health board, for the caller's ledger (``moa.engine.receipts``)."""
+        the call consumed on the health board, for the caller's ledger (``moa.engine.receipts``).
+        A call that ends with its result leaves one too, its provider's usage: the caller may have
+        cut it as the result crossed, and then only this receipt says what the call cost."""
         source = self.client.stream(req, on_cut=lambda used: self._receipt(req.call_id, used))
         traced = iterate_in(extract(trace), source)
         events: AsyncIterator[StreamEvent] = traced
@@ -128,6 +135,7 @@ class ProviderDeployment:
             async for ev in events:
                 if isinstance(ev, CallResult):
                     self._observe(ev)
+                    self._finished_receipt(req.call_id, ev.usage)
                 yield ev
         finally:
             # Cancelled while its text waited to be taken, the call is closed now, not when it is
@@ -183,6 +191,25 @@ class ProviderDeployment:
             await self._health_board().receipt.remote(call_id, used)
         except Exception as exc:  # lost: the ledger keeps the caller's estimate for that call
             log.debug("receipt not sent: %s", type(exc).__name__)
+
+    def _finished_receipt(self, call_id: str, used: Usage) -> None:
+        """Gather a streamed call's result's receipt for the health board: sent with the others
+        that end within ``FINISHED_BATCH_S``, in a context of its own (as ``_receipt``)."""
+        self._finished[call_id] = used
+        if len(self._finished) == 1:
+            task = asyncio.get_running_loop().create_task(
+                self._send_finished(), context=contextvars.Context()
+            )
+            self._receipts.add(task)
+            task.add_done_callback(self._receipts.discard)
+
+    async def _send_finished(self) -> None:
+        await asyncio.sleep(FINISHED_BATCH_S)
+        batch, self._finished = self._finished, {}
+        try:
+            await self._health_board().finished_receipts.remote(batch)
+        except Exception as exc:  # lost: a call cut as its result crossed keeps its estimate
+            log.debug("receipts not sent: %s", type(exc).__name__)
 
     async def _report_loop(self) -> None:
         while True:

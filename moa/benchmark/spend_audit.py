@@ -8,8 +8,9 @@ Four scenarios, each with an API key of its own, against one simulator (its own 
 - ``ledger``: mixed traffic on a key with room to spare (plain answers, streams the client hangs
   up on after a few chunks, plain requests the client abandons mid-way, streamed staircase
   overrides), a few at a time. The key's ledger against the simulator's invoice, priced alike:
-  the goal is within the stated estimate error (the tokens in flight when a stream was closed,
-  below) and never above by more than rounding.
+  the goal is never below it, and above it by at most the stated error of the estimate (each cut
+  call's ``cut_margin_tokens``, which stand for the tokens in flight when a stream was closed)
+  and rounding.
 - ``budget``: a burst of concurrent requests (half of them staircase streams) on a small budget.
   Goal: the ledger ends at most one request's projection over the budget.
 - ``tpm``: a burst of concurrent requests on a key with a tokens-per-minute limit, inside one
@@ -47,9 +48,6 @@ from moa.types import ChatMessage, GenerationParams
 
 QUESTION = "How do vaccines train the immune system to recognise a pathogen?"
 MAX_TOKENS = 200
-# What a cut stream's estimate may miss, in output tokens per cut call: text the provider had
-# sent that the service had not read when it closed the stream (the README's stated error).
-IN_FLIGHT_TOKENS = 24
 # The replica's admission slots in the audit (the bench's own config allows 1024).
 SLOTS = 16
 # How long the ledger must not move before the audit reads it: a request that cut calls settles
@@ -201,10 +199,13 @@ class Audit:
         spent = await self.settled(key_id)
         bill = invoice(self.sim_url, self.cfg)
         ledger_usd = from_micro(spent)
-        # The stated error: per call the service cut, the output tokens in flight, at the dearest
-        # output price of the models that ran.
-        dearest = max(self.cfg.price(p, m).output_per_mtok for p, m in self.cfg.all_models()) / 1e6
-        allowed_below = bill["cancelled_calls"] * IN_FLIGHT_TOKENS * dearest
+        # The stated error: per call the service cut, its provider's margin for the output tokens in
+        # flight (``cut_margin_tokens``), at the dearest output price of the models that ran.
+        margin = max(
+            self.cfg.providers[p].cut_margin_tokens * self.cfg.price(p, m).output_per_mtok / 1e6
+            for p, m in self.cfg.all_models()
+        )
+        allowed_above = bill["cancelled_calls"] * margin + 1e-6 * len(work)
         return {
             "requests": len(work),
             "statuses": _count(statuses),
@@ -213,8 +214,8 @@ class Audit:
             "invoice_tokens": bill["tokens"],
             "calls_cut": bill["cancelled_calls"],
             "difference_usd": ledger_usd - bill["cost_usd"],
-            "allowed_below_usd": allowed_below,
-            "met": -allowed_below <= ledger_usd - bill["cost_usd"] <= 1e-6 * len(work),
+            "allowed_above_usd": allowed_above,
+            "met": 0 <= ledger_usd - bill["cost_usd"] <= allowed_above,
         }
 
     async def budget(self, burst: int) -> dict[str, Any]:
@@ -350,7 +351,7 @@ def audit_markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|",
         f"| ledger vs invoice ({led['requests']} requests, {led['calls_cut']} calls cut) | "
         f"${led['ledger_usd']:.6f} vs ${led['invoice_usd']:.6f} ({led['difference_usd']:+.6f}) | "
-        f"at most ${led['allowed_below_usd']:.6f} below, never above | {ok(led)} |",
+        f"never below, at most ${led['allowed_above_usd']:.6f} above | {ok(led)} |",
         f"| budget ${bud['budget_usd']:g}, burst of {bud['requests']} | spent ${bud['spent_usd']:.4f}, "
         f"over by ${bud['overspend_usd']:.4f} | at most one projection (${bud['one_projection_usd']:.4f}) "
         f"| {ok(bud)} |",

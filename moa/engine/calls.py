@@ -203,8 +203,9 @@ def cut_result(
     ``req`` is the request, or (provider, model, prompt tokens) where only those are known, with
     the request's ``call_id`` when it is known.
 
-    The estimate can err low by the tokens still in flight when the stream was closed (sent by
-    the provider, never read here); it never counts a token twice. The provider's own count is
+    The text received misses the tokens still in flight when the stream was closed (sent by the
+    provider, never read here): the provider's ``cut_margin_tokens`` are added for them, so the
+    estimate errs high, by at most that margin, rather than low. The provider's own count is
     used wherever it arrives (a finished call's result), so only calls cut short are estimated;
     and the result names the call (``cut_id``), so that a transport which saw more of its text (a
     provider replica on Ray) can have the ledger charge that instead (``moa.engine.receipts``)."""
@@ -213,9 +214,10 @@ def cut_result(
         call_id = req.call_id
     else:
         provider, model, prompt = req
-    usage = Usage(input_tokens=prompt, output_tokens=approx_tokens(received))
-    known = provider in config.providers
-    cost = config.price(provider, model).cost(usage.input_tokens, usage.output_tokens) if known else 0.0
+    pcfg = config.providers.get(provider)
+    margin = pcfg.cut_margin_tokens if pcfg is not None else 0
+    usage = Usage(input_tokens=prompt, output_tokens=approx_tokens(received) + margin)
+    cost = config.price(provider, model).cost(usage.input_tokens, usage.output_tokens) if pcfg else 0.0
     return CallResult(
         provider=provider,
         provider_kind=provider_kind(config, provider),
