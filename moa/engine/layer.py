@@ -97,19 +97,19 @@ async def _run(ctx: RunContext, job: LayerJob, proposers: Proposers) -> LayerOut
     ctx.deadline.check()
     started_s = ctx.offset()
     clock = _Clock(ctx)
-    waiting = _Waiting(ctx, job, await proposers.start(ctx, job, clock.start))
+    tasks = await proposers.start(ctx, job, clock.start)
+    waiting = _Waiting(ctx, job, proposers, tasks, started_s)
     try:
         await waiting.run(clock.stage)
     except BaseException:
         # The layer itself was cancelled (the client left, a staircase run turned to its fallback)
         # or failed: its calls still reached their providers, and each is billed before it goes.
         await _cancel(waiting.tasks)
-        if not proposers.recorded:
-            _record_cancelled(ctx, job, proposers, waiting, started_s, time.monotonic() - clock.at)
+        waiting.cancelled(time.monotonic() - clock.at)
         raise
     finally:
         await _cancel(waiting.pending)
-    return _outcome(ctx, job, proposers, waiting, started_s, time.monotonic() - clock.at)
+    return waiting.outcome(time.monotonic() - clock.at)
 
 
 async def _cancel(tasks: Collection[asyncio.Task[CallResult]]) -> None:
@@ -139,8 +139,11 @@ class _Waiting:
     """Waiting on a layer's calls: until its quorum is met and its grace is over, its quorum is out
     of reach, or its deadline; the results so far, the calls still running, and why it stopped."""
 
-    def __init__(self, ctx: RunContext, job: LayerJob, tasks: Tasks) -> None:
-        self.ctx, self.job, self.tasks = ctx, job, tasks
+    def __init__(
+        self, ctx: RunContext, job: LayerJob, proposers: Proposers, tasks: Tasks, started_s: float
+    ) -> None:
+        self.ctx, self.job, self.proposers, self.tasks = ctx, job, proposers, tasks
+        self.started_s = started_s  # when the layer started (a stepped one, before its clock)
         self.results: dict[int, CallResult] = {}
         self.pending: set[asyncio.Task[CallResult]] = set(tasks)
         # Why waiting stopped with calls still running; they are cancelled as stragglers.
@@ -186,6 +189,45 @@ class _Waiting:
                 self.stop = "the quorum can no longer be reached"
                 return  # do not wait for the rest
 
+    def outcome(self, latency_s: float) -> LayerOutcome:
+        """Cut the stragglers, record the layer's calls, and say whether it met its quorum."""
+        ctx, job, proposers, results = self.ctx, self.job, self.proposers, self.results
+        stragglers = {self.tasks[t] for t in self.pending}
+        kind = ErrorKind.TIMEOUT if self.stop == _DEADLINE else ErrorKind.CANCELLED
+        for i in stragglers:
+            results[i] = proposers.cut(i, kind, f"cancelled as a straggler: {self.stop}", latency_s)
+        answered: list[CallResult] = []
+        reported: list[float] = []  # the providers' own service times, where they gave one
+        for i in range(len(job.spec.proposers)):
+            res, straggler = results[i], i in stragglers
+            if straggler or not proposers.recorded:
+                rec = _proposer_record(job, i, res, self.started_s, straggler)
+                ctx.record(res, rec, built=bool(job.references))
+            if not straggler and res.provider_service_s is not None:
+                reported.append(res.provider_service_s)
+            if res.ok:
+                answered.append(res)
+        ctx.add_provider_service(max(reported) if reported else None)
+        met = len(answered) >= job.spec.needed
+        if not met:
+            ctx.deadline.check(f"the request deadline passed in layer {job.index}")
+        return LayerOutcome(answered=answered, met=met, stragglers=len(stragglers))
+
+    def cancelled(self, latency_s: float) -> None:
+        """Record every call of a layer cancelled mid-way: those that answered, at their cost; the
+        rest as cut. A stepped proposer's calls were recorded by its chain."""
+        if self.proposers.recorded:
+            return
+        for task, i in self.tasks.items():
+            res = self.results.get(i)
+            if res is None and task.done() and not task.cancelled() and task.exception() is None:
+                res = task.result()
+            cut = res is None
+            if res is None:
+                why = "cancelled: the request ended first"
+                res = self.proposers.cut(i, ErrorKind.CANCELLED, why, latency_s)
+            self.ctx.record(res, _proposer_record(self.job, i, res, self.started_s, cut))
+
 
 def _proposer_record(job: LayerJob, i: int, res: CallResult, started_s: float, cut: bool) -> CallRecord:
     rec = CallRecord.from_result(
@@ -198,57 +240,6 @@ def _proposer_record(job: LayerJob, i: int, res: CallResult, started_s: float, c
     )
     rec.cancelled_straggler = cut
     return rec
-
-
-def _outcome(  # six: the layer's parts, as _run holds them
-    ctx: RunContext,
-    job: LayerJob,
-    proposers: Proposers,
-    waiting: _Waiting,
-    started_s: float,
-    latency_s: float,
-) -> LayerOutcome:
-    """Cut the stragglers, record the layer's calls, and say whether it met its quorum."""
-    results = waiting.results
-    stragglers = {waiting.tasks[t] for t in waiting.pending}
-    kind = ErrorKind.TIMEOUT if waiting.stop == _DEADLINE else ErrorKind.CANCELLED
-    for i in stragglers:
-        results[i] = proposers.cut(i, kind, f"cancelled as a straggler: {waiting.stop}", latency_s)
-    answered: list[CallResult] = []
-    reported: list[float] = []  # the providers' own service times, where they gave one
-    for i in range(len(job.spec.proposers)):
-        res, straggler = results[i], i in stragglers
-        if straggler or not proposers.recorded:
-            ctx.record(res, _proposer_record(job, i, res, started_s, straggler), built=bool(job.references))
-        if not straggler and res.provider_service_s is not None:
-            reported.append(res.provider_service_s)
-        if res.ok:
-            answered.append(res)
-    ctx.add_provider_service(max(reported) if reported else None)
-    met = len(answered) >= job.spec.needed
-    if not met:
-        ctx.deadline.check(f"the request deadline passed in layer {job.index}")
-    return LayerOutcome(answered=answered, met=met, stragglers=len(stragglers))
-
-
-def _record_cancelled(  # six: the layer's parts, as _run holds them
-    ctx: RunContext,
-    job: LayerJob,
-    proposers: Proposers,
-    waiting: _Waiting,
-    started_s: float,
-    latency_s: float,
-) -> None:
-    """Record every call of a layer cancelled mid-way: those that answered, at their cost; the rest
-    as cut."""
-    for task, i in waiting.tasks.items():
-        res = waiting.results.get(i)
-        if res is None and task.done() and not task.cancelled() and task.exception() is None:
-            res = task.result()
-        cut = res is None
-        if res is None:
-            res = proposers.cut(i, ErrorKind.CANCELLED, "cancelled: the request ended first", latency_s)
-        ctx.record(res, _proposer_record(job, i, res, started_s, cut))
 
 
 def uncalled(

@@ -58,14 +58,13 @@ async def _aggregator_steps(ctx: RunContext, feed: StaircaseFeed, emit: Emit) ->
     """The final aggregator's intermediate steps over the last layer's ``feed``; their text goes to
     the client. Returns the answer they wrote."""
     writer = Writer(chain=ctx.plan.aggregators, stage=Stage.AGGREGATOR)
-    answer = ""
-    steps = climb(ctx, writer, feed)
-    async with aclosing(steps):
+    written: list[str] = []
+    async with aclosing(climb(ctx, writer, feed)) as steps:
         async for ev in steps:
             if isinstance(ev, TextDelta):
-                answer += ev.text
+                written.append(ev.text)
                 emit(ev)
-    return answer
+    return "".join(written)
 
 
 async def _layers(
