@@ -16,9 +16,7 @@ from ray import serve
 
 from moa.api.app import Api, create_api
 from moa.config import MoAConfig, parse_config
-from moa.engine.engine import MoAEngine
-from moa.engine.fusion import Fuser, LocalFuser
-from moa.engine.router import RouterPolicy
+from moa.engine.assembly import assemble
 from moa.state import open_store
 from moa.types import HealthView
 from moa_actors.handles import BoardReceipts, HandleCaller, RemoteFuser
@@ -58,14 +56,8 @@ class IngressDeployment:
         self.board = board
         self._view = HealthView()
         caller = HandleCaller(providers)
-        fuser: Fuser = RemoteFuser(aggregator) if aggregator is not None else LocalFuser(caller, self.config)
-        engine = MoAEngine(
-            self.config,
-            caller,
-            router=RouterPolicy(self.config, caller),
-            health=lambda: self._view,
-            fuser=fuser,
-        )
+        fuser = RemoteFuser(aggregator) if aggregator is not None else None
+        engine = assemble(self.config, caller, health=lambda: self._view, fuser=fuser)
         # Keys and the spend ledger: shared by every replica (state.redis_url on a cluster). A
         # cut call is charged what its provider replica saw, from its receipt on the board.
         store = open_store(self.config.state)

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moa.config import load_config
-from moa.engine.engine import MoAEngine
+from moa.engine.assembly import assemble
 from moa.result import MoAResult
 from moa.types import ChatMessage, GenerationParams, TextDelta
 
@@ -55,7 +55,7 @@ async def ask(args: argparse.Namespace, question: str) -> int:
         console = Console(stderr=True, width=160)  # redirected output: do not cut model names
     with local_simulator(cfg) as cfg:
         async with ProviderPool.from_config(cfg, sim_url=cfg.simulator.url) as pool:
-            engine = MoAEngine(cfg, pool, health=pool.health_view)
+            engine = assemble(cfg, pool)
             result: MoAResult | None = None
             if args.no_stream or args.json:
                 result = await engine.run(messages, preset=args.preset, params=params)

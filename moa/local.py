@@ -21,7 +21,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from moa.api.app import CUT_GRACE_S, Api, create_api
 from moa.config import MoAConfig
-from moa.engine.engine import MoAEngine
+from moa.engine.assembly import assemble
 from moa.providers.registry import ProviderPool
 from moa.service import StopSignals, banner, claim_port, draining_message
 from moa.state import StateStore, open_store
@@ -32,7 +32,7 @@ async def local_app(cfg: MoAConfig, store: Callable[[], StateStore] | None = Non
     """The API app over the in-process provider pool; the pool's clients close on exit. With a
     ``store`` (built here, on the server's own loop), API keys and budgets apply."""
     async with ProviderPool.from_config(cfg, sim_url=cfg.simulator.url) as pool:
-        engine = MoAEngine(cfg, pool, health=pool.health_view)
+        engine = assemble(cfg, pool)
 
         async def health() -> dict[str, Any]:
             return pool.health()

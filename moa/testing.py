@@ -16,7 +16,7 @@ Example::
     caller.script("openai/gpt-4.1", Reply(text="the synthesis"))
     caller.script("anthropic/claude-haiku-4-5", Reply(error=ErrorKind.SERVER_ERROR))
     gate = caller.hold("gemini/gemini-2.5-flash")  # answers only once gate.set()
-    engine = MoAEngine(config, caller)
+    engine = assemble(config, caller)  # moa.engine.assembly
 """
 
 from __future__ import annotations

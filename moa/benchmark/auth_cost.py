@@ -31,7 +31,7 @@ from moa.api.app import create_api
 from moa.auth import new_key, new_record
 from moa.benchmark.runner import HttpTarget, Simulator, _free_port, bench_config, load_prompts
 from moa.benchmark.stats import Sample, percentile, summarize
-from moa.engine.engine import MoAEngine
+from moa.engine.assembly import assemble
 from moa.providers.registry import ProviderPool
 from moa.state import KeyLimits, StateStore
 from moa.types import HealthView
@@ -75,7 +75,7 @@ async def time_checks(cfg: Any, store: StateStore | None, key: str | None, n: in
 async def _served(cfg: Any, store: StateStore | None) -> AsyncIterator[str]:
     port = _free_port()
     async with ProviderPool.from_config(cfg, sim_url=cfg.simulator.url) as pool:
-        engine = MoAEngine(cfg, pool, health=pool.health_view)
+        engine = assemble(cfg, pool)
 
         async def health() -> dict[str, Any]:
             return pool.health()

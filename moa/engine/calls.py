@@ -188,7 +188,7 @@ def prompt_tokens(messages: Sequence[ChatMessage]) -> int:
     return approx_message_tokens(m.content for m in messages)
 
 
-def cut_result(
+def cut_result(  # seven: the call as known (request or its parts), and how and when it was cut
     config: MoAConfig,
     req: CallRequest | tuple[str, str, int],
     received: str,

@@ -1,8 +1,9 @@
 """One run's request and context: what the private stages of a run share.
 
-``RunRequest`` is what ``MoAEngine.run`` and ``MoAEngine.stream`` both build from their keyword
-arguments; the only difference between the two is ``stream`` (whether the final answer is streamed),
-so the one pipeline reads it from the request rather than from a private flag.
+``RunOptions`` declares the keyword arguments ``MoAEngine.run`` and ``MoAEngine.stream`` take;
+``RunRequest`` is what both build of them, the options as given. The only difference between the
+two is ``stream`` (whether the final answer is streamed), so the one pipeline reads it from the
+request rather than from a private flag.
 
 ``RunContext`` is what a run knows once its plan is fixed: the transport and config it calls with,
 the messages, plan, parameters and deadline, and the state it accumulates (calls, failures, notes,
@@ -15,12 +16,12 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypedDict, Unpack
+from typing import TypedDict
 
 from moa.cache import CacheTicket, ProposalCache, ResponseCache
 from moa.caller import ModelCaller
 from moa.config import MoAConfig
-from moa.deadline import NO_DEADLINE, Deadline
+from moa.deadline import Deadline
 from moa.engine.calls import WINDOWS
 from moa.engine.fusion import Fuser
 from moa.errors import AllProvidersFailed, Failure, FallbackReason
@@ -36,70 +37,62 @@ Admit = Callable[[Routed, PlanShape], Awaitable[Routed]]
 
 
 class RunOptions(TypedDict, total=False):
-    """The keyword arguments ``MoAEngine.run`` and ``MoAEngine.stream`` take (see ``stream``)."""
+    """The keyword arguments ``MoAEngine.run`` and ``MoAEngine.stream`` take: declared here once,
+    carried as they are in ``RunRequest.options``."""
 
+    # A preset by name (``auto`` routes), or an explicit plan.
     preset: str | None
     plan: Plan | None
     params: GenerationParams | None
+    # The run ends at ``deadline`` (or ``deadline_s`` from now) with ``DeadlineExceeded``.
     deadline_s: float | None
     deadline: Deadline | None
+    # A decision already taken by ``MoAEngine.route``.
     routed: Routed | None
+    # Told of every call recorded. The router's calls reach it before ``admit`` sees the plan, so
+    # they count even when admission refuses.
     on_call: Callable[[CallRecord], None] | None
+    # Sees the routed plan as it will run (every override applied) before any model is called, and
+    # may refuse it (raise) or replace it with another plan put through the shape it is given (a
+    # key's access rules and cost cap do both).
     admit: Admit | None
+    # Overrides the plan's aggregation mode (staircase applies to streamed layered plans; others
+    # run final).
     aggregation: AggregationMode | None
+    # Awaited once models will be called (the cache had no answer), before any call; may refuse
+    # (raise): a key's budget reservation, a state-store write a cached answer does not need.
     reserve: Callable[[], Awaitable[None]] | None
+    # Scopes the router's memory of the request (its LLM classifier's cache; by default the cache
+    # ticket's scope).
     tenant: str | None
+    # Awaited before the router's LLM classifier calls its model; may refuse (raise): a key that
+    # cannot pay for the call.
     before_classifier: Callable[[CallRequest], Awaitable[None]] | None
+    # What the response cache may do for this request (the API's, per key); None: the local scope.
     ticket: CacheTicket | None
 
 
 @dataclass(frozen=True)
 class RunRequest:
-    """One request to the engine, streamed or not (see ``MoAEngine.stream`` for the fields)."""
+    """One request to the engine, streamed or not: its messages and its options as given."""
 
     messages: Sequence[ChatMessage]
-    preset: str | None = None
-    plan: Plan | None = None
-    params: GenerationParams | None = None
-    deadline: Deadline = NO_DEADLINE
-    routed: Routed | None = None
-    on_call: Callable[[CallRecord], None] | None = None
-    admit: Admit | None = None
-    aggregation: AggregationMode | None = None
-    reserve: Callable[[], Awaitable[None]] | None = None
-    tenant: str | None = None
-    before_classifier: Callable[[CallRequest], Awaitable[None]] | None = None
-    # What the response cache may do for this request (the API's, per key); None: the local scope.
-    ticket: CacheTicket | None = None
+    options: RunOptions = field(default_factory=lambda: RunOptions())
     # Whether the final answer is streamed as TextDeltas (``stream``) or only returned (``run``).
     stream: bool = True
+    # When the run must end: the options' ``deadline``, or else ``deadline_s`` from when the
+    # request was made (taken once, here).
+    deadline: Deadline = field(init=False)
 
-    @classmethod
-    def of(cls, messages: Sequence[ChatMessage], stream: bool, **options: Unpack[RunOptions]) -> RunRequest:
-        """The request ``run`` (``stream=False``) or ``stream`` makes of its arguments: ``deadline``,
-        or else ``deadline_s`` from now."""
-        deadline = options.get("deadline")
-        return cls(
-            messages=messages,
-            preset=options.get("preset"),
-            plan=options.get("plan"),
-            params=options.get("params"),
-            deadline=deadline if deadline is not None else Deadline.after(options.get("deadline_s")),
-            routed=options.get("routed"),
-            on_call=options.get("on_call"),
-            admit=options.get("admit"),
-            aggregation=options.get("aggregation"),
-            reserve=options.get("reserve"),
-            tenant=options.get("tenant"),
-            before_classifier=options.get("before_classifier"),
-            ticket=options.get("ticket"),
-            stream=stream,
-        )
+    def __post_init__(self) -> None:
+        given = self.options.get("deadline")
+        deadline = given if given is not None else Deadline.after(self.options.get("deadline_s"))
+        object.__setattr__(self, "deadline", deadline)
 
     def shape(self, plan: Plan) -> Plan:
         """``plan`` as this request would run it (its aggregation override; staircase only when
         streamed): what ``admit`` projects and caps, and what the run then runs."""
-        return plan.as_run(self.aggregation, self.stream)
+        return plan.as_run(self.options.get("aggregation"), self.stream)
 
 
 @dataclass

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Protocol
 
 from pydantic import BaseModel, Field
@@ -105,36 +106,10 @@ async def fuse(job: FuseJob, caller: ModelCaller, config: MoAConfig) -> AsyncIte
     while attempts:
         index, spec = attempts.pop(0)
         elapsed = time.monotonic() - t0
-        timeout = job.call_timeout_s
-        share: float | None = None
         if deadline.expired:
             return
-        if deadline.at is not None:
-            left = deadline.remaining()
-            still = len(job.chain) - index + job.later
-            share = left / still if still > 1 else None
-            timeout = min(timeout, left if job.stream or share is None else share)
-        refs, notes, cap = fit_call(
-            config, job.references, spec, job.messages, job.params, job.reference_budget_tokens
-        )
-        params = merge_params(job.params, spec)
-        if cap is not None and params.max_tokens is None:
-            params = params.model_copy(update={"max_tokens": cap})
-        messages = with_references(job.messages, refs, config.templates, role=job.role)
-        trim = LeadingTrim(False)
-        if sent:
-            cont = continuation(messages, sent, provider_kind(config, spec.provider), config.templates)
-            messages, trim = cont.messages, LeadingTrim(cont.trim_leading)
-        req = CallRequest(
-            provider=spec.provider,
-            model=spec.model,
-            messages=tuple(messages),
-            params=params,
-            timeout_s=timeout,
-            batch_s=None if job.stream else UNSEEN_BATCH_S,
-        )
-        res: CallResult | None = None
-        prefix, here = sent, ""
+        timeout, share = _timeout(job, deadline, index)
+        req, trim, refs, notes = _request(job, config, spec, sent, timeout)
         yield FuseStart(
             provider=spec.provider,
             model=spec.model,
@@ -144,24 +119,16 @@ async def fuse(job: FuseJob, caller: ModelCaller, config: MoAConfig) -> AsyncIte
         # Every attempt streams, seen by the client or not: a cut stream stops its provider and
         # leaves the text it wrote to bill (``FuseStart``); only a visible one (``job.stream``) is
         # continued by the next model when it breaks, and waits only a share for its first token.
-        events = aiter(safe_stream(caller, config, req))
-        try:
-            first_wait = None if share is None or not job.stream else min(share, timeout)
-            ev: StreamEvent | None = await _first(events, first_wait)
-            while ev is not None:
+        first_wait = None if share is None or not job.stream else min(share, timeout)
+        res: CallResult | None = None
+        prefix, here = sent, ""
+        async with aclosing(_attempt(caller, config, req, trim, first_wait, t0 + elapsed)) as events:
+            async for ev in events:
                 if isinstance(ev, TextDelta):
-                    text = trim(ev.text)
-                    if text:
-                        here += text
-                        yield TextDelta(text=text)
+                    here += ev.text
+                    yield ev
                 else:
                     res = ev
-                ev = await anext(events, None)
-        except TimeoutError:
-            why = f"no first token within its {first_wait:.1f}s share of the deadline; trying the next"
-            res = timeout_result(config, req, why, time.monotonic() - t0 - elapsed, here)
-        finally:
-            await events.aclose()  # type: ignore[attr-defined]
         assert res is not None
         if res.ok and prefix:
             res = res.model_copy(update={"text": prefix + here})
@@ -173,12 +140,85 @@ async def fuse(job: FuseJob, caller: ModelCaller, config: MoAConfig) -> AsyncIte
             refitted.add(index)
             attempts.insert(0, (index, spec))
             notes.append(f"{spec}: refused the prompt for its {window}-token window; references fitted to it")
-        step = FuseStep(result=res, started_s=elapsed, notes=notes, continued_chars=len(prefix) or None)
-        yield step
+        yield FuseStep(result=res, started_s=elapsed, notes=notes, continued_chars=len(prefix) or None)
         if res.ok:
             return
         if job.stream:
             sent = prefix + here
+
+
+def _timeout(job: FuseJob, deadline: Deadline, index: int) -> tuple[float, float | None]:
+    """The timeout of the chain's ``index``-th model, and its share of the deadline (None: no
+    deadline, or no model after it to share with)."""
+    timeout = job.call_timeout_s
+    if deadline.at is None:
+        return timeout, None
+    left = deadline.remaining()
+    still = len(job.chain) - index + job.later
+    share = left / still if still > 1 else None
+    return min(timeout, left if job.stream or share is None else share), share
+
+
+def _request(
+    job: FuseJob, config: MoAConfig, spec: AggregatorSpec | ProposerSpec, sent: str, timeout: float
+) -> tuple[CallRequest, LeadingTrim, list[str], list[str]]:
+    """One attempt's request: the references fitted to its model's window, continuing ``sent`` (the
+    answer's text already out) when there is any; with how to trim its answer's start, the
+    references it reads and a note per change made to fit them."""
+    refs, notes, cap = fit_call(
+        config, job.references, spec, job.messages, job.params, job.reference_budget_tokens
+    )
+    params = merge_params(job.params, spec)
+    if cap is not None and params.max_tokens is None:
+        params = params.model_copy(update={"max_tokens": cap})
+    messages = with_references(job.messages, refs, config.templates, role=job.role)
+    trim = LeadingTrim(False)
+    if sent:
+        cont = continuation(messages, sent, provider_kind(config, spec.provider), config.templates)
+        messages, trim = cont.messages, LeadingTrim(cont.trim_leading)
+    req = CallRequest(
+        provider=spec.provider,
+        model=spec.model,
+        messages=tuple(messages),
+        params=params,
+        timeout_s=timeout,
+        batch_s=None if job.stream else UNSEEN_BATCH_S,
+    )
+    return req, trim, refs, notes
+
+
+async def _attempt(  # six: the attempt's request and how to read its stream
+    caller: ModelCaller,
+    config: MoAConfig,
+    req: CallRequest,
+    trim: LeadingTrim,
+    first_wait: float | None,
+    since: float,
+) -> AsyncGenerator[TextDelta | CallResult, None]:
+    """One model's attempt, streamed: its deltas (their leading whitespace ``trim``med), then its
+    result. A first token that does not come within ``first_wait`` seconds ends it as a timeout,
+    billed for its prompt and whatever it sent (``since``: when the attempt started)."""
+    events = aiter(safe_stream(caller, config, req))
+    res: CallResult | None = None
+    here = ""
+    try:
+        ev: StreamEvent | None = await _first(events, first_wait)
+        while ev is not None:
+            if isinstance(ev, TextDelta):
+                text = trim(ev.text)
+                if text:
+                    here += text
+                    yield TextDelta(text=text)
+            else:
+                res = ev
+            ev = await anext(events, None)
+    except TimeoutError:
+        why = f"no first token within its {first_wait:.1f}s share of the deadline; trying the next"
+        res = timeout_result(config, req, why, time.monotonic() - since, here)
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+    assert res is not None
+    yield res
 
 
 async def _first(events: AsyncIterator[StreamEvent], within: float | None) -> StreamEvent | None:

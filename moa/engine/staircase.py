@@ -26,17 +26,13 @@ import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from moa.engine.calls import provider_kind
-from moa.engine.chain import Writer, answer_chain, staircase_step
+from moa.engine.chain import Part, Writer, answer_chain, staircase_step
 from moa.engine.context import RunContext
+from moa.engine.layer import LayerOutcome, uncalled
 from moa.plan import ProposerSpec
 from moa.result import Stage
-from moa.types import CallError, CallResult, ErrorKind, StreamEvent, TextDelta
-
-if TYPE_CHECKING:
-    from moa.engine.layer import LayerOutcome
+from moa.types import CallResult, ErrorKind, StreamEvent, TextDelta
 
 
 @dataclass(frozen=True)
@@ -187,19 +183,10 @@ async def stepped_proposer(
     await asyncio.wait({upstream})
     outcome = upstream.result()
     if not outcome.met:  # the run falls back; this layer is about to be cancelled
-        yield cancelled_result(ctx, spec, f"layer {layer - 1} missed its quorum")
+        yield uncalled(ctx, spec, ErrorKind.CANCELLED, f"layer {layer - 1} missed its quorum")
         return
     final: CallResult | None = None
-    last = answer_chain(
-        ctx,
-        writer.chain,
-        writer.stage,
-        outcome.answers,
-        stream=True,
-        prefix=answer,
-        layer=layer,
-        role=spec.role,
-    )
+    last = answer_chain(ctx, writer, outcome.answers, stream=True, part=Part(prefix=answer))
     async with aclosing(last):
         async for res in last:
             if isinstance(res, TextDelta):
@@ -208,13 +195,3 @@ async def stepped_proposer(
                 final = res
     assert final is not None  # a proposer's chain yields its result, failed or not
     yield final
-
-
-def cancelled_result(ctx: RunContext, spec: ProposerSpec, why: str) -> CallResult:
-    """A proposer that did not run to its end, for a reason of the run's, not the provider's."""
-    return CallResult(
-        provider=spec.provider,
-        provider_kind=provider_kind(ctx.config, spec.provider),
-        requested_model=spec.model,
-        error=CallError(kind=ErrorKind.CANCELLED, message=why),
-    )

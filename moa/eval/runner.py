@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from moa.config import MoAConfig
-from moa.engine.engine import MoAEngine
+from moa.engine.assembly import assemble
 from moa.errors import MoAError
 from moa.eval.budget import Budget
 from moa.eval.judging import Judge
@@ -183,7 +183,7 @@ class Evaluation:
     async def run(self) -> None:
         self._load_reference_outputs()
         async with ProviderPool.from_config(self.cfg, sim_url=self.cfg.simulator.url) as pool:
-            engine = MoAEngine(self.cfg, pool, health=pool.health_view)
+            engine = assemble(self.cfg, pool)
             targets = {
                 name: build_target(
                     name,

@@ -1,0 +1,166 @@
+"""The final answer of a run, once its proposer stages are done (``Proposed``): the routes to it
+(the aggregators, the fallback chain), tried in order, and the best proposal when every route
+failed after the proposers answered; then the ``MoAResult`` that says how it was reached.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from moa.engine.chain import Part, Writer, answer_chain
+from moa.engine.context import RunContext
+from moa.engine.modes import Proposed
+from moa.errors import FallbackReason
+from moa.plan import ModelRef
+from moa.result import AnswerSource, CallRecord, MoAResult, Stage
+from moa.types import CallResult, TextDelta
+
+
+@dataclass
+class Route:
+    """One way to the final answer: a chain of models tried in order, and why it is taken."""
+
+    chain: Sequence[ModelRef]
+    stage: Stage
+    references: list[str]
+    reason: str | None = None
+    reason_kind: FallbackReason | None = None
+
+
+def routes(ctx: RunContext, proposed: Proposed) -> tuple[list[Route], FallbackReason | None]:
+    """The routes to try, in order, and why a proposal may answer once they all failed (None: it
+    may not)."""
+    plan = ctx.plan
+    if proposed.prefix:
+        # Staircase steps already sent text: only the aggregators can continue it.
+        if proposed.missed is not None:
+            ctx.note(f"{proposed.missed[0]} after the staircase had started answering")
+            ctx.raise_failed()
+        return [Route(plan.aggregators, Stage.AGGREGATOR, proposed.references)], None
+    policy = plan.on_aggregators_failed
+    if proposed.missed is not None:
+        # A layer missed its quorum: the single-model fallback chain answers instead.
+        ctx.deadline.check()
+        why, kind = proposed.missed
+        ctx.fallback_reason = kind
+        ctx.note(f"{why}; falling back to a single model")
+        fallback = [Route(plan.fallbacks, Stage.FALLBACK, [], why, kind)]
+        if kind is FallbackReason.SYNTHESIS_FAILED and policy != "fail":
+            # The round's proposers answered; only its synthesis failed.
+            return ([] if policy == "proposal" else fallback), kind
+        return fallback, None
+    found = [Route(plan.aggregators, Stage.AGGREGATOR, proposed.references)]
+    if plan.fallbacks and not plan.is_single and policy == "fallbacks":
+        why = "every aggregator failed"
+        found.append(Route(plan.fallbacks, Stage.FALLBACK, [], why, FallbackReason.AGGREGATORS_FAILED))
+    salvage = FallbackReason.AGGREGATORS_FAILED if policy != "fail" and not plan.is_single else None
+    return found, salvage
+
+
+async def answer(ctx: RunContext, proposed: Proposed) -> AsyncGenerator[TextDelta | MoAResult, None]:
+    """The final answer: the first route whose chain succeeds. When every route failed and a
+    proposal may answer (every aggregator failed after the proposers answered), the best proposal
+    the run has answers; otherwise every failure is listed. A staircase's ``proposed.prefix`` is
+    the answer's text already sent, which the chain continues.
+
+    A route that fails after its text went out ends the run inside its chain (text cannot be
+    retracted), so a proposal only ever answers a run whose client has seen nothing yet."""
+    found, salvage = routes(ctx, proposed)
+    part = Part(prefix=proposed.prefix)
+    for i, route in enumerate(found):
+        later = sum(len(r.chain) for r in found[i + 1 :])
+        writer = Writer(chain=route.chain, stage=route.stage)
+        chain = answer_chain(ctx, writer, route.references, stream=ctx.stream, later=later, part=part)
+        source: AnswerSource = "fallback" if route.stage is Stage.FALLBACK else "aggregator"
+        async with aclosing(chain):
+            async for ev in chain:
+                if isinstance(ev, CallResult):
+                    yield result(ctx, ev, route.reason, route.reason_kind, source)
+                    return
+                yield ev
+    best = best_proposal(ctx.proposals) if salvage is not None else None
+    if best is None or salvage is None:
+        ctx.raise_failed()
+        return
+    # Paid for, and in hand: answered as it was written rather than thrown away with an error.
+    name = f"{best.provider}/{best.requested_model}"
+    why = f"every aggregator failed; answered with the best proposal ({name})"
+    ctx.fallback_reason = salvage
+    ctx.note(f"{why}: the first in the layer's order that finished on its own, else the first")
+    if ctx.stream:
+        for piece in replay_pieces(best.text):
+            yield TextDelta(text=piece)
+    yield result(ctx, best, why, salvage, "proposal")
+
+
+def best_proposal(answered: Sequence[CallResult]) -> CallResult | None:
+    """The proposal a run answers with when its aggregators all failed: the first, in the layer's
+    proposer order, whose answer finished on its own (``stop``: not cut at its token limit), else
+    the first. The order is the plan's, which lists the proposers as the operator ranks them; no
+    reading of the texts is attempted, so the rule is the same for every model and language."""
+    usable = [r for r in answered if r.ok and r.text]
+    complete = [r for r in usable if r.finish_reason == "stop"]
+    ranked = complete or usable
+    return ranked[0] if ranked else None
+
+
+def result(
+    ctx: RunContext,
+    final: CallResult,
+    fallback: str | None,
+    fallback_reason: FallbackReason | None,
+    source: AnswerSource = "aggregator",
+) -> MoAResult:
+    """The run's result, answered by ``final`` (``fallback`` and its kind say why not by the
+    aggregators, when it was not)."""
+    usage = sum((r.usage for r in ctx.records), start=type(final.usage)())
+    return MoAResult(
+        text=final.text,
+        preset=ctx.decision.preset,
+        plan=ctx.plan,
+        decision=ctx.decision,
+        provider=final.provider,
+        model=final.model or final.requested_model,
+        finish_reason=final.finish_reason,
+        calls=ctx.records,
+        usage=usage,
+        cost_usd=sum(r.cost_usd for r in ctx.records),
+        wall_time_s=ctx.offset(),
+        critical_path_s=critical_path(ctx.records),
+        provider_critical_path_s=ctx.provider_critical_s,
+        fallback=fallback,
+        fallback_reason=fallback_reason,
+        answer_source=source,
+        notes=ctx.notes,
+    )
+
+
+def critical_path(records: Sequence[CallRecord]) -> float:
+    """The time the run spent waiting on its model calls: the length of the union of the calls'
+    intervals, from when each really started to when it ended (or was cut).
+
+    Taken from when calls ran, not added up stage by stage: a staircase step, an ``early`` run's
+    straggler or a later layer stepping over the one before all run beside other calls, and a
+    sum would count those seconds twice. So it never exceeds the wall time; what the run spent
+    between calls is its own overhead."""
+    spans = sorted((r.started_s, r.started_s + r.latency_s) for r in records if r.latency_s > 0)
+    total, reach = 0.0, float("-inf")
+    for start, end in spans:
+        if end <= reach:
+            continue
+        total += end - max(start, reach)
+        reach = end
+    return total
+
+
+_PIECE = re.compile(r"\S+\s*|\s+")
+
+
+def replay_pieces(text: str, words: int = 6) -> list[str]:
+    """An answer not streamed as it was written (a cached one, a proposal) streamed now: a few
+    words per SSE chunk, as a model would send them."""
+    parts = _PIECE.findall(text)
+    return ["".join(parts[i : i + words]) for i in range(0, len(parts), words)] or [text]
