@@ -31,6 +31,7 @@ class Call:
     service_s: float | None = None
     ttft_s: float | None = None
     adjustments: list[str] = field(default_factory=list)
+    deadline: Deadline = field(init=False)  # the call's one deadline, retries included
 
     def __post_init__(self) -> None:
         self.deadline = Deadline.after(self.req.timeout_s or self.client.cfg.timeout_s)
