@@ -17,7 +17,7 @@ from ray.serve.config import DeploymentActorConfig
 
 from moa.config import MoAConfig, ProviderConfig, parse_config, resolve_endpoint, simulation_active
 from moa.limits import LeasedRateBudget, ProviderLimits
-from moa.providers.base import ProviderClient
+from moa.providers.client import ProviderClient
 from moa.providers.registry import build_client
 from moa.types import CallRequest, CallResult, StreamEvent, Usage, batched
 from moa_actors.handles import deployment_name

@@ -132,7 +132,7 @@ class CallError(BaseModel):
     # When the provider (its Retry-After) or our own limits say a retry could succeed.
     retry_after_s: float | None = None
     # The model's real context window (tokens), when the provider refused the prompt as too long
-    # and said how long it may be (``moa.providers.base.context_window_in``). It travels with the
+    # and said how long it may be (``moa.providers.wire.context_window_in``). It travels with the
     # failure so that whoever fits the references (the ingress, on Ray) learns it too.
     context_window: int | None = None
 

@@ -24,7 +24,7 @@ FIELDS = (
     "http_status",
     "error_kind",
     # The provider's own reason for a failed call, redacted of keys where it is made
-    # (``moa.providers.base.redact_key``) and cut to ``MAX_ERROR_CHARS``.
+    # (``moa.providers.wire.redact_key``) and cut to ``MAX_ERROR_CHARS``.
     "error_message",
     "latency_s",
     "input_tokens",

@@ -23,9 +23,9 @@ from moa import MoAEngine, Plan
 from moa.config import MoAConfig, parse_config
 from moa.engine.calls import WINDOWS
 from moa.errors import AllProvidersFailed, ContextWindowExceeded
-from moa.providers.base import context_window_in
-from moa.providers.openai_client import OpenAICompatibleClient
+from moa.providers.openai_client import OpenAICompatibleTransport
 from moa.providers.registry import ProviderPool
+from moa.providers.wire import context_window_in
 from moa.result import Stage
 from moa.simulator.profile import ModelProfile
 from moa.simulator.server import SimulatorServer
@@ -193,8 +193,8 @@ async def test_the_adapter_reads_the_served_window_once_from_the_server(
     only in ``/props``: the recorded-listing tests below). Either way every later result carries it."""
     serve_window(sim, server, window)
     async with ProviderPool.from_config(local_config(sim)) as pool:
-        client = pool.clients["local"]
-        assert isinstance(client, OpenAICompatibleClient)
+        client = pool.clients["local"].transport
+        assert isinstance(client, OpenAICompatibleTransport)
         assert await client.served_window(MODEL) == window
         res = await pool.call(CallRequest(provider="local", model=MODEL, messages=tuple(QUESTION)))
     assert res.ok and res.context_window == window
@@ -205,8 +205,8 @@ async def test_a_server_that_lists_no_window_costs_a_call_nothing(sim: Simulator
     the listing says nothing, the call goes as always, the window is learned from a refusal."""
     serve_window(sim, "openai", 1024)
     async with ProviderPool.from_config(local_config(sim)) as pool:
-        client = pool.clients["local"]
-        assert isinstance(client, OpenAICompatibleClient)
+        client = pool.clients["local"].transport
+        assert isinstance(client, OpenAICompatibleTransport)
         assert await client.served_window(MODEL) is None
         res = await pool.call(CallRequest(provider="local", model=MODEL, messages=tuple(QUESTION)))
     assert res.ok and res.context_window is None
@@ -273,8 +273,8 @@ async def test_the_recorded_listing_names_the_slot_window_without_props(llama: R
     tokens shared by 4 slots): read from the listing, whatever name the config gives the model,
     and ``/props`` is not asked."""
     async with ProviderPool.from_config(local_config(llama)) as pool:
-        client = pool.clients["local"]
-        assert isinstance(client, OpenAICompatibleClient)
+        client = pool.clients["local"].transport
+        assert isinstance(client, OpenAICompatibleTransport)
         assert await client.served_window(MODEL) == 1024
     assert paths(llama) == ["GET /v1/models"]
 
@@ -290,8 +290,8 @@ async def test_an_older_listing_without_the_slot_window_falls_back_to_props(
         del entry["meta"]["n_ctx"]
     llama.listing = json.dumps(listing).encode()
     async with ProviderPool.from_config(local_config(llama)) as pool:
-        client = pool.clients["local"]
-        assert isinstance(client, OpenAICompatibleClient)
+        client = pool.clients["local"].transport
+        assert isinstance(client, OpenAICompatibleTransport)
         assert await client.served_window(MODEL) == 1024
     assert paths(llama) == ["GET /v1/models", "GET /props"]
 
@@ -303,8 +303,8 @@ async def test_the_recorded_answers_are_normalised(llama: RecordedLlamaServer, s
     if stream:
         llama.chat = Reply(200, raw("llamacpp/chat_completion.stream.sse"), "text/event-stream")
     async with ProviderPool.from_config(local_config(llama)) as pool:
-        client = pool.clients["local"]
-        assert isinstance(client, OpenAICompatibleClient)
+        client = pool.clients["local"].transport
+        assert isinstance(client, OpenAICompatibleTransport)
         await client.served_window(MODEL)
         call = CallRequest(provider="local", model=MODEL, messages=tuple(QUESTION))
         if stream:
@@ -405,8 +405,8 @@ async def test_a_listed_window_is_fitted_before_the_aggregator_is_called(
     prompt fits the first time: no refusal at all."""
     serve_window(sim, server, 1024, output=(350, 400))
     async with ProviderPool.from_config(local_config(sim)) as pool:
-        client = pool.clients["local"]
-        assert isinstance(client, OpenAICompatibleClient)
+        client = pool.clients["local"].transport
+        assert isinstance(client, OpenAICompatibleTransport)
         await client.served_window(MODEL)  # the listing is read in the background; here, first
         result = await MoAEngine(local_config(sim), pool).run(QUESTION, plan=lite_plan())
     assert [c.ok for c in result.calls if c.stage is Stage.AGGREGATOR] == [True]

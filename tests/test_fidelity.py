@@ -26,7 +26,7 @@ import pytest
 import uvicorn
 
 from moa.config import MoAConfig, resolve_endpoint
-from moa.providers.base import ProviderClient
+from moa.providers.client import ProviderClient
 from moa.providers.registry import build_client
 from moa.simulator.server import SimulatorServer
 from moa.types import CallRequest, CallResult, ChatMessage, ErrorKind, TextDelta

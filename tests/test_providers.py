@@ -15,8 +15,9 @@ import pytest
 
 from moa.config import MoAConfig, ProviderConfig, parse_config, resolve_endpoint
 from moa.limits import ProviderLimits
-from moa.providers.base import ProviderClient, provider_service_time, redact_key
+from moa.providers.client import ProviderClient
 from moa.providers.registry import ProviderPool, build_client
+from moa.providers.wire import provider_service_time, redact_key
 from moa.result import CallRecord, Stage
 from moa.simulator.server import SimulatorServer
 from moa.types import (

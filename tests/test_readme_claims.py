@@ -30,8 +30,9 @@ from moa.deadline import Deadline
 from moa.engine.engine import MoAEngine
 from moa.errors import OverCap
 from moa.plan import Plan
-from moa.providers.base import AttemptError
 from moa.providers.registry import ProviderPool
+from moa.providers.retry import retry_delay
+from moa.providers.transport import AttemptError
 from moa.simulator.profile import ModelProfile, SimProfile
 from moa.simulator.server import SimulatorServer
 from moa.types import CallRequest, ChatMessage, ErrorKind, GenerationParams
@@ -292,12 +293,12 @@ async def test_backoff_is_jittered_and_exponential(sim: SimulatorServer) -> None
         err = AttemptError(ErrorKind.SERVER_ERROR, "500: simulated")
         far = Deadline.after(3600)
         for attempt, cap in [(1, 0.1), (2, 0.2), (3, 0.4), (4, 0.8), (5, 1.0), (8, 1.0)]:
-            delays = [client._retry_delay(err, attempt, far, emitted=False) for _ in range(200)]
+            delays = [retry_delay(client.cfg.retry, err, attempt, far, emitted=False) for _ in range(200)]
             assert all(d is not None and 0 <= d <= cap for d in delays), (attempt, max(map(float, delays)))
             assert max(float(d) for d in delays if d is not None) > cap / 2  # the whole range is used
             assert len(set(delays)) == len(delays)  # jittered: no two waits alike
         # A wait that would end past the call's deadline is not taken: the call fails now instead.
-        assert client._retry_delay(err, 5, Deadline.after(0), emitted=False) is None
+        assert retry_delay(client.cfg.retry, err, 5, Deadline.after(0), emitted=False) is None
 
 
 async def test_an_internal_failure_is_logged_with_its_type(

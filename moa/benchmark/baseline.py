@@ -38,9 +38,9 @@ from moa.benchmark.stats import Sample
 from moa.config import RetryConfig
 from moa.plan import DEFAULT_AGGREGATE_SYSTEM, DEFAULT_REFERENCE
 from moa.providers.anthropic_client import retry_hint as anthropic_hint
-from moa.providers.base import provider_service_time
 from moa.providers.gemini_client import retry_delay as gemini_hint
 from moa.providers.openai_client import retry_hint as openai_hint
+from moa.providers.wire import provider_service_time
 
 T = TypeVar("T")
 

@@ -10,10 +10,8 @@ from typing import Any
 import anthropic
 from anthropic.types import Message
 
-from moa.providers.base import (
-    Attempt,
-    AttemptError,
-    ProviderClient,
+from moa.providers.transport import Attempt, AttemptError, SDKTransport
+from moa.providers.wire import (
     classify_common,
     classify_generated_sdk,
     header_retry_hint,
@@ -56,7 +54,7 @@ _NO_SUCH_PARAM = {
 }
 
 
-class AnthropicClient(ProviderClient):
+class AnthropicTransport(SDKTransport):
     kind = "anthropic"
 
     def _make_sdk(self) -> Any:
@@ -103,7 +101,7 @@ class AnthropicClient(ProviderClient):
             args["stop_sequences"] = list(p.stop)
         return args
 
-    def _adapt(self, model: str, params: GenerationParams) -> tuple[GenerationParams, list[str]]:
+    def adapt(self, model: str, params: GenerationParams) -> tuple[GenerationParams, list[str]]:
         update: dict[str, object] = {}
         notes: list[str] = []
         if params.seed is not None:
@@ -124,10 +122,10 @@ class AnthropicClient(ProviderClient):
             notes.append(f"top_p dropped: {model} takes temperature or top_p, not both")
         return (params.model_copy(update=update) if update else params), notes
 
-    def _refused_param(self, message: str) -> str | None:
+    def refused_param(self, message: str) -> str | None:
         return refused_param(message, REFUSED, NAMES)
 
-    async def _complete_once(self, req: CallRequest, timeout_s: float) -> Attempt:
+    async def send(self, req: CallRequest, timeout_s: float) -> Attempt:
         raw = await self._sdk.messages.with_raw_response.create(**self._args(req, timeout_s))
         service = provider_service_time(raw.headers)
         message = raw.parse()
@@ -144,7 +142,7 @@ class AnthropicClient(ProviderClient):
             service_s=service,
         )
 
-    async def _stream_once(self, req: CallRequest, timeout_s: float) -> AsyncIterator[str | Attempt]:
+    async def open_stream(self, req: CallRequest, timeout_s: float) -> AsyncIterator[str | Attempt]:
         stream = await self._sdk.messages.create(**self._args(req, timeout_s), stream=True)
         service = provider_service_time(stream.response.headers)
         model, usage, output_tokens, stop, finished = None, None, 0, None, False
@@ -171,7 +169,7 @@ class AnthropicClient(ProviderClient):
             text="", model=model, usage=u, finish_reason=FINISH.get(stop or "", "other"), service_s=service
         )
 
-    def _classify(self, exc: BaseException, in_stream: bool) -> AttemptError:
+    def classify(self, exc: BaseException, in_stream: bool) -> AttemptError:
         if isinstance(exc, AssertionError):  # the SDK asserts on a non-JSON stream body
             return AttemptError(ErrorKind.MALFORMED_RESPONSE, "response failed validation")
         return (

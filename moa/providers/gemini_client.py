@@ -9,10 +9,8 @@ from typing import Any
 from google import genai
 from google.genai import errors, types
 
-from moa.providers.base import (
-    Attempt,
-    AttemptError,
-    ProviderClient,
+from moa.providers.transport import Attempt, AttemptError, SDKTransport
+from moa.providers.wire import (
     classify_common,
     parse_duration,
     provider_service_time,
@@ -53,7 +51,7 @@ AUTH_REASONS = frozenset({"API_KEY_INVALID"})
 RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
 
 
-class GeminiClient(ProviderClient):
+class GeminiTransport(SDKTransport):
     kind = "gemini"
 
     def _make_sdk(self) -> Any:
@@ -95,7 +93,7 @@ class GeminiClient(ProviderClient):
         )
         return {"model": req.model, "contents": contents, "config": config}
 
-    def _adapt(self, model: str, params: GenerationParams) -> tuple[GenerationParams, list[str]]:
+    def adapt(self, model: str, params: GenerationParams) -> tuple[GenerationParams, list[str]]:
         update: dict[str, object] = {}
         notes: list[str] = []
         stop = params.stop
@@ -108,10 +106,10 @@ class GeminiClient(ProviderClient):
                 notes.append(f"{name} dropped: {why}")
         return (params.model_copy(update=update) if update else params), notes
 
-    def _refused_param(self, message: str) -> str | None:
+    def refused_param(self, message: str) -> str | None:
         return refused_param(message, REFUSED, NAMES)
 
-    async def _complete_once(self, req: CallRequest, timeout_s: float) -> Attempt:
+    async def send(self, req: CallRequest, timeout_s: float) -> Attempt:
         response = await self._sdk.aio.models.generate_content(**self._args(req, timeout_s))
         service = _service(response)
         if not response.candidates:
@@ -125,7 +123,7 @@ class GeminiClient(ProviderClient):
             service_s=service,
         )
 
-    async def _stream_once(self, req: CallRequest, timeout_s: float) -> AsyncIterator[str | Attempt]:
+    async def open_stream(self, req: CallRequest, timeout_s: float) -> AsyncIterator[str | Attempt]:
         stream = await self._sdk.aio.models.generate_content_stream(**self._args(req, timeout_s))
         service, finish, model, usage = None, None, None, None
         async for chunk in stream:
@@ -145,7 +143,7 @@ class GeminiClient(ProviderClient):
             text="", model=model, usage=_usage(usage), finish_reason=_finish(finish), service_s=service
         )
 
-    def _classify(self, exc: BaseException, in_stream: bool) -> AttemptError:
+    def classify(self, exc: BaseException, in_stream: bool) -> AttemptError:
         if isinstance(exc, errors.UnknownApiResponseError):
             return AttemptError(ErrorKind.MALFORMED_RESPONSE, "unparseable response")
         if isinstance(exc, errors.APIError):

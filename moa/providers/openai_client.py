@@ -12,10 +12,9 @@ import httpx
 import openai
 from openai.types.chat import ChatCompletion
 
-from moa.providers.base import (
-    Attempt,
-    AttemptError,
-    ProviderClient,
+from moa.config import Endpoint, ProviderConfig
+from moa.providers.transport import Attempt, AttemptError, SDKTransport
+from moa.providers.wire import (
     classify_common,
     classify_generated_sdk,
     header_retry_hint,
@@ -54,7 +53,7 @@ def retry_hint(headers: Mapping[str, str]) -> float | None:
     return header_retry_hint(headers, RATE_LIMITS, parse_duration)
 
 
-class OpenAIClient(ProviderClient):
+class OpenAITransport(SDKTransport):
     kind = "openai"
 
     def _make_sdk(self) -> Any:
@@ -93,17 +92,17 @@ class OpenAIClient(ProviderClient):
             args["stop"] = list(p.stop)
         return args
 
-    def _adapt(self, model: str, params: GenerationParams) -> tuple[GenerationParams, list[str]]:
+    def adapt(self, model: str, params: GenerationParams) -> tuple[GenerationParams, list[str]]:
         stop = params.stop
         if self.kind == "openai" and stop and len(stop) > MAX_STOP:
             note = f"stop: kept the first {MAX_STOP} of {len(stop)} sequences (the OpenAI API's limit)"
             return params.model_copy(update={"stop": stop[:MAX_STOP]}), [note]
         return params, []
 
-    def _refused_param(self, message: str) -> str | None:
+    def refused_param(self, message: str) -> str | None:
         return refused_param(message, REFUSED, {})
 
-    async def _complete_once(self, req: CallRequest, timeout_s: float) -> Attempt:
+    async def send(self, req: CallRequest, timeout_s: float) -> Attempt:
         raw = await self._sdk.chat.completions.with_raw_response.create(**self._args(req, timeout_s))
         service = provider_service_time(raw.headers)
         completion = raw.parse()
@@ -120,7 +119,7 @@ class OpenAIClient(ProviderClient):
             service_s=service,
         )
 
-    async def _stream_once(self, req: CallRequest, timeout_s: float) -> AsyncIterator[str | Attempt]:
+    async def open_stream(self, req: CallRequest, timeout_s: float) -> AsyncIterator[str | Attempt]:
         stream = await self._sdk.chat.completions.create(
             **self._args(req, timeout_s), stream=True, stream_options={"include_usage": True}
         )
@@ -150,7 +149,7 @@ class OpenAIClient(ProviderClient):
             service_s=service,
         )
 
-    def _classify(self, exc: BaseException, in_stream: bool) -> AttemptError:
+    def classify(self, exc: BaseException, in_stream: bool) -> AttemptError:
         return (
             classify_generated_sdk(openai, exc, in_stream, retry_hint)
             or classify_common(exc, in_stream)
@@ -161,13 +160,13 @@ class OpenAIClient(ProviderClient):
         await self._sdk.close()
 
 
-class OpenAICompatibleClient(OpenAIClient):
+class OpenAICompatibleTransport(OpenAITransport):
     """vLLM, Ray Serve LLM, Ollama, Together, Groq...: the same protocol at another base_url.
 
     A self-hosted server often serves a model with a smaller window than the model has (llama.cpp
     divides its ``--ctx-size`` among its ``--parallel`` slots; vLLM has ``--max-model-len``), so
     the window the config declares may be wrong. Where the server says what it serves, the client
-    reads it once, on its first call (``_served_window``): vLLM's ``GET /v1/models`` lists each
+    reads it once, on its first call (``known_window``): vLLM's ``GET /v1/models`` lists each
     model's ``max_model_len``, a recent llama.cpp's its per-slot ``meta.n_ctx``; where the listing
     has neither (an older llama.cpp lists only the trained window, ``meta.n_ctx_train``), its
     ``GET /props`` is asked for the per-slot ``default_generation_settings.n_ctx``. A listing
@@ -175,12 +174,12 @@ class OpenAICompatibleClient(OpenAIClient):
 
     kind = "openai_compatible"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, name: str, cfg: ProviderConfig, endpoint: Endpoint) -> None:
+        super().__init__(name, cfg, endpoint)
         # The listing, read once in the background from the first call on: no call waits for it.
         self._listing: asyncio.Task[dict[str, int]] | None = None
 
-    def _served_window(self, model: str) -> int | None:
+    def known_window(self, model: str) -> int | None:
         if self._listing is None:
             self._listing = asyncio.get_running_loop().create_task(self._read_windows())
             return None
@@ -192,10 +191,10 @@ class OpenAICompatibleClient(OpenAIClient):
     async def served_window(self, model: str) -> int | None:
         """The window the server reports for ``model``, reading its listing now if need be (for
         tests and tools; calls never wait for it)."""
-        self._served_window(model)
+        self.known_window(model)
         assert self._listing is not None
         await asyncio.shield(self._listing)
-        return self._served_window(model)
+        return self.known_window(model)
 
     async def _read_windows(self) -> dict[str, int]:
         """Model -> served window, from the server's own listing (``*``: the one model a llama.cpp

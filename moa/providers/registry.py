@@ -7,17 +7,18 @@ from types import TracebackType
 
 from moa.config import Endpoint, MoAConfig, ProviderConfig, ProviderKind, resolve_endpoint
 from moa.limits import CircuitState, ProviderLimits
-from moa.providers.anthropic_client import AnthropicClient
-from moa.providers.base import ProviderClient
-from moa.providers.gemini_client import GeminiClient
-from moa.providers.openai_client import OpenAIClient, OpenAICompatibleClient
+from moa.providers.anthropic_client import AnthropicTransport
+from moa.providers.client import ProviderClient
+from moa.providers.gemini_client import GeminiTransport
+from moa.providers.openai_client import OpenAICompatibleTransport, OpenAITransport
+from moa.providers.transport import SDKTransport
 from moa.types import CallError, CallRequest, CallResult, ErrorKind, HealthView, StreamEvent
 
-ADAPTERS: dict[ProviderKind, type[ProviderClient]] = {
-    ProviderKind.OPENAI: OpenAIClient,
-    ProviderKind.OPENAI_COMPATIBLE: OpenAICompatibleClient,
-    ProviderKind.ANTHROPIC: AnthropicClient,
-    ProviderKind.GEMINI: GeminiClient,
+ADAPTERS: dict[ProviderKind, type[SDKTransport]] = {
+    ProviderKind.OPENAI: OpenAITransport,
+    ProviderKind.OPENAI_COMPATIBLE: OpenAICompatibleTransport,
+    ProviderKind.ANTHROPIC: AnthropicTransport,
+    ProviderKind.GEMINI: GeminiTransport,
 }
 
 
@@ -29,7 +30,9 @@ def build_client(
     *,
     capture_content: bool = False,
 ) -> ProviderClient:
-    return ADAPTERS[cfg.kind](name, cfg, endpoint, limits, capture_content=capture_content)
+    """The policy over the SDK adapter ``cfg.kind`` names."""
+    transport = ADAPTERS[cfg.kind](name, cfg, endpoint)
+    return ProviderClient(name, cfg, endpoint, transport, limits, capture_content=capture_content)
 
 
 class ProviderPool:

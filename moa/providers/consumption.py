@@ -1,0 +1,40 @@
+"""What one provider call consumed, as far as this client can know it: the charge of a call that
+ends without an answer (given up, or cut mid-way by its consumer) and what it settles of the
+rate budget. Kept here, in one place, since every way a call can end reads it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moa.tokens import approx_tokens
+from moa.types import Usage
+
+
+@dataclass
+class Consumption:
+    """What one call consumed of the token budget, as far as we can know it."""
+
+    input_tokens: int
+    sent: int = 0  # attempts that went out
+    refused: int = 0  # of those, attempts refused with a status (or that never left our side)
+    received: list[str] = field(default_factory=list)  # streamed text received so far
+    actual: int | None = None  # the provider's own usage, once it answered
+
+    def billed(self, answered: bool = False) -> Usage:
+        """What the provider bills for the attempts that did not answer: each one that read the
+        prompt (every attempt sent but those refused with a status), and the text received; with
+        ``answered``, the last attempt is the one that answered, and its own usage is reported.
+        Without ``answered``, it is also the charge of a call cut before its result (``on_cut``)."""
+        reads = self.sent - self.refused - (1 if answered else 0)
+        output = 0 if answered else approx_tokens("".join(self.received))
+        return Usage(input_tokens=self.input_tokens * max(reads, 0), output_tokens=output)
+
+    def tokens(self) -> int:
+        """The tokens to settle the rate budget's reservation with."""
+        if self.actual is not None:
+            return self.actual
+        # An attempt refused with a status consumed nothing; any other (a timeout, a cut stream,
+        # our cancellation) had its prompt read, and produced what we received.
+        read_prompt = self.sent > self.refused or bool(self.received)
+        output = approx_tokens("".join(self.received))
+        return (self.input_tokens if read_prompt else 0) + output

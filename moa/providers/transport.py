@@ -1,0 +1,97 @@
+"""The seam below the provider policy: what one SDK adapter implements, and nothing more.
+
+An adapter sends one attempt (a plain call, or a stream of text pieces ending in its ``Attempt``),
+types its SDK's exceptions as ``AttemptError``, and may fit parameters to its API, name the
+parameter a refusal is about and report the context window its server serves. Retries, the
+deadline, the breaker, the slot, the rate budget, learned refusals, cost, spans and logs are the
+policy's (``moa.providers.client``), the same over every adapter, and over the scripted double
+(``moa.providers.scripted``) that tests the policy without an SDK or a wire.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from moa.config import Endpoint, ProviderConfig
+from moa.types import CallRequest, ErrorKind, GenerationParams, Usage
+
+__all__ = ["Attempt", "AttemptError", "SDKTransport", "Transport"]
+
+
+@dataclass
+class Attempt:
+    """A successful attempt, before normalisation."""
+
+    text: str
+    model: str | None
+    usage: Usage
+    finish_reason: str | None
+    service_s: float | None = None
+
+
+class AttemptError(Exception):
+    """A failed attempt, already typed."""
+
+    def __init__(
+        self,
+        kind: ErrorKind,
+        message: str,
+        status: int | None = None,
+        retry_after_s: float | None = None,
+        service_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind, self.message, self.status = kind, message, status
+        self.retry_after_s, self.service_s = retry_after_s, service_s
+
+
+class Transport(ABC):
+    """One provider API as the policy sees it: one attempt at a time, errors typed."""
+
+    kind: ClassVar[str]
+
+    @abstractmethod
+    async def send(self, req: CallRequest, timeout_s: float) -> Attempt:
+        """Send one non-streaming attempt; raise on failure."""
+
+    @abstractmethod
+    def open_stream(self, req: CallRequest, timeout_s: float) -> AsyncIterator[str | Attempt]:
+        """Send one streaming attempt: yield text pieces, then one Attempt; raise on failure."""
+
+    @abstractmethod
+    def classify(self, exc: BaseException, in_stream: bool) -> AttemptError:
+        """Type an exception this transport raised (``in_stream``: after the stream opened)."""
+
+    def adapt(self, model: str, params: GenerationParams) -> tuple[GenerationParams, list[str]]:
+        """Fit the parameters to what this API accepts (ranges, limits, combinations); return them
+        with one note per change. The default changes nothing."""
+        return params, []
+
+    def refused_param(self, message: str) -> str | None:
+        """The parameter (our name) a 400 message says the model refuses, in this API's words."""
+        return None
+
+    def known_window(self, model: str) -> int | None:
+        """The context window the server itself reports for ``model``, if known by now; never
+        waited for (the first ask may start reading it). The default knows none."""
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+class SDKTransport(Transport):
+    """A transport over a provider's official async SDK: one SDK client per provider, created
+    once and reused, so its connection pool is shared by every call."""
+
+    def __init__(self, name: str, cfg: ProviderConfig, endpoint: Endpoint) -> None:
+        self.name, self.cfg, self.endpoint = name, cfg, endpoint
+        self._secret = endpoint.api_key.get_secret_value() if endpoint.api_key else None
+        self._sdk = self._make_sdk()
+
+    @abstractmethod
+    def _make_sdk(self) -> Any:
+        """The provider's official async SDK client, with SDK-internal retries off."""
