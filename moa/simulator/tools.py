@@ -312,7 +312,9 @@ def propose(
         key = rng.choice(sorted(first_args))
         arguments = dumps_args({**first_args, key: _mistyped(first_args[key])})
     elif fault == "malformed_json":
-        arguments = arguments[:-1]  # the closing brace never written: no longer JSON
+        # A trailing comma: not JSON, and not the start of any JSON either (a cut-short object
+        # would still parse as partial JSON, which is how stream accumulators read arguments).
+        arguments = arguments[:-1] + ",}"
     out = [ToolCall(new_id(), name, arguments)]
     out += [ToolCall(new_id(), t.name, dumps_args(a)) for t, a in calls[1:]]
     return Proposal(calls=tuple(out), fault=fault)
