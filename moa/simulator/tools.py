@@ -13,8 +13,9 @@ voting and validation can be repeated:
   several quoted values for one function's string argument, give several calls when parallel
   calls are allowed;
 - arguments are built from the JSON Schema: every required property, optional ones only when the
-  message names one of their enum values; strings from the message's quoted values or its proper
-  nouns, numbers from its numbers, enums from the values it mentions;
+  message offers a value (one of their enum values, or a proper noun not used yet); strings from
+  the message's quoted values or its proper nouns, in order, numbers from its numbers, enums from
+  the values it mentions;
 - a model's ``ToolErrors`` (its profile) inject the faults that voting and validation exist to
   catch, each at its own rate: a wrong function, a missing or mistyped argument, malformed JSON, or
   a text answer where a call was required.
@@ -219,28 +220,34 @@ def _string(schema: Mapping[str, Any], prompt: _Prompt) -> str:
     if prompt.quoted:
         return prompt.quoted.pop(0)
     if prompt.proper:
-        return prompt.proper[0]
+        return prompt.proper.pop(0)
     words = keywords(prompt.text, 3)
     return words[0] if words else "example"
 
 
 def _object(schema: Mapping[str, Any], prompt: _Prompt, depth: int = 0) -> dict[str, Any]:
+    """An object for ``schema``: its required properties first (they take the message's values
+    first), then the optional ones the message offers a value for; keys in the schema's order."""
     props = schema.get("properties")
     props = props if isinstance(props, Mapping) else {}
     required = [r for r in schema.get("required") or () if isinstance(r, str)]
-    out: dict[str, Any] = {}
+    values: dict[str, Any] = {}
+    for name in required:
+        sub = props.get(name)
+        values[name] = value_for(sub, prompt, depth) if isinstance(sub, Mapping) else _string({}, prompt)
     for name, sub in props.items():
-        sub = sub if isinstance(sub, Mapping) else {}
+        if name in values or not isinstance(sub, Mapping):
+            continue
         enum = _branch(sub).get("enum")
         said = isinstance(enum, list) and any(
             isinstance(v, str) and _mentions(prompt.text, v) >= 0 for v in enum
         )
-        if name in required or said:
-            out[name] = value_for(sub, prompt, depth)
-    for name in required:  # required but not described: a string will do
-        if name not in out:
-            out[name] = _string({}, prompt)
-    return out
+        # An optional free-text property the message still offers a name for ("show Barbie").
+        said = said or (enum is None and _type(_branch(sub)) == "string" and bool(prompt.proper))
+        if said:
+            values[name] = value_for(sub, prompt, depth)
+    order = [*props, *required]
+    return {k: values[k] for k in sorted(values, key=order.index)}
 
 
 def _string_slots(schema: Mapping[str, Any]) -> int:
@@ -280,12 +287,17 @@ def propose(
         text=question,
         quoted=[a or b for a, b in _QUOTED.findall(question)],
         numbers=_NUMBER.findall(question),
-        proper=_PROPER.findall(question),
+        proper=[],
         rng=rng,
     )
+    nouns = [(m.start(), m.group()) for m in _PROPER.finditer(question)]
     targets = _targets(question, allowed, rng)
     calls: list[tuple[Tool, dict[str, Any]]] = []
     for tool in targets:
+        # The names a function's arguments take are those said after it is, first.
+        at = _mentions(question, tool.name)
+        left = [(pos, noun) for pos, noun in nouns if noun in prompt.proper or not calls]
+        prompt.proper = [noun for _, noun in sorted(left, key=lambda pn: (pn[0] < at, pn[0]))]
         calls.append((tool, _object(tool.parameters, prompt)))
         # The same function again while the message still quotes values for it.
         slots = _string_slots(tool.parameters)
