@@ -507,6 +507,24 @@ OPENAI_BAD = [
         "The following tool_call_ids did not have response messages: call_1",
         "messages.[1].role",
     ),
+    (  # answered, but not right after the call
+        {
+            "messages": [
+                {"role": "user", "content": ASK},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+                    ],
+                },
+                {"role": "user", "content": "and?"},
+                {"role": "tool", "tool_call_id": "call_1", "content": "x"},
+            ]
+        },
+        "The following tool_call_ids did not have response messages: call_1",
+        "messages.[1].role",
+    ),
 ]
 
 
