@@ -228,16 +228,12 @@ def _turns(messages: list[Any], has_tools: bool) -> list[tuple[str, str]]:
                     "`tool_result` block must have a corresponding `tool_use` block in the previous message."
                 )
             transcript.append(("tool", tool_result_text(asked[tid], result)))
-        if role == "assistant":
-            calls = (
-                [
-                    tool_call_text(b["name"], dumps(b["input"]).decode())
-                    for b in content
-                    if isinstance(b, Mapping) and b.get("type") == "tool_use"
-                ]
-                if uses
-                else []
-            )
+        if uses:  # the calls join the turn's text; a plain turn (a prefill) is kept as sent
+            calls = [
+                tool_call_text(b["name"], dumps(b["input"]).decode())
+                for b in content
+                if isinstance(b, Mapping) and b.get("type") == "tool_use"
+            ]
             text = "\n".join([text, *calls]).strip()
         if text or not results:
             transcript.append((role, text))

@@ -439,7 +439,8 @@ class OpenAIWire(Wire):
                 legacy = m.get("function_call")
                 if isinstance(legacy, Mapping):
                     said.append(tool_call_text(str(legacy.get("name")), str(legacy.get("arguments", ""))))
-                text = "\n".join([text, *said]).strip()
+                if said:  # a plain assistant turn (a partial answer to continue) is kept as sent
+                    text = "\n".join([text, *said]).strip()
                 if calls:
                     pending, asked_at = calls, i
             elif role == "tool":
