@@ -247,13 +247,15 @@ GEMINI_CALL_OPTIONAL = frozenset(
 )
 
 
-def test_gemini_function_call_has_the_reference_shape(http: httpx.Client) -> None:
-    r = http.post(
-        "/v1beta/models/gemini-2.5-flash:generateContent",
-        json=load("gemini/function_call.request.json"),
-        headers=GEMINI_AUTH,
-    )
+def gemini_post(http: httpx.Client, fixture: str, action: str = "generateContent") -> httpx.Response:
+    """A fixture's request body to gemini-2.5-flash; the answer, which must be a 200."""
+    r = http.post(f"/v1beta/models/gemini-2.5-flash:{action}", json=load(fixture), headers=GEMINI_AUTH)
     assert r.status_code == 200
+    return r
+
+
+def test_gemini_function_call_has_the_reference_shape(http: httpx.Client) -> None:
+    r = gemini_post(http, "gemini/function_call.request.json")
     body = r.json()
     assert_shape(load("gemini/function_call.response.json"), body, GEMINI_CALL_OPTIONAL)
     call = body["candidates"][0]["content"]["parts"][0]["functionCall"]
@@ -261,12 +263,8 @@ def test_gemini_function_call_has_the_reference_shape(http: httpx.Client) -> Non
 
 
 def test_gemini_function_call_stream_has_the_captured_shape(http: httpx.Client) -> None:
-    r = http.post(
-        "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
-        json=load("gemini/function_call.stream.request.json"),
-        headers=GEMINI_AUTH,
-    )
-    assert r.status_code == 200 and r.content.endswith(b"\r\n\r\n")
+    r = gemini_post(http, "gemini/function_call.stream.request.json", "streamGenerateContent?alt=sse")
+    assert r.content.endswith(b"\r\n\r\n")
     (ref,) = [d for _, d in sse_events(raw("gemini/function_call.stream.sse"))]
     (got,) = [d for _, d in sse_events(r.content)]
     # A thinking model's signature and thought tokens: the simulated model thinks nothing.
@@ -278,12 +276,7 @@ def test_gemini_function_call_stream_has_the_captured_shape(http: httpx.Client) 
 
 
 def test_gemini_function_response_request_is_answered_in_text(http: httpx.Client) -> None:
-    r = http.post(
-        "/v1beta/models/gemini-2.5-flash:generateContent",
-        json=load("gemini/function_response.request.json"),
-        headers=GEMINI_AUTH,
-    )
-    assert r.status_code == 200
+    r = gemini_post(http, "gemini/function_response.request.json")
     assert_shape(
         load("gemini/function_response.response.json"),
         r.json(),
@@ -456,6 +449,15 @@ def test_gemini_calling_modes(gem: genai.Client) -> None:
 
 # -- refusals in each provider's words ----------------------------------------------------------------
 
+# An assistant turn that called a tool, as a conversation's start.
+CALLED: list[dict[str, Any]] = [
+    {"role": "user", "content": ASK},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+    },
+]
 OPENAI_BAD = [
     ({"tools": []}, "Invalid 'tools': empty array.", "tools"),
     (
@@ -491,33 +493,14 @@ OPENAI_BAD = [
         "messages.[1].role",
     ),
     (
-        {
-            "messages": [
-                {"role": "user", "content": ASK},
-                {
-                    "role": "assistant",
-                    "content": None,
-                    "tool_calls": [
-                        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
-                    ],
-                },
-                {"role": "user", "content": "and?"},
-            ]
-        },
+        {"messages": [*CALLED, {"role": "user", "content": "and?"}]},
         "The following tool_call_ids did not have response messages: call_1",
         "messages.[1].role",
     ),
     (  # answered, but not right after the call
         {
             "messages": [
-                {"role": "user", "content": ASK},
-                {
-                    "role": "assistant",
-                    "content": None,
-                    "tool_calls": [
-                        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
-                    ],
-                },
+                *CALLED,
                 {"role": "user", "content": "and?"},
                 {"role": "tool", "tool_call_id": "call_1", "content": "x"},
             ]
