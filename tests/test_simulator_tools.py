@@ -27,7 +27,7 @@ from google.genai import types as genai_types
 
 from moa.simulator.profile import ModelProfile, SimProfile, ToolErrors
 from moa.simulator.server import SimulatorServer
-from tests.helpers import sim_stats
+from tests.helpers import sim_requests, sim_stats
 from tests.test_fidelity import assert_shape, collapse, load, raw, sse_events
 
 KEY = "sim-test-key"
@@ -371,7 +371,7 @@ def test_gemini_sdk_agent_loop_plain_and_streamed(gem: genai.Client, model: str)
     assert not final.function_calls and '"temperature": 18' in (final.text or "")
 
 
-def test_openai_tool_choice_and_parallel_calls(oai: openai.OpenAI) -> None:
+def test_openai_tool_choice_and_parallel_calls(oai: openai.OpenAI, http: httpx.Client) -> None:
     tools = oai_tools(WEATHER, TIME)
     ask: Any = [{"role": "user", "content": "Use get_weather for Boston and get_time for Europe in 3 hours."}]
 
@@ -390,6 +390,13 @@ def test_openai_tool_choice_and_parallel_calls(oai: openai.OpenAI) -> None:
     assert none.choices[0].finish_reason == "stop" and none.choices[0].message.content
     allowed = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": tools[1:]}}
     assert calls(tool_choice=allowed) == both[1:]
+    seen = sim_requests(http)[-1]["tools"]  # what GET /admin/requests says the request offered
+    assert seen == {
+        "names": ["get_weather", "get_time"],
+        "choice": "required",
+        "allowed": ["get_time"],
+        "parallel": True,
+    }
     # Several quoted values for one function's argument: one call each.
     quoted: Any = [{"role": "user", "content": 'Weather in "Paris", "Oslo" and "Rome"?'}]
     c = oai.chat.completions.create(model="gpt-4.1", messages=quoted, tools=oai_tools(WEATHER))
@@ -735,3 +742,17 @@ def test_calls_and_faults_are_deterministic_by_seed(http: httpx.Client) -> None:
     assert [outcome(seed) for seed in range(16)] == first  # the same seed, the same calls and faults
     assert len(set(first)) >= 3  # the seed decides which fault (if any) fires
     assert ("get_weather", '{"location":"Boston"}') in first  # and some requests are right
+
+
+def test_a_llama_cpp_model_calls_tools_in_its_own_bodies(oai: openai.OpenAI, http: httpx.Client) -> None:
+    fast = ModelProfile(ttft_s=0.005, tokens_per_s=20_000.0, jitter=0.0)
+    local = fast.model_copy(update={"server": "llama.cpp", "context_window": 4096})
+    http.put("/admin/profile", json=SimProfile(default=fast, models={"smol": local}).model_dump(mode="json"))
+    ask: Any = [{"role": "user", "content": ASK}]
+    plain = oai.chat.completions.create(model="smol", messages=ask, tools=oai_tools(WEATHER))
+    assert plain.choices[0].finish_reason == "tool_calls" and plain.system_fingerprint == "b0-simulator"
+    (call,) = plain.choices[0].message.tool_calls or []
+    with oai.chat.completions.stream(model="smol", messages=ask, tools=oai_tools(WEATHER)) as stream:
+        streamed = stream.get_final_completion()
+    (again,) = streamed.choices[0].message.tool_calls or []
+    assert (again.function.name, again.function.arguments) == (call.function.name, '{"location":"Boston"}')
