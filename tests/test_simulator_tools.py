@@ -756,3 +756,28 @@ def test_a_llama_cpp_model_calls_tools_in_its_own_bodies(oai: openai.OpenAI, htt
         streamed = stream.get_final_completion()
     (again,) = streamed.choices[0].message.tool_calls or []
     assert (again.function.name, again.function.arguments) == (call.function.name, '{"location":"Boston"}')
+
+
+def test_strict_tools_keep_their_arguments_valid(oai: openai.OpenAI, http: httpx.Client) -> None:
+    """Strict decoding holds arguments to the schema: an argument error cannot happen on a strict
+    tool, whatever the model's rates; a wrong function still can."""
+    strict_weather = {
+        **WEATHER,
+        "strict": True,
+        "parameters": {
+            **WEATHER["parameters"],
+            "required": ["location", "unit"],
+            "additionalProperties": False,
+        },
+    }
+    ask: Any = [{"role": "user", "content": ASK}]
+    for kind in ("missing_argument", "mistyped_argument", "malformed_json"):
+        model = faulty(http, kind)
+        c = oai.chat.completions.create(model=model, messages=ask, tools=oai_tools(strict_weather))
+        (call,) = c.choices[0].message.tool_calls or []
+        args = json.loads(call.function.arguments)
+        assert set(args) == {"location", "unit"} and isinstance(args["location"], str), kind
+        assert "faults" not in sim_stats(http)[model] or not sim_stats(http)[model]["faults"]
+    model = faulty(http, "wrong_function")
+    c = oai.chat.completions.create(model=model, messages=ask, tools=oai_tools(strict_weather))
+    assert [k.function.name for k in c.choices[0].message.tool_calls or []] != ["get_weather"]

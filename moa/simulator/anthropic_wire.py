@@ -163,7 +163,7 @@ def _tool_use(body: Mapping[str, Any]) -> ToolUse | None:
             raise BadRequest(f"{at}.description: Input should be a valid string")
         if any(d.name == name for d in declared):
             raise BadRequest("tools: Tool names must be unique.")
-        declared.append(Tool(name, description, schema))
+        declared.append(Tool(name, description, schema, strict=t.get("strict") is True))
     mode: Mode = "auto"
     allowed: tuple[str, ...] = ()
     parallel = True

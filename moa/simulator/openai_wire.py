@@ -202,7 +202,7 @@ def _function(fn: Any, where: str) -> Tool:
         raise _invalid_type(f"{where}.strict", "a boolean", strict)
     if strict:
         _strict_schema(name, params, f"{where}.parameters")
-    return Tool(name, description, params)
+    return Tool(name, description, params, strict=bool(strict))
 
 
 def _choice(choice: Any, names: set[str], legacy: bool) -> tuple[Mode, tuple[str, ...]]:

@@ -18,7 +18,8 @@ voting and validation can be repeated:
   the values it mentions;
 - a model's ``ToolErrors`` (its profile) inject the faults that voting and validation exist to
   catch, each at its own rate: a wrong function, a missing or mistyped argument, malformed JSON, or
-  a text answer where a call was required.
+  a text answer where a call was required. A strict tool's arguments are never wrong: strict
+  decoding holds them to the schema (a wrong function or a text answer can still happen).
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ class Tool:
     name: str
     description: str
     parameters: Mapping[str, Any]  # a JSON Schema (Gemini's OpenAPI subset included)
+    # Strict mode (OpenAI's and Anthropic's structured outputs): decoding is held to the schema,
+    # so the model's arguments always match it, whatever its error rates say.
+    strict: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +312,8 @@ def propose(
     first_tool, first_args = calls[0]
     arguments = dumps_args(first_args)
     name = first_tool.name
+    if first_tool.strict and fault in ("missing_argument", "mistyped_argument", "malformed_json"):
+        fault = None  # strict decoding cannot write arguments its schema refuses
     if fault == "wrong_function":
         others = [t for t in use.tools if t.name != name]
         if others:
