@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from moa.simulator.tools import Mode, Tool, ToolUse, declared_tokens, tool_call_text, tool_result_text
 from moa.simulator.wire import (
     BadRequest,
     Completion,
     Err,
     SimRequest,
     Wire,
+    argument_pieces,
     dumps,
     is_integer,
     is_number,
@@ -29,7 +32,19 @@ _ERRORS = {
     Err.SERVER: "api_error",
     Err.UNAVAILABLE: "overloaded_error",
 }
-_STOP_REASON = {"stop": "end_turn", "stop_sequence": "stop_sequence", "length": "max_tokens"}
+_STOP_REASON = {
+    "stop": "end_turn",
+    "stop_sequence": "stop_sequence",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+}
+_TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
+_TOOL_USE_ID = re.compile(r"^[a-zA-Z0-9_-]+$")
+_CHOICES = ("auto", "any", "tool", "none")
+# A tool whose arguments the model wrote as malformed JSON: the Messages API returns ``input`` as
+# an object, so the text the model wrote is wrapped in one (the key is the one Anthropic's
+# fine-grained tool streaming guide suggests for passing such text back).
+INVALID_JSON = "INVALID_JSON"
 # Every top-level field of a Messages request the API knows; anything else is "Extra inputs are not
 # permitted" (there is no seed in this API). temperature, top_p and top_k are still accepted though
 # the SDK no longer models them (it sends them through extra_body).
@@ -74,6 +89,165 @@ def _text(content: Any, where: str) -> str:
     raise BadRequest(f"{where}: Input should be a valid string or a list of content blocks")
 
 
+def _tool_uses(content: Any, where: str) -> dict[str, str]:
+    """An assistant turn's tool_use blocks (id -> name), checked as the API checks them."""
+    out: dict[str, str] = {}
+    for j, block in enumerate(content if isinstance(content, list) else ()):
+        if not isinstance(block, Mapping) or block.get("type") != "tool_use":
+            continue
+        at = f"{where}.{j}.tool_use"
+        for key in ("id", "name", "input"):
+            if key not in block:
+                raise BadRequest(f"{at}.{key}: Field required")
+        if not isinstance(block["id"], str) or not _TOOL_USE_ID.match(block["id"]):
+            raise BadRequest(f"{at}.id: String should match pattern '^[a-zA-Z0-9_-]+$'")
+        if not isinstance(block["name"], str):
+            raise BadRequest(f"{at}.name: Input should be a valid string")
+        if not isinstance(block["input"], Mapping):
+            raise BadRequest(f"{at}.input: Input should be a valid dictionary")
+        out[block["id"]] = block["name"]
+    return out
+
+
+def _tool_results(content: Any, where: str) -> list[tuple[int, str, str]]:
+    """A user turn's tool_result blocks: (block index, tool_use_id, result text)."""
+    out = []
+    for j, block in enumerate(content if isinstance(content, list) else ()):
+        if not isinstance(block, Mapping) or block.get("type") != "tool_result":
+            continue
+        at = f"{where}.{j}.tool_result"
+        if "tool_use_id" not in block:
+            raise BadRequest(f"{at}.tool_use_id: Field required")
+        if not isinstance(block["tool_use_id"], str):
+            raise BadRequest(f"{at}.tool_use_id: Input should be a valid string")
+        is_error = block.get("is_error")
+        if is_error is not None and not isinstance(is_error, bool):
+            raise BadRequest(f"{at}.is_error: Input should be a valid boolean")
+        inner = block.get("content", "")
+        text = _text(inner, f"{at}.content")
+        out.append((j, block["tool_use_id"], ("error: " if is_error else "") + text))
+    return out
+
+
+def _tool_use(body: Mapping[str, Any]) -> ToolUse | None:
+    """The request's custom tools and tool_choice; server tools (typed, like web search) run on
+    Anthropic's side, so the simulated model never calls them."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is None:
+        if choice is not None:
+            raise BadRequest("tool_choice: tool_choice may only be specified while providing tools")
+        return None
+    if not isinstance(tools, list):
+        raise BadRequest("tools: Input should be a valid list")
+    declared: list[Tool] = []
+    for i, t in enumerate(tools):
+        if not isinstance(t, Mapping):
+            raise BadRequest(
+                f"tools.{i}: Input should be a valid dictionary or object to extract fields from"
+            )
+        if t.get("type", "custom") != "custom":
+            continue
+        at = f"tools.{i}.custom"
+        for key in ("name", "input_schema"):
+            if key not in t:
+                raise BadRequest(f"{at}.{key}: Field required")
+        name, schema = t["name"], t["input_schema"]
+        if not isinstance(name, str) or not _TOOL_NAME.match(name):
+            raise BadRequest(f"{at}.name: String should match pattern '^[a-zA-Z0-9_-]{{1,128}}$'")
+        if not isinstance(schema, Mapping):
+            raise BadRequest(f"{at}.input_schema: Input should be a valid dictionary")
+        if schema.get("type") != "object":
+            raise BadRequest(f"{at}.input_schema.type: Input should be 'object'")
+        description = t.get("description", "")
+        if not isinstance(description, str):
+            raise BadRequest(f"{at}.description: Input should be a valid string")
+        if any(d.name == name for d in declared):
+            raise BadRequest("tools: Tool names must be unique.")
+        declared.append(Tool(name, description, schema, strict=t.get("strict") is True))
+    mode: Mode = "auto"
+    allowed: tuple[str, ...] = ()
+    parallel = True
+    if choice is not None:
+        if not isinstance(choice, Mapping):
+            raise BadRequest(
+                "tool_choice: Input should be a valid dictionary or object to extract fields from"
+            )
+        kind = choice.get("type")
+        if kind not in _CHOICES:
+            raise BadRequest(
+                f"tool_choice: Input tag '{kind}' found using 'type' does not match any of the expected "
+                "tags: 'auto', 'any', 'tool', 'none'"
+            )
+        disable = choice.get("disable_parallel_tool_use")
+        if disable is not None and not isinstance(disable, bool):
+            raise BadRequest(f"tool_choice.{kind}.disable_parallel_tool_use: Input should be a valid boolean")
+        parallel = not disable
+        if kind == "tool":
+            name = choice.get("name")
+            if not isinstance(name, str):
+                raise BadRequest("tool_choice.tool.name: Field required")
+            if name not in {d.name for d in declared}:
+                raise BadRequest(f"tool_choice.tool.name: Tool '{name}' not found in provided tools")
+            allowed = (name,)
+        mode = {"auto": "auto", "any": "required", "tool": "required", "none": "none"}[kind]  # type: ignore[assignment]
+    return ToolUse(
+        tools=tuple(declared), mode=mode, allowed=allowed, parallel=parallel, preamble=mode == "auto"
+    )
+
+
+def _turns(messages: list[Any], has_tools: bool) -> list[tuple[str, str]]:
+    """The messages as transcript turns, tool_use and tool_result blocks checked as the API checks
+    them: every tool_use answered by a tool_result in the very next (user) message, every
+    tool_result answering a tool_use of the message before, and tools declared for either."""
+    transcript: list[tuple[str, str]] = []
+    asked: dict[str, str] = {}  # the previous assistant turn's tool_use ids -> names
+    asked_at = -1
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, Mapping) else None
+        if role not in ("user", "assistant"):
+            raise BadRequest(f"messages.{i}.role: Input should be 'user' or 'assistant'")
+        content = m.get("content")
+        where = f"messages.{i}.content"
+        text = _text(content, where)
+        uses = _tool_uses(content, where) if role == "assistant" else {}
+        results = _tool_results(content, where) if role == "user" else []
+        if (uses or results) and not has_tools:
+            raise BadRequest("Requests which include `tool_use` or `tool_result` blocks must define tools.")
+        answered = {tid for _, tid, _ in results}
+        if asked and not set(asked) <= answered:
+            missing = ", ".join(t for t in asked if t not in answered)
+            raise BadRequest(
+                f"messages.{asked_at}: `tool_use` ids were found without `tool_result` blocks immediately "
+                f"after: {missing}. Each `tool_use` block must have a corresponding `tool_result` block in "
+                "the next message."
+            )
+        for j, tid, result in results:
+            if tid not in asked:
+                raise BadRequest(
+                    f"{where}.{j}: unexpected `tool_use_id` found in `tool_result` blocks: {tid}. Each "
+                    "`tool_result` block must have a corresponding `tool_use` block in the previous message."
+                )
+            transcript.append(("tool", tool_result_text(asked[tid], result)))
+        if uses:  # the calls join the turn's text; a plain turn (a prefill) is kept as sent
+            calls = [
+                tool_call_text(b["name"], dumps(b["input"]).decode())
+                for b in content
+                if isinstance(b, Mapping) and b.get("type") == "tool_use"
+            ]
+            text = "\n".join([text, *calls]).strip()
+        if text or not results:
+            transcript.append((role, text))
+        asked, asked_at = uses, i
+    if asked:
+        missing = ", ".join(asked)
+        raise BadRequest(
+            f"messages.{asked_at}: `tool_use` ids were found without `tool_result` blocks immediately "
+            f"after: {missing}. Each `tool_use` block must have a corresponding `tool_result` block in "
+            "the next message."
+        )
+    return transcript
+
+
 class AnthropicWire(Wire):
     name = "anthropic"
     key_hint = "the x-api-key header (or Authorization: Bearer)"
@@ -91,6 +265,9 @@ class AnthropicWire(Wire):
 
     def new_id(self) -> str:
         return "msg_01" + random_id(22)
+
+    def call_id(self, model: str) -> str:
+        return "toolu_01" + random_id(22)
 
     def request_id_headers(self, request_id: str) -> list[tuple[bytes, bytes]]:
         # The SDK exposes ``request-id`` as ``_request_id``; x-request-id is the simulator's common header.
@@ -114,18 +291,15 @@ class AnthropicWire(Wire):
         system = body.get("system")
         if system is not None:
             transcript.append(("system", _text(system, "system")))
-        for i, m in enumerate(messages):
-            role = m.get("role") if isinstance(m, Mapping) else None
-            if role not in ("user", "assistant"):
-                raise BadRequest(f"messages.{i}.role: Input should be 'user' or 'assistant'")
-            transcript.append((role, _text(m.get("content"), f"messages.{i}.content")))
+        unknown = sorted(k for k in body if k not in _FIELDS)
+        if unknown:
+            raise BadRequest(f"{unknown[0]}: Extra inputs are not permitted")
+        tools = _tool_use(body)
+        transcript += _turns(messages, tools is not None)
         last_role, last_text = transcript[-1]
         if last_role == "assistant" and last_text != last_text.rstrip():
             # As the Messages API refuses a prefill it could not continue cleanly.
             raise BadRequest("messages: final assistant content cannot end with trailing whitespace")
-        unknown = sorted(k for k in body if k not in _FIELDS)
-        if unknown:
-            raise BadRequest(f"{unknown[0]}: Extra inputs are not permitted")
         temperature = _unit_interval(body, "temperature")
         top_p = _unit_interval(body, "top_p")
         top_k = body.get("top_k")
@@ -148,6 +322,8 @@ class AnthropicWire(Wire):
             stop=tuple(stop or ()),
             params={k: v for k, v in found.items() if v is not None},
             prompt_caching=_asks_for_caching(body),
+            tools=tools,
+            tool_tokens=declared_tokens(tools),
         )
 
     def status(self, kind: Err) -> int:
@@ -215,13 +391,25 @@ class AnthropicWire(Wire):
             "service_tier": "standard",
         }
 
+    @staticmethod
+    def _tool_block(call: Any, *, started: bool = False) -> dict[str, Any]:
+        """A tool_use block; ``started``: as content_block_start opens it, its input still empty."""
+        args = call.args
+        arguments = {} if started else args if args is not None else {INVALID_JSON: call.arguments}
+        block = {"type": "tool_use", "id": call.id, "name": call.name}
+        return block | {"caller": {"type": "direct"}, "input": arguments}
+
+    def _content(self, c: Completion) -> list[dict[str, Any]]:
+        text = [{"type": "text", "text": c.text}] if c.text or not c.calls else []
+        return text + [self._tool_block(k) for k in c.calls]
+
     def _message(self, req: SimRequest, c: Completion, *, done: bool) -> dict[str, Any]:
         return {
             "id": c.id,
             "type": "message",
             "role": "assistant",
             "model": req.model,
-            "content": [{"type": "text", "text": c.text}] if done else [],
+            "content": self._content(c) if done else [],
             "stop_reason": _STOP_REASON[c.finish] if done else None,
             "stop_sequence": c.stop_sequence if done else None,
             "usage": self._usage(c, c.completion_tokens if done else 1),
@@ -231,22 +419,51 @@ class AnthropicWire(Wire):
         return dumps(self._message(req, c, done=True))
 
     def stream_head(self, req: SimRequest, c: Completion) -> bytes:
-        return (
-            sse({"type": "message_start", "message": self._message(req, c, done=False)}, "message_start")
-            + sse(
-                {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-                "content_block_start",
+        head = sse({"type": "message_start", "message": self._message(req, c, done=False)}, "message_start")
+        if c.text or not c.calls:
+            block = {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+            head += sse(block, "content_block_start")
+        return head + sse({"type": "ping"}, "ping")
+
+    def call_events(self, req: SimRequest, c: Completion) -> list[tuple[str, bytes]]:
+        """Each call as Claude streams it: content_block_start with the tool_use block (input
+        empty), input_json_delta events carrying fragments of its input's JSON (the first one
+        empty), content_block_stop; the text block before them is closed first."""
+        events: list[tuple[str, bytes]] = []
+        first = 1 if c.text else 0
+        for k, call in enumerate(c.calls):
+            index = first + k
+            opening = (
+                sse({"type": "content_block_stop", "index": 0}, "content_block_stop")
+                if k == 0 and first
+                else b""
             )
-            + sse({"type": "ping"}, "ping")
-        )
+            start = {
+                "type": "content_block_start",
+                "index": index,
+                "content_block": self._tool_block(call, started=True),
+            }
+            opening += sse(start, "content_block_start") + self._json_delta(index, "")
+            cut = argument_pieces(call.arguments)
+            events.append(("", opening))
+            events += [(p, self._json_delta(index, p)) for p in cut]
+            stop = sse({"type": "content_block_stop", "index": index}, "content_block_stop")
+            events[-1] = (events[-1][0], events[-1][1] + stop)
+        return events
+
+    @staticmethod
+    def _json_delta(index: int, partial: str) -> bytes:
+        delta = {"type": "input_json_delta", "partial_json": partial}
+        return sse({"type": "content_block_delta", "index": index, "delta": delta}, "content_block_delta")
 
     def stream_delta(self, req: SimRequest, c: Completion, piece: str, last: bool) -> bytes:
         delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}
         return sse(delta, "content_block_delta")
 
     def stream_tail(self, req: SimRequest, c: Completion) -> bytes:
+        closing = b"" if c.calls else sse({"type": "content_block_stop", "index": 0}, "content_block_stop")
         return (
-            sse({"type": "content_block_stop", "index": 0}, "content_block_stop")
+            closing
             + sse(
                 {
                     "type": "message_delta",

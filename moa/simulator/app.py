@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from typing import Any
@@ -70,8 +69,6 @@ _ERROR_FAULTS = {"error_429": Err.RATE_LIMIT, "error_500": Err.SERVER, "error_50
 # Faults that spoil the response body: the request does not count as completed.
 _BROKEN_BODY = frozenset({"malformed_json", "wrong_content_type", "cut_stream"})
 _MAX_BODY = 32 * 1024 * 1024
-_PIECE_CHARS = 12  # about three tokens per streamed chunk
-_PIECES = re.compile(r"\S+\s*|\s+")
 _MALFORMED_PREFIX = b"{'simulator': malformed, "
 _HTML = (
     b"<!DOCTYPE html>\n<html><head><title>502 Bad Gateway</title></head>\n"
@@ -128,19 +125,6 @@ class _DisconnectWatcher:
     def stop(self) -> None:
         self.finished = True
         self._task.cancel()
-
-
-def _pieces(text: str) -> list[str]:
-    out: list[str] = []
-    cur = ""
-    for m in _PIECES.finditer(text):
-        cur += m.group()
-        if len(cur) >= _PIECE_CHARS:
-            out.append(cur)
-            cur = ""
-    if cur:
-        out.append(cur)
-    return out
 
 
 async def _read_body(receive: Receive) -> bytes:
@@ -387,7 +371,10 @@ class SimulatorApp:
                 id=wire.new_id(),
                 created=int(time.time()),
                 authors=state.author,
+                call_id=lambda: wire.call_id(req.model),
             )
+            if c.tool_fault is not None:
+                st.faults["tool_" + c.tool_fault] += 1
             if not c.judged:
                 state.remember_author(c.text, req.model)  # so a simulated judge knows who wrote it
             tps = mp.tokens_per_s / (spec.factor if isinstance(spec, SlowFault) else 1.0)
@@ -498,8 +485,9 @@ class SimulatorApp:
             }
         )
         await send({"type": "http.response.body", "body": wire.stream_head(req, c), "more_body": True})
-        pieces = _pieces(c.text)
-        total = max(len(c.text), 1)
+        events = wire.stream_events(req, c)
+        pieces = [text for text, _ in events]
+        total = max(sum(map(len, pieces)), 1)
         due, acc = [], 0
         for p in pieces:
             acc += len(p)
@@ -518,7 +506,7 @@ class SimulatorApp:
             now = loop.time() + 0.002
             batch, first = bytearray(), i
             while i < cut_at and due[i] <= now:
-                batch += wire.stream_delta(req, c, pieces[i], i == len(pieces) - 1)
+                batch += events[i][1]
                 i += 1
             if fault == "malformed_json":
                 batch = bytearray(batch.replace(b"data: {", b"data: " + _MALFORMED_PREFIX, 1))

@@ -7,9 +7,12 @@ treat them as optional.
 
 from __future__ import annotations
 
+import re
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
+from moa.simulator.tools import Mode, Tool, ToolUse, declared_tokens, tool_call_text, tool_result_text
 from moa.simulator.wire import (
     BadRequest,
     Completion,
@@ -46,7 +49,44 @@ def proto_duration(seconds: float) -> str:
     return f"{whole}.{digits}s"
 
 
-_FINISH = {"stop": "STOP", "stop_sequence": "STOP", "length": "MAX_TOKENS"}
+_FINISH = {"stop": "STOP", "stop_sequence": "STOP", "length": "MAX_TOKENS", "tool_calls": "STOP"}
+_TOOL_FIELDS = frozenset(
+    {
+        "functionDeclarations", "googleSearch", "googleSearchRetrieval", "codeExecution", "urlContext",
+        "computerUse", "fileSearch", "googleMaps", "mcpServers", "retrieval", "enterpriseWebSearch",
+    }
+)  # fmt: skip
+_DECLARATION_FIELDS = frozenset(
+    {
+        "name",
+        "description",
+        "parameters",
+        "parametersJsonSchema",
+        "response",
+        "responseJsonSchema",
+        "behavior",
+    }
+)
+_TYPES = frozenset({"TYPE_UNSPECIFIED", "STRING", "NUMBER", "INTEGER", "BOOLEAN", "ARRAY", "OBJECT", "NULL"})
+_MODES: dict[str, Mode] = {
+    "MODE_UNSPECIFIED": "auto",
+    "AUTO": "auto",
+    "ANY": "required",
+    "NONE": "none",
+    "VALIDATED": "auto",
+}
+_FUNCTION_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_.:-]{0,63}$")
+_CALL_ORDER = (
+    "Please ensure that function call turn comes immediately after a user turn or after a function "
+    "response turn."
+)
+_RESPONSE_COUNT = (
+    "Please ensure that the number of function response parts is equal to the number of function call "
+    "parts of the function call turn."
+)
+_CALLED = "Model generated function call(s)."
+_MODE_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1beta.FunctionCallingConfig.Mode"
+_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 # The fields the API knows, top level and in generationConfig, in both spellings; anything else is
 # refused by name ("Unknown name ...: Cannot find field.").
 _FIELDS = frozenset(
@@ -105,17 +145,161 @@ def _field(obj: Mapping[str, Any], camel: str, snake: str) -> Any:
     return obj.get(snake) if v is None else v
 
 
-def _parts_text(content: Any, where: str) -> str:
+def _parts(content: Any, where: str) -> list[Any]:
     if not isinstance(content, Mapping):
         raise BadRequest(f"Invalid value at '{where}': expected a Content object")
     parts = content.get("parts")
+    if isinstance(parts, Mapping):  # the REST API takes a lone object for a repeated field
+        parts = [parts]
     if not isinstance(parts, list):
         raise BadRequest(f"* GenerateContentRequest.{where}.parts: contents.parts must not be empty.")
-    texts = []
-    for p in parts:
-        if isinstance(p, Mapping) and isinstance(p.get("text"), str):
-            texts.append(p["text"])
-    return "".join(texts)
+    return parts
+
+
+def _parts_text(content: Any, where: str) -> str:
+    return "".join(
+        p["text"] for p in _parts(content, where) if isinstance(p, Mapping) and isinstance(p.get("text"), str)
+    )
+
+
+def _part(p: Any, key: str, snake: str) -> Mapping[str, Any] | None:
+    v = _field(p, key, snake) if isinstance(p, Mapping) else None
+    return v if isinstance(v, Mapping) else None
+
+
+def _turns(contents: list[Any]) -> list[tuple[str, str]]:
+    """The contents as transcript turns, function calls and responses checked in order as the API
+    checks them: a call turn only after a user turn or a response turn, and as many response parts
+    as the call turn had calls (with Gemini 3's ids, each response answering one of them)."""
+    transcript: list[tuple[str, str]] = []
+    calls: list[Mapping[str, Any]] = []  # the previous turn's function calls
+    previous = None
+    for i, c in enumerate(contents):
+        role = c.get("role", "user") if isinstance(c, Mapping) else None
+        if role not in ("user", "model", "function"):
+            raise BadRequest(f"Please use a valid role: user, model. (contents[{i}].role)")
+        where = f"contents[{i}]"
+        parts = _parts(c, where)
+        text = _parts_text(c, where)
+        made = [f for j, p in enumerate(parts) if (f := _call_part(p, f"{where}.parts[{j}]")) is not None]
+        answers = [
+            r for j, p in enumerate(parts) if (r := _response_part(p, f"{where}.parts[{j}]")) is not None
+        ]
+        if made and (role != "model" or previous not in ("user", "response")):
+            raise BadRequest(_CALL_ORDER)
+        if answers:
+            if calls and len(answers) != len(calls):
+                raise BadRequest(_RESPONSE_COUNT)
+            ids = {k.get("id") for k in calls if k.get("id")}
+            for r in answers:
+                if ids and r.get("id") and r["id"] not in ids:
+                    raise BadRequest("functionResponse.id does not match functionCall.id")
+                transcript.append(("tool", tool_result_text(str(r.get("name", "")), r.get("response", {}))))
+        if made:
+            said = [tool_call_text(str(f.get("name")), dumps(f.get("args") or {}).decode()) for f in made]
+            text = "\n".join([text, *said]).strip()
+        if text or not answers:
+            transcript.append(("assistant" if role == "model" else "user", text))
+        calls = made
+        previous = "response" if answers else "model" if role == "model" else "user"
+    return transcript
+
+
+def _call_part(p: Any, where: str) -> Mapping[str, Any] | None:
+    call = _part(p, "functionCall", "function_call")
+    if call is not None:
+        _unknown(
+            call, frozenset({"name", "args", "id", "partialArgs", "willContinue"}), f"{where}.function_call"
+        )
+        if not isinstance(call.get("name"), str) or not call["name"]:
+            raise BadRequest(f"* GenerateContentRequest.{where}.function_call.name: Name cannot be empty.")
+    return call
+
+
+def _response_part(p: Any, where: str) -> Mapping[str, Any] | None:
+    response = _part(p, "functionResponse", "function_response")
+    if response is not None:
+        known = frozenset({"name", "response", "id", "parts", "willContinue", "scheduling"})
+        _unknown(response, known, f"{where}.function_response")
+        if not isinstance(response.get("name"), str) or not response["name"]:
+            raise BadRequest(
+                f"* GenerateContentRequest.{where}.function_response.name: Name cannot be empty."
+            )
+    return response
+
+
+def _tool_use(body: Mapping[str, Any]) -> ToolUse | None:
+    """The request's function declarations and its function calling config."""
+    tools = body.get("tools")
+    config = _field(body, "toolConfig", "tool_config")
+    if tools is None:
+        return None
+    if isinstance(tools, Mapping):
+        tools = [tools]
+    if not isinstance(tools, list):
+        raise BadRequest("Invalid value at 'tools': expected a list of Tool objects")
+    declared: list[Tool] = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, Mapping):
+            raise BadRequest(f"Invalid value at 'tools[{i}]': expected a Tool object")
+        _unknown(tool, _TOOL_FIELDS, f"tools[{i}]")
+        decls = _field(tool, "functionDeclarations", "function_declarations") or []
+        for j, d in enumerate(decls if isinstance(decls, list) else [decls]):
+            declared.append(_declaration(d, f"tools[{i}].function_declarations[{j}]"))
+    fcc = (
+        _field(config, "functionCallingConfig", "function_calling_config")
+        if isinstance(config, Mapping)
+        else None
+    )
+    mode: Mode = "auto"
+    allowed: tuple[str, ...] = ()
+    if isinstance(fcc, Mapping):
+        _unknown(fcc, frozenset({"mode", "allowedFunctionNames"}), "tool_config.function_calling_config")
+        raw = fcc.get("mode", "AUTO")
+        if raw not in _MODES:
+            raise BadRequest(
+                f"Invalid value at 'tool_config.function_calling_config.mode' ({_MODE_TYPE}), \"{raw}\""
+            )
+        mode = _MODES[raw]
+        names = _field(fcc, "allowedFunctionNames", "allowed_function_names")
+        if names:
+            where = "GenerateContentRequest.tool_config.function_calling_config.allowed_function_names"
+            if raw not in ("ANY", "VALIDATED"):
+                raise BadRequest(f"* {where}: allowed_function_names can only be set when mode is ANY.")
+            unknown = [n for n in names if n not in {d.name for d in declared}]
+            if unknown:
+                raise BadRequest(
+                    f"* {where}: function {unknown[0]!r} is not among the function declarations."
+                )
+            allowed = tuple(names)
+    if not declared:
+        return None  # only Google's own tools (search, code execution): nothing the model calls here
+    return ToolUse(tools=tuple(declared), mode=mode, allowed=allowed)
+
+
+def _declaration(d: Any, where: str) -> Tool:
+    if not isinstance(d, Mapping):
+        raise BadRequest(f"Invalid value at '{where}': expected a FunctionDeclaration object")
+    _unknown(d, _DECLARATION_FIELDS, where)
+    name = d.get("name")
+    if not isinstance(name, str) or not _FUNCTION_NAME.match(name):
+        raise BadRequest(
+            f"* GenerateContentRequest.{where}.name: Invalid function name. Must start with a letter or an "
+            "underscore. Must be a-z, A-Z, 0-9, or contain underscores, dots, colons and dashes, with a "
+            "maximum length of 64."
+        )
+    params = _field(d, "parameters", "parameters") or _field(
+        d, "parametersJsonSchema", "parameters_json_schema"
+    )
+    params = params if isinstance(params, Mapping) else {}
+    kind = params.get("type")
+    if isinstance(kind, str) and kind.upper() not in _TYPES:
+        raise BadRequest(
+            f"Invalid value at '{where}.parameters.type' "
+            f'(type.googleapis.com/google.ai.generativelanguage.v1beta.Type), "{kind}"'
+        )
+    description = d.get("description", "")
+    return Tool(name, description if isinstance(description, str) else "", params)
 
 
 class GeminiWire(Wire):
@@ -129,6 +313,14 @@ class GeminiWire(Wire):
     def new_id(self) -> str:
         return random_id(22)
 
+    def call_id(self, model: str) -> str:
+        """Gemini 3 gives every function call an id (to be echoed in its functionResponse);
+        earlier models give none (an empty id here, and no ``id`` on the wire)."""
+        version = re.match(r"gemini-(\d+)", model)
+        if version is None or int(version.group(1)) < 3:
+            return ""
+        return "".join(secrets.choice(_ID_ALPHABET) for _ in range(8))
+
     def parse(self, body: Any, path_model: str | None, stream: bool) -> SimRequest:
         if not isinstance(body, Mapping):
             raise BadRequest("Invalid JSON payload received. Expected an object.")
@@ -136,18 +328,17 @@ class GeminiWire(Wire):
         if not model:
             raise BadRequest("* GenerateContentRequest.model: unexpected model name format")
         contents = body.get("contents")
+        if isinstance(contents, Mapping):  # the REST API takes a lone object for a repeated field
+            contents = [contents]
         if not isinstance(contents, list) or not contents:
             raise BadRequest("* GenerateContentRequest.contents: contents is not specified")
         transcript: list[tuple[str, str]] = []
         system = _field(body, "systemInstruction", "system_instruction")
         if system is not None:
             transcript.append(("system", _parts_text(system, "system_instruction")))
-        for i, c in enumerate(contents):
-            role = c.get("role", "user") if isinstance(c, Mapping) else None
-            if role not in ("user", "model"):
-                raise BadRequest(f"Please use a valid role: user, model. (contents[{i}].role)")
-            transcript.append(("assistant" if role == "model" else "user", _parts_text(c, f"contents[{i}]")))
+        transcript += _turns(contents)
         _unknown(body, _FIELDS, "")
+        tools = _tool_use(body)
         config = _field(body, "generationConfig", "generation_config") or {}
         if not isinstance(config, Mapping):
             raise BadRequest("Invalid value at 'generation_config': expected an object")
@@ -192,6 +383,8 @@ class GeminiWire(Wire):
             seed=seed,
             stop=tuple(stop or ()),
             params={k: v for k, v in found.items() if v is not None},
+            tools=tools,
+            tool_tokens=declared_tokens(tools),
         )
 
     def missing_key(self, request_id: str) -> tuple[int, bytes]:
@@ -294,11 +487,36 @@ class GeminiWire(Wire):
         usage["promptTokensDetails"] = [{"modality": "TEXT", "tokenCount": c.prompt_tokens}]
         return usage
 
+    @staticmethod
+    def _calls_candidate(c: Completion) -> dict[str, Any]:
+        """A candidate carrying the calls as functionCall parts, or, when the model wrote one's
+        arguments as malformed JSON, no content and finish reason MALFORMED_FUNCTION_CALL (the
+        API parses the model's call itself and reports one it cannot parse that way)."""
+        bad = next((k for k in c.calls if k.args is None), None)
+        if bad is not None:
+            message = f"Malformed function call: {bad.name}({bad.arguments})"
+            return {
+                "content": {},
+                "finishReason": "MALFORMED_FUNCTION_CALL",
+                "index": 0,
+                "finishMessage": message,
+            }
+        parts = []
+        for k in c.calls:
+            call: dict[str, Any] = {"name": k.name, "args": k.args}
+            if k.id:
+                call = {"id": k.id} | call
+            parts.append({"functionCall": call})
+        content = {"parts": parts, "role": "model"}
+        return {"content": content, "finishReason": "STOP", "index": 0, "finishMessage": _CALLED}
+
     def _chunk(self, req: SimRequest, c: Completion, text: str, final: bool) -> dict[str, Any]:
         candidate: dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"}}
         if final:
             candidate["finishReason"] = _FINISH[c.finish]
         candidate["index"] = 0
+        if final and c.calls:
+            candidate = self._calls_candidate(c)
         return {
             "candidates": [candidate],
             "usageMetadata": self._usage(c, c.completion_tokens if final else None),
@@ -326,7 +544,15 @@ class GeminiWire(Wire):
             usage["promptTokensDetails"] = usage.pop("promptTokensDetails")  # the API's key order
         return sse(chunk).replace(b"\n\n", b"\r\n\r\n")
 
+    def call_events(self, req: SimRequest, c: Completion) -> list[tuple[str, bytes]]:
+        """Gemini streams a model's calls whole: one event with every functionCall part, the
+        finish reason and the whole usage (tests/fixtures/providers/gemini/function_call.stream.sse)."""
+        if not c.calls:
+            return []
+        said = "".join(k.name + k.arguments for k in c.calls)
+        return [(said, sse(self._chunk(req, c, "", final=True)).replace(b"\n\n", b"\r\n\r\n"))]
+
     def stream_tail(self, req: SimRequest, c: Completion) -> bytes:
-        if c.text:
+        if c.text or c.calls:
             return b""  # already sent with the last piece
         return sse(self._chunk(req, c, "", final=True)).replace(b"\n\n", b"\r\n\r\n")

@@ -15,11 +15,11 @@ from __future__ import annotations
 from typing import Any
 
 from moa.simulator.openai_wire import OpenAIWire
-from moa.simulator.wire import Completion, Err, SimRequest, dumps, sse
+from moa.simulator.wire import Completion, Err, SimRequest, argument_pieces, dumps, sse
 
 # What this build reports for itself (``system_fingerprint``, ``build_info``).
 BUILD_INFO = "b0-simulator"
-_FINISH = {"stop": "stop", "stop_sequence": "stop", "length": "length"}
+_FINISH = {"stop": "stop", "stop_sequence": "stop", "length": "length", "tool_calls": "tool_calls"}
 # llama.cpp's error types (server-common.cpp ``format_error_response``). It sends no 429: a
 # simulated rate limit keeps OpenAI's body.
 _ERRORS = {
@@ -225,7 +225,11 @@ class LlamaCppWire(OpenAIWire):
         }
 
     def response(self, req: SimRequest, c: Completion) -> bytes:
-        message = {"role": "assistant", "content": c.text}
+        message: dict[str, Any] = {"role": "assistant", "content": c.text}
+        if c.calls:
+            # llama-server's own tool calling (its chat templates' parsers) answers OpenAI's way; not
+            # recorded here (the recorded model's template has no tools), so the shape is OpenAI's.
+            message = {"role": "assistant", "content": None, "tool_calls": [_call(k) for k in c.calls]}
         choice = {"finish_reason": _FINISH[c.finish], "index": 0, "message": message}
         body = self._head(req, c, [choice], "chat.completion")
         return dumps(body | {"usage": self._usage(c), "id": c.id, "timings": _timings(c)})
@@ -240,6 +244,22 @@ class LlamaCppWire(OpenAIWire):
         delta = {"role": "assistant", "content": None}
         return self._llama_chunk(req, c, [{"finish_reason": None, "index": 0, "delta": delta}])
 
+    def call_events(self, req: SimRequest, c: Completion) -> list[tuple[str, bytes]]:
+        """The calls as OpenAI streams them, in llama.cpp's chunks."""
+        events: list[tuple[str, bytes]] = []
+
+        def delta(calls: list[dict[str, Any]]) -> bytes:
+            choice = {"finish_reason": None, "index": 0, "delta": {"tool_calls": calls}}
+            return self._llama_chunk(req, c, [choice])
+
+        for k, call in enumerate(c.calls):
+            opening = {"index": k} | _call(call)
+            opening["function"] = {"name": call.name, "arguments": ""}
+            events.append(("", delta([opening])))
+            cut = argument_pieces(call.arguments)
+            events += [(p, delta([{"index": k, "function": {"arguments": p}}])) for p in cut]
+        return events
+
     def stream_delta(self, req: SimRequest, c: Completion, piece: str, last: bool) -> bytes:
         return self._llama_chunk(req, c, [{"finish_reason": None, "index": 0, "delta": {"content": piece}}])
 
@@ -248,3 +268,7 @@ class LlamaCppWire(OpenAIWire):
         if req.include_usage:
             out += self._llama_chunk(req, c, [], usage=self._usage(c), timings=_timings(c))
         return out + b"data: [DONE]\n\n"
+
+
+def _call(call: Any) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": call.name, "arguments": call.arguments}, "id": call.id}

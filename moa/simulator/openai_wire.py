@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Mapping
 from typing import Any
 
 from moa.simulator.text import stable_hash
+from moa.simulator.tools import Mode, Tool, ToolUse, declared_tokens, tool_call_text, tool_result_text
 from moa.simulator.wire import (
     BadRequest,
     Completion,
     Err,
     SimRequest,
     Wire,
+    argument_pieces,
     dumps,
     is_integer,
     is_number,
@@ -30,8 +33,17 @@ _ERRORS: dict[Err, tuple[str, str | None]] = {
     Err.SERVER: ("server_error", None),
     Err.UNAVAILABLE: ("server_error", None),
 }
-_FINISH = {"stop": "stop", "stop_sequence": "stop", "length": "length"}
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+_FINISH = {"stop": "stop", "stop_sequence": "stop", "length": "length", "tool_calls": "tool_calls"}
+_ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+    "function": "tool",
+}
+_NAME = re.compile(r"^[a-zA-Z0-9_-]+$")
+MAX_NAME = 64
 
 
 def _text(content: Any, where: str) -> str:
@@ -122,6 +134,240 @@ def _stop(body: Mapping[str, Any]) -> tuple[str, ...] | None:
     return tuple(stop)
 
 
+def _missing(where: str) -> BadRequest:
+    return BadRequest(f"Missing required parameter: '{where}'.", where, "missing_required_parameter")
+
+
+def _strict_schema(
+    function: str, schema: Mapping[str, Any], where: str, context: tuple[str, ...] = ()
+) -> None:
+    """What strict mode (Structured Outputs) demands of every object in a schema: no additional
+    properties, and every property required; refused in OpenAI's words otherwise."""
+    if schema.get("type") == "object" or "properties" in schema:
+        props = schema.get("properties") or {}
+        head = f"Invalid schema for function '{function}': In context={context!r}, "
+        if schema.get("additionalProperties") is not False:
+            raise BadRequest(
+                head + "'additionalProperties' is required to be supplied and to be false.",
+                where,
+                "invalid_function_parameters",
+            )
+        required = schema.get("required") or []
+        missing = [k for k in props if k not in required]
+        if missing:
+            raise BadRequest(
+                head + "'required' is required to be supplied and to be an array including every key "
+                f"in properties. Missing '{missing[0]}'.",
+                where,
+                "invalid_function_parameters",
+            )
+        for key, sub in props.items():
+            if isinstance(sub, Mapping):
+                _strict_schema(function, sub, where, (*context, "properties", key))
+    items = schema.get("items")
+    if isinstance(items, Mapping):
+        _strict_schema(function, items, where, (*context, "items"))
+
+
+def _function(fn: Any, where: str) -> Tool:
+    if not isinstance(fn, Mapping):
+        raise _invalid_type(where, "an object", fn)
+    name = fn.get("name")
+    if name is None:
+        raise _missing(f"{where}.name")
+    if not isinstance(name, str):
+        raise _invalid_type(f"{where}.name", "a string", name)
+    if len(name) > MAX_NAME:
+        raise BadRequest(
+            f"Invalid '{where}.name': string too long. Expected a string with maximum length {MAX_NAME}, "
+            f"but got a string with length {len(name)} instead.",
+            f"{where}.name",
+            "string_above_max_length",
+        )
+    if not _NAME.match(name):
+        raise BadRequest(
+            f"Invalid '{where}.name': string does not match pattern. Expected a string that matches the "
+            "pattern '^[a-zA-Z0-9_-]+$'.",
+            f"{where}.name",
+            "invalid_value",
+        )
+    description = fn.get("description", "")
+    if not isinstance(description, str):
+        raise _invalid_type(f"{where}.description", "a string", description)
+    params = fn.get("parameters", {"type": "object", "properties": {}})
+    if not isinstance(params, Mapping):
+        raise _invalid_type(f"{where}.parameters", "an object", params)
+    strict = fn.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise _invalid_type(f"{where}.strict", "a boolean", strict)
+    if strict:
+        _strict_schema(name, params, f"{where}.parameters")
+    return Tool(name, description, params, strict=bool(strict))
+
+
+def _choice(choice: Any, names: set[str], legacy: bool) -> tuple[Mode, tuple[str, ...]]:
+    """The tool choice (legacy: function_call) as a mode and the functions it allows."""
+    field = "function_call" if legacy else "tool_choice"
+    if choice is None:
+        return "auto", ()
+    if isinstance(choice, str):
+        modes = ("none", "auto") if legacy else ("none", "auto", "required")
+        if choice not in modes:
+            listed = ", ".join(f"'{m}'" for m in modes[:-1]) + f", and '{modes[-1]}'"
+            if len(modes) == 2:
+                listed = f"'{modes[0]}' and '{modes[1]}'"
+            raise BadRequest(
+                f"Invalid value: '{choice}'. Supported values are: {listed}.", field, "invalid_value"
+            )
+        return choice, ()  # type: ignore[return-value]
+    if not isinstance(choice, Mapping):
+        raise _invalid_type(field, "a string or an object", choice)
+    if legacy:
+        name = choice.get("name")
+        where = f"{field}.name"
+    elif choice.get("type") == "allowed_tools":
+        allowed = choice.get("allowed_tools")
+        if not isinstance(allowed, Mapping):
+            raise _missing(f"{field}.allowed_tools")
+        mode = allowed.get("mode")
+        if mode not in ("auto", "required"):
+            raise BadRequest(
+                f"Invalid value: '{mode}'. Supported values are: 'auto' and 'required'.",
+                f"{field}.allowed_tools.mode",
+                "invalid_value",
+            )
+        names_listed = [
+            t.get("function", {}).get("name") for t in allowed.get("tools") or () if isinstance(t, Mapping)
+        ]
+        for n in names_listed:
+            if n not in names:
+                raise BadRequest(
+                    f"Invalid value for '{field}': function '{n}' is not among the tools.",
+                    field,
+                    "invalid_value",
+                )
+        return mode, tuple(n for n in names_listed if isinstance(n, str))
+    else:
+        if choice.get("type") != "function":
+            raise BadRequest(
+                f"Invalid value: '{choice.get('type')}'. Supported values are: 'function', 'allowed_tools' "
+                "and 'custom'.",
+                f"{field}.type",
+                "invalid_value",
+            )
+        fn = choice.get("function")
+        if not isinstance(fn, Mapping):
+            raise _missing(f"{field}.function")
+        name = fn.get("name")
+        where = f"{field}.function.name"
+    if not isinstance(name, str):
+        raise _missing(where)
+    if name not in names:
+        raise BadRequest(
+            f"Invalid value for '{field}': function '{name}' is not among the "
+            f"{'functions' if legacy else 'tools'}.",
+            field,
+            "invalid_value",
+        )
+    return "required", (name,)
+
+
+def _tool_use(body: Mapping[str, Any]) -> ToolUse | None:
+    """The request's tools (or legacy functions) and what the model may do with them."""
+    tools, functions = body.get("tools"), body.get("functions")
+    if tools is not None and functions is not None:
+        raise BadRequest("Invalid parameter: 'functions' and 'tools' cannot both be specified.", "functions")
+    legacy = functions is not None
+    field, decls = ("functions", functions) if legacy else ("tools", tools)
+    choice_field = "function_call" if legacy else "tool_choice"
+    choice = body.get(choice_field)
+    parallel = body.get("parallel_tool_calls")
+    if decls is None:
+        for name, value in ((choice_field, choice), ("parallel_tool_calls", parallel)):
+            if value is not None:
+                raise BadRequest(
+                    f"Invalid value for '{name}': '{name}' is only allowed when '{field}' are specified.",
+                    name,
+                )
+        return None
+    if not isinstance(decls, list):
+        raise _invalid_type(field, "an array", decls)
+    if not decls:
+        raise BadRequest(
+            f"Invalid '{field}': empty array. Expected an array with minimum length 1, but got an empty "
+            "array instead.",
+            field,
+            "empty_array",
+        )
+    declared: list[Tool] = []
+    for i, t in enumerate(decls):
+        where = f"{field}[{i}]"
+        if legacy:
+            declared.append(_function(t, where))
+            continue
+        if not isinstance(t, Mapping):
+            raise _invalid_type(where, "an object", t)
+        if "type" not in t:
+            raise _missing(f"{where}.type")
+        if t["type"] != "function":
+            raise BadRequest(
+                f"Invalid value: '{t['type']}'. Supported values are: 'function' and 'custom'.",
+                f"{where}.type",
+                "invalid_value",
+            )
+        if "function" not in t:
+            raise _missing(f"{where}.function")
+        declared.append(_function(t["function"], f"{where}.function"))
+    if parallel is not None and not isinstance(parallel, bool):
+        raise _invalid_type("parallel_tool_calls", "a boolean", parallel)
+    mode, allowed = _choice(choice, {t.name for t in declared}, legacy)
+    return ToolUse(
+        tools=tuple(declared),
+        mode=mode,
+        allowed=allowed,
+        parallel=not legacy and parallel is not False,
+        legacy_functions=legacy,
+    )
+
+
+def _assistant_calls(m: Mapping[str, Any], where: str) -> dict[str, str]:
+    """An assistant message's tool calls (legacy: its function_call), by id, checked as the API
+    checks them."""
+    calls = m.get("tool_calls")
+    if calls is None:
+        return {}
+    if not isinstance(calls, list):
+        raise _invalid_type(f"{where}.tool_calls", "an array", calls)
+    out = {}
+    for j, call in enumerate(calls):
+        at = f"{where}.tool_calls[{j}]"
+        if not isinstance(call, Mapping):
+            raise _invalid_type(at, "an object", call)
+        for key in ("id", "type", "function"):
+            if key not in call:
+                raise _missing(f"{at}.{key}")
+        fn = call["function"]
+        if not isinstance(fn, Mapping):
+            raise _invalid_type(f"{at}.function", "an object", fn)
+        for key in ("name", "arguments"):
+            if key not in fn:
+                raise _missing(f"{at}.function.{key}")
+            if not isinstance(fn[key], str):
+                raise _invalid_type(f"{at}.function.{key}", "a string", fn[key])
+        if not isinstance(call["id"], str):
+            raise _invalid_type(f"{at}.id", "a string", call["id"])
+        out[call["id"]] = fn["name"]
+    return out
+
+
+def _unanswered(pending: Mapping[str, str], index: int) -> BadRequest:
+    return BadRequest(
+        "An assistant message with 'tool_calls' must be followed by tool messages responding to each "
+        "'tool_call_id'. The following tool_call_ids did not have response messages: " + ", ".join(pending),
+        f"messages.[{index}].role",
+    )
+
+
 # The limits a simulated 429 reports: nominal, since the simulator enforces none of its own.
 NOMINAL_RPM, NOMINAL_TPM = 500, 30000
 
@@ -150,6 +396,9 @@ class OpenAIWire(Wire):
     def new_id(self) -> str:
         return "chatcmpl-" + random_id(29)
 
+    def call_id(self, model: str) -> str:
+        return "call_" + random_id(24)
+
     def service_headers(self, seconds: float, simulator_header: bool) -> list[tuple[bytes, bytes]]:
         """OpenAI reports its processing time on every response, errors and streams included, as
         ``openai-processing-ms``: whole milliseconds."""
@@ -170,19 +419,60 @@ class OpenAIWire(Wire):
         if not isinstance(messages, list) or not messages:
             raise BadRequest("Invalid 'messages': expected a non-empty array.", "messages")
         transcript: list[tuple[str, str]] = []
+        # Calls of the last assistant message still waiting for their tool messages (id -> name).
+        pending: dict[str, str] = {}
+        asked_at = 0
         for i, m in enumerate(messages):
             role = m.get("role") if isinstance(m, Mapping) else None
             if role not in _ROLES:
                 raise BadRequest(f"Invalid value for 'messages[{i}].role'.", f"messages[{i}].role")
             text = _text(m.get("content"), f"messages[{i}].content")
             mapped = _ROLES[role]
+            if pending and role not in ("tool", "function"):
+                raise _unanswered(pending, asked_at)
+            if role == "assistant":
+                calls = _assistant_calls(m, f"messages[{i}]")
+                said = [
+                    tool_call_text(c["function"]["name"], c["function"]["arguments"])
+                    for c in m.get("tool_calls") or ()
+                ]
+                legacy = m.get("function_call")
+                if isinstance(legacy, Mapping):
+                    said.append(tool_call_text(str(legacy.get("name")), str(legacy.get("arguments", ""))))
+                if said:  # a plain assistant turn (a partial answer to continue) is kept as sent
+                    text = "\n".join([text, *said]).strip()
+                if calls:
+                    pending, asked_at = calls, i
+            elif role == "tool":
+                call_id = m.get("tool_call_id")
+                if call_id is None:
+                    raise BadRequest(
+                        "Missing parameter 'tool_call_id': messages with role 'tool' must have a "
+                        "'tool_call_id'.",
+                        f"messages.[{i}].tool_call_id",
+                    )
+                if call_id not in pending:
+                    raise BadRequest(
+                        "Invalid parameter: messages with role 'tool' must be a response to a preceeding "
+                        "message with 'tool_calls'.",
+                        f"messages.[{i}].role",
+                    )
+                text = tool_result_text(pending.pop(call_id), text)
+            elif role == "function":
+                name = m.get("name")
+                if not isinstance(name, str):
+                    raise _missing(f"messages[{i}].name")
+                text = tool_result_text(name, text)
             if mapped == "system" and len(transcript) == 1 and transcript[0][0] == "system":
                 transcript[0] = ("system", transcript[0][1] + "\n\n" + text)  # leading system messages merge
             else:
                 transcript.append((mapped, text))
+        if pending:
+            raise _unanswered(pending, asked_at)
         unknown = sorted(k for k in body if k not in _FIELDS)
         if unknown:
             raise BadRequest(f"Unrecognized request argument supplied: {unknown[0]}")
+        tools = _tool_use(body)
         temperature = _number(body, "temperature", 0, 2)
         top_p = _number(body, "top_p", 0, 1)
         max_tokens = _integer(body, "max_completion_tokens", 1)
@@ -218,6 +508,8 @@ class OpenAIWire(Wire):
                 isinstance(options, Mapping) and options.get("include_obfuscation") is False
             ),
             params={k: v for k, v in found.items() if v is not None},
+            tools=tools,
+            tool_tokens=declared_tokens(tools),
         )
 
     def missing_key(self, request_id: str) -> tuple[int, bytes]:
@@ -285,6 +577,31 @@ class OpenAIWire(Wire):
             },
         }
 
+    @staticmethod
+    def _legacy(req: SimRequest) -> bool:
+        return req.tools is not None and req.tools.legacy_functions
+
+    def _finish(self, req: SimRequest, c: Completion) -> str:
+        if c.calls and self._legacy(req):
+            return "function_call"
+        return _FINISH[c.finish]
+
+    def _message(self, req: SimRequest, c: Completion) -> dict[str, Any]:
+        """The answer's message: its text, or (content null) its calls: ``tool_calls`` whose
+        arguments are JSON text, or under the legacy ``functions`` one ``function_call``."""
+        if not c.calls:
+            return {"role": "assistant", "content": c.text, "refusal": None, "annotations": []}
+        message: dict[str, Any] = {"role": "assistant", "content": None}
+        if self._legacy(req):
+            call = c.calls[0]
+            message["function_call"] = {"name": call.name, "arguments": call.arguments}
+        else:
+            message["tool_calls"] = [
+                {"id": k.id, "type": "function", "function": {"name": k.name, "arguments": k.arguments}}
+                for k in c.calls
+            ]
+        return message | {"refusal": None, "annotations": []}
+
     def response(self, req: SimRequest, c: Completion) -> bytes:
         return dumps(
             {
@@ -295,14 +612,9 @@ class OpenAIWire(Wire):
                 "choices": [
                     {
                         "index": 0,
-                        "message": {
-                            "role": "assistant",
-                            "content": c.text,
-                            "refusal": None,
-                            "annotations": [],
-                        },
+                        "message": self._message(req, c),
                         "logprobs": None,
-                        "finish_reason": _FINISH[c.finish],
+                        "finish_reason": self._finish(req, c),
                     }
                 ],
                 "usage": self._usage(c),
@@ -331,16 +643,45 @@ class OpenAIWire(Wire):
         return sse(chunk)
 
     def stream_head(self, req: SimRequest, c: Completion) -> bytes:
-        delta = {"role": "assistant", "content": "", "refusal": None}
+        delta = {"role": "assistant", "content": None if c.calls else "", "refusal": None}
         return self._chunk(req, c, [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
 
     def stream_delta(self, req: SimRequest, c: Completion, piece: str, last: bool) -> bytes:
         choice = {"index": 0, "delta": {"content": piece}, "logprobs": None, "finish_reason": None}
         return self._chunk(req, c, [choice])
 
+    def call_events(self, req: SimRequest, c: Completion) -> list[tuple[str, bytes]]:
+        """Each call as OpenAI streams it: a delta naming it (its ``index``, ``id``, ``type`` and
+        ``function.name``, arguments empty), then deltas carrying fragments of its arguments,
+        under the same ``index``. The legacy ``functions`` stream ``delta.function_call`` alike."""
+        events: list[tuple[str, bytes]] = []
+
+        def delta(body: dict[str, Any]) -> bytes:
+            return self._chunk(req, c, [{"index": 0, "delta": body, "logprobs": None, "finish_reason": None}])
+
+        for k, call in enumerate(c.calls[:1] if self._legacy(req) else c.calls):
+            if self._legacy(req):
+                events.append(("", delta({"function_call": {"name": call.name, "arguments": ""}})))
+                events += [
+                    (p, delta({"function_call": {"arguments": p}})) for p in argument_pieces(call.arguments)
+                ]
+                continue
+            opening = {
+                "index": k,
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": ""},
+            }
+            events.append(("", delta({"tool_calls": [opening]})))
+            events += [
+                (p, delta({"tool_calls": [{"index": k, "function": {"arguments": p}}]}))
+                for p in argument_pieces(call.arguments)
+            ]
+        return events
+
     def stream_tail(self, req: SimRequest, c: Completion) -> bytes:
         out = self._chunk(
-            req, c, [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": _FINISH[c.finish]}]
+            req, c, [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": self._finish(req, c)}]
         )
         if req.include_usage:
             out += self._chunk(req, c, [], usage=self._usage(c))

@@ -123,6 +123,32 @@ class JudgeProfile(_Strict):
     score_noise: int = Field(default=1, ge=0, le=4, description="scores vary uniformly by this many points")
 
 
+class ToolErrors(_Strict):
+    """How often this model gets a tool call wrong, each kind at its own rate (0 to 1), drawn per
+    request from the request's model, conversation, tools and seed, so a run repeats exactly.
+    When several fire at once the first in field order wins. They measure what voting and
+    validation are worth: each is a fault a validator or a quorum of other models can catch."""
+
+    wrong_function: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="calls another declared function (or, with one, an undeclared one)",
+    )
+    missing_argument: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="leaves out one required argument of the first call"
+    )
+    mistyped_argument: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="gives one argument of the first call the wrong JSON type"
+    )
+    malformed_json: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="writes the first call's arguments as text that is not JSON"
+    )
+    text_instead_of_call: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="answers in text where a call was needed (even when forced)"
+    )
+
+
 # Generation parameters by their common names (each protocol has its own: Anthropic's
 # stop_sequences, Gemini's topP and maxOutputTokens...).
 GenParam = Literal[
@@ -160,6 +186,8 @@ class ModelProfile(_Strict):
     faults: Faults = Faults()
     # How this model answers moa eval's judge prompts (an unbiased judge by default).
     judge: JudgeProfile = JudgeProfile()
+    # How this model errs when it calls tools (never, by default).
+    tool_errors: ToolErrors = ToolErrors()
     context_window: int | None = Field(
         default=None,
         ge=16,

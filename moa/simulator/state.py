@@ -146,7 +146,8 @@ class SimState:
 
     def record_request(self, api: str, req: SimRequest, refused: str | None) -> None:
         """Keep what a parsed request carried; ``refused`` is the model's 400 message, if it gave
-        one; ``continues`` the partial answer it was asked to continue, if it was."""
+        one; ``continues`` the partial answer it was asked to continue, if it was; ``tools`` the
+        tools offered and the tool choice, in the simulator's common terms."""
         _, prefix = split_continuation(req.transcript)
         self.recent_requests.append(
             {
@@ -158,6 +159,15 @@ class SimState:
                 "continues": prefix,
                 # The prompt's size as the simulator counts it (what a served window is held to).
                 "prompt_tokens": approx_message_tokens(t for _, t in req.transcript),
+                # The tools it offered and what the model might do with them (None: no tools).
+                "tools": None
+                if req.tools is None
+                else {
+                    "names": [t.name for t in req.tools.tools],
+                    "choice": req.tools.mode,
+                    "allowed": list(req.tools.allowed),
+                    "parallel": req.tools.parallel,
+                },
             }
         )
 

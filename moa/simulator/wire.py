@@ -8,8 +8,9 @@ the app in between knows nothing about any one provider.
 from __future__ import annotations
 
 import os
+import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -18,6 +19,7 @@ from moa.simulator.continuation import continue_text, split_continuation
 from moa.simulator.judge import Authors, judge_reply
 from moa.simulator.profile import ModelProfile
 from moa.simulator.text import compose, style_for
+from moa.simulator.tools import ToolCall, ToolUse, answer_from_results, preamble_text, propose
 from moa.tokens import approx_message_tokens, approx_tokens, truncate_to_tokens
 
 try:  # orjson is faster on the hot path but is not a declared dependency
@@ -113,6 +115,10 @@ class SimRequest:
     # max_tokens, stop, seed), whatever the protocol calls them: what per-model refusals check and
     # what ``GET /admin/requests`` shows.
     params: dict[str, Any] = field(default_factory=dict)
+    # The tools offered and what the model may do with them; None: the request offers none.
+    tools: ToolUse | None = None
+    # The tool declarations' size in tokens: part of the prompt, as the APIs bill it.
+    tool_tokens: int = 0
 
     @property
     def system(self) -> str | None:
@@ -126,7 +132,8 @@ class Completion:
     id: str
     created: int
     text: str
-    finish: str  # "stop", "length" or "stop_sequence" (each protocol names them its own way)
+    # "stop", "length", "stop_sequence" or "tool_calls" (each protocol names them its own way)
+    finish: str
     stop_sequence: str | None
     prompt_tokens: int
     completion_tokens: int
@@ -134,6 +141,9 @@ class Completion:
     judged: bool = False  # a judge's verdict rather than an answer (see moa.simulator.judge)
     # The text a stream of it has sent so far (a wire that reports running usage counts it).
     streamed: str = ""
+    # The tool calls the model made (after ``text``, which is then a preamble or empty).
+    calls: tuple[ToolCall, ...] = ()
+    tool_fault: str | None = None  # the tool error the model's profile injected, if any
 
 
 def random_id(n: int = 24) -> str:
@@ -142,7 +152,30 @@ def random_id(n: int = 24) -> str:
 
 
 def prompt_tokens(req: SimRequest) -> int:
-    return approx_message_tokens(t for _, t in req.transcript)
+    return approx_message_tokens(t for _, t in req.transcript) + req.tool_tokens
+
+
+_PIECES = re.compile(r"\S+\s*|\s+")
+_PIECE_CHARS = 12  # about three tokens per streamed chunk
+
+
+def pieces(text: str) -> list[str]:
+    """Text cut into the pieces a stream sends it in, about three tokens each."""
+    out: list[str] = []
+    cur = ""
+    for m in _PIECES.finditer(text):
+        cur += m.group()
+        if len(cur) >= _PIECE_CHARS:
+            out.append(cur)
+            cur = ""
+    if cur:
+        out.append(cur)
+    return out
+
+
+def argument_pieces(arguments: str) -> list[str]:
+    """A call's arguments cut as the APIs stream them: a few characters at a time."""
+    return [arguments[i : i + _PIECE_CHARS] for i in range(0, len(arguments), _PIECE_CHARS)]
 
 
 def answer(
@@ -153,6 +186,7 @@ def answer(
     id: str,
     created: int,
     authors: Authors | None = None,
+    call_id: Callable[[], str] = lambda: "call_" + random_id(24),
 ) -> Completion:
     """The deterministic answer, after stop sequences and max_tokens. A request handing the model
     the start of an answer gets only its continuation (``moa.simulator.continuation``).
@@ -162,6 +196,25 @@ def answer(
     """
     # At temperature 0 sampling is greedy, so the seed cannot change the wording.
     seed = None if req.temperature == 0 else req.seed
+    tool_fault = None
+    if req.tools is not None:
+        proposal = propose(req.model, seed, req.transcript, req.tools, profile.tool_errors, call_id)
+        tool_fault = proposal.fault
+        if proposal.calls:
+            text = preamble_text(proposal.calls) if req.tools.preamble else ""
+            said = text + "".join(c.name + c.arguments for c in proposal.calls)
+            return Completion(
+                id=id,
+                created=created,
+                text=text,
+                finish="tool_calls",
+                stop_sequence=None,
+                prompt_tokens=prompt_tokens(req),
+                completion_tokens=approx_tokens(said),
+                cached_tokens=cached_tokens,
+                calls=proposal.calls,
+                tool_fault=tool_fault,
+            )
     verdict = judge_reply(req.model, req.transcript, seed, profile.judge, authors) if authors else None
     if verdict is not None:
         text = verdict
@@ -172,6 +225,7 @@ def answer(
         )
         if prefix is not None:
             text = continue_text(text, prefix)
+        text = answer_from_results(transcript, text)
     finish, matched = "stop", None
     if req.stop:
         hits = [(text.find(s), s) for s in req.stop if s and s in text]
@@ -198,6 +252,7 @@ def answer(
         completion_tokens=completion_tokens,
         cached_tokens=cached_tokens,
         judged=verdict is not None,
+        tool_fault=tool_fault,
     )
 
 
@@ -330,6 +385,24 @@ class Wire(ABC):
 
     @abstractmethod
     def stream_delta(self, req: SimRequest, c: Completion, piece: str, last: bool) -> bytes: ...
+
+    def stream_events(self, req: SimRequest, c: Completion) -> list[tuple[str, bytes]]:
+        """Everything between the head and the tail, in order: each event with the text it carries
+        (what paces it, and what a stream cut short is billed for). The text's pieces, then the
+        tool calls the way this API streams them."""
+        cut = pieces(c.text)
+        events = [
+            (p, self.stream_delta(req, c, p, i == len(cut) - 1 and not c.calls)) for i, p in enumerate(cut)
+        ]
+        return events + self.call_events(req, c)
+
+    def call_events(self, req: SimRequest, c: Completion) -> list[tuple[str, bytes]]:
+        """The tool calls' stream events (none: this API streams no calls)."""
+        return []
+
+    def call_id(self, model: str) -> str:
+        """A new tool call's id, as this API writes them."""
+        return "call_" + random_id(24)
 
     @abstractmethod
     def stream_tail(self, req: SimRequest, c: Completion) -> bytes:
