@@ -252,8 +252,8 @@ def cluster(simulator: SimulatorServer, otlp: OTLPReceiver) -> Iterator[dict[str
 # them every 10 s. Ray exports metrics every 10 s by default, and tests that read a series on the
 # Prometheus endpoint waited for it: every 2 s. With direct ingress a deleted app's ingress replica
 # stays reachable for Serve's draining period (30 s by default, for load balancers to deregister
-# it), and every blocking ``serve.delete`` of a test's app waited that long: 8 s still shows the
-# drain (test_serve.py) and saves ~20 s a delete.
+# it): 8 s still shows the drain (test_serve.py). Tests delete their own apps without waiting for
+# it (tests.helpers.delete_app).
 CLUSTER_ENV = {
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
@@ -301,7 +301,8 @@ def _cluster(
             "metrics": {"head": head_metrics, "worker": worker_metrics},
         }
     finally:
-        serve.shutdown()
+        # No serve.shutdown() first: it would wait out every ingress replica's draining period
+        # for a cluster whose processes are all stopped next anyway.
         ray.shutdown()
         c.shutdown()
 

@@ -42,7 +42,7 @@ from moa.config import parse_config
 from moa.simulator.server import SimulatorServer
 from moa.state import KeyLimits
 from moa.state.redis_store import RedisStore
-from tests.helpers import set_fault
+from tests.helpers import delete_app, set_fault
 from tests.test_observability import _series_value
 from tests.waiting import wait_until_sync
 
@@ -343,7 +343,7 @@ def monitored(cluster: dict[str, Any], redis_server: str) -> Iterator[dict[str, 
     try:
         yield {"url": str(cluster["url"]) + PREFIX, "key": key, "tiny": tiny, "cluster": cluster}
     finally:
-        serve.delete(APP)
+        delete_app(APP)
 
 
 def _no_faults(sim: SimulatorServer) -> None:

@@ -16,7 +16,7 @@ from moa.cache.redis_store import RedisCacheStore
 from moa.config import parse_config
 from moa.simulator.server import SimulatorServer
 from tests.conftest import ON_HEAD, ON_WORKER
-from tests.helpers import RAY_MODULE, sim_total_requests
+from tests.helpers import RAY_MODULE, delete_app, sim_total_requests
 from tests.test_observability import _series_value
 from tests.waiting import wait_until_sync
 
@@ -68,7 +68,7 @@ def apps(cluster: dict[str, Any], redis_server: str) -> Iterator[dict[str, str]]
         yield urls
     finally:
         for name in APPS:
-            serve.delete(name)
+            delete_app(name)
 
 
 def _ingress_node(app: str) -> str:
