@@ -53,17 +53,18 @@ def apps(cluster: dict[str, Any], redis_server: str) -> Iterator[dict[str, str]]
         await store.close()
 
     asyncio.run(wipe())
-    urls = {}
+    targets = []
     for name, placement in APPS.items():
         raw = cluster["config"].model_dump(mode="json")
         for extra in ("narrow", "metered", "tokened"):
             del raw["providers"][extra]
         raw["cache"] = {"enabled": True, "store": "redis", "redis_url": url}
         raw["serve"]["ingress"] = {"num_cpus": 0.05, "num_replicas": 1, **placement}
-        serve.run(
-            build_from_config(parse_config(raw, f"the {name} config")), name=name, route_prefix=f"/{name}"
-        )
-        urls[name] = str(cluster["url"]) + f"/{name}"
+        app = build_from_config(parse_config(raw, f"the {name} config"))
+        targets.append(serve.RunTarget(app, name=name, route_prefix=f"/{name}"))
+    # Both at once: the two apps' replicas start side by side; the call returns once both run.
+    serve.run_many(targets)
+    urls = {name: str(cluster["url"]) + f"/{name}" for name in APPS}
     try:
         yield urls
     finally:
