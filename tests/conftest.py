@@ -60,6 +60,15 @@ def restored_environment(*names: str) -> Iterator[None]:
                 os.environ[name] = value
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules that use the session Ray cluster run last (each module whole, in the order they
+    came): the cluster starts when the first of them needs it and stops with the session, so no
+    other test shares the two CPUs with its idle processes, and the tests that start a Ray
+    instance of their own (test_chaos, test_operate) never run beside it."""
+    on_cluster = {item.path for item in items if "cluster" in getattr(item, "fixturenames", ())}
+    items[:] = [i for i in items if i.path not in on_cluster] + [i for i in items if i.path in on_cluster]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def session_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """MOA_STATE_DIR for every test, a temporary directory: no test reads or writes the user's own
