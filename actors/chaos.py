@@ -374,7 +374,8 @@ def run_all(chaos: Chaos, scenarios: list[str], say: Any) -> list[ScenarioResult
             f"all answered again after {result.recovered_after_s:g} s"
         )
         results.append(result)
-        time.sleep(5)  # let the killed part come back before the next scenario
+        if i < len(scenarios):
+            time.sleep(5)  # let the killed part come back before the next scenario
     return results
 
 

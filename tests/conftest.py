@@ -60,6 +60,15 @@ def restored_environment(*names: str) -> Iterator[None]:
                 os.environ[name] = value
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules that use the session Ray cluster run last (each module whole, in the order they
+    came): the cluster starts when the first of them needs it and stops with the session, so no
+    other test shares the two CPUs with its idle processes, and the tests that start a Ray
+    instance of their own (test_chaos, test_operate) never run beside it."""
+    on_cluster = {item.path for item in items if "cluster" in getattr(item, "fixturenames", ())}
+    items[:] = [i for i in items if i.path not in on_cluster] + [i for i in items if i.path in on_cluster]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def session_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """MOA_STATE_DIR for every test, a temporary directory: no test reads or writes the user's own
@@ -252,8 +261,8 @@ def cluster(simulator: SimulatorServer, otlp: OTLPReceiver) -> Iterator[dict[str
 # them every 10 s. Ray exports metrics every 10 s by default, and tests that read a series on the
 # Prometheus endpoint waited for it: every 2 s. With direct ingress a deleted app's ingress replica
 # stays reachable for Serve's draining period (30 s by default, for load balancers to deregister
-# it), and every blocking ``serve.delete`` of a test's app waited that long: 8 s still shows the
-# drain (test_serve.py) and saves ~20 s a delete.
+# it): 8 s still shows the drain (test_serve.py). Tests delete their own apps without waiting for
+# it (tests.helpers.delete_app).
 CLUSTER_ENV = {
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
@@ -301,7 +310,8 @@ def _cluster(
             "metrics": {"head": head_metrics, "worker": worker_metrics},
         }
     finally:
-        serve.shutdown()
+        # No serve.shutdown() first: it would wait out every ingress replica's draining period
+        # for a cluster whose processes are all stopped next anyway.
         ray.shutdown()
         c.shutdown()
 

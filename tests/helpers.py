@@ -110,6 +110,20 @@ async def wait_idle(sim: Sim, model: str | None = None, *, interval: float = 0.0
     )
 
 
+# -- apps of a test's own on the session Ray cluster -----------------------------------------------
+
+
+def delete_app(name: str) -> None:
+    """Delete a test's own Serve app without waiting for it to go. A blocking delete waits out
+    its ingress replica's draining period (8 s on the session cluster) for nothing the next test
+    needs: every app has a name and route prefix of its own, and the CPU slices its replicas hold
+    while they stop are spare on the nodes (at worst the next deploy waits for them, as this
+    delete would have)."""
+    from ray import serve
+
+    serve.delete(name, _blocking=False)
+
+
 # -- the API in-process -------------------------------------------------------------------------------
 
 

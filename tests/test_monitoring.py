@@ -43,7 +43,7 @@ from moa.config import parse_config
 from moa.simulator.server import SimulatorServer
 from moa.state import KeyLimits
 from moa.state.redis_store import RedisStore
-from tests.helpers import set_fault
+from tests.helpers import delete_app, set_fault
 from tests.test_observability import _series_value
 from tests.waiting import wait_until_sync
 
@@ -344,7 +344,7 @@ def monitored(cluster: dict[str, Any], redis_server: str) -> Iterator[dict[str, 
     try:
         yield {"url": str(cluster["url"]) + PREFIX, "key": key, "tiny": tiny, "cluster": cluster}
     finally:
-        serve.delete(APP)
+        delete_app(APP)
 
 
 def _no_faults(sim: SimulatorServer) -> None:
@@ -457,15 +457,16 @@ class Prometheus:
 
 
 def _test_copy(directory: Path) -> list[Path]:
-    """The shipped rules with every window at 30 s (three of Ray's 10 s export periods), no
-    ``for:`` wait, and moa-lite's latency threshold at 1 s, so an alert fires within a test's
-    time; every expression is otherwise the shipped one."""
+    """The shipped rules with every window at 12 s (six of the session cluster's 2 s metric export
+    periods, tests/conftest.py's CLUSTER_ENV), no ``for:`` wait, and moa-lite's latency threshold
+    at 1 s, so an alert fires, and clears, within a test's time; every expression is otherwise
+    the shipped one."""
     copies = []
     for path in (RULES, ALERTS):
         doc = yaml.safe_load(path.read_text())
         for group in doc["groups"]:
             for rule in group["rules"]:
-                rule["expr"] = re.sub(r"\[\d+[mh]\]", "[30s]", str(rule["expr"]))
+                rule["expr"] = re.sub(r"\[\d+[mh]\]", "[12s]", str(rule["expr"]))
                 if "for" in rule:
                     rule["for"] = "0s"
                 if rule.get("labels", {}).get("preset") == "moa-lite" and "record" in rule:
@@ -495,12 +496,12 @@ def test_alerts_fire_on_a_real_prometheus_and_clear(
         while not stop.is_set() and time.monotonic() < end:
             statuses.append(_ask(app, {"model": "moa-lite"}).status_code)
 
+    clients = [threading.Thread(target=client, daemon=True) for _ in range(3)]
     try:
         wait_until_sync(prom.ready, what="Prometheus to be ready")
         assert prom.proc.poll() is None, (tmp_path / "prometheus.log").read_text()
         set_fault(sim, "gemini-2.5-flash", error_500={"rate": 0.5})
         set_fault(sim, "gpt-4.1", hang={"hang_s": 1.5})
-        clients = [threading.Thread(target=client, daemon=True) for _ in range(3)]
         for c in clients:
             c.start()
         expected = {
@@ -541,6 +542,10 @@ def test_alerts_fire_on_a_real_prometheus_and_clear(
         wait_until_sync(state, healthy, within_s=150, interval=1, what="both alerts to clear on healthy data")
     finally:
         stop.set()
+        # Their last requests end here, not in the app's teardown (which no longer waits for them).
+        for c in clients:
+            if c.is_alive():
+                c.join(120)
         _no_faults(sim)
         prom.stop()
     assert statuses.count(200) >= 20, statuses

@@ -17,7 +17,7 @@ from moa.providers.registry import ProviderPool
 from moa.simulator.server import SimulatorServer
 from moa.types import ChatMessage
 from moa_observability.tracing import tracer
-from tests.helpers import by_name, wait_for_spans
+from tests.helpers import by_name, delete_app, wait_for_spans
 from tests.otlp_receiver import OTLPReceiver
 from tests.waiting import wait_until_sync
 
@@ -467,4 +467,4 @@ def test_every_documented_series_moves_when_its_event_happens(
         assert "sk-" not in text
     finally:
         reset()
-        serve.delete("moa-metrics")
+        delete_app("moa-metrics")

@@ -53,8 +53,11 @@ def free_port() -> int:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """This environment without provider keys, MOA_CONFIG or any OTLP export setting."""
-    drop = ("MOA_CONFIG", "RAY_ADDRESS")
+    """This environment without provider keys, MOA_CONFIG or any OTLP export setting, nor the
+    session cluster's Serve draining period (tests/conftest.py's CLUSTER_ENV, set while that
+    cluster runs): `moa serve` sets its own (LOCAL_ENV) only where none is set, and would stop
+    as no user's does, waiting out a drain for load balancers it has not got."""
+    drop = ("MOA_CONFIG", "RAY_ADDRESS", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S")
     env = {
         k: v
         for k, v in os.environ.items()
@@ -330,6 +333,8 @@ def test_ray_serve_prints_where_to_look_then_drains_on_sigterm(tmp_path: Path, s
         str(metrics),
         "--dashboard",
         port=free_port(),
+        # Ray exports metrics every 10 s by default: every 2 s, the request is counted sooner.
+        env=clean_env(RAY_metrics_report_interval_ms="2000"),
     )
     try:
         served.wait_ready()
@@ -551,6 +556,9 @@ def test_the_local_recipe_deploys_with_serve_deploy_on_ray_start_and_the_admin_a
         RAY_TMPDIR=ray_tmp,
         MOA_ADMIN_KEY=admin,
         MOA_STATE_DIR=str(tmp_path / "state"),
+        # No load balancer in front of this instance to deregister its ingress: `serve shutdown`
+        # at the end need not wait out Serve's 30 s draining period (nothing here reads it).
+        RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="0",
     )
     head = subprocess.Popen(
         [

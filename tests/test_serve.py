@@ -18,7 +18,7 @@ from moa.engine.fusion import FuseJob, FuseStart, FuseStep
 from moa.plan import AggregatorSpec
 from moa.simulator.server import SimulatorServer
 from moa.types import ChatMessage, TextDelta
-from tests.helpers import ADMIN_HEADERS, QUESTION, RAY_MODULE, set_fault, sim_stats
+from tests.helpers import ADMIN_HEADERS, QUESTION, RAY_MODULE, delete_app, set_fault, sim_stats
 from tests.waiting import wait_until, wait_until_sync
 
 ray = pytest.importorskip("ray")
@@ -307,7 +307,7 @@ def test_fusion_in_an_aggregator_deployment(cluster: dict[str, Any], sim: Simula
         assert steps[0].result.text.startswith("Synthesis of 2 references")
         assert "".join(e.text for e in events if isinstance(e, TextDelta)) == steps[0].result.text
     finally:
-        serve.delete("moa-agg")
+        delete_app("moa-agg")
 
 
 def test_bench_floor_app_times_every_probe(url: str) -> None:

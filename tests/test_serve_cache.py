@@ -16,7 +16,7 @@ from moa.cache.redis_store import RedisCacheStore
 from moa.config import parse_config
 from moa.simulator.server import SimulatorServer
 from tests.conftest import ON_HEAD, ON_WORKER
-from tests.helpers import RAY_MODULE, sim_total_requests
+from tests.helpers import RAY_MODULE, delete_app, sim_total_requests
 from tests.test_observability import _series_value
 from tests.waiting import wait_until_sync
 
@@ -53,22 +53,23 @@ def apps(cluster: dict[str, Any], redis_server: str) -> Iterator[dict[str, str]]
         await store.close()
 
     asyncio.run(wipe())
-    urls = {}
+    targets = []
     for name, placement in APPS.items():
         raw = cluster["config"].model_dump(mode="json")
         for extra in ("narrow", "metered", "tokened"):
             del raw["providers"][extra]
         raw["cache"] = {"enabled": True, "store": "redis", "redis_url": url}
         raw["serve"]["ingress"] = {"num_cpus": 0.05, "num_replicas": 1, **placement}
-        serve.run(
-            build_from_config(parse_config(raw, f"the {name} config")), name=name, route_prefix=f"/{name}"
-        )
-        urls[name] = str(cluster["url"]) + f"/{name}"
+        app = build_from_config(parse_config(raw, f"the {name} config"))
+        targets.append(serve.RunTarget(app, name=name, route_prefix=f"/{name}"))
+    # Both at once: the two apps' replicas start side by side; the call returns once both run.
+    serve.run_many(targets)
+    urls = {name: str(cluster["url"]) + f"/{name}" for name in APPS}
     try:
         yield urls
     finally:
         for name in APPS:
-            serve.delete(name)
+            delete_app(name)
 
 
 def _ingress_node(app: str) -> str:

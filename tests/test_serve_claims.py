@@ -16,7 +16,7 @@ import pytest
 
 from moa.config import parse_config
 from moa.simulator.server import SimulatorServer
-from tests.helpers import ADMIN_HEADERS, QUESTION, RAY_MODULE, set_fault, sim_stats
+from tests.helpers import ADMIN_HEADERS, QUESTION, RAY_MODULE, delete_app, set_fault, sim_stats
 from tests.test_serve import answered_by_replica
 from tests.waiting import wait_until, wait_until_sync
 
@@ -155,7 +155,7 @@ def tight(cluster: dict[str, Any]) -> Iterator[str]:
     try:
         yield "/tight"
     finally:
-        serve.delete("tight")
+        delete_app("tight")
 
 
 def test_admission_cap_is_429_on_ray(url: str, tight: str, sim: SimulatorServer) -> None:
@@ -307,4 +307,4 @@ def test_a_refused_key_reaches_no_response_and_no_log_file(
         )
         assert leaks() == []
     finally:
-        serve.delete("keyed")
+        delete_app("keyed")

@@ -24,7 +24,7 @@ from moa.config import parse_config
 from moa.simulator.server import SimulatorServer
 from moa.state import KeyLimits, KeyRecord, to_micro
 from moa.state.redis_store import RedisStore
-from tests.helpers import QUESTION, RAY_MODULE, model_stats, set_fault, sim_stats, wait_idle
+from tests.helpers import QUESTION, RAY_MODULE, delete_app, model_stats, set_fault, sim_stats, wait_idle
 from tests.test_observability import _series_value
 from tests.test_serve_claims import _serve_logs
 from tests.waiting import wait_until, wait_until_sync
@@ -99,7 +99,7 @@ def keyed(cluster: dict[str, Any], redis_server: str) -> Iterator[tuple[str, str
     try:
         yield str(cluster["url"]) + PREFIX, key, record, url
     finally:
-        serve.delete(APP)
+        delete_app(APP)
 
 
 def _ingress_nodes() -> set[str]:
