@@ -71,7 +71,7 @@ async def ask(args: argparse.Namespace, question: str) -> int:
 
     from moa.engine.engine import MoAEngine
     from moa.providers.registry import ProviderPool
-    from moa.simulator.server import local_simulator
+    from moa.simulator.server import simulator_if_needed
 
     cfg = load_config(args.config)
     messages = [ChatMessage(role="user", content=question)]
@@ -81,7 +81,7 @@ async def ask(args: argparse.Namespace, question: str) -> int:
     console = Console(stderr=True)
     if not console.is_terminal:
         console = Console(stderr=True, width=160)  # redirected output: do not cut model names
-    with local_simulator(cfg) as cfg:
+    with simulator_if_needed(cfg) as cfg:
         async with ProviderPool.from_config(cfg, sim_url=cfg.simulator.url) as pool:
             engine = MoAEngine(cfg, pool, health=pool.health_view)
             result: MoAResult | None = None

@@ -59,7 +59,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     if not args.local:
         try:
-            from moa_serve_app import run_local
+            from moa_actors.lifecycle import run_on_ray_here
         except ImportError as e:
             print(f"moa serve needs Ray Serve: pip install 'moa-serve[serve]' ({e})", file=sys.stderr)
             return 2
@@ -78,10 +78,10 @@ def _run(args: argparse.Namespace) -> int:
         sock.close()
         raise
     if args.local:
-        from moa.local import serve_local
+        from moa.local import serve_in_process
 
-        return serve_local(cfg, args.host, args.port, sock=sock, keys_required=keys)
-    return run_local(
+        return serve_in_process(cfg, args.host, args.port, sock=sock, keys_required=keys)
+    return run_on_ray_here(
         cfg,
         args.host,
         args.port,
