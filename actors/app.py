@@ -7,57 +7,37 @@ provider), the health board and the HTTP ingress; an aggregator deployment when 
 is ``deployment``. With no API keys in the environment (simulator mode) and no ``simulator.url``
 configured, a simulator deployment is added too.
 
-Each deployment class computes its own Serve options from its own slice of the config
-(``get_deployment_options``, as Ray Serve's LLM deployments do) and is bound with only the config
-it reads: this builder only wires them together.
+Each deployment class computes its own Serve options from its own typed config
+(``get_deployment_options(config)``, as Ray Serve's LLM deployments do) and is bound with that
+config and the handles it calls (``moa_actors.options.bind``): this builder only wires them.
+The ingress and the aggregator read the whole config; a provider and the health board, a
+model of their own holding only what they read.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from ray import serve
 from ray.serve.deployment import Application
 
 from moa.config import MoAConfig, simulation_active
-from moa.simulator.profile import load_profile
 from moa_actors.aggregator import AggregatorDeployment
-from moa_actors.health_board import HealthBoardDeployment
+from moa_actors.health_board import HealthBoardConfig, HealthBoardDeployment
 from moa_actors.ingress import IngressDeployment
-from moa_actors.provider import ProviderDeployment
-from moa_actors.simulator import SimulatorDeployment
+from moa_actors.options import bind
+from moa_actors.provider import ProviderDeployment, ProviderReplicaConfig
+from moa_actors.simulator import SimulatorDeployment, SimulatorDeploymentConfig
 
 
 def build_from_config(cfg: MoAConfig) -> Application:
     simulator = None
     if simulation_active(cfg) and not cfg.simulator.url:
-        profile = (
-            load_profile(cfg.simulator.profile).model_dump(mode="json") if cfg.simulator.profile else None
-        )
-        simulator = serve.deployment(
-            SimulatorDeployment, **SimulatorDeployment.get_deployment_options(cfg.serve.simulator)
-        ).bind(profile)
-
-    provider_config = ProviderDeployment.config_slice(cfg)
-    providers: dict[str, Any] = {
-        name: serve.deployment(
-            ProviderDeployment, **ProviderDeployment.get_deployment_options(name, pcfg)
-        ).bind(provider_config, name, simulator)
-        for name, pcfg in cfg.providers.items()
+        simulator = bind(SimulatorDeployment, SimulatorDeploymentConfig.of(cfg))
+    providers = {
+        name: bind(ProviderDeployment, ProviderReplicaConfig.of(cfg, name), simulator)
+        for name in cfg.providers
     }
-    board = serve.deployment(
-        HealthBoardDeployment, **HealthBoardDeployment.get_deployment_options(cfg.serve.health_board)
-    ).bind(**HealthBoardDeployment.config_slice(cfg))
-    # The engine and the API read the whole config: the ingress and the aggregator get all of it.
-    raw = cfg.model_dump(mode="json")
-    aggregator = None
-    if cfg.serve.fusion == "deployment":
-        aggregator = serve.deployment(
-            AggregatorDeployment, **AggregatorDeployment.get_deployment_options(cfg.serve.aggregator)
-        ).bind(raw, providers)
-    return serve.deployment(IngressDeployment, **IngressDeployment.get_deployment_options(cfg)).bind(
-        raw, providers, board, aggregator
-    )
+    board = bind(HealthBoardDeployment, HealthBoardConfig.of(cfg))
+    aggregator = bind(AggregatorDeployment, cfg, providers) if cfg.serve.fusion == "deployment" else None
+    return bind(IngressDeployment, cfg, providers, board, aggregator)
 
 
 # Measured with `moa bench`: about a quarter less orchestration overhead per request (user code on
