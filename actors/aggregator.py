@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from moa.config import DeploymentOptions, parse_config
+from moa.config import MoAConfig
 from moa.engine.fusion import FuseEvent, FuseJob, fuse
 from moa_actors.handles import HandleCaller
 from moa_actors.options import serve_options
@@ -15,16 +15,17 @@ from moa_observability.tracing import extract, iterate_in
 
 
 class AggregatorDeployment:
-    """Bound with the whole config: the fusion reads the templates, the providers' kinds and
-    prices and the caps, as the engine in the ingress does."""
+    """Bound with the whole config, its own: the fusion reads the templates, the providers' kinds
+    and prices and the caps, as the engine in the ingress does; and the provider deployments'
+    handles."""
 
     @classmethod
-    def get_deployment_options(cls, opts: DeploymentOptions) -> dict[str, Any]:
+    def get_deployment_options(cls, config: MoAConfig) -> dict[str, Any]:
         """Its Serve options from ``serve.aggregator``."""
-        return {"name": "aggregator", **serve_options(opts, default_max_ongoing=1000)}
+        return {"name": "aggregator", **serve_options(config.serve.aggregator, default_max_ongoing=1000)}
 
-    def __init__(self, config: dict[str, Any], providers: Mapping[str, Any]) -> None:
-        self.config = parse_config(config, "the deployed config")
+    def __init__(self, config: MoAConfig, providers: Mapping[str, Any]) -> None:
+        self.config = config
         init_replica_telemetry(self.config.observability)
         self.caller = HandleCaller(providers)
 

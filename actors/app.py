@@ -1,228 +1,46 @@
-"""The Ray Serve application, wired from this package's deployments (``build_from_config``), and a
-local Ray instance running it (``start_local``, ``stop_local``): what ``moa serve`` starts, and the
-Ray tools too (``bench_targets``, ``cache_bench``, ``chaos``).
+"""The Ray Serve application, wired from this package's deployments (``build_from_config``): what
+``serve run`` and ``serve deploy`` build (``moa_serve_app``), and what ``moa serve`` and the Ray
+tools deploy on a Ray instance of their own (``moa_actors.ray_here``).
 
 One deployment per provider (own autoscaling and concurrency; one shared RPM/TPM limiter actor per
 provider), the health board and the HTTP ingress; an aggregator deployment when ``serve.fusion``
 is ``deployment``. With no API keys in the environment (simulator mode) and no ``simulator.url``
 configured, a simulator deployment is added too.
 
-Each deployment class computes its own Serve options from its own slice of the config
-(``get_deployment_options``, as Ray Serve's LLM deployments do) and is bound with only the config
-it reads: this builder only wires them together. ``moa_serve_app`` holds the entry points:
-``build_app`` for ``serve run`` and ``serve deploy``, and ``moa serve`` itself.
+Each deployment class computes its own Serve options from its own typed config
+(``get_deployment_options(config)``, as Ray Serve's LLM deployments do) and is bound with that
+config and the handles it calls (``moa_actors.options.bind``): this builder only wires them.
+The ingress and the aggregator read the whole config; a provider and the health board, a
+model of their own holding only what they read.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import re
-import socket
-import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
-from typing import Any, TextIO, TypedDict, Unpack, cast
-
-from ray import serve
 from ray.serve.deployment import Application
 
 from moa.config import MoAConfig, simulation_active
-from moa.service import StopSignals
-from moa.simulator.profile import load_profile
 from moa_actors.aggregator import AggregatorDeployment
-from moa_actors.health_board import HealthBoardDeployment
+from moa_actors.health_board import HealthBoardConfig, HealthBoardDeployment
 from moa_actors.ingress import IngressDeployment
-from moa_actors.provider import ProviderDeployment
-from moa_actors.simulator import SimulatorDeployment
+from moa_actors.options import bind
+from moa_actors.provider import ProviderDeployment, ProviderReplicaConfig
+from moa_actors.simulator import SimulatorDeployment, SimulatorDeploymentConfig
 
 
 def build_from_config(cfg: MoAConfig) -> Application:
     simulator = None
     if simulation_active(cfg) and not cfg.simulator.url:
-        profile = (
-            load_profile(cfg.simulator.profile).model_dump(mode="json") if cfg.simulator.profile else None
-        )
-        simulator = serve.deployment(
-            SimulatorDeployment, **SimulatorDeployment.get_deployment_options(cfg.serve.simulator)
-        ).bind(profile)
-
-    provider_config = ProviderDeployment.config_slice(cfg)
-    providers: dict[str, Any] = {
-        name: serve.deployment(
-            ProviderDeployment, **ProviderDeployment.get_deployment_options(name, pcfg)
-        ).bind(provider_config, name, simulator)
-        for name, pcfg in cfg.providers.items()
+        simulator = bind(SimulatorDeployment, SimulatorDeploymentConfig.of(cfg))
+    providers = {
+        name: bind(ProviderDeployment, ProviderReplicaConfig.of(cfg, name), simulator)
+        for name in cfg.providers
     }
-    board = serve.deployment(
-        HealthBoardDeployment, **HealthBoardDeployment.get_deployment_options(cfg.serve.health_board)
-    ).bind(**HealthBoardDeployment.config_slice(cfg))
-    # The engine and the API read the whole config: the ingress and the aggregator get all of it.
-    raw = cfg.model_dump(mode="json")
-    aggregator = None
-    if cfg.serve.fusion == "deployment":
-        aggregator = serve.deployment(
-            AggregatorDeployment, **AggregatorDeployment.get_deployment_options(cfg.serve.aggregator)
-        ).bind(raw, providers)
-    return serve.deployment(IngressDeployment, **IngressDeployment.get_deployment_options(cfg)).bind(
-        raw, providers, board, aggregator
-    )
+    board = bind(HealthBoardDeployment, HealthBoardConfig.of(cfg))
+    aggregator = bind(AggregatorDeployment, cfg, providers) if cfg.serve.fusion == "deployment" else None
+    return bind(IngressDeployment, cfg, providers, board, aggregator)
 
 
 # Measured with `moa bench`: about a quarter less orchestration overhead per request (user code on
-# Serve's own event loop, gRPC between replicas, direct ingress). Every deployment here is async.
+# Serve's own event loop, gRPC between replicas, direct ingress). Every deployment of the app is
+# async. Whoever starts Ray for the app sets it first: Ray's processes inherit it.
 THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
-# Only for the Ray instance `moa serve` starts. With direct ingress Serve keeps a stopping ingress
-# replica reachable for 30 s, for external load balancers to deregister it; `moa serve` has none,
-# and has drained the ingress itself (server.drain_s) before it stops Serve.
-# Serve gives a new HTTP proxy 5 s to say it is ready, then kills it; on a loaded two-CPU machine
-# starting its worker takes longer, and `serve.start` then fails with the proxy "killed by
-# ray.kill". A minute is still a bound, and only start-up waits on it.
-LOCAL_ENV = {
-    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
-    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
-}
-# How long `moa serve` gives Serve to stop its replicas after the drain; Ray itself stops after.
-SERVE_SHUTDOWN_S = 15.0
-
-
-@dataclass
-class LocalRay:
-    """What `moa serve` started: where the API, the metrics and the dashboard answer."""
-
-    url: str
-    metrics_port: int | None
-    dashboard_url: str | None
-
-
-class QuietServe(logging.Filter):
-    """Drops the records of Serve's logger that read as trouble on a clean ``moa serve`` run.
-
-    ``serve.run`` after ``serve.start`` (which ``moa serve`` calls to set the proxy's options)
-    connects to the Serve instance just started and says its "New http_options/controller_options
-    will not be applied" (they were, by ``serve.start``); the first handle the drain opens logs
-    "Started <...SharedRouterLongPollClient object at 0x...>". Both come from ``ray.serve`` in
-    this process (ray/serve/_private/api.py, router.py); every other record passes."""
-
-    NOISE = (
-        re.compile(r'Connecting to existing Serve app in namespace "\w+"\. New http_options'),
-        re.compile(
-            r"Started <ray\.serve\._private\.router\.SharedRouterLongPollClient object at 0x[0-9a-f]+>"
-        ),
-    )
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(p.match(message) for p in self.NOISE)
-
-
-class LocalOptions(TypedDict, total=False):
-    """How ``start_local`` and ``run_local`` start the local Ray instance."""
-
-    num_cpus: float | None  # Ray's CPU count (None: the machine's)
-    quiet: bool  # keep the replicas' output off the terminal (default True)
-    metrics_port: int | None  # Ray's Prometheus port (None: Ray picks one)
-    dashboard: bool  # start Ray's dashboard (default False)
-    sock: socket.socket | None  # the HTTP port, claimed beforehand (``claim_port``)
-    keys_required: bool  # an API key exists, so callers need one (default: asked of the store)
-
-
-def start_local(cfg: MoAConfig, host: str, port: int, **options: Unpack[LocalOptions]) -> LocalRay:
-    """A new local Ray instance (never one already running) with the app deployed.
-
-    ``sock``, the HTTP port claimed beforehand (``claim_port``), is let go just before Serve's
-    proxy binds the port. ``stop_local`` ends it all.
-    """
-    import ray
-
-    dashboard, sock = options.get("dashboard", False), options.get("sock")
-    if options.get("quiet", True):
-        logging.getLogger("ray.serve").addFilter(QuietServe())
-    for key, value in {**THROUGHPUT_ENV, **LOCAL_ENV}.items():
-        os.environ.setdefault(key, value)  # set before Ray starts: its processes inherit it
-    # address="local": a new instance even when `ray start` left one running on this machine,
-    # which a plain ray.init() would join (and `moa serve` would then shut down someone's Serve).
-    context = ray.init(
-        address="local",
-        num_cpus=options.get("num_cpus"),
-        include_dashboard=dashboard,
-        log_to_driver=not options.get("quiet", True),
-        _metrics_export_port=options.get("metrics_port"),
-    )
-    # Ray's core worker installs its own SIGTERM handler (it aborts the process, leaving Ray's
-    # agents behind): ours again, until the service is up a signal aborts start-up cleanly.
-    StopSignals.interrupt_meanwhile()
-    if sock is not None:
-        sock.close()
-    # Serve's proxy takes a keep-alive timeout (server.keep_alive_s; Serve's own default, 90 s, is
-    # for load balancers, which `moa serve` has none of) but no request-head timeout: see the README.
-    serve.start(http_options={"host": host, "port": port, "keep_alive_timeout_s": cfg.server.keep_alive_s})
-    serve.run(build_from_config(cfg), name="moa", route_prefix="/")
-    dashboard_url = getattr(context, "dashboard_url", None) if dashboard else None
-    return LocalRay(
-        url=f"http://{host}:{port}",
-        metrics_port=_metrics_port(),
-        dashboard_url=f"http://{dashboard_url}" if dashboard_url else None,
-    )
-
-
-def _metrics_port() -> int | None:
-    import ray
-
-    for node in ray.nodes():
-        if node.get("Alive") and node.get("MetricsExportPort"):
-            return int(node["MetricsExportPort"])
-    return None
-
-
-class QuietStop:
-    """A stream that drops the raylet's reports of the actors a stop kills, and passes the rest.
-
-    Serve's shutdown ends with its controller killing itself, so the tasks still waiting on it
-    (``serve.shutdown()``'s own ``graceful_shutdown``, a handle's ``listen_for_change``) fail,
-    and Ray's error listener prints each as "(raylet) Task ServeController... failed ... killed by
-    `ray.kill`" with colour codes: a traceback on every clean stop of ``moa serve``, which stopped
-    those actors on purpose. The listener prints each report with one ``print`` (its text, then
-    the line end: ray/_private/worker.py ``print_worker_logs``), so a write is dropped whole."""
-
-    KILLED = re.compile(r"\(raylet\).*killed by `ray\.kill`", re.DOTALL)
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-        self._dropped = False  # the last write was a dropped report: its line end goes too
-
-    def write(self, text: str) -> int:
-        dropped, self._dropped = self._dropped, bool(self.KILLED.search(text))
-        if self._dropped or (dropped and text == "\n"):
-            return len(text)
-        return self._stream.write(text)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
-
-
-@contextmanager
-def quiet_stop() -> Iterator[None]:
-    """Standard output and error through ``QuietStop`` while Serve and Ray stop."""
-    out, err = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = cast(TextIO, QuietStop(out)), cast(TextIO, QuietStop(err))
-    try:
-        yield
-    finally:
-        sys.stdout, sys.stderr = out, err
-
-
-def stop_local(timeout_s: float = SERVE_SHUTDOWN_S, quiet: bool = True) -> None:
-    """Serve, then Ray. Serve gets ``timeout_s`` to stop its replicas; Ray's shutdown ends the
-    processes of this instance in any case. ``quiet``: without the raylet's reports of the
-    actors the stop kills (``QuietStop``)."""
-    import ray
-
-    with quiet_stop() if quiet else nullcontext():
-        if ray.is_initialized():
-            stopping = threading.Thread(target=serve.shutdown, name="serve-shutdown", daemon=True)
-            stopping.start()
-            stopping.join(timeout_s)
-        ray.shutdown()

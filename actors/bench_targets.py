@@ -17,8 +17,8 @@ from rich.progress import Progress
 
 from moa.benchmark.stats import percentile
 from moa.config import MoAConfig
-from moa_actors.app import start_local, stop_local
 from moa_actors.probe import PROBES, build_probe
+from moa_actors.ray_here import start_ray_here, stop_ray_here
 
 # Timed requests per probe path (after a warm-up of 20).
 FLOOR_REQUESTS = 200
@@ -28,7 +28,7 @@ FLOOR_TOTAL = FLOOR_REQUESTS * len(PROBES)
 
 def start_service(cfg: MoAConfig, port: int) -> tuple[str, Callable[[], None]]:
     """The service on a new local Ray instance: its URL and the function that stops it all."""
-    return start_local(cfg, "127.0.0.1", port).url, stop_local
+    return start_ray_here(cfg, "127.0.0.1", port).url, stop_ray_here
 
 
 async def measure_floor(

@@ -84,15 +84,15 @@ def direct_url(app: str, route_prefix: str = "") -> str | None:
 async def served_on_ray(cfg: MoAConfig) -> AsyncIterator[ServedApp]:
     """The app on a new local Ray instance, as ``moa serve`` starts it.
 
-    Started on the calling thread (``start_local`` installs signal handlers, which only the main
+    Started on the calling thread (``start_ray_here`` installs signal handlers, which only the main
     thread may): the bench has nothing else to run on its loop meanwhile."""
-    from moa_actors.app import start_local, stop_local
+    from moa_actors.ray_here import start_ray_here, stop_ray_here
 
-    url = start_local(cfg, "127.0.0.1", _free_port()).url
+    url = start_ray_here(cfg, "127.0.0.1", _free_port()).url
     try:
         yield ServedApp(url=url, direct_url=direct_url("moa"))
     finally:
-        stop_local()
+        stop_ray_here()
 
 
 async def _time(client: httpx.AsyncClient, method: str, url: str, body: Any, n: int) -> dict[str, Any]:

@@ -149,11 +149,12 @@ class Chaos:
         from ray import serve
         from ray.cluster_utils import Cluster
 
-        from moa_actors.app import LOCAL_ENV, THROUGHPUT_ENV, build_from_config
+        from moa_actors.app import THROUGHPUT_ENV, build_from_config
+        from moa_actors.ray_here import RAY_HERE_ENV
 
-        # Started on this machine as `moa serve` starts its Ray instance (LOCAL_ENV): no load
+        # Started on this machine as `moa serve` starts its Ray instance (RAY_HERE_ENV): no load
         # balancer to deregister from, so the stop does not wait out Serve's 30 s draining period.
-        for key, value in {**THROUGHPUT_ENV, **LOCAL_ENV}.items():
+        for key, value in {**THROUGHPUT_ENV, **RAY_HERE_ENV}.items():
             os.environ.setdefault(key, value)
         self.cluster = Cluster(
             initialize_head=True,

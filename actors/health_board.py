@@ -18,6 +18,8 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from pydantic import BaseModel, Field
+
 from moa.config import DeploymentOptions, MoAConfig, ObservabilityConfig
 from moa.engine.receipts import Receipts
 from moa.types import HealthView, Usage
@@ -114,17 +116,40 @@ class HealthBoard:
         return out
 
 
-class HealthBoardDeployment:
-    """Bound with the provider names and which of them may autoscale to zero replicas (a
-    provider with no replica reporting is unavailable only if it may not); nothing else of the
-    config."""
+class HealthBoardConfig(BaseModel):
+    """What the health board is bound with: the provider names, which of them may autoscale to zero
+    replicas, and its own scheduling; nothing else of the config."""
 
-    def __init__(
-        self, providers: Sequence[str], may_idle: Sequence[str], observability: dict[str, Any]
-    ) -> None:
-        init_replica_telemetry(ObservabilityConfig.model_validate(observability))
-        self.providers = tuple(providers)
-        self.board = HealthBoard(expected=self.providers, may_idle=may_idle, now=time.monotonic())
+    providers: list[str] = Field(description="The providers whose replicas report here, in config order.")
+    may_idle: list[str] = Field(
+        description="The providers that may autoscale to zero replicas: one with no replica reporting "
+        "is unavailable only if it may not."
+    )
+    observability: ObservabilityConfig = Field(description="The config's observability section.")
+    deployment: DeploymentOptions = Field(description="Its Serve options (serve.health_board).")
+
+    @classmethod
+    def of(cls, cfg: MoAConfig) -> HealthBoardConfig:
+        may_idle = [
+            name
+            for name, p in cfg.providers.items()
+            if p.deployment.num_replicas is None and p.deployment.autoscaling.min_replicas == 0
+        ]
+        return cls(
+            providers=list(cfg.providers),
+            may_idle=may_idle,
+            observability=cfg.observability,
+            deployment=cfg.serve.health_board,
+        )
+
+
+class HealthBoardDeployment:
+    """Bound with ``HealthBoardConfig``."""
+
+    def __init__(self, config: HealthBoardConfig) -> None:
+        init_replica_telemetry(config.observability)
+        self.providers = tuple(config.providers)
+        self.board = HealthBoard(expected=self.providers, may_idle=config.may_idle, now=time.monotonic())
         # The drain `moa serve` asked for on shutdown, which every ingress replica learns at its
         # next check-in; and what each replica said last: (when, requests in progress, state).
         self._drain: dict[str, Any] | None = None
@@ -132,28 +157,14 @@ class HealthBoardDeployment:
         self.receipts = Receipts()
 
     @classmethod
-    def get_deployment_options(cls, opts: DeploymentOptions) -> dict[str, Any]:
+    def get_deployment_options(cls, config: HealthBoardConfig) -> dict[str, Any]:
         """Its Serve options from ``serve.health_board``. The ingress polls it every 0.5 s and each
         provider replica reports to it every 2 s: access lines for those calls would bury
         everything else in its log."""
         return {
             "name": HEALTH_BOARD_NAME,
             "logging_config": {"enable_access_log": False},
-            **serve_options(opts, default_max_ongoing=1000),
-        }
-
-    @staticmethod
-    def config_slice(cfg: MoAConfig) -> dict[str, Any]:
-        """What of ``cfg`` it is bound with (its keyword arguments), as plain data."""
-        may_idle = [
-            name
-            for name, p in cfg.providers.items()
-            if p.deployment.num_replicas is None and p.deployment.autoscaling.min_replicas == 0
-        ]
-        return {
-            "providers": list(cfg.providers),
-            "may_idle": may_idle,
-            "observability": cfg.observability.model_dump(mode="json"),
+            **serve_options(config.deployment, default_max_ongoing=1000),
         }
 
     def report(

@@ -15,7 +15,7 @@ from typing import Any
 from ray import serve
 
 from moa.api.app import Api, create_api
-from moa.config import MoAConfig, parse_config
+from moa.config import MoAConfig
 from moa.engine.assembly import assemble
 from moa.state import open_store
 from moa.types import HealthView
@@ -33,25 +33,25 @@ BOARD_TIMEOUT_S = 5.0
 
 @serve.ingress()
 class IngressDeployment:
-    """Bound with the whole config (it runs the engine and the API, which read all of it), the
-    provider deployments' handles, the health board's and the aggregator's, if any."""
+    """Bound with the whole config, its own (it runs the engine and the API, which read all of it),
+    the provider deployments' handles, the health board's and the aggregator's, if any."""
 
     @classmethod
-    def get_deployment_options(cls, cfg: MoAConfig) -> dict[str, Any]:
+    def get_deployment_options(cls, config: MoAConfig) -> dict[str, Any]:
         """Its Serve options from ``serve.ingress``; by default a little above the API's own bound
         on requests in progress (``server.max_concurrent_requests``), so the API, not Serve's
         queue, answers an overload (with 429 and Retry-After)."""
-        opts = serve_options(cfg.serve.ingress, default_max_ongoing=cfg.server.max_concurrent_requests + 16)
-        return {"name": "ingress", **opts}
+        default_max_ongoing = config.server.max_concurrent_requests + 16
+        return {"name": "ingress", **serve_options(config.serve.ingress, default_max_ongoing)}
 
     async def __init__(
         self,
-        config: dict[str, Any],
+        config: MoAConfig,
         providers: Mapping[str, Any],
         board: Any,
         aggregator: Any | None = None,
     ) -> None:
-        self.config = parse_config(config, "the deployed config")
+        self.config = config
         self.replica = init_replica_telemetry(self.config.observability)["ray.serve.replica_id"]
         self.board = board
         self._view = HealthView()

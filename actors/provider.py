@@ -12,10 +12,18 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from opentelemetry import context as otel_context
+from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.config import DeploymentActorConfig
 
-from moa.config import MoAConfig, ProviderConfig, parse_config, resolve_endpoint, simulation_active
+from moa.config import (
+    MoAConfig,
+    ObservabilityConfig,
+    ProviderConfig,
+    SimulatorConfig,
+    resolve_endpoint,
+    simulation_active,
+)
 from moa.limits import LeasedRateBudget, ProviderLimits
 from moa.providers.client import ProviderClient
 from moa.providers.registry import build_client
@@ -39,20 +47,47 @@ REPORT_INTERVAL_S = 2.0
 FINISHED_BATCH_S = 0.05
 
 
-# The config sections a provider replica is bound with. Every provider's entry, not only its own:
-# whether calls go to the simulator depends on whether any provider's key is in the environment
-# (``simulation_active``), which each replica reads where it runs.
+# The config sections a provider replica is bound with (``ProviderReplicaConfig``, besides the
+# provider's name).
 CONFIG_SECTIONS = ("providers", "simulator", "observability")
+
+
+class ProviderReplicaConfig(BaseModel):
+    """What a provider deployment is bound with: its provider's name and the sections of the config
+    its replicas read, no more."""
+
+    name: str = Field(description="The provider this deployment serves: a key of providers.")
+    providers: dict[str, ProviderConfig] = Field(
+        description="Every provider's entry, not only its own: whether calls go to the simulator "
+        "depends on whether any provider's key is in the environment (simulation_active), which each "
+        "replica reads where it runs."
+    )
+    simulator: SimulatorConfig = Field(description="The config's simulator section.")
+    observability: ObservabilityConfig = Field(description="The config's observability section.")
+
+    @classmethod
+    def of(cls, cfg: MoAConfig, name: str) -> ProviderReplicaConfig:
+        return cls(name=name, **{section: getattr(cfg, section) for section in CONFIG_SECTIONS})
+
+    @property
+    def provider(self) -> ProviderConfig:
+        return self.providers[self.name]
+
+    def sections(self) -> MoAConfig:
+        """These sections as a config (the rest at its defaults), for the core's functions that
+        take one: ``simulation_active``, ``resolve_endpoint``."""
+        return MoAConfig(providers=self.providers, simulator=self.simulator, observability=self.observability)
 
 
 class ProviderDeployment:
     """Serves ``call`` and ``stream`` for one provider's models."""
 
     @classmethod
-    def get_deployment_options(cls, provider: str, pcfg: ProviderConfig) -> dict[str, Any]:
+    def get_deployment_options(cls, config: ProviderReplicaConfig) -> dict[str, Any]:
         """Its Serve options from its provider's entry: ``deployment`` (by default twice the
         provider's concurrency in requests per replica) and, when the provider has an RPM or TPM
         budget, the one limiter actor its replicas share."""
+        pcfg = config.provider
         actors = []
         if pcfg.limits.rpm or pcfg.limits.tpm:
             actors.append(
@@ -64,25 +99,21 @@ class ProviderDeployment:
                 )
             )
         return {
-            "name": deployment_name(provider),
+            "name": deployment_name(config.name),
             "deployment_actors": actors,
             **serve_options(pcfg.deployment, default_max_ongoing=2 * pcfg.limits.concurrency),
         }
 
-    @staticmethod
-    def config_slice(cfg: MoAConfig) -> dict[str, Any]:
-        """What of ``cfg`` a replica is bound with (``CONFIG_SECTIONS``), as plain data."""
-        return cfg.model_dump(mode="json", include=set(CONFIG_SECTIONS))
-
-    async def __init__(self, config: dict[str, Any], provider: str, simulator: Any = None) -> None:
-        self.config = parse_config(config, "the deployed config")
-        self.identity = init_replica_telemetry(self.config.observability)
-        self.provider = provider
-        pcfg = self.config.providers[provider]
-        sim_url = self.config.simulator.url
-        if simulation_active(self.config) and not sim_url and simulator is not None:
+    async def __init__(self, config: ProviderReplicaConfig, simulator: Any = None) -> None:
+        self.config = config
+        self.identity = init_replica_telemetry(config.observability)
+        self.provider = provider = config.name
+        pcfg = config.provider
+        sections = config.sections()
+        sim_url = config.simulator.url
+        if simulation_active(sections) and not sim_url and simulator is not None:
             sim_url = await simulator.url.remote()
-        endpoint = resolve_endpoint(self.config, provider, sim_url=sim_url)
+        endpoint = resolve_endpoint(sections, provider, sim_url=sim_url)
         budget = None
         if pcfg.limits.rpm or pcfg.limits.tpm:
             authority = LimiterAuthority(lambda: serve.get_deployment_actor(LIMITER_NAME))
@@ -92,7 +123,7 @@ class ProviderDeployment:
             pcfg,
             endpoint,
             ProviderLimits.from_config(pcfg, budget),
-            capture_content=self.config.observability.capture_content,
+            capture_content=config.observability.capture_content,
         )
         self.metrics = ProviderMetrics()
         self.metric_name = PROVIDER_NAMES.get(pcfg.kind.value, provider)

@@ -205,7 +205,7 @@ class LocalServer:
             self._stop.set()
 
 
-def serve_local(
+def serve_in_process(
     cfg: MoAConfig,
     host: str,
     port: int,
@@ -220,7 +220,7 @@ def serve_local(
     import os
 
     from moa.exposure import keys_exist
-    from moa.simulator.server import local_simulator
+    from moa.simulator.server import simulator_if_needed
     from moa_observability.logs import configure_json_logging
     from moa_observability.tracing import flush_tracing, setup_tracing
 
@@ -230,7 +230,7 @@ def serve_local(
     setup_tracing({"service.instance.id": f"{socket.gethostname()}:{os.getpid()}", "moa.mode": "local"})
     if cfg.observability.json_logs:
         configure_json_logging()
-    with local_simulator(cfg, announce=False) as cfg_:
+    with simulator_if_needed(cfg, announce=False) as cfg_:
         # Keys and the spend ledger, as the Ray ingress keeps them (state in the config).
         server = LocalServer(cfg_, sock, lambda: open_store(cfg_.state))
 

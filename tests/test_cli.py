@@ -234,8 +234,9 @@ def test_config_is_taken_before_or_after_the_verb(argv: list[str]) -> None:
 def test_core_never_imports_ray() -> None:
     """The core package is plain asyncio: importing it pulls in neither Ray nor the bench extra."""
     code = (
-        "import sys, moa.cli, moa.ask, moa.api.app, moa.engine.engine, moa.providers.registry, "
-        "moa.simulator.server, moa.local, moa.service, moa_observability.tracing, moa_observability.metrics\n"
+        "import sys, moa.cli, moa.cli.ask, moa.cli.bench, moa.cli.eval, moa.cli.serve, moa.api.app, "
+        "moa.engine.engine, moa.providers.registry, moa.simulator.server, moa.local, "
+        "moa.service, moa_observability.tracing, moa_observability.metrics\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'psutil', 'matplotlib')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

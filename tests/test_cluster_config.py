@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from moa.config import ConfigError, load_config, parse_config
+from moa.config import ConfigError, SimulatorMode, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 OTEL_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT="
@@ -150,24 +150,83 @@ def test_each_deployment_is_bound_with_its_own_slice_of_the_config() -> None:
     """The builder only wires: each deployment class computes its own Serve options, and a provider
     or the health board is bound with the part of the config it reads, not the whole of it."""
     from moa_actors.app import build_from_config
-    from moa_actors.health_board import HEALTH_BOARD_NAME
-    from moa_actors.provider import CONFIG_SECTIONS
+    from moa_actors.health_board import HEALTH_BOARD_NAME, HealthBoardConfig
+    from moa_actors.provider import CONFIG_SECTIONS, ProviderReplicaConfig
 
     cfg = load_config(None)
     cfg.serve.fusion = "deployment"
     ingress = build_from_config(cfg)._bound_deployment
-    raw, providers, board, aggregator = ingress.init_args
-    assert ingress.name == "ingress" and raw == cfg.model_dump(mode="json")
+    config, providers, board, aggregator = ingress.init_args
+    assert ingress.name == "ingress" and config.model_dump(mode="json") == cfg.model_dump(mode="json")
     assert ingress.max_ongoing_requests == cfg.server.max_concurrent_requests + 16
     for name, app in providers.items():
         provider = app._bound_deployment
-        assert provider.name == f"provider-{name}" and provider.init_args[1] == name
-        assert set(provider.init_args[0]) == set(CONFIG_SECTIONS)
+        (bound, _simulator) = provider.init_args
+        assert isinstance(bound, ProviderReplicaConfig)
+        assert provider.name == f"provider-{name}" and bound.name == name
+        assert set(bound.model_dump()) - {"name"} == set(CONFIG_SECTIONS)
         assert provider.max_ongoing_requests == 2 * cfg.providers[name].limits.concurrency
     health = board._bound_deployment
     assert health.name == HEALTH_BOARD_NAME and health.num_replicas == 1
-    assert health.init_kwargs["providers"] == list(cfg.providers)
+    (health_config,) = health.init_args
+    assert isinstance(health_config, HealthBoardConfig)
+    assert health_config.providers == list(cfg.providers)
     assert aggregator._bound_deployment.name == "aggregator"
+
+
+def test_every_deployment_takes_its_options_from_the_typed_config_it_is_bound_with() -> None:
+    """One signature for the five deployment classes, ``get_deployment_options(config)``, as Ray
+    Serve's LLM deployments have: the config is a pydantic model whose every field is described,
+    and the builder binds that same model first (never a dict the replica parses again)."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from moa_actors.aggregator import AggregatorDeployment
+    from moa_actors.app import build_from_config
+    from moa_actors.health_board import HealthBoardDeployment
+    from moa_actors.ingress import IngressDeployment
+    from moa_actors.provider import ProviderDeployment
+    from moa_actors.simulator import SimulatorDeployment
+
+    classes = (
+        AggregatorDeployment,
+        HealthBoardDeployment,
+        IngressDeployment,
+        ProviderDeployment,
+        SimulatorDeployment,
+    )
+    config_types = {}
+    for cls in classes:
+        hints = typing.get_type_hints(cls.get_deployment_options)
+        assert list(hints) == ["config", "return"], cls.__name__
+        config_type = hints["config"]
+        assert issubclass(config_type, BaseModel), cls.__name__
+        undocumented = [n for n, f in config_type.model_fields.items() if not f.description]
+        assert undocumented == [], f"{config_type.__name__}: {undocumented}"
+        config_types[cls.__name__] = config_type
+
+    cfg = load_config(None)
+    cfg.serve.fusion = "deployment"
+    cfg.simulator.mode = SimulatorMode.ON
+    seen = {}
+
+    def walk(app: Any) -> None:
+        deployment = app._bound_deployment
+        cls = deployment.func_or_class
+        name = cls.__name__ if cls.__name__ in config_types else cls.__mro__[1].__name__
+        config, *rest = deployment.init_args
+        assert not deployment.init_kwargs, name
+        assert isinstance(config, config_types[name]), name
+        assert cls.get_deployment_options(config)["name"] == deployment.name
+        seen[name] = True
+        for arg in rest:
+            for handle in arg.values() if isinstance(arg, dict) else [arg]:
+                if handle is not None:
+                    walk(handle)
+
+    walk(build_from_config(cfg))
+    assert set(seen) == set(config_types)
 
 
 def test_the_old_serve_router_key_still_configures_the_health_board() -> None:

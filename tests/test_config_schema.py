@@ -9,8 +9,8 @@ import pytest
 from pydantic import BaseModel
 
 from moa.cli import main
+from moa.cli.config import schema_text
 from moa.config import MoAConfig
-from moa.config_cli import schema_text
 
 SCHEMA_FILE = Path(__file__).resolve().parent.parent / "docs" / "config.schema.json"
 

@@ -55,7 +55,7 @@ def free_port() -> int:
 def clean_env(**extra: str) -> dict[str, str]:
     """This environment without provider keys, MOA_CONFIG or any OTLP export setting, nor the
     session cluster's Serve draining period (tests/conftest.py's CLUSTER_ENV, set while that
-    cluster runs): `moa serve` sets its own (LOCAL_ENV) only where none is set, and would stop
+    cluster runs): `moa serve` sets its own (RAY_HERE_ENV) only where none is set, and would stop
     as no user's does, waiting out a drain for load balancers it has not got."""
     drop = ("MOA_CONFIG", "RAY_ADDRESS", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S")
     env = {
@@ -394,8 +394,8 @@ def _record(message: str, *args: object) -> logging.LogRecord:
 def test_quiet_serve_drops_only_the_lines_that_look_like_failure() -> None:
     """``moa serve``'s filter on Serve's logger, on records shaped like the lines a clean run
     printed: the two that read as trouble go, Serve's other records stay."""
-    app = pytest.importorskip("moa_actors.app")
-    quiet = app.QuietServe()
+    ray_here = pytest.importorskip("moa_actors.ray_here")
+    quiet = ray_here.QuietServe()
     noise = [
         _record(
             'Connecting to existing Serve app in namespace "serve". '
@@ -419,9 +419,9 @@ def test_quiet_stop_drops_only_the_raylet_reports_of_killed_actors() -> None:
     """``moa serve``'s stop, on writes shaped as Ray's error listener makes them (one ``print``:
     the coloured report, then the line end): the reports of the actors the stop kills go, with
     their line ends; every other line, the raylet's included, passes as written."""
-    app = pytest.importorskip("moa_actors.app")
+    ray_here = pytest.importorskip("moa_actors.ray_here")
     out = io.StringIO()
-    quiet = app.QuietStop(out)
+    quiet = ray_here.QuietStop(out)
     killed = (
         "\x1b[33m(raylet)\x1b[0m Task ServeController.graceful_shutdown failed. There are infinite"
         " retries remaining, so the task will be retried. Error: The actor is dead because it was"

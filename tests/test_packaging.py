@@ -98,7 +98,7 @@ def test_package_data_is_in_the_wheel(wheel: zipfile.ZipFile) -> None:
 def test_the_wheel_declares_the_cli_and_the_bench_entry_point(wheel: zipfile.ZipFile) -> None:
     (entry_points,) = [n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt")]
     text = wheel.read(entry_points).decode()
-    assert "moa = moa.cli:main" in text
+    assert "moa = moa.cli.main:main" in text
     assert "[moa.bench]" in text and "ray = moa_actors.bench_targets" in text
     assert "ray_cache = moa_actors.cache_bench" in text
     # Nothing but the project: no tests, no build leftovers.

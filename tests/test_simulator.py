@@ -30,7 +30,7 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types as genai_types
 
-from moa.simulator import cli as sim_cli
+from moa.cli import simulator as sim_cli
 from moa.simulator.profile import (
     Faults,
     FaultSpec,
@@ -1261,5 +1261,5 @@ def test_cli_reports_a_busy_port(
 
 
 def test_the_simulator_never_imports_ray() -> None:
-    code = "import sys, moa.simulator.server, moa.simulator.cli; assert 'ray' not in sys.modules"
+    code = "import sys, moa.simulator.server, moa.cli.simulator; assert 'ray' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,5 +1,6 @@
 """Running the simulator: on uvicorn in a background thread (tests, in-process CLI) or in the foreground;
-and the one a command starts for itself when calls go to the simulator and none runs (``local_simulator``).
+and the one a command starts for itself when calls go to the simulator and none runs
+(``simulator_if_needed``).
 
 The background server binds its socket before starting, so ``port=0`` gets a free port whose
 number is known at once; ``start()`` returns only when the server accepts connections.
@@ -182,7 +183,7 @@ def serve_forever(
 
 
 @contextlib.contextmanager
-def local_simulator(cfg: MoAConfig, *, announce: bool = True) -> Iterator[MoAConfig]:
+def simulator_if_needed(cfg: MoAConfig, *, announce: bool = True) -> Iterator[MoAConfig]:
     """When calls go to the simulator and none is running, start one for the duration.
 
     Yields the config with ``simulator.url`` filled in. With API keys set (real mode) it changes nothing.

@@ -121,7 +121,7 @@ def run_cli(args: argparse.Namespace) -> int:
     from moa.eval.runner import Evaluation, load_spec, save_spec
     from moa.eval.targets import TargetError
     from moa.eval.workloads import WorkloadError
-    from moa.simulator.server import local_simulator
+    from moa.simulator.server import simulator_if_needed
 
     cfg = load_config(args.config)
     if args.api_key:  # read by the service targets from --service-key-env, in this process only
@@ -143,7 +143,7 @@ def run_cli(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"moa eval: {e}", file=sys.stderr)
         return 2
-    with local_simulator(cfg) as cfg:
+    with simulator_if_needed(cfg) as cfg:
         try:
             ev = Evaluation(
                 spec,

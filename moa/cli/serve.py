@@ -1,37 +1,19 @@
-"""The ``moa`` command line: ``ask`` runs the engine in-process, ``simulate`` runs the provider simulator."""
+"""``moa serve``: the service on a Ray instance started here, or in this process with ``--local``.
+
+What both ways share happens here, before either starts: the config, the port claimed (so a port
+in use is the one line printed), and the check that an address open to the network has keys. The
+Ray side (``moa_actors.lifecycle``) is imported only when it runs: the core never imports Ray.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
-from collections.abc import Sequence
 
-from moa.config import ConfigError, load_config
-from moa.errors import MoAError
+from moa.config import load_config
 
 
-def _add_ask(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("ask", help="answer a question in-process with the MoA engine")
-    p.add_argument("question", help="the question (use - to read it from standard input)")
-    p.add_argument("--preset", default=None, help="preset or provider/model (default: the config's, 'auto')")
-    p.add_argument("--config", default=None, help="config YAML (default: $MOA_CONFIG or the bundled one)")
-    p.add_argument("--system", default=None, help="a system message to send with the question")
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--no-stream", action="store_true", help="print the answer only when it is complete")
-    p.add_argument("--json", action="store_true", help="print the full result as JSON instead")
-    p.set_defaults(func=_run_ask)
-
-
-def _run_ask(args: argparse.Namespace) -> int:
-    from moa.ask import ask
-
-    question = sys.stdin.read() if args.question == "-" else args.question
-    return asyncio.run(ask(args, question))
-
-
-def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "serve",
         help="run the service: on a local Ray instance, or in this process with --local",
@@ -62,10 +44,10 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--no-auth", action="store_true", help="serve a non-loopback address with no API key (open to all)"
     )
-    p.set_defaults(func=_run_serve)
+    p.set_defaults(func=_run)
 
 
-def _run_serve(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> int:
     from moa.exposure import check_exposure, keys_exist
     from moa.service import PortInUse, claim_port
 
@@ -77,7 +59,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         return 2
     if not args.local:
         try:
-            from moa_serve_app import run_local
+            from moa_actors.lifecycle import run_on_ray_here
         except ImportError as e:
             print(f"moa serve needs Ray Serve: pip install 'moa-serve[serve]' ({e})", file=sys.stderr)
             return 2
@@ -96,10 +78,10 @@ def _run_serve(args: argparse.Namespace) -> int:
         sock.close()
         raise
     if args.local:
-        from moa.local import serve_local
+        from moa.local import serve_in_process
 
-        return serve_local(cfg, args.host, args.port, sock=sock, keys_required=keys)
-    return run_local(
+        return serve_in_process(cfg, args.host, args.port, sock=sock, keys_required=keys)
+    return run_on_ray_here(
         cfg,
         args.host,
         args.port,
@@ -110,51 +92,3 @@ def _run_serve(args: argparse.Namespace) -> int:
         sock=sock,
         keys_required=keys,
     )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moa", description="Mixture-of-Agents LLM service.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_ask(sub)
-    _add_serve(sub)
-    from moa.simulator.cli import register as register_simulate
-
-    register_simulate(sub)
-    from moa.benchmark.cli import register as register_bench
-
-    register_bench(sub)
-    from moa.eval.cli import register as register_eval
-
-    register_eval(sub)
-    from moa.keys_cli import register as register_keys
-
-    register_keys(sub)
-    from moa.cache_cli import register as register_cache
-
-    register_cache(sub)
-    from moa.config_cli import register as register_config
-
-    register_config(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except ConfigError as e:
-        print(f"moa: {e}", file=sys.stderr)
-        return 2
-    except MoAError as e:
-        print(f"moa: {e.message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
-__all__ = ["build_parser", "load_config", "main"]

@@ -14,8 +14,8 @@ import json
 import os
 
 from moa.cache.cache import open_shared_store
+from moa.cli.config import add_config_option
 from moa.config import BUNDLED_SOURCE, config_sources, load_config
-from moa.config_cli import add_config_option
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -16,8 +16,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from moa.cli.config import add_config_option
 from moa.config import load_config
-from moa.config_cli import add_config_option
 from moa.keys_admin import VERBS, NewKey, change_status, create_key, key_rows
 from moa.state import KeyExists, KeyLimits, StateStore, describe, open_store
 
