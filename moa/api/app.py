@@ -636,7 +636,7 @@ class Api:
                 if self.shadow is not None:
                     self.shadow.offer(messages, result, req.model)  # starts a task; never waits
                 headers = _cache_header(ticket) | _preset_header(result.preset) | _answer_header(result)
-                return JSONResponse(self.completion_body(req, result), headers=headers)
+                return JSONResponse(self.completion_body(req, result), headers=headers | _cost_header(result))
             events = EventPump(self.engine.stream(messages, **kwargs))
             self._streams.add(events)
             try:
@@ -894,6 +894,14 @@ def _answer_header(result: MoAResult) -> dict[str, str]:
     proposal answered unaggregated). A streamed response's headers leave before the answer is
     known: there it is only in ``moa.detail``."""
     return {"x-moa-answer-source": result.answer_source}
+
+
+def _cost_header(result: MoAResult) -> dict[str, str]:
+    """``x-moa-cost-usd``: what the request's calls cost, in US dollars, when it was answered (a
+    call it cut may be charged a little more once its provider says what it consumed). The caller's
+    own spend, so it is sent to every caller, with or without ``moa.detail``; ``moa batch`` counts
+    its budget with it."""
+    return {"x-moa-cost-usd": f"{result.cost_usd:.8f}"}
 
 
 def _can_answer(health: dict[str, Any]) -> bool:
