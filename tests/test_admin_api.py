@@ -159,7 +159,7 @@ def test_create_list_disable_enable_revoke_over_http(
 
 
 def test_the_admin_key_needs_24_characters_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
-    """README "Security": ``MOA_ADMIN_KEY`` of at least 24 characters: 23 is refused, 24 is taken,
+    """docs/SECURITY.md: ``MOA_ADMIN_KEY`` of at least 24 characters: 23 is refused, 24 is taken,
     and surrounding whitespace does not count towards the 24."""
     from moa.api.app import admin_key_from_env
 

@@ -122,7 +122,7 @@ def test_open_until_a_key_exists_then_every_request_needs_one(
 def test_a_revoked_key_stops_working_within_the_cache_time(
     server: ApiServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """README "Security": a revoked key stops working within ``state.key_cache_s`` (1 s). On the
+    """docs/SECURITY.md: a revoked key stops working within ``state.key_cache_s`` (1 s). On the
     authenticator's injected clock, with the key's record cached at t: at t + key_cache_s the
     revoked key still works (the cache, not luck, is what is measured), a moment later it is
     refused. A cache time of 20 s fails here, where a wait of up to 30 s would not."""
@@ -384,7 +384,7 @@ def test_tokens_per_minute_get_429_once_the_minute_is_spent(
     server: ApiServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``--tpm``: once a key's requests used its tokens for this minute, the next is refused with
-    429 ``rate_limit_exceeded`` and a Retry-After within the minute (README "Security")."""
+    429 ``rate_limit_exceeded`` and a Retry-After within the minute (docs/SECURITY.md)."""
     key = create_key(capsys, "wordy", "--tpm", "50")
     wait_for_auth(server)
     c = client(server, key)
@@ -693,7 +693,7 @@ def test_a_real_key_reaches_no_log_span_error_or_response(
     caplog: pytest.LogCaptureFixture,
     otlp: OTLPReceiver,
 ) -> None:
-    """README "Security": keys that were really sent (valid, revoked, on routes that do not exist,
+    """docs/SECURITY.md: keys that were really sent (valid, revoked, on routes that do not exist,
     with a wrong method, with a broken body, in the query string, as x-api-key) appear in no log
     record, no exported span and no response. Each request's access log line and server span are
     checked to be there, so an empty capture cannot pass."""
@@ -759,7 +759,7 @@ def test_a_key_sent_in_the_url_path_reaches_no_log_or_span(
 def test_a_budget_period_rolls_over_at_the_utc_calendar_through_the_api(
     server: ApiServer, capsys: pytest.CaptureFixture[str], state_dir: Path, period: str
 ) -> None:
-    """README "Security": ``--period day|month`` budgets are per UTC calendar day or month. With the
+    """docs/SECURITY.md: ``--period day|month`` budgets are per UTC calendar day or month. With the
     API's wall clock moved (``Access.clock``): a budget of exactly one request's projection is spent
     by one request at 23:59:30 on 31 January, refused the next, fresh a minute later on 1 February;
     on 2 February a day budget is fresh again while a month budget is still spent. Each request is

@@ -325,7 +325,7 @@ async def test_a_finished_call_is_invoiced_at_the_usage_it_reported(
 def test_a_failed_request_is_settled_against_its_budget_at_what_it_cost(
     sim: SimulatorServer, state_dir: Path
 ) -> None:
-    """README "Security": a request that fails still settles what it used. ``moa-lite`` (set to
+    """docs/SECURITY.md: a request that fails still settles what it used. ``moa-lite`` (set to
     fail rather than answer with a proposal when its aggregators fail) against a budgeted key,
     with every aggregator and fallback answering 500: the request fails after its proposers
     answered; the key is charged exactly the simulator's invoice (the proposers; the refused

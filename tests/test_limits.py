@@ -176,7 +176,7 @@ def test_a_lease_takes_only_what_is_asked_for() -> None:
 
 
 def test_the_lease_is_one_second_of_refill_held_ten_seconds_and_60_rpm_is_the_smallest_sliced() -> None:
-    """The defaults the README states: a lease is one second of the budget's refill (600 rpm:
+    """The defaults docs/OPERATIONS.md states: a lease is one second of the budget's refill (600 rpm:
     10 requests; 60,000 tpm: 1,000 tokens), given back after 10 s idle; 60 rpm (one request a
     second) is the smallest budget sliced, 59 is never."""
     authority = InProcessAuthority(ReservationLimiter(rpm=600, tpm=60_000, clock=Clock()))

@@ -371,7 +371,7 @@ def _series_value(text: str, name: str, **tags: str) -> float:
 def test_every_documented_series_moves_when_its_event_happens(
     cluster: dict[str, Any], sim: SimulatorServer
 ) -> None:
-    """Each series the README lists, made to move by the event it counts, in an app of its own
+    """Each series docs/OBSERVABILITY.md lists, made to move by the event it counts, in an app of its own
     (application="moa-metrics") with the LLM classifier, whose cache is the one cache there is."""
     serve = pytest.importorskip("ray.serve")
     from moa_actors.app import build_from_config

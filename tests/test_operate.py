@@ -525,7 +525,7 @@ def _ray_cli(name: str) -> str:
 def test_the_local_recipe_deploys_with_serve_deploy_on_ray_start_and_the_admin_api_works(
     tmp_path: Path,
 ) -> None:
-    """README's single-machine recipe, as a user runs it: `ray start --head` (token auth on, as
+    """docs/OPERATIONS.md's single-machine recipe, as a user runs it: `ray start --head` (token auth on, as
     Ray 2.60 starts it), `serve deploy serve_config.local.yaml`, `serve status`; then keys made
     through the admin HTTP API, which the ingress replica reads from `ray start`'s environment,
     are required, used and revoked. Then `moa serve` beside it, which must not join it."""
@@ -641,7 +641,8 @@ def test_the_local_recipe_deploys_with_serve_deploy_on_ray_start_and_the_admin_a
 
         wait_until_sync(with_revoked_key, lambda s: s == 401, within_s=30, interval=0.2, what="revoked")
 
-        # README: `moa serve` never joins a Ray instance already running, even one `ray start` left.
+        # docs/OPERATIONS.md: `moa serve` never joins a Ray instance already running, even one
+        # `ray start` left.
         # In this environment a plain ray.init() would find this one (the address file `ray start`
         # wrote); `moa serve` must start its own, and stopping it must leave this Serve app running.
         found = subprocess.run(

@@ -1,6 +1,6 @@
-"""README claims that no other test proved, and the guard that keeps ``docs/CLAIMS.md`` true.
+"""Documented claims that no other test proved, and the guards that keep ``docs/CLAIMS.md`` true.
 
-``docs/CLAIMS.md`` maps every behavioural statement of README.md to the tests that would fail were
+``docs/CLAIMS.md`` maps every behavioural statement of README.md and docs/ to the tests that would fail were
 it false. The tests here close gaps an audit of that map found; each names the claim it proves.
 They run in this process against the session simulator (official SDKs over loopback), the
 ``moa`` command line, or a real OTLP receiver; none asserts on a wall clock.
@@ -82,6 +82,68 @@ def test_every_test_the_claim_map_cites_exists() -> None:
     assert summary == counted, (summary, counted)
 
 
+def _headings(path: Path) -> set[str]:
+    """The titles of a markdown file's headings, code blocks left out (a shell comment is none)."""
+    titles, fenced = set(), False
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and (m := re.match(r"#+ (.+)$", line)):
+            titles.add(m.group(1).strip())
+    return titles
+
+
+def test_every_claim_group_names_a_file_and_a_section_it_has() -> None:
+    """A claim follows its sentence: each group of docs/CLAIMS.md is ``## FILE: SECTION``, a file
+    of the repository and a heading of that file, and each weak claim listed in the summary names
+    its group. Mutation caught: a section moved to another page, or renamed, with the map left
+    pointing at the old place."""
+    text = CLAIMS.read_text()
+    groups = re.findall(r"^## ((?:README\.md|docs/[\w.-]+\.md)): (.+)$", text, flags=re.M)
+    headed = re.findall(r"^## (?!Summary$)(.+)$", text, flags=re.M)
+    assert len(groups) == len(headed) > 10, "a group heading does not name a file: " + str(headed)
+    for file, section in groups:
+        path = ROOT / file
+        assert path.exists(), f"docs/CLAIMS.md names {file}, which does not exist"
+        assert section in _headings(path), f"{file} has no section {section!r}"
+    names = [f"{file}: {section}" for file, section in groups]
+    weak = text.split("### Weak", 1)[1].split("\n### ", 1)[0]
+    listed = re.findall(r"^- (.+)$", weak, flags=re.M)
+    assert listed, "the summary lists no weak claim"
+    strays = [w for w in listed if not any(w.startswith(n + ": ") for n in names)]
+    assert not strays, f"weak claims naming no group: {strays}"
+
+
+def test_the_readmes_layout_table_matches_the_tree() -> None:
+    """README "Project layout": every path the table names exists (under the row's folder, or
+    from the repository's root), and the ``moa/`` row names every module and subpackage of
+    ``moa/``. Mutation caught: a module moved or added without the table following it."""
+    section = (ROOT / "README.md").read_text().split("\n## Project layout\n", 1)[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    assert len(rows) >= 8, rows
+    absent, core = [], ""
+    for row in rows:
+        first, what = row.split(" | ", 1)
+        named = re.findall(r"`([^`]+)`", re.sub(r"\(`\w+`\)", "", first))  # not the import names
+        folder = ROOT / named[0]
+        absent += [n for n in named if not (ROOT / n).exists()]
+        if named[0] == "moa/":
+            core = what
+        for token in re.findall(r"`([\w./-]+(?:\.py|\.md|\.json|\.yaml|\.toml|/))`", what):
+            here = folder if folder.is_dir() else ROOT
+            found = (here / token).exists() or (ROOT / token).exists() or any(here.rglob(token.rstrip("/")))
+            if not found:
+                absent.append(f"{named[0]}: {token}")
+    assert not absent, f"the layout table names what the tree does not have: {absent}"
+    modules = [
+        p.name + ("/" if p.is_dir() else "")
+        for p in (ROOT / "moa").iterdir()
+        if p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").exists())
+    ]
+    unnamed = sorted(m for m in modules if f"`{m}`" not in core)
+    assert not unnamed, f"the moa/ row of the layout table does not name {unnamed}"
+
+
 # -- Caps: the defaults, at their boundaries -------------------------------------------------------
 
 
@@ -105,7 +167,7 @@ def _over_cap(fn: Any, *args: Any) -> str | None:
 
 
 def test_default_caps_hold_at_their_boundaries() -> None:
-    """README "Caps": the defaults are 4 layers, 8 proposers a layer, 32 calls, 32768 tokens a call,
+    """docs/API.md "Caps": the defaults are 4 layers, 8 proposers a layer, 32 calls, 32768 tokens a call,
     512 messages and 400000 characters: the value itself passes, one more is refused."""
     caps = load_config(None).caps
     params = GenerationParams()
@@ -128,7 +190,7 @@ def test_default_caps_hold_at_their_boundaries() -> None:
 
 
 def test_the_built_in_presets_make_at_most_eleven_calls_and_models_default_to_32768_tokens() -> None:
-    """README "Caps": the built-in presets make at most 11 calls (``refine``), and a model's
+    """docs/API.md "Caps": the built-in presets make at most 11 calls (``refine``), and a model's
     ``max_output_tokens`` defaults to 32768."""
     cfg = load_config(None)
     worst = {name: worst_case_calls(plan) for name, plan in cfg.presets.items()}
@@ -148,7 +210,7 @@ def _closed_port() -> int:
 
 
 async def test_connection_failures_are_retried(monkeypatch: pytest.MonkeyPatch) -> None:
-    """README "Configuration": the retry loop retries connection failures (as it does 429 and 5xx)."""
+    """docs/CONFIGURATION.md: the retry loop retries connection failures (as it does 429 and 5xx)."""
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-connection-refused")
     raw = {
         "providers": {
@@ -195,7 +257,7 @@ def unaccepting_port() -> Iterator[int]:
 async def test_connect_timeout_s_ends_a_connect_that_hangs(
     unaccepting_port: int, kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """README "Configuration": ``connect_timeout_s`` bounds connecting, apart from ``timeout_s``.
+    """docs/CONFIGURATION.md: ``connect_timeout_s`` bounds connecting, apart from ``timeout_s``.
     With a 60 s call deadline and a 0.2 s connect timeout, every attempt's connect times out and
     is retried: all three attempts are made. Without it the first connect would hang until the
     call's deadline (one attempt)."""
@@ -222,7 +284,7 @@ async def test_connect_timeout_s_ends_a_connect_that_hangs(
 
 
 async def test_backoff_is_jittered_and_exponential(sim: SimulatorServer) -> None:
-    """README "Configuration": retries wait a jittered exponential backoff: uniform in
+    """docs/CONFIGURATION.md: retries wait a jittered exponential backoff: uniform in
     [0, min(backoff_max_s, backoff_base_s * 2**(attempt-1))], never the same wait twice."""
     cfg = provider_config(sim.url, retry={"max_attempts": 10, "backoff_base_s": 0.1, "backoff_max_s": 1.0})
     async with ProviderPool.from_config(cfg, sim_url=sim.url) as pool:
@@ -241,7 +303,7 @@ async def test_backoff_is_jittered_and_exponential(sim: SimulatorServer) -> None
 async def test_an_internal_failure_is_logged_with_its_type(
     sim: SimulatorServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """README "Configuration": ``internal`` (raised on our side) is logged with its type."""
+    """docs/CONFIGURATION.md: ``internal`` (raised on our side) is logged with its type."""
     bad = (ChatMessage(role="user", content="\ud800 hello"),)
     async with ProviderPool.from_config(provider_config(sim.url), sim_url=sim.url) as pool:
         with caplog.at_level(logging.ERROR, logger="moa.providers"):
@@ -258,7 +320,7 @@ async def test_an_internal_failure_is_logged_with_its_type(
 
 
 async def test_adjustments_are_on_the_provider_span(otlp: OTLPReceiver, sim: SimulatorServer) -> None:
-    """README "Configuration": every parameter change is in the ``moa.adjustments`` span attribute
+    """docs/CONFIGURATION.md: every parameter change is in the ``moa.adjustments`` span attribute
     (as well as the call record and the log line, which test_providers asserts)."""
     async with ProviderPool.from_config(provider_config(sim.url), sim_url=sim.url) as pool:
         with tracer().start_as_current_span("client request") as root:
@@ -288,7 +350,7 @@ async def test_adjustments_are_on_the_provider_span(otlp: OTLPReceiver, sim: Sim
 async def test_the_llm_classifier_falls_back_to_the_heuristic(
     config: MoAConfig, sim: SimulatorServer
 ) -> None:
-    """README "Routing (auto)": ``router.classifier: llm`` falls back to the heuristic when the
+    """docs/CONFIGURATION.md "Routing (auto)": ``router.classifier: llm`` falls back to the heuristic when the
     cheap model fails; the request is still answered, and nothing is cached."""
     router = config.router.model_dump() | {
         "classifier": "llm",
@@ -311,7 +373,7 @@ async def test_the_llm_classifier_falls_back_to_the_heuristic(
 
 
 def test_ask_sends_its_system_max_tokens_and_temperature(sim: SimulatorServer, tmp_path: Path) -> None:
-    """README "Ask a question in-process": ``--system``, ``--max-tokens`` and ``--temperature``
+    """docs/API.md "Ask a question in-process": ``--system``, ``--max-tokens`` and ``--temperature``
     reach the model's API: the simulator records each request's parameters, and the system text
     shows in the prompt tokens the API counted."""
     path = tmp_path / "moa.yaml"
@@ -336,7 +398,7 @@ def test_ask_sends_its_system_max_tokens_and_temperature(sim: SimulatorServer, t
 
 
 async def test_the_simulator_jitters_its_latency_within_the_profiles_bounds(sim: SimulatorServer) -> None:
-    """README "The provider simulator": latency per model has jitter. With ``jitter: j`` each of
+    """docs/SIMULATOR.md: latency per model has jitter. With ``jitter: j`` each of
     time to first token and generation time is scaled by a factor in [1-j, 1+j]; the service time
     the simulator reports for the same request differs from one answer to the next."""
     ttft, tps, j = 0.02, 4000.0, 0.5
@@ -376,7 +438,7 @@ def _tracing_env(**extra: str) -> dict[str, str]:
 
 
 def test_otlp_traces_endpoint_headers_and_default_service_name() -> None:
-    """README "Observability": export is configured by the standard variables:
+    """docs/OBSERVABILITY.md: export is configured by the standard variables:
     ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` alone is enough, ``OTEL_EXPORTER_OTLP_HEADERS`` go
     with every export, and ``service.name`` is ``moa`` unless ``OTEL_SERVICE_NAME`` says otherwise.
     Without the gRPC exporter installed, ``OTEL_EXPORTER_OTLP_PROTOCOL=grpc`` is refused by name."""
@@ -419,7 +481,7 @@ def test_otlp_traces_endpoint_headers_and_default_service_name() -> None:
 
 
 def test_a_client_hanging_up_marks_the_server_span_499(otlp: OTLPReceiver, sim: SimulatorServer) -> None:
-    """README "Streaming": a client that disconnects is logged (test_hardening) "and its span
+    """docs/API.md "Streaming": a client that disconnects is logged (test_hardening) "and its span
     marked" with status 499, not as a server error."""
     httpx.put(f"{sim.url}/admin/faults/*", json={"hang": {"rate": 1.0}}).raise_for_status()
     trace_id = secrets.token_hex(16)
@@ -443,8 +505,9 @@ def test_a_client_hanging_up_marks_the_server_span_499(otlp: OTLPReceiver, sim: 
 
 
 def test_the_serve_extra_adds_ray_serve_and_opentelemetry_is_in_the_core() -> None:
-    """README "Install and test": ``pip install -e .`` is the core without Ray; ``[serve]`` adds
-    Ray Serve; OpenTelemetry (API, SDK, OTLP/HTTP exporter) is a core dependency."""
+    """README and docs/OPERATIONS.md "Install and test": ``pip install -e .`` is the core without
+    Ray; ``[serve]`` adds Ray Serve; OpenTelemetry (API, SDK, OTLP/HTTP exporter) is a core
+    dependency."""
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -459,7 +522,7 @@ def test_the_serve_extra_adds_ray_serve_and_opentelemetry_is_in_the_core() -> No
 
 
 def test_the_server_defaults_are_the_documented_ones() -> None:
-    """README "Configuration": ``server: {open: false, max_request_bytes: 1000000,
+    """docs/CONFIGURATION.md: ``server: {open: false, max_request_bytes: 1000000,
     max_concurrent_requests: 256, key_concurrency_share: 0.5, request_deadline_s: 120, drain_s: 20,
     header_timeout_s: 10, keep_alive_s: 5, sse_keepalive_s: 5}`` in the bundled config and the
     model."""
@@ -479,7 +542,7 @@ def test_the_server_defaults_are_the_documented_ones() -> None:
 
 
 def test_serve_local_refuses_the_flags_that_need_ray(tmp_path: Path) -> None:
-    """README "moa serve --local": ``--num-cpus``, ``--metrics-port`` and ``--dashboard`` are
+    """docs/OPERATIONS.md "moa serve --local": ``--num-cpus``, ``--metrics-port`` and ``--dashboard`` are
     Ray's and are refused (before anything listens)."""
     for flag in (["--num-cpus", "1"], ["--metrics-port", "9999"], ["--dashboard"]):
         out = run_moa("serve", "--local", "--port", "1", *flag, env={"MOA_STATE_DIR": str(tmp_path)})
@@ -491,8 +554,8 @@ def test_serve_local_refuses_the_flags_that_need_ray(tmp_path: Path) -> None:
 
 
 async def test_a_plain_request_runs_staircase_as_final(config: MoAConfig) -> None:
-    """README "Aggregation modes": staircase is for streaming requests; a plain request runs it as
-    ``final`` (no step calls; every answer of the layer reaches the aggregator)."""
+    """docs/CONFIGURATION.md "Aggregation modes": staircase is for streaming requests; a plain
+    request runs it as ``final`` (no step calls; every answer of the layer reaches the aggregator)."""
     async with ProviderPool.from_config(config, sim_url=config.simulator.url) as pool:
         engine = MoAEngine(config, pool)
         result = await engine.run(list(QUESTION), preset="moa-lite", aggregation="staircase")
@@ -505,8 +568,9 @@ async def test_a_plain_request_runs_staircase_as_final(config: MoAConfig) -> Non
 async def test_the_staircase_steps_are_marked_on_their_fuse_spans(
     otlp: OTLPReceiver, config: MoAConfig
 ) -> None:
-    """README "Aggregation modes": each staircase step is a ``moa.fuse`` span with ``moa.stage``
-    and ``moa.staircase_step``: in ``moa``, the aggregator's and the second layer's proposers'."""
+    """docs/CONFIGURATION.md "Aggregation modes": each staircase step is a ``moa.fuse`` span with
+    ``moa.stage`` and ``moa.staircase_step``: in ``moa``, the aggregator's and the second layer's
+    proposers'."""
     async with ProviderPool.from_config(config, sim_url=config.simulator.url) as pool:
         engine = MoAEngine(config, pool)
         with tracer().start_as_current_span("client request") as root:
@@ -541,7 +605,7 @@ async def test_the_staircase_steps_are_marked_on_their_fuse_spans(
 
 
 async def test_references_are_trimmed_to_the_models_context_window(config: MoAConfig) -> None:
-    """README "Token budget": without ``reference_budget_tokens`` the references are trimmed to
+    """docs/CONFIGURATION.md "Token budget": without ``reference_budget_tokens`` the references are trimmed to
     the aggregator model's context window (what is left of it after the answer and the prompt)."""
     plan = config.presets["moa-lite"]
     agg = plan.aggregators[0]
@@ -564,7 +628,7 @@ async def test_references_are_trimmed_to_the_models_context_window(config: MoACo
 async def test_the_documented_span_attributes(
     otlp: OTLPReceiver, config: MoAConfig, sim: SimulatorServer
 ) -> None:
-    """README "Observability": ``moa.run`` carries the preset, router reason, aggregation, cost,
+    """docs/OBSERVABILITY.md: ``moa.run`` carries the preset, router reason, aggregation, cost,
     tokens and fallback; ``moa.route`` complexity, task, reason and substitutions; ``moa.layer``
     index, quorum, succeeded and stragglers cancelled; provider spans the requested temperature
     and max tokens, and ``error.type`` when the call failed."""
@@ -612,9 +676,9 @@ def _sim_requests(sim: SimulatorServer) -> int:
 
 
 def test_v1_moa_returns_the_full_result_and_the_cache_is_off_by_default(sim: SimulatorServer) -> None:
-    """README "HTTP API": ``/v1/moa`` with a ``preset`` returns the text, the plan, the decision,
+    """docs/API.md "Endpoints": ``/v1/moa`` with a ``preset`` returns the text, the plan, the decision,
     every call (layer, provider, model, role, latency, tokens, cost, error kind, straggler flag)
-    and the totals (tokens, cost, wall time, critical path). README "Response caching": off until
+    and the totals (tokens, cost, wall time, critical path). docs/CACHING.md: off until
     the config enables it, so the same request twice is answered twice by the models."""
     body = {"messages": [{"role": "user", "content": QUESTION[0].content}], "preset": "moa-lite"}
     with ApiServer(_config(sim)) as server:
@@ -640,7 +704,7 @@ def test_v1_moa_returns_the_full_result_and_the_cache_is_off_by_default(sim: Sim
 
 
 def test_the_openai_sdk_raises_the_error_event_while_iterating(sim: SimulatorServer) -> None:
-    """README "Streaming": a failure after the headers ends the stream with an error event, which
+    """docs/API.md "Streaming": a failure after the headers ends the stream with an error event, which
     the OpenAI SDK raises as an ``APIError`` while iterating."""
     import openai
 
@@ -678,7 +742,7 @@ async def test_only_what_the_provider_did_counts_against_its_breaker(
     kind: ErrorKind,
     counts: bool,
 ) -> None:
-    """README "Configuration": ``rate_limited``, ``server_error`` and ``malformed_response`` count
+    """docs/CONFIGURATION.md: ``rate_limited``, ``server_error`` and ``malformed_response`` count
     against the provider's circuit breaker (threshold 3 here: three failed calls open it); an
     ``auth`` failure does not, however often it happens."""
     model = MODELS["openai"]
@@ -711,7 +775,7 @@ async def test_only_what_the_provider_did_counts_against_its_breaker(
 
 
 async def test_single_falls_back_along_the_other_providers(config: MoAConfig, sim: SimulatorServer) -> None:
-    """README "Presets and modes": ``single`` is one model with the other providers as its
+    """docs/CONFIGURATION.md "Presets and modes": ``single`` is one model with the other providers as its
     fallback chain: its model failing, the next provider's answers."""
     first, second = (a.model for a in config.presets["single"].aggregators[:2])
     async with httpx.AsyncClient(base_url=sim.url) as admin:
@@ -725,7 +789,7 @@ async def test_single_falls_back_along_the_other_providers(config: MoAConfig, si
 def test_ask_prints_a_table_of_every_call_with_the_documented_columns(
     sim: SimulatorServer, tmp_path: Path
 ) -> None:
-    """README "Ask a question in-process": after the answer, a table of every call (stage, layer,
+    """docs/API.md "Ask a question in-process": after the answer, a table of every call (stage, layer,
     model, role, latency, tokens, cost, status) and the totals."""
     path = tmp_path / "moa.yaml"
     raw = load_config(None).model_dump(mode="json", exclude={"simulator"})

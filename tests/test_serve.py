@@ -365,7 +365,7 @@ def _health_reported(url: str, provider: str) -> tuple[int, dict[str, Any]]:
 def test_serve_stopping_the_ingress_lets_a_stream_in_progress_finish(
     cluster: dict[str, Any], sim: SimulatorServer
 ) -> None:
-    """README: under ``serve deploy`` Serve stops an ingress replica (redeploy, scale-down,
+    """docs/OPERATIONS.md: under ``serve deploy`` Serve stops an ingress replica (redeploy, scale-down,
     ``serve shutdown``: each deletes replicas as this test deletes the app) with its own graceful
     shutdown. The stream in progress when the app is deleted runs to its end and ``[DONE]``; with
     direct ingress, the session's mode as cluster.yaml's, the replica's own port still answers
@@ -444,7 +444,7 @@ def test_serve_stopping_the_ingress_lets_a_stream_in_progress_finish(
 def test_a_provider_autoscaled_to_none_is_reported_and_a_request_brings_it_back(
     cluster: dict[str, Any], sim: SimulatorServer
 ) -> None:
-    """README: ``/healthz`` says ``scaled_to_zero`` for a provider Serve's autoscaling took to no
+    """docs/API.md: ``/healthz`` says ``scaled_to_zero`` for a provider Serve's autoscaling took to no
     replica (``min_replicas: 0``), which is not a fault: the status stays ``ok``, nothing routes
     around it, and a request naming it starts a replica and is answered by it."""
 

@@ -103,7 +103,7 @@ def test_a_proposal_cached_by_one_replica_is_served_to_another_node(
     again = _moa(apps["cache-worker"], "gpt-4.1")
     assert again.headers["x-moa-cache"] == "hit-exact"
     assert again.json()["text"] == first.json()["text"]
-    # The README's cache series moved, in the worker's app, by what it served and stored.
+    # docs/OBSERVABILITY.md's cache series moved, in the worker's app, by what it served and stored.
     worker = {"application": "cache-worker"}
     expected = {
         "ray_moa_cache_hits_total": ({"cache": "proposal", "kind": "exact"}, 3),

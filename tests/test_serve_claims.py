@@ -1,4 +1,4 @@
-"""The README's claims proven on the topology users deploy: the Ray Serve app on a two-node cluster,
+"""The documented claims proven on the topology users deploy: the Ray Serve app on a two-node cluster,
 called over HTTP. Each has an in-process twin elsewhere; these show the claim survives the handle
 hops, the separate provider replicas and the health board."""
 

@@ -209,7 +209,7 @@ def test_spend_from_both_replicas_lands_in_one_ledger_and_revocation_reaches_eve
 def test_each_keys_requests_spend_tokens_and_refusals_reach_prometheus(
     keyed: tuple[str, str, KeyRecord, str], cluster: dict[str, Any]
 ) -> None:
-    """The README's per-key series, scraped from Ray's Prometheus endpoints: a key's requests,
+    """docs/SECURITY.md's per-key series, scraped from Ray's Prometheus endpoints: a key's requests,
     spend and tokens move as it is used, and a key whose budget cannot hold a request counts a
     refusal. Keys are labelled by name, never by the key itself."""
     url, _, _, redis_url = keyed

@@ -314,7 +314,8 @@ async def test_the_steps_of_later_layers_count_in_max_calls_and_are_refused_up_f
         await drain(engine(caller, tight).stream(QUESTION, plan=stair))
     assert caller.calls == []
     assert worst_case_calls(stair) <= cfg.caps.max_calls  # the default cap leaves room for it
-    # README: moa's worst case goes from 10 calls to 25 (3 steps of 2 aggregators and 3 proposers).
+    # docs/CONFIGURATION.md: moa's worst case goes from 10 calls to 25 (3 steps of 2 aggregators
+    # and 3 proposers).
     moa = cfg.presets["moa"]
     assert worst_case_calls(moa) == 10
     assert worst_case_calls(moa.model_copy(update={"aggregation": "staircase"})) == 25 <= cfg.caps.max_calls

