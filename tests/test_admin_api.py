@@ -60,7 +60,7 @@ def test_without_an_admin_key_the_admin_routes_do_not_exist(
 
 
 def test_a_short_admin_key_is_refused_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
-    from moa.api.app import admin_key_from_env
+    from moa.api.admin import admin_key_from_env
 
     monkeypatch.setenv("MOA_ADMIN_KEY", "hunter2")
     with pytest.raises(ConfigError, match="shorter than") as refused:
@@ -161,7 +161,7 @@ def test_create_list_disable_enable_revoke_over_http(
 def test_the_admin_key_needs_24_characters_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
     """docs/SECURITY.md: ``MOA_ADMIN_KEY`` of at least 24 characters: 23 is refused, 24 is taken,
     and surrounding whitespace does not count towards the 24."""
-    from moa.api.app import admin_key_from_env
+    from moa.api.admin import admin_key_from_env
 
     for short in ("k" * 23, " " + "k" * 23 + "\n"):
         monkeypatch.setenv("MOA_ADMIN_KEY", short)

@@ -22,7 +22,7 @@ import pytest
 
 from moa import MoAEngine, Plan, load_config
 from moa.api.access import Access, Spend
-from moa.api.app import ended
+from moa.api.cancel import ended
 from moa.auth import Principal, new_key, new_record
 from moa.config import MoAConfig, SimulatorMode
 from moa.engine.receipts import Receipts, late_charge

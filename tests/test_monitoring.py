@@ -36,7 +36,8 @@ import httpx
 import pytest
 import yaml
 
-from moa.api.app import Admission, ApiError
+from moa.api.admission import Admission
+from moa.api.errors import ApiError
 from moa.auth import Principal, new_key, new_record
 from moa.config import parse_config
 from moa.simulator.server import SimulatorServer

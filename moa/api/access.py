@@ -1,5 +1,6 @@
 """Who may call, and what a call may spend: the API's key check, per-key limits, and the budget
-reservation each request holds from before its fan-out until it settles.
+reservation each request holds from before its fan-out until it settles (applied to a run by
+``moa.api.gate.SpendGate``).
 
 Without a state store (or while no key exists) the service is open: every caller is the anonymous
 principal, still held to ``moa.max_cost_usd``.
@@ -21,12 +22,12 @@ from opentelemetry import trace
 
 from moa.auth import Authenticator, InsufficientQuota, KeyRateLimited, Principal
 from moa.config import MoAConfig
-from moa.engine.cost import Projection, Routed, call_cost, fit_cost_cap
+from moa.engine.cost import Projection, Routed, fit_cost_cap
 from moa.engine.receipts import RECEIPT_WAIT_S, ReceiptSource, late_charge
 from moa.plan import Plan, PlanShape
 from moa.result import CallRecord
 from moa.state import KeyRecord, Reservation, StateStore, from_micro, to_micro, window_of
-from moa.types import CallRequest, ChatMessage, GenerationParams, HealthView, Usage
+from moa.types import ChatMessage, GenerationParams, HealthView, Usage
 from moa_observability.metrics import KeyMetrics
 
 log = logging.getLogger("moa.api")
@@ -258,6 +259,8 @@ class Access:
                     )
         return principal
 
+    # Seven parameters: everything ``fit_cost_cap`` reads, passed through as they are. The spend
+    # gate holds them for its request; the auth-cost benchmark calls this with no gate.
     def fit(
         self,
         principal: Principal,
@@ -328,86 +331,3 @@ async def settle_quietly(spend: Spend | None) -> None:
     if spend is not None:
         with contextlib.suppress(Exception):
             await spend.settle()
-
-
-class SpendGate:
-    """One request's admission through a key's rules, handed to the engine as its ``admit`` and
-    ``reserve`` hooks: routing runs inside the run, so the plan is checked (and held to its cost
-    cap) once it is known, and its cost reserved against the key's budget only once the cache has
-    not answered: a cached answer costs nothing, so it writes nothing to the state store.
-    ``spend`` is what to settle when the request ends (None until admitted, or if refused)."""
-
-    def __init__(
-        self,
-        access: Access,
-        principal: Principal,
-        messages: Sequence[ChatMessage],
-        params: GenerationParams,
-        max_cost_usd: float | None,
-        health: Callable[[], HealthView],
-        param: str | None = None,
-    ) -> None:
-        self.access, self.principal = access, principal
-        self.messages, self.params, self.max_cost_usd, self.health = messages, params, max_cost_usd, health
-        self.param = param
-        self.spend: Spend | None = None
-        self.projection = Projection(0.0, 0)
-
-    async def before_classifier(self, req: CallRequest) -> None:
-        """The engine's hook before the router's LLM classifier calls its model: that call is
-        paid, so a key's budget must hold it first (429 ``insufficient_quota``, and no call, for a
-        key with nothing left). The reservation becomes the request's until ``reserve`` replaces
-        it, so a request refused or answered from the cache after the call still pays for it."""
-        key = self.principal.key
-        if key is None or self.spend is not None:
-            return
-        held = None
-        if key.limits.budget_usd is not None:
-            held = await self.access.hold(self.principal, call_cost(self.access.config, req))
-        self.spend = Spend(self.access, self.principal, held, 0.0)
-
-    async def admit(self, routed: Routed, shape: PlanShape = Plan.as_run) -> Routed:
-        """The engine's hook with the routed plan as it will run (every override applied): the
-        key's rules and its cost cap are checked, and the cost projected, on that plan."""
-        routed, projected = self.access.fit(
-            self.principal, routed, self.messages, self.params, self.max_cost_usd, self.health, shape
-        )
-        # On the plan that will run: auto's tier may have moved to one the key may use.
-        plan, decision, _ = routed
-        self.principal.check_routed(plan, decision, self.param or "model")
-        # Nothing reserved yet: settling it writes nothing (a cache hit's whole settlement), or
-        # settles the classifier's reservation to what its call cost.
-        if self.spend is None:
-            self.spend = Spend(self.access, self.principal, None, projected.cost_usd)
-        self.spend.projected = projected.cost_usd
-        self.projection = projected
-        return routed
-
-    async def reserve(self) -> None:
-        """The engine's hook once models will be called (no cached answer): the projected tokens
-        held against the key's TPM, then the projected cost against its budget."""
-        spend = self.spend
-        if spend is None:
-            return
-        classifier = spend.reservation  # held before the router's classifier call, if one was made
-        try:
-            spend.token_hold = await self.access.hold_tokens(self.principal, self.projection.tokens)
-            spend.reservation = await self.access.hold(self.principal, spend.projected)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await self.access.release_tokens(self.principal, spend.token_hold)
-            spend.token_hold = None  # given back: the settlement must not take it back again
-            if classifier is None and not spend.cost_usd:
-                self.spend = None  # refused (or cancelled): nothing to settle, as before admission
-            # Otherwise the classifier's call was made: the request settles to what it cost.
-            raise
-        if classifier is not None:
-            # Its cost is already in ``spend``, which settles against the new reservation.
-            try:
-                await self.access.store.settle(classifier, 0)
-            except Exception:
-                log.exception("could not release a classifier reservation (it expires on its own)")
-
-    def record(self, rec: CallRecord) -> None:
-        if self.spend is not None:
-            self.spend.record(rec)

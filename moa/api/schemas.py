@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
@@ -121,7 +122,54 @@ NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
 }
 
 
-class ChatCompletionRequest(BaseModel):
+class RunFields(Protocol):
+    """The run's options both endpoints take (``MoAOptions`` on a chat completion, the top level
+    of ``/v1/moa``): its deadline, cost cap, aggregation override and cache rights."""
+
+    @property
+    def deadline_s(self) -> float | None: ...
+    @property
+    def max_cost_usd(self) -> float | None: ...
+    @property
+    def aggregation(self) -> AggregationMode | None: ...
+    @property
+    def cache(self) -> str: ...
+    @property
+    def cache_semantic(self) -> bool: ...
+    @property
+    def cache_sampled(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What a request body asks the engine for, the same for both endpoints."""
+
+    options: RunFields
+    params: GenerationParams
+    preset: str | None = None
+    plan: Plan | None = None
+    # The request field a plan refused for the key's rules names.
+    param: str = "model"
+    # Whether the response carries the per-call detail (a key may be refused it).
+    detail: bool = False
+
+
+class RunBody(BaseModel):
+    """What both endpoints' bodies give the request preamble (``moa.api.serving``)."""
+
+    @property
+    def end_user(self) -> str | None:
+        """The client's id of its end user, for the request's span and log line."""
+        return None
+
+    def chat_messages(self) -> list[ChatMessage]:
+        raise NotImplementedError
+
+    def run_spec(self) -> RunSpec:
+        raise NotImplementedError
+
+
+class ChatCompletionRequest(RunBody):
     # Bodies are read with finite numbers only (moa.api.jsonbody); a model built another way is too.
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
@@ -192,6 +240,9 @@ class ChatCompletionRequest(BaseModel):
     def chat_messages(self) -> list[ChatMessage]:
         return chat_messages(self.messages)
 
+    def run_spec(self) -> RunSpec:
+        return RunSpec(self.moa, self.params(), preset=self.model, detail=self.moa.detail)
+
     def params(self) -> GenerationParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop) if self.stop else None
         return GenerationParams(
@@ -207,7 +258,7 @@ class ChatCompletionRequest(BaseModel):
         )
 
 
-class MoARequest(BaseModel):
+class MoARequest(RunBody):
     """``POST /v1/moa``: an explicit plan (or a preset) and the full result back."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -231,6 +282,11 @@ class MoARequest(BaseModel):
 
     def chat_messages(self) -> list[ChatMessage]:
         return chat_messages(self.messages)
+
+    def run_spec(self) -> RunSpec:
+        param = "plan" if self.plan is not None else "preset"
+        # The full result is the detail.
+        return RunSpec(self, self.params, preset=self.preset, plan=self.plan, param=param, detail=True)
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> dict[str, Any]:

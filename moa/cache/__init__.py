@@ -5,10 +5,8 @@ from moa.cache.cache import (
     Hit,
     ProposalCache,
     ResponseCache,
-    current_ticket,
     open_cache,
     sampled,
-    set_ticket,
 )
 
 __all__ = [
@@ -16,8 +14,6 @@ __all__ = [
     "Hit",
     "ProposalCache",
     "ResponseCache",
-    "current_ticket",
     "open_cache",
     "sampled",
-    "set_ticket",
 ]

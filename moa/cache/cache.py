@@ -15,7 +15,6 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,18 +64,6 @@ class CacheTicket:
             semantic=semantic,
             sampled_ok=sampled_ok,
         )
-
-
-_ticket: ContextVar[CacheTicket | None] = ContextVar("moa_cache_ticket", default=None)
-
-
-def current_ticket() -> CacheTicket | None:
-    return _ticket.get()
-
-
-def set_ticket(ticket: CacheTicket | None) -> None:
-    """For this request (its task and every task started from it)."""
-    _ticket.set(ticket)
 
 
 def sampled(params: GenerationParams) -> bool:

@@ -50,6 +50,7 @@ class RunOptions(TypedDict, total=False):
     reserve: Callable[[], Awaitable[None]] | None
     tenant: str | None
     before_classifier: Callable[[CallRequest], Awaitable[None]] | None
+    ticket: CacheTicket | None
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,8 @@ class RunRequest:
     reserve: Callable[[], Awaitable[None]] | None = None
     tenant: str | None = None
     before_classifier: Callable[[CallRequest], Awaitable[None]] | None = None
+    # What the response cache may do for this request (the API's, per key); None: the local scope.
+    ticket: CacheTicket | None = None
     # Whether the final answer is streamed as TextDeltas (``stream``) or only returned (``run``).
     stream: bool = True
 
@@ -89,6 +92,7 @@ class RunRequest:
             reserve=options.get("reserve"),
             tenant=options.get("tenant"),
             before_classifier=options.get("before_classifier"),
+            ticket=options.get("ticket"),
             stream=stream,
         )
 

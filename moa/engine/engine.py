@@ -19,7 +19,7 @@ from typing import Unpack
 
 from opentelemetry import trace
 
-from moa.cache import CacheTicket, ResponseCache, current_ticket, open_cache
+from moa.cache import CacheTicket, ResponseCache, open_cache
 from moa.caller import ModelCaller
 from moa.caps import check_messages, check_plan
 from moa.config import MoAConfig
@@ -131,7 +131,9 @@ class MoAEngine:
         (raise): a key's budget reservation, a state-store write a cached answer does not need.
         ``tenant`` scopes the router's memory of the request (its LLM classifier's cache; by
         default the cache ticket's scope); ``before_classifier`` is awaited before that classifier
-        calls its model and may refuse (raise): a key that cannot pay for the call. The router's
+        calls its model and may refuse (raise): a key that cannot pay for the call. ``ticket`` is
+        what the response cache may do for the request (the API's, per key); without one a run
+        reads and writes the local scope. The router's
         calls reach ``on_call`` before ``admit`` sees the plan, so they count even when it refuses.
         The run ends at ``deadline`` (or ``deadline_s`` from now) with ``DeadlineExceeded``.
         """
@@ -202,7 +204,7 @@ class MoAEngine:
             )
             for res, rec in zip(pre_calls, pre_records, strict=True):
                 ctx.record(res, rec, notify=False)
-            ctx.ticket = self._ticket(decision)
+            ctx.ticket = self._ticket(request, decision)
             if ctx.ticket is not None:
                 with attached(span_ctx):  # the lookup's span is the run's child
                     hit = await self._cached(ctx)
@@ -242,17 +244,16 @@ class MoAEngine:
         else (``moa ask``) the local scope."""
         if request.tenant is not None:
             return request.tenant
-        ticket = current_ticket()
-        return ticket.scope if ticket is not None else LOCAL_TENANT
+        return request.ticket.scope if request.ticket is not None else LOCAL_TENANT
 
     # -- the response cache -----------------------------------------------------------------------
 
-    def _ticket(self, decision: RouteDecision) -> CacheTicket | None:
-        """This run's cache rights: the API's (set per request), or, outside the API (``moa
+    def _ticket(self, request: RunRequest, decision: RouteDecision) -> CacheTicket | None:
+        """This run's cache rights: the request's (the API's, per key), or, outside the API (``moa
         ask``), the local scope's. A preset listed in ``cache.semantic.presets`` turns semantic on."""
         if self.cache is None:
             return None
-        ticket = current_ticket() or CacheTicket.for_request("local")
+        ticket = request.ticket or CacheTicket.for_request("local")
         if decision.preset in self.config.cache.semantic.presets:
             ticket.semantic = True
         return ticket

@@ -1,0 +1,107 @@
+"""The bodies and headers of a finished answer, as OpenAI's API shapes them, plus the opt-in
+``moa`` detail and this service's ``x-moa-*`` headers."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from moa.api.schemas import ChatCompletionRequest
+from moa.cache import CacheTicket
+from moa.result import MoAResult
+from moa.types import Usage
+
+
+def finish_reason(reason: str | None) -> str:
+    return reason if reason in ("stop", "length", "content_filter") else "stop"
+
+
+def usage(u: Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": u.input_tokens,
+        "completion_tokens": u.output_tokens,
+        "total_tokens": u.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    }
+
+
+def moa_detail(result: MoAResult) -> dict[str, Any]:
+    """The opt-in per-call breakdown (``moa: {"detail": true}``)."""
+    return {
+        "preset": result.preset,
+        "aggregation": result.plan.aggregation,
+        "decision": result.decision.model_dump(mode="json"),
+        "answered_by": f"{result.provider}/{result.model}",
+        "fallback": result.fallback,
+        "fallback_reason": result.fallback_reason,
+        "answer_source": result.answer_source,
+        "notes": result.notes,
+        "cache": result.cache.model_dump(mode="json"),
+        "calls": [c.model_dump(mode="json") for c in result.calls],
+        "totals": {
+            "calls": len(result.calls),
+            "cost_usd": result.cost_usd,
+            "wall_time_s": result.wall_time_s,
+            "critical_path_s": result.critical_path_s,
+            "provider_critical_path_s": result.provider_critical_path_s,
+            "stragglers_cancelled": result.stragglers_cancelled,
+            # Aggregators that took over an answer another one had started streaming.
+            "aggregator_switches": sum(c.took_over for c in result.calls),
+            "staircase_steps": sum(c.staircase_step is not None for c in result.calls),
+        },
+    }
+
+
+def completion_body(req: ChatCompletionRequest, result: MoAResult) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": f"chatcmpl-moa-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": answered_model(req.model, result.preset),
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish_reason(result.finish_reason),
+            }
+        ],
+        "usage": usage(result.usage),
+    }
+    if req.moa.detail:
+        body["moa"] = moa_detail(result)
+    return body
+
+
+def answered_model(requested: str, ran: str | None) -> str:
+    """The response's ``model``: what ``auto`` resolved to (the preset that ran), as OpenAI
+    answers with the resolved model; any other request's own ``model``."""
+    return ran if requested == "auto" and ran else requested
+
+
+def preset_header(ran: str | None) -> dict[str, str]:
+    """``x-moa-preset``: the preset (or ``provider/model``) that answered."""
+    return {"x-moa-preset": ran} if ran else {}
+
+
+def cache_header(ticket: CacheTicket | None) -> dict[str, str]:
+    """``x-moa-cache``: hit-exact, hit-semantic, miss, or bypass (not read: the request said so,
+    a fresh sample was asked for, or the cache is off)."""
+    return {"x-moa-cache": ticket.outcome.status if ticket is not None else "bypass"}
+
+
+def answer_header(result: MoAResult) -> dict[str, str]:
+    """``x-moa-answer-source``: aggregator, fallback, or proposal (every aggregator failed and a
+    proposal answered unaggregated). A streamed response's headers leave before the answer is
+    known: there it is only in ``moa.detail``."""
+    return {"x-moa-answer-source": result.answer_source}
+
+
+def cost_header(result: MoAResult) -> dict[str, str]:
+    """``x-moa-cost-usd``: what the request's calls cost, in US dollars, when it was answered (a
+    call it cut may be charged a little more once its provider says what it consumed). It is the
+    caller's own spend, so every caller gets it, with or without ``moa.detail``; ``moa batch``
+    holds its budget with it."""
+    return {"x-moa-cost-usd": f"{result.cost_usd:.8f}"}
