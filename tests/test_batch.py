@@ -371,3 +371,24 @@ async def test_killed_mid_run_it_resumes_with_no_item_paid_twice_and_none_lost(
     assert sorted(ids) == sorted(f"q{i}" for i in range(n))  # none lost, none written twice
     # The rerun sent exactly the items the output did not hold: nothing done was paid again.
     assert model_stats(sim, "gpt-4.1-mini")["requests"] - sent_before == n - before
+
+
+async def test_every_answer_says_what_it_cost_in_a_header(
+    config: MoAConfig, sim: SimulatorServer, state_dir: Path
+) -> None:
+    """``x-moa-cost-usd``, what the batch counts its budget with: the run's cost, on both answering
+    endpoints, whether or not the request asked for ``moa.detail``."""
+    from moa.batch.senders import in_process_sender
+
+    question = {"messages": [_user("why is the sky blue?")]}
+    async with in_process_sender(config, None) as sender:
+        detailed = await sender.send(
+            "/v1/chat/completions", question | {"model": "moa-lite", "moa": {"detail": True}}
+        )
+        plain = await sender.send("/v1/chat/completions", question | {"model": "single"})
+        planned = await sender.send("/v1/moa", question | {"preset": "single"})
+    assert float(detailed.headers["x-moa-cost-usd"]) == pytest.approx(
+        detailed.body["moa"]["totals"]["cost_usd"]
+    )
+    assert float(detailed.headers["x-moa-cost-usd"]) > 0 and float(plain.headers["x-moa-cost-usd"]) > 0
+    assert float(planned.headers["x-moa-cost-usd"]) == pytest.approx(planned.body["cost_usd"])
