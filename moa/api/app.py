@@ -23,7 +23,14 @@ from moa.api.admin import Admin, add_admin_routes, admin_key_from_env
 from moa.api.drain import CUT_GRACE_S
 from moa.api.errors import ApiError, add_error_handlers, moa_error
 from moa.api.health import HealthFn, health_status, model_objects
-from moa.api.responses import answer_header, cache_header, completion_body, moa_detail, preset_header
+from moa.api.responses import (
+    answer_header,
+    cache_header,
+    completion_body,
+    cost_header,
+    moa_detail,
+    preset_header,
+)
 from moa.api.schemas import ChatCompletionRequest, MoARequest
 from moa.api.serving import Api
 from moa.api.streaming import AdmittedStream
@@ -54,7 +61,7 @@ async def chat_completions(request: Request) -> Response:
             result = await api.answer(request, run)
             api.outcomes.answered(result, time.monotonic() - run.t0, run.messages, req.model)
             headers = cache_header(run.ticket) | preset_header(result.preset) | answer_header(result)
-            return JSONResponse(completion_body(req, result), headers=headers)
+            return JSONResponse(completion_body(req, result), headers=headers | cost_header(result))
         first, events = await api.open_stream(request, run)
         # From here the response owns the slot and the events (see AdmittedStream).
         ran = first.preset if isinstance(first, Progress | MoAResult) else None
@@ -81,7 +88,8 @@ async def moa(request: Request) -> Response:
     finally:
         await run.close()
     return JSONResponse(
-        result.model_dump(mode="json"), headers=cache_header(run.ticket) | answer_header(result)
+        result.model_dump(mode="json"),
+        headers=cache_header(run.ticket) | answer_header(result) | cost_header(result),
     )
 
 

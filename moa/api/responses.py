@@ -97,3 +97,11 @@ def answer_header(result: MoAResult) -> dict[str, str]:
     proposal answered unaggregated). A streamed response's headers leave before the answer is
     known: there it is only in ``moa.detail``."""
     return {"x-moa-answer-source": result.answer_source}
+
+
+def cost_header(result: MoAResult) -> dict[str, str]:
+    """``x-moa-cost-usd``: what the request's calls cost, in US dollars, when it was answered (a
+    call it cut may be charged a little more once its provider says what it consumed). It is the
+    caller's own spend, so every caller gets it, with or without ``moa.detail``; ``moa batch``
+    holds its budget with it."""
+    return {"x-moa-cost-usd": f"{result.cost_usd:.8f}"}
