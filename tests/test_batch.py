@@ -392,3 +392,57 @@ async def test_every_answer_says_what_it_cost_in_a_header(
     )
     assert float(detailed.headers["x-moa-cost-usd"]) > 0 and float(plain.headers["x-moa-cost-usd"]) > 0
     assert float(planned.headers["x-moa-cost-usd"]) == pytest.approx(planned.body["cost_usd"])
+
+
+# -- the command --------------------------------------------------------------------------------------
+
+
+def test_moa_batch_run_then_status_on_the_command_line(
+    config: MoAConfig,
+    sim: SimulatorServer,
+    tmp_path: Path,
+    state_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from moa.cli import main
+
+    cfg_file = tmp_path / "moa.yaml"
+    cfg_file.write_text(f"simulator: {{url: {sim.url}, mode: on}}\n")
+    src, out = _prompts(tmp_path / "in.jsonl", 3), tmp_path / "out.jsonl"
+    args = ["batch", "run", str(src), "--out", str(out), "--preset", "single", "--config", str(cfg_file)]
+    assert main([*args, "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["done"], summary["succeeded"], summary["stopped"]) == (3, 3, None)
+    assert main(["batch", "status", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert f"{out}: finished" in shown and "done       3 of 3 (3 answered)" in shown
+    assert main(["batch", "status", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["done"] == 3
+    # A line that cannot run: refused with its line number before anything is sent (exit 2).
+    bad = _write(tmp_path / "bad.jsonl", [{"prompt": "fine"}, "{oops"])
+    assert (
+        main(["batch", "run", str(bad), "--out", str(tmp_path / "o2.jsonl"), "--config", str(cfg_file)]) == 2
+    )
+    assert "line 2: not JSON" in capsys.readouterr().err
+    # Another batch's output is refused rather than mixed.
+    other = _prompts(tmp_path / "other.jsonl", 2, "other")
+    other_args = ["batch", "run", str(other), "--out", str(out), "--config", str(cfg_file), "--no-progress"]
+    assert main([*other_args, "--preset", "single"]) == 2
+    assert "another batch's output" in capsys.readouterr().err
+
+
+async def test_a_batch_runs_on_a_running_service_over_http(
+    config: MoAConfig, sim: SimulatorServer, tmp_path: Path, state_dir: Path
+) -> None:
+    """``--url``: the same items, the same output lines, from ``moa serve --local``'s server."""
+    from tests.helpers import ApiServer
+
+    src, out = _prompts(tmp_path / "in.jsonl", 3), tmp_path / "out.jsonl"
+    with ApiServer(config) as server:
+        opts = BatchOptions(input=src, output=out, preset="single", progress=False, url=server.url)
+        summary = await run_batch(config, opts)
+    assert (summary.done, summary.succeeded) == (3, 3) and summary.cost_usd > 0
+    lines = _lines(out)
+    assert all(x["response"]["body"]["object"] == "chat.completion" for x in lines)
+    assert all(x["response"]["request_id"] for x in lines)  # the trace id, from the header
+    assert model_stats(sim, "gpt-4.1-mini")["requests"] == 3

@@ -8,12 +8,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from moa.cli import ask, bench, cache, config, eval, keys, serve, simulator
+from moa.cli import ask, batch, bench, cache, config, eval, keys, serve, simulator
 from moa.config import ConfigError
 from moa.errors import MoAError
 
 # In the order ``moa --help`` lists them.
-VERB_GROUPS = (ask, serve, simulator, bench, eval, keys, cache, config)
+VERB_GROUPS = (ask, serve, simulator, bench, eval, batch, keys, cache, config)
 
 
 def build_parser() -> argparse.ArgumentParser:
