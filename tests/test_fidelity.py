@@ -29,8 +29,8 @@ from moa.config import MoAConfig, resolve_endpoint
 from moa.providers.client import ProviderClient
 from moa.providers.registry import build_client
 from moa.simulator.server import SimulatorServer
-from moa.types import CallRequest, CallResult, ChatMessage, ErrorKind, TextDelta
-from tests.test_providers import MODELS, provider_config
+from moa.types import CallRequest, CallResult, ChatMessage, ErrorKind
+from tests.test_providers import MODELS, collect, provider_config
 
 FIXTURES = Path(__file__).parent / "fixtures" / "providers"
 MESSAGES = (ChatMessage(role="user", content="Hello!"),)
@@ -224,14 +224,7 @@ def req(provider: str) -> CallRequest:
 
 
 async def streamed(client: ProviderClient, provider: str) -> tuple[str, CallResult]:
-    text, result = "", None
-    async for ev in client.stream(req(provider)):
-        if isinstance(ev, TextDelta):
-            text += ev.text
-        else:
-            result = ev
-    assert result is not None
-    return text, result
+    return await collect(client.stream(req(provider)))
 
 
 # -- the adapters against reference bodies -------------------------------------------------------------

@@ -99,6 +99,16 @@ def cfg_of(server: ApiServer) -> MoAConfig:
     return server.config
 
 
+def _single_projection(server: ApiServer) -> float:
+    """The most one short `single` request (SHORT, max_tokens 40) may cost on this server."""
+    from moa.engine.cost import projected_cost
+    from moa.types import ChatMessage, GenerationParams
+
+    cfg = cfg_of(server)
+    message = ChatMessage(role="user", content=SHORT[0]["content"])
+    return projected_cost(cfg, cfg.presets["single"], [message], GenerationParams(max_tokens=40))
+
+
 def test_open_until_a_key_exists_then_every_request_needs_one(
     server: ApiServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -222,16 +232,7 @@ def test_many_concurrent_requests_never_overspend_a_small_budget(
     assert {r.json()["error"]["type"] for r in refused} == {"insufficient_quota"}
     reported = sum(r.json()["moa"]["totals"]["cost_usd"] for r in ok)
 
-    from moa.engine.cost import projected_cost
-    from moa.types import ChatMessage, GenerationParams
-
-    cfg = cfg_of(server)
-    one = projected_cost(
-        cfg,
-        cfg.presets["single"],
-        [ChatMessage(role="user", content=SHORT[0]["content"])],
-        GenerationParams(max_tokens=40),
-    )
+    one = _single_projection(server)
 
     async def ledger() -> int:
         store = SQLiteStore(state_dir / "state.db")
@@ -764,16 +765,7 @@ def test_a_budget_period_rolls_over_at_the_utc_calendar_through_the_api(
     by one request at 23:59:30 on 31 January, refused the next, fresh a minute later on 1 February;
     on 2 February a day budget is fresh again while a month budget is still spent. Each request is
     settled in its own window of the ledger."""
-    from moa.engine.cost import projected_cost
-    from moa.types import ChatMessage, GenerationParams
-
-    cfg = cfg_of(server)
-    one = projected_cost(
-        cfg,
-        cfg.presets["single"],
-        [ChatMessage(role="user", content=SHORT[0]["content"])],
-        GenerationParams(max_tokens=40),
-    )
+    one = _single_projection(server)
     key = create_key(capsys, "calendar", "--budget-usd", repr(one), "--period", period)
     wait_for_auth(server)
     assert server.server.api is not None

@@ -17,20 +17,23 @@ from moa.cli.config import CONFIG_HELP
 from moa.client_auth import api_key, auth_advice
 from moa.config import MoAConfig, load_config
 
+HELP = "run a file of chat completion requests through MoA, resumable, within a budget"
+DESCRIPTION = (
+    'Each input line is an OpenAI Batch API line (custom_id, method, url, body) or {"prompt": ...}. '
+    "The output (JSONL, OpenAI's batch output lines plus each item's cost) is also the checkpoint: "
+    "run the same command again after a stop and only what it lacks is sent."
+)
+
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "batch",
-        help="run a file of chat completion requests through MoA, resumable, within a budget",
-        description="Each input line is an OpenAI Batch API line (custom_id, method, url, body) or "
-        "{\"prompt\": ...}. The output (JSONL, OpenAI's batch output lines plus each item's cost) is "
-        "also the checkpoint: run the same command again after a stop and only what it lacks is sent.",
-    )
+    p = sub.add_parser("batch", help=HELP, description=DESCRIPTION)
     verbs = p.add_subparsers(dest="batch_command", required=True)
     d = BatchOptions.model_fields
     r = verbs.add_parser("run", help="run the items the output does not hold yet")
     r.add_argument("input", type=Path, help="the input JSONL")
-    r.add_argument("--out", "-o", type=Path, required=True, help="the output JSONL (created or resumed)")
+    r.add_argument(
+        "--out", "-o", dest="output", type=Path, required=True, help="the output JSONL (created or resumed)"
+    )
     r.add_argument("--preset", default=d["preset"].default, help="model of items naming none (default: moa)")
     r.add_argument(
         "--concurrency", type=int, default=d["concurrency"].default, help="items in flight (default: 4)"
@@ -61,18 +64,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    opts = BatchOptions(
-        input=args.input,
-        output=args.out,
-        preset=args.preset,
-        concurrency=args.concurrency,
-        max_cost_usd=args.max_cost_usd,
-        url=args.url,
-        api_key=api_key(args.api_key),
-        retry_errors=args.retry_errors,
-        attempts=args.attempts,
-        progress=not args.no_progress and sys.stderr.isatty(),
-    )
+    # Every flag of ``run`` is a field of BatchOptions by the same name, but these two.
+    given = {name: getattr(args, name) for name in BatchOptions.model_fields if hasattr(args, name)}
+    progress = not args.no_progress and sys.stderr.isatty()
+    opts = BatchOptions(**given | {"api_key": api_key(args.api_key), "progress": progress})
     if opts.url is None:
         from moa.simulator.server import simulator_if_needed
 
