@@ -29,6 +29,7 @@ from moa.config import MoAConfig, resolve_endpoint
 from moa.providers.client import ProviderClient
 from moa.providers.registry import build_client
 from moa.simulator.server import SimulatorServer
+from moa.simulator.wire import json_type
 from moa.types import CallRequest, CallResult, ChatMessage, ErrorKind
 from tests.test_providers import MODELS, collect, provider_config
 
@@ -64,17 +65,9 @@ def sse_events(body: bytes) -> list[tuple[str | None, Any]]:
 
 
 def kind(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "boolean"
-    if isinstance(v, int):
-        return "integer"
-    if isinstance(v, float):
-        return "number"
-    if isinstance(v, str):
-        return "string"
-    return "array" if isinstance(v, list) else "object"
+    """A JSON value's type (integers apart from other numbers, as the shapes must keep them)."""
+    name = json_type(v)
+    return "number" if name == "decimal" else name
 
 
 def shape_diffs(ref: Any, got: Any, optional: frozenset[str] = frozenset(), path: str = "$") -> list[str]:

@@ -14,8 +14,9 @@ import json
 import os
 
 from moa.cache.cache import open_shared_store
+from moa.cache.store import CacheStore
 from moa.cli.config import add_config_option
-from moa.config import BUNDLED_SOURCE, config_sources, load_config
+from moa.config import BUNDLED_SOURCE, MoAConfig, config_sources, load_config
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -35,11 +36,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_config_option(p, *cs.choices.values())
 
 
-def _stats(args: argparse.Namespace) -> int:
+def _shared(args: argparse.Namespace, memory: str) -> tuple[MoAConfig, CacheStore | None]:
+    """The config and its shared cache store; None (after saying ``memory``) for the in-process
+    store, which this command cannot reach."""
     cfg = load_config(args.config)
     store = open_shared_store(cfg)
     if store is None:
-        print("cache.store is memory: each replica keeps its own in-process cache; nothing is shared")
+        print(f"cache.store is memory: {memory}")
+    return cfg, store
+
+
+def _stats(args: argparse.Namespace) -> int:
+    cfg, store = _shared(args, "each replica keeps its own in-process cache; nothing is shared")
+    if store is None:
         return 0
     # Which config answered, and where its cache.enabled came from: the store outlives any one
     # config, so a config with the cache off (the bundled one, say) can face a full store.
@@ -89,10 +98,8 @@ def _source(path: str | None) -> str:
 
 
 def _clear(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
-    store = open_shared_store(cfg)
+    _, store = _shared(args, "restart the replicas to clear their caches")
     if store is None:
-        print("cache.store is memory: restart the replicas to clear their caches")
         return 0
 
     async def clear() -> int:
