@@ -1,8 +1,8 @@
 """One request deadline, in one form, on one clock.
 
-A request's deadline used to change form at every boundary (relative seconds at the API, absolute
-monotonic time in the run, the event loop's clock in a layer, relative again in a call request and
-a fusion job, absolute again in the provider client), each with its own "has it passed" check.
+A request crosses many boundaries (the API, the run, a layer's event loop, a call request and a
+fusion job, the provider client); a deadline that changed form at each (relative seconds here,
+absolute monotonic time there) would need a "has it passed" check of its own at each.
 ``Deadline`` is the one value: an instant on ``time.monotonic()`` (or none at all), asked how much
 time is left (``remaining``), to bound a timeout (``cap``), whether it has passed (``expired``), or
 to end the run if it has (``check``).
