@@ -121,6 +121,9 @@ def _anything(decision: RouteDecision, plan: Plan) -> bool:
     return True
 
 
+# Eight parameters: the request (messages, params), what it was routed to, and the three rules it is
+# held to (cap, the key's access, the request's overrides), each a plain value or function so the
+# fit stays pure and testable without a key, a store or an API.
 def fit_cost_cap(
     config: MoAConfig,
     routed: Routed,
