@@ -446,3 +446,23 @@ async def test_a_batch_runs_on_a_running_service_over_http(
     assert all(x["response"]["body"]["object"] == "chat.completion" for x in lines)
     assert all(x["response"]["request_id"] for x in lines)  # the trace id, from the header
     assert model_stats(sim, "gpt-4.1-mini")["requests"] == 3
+
+
+async def test_an_item_an_earlier_run_answered_under_another_id_is_written_without_a_request(
+    config: MoAConfig, sim: SimulatorServer, tmp_path: Path, state_dir: Path
+) -> None:
+    """And what a run keeps of each done item is not its answer: the answers stay in the file."""
+    src, out = _prompts(tmp_path / "in.jsonl", 2), tmp_path / "out.jsonl"
+    await run_batch(config, BatchOptions(input=src, output=out, preset="single", progress=False))
+    with src.open("a") as f:
+        f.write(
+            json.dumps({"custom_id": "again", "prompt": "question number 1: why is the sky blue?"}) + "\n"
+        )
+    summary = await run_batch(config, BatchOptions(input=src, output=out, preset="single", progress=False))
+    lines = {x["custom_id"]: x for x in _lines(out)}
+    assert summary.done == 3 and model_stats(sim, "gpt-4.1-mini")["requests"] == 2
+    assert lines["again"]["response"]["body"] == lines["q1"]["response"]["body"]
+    assert lines["again"]["moa"]["cost_usd"] == 0
+    journal = Journal(out)
+    journal.close()
+    assert len(journal.done) == 3 and all(o.body is None for o in journal.done.values())

@@ -104,8 +104,17 @@ def read_outcomes(path: Path) -> tuple[list[Outcome], int]:
     return outcomes, good
 
 
+def _slim(outcome: Outcome) -> Outcome:
+    """The outcome without its answer's body (only an error's code is kept, for the counts): what
+    a run keeps of each done item, so its memory does not grow with the answers' text."""
+    err = outcome.body.get("error") if isinstance(outcome.body, dict) else None
+    code = err.get("code") if isinstance(err, dict) else None
+    return outcome.model_copy(update={"body": {"error": {"code": code}} if code else None})
+
+
 class Journal:
-    """The output file of one batch, opened to append: ``done`` is what it already holds."""
+    """The output file of one batch, opened to append: ``done`` is what it already holds (each
+    item without its answer's body: ``full`` reads one back from the file)."""
 
     def __init__(self, path: Path, retry_errors: bool = False) -> None:
         self.path = path
@@ -115,7 +124,7 @@ class Journal:
         if retry_errors and any(not o.ok for o in kept):
             kept = [o for o in kept if o.ok]
             self._rewrite(kept)
-        self.done = {o.custom_id: o for o in kept}
+        self.done = {o.custom_id: _slim(o) for o in kept}
         self._file = path.open("a", encoding="utf-8")
 
     def _read(self) -> list[Outcome]:
@@ -140,7 +149,15 @@ class Journal:
         self._file.write(json.dumps(outcome.line()) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
-        self.done[outcome.custom_id] = outcome
+        self.done[outcome.custom_id] = _slim(outcome)
+
+    def full(self, custom_id: str) -> Outcome:
+        """A done item's outcome with its answer, read back from the file."""
+        self._file.flush()
+        for outcome in read_outcomes(self.path)[0]:
+            if outcome.custom_id == custom_id:
+                return outcome
+        raise KeyError(custom_id)
 
     def write_status(self, status: dict[str, Any]) -> None:
         """Replaces the status file (written whole, then renamed, so a reader never sees half)."""

@@ -159,6 +159,7 @@ class BatchRunner:
         self.on_progress = on_progress
         self.sleep: Callable[[float], Any] = asyncio.sleep
         self.spent = sum(o.cost_usd for o in journal.done.values())
+        self._failed = sum(not o.ok for o in journal.done.values())
         self.run_spent = 0.0
         self._held: dict[int, float] = {}  # worker -> the cost cap its item in flight holds
         self._freed = asyncio.Event()  # set (and replaced) whenever an item's hold is let go
@@ -267,11 +268,9 @@ class BatchRunner:
             self.journal.write(
                 outcome.model_copy(update={"custom_id": other.custom_id, "cost_usd": 0.0, "tokens": 0})
             )
+        self._failed += (1 + len(copies)) * (not outcome.ok)
         if self.on_progress is not None:
-            done = self.journal.done.values()
-            self.on_progress(
-                Progress(len(self.items), len(self.journal.done), self.spent, sum(not o.ok for o in done))
-            )
+            self.on_progress(Progress(len(self.items), len(self.journal.done), self.spent, self._failed))
 
     def _groups(self) -> list[list[BatchItem]]:
         """The items still to do, the same requests grouped (the first of each is sent); an item
@@ -290,7 +289,9 @@ class BatchRunner:
 
     def _finish_copy(self, item: BatchItem, of: str) -> None:
         copy = {"custom_id": item.custom_id, "cost_usd": 0.0, "tokens": 0}
-        self.journal.write(self.journal.done[of].model_copy(update=copy))
+        outcome = self.journal.full(of).model_copy(update=copy)
+        self._failed += not outcome.ok
+        self.journal.write(outcome)
 
     async def _worker(self, worker: int) -> None:
         while self._stopped is None:
