@@ -20,6 +20,9 @@ from tests.helpers import ADMIN_HEADERS, QUESTION, RAY_MODULE, delete_app, set_f
 from tests.test_serve import answered_by_replica
 from tests.waiting import wait_until, wait_until_sync
 
+# moa-lite's proposers, one model per provider: what a direct call names.
+MODELS = {"openai": "gpt-4.1-mini", "anthropic": "claude-haiku-4-5", "gemini": "gemini-2.5-flash"}
+
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
@@ -132,7 +135,10 @@ def test_cluster_wide_tpm_holds_with_two_replicas(url: str, sim: SimulatorServer
     assert statuses[200] <= reached["requests"]
     per_replica = answered_by_replica("provider-tokened", replicas=2)
     assert all(n > 0 for n in per_replica.values()), per_replica
-    assert sum(per_replica.values()) == reached["completed"], (per_replica, reached)
+    # Every answer the clients got was a call a replica answered; the provider may have finished a
+    # few more whose replica had cut them first (their one-second deadline passed as the answer
+    # crossed), as in the RPM test.
+    assert statuses[200] <= sum(per_replica.values()) <= reached["completed"], (per_replica, reached)
 
 
 # -- a second, tight app: a small admission cap and quick circuits -------------------------------------
@@ -189,13 +195,24 @@ def test_every_circuit_open_is_503_through_the_health_board(
     set_fault(sim, "*", error_500={"rate": 1.0})
     body = {"model": "moa-lite", "messages": QUESTION}
     first = chat(url, body, tight)
-    assert first.status_code == 502, first.text  # every provider failed once: every circuit opens
+    assert first.status_code == 502, first.text  # every provider failed: their circuits open
 
     def health() -> dict[str, Any]:
         return httpx.get(f"{url}{tight}/healthz", headers=ADMIN_HEADERS).json()
 
+    def opening() -> dict[str, Any]:
+        """The board; a provider whose circuit is still closed is called directly, and fails. Its
+        call in the first request may have been cut rather than failed: once two proposers had
+        failed, moa-lite's quorum was out of reach and the layer cut the third (neutral to its
+        breaker)."""
+        board = health()
+        for name, p in board["providers"].items():
+            if p["state"] == "closed":
+                chat(url, {"model": f"{name}/{MODELS[name]}", "messages": QUESTION}, tight)
+        return board
+
     # Provider replicas report to the health board; the ingress routes from its view.
-    board = wait_until_sync(health, lambda h: h["status"] == "down", interval=0.2, what="every circuit open")
+    board = wait_until_sync(opening, lambda h: h["status"] == "down", interval=0.2, what="every circuit open")
     assert {p["state"] for p in board["providers"].values()} == {"open"}
     before = sum(m["requests"] for m in sim_stats(sim).values())
     # Until the ingress's copy of the board (refreshed every 0.5 s) has it, a request still goes
