@@ -7,11 +7,12 @@ wire (they are plain pydantic models, so they pickle and serialise to JSON).
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -26,6 +27,11 @@ class ErrorKind(StrEnum):
     AUTH = "auth"
     MALFORMED_RESPONSE = "malformed_response"
     CANCELLED = "cancelled"
+    # The model answered, but not within the request's contract (a tool call its schema rejects,
+    # a call to an undeclared function, text where a call was required): the next model of the
+    # chain is asked, with the violation in its prompt. A fault of the answer, not of the
+    # provider's service: never held against its health, never retried as it stands.
+    INVALID_OUTPUT = "invalid_output"
     # Not a provider answer: our own circuit breaker refused the call without sending it.
     CIRCUIT_OPEN = "circuit_open"
     # Not a provider answer either: something failed on our side (text that cannot be encoded, an
@@ -47,7 +53,7 @@ _UNHEALTHY = frozenset(
     {ErrorKind.RATE_LIMITED, ErrorKind.SERVER_ERROR, ErrorKind.TIMEOUT, ErrorKind.MALFORMED_RESPONSE}
 )
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 # Generation parameters a model may refuse: an adapter drops them (and says so on the call) rather
 # than failing the call. max_tokens is not among them: it bounds what an answer costs.
 DroppableParam = Literal[
@@ -65,11 +71,87 @@ DroppableParam = Literal[
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
 
 
+class ToolCall(BaseModel):
+    """One function call a model made: its id (the provider's, or one made up where the API gives
+    none, as Gemini's may not), the function's name, and its arguments as the JSON text the model
+    wrote (kept as written: it is validated, never silently repaired)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    name: str
+    arguments: str = "{}"
+
+
+class ToolSpec(BaseModel):
+    """A function tool a request offers, by OpenAI's fields: its JSON Schema ``parameters`` are the
+    contract every final call is validated against."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    # OpenAI's strict mode (structured outputs): the arguments are held to the schema by decoding.
+    strict: bool | None = None
+
+
+class ToolChoice(BaseModel):
+    """What a model may do with the tools: ``auto`` (call or answer), ``none`` (answer in text),
+    ``required`` (call at least one), or ``function`` (call the one named)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    mode: Literal["auto", "none", "required", "function"] = "auto"
+    name: str | None = None
+
+
+class ToolSet(BaseModel):
+    """The tools of one request, with its choice and whether several calls may come at once. It
+    travels with every call of the run (proposers and aggregators see the same tools)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tools: tuple[ToolSpec, ...]
+    choice: ToolChoice = ToolChoice()
+    # OpenAI's parallel_tool_calls (true by default): false allows at most one call per answer.
+    parallel: bool = True
+    # The request used OpenAI's legacy ``functions``/``function_call``: answered the legacy way.
+    legacy: bool = False
+
+    def spec(self, name: str) -> ToolSpec | None:
+        return next((t for t in self.tools if t.name == name), None)
+
+
 class ChatMessage(BaseModel):
+    """A message of the conversation, normalised: text content; an assistant turn may carry the
+    tool calls it made, and a ``tool`` turn is the result of one of them (``tool_call_id``, and
+    ``name``: the function it answers, which Gemini's API needs and OpenAI's does not carry)."""
+
     model_config = ConfigDict(frozen=True)
 
     role: Role
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    @property
+    def token_text(self) -> str:
+        """What of this message a model reads, as text: its content and any calls it carries."""
+        if not self.tool_calls:
+            return self.content
+        calls = " ".join(f"{c.name} {c.arguments}" for c in self.tool_calls)
+        return f"{self.content} {calls}" if self.content else calls
+
+
+def prompt_texts(messages: Iterable[ChatMessage], tools: ToolSet | None = None) -> list[str]:
+    """What a model reads of a prompt, as texts to count tokens in: each message (its calls
+    included) and the tool definitions, which every provider bills as prompt tokens."""
+    texts = [m.token_text for m in messages]
+    if tools is not None:
+        texts.append(json.dumps([t.model_dump(exclude_none=True) for t in tools.tools]))
+    return texts
 
 
 class GenerationParams(BaseModel):
@@ -187,6 +269,8 @@ class CallRequest(BaseModel):
     # receipt of what it really consumed under this id, for the ledger (``moa.engine.receipts``).
     # Never sent to the provider.
     call_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    # The tools the model may call (each adapter sends them in its API's own form), or None.
+    tools: ToolSet | None = None
 
 
 class CallResult(BaseModel):
@@ -197,6 +281,8 @@ class CallResult(BaseModel):
     requested_model: str
     model: str | None = None  # the model the provider says answered
     text: str = ""
+    # The function calls the model made (finish_reason ``tool_calls``); text may come with them.
+    tool_calls: list[ToolCall] = Field(default_factory=list)
     usage: Usage = Usage()
     finish_reason: str | None = None
     latency_s: float = 0.0

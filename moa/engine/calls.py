@@ -22,6 +22,7 @@ from moa.types import (
     StreamEvent,
     TextDelta,
     Usage,
+    prompt_texts,
 )
 
 # How long the transport may hold the text of a call nobody reads as it comes (a proposer's, an
@@ -97,7 +98,7 @@ def check_window(
     models that could answer it: nothing the service can trim, no model of the chain to turn to."""
     if not answering:
         return
-    prompt = approx_message_tokens(m.content for m in messages)
+    prompt = approx_message_tokens(prompt_texts(messages))
     answer = params.max_tokens or 1
     windows = {str(ref): context_window(config, ref) for ref in answering}
     best = max(windows, key=lambda name: windows[name])
@@ -154,9 +155,7 @@ def fit_call(
     notes: list[str] = []
     if budget is None:
         window = context_window(config, ref)
-        overhead = approx_message_tokens(m.content for m in messages) + template_tokens(
-            config, len(references)
-        )
+        overhead = approx_message_tokens(prompt_texts(messages)) + template_tokens(config, len(references))
         left = max(window - overhead, 0)
         asked = params.max_tokens or getattr(ref, "max_tokens", None)
         reserve = asked or DEFAULT_ANSWER_RESERVE
@@ -185,7 +184,7 @@ def transport_failure(config: MoAConfig, req: CallRequest, exc: BaseException) -
 
 def prompt_tokens(messages: Sequence[ChatMessage]) -> int:
     """A prompt's tokens, estimated, as a call cut before its provider reported them is billed."""
-    return approx_message_tokens(m.content for m in messages)
+    return approx_message_tokens(prompt_texts(messages))
 
 
 def cut_result(  # seven: the call as known (request or its parts), and how and when it was cut

@@ -26,7 +26,7 @@ from moa.errors import OverCap
 from moa.plan import Complexity, ModelRef, Plan, PlanMode, PlanShape
 from moa.result import RouteDecision
 from moa.tokens import approx_message_tokens
-from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams, HealthView
+from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams, HealthView, prompt_texts
 
 # The <reference id="N"> wrapper around each answer.
 REFERENCE_OVERHEAD_TOKENS = 16
@@ -55,7 +55,7 @@ def project(
 ) -> Projection:
     """The most the plan can cost, and the most tokens it can use, for these messages and
     parameters (a model without a price counts for neither: it has no limits to project with)."""
-    prompt = approx_message_tokens(m.content for m in messages)
+    prompt = approx_message_tokens(prompt_texts(messages))
     total = 0.0
     tokens = 0
 
@@ -181,6 +181,6 @@ def call_cost(config: MoAConfig, req: CallRequest) -> float:
     if req.provider not in config.providers:
         return 0.0
     price = config.price(req.provider, req.model)
-    prompt = approx_message_tokens(m.content for m in req.messages)
+    prompt = approx_message_tokens(prompt_texts(req.messages, req.tools))
     out = min(req.params.max_tokens or price.max_output_tokens, price.max_output_tokens)
     return price.cost(min(prompt, price.context_window), out)

@@ -15,7 +15,7 @@ from moa.config import JudgeTemplates, MoAConfig
 from moa.eval.budget import Budget
 from moa.eval.verdict import GRADED_FORMAT, PAIRWISE_FORMAT, Verdict, parse_pairwise, parse_rating
 from moa.tokens import approx_message_tokens
-from moa.types import CallRequest, ChatMessage, GenerationParams
+from moa.types import CallRequest, ChatMessage, GenerationParams, prompt_texts
 
 RAW_KEPT_CHARS = 2000
 
@@ -59,7 +59,7 @@ class Judge:
         self.params = GenerationParams(temperature=0.0, max_tokens=max_tokens)
 
     def projected(self, messages: list[ChatMessage]) -> float:
-        tokens = approx_message_tokens(m.content for m in messages)
+        tokens = approx_message_tokens(prompt_texts(messages))
         out = min(self.params.max_tokens or self.price.max_output_tokens, self.price.max_output_tokens)
         return self.price.cost(tokens, out)
 

@@ -29,7 +29,7 @@ from moa.eval.stats import wilson_interval
 from moa.eval.verdict import pair_preference, side_preference
 from moa.result import MoAResult
 from moa.tokens import approx_message_tokens
-from moa.types import CallRequest, ChatMessage, GenerationParams
+from moa.types import CallRequest, ChatMessage, GenerationParams, prompt_texts
 from moa_observability.metrics import ShadowMetrics
 from moa_observability.tracing import tracer
 
@@ -122,7 +122,7 @@ class ShadowEvaluator:
         return preset == "auto" or preset in self.cfg.presets
 
     def _worst_case(self, messages: Sequence[ChatMessage]) -> float:
-        tokens = approx_message_tokens(m.content for m in messages)
+        tokens = approx_message_tokens(prompt_texts(messages))
         out = min(self.settings.max_tokens, self.price.max_output_tokens)
         baseline = self.price.cost(tokens, out)
         judged = self.judge.projected([*messages, ChatMessage(role="user", content="x" * 4 * (2 * out))])

@@ -48,6 +48,11 @@ class Call:
         self.ttft_s = self.ttft_s if self.ttft_s is not None else time.monotonic() - self.t0
         self.used.received.append(text)
 
+    def generated(self, fragment: str) -> None:
+        """A piece of a tool call arrived in the stream (billed if the call is cut, never shown)."""
+        self.ttft_s = self.ttft_s if self.ttft_s is not None else time.monotonic() - self.t0
+        self.used.tool_text.append(fragment)
+
     def add_service(self, service_s: float | None) -> None:
         if service_s is not None:
             self.service_s = (self.service_s or 0.0) + service_s
@@ -66,6 +71,7 @@ class Call:
         return self.result(
             model=final.model or self.req.model,
             text="".join(self.used.received) if self.stream else final.text,
+            tool_calls=final.tool_calls,
             usage=usage,
             usage_estimated=retried.total_tokens > 0,
             finish_reason=final.finish_reason,

@@ -18,6 +18,8 @@ class Consumption:
     sent: int = 0  # attempts that went out
     refused: int = 0  # of those, attempts refused with a status (or that never left our side)
     received: list[str] = field(default_factory=list)  # streamed text received so far
+    # Tool call names and argument fragments received so far (generated, billed, never shown).
+    tool_text: list[str] = field(default_factory=list)
     actual: int | None = None  # the provider's own usage, once it answered
 
     def billed(self, answered: bool = False) -> Usage:
@@ -26,7 +28,7 @@ class Consumption:
         ``answered``, the last attempt is the one that answered, and its own usage is reported.
         Without ``answered``, it is also the charge of a call cut before its result (``on_cut``)."""
         reads = self.sent - self.refused - (1 if answered else 0)
-        output = 0 if answered else approx_tokens("".join(self.received))
+        output = 0 if answered else approx_tokens(self.generated_text)
         return Usage(input_tokens=self.input_tokens * max(reads, 0), output_tokens=output)
 
     def tokens(self) -> int:
@@ -35,6 +37,15 @@ class Consumption:
             return self.actual
         # An attempt refused with a status consumed nothing; any other (a timeout, a cut stream,
         # our cancellation) had its prompt read, and produced what we received.
-        read_prompt = self.sent > self.refused or bool(self.received)
-        output = approx_tokens("".join(self.received))
+        read_prompt = self.sent > self.refused or self.generated
+        output = approx_tokens(self.generated_text)
         return (self.input_tokens if read_prompt else 0) + output
+
+    @property
+    def generated(self) -> bool:
+        """Whether the provider has sent anything it generated (text or a tool call's pieces)."""
+        return bool(self.received or self.tool_text)
+
+    @property
+    def generated_text(self) -> str:
+        return "".join(self.received) + "".join(self.tool_text)

@@ -13,7 +13,7 @@ from typing import Any
 from moa.config import RetryConfig
 from moa.deadline import Deadline
 from moa.providers.call import Call
-from moa.providers.transport import Attempt, AttemptError
+from moa.providers.transport import Attempt, AttemptError, ToolFragment
 from moa.types import CallRequest, ErrorKind, StreamEvent, TextDelta
 
 
@@ -56,11 +56,11 @@ async def attempts(call: Call) -> AsyncGenerator[StreamEvent, None]:
             raise
         except Exception as exc:
             err = _typed(call, exc)
-            if not call.used.received and refusals.learn(sent, err):
+            if not call.used.generated and refusals.learn(sent, err):
                 call.relearned += 1
                 sent, call.adjustments = refusals.prepare(call.req)
                 continue
-            emitted = bool(call.used.received)
+            emitted = call.used.generated
             delay = retry_delay(
                 call.client.cfg.retry, err, call.attempts - call.relearned, call.deadline, emitted
             )
@@ -113,6 +113,8 @@ async def _streamed(
                 break
             if isinstance(item, Attempt):
                 final = item
+            elif isinstance(item, ToolFragment):
+                call.generated(item.text)
             elif item:
                 call.received(item)
                 yield TextDelta(text=item)

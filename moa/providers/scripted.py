@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from moa.providers.transport import Attempt, AttemptError, Transport
 from moa.providers.wire import classify_common, refused_param, unexpected_failure
 from moa.tokens import approx_message_tokens, approx_tokens
-from moa.types import CallRequest, Usage
+from moa.types import CallRequest, Usage, prompt_texts
 
 __all__ = ["ScriptedTransport", "Step"]
 
@@ -111,7 +111,7 @@ class ScriptedTransport(Transport):
 
 
 def _attempt(step: Step, req: CallRequest, text: str) -> Attempt:
-    prompt = approx_message_tokens(m.content for m in req.messages)
+    prompt = approx_message_tokens(prompt_texts(req.messages, req.tools))
     usage = step.usage or Usage(input_tokens=prompt, output_tokens=approx_tokens(text))
     return Attempt(
         text=text, model=req.model, usage=usage, finish_reason=step.finish_reason, service_s=step.service_s

@@ -1,6 +1,7 @@
 """The seam below the provider policy: what one SDK adapter implements, and nothing more.
 
-An adapter sends one attempt (a plain call, or a stream of text pieces ending in its ``Attempt``),
+An adapter sends one attempt (a plain call, or a stream of text pieces ending in its ``Attempt``;
+a tool call's name and argument fragments come as ``ToolFragment``s, counted, never shown),
 types its SDK's exceptions as ``AttemptError``, and may fit parameters to its API, name the
 parameter a refusal is about and report the context window its server serves. Retries, the
 deadline, the breaker, the slot, the rate budget, learned refusals, cost, spans and logs are the
@@ -12,24 +13,37 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from moa.config import Endpoint, ProviderConfig
-from moa.types import CallRequest, ErrorKind, GenerationParams, Usage
+from moa.types import CallRequest, ErrorKind, GenerationParams, ToolCall, Usage
 
-__all__ = ["Attempt", "AttemptError", "SDKTransport", "Transport"]
+__all__ = ["Attempt", "AttemptError", "SDKTransport", "ToolFragment", "Transport"]
 
 
 @dataclass
 class Attempt:
-    """A successful attempt, before normalisation."""
+    """A successful attempt, before normalisation. ``finish_reason`` is ours: ``stop``,
+    ``length``, ``content_filter``, ``tool_calls`` (the model called tools) or ``other``."""
 
     text: str
     model: str | None
     usage: Usage
     finish_reason: str | None
     service_s: float | None = None
+    # The calls the model made, assembled (in a stream: from their fragments), in its order.
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ToolFragment:
+    """A piece of a tool call as it streams in (a name, or a fragment of the arguments' JSON).
+    Not answer text: it is never passed on as a delta, but it was generated, so a stream cut after
+    it is billed for it, and is not retried (``moa.providers.consumption``). The whole calls come
+    in the stream's final ``Attempt``."""
+
+    text: str
 
 
 class AttemptError(Exception):
@@ -58,8 +72,9 @@ class Transport(ABC):
         """Send one non-streaming attempt; raise on failure."""
 
     @abstractmethod
-    def open_stream(self, req: CallRequest, timeout_s: float) -> AsyncIterator[str | Attempt]:
-        """Send one streaming attempt: yield text pieces, then one Attempt; raise on failure."""
+    def open_stream(self, req: CallRequest, timeout_s: float) -> AsyncIterator[str | ToolFragment | Attempt]:
+        """Send one streaming attempt: yield text pieces (and tool call fragments), then one
+        Attempt carrying the assembled tool calls; raise on failure."""
 
     @abstractmethod
     def classify(self, exc: BaseException, in_stream: bool) -> AttemptError:
