@@ -154,6 +154,15 @@ def prompt_texts(messages: Iterable[ChatMessage], tools: ToolSet | None = None) 
     return texts
 
 
+def priced_messages(messages: Iterable[ChatMessage], tools: ToolSet | None = None) -> list[ChatMessage]:
+    """The messages as a projection counts them: with the tool definitions as one more prompt
+    message, since every provider bills them as prompt tokens (and caps count them as input)."""
+    found = list(messages)
+    if tools is not None:
+        found.append(ChatMessage(role="system", content=prompt_texts((), tools)[0]))
+    return found
+
+
 class GenerationParams(BaseModel):
     """Generation parameters, by OpenAI's names (the API's vocabulary). Each adapter sends what its
     protocol has, translated, and drops or fits the rest with a note in the call's adjustments, so

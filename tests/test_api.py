@@ -142,8 +142,8 @@ HI = b'"messages": [{"role": "user", "content": "hi"}]'
             b'{"model": "moa", ' + HI + b', "tools": [{"x": 1}]}',
             422,
             "invalid_value",
-            "tools",
-            "tools: 'tools' is not",
+            "tools.0.type",
+            "tools.0.type: Field required",
         ),
         (
             b'{"model": "moa", ' + HI + b', "moa": {"bogus": 1}}',

@@ -32,7 +32,7 @@ from moa.engine.engine import MoAEngine
 from moa.errors import DeadlineExceeded, InvalidPlan
 from moa.eval.shadow import ShadowEvaluator
 from moa.result import MoAResult, Progress
-from moa.types import ChatMessage, TextDelta
+from moa.types import ChatMessage, TextDelta, priced_messages
 from moa_observability.asgi import END_USER_STATE
 from moa_observability.metrics import RequestMetrics
 
@@ -61,6 +61,7 @@ class Prepared:
         options: RunOptions = {"preset": spec.preset, "plan": spec.plan, "params": spec.params}
         options |= {"deadline": self.deadline, "aggregation": spec.options.aggregation}
         options |= {"tenant": self.tenant, "ticket": self.ticket}
+        options |= {"tools": spec.tools, "tool_mode": spec.options.tool_mode}
         return options | self.gate.hooks()
 
     async def close(self) -> None:
@@ -139,11 +140,13 @@ class Api:
             setattr(request.state, END_USER_STATE, req.end_user)
         try:
             messages = req.chat_messages()
+            spec = req.run_spec()  # its tools are checked as OpenAI's API checks them
         except ParamError as e:
             raise bad_messages(e) from None
-        spec = req.run_spec()
         self.check(principal, spec)
-        gate = SpendGate(self.access, principal, messages, spec, self.engine.health)
+        # The tool definitions are prompt tokens too: the projection and the caps count them.
+        priced = priced_messages(messages, spec.tools)
+        gate = SpendGate(self.access, principal, priced, spec, self.engine.health)
         slot = self.admission.take(principal)
         t0 = time.monotonic()
         deadline = self.deadline(spec.options.deadline_s)

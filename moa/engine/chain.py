@@ -126,6 +126,7 @@ def _job(
         stream=stream,
         prefix=part.prefix,
         role=writer.role,
+        tools=ctx.tools,
     )
 
 
