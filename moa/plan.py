@@ -285,6 +285,12 @@ class RouterConfig(_Strict):
         default_factory=dict,
         description="Task type -> a proposer set replacing the chosen preset's first layer.",
     )
+    tools_max_tier: Complexity | None = Field(
+        default=None,
+        description="auto: the deepest tier a request carrying tools is sent to (its classified tier, "
+        "or this one if that is deeper); null: tool requests are routed like any other. See "
+        "docs/TOOLS.md for what depth buys on tool calls.",
+    )
 
     @model_validator(mode="after")
     def _classifier_model(self) -> RouterConfig:

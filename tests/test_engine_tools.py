@@ -324,3 +324,28 @@ async def test_cache_keys_hold_the_tools_and_a_cached_call_is_replayed_exactly()
     caller.script(AGG1, "It is 18 degrees in Paris.")
     after = await eng.run(turn, plan=plan(), tools=TOOLS)
     assert after.cache.status == "miss" and after.text == "It is 18 degrees in Paris."
+
+
+async def test_auto_sends_a_tool_request_no_deeper_than_the_configured_tier() -> None:
+    from moa.engine.router import RouterPolicy
+    from moa.plan import Complexity
+
+    config = load_config(None)
+    complex_prompt = [
+        ChatMessage(
+            role="user",
+            content="Design a distributed, fault-tolerant scheduler: analyse the trade-offs of leader "
+            "election, compare Raft and Paxos step by step, prove the invariants, and write the code.",
+        )
+    ]
+    free = RouterPolicy(config)
+    _, decision, _ = await free.route(complex_prompt, "auto", tools=True)
+    assert decision.complexity is Complexity.COMPLEX and decision.preset == "moa"  # no rule: as classified
+    capped_cfg = config.model_copy(
+        update={"router": config.router.model_copy(update={"tools_max_tier": Complexity.MEDIUM})}
+    )
+    capped = RouterPolicy(capped_cfg)
+    _, decision, _ = await capped.route(complex_prompt, "auto", tools=True)
+    assert decision.preset == "moa-lite" and "router.tools_max_tier" in decision.reason
+    _, decision, _ = await capped.route(complex_prompt, "auto")  # without tools: untouched
+    assert decision.preset == "moa"

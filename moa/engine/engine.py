@@ -73,13 +73,14 @@ class MoAEngine:
         *,
         tenant: str = LOCAL_TENANT,
         before_classifier: BeforeCall | None = None,
+        tools: bool = False,
     ) -> Routed:
         """Route ``messages``: ``tenant`` scopes the router's memory of them (its classifier cache);
         ``before_classifier`` is awaited before a paid classifier call and may refuse it."""
         check_messages(self.config.caps, messages)  # before the router reads them
         with tracer().start_as_current_span("moa.route") as span:
             routed = await self.router.route(
-                messages, preset, self._health(), tenant=tenant, before_call=before_classifier
+                messages, preset, self._health(), tenant=tenant, before_call=before_classifier, tools=tools
             )
             spans.routed(span, routed[1])
             return routed
@@ -205,6 +206,7 @@ class MoAEngine:
                 options.get("preset"),
                 tenant=self._tenant(request),
                 before_classifier=options.get("before_classifier"),
+                tools=options.get("tools") is not None,
             )
 
     @staticmethod
