@@ -10,14 +10,17 @@ from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 
+from opentelemetry import trace
+
+from moa.engine import spans
 from moa.engine.chain import Part, Writer, answer_chain
 from moa.engine.context import RunContext
 from moa.engine.modes import Proposed
-from moa.engine.toolcalls import check, vote
+from moa.engine.toolcalls import Vote, check, vote
 from moa.errors import FallbackReason
 from moa.plan import ModelRef
 from moa.result import AnswerSource, CallRecord, MoAResult, Stage
-from moa.types import CallResult, TextDelta
+from moa.types import CallResult, TextDelta, ToolSet
 
 
 @dataclass
@@ -117,6 +120,14 @@ def decided_by_vote(ctx: RunContext) -> CallResult | None:
     needed = min(plan.layers[-1].needed, len(ctx.proposals))
     polled = vote(ctx.proposals, max(needed, 1))
     seen = ctx.vote = polled.outcome
+    try:
+        return _decided(ctx, polled, tools)
+    finally:
+        spans.tool_vote(trace.get_current_span(), seen)
+
+
+def _decided(ctx: RunContext, polled: Vote, tools: ToolSet) -> CallResult | None:
+    seen = polled.outcome
     if ctx.tool_mode != "vote":
         seen.decided, seen.reason = False, "tool mode aggregate: the aggregator decides"
         return None
