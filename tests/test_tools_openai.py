@@ -3,8 +3,8 @@
 The official ``openai`` SDK inside the adapter talks HTTP to the simulator, which speaks OpenAI's
 tool calling (and llama.cpp's server, an OpenAI-compatible one); where a body no simulated model
 sends is needed (OpenAI's published reference, a stream whose calls interleave, a compatible
-server's quirks), it is served verbatim from a loopback server, which also records what the
-adapter sent, to hold it to OpenAI's reference request.
+server's quirks, llama-server's refusal), it is served verbatim from a loopback server, which also
+records what the adapter sent, to hold it to OpenAI's reference request.
 """
 
 from __future__ import annotations
@@ -544,3 +544,41 @@ async def test_a_finish_naming_calls_that_never_came_is_malformed(
     _, res = await streamed(fixture_clients["openai"], reference_request())
     assert res.error is not None and res.error.kind is ErrorKind.MALFORMED_RESPONSE
     assert "never named its function" in res.error.message
+
+
+# How llama-server refuses tools, with a 500 in its own error body, each message the server's
+# (``oaicompat_chat_params_parse``: throw std::runtime_error(...)), its handler answering such an
+# exception with 500 and type server_error, as public issue threads quote it
+# (containers/ramalama#988): without jinja templates ("--no-jinja"; on by default since llama.cpp's
+# PR #17524, the server the simulator plays, which answers tools), and, in builds from before
+# streamed tool calls, a stream offering tools.
+LLAMA_REFUSALS = [
+    b'{"error":{"code":500,"message":"tools param requires --jinja flag","type":"server_error"}}',
+    b'{"error":{"code":500,"message":"Cannot use tools with stream","type":"server_error"}}',
+]
+
+
+@pytest.mark.parametrize("refusal", LLAMA_REFUSALS, ids=["no-jinja", "no-stream"])
+async def test_a_server_refusing_tools_is_a_bad_request_not_a_fault(
+    served: FixtureServer, refusal: bytes
+) -> None:
+    """llama-server refusing tools with a 500 is typed as the refusal it is (bad request, its
+    status kept, its message quoted): neither retried nor held against the server's health. A
+    real 500 is still a server error, retried."""
+    client = client_at("local", served.url)  # three attempts: a server error would be retried
+    message = json.loads(refusal)["error"]["message"]
+    try:
+        for stream in (False, True):
+            serve(served, refusal, 500)
+            if stream:
+                _, res = await streamed(client, ask(provider="local"))
+            else:
+                res = await client.complete(ask(provider="local"))
+            assert res.error is not None and res.error.kind is ErrorKind.BAD_REQUEST and res.attempts == 1
+            assert res.error.status_code == 500 and message in res.error.message
+            assert len(chat_requests(served)) == 1
+        serve(served, refusal.replace(message.encode(), b"oops"), 500)
+        res = await client.complete(ask(provider="local"))
+        assert res.error is not None and res.error.kind is ErrorKind.SERVER_ERROR and res.attempts == 3
+    finally:
+        await client.aclose()

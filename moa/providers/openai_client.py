@@ -49,6 +49,12 @@ REFUSED = re.compile(
     r"Unsupported (?:parameter|value): '(\w+)'|Unrecognized request argument supplied: (\w+)"
 )
 
+# How an OpenAI-compatible server refuses tools outright, with a 500 although nothing failed:
+# llama.cpp's llama-server started with --no-jinja ("tools param requires --jinja flag"; jinja is
+# on by default since late 2025) and its builds from before it streamed tool calls ("Cannot use
+# tools with stream"). No retry can help and the server is healthy: it refuses the request.
+TOOLS_REFUSED = re.compile(r"tools param requires --jinja flag|Cannot use tools with stream")
+
 # Where OpenAI says when a spent limit has room again (Rate limits guide, "Rate limits in headers"):
 # each ``x-ratelimit-remaining-*`` header with its ``x-ratelimit-reset-*``, a Go duration ("6m0s").
 RATE_LIMITS = {
@@ -179,11 +185,16 @@ class OpenAITransport(SDKTransport):
         )
 
     def classify(self, exc: BaseException, in_stream: bool) -> AttemptError:
-        return (
+        err = (
             classify_generated_sdk(openai, exc, in_stream, retry_hint)
             or classify_common(exc, in_stream)
             or unexpected_failure(exc)
         )
+        if err.kind is ErrorKind.SERVER_ERROR and err.status and TOOLS_REFUSED.search(err.message):
+            # A server that takes no tools says so with a 500: not its fault, and no retry helps.
+            err.kind = ErrorKind.BAD_REQUEST
+            err.message += " (the server refuses tool calling: a refusal, not a fault)"
+        return err
 
     async def aclose(self) -> None:
         await self._sdk.close()
