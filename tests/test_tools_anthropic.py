@@ -496,6 +496,8 @@ async def test_arguments_that_are_not_a_json_object_are_refused_naming_the_call(
     assert res.error is not None and res.error.kind is ErrorKind.BAD_REQUEST
     assert "toolu_bad" in res.error.message and "get_weather" in res.error.message
     assert res.attempts == 1 and sim_total_requests(sim) == 0
+    # Nothing left this side, so nothing is billed: no prompt was read.
+    assert res.usage.total_tokens == 0 and res.cost_usd == 0 and not res.usage_estimated
 
 
 async def test_a_result_after_a_users_text_is_refused(

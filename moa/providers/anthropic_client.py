@@ -308,7 +308,8 @@ def _tool_choice(tools: ToolSet) -> dict[str, Any] | None:
 
 
 def _refuse(message: str) -> AttemptError:
-    return AttemptError(ErrorKind.BAD_REQUEST, message)
+    """A conversation Anthropic's API cannot carry, refused before anything is sent (unbilled)."""
+    return AttemptError(ErrorKind.BAD_REQUEST, message, unsent=True)
 
 
 def _tool_use(call: ToolCall) -> dict[str, Any]:
