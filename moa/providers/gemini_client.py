@@ -297,9 +297,9 @@ def _usage(u: types.GenerateContentResponseUsageMetadata | None) -> Usage:
 
 
 def _refused(message: str) -> AttemptError:
-    """A request the API would refuse, refused before it is sent: a 400 as the API's would be,
-    so that, like the API's, it is neither retried nor billed (nothing was read)."""
-    return AttemptError(ErrorKind.BAD_REQUEST, message, status=400)
+    """A request the API would refuse, refused before it is sent (``unsent``): neither retried nor
+    billed, since nothing was read, and with no HTTP status, since no provider answered."""
+    return AttemptError(ErrorKind.BAD_REQUEST, message, unsent=True)
 
 
 def _tools(tools: ToolSet) -> tuple[types.ToolListUnion | None, types.ToolConfig | None]:
