@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
+from typing import Protocol
 
 from moa.config import Endpoint, MoAConfig, ProviderConfig, ProviderKind, resolve_endpoint
 from moa.limits import CircuitState, ProviderLimits
@@ -12,7 +13,7 @@ from moa.providers.client import ProviderClient
 from moa.providers.gemini_client import GeminiTransport
 from moa.providers.openai_client import OpenAICompatibleTransport, OpenAITransport
 from moa.providers.transport import SDKTransport
-from moa.types import CallError, CallRequest, CallResult, ErrorKind, HealthView, StreamEvent
+from moa.types import CallError, CallRequest, CallResult, ErrorKind, HealthView, StreamEvent, Usage
 
 ADAPTERS: dict[ProviderKind, type[SDKTransport]] = {
     ProviderKind.OPENAI: OpenAITransport,
@@ -35,15 +36,29 @@ def build_client(
     return ProviderClient(name, cfg, endpoint, transport, limits, capture_content=capture_content)
 
 
-class ProviderPool:
-    """The in-process ``ModelCaller``: one client per configured provider, reused for every call."""
+class CutReceipts(Protocol):
+    """Where the pool leaves what a call cut mid-stream consumed, as its client saw it
+    (``moa.engine.receipts.Receipts``): everything the provider sent, tool-call fragments
+    included, which the engine's estimate of a cut call does not see."""
 
-    def __init__(self, clients: Mapping[str, ProviderClient]) -> None:
+    def put(self, call_id: str, usage: Usage) -> None: ...
+
+
+class ProviderPool:
+    """The in-process ``ModelCaller``: one client per configured provider, reused for every call.
+    With ``receipts``, every streamed call cut before its result leaves its receipt there."""
+
+    def __init__(self, clients: Mapping[str, ProviderClient], receipts: CutReceipts | None = None) -> None:
         self.clients = dict(clients)
+        self.receipts = receipts
 
     @classmethod
     def from_config(
-        cls, cfg: MoAConfig, sim_url: str | None = None, env: Mapping[str, str] | None = None
+        cls,
+        cfg: MoAConfig,
+        sim_url: str | None = None,
+        env: Mapping[str, str] | None = None,
+        receipts: CutReceipts | None = None,
     ) -> ProviderPool:
         return cls(
             {
@@ -54,7 +69,8 @@ class ProviderPool:
                     capture_content=cfg.observability.capture_content,
                 )
                 for name, pcfg in cfg.providers.items()
-            }
+            },
+            receipts,
         )
 
     def _unknown(self, req: CallRequest) -> CallResult:
@@ -74,7 +90,9 @@ class ProviderPool:
         if client is None:
             yield self._unknown(req)
             return
-        async for ev in client.stream(req):
+        sink = self.receipts
+        on_cut = None if sink is None else (lambda used: sink.put(req.call_id, used))
+        async for ev in client.stream(req, on_cut=on_cut):
             yield ev
 
     def health(self) -> dict[str, dict[str, object]]:
