@@ -213,3 +213,35 @@ def test_malformed_tool_requests_are_400s_naming_the_field(
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and error["message"].startswith(start), error
+
+
+def test_the_tool_definitions_count_against_a_cost_cap(api_url: str, sim: SimulatorServer) -> None:
+    """The projection a cost cap is held to reads the tool definitions as prompt tokens: with a
+    cap between the request's worst case without its tools and with them, it is refused (400
+    ``over_cap``, nothing sent) only with them."""
+    from moa.config import load_config
+    from moa.engine.cost import project
+    from moa.types import ChatMessage, GenerationParams, ToolSet, ToolSpec, priced_messages
+    from tests.helpers import sim_total_requests
+
+    config = load_config(None)
+    tools = [
+        {"type": "function", "function": {"name": f"tool_{i}", "description": "a long description " * 60}}
+        for i in range(10)
+    ]
+    specs = ToolSet(
+        tools=tuple(
+            ToolSpec(name=t["function"]["name"], description=t["function"]["description"]) for t in tools
+        )
+    )
+    question = [ChatMessage(role="user", content=ASK[0]["content"])]
+    params = GenerationParams(max_tokens=50)
+    bare = project(config, config.presets["moa-lite"], question, params).cost_usd
+    heavy = project(config, config.presets["moa-lite"], priced_messages(question, specs), params).cost_usd
+    assert heavy > 1.5 * bare
+    cap = (bare + heavy) / 2
+    body = {"model": "moa-lite", "messages": ASK, "max_tokens": 50, "moa": {"max_cost_usd": cap}}
+    refused = httpx.post(api_url + "/v1/chat/completions", json=body | {"tools": tools}, timeout=30)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "over_cap", refused.text
+    assert sim_total_requests(sim) == 0
+    assert httpx.post(api_url + "/v1/chat/completions", json=body, timeout=60).status_code == 200

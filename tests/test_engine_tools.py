@@ -21,6 +21,7 @@ from moa.plan import Plan
 from moa.result import MoAResult, Stage
 from moa.testing import Reply, ScriptedCaller
 from moa.types import CallResult, ChatMessage, ErrorKind, TextDelta, ToolCall, ToolChoice, ToolSet, ToolSpec
+from tests.otlp_receiver import OTLPReceiver
 
 QUESTION = [ChatMessage(role="user", content="What is the weather in Paris, in celsius?")]
 WEATHER = ToolSpec(
@@ -227,6 +228,7 @@ async def test_an_exhausted_chain_is_a_clean_error_naming_the_tool_and_the_viola
     with pytest.raises(AllProvidersFailed) as caught:
         await engine(caller).run(QUESTION, plan=plan(on_aggregators_failed="fail"), tools=TOOLS)
     message = caught.value.message
+    assert caught.value.status_code == 502 and caught.value.code == "invalid_tool_calls"
     assert "launch_rocket is not a declared function" in message
     assert "get_weather: 'city' is a required property" in message
 
@@ -349,3 +351,46 @@ async def test_auto_sends_a_tool_request_no_deeper_than_the_configured_tier() ->
     assert decision.preset == "moa-lite" and "router.tools_max_tier" in decision.reason
     _, decision, _ = await capped.route(complex_prompt, "auto")  # without tools: untouched
     assert decision.preset == "moa"
+
+
+async def test_the_trace_shows_the_vote_and_each_rejected_answer(otlp: OTLPReceiver) -> None:
+    from moa_observability.tracing import tracer
+    from tests.helpers import by_name, wait_for_spans
+
+    caller = ScriptedCaller()
+    caller.script(P1, Reply(text="", tool_calls=(call(),)))
+    caller.script(P2, Reply(text="", tool_calls=(call(args='{"city": "Lyon"}'),)))
+    caller.script(P3, "Paris, I think.")
+    caller.script(AGG1, Reply(text="", tool_calls=(call("get_wether", "{}"),)))
+    caller.script(AGG2, Reply(text="", tool_calls=(call(id_="ok"),)))
+    with tracer().start_as_current_span("client request") as root:
+        await engine(caller).run(QUESTION, plan=plan(), tools=TOOLS)
+    trace_id = format(root.get_span_context().trace_id, "032x")
+    spans = wait_for_spans(otlp, trace_id, {"moa.run", "moa.fuse"})
+    (run,) = by_name(spans, "moa.run")
+    attrs = run["attributes"]
+    assert (attrs["moa.tools.vote.proposals"], attrs["moa.tools.vote.agreed"]) == (3, 1)
+    assert attrs["moa.tools.vote.needed"] == 2 and attrs["moa.tools.vote.decided"] is False
+    (fuse,) = by_name(spans, "moa.fuse")
+    (rejected,) = [e for e in fuse["events"] if e["name"] == "moa.tools.rejected"]
+    assert rejected["attributes"]["moa.model"] == "a/first"
+    assert "get_wether is not a declared function" in rejected["attributes"]["moa.tools.violations"]
+
+
+async def test_the_tool_definitions_count_in_the_projected_cost() -> None:
+    from moa.engine.cost import project
+    from moa.types import GenerationParams, priced_messages
+
+    config = load_config(None)
+    preset = config.presets["moa-lite"]
+    params = GenerationParams(max_tokens=100)
+    bare = project(config, preset, QUESTION, params)
+    big = ToolSet(
+        tools=tuple(
+            WEATHER.model_copy(update={"name": f"tool_{i}", "description": "x " * 400}) for i in range(20)
+        )
+    )
+    with_tools = project(config, preset, priced_messages(QUESTION, big), params)
+    # Twenty tools of some 400 tokens each, read by every one of moa-lite's calls.
+    assert with_tools.tokens - bare.tokens >= 20 * 400 * 4
+    assert with_tools.cost_usd > bare.cost_usd
