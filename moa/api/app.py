@@ -29,6 +29,7 @@ from moa.api.responses import (
     completion_body,
     cost_header,
     moa_detail,
+    overhead_header,
     preset_header,
 )
 from moa.api.schemas import ChatCompletionRequest, MoARequest
@@ -53,6 +54,7 @@ def _api(request: Request) -> Api:
 async def chat_completions(request: Request) -> Response:
     """``POST /v1/chat/completions``: the answer whole (JSON), or streamed (SSE) once the run is
     admitted, so that a refusal still gets its real status."""
+    received = time.monotonic()
     api = _api(request)
     req, run = await api.prepare(request, ChatCompletionRequest)
     response: Response | None = None
@@ -61,7 +63,8 @@ async def chat_completions(request: Request) -> Response:
             result = await api.answer(request, run)
             api.outcomes.answered(result, time.monotonic() - run.t0, run.messages, req.model)
             headers = cache_header(run.ticket) | preset_header(result.preset) | answer_header(result)
-            return JSONResponse(completion_body(req, result), headers=headers | cost_header(result))
+            headers |= cost_header(result) | overhead_header(result, received)
+            return JSONResponse(completion_body(req, result), headers=headers)
         first, events = await api.open_stream(request, run)
         # From here the response owns the slot and the events (see AdmittedStream).
         ran = first.preset if isinstance(first, Progress | MoAResult) else None
@@ -78,6 +81,7 @@ async def chat_completions(request: Request) -> Response:
 
 async def moa(request: Request) -> Response:
     """``POST /v1/moa``: an explicit plan (or a preset), and the full result back."""
+    received = time.monotonic()
     api = _api(request)
     _, run = await api.prepare(request, MoARequest)
     try:
@@ -89,7 +93,10 @@ async def moa(request: Request) -> Response:
         await run.close()
     return JSONResponse(
         result.model_dump(mode="json"),
-        headers=cache_header(run.ticket) | answer_header(result) | cost_header(result),
+        headers=cache_header(run.ticket)
+        | answer_header(result)
+        | cost_header(result)
+        | overhead_header(result, received),
     )
 
 

@@ -127,6 +127,21 @@ def answer_header(result: MoAResult) -> dict[str, str]:
     return {"x-moa-answer-source": result.answer_source}
 
 
+def overhead_ms(result: MoAResult, since: float) -> float:
+    """What the service itself added to a request, in milliseconds: its wall time from when the
+    route received it (``since``, a ``time.monotonic()`` reading) to now, minus the time it
+    waited on its model calls' critical path (``MoAResult.critical_path_s``). A cached answer
+    waited on no call: all of its time is the service's."""
+    return max((time.monotonic() - since - result.critical_path_s) * 1000, 0.0)
+
+
+def overhead_header(result: MoAResult, since: float) -> dict[str, str]:
+    """``x-moa-overhead-ms``: ``overhead_ms``, as gateways report theirs, on every answer that is
+    not streamed (a stream's headers leave before its answer: its overhead is in the
+    ``moa_request_overhead`` histogram only)."""
+    return {"x-moa-overhead-ms": f"{overhead_ms(result, since):.1f}"}
+
+
 def cost_header(result: MoAResult) -> dict[str, str]:
     """``x-moa-cost-usd``: what the request's calls cost, in US dollars, when it was answered (a
     call it cut may be charged a little more once its provider says what it consumed). It is the
