@@ -37,7 +37,11 @@ async def local_app(cfg: MoAConfig, store: Callable[[], StateStore] | None = Non
         async def health() -> dict[str, Any]:
             return pool.health()
 
-        yield create_api(cfg, engine, health, store() if store else None)
+        app = create_api(cfg, engine, health, store() if store else None)
+        try:
+            yield app
+        finally:
+            await app.state.api.close()  # the Batch API's background work, if any is left
 
 
 # Bytes a request line and its headers may take (uvicorn's h11 default for an incomplete event).
