@@ -28,16 +28,19 @@ from moa.state import StateStore, open_store
 
 
 @contextlib.asynccontextmanager
-async def local_app(cfg: MoAConfig, store: Callable[[], StateStore] | None = None) -> AsyncIterator[FastAPI]:
+async def local_app(
+    cfg: MoAConfig, store: Callable[[], StateStore] | None = None, run_batches: bool = True
+) -> AsyncIterator[FastAPI]:
     """The API app over the in-process provider pool; the pool's clients close on exit. With a
-    ``store`` (built here, on the server's own loop), API keys and budgets apply."""
+    ``store`` (built here, on the server's own loop), API keys and budgets apply, and the Batch
+    API's batches run in its background unless ``run_batches`` is False."""
     async with ProviderPool.from_config(cfg, sim_url=cfg.simulator.url) as pool:
         engine = assemble(cfg, pool)
 
         async def health() -> dict[str, Any]:
             return pool.health()
 
-        app = create_api(cfg, engine, health, store() if store else None)
+        app = create_api(cfg, engine, health, store() if store else None, run_batches=run_batches)
         try:
             yield app
         finally:

@@ -24,6 +24,7 @@ from moa.api.errors import ApiError
 from moa.api.multipart import FormReader
 from moa.batch.journal import Outcome
 from moa.cli import main
+from moa.cli.batch_run import BatchOptions, run_batch
 from moa.config import MoAConfig, SimulatorMode, load_config
 from moa.simulator.server import SimulatorServer
 from moa.state.batches import BatchRecord, BatchStore, FileRecord
@@ -480,7 +481,13 @@ def test_a_restarted_service_picks_its_batches_up_without_paying_twice(
 
 
 def _left_in_progress(
-    state_dir: Path, batch_id: str, lines: list[Any], *, expires_at: int | None = None, lease_s: float = 0.0
+    state_dir: Path,
+    batch_id: str,
+    lines: list[Any],
+    *,
+    expires_at: int | None = None,
+    lease_s: float = 0.0,
+    status: str = "in_progress",
 ) -> float:
     """What a replica that died while running a batch leaves (the key "batcher"'s): the batch in
     progress, its first item answered in the journal, and, with ``lease_s``, its lease, claimed
@@ -498,7 +505,7 @@ def _left_in_progress(
         )
         await store.batches.add_file(record)
         until = expires_at if expires_at is not None else int(time.time()) + 3600
-        batch = _batch(batch_id, owner.id, "in_progress").changed(
+        batch = _batch(batch_id, owner.id, status).changed(
             {"owner_hash": owner.key_hash, "input_file_id": "file-input", "expires_at": until}
         )
         await store.batches.add_batch(batch)
@@ -534,6 +541,28 @@ def test_a_batch_whose_replica_died_is_taken_over_once_its_lease_passes(
     assert taken_after >= DEAD_LEASE_S  # not before the dead replica's lease passed
     assert set(output) == {"a", "b"}
     assert model_stats(sim, MODEL)["requests"] == 1  # only "b": "a" was in the journal
+
+
+def test_moa_batch_run_in_process_never_takes_the_services_batches(
+    config: MoAConfig,
+    sim: SimulatorServer,
+    state_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``moa batch run`` builds the API app in its own process, on the service's state: it runs
+    its own requests, never the Batch API's batches that state holds."""
+    set_pace(sim, ttft_s=0.3, tokens_per_s=400)
+    key = create_key(capsys, "batcher")
+    waiting = [line("a", "Why?"), line("b", "How?")]
+    _left_in_progress(state_dir, "batch_of_the_service", waiting, status="validating")
+    src = tmp_path / "own.jsonl"
+    src.write_bytes(jsonl([line(f"q{i}", f"Own question {i}?", max_tokens=20) for i in range(3)]))
+    opts = BatchOptions(input=src, output=tmp_path / "out.jsonl", concurrency=1, api_key=key, progress=False)
+    summary = asyncio.run(run_batch(config, opts))
+    assert (summary.done, summary.succeeded) == (3, 3)
+    assert _record(state_dir, "batch_of_the_service").status == "validating"
+    assert model_stats(sim, MODEL)["requests"] == 3
 
 
 # -- the store: records and leases, on SQLite and on Redis ------------------------------------------------

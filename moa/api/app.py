@@ -124,13 +124,16 @@ _NO_NATIVE_TELEMETRY: dict[str, Any] = (
 )
 
 
-def _batch_api(config: MoAConfig, api: Api, app: FastAPI, store: StateStore | None) -> BatchApi | None:
+def _batch_api(
+    config: MoAConfig, api: Api, app: FastAPI, store: StateStore | None, run_batches: bool
+) -> BatchApi | None:
     """The Batch API over the state store's records and ``batch.files_dir``, its background work
-    started (on the loop the app is built on: the one that serves it); None without a store."""
+    started (on the loop the app is built on: the one that serves it) if ``run_batches``; None
+    without a store."""
     if store is None:
         return None
     files = FileStore(files_dir(config), store.batches)
-    worker = BatchWorker(config, store.batches, files, app, api.admission)
+    worker = BatchWorker(config, store.batches, files, app, api.admission, background=run_batches)
     api.batch_worker = worker
     with contextlib.suppress(RuntimeError):  # built outside a loop: it starts with the first batch
         worker.start()
@@ -143,12 +146,16 @@ def create_api(
     health: HealthFn,
     store: StateStore | None = None,
     receipts: ReceiptSource | None = None,
+    run_batches: bool = True,
 ) -> FastAPI:
     """The API app; with a ``store``, API keys and budgets apply (once a key exists), the Batch
     API runs (``/v1/files``, ``/v1/batches``), and with ``MOA_ADMIN_KEY`` in the environment
     too, the admin API manages keys (``/admin/keys``).
     ``receipts``: where the transport leaves what the calls a request cut really consumed (on
-    Ray, the health board); without one, a cut call is charged its estimate."""
+    Ray, the health board); without one, a cut call is charged its estimate. ``run_batches``:
+    whether this app runs the Batch API's batches in its background (a serving app does; an app
+    built for one command's own requests, such as ``moa batch run``'s, must not take the
+    service's batches)."""
     api = Api(config, engine, health, Access(config, store, receipts))
     # No /openapi.json, /docs or /redoc: the handlers read their bodies themselves, so the schema
     # would describe no request or response (clients follow OpenAI's API), only list the routes,
@@ -190,7 +197,7 @@ def create_api(
         return await health_status(api.health, api.draining, detail)
 
     app.add_api_route("/healthz", healthz, methods=["GET", "HEAD"])
-    add_batch_routes(app, _batch_api(config, api, app, store), keyed)
+    add_batch_routes(app, _batch_api(config, api, app, store, run_batches), keyed)
     if admin_key is not None and store is not None:
         add_admin_routes(app, Admin(store, admin_key, auth, config.server.max_request_bytes))
     return app

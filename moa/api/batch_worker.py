@@ -111,9 +111,17 @@ def as_key(app: Any, key_hash: str | None) -> Any:
 
 class BatchWorker:
     def __init__(
-        self, config: MoAConfig, store: BatchStore, files: FileStore, app: Any, admission: Admission
+        self,
+        config: MoAConfig,
+        store: BatchStore,
+        files: FileStore,
+        app: Any,
+        admission: Admission,
+        background: bool = True,
     ) -> None:
         self.config, self.store, self.files, self.app = config, store, files, app
+        # False: this app runs no batch (one command's own app): it never looks for any.
+        self.background = background
         self.batch = config.batch
         self.gate = BatchGate(admission, self.batch.concurrency, self.batch.yield_at)
         # This replica, as the holder of its leases (unique even for two replicas in one process).
@@ -126,7 +134,7 @@ class BatchWorker:
 
     def start(self) -> None:
         """Starts looking for batches (on the running loop: the one that serves the app)."""
-        if self._loop is None and not self._stopping:
+        if self.background and self._loop is None and not self._stopping:
             self._loop = asyncio.get_running_loop().create_task(self._look())
 
     def wake(self) -> None:

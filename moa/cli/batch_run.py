@@ -52,7 +52,8 @@ async def in_process_sender(
 ) -> AsyncIterator[ServiceSender]:
     """Requests to the API app built here, over the in-process provider pool (no server, no
     port); with a ``store``, keys and budgets apply as on ``moa serve --local``."""
-    async with local_app(cfg, store) as app:
+    # Its own requests only: the service's Batch API batches in the same state are not its to run.
+    async with local_app(cfg, store, run_batches=False) as app:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(
             # A loopback address, as a client on this machine has: the service's exposure rule
