@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from moa.simulator.server import SimulatorServer
-from tests.helpers import ApiServer
+from tests.helpers import RAY_MODULE, ApiServer
 
 PRESET = "moa-lite"
 ASK = "What is the weather in Paris right now?"
@@ -33,11 +33,16 @@ WEATHER_TOOL: dict[str, Any] = {
 FORECAST = {"city": "Paris", "temperature_c": 18, "sky": "clear"}
 
 
+# The module uses the session Ray cluster, so it runs with the other cluster modules, last.
+pytestmark = RAY_MODULE
+
+
 @pytest.fixture(params=["local", "ray"])
-def base_url(request: pytest.FixtureRequest, sim: SimulatorServer) -> Iterator[str]:
-    """The service's OpenAI-compatible base URL: ``moa serve --local``'s app, or the Ray app."""
+def base_url(request: pytest.FixtureRequest, sim: SimulatorServer, cluster: dict[str, Any]) -> Iterator[str]:
+    """The service's OpenAI-compatible base URL: ``moa serve --local``'s app, or the Ray app (the
+    session cluster's; named here, not looked up, so the module is ordered with the cluster's)."""
     if request.param == "ray":
-        yield str(request.getfixturevalue("url")) + "/v1"
+        yield str(cluster["url"]) + "/v1"
         return
     from moa.config import SimulatorMode, load_config
 
