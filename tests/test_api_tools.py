@@ -245,3 +245,31 @@ def test_the_tool_definitions_count_against_a_cost_cap(api_url: str, sim: Simula
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "over_cap", refused.text
     assert sim_total_requests(sim) == 0
     assert httpx.post(api_url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+
+
+def test_rejected_answers_never_count_against_a_providers_health(api_url: str, sim: SimulatorServer) -> None:
+    """Every model calls a function it was not offered: each request ends in a 502
+    ``invalid_tool_calls``, as often as it is asked, and no circuit opens (five provider failures
+    open one: tests/test_api.py::test_every_circuit_open_is_503_with_retry_after). The answers were
+    the models' fault as answers, not their providers' as a service."""
+    from tests.helpers import _admin
+
+    profile = {"default": {"ttft_s": 0.0, "tokens_per_s": 2000.0, "tool_errors": {"wrong_function": 1.0}}}
+    _admin(sim, "PUT", "/admin/profile", json=profile).raise_for_status()
+    body = {"model": "single", "messages": ASK, "tools": [WEATHER]}
+    for _ in range(8):
+        r = httpx.post(api_url + "/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 502 and r.json()["error"]["code"] == "invalid_tool_calls", r.text
+        assert "is not a declared function" in r.json()["error"]["message"]
+    # Gemini's own verdict on a call it could not parse (MALFORMED_FUNCTION_CALL) comes through
+    # its provider client as invalid_output: it, too, leaves the circuit closed.
+    profile["default"]["tool_errors"] = {"malformed_json": 1.0}
+    _admin(sim, "PUT", "/admin/profile", json=profile).raise_for_status()
+    direct = body | {"model": "gemini/gemini-2.5-flash"}
+    for _ in range(8):
+        r = httpx.post(api_url + "/v1/chat/completions", json=direct, timeout=30)
+        assert r.status_code == 502 and r.json()["error"]["code"] == "invalid_tool_calls", r.text
+        # Still Gemini that answered: a circuit open would have had the router substitute it.
+        assert "gemini/gemini-2.5-flash (direct): invalid_output" in r.json()["error"]["message"]
+    health = httpx.get(api_url + "/healthz")
+    assert health.status_code == 200, health.text
