@@ -40,7 +40,15 @@ from moa.types import (
     ToolSet,
     ToolSpec,
 )
-from tests.helpers import model_stats, set_fault, sim_requests, sim_total_requests, wait_idle
+from tests.helpers import (
+    TOOL_TIME,
+    TOOL_WEATHER,
+    model_stats,
+    set_fault,
+    sim_requests,
+    sim_total_requests,
+    wait_idle,
+)
 from tests.test_fidelity import FixtureServer, client_for, load, raw, serve
 from tests.test_providers import collect, provider_config
 
@@ -55,27 +63,8 @@ SF_TOOL = ToolSpec(
 )
 SF_ASK = ChatMessage(role="user", content="What is the weather like in San Francisco?")
 
-WEATHER = ToolSpec(
-    name="get_weather",
-    description="Get the current weather in a given location",
-    parameters={
-        "type": "object",
-        "properties": {
-            "location": {"type": "string", "description": "The city and state"},
-            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-        },
-        "required": ["location"],
-    },
-)
-TIME = ToolSpec(
-    name="get_time",
-    description="Get the current time in a timezone",
-    parameters={
-        "type": "object",
-        "properties": {"timezone": {"type": "string"}, "hours": {"type": "integer"}},
-        "required": ["timezone", "hours"],
-    },
-)
+WEATHER = TOOL_WEATHER
+TIME = TOOL_TIME
 ASK = ChatMessage(role="user", content="What is the weather like in Boston today?")
 BOTH = ChatMessage(role="user", content="Use get_weather for Boston and get_time for Europe in 3 hours.")
 

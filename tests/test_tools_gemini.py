@@ -38,7 +38,7 @@ from moa.types import (
     ToolSet,
     ToolSpec,
 )
-from tests.helpers import model_stats, set_fault, sim_requests, wait_idle
+from tests.helpers import TOOL_TIME, model_stats, set_fault, sim_requests, wait_idle
 from tests.test_fidelity import FixtureServer, load, raw, serve
 from tests.test_providers import collect
 from tests.test_simulator_tools import profile
@@ -60,15 +60,7 @@ WEATHER = ToolSpec(
         "additionalProperties": False,  # JSON Schema that Gemini's `parameters` field refuses
     },
 )
-TIME = ToolSpec(
-    name="get_time",
-    description="Get the current time in a timezone",
-    parameters={
-        "type": "object",
-        "properties": {"timezone": {"type": "string"}, "hours": {"type": "integer"}},
-        "required": ["timezone", "hours"],
-    },
-)
+TIME = TOOL_TIME
 ASK = "What is the weather like in Boston today?"
 THREE = 'What is the weather in "Paris", "Oslo" and "Rome"?'
 
