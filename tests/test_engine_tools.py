@@ -7,6 +7,7 @@ whole path through the API with the official clients in test_api_tools.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -394,3 +395,19 @@ async def test_the_tool_definitions_count_in_the_projected_cost() -> None:
     # Twenty tools of some 400 tokens each, read by every one of moa-lite's calls.
     assert with_tools.tokens - bare.tokens >= 20 * 400 * 4
     assert with_tools.cost_usd > bare.cost_usd
+
+
+async def test_early_aggregation_votes_on_the_quorum_in_hand_and_cuts_the_straggler() -> None:
+    """``early`` with tools: once the quorum of proposals is in, the vote (or the aggregator)
+    decides; the straggler still writing is cut and recorded as such."""
+    caller = ScriptedCaller()
+    caller.script(P1, Reply(text="", tool_calls=(call(id_="a"),), at_step=1))
+    caller.script(P2, Reply(text="", tool_calls=(call(id_="b"),), at_step=1))
+    caller.script(P3, Reply(text="", tool_calls=(call(args='{"city": "Lyon"}'),), at_step=99))
+    run = asyncio.create_task(engine(caller).run(QUESTION, plan=plan(aggregation="early"), tools=TOOLS))
+    await caller.wait_started(3)
+    await caller.advance(1)
+    result = await run
+    assert result.answer_source == "vote" and result.tool_vote is not None and result.tool_vote.proposals == 2
+    cut = [c for c in result.calls if c.stage is Stage.PROPOSER and c.cancelled_straggler]
+    assert [f"{c.provider}/{c.model}" for c in cut] == [P3]
