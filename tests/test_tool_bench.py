@@ -241,6 +241,10 @@ def test_a_tiny_run_goes_end_to_end_and_reports_every_figure(tmp_path: Path) -> 
     assert clean["model_calls_per_task"] == pytest.approx(10 / 3)
     assert clean["cost_usd_per_task"] > 0 and clean["latency_p50_ms"] > 0
     assert clean["errors"] == 0 and clean["invalid_answers"] == 0
+    assert clean["answer_sources"] == {
+        "aggregator": {"answers": 1, "accuracy": 1.0},
+        "vote": {"answers": 2, "accuracy": 1.0},
+    }
     # Every model calls a wrong function: only the text answer is still right, and nothing that
     # reached the client broke the tools' contract.
     assert broken["accuracy_by_kind"] == {"single": 0.0, "parallel": 0.0, "multi_turn": 1.0}

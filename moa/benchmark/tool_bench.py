@@ -400,6 +400,13 @@ def summarize(config: ToolConfig, rate: float, outcomes: Sequence[Outcome]) -> d
         for kind in KINDS
         if (rows := [o for o in outcomes if o.task.kind == kind])
     }
+    # Who answered, and how often rightly: the vote decides the easy cases, so the aggregator's
+    # share of wrong answers says what is left when the proposals disagree.
+    by_source = {
+        source: {"answers": len(rows), "accuracy": sum(o.score.correct for o in rows) / len(rows)}
+        for source in sorted({o.source for o in answered if o.source})
+        if (rows := [o for o in answered if o.source == source])
+    }
     costs = [o.cost_usd for o in answered if o.cost_usd is not None]
     return {
         "config": config.label,
@@ -419,7 +426,7 @@ def summarize(config: ToolConfig, rate: float, outcomes: Sequence[Outcome]) -> d
         "latency_p50_ms": percentile([o.latency_ms for o in outcomes], 50),
         "latency_p95_ms": percentile([o.latency_ms for o in outcomes], 95),
         "vote_share": sum(o.source == "vote" for o in answered) / n if n else float("nan"),
-        "answer_sources": dict(Counter(o.source or "none" for o in answered)),
+        "answer_sources": by_source,
         "misses": dict(Counter(o.score.miss for o in outcomes if o.score.miss)),
         "wrong_by_task": dict(Counter(o.task.id for o in outcomes if not o.score.correct).most_common()),
         "wrong_examples": [
