@@ -228,12 +228,23 @@ def test_a_tiny_run_goes_end_to_end_and_reports_every_figure(tmp_path: Path) -> 
     path.write_text("\n".join(rows[i] for i in picked) + "\n")
     out = tmp_path / "out"
     fast = ["--ttft", "0.01", "--tps", "5000", "--jitter", "0"]
-    args = ["bench", "--tools", "--prompts", str(path), "--tool-configs", "moa-lite:vote"]
+    args = ["bench", "--tools", "--prompts", str(path), "--tool-configs", "single,moa-lite:vote"]
     assert main([*args, "--tool-error-rates", "0,1", *fast, "--out", str(out)]) == 0
     report = json.loads((out / "tools.json").read_text())
     assert report["workload"]["tasks"] == 3
-    clean, broken = report["rows"]
-    assert (clean["config"], clean["error_rate"], broken["error_rate"]) == ("moa-lite vote", 0.0, 1.0)
+    one, clean, one_broken, broken = report["rows"]
+    assert [(r["config"], r["error_rate"]) for r in report["rows"]] == [
+        ("single", 0.0),
+        ("moa-lite vote", 0.0),
+        ("single", 1.0),
+        ("moa-lite vote", 1.0),
+    ]
+    assert one["model_calls_per_task"] == 1.0 and one["vote_share"] == 0.0 and one["accuracy"] == 1.0
+    assert clean["paired"] == {
+        "with": "single",
+        "right_where_baseline_wrong": 0,
+        "wrong_where_baseline_right": 0,
+    }
     assert clean["tasks"] == 3 and clean["accuracy"] == 1.0 and clean["valid"] == 1.0
     # The two call tasks are decided by the vote (three proposer calls, no aggregator); the
     # text answer goes to the aggregator (four calls).
@@ -248,6 +259,7 @@ def test_a_tiny_run_goes_end_to_end_and_reports_every_figure(tmp_path: Path) -> 
     # Every model calls a wrong function: only the text answer is still right, and nothing that
     # reached the client broke the tools' contract.
     assert broken["accuracy_by_kind"] == {"single": 0.0, "parallel": 0.0, "multi_turn": 1.0}
+    assert one_broken["accuracy_by_kind"] == broken["accuracy_by_kind"]
     assert broken["valid"] == 1.0 and broken["invalid_answers"] == 0
     assert broken["misses"].get("wrong_function", 0) + broken["misses"].get("error", 0) == 2
     table = (out / "tools.md").read_text()

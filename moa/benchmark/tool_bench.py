@@ -506,13 +506,15 @@ async def run_tool_bench(
             profile = error_profile(rate, opts.ttft_s, opts.tokens_per_s, opts.jitter)
             async with httpx.AsyncClient(base_url=sim.url) as admin:
                 (await admin.put("/admin/profile", json=profile)).raise_for_status()
-            baseline: list[Outcome] | None = None
+            # The configurations take turns, task by task: a busy moment on a shared machine
+            # slows them alike, so their latencies compare.
+            jobs = [(t, c, s) for t in tasks for s in seeds for c in configs]
+            done = await asyncio.gather(*(bounded(t, c, s) for t, c, s in jobs))
+            baseline = [o for (_, c, _), o in zip(jobs, done, strict=True) if c == configs[0]]
             for config in configs:
-                outcomes = await asyncio.gather(*(bounded(t, config, s) for t in tasks for s in seeds))
+                outcomes = [o for (_, c, _), o in zip(jobs, done, strict=True) if c == config]
                 row = summarize(config, rate, outcomes)
-                if baseline is None:
-                    baseline = outcomes
-                else:  # the first configuration's answers to the same tasks, seeds and draws
+                if config != configs[0]:  # the first one's answers to the same tasks, seeds and draws
                     row["paired"] = {"with": configs[0].label, **paired(outcomes, baseline)}
                 rows.append(row)
                 step(cell_line(row))
