@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import httpx
@@ -111,6 +111,41 @@ async def wait_idle(sim: Sim, model: str | None = None, *, interval: float = 0.0
 
 
 # -- apps of a test's own on the session Ray cluster -----------------------------------------------
+
+
+def side_app_config(
+    config: MoAConfig, providers: Iterable[str] = ("openai", "anthropic", "gemini"), *, budgets: bool = False
+) -> dict[str, Any]:
+    """The session app's config (tests/conftest.py), raw, as the start of an app a test deploys
+    beside it: only the ``providers`` its tests call, and none with an RPM or TPM budget unless
+    ``budgets`` (each budget is one more actor to start, a rate limiter such an app never tests).
+    Presets naming another provider go; ``single`` keeps the part of its chain that is left, and
+    a router tier whose preset went runs ``single``. Every replica is one more process to start on
+    the session's two CPUs: an app with what its tests need deploys in about half the time."""
+    keep = set(providers)
+    raw = config.model_dump(mode="json")
+    raw["providers"] = {name: p for name, p in raw["providers"].items() if name in keep}
+    if not budgets:
+        for p in raw["providers"].values():
+            p["limits"]["rpm"] = p["limits"]["tpm"] = None
+
+    def kept(refs: list[dict[str, Any]]) -> bool:
+        return all(r["provider"] in keep for r in refs)
+
+    presets = {}
+    for name, preset in raw["presets"].items():
+        if name == "single":
+            preset["aggregators"] = [a for a in preset["aggregators"] if a["provider"] in keep]
+        refs = [p for layer in preset.get("layers") or [] for p in layer["proposers"]]
+        refs += [preset["self_moa"]] if preset.get("self_moa") else []
+        refs += (preset.get("aggregators") or []) + (preset.get("fallbacks") or [])
+        if kept(refs) and preset.get("aggregators"):
+            presets[name] = preset
+    raw["presets"] = presets
+    router = raw["router"]
+    router["tiers"] = {tier: (p if p in presets else "single") for tier, p in router["tiers"].items()}
+    router["specialists"] = {task: ps for task, ps in router["specialists"].items() if kept(ps)}
+    return raw
 
 
 def delete_app(name: str) -> None:
