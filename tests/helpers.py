@@ -113,15 +113,16 @@ async def wait_idle(sim: Sim, model: str | None = None, *, interval: float = 0.0
 # -- apps of a test's own on the session Ray cluster -----------------------------------------------
 
 
-def side_app_config(
+def trimmed_config(
     config: MoAConfig, providers: Iterable[str] = ("openai", "anthropic", "gemini"), *, budgets: bool = False
 ) -> dict[str, Any]:
-    """The session app's config (tests/conftest.py), raw, as the start of an app a test deploys
-    beside it: only the ``providers`` its tests call, and none with an RPM or TPM budget unless
-    ``budgets`` (each budget is one more actor to start, a rate limiter such an app never tests).
-    Presets naming another provider go; ``single`` keeps the part of its chain that is left, and
-    a router tier whose preset went runs ``single``. Every replica is one more process to start on
-    the session's two CPUs: an app with what its tests need deploys in about half the time."""
+    """``config`` raw, trimmed to what a test's service needs: only the ``providers`` its tests
+    call, and none with an RPM or TPM budget unless ``budgets`` (each budget is one more actor to
+    start on Ray, a rate limiter such a service is not there to test). Presets naming another
+    provider go; ``single`` keeps the part of its chain that is left, and a router tier whose
+    preset went runs ``single``. On Ray every provider is one more replica, one more process to
+    start on the two CPUs: an app beside the session's (whose config, tests/conftest.py, is the
+    usual ``config``) with openai alone deploys in about half the time of one with all three."""
     keep = set(providers)
     raw = config.model_dump(mode="json")
     raw["providers"] = {name: p for name, p in raw["providers"].items() if name in keep}

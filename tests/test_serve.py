@@ -24,8 +24,8 @@ from tests.helpers import (
     RAY_MODULE,
     delete_app,
     set_fault,
-    side_app_config,
     sim_stats,
+    trimmed_config,
 )
 from tests.waiting import wait_until, wait_until_sync
 
@@ -288,7 +288,7 @@ def test_fusion_in_an_aggregator_deployment(cluster: dict[str, Any], sim: Simula
     from moa_actors.app import build_from_config
 
     assert "aggregator" not in serve.status().applications["moa"].deployments
-    raw = side_app_config(cluster["config"])
+    raw = trimmed_config(cluster["config"])
     raw["serve"]["fusion"] = "deployment"
     cfg = parse_config(raw, "the aggregator-deployment config")
     serve.run(build_from_config(cfg), name="moa-agg", route_prefix="/agg")
@@ -339,7 +339,7 @@ def _side_app(cluster: dict[str, Any], provider: str, spec: dict[str, Any]) -> s
     ``moa-<provider>`` beside the session's (without waiting for it); its URL."""
     from moa_actors.app import build_from_config
 
-    raw = side_app_config(cluster["config"], ("openai",))
+    raw = trimmed_config(cluster["config"], ("openai",))
     raw["providers"][provider] = spec
     cfg = parse_config(raw, f"the {provider} config")
     app = serve.RunTarget(build_from_config(cfg), name=f"moa-{provider}", route_prefix=f"/{provider}")
@@ -383,7 +383,7 @@ def test_serve_stopping_the_ingress_lets_a_stream_in_progress_finish(
     from moa_actors.app import build_from_config
     from moa_actors.cache_bench import direct_url
 
-    cfg = parse_config(side_app_config(cluster["config"], ("openai",)), "the grace config")
+    cfg = parse_config(trimmed_config(cluster["config"], ("openai",)), "the grace config")
     serve.run(build_from_config(cfg), name="moa-grace", route_prefix="/grace")
     url = str(cluster["url"]) + "/grace"
     direct = wait_until_sync(

@@ -16,7 +16,7 @@ from moa.cache.redis_store import RedisCacheStore
 from moa.config import parse_config
 from moa.simulator.server import SimulatorServer
 from tests.conftest import ON_HEAD, ON_WORKER
-from tests.helpers import RAY_MODULE, delete_app, side_app_config, sim_total_requests
+from tests.helpers import RAY_MODULE, delete_app, sim_total_requests, trimmed_config
 from tests.test_observability import _series_value
 from tests.waiting import wait_until_sync
 
@@ -56,7 +56,7 @@ def apps(cluster: dict[str, Any], redis_server: str) -> Iterator[dict[str, str]]
     asyncio.run(wipe())
     targets = []
     for name, placement in APPS.items():
-        raw = side_app_config(cluster["config"], ("openai",))
+        raw = trimmed_config(cluster["config"], ("openai",))
         raw["cache"] = {"enabled": True, "store": "redis", "redis_url": url}
         raw["serve"]["ingress"] = {"num_cpus": 0.05, "num_replicas": 1, **placement}
         app = build_from_config(parse_config(raw, f"the {name} config"))

@@ -30,8 +30,8 @@ from tests.helpers import (
     delete_app,
     model_stats,
     set_fault,
-    side_app_config,
     sim_stats,
+    trimmed_config,
     wait_idle,
 )
 from tests.test_observability import _series_value
@@ -93,7 +93,7 @@ def keyed(cluster: dict[str, Any], redis_server: str) -> Iterator[tuple[str, str
         await store.create_key(record)
 
     _run(_with_store(url, fresh))
-    raw = side_app_config(cluster["config"])
+    raw = trimmed_config(cluster["config"])
     raw["state"] = {"redis_url": url, "key_cache_s": KEY_CACHE_S}
     raw["serve"]["ingress"] = {
         "num_cpus": 0.05,
