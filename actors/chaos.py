@@ -48,7 +48,7 @@ METERED_RPM = 30
 # Clients each asking again a quarter of a second after an answer or refusal: many times the
 # budget in all, so that without the limiter the provider would see far more than a scenario
 # allows, and the check that it did not can fail. A limiter that forgot what it had granted shows
-# as calls over the bound.
+# as calls over the bound. (--metered-clients: more of them ask as much in a shorter scenario.)
 METERED_CLIENTS = 3
 METERED_PAUSE_S = 0.25
 DEADLINE_S = 30.0
@@ -137,12 +137,16 @@ def _named_actor(fragment: str, prefix: str) -> Any:
 class Chaos:
     """The cluster, the app and the load; ``run(scenario)`` kills one target under load."""
 
-    def __init__(self, seconds: float, kill_at_s: float, concurrency: int) -> None:
+    def __init__(
+        self, seconds: float, kill_at_s: float, concurrency: int, metered_clients: int = METERED_CLIENTS
+    ) -> None:
         self.seconds, self.kill_at_s, self.concurrency = seconds, kill_at_s, concurrency
+        self.metered_clients = metered_clients
         self.sim = SimulatorServer(PROFILE).start()
         self.cluster: Any = None
         self.workers: list[Any] = []
         self.url = ""
+        self.whole: tuple[dict[str, int], int, int] = ({}, 0, 0)
 
     def start(self) -> None:
         import ray
@@ -166,21 +170,73 @@ class Chaos:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_from_config(chaos_config(self.sim.url)), name="moa", route_prefix="/")
         self.url = f"http://127.0.0.1:{port}"
+        # What "whole" is: the app as deployed and reporting healthy.
+        self._until(self._healthz_ok, 300.0, "/healthz to say ok after the deploy")
+        self.whole = self._shape()
 
     def _add_worker(self) -> Any:
         return self.cluster.add_node(num_cpus=1, resources={"provider_node": 1})
 
     def stop(self) -> None:
+        """Every process of the cluster stops. No ``serve.shutdown()`` first: it would stop each
+        replica gracefully, one by one, in a cluster whose processes are all killed next anyway."""
         import ray
-        from ray import serve
 
         try:
-            serve.shutdown()
-        finally:
             ray.shutdown()
             if self.cluster is not None:
                 self.cluster.shutdown()
+        finally:
             self.sim.stop()
+
+    # -- whole again ------------------------------------------------------------------------------
+
+    def _shape(self) -> tuple[dict[str, int], int, int]:
+        """Running replicas per deployment, live named Serve actors (replicas and rate-limiter
+        actors), live nodes."""
+        import ray
+        from ray import serve
+
+        app = serve.status().applications.get("moa")
+        running: dict[str, int] = {}
+        if app is not None and app.status == "RUNNING":
+            for name, d in app.deployments.items():
+                states = {str(getattr(k, "value", k)): n for k, n in d.replica_states.items()}
+                healthy = d.status == "HEALTHY" and set(states) <= {"RUNNING"}
+                running[name] = states.get("RUNNING", 0) if healthy else -1
+        named = sum(
+            1
+            for entry in ray.util.list_named_actors(all_namespaces=True)
+            if entry["name"].startswith(("SERVE_REPLICA::", "SERVE_DEPLOYMENT_ACTOR::"))
+        )
+        nodes = sum(1 for n in ray.nodes() if n["Alive"])
+        return running, named, nodes
+
+    def _healthz_ok(self) -> bool:
+        try:
+            r = httpx.get(self.url + "/healthz", timeout=5)
+            return r.status_code == 200 and r.json().get("status") == "ok"
+        except (httpx.TransportError, ValueError):
+            return False
+
+    def wait_whole(self, within_s: float = 300.0) -> None:
+        """Until the app is as deployed again: each deployment with as many replicas, all running,
+        as at the start; as many named Serve actors alive (a killed one replaced, the rate-limiter
+        actor recreated); as many live nodes; and ``/healthz`` ``ok``. Then the next scenario
+        begins on a whole app, as soon as it is one."""
+        self._until(
+            lambda: self._shape() == self.whole and self._healthz_ok(),
+            within_s,
+            f"the app to come back whole (as deployed: {self.whole})",
+        )
+
+    @staticmethod
+    def _until(condition: Any, within_s: float, what: str) -> None:
+        end = time.monotonic() + within_s
+        while not condition():
+            if time.monotonic() > end:
+                raise RuntimeError(f"waited {within_s:g} s for {what}")
+            time.sleep(0.5)
 
     # -- the kills --------------------------------------------------------------------------------
 
@@ -266,7 +322,7 @@ class Chaos:
         async def load() -> None:
             loops = [self._loop("moa", began, until, outcomes, 0.05) for _ in range(self.concurrency)]
             # More than the metered budget: the limiter refuses or delays the rest.
-            for _ in range(METERED_CLIENTS):
+            for _ in range(self.metered_clients):
                 loops.append(self._loop("metered", began, until, outcomes, METERED_PAUSE_S))
             tasks = [asyncio.create_task(c) for c in loops]
             await asyncio.to_thread(killed.wait)
@@ -341,8 +397,9 @@ def summarise(
 def markdown(results: list[ScenarioResult], meta: dict[str, Any]) -> str:
     lines = [
         f"Load: {meta['concurrency']} clients sending `moa-lite` back to back, plus "
-        f"`{METERED_MODEL}` ({METERED_CLIENTS} clients, each asking again {METERED_PAUSE_S:g} s after "
-        f"an answer or refusal) against a cluster-wide budget of {METERED_RPM} RPM, whose bound is a "
+        f"`{METERED_MODEL}` ({meta['metered_clients']} clients, each asking again "
+        f"{METERED_PAUSE_S:g} s after an answer or refusal) against a cluster-wide budget of "
+        f"{METERED_RPM} RPM, whose bound is a "
         f"full bucket plus its refill (one more minute's budget when the limiter itself is killed); "
         f"each scenario {meta['seconds']:g} s, "
         f"the kill at {meta['kill_at_s']:g} s. "
@@ -376,7 +433,7 @@ def run_all(chaos: Chaos, scenarios: list[str], say: Any) -> list[ScenarioResult
         )
         results.append(result)
         if i < len(scenarios):
-            time.sleep(5)  # let the killed part come back before the next scenario
+            chaos.wait_whole()  # the killed part came back: the next scenario starts on a whole app
     return results
 
 
@@ -393,25 +450,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=40.0, help="length of each scenario")
     p.add_argument("--kill-at", type=float, default=8.0, help="seconds into a scenario the kill happens")
     p.add_argument("--concurrency", type=int, default=4, help="moa-lite clients sending back to back")
+    p.add_argument(
+        "--metered-clients",
+        type=int,
+        default=METERED_CLIENTS,
+        help=f"clients asking the metered model, each again {METERED_PAUSE_S:g} s after an answer or refusal",
+    )
     args = p.parse_args(argv)
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = sorted(set(scenarios) - set(SCENARIOS))
     if unknown:
         p.error(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
+    if args.metered_clients < 1:
+        p.error("--metered-clients must be at least 1")
     if not 0 < args.kill_at < args.seconds:
         p.error("--kill-at must fall within --seconds")
 
     def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    chaos = Chaos(args.seconds, args.kill_at, args.concurrency)
+    chaos = Chaos(args.seconds, args.kill_at, args.concurrency, args.metered_clients)
     say("starting a three-node Ray cluster and the app (a minute or two)...")
     try:
         chaos.start()
         results = run_all(chaos, scenarios, say)
     finally:
         chaos.stop()
-    meta = {"seconds": args.seconds, "kill_at_s": args.kill_at, "concurrency": args.concurrency}
+    meta = {
+        "seconds": args.seconds,
+        "kill_at_s": args.kill_at,
+        "concurrency": args.concurrency,
+        "metered_clients": args.metered_clients,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"options": meta, "metered_rpm": METERED_RPM, "scenarios": [asdict(r) for r in results]}
     (args.out / "chaos.json").write_text(json.dumps(report, indent=2))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import httpx
@@ -112,6 +112,42 @@ async def wait_idle(sim: Sim, model: str | None = None, *, interval: float = 0.0
 
 
 # -- apps of a test's own on the session Ray cluster -----------------------------------------------
+
+
+def trimmed_config(
+    config: MoAConfig, providers: Iterable[str] = ("openai", "anthropic", "gemini"), *, budgets: bool = False
+) -> dict[str, Any]:
+    """``config`` raw, trimmed to what a test's service needs: only the ``providers`` its tests
+    call, and none with an RPM or TPM budget unless ``budgets`` (each budget is one more actor to
+    start on Ray, a rate limiter such a service is not there to test). Presets naming another
+    provider go; ``single`` keeps the part of its chain that is left, and a router tier whose
+    preset went runs ``single``. On Ray every provider is one more replica, one more process to
+    start on the two CPUs: an app beside the session's (whose config, tests/conftest.py, is the
+    usual ``config``) with openai alone deploys in about half the time of one with all three."""
+    keep = set(providers)
+    raw = config.model_dump(mode="json")
+    raw["providers"] = {name: p for name, p in raw["providers"].items() if name in keep}
+    if not budgets:
+        for p in raw["providers"].values():
+            p["limits"]["rpm"] = p["limits"]["tpm"] = None
+
+    def kept(refs: list[dict[str, Any]]) -> bool:
+        return all(r["provider"] in keep for r in refs)
+
+    presets = {}
+    for name, preset in raw["presets"].items():
+        if name == "single":
+            preset["aggregators"] = [a for a in preset["aggregators"] if a["provider"] in keep]
+        refs = [p for layer in preset.get("layers") or [] for p in layer["proposers"]]
+        refs += [preset["self_moa"]] if preset.get("self_moa") else []
+        refs += (preset.get("aggregators") or []) + (preset.get("fallbacks") or [])
+        if kept(refs) and preset.get("aggregators"):
+            presets[name] = preset
+    raw["presets"] = presets
+    router = raw["router"]
+    router["tiers"] = {tier: (p if p in presets else "single") for tier, p in router["tiers"].items()}
+    router["specialists"] = {task: ps for task, ps in router["specialists"].items() if kept(ps)}
+    return raw
 
 
 def delete_app(name: str) -> None:

@@ -43,7 +43,7 @@ from moa.config import parse_config
 from moa.simulator.server import SimulatorServer
 from moa.state import KeyLimits
 from moa.state.redis_store import RedisStore
-from tests.helpers import delete_app, set_fault
+from tests.helpers import delete_app, set_fault, trimmed_config
 from tests.test_observability import _series_value
 from tests.waiting import wait_until_sync
 
@@ -331,9 +331,7 @@ def monitored(cluster: dict[str, Any], redis_server: str) -> Iterator[dict[str, 
             await store.close()
 
     asyncio.run(keys())
-    raw = cluster["config"].model_dump(mode="json")
-    for name in ("narrow", "metered", "tokened"):
-        del raw["providers"][name]
+    raw = trimmed_config(cluster["config"])
     raw["providers"]["gemini"]["retry"] = {"max_attempts": 1}
     raw["state"] = {"redis_url": url}
     raw["server"]["max_concurrent_requests"] = 4

@@ -17,7 +17,7 @@ from moa.providers.registry import ProviderPool
 from moa.simulator.server import SimulatorServer
 from moa.types import ChatMessage
 from moa_observability.tracing import tracer
-from tests.helpers import by_name, delete_app, wait_for_spans
+from tests.helpers import by_name, delete_app, trimmed_config, wait_for_spans
 from tests.otlp_receiver import OTLPReceiver
 from tests.waiting import wait_until_sync
 
@@ -376,9 +376,7 @@ def test_every_documented_series_moves_when_its_event_happens(
     serve = pytest.importorskip("ray.serve")
     from moa_actors.app import build_from_config
 
-    raw = cluster["config"].model_dump(mode="json")
-    for name in ("narrow", "metered"):
-        del raw["providers"][name]
+    raw = trimmed_config(cluster["config"])
     raw["router"]["classifier"] = "llm"
     raw["router"]["classifier_model"] = {"provider": "openai", "model": "gpt-4o-mini"}
     # Every answer to `auto` shadowed: a baseline answer and two judge calls in the background.

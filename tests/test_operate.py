@@ -28,19 +28,21 @@ import httpx
 import pytest
 
 from moa.config import load_config
-from tests.helpers import non_loopback_address
+from tests.helpers import non_loopback_address, trimmed_config
 from tests.otlp_receiver import OTLPReceiver
 from tests.waiting import wait_until, wait_until_sync
 
 # A direct call to gpt-4.1 streams for about 100 s (too long for any drain here); one to
-# gpt-4.1-mini for about 4 s (done well within the drain). Everything else answers at once.
+# gpt-4.1-mini for about 2 s (done well within the drain). Everything else answers at once.
 SLOW_SIM = """\
 default: {ttft_s: 0.01, tokens_per_s: 4000, jitter: 0}
 models:
   gpt-4.1: {ttft_s: 0.05, tokens_per_s: 4, jitter: 0, output_tokens: [400, 400]}
-  gpt-4.1-mini: {ttft_s: 0.05, tokens_per_s: 20, jitter: 0, output_tokens: [80, 80]}
+  gpt-4.1-mini: {ttft_s: 0.05, tokens_per_s: 20, jitter: 0, output_tokens: [40, 40]}
 """
-DRAIN_S = 12.0
+# Four times the short answer: it finishes within the drain however late in its answer the
+# signal comes, and the long one is cut at the drain's end.
+DRAIN_S = 8.0
 QUESTION = [{"role": "user", "content": "Explain how TCP congestion control works."}]
 # Generous: a loaded two-CPU machine may take a minute or more to start Ray and deploy.
 START_S = 300.0
@@ -68,9 +70,11 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 @pytest.fixture
 def slow_config(tmp_path: Path) -> Path:
+    """The bundled config with openai alone (every model these tests call is openai's: the
+    service starts without importing, or on Ray deploying, the two others) and the slow profile."""
     profile = tmp_path / "sim.yaml"
     profile.write_text(SLOW_SIM)
-    raw = load_config(None).model_dump(mode="json", exclude={"simulator"})
+    raw = trimmed_config(load_config(None), ("openai",), budgets=True)
     raw["simulator"] = {"mode": "auto", "profile": str(profile)}
     raw["server"]["drain_s"] = DRAIN_S
     path = tmp_path / "moa.yaml"
@@ -185,7 +189,7 @@ async def drain_scenario(served: Served, sig: signal.Signals) -> tuple[StreamLog
         )
         assert body["status"] == "draining"
         r = await client.post(
-            served.url + "/v1/chat/completions", json={"model": "moa", "messages": QUESTION}
+            served.url + "/v1/chat/completions", json={"model": "openai/gpt-4.1-mini", "messages": QUESTION}
         )
         assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
         assert r.json()["error"]["code"] == "shutting_down"
@@ -482,7 +486,7 @@ def test_local_serve_exports_traces_and_writes_json_logs(
     try:
         served.wait_ready()
         assert f"Tracing: OTLP export to {otlp.url}" in served.stdout()
-        body = {"model": "gemini/gemini-2.5-flash", "messages": QUESTION}
+        body = {"model": "openai/gpt-4o-mini", "messages": QUESTION}
         r = httpx.post(served.url + "/v1/chat/completions", json=body, timeout=60)
         assert r.status_code == 200, r.text
         trace_id = r.headers["x-moa-trace-id"]
@@ -490,15 +494,13 @@ def test_local_serve_exports_traces_and_writes_json_logs(
         assert served.proc.wait(60) == 0
         spans = wait_until_sync(
             lambda: otlp.trace(trace_id),
-            lambda s: (
-                {"POST /v1/chat/completions", "moa.run", "chat gemini-2.5-flash"} <= {x["name"] for x in s}
-            ),
+            lambda s: {"POST /v1/chat/completions", "moa.run", "chat gpt-4o-mini"} <= {x["name"] for x in s},
             what="the request's spans",
         )
         assert {s["resource"].get("moa.mode") for s in spans} == {"local"}
         lines = [json.loads(x) for x in served.stderr().splitlines() if x.startswith("{")]
         calls = [x for x in lines if x.get("event") == "provider_call" and x.get("trace_id") == trace_id]
-        assert [(c["model"], c["status"]) for c in calls] == [("gemini-2.5-flash", "ok")]
+        assert [(c["model"], c["status"]) for c in calls] == [("gpt-4o-mini", "ok")]
     finally:
         stop_if_running(served)
 
@@ -528,10 +530,11 @@ def _ray_cli(name: str) -> str:
 
 @pytest.mark.ray
 def test_the_local_recipe_deploys_with_serve_deploy_on_ray_start_and_the_admin_api_works(
-    tmp_path: Path,
+    tmp_path: Path, slow_config: Path
 ) -> None:
-    """docs/OPERATIONS.md's single-machine recipe, as a user runs it: `ray start --head` (token auth on, as
-    Ray 2.60 starts it), `serve deploy serve_config.local.yaml`, `serve status`; then keys made
+    """docs/OPERATIONS.md's single-machine recipe, as a user runs it: `ray start --head --num-cpus 2`
+    (token auth on, as Ray 2.60 starts it; the whole bundled app must fit in those two CPUs, or it
+    never runs), `serve deploy serve_config.local.yaml`, `serve status`; then keys made
     through the admin HTTP API, which the ingress replica reads from `ray start`'s environment,
     are required, used and revoked. Then `moa serve` beside it, which must not join it."""
     import tempfile
@@ -667,6 +670,8 @@ def test_the_local_recipe_deploys_with_serve_deploy_on_ray_start_and_the_admin_a
         assert found.stdout.strip().endswith(f":{gcs}"), found
         beside = start_serve(
             tmp_path,
+            "--config",
+            str(slow_config),
             port=free_port(),
             env=clean_env(RAY_AUTH_MODE="token", RAY_TMPDIR=ray_tmp, MOA_STATE_DIR=str(tmp_path / "beside")),
         )

@@ -18,7 +18,15 @@ from moa.engine.fusion import FuseJob, FuseStart, FuseStep
 from moa.plan import AggregatorSpec
 from moa.simulator.server import SimulatorServer
 from moa.types import ChatMessage, TextDelta
-from tests.helpers import ADMIN_HEADERS, QUESTION, RAY_MODULE, delete_app, set_fault, sim_stats
+from tests.helpers import (
+    ADMIN_HEADERS,
+    QUESTION,
+    RAY_MODULE,
+    delete_app,
+    set_fault,
+    sim_stats,
+    trimmed_config,
+)
 from tests.waiting import wait_until, wait_until_sync
 
 ray = pytest.importorskip("ray")
@@ -280,10 +288,8 @@ def test_fusion_in_an_aggregator_deployment(cluster: dict[str, Any], sim: Simula
     from moa_actors.app import build_from_config
 
     assert "aggregator" not in serve.status().applications["moa"].deployments
-    raw = cluster["config"].model_dump(mode="json")
+    raw = trimmed_config(cluster["config"])
     raw["serve"]["fusion"] = "deployment"
-    for name in ("narrow", "metered", "tokened"):
-        del raw["providers"][name]
     cfg = parse_config(raw, "the aggregator-deployment config")
     serve.run(build_from_config(cfg), name="moa-agg", route_prefix="/agg")
     try:
@@ -329,13 +335,11 @@ def test_bench_floor_app_times_every_probe(url: str) -> None:
 
 
 def _side_app(cluster: dict[str, Any], provider: str, spec: dict[str, Any]) -> str:
-    """The session config without its test providers, plus ``provider`` as ``spec`` says, deployed
-    as app ``moa-<provider>`` beside the session's (without waiting for it); its URL."""
+    """The session config with openai alone, plus ``provider`` as ``spec`` says, deployed as app
+    ``moa-<provider>`` beside the session's (without waiting for it); its URL."""
     from moa_actors.app import build_from_config
 
-    raw = cluster["config"].model_dump(mode="json")
-    for name in ("narrow", "metered", "tokened"):
-        del raw["providers"][name]
+    raw = trimmed_config(cluster["config"], ("openai",))
     raw["providers"][provider] = spec
     cfg = parse_config(raw, f"the {provider} config")
     app = serve.RunTarget(build_from_config(cfg), name=f"moa-{provider}", route_prefix=f"/{provider}")
@@ -379,10 +383,7 @@ def test_serve_stopping_the_ingress_lets_a_stream_in_progress_finish(
     from moa_actors.app import build_from_config
     from moa_actors.cache_bench import direct_url
 
-    raw = cluster["config"].model_dump(mode="json")
-    for name in ("narrow", "metered", "tokened"):
-        del raw["providers"][name]
-    cfg = parse_config(raw, "the grace config")
+    cfg = parse_config(trimmed_config(cluster["config"], ("openai",)), "the grace config")
     serve.run(build_from_config(cfg), name="moa-grace", route_prefix="/grace")
     url = str(cluster["url"]) + "/grace"
     direct = wait_until_sync(

@@ -16,7 +16,7 @@ from moa.cache.redis_store import RedisCacheStore
 from moa.config import parse_config
 from moa.simulator.server import SimulatorServer
 from tests.conftest import ON_HEAD, ON_WORKER
-from tests.helpers import RAY_MODULE, delete_app, sim_total_requests
+from tests.helpers import RAY_MODULE, delete_app, sim_total_requests, trimmed_config
 from tests.test_observability import _series_value
 from tests.waiting import wait_until_sync
 
@@ -30,10 +30,11 @@ QUESTION = "What makes a cache key complete?"
 
 
 def _plan(aggregator: str) -> dict[str, Any]:
+    """Three proposers and ``aggregator``, all of openai: the apps' one provider."""
     proposers = [
         {"provider": "openai", "model": "gpt-4.1-mini"},
-        {"provider": "anthropic", "model": "claude-haiku-4-5"},
-        {"provider": "gemini", "model": "gemini-2.5-flash"},
+        {"provider": "openai", "model": "gpt-4o-mini"},
+        {"provider": "openai", "model": "gpt-4.1"},
     ]
     return {
         "layers": [{"proposers": proposers, "quorum": 3}],
@@ -55,9 +56,7 @@ def apps(cluster: dict[str, Any], redis_server: str) -> Iterator[dict[str, str]]
     asyncio.run(wipe())
     targets = []
     for name, placement in APPS.items():
-        raw = cluster["config"].model_dump(mode="json")
-        for extra in ("narrow", "metered", "tokened"):
-            del raw["providers"][extra]
+        raw = trimmed_config(cluster["config"], ("openai",))
         raw["cache"] = {"enabled": True, "store": "redis", "redis_url": url}
         raw["serve"]["ingress"] = {"num_cpus": 0.05, "num_replicas": 1, **placement}
         app = build_from_config(parse_config(raw, f"the {name} config"))
@@ -138,7 +137,7 @@ def test_exact_hit_latency_through_the_serve_ingress(apps: dict[str, str], sim: 
     import time
 
     url = apps["cache-worker"] + "/v1/chat/completions"
-    body = {"model": "moa-lite", "messages": [{"role": "user", "content": "Time a cached answer."}]}
+    body = {"model": "single", "messages": [{"role": "user", "content": "Time a cached answer."}]}
     with httpx.Client(timeout=60) as client:
         assert client.post(url, json=body).headers["x-moa-cache"] in ("miss", "hit-exact")
         calls_before = sim_total_requests(sim)

@@ -16,7 +16,15 @@ import pytest
 
 from moa.config import parse_config
 from moa.simulator.server import SimulatorServer
-from tests.helpers import ADMIN_HEADERS, QUESTION, RAY_MODULE, delete_app, set_fault, sim_stats
+from tests.helpers import (
+    ADMIN_HEADERS,
+    QUESTION,
+    RAY_MODULE,
+    delete_app,
+    set_fault,
+    sim_stats,
+    trimmed_config,
+)
 from tests.test_serve import answered_by_replica
 from tests.waiting import wait_until, wait_until_sync
 
@@ -150,9 +158,7 @@ def tight(cluster: dict[str, Any]) -> Iterator[str]:
     failure: its own provider replicas, so open circuits here leave the main app alone."""
     from moa_actors.app import build_from_config
 
-    raw = cluster["config"].model_dump(mode="json")
-    for name in ("narrow", "metered", "tokened"):
-        del raw["providers"][name]
+    raw = trimmed_config(cluster["config"])
     for p in raw["providers"].values():
         p["circuit_breaker"] = {"failure_threshold": 1, "cooldown_s": 600}
         p["retry"] = {"max_attempts": 1}
@@ -289,9 +295,7 @@ def test_a_refused_key_reaches_no_response_and_no_log_file(
     from moa_actors.app import build_from_config
     from tests.conftest import LEAK_CHECK_ENV, LEAK_CHECK_KEY
 
-    raw = cluster["config"].model_dump(mode="json")
-    for name in ("narrow", "metered", "tokened"):
-        del raw["providers"][name]
+    raw = trimmed_config(cluster["config"])
     for p in raw["providers"].values():
         p["api_key_env"] = LEAK_CHECK_ENV
         p["base_url"] = sim.url + ("/v1" if p["kind"] == "openai" else "")

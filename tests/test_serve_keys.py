@@ -25,7 +25,16 @@ from moa.config import parse_config
 from moa.simulator.server import SimulatorServer
 from moa.state import KeyLimits, KeyRecord, to_micro
 from moa.state.redis_store import RedisStore
-from tests.helpers import QUESTION, RAY_MODULE, delete_app, model_stats, set_fault, sim_stats, wait_idle
+from tests.helpers import (
+    QUESTION,
+    RAY_MODULE,
+    delete_app,
+    model_stats,
+    set_fault,
+    sim_stats,
+    trimmed_config,
+    wait_idle,
+)
 from tests.test_observability import _series_value
 from tests.test_serve_claims import _serve_logs
 from tests.waiting import wait_until, wait_until_sync
@@ -85,9 +94,7 @@ def keyed(cluster: dict[str, Any], redis_server: str) -> Iterator[tuple[str, str
         await store.create_key(record)
 
     _run(_with_store(url, fresh))
-    raw = cluster["config"].model_dump(mode="json")
-    for name in ("narrow", "metered", "tokened"):
-        del raw["providers"][name]
+    raw = trimmed_config(cluster["config"])
     raw["state"] = {"redis_url": url, "key_cache_s": KEY_CACHE_S}
     raw["serve"]["ingress"] = {
         "num_cpus": 0.05,

@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 from typing import Protocol
 
 from moa.config import Endpoint, MoAConfig, ProviderConfig, ProviderKind, resolve_endpoint
 from moa.limits import CircuitState, ProviderLimits
-from moa.providers.anthropic_client import AnthropicTransport
 from moa.providers.client import ProviderClient
-from moa.providers.gemini_client import GeminiTransport
-from moa.providers.openai_client import OpenAICompatibleTransport, OpenAITransport
 from moa.providers.transport import SDKTransport
 from moa.types import CallError, CallRequest, CallResult, ErrorKind, HealthView, StreamEvent, Usage
 
-ADAPTERS: dict[ProviderKind, type[SDKTransport]] = {
-    ProviderKind.OPENAI: OpenAITransport,
-    ProviderKind.OPENAI_COMPATIBLE: OpenAICompatibleTransport,
-    ProviderKind.ANTHROPIC: AnthropicTransport,
-    ProviderKind.GEMINI: GeminiTransport,
+# Each kind's SDK adapter, as module and class: imported when the first provider of that kind is
+# built, so a process imports the SDKs of its own providers only. A provider replica serves one
+# provider; the three SDKs take well over a second to import (anthropic's alone about one), which
+# every replica's start and every `moa` command paid before.
+ADAPTERS: dict[ProviderKind, tuple[str, str]] = {
+    ProviderKind.OPENAI: ("moa.providers.openai_client", "OpenAITransport"),
+    ProviderKind.OPENAI_COMPATIBLE: ("moa.providers.openai_client", "OpenAICompatibleTransport"),
+    ProviderKind.ANTHROPIC: ("moa.providers.anthropic_client", "AnthropicTransport"),
+    ProviderKind.GEMINI: ("moa.providers.gemini_client", "GeminiTransport"),
 }
+
+
+def adapter(kind: ProviderKind) -> type[SDKTransport]:
+    """The SDK adapter class of ``kind``, its module imported on first use."""
+    module, name = ADAPTERS[kind]
+    cls: type[SDKTransport] = getattr(importlib.import_module(module), name)
+    return cls
 
 
 def build_client(
@@ -32,7 +41,7 @@ def build_client(
     capture_content: bool = False,
 ) -> ProviderClient:
     """The policy over the SDK adapter ``cfg.kind`` names."""
-    transport = ADAPTERS[cfg.kind](name, cfg, endpoint)
+    transport = adapter(cfg.kind)(name, cfg, endpoint)
     return ProviderClient(name, cfg, endpoint, transport, limits, capture_content=capture_content)
 
 
