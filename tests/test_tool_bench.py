@@ -22,6 +22,7 @@ from moa.benchmark.tool_bench import (
     load_tasks,
     read_answer,
     score,
+    tools_markdown,
     violations,
 )
 from moa.cli import main
@@ -271,3 +272,16 @@ def _bundled_lines() -> list[str]:
 
     text = resources.files("moa").joinpath("data/tool_tasks.jsonl").read_text()
     return [line for line in text.splitlines() if line.strip()]
+
+
+def test_tools_md_shows_the_raw_results_rendered() -> None:
+    """A figure in docs/TOOLS.md's tables is the figure in docs/bench-tools.json: regenerate the
+    tables with ``tools_markdown`` from the JSON, never edit them by hand."""
+    docs = Path(__file__).parents[1] / "docs"
+    doc = (docs / "TOOLS.md").read_text()
+    assert "](bench-tools.json)" in doc
+    rendered = tools_markdown(json.loads((docs / "bench-tools.json").read_text()))
+    tables = [block for block in rendered.strip().split("\n\n") if block.startswith("|")]
+    assert len(tables) == 2  # every configuration and rate; who answered when the ensemble voted
+    for table in tables:
+        assert table in doc, f"docs/TOOLS.md does not show this table as rendered:\n{table}"
