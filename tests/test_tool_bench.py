@@ -213,8 +213,13 @@ def test_a_config_names_a_model_and_its_tool_mode() -> None:
     assert ToolConfig.parse("single").label == "single"
     with pytest.raises(ValueError, match="vote or aggregate"):
         ToolConfig.parse("moa-lite:majority")
-    with pytest.raises(SystemExit):
-        main(["bench", "--tools", "--tool-configs", "moa-lite:majority"])
+    for bad in (
+        ["--tool-configs", "moa-lite:majority"],
+        ["--tool-tasks", "0"],
+        ["--tool-error-rates", "1.5"],
+    ):
+        with pytest.raises(SystemExit):
+            main(["bench", "--tools", *bad])
 
 
 # -- a tiny run ----------------------------------------------------------------------------------------
