@@ -22,6 +22,7 @@ from moa.benchmark.tool_bench import (
     load_tasks,
     read_answer,
     score,
+    tools_markdown,
     violations,
 )
 from moa.cli import main
@@ -212,8 +213,13 @@ def test_a_config_names_a_model_and_its_tool_mode() -> None:
     assert ToolConfig.parse("single").label == "single"
     with pytest.raises(ValueError, match="vote or aggregate"):
         ToolConfig.parse("moa-lite:majority")
-    with pytest.raises(SystemExit):
-        main(["bench", "--tools", "--tool-configs", "moa-lite:majority"])
+    for bad in (
+        ["--tool-configs", "moa-lite:majority"],
+        ["--tool-tasks", "0"],
+        ["--tool-error-rates", "1.5"],
+    ):
+        with pytest.raises(SystemExit):
+            main(["bench", "--tools", *bad])
 
 
 # -- a tiny run ----------------------------------------------------------------------------------------
@@ -271,3 +277,16 @@ def _bundled_lines() -> list[str]:
 
     text = resources.files("moa").joinpath("data/tool_tasks.jsonl").read_text()
     return [line for line in text.splitlines() if line.strip()]
+
+
+def test_tools_md_shows_the_raw_results_rendered() -> None:
+    """A figure in docs/TOOLS.md's tables is the figure in docs/bench-tools.json: regenerate the
+    tables with ``tools_markdown`` from the JSON, never edit them by hand."""
+    docs = Path(__file__).parents[1] / "docs"
+    doc = (docs / "TOOLS.md").read_text()
+    assert "](bench-tools.json)" in doc
+    rendered = tools_markdown(json.loads((docs / "bench-tools.json").read_text()))
+    tables = [block for block in rendered.strip().split("\n\n") if block.startswith("|")]
+    assert len(tables) == 2  # every configuration and rate; who answered when the ensemble voted
+    for table in tables:
+        assert table in doc, f"docs/TOOLS.md does not show this table as rendered:\n{table}"

@@ -581,6 +581,34 @@ def tools_markdown(report: dict[str, Any]) -> str:
             f"| {r['model_calls_per_task']:.2f} | {r['latency_p50_ms']:.0f} | {r['latency_p95_ms']:.0f} "
             f"| {_pct(r['vote_share'])} |"
         )
+    voted = sources_markdown(report)
+    return "\n".join(lines) + "\n" + (f"\n{voted}" if voted else "")
+
+
+def sources_markdown(report: dict[str, Any]) -> str:
+    """For each voting configuration at each error rate above zero: how many answers the vote
+    decided and how often rightly, the same for the aggregator, and the paired counts against the
+    first configuration. Empty when no configuration votes."""
+    rows = [r for r in report["rows"] if r["tool_mode"] == "vote" and r["error_rate"] > 0]
+    if not rows:
+        return ""
+    lines = [
+        "| configuration | tool-error rate | decided by the vote | its accuracy | aggregator | its accuracy "
+        "| right where the first configuration was wrong / the reverse |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        cells = []
+        for source in ("vote", "aggregator"):
+            got = r["answer_sources"].get(source)
+            cells += [str(got["answers"]), _pct(got["accuracy"])] if got else ["0", "-"]
+        pair = r.get("paired")
+        against = (
+            f"{pair['right_where_baseline_wrong']} / {pair['wrong_where_baseline_right']} ({pair['with']})"
+            if pair
+            else "-"
+        )
+        lines.append(f"| {r['config']} | {r['error_rate']:g} | {' | '.join(cells)} | {against} |")
     return "\n".join(lines) + "\n"
 
 
@@ -619,6 +647,7 @@ __all__ = [
     "read_answer",
     "run_tool_bench",
     "score",
+    "sources_markdown",
     "tools_markdown",
     "violations",
     "write_tools_report",

@@ -61,6 +61,16 @@ def _tool_configs(text: str) -> list[str]:
     return names
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def _rates(text: str) -> list[float]:
     try:
         values = [float(x) for x in text.split(",") if x]
@@ -205,19 +215,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--tool-repeats",
-        type=int,
+        type=_positive,
         default=1,
         help="with --tools: send each task this many times, seeds 1..N (independent error draws; default: 1)",
     )
     p.add_argument(
         "--tool-tasks",
-        type=int,
+        type=_positive,
         default=None,
         help="with --tools: only the first N tasks (default: all)",
     )
     p.add_argument(
         "--tool-concurrency",
-        type=int,
+        type=_positive,
         default=8,
         help="with --tools: requests in flight at once (default: 8)",
     )
