@@ -280,6 +280,11 @@ class CallRequest(BaseModel):
     call_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     # The tools the model may call (each adapter sends them in its API's own form), or None.
     tools: ToolSet | None = None
+    # Background work (a batch's call): it takes its provider's rate budget and concurrency only
+    # above the share kept for interactive calls (``providers.*.limits.interactive_reserve``), so
+    # a batch never makes an interactive request wait. Set by the transport from the request it
+    # serves (``moa.caller.as_sent``); never sent to the provider.
+    background: bool = False
 
 
 class CallResult(BaseModel):
