@@ -442,6 +442,10 @@ async def test_a_batch_runs_on_a_running_service_over_http(
     with ApiServer(config) as server:
         opts = BatchOptions(input=src, output=out, preset="single", progress=False, url=server.url)
         summary = await run_batch(config, opts)
+        assert server.server.api is not None
+        openai = server.server.api.engine.caller.clients["openai"]  # type: ignore[attr-defined]
+        # Sent as batch work: the service's calls for them took only the providers' spare capacity.
+        assert openai.limits.background_calls == 3
     assert (summary.done, summary.succeeded) == (3, 3) and summary.cost_usd > 0
     lines = _lines(out)
     assert all(x["response"]["body"]["object"] == "chat.completion" for x in lines)
@@ -467,3 +471,80 @@ async def test_an_item_an_earlier_run_answered_under_another_id_is_written_witho
     journal = Journal(out)
     journal.close()
     assert len(journal.done) == 3 and all(o.body is None for o in journal.done.values())
+
+
+# -- batch work goes after the interactive work, on a service ------------------------------------------
+
+
+async def test_a_request_marked_as_batch_work_marks_its_calls_and_an_unknown_priority_is_refused(
+    config: MoAConfig, sim: SimulatorServer, state_dir: Path
+) -> None:
+    import httpx
+
+    from moa.local import local_app
+
+    body = {"model": "single", "messages": [_user("why is the sky blue?")]}
+    async with local_app(config, run_batches=False) as app:
+        openai = app.state.api.engine.caller.clients["openai"]
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            plain = await client.post("/v1/chat/completions", json=body)
+            assert plain.status_code == 200 and openai.limits.background_calls == 0
+            marked = await client.post("/v1/chat/completions", json=body, headers={"x-moa-priority": "batch"})
+            assert marked.status_code == 200 and openai.limits.background_calls == 1
+            said = await client.post(
+                "/v1/moa",
+                json={"preset": "single", "messages": body["messages"]},
+                headers={"X-Moa-Priority": "Interactive"},
+            )
+            assert said.status_code == 200 and openai.limits.background_calls == 1
+            odd = await client.post("/v1/chat/completions", json=body, headers={"x-moa-priority": "urgent"})
+    assert odd.status_code == 400
+    assert odd.json()["error"] | {"message": ""} == {
+        "message": "",
+        "type": "invalid_request_error",
+        "code": "invalid_priority",
+        "param": "x-moa-priority",
+    }
+    assert model_stats(sim, "gpt-4.1-mini")["requests"] == 3  # the refused one called nothing
+
+
+async def test_a_batch_request_waits_for_its_turn_behind_the_interactive_load(
+    config: MoAConfig, sim: SimulatorServer, state_dir: Path
+) -> None:
+    """Two slots, batch.yield_at 0.5: while one interactive request runs, a request marked as batch
+    work waits at the gate (its model not called) and starts once the interactive one ends; an
+    unmarked request beside it starts at once."""
+    import httpx
+
+    from moa.local import local_app
+
+    raw = config.model_dump(mode="json")
+    raw["server"]["max_concurrent_requests"] = 2
+    raw["batch"]["yield_at"] = 0.5
+    cfg = MoAConfig.model_validate(raw)
+    set_fault(sim, "claude-haiku-4-5", hang={"rate": 1.0, "hang_s": 1.5})
+    held = {"model": "anthropic/claude-haiku-4-5", "messages": [_user("hold on")]}
+    body = {"model": "single", "messages": [_user("why is the sky blue?")]}
+    ended: dict[str, float] = {}
+
+    async def post(client: httpx.AsyncClient, name: str, payload: Any, **headers: str) -> int:
+        status = (await client.post("/v1/chat/completions", json=payload, headers=headers)).status_code
+        ended[name] = time.monotonic()
+        return status
+
+    async with local_app(cfg, run_batches=False) as app:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=30) as client:
+            interactive = asyncio.create_task(post(client, "interactive", held))
+            while model_stats(sim, "claude-haiku-4-5")["in_flight"] < 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+            batch = asyncio.create_task(post(client, "batch", body, **{"x-moa-priority": "batch"}))
+            await asyncio.sleep(0.5)
+            assert model_stats(sim, "gpt-4.1-mini")["requests"] == 0 and not batch.done()
+            assert app.state.api.batch_gate.busy == 0
+            assert await post(client, "beside", body) == 200  # unmarked: at once, in the second slot
+            assert not interactive.done()
+            assert (await interactive, await batch) == (200, 200)
+    assert ended["beside"] < ended["interactive"] < ended["batch"]
+    assert app.state.api.batch_gate.busy == 0 and app.state.api.admission.in_flight == 0

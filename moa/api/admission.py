@@ -104,8 +104,17 @@ class Slot:
     def __init__(self, admission: Admission, key_id: str | None = None) -> None:
         self._admission: Admission | None = admission
         self._key_id = key_id
+        self._then: list[Callable[[], None]] = []
+
+    def then(self, also: Callable[[], None]) -> Slot:
+        """``also`` is called once, when the slot is released: another place the request holds
+        for as long (a batch request's turn at the batch gate)."""
+        self._then.append(also)
+        return self
 
     def release(self) -> None:
         if self._admission is not None:
             self._admission.released(self._key_id)
             self._admission = None
+            for also in self._then:
+                also()

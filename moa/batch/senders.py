@@ -39,12 +39,19 @@ class ServiceSender:
         return Reply(response.status_code, answer, dict(response.headers))
 
 
+# A batch's requests are background work on a service (``moa.api.priority``): they wait for the
+# interactive load at its batch gate, and their calls take only the providers' spare capacity.
+BATCH_PRIORITY = {"x-moa-priority": "batch"}
+
+
 def auth_headers(api_key: str | None) -> dict[str, str]:
     return {"authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 @contextlib.asynccontextmanager
 async def service_sender(url: str, api_key: str | None, timeout_s: float) -> AsyncIterator[ServiceSender]:
-    """Requests to the service at ``url`` (``moa serve``, on Ray or not)."""
-    async with httpx.AsyncClient(base_url=url, headers=auth_headers(api_key), timeout=timeout_s) as client:
+    """Requests to the service at ``url`` (``moa serve``, on Ray or not), each marked as batch
+    work: the service's interactive requests go first."""
+    headers = auth_headers(api_key) | BATCH_PRIORITY
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout_s) as client:
         yield ServiceSender(client)
