@@ -14,6 +14,7 @@ rather than a mark silently ignored.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from moa.api.errors import ApiError, error_response
@@ -25,7 +26,7 @@ PRIORITIES = ("interactive", "batch")
 BATCH_WORKER_SCOPE = "moa.batch_worker"
 
 
-def priority_of(scope: dict[str, Any]) -> str | None:
+def priority_of(scope: Mapping[str, Any]) -> str | None:
     """The request's ``x-moa-priority``, lower-cased, or None without one."""
     wanted = PRIORITY_HEADER.encode()
     for name, value in scope.get("headers", ()):
@@ -34,7 +35,7 @@ def priority_of(scope: dict[str, Any]) -> str | None:
     return None
 
 
-def client_marked_batch(scope: dict[str, Any]) -> bool:
+def client_marked_batch(scope: Mapping[str, Any]) -> bool:
     """A request its client sent as batch work (not the Batch API's own, already gated)."""
     return priority_of(scope) == "batch" and not scope.get(BATCH_WORKER_SCOPE)
 
