@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 import textwrap
@@ -548,3 +549,129 @@ async def test_a_batch_request_waits_for_its_turn_behind_the_interactive_load(
             assert (await interactive, await batch) == (200, 200)
     assert ended["beside"] < ended["interactive"] < ended["batch"]
     assert app.state.api.batch_gate.busy == 0 and app.state.api.admission.in_flight == 0
+
+
+# -- on a Ray cluster: --address ------------------------------------------------------------------
+
+
+class _EntryPoint:
+    def __init__(self, module: Any) -> None:
+        self.module = module
+
+    def load(self) -> Any:
+        if isinstance(self.module, BaseException):
+            raise self.module
+        return self.module
+
+
+def _ray_side(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[tuple[str, str | None]]:
+    """``moa.cluster``'s entry point, as an installed project has it, over ``module`` (None: no
+    entry point; an exception: what loading it raises). Returns the addresses it was asked about."""
+    import importlib.metadata
+    import types
+
+    asked: list[tuple[str, str | None]] = []
+    if module is not None and not isinstance(module, BaseException):
+        inner = module
+
+        def find_service(address: str, app: str | None) -> Any:
+            asked.append((address, app))
+            return inner(address, app)
+
+        module = types.SimpleNamespace(find_service=find_service)
+
+    def entry_points(group: str, name: str) -> list[_EntryPoint]:
+        assert (group, name) == ("moa.cluster", "ray")
+        return [] if module is None else [_EntryPoint(module)]
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    return asked
+
+
+def test_address_sends_the_batch_to_the_app_the_ray_side_finds(
+    config: MoAConfig,
+    sim: SimulatorServer,
+    tmp_path: Path,
+    state_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The core finds the Ray side by entry point (never importing Ray), asks it for the app on
+    the cluster, and sends there as to --url: as batch work."""
+    from moa.batch.senders import FoundService
+    from moa.cli import main
+    from tests.helpers import ApiServer
+
+    src, out = _prompts(tmp_path / "in.jsonl", 3), tmp_path / "out.jsonl"
+    with ApiServer(config) as server:
+        asked = _ray_side(monkeypatch, lambda address, app: FoundService(url=server.url, app="moa", nodes=2))
+        args = ["batch", "run", str(src), "--out", str(out), "--preset", "single", "--no-progress"]
+        assert main([*args, "--address", "10.0.0.1:6379"]) == 0
+        assert server.server.api is not None
+        assert server.server.api.engine.caller.clients["openai"].limits.background_calls == 3  # type: ignore[attr-defined]
+    assert asked == [("10.0.0.1:6379", None)]
+    err = capsys.readouterr().err
+    assert f"the app 'moa' on the Ray cluster at 10.0.0.1:6379 (2 nodes), at {server.url}" in err
+    assert len(_lines(out)) == 3 and model_stats(sim, "gpt-4.1-mini")["requests"] == 3
+
+
+def test_address_says_why_there_is_no_service_to_send_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from moa.batch.senders import ServiceNotFound
+    from moa.cli import main
+
+    src, out = _prompts(tmp_path / "in.jsonl", 1), tmp_path / "out.jsonl"
+    args = ["batch", "run", str(src), "--out", str(out), "--no-progress"]
+
+    def none_there(address: str, app: str | None) -> Any:
+        raise ServiceNotFound(f"no Ray cluster at {address}: nothing listens")
+
+    for module, said in [
+        (none_there, "moa batch: no Ray cluster at auto: nothing listens"),
+        (None, "no 'moa.cluster' entry point named 'ray'): reinstall the project"),
+        (ImportError("No module named 'ray'"), "--address needs Ray: pip install 'moa-serve[serve]'"),
+    ]:
+        _ray_side(monkeypatch, module)
+        assert main([*args, "--address", "auto"]) == 2
+        assert said in capsys.readouterr().err
+    assert main([*args, "--app", "moa"]) == 2
+    assert "--app goes with --address" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as both:
+        main([*args, "--address", "auto", "--url", "http://127.0.0.1:8000"])
+    assert both.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_the_ray_side_picks_the_moa_app_and_a_proxy_this_process_can_reach() -> None:
+    from moa.batch.senders import ServiceNotFound
+    from moa_actors.cluster_service import _pick, service_host
+
+    moa_app = {"deployments": {"ingress": {}, "health-board": {}, "provider-openai": {}}}
+    other = {"deployments": {"ingress": {}}}
+    assert _pick("auto", {"moa": moa_app, "floor": other}, None)[0] == "moa"
+    assert _pick("auto", {"mine": moa_app, "floor": other}, None)[0] == "mine"  # the only moa app
+    assert _pick("auto", {"moa": moa_app, "keyed": moa_app}, "keyed")[0] == "keyed"
+    assert _pick("auto", {"moa": moa_app, "keyed": moa_app}, None)[0] == "moa"
+    for apps, wanted, said in [
+        ({"a": moa_app, "b": moa_app}, None, "several moa apps run on auto (a, b): choose one with --app"),
+        ({"floor": other}, None, "no moa app runs on the Ray cluster at auto (its apps: floor)"),
+        ({"a": moa_app}, "b", "no moa app named 'b' on auto (moa apps: a)"),
+    ]:
+        with pytest.raises(ServiceNotFound, match=re.escape(said)):
+            _pick("auto", apps, wanted)
+
+    proxies = {
+        "head": {"status": "HEALTHY", "node_ip": "10.0.0.1"},
+        "worker": {"status": "HEALTHY", "node_ip": "10.0.0.2"},
+        "gone": {"status": "UNHEALTHY", "node_ip": "10.0.0.3"},
+    }
+    assert service_host("auto", "0.0.0.0", proxies, "worker") == "127.0.0.1"  # this node's own
+    assert service_host("auto", "127.0.0.1", proxies, "head") == "127.0.0.1"
+    assert service_host("10.0.0.1:6379", "0.0.0.0", proxies, "elsewhere") == "10.0.0.1"
+    assert service_host("ray://head.example:10001", "0.0.0.0", proxies, None) == "head.example"
+    assert service_host("auto", "10.0.0.9", proxies, "head") == "10.0.0.9"  # bound to one address
+    with pytest.raises(ServiceNotFound, match=re.escape("listen on 127.0.0.1 only")):
+        service_host("ray://head.example:10001", "127.0.0.1", proxies, None)
+    with pytest.raises(ServiceNotFound, match="no Serve HTTP proxy is running"):
+        service_host("auto", "0.0.0.0", {"gone": proxies["gone"]}, "gone")

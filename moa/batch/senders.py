@@ -12,11 +12,25 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from moa.batch.runner import Reply, SendFailed
+
+
+class ServiceNotFound(Exception):
+    """No service to send a batch to where the command was told to look: the message says why."""
+
+
+@dataclass(frozen=True)
+class FoundService:
+    """The moa app found on a Ray cluster (``moa batch run --address``): where its requests go."""
+
+    url: str  # the app's base URL on a Serve HTTP proxy of the cluster
+    app: str  # the Serve application's name
+    nodes: int  # the cluster's live nodes, for the command to say where the work runs
 
 
 class ServiceSender:
