@@ -106,19 +106,31 @@ class RateBudget(Protocol):
 SPARE_POLL_S = 0.01
 
 
-async def take_spare(take: Callable[[], Awaitable[Reservation]], timeout_s: float) -> None:
+async def take_spare(
+    take: Callable[[], Awaitable[Reservation]], timeout_s: float, turn: asyncio.Lock
+) -> None:
     """A background call's share of a budget: ``take`` asked again after each wait it is told,
-    until it is granted; RateBudgetExceeded once the next wait would pass ``timeout_s``."""
+    until it is granted; RateBudgetExceeded once the next wait would pass ``timeout_s``.
+
+    The background calls of this process ask one at a time, in arrival order (``turn``, a FIFO
+    lock): granted in the order they came, as reservations are, rather than to whichever of a
+    crowd of pollers happens to look first (which would leave an unlucky one waiting past its
+    deadline while later ones pass)."""
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout_s
-    while True:
-        r = await take()
-        if r.granted:
-            return
-        wait = max(r.wait_s, SPARE_POLL_S)
-        if loop.time() + wait > end:
-            raise RateBudgetExceeded(r.wait_s)
-        await asyncio.sleep(wait)
+    try:
+        async with asyncio.timeout(timeout_s), turn:
+            while True:
+                r = await take()
+                if r.granted:
+                    return
+                wait = max(r.wait_s, SPARE_POLL_S)
+                if loop.time() + wait > end:
+                    raise RateBudgetExceeded(r.wait_s)
+                await asyncio.sleep(wait)
+    except TimeoutError:
+        # The calls ahead of it took the time: it would be granted a while after them.
+        raise RateBudgetExceeded(max(SPARE_POLL_S, timeout_s)) from None
 
 
 class LocalRateBudget:
@@ -133,6 +145,7 @@ class LocalRateBudget:
         reserve: float = 0.0,
     ) -> None:
         self.limiter = ReservationLimiter(rpm, tpm, clock, reserve)
+        self._spare_turn = asyncio.Lock()  # background calls ask in arrival order
 
     async def acquire(self, tokens: int, timeout_s: float, background: bool = False) -> None:
         if background:
@@ -140,7 +153,7 @@ class LocalRateBudget:
             async def take() -> Reservation:
                 return self.limiter.take_spare(tokens)
 
-            await take_spare(take, timeout_s)
+            await take_spare(take, timeout_s, self._spare_turn)
             return
         r = self.limiter.reserve(tokens, timeout_s)
         if not r.granted:
@@ -206,6 +219,7 @@ class LeasedRateBudget:
         self.tokens = 0  # leased and unspent (negative: overspent); counted only when tpm is set
         self.expires = -math.inf
         self._topping_up = False
+        self._spare_turn = asyncio.Lock()  # this replica's background calls ask in arrival order
         self._expiry: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -215,7 +229,7 @@ class LeasedRateBudget:
             async def take() -> Reservation:
                 return Reservation(*await self.authority.take_spare(tokens))
 
-            await take_spare(take, timeout_s)
+            await take_spare(take, timeout_s, self._spare_turn)
             return
         if self._take(tokens):
             if self._low():

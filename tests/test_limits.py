@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from typing import Any
 
 import pytest
 
@@ -296,3 +297,34 @@ async def test_background_calls_leave_the_reserved_slots_to_interactive_ones() -
     assert (limits.in_flight, limits.calls, limits.background_calls) == (3, 5, 4)
     # Rounded up, yet a provider allowed one call at a time still runs batches.
     assert (reserved_slots(32, 0.1), reserved_slots(4, 0.1), reserved_slots(1, 0.1)) == (4, 1, 0)
+
+
+async def test_background_calls_are_granted_in_arrival_order_within_their_deadlines() -> None:
+    """A call that came later does not take the spare an earlier one was waiting for, even if it
+    looks just as the spare comes free; one whose deadline passes while it waits is refused."""
+    from moa.limits import take_spare
+    from moa.ratelimit import Reservation
+
+    available, order = 0, []
+
+    def taker(name: str) -> Any:
+        async def take() -> Reservation:
+            nonlocal available
+            if available:
+                available -= 1
+                order.append(name)
+                return Reservation(True, 0.0)
+            return Reservation(False, 0.05)
+
+        return take
+
+    turn = asyncio.Lock()
+    first = asyncio.create_task(take_spare(taker("first"), 5, turn))
+    await asyncio.sleep(0.01)  # asked, refused, waiting
+    available = 1
+    later = asyncio.create_task(take_spare(taker("later"), 5, turn))
+    with pytest.raises(RateBudgetExceeded):
+        await take_spare(taker("hurried"), 0.02, turn)
+    available += 1
+    await asyncio.gather(first, later)
+    assert order == ["first", "later"]
