@@ -159,7 +159,13 @@ class LocalRateBudget:
         if not r.granted:
             raise RateBudgetExceeded(r.wait_s)
         if r.wait_s > 0:
-            await asyncio.sleep(r.wait_s)
+            try:
+                await asyncio.sleep(r.wait_s)
+            except asyncio.CancelledError:
+                # Cancelled while it waited (a straggler its layer stopped waiting for): it is
+                # never sent, so its request goes back (its tokens go back with the settlement).
+                self.limiter.give_back(1, 0)
+                raise
 
     async def settle(self, reserved_tokens: int, actual_tokens: int) -> None:
         self.limiter.settle(reserved_tokens, actual_tokens)
@@ -246,7 +252,11 @@ class LeasedRateBudget:
         if not granted:
             raise RateBudgetExceeded(wait)
         if wait > 0:
-            await asyncio.sleep(wait)
+            try:
+                await asyncio.sleep(wait)
+            except asyncio.CancelledError:
+                self._spawn(self.authority.give_back(1, 0))  # never sent: as LocalRateBudget
+                raise
 
     async def settle(self, reserved_tokens: int, actual_tokens: int) -> None:
         if not self.tpm or reserved_tokens == actual_tokens:

@@ -328,3 +328,22 @@ async def test_background_calls_are_granted_in_arrival_order_within_their_deadli
     available += 1
     await asyncio.gather(first, later)
     assert order == ["first", "later"]
+
+
+async def test_a_call_cancelled_while_it_waits_for_the_budget_gives_its_request_back() -> None:
+    """A straggler its layer stopped waiting for is never sent: the request it had reserved goes
+    back, and the next call waits no longer than it would have without it (here or through the
+    shared budget's authority)."""
+    local = LocalRateBudget(rpm=600, tpm=None, clock=Clock())  # frozen: 600 at once, then 0.1 s each
+    limiter = ReservationLimiter(rpm=600, tpm=None, clock=Clock())
+    shared = LeasedRateBudget(InProcessAuthority(limiter), rpm=6, tpm=None)  # never leased
+    for budget, bucket in ((local, local.limiter.requests), (shared, limiter.requests)):
+        assert bucket is not None
+        bucket.level = 0.0
+        waiting = asyncio.create_task(budget.acquire(0, timeout_s=10))
+        await asyncio.sleep(0.02)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await settle_background()
+        assert bucket.level == 0.0  # as if it had never asked
