@@ -384,6 +384,8 @@ async def test_every_answer_says_what_it_cost_in_a_header(
 
     question = {"messages": [_user("why is the sky blue?")]}
     async with in_process_sender(config, None) as sender:
+        # Its own app, with nobody to yield to: not batch work, the whole limits are its.
+        assert "x-moa-priority" not in sender.client.headers
         detailed = await sender.send(
             "/v1/chat/completions", question | {"model": "moa-lite", "moa": {"detail": True}}
         )
@@ -675,3 +677,44 @@ def test_the_ray_side_picks_the_moa_app_and_a_proxy_this_process_can_reach() -> 
         service_host("ray://head.example:10001", "127.0.0.1", proxies, None)
     with pytest.raises(ServiceNotFound, match="no Serve HTTP proxy is running"):
         service_host("auto", "0.0.0.0", {"gone": proxies["gone"]}, "gone")
+
+
+async def test_a_batch_request_waits_for_its_keys_room_where_another_gets_a_429(
+    config: MoAConfig, sim: SimulatorServer, state_dir: Path
+) -> None:
+    """A key allowed one request at a time on the replica: three requests marked as batch work at
+    once are all answered (each waits at the gate for the key's room); three unmarked ones, two
+    of them refused with 429 ``concurrency_limit_exceeded``, as before."""
+    import httpx
+
+    from moa.auth import new_key, new_record
+    from moa.local import local_app
+    from moa.state import KeyLimits
+    from moa.state.sqlite_store import SQLiteStore
+
+    key = new_key()
+    store = SQLiteStore(state_dir / "state.db")
+    await store.create_key(new_record("batcher", key, KeyLimits(max_concurrent=1)))
+    await store.close()
+    set_pace(sim, 0.3, 400.0)  # long enough for three at once to overlap
+    body = {"model": "single", "messages": [_user("why is the sky blue?")]}
+    headers = {"authorization": f"Bearer {key}"}
+    async with local_app(config, lambda: SQLiteStore(state_dir / "state.db"), run_batches=False) as app:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://127.0.0.1", headers=headers, timeout=30
+        ) as client:
+            marked = await asyncio.gather(
+                *(
+                    client.post("/v1/chat/completions", json=body, headers={"x-moa-priority": "batch"})
+                    for _ in range(3)
+                )
+            )
+            unmarked = await asyncio.gather(
+                *(client.post("/v1/chat/completions", json=body) for _ in range(3))
+            )
+    assert [r.status_code for r in marked] == [200, 200, 200]
+    assert sorted(r.status_code for r in unmarked) == [200, 429, 429]
+    assert {r.json()["error"]["code"] for r in unmarked if r.status_code == 429} == {
+        "concurrency_limit_exceeded"
+    }

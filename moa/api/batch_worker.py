@@ -28,7 +28,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -71,14 +71,15 @@ class BatchGate:
         admission = self.admission
         return admission.in_flight - self.busy >= self.threshold or admission.in_flight >= admission.limit
 
-    async def wait_turn(self) -> bool:
-        """Waits for one of ``concurrency`` places and for the interactive load to ease, and
-        takes the turn (``end_turn`` gives it back); False, with nothing taken, once the replica
-        drains."""
+    async def wait_turn(self, ready: Callable[[], bool] = lambda: True) -> bool:
+        """Waits for one of ``concurrency`` places, for the interactive load to ease and for
+        ``ready`` (the request's key has room: a patient request waits rather than be refused),
+        and takes the turn (``end_turn`` gives it back); False, with nothing taken, once the
+        replica drains."""
         await self.slots.acquire()
         try:
             # The admission keeps counts, not an event per change: looked at every YIELD_POLL_S.
-            while self._busy_elsewhere() and not self.admission.draining:  # noqa: ASYNC110
+            while (self._busy_elsewhere() or not ready()) and not self.admission.draining:  # noqa: ASYNC110
                 await asyncio.sleep(YIELD_POLL_S)
         except BaseException:
             self.slots.release()

@@ -176,11 +176,14 @@ class Api:
 
     async def take_slot(self, request: Request, principal: Principal) -> Slot:
         """The request's slot (429 past capacity, 503 while draining). A request its client marked
-        as batch work waits for its turn at the batch gate first (after the interactive load, and
-        at most ``batch.concurrency`` of them at once), and holds it as long as the slot."""
+        as batch work waits for its turn at the batch gate first (after the interactive load, at
+        most ``batch.concurrency`` of them at once, and until its key has room on this replica:
+        a batch is patient, so it waits where another request would get a 429), and holds it as
+        long as the slot."""
         if not client_marked_batch(request.scope):
             return self.admission.take(principal)
-        turn = await self.batch_gate.wait_turn()  # no turn while draining: the take refuses
+        # No turn while draining: the take then refuses.
+        turn = await self.batch_gate.wait_turn(lambda: self.admission.has_room(principal))
         try:
             slot = self.admission.take(principal)
         except BaseException:
