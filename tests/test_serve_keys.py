@@ -397,6 +397,18 @@ def test_moa_batch_run_with_address_finds_the_app_on_the_cluster_and_both_nodes_
     assert model_stats(sim, "gpt-4.1-mini")["requests"] == 12  # each once
     traced = [SimpleNamespace(headers={"x-moa-trace-id": x["response"]["request_id"]}) for x in lines]
     assert len(_replicas_of(traced)) == 2, "both nodes' ingress replicas serve the batch"  # type: ignore[arg-type]
+    # Sent as batch work, each item's call reached its provider replica marked as background.
+    handle = serve.get_deployment_handle("provider-openai", app_name=APP)
+    running = serve.status().applications[APP].deployments["provider-openai"].replica_states["RUNNING"]
+    background: dict[str, int] = {}
+
+    def ask() -> int:
+        health = handle.health.remote().result(timeout_s=30)
+        background[health["replica"]] = health["background_calls"]
+        return len(background)
+
+    wait_until_sync(ask, lambda n: n >= running, interval=0, what="every replica of provider-openai")
+    assert sum(background.values()) == 12, background
     missing = subprocess.run([*run, "--app", "nope"], env=env, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2
     assert f"no moa app named 'nope' on {address} (moa apps: " in missing.stderr and APP in missing.stderr
