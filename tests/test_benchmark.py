@@ -508,3 +508,14 @@ def test_what_the_limits_allow_and_the_memory_slope_are_plain_arithmetic() -> No
     flat = [(t, 10 * t, 250.0) for t in range(1, 101)]
     figures = memory_figures(flat, 1000)
     assert figures["growth_mb_per_1000_items"] == 0 and figures["rss_mb_at_10pct"] == 250.0
+
+
+def test_batch_md_shows_the_batch_bench_rendered() -> None:
+    """docs/BATCH.md's table is bench-batch.json rendered, and the file says every goal was met
+    (a figure edited by hand, or a run that missed one, fails here)."""
+    from moa.benchmark.batch_bench import batch_markdown
+
+    root = Path(__file__).resolve().parent.parent
+    raw = json.loads((root / "docs" / "bench-batch.json").read_text())
+    assert batch_markdown(raw) in (root / "docs" / "BATCH.md").read_text()
+    assert raw["goals"] and all(raw["goals"].values()), raw["goals"]
