@@ -296,6 +296,11 @@ class CallRequest(BaseModel):
     tools: ToolSet | None = None
     # The format the answer must have (each adapter asks for it natively), or None: free text.
     response_format: ResponseFormat | None = None
+    # Background work (a batch's call): it takes its provider's rate budget and concurrency only
+    # above the share kept for interactive calls (``providers.*.limits.interactive_reserve``), so
+    # a batch never makes an interactive request wait. Set by the transport from the request it
+    # serves (``moa.caller.as_sent``); never sent to the provider.
+    background: bool = False
 
 
 class CallResult(BaseModel):

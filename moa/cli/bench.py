@@ -232,6 +232,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="with --tools: requests in flight at once (default: 8)",
     )
     p.add_argument(
+        "--batch",
+        action="store_true",
+        help="instead: offline batches (moa batch run) on the simulator under RPM limits that bind: "
+        "MT-Bench (--prompts) through moa-lite, a synthetic set at the limits with the process's "
+        "memory, a resume after SIGKILL, interactive latency beside a batch; writes batch.json and "
+        "batch.md; exits 1 if a goal is missed",
+    )
+    p.add_argument(
+        "--batch-items",
+        type=_positive,
+        default=2000,
+        help="with --batch: items of the synthetic set (default: 2000)",
+    )
+    p.add_argument(
         "--serve",
         action="store_true",
         help="with --cache or --spend-audit: against the Ray Serve app (HTTP proxy, an ingress replica) "
@@ -313,6 +327,17 @@ def run_cli(args: argparse.Namespace) -> int:
         return 0
     if args.tools:
         return _run_tools(args)
+    if args.batch:
+        from moa.benchmark.batch_bench import batch_markdown, run_batch_bench, write_batch_report
+
+        if args.prompts is None:
+            print("moa bench --batch needs --prompts: the MT-Bench questions (JSONL)", file=sys.stderr)
+            return 2
+        result = run_batch_bench(args.prompts, args.batch_items)
+        write_batch_report(result, args.out)
+        print(batch_markdown(result))
+        print(f"results in {args.out}/ (batch.json, batch.md)")
+        return 0 if all(result["goals"].values()) else 1
     if args.spend_audit:
         from moa.benchmark.spend_audit import audit_markdown, run_spend_audit, write_audit_report
 

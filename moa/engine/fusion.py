@@ -67,6 +67,8 @@ class FuseJob(BaseModel):
     # The request's tools: every model of the chain may call them, and an answer that breaks their
     # contract (``moa.engine.toolcalls.check``) goes on to the next model with the violations.
     tools: ToolSet | None = None
+    # The request is background work (a batch's): so is every call of the chain (``CallRequest``).
+    background: bool = False
 
     def deadline(self) -> Deadline:
         """The request deadline, rebuilt on this side of the process boundary."""
@@ -223,6 +225,7 @@ def _request(  # six: the job, its model, and what the chain has done so far
         timeout_s=timeout,
         batch_s=None if job.stream else UNSEEN_BATCH_S,
         tools=job.tools,
+        background=job.background,
     )
     return req, trim, refs, notes
 
