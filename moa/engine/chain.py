@@ -127,6 +127,11 @@ def _job(
         prefix=part.prefix,
         role=writer.role,
         tools=ctx.tools,
+        # The answer's format binds the chains that write the final answer, not a refine round's
+        # synthesis (the next round's proposers read it) nor a staircase proposer's steps.
+        response_format=ctx.response_format
+        if writer.round is None and writer.stage is not Stage.PROPOSER
+        else None,
     )
 
 
@@ -173,7 +178,7 @@ class _Attempts:
         if res.ok:
             spans.fuse_answered(span, name)
         elif res.error is not None and res.error.kind is ErrorKind.INVALID_OUTPUT:
-            spans.fuse_rejected(span, name, res.error.message)
+            spans.fuse_rejected(span, name, res.error.message, ctx.tools is not None and bool(res.tool_calls))
         elif stage is Stage.PROPOSER:
             self.failed = res
         elif self.emitted:

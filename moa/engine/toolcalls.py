@@ -131,12 +131,18 @@ def _call_violations(call: ToolCall, tools: ToolSet) -> list[str]:
 
 
 def _where(error: jsonschema.ValidationError) -> str:
-    path = "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+    path = json_path(error)
     return f"arguments{path}: " if path else ""
 
 
+def json_path(error: jsonschema.ValidationError) -> str:
+    """Where in the document ``error`` is, as ``.key[0].key`` (empty: at its root)."""
+    return "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+
+
 def schema_problem(parameters: dict[str, Any]) -> str | None:
-    """Why a declared parameters schema is not a valid JSON Schema (None: it is)."""
+    """Why a declared schema (a function's parameters, a response format's) is not a valid JSON
+    Schema (None: it is)."""
     try:
         jsonschema.validators.validator_for(parameters).check_schema(parameters)
     except SchemaError as e:
