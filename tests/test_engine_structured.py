@@ -28,6 +28,7 @@ from moa.types import (
     TextDelta,
     prompt_texts,
 )
+from tests.otlp_receiver import OTLPReceiver
 
 QUESTION = [ChatMessage(role="user", content="What is the weather in Paris?")]
 SCHEMA = {
@@ -247,3 +248,29 @@ async def test_a_structured_request_never_climbs_the_staircase() -> None:
         if isinstance(ev, MoAResult):
             result = ev
     assert result is not None and result.plan.aggregation == "final" and json.loads(result.text)
+
+
+async def test_the_trace_shows_the_validation_the_vote_and_each_rejected_document(otlp: OTLPReceiver) -> None:
+    from moa_observability.tracing import tracer
+    from tests.helpers import by_name, wait_for_spans
+
+    caller = ScriptedCaller()
+    caller.script(P1, Reply(text=GOOD))
+    caller.script(P2, Reply(text="Clear, 18 degrees."))
+    caller.script(P3, Reply(text=GOOD.replace("Paris", "Lyon")))
+    caller.script(AGG1, Reply(text='{"city": "Paris"}'))
+    caller.script(AGG2, Reply(text=GOOD))
+    with tracer().start_as_current_span("client request") as root:
+        await engine(caller).run(QUESTION, plan=plan(structured="proposers"), response_format=WEATHER)
+    trace_id = format(root.get_span_context().trace_id, "032x")
+    spans = wait_for_spans(otlp, trace_id, {"moa.run", "moa.fuse"})
+    (run,) = by_name(spans, "moa.run")
+    attrs = run["attributes"]
+    assert attrs["moa.structured.format"] == "json_schema" and attrs["moa.structured.valid"] is True
+    assert attrs["moa.structured.refused"] is False
+    assert (attrs["moa.structured.vote.proposals"], attrs["moa.structured.vote.agreed"]) == (3, 1)
+    assert attrs["moa.structured.vote.decided"] is False
+    (fuse,) = by_name(spans, "moa.fuse")
+    (rejected,) = [e for e in fuse["events"] if e["name"] == "moa.structured.rejected"]
+    assert rejected["attributes"]["moa.model"] == "a/first"
+    assert "'sky' is a required property" in rejected["attributes"]["moa.structured.violations"]
