@@ -274,3 +274,31 @@ async def test_the_trace_shows_the_validation_the_vote_and_each_rejected_documen
     (rejected,) = [e for e in fuse["events"] if e["name"] == "moa.structured.rejected"]
     assert rejected["attributes"]["moa.model"] == "a/first"
     assert "'sky' is a required property" in rejected["attributes"]["moa.structured.violations"]
+
+
+async def test_a_refine_rounds_synthesis_is_free_text_and_only_the_final_answer_a_document() -> None:
+    caller = ScriptedCaller(default="Paris is clear.")
+    caller.script(AGG1, Reply(text="A synthesis in prose."), Reply(text=GOOD))
+    result = await engine(caller).run(QUESTION, plan=plan(mode="refine", rounds=2), response_format=WEATHER)
+    assert result.text == GOOD
+    first, last = requests_to(caller, AGG1)
+    assert first.response_format is None and "JSON Schema" not in system_text(first)
+    assert last.response_format == WEATHER and "JSON Schema" in system_text(last)
+
+
+async def test_with_tools_too_calls_are_held_to_the_tools_and_text_to_the_format() -> None:
+    from moa.types import ToolCall, ToolSet, ToolSpec
+
+    tools = ToolSet(tools=(ToolSpec(name="get_weather", parameters={"type": "object"}),))
+    calls = (ToolCall(id="c1", name="get_weather", arguments='{"city": "Paris"}'),)
+    contract = Contract(tools, WEATHER)
+    assert contract.check(answer("").model_copy(update={"tool_calls": list(calls)})).ok
+    assert not contract.check(
+        answer("").model_copy(update={"tool_calls": [calls[0].model_copy(update={"name": "x"})]})
+    ).ok
+    assert contract.check(answer(GOOD)).ok and not contract.check(answer("It is sunny.")).ok
+    caller = ScriptedCaller(default="Paris is clear.")
+    caller.script(AGG1, Reply(text="It is sunny."))
+    caller.script(AGG2, Reply(text="", tool_calls=calls))
+    result = await engine(caller).run(QUESTION, plan=plan(), tools=tools, response_format=WEATHER)
+    assert [c.name for c in result.tool_calls] == ["get_weather"] and result.model == "second"

@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 import jsonschema
 from jsonschema.exceptions import SchemaError
 
-from moa.engine.toolcalls import MAX_VIOLATION_CHARS, Check, Vote, json_path
+from moa.engine.toolcalls import MAX_VIOLATION_CHARS, Check, Vote, json_path, poll
 from moa.errors import DOCUMENT_REJECTED
-from moa.result import VoteOutcome
 from moa.types import CallResult, ResponseFormat
 
 # What a rejected document's failure (and the next model's prompt) says: also how a failure is
@@ -116,19 +114,10 @@ def _normal(value: Any) -> Any:
 
 
 def vote(answered: Sequence[CallResult], needed: int) -> Vote:
-    """The document at least ``needed`` of the ``answered`` proposals wrote (canonically), if any."""
+    """The document at least ``needed`` of the ``answered`` proposals wrote (canonically), if any;
+    its canonical JSON in the outcome's ``calls``."""
     forms = [(res, canonical(res)) for res in answered if res.ok]
-    counts = Counter(form for _, form in forms if form is not None)
-    outcome = VoteOutcome(proposals=len(answered), needed=needed)
-    if not counts:
-        outcome.reason = "no proposal wrote a JSON document"
-        return Vote(outcome)
-    top, agreed = counts.most_common(1)[0]
-    outcome.agreed = agreed
-    if agreed < needed:
-        outcome.reason = f"{agreed} of {len(answered)} proposals wrote the same document; {needed} needed"
-        return Vote(outcome)
-    winner = next(res for res, form in forms if form == top)
-    outcome.decided = True
-    outcome.calls = [top]
-    return Vote(outcome, winner)
+    polled, top = poll(forms, len(answered), needed, "wrote a JSON document", "wrote the same document")
+    if top is not None:
+        polled.outcome.calls = [top]
+    return polled

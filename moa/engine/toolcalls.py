@@ -64,20 +64,31 @@ def vote(answered: Sequence[CallResult], needed: int) -> Vote:
     """The calls at least ``needed`` of the ``answered`` proposals agree on (canonically), if any.
     Text answers and malformed calls do not vote for any calls."""
     forms = [(res, canonical(res.tool_calls)) for res in answered if res.ok and res.tool_calls]
+    polled, top = poll(forms, len(answered), needed, "made well-formed calls", "agree on their calls")
+    if top is not None:
+        polled.outcome.calls = [f"{name}({args})" for name, args in top]
+    return polled
+
+
+def poll(
+    forms: Sequence[tuple[CallResult, Any]], proposals: int, needed: int, voting: str, agreeing: str
+) -> tuple[Vote, Any]:
+    """The vote over ``forms`` (each proposal with its canonical answer, None: it votes for
+    nothing), out of ``proposals``: the winner and its form when at least ``needed`` agree.
+    ``voting`` and ``agreeing`` say, in the reasons, what a proposal that votes does and what
+    agreeing means (for tool calls, for documents)."""
     counts = Counter(form for _, form in forms if form is not None)
-    outcome = VoteOutcome(proposals=len(answered), needed=needed)
+    outcome = VoteOutcome(proposals=proposals, needed=needed)
     if not counts:
-        outcome.reason = "no proposal made well-formed calls"
-        return Vote(outcome)
+        outcome.reason = f"no proposal {voting}"
+        return Vote(outcome), None
     top, agreed = counts.most_common(1)[0]
     outcome.agreed = agreed
     if agreed < needed:
-        outcome.reason = f"{agreed} of {len(answered)} proposals agree on their calls; {needed} needed"
-        return Vote(outcome)
-    winner = next(res for res, form in forms if form == top)
+        outcome.reason = f"{agreed} of {proposals} proposals {agreeing}; {needed} needed"
+        return Vote(outcome), None
     outcome.decided = True
-    outcome.calls = [f"{name}({args})" for name, args in top]
-    return Vote(outcome, winner)
+    return Vote(outcome, next(res for res, form in forms if form == top)), top
 
 
 @dataclass
