@@ -302,3 +302,24 @@ async def test_with_tools_too_calls_are_held_to_the_tools_and_text_to_the_format
     caller.script(AGG2, Reply(text="", tool_calls=calls))
     result = await engine(caller).run(QUESTION, plan=plan(), tools=tools, response_format=WEATHER)
     assert [c.name for c in result.tool_calls] == ["get_weather"] and result.model == "second"
+
+
+async def test_a_text_answer_breaking_the_tools_contract_is_a_tools_rejection(otlp: OTLPReceiver) -> None:
+    """What a rejection is named by is what it broke: text where a call was required is the
+    tools' (``moa.tools.rejected``), even though the answer carries no call."""
+    from moa.types import ToolCall, ToolChoice, ToolSet, ToolSpec
+    from moa_observability.tracing import tracer
+    from tests.helpers import by_name, wait_for_spans
+
+    tools = ToolSet(
+        tools=(ToolSpec(name="get_weather", parameters={"type": "object"}),),
+        choice=ToolChoice(mode="required"),
+    )
+    caller = ScriptedCaller(default="Paris is clear.")
+    caller.script(AGG1, Reply(text="It is sunny."))
+    caller.script(AGG2, Reply(text="", tool_calls=(ToolCall(id="c", name="get_weather", arguments="{}"),)))
+    with tracer().start_as_current_span("client request") as root:
+        await engine(caller).run(QUESTION, plan=plan(tools="aggregate"), tools=tools)
+    spans = wait_for_spans(otlp, format(root.get_span_context().trace_id, "032x"), {"moa.run", "moa.fuse"})
+    (fuse,) = by_name(spans, "moa.fuse")
+    assert [e["name"] for e in fuse["events"] if e["name"].endswith(".rejected")] == ["moa.tools.rejected"]
