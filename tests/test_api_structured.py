@@ -329,3 +329,40 @@ async def test_a_refusal_reaches_the_client_as_message_refusal() -> None:
         assert "".join(refused) == REFUSAL == final.choices[0].message.refusal
         assert final.choices[0].message.parsed is None
     assert caller.calls_to("a/first")[0].request.response_format is not None
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"$ref": "#/$defs/missing"},
+        {"type": "object", "properties": {"a": {"$ref": "https://example.com/s.json"}}},
+    ],
+)
+def test_a_schema_whose_references_cannot_be_resolved_is_a_400(
+    api_url: str, sim: SimulatorServer, schema: dict[str, Any]
+) -> None:
+    """Nothing is fetched: a reference that does not point into the schema itself is refused when
+    the request comes in (it would otherwise fail every validation), for a format as for a tool;
+    a reference that does resolve is taken."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    for extra, param in (
+        ({"response_format": fmt(name="w", schema=schema)}, "response_format.json_schema.schema"),
+        ({"tools": [tool]}, "tools.0.function.parameters"),
+    ):
+        r = httpx.post(api_url + "/v1/chat/completions", json={"model": "moa-lite", "messages": ASK, **extra})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == param and "cannot be resolved" in r.json()["error"]["message"]
+    assert sim_total_requests(sim) == 0
+    resolved = {
+        "$defs": {"c": {"type": "string"}},
+        "type": "object",
+        "properties": {"city": {"$ref": "#/$defs/c"}},
+    }
+    ok = httpx.post(
+        api_url + "/v1/chat/completions",
+        json={"model": "single", "messages": ASK, "response_format": fmt(name="w", schema=resolved)},
+        timeout=60,
+    )
+    assert (
+        ok.status_code == 200 and json.loads(ok.json()["choices"][0]["message"]["content"])["city"] == "Paris"
+    )

@@ -25,6 +25,7 @@ from typing import Any
 
 import jsonschema
 from jsonschema.exceptions import SchemaError
+from referencing.exceptions import Unresolvable
 
 from moa.engine.toolcalls import MAX_VIOLATION_CHARS, Check, Vote, json_path, poll
 from moa.errors import DOCUMENT_REJECTED
@@ -74,8 +75,8 @@ def violations(text: str, fmt: ResponseFormat) -> list[str]:
     try:
         validator = jsonschema.validators.validator_for(fmt.json_schema)(fmt.json_schema)
         errors = sorted(validator.iter_errors(value), key=lambda e: list(e.absolute_path))
-    except SchemaError as e:  # refused at the API already; kept so a bad schema never passes
-        return [f"the schema {fmt.name} is invalid ({e.message})"]
+    except (SchemaError, Unresolvable) as e:  # refused at the API already; never passes either
+        return [f"the schema {fmt.name} is invalid ({e})"[:MAX_VIOLATION_CHARS]]
     return [f"${json_path(e)}: {e.message}"[:MAX_VIOLATION_CHARS] for e in errors]
 
 

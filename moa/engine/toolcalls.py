@@ -24,6 +24,9 @@ from typing import Any, Literal
 
 import jsonschema
 from jsonschema.exceptions import SchemaError
+from referencing import Registry, Resource
+from referencing.exceptions import Unresolvable
+from referencing.jsonschema import DRAFT202012
 
 from moa.result import VoteOutcome
 from moa.types import CallResult, ToolCall, ToolSet
@@ -136,8 +139,8 @@ def _call_violations(call: ToolCall, tools: ToolSet) -> list[str]:
         validator_cls = jsonschema.validators.validator_for(spec.parameters)
         validator = validator_cls(spec.parameters)
         errors = sorted(validator.iter_errors(args), key=lambda e: list(e.absolute_path))
-    except SchemaError as e:  # refused at the API already; kept so a bad schema never passes
-        return [f"{call.name}: its declared schema is invalid ({e.message})"]
+    except (SchemaError, Unresolvable) as e:  # refused at the API already; never passes either
+        return [f"{call.name}: its declared schema is invalid ({e})"[:MAX_VIOLATION_CHARS]]
     return [f"{call.name}: {_where(e)}{e.message}"[:MAX_VIOLATION_CHARS] for e in errors]
 
 
@@ -153,12 +156,45 @@ def json_path(error: jsonschema.ValidationError) -> str:
 
 def schema_problem(parameters: dict[str, Any]) -> str | None:
     """Why a declared schema (a function's parameters, a response format's) is not a valid JSON
-    Schema (None: it is)."""
+    Schema (None: it is): its keywords, and its ``$ref``s, each of which must point into the schema
+    itself (nothing is ever fetched: a remote reference cannot be resolved). A schema with a
+    nested ``$id`` (a base its relative references resolve against) has its keywords checked only."""
     try:
         jsonschema.validators.validator_for(parameters).check_schema(parameters)
     except SchemaError as e:
         return e.message
+    refs, scoped = _references(parameters)
+    if scoped:
+        return None
+    root = Resource.from_contents(parameters, default_specification=DRAFT202012)
+    resolver = Registry().resolver_with_root(root)
+    for ref in refs:
+        try:
+            resolver.lookup(ref)
+        except Unresolvable:
+            return f"$ref {ref!r} cannot be resolved within the schema"
     return None
+
+
+def _references(node: Any, depth: int = 0) -> tuple[list[str], bool]:
+    """The ``$ref`` values in a schema, and whether any subschema sets its own ``$id``."""
+    refs: list[str] = []
+    scoped = False
+    if isinstance(node, dict):
+        if depth and "$id" in node:
+            scoped = True
+        if isinstance(node.get("$ref"), str):
+            refs.append(node["$ref"])
+        children = [v for k, v in node.items() if k not in ("const", "enum", "default", "examples")]
+    elif isinstance(node, list):
+        children = node
+    else:
+        return refs, scoped
+    for child in children:
+        found, nested = _references(child, depth + 1)
+        refs += found
+        scoped = scoped or nested
+    return refs, scoped
 
 
 def correction(violations: Sequence[str]) -> str:
