@@ -182,7 +182,13 @@ def test_proposers_asked_for_the_format_vote_without_an_aggregator(
         "type": "json_schema",
         "json_schema": {
             "name": "place",
-            "schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+            # As every wire takes it natively (Anthropic's asks for additionalProperties: false).
+            "schema": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
         },
     }
     r = moa(api_url, plan=OPENAI_ONLY | {"structured": "proposers"}, response_format=city)
