@@ -64,6 +64,7 @@ class Prepared:
         options |= {"deadline": self.deadline, "aggregation": spec.options.aggregation}
         options |= {"tenant": self.tenant, "ticket": self.ticket}
         options |= {"tools": spec.tools, "tool_mode": spec.options.tool_mode}
+        options |= {"response_format": spec.response_format}
         return options | self.gate.hooks()
 
     async def close(self) -> None:
@@ -164,8 +165,9 @@ class Api:
         except ParamError as e:
             raise bad_messages(e) from None
         self.check(principal, spec)
-        # The tool definitions are prompt tokens too: the projection and the caps count them.
-        priced = priced_messages(messages, spec.tools)
+        # The tool definitions and the format's schema are prompt tokens too: the projection and
+        # the caps count them.
+        priced = priced_messages(messages, spec.tools, spec.response_format)
         gate = SpendGate(self.access, principal, priced, spec, self.engine.health)
         slot = await self.take_slot(request, principal)
         t0 = time.monotonic()
