@@ -310,6 +310,10 @@ class CallResult(BaseModel):
     tool_calls: list[ToolCall] = Field(default_factory=list)
     usage: Usage = Usage()
     finish_reason: str | None = None
+    # The model refused to answer (OpenAI's ``message.refusal``, Anthropic's ``stop_reason:
+    # "refusal"``, Gemini's answer blocked for safety): what it said, or how the API said it. Set,
+    # ``text`` is no answer (it is empty, or the refusal's words): a refusal is never a document.
+    refusal: str | None = None
     latency_s: float = 0.0
     ttft_s: float | None = None  # time to first token, streaming calls only
     cost_usd: float = 0.0
