@@ -5,6 +5,12 @@ tools go out as function declarations whose ``parametersJsonSchema`` carries the
 Schema as it is, the choice as ``toolConfig.functionCallingConfig``, earlier calls as
 ``functionCall`` parts and tool results as ``functionResponse`` parts; the ``functionCall`` parts
 of an answer come back as ``ToolCall``s, with an id made up where the model gave none.
+
+Structured outputs: ``responseMimeType: "application/json"``, with the schema whole as
+``responseJsonSchema`` (JSON Schema, not the OpenAPI subset of ``responseSchema``, for the reason
+tools use ``parametersJsonSchema``) for a ``json_schema`` format, alone for ``json_object``. An
+answer blocked for safety (finish reason ``SAFETY``, ``PROHIBITED_CONTENT``...: no content) is a
+refusal, in the API's words.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 from google import genai
 from google.genai import errors, types
 
+from moa.providers.structured import schema_of
 from moa.providers.transport import Attempt, AttemptError, SDKTransport, ToolFragment
 from moa.providers.wire import (
     classify_common,
@@ -44,6 +51,8 @@ FINISH = {
     "SAFETY": "content_filter",
     "PROHIBITED_CONTENT": "content_filter",
 }
+# Finish reasons that say the answer was blocked, not written: a refusal (``CallResult.refusal``).
+BLOCKED = frozenset({"SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII", "RECITATION", "IMAGE_SAFETY"})
 # The Gemini API takes at most this many stop sequences.
 MAX_STOP = 5
 # How the API refuses a field: 'Invalid JSON payload received. Unknown name "seed" at
@@ -145,7 +154,10 @@ class GeminiTransport(SDKTransport):
         p = req.params
         system = "\n\n".join(m.content for m in req.messages if m.role == "system")
         tools, tool_config = _tools(req.tools) if req.tools is not None else (None, None)
+        fmt = req.response_format
         config = types.GenerateContentConfig(
+            response_mime_type="application/json" if fmt is not None else None,
+            response_json_schema=schema_of(fmt) if fmt is not None and fmt.type == "json_schema" else None,
             system_instruction=system or None,
             temperature=p.temperature,
             top_p=p.top_p,
@@ -193,6 +205,7 @@ class GeminiTransport(SDKTransport):
             finish_reason="tool_calls" if calls else _finish(candidate.finish_reason),
             service_s=service,
             tool_calls=calls,
+            refusal=_blocked(candidate),
         )
 
     async def open_stream(
@@ -201,6 +214,7 @@ class GeminiTransport(SDKTransport):
         stream = await self._sdk.aio.models.generate_content_stream(**self._args(req, timeout_s))
         service, finish, model, usage = None, None, None, None
         calls: list[ToolCall] = []
+        refusal: str | None = None
         async for chunk in stream:
             service = service if service is not None else _service(chunk)
             model = chunk.model_version or model
@@ -217,6 +231,7 @@ class GeminiTransport(SDKTransport):
             if chunk.candidates and chunk.candidates[0].finish_reason:
                 _check_call(chunk.candidates[0], service)
                 finish = chunk.candidates[0].finish_reason
+                refusal = _blocked(chunk.candidates[0])
         if finish is None:
             raise AttemptError(
                 ErrorKind.MALFORMED_RESPONSE, "stream ended without a finish reason", service_s=service
@@ -228,6 +243,7 @@ class GeminiTransport(SDKTransport):
             finish_reason="tool_calls" if calls else _finish(finish),
             service_s=service,
             tool_calls=calls,
+            refusal=refusal,
         )
 
     def classify(self, exc: BaseException, in_stream: bool) -> AttemptError:
@@ -271,6 +287,22 @@ def _text(response: types.GenerateContentResponse) -> str:
     if not response.candidates or not response.candidates[0].content:
         return ""
     return "".join(part.text or "" for part in response.candidates[0].content.parts or [] if not part.thought)
+
+
+def _blocked(candidate: types.Candidate) -> str | None:
+    """The refusal of a candidate blocked rather than written, in the API's words: its finish
+    reason, message and the safety categories that blocked it; None for one written."""
+    reason = getattr(candidate.finish_reason, "name", None) or str(candidate.finish_reason or "")
+    if reason not in BLOCKED:
+        return None
+    blocked = [
+        getattr(r.category, "name", None) or str(r.category)
+        for r in candidate.safety_ratings or ()
+        if r.blocked
+    ]
+    said = f"the answer was blocked (finishReason {reason}"
+    said += f": {', '.join(blocked)})" if blocked else ")"
+    return said + (f": {candidate.finish_message}" if candidate.finish_message else "")
 
 
 def _finish(reason: Any) -> str:
