@@ -21,8 +21,8 @@ import pytest
 from moa.providers.client import ProviderClient
 from moa.simulator.profile import JsonErrors, ModelProfile, SimProfile
 from moa.simulator.server import SimulatorServer
-from moa.types import CallRequest, CallResult, ChatMessage, ErrorKind, ResponseFormat
-from tests.helpers import model_stats, sim_requests
+from moa.types import CallRequest, CallResult, ChatMessage, ErrorKind, ResponseFormat, ToolSet
+from tests.helpers import TOOL_WEATHER, model_stats, sim_requests
 from tests.test_fidelity import FixtureServer, client_for, load, raw, serve
 from tests.test_providers import MODELS, collect
 
@@ -151,3 +151,10 @@ async def test_a_schema_format_without_a_schema_is_refused_before_sending(
         assert res.error is not None and res.error.kind is ErrorKind.BAD_REQUEST
         assert "without its schema" in res.error.message and res.cost_usd == 0
     assert model_stats(sim, MODEL)["requests"] == 0
+
+
+async def test_function_calling_with_json_before_gemini_3_is_the_apis_own_400(client: ProviderClient) -> None:
+    req = request(RECIPES).model_copy(update={"tools": ToolSet(tools=(TOOL_WEATHER,))})
+    res = await client.complete(req)
+    assert res.error is not None and res.error.kind is ErrorKind.BAD_REQUEST
+    assert res.error.status_code == 400 and "unsupported" in res.error.message and res.cost_usd == 0

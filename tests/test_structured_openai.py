@@ -227,11 +227,12 @@ async def test_a_strict_schema_is_closed_and_fully_required_before_it_goes(
             {"type": "object", "properties": {"u": {"type": "string", "format": "uri"}}},
             "format 'uri' at #/properties/u",
         ),
+        (None, "without its schema"),
     ],
-    ids=["array-root", "minLength", "uri-format"],
+    ids=["array-root", "minLength", "uri-format", "no-schema"],
 )
 async def test_a_strict_schema_openai_would_refuse_is_refused_before_sending(
-    sim: SimulatorServer, client: ProviderClient, schema: dict[str, Any], named: str
+    sim: SimulatorServer, client: ProviderClient, schema: dict[str, Any] | None, named: str
 ) -> None:
     """Refused as a bad request naming the place, nothing sent, nothing billed, plain and streamed."""
     fmt = ResponseFormat(type="json_schema", name="x", schema=schema, strict=True)
@@ -240,3 +241,12 @@ async def test_a_strict_schema_openai_would_refuse_is_refused_before_sending(
         assert named in res.error.message and res.error.status_code is None
         assert res.cost_usd == 0 and res.usage.total_tokens == 0
     assert model_stats(sim, MODEL)["requests"] == 0
+
+
+async def test_json_mode_without_the_word_json_is_openais_own_400(client: ProviderClient) -> None:
+    """OpenAI refuses JSON mode unless the messages mention JSON: passed on as its bad request
+    (with its status: the provider answered), not billed."""
+    res = await client.complete(request(ResponseFormat(type="json_object"), "Name three colours."))
+    assert res.error is not None and res.error.kind is ErrorKind.BAD_REQUEST
+    assert res.error.status_code == 400 and "must contain the word 'json'" in res.error.message
+    assert res.cost_usd == 0
