@@ -22,7 +22,7 @@ from moa.simulator.profile import JsonErrors, ModelProfile, SimProfile
 from moa.simulator.server import SimulatorServer
 from moa.simulator.structured import REFUSAL
 from moa.types import CallRequest, CallResult, ChatMessage, ErrorKind, ResponseFormat
-from tests.helpers import model_stats, sim_requests
+from tests.helpers import model_stats, set_fault, sim_requests, wait_idle
 from tests.test_fidelity import FixtureServer, load, raw, serve, sse_events
 from tests.test_providers import MODELS, collect
 from tests.test_tools_openai import chat_requests, client_at
@@ -250,3 +250,26 @@ async def test_json_mode_without_the_word_json_is_openais_own_400(client: Provid
     assert res.error is not None and res.error.kind is ErrorKind.BAD_REQUEST
     assert res.error.status_code == 400 and "must contain the word 'json'" in res.error.message
     assert res.cost_usd == 0
+
+
+async def test_a_stream_cut_mid_document_is_billed_for_the_schema_it_read(
+    sim: SimulatorServer, client: ProviderClient
+) -> None:
+    """The connection drops while the document streams: the call is billed by estimate, and the
+    estimate counts the schema as prompt, as the provider's invoice does (at least what the
+    simulator bills)."""
+    big = {
+        "type": "object",
+        "properties": {
+            f"field_{i}": {"type": "string", "description": "a value the question may name " * 3}
+            for i in range(12)
+        },
+    }
+    fmt = ResponseFormat(type="json_schema", name="big", schema=big)
+    set_fault(sim, MODEL, cut_stream={"rate": 1.0})
+    before = model_stats(sim, MODEL)
+    _, res = await collect(client.stream(request(fmt)))
+    assert res.error is not None and res.usage_estimated and res.attempts == 1
+    await wait_idle(sim)
+    billed = model_stats(sim, MODEL)["billed_input_tokens"] - before.get("billed_input_tokens", 0)
+    assert res.usage.input_tokens >= billed > 200

@@ -10,6 +10,7 @@ and one log line per call (here)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -96,7 +97,7 @@ class ProviderClient:
         )
         self.transport.known_window(req.model)  # starts reading the server's listing, once, unawaited
         result: CallResult | None = None
-        used = Consumption(input_tokens=approx_message_tokens(prompt_texts(req.messages, req.tools)))
+        used = Consumption(input_tokens=approx_message_tokens(_prompt(req)))
         try:
             # Closed with this generator, not when it is collected: a consumer that stops at a
             # yield (a provider replica cancelled while its text waits) closes the provider's
@@ -118,6 +119,17 @@ class ProviderClient:
         if window is not None and result.context_window is None:
             return result.model_copy(update={"context_window": window})
         return result
+
+
+def _prompt(req: CallRequest) -> list[str]:
+    """What the provider reads of a call as prompt, to estimate what a call cut before its usage
+    came is billed: the messages, the tools and the response format's schema (each API puts the
+    schema in the prompt, and bills it so)."""
+    texts = prompt_texts(req.messages, req.tools)
+    fmt = req.response_format
+    if fmt is not None and fmt.json_schema is not None:
+        texts.append(json.dumps(fmt.json_schema, separators=(",", ":"), ensure_ascii=False))
+    return texts
 
 
 def _log_call(result: CallResult, span: trace.Span) -> None:
