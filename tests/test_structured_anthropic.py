@@ -9,6 +9,7 @@ for the guide's question, refuses when its profile says so, and bills the schema
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -42,6 +43,7 @@ ORDER = {
     },
     "required": ["item", "quantity"],
 }
+AS_GIVEN = copy.deepcopy(ORDER)
 ORDER_ASK = ChatMessage(role="user", content='Order 12 of "blue widgets", please.')
 
 
@@ -123,19 +125,20 @@ async def test_a_client_schema_is_fitted_as_the_sdk_fits_it_and_the_answer_holds
     """Open objects and length, range and item bounds are refused by Claude's structured outputs
     (the simulator as the API): they go closed, the bounds in the description (as the SDK's
     ``transform_schema`` writes them), and the answer is valid against the schema as asked."""
+    fmt = ResponseFormat(type="json_schema", schema=ORDER)
     serve(served, raw("anthropic/message.response.json"))
-    assert (await reference.complete(request(ResponseFormat(type="json_schema", schema=ORDER)))).ok
+    assert (await reference.complete(request(fmt))).ok
     schema = sent_body(served)["output_config"]["format"]["schema"]
     assert schema["additionalProperties"] is False
     assert "minimum" not in schema["properties"]["quantity"]
     assert "minimum: 1" in schema["properties"]["quantity"]["description"]
-    for text, res in await both_ways(
-        client, request(ResponseFormat(type="json_schema", schema=ORDER), ORDER_ASK)
-    ):
+    for text, res in await both_ways(client, request(fmt, ORDER_ASK)):
         assert res.ok, res.error
         doc = json.loads(text)
         jsonschema.validate(doc, ORDER)
         assert doc["item"] == "blue widgets" and doc["quantity"] == 12
+    # Fitted on a copy: the schema the engine validates against is the one the request gave.
+    assert fmt.json_schema == AS_GIVEN
 
 
 async def test_json_object_is_a_forced_tool_whose_input_is_the_answer(

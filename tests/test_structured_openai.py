@@ -9,6 +9,7 @@ models write documents (and refuse) as the API does and which refuses what the A
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -47,6 +48,7 @@ CONTACT = {
     },
     "required": ["name", "email", "plan"],
 }
+AS_GIVEN = copy.deepcopy(CONTACT)
 STRICT_CONTACT = ResponseFormat(type="json_schema", name="contact", schema=CONTACT, strict=True)
 
 
@@ -212,6 +214,8 @@ async def test_a_strict_schema_is_closed_and_fully_required_before_it_goes(
         doc = json.loads(text)
         jsonschema.validate(doc, CONTACT)
         assert set(doc) == set(CONTACT["properties"])  # "seats" was made required
+    # Fitted on a copy: the schema the engine validates against is the one the request gave.
+    assert STRICT_CONTACT.json_schema == AS_GIVEN
     assert [r["response_format"]["strict"] for r in sim_requests(sim)[-2:]] == [True, True]
 
 
