@@ -277,3 +277,21 @@ async def test_a_stream_cut_mid_document_is_billed_for_the_schema_it_read(
     await wait_idle(sim)
     billed = model_stats(sim, MODEL)["billed_input_tokens"] - before.get("billed_input_tokens", 0)
     assert res.usage.input_tokens >= billed > 200
+
+
+async def test_a_schema_without_a_name_goes_named_response_and_json_mode_as_documented(
+    served: FixtureServer, reference: dict[str, ProviderClient]
+) -> None:
+    """OpenAI requires a json_schema format's name: ``response`` when the request gives none;
+    ``strict`` goes only when the request says; JSON mode is ``{"type": "json_object"}``."""
+    serve(served, raw("openai/chat_completion_parse.response.json"))
+    await reference["openai"].complete(request(ResponseFormat(type="json_schema", schema=CONTACT)))
+    (body,) = chat_requests(served)
+    assert body["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "response", "schema": CONTACT},
+    }
+    serve(served, raw("openai/chat_completion_parse.response.json"))
+    await reference["openai"].complete(request(ResponseFormat(type="json_object")))
+    (body,) = chat_requests(served)
+    assert body["response_format"] == {"type": "json_object"}
