@@ -158,3 +158,33 @@ async def test_function_calling_with_json_before_gemini_3_is_the_apis_own_400(cl
     res = await client.complete(req)
     assert res.error is not None and res.error.kind is ErrorKind.BAD_REQUEST
     assert res.error.status_code == 400 and "unsupported" in res.error.message and res.cost_usd == 0
+
+
+# A prompt the API blocks: no candidate, promptFeedback.blockReason (the API reference's
+# GenerateContentResponse; this body is ours, in its fields).
+BLOCKED_PROMPT = {
+    "promptFeedback": {
+        "blockReason": "SAFETY",
+        "safetyRatings": [
+            {"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH", "blocked": True}
+        ],
+    },
+    "usageMetadata": {"promptTokenCount": 8, "totalTokenCount": 8},
+    "modelVersion": MODEL,
+}
+
+
+async def test_a_prompt_the_api_blocks_is_a_refusal_both_ways(
+    served: FixtureServer, reference: ProviderClient
+) -> None:
+    """No candidate, ``promptFeedback.blockReason``: a refusal in the API's words, finish
+    ``content_filter``, its prompt billed, not retried (the provider did not fail)."""
+    serve(served, json.dumps(BLOCKED_PROMPT).encode())
+    res = await reference.complete(request(RECIPES))
+    serve(served, b"data: " + json.dumps(BLOCKED_PROMPT).encode() + b"\r\n\r\n")
+    text, streamed = await collect(reference.stream(request(RECIPES)))
+    for r in (res, streamed):
+        assert r.ok and r.text == "" and r.finish_reason == "content_filter" and r.attempts == 1
+        assert r.refusal == "the prompt was blocked (promptFeedback.blockReason SAFETY)"
+        assert r.usage.input_tokens == 8
+    assert text == ""

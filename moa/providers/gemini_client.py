@@ -10,7 +10,8 @@ Structured outputs: ``responseMimeType: "application/json"``, with the schema wh
 ``responseJsonSchema`` (JSON Schema, not the OpenAPI subset of ``responseSchema``, for the reason
 tools use ``parametersJsonSchema``) for a ``json_schema`` format, alone for ``json_object``. An
 answer blocked for safety (finish reason ``SAFETY``, ``PROHIBITED_CONTENT``...: no content) is a
-refusal, in the API's words.
+refusal, in the API's words, as is a prompt the API blocked (``promptFeedback.blockReason``, no
+candidate): the provider did not fail, so it is neither retried nor held against its health.
 """
 
 from __future__ import annotations
@@ -193,6 +194,16 @@ class GeminiTransport(SDKTransport):
     async def send(self, req: CallRequest, timeout_s: float) -> Attempt:
         response = await self._sdk.aio.models.generate_content(**self._args(req, timeout_s))
         service = _service(response)
+        refused_prompt = _prompt_blocked(response)
+        if refused_prompt is not None and not response.candidates:
+            return Attempt(
+                text="",
+                model=response.model_version,
+                usage=_usage(response.usage_metadata),
+                finish_reason="content_filter",
+                service_s=service,
+                refusal=refused_prompt,
+            )
         if not response.candidates:
             raise AttemptError(ErrorKind.MALFORMED_RESPONSE, "response has no candidates", service_s=service)
         candidate = response.candidates[0]
@@ -232,6 +243,8 @@ class GeminiTransport(SDKTransport):
                 _check_call(chunk.candidates[0], service)
                 finish = chunk.candidates[0].finish_reason
                 refusal = _blocked(chunk.candidates[0])
+            elif not chunk.candidates and _prompt_blocked(chunk) is not None:
+                finish, refusal = "SAFETY", _prompt_blocked(chunk)
         if finish is None:
             raise AttemptError(
                 ErrorKind.MALFORMED_RESPONSE, "stream ended without a finish reason", service_s=service
@@ -303,6 +316,17 @@ def _blocked(candidate: types.Candidate) -> str | None:
     said = f"the answer was blocked (finishReason {reason}"
     said += f": {', '.join(blocked)})" if blocked else ")"
     return said + (f": {candidate.finish_message}" if candidate.finish_message else "")
+
+
+def _prompt_blocked(response: types.GenerateContentResponse) -> str | None:
+    """The refusal of a prompt the API blocked before any candidate was written
+    (``promptFeedback.blockReason``, no candidates), in its words; None otherwise."""
+    feedback = response.prompt_feedback
+    if feedback is None or feedback.block_reason is None:
+        return None
+    reason = getattr(feedback.block_reason, "name", None) or str(feedback.block_reason)
+    said = f"the prompt was blocked (promptFeedback.blockReason {reason})"
+    return said + (f": {feedback.block_reason_message}" if feedback.block_reason_message else "")
 
 
 def _finish(reason: Any) -> str:
