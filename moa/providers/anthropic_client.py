@@ -30,8 +30,8 @@ from typing import Any
 import anthropic
 from anthropic.types import Message
 
-from moa.providers.structured import refused, schema_of
-from moa.providers.transport import Attempt, AttemptError, SDKTransport, ToolFragment
+from moa.providers.structured import schema_of
+from moa.providers.transport import Attempt, AttemptError, SDKTransport, ToolFragment, refused_unsent
 from moa.providers.wire import (
     classify_common,
     classify_generated_sdk,
@@ -343,12 +343,12 @@ def _format_args(fmt: ResponseFormat, has_tools: bool) -> dict[str, Any]:
         try:
             schema = anthropic.transform_schema(schema_of(fmt))
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise refused(
+            raise refused_unsent(
                 f"response_format: a schema Anthropic's structured outputs cannot take ({exc})"
             ) from None
         return {"output_config": {"format": {"type": "json_schema", "schema": schema}}}
     if has_tools:
-        raise refused(
+        raise refused_unsent(
             "response_format json_object with tools: the Anthropic API has no JSON mode, and the forced "
             "tool call that stands for one cannot sit beside the request's own tools (send a json_schema "
             "format, which the API takes with tools)"
@@ -375,16 +375,11 @@ def _tool_choice(tools: ToolSet) -> dict[str, Any] | None:
     choice: dict[str, Any] = {"type": CHOICE[mode]}
     if mode == "function":
         if not tools.choice.name:
-            raise _refuse("tool choice 'function' names no function")
+            raise refused_unsent("tool choice 'function' names no function")
         choice["name"] = tools.choice.name
     if mode != "none" and not tools.parallel:
         choice["disable_parallel_tool_use"] = True
     return choice
-
-
-def _refuse(message: str) -> AttemptError:
-    """A conversation Anthropic's API cannot carry, refused before anything is sent (unbilled)."""
-    return AttemptError(ErrorKind.BAD_REQUEST, message, unsent=True)
 
 
 def _tool_use(call: ToolCall) -> dict[str, Any]:
@@ -393,12 +388,12 @@ def _tool_use(call: ToolCall) -> dict[str, Any]:
     try:
         tool_input = json.loads(call.arguments, parse_constant=_no_constant)
     except ValueError as exc:
-        raise _refuse(
+        raise refused_unsent(
             f"tool call {call.id!r} ({call.name}) has arguments that are not JSON ({exc}); the Anthropic "
             "API takes a tool call's input as a JSON object"
         ) from None
     if not isinstance(tool_input, dict):
-        raise _refuse(
+        raise refused_unsent(
             f"tool call {call.id!r} ({call.name}) has arguments that are not a JSON object; the Anthropic "
             "API takes a tool call's input as a JSON object"
         )
@@ -413,7 +408,9 @@ def _blocks(m: ChatMessage) -> tuple[str, list[dict[str, Any]]]:
     """One message as the role and content blocks it is sent as."""
     if m.role == "tool":
         if not m.tool_call_id:
-            raise _refuse("a tool message has no tool_call_id: the Anthropic API answers a call by its id")
+            raise refused_unsent(
+                "a tool message has no tool_call_id: the Anthropic API answers a call by its id"
+            )
         return "user", [{"type": "tool_result", "tool_use_id": m.tool_call_id, "content": m.content}]
     text = [{"type": "text", "text": m.content}] if m.content or not m.tool_calls else []
     return m.role, text + [_tool_use(c) for c in m.tool_calls]
@@ -434,7 +431,7 @@ def _turns(messages: tuple[ChatMessage, ...]) -> list[dict[str, Any]]:
             continue
         content: list[dict[str, Any]] = turns[-1]["content"]
         if blocks[0]["type"] == "tool_result" and content[-1]["type"] != "tool_result":
-            raise _refuse(
+            raise refused_unsent(
                 f"the result of tool call {m.tool_call_id!r} comes after a user message: the Anthropic "
                 "API takes a call's results first in the user turn that follows it"
             )

@@ -26,7 +26,7 @@ from google import genai
 from google.genai import errors, types
 
 from moa.providers.structured import schema_of
-from moa.providers.transport import Attempt, AttemptError, SDKTransport, ToolFragment
+from moa.providers.transport import Attempt, AttemptError, SDKTransport, ToolFragment, refused_unsent
 from moa.providers.wire import (
     classify_common,
     parse_duration,
@@ -352,24 +352,18 @@ def _usage(u: types.GenerateContentResponseUsageMetadata | None) -> Usage:
 # -- tools ---------------------------------------------------------------------------------------------
 
 
-def _refused(message: str) -> AttemptError:
-    """A request the API would refuse, refused before it is sent (``unsent``): neither retried nor
-    billed, since nothing was read, and with no HTTP status, since no provider answered."""
-    return AttemptError(ErrorKind.BAD_REQUEST, message, unsent=True)
-
-
 def _tools(tools: ToolSet) -> tuple[types.ToolListUnion | None, types.ToolConfig | None]:
     """The request's tools as one ``Tool`` of function declarations, and its choice."""
     choice = tools.choice
     if not tools.tools:
         if choice.mode in ("required", "function"):
-            raise _refused(f"tool choice {choice.mode!r} with no tools declared: nothing to call")
+            raise refused_unsent(f"tool choice {choice.mode!r} with no tools declared: nothing to call")
         return None, None
     declarations = [_declaration(spec) for spec in tools.tools]
     allowed = None
     if choice.mode == "function":
         if choice.name is None or tools.spec(choice.name) is None:
-            raise _refused(f"tool choice names function {choice.name!r}, which is not among the tools")
+            raise refused_unsent(f"tool choice names function {choice.name!r}, which is not among the tools")
         allowed = [choice.name]
     calling = types.FunctionCallingConfig(mode=CHOICE_MODES[choice.mode], allowed_function_names=allowed)
     return [types.Tool(function_declarations=declarations)], types.ToolConfig(function_calling_config=calling)
@@ -378,13 +372,13 @@ def _tools(tools: ToolSet) -> tuple[types.ToolListUnion | None, types.ToolConfig
 def _declaration(spec: ToolSpec) -> types.FunctionDeclaration:
     """One tool as a function declaration, its schema whole in ``parametersJsonSchema``."""
     if not FUNCTION_NAME.match(spec.name):
-        raise _refused(
+        raise refused_unsent(
             f"tool {spec.name!r}: not a Gemini function name (a letter or an underscore first, then "
             "letters, digits, underscores, dots, colons or dashes, 64 characters at most)"
         )
     kind = spec.parameters.get("type")
     if kind != "object":
-        raise _refused(
+        raise refused_unsent(
             f'tool {spec.name!r}: its parameters must be a JSON Schema of type "object" (Gemini '
             f"passes a call's arguments as an object), not of type {kind!r}"
         )
@@ -428,7 +422,7 @@ def _function_call(call: ToolCall) -> types.FunctionCall:
     except ValueError:
         args = None
     if not isinstance(args, dict):
-        raise _refused(
+        raise refused_unsent(
             f"tool call {call.id!r} ({call.name}): its arguments are not a JSON object, and Gemini "
             f"takes a call's arguments only as an object: {call.arguments[:200]!r}"
         )
@@ -440,12 +434,12 @@ def _function_response(m: ChatMessage, called: Mapping[str, str]) -> types.Funct
     made = called.get(m.tool_call_id) if m.tool_call_id is not None else None
     name = m.name or made
     if not name:
-        raise _refused(
+        raise refused_unsent(
             f"tool result for call {m.tool_call_id!r}: Gemini needs the name of the function it "
             "answers, and neither the message nor an earlier call gives it"
         )
     if made is not None and made != name:
-        raise _refused(
+        raise refused_unsent(
             f"tool result for call {m.tool_call_id!r} names function {name!r}, but that call was to {made!r}"
         )
     try:

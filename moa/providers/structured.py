@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from moa.providers.transport import AttemptError
-from moa.types import ErrorKind, ResponseFormat
+from moa.providers.transport import refused_unsent
+from moa.types import ResponseFormat
 
 # The name OpenAI requires of a json_schema format, when the request gives none.
 DEFAULT_NAME = "response"
@@ -31,16 +31,10 @@ NOT_PERMITTED = (
 FORMATS = frozenset({"date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uuid"})
 
 
-def refused(message: str) -> AttemptError:
-    """A format the provider's API would refuse, refused before sending: a bad request, not the
-    provider's fault, and unbilled (nothing was read)."""
-    return AttemptError(ErrorKind.BAD_REQUEST, message, unsent=True)
-
-
 def schema_of(fmt: ResponseFormat) -> dict[str, Any]:
     """The schema of a ``json_schema`` format (refused when it has none)."""
     if fmt.json_schema is None:
-        raise refused("response_format: a json_schema format without its schema")
+        raise refused_unsent("response_format: a json_schema format without its schema")
     return fmt.json_schema
 
 
@@ -63,7 +57,7 @@ def openai_response_format(fmt: ResponseFormat, *, strict_subset: bool) -> dict[
 def strict_schema(name: str, schema: Mapping[str, Any]) -> dict[str, Any]:
     """``schema`` as OpenAI's strict mode takes it (a copy), or a refusal naming what it cannot."""
     if schema.get("type") != "object":
-        raise refused(
+        raise refused_unsent(
             f'response_format {name!r}: a strict schema\'s root must be of type "object" for the OpenAI '
             f"API, not {schema.get('type')!r}"
         )
@@ -73,13 +67,15 @@ def strict_schema(name: str, schema: Mapping[str, Any]) -> dict[str, Any]:
 def _strict(name: str, schema: Mapping[str, Any], at: str) -> dict[str, Any]:
     for key in NOT_PERMITTED:
         if key in schema:
-            raise refused(
+            raise refused_unsent(
                 f"response_format {name!r}: {key!r} at {at} is not permitted in a strict schema by the "
                 "OpenAI API (send strict: false to have the answer validated against it instead)"
             )
     fmt = schema.get("format")
     if fmt is not None and fmt not in FORMATS:
-        raise refused(f"response_format {name!r}: format {fmt!r} at {at} is not one a strict schema takes")
+        raise refused_unsent(
+            f"response_format {name!r}: format {fmt!r} at {at} is not one a strict schema takes"
+        )
     out = dict(schema)
     props = schema.get("properties")
     if schema.get("type") == "object" or isinstance(props, Mapping):

@@ -19,7 +19,15 @@ from typing import Any, ClassVar
 from moa.config import Endpoint, ProviderConfig
 from moa.types import CallRequest, ErrorKind, GenerationParams, ToolCall, Usage
 
-__all__ = ["Attempt", "AttemptError", "RefusalFragment", "SDKTransport", "ToolFragment", "Transport"]
+__all__ = [
+    "Attempt",
+    "AttemptError",
+    "RefusalFragment",
+    "SDKTransport",
+    "ToolFragment",
+    "Transport",
+    "refused_unsent",
+]
 
 
 @dataclass
@@ -77,6 +85,14 @@ class AttemptError(Exception):
         # Refused by the adapter before anything was sent (a conversation its API cannot carry):
         # no prompt was read, so nothing is billed for the attempt.
         self.unsent = unsent
+
+
+def refused_unsent(message: str) -> AttemptError:
+    """A request the provider's API would refuse (a conversation, tools or a format it cannot
+    take), refused by its adapter before anything is sent: a bad request, neither retried nor
+    billed (nothing was read), with no HTTP status (no provider answered), never held against the
+    provider's health."""
+    return AttemptError(ErrorKind.BAD_REQUEST, message, unsent=True)
 
 
 class Transport(ABC):
