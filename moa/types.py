@@ -338,6 +338,7 @@ class CallResult(BaseModel):
     # The model refused to answer in the requested format, in its words (OpenAI's
     # ``message.refusal``; Anthropic's ``stop_reason: refusal``; Gemini's safety block): an
     # answer, returned as OpenAI returns one (content null), not a failure. None: no refusal.
+    # Set, ``text`` is no answer (it is empty, or the refusal's words): never a document.
     refusal: str | None = None
     usage: Usage = Usage()
     finish_reason: str | None = None
