@@ -7,6 +7,7 @@ wire (they are plain pydantic models, so they pickle and serialise to JSON).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -15,6 +16,8 @@ from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from moa.images import b64decode, parse_data_url
 
 
 class ErrorKind(StrEnum):
@@ -137,10 +140,56 @@ class ResponseFormat(BaseModel):
     strict: bool | None = None
 
 
+ImageDetail = Literal["auto", "low", "high"]
+
+
+class ImagePart(BaseModel):
+    """An image a user message carries (OpenAI's ``image_url`` part), checked by the API: ``url``
+    is an ``https://`` URL (never fetched by the service: it goes only to providers that take
+    URLs) or a ``data:`` URL holding the image itself, whose format and size were read from its
+    header (``media_type``, ``width``, ``height``; None for a URL, whose size is unknown)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    url: str
+    # OpenAI's detail level; only OpenAI's API reads it (and its token rule counts by it).
+    detail: ImageDetail = "auto"
+    media_type: str | None = None
+    width: int | None = None
+    height: int | None = None
+
+    @property
+    def is_data(self) -> bool:
+        """Whether the image itself is here (a data URL), rather than a URL to it."""
+        return self.url.startswith("data:")
+
+    @property
+    def base64(self) -> str:
+        """A data URL's payload (base64), as Anthropic's and Gemini's APIs take it; "" for a URL."""
+        found = parse_data_url(self.url) if self.is_data else None
+        return found[2] if found is not None else ""
+
+    @property
+    def data(self) -> bytes:
+        """A data URL's image bytes; b"" for a URL."""
+        return (b64decode(self.base64) or b"") if self.is_data else b""
+
+    @property
+    def nbytes(self) -> int:
+        """The image's size in bytes (a data URL's, decoded); 0 for a URL."""
+        payload = self.base64
+        return len(payload) * 3 // 4 - payload[-2:].count("=")
+
+    def digest(self) -> str:
+        """What a cache key holds of it: a hash of the image's bytes, or of its URL."""
+        return hashlib.sha256(self.data if self.is_data else self.url.encode()).hexdigest()
+
+
 class ChatMessage(BaseModel):
     """A message of the conversation, normalised: text content; an assistant turn may carry the
     tool calls it made, and a ``tool`` turn is the result of one of them (``tool_call_id``, and
-    ``name``: the function it answers, which Gemini's API needs and OpenAI's does not carry)."""
+    ``name``: the function it answers, which Gemini's API needs and OpenAI's does not carry). A
+    user turn may carry images, sent after its text (its text parts are joined, in order)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -149,6 +198,8 @@ class ChatMessage(BaseModel):
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None
     name: str | None = None
+    # The images of a user turn (``image_url`` parts), in the order given; text counts apart.
+    images: tuple[ImagePart, ...] = ()
 
     @property
     def token_text(self) -> str:
@@ -166,6 +217,11 @@ def prompt_texts(messages: Iterable[ChatMessage], tools: ToolSet | None = None) 
     if tools is not None:
         texts.append(json.dumps([t.model_dump(exclude_none=True) for t in tools.tools]))
     return texts
+
+
+def request_images(messages: Iterable[ChatMessage]) -> list[ImagePart]:
+    """Every image the conversation carries, in order."""
+    return [image for m in messages for image in m.images]
 
 
 def priced_messages(messages: Iterable[ChatMessage], tools: ToolSet | None = None) -> list[ChatMessage]:
