@@ -10,6 +10,8 @@ the config's ``ModelPrice`` entries. The projection is what a request reserves a
 budget and what ``moa.max_cost_usd`` is compared with; the same walk counts the tokens every call
 may read and write, which a request reserves against its key's tokens per minute.
 
+Images count by each provider's published rule (``image_tokens``), on top of the prompt's text.
+
 Both are made on the plan as it will run (``Plan.as_run``: the request's aggregation override,
 staircase only for a stream) and, for ``auto``, on the tier it will really use: ``fit_plan``.
 """
@@ -19,19 +21,60 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from moa.config import MoAConfig
+from moa.config import MoAConfig, ProviderKind
 from moa.engine.calls import TEMPLATE_OVERHEAD_TOKENS, merge_params
 from moa.engine.router import substitute_unavailable
 from moa.errors import OverCap
+from moa.images import ASSUMED_SIZE, anthropic_tokens, gemini_tokens, openai_tokens
 from moa.plan import Complexity, ModelRef, Plan, PlanMode, PlanShape
 from moa.result import RouteDecision
 from moa.tokens import approx_message_tokens
-from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams, HealthView, prompt_texts
+from moa.types import (
+    CallRequest,
+    CallResult,
+    ChatMessage,
+    GenerationParams,
+    HealthView,
+    ImagePart,
+    prompt_texts,
+    request_images,
+)
 
 # The <reference id="N"> wrapper around each answer.
 REFERENCE_OVERHEAD_TOKENS = 16
 
 Routed = tuple[Plan, RouteDecision, list[CallResult]]
+
+
+# The size an image given by URL is counted at, per rule: it is never fetched, so its size is
+# unknown, and it is counted as the largest image the rule bills (OpenAI's high detail: 2048x768,
+# 8 tiles, 1,445 tokens; Anthropic's: about 1,600), so the projection errs high, never low. Gemini
+# is never sent a URL (moa.engine.vision); its figure is a typical upload's, for completeness.
+_URL_SIZE = {"openai": (2048, 768), "anthropic": (1568, 1568), "gemini": (ASSUMED_SIZE, ASSUMED_SIZE)}
+
+
+def image_tokens(kind: ProviderKind, images: Sequence[ImagePart]) -> int:
+    """The input tokens ``images`` cost on a provider of ``kind``, by its published rule: OpenAI's
+    tiles by detail (``auto`` counted as ``high``), Anthropic's width x height / 750, Gemini's
+    258 per 768px tile. Approximate: OpenAI's patch-priced models (GPT-4.1 mini and nano,
+    o4-mini) and GPT-4o mini's multipliers are counted by the tile rule."""
+    rule = (
+        "gemini"
+        if kind is ProviderKind.GEMINI
+        else "anthropic"
+        if kind is ProviderKind.ANTHROPIC
+        else "openai"
+    )
+    total = 0
+    for image in images:
+        w, h = (image.width, image.height) if image.width and image.height else _URL_SIZE[rule]
+        if rule == "openai":
+            total += openai_tokens(w, h, image.detail)
+        elif rule == "anthropic":
+            total += anthropic_tokens(w, h)
+        else:
+            total += gemini_tokens(w, h)
+    return total
 
 
 @dataclass(frozen=True)
@@ -56,6 +99,7 @@ def project(
     """The most the plan can cost, and the most tokens it can use, for these messages and
     parameters (a model without a price counts for neither: it has no limits to project with)."""
     prompt = approx_message_tokens(prompt_texts(messages))
+    images = request_images(messages)
     total = 0.0
     tokens = 0
 
@@ -71,7 +115,7 @@ def project(
         if step:
             asked = min(asked or plan.staircase_step_tokens, plan.staircase_step_tokens)
         out = min(asked or price.max_output_tokens, price.max_output_tokens)
-        read = prompt + written
+        read = prompt + written + image_tokens(config.providers[ref.provider].kind, images)
         if references:
             read += sum(references) + REFERENCE_OVERHEAD_TOKENS * len(references) + TEMPLATE_OVERHEAD_TOKENS
         read = min(read, price.context_window)
@@ -182,5 +226,6 @@ def call_cost(config: MoAConfig, req: CallRequest) -> float:
         return 0.0
     price = config.price(req.provider, req.model)
     prompt = approx_message_tokens(prompt_texts(req.messages, req.tools))
+    prompt += image_tokens(config.providers[req.provider].kind, request_images(req.messages))
     out = min(req.params.max_tokens or price.max_output_tokens, price.max_output_tokens)
     return price.cost(min(prompt, price.context_window), out)
