@@ -310,3 +310,42 @@ def test_a_cached_answer_is_served_only_for_the_same_image(sim: SimulatorServer,
             return r.headers["x-moa-cache"]
 
         assert [status(PNG), status(PNG), status(data_url(64, 49))] == ["miss", "hit-exact", "miss"]
+
+
+def test_the_plan_a_request_with_images_runs(sim: SimulatorServer, tmp_path: Path) -> None:
+    """moa.engine.vision on its own: every bundled model sees images (so every bundled preset runs
+    whole); in ``mixed`` the text-only model leaves the layer, the chain and the fallbacks; a layer
+    with no quorum set needs all that remain; without images a plan is left as it is."""
+    from moa.engine.vision import for_images
+
+    config = configured(sim, tmp_path)
+    bundled = load_config(None)
+    assert all(m.vision for p in bundled.providers.values() for m in p.models.values())
+    shown = [ChatMessage(role="user", content=QUESTION, images=(image_part({"url": PNG}),))]
+    assert all(for_images(bundled, preset, shown) is preset for preset in bundled.presets.values())
+    pictured = [ChatMessage(role="user", content=QUESTION, images=(image_part({"url": URL}),))]
+    mixed = for_images(config, config.presets["mixed"], pictured)
+    assert [str(p) for p in mixed.layers[0].proposers] == [
+        "openai/gpt-4.1-mini",
+        "anthropic/claude-haiku-4-5",
+    ]
+    assert [str(a) for a in mixed.aggregators] == ["anthropic/claude-haiku-4-5"] and mixed.fallbacks == ()
+    everyone = config.presets["mixed"].model_copy(
+        update={"layers": (config.presets["mixed"].layers[0].model_copy(update={"quorum": None}),)}
+    )
+    assert for_images(config, everyone, pictured).layers[0].needed == 2
+    text = [ChatMessage(role="user", content=QUESTION)]
+    assert for_images(config, config.presets["mixed"], text) is config.presets["mixed"]
+
+
+def test_a_question_with_images_gets_no_semantic_hit_and_its_format_is_the_images_own() -> None:
+    """The semantic cache compares the last question's text: with an image, it has nothing to
+    compare, so the question is never a rephrasing. A data URL that names another format than its
+    bytes have is sent as what the bytes are (Anthropic and Gemini refuse a mismatch)."""
+    from moa.cache.keys import split_last_user
+
+    jpeg = data_url(16, 16, "JPEG").split(",", 1)[1]
+    part = image_part({"url": "data:image/png;base64," + jpeg})
+    assert part.media_type == "image/jpeg" and (part.width, part.height) == (16, 16)
+    assert split_last_user([ChatMessage(role="user", content=QUESTION)]) is not None
+    assert split_last_user([ChatMessage(role="user", content=QUESTION, images=(part,))]) is None
