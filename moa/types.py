@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from moa.images import b64decode, parse_data_url
+from moa.images import ASSUMED_SIZE, anthropic_tokens, b64decode, gemini_tokens, openai_tokens, parse_data_url
 
 
 class ErrorKind(StrEnum):
@@ -222,6 +222,33 @@ def prompt_texts(messages: Iterable[ChatMessage], tools: ToolSet | None = None) 
 def request_images(messages: Iterable[ChatMessage]) -> list[ImagePart]:
     """Every image the conversation carries, in order."""
     return [image for m in messages for image in m.images]
+
+
+# The size an image given by URL is counted at, per rule: it is never fetched, so its size is
+# unknown, and it is counted as the largest image the rule bills (OpenAI's high detail: 2048x768,
+# 8 tiles, 1,445 tokens; Anthropic's: about 1,600), so an estimate errs high, never low. Gemini
+# is never sent a URL (moa.engine.vision); its figure is a typical upload's, for completeness.
+_URL_SIZE = {"openai": (2048, 768), "anthropic": (1568, 1568), "gemini": (ASSUMED_SIZE, ASSUMED_SIZE)}
+
+
+def image_tokens(provider_kind: str, images: Iterable[ImagePart]) -> int:
+    """The input tokens ``images`` cost on a provider of ``provider_kind`` (the config's kind:
+    ``anthropic``, ``gemini``, else OpenAI's wire), by its published rule: OpenAI's tiles by
+    detail (``auto`` counted as ``high``), Anthropic's width x height / 750, Gemini's 258 per
+    768px tile. Approximate: OpenAI's patch-priced models (GPT-4.1 mini and nano, o4-mini) and
+    GPT-4o mini's multipliers are counted by the tile rule. What projections, and the estimate of
+    a call cut before its provider reported its usage, count for images."""
+    rule = provider_kind if provider_kind in ("anthropic", "gemini") else "openai"
+    total = 0
+    for image in images:
+        w, h = (image.width, image.height) if image.width and image.height else _URL_SIZE[rule]
+        if rule == "openai":
+            total += openai_tokens(w, h, image.detail)
+        elif rule == "anthropic":
+            total += anthropic_tokens(w, h)
+        else:
+            total += gemini_tokens(w, h)
+    return total
 
 
 def priced_messages(messages: Iterable[ChatMessage], tools: ToolSet | None = None) -> list[ChatMessage]:

@@ -270,7 +270,7 @@ def test_image_tokens_follow_each_providers_rule() -> None:
     about 1,600 tokens; Gemini: 9 tiles of 258. A URL (size unknown) counts the largest image each
     rule bills: the projection errs high."""
     from moa.config import ProviderKind
-    from moa.engine.cost import image_tokens
+    from moa.types import image_tokens
 
     big = (image_part({"url": data_url(2000, 2000)}),)
     assert image_tokens(ProviderKind.OPENAI, big) == 765

@@ -10,7 +10,8 @@ the config's ``ModelPrice`` entries. The projection is what a request reserves a
 budget and what ``moa.max_cost_usd`` is compared with; the same walk counts the tokens every call
 may read and write, which a request reserves against its key's tokens per minute.
 
-Images count by each provider's published rule (``image_tokens``), on top of the prompt's text.
+Images count by each provider's published rule (``moa.types.image_tokens``), on top of the
+prompt's text.
 
 Both are made on the plan as it will run (``Plan.as_run``: the request's aggregation override,
 staircase only for a stream) and, for ``auto``, on the tier it will really use: ``fit_plan``.
@@ -21,11 +22,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from moa.config import MoAConfig, ProviderKind
+from moa.config import MoAConfig
 from moa.engine.calls import TEMPLATE_OVERHEAD_TOKENS, merge_params
 from moa.engine.router import substitute_unavailable
 from moa.errors import OverCap
-from moa.images import ASSUMED_SIZE, anthropic_tokens, gemini_tokens, openai_tokens
 from moa.plan import Complexity, ModelRef, Plan, PlanMode, PlanShape
 from moa.result import RouteDecision
 from moa.tokens import approx_message_tokens
@@ -35,7 +35,7 @@ from moa.types import (
     ChatMessage,
     GenerationParams,
     HealthView,
-    ImagePart,
+    image_tokens,
     prompt_texts,
     request_images,
 )
@@ -44,37 +44,6 @@ from moa.types import (
 REFERENCE_OVERHEAD_TOKENS = 16
 
 Routed = tuple[Plan, RouteDecision, list[CallResult]]
-
-
-# The size an image given by URL is counted at, per rule: it is never fetched, so its size is
-# unknown, and it is counted as the largest image the rule bills (OpenAI's high detail: 2048x768,
-# 8 tiles, 1,445 tokens; Anthropic's: about 1,600), so the projection errs high, never low. Gemini
-# is never sent a URL (moa.engine.vision); its figure is a typical upload's, for completeness.
-_URL_SIZE = {"openai": (2048, 768), "anthropic": (1568, 1568), "gemini": (ASSUMED_SIZE, ASSUMED_SIZE)}
-
-
-def image_tokens(kind: ProviderKind, images: Sequence[ImagePart]) -> int:
-    """The input tokens ``images`` cost on a provider of ``kind``, by its published rule: OpenAI's
-    tiles by detail (``auto`` counted as ``high``), Anthropic's width x height / 750, Gemini's
-    258 per 768px tile. Approximate: OpenAI's patch-priced models (GPT-4.1 mini and nano,
-    o4-mini) and GPT-4o mini's multipliers are counted by the tile rule."""
-    rule = (
-        "gemini"
-        if kind is ProviderKind.GEMINI
-        else "anthropic"
-        if kind is ProviderKind.ANTHROPIC
-        else "openai"
-    )
-    total = 0
-    for image in images:
-        w, h = (image.width, image.height) if image.width and image.height else _URL_SIZE[rule]
-        if rule == "openai":
-            total += openai_tokens(w, h, image.detail)
-        elif rule == "anthropic":
-            total += anthropic_tokens(w, h)
-        else:
-            total += gemini_tokens(w, h)
-    return total
 
 
 @dataclass(frozen=True)
