@@ -349,3 +349,26 @@ def test_a_question_with_images_gets_no_semantic_hit_and_its_format_is_the_image
     assert part.media_type == "image/jpeg" and (part.width, part.height) == (16, 16)
     assert split_last_user([ChatMessage(role="user", content=QUESTION)]) is not None
     assert split_last_user([ChatMessage(role="user", content=QUESTION, images=(part,))]) is None
+
+
+def test_auto_passes_over_a_cheaper_tier_that_cannot_see_the_image(
+    sim: SimulatorServer, tmp_path: Path
+) -> None:
+    """``auto`` held to a cost cap moves to the nearest cheaper tier that fits: a tier whose
+    aggregators cannot see the request's image is passed over, not a 400 for the whole request."""
+    from moa.engine import vision
+    from moa.engine.cost import fit_cost_cap
+    from moa.plan import Complexity
+    from moa.result import RouteDecision
+
+    blind = {"presets": {"blind": {"aggregators": [{"provider": "openai", "model": TEXT_ONLY}]}}}
+    tiers = {"router": {"tiers": {"simple": "single", "medium": "blind", "complex": "moa"}}}
+    config = configured(sim, tmp_path, **blind, **tiers)
+    messages = [ChatMessage(role="user", content=QUESTION, images=(image_part({"url": PNG}),))]
+    params = GenerationParams(max_tokens=64)
+    decision = RouteDecision(preset="moa", forced=False, complexity=Complexity.COMPLEX, reason="hard")
+    shape = vision.shaped(config, Plan.as_run, messages)
+    routed = (shape(config.presets["moa"]), decision, [])
+    single = project(config, shape(config.presets["single"]), messages, params).cost_usd
+    (_, chosen, _), projected = fit_cost_cap(config, routed, messages, params, single * 1.01, shape=shape)
+    assert chosen.preset == "single" and projected.cost_usd == single

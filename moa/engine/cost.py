@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from moa.config import MoAConfig
 from moa.engine.calls import TEMPLATE_OVERHEAD_TOKENS, merge_params
 from moa.engine.router import substitute_unavailable
+from moa.engine.vision import NoVisionModel
 from moa.errors import OverCap
 from moa.plan import Complexity, ModelRef, Plan, PlanMode, PlanShape
 from moa.result import RouteDecision
@@ -173,7 +174,10 @@ def fit_cost_cap(
         for tier in _CHEAPER[decision.complexity]:
             name = config.router.tiers[tier]
             candidate, subs = substitute_unavailable(config.presets[name], config, health())
-            candidate = shape(candidate)
+            try:
+                candidate = shape(candidate)
+            except NoVisionModel:
+                continue  # a tier whose models cannot see the request's images (moa.engine.vision)
             reason = f"{decision.reason}; {name} instead: {'; '.join(why)}"
             new = decision.model_copy(update={"preset": name, "reason": reason, "substitutions": subs})
             cheaper = project(config, candidate, messages, params)
