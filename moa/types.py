@@ -15,9 +15,17 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from moa.images import ASSUMED_SIZE, anthropic_tokens, b64decode, gemini_tokens, openai_tokens, parse_data_url
+from moa.images import (
+    ASSUMED_SIZE,
+    anthropic_tokens,
+    b64decode,
+    gemini_tokens,
+    openai_tokens,
+    parse_data_url,
+    sniff,
+)
 
 
 class ErrorKind(StrEnum):
@@ -157,6 +165,23 @@ class ImagePart(BaseModel):
     media_type: str | None = None
     width: int | None = None
     height: int | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _measured(cls, data: Any) -> Any:
+        """A data URL's format and size, read from its header when not given (a program building
+        its own ImagePart); a data URL holding no PNG, JPEG, GIF or WebP is refused."""
+        if (
+            isinstance(data, dict)
+            and str(data.get("url", "")).startswith("data:")
+            and not data.get("media_type")
+        ):
+            found = parse_data_url(data["url"])
+            seen = sniff(b64decode(found[2]) or b"") if found is not None and found[1] else None
+            if seen is None:
+                raise ValueError("an image data URL must hold a base64 PNG, JPEG, GIF or WebP")
+            data = {**data, "media_type": seen[0], "width": seen[1], "height": seen[2]}
+        return data
 
     @property
     def is_data(self) -> bool:

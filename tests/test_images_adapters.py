@@ -145,3 +145,29 @@ async def test_gemini_refuses_an_image_url_unsent(
     res = await clients["gemini"].complete(request("gemini", "What is this?", "https://example.com/a.png"))
     assert res.error is not None and res.error.kind is ErrorKind.BAD_REQUEST
     assert "not by URL" in res.error.message and served.requests == []
+
+
+async def test_an_image_part_a_program_builds_itself_is_measured_and_sent_whole(
+    served: FixtureServer, clients: dict[str, ProviderClient]
+) -> None:
+    """``moa.ImagePart(url=...)`` built by a program embedding the engine (not read by the API):
+    a data URL's format and size are read from its header all the same, so Anthropic is sent the
+    guide's base64 block; a data URL holding no image is refused when built."""
+    import pydantic
+
+    from moa import ImagePart
+
+    ref = load("anthropic/image_base64.request.json")["messages"]
+    (image, text) = ref[0]["content"]
+    source = image["source"]
+    part = ImagePart(url=f"data:{source['media_type']};base64,{source['data']}")
+    assert (part.media_type, part.width, part.height) == ("image/jpeg", 64, 48)
+    reply(served, "anthropic", False)
+    message = ChatMessage(role="user", content=text["text"], images=(part,))
+    res = await clients["anthropic"].complete(
+        CallRequest(provider="anthropic", model=MODELS["anthropic"], messages=(message,))
+    )
+    assert res.ok, res.error
+    assert body(served)["messages"] == ref
+    with pytest.raises(pydantic.ValidationError, match="must hold a base64 PNG, JPEG, GIF or WebP"):
+        ImagePart(url="data:image/png;base64,bm90IGFuIGltYWdl")
