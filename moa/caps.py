@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from moa.errors import OverCap
 from moa.plan import Plan, PlanMode
-from moa.types import ChatMessage, GenerationParams
+from moa.types import ChatMessage, GenerationParams, request_images
 
 
 class RequestCaps(BaseModel):
@@ -43,6 +43,15 @@ class RequestCaps(BaseModel):
         default=400_000,
         ge=1,
         description="Characters of message text in one request (about 100k tokens at 4 per token).",
+    )
+    max_images: int = Field(
+        default=20, ge=0, description="Images (image_url parts) in one request; 0 refuses every image."
+    )
+    max_image_bytes: int = Field(
+        default=20_000_000,
+        ge=0,
+        description="Bytes of the images sent as data URLs in one request, decoded (an image by URL "
+        "is never fetched, so counts none). server.max_request_bytes bounds the body first.",
     )
 
 
@@ -75,6 +84,19 @@ def check_messages(caps: RequestCaps, messages: Sequence[ChatMessage]) -> None:
         raise OverCap(
             f"the messages hold {chars} characters, over the cap of {caps.max_input_chars} "
             "(caps.max_input_chars)",
+            "messages",
+        )
+    images = request_images(messages)
+    if len(images) > caps.max_images:
+        raise OverCap(
+            f"the messages carry {len(images)} images, over the cap of {caps.max_images} (caps.max_images)",
+            "messages",
+        )
+    size = sum(image.nbytes for image in images)
+    if size > caps.max_image_bytes:
+        raise OverCap(
+            f"the messages' images hold {size} bytes, over the cap of {caps.max_image_bytes} "
+            "(caps.max_image_bytes)",
             "messages",
         )
 

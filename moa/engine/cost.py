@@ -10,6 +10,9 @@ the config's ``ModelPrice`` entries. The projection is what a request reserves a
 budget and what ``moa.max_cost_usd`` is compared with; the same walk counts the tokens every call
 may read and write, which a request reserves against its key's tokens per minute.
 
+Images count by each provider's published rule (``moa.types.image_tokens``), on top of the
+prompt's text.
+
 Both are made on the plan as it will run (``Plan.as_run``: the request's aggregation override,
 staircase only for a stream) and, for ``auto``, on the tier it will really use: ``fit_plan``.
 """
@@ -22,11 +25,21 @@ from dataclasses import dataclass
 from moa.config import MoAConfig
 from moa.engine.calls import TEMPLATE_OVERHEAD_TOKENS, merge_params
 from moa.engine.router import substitute_unavailable
+from moa.engine.vision import NoVisionModel
 from moa.errors import OverCap
 from moa.plan import Complexity, ModelRef, Plan, PlanMode, PlanShape
 from moa.result import RouteDecision
 from moa.tokens import approx_message_tokens
-from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams, HealthView, prompt_texts
+from moa.types import (
+    CallRequest,
+    CallResult,
+    ChatMessage,
+    GenerationParams,
+    HealthView,
+    image_tokens,
+    prompt_texts,
+    request_images,
+)
 
 # The <reference id="N"> wrapper around each answer.
 REFERENCE_OVERHEAD_TOKENS = 16
@@ -56,6 +69,7 @@ def project(
     """The most the plan can cost, and the most tokens it can use, for these messages and
     parameters (a model without a price counts for neither: it has no limits to project with)."""
     prompt = approx_message_tokens(prompt_texts(messages))
+    images = request_images(messages)
     total = 0.0
     tokens = 0
 
@@ -71,7 +85,7 @@ def project(
         if step:
             asked = min(asked or plan.staircase_step_tokens, plan.staircase_step_tokens)
         out = min(asked or price.max_output_tokens, price.max_output_tokens)
-        read = prompt + written
+        read = prompt + written + image_tokens(config.providers[ref.provider].kind, images)
         if references:
             read += sum(references) + REFERENCE_OVERHEAD_TOKENS * len(references) + TEMPLATE_OVERHEAD_TOKENS
         read = min(read, price.context_window)
@@ -160,7 +174,10 @@ def fit_cost_cap(
         for tier in _CHEAPER[decision.complexity]:
             name = config.router.tiers[tier]
             candidate, subs = substitute_unavailable(config.presets[name], config, health())
-            candidate = shape(candidate)
+            try:
+                candidate = shape(candidate)
+            except NoVisionModel:
+                continue  # a tier whose models cannot see the request's images (moa.engine.vision)
             reason = f"{decision.reason}; {name} instead: {'; '.join(why)}"
             new = decision.model_copy(update={"preset": name, "reason": reason, "substitutions": subs})
             cheaper = project(config, candidate, messages, params)
@@ -182,5 +199,6 @@ def call_cost(config: MoAConfig, req: CallRequest) -> float:
         return 0.0
     price = config.price(req.provider, req.model)
     prompt = approx_message_tokens(prompt_texts(req.messages, req.tools, req.response_format))
+    prompt += image_tokens(config.providers[req.provider].kind, request_images(req.messages))
     out = min(req.params.max_tokens or price.max_output_tokens, price.max_output_tokens)
     return price.cost(min(prompt, price.context_window), out)

@@ -23,7 +23,7 @@ from moa.cache import ResponseCache, open_cache
 from moa.caller import ModelCaller
 from moa.caps import check_messages, check_plan
 from moa.config import MoAConfig
-from moa.engine import cached, spans
+from moa.engine import cached, spans, vision
 from moa.engine.answer import answer
 from moa.engine.calls import check_window
 from moa.engine.context import Routed, RunContext, RunOptions, RunRequest
@@ -159,11 +159,13 @@ class MoAEngine:
         if on_call is not None:
             for rec in pre_records:
                 on_call(rec)
-        # Every override first: admission projects and caps the plan that will really run.
-        routed = (request.shape(routed_plan), decision, pre_calls)
+        # Every override first (and, for images, only the models that see them): admission
+        # projects and caps the plan that will really run.
+        shape = vision.shaped(self.config, request.shape, request.messages)
+        routed = (shape(routed_plan), decision, pre_calls)
         admit = options.get("admit")
         if admit is not None:
-            routed = await admit(routed, request.shape)
+            routed = await admit(routed, shape)
         plan, decision, _ = routed
         params = options.get("params") or GenerationParams()
         tools, response_format = options.get("tools"), options.get("response_format")
