@@ -364,6 +364,8 @@ class RunSpec:
     detail: bool = False
     # The tools the request offers (None: none), and how their final calls are decided.
     tools: ToolSet | None = None
+    # How many answers the request asks for (``n``).
+    choices: int = 1
 
 
 class RunBody(BaseModel):
@@ -391,7 +393,8 @@ class ChatCompletionRequest(RunBody):
     top_p: float | None = Field(default=None, ge=0, le=1)
     max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
-    n: int = Field(default=1, ge=1, le=1)
+    # How many answers (choices): up to caps.max_n, checked with the other caps (moa.engine.choices).
+    n: int = Field(default=1, ge=1)
     seed: int | None = None
     stop: str | list[str] | None = None
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -461,7 +464,12 @@ class ChatCompletionRequest(RunBody):
 
     def run_spec(self) -> RunSpec:
         return RunSpec(
-            self.moa, self.params(), preset=self.model, detail=self.moa.detail, tools=self.tool_set()
+            self.moa,
+            self.params(),
+            preset=self.model,
+            detail=self.moa.detail,
+            tools=self.tool_set(),
+            choices=self.n,
         )
 
     def params(self) -> GenerationParams:
@@ -499,6 +507,8 @@ class MoARequest(RunBody):
     tool_choice: Any = None
     parallel_tool_calls: StrictBool | None = None
     tool_mode: ToolMode | None = None
+    # Several answers, as a chat completion's ``n``: the result's ``choices`` lists them.
+    n: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
     def _one_of(self) -> MoARequest:
@@ -514,7 +524,14 @@ class MoARequest(RunBody):
         tools = tool_set(self.tools, self.tool_choice, self.parallel_tool_calls)
         # The full result is the detail.
         return RunSpec(
-            self, self.params, preset=self.preset, plan=self.plan, param=param, detail=True, tools=tools
+            self,
+            self.params,
+            preset=self.preset,
+            plan=self.plan,
+            param=param,
+            detail=True,
+            tools=tools,
+            choices=self.n,
         )
 
 

@@ -62,7 +62,7 @@ class Prepared:
         options: RunOptions = {"preset": spec.preset, "plan": spec.plan, "params": spec.params}
         options |= {"deadline": self.deadline, "aggregation": spec.options.aggregation}
         options |= {"tenant": self.tenant, "ticket": self.ticket}
-        options |= {"tools": spec.tools, "tool_mode": spec.options.tool_mode}
+        options |= {"tools": spec.tools, "tool_mode": spec.options.tool_mode, "choices": spec.choices}
         return options | self.gate.hooks()
 
     async def close(self) -> None:

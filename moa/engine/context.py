@@ -75,6 +75,9 @@ class RunOptions(TypedDict, total=False):
     tools: ToolSet | None
     # How the final calls are decided (``vote`` or ``aggregate``), over the plan's ``tools``.
     tool_mode: ToolMode | None
+    # How many answers (``n``; at most ``caps.max_n``): the proposer stages run once, then the
+    # final answer is written this many times, each sampled on its own (``moa.engine.choices``).
+    choices: int | None
 
 
 @dataclass(frozen=True)
@@ -97,9 +100,15 @@ class RunRequest:
     def shape(self, plan: Plan) -> Plan:
         """``plan`` as this request would run it (its aggregation override; staircase only when
         streamed): what ``admit`` projects and caps, and what the run then runs."""
-        # A tool call cannot be streamed before it is decided: a request with tools never climbs.
-        stream = self.stream and self.options.get("tools") is None
+        # A tool call cannot be streamed before it is decided: a request with tools never climbs;
+        # nor does one with several answers (the staircase's steps write one answer).
+        stream = self.stream and self.options.get("tools") is None and self.choices == 1
         return plan.as_run(self.options.get("aggregation"), stream)
+
+    @property
+    def choices(self) -> int:
+        """How many answers the request asks for (``n``)."""
+        return self.options.get("choices") or 1
 
 
 @dataclass
@@ -128,6 +137,10 @@ class RunContext:
     replay: bool = False
     # What the vote saw and decided (a run with tools whose plan has proposers).
     vote: VoteOutcome | None = None
+    # How many answers the run writes (``n``), and which one this view of the run writes (None: the
+    # run's one answer, or the stages every answer shares; see ``moa.engine.choices``).
+    choices: int = 1
+    choice: int | None = None
     # Told of every call as it is recorded (the API meters a request's spend with it).
     on_call: Callable[[CallRecord], None] | None = None
     # Told where the proposer layers stand, for a streaming client waiting for its first token.
