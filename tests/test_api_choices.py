@@ -54,7 +54,7 @@ def detail_of(body: Any) -> dict[str, Any]:
 def test_n_2_returns_two_choices_from_two_aggregator_calls_over_one_set_of_proposals(
     client: openai.OpenAI, sim: SimulatorServer
 ) -> None:
-    r = client.chat.completions.create(
+    raw = client.chat.completions.with_raw_response.create(
         model="moa-lite",
         messages=ASK,  # type: ignore[arg-type]
         n=2,
@@ -62,6 +62,7 @@ def test_n_2_returns_two_choices_from_two_aggregator_calls_over_one_set_of_propo
         temperature=0.8,
         extra_body={"moa": {"detail": True}},
     )
+    r = raw.parse()
     assert [c.index for c in r.choices] == [0, 1]
     assert all(c.finish_reason == "stop" and c.message.content for c in r.choices)
     # The proposers ran once each; the aggregator twice, each answer sampled with its own seed.
@@ -78,6 +79,8 @@ def test_n_2_returns_two_choices_from_two_aggregator_calls_over_one_set_of_propo
     assert r.usage is not None
     assert r.usage.completion_tokens == sum(c["usage"]["output_tokens"] for c in detail["calls"])
     assert r.usage.prompt_tokens == sum(c["usage"]["input_tokens"] for c in detail["calls"])
+    cost = sum(c["cost_usd"] for c in detail["calls"])
+    assert float(raw.headers["x-moa-cost-usd"]) == pytest.approx(cost, abs=1e-8) and cost > 0
 
 
 def test_a_single_model_plan_makes_one_call_per_answer(client: openai.OpenAI, sim: SimulatorServer) -> None:
@@ -119,6 +122,22 @@ def test_each_answer_streams_under_its_own_index_and_ends_with_its_own_finish(
     assert usage.completion_tokens == sum(c["usage"]["output_tokens"] for c in detail["calls"])
 
 
+def test_several_answers_run_a_staircase_as_final(client: openai.OpenAI, sim: SimulatorServer) -> None:
+    """The staircase's steps write one answer: a request for two runs final, one call per answer."""
+    stream = client.chat.completions.create(
+        model="moa-lite",
+        messages=ASK,  # type: ignore[arg-type]
+        n=2,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"moa": {"detail": True, "aggregation": "staircase"}},
+    )
+    (detail,) = [detail_of(chunk) for chunk in stream if chunk.usage is not None]
+    assert detail["aggregation"] == "final"
+    assert not [c for c in detail["calls"] if c["staircase_step"] is not None]
+    assert model_stats(sim, AGGREGATOR)["requests"] == 2
+
+
 def test_several_answers_bypass_the_response_cache(sim: SimulatorServer, state_dir: Path) -> None:
     """A cached answer is one answer: n > 1 neither reads nor writes the answers' level."""
     cfg = simulated(sim).model_copy(
@@ -138,11 +157,14 @@ def test_several_answers_bypass_the_response_cache(sim: SimulatorServer, state_d
 def test_n_past_the_cap_is_refused_naming_n_before_any_call(
     client: openai.OpenAI, sim: SimulatorServer
 ) -> None:
+    """The default cap, 4, at its boundary: 4 answers are given, 5 refused before any call."""
+    assert len(client.chat.completions.create(model="single", messages=ASK, n=4).choices) == 4  # type: ignore[arg-type]
+    sent = sim_total_requests(sim)
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model="moa-lite", messages=ASK, n=5)  # type: ignore[arg-type]
     body: Any = refused.value.body
     assert body["param"] == "n" and "caps.max_n" in body["message"]
-    assert sim_total_requests(sim) == 0
+    assert sim_total_requests(sim) == sent
 
 
 def test_the_call_cap_counts_every_answers_final_calls(sim: SimulatorServer) -> None:
