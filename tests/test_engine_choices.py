@@ -15,6 +15,8 @@ from moa.tokens import approx_message_tokens, approx_tokens
 from moa.types import ErrorKind
 from tests.test_ledger import AGG, CONFIG, MARGIN, P1, P2, P3, QUESTION, WORDS, plan, price
 
+FALLBACK = "gemini/gemini-2.5-pro"
+
 
 async def test_an_answer_that_fails_cuts_the_others_and_every_call_is_billed() -> None:
     """Two answers: one aggregator call writes 5 pieces and holds; the other then fails, and the
@@ -51,3 +53,33 @@ async def test_an_answer_that_fails_cuts_the_others_and_every_call_is_billed() -
     assert cut.cost_usd == pytest.approx(price(AGG, cut.usage.input_tokens, cut.usage.output_tokens))
     assert cut.cost_usd > 0
     assert len([r for r in seen if r.stage is Stage.PROPOSER and r.ok]) == 3
+
+
+async def test_each_answer_turns_to_the_fallback_chain_on_its_own() -> None:
+    """Every aggregator call fails: each answer then asks the fallback chain afresh, one call each."""
+    caller = ScriptedCaller()
+    for key in (P1, P2, P3):
+        caller.script(key, Reply(text=f"the answer of {key}"))
+    caller.fail(AGG, ErrorKind.BAD_REQUEST)
+    caller.script(FALLBACK, "first fallback answer", "second fallback answer")
+    fallbacks = [{"provider": "gemini", "model": "gemini-2.5-pro"}]
+    result = await MoAEngine(CONFIG, caller).run(QUESTION, plan=plan(fallbacks=fallbacks), choices=2)
+    assert [c.index for c in result.choices] == [0, 1]
+    assert {c.answer_source for c in result.choices} == {"fallback"}
+    assert sorted(c.text for c in result.choices) == ["first fallback answer", "second fallback answer"]
+    assert len(caller.calls_to(AGG)) == 2 and len(caller.calls_to(FALLBACK)) == 2
+    assert sorted(r.choice for r in result.calls if r.stage is Stage.FALLBACK) == [0, 1]
+
+
+async def test_each_answer_may_be_salvaged_from_the_best_proposal() -> None:
+    """No fallback, every aggregator call fails, the plan allows a proposal: each answer is the
+    best proposal (the same one), marked as such."""
+    caller = ScriptedCaller()
+    for key in (P1, P2, P3):
+        caller.script(key, Reply(text=f"the answer of {key}"))
+    caller.fail(AGG, ErrorKind.BAD_REQUEST)
+    salvaging = plan(on_aggregators_failed="proposal")
+    result = await MoAEngine(CONFIG, caller).run(QUESTION, plan=salvaging, choices=2)
+    assert [c.answer_source for c in result.choices] == ["proposal", "proposal"]
+    assert [c.text for c in result.choices] == [f"the answer of {P1}"] * 2
+    assert len(caller.calls_to(AGG)) == 2
