@@ -89,7 +89,10 @@ def check_messages(caps: RequestCaps, messages: Sequence[ChatMessage]) -> None:
 
 
 def check_choices(caps: RequestCaps, choices: int) -> None:
-    """``n`` within ``caps.max_n`` (checked before the request is routed: before any paid call)."""
+    """``n`` within ``caps.max_n`` (checked before the request is routed: before any paid call).
+    The API's schema refuses ``n`` below 1; the engine's callers are held to it here."""
+    if choices < 1:
+        raise OverCap(f"n={choices}: a request asks for at least one answer", "n")
     if choices > caps.max_n:
         raise OverCap(f"n={choices} answers exceed the cap of {caps.max_n} (caps.max_n)", "n")
 

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from moa import MoAEngine
-from moa.errors import AllProvidersFailed
+from moa.errors import AllProvidersFailed, InvalidRequest
 from moa.result import CallRecord, Stage
 from moa.testing import Reply, ScriptedCaller
 from moa.tokens import approx_message_tokens, approx_tokens
@@ -83,3 +83,11 @@ async def test_each_answer_may_be_salvaged_from_the_best_proposal() -> None:
     assert [c.answer_source for c in result.choices] == ["proposal", "proposal"]
     assert [c.text for c in result.choices] == [f"the answer of {P1}"] * 2
     assert len(caller.calls_to(AGG)) == 2
+
+
+@pytest.mark.parametrize("choices", [0, -1, 5])
+async def test_the_engine_holds_its_callers_to_one_to_max_n_answers(choices: int) -> None:
+    caller = ScriptedCaller()
+    with pytest.raises(InvalidRequest) as refused:
+        await MoAEngine(CONFIG, caller).run(QUESTION, plan=plan(), choices=choices)
+    assert refused.value.param == "n" and not caller.calls

@@ -107,8 +107,9 @@ class RunRequest:
 
     @property
     def choices(self) -> int:
-        """How many answers the request asks for (``n``)."""
-        return self.options.get("choices") or 1
+        """How many answers the request asks for (``n``; 1 unless given)."""
+        given = self.options.get("choices")
+        return 1 if given is None else given
 
 
 @dataclass
