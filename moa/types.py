@@ -488,6 +488,8 @@ class TextDelta(BaseModel):
     """One piece of a streamed answer; a stream ends with the full CallResult."""
 
     text: str
+    # Which of the run's answers it belongs to (``n`` > 1 asks for several: its ``index``).
+    choice: int = 0
 
 
 async def batched(events: AsyncIterator[StreamEvent], batch_s: float) -> AsyncIterator[StreamEvent]:

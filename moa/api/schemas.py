@@ -450,6 +450,8 @@ class RunSpec:
     tools: ToolSet | None = None
     # The format the answer must have (None: free text).
     response_format: ResponseFormat | None = None
+    # How many answers the request asks for (``n``).
+    choices: int = 1
 
 
 class RunBody(BaseModel):
@@ -477,7 +479,8 @@ class ChatCompletionRequest(RunBody):
     top_p: float | None = Field(default=None, ge=0, le=1)
     max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
-    n: int = Field(default=1, ge=1, le=1)
+    # How many answers (choices): up to caps.max_n, checked with the other caps (moa.engine.choices).
+    n: int = Field(default=1, ge=1)
     seed: int | None = None
     stop: str | list[str] | None = None
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -549,6 +552,7 @@ class ChatCompletionRequest(RunBody):
             detail=self.moa.detail,
             tools=self.tool_set(),
             response_format=response_format(self.response_format),
+            choices=self.n,
         )
 
     def params(self) -> GenerationParams:
@@ -588,6 +592,8 @@ class MoARequest(RunBody):
     tool_mode: ToolMode | None = None
     # As on a chat completion.
     response_format: Any = None
+    # Several answers, as a chat completion's ``n``: the result's ``choices`` lists them.
+    n: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
     def _one_of(self) -> MoARequest:
@@ -611,6 +617,7 @@ class MoARequest(RunBody):
             detail=True,
             tools=tools,
             response_format=response_format(self.response_format),
+            choices=self.n,
         )
 
 

@@ -64,10 +64,16 @@ def projected_cost(
 
 
 def project(
-    config: MoAConfig, plan: Plan, messages: Sequence[ChatMessage], params: GenerationParams
+    config: MoAConfig,
+    plan: Plan,
+    messages: Sequence[ChatMessage],
+    params: GenerationParams,
+    choices: int = 1,
 ) -> Projection:
     """The most the plan can cost, and the most tokens it can use, for these messages and
-    parameters (a model without a price counts for neither: it has no limits to project with)."""
+    parameters (a model without a price counts for neither: it has no limits to project with).
+    ``choices`` answers (``n``): the proposer stages once, every final call and fallback once per
+    answer."""
     prompt = approx_message_tokens(prompt_texts(messages))
     images = request_images(messages)
     total = 0.0
@@ -117,10 +123,11 @@ def project(
     for k in range(steps):
         for agg in plan.aggregators:
             call(agg, previous, step=True, written=k * plan.staircase_step_tokens)
-    for agg in plan.aggregators:
-        call(agg, previous, written=stepped)
-    for fallback in plan.fallbacks:
-        call(fallback, [])
+    for _ in range(choices):
+        for agg in plan.aggregators:
+            call(agg, previous, written=stepped)
+        for fallback in plan.fallbacks:
+            call(fallback, [])
     return Projection(total, tokens)
 
 
@@ -135,7 +142,7 @@ def _anything(decision: RouteDecision, plan: Plan) -> bool:
     return True
 
 
-# Eight parameters: the request (messages, params), what it was routed to, and the three rules it is
+# Nine parameters: the request (messages, params, choices), what it was routed to, and the three rules it is
 # held to (cap, the key's access, the request's overrides), each a plain value or function so the
 # fit stays pure and testable without a key, a store or an API.
 def fit_cost_cap(
@@ -147,6 +154,7 @@ def fit_cost_cap(
     health: Callable[[], HealthView] = HealthView,
     shape: PlanShape = Plan.as_run,
     allowed: Callable[[RouteDecision, Plan], bool] = _anything,
+    choices: int = 1,
 ) -> tuple[Routed, Projection]:
     """The routed plan and its projection (cost and tokens), held to ``cap_usd`` and to what the
     caller may use.
@@ -158,10 +166,10 @@ def fit_cost_cap(
     cap, or returned as it is when only not allowed: the caller's own check then refuses it,
     naming what it may not use. ``routed`` is the plan as it will run; ``shape`` makes a cheaper
     tier into the plan that would run in its place (the request's overrides), so that is what is
-    checked and projected.
+    checked and projected, for ``choices`` answers (``n``).
     """
     plan, decision, pre = routed
-    projection = project(config, plan, messages, params)
+    projection = project(config, plan, messages, params, choices)
     cost = projection.cost_usd
     over = cap_usd is not None and cost > cap_usd
     permitted = allowed(decision, plan)
@@ -180,7 +188,7 @@ def fit_cost_cap(
                 continue  # a tier whose models cannot see the request's images (moa.engine.vision)
             reason = f"{decision.reason}; {name} instead: {'; '.join(why)}"
             new = decision.model_copy(update={"preset": name, "reason": reason, "substitutions": subs})
-            cheaper = project(config, candidate, messages, params)
+            cheaper = project(config, candidate, messages, params, choices)
             if allowed(new, candidate) and (cap_usd is None or cheaper.cost_usd <= cap_usd):
                 return (candidate, new, pre), cheaper
     if not permitted:
