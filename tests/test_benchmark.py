@@ -519,3 +519,68 @@ def test_batch_md_shows_the_batch_bench_rendered() -> None:
     raw = json.loads((root / "docs" / "bench-batch.json").read_text())
     assert batch_markdown(raw) in (root / "docs" / "BATCH.md").read_text()
     assert raw["goals"] and all(raw["goals"].values()), raw["goals"]
+
+
+# -- moa bench's local: target (moa serve --local in a process of its own) ------------------------------
+
+
+def test_the_bench_accepts_local_targets_and_names_the_bad_ones() -> None:
+    from moa.cli.bench import _targets
+
+    assert _targets("baseline,local:moa-lite,serve:moa") == ["baseline", "local:moa-lite", "serve:moa"]
+    for bad in ("local:", "local", "locals:moa-lite"):
+        with pytest.raises(Exception, match="local:MODEL"):
+            _targets(bad)
+
+
+def test_only_serve_targets_the_floor_and_fault_scenarios_start_ray() -> None:
+    from moa.benchmark.options import BenchOptions
+    from moa.benchmark.runner import needs_ray
+
+    assert not needs_ray(BenchOptions(targets=["baseline", "local:moa-lite"], scenarios=[]))
+    assert needs_ray(BenchOptions(targets=["baseline", "local:moa-lite"], scenarios=["hang"]))
+    assert needs_ray(BenchOptions(targets=["local:moa-lite", "floor"], scenarios=[]))
+    assert needs_ray(BenchOptions(targets=["serve:moa-lite"], scenarios=[]))
+
+
+async def test_a_local_target_runs_moa_serve_local_in_its_own_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--targets baseline,local:MODEL`: the baseline and `moa serve --local` (a child process on
+    the bench's simulator, counted in the CPU of the process tree) side by side, with no Ray."""
+    import psutil
+
+    from moa.benchmark import runner
+    from moa.benchmark.options import BenchOptions
+
+    def no_ray(name: str = "ray") -> Any:
+        raise AssertionError("a run of baseline and local targets started Ray")
+
+    monkeypatch.setattr(runner, "ray_targets", no_ray)
+    servers: list[list[str]] = []
+    started = runner.LocalService.__init__
+
+    def spy(self: runner.LocalService, *a: Any, **k: Any) -> None:
+        started(self, *a, **k)
+        servers.append(psutil.Process(self.pid).cmdline())
+
+    monkeypatch.setattr(runner.LocalService, "__init__", spy)
+    opts = BenchOptions(
+        targets=["baseline", "local:single"],
+        concurrency=[1],
+        requests=2,
+        scenarios=[],
+        ttft_s=0.01,
+        tokens_per_s=2000.0,
+        jitter=0.0,
+        out=tmp_path,
+    )
+    report = await runner.run(opts)
+    rows = {r["target"]: r for r in report["levels"]}
+    assert set(rows) == {"baseline", "local single"}
+    local = rows["local single"]
+    assert local["ok"] == 2 and local["errors"] == 0
+    assert local["overhead_p50_ms"] > 0 and local["cpu_ms_per_request"] > 0
+    ((cmd),) = servers
+    assert cmd[-6:-3] == ["serve", "--local", "--config"] and cmd[-2] == "--port"
+    assert "| local single | 1 |" in (tmp_path / "results.md").read_text()
