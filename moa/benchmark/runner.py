@@ -442,6 +442,9 @@ async def run(opts: BenchOptions) -> dict[str, Any]:
 
 async def _run(opts: BenchOptions) -> dict[str, Any]:
     prompts = load_prompts(opts.prompts)
+    # Imported only (Ray starts with the Serve app, after the baseline and the local targets), and
+    # before the simulator starts: a missing Ray side leaves no simulator process behind.
+    targets = ray_targets() if needs_ray(opts) else None
     sim = Simulator(opts.ttft_s, opts.tokens_per_s, opts.jitter)
     tree = ProcessTree(exclude={sim.proc.pid})
     serve_targets = [t.split(":", 1)[1] for t in opts.targets if t.startswith("serve:")]
@@ -454,8 +457,6 @@ async def _run(opts: BenchOptions) -> dict[str, Any]:
     runs = len(serve_runs) + len(local_runs) + ("baseline" in opts.targets)
     levels = sum(per_level.values()) * runs
     faulted = len(opts.scenarios) * opts.fault_requests * (2 if "baseline" in opts.targets else 1)
-    # Imported only: Ray starts with the Serve app, after the baseline and the local targets.
-    targets = ray_targets() if needs_ray(opts) else None
     floor = targets.FLOOR_TOTAL if targets is not None and "floor" in opts.targets else 0
     report: dict[str, Any] = {
         "options": _jsonable(opts),
