@@ -584,3 +584,31 @@ async def test_a_local_target_runs_moa_serve_local_in_its_own_process(
     ((cmd),) = servers
     assert cmd[-6:-3] == ["serve", "--local", "--config"] and cmd[-2] == "--port"
     assert "| local single | 1 |" in (tmp_path / "results.md").read_text()
+
+
+def test_moa_serve_local_settles_its_heap_once_built(config: MoAConfig) -> None:
+    """`moa serve --local`'s server freezes what start-up left (gc.freeze) once it is built, so
+    the full collections during requests no longer walk the SDKs' and the app's objects; a server
+    inside another program (the tests' ApiServer) leaves that program's collector alone."""
+    import gc
+    import threading
+
+    from moa.local import LocalServer
+    from moa.service import claim_port
+
+    gc.unfreeze()
+    try:
+        for settle in (False, True):
+            server = LocalServer(config, claim_port("127.0.0.1", 0), settle=settle)
+            ready = threading.Event()
+            thread = threading.Thread(
+                target=lambda s=server, r=ready: asyncio.run(s.run(on_ready=lambda _: r.set())), daemon=True
+            )
+            thread.start()
+            assert ready.wait(60)
+            frozen = gc.get_freeze_count()
+            server.stop()
+            thread.join(30)
+            assert (frozen > 0) is settle, (settle, frozen)
+    finally:
+        gc.unfreeze()
