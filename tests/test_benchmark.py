@@ -436,6 +436,12 @@ RENDERED_TABLES = {
     "bench-ttft-staircase-chunk100.json": "| streaming target",
     "bench-ttft-staircase-default.json": "| streaming target",
     "bench-ttft-staircase-lite-chunk20.json": "| streaming target",
+    "bench-local-after.json": None,
+    "bench-local-before.json": None,
+    "bench-local-ab/before-1.json": "| target",
+    "bench-local-ab/after-1.json": "| target",
+    "bench-local-ab/before-2.json": "| target",
+    "bench-local-ab/after-2.json": "| target",
 }
 
 
@@ -453,12 +459,13 @@ def test_benchmarks_md_shows_the_raw_files_rendered(name: str) -> None:
         assert table in doc, f"BENCHMARKS.md does not show this table of {name} as rendered:\n{table}"
 
 
-def test_benchmarks_md_profile_table_is_its_raw_stacks_summarised() -> None:
-    """The profile table on the page is ``moa.benchmark.profile --summarize`` of the committed raw
-    stacks (``docs/bench-profile/*.txt.gz``), so a share on the page can be traced to samples."""
+@pytest.mark.parametrize("folder", ["bench-profile", "bench-profile-local"])
+def test_benchmarks_md_profile_table_is_its_raw_stacks_summarised(folder: str) -> None:
+    """The profile tables on the page are ``moa.benchmark.profile --summarize`` of the committed
+    raw stacks (``docs/<folder>/*.txt.gz``), so a share on the page can be traced to samples."""
     from moa.benchmark import profile
 
-    raw = DOCS / "bench-profile"
+    raw = DOCS / folder
     assert sorted(p.name for p in raw.glob("*.txt.gz")), "no raw stacks committed"
     table = profile.markdown(profile.summarize_dir(raw)).strip()
     assert table in (DOCS / "BENCHMARKS.md").read_text()
@@ -612,3 +619,28 @@ def test_moa_serve_local_settles_its_heap_once_built(config: MoAConfig) -> None:
             assert (frozen > 0) is settle, (settle, frozen)
     finally:
         gc.unfreeze()
+
+
+def test_the_profiler_finds_moa_serve_local_and_waits_for_its_warm_up() -> None:
+    """`python -m moa.benchmark.profile` on a local: target: it finds the `moa serve --local`
+    process among the bench's children, and starts sampling only once the server answers and its
+    warm-up request (four calls) has reached the simulator, not during start-up."""
+    import os
+
+    from moa.benchmark import profile
+    from moa.benchmark.runner import LocalService, Simulator, bench_config
+
+    sim = Simulator(0.01, 2000.0, 0.0)
+    try:
+        local = LocalService(bench_config(sim.url, 30.0))
+        try:
+            procs = profile._processes(os.getpid())
+            assert procs == {"local": local.pid}
+            assert not profile._load_started(os.getpid(), procs)  # up, no warm-up yet
+            body = {"model": "moa-lite", "messages": [{"role": "user", "content": QUESTION}]}
+            httpx.post(local.url + "/v1/chat/completions", json=body, timeout=60).raise_for_status()
+            assert profile._load_started(os.getpid(), procs)
+        finally:
+            local.stop()
+    finally:
+        sim.stop()
