@@ -24,9 +24,14 @@ def claim_port(host: str, port: int) -> socket.socket:
     binding fails, where Ray Serve's proxy (which shares its port) would start anyway and the
     kernel would spread requests between two unrelated services. ``SO_REUSEADDR`` only lets a
     restart reuse a port whose old connections are in TIME_WAIT.
+
+    The protocol is named (``IPPROTO_TCP``, not the default 0): the connections it accepts inherit
+    it, and asyncio turns Nagle's algorithm off (``TCP_NODELAY``) only on sockets that say they are
+    TCP. Without it a response written in two pieces (its head, then its body) waited for the
+    client's delayed acknowledgement: 40 ms added to every answer of ``moa serve --local``.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

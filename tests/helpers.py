@@ -255,3 +255,29 @@ TOOL_TIME = ToolSpec(
         "required": ["timezone", "hours"],
     },
 )
+
+
+def kept_alive_gets(url: str, path: str, n: int = 15) -> list[float]:
+    """Seconds each of ``n`` ``GET path`` requests took on one kept-alive connection to ``url``,
+    each read to the end of its body: how long a server holds its answers (a connection's first
+    few segments are acknowledged at once, so only the later requests show a delayed ACK)."""
+    import socket
+    import time
+
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    times = []
+    with socket.create_connection((host.strip("[]"), int(port))) as conn:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            conn.sendall(f"GET {path} HTTP/1.1\r\nHost: moa\r\n\r\n".encode())
+            data = b""
+            while True:
+                chunk = conn.recv(65536)
+                assert chunk, "the server closed the connection"
+                data += chunk
+                head, sep, body = data.partition(b"\r\n\r\n")
+                lengths = [x for x in head.split(b"\r\n") if x.lower().startswith(b"content-length:")]
+                if sep and lengths and len(body) >= int(lengths[0].split(b":")[1]):
+                    break
+            times.append(time.perf_counter() - t0)
+    return times

@@ -436,6 +436,15 @@ RENDERED_TABLES = {
     "bench-ttft-staircase-chunk100.json": "| streaming target",
     "bench-ttft-staircase-default.json": "| streaming target",
     "bench-ttft-staircase-lite-chunk20.json": "| streaming target",
+    "bench-local-after.json": None,
+    "bench-local-gc.json": None,
+    "bench-local-before.json": None,
+    "bench-local-details-before.json": None,
+    "bench-local-details-after.json": None,
+    "bench-local-ab/before-1.json": "| target",
+    "bench-local-ab/after-1.json": "| target",
+    "bench-local-ab/before-2.json": "| target",
+    "bench-local-ab/after-2.json": "| target",
 }
 
 
@@ -453,12 +462,13 @@ def test_benchmarks_md_shows_the_raw_files_rendered(name: str) -> None:
         assert table in doc, f"BENCHMARKS.md does not show this table of {name} as rendered:\n{table}"
 
 
-def test_benchmarks_md_profile_table_is_its_raw_stacks_summarised() -> None:
-    """The profile table on the page is ``moa.benchmark.profile --summarize`` of the committed raw
-    stacks (``docs/bench-profile/*.txt.gz``), so a share on the page can be traced to samples."""
+@pytest.mark.parametrize("folder", ["bench-profile", "bench-profile-local"])
+def test_benchmarks_md_profile_table_is_its_raw_stacks_summarised(folder: str) -> None:
+    """The profile tables on the page are ``moa.benchmark.profile --summarize`` of the committed
+    raw stacks (``docs/<folder>/*.txt.gz``), so a share on the page can be traced to samples."""
     from moa.benchmark import profile
 
-    raw = DOCS / "bench-profile"
+    raw = DOCS / folder
     assert sorted(p.name for p in raw.glob("*.txt.gz")), "no raw stacks committed"
     table = profile.markdown(profile.summarize_dir(raw)).strip()
     assert table in (DOCS / "BENCHMARKS.md").read_text()
@@ -519,3 +529,121 @@ def test_batch_md_shows_the_batch_bench_rendered() -> None:
     raw = json.loads((root / "docs" / "bench-batch.json").read_text())
     assert batch_markdown(raw) in (root / "docs" / "BATCH.md").read_text()
     assert raw["goals"] and all(raw["goals"].values()), raw["goals"]
+
+
+# -- moa bench's local: target (moa serve --local in a process of its own) ------------------------------
+
+
+def test_the_bench_accepts_local_targets_and_names_the_bad_ones() -> None:
+    from moa.cli.bench import _targets
+
+    assert _targets("baseline,local:moa-lite,serve:moa") == ["baseline", "local:moa-lite", "serve:moa"]
+    for bad in ("local:", "local", "locals:moa-lite"):
+        with pytest.raises(Exception, match="local:MODEL"):
+            _targets(bad)
+
+
+def test_only_serve_targets_the_floor_and_fault_scenarios_start_ray() -> None:
+    from moa.benchmark.options import BenchOptions
+    from moa.benchmark.runner import needs_ray
+
+    assert not needs_ray(BenchOptions(targets=["baseline", "local:moa-lite"], scenarios=[]))
+    assert needs_ray(BenchOptions(targets=["baseline", "local:moa-lite"], scenarios=["hang"]))
+    assert needs_ray(BenchOptions(targets=["local:moa-lite", "floor"], scenarios=[]))
+    assert needs_ray(BenchOptions(targets=["serve:moa-lite"], scenarios=[]))
+
+
+async def test_a_local_target_runs_moa_serve_local_in_its_own_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--targets baseline,local:MODEL`: the baseline and `moa serve --local` (a child process on
+    the bench's simulator, counted in the CPU of the process tree) side by side, with no Ray."""
+    import psutil
+
+    from moa.benchmark import runner
+    from moa.benchmark.options import BenchOptions
+
+    def no_ray(name: str = "ray") -> Any:
+        raise AssertionError("a run of baseline and local targets started Ray")
+
+    monkeypatch.setattr(runner, "ray_targets", no_ray)
+    servers: list[list[str]] = []
+    started = runner.LocalService.__init__
+
+    def spy(self: runner.LocalService, *a: Any, **k: Any) -> None:
+        started(self, *a, **k)
+        servers.append(psutil.Process(self.pid).cmdline())
+
+    monkeypatch.setattr(runner.LocalService, "__init__", spy)
+    opts = BenchOptions(
+        targets=["baseline", "local:single"],
+        concurrency=[1],
+        requests=2,
+        scenarios=[],
+        ttft_s=0.01,
+        tokens_per_s=2000.0,
+        jitter=0.0,
+        out=tmp_path,
+    )
+    report = await runner.run(opts)
+    rows = {r["target"]: r for r in report["levels"]}
+    assert set(rows) == {"baseline", "local single"}
+    local = rows["local single"]
+    assert local["ok"] == 2 and local["errors"] == 0
+    assert local["overhead_p50_ms"] > 0 and local["cpu_ms_per_request"] > 0
+    ((cmd),) = servers
+    assert cmd[-6:-3] == ["serve", "--local", "--config"] and cmd[-2] == "--port"
+    assert "| local single | 1 |" in (tmp_path / "results.md").read_text()
+
+
+def test_moa_serve_local_settles_its_heap_once_built(config: MoAConfig) -> None:
+    """`moa serve --local`'s server freezes what start-up left (gc.freeze) once it is built, so
+    the full collections during requests no longer walk the SDKs' and the app's objects; a server
+    inside another program (the tests' ApiServer) leaves that program's collector alone."""
+    import gc
+    import threading
+
+    from moa.local import LocalServer
+    from moa.service import claim_port
+
+    gc.unfreeze()
+    try:
+        for settle in (False, True):
+            server = LocalServer(config, claim_port("127.0.0.1", 0), settle=settle)
+            ready = threading.Event()
+            thread = threading.Thread(
+                target=lambda s=server, r=ready: asyncio.run(s.run(on_ready=lambda _: r.set())), daemon=True
+            )
+            thread.start()
+            assert ready.wait(60)
+            frozen = gc.get_freeze_count()
+            server.stop()
+            thread.join(30)
+            assert (frozen > 0) is settle, (settle, frozen)
+    finally:
+        gc.unfreeze()
+
+
+def test_the_profiler_finds_moa_serve_local_and_waits_for_its_warm_up() -> None:
+    """`python -m moa.benchmark.profile` on a local: target: it finds the `moa serve --local`
+    process among the bench's children, and starts sampling only once the server answers and its
+    warm-up request (four calls) has reached the simulator, not during start-up."""
+    import os
+
+    from moa.benchmark import profile
+    from moa.benchmark.runner import LocalService, Simulator, bench_config
+
+    sim = Simulator(0.01, 2000.0, 0.0)
+    try:
+        local = LocalService(bench_config(sim.url, 30.0))
+        try:
+            procs = profile._processes(os.getpid())
+            assert procs == {"local": local.pid}
+            assert not profile._load_started(os.getpid(), procs)  # up, no warm-up yet
+            body = {"model": "moa-lite", "messages": [{"role": "user", "content": QUESTION}]}
+            httpx.post(local.url + "/v1/chat/completions", json=body, timeout=60).raise_for_status()
+            assert profile._load_started(os.getpid(), procs)
+        finally:
+            local.stop()
+    finally:
+        sim.stop()

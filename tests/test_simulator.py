@@ -1263,3 +1263,16 @@ def test_cli_reports_a_busy_port(
 def test_the_simulator_never_imports_ray() -> None:
     code = "import sys, moa.simulator.server, moa.cli.simulator; assert 'ray' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_simulator_does_not_hold_answers_for_delayed_acks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On asyncio's own loop (where uvloop is not installed) the simulator's socket names TCP, so
+    asyncio turns Nagle's algorithm off: an answer written in two pieces is not held 40 ms for the
+    client's delayed acknowledgement, which every simulated call used to add to a benchmark."""
+    import moa.simulator.server as server
+    from tests.helpers import kept_alive_gets
+
+    monkeypatch.setattr(server, "_HAS_UVLOOP", False)
+    with server.SimulatorServer() as sim:
+        times = kept_alive_gets(sim.url, "/admin/stats")
+    assert sorted(times)[len(times) // 2] < 0.030, [round(1000 * t, 1) for t in times]

@@ -3,12 +3,15 @@ the HTTP proxy while ``moa bench`` runs, the raw stacks kept, their frames bucke
 
     python -m moa.benchmark.profile --out DIR [--duration 25] [--rate 200] -- BENCH ARGS...
 
-starts ``moa bench BENCH ARGS`` (the ``moa`` app's replicas must come up) and waits until the
-simulator has served the warm-up request, so the window covers the measured load; then, for
-``--duration`` seconds, it runs ``py-spy record --gil --nonblocking --format raw`` at ``--rate``
-Hz on each replica and on the proxy, and reads each process's CPU seconds at both ends. It writes
+starts ``moa bench BENCH ARGS`` (the ``moa`` app's replicas must come up, or, for a ``local:``
+target, the ``moa serve --local`` process: profile that target alone, or after the baseline) and
+waits until the simulator has served the warm-up request, so the window covers the measured load;
+then, for ``--duration`` seconds, it runs ``py-spy record --gil --nonblocking --format raw`` at
+``--rate`` Hz on each replica and on the proxy (or on the local process), and reads each
+process's CPU seconds at both ends. It writes
 the raw stacks (``DIR/<process>.txt``), the bench's results (``DIR/bench/``) and
-``DIR/profile.json``; ``--summarize`` renders the table again from the raw files.
+``DIR/profile.json`` (with ``--flamegraph``, also ``DIR/<process>.svg``); ``--summarize`` renders
+the table again from the raw files.
 
 What the figures mean: "CPU s" is the process's user + system time over the window. ``--gil``
 samples only the thread holding Python's GIL, so "Python s" (samples / rate) is time spent running
@@ -59,6 +62,8 @@ PROJECT = BUCKETS[0][1]
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 _REPLICA = re.compile(r"ray::ServeReplica:moa:(?P<name>[\w-]+)")
 _PROXY = re.compile(r"ray::ProxyActor")
+# `moa serve --local`, as the bench's local: target starts it (moa.benchmark.runner.LocalService).
+_LOCAL = re.compile(r"moa\.cli serve --local ")
 PY_SPY = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
 
 
@@ -131,7 +136,9 @@ def _processes(root: int) -> dict[str, int]:
         except psutil.Error:
             continue
         m = _REPLICA.search(args)
-        if m:
+        if _LOCAL.search(args):
+            found.setdefault("local", proc.pid)
+        elif m:
             found.setdefault(m.group("name"), proc.pid)
         elif _PROXY.search(args):
             found.setdefault("proxy", proc.pid)
@@ -140,12 +147,30 @@ def _processes(root: int) -> dict[str, int]:
 
 def _load_started(root: int, procs: dict[str, int]) -> bool:
     """The app is up and the simulator has served the warm-up request (a proposer layer and an
-    aggregator): the measured requests follow at once."""
+    aggregator): the measured requests follow at once. For ``moa serve --local`` (a ``local:``
+    target), once its ``/healthz`` answers (start-up is not measured) and the simulator has
+    served the four calls of its warm-up since (first calls build the SDKs' models)."""
+    if "local" in procs:
+        if not _answers(procs["local"]):
+            return False
+        # The calls the simulator had served when the server came up, then its warm-up's four.
+        served = _served(root)
+        _LOCAL_UP.setdefault(procs["local"], served)
+        return served >= _LOCAL_UP[procs["local"]] + 4
+    if "ingress" not in procs or "proxy" not in procs or sum(k.startswith("provider") for k in procs) < 3:
+        return False
+    return _served(root) >= 4
+
+
+# What the simulator had served when each `moa serve --local` process first answered.
+_LOCAL_UP: dict[int, int] = {}
+
+
+def _served(root: int) -> int:
+    """The calls the bench's simulator (a child of ``root``) has served; 0 before it answers."""
     import httpx
     import psutil
 
-    if "ingress" not in procs or "proxy" not in procs or sum(k.startswith("provider") for k in procs) < 3:
-        return False
     for proc in psutil.Process(root).children(recursive=True):
         try:
             args = proc.cmdline()
@@ -156,9 +181,22 @@ def _load_started(root: int, procs: dict[str, int]) -> bool:
             try:
                 stats = httpx.get(f"http://127.0.0.1:{port}/admin/stats", timeout=2).json()
             except httpx.HTTPError:
-                return False
-            return int(stats.get("total_requests", 0)) >= 4
-    return False
+                return 0
+            return int(stats.get("total_requests", 0))
+    return 0
+
+
+def _answers(pid: int) -> bool:
+    """``moa serve --local`` (process ``pid``) has started: its ``/healthz`` answers."""
+    import httpx
+    import psutil
+
+    try:
+        args = psutil.Process(pid).cmdline()
+        port = args[args.index("--port") + 1]
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+    except (psutil.Error, ValueError, IndexError, httpx.HTTPError):
+        return False
 
 
 def _cpu(procs: dict[str, int]) -> dict[str, float]:
@@ -197,6 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=int, default=25)
     p.add_argument("--rate", type=int, default=200)
     p.add_argument("--summarize", action="store_true", help="only render the table from --out's raw files")
+    p.add_argument(
+        "--flamegraph",
+        action="store_true",
+        help="also write each process's flame graph (DIR/<process>.svg) from a second py-spy",
+    )
     p.add_argument("bench", nargs=argparse.REMAINDER, help="-- then the moa bench arguments")
     args = p.parse_args(argv)
     if args.summarize:
@@ -221,15 +264,26 @@ def main(argv: list[str] | None = None) -> int:
         cpu0 = _cpu(procs)
         spy_args = [PY_SPY, "record", "--gil", "--nonblocking", "--full-filenames", "--format", "raw"]
         spy_args += ["-r", str(args.rate), "-d", str(args.duration)]
-        spies = {
-            name: subprocess.Popen(
+        spies = [
+            subprocess.Popen(
                 [*spy_args, "-o", str(args.out / f"{name}.txt"), "--pid", str(pid)],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
             for name, pid in procs.items()
-        }
-        for spy in spies.values():
+        ]
+        if args.flamegraph:
+            # A second sampler per process for the picture: py-spy writes one format a run.
+            flame_args = [a if a != "raw" else "flamegraph" for a in spy_args]
+            spies += [
+                subprocess.Popen(
+                    [*flame_args, "-o", str(args.out / f"{name}.svg"), "--pid", str(pid)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                for name, pid in procs.items()
+            ]
+        for spy in spies:
             spy.wait()
         cpu = {name: round(used - cpu0.get(name, 0.0), 2) for name, used in _cpu(procs).items()}
         bench.wait()

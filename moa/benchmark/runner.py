@@ -313,6 +313,58 @@ class Simulator:
         self.proc.wait(10)
 
 
+class LocalService:
+    """``moa serve --local`` in a process of its own on the bench's config (written to a YAML file
+    it reads as any user's), so the in-process path is measured as it is deployed: over HTTP, its
+    CPU in its own process (a descendant of the bench's, so counted in the process tree), beside
+    the baseline in the same run. It inherits the bench's state directory (``own_state``)."""
+
+    def __init__(self, cfg: MoAConfig, port: int | None = None, timeout_s: float = 60.0) -> None:
+        import yaml
+
+        self.port = port or _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._dir = tempfile.TemporaryDirectory(prefix="moa-bench-local-")
+        config = Path(self._dir.name) / "config.yaml"
+        config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+        self.log = Path(self._dir.name) / "serve.log"
+        serve = ["serve", "--local", "--config", str(config), "--port", str(self.port)]
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "moa.cli", *serve],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                why = self.log.read_text()[-2000:]
+                self._dir.cleanup()
+                raise RuntimeError(f"moa serve --local exited ({self.proc.returncode}): {why}")
+            try:
+                httpx.get(self.url + "/healthz", timeout=1).raise_for_status()
+                return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("moa serve --local did not start")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        """SIGTERM: the server drains (nothing is in flight by then) and exits."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._dir.cleanup()
+
+
 # The benchmark's Ray side (the service on a local Ray instance, the bare floor app) registers
 # itself under this entry point group (``pyproject.toml``): the core never imports Ray by name.
 RAY_TARGETS_GROUP = "moa.bench"
@@ -376,6 +428,13 @@ def failures(report: dict[str, Any]) -> list[str]:
     return lines + list(advice.values())
 
 
+def needs_ray(opts: BenchOptions) -> bool:
+    """Whether a run starts the Ray app: for a ``serve:`` target, the floor or a fault scenario
+    (the scenarios run on ``serve:moa-lite``). A run of ``baseline`` and ``local:`` targets alone,
+    with ``--scenarios ''``, never imports Ray."""
+    return bool(opts.scenarios) or any(t == "floor" or t.startswith("serve:") for t in opts.targets)
+
+
 async def run(opts: BenchOptions) -> dict[str, Any]:
     with own_state(opts.api_key):
         return await _run(opts)
@@ -383,16 +442,22 @@ async def run(opts: BenchOptions) -> dict[str, Any]:
 
 async def _run(opts: BenchOptions) -> dict[str, Any]:
     prompts = load_prompts(opts.prompts)
+    # Imported only (Ray starts with the Serve app, after the baseline and the local targets), and
+    # before the simulator starts: a missing Ray side leaves no simulator process behind.
+    targets = ray_targets() if needs_ray(opts) else None
     sim = Simulator(opts.ttft_s, opts.tokens_per_s, opts.jitter)
     tree = ProcessTree(exclude={sim.proc.pid})
     serve_targets = [t.split(":", 1)[1] for t in opts.targets if t.startswith("serve:")]
     modes: list[str | None] = list(opts.aggregation) or [None]
     serve_runs = [(model, mode) for model in serve_targets for mode in modes]
+    local_runs = [
+        (t.split(":", 1)[1], mode) for t in opts.targets if t.startswith("local:") for mode in modes
+    ]
     per_level = {c: max(opts.requests, 2 * c) for c in opts.concurrency}
-    levels = sum(per_level.values()) * (len(serve_runs) + ("baseline" in opts.targets))
+    runs = len(serve_runs) + len(local_runs) + ("baseline" in opts.targets)
+    levels = sum(per_level.values()) * runs
     faulted = len(opts.scenarios) * opts.fault_requests * (2 if "baseline" in opts.targets else 1)
-    targets = ray_targets()  # imported only: Ray starts with the Serve app, after the baseline
-    floor = targets.FLOOR_TOTAL if "floor" in opts.targets else 0
+    floor = targets.FLOOR_TOTAL if targets is not None and "floor" in opts.targets else 0
     report: dict[str, Any] = {
         "options": _jsonable(opts),
         "baseline": baseline_metadata(opts),
@@ -418,9 +483,33 @@ async def _run(opts: BenchOptions) -> dict[str, Any]:
                     row = await run_level(base.ask, prompts, c, per_level[c], tree, progress, task, label)
                     report["levels"].append({"target": "baseline", "concurrency": c, **row})
                 await base.aclose()
+            cfg = bench_config(sim.url, opts.layer_deadline_s, opts.staircase_chunk_chars)
+            if local_runs:
+                progress.update(task, description="starting moa serve --local")
+                local = LocalService(cfg)
+                say(f"moa serve --local ready at {local.url} (pid {local.pid})")
+                try:
+                    for model, mode in local_runs:
+                        name = f"local {model}" + (f" ({mode})" if mode else "")
+                        await _measure_http(
+                            HttpTarget(
+                                local.url, model, stream=opts.stream, aggregation=mode, api_key=opts.api_key
+                            ),
+                            name,
+                            opts,
+                            prompts,
+                            per_level,
+                            tree,
+                            progress,
+                            task,
+                            report,
+                        )
+                finally:
+                    local.stop()
+            if targets is None:
+                return _finish(report, opts)
             say("starting the Serve app on a local Ray instance (a minute or so)...")
             progress.update(task, description="starting Ray and the Serve app")
-            cfg = bench_config(sim.url, opts.layer_deadline_s, opts.staircase_chunk_chars)
             url, stop_serve = targets.start_service(cfg, _free_port())
             say(f"Serve app ready at {url}")
             if floor:
@@ -431,18 +520,7 @@ async def _run(opts: BenchOptions) -> dict[str, Any]:
             for model, mode in serve_runs:
                 target = HttpTarget(url, model, stream=opts.stream, aggregation=mode, api_key=opts.api_key)
                 name = f"serve {model}" + (f" ({mode})" if mode else "")
-                progress.update(task, description=f"{name} warm-up")
-                await warm_up(target.send, prompts)
-                for c in opts.concurrency:
-                    label = f"{name} c={c}"
-                    progress.update(task, description=label)
-                    kept: list[dict[str, Any]] = []
-                    target.keep = kept if opts.details else None
-                    row = await run_level(target.send, prompts, c, per_level[c], tree, progress, task, label)
-                    report["levels"].append({"target": name, "concurrency": c, **row})
-                    if opts.details:
-                        report["details"].append({"target": name, "concurrency": c, "requests": kept})
-                target.keep = None
+                await _measure_http(target, name, opts, prompts, per_level, tree, progress, task, report)
             for name in opts.scenarios:
                 sim.faults(SCENARIOS[name])
                 label = f"fault {name}: serve moa-lite"
@@ -464,11 +542,42 @@ async def _run(opts: BenchOptions) -> dict[str, Any]:
         if stop_serve is not None:
             stop_serve()
         sim.stop()
+    return _finish(report, opts)
+
+
+def _finish(report: dict[str, Any], opts: BenchOptions) -> dict[str, Any]:
     # Read at the end: starting the Serve app sets its mode's variables (moa_actors.app.THROUGHPUT_ENV).
     report["environment"]["env"] = _serve_env()
     report["environment"]["loadavg_at_end"] = list(os.getloadavg())
     write_report(report, opts.out)
     return report
+
+
+async def _measure_http(
+    target: HttpTarget,
+    name: str,
+    opts: BenchOptions,
+    prompts: Sequence[str],
+    per_level: dict[int, int],
+    tree: ProcessTree,
+    progress: Progress,
+    task: Any,
+    report: dict[str, Any],
+) -> None:
+    """An HTTP target (the Ray app or ``moa serve --local``) at every level, after its warm-up."""
+    progress.update(task, description=f"{name} warm-up")
+    await warm_up(target.send, prompts)
+    for c in opts.concurrency:
+        label = f"{name} c={c}"
+        progress.update(task, description=label)
+        kept: list[dict[str, Any]] = []
+        target.keep = kept if opts.details else None
+        row = await run_level(target.send, prompts, c, per_level[c], tree, progress, task, label)
+        report["levels"].append({"target": name, "concurrency": c, **row})
+        if opts.details:
+            report["details"].append({"target": name, "concurrency": c, "requests": kept})
+    target.keep = None
+    await target.client.aclose()
 
 
 def environment() -> dict[str, Any]:

@@ -45,10 +45,15 @@ def _names(allowed: set[str] | None) -> Callable[[str], list[str]]:
 
 def _targets(text: str) -> list[str]:
     names = _names(None)(text)
-    unknown = [n for n in names if n not in ("baseline", "floor") and not n.startswith("serve:")]
+    unknown = [
+        n
+        for n in names
+        if n not in ("baseline", "floor") and not (n.startswith(("serve:", "local:")) and n.split(":", 1)[1])
+    ]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown target(s): {', '.join(unknown) or '(none given)'} (baseline, floor or serve:MODEL)"
+            f"unknown target(s): {', '.join(unknown) or '(none given)'} "
+            "(baseline, floor, serve:MODEL or local:MODEL)"
         )
     return names
 
@@ -113,8 +118,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--targets",
         type=_targets,
         default=list(d.targets),
-        help="baseline, serve:MODEL (a preset or provider/model) and floor (a bare Serve app's "
-        f"hop latencies), comma-separated (default: {_csv(d.targets)})",
+        help="baseline, serve:MODEL (a preset or provider/model, through the Ray app), local:MODEL "
+        "(the same through `moa serve --local`, a process of its own, no Ray) and floor (a bare "
+        "Serve app's hop latencies), comma-separated; Ray starts only for serve:, floor and the "
+        f"fault scenarios (default: {_csv(d.targets)})",
     )
     p.add_argument(
         "--scenarios",

@@ -41,8 +41,12 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 def _bind(host: str, port: int) -> socket.socket:
+    """The simulator's socket, named TCP (``IPPROTO_TCP``) as ``moa.service.claim_port`` names
+    its own: asyncio's loop (where uvloop is not installed) turns Nagle's algorithm off only on
+    sockets that say they are TCP, and each answer would otherwise wait 40 ms for its client's
+    delayed acknowledgement."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
