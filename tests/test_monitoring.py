@@ -455,7 +455,7 @@ class Prometheus:
 
 
 def _test_copy(directory: Path) -> list[Path]:
-    """The shipped rules with every window at 12 s (six of the session cluster's 2 s metric export
+    """The shipped rules with every window at 8 s (four of the session cluster's 2 s metric export
     periods, tests/conftest.py's CLUSTER_ENV), no ``for:`` wait, and moa-lite's latency threshold
     at 1 s, so an alert fires, and clears, within a test's time; every expression is otherwise
     the shipped one."""
@@ -464,7 +464,7 @@ def _test_copy(directory: Path) -> list[Path]:
         doc = yaml.safe_load(path.read_text())
         for group in doc["groups"]:
             for rule in group["rules"]:
-                rule["expr"] = re.sub(r"\[\d+[mh]\]", "[12s]", str(rule["expr"]))
+                rule["expr"] = re.sub(r"\[\d+[mh]\]", "[8s]", str(rule["expr"]))
                 if "for" in rule:
                     rule["for"] = "0s"
                 if rule.get("labels", {}).get("preset") == "moa-lite" and "record" in rule:
