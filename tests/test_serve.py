@@ -288,13 +288,19 @@ def test_fusion_in_an_aggregator_deployment(cluster: dict[str, Any], sim: Simula
     from moa_actors.app import build_from_config
 
     assert "aggregator" not in serve.status().applications["moa"].deployments
-    raw = trimmed_config(cluster["config"])
+    # openai alone (two provider replicas fewer to start), with a mixture of its three models.
+    raw = trimmed_config(cluster["config"], ("openai",))
     raw["serve"]["fusion"] = "deployment"
+    proposers = [{"provider": "openai", "model": m} for m in ("gpt-4.1-mini", "gpt-4o-mini", "gpt-4.1")]
+    raw["presets"]["trio"] = {
+        "layers": [{"proposers": proposers, "quorum": 3}],
+        "aggregators": [{"provider": "openai", "model": "gpt-4.1"}],
+    }
     cfg = parse_config(raw, "the aggregator-deployment config")
     serve.run(build_from_config(cfg), name="moa-agg", route_prefix="/agg")
     try:
         assert "aggregator" in serve.status().applications["moa-agg"].deployments
-        body = {"model": "moa-lite", "messages": QUESTION, "moa": {"detail": True}}
+        body = {"model": "trio", "messages": QUESTION, "moa": {"detail": True}}
         r = httpx.post(str(cluster["url"]) + "/agg/v1/chat/completions", json=body, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["content"].startswith("Synthesis of 3 references")
