@@ -199,9 +199,11 @@ def _test_config(sim_url: str) -> MoAConfig:
             "look_back_period_s": 2,
         },
     }
-    # Concurrency 2 per replica, two replicas: never more than 4 calls in flight.
+    # Concurrency 2 per replica, two replicas: never more than 4 calls in flight. OpenAI's kind,
+    # as the other test providers: each replica then imports the one SDK the session's other
+    # replicas import most (anthropic's alone takes a second of the worker node's one CPU).
     raw["providers"]["narrow"] = {
-        "kind": "anthropic",
+        "kind": "openai",
         "api_key_env": "NARROW_API_KEY",
         "limits": {"concurrency": 2},
         "deployment": {"num_cpus": 0.05, "num_replicas": 2, **ON_WORKER},
