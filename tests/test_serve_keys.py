@@ -58,7 +58,7 @@ PER_REPLICA = 2
 KEY_CACHE_S, BURST_S = 1.0, 3.0
 BURST = 12
 # What the aggregator writes before it stalls, in the late-charge test: more than one piece, all
-# within one of its replica's 0.1 s batches (the simulator writes 2,000 tokens a second there).
+# within one of its replica's 0.1 s batches (the simulator writes 8,000 tokens a second there).
 STALL_TOKENS = 40
 
 
@@ -289,7 +289,7 @@ def test_a_cut_call_is_charged_what_its_provider_replica_saw_not_less_than_the_i
             what="the aggregator to start",
         )
         assert not call.done(), call.result().text
-        # Its 40 tokens are out in 20 ms (2,000 a second), then it stalls; the second is for a
+        # Its 40 tokens are out in 5 ms (8,000 a second), then it stalls; the second is for a
         # busy replica to read them all.
         await asyncio.sleep(1.0)
         call.cancel()
