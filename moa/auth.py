@@ -196,6 +196,19 @@ class Authenticator:
             raise InvalidApiKey(f"This API key has been {record.status}.")
         return Principal(record)
 
+    async def authenticate_hash(self, key_hash: str) -> Principal:
+        """The key whose hash is ``key_hash``, for a request the service sends as it (a Batch API
+        batch's, as the key that created it): refused as the key itself would be once it is
+        revoked or disabled."""
+        if not await self.any_keys():
+            return Principal(None)
+        record = await self._lookup(key_hash)
+        if record is None:
+            raise InvalidApiKey("The API key that created this batch no longer exists.")
+        if record.status != "active":
+            raise InvalidApiKey(f"This API key has been {record.status}.")
+        return Principal(record)
+
 
 def parse_list(values: Iterable[str] | None) -> tuple[str, ...] | None:
     """``--presets a,b --presets c`` -> ("a", "b", "c"); nothing given -> unrestricted."""

@@ -660,6 +660,64 @@ class StateConfig(_Strict):
         return _redis_url_without_password(v)
 
 
+class BatchApiConfig(_Strict):
+    """The service's OpenAI Batch API (``/v1/files``, ``/v1/batches``): where its files live and
+    how much of a replica its batches may take (docs/BATCH.md)."""
+
+    files_dir: str | None = Field(
+        default=None,
+        description="Directory of the Batch API's file contents (inputs, outputs); the records are in "
+        "the state store. Default: files/ in the state directory (state.dir). On a cluster every "
+        "ingress replica must see the same directory (a shared file system): any replica may take "
+        "a batch over.",
+    )
+    max_file_bytes: int = Field(
+        default=100_000_000,
+        gt=0,
+        description="An uploaded file larger than this is refused with 413 (file_too_large).",
+    )
+    max_requests: int = Field(
+        default=50_000,
+        ge=1,
+        description="Requests one batch may hold (OpenAI's limit): more fails validation.",
+    )
+    concurrency: int = Field(
+        default=4,
+        ge=1,
+        le=256,
+        description="Batch requests in progress at once on each ingress replica, all its batches "
+        "together: batch work never takes more of a replica than this.",
+    )
+    max_running: int = Field(
+        default=2, ge=1, le=64, description="Batches each ingress replica runs at once (the rest wait)."
+    )
+    yield_at: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Batch requests start only while the replica's requests in progress are fewer "
+        "than this share of server.max_concurrent_requests: interactive traffic goes first.",
+    )
+    attempts: int = Field(
+        default=4, ge=1, le=20, description="Tries per batch request (after a 408, 429, 5xx or no response)."
+    )
+    lease_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="A replica runs a batch while it holds the batch's lease in the state store, "
+        "renewed every third of this; a replica that dies loses it after this long, and another "
+        "takes the batch over from its checkpoint.",
+    )
+    poll_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=300,
+        description="How often a replica looks for batches to run or take over, and for a "
+        "cancellation of the batches it runs.",
+    )
+
+
 class MoAConfig(_Strict):
     """A moa-serve configuration file (YAML). Its JSON schema is docs/config.schema.json."""
 
@@ -688,6 +746,9 @@ class MoAConfig(_Strict):
     )
     observability: ObservabilityConfig = Field(default=ObservabilityConfig(), description="Traces and logs.")
     state: StateConfig = Field(default=StateConfig(), description="Where API keys and the spend ledger live.")
+    batch: BatchApiConfig = Field(
+        default=BatchApiConfig(), description="The OpenAI Batch API: its files, and its share of a replica."
+    )
     eval: EvalConfig = Field(default_factory=EvalConfig, description="moa eval's live-traffic settings")
 
     @model_validator(mode="before")

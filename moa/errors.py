@@ -143,6 +143,10 @@ class AllProvidersFailed(MoAError):
         elif kinds and kinds <= {ErrorKind.TIMEOUT}:
             self.status_code = 504
             self.error_type = "timeout"
+        elif kinds and kinds <= {ErrorKind.INVALID_OUTPUT}:
+            # Every model answered, and none within the request's tool contract: the listing
+            # names each tool and violation. Never a call the client could act on wrongly.
+            self.code = "invalid_tool_calls"
         elif kinds and kinds <= {ErrorKind.INTERNAL}:
             # Nothing a provider did: our own failure, reported as such.
             self.status_code = 500

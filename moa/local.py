@@ -22,22 +22,33 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from moa.api.app import CUT_GRACE_S, Api, create_api
 from moa.config import MoAConfig
 from moa.engine.assembly import assemble
+from moa.engine.receipts import Receipts
 from moa.providers.registry import ProviderPool
 from moa.service import StopSignals, banner, claim_port, draining_message
 from moa.state import StateStore, open_store
 
 
 @contextlib.asynccontextmanager
-async def local_app(cfg: MoAConfig, store: Callable[[], StateStore] | None = None) -> AsyncIterator[FastAPI]:
+async def local_app(
+    cfg: MoAConfig, store: Callable[[], StateStore] | None = None, run_batches: bool = True
+) -> AsyncIterator[FastAPI]:
     """The API app over the in-process provider pool; the pool's clients close on exit. With a
-    ``store`` (built here, on the server's own loop), API keys and budgets apply."""
-    async with ProviderPool.from_config(cfg, sim_url=cfg.simulator.url) as pool:
+    ``store`` (built here, on the server's own loop), API keys and budgets apply, and the Batch
+    API's batches run in its background unless ``run_batches`` is False."""
+    # What a call cut mid-stream really consumed, as its client saw it (tool-call fragments
+    # included): the ledger charges the larger of that and the engine's estimate.
+    receipts = Receipts()
+    async with ProviderPool.from_config(cfg, sim_url=cfg.simulator.url, receipts=receipts) as pool:
         engine = assemble(cfg, pool)
 
         async def health() -> dict[str, Any]:
             return pool.health()
 
-        yield create_api(cfg, engine, health, store() if store else None)
+        app = create_api(cfg, engine, health, store() if store else None, receipts, run_batches=run_batches)
+        try:
+            yield app
+        finally:
+            await app.state.api.close()  # the Batch API's background work, if any is left
 
 
 # Bytes a request line and its headers may take (uvicorn's h11 default for an incomplete event).

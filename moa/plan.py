@@ -163,6 +163,14 @@ class Plan(_Strict):
         "requests; others run final). "
         "A request can choose with moa.aggregation.",
     )
+    tools: Literal["vote", "aggregate"] = Field(
+        default="vote",
+        description="How a request with tools gets its final calls: vote: when a quorum of the last "
+        "layer's proposals make the same calls (functions and arguments, order aside), those are "
+        "the answer, with no aggregator call; otherwise the aggregator decides; aggregate: the "
+        "aggregator always decides, reading the proposed calls as references. Every final call is "
+        "validated against its declared schema either way. A request can choose with moa.tools.",
+    )
     staircase_chunk_chars: int = Field(
         # Measured (docs/BENCHMARKS.md): 200 brings moa's first token to under a fifth of final's
         # at no more tokens than 400, while each step still reads a few sentences of every answer.
@@ -276,6 +284,12 @@ class RouterConfig(_Strict):
     specialists: dict[TaskType, tuple[ProposerSpec, ...]] = Field(
         default_factory=dict,
         description="Task type -> a proposer set replacing the chosen preset's first layer.",
+    )
+    tools_max_tier: Complexity | None = Field(
+        default=None,
+        description="auto: the deepest tier a request carrying tools is sent to (its classified tier, "
+        "or this one if that is deeper); null: tool requests are routed like any other. See "
+        "docs/TOOLS.md for what depth buys on tool calls.",
     )
 
     @model_validator(mode="after")

@@ -9,9 +9,9 @@ from pydantic import BaseModel, Field
 
 from moa.errors import FallbackReason
 from moa.plan import Complexity, Plan, TaskType
-from moa.types import CallResult, ErrorKind, Usage
+from moa.types import CallResult, ErrorKind, ToolCall, Usage
 
-AnswerSource = Literal["aggregator", "fallback", "proposal"]
+AnswerSource = Literal["aggregator", "fallback", "proposal", "vote"]
 
 
 class Stage(StrEnum):
@@ -58,6 +58,8 @@ class CallRecord(BaseModel):
     cut_id: str | None = Field(default=None, exclude=True)
     attempts: int = 0
     finish_reason: str | None = None
+    # The function calls this call made (a proposal's, for the vote; an aggregator's, validated).
+    tool_calls: list[ToolCall] = Field(default_factory=list)
     provider_service_s: float | None = None  # what the provider reported (see CallResult)
     # Generation parameters the adapter dropped or clamped for this model (see CallResult).
     adjustments: list[str] = Field(default_factory=list)
@@ -102,6 +104,7 @@ class CallRecord(BaseModel):
             usage=res.usage,
             cost_usd=res.cost_usd,
             usage_estimated=res.usage_estimated,
+            tool_calls=res.tool_calls,
             cut_id=res.cut_id,
             attempts=res.attempts,
             finish_reason=res.finish_reason,
@@ -146,6 +149,22 @@ class CacheOutcome(BaseModel):
     reason: str | None = None  # why it was bypassed or not stored
 
 
+class VoteOutcome(BaseModel):
+    """What the vote saw and decided, for ``moa.detail`` and the run's span."""
+
+    # The proposals that answered, and how many the winning set of calls needed.
+    proposals: int
+    needed: int
+    # How many proposals made the most common set of calls (0: none made calls).
+    agreed: int = 0
+    # Decided by the vote (no aggregator call), or handed to the aggregator.
+    decided: bool = False
+    # The winning calls, as ``name(arguments)`` lines, when the vote decided.
+    calls: list[str] = Field(default_factory=list)
+    # Why the vote did not decide, when it did not.
+    reason: str | None = None
+
+
 class MoAResult(BaseModel):
     text: str
     preset: str
@@ -175,6 +194,10 @@ class MoAResult(BaseModel):
     answer_source: AnswerSource = "aggregator"
     notes: list[str] = Field(default_factory=list)
     cache: CacheOutcome = Field(default_factory=CacheOutcome)
+    # The answer's function calls (finish_reason ``tool_calls``), validated against the request's
+    # tools; and what the vote among the proposals' calls saw and decided, when there was one.
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    tool_vote: VoteOutcome | None = None
 
     @property
     def stragglers_cancelled(self) -> int:

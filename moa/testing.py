@@ -27,7 +27,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from moa.types import CallError, CallRequest, CallResult, ErrorKind, StreamEvent, TextDelta, Usage
+from moa.types import CallError, CallRequest, CallResult, ErrorKind, StreamEvent, TextDelta, ToolCall, Usage
 
 __all__ = ["Reply", "ScriptedCall", "ScriptedCaller"]
 
@@ -57,6 +57,8 @@ class Reply:
     pauses: tuple[tuple[int, int], ...] = ()
     output_tokens: int | None = None
     finish_reason: str = "stop"
+    # The function calls the model makes (its finish reason is then ``tool_calls``).
+    tool_calls: tuple[ToolCall, ...] = ()
 
     @property
     def answer(self) -> str:
@@ -250,7 +252,12 @@ class ScriptedCaller:
             model=req.model,
             text="" if error is not None and not streamed else text,
             usage=Usage(input_tokens=input_tokens, output_tokens=output if error is None else 0),
-            finish_reason=None if error is not None else reply.finish_reason,
+            finish_reason=None
+            if error is not None
+            else "tool_calls"
+            if reply.tool_calls
+            else reply.finish_reason,
+            tool_calls=[] if error is not None else list(reply.tool_calls),
             latency_s=time.monotonic() - rec.started_at,
             attempts=1,
             streamed=streamed,

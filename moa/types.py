@@ -123,6 +123,20 @@ class ToolSet(BaseModel):
         return next((t for t in self.tools if t.name == name), None)
 
 
+class ResponseFormat(BaseModel):
+    """The document format a call's answer must have (OpenAI's ``response_format``): any JSON
+    object (``json_object``), or one a JSON Schema accepts (``json_schema``). Each adapter asks for
+    it in its API's own form; the engine validates what comes back."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True)
+
+    type: Literal["json_object", "json_schema"]
+    # json_schema only: the schema's name, the schema, and OpenAI's strict switch.
+    name: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ChatMessage(BaseModel):
     """A message of the conversation, normalised: text content; an assistant turn may carry the
     tool calls it made, and a ``tool`` turn is the result of one of them (``tool_call_id``, and
@@ -152,6 +166,15 @@ def prompt_texts(messages: Iterable[ChatMessage], tools: ToolSet | None = None) 
     if tools is not None:
         texts.append(json.dumps([t.model_dump(exclude_none=True) for t in tools.tools]))
     return texts
+
+
+def priced_messages(messages: Iterable[ChatMessage], tools: ToolSet | None = None) -> list[ChatMessage]:
+    """The messages as a projection counts them: with the tool definitions as one more prompt
+    message, since every provider bills them as prompt tokens (and caps count them as input)."""
+    found = list(messages)
+    if tools is not None:
+        found.append(ChatMessage(role="system", content=prompt_texts((), tools)[0]))
+    return found
 
 
 class GenerationParams(BaseModel):
@@ -271,6 +294,8 @@ class CallRequest(BaseModel):
     call_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     # The tools the model may call (each adapter sends them in its API's own form), or None.
     tools: ToolSet | None = None
+    # The format the answer must have (each adapter asks for it natively), or None: free text.
+    response_format: ResponseFormat | None = None
 
 
 class CallResult(BaseModel):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 from opentelemetry import trace
@@ -76,6 +77,10 @@ def end_call_span(span: trace.Span, result: CallResult | None, *, capture_conten
         span.set_attribute("moa.provider_service_s", result.provider_service_s)
     if result.adjustments:
         span.set_attribute("moa.adjustments", result.adjustments)
+    if result.tool_calls:
+        # The functions it called (the request's own declarations); their arguments are content,
+        # recorded only with capture_content.
+        span.set_attribute("moa.tool_calls", [c.name for c in result.tool_calls])
     span.set_attribute("moa.cost_usd", result.cost_usd)
     if result.error is not None:
         span.set_attribute("error.type", result.error.kind.value)
@@ -84,12 +89,23 @@ def end_call_span(span: trace.Span, result: CallResult | None, *, capture_conten
         why = error_text(result.error.message)
         span.set_status(Status(StatusCode.ERROR, f"{result.error.kind.value}: {why}" if why else None))
     elif capture_content:
-        span.set_attribute(
-            "gen_ai.output.messages", _messages_json([ChatMessage(role="assistant", content=result.text)])
-        )
+        answer = ChatMessage(role="assistant", content=result.text, tool_calls=tuple(result.tool_calls))
+        span.set_attribute("gen_ai.output.messages", _messages_json([answer]))
     span.end()
 
 
+def _parts(m: ChatMessage) -> list[dict[str, Any]]:
+    """A message's parts as the GenAI conventions write them: its text, its tool calls, or the
+    tool result it carries."""
+    if m.role == "tool":
+        return [{"type": "tool_call_response", "id": m.tool_call_id, "response": m.content}]
+    parts: list[dict[str, Any]] = [{"type": "text", "content": m.content}] if m.content else []
+    parts += [
+        {"type": "tool_call", "id": c.id, "name": c.name, "arguments": c.arguments} for c in m.tool_calls
+    ]
+    return parts or [{"type": "text", "content": ""}]
+
+
 def _messages_json(messages: Sequence[ChatMessage]) -> str:
-    text = json.dumps([{"role": m.role, "parts": [{"type": "text", "content": m.content}]} for m in messages])
+    text = json.dumps([{"role": m.role, "parts": _parts(m)} for m in messages])
     return text[:MAX_CAPTURED_CHARS]

@@ -18,8 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
+import openai
 import pytest
+from google import genai
+from google.genai import types as genai_types
 from hypothesis import settings
 
 from moa.config import MoAConfig, SimulatorMode, load_config, parse_config
@@ -341,3 +345,31 @@ def log_lines() -> Iterator[io.StringIO]:
     yield buf
     logger.removeHandler(handler)
     logger.setLevel(old_level)
+
+
+# The official SDKs' clients on the session simulator, for the modules that drive its wires
+# directly (tool calling, structured outputs). Each such module defines its own ``http`` fixture,
+# which loads its simulator profile first; these clients depend on it.
+SIM_KEY = "sim-test-key"
+
+
+@pytest.fixture
+def oai(http: httpx.Client, sim: SimulatorServer) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{sim.url}/v1", api_key=SIM_KEY, max_retries=0) as client:
+        yield client
+
+
+@pytest.fixture
+def claude(http: httpx.Client, sim: SimulatorServer) -> Iterator[anthropic.Anthropic]:
+    with anthropic.Anthropic(base_url=sim.url, api_key=SIM_KEY, max_retries=0) as client:
+        yield client
+
+
+@pytest.fixture
+def gem(http: httpx.Client, sim: SimulatorServer) -> Iterator[genai.Client]:
+    options = genai_types.HttpOptions(
+        base_url=sim.url, api_version="v1beta", retry_options=genai_types.HttpRetryOptions(attempts=1)
+    )
+    client = genai.Client(api_key=SIM_KEY, http_options=options)
+    yield client
+    client.close()

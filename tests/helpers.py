@@ -24,6 +24,7 @@ from moa.local import LocalServer
 from moa.service import claim_port
 from moa.simulator.server import SimulatorServer
 from moa.state import StateStore
+from moa.types import ToolSpec
 from moa_observability.tracing import flush_tracing
 from tests.otlp_receiver import OTLPReceiver
 from tests.waiting import wait_until, wait_until_sync
@@ -229,3 +230,28 @@ def by_name(spans: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
 # The marks of a module of Ray tests: run with -m ray. (Serve's warning about the session app's
 # short autoscaling look-back is filtered for every module, with its reason, in pyproject.toml.)
 RAY_MODULE = [pytest.mark.ray]
+
+
+# The tools of the providers' published tool-calling examples (the weather one; a second, ours,
+# for parallel calls), as the adapters' tests declare them.
+TOOL_WEATHER = ToolSpec(
+    name="get_weather",
+    description="Get the current weather in a given location",
+    parameters={
+        "type": "object",
+        "properties": {
+            "location": {"type": "string", "description": "The city and state"},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        },
+        "required": ["location"],
+    },
+)
+TOOL_TIME = ToolSpec(
+    name="get_time",
+    description="Get the current time in a timezone",
+    parameters={
+        "type": "object",
+        "properties": {"timezone": {"type": "string"}, "hours": {"type": "integer"}},
+        "required": ["timezone", "hours"],
+    },
+)

@@ -75,6 +75,10 @@ class OTLPReceiver:
                         "resource": resource,
                         "status": s.status.code,
                         "status_message": s.status.message,
+                        "events": [
+                            {"name": e.name, "attributes": {a.key: _value(a.value) for a in e.attributes}}
+                            for e in s.events
+                        ],
                     }
                     with self._lock:
                         self.spans.append(span)

@@ -142,8 +142,8 @@ HI = b'"messages": [{"role": "user", "content": "hi"}]'
             b'{"model": "moa", ' + HI + b', "tools": [{"x": 1}]}',
             422,
             "invalid_value",
-            "tools",
-            "tools: 'tools' is not",
+            "tools.0.type",
+            "tools.0.type: Field required",
         ),
         (
             b'{"model": "moa", ' + HI + b', "moa": {"bogus": 1}}',
@@ -393,3 +393,25 @@ def test_healthz(api_url: str) -> None:
     r = httpx.get(api_url + "/healthz")
     # Per-provider detail is for the admin key (tests/test_secure_defaults.py); probes get the status.
     assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+def test_every_answer_says_the_services_own_overhead(api_url: str) -> None:
+    """``x-moa-overhead-ms``: the request's wall time at the service minus its wait on the model
+    calls' critical path. It lies between the engine's own share (its wall time minus the critical
+    path, both in the detail) and what the client saw minus the critical path."""
+    import time
+
+    for path, body in (
+        ("/v1/chat/completions", {"model": "moa-lite", "messages": QUESTION, "moa": {"detail": True}}),
+        ("/v1/moa", {"preset": "moa-lite", "messages": QUESTION}),
+    ):
+        t0 = time.monotonic()
+        r = httpx.post(api_url + path, json=body, timeout=60)
+        seen_ms = (time.monotonic() - t0) * 1000
+        assert r.status_code == 200, r.text
+        data = r.json()
+        totals = data["moa"]["totals"] if "moa" in data else data
+        critical_ms = totals["critical_path_s"] * 1000
+        engine_ms = totals["wall_time_s"] * 1000 - critical_ms
+        overhead = float(r.headers["x-moa-overhead-ms"])
+        assert 0 < engine_ms <= overhead + 0.1 and overhead <= seen_ms - critical_ms, (engine_ms, overhead)

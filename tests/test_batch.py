@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 
-from moa.batch import BatchOptions, BatchRunner, InputError, Reply, batch_status, read_items, run_batch
+from moa.batch import BatchRunner, InputError, Reply, batch_status, read_items
 from moa.batch.items import parse_items
 from moa.batch.journal import Journal, read_outcomes
+from moa.cli.batch_run import BatchOptions, run_batch
 from moa.config import MoAConfig
 from moa.simulator.server import SimulatorServer
 from tests.helpers import clear_faults, model_stats, set_fault, set_pace
@@ -322,7 +323,7 @@ _CHILD = textwrap.dedent(
     """
     import asyncio, sys
     from pathlib import Path
-    from moa.batch import BatchOptions, run_batch
+    from moa.cli.batch_run import BatchOptions, run_batch
     from moa.config import load_config
     cfg = load_config(None)
     sim = cfg.simulator.model_copy(update={"url": sys.argv[1], "mode": "on"})
@@ -378,7 +379,7 @@ async def test_every_answer_says_what_it_cost_in_a_header(
 ) -> None:
     """``x-moa-cost-usd``, what the batch counts its budget with: the run's cost, on both answering
     endpoints, whether or not the request asked for ``moa.detail``."""
-    from moa.batch.senders import in_process_sender
+    from moa.cli.batch_run import in_process_sender
 
     question = {"messages": [_user("why is the sky blue?")]}
     async with in_process_sender(config, None) as sender:

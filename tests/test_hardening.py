@@ -346,7 +346,14 @@ def test_what_openai_accepts_is_accepted(api: str, extra: dict[str, Any]) -> Non
             {"model": "moa", "messages": QUESTION, "response_format": {"type": "json_object"}},
             "response_format",
         ),
-        ({"model": "moa", "messages": QUESTION, "tools": [{"type": "function"}]}, "tools"),
+        (
+            {
+                "model": "moa",
+                "messages": QUESTION,
+                "tools": [{"type": "function", "function": {"name": "a b"}}],
+            },
+            "tools.0.function.name",
+        ),
         ({"model": "moa", "messages": QUESTION, "moa": {"detail": "yes"}}, "moa.detail"),
         ({"model": "moa", "messages": QUESTION, "stream": "yes"}, "stream"),
         ({"model": "moa", "messages": QUESTION, "temperature": 7}, "temperature"),

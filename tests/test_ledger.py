@@ -204,11 +204,13 @@ def spend_of(
     sim: SimulatorServer,
     state_dir: Path,
     act: Callable[[httpx.AsyncClient], Awaitable[None]],
+    detail: bool = False,
 ) -> int:
-    """``act`` as a client with a fresh key (a $1 budget), then that key's settled spend, once the
-    simulator has billed everything the requests set going."""
+    """``act`` as a client with a fresh key (a $1 budget; ``detail``: it may use ``/v1/moa``),
+    then that key's settled spend, once the simulator has billed everything the requests set
+    going."""
     key = new_key()
-    record = new_record("ledger", key, KeyLimits(budget_usd=1.0))
+    record = new_record("ledger", key, KeyLimits(budget_usd=1.0, detail=detail))
 
     async def scenario() -> int:
         store: StateStore = SQLiteStore(state_dir / "state.db")
@@ -248,6 +250,70 @@ def test_a_stream_the_client_hangs_up_on_is_billed_as_the_provider_bills_it(
     billed, _ = invoice(sim, server.config)
     cuts = sum(s["cancelled"] for s in sim_stats(sim).values())
     most = to_micro(billed) + margin_usd(server.config, cuts) + 2  # rounding: a micro-dollar a request
+    assert to_micro(billed) <= spent <= most, (spent, billed)
+
+
+EMAIL_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "send_email",
+        "description": "Send an email.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "to": {"type": "string"},
+                "subject": {"type": "string"},
+                "body": {"type": "string"},
+            },
+            "required": ["to", "subject", "body"],
+        },
+    },
+}
+# A call whose arguments run to some 80 tokens: at 40 tokens a second the proposers are still
+# writing them, well past the cut margin, when the client hangs up.
+EMAIL_ASK = (
+    'Send email to "ops@example.com" with subject "Weekly capacity review for the storage and '
+    'compute clusters of the northern region" and body "Hello team, please review the attached '
+    "capacity figures for the storage and compute clusters before Thursday, flag any node that ran "
+    'above eighty percent for more than two days, and propose the replacements we should order."'
+)
+
+
+def test_a_request_with_tools_cut_mid_call_is_billed_as_the_provider_bills_it(
+    server: ApiServer, sim: SimulatorServer, state_dir: Path
+) -> None:
+    """A client hangs up while the proposers write their calls' arguments: the key is charged at
+    least what the simulator invoices. The arguments never reach the engine as text (they are
+    held until the call is whole), so the engine's estimate of each cut call is its prompt and
+    the cut margin; the provider pool's receipt of the fragments it read makes up the rest.
+    OpenAI and Anthropic stream the arguments; Gemini sends a call whole, so it is left out."""
+    plan = {
+        "layers": [
+            {
+                "proposers": [
+                    {"provider": "openai", "model": "gpt-4.1-mini"},
+                    {"provider": "anthropic", "model": "claude-haiku-4-5"},
+                ],
+                "quorum": 2,
+            }
+        ],
+        "aggregators": [{"provider": "openai", "model": "gpt-4.1"}],
+    }
+
+    async def hang_up(http: httpx.AsyncClient) -> None:
+        body = {"plan": plan, "messages": [{"role": "user", "content": EMAIL_ASK}], "tools": [EMAIL_TOOL]}
+        request = asyncio.ensure_future(http.post("/v1/moa", json=body))
+        await asyncio.sleep(1.2)  # the proposers are some 45 tokens into their arguments
+        request.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await request
+
+    spent = spend_of(server, sim, state_dir, hang_up, detail=True)
+    billed, _ = invoice(sim, server.config)
+    stats = sim_stats(sim)
+    cuts = sum(s["cancelled"] for s in stats.values())
+    assert cuts == 2 and stats["gpt-4.1-mini"]["billed_output_tokens"] > 30, stats
+    most = to_micro(billed) + margin_usd(server.config, cuts) + 2
     assert to_micro(billed) <= spent <= most, (spent, billed)
 
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from moa.auth import new_key, new_record
@@ -327,3 +328,42 @@ def test_a_cut_call_is_charged_what_its_provider_replica_saw_not_less_than_the_i
         what=f"the key's ledger to come to the invoice and the margin ({billed} + {margin} micro-dollars)",
     )
     assert billed <= spent <= billed + margin + cuts, (spent, billed, margin)
+
+
+def test_the_openai_batch_flow_through_the_ray_app(
+    keyed: tuple[str, str, KeyRecord, str], sim: SimulatorServer
+) -> None:
+    """The Batch API on the Ray app: two ingress replicas on one Redis, either may take the batch
+    (its lease decides which); the official client's flow ends with every request answered once."""
+    url, _, _, redis_url = keyed
+    key = new_key()
+    _run(_with_store(redis_url, lambda s: s.create_key(new_record("batcher", key, KeyLimits()))))
+    oai = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+    # BODY without moa.detail, which this key may not ask for; a question of its own per line.
+    body = {k: v for k, v in BODY.items() if k != "moa"}
+    lines = [
+        {
+            "custom_id": f"q{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": body | {"messages": [{"role": "user", "content": f"Name colour number {i}."}]},
+        }
+        for i in range(6)
+    ]
+    data = "".join(json.dumps(x) + "\n" for x in lines).encode()
+    src = oai.files.create(file=("in.jsonl", data), purpose="batch")
+    batch = oai.batches.create(input_file_id=src.id, endpoint="/v1/chat/completions", completion_window="24h")
+    done = wait_until_sync(
+        lambda: oai.batches.retrieve(batch.id),
+        lambda b: b.status in ("completed", "failed", "expired", "cancelled"),
+        within_s=120,
+        interval=0.5,
+        what="the batch to end",
+    )
+    assert done.status == "completed" and done.request_counts is not None, done
+    assert (done.request_counts.completed, done.request_counts.failed) == (6, 0)
+    assert done.output_file_id is not None
+    answers = [json.loads(x) for x in oai.files.content(done.output_file_id).text.splitlines()]
+    assert sorted(x["custom_id"] for x in answers) == [f"q{i}" for i in range(6)]
+    assert {x["response"]["status_code"] for x in answers} == {200}
+    assert model_stats(sim, "gpt-4.1-mini")["requests"] == 6  # each once, by one replica

@@ -27,10 +27,10 @@ from google.genai import types as genai_types
 
 from moa.simulator.profile import ModelProfile, SimProfile, ToolErrors
 from moa.simulator.server import SimulatorServer
+from tests.conftest import SIM_KEY as KEY
 from tests.helpers import sim_requests, sim_stats
 from tests.test_fidelity import assert_shape, collapse, load, raw, sse_events
 
-KEY = "sim-test-key"
 OPENAI_AUTH = {"Authorization": f"Bearer {KEY}"}
 ANTHROPIC_AUTH = {"x-api-key": KEY, "anthropic-version": "2023-06-01"}
 GEMINI_AUTH = {"x-goog-api-key": KEY}
@@ -86,28 +86,6 @@ def http(sim: SimulatorServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=sim.url, timeout=10) as client:
         client.put("/admin/profile", json=profile()).raise_for_status()
         yield client
-
-
-@pytest.fixture
-def oai(http: httpx.Client, sim: SimulatorServer) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{sim.url}/v1", api_key=KEY, max_retries=0) as client:
-        yield client
-
-
-@pytest.fixture
-def claude(http: httpx.Client, sim: SimulatorServer) -> Iterator[anthropic.Anthropic]:
-    with anthropic.Anthropic(base_url=sim.url, api_key=KEY, max_retries=0) as client:
-        yield client
-
-
-@pytest.fixture
-def gem(http: httpx.Client, sim: SimulatorServer) -> Iterator[genai.Client]:
-    options = genai_types.HttpOptions(
-        base_url=sim.url, api_version="v1beta", retry_options=genai_types.HttpRetryOptions(attempts=1)
-    )
-    client = genai.Client(api_key=KEY, http_options=options)
-    yield client
-    client.close()
 
 
 def gemini_config(*fns: dict[str, Any], **calling: Any) -> genai_types.GenerateContentConfig:

@@ -41,6 +41,11 @@ BUDGET_RESEND_S = 5.0
 # At most one read per key this often on the request path's account (in the background).
 BUDGET_READ_MIN_S = 1.0
 
+# The ASGI scope's mark on a request a Batch API batch sends to its replica's own app: the hash
+# of the key that created the batch, which the request is then sent as. It is set in the scope by
+# the batch worker (``moa.api.batch_worker.as_key``), where no HTTP client can set anything.
+BATCH_KEY_SCOPE = "moa.batch_key_hash"
+
 # A reservation outlives any request (the longest deadline a request may ask for, plus slack):
 # if its replica dies before settling, the money comes back after this long.
 RESERVATION_TTL_S = 3600.0 + 300.0
@@ -242,10 +247,16 @@ class Access:
         if self._later:
             await asyncio.gather(*self._later, return_exceptions=True)
 
-    async def principal(self, authorization: str | None) -> Principal:
+    async def principal(self, authorization: str | None, batch_key: str | None = None) -> Principal:
+        """The caller, from its Authorization header; or, for a request a Batch API batch sends
+        (``batch_key``: the ``BATCH_KEY_SCOPE`` mark), the key that created the batch, which
+        must still be active. Either way the key's per-minute limits count the request."""
         if self.auth is None:
             return Principal(None)
-        principal = await self.auth.authenticate(authorization)
+        if batch_key is not None:
+            principal = await self.auth.authenticate_hash(batch_key)
+        else:
+            principal = await self.auth.authenticate(authorization)
         if principal.key is not None:
             trace.get_current_span().set_attribute("moa.key", principal.label)
             lim = principal.limits

@@ -11,6 +11,7 @@ This module is the routes: each endpoint shapes HTTP only. The request handling 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from typing import Any
@@ -20,6 +21,9 @@ from fastapi.responses import JSONResponse, Response
 
 from moa.api.access import Access
 from moa.api.admin import Admin, add_admin_routes, admin_key_from_env
+from moa.api.batch_files import FileStore, files_dir
+from moa.api.batch_routes import BatchApi, add_batch_routes
+from moa.api.batch_worker import BatchWorker
 from moa.api.drain import CUT_GRACE_S
 from moa.api.errors import ApiError, add_error_handlers, moa_error
 from moa.api.health import HealthFn, health_status, model_objects
@@ -29,6 +33,7 @@ from moa.api.responses import (
     completion_body,
     cost_header,
     moa_detail,
+    overhead_header,
     preset_header,
 )
 from moa.api.schemas import ChatCompletionRequest, MoARequest
@@ -53,6 +58,7 @@ def _api(request: Request) -> Api:
 async def chat_completions(request: Request) -> Response:
     """``POST /v1/chat/completions``: the answer whole (JSON), or streamed (SSE) once the run is
     admitted, so that a refusal still gets its real status."""
+    received = time.monotonic()
     api = _api(request)
     req, run = await api.prepare(request, ChatCompletionRequest)
     response: Response | None = None
@@ -61,7 +67,8 @@ async def chat_completions(request: Request) -> Response:
             result = await api.answer(request, run)
             api.outcomes.answered(result, time.monotonic() - run.t0, run.messages, req.model)
             headers = cache_header(run.ticket) | preset_header(result.preset) | answer_header(result)
-            return JSONResponse(completion_body(req, result), headers=headers | cost_header(result))
+            headers |= cost_header(result) | overhead_header(result, received)
+            return JSONResponse(completion_body(req, result), headers=headers)
         first, events = await api.open_stream(request, run)
         # From here the response owns the slot and the events (see AdmittedStream).
         ran = first.preset if isinstance(first, Progress | MoAResult) else None
@@ -78,6 +85,7 @@ async def chat_completions(request: Request) -> Response:
 
 async def moa(request: Request) -> Response:
     """``POST /v1/moa``: an explicit plan (or a preset), and the full result back."""
+    received = time.monotonic()
     api = _api(request)
     _, run = await api.prepare(request, MoARequest)
     try:
@@ -89,7 +97,10 @@ async def moa(request: Request) -> Response:
         await run.close()
     return JSONResponse(
         result.model_dump(mode="json"),
-        headers=cache_header(run.ticket) | answer_header(result) | cost_header(result),
+        headers=cache_header(run.ticket)
+        | answer_header(result)
+        | cost_header(result)
+        | overhead_header(result, received),
     )
 
 
@@ -120,17 +131,38 @@ _NO_NATIVE_TELEMETRY: dict[str, Any] = (
 )
 
 
+def _batch_api(
+    config: MoAConfig, api: Api, app: FastAPI, store: StateStore | None, run_batches: bool
+) -> BatchApi | None:
+    """The Batch API over the state store's records and ``batch.files_dir``, its background work
+    started (on the loop the app is built on: the one that serves it) if ``run_batches``; None
+    without a store."""
+    if store is None:
+        return None
+    files = FileStore(files_dir(config), store.batches)
+    worker = BatchWorker(config, store.batches, files, app, api.admission, background=run_batches)
+    api.batch_worker = worker
+    with contextlib.suppress(RuntimeError):  # built outside a loop: it starts with the first batch
+        worker.start()
+    return BatchApi(api, store.batches, files, worker)
+
+
 def create_api(
     config: MoAConfig,
     engine: MoAEngine,
     health: HealthFn,
     store: StateStore | None = None,
     receipts: ReceiptSource | None = None,
+    run_batches: bool = True,
 ) -> FastAPI:
-    """The API app; with a ``store``, API keys and budgets apply (once a key exists), and with
-    ``MOA_ADMIN_KEY`` in the environment too, the admin API manages them (``/admin/keys``).
+    """The API app; with a ``store``, API keys and budgets apply (once a key exists), the Batch
+    API runs (``/v1/files``, ``/v1/batches``), and with ``MOA_ADMIN_KEY`` in the environment
+    too, the admin API manages keys (``/admin/keys``).
     ``receipts``: where the transport leaves what the calls a request cut really consumed (on
-    Ray, the health board); without one, a cut call is charged its estimate."""
+    Ray, the health board); without one, a cut call is charged its estimate. ``run_batches``:
+    whether this app runs the Batch API's batches in its background (a serving app does; an app
+    built for one command's own requests, such as ``moa batch run``'s, must not take the
+    service's batches)."""
     api = Api(config, engine, health, Access(config, store, receipts))
     # No /openapi.json, /docs or /redoc: the handlers read their bodies themselves, so the schema
     # would describe no request or response (clients follow OpenAI's API), only list the routes,
@@ -172,6 +204,7 @@ def create_api(
         return await health_status(api.health, api.draining, detail)
 
     app.add_api_route("/healthz", healthz, methods=["GET", "HEAD"])
+    add_batch_routes(app, _batch_api(config, api, app, store, run_batches), keyed)
     if admin_key is not None and store is not None:
         add_admin_routes(app, Admin(store, admin_key, auth, config.server.max_request_bytes))
     return app

@@ -5,16 +5,43 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from moa.api.schemas import ChatCompletionRequest
 from moa.cache import CacheTicket
 from moa.result import MoAResult
-from moa.types import Usage
+from moa.types import ToolCall, Usage
 
 
-def finish_reason(reason: str | None) -> str:
+def finish_reason(reason: str | None, legacy: bool = False) -> str:
+    """OpenAI's finish reason for ours (``function_call`` for a legacy ``functions`` request)."""
+    if reason == "tool_calls":
+        return "function_call" if legacy else "tool_calls"
     return reason if reason in ("stop", "length", "content_filter") else "stop"
+
+
+def tool_calls(calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
+    """``message.tool_calls`` as OpenAI shapes them."""
+    return [
+        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        for c in calls
+    ]
+
+
+def message(req: ChatCompletionRequest, result: MoAResult) -> dict[str, Any]:
+    """The answer's ``message``: its text (null when it is only calls, as OpenAI sends it) and its
+    calls, as ``tool_calls``, or as the legacy ``function_call`` when the request gave ``functions``."""
+    body: dict[str, Any] = {"role": "assistant", "content": result.text, "refusal": None}
+    if not result.tool_calls:
+        return body
+    body["content"] = result.text or None
+    if req.functions is not None:
+        call = result.tool_calls[0]
+        body["function_call"] = {"name": call.name, "arguments": call.arguments}
+    else:
+        body["tool_calls"] = tool_calls(result.tool_calls)
+    return body
 
 
 def usage(u: Usage) -> dict[str, Any]:
@@ -38,6 +65,7 @@ def moa_detail(result: MoAResult) -> dict[str, Any]:
         "answer_source": result.answer_source,
         "notes": result.notes,
         "cache": result.cache.model_dump(mode="json"),
+        "tool_vote": result.tool_vote.model_dump(mode="json") if result.tool_vote else None,
         "calls": [c.model_dump(mode="json") for c in result.calls],
         "totals": {
             "calls": len(result.calls),
@@ -63,9 +91,9 @@ def completion_body(req: ChatCompletionRequest, result: MoAResult) -> dict[str, 
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": result.text, "refusal": None},
+                "message": message(req, result),
                 "logprobs": None,
-                "finish_reason": finish_reason(result.finish_reason),
+                "finish_reason": finish_reason(result.finish_reason, req.functions is not None),
             }
         ],
         "usage": usage(result.usage),
@@ -97,6 +125,21 @@ def answer_header(result: MoAResult) -> dict[str, str]:
     proposal answered unaggregated). A streamed response's headers leave before the answer is
     known: there it is only in ``moa.detail``."""
     return {"x-moa-answer-source": result.answer_source}
+
+
+def overhead_ms(result: MoAResult, since: float) -> float:
+    """What the service itself added to a request, in milliseconds: its wall time from when the
+    route received it (``since``, a ``time.monotonic()`` reading) to now, minus the time it
+    waited on its model calls' critical path (``MoAResult.critical_path_s``). A cached answer
+    waited on no call: all of its time is the service's."""
+    return max((time.monotonic() - since - result.critical_path_s) * 1000, 0.0)
+
+
+def overhead_header(result: MoAResult, since: float) -> dict[str, str]:
+    """``x-moa-overhead-ms``: ``overhead_ms``, as gateways report theirs, on every answer that is
+    not streamed (a stream's headers leave before its answer: its overhead is in the
+    ``moa_request_overhead`` histogram only)."""
+    return {"x-moa-overhead-ms": f"{overhead_ms(result, since):.1f}"}
 
 
 def cost_header(result: MoAResult) -> dict[str, str]:

@@ -7,8 +7,19 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
+from moa.engine.toolcalls import ToolMode, schema_problem
 from moa.plan import AggregationMode, Plan
-from moa.types import OPENAI_CHAT_FIELDS, ChatMessage, GenerationParams, ReasoningEffort, check_logit_bias
+from moa.types import (
+    OPENAI_CHAT_FIELDS,
+    ChatMessage,
+    GenerationParams,
+    ReasoningEffort,
+    ToolCall,
+    ToolChoice,
+    ToolSet,
+    ToolSpec,
+    check_logit_bias,
+)
 
 
 class ParamError(ValueError):
@@ -26,38 +37,230 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
-class InMessage(BaseModel):
-    """A chat message as OpenAI clients send it: content may be a string or a list of parts."""
+class InFunctionCall(BaseModel):
+    """A call as an assistant message carries it (``tool_calls[].function``, or the legacy
+    ``function_call``): the arguments are the JSON text the model wrote."""
 
     model_config = ConfigDict(extra="allow")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    name: str = Field(min_length=1)
+    arguments: str = "{}"
 
-    def to_chat(self) -> ChatMessage:
+
+class InToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: InFunctionCall
+
+
+class InMessage(BaseModel):
+    """A chat message as OpenAI clients send it: content may be a string or a list of parts; an
+    assistant message may carry its ``tool_calls`` (or the legacy ``function_call``); a ``tool``
+    message answers one call (``tool_call_id``), a legacy ``function`` message the last
+    ``function_call``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    tool_calls: list[InToolCall] | None = None
+    tool_call_id: str | None = None
+    function_call: InFunctionCall | None = None
+    name: str | None = None
+
+    def text(self) -> str:
         if isinstance(self.content, list):
             kinds = {p.type for p in self.content} - {"text"}
             if kinds:
                 raise ValueError(f"only text content is supported, not {', '.join(sorted(kinds))}")
-            text = "".join(p.text or "" for p in self.content)
-        else:
-            text = self.content or ""
-        role = "system" if self.role == "developer" else self.role
-        return ChatMessage(role=role, content=text)
+            return "".join(p.text or "" for p in self.content)
+        return self.content or ""
+
+    def to_chat(self) -> ChatMessage:
+        text = self.text()
+        if self.role == "assistant" and (self.tool_calls or self.function_call):
+            calls = [
+                ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments)
+                for c in self.tool_calls or ()
+            ]
+            if self.function_call is not None:
+                fc = self.function_call
+                calls.append(ToolCall(id=LEGACY_CALL_ID, name=fc.name, arguments=fc.arguments))
+            return ChatMessage(role="assistant", content=text, tool_calls=tuple(calls))
+        if self.role in ("tool", "function"):
+            call_id = self.tool_call_id if self.role == "tool" else LEGACY_CALL_ID
+            return ChatMessage(role="tool", content=text, tool_call_id=call_id, name=self.name)
+        if self.role == "function":  # a function result without a call before it: refused above
+            raise ValueError("a function message must answer a function_call")
+        return ChatMessage(role="system" if self.role == "developer" else self.role, content=text)
+
+
+# The id a legacy ``function_call`` (which has none) goes by inside the service, so that the
+# ``function`` message answering it is matched like any tool result.
+LEGACY_CALL_ID = "call_legacy_function"
 
 
 def chat_messages(messages: list[InMessage]) -> list[ChatMessage]:
-    """The one rule both endpoints apply to a message list: text content only, and at least one
-    user message. Raises ``ParamError`` naming the field at fault."""
-    out = []
+    """The one rule both endpoints apply to a message list: text content only, at least one user
+    message, and tool turns as OpenAI's API holds them (each ``tool`` message answers a call of
+    the assistant message before it; every call is answered before the conversation goes on).
+    Raises ``ParamError`` naming the field at fault."""
+    out: list[ChatMessage] = []
+    pending: dict[str, str] = {}  # call id -> function name, of the last assistant turn's calls
     for i, m in enumerate(messages):
         try:
-            out.append(m.to_chat())
+            msg = m.to_chat()
         except ValueError as e:
             raise ParamError(str(e), f"messages.{i}.content") from None
+        if msg.role == "tool":
+            if m.role == "tool" and not m.tool_call_id:
+                raise ParamError(
+                    "a message with role 'tool' needs a tool_call_id", f"messages.{i}.tool_call_id"
+                )
+            if msg.tool_call_id not in pending:
+                raise ParamError(
+                    f"Invalid parameter: messages with role '{m.role}' must be a response to a preceding "
+                    "message with 'tool_calls'.",
+                    f"messages.[{i}].role",
+                )
+            msg = msg.model_copy(update={"name": pending.pop(msg.tool_call_id or "")})
+        elif pending:
+            raise ParamError(
+                "An assistant message with 'tool_calls' must be followed by tool messages responding to "
+                f"each 'tool_call_id'. The following tool_call_ids did not have response messages: "
+                f"{', '.join(pending)}",
+                f"messages.[{i}].role",
+            )
+        if msg.tool_calls:
+            pending = {c.id: c.name for c in msg.tool_calls}
+        out.append(msg)
     if not any(m.role == "user" for m in out):
         raise ParamError("messages must contain a user message", "messages")
     return out
+
+
+# OpenAI's rule for a function's name, and its limit on tools per request.
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+MAX_TOOLS = 128
+
+
+class InFunction(BaseModel):
+    """A function tool's declaration (``tools[].function``, or a legacy ``functions`` item)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    def spec(self) -> ToolSpec:
+        params = self.parameters if self.parameters is not None else {"type": "object", "properties": {}}
+        return ToolSpec(name=self.name, description=self.description, parameters=params, strict=self.strict)
+
+
+class InTool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    function: InFunction | None = None
+
+
+def tool_set(
+    tools: list[InTool] | None,
+    choice: Any,
+    parallel: bool | None,
+    functions: list[InFunction] | None = None,
+    function_call: Any = None,
+) -> ToolSet | None:
+    """The request's tools as the engine runs them, validated as OpenAI's API validates them (and
+    each schema checked as a JSON Schema, since every call is validated against it); the legacy
+    ``functions``/``function_call`` mapped onto them. None without tools."""
+    if functions is not None:
+        if tools is not None:
+            raise ParamError("give either tools or the legacy functions, not both", "functions")
+        if parallel is not None:
+            raise ParamError("parallel_tool_calls is only allowed with tools", "parallel_tool_calls")
+        specs = _specs([f.spec() for f in functions], "functions")
+        return ToolSet(tools=specs, choice=_legacy_choice(function_call, specs), parallel=False, legacy=True)
+    if function_call is not None:
+        raise ParamError(
+            "Invalid value for 'function_call': it is only allowed when 'functions' are specified.",
+            "function_call",
+        )
+    if tools is None:
+        for name, value in (("tool_choice", choice), ("parallel_tool_calls", parallel)):
+            if value is not None:
+                raise ParamError(
+                    f"Invalid value for '{name}': '{name}' is only allowed when 'tools' are specified.", name
+                )
+        return None
+    found = []
+    for i, tool in enumerate(tools):
+        if tool.type != "function":
+            raise ParamError(
+                f"tool type {tool.type!r} is not supported by this service: only function tools",
+                f"tools.{i}.type",
+            )
+        if tool.function is None:
+            raise ParamError(f"Missing required parameter: 'tools[{i}].function'.", f"tools.{i}.function")
+        found.append(tool.function.spec())
+    specs = _specs(found, "tools")
+    return ToolSet(tools=specs, choice=_choice(choice, specs), parallel=parallel is not False)
+
+
+def _specs(specs: list[ToolSpec], field: str) -> tuple[ToolSpec, ...]:
+    if not specs:
+        raise ParamError(f"[] is too short - '{field}'", field)
+    if len(specs) > MAX_TOOLS:
+        raise ParamError(f"at most {MAX_TOOLS} {field} may be given, not {len(specs)}", field)
+    seen: set[str] = set()
+    for i, spec in enumerate(specs):
+        where = f"{field}.{i}.function" if field == "tools" else f"{field}.{i}"
+        if spec.name in seen:
+            raise ParamError(f"the function name {spec.name!r} is declared twice", f"{where}.name")
+        seen.add(spec.name)
+        problem = schema_problem(spec.parameters)
+        if problem is not None:
+            raise ParamError(f"Invalid schema for function '{spec.name}': {problem}", f"{where}.parameters")
+    return tuple(specs)
+
+
+def _choice(choice: Any, specs: tuple[ToolSpec, ...]) -> ToolChoice:
+    if choice is None:
+        return ToolChoice()
+    if choice in ("auto", "none", "required"):
+        return ToolChoice(mode=choice)
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        return _named(name, specs, "tool_choice")
+    raise ParamError(
+        "Invalid value for 'tool_choice': expected 'none', 'auto', 'required' or "
+        "{'type': 'function', 'function': {'name': ...}}",
+        "tool_choice",
+    )
+
+
+def _legacy_choice(choice: Any, specs: tuple[ToolSpec, ...]) -> ToolChoice:
+    if choice is None or choice in ("auto", "none"):
+        return ToolChoice(mode=choice or "auto")
+    if isinstance(choice, dict):
+        return _named(choice.get("name"), specs, "function_call")
+    raise ParamError(
+        "Invalid value for 'function_call': expected 'none', 'auto' or {'name': ...}", "function_call"
+    )
+
+
+def _named(name: Any, specs: tuple[ToolSpec, ...], param: str) -> ToolChoice:
+    if not isinstance(name, str) or not any(s.name == name for s in specs):
+        declared = ", ".join(s.name for s in specs)
+        raise ParamError(
+            f"Invalid value for '{param}': function {name!r} is not declared (declared: {declared})", param
+        )
+    return ToolChoice(mode="function", name=name)
 
 
 class StreamOptions(BaseModel):
@@ -87,6 +290,12 @@ class MoAOptions(BaseModel):
     cache_semantic: bool = False
     # Allow a cached answer although temperature > 0 and no seed ask for a fresh sample.
     cache_sampled: bool = False
+    # How a request with tools gets its final calls (the plan's ``tools`` by default).
+    tools: ToolMode | None = None
+
+    @property
+    def tool_mode(self) -> ToolMode | None:
+        return self.tools
 
 
 class UnknownParameter(ParamError):
@@ -114,7 +323,6 @@ NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "metadata": ((None, {}), "it tags stored completions, and this service stores none"),
     "service_tier": ((None, "auto", "default"), "processing tiers are not offered"),
     "verbosity": ((None,), "answer verbosity is not supported; ask for it in the prompt"),
-    "parallel_tool_calls": ((None,), "tool calls are not supported by this service"),
     "prompt_cache_key": ((None,), "the providers' prompt caches are not steered by the client"),
     "prompt_cache_retention": ((None,), "the providers' prompt caches are not steered by the client"),
     "prompt_cache_options": ((None,), "the providers' prompt caches are not steered by the client"),
@@ -138,6 +346,8 @@ class RunFields(Protocol):
     def cache_semantic(self) -> bool: ...
     @property
     def cache_sampled(self) -> bool: ...
+    @property
+    def tool_mode(self) -> ToolMode | None: ...
 
 
 @dataclass(frozen=True)
@@ -152,6 +362,8 @@ class RunSpec:
     param: str = "model"
     # Whether the response carries the per-call detail (a key may be refused it).
     detail: bool = False
+    # The tools the request offers (None: none), and how their final calls are decided.
+    tools: ToolSet | None = None
 
 
 class RunBody(BaseModel):
@@ -192,6 +404,11 @@ class ChatCompletionRequest(RunBody):
     # request's log line and span for correlation (``safety_identifier`` is its newer name).
     user: str | None = Field(default=None, max_length=256)
     safety_identifier: str | None = Field(default=None, max_length=256)
+    tools: list[InTool] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: StrictBool | None = None
+    functions: list[InFunction] | None = None
+    function_call: Any = None
     moa: MoAOptions = MoAOptions()
 
     @model_validator(mode="before")
@@ -221,11 +438,8 @@ class ChatCompletionRequest(RunBody):
         return v
 
     @model_validator(mode="after")
-    def _no_tools(self) -> ChatCompletionRequest:
+    def _supported(self) -> ChatCompletionRequest:
         extra = self.model_extra or {}
-        for unsupported in ("tools", "functions", "tool_choice"):
-            if extra.get(unsupported):
-                raise ParamError(f"{unsupported!r} is not supported by this service", unsupported)
         for name, (accepted, why) in NOT_IMPLEMENTED.items():
             if name in extra and extra[name] not in accepted:
                 raise ParamError(f"{name!r} is not supported by this service: {why}", name)
@@ -240,8 +454,15 @@ class ChatCompletionRequest(RunBody):
     def chat_messages(self) -> list[ChatMessage]:
         return chat_messages(self.messages)
 
+    def tool_set(self) -> ToolSet | None:
+        return tool_set(
+            self.tools, self.tool_choice, self.parallel_tool_calls, self.functions, self.function_call
+        )
+
     def run_spec(self) -> RunSpec:
-        return RunSpec(self.moa, self.params(), preset=self.model, detail=self.moa.detail)
+        return RunSpec(
+            self.moa, self.params(), preset=self.model, detail=self.moa.detail, tools=self.tool_set()
+        )
 
     def params(self) -> GenerationParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop) if self.stop else None
@@ -273,6 +494,11 @@ class MoARequest(RunBody):
     cache: Literal["default", "no-cache", "no-store", "off"] = "default"
     cache_semantic: bool = False
     cache_sampled: bool = False
+    # Tools, as on a chat completion; ``tool_mode`` as a chat completion's ``moa.tools``.
+    tools: list[InTool] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: StrictBool | None = None
+    tool_mode: ToolMode | None = None
 
     @model_validator(mode="after")
     def _one_of(self) -> MoARequest:
@@ -285,8 +511,11 @@ class MoARequest(RunBody):
 
     def run_spec(self) -> RunSpec:
         param = "plan" if self.plan is not None else "preset"
+        tools = tool_set(self.tools, self.tool_choice, self.parallel_tool_calls)
         # The full result is the detail.
-        return RunSpec(self, self.params, preset=self.preset, plan=self.plan, param=param, detail=True)
+        return RunSpec(
+            self, self.params, preset=self.preset, plan=self.plan, param=param, detail=True, tools=tools
+        )
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> dict[str, Any]:

@@ -11,11 +11,12 @@ from typing import TypeVar
 
 from fastapi import Request
 
-from moa.api.access import Access, settle_quietly
+from moa.api.access import BATCH_KEY_SCOPE, Access, settle_quietly
 from moa.api.admission import Admission, Slot
+from moa.api.batch_worker import BatchWorker
 from moa.api.body import parse, read_json
 from moa.api.cancel import BACKSTOP_GRACE_S, until_done
-from moa.api.drain import Drain
+from moa.api.drain import CUT_GRACE_S, Drain
 from moa.api.errors import bad_messages, moa_error
 from moa.api.gate import SpendGate
 from moa.api.health import HealthFn
@@ -32,7 +33,7 @@ from moa.engine.engine import MoAEngine
 from moa.errors import DeadlineExceeded, InvalidPlan
 from moa.eval.shadow import ShadowEvaluator
 from moa.result import MoAResult, Progress
-from moa.types import ChatMessage, TextDelta
+from moa.types import ChatMessage, TextDelta, priced_messages
 from moa_observability.asgi import END_USER_STATE
 from moa_observability.metrics import RequestMetrics
 
@@ -61,6 +62,7 @@ class Prepared:
         options: RunOptions = {"preset": spec.preset, "plan": spec.plan, "params": spec.params}
         options |= {"deadline": self.deadline, "aggregation": spec.options.aggregation}
         options |= {"tenant": self.tenant, "ticket": self.ticket}
+        options |= {"tools": spec.tools, "tool_mode": spec.options.tool_mode}
         return options | self.gate.hooks()
 
     async def close(self) -> None:
@@ -83,6 +85,8 @@ class Api:
         self.outcomes = Outcomes(self.metrics, self.shadow)
         self.shutdown = Drain(self.admission, self.access)
         self.sse = SseWriter(config.server.sse_keepalive_s, self.outcomes, self.shutdown)
+        # The Batch API's background work (with a state store: ``moa.api.app.create_api``).
+        self.batch_worker: BatchWorker | None = None
 
     @property
     def draining(self) -> bool:
@@ -93,8 +97,21 @@ class Api:
         return self.admission.in_flight
 
     async def drain(self, drain_s: float) -> int:
-        """See ``Drain.drain``: how many requests were still running when ``drain_s`` ran out."""
-        return await self.shutdown.drain(drain_s)
+        """See ``Drain.drain``: how many requests were still running when ``drain_s`` ran out.
+        The Batch API's batches take no more requests from the start of it (those in progress
+        finish within it), and let their leases go at its end: they go on elsewhere, or later."""
+        if self.batch_worker is not None:
+            self.batch_worker.stop_taking()
+        end = time.monotonic() + drain_s
+        cut = await self.shutdown.drain(drain_s)
+        await self.close(max(end - time.monotonic(), CUT_GRACE_S))
+        return cut
+
+    async def close(self, grace_s: float = 0.0) -> None:
+        """Ends the background batch work, its runs given ``grace_s`` to end on their own (see
+        ``BatchWorker.close``), and lets its leases go: when the app is done with."""
+        if self.batch_worker is not None:
+            await self.batch_worker.close(grace_s)
 
     def hurry(self) -> None:
         """End a drain now: requests still in progress are ended as if the drain time had run out."""
@@ -133,17 +150,20 @@ class Api:
         limits), the body read and validated as ``schema``, the messages, the key's rights to
         what is asked, the spend gate, a slot (429 past capacity, 503 while draining), the
         deadline and the cache rights. Everything that refuses comes before the slot is taken."""
-        principal = await self.access.principal(request.headers.get("authorization"))
+        batch_key = request.scope.get(BATCH_KEY_SCOPE)
+        principal = await self.access.principal(request.headers.get("authorization"), batch_key)
         req = parse(schema, await read_json(request, self.config.server.max_request_bytes))
         if req.end_user is not None:  # for the request's span and log line (TracingMiddleware)
             setattr(request.state, END_USER_STATE, req.end_user)
         try:
             messages = req.chat_messages()
+            spec = req.run_spec()  # its tools are checked as OpenAI's API checks them
         except ParamError as e:
             raise bad_messages(e) from None
-        spec = req.run_spec()
         self.check(principal, spec)
-        gate = SpendGate(self.access, principal, messages, spec, self.engine.health)
+        # The tool definitions are prompt tokens too: the projection and the caps count them.
+        priced = priced_messages(messages, spec.tools)
+        gate = SpendGate(self.access, principal, priced, spec, self.engine.health)
         slot = self.admission.take(principal)
         t0 = time.monotonic()
         deadline = self.deadline(spec.options.deadline_s)

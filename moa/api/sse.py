@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from moa.api.drain import Drain
@@ -17,7 +17,7 @@ from moa.api.schemas import ChatCompletionRequest, error_body
 from moa.api.streaming import IDLE, EventPump
 from moa.errors import MoAError
 from moa.result import MoAResult, Progress
-from moa.types import TextDelta
+from moa.types import TextDelta, ToolCall
 from moa_observability.asgi import stream_failed
 
 
@@ -43,6 +43,27 @@ class Chunks:
         choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
         return event(self._head() | {"system_fingerprint": None, "choices": choices})
 
+    def calls(self, calls: Sequence[ToolCall], legacy: bool = False) -> list[bytes]:
+        """A decided answer's calls, as OpenAI streams them: per call, a chunk with its ``index``,
+        ``id``, type and name and empty arguments, then its arguments in fragments (a legacy
+        ``functions`` request: ``function_call`` with its name, then its arguments)."""
+        out = []
+        for index, call in enumerate(calls[:1] if legacy else calls):
+            if legacy:
+                out.append(self.delta({"function_call": {"name": call.name, "arguments": ""}}))
+                out.extend(
+                    self.delta({"function_call": {"arguments": piece}}) for piece in fragments(call.arguments)
+                )
+                continue
+            head = {"index": index, "id": call.id, "type": "function"}
+            head["function"] = {"name": call.name, "arguments": ""}
+            out.append(self.delta({"tool_calls": [head]}))
+            out.extend(
+                self.delta({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+                for piece in fragments(call.arguments)
+            )
+        return out
+
     def progress(self, p: Progress) -> bytes:
         moa = {"progress": p.model_dump()}
         return event(self._head() | {"system_fingerprint": None, "choices": [], "moa": moa})
@@ -55,6 +76,16 @@ class Chunks:
             return None
         body = {"choices": [], "usage": usage(result.usage) if include_usage else None, **extra}
         return event(self._head() | body)
+
+
+# How many characters of a call's arguments one streamed fragment carries (OpenAI's own fragments
+# are a token or a few; a client assembles them whatever their size).
+ARGUMENT_FRAGMENT_CHARS = 32
+
+
+def fragments(arguments: str) -> list[str]:
+    step = ARGUMENT_FRAGMENT_CHARS
+    return [arguments[i : i + step] for i in range(0, len(arguments), step)]
 
 
 def event(body: dict[str, Any]) -> bytes:
@@ -101,7 +132,9 @@ class SseWriter:
                     yield chunks.delta({"content": ev.text})
                 else:
                     self.outcomes.answered(ev, ev.wall_time_s, req.chat_messages(), req.model)
-                    yield chunks.delta({}, finish_reason(ev.finish_reason))
+                    for piece in chunks.calls(ev.tool_calls, legacy=req.functions is not None):
+                        yield piece
+                    yield chunks.delta({}, finish_reason(ev.finish_reason, req.functions is not None))
                     include_usage = req.stream_options is not None and req.stream_options.include_usage
                     last = chunks.last(ev, include_usage, req.moa.detail)
                     if last is not None:

@@ -23,7 +23,16 @@ ENDPOINTS = ("/v1/chat/completions", "/v1/moa")
 
 
 class InputError(ValueError):
-    """The input file cannot run as a batch; the message names the line and what is wrong."""
+    """The input file cannot run as a batch; the message names the line and what is wrong.
+
+    ``line`` (1-based; None for the file as a whole), ``code`` and ``param`` say the same for a
+    program: the Batch API lists them in a failed batch's ``errors.data``, as OpenAI does."""
+
+    def __init__(
+        self, message: str, line: int | None = None, code: str = "invalid_request", param: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message, self.line, self.code, self.param = message, line, code, param
 
 
 class BatchItem(BaseModel):
@@ -41,61 +50,96 @@ class BatchItem(BaseModel):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _item(raw: Any, line: int, preset: str) -> BatchItem:
+def _item(raw: Any, line: int, preset: str, endpoint: str | None) -> BatchItem:
+    def bad(what: str, code: str = "invalid_request", param: str | None = None) -> InputError:
+        return InputError(f"line {line}: {what}", line, code, param)
+
     if not isinstance(raw, dict):
-        raise InputError(f"line {line}: expected a JSON object, got {type(raw).__name__}")
-    if "prompt" in raw:
+        raise bad(f"expected a JSON object, got {type(raw).__name__}")
+    if "prompt" in raw and endpoint is None:
         extra = set(raw) - {"prompt", "custom_id"}
         if extra:
-            raise InputError(
-                f"line {line}: a prompt line takes only 'prompt' and 'custom_id', not {sorted(extra)}"
-            )
+            raise bad(f"a prompt line takes only 'prompt' and 'custom_id', not {sorted(extra)}")
         if not isinstance(raw["prompt"], str) or not raw["prompt"].strip():
-            raise InputError(f"line {line}: 'prompt' must be a non-empty string")
+            raise bad("'prompt' must be a non-empty string", "invalid_value", "prompt")
         body: dict[str, Any] = {"model": preset, "messages": [{"role": "user", "content": raw["prompt"]}]}
         custom_id = str(raw.get("custom_id", f"line-{line}"))
         return BatchItem(custom_id=custom_id, url=ENDPOINTS[0], body=body, line=line)
-    missing = [k for k in ("custom_id", "body") if k not in raw]
+    # OpenAI's lines name their method and url; the command's may leave them out (POST, chat).
+    required = ("custom_id", "body") if endpoint is None else ("custom_id", "method", "url", "body")
+    missing = [k for k in required if k not in raw]
     if missing:
-        raise InputError(
-            f"line {line}: missing {', '.join(missing)} (a line is OpenAI's batch input or a 'prompt')"
+        shapes = "OpenAI's batch input or a 'prompt'" if endpoint is None else "OpenAI's batch input"
+        raise bad(
+            f"missing {', '.join(missing)} (a line is {shapes})", "missing_required_parameter", missing[0]
         )
     method, url = raw.get("method", "POST"), raw.get("url", ENDPOINTS[0])
     if method != "POST":
-        raise InputError(f"line {line}: method must be POST, not {method!r}")
+        raise bad(f"method must be POST, not {method!r}", "invalid_value", "method")
+    if endpoint is not None and url != endpoint:
+        raise bad(f"url must be the batch's endpoint {endpoint}, not {url!r}", "mismatched_endpoint", "url")
     if url not in ENDPOINTS:
-        raise InputError(f"line {line}: url must be one of {', '.join(ENDPOINTS)}, not {url!r}")
+        raise bad(f"url must be one of {', '.join(ENDPOINTS)}, not {url!r}", "invalid_url", "url")
     if not isinstance(raw["body"], dict):
-        raise InputError(f"line {line}: body must be a JSON object")
+        raise bad("body must be a JSON object", "invalid_value", "body")
     if not isinstance(raw["custom_id"], str) or not raw["custom_id"]:
-        raise InputError(f"line {line}: custom_id must be a non-empty string")
+        raise bad("custom_id must be a non-empty string", "invalid_value", "custom_id")
     body = dict(raw["body"])
     if body.get("stream"):
-        raise InputError(f"line {line}: a batch item cannot stream (remove 'stream')")
+        raise bad("a batch item cannot stream (remove 'stream')", "invalid_value", "body.stream")
     body.setdefault("model", preset)
     return BatchItem(custom_id=raw["custom_id"], url=url, body=body, line=line)
+
+
+def _line(text: str, n: int, preset: str, endpoint: str | None, seen: dict[str, int]) -> BatchItem:
+    """Line ``n``'s item; ``seen``: the ids of the lines before it, and where."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(
+            f"line {n}: not JSON ({e.msg} at column {e.colno})", n, "invalid_json_line"
+        ) from None
+    item = _item(raw, n, preset, endpoint)
+    if item.custom_id in seen:
+        first = seen[item.custom_id]
+        message = f"line {n}: custom_id {item.custom_id!r} is already used on line {first}"
+        raise InputError(message, n, "duplicate_custom_id", "custom_id")
+    return item
+
+
+def check_items(
+    lines: Iterable[str], preset: str, endpoint: str | None = None, max_errors: int = 1
+) -> tuple[list[BatchItem], list[InputError]]:
+    """The items of a batch file's lines, and what is wrong with them: every line is checked until
+    ``max_errors`` are found. ``preset`` is the model of every item that names none; with an
+    ``endpoint`` (the Batch API's batch), only OpenAI's line shape is taken, and its ``url`` must
+    be that endpoint, as OpenAI requires."""
+    items: list[BatchItem] = []
+    errors: list[InputError] = []
+    seen: dict[str, int] = {}
+    for n, text in enumerate(lines, start=1):
+        if len(errors) >= max_errors:
+            break
+        if not text.strip():
+            continue
+        try:
+            item = _line(text, n, preset, endpoint, seen)
+        except InputError as e:
+            errors.append(e)
+            continue
+        seen[item.custom_id] = n
+        items.append(item)
+    if not items and not errors:
+        errors.append(InputError("the input has no items", code="empty_file"))
+    return items, errors
 
 
 def parse_items(lines: Iterable[str], preset: str) -> list[BatchItem]:
     """The items of a batch file's lines; ``preset`` is the model of every item that names none.
     Raises ``InputError`` for the first line that cannot run, or for an id used twice."""
-    items: list[BatchItem] = []
-    seen: dict[str, int] = {}
-    for n, text in enumerate(lines, start=1):
-        if not text.strip():
-            continue
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"line {n}: not JSON ({e.msg} at column {e.colno})") from None
-        item = _item(raw, n, preset)
-        if item.custom_id in seen:
-            first = seen[item.custom_id]
-            raise InputError(f"line {n}: custom_id {item.custom_id!r} is already used on line {first}")
-        seen[item.custom_id] = n
-        items.append(item)
-    if not items:
-        raise InputError("the input has no items")
+    items, errors = check_items(lines, preset)
+    if errors:
+        raise errors[0]
     return items
 
 

@@ -133,7 +133,8 @@ def _with_cap(item: BatchItem, cap: float) -> dict[str, Any]:
 
 
 class Stop(Exception):
-    """The batch stops taking items; the message says why."""
+    """The batch stops taking items; the message says why. A sender may raise it too: the item
+    it was sending is then not written (it runs again with the batch's next run)."""
 
 
 class BatchRunner:
@@ -165,6 +166,12 @@ class BatchRunner:
         self._freed = asyncio.Event()  # set (and replaced) whenever an item's hold is let go
         self._queue: asyncio.Queue[list[BatchItem]] = asyncio.Queue()
         self._stopped: str | None = None
+
+    def stop(self, why: str) -> None:
+        """Take no more items: those in flight finish and are written, then ``run`` returns,
+        its summary's ``stopped`` saying ``why``. The Batch API stops a batch so when it is
+        cancelled, or its service drains (the rest runs later, from the journal)."""
+        self._stopped = self._stopped or why
 
     # -- the budget ------------------------------------------------------------------------------
 

@@ -1,22 +1,22 @@
-"""Where a batch sends its requests: the API app in this process, or a running service.
+"""Where a batch sends its requests: through the API as any client does, with one ``httpx``
+client whose transport decides where to (a running service over HTTP, or an API app in this
+process through an ASGI transport: ``moa batch run``'s own app, or the service's app running the
+Batch API's batches), so every item meets the same checks, keys, budgets and caps, and its output
+line holds exactly the response the API gives.
 
-Both go through the API as any client does (``httpx`` with an ASGI transport in-process, over HTTP
-otherwise), so every item meets the same checks, keys, budgets and caps, and its output line holds
-exactly the response the API gives.
+This package never builds an API app itself: the API imports it (the Batch API runs its batches
+with it), so the in-process app of ``moa batch run`` is built above both (``moa.cli.batch_run``).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 
 from moa.batch.runner import Reply, SendFailed
-from moa.config import MoAConfig
-from moa.local import local_app
-from moa.state import StateStore
 
 
 class ServiceSender:
@@ -39,31 +39,12 @@ class ServiceSender:
         return Reply(response.status_code, answer, dict(response.headers))
 
 
-def _headers(api_key: str | None) -> dict[str, str]:
+def auth_headers(api_key: str | None) -> dict[str, str]:
     return {"authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 @contextlib.asynccontextmanager
 async def service_sender(url: str, api_key: str | None, timeout_s: float) -> AsyncIterator[ServiceSender]:
     """Requests to the service at ``url`` (``moa serve``, on Ray or not)."""
-    async with httpx.AsyncClient(base_url=url, headers=_headers(api_key), timeout=timeout_s) as client:
+    async with httpx.AsyncClient(base_url=url, headers=auth_headers(api_key), timeout=timeout_s) as client:
         yield ServiceSender(client)
-
-
-@contextlib.asynccontextmanager
-async def in_process_sender(
-    cfg: MoAConfig, api_key: str | None, store: Callable[[], StateStore] | None = None
-) -> AsyncIterator[ServiceSender]:
-    """Requests to the API app built here, over the in-process provider pool (no server, no
-    port); with a ``store``, keys and budgets apply as on ``moa serve --local``."""
-    async with local_app(cfg, store) as app:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            # A loopback address, as a client on this machine has: the service's exposure rule
-            # serves loopback without keys (moa.exposure), and this is the operator's own process.
-            transport=transport,
-            base_url="http://127.0.0.1",
-            headers=_headers(api_key),
-            timeout=None,
-        ) as client:
-            yield ServiceSender(client)

@@ -80,7 +80,7 @@ async def _served(cfg: Any, store: StateStore | None) -> AsyncIterator[str]:
         async def health() -> dict[str, Any]:
             return pool.health()
 
-        app = create_api(cfg, engine, health, store)
+        app = create_api(cfg, engine, health, store, run_batches=False)  # timing the checks alone
         server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
         )

@@ -24,6 +24,11 @@ SCENARIO_HELP: dict[str, str] = {
     "burst429": "its first 20 calls get 429 (Retry-After 1 s)",
 }
 
+# `moa bench --tools`: what answers (an ensemble with its tool mode) and the simulated models'
+# tool-error rates, by default.
+TOOL_CONFIGS: tuple[str, ...] = ("single", "moa-lite:vote", "moa-lite:aggregate")
+TOOL_ERROR_RATES: tuple[float, ...] = (0.0, 0.1, 0.25)
+
 
 @dataclass
 class BenchOptions:

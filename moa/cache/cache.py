@@ -28,7 +28,7 @@ from moa.config import CacheConfig, MoAConfig
 from moa.errors import FallbackReason
 from moa.plan import Plan
 from moa.result import CacheOutcome, MoAResult
-from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams, StreamEvent, Usage
+from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams, StreamEvent, ToolSet, Usage
 from moa_observability.metrics import cache_metrics
 from moa_observability.tracing import tracer
 
@@ -37,7 +37,8 @@ log = logging.getLogger("moa.cache")
 CacheMode = str  # "default" | "no-cache" | "no-store" | "off"
 # Finish reasons of a complete answer (adapters normalise theirs to OpenAI's words); "length" is
 # an answer cut at max_tokens, "content_filter" one cut by the provider, "other" unknown.
-COMPLETE = (None, "stop")
+# "tool_calls" is an answer that is one or more function calls, complete (and validated).
+COMPLETE = (None, "stop", "tool_calls")
 
 
 @dataclass
@@ -52,6 +53,8 @@ class CacheTicket:
     outcome: CacheOutcome = field(default_factory=CacheOutcome)
     # The last user message's embedding, computed for the lookup and reused to index the answer.
     vector: list[float] | None = None
+    # The request's tools (definitions, choice, parallel switch): part of every key of its answer.
+    tools: ToolSet | None = None
 
     @classmethod
     def for_request(
@@ -147,7 +150,7 @@ class ResponseCache:
     async def _lookup(
         self, ticket: CacheTicket, messages: Sequence[ChatMessage], plan: Plan, params: GenerationParams
     ) -> Hit | None:
-        key = f"{ticket.scope}|f|{final_key(ticket.scope, messages, plan, params)}"
+        key = f"{ticket.scope}|f|{final_key(ticket.scope, messages, plan, params, ticket.tools)}"
         hit = await self._entry(key, "exact", None)
         if hit is not None or not ticket.semantic:
             return hit
@@ -156,7 +159,7 @@ class ResponseCache:
         if embedder is None or split is None:
             return None
         context, question = split
-        index = f"{ticket.scope}|s|{context_key(ticket.scope, context, plan, params)}"
+        index = f"{ticket.scope}|s|{context_key(ticket.scope, context, plan, params, ticket.tools)}"
         candidates = await self.store.index_read(index)
         ticket.vector = (await embedder.embed([question]))[0]
         if not candidates:
@@ -221,7 +224,7 @@ class ResponseCache:
         """Why an answer must not be stored (None: it may)."""
         if result.finish_reason not in COMPLETE:
             return f"the answer ended with {result.finish_reason!r} (cut, not complete)"
-        if not result.text:
+        if not result.text and not result.tool_calls:
             return "the answer is empty"
         if result.answer_source == "proposal":
             # The aggregators failed, perhaps for a moment: the next asker deserves another try.
@@ -246,7 +249,7 @@ class ResponseCache:
         if why is not None:
             return why
         try:
-            key = final_key(ticket.scope, messages, plan, params)
+            key = final_key(ticket.scope, messages, plan, params, ticket.tools)
             stored = result.model_copy(update={"cache": CacheOutcome()})
             raw = json.dumps({"created": time.time(), "result": stored.model_dump(mode="json")}).encode()
             await self.store.put(f"{ticket.scope}|f|{key}", raw, self.config.ttl_s)
@@ -256,7 +259,7 @@ class ResponseCache:
             if ticket.semantic and split is not None and embedder is not None:
                 context, question = split
                 vector = ticket.vector or (await embedder.embed([question]))[0]
-                index = f"{ticket.scope}|s|{context_key(ticket.scope, context, plan, params)}"
+                index = f"{ticket.scope}|s|{context_key(ticket.scope, context, plan, params, ticket.tools)}"
                 payload = _pack(vector, guard(question))
                 await self.store.index_add(
                     index, key, payload, self.config.ttl_s, self.config.semantic.max_candidates
@@ -307,7 +310,7 @@ class ResponseCache:
     async def store_proposal(self, req: CallRequest, ticket: CacheTicket, res: CallResult) -> None:
         """Store a proposer call's answer when it is complete and the ticket may write; a failing
         store is logged, never raised."""
-        if not (ticket.write and res.ok and res.text and res.finish_reason in COMPLETE):
+        if not (ticket.write and res.ok and (res.text or res.tool_calls) and res.finish_reason in COMPLETE):
             return
         raw = json.dumps({"created": time.time(), "result": res.model_dump(mode="json")}).encode()
         try:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from moa.plan import Plan
-from moa.types import CallRequest, ChatMessage, GenerationParams
+from moa.types import CallRequest, ChatMessage, GenerationParams, ToolSet
 
 # Bump when the key's composition or an entry's layout changes: old entries then never match.
 KEY_VERSION = 1
@@ -29,7 +29,24 @@ def normalise_text(text: str) -> str:
 
 
 def normalise_messages(messages: Sequence[ChatMessage]) -> list[list[str]]:
-    return [[m.role, normalise_text(m.content)] for m in messages]
+    """Each message as it counts for a key: role and normalised text, and (only where present, so
+    keys of plain conversations are unchanged) the calls an assistant turn made or the call a tool
+    result answers."""
+    out = []
+    for m in messages:
+        item = [m.role, normalise_text(m.content)]
+        if m.tool_calls:
+            item.append(json.dumps([c.model_dump() for c in m.tool_calls], sort_keys=True))
+        if m.tool_call_id is not None:
+            item.append(f"{m.tool_call_id}|{m.name or ''}")
+        out.append(item)
+    return out
+
+
+def _tools(tools: ToolSet | None) -> dict[str, Any]:
+    """The tool definitions, choice and parallel switch, as a key reads them (nothing without tools,
+    so keys of requests without tools are unchanged)."""
+    return {} if tools is None else {"tools": tools.model_dump(mode="json")}
 
 
 def _digest(obj: Any) -> str:
@@ -41,7 +58,13 @@ def _params(params: GenerationParams) -> dict[str, Any]:
     return params.model_dump(mode="json", exclude_none=True)
 
 
-def final_key(scope: str, messages: Sequence[ChatMessage], plan: Plan, params: GenerationParams) -> str:
+def final_key(
+    scope: str,
+    messages: Sequence[ChatMessage],
+    plan: Plan,
+    params: GenerationParams,
+    tools: ToolSet | None = None,
+) -> str:
     """The exact key of a final answer."""
     return _digest(
         {
@@ -50,6 +73,7 @@ def final_key(scope: str, messages: Sequence[ChatMessage], plan: Plan, params: G
             "messages": normalise_messages(messages),
             "plan": plan.model_dump(mode="json"),
             "params": _params(params),
+            **_tools(tools),
         }
     )
 
@@ -64,6 +88,7 @@ def proposal_key(scope: str, req: CallRequest) -> str:
             "model": req.model,
             "messages": normalise_messages(req.messages),
             "params": _params(req.params),
+            **_tools(req.tools),
         }
     )
 
@@ -76,7 +101,13 @@ def split_last_user(messages: Sequence[ChatMessage]) -> tuple[list[ChatMessage],
     return list(messages[:-1]), messages[-1].content
 
 
-def context_key(scope: str, context: Sequence[ChatMessage], plan: Plan, params: GenerationParams) -> str:
+def context_key(
+    scope: str,
+    context: Sequence[ChatMessage],
+    plan: Plan,
+    params: GenerationParams,
+    tools: ToolSet | None = None,
+) -> str:
     """What must be identical for a semantic hit: scope, system prompt and earlier turns, plan and
     parameters. Entries sharing it are the candidates for a similarity scan."""
     return _digest(
@@ -86,6 +117,7 @@ def context_key(scope: str, context: Sequence[ChatMessage], plan: Plan, params: 
             "context": normalise_messages(context),
             "plan": plan.model_dump(mode="json"),
             "params": _params(params),
+            **_tools(tools),
         }
     )
 

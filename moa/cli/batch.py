@@ -2,7 +2,7 @@
 
 ``run`` sends every item of the input not yet in the output (in this process by default, or to a
 running service with ``--url``) and prints a summary; ``status`` reads how a batch stands from
-its files, while it runs or after. The work is ``moa.batch``'s.
+its files, while it runs or after. The work is ``moa.batch``'s (the run's own: ``batch_run``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import asyncio
 import sys
 from pathlib import Path
 
-from moa.batch import BatchOptions, BatchSummary, InputError, batch_status, run_batch
+from moa.batch import BatchSummary, InputError, batch_status
+from moa.cli.batch_run import BatchOptions, run_batch
 from moa.cli.config import CONFIG_HELP
 from moa.client_auth import api_key, auth_advice
 from moa.config import MoAConfig, load_config

@@ -8,7 +8,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from moa.benchmark.options import FAULTY_MODEL, SCENARIO_HELP, SCENARIOS, BenchOptions
+from moa.benchmark.options import (
+    FAULTY_MODEL,
+    SCENARIO_HELP,
+    SCENARIOS,
+    TOOL_CONFIGS,
+    TOOL_ERROR_RATES,
+    BenchOptions,
+)
 
 
 def _ints(text: str) -> list[int]:
@@ -42,6 +49,36 @@ def _targets(text: str) -> list[str]:
             f"unknown target(s): {', '.join(unknown) or '(none given)'} (baseline, floor or serve:MODEL)"
         )
     return names
+
+
+def _tool_configs(text: str) -> list[str]:
+    names = _names(None)(text)
+    bad = [n for n in names if n.partition(":")[2] not in ("", "vote", "aggregate")]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown tool mode in: {', '.join(bad) or '(none given)'} (MODEL, MODEL:vote or MODEL:aggregate)"
+        )
+    return names
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError("error rates are between 0 and 1")
+    return values
 
 
 def _csv(values: object) -> str:
@@ -155,6 +192,46 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "missed; --serve for the Ray app)",
     )
     p.add_argument(
+        "--tools",
+        action="store_true",
+        help="instead: tool calling through the ensemble (in-process API, the embedded simulator with "
+        "its tool errors at each rate; the bundled tool tasks or --prompts; accuracy, validity, cost, "
+        "latency and the vote's share per configuration and rate; writes tools.json and tools.md; "
+        "exits 1 if an answer broke the tools' contract)",
+    )
+    p.add_argument(
+        "--tool-configs",
+        type=_tool_configs,
+        default=list(TOOL_CONFIGS),
+        help=f"with --tools: what answers, comma-separated: a preset or provider/model, an ensemble "
+        f"with :vote or :aggregate (default: {_csv(TOOL_CONFIGS)})",
+    )
+    p.add_argument(
+        "--tool-error-rates",
+        type=_rates,
+        default=list(TOOL_ERROR_RATES),
+        help="with --tools: the probabilities, comma-separated, that a simulated model gets a tool "
+        f"call wrong, the kind of error drawn among five (default: {_csv(TOOL_ERROR_RATES)})",
+    )
+    p.add_argument(
+        "--tool-repeats",
+        type=_positive,
+        default=1,
+        help="with --tools: send each task this many times, seeds 1..N (independent error draws; default: 1)",
+    )
+    p.add_argument(
+        "--tool-tasks",
+        type=_positive,
+        default=None,
+        help="with --tools: only the first N tasks (default: all)",
+    )
+    p.add_argument(
+        "--tool-concurrency",
+        type=_positive,
+        default=8,
+        help="with --tools: requests in flight at once (default: 8)",
+    )
+    p.add_argument(
         "--serve",
         action="store_true",
         help="with --cache or --spend-audit: against the Ray Serve app (HTTP proxy, an ingress replica) "
@@ -234,6 +311,8 @@ def run_cli(args: argparse.Namespace) -> int:
         print(cache_markdown(got))
         print(f"results in {args.out}/ (cache.json, cache.md)")
         return 0
+    if args.tools:
+        return _run_tools(args)
     if args.spend_audit:
         from moa.benchmark.spend_audit import audit_markdown, run_spend_audit, write_audit_report
 
@@ -286,6 +365,60 @@ def run_cli(args: argparse.Namespace) -> int:
     report = asyncio.run(run(opts))
     print(markdown(report))
     print(f"results in {opts.out}/ (results.json, results.md, bench.png)")
+    failed = failures(report)
+    for line in failed:
+        print(f"moa bench: {line}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _run_tools(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from moa.benchmark.tool_bench import (
+        ToolBenchOptions,
+        failures,
+        load_tasks,
+        requests_in,
+        run_tool_bench,
+        tools_markdown,
+        write_tools_report,
+    )
+
+    opts = ToolBenchOptions(
+        tasks_path=args.prompts,
+        limit=args.tool_tasks,
+        configs=args.tool_configs,
+        error_rates=args.tool_error_rates,
+        repeats=args.tool_repeats,
+        concurrency=args.tool_concurrency,
+        ttft_s=args.ttft,
+        tokens_per_s=args.tps,
+        jitter=args.jitter,
+        layer_deadline_s=args.layer_deadline,
+    )
+    total = requests_in(opts, len(load_tasks(opts.tasks_path)[: opts.limit]))
+    console = Console(stderr=True)
+    # A bar on a terminal; in a log, only the line each finished configuration and rate prints.
+    with Progress(console=console, disable=not console.is_terminal) as progress:
+        bar = progress.add_task("tool tasks", total=total)
+        console.print(
+            f"{total} requests: {', '.join(opts.configs)} at tool-error rates "
+            f"{', '.join(f'{r:g}' for r in opts.error_rates)}",
+            soft_wrap=True,
+            highlight=False,
+        )
+
+        def step(line: str | None) -> None:
+            if line is None:
+                progress.advance(bar)
+            else:
+                console.print(line, soft_wrap=True, highlight=False)
+
+        report = asyncio.run(run_tool_bench(opts, step))
+    write_tools_report(report, args.out)
+    print(tools_markdown(report))
+    print(f"results in {args.out}/ (tools.json, tools.md)")
     failed = failures(report)
     for line in failed:
         print(f"moa bench: {line}", file=sys.stderr)

@@ -10,13 +10,17 @@ from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 
+from opentelemetry import trace
+
+from moa.engine import spans
 from moa.engine.chain import Part, Writer, answer_chain
 from moa.engine.context import RunContext
 from moa.engine.modes import Proposed
+from moa.engine.toolcalls import Vote, check, vote
 from moa.errors import FallbackReason
 from moa.plan import ModelRef
 from moa.result import AnswerSource, CallRecord, MoAResult, Stage
-from moa.types import CallResult, TextDelta
+from moa.types import CallResult, TextDelta, ToolSet
 
 
 @dataclass
@@ -69,6 +73,12 @@ async def answer(ctx: RunContext, proposed: Proposed) -> AsyncGenerator[TextDelt
     A route that fails after its text went out ends the run inside its chain (text cannot be
     retracted), so a proposal only ever answers a run whose client has seen nothing yet."""
     found, salvage = routes(ctx, proposed)
+    if ctx.tools is not None and proposed.missed is None:
+        voted = decided_by_vote(ctx)
+        if voted is not None:
+            for out in replayed(ctx, voted, None, None, "vote"):
+                yield out
+            return
     part = Part(prefix=proposed.prefix)
     for i, route in enumerate(found):
         later = sum(len(r.chain) for r in found[i + 1 :])
@@ -78,10 +88,15 @@ async def answer(ctx: RunContext, proposed: Proposed) -> AsyncGenerator[TextDelt
         async with aclosing(chain):
             async for ev in chain:
                 if isinstance(ev, CallResult):
-                    yield result(ctx, ev, route.reason, route.reason_kind, source)
+                    for out in replayed(ctx, ev, route.reason, route.reason_kind, source):
+                        yield out
                     return
                 yield ev
-    best = best_proposal(ctx.proposals) if salvage is not None else None
+    proposals = ctx.proposals
+    if ctx.tools is not None:  # only a proposal that keeps the tools' contract may answer
+        tools = ctx.tools
+        proposals = [r for r in proposals if check(r, tools).ok]
+    best = best_proposal(proposals) if salvage is not None else None
     if best is None or salvage is None:
         ctx.raise_failed()
         return
@@ -90,10 +105,58 @@ async def answer(ctx: RunContext, proposed: Proposed) -> AsyncGenerator[TextDelt
     why = f"every aggregator failed; answered with the best proposal ({name})"
     ctx.fallback_reason = salvage
     ctx.note(f"{why}: the first in the layer's order that finished on its own, else the first")
-    if ctx.stream:
+    if ctx.stream or ctx.replay:
         for piece in replay_pieces(best.text):
             yield TextDelta(text=piece)
     yield result(ctx, best, why, salvage, "proposal")
+
+
+def decided_by_vote(ctx: RunContext) -> CallResult | None:
+    """The proposal whose calls a quorum of the last layer agreed on, when the run votes and they
+    keep the tools' contract (None: the aggregators decide). What the vote saw is kept on the run."""
+    tools, plan = ctx.tools, ctx.plan
+    if tools is None or not plan.layers or not ctx.proposals:
+        return None
+    needed = min(plan.layers[-1].needed, len(ctx.proposals))
+    polled = vote(ctx.proposals, max(needed, 1))
+    seen = ctx.vote = polled.outcome
+    try:
+        return _decided(ctx, polled, tools)
+    finally:
+        spans.tool_vote(trace.get_current_span(), seen)
+
+
+def _decided(ctx: RunContext, polled: Vote, tools: ToolSet) -> CallResult | None:
+    seen = polled.outcome
+    if ctx.tool_mode != "vote":
+        seen.decided, seen.reason = False, "tool mode aggregate: the aggregator decides"
+        return None
+    if polled.winner is None:
+        ctx.note(f"tool vote: {seen.reason}; the aggregator decides")
+        return None
+    verdict = check(polled.winner, tools)
+    if not verdict.ok:
+        seen.decided = False
+        seen.reason = "the agreed calls break the tools' contract: " + "; ".join(verdict.violations)
+        ctx.note(f"tool vote: {seen.reason}; the aggregator decides")
+        return None
+    ctx.note(f"tool vote: {seen.agreed} of {seen.proposals} proposals agree; no aggregator call")
+    return polled.winner
+
+
+def replayed(
+    ctx: RunContext,
+    final: CallResult,
+    fallback: str | None,
+    fallback_reason: FallbackReason | None,
+    source: AnswerSource,
+) -> list[TextDelta | MoAResult]:
+    """The run's result, preceded (for a streaming client whose answer was held until it was
+    decided: a request with tools) by its text in pieces."""
+    pieces: list[TextDelta | MoAResult] = []
+    if ctx.replay and final.text:
+        pieces = [TextDelta(text=piece) for piece in replay_pieces(final.text)]
+    return [*pieces, result(ctx, final, fallback, fallback_reason, source)]
 
 
 def best_proposal(answered: Sequence[CallResult]) -> CallResult | None:
@@ -101,8 +164,8 @@ def best_proposal(answered: Sequence[CallResult]) -> CallResult | None:
     proposer order, whose answer finished on its own (``stop``: not cut at its token limit), else
     the first. The order is the plan's, which lists the proposers as the operator ranks them; no
     reading of the texts is attempted, so the rule is the same for every model and language."""
-    usable = [r for r in answered if r.ok and r.text]
-    complete = [r for r in usable if r.finish_reason == "stop"]
+    usable = [r for r in answered if r.ok and (r.text or r.tool_calls)]
+    complete = [r for r in usable if r.finish_reason in ("stop", "tool_calls")]
     ranked = complete or usable
     return ranked[0] if ranked else None
 
@@ -119,6 +182,8 @@ def result(
     usage = sum((r.usage for r in ctx.records), start=type(final.usage)())
     return MoAResult(
         text=final.text,
+        tool_calls=final.tool_calls,
+        tool_vote=ctx.vote,
         preset=ctx.decision.preset,
         plan=ctx.plan,
         decision=ctx.decision,

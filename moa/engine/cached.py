@@ -55,7 +55,7 @@ async def lookup(ctx: RunContext) -> MoAResult | None:
 
 def replayed(ctx: RunContext, hit: MoAResult) -> list[TextDelta | MoAResult]:
     """What a run answered from the cache yields: its text again when streamed, then the result."""
-    pieces = [TextDelta(text=piece) for piece in replay_pieces(hit.text)] if ctx.stream else []
+    pieces = [TextDelta(text=piece) for piece in replay_pieces(hit.text)] if ctx.stream or ctx.replay else []
     return [*pieces, hit]
 
 

@@ -126,6 +126,7 @@ def _job(
         stream=stream,
         prefix=part.prefix,
         role=writer.role,
+        tools=ctx.tools,
     )
 
 
@@ -171,6 +172,8 @@ class _Attempts:
             spans.fuse_continued(span, name, ev.continued_chars, res.ok)
         if res.ok:
             spans.fuse_answered(span, name)
+        elif res.error is not None and res.error.kind is ErrorKind.INVALID_OUTPUT:
+            spans.fuse_rejected(span, name, res.error.message)
         elif stage is Stage.PROPOSER:
             self.failed = res
         elif self.emitted:

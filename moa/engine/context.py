@@ -24,10 +24,11 @@ from moa.config import MoAConfig
 from moa.deadline import Deadline
 from moa.engine.calls import WINDOWS
 from moa.engine.fusion import Fuser
+from moa.engine.toolcalls import ToolMode, VoteOutcome
 from moa.errors import AllProvidersFailed, Failure, FallbackReason
 from moa.plan import AggregationMode, Plan, PlanMode, PlanShape
 from moa.result import CallRecord, Progress, RouteDecision, Stage
-from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams
+from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams, ToolSet
 
 # A routing decision: the plan, why, and any calls the router made (an LLM classifier).
 Routed = tuple[Plan, RouteDecision, list[CallResult]]
@@ -70,6 +71,10 @@ class RunOptions(TypedDict, total=False):
     before_classifier: Callable[[CallRequest], Awaitable[None]] | None
     # What the response cache may do for this request (the API's, per key); None: the local scope.
     ticket: CacheTicket | None
+    # The tools every model of the run may call (``moa.engine.toolcalls``); None: a text answer.
+    tools: ToolSet | None
+    # How the final calls are decided (``vote`` or ``aggregate``), over the plan's ``tools``.
+    tool_mode: ToolMode | None
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,9 @@ class RunRequest:
     def shape(self, plan: Plan) -> Plan:
         """``plan`` as this request would run it (its aggregation override; staircase only when
         streamed): what ``admit`` projects and caps, and what the run then runs."""
-        return plan.as_run(self.options.get("aggregation"), self.stream)
+        # A tool call cannot be streamed before it is decided: a request with tools never climbs.
+        stream = self.stream and self.options.get("tools") is None
+        return plan.as_run(self.options.get("aggregation"), stream)
 
 
 @dataclass
@@ -114,6 +121,13 @@ class RunContext:
     deadline: Deadline
     # What the response cache may do for this run (None: no cache).
     ticket: CacheTicket | None = None
+    # The tools the run's models may call, and how the final calls are decided; with tools the
+    # answer is held until it is decided and validated, then ``replay``ed to a streaming client.
+    tools: ToolSet | None = None
+    tool_mode: ToolMode = "vote"
+    replay: bool = False
+    # What the vote saw and decided (a run with tools whose plan has proposers).
+    vote: VoteOutcome | None = None
     # Told of every call as it is recorded (the API meters a request's spend with it).
     on_call: Callable[[CallRecord], None] | None = None
     # Told where the proposer layers stand, for a streaming client waiting for its first token.

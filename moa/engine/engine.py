@@ -32,7 +32,7 @@ from moa.engine.modes import Proposed, mode_for
 from moa.engine.router import LOCAL_TENANT, BeforeCall, Router, RouterPolicy
 from moa.errors import MoAError
 from moa.result import CallRecord, MoAResult, Progress, RouteDecision, Stage
-from moa.types import ChatMessage, GenerationParams, HealthView, TextDelta
+from moa.types import ChatMessage, GenerationParams, HealthView, TextDelta, priced_messages
 from moa_observability.tracing import attached, iterate_in, tracer
 
 __all__ = ["MoAEngine", "Routed", "RunRequest"]
@@ -73,13 +73,14 @@ class MoAEngine:
         *,
         tenant: str = LOCAL_TENANT,
         before_classifier: BeforeCall | None = None,
+        tools: bool = False,
     ) -> Routed:
         """Route ``messages``: ``tenant`` scopes the router's memory of them (its classifier cache);
         ``before_classifier`` is awaited before a paid classifier call and may refuse it."""
         check_messages(self.config.caps, messages)  # before the router reads them
         with tracer().start_as_current_span("moa.route") as span:
             routed = await self.router.route(
-                messages, preset, self._health(), tenant=tenant, before_call=before_classifier
+                messages, preset, self._health(), tenant=tenant, before_call=before_classifier, tools=tools
             )
             spans.routed(span, routed[1])
             return routed
@@ -162,10 +163,12 @@ class MoAEngine:
             routed = await admit(routed, request.shape)
         plan, decision, _ = routed
         params = options.get("params") or GenerationParams()
-        check_messages(self.config.caps, request.messages)
+        tools = options.get("tools")
+        priced = priced_messages(request.messages, tools)
+        check_messages(self.config.caps, priced)
         check_plan(self.config.caps, plan, params, len(pre_calls))
         # The models that would answer (their windows as declared, or as their servers said).
-        check_window(self.config, [*plan.aggregators, *plan.fallbacks], request.messages, params)
+        check_window(self.config, [*plan.aggregators, *plan.fallbacks], priced, params)
         ctx = RunContext(
             config=self.config,
             caller=self.caller,
@@ -175,14 +178,20 @@ class MoAEngine:
             plan=plan,
             decision=decision,
             params=params,
-            stream=request.stream,
+            # With tools the answer is decided and validated before the client sees any of it.
+            stream=request.stream and tools is None,
             t0=t0,
             deadline=request.deadline,
             on_call=on_call,
+            tools=tools,
+            tool_mode=options.get("tool_mode") or plan.tools,
+            replay=request.stream and tools is not None,
         )
         for res, rec in zip(pre_calls, pre_records, strict=True):
             ctx.record(res, rec, notify=False)
         ctx.ticket = cached.ticket(ctx, decision, request.options.get("ticket"))
+        if ctx.ticket is not None:
+            ctx.ticket.tools = tools
         return ctx
 
     async def _routed(self, request: RunRequest, span_ctx: Context) -> Routed:
@@ -197,6 +206,7 @@ class MoAEngine:
                 options.get("preset"),
                 tenant=self._tenant(request),
                 before_classifier=options.get("before_classifier"),
+                tools=options.get("tools") is not None,
             )
 
     @staticmethod

@@ -28,9 +28,20 @@ from moa.engine.calls import (
     timeout_result,
 )
 from moa.engine.continuation import LeadingTrim, continuation
-from moa.engine.prompts import with_references
+from moa.engine.prompts import extend_system, with_references
+from moa.engine.toolcalls import MAX_VIOLATIONS, check, correction
 from moa.plan import AggregatorSpec, ProposerSpec
-from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams, StreamEvent, TextDelta
+from moa.types import (
+    CallError,
+    CallRequest,
+    CallResult,
+    ChatMessage,
+    ErrorKind,
+    GenerationParams,
+    StreamEvent,
+    TextDelta,
+    ToolSet,
+)
 
 
 class FuseJob(BaseModel):
@@ -53,6 +64,9 @@ class FuseJob(BaseModel):
     prefix: str = ""
     # The role prompt of the proposer this job is (a staircase proposer's step); None for aggregators.
     role: str | None = None
+    # The request's tools: every model of the chain may call them, and an answer that breaks their
+    # contract (``moa.engine.toolcalls.check``) goes on to the next model with the violations.
+    tools: ToolSet | None = None
 
     def deadline(self) -> Deadline:
         """The request deadline, rebuilt on this side of the process boundary."""
@@ -103,13 +117,14 @@ async def fuse(job: FuseJob, caller: ModelCaller, config: MoAConfig) -> AsyncIte
     sent = job.prefix  # the answer's text already out: earlier steps, attempts that broke mid-stream
     attempts = [(index, spec) for index, spec in enumerate(job.chain)]
     refitted: set[int] = set()  # the models already called again after naming a smaller window
+    rejected: list[str] = []  # violations of the tools' contract by the chain's earlier answers
     while attempts:
         index, spec = attempts.pop(0)
         elapsed = time.monotonic() - t0
         if deadline.expired:
             return
         timeout, share = _timeout(job, deadline, index)
-        req, trim, refs, notes = _request(job, config, spec, sent, timeout)
+        req, trim, refs, notes = _request(job, config, spec, sent, timeout, rejected)
         yield FuseStart(
             provider=spec.provider,
             model=spec.model,
@@ -132,6 +147,8 @@ async def fuse(job: FuseJob, caller: ModelCaller, config: MoAConfig) -> AsyncIte
         assert res is not None
         if res.ok and prefix:
             res = res.model_copy(update={"text": prefix + here})
+        if res.ok and job.tools is not None:
+            res = _checked(res, job.tools, rejected, notes)
         window = res.error.context_window if res.error is not None else None
         if WINDOWS.learn(spec.provider, spec.model, window) and not here and index not in refitted and refs:
             # The model refused the prompt as too long and named its real window: the same model
@@ -159,12 +176,32 @@ def _timeout(job: FuseJob, deadline: Deadline, index: int) -> tuple[float, float
     return min(timeout, left if job.stream or share is None else share), share
 
 
-def _request(
-    job: FuseJob, config: MoAConfig, spec: AggregatorSpec | ProposerSpec, sent: str, timeout: float
+def _checked(res: CallResult, tools: ToolSet, rejected: list[str], notes: list[str]) -> CallResult:
+    """``res`` if it keeps the tools' contract; else the failure it is (``INVALID_OUTPUT``: never
+    held against its provider's health), its violations kept for the next model's prompt."""
+    verdict = check(res, tools)
+    if verdict.ok:
+        return res
+    rejected[:] = verdict.violations
+    name = f"{res.provider}/{res.requested_model}"
+    notes.append(f"{name}: answer rejected: {'; '.join(verdict.violations[:MAX_VIOLATIONS])}")
+    message = "the answer broke the tools' contract: " + "; ".join(verdict.violations[:MAX_VIOLATIONS])
+    error = CallError(kind=ErrorKind.INVALID_OUTPUT, message=message)
+    return res.model_copy(update={"error": error})
+
+
+def _request(  # six: the job, its model, and what the chain has done so far
+    job: FuseJob,
+    config: MoAConfig,
+    spec: AggregatorSpec | ProposerSpec,
+    sent: str,
+    timeout: float,
+    rejected: list[str] | None = None,
 ) -> tuple[CallRequest, LeadingTrim, list[str], list[str]]:
     """One attempt's request: the references fitted to its model's window, continuing ``sent`` (the
-    answer's text already out) when there is any; with how to trim its answer's start, the
-    references it reads and a note per change made to fit them."""
+    answer's text already out) when there is any, told why the chain's last answer was rejected
+    (``rejected``) if it was; with how to trim its answer's start, the references it reads and a
+    note per change made to fit them."""
     refs, notes, cap = fit_call(
         config, job.references, spec, job.messages, job.params, job.reference_budget_tokens
     )
@@ -172,6 +209,8 @@ def _request(
     if cap is not None and params.max_tokens is None:
         params = params.model_copy(update={"max_tokens": cap})
     messages = with_references(job.messages, refs, config.templates, role=job.role)
+    if rejected:
+        messages = extend_system(messages, correction(rejected))
     trim = LeadingTrim(False)
     if sent:
         cont = continuation(messages, sent, provider_kind(config, spec.provider), config.templates)
@@ -183,6 +222,7 @@ def _request(
         params=params,
         timeout_s=timeout,
         batch_s=None if job.stream else UNSEEN_BATCH_S,
+        tools=job.tools,
     )
     return req, trim, refs, notes
 

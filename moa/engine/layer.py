@@ -20,6 +20,7 @@ from moa.engine import spans
 from moa.engine.calls import UNSEEN_BATCH_S, collect, cut_result, fit_call, merge_params, provider_kind
 from moa.engine.context import RunContext
 from moa.engine.prompts import with_references
+from moa.engine.toolcalls import reference_text
 from moa.plan import LayerSpec, ProposerSpec
 from moa.result import CallRecord, Progress, Stage
 from moa.types import CallError, CallRequest, CallResult, ErrorKind
@@ -42,7 +43,8 @@ class LayerOutcome:
 
     @property
     def answers(self) -> list[str]:
-        return [res.text for res in self.answered]
+        """The answers as the next stage reads them: each text, with the calls it proposes."""
+        return [reference_text(res) for res in self.answered]
 
 
 @dataclass(frozen=True)
@@ -297,6 +299,7 @@ class DirectCalls:
             timeout_s=timeout,
             role=spec.role,
             batch_s=self.batch_s,
+            tools=ctx.tools,
         )
 
     def call(self, req: CallRequest, i: int) -> Coroutine[Any, Any, CallResult]:

@@ -82,6 +82,10 @@ class Receipts:
     def __len__(self) -> int:
         return len(self._held) + len(self._finished)
 
+    async def receipts(self, call_ids: Collection[str], within_s: float) -> Mapping[str, Usage]:
+        """``ReceiptSource`` in-process: ``moa serve --local``'s pool leaves its receipts here."""
+        return await self.take(call_ids, within_s)
+
     def put(self, call_id: str, usage: Usage) -> None:
         """A provider replica's receipt: what the call ``call_id`` consumed when it was cut."""
         self._keep(self._held, {call_id: usage}, self.kept)

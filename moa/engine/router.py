@@ -154,7 +154,12 @@ class Router(Protocol):
         *,
         tenant: str = LOCAL_TENANT,
         before_call: BeforeCall | None = None,
+        tools: bool = False,
     ) -> tuple[Plan, RouteDecision, list[CallResult]]: ...
+
+
+# The tiers from the cheapest to the deepest.
+TIER_ORDER = (Complexity.SIMPLE, Complexity.MEDIUM, Complexity.COMPLEX)
 
 
 class RouterPolicy:
@@ -214,8 +219,10 @@ class RouterPolicy:
         *,
         tenant: str = LOCAL_TENANT,
         before_call: BeforeCall | None = None,
+        tools: bool = False,
     ) -> tuple[Plan, RouteDecision, list[CallResult]]:
-        """Pick the plan for a request: a forced preset, or the tier the classifier chooses."""
+        """Pick the plan for a request: a forced preset, or the tier the classifier chooses (for a
+        request carrying ``tools``, no deeper than ``router.tools_max_tier``)."""
         health = health or HealthView()
         calls: list[CallResult] = []
         name = preset or self.config.default_preset
@@ -223,9 +230,16 @@ class RouterPolicy:
             plan, decision = self.named_plan(name)
         else:
             cls, calls = await self.classify(user_text(messages), tenant=tenant, before_call=before_call)
-            name = self.config.router.tiers[cls.complexity]
+            tier, cap = cls.complexity, self.config.router.tools_max_tier
+            capped = tools and cap is not None and TIER_ORDER.index(tier) > TIER_ORDER.index(cap)
+            if capped:
+                assert cap is not None
+                tier = cap
+            name = self.config.router.tiers[tier]
             plan = self.config.presets[name]
             reason = f"{cls.complexity} request -> {name}: {cls.reason}"
+            if capped:
+                reason += f"; it carries tools, so at most the {tier} tier (router.tools_max_tier)"
             specialists = self.config.router.specialists.get(cls.task)
             if specialists and plan.layers:
                 plan = with_first_layer(plan, specialists)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry.trace import Span, Status, StatusCode
 
 from moa.plan import LayerSpec, Plan
-from moa.result import MoAResult, RouteDecision, Stage
+from moa.result import MoAResult, RouteDecision, Stage, VoteOutcome
 
 if TYPE_CHECKING:
     from moa.engine.layer import LayerOutcome
@@ -111,6 +111,26 @@ def fuse_continued(span: Span, name: str, chars: int, ok: bool) -> None:
 def fuse_broken(span: Span, name: str) -> None:
     """An aggregator's stream broke after its text had gone out."""
     span.add_event("moa.fuse.stream_broken", {"moa.model": name})
+
+
+def fuse_rejected(span: Span, name: str, why: str) -> None:
+    """A model of the chain answered with calls that break the tools' contract: the violations,
+    and the chain goes on to its next model."""
+    span.add_event("moa.tools.rejected", {"moa.model": name, "moa.tools.violations": why})
+
+
+def tool_vote(span: Span, outcome: VoteOutcome) -> None:
+    """The ``moa.run`` span of a request with tools: what the vote among the proposals saw."""
+    span.set_attributes(
+        {
+            "moa.tools.vote.proposals": outcome.proposals,
+            "moa.tools.vote.needed": outcome.needed,
+            "moa.tools.vote.agreed": outcome.agreed,
+            "moa.tools.vote.decided": outcome.decided,
+        }
+    )
+    if outcome.calls:
+        span.set_attribute("moa.tools.vote.calls", outcome.calls)
 
 
 def fuse_answered(span: Span, name: str) -> None:

@@ -1,8 +1,19 @@
-"""Anthropic Messages API through ``anthropic.AsyncAnthropic``."""
+"""Anthropic Messages API through ``anthropic.AsyncAnthropic``.
+
+Tools go as the Messages API takes them: each function as a custom tool (``name``,
+``description``, ``input_schema``, ``strict``), the choice as ``tool_choice`` (``auto``, ``any``,
+``tool`` + ``name``, ``none``; ``disable_parallel_tool_use`` when one call at most is allowed). An
+assistant turn's calls become ``tool_use`` blocks whose ``input`` is the arguments' JSON object,
+and ``tool`` turns ``tool_result`` blocks, in the one user turn the API wants right after the
+calls. Back, ``tool_use`` blocks are ``ToolCall``s and ``stop_reason: tool_use`` our
+``tool_calls``; a stream's calls are assembled from their ``input_json_delta`` fragments as the
+model wrote them.
+"""
 
 from __future__ import annotations
 
 import inspect
+import json
 import re
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -10,7 +21,7 @@ from typing import Any
 import anthropic
 from anthropic.types import Message
 
-from moa.providers.transport import Attempt, AttemptError, SDKTransport
+from moa.providers.transport import Attempt, AttemptError, SDKTransport, ToolFragment
 from moa.providers.wire import (
     classify_common,
     classify_generated_sdk,
@@ -20,11 +31,32 @@ from moa.providers.wire import (
     refused_param,
     unexpected_failure,
 )
-from moa.types import CallRequest, ErrorKind, GenerationParams, Usage
+from moa.types import (
+    CallRequest,
+    ChatMessage,
+    ErrorKind,
+    GenerationParams,
+    ToolCall,
+    ToolSet,
+    ToolSpec,
+    Usage,
+)
 
 # The Messages API requires max_tokens; used when the request does not say.
 DEFAULT_MAX_TOKENS = 1024
-FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "refusal": "content_filter"}
+FINISH = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "refusal": "content_filter",
+    "tool_use": "tool_calls",
+}
+# Our tool choice modes as the Messages API names them (a named function is ``tool``).
+CHOICE = {"auto": "auto", "none": "none", "required": "any", "function": "tool"}
+# Where a model's tool input was not JSON, the input object holds the text it wrote under this key
+# (the key Anthropic's fine-grained tool streaming guide gives for passing such text back, and the
+# simulator's way of answering malformed arguments without a stream).
+INVALID_JSON = "INVALID_JSON"
 # Anthropic's temperature range; ours (OpenAI's) goes to 2.
 MAX_TEMPERATURE = 1.0
 # How the API refuses a parameter: "`temperature` is deprecated for this model." (models that
@@ -73,17 +105,9 @@ class AnthropicTransport(SDKTransport):
     def _args(self, req: CallRequest, timeout_s: float) -> dict[str, Any]:
         p = req.params
         system = "\n\n".join(m.content for m in req.messages if m.role == "system")
-        turns: list[dict[str, str]] = []
-        for m in req.messages:
-            if m.role == "system":
-                continue
-            if turns and turns[-1]["role"] == m.role:  # the API wants alternating turns
-                turns[-1]["content"] += "\n\n" + m.content
-            else:
-                turns.append({"role": m.role, "content": m.content})
         args: dict[str, Any] = {
             "model": req.model,
-            "messages": turns,
+            "messages": _turns(req.messages),
             "max_tokens": p.max_tokens or DEFAULT_MAX_TOKENS,
             # What is left of the call's deadline, with the configured connect timeout: a bare
             # number here would replace the client's Timeout, connect_timeout_s included.
@@ -99,6 +123,11 @@ class AnthropicTransport(SDKTransport):
             args["extra_body"] = extra
         if p.stop:
             args["stop_sequences"] = list(p.stop)
+        if req.tools is not None:
+            args["tools"] = [_tool(t) for t in req.tools.tools]
+            choice = _tool_choice(req.tools)
+            if choice is not None:
+                args["tool_choice"] = choice
         return args
 
     def adapt(self, model: str, params: GenerationParams) -> tuple[GenerationParams, list[str]]:
@@ -134,24 +163,49 @@ class AnthropicTransport(SDKTransport):
         if not isinstance(message, Message):
             raise AttemptError(ErrorKind.MALFORMED_RESPONSE, "response is not a message", service_s=service)
         text = "".join(block.text for block in message.content if block.type == "text")
+        calls = [
+            ToolCall(id=block.id, name=block.name, arguments=_arguments(block.input))
+            for block in message.content
+            if block.type == "tool_use"
+        ]
         return Attempt(
             text=text,
             model=message.model,
             usage=_usage(message.usage),
-            finish_reason=FINISH.get(message.stop_reason or "", "other"),
+            finish_reason=_finish(message.stop_reason, calls, service),
             service_s=service,
+            tool_calls=calls,
         )
 
-    async def open_stream(self, req: CallRequest, timeout_s: float) -> AsyncIterator[str | Attempt]:
+    async def open_stream(
+        self, req: CallRequest, timeout_s: float
+    ) -> AsyncIterator[str | ToolFragment | Attempt]:
         stream = await self._sdk.messages.create(**self._args(req, timeout_s), stream=True)
         service = provider_service_time(stream.response.headers)
         model, usage, output_tokens, stop, finished = None, None, 0, None, False
+        # Each tool_use block by its index: its id, name and the input's JSON fragments so far.
+        calls: dict[int, tuple[str, str, list[str]]] = {}
         try:
             async for event in stream:
                 if event.type == "message_start":
                     model, usage = event.message.model, event.message.usage
+                elif event.type == "content_block_start" and event.content_block.type == "tool_use":
+                    block = event.content_block
+                    calls[event.index] = (block.id, block.name, [])
+                    yield ToolFragment(block.name)
                 elif event.type == "content_block_delta" and event.delta.type == "text_delta":
                     yield event.delta.text
+                elif event.type == "content_block_delta" and event.delta.type == "input_json_delta":
+                    call = calls.get(event.index)
+                    if call is None:
+                        raise AttemptError(
+                            ErrorKind.MALFORMED_RESPONSE,
+                            f"input_json_delta for block {event.index}, which is not a tool_use block",
+                            service_s=service,
+                        )
+                    if event.delta.partial_json:
+                        call[2].append(event.delta.partial_json)
+                        yield ToolFragment(event.delta.partial_json)
                 elif event.type == "message_delta":
                     stop = event.delta.stop_reason
                     output_tokens = event.usage.output_tokens
@@ -165,8 +219,19 @@ class AnthropicTransport(SDKTransport):
             )
         u = _usage(usage)
         u = u.model_copy(update={"output_tokens": output_tokens or u.output_tokens})
+        # The arguments as the model wrote them: its fragments joined (a call without any took
+        # no arguments: an empty object), never parsed or repaired here.
+        assembled = [
+            ToolCall(id=cid, name=name, arguments="".join(parts) or "{}")
+            for _, (cid, name, parts) in sorted(calls.items())
+        ]
         yield Attempt(
-            text="", model=model, usage=u, finish_reason=FINISH.get(stop or "", "other"), service_s=service
+            text="",
+            model=model,
+            usage=u,
+            finish_reason=_finish(stop, assembled, service),
+            service_s=service,
+            tool_calls=assembled,
         )
 
     def classify(self, exc: BaseException, in_stream: bool) -> AttemptError:
@@ -193,3 +258,120 @@ def _usage(u: Any) -> Usage:
         output_tokens=u.output_tokens or 0,
         cached_tokens=cached,
     )
+
+
+def _finish(stop_reason: str | None, calls: list[ToolCall], service: float | None) -> str:
+    """Our finish reason; a ``tool_use`` stop with no call to show is a malformed answer, not
+    an empty one."""
+    if stop_reason == "tool_use" and not calls:
+        raise AttemptError(
+            ErrorKind.MALFORMED_RESPONSE, "stop_reason tool_use without a tool_use block", service_s=service
+        )
+    return FINISH.get(stop_reason or "", "other")
+
+
+def _arguments(tool_input: object) -> str:
+    """A tool_use block's input as the JSON text of its arguments. An input that only wraps
+    the text the model wrote (``{"INVALID_JSON": "..."}``) gives that text back, unparsed, so
+    the call is judged on what the model wrote rather than on the wrapper."""
+    if isinstance(tool_input, dict) and tool_input.keys() == {INVALID_JSON}:
+        written = tool_input[INVALID_JSON]
+        if isinstance(written, str):
+            return written
+    return json.dumps(tool_input, ensure_ascii=False)
+
+
+def _tool(spec: ToolSpec) -> dict[str, Any]:
+    """One function as a custom tool of the Messages API."""
+    tool: dict[str, Any] = {"name": spec.name, "input_schema": spec.parameters}
+    if spec.description is not None:
+        tool["description"] = spec.description
+    if spec.strict is not None:
+        tool["strict"] = spec.strict
+    return tool
+
+
+def _tool_choice(tools: ToolSet) -> dict[str, Any] | None:
+    """``tool_choice``, or None where the API's default (``auto``, parallel calls allowed) is
+    what was asked. ``none`` takes no ``disable_parallel_tool_use`` (no call can come)."""
+    mode = tools.choice.mode
+    if mode == "auto" and tools.parallel:
+        return None
+    choice: dict[str, Any] = {"type": CHOICE[mode]}
+    if mode == "function":
+        if not tools.choice.name:
+            raise _refuse("tool choice 'function' names no function")
+        choice["name"] = tools.choice.name
+    if mode != "none" and not tools.parallel:
+        choice["disable_parallel_tool_use"] = True
+    return choice
+
+
+def _refuse(message: str) -> AttemptError:
+    """A conversation Anthropic's API cannot carry, refused before anything is sent (unbilled)."""
+    return AttemptError(ErrorKind.BAD_REQUEST, message, unsent=True)
+
+
+def _tool_use(call: ToolCall) -> dict[str, Any]:
+    """An earlier call as a tool_use block: its input is the arguments' JSON object. Arguments
+    that are not one cannot be sent as the model wrote them, and are refused, not rewritten."""
+    try:
+        tool_input = json.loads(call.arguments, parse_constant=_no_constant)
+    except ValueError as exc:
+        raise _refuse(
+            f"tool call {call.id!r} ({call.name}) has arguments that are not JSON ({exc}); the Anthropic "
+            "API takes a tool call's input as a JSON object"
+        ) from None
+    if not isinstance(tool_input, dict):
+        raise _refuse(
+            f"tool call {call.id!r} ({call.name}) has arguments that are not a JSON object; the Anthropic "
+            "API takes a tool call's input as a JSON object"
+        )
+    return {"type": "tool_use", "id": call.id, "name": call.name, "input": tool_input}
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _blocks(m: ChatMessage) -> tuple[str, list[dict[str, Any]]]:
+    """One message as the role and content blocks it is sent as."""
+    if m.role == "tool":
+        if not m.tool_call_id:
+            raise _refuse("a tool message has no tool_call_id: the Anthropic API answers a call by its id")
+        return "user", [{"type": "tool_result", "tool_use_id": m.tool_call_id, "content": m.content}]
+    text = [{"type": "text", "text": m.content}] if m.content or not m.tool_calls else []
+    return m.role, text + [_tool_use(c) for c in m.tool_calls]
+
+
+def _turns(messages: tuple[ChatMessage, ...]) -> list[dict[str, Any]]:
+    """The conversation as the Messages API wants it: user and assistant turns alternating (a
+    run of one role is one turn, texts joined by a blank line), the results of a turn's calls
+    together in the next user turn, before any text of it. A turn of text alone is sent as a
+    string, as before tools."""
+    turns: list[dict[str, Any]] = []
+    for m in messages:
+        if m.role == "system":
+            continue
+        role, blocks = _blocks(m)
+        if not turns or turns[-1]["role"] != role:
+            turns.append({"role": role, "content": blocks})
+            continue
+        content: list[dict[str, Any]] = turns[-1]["content"]
+        if blocks[0]["type"] == "tool_result" and content[-1]["type"] != "tool_result":
+            raise _refuse(
+                f"the result of tool call {m.tool_call_id!r} comes after a user message: the Anthropic "
+                "API takes a call's results first in the user turn that follows it"
+            )
+        for block in blocks:
+            if block["type"] == "text" and content[-1]["type"] == "text":
+                content[-1] = {"type": "text", "text": content[-1]["text"] + "\n\n" + block["text"]}
+            else:
+                content.append(block)
+    for turn in turns:
+        blocks = turn["content"]
+        if all(b["type"] == "text" for b in blocks):
+            turn["content"] = blocks[0]["text"]  # a run of text turns is one text block by now
+        else:  # the API refuses an empty text block beside others (an empty text adds nothing)
+            turn["content"] = [b for b in blocks if b["type"] != "text" or b["text"]]
+    return turns

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import uuid
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -13,7 +15,7 @@ import openai
 from openai.types.chat import ChatCompletion
 
 from moa.config import Endpoint, ProviderConfig
-from moa.providers.transport import Attempt, AttemptError, SDKTransport
+from moa.providers.transport import Attempt, AttemptError, SDKTransport, ToolFragment
 from moa.providers.wire import (
     classify_common,
     classify_generated_sdk,
@@ -23,12 +25,20 @@ from moa.providers.wire import (
     refused_param,
     unexpected_failure,
 )
-from moa.types import CallRequest, ErrorKind, GenerationParams, Usage
+from moa.types import CallRequest, ChatMessage, ErrorKind, GenerationParams, ToolCall, ToolSet, Usage
 
 log = logging.getLogger("moa.providers")
 # How long the one-off read of a server's model listing may take (it never delays a call twice).
 LISTING_TIMEOUT_S = 3.0
-FINISH = {"stop": "stop", "length": "length", "content_filter": "content_filter"}
+# OpenAI's finish reasons, ours; "function_call" is the legacy functions' way of saying "tool_calls"
+# (we always send modern tools, but a compatible server may answer the old way).
+FINISH = {
+    "stop": "stop",
+    "length": "length",
+    "content_filter": "content_filter",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+}
 # OpenAI's API takes at most this many stop sequences.
 MAX_STOP = 4
 # How OpenAI refuses a parameter: "Unsupported parameter: 'temperature' is not supported with this
@@ -38,6 +48,12 @@ MAX_STOP = 4
 REFUSED = re.compile(
     r"Unsupported (?:parameter|value): '(\w+)'|Unrecognized request argument supplied: (\w+)"
 )
+
+# How an OpenAI-compatible server refuses tools outright, with a 500 although nothing failed:
+# llama.cpp's llama-server started with --no-jinja ("tools param requires --jinja flag"; jinja is
+# on by default since late 2025) and its builds from before it streamed tool calls ("Cannot use
+# tools with stream"). No retry can help and the server is healthy: it refuses the request.
+TOOLS_REFUSED = re.compile(r"tools param requires --jinja flag|Cannot use tools with stream")
 
 # Where OpenAI says when a spent limit has room again (Rate limits guide, "Rate limits in headers"):
 # each ``x-ratelimit-remaining-*`` header with its ``x-ratelimit-reset-*``, a Go duration ("6m0s").
@@ -70,7 +86,7 @@ class OpenAITransport(SDKTransport):
         p = req.params
         args: dict[str, Any] = {
             "model": req.model,
-            "messages": [{"role": m.role, "content": m.content} for m in req.messages],
+            "messages": [_message(i, m) for i, m in enumerate(req.messages)],
             # What is left of the call's deadline, with the configured connect timeout: a bare
             # number here would replace the client's Timeout, connect_timeout_s included.
             "timeout": openai.Timeout(timeout_s, connect=min(self.cfg.connect_timeout_s, timeout_s)),
@@ -90,6 +106,8 @@ class OpenAITransport(SDKTransport):
         args |= {k: v for k, v in optional.items() if v is not None}
         if p.stop:
             args["stop"] = list(p.stop)
+        if req.tools is not None:
+            args |= _tool_args(req.tools)
         return args
 
     def adapt(self, model: str, params: GenerationParams) -> tuple[GenerationParams, list[str]]:
@@ -111,28 +129,43 @@ class OpenAITransport(SDKTransport):
                 ErrorKind.MALFORMED_RESPONSE, "response is not a chat completion", service_s=service
             )
         choice = completion.choices[0]
+        calls = _message_calls(choice.message, service)
         return Attempt(
             text=choice.message.content or "",
             model=completion.model,
             usage=_usage(completion.usage),
-            finish_reason=FINISH.get(choice.finish_reason or "", "other"),
+            finish_reason=_finish(choice.finish_reason, calls, service),
             service_s=service,
+            tool_calls=calls,
         )
 
-    async def open_stream(self, req: CallRequest, timeout_s: float) -> AsyncIterator[str | Attempt]:
+    async def open_stream(
+        self, req: CallRequest, timeout_s: float
+    ) -> AsyncIterator[str | ToolFragment | Attempt]:
         stream = await self._sdk.chat.completions.create(
             **self._args(req, timeout_s), stream=True, stream_options={"include_usage": True}
         )
         service = provider_service_time(stream.response.headers)
         finish, model, usage = None, None, None
+        calls = _StreamedCalls()
         try:
             async for chunk in stream:
                 model = chunk.model or model
                 if chunk.usage is not None:
                     usage = chunk.usage
                 for choice in chunk.choices:
-                    if choice.delta.content:
-                        yield choice.delta.content
+                    delta = choice.delta
+                    if delta.content:
+                        yield delta.content
+                    for piece in delta.tool_calls or ():
+                        fn = piece.function
+                        got = calls.add(piece.index, piece.id, fn and fn.name, fn and fn.arguments)
+                        for fragment in got:
+                            yield ToolFragment(fragment)
+                    if delta.function_call is not None:  # legacy: one call, no id, no index
+                        fc = delta.function_call
+                        for fragment in calls.add(LEGACY, None, fc.name, fc.arguments):
+                            yield ToolFragment(fragment)
                     if choice.finish_reason:
                         finish = choice.finish_reason
         finally:
@@ -141,20 +174,27 @@ class OpenAITransport(SDKTransport):
             raise AttemptError(
                 ErrorKind.MALFORMED_RESPONSE, "stream ended before its final chunk", service_s=service
             )
+        assembled = calls.assembled(service)
         yield Attempt(
             text="",
             model=model,
             usage=_usage(usage),
-            finish_reason=FINISH.get(finish, "other"),
+            finish_reason=_finish(finish, assembled, service),
             service_s=service,
+            tool_calls=assembled,
         )
 
     def classify(self, exc: BaseException, in_stream: bool) -> AttemptError:
-        return (
+        err = (
             classify_generated_sdk(openai, exc, in_stream, retry_hint)
             or classify_common(exc, in_stream)
             or unexpected_failure(exc)
         )
+        if err.kind is ErrorKind.SERVER_ERROR and err.status and TOOLS_REFUSED.search(err.message):
+            # A server that takes no tools says so with a 500: not its fault, and no retry helps.
+            err.kind = ErrorKind.BAD_REQUEST
+            err.message += " (the server refuses tool calling: a refusal, not a fault)"
+        return err
 
     async def aclose(self) -> None:
         await self._sdk.close()
@@ -255,6 +295,154 @@ def _llamacpp_slot_window(owned_by: Any, extra: Mapping[str, Any]) -> int | None
         return None
     n_ctx = meta.get("n_ctx")
     return n_ctx if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx > 0 else None
+
+
+# The key of a legacy ``function_call`` among a stream's calls (real calls have indexes from 0).
+LEGACY = -1
+
+
+def _new_call_id() -> str:
+    """An id for a call the server gave none (a legacy ``function_call``; some compatible
+    servers' streams), in OpenAI's form."""
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+def _unsendable(message: str) -> AttemptError:
+    """A conversation no OpenAI request can carry: a fault upstream of this adapter, so refused
+    as ours before anything is sent (saying what is wrong), never held against the provider."""
+    return AttemptError(ErrorKind.INTERNAL, message)
+
+
+def _message(i: int, m: ChatMessage) -> dict[str, Any]:
+    """One turn as OpenAI's chat completions take it: an assistant turn with the calls it made
+    (content null when it said nothing else, as OpenAI writes it), a tool turn answering one call
+    by its id (OpenAI's tool messages carry no function name)."""
+    if m.role == "tool":
+        if not m.tool_call_id:
+            raise _unsendable(f"messages[{i}]: a tool result without the tool_call_id it answers")
+        return {"role": "tool", "tool_call_id": m.tool_call_id, "content": m.content}
+    if m.tool_calls:
+        if m.role != "assistant":
+            raise _unsendable(
+                f"messages[{i}]: a {m.role} turn carrying tool calls (only assistant turns can)"
+            )
+        calls = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in m.tool_calls
+        ]
+        return {"role": "assistant", "content": m.content or None, "tool_calls": calls}
+    return {"role": m.role, "content": m.content}
+
+
+def _tool_args(tools: ToolSet) -> dict[str, Any]:
+    """The request's tools in OpenAI's modern form (always: a client's legacy ``functions`` are
+    the API layer's to answer the legacy way), its choice, and ``parallel_tool_calls: false``
+    only when parallel calls are off (OpenAI's default is true, and it refuses the field
+    without tools, which is never the case here)."""
+    declared = []
+    for t in tools.tools:
+        fn: dict[str, Any] = {"name": t.name}
+        if t.description is not None:
+            fn["description"] = t.description
+        fn["parameters"] = t.parameters
+        if t.strict is not None:
+            fn["strict"] = t.strict
+        declared.append({"type": "function", "function": fn})
+    choice = tools.choice
+    if choice.mode == "function":
+        if not choice.name:
+            raise _unsendable("tool_choice: a named function choice without the function's name")
+        tool_choice: Any = {"type": "function", "function": {"name": choice.name}}
+    else:
+        tool_choice = choice.mode
+    args: dict[str, Any] = {"tools": declared, "tool_choice": tool_choice}
+    if not tools.parallel:
+        args["parallel_tool_calls"] = False
+    return args
+
+
+def _malformed(message: str, service: float | None) -> AttemptError:
+    return AttemptError(ErrorKind.MALFORMED_RESPONSE, message, service_s=service)
+
+
+def _message_calls(message: Any, service: float | None) -> list[ToolCall]:
+    """The calls of a completion's message: its ``tool_calls`` (function calls; we offer no
+    other kind), or a compatible server's legacy ``function_call`` (given an id). Arguments stay
+    as the model wrote them."""
+    calls: list[ToolCall] = []
+    for k, call in enumerate(message.tool_calls or ()):
+        fn = getattr(call, "function", None)
+        if fn is None or not fn.name:
+            raise _malformed(f"tool call {k} is not a named function call", service)
+        calls.append(ToolCall(id=call.id or _new_call_id(), name=fn.name, arguments=fn.arguments or ""))
+    legacy = message.function_call
+    if legacy is not None:
+        if calls or not legacy.name:
+            raise _malformed("a legacy function_call beside tool calls, or without a name", service)
+        calls.append(ToolCall(id=_new_call_id(), name=legacy.name, arguments=legacy.arguments or ""))
+    return calls
+
+
+def _finish(reason: str | None, calls: list[ToolCall], service: float | None) -> str:
+    """Our finish reason. A model that called tools finished with ``tool_calls`` (some compatible
+    servers say ``stop``); one cut short by its token limit keeps ``length``, its last call's
+    arguments being unfinished. A finish that names calls none of which came is malformed."""
+    finish = FINISH.get(reason or "", "other")
+    if finish == "tool_calls" and not calls:
+        raise _malformed(f"finish_reason {reason!r} without any tool call", service)
+    if calls and finish == "stop":
+        return "tool_calls"
+    return finish
+
+
+@dataclass
+class _Pending:
+    """A call being streamed: its id and name (once), its arguments' fragments in order."""
+
+    id: str | None = None
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
+
+
+class _StreamedCalls:
+    """A stream's tool calls, assembled by ``index`` from their fragments: OpenAI sends a call's
+    id and name whole in its first fragment, then pieces of its arguments, and calls of one answer
+    may interleave. Some compatible servers repeat the id (DeepSeek, Qwen) or the name in later
+    fragments: a repeat is read once. A fragment without an index (some compatible servers) is the
+    call its id opens, else the call being written."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, _Pending] = {}
+        self._last: int | None = None
+
+    def add(self, index: int | None, id: str | None, name: str | None, arguments: str | None) -> list[str]:
+        """Take a fragment; return the generated text it carries (a name, an arguments piece)."""
+        if index is None:
+            known = id is not None and any(c.id == id for c in self._calls.values())
+            opens = id is not None and not known
+            index = max(self._calls, default=-1) + 1 if opens or self._last is None else self._last
+        call = self._calls.setdefault(index, _Pending())
+        self._last = index
+        if id and call.id is None:
+            call.id = id
+        out = []
+        if name and name != call.name:
+            call.name += name
+            out.append(name)
+        if arguments:
+            call.arguments.append(arguments)
+            out.append(arguments)
+        return out
+
+    def assembled(self, service: float | None) -> list[ToolCall]:
+        """The whole calls, in index order; a call that never got its name is malformed."""
+        calls = []
+        for index in sorted(self._calls):
+            c = self._calls[index]
+            if not c.name:
+                raise _malformed(f"streamed tool call {index} never named its function", service)
+            calls.append(ToolCall(id=c.id or _new_call_id(), name=c.name, arguments="".join(c.arguments)))
+        return calls
 
 
 def _usage(u: Any) -> Usage:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import importlib
 from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
+from typing import Protocol
 
 from moa.config import Endpoint, MoAConfig, ProviderConfig, ProviderKind, resolve_endpoint
 from moa.limits import CircuitState, ProviderLimits
 from moa.providers.client import ProviderClient
 from moa.providers.transport import SDKTransport
-from moa.types import CallError, CallRequest, CallResult, ErrorKind, HealthView, StreamEvent
+from moa.types import CallError, CallRequest, CallResult, ErrorKind, HealthView, StreamEvent, Usage
 
 # Each kind's SDK adapter, as module and class: imported when the first provider of that kind is
 # built, so a process imports the SDKs of its own providers only. A provider replica serves one
@@ -44,15 +45,29 @@ def build_client(
     return ProviderClient(name, cfg, endpoint, transport, limits, capture_content=capture_content)
 
 
-class ProviderPool:
-    """The in-process ``ModelCaller``: one client per configured provider, reused for every call."""
+class CutReceipts(Protocol):
+    """Where the pool leaves what a call cut mid-stream consumed, as its client saw it
+    (``moa.engine.receipts.Receipts``): everything the provider sent, tool-call fragments
+    included, which the engine's estimate of a cut call does not see."""
 
-    def __init__(self, clients: Mapping[str, ProviderClient]) -> None:
+    def put(self, call_id: str, usage: Usage) -> None: ...
+
+
+class ProviderPool:
+    """The in-process ``ModelCaller``: one client per configured provider, reused for every call.
+    With ``receipts``, every streamed call cut before its result leaves its receipt there."""
+
+    def __init__(self, clients: Mapping[str, ProviderClient], receipts: CutReceipts | None = None) -> None:
         self.clients = dict(clients)
+        self.receipts = receipts
 
     @classmethod
     def from_config(
-        cls, cfg: MoAConfig, sim_url: str | None = None, env: Mapping[str, str] | None = None
+        cls,
+        cfg: MoAConfig,
+        sim_url: str | None = None,
+        env: Mapping[str, str] | None = None,
+        receipts: CutReceipts | None = None,
     ) -> ProviderPool:
         return cls(
             {
@@ -63,7 +78,8 @@ class ProviderPool:
                     capture_content=cfg.observability.capture_content,
                 )
                 for name, pcfg in cfg.providers.items()
-            }
+            },
+            receipts,
         )
 
     def _unknown(self, req: CallRequest) -> CallResult:
@@ -83,7 +99,9 @@ class ProviderPool:
         if client is None:
             yield self._unknown(req)
             return
-        async for ev in client.stream(req):
+        sink = self.receipts
+        on_cut = None if sink is None else (lambda used: sink.put(req.call_id, used))
+        async for ev in client.stream(req, on_cut=on_cut):
             yield ev
 
     def health(self) -> dict[str, dict[str, object]]:

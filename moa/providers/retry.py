@@ -77,7 +77,7 @@ async def attempts(call: Call) -> AsyncGenerator[StreamEvent, None]:
 def _typed(call: Call, exc: Exception) -> AttemptError:
     """The failure typed, and counted: refused with a status (nothing generated), or never sent."""
     err = exc if isinstance(exc, AttemptError) else call.client.transport.classify(exc, in_stream=call.stream)
-    if err.status is not None or err.kind is ErrorKind.INTERNAL:
+    if err.status is not None or err.kind is ErrorKind.INTERNAL or err.unsent:
         call.used.refused += 1
     call.add_service(err.service_s)
     return err

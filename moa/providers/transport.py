@@ -56,10 +56,15 @@ class AttemptError(Exception):
         status: int | None = None,
         retry_after_s: float | None = None,
         service_s: float | None = None,
+        *,
+        unsent: bool = False,
     ) -> None:
         super().__init__(message)
         self.kind, self.message, self.status = kind, message, status
         self.retry_after_s, self.service_s = retry_after_s, service_s
+        # Refused by the adapter before anything was sent (a conversation its API cannot carry):
+        # no prompt was read, so nothing is billed for the attempt.
+        self.unsent = unsent
 
 
 class Transport(ABC):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from moa.simulator.images import Image, anthropic_tokens, assumed, b64decode, sniff
+from moa.simulator.structured import OutputFormat
 from moa.simulator.tools import Mode, Tool, ToolUse, declared_tokens, tool_call_text, tool_result_text
 from moa.simulator.wire import (
     BadRequest,
@@ -37,6 +40,7 @@ _STOP_REASON = {
     "stop_sequence": "stop_sequence",
     "length": "max_tokens",
     "tool_calls": "tool_use",
+    "refusal": "refusal",
 }
 _TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
 _TOOL_USE_ID = re.compile(r"^[a-zA-Z0-9_-]+$")
@@ -71,6 +75,69 @@ def _unit_interval(body: Mapping[str, Any], name: str) -> float | None:
     if v > 1:
         raise BadRequest(f"{name}: Input should be less than or equal to 1")
     return float(v)
+
+
+_MEDIA_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
+_SOURCES = ("base64", "file", "url")
+
+
+def _image(block: Mapping[str, Any], at: str) -> Image:
+    """An ``image`` block (``at``: its path, ``messages.0.content.1``), checked in the API's words
+    (as reported verbatim in public issue threads): base64 data is decoded and measured, and must
+    be the image its media type says; a URL or a file is never fetched (its size assumed)."""
+    source = block.get("source")
+    if source is None:
+        raise BadRequest(f"{at}.image.source: Field required")
+    if not isinstance(source, Mapping):
+        raise BadRequest(
+            f"{at}.image.source: Input should be a valid dictionary or object to extract fields from"
+        )
+    kind = source.get("type")
+    if kind not in _SOURCES:
+        raise BadRequest(
+            f"{at}.image.source: Input tag '{kind}' found using 'type' does not match any of the expected "
+            "tags: 'base64', 'file', 'url'"
+        )
+    where = f"{at}.image.source.{kind}"
+    if kind == "url":
+        if not isinstance(source.get("url"), str):
+            raise BadRequest(f"{where}.url: Field required")
+        image = assumed("url")
+    elif kind == "file":
+        if not isinstance(source.get("file_id"), str):
+            raise BadRequest(f"{where}.file_id: Field required")
+        image = assumed("file")
+    else:
+        media_type, data = source.get("media_type"), source.get("data")
+        if media_type is None:
+            raise BadRequest(f"{where}.media_type: Field required")
+        if media_type not in _MEDIA_TYPES:
+            raise BadRequest(
+                f"{where}.media_type: Input should be 'image/jpeg', 'image/png', 'image/gif' or 'image/webp'"
+            )
+        if not isinstance(data, str):
+            raise BadRequest(f"{where}.data: Field required")
+        if not data:
+            raise BadRequest(f"{where}: image cannot be empty")
+        raw = b64decode(data)
+        if raw is None:
+            raise BadRequest(f"{where}: invalid base64 data")
+        found = sniff(raw)
+        if found is None:
+            raise BadRequest("Could not process image")
+        if found[0] != media_type:
+            raise BadRequest(f"{where}.data: Image does not match the provided media type {media_type}")
+        image = Image("data", found[0], found[1], found[2], measured=True)
+    return dataclasses.replace(image, tokens=anthropic_tokens(image.width, image.height), where=at)
+
+
+def _images(content: Any, where: str) -> list[Image]:
+    """The image blocks of a message's content (``where``: ``messages.0.content``)."""
+    return [
+        _image(block, f"{where}.{j}")
+        for j, block in enumerate(content if isinstance(content, list) else ())
+        if isinstance(block, Mapping) and block.get("type") == "image"
+    ]
 
 
 def _text(content: Any, where: str) -> str:
@@ -195,11 +262,13 @@ def _tool_use(body: Mapping[str, Any]) -> ToolUse | None:
     )
 
 
-def _turns(messages: list[Any], has_tools: bool) -> list[tuple[str, str]]:
-    """The messages as transcript turns, tool_use and tool_result blocks checked as the API checks
-    them: every tool_use answered by a tool_result in the very next (user) message, every
-    tool_result answering a tool_use of the message before, and tools declared for either."""
-    transcript: list[tuple[str, str]] = []
+def _turns(
+    messages: list[Any], has_tools: bool, transcript: list[tuple[str, str]], images: list[Image]
+) -> None:
+    """The messages as transcript turns (appended to ``transcript``; the user turns' images to
+    ``images``), tool_use and tool_result blocks checked as the API checks them: every tool_use
+    answered by a tool_result in the very next (user) message, every tool_result answering a
+    tool_use of the message before, and tools declared for either."""
     asked: dict[str, str] = {}  # the previous assistant turn's tool_use ids -> names
     asked_at = -1
     for i, m in enumerate(messages):
@@ -211,6 +280,7 @@ def _turns(messages: list[Any], has_tools: bool) -> list[tuple[str, str]]:
         text = _text(content, where)
         uses = _tool_uses(content, where) if role == "assistant" else {}
         results = _tool_results(content, where) if role == "user" else []
+        shown = _images(content, where) if role == "user" else []
         if (uses or results) and not has_tools:
             raise BadRequest("Requests which include `tool_use` or `tool_result` blocks must define tools.")
         answered = {tid for _, tid, _ in results}
@@ -235,7 +305,8 @@ def _turns(messages: list[Any], has_tools: bool) -> list[tuple[str, str]]:
                 if isinstance(b, Mapping) and b.get("type") == "tool_use"
             ]
             text = "\n".join([text, *calls]).strip()
-        if text or not results:
+        if text or not results or shown:
+            images += [dataclasses.replace(image, turn=len(transcript)) for image in shown]
             transcript.append((role, text))
         asked, asked_at = uses, i
     if asked:
@@ -245,7 +316,93 @@ def _turns(messages: list[Any], has_tools: bool) -> list[tuple[str, str]]:
             f"after: {missing}. Each `tool_use` block must have a corresponding `tool_result` block in "
             "the next message."
         )
-    return transcript
+
+
+# Structured outputs' JSON Schema limits (the guide's "JSON Schema limitations"): keywords it does
+# not support, by type. The API answers them with a 400 "with details"; the wording here is the
+# simulator's own.
+_UNSUPPORTED = {
+    "integer": ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"),
+    "number": ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"),
+    "string": ("minLength", "maxLength"),
+    "array": ("maxItems",),
+}
+_EFFORTS = ("low", "medium", "high", "xhigh", "max")
+
+
+def _claude_schema(schema: Mapping[str, Any], path: str = "") -> None:
+    """What Claude's structured outputs refuse in a schema: an object that allows additional
+    properties, a numerical or string-length constraint, an array bound other than ``minItems``
+    of 0 or 1 (each named with the property's path)."""
+    where = "output_config.format.schema"
+    at = f" (at {path.lstrip('.')})" if path else ""
+    kind = schema.get("type")
+    kinds = kind if isinstance(kind, list) else [kind]
+    is_object = "object" in kinds or "properties" in schema
+    if is_object and schema.get("additionalProperties") is not False:
+        raise BadRequest(
+            f"{where}: For 'object' type, 'additionalProperties' must be explicitly set to false{at}"
+        )
+    for k in kinds:
+        for key in _UNSUPPORTED.get(k, ()) if isinstance(k, str) else ():
+            if key in schema:
+                raise BadRequest(f"{where}: For '{k}' type, property '{key}' is not supported{at}")
+    low = schema.get("minItems")
+    if low is not None and low not in (0, 1):
+        raise BadRequest(
+            f"{where}: For 'array' type, 'minItems' values other than 0 or 1 are not supported{at}"
+        )
+    for key, sub in (schema.get("properties") or {}).items():
+        if isinstance(sub, Mapping):
+            _claude_schema(sub, f"{path}.properties.{key}")
+    if isinstance(schema.get("items"), Mapping):
+        _claude_schema(schema["items"], f"{path}.items")
+    for key in ("anyOf", "allOf", "$defs", "definitions"):
+        subs = schema.get(key)
+        named = (
+            enumerate(subs) if isinstance(subs, list) else subs.items() if isinstance(subs, Mapping) else ()
+        )
+        for name, sub in named:
+            if isinstance(sub, Mapping):
+                _claude_schema(sub, f"{path}.{key}.{name}")
+
+
+def _output_config(body: Mapping[str, Any]) -> OutputFormat | None:
+    """The request's ``output_config``: its ``effort``, and the JSON document ``format`` asks for."""
+    config = body.get("output_config")
+    if config is None:
+        return None
+    if not isinstance(config, Mapping):
+        raise BadRequest("output_config: Input should be a valid dictionary or object to extract fields from")
+    for key in config:
+        if key not in ("effort", "format"):
+            raise BadRequest(f"output_config.{key}: Extra inputs are not permitted")
+    effort = config.get("effort")
+    if effort is not None and effort not in _EFFORTS:
+        raise BadRequest("output_config.effort: Input should be 'low', 'medium', 'high', 'xhigh' or 'max'")
+    fmt = config.get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, Mapping):
+        raise BadRequest(
+            "output_config.format: Input should be a valid dictionary or object to extract fields from"
+        )
+    for key in fmt:
+        if key not in ("type", "schema"):
+            raise BadRequest(f"output_config.format.{key}: Extra inputs are not permitted")
+    if "type" not in fmt:
+        raise BadRequest("output_config.format.type: Field required")
+    if fmt["type"] != "json_schema":
+        raise BadRequest("output_config.format.type: Input should be 'json_schema'")
+    schema = fmt.get("schema")
+    if schema is None:
+        raise BadRequest("output_config.format.schema: Field required")
+    if not isinstance(schema, Mapping):
+        raise BadRequest("output_config.format.schema: Input should be a valid dictionary")
+    _claude_schema(schema)
+    # Constrained decoding holds the answer to the schema, and Claude writes required properties
+    # first (the guide's "Property ordering").
+    return OutputFormat("json_schema", schema, strict=True, required_first=True)
 
 
 class AnthropicWire(Wire):
@@ -295,11 +452,18 @@ class AnthropicWire(Wire):
         if unknown:
             raise BadRequest(f"{unknown[0]}: Extra inputs are not permitted")
         tools = _tool_use(body)
-        transcript += _turns(messages, tools is not None)
+        images: list[Image] = []
+        _turns(messages, tools is not None, transcript, images)
         last_role, last_text = transcript[-1]
         if last_role == "assistant" and last_text != last_text.rstrip():
             # As the Messages API refuses a prefill it could not continue cleanly.
             raise BadRequest("messages: final assistant content cannot end with trailing whitespace")
+        output = _output_config(body)
+        if output is not None and last_role == "assistant":
+            # The guide: prefilling is incompatible with JSON outputs (the wording is the simulator's).
+            raise BadRequest(
+                "messages: a final assistant message (prefill) cannot be used with output_config.format"
+            )
         temperature = _unit_interval(body, "temperature")
         top_p = _unit_interval(body, "top_p")
         top_k = body.get("top_k")
@@ -324,6 +488,8 @@ class AnthropicWire(Wire):
             prompt_caching=_asks_for_caching(body),
             tools=tools,
             tool_tokens=declared_tokens(tools),
+            output=output,
+            images=tuple(images),
         )
 
     def status(self, kind: Err) -> int:

@@ -318,7 +318,7 @@ class SimulatorApp:
         try:
             req = wire.parse(body, path_model, stream)
         except BadRequest as e:
-            return await fail(Err.BAD_REQUEST, e.message, e.param, e.code)
+            return await fail(e.kind, e.message, e.param, e.code)
         profile = self.state.model_profile(req.model)
         if wire is OPENAI and profile.server == "llama.cpp":
             wire, base = LLAMACPP, self._headers(LLAMACPP, request_id)
@@ -329,7 +329,7 @@ class SimulatorApp:
         refused = refusal.message if refusal else overflow[1]["error"]["message"] if overflow else None
         self.state.record_request(wire.name, req, refused)
         if refusal is not None:
-            return await fail(Err.BAD_REQUEST, refusal.message, refusal.param, refusal.code)
+            return await fail(refusal.kind, refusal.message, refusal.param, refusal.code)
         if overflow is not None:  # the prompt does not fit the window this model is served with
             return await _respond(send, overflow[0], dumps(overflow[1]), base)
         await self._serve(wire, req, request_id, receive, send)
@@ -375,6 +375,8 @@ class SimulatorApp:
             )
             if c.tool_fault is not None:
                 st.faults["tool_" + c.tool_fault] += 1
+            if c.json_fault is not None:
+                st.faults["json_" + c.json_fault] += 1
             if not c.judged:
                 state.remember_author(c.text, req.model)  # so a simulated judge knows who wrote it
             tps = mp.tokens_per_s / (spec.factor if isinstance(spec, SlowFault) else 1.0)

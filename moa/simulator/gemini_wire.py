@@ -7,11 +7,14 @@ treat them as optional.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import secrets
 from collections.abc import Mapping
 from typing import Any
 
+from moa.simulator.images import Image, assumed, b64decode, gemini_tokens, sniff
+from moa.simulator.structured import OutputFormat
 from moa.simulator.tools import Mode, Tool, ToolUse, declared_tokens, tool_call_text, tool_result_text
 from moa.simulator.wire import (
     BadRequest,
@@ -49,7 +52,13 @@ def proto_duration(seconds: float) -> str:
     return f"{whole}.{digits}s"
 
 
-_FINISH = {"stop": "STOP", "stop_sequence": "STOP", "length": "MAX_TOKENS", "tool_calls": "STOP"}
+_FINISH = {
+    "stop": "STOP",
+    "stop_sequence": "STOP",
+    "length": "MAX_TOKENS",
+    "tool_calls": "STOP",
+    "refusal": "SAFETY",
+}
 _TOOL_FIELDS = frozenset(
     {
         "functionDeclarations", "googleSearch", "googleSearchRetrieval", "codeExecution", "urlContext",
@@ -167,11 +176,76 @@ def _part(p: Any, key: str, snake: str) -> Mapping[str, Any] | None:
     return v if isinstance(v, Mapping) else None
 
 
-def _turns(contents: list[Any]) -> list[tuple[str, str]]:
-    """The contents as transcript turns, function calls and responses checked in order as the API
-    checks them: a call turn only after a user turn or a response turn, and as many response parts
-    as the call turn had calls (with Gemini 3's ids, each response answering one of them)."""
-    transcript: list[tuple[str, str]] = []
+# Images Gemini reads, and other media it takes that the simulator does not model (accepted, not
+# counted); anything else is "Unsupported MIME type" (the API's words, as reported verbatim in
+# public issue threads, like the base64 and image-processing refusals below).
+_IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/webp", "image/heic", "image/heif"})
+_OTHER_MEDIA = ("audio/", "video/", "text/", "application/pdf")
+_UNREADABLE = (
+    "Unable to process input image. Please retry or report in "
+    "https://developers.generativeai.google/guide/troubleshooting"
+)
+
+
+def _media_type(mime: Any, at: str) -> bool:
+    """Whether ``mime`` is an image (False: other media the API takes); refused if it takes neither."""
+    if not isinstance(mime, str) or not mime:
+        # The simulator's own words: none were found for a blob without a type.
+        raise BadRequest(f"* GenerateContentRequest.{at}.mime_type: MIME type is required.")
+    if mime in _IMAGE_TYPES:
+        return True
+    if mime.startswith(_OTHER_MEDIA):
+        return False
+    raise BadRequest(f"Unsupported MIME type: {mime}")
+
+
+def _media(part: Any, where: str) -> Image | None:
+    """An ``inlineData`` or ``fileData`` part's image (None: not an image part), checked as the
+    API checks it: inline data must be base64 (protobuf's bytes, either alphabet) of an image it
+    can read; a file URI is never fetched (its size assumed)."""
+    blob = _part(part, "inlineData", "inline_data")
+    if blob is not None:
+        at = f"{where}.inline_data"
+        _unknown(blob, frozenset({"mimeType", "data", "displayName"}), at)
+        data = blob.get("data")
+        raw = b64decode(data, lenient=True) if isinstance(data, str) else None
+        if isinstance(data, str) and raw is None:
+            raise BadRequest(
+                f"Invalid value at '{at}.data' (TYPE_BYTES), Base64 decoding failed for \"{data}\""
+            )
+        if not _media_type(_field(blob, "mimeType", "mime_type"), at):
+            return None
+        found = sniff(raw or b"")
+        mime = _field(blob, "mimeType", "mime_type")
+        if found is None and mime in ("image/heic", "image/heif") and raw:
+            # A format whose header the simulator does not read: its size is assumed.
+            image = dataclasses.replace(assumed("file", mime), source="data")
+        elif found is None:
+            raise BadRequest(_UNREADABLE)
+        else:
+            image = Image("data", found[0], found[1], found[2], measured=True)
+        return dataclasses.replace(image, tokens=gemini_tokens(image.width, image.height), where=where)
+    file = _part(part, "fileData", "file_data")
+    if file is None:
+        return None
+    at = f"{where}.file_data"
+    _unknown(file, frozenset({"mimeType", "fileUri", "displayName"}), at)
+    uri = _field(file, "fileUri", "file_uri")
+    if not isinstance(uri, str) or not uri:
+        # The simulator's own words, as for a blob without a type.
+        raise BadRequest(f"* GenerateContentRequest.{at}.file_uri: File URI is required.")
+    mime = _field(file, "mimeType", "mime_type")
+    if mime is not None and not _media_type(mime, at):
+        return None
+    image = assumed("file", mime)
+    return dataclasses.replace(image, tokens=gemini_tokens(image.width, image.height), where=where)
+
+
+def _turns(contents: list[Any], transcript: list[tuple[str, str]], images: list[Image]) -> None:
+    """The contents as transcript turns (appended to ``transcript``; the user turns' images to
+    ``images``), function calls and responses checked in order as the API checks them: a call
+    turn only after a user turn or a response turn, and as many response parts as the call turn
+    had calls (with Gemini 3's ids, each response answering one of them)."""
     calls: list[Mapping[str, Any]] = []  # the previous turn's function calls
     previous = None
     for i, c in enumerate(contents):
@@ -185,6 +259,9 @@ def _turns(contents: list[Any]) -> list[tuple[str, str]]:
         answers = [
             r for j, p in enumerate(parts) if (r := _response_part(p, f"{where}.parts[{j}]")) is not None
         ]
+        shown = [m for j, p in enumerate(parts) if (m := _media(p, f"{where}.parts[{j}]")) is not None]
+        if role == "model":
+            shown = []  # a model turn's data is what it generated, not an image it was shown
         if made and (role != "model" or previous not in ("user", "response")):
             raise BadRequest(_CALL_ORDER)
         if answers:
@@ -198,11 +275,90 @@ def _turns(contents: list[Any]) -> list[tuple[str, str]]:
         if made:
             said = [tool_call_text(str(f.get("name")), dumps(f.get("args") or {}).decode()) for f in made]
             text = "\n".join([text, *said]).strip()
-        if text or not answers:
+        if text or not answers or shown:
+            images += [dataclasses.replace(image, turn=len(transcript)) for image in shown]
             transcript.append(("assistant" if role == "model" else "user", text))
         calls = made
         previous = "response" if answers else "model" if role == "model" else "user"
-    return transcript
+
+
+_MIME_TYPES = ("text/plain", "application/json", "application/xml", "application/yaml", "text/x.enum")
+# The fields of the API's Schema (an OpenAPI 3.0 subset), in both spellings through ``_camel``.
+_SCHEMA_FIELDS = frozenset(
+    {
+        "type", "format", "title", "description", "nullable", "enum", "maxItems", "minItems",
+        "properties", "required", "minProperties", "maxProperties", "minLength", "maxLength",
+        "pattern", "example", "anyOf", "propertyOrdering", "default", "items", "minimum", "maximum",
+    }
+)  # fmt: skip
+_TYPE_ENUM = "type.googleapis.com/google.ai.generativelanguage.v1beta.Type"
+
+
+def _schema(schema: Any, path: str, named: str) -> None:
+    """A ``responseSchema`` checked as the API checks it (its words, as reported verbatim in
+    public issue threads): fields outside its Schema refused by name at their JSON path
+    (``properties[0].value``), types from its enum, and an OBJECT's properties non-empty and
+    covering its ``required`` (named at the field's path, ``properties["a"]``)."""
+    if not isinstance(schema, Mapping):
+        raise BadRequest(f"Invalid value at '{path}': expected a Schema object")
+    _unknown(schema, _SCHEMA_FIELDS, path)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        raise BadRequest(
+            f"Invalid JSON payload received. Unknown name \"type\" at '{path}': Proto field is not "
+            "repeating, cannot start list."
+        )
+    if kind is not None and (not isinstance(kind, str) or kind.upper() not in _TYPES):
+        raise BadRequest(f"Invalid value at '{path}.type' ({_TYPE_ENUM}), \"{kind}\"")
+    props = schema.get("properties")
+    props = props if isinstance(props, Mapping) else {}
+    if isinstance(kind, str) and kind.upper() == "OBJECT" and not props:
+        raise BadRequest(f"* GenerateContentRequest.{named}.properties: should be non-empty for OBJECT type")
+    for i, name in enumerate(schema.get("required") or ()):
+        if name not in props:
+            raise BadRequest(f"* GenerateContentRequest.{named}.required[{i}]: property is not defined")
+    for i, (key, sub) in enumerate(props.items()):
+        _schema(sub, f"{path}.properties[{i}].value", f'{named}.properties["{key}"]')
+    if schema.get("items") is not None:
+        _schema(schema["items"], f"{path}.items", f"{named}.items")
+    for i, sub in enumerate(_field(schema, "anyOf", "any_of") or ()):
+        _schema(sub, f"{path}.any_of[{i}]", f"{named}.any_of[{i}]")
+
+
+def _output(config: Mapping[str, Any], tools: ToolUse | None, model: str) -> OutputFormat | None:
+    """The JSON document ``generationConfig`` asks for (None: text): ``responseMimeType``
+    ``application/json``, with a ``responseSchema`` (the API's Schema, checked) or a
+    ``responseJsonSchema`` (full JSON Schema), or neither. Gemini holds decoding to a schema, so
+    the document never breaks it; before Gemini 3, function calling and JSON do not combine."""
+    mime = _field(config, "responseMimeType", "response_mime_type")
+    schema = _field(config, "responseSchema", "response_schema")
+    json_schema = _field(config, "responseJsonSchema", "response_json_schema")
+    if mime is not None and mime not in _MIME_TYPES:
+        raise BadRequest(
+            "* GenerateContentRequest.generation_config.response_mime_type: allowed mimetypes are "
+            "`text/plain`, `application/json`, `application/xml`, `application/yaml` and `text/x.enum`."
+        )
+    if schema is not None and json_schema is not None:
+        raise BadRequest("response_schema must not be set when response_json_schema is set.")
+    given = schema if schema is not None else json_schema
+    if given is not None and mime not in ("application/json", "text/x.enum"):
+        # The simulator's own words: the API's for this were not found.
+        raise BadRequest(
+            "* GenerateContentRequest.generation_config.response_mime_type: response_mime_type must be "
+            "application/json or text/x.enum when a response schema is set."
+        )
+    if schema is not None:
+        _schema(schema, "generation_config.response_schema", "generation_config.response_schema")
+    if json_schema is not None and not isinstance(json_schema, Mapping):
+        raise BadRequest("Invalid value at 'generation_config.response_json_schema': expected a JSON object")
+    if mime != "application/json":
+        return None  # text, or text/x.enum's bare enum value: not modelled, answered as text
+    version = re.match(r"gemini-(\d+)", model)
+    if tools is not None and (version is None or int(version.group(1)) < 3):
+        raise BadRequest("Function calling with a response mime type: 'application/json' is unsupported")
+    if given is None:
+        return OutputFormat("json_object")
+    return OutputFormat("json_schema", given, strict=True)
 
 
 def _call_part(p: Any, where: str) -> Mapping[str, Any] | None:
@@ -333,16 +489,18 @@ class GeminiWire(Wire):
         if not isinstance(contents, list) or not contents:
             raise BadRequest("* GenerateContentRequest.contents: contents is not specified")
         transcript: list[tuple[str, str]] = []
+        images: list[Image] = []
         system = _field(body, "systemInstruction", "system_instruction")
         if system is not None:
             transcript.append(("system", _parts_text(system, "system_instruction")))
-        transcript += _turns(contents)
+        _turns(contents, transcript, images)
         _unknown(body, _FIELDS, "")
         tools = _tool_use(body)
         config = _field(body, "generationConfig", "generation_config") or {}
         if not isinstance(config, Mapping):
             raise BadRequest("Invalid value at 'generation_config': expected an object")
         _unknown(config, _CONFIG_FIELDS, "generation_config")
+        output = _output(config, tools, model)
         max_tokens = _field(config, "maxOutputTokens", "max_output_tokens")
         if max_tokens is not None and not is_integer(max_tokens):
             raise BadRequest(
@@ -385,7 +543,14 @@ class GeminiWire(Wire):
             params={k: v for k, v in found.items() if v is not None},
             tools=tools,
             tool_tokens=declared_tokens(tools),
+            output=output,
+            images=tuple(images),
         )
+
+    def no_vision(self, req: SimRequest, image: Image) -> BadRequest:
+        """Every Gemini model takes images; one profiled without vision refuses them in the words
+        the API uses for features a model lacks (the simulator's own application of them)."""
+        return BadRequest(f"Image input modality is not enabled for models/{req.model}")
 
     def missing_key(self, request_id: str) -> tuple[int, bytes]:
         # Not 401: the API refuses an anonymous caller with 403 PERMISSION_DENIED.
@@ -477,15 +642,27 @@ class GeminiWire(Wire):
         )
 
     @staticmethod
-    def _usage(c: Completion, candidates: int | None) -> dict[str, Any]:
+    def _usage(req: SimRequest, c: Completion, candidates: int | None) -> dict[str, Any]:
         usage: dict[str, Any] = {"promptTokenCount": c.prompt_tokens}
         if candidates:
             usage["candidatesTokenCount"] = candidates
         usage["totalTokenCount"] = c.prompt_tokens + (candidates or 0)
         if c.cached_tokens:
             usage["cachedContentTokenCount"] = c.cached_tokens
-        usage["promptTokensDetails"] = [{"modality": "TEXT", "tokenCount": c.prompt_tokens}]
+        # The prompt by modality, as the API reports it: the images apart from the text.
+        images = sum(i.tokens for i in req.images)
+        details = [{"modality": "TEXT", "tokenCount": c.prompt_tokens - images}]
+        if images:
+            details.append({"modality": "IMAGE", "tokenCount": images})
+        usage["promptTokensDetails"] = details
         return usage
+
+    @staticmethod
+    def _refusal_candidate() -> dict[str, Any]:
+        """A refusal: Gemini blocks the answer for safety, with no content and the rating that
+        blocked it."""
+        rating = {"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH", "blocked": True}
+        return {"finishReason": "SAFETY", "index": 0, "safetyRatings": [rating]}
 
     @staticmethod
     def _calls_candidate(c: Completion) -> dict[str, Any]:
@@ -517,9 +694,11 @@ class GeminiWire(Wire):
         candidate["index"] = 0
         if final and c.calls:
             candidate = self._calls_candidate(c)
+        if c.refused:
+            candidate = self._refusal_candidate()
         return {
             "candidates": [candidate],
-            "usageMetadata": self._usage(c, c.completion_tokens if final else None),
+            "usageMetadata": self._usage(req, c, c.completion_tokens if final else None),
             "modelVersion": req.model,
             "responseId": c.id,
         }
@@ -543,6 +722,13 @@ class GeminiWire(Wire):
             usage["totalTokenCount"] = c.prompt_tokens + so_far
             usage["promptTokensDetails"] = usage.pop("promptTokensDetails")  # the API's key order
         return sse(chunk).replace(b"\n\n", b"\r\n\r\n")
+
+    def stream_events(self, req: SimRequest, c: Completion) -> list[tuple[str, bytes]]:
+        """A refusal is one blocked event (finish reason SAFETY, no content); anything else streams
+        as usual."""
+        if c.refused:
+            return [(c.text, sse(self._chunk(req, c, "", final=True)).replace(b"\n\n", b"\r\n\r\n"))]
+        return super().stream_events(req, c)
 
     def call_events(self, req: SimRequest, c: Completion) -> list[tuple[str, bytes]]:
         """Gemini streams a model's calls whole: one event with every functionCall part, the

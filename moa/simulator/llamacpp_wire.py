@@ -14,12 +14,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from moa.simulator.images import Image
 from moa.simulator.openai_wire import OpenAIWire
-from moa.simulator.wire import Completion, Err, SimRequest, argument_pieces, dumps, sse
+from moa.simulator.wire import BadRequest, Completion, Err, SimRequest, argument_pieces, dumps, sse
 
 # What this build reports for itself (``system_fingerprint``, ``build_info``).
 BUILD_INFO = "b0-simulator"
-_FINISH = {"stop": "stop", "stop_sequence": "stop", "length": "length", "tool_calls": "tool_calls"}
+# llama.cpp has no refusal field: a refusal is plain content that stops.
+_FINISH = {
+    "stop": "stop",
+    "stop_sequence": "stop",
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "refusal": "stop",
+}
+# What llama-server answers an image when it was started without a multimodal projector (its
+# source's words; a 500 server_error, as reported by its users).
+NO_MMPROJ = "image input is not supported - hint: if this is unexpected, you may need to provide the mmproj"
 # llama.cpp's error types (server-common.cpp ``format_error_response``). It sends no 429: a
 # simulated rate limit keeps OpenAI's body.
 _ERRORS = {
@@ -205,6 +216,11 @@ class LlamaCppWire(OpenAIWire):
         if kind not in _ERRORS:
             return super().error(kind, message, request_id, param, code)
         return dumps({"error": {"code": kind.value, "message": message, "type": _ERRORS[kind]}})
+
+    def no_vision(self, req: SimRequest, image: Image) -> BadRequest:
+        """A server without ``--mmproj`` (the recorded one: its ``/props`` says no vision) refuses
+        any image with a 500."""
+        return BadRequest(NO_MMPROJ, kind=Err.SERVER)
 
     @staticmethod
     def _usage(c: Completion) -> dict[str, Any]:

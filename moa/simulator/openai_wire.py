@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import secrets
 from collections.abc import Mapping
 from typing import Any
 
+from moa.simulator.images import Image, assumed, b64decode, openai_tokens, parse_data_url, sniff
+from moa.simulator.structured import OutputFormat
 from moa.simulator.text import stable_hash
 from moa.simulator.tools import Mode, Tool, ToolUse, declared_tokens, tool_call_text, tool_result_text
 from moa.simulator.wire import (
@@ -33,7 +36,14 @@ _ERRORS: dict[Err, tuple[str, str | None]] = {
     Err.SERVER: ("server_error", None),
     Err.UNAVAILABLE: ("server_error", None),
 }
-_FINISH = {"stop": "stop", "stop_sequence": "stop", "length": "length", "tool_calls": "tool_calls"}
+# A refusal ends as a plain stop: the refusal itself is in ``message.refusal``.
+_FINISH = {
+    "stop": "stop",
+    "stop_sequence": "stop",
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "refusal": "stop",
+}
 _ROLES = {
     "system": "system",
     "developer": "system",
@@ -46,17 +56,78 @@ _NAME = re.compile(r"^[a-zA-Z0-9_-]+$")
 MAX_NAME = 64
 
 
-def _text(content: Any, where: str) -> str:
+# Images: the formats the API reads, and its words for what it cannot (as reported verbatim in
+# public issue threads; the second message's code is assumed to be the first's).
+_IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
+_UNSUPPORTED_IMAGE = (
+    "You uploaded an unsupported image. Please make sure your image has of one the following formats: "
+    "['png', 'jpeg', 'gif', 'webp']."
+)
+_INVALID_IMAGE = "You uploaded an unsupported image. Please make sure your image is valid."
+_NO_VISION = "Invalid content type. image_url is only supported by certain models."
+_DETAILS = ("auto", "low", "high")
+
+
+def _image(part: Mapping[str, Any], where: str, message: int, index: int) -> Image:
+    """An ``image_url`` part, checked as the API checks it; a data URL's image is measured, a URL
+    (never fetched) assumed. ``where`` is the part's path (``messages[0].content[1]``)."""
+    spec = part.get("image_url")
+    if spec is None:
+        raise _missing(f"{where}.image_url")
+    if not isinstance(spec, Mapping):
+        raise _invalid_type(f"{where}.image_url", "an object", spec)
+    url = spec.get("url")
+    if url is None:
+        raise _missing(f"{where}.image_url.url")
+    if not isinstance(url, str):
+        raise _invalid_type(f"{where}.image_url.url", "a string", url)
+    detail = spec.get("detail") or "auto"
+    if detail not in _DETAILS:
+        raise BadRequest(
+            f"Invalid value: '{detail}'. Supported values are: 'auto', 'low', and 'high'.",
+            f"{where}.image_url.detail",
+            "invalid_value",
+        )
+    data = parse_data_url(url)
+    if data is not None:
+        media_type, is_base64, payload = data
+        if media_type not in _IMAGE_TYPES:
+            raise BadRequest(_UNSUPPORTED_IMAGE, None, "invalid_image_format")
+        raw = b64decode(payload) if is_base64 else None
+        found = sniff(raw) if raw else None
+        if found is None:
+            raise BadRequest(_INVALID_IMAGE, None, "invalid_image_format")
+        image = Image("data", found[0], found[1], found[2], measured=True)
+    elif url.startswith(("https://", "http://")):
+        image = assumed("url")
+    else:  # the simulator's own words: none were found for this
+        raise BadRequest(
+            f"Invalid '{where}.image_url.url'. Expected a valid URL, but got a value with an invalid format.",
+            f"{where}.image_url.url",
+            "invalid_value",
+        )
+    return dataclasses.replace(
+        image,
+        tokens=openai_tokens(image.width, image.height, detail),
+        where=f"messages.[{message}].content.[{index}].type",
+        detail=detail,
+    )
+
+
+def _content(content: Any, where: str, message: int) -> tuple[str, list[Image]]:
+    """A message's text, and the images among its parts."""
     if content is None or isinstance(content, str):
-        return content or ""
+        return content or "", []
     if isinstance(content, list):
-        parts = []
+        parts, images = [], []
         for i, part in enumerate(content):
             if not isinstance(part, Mapping) or "type" not in part:
                 raise BadRequest(f"Invalid type for '{where}[{i}]': expected an object with a type.", where)
             if part["type"] == "text":
                 parts.append(str(part.get("text", "")))
-        return "\n".join(parts)
+            elif part["type"] == "image_url":
+                images.append(_image(part, f"{where}[{i}]", message, i))
+        return "\n".join(parts), images
     raise BadRequest(f"Invalid type for '{where}': expected a string or an array of content parts.", where)
 
 
@@ -78,8 +149,11 @@ def mask_key(key: str) -> str:
 
 
 def _invalid_type(name: str, expected: str, v: Any) -> BadRequest:
+    got = json_type(v)
+    # The API names what it got with an article ("but got a string instead"), null without one.
+    got = got if got == "null" else ("an " if got[0] in "aeiou" else "a ") + got
     return BadRequest(
-        f"Invalid type for '{name}': expected {expected}, but got {json_type(v)} instead.",
+        f"Invalid type for '{name}': expected {expected}, but got {got} instead.",
         name,
         "invalid_type",
     )
@@ -138,35 +212,145 @@ def _missing(where: str) -> BadRequest:
     return BadRequest(f"Missing required parameter: '{where}'.", where, "missing_required_parameter")
 
 
+# What a strict response format's schema may not use (the Structured Outputs guide's unsupported
+# keywords), and the string formats it may: refused as "'X' is not permitted." and "'X' is not a
+# valid format." (the API's words, as reported verbatim in public issue threads).
+_NOT_PERMITTED = (
+    "allOf", "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "patternProperties",
+    "unevaluatedProperties", "propertyNames", "minProperties", "maxProperties", "unevaluatedItems",
+    "contains", "minContains", "maxContains", "uniqueItems", "minLength", "maxLength", "default",
+)  # fmt: skip
+_FORMATS = frozenset({"date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uuid"})
+
+
 def _strict_schema(
-    function: str, schema: Mapping[str, Any], where: str, context: tuple[str, ...] = ()
+    head: str,
+    schema: Mapping[str, Any],
+    where: str,
+    code: str,
+    context: tuple[str, ...] = (),
+    *,
+    keywords: bool = False,
 ) -> None:
     """What strict mode (Structured Outputs) demands of every object in a schema: no additional
-    properties, and every property required; refused in OpenAI's words otherwise."""
+    properties, and every property required; with ``keywords`` (a response format), no
+    unsupported keyword or string format either. Refused in OpenAI's words otherwise, each message
+    after ``head`` ("Invalid schema for function 'f': ")."""
+    at = f"{head}In context={context!r}, "
+    if keywords:
+        for key in _NOT_PERMITTED:
+            if key in schema:
+                raise BadRequest(at + f"'{key}' is not permitted.", where, code)
+        fmt = schema.get("format")
+        if fmt is not None and fmt not in _FORMATS:
+            raise BadRequest(at + f"'{fmt}' is not a valid format.", where, code)
     if schema.get("type") == "object" or "properties" in schema:
         props = schema.get("properties") or {}
-        head = f"Invalid schema for function '{function}': In context={context!r}, "
         if schema.get("additionalProperties") is not False:
             raise BadRequest(
-                head + "'additionalProperties' is required to be supplied and to be false.",
-                where,
-                "invalid_function_parameters",
+                at + "'additionalProperties' is required to be supplied and to be false.", where, code
             )
         required = schema.get("required") or []
         missing = [k for k in props if k not in required]
         if missing:
             raise BadRequest(
-                head + "'required' is required to be supplied and to be an array including every key "
+                at + "'required' is required to be supplied and to be an array including every key "
                 f"in properties. Missing '{missing[0]}'.",
                 where,
-                "invalid_function_parameters",
+                code,
             )
         for key, sub in props.items():
             if isinstance(sub, Mapping):
-                _strict_schema(function, sub, where, (*context, "properties", key))
+                _strict_schema(head, sub, where, code, (*context, "properties", key), keywords=keywords)
     items = schema.get("items")
     if isinstance(items, Mapping):
-        _strict_schema(function, items, where, (*context, "items"))
+        _strict_schema(head, items, where, code, (*context, "items"), keywords=keywords)
+    for key in ("anyOf", "$defs", "definitions") if keywords else ():
+        subs = schema.get(key)
+        named = (
+            enumerate(subs) if isinstance(subs, list) else subs.items() if isinstance(subs, Mapping) else ()
+        )
+        for name, sub in named:
+            if isinstance(sub, Mapping):
+                _strict_schema(head, sub, where, code, (*context, key, str(name)), keywords=keywords)
+
+
+_JSON_WORD = (
+    "'messages' must contain the word 'json' in some form, to use 'response_format' of type 'json_object'."
+)
+
+
+def _response_format(body: Mapping[str, Any], transcript: list[tuple[str, str]]) -> OutputFormat | None:
+    """The request's ``response_format`` (None for text), checked as the API checks it: JSON mode
+    only when the messages mention JSON, and a strict schema held to Structured Outputs' subset."""
+    spec = body.get("response_format")
+    if spec is None:
+        return None
+    if not isinstance(spec, Mapping):
+        raise _invalid_type("response_format", "an object", spec)
+    kind = spec.get("type")
+    if kind is None:
+        raise _missing("response_format.type")
+    if kind not in ("text", "json_object", "json_schema"):
+        raise BadRequest(
+            f"Invalid value: '{kind}'. Supported values are: 'text', 'json_object', and 'json_schema'.",
+            "response_format.type",
+            "invalid_value",
+        )
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        if not any("json" in text.lower() for _, text in transcript):
+            raise BadRequest(_JSON_WORD, "messages")
+        return OutputFormat("json_object")
+    where = "response_format.json_schema"
+    js = spec.get("json_schema")
+    if js is None:
+        raise _missing(where)
+    if not isinstance(js, Mapping):
+        raise _invalid_type(where, "an object", js)
+    name = js.get("name")
+    if name is None:
+        raise _missing(f"{where}.name")
+    _check_name(name, f"{where}.name")
+    schema = js.get("schema")
+    if schema is not None and not isinstance(schema, Mapping):
+        raise _invalid_type(f"{where}.schema", "an object", schema)
+    strict = js.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise _invalid_type(f"{where}.strict", "a boolean", strict)
+    if strict:
+        schema = schema or {}
+        head = f"Invalid schema for response_format '{name}': "
+        if schema.get("type") != "object":
+            got = schema.get("type")
+            raise BadRequest(
+                head + f"schema must be a JSON Schema of 'type: \"object\"', got 'type: \"{got}\"'.",
+                "response_format",
+                "invalid_json_schema",
+            )
+        _strict_schema(head, schema, "response_format", "invalid_json_schema", keywords=True)
+    return OutputFormat("json_schema", schema, name, strict=bool(strict))
+
+
+def _check_name(name: Any, where: str) -> None:
+    """A function's or a response format's name: a string of at most 64 of a-z, A-Z, 0-9, _ and -."""
+    if not isinstance(name, str):
+        raise _invalid_type(where, "a string", name)
+    if len(name) > MAX_NAME:
+        raise BadRequest(
+            f"Invalid '{where}': string too long. Expected a string with maximum length {MAX_NAME}, "
+            f"but got a string with length {len(name)} instead.",
+            where,
+            "string_above_max_length",
+        )
+    if not _NAME.match(name):
+        raise BadRequest(
+            f"Invalid '{where}': string does not match pattern. Expected a string that matches the "
+            "pattern '^[a-zA-Z0-9_-]+$'.",
+            where,
+            "invalid_value",
+        )
 
 
 def _function(fn: Any, where: str) -> Tool:
@@ -175,22 +359,7 @@ def _function(fn: Any, where: str) -> Tool:
     name = fn.get("name")
     if name is None:
         raise _missing(f"{where}.name")
-    if not isinstance(name, str):
-        raise _invalid_type(f"{where}.name", "a string", name)
-    if len(name) > MAX_NAME:
-        raise BadRequest(
-            f"Invalid '{where}.name': string too long. Expected a string with maximum length {MAX_NAME}, "
-            f"but got a string with length {len(name)} instead.",
-            f"{where}.name",
-            "string_above_max_length",
-        )
-    if not _NAME.match(name):
-        raise BadRequest(
-            f"Invalid '{where}.name': string does not match pattern. Expected a string that matches the "
-            "pattern '^[a-zA-Z0-9_-]+$'.",
-            f"{where}.name",
-            "invalid_value",
-        )
+    _check_name(name, f"{where}.name")
     description = fn.get("description", "")
     if not isinstance(description, str):
         raise _invalid_type(f"{where}.description", "a string", description)
@@ -201,7 +370,8 @@ def _function(fn: Any, where: str) -> Tool:
     if strict is not None and not isinstance(strict, bool):
         raise _invalid_type(f"{where}.strict", "a boolean", strict)
     if strict:
-        _strict_schema(name, params, f"{where}.parameters")
+        head = f"Invalid schema for function '{name}': "
+        _strict_schema(head, params, f"{where}.parameters", "invalid_function_parameters")
     return Tool(name, description, params, strict=bool(strict))
 
 
@@ -419,6 +589,7 @@ class OpenAIWire(Wire):
         if not isinstance(messages, list) or not messages:
             raise BadRequest("Invalid 'messages': expected a non-empty array.", "messages")
         transcript: list[tuple[str, str]] = []
+        images: list[Image] = []
         # Calls of the last assistant message still waiting for their tool messages (id -> name).
         pending: dict[str, str] = {}
         asked_at = 0
@@ -426,7 +597,15 @@ class OpenAIWire(Wire):
             role = m.get("role") if isinstance(m, Mapping) else None
             if role not in _ROLES:
                 raise BadRequest(f"Invalid value for 'messages[{i}].role'.", f"messages[{i}].role")
-            text = _text(m.get("content"), f"messages[{i}].content")
+            text, shown = _content(m.get("content"), f"messages[{i}].content", i)
+            if shown and role != "user":
+                raise BadRequest(
+                    f"Invalid 'messages[{i}]'. Image URLs are only allowed for messages with role 'user', "
+                    f"but this message with role '{role}' contains an image URL.",
+                    f"messages[{i}]",
+                    "invalid_value",
+                )
+            images += [dataclasses.replace(image, turn=len(transcript)) for image in shown]
             mapped = _ROLES[role]
             if pending and role not in ("tool", "function"):
                 raise _unanswered(pending, asked_at)
@@ -473,6 +652,7 @@ class OpenAIWire(Wire):
         if unknown:
             raise BadRequest(f"Unrecognized request argument supplied: {unknown[0]}")
         tools = _tool_use(body)
+        output = _response_format(body, transcript)
         temperature = _number(body, "temperature", 0, 2)
         top_p = _number(body, "top_p", 0, 1)
         max_tokens = _integer(body, "max_completion_tokens", 1)
@@ -510,7 +690,14 @@ class OpenAIWire(Wire):
             params={k: v for k, v in found.items() if v is not None},
             tools=tools,
             tool_tokens=declared_tokens(tools),
+            output=output,
+            images=tuple(images),
         )
+
+    def no_vision(self, req: SimRequest, image: Image) -> BadRequest:
+        """A model that takes no images refuses one as GPT-3.5 does (as reported verbatim in public
+        issue threads), naming the part's type."""
+        return BadRequest(_NO_VISION, image.where)
 
     def missing_key(self, request_id: str) -> tuple[int, bytes]:
         body = {"message": _NO_KEY, "type": "invalid_request_error", "param": None, "code": None}
@@ -589,6 +776,8 @@ class OpenAIWire(Wire):
     def _message(self, req: SimRequest, c: Completion) -> dict[str, Any]:
         """The answer's message: its text, or (content null) its calls: ``tool_calls`` whose
         arguments are JSON text, or under the legacy ``functions`` one ``function_call``."""
+        if c.refused:  # the refusal stands in for the content, which is null
+            return {"role": "assistant", "content": None, "refusal": c.text, "annotations": []}
         if not c.calls:
             return {"role": "assistant", "content": c.text, "refusal": None, "annotations": []}
         message: dict[str, Any] = {"role": "assistant", "content": None}
@@ -643,11 +832,16 @@ class OpenAIWire(Wire):
         return sse(chunk)
 
     def stream_head(self, req: SimRequest, c: Completion) -> bytes:
-        delta = {"role": "assistant", "content": None if c.calls else "", "refusal": None}
+        # A refusal streams in ``delta.refusal`` (opened empty, content null), as the API streams one
+        # (tests/fixtures/providers/openai/chat_completion_parse_refusal.stream.sse).
+        delta: dict[str, Any] = {"role": "assistant", "content": None if c.calls else "", "refusal": None}
+        if c.refused:
+            delta = {"role": "assistant", "content": None, "refusal": ""}
         return self._chunk(req, c, [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
 
     def stream_delta(self, req: SimRequest, c: Completion, piece: str, last: bool) -> bytes:
-        choice = {"index": 0, "delta": {"content": piece}, "logprobs": None, "finish_reason": None}
+        said = {"refusal": piece} if c.refused else {"content": piece}
+        choice = {"index": 0, "delta": said, "logprobs": None, "finish_reason": None}
         return self._chunk(req, c, [choice])
 
     def call_events(self, req: SimRequest, c: Completion) -> list[tuple[str, bytes]]:

@@ -149,6 +149,32 @@ class ToolErrors(_Strict):
     )
 
 
+class JsonErrors(_Strict):
+    """How often this model gets a structured answer (a JSON document for a response format)
+    wrong, each kind at its own rate (0 to 1), drawn per request from the request's model,
+    conversation, schema and seed, so a run repeats exactly; when several fire the first in field
+    order wins. A format whose decoding is held to its schema (OpenAI's strict ``json_schema``,
+    any Gemini schema, Anthropic's ``output_config.format``) never writes malformed or off-schema
+    JSON, whatever these say: only a refusal can happen there."""
+
+    malformed_json: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="writes a document that does not parse as JSON"
+    )
+    schema_violation: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="breaks the schema once: a required field missing, a wrong JSON type, or a value "
+        "outside an enum",
+    )
+    refusal: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="refuses (OpenAI's message.refusal, Claude's refusal stop reason)",
+    )
+
+
 # Generation parameters by their common names (each protocol has its own: Anthropic's
 # stop_sequences, Gemini's topP and maxOutputTokens...).
 GenParam = Literal[
@@ -188,6 +214,14 @@ class ModelProfile(_Strict):
     judge: JudgeProfile = JudgeProfile()
     # How this model errs when it calls tools (never, by default).
     tool_errors: ToolErrors = ToolErrors()
+    # How this model errs when asked for a JSON document (never, by default).
+    json_errors: JsonErrors = JsonErrors()
+    vision: bool | None = Field(
+        default=None,
+        description="Whether this model takes images; a model without vision refuses one in its "
+        "API's words. None: as its real API does, by name (moa.simulator.images.vision_capable: "
+        "GPT-4o/4.1/5 and o-series, Claude 3 and 4, Gemini), text-only for any other name.",
+    )
     context_window: int | None = Field(
         default=None,
         ge=16,

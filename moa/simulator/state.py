@@ -168,6 +168,9 @@ class SimState:
                     "allowed": list(req.tools.allowed),
                     "parallel": req.tools.parallel,
                 },
+                # The JSON document asked for (None: free text), and the images the messages carry.
+                "response_format": None if req.output is None else req.output.summary(),
+                "images": [i.summary() for i in req.images],
             }
         )
 

@@ -118,9 +118,9 @@ def dumps_args(args: Mapping[str, Any]) -> str:
 
 # -- choosing the calls ------------------------------------------------------------------------------
 
-_QUOTED = re.compile(r"\"([^\"]+)\"|“([^”]+)”")
-_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.])")
-_PROPER = re.compile(r"(?<=[a-z,;:] )[A-Z][\w'-]*(?: [A-Z][\w'-]*)*")
+QUOTED = re.compile(r"\"([^\"]+)\"|“([^”]+)”")
+NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.])")
+PROPER = re.compile(r"(?<=[a-z,;:] )[A-Z][\w'-]*(?: [A-Z][\w'-]*)*")
 _WORDS = re.compile(r"[a-z0-9]+")
 
 
@@ -128,7 +128,7 @@ def _words(text: str) -> set[str]:
     return set(_WORDS.findall(text.lower()))
 
 
-def _mentions(question: str, name: str) -> int:
+def mentions(question: str, name: str) -> int:
     """Where ``question`` names the function (as written, or with spaces for _ and -), or -1."""
     lower = question.lower()
     for form in (name.lower(), re.sub(r"[_\-.]+", " ", name).lower()):
@@ -139,7 +139,7 @@ def _mentions(question: str, name: str) -> int:
 
 
 def _targets(question: str, tools: Sequence[Tool], rng: random.Random) -> list[Tool]:
-    named = sorted((pos, i) for i, t in enumerate(tools) if (pos := _mentions(question, t.name)) >= 0)
+    named = sorted((pos, i) for i, t in enumerate(tools) if (pos := mentions(question, t.name)) >= 0)
     if named:
         return [tools[i] for _, i in named]
     asked = _words(question)
@@ -159,7 +159,7 @@ class _Prompt:
     rng: random.Random
 
 
-def _type(schema: Mapping[str, Any]) -> str | None:
+def schema_type(schema: Mapping[str, Any]) -> str | None:
     t = schema.get("type")
     if isinstance(t, list):
         t = next((x for x in t if str(x).lower() != "null"), None)
@@ -170,24 +170,24 @@ def _type(schema: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _branch(schema: Mapping[str, Any]) -> Mapping[str, Any]:
+def first_branch(schema: Mapping[str, Any]) -> Mapping[str, Any]:
     for key in ("anyOf", "oneOf", "any_of"):
         options = schema.get(key)
         if isinstance(options, list) and options and isinstance(options[0], Mapping):
-            return next((o for o in options if _type(o) not in (None, "null")), options[0])
+            return next((o for o in options if schema_type(o) not in (None, "null")), options[0])
     return schema
 
 
 def value_for(schema: Mapping[str, Any], prompt: _Prompt, depth: int = 0) -> Any:
     """A value ``schema`` accepts, taken from the message where it offers one."""
-    schema = _branch(schema)
+    schema = first_branch(schema)
     if "const" in schema:
         return schema["const"]
     enum = schema.get("enum")
     if isinstance(enum, list) and enum:
-        said = [v for v in enum if isinstance(v, str) and _mentions(prompt.text, v) >= 0]
+        said = [v for v in enum if isinstance(v, str) and mentions(prompt.text, v) >= 0]
         return said[0] if said else prompt.rng.choice(enum)
-    kind = _type(schema)
+    kind = schema_type(schema)
     if kind == "object":
         return _object(schema, prompt, depth + 1) if depth < 6 else {}
     if kind == "array":
@@ -242,12 +242,12 @@ def _object(schema: Mapping[str, Any], prompt: _Prompt, depth: int = 0) -> dict[
     for name, sub in props.items():
         if name in values or not isinstance(sub, Mapping):
             continue
-        enum = _branch(sub).get("enum")
+        enum = first_branch(sub).get("enum")
         said = isinstance(enum, list) and any(
-            isinstance(v, str) and _mentions(prompt.text, v) >= 0 for v in enum
+            isinstance(v, str) and mentions(prompt.text, v) >= 0 for v in enum
         )
         # An optional free-text property the message still offers a name for ("show Barbie").
-        said = said or (enum is None and _type(_branch(sub)) == "string" and bool(prompt.proper))
+        said = said or (enum is None and schema_type(first_branch(sub)) == "string" and bool(prompt.proper))
         if said:
             values[name] = value_for(sub, prompt, depth)
     order = [*props, *required]
@@ -263,7 +263,7 @@ def _string_slots(schema: Mapping[str, Any]) -> int:
     return sum(
         1
         for n in required
-        if isinstance(props.get(n), Mapping) and _type(props[n]) == "string" and "enum" not in props[n]
+        if isinstance(props.get(n), Mapping) and schema_type(props[n]) == "string" and "enum" not in props[n]
     )
 
 
@@ -289,17 +289,17 @@ def propose(
     question = next((t for r, t in reversed(transcript) if r == "user"), "")
     prompt = _Prompt(
         text=question,
-        quoted=[a or b for a, b in _QUOTED.findall(question)],
-        numbers=_NUMBER.findall(question),
+        quoted=[a or b for a, b in QUOTED.findall(question)],
+        numbers=NUMBER.findall(question),
         proper=[],
         rng=rng,
     )
-    nouns = [(m.start(), m.group()) for m in _PROPER.finditer(question)]
+    nouns = [(m.start(), m.group()) for m in PROPER.finditer(question)]
     targets = _targets(question, allowed, rng)
     calls: list[tuple[Tool, dict[str, Any]]] = []
     for tool in targets:
         # The names a function's arguments take are those said after it is, first.
-        at = _mentions(question, tool.name)
+        at = mentions(question, tool.name)
         left = [(pos, noun) for pos, noun in nouns if noun in prompt.proper or not calls]
         prompt.proper = [noun for _, noun in sorted(left, key=lambda pn: (pn[0] < at, pn[0]))]
         calls.append((tool, _object(tool.parameters, prompt)))
@@ -328,7 +328,7 @@ def propose(
             arguments = dumps_args({k: v for k, v in first_args.items() if k != gone})
     elif fault == "mistyped_argument" and first_args:
         key = rng.choice(sorted(first_args))
-        arguments = dumps_args({**first_args, key: _mistyped(first_args[key])})
+        arguments = dumps_args({**first_args, key: mistyped(first_args[key])})
     elif fault == "malformed_json":
         # A trailing comma: not JSON, and not the start of any JSON either (a cut-short object
         # would still parse as partial JSON, which is how stream accumulators read arguments).
@@ -338,7 +338,7 @@ def propose(
     return Proposal(calls=tuple(out), fault=fault)
 
 
-def _mistyped(value: Any) -> Any:
+def mistyped(value: Any) -> Any:
     """The same value with the wrong JSON type."""
     if isinstance(value, bool):
         return "true" if value else "false"

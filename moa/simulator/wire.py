@@ -16,8 +16,10 @@ from enum import Enum
 from typing import Any
 
 from moa.simulator.continuation import continue_text, split_continuation
+from moa.simulator.images import Image, acknowledgement, vision_capable
 from moa.simulator.judge import Authors, judge_reply
 from moa.simulator.profile import ModelProfile
+from moa.simulator.structured import OutputFormat, document
 from moa.simulator.text import compose, style_for
 from moa.simulator.tools import ToolCall, ToolUse, answer_from_results, preamble_text, propose
 from moa.tokens import approx_message_tokens, approx_tokens, truncate_to_tokens
@@ -63,13 +65,18 @@ class Err(Enum):
 
 class BadRequest(ValueError):
     """A request the real API would refuse with 400; ``param`` names the offending field and
-    ``code`` is the machine-readable reason, for the protocols whose error bodies carry them."""
+    ``code`` is the machine-readable reason, for the protocols whose error bodies carry them.
+    ``kind`` is the error's kind when the API refuses it otherwise (llama.cpp answers an image it
+    cannot read with a 500)."""
 
-    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, param: str | None = None, code: str | None = None, kind: Err = Err.BAD_REQUEST
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
+        self.kind = kind
 
 
 def json_type(v: Any) -> str:
@@ -119,6 +126,10 @@ class SimRequest:
     tools: ToolUse | None = None
     # The tool declarations' size in tokens: part of the prompt, as the APIs bill it.
     tool_tokens: int = 0
+    # The JSON document the answer must be (a response format); None: free text.
+    output: OutputFormat | None = None
+    # The images the messages carry, each with its input tokens by the provider's rule.
+    images: tuple[Image, ...] = ()
 
     @property
     def system(self) -> str | None:
@@ -144,6 +155,10 @@ class Completion:
     # The tool calls the model made (after ``text``, which is then a preamble or empty).
     calls: tuple[ToolCall, ...] = ()
     tool_fault: str | None = None  # the tool error the model's profile injected, if any
+    # A structured answer: ``text`` is the JSON document (or, ``refused``, the model's refusal).
+    structured: bool = False
+    refused: bool = False
+    json_fault: str | None = None  # the structured-output error the model's profile injected, if any
 
 
 def random_id(n: int = 24) -> str:
@@ -152,7 +167,16 @@ def random_id(n: int = 24) -> str:
 
 
 def prompt_tokens(req: SimRequest) -> int:
-    return approx_message_tokens(t for _, t in req.transcript) + req.tool_tokens
+    """The prompt as the APIs bill it: the messages, the tool declarations, the response format's
+    schema (all three put it in the prompt) and each image by its provider's rule."""
+    schema = req.output.tokens if req.output is not None else 0
+    images = sum(i.tokens for i in req.images)
+    return approx_message_tokens(t for _, t in req.transcript) + req.tool_tokens + schema + images
+
+
+def last_user_turn(req: SimRequest) -> int:
+    """The index of the last user turn in the transcript (-1 when there is none)."""
+    return next((i for i in range(len(req.transcript) - 1, -1, -1) if req.transcript[i][0] == "user"), -1)
 
 
 _PIECES = re.compile(r"\S+\s*|\s+")
@@ -216,7 +240,14 @@ def answer(
                 tool_fault=tool_fault,
             )
     verdict = judge_reply(req.model, req.transcript, seed, profile.judge, authors) if authors else None
-    if verdict is not None:
+    doc = None
+    if req.output is not None:
+        # A JSON document (or a refusal) instead of prose: no judge verdict, continuation or
+        # acknowledgement wraps it, as constrained decoding writes nothing outside the document.
+        style = profile.style or style_for(req.model)
+        doc = document(req.model, style, seed, req.transcript, req.output, profile.json_errors)
+        text, verdict = doc.text, None
+    elif verdict is not None:
         text = verdict
     else:
         transcript, prefix = split_continuation(req.transcript)
@@ -226,7 +257,9 @@ def answer(
         if prefix is not None:
             text = continue_text(text, prefix)
         text = answer_from_results(transcript, text)
-    finish, matched = "stop", None
+        shown = last_user_turn(req)
+        text = acknowledgement([i for i in req.images if i.turn == shown]) + text
+    finish, matched = ("refusal" if doc is not None and doc.refused else "stop"), None
     if req.stop:
         hits = [(text.find(s), s) for s in req.stop if s and s in text]
         if hits:
@@ -253,6 +286,9 @@ def answer(
         cached_tokens=cached_tokens,
         judged=verdict is not None,
         tool_fault=tool_fault,
+        structured=doc is not None and not doc.refused,
+        refused=doc is not None and doc.refused,
+        json_fault=doc.fault if doc is not None else None,
     )
 
 
@@ -351,8 +387,17 @@ class Wire(ABC):
     def refused(self, param: str, model: str) -> BadRequest:
         """The 400 this API answers when ``model`` refuses a generation parameter (common name)."""
 
+    def no_vision(self, req: SimRequest, image: Image) -> BadRequest:
+        """What this API answers a model without vision that is sent ``image`` (the simulator's
+        own words, where the API's are not known)."""
+        return BadRequest(f"{image.where}: model {req.model} does not support image input.", image.where)
+
     def refusal(self, req: SimRequest, profile: ModelProfile) -> BadRequest | None:
-        """What the model's profile makes it refuse in this request, if anything."""
+        """What the model's profile makes it refuse in this request, if anything: an image it
+        cannot see, a parameter it does not take."""
+        vision = vision_capable(req.model) if profile.vision is None else profile.vision
+        if req.images and not vision:
+            return self.no_vision(req, req.images[0])
         for param in profile.refuses:
             if param in req.params:
                 return self.refused(param, req.model)
@@ -390,7 +435,9 @@ class Wire(ABC):
         """Everything between the head and the tail, in order: each event with the text it carries
         (what paces it, and what a stream cut short is billed for). The text's pieces, then the
         tool calls the way this API streams them."""
-        cut = pieces(c.text)
+        # A JSON document has few spaces to cut at: it streams a few characters at a time, as the
+        # APIs stream a structured answer (and a call's arguments).
+        cut = argument_pieces(c.text) if c.structured else pieces(c.text)
         events = [
             (p, self.stream_delta(req, c, p, i == len(cut) - 1 and not c.calls)) for i, p in enumerate(cut)
         ]

@@ -1,4 +1,5 @@
-"""State that outlives a process and is shared by every replica: API keys and the spend ledger.
+"""State that outlives a process and is shared by every replica: API keys and the spend ledger,
+and the Batch API's files, batches and leases (``moa.state.batches``).
 
 Two stores implement one protocol: SQLite (the embedded default, a file in the state directory)
 and Redis (a cluster: every replica on every node sees the same keys and budgets). Money is
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
     from moa.config import StateConfig
+    from moa.state.batches import BatchStore
 
 Period = Literal["day", "month", "total"]
 KeyStatus = Literal["active", "disabled", "revoked"]
@@ -100,6 +102,11 @@ class KeyExists(ValueError):
 
 class StateStore(Protocol):
     """Keys and the spend ledger. Every method is safe to call from many replicas at once."""
+
+    @property
+    def batches(self) -> BatchStore:
+        """The Batch API's records, in the same SQLite file or Redis server."""
+        ...
 
     async def create_key(self, record: KeyRecord) -> None: ...
 

@@ -14,6 +14,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from moa.state import KeyExists, KeyRecord, KeyStatus, Refused, Reservation
+from moa.state.redis_batches import RedisBatches
 
 P = "{moa}"
 KEYS_BY_ID, KEYS_BY_HASH, KEYS_BY_NAME = f"{P}:keys", f"{P}:keys:hash", f"{P}:keys:name"
@@ -120,6 +121,8 @@ class RedisStore:
         self._take = self.client.register_script(TAKE_REQUEST)
         self._reserve_tokens = self.client.register_script(RESERVE_TOKENS)
         self._add_tokens = self.client.register_script(ADD_TOKENS)
+        # The Batch API's files, batches and leases, on the same server.
+        self.batches = RedisBatches(self.client)
 
     async def create_key(self, record: KeyRecord) -> None:
         created = await self._create(

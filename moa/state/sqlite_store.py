@@ -17,6 +17,8 @@ from typing import TypeVar
 
 from moa.sqlite_files import ThreadConnections
 from moa.state import KeyExists, KeyLimits, KeyRecord, KeyStatus, Refused, Reservation
+from moa.state.sqlite_batches import SCHEMA as BATCH_SCHEMA
+from moa.state.sqlite_batches import SQLiteBatches
 
 T = TypeVar("T")
 
@@ -63,9 +65,11 @@ class SQLiteStore:
         self.path = Path(path)
         self._connections = ThreadConnections(self.path)
         with self._tx() as db:
-            for statement in SCHEMA.split(";"):
+            for statement in (SCHEMA + BATCH_SCHEMA).split(";"):
                 if statement.strip():
                     db.execute(statement)
+        # The Batch API's files, batches and leases, in the same file.
+        self.batches = SQLiteBatches(self._run)
 
     # -- plumbing ---------------------------------------------------------------------------------
 

@@ -1,13 +1,19 @@
-"""``moa batch run``: a batch file through the API, in this process or on a running service."""
+"""``moa batch run``: a batch file through the API, in this process or on a running service.
+
+The run itself is ``moa.batch``'s (the same runner and journal the service's Batch API uses); what
+is here is the command's own: its options, its progress bar, and the API app it builds in this
+process when no ``--url`` is given, which only a layer above the API may build.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import httpx
 from pydantic import BaseModel, Field
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -16,13 +22,14 @@ from moa.batch.items import read_items
 from moa.batch.journal import Journal
 from moa.batch.runner import BatchRunner, BatchSummary, Sender
 from moa.batch.runner import Progress as ItemProgress
-from moa.batch.senders import in_process_sender, service_sender
+from moa.batch.senders import ServiceSender, auth_headers, service_sender
 from moa.config import MoAConfig
-from moa.state import open_store
+from moa.local import local_app
+from moa.state import StateStore, open_store
 
 
 class BatchOptions(BaseModel):
-    """What ``moa batch run`` takes (its flags, or a config file's ``batch`` section)."""
+    """What ``moa batch run`` takes (its flags)."""
 
     input: Path = Field(description="The JSONL input: OpenAI batch lines or {'prompt': ...} lines.")
     output: Path = Field(description="The JSONL output, also the checkpoint: a rerun skips what it holds.")
@@ -37,6 +44,26 @@ class BatchOptions(BaseModel):
     attempts: int = Field(default=4, ge=1, le=20, description="Tries per item (408, 429, 5xx, no response).")
     timeout_s: float = Field(default=3600.0, gt=0, description="How long one request to a service may take.")
     progress: bool = Field(default=True, description="A progress bar on stderr (a terminal's).")
+
+
+@contextlib.asynccontextmanager
+async def in_process_sender(
+    cfg: MoAConfig, api_key: str | None, store: Callable[[], StateStore] | None = None
+) -> AsyncIterator[ServiceSender]:
+    """Requests to the API app built here, over the in-process provider pool (no server, no
+    port); with a ``store``, keys and budgets apply as on ``moa serve --local``."""
+    # Its own requests only: the service's Batch API batches in the same state are not its to run.
+    async with local_app(cfg, store, run_batches=False) as app:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            # A loopback address, as a client on this machine has: the service's exposure rule
+            # serves loopback without keys (moa.exposure), and this is the operator's own process.
+            transport=transport,
+            base_url="http://127.0.0.1",
+            headers=auth_headers(api_key),
+            timeout=None,
+        ) as client:
+            yield ServiceSender(client)
 
 
 @contextlib.asynccontextmanager
