@@ -1,6 +1,7 @@
 """The engine's transports over Ray Serve handles: model calls to the provider deployments,
 fusion to the aggregator deployment. Every call carries the
-W3C trace context (``trace=``) so the callee's spans join the caller's trace.
+W3C trace context (``trace=``) so the callee's spans join the caller's trace, and the mark of
+background work (``CallRequest.background``, ``FuseJob.background``) when the request is a batch's.
 
 Every call is bounded by its own deadline: a handle call to a deployment with no running replica
 (one whose replicas cannot be scheduled, say) would otherwise wait for one forever."""
@@ -11,6 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator, Collection, Mapping
 from typing import Any
 
+from moa.caller import BACKGROUND, as_sent
 from moa.deadline import Deadline
 from moa.engine.fusion import FuseEvent, FuseJob
 from moa.types import CallError, CallRequest, CallResult, ErrorKind, StreamEvent, Usage
@@ -61,6 +63,7 @@ class HandleCaller:
         return (req.timeout_s or DEFAULT_TIMEOUT_S) + HANDLE_GRACE_S
 
     async def call(self, req: CallRequest) -> CallResult:
+        req = as_sent(req)  # a batch request's calls cross to the provider replica marked
         handle = self._handles.get(req.provider)
         if handle is None:
             return _unknown(req)
@@ -81,6 +84,7 @@ class HandleCaller:
         return result
 
     async def stream(self, req: CallRequest) -> AsyncIterator[StreamEvent]:
+        req = as_sent(req)
         handle = self._streams.get(req.provider)
         if handle is None:
             yield _unknown(req)
@@ -132,6 +136,8 @@ class RemoteFuser:
         self._handle = handle.options(stream=True)
 
     async def fuse(self, job: FuseJob) -> AsyncIterator[FuseEvent]:
+        if BACKGROUND.get() and not job.background:  # the aggregator's calls are a batch's too
+            job = job.model_copy(update={"background": True})
         events = _cancelling(self._handle.fuse.remote(job, trace=inject()))
         if job.remaining_s is None:
             async for ev in events:

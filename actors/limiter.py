@@ -20,8 +20,8 @@ LIMITER_NAME = "rate-limiter"
 class RateLimiterActor:
     """One per provider deployment (Serve's ``deployment_actors``); it never blocks on a caller."""
 
-    def __init__(self, rpm: int | None, tpm: int | None) -> None:
-        self.limiter = ReservationLimiter(rpm, tpm)
+    def __init__(self, rpm: int | None, tpm: int | None, reserve: float = 0.0) -> None:
+        self.limiter = ReservationLimiter(rpm, tpm, reserve=reserve)
 
     def reserve(
         self, tokens: int, max_wait_s: float, lease_requests: int = 0, lease_tokens: int = 0
@@ -33,6 +33,10 @@ class RateLimiterActor:
 
     def give_back(self, requests: int, tokens: int) -> None:
         self.limiter.give_back(requests, tokens)
+
+    def take_spare(self, tokens: int) -> tuple[bool, float]:
+        r = self.limiter.take_spare(tokens)
+        return r.granted, r.wait_s
 
     def stats(self) -> dict[str, float]:
         return self.limiter.stats()
@@ -76,3 +80,7 @@ class LimiterAuthority:
 
     async def give_back(self, requests: int, tokens: int) -> None:
         await self._call("give_back", requests, tokens)
+
+    async def take_spare(self, tokens: int) -> tuple[bool, float]:
+        granted, wait = await self._call("take_spare", tokens)
+        return granted, wait

@@ -94,7 +94,11 @@ class ProviderDeployment:
                 DeploymentActorConfig(
                     name=LIMITER_NAME,
                     actor_class=RateLimiterActor,
-                    init_kwargs={"rpm": pcfg.limits.rpm, "tpm": pcfg.limits.tpm},
+                    init_kwargs={
+                        "rpm": pcfg.limits.rpm,
+                        "tpm": pcfg.limits.tpm,
+                        "reserve": pcfg.limits.interactive_reserve,
+                    },
                     actor_options={"num_cpus": 0.01},
                 )
             )

@@ -134,6 +134,14 @@ class LimitsConfig(_Strict):
         ge=1,
         description="Tokens per minute for the whole account, across replicas (null: none).",
     )
+    interactive_reserve: float = Field(
+        default=0.1,
+        ge=0,
+        lt=1,
+        description="Share of rpm, tpm and concurrency that batch work (moa batch run to a service, "
+        "the Batch API) leaves to interactive requests: a batch's calls take only what is spare "
+        "above it, never queueing ahead of an interactive call (0: batch calls compete as equals).",
+    )
 
 
 class CircuitBreakerConfig(_Strict):

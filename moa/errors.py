@@ -11,6 +11,10 @@ from pydantic import BaseModel
 
 from moa.types import ErrorKind, error_text
 
+# How a rejected document's failure begins (``moa.engine.structured``): a run whose every answer
+# was rejected so ends ``invalid_structured_output``, one whose calls were, ``invalid_tool_calls``.
+DOCUMENT_REJECTED = "the answer is not the JSON document the response_format asks for"
+
 
 class FallbackReason(StrEnum):
     """Why a run turned to its fallback chain: the signal metrics, the cache and the benchmark decide
@@ -144,9 +148,11 @@ class AllProvidersFailed(MoAError):
             self.status_code = 504
             self.error_type = "timeout"
         elif kinds and kinds <= {ErrorKind.INVALID_OUTPUT}:
-            # Every model answered, and none within the request's tool contract: the listing
-            # names each tool and violation. Never a call the client could act on wrongly.
-            self.code = "invalid_tool_calls"
+            # Every model answered, and none within the request's contract: the listing names
+            # each violation. Never a call, nor a document, the client could act on wrongly.
+            # A document its response format refuses says so first (``moa.engine.structured``).
+            documents = any(f.message and f.message.startswith(DOCUMENT_REJECTED) for f in self.failures)
+            self.code = "invalid_structured_output" if documents else "invalid_tool_calls"
         elif kinds and kinds <= {ErrorKind.INTERNAL}:
             # Nothing a provider did: our own failure, reported as such.
             self.status_code = 500

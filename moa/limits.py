@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from moa.config import ProviderConfig
-from moa.ratelimit import ReservationLimiter
+from moa.ratelimit import Reservation, ReservationLimiter
 
 DEFAULT_OUTPUT_RESERVE = 512
 
@@ -93,25 +93,79 @@ class RateBudgetExceeded(Exception):
 class RateBudget(Protocol):
     """Requests/tokens-per-minute budget. In-process it is local; in Ray, one actor per provider."""
 
-    async def acquire(self, tokens: int, timeout_s: float) -> None:
-        """Wait until one request of ``tokens`` fits; raise RateBudgetExceeded if not within timeout_s."""
+    async def acquire(self, tokens: int, timeout_s: float, background: bool = False) -> None:
+        """Wait until one request of ``tokens`` fits; raise RateBudgetExceeded if not within
+        timeout_s. ``background``: a batch's call, which takes only what is spare above the
+        interactive reserve (``ReservationLimiter.take_spare``)."""
         ...
 
     async def settle(self, reserved_tokens: int, actual_tokens: int) -> None: ...
 
 
+# The shortest a background call waits before it looks at the budget again.
+SPARE_POLL_S = 0.01
+
+
+async def take_spare(
+    take: Callable[[], Awaitable[Reservation]], timeout_s: float, turn: asyncio.Lock
+) -> None:
+    """A background call's share of a budget: ``take`` asked again after each wait it is told,
+    until it is granted; RateBudgetExceeded once the next wait would pass ``timeout_s``.
+
+    The background calls of this process ask one at a time, in arrival order (``turn``, a FIFO
+    lock): granted in the order they came, as reservations are, rather than to whichever of a
+    crowd of pollers happens to look first (which would leave an unlucky one waiting past its
+    deadline while later ones pass)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    try:
+        async with asyncio.timeout(timeout_s), turn:
+            while True:
+                r = await take()
+                if r.granted:
+                    return
+                wait = max(r.wait_s, SPARE_POLL_S)
+                if loop.time() + wait > end:
+                    raise RateBudgetExceeded(r.wait_s)
+                await asyncio.sleep(wait)
+    except TimeoutError:
+        # The calls ahead of it took the time: it would be granted a while after them.
+        raise RateBudgetExceeded(max(SPARE_POLL_S, timeout_s)) from None
+
+
 class LocalRateBudget:
-    """The budget of one process: reservations in arrival order, then a sleep for the wait."""
+    """The budget of one process: reservations in arrival order, then a sleep for the wait;
+    background calls take the spare above ``reserve`` (a share of each bucket)."""
 
-    def __init__(self, rpm: int | None, tpm: int | None, clock: Callable[[], float] = time.monotonic) -> None:
-        self.limiter = ReservationLimiter(rpm, tpm, clock)
+    def __init__(
+        self,
+        rpm: int | None,
+        tpm: int | None,
+        clock: Callable[[], float] = time.monotonic,
+        reserve: float = 0.0,
+    ) -> None:
+        self.limiter = ReservationLimiter(rpm, tpm, clock, reserve)
+        self._spare_turn = asyncio.Lock()  # background calls ask in arrival order
 
-    async def acquire(self, tokens: int, timeout_s: float) -> None:
+    async def acquire(self, tokens: int, timeout_s: float, background: bool = False) -> None:
+        if background:
+
+            async def take() -> Reservation:
+                return self.limiter.take_spare(tokens)
+
+            await take_spare(take, timeout_s, self._spare_turn)
+            return
         r = self.limiter.reserve(tokens, timeout_s)
         if not r.granted:
             raise RateBudgetExceeded(r.wait_s)
         if r.wait_s > 0:
-            await asyncio.sleep(r.wait_s)
+            try:
+                await asyncio.sleep(r.wait_s)
+            except asyncio.CancelledError:
+                # Cancelled while it waited (a straggler its layer stopped waiting for): it is
+                # never sent, so its request goes back (its tokens go back with the settlement).
+                self.limiter.give_back(1, 0)
+                raise
 
     async def settle(self, reserved_tokens: int, actual_tokens: int) -> None:
         self.limiter.settle(reserved_tokens, actual_tokens)
@@ -131,6 +185,10 @@ class BudgetAuthority(Protocol):
 
     async def give_back(self, requests: int, tokens: int) -> None: ...
 
+    async def take_spare(self, tokens: int) -> tuple[bool, float]:
+        """A background call's share (``ReservationLimiter.take_spare``): (granted, wait_s)."""
+        ...
+
 
 class LeasedRateBudget:
     """This process's share of a budget held elsewhere, so most calls cost no round trip.
@@ -142,6 +200,9 @@ class LeasedRateBudget:
     replica holds more than ``lease_s`` of refill. Token settlements are booked on the lease. Calls
     the lease cannot cover go to the authority as plain reservations (waits and refusals as
     before); budgets smaller than one call per ``lease_s`` are never leased, so they stay exact.
+
+    A background call never spends the lease (interactive capacity, taken to keep their calls
+    local): it asks the authority for the spare above the reserve, a round trip per try.
     """
 
     def __init__(
@@ -164,10 +225,18 @@ class LeasedRateBudget:
         self.tokens = 0  # leased and unspent (negative: overspent); counted only when tpm is set
         self.expires = -math.inf
         self._topping_up = False
+        self._spare_turn = asyncio.Lock()  # this replica's background calls ask in arrival order
         self._expiry: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def acquire(self, tokens: int, timeout_s: float) -> None:
+    async def acquire(self, tokens: int, timeout_s: float, background: bool = False) -> None:
+        if background:
+
+            async def take() -> Reservation:
+                return Reservation(*await self.authority.take_spare(tokens))
+
+            await take_spare(take, timeout_s, self._spare_turn)
+            return
         if self._take(tokens):
             if self._low():
                 self._spawn(self._top_up())
@@ -183,7 +252,11 @@ class LeasedRateBudget:
         if not granted:
             raise RateBudgetExceeded(wait)
         if wait > 0:
-            await asyncio.sleep(wait)
+            try:
+                await asyncio.sleep(wait)
+            except asyncio.CancelledError:
+                self._spawn(self.authority.give_back(1, 0))  # never sent: as LocalRateBudget
+                raise
 
     async def settle(self, reserved_tokens: int, actual_tokens: int) -> None:
         if not self.tpm or reserved_tokens == actual_tokens:
@@ -255,47 +328,69 @@ class LeasedRateBudget:
 
 
 class UnlimitedBudget:
-    async def acquire(self, tokens: int, timeout_s: float) -> None:
+    async def acquire(self, tokens: int, timeout_s: float, background: bool = False) -> None:
         return None
 
     async def settle(self, reserved_tokens: int, actual_tokens: int) -> None:
         return None
 
 
-class ProviderLimits:
-    """Everything that gates one provider's calls in this process."""
+def reserved_slots(concurrency: int, reserve: float) -> int:
+    """The concurrency slots background calls leave free: ``reserve`` of them, rounded up, yet
+    never all (a batch must be able to run on a provider allowed one call at a time)."""
+    return min(math.ceil(concurrency * reserve), concurrency - 1)
 
-    def __init__(self, concurrency: int, budget: RateBudget, breaker: CircuitBreaker) -> None:
+
+class ProviderLimits:
+    """Everything that gates one provider's calls in this process. Background calls (a batch's)
+    take a slot only while ``reserved_slots`` stay free for interactive ones."""
+
+    def __init__(
+        self, concurrency: int, budget: RateBudget, breaker: CircuitBreaker, reserve: float = 0.0
+    ) -> None:
         self.concurrency = concurrency
         self.semaphore = asyncio.Semaphore(concurrency)
         self.budget = budget
         self.breaker = breaker
+        self.background_cap = concurrency - reserved_slots(concurrency, reserve)
         self.in_flight = 0
         self.max_in_flight = 0
         self.calls = 0  # calls admitted through this process's gate, ever
+        self.background_calls = 0  # of which background ones
+        self._left: asyncio.Event | None = None  # set when a call leaves, while one waits for it
 
     @classmethod
     def from_config(cls, cfg: ProviderConfig, budget: RateBudget | None = None) -> ProviderLimits:
+        reserve = cfg.limits.interactive_reserve
         if budget is None:
             rpm, tpm = cfg.limits.rpm, cfg.limits.tpm
-            budget = LocalRateBudget(rpm, tpm) if (rpm or tpm) else UnlimitedBudget()
+            budget = LocalRateBudget(rpm, tpm, reserve=reserve) if (rpm or tpm) else UnlimitedBudget()
         breaker = CircuitBreaker(cfg.circuit_breaker.failure_threshold, cfg.circuit_breaker.cooldown_s)
-        return cls(cfg.limits.concurrency, budget, breaker)
+        return cls(cfg.limits.concurrency, budget, breaker, reserve)
 
-    async def enter(self, timeout_s: float) -> bool:
-        """Take a concurrency slot, waiting at most ``timeout_s``; False if none came free."""
+    async def enter(self, timeout_s: float, background: bool = False) -> bool:
+        """Take a concurrency slot, waiting at most ``timeout_s``; False if none came free. A
+        background call waits until fewer than ``background_cap`` calls are in flight."""
         try:
-            await asyncio.wait_for(self.semaphore.acquire(), timeout=max(timeout_s, 0))
+            async with asyncio.timeout(max(timeout_s, 0)):
+                while background and self.in_flight >= self.background_cap:
+                    self._left = self._left or asyncio.Event()
+                    await self._left.wait()
+                await self.semaphore.acquire()
         except TimeoutError:
             return False
         self.in_flight += 1
         self.calls += 1
+        self.background_calls += background
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         return True
 
     def leave(self) -> None:
         self.in_flight -= 1
         self.semaphore.release()
+        if self._left is not None:
+            left, self._left = self._left, None
+            left.set()
 
     def snapshot(self) -> dict[str, object]:
         return {
@@ -303,5 +398,6 @@ class ProviderLimits:
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
             "calls": self.calls,
+            "background_calls": self.background_calls,
             "concurrency": self.concurrency,
         }

@@ -171,6 +171,15 @@ class Plan(_Strict):
         "aggregator always decides, reading the proposed calls as references. Every final call is "
         "validated against its declared schema either way. A request can choose with moa.tools.",
     )
+    structured: Literal["aggregator", "proposers"] = Field(
+        default="aggregator",
+        description="Who is asked for a request's response_format (a JSON object or a JSON Schema's "
+        "document): aggregator: only the models that write the final answer (the aggregators, a "
+        "single model, the fallbacks), the proposers answering freely, their reasoning the "
+        "aggregator's references; proposers: the proposers too, and when a quorum of the last "
+        "layer's proposals write the same document (canonical JSON), it is the answer, with no "
+        "aggregator call. The final document is validated against the schema either way.",
+    )
     staircase_chunk_chars: int = Field(
         # Measured (docs/BENCHMARKS.md): 200 brings moa's first token to under a fifth of final's
         # at no more tokens than 400, while each step still reads a few sentences of every answer.

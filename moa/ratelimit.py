@@ -8,6 +8,13 @@ provider deployment (the cluster-wide budget).
 A holder may also take a *lease*: a slice of what is available right now (never debt), which it
 spends locally without asking again, and gives back what it did not spend. Leases are what keep the
 shared budget off the request path (``moa.limits.LeasedRateBudget``).
+
+Background calls (a batch's) never reserve: they take only what is free now above a ``reserve``
+kept for interactive calls (``take_spare``), and are told when to look again otherwise. A
+reservation puts the bucket in debt that every later call waits behind; a batch that did so would
+make each interactive call queue behind the batch's. Taking only the spare, a batch still gets the
+whole refill while nobody else asks (the bucket never climbs above the reserve), and an
+interactive call finds the reserve there: the reserve refills first.
 """
 
 from __future__ import annotations
@@ -49,13 +56,22 @@ class Reservation:
 
 
 class ReservationLimiter:
-    def __init__(self, rpm: int | None, tpm: int | None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        rpm: int | None,
+        tpm: int | None,
+        clock: Callable[[], float] = time.monotonic,
+        reserve: float = 0.0,
+    ) -> None:
+        """``reserve``: the share of each bucket background calls leave to the others (0 to 1)."""
         self.clock = clock
         now = clock()
         self.requests = Bucket.full(rpm, now) if rpm else None
         self.tokens = Bucket.full(tpm, now) if tpm else None
+        self.reserve_share = reserve
         self.granted = 0
         self.refused = 0
+        self.spare = 0  # background calls granted (counted in ``granted`` too)
 
     def reserve(self, tokens: int, max_wait_s: float) -> Reservation:
         now = self.clock()
@@ -75,6 +91,29 @@ class ReservationLimiter:
             self.tokens.level -= min(tokens, self.tokens.per_minute)
         self.granted += 1
         return Reservation(True, wait)
+
+    def take_spare(self, tokens: int) -> Reservation:
+        """A background call's share: granted (no wait) only when every bucket holds its amount
+        above the reserve now, never into debt; refused otherwise, with how long until the refill
+        would cover it were nobody else to take any (the caller looks again then)."""
+        now = self.clock()
+        waits = [0.0]
+        for bucket, amount in ((self.requests, 1), (self.tokens, tokens)):
+            if bucket is not None:
+                bucket.refill(now)
+                # A call larger than the whole spare waits for a full bucket, not forever.
+                needed = min(amount + self.reserve_share * bucket.per_minute, bucket.per_minute)
+                waits.append(bucket.wait_for(needed))
+        wait = max(waits)
+        if wait > 0:
+            return Reservation(False, wait)
+        if self.requests is not None:
+            self.requests.level -= 1
+        if self.tokens is not None:
+            self.tokens.level -= min(tokens, self.tokens.per_minute)
+        self.granted += 1
+        self.spare += 1
+        return Reservation(True, 0.0)
 
     def reserve_and_lease(
         self, tokens: int, max_wait_s: float, lease_requests: int, lease_tokens: int
@@ -122,4 +161,4 @@ class ReservationLimiter:
             self.tokens.level += reserved_tokens - actual_tokens
 
     def stats(self) -> dict[str, float]:
-        return {"granted": self.granted, "refused": self.refused}
+        return {"granted": self.granted, "refused": self.refused, "spare": self.spare}

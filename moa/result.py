@@ -198,6 +198,11 @@ class MoAResult(BaseModel):
     # tools; and what the vote among the proposals' calls saw and decided, when there was one.
     tool_calls: list[ToolCall] = Field(default_factory=list)
     tool_vote: VoteOutcome | None = None
+    # The model's refusal to write the requested document (``text`` is then empty), returned as
+    # OpenAI's ``message.refusal``; and what the vote among the proposals' documents saw
+    # (``structured: proposers``; its winner, as canonical JSON, in ``calls``).
+    refusal: str | None = None
+    document_vote: VoteOutcome | None = None
 
     @property
     def stragglers_cancelled(self) -> int:

@@ -59,6 +59,8 @@ class Reply:
     finish_reason: str = "stop"
     # The function calls the model makes (its finish reason is then ``tool_calls``).
     tool_calls: tuple[ToolCall, ...] = ()
+    # The model refuses the requested format, in these words (``CallResult.refusal``; no text).
+    refusal: str | None = None
 
     @property
     def answer(self) -> str:
@@ -258,6 +260,7 @@ class ScriptedCaller:
             if reply.tool_calls
             else reply.finish_reason,
             tool_calls=[] if error is not None else list(reply.tool_calls),
+            refusal=None if error is not None else reply.refusal,
             latency_s=time.monotonic() - rec.started_at,
             attempts=1,
             streamed=streamed,

@@ -135,6 +135,16 @@ class ResponseFormat(BaseModel):
     name: str | None = None
     json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None
+    # json_schema only: what the document is for (OpenAI's ``json_schema.description``).
+    description: str | None = None
+
+    @property
+    def prompt_text(self) -> str:
+        """What of the format a model reads as prompt tokens: the schema (every provider puts it
+        in the prompt and bills it), or nothing for a plain JSON object."""
+        if self.json_schema is None:
+            return ""
+        return json.dumps(self.json_schema, ensure_ascii=False, separators=(",", ":"))
 
 
 class ChatMessage(BaseModel):
@@ -159,21 +169,33 @@ class ChatMessage(BaseModel):
         return f"{self.content} {calls}" if self.content else calls
 
 
-def prompt_texts(messages: Iterable[ChatMessage], tools: ToolSet | None = None) -> list[str]:
+def prompt_texts(
+    messages: Iterable[ChatMessage],
+    tools: ToolSet | None = None,
+    response_format: ResponseFormat | None = None,
+) -> list[str]:
     """What a model reads of a prompt, as texts to count tokens in: each message (its calls
-    included) and the tool definitions, which every provider bills as prompt tokens."""
+    included), the tool definitions and the response format's schema, which every provider bills
+    as prompt tokens."""
     texts = [m.token_text for m in messages]
     if tools is not None:
         texts.append(json.dumps([t.model_dump(exclude_none=True) for t in tools.tools]))
+    if response_format is not None and response_format.prompt_text:
+        texts.append(response_format.prompt_text)
     return texts
 
 
-def priced_messages(messages: Iterable[ChatMessage], tools: ToolSet | None = None) -> list[ChatMessage]:
-    """The messages as a projection counts them: with the tool definitions as one more prompt
-    message, since every provider bills them as prompt tokens (and caps count them as input)."""
+def priced_messages(
+    messages: Iterable[ChatMessage],
+    tools: ToolSet | None = None,
+    response_format: ResponseFormat | None = None,
+) -> list[ChatMessage]:
+    """The messages as a projection counts them: with the tool definitions and the response
+    format's schema as more prompt messages, since every provider bills them as prompt tokens
+    (and caps count them as input)."""
     found = list(messages)
-    if tools is not None:
-        found.append(ChatMessage(role="system", content=prompt_texts((), tools)[0]))
+    for text in prompt_texts((), tools, response_format):
+        found.append(ChatMessage(role="system", content=text))
     return found
 
 
@@ -296,6 +318,11 @@ class CallRequest(BaseModel):
     tools: ToolSet | None = None
     # The format the answer must have (each adapter asks for it natively), or None: free text.
     response_format: ResponseFormat | None = None
+    # Background work (a batch's call): it takes its provider's rate budget and concurrency only
+    # above the share kept for interactive calls (``providers.*.limits.interactive_reserve``), so
+    # a batch never makes an interactive request wait. Set by the transport from the request it
+    # serves (``moa.caller.as_sent``); never sent to the provider.
+    background: bool = False
 
 
 class CallResult(BaseModel):
@@ -308,6 +335,11 @@ class CallResult(BaseModel):
     text: str = ""
     # The function calls the model made (finish_reason ``tool_calls``); text may come with them.
     tool_calls: list[ToolCall] = Field(default_factory=list)
+    # The model refused to answer in the requested format, in its words (OpenAI's
+    # ``message.refusal``; Anthropic's ``stop_reason: refusal``; Gemini's safety block): an
+    # answer, returned as OpenAI returns one (content null), not a failure. None: no refusal.
+    # Set, ``text`` is no answer (it is empty, or the refusal's words): never a document.
+    refusal: str | None = None
     usage: Usage = Usage()
     finish_reason: str | None = None
     latency_s: float = 0.0

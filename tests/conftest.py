@@ -315,6 +315,7 @@ def _cluster(
     try:
         yield {
             "url": f"http://127.0.0.1:{port}",
+            "address": c.address,  # Ray's, for a process of its own to join the cluster
             "config": cfg,
             "worker_node": worker.node_id,
             "metrics": {"head": head_metrics, "worker": worker_metrics},

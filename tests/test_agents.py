@@ -12,6 +12,7 @@ from typing import Any
 
 import openai
 import pytest
+from pydantic import BaseModel
 
 from moa.simulator.server import SimulatorServer
 from tests.helpers import RAY_MODULE, ApiServer
@@ -200,3 +201,24 @@ async def test_an_agent_with_the_openai_agents_sdk(base_url: str, stream: bool) 
     else:
         output = (await Runner.run(agent, ASK)).final_output
     assert ran == ["Paris"] and "18" in str(output)
+
+
+class Forecast(BaseModel):
+    city: str
+    temperature_c: float
+    sky: str
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_structured_answer_with_the_openai_clients_parse(base_url: str, stream: bool) -> None:
+    """``parse`` (and ``stream``) with a pydantic model, through the ensemble: the document the
+    aggregator wrote, validated against the model's schema before it left the service."""
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=90)
+    messages: Any = [{"role": "user", "content": ASK}]
+    if stream:
+        with client.chat.completions.stream(model=PRESET, messages=messages, response_format=Forecast) as s:
+            final = s.get_final_completion()
+    else:
+        final = client.chat.completions.parse(model=PRESET, messages=messages, response_format=Forecast)
+    parsed = final.choices[0].message.parsed
+    assert isinstance(parsed, Forecast) and parsed.city == "Paris", final

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 import textwrap
@@ -387,6 +388,8 @@ async def test_every_answer_says_what_it_cost_in_a_header(
 
     question = {"messages": [_user("why is the sky blue?")]}
     async with in_process_sender(config, None) as sender:
+        # Its own app, with nobody to yield to: not batch work, the whole limits are its.
+        assert "x-moa-priority" not in sender.client.headers
         detailed = await sender.send(
             "/v1/chat/completions", question | {"model": "moa-lite", "moa": {"detail": True}}
         )
@@ -446,6 +449,10 @@ async def test_a_batch_runs_on_a_running_service_over_http(
     with ApiServer(config) as server:
         opts = BatchOptions(input=src, output=out, preset="single", progress=False, url=server.url)
         summary = await run_batch(config, opts)
+        assert server.server.api is not None
+        openai = server.server.api.engine.caller.clients["openai"]  # type: ignore[attr-defined]
+        # Sent as batch work: the service's calls for them took only the providers' spare capacity.
+        assert openai.limits.background_calls == 3
     assert (summary.done, summary.succeeded) == (3, 3) and summary.cost_usd > 0
     lines = _lines(out)
     assert all(x["response"]["body"]["object"] == "chat.completion" for x in lines)
@@ -471,3 +478,247 @@ async def test_an_item_an_earlier_run_answered_under_another_id_is_written_witho
     journal = Journal(out)
     journal.close()
     assert len(journal.done) == 3 and all(o.body is None for o in journal.done.values())
+
+
+# -- batch work goes after the interactive work, on a service ------------------------------------------
+
+
+async def test_a_request_marked_as_batch_work_marks_its_calls_and_an_unknown_priority_is_refused(
+    config: MoAConfig, sim: SimulatorServer, state_dir: Path
+) -> None:
+    import httpx
+
+    from moa.local import local_app
+
+    body = {"model": "single", "messages": [_user("why is the sky blue?")]}
+    async with local_app(config, run_batches=False) as app:
+        openai = app.state.api.engine.caller.clients["openai"]
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            plain = await client.post("/v1/chat/completions", json=body)
+            assert plain.status_code == 200 and openai.limits.background_calls == 0
+            marked = await client.post("/v1/chat/completions", json=body, headers={"x-moa-priority": "batch"})
+            assert marked.status_code == 200 and openai.limits.background_calls == 1
+            said = await client.post(
+                "/v1/moa",
+                json={"preset": "single", "messages": body["messages"]},
+                headers={"X-Moa-Priority": "Interactive"},
+            )
+            assert said.status_code == 200 and openai.limits.background_calls == 1
+            odd = await client.post("/v1/chat/completions", json=body, headers={"x-moa-priority": "urgent"})
+    assert odd.status_code == 400
+    assert odd.json()["error"] | {"message": ""} == {
+        "message": "",
+        "type": "invalid_request_error",
+        "code": "invalid_priority",
+        "param": "x-moa-priority",
+    }
+    assert model_stats(sim, "gpt-4.1-mini")["requests"] == 3  # the refused one called nothing
+
+
+async def test_a_batch_request_waits_for_its_turn_behind_the_interactive_load(
+    config: MoAConfig, sim: SimulatorServer, state_dir: Path
+) -> None:
+    """Two slots, batch.yield_at 0.5: while one interactive request runs, a request marked as batch
+    work waits at the gate (its model not called) and starts once the interactive one ends; an
+    unmarked request beside it starts at once."""
+    import httpx
+
+    from moa.local import local_app
+
+    raw = config.model_dump(mode="json")
+    raw["server"]["max_concurrent_requests"] = 2
+    raw["batch"]["yield_at"] = 0.5
+    cfg = MoAConfig.model_validate(raw)
+    set_fault(sim, "claude-haiku-4-5", hang={"rate": 1.0, "hang_s": 1.5})
+    held = {"model": "anthropic/claude-haiku-4-5", "messages": [_user("hold on")]}
+    body = {"model": "single", "messages": [_user("why is the sky blue?")]}
+    ended: dict[str, float] = {}
+
+    async def post(client: httpx.AsyncClient, name: str, payload: Any, **headers: str) -> int:
+        status = (await client.post("/v1/chat/completions", json=payload, headers=headers)).status_code
+        ended[name] = time.monotonic()
+        return status
+
+    async with local_app(cfg, run_batches=False) as app:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=30) as client:
+            interactive = asyncio.create_task(post(client, "interactive", held))
+            while model_stats(sim, "claude-haiku-4-5")["in_flight"] < 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+            batch = asyncio.create_task(post(client, "batch", body, **{"x-moa-priority": "batch"}))
+            await asyncio.sleep(0.5)
+            assert model_stats(sim, "gpt-4.1-mini")["requests"] == 0 and not batch.done()
+            assert app.state.api.batch_gate.busy == 0
+            assert await post(client, "beside", body) == 200  # unmarked: at once, in the second slot
+            assert not interactive.done()
+            assert (await interactive, await batch) == (200, 200)
+    assert ended["beside"] < ended["interactive"] < ended["batch"]
+    assert app.state.api.batch_gate.busy == 0 and app.state.api.admission.in_flight == 0
+
+
+# -- on a Ray cluster: --address ------------------------------------------------------------------
+
+
+class _EntryPoint:
+    def __init__(self, module: Any) -> None:
+        self.module = module
+
+    def load(self) -> Any:
+        if isinstance(self.module, BaseException):
+            raise self.module
+        return self.module
+
+
+def _ray_side(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[tuple[str, str | None]]:
+    """``moa.cluster``'s entry point, as an installed project has it, over ``module`` (None: no
+    entry point; an exception: what loading it raises). Returns the addresses it was asked about."""
+    import importlib.metadata
+    import types
+
+    asked: list[tuple[str, str | None]] = []
+    if module is not None and not isinstance(module, BaseException):
+        inner = module
+
+        def find_service(address: str, app: str | None) -> Any:
+            asked.append((address, app))
+            return inner(address, app)
+
+        module = types.SimpleNamespace(find_service=find_service)
+
+    def entry_points(group: str, name: str) -> list[_EntryPoint]:
+        assert (group, name) == ("moa.cluster", "ray")
+        return [] if module is None else [_EntryPoint(module)]
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    return asked
+
+
+def test_address_sends_the_batch_to_the_app_the_ray_side_finds(
+    config: MoAConfig,
+    sim: SimulatorServer,
+    tmp_path: Path,
+    state_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The core finds the Ray side by entry point (never importing Ray), asks it for the app on
+    the cluster, and sends there as to --url: as batch work."""
+    from moa.batch.senders import FoundService
+    from moa.cli import main
+    from tests.helpers import ApiServer
+
+    src, out = _prompts(tmp_path / "in.jsonl", 3), tmp_path / "out.jsonl"
+    with ApiServer(config) as server:
+        asked = _ray_side(monkeypatch, lambda address, app: FoundService(url=server.url, app="moa", nodes=2))
+        args = ["batch", "run", str(src), "--out", str(out), "--preset", "single", "--no-progress"]
+        assert main([*args, "--address", "10.0.0.1:6379"]) == 0
+        assert server.server.api is not None
+        assert server.server.api.engine.caller.clients["openai"].limits.background_calls == 3  # type: ignore[attr-defined]
+    assert asked == [("10.0.0.1:6379", None)]
+    err = capsys.readouterr().err
+    assert f"the app 'moa' on the Ray cluster at 10.0.0.1:6379 (2 nodes), at {server.url}" in err
+    assert len(_lines(out)) == 3 and model_stats(sim, "gpt-4.1-mini")["requests"] == 3
+
+
+def test_address_says_why_there_is_no_service_to_send_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from moa.batch.senders import ServiceNotFound
+    from moa.cli import main
+
+    src, out = _prompts(tmp_path / "in.jsonl", 1), tmp_path / "out.jsonl"
+    args = ["batch", "run", str(src), "--out", str(out), "--no-progress"]
+
+    def none_there(address: str, app: str | None) -> Any:
+        raise ServiceNotFound(f"no Ray cluster at {address}: nothing listens")
+
+    for module, said in [
+        (none_there, "moa batch: no Ray cluster at auto: nothing listens"),
+        (None, "no 'moa.cluster' entry point named 'ray'): reinstall the project"),
+        (ImportError("No module named 'ray'"), "--address needs Ray: pip install 'moa-serve[serve]'"),
+    ]:
+        _ray_side(monkeypatch, module)
+        assert main([*args, "--address", "auto"]) == 2
+        assert said in capsys.readouterr().err
+    assert main([*args, "--app", "moa"]) == 2
+    assert "--app goes with --address" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as both:
+        main([*args, "--address", "auto", "--url", "http://127.0.0.1:8000"])
+    assert both.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_the_ray_side_picks_the_moa_app_and_a_proxy_this_process_can_reach() -> None:
+    from moa.batch.senders import ServiceNotFound
+    from moa_actors.cluster_service import _pick, service_host
+
+    moa_app = {"deployments": {"ingress": {}, "health-board": {}, "provider-openai": {}}}
+    other = {"deployments": {"ingress": {}}}
+    assert _pick("auto", {"moa": moa_app, "floor": other}, None)[0] == "moa"
+    assert _pick("auto", {"mine": moa_app, "floor": other}, None)[0] == "mine"  # the only moa app
+    assert _pick("auto", {"moa": moa_app, "keyed": moa_app}, "keyed")[0] == "keyed"
+    assert _pick("auto", {"moa": moa_app, "keyed": moa_app}, None)[0] == "moa"
+    for apps, wanted, said in [
+        ({"a": moa_app, "b": moa_app}, None, "several moa apps run on auto (a, b): choose one with --app"),
+        ({"floor": other}, None, "no moa app runs on the Ray cluster at auto (its apps: floor)"),
+        ({"a": moa_app}, "b", "no moa app named 'b' on auto (moa apps: a)"),
+    ]:
+        with pytest.raises(ServiceNotFound, match=re.escape(said)):
+            _pick("auto", apps, wanted)
+
+    proxies = {
+        "head": {"status": "HEALTHY", "node_ip": "10.0.0.1"},
+        "worker": {"status": "HEALTHY", "node_ip": "10.0.0.2"},
+        "gone": {"status": "UNHEALTHY", "node_ip": "10.0.0.3"},
+    }
+    assert service_host("auto", "0.0.0.0", proxies, "worker") == "127.0.0.1"  # this node's own
+    assert service_host("auto", "127.0.0.1", proxies, "head") == "127.0.0.1"
+    assert service_host("10.0.0.1:6379", "0.0.0.0", proxies, "elsewhere") == "10.0.0.1"
+    assert service_host("ray://head.example:10001", "0.0.0.0", proxies, None) == "head.example"
+    assert service_host("auto", "10.0.0.9", proxies, "head") == "10.0.0.9"  # bound to one address
+    with pytest.raises(ServiceNotFound, match=re.escape("listen on 127.0.0.1 only")):
+        service_host("ray://head.example:10001", "127.0.0.1", proxies, None)
+    with pytest.raises(ServiceNotFound, match="no Serve HTTP proxy is running"):
+        service_host("auto", "0.0.0.0", {"gone": proxies["gone"]}, "gone")
+
+
+async def test_a_batch_request_waits_for_its_keys_room_where_another_gets_a_429(
+    config: MoAConfig, sim: SimulatorServer, state_dir: Path
+) -> None:
+    """A key allowed one request at a time on the replica: three requests marked as batch work at
+    once are all answered (each waits at the gate for the key's room); three unmarked ones, two
+    of them refused with 429 ``concurrency_limit_exceeded``, as before."""
+    import httpx
+
+    from moa.auth import new_key, new_record
+    from moa.local import local_app
+    from moa.state import KeyLimits
+    from moa.state.sqlite_store import SQLiteStore
+
+    key = new_key()
+    store = SQLiteStore(state_dir / "state.db")
+    await store.create_key(new_record("batcher", key, KeyLimits(max_concurrent=1)))
+    await store.close()
+    set_pace(sim, 0.3, 400.0)  # long enough for three at once to overlap
+    body = {"model": "single", "messages": [_user("why is the sky blue?")]}
+    headers = {"authorization": f"Bearer {key}"}
+    async with local_app(config, lambda: SQLiteStore(state_dir / "state.db"), run_batches=False) as app:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://127.0.0.1", headers=headers, timeout=30
+        ) as client:
+            marked = await asyncio.gather(
+                *(
+                    client.post("/v1/chat/completions", json=body, headers={"x-moa-priority": "batch"})
+                    for _ in range(3)
+                )
+            )
+            unmarked = await asyncio.gather(
+                *(client.post("/v1/chat/completions", json=body) for _ in range(3))
+            )
+    assert [r.status_code for r in marked] == [200, 200, 200]
+    assert sorted(r.status_code for r in unmarked) == [200, 429, 429]
+    assert {r.json()["error"]["code"] for r in unmarked if r.status_code == 429} == {
+        "concurrency_limit_exceeded"
+    }

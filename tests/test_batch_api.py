@@ -159,6 +159,9 @@ def test_the_openai_client_batch_flow_works_unchanged(
     assert oai.files.retrieve(done.output_file_id).purpose == "batch_output"
     # Three requests reached a model: "again" was answered by "a"'s, "bad" was refused first.
     assert model_stats(sim, MODEL)["requests"] == 3
+    # As background work: their calls took only the provider's spare capacity.
+    assert server.server.api is not None
+    assert server.server.api.engine.caller.clients["openai"].limits.background_calls == 3  # type: ignore[attr-defined]
     assert [b.id for b in oai.batches.list()] == [created.id]
 
 

@@ -474,3 +474,48 @@ def test_reliability_md_shows_the_spend_audits_rendered(name: str) -> None:
     raw = json.loads((DOCS / name).read_text())
     assert f"]({name})" in doc and audit_markdown(raw) in doc
     assert raw["met"] and all(raw[k]["met"] for k in ("ledger", "budget", "tpm", "hog"))
+
+
+# -- moa bench --batch ---------------------------------------------------------------------------------
+
+
+def test_the_batch_benchs_synthetic_set_and_mt_bench_items(tmp_path: Path) -> None:
+    from moa.benchmark.batch_bench import main, mt_bench_items, synthetic_items
+
+    items = synthetic_items(2000)
+    assert len({i["custom_id"] for i in items}) == len({i["prompt"] for i in items}) == 2000
+    assert synthetic_items(50) == items[:50] and synthetic_items(50, seed=1) != items[:50]
+    out = tmp_path / "syn.jsonl"
+    assert main(["--synthetic", "30", str(out)]) == 0
+    assert [json.loads(x) for x in out.read_text().splitlines()] == items[:30]
+    mt = tmp_path / "mt.jsonl"
+    mt.write_text('{"question_id": 81, "category": "writing", "turns": ["First?", "Second?"]}\n')
+    assert mt_bench_items(mt) == [{"custom_id": "mt-81", "prompt": "First?"}]
+
+
+def test_what_the_limits_allow_and_the_memory_slope_are_plain_arithmetic() -> None:
+    """What the bench compares its runs with: each bucket's first minute at once, then its refill
+    (openai's 4,000 calls at 300 rpm: 300 at once, 3,700 more in 740 s); and the RSS's growth per
+    1,000 items after the first tenth, by least squares."""
+    from moa.benchmark.batch_bench import LIMITS, allowed_items_per_s, memory_figures
+
+    assert LIMITS == {"openai": 300, "anthropic": 1000, "gemini": 1000}
+    calls = {"openai": 4000, "anthropic": 2000, "gemini": 2000}
+    assert allowed_items_per_s(2000, calls) == pytest.approx(2000 / 740)
+    assert allowed_items_per_s(100, {"openai": 200}) == math.inf  # within the first burst
+    growing = [(t, 10 * t, 200 + 0.02 * 10 * t) for t in range(1, 101)]  # 20 MB per 1,000 items
+    assert memory_figures(growing, 1000)["growth_mb_per_1000_items"] == pytest.approx(20.0)
+    flat = [(t, 10 * t, 250.0) for t in range(1, 101)]
+    figures = memory_figures(flat, 1000)
+    assert figures["growth_mb_per_1000_items"] == 0 and figures["rss_mb_at_10pct"] == 250.0
+
+
+def test_batch_md_shows_the_batch_bench_rendered() -> None:
+    """docs/BATCH.md's table is bench-batch.json rendered, and the file says every goal was met
+    (a figure edited by hand, or a run that missed one, fails here)."""
+    from moa.benchmark.batch_bench import batch_markdown
+
+    root = Path(__file__).resolve().parent.parent
+    raw = json.loads((root / "docs" / "bench-batch.json").read_text())
+    assert batch_markdown(raw) in (root / "docs" / "BATCH.md").read_text()
+    assert raw["goals"] and all(raw["goals"].values()), raw["goals"]

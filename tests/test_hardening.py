@@ -343,10 +343,6 @@ def test_what_openai_accepts_is_accepted(api: str, extra: dict[str, Any]) -> Non
     ("body", "param"),
     [
         (
-            {"model": "moa", "messages": QUESTION, "response_format": {"type": "json_object"}},
-            "response_format",
-        ),
-        (
             {
                 "model": "moa",
                 "messages": QUESTION,

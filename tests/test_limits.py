@@ -5,10 +5,19 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from typing import Any
 
 import pytest
 
-from moa.limits import LeasedRateBudget, RateBudgetExceeded
+from moa.limits import (
+    CircuitBreaker,
+    LeasedRateBudget,
+    LocalRateBudget,
+    ProviderLimits,
+    RateBudgetExceeded,
+    UnlimitedBudget,
+    reserved_slots,
+)
 from moa.ratelimit import ReservationLimiter
 from tests.waiting import wait_until
 
@@ -39,7 +48,7 @@ def test_refusal_reserves_nothing_and_says_when() -> None:
     assert not refused.granted and refused.wait_s == pytest.approx(30.0)
     # The refusal took nothing: a patient caller still waits only 30 s.
     assert lim.reserve(0, max_wait_s=60).wait_s == pytest.approx(30.0)
-    assert lim.stats() == {"granted": 3, "refused": 1}
+    assert lim.stats() == {"granted": 3, "refused": 1, "spare": 0}
 
 
 def test_tokens_are_budgeted_and_settled() -> None:
@@ -104,6 +113,11 @@ class InProcessAuthority:
     async def give_back(self, requests: int, tokens: int) -> None:
         self.calls["give_back"] += 1
         self.limiter.give_back(requests, tokens)
+
+    async def take_spare(self, tokens: int) -> tuple[bool, float]:
+        self.calls["take_spare"] += 1
+        r = self.limiter.take_spare(tokens)
+        return r.granted, r.wait_s
 
 
 async def settle_background() -> None:
@@ -191,3 +205,145 @@ def test_the_lease_is_one_second_of_refill_held_ten_seconds_and_60_rpm_is_the_sm
         InProcessAuthority(ReservationLimiter(rpm=59, tpm=None, clock=Clock())), 59, None
     )
     assert not under.leasing and under.lease_requests == 0
+
+
+# -- background calls: a batch's share, above the reserve kept for interactive calls ---------------
+
+
+def test_a_background_call_takes_only_the_spare_above_the_reserve_and_never_goes_into_debt() -> None:
+    clock = Clock()
+    lim = ReservationLimiter(rpm=100, tpm=None, clock=clock, reserve=0.1)  # 10 requests kept back
+    took = 0
+    while lim.take_spare(0).granted:
+        took += 1
+    assert took == 90
+    refused = lim.take_spare(0)
+    assert not refused.granted and refused.wait_s == pytest.approx(0.6)  # one more above 10, at 100/min
+    # The refusals took nothing: the reserve is whole, and interactive calls get it without a wait.
+    assert [lim.reserve(0, 0).wait_s for _ in range(10)] == [0.0] * 10
+    clock.t += 0.6
+    # The refill goes to the reserve first: the batch waits until the reserve is whole again.
+    assert lim.take_spare(0).wait_s == pytest.approx(6.0)
+    assert lim.stats() == {"granted": 100, "refused": 0, "spare": 90}
+    # A call larger than the spare waits for a full bucket, not forever.
+    tokens = ReservationLimiter(rpm=None, tpm=6000, clock=clock, reserve=0.5)
+    assert tokens.take_spare(5000).granted
+
+
+def test_a_batch_taking_every_spare_request_never_makes_an_interactive_call_wait() -> None:
+    """A batch takes every spare request of a 600 rpm budget, in 50 ms steps for two minutes, while
+    an interactive call comes every second: with a reserve none of them waits, and the batch still
+    gets all the rest (the first burst less the reserve, then the refill less the interactive
+    calls). Without a reserve the interactive calls wait behind the batch."""
+
+    def run(reserve: float) -> tuple[list[float], int]:
+        clock = Clock()
+        lim = ReservationLimiter(rpm=600, tpm=None, clock=clock, reserve=reserve)
+        waits, batch = [], 0
+        for step in range(2400):
+            while lim.take_spare(0).granted:
+                batch += 1
+            if step % 20 == 0:
+                waits.append(lim.reserve(0, 60).wait_s)
+            clock.t += 0.05
+        return waits, batch
+
+    waits, batch = run(0.1)
+    assert len(waits) == 120 and max(waits) == 0.0
+    assert batch == pytest.approx(600 - 60 + 1200 - 120, abs=2)
+    unreserved, _ = run(0.0)
+    assert max(unreserved) > 0
+
+
+async def test_a_local_background_call_gives_up_at_its_deadline_and_leaves_the_reserve_whole() -> None:
+    budget = LocalRateBudget(rpm=60, tpm=None, clock=Clock(), reserve=0.5)  # frozen: no refill
+    for _ in range(30):
+        await budget.acquire(0, timeout_s=0, background=True)
+    with pytest.raises(RateBudgetExceeded) as refused:
+        await budget.acquire(0, timeout_s=0.05, background=True)
+    assert refused.value.retry_after_s == pytest.approx(1.0)
+    for _ in range(30):
+        await budget.acquire(0, timeout_s=0)  # the reserve, for interactive calls, at once
+    assert budget.limiter.stats() == {"granted": 60, "refused": 0, "spare": 30}
+
+
+async def test_a_background_call_asks_the_authority_for_the_spare_and_never_spends_the_lease() -> None:
+    limiter = ReservationLimiter(rpm=600, tpm=None, clock=Clock(), reserve=0.5)
+    authority = InProcessAuthority(limiter)
+    budget = LeasedRateBudget(authority, rpm=600, tpm=None)
+    await budget.acquire(0, timeout_s=1)  # an interactive call: reserved, and a lease of 10 taken
+    await settle_background()
+    leased = budget.requests
+    assert leased == 10
+    for _ in range(5):
+        await budget.acquire(0, timeout_s=1, background=True)
+    assert budget.requests == leased and authority.calls["take_spare"] == 5
+    assert limiter.stats()["spare"] == 5
+
+
+async def test_background_calls_leave_the_reserved_slots_to_interactive_ones() -> None:
+    limits = ProviderLimits(4, UnlimitedBudget(), CircuitBreaker(5, 30), reserve=0.25)  # one slot kept
+    assert [await limits.enter(1, background=True) for _ in range(3)] == [True, True, True]
+    assert not await limits.enter(0.05, background=True)
+    assert await limits.enter(0)  # an interactive call takes the kept slot at once
+    waiting = asyncio.create_task(limits.enter(5, background=True))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    limits.leave()  # the interactive call ends: the kept slot is free again, still not the batch's
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    limits.leave()  # a background call ends
+    assert await waiting
+    assert (limits.in_flight, limits.calls, limits.background_calls) == (3, 5, 4)
+    # Rounded up, yet a provider allowed one call at a time still runs batches.
+    assert (reserved_slots(32, 0.1), reserved_slots(4, 0.1), reserved_slots(1, 0.1)) == (4, 1, 0)
+
+
+async def test_background_calls_are_granted_in_arrival_order_within_their_deadlines() -> None:
+    """A call that came later does not take the spare an earlier one was waiting for, even if it
+    looks just as the spare comes free; one whose deadline passes while it waits is refused."""
+    from moa.limits import take_spare
+    from moa.ratelimit import Reservation
+
+    available, order = 0, []
+
+    def taker(name: str) -> Any:
+        async def take() -> Reservation:
+            nonlocal available
+            if available:
+                available -= 1
+                order.append(name)
+                return Reservation(True, 0.0)
+            return Reservation(False, 0.05)
+
+        return take
+
+    turn = asyncio.Lock()
+    first = asyncio.create_task(take_spare(taker("first"), 5, turn))
+    await asyncio.sleep(0.01)  # asked, refused, waiting
+    available = 1
+    later = asyncio.create_task(take_spare(taker("later"), 5, turn))
+    with pytest.raises(RateBudgetExceeded):
+        await take_spare(taker("hurried"), 0.02, turn)
+    available += 1
+    await asyncio.gather(first, later)
+    assert order == ["first", "later"]
+
+
+async def test_a_call_cancelled_while_it_waits_for_the_budget_gives_its_request_back() -> None:
+    """A straggler its layer stopped waiting for is never sent: the request it had reserved goes
+    back, and the next call waits no longer than it would have without it (here or through the
+    shared budget's authority)."""
+    local = LocalRateBudget(rpm=600, tpm=None, clock=Clock())  # frozen: 600 at once, then 0.1 s each
+    limiter = ReservationLimiter(rpm=600, tpm=None, clock=Clock())
+    shared = LeasedRateBudget(InProcessAuthority(limiter), rpm=6, tpm=None)  # never leased
+    for budget, bucket in ((local, local.limiter.requests), (shared, limiter.requests)):
+        assert bucket is not None
+        bucket.level = 0.0
+        waiting = asyncio.create_task(budget.acquire(0, timeout_s=10))
+        await asyncio.sleep(0.02)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await settle_background()
+        assert bucket.level == 0.0  # as if it had never asked

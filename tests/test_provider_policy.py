@@ -10,9 +10,11 @@ from typing import Any
 
 import pytest
 
+from moa.caller import background_work
 from moa.config import Endpoint, ProviderConfig, ProviderKind
 from moa.limits import CircuitBreaker, CircuitState, ProviderLimits, RateBudgetExceeded, UnlimitedBudget
 from moa.providers.client import ProviderClient
+from moa.providers.registry import ProviderPool
 from moa.providers.scripted import ScriptedTransport, Step
 from moa.providers.transport import AttemptError
 from moa.tokens import approx_message_tokens, approx_tokens
@@ -44,8 +46,10 @@ class Budget:
     def __init__(self) -> None:
         self.exhausted = False
         self.settled: list[tuple[int, int]] = []
+        self.background: list[bool] = []  # each acquire's mark
 
-    async def acquire(self, tokens: int, timeout_s: float) -> None:
+    async def acquire(self, tokens: int, timeout_s: float, background: bool = False) -> None:
+        self.background.append(background)
         if self.exhausted:
             raise RateBudgetExceeded(1.0)
 
@@ -298,3 +302,103 @@ async def test_a_refused_parameter_is_learned_and_never_sent_again() -> None:
     assert res.adjustments == [f"temperature dropped: refused by {MODEL} (learned from its 400)"]
     again = await client.complete(ask(params=warm))
     assert again.ok and again.attempts == 1 and transport.sent[-1][0].params.temperature is None
+
+
+# -- background work: a batch's calls marked on their way to the limits ---------------------------
+
+
+async def test_the_pool_marks_a_background_requests_calls_for_the_budget_and_the_slot() -> None:
+    """Under ``background_work`` (what the API sets around a batch's request) the in-process pool
+    sends each call marked, streamed or not: the budget and the slot see the mark; outside, not."""
+    budget = Budget()
+    client = client_over(ScriptedTransport("a", "b", "c"), budget=budget)
+    pool = ProviderPool({"p": client})
+    assert (await pool.call(ask())).ok
+    with background_work():
+        assert (await pool.call(ask())).ok
+        events = [ev async for ev in pool.stream(ask())]
+    assert isinstance(events[-1], CallResult) and events[-1].ok
+    assert budget.background == [False, True, True]
+    assert client.limits.background_calls == 2
+
+
+class FakeHandle:
+    """A Serve handle's surface as HandleCaller and RemoteFuser use it, recording what each sends."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer, self.sent = answer, []
+
+    def options(self, **_: Any) -> FakeHandle:
+        return self
+
+    def __getattr__(self, method: str) -> FakeHandle:
+        return self
+
+    def remote(self, payload: Any, trace: Any = None) -> Any:
+        self.sent.append(payload)
+        answer = self.answer
+
+        class Response:
+            def __await__(self) -> Any:
+                async def value() -> Any:
+                    return answer
+
+                return value().__await__()
+
+            async def __aiter__(self) -> Any:
+                yield answer
+
+            def cancel(self) -> None:
+                pass
+
+        return Response()
+
+
+async def test_the_ray_transports_carry_the_mark_to_the_provider_and_aggregator_replicas() -> None:
+    """On Ray the call itself carries the mark (``CallRequest.background``) to the provider replica,
+    and a fusion job (``FuseJob.background``) to the aggregator replica, whose calls it marks."""
+    from moa.engine.fusion import FuseJob
+    from moa.plan import AggregatorSpec
+    from moa_actors.handles import HandleCaller, RemoteFuser
+
+    result = CallResult(provider="p", provider_kind="scripted", requested_model=MODEL, text="ok")
+    handle = FakeHandle(result)
+    caller = HandleCaller({"p": handle})
+    await caller.call(ask())
+    with background_work():
+        await caller.call(ask())
+        _ = [ev async for ev in caller.stream(ask())]
+    assert [req.background for req in handle.sent] == [False, True, True]
+    fuser = FakeHandle("done")
+    job = FuseJob(chain=(AggregatorSpec(provider="p", model=MODEL),), messages=QUESTION, call_timeout_s=5)
+    with background_work():
+        assert [ev async for ev in RemoteFuser(fuser).fuse(job)] == ["done"]
+    _ = [ev async for ev in RemoteFuser(fuser).fuse(job)]
+    assert [j.background for j in fuser.sent] == [True, False]
+
+
+async def test_a_background_fusion_job_marks_every_call_of_its_chain() -> None:
+    """In the aggregator replica no request is being served: the job's own mark marks its calls."""
+    from moa.config import load_config
+    from moa.engine.fusion import FuseJob, fuse
+    from moa.plan import AggregatorSpec
+
+    sent: list[CallRequest] = []
+
+    def answer(req: CallRequest) -> CallResult:
+        sent.append(req)
+        return CallResult(provider=req.provider, provider_kind="openai", requested_model=req.model, text="x")
+
+    class Recording:
+        async def call(self, req: CallRequest) -> CallResult:
+            return answer(req)
+
+        async def stream(self, req: CallRequest) -> Any:
+            yield answer(req)
+
+    spec = AggregatorSpec(provider="openai", model="gpt-4.1-mini")
+    for background in (True, False):
+        job = FuseJob(chain=(spec,), messages=QUESTION, references=("a", "b"), call_timeout_s=5)
+        job = job.model_copy(update={"background": background})
+        _ = [ev async for ev in fuse(job, Recording(), load_config(None))]
+    assert [req.background for req in sent] == [True, False]

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -367,3 +372,50 @@ def test_the_openai_batch_flow_through_the_ray_app(
     assert sorted(x["custom_id"] for x in answers) == [f"q{i}" for i in range(6)]
     assert {x["response"]["status_code"] for x in answers} == {200}
     assert model_stats(sim, "gpt-4.1-mini")["requests"] == 6  # each once, by one replica
+
+
+def test_moa_batch_run_with_address_finds_the_app_on_the_cluster_and_both_nodes_serve(
+    cluster: dict[str, Any],
+    keyed: tuple[str, str, KeyRecord, str],
+    sim: SimulatorServer,
+    tmp_path: Path,
+) -> None:
+    """``moa batch run --address`` in a process of its own: it joins the cluster as a driver, finds
+    the app it is told of (the keyed app, whose two ingress replicas run one per node) and sends
+    the batch through Serve's proxy, where both nodes' replicas serve it; every item is answered
+    once. An app that is not there is refused, naming the moa apps that are."""
+    _, _, _, redis_url = keyed
+    key = new_key()
+    _run(_with_store(redis_url, lambda s: s.create_key(new_record("batch-cli", key, KeyLimits()))))
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(
+        "".join(json.dumps({"custom_id": f"q{i}", "prompt": f"Name colour {i}."}) + "\n" for i in range(12))
+    )
+    address = cluster["address"]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
+    run = [sys.executable, "-m", "moa.cli", "batch", "run", str(src), "--out", str(out), "--no-progress"]
+    run += ["--preset", "single", "--concurrency", "8", "--api-key", key, "--address", address]
+    done = subprocess.run([*run, "--app", APP], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"the app '{APP}' on the Ray cluster at {address} (2 nodes), at " in done.stderr
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(x["custom_id"] for x in lines) == sorted(f"q{i}" for i in range(12))
+    assert {x["response"]["status_code"] for x in lines} == {200}
+    assert model_stats(sim, "gpt-4.1-mini")["requests"] == 12  # each once
+    traced = [SimpleNamespace(headers={"x-moa-trace-id": x["response"]["request_id"]}) for x in lines]
+    assert len(_replicas_of(traced)) == 2, "both nodes' ingress replicas serve the batch"  # type: ignore[arg-type]
+    # Sent as batch work, each item's call reached its provider replica marked as background.
+    handle = serve.get_deployment_handle("provider-openai", app_name=APP)
+    running = serve.status().applications[APP].deployments["provider-openai"].replica_states["RUNNING"]
+    background: dict[str, int] = {}
+
+    def ask() -> int:
+        health = handle.health.remote().result(timeout_s=30)
+        background[health["replica"]] = health["background_calls"]
+        return len(background)
+
+    wait_until_sync(ask, lambda n: n >= running, interval=0, what="every replica of provider-openai")
+    assert sum(background.values()) == 12, background
+    missing = subprocess.run([*run, "--app", "nope"], env=env, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2
+    assert f"no moa app named 'nope' on {address} (moa apps: " in missing.stderr and APP in missing.stderr

@@ -1119,3 +1119,42 @@ def test_a_document_cut_at_max_tokens_is_malformed_and_carries_no_acknowledgemen
     shown["messages"][0]["content"][0]["text"] = ASK_GRADE
     document = json.loads(openai_post(http, shown).json()["choices"][0]["message"]["content"])
     jsonschema.validate(document, GRADE)  # the document alone: no sentence about the image
+
+
+def test_a_format_asked_for_in_words_is_followed_as_a_loose_one(
+    http: httpx.Client, claude: anthropic.Anthropic, gem: genai.Client
+) -> None:
+    """The service states the format in the system prompt of every model it asks for one
+    (``moa.engine.structured.instruction``): a simulated model follows it on every wire, as it
+    follows a native format whose decoding is not held to the schema (its errors included), so a
+    server or adapter without native structured outputs is simulated too."""
+    from moa.engine.structured import instruction
+    from moa.types import ResponseFormat
+
+    fmt = ResponseFormat(type="json_schema", name="grade", schema=GRADE)
+    system = "You are a grader.\n\n" + instruction(fmt)
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": ASK_GRADE}]
+    r = openai_post(http, {"model": "gpt-4.1", "messages": messages})
+    jsonschema.validate(json.loads(r.json()["choices"][0]["message"]["content"]), GRADE)
+    said = claude.messages.create(
+        model="claude-haiku-4-5", max_tokens=500, system=system, messages=[messages[1]]
+    )  # type: ignore[arg-type]
+    jsonschema.validate(json.loads(said.content[0].text), GRADE)  # type: ignore[union-attr]
+    config = genai_types.GenerateContentConfig(system_instruction=system)
+    jsonschema.validate(
+        json.loads(
+            gem.models.generate_content(model="gemini-2.5-flash", contents=ASK_GRADE, config=config).text
+            or ""
+        ),
+        GRADE,
+    )
+    plain = openai_post(http, {"model": "gpt-4.1", "messages": [messages[1]]}).json()
+    with pytest.raises(ValueError):
+        json.loads(plain["choices"][0]["message"]["content"])  # prose when nothing asks for JSON
+    asked = {"role": "system", "content": instruction(ResponseFormat(type="json_object"))}
+    obj = openai_post(http, {"model": "gpt-4.1", "messages": [asked, messages[1]]}).json()
+    assert isinstance(json.loads(obj["choices"][0]["message"]["content"]), dict)
+    broken = erring(http, malformed_json=1.0)
+    bad = openai_post(http, {"model": broken, "messages": messages}).json()
+    with pytest.raises(ValueError):
+        json.loads(bad["choices"][0]["message"]["content"])

@@ -57,6 +57,14 @@ class Admission:
         self._by_key[key.id] = self._by_key.get(key.id, 0) + 1
         return Slot(self, key.id)
 
+    def has_room(self, principal: Principal | None = None) -> bool:
+        """Whether ``take`` would admit a request of ``principal`` now (a batch request waits
+        for this rather than be refused)."""
+        if self.draining or self.in_flight >= self.limit:
+            return False
+        key = principal.key if principal is not None else None
+        return key is None or self._by_key.get(key.id, 0) < (key.limits.max_concurrent or self.per_key)
+
     def _check_key(self, key_id: str, own: int | None) -> None:
         """429 ``concurrency_limit_exceeded`` if the key already holds its share of the slots."""
         limit = own or self.per_key
@@ -104,8 +112,17 @@ class Slot:
     def __init__(self, admission: Admission, key_id: str | None = None) -> None:
         self._admission: Admission | None = admission
         self._key_id = key_id
+        self._then: list[Callable[[], None]] = []
+
+    def then(self, also: Callable[[], None]) -> Slot:
+        """``also`` is called once, when the slot is released: another place the request holds
+        for as long (a batch request's turn at the batch gate)."""
+        self._then.append(also)
+        return self
 
     def release(self) -> None:
         if self._admission is not None:
             self._admission.released(self._key_id)
             self._admission = None
+            for also in self._then:
+                also()

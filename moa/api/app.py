@@ -27,6 +27,7 @@ from moa.api.batch_worker import BatchWorker
 from moa.api.drain import CUT_GRACE_S
 from moa.api.errors import ApiError, add_error_handlers, moa_error
 from moa.api.health import HealthFn, health_status, model_objects
+from moa.api.priority import PriorityMiddleware
 from moa.api.responses import (
     answer_header,
     cache_header,
@@ -140,7 +141,7 @@ def _batch_api(
     if store is None:
         return None
     files = FileStore(files_dir(config), store.batches)
-    worker = BatchWorker(config, store.batches, files, app, api.admission, background=run_batches)
+    worker = BatchWorker(config, store.batches, files, app, api.batch_gate, background=run_batches)
     api.batch_worker = worker
     with contextlib.suppress(RuntimeError):  # built outside a loop: it starts with the first batch
         worker.start()
@@ -171,6 +172,8 @@ def create_api(
         title="MoA", version="0.1.0", openapi_url=None, docs_url=None, redoc_url=None, **_NO_NATIVE_TELEMETRY
     )
     app.state.api = api
+    # Added first, so inside the tracing (each middleware added goes outside those before it).
+    app.add_middleware(PriorityMiddleware)
     app.add_middleware(TracingMiddleware)
     add_error_handlers(app)
 

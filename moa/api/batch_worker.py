@@ -28,7 +28,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -37,6 +37,7 @@ from moa.api.access import BATCH_KEY_SCOPE
 from moa.api.admission import Admission
 from moa.api.batch_files import FileStore
 from moa.api.batch_job import CANCELLED, DRAINING, BatchJob
+from moa.api.priority import BATCH_WORKER_SCOPE
 from moa.batch.runner import BatchRunner, Reply, Stop
 from moa.batch.senders import ServiceSender
 from moa.config import MoAConfig
@@ -54,7 +55,9 @@ def lease_name(batch_id: str) -> str:
 
 class BatchGate:
     """The replica's share for batch requests: ``concurrency`` at once, each started only while
-    the interactive requests in progress are fewer than ``yield_at`` of the replica's slots."""
+    the interactive requests in progress are fewer than ``yield_at`` of the replica's slots. The
+    Batch API's requests pass it (``GatedSender``), and so do the requests a client marks as
+    batch work (``x-moa-priority: batch``: ``moa batch run`` to a service) on their way in."""
 
     def __init__(self, admission: Admission, concurrency: int, yield_at: float) -> None:
         self.admission = admission
@@ -68,21 +71,38 @@ class BatchGate:
         admission = self.admission
         return admission.in_flight - self.busy >= self.threshold or admission.in_flight >= admission.limit
 
+    async def wait_turn(self, ready: Callable[[], bool] = lambda: True) -> bool:
+        """Waits for one of ``concurrency`` places, for the interactive load to ease and for
+        ``ready`` (the request's key has room: a patient request waits rather than be refused),
+        and takes the turn (``end_turn`` gives it back); False, with nothing taken, once the
+        replica drains."""
+        await self.slots.acquire()
+        try:
+            # The admission keeps counts, not an event per change: looked at every YIELD_POLL_S.
+            while (self._busy_elsewhere() or not ready()) and not self.admission.draining:  # noqa: ASYNC110
+                await asyncio.sleep(YIELD_POLL_S)
+        except BaseException:
+            self.slots.release()
+            raise
+        if self.admission.draining:
+            self.slots.release()
+            return False
+        self.busy += 1
+        return True
+
+    def end_turn(self) -> None:
+        self.busy -= 1
+        self.slots.release()
+
     @contextlib.asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
-        async with self.slots:
-            while self._busy_elsewhere():
-                if self.admission.draining:
-                    break
-                await asyncio.sleep(YIELD_POLL_S)
-            if self.admission.draining:
-                # Not sent, not written: the request runs with the batch's next run.
-                raise Stop(DRAINING)
-            self.busy += 1
-            try:
-                yield
-            finally:
-                self.busy -= 1
+        if not await self.wait_turn():
+            # Not sent, not written: the request runs with the batch's next run.
+            raise Stop(DRAINING)
+        try:
+            yield
+        finally:
+            self.end_turn()
 
 
 class GatedSender:
@@ -97,11 +117,13 @@ class GatedSender:
 
 
 def as_key(app: Any, key_hash: str | None) -> Any:
-    """The API app, every request it gets marked as sent by the key whose hash is ``key_hash``
-    (``moa.api.access.BATCH_KEY_SCOPE``): a mark in the ASGI scope, which no HTTP client can set.
-    None (the service ran open when the batch was created): no mark, as an open request."""
+    """The API app, every request it gets marked as the Batch API's (``BATCH_WORKER_SCOPE``:
+    background work, already through the gate) and as sent by the key whose hash is ``key_hash``
+    (``moa.api.access.BATCH_KEY_SCOPE``): marks in the ASGI scope, which no HTTP client can set.
+    None (the service ran open when the batch was created): no key mark, as an open request."""
 
     async def app_as_key(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        scope = scope | {BATCH_WORKER_SCOPE: True}
         if key_hash is not None:
             scope = scope | {BATCH_KEY_SCOPE: key_hash}
         await app(scope, receive, send)
@@ -116,14 +138,14 @@ class BatchWorker:
         store: BatchStore,
         files: FileStore,
         app: Any,
-        admission: Admission,
+        gate: BatchGate,
         background: bool = True,
     ) -> None:
         self.config, self.store, self.files, self.app = config, store, files, app
         # False: this app runs no batch (one command's own app): it never looks for any.
         self.background = background
         self.batch = config.batch
-        self.gate = BatchGate(admission, self.batch.concurrency, self.batch.yield_at)
+        self.gate = gate  # the replica's, shared with the requests clients mark as batch work
         # This replica, as the holder of its leases (unique even for two replicas in one process).
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.running: dict[str, asyncio.Task[None]] = {}

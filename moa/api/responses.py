@@ -33,6 +33,8 @@ def message(req: ChatCompletionRequest, result: MoAResult) -> dict[str, Any]:
     """The answer's ``message``: its text (null when it is only calls, as OpenAI sends it) and its
     calls, as ``tool_calls``, or as the legacy ``function_call`` when the request gave ``functions``."""
     body: dict[str, Any] = {"role": "assistant", "content": result.text, "refusal": None}
+    if result.refusal is not None:  # the model refused the requested format: content null
+        return body | {"content": None, "refusal": result.refusal}
     if not result.tool_calls:
         return body
     body["content"] = result.text or None
@@ -66,6 +68,7 @@ def moa_detail(result: MoAResult) -> dict[str, Any]:
         "notes": result.notes,
         "cache": result.cache.model_dump(mode="json"),
         "tool_vote": result.tool_vote.model_dump(mode="json") if result.tool_vote else None,
+        "document_vote": result.document_vote.model_dump(mode="json") if result.document_vote else None,
         "calls": [c.model_dump(mode="json") for c in result.calls],
         "totals": {
             "calls": len(result.calls),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -14,6 +15,7 @@ from moa.types import (
     ChatMessage,
     GenerationParams,
     ReasoningEffort,
+    ResponseFormat,
     ToolCall,
     ToolChoice,
     ToolSet,
@@ -263,6 +265,72 @@ def _named(name: Any, specs: tuple[ToolSpec, ...], param: str) -> ToolChoice:
     return ToolChoice(mode="function", name=name)
 
 
+# The fields of a ``json_schema`` response format (OpenAI's); its name follows FUNCTION_NAME.
+FORMAT_KEYS = frozenset({"name", "schema", "strict", "description"})
+
+
+def response_format(value: Any) -> ResponseFormat | None:
+    """The request's ``response_format`` as the engine runs it (None: ``text``, free text),
+    checked as OpenAI's API checks it, and its schema as a JSON Schema, since every answer is
+    validated against it. Raises ``ParamError`` naming the field at fault."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ParamError("Invalid type for 'response_format': expected an object.", "response_format")
+    kind = value.get("type")
+    extra = sorted(set(value) - {"type", "json_schema"})
+    if kind not in ("text", "json_object", "json_schema"):
+        raise ParamError(
+            f"Invalid value: {kind!r}. Supported values are: 'text', 'json_object', and 'json_schema'.",
+            "response_format.type",
+        )
+    if extra or (kind != "json_schema" and "json_schema" in value):
+        name = extra[0] if extra else "json_schema"
+        raise ParamError(f"Unrecognized parameter: 'response_format.{name}'.", f"response_format.{name}")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ResponseFormat(type="json_object")
+    return _json_schema(value.get("json_schema"))
+
+
+def _json_schema(spec: Any) -> ResponseFormat:
+    where = "response_format.json_schema"
+    if not isinstance(spec, dict):
+        raise ParamError(f"Missing required parameter: '{where}'.", where)
+    unknown = sorted(set(spec) - FORMAT_KEYS)
+    if unknown:
+        raise ParamError(f"Unrecognized parameter: '{where}.{unknown[0]}'.", f"{where}.{unknown[0]}")
+    name = spec.get("name")
+    if name is None:
+        raise ParamError(f"Missing required parameter: '{where}.name'.", f"{where}.name")
+    if not isinstance(name, str) or not re.fullmatch(FUNCTION_NAME, name):
+        raise ParamError(
+            f"Invalid '{where}.name': string does not match pattern. Expected a string that matches "
+            f"the pattern '{FUNCTION_NAME}'.",
+            f"{where}.name",
+        )
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        # OpenAI's API takes a format without a schema; this service validates every answer
+        # against one, so it asks for it rather than promise a document it cannot check.
+        raise ParamError(
+            f"'{where}.schema' must be a JSON Schema object: the answer is validated against it",
+            f"{where}.schema",
+        )
+    problem = schema_problem(schema)
+    if problem is not None:
+        raise ParamError(f"Invalid schema for response_format '{name}': {problem}", f"{where}.schema")
+    strict, about = spec.get("strict"), spec.get("description")
+    if strict is not None and not isinstance(strict, bool):
+        raise ParamError(f"Invalid type for '{where}.strict': expected a boolean.", f"{where}.strict")
+    if about is not None and not isinstance(about, str):
+        raise ParamError(
+            f"Invalid type for '{where}.description': expected a string.", f"{where}.description"
+        )
+    return ResponseFormat(type="json_schema", name=name, schema=schema, strict=strict, description=about)
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -364,6 +432,8 @@ class RunSpec:
     detail: bool = False
     # The tools the request offers (None: none), and how their final calls are decided.
     tools: ToolSet | None = None
+    # The format the answer must have (None: free text).
+    response_format: ResponseFormat | None = None
 
 
 class RunBody(BaseModel):
@@ -409,6 +479,8 @@ class ChatCompletionRequest(RunBody):
     parallel_tool_calls: StrictBool | None = None
     functions: list[InFunction] | None = None
     function_call: Any = None
+    # text, json_object or json_schema (``response_format()`` checks it as OpenAI does).
+    response_format: Any = None
     moa: MoAOptions = MoAOptions()
 
     @model_validator(mode="before")
@@ -443,12 +515,6 @@ class ChatCompletionRequest(RunBody):
         for name, (accepted, why) in NOT_IMPLEMENTED.items():
             if name in extra and extra[name] not in accepted:
                 raise ParamError(f"{name!r} is not supported by this service: {why}", name)
-        fmt = extra.get("response_format")
-        # Plain text is what every answer is anyway; JSON modes would need the proposers to agree.
-        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-            raise ParamError(
-                "only response_format {'type': 'text'} is supported by this service", "response_format"
-            )
         return self
 
     def chat_messages(self) -> list[ChatMessage]:
@@ -461,7 +527,12 @@ class ChatCompletionRequest(RunBody):
 
     def run_spec(self) -> RunSpec:
         return RunSpec(
-            self.moa, self.params(), preset=self.model, detail=self.moa.detail, tools=self.tool_set()
+            self.moa,
+            self.params(),
+            preset=self.model,
+            detail=self.moa.detail,
+            tools=self.tool_set(),
+            response_format=response_format(self.response_format),
         )
 
     def params(self) -> GenerationParams:
@@ -499,6 +570,8 @@ class MoARequest(RunBody):
     tool_choice: Any = None
     parallel_tool_calls: StrictBool | None = None
     tool_mode: ToolMode | None = None
+    # As on a chat completion.
+    response_format: Any = None
 
     @model_validator(mode="after")
     def _one_of(self) -> MoARequest:
@@ -514,7 +587,14 @@ class MoARequest(RunBody):
         tools = tool_set(self.tools, self.tool_choice, self.parallel_tool_calls)
         # The full result is the detail.
         return RunSpec(
-            self, self.params, preset=self.preset, plan=self.plan, param=param, detail=True, tools=tools
+            self,
+            self.params,
+            preset=self.preset,
+            plan=self.plan,
+            param=param,
+            detail=True,
+            tools=tools,
+            response_format=response_format(self.response_format),
         )
 
 

@@ -13,7 +13,7 @@ from fastapi import Request
 
 from moa.api.access import BATCH_KEY_SCOPE, Access, settle_quietly
 from moa.api.admission import Admission, Slot
-from moa.api.batch_worker import BatchWorker
+from moa.api.batch_worker import BatchGate, BatchWorker
 from moa.api.body import parse, read_json
 from moa.api.cancel import BACKSTOP_GRACE_S, until_done
 from moa.api.drain import CUT_GRACE_S, Drain
@@ -21,6 +21,7 @@ from moa.api.errors import bad_messages, moa_error
 from moa.api.gate import SpendGate
 from moa.api.health import HealthFn
 from moa.api.outcomes import Outcomes
+from moa.api.priority import client_marked_batch
 from moa.api.schemas import ParamError, RunBody, RunFields, RunSpec
 from moa.api.sse import SseWriter
 from moa.api.streaming import EventPump
@@ -63,6 +64,7 @@ class Prepared:
         options |= {"deadline": self.deadline, "aggregation": spec.options.aggregation}
         options |= {"tenant": self.tenant, "ticket": self.ticket}
         options |= {"tools": spec.tools, "tool_mode": spec.options.tool_mode}
+        options |= {"response_format": spec.response_format}
         return options | self.gate.hooks()
 
     async def close(self) -> None:
@@ -87,6 +89,8 @@ class Api:
         self.sse = SseWriter(config.server.sse_keepalive_s, self.outcomes, self.shutdown)
         # The Batch API's background work (with a state store: ``moa.api.app.create_api``).
         self.batch_worker: BatchWorker | None = None
+        # Batch work's share of this replica: the Batch API's requests and the ones clients mark.
+        self.batch_gate = BatchGate(self.admission, config.batch.concurrency, config.batch.yield_at)
 
     @property
     def draining(self) -> bool:
@@ -161,15 +165,34 @@ class Api:
         except ParamError as e:
             raise bad_messages(e) from None
         self.check(principal, spec)
-        # The tool definitions are prompt tokens too: the projection and the caps count them.
-        priced = priced_messages(messages, spec.tools)
+        # The tool definitions and the format's schema are prompt tokens too: the projection and
+        # the caps count them.
+        priced = priced_messages(messages, spec.tools, spec.response_format)
         gate = SpendGate(self.access, principal, priced, spec, self.engine.health)
-        slot = self.admission.take(principal)
+        slot = await self.take_slot(request, principal)
         t0 = time.monotonic()
         deadline = self.deadline(spec.options.deadline_s)
         ticket = self.cache_ticket(principal, spec.options)
         tenant = self.tenant(principal)
         return req, Prepared(principal, messages, spec, gate, slot, deadline, ticket, tenant, t0)
+
+    async def take_slot(self, request: Request, principal: Principal) -> Slot:
+        """The request's slot (429 past capacity, 503 while draining). A request its client marked
+        as batch work waits for its turn at the batch gate first (after the interactive load, at
+        most ``batch.concurrency`` of them at once, and until its key has room on this replica:
+        a batch is patient, so it waits where another request would get a 429), and holds it as
+        long as the slot."""
+        if not client_marked_batch(request.scope):
+            return self.admission.take(principal)
+        # No turn while draining: the take then refuses.
+        turn = await self.batch_gate.wait_turn(lambda: self.admission.has_room(principal))
+        try:
+            slot = self.admission.take(principal)
+        except BaseException:
+            if turn:
+                self.batch_gate.end_turn()
+            raise
+        return slot.then(self.batch_gate.end_turn) if turn else slot
 
     def check(self, principal: Principal, spec: RunSpec) -> None:
         """The key's rights to what the request asks for, before anything runs: its preset (or

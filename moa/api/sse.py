@@ -132,6 +132,8 @@ class SseWriter:
                     yield chunks.delta({"content": ev.text})
                 else:
                     self.outcomes.answered(ev, ev.wall_time_s, req.chat_messages(), req.model)
+                    if ev.refusal is not None:  # as OpenAI streams a refusal: delta.refusal
+                        yield chunks.delta({"refusal": ev.refusal})
                     for piece in chunks.calls(ev.tool_calls, legacy=req.functions is not None):
                         yield piece
                     yield chunks.delta({}, finish_reason(ev.finish_reason, req.functions is not None))

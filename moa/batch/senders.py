@@ -12,11 +12,25 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from moa.batch.runner import Reply, SendFailed
+
+
+class ServiceNotFound(Exception):
+    """No service to send a batch to where the command was told to look: the message says why."""
+
+
+@dataclass(frozen=True)
+class FoundService:
+    """The moa app found on a Ray cluster (``moa batch run --address``): where its requests go."""
+
+    url: str  # the app's base URL on a Serve HTTP proxy of the cluster
+    app: str  # the Serve application's name
+    nodes: int  # the cluster's live nodes, for the command to say where the work runs
 
 
 class ServiceSender:
@@ -39,12 +53,19 @@ class ServiceSender:
         return Reply(response.status_code, answer, dict(response.headers))
 
 
+# A batch's requests are background work on a service (``moa.api.priority``): they wait for the
+# interactive load at its batch gate, and their calls take only the providers' spare capacity.
+BATCH_PRIORITY = {"x-moa-priority": "batch"}
+
+
 def auth_headers(api_key: str | None) -> dict[str, str]:
     return {"authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 @contextlib.asynccontextmanager
 async def service_sender(url: str, api_key: str | None, timeout_s: float) -> AsyncIterator[ServiceSender]:
-    """Requests to the service at ``url`` (``moa serve``, on Ray or not)."""
-    async with httpx.AsyncClient(base_url=url, headers=auth_headers(api_key), timeout=timeout_s) as client:
+    """Requests to the service at ``url`` (``moa serve``, on Ray or not), each marked as batch
+    work: the service's interactive requests go first."""
+    headers = auth_headers(api_key) | BATCH_PRIORITY
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout_s) as client:
         yield ServiceSender(client)

@@ -28,6 +28,10 @@ SCENARIO_HELP: dict[str, str] = {
 # tool-error rates, by default.
 TOOL_CONFIGS: tuple[str, ...] = ("single", "moa-lite:vote", "moa-lite:aggregate")
 TOOL_ERROR_RATES: tuple[float, ...] = (0.0, 0.1, 0.25)
+# moa bench --structured: what answers, and the rates at which every simulated model writes a
+# document that does not parse or breaks its schema.
+STRUCTURED_CONFIGS: tuple[str, ...] = ("single", "moa-lite")
+STRUCTURED_ERROR_RATES: tuple[float, ...] = (0.0, 0.1, 0.3)
 
 
 @dataclass

@@ -28,7 +28,16 @@ from moa.config import CacheConfig, MoAConfig
 from moa.errors import FallbackReason
 from moa.plan import Plan
 from moa.result import CacheOutcome, MoAResult
-from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams, StreamEvent, ToolSet, Usage
+from moa.types import (
+    CallRequest,
+    CallResult,
+    ChatMessage,
+    GenerationParams,
+    ResponseFormat,
+    StreamEvent,
+    ToolSet,
+    Usage,
+)
 from moa_observability.metrics import cache_metrics
 from moa_observability.tracing import tracer
 
@@ -55,6 +64,8 @@ class CacheTicket:
     vector: list[float] | None = None
     # The request's tools (definitions, choice, parallel switch): part of every key of its answer.
     tools: ToolSet | None = None
+    # The request's response format (type, name, schema, strict): part of every key of its answer.
+    response_format: ResponseFormat | None = None
 
     @classmethod
     def for_request(
@@ -150,7 +161,8 @@ class ResponseCache:
     async def _lookup(
         self, ticket: CacheTicket, messages: Sequence[ChatMessage], plan: Plan, params: GenerationParams
     ) -> Hit | None:
-        key = f"{ticket.scope}|f|{final_key(ticket.scope, messages, plan, params, ticket.tools)}"
+        fmt = ticket.response_format
+        key = f"{ticket.scope}|f|{final_key(ticket.scope, messages, plan, params, ticket.tools, fmt)}"
         hit = await self._entry(key, "exact", None)
         if hit is not None or not ticket.semantic:
             return hit
@@ -159,7 +171,7 @@ class ResponseCache:
         if embedder is None or split is None:
             return None
         context, question = split
-        index = f"{ticket.scope}|s|{context_key(ticket.scope, context, plan, params, ticket.tools)}"
+        index = f"{ticket.scope}|s|{context_key(ticket.scope, context, plan, params, ticket.tools, fmt)}"
         candidates = await self.store.index_read(index)
         ticket.vector = (await embedder.embed([question]))[0]
         if not candidates:
@@ -249,7 +261,8 @@ class ResponseCache:
         if why is not None:
             return why
         try:
-            key = final_key(ticket.scope, messages, plan, params, ticket.tools)
+            fmt = ticket.response_format
+            key = final_key(ticket.scope, messages, plan, params, ticket.tools, fmt)
             stored = result.model_copy(update={"cache": CacheOutcome()})
             raw = json.dumps({"created": time.time(), "result": stored.model_dump(mode="json")}).encode()
             await self.store.put(f"{ticket.scope}|f|{key}", raw, self.config.ttl_s)
@@ -259,7 +272,9 @@ class ResponseCache:
             if ticket.semantic and split is not None and embedder is not None:
                 context, question = split
                 vector = ticket.vector or (await embedder.embed([question]))[0]
-                index = f"{ticket.scope}|s|{context_key(ticket.scope, context, plan, params, ticket.tools)}"
+                index = (
+                    f"{ticket.scope}|s|{context_key(ticket.scope, context, plan, params, ticket.tools, fmt)}"
+                )
                 payload = _pack(vector, guard(question))
                 await self.store.index_add(
                     index, key, payload, self.config.ttl_s, self.config.semantic.max_candidates

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from moa.plan import Plan
-from moa.types import CallRequest, ChatMessage, GenerationParams, ToolSet
+from moa.types import CallRequest, ChatMessage, GenerationParams, ResponseFormat, ToolSet
 
 # Bump when the key's composition or an entry's layout changes: old entries then never match.
 KEY_VERSION = 1
@@ -43,10 +43,14 @@ def normalise_messages(messages: Sequence[ChatMessage]) -> list[list[str]]:
     return out
 
 
-def _tools(tools: ToolSet | None) -> dict[str, Any]:
-    """The tool definitions, choice and parallel switch, as a key reads them (nothing without tools,
-    so keys of requests without tools are unchanged)."""
-    return {} if tools is None else {"tools": tools.model_dump(mode="json")}
+def _tools(tools: ToolSet | None, response_format: ResponseFormat | None = None) -> dict[str, Any]:
+    """The tool definitions, choice and parallel switch, and the response format (its type, name,
+    schema and strict switch), as a key reads them (nothing without them, so keys of requests
+    without tools or a format are unchanged)."""
+    found: dict[str, Any] = {} if tools is None else {"tools": tools.model_dump(mode="json")}
+    if response_format is not None:
+        found["response_format"] = response_format.model_dump(mode="json")
+    return found
 
 
 def _digest(obj: Any) -> str:
@@ -64,6 +68,7 @@ def final_key(
     plan: Plan,
     params: GenerationParams,
     tools: ToolSet | None = None,
+    response_format: ResponseFormat | None = None,
 ) -> str:
     """The exact key of a final answer."""
     return _digest(
@@ -73,7 +78,7 @@ def final_key(
             "messages": normalise_messages(messages),
             "plan": plan.model_dump(mode="json"),
             "params": _params(params),
-            **_tools(tools),
+            **_tools(tools, response_format),
         }
     )
 
@@ -88,7 +93,7 @@ def proposal_key(scope: str, req: CallRequest) -> str:
             "model": req.model,
             "messages": normalise_messages(req.messages),
             "params": _params(req.params),
-            **_tools(req.tools),
+            **_tools(req.tools, req.response_format),
         }
     )
 
@@ -107,6 +112,7 @@ def context_key(
     plan: Plan,
     params: GenerationParams,
     tools: ToolSet | None = None,
+    response_format: ResponseFormat | None = None,
 ) -> str:
     """What must be identical for a semantic hit: scope, system prompt and earlier turns, plan and
     parameters. Entries sharing it are the candidates for a similarity scan."""
@@ -117,7 +123,7 @@ def context_key(
             "context": normalise_messages(context),
             "plan": plan.model_dump(mode="json"),
             "params": _params(params),
-            **_tools(tools),
+            **_tools(tools, response_format),
         }
     )
 

@@ -1,7 +1,8 @@
 """``moa batch``: a file of requests through the service, resumable, within a budget.
 
-``run`` sends every item of the input not yet in the output (in this process by default, or to a
-running service with ``--url``) and prints a summary; ``status`` reads how a batch stands from
+``run`` sends every item of the input not yet in the output (in this process by default, to a
+running service with ``--url``, or to the moa app on a Ray cluster with ``--address``) and prints a
+summary; ``status`` reads how a batch stands from
 its files, while it runs or after. The work is ``moa.batch``'s (the run's own: ``batch_run``).
 """
 
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 from moa.batch import BatchSummary, InputError, batch_status
+from moa.batch.senders import FoundService, ServiceNotFound
 from moa.cli.batch_run import BatchOptions, run_batch
 from moa.cli.config import CONFIG_HELP
 from moa.client_auth import api_key, auth_advice
@@ -46,9 +48,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="the batch's budget, earlier runs of this output included; held before each request, "
         "so the batch stops cleanly when the next item's worst case no longer fits",
     )
-    r.add_argument(
+    where = r.add_mutually_exclusive_group()
+    where.add_argument(
         "--url", default=None, help="a running service (http://HOST:8000); default: in this process"
     )
+    where.add_argument(
+        "--address",
+        default=None,
+        help="a Ray cluster (auto, HOST:6379, ray://HOST:10001): the moa app running on it is the "
+        "service sent to, and its provider deployments across the cluster's nodes do the work",
+    )
+    r.add_argument("--app", default=None, help="with --address: the moa app's Serve name, if several run")
     r.add_argument("--api-key", default=None, help="API key the requests carry (default: $MOA_API_KEY)")
     r.add_argument(
         "--retry-errors", action="store_true", help="send again the items whose line holds an error"
@@ -69,6 +79,19 @@ def _run(args: argparse.Namespace) -> int:
     given = {name: getattr(args, name) for name in BatchOptions.model_fields if hasattr(args, name)}
     progress = not args.no_progress and sys.stderr.isatty()
     opts = BatchOptions(**given | {"api_key": api_key(args.api_key), "progress": progress})
+    if opts.app is not None and opts.address is None:
+        print("moa batch: --app goes with --address", file=sys.stderr)
+        return 2
+    if opts.address is not None:
+        try:
+            found = service_on_cluster(opts.address, opts.app)
+        except ServiceNotFound as e:
+            print(f"moa batch: {e}", file=sys.stderr)
+            return 2
+        nodes = f"{found.nodes} node{'s' if found.nodes != 1 else ''}"
+        where = f"the app {found.app!r} on the Ray cluster at {opts.address} ({nodes})"
+        print(f"moa batch: {where}, at {found.url}", file=sys.stderr)
+        opts = opts.model_copy(update={"url": found.url})
     if opts.url is None:
         from moa.simulator.server import simulator_if_needed
 
@@ -87,6 +110,30 @@ def _run(args: argparse.Namespace) -> int:
         print(f"moa batch: stopped: {summary.stopped}; run the same command to go on", file=sys.stderr)
         return 1
     return 0
+
+
+# The Ray side of ``--address`` registers itself under this entry point group (``pyproject.toml``),
+# as ``moa bench``'s does under ``moa.bench``: the core never imports Ray by name.
+CLUSTER_GROUP = "moa.cluster"
+
+
+def service_on_cluster(address: str, app: str | None) -> FoundService:
+    """The moa app on the Ray cluster at ``address``, found by the Ray side of this command
+    (``moa_actors.cluster_service``); ``ServiceNotFound`` says why there is none to send to."""
+    from importlib.metadata import entry_points
+
+    found = entry_points(group=CLUSTER_GROUP, name="ray")
+    if not found:
+        raise ServiceNotFound(
+            f"--address needs the Ray side of moa (no {CLUSTER_GROUP!r} entry point named 'ray'): "
+            "reinstall the project (pip install -e '.[serve]')"
+        )
+    try:
+        module = next(iter(found)).load()
+    except ImportError as e:
+        raise ServiceNotFound(f"--address needs Ray: pip install 'moa-serve[serve]' ({e})") from None
+    service: FoundService = module.find_service(address, app)
+    return service
 
 
 def _go(cfg: MoAConfig, opts: BatchOptions) -> BatchSummary | None:

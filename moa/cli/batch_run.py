@@ -39,6 +39,10 @@ class BatchOptions(BaseModel):
         default=None, gt=0, description="The batch's budget, earlier runs of the same output included."
     )
     url: str | None = Field(default=None, description="A running service to send to; None runs in-process.")
+    address: str | None = Field(
+        default=None, description="A Ray cluster's address: the moa app on it is the service sent to."
+    )
+    app: str | None = Field(default=None, description="With address: which moa app (by its Serve name).")
     api_key: str | None = Field(default=None, description="The API key the requests carry.", repr=False)
     retry_errors: bool = Field(default=False, description="Run again the items whose line holds an error.")
     attempts: int = Field(default=4, ge=1, le=20, description="Tries per item (408, 429, 5xx, no response).")

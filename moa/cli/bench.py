@@ -12,6 +12,8 @@ from moa.benchmark.options import (
     FAULTY_MODEL,
     SCENARIO_HELP,
     SCENARIOS,
+    STRUCTURED_CONFIGS,
+    STRUCTURED_ERROR_RATES,
     TOOL_CONFIGS,
     TOOL_ERROR_RATES,
     BenchOptions,
@@ -232,6 +234,60 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="with --tools: requests in flight at once (default: 8)",
     )
     p.add_argument(
+        "--batch",
+        action="store_true",
+        help="instead: offline batches (moa batch run) on the simulator under RPM limits that bind: "
+        "MT-Bench (--prompts) through moa-lite, a synthetic set at the limits with the process's "
+        "memory, a resume after SIGKILL, interactive latency beside a batch; writes batch.json and "
+        "batch.md; exits 1 if a goal is missed",
+    )
+    p.add_argument(
+        "--batch-items",
+        type=_positive,
+        default=2000,
+        help="with --batch: items of the synthetic set (default: 2000)",
+    )
+    p.add_argument(
+        "--structured",
+        action="store_true",
+        help="instead: structured outputs through the ensemble (in-process API, the embedded simulator "
+        "writing malformed JSON or schema violations at each rate; 32 tasks with JSON Schemas of growing "
+        "difficulty; the share of valid final answers, cost and latency against the first configuration; "
+        "writes structured.json and structured.md; exits 1 if a final answer was invalid)",
+    )
+    p.add_argument(
+        "--structured-configs",
+        type=_names(None),
+        default=list(STRUCTURED_CONFIGS),
+        help=f"with --structured: what answers, comma-separated presets or provider/model, the first "
+        f"the baseline (default: {_csv(STRUCTURED_CONFIGS)})",
+    )
+    p.add_argument(
+        "--structured-error-rates",
+        type=_rates,
+        default=list(STRUCTURED_ERROR_RATES),
+        help="with --structured: the probabilities, comma-separated, that a simulated model's document "
+        f"does not parse or breaks its schema (default: {_csv(STRUCTURED_ERROR_RATES)})",
+    )
+    p.add_argument(
+        "--structured-repeats",
+        type=_positive,
+        default=1,
+        help="with --structured: send each task this many times, seeds 1..N (default: 1)",
+    )
+    p.add_argument(
+        "--structured-tasks",
+        type=_positive,
+        default=None,
+        help="with --structured: only the first N tasks (default: all)",
+    )
+    p.add_argument(
+        "--structured-concurrency",
+        type=_positive,
+        default=8,
+        help="with --structured: requests in flight at once (default: 8)",
+    )
+    p.add_argument(
         "--serve",
         action="store_true",
         help="with --cache or --spend-audit: against the Ray Serve app (HTTP proxy, an ingress replica) "
@@ -313,6 +369,19 @@ def run_cli(args: argparse.Namespace) -> int:
         return 0
     if args.tools:
         return _run_tools(args)
+    if args.batch:
+        from moa.benchmark.batch_bench import batch_markdown, run_batch_bench, write_batch_report
+
+        if args.prompts is None:
+            print("moa bench --batch needs --prompts: the MT-Bench questions (JSONL)", file=sys.stderr)
+            return 2
+        result = run_batch_bench(args.prompts, args.batch_items)
+        write_batch_report(result, args.out)
+        print(batch_markdown(result))
+        print(f"results in {args.out}/ (batch.json, batch.md)")
+        return 0 if all(result["goals"].values()) else 1
+    if args.structured:
+        return _run_structured(args)
     if args.spend_audit:
         from moa.benchmark.spend_audit import audit_markdown, run_spend_audit, write_audit_report
 
@@ -419,6 +488,43 @@ def _run_tools(args: argparse.Namespace) -> int:
     write_tools_report(report, args.out)
     print(tools_markdown(report))
     print(f"results in {args.out}/ (tools.json, tools.md)")
+    failed = failures(report)
+    for line in failed:
+        print(f"moa bench: {line}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _run_structured(args: argparse.Namespace) -> int:
+    from moa.benchmark.structured_bench import (
+        StructuredBenchOptions,
+        failures,
+        requests_in,
+        run_structured_bench,
+        structured_markdown,
+        write_structured_report,
+    )
+
+    opts = StructuredBenchOptions(
+        limit=args.structured_tasks,
+        configs=args.structured_configs,
+        error_rates=args.structured_error_rates,
+        repeats=args.structured_repeats,
+        concurrency=args.structured_concurrency,
+        ttft_s=args.ttft,
+        tokens_per_s=args.tps,
+        jitter=args.jitter,
+        layer_deadline_s=args.layer_deadline,
+    )
+    print(f"moa bench --structured: {requests_in(opts)} requests", file=sys.stderr)
+
+    def step(line: str | None) -> None:
+        if line is not None:
+            print(line, file=sys.stderr)
+
+    report = asyncio.run(run_structured_bench(opts, step))
+    write_structured_report(report, args.out)
+    print(structured_markdown(report))
+    print(f"results in {args.out}/ (structured.json, structured.md)")
     failed = failures(report)
     for line in failed:
         print(f"moa bench: {line}", file=sys.stderr)

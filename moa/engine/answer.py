@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from opentelemetry import trace
 
-from moa.engine import spans
+from moa.engine import spans, structured
 from moa.engine.chain import Part, Writer, answer_chain
 from moa.engine.context import RunContext
 from moa.engine.modes import Proposed
@@ -73,7 +73,7 @@ async def answer(ctx: RunContext, proposed: Proposed) -> AsyncGenerator[TextDelt
     A route that fails after its text went out ends the run inside its chain (text cannot be
     retracted), so a proposal only ever answers a run whose client has seen nothing yet."""
     found, salvage = routes(ctx, proposed)
-    if ctx.tools is not None and proposed.missed is None:
+    if proposed.missed is None and (ctx.tools is not None or ctx.proposers_formatted):
         voted = decided_by_vote(ctx)
         if voted is not None:
             for out in replayed(ctx, voted, None, None, "vote"):
@@ -93,9 +93,9 @@ async def answer(ctx: RunContext, proposed: Proposed) -> AsyncGenerator[TextDelt
                     return
                 yield ev
     proposals = ctx.proposals
-    if ctx.tools is not None:  # only a proposal that keeps the tools' contract may answer
-        tools = ctx.tools
-        proposals = [r for r in proposals if check(r, tools).ok]
+    contract = ctx.contract
+    if contract.binding:  # only a proposal that keeps the contract may answer (its document bare)
+        proposals = [v.result for v in map(contract.check, proposals) if v.ok]
     best = best_proposal(proposals) if salvage is not None else None
     if best is None or salvage is None:
         ctx.raise_failed()
@@ -112,18 +112,39 @@ async def answer(ctx: RunContext, proposed: Proposed) -> AsyncGenerator[TextDelt
 
 
 def decided_by_vote(ctx: RunContext) -> CallResult | None:
-    """The proposal whose calls a quorum of the last layer agreed on, when the run votes and they
-    keep the tools' contract (None: the aggregators decide). What the vote saw is kept on the run."""
+    """The proposal whose calls (or, proposers asked for the response format, whose document) a
+    quorum of the last layer agreed on, when the run votes and the answer keeps the contract
+    (None: the aggregators decide). What the vote saw is kept on the run."""
     tools, plan = ctx.tools, ctx.plan
-    if tools is None or not plan.layers or not ctx.proposals:
+    if not plan.layers or not ctx.proposals:
         return None
-    needed = min(plan.layers[-1].needed, len(ctx.proposals))
-    polled = vote(ctx.proposals, max(needed, 1))
+    needed = max(min(plan.layers[-1].needed, len(ctx.proposals)), 1)
+    if tools is None:
+        return _document_voted(ctx, needed)
+    polled = vote(ctx.proposals, needed)
     seen = ctx.vote = polled.outcome
     try:
         return _decided(ctx, polled, tools)
     finally:
         spans.tool_vote(trace.get_current_span(), seen)
+
+
+def _document_voted(ctx: RunContext, needed: int) -> CallResult | None:
+    """The document a quorum of the proposals wrote, if it passes validation."""
+    polled = structured.vote(ctx.proposals, needed)
+    seen = ctx.document_vote = polled.outcome
+    spans.tool_vote(trace.get_current_span(), seen, "moa.structured")
+    if polled.winner is None:
+        ctx.note(f"document vote: {seen.reason}; the aggregator decides")
+        return None
+    verdict = ctx.contract.check(polled.winner)
+    if not verdict.ok:
+        seen.decided = False
+        seen.reason = f"{verdict.about}: " + "; ".join(verdict.violations)
+        ctx.note(f"document vote: {seen.reason}; the aggregator decides")
+        return None
+    ctx.note(f"document vote: {seen.agreed} of {seen.proposals} proposals wrote it; no aggregator call")
+    return verdict.result
 
 
 def _decided(ctx: RunContext, polled: Vote, tools: ToolSet) -> CallResult | None:
@@ -184,6 +205,8 @@ def result(
         text=final.text,
         tool_calls=final.tool_calls,
         tool_vote=ctx.vote,
+        refusal=final.refusal,
+        document_vote=ctx.document_vote,
         preset=ctx.decision.preset,
         plan=ctx.plan,
         decision=ctx.decision,

@@ -19,6 +19,7 @@ from moa.engine import spans
 from moa.engine.calls import cut_result
 from moa.engine.context import RunContext
 from moa.engine.fusion import FuseJob, Fuser, FuseStart, FuseStep, LocalFuser
+from moa.errors import DOCUMENT_REJECTED
 from moa.plan import AggregatorSpec, ModelRef, ProposerSpec
 from moa.result import CallRecord, Stage
 from moa.types import CallResult, ErrorKind, GenerationParams, TextDelta
@@ -127,6 +128,11 @@ def _job(
         prefix=part.prefix,
         role=writer.role,
         tools=ctx.tools,
+        # The answer's format binds the chains that write the final answer, not a refine round's
+        # synthesis (the next round's proposers read it) nor a staircase proposer's steps.
+        response_format=ctx.response_format
+        if writer.round is None and writer.stage is not Stage.PROPOSER
+        else None,
     )
 
 
@@ -173,7 +179,8 @@ class _Attempts:
         if res.ok:
             spans.fuse_answered(span, name)
         elif res.error is not None and res.error.kind is ErrorKind.INVALID_OUTPUT:
-            spans.fuse_rejected(span, name, res.error.message)
+            document = res.error.message.startswith(DOCUMENT_REJECTED)
+            spans.fuse_rejected(span, name, res.error.message, calls=not document)
         elif stage is Stage.PROPOSER:
             self.failed = res
         elif self.emitted:

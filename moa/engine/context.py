@@ -23,12 +23,13 @@ from moa.caller import ModelCaller
 from moa.config import MoAConfig
 from moa.deadline import Deadline
 from moa.engine.calls import WINDOWS
+from moa.engine.contract import Contract
 from moa.engine.fusion import Fuser
 from moa.engine.toolcalls import ToolMode, VoteOutcome
 from moa.errors import AllProvidersFailed, Failure, FallbackReason
 from moa.plan import AggregationMode, Plan, PlanMode, PlanShape
 from moa.result import CallRecord, Progress, RouteDecision, Stage
-from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams, ToolSet
+from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams, ResponseFormat, ToolSet
 
 # A routing decision: the plan, why, and any calls the router made (an LLM classifier).
 Routed = tuple[Plan, RouteDecision, list[CallResult]]
@@ -75,6 +76,8 @@ class RunOptions(TypedDict, total=False):
     tools: ToolSet | None
     # How the final calls are decided (``vote`` or ``aggregate``), over the plan's ``tools``.
     tool_mode: ToolMode | None
+    # The format the answer must have (``moa.engine.structured``); None: free text.
+    response_format: ResponseFormat | None
 
 
 @dataclass(frozen=True)
@@ -97,9 +100,14 @@ class RunRequest:
     def shape(self, plan: Plan) -> Plan:
         """``plan`` as this request would run it (its aggregation override; staircase only when
         streamed): what ``admit`` projects and caps, and what the run then runs."""
-        # A tool call cannot be streamed before it is decided: a request with tools never climbs.
-        stream = self.stream and self.options.get("tools") is None
-        return plan.as_run(self.options.get("aggregation"), stream)
+        # A tool call or a document cannot be streamed before it is checked: such a request never
+        # climbs.
+        return plan.as_run(self.options.get("aggregation"), self.stream and not self.contract.binding)
+
+    @property
+    def contract(self) -> Contract:
+        """What the answer is held to: the request's tools and response format."""
+        return Contract(self.options.get("tools"), self.options.get("response_format"))
 
 
 @dataclass
@@ -126,8 +134,12 @@ class RunContext:
     tools: ToolSet | None = None
     tool_mode: ToolMode = "vote"
     replay: bool = False
+    # The answer's format, checked like the tools (``moa.engine.contract``); None: free text.
+    response_format: ResponseFormat | None = None
     # What the vote saw and decided (a run with tools whose plan has proposers).
     vote: VoteOutcome | None = None
+    # What the vote among the proposals' documents saw (``structured: proposers``).
+    document_vote: VoteOutcome | None = None
     # Told of every call as it is recorded (the API meters a request's spend with it).
     on_call: Callable[[CallRecord], None] | None = None
     # Told where the proposer layers stand, for a streaming client waiting for its first token.
@@ -141,6 +153,16 @@ class RunContext:
     # The answers of the last proposer layer (or refine round) that met its quorum, in the layer's
     # order: what the run answers with when every aggregator fails (``Plan.on_aggregators_failed``).
     proposals: list[CallResult] = field(default_factory=list)
+
+    @property
+    def contract(self) -> Contract:
+        """What the final answer is held to: the request's tools and response format."""
+        return Contract(self.tools, self.response_format)
+
+    @property
+    def proposers_formatted(self) -> bool:
+        """Whether the proposers are asked for the response format too (``structured: proposers``)."""
+        return self.response_format is not None and self.plan.structured == "proposers"
 
     @property
     def proposal_caller(self) -> ModelCaller:

@@ -181,6 +181,6 @@ def call_cost(config: MoAConfig, req: CallRequest) -> float:
     if req.provider not in config.providers:
         return 0.0
     price = config.price(req.provider, req.model)
-    prompt = approx_message_tokens(prompt_texts(req.messages, req.tools))
+    prompt = approx_message_tokens(prompt_texts(req.messages, req.tools, req.response_format))
     out = min(req.params.max_tokens or price.max_output_tokens, price.max_output_tokens)
     return price.cost(min(prompt, price.context_window), out)

@@ -141,6 +141,9 @@ class MoAEngine:
         finally:
             if result is not None:
                 spans.run_answered(span, result)
+                fmt = request.options.get("response_format")
+                if fmt is not None:
+                    spans.structured_answer(span, fmt.type, result.refusal is not None)
             span.end()
 
     async def _admitted(self, request: RunRequest, span_ctx: Context, t0: float) -> RunContext:
@@ -163,8 +166,9 @@ class MoAEngine:
             routed = await admit(routed, request.shape)
         plan, decision, _ = routed
         params = options.get("params") or GenerationParams()
-        tools = options.get("tools")
-        priced = priced_messages(request.messages, tools)
+        tools, response_format = options.get("tools"), options.get("response_format")
+        held = request.contract.binding
+        priced = priced_messages(request.messages, tools, response_format)
         check_messages(self.config.caps, priced)
         check_plan(self.config.caps, plan, params, len(pre_calls))
         # The models that would answer (their windows as declared, or as their servers said).
@@ -178,20 +182,22 @@ class MoAEngine:
             plan=plan,
             decision=decision,
             params=params,
-            # With tools the answer is decided and validated before the client sees any of it.
-            stream=request.stream and tools is None,
+            # With tools or a format the answer is decided and validated before the client sees
+            # any of it, then replayed.
+            stream=request.stream and not held,
             t0=t0,
             deadline=request.deadline,
             on_call=on_call,
             tools=tools,
             tool_mode=options.get("tool_mode") or plan.tools,
-            replay=request.stream and tools is not None,
+            replay=request.stream and held,
+            response_format=response_format,
         )
         for res, rec in zip(pre_calls, pre_records, strict=True):
             ctx.record(res, rec, notify=False)
         ctx.ticket = cached.ticket(ctx, decision, request.options.get("ticket"))
         if ctx.ticket is not None:
-            ctx.ticket.tools = tools
+            ctx.ticket.tools, ctx.ticket.response_format = tools, response_format
         return ctx
 
     async def _routed(self, request: RunRequest, span_ctx: Context) -> Routed:

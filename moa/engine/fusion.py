@@ -28,16 +28,17 @@ from moa.engine.calls import (
     timeout_result,
 )
 from moa.engine.continuation import LeadingTrim, continuation
+from moa.engine.contract import Contract
 from moa.engine.prompts import extend_system, with_references
-from moa.engine.toolcalls import MAX_VIOLATIONS, check, correction
+from moa.engine.structured import instruction
+from moa.engine.toolcalls import MAX_VIOLATIONS
 from moa.plan import AggregatorSpec, ProposerSpec
 from moa.types import (
-    CallError,
     CallRequest,
     CallResult,
     ChatMessage,
-    ErrorKind,
     GenerationParams,
+    ResponseFormat,
     StreamEvent,
     TextDelta,
     ToolSet,
@@ -67,6 +68,15 @@ class FuseJob(BaseModel):
     # The request's tools: every model of the chain may call them, and an answer that breaks their
     # contract (``moa.engine.toolcalls.check``) goes on to the next model with the violations.
     tools: ToolSet | None = None
+    # The request is background work (a batch's): so is every call of the chain (``CallRequest``).
+    background: bool = False
+    # The answer's format (``moa.engine.structured``): every model of the chain is asked for it,
+    # and an answer that is not such a document goes on to the next model with the violations.
+    response_format: ResponseFormat | None = None
+
+    @property
+    def contract(self) -> Contract:
+        return Contract(self.tools, self.response_format)
 
     def deadline(self) -> Deadline:
         """The request deadline, rebuilt on this side of the process boundary."""
@@ -117,7 +127,7 @@ async def fuse(job: FuseJob, caller: ModelCaller, config: MoAConfig) -> AsyncIte
     sent = job.prefix  # the answer's text already out: earlier steps, attempts that broke mid-stream
     attempts = [(index, spec) for index, spec in enumerate(job.chain)]
     refitted: set[int] = set()  # the models already called again after naming a smaller window
-    rejected: list[str] = []  # violations of the tools' contract by the chain's earlier answers
+    rejected: list[str] = []  # why the chain's last answer broke the contract, for the next model
     while attempts:
         index, spec = attempts.pop(0)
         elapsed = time.monotonic() - t0
@@ -147,8 +157,8 @@ async def fuse(job: FuseJob, caller: ModelCaller, config: MoAConfig) -> AsyncIte
         assert res is not None
         if res.ok and prefix:
             res = res.model_copy(update={"text": prefix + here})
-        if res.ok and job.tools is not None:
-            res = _checked(res, job.tools, rejected, notes)
+        if res.ok and job.contract.binding:
+            res = _checked(res, job.contract, rejected, notes)
         window = res.error.context_window if res.error is not None else None
         if WINDOWS.learn(spec.provider, spec.model, window) and not here and index not in refitted and refs:
             # The model refused the prompt as too long and named its real window: the same model
@@ -176,18 +186,17 @@ def _timeout(job: FuseJob, deadline: Deadline, index: int) -> tuple[float, float
     return min(timeout, left if job.stream or share is None else share), share
 
 
-def _checked(res: CallResult, tools: ToolSet, rejected: list[str], notes: list[str]) -> CallResult:
-    """``res`` if it keeps the tools' contract; else the failure it is (``INVALID_OUTPUT``: never
-    held against its provider's health), its violations kept for the next model's prompt."""
-    verdict = check(res, tools)
+def _checked(res: CallResult, contract: Contract, rejected: list[str], notes: list[str]) -> CallResult:
+    """``res`` if it keeps the contract (a document made bare); else the failure it is
+    (``INVALID_OUTPUT``: never held against its provider's health), what the next model is told of
+    it kept in ``rejected``."""
+    verdict = contract.check(res)
     if verdict.ok:
-        return res
-    rejected[:] = verdict.violations
+        return verdict.result
+    rejected[:] = [verdict.correction()]
     name = f"{res.provider}/{res.requested_model}"
     notes.append(f"{name}: answer rejected: {'; '.join(verdict.violations[:MAX_VIOLATIONS])}")
-    message = "the answer broke the tools' contract: " + "; ".join(verdict.violations[:MAX_VIOLATIONS])
-    error = CallError(kind=ErrorKind.INVALID_OUTPUT, message=message)
-    return res.model_copy(update={"error": error})
+    return verdict.rejected()
 
 
 def _request(  # six: the job, its model, and what the chain has done so far
@@ -209,8 +218,10 @@ def _request(  # six: the job, its model, and what the chain has done so far
     if cap is not None and params.max_tokens is None:
         params = params.model_copy(update={"max_tokens": cap})
     messages = with_references(job.messages, refs, config.templates, role=job.role)
+    if job.response_format is not None:
+        messages = extend_system(messages, instruction(job.response_format))
     if rejected:
-        messages = extend_system(messages, correction(rejected))
+        messages = extend_system(messages, rejected[0])
     trim = LeadingTrim(False)
     if sent:
         cont = continuation(messages, sent, provider_kind(config, spec.provider), config.templates)
@@ -223,6 +234,8 @@ def _request(  # six: the job, its model, and what the chain has done so far
         timeout_s=timeout,
         batch_s=None if job.stream else UNSEEN_BATCH_S,
         tools=job.tools,
+        background=job.background,
+        response_format=job.response_format,
     )
     return req, trim, refs, notes
 

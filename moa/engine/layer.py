@@ -19,7 +19,8 @@ from moa.deadline import Deadline
 from moa.engine import spans
 from moa.engine.calls import UNSEEN_BATCH_S, collect, cut_result, fit_call, merge_params, provider_kind
 from moa.engine.context import RunContext
-from moa.engine.prompts import with_references
+from moa.engine.prompts import extend_system, with_references
+from moa.engine.structured import instruction
 from moa.engine.toolcalls import reference_text
 from moa.plan import LayerSpec, ProposerSpec
 from moa.result import CallRecord, Progress, Stage
@@ -291,6 +292,9 @@ class DirectCalls:
         ctx.note(*(f"layer {job.index} {note}" for note in notes))
         templates = ctx.config.templates
         msgs = with_references(ctx.messages, refs, templates, refine=job.refine, role=spec.role)
+        fmt = ctx.response_format if ctx.proposers_formatted else None
+        if fmt is not None:
+            msgs = extend_system(msgs, instruction(fmt))
         return CallRequest(
             provider=spec.provider,
             model=spec.model,
@@ -300,6 +304,7 @@ class DirectCalls:
             role=spec.role,
             batch_s=self.batch_s,
             tools=ctx.tools,
+            response_format=fmt,
         )
 
     def call(self, req: CallRequest, i: int) -> Coroutine[Any, Any, CallResult]:

@@ -113,24 +113,36 @@ def fuse_broken(span: Span, name: str) -> None:
     span.add_event("moa.fuse.stream_broken", {"moa.model": name})
 
 
-def fuse_rejected(span: Span, name: str, why: str) -> None:
-    """A model of the chain answered with calls that break the tools' contract: the violations,
-    and the chain goes on to its next model."""
-    span.add_event("moa.tools.rejected", {"moa.model": name, "moa.tools.violations": why})
+def fuse_rejected(span: Span, name: str, why: str, calls: bool = True) -> None:
+    """A model of the chain answered with calls that break the tools' contract (``calls``), or
+    with a document its response format refuses: the violations, and the chain goes on to its
+    next model."""
+    what = "moa.tools" if calls else "moa.structured"
+    span.add_event(f"{what}.rejected", {"moa.model": name, f"{what}.violations": why})
 
 
-def tool_vote(span: Span, outcome: VoteOutcome) -> None:
-    """The ``moa.run`` span of a request with tools: what the vote among the proposals saw."""
+def tool_vote(span: Span, outcome: VoteOutcome, what: str = "moa.tools") -> None:
+    """The ``moa.run`` span of a request with tools (or whose proposers wrote documents, ``what``
+    ``moa.structured``): what the vote among the proposals saw."""
     span.set_attributes(
         {
-            "moa.tools.vote.proposals": outcome.proposals,
-            "moa.tools.vote.needed": outcome.needed,
-            "moa.tools.vote.agreed": outcome.agreed,
-            "moa.tools.vote.decided": outcome.decided,
+            f"{what}.vote.proposals": outcome.proposals,
+            f"{what}.vote.needed": outcome.needed,
+            f"{what}.vote.agreed": outcome.agreed,
+            f"{what}.vote.decided": outcome.decided,
         }
     )
     if outcome.calls:
-        span.set_attribute("moa.tools.vote.calls", outcome.calls)
+        span.set_attribute(f"{what}.vote.{'calls' if what == 'moa.tools' else 'document'}", outcome.calls)
+
+
+def structured_answer(span: Span, fmt: str, refused: bool) -> None:
+    """The ``moa.run`` span of a request with a response format, answered: the document passed
+    validation (``moa.structured.valid``), or the answer is the model's refusal (a run whose
+    every answer failed validation ends ``invalid_structured_output`` instead)."""
+    span.set_attributes(
+        {"moa.structured.format": fmt, "moa.structured.valid": not refused, "moa.structured.refused": refused}
+    )
 
 
 def fuse_answered(span: Span, name: str) -> None:

@@ -24,6 +24,9 @@ from typing import Any, Literal
 
 import jsonschema
 from jsonschema.exceptions import SchemaError
+from referencing import Registry, Resource
+from referencing.exceptions import Unresolvable
+from referencing.jsonschema import DRAFT202012
 
 from moa.result import VoteOutcome
 from moa.types import CallResult, ToolCall, ToolSet
@@ -64,20 +67,31 @@ def vote(answered: Sequence[CallResult], needed: int) -> Vote:
     """The calls at least ``needed`` of the ``answered`` proposals agree on (canonically), if any.
     Text answers and malformed calls do not vote for any calls."""
     forms = [(res, canonical(res.tool_calls)) for res in answered if res.ok and res.tool_calls]
+    polled, top = poll(forms, len(answered), needed, "made well-formed calls", "agree on their calls")
+    if top is not None:
+        polled.outcome.calls = [f"{name}({args})" for name, args in top]
+    return polled
+
+
+def poll(
+    forms: Sequence[tuple[CallResult, Any]], proposals: int, needed: int, voting: str, agreeing: str
+) -> tuple[Vote, Any]:
+    """The vote over ``forms`` (each proposal with its canonical answer, None: it votes for
+    nothing), out of ``proposals``: the winner and its form when at least ``needed`` agree.
+    ``voting`` and ``agreeing`` say, in the reasons, what a proposal that votes does and what
+    agreeing means (for tool calls, for documents)."""
     counts = Counter(form for _, form in forms if form is not None)
-    outcome = VoteOutcome(proposals=len(answered), needed=needed)
+    outcome = VoteOutcome(proposals=proposals, needed=needed)
     if not counts:
-        outcome.reason = "no proposal made well-formed calls"
-        return Vote(outcome)
+        outcome.reason = f"no proposal {voting}"
+        return Vote(outcome), None
     top, agreed = counts.most_common(1)[0]
     outcome.agreed = agreed
     if agreed < needed:
-        outcome.reason = f"{agreed} of {len(answered)} proposals agree on their calls; {needed} needed"
-        return Vote(outcome)
-    winner = next(res for res, form in forms if form == top)
+        outcome.reason = f"{agreed} of {proposals} proposals {agreeing}; {needed} needed"
+        return Vote(outcome), None
     outcome.decided = True
-    outcome.calls = [f"{name}({args})" for name, args in top]
-    return Vote(outcome, winner)
+    return Vote(outcome, next(res for res, form in forms if form == top)), top
 
 
 @dataclass
@@ -125,23 +139,62 @@ def _call_violations(call: ToolCall, tools: ToolSet) -> list[str]:
         validator_cls = jsonschema.validators.validator_for(spec.parameters)
         validator = validator_cls(spec.parameters)
         errors = sorted(validator.iter_errors(args), key=lambda e: list(e.absolute_path))
-    except SchemaError as e:  # refused at the API already; kept so a bad schema never passes
-        return [f"{call.name}: its declared schema is invalid ({e.message})"]
+    except (SchemaError, Unresolvable) as e:  # refused at the API already; never passes either
+        return [f"{call.name}: its declared schema is invalid ({e})"[:MAX_VIOLATION_CHARS]]
     return [f"{call.name}: {_where(e)}{e.message}"[:MAX_VIOLATION_CHARS] for e in errors]
 
 
 def _where(error: jsonschema.ValidationError) -> str:
-    path = "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+    path = json_path(error)
     return f"arguments{path}: " if path else ""
 
 
+def json_path(error: jsonschema.ValidationError) -> str:
+    """Where in the document ``error`` is, as ``.key[0].key`` (empty: at its root)."""
+    return "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+
+
 def schema_problem(parameters: dict[str, Any]) -> str | None:
-    """Why a declared parameters schema is not a valid JSON Schema (None: it is)."""
+    """Why a declared schema (a function's parameters, a response format's) is not a valid JSON
+    Schema (None: it is): its keywords, and its ``$ref``s, each of which must point into the schema
+    itself (nothing is ever fetched: a remote reference cannot be resolved). A schema with a
+    nested ``$id`` (a base its relative references resolve against) has its keywords checked only."""
     try:
         jsonschema.validators.validator_for(parameters).check_schema(parameters)
     except SchemaError as e:
         return e.message
+    refs, scoped = _references(parameters)
+    if scoped:
+        return None
+    root = Resource.from_contents(parameters, default_specification=DRAFT202012)
+    resolver = Registry().resolver_with_root(root)
+    for ref in refs:
+        try:
+            resolver.lookup(ref)
+        except Unresolvable:
+            return f"$ref {ref!r} cannot be resolved within the schema"
     return None
+
+
+def _references(node: Any, depth: int = 0) -> tuple[list[str], bool]:
+    """The ``$ref`` values in a schema, and whether any subschema sets its own ``$id``."""
+    refs: list[str] = []
+    scoped = False
+    if isinstance(node, dict):
+        if depth and "$id" in node:
+            scoped = True
+        if isinstance(node.get("$ref"), str):
+            refs.append(node["$ref"])
+        children = [v for k, v in node.items() if k not in ("const", "enum", "default", "examples")]
+    elif isinstance(node, list):
+        children = node
+    else:
+        return refs, scoped
+    for child in children:
+        found, nested = _references(child, depth + 1)
+        refs += found
+        scoped = scoped or nested
+    return refs, scoped
 
 
 def correction(violations: Sequence[str]) -> str:

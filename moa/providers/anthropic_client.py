@@ -8,6 +8,15 @@ and ``tool`` turns ``tool_result`` blocks, in the one user turn the API wants ri
 calls. Back, ``tool_use`` blocks are ``ToolCall``s and ``stop_reason: tool_use`` our
 ``tool_calls``; a stream's calls are assembled from their ``input_json_delta`` fragments as the
 model wrote them.
+
+Structured outputs go as the API's own (``output_config.format``: ``{"type": "json_schema",
+"schema": ...}``), the schema fitted by the SDK's ``transform_schema`` as its ``messages.parse``
+fits it: every object closed, the constraints Claude's decoding does not take moved into the
+description (the engine validates the answer against the schema as asked, so none is lost); the
+answer is the text block. The API has no JSON mode: a ``json_object`` format is a forced call of
+one tool whose input is any object (``{"type": "object"}``), its input returned as the answer's
+text (the closed objects ``output_config`` demands would allow only ``{}``). ``stop_reason:
+"refusal"`` is a refusal.
 """
 
 from __future__ import annotations
@@ -21,7 +30,8 @@ from typing import Any
 import anthropic
 from anthropic.types import Message
 
-from moa.providers.transport import Attempt, AttemptError, SDKTransport, ToolFragment
+from moa.providers.structured import schema_of
+from moa.providers.transport import Attempt, AttemptError, SDKTransport, ToolFragment, refused_unsent
 from moa.providers.wire import (
     classify_common,
     classify_generated_sdk,
@@ -36,6 +46,7 @@ from moa.types import (
     ChatMessage,
     ErrorKind,
     GenerationParams,
+    ResponseFormat,
     ToolCall,
     ToolSet,
     ToolSpec,
@@ -57,6 +68,16 @@ CHOICE = {"auto": "auto", "none": "none", "required": "any", "function": "tool"}
 # (the key Anthropic's fine-grained tool streaming guide gives for passing such text back, and the
 # simulator's way of answering malformed arguments without a stream).
 INVALID_JSON = "INVALID_JSON"
+# The tool a json_object answer is written through (the API has no JSON mode), forced, its input
+# any object; it is never offered beside the request's own tools.
+JSON_TOOL = "json_answer"
+JSON_TOOL_SPEC = {
+    "name": JSON_TOOL,
+    "description": "Write the answer as a JSON object: the tool's input is the answer.",
+    "input_schema": {"type": "object"},
+}
+# What a refusal is called when the model wrote no words for it.
+REFUSED_WITHOUT_WORDS = "the model refused (stop_reason: refusal)"
 # Anthropic's temperature range; ours (OpenAI's) goes to 2.
 MAX_TEMPERATURE = 1.0
 # How the API refuses a parameter: "`temperature` is deprecated for this model." (models that
@@ -128,6 +149,8 @@ class AnthropicTransport(SDKTransport):
             choice = _tool_choice(req.tools)
             if choice is not None:
                 args["tool_choice"] = choice
+        if req.response_format is not None:
+            args |= _format_args(req.response_format, req.tools is not None)
         return args
 
     def adapt(self, model: str, params: GenerationParams) -> tuple[GenerationParams, list[str]]:
@@ -168,13 +191,18 @@ class AnthropicTransport(SDKTransport):
             for block in message.content
             if block.type == "tool_use"
         ]
+        stop = message.stop_reason
+        if _json_mode(req):  # the forced tool's input is the answer
+            text = "".join(c.arguments for c in calls if c.name == JSON_TOOL)
+            calls, stop = [], "end_turn" if stop == "tool_use" else stop
         return Attempt(
             text=text,
             model=message.model,
             usage=_usage(message.usage),
-            finish_reason=_finish(message.stop_reason, calls, service),
+            finish_reason=_finish(stop, calls, service),
             service_s=service,
             tool_calls=calls,
+            refusal=(text or REFUSED_WITHOUT_WORDS) if stop == "refusal" else None,
         )
 
     async def open_stream(
@@ -185,16 +213,35 @@ class AnthropicTransport(SDKTransport):
         model, usage, output_tokens, stop, finished = None, None, 0, None, False
         # Each tool_use block by its index: its id, name and the input's JSON fragments so far.
         calls: dict[int, tuple[str, str, list[str]]] = {}
+        json_mode = _json_mode(req)
+        answer: int | None = None  # json_object: the index of the forced tool's block
+        written: list[str] = []  # the answer's text, for a refusal's words
         try:
             async for event in stream:
                 if event.type == "message_start":
                     model, usage = event.message.model, event.message.usage
+                elif (
+                    json_mode
+                    and event.type == "content_block_start"
+                    and event.content_block.type == "tool_use"
+                    and event.content_block.name == JSON_TOOL
+                ):
+                    answer = event.index
                 elif event.type == "content_block_start" and event.content_block.type == "tool_use":
                     block = event.content_block
                     calls[event.index] = (block.id, block.name, [])
                     yield ToolFragment(block.name)
                 elif event.type == "content_block_delta" and event.delta.type == "text_delta":
+                    written.append(event.delta.text)
                     yield event.delta.text
+                elif (
+                    event.type == "content_block_delta"
+                    and event.delta.type == "input_json_delta"
+                    and event.index == answer
+                ):
+                    if event.delta.partial_json:  # the answer itself, as the model writes it
+                        written.append(event.delta.partial_json)
+                        yield event.delta.partial_json
                 elif event.type == "content_block_delta" and event.delta.type == "input_json_delta":
                     call = calls.get(event.index)
                     if call is None:
@@ -225,6 +272,8 @@ class AnthropicTransport(SDKTransport):
             ToolCall(id=cid, name=name, arguments="".join(parts) or "{}")
             for _, (cid, name, parts) in sorted(calls.items())
         ]
+        if answer is not None and stop == "tool_use":
+            stop = "end_turn"  # the forced tool's input was the answer: a finished one
         yield Attempt(
             text="",
             model=model,
@@ -232,6 +281,7 @@ class AnthropicTransport(SDKTransport):
             finish_reason=_finish(stop, assembled, service),
             service_s=service,
             tool_calls=assembled,
+            refusal=("".join(written) or REFUSED_WITHOUT_WORDS) if stop == "refusal" else None,
         )
 
     def classify(self, exc: BaseException, in_stream: bool) -> AttemptError:
@@ -281,6 +331,31 @@ def _arguments(tool_input: object) -> str:
     return json.dumps(tool_input, ensure_ascii=False)
 
 
+def _json_mode(req: CallRequest) -> bool:
+    """Whether the answer is written through the forced JSON tool (a ``json_object`` format)."""
+    return req.response_format is not None and req.response_format.type == "json_object"
+
+
+def _format_args(fmt: ResponseFormat, has_tools: bool) -> dict[str, Any]:
+    """What asks the Messages API for ``fmt``: ``output_config.format`` for a schema (fitted by
+    the SDK's ``transform_schema``), the forced JSON tool for any object."""
+    if fmt.type == "json_schema":
+        try:
+            schema = anthropic.transform_schema(schema_of(fmt))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise refused_unsent(
+                f"response_format: a schema Anthropic's structured outputs cannot take ({exc})"
+            ) from None
+        return {"output_config": {"format": {"type": "json_schema", "schema": schema}}}
+    if has_tools:
+        raise refused_unsent(
+            "response_format json_object with tools: the Anthropic API has no JSON mode, and the forced "
+            "tool call that stands for one cannot sit beside the request's own tools (send a json_schema "
+            "format, which the API takes with tools)"
+        )
+    return {"tools": [JSON_TOOL_SPEC], "tool_choice": {"type": "tool", "name": JSON_TOOL}}
+
+
 def _tool(spec: ToolSpec) -> dict[str, Any]:
     """One function as a custom tool of the Messages API."""
     tool: dict[str, Any] = {"name": spec.name, "input_schema": spec.parameters}
@@ -300,16 +375,11 @@ def _tool_choice(tools: ToolSet) -> dict[str, Any] | None:
     choice: dict[str, Any] = {"type": CHOICE[mode]}
     if mode == "function":
         if not tools.choice.name:
-            raise _refuse("tool choice 'function' names no function")
+            raise refused_unsent("tool choice 'function' names no function")
         choice["name"] = tools.choice.name
     if mode != "none" and not tools.parallel:
         choice["disable_parallel_tool_use"] = True
     return choice
-
-
-def _refuse(message: str) -> AttemptError:
-    """A conversation Anthropic's API cannot carry, refused before anything is sent (unbilled)."""
-    return AttemptError(ErrorKind.BAD_REQUEST, message, unsent=True)
 
 
 def _tool_use(call: ToolCall) -> dict[str, Any]:
@@ -318,12 +388,12 @@ def _tool_use(call: ToolCall) -> dict[str, Any]:
     try:
         tool_input = json.loads(call.arguments, parse_constant=_no_constant)
     except ValueError as exc:
-        raise _refuse(
+        raise refused_unsent(
             f"tool call {call.id!r} ({call.name}) has arguments that are not JSON ({exc}); the Anthropic "
             "API takes a tool call's input as a JSON object"
         ) from None
     if not isinstance(tool_input, dict):
-        raise _refuse(
+        raise refused_unsent(
             f"tool call {call.id!r} ({call.name}) has arguments that are not a JSON object; the Anthropic "
             "API takes a tool call's input as a JSON object"
         )
@@ -338,7 +408,9 @@ def _blocks(m: ChatMessage) -> tuple[str, list[dict[str, Any]]]:
     """One message as the role and content blocks it is sent as."""
     if m.role == "tool":
         if not m.tool_call_id:
-            raise _refuse("a tool message has no tool_call_id: the Anthropic API answers a call by its id")
+            raise refused_unsent(
+                "a tool message has no tool_call_id: the Anthropic API answers a call by its id"
+            )
         return "user", [{"type": "tool_result", "tool_use_id": m.tool_call_id, "content": m.content}]
     text = [{"type": "text", "text": m.content}] if m.content or not m.tool_calls else []
     return m.role, text + [_tool_use(c) for c in m.tool_calls]
@@ -359,7 +431,7 @@ def _turns(messages: tuple[ChatMessage, ...]) -> list[dict[str, Any]]:
             continue
         content: list[dict[str, Any]] = turns[-1]["content"]
         if blocks[0]["type"] == "tool_result" and content[-1]["type"] != "tool_result":
-            raise _refuse(
+            raise refused_unsent(
                 f"the result of tool call {m.tool_call_id!r} comes after a user message: the Anthropic "
                 "API takes a call's results first in the user turn that follows it"
             )

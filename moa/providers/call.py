@@ -72,6 +72,7 @@ class Call:
             model=final.model or self.req.model,
             text="".join(self.used.received) if self.stream else final.text,
             tool_calls=final.tool_calls,
+            refusal=final.refusal,
             usage=usage,
             usage_estimated=retried.total_tokens > 0,
             finish_reason=final.finish_reason,

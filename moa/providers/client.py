@@ -96,7 +96,9 @@ class ProviderClient:
         )
         self.transport.known_window(req.model)  # starts reading the server's listing, once, unawaited
         result: CallResult | None = None
-        used = Consumption(input_tokens=approx_message_tokens(prompt_texts(req.messages, req.tools)))
+        used = Consumption(
+            input_tokens=approx_message_tokens(prompt_texts(req.messages, req.tools, req.response_format))
+        )
         try:
             # Closed with this generator, not when it is collected: a consumer that stops at a
             # yield (a provider replica cancelled while its text waits) closes the provider's

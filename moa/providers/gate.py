@@ -1,7 +1,8 @@
 """What a call passes before its attempts, and what the provider's limits learn after: a key, a
 circuit that lets it through, a concurrency slot and a rate budget reservation within its
-deadline; then the reservation settled with what it really used, the slot freed, and the breaker
-told whether the outcome was the provider's fault."""
+deadline (a background call's only above the interactive reserve); then the reservation settled
+with what it really used, the slot freed, and the breaker told whether the outcome was the
+provider's fault."""
 
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ async def gated(call: Call) -> AsyncGenerator[StreamEvent, None]:
         yield refused
         return
     limits = call.client.limits
-    if not await limits.enter(call.deadline.remaining()):
+    background = call.req.background  # a batch's call: it leaves the interactive reserve alone
+    if not await limits.enter(call.deadline.remaining(), background):
         limits.breaker.record_neutral()
         why = "no concurrency slot came free before the deadline"
         yield call.failure(AttemptError(ErrorKind.TIMEOUT, why), streamed=call.stream)
@@ -83,7 +85,7 @@ async def gated(call: Call) -> AsyncGenerator[StreamEvent, None]:
     try:
         reserved = reservation(call)  # held from here: a wait cancelled mid-way is settled too
         try:
-            await limits.budget.acquire(reserved, call.deadline.remaining())
+            await limits.budget.acquire(reserved, call.deadline.remaining(), background)
         except RateBudgetExceeded as e:
             reserved = 0  # nothing was taken
             why = f"rate budget of this provider exhausted; retry in {e.retry_after_s:.1f}s"

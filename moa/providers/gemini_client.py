@@ -5,6 +5,13 @@ tools go out as function declarations whose ``parametersJsonSchema`` carries the
 Schema as it is, the choice as ``toolConfig.functionCallingConfig``, earlier calls as
 ``functionCall`` parts and tool results as ``functionResponse`` parts; the ``functionCall`` parts
 of an answer come back as ``ToolCall``s, with an id made up where the model gave none.
+
+Structured outputs: ``responseMimeType: "application/json"``, with the schema whole as
+``responseJsonSchema`` (JSON Schema, not the OpenAPI subset of ``responseSchema``, for the reason
+tools use ``parametersJsonSchema``) for a ``json_schema`` format, alone for ``json_object``. An
+answer blocked for safety (finish reason ``SAFETY``, ``PROHIBITED_CONTENT``...: no content) is a
+refusal, in the API's words, as is a prompt the API blocked (``promptFeedback.blockReason``, no
+candidate): the provider did not fail, so it is neither retried nor held against its health.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ from typing import Any
 from google import genai
 from google.genai import errors, types
 
-from moa.providers.transport import Attempt, AttemptError, SDKTransport, ToolFragment
+from moa.providers.structured import schema_of
+from moa.providers.transport import Attempt, AttemptError, SDKTransport, ToolFragment, refused_unsent
 from moa.providers.wire import (
     classify_common,
     parse_duration,
@@ -44,6 +52,8 @@ FINISH = {
     "SAFETY": "content_filter",
     "PROHIBITED_CONTENT": "content_filter",
 }
+# Finish reasons that say the answer was blocked, not written: a refusal (``CallResult.refusal``).
+BLOCKED = frozenset({"SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII", "RECITATION", "IMAGE_SAFETY"})
 # The Gemini API takes at most this many stop sequences.
 MAX_STOP = 5
 # How the API refuses a field: 'Invalid JSON payload received. Unknown name "seed" at
@@ -145,7 +155,10 @@ class GeminiTransport(SDKTransport):
         p = req.params
         system = "\n\n".join(m.content for m in req.messages if m.role == "system")
         tools, tool_config = _tools(req.tools) if req.tools is not None else (None, None)
+        fmt = req.response_format
         config = types.GenerateContentConfig(
+            response_mime_type="application/json" if fmt is not None else None,
+            response_json_schema=schema_of(fmt) if fmt is not None and fmt.type == "json_schema" else None,
             system_instruction=system or None,
             temperature=p.temperature,
             top_p=p.top_p,
@@ -181,6 +194,16 @@ class GeminiTransport(SDKTransport):
     async def send(self, req: CallRequest, timeout_s: float) -> Attempt:
         response = await self._sdk.aio.models.generate_content(**self._args(req, timeout_s))
         service = _service(response)
+        refused_prompt = _prompt_blocked(response)
+        if refused_prompt is not None and not response.candidates:
+            return Attempt(
+                text="",
+                model=response.model_version,
+                usage=_usage(response.usage_metadata),
+                finish_reason="content_filter",
+                service_s=service,
+                refusal=refused_prompt,
+            )
         if not response.candidates:
             raise AttemptError(ErrorKind.MALFORMED_RESPONSE, "response has no candidates", service_s=service)
         candidate = response.candidates[0]
@@ -193,6 +216,7 @@ class GeminiTransport(SDKTransport):
             finish_reason="tool_calls" if calls else _finish(candidate.finish_reason),
             service_s=service,
             tool_calls=calls,
+            refusal=_blocked(candidate),
         )
 
     async def open_stream(
@@ -201,6 +225,7 @@ class GeminiTransport(SDKTransport):
         stream = await self._sdk.aio.models.generate_content_stream(**self._args(req, timeout_s))
         service, finish, model, usage = None, None, None, None
         calls: list[ToolCall] = []
+        refusal: str | None = None
         async for chunk in stream:
             service = service if service is not None else _service(chunk)
             model = chunk.model_version or model
@@ -217,6 +242,9 @@ class GeminiTransport(SDKTransport):
             if chunk.candidates and chunk.candidates[0].finish_reason:
                 _check_call(chunk.candidates[0], service)
                 finish = chunk.candidates[0].finish_reason
+                refusal = _blocked(chunk.candidates[0])
+            elif not chunk.candidates and _prompt_blocked(chunk) is not None:
+                finish, refusal = "SAFETY", _prompt_blocked(chunk)
         if finish is None:
             raise AttemptError(
                 ErrorKind.MALFORMED_RESPONSE, "stream ended without a finish reason", service_s=service
@@ -228,6 +256,7 @@ class GeminiTransport(SDKTransport):
             finish_reason="tool_calls" if calls else _finish(finish),
             service_s=service,
             tool_calls=calls,
+            refusal=refusal,
         )
 
     def classify(self, exc: BaseException, in_stream: bool) -> AttemptError:
@@ -273,6 +302,33 @@ def _text(response: types.GenerateContentResponse) -> str:
     return "".join(part.text or "" for part in response.candidates[0].content.parts or [] if not part.thought)
 
 
+def _blocked(candidate: types.Candidate) -> str | None:
+    """The refusal of a candidate blocked rather than written, in the API's words: its finish
+    reason, message and the safety categories that blocked it; None for one written."""
+    reason = getattr(candidate.finish_reason, "name", None) or str(candidate.finish_reason or "")
+    if reason not in BLOCKED:
+        return None
+    blocked = [
+        getattr(r.category, "name", None) or str(r.category)
+        for r in candidate.safety_ratings or ()
+        if r.blocked
+    ]
+    said = f"the answer was blocked (finishReason {reason}"
+    said += f": {', '.join(blocked)})" if blocked else ")"
+    return said + (f": {candidate.finish_message}" if candidate.finish_message else "")
+
+
+def _prompt_blocked(response: types.GenerateContentResponse) -> str | None:
+    """The refusal of a prompt the API blocked before any candidate was written
+    (``promptFeedback.blockReason``, no candidates), in its words; None otherwise."""
+    feedback = response.prompt_feedback
+    if feedback is None or feedback.block_reason is None:
+        return None
+    reason = getattr(feedback.block_reason, "name", None) or str(feedback.block_reason)
+    said = f"the prompt was blocked (promptFeedback.blockReason {reason})"
+    return said + (f": {feedback.block_reason_message}" if feedback.block_reason_message else "")
+
+
 def _finish(reason: Any) -> str:
     name = getattr(reason, "name", None) or str(reason or "")
     return FINISH.get(name, "other")
@@ -296,24 +352,18 @@ def _usage(u: types.GenerateContentResponseUsageMetadata | None) -> Usage:
 # -- tools ---------------------------------------------------------------------------------------------
 
 
-def _refused(message: str) -> AttemptError:
-    """A request the API would refuse, refused before it is sent (``unsent``): neither retried nor
-    billed, since nothing was read, and with no HTTP status, since no provider answered."""
-    return AttemptError(ErrorKind.BAD_REQUEST, message, unsent=True)
-
-
 def _tools(tools: ToolSet) -> tuple[types.ToolListUnion | None, types.ToolConfig | None]:
     """The request's tools as one ``Tool`` of function declarations, and its choice."""
     choice = tools.choice
     if not tools.tools:
         if choice.mode in ("required", "function"):
-            raise _refused(f"tool choice {choice.mode!r} with no tools declared: nothing to call")
+            raise refused_unsent(f"tool choice {choice.mode!r} with no tools declared: nothing to call")
         return None, None
     declarations = [_declaration(spec) for spec in tools.tools]
     allowed = None
     if choice.mode == "function":
         if choice.name is None or tools.spec(choice.name) is None:
-            raise _refused(f"tool choice names function {choice.name!r}, which is not among the tools")
+            raise refused_unsent(f"tool choice names function {choice.name!r}, which is not among the tools")
         allowed = [choice.name]
     calling = types.FunctionCallingConfig(mode=CHOICE_MODES[choice.mode], allowed_function_names=allowed)
     return [types.Tool(function_declarations=declarations)], types.ToolConfig(function_calling_config=calling)
@@ -322,13 +372,13 @@ def _tools(tools: ToolSet) -> tuple[types.ToolListUnion | None, types.ToolConfig
 def _declaration(spec: ToolSpec) -> types.FunctionDeclaration:
     """One tool as a function declaration, its schema whole in ``parametersJsonSchema``."""
     if not FUNCTION_NAME.match(spec.name):
-        raise _refused(
+        raise refused_unsent(
             f"tool {spec.name!r}: not a Gemini function name (a letter or an underscore first, then "
             "letters, digits, underscores, dots, colons or dashes, 64 characters at most)"
         )
     kind = spec.parameters.get("type")
     if kind != "object":
-        raise _refused(
+        raise refused_unsent(
             f'tool {spec.name!r}: its parameters must be a JSON Schema of type "object" (Gemini '
             f"passes a call's arguments as an object), not of type {kind!r}"
         )
@@ -372,7 +422,7 @@ def _function_call(call: ToolCall) -> types.FunctionCall:
     except ValueError:
         args = None
     if not isinstance(args, dict):
-        raise _refused(
+        raise refused_unsent(
             f"tool call {call.id!r} ({call.name}): its arguments are not a JSON object, and Gemini "
             f"takes a call's arguments only as an object: {call.arguments[:200]!r}"
         )
@@ -384,12 +434,12 @@ def _function_response(m: ChatMessage, called: Mapping[str, str]) -> types.Funct
     made = called.get(m.tool_call_id) if m.tool_call_id is not None else None
     name = m.name or made
     if not name:
-        raise _refused(
+        raise refused_unsent(
             f"tool result for call {m.tool_call_id!r}: Gemini needs the name of the function it "
             "answers, and neither the message nor an earlier call gives it"
         )
     if made is not None and made != name:
-        raise _refused(
+        raise refused_unsent(
             f"tool result for call {m.tool_call_id!r} names function {name!r}, but that call was to {made!r}"
         )
     try:

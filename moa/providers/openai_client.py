@@ -15,7 +15,8 @@ import openai
 from openai.types.chat import ChatCompletion
 
 from moa.config import Endpoint, ProviderConfig
-from moa.providers.transport import Attempt, AttemptError, SDKTransport, ToolFragment
+from moa.providers.structured import openai_response_format
+from moa.providers.transport import Attempt, AttemptError, RefusalFragment, SDKTransport, ToolFragment
 from moa.providers.wire import (
     classify_common,
     classify_generated_sdk,
@@ -108,6 +109,12 @@ class OpenAITransport(SDKTransport):
             args["stop"] = list(p.stop)
         if req.tools is not None:
             args |= _tool_args(req.tools)
+        if req.response_format is not None:
+            # OpenAI's own API holds a strict schema to Structured Outputs' subset; a compatible
+            # server (vLLM, llama.cpp) takes the schema as it is, whatever strict says.
+            args["response_format"] = openai_response_format(
+                req.response_format, strict_subset=self.kind == "openai"
+            )
         return args
 
     def adapt(self, model: str, params: GenerationParams) -> tuple[GenerationParams, list[str]]:
@@ -137,17 +144,20 @@ class OpenAITransport(SDKTransport):
             finish_reason=_finish(choice.finish_reason, calls, service),
             service_s=service,
             tool_calls=calls,
+            # Structured Outputs' refusal: content null, the model's words in message.refusal.
+            refusal=choice.message.refusal,
         )
 
     async def open_stream(
         self, req: CallRequest, timeout_s: float
-    ) -> AsyncIterator[str | ToolFragment | Attempt]:
+    ) -> AsyncIterator[str | ToolFragment | RefusalFragment | Attempt]:
         stream = await self._sdk.chat.completions.create(
             **self._args(req, timeout_s), stream=True, stream_options={"include_usage": True}
         )
         service = provider_service_time(stream.response.headers)
         finish, model, usage = None, None, None
         calls = _StreamedCalls()
+        refusal: list[str] | None = None  # delta.refusal pieces (the first is often "")
         try:
             async for chunk in stream:
                 model = chunk.model or model
@@ -157,6 +167,10 @@ class OpenAITransport(SDKTransport):
                     delta = choice.delta
                     if delta.content:
                         yield delta.content
+                    if delta.refusal is not None:
+                        refusal = (refusal or []) + [delta.refusal]
+                        if delta.refusal:
+                            yield RefusalFragment(delta.refusal)
                     for piece in delta.tool_calls or ():
                         fn = piece.function
                         got = calls.add(piece.index, piece.id, fn and fn.name, fn and fn.arguments)
@@ -182,6 +196,7 @@ class OpenAITransport(SDKTransport):
             finish_reason=_finish(finish, assembled, service),
             service_s=service,
             tool_calls=assembled,
+            refusal="".join(refusal) if refusal is not None else None,
         )
 
     def classify(self, exc: BaseException, in_stream: bool) -> AttemptError:

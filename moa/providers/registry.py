@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 from typing import Protocol
 
+from moa.caller import as_sent
 from moa.config import Endpoint, MoAConfig, ProviderConfig, ProviderKind, resolve_endpoint
 from moa.limits import CircuitState, ProviderLimits
 from moa.providers.client import ProviderClient
@@ -92,9 +93,10 @@ class ProviderPool:
 
     async def call(self, req: CallRequest) -> CallResult:
         client = self.clients.get(req.provider)
-        return await client.complete(req) if client else self._unknown(req)
+        return await client.complete(as_sent(req)) if client else self._unknown(req)
 
     async def stream(self, req: CallRequest) -> AsyncIterator[StreamEvent]:
+        req = as_sent(req)
         client = self.clients.get(req.provider)
         if client is None:
             yield self._unknown(req)

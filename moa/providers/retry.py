@@ -13,7 +13,7 @@ from typing import Any
 from moa.config import RetryConfig
 from moa.deadline import Deadline
 from moa.providers.call import Call
-from moa.providers.transport import Attempt, AttemptError, ToolFragment
+from moa.providers.transport import Attempt, AttemptError, RefusalFragment, ToolFragment
 from moa.types import CallRequest, ErrorKind, StreamEvent, TextDelta
 
 
@@ -113,7 +113,7 @@ async def _streamed(
                 break
             if isinstance(item, Attempt):
                 final = item
-            elif isinstance(item, ToolFragment):
+            elif isinstance(item, ToolFragment | RefusalFragment):
                 call.generated(item.text)
             elif item:
                 call.received(item)

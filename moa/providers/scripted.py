@@ -111,7 +111,7 @@ class ScriptedTransport(Transport):
 
 
 def _attempt(step: Step, req: CallRequest, text: str) -> Attempt:
-    prompt = approx_message_tokens(prompt_texts(req.messages, req.tools))
+    prompt = approx_message_tokens(prompt_texts(req.messages, req.tools, req.response_format))
     usage = step.usage or Usage(input_tokens=prompt, output_tokens=approx_tokens(text))
     return Attempt(
         text=text, model=req.model, usage=usage, finish_reason=step.finish_reason, service_s=step.service_s

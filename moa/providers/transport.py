@@ -19,7 +19,15 @@ from typing import Any, ClassVar
 from moa.config import Endpoint, ProviderConfig
 from moa.types import CallRequest, ErrorKind, GenerationParams, ToolCall, Usage
 
-__all__ = ["Attempt", "AttemptError", "SDKTransport", "ToolFragment", "Transport"]
+__all__ = [
+    "Attempt",
+    "AttemptError",
+    "RefusalFragment",
+    "SDKTransport",
+    "ToolFragment",
+    "Transport",
+    "refused_unsent",
+]
 
 
 @dataclass
@@ -34,6 +42,9 @@ class Attempt:
     service_s: float | None = None
     # The calls the model made, assembled (in a stream: from their fragments), in its order.
     tool_calls: list[ToolCall] = field(default_factory=list)
+    # The model's refusal, when it refused (``CallResult.refusal``); in a stream, its pieces came
+    # as ``RefusalFragment``s and this is them joined (or the API's own account of the refusal).
+    refusal: str | None = None
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,15 @@ class ToolFragment:
     Not answer text: it is never passed on as a delta, but it was generated, so a stream cut after
     it is billed for it, and is not retried (``moa.providers.consumption``). The whole calls come
     in the stream's final ``Attempt``."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class RefusalFragment:
+    """A piece of a refusal as it streams in (OpenAI's ``delta.refusal``). Not answer text: never
+    passed on as a delta (the whole refusal comes in the stream's final ``Attempt``), but
+    generated, so billed like a ``ToolFragment`` if the stream is cut after it."""
 
     text: str
 
@@ -67,6 +87,14 @@ class AttemptError(Exception):
         self.unsent = unsent
 
 
+def refused_unsent(message: str) -> AttemptError:
+    """A request the provider's API would refuse (a conversation, tools or a format it cannot
+    take), refused by its adapter before anything is sent: a bad request, neither retried nor
+    billed (nothing was read), with no HTTP status (no provider answered), never held against the
+    provider's health."""
+    return AttemptError(ErrorKind.BAD_REQUEST, message, unsent=True)
+
+
 class Transport(ABC):
     """One provider API as the policy sees it: one attempt at a time, errors typed."""
 
@@ -77,9 +105,11 @@ class Transport(ABC):
         """Send one non-streaming attempt; raise on failure."""
 
     @abstractmethod
-    def open_stream(self, req: CallRequest, timeout_s: float) -> AsyncIterator[str | ToolFragment | Attempt]:
-        """Send one streaming attempt: yield text pieces (and tool call fragments), then one
-        Attempt carrying the assembled tool calls; raise on failure."""
+    def open_stream(
+        self, req: CallRequest, timeout_s: float
+    ) -> AsyncIterator[str | ToolFragment | RefusalFragment | Attempt]:
+        """Send one streaming attempt: yield text pieces (and tool call or refusal fragments),
+        then one Attempt carrying the assembled tool calls (and the refusal); raise on failure."""
 
     @abstractmethod
     def classify(self, exc: BaseException, in_stream: bool) -> AttemptError:

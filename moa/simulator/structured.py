@@ -109,6 +109,32 @@ class _Source:
     required_first: bool = False
 
 
+# How this service states a format in a prompt (``moa.engine.structured.instruction``): a model
+# asked so writes the document as for a format its decoding is not held to (errors included).
+_ASKED_OBJECT = re.compile(r"Answer with one JSON object and nothing else")
+_ASKED_SCHEMA = re.compile(
+    r"Answer with one JSON document and nothing else.*?named (?P<name>[\w-]+).*?JSON Schema:\s*"
+    r"```json\n(?P<schema>.*?)\n```",
+    re.DOTALL,
+)
+
+
+def instructed(transcript: tuple[tuple[str, str], ...]) -> OutputFormat | None:
+    """The format a request's system prompt asks for in words, when it was not asked for natively:
+    a model follows it as it would a native non-strict format, so a server without structured
+    outputs (or an adapter that does not send the format) is simulated too. None: prose."""
+    system = "\n".join(text for role, text in transcript if role == "system")
+    found = _ASKED_SCHEMA.search(system)
+    if found is not None:
+        try:
+            schema = json.loads(found.group("schema"))
+        except ValueError:
+            return None
+        if isinstance(schema, dict):
+            return OutputFormat("json_schema", schema=schema, name=found.group("name"))
+    return OutputFormat("json_object") if _ASKED_OBJECT.search(system) else None
+
+
 def _sentences(
     model: str, style: str, transcript: tuple[tuple[str, str], ...], seed: int | None
 ) -> Iterator[str]:

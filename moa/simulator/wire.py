@@ -19,7 +19,7 @@ from moa.simulator.continuation import continue_text, split_continuation
 from moa.simulator.images import Image, acknowledgement, vision_capable
 from moa.simulator.judge import Authors, judge_reply
 from moa.simulator.profile import ModelProfile
-from moa.simulator.structured import OutputFormat, document
+from moa.simulator.structured import OutputFormat, document, instructed
 from moa.simulator.text import compose, style_for
 from moa.simulator.tools import ToolCall, ToolUse, answer_from_results, preamble_text, propose
 from moa.tokens import approx_message_tokens, approx_tokens, truncate_to_tokens
@@ -241,11 +241,13 @@ def answer(
             )
     verdict = judge_reply(req.model, req.transcript, seed, profile.judge, authors) if authors else None
     doc = None
-    if req.output is not None:
+    # Asked natively, or else in words in the system prompt (``instructed``).
+    output = req.output if req.output is not None else instructed(req.transcript)
+    if output is not None:
         # A JSON document (or a refusal) instead of prose: no judge verdict, continuation or
         # acknowledgement wraps it, as constrained decoding writes nothing outside the document.
         style = profile.style or style_for(req.model)
-        doc = document(req.model, style, seed, req.transcript, req.output, profile.json_errors)
+        doc = document(req.model, style, seed, req.transcript, output, profile.json_errors)
         text, verdict = doc.text, None
     elif verdict is not None:
         text = verdict
