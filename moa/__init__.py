@@ -11,8 +11,8 @@ never imports at all.
 - plans: ``Plan``, ``LayerSpec``, ``ProposerSpec``, ``AggregatorSpec``, ``ModelRef``, ``PlanMode``
 - results: ``MoAResult``, ``CallRecord``, ``Stage``, ``RouteDecision``, ``Progress``
 - the transport seam: ``ModelCaller`` and the call types it speaks (``CallRequest``,
-  ``CallResult``, ``CallError``, ``ErrorKind``, ``ChatMessage``, ``GenerationParams``, ``Usage``,
-  ``TextDelta``, ``StreamEvent``)
+  ``CallResult``, ``CallError``, ``ErrorKind``, ``ChatMessage`` and its ``ImagePart``s,
+  ``GenerationParams``, ``Usage``, ``TextDelta``, ``StreamEvent``)
 - the test double at that seam: ``ScriptedCaller`` and its ``Reply``
 """
 
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
         ChatMessage,
         ErrorKind,
         GenerationParams,
+        ImagePart,
         StreamEvent,
         TextDelta,
         Usage,
@@ -68,6 +69,7 @@ _HOMES: dict[str, str] = {
     "ErrorKind": "moa.types",
     "ChatMessage": "moa.types",
     "GenerationParams": "moa.types",
+    "ImagePart": "moa.types",
     "Usage": "moa.types",
     "TextDelta": "moa.types",
     "StreamEvent": "moa.types",
@@ -86,6 +88,7 @@ __all__ = [
     "DeadlineExceeded",
     "ErrorKind",
     "GenerationParams",
+    "ImagePart",
     "LayerSpec",
     "MoAConfig",
     "MoAEngine",

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from moa.errors import OverCap
 from moa.plan import Plan, PlanMode
-from moa.types import ChatMessage, GenerationParams
+from moa.types import ChatMessage, GenerationParams, request_images
 
 
 class RequestCaps(BaseModel):
@@ -35,6 +35,13 @@ class RequestCaps(BaseModel):
         "staircase step (of the aggregators and of each later layer's proposers), every fallback, "
         "and the router's classifier call.",
     )
+    max_n: int = Field(
+        default=4,
+        ge=1,
+        description="Answers one request may ask for (n): the proposers run once, and each answer "
+        "is one more final call (and, should it fail, its own fallback chain), counted in max_calls "
+        "and in the request's projected cost.",
+    )
     max_tokens_per_call: int = Field(
         default=32_768, ge=1, description="The largest max_tokens a request or plan may ask of one call."
     )
@@ -44,10 +51,20 @@ class RequestCaps(BaseModel):
         ge=1,
         description="Characters of message text in one request (about 100k tokens at 4 per token).",
     )
+    max_images: int = Field(
+        default=20, ge=0, description="Images (image_url parts) in one request; 0 refuses every image."
+    )
+    max_image_bytes: int = Field(
+        default=20_000_000,
+        ge=0,
+        description="Bytes of the images sent as data URLs in one request, decoded (an image by URL "
+        "is never fetched, so counts none). server.max_request_bytes bounds the body first.",
+    )
 
 
-def worst_case_calls(plan: Plan, classifier_calls: int = 0) -> int:
-    """Calls the plan makes if everything that can be tried is tried."""
+def worst_case_calls(plan: Plan, classifier_calls: int = 0, choices: int = 1) -> int:
+    """Calls the plan makes if everything that can be tried is tried, for ``choices`` answers
+    (``n``: the proposer stages run once, the final chain and the fallbacks once per answer)."""
     proposers = sum(len(layer.proposers) for layer in plan.layers)
     syntheses = 0
     if plan.mode is PlanMode.REFINE:
@@ -61,7 +78,8 @@ def worst_case_calls(plan: Plan, classifier_calls: int = 0) -> int:
         if plan.mode is not PlanMode.REFINE:
             steppers += sum(len(layer.proposers) for layer in plan.layers[1:])
         steps = plan.staircase_steps * steppers
-    return classifier_calls + proposers + syntheses + steps + len(plan.aggregators) + len(plan.fallbacks)
+    final = (len(plan.aggregators) + len(plan.fallbacks)) * choices
+    return classifier_calls + proposers + syntheses + steps + final
 
 
 def check_messages(caps: RequestCaps, messages: Sequence[ChatMessage]) -> None:
@@ -77,9 +95,33 @@ def check_messages(caps: RequestCaps, messages: Sequence[ChatMessage]) -> None:
             "(caps.max_input_chars)",
             "messages",
         )
+    images = request_images(messages)
+    if len(images) > caps.max_images:
+        raise OverCap(
+            f"the messages carry {len(images)} images, over the cap of {caps.max_images} (caps.max_images)",
+            "messages",
+        )
+    size = sum(image.nbytes for image in images)
+    if size > caps.max_image_bytes:
+        raise OverCap(
+            f"the messages' images hold {size} bytes, over the cap of {caps.max_image_bytes} "
+            "(caps.max_image_bytes)",
+            "messages",
+        )
 
 
-def check_plan(caps: RequestCaps, plan: Plan, params: GenerationParams, classifier_calls: int = 0) -> None:
+def check_choices(caps: RequestCaps, choices: int) -> None:
+    """``n`` within ``caps.max_n`` (checked before the request is routed: before any paid call).
+    The API's schema refuses ``n`` below 1; the engine's callers are held to it here."""
+    if choices < 1:
+        raise OverCap(f"n={choices}: a request asks for at least one answer", "n")
+    if choices > caps.max_n:
+        raise OverCap(f"n={choices} answers exceed the cap of {caps.max_n} (caps.max_n)", "n")
+
+
+def check_plan(
+    caps: RequestCaps, plan: Plan, params: GenerationParams, classifier_calls: int = 0, choices: int = 1
+) -> None:
     layers = len(plan.layers) * (plan.rounds if plan.mode is PlanMode.REFINE else 1)
     if layers > caps.max_layers:
         raise OverCap(f"the plan runs {layers} layers, over the cap of {caps.max_layers} (caps.max_layers)")
@@ -89,7 +131,7 @@ def check_plan(caps: RequestCaps, plan: Plan, params: GenerationParams, classifi
                 f"layer {index} has {len(layer.proposers)} proposers, over the cap of "
                 f"{caps.max_proposers_per_layer} (caps.max_proposers_per_layer)"
             )
-    calls = worst_case_calls(plan, classifier_calls)
+    calls = worst_case_calls(plan, classifier_calls, choices)
     if calls > caps.max_calls:
         raise OverCap(
             f"the plan may make {calls} model calls, over the cap of {caps.max_calls} (caps.max_calls)"

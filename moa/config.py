@@ -82,6 +82,12 @@ class ModelPrice(_Strict):
         description="The most tokens the model produces in one answer: a call's rate-budget "
         "reservation never exceeds it, whatever max_tokens the request asks for.",
     )
+    vision: bool = Field(
+        default=False,
+        description="Whether the model takes images. A request with images runs only on the models "
+        "that do: the others leave their layer (its quorum counted over the rest), the aggregator "
+        "chain and the fallbacks (docs/IMAGES.md).",
+    )
     unsupported_params: list[DroppableParam] = Field(
         default_factory=list,
         description=(

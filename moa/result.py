@@ -71,6 +71,9 @@ class CallRecord(BaseModel):
     # Staircase aggregation: which intermediate step this call was (None: the last, or no step), of
     # the aggregator or of a proposer of a later layer (its ``layer`` says which).
     staircase_step: int | None = None
+    # Which answer of an ``n`` > 1 request this final call wrote (its choice's ``index``; None: the
+    # run's one answer, or a call every answer shares, such as a proposer's).
+    choice: int | None = None
     # Where the answer came from when not from the model now: "exact" or "semantic" (a cache
     # hit: usage and cost are zero, ``saved_cost_usd`` what it cost first), else None.
     cache: str | None = None
@@ -165,6 +168,23 @@ class VoteOutcome(BaseModel):
     reason: str | None = None
 
 
+class Choice(BaseModel):
+    """One of a run's answers when the request asked for several (``n`` > 1): written by its own
+    final call (or chain), over the same proposals as the others."""
+
+    index: int
+    text: str
+    provider: str
+    model: str
+    finish_reason: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    # The model's refusal to write the requested document (``text`` is then empty).
+    refusal: str | None = None
+    fallback: str | None = None
+    fallback_reason: FallbackReason | None = None
+    answer_source: AnswerSource = "aggregator"
+
+
 class MoAResult(BaseModel):
     text: str
     preset: str
@@ -203,6 +223,31 @@ class MoAResult(BaseModel):
     # (``structured: proposers``; its winner, as canonical JSON, in ``calls``).
     refusal: str | None = None
     document_vote: VoteOutcome | None = None
+    # Every answer, in order, when the request asked for several (``n`` > 1): the fields above are
+    # the first one's, and ``calls``, ``usage`` and ``cost_usd`` count every answer's calls. Empty
+    # for the one answer of an ordinary run.
+    choices: list[Choice] = Field(default_factory=list)
+
+    def answers(self) -> list[Choice]:
+        """The run's answers, each with its ``index``: ``choices``, or the one answer."""
+        if self.choices:
+            return self.choices
+        return [self.choice(0)]
+
+    def choice(self, index: int) -> Choice:
+        """This result's answer as the choice at ``index``."""
+        return Choice(
+            index=index,
+            text=self.text,
+            provider=self.provider,
+            model=self.model,
+            finish_reason=self.finish_reason,
+            tool_calls=self.tool_calls,
+            refusal=self.refusal,
+            fallback=self.fallback,
+            fallback_reason=self.fallback_reason,
+            answer_source=self.answer_source,
+        )
 
     @property
     def stragglers_cancelled(self) -> int:

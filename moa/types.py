@@ -7,6 +7,7 @@ wire (they are plain pydantic models, so they pickle and serialise to JSON).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -14,7 +15,17 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from moa.images import (
+    ASSUMED_SIZE,
+    anthropic_tokens,
+    b64decode,
+    gemini_tokens,
+    openai_tokens,
+    parse_data_url,
+    sniff,
+)
 
 
 class ErrorKind(StrEnum):
@@ -147,10 +158,73 @@ class ResponseFormat(BaseModel):
         return json.dumps(self.json_schema, ensure_ascii=False, separators=(",", ":"))
 
 
+ImageDetail = Literal["auto", "low", "high"]
+
+
+class ImagePart(BaseModel):
+    """An image a user message carries (OpenAI's ``image_url`` part), checked by the API: ``url``
+    is an ``https://`` URL (never fetched by the service: it goes only to providers that take
+    URLs) or a ``data:`` URL holding the image itself, whose format and size were read from its
+    header (``media_type``, ``width``, ``height``; None for a URL, whose size is unknown)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    url: str
+    # OpenAI's detail level; only OpenAI's API reads it (and its token rule counts by it).
+    detail: ImageDetail = "auto"
+    media_type: str | None = None
+    width: int | None = None
+    height: int | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _measured(cls, data: Any) -> Any:
+        """A data URL's format and size, read from its header when not given (a program building
+        its own ImagePart); a data URL holding no PNG, JPEG, GIF or WebP is refused."""
+        if (
+            isinstance(data, dict)
+            and str(data.get("url", "")).startswith("data:")
+            and not data.get("media_type")
+        ):
+            found = parse_data_url(data["url"])
+            seen = sniff(b64decode(found[2]) or b"") if found is not None and found[1] else None
+            if seen is None:
+                raise ValueError("an image data URL must hold a base64 PNG, JPEG, GIF or WebP")
+            data = {**data, "media_type": seen[0], "width": seen[1], "height": seen[2]}
+        return data
+
+    @property
+    def is_data(self) -> bool:
+        """Whether the image itself is here (a data URL), rather than a URL to it."""
+        return self.url.startswith("data:")
+
+    @property
+    def base64(self) -> str:
+        """A data URL's payload (base64), as Anthropic's and Gemini's APIs take it; "" for a URL."""
+        found = parse_data_url(self.url) if self.is_data else None
+        return found[2] if found is not None else ""
+
+    @property
+    def data(self) -> bytes:
+        """A data URL's image bytes; b"" for a URL."""
+        return (b64decode(self.base64) or b"") if self.is_data else b""
+
+    @property
+    def nbytes(self) -> int:
+        """The image's size in bytes (a data URL's, decoded); 0 for a URL."""
+        payload = self.base64
+        return len(payload) * 3 // 4 - payload[-2:].count("=")
+
+    def digest(self) -> str:
+        """What a cache key holds of it: a hash of the image's bytes, or of its URL."""
+        return hashlib.sha256(self.data if self.is_data else self.url.encode()).hexdigest()
+
+
 class ChatMessage(BaseModel):
     """A message of the conversation, normalised: text content; an assistant turn may carry the
     tool calls it made, and a ``tool`` turn is the result of one of them (``tool_call_id``, and
-    ``name``: the function it answers, which Gemini's API needs and OpenAI's does not carry)."""
+    ``name``: the function it answers, which Gemini's API needs and OpenAI's does not carry). A
+    user turn may carry images, sent after its text (its text parts are joined, in order)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -159,6 +233,8 @@ class ChatMessage(BaseModel):
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None
     name: str | None = None
+    # The images of a user turn (``image_url`` parts), in the order given; text counts apart.
+    images: tuple[ImagePart, ...] = ()
 
     @property
     def token_text(self) -> str:
@@ -183,6 +259,38 @@ def prompt_texts(
     if response_format is not None and response_format.prompt_text:
         texts.append(response_format.prompt_text)
     return texts
+
+
+def request_images(messages: Iterable[ChatMessage]) -> list[ImagePart]:
+    """Every image the conversation carries, in order."""
+    return [image for m in messages for image in m.images]
+
+
+# The size an image given by URL is counted at, per rule: it is never fetched, so its size is
+# unknown, and it is counted as the largest image the rule bills (OpenAI's high detail: 2048x768,
+# 8 tiles, 1,445 tokens; Anthropic's: about 1,600), so an estimate errs high, never low. Gemini
+# is never sent a URL (moa.engine.vision); its figure is a typical upload's, for completeness.
+_URL_SIZE = {"openai": (2048, 768), "anthropic": (1568, 1568), "gemini": (ASSUMED_SIZE, ASSUMED_SIZE)}
+
+
+def image_tokens(provider_kind: str, images: Iterable[ImagePart]) -> int:
+    """The input tokens ``images`` cost on a provider of ``provider_kind`` (the config's kind:
+    ``anthropic``, ``gemini``, else OpenAI's wire), by its published rule: OpenAI's tiles by
+    detail (``auto`` counted as ``high``), Anthropic's width x height / 750, Gemini's 258 per
+    768px tile. Approximate: OpenAI's patch-priced models (GPT-4.1 mini and nano, o4-mini) and
+    GPT-4o mini's multipliers are counted by the tile rule. What projections, and the estimate of
+    a call cut before its provider reported its usage, count for images."""
+    rule = provider_kind if provider_kind in ("anthropic", "gemini") else "openai"
+    total = 0
+    for image in images:
+        w, h = (image.width, image.height) if image.width and image.height else _URL_SIZE[rule]
+        if rule == "openai":
+            total += openai_tokens(w, h, image.detail)
+        elif rule == "anthropic":
+            total += anthropic_tokens(w, h)
+        else:
+            total += gemini_tokens(w, h)
+    return total
 
 
 def priced_messages(
@@ -380,6 +488,8 @@ class TextDelta(BaseModel):
     """One piece of a streamed answer; a stream ends with the full CallResult."""
 
     text: str
+    # Which of the run's answers it belongs to (``n`` > 1 asks for several: its ``index``).
+    choice: int = 0
 
 
 async def batched(events: AsyncIterator[StreamEvent], batch_s: float) -> AsyncIterator[StreamEvent]:

@@ -123,7 +123,7 @@ HI = b'"messages": [{"role": "user", "content": "hi"}]'
             "temperature",
             "temperature: ",
         ),
-        (b'{"model": "moa", ' + HI + b', "n": 3}', 422, "invalid_value", "n", "n: "),
+        (b'{"model": "moa", ' + HI + b', "n": 0}', 422, "invalid_value", "n", "n: "),
         (
             b'{"model": "moa", "messages": [{"role": "wizard", "content": "hi"}]}',
             422,

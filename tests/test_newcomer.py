@@ -150,7 +150,6 @@ def test_a_model_that_refuses_reasoning_effort_gets_it_dropped_with_a_note(
         ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
         ({"web_search_options": {}}, "web_search_options"),
         ({"verbosity": "low"}, "verbosity"),
-        ({"n": 2}, "n"),
     ],
 )
 def test_what_this_service_does_not_do_is_refused_by_name(

@@ -270,7 +270,7 @@ class Access:
                     )
         return principal
 
-    # Seven parameters: everything ``fit_cost_cap`` reads, passed through as they are. The spend
+    # Eight parameters: everything ``fit_cost_cap`` reads, passed through as they are. The spend
     # gate holds them for its request; the auth-cost benchmark calls this with no gate.
     def fit(
         self,
@@ -281,6 +281,7 @@ class Access:
         max_cost_usd: float | None,
         health: Callable[[], HealthView],
         shape: PlanShape = Plan.as_run,
+        choices: int = 1,
     ) -> tuple[Routed, Projection]:
         """The plan held to the request's (or the key's) cost cap and to the key's presets and
         models (a cheaper tier for ``auto``, put through ``shape``: the request's overrides), and
@@ -288,7 +289,7 @@ class Access:
         nothing more; ``hold_tokens`` and ``hold`` then reserve it once models will be called."""
         cap = max_cost_usd if max_cost_usd is not None else principal.limits.max_cost_usd
         routed, projected = fit_cost_cap(
-            self.config, routed, messages, params, cap, health, shape, principal.allows
+            self.config, routed, messages, params, cap, health, shape, principal.allows, choices
         )
         span = trace.get_current_span()
         span.set_attribute("moa.cost.projected_usd", projected.cost_usd)

@@ -38,7 +38,7 @@ class SpendGate:
     ) -> None:
         self.access, self.principal, self.messages, self.health = access, principal, messages, health
         self.params, self.max_cost_usd = spec.params, spec.options.max_cost_usd
-        self.param = spec.param
+        self.param, self.choices = spec.param, spec.choices
         self.spend: Spend | None = None
         self.projection = Projection(0.0, 0)
 
@@ -59,7 +59,14 @@ class SpendGate:
         """The engine's hook with the routed plan as it will run (every override applied): the
         key's rules and its cost cap are checked, and the cost projected, on that plan."""
         routed, projected = self.access.fit(
-            self.principal, routed, self.messages, self.params, self.max_cost_usd, self.health, shape
+            self.principal,
+            routed,
+            self.messages,
+            self.params,
+            self.max_cost_usd,
+            self.health,
+            shape,
+            self.choices,
         )
         # On the plan that will run: auto's tier may have moved to one the key may use.
         plan, decision, _ = routed

@@ -10,7 +10,7 @@ from typing import Any
 
 from moa.api.schemas import ChatCompletionRequest
 from moa.cache import CacheTicket
-from moa.result import MoAResult
+from moa.result import Choice, MoAResult
 from moa.types import ToolCall, Usage
 
 
@@ -29,7 +29,7 @@ def tool_calls(calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
     ]
 
 
-def message(req: ChatCompletionRequest, result: MoAResult) -> dict[str, Any]:
+def message(req: ChatCompletionRequest, result: MoAResult | Choice) -> dict[str, Any]:
     """The answer's ``message``: its text (null when it is only calls, as OpenAI sends it) and its
     calls, as ``tool_calls``, or as the legacy ``function_call`` when the request gave ``functions``."""
     body: dict[str, Any] = {"role": "assistant", "content": result.text, "refusal": None}
@@ -69,6 +69,17 @@ def moa_detail(result: MoAResult) -> dict[str, Any]:
         "cache": result.cache.model_dump(mode="json"),
         "tool_vote": result.tool_vote.model_dump(mode="json") if result.tool_vote else None,
         "document_vote": result.document_vote.model_dump(mode="json") if result.document_vote else None,
+        # With n > 1: who wrote each answer, and how (``calls`` carry their ``choice``).
+        "choices": [
+            {
+                "index": c.index,
+                "answered_by": f"{c.provider}/{c.model}",
+                "fallback": c.fallback,
+                "fallback_reason": c.fallback_reason,
+                "answer_source": c.answer_source,
+            }
+            for c in result.choices
+        ],
         "calls": [c.model_dump(mode="json") for c in result.calls],
         "totals": {
             "calls": len(result.calls),
@@ -91,13 +102,15 @@ def completion_body(req: ChatCompletionRequest, result: MoAResult) -> dict[str, 
         "created": int(time.time()),
         "model": answered_model(req.model, result.preset),
         "system_fingerprint": None,
+        # One per answer (``n``), each with its own index and finish reason.
         "choices": [
             {
-                "index": 0,
-                "message": message(req, result),
+                "index": choice.index,
+                "message": message(req, choice),
                 "logprobs": None,
-                "finish_reason": finish_reason(result.finish_reason, req.functions is not None),
+                "finish_reason": finish_reason(choice.finish_reason, req.functions is not None),
             }
+            for choice in result.answers()
         ],
         "usage": usage(result.usage),
     }

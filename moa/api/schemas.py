@@ -8,12 +8,14 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
+from moa.api.images import image_part
 from moa.engine.toolcalls import ToolMode, schema_problem
 from moa.plan import AggregationMode, Plan
 from moa.types import (
     OPENAI_CHAT_FIELDS,
     ChatMessage,
     GenerationParams,
+    ImagePart,
     ReasoningEffort,
     ResponseFormat,
     ToolCall,
@@ -37,6 +39,8 @@ class ContentPart(BaseModel):
 
     type: str
     text: str | None = None
+    # An ``image_url`` part's object (``url``, ``detail``), checked by ``moa.api.images``.
+    image_url: Any = None
 
 
 class InFunctionCall(BaseModel):
@@ -74,11 +78,21 @@ class InMessage(BaseModel):
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            kinds = {p.type for p in self.content} - {"text"}
+            allowed = {"text", "image_url"} if self.role == "user" else {"text"}
+            kinds = {p.type for p in self.content} - allowed
             if kinds:
-                raise ValueError(f"only text content is supported, not {', '.join(sorted(kinds))}")
-            return "".join(p.text or "" for p in self.content)
+                where = "" if self.role == "user" else f" in a {self.role} message"
+                raise ValueError(
+                    f"only text and image_url content is supported{where}, not {', '.join(sorted(kinds))}"
+                )
+            return "".join(p.text or "" for p in self.content if p.type == "text")
         return self.content or ""
+
+    def images(self) -> tuple[ImagePart, ...]:
+        """The ``image_url`` parts of a user message (``moa.api.images`` checks each)."""
+        if not isinstance(self.content, list):
+            return ()
+        return tuple(image_part(p.image_url) for p in self.content if p.type == "image_url")
 
     def to_chat(self) -> ChatMessage:
         text = self.text()
@@ -96,7 +110,8 @@ class InMessage(BaseModel):
             return ChatMessage(role="tool", content=text, tool_call_id=call_id, name=self.name)
         if self.role == "function":  # a function result without a call before it: refused above
             raise ValueError("a function message must answer a function_call")
-        return ChatMessage(role="system" if self.role == "developer" else self.role, content=text)
+        role = "system" if self.role == "developer" else self.role
+        return ChatMessage(role=role, content=text, images=self.images())
 
 
 # The id a legacy ``function_call`` (which has none) goes by inside the service, so that the
@@ -105,9 +120,10 @@ LEGACY_CALL_ID = "call_legacy_function"
 
 
 def chat_messages(messages: list[InMessage]) -> list[ChatMessage]:
-    """The one rule both endpoints apply to a message list: text content only, at least one user
-    message, and tool turns as OpenAI's API holds them (each ``tool`` message answers a call of
-    the assistant message before it; every call is answered before the conversation goes on).
+    """The one rule both endpoints apply to a message list: text content (and images in user
+    messages), at least one user message, and tool turns as OpenAI's API holds them (each
+    ``tool`` message answers a call of the assistant message before it; every call is answered
+    before the conversation goes on).
     Raises ``ParamError`` naming the field at fault."""
     out: list[ChatMessage] = []
     pending: dict[str, str] = {}  # call id -> function name, of the last assistant turn's calls
@@ -434,6 +450,8 @@ class RunSpec:
     tools: ToolSet | None = None
     # The format the answer must have (None: free text).
     response_format: ResponseFormat | None = None
+    # How many answers the request asks for (``n``).
+    choices: int = 1
 
 
 class RunBody(BaseModel):
@@ -461,7 +479,8 @@ class ChatCompletionRequest(RunBody):
     top_p: float | None = Field(default=None, ge=0, le=1)
     max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
-    n: int = Field(default=1, ge=1, le=1)
+    # How many answers (choices): up to caps.max_n, checked with the other caps (moa.engine.choices).
+    n: int = Field(default=1, ge=1)
     seed: int | None = None
     stop: str | list[str] | None = None
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -533,6 +552,7 @@ class ChatCompletionRequest(RunBody):
             detail=self.moa.detail,
             tools=self.tool_set(),
             response_format=response_format(self.response_format),
+            choices=self.n,
         )
 
     def params(self) -> GenerationParams:
@@ -572,6 +592,8 @@ class MoARequest(RunBody):
     tool_mode: ToolMode | None = None
     # As on a chat completion.
     response_format: Any = None
+    # Several answers, as a chat completion's ``n``: the result's ``choices`` lists them.
+    n: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
     def _one_of(self) -> MoARequest:
@@ -595,6 +617,7 @@ class MoARequest(RunBody):
             detail=True,
             tools=tools,
             response_format=response_format(self.response_format),
+            choices=self.n,
         )
 
 

@@ -65,6 +65,7 @@ class Prepared:
         options |= {"tenant": self.tenant, "ticket": self.ticket}
         options |= {"tools": spec.tools, "tool_mode": spec.options.tool_mode}
         options |= {"response_format": spec.response_format}
+        options |= {"choices": spec.choices}
         return options | self.gate.hooks()
 
     async def close(self) -> None:

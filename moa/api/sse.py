@@ -39,8 +39,9 @@ class Chunks:
             "model": self.model,
         }
 
-    def delta(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+    def delta(self, delta: dict[str, Any], finish: str | None = None, index: int = 0) -> bytes:
+        """A chunk of choice ``index``'s answer (each of ``n`` answers streams under its own)."""
+        choices = [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]
         return event(self._head() | {"system_fingerprint": None, "choices": choices})
 
     def calls(self, calls: Sequence[ToolCall], legacy: bool = False) -> list[bytes]:
@@ -113,7 +114,8 @@ class SseWriter:
         gets a chunk with no choices and a ``moa.progress`` field at each step. An error after the
         headers went out ends the stream with an OpenAI-style error event and [DONE]."""
         chunks = Chunks(answered_model(req.model, ran))
-        yield chunks.delta({"role": "assistant", "content": ""})
+        for index in range(req.n):
+            yield chunks.delta({"role": "assistant", "content": ""}, index=index)
         ev: TextDelta | MoAResult | Progress | None = first
         stage = "admitted"
         first_token = False
@@ -129,14 +131,16 @@ class SseWriter:
                     if ev.text and not first_token:
                         first_token = True
                         self.outcomes.first_token(ran or req.model, time.monotonic() - t0)
-                    yield chunks.delta({"content": ev.text})
+                    yield chunks.delta({"content": ev.text}, index=ev.choice)
                 else:
                     self.outcomes.answered(ev, ev.wall_time_s, req.chat_messages(), req.model)
-                    if ev.refusal is not None:  # as OpenAI streams a refusal: delta.refusal
-                        yield chunks.delta({"refusal": ev.refusal})
-                    for piece in chunks.calls(ev.tool_calls, legacy=req.functions is not None):
-                        yield piece
-                    yield chunks.delta({}, finish_reason(ev.finish_reason, req.functions is not None))
+                    legacy = req.functions is not None
+                    for choice in ev.answers():  # each answer ends with its own finish reason
+                        if choice.refusal is not None:  # as OpenAI streams a refusal: delta.refusal
+                            yield chunks.delta({"refusal": choice.refusal}, index=choice.index)
+                        for piece in chunks.calls(choice.tool_calls, legacy=legacy):
+                            yield piece
+                        yield chunks.delta({}, finish_reason(choice.finish_reason, legacy), choice.index)
                     include_usage = req.stream_options is not None and req.stream_options.include_usage
                     last = chunks.last(ev, include_usage, req.moa.detail)
                     if last is not None:

@@ -30,8 +30,9 @@ def normalise_text(text: str) -> str:
 
 def normalise_messages(messages: Sequence[ChatMessage]) -> list[list[str]]:
     """Each message as it counts for a key: role and normalised text, and (only where present, so
-    keys of plain conversations are unchanged) the calls an assistant turn made or the call a tool
-    result answers."""
+    keys of plain conversations are unchanged) the calls an assistant turn made, the call a tool
+    result answers, or the images a user turn carries (each by a hash of its bytes, or of its
+    URL, and its detail)."""
     out = []
     for m in messages:
         item = [m.role, normalise_text(m.content)]
@@ -39,6 +40,8 @@ def normalise_messages(messages: Sequence[ChatMessage]) -> list[list[str]]:
             item.append(json.dumps([c.model_dump() for c in m.tool_calls], sort_keys=True))
         if m.tool_call_id is not None:
             item.append(f"{m.tool_call_id}|{m.name or ''}")
+        if m.images:
+            item.append("images:" + ",".join(f"{i.digest()}|{i.detail}" for i in m.images))
         out.append(item)
     return out
 
@@ -100,8 +103,9 @@ def proposal_key(scope: str, req: CallRequest) -> str:
 
 def split_last_user(messages: Sequence[ChatMessage]) -> tuple[list[ChatMessage], str] | None:
     """(everything but the last user message, its text); None if the last message is not the
-    user's (nothing to rephrase then)."""
-    if not messages or messages[-1].role != "user":
+    user's (nothing to rephrase then), or carries images (a question about an image is the same
+    question only about the same image, which no text similarity can tell)."""
+    if not messages or messages[-1].role != "user" or messages[-1].images:
         return None
     return list(messages[:-1]), messages[-1].content
 

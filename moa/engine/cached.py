@@ -11,6 +11,10 @@ from moa.engine.context import RunContext
 from moa.result import MoAResult, RouteDecision
 from moa.types import TextDelta
 
+# Why a request for several answers (``n`` > 1) neither reads nor writes the answers' level: an
+# entry is one answer. Its proposer calls still go through the proposal level, as any run's.
+SEVERAL = "n > 1 asks for several answers, and a cached answer is one"
+
 
 def ticket(ctx: RunContext, decision: RouteDecision, given: CacheTicket | None) -> CacheTicket | None:
     """This run's cache rights: ``given`` (the request's: the API's, per key), or, outside the API
@@ -28,7 +32,7 @@ async def lookup(ctx: RunContext) -> MoAResult | None:
     """The answer from the cache, when it may serve one and has it."""
     assert ctx.cache is not None and ctx.ticket is not None
     cache, ticket = ctx.cache, ctx.ticket
-    why = cache.readable(ticket, ctx.params)
+    why = SEVERAL if ctx.choices > 1 else cache.readable(ticket, ctx.params)
     if why is not None:
         ticket.outcome.status, ticket.outcome.reason = "bypass", why
         return None
@@ -63,6 +67,10 @@ async def store(ctx: RunContext, result: MoAResult, span: Span) -> None:
     """Keep the run's answer, when the run may (its ticket); ``result`` and ``span`` say what the
     cache did for the run."""
     if ctx.ticket is None or ctx.cache is None:
+        return
+    if ctx.choices > 1:
+        result.cache = ctx.ticket.outcome.model_copy()
+        span.set_attribute("moa.cache", result.cache.status)
         return
     why = await ctx.cache.store_answer(ctx.ticket, ctx.messages, ctx.plan, ctx.params, result)
     if why is not None:

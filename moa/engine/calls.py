@@ -22,7 +22,9 @@ from moa.types import (
     StreamEvent,
     TextDelta,
     Usage,
+    image_tokens,
     prompt_texts,
+    request_images,
 )
 
 # How long the transport may hold the text of a call nobody reads as it comes (a proposer's, an
@@ -210,6 +212,7 @@ def cut_result(  # seven: the call as known (request or its parts), and how and 
     provider replica on Ray) can have the ledger charge that instead (``moa.engine.receipts``)."""
     if isinstance(req, CallRequest):
         provider, model, prompt = req.provider, req.model, prompt_tokens(req.messages)
+        prompt += image_tokens(provider_kind(config, req.provider), request_images(req.messages))
         call_id = req.call_id
     else:
         provider, model, prompt = req

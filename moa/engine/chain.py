@@ -156,6 +156,7 @@ class _Attempts:
             res, stage=w.stage, started_s=started_s, layer=w.layer, round=w.round, role=w.role
         )
         rec.staircase_step = self.part.step
+        rec.choice = self.ctx.choice
         return rec
 
     def ended(self, ev: FuseStep, span: Span) -> CallResult:

@@ -78,6 +78,9 @@ class RunOptions(TypedDict, total=False):
     tool_mode: ToolMode | None
     # The format the answer must have (``moa.engine.structured``); None: free text.
     response_format: ResponseFormat | None
+    # How many answers (``n``; at most ``caps.max_n``): the proposer stages run once, then the
+    # final answer is written this many times, each sampled on its own (``moa.engine.choices``).
+    choices: int | None
 
 
 @dataclass(frozen=True)
@@ -101,13 +104,20 @@ class RunRequest:
         """``plan`` as this request would run it (its aggregation override; staircase only when
         streamed): what ``admit`` projects and caps, and what the run then runs."""
         # A tool call or a document cannot be streamed before it is checked: such a request never
-        # climbs.
-        return plan.as_run(self.options.get("aggregation"), self.stream and not self.contract.binding)
+        # climbs; nor does one with several answers (the staircase's steps write one answer).
+        stream = self.stream and not self.contract.binding and self.choices == 1
+        return plan.as_run(self.options.get("aggregation"), stream)
 
     @property
     def contract(self) -> Contract:
         """What the answer is held to: the request's tools and response format."""
         return Contract(self.options.get("tools"), self.options.get("response_format"))
+
+    @property
+    def choices(self) -> int:
+        """How many answers the request asks for (``n``; 1 unless given)."""
+        given = self.options.get("choices")
+        return 1 if given is None else given
 
 
 @dataclass
@@ -140,6 +150,10 @@ class RunContext:
     vote: VoteOutcome | None = None
     # What the vote among the proposals' documents saw (``structured: proposers``).
     document_vote: VoteOutcome | None = None
+    # How many answers the run writes (``n``), and which one this view of the run writes (None: the
+    # run's one answer, or the stages every answer shares; see ``moa.engine.choices``).
+    choices: int = 1
+    choice: int | None = None
     # Told of every call as it is recorded (the API meters a request's spend with it).
     on_call: Callable[[CallRecord], None] | None = None
     # Told where the proposer layers stand, for a streaming client waiting for its first token.

@@ -10,6 +10,9 @@ the config's ``ModelPrice`` entries. The projection is what a request reserves a
 budget and what ``moa.max_cost_usd`` is compared with; the same walk counts the tokens every call
 may read and write, which a request reserves against its key's tokens per minute.
 
+Images count by each provider's published rule (``moa.types.image_tokens``), on top of the
+prompt's text.
+
 Both are made on the plan as it will run (``Plan.as_run``: the request's aggregation override,
 staircase only for a stream) and, for ``auto``, on the tier it will really use: ``fit_plan``.
 """
@@ -22,11 +25,21 @@ from dataclasses import dataclass
 from moa.config import MoAConfig
 from moa.engine.calls import TEMPLATE_OVERHEAD_TOKENS, merge_params
 from moa.engine.router import substitute_unavailable
+from moa.engine.vision import NoVisionModel
 from moa.errors import OverCap
 from moa.plan import Complexity, ModelRef, Plan, PlanMode, PlanShape
 from moa.result import RouteDecision
 from moa.tokens import approx_message_tokens
-from moa.types import CallRequest, CallResult, ChatMessage, GenerationParams, HealthView, prompt_texts
+from moa.types import (
+    CallRequest,
+    CallResult,
+    ChatMessage,
+    GenerationParams,
+    HealthView,
+    image_tokens,
+    prompt_texts,
+    request_images,
+)
 
 # The <reference id="N"> wrapper around each answer.
 REFERENCE_OVERHEAD_TOKENS = 16
@@ -51,11 +64,18 @@ def projected_cost(
 
 
 def project(
-    config: MoAConfig, plan: Plan, messages: Sequence[ChatMessage], params: GenerationParams
+    config: MoAConfig,
+    plan: Plan,
+    messages: Sequence[ChatMessage],
+    params: GenerationParams,
+    choices: int = 1,
 ) -> Projection:
     """The most the plan can cost, and the most tokens it can use, for these messages and
-    parameters (a model without a price counts for neither: it has no limits to project with)."""
+    parameters (a model without a price counts for neither: it has no limits to project with).
+    ``choices`` answers (``n``): the proposer stages once, every final call and fallback once per
+    answer."""
     prompt = approx_message_tokens(prompt_texts(messages))
+    images = request_images(messages)
     total = 0.0
     tokens = 0
 
@@ -71,7 +91,7 @@ def project(
         if step:
             asked = min(asked or plan.staircase_step_tokens, plan.staircase_step_tokens)
         out = min(asked or price.max_output_tokens, price.max_output_tokens)
-        read = prompt + written
+        read = prompt + written + image_tokens(config.providers[ref.provider].kind, images)
         if references:
             read += sum(references) + REFERENCE_OVERHEAD_TOKENS * len(references) + TEMPLATE_OVERHEAD_TOKENS
         read = min(read, price.context_window)
@@ -103,10 +123,11 @@ def project(
     for k in range(steps):
         for agg in plan.aggregators:
             call(agg, previous, step=True, written=k * plan.staircase_step_tokens)
-    for agg in plan.aggregators:
-        call(agg, previous, written=stepped)
-    for fallback in plan.fallbacks:
-        call(fallback, [])
+    for _ in range(choices):
+        for agg in plan.aggregators:
+            call(agg, previous, written=stepped)
+        for fallback in plan.fallbacks:
+            call(fallback, [])
     return Projection(total, tokens)
 
 
@@ -121,7 +142,7 @@ def _anything(decision: RouteDecision, plan: Plan) -> bool:
     return True
 
 
-# Eight parameters: the request (messages, params), what it was routed to, and the three rules it is
+# Nine parameters: the request (messages, params, choices), what it was routed to, and the three rules it is
 # held to (cap, the key's access, the request's overrides), each a plain value or function so the
 # fit stays pure and testable without a key, a store or an API.
 def fit_cost_cap(
@@ -133,6 +154,7 @@ def fit_cost_cap(
     health: Callable[[], HealthView] = HealthView,
     shape: PlanShape = Plan.as_run,
     allowed: Callable[[RouteDecision, Plan], bool] = _anything,
+    choices: int = 1,
 ) -> tuple[Routed, Projection]:
     """The routed plan and its projection (cost and tokens), held to ``cap_usd`` and to what the
     caller may use.
@@ -144,10 +166,10 @@ def fit_cost_cap(
     cap, or returned as it is when only not allowed: the caller's own check then refuses it,
     naming what it may not use. ``routed`` is the plan as it will run; ``shape`` makes a cheaper
     tier into the plan that would run in its place (the request's overrides), so that is what is
-    checked and projected.
+    checked and projected, for ``choices`` answers (``n``).
     """
     plan, decision, pre = routed
-    projection = project(config, plan, messages, params)
+    projection = project(config, plan, messages, params, choices)
     cost = projection.cost_usd
     over = cap_usd is not None and cost > cap_usd
     permitted = allowed(decision, plan)
@@ -160,10 +182,13 @@ def fit_cost_cap(
         for tier in _CHEAPER[decision.complexity]:
             name = config.router.tiers[tier]
             candidate, subs = substitute_unavailable(config.presets[name], config, health())
-            candidate = shape(candidate)
+            try:
+                candidate = shape(candidate)
+            except NoVisionModel:
+                continue  # a tier whose models cannot see the request's images (moa.engine.vision)
             reason = f"{decision.reason}; {name} instead: {'; '.join(why)}"
             new = decision.model_copy(update={"preset": name, "reason": reason, "substitutions": subs})
-            cheaper = project(config, candidate, messages, params)
+            cheaper = project(config, candidate, messages, params, choices)
             if allowed(new, candidate) and (cap_usd is None or cheaper.cost_usd <= cap_usd):
                 return (candidate, new, pre), cheaper
     if not permitted:
@@ -182,5 +207,6 @@ def call_cost(config: MoAConfig, req: CallRequest) -> float:
         return 0.0
     price = config.price(req.provider, req.model)
     prompt = approx_message_tokens(prompt_texts(req.messages, req.tools, req.response_format))
+    prompt += image_tokens(config.providers[req.provider].kind, request_images(req.messages))
     out = min(req.params.max_tokens or price.max_output_tokens, price.max_output_tokens)
     return price.cost(min(prompt, price.context_window), out)

@@ -4,9 +4,10 @@ It is transport-agnostic: every model call goes through a ``ModelCaller``. Non-s
 streaming runs share one pipeline and one ``RunRequest``; ``run`` simply drains it. A run is
 routed and admitted here; its proposer stages run in its aggregation mode (``moa.engine.modes``:
 final, early or staircase, chosen once per run and driven the same way), and its final answer in
-``moa.engine.answer``. The stages share one ``RunContext`` (``moa.engine.context``); a proposer
-layer runs in ``moa.engine.layer``, an answer chain in ``moa.engine.chain``, the response cache's
-part in ``moa.engine.cached``, and span attributes are set in ``moa.engine.spans``.
+``moa.engine.answer`` (several answers, ``n``, in ``moa.engine.choices``). The stages share one
+``RunContext`` (``moa.engine.context``); a proposer layer runs in ``moa.engine.layer``, an answer
+chain in ``moa.engine.chain``, the response cache's part in ``moa.engine.cached``, and span
+attributes are set in ``moa.engine.spans``.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from opentelemetry.context import Context
 
 from moa.cache import ResponseCache, open_cache
 from moa.caller import ModelCaller
-from moa.caps import check_messages, check_plan
+from moa.caps import check_choices, check_messages, check_plan
 from moa.config import MoAConfig
-from moa.engine import cached, spans
+from moa.engine import cached, spans, vision
 from moa.engine.answer import answer
 from moa.engine.calls import check_window
+from moa.engine.choices import several, unshared
 from moa.engine.context import Routed, RunContext, RunOptions, RunRequest
 from moa.engine.fusion import Fuser, LocalFuser
 from moa.engine.modes import Proposed, mode_for
@@ -152,6 +154,9 @@ class MoAEngine:
         calls (an LLM classifier's) are paid for whatever happens next: told to ``on_call`` first,
         so a request that admission refuses is still billed for them."""
         options = request.options
+        # Before routing (an LLM classifier's call is paid): how many answers, and with what.
+        check_choices(self.config.caps, request.choices)
+        unshared(request.choices, options.get("tools"))
         routed = options.get("routed") or await self._routed(request, span_ctx)
         routed_plan, decision, pre_calls = routed
         pre_records = [CallRecord.from_result(r, stage=Stage.CLASSIFIER, started_s=0.0) for r in pre_calls]
@@ -159,18 +164,20 @@ class MoAEngine:
         if on_call is not None:
             for rec in pre_records:
                 on_call(rec)
-        # Every override first: admission projects and caps the plan that will really run.
-        routed = (request.shape(routed_plan), decision, pre_calls)
+        # Every override first (and, for images, only the models that see them): admission
+        # projects and caps the plan that will really run.
+        shape = vision.shaped(self.config, request.shape, request.messages)
+        routed = (shape(routed_plan), decision, pre_calls)
         admit = options.get("admit")
         if admit is not None:
-            routed = await admit(routed, request.shape)
+            routed = await admit(routed, shape)
         plan, decision, _ = routed
         params = options.get("params") or GenerationParams()
         tools, response_format = options.get("tools"), options.get("response_format")
         held = request.contract.binding
         priced = priced_messages(request.messages, tools, response_format)
         check_messages(self.config.caps, priced)
-        check_plan(self.config.caps, plan, params, len(pre_calls))
+        check_plan(self.config.caps, plan, params, len(pre_calls), request.choices)
         # The models that would answer (their windows as declared, or as their servers said).
         check_window(self.config, [*plan.aggregators, *plan.fallbacks], priced, params)
         ctx = RunContext(
@@ -192,6 +199,7 @@ class MoAEngine:
             tool_mode=options.get("tool_mode") or plan.tools,
             replay=request.stream and held,
             response_format=response_format,
+            choices=request.choices,
         )
         for res, rec in zip(pre_calls, pre_records, strict=True):
             ctx.record(res, rec, notify=False)
@@ -237,7 +245,7 @@ class MoAEngine:
                 else:
                     yield ev
         yield Progress(stage="aggregating", layers=ctx.layers)
-        final = answer(ctx, proposed)
+        final = answer(ctx, proposed) if ctx.choices == 1 else several(ctx, proposed)
         async with aclosing(final):
             async for out in final:
                 yield out

@@ -46,6 +46,7 @@ from moa.types import (
     ChatMessage,
     ErrorKind,
     GenerationParams,
+    ImagePart,
     ResponseFormat,
     ToolCall,
     ToolSet,
@@ -413,7 +414,18 @@ def _blocks(m: ChatMessage) -> tuple[str, list[dict[str, Any]]]:
             )
         return "user", [{"type": "tool_result", "tool_use_id": m.tool_call_id, "content": m.content}]
     text = [{"type": "text", "text": m.content}] if m.content or not m.tool_calls else []
-    return m.role, text + [_tool_use(c) for c in m.tool_calls]
+    # Images before the text, as Anthropic's vision guide advises (and its examples send them).
+    return m.role, [_image(i) for i in m.images] + text + [_tool_use(c) for c in m.tool_calls]
+
+
+def _image(image: ImagePart) -> dict[str, Any]:
+    """An image as the Messages API's ``image`` block: a data URL's bytes as a ``base64`` source
+    (with the media type read from its header), an https URL as a ``url`` source."""
+    if image.is_data:
+        source = {"type": "base64", "media_type": image.media_type, "data": image.base64}
+    else:
+        source = {"type": "url", "url": image.url}
+    return {"type": "image", "source": source}
 
 
 def _turns(messages: tuple[ChatMessage, ...]) -> list[dict[str, Any]]:

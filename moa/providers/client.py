@@ -23,7 +23,16 @@ from moa.providers.gate import gated
 from moa.providers.refusals import LearnedRefusals
 from moa.providers.transport import Transport
 from moa.tokens import approx_message_tokens
-from moa.types import CallRequest, CallResult, StreamEvent, Usage, error_text, prompt_texts
+from moa.types import (
+    CallRequest,
+    CallResult,
+    StreamEvent,
+    Usage,
+    error_text,
+    image_tokens,
+    prompt_texts,
+    request_images,
+)
 from moa_observability.genai import end_call_span, start_call_span
 from moa_observability.logs import span_ids
 
@@ -96,9 +105,9 @@ class ProviderClient:
         )
         self.transport.known_window(req.model)  # starts reading the server's listing, once, unawaited
         result: CallResult | None = None
-        used = Consumption(
-            input_tokens=approx_message_tokens(prompt_texts(req.messages, req.tools, req.response_format))
-        )
+        prompt = approx_message_tokens(prompt_texts(req.messages, req.tools, req.response_format))
+        prompt += image_tokens(self.kind, request_images(req.messages))
+        used = Consumption(input_tokens=prompt)
         try:
             # Closed with this generator, not when it is collected: a consumer that stops at a
             # yield (a provider replica cancelled while its text waits) closes the provider's

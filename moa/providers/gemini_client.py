@@ -40,6 +40,7 @@ from moa.types import (
     ChatMessage,
     ErrorKind,
     GenerationParams,
+    ImagePart,
     ToolCall,
     ToolSet,
     ToolSpec,
@@ -410,9 +411,19 @@ def _contents(messages: Sequence[ChatMessage]) -> list[types.Content]:
                 parts.append(types.Part(function_call=_function_call(call)))
             turns.append(("model", parts))
         else:
-            turns.append(("user", [types.Part(text=m.content)]))
+            text = [types.Part(text=m.content)] if m.content or not m.images else []
+            turns.append(("user", [*text, *(_inline(i) for i in m.images)]))
         previous = m.role
     return [types.Content(role=role, parts=parts) for role, parts in turns]
+
+
+def _inline(image: ImagePart) -> types.Part:
+    """An image as Gemini's ``inlineData`` (its bytes and media type). Gemini's API takes no image
+    URL (only inline data or uploaded files), and the service fetches none: a plan never sends
+    one here (``moa.engine.vision``), so one that comes is refused unsent."""
+    if not image.is_data:
+        raise refused_unsent("Gemini's API takes images as inline data, not by URL: the image was not sent")
+    return types.Part(inline_data=types.Blob(mime_type=image.media_type, data=image.data))
 
 
 def _function_call(call: ToolCall) -> types.FunctionCall:

@@ -346,7 +346,21 @@ def _message(i: int, m: ChatMessage) -> dict[str, Any]:
             for c in m.tool_calls
         ]
         return {"role": "assistant", "content": m.content or None, "tool_calls": calls}
+    if m.images:
+        return {"role": m.role, "content": _content_parts(m)}
     return {"role": m.role, "content": m.content}
+
+
+def _content_parts(m: ChatMessage) -> list[dict[str, Any]]:
+    """A user turn with images as OpenAI's content parts: its text, then each ``image_url`` (an
+    https URL or a data URL, as the client gave it; ``detail`` only when one was chosen)."""
+    parts: list[dict[str, Any]] = [{"type": "text", "text": m.content}] if m.content else []
+    for image in m.images:
+        url: dict[str, Any] = {"url": image.url}
+        if image.detail != "auto":
+            url["detail"] = image.detail
+        parts.append({"type": "image_url", "image_url": url})
+    return parts
 
 
 def _tool_args(tools: ToolSet) -> dict[str, Any]:
