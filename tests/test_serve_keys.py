@@ -392,6 +392,23 @@ def test_moa_batch_run_with_address_finds_the_app_on_the_cluster_and_both_nodes_
         "".join(json.dumps({"custom_id": f"q{i}", "prompt": f"Name colour {i}."}) + "\n" for i in range(12))
     )
     address = cluster["address"]
+    # Each provider-openai replica's count of background calls, before: the module's Batch API
+    # test has sent background calls of its own through the same app.
+    handle = serve.get_deployment_handle("provider-openai", app_name=APP)
+
+    def background_calls() -> dict[str, int]:
+        running = serve.status().applications[APP].deployments["provider-openai"].replica_states["RUNNING"]
+        seen: dict[str, int] = {}
+
+        def ask() -> int:
+            health = handle.health.remote().result(timeout_s=30)
+            seen[health["replica"]] = health["background_calls"]
+            return len(seen)
+
+        wait_until_sync(ask, lambda n: n >= running, interval=0, what="every replica of provider-openai")
+        return seen
+
+    before = background_calls()
     env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
     run = [sys.executable, "-m", "moa.cli", "batch", "run", str(src), "--out", str(out), "--no-progress"]
     run += ["--preset", "single", "--concurrency", "8", "--api-key", key, "--address", address]
@@ -405,17 +422,8 @@ def test_moa_batch_run_with_address_finds_the_app_on_the_cluster_and_both_nodes_
     traced = [SimpleNamespace(headers={"x-moa-trace-id": x["response"]["request_id"]}) for x in lines]
     assert len(_replicas_of(traced)) == 2, "both nodes' ingress replicas serve the batch"  # type: ignore[arg-type]
     # Sent as batch work, each item's call reached its provider replica marked as background.
-    handle = serve.get_deployment_handle("provider-openai", app_name=APP)
-    running = serve.status().applications[APP].deployments["provider-openai"].replica_states["RUNNING"]
-    background: dict[str, int] = {}
-
-    def ask() -> int:
-        health = handle.health.remote().result(timeout_s=30)
-        background[health["replica"]] = health["background_calls"]
-        return len(background)
-
-    wait_until_sync(ask, lambda n: n >= running, interval=0, what="every replica of provider-openai")
-    assert sum(background.values()) == 12, background
+    after = background_calls()
+    assert sum(after.values()) - sum(before.values()) == 12, (before, after)
     missing = subprocess.run([*run, "--app", "nope"], env=env, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2
     assert f"no moa app named 'nope' on {address} (moa apps: " in missing.stderr and APP in missing.stderr
