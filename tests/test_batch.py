@@ -22,6 +22,7 @@ from moa.batch.journal import Journal, read_outcomes
 from moa.cli.batch_run import BatchOptions, run_batch
 from moa.config import MoAConfig
 from moa.simulator.server import SimulatorServer
+from tests.conftest import FAST_PROFILE
 from tests.helpers import clear_faults, model_stats, set_fault, set_pace
 
 
@@ -367,6 +368,9 @@ async def test_killed_mid_run_it_resumes_with_no_item_paid_twice_and_none_lost(
     sent_before = model_stats(sim, "gpt-4.1-mini")["requests"]
     # Sent before the kill: the items done, and at most the three in flight (cut by the kill).
     assert before <= sent_before <= before + 3
+    # The rerun need not be slow (only the kill had to land mid-run): the session's pace again,
+    # the counters kept.
+    set_pace(sim, FAST_PROFILE.default.ttft_s, FAST_PROFILE.default.tokens_per_s)
     summary = await run_batch(config, BatchOptions(input=src, output=out, preset="single", progress=False))
     assert (summary.done, summary.succeeded) == (n, n)
     ids = [x["custom_id"] for x in _lines(out)]

@@ -17,9 +17,9 @@ pytest.importorskip("ray")
 
 ROOT = Path(__file__).parent.parent
 # Shorter scenarios than the document's run, with more metered clients, so that each still asks
-# for at least twice what the budget allows: before the kill alone (six seconds at about two
+# for at least twice what the budget allows: before the kill alone (five seconds at about two
 # requests a second each) when the ingress is killed, whose requests wait out its replacement.
-SECONDS, KILL_AT, METERED_CLIENTS = 16.0, 6.0, 8
+SECONDS, KILL_AT, METERED_CLIENTS = 12.0, 5.0, 10
 
 
 def _timing() -> list[str]:

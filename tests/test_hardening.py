@@ -418,9 +418,9 @@ def test_abandoned_streams_give_their_admission_slots_back(api: str, sim: Simula
             for i in range(10):
                 async with c.stream("POST", api + "/v1/chat/completions", json=body) as r:
                     assert r.status_code == 200
-                    async for _ in r.aiter_lines():
-                        if i % 2:
-                            break  # leave after the first line; even runs leave before reading
+                    if i % 2:  # leave after the first line; even runs leave before reading any
+                        async for _ in r.aiter_lines():
+                            break
             # Four slow requests at once must all be admitted; the server notices each hang-up
             # asynchronously, so a burst that meets a slot not yet returned is tried again.
             set_fault(sim, "*", hang={"rate": 1.0, "hang_s": 0.3})

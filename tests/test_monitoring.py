@@ -6,7 +6,8 @@ dashboard under ``observability/``.
 - every alert's summary, description and runbook section (docs/MONITORING.md);
 - the dashboard is Grafana JSON that imports: rows, panels, one datasource variable;
 - every metric name and label the rules and the dashboard read is one the service exports, compared
-  with a scrape of Ray's metrics endpoint, so a rename cannot break them silently;
+  with a scrape of Ray's metrics endpoint, so a rename cannot break them silently; and each series
+  docs/OBSERVABILITY.md lists moves on the event it counts, on the same app;
 - end to end: a real Prometheus (started here on a free port) scrapes the session cluster while
   the simulator fails half of a proposer's calls and slows the aggregator; both alerts fire through
   Prometheus's HTTP API, and clear once the faults stop.
@@ -313,8 +314,10 @@ def monitored(cluster: dict[str, Any], redis_server: str) -> Iterator[dict[str, 
     """An app of its own on the session cluster (application ``moa-monitoring``): its state in a
     Redis database no other test uses (MOA_STATE_DIR, which every Ray worker inherits, would win
     over a ``state.dir``) with two keys (one with a budget that holds, one with a budget nothing
-    fits), a memory cache, shadow evaluation of ``single``, at most 4 requests in progress (so a
-    burst is shed), and gemini without retries (so a fault on half its calls fails half its calls)."""
+    fits), a memory cache, the LLM classifier for ``auto``, shadow evaluation of ``single`` and
+    ``auto``, at most 4 requests in progress (so a burst is shed), and gemini without retries (so a
+    fault on half its calls fails half its calls). The documented series and the monitoring's own
+    are proven on this one app (each app deployed costs the session half a minute)."""
     serve = pytest.importorskip("ray.serve")
     from moa_serve_app import build_from_config
 
@@ -336,7 +339,10 @@ def monitored(cluster: dict[str, Any], redis_server: str) -> Iterator[dict[str, 
     raw["state"] = {"redis_url": url}
     raw["server"]["max_concurrent_requests"] = 4
     raw["cache"] = {"enabled": True, "store": "memory"}
-    shadow = {"enabled": True, "sample_rate": 1.0, "presets": ["single"]}
+    raw["router"]["classifier"] = "llm"
+    raw["router"]["classifier_model"] = {"provider": "openai", "model": "gpt-4o-mini"}
+    # Every answer to `single` and `auto` shadowed: a baseline answer and two judge calls.
+    shadow = {"enabled": True, "sample_rate": 1.0, "presets": ["single", "auto"]}
     raw["eval"] = {"shadow": shadow | {"baseline": "openai/gpt-4o-mini", "judge": "openai/gpt-4.1-mini"}}
     serve.run(build_from_config(parse_config(raw, "the monitoring config")), name=APP, route_prefix=PREFIX)
     try:
@@ -355,6 +361,95 @@ def _ask(
     body = {"messages": [{"role": "user", "content": f"{QUESTION} ({uuid.uuid4().hex[:8]})"}], **body}
     headers = {"Authorization": f"Bearer {key or app['key']}"}
     return httpx.post(app["url"] + "/v1/chat/completions", json=body, headers=headers, timeout=timeout)
+
+
+@pytest.mark.ray
+def test_every_documented_series_moves_when_its_event_happens(
+    monitored: dict[str, Any], sim: SimulatorServer
+) -> None:
+    """Each series docs/OBSERVABILITY.md lists, made to move by the event it counts, in the
+    monitoring app (its LLM classifier's cache, the one cache ``auto`` consults before the answer
+    cache). It runs first on that app: the counts it expects exactly are the app's first."""
+    cluster = monitored["cluster"]
+    app = {"application": APP}
+    headers = {"Authorization": f"Bearer {monitored['key']}"}
+
+    def ask(body: dict[str, Any], question: str | None = None) -> httpx.Response:
+        # A question of its own unless named: the app's answer cache must not answer it.
+        question = question or f"{QUESTION} ({uuid.uuid4().hex[:8]})"
+        body = {"messages": [{"role": "user", "content": question}], **body}
+        return httpx.post(monitored["url"] + "/v1/chat/completions", json=body, headers=headers, timeout=60)
+
+    def scrape() -> str:
+        return "\n".join(
+            httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+            for port in cluster["metrics"].values()
+        )
+
+    def fault(model: str, **faults: Any) -> None:
+        httpx.put(f"{sim.url}/admin/faults/{model}", json=faults).raise_for_status()
+
+    try:
+        # The same question routed twice: the second decision comes from the classifier's cache.
+        assert ask({"model": "auto"}, QUESTION).status_code == 200
+        assert ask({"model": "auto"}, QUESTION).status_code == 200
+        # A streamed answer: time to first chunk.
+        assert ask({"model": "moa-lite", "stream": True}).status_code == 200
+        # A proposer failing: a provider error.
+        fault("gemini-2.5-flash", error_500={"rate": 1.0})
+        assert ask({"model": "moa-lite"}).status_code == 200
+        # Two proposers failing: the quorum missed, a fallback answered.
+        fault("claude-haiku-4-5", error_503={"rate": 1.0})
+        assert ask({"model": "moa-lite"}).status_code == 200
+        _no_faults(sim)
+        expected = {
+            "ray_gen_ai_client_operation_duration_bucket": {"gen_ai_provider_name": "gcp.gemini"},
+            "ray_gen_ai_client_token_usage_bucket": {"gen_ai_token_type": "output"},
+            "ray_gen_ai_client_time_to_first_chunk_bucket": {"gen_ai_request_model": "gpt-4.1"},
+            "ray_moa_provider_requests_total": {"gen_ai_request_model": "gpt-4o-mini"},
+            "ray_moa_provider_errors_total": {"error_type": "server_error"},
+            "ray_moa_provider_cost_usd_total": {"gen_ai_request_model": "gpt-4.1"},
+            "ray_moa_requests_total": {"preset": "moa-lite", "status": "200"},
+            "ray_moa_request_duration_bucket": {"preset": "moa-lite"},
+            "ray_moa_quorum_shortfalls_total": {"preset": "moa-lite"},
+            "ray_moa_fallbacks_total": {"preset": "moa-lite", "reason": "quorum_missed"},
+            "ray_moa_cache_hits_total": {"cache": "router_classifier"},
+            "ray_moa_shadow_evaluations_total": {"preset": "auto"},
+            # Its interval's upper bound: above 0 whatever the verdicts were.
+            "ray_moa_shadow_win_rate": {"preset": "auto", "bound": "high"},
+            "ray_moa_shadow_cost_usd_total": {"preset": "auto", "role": "judge"},
+        }
+
+        def moved(text: str) -> dict[str, float]:
+            return {name: _series_value(text, name, **app, **tags) for name, tags in expected.items()}
+
+        # Ray's metrics agents export on their own period: wait until every series is there.
+        values = wait_until_sync(
+            lambda: moved(scrape()),
+            lambda v: all(v.values()),
+            within_s=120,
+            interval=1,
+            what="every documented series",
+        )
+        assert values["ray_moa_quorum_shortfalls_total"] == 1
+        assert values["ray_moa_fallbacks_total"] == 1
+        assert values["ray_moa_cache_hits_total"] == 1
+        # Every aggregator failing is a fallback, and no missed quorum.
+        for model in ("gpt-4.1", "claude-sonnet-4-6"):
+            fault(model, error_500={"rate": 1.0})
+        assert ask({"model": "moa-lite"}).status_code == 200
+        reason = {"preset": "moa-lite", "reason": "aggregators_failed"}
+        text = wait_until_sync(
+            scrape,
+            lambda t: _series_value(t, "ray_moa_fallbacks_total", **app, **reason) == 1,
+            within_s=120,
+            interval=1,
+            what="the aggregator fallback counted",
+        )
+        assert _series_value(text, "ray_moa_quorum_shortfalls_total", **app, preset="moa-lite") == 1
+        assert "sk-" not in text
+    finally:
+        _no_faults(sim)
 
 
 @pytest.mark.ray
@@ -455,7 +550,7 @@ class Prometheus:
 
 
 def _test_copy(directory: Path) -> list[Path]:
-    """The shipped rules with every window at 12 s (six of the session cluster's 2 s metric export
+    """The shipped rules with every window at 8 s (four of the session cluster's 2 s metric export
     periods, tests/conftest.py's CLUSTER_ENV), no ``for:`` wait, and moa-lite's latency threshold
     at 1 s, so an alert fires, and clears, within a test's time; every expression is otherwise
     the shipped one."""
@@ -464,7 +559,7 @@ def _test_copy(directory: Path) -> list[Path]:
         doc = yaml.safe_load(path.read_text())
         for group in doc["groups"]:
             for rule in group["rules"]:
-                rule["expr"] = re.sub(r"\[\d+[mh]\]", "[12s]", str(rule["expr"]))
+                rule["expr"] = re.sub(r"\[\d+[mh]\]", "[8s]", str(rule["expr"]))
                 if "for" in rule:
                     rule["for"] = "0s"
                 if rule.get("labels", {}).get("preset") == "moa-lite" and "record" in rule:

@@ -326,71 +326,6 @@ def test_local_serve_drains_on_a_signal_then_exits_0(local_serve: Served, sig: s
 # -- on Ray ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.ray
-def test_ray_serve_prints_where_to_look_then_drains_on_sigterm(tmp_path: Path, slow_config: Path) -> None:
-    metrics = free_port()
-    served = start_serve(
-        tmp_path,
-        "--config",
-        str(slow_config),
-        "--metrics-port",
-        str(metrics),
-        "--dashboard",
-        port=free_port(),
-        # Ray exports metrics every 10 s by default: every 2 s, the request is counted sooner.
-        env=clean_env(RAY_metrics_report_interval_ms="2000"),
-    )
-    try:
-        served.wait_ready()
-        banner = served.stdout()
-        assert "on a local Ray instance" in banner
-        assert "answers are synthetic" in banner  # no key: the simulator deployment serves
-        # The metrics endpoint it names answers, with the service's series once a request ran.
-        assert f"http://127.0.0.1:{metrics}/metrics" in banner
-        assert "Tracing: not exported" in banner
-        (dashboard,) = re.findall(r"Ray dashboard: (http://\S+)", banner)
-        # Ray 2.60 starts a local instance with token auth on; the CLI sends the token it wrote
-        # when told to, as the command printed does.
-        assert f"  RAY_AUTH_MODE=token serve status --address {dashboard}\n" in banner
-        status = subprocess.run(
-            [str(Path(sys.executable).parent / "serve"), "status", "--address", dashboard],
-            env=clean_env(RAY_AUTH_MODE="token"),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert status.returncode == 0 and "provider-openai" in status.stdout, status
-        r = httpx.post(
-            served.url + "/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": QUESTION}
-        )
-        assert r.status_code == 200, r.text
-
-        def scrape() -> str:
-            return httpx.get(f"http://127.0.0.1:{metrics}/metrics", timeout=10).text
-
-        wait_until_sync(
-            scrape,
-            lambda text: "ray_moa_requests_total{" in text and 'preset="openai/gpt-4o-mini"' in text,
-            within_s=120,
-            interval=1,
-            what="the request counted on the metrics port",
-        )
-        try:
-            short, long = asyncio.run(drain_scenario(served, signal.SIGTERM))
-        except Exception as e:  # what `moa serve` said is what tells why
-            raise AssertionError(f"{e!r}\n{served.tail()}") from e
-        assert_drained(short, long)
-        assert served.proc.wait(120) == 0, served.stderr()[-3000:]
-        assert "1 request(s) still running were ended" in served.stdout()
-        assert "failed to shut down" not in served.stderr()
-        # Nothing that reads as trouble from Serve's logger on a clean run (QuietServe).
-        said = served.stdout() + served.stderr()
-        assert "Connecting to existing Serve app" not in said and "SharedRouterLongPollClient" not in said
-        assert "killed by `ray.kill`" not in said  # the stop's own kills (QuietStop)
-    finally:
-        stop_if_running(served)
-
-
 def _record(message: str, *args: object) -> logging.LogRecord:
     return logging.LogRecord("ray.serve", logging.INFO, "api.py", 1, message, args, None)
 
@@ -529,14 +464,14 @@ def _ray_cli(name: str) -> str:
 
 
 @pytest.mark.ray
-def test_the_local_recipe_deploys_with_serve_deploy_on_ray_start_and_the_admin_api_works(
-    tmp_path: Path, slow_config: Path
-) -> None:
+def test_the_local_recipe_on_ray_start_and_moa_serve_beside_it(tmp_path: Path, slow_config: Path) -> None:
     """docs/OPERATIONS.md's single-machine recipe, as a user runs it: `ray start --head --num-cpus 2`
     (token auth on, as Ray 2.60 starts it; the whole bundled app must fit in those two CPUs, or it
     never runs), `serve deploy serve_config.local.yaml`, `serve status`; then keys made
     through the admin HTTP API, which the ingress replica reads from `ray start`'s environment,
-    are required, used and revoked. Then `moa serve` beside it, which must not join it."""
+    are required, used and revoked. Then `moa serve` beside it, which must not join it: it prints
+    where to look (metrics, dashboard, `serve status`, tracing), each of which answers, then
+    drains on SIGTERM and exits 0."""
     import tempfile
 
     import yaml
@@ -668,21 +603,78 @@ def test_the_local_recipe_deploys_with_serve_deploy_on_ray_start_and_the_admin_a
             timeout=120,
         )
         assert found.stdout.strip().endswith(f":{gcs}"), found
+        # And `moa serve` itself, as its banner says (the same run: one Ray instance fewer to start
+        # in the suite): where to look (metrics, the dashboard and the `serve status` that reaches
+        # it, tracing), then SIGTERM's drain.
+        metrics = free_port()
         beside = start_serve(
             tmp_path,
             "--config",
             str(slow_config),
+            "--metrics-port",
+            str(metrics),
+            "--dashboard",
             port=free_port(),
-            env=clean_env(RAY_AUTH_MODE="token", RAY_TMPDIR=ray_tmp, MOA_STATE_DIR=str(tmp_path / "beside")),
+            # Ray exports metrics every 10 s by default: every 2 s, the request is counted sooner.
+            env=clean_env(
+                RAY_AUTH_MODE="token",
+                RAY_TMPDIR=ray_tmp,
+                MOA_STATE_DIR=str(tmp_path / "beside"),
+                RAY_metrics_report_interval_ms="2000",
+            ),
         )
         try:
             beside.wait_ready()
             assert httpx.get(beside.url + "/healthz", timeout=30).status_code == 200
             apps = yaml.safe_load(status())["applications"]  # only the recipe's app, still running
             assert list(apps) == ["moa"] and apps["moa"]["status"] == "RUNNING", apps
-        finally:
-            beside.proc.send_signal(signal.SIGTERM)
+            banner = beside.stdout()
+            assert "on a local Ray instance" in banner
+            assert "answers are synthetic" in banner  # no key: the simulator deployment serves
+            # The metrics endpoint it names answers, with the service's series once a request ran.
+            assert f"http://127.0.0.1:{metrics}/metrics" in banner
+            assert "Tracing: not exported" in banner
+            (its_dashboard,) = re.findall(r"Ray dashboard: (http://\S+)", banner)
+            # Ray 2.60 starts a local instance with token auth on; the CLI sends the token it
+            # wrote when told to, as the command printed does.
+            assert f"  RAY_AUTH_MODE=token serve status --address {its_dashboard}\n" in banner
+            its_status = subprocess.run(
+                [_ray_cli("serve"), "status", "--address", its_dashboard],
+                env=clean_env(RAY_AUTH_MODE="token", RAY_TMPDIR=ray_tmp),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert its_status.returncode == 0 and "provider-openai" in its_status.stdout, its_status
+            r = httpx.post(
+                beside.url + "/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": QUESTION}
+            )
+            assert r.status_code == 200, r.text
+
+            def scrape() -> str:
+                return httpx.get(f"http://127.0.0.1:{metrics}/metrics", timeout=10).text
+
+            wait_until_sync(
+                scrape,
+                lambda text: "ray_moa_requests_total{" in text and 'preset="openai/gpt-4o-mini"' in text,
+                within_s=120,
+                interval=1,
+                what="the request counted on the metrics port",
+            )
+            try:
+                short, long = asyncio.run(drain_scenario(beside, signal.SIGTERM))
+            except Exception as e:  # what `moa serve` said is what tells why
+                raise AssertionError(f"{e!r}\n{beside.tail()}") from e
+            assert_drained(short, long)
             assert beside.proc.wait(START_S) == 0, beside.tail()
+            assert "1 request(s) still running were ended" in beside.stdout()
+            assert "failed to shut down" not in beside.stderr()
+            # Nothing that reads as trouble from Serve's logger on a clean run (QuietServe).
+            said = beside.stdout() + beside.stderr()
+            assert "Connecting to existing Serve app" not in said and "SharedRouterLongPollClient" not in said
+            assert "killed by `ray.kill`" not in said  # the stop's own kills (QuietStop)
+        finally:
+            stop_if_running(beside)
         assert "status: RUNNING" in status()
         assert httpx.get(url + "/healthz", timeout=30).status_code == 200
         assert serve_cli("shutdown", "-y").returncode == 0

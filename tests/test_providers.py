@@ -29,7 +29,7 @@ from moa.types import (
     StreamEvent,
     TextDelta,
 )
-from tests.conftest import FAST_PROFILE
+from tests.conftest import FAST_PROFILE, FAST_TOKENS_PER_S
 from tests.helpers import clear_faults, model_stats, set_fault, sim_requests, wait_idle
 from tests.waiting import wait_until
 
@@ -143,8 +143,9 @@ async def test_only_openai_wires_report_a_service_time_of_their_own(
     ms = res.provider_service_s * 1000
     assert ms == pytest.approx(round(ms), abs=1e-6)  # whole milliseconds: OpenAI's header, not ours
     # FAST_PROFILE: 20 ms to the first token, the prompt read at 10,000 tokens/s (the default),
-    # then 2000 tokens/s, no jitter.
-    expected = 20 + res.usage.input_tokens / 10 + res.usage.output_tokens / 2
+    # then FAST_TOKENS_PER_S, no jitter.
+    per_ms = FAST_TOKENS_PER_S / 1000
+    expected = 20 + res.usage.input_tokens / 10 + res.usage.output_tokens / per_ms
     assert ms == pytest.approx(expected, abs=0.5 + 1e-6)
     client = openai.AsyncOpenAI(base_url=f"{sim.url}/v1", api_key="sk-sim", max_retries=0)
     async with client:
@@ -155,7 +156,7 @@ async def test_only_openai_wires_report_a_service_time_of_their_own(
     usage = raw.parse().usage
     assert usage is not None
     # The prompt's read counts too (under a millisecond here, but it moves the rounding).
-    expected = 20 + usage.prompt_tokens / 10 + usage.completion_tokens / 2
+    expected = 20 + usage.prompt_tokens / 10 + usage.completion_tokens / per_ms
     assert abs(int(raw.headers["openai-processing-ms"]) - expected) <= 0.5
 
 

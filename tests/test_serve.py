@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -283,39 +284,67 @@ def test_healthz_reports_every_provider(url: str) -> None:
     assert body["providers"]["narrow"]["replicas"] == 2
 
 
-def test_fusion_in_an_aggregator_deployment(cluster: dict[str, Any], sim: SimulatorServer) -> None:
-    """``serve.fusion: deployment`` adds the aggregator deployment; the default app has none."""
+# The idle provider: Serve starts it at min_replicas, none, until a request asks for one.
+IDLE = {
+    "kind": "openai",
+    "api_key_env": "IDLE_API_KEY",
+    "deployment": {
+        "num_cpus": 0.01,
+        "autoscaling": {"min_replicas": 0, "max_replicas": 1, "upscale_delay_s": 0, "downscale_delay_s": 600},
+        "resources": {"worker_node": 0.01},
+    },
+    "models": {"idle-model": {}},
+}
+
+
+@pytest.fixture(scope="module")
+def side(cluster: dict[str, Any]) -> Iterator[str]:
+    """One side app for the tests that need a config of their own and leave it healthy: openai
+    alone with a mixture of its three models (``trio``) fused in the aggregator deployment
+    (``serve.fusion: deployment``), plus the ``idle`` provider autoscaled to no replica. Each app
+    deployed costs the session its replicas' start. The module's last test deletes it, as its
+    scenario (test_serve_stopping_the_ingress_lets_a_stream_in_progress_finish); its URL."""
     from moa_actors.app import build_from_config
 
-    assert "aggregator" not in serve.status().applications["moa"].deployments
-    raw = trimmed_config(cluster["config"])
+    raw = trimmed_config(cluster["config"], ("openai",))
+    raw["providers"]["idle"] = IDLE
     raw["serve"]["fusion"] = "deployment"
-    cfg = parse_config(raw, "the aggregator-deployment config")
-    serve.run(build_from_config(cfg), name="moa-agg", route_prefix="/agg")
+    proposers = [{"provider": "openai", "model": m} for m in ("gpt-4.1-mini", "gpt-4o-mini", "gpt-4.1")]
+    raw["presets"]["trio"] = {
+        "layers": [{"proposers": proposers, "quorum": 3}],
+        "aggregators": [{"provider": "openai", "model": "gpt-4.1"}],
+    }
+    serve.run(build_from_config(parse_config(raw, "the side config")), name="moa-side", route_prefix="/side")
     try:
-        assert "aggregator" in serve.status().applications["moa-agg"].deployments
-        body = {"model": "moa-lite", "messages": QUESTION, "moa": {"detail": True}}
-        r = httpx.post(str(cluster["url"]) + "/agg/v1/chat/completions", json=body, timeout=60)
-        assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["message"]["content"].startswith("Synthesis of 3 references")
-        assert [c["stage"] for c in r.json()["moa"]["calls"]][-1] == "aggregator"
-        # The aggregator deployment fuses on its own, through the provider deployments.
-        aggregator = serve.get_deployment_handle("aggregator", app_name="moa-agg").options(stream=True)
-        job = FuseJob(
-            chain=(AggregatorSpec(provider="openai", model="gpt-4.1"),),
-            messages=(ChatMessage(role="user", content="Why is the sky blue?"),),
-            references=("Rayleigh scattering.", "Shorter wavelengths scatter more."),
-            call_timeout_s=30,
-        )
-        events = list(aggregator.fuse.remote(job))
-        # The attempt announces itself (so a cut one can be billed), streams unseen, then steps.
-        assert isinstance(events[0], FuseStart) and events[0].model == "gpt-4.1"
-        steps = [e for e in events if isinstance(e, FuseStep)]
-        assert len(steps) == 1 and steps[0].result.ok and events[-1] is steps[0]
-        assert steps[0].result.text.startswith("Synthesis of 2 references")
-        assert "".join(e.text for e in events if isinstance(e, TextDelta)) == steps[0].result.text
+        yield str(cluster["url"]) + "/side"
     finally:
-        delete_app("moa-agg")
+        delete_app("moa-side")
+
+
+def test_fusion_in_an_aggregator_deployment(side: str, sim: SimulatorServer) -> None:
+    """``serve.fusion: deployment`` adds the aggregator deployment; the default app has none."""
+    assert "aggregator" not in serve.status().applications["moa"].deployments
+    assert "aggregator" in serve.status().applications["moa-side"].deployments
+    body = {"model": "trio", "messages": QUESTION, "moa": {"detail": True}}
+    r = httpx.post(side + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"].startswith("Synthesis of 3 references")
+    assert [c["stage"] for c in r.json()["moa"]["calls"]][-1] == "aggregator"
+    # The aggregator deployment fuses on its own, through the provider deployments.
+    aggregator = serve.get_deployment_handle("aggregator", app_name="moa-side").options(stream=True)
+    job = FuseJob(
+        chain=(AggregatorSpec(provider="openai", model="gpt-4.1"),),
+        messages=(ChatMessage(role="user", content="Why is the sky blue?"),),
+        references=("Rayleigh scattering.", "Shorter wavelengths scatter more."),
+        call_timeout_s=30,
+    )
+    events = list(aggregator.fuse.remote(job))
+    # The attempt announces itself (so a cut one can be billed), streams unseen, then steps.
+    assert isinstance(events[0], FuseStart) and events[0].model == "gpt-4.1"
+    steps = [e for e in events if isinstance(e, FuseStep)]
+    assert len(steps) == 1 and steps[0].result.ok and events[-1] is steps[0]
+    assert steps[0].result.text.startswith("Synthesis of 2 references")
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == steps[0].result.text
 
 
 def test_bench_floor_app_times_every_probe(url: str) -> None:
@@ -368,134 +397,36 @@ def _health_reported(url: str, provider: str) -> tuple[int, dict[str, Any]]:
     return wait_until_sync(lambda: _health(url), reported, within_s=120, interval=0.5, what="health reported")
 
 
-def test_serve_stopping_the_ingress_lets_a_stream_in_progress_finish(
-    cluster: dict[str, Any], sim: SimulatorServer
-) -> None:
-    """docs/OPERATIONS.md: under ``serve deploy`` Serve stops an ingress replica (redeploy, scale-down,
-    ``serve shutdown``: each deletes replicas as this test deletes the app) with its own graceful
-    shutdown. The stream in progress when the app is deleted runs to its end and ``[DONE]``; with
-    direct ingress, the session's mode as cluster.yaml's, the replica's own port still answers
-    after that stream ended, while Serve's proxy no longer routes to it: its ``/-/healthz`` says
-    503 ``DRAINING`` for Serve's draining period (30 s by default, 8 s on the test cluster: the
-    stream is shorter), so load balancers deregister it."""
-    import threading
-
-    from moa_actors.app import build_from_config
-    from moa_actors.cache_bench import direct_url
-
-    cfg = parse_config(trimmed_config(cluster["config"], ("openai",)), "the grace config")
-    serve.run(build_from_config(cfg), name="moa-grace", route_prefix="/grace")
-    url = str(cluster["url"]) + "/grace"
-    direct = wait_until_sync(
-        lambda: direct_url("moa-grace"), bool, within_s=60, what="the ingress replica's own port"
-    )
-    # Serve's own health check on that port, the one load balancers poll.
-    assert httpx.get(f"{direct}/-/healthz", timeout=30).status_code == 200
-    # A direct call that streams at thirty tokens a second: about 3 s (85 tokens), under way when
-    # the app goes and over well inside the draining period.
-    profile = httpx.get(f"{sim.url}/admin/profile").json()
-    profile["models"] = {"gpt-4.1-mini": {"ttft_s": 0.05, "tokens_per_s": 30.0, "jitter": 0.0}}
-    httpx.put(f"{sim.url}/admin/profile", json=profile).raise_for_status()
-    body = {
-        "model": "openai/gpt-4.1-mini",
-        "messages": QUESTION,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    lines: list[str] = []
-    first_text = threading.Event()
-
-    def read() -> None:
-        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
-            for line in r.iter_lines():
-                lines.append(line)
-                chunk = json.loads(line[6:]) if line.startswith("data: {") else {}
-                if any(c["delta"].get("content") for c in chunk.get("choices", [])):
-                    first_text.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    try:
-        reader.start()
-        assert first_text.wait(60), lines
-        serve.delete("moa-grace", _blocking=False)
-        wait_until_sync(
-            lambda: serve.status().applications.get("moa-grace"),
-            lambda a: a is None or a.status == "DELETING",
-            within_s=60,
-            what="Serve to start deleting the app",
-        )
-        reader.join(120)
-        assert not reader.is_alive()
-        data = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
-        assert data[-1] == "[DONE]", data[-3:]
-        chunks = [json.loads(d) for d in data[:-1]]
-        assert not [c for c in chunks if "error" in c]
-        # The whole answer, not a cut one: it finished, and the usage chunk came after it.
-        assert [c["choices"][0]["finish_reason"] for c in chunks if c.get("choices")][-1] == "stop"
-        assert chunks[-1]["usage"]["completion_tokens"] > 0
-        # The stream is over; the proxy no longer routes to the app, but the replica's own port
-        # still answers, telling load balancers it is draining.
-        assert httpx.get(url + "/healthz", timeout=30).status_code == 404
-        drained = httpx.get(f"{direct}/-/healthz", timeout=30)
-        assert (drained.status_code, drained.text) == (503, "DRAINING")
-    finally:
-        if reader.is_alive():
-            reader.join(120)
-        serve.delete("moa-grace", _blocking=False)
-
-
 def test_a_provider_autoscaled_to_none_is_reported_and_a_request_brings_it_back(
-    cluster: dict[str, Any], sim: SimulatorServer
+    side: str, sim: SimulatorServer
 ) -> None:
     """docs/API.md: ``/healthz`` says ``scaled_to_zero`` for a provider Serve's autoscaling took to no
     replica (``min_replicas: 0``), which is not a fault: the status stays ``ok``, nothing routes
     around it, and a request naming it starts a replica and is answered by it."""
 
-    url = _side_app(
-        cluster,
-        "idle",
-        {
-            "kind": "openai",
-            "api_key_env": "IDLE_API_KEY",
-            # Serve starts a deployment at min_replicas: none, until a request asks for one.
-            "deployment": {
-                "num_cpus": 0.01,
-                "autoscaling": {
-                    "min_replicas": 0,
-                    "max_replicas": 1,
-                    "upscale_delay_s": 0,
-                    "downscale_delay_s": 600,
-                },
-                "resources": {"worker_node": 0.01},
-            },
-            "models": {"idle-model": {}},
-        },
-    )
-    try:
-        status, body = _health_reported(url, "idle")
-        assert body["providers"]["idle"]["replicas"] == 0
-        assert body["providers"]["idle"]["state"] == "scaled_to_zero"
-        assert (status, body["status"]) == (200, "ok")  # not degraded: a request brings it back
+    url = side
+    status, body = _health_reported(url, "idle")
+    assert body["providers"]["idle"]["replicas"] == 0
+    assert body["providers"]["idle"]["state"] == "scaled_to_zero"
+    assert (status, body["status"]) == (200, "ok")  # not degraded: a request brings it back
 
-        r = httpx.post(
-            url + "/v1/chat/completions",
-            json={"model": "idle/idle-model", "messages": QUESTION, "moa": {"detail": True}},
-            timeout=120,
-        )
-        assert r.status_code == 200, r.text
-        detail = r.json()["moa"]
-        assert detail["answered_by"] == "idle/idle-model"
-        assert not detail["decision"]["substitutions"]
-        _, body = wait_until_sync(
-            lambda: _health(url),
-            lambda h: h[1].get("providers", {}).get("idle", {}).get("replicas", 0) == 1,
-            within_s=60,
-            interval=0.5,
-            what="the started replica to report",
-        )
-        assert body["providers"]["idle"]["state"] == "closed"
-    finally:
-        serve.delete("moa-idle", _blocking=False)
+    r = httpx.post(
+        url + "/v1/chat/completions",
+        json={"model": "idle/idle-model", "messages": QUESTION, "moa": {"detail": True}},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    detail = r.json()["moa"]
+    assert detail["answered_by"] == "idle/idle-model"
+    assert not detail["decision"]["substitutions"]
+    _, body = wait_until_sync(
+        lambda: _health(url),
+        lambda h: h[1].get("providers", {}).get("idle", {}).get("replicas", 0) == 1,
+        within_s=60,
+        interval=0.5,
+        what="the started replica to report",
+    )
+    assert body["providers"]["idle"]["state"] == "closed"
 
 
 def test_a_provider_with_no_replica_is_reported_and_never_waited_for(
@@ -559,3 +490,75 @@ def test_a_provider_with_no_replica_is_reported_and_never_waited_for(
         assert substitution.startswith("ghost/ghost-model -> ")
     finally:
         serve.delete("moa-ghost", _blocking=False)
+
+
+def test_serve_stopping_the_ingress_lets_a_stream_in_progress_finish(side: str, sim: SimulatorServer) -> None:
+    """docs/OPERATIONS.md: under ``serve deploy`` Serve stops an ingress replica (redeploy, scale-down,
+    ``serve shutdown``: each deletes replicas as this test deletes the app) with its own graceful
+    shutdown. The stream in progress when the app is deleted runs to its end and ``[DONE]``; with
+    direct ingress, the session's mode as cluster.yaml's, the replica's own port still answers
+    after that stream ended, while Serve's proxy no longer routes to it: its ``/-/healthz`` says
+    503 ``DRAINING`` for Serve's draining period (30 s by default, 8 s on the test cluster: the
+    stream is shorter), so load balancers deregister it."""
+    import threading
+
+    from moa_actors.cache_bench import direct_url
+
+    # The side app, deleted here: this test is the module's last to use it.
+    url = side
+    direct = wait_until_sync(
+        lambda: direct_url("moa-side"), bool, within_s=60, what="the ingress replica's own port"
+    )
+    # Serve's own health check on that port, the one load balancers poll.
+    assert httpx.get(f"{direct}/-/healthz", timeout=30).status_code == 200
+    # A direct call that streams at thirty tokens a second: about 3 s (85 tokens), under way when
+    # the app goes and over well inside the draining period.
+    profile = httpx.get(f"{sim.url}/admin/profile").json()
+    profile["models"] = {"gpt-4.1-mini": {"ttft_s": 0.05, "tokens_per_s": 30.0, "jitter": 0.0}}
+    httpx.put(f"{sim.url}/admin/profile", json=profile).raise_for_status()
+    body = {
+        "model": "openai/gpt-4.1-mini",
+        "messages": QUESTION,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    lines: list[str] = []
+    first_text = threading.Event()
+
+    def read() -> None:
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                lines.append(line)
+                chunk = json.loads(line[6:]) if line.startswith("data: {") else {}
+                if any(c["delta"].get("content") for c in chunk.get("choices", [])):
+                    first_text.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    try:
+        reader.start()
+        assert first_text.wait(60), lines
+        serve.delete("moa-side", _blocking=False)
+        wait_until_sync(
+            lambda: serve.status().applications.get("moa-side"),
+            lambda a: a is None or a.status == "DELETING",
+            within_s=60,
+            what="Serve to start deleting the app",
+        )
+        reader.join(120)
+        assert not reader.is_alive()
+        data = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+        assert data[-1] == "[DONE]", data[-3:]
+        chunks = [json.loads(d) for d in data[:-1]]
+        assert not [c for c in chunks if "error" in c]
+        # The whole answer, not a cut one: it finished, and the usage chunk came after it.
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c.get("choices")][-1] == "stop"
+        assert chunks[-1]["usage"]["completion_tokens"] > 0
+        # The stream is over; the proxy no longer routes to the app, but the replica's own port
+        # still answers, telling load balancers it is draining.
+        assert httpx.get(url + "/healthz", timeout=30).status_code == 404
+        drained = httpx.get(f"{direct}/-/healthz", timeout=30)
+        assert (drained.status_code, drained.text) == (503, "DRAINING")
+    finally:
+        if reader.is_alive():
+            reader.join(120)
+        serve.delete("moa-side", _blocking=False)

@@ -149,25 +149,50 @@ def test_cluster_wide_tpm_holds_with_two_replicas(url: str, sim: SimulatorServer
     assert statuses[200] <= sum(per_replica.values()) <= reached["completed"], (per_replica, reached)
 
 
-# -- a second, tight app: a small admission cap and quick circuits -------------------------------------
+# -- the module's own apps: tight (a small admission cap, quick circuits) and keyed (real-API mode) ---
 
 
 @pytest.fixture(scope="module")
-def tight(cluster: dict[str, Any]) -> Iterator[str]:
-    """The same app with two requests in progress per ingress and circuits that open at the first
-    failure: its own provider replicas, so open circuits here leave the main app alone."""
-    from moa_actors.app import build_from_config
+def own_apps(cluster: dict[str, Any], simulator: SimulatorServer) -> Iterator[dict[str, str]]:
+    """The module's two apps of their own, deployed at once (their replicas start side by side,
+    where one after the other each waited for the last): ``tight`` and ``keyed``; their prefixes.
 
-    raw = trimmed_config(cluster["config"])
-    for p in raw["providers"].values():
+    ``tight``: two requests in progress per ingress and circuits that open at the first failure,
+    with its own provider replicas, so open circuits there leave the main app alone.
+
+    ``keyed``: real-API mode on Ray (keys from the environment, providers at the simulator's
+    address), with a key every provider refuses (conftest's LEAK_CHECK_KEY)."""
+    from moa_actors.app import build_from_config
+    from tests.conftest import LEAK_CHECK_ENV
+
+    tight = trimmed_config(cluster["config"])
+    for p in tight["providers"].values():
         p["circuit_breaker"] = {"failure_threshold": 1, "cooldown_s": 600}
         p["retry"] = {"max_attempts": 1}
-    raw["server"]["max_concurrent_requests"] = 2
-    serve.run(build_from_config(parse_config(raw, "the tight config")), name="tight", route_prefix="/tight")
+    tight["server"]["max_concurrent_requests"] = 2
+    keyed = trimmed_config(cluster["config"])
+    for p in keyed["providers"].values():
+        p["api_key_env"] = LEAK_CHECK_ENV
+        p["base_url"] = simulator.url + ("/v1" if p["kind"] == "openai" else "")
+    keyed["simulator"] = {"mode": "off"}
+    serve.run_many(
+        [
+            serve.RunTarget(
+                build_from_config(parse_config(raw, f"the {name} config")), name=name, route_prefix=f"/{name}"
+            )
+            for name, raw in (("tight", tight), ("keyed", keyed))
+        ]
+    )
     try:
-        yield "/tight"
+        yield {"tight": "/tight", "keyed": "/keyed"}
     finally:
         delete_app("tight")
+        delete_app("keyed")
+
+
+@pytest.fixture
+def tight(own_apps: dict[str, str]) -> str:
+    return own_apps["tight"]
 
 
 def test_admission_cap_is_429_on_ray(url: str, tight: str, sim: SimulatorServer) -> None:
@@ -284,48 +309,38 @@ def test_every_request_and_call_logs_its_json_line_in_the_replica_logs(url: str)
 
 
 def test_a_refused_key_reaches_no_response_and_no_log_file(
-    cluster: dict[str, Any], sim: SimulatorServer
+    cluster: dict[str, Any], own_apps: dict[str, str], sim: SimulatorServer
 ) -> None:
-    """Real-API mode on Ray (keys from the environment, providers at the simulator's address),
-    with a key every provider refuses: the simulator echoes it masked, as OpenAI does. Neither the
-    key nor any piece of it reaches the response or any log file Ray writes."""
+    """Real-API mode on Ray (the ``keyed`` app), with a key every provider refuses: the simulator
+    echoes it masked, as OpenAI does. Neither the key nor any piece of it reaches the response or
+    any log file Ray writes."""
     import glob
     import os
 
-    from moa_actors.app import build_from_config
-    from tests.conftest import LEAK_CHECK_ENV, LEAK_CHECK_KEY
+    from tests.conftest import LEAK_CHECK_KEY
 
-    raw = trimmed_config(cluster["config"])
-    for p in raw["providers"].values():
-        p["api_key_env"] = LEAK_CHECK_ENV
-        p["base_url"] = sim.url + ("/v1" if p["kind"] == "openai" else "")
-    raw["simulator"] = {"mode": "off"}
-    serve.run(build_from_config(parse_config(raw, "the keyed config")), name="keyed", route_prefix="/keyed")
-    try:
-        body = {"model": "moa-lite", "messages": QUESTION, "moa": {"detail": True}}
-        r = chat(str(cluster["url"]), body, "/keyed")
-        assert r.status_code == 502 and "auth" in r.json()["error"]["message"], r.text
-        # Every provider refused the key (typed auth from each API's own refusal).
-        pieces = {LEAK_CHECK_KEY, LEAK_CHECK_KEY[-12:], LEAK_CHECK_KEY[:8] + "****"}
-        assert not [p for p in pieces if p in r.text]
-        logs = ray._private.worker._global_node.get_logs_dir_path()
+    body = {"model": "moa-lite", "messages": QUESTION, "moa": {"detail": True}}
+    r = chat(str(cluster["url"]), body, own_apps["keyed"])
+    assert r.status_code == 502 and "auth" in r.json()["error"]["message"], r.text
+    # Every provider refused the key (typed auth from each API's own refusal).
+    pieces = {LEAK_CHECK_KEY, LEAK_CHECK_KEY[-12:], LEAK_CHECK_KEY[:8] + "****"}
+    assert not [p for p in pieces if p in r.text]
+    logs = ray._private.worker._global_node.get_logs_dir_path()
 
-        def leaks() -> list[str]:
-            found = []
-            for path in glob.glob(os.path.join(logs, "**", "*"), recursive=True):
-                if os.path.isfile(path):
-                    with open(path, "rb") as f:
-                        data = f.read()
-                    found += [f"{path}: {p}" for p in pieces if p.encode() in data]
-            return found
+    def leaks() -> list[str]:
+        found = []
+        for path in glob.glob(os.path.join(logs, "**", "*"), recursive=True):
+            if os.path.isfile(path):
+                with open(path, "rb") as f:
+                    data = f.read()
+                found += [f"{path}: {p}" for p in pieces if p.encode() in data]
+        return found
 
-        # The provider replicas have logged the failed calls (their auth errors) by now.
-        wait_until_sync(
-            lambda: sum(text.count('"error_kind": "auth"') for text in _serve_logs().values()),
-            lambda n: n >= 4,
-            interval=0.2,
-            what="the failed calls logged",
-        )
-        assert leaks() == []
-    finally:
-        delete_app("keyed")
+    # The provider replicas have logged the failed calls (their auth errors) by now.
+    wait_until_sync(
+        lambda: sum(text.count('"error_kind": "auth"') for text in _serve_logs().values()),
+        lambda n: n >= 4,
+        interval=0.2,
+        what="the failed calls logged",
+    )
+    assert leaks() == []

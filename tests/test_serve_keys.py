@@ -64,7 +64,7 @@ PER_REPLICA = 2
 KEY_CACHE_S, BURST_S = 1.0, 3.0
 BURST = 12
 # What the aggregator writes before it stalls, in the late-charge test: more than one piece, all
-# within one of its replica's 0.1 s batches (the simulator writes 2,000 tokens a second there).
+# within one of its replica's 0.1 s batches (the simulator writes 8,000 tokens a second there).
 STALL_TOKENS = 40
 
 
@@ -295,7 +295,7 @@ def test_a_cut_call_is_charged_what_its_provider_replica_saw_not_less_than_the_i
             what="the aggregator to start",
         )
         assert not call.done(), call.result().text
-        # Its 40 tokens are out in 20 ms (2,000 a second), then it stalls; the second is for a
+        # Its 40 tokens are out in 5 ms (8,000 a second), then it stalls; the second is for a
         # busy replica to read them all.
         await asyncio.sleep(1.0)
         call.cancel()
@@ -392,6 +392,23 @@ def test_moa_batch_run_with_address_finds_the_app_on_the_cluster_and_both_nodes_
         "".join(json.dumps({"custom_id": f"q{i}", "prompt": f"Name colour {i}."}) + "\n" for i in range(12))
     )
     address = cluster["address"]
+    # Each provider-openai replica's count of background calls, before: the module's Batch API
+    # test has sent background calls of its own through the same app.
+    handle = serve.get_deployment_handle("provider-openai", app_name=APP)
+
+    def background_calls() -> dict[str, int]:
+        running = serve.status().applications[APP].deployments["provider-openai"].replica_states["RUNNING"]
+        seen: dict[str, int] = {}
+
+        def ask() -> int:
+            health = handle.health.remote().result(timeout_s=30)
+            seen[health["replica"]] = health["background_calls"]
+            return len(seen)
+
+        wait_until_sync(ask, lambda n: n >= running, interval=0, what="every replica of provider-openai")
+        return seen
+
+    before = background_calls()
     env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
     run = [sys.executable, "-m", "moa.cli", "batch", "run", str(src), "--out", str(out), "--no-progress"]
     run += ["--preset", "single", "--concurrency", "8", "--api-key", key, "--address", address]
@@ -405,17 +422,8 @@ def test_moa_batch_run_with_address_finds_the_app_on_the_cluster_and_both_nodes_
     traced = [SimpleNamespace(headers={"x-moa-trace-id": x["response"]["request_id"]}) for x in lines]
     assert len(_replicas_of(traced)) == 2, "both nodes' ingress replicas serve the batch"  # type: ignore[arg-type]
     # Sent as batch work, each item's call reached its provider replica marked as background.
-    handle = serve.get_deployment_handle("provider-openai", app_name=APP)
-    running = serve.status().applications[APP].deployments["provider-openai"].replica_states["RUNNING"]
-    background: dict[str, int] = {}
-
-    def ask() -> int:
-        health = handle.health.remote().result(timeout_s=30)
-        background[health["replica"]] = health["background_calls"]
-        return len(background)
-
-    wait_until_sync(ask, lambda n: n >= running, interval=0, what="every replica of provider-openai")
-    assert sum(background.values()) == 12, background
+    after = background_calls()
+    assert sum(after.values()) - sum(before.values()) == 12, (before, after)
     missing = subprocess.run([*run, "--app", "nope"], env=env, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2
     assert f"no moa app named 'nope' on {address} (moa apps: " in missing.stderr and APP in missing.stderr

@@ -44,6 +44,7 @@ from moa.simulator.profile import (
 from moa.simulator.server import SimulatorServer
 from moa.simulator.text import compose, style_for
 from moa.tokens import approx_message_tokens, approx_tokens
+from tests.conftest import FAST_TOKENS_PER_S
 from tests.helpers import set_fault, sim_stats, wait_idle
 from tests.waiting import wait_until, wait_until_sync
 
@@ -144,10 +145,10 @@ async def test_openai_chat_completion(oai: openai.AsyncOpenAI) -> None:
     assert c.usage.prompt_tokens_details and c.usage.prompt_tokens_details.cached_tokens == 0
     assert c.usage.completion_tokens_details and c.usage.completion_tokens_details.reasoning_tokens == 0
     # The service time the simulator spent: ttft (0.02 s) + the prompt read at the default 10,000
-    # tokens/s + tokens / 2000 tok/s, no jitter; in its own header unrounded, and as OpenAI
-    # reports it, in whole milliseconds.
+    # tokens/s + tokens at the FAST profile's rate, no jitter; in its own header unrounded, and as
+    # OpenAI reports it, in whole milliseconds.
     service = float(raw.headers["x-simulator-service-ms"]) / 1000
-    expected = 0.02 + c.usage.prompt_tokens / 10_000 + c.usage.completion_tokens / 2000.0
+    expected = 0.02 + c.usage.prompt_tokens / 10_000 + c.usage.completion_tokens / FAST_TOKENS_PER_S
     assert service == pytest.approx(expected, abs=1e-6)
     processing = raw.headers["openai-processing-ms"]
     assert processing.isdigit() and abs(int(processing) - service * 1000) <= 0.5
@@ -957,7 +958,7 @@ async def test_a_stall_sends_about_so_many_tokens_then_nothing_and_bills_them(
     reading = asyncio.ensure_future(read())
     if streaming:
         await wait_until(lambda: approx_tokens(text), lambda n: n >= 12, what="the tokens before the stall")
-    await asyncio.sleep(0.3)  # the model has written its tokens (the FAST profile: 2,000 a second)
+    await asyncio.sleep(0.3)  # the model has written its tokens (the FAST profile: 8,000 a second)
     assert not reading.done()  # the answer never ends
     reading.cancel()
     await asyncio.gather(reading, return_exceptions=True)
@@ -1005,7 +1006,7 @@ async def test_hang_s_answers_late_and_slow_stream_is_slower(
     )
     service = float(stream.headers["x-simulator-service-ms"]) / 1000
     prompt = approx_message_tokens([QUESTION])  # read at the default 10,000 tokens/s
-    assert service == pytest.approx(0.02 + prompt / 10_000 + 30 * 20 / 2000.0, abs=1e-6)
+    assert service == pytest.approx(0.02 + prompt / 10_000 + 30 * 20 / FAST_TOKENS_PER_S, abs=1e-6)
     [c async for c in cast(openai.AsyncStream[Any], stream.parse())]
     assert time.monotonic() - t0 >= service - 0.01  # the stream is paced, not just labelled
     s = sim_stats(admin)
