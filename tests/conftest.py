@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anthropic
 import httpx
@@ -34,6 +34,9 @@ from moa_observability.logs import JsonFormatter
 from moa_observability.tracing import flush_tracing, setup_tracing
 from tests.helpers import RAY_ADMIN_KEY
 from tests.otlp_receiver import OTLPReceiver
+
+if TYPE_CHECKING:
+    from tests.test_fidelity import FixtureServer
 
 # Hypothesis' default 200 ms deadline per example measures the machine, not the property: on a
 # loaded two-CPU machine a slow example is no bug. Properties are checked here; speed by moa bench.
@@ -121,6 +124,16 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh state directory (keys, spend ledger, cache file) for this test, as MOA_STATE_DIR."""
     monkeypatch.setenv("MOA_STATE_DIR", str(tmp_path))
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[FixtureServer]:
+    """A loopback server answering with the providers' recorded bodies and keeping what it was
+    sent (the adapters' tests hold requests to the published ones), one per module."""
+    from tests.test_fidelity import FixtureServer  # the test module imports this one's helpers
+
+    with FixtureServer() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -178,12 +178,6 @@ class FixtureServer:
         self.thread.join(5)
 
 
-@pytest.fixture(scope="module")
-def served() -> Iterator[FixtureServer]:
-    with FixtureServer() as server:
-        yield server
-
-
 def serve(server: FixtureServer, body: bytes, status: int = 200, **headers: str) -> None:
     stream = body.startswith((b"data:", b"event:"))
     server.reply = Reply(status, body, "text/event-stream" if stream else "application/json", headers)

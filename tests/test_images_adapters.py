@@ -11,7 +11,7 @@ a client's ``image_url`` part.
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -21,12 +21,6 @@ from moa.providers.client import ProviderClient
 from moa.types import CallRequest, CallResult, ChatMessage, ErrorKind, TextDelta
 from tests.test_fidelity import FixtureServer, client_for, load, raw, serve
 from tests.test_providers import MODELS
-
-
-@pytest.fixture(scope="module")
-def served() -> Iterator[FixtureServer]:
-    with FixtureServer() as server:
-        yield server
 
 
 @pytest.fixture
