@@ -14,7 +14,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +36,7 @@ from tests.helpers import RAY_ADMIN_KEY
 from tests.otlp_receiver import OTLPReceiver
 
 if TYPE_CHECKING:
+    from moa.providers.client import ProviderClient
     from tests.test_fidelity import FixtureServer
 
 # Hypothesis' default 200 ms deadline per example measures the machine, not the property: on a
@@ -134,6 +135,17 @@ def served() -> Iterator[FixtureServer]:
 
     with FixtureServer() as server:
         yield server
+
+
+@pytest.fixture
+async def served_clients(served: FixtureServer) -> AsyncIterator[dict[str, ProviderClient]]:
+    """The OpenAI, Anthropic and Gemini adapters, each pointed at ``served``."""
+    from tests.test_fidelity import client_for
+
+    made = {p: client_for(p, served.url) for p in ("openai", "anthropic", "gemini")}
+    yield made
+    for c in made.values():
+        await c.aclose()
 
 
 @pytest.fixture(scope="session")
