@@ -26,13 +26,13 @@ from google import genai
 from google.genai import types as genai_types
 from hypothesis import settings
 
-from moa.config import MoAConfig, SimulatorMode, load_config, parse_config
+from moa.config import MoAConfig, load_config, parse_config
 from moa.engine.calls import WINDOWS
 from moa.simulator.profile import ModelProfile, SimProfile
 from moa.simulator.server import SimulatorServer
 from moa_observability.logs import JsonFormatter
 from moa_observability.tracing import flush_tracing, setup_tracing
-from tests.helpers import RAY_ADMIN_KEY
+from tests.helpers import RAY_ADMIN_KEY, simulated
 from tests.otlp_receiver import OTLPReceiver
 
 if TYPE_CHECKING:
@@ -114,10 +114,7 @@ def sim(simulator: SimulatorServer) -> Iterator[SimulatorServer]:
 @pytest.fixture
 def config(sim: SimulatorServer) -> MoAConfig:
     """The bundled default config, pointed at the session simulator."""
-    cfg = load_config(None)
-    return cfg.model_copy(
-        update={"simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": SimulatorMode.ON})}
-    )
+    return simulated(sim)
 
 
 @pytest.fixture

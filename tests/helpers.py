@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from moa.config import MoAConfig
+from moa.config import MoAConfig, SimulatorMode, load_config
 from moa.local import LocalServer
 from moa.service import claim_port
 from moa.simulator.profile import JsonErrors, ModelProfile, SimProfile
@@ -125,6 +125,13 @@ async def wait_idle(sim: Sim, model: str | None = None, *, interval: float = 0.0
 
 
 # -- apps of a test's own on the session Ray cluster -----------------------------------------------
+
+
+def simulated(sim: SimulatorServer, **update: Any) -> MoAConfig:
+    """The bundled default config pointed at the simulator, with these top-level fields replaced."""
+    cfg = load_config(None)
+    simulator = cfg.simulator.model_copy(update={"url": sim.url, "mode": SimulatorMode.ON})
+    return cfg.model_copy(update={"simulator": simulator, **update})
 
 
 def trimmed_config(

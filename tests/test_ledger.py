@@ -38,7 +38,7 @@ from moa.testing import Reply, ScriptedCaller
 from moa.tokens import approx_message_tokens, approx_tokens
 from moa.types import CallRequest, CallResult, ChatMessage, ErrorKind, TextDelta, Usage
 from tests.helpers import QUESTION as API_QUESTION
-from tests.helpers import ApiServer, model_stats, set_fault, set_pace, sim_stats, wait_idle
+from tests.helpers import ApiServer, model_stats, set_fault, set_pace, sim_stats, simulated, wait_idle
 from tests.test_keys_api import wait_for_auth
 from tests.waiting import wait_until
 
@@ -189,11 +189,7 @@ def slow_api(sim: SimulatorServer, state_dir: Path) -> Iterator[ApiServer]:
     """The in-process API on a SQLite state file, over a simulator slow enough to hang up on
     mid-answer."""
     set_pace(sim, ttft_s=0.02, tokens_per_s=40.0)
-    cfg = load_config(None)
-    cfg = cfg.model_copy(
-        update={"simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": SimulatorMode.ON})}
-    )
-    with ApiServer(cfg, store=lambda: SQLiteStore(state_dir / "state.db")) as s:
+    with ApiServer(simulated(sim), store=lambda: SQLiteStore(state_dir / "state.db")) as s:
         yield s
 
 
