@@ -32,7 +32,7 @@ from moa.simulator.profile import ModelProfile, SimProfile
 from moa.simulator.server import SimulatorServer
 from moa_observability.logs import JsonFormatter
 from moa_observability.tracing import flush_tracing, setup_tracing
-from tests.helpers import RAY_ADMIN_KEY, simulated
+from tests.helpers import RAY_ADMIN_KEY, ApiServer, simulated
 from tests.otlp_receiver import OTLPReceiver
 
 if TYPE_CHECKING:
@@ -122,6 +122,20 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh state directory (keys, spend ledger, cache file) for this test, as MOA_STATE_DIR."""
     monkeypatch.setenv("MOA_STATE_DIR", str(tmp_path))
     return tmp_path
+
+
+@pytest.fixture
+def api_url(sim: SimulatorServer) -> Iterator[str]:
+    """The in-process API on the bundled default config over the simulator, fresh per test (a
+    module that needs another config defines its own)."""
+    with ApiServer(simulated(sim)) as server:
+        yield server.url
+
+
+@pytest.fixture
+def client(api_url: str) -> openai.OpenAI:
+    """The official ``openai`` client of ``api_url``, without retries: a test sees every failure."""
+    return openai.OpenAI(base_url=api_url + "/v1", api_key="unused", max_retries=0)
 
 
 @pytest.fixture(scope="module")

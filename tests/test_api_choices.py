@@ -5,7 +5,6 @@ final answer is written ``n`` times, each its own call."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +37,6 @@ def capped(sim: SimulatorServer, **caps: Any) -> MoAConfig:
     """The simulated config with these caps changed."""
     cfg = simulated(sim)
     return cfg.model_copy(update={"caps": cfg.caps.model_copy(update=caps)})
-
-
-@pytest.fixture
-def api_url(sim: SimulatorServer) -> Iterator[str]:
-    with ApiServer(simulated(sim)) as server:
-        yield server.url
-
-
-@pytest.fixture
-def client(api_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=api_url + "/v1", api_key="unused", max_retries=0)
 
 
 def two_streamed(client: openai.OpenAI, **moa: Any) -> openai.Stream[ChatCompletionChunk]:

@@ -13,7 +13,6 @@ test_engine_structured.py."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,17 +68,6 @@ OPENAI_ONLY: dict[str, Any] = {
     "on_aggregators_failed": "fallbacks",
 }
 FAST = {"ttft_s": 0.0, "tokens_per_s": 2000.0}
-
-
-@pytest.fixture
-def api_url(sim: SimulatorServer) -> Iterator[str]:
-    with ApiServer(simulated(sim)) as server:
-        yield server.url
-
-
-@pytest.fixture
-def client(api_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=api_url + "/v1", api_key="unused", max_retries=0)
 
 
 def erring(sim: SimulatorServer, **models: dict[str, float]) -> None:
