@@ -73,45 +73,42 @@ class ReservationLimiter:
         self.refused = 0
         self.spare = 0  # background calls granted (counted in ``granted`` too)
 
-    def reserve(self, tokens: int, max_wait_s: float) -> Reservation:
+    def _wait(self, tokens: int, above: float) -> float:
+        """Seconds until every bucket holds its amount (one request, ``tokens`` tokens) above the
+        share ``above`` of itself. A call larger than that waits for a full bucket, not forever."""
         now = self.clock()
         waits = [0.0]
         for bucket, amount in ((self.requests, 1), (self.tokens, tokens)):
             if bucket is not None:
                 bucket.refill(now)
-                # A single request larger than the whole budget waits for a full bucket, not forever.
-                waits.append(bucket.wait_for(min(amount, bucket.per_minute)))
-        wait = max(waits)
-        if wait > max_wait_s:
-            self.refused += 1
-            return Reservation(False, wait)
+                waits.append(bucket.wait_for(min(amount + above * bucket.per_minute, bucket.per_minute)))
+        return max(waits)
+
+    def _take(self, tokens: int) -> None:
+        """A granted call's request and tokens out of the buckets (a call larger than a bucket
+        takes it whole)."""
         if self.requests is not None:
             self.requests.level -= 1
         if self.tokens is not None:
             self.tokens.level -= min(tokens, self.tokens.per_minute)
         self.granted += 1
+
+    def reserve(self, tokens: int, max_wait_s: float) -> Reservation:
+        wait = self._wait(tokens, 0.0)
+        if wait > max_wait_s:
+            self.refused += 1
+            return Reservation(False, wait)
+        self._take(tokens)
         return Reservation(True, wait)
 
     def take_spare(self, tokens: int) -> Reservation:
         """A background call's share: granted (no wait) only when every bucket holds its amount
         above the reserve now, never into debt; refused otherwise, with how long until the refill
         would cover it were nobody else to take any (the caller looks again then)."""
-        now = self.clock()
-        waits = [0.0]
-        for bucket, amount in ((self.requests, 1), (self.tokens, tokens)):
-            if bucket is not None:
-                bucket.refill(now)
-                # A call larger than the whole spare waits for a full bucket, not forever.
-                needed = min(amount + self.reserve_share * bucket.per_minute, bucket.per_minute)
-                waits.append(bucket.wait_for(needed))
-        wait = max(waits)
+        wait = self._wait(tokens, self.reserve_share)
         if wait > 0:
             return Reservation(False, wait)
-        if self.requests is not None:
-            self.requests.level -= 1
-        if self.tokens is not None:
-            self.tokens.level -= min(tokens, self.tokens.per_minute)
-        self.granted += 1
+        self._take(tokens)
         self.spare += 1
         return Reservation(True, 0.0)
 

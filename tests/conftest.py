@@ -14,9 +14,9 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anthropic
 import httpx
@@ -26,14 +26,18 @@ from google import genai
 from google.genai import types as genai_types
 from hypothesis import settings
 
-from moa.config import MoAConfig, SimulatorMode, load_config, parse_config
+from moa.config import MoAConfig, load_config, parse_config
 from moa.engine.calls import WINDOWS
 from moa.simulator.profile import ModelProfile, SimProfile
 from moa.simulator.server import SimulatorServer
 from moa_observability.logs import JsonFormatter
 from moa_observability.tracing import flush_tracing, setup_tracing
-from tests.helpers import RAY_ADMIN_KEY
+from tests.helpers import RAY_ADMIN_KEY, ApiServer, simulated
 from tests.otlp_receiver import OTLPReceiver
+
+if TYPE_CHECKING:
+    from moa.providers.client import ProviderClient
+    from tests.test_fidelity import FixtureServer
 
 # Hypothesis' default 200 ms deadline per example measures the machine, not the property: on a
 # loaded two-CPU machine a slow example is no bug. Properties are checked here; speed by moa bench.
@@ -114,10 +118,7 @@ def sim(simulator: SimulatorServer) -> Iterator[SimulatorServer]:
 @pytest.fixture
 def config(sim: SimulatorServer) -> MoAConfig:
     """The bundled default config, pointed at the session simulator."""
-    cfg = load_config(None)
-    return cfg.model_copy(
-        update={"simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": SimulatorMode.ON})}
-    )
+    return simulated(sim)
 
 
 @pytest.fixture
@@ -125,6 +126,41 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh state directory (keys, spend ledger, cache file) for this test, as MOA_STATE_DIR."""
     monkeypatch.setenv("MOA_STATE_DIR", str(tmp_path))
     return tmp_path
+
+
+@pytest.fixture
+def api_url(sim: SimulatorServer) -> Iterator[str]:
+    """The in-process API on the bundled default config over the simulator, fresh per test (a
+    module that needs another config defines its own)."""
+    with ApiServer(simulated(sim)) as server:
+        yield server.url
+
+
+@pytest.fixture
+def client(api_url: str) -> openai.OpenAI:
+    """The official ``openai`` client of ``api_url``, without retries: a test sees every failure."""
+    return openai.OpenAI(base_url=api_url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[FixtureServer]:
+    """A loopback server answering with the providers' recorded bodies and keeping what it was
+    sent (the adapters' tests hold requests to the published ones), one per module."""
+    from tests.test_fidelity import FixtureServer  # the test module imports this one's helpers
+
+    with FixtureServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def served_clients(served: FixtureServer) -> AsyncIterator[dict[str, ProviderClient]]:
+    """The OpenAI, Anthropic and Gemini adapters, each pointed at ``served``."""
+    from tests.test_fidelity import client_for
+
+    made = {p: client_for(p, served.url) for p in ("openai", "anthropic", "gemini")}
+    yield made
+    for c in made.values():
+        await c.aclose()
 
 
 @pytest.fixture(scope="session")

@@ -19,9 +19,10 @@ from typing import Any
 import httpx
 import pytest
 
-from moa.config import MoAConfig
+from moa.config import MoAConfig, SimulatorMode, load_config
 from moa.local import LocalServer
 from moa.service import claim_port
+from moa.simulator.profile import JsonErrors, ModelProfile, SimProfile
 from moa.simulator.server import SimulatorServer
 from moa.state import StateStore
 from moa.types import ToolSpec
@@ -65,6 +66,18 @@ def set_pace(sim: Sim, ttft_s: float, tokens_per_s: float) -> None:
     whole profile: faults set before it are gone."""
     profile = {"default": {"ttft_s": ttft_s, "tokens_per_s": tokens_per_s, "jitter": 0.0}}
     _admin(sim, "PUT", "/admin/profile", json=profile).raise_for_status()
+
+
+# A model as fast as the machine lets it be: the adapters' tests are about bodies, not pace.
+FAST_MODEL = ModelProfile(ttft_s=0.005, tokens_per_s=20_000.0, jitter=0.0)
+
+
+def json_errors(sim: Sim, model: str, **errors: float) -> None:
+    """Every model at ``FAST_MODEL``'s pace, ``model`` writing its structured documents wrong (or
+    refusing) at the rates given (``JsonErrors``' fields); none given: every document right."""
+    wrong = FAST_MODEL.model_copy(update={"json_errors": JsonErrors(**errors)})
+    body = SimProfile(default=FAST_MODEL, models={model: wrong}).model_dump(mode="json")
+    _admin(sim, "PUT", "/admin/profile", json=body, timeout=10).raise_for_status()
 
 
 def sim_stats(sim: Sim) -> dict[str, Any]:
@@ -112,6 +125,13 @@ async def wait_idle(sim: Sim, model: str | None = None, *, interval: float = 0.0
 
 
 # -- apps of a test's own on the session Ray cluster -----------------------------------------------
+
+
+def simulated(sim: SimulatorServer, **update: Any) -> MoAConfig:
+    """The bundled default config pointed at the simulator, with these top-level fields replaced."""
+    cfg = load_config(None)
+    simulator = cfg.simulator.model_copy(update={"url": sim.url, "mode": SimulatorMode.ON})
+    return cfg.model_copy(update={"simulator": simulator, **update})
 
 
 def trimmed_config(

@@ -5,19 +5,27 @@ final answer is written ``n`` times, each its own call."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionChunk
 
-from moa.config import CacheConfig, MoAConfig, SimulatorMode, StateConfig, load_config
+from moa.config import CacheConfig, MoAConfig, StateConfig, load_config
 from moa.engine.cost import project
 from moa.simulator.server import SimulatorServer
 from moa.types import ChatMessage, GenerationParams
-from tests.helpers import ApiServer, model_stats, set_fault, set_pace, sim_requests, sim_total_requests
+from tests.helpers import (
+    ApiServer,
+    model_stats,
+    set_fault,
+    set_pace,
+    sim_requests,
+    sim_total_requests,
+    simulated,
+)
 from tests.waiting import wait_until_sync
 
 ASK = [{"role": "user", "content": "Name three uses of a paperclip."}]
@@ -25,25 +33,22 @@ PROPOSERS = ("gpt-4.1-mini", "claude-haiku-4-5", "gemini-2.5-flash")  # moa-lite
 AGGREGATOR = "gpt-4.1"  # moa-lite's first aggregator
 
 
-def simulated(sim: SimulatorServer, **caps: Any) -> MoAConfig:
-    cfg = load_config(None)
-    update: dict[str, Any] = {
-        "simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": SimulatorMode.ON})
-    }
-    if caps:
-        update["caps"] = cfg.caps.model_copy(update=caps)
-    return cfg.model_copy(update=update)
+def capped(sim: SimulatorServer, **caps: Any) -> MoAConfig:
+    """The simulated config with these caps changed."""
+    cfg = simulated(sim)
+    return cfg.model_copy(update={"caps": cfg.caps.model_copy(update=caps)})
 
 
-@pytest.fixture
-def api_url(sim: SimulatorServer) -> Iterator[str]:
-    with ApiServer(simulated(sim)) as server:
-        yield server.url
-
-
-@pytest.fixture
-def client(api_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=api_url + "/v1", api_key="unused", max_retries=0)
+def two_streamed(client: openai.OpenAI, **moa: Any) -> openai.Stream[ChatCompletionChunk]:
+    """Two answers of moa-lite to ASK, streamed with usage and the detail (and these ``moa`` options)."""
+    return client.chat.completions.create(
+        model="moa-lite",
+        messages=ASK,  # type: ignore[arg-type]
+        n=2,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"moa": {"detail": True, **moa}},
+    )
 
 
 def detail_of(body: Any) -> dict[str, Any]:
@@ -93,14 +98,7 @@ def test_a_single_model_plan_makes_one_call_per_answer(client: openai.OpenAI, si
 def test_each_answer_streams_under_its_own_index_and_ends_with_its_own_finish(
     client: openai.OpenAI, sim: SimulatorServer
 ) -> None:
-    stream = client.chat.completions.create(
-        model="moa-lite",
-        messages=ASK,  # type: ignore[arg-type]
-        n=2,
-        stream=True,
-        stream_options={"include_usage": True},
-        extra_body={"moa": {"detail": True}},
-    )
+    stream = two_streamed(client)
     text: dict[int, str] = {}
     finish: dict[int, list[str]] = {}
     roles: dict[int, str | None] = {}
@@ -124,14 +122,7 @@ def test_each_answer_streams_under_its_own_index_and_ends_with_its_own_finish(
 
 def test_several_answers_run_a_staircase_as_final(client: openai.OpenAI, sim: SimulatorServer) -> None:
     """The staircase's steps write one answer: a request for two runs final, one call per answer."""
-    stream = client.chat.completions.create(
-        model="moa-lite",
-        messages=ASK,  # type: ignore[arg-type]
-        n=2,
-        stream=True,
-        stream_options={"include_usage": True},
-        extra_body={"moa": {"detail": True, "aggregation": "staircase"}},
-    )
+    stream = two_streamed(client, aggregation="staircase")
     (detail,) = [detail_of(chunk) for chunk in stream if chunk.usage is not None]
     assert detail["aggregation"] == "final"
     assert not [c for c in detail["calls"] if c["staircase_step"] is not None]
@@ -140,8 +131,8 @@ def test_several_answers_run_a_staircase_as_final(client: openai.OpenAI, sim: Si
 
 def test_several_answers_bypass_the_response_cache(sim: SimulatorServer, state_dir: Path) -> None:
     """A cached answer is one answer: n > 1 neither reads nor writes the answers' level."""
-    cfg = simulated(sim).model_copy(
-        update={"cache": CacheConfig(enabled=True, store="sqlite"), "state": StateConfig(dir=str(state_dir))}
+    cfg = simulated(
+        sim, cache=CacheConfig(enabled=True, store="sqlite"), state=StateConfig(dir=str(state_dir))
     )
     with ApiServer(cfg) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
@@ -170,7 +161,7 @@ def test_n_past_the_cap_is_refused_naming_n_before_any_call(
 def test_the_call_cap_counts_every_answers_final_calls(sim: SimulatorServer) -> None:
     # moa-lite may make 3 proposer calls, then 2 aggregators and 2 fallbacks per answer: 7 for one
     # answer, 11 for two.
-    with ApiServer(simulated(sim, max_calls=10)) as server:
+    with ApiServer(capped(sim, max_calls=10)) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         assert client.chat.completions.create(model="moa-lite", messages=ASK).choices  # type: ignore[arg-type]
         with pytest.raises(openai.BadRequestError) as refused:

@@ -13,7 +13,6 @@ test_engine_structured.py."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,9 +21,9 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from moa.config import CacheConfig, MoAConfig, SimulatorMode, StateConfig, load_config
+from moa.config import CacheConfig, StateConfig, load_config
 from moa.simulator.server import SimulatorServer
-from tests.helpers import ApiServer, _admin, sim_total_requests
+from tests.helpers import ApiServer, _admin, sim_total_requests, simulated
 
 ASK = [{"role": "user", "content": "What is the weather in Paris today?"}]
 
@@ -69,23 +68,6 @@ OPENAI_ONLY: dict[str, Any] = {
     "on_aggregators_failed": "fallbacks",
 }
 FAST = {"ttft_s": 0.0, "tokens_per_s": 2000.0}
-
-
-def config(sim: SimulatorServer, **update: Any) -> MoAConfig:
-    cfg = load_config(None)
-    simulator = cfg.simulator.model_copy(update={"url": sim.url, "mode": SimulatorMode.ON})
-    return cfg.model_copy(update={"simulator": simulator, **update})
-
-
-@pytest.fixture
-def api_url(sim: SimulatorServer) -> Iterator[str]:
-    with ApiServer(config(sim)) as server:
-        yield server.url
-
-
-@pytest.fixture
-def client(api_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=api_url + "/v1", api_key="unused", max_retries=0)
 
 
 def erring(sim: SimulatorServer, **models: dict[str, float]) -> None:
@@ -200,7 +182,9 @@ def test_proposers_asked_for_the_format_vote_without_an_aggregator(
 
 
 def test_the_cache_key_holds_the_schema(sim: SimulatorServer, state_dir: Path) -> None:
-    cfg = config(sim, cache=CacheConfig(enabled=True, store="sqlite"), state=StateConfig(dir=str(state_dir)))
+    cfg = simulated(
+        sim, cache=CacheConfig(enabled=True, store="sqlite"), state=StateConfig(dir=str(state_dir))
+    )
     with ApiServer(cfg) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 

@@ -11,7 +11,6 @@ import json
 
 import pytest
 
-from moa import MoAEngine, load_config
 from moa.cache import keys
 from moa.engine import structured
 from moa.engine.contract import Contract
@@ -29,6 +28,8 @@ from moa.types import (
     prompt_texts,
 )
 from tests.otlp_receiver import OTLPReceiver
+from tests.test_engine_scripted import AGG1, AGG2, P1, P2, P3, engine
+from tests.test_engine_scripted import plan as scripted_plan
 
 QUESTION = [ChatMessage(role="user", content="What is the weather in Paris?")]
 SCHEMA = {
@@ -44,30 +45,12 @@ SCHEMA = {
 WEATHER = ResponseFormat(type="json_schema", name="weather", schema=SCHEMA, strict=True)
 OBJECT = ResponseFormat(type="json_object")
 GOOD = '{"city": "Paris", "sky": "clear", "temperature_c": 18}'
-P1, P2, P3 = "p/one", "p/two", "p/three"
-AGG1, AGG2 = "a/first", "a/second"
 
 
 def plan(**update: object) -> Plan:
-    raw: dict[str, object] = {
-        "layers": [
-            {
-                "proposers": [{"provider": k.split("/")[0], "model": k.split("/")[1]} for k in (P1, P2, P3)],
-                "quorum": 2,
-            }
-        ],
-        "aggregators": [{"provider": "a", "model": "first"}, {"provider": "a", "model": "second"}],
-        "fallbacks": [],
-        "grace_s": 600,
-        "layer_deadline_s": 600,
-        "call_timeout_s": 600,
-    }
-    raw.update(update)
-    return Plan.model_validate(raw)
-
-
-def engine(caller: ScriptedCaller) -> MoAEngine:
-    return MoAEngine(load_config(None), caller)
+    """test_engine_scripted's plan (three proposers, a quorum of two, two aggregators) without its
+    fallback model."""
+    return scripted_plan(**{"fallbacks": [], **update})
 
 
 def answer(text: str) -> CallResult:

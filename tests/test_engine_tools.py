@@ -23,6 +23,8 @@ from moa.result import MoAResult, Stage
 from moa.testing import Reply, ScriptedCaller
 from moa.types import CallResult, ChatMessage, ErrorKind, TextDelta, ToolCall, ToolChoice, ToolSet, ToolSpec
 from tests.otlp_receiver import OTLPReceiver
+from tests.test_engine_scripted import AGG1, AGG2, P1, P2, P3, engine
+from tests.test_engine_scripted import plan as scripted_plan
 
 QUESTION = [ChatMessage(role="user", content="What is the weather in Paris, in celsius?")]
 WEATHER = ToolSpec(
@@ -40,8 +42,6 @@ WEATHER = ToolSpec(
 )
 TIME = ToolSpec(name="get_time", parameters={"type": "object", "properties": {"city": {"type": "string"}}})
 TOOLS = ToolSet(tools=(WEATHER, TIME))
-P1, P2, P3 = "p/one", "p/two", "p/three"
-AGG1, AGG2 = "a/first", "a/second"
 
 
 def call(
@@ -51,25 +51,9 @@ def call(
 
 
 def plan(**update: object) -> Plan:
-    raw: dict[str, object] = {
-        "layers": [
-            {
-                "proposers": [{"provider": k.split("/")[0], "model": k.split("/")[1]} for k in (P1, P2, P3)],
-                "quorum": 2,
-            }
-        ],
-        "aggregators": [{"provider": "a", "model": "first"}, {"provider": "a", "model": "second"}],
-        "fallbacks": [],
-        "grace_s": 600,
-        "layer_deadline_s": 600,
-        "call_timeout_s": 600,
-    }
-    raw.update(update)
-    return Plan.model_validate(raw)
-
-
-def engine(caller: ScriptedCaller) -> MoAEngine:
-    return MoAEngine(load_config(None), caller)
+    """test_engine_scripted's plan (three proposers, a quorum of two, two aggregators) without its
+    fallback model."""
+    return scripted_plan(**{"fallbacks": [], **update})
 
 
 def result_of(res: CallResult | None = None, **update: object) -> CallResult:

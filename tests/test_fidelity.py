@@ -15,7 +15,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -178,12 +178,6 @@ class FixtureServer:
         self.thread.join(5)
 
 
-@pytest.fixture(scope="module")
-def served() -> Iterator[FixtureServer]:
-    with FixtureServer() as server:
-        yield server
-
-
 def serve(server: FixtureServer, body: bytes, status: int = 200, **headers: str) -> None:
     stream = body.startswith((b"data:", b"event:"))
     server.reply = Reply(status, body, "text/event-stream" if stream else "application/json", headers)
@@ -204,14 +198,6 @@ def client_for(provider: str, url: str, key: str | None = None) -> ProviderClien
     return build_client(provider, cfg.providers[provider], endpoint)
 
 
-@pytest.fixture
-async def clients(served: FixtureServer) -> AsyncIterator[dict[str, ProviderClient]]:
-    made = {p: client_for(p, served.url) for p in ("openai", "anthropic", "gemini")}
-    yield made
-    for c in made.values():
-        await c.aclose()
-
-
 def req(provider: str) -> CallRequest:
     return CallRequest(provider=provider, model=MODELS[provider], messages=MESSAGES)
 
@@ -224,10 +210,10 @@ async def streamed(client: ProviderClient, provider: str) -> tuple[str, CallResu
 
 
 async def test_openai_completion_is_normalised(
-    served: FixtureServer, clients: dict[str, ProviderClient]
+    served: FixtureServer, served_clients: dict[str, ProviderClient]
 ) -> None:
     serve(served, raw("openai/chat_completion.response.json"))
-    res = await clients["openai"].complete(req("openai"))
+    res = await served_clients["openai"].complete(req("openai"))
     assert res.ok, res.error
     assert (res.text, res.model, res.finish_reason) == (
         "Hello! How can I assist you today?",
@@ -238,20 +224,22 @@ async def test_openai_completion_is_normalised(
 
 
 async def test_openai_cached_tokens_are_counted_within_the_prompt(
-    served: FixtureServer, clients: dict[str, ProviderClient]
+    served: FixtureServer, served_clients: dict[str, ProviderClient]
 ) -> None:
     # The reference completion with the prompt caching guide's usage: cached tokens are part of
     # prompt_tokens, so input stays 2006 and 1920 of them are priced as cached.
     body = load("openai/chat_completion.response.json") | {"usage": load("openai/usage_prompt_caching.json")}
     serve(served, json.dumps(body).encode())
-    res = await clients["openai"].complete(req("openai"))
+    res = await served_clients["openai"].complete(req("openai"))
     assert (res.usage.input_tokens, res.usage.output_tokens, res.usage.cached_tokens) == (2006, 300, 1920)
     assert res.cost_usd == pytest.approx(((2006 - 1920) * 1.0 + 1920 * 0.5 + 300 * 4.0) / 1e6)
 
 
-async def test_openai_stream_is_normalised(served: FixtureServer, clients: dict[str, ProviderClient]) -> None:
+async def test_openai_stream_is_normalised(
+    served: FixtureServer, served_clients: dict[str, ProviderClient]
+) -> None:
     serve(served, raw("openai/chat_completion.stream.sse"))
-    text, res = await streamed(clients["openai"], "openai")
+    text, res = await streamed(served_clients["openai"], "openai")
     assert res.ok, res.error
     assert text == res.text == "Hello" and res.model == "gpt-4o-mini" and res.finish_reason == "stop"
     # The adapter always asks for the usage chunk.
@@ -259,19 +247,19 @@ async def test_openai_stream_is_normalised(served: FixtureServer, clients: dict[
 
 
 async def test_openai_stream_usage_chunk_is_read(
-    served: FixtureServer, clients: dict[str, ProviderClient]
+    served: FixtureServer, served_clients: dict[str, ProviderClient]
 ) -> None:
     serve(served, raw("openai/chat_completion.stream_usage.sse"))
-    text, res = await streamed(clients["openai"], "openai")
+    text, res = await streamed(served_clients["openai"], "openai")
     assert text == "Hello" and res.finish_reason == "stop"
     assert (res.usage.input_tokens, res.usage.output_tokens, res.usage.cached_tokens) == (2006, 300, 1920)
 
 
 async def test_anthropic_message_is_normalised(
-    served: FixtureServer, clients: dict[str, ProviderClient]
+    served: FixtureServer, served_clients: dict[str, ProviderClient]
 ) -> None:
     serve(served, raw("anthropic/message.response.json"))
-    res = await clients["anthropic"].complete(req("anthropic"))
+    res = await served_clients["anthropic"].complete(req("anthropic"))
     assert res.ok, res.error
     assert (res.text, res.model, res.finish_reason) == (
         "Hi! My name is Claude.",
@@ -282,13 +270,13 @@ async def test_anthropic_message_is_normalised(
 
 
 async def test_anthropic_input_counts_cache_reads_and_writes(
-    served: FixtureServer, clients: dict[str, ProviderClient]
+    served: FixtureServer, served_clients: dict[str, ProviderClient]
 ) -> None:
     # Anthropic's input_tokens exclude cache reads and writes (the caching guide: total input is
     # the sum of the three); ours count every input token, and the reads are the cached ones.
     body = load("anthropic/message.response.json") | load("anthropic/usage_prompt_caching.json")
     serve(served, json.dumps(body).encode())
-    res = await clients["anthropic"].complete(req("anthropic"))
+    res = await served_clients["anthropic"].complete(req("anthropic"))
     assert (res.usage.input_tokens, res.usage.output_tokens, res.usage.cached_tokens) == (
         2048 + 1800 + 248,
         503,
@@ -297,10 +285,10 @@ async def test_anthropic_input_counts_cache_reads_and_writes(
 
 
 async def test_anthropic_stream_is_normalised(
-    served: FixtureServer, clients: dict[str, ProviderClient]
+    served: FixtureServer, served_clients: dict[str, ProviderClient]
 ) -> None:
     serve(served, raw("anthropic/stream.sse"))
-    text, res = await streamed(clients["anthropic"], "anthropic")
+    text, res = await streamed(served_clients["anthropic"], "anthropic")
     assert res.ok, res.error
     assert text == res.text == "Hello!" and res.finish_reason == "stop"
     assert res.model == "claude-sonnet-4-5-20250929"
@@ -309,7 +297,7 @@ async def test_anthropic_stream_is_normalised(
 
 
 async def test_anthropic_error_event_mid_stream_is_an_overload(
-    served: FixtureServer, clients: dict[str, ProviderClient]
+    served: FixtureServer, served_clients: dict[str, ProviderClient]
 ) -> None:
     # The stream's HTTP status is 200; the error event's own type says what went wrong.
     serve(
@@ -317,17 +305,17 @@ async def test_anthropic_error_event_mid_stream_is_an_overload(
         raw("anthropic/stream.sse").split(b"event: content_block_stop")[0]
         + raw("anthropic/stream_error.sse"),
     )
-    text, res = await streamed(clients["anthropic"], "anthropic")
+    text, res = await streamed(served_clients["anthropic"], "anthropic")
     assert text == "Hello!"
     assert res.error is not None and res.error.kind is ErrorKind.SERVER_ERROR, res.error
     assert "Overloaded" in res.error.message
 
 
 async def test_gemini_response_is_normalised(
-    served: FixtureServer, clients: dict[str, ProviderClient]
+    served: FixtureServer, served_clients: dict[str, ProviderClient]
 ) -> None:
     serve(served, raw("gemini/generate_content.response.json"))
-    res = await clients["gemini"].complete(req("gemini"))
+    res = await served_clients["gemini"].complete(req("gemini"))
     assert res.ok, res.error
     assert (
         res.text
@@ -339,16 +327,18 @@ async def test_gemini_response_is_normalised(
 
 
 async def test_gemini_cached_tokens_are_counted_within_the_prompt(
-    served: FixtureServer, clients: dict[str, ProviderClient]
+    served: FixtureServer, served_clients: dict[str, ProviderClient]
 ) -> None:
     serve(served, raw("gemini/generate_content_cached.response.json"))
-    res = await clients["gemini"].complete(req("gemini"))
+    res = await served_clients["gemini"].complete(req("gemini"))
     assert (res.usage.input_tokens, res.usage.output_tokens, res.usage.cached_tokens) == (323388, 397, 323383)
 
 
-async def test_gemini_stream_is_normalised(served: FixtureServer, clients: dict[str, ProviderClient]) -> None:
+async def test_gemini_stream_is_normalised(
+    served: FixtureServer, served_clients: dict[str, ProviderClient]
+) -> None:
     serve(served, raw("gemini/stream.sse"))
-    text, res = await streamed(clients["gemini"], "gemini")
+    text, res = await streamed(served_clients["gemini"], "gemini")
     assert res.ok, res.error
     pieces = [
         data["candidates"][0]["content"]["parts"][0]["text"]
@@ -410,7 +400,7 @@ ERRORS = [
 @pytest.mark.parametrize("stream", [False, True])
 async def test_reference_error_bodies_are_typed(
     served: FixtureServer,
-    clients: dict[str, ProviderClient],
+    served_clients: dict[str, ProviderClient],
     provider: str,
     fixture: str,
     status: int,
@@ -420,7 +410,7 @@ async def test_reference_error_bodies_are_typed(
     stream: bool,
 ) -> None:
     serve(served, raw(fixture), status, **headers)
-    client = clients[provider]
+    client = served_clients[provider]
     res = (await streamed(client, provider))[1] if stream else await client.complete(req(provider))
     assert res.error is not None
     assert (res.error.kind, res.error.status_code, res.error.retry_after_s) == (expected, status, retry_after)
@@ -430,7 +420,7 @@ async def test_reference_error_bodies_are_typed(
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_anthropic_429_without_retry_after_waits_for_the_spent_limits_reset(
-    served: FixtureServer, clients: dict[str, ProviderClient], stream: bool
+    served: FixtureServer, served_clients: dict[str, ProviderClient], stream: bool
 ) -> None:
     """Anthropic's Rate limits page: each limit's ``-remaining`` and ``-reset`` (RFC 3339). A 429
     without ``retry-after`` waits for the reset of the limit at 0, not of one that has room."""
@@ -445,7 +435,7 @@ async def test_anthropic_429_without_retry_after_waits_for_the_spent_limits_rese
         "anthropic-ratelimit-tokens-reset": at[90],
     }
     serve(served, raw("anthropic/error_429_rate_limit.json"), 429, **headers)
-    client = clients["anthropic"]
+    client = served_clients["anthropic"]
     res = (await streamed(client, "anthropic"))[1] if stream else await client.complete(req("anthropic"))
     assert res.error is not None and res.error.retry_after_s is not None
     assert res.error.kind is ErrorKind.RATE_LIMITED and 28 <= res.error.retry_after_s <= 30

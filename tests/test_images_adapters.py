@@ -11,7 +11,6 @@ a client's ``image_url`` part.
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -19,22 +18,8 @@ import pytest
 from moa.api.images import image_part
 from moa.providers.client import ProviderClient
 from moa.types import CallRequest, CallResult, ChatMessage, ErrorKind, TextDelta
-from tests.test_fidelity import FixtureServer, client_for, load, raw, serve
+from tests.test_fidelity import FixtureServer, load, raw, serve
 from tests.test_providers import MODELS
-
-
-@pytest.fixture(scope="module")
-def served() -> Iterator[FixtureServer]:
-    with FixtureServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def clients(served: FixtureServer) -> AsyncIterator[dict[str, ProviderClient]]:
-    made = {p: client_for(p, served.url) for p in ("openai", "anthropic", "gemini")}
-    yield made
-    for c in made.values():
-        await c.aclose()
 
 
 async def call(client: ProviderClient, req: CallRequest, stream: bool) -> CallResult:
@@ -72,24 +57,26 @@ def reply(served: FixtureServer, provider: str, stream: bool) -> None:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
 async def test_openai_sends_the_reference_image_url_part(
-    served: FixtureServer, clients: dict[str, ProviderClient], stream: bool
+    served: FixtureServer, served_clients: dict[str, ProviderClient], stream: bool
 ) -> None:
     ref = load("openai/chat_completion_image.request.json")["messages"]
     (text, image) = ref[0]["content"]
     reply(served, "openai", stream)
-    res = await call(clients["openai"], request("openai", text["text"], image["image_url"]["url"]), stream)
+    res = await call(
+        served_clients["openai"], request("openai", text["text"], image["image_url"]["url"]), stream
+    )
     assert res.ok, res.error
     assert body(served)["messages"] == ref
 
 
 async def test_openai_sends_a_data_url_and_a_chosen_detail_as_given(
-    served: FixtureServer, clients: dict[str, ProviderClient]
+    served: FixtureServer, served_clients: dict[str, ProviderClient]
 ) -> None:
     jpeg = load("anthropic/image_base64.request.json")["messages"][0]["content"][0]["source"]["data"]
     url = "data:image/jpeg;base64," + jpeg
     message = ChatMessage(role="user", content="", images=(image_part({"url": url, "detail": "low"}),))
     reply(served, "openai", False)
-    res = await clients["openai"].complete(
+    res = await served_clients["openai"].complete(
         CallRequest(provider="openai", model=MODELS["openai"], messages=(message,))
     )
     assert res.ok, res.error
@@ -100,7 +87,7 @@ async def test_openai_sends_a_data_url_and_a_chosen_detail_as_given(
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
 @pytest.mark.parametrize("fixture", ["image_url", "image_base64"])
 async def test_anthropic_sends_the_vision_guides_image_blocks(
-    served: FixtureServer, clients: dict[str, ProviderClient], fixture: str, stream: bool
+    served: FixtureServer, served_clients: dict[str, ProviderClient], fixture: str, stream: bool
 ) -> None:
     """A URL as a ``url`` source, a data URL as a ``base64`` source with its media type: the
     guide's two examples, image first and the question after it."""
@@ -109,14 +96,14 @@ async def test_anthropic_sends_the_vision_guides_image_blocks(
     source = image["source"]
     url = source.get("url") or f"data:{source['media_type']};base64,{source['data']}"
     reply(served, "anthropic", stream)
-    res = await call(clients["anthropic"], request("anthropic", text["text"], url), stream)
+    res = await call(served_clients["anthropic"], request("anthropic", text["text"], url), stream)
     assert res.ok, res.error
     assert body(served)["messages"] == ref
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
 async def test_gemini_sends_the_cookbooks_inline_data(
-    served: FixtureServer, clients: dict[str, ProviderClient], stream: bool
+    served: FixtureServer, served_clients: dict[str, ProviderClient], stream: bool
 ) -> None:
     """The REST cookbook's multimodal prompt: the text, then the image as inline data (the SDK
     names the part ``inlineData`` and writes the bytes in base64's URL-safe alphabet: the REST
@@ -126,7 +113,7 @@ async def test_gemini_sends_the_cookbooks_inline_data(
     inline = image["inline_data"]
     reply(served, "gemini", stream)
     url = f"data:{inline['mime_type']};base64,{inline['data']}"
-    res = await call(clients["gemini"], request("gemini", text["text"], url), stream)
+    res = await call(served_clients["gemini"], request("gemini", text["text"], url), stream)
     assert res.ok, res.error
     (content,) = body(served)["contents"]
     (sent_text, sent_image) = content["parts"]
@@ -137,18 +124,20 @@ async def test_gemini_sends_the_cookbooks_inline_data(
 
 
 async def test_gemini_refuses_an_image_url_unsent(
-    served: FixtureServer, clients: dict[str, ProviderClient]
+    served: FixtureServer, served_clients: dict[str, ProviderClient]
 ) -> None:
     """Gemini's API takes no image URL and the service fetches none: a plan never sends one there
     (moa.engine.vision), and one that came anyway is refused before anything is sent."""
     reply(served, "gemini", False)
-    res = await clients["gemini"].complete(request("gemini", "What is this?", "https://example.com/a.png"))
+    res = await served_clients["gemini"].complete(
+        request("gemini", "What is this?", "https://example.com/a.png")
+    )
     assert res.error is not None and res.error.kind is ErrorKind.BAD_REQUEST
     assert "not by URL" in res.error.message and served.requests == []
 
 
 async def test_an_image_part_a_program_builds_itself_is_measured_and_sent_whole(
-    served: FixtureServer, clients: dict[str, ProviderClient]
+    served: FixtureServer, served_clients: dict[str, ProviderClient]
 ) -> None:
     """``moa.ImagePart(url=...)`` built by a program embedding the engine (not read by the API):
     a data URL's format and size are read from its header all the same, so Anthropic is sent the
@@ -164,7 +153,7 @@ async def test_an_image_part_a_program_builds_itself_is_measured_and_sent_whole(
     assert (part.media_type, part.width, part.height) == ("image/jpeg", 64, 48)
     reply(served, "anthropic", False)
     message = ChatMessage(role="user", content=text["text"], images=(part,))
-    res = await clients["anthropic"].complete(
+    res = await served_clients["anthropic"].complete(
         CallRequest(provider="anthropic", model=MODELS["anthropic"], messages=(message,))
     )
     assert res.ok, res.error

@@ -17,6 +17,7 @@ import contextvars
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import pytest
@@ -37,7 +38,7 @@ from moa.testing import Reply, ScriptedCaller
 from moa.tokens import approx_message_tokens, approx_tokens
 from moa.types import CallRequest, CallResult, ChatMessage, ErrorKind, TextDelta, Usage
 from tests.helpers import QUESTION as API_QUESTION
-from tests.helpers import ApiServer, model_stats, set_fault, set_pace, sim_stats, wait_idle
+from tests.helpers import ApiServer, model_stats, set_fault, set_pace, sim_stats, simulated, wait_idle
 from tests.test_keys_api import wait_for_auth
 from tests.waiting import wait_until
 
@@ -179,12 +180,16 @@ def invoice(sim: SimulatorServer, config: MoAConfig) -> tuple[float, int]:
 
 @pytest.fixture
 def server(sim: SimulatorServer, state_dir: Path) -> Iterator[ApiServer]:
-    set_pace(sim, ttft_s=0.02, tokens_per_s=40.0)  # slow enough to hang up mid-answer
-    cfg = load_config(None)
-    cfg = cfg.model_copy(
-        update={"simulator": cfg.simulator.model_copy(update={"url": sim.url, "mode": SimulatorMode.ON})}
-    )
-    with ApiServer(cfg, store=lambda: SQLiteStore(state_dir / "state.db")) as s:
+    with slow_api(sim, state_dir) as s:
+        yield s
+
+
+@contextlib.contextmanager
+def slow_api(sim: SimulatorServer, state_dir: Path) -> Iterator[ApiServer]:
+    """The in-process API on a SQLite state file, over a simulator slow enough to hang up on
+    mid-answer."""
+    set_pace(sim, ttft_s=0.02, tokens_per_s=40.0)
+    with ApiServer(simulated(sim), store=lambda: SQLiteStore(state_dir / "state.db")) as s:
         yield s
 
 
@@ -234,9 +239,15 @@ def test_a_stream_the_client_hangs_up_on_is_billed_as_the_provider_bills_it(
     """A streaming client reads a few chunks of the answer and hangs up: the key is charged what
     the simulator invoices (every prompt it read, every token it generated), not $0 for the cut
     aggregator. Before, 30 cut streams of ``single`` were charged nothing."""
+    spent = spend_of(server, sim, state_dir, hang_up(preset, API_QUESTION))
+    billed_within_the_cut_margin(spent, sim, server.config)
 
-    async def hang_up(http: httpx.AsyncClient) -> None:
-        body = {"model": preset, "messages": API_QUESTION, "stream": True, "max_tokens": 300}
+
+def hang_up(model: str, messages: list[dict[str, Any]]) -> Callable[[httpx.AsyncClient], Awaitable[None]]:
+    """A client that streams an answer, reads three chunks of its content and hangs up."""
+
+    async def act(http: httpx.AsyncClient) -> None:
+        body = {"model": model, "messages": messages, "stream": True, "max_tokens": 300}
         async with http.stream("POST", "/v1/chat/completions", json=body) as response:
             assert response.status_code == 200
             chunks = 0
@@ -246,11 +257,17 @@ def test_a_stream_the_client_hangs_up_on_is_billed_as_the_provider_bills_it(
                     if chunks == 3:
                         break
 
-    spent = spend_of(server, sim, state_dir, hang_up)
-    billed, _ = invoice(sim, server.config)
+    return act
+
+
+def billed_within_the_cut_margin(spent: int, sim: SimulatorServer, config: MoAConfig) -> int:
+    """Assert the key was charged at least the simulator's invoice and at most the cut margin of
+    the calls it cut above it; the number of calls cut."""
+    billed, _ = invoice(sim, config)
     cuts = sum(s["cancelled"] for s in sim_stats(sim).values())
-    most = to_micro(billed) + margin_usd(server.config, cuts) + 2  # rounding: a micro-dollar a request
+    most = to_micro(billed) + margin_usd(config, cuts) + 2  # rounding: a micro-dollar a request
     assert to_micro(billed) <= spent <= most, (spent, billed)
+    return cuts
 
 
 EMAIL_TOOL = {

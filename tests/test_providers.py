@@ -100,6 +100,12 @@ async def collect(stream: AsyncIterator[StreamEvent]) -> tuple[str, CallResult]:
     return text, result
 
 
+async def both_ways(client: ProviderClient, req: CallRequest) -> list[tuple[str, CallResult]]:
+    """The call sent plain, then streamed: (the text a client saw, the result) each."""
+    plain = await client.complete(req)
+    return [(plain.text, plain), await collect(client.stream(req))]
+
+
 @pytest.mark.parametrize("provider", list(MODELS))
 async def test_complete_normalises_every_provider(pool: ProviderPool, provider: str) -> None:
     res = await pool.call(req(provider))

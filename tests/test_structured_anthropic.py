@@ -11,25 +11,22 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import jsonschema
 import pytest
 
 from moa.providers.anthropic_client import JSON_TOOL_SPEC
 from moa.providers.client import ProviderClient
-from moa.simulator.profile import JsonErrors, ModelProfile, SimProfile
 from moa.simulator.server import SimulatorServer
 from moa.simulator.structured import REFUSAL
-from moa.types import CallRequest, CallResult, ChatMessage, ErrorKind, ResponseFormat, ToolSet
-from tests.helpers import TOOL_WEATHER, model_stats, sim_requests
+from moa.types import CallRequest, ChatMessage, ErrorKind, ResponseFormat, ToolSet
+from tests.helpers import TOOL_WEATHER, json_errors, model_stats, sim_requests
 from tests.test_fidelity import FixtureServer, client_for, load, raw, serve
-from tests.test_providers import MODELS, collect
+from tests.test_providers import MODELS, both_ways, collect
 
 MODEL = MODELS["anthropic"]
-FAST = ModelProfile(ttft_s=0.005, tokens_per_s=20_000.0, jitter=0.0)
 GUIDE = load("anthropic/structured_output.request.json")
 GUIDE_FORMAT = ResponseFormat(type="json_schema", schema=GUIDE["output_config"]["format"]["schema"])
 GUIDE_ASK = ChatMessage(**GUIDE["messages"][0])
@@ -53,17 +50,6 @@ def request(fmt: ResponseFormat | None, *messages: ChatMessage, model: str = MOD
     )
 
 
-async def both_ways(client: ProviderClient, req: CallRequest) -> list[tuple[str, CallResult]]:
-    plain = await client.complete(req)
-    return [(plain.text, plain), await collect(client.stream(req))]
-
-
-@pytest.fixture(scope="module")
-def served() -> Iterator[FixtureServer]:
-    with FixtureServer() as server:
-        yield server
-
-
 @pytest.fixture
 async def reference(served: FixtureServer) -> AsyncIterator[ProviderClient]:
     client = client_for("anthropic", served.url)
@@ -77,15 +63,9 @@ def sent_body(served: FixtureServer) -> Any:
     return body
 
 
-def profile(sim: SimulatorServer, **errors: float) -> None:
-    model = FAST.model_copy(update={"json_errors": JsonErrors(**errors)})
-    body = SimProfile(default=FAST, models={MODEL: model}).model_dump(mode="json")
-    httpx.put(f"{sim.url}/admin/profile", json=body, timeout=10).raise_for_status()
-
-
 @pytest.fixture
 async def client(sim: SimulatorServer) -> AsyncIterator[ProviderClient]:
-    profile(sim)
+    json_errors(sim, MODEL)
     made = client_for("anthropic", sim.url)
     yield made
     await made.aclose()
@@ -164,7 +144,7 @@ async def test_json_object_is_a_forced_tool_whose_input_is_the_answer(
 async def test_a_refusal_is_carried_both_ways(sim: SimulatorServer, client: ProviderClient) -> None:
     """``stop_reason: "refusal"``: the refusal is carried (its words), the finish is
     ``content_filter``, and what the model wrote is billed."""
-    profile(sim, refusal=1.0)
+    json_errors(sim, MODEL, refusal=1.0)
     for _, res in await both_ways(client, request(GUIDE_FORMAT)):
         assert res.ok and res.refusal == REFUSAL and res.finish_reason == "content_filter"
         assert res.usage.output_tokens > 0 and res.cost_usd > 0

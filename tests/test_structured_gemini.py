@@ -11,23 +11,20 @@ for safety when its profile says the model refuses, and bills the schema as prom
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import jsonschema
 import pytest
 
 from moa.providers.client import ProviderClient
-from moa.simulator.profile import JsonErrors, ModelProfile, SimProfile
 from moa.simulator.server import SimulatorServer
-from moa.types import CallRequest, CallResult, ChatMessage, ErrorKind, ResponseFormat, ToolSet
-from tests.helpers import TOOL_WEATHER, model_stats, sim_requests
+from moa.types import CallRequest, ChatMessage, ErrorKind, ResponseFormat, ToolSet
+from tests.helpers import TOOL_WEATHER, json_errors, model_stats, sim_requests
 from tests.test_fidelity import FixtureServer, client_for, load, raw, serve
-from tests.test_providers import MODELS, collect
+from tests.test_providers import MODELS, both_ways, collect
 
 MODEL = MODELS["gemini"]
-FAST = ModelProfile(ttft_s=0.005, tokens_per_s=20_000.0, jitter=0.0)
 GUIDE = load("gemini/structured_output.request.json")
 GUIDE_ASK = ChatMessage(role="user", content=GUIDE["contents"][0]["parts"][0]["text"])
 
@@ -53,17 +50,6 @@ def request(fmt: ResponseFormat | None, *messages: ChatMessage) -> CallRequest:
     return CallRequest(provider="gemini", model=MODEL, messages=messages or (GUIDE_ASK,), response_format=fmt)
 
 
-async def both_ways(client: ProviderClient, req: CallRequest) -> list[tuple[str, CallResult]]:
-    plain = await client.complete(req)
-    return [(plain.text, plain), await collect(client.stream(req))]
-
-
-@pytest.fixture(scope="module")
-def served() -> Iterator[FixtureServer]:
-    with FixtureServer() as server:
-        yield server
-
-
 @pytest.fixture
 async def reference(served: FixtureServer) -> AsyncIterator[ProviderClient]:
     client = client_for("gemini", served.url)
@@ -71,15 +57,9 @@ async def reference(served: FixtureServer) -> AsyncIterator[ProviderClient]:
     await client.aclose()
 
 
-def profile(sim: SimulatorServer, **errors: float) -> None:
-    model = FAST.model_copy(update={"json_errors": JsonErrors(**errors)})
-    body = SimProfile(default=FAST, models={MODEL: model}).model_dump(mode="json")
-    httpx.put(f"{sim.url}/admin/profile", json=body, timeout=10).raise_for_status()
-
-
 @pytest.fixture
 async def client(sim: SimulatorServer) -> AsyncIterator[ProviderClient]:
-    profile(sim)
+    json_errors(sim, MODEL)
     made = client_for("gemini", sim.url)
     yield made
     await made.aclose()
@@ -131,7 +111,7 @@ async def test_an_answer_blocked_for_safety_is_a_refusal_both_ways(
 ) -> None:
     """Gemini refuses by blocking the answer (finish reason SAFETY, no content): a refusal in the
     API's words (the reason and the category that blocked it), no text, finish ``content_filter``."""
-    profile(sim, refusal=1.0)
+    json_errors(sim, MODEL, refusal=1.0)
     for text, res in await both_ways(client, request(RECIPES)):
         assert res.ok and text == res.text == "" and res.finish_reason == "content_filter"
         assert res.refusal is not None

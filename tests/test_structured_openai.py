@@ -11,25 +11,22 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import jsonschema
 import pytest
 
 from moa.providers.client import ProviderClient
-from moa.simulator.profile import JsonErrors, ModelProfile, SimProfile
 from moa.simulator.server import SimulatorServer
 from moa.simulator.structured import REFUSAL
-from moa.types import CallRequest, CallResult, ChatMessage, ErrorKind, ResponseFormat
-from tests.helpers import model_stats, set_fault, sim_requests, wait_idle
+from moa.types import CallRequest, ChatMessage, ErrorKind, ResponseFormat
+from tests.helpers import json_errors, model_stats, set_fault, sim_requests, wait_idle
 from tests.test_fidelity import FixtureServer, load, raw, serve, sse_events
-from tests.test_providers import MODELS, collect
+from tests.test_providers import MODELS, both_ways, collect
 from tests.test_tools_openai import chat_requests, client_at
 
 MODEL = MODELS["openai"]
-FAST = ModelProfile(ttft_s=0.005, tokens_per_s=20_000.0, jitter=0.0)
 PARSE = load("openai/chat_completion_parse.request.json")
 LOCATION = ResponseFormat(
     type="json_schema",
@@ -61,18 +58,6 @@ def request(fmt: ResponseFormat | None, text: str = ASK, provider: str = "openai
     )
 
 
-async def both_ways(client: ProviderClient, req: CallRequest) -> list[tuple[str, CallResult]]:
-    """The call sent plain, then streamed: (the text a client saw, the result) each."""
-    plain = await client.complete(req)
-    return [(plain.text, plain), await collect(client.stream(req))]
-
-
-@pytest.fixture(scope="module")
-def served() -> Iterator[FixtureServer]:
-    with FixtureServer() as server:
-        yield server
-
-
 @pytest.fixture
 async def reference(served: FixtureServer) -> AsyncIterator[dict[str, ProviderClient]]:
     one = {"retry": {"max_attempts": 1, "backoff_base_s": 0.01, "backoff_max_s": 0.01}}
@@ -82,15 +67,9 @@ async def reference(served: FixtureServer) -> AsyncIterator[dict[str, ProviderCl
         await c.aclose()
 
 
-def profile(sim: SimulatorServer, **errors: float) -> None:
-    model = FAST.model_copy(update={"json_errors": JsonErrors(**errors)})
-    body = SimProfile(default=FAST, models={MODEL: model}).model_dump(mode="json")
-    httpx.put(f"{sim.url}/admin/profile", json=body, timeout=10).raise_for_status()
-
-
 @pytest.fixture
 async def client(sim: SimulatorServer) -> AsyncIterator[ProviderClient]:
-    profile(sim)
+    json_errors(sim, MODEL)
     made = client_at("openai", sim.url)
     yield made
     await made.aclose()
@@ -197,7 +176,7 @@ async def test_the_document_is_the_answer_both_ways_and_the_schema_is_billed(
 
 
 async def test_a_simulated_refusal_is_carried_both_ways(sim: SimulatorServer, client: ProviderClient) -> None:
-    profile(sim, refusal=1.0)
+    json_errors(sim, MODEL, refusal=1.0)
     for text, res in await both_ways(client, request(STRICT_CONTACT)):
         assert res.ok and text == res.text == "" and res.refusal == REFUSAL
         assert res.usage.output_tokens > 0 and res.cost_usd > 0

@@ -17,7 +17,7 @@ after a user's text) are refused before anything is sent.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -90,12 +90,6 @@ def calls(res: CallResult) -> list[tuple[str, Any]]:
 
 
 # -- the published bodies, both ways ---------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def served() -> Iterator[FixtureServer]:
-    with FixtureServer() as server:
-        yield server
 
 
 @pytest.fixture

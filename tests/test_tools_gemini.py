@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -94,12 +94,6 @@ async def gemini(sim: SimulatorServer) -> AsyncIterator[ProviderClient]:
     client = client_at(sim.url)
     yield client
     await client.aclose()
-
-
-@pytest.fixture(scope="module")
-def served() -> Iterator[FixtureServer]:
-    with FixtureServer() as server:
-        yield server
 
 
 @pytest.fixture

@@ -118,12 +118,6 @@ async def clients(sim: SimulatorServer, profile: httpx.Client) -> AsyncIterator[
         await c.aclose()
 
 
-@pytest.fixture(scope="module")
-def served() -> Iterator[FixtureServer]:
-    with FixtureServer() as server:
-        yield server
-
-
 @pytest.fixture
 async def fixture_clients(served: FixtureServer) -> AsyncIterator[dict[str, ProviderClient]]:
     # One attempt unless a test says otherwise: what a body is typed as is what the call reports.

@@ -22,14 +22,10 @@ rate.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import os
-import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,13 +33,11 @@ from typing import Any
 import httpx
 import jsonschema
 
+from moa.benchmark.error_grid import WHAT, Grid, grid_options, run_grid
 from moa.benchmark.options import STRUCTURED_CONFIGS, STRUCTURED_ERROR_RATES
-from moa.benchmark.runner import bench_config
 from moa.benchmark.stats import mean, percentile
 from moa.benchmark.structured_tasks import LEVELS, TASKS, StructuredTask
-from moa.local import local_app
-from moa.simulator.profile import JsonErrors, parse_profile
-from moa.simulator.server import SimulatorServer
+from moa.simulator.profile import JsonErrors
 
 # The kinds of error a rate is spread over: a refusal is an answer, not an error to catch.
 ERROR_KINDS = ("malformed_json", "schema_violation")
@@ -181,80 +175,33 @@ async def ask(client: httpx.AsyncClient, task: StructuredTask, config: str, seed
     return Outcome(task, seed, got, why, ms, totals.get("cost_usd"))
 
 
-@contextlib.asynccontextmanager
-async def _service(opts: StructuredBenchOptions) -> AsyncIterator[tuple[httpx.AsyncClient, SimulatorServer]]:
-    profile = error_profile(0.0, opts.ttft_s, opts.tokens_per_s, opts.jitter)
-    with SimulatorServer(parse_profile(profile)) as sim:
-        cfg = bench_config(sim.url, opts.layer_deadline_s)
-        async with (
-            local_app(cfg) as app,
-            httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1", timeout=None
-            ) as client,
-        ):
-            yield client, sim
-
-
 async def run_structured_bench(
     opts: StructuredBenchOptions, on_step: Callable[[str | None], None] | None = None
 ) -> dict[str, Any]:
     """Every task, for every configuration at every error rate; ``on_step`` hears of each request
     answered (None) and each finished cell (its line)."""
     tasks = list(TASKS[: opts.limit])
-    seeds = range(1, opts.repeats + 1)
-    step = on_step or (lambda _: None)
-    load_at_start = list(os.getloadavg())
-    rows: list[dict[str, Any]] = []
-    async with _service(opts) as (client, sim):
-        sem = asyncio.Semaphore(opts.concurrency)
-
-        async def bounded(task: StructuredTask, config: str, seed: int) -> Outcome:
-            async with sem:
-                out = await ask(client, task, config, seed)
-            step(None)
-            return out
-
-        for config in opts.configs:  # uncounted: clients and pools are set up once
-            await ask(client, tasks[0], config, 0)
-        for rate in opts.error_rates:
-            profile = error_profile(rate, opts.ttft_s, opts.tokens_per_s, opts.jitter)
-            async with httpx.AsyncClient(base_url=sim.url) as admin:
-                (await admin.put("/admin/profile", json=profile)).raise_for_status()
-            jobs = [(t, c, s) for t in tasks for s in seeds for c in opts.configs]
-            done = await asyncio.gather(*(bounded(t, c, s) for t, c, s in jobs))
-            cells = {
-                c: summarize(c, rate, [o for (_, k, _), o in zip(jobs, done, strict=True) if k == c])
-                for c in opts.configs
-            }
-            base = cells[opts.configs[0]]
-            for config, row in cells.items():
-                if config != opts.configs[0]:
-                    row["against"] = {"with": opts.configs[0], **against(row, base)}
-                rows.append(row)
-                step(cell_line(row))
+    grid = Grid(
+        tasks=tasks,
+        configs=list(opts.configs),
+        label=str,
+        error_profile=error_profile,
+        ask=ask,
+        summarize=summarize,
+        compare_key="against",
+        compare=lambda row, _, base, __: against(row, base),
+        cell_line=cell_line,
+    )
+    ran = await run_grid(grid, opts, on_step)
     return {
-        "what": "in-process API (moa serve --local's app over an ASGI transport), the embedded simulator",
+        "what": WHAT,
         "workload": {
             "module": "moa.benchmark.structured_tasks",
             "tasks": len(tasks),
             "by_level": dict(Counter(t.level for t in tasks)),
         },
-        "options": {
-            "configs": list(opts.configs),
-            "error_rates": list(opts.error_rates),
-            "error_kinds": list(ERROR_KINDS),
-            "repeats": opts.repeats,
-            "concurrency": opts.concurrency,
-            "ttft_s": opts.ttft_s,
-            "tokens_per_s": opts.tokens_per_s,
-            "jitter": opts.jitter,
-        },
-        "environment": {
-            "python": sys.version.split()[0],
-            "cpus": os.cpu_count(),
-            "loadavg": {"start": load_at_start, "end": list(os.getloadavg())},
-        },
-        "rows": rows,
+        "options": {"configs": list(opts.configs), **grid_options(opts, ERROR_KINDS)},
+        **ran,
     }
 
 

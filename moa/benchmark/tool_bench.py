@@ -25,14 +25,10 @@ Every answer is scored here, independently of the service's own checks:
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import os
-import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -42,14 +38,12 @@ import httpx
 import jsonschema
 from jsonschema.exceptions import SchemaError
 
+from moa.benchmark.error_grid import WHAT, Grid, grid_options, run_grid
 from moa.benchmark.options import TOOL_CONFIGS, TOOL_ERROR_RATES
-from moa.benchmark.runner import bench_config
 from moa.benchmark.stats import mean, percentile
 from moa.config import ConfigError
 from moa.eval.stats import wilson_interval
-from moa.local import local_app
-from moa.simulator.profile import ToolErrors, parse_profile
-from moa.simulator.server import SimulatorServer
+from moa.simulator.profile import ToolErrors
 
 KINDS = ("single", "parallel", "multi_turn")
 # The simulator's kinds of tool error, each drawn at the share of a rate that makes the rate the
@@ -462,24 +456,6 @@ def cell_line(row: dict[str, Any]) -> str:
     )
 
 
-@contextlib.asynccontextmanager
-async def _service(opts: ToolBenchOptions) -> AsyncIterator[tuple[httpx.AsyncClient, SimulatorServer]]:
-    """The embedded simulator, and a client of the API app over it in this process."""
-    profile = error_profile(0.0, opts.ttft_s, opts.tokens_per_s, opts.jitter)
-    with SimulatorServer(parse_profile(profile)) as sim:
-        cfg = bench_config(sim.url, opts.layer_deadline_s)
-        async with (
-            local_app(cfg) as app,
-            httpx.AsyncClient(
-                # A loopback client, as moa batch's in-process sender is: served without keys.
-                transport=httpx.ASGITransport(app=app),
-                base_url="http://127.0.0.1",
-                timeout=None,
-            ) as client,
-        ):
-            yield client, sim
-
-
 async def run_tool_bench(
     opts: ToolBenchOptions, on_step: Callable[[str | None], None] | None = None
 ) -> dict[str, Any]:
@@ -487,61 +463,28 @@ async def run_tool_bench(
     answered (None) and each finished cell (its line)."""
     tasks = load_tasks(opts.tasks_path)[: opts.limit]
     configs = [ToolConfig.parse(c) for c in opts.configs]
-    seeds = range(1, opts.repeats + 1)
-    step = on_step or (lambda _: None)
-    load_at_start = list(os.getloadavg())
-    rows: list[dict[str, Any]] = []
-    async with _service(opts) as (client, sim):
-        sem = asyncio.Semaphore(opts.concurrency)
-
-        async def bounded(task: ToolTask, config: ToolConfig, seed: int) -> Outcome:
-            async with sem:
-                out = await ask(client, task, config, seed)
-            step(None)
-            return out
-
-        for config in configs:  # uncounted: SDK clients and connection pools are set up once
-            await ask(client, tasks[0], config, 0)
-        for rate in opts.error_rates:
-            profile = error_profile(rate, opts.ttft_s, opts.tokens_per_s, opts.jitter)
-            async with httpx.AsyncClient(base_url=sim.url) as admin:
-                (await admin.put("/admin/profile", json=profile)).raise_for_status()
-            # The configurations take turns, task by task: a busy moment on a shared machine
-            # slows them alike, so their latencies compare.
-            jobs = [(t, c, s) for t in tasks for s in seeds for c in configs]
-            done = await asyncio.gather(*(bounded(t, c, s) for t, c, s in jobs))
-            baseline = [o for (_, c, _), o in zip(jobs, done, strict=True) if c == configs[0]]
-            for config in configs:
-                outcomes = [o for (_, c, _), o in zip(jobs, done, strict=True) if c == config]
-                row = summarize(config, rate, outcomes)
-                if config != configs[0]:  # the first one's answers to the same tasks, seeds and draws
-                    row["paired"] = {"with": configs[0].label, **paired(outcomes, baseline)}
-                rows.append(row)
-                step(cell_line(row))
+    grid = Grid(
+        tasks=tasks,
+        configs=configs,
+        label=lambda c: c.label,
+        error_profile=error_profile,
+        ask=ask,
+        summarize=summarize,
+        compare_key="paired",
+        compare=lambda _, outcomes, __, baseline: dict(paired(outcomes, baseline)),
+        cell_line=cell_line,
+    )
+    ran = await run_grid(grid, opts, on_step)
     return {
-        "what": "in-process API (moa serve --local's app over an ASGI transport), the embedded simulator",
+        "what": WHAT,
         "workload": {
             "file": str(opts.tasks_path) if opts.tasks_path else "moa/data/tool_tasks.jsonl",
             "tasks": len(tasks),
             "by_kind": dict(Counter(t.kind for t in tasks)),
             "text_expected": sum(t.calls is None for t in tasks),
         },
-        "options": {
-            "configs": [c.label for c in configs],
-            "error_rates": list(opts.error_rates),
-            "error_kinds": list(ERROR_KINDS),
-            "repeats": opts.repeats,
-            "concurrency": opts.concurrency,
-            "ttft_s": opts.ttft_s,
-            "tokens_per_s": opts.tokens_per_s,
-            "jitter": opts.jitter,
-        },
-        "environment": {
-            "python": sys.version.split()[0],
-            "cpus": os.cpu_count(),
-            "loadavg": {"start": load_at_start, "end": list(os.getloadavg())},
-        },
-        "rows": rows,
+        "options": {"configs": [c.label for c in configs], **grid_options(opts, ERROR_KINDS)},
+        **ran,
     }
 
 

@@ -7,6 +7,7 @@ import asyncio
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypedDict
 
 from moa.benchmark.options import (
     FAULTY_MODEL,
@@ -348,6 +349,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=run_cli)
 
 
+class _Pace(TypedDict):
+    ttft_s: float
+    tokens_per_s: float
+    jitter: float
+    layer_deadline_s: float
+
+
+def _pace(args: argparse.Namespace) -> _Pace:
+    """The simulator's pace and the API's layer deadline, as every simulated run takes them."""
+    return _Pace(
+        ttft_s=args.ttft, tokens_per_s=args.tps, jitter=args.jitter, layer_deadline_s=args.layer_deadline
+    )
+
+
+def _told(table: str, out: Path, files: str, failed: list[str]) -> int:
+    """Print a run's table and where its files are, name each failure on stderr: exit 1 on any."""
+    print(table)
+    print(f"results in {out}/ ({files})")
+    for line in failed:
+        print(f"moa bench: {line}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def run_cli(args: argparse.Namespace) -> int:
     try:
         import matplotlib  # noqa: F401
@@ -426,10 +450,7 @@ def run_cli(args: argparse.Namespace) -> int:
         scenarios=args.scenarios,
         fault_requests=args.fault_requests,
         fault_concurrency=args.fault_concurrency,
-        ttft_s=args.ttft,
-        tokens_per_s=args.tps,
-        jitter=args.jitter,
-        layer_deadline_s=args.layer_deadline,
+        **_pace(args),
         baseline_fault_timeout_s=args.baseline_timeout,
         out=args.out,
         details=args.details,
@@ -439,12 +460,7 @@ def run_cli(args: argparse.Namespace) -> int:
         api_key=api_key(args.api_key),
     )
     report = asyncio.run(run(opts))
-    print(markdown(report))
-    print(f"results in {opts.out}/ (results.json, results.md, bench.png)")
-    failed = failures(report)
-    for line in failed:
-        print(f"moa bench: {line}", file=sys.stderr)
-    return 1 if failed else 0
+    return _told(markdown(report), opts.out, "results.json, results.md, bench.png", failures(report))
 
 
 def _run_tools(args: argparse.Namespace) -> int:
@@ -468,10 +484,7 @@ def _run_tools(args: argparse.Namespace) -> int:
         error_rates=args.tool_error_rates,
         repeats=args.tool_repeats,
         concurrency=args.tool_concurrency,
-        ttft_s=args.ttft,
-        tokens_per_s=args.tps,
-        jitter=args.jitter,
-        layer_deadline_s=args.layer_deadline,
+        **_pace(args),
     )
     total = requests_in(opts, len(load_tasks(opts.tasks_path)[: opts.limit]))
     console = Console(stderr=True)
@@ -493,12 +506,7 @@ def _run_tools(args: argparse.Namespace) -> int:
 
         report = asyncio.run(run_tool_bench(opts, step))
     write_tools_report(report, args.out)
-    print(tools_markdown(report))
-    print(f"results in {args.out}/ (tools.json, tools.md)")
-    failed = failures(report)
-    for line in failed:
-        print(f"moa bench: {line}", file=sys.stderr)
-    return 1 if failed else 0
+    return _told(tools_markdown(report), args.out, "tools.json, tools.md", failures(report))
 
 
 def _run_structured(args: argparse.Namespace) -> int:
@@ -517,10 +525,7 @@ def _run_structured(args: argparse.Namespace) -> int:
         error_rates=args.structured_error_rates,
         repeats=args.structured_repeats,
         concurrency=args.structured_concurrency,
-        ttft_s=args.ttft,
-        tokens_per_s=args.tps,
-        jitter=args.jitter,
-        layer_deadline_s=args.layer_deadline,
+        **_pace(args),
     )
     print(f"moa bench --structured: {requests_in(opts)} requests", file=sys.stderr)
 
@@ -530,9 +535,4 @@ def _run_structured(args: argparse.Namespace) -> int:
 
     report = asyncio.run(run_structured_bench(opts, step))
     write_structured_report(report, args.out)
-    print(structured_markdown(report))
-    print(f"results in {args.out}/ (structured.json, structured.md)")
-    failed = failures(report)
-    for line in failed:
-        print(f"moa bench: {line}", file=sys.stderr)
-    return 1 if failed else 0
+    return _told(structured_markdown(report), args.out, "structured.json, structured.md", failures(report))
