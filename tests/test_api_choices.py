@@ -39,12 +39,13 @@ def capped(sim: SimulatorServer, **caps: Any) -> MoAConfig:
     return cfg.model_copy(update={"caps": cfg.caps.model_copy(update=caps)})
 
 
-def two_streamed(client: openai.OpenAI, **moa: Any) -> openai.Stream[ChatCompletionChunk]:
-    """Two answers of moa-lite to ASK, streamed with usage and the detail (and these ``moa`` options)."""
+def two_streamed(client: openai.OpenAI, n: int = 2, **moa: Any) -> openai.Stream[ChatCompletionChunk]:
+    """Two answers (or ``n``) of moa-lite to ASK, streamed with usage and the detail (and these
+    ``moa`` options)."""
     return client.chat.completions.create(
         model="moa-lite",
         messages=ASK,  # type: ignore[arg-type]
-        n=2,
+        n=n,
         stream=True,
         stream_options={"include_usage": True},
         extra_body={"moa": {"detail": True, **moa}},
@@ -127,6 +128,10 @@ def test_several_answers_run_a_staircase_as_final(client: openai.OpenAI, sim: Si
     assert detail["aggregation"] == "final"
     assert not [c for c in detail["calls"] if c["staircase_step"] is not None]
     assert model_stats(sim, AGGREGATOR)["requests"] == 2
+    # The same request for one answer climbs the staircase: the number of answers made it final.
+    (one,) = [detail_of(chunk) for chunk in two_streamed(client, n=1, aggregation="staircase") if chunk.usage]
+    assert one["aggregation"] == "staircase"
+    assert [c for c in one["calls"] if c["staircase_step"] is not None]
 
 
 def test_several_answers_bypass_the_response_cache(sim: SimulatorServer, state_dir: Path) -> None:

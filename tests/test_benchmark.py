@@ -647,3 +647,18 @@ def test_the_profiler_finds_moa_serve_local_and_waits_for_its_warm_up() -> None:
             local.stop()
     finally:
         sim.stop()
+
+
+def test_a_bench_run_with_a_failure_names_it_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """How ``moa bench --tools`` and ``--structured`` end (``_told``): the table, where the files
+    are, and exit 1 naming each failure on stderr (an invalid answer, a broken tool contract);
+    exit 0 with none."""
+    from moa.cli.bench import _told
+
+    assert _told("| table |", tmp_path, "x.json", []) == 0
+    assert _told("| table |", tmp_path, "x.json", ["moa-lite @ 0.3: 1 invalid answers"]) == 1
+    out, err = capsys.readouterr()
+    assert out.count("| table |") == 2 and f"results in {tmp_path}/ (x.json)" in out
+    assert err == "moa bench: moa-lite @ 0.3: 1 invalid answers\n"
