@@ -771,3 +771,54 @@ async def test_a_request_cancelled_while_its_run_cleans_up_settles_after_the_cle
     with pytest.raises(asyncio.CancelledError):
         await handler
     assert settled_with == [["the cut call"]] and work.cancelled()
+
+
+async def test_the_engines_estimate_of_a_cut_call_reads_the_prompt_as_the_provider_client_does() -> None:
+    """A call cut before its provider reported its usage is charged its prompt as the provider
+    reads it: the tool definitions and the response format's schema too, not the messages alone.
+    The engine's estimate (``cut_result``; a fusion attempt's ``FuseStart``, what a cut aggregator
+    is charged) and the provider client's (``prompt_read``) are one figure, so a cut call costs
+    the same whichever side charges it when no receipt arrives."""
+    from moa.engine.calls import cut_result
+    from moa.engine.fusion import FuseJob, FuseStart, fuse
+    from moa.plan import AggregatorSpec
+    from moa.providers.consumption import prompt_read
+    from moa.types import ResponseFormat, ToolSet
+    from tests.helpers import TOOL_WEATHER
+
+    config = load_config(None)
+    question = (ChatMessage(role="user", content="Weather in Paris, as a document?"),)
+    fmt = ResponseFormat(type="json_schema", name="weather", schema={"type": "object", "properties": {}})
+    tools = ToolSet(tools=(TOOL_WEATHER,))
+    req = CallRequest(provider="openai", model="gpt-4.1", messages=question, tools=tools, response_format=fmt)
+    texts_only = approx_message_tokens(m.token_text for m in question)
+    cut = cut_result(config, req, "", ErrorKind.CANCELLED, "cut", 0.1)
+    assert cut.usage.input_tokens == prompt_read(req, "openai") > texts_only
+
+    sent: list[CallRequest] = []
+
+    class Recording:
+        async def call(self, req: CallRequest) -> CallResult:
+            raise AssertionError("fusion streams")
+
+        async def stream(self, req: CallRequest) -> Any:
+            sent.append(req)
+            yield CallResult(
+                provider=req.provider, provider_kind="openai", requested_model=req.model, text="{}"
+            )
+
+    spec = AggregatorSpec(provider="openai", model="gpt-4.1")
+    job = FuseJob(
+        chain=(spec,),
+        messages=question,
+        references=("a",),
+        call_timeout_s=5,
+        tools=tools,
+        response_format=fmt,
+    )
+    (start,) = [ev async for ev in fuse(job, Recording(), config) if isinstance(ev, FuseStart)]
+    assert (
+        start.prompt_tokens
+        == prompt_read(sent[0], "openai")
+        > approx_message_tokens(m.token_text for m in sent[0].messages)
+    )

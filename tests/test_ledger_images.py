@@ -45,8 +45,9 @@ def test_the_estimate_of_a_cut_call_counts_its_images() -> None:
     """The engine's own estimate (what a cut call is charged when no receipt of it arrives, as on
     Ray when a provider replica is lost): the prompt's text and its images, by the provider's rule."""
     from moa.api.images import image_part
-    from moa.engine.calls import cut_result, prompt_tokens
-    from moa.types import CallRequest, ChatMessage, ErrorKind, image_tokens
+    from moa.engine.calls import cut_result
+    from moa.tokens import approx_message_tokens
+    from moa.types import CallRequest, ChatMessage, ErrorKind, image_tokens, prompt_texts
 
     config = load_config(None)
     image = image_part({"url": PICTURE})
@@ -59,5 +60,6 @@ def test_the_estimate_of_a_cut_call_counts_its_images() -> None:
         req = CallRequest(provider=provider, model=model, messages=messages)
         cut = cut_result(config, req, "", ErrorKind.CANCELLED, "cut", 0.1)
         kind = config.providers[provider].kind.value
-        assert cut.usage.input_tokens == prompt_tokens(messages) + image_tokens(kind, (image,))
+        text = approx_message_tokens(prompt_texts(messages))
+        assert cut.usage.input_tokens == text + image_tokens(kind, (image,))
         assert image_tokens(kind, (image,)) >= 765

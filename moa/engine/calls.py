@@ -11,6 +11,7 @@ from moa.config import MoAConfig
 from moa.engine.prompts import trim_references
 from moa.errors import ContextWindowExceeded
 from moa.plan import ModelRef, ProposerSpec
+from moa.providers.consumption import prompt_read
 from moa.tokens import approx_message_tokens, approx_tokens
 from moa.types import (
     CallError,
@@ -22,9 +23,7 @@ from moa.types import (
     StreamEvent,
     TextDelta,
     Usage,
-    image_tokens,
     prompt_texts,
-    request_images,
 )
 
 # How long the transport may hold the text of a call nobody reads as it comes (a proposer's, an
@@ -184,11 +183,6 @@ def transport_failure(config: MoAConfig, req: CallRequest, exc: BaseException) -
     )
 
 
-def prompt_tokens(messages: Sequence[ChatMessage]) -> int:
-    """A prompt's tokens, estimated, as a call cut before its provider reported them is billed."""
-    return approx_message_tokens(prompt_texts(messages))
-
-
 def cut_result(  # seven: the call as known (request or its parts), and how and when it was cut
     config: MoAConfig,
     req: CallRequest | tuple[str, str, int],
@@ -211,8 +205,8 @@ def cut_result(  # seven: the call as known (request or its parts), and how and 
     and the result names the call (``cut_id``), so that a transport which saw more of its text (a
     provider replica on Ray) can have the ledger charge that instead (``moa.engine.receipts``)."""
     if isinstance(req, CallRequest):
-        provider, model, prompt = req.provider, req.model, prompt_tokens(req.messages)
-        prompt += image_tokens(provider_kind(config, req.provider), request_images(req.messages))
+        provider, model = req.provider, req.model
+        prompt = prompt_read(req, provider_kind(config, req.provider))
         call_id = req.call_id
     else:
         provider, model, prompt = req

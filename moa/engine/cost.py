@@ -28,6 +28,7 @@ from moa.engine.router import substitute_unavailable
 from moa.engine.vision import NoVisionModel
 from moa.errors import OverCap
 from moa.plan import Complexity, ModelRef, Plan, PlanMode, PlanShape
+from moa.providers.consumption import prompt_read
 from moa.result import RouteDecision
 from moa.tokens import approx_message_tokens
 from moa.types import (
@@ -206,7 +207,6 @@ def call_cost(config: MoAConfig, req: CallRequest) -> float:
     if req.provider not in config.providers:
         return 0.0
     price = config.price(req.provider, req.model)
-    prompt = approx_message_tokens(prompt_texts(req.messages, req.tools, req.response_format))
-    prompt += image_tokens(config.providers[req.provider].kind, request_images(req.messages))
+    prompt = prompt_read(req, config.providers[req.provider].kind)
     out = min(req.params.max_tokens or price.max_output_tokens, price.max_output_tokens)
     return price.cost(min(prompt, price.context_window), out)

@@ -22,7 +22,6 @@ from moa.engine.calls import (
     WINDOWS,
     fit_call,
     merge_params,
-    prompt_tokens,
     provider_kind,
     safe_stream,
     timeout_result,
@@ -33,6 +32,7 @@ from moa.engine.prompts import extend_system, with_references
 from moa.engine.structured import instruction
 from moa.engine.toolcalls import MAX_VIOLATIONS
 from moa.plan import AggregatorSpec, ProposerSpec
+from moa.providers.consumption import prompt_read
 from moa.types import (
     CallRequest,
     CallResult,
@@ -138,7 +138,7 @@ async def fuse(job: FuseJob, caller: ModelCaller, config: MoAConfig) -> AsyncIte
         yield FuseStart(
             provider=spec.provider,
             model=spec.model,
-            prompt_tokens=prompt_tokens(req.messages),
+            prompt_tokens=prompt_read(req, provider_kind(config, spec.provider)),
             call_id=req.call_id,
         )
         # Every attempt streams, seen by the client or not: a cut stream stops its provider and

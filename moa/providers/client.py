@@ -18,20 +18,16 @@ from opentelemetry import trace
 from moa.config import Endpoint, ProviderConfig
 from moa.limits import ProviderLimits
 from moa.providers.call import Call
-from moa.providers.consumption import Consumption
+from moa.providers.consumption import Consumption, prompt_read
 from moa.providers.gate import gated
 from moa.providers.refusals import LearnedRefusals
 from moa.providers.transport import Transport
-from moa.tokens import approx_message_tokens
 from moa.types import (
     CallRequest,
     CallResult,
     StreamEvent,
     Usage,
     error_text,
-    image_tokens,
-    prompt_texts,
-    request_images,
 )
 from moa_observability.genai import end_call_span, start_call_span
 from moa_observability.logs import span_ids
@@ -105,9 +101,7 @@ class ProviderClient:
         )
         self.transport.known_window(req.model)  # starts reading the server's listing, once, unawaited
         result: CallResult | None = None
-        prompt = approx_message_tokens(prompt_texts(req.messages, req.tools, req.response_format))
-        prompt += image_tokens(self.kind, request_images(req.messages))
-        used = Consumption(input_tokens=prompt)
+        used = Consumption(input_tokens=prompt_read(req, self.kind))
         try:
             # Closed with this generator, not when it is collected: a consumer that stops at a
             # yield (a provider replica cancelled while its text waits) closes the provider's

@@ -6,8 +6,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moa.tokens import approx_tokens
-from moa.types import Usage
+from moa.tokens import approx_message_tokens, approx_tokens
+from moa.types import CallRequest, Usage, image_tokens, prompt_texts, request_images
+
+
+def prompt_read(req: CallRequest, provider_kind: str) -> int:
+    """A call's prompt as its provider reads and bills it, estimated: the messages (with the calls
+    they carry), the tool definitions, the response format's schema, and the images by the rule of
+    the provider's kind. The one estimate for a call's worst case, for what a call consumed, and
+    for the charge of a call cut before its provider reported its usage."""
+    texts = prompt_texts(req.messages, req.tools, req.response_format)
+    return approx_message_tokens(texts) + image_tokens(provider_kind, request_images(req.messages))
 
 
 @dataclass
