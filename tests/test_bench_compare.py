@@ -7,6 +7,7 @@ import asyncio
 import time
 from typing import Any
 
+import httpx
 import pytest
 
 from moa.benchmark.baseline import Baseline
@@ -24,6 +25,8 @@ from moa.benchmark.runner import HttpTarget
 from moa.config import ConfigError, MoAConfig
 from moa.simulator.server import SimulatorServer
 from tests.helpers import ApiServer
+
+QUESTION = "How does a compiler work?"
 
 
 def _call(stage: str, model: str, out: int, layer: int | None = 1, inp: int = 10) -> dict[str, Any]:
@@ -168,3 +171,34 @@ def test_the_baseline_makes_the_presets_calls_and_the_report_shows_they_matched(
     }
     assert "| aggregator: anthropic/claude-sonnet-4-6 | 1 |" in "\n".join(compare_tables(block))
     assert time.monotonic() - t0 < 15
+
+
+def _sent(sim: SimulatorServer) -> tuple[list[tuple[Any, ...]], dict[str, int]]:
+    """What the simulator was asked (model, parameters, prompt size) and wrote per model."""
+    got = httpx.get(sim.url + "/admin/requests").json()["requests"]
+    stats = httpx.get(sim.url + "/admin/stats").json()["models"]
+    asked = sorted((r["model"], sorted(r["params"].items()), r["prompt_tokens"]) for r in got)
+    return asked, {m: s["billed_output_tokens"] for m, s in stats.items()}
+
+
+def test_moa_lites_calls_are_the_plain_scripts(config: MoAConfig, sim: SimulatorServer) -> None:
+    """moa-lite asks its proposers the bare question (no role prompt, no parameter but the
+    max_tokens Anthropic requires) and its aggregator with the template the plain baseline already
+    shares: the preset's prompts make none of its calls longer than the naive script's."""
+    seen = []
+    for mirrored in (False, True):
+        httpx.post(sim.url + "/admin/reset").raise_for_status()
+
+        async def ask(mirrored: bool) -> bool:
+            base = Baseline(sim.url)
+            try:
+                script = PresetBaseline(base, config, "moa-lite", None).ask if mirrored else base.ask
+                return (await script(QUESTION)).ok
+            finally:
+                await base.aclose()
+
+        assert asyncio.run(ask(mirrored))
+        seen.append(_sent(sim))
+    assert seen[0] == seen[1]
+    asked, wrote = seen[0]
+    assert len(asked) == 4 and all(n > 0 for n in wrote.values())
