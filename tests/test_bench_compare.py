@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from moa.benchmark import runner
 from moa.benchmark.baseline import Baseline
 from moa.benchmark.compare import (
     PresetBaseline,
@@ -21,6 +22,7 @@ from moa.benchmark.compare import (
     role_rows,
     unpaired,
 )
+from moa.benchmark.options import BenchOptions
 from moa.benchmark.runner import HttpTarget
 from moa.config import ConfigError, MoAConfig
 from moa.simulator.server import SimulatorServer
@@ -108,7 +110,9 @@ def test_the_report_holds_each_role_and_the_e2e_to_their_goals() -> None:
     assert "| local moa-lite | 1 | 1000 | 1040 | 1.040 | **no** |" in "\n".join(compare_tables(block))
 
 
-def test_compare_needs_the_baseline_and_one_layered_preset(config: MoAConfig) -> None:
+def test_compare_needs_the_baseline_and_one_layered_preset(
+    config: MoAConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert compared_preset(["baseline", "local:moa-lite", "serve:moa-lite"]) == "moa-lite"
     for targets in (["local:moa-lite"], ["baseline", "local:moa", "serve:moa-lite"], ["baseline", "floor"]):
         with pytest.raises(ConfigError, match="--compare needs the baseline and one model"):
@@ -118,6 +122,11 @@ def test_compare_needs_the_baseline_and_one_layered_preset(config: MoAConfig) ->
         layered_plan(config, "openai/gpt-4.1-mini")
     with pytest.raises(ConfigError, match="mirrors layered presets"):
         layered_plan(config, "single")
+    # Refused before anything starts: the mirror waits for every answer, then aggregates.
+    early = BenchOptions(targets=["baseline", "local:moa-lite"], aggregation=["early"], compare=True)
+    monkeypatch.setattr(runner, "Simulator", None)  # nothing may start
+    with pytest.raises(ConfigError, match="mirrors the final aggregation"):
+        asyncio.run(runner.run(early))
 
 
 def test_the_baseline_makes_the_presets_calls_and_the_report_shows_they_matched(

@@ -445,6 +445,8 @@ RENDERED_TABLES = {
     "bench-local-ab/after-1.json": "| target",
     "bench-local-ab/before-2.json": "| target",
     "bench-local-ab/after-2.json": "| target",
+    "bench-compare.json": ("| target", "| like for like"),
+    "bench-compare-moa.json": "| like for like: local moa against",
 }
 
 
