@@ -70,18 +70,17 @@ def layered_plan(config: MoAConfig, name: str) -> Plan:
     return plan
 
 
-def call_record(stage: str, layer: int | None, ref: ModelRef | dict[str, Any], said: Said) -> dict[str, Any]:
+def call_record(
+    stage: str, layer: int | None, provider: str, model: str, input_tokens: int, output_tokens: int
+) -> dict[str, Any]:
     """One call as both sides keep it."""
-    provider, model = (
-        (ref.provider, ref.model) if isinstance(ref, ModelRef) else (ref["provider"], ref["model"])
-    )
     return {
         "stage": stage,
         "layer": layer,
         "provider": provider,
         "model": model,
-        "input_tokens": said.input_tokens,
-        "output_tokens": said.output_tokens,
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
     }
 
 
@@ -92,8 +91,10 @@ def service_calls(detail: dict[str, Any]) -> list[dict[str, Any]]:
         call_record(
             c["stage"],
             c.get("layer"),
-            c,
-            Said("", 0.0, c["usage"]["input_tokens"], c["usage"]["output_tokens"]),
+            c["provider"],
+            c["model"],
+            c["usage"]["input_tokens"],
+            c["usage"]["output_tokens"],
         )
         for c in detail["calls"]
         if c["ok"] and not c.get("cancelled_straggler")
@@ -128,7 +129,7 @@ class PresetBaseline:
         kind = provider_kind(self.config, ref.provider)
         sent = [{"role": m.role, "content": m.content} for m in messages]
         said = await self.base.call(kind, ref.model, sent, params)
-        return said, call_record(stage, layer, ref, said)
+        return said, call_record(stage, layer, ref.provider, ref.model, said.input_tokens, said.output_tokens)
 
     async def ask(self, prompt: str) -> Sample:
         t0 = time.perf_counter()
