@@ -102,12 +102,16 @@ def test_the_report_holds_each_role_and_the_e2e_to_their_goals() -> None:
         "baseline": [{"concurrency": 1, "requests": baseline}],
         "services": [{"target": "local moa-lite", "concurrency": 1, "requests": service}],
     }
-    text = "\n".join(compare_tables(block))
+    levels = [
+        {"target": "baseline", "concurrency": 1, "simulated_p50_ms": 950.0},
+        {"target": "local moa-lite", "concurrency": 1, "simulated_p50_ms": 951.0},
+    ]
+    text = "\n".join(compare_tables(block, levels))
     assert "| proposer 1: p/m | 1 | 10.0 | 10.0 | 100.0 | 101.0 | +1.0% | 1.0% | yes |" in text
     assert "| aggregator: p/x | 1 | 10.0 | 10.0 | 300.0 | 310.0 | +3.3% | 3.3% | **no** |" in text
-    assert "| local moa-lite | 1 | 1000 | 1020 | 1.020 | yes |" in text
+    assert "| local moa-lite | 1 | 950 | 951 | 1000 | 1020 | 1.020 | yes |" in text
     service[0]["e2e_s"] = 1.04
-    assert "| local moa-lite | 1 | 1000 | 1040 | 1.040 | **no** |" in "\n".join(compare_tables(block))
+    assert "| local moa-lite | 1 | - | - | 1000 | 1040 | 1.040 | **no** |" in "\n".join(compare_tables(block))
 
 
 def test_compare_needs_the_baseline_and_one_layered_preset(

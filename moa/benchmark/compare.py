@@ -20,6 +20,7 @@ pairs them call by call, so the report shows whether the outputs matched rather 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -252,14 +253,21 @@ def _tokens(v: float) -> str:
     return f"{v:.1f}"
 
 
+def _ms(v: float | None) -> str:
+    return "-" if v is None or math.isnan(v) else f"{v:.0f}"
+
+
 def _signed(v: float) -> str:
     return f"{100 * v:+.1f}%"
 
 
-def compare_tables(block: dict[str, Any]) -> list[str]:
+def compare_tables(block: dict[str, Any], levels: Sequence[dict[str, Any]] = ()) -> list[str]:
     """The markdown of a ``--compare`` run (the report's ``compare`` block): per service target and
-    level, each role's tokens on both sides, then both sides' end-to-end p50, each against its goal."""
+    level, each role's tokens on both sides, then both sides' end-to-end p50, each against its goal,
+    beside their simulated p50 (from the report's ``levels``): the e2e figures compare the
+    orchestrations only where the simulated work was the same."""
     baseline = {b["concurrency"]: b["requests"] for b in block["baseline"]}
+    simulated = {(r["target"], r["concurrency"]): r.get("simulated_p50_ms") for r in levels}
     lines: list[str] = []
     e2e: list[str] = []
     for entry in block["services"]:
@@ -286,16 +294,17 @@ def compare_tables(block: dict[str, Any]) -> list[str]:
             )
         t = e2e_row(ours, theirs)
         met = abs(t["ratio"] - 1) <= E2E_GOAL
+        work = [simulated.get((name, c)) for name in ("baseline", entry["target"])]
         e2e.append(
-            f"| {entry['target']} | {c} | {t['baseline_p50_ms']:.0f} | {t['service_p50_ms']:.0f} "
-            f"| {t['ratio']:.3f} | {'yes' if met else '**no**'} |"
+            f"| {entry['target']} | {c} | {_ms(work[0])} | {_ms(work[1])} | {t['baseline_p50_ms']:.0f} "
+            f"| {t['service_p50_ms']:.0f} | {t['ratio']:.3f} | {'yes' if met else '**no**'} |"
         )
     if e2e:
         lines += [
             "",
-            "| like for like: end-to-end | concurrency | baseline p50 ms | service p50 ms | service/baseline "
-            f"| within {100 * E2E_GOAL:.0f}%? |",
-            "|---|---:|---:|---:|---:|---|",
+            "| like for like: end-to-end | concurrency | simulated p50 ms, baseline | service "
+            f"| e2e p50 ms, baseline | service | service/baseline | within {100 * E2E_GOAL:.0f}%? |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
             *e2e,
         ]
     return lines

@@ -729,7 +729,7 @@ def markdown(report: dict[str, Any]) -> str:
         for r in report["floor"]:
             lines.append(f"| `{r['path']}`: {r['what']} | {_fmt(r['p50_ms'], 2)} | {_fmt(r['p99_ms'], 2)} |")
     if "compare" in report:
-        lines += compare_tables(report["compare"])
+        lines += compare_tables(report["compare"], report["levels"])
     for d in report.get("details", []):
         b = breakdown(d["requests"])
         lines += [
