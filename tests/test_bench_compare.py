@@ -4,7 +4,6 @@ pairing the two sides' calls role by role (output tokens) and their end-to-end p
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import httpx
@@ -142,7 +141,6 @@ def test_the_baseline_makes_the_presets_calls_and_the_report_shows_they_matched(
     same number of tokens from the same prompt, role by role."""
     prompts = ["How does a compiler work?"]
     kept: list[dict[str, Any]] = []
-    t0 = time.monotonic()
 
     async def both(url: str) -> tuple[list[Any], list[Any]]:
         base = Baseline(sim.url)
@@ -183,7 +181,6 @@ def test_the_baseline_makes_the_presets_calls_and_the_report_shows_they_matched(
         "services": [{"target": "local moa", "concurrency": 1, "requests": served}],
     }
     assert "| aggregator: anthropic/claude-sonnet-4-6 | 1 |" in "\n".join(compare_tables(block))
-    assert time.monotonic() - t0 < 15
 
 
 def _sent(sim: SimulatorServer) -> tuple[list[tuple[Any, ...]], dict[str, int]]:
