@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 import moa.engine.fusion
-from moa.benchmark.baseline import RETRY, Baseline, aggregator_messages
+from moa.benchmark.baseline import RETRY, Baseline, Said, aggregator_messages
 from moa.benchmark.runner import HttpTarget, ProcessTree, load_prompts, markdown, run_level, write_report
 from moa.benchmark.stats import OLD_NAMES, Sample, breakdown, decompose, percentile, summarize
 from moa.config import MoAConfig, RetryConfig
@@ -170,7 +170,7 @@ def test_baseline_and_service_send_the_aggregator_the_same_request(
     sent: list[tuple[str, list[dict[str, str]]]] = []
     original = base._openai
 
-    async def openai_call(model: str, messages: list[dict[str, str]]) -> tuple[str, float]:
+    async def openai_call(model: str, messages: list[dict[str, str]]) -> Said:
         sent.append((model, messages))
         return await original(model, messages)
 
@@ -445,6 +445,8 @@ RENDERED_TABLES = {
     "bench-local-ab/after-1.json": "| target",
     "bench-local-ab/before-2.json": "| target",
     "bench-local-ab/after-2.json": "| target",
+    "bench-compare.json": ("| target", "| like for like"),
+    "bench-compare-moa.json": "| like for like: local moa against",
 }
 
 

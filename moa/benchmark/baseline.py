@@ -37,10 +37,13 @@ from google.genai import types
 from moa.benchmark.stats import Sample
 from moa.config import RetryConfig
 from moa.plan import DEFAULT_AGGREGATE_SYSTEM, DEFAULT_REFERENCE
+from moa.providers.anthropic_client import DEFAULT_MAX_TOKENS as ANTHROPIC_MAX_TOKENS
+from moa.providers.anthropic_client import MAX_TEMPERATURE as ANTHROPIC_MAX_TEMPERATURE
 from moa.providers.anthropic_client import retry_hint as anthropic_hint
 from moa.providers.gemini_client import retry_delay as gemini_hint
 from moa.providers.openai_client import retry_hint as openai_hint
 from moa.providers.wire import provider_service_time
+from moa.types import GenerationParams
 
 T = TypeVar("T")
 
@@ -104,6 +107,19 @@ def retryable(exc: BaseException) -> tuple[bool, float | None]:
     return status in (408, 429) or status >= 500, hint
 
 
+@dataclass(frozen=True)
+class Said:
+    """One call's answer: its text, the provider's service time, and the tokens it billed."""
+
+    text: str
+    service_s: float
+    input_tokens: int
+    output_tokens: int
+
+
+NO_PARAMS = GenerationParams()
+
+
 def _service(headers: Mapping[str, str] | None) -> float:
     """The response's service time, read as the service's adapters read it (0 when it says none)."""
     return provider_service_time(headers) or 0.0
@@ -157,62 +173,133 @@ class Baseline:
                     raise
                 await asyncio.sleep(delay)
 
-    async def _openai(self, model: str, messages: list[dict[str, str]]) -> tuple[str, float]:
-        async def once(left: float) -> tuple[str, float]:
+    async def _openai(
+        self, model: str, messages: list[dict[str, str]], params: GenerationParams = NO_PARAMS
+    ) -> Said:
+        extra: dict[str, Any] = {}
+        if params.max_tokens is not None:
+            extra["max_completion_tokens"] = params.max_tokens
+        if params.temperature is not None:
+            extra["temperature"] = params.temperature
+        if params.seed is not None:
+            extra["seed"] = params.seed
+
+        async def once(left: float) -> Said:
             raw = await self.openai.chat.completions.with_raw_response.create(
                 model=model,
                 messages=messages,  # type: ignore[arg-type]
                 timeout=left,
+                **extra,
             )
-            return raw.parse().choices[0].message.content or "", _service(raw.headers)
+            r = raw.parse()
+            used = r.usage
+            return Said(
+                r.choices[0].message.content or "",
+                _service(raw.headers),
+                used.prompt_tokens if used else 0,
+                used.completion_tokens if used else 0,
+            )
 
         return await self._with_retries(once)
 
-    async def _anthropic(self, prompt: str) -> tuple[str, float]:
-        async def once(left: float) -> tuple[str, float]:
+    async def _anthropic(
+        self,
+        messages: list[dict[str, str]],
+        params: GenerationParams = NO_PARAMS,
+        model: str = "claude-haiku-4-5",
+    ) -> Said:
+        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+        extra: dict[str, Any] = {"system": system} if system else {}
+        if params.temperature is not None:
+            # anthropic 2.x takes no temperature argument; the API takes it in the body (0 to 1).
+            extra["extra_body"] = {"temperature": min(params.temperature, ANTHROPIC_MAX_TEMPERATURE)}
+
+        async def once(left: float) -> Said:
             raw = await self.anthropic.messages.with_raw_response.create(
-                model="claude-haiku-4-5",
-                max_tokens=1024,
-                messages=[{"role": "user", "content": prompt}],
+                model=model,
+                max_tokens=params.max_tokens or ANTHROPIC_MAX_TOKENS,
+                messages=[m for m in messages if m["role"] != "system"],  # type: ignore[misc]
                 timeout=left,
+                **extra,
             )
             parsed = raw.parse()
             message = await parsed if inspect.isawaitable(parsed) else parsed
             text = "".join(getattr(b, "text", "") for b in message.content if b.type == "text")
-            return text, _service(raw.headers)
+            used = message.usage
+            return Said(text, _service(raw.headers), used.input_tokens, used.output_tokens)
 
         return await self._with_retries(once)
 
-    async def _gemini(self, prompt: str) -> tuple[str, float]:
-        async def once(left: float) -> tuple[str, float]:
+    async def _gemini(
+        self,
+        messages: list[dict[str, str]],
+        params: GenerationParams = NO_PARAMS,
+        model: str = "gemini-2.5-flash",
+    ) -> Said:
+        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+        turns = [m for m in messages if m["role"] != "system"]
+        contents: Any = (
+            turns[0]["content"]
+            if len(turns) == 1 and turns[0]["role"] == "user"
+            else [
+                types.Content(
+                    role="model" if m["role"] == "assistant" else "user",
+                    parts=[types.Part(text=m["content"])],
+                )
+                for m in turns
+            ]
+        )
+
+        async def once(left: float) -> Said:
             r = await self.gemini.aio.models.generate_content(
-                model="gemini-2.5-flash",
-                contents=prompt,
+                model=model,
+                contents=contents,
                 config=types.GenerateContentConfig(
+                    system_instruction=system or None,
+                    temperature=params.temperature,
+                    max_output_tokens=params.max_tokens,
+                    seed=params.seed,
                     http_options=types.HttpOptions(
                         timeout=max(int(left * 1000), 1), retry_options=types.HttpRetryOptions(attempts=1)
-                    )
+                    ),
                 ),
             )
             headers = r.sdk_http_response.headers if r.sdk_http_response else None
-            return r.text or "", _service(headers)
+            used = r.usage_metadata
+            return Said(
+                r.text or "",
+                _service(headers),
+                (used.prompt_token_count or 0) if used else 0,
+                (used.candidates_token_count or 0) if used else 0,
+            )
 
         return await self._with_retries(once)
 
+    async def call(
+        self, kind: str, model: str, messages: list[dict[str, str]], params: GenerationParams = NO_PARAMS
+    ) -> Said:
+        """One call through the SDK of provider kind ``kind`` (openai, anthropic or gemini)."""
+        if kind == "anthropic":
+            return await self._anthropic(messages, params, model)
+        if kind == "gemini":
+            return await self._gemini(messages, params, model)
+        if kind == "openai":
+            return await self._openai(model, messages, params)
+        raise ValueError(f"the baseline has no SDK for provider kind {kind!r}")
+
     async def ask(self, prompt: str) -> Sample:
         t0 = time.perf_counter()
+        question = [{"role": "user", "content": prompt}]
         try:
             proposals = await asyncio.gather(
-                self._openai("gpt-4.1-mini", [{"role": "user", "content": prompt}]),
-                self._anthropic(prompt),
-                self._gemini(prompt),
+                self._openai("gpt-4.1-mini", question),
+                self._anthropic(question),
+                self._gemini(question),
             )
-            _, aggregate_s = await self._openai(
-                "gpt-4.1", aggregator_messages(prompt, [text for text, _ in proposals])
-            )
+            final = await self._openai("gpt-4.1", aggregator_messages(prompt, [p.text for p in proposals]))
         except Exception as exc:
             return Sample(e2e_s=time.perf_counter() - t0, ok=False, error=type(exc).__name__)
-        critical = max(s for _, s in proposals) + aggregate_s
+        critical = max(p.service_s for p in proposals) + final.service_s
         return Sample(e2e_s=time.perf_counter() - t0, ok=True, simulated_s=critical, met_quorum=True)
 
     async def aclose(self) -> None:

@@ -66,4 +66,7 @@ class BenchOptions:
     # fresh state of its own (no keys: open on loopback), so keys made with `moa keys create`
     # cannot turn every request into a 401.
     api_key: str | None = None
+    # The baseline makes the calls the service targets' preset makes (moa.benchmark.compare), and
+    # the report pairs them call by call: output tokens per role, end-to-end p50 side by side.
+    compare: bool = False
     results: list[dict[str, Any]] = field(default_factory=list)

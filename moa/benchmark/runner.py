@@ -24,6 +24,12 @@ import psutil
 from rich.progress import Progress
 
 from moa.benchmark.baseline import AGGREGATOR_PROMPT, RETRY, Baseline
+from moa.benchmark.compare import (
+    PresetBaseline,
+    compare_tables,
+    compared_preset,
+    service_calls,
+)
 from moa.benchmark.options import FAULTY_MODEL, SCENARIOS, BenchOptions
 from moa.benchmark.stats import BREAKDOWN_PARTS, Sample, breakdown, summarize, trim_detail
 from moa.config import ConfigError, MoAConfig, load_config
@@ -174,6 +180,8 @@ class HttpTarget:
         )
         # With --details: each answered request's timings, for the overhead breakdown.
         self.keep = keep
+        # With --compare: each answered request's prompt, end-to-end time and calls (compare.py).
+        self.calls: list[dict[str, Any]] | None = None
 
     async def send(self, prompt: str) -> Sample:
         moa: dict[str, Any] = {"detail": True}
@@ -181,7 +189,7 @@ class HttpTarget:
             moa["aggregation"] = self.aggregation
         body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "moa": moa}
         if self.stream:
-            return await self._send_streaming(body)
+            return await self._send_streaming(body, prompt)
         t0 = time.perf_counter()
         try:
             r = await self.client.post(self.url + "/v1/chat/completions", json=body)
@@ -190,9 +198,9 @@ class HttpTarget:
         e2e = time.perf_counter() - t0
         if r.status_code != 200:
             return Sample(e2e_s=e2e, ok=False, error=str(r.status_code), met_quorum=False)
-        return self._sample(e2e, r.json()["moa"])
+        return self._sample(e2e, r.json()["moa"], prompt)
 
-    async def _send_streaming(self, body: dict[str, Any]) -> Sample:
+    async def _send_streaming(self, body: dict[str, Any], prompt: str) -> Sample:
         """The same request streamed: first byte and first answer text timed as they arrive."""
         t0 = time.perf_counter()
         first_byte = ttft = None
@@ -221,13 +229,15 @@ class HttpTarget:
         e2e = time.perf_counter() - t0
         if error is not None or detail is None:
             return Sample(e2e_s=e2e, ok=False, error=error or "no detail", first_byte_s=first_byte)
-        sample = self._sample(e2e, detail)
+        sample = self._sample(e2e, detail, prompt)
         sample.first_byte_s, sample.ttft_s = first_byte, ttft
         return sample
 
-    def _sample(self, e2e: float, detail: dict[str, Any]) -> Sample:
+    def _sample(self, e2e: float, detail: dict[str, Any], prompt: str) -> Sample:
         if self.keep is not None:
             self.keep.append(trim_detail(e2e, detail))
+        if self.calls is not None:
+            self.calls.append({"prompt": prompt, "e2e_s": e2e, "calls": service_calls(detail)})
         return Sample(
             e2e_s=e2e,
             ok=True,
@@ -442,6 +452,10 @@ async def run(opts: BenchOptions) -> dict[str, Any]:
 
 async def _run(opts: BenchOptions) -> dict[str, Any]:
     prompts = load_prompts(opts.prompts)
+    # --compare: the baseline makes the calls this preset makes (checked before anything starts).
+    preset = compared_preset(opts.targets) if opts.compare else None
+    if preset is not None and any(mode != "final" for mode in opts.aggregation):
+        raise ConfigError("--compare mirrors the final aggregation: no --aggregation early or staircase")
     # Imported only (Ray starts with the Serve app, after the baseline and the local targets), and
     # before the simulator starts: a missing Ray side leaves no simulator process behind.
     targets = ray_targets() if needs_ray(opts) else None
@@ -467,23 +481,30 @@ async def _run(opts: BenchOptions) -> dict[str, Any]:
         "floor": [],
         "details": [],
     }
+    if preset is not None:
+        report["compare"] = {"preset": preset, "baseline": [], "services": []}
     stop_serve: Callable[[], None] | None = None
     try:
         with Progress() as progress:
             task = progress.add_task("benchmark", total=levels + faulted + floor)
             say = progress.console.print
             say(f"simulator at {sim.url}; {len(prompts)} prompts; {levels + faulted + floor} requests in all")
+            cfg = bench_config(sim.url, opts.layer_deadline_s, opts.staircase_chunk_chars)
             if "baseline" in opts.targets:
                 base = Baseline(sim.url, timeout_s=BASELINE_TIMEOUT_S)
+                mirror = PresetBaseline(base, cfg, preset, None) if preset is not None else None
+                ask = mirror.ask if mirror is not None else base.ask
                 progress.update(task, description="baseline warm-up")
-                await warm_up(base.ask, prompts)
+                await warm_up(ask, prompts)
                 for c in opts.concurrency:
                     progress.update(task, description=f"baseline c={c}")
                     label = f"baseline c={c}"
-                    row = await run_level(base.ask, prompts, c, per_level[c], tree, progress, task, label)
+                    if mirror is not None:
+                        mirror.keep = []
+                        report["compare"]["baseline"].append({"concurrency": c, "requests": mirror.keep})
+                    row = await run_level(ask, prompts, c, per_level[c], tree, progress, task, label)
                     report["levels"].append({"target": "baseline", "concurrency": c, **row})
                 await base.aclose()
-            cfg = bench_config(sim.url, opts.layer_deadline_s, opts.staircase_chunk_chars)
             if local_runs:
                 progress.update(task, description="starting moa serve --local")
                 local = LocalService(cfg)
@@ -572,11 +593,15 @@ async def _measure_http(
         progress.update(task, description=label)
         kept: list[dict[str, Any]] = []
         target.keep = kept if opts.details else None
+        if "compare" in report:
+            target.calls = []
+            entry = {"target": name, "concurrency": c, "requests": target.calls}
+            report["compare"]["services"].append(entry)
         row = await run_level(target.send, prompts, c, per_level[c], tree, progress, task, label)
         report["levels"].append({"target": name, "concurrency": c, **row})
         if opts.details:
             report["details"].append({"target": name, "concurrency": c, "requests": kept})
-    target.keep = None
+    target.keep = target.calls = None
     await target.client.aclose()
 
 
@@ -606,6 +631,13 @@ def _serve_env() -> dict[str, str]:
 
 def baseline_metadata(opts: BenchOptions) -> dict[str, Any]:
     """What the baseline did, so a report says which comparison it made."""
+    if opts.compare:
+        return {
+            "calls": f"those of the preset {compared_preset(opts.targets)} as the engine builds them "
+            "(moa.benchmark.compare.PresetBaseline): every proposer waited for, the first aggregator",
+            "retry": RETRY.describe(),
+            "call_timeout_s": {"levels": BASELINE_TIMEOUT_S},
+        }
     return {
         "aggregator_prompt": AGGREGATOR_PROMPT,
         "retry": RETRY.describe(),
@@ -696,6 +728,8 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         for r in report["floor"]:
             lines.append(f"| `{r['path']}`: {r['what']} | {_fmt(r['p50_ms'], 2)} | {_fmt(r['p99_ms'], 2)} |")
+    if "compare" in report:
+        lines += compare_tables(report["compare"], report["levels"])
     for d in report.get("details", []):
         b = breakdown(d["requests"])
         lines += [

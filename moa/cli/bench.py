@@ -328,6 +328,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="keep each Serve request's per-call timings in results.json and break its overhead down",
     )
     p.add_argument(
+        "--compare",
+        action="store_true",
+        help="like for like: the baseline makes the calls the service targets' preset makes (its "
+        "prompts, references and parameters, built by the engine's own functions; every proposer "
+        "waited for), and the report shows each call role's output tokens on both sides and both "
+        "end-to-end p50s (needs baseline and one preset, e.g. --targets baseline,local:moa-lite)",
+    )
+    p.add_argument(
         "--stream",
         action="store_true",
         help="Serve targets stream their answers; reports time to first token and to first byte "
@@ -458,6 +466,7 @@ def run_cli(args: argparse.Namespace) -> int:
         aggregation=args.aggregation,
         staircase_chunk_chars=args.staircase_chunk_chars,
         api_key=api_key(args.api_key),
+        compare=args.compare,
     )
     report = asyncio.run(run(opts))
     return _told(markdown(report), opts.out, "results.json, results.md, bench.png", failures(report))
