@@ -125,7 +125,7 @@ def markdown(profile: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _processes(root: int) -> dict[str, int]:
+def service_processes(root: int) -> dict[str, int]:
     """The moa app's replicas and the proxy among ``root``'s descendants (not another Ray's)."""
     import psutil
 
@@ -254,13 +254,13 @@ def main(argv: list[str] | None = None) -> int:
         deadline = time.monotonic() + 600
         procs: dict[str, int] = {}
         while time.monotonic() < deadline and bench.poll() is None:
-            procs = _processes(bench.pid)
+            procs = service_processes(bench.pid)
             if _load_started(bench.pid, procs):
                 break
             time.sleep(0.5)
         else:
             raise RuntimeError(f"the load did not start (replicas found: {sorted(procs)})")
-        procs = _processes(bench.pid)
+        procs = service_processes(bench.pid)
         cpu0 = _cpu(procs)
         spy_args = [PY_SPY, "record", "--gil", "--nonblocking", "--full-filenames", "--format", "raw"]
         spy_args += ["-r", str(args.rate), "-d", str(args.duration)]
