@@ -81,7 +81,9 @@ async def test_a_short_soak_samples_the_local_server_itself(tmp_path: Path) -> N
         s["requests_done"] for s in samples
     )
     loaded = [s["processes"]["local"] for s in samples[1:-1]]
+    assert all(s["loaded"] for s in samples[:-1]) and not samples[-1]["loaded"]
     idle = samples[-1]["processes"]["local"]
+    assert run["series"]["local"]["asyncio_tasks"]["at_rest"] == idle["asyncio_tasks"]
     # The listening socket and the four clients' connections (kept alive between requests).
     assert all(p["sockets"] >= 5 for p in loaded), loaded
     assert all(30 < p["rss_mb"] < 2000 for p in loaded)

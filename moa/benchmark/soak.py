@@ -10,8 +10,11 @@ process answering ``/healthz`` from inside (the tasks on its event loop, which o
 it starts). On the Ray app the processes are the app's replicas and Serve's HTTP proxy; the
 tasks are the ingress replica's, the one that answers ``/healthz``.
 
-Each series gets a verdict (``trend``): the first half of the run is the warm-up (pools filling,
-caches, the allocator's arenas), the second half must be level. A least-squares line through
+Once the load has stopped and every request is answered, each process is sampled once more,
+at rest: what it keeps with nothing in flight (tasks back to their idle count, or not).
+
+Each series under load gets a verdict (``trend``): the first half of the run is the warm-up
+(pools filling, caches, the allocator's arenas), the second half must be level. A least-squares line through
 the second half's samples gives the growth over that half (its slope times its length); the
 series is ``flat`` when that growth is within its noise, ``grows`` above it. The noise is the
 largest of: twice the spread of the samples around the line (a level series under a moving load
@@ -107,20 +110,26 @@ def trend(times: Sequence[float], values: Sequence[float]) -> dict[str, Any]:
 
 
 def summarize_samples(samples: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per process and measure, the ``trend`` of its samples (a process missing from a sample,
-    or a measure it does not have, is skipped there)."""
+    """Per process and measure, the ``trend`` of the samples taken under load, and ``at_rest``:
+    the sample taken once the load had stopped and every request was answered (what a process
+    keeps when nothing is in flight; a process missing from a sample, or a measure it does not
+    have, is skipped there)."""
     names = dict.fromkeys(n for s in samples for n in s["processes"])
+    loaded = [s for s in samples if s.get("loaded", True)]
+    rest = next((s["processes"] for s in reversed(samples) if not s.get("loaded", True)), {})
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for name in names:
         out[name] = {}
         for measure in MEASURES:
             pts = [
                 (s["t"], s["processes"][name][measure])
-                for s in samples
+                for s in loaded
                 if measure in s["processes"].get(name, {})
             ]
             if pts:
-                out[name][measure] = trend([t for t, _ in pts], [v for _, v in pts])
+                row = trend([t for t, _ in pts], [v for _, v in pts])
+                row["at_rest"] = rest.get(name, {}).get(measure, math.nan)
+                out[name][measure] = row
     return out
 
 
@@ -164,7 +173,7 @@ class Sampler:
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             return None
 
-    async def sample(self, client: httpx.AsyncClient, t: float, done: int) -> None:
+    async def sample(self, client: httpx.AsyncClient, t: float, done: int, loaded: bool = True) -> None:
         procs: dict[str, dict[str, float]] = {}
         for name, pid in (await asyncio.to_thread(self.processes)).items():
             try:
@@ -174,18 +183,19 @@ class Sampler:
         tasks = await self.tasks(client)
         if tasks is not None and self.answering in procs:
             procs[self.answering]["asyncio_tasks"] = float(tasks)
-        self.samples.append({"t": round(t, 2), "requests_done": done, "processes": procs})
+        self.samples.append({"t": round(t, 2), "requests_done": done, "loaded": loaded, "processes": procs})
 
     async def run(self, t0: float, done: Callable[[], int], stop: asyncio.Event) -> None:
-        """Sample at once, then every ``every_s`` until ``stop``, and once more at the end."""
+        """Sample at once, then every ``every_s`` on the clock from ``t0`` (however long a sample
+        took) until ``stop``; then once more, at rest."""
         async with httpx.AsyncClient(timeout=10) as client:
-            while True:
+            k = 0
+            while not stop.is_set():
                 await self.sample(client, time.monotonic() - t0, done())
+                k += 1
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.every_s)
-                if stop.is_set():
-                    await self.sample(client, time.monotonic() - t0, done())
-                    return
+                    await asyncio.wait_for(stop.wait(), max(t0 + k * self.every_s - time.monotonic(), 0.0))
+            await self.sample(client, time.monotonic() - t0, done(), loaded=False)
 
 
 async def constant_load(
@@ -307,19 +317,22 @@ async def run_soak(opts: SoakOptions, say: Callable[[str], None] = print) -> dic
     }
     me = os.getpid()
     with own_state(None), admin_key_env() as admin_key:
-        sim = Simulator(opts.ttft_s, opts.tokens_per_s, opts.jitter)
+        # The local server starts while the simulator does (it needs its URL, not its answers).
+        sim = Simulator(opts.ttft_s, opts.tokens_per_s, opts.jitter, wait=False)
         try:
             cfg = bench_config(sim.url, opts.layer_deadline_s)
             if targets is None:
                 local = LocalService(cfg)
-                say(f"moa serve --local at {local.url} (pid {local.pid}); {opts.duration_s:g} s of load")
                 try:
+                    sim.ready()
+                    say(f"moa serve --local at {local.url} (pid {local.pid}); {opts.duration_s:g} s of load")
                     run = await soak_one(
                         local.url, model, lambda: {"local": local.pid}, "local", admin_key, opts, prompts, say
                     )
                 finally:
                     local.stop()
             else:
+                sim.ready()
                 say("starting the Serve app on a local Ray instance (a minute or so)...")
                 url, stop_serve = targets.start_service(cfg, _free_port())
                 try:
@@ -351,15 +364,15 @@ def soak_markdown(report: dict[str, Any]) -> str:
             f"| {run['target']}, concurrency {run['concurrency']}, {run['duration_s']:.0f} s "
             f"({run['ok']} ok, {run['errors']} errors, {run['rps']:.1f} req/s; "
             f"{len(run['samples'])} samples) | first | last | min | max | growth over 2nd half "
-            "| noise | verdict |",
-            "|---|---:|---:|---:|---:|---:|---:|---|",
+            "| noise | verdict | at rest after |",
+            "|---|---:|---:|---:|---:|---:|---:|---|---:|",
         ]
         for name, measures in run["series"].items():
             for measure, t in measures.items():
                 lines.append(
                     f"| {name}: {MEASURES[measure]} | {_num(t['first'])} | {_num(t['last'])} "
                     f"| {_num(t['min'])} | {_num(t['max'])} | {_num(t['growth'])} | {_num(t['noise'])} "
-                    f"| {t['verdict']} |"
+                    f"| {t['verdict']} | {_num(t.get('at_rest', math.nan))} |"
                 )
         out.append("\n".join(lines))
     return "\n\n".join(out) + "\n"
