@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -59,8 +60,9 @@ def process_state() -> dict[str, int]:
     """What only the process itself can see, for an operator watching it over time: the tasks on
     its event loop (``asyncio_tasks``, this request's own included). Requests in flight each hold
     a few; a count that climbs while the load stays level is work that never ends (a task leak),
-    which neither memory nor sockets show until much later. ``moa bench --soak`` reads it here."""
-    return {"asyncio_tasks": len(asyncio.all_tasks())}
+    which neither memory nor sockets show until much later. With its ``pid``: on Ray any ingress
+    replica may answer. ``moa bench --soak`` reads it here."""
+    return {"pid": os.getpid(), "asyncio_tasks": len(asyncio.all_tasks())}
 
 
 def _can_answer(health: dict[str, Any]) -> bool:

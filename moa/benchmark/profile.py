@@ -126,10 +126,20 @@ def markdown(profile: dict[str, Any]) -> str:
 
 
 def service_processes(root: int) -> dict[str, int]:
-    """The moa app's replicas and the proxy among ``root``'s descendants (not another Ray's)."""
+    """The moa app's replicas and the proxy among ``root``'s descendants (not another Ray's):
+    one process per deployment (the first found; ``every_service_process`` lists them all)."""
+    found: dict[str, int] = {}
+    for name, pid in every_service_process(root):
+        found.setdefault(name, pid)
+    return found
+
+
+def every_service_process(root: int) -> list[tuple[str, int]]:
+    """Each replica of the moa app (by deployment name: an autoscaled one may have several), the
+    proxy, or ``moa serve --local``, among ``root``'s descendants, with its pid."""
     import psutil
 
-    found: dict[str, int] = {}
+    found: list[tuple[str, int]] = []
     for proc in psutil.Process(root).children(recursive=True):
         try:
             args = " ".join(proc.cmdline())
@@ -137,11 +147,11 @@ def service_processes(root: int) -> dict[str, int]:
             continue
         m = _REPLICA.search(args)
         if _LOCAL.search(args):
-            found.setdefault("local", proc.pid)
+            found.append(("local", proc.pid))
         elif m:
-            found.setdefault(m.group("name"), proc.pid)
+            found.append((m.group("name"), proc.pid))
         elif _PROXY.search(args):
-            found.setdefault("proxy", proc.pid)
+            found.append(("proxy", proc.pid))
     return found
 
 

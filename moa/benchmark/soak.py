@@ -7,8 +7,10 @@ until the time is up. Every ``sample_every_s`` seconds each of the service's pro
 from outside (``psutil``: resident memory, open file descriptors, open TCP/UDP sockets) and the
 process answering ``/healthz`` from inside (the tasks on its event loop, which only it can see:
 ``moa.api.health.process_state``, shown to the admin key, which the bench sets for the service
-it starts). On the Ray app the processes are the app's replicas and Serve's HTTP proxy; the
-tasks are the ingress replica's, the one that answers ``/healthz``.
+it starts; it names its pid). On the Ray app the processes are every replica of the app and
+Serve's HTTP proxy, each named by its deployment and pid (an autoscaled deployment may start
+replicas during the run: their series begin later); the tasks are those of whichever ingress
+replica answered ``/healthz``.
 
 Once the load has stopped and every request is answered, each process is sampled once more,
 at rest: what it keeps with nothing in flight (tasks back to their idle count, or not).
@@ -116,7 +118,9 @@ def summarize_samples(samples: Sequence[dict[str, Any]]) -> dict[str, dict[str, 
     have, is skipped there)."""
     names = dict.fromkeys(n for s in samples for n in s["processes"])
     loaded = [s for s in samples if s.get("loaded", True)]
-    rest = next((s["processes"] for s in reversed(samples) if not s.get("loaded", True)), {})
+    rest: dict[str, dict[str, float]] = next(
+        (s["processes"] for s in reversed(samples) if not s.get("loaded", True)), {}
+    )
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for name in names:
         out[name] = {}
@@ -158,31 +162,35 @@ class Sampler:
         processes: Callable[[], dict[str, int]],
         health_url: str,
         admin_key: str,
-        answering: str,
         every_s: float,
     ) -> None:
-        self.processes, self.every_s, self.answering = processes, every_s, answering
+        self.processes, self.every_s = processes, every_s
         self.health_url, self.admin_key = health_url, admin_key
         self.samples: list[dict[str, Any]] = []
 
-    async def tasks(self, client: httpx.AsyncClient) -> int | None:
-        """The answering process's event loop tasks, from its ``/healthz`` (the admin key's view)."""
+    async def tasks(self, client: httpx.AsyncClient) -> tuple[int, int] | None:
+        """The pid of the process that answered ``/healthz`` and its event loop's tasks (the admin
+        key's view)."""
         try:
             r = await client.get(self.health_url, headers={"Authorization": f"Bearer {self.admin_key}"})
-            return int(r.json()["process"]["asyncio_tasks"])
+            state = r.json()["process"]
+            return int(state["pid"]), int(state["asyncio_tasks"])
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             return None
 
     async def sample(self, client: httpx.AsyncClient, t: float, done: int, loaded: bool = True) -> None:
         procs: dict[str, dict[str, float]] = {}
-        for name, pid in (await asyncio.to_thread(self.processes)).items():
+        pids = await asyncio.to_thread(self.processes)
+        for name, pid in pids.items():
             try:
                 procs[name] = await asyncio.to_thread(process_sample, pid)
             except psutil.Error:
                 continue
-        tasks = await self.tasks(client)
-        if tasks is not None and self.answering in procs:
-            procs[self.answering]["asyncio_tasks"] = float(tasks)
+        answered = await self.tasks(client)
+        if answered is not None:
+            for name, pid in pids.items():
+                if pid == answered[0] and name in procs:
+                    procs[name]["asyncio_tasks"] = float(answered[1])
         self.samples.append({"t": round(t, 2), "requests_done": done, "loaded": loaded, "processes": procs})
 
     async def run(self, t0: float, done: Callable[[], int], stop: asyncio.Event) -> None:
@@ -243,7 +251,7 @@ async def soak_one(
     url: str,
     model: str,
     processes: Callable[[], dict[str, int]],
-    answering: str,
+    kind: str,
     admin_key: str,
     opts: SoakOptions,
     prompts: Sequence[str],
@@ -255,7 +263,7 @@ async def soak_one(
     target = HttpTarget(url, model)
     await target.send(prompts[0])
     counts: dict[str, Any] = {"ok": 0, "errors": 0, "error_kinds": {}}
-    sampler = Sampler(processes, url + "/healthz", admin_key, answering, opts.sample_every_s)
+    sampler = Sampler(processes, url + "/healthz", admin_key, opts.sample_every_s)
     stop = asyncio.Event()
     t0 = time.monotonic()
     watcher = asyncio.create_task(sampler.run(t0, lambda: counts["ok"] + counts["errors"], stop))
@@ -279,7 +287,7 @@ async def soak_one(
         await watcher
         await target.client.aclose()
     return {
-        "target": ("local " if answering == "local" else "serve ") + model,
+        "target": f"{kind} {model}",
         "concurrency": opts.concurrency,
         "duration_s": round(wall, 1),
         "sample_every_s": opts.sample_every_s,
@@ -295,7 +303,7 @@ async def soak_one(
 async def run_soak(opts: SoakOptions, say: Callable[[str], None] = print) -> dict[str, Any]:
     """One target under constant load for ``opts.duration_s``: the simulator and the service
     started here (on a fresh state, as every bench run), stopped at the end."""
-    from moa.benchmark.profile import service_processes
+    from moa.benchmark.profile import every_service_process
     from moa.benchmark.runner import (
         LocalService,
         Simulator,
@@ -336,11 +344,12 @@ async def run_soak(opts: SoakOptions, say: Callable[[str], None] = print) -> dic
                 say("starting the Serve app on a local Ray instance (a minute or so)...")
                 url, stop_serve = targets.start_service(cfg, _free_port())
                 try:
-                    procs = service_processes(me)
-                    say(f"Serve app at {url}: {', '.join(sorted(procs))}; {opts.duration_s:g} s of load")
-                    run = await soak_one(
-                        url, model, lambda: service_processes(me), "ingress", admin_key, opts, prompts, say
-                    )
+
+                    def replicas() -> dict[str, int]:
+                        return {f"{name} {pid}": pid for name, pid in every_service_process(me)}
+
+                    say(f"Serve app at {url}: {', '.join(sorted(replicas()))}; {opts.duration_s:g} s of load")
+                    run = await soak_one(url, model, replicas, "serve", admin_key, opts, prompts, say)
                 finally:
                     stop_serve()
         finally:

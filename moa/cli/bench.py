@@ -20,6 +20,10 @@ from moa.benchmark.options import (
     BenchOptions,
 )
 
+# moa bench --soak's load and target when none is given: issue 31's steady-state run.
+SOAK_CONCURRENCY = 32
+SOAK_TARGET = "local:moa-lite"
+
 
 def _ints(text: str) -> list[int]:
     try:
@@ -107,8 +111,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--concurrency",
         type=_ints,
         default=None,
-        help=f"concurrency levels, comma-separated (default: {_csv(d.concurrency)}; with --soak one "
-        f"level, default {SOAK_CONCURRENCY})",
+        help=f"concurrency levels, comma-separated (default: {_csv(d.concurrency)}); with --soak, one "
+        f"level (default: {SOAK_CONCURRENCY})",
     )
     p.add_argument(
         "--requests",
@@ -123,8 +127,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="baseline, serve:MODEL (a preset or provider/model, through the Ray app), local:MODEL "
         "(the same through `moa serve --local`, a process of its own, no Ray) and floor (a bare "
         "Serve app's hop latencies), comma-separated; Ray starts only for serve:, floor and the "
-        f"fault scenarios (default: {_csv(d.targets)}; with --soak one local: or serve: target, "
-        f"default {SOAK_TARGET})",
+        f"fault scenarios (default: {_csv(d.targets)}); with --soak, one local: or serve: target "
+        f"(default: {SOAK_TARGET})",
     )
     p.add_argument(
         "--scenarios",
@@ -390,11 +394,6 @@ def _told(table: str, out: Path, files: str, failed: list[str]) -> int:
     for line in failed:
         print(f"moa bench: {line}", file=sys.stderr)
     return 1 if failed else 0
-
-
-# moa bench --soak's load and target when none is given: issue 31's steady-state run.
-SOAK_CONCURRENCY = 32
-SOAK_TARGET = "local:moa-lite"
 
 
 def run_cli(args: argparse.Namespace) -> int:
