@@ -44,6 +44,19 @@ def test_a_level_series_is_flat_whatever_its_warm_up_did() -> None:
     assert trend(TIMES[:6], [1.0, 2, 3, 4, 5, 6])["verdict"] == "too few samples"
 
 
+def test_a_soak_names_what_grew_and_what_failed() -> None:
+    """What makes `moa bench --soak` exit 1: each measure that grew, by process, and failed
+    requests; a flat run with none failed names nothing."""
+    level = _noisy(400.0, 0.0, 2.0, seed=3)
+    leaking = _noisy(400.0, 0.05, 2.0, seed=1)
+    run = {"target": "local moa-lite", "ok": 90, "errors": 0}
+    flat = {"runs": [{**run, "series": {"local": {"rss_mb": trend(TIMES, level)}}}]}
+    assert grew(flat) == []
+    leak = {"runs": [{**run, "errors": 2, "series": {"local": {"rss_mb": trend(TIMES, leaking)}}}]}
+    assert [line.split(" grew ")[0] for line in grew(leak)[:1]] == ["local moa-lite: local RSS MB"]
+    assert grew(leak)[1] == "local moa-lite: 2 of 92 requests failed"
+
+
 def test_a_process_is_read_from_outside_as_it_is() -> None:
     """A socket opened here is one more socket and descriptor; 64 MB written is in the RSS."""
     me = psutil.Process().pid
