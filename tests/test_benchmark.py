@@ -445,6 +445,8 @@ RENDERED_TABLES = {
     "bench-local-ab/after-1.json": "| target",
     "bench-local-ab/before-2.json": "| target",
     "bench-local-ab/after-2.json": "| target",
+    "bench-local-c64-1.json": "| target",
+    "bench-local-c64-2.json": "| target",
 }
 
 

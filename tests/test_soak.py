@@ -3,6 +3,7 @@ processes, and a short soak of ``moa serve --local`` whose samples must be the s
 
 from __future__ import annotations
 
+import json
 import random
 import socket
 from pathlib import Path
@@ -12,6 +13,8 @@ import pytest
 
 from moa.benchmark.soak import SoakOptions, grew, process_sample, run_soak, soak_markdown, trend
 from moa.cli.main import main
+
+DOCS = Path(__file__).parent.parent / "docs"
 
 TIMES = [10.0 * i for i in range(61)]  # ten minutes, a sample every 10 s
 
@@ -114,3 +117,12 @@ def test_a_soak_is_one_level_on_one_served_target(capsys: pytest.CaptureFixture[
     ):
         assert main(["bench", "--soak", "60", *argv]) == 2, argv
     assert "one level on one target" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["bench-soak-local.json", "bench-soak-serve.json"])
+def test_benchmarks_md_shows_the_soak_rendered(name: str) -> None:
+    """The soak tables on the page are ``soak_markdown`` of the committed raw file."""
+    doc = (DOCS / "BENCHMARKS.md").read_text()
+    assert f"]({name})" in doc, f"BENCHMARKS.md never links its raw file {name}"
+    table = soak_markdown(json.loads((DOCS / name).read_text())).strip()
+    assert table in doc, f"BENCHMARKS.md does not show {name} as rendered:\n{table}"
