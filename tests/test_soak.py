@@ -91,7 +91,7 @@ async def test_a_short_soak_samples_the_local_server_itself(tmp_path: Path) -> N
     )
     report = await run_soak(opts, lambda _: None)
     (run,) = report["runs"]
-    assert run["ok"] > 8 and run["errors"] == 0 and grew(report) == []
+    assert run["ok"] > 8 and run["errors"] == 0  # (two seconds are all warm-up: no verdict asked)
     samples = run["samples"]
     assert len(samples) >= 8 and [s["requests_done"] for s in samples] == sorted(
         s["requests_done"] for s in samples
