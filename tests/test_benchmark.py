@@ -447,6 +447,8 @@ RENDERED_TABLES = {
     "bench-local-ab/after-2.json": "| target",
     "bench-compare.json": ("| target", "| like for like"),
     "bench-compare-moa.json": "| like for like: local moa against",
+    "bench-local-c64-1.json": "| target",
+    "bench-local-c64-2.json": "| target",
 }
 
 
@@ -639,7 +641,7 @@ def test_the_profiler_finds_moa_serve_local_and_waits_for_its_warm_up() -> None:
     try:
         local = LocalService(bench_config(sim.url, 30.0))
         try:
-            procs = profile._processes(os.getpid())
+            procs = profile.service_processes(os.getpid())
             assert procs == {"local": local.pid}
             assert not profile._load_started(os.getpid(), procs)  # up, no warm-up yet
             body = {"model": "moa-lite", "messages": [{"role": "user", "content": QUESTION}]}

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,7 +35,8 @@ async def health_status(health: HealthFn, draining: bool, detail: bool = False) 
 
     Probes need no key, so by default the body is the status alone: each provider's state,
     call counts and latency tell anyone who can reach the port which providers a deployment
-    pays for and how busy it is. ``detail`` (the admin key was presented) adds them."""
+    pays for and how busy it is. ``detail`` (the admin key was presented) adds them, and the
+    answering process's own state (``process``: ``process_state``)."""
     if draining:
         return _health_response({"status": "draining", "providers": {}}, 503, detail)
     try:
@@ -49,7 +51,18 @@ async def health_status(health: HealthFn, draining: bool, detail: bool = False) 
 
 
 def _health_response(body: dict[str, Any], status: int, detail: bool) -> JSONResponse:
-    return JSONResponse(body if detail else {"status": body["status"]}, status_code=status)
+    if not detail:
+        return JSONResponse({"status": body["status"]}, status_code=status)
+    return JSONResponse({**body, "process": process_state()}, status_code=status)
+
+
+def process_state() -> dict[str, int]:
+    """What only the process itself can see, for an operator watching it over time: the tasks on
+    its event loop (``asyncio_tasks``, this request's own included). Requests in flight each hold
+    a few; a count that climbs while the load stays level is work that never ends (a task leak),
+    which neither memory nor sockets show until much later. With its ``pid``: on Ray any ingress
+    replica may answer. ``moa bench --soak`` reads it here."""
+    return {"pid": os.getpid(), "asyncio_tasks": len(asyncio.all_tasks())}
 
 
 def _can_answer(health: dict[str, Any]) -> bool:

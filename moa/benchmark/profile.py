@@ -125,11 +125,21 @@ def markdown(profile: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _processes(root: int) -> dict[str, int]:
-    """The moa app's replicas and the proxy among ``root``'s descendants (not another Ray's)."""
+def service_processes(root: int) -> dict[str, int]:
+    """The moa app's replicas and the proxy among ``root``'s descendants (not another Ray's):
+    one process per deployment (the first found; ``every_service_process`` lists them all)."""
+    found: dict[str, int] = {}
+    for name, pid in every_service_process(root):
+        found.setdefault(name, pid)
+    return found
+
+
+def every_service_process(root: int) -> list[tuple[str, int]]:
+    """Each replica of the moa app (by deployment name: an autoscaled one may have several), the
+    proxy, or ``moa serve --local``, among ``root``'s descendants, with its pid."""
     import psutil
 
-    found: dict[str, int] = {}
+    found: list[tuple[str, int]] = []
     for proc in psutil.Process(root).children(recursive=True):
         try:
             args = " ".join(proc.cmdline())
@@ -137,11 +147,11 @@ def _processes(root: int) -> dict[str, int]:
             continue
         m = _REPLICA.search(args)
         if _LOCAL.search(args):
-            found.setdefault("local", proc.pid)
+            found.append(("local", proc.pid))
         elif m:
-            found.setdefault(m.group("name"), proc.pid)
+            found.append((m.group("name"), proc.pid))
         elif _PROXY.search(args):
-            found.setdefault("proxy", proc.pid)
+            found.append(("proxy", proc.pid))
     return found
 
 
@@ -254,13 +264,13 @@ def main(argv: list[str] | None = None) -> int:
         deadline = time.monotonic() + 600
         procs: dict[str, int] = {}
         while time.monotonic() < deadline and bench.poll() is None:
-            procs = _processes(bench.pid)
+            procs = service_processes(bench.pid)
             if _load_started(bench.pid, procs):
                 break
             time.sleep(0.5)
         else:
             raise RuntimeError(f"the load did not start (replicas found: {sorted(procs)})")
-        procs = _processes(bench.pid)
+        procs = service_processes(bench.pid)
         cpu0 = _cpu(procs)
         spy_args = [PY_SPY, "record", "--gil", "--nonblocking", "--full-filenames", "--format", "raw"]
         spy_args += ["-r", str(args.rate), "-d", str(args.duration)]

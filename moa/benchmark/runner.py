@@ -295,7 +295,9 @@ def bench_config(
 class Simulator:
     """The simulator in its own process, so its CPU is not counted as the orchestration's."""
 
-    def __init__(self, ttft_s: float, tps: float, jitter: float) -> None:
+    def __init__(self, ttft_s: float, tps: float, jitter: float, wait: bool = True) -> None:
+        """Started, and answering unless ``wait`` is False: then its URL is known at once, and
+        ``ready`` waits for it (another process can start meanwhile)."""
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = ["--port", str(self.port), "--ttft", str(ttft_s), "--tps", str(tps), "--jitter", str(jitter)]
@@ -304,6 +306,10 @@ class Simulator:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        if wait:
+            self.ready()
+
+    def ready(self) -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:

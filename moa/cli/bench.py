@@ -20,6 +20,10 @@ from moa.benchmark.options import (
     BenchOptions,
 )
 
+# moa bench --soak's load and target when none is given: issue 31's steady-state run.
+SOAK_CONCURRENCY = 32
+SOAK_TARGET = "local:moa-lite"
+
 
 def _ints(text: str) -> list[int]:
     try:
@@ -106,8 +110,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--concurrency",
         type=_ints,
-        default=list(d.concurrency),
-        help=f"concurrency levels, comma-separated (default: {_csv(d.concurrency)})",
+        default=None,
+        help=f"concurrency levels, comma-separated (default: {_csv(d.concurrency)}); with --soak, one "
+        f"level (default: {SOAK_CONCURRENCY})",
     )
     p.add_argument(
         "--requests",
@@ -118,11 +123,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--targets",
         type=_targets,
-        default=list(d.targets),
+        default=None,
         help="baseline, serve:MODEL (a preset or provider/model, through the Ray app), local:MODEL "
         "(the same through `moa serve --local`, a process of its own, no Ray) and floor (a bare "
         "Serve app's hop latencies), comma-separated; Ray starts only for serve:, floor and the "
-        f"fault scenarios (default: {_csv(d.targets)})",
+        f"fault scenarios (default: {_csv(d.targets)}); with --soak, one local: or serve: target "
+        f"(default: {SOAK_TARGET})",
     )
     p.add_argument(
         "--scenarios",
@@ -296,6 +302,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="with --structured: requests in flight at once (default: 8)",
     )
     p.add_argument(
+        "--soak",
+        type=_positive,
+        default=None,
+        metavar="SECONDS",
+        help="instead: constant load at one concurrency level on one local: or serve: target for this "
+        "long, sampling the service's processes (RSS, open fds and sockets, and the answering "
+        "process's asyncio tasks from /healthz); per process and measure first, last, min, max and "
+        "the growth over the second half against its noise; writes soak.json and soak.md; exits 1 "
+        "if a measure grew or a request failed",
+    )
+    p.add_argument(
+        "--sample-every",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="with --soak: seconds between samples (default: 10)",
+    )
+    p.add_argument(
         "--serve",
         action="store_true",
         help="with --cache or --spend-audit: against the Ray Serve app (HTTP proxy, an ingress replica) "
@@ -387,6 +411,11 @@ def run_cli(args: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"moa bench needs the bench extra: pip install 'moa-serve[bench,serve]' ({e})", file=sys.stderr)
         return 2
+    if args.soak is not None:
+        return _run_soak(args)
+    d = BenchOptions()
+    args.concurrency = args.concurrency or list(d.concurrency)
+    args.targets = args.targets or list(d.targets)
     if args.cache:
         from moa.benchmark.cache_bench import cache_markdown, run_cache_bench, write_cache_report
 
@@ -545,3 +574,33 @@ def _run_structured(args: argparse.Namespace) -> int:
     report = asyncio.run(run_structured_bench(opts, step))
     write_structured_report(report, args.out)
     return _told(structured_markdown(report), args.out, "structured.json, structured.md", failures(report))
+
+
+def _run_soak(args: argparse.Namespace) -> int:
+    from moa.benchmark.soak import SoakOptions, grew, run_soak, soak_markdown, write_soak_report
+
+    levels, targets = args.concurrency or [SOAK_CONCURRENCY], args.targets or [SOAK_TARGET]
+    if len(levels) != 1 or len(targets) != 1 or not targets[0].startswith(("local:", "serve:")):
+        print(
+            "moa bench --soak runs one level on one target: --concurrency N --targets local:MODEL "
+            "(or serve:MODEL)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.sample_every <= 0 or args.sample_every * 8 > args.soak:
+        print("moa bench --soak: --sample-every must be positive and fit 8 times in the run", file=sys.stderr)
+        return 2
+    opts = SoakOptions(
+        target=targets[0],
+        duration_s=args.soak,
+        sample_every_s=args.sample_every,
+        concurrency=levels[0],
+        ttft_s=args.ttft,
+        tokens_per_s=args.tps,
+        jitter=args.jitter,
+        layer_deadline_s=args.layer_deadline,
+        prompts=args.prompts,
+    )
+    report = asyncio.run(run_soak(opts, lambda line: print(line, file=sys.stderr)))
+    write_soak_report(report, args.out)
+    return _told(soak_markdown(report), args.out, "soak.json, soak.md", grew(report))
