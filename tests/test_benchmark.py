@@ -445,6 +445,11 @@ RENDERED_TABLES = {
     "bench-local-ab/after-1.json": "| target",
     "bench-local-ab/before-2.json": "| target",
     "bench-local-ab/after-2.json": "| target",
+    # Ray's Python proxy against HAProxy (splicing off), alternating (issue 31)
+    "bench-ingress/without-1.json": "| target",
+    "bench-ingress/with-1.json": "| target",
+    "bench-ingress/without-2.json": "| target",
+    "bench-ingress/with-2.json": "| target",
 }
 
 
