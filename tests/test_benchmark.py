@@ -449,6 +449,11 @@ RENDERED_TABLES = {
     "bench-compare-moa.json": "| like for like: local moa against",
     "bench-local-c64-1.json": "| target",
     "bench-local-c64-2.json": "| target",
+    # Ray's Python proxy against HAProxy (splicing off), alternating (issue 31)
+    "bench-ingress/without-1.json": "| target",
+    "bench-ingress/with-1.json": "| target",
+    "bench-ingress/without-2.json": "| target",
+    "bench-ingress/with-2.json": "| target",
 }
 
 
