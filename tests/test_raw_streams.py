@@ -1,9 +1,9 @@
-"""The OpenAI adapter reads its streams off the SDK's raw streaming response
+"""The OpenAI and Anthropic adapters read their streams off the SDKs' raw streaming responses
 (``with_streaming_response``), each event's data as plain JSON, not a pydantic object each
-(``moa.providers.sse``). It must read exactly what the SDK's own stream reads: the same events
+(``moa.providers.sse``). They must read exactly what the SDKs' own streams read: the same events
 out of the same bytes, and the same exception where the SDK's stream raises one (an error inside
 a 200 stream, data that is not JSON). Each body here is served over HTTP and read both ways, the
-SDK's stream being the reference; the adapter's results on the providers' reference bodies are
+SDK's stream being the reference; the adapters' results on the providers' reference bodies are
 tests/test_fidelity.py's."""
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 
+from moa.providers.anthropic_client import _events
 from moa.providers.openai_client import _chunks
 from moa.providers.sse import sse_events
 from tests.test_fidelity import FixtureServer, raw, serve
@@ -151,3 +153,60 @@ async def test_openai_raw_chunks_are_the_sdk_streams(served: FixtureServer, body
         assert failure is not None and failure[0] is json.JSONDecodeError
     else:
         assert failure is None and chunks
+
+
+# -- Anthropic: the SDK's stream against the raw reading -------------------------------------------------
+
+STREAM = raw("anthropic/stream.sse")
+START = STREAM.split(b"event: content_block_start")[0]
+ANTHROPIC_BODIES = {
+    "the reference stream": STREAM,
+    "tool use": raw("anthropic/tool_use.stream.sse"),
+    "tool input that is not JSON": raw("anthropic/tool_use_invalid_json.stream.sse"),
+    "an error event": START + raw("anthropic/stream_error.sse"),
+    "an error event whose data is not JSON": START + b"event: error\ndata: overloaded\n\n",
+    "an error event without data": START + b"event: error\ndata:\n\n",
+    "pings, nameless and empty events": b"event: ping\ndata: {}\n\ndata: {}\n\nevent: x\ndata:\n\n" + STREAM,
+    "data that is not JSON": START + b"event: message_delta\ndata: {'not': json}\n\n",
+}
+
+
+async def _anthropic_sdk(client: anthropic.AsyncAnthropic) -> tuple[list[Any], Any]:
+    items: list[Any] = []
+    try:
+        stream = await client.messages.create(model="m", max_tokens=5, messages=[], stream=True)
+        async for event in stream:
+            items.append(event.to_dict())
+    except Exception as exc:
+        return _outcome(items, exc)
+    return _outcome(items, None)
+
+
+async def _anthropic_raw(client: anthropic.AsyncAnthropic) -> tuple[list[Any], Any]:
+    items: list[Any] = []
+    try:
+        opened = client.messages.with_streaming_response.create(
+            model="m", max_tokens=5, messages=[], stream=True
+        )
+        async with opened as response:
+            async for event in _events(response):
+                items.append(event)
+    except Exception as exc:
+        return _outcome(items, exc)
+    return _outcome(items, None)
+
+
+@pytest.mark.parametrize("body", list(ANTHROPIC_BODIES))
+async def test_anthropic_raw_events_are_the_sdk_streams(served: FixtureServer, body: str) -> None:
+    serve(served, ANTHROPIC_BODIES[body])
+    client = anthropic.AsyncAnthropic(base_url=served.url, api_key="sk-ant-test", max_retries=0)
+    async with client:
+        reference = await _anthropic_sdk(client)
+        assert await _anthropic_raw(client) == reference
+    events, failure = reference
+    if "error" in body:
+        assert failure is not None and failure[0] is anthropic.APIStatusError and failure[3] == 200
+    elif "data that is not JSON" in body:
+        assert failure is not None and failure[0] is json.JSONDecodeError
+    else:
+        assert failure is None and events
