@@ -445,6 +445,9 @@ RENDERED_TABLES = {
     "bench-local-ab/after-1.json": "| target",
     "bench-local-ab/before-2.json": "| target",
     "bench-local-ab/after-2.json": "| target",
+    "bench-local-streams/after-1.json": "| target",
+    "bench-local-streams/before-1.json": "| target",
+    "bench-local-streams/after-2.json": "| target",
 }
 
 
