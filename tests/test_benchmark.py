@@ -448,6 +448,9 @@ RENDERED_TABLES = {
     "bench-local-streams/after-1.json": "| target",
     "bench-local-streams/before-1.json": "| target",
     "bench-local-streams/after-2.json": "| target",
+    "bench-local-streams/before-2.json": "| target",
+    "bench-local-streams/before-3.json": "| target",
+    "bench-local-streams/after-3.json": "| target",
 }
 
 
