@@ -454,6 +454,12 @@ RENDERED_TABLES = {
     "bench-ingress/with-1.json": "| target",
     "bench-ingress/without-2.json": "| target",
     "bench-ingress/with-2.json": "| target",
+    "bench-local-streams/after-1.json": "| target",
+    "bench-local-streams/before-1.json": "| target",
+    "bench-local-streams/after-2.json": "| target",
+    "bench-local-streams/before-2.json": "| target",
+    "bench-local-streams/before-3.json": "| target",
+    "bench-local-streams/after-3.json": "| target",
 }
 
 

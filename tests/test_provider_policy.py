@@ -128,6 +128,67 @@ async def test_the_deadline_bounds_a_hanging_attempt() -> None:
     assert res.usage.input_tokens == PROMPT_TOKENS and res.usage_estimated
 
 
+async def test_the_deadline_bounds_a_stream_that_never_opens() -> None:
+    _, res = await ended(client_over(ScriptedTransport(Step(delay_s=30))).stream(ask(timeout_s=0.2)))
+    assert res.error is not None and res.error.kind is ErrorKind.TIMEOUT
+
+
+async def stream_text(stream: Any, pause_after_first_s: float = 0.0) -> tuple[str, CallResult]:
+    """A stream's text and its result; with a pause after its first piece (a consumer busy)."""
+    text, res = "", None
+    async for ev in stream:
+        if isinstance(ev, TextDelta):
+            text += ev.text
+            if text == ev.text and pause_after_first_s:
+                await asyncio.sleep(pause_after_first_s)
+        else:
+            res = ev
+    assert isinstance(res, CallResult)
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0  # no cancellation left behind on the task
+    return text, res
+
+
+async def ended(stream: Any, pause_after_first_s: float = 0.0) -> tuple[str, CallResult]:
+    """``stream_text`` in a task of its own that must end within 5 s: a deadline that fails to end
+    the stream fails the test (never hangs it), and nothing from outside cancels the stream."""
+    task = asyncio.create_task(stream_text(stream, pause_after_first_s))
+    done, _ = await asyncio.wait({task}, timeout=5)
+    if not done:
+        task.cancel()
+        pytest.fail("the call's deadline did not end the stream")
+    return task.result()
+
+
+async def test_the_deadline_ends_a_stream_that_stops_mid_way() -> None:
+    """A stream that stops after two pieces, its connection open: the call's deadline ends the
+    wait for the next piece (the only bound here: the scripted transport has no read timeout), with
+    the text it sent, closes the stream, and leaves no cancellation behind on the caller's task."""
+    transport = ScriptedTransport(Step(pieces=("Par", "is", "."), stall_after=2))
+    text, res = await ended(client_over(transport).stream(ask(timeout_s=0.2)))
+    assert res.error is not None and res.error.kind is ErrorKind.TIMEOUT and res.attempts == 1
+    assert text == "Paris" and transport.streams_closed == 1
+
+
+async def test_a_deadline_passed_while_the_consumer_was_busy_ends_the_next_wait() -> None:
+    """The deadline passes while the consumer holds the stream's first piece: a piece already at
+    hand is still read (no wait), and the next wait ends at once, a timeout."""
+    transport = ScriptedTransport(Step(pieces=("Par", "is", "."), stall_after=2))
+    text, res = await ended(client_over(transport).stream(ask(timeout_s=0.2)), 0.3)
+    assert res.error is not None and res.error.kind is ErrorKind.TIMEOUT and text == "Paris"
+
+
+async def test_a_cancelled_consumer_mid_stream_is_cancelled_not_timed_out() -> None:
+    transport = ScriptedTransport(Step(pieces=("Par", "is", "."), stall_after=2))
+    task = asyncio.create_task(stream_text(client_over(transport).stream(ask(timeout_s=5))))
+    await transport.wait_sent(1)
+    await asyncio.sleep(0.05)  # into the wait for the third piece
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert transport.streams_closed == 1
+
+
 # -- the circuit breaker ---------------------------------------------------------------------------
 
 

@@ -21,15 +21,17 @@ text (the closed objects ``output_config`` demands would allow only ``{}``). ``s
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 import anthropic
 from anthropic.types import Message
 
+from moa.providers.sse import sse_events
 from moa.providers.structured import schema_of
 from moa.providers.transport import Attempt, AttemptError, SDKTransport, ToolFragment, refused_unsent
 from moa.providers.wire import (
@@ -209,58 +211,62 @@ class AnthropicTransport(SDKTransport):
     async def open_stream(
         self, req: CallRequest, timeout_s: float
     ) -> AsyncIterator[str | ToolFragment | Attempt]:
-        stream = await self._sdk.messages.create(**self._args(req, timeout_s), stream=True)
-        service = provider_service_time(stream.response.headers)
-        model, usage, output_tokens, stop, finished = None, None, 0, None, False
-        # Each tool_use block by its index: its id, name and the input's JSON fragments so far.
-        calls: dict[int, tuple[str, str, list[str]]] = {}
-        json_mode = _json_mode(req)
-        answer: int | None = None  # json_object: the index of the forced tool's block
-        written: list[str] = []  # the answer's text, for a refusal's words
-        try:
-            async for event in stream:
-                if event.type == "message_start":
-                    model, usage = event.message.model, event.message.usage
-                elif (
-                    json_mode
-                    and event.type == "content_block_start"
-                    and event.content_block.type == "tool_use"
-                    and event.content_block.name == JSON_TOOL
-                ):
-                    answer = event.index
-                elif event.type == "content_block_start" and event.content_block.type == "tool_use":
-                    block = event.content_block
-                    calls[event.index] = (block.id, block.name, [])
-                    yield ToolFragment(block.name)
-                elif event.type == "content_block_delta" and event.delta.type == "text_delta":
-                    written.append(event.delta.text)
-                    yield event.delta.text
-                elif (
-                    event.type == "content_block_delta"
-                    and event.delta.type == "input_json_delta"
-                    and event.index == answer
-                ):
-                    if event.delta.partial_json:  # the answer itself, as the model writes it
-                        written.append(event.delta.partial_json)
-                        yield event.delta.partial_json
-                elif event.type == "content_block_delta" and event.delta.type == "input_json_delta":
-                    call = calls.get(event.index)
-                    if call is None:
-                        raise AttemptError(
-                            ErrorKind.MALFORMED_RESPONSE,
-                            f"input_json_delta for block {event.index}, which is not a tool_use block",
-                            service_s=service,
-                        )
-                    if event.delta.partial_json:
-                        call[2].append(event.delta.partial_json)
-                        yield ToolFragment(event.delta.partial_json)
-                elif event.type == "message_delta":
-                    stop = event.delta.stop_reason
-                    output_tokens = event.usage.output_tokens
-                elif event.type == "message_stop":
+        # The SDK's raw streaming response: the SDK builds and sends the request and raises its
+        # typed status errors; each event is read as its JSON object (``_events``), not built into
+        # a pydantic object (most of a streamed call's CPU, docs/BENCHMARKS.md). A field the
+        # event lacks reads as None, as it does on the SDK's objects.
+        opened = self._sdk.messages.with_streaming_response.create(**self._args(req, timeout_s), stream=True)
+        async with opened as response, contextlib.aclosing(_events(response)) as events:
+            service = provider_service_time(response.headers)
+            model, usage, output_tokens, stop, finished = None, None, 0, None, False
+            # Each tool_use block by its index: its id, name and the input's JSON fragments so far.
+            calls: dict[int, tuple[str, str, list[str]]] = {}
+            json_mode = _json_mode(req)
+            answer: int | None = None  # json_object: the index of the forced tool's block
+            written: list[str] = []  # the answer's text, for a refusal's words
+            async for event in events:
+                kind = event.get("type")
+                if kind == "content_block_delta":  # nearly every event: read first
+                    delta = event.get("delta")
+                    delta_kind = delta.get("type")
+                    if delta_kind == "text_delta":
+                        text = delta.get("text")
+                        written.append(text)
+                        yield text
+                    elif delta_kind == "input_json_delta":
+                        index, partial = event.get("index"), delta.get("partial_json")
+                        if index == answer:
+                            if partial:  # the answer itself, as the model writes it
+                                written.append(partial)
+                                yield partial
+                            continue
+                        call = calls.get(index)
+                        if call is None:
+                            raise AttemptError(
+                                ErrorKind.MALFORMED_RESPONSE,
+                                f"input_json_delta for block {index}, which is not a tool_use block",
+                                service_s=service,
+                            )
+                        if partial:
+                            call[2].append(partial)
+                            yield ToolFragment(partial)
+                elif kind == "message_start":
+                    message = event.get("message")
+                    model, usage = message.get("model"), message.get("usage")
+                elif kind == "content_block_start":
+                    block = event.get("content_block")
+                    if block.get("type") != "tool_use":
+                        continue
+                    if json_mode and block.get("name") == JSON_TOOL:
+                        answer = event.get("index")
+                    else:
+                        calls[event.get("index")] = (block.get("id"), block.get("name"), [])
+                        yield ToolFragment(block.get("name"))
+                elif kind == "message_delta":
+                    stop = event.get("delta").get("stop_reason")
+                    output_tokens = event.get("usage").get("output_tokens")
+                elif kind == "message_stop":
                     finished = True
-        finally:
-            await stream.close()
         if not finished:
             raise AttemptError(
                 ErrorKind.MALFORMED_RESPONSE, "stream ended before message_stop", service_s=service
@@ -299,9 +305,18 @@ class AnthropicTransport(SDKTransport):
 
 
 def _usage(u: Any) -> Usage:
-    """Anthropic's input_tokens exclude cache reads and writes; ours count every input token."""
+    """Anthropic's input_tokens exclude cache reads and writes; ours count every input token.
+    ``u``: a message's usage (the SDK's object), or a stream's (its JSON object)."""
     if u is None:
         return Usage()
+    if isinstance(u, Mapping):
+        cached = u.get("cache_read_input_tokens") or 0
+        created = u.get("cache_creation_input_tokens") or 0
+        return Usage(
+            input_tokens=(u.get("input_tokens") or 0) + cached + created,
+            output_tokens=u.get("output_tokens") or 0,
+            cached_tokens=cached,
+        )
     cached = getattr(u, "cache_read_input_tokens", None) or 0
     created = getattr(u, "cache_creation_input_tokens", None) or 0
     return Usage(
@@ -309,6 +324,37 @@ def _usage(u: Any) -> Usage:
         output_tokens=u.output_tokens or 0,
         cached_tokens=cached,
     )
+
+
+async def _events(response: Any) -> AsyncGenerator[Any, None]:
+    """The events of a raw streamed message as their JSON objects, read as the SDK's own stream
+    (``anthropic.AsyncStream``) reads them: ``ping`` events and events without a name skipped;
+    an ``error`` event raises the status error the SDK raises for it (``APIStatusError``, the
+    stream's status being a success, with the event's data as its body and in its message; a
+    failure after the 200); an event without data skipped; data that is not JSON raises
+    ``json.JSONDecodeError``. A broken connection raises what the HTTP client raised, as in the
+    SDK, which wraps none of it in a stream."""
+    async with contextlib.aclosing(sse_events(response.http_response.aiter_bytes())) as events:
+        async for name, data in events:
+            if name == "ping" or name is None:
+                continue
+            if name == "error":
+                raise _stream_error(data, response.http_response)
+            if not data:
+                continue
+            yield json.loads(data)
+
+
+def _stream_error(data: str, response: Any) -> anthropic.APIStatusError:
+    """What the SDK raises for an ``error`` event after a successful status: its data parsed (or
+    as it came when it is not JSON) as the body, and in the message."""
+    body: object = data
+    try:
+        body = json.loads(data)
+        message = f"{body}"
+    except Exception:
+        message = data or f"Error code: {response.status_code}"
+    return anthropic.APIStatusError(message, response=response, body=body)
 
 
 def _finish(stop_reason: str | None, calls: list[ToolCall], service: float | None) -> str:

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import re
+import ssl
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import httpx
+import httpx2
 import openai
 from openai.types.chat import ChatCompletion
 
 from moa.config import Endpoint, ProviderConfig
+from moa.providers.sse import sse_events
 from moa.providers.structured import openai_response_format
 from moa.providers.transport import Attempt, AttemptError, RefusalFragment, SDKTransport, ToolFragment
 from moa.providers.wire import (
@@ -151,39 +157,40 @@ class OpenAITransport(SDKTransport):
     async def open_stream(
         self, req: CallRequest, timeout_s: float
     ) -> AsyncIterator[str | ToolFragment | RefusalFragment | Attempt]:
-        stream = await self._sdk.chat.completions.create(
+        # The SDK's raw streaming response: the SDK builds and sends the request and raises its
+        # typed status errors; each chunk is read as its JSON object (``_chunks``), not built into
+        # a pydantic object (most of a streamed call's CPU, docs/BENCHMARKS.md). A field the
+        # chunk lacks reads as None, as it does on the SDK's objects.
+        opened = self._sdk.chat.completions.with_streaming_response.create(
             **self._args(req, timeout_s), stream=True, stream_options={"include_usage": True}
         )
-        service = provider_service_time(stream.response.headers)
-        finish, model, usage = None, None, None
-        calls = _StreamedCalls()
-        refusal: list[str] | None = None  # delta.refusal pieces (the first is often "")
-        try:
-            async for chunk in stream:
-                model = chunk.model or model
-                if chunk.usage is not None:
-                    usage = chunk.usage
-                for choice in chunk.choices:
-                    delta = choice.delta
-                    if delta.content:
-                        yield delta.content
-                    if delta.refusal is not None:
-                        refusal = (refusal or []) + [delta.refusal]
-                        if delta.refusal:
-                            yield RefusalFragment(delta.refusal)
-                    for piece in delta.tool_calls or ():
-                        fn = piece.function
-                        got = calls.add(piece.index, piece.id, fn and fn.name, fn and fn.arguments)
-                        for fragment in got:
+        async with opened as response, contextlib.aclosing(_chunks(response)) as chunks:
+            service = provider_service_time(response.headers)
+            finish, model, usage = None, None, None
+            calls = _StreamedCalls()
+            refusal: list[str] | None = None  # delta.refusal pieces (the first is often "")
+            async for chunk in chunks:
+                model = chunk.get("model") or model
+                if chunk.get("usage") is not None:
+                    usage = chunk["usage"]
+                for choice in chunk.get("choices"):
+                    delta = choice.get("delta")
+                    if content := delta.get("content"):
+                        yield content
+                    if (refused := delta.get("refusal")) is not None:
+                        refusal = (refusal or []) + [refused]
+                        if refused:
+                            yield RefusalFragment(refused)
+                    for piece in delta.get("tool_calls") or ():
+                        fn = piece.get("function") or {}
+                        index, call_id = piece.get("index"), piece.get("id")
+                        for fragment in calls.add(index, call_id, fn.get("name"), fn.get("arguments")):
                             yield ToolFragment(fragment)
-                    if delta.function_call is not None:  # legacy: one call, no id, no index
-                        fc = delta.function_call
-                        for fragment in calls.add(LEGACY, None, fc.name, fc.arguments):
+                    if (fc := delta.get("function_call")) is not None:  # legacy: one call, no id
+                        for fragment in calls.add(LEGACY, None, fc.get("name"), fc.get("arguments")):
                             yield ToolFragment(fragment)
-                    if choice.finish_reason:
-                        finish = choice.finish_reason
-        finally:
-            await stream.close()
+                    if choice.get("finish_reason"):
+                        finish = choice["finish_reason"]
         if finish is None:
             raise AttemptError(
                 ErrorKind.MALFORMED_RESPONSE, "stream ended before its final chunk", service_s=service
@@ -475,10 +482,66 @@ class _StreamedCalls:
 
 
 def _usage(u: Any) -> Usage:
+    """A completion's usage (the SDK's object), or a streamed chunk's (its JSON object)."""
     if u is None:
         return Usage()
+    if isinstance(u, Mapping):
+        details = u.get("prompt_tokens_details")
+        cached = (details.get("cached_tokens") if details is not None else None) or 0
+        return Usage(
+            input_tokens=u.get("prompt_tokens") or 0,
+            output_tokens=u.get("completion_tokens") or 0,
+            cached_tokens=cached,
+        )
     details = getattr(u, "prompt_tokens_details", None)
     cached = getattr(details, "cached_tokens", None) or 0
     return Usage(
         input_tokens=u.prompt_tokens or 0, output_tokens=u.completion_tokens or 0, cached_tokens=cached
     )
+
+
+# What the SDK's stream reports as a broken connection while reading (``APIConnectionError``).
+CONNECTION_ERRORS = (httpx2.RequestError, ssl.SSLError, anyio.EndOfStream)
+# How long the rest of a body after ``data: [DONE]`` is read, so that its connection goes back to
+# the pool (the SDK's own stream waits as long, then closes the connection).
+DRAIN_S = 0.1
+
+
+async def _chunks(response: Any) -> AsyncGenerator[Any, None]:
+    """The chunks of a raw streamed chat completion as their JSON objects, read as the SDK's own
+    stream (``openai.AsyncStream``) reads them: up to ``data: [DONE]`` (then the rest of an
+    HTTP/1.1 body drained, briefly); an object with an ``error`` raises ``openai.APIError`` with
+    the SDK's message and body (a failure after the 200); a timeout or a broken connection while
+    reading raises ``APITimeoutError`` or ``APIConnectionError``; data that is not JSON raises
+    ``json.JSONDecodeError``. (The SDK's special case of the Assistants API's ``thread.*`` events
+    is not for chat completions.)"""
+    request = response.http_request
+    body = aiter(response.http_response.aiter_bytes())
+    done = False
+    try:
+        async with contextlib.aclosing(sse_events(body)) as events:
+            async for _, data in events:
+                if data.startswith("[DONE]"):
+                    done = True
+                    break
+                chunk = json.loads(data)
+                if isinstance(chunk, Mapping) and chunk.get("error"):
+                    raise _stream_error(chunk["error"], request)
+                yield chunk
+        if done and response.http_version == "HTTP/1.1":
+            with contextlib.suppress(TimeoutError, *CONNECTION_ERRORS):
+                async with asyncio.timeout(DRAIN_S):
+                    async for _ in body:
+                        pass
+    except httpx2.TimeoutException as err:
+        raise openai.APITimeoutError(request=request) from err
+    except CONNECTION_ERRORS as err:
+        raise openai.APIConnectionError(request=request) from err
+
+
+def _stream_error(error: Any, request: Any) -> openai.APIError:
+    """What the SDK raises for a chunk carrying an ``error``: its message, or the SDK's words."""
+    message = error.get("message") if isinstance(error, Mapping) else None
+    if not message or not isinstance(message, str):
+        message = "An error occurred during streaming"
+    return openai.APIError(message=message, request=request, body=error)

@@ -37,7 +37,9 @@ REFUSED = re.compile(r"Unsupported parameter: '(\w+)'")
 class Step:
     """One attempt's part: wait ``delay_s`` (and for ``until``, if given), then answer ``text``
     (streamed as ``pieces``, default the text in one piece) or raise ``error`` (in a stream, after
-    ``pieces``, default none). ``usage`` defaults to an estimate of the prompt and the text."""
+    ``pieces``, default none). ``usage`` defaults to an estimate of the prompt and the text. A
+    stream with ``stall_after`` stops after that many pieces and waits until it is closed (a
+    provider that stops mid-way with the connection open)."""
 
     text: str = "ok"
     pieces: tuple[str, ...] | None = None
@@ -47,6 +49,7 @@ class Step:
     usage: Usage | None = None
     finish_reason: str = "stop"
     service_s: float | None = None
+    stall_after: int | None = None
 
 
 class ScriptedTransport(Transport):
@@ -92,8 +95,12 @@ class ScriptedTransport(Transport):
         step = await self._next(req, timeout_s)
         pieces = step.pieces if step.pieces is not None else () if step.error else (step.text,)
         try:
-            for piece in pieces:
+            for i, piece in enumerate(pieces):
+                if i == step.stall_after:
+                    await asyncio.Event().wait()  # only closing the stream ends this
                 yield piece
+            if step.stall_after is not None and step.stall_after >= len(pieces):
+                await asyncio.Event().wait()
             if step.error is not None:
                 raise step.error
             yield _attempt(step, req, "".join(pieces))
