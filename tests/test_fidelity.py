@@ -311,6 +311,22 @@ async def test_anthropic_error_event_mid_stream_is_an_overload(
     assert "Overloaded" in res.error.message
 
 
+async def test_openai_error_chunk_mid_stream_is_the_providers_server_error(
+    served: FixtureServer, served_clients: dict[str, ProviderClient]
+) -> None:
+    """OpenAI reports a failure after the 200 as a chunk carrying ``error`` (the SDK's stream raises
+    ``openai.APIError`` for it, with no status): the provider's failure, typed by the error's own
+    ``type``, never one of ours. The chunk is the reference's 500 body framed as a ``data:`` line
+    (ours: OpenAI publishes no example of a streamed error)."""
+    first = raw("openai/chat_completion.stream.sse").split(b"\n\n")[:2]
+    error = json.dumps(load("openai/error_500_server_error.json")).encode()
+    serve(served, b"\n\n".join([*first, b"data: " + error]) + b"\n\n")
+    text, res = await streamed(served_clients["openai"], "openai")
+    assert text == "Hello"
+    assert res.error is not None and res.error.kind is ErrorKind.SERVER_ERROR, res.error
+    assert "server_error mid-stream" in res.error.message and "Sorry about that" in res.error.message
+
+
 async def test_gemini_response_is_normalised(
     served: FixtureServer, served_clients: dict[str, ProviderClient]
 ) -> None:

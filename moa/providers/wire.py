@@ -268,6 +268,14 @@ def classify_generated_sdk(
         return AttemptError(ErrorKind.SERVER_ERROR, "connection failed")
     if isinstance(exc, sdk.APIResponseValidationError):
         return AttemptError(ErrorKind.MALFORMED_RESPONSE, "response failed validation")
+    if type(exc) is sdk.APIError:
+        # What the SDK's stream raises for a chunk carrying an ``error`` after the 200 (OpenAI's
+        # way of failing mid-stream; its body is the error object): the provider's failure,
+        # typed by the error's own type as an error event is, never one of ours.
+        err = exc.body if isinstance(exc.body, dict) else {}
+        etype = err.get("type")
+        kind = STREAM_ERROR_KINDS.get(etype or "", ErrorKind.SERVER_ERROR)
+        return AttemptError(kind, f"{etype or 'error'} mid-stream: {err.get('message') or exc.message}")
     return None
 
 
