@@ -272,10 +272,11 @@ def classify_generated_sdk(
         # What the SDK's stream raises for a chunk carrying an ``error`` after the 200 (OpenAI's
         # way of failing mid-stream; its body is the error object): the provider's failure,
         # typed by the error's own type as an error event is, never one of ours.
-        err = exc.body if isinstance(exc.body, dict) else {}
+        body = getattr(exc, "body", None)
+        err = body if isinstance(body, dict) else {}
         etype = err.get("type")
         kind = STREAM_ERROR_KINDS.get(etype or "", ErrorKind.SERVER_ERROR)
-        return AttemptError(kind, f"{etype or 'error'} mid-stream: {err.get('message') or exc.message}")
+        return AttemptError(kind, f"{etype or 'error'} mid-stream: {err.get('message') or exc}")
     return None
 
 
