@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from typing import Unpack
 
 from ray import serve
@@ -20,9 +21,23 @@ from moa.api.app import CUT_GRACE_S
 from moa.config import MoAConfig
 from moa.exposure import keys_exist
 from moa.service import StopSignals, banner, claim_port, draining_message, ray_lines
+from moa_actors.haproxy_launcher import HAProxyUnavailable, haproxy_binary
 from moa_actors.health_board import HEALTH_BOARD_NAME
 from moa_actors.ingress import HEALTH_REFRESH_S
-from moa_actors.ray_here import RayHereOptions, start_ray_here, stop_ray_here
+from moa_actors.ray_here import RayHereOptions, haproxy_in_front, start_ray_here, stop_ray_here
+
+# The banner's line when `moa serve --haproxy` put HAProxy in front.
+HAPROXY_LINE = "  HAProxy in front of the ingress (Ray's, splicing off: a client that leaves is passed on)"
+
+
+def haproxy_problem() -> str | None:
+    """Why ``moa serve --haproxy`` cannot run (no HAProxy binary), or None: asked before anything
+    is started."""
+    try:
+        haproxy_binary()
+    except HAProxyUnavailable as e:
+        return str(e)
+    return None
 
 
 def drain_app(
@@ -72,26 +87,32 @@ def run_on_ray_here(cfg: MoAConfig, host: str, port: int, **options: Unpack[RayH
     sock = options.get("sock") or claim_port(host, port)  # before Ray starts: a port in use fails here
     stop, hurry = threading.Event(), threading.Event()
     StopSignals.interrupt_meanwhile()  # until it answers, a signal aborts start-up
-    try:
+    haproxy = options.get("haproxy", False)
+    # The HAProxy launcher's file stays until Ray has stopped: Serve runs it again on each reload.
+    with ExitStack() as launcher:
         try:
-            started = start_ray_here(cfg, host, port, **{**options, "sock": sock})
-        except Exception as e:  # Ray or Serve did not come up (a loaded machine, a Ray error)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            print(f"moa serve: Ray Serve did not start: {type(e).__name__}: {first}", file=sys.stderr)
-            return 1
-        StopSignals(stop.set, hurry.set).install()
-        # ray.init sets RAY_AUTH_MODE=token in this process when it turns token auth on.
-        token_auth = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
-        extra = ray_lines(started.metrics_port, started.dashboard_url, token_auth)
-        keys = options["keys_required"] if "keys_required" in options else keys_exist(cfg.state)
-        lines = banner(cfg, started.url, mode="on a local Ray instance", keys_required=keys, extra=extra)
-        print("\n".join(lines), flush=True)
-        while not stop.wait(0.5):
-            pass
-        print(draining_message(cfg), flush=True)
-        drain_app(cfg.server.drain_s, hurry)
-        print("Stopping Serve and Ray...", flush=True)
-    finally:
-        sock.close()
-        stop_ray_here(quiet=options.get("quiet", True))
+            env = launcher.enter_context(haproxy_in_front()) if haproxy else {}
+            try:
+                started = start_ray_here(cfg, host, port, **{**options, "sock": sock, "env": env})
+            except Exception as e:  # Ray or Serve did not come up (a loaded machine, a Ray error)
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                print(f"moa serve: Ray Serve did not start: {type(e).__name__}: {first}", file=sys.stderr)
+                return 1
+            StopSignals(stop.set, hurry.set).install()
+            # ray.init sets RAY_AUTH_MODE=token in this process when it turns token auth on.
+            token_auth = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+            extra = ray_lines(started.metrics_port, started.dashboard_url, token_auth)
+            if haproxy:
+                extra.append(HAPROXY_LINE)
+            keys = options["keys_required"] if "keys_required" in options else keys_exist(cfg.state)
+            lines = banner(cfg, started.url, mode="on a local Ray instance", keys_required=keys, extra=extra)
+            print("\n".join(lines), flush=True)
+            while not stop.wait(0.5):
+                pass
+            print(draining_message(cfg), flush=True)
+            drain_app(cfg.server.drain_s, hurry)
+            print("Stopping Serve and Ray...", flush=True)
+        finally:
+            sock.close()
+            stop_ray_here(quiet=options.get("quiet", True))
     return 0

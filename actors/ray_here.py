@@ -8,12 +8,15 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import socket
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO, TypedDict, Unpack, cast
 
 from ray import serve
@@ -21,6 +24,7 @@ from ray import serve
 from moa.config import MoAConfig
 from moa.service import StopSignals
 from moa_actors.app import THROUGHPUT_ENV, build_from_config
+from moa_actors.haproxy_launcher import BINARY_ENV, ENABLE_ENV, haproxy_binary
 
 # Only for a Ray instance started here, as `moa serve` starts one. With direct ingress Serve keeps a
 # stopping ingress replica reachable for 30 s, for external load balancers to deregister it;
@@ -75,6 +79,8 @@ class RayHereOptions(TypedDict, total=False):
     dashboard: bool  # start Ray's dashboard (default False)
     sock: socket.socket | None  # the HTTP port, claimed beforehand (``claim_port``)
     keys_required: bool  # an API key exists, so callers need one (default: asked of the store)
+    haproxy: bool  # HAProxy in front of the ingress, splicing off (``haproxy_in_front``)
+    env: dict[str, str]  # set before Ray starts, over what the environment holds
 
 
 def start_ray_here(cfg: MoAConfig, host: str, port: int, **options: Unpack[RayHereOptions]) -> RayHere:
@@ -90,6 +96,7 @@ def start_ray_here(cfg: MoAConfig, host: str, port: int, **options: Unpack[RayHe
         logging.getLogger("ray.serve").addFilter(QuietServe())
     for key, value in {**THROUGHPUT_ENV, **RAY_HERE_ENV}.items():
         os.environ.setdefault(key, value)  # set before Ray starts: its processes inherit it
+    os.environ.update(options.get("env", {}))
     # address="local": a new instance even when `ray start` left one running on this machine,
     # which a plain ray.init() would join (and `moa serve` would then shut down someone's Serve).
     context = ray.init(
@@ -114,6 +121,25 @@ def start_ray_here(cfg: MoAConfig, host: str, port: int, **options: Unpack[RayHe
         metrics_port=_metrics_port(),
         dashboard_url=f"http://{dashboard_url}" if dashboard_url else None,
     )
+
+
+@contextmanager
+def haproxy_in_front() -> Iterator[dict[str, str]]:
+    """The environment that puts Ray's HAProxy in front of the ingress with splicing off: Ray runs
+    the binary ``RAY_SERVE_HAPROXY_BINARY_PATH`` names, here a two-line launcher (in a temp dir of
+    its own, removed on exit) running ``moa_actors.haproxy_launcher`` with this very interpreter,
+    which Ray's processes run too. Written rather than the ``moa-haproxy`` script looked up, so it
+    holds however moa-serve was installed (or not, from a checkout on ``PYTHONPATH``).
+
+    Raises ``HAProxyUnavailable`` (before anything is written) when there is no binary to run."""
+    haproxy_binary()
+    with tempfile.TemporaryDirectory(prefix="moa-haproxy-") as folder:
+        launcher = Path(folder) / "moa-haproxy"
+        launcher.write_text(
+            f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m moa_actors.haproxy_launcher "$@"\n'
+        )
+        launcher.chmod(0o755)
+        yield {ENABLE_ENV: "1", BINARY_ENV: str(launcher)}
 
 
 def _metrics_port() -> int | None:

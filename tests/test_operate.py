@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -614,13 +615,21 @@ def test_the_local_recipe_on_ray_start_and_moa_serve_beside_it(tmp_path: Path, s
             "--metrics-port",
             str(metrics),
             "--dashboard",
+            # And with HAProxy in front (docs/OPERATIONS.md): a client that leaves still cancels
+            # its calls, and the drain below holds through it.
+            "--haproxy",
             port=free_port(),
             # Ray exports metrics every 10 s by default: every 2 s, the request is counted sooner.
+            # HAProxy's stats page, its exporter and the fallback proxy on free ports, not the
+            # fixed ones another Ray instance on the machine may hold.
             env=clean_env(
                 RAY_AUTH_MODE="token",
                 RAY_TMPDIR=ray_tmp,
                 MOA_STATE_DIR=str(tmp_path / "beside"),
                 RAY_metrics_report_interval_ms="2000",
+                RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()),
+                RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()),
+                RAY_SERVE_FALLBACK_PROXY_HTTP_PORT=str(free_port()),
             ),
         )
         try:
@@ -630,6 +639,7 @@ def test_the_local_recipe_on_ray_start_and_moa_serve_beside_it(tmp_path: Path, s
             assert list(apps) == ["moa"] and apps["moa"]["status"] == "RUNNING", apps
             banner = beside.stdout()
             assert "on a local Ray instance" in banner
+            assert "HAProxy in front of the ingress (Ray's, splicing off" in banner
             assert "answers are synthetic" in banner  # no key: the simulator deployment serves
             # The metrics endpoint it names answers, with the service's series once a request ran.
             assert f"http://127.0.0.1:{metrics}/metrics" in banner
@@ -661,6 +671,7 @@ def test_the_local_recipe_on_ray_start_and_moa_serve_beside_it(tmp_path: Path, s
                 interval=1,
                 what="the request counted on the metrics port",
             )
+            leave_after_two_writes(beside)
             try:
                 short, long = asyncio.run(drain_scenario(beside, signal.SIGTERM))
             except Exception as e:  # what `moa serve` said is what tells why
@@ -686,6 +697,68 @@ def test_the_local_recipe_on_ray_start_and_moa_serve_beside_it(tmp_path: Path, s
             head.kill()
             head.wait(30)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def simulator_of(served: Served) -> str:
+    """The simulator deployment of a `moa serve` with no key, by its admin API: a port its replica
+    listens on (Serve names the process ``ServeReplica:moa:simulator``) among that `moa serve`'s
+    processes, the one that answers ``/admin/stats``."""
+    import psutil
+
+    for proc in psutil.Process(served.proc.pid).children(recursive=True):
+        try:
+            if not any("ServeReplica:moa:simulator" in part for part in proc.cmdline()):
+                continue
+            listening = [c.laddr for c in proc.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+        except psutil.Error:
+            continue
+        for ip, port in listening:
+            try:
+                if httpx.get(f"http://{ip}:{port}/admin/stats", timeout=5).status_code == 200:
+                    return f"http://{ip}:{port}"
+            except httpx.HTTPError:
+                pass
+    raise AssertionError(f"no simulator replica among moa serve's processes\n{served.tail()}")
+
+
+def leave_after_two_writes(served: Served) -> None:
+    """A client that sends a chat request's head and body in two writes, then leaves while its call
+    waits at the provider: the call is cancelled at the simulator. Behind Ray's HAProxy as Ray 2.60
+    configures it (``option splice-request``) such a client is never passed on to the ingress and
+    the call runs on (docs/BENCHMARKS.md, "Ray's faster ingress paths"); ``moa serve --haproxy``
+    runs it with splicing off."""
+    from tests.helpers import clear_faults, model_stats, set_fault
+
+    body = json.dumps({"model": "openai/gpt-4.1", "messages": QUESTION}).encode()
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: moa\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    port = int(served.url.rsplit(":", 1)[1])
+    with httpx.Client(base_url=simulator_of(served), timeout=10) as sim:
+        set_fault(sim, "gpt-4.1", hang={"rate": 1.0})
+        before = model_stats(sim, "gpt-4.1")
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # two writes, two segments
+            client.sendall(head)
+            time.sleep(0.05)  # the scenario, not a wait: the body comes a moment after the head
+            client.sendall(body)
+            wait_until_sync(
+                lambda: model_stats(sim, "gpt-4.1")["requests"],
+                lambda n: n == before["requests"] + 1,
+                within_s=60,
+                what="the call at the simulator",
+            )
+        # The client has left: the call it was waiting on is let go.
+        after = wait_until_sync(
+            lambda: model_stats(sim, "gpt-4.1"),
+            lambda m: m["in_flight"] == before["in_flight"],
+            within_s=30,
+            interval=0.2,
+            what="the call cancelled once the client left",
+        )
+        assert after["cancelled"] == before.get("cancelled", 0) + 1, after
+        clear_faults(sim, "gpt-4.1")
 
 
 def test_moa_serve_local_does_not_hold_answers_for_delayed_acks(config: MoAConfig) -> None:

@@ -99,6 +99,8 @@ def test_the_wheel_declares_the_cli_and_the_bench_entry_point(wheel: zipfile.Zip
     (entry_points,) = [n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt")]
     text = wheel.read(entry_points).decode()
     assert "moa = moa.cli.main:main" in text
+    # The HAProxy launcher a cluster's `ray start` names (docs/OPERATIONS.md).
+    assert "moa-haproxy = moa_actors.haproxy_launcher:main" in text
     assert "[moa.bench]" in text and "ray = moa_actors.bench_targets" in text
     assert "ray_cache = moa_actors.cache_bench" in text
     # Nothing but the project: no tests, no build leftovers.

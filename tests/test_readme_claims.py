@@ -543,12 +543,12 @@ def test_the_server_defaults_are_the_documented_ones() -> None:
 
 
 def test_serve_local_refuses_the_flags_that_need_ray(tmp_path: Path) -> None:
-    """docs/OPERATIONS.md "moa serve --local": ``--num-cpus``, ``--metrics-port`` and ``--dashboard`` are
-    Ray's and are refused (before anything listens)."""
-    for flag in (["--num-cpus", "1"], ["--metrics-port", "9999"], ["--dashboard"]):
+    """docs/OPERATIONS.md "moa serve --local": ``--num-cpus``, ``--metrics-port``, ``--dashboard`` and
+    ``--haproxy`` are Ray's and are refused (before anything listens)."""
+    for flag in (["--num-cpus", "1"], ["--metrics-port", "9999"], ["--dashboard"], ["--haproxy"]):
         out = run_moa("serve", "--local", "--port", "1", *flag, env={"MOA_STATE_DIR": str(tmp_path)})
         assert out.returncode == 2, (flag, out.stderr)
-        assert "--dashboard, --metrics-port and --num-cpus need Ray" in out.stderr, out.stderr
+        assert "--dashboard, --metrics-port, --num-cpus and --haproxy need Ray" in out.stderr, out.stderr
 
 
 # -- Presets and modes: staircase without a stream; trimming to the context window ------------------

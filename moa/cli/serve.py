@@ -40,6 +40,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="start Ray's dashboard (and so `serve status --address ...`); its URL is printed",
     )
+    p.add_argument(
+        "--haproxy",
+        action="store_true",
+        help="put Ray's HAProxy in front of the ingress, with splicing off (x86_64 Linux; "
+        "docs/OPERATIONS.md)",
+    )
     p.add_argument("--verbose", action="store_true", help="show the Ray workers' logs")
     p.add_argument(
         "--no-auth", action="store_true", help="serve a non-loopback address with no API key (open to all)"
@@ -54,14 +60,18 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.no_auth:  # the app's own request-time check reads it too
         cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update={"open": True})})
-    if args.local and (args.dashboard or args.metrics_port is not None or args.num_cpus is not None):
-        print("moa serve: --dashboard, --metrics-port and --num-cpus need Ray", file=sys.stderr)
+    ray_only = args.dashboard or args.metrics_port is not None or args.num_cpus is not None or args.haproxy
+    if args.local and ray_only:
+        print("moa serve: --dashboard, --metrics-port, --num-cpus and --haproxy need Ray", file=sys.stderr)
         return 2
     if not args.local:
         try:
-            from moa_actors.lifecycle import run_on_ray_here
+            from moa_actors.lifecycle import haproxy_problem, run_on_ray_here
         except ImportError as e:
             print(f"moa serve needs Ray Serve: pip install 'moa-serve[serve]' ({e})", file=sys.stderr)
+            return 2
+        if args.haproxy and (problem := haproxy_problem()):
+            print(f"moa serve: --haproxy: no HAProxy to run: {problem}", file=sys.stderr)
             return 2
     try:
         # Claimed before anything is announced or started: with the port taken, the one line
@@ -89,6 +99,7 @@ def _run(args: argparse.Namespace) -> int:
         quiet=not args.verbose,
         metrics_port=args.metrics_port,
         dashboard=args.dashboard,
+        haproxy=args.haproxy,
         sock=sock,
         keys_required=keys,
     )
