@@ -72,13 +72,80 @@ def restored_environment(*names: str) -> Iterator[None]:
                 os.environ[name] = value
 
 
+# The modules with Ray tests in them (marked `ray`, or on the session cluster). Two workers run the
+# suite (pyproject.toml's addopts): these modules all go to one of them, in order, from the start;
+# every other module goes whole to whichever worker is free. Checked at collection (below), so
+# a module that gains a Ray test and is not named here stops the run rather than run beside Ray.
+RAY_MODULES = frozenset(
+    {
+        "test_agents",
+        "test_chaos",
+        "test_monitoring",
+        "test_observability",
+        "test_operate",
+        "test_serve",
+        "test_serve_cache",
+        "test_serve_claims",
+        "test_serve_images",
+        "test_serve_keys",
+        "test_serve_streaming",
+    }
+)
+# Set in each worker by pytest-xdist (gw0, gw1); absent when the suite runs in one process.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+# How far the worker running in-process tests steps back from the CPUs (a nice value).
+IN_PROCESS_NICE = 10
+
+
+def on_ray(item: pytest.Item) -> bool:
+    """A test that needs Ray: marked so (it starts a Ray instance of its own, or its module is on
+    the cluster), or using the session cluster."""
+    return item.get_closest_marker("ray") is not None or "cluster" in getattr(item, "fixturenames", ())
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules that use the session Ray cluster run last (each module whole, in the order they
-    came): the cluster starts when the first of them needs it and stops with the session, so no
-    other test shares the two CPUs with its idle processes, and the tests that start a Ray
-    instance of their own (test_chaos, test_operate) never run beside it."""
+    """The Ray modules first, so that their worker starts on them at once; within them, the
+    modules on the session cluster last (each module whole, in the order they came): the cluster
+    starts when the first of them needs it and stops with the session, after the tests that start
+    a Ray instance of their own (test_chaos, test_operate), which never run beside it."""
+    unnamed = sorted({item.path.stem for item in items if on_ray(item)} - RAY_MODULES)
+    if unnamed:
+        raise pytest.UsageError(f"tests/conftest.py: RAY_MODULES must name {', '.join(unnamed)}")
     on_cluster = {item.path for item in items if "cluster" in getattr(item, "fixturenames", ())}
-    items[:] = [i for i in items if i.path not in on_cluster] + [i for i in items if i.path in on_cluster]
+    ordered = [i for i in items if i.path not in on_cluster] + [i for i in items if i.path in on_cluster]
+    items[:] = [i for i in ordered if i.path.stem in RAY_MODULES] + [
+        i for i in ordered if i.path.stem not in RAY_MODULES
+    ]
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """xdist's scope scheduling with the Ray modules as one scope: one worker runs them all, in
+    the collection's order (--no-loadscope-reorder), one session cluster for the whole run, while
+    the other worker takes the in-process modules one whole module at a time. (xdist's own
+    `loadgroup` marks cannot do it here: they rename a test's node id, which pytest 9 no longer
+    lets a plugin do.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayModulesTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "ray" if Path(module).stem in RAY_MODULES else module
+
+    return RayModulesTogether(config, log)
+
+
+_stepped_back = False
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A worker's first in-process module lowers that worker's priority (and its children's) for
+    the rest of the session: the Ray tests beside it drive load and wait on deadlines on the same
+    two CPUs, and must get them as they would alone; an in-process test mostly waits on simulated
+    time and loses little. The Ray worker comes here only once the Ray modules are done."""
+    global _stepped_back
+    if XDIST_WORKER and not _stepped_back and item.path.stem not in RAY_MODULES:
+        os.nice(IN_PROCESS_NICE)
+        _stepped_back = True
 
 
 @pytest.fixture(scope="session", autouse=True)
