@@ -713,9 +713,11 @@ def simulator_of(served: Served) -> str:
         except psutil.Error:
             continue
         for ip, port in listening:
+            # A wildcard address is reached through loopback; an IPv6 one is written in brackets.
+            host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(ip, f"[{ip}]" if ":" in ip else ip)
             try:
-                if httpx.get(f"http://{ip}:{port}/admin/stats", timeout=5).status_code == 200:
-                    return f"http://{ip}:{port}"
+                if httpx.get(f"http://{host}:{port}/admin/stats", timeout=5).status_code == 200:
+                    return f"http://{host}:{port}"
             except httpx.HTTPError:
                 pass
     raise AssertionError(f"no simulator replica among moa serve's processes\n{served.tail()}")
