@@ -152,10 +152,14 @@ class ReservationLimiter:
                 bucket.level = min(bucket.per_minute, bucket.level + amount)
 
     def settle(self, reserved_tokens: int, actual_tokens: int) -> None:
-        """Correct the token bucket once real usage is known (refund or extra charge)."""
+        """Correct the token bucket once real usage is known (refund or extra charge). A refund
+        fills the bucket no further than a minute's budget, as a refill does: the bucket refilled
+        while the call ran, and the two together must not let the next minute spend more."""
         if self.tokens is not None:
             self.tokens.refill(self.clock())
-            self.tokens.level += reserved_tokens - actual_tokens
+            self.tokens.level = min(
+                self.tokens.per_minute, self.tokens.level + reserved_tokens - actual_tokens
+            )
 
     def stats(self) -> dict[str, float]:
         return {"granted": self.granted, "refused": self.refused, "spare": self.spare}

@@ -232,7 +232,11 @@ async def test_a_failed_call_gives_its_token_reservation_back(sim: SimulatorServ
         assert bucket.level >= 100_000 - 1, bucket.level
 
         # A call we cancel mid-way keeps only what the provider read: the prompt, not max_tokens.
+        # The limiter's clock stands still from here, so the level moves by what the call took
+        # alone, not by what the bucket refilled while it ran (a slow machine refilled dozens).
         set_fault(sim, MODELS["openai"], hang={"rate": 1.0})
+        still = bucket.updated
+        budget.limiter.clock = lambda: still
         level_before = bucket.level
         task = asyncio.create_task(
             client.complete(

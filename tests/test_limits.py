@@ -63,6 +63,20 @@ def test_tokens_are_budgeted_and_settled() -> None:
     assert lim.reserve(10_000, 0).granted
 
 
+def test_a_refund_never_fills_the_bucket_past_a_minutes_budget() -> None:
+    """A call's unused reservation comes back once it ends; the bucket refilled meanwhile. The two
+    together never hold more than the per-minute budget, or the next minute could spend more than it
+    allows (a long call of a large reservation would leave a burst behind it)."""
+    clock = Clock()
+    lim = ReservationLimiter(rpm=None, tpm=6000, clock=clock)  # 100 tokens per second
+    assert lim.reserve(5000, 0).granted  # level 1000
+    clock.t += 60  # the call runs a minute: the bucket refills to the full 6000 meanwhile
+    lim.settle(reserved_tokens=5000, actual_tokens=100)  # the 4900 it did not use come back
+    assert lim.tokens is not None and lim.tokens.level == 6000
+    assert lim.reserve(6000, 0).granted
+    assert not lim.reserve(1, 0).granted  # a minute's budget spent: nothing more at once
+
+
 def test_circuit_breaker_states() -> None:
     from moa.limits import CircuitBreaker, CircuitState
 
