@@ -254,9 +254,7 @@ def classify_generated_sdk(
             # An error event inside a stream (Anthropic's "event: error" after a 200): the HTTP
             # status says nothing, the event's own error type says what failed. Not a refusal with
             # a status either: the prompt was read and tokens may have been produced.
-            etype = err.get("type") if isinstance(err, dict) else None
-            kind = STREAM_ERROR_KINDS.get(etype or "", ErrorKind.SERVER_ERROR)
-            return AttemptError(kind, f"{etype or 'error'} mid-stream: {detail or type(exc).__name__}")
+            return _mid_stream(err, type(exc).__name__)
         message = f"{exc.status_code}: {detail or type(exc).__name__}"
         headers = exc.response.headers
         return status_error(exc.status_code, message, headers, retry_hint(headers))
@@ -272,12 +270,18 @@ def classify_generated_sdk(
         # What the SDK's stream raises for a chunk carrying an ``error`` after the 200 (OpenAI's
         # way of failing mid-stream; its body is the error object): the provider's failure,
         # typed by the error's own type as an error event is, never one of ours.
-        body = getattr(exc, "body", None)
-        err = body if isinstance(body, dict) else {}
-        etype = err.get("type")
-        kind = STREAM_ERROR_KINDS.get(etype or "", ErrorKind.SERVER_ERROR)
-        return AttemptError(kind, f"{etype or 'error'} mid-stream: {err.get('message') or exc}")
+        return _mid_stream(getattr(exc, "body", None), str(exc))
     return None
+
+
+def _mid_stream(err: object, fallback: str) -> AttemptError:
+    """A failure the provider reported after the 200 (an error event, an error chunk), typed by
+    the error object's own ``type`` (a server error when it names none), its ``message`` said
+    (``fallback`` without one)."""
+    error = err if isinstance(err, dict) else {}
+    etype = error.get("type")
+    kind = STREAM_ERROR_KINDS.get(etype or "", ErrorKind.SERVER_ERROR)
+    return AttemptError(kind, f"{etype or 'error'} mid-stream: {error.get('message') or fallback}")
 
 
 def refused_param(message: str, patterns: re.Pattern[str], names: Mapping[str, str]) -> str | None:
