@@ -110,42 +110,36 @@ OPENAI_BODIES = {
 }
 
 
-def _outcome(items: list[Any], exc: BaseException | None) -> tuple[list[Any], Any]:
+async def _gave(reading: AsyncIterator[Any]) -> tuple[list[Any], Any]:
     """What a reading gave: its items, and the exception it ended with (type, message, body)."""
-    if exc is None:
-        return items, None
-    return items, (type(exc), str(exc), getattr(exc, "body", None), getattr(exc, "status_code", None))
-
-
-async def _openai_sdk(client: openai.AsyncOpenAI) -> tuple[list[Any], Any]:
     items: list[Any] = []
     try:
-        stream = await client.chat.completions.create(model="m", messages=[], stream=True)
-        async for chunk in stream:
-            items.append(chunk.to_dict())
+        async for item in reading:
+            items.append(item)
     except Exception as exc:
-        return _outcome(items, exc)
-    return _outcome(items, None)
+        return items, (type(exc), str(exc), getattr(exc, "body", None), getattr(exc, "status_code", None))
+    return items, None
 
 
-async def _openai_raw(client: openai.AsyncOpenAI) -> tuple[list[Any], Any]:
-    items: list[Any] = []
-    try:
-        opened = client.chat.completions.with_streaming_response.create(model="m", messages=[], stream=True)
-        async with opened as response:
-            async for chunk in _chunks(response):
-                items.append(chunk)
-    except Exception as exc:
-        return _outcome(items, exc)
-    return _outcome(items, None)
+async def _openai_sdk(client: openai.AsyncOpenAI) -> AsyncIterator[Any]:
+    stream = await client.chat.completions.create(model="m", messages=[], stream=True)
+    async for chunk in stream:
+        yield chunk.to_dict()
+
+
+async def _openai_raw(client: openai.AsyncOpenAI) -> AsyncIterator[Any]:
+    opened = client.chat.completions.with_streaming_response.create(model="m", messages=[], stream=True)
+    async with opened as response:
+        async for chunk in _chunks(response):
+            yield chunk
 
 
 @pytest.mark.parametrize("body", list(OPENAI_BODIES))
 async def test_openai_raw_chunks_are_the_sdk_streams(served: FixtureServer, body: str) -> None:
     serve(served, OPENAI_BODIES[body])
     async with openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="sk-test", max_retries=0) as client:
-        reference = await _openai_sdk(client)
-        assert await _openai_raw(client) == reference
+        reference = await _gave(_openai_sdk(client))
+        assert await _gave(_openai_raw(client)) == reference
     chunks, failure = reference
     if "error" in body and "not one" not in body:  # the bodies do say what the test says
         assert failure is not None and failure[0] is openai.APIError
@@ -171,29 +165,17 @@ ANTHROPIC_BODIES = {
 }
 
 
-async def _anthropic_sdk(client: anthropic.AsyncAnthropic) -> tuple[list[Any], Any]:
-    items: list[Any] = []
-    try:
-        stream = await client.messages.create(model="m", max_tokens=5, messages=[], stream=True)
-        async for event in stream:
-            items.append(event.to_dict())
-    except Exception as exc:
-        return _outcome(items, exc)
-    return _outcome(items, None)
+async def _anthropic_sdk(client: anthropic.AsyncAnthropic) -> AsyncIterator[Any]:
+    stream = await client.messages.create(model="m", max_tokens=5, messages=[], stream=True)
+    async for event in stream:
+        yield event.to_dict()
 
 
-async def _anthropic_raw(client: anthropic.AsyncAnthropic) -> tuple[list[Any], Any]:
-    items: list[Any] = []
-    try:
-        opened = client.messages.with_streaming_response.create(
-            model="m", max_tokens=5, messages=[], stream=True
-        )
-        async with opened as response:
-            async for event in _events(response):
-                items.append(event)
-    except Exception as exc:
-        return _outcome(items, exc)
-    return _outcome(items, None)
+async def _anthropic_raw(client: anthropic.AsyncAnthropic) -> AsyncIterator[Any]:
+    opened = client.messages.with_streaming_response.create(model="m", max_tokens=5, messages=[], stream=True)
+    async with opened as response:
+        async for event in _events(response):
+            yield event
 
 
 @pytest.mark.parametrize("body", list(ANTHROPIC_BODIES))
@@ -201,8 +183,8 @@ async def test_anthropic_raw_events_are_the_sdk_streams(served: FixtureServer, b
     serve(served, ANTHROPIC_BODIES[body])
     client = anthropic.AsyncAnthropic(base_url=served.url, api_key="sk-ant-test", max_retries=0)
     async with client:
-        reference = await _anthropic_sdk(client)
-        assert await _anthropic_raw(client) == reference
+        reference = await _gave(_anthropic_sdk(client))
+        assert await _gave(_anthropic_raw(client)) == reference
     events, failure = reference
     if "error" in body:
         assert failure is not None and failure[0] is anthropic.APIStatusError and failure[3] == 200
