@@ -87,6 +87,9 @@ class OpenAITransport(SDKTransport):
             base_url=endpoint.base_url,
             max_retries=0,  # our retry loop owns retries and the deadline
             timeout=openai.Timeout(cfg.timeout_s, connect=cfg.connect_timeout_s),
+            # aiohttp underneath (the SDK's documented option): its HTTP parser is compiled, where
+            # the default transport parses every streamed chunk in Python (docs/BENCHMARKS.md).
+            http_client=openai.DefaultAioHttpClient(),
         )
 
     def _args(self, req: CallRequest, timeout_s: float) -> dict[str, Any]:
