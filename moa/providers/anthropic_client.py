@@ -124,6 +124,8 @@ class AnthropicTransport(SDKTransport):
             # for each call; beside ours (moa_observability.genai) every call would count twice in
             # GenAI views. Ours carries what theirs does and is the one span per model call.
             open_telemetry=False,
+            # aiohttp underneath, as for OpenAI.
+            http_client=anthropic.DefaultAioHttpClient(),
         )
 
     def _args(self, req: CallRequest, timeout_s: float) -> dict[str, Any]:

@@ -87,6 +87,9 @@ class OpenAITransport(SDKTransport):
             base_url=endpoint.base_url,
             max_retries=0,  # our retry loop owns retries and the deadline
             timeout=openai.Timeout(cfg.timeout_s, connect=cfg.connect_timeout_s),
+            # aiohttp underneath (the SDK's documented option): its HTTP parser is compiled, where
+            # the default transport parses every streamed chunk in Python (docs/BENCHMARKS.md).
+            http_client=openai.DefaultAioHttpClient(),
         )
 
     def _args(self, req: CallRequest, timeout_s: float) -> dict[str, Any]:
@@ -173,8 +176,8 @@ class OpenAITransport(SDKTransport):
                 model = chunk.get("model") or model
                 if chunk.get("usage") is not None:
                     usage = chunk["usage"]
-                for choice in chunk.get("choices"):
-                    delta = choice.get("delta")
+                for choice in chunk.get("choices") or ():
+                    delta = choice.get("delta") or {}
                     if content := delta.get("content"):
                         yield content
                     if (refused := delta.get("refusal")) is not None:
@@ -527,6 +530,10 @@ async def _chunks(response: Any) -> AsyncGenerator[Any, None]:
                 chunk = json.loads(data)
                 if isinstance(chunk, Mapping) and chunk.get("error"):
                     raise _stream_error(chunk["error"], request)
+                if not _is_chunk(chunk):
+                    raise AttemptError(
+                        ErrorKind.MALFORMED_RESPONSE, "a streamed event that is not a chat completion chunk"
+                    )
                 yield chunk
         if done and response.http_version == "HTTP/1.1":
             with contextlib.suppress(TimeoutError, *CONNECTION_ERRORS):
@@ -537,6 +544,20 @@ async def _chunks(response: Any) -> AsyncGenerator[Any, None]:
         raise openai.APITimeoutError(request=request) from err
     except CONNECTION_ERRORS as err:
         raise openai.APIConnectionError(request=request) from err
+
+
+def _is_chunk(chunk: Any) -> bool:
+    """Whether a streamed event has a chunk's shape as far as it is read: an object whose
+    ``choices``, when present, are objects, each ``delta`` an object when present. A provider's
+    event of another shape is its malformed response, not a failure of ours."""
+    if not isinstance(chunk, Mapping):
+        return False
+    choices = chunk.get("choices")
+    if choices is None:
+        return True
+    return isinstance(choices, list) and all(
+        isinstance(c, Mapping) and isinstance(c.get("delta") or {}, Mapping) for c in choices
+    )
 
 
 def _stream_error(error: Any, request: Any) -> openai.APIError:

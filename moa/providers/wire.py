@@ -15,6 +15,9 @@ from datetime import datetime
 from types import ModuleType
 from typing import get_args
 
+import aiohttp
+import httpx
+import httpx2
 from pydantic import ValidationError
 
 from moa.providers.transport import AttemptError
@@ -35,22 +38,61 @@ log = logging.getLogger("moa.providers")
 DROPPABLE: tuple[str, ...] = get_args(DroppableParam)
 
 
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """Connection-level exception classes of the HTTP stacks the SDKs use (whichever are installed)."""
-    found: list[type[BaseException]] = [ConnectionError]
-    for module, name in (
-        ("httpx", "TransportError"),
-        ("httpx2", "TransportError"),
-        ("aiohttp", "ClientError"),
-    ):
-        try:
-            found.append(getattr(__import__(module), name))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(found)
+# Connection-level exception classes of the HTTP stacks the SDKs use.
+TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    httpx.TransportError,
+    httpx2.TransportError,
+    aiohttp.ClientError,
+)
 
 
-TRANSPORT_ERRORS = _transport_errors()
+def _http_cause(exc: BaseException) -> BaseException | None:
+    """The HTTP stack's own exception under an SDK's wrapper (``raise ... from``): aiohttp's
+    original when there is one, else the outermost httpx exception (httpx maps its own stack's
+    errors to the right class; the SDKs' aiohttp transport maps every broken connection, a refused
+    one included, to ``httpx.ConnectTimeout``, so there the original is the truth)."""
+    found: BaseException | None = None
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, aiohttp.ClientError):
+            found = seen  # the deepest aiohttp error: the original
+        elif found is None and isinstance(seen, httpx.TransportError | httpx2.TransportError):
+            found = seen
+        seen = seen.__cause__
+    return found
+
+
+def connection_failure(exc: BaseException, in_stream: bool) -> AttemptError | None:
+    """A failure of the connection itself, typed by what the HTTP stack saw rather than by the
+    SDK's wrapper: a connection that was never made (refused, unresolved, timed out while
+    connecting) sent nothing, so nothing is billed and it is never a stream cut mid-way, whatever
+    the call; a timeout on an open connection is a timeout; any other break is a stream cut
+    mid-way once the stream is open (``in_stream``), else a failed connection."""
+    cause = _http_cause(exc)
+    if cause is None:
+        return None
+    name = type(cause).__name__
+    timed_out = isinstance(
+        cause, aiohttp.ServerTimeoutError | httpx.TimeoutException | httpx2.TimeoutException
+    )
+    never_connected = isinstance(
+        cause,
+        aiohttp.ClientConnectorError
+        | aiohttp.ConnectionTimeoutError
+        | httpx.ConnectError
+        | httpx.ConnectTimeout
+        | httpx2.ConnectError
+        | httpx2.ConnectTimeout,
+    )
+    if never_connected:
+        kind = ErrorKind.TIMEOUT if timed_out else ErrorKind.SERVER_ERROR
+        return AttemptError(kind, f"connection failed: never connected ({name})", unsent=True)
+    if timed_out:
+        return AttemptError(ErrorKind.TIMEOUT, "the call timed out")
+    if in_stream:
+        return AttemptError(ErrorKind.MALFORMED_RESPONSE, f"stream cut mid-way: {name}")
+    return AttemptError(ErrorKind.SERVER_ERROR, f"connection failed: {name}")
 
 
 def kind_for_status(status: int) -> ErrorKind:
@@ -229,6 +271,8 @@ def classify_common(exc: BaseException, in_stream: bool) -> AttemptError | None:
         return AttemptError(ErrorKind.TIMEOUT, "the call timed out")
     if isinstance(exc, json.JSONDecodeError | ValidationError | UnicodeDecodeError):
         return AttemptError(ErrorKind.MALFORMED_RESPONSE, f"unparseable response: {type(exc).__name__}")
+    if (failed := connection_failure(exc, in_stream)) is not None:
+        return failed
     if isinstance(exc, TRANSPORT_ERRORS):
         if "Timeout" in type(exc).__name__:
             return AttemptError(ErrorKind.TIMEOUT, "the call timed out")
@@ -258,6 +302,8 @@ def classify_generated_sdk(
         message = f"{exc.status_code}: {detail or type(exc).__name__}"
         headers = exc.response.headers
         return status_error(exc.status_code, message, headers, retry_hint(headers))
+    if isinstance(exc, sdk.APIConnectionError) and (failed := connection_failure(exc, in_stream)):
+        return failed
     if isinstance(exc, sdk.APITimeoutError):
         return AttemptError(ErrorKind.TIMEOUT, "the call timed out")
     if isinstance(exc, sdk.APIConnectionError):
