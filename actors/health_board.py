@@ -116,6 +116,35 @@ class HealthBoard:
         return out
 
 
+class IngressRoster:
+    """What each live ingress replica said at its last check-in: (when, state).
+
+    A replica silent for ``stale_s`` is gone (scaled down, restarted) and is forgotten at the next
+    check-in of any replica, not only when ``moa serve`` asks for the drain status on shutdown: the
+    roster holds the replicas alive now, never every one that autoscaling ever started.
+    """
+
+    def __init__(self, stale_s: float = INGRESS_STALE_S) -> None:
+        self.stale_s = stale_s
+        self._last: dict[str, tuple[float, dict[str, Any]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+    def checkin(self, replica: str, state: Mapping[str, Any], now: float) -> None:
+        self._last[replica] = (now, dict(state))
+        self._forget_stale(now)
+
+    def live(self, now: float) -> dict[str, dict[str, Any]]:
+        """What each live replica said last."""
+        self._forget_stale(now)
+        return {replica: state for replica, (_, state) in self._last.items()}
+
+    def _forget_stale(self, now: float) -> None:
+        for replica in [r for r, (t, _) in self._last.items() if now - t > self.stale_s]:
+            del self._last[replica]
+
+
 class HealthBoardConfig(BaseModel):
     """What the health board is bound with: the provider names, which of them may autoscale to zero
     replicas, and its own scheduling; nothing else of the config."""
@@ -151,9 +180,9 @@ class HealthBoardDeployment:
         self.providers = tuple(config.providers)
         self.board = HealthBoard(expected=self.providers, may_idle=config.may_idle, now=time.monotonic())
         # The drain `moa serve` asked for on shutdown, which every ingress replica learns at its
-        # next check-in; and what each replica said last: (when, requests in progress, state).
+        # next check-in; and what each live replica said last (requests in progress, state).
         self._drain: dict[str, Any] | None = None
-        self._ingress: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._ingress = IngressRoster()
         self.receipts = Receipts()
 
     @classmethod
@@ -191,7 +220,7 @@ class HealthBoardDeployment:
         """An ingress replica's periodic call: it says how it is doing (requests in progress,
         whether it drained) and gets the health view to route with and any drain asked for."""
         now = time.monotonic()
-        self._ingress[replica] = (now, dict(state))
+        self._ingress.checkin(replica, state, now)
         return {"view": self.board.view(now), "drain": self._drain}
 
     def drain(self, drain_s: float, hurry: bool = False) -> None:
@@ -200,10 +229,7 @@ class HealthBoardDeployment:
 
     def drain_status(self) -> dict[str, dict[str, Any]]:
         """What each live ingress replica last said: ``in_flight``, ``drained``, ``cut``."""
-        now = time.monotonic()
-        for replica in [r for r, (t, _) in self._ingress.items() if now - t > INGRESS_STALE_S]:
-            del self._ingress[replica]
-        return {replica: state for replica, (_, state) in self._ingress.items()}
+        return self._ingress.live(time.monotonic())
 
     def health_view(self) -> HealthView:
         """What ingress replicas route with: which providers are unavailable, recent latencies."""
