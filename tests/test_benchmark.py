@@ -460,6 +460,11 @@ RENDERED_TABLES = {
     "bench-local-streams/before-2.json": "| target",
     "bench-local-streams/before-3.json": "| target",
     "bench-local-streams/after-3.json": "| target",
+    # the OpenAI and Anthropic clients on aiohttp, before and after, alternating (issue 31)
+    "bench-local-aiohttp/before-1.json": "| target",
+    "bench-local-aiohttp/after-1.json": "| target",
+    "bench-local-aiohttp/before-2.json": "| target",
+    "bench-local-aiohttp/after-2.json": "| target",
 }
 
 
