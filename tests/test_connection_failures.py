@@ -2,8 +2,9 @@
 the HTTP client under the SDK (``moa.providers.wire.connection_failure``): the OpenAI and
 Anthropic clients run on aiohttp, whose SDK transport reports every broken connection as
 ``httpx.ConnectTimeout``, so typing by the SDK's wrapper made a refused connection a timeout,
-retried as one and billed its prompt on every attempt. Also: a streamed OpenAI event of another
-shape than a chunk is the provider's malformed response, never an internal failure of ours.
+retried as one and billed its prompt on every attempt. Also: a streamed OpenAI or Anthropic event
+of another shape than the API's is the provider's malformed response, never an internal failure
+of ours.
 
 Each case is a real socket: a port nobody listens on, or a server of the test's own that answers
 as far as the case says and closes."""
@@ -158,3 +159,48 @@ async def test_a_proxy_named_in_the_environment_carries_the_calls(
     asked = [r.split(b" ")[1] for r in proxy.requests]
     calls = [url for url in asked if url.startswith(b"http://provider.invalid/")]
     assert calls, f"no call reached the proxy: {asked}"
+
+
+def anthropic_body(*events: tuple[bytes, bytes]) -> bytes:
+    body = b"".join(b"event: " + name + b"\ndata: " + data + b"\n\n" for name, data in events)
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n" % len(body)
+    return head + body
+
+
+MESSAGE_START = (
+    b"message_start",
+    b'{"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant", '
+    b'"model": "claude-haiku-4-5", "content": [], "usage": {"input_tokens": 5, "output_tokens": 1}}}',
+)
+TEXT_START = (b"content_block_start", b'{"type": "content_block_start", "index": 0, "content_block": 7}')
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        [(b"message_start", b"5")],
+        [(b"message_start", b'{"type": "message_start", "message": 5}')],
+        [(b"message_start", b'{"type": "message_start", "message": {"usage": "x"}}')],
+        [MESSAGE_START, TEXT_START],
+        [
+            MESSAGE_START,
+            (b"content_block_delta", b'{"type": "content_block_delta", "index": 0, "delta": "x"}'),
+        ],
+        [
+            MESSAGE_START,
+            (
+                b"content_block_delta",
+                b'{"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": 5}}',
+            ),
+        ],
+        [MESSAGE_START, (b"message_delta", b'{"type": "message_delta", "delta": {}, "usage": "x"}')],
+    ],
+    ids=["not-an-object", "message", "usage", "content-block", "delta", "text", "delta-usage"],
+)
+async def test_an_anthropic_event_of_another_shape_is_the_providers_malformed_response(
+    one_shot: Any, events: list[tuple[bytes, bytes]]
+) -> None:
+    server = one_shot(anthropic_body(*events))
+    result = await streamed(server.url, "anthropic", "claude-haiku-4-5")
+    assert result.error is not None
+    assert result.error.kind is ErrorKind.MALFORMED_RESPONSE, result.error

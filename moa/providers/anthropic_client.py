@@ -229,10 +229,12 @@ class AnthropicTransport(SDKTransport):
             async for event in events:
                 kind = event.get("type")
                 if kind == "content_block_delta":  # nearly every event: read first
-                    delta = event.get("delta")
+                    delta = _part(event, "delta", service)
                     delta_kind = delta.get("type")
                     if delta_kind == "text_delta":
                         text = delta.get("text")
+                        if not isinstance(text, str):
+                            raise _malformed(event, "text", service)
                         written.append(text)
                         yield text
                     elif delta_kind == "input_json_delta":
@@ -253,10 +255,10 @@ class AnthropicTransport(SDKTransport):
                             call[2].append(partial)
                             yield ToolFragment(partial)
                 elif kind == "message_start":
-                    message = event.get("message")
-                    model, usage = message.get("model"), message.get("usage")
+                    message = _part(event, "message", service)
+                    model, usage = message.get("model"), _part(message, "usage", service)
                 elif kind == "content_block_start":
-                    block = event.get("content_block")
+                    block = _part(event, "content_block", service)
                     if block.get("type") != "tool_use":
                         continue
                     if json_mode and block.get("name") == JSON_TOOL:
@@ -265,8 +267,8 @@ class AnthropicTransport(SDKTransport):
                         calls[event.get("index")] = (block.get("id"), block.get("name"), [])
                         yield ToolFragment(block.get("name"))
                 elif kind == "message_delta":
-                    stop = event.get("delta").get("stop_reason")
-                    output_tokens = event.get("usage").get("output_tokens")
+                    stop = _part(event, "delta", service).get("stop_reason")
+                    output_tokens = _part(event, "usage", service).get("output_tokens")
                 elif kind == "message_stop":
                     finished = True
         if not finished:
@@ -344,7 +346,31 @@ async def _events(response: Any) -> AsyncGenerator[Any, None]:
                 raise _stream_error(data, response.http_response)
             if not data:
                 continue
-            yield json.loads(data)
+            event = json.loads(data)
+            if not isinstance(event, Mapping):
+                raise AttemptError(
+                    ErrorKind.MALFORMED_RESPONSE, f"a streamed {name} event that is not an object"
+                )
+            yield event
+
+
+def _part(event: Mapping[str, Any], key: str, service: float | None) -> Any:
+    """An event's object-valued field: one of another shape is the provider's malformed
+    response, never a failure of ours (a field the event lacks reads as an empty object)."""
+    value = event.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _malformed(event, key, service)
+    return value
+
+
+def _malformed(event: Mapping[str, Any], key: str, service: float | None) -> AttemptError:
+    return AttemptError(
+        ErrorKind.MALFORMED_RESPONSE,
+        f"a {event.get('type')} event whose {key} is not what the API sends",
+        service_s=service,
+    )
 
 
 def _stream_error(data: str, response: Any) -> anthropic.APIStatusError:
