@@ -2,9 +2,8 @@
 the HTTP client under the SDK (``moa.providers.wire.connection_failure``): the OpenAI and
 Anthropic clients run on aiohttp, whose SDK transport reports every broken connection as
 ``httpx.ConnectTimeout``, so typing by the SDK's wrapper made a refused connection a timeout,
-retried as one and billed its prompt on every attempt. Also: a streamed OpenAI or Anthropic event
-of another shape than the API's is the provider's malformed response, never an internal failure
-of ours.
+retried as one and billed its prompt on every attempt. Also: a streamed event of another shape than
+the provider's API sends is the provider's malformed response, never an internal failure of ours.
 
 Each case is a real socket: a port nobody listens on, or a server of the test's own that answers
 as far as the case says and closes."""
@@ -202,5 +201,23 @@ async def test_an_anthropic_event_of_another_shape_is_the_providers_malformed_re
 ) -> None:
     server = one_shot(anthropic_body(*events))
     result = await streamed(server.url, "anthropic", "claude-haiku-4-5")
+    assert result.error is not None
+    assert result.error.kind is ErrorKind.MALFORMED_RESPONSE, result.error
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"5", b'{"candidates": 5}', b'{"candidates": [{"content": 5}]}'],
+    ids=["not-an-object", "candidates", "content"],
+)
+async def test_a_gemini_chunk_the_sdk_cannot_read_is_the_providers_malformed_response(
+    one_shot: Any, data: bytes
+) -> None:
+    """google-genai meets some bodies that are not the API's with a TypeError of its own while
+    reading the stream: typed as the provider's malformed response, not as ours."""
+    body = b"data: " + data + b"\r\n\r\n"
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n" % len(body)
+    server = one_shot(head + body)
+    result = await streamed(server.url, "gemini", "gemini-2.5-flash")
     assert result.error is not None
     assert result.error.kind is ErrorKind.MALFORMED_RESPONSE, result.error

@@ -16,10 +16,11 @@ candidate): the provider did not fail, so it is neither retried nor held against
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
 from google import genai
@@ -227,25 +228,26 @@ class GeminiTransport(SDKTransport):
         service, finish, model, usage = None, None, None, None
         calls: list[ToolCall] = []
         refusal: str | None = None
-        async for chunk in stream:
-            service = service if service is not None else _service(chunk)
-            model = chunk.model_version or model
-            usage = chunk.usage_metadata or usage
-            text = _text(chunk)
-            if text:
-                yield text
-            # Each call comes whole in one chunk (the Gemini API does not stream a call's
-            # arguments): its id is made now, once, and its text is what a cut stream is billed for.
-            for part in _function_calls(chunk):
-                call = _tool_call(part)
-                calls.append(call)
-                yield ToolFragment(call.name + call.arguments)
-            if chunk.candidates and chunk.candidates[0].finish_reason:
-                _check_call(chunk.candidates[0], service)
-                finish = chunk.candidates[0].finish_reason
-                refusal = _blocked(chunk.candidates[0])
-            elif not chunk.candidates and _prompt_blocked(chunk) is not None:
-                finish, refusal = "SAFETY", _prompt_blocked(chunk)
+        async with contextlib.aclosing(_read(stream)) as chunks:
+            async for chunk in chunks:
+                service = service if service is not None else _service(chunk)
+                model = chunk.model_version or model
+                usage = chunk.usage_metadata or usage
+                text = _text(chunk)
+                if text:
+                    yield text
+                # Each call comes whole in one chunk (the Gemini API does not stream a call's
+                # arguments): its id is made now, once, and its text is what a cut stream is billed for.
+                for part in _function_calls(chunk):
+                    call = _tool_call(part)
+                    calls.append(call)
+                    yield ToolFragment(call.name + call.arguments)
+                if chunk.candidates and chunk.candidates[0].finish_reason:
+                    _check_call(chunk.candidates[0], service)
+                    finish = chunk.candidates[0].finish_reason
+                    refusal = _blocked(chunk.candidates[0])
+                elif not chunk.candidates and _prompt_blocked(chunk) is not None:
+                    finish, refusal = "SAFETY", _prompt_blocked(chunk)
         if finish is None:
             raise AttemptError(
                 ErrorKind.MALFORMED_RESPONSE, "stream ended without a finish reason", service_s=service
@@ -333,6 +335,32 @@ def _prompt_blocked(response: types.GenerateContentResponse) -> str | None:
 def _finish(reason: Any) -> str:
     name = getattr(reason, "name", None) or str(reason or "")
     return FINISH.get(name, "other")
+
+
+async def _read(stream: AsyncIterator[Any]) -> AsyncGenerator[Any, None]:
+    """The SDK's stream, closed when its reader stops (so that a cut call's connection closes
+    now), with the SDK's own failure to read a chunk typed: google-genai's parsing code meets a
+    streamed body that is not the API's (data that is not an object, candidates that are not a
+    list) with a TypeError, AttributeError or KeyError of its own. That is the provider's
+    malformed response, not a failure of ours; what the adapter itself raises on a chunk stays
+    ours, since only the SDK's reading is inside this wrapper."""
+    chunks = aiter(stream)
+    try:
+        while True:
+            try:
+                chunk = await anext(chunks)
+            except StopAsyncIteration:
+                return
+            except (TypeError, AttributeError, KeyError) as exc:
+                raise AttemptError(
+                    ErrorKind.MALFORMED_RESPONSE,
+                    f"a streamed response the SDK cannot read ({type(exc).__name__})",
+                ) from exc
+            yield chunk
+    finally:
+        close = getattr(chunks, "aclose", None)
+        if close is not None:
+            await close()
 
 
 def _service(response: types.GenerateContentResponse) -> float | None:
