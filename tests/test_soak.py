@@ -120,7 +120,13 @@ def test_a_soak_is_one_level_on_one_served_target(capsys: pytest.CaptureFixture[
 
 
 @pytest.mark.parametrize(
-    "name", ["bench-soak-local.json", "bench-soak-serve.json", "bench-soak-serve-15min.json"]
+    "name",
+    [
+        "bench-soak-local.json",
+        "bench-soak-serve.json",
+        "bench-soak-serve-15min.json",
+        "bench-soak-serve-15min-2.json",
+    ],
 )
 def test_benchmarks_md_shows_the_soak_rendered(name: str) -> None:
     """The soak tables on the page are ``soak_markdown`` of the committed raw file."""
