@@ -13,7 +13,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -79,14 +79,15 @@ def refused_url() -> str:
 
 
 @pytest.fixture
-def one_shot() -> Iterator[type[OneShotServer]]:
+def one_shot() -> Iterator[Callable[..., OneShotServer]]:
+    """Makes ``OneShotServer``s for the test, closed after it."""
     made: list[OneShotServer] = []
 
     def make(answer: bytes, reset: bool = False) -> OneShotServer:
         made.append(server := OneShotServer(answer, reset))
         return server
 
-    yield cast(type[OneShotServer], make)
+    yield make
     for server in made:
         server.sock.close()
 
