@@ -124,10 +124,14 @@ async def test_a_connection_broken_after_the_answer_began_is_a_stream_cut_mid_wa
     assert result.error.message.startswith("stream cut mid-way"), result.error
 
 
-def sse_body(*events: bytes) -> bytes:
-    body = b"".join(b"data: " + e + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+def event_stream(body: bytes) -> bytes:
+    """A whole 200 answer whose body is ``body``, an event stream of known length."""
     head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n" % len(body)
     return head + body
+
+
+def sse_body(*events: bytes) -> bytes:
+    return event_stream(b"".join(b"data: " + e + b"\n\n" for e in events) + b"data: [DONE]\n\n")
 
 
 @pytest.mark.parametrize(
@@ -162,9 +166,7 @@ async def test_a_proxy_named_in_the_environment_carries_the_calls(
 
 
 def anthropic_body(*events: tuple[bytes, bytes]) -> bytes:
-    body = b"".join(b"event: " + name + b"\ndata: " + data + b"\n\n" for name, data in events)
-    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n" % len(body)
-    return head + body
+    return event_stream(b"".join(b"event: " + name + b"\ndata: " + data + b"\n\n" for name, data in events))
 
 
 MESSAGE_START = (
@@ -216,9 +218,7 @@ async def test_a_gemini_chunk_the_sdk_cannot_read_is_the_providers_malformed_res
 ) -> None:
     """google-genai meets some bodies that are not the API's with a TypeError of its own while
     reading the stream: typed as the provider's malformed response, not as ours."""
-    body = b"data: " + data + b"\r\n\r\n"
-    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n" % len(body)
-    server = one_shot(head + body)
+    server = one_shot(event_stream(b"data: " + data + b"\r\n\r\n"))
     result = await streamed(server.url, "gemini", "gemini-2.5-flash")
     assert result.error is not None
     assert result.error.kind is ErrorKind.MALFORMED_RESPONSE, result.error
